@@ -1,0 +1,30 @@
+"""lrctl: an adaptive learning-rate controller for PyTorch training runs.
+
+``import lrctl`` stays light: it does not import torch, mlflow, watchdog or yaml.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from .policy import Decision, Engine, Policy, register_policy
+
+__version__ = "0.1.0"
+__all__ = ["Decision", "Engine", "Policy", "__version__", "load_policy", "register_policy"]
+
+if TYPE_CHECKING:
+    import os
+    from collections.abc import Mapping, Sequence
+
+
+def load_policy(
+    source: str | os.PathLike[str] | Mapping[str, Any], base_lrs: Sequence[float]
+) -> Engine:
+    """An in-process policy engine from a path, YAML text or a dict; no controller needed.
+
+    ``engine.observe(step, loss, grad_norm=None, **metrics)`` returns the LRs for
+    the next step.
+    """
+    from .config import load_policy as _load  # yaml is imported only when a file is read
+
+    return _load(source, base_lrs)

@@ -1,0 +1,142 @@
+"""The policy contract: observations in, learning-rate effects and actions out.
+
+A policy is pure: it does no I/O and reads no clock. Everything it needs (the
+step number, the statistics, the current learning rates) arrives in the
+:class:`Observation`, which makes policies deterministic, replayable from a
+journal and testable with tables.
+
+Two roles combine in the engine (see :mod:`lrctl.policy._engine`):
+
+* a **schedule** gives a factor on each group's initial learning rate as a
+  function of the step (warmup, decay, cyclical); factors of several schedules
+  multiply, as in torch's ``ChainedScheduler``;
+* a **reactive** policy keeps a multiplier that it changes in answer to what it
+  observes (divergence back-off, plateau decay).
+
+The learning rate of group ``g`` for step ``t`` is
+``clamp(initial_lr[g] * prod(schedule factors at t) * prod(reactive multipliers))``.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from ._params import Param, bind_params
+
+__all__ = [
+    "Action",
+    "Observation",
+    "Policy",
+    "StepContext",
+    "float_from_json",
+    "float_to_json",
+]
+
+SCHEDULE = "schedule"
+REACTIVE = "reactive"
+
+
+@dataclass(frozen=True)
+class Observation:
+    """What the training loop reported for one step."""
+
+    step: int
+    loss: float | None = None
+    grad_norm: float | None = None
+    metrics: Mapping[str, float] = field(default_factory=dict)
+    lrs: Sequence[float] = ()  # the learning rates used for this step, per group
+
+    def value(self, name: str) -> float | None:
+        """The named statistic: ``loss``, ``grad_norm`` or a reported metric."""
+        if name == "loss":
+            return self.loss
+        if name == "grad_norm":
+            return self.grad_norm
+        return self.metrics.get(name)
+
+
+@dataclass
+class StepContext:
+    """Facts shared between the policies of one stack during one observation.
+
+    ``flags`` lets an earlier policy tell later ones about the step: the
+    divergence guard sets ``"spike"`` or ``"nonfinite"``, and plateau detection
+    then does not count the step as a bad one (pytorch#30873).
+    """
+
+    initial_lrs: Sequence[float]
+    flags: set[str] = field(default_factory=set)
+    skip: bool = False
+    stop: bool = False
+
+
+@dataclass(frozen=True)
+class Action:
+    """Something a policy did at a step, with the reason and the numbers behind it."""
+
+    action: str  # backoff, regrow, reduce, restart, skip, stop, warmup_done, ...
+    reason: str
+    evidence: Mapping[str, Any] = field(default_factory=dict)
+
+
+class Policy(ABC):
+    """Base class of every policy.
+
+    Subclasses set ``kind`` (the YAML name), ``role`` (``"schedule"`` or
+    ``"reactive"``) and ``PARAMS`` (their knobs). The constructor validates the
+    knobs and stores them on ``self.params``; subclasses read them from there.
+    """
+
+    kind: ClassVar[str] = ""
+    role: ClassVar[str] = REACTIVE
+    PARAMS: ClassVar[tuple[Param, ...]] = ()
+    #: Reactive policies act in increasing ``priority``: divergence (0) acts first.
+    priority: ClassVar[int] = 100
+
+    def __init__(self, **params: Any) -> None:
+        self.params: dict[str, Any] = bind_params(self.kind, self.PARAMS, params)
+
+    # -- schedule role -------------------------------------------------------
+    def factor(self, step: int, group: int, initial_lr: float) -> float:
+        """Multiplier on ``initial_lr`` for ``step``. Schedules override this."""
+        return 1.0
+
+    # -- reactive role -------------------------------------------------------
+    def multiplier(self) -> float:
+        """The multiplier this policy applies now. Reactive policies override this."""
+        return 1.0
+
+    @abstractmethod
+    def observe(self, obs: Observation, ctx: StepContext) -> list[Action]:
+        """Take one observation; return what was done (usually nothing)."""
+
+    @abstractmethod
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to resume, as JSON-compatible values."""
+
+    @abstractmethod
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned."""
+
+    def describe(self) -> str:
+        knobs = ", ".join(f"{k}={v!r}" for k, v in self.params.items())
+        return f"{self.kind}({knobs})"
+
+
+def float_to_json(x: float) -> float | str:
+    """Encode a float for strict JSON: non-finite values become strings."""
+    if math.isfinite(x):
+        return x
+    return "nan" if math.isnan(x) else ("inf" if x > 0 else "-inf")
+
+
+def float_from_json(x: float | int | str) -> float:
+    if isinstance(x, str):
+        if x not in ("nan", "inf", "-inf"):
+            raise ValueError(f"not a float: {x!r}")
+        return float(x)
+    return float(x)

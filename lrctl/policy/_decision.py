@@ -1,0 +1,78 @@
+"""The decision record: what changed, when, by which policy, and why."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from ._base import float_to_json
+
+__all__ = ["Decision", "json_safe"]
+
+
+@dataclass(frozen=True)
+class Decision:
+    """One decision. ``old_lrs``/``new_lrs`` are the LRs for the next step
+    without and with this decision, so ``new/old`` is exactly its effect."""
+
+    step: int
+    policy: str  # the policy's name in its file (its kind unless named)
+    kind: str
+    action: str
+    old_lrs: tuple[float, ...]
+    new_lrs: tuple[float, ...]
+    reason: str
+    evidence: Mapping[str, Any] = field(default_factory=dict)
+    policy_sha256: str = ""
+    shadow: bool = False
+
+    @property
+    def ratio(self) -> float:
+        """new/old LR of group 0 (1.0 for decisions that do not move the LR)."""
+        if not self.old_lrs or self.old_lrs[0] == 0 or not math.isfinite(self.old_lrs[0]):
+            return 1.0
+        return self.new_lrs[0] / self.old_lrs[0]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "step": self.step,
+            "policy": self.policy,
+            "kind": self.kind,
+            "action": self.action,
+            "old_lrs": list(self.old_lrs),
+            "new_lrs": list(self.new_lrs),
+            "reason": self.reason,
+            "evidence": json_safe(self.evidence),
+            "policy_sha256": self.policy_sha256,
+            "shadow": self.shadow,
+        }
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> Decision:
+        return cls(
+            step=int(d["step"]),
+            policy=str(d["policy"]),
+            kind=str(d["kind"]),
+            action=str(d["action"]),
+            old_lrs=tuple(float(x) for x in d["old_lrs"]),
+            new_lrs=tuple(float(x) for x in d["new_lrs"]),
+            reason=str(d["reason"]),
+            evidence=dict(d.get("evidence", {})),
+            policy_sha256=str(d.get("policy_sha256", "")),
+            shadow=bool(d.get("shadow", False)),
+        )
+
+
+def json_safe(value: Any) -> Any:
+    """A copy of ``value`` that strict JSON can encode (non-finite floats as strings)."""
+    if isinstance(value, float):
+        return float_to_json(value)
+    if isinstance(value, Mapping):
+        return {str(k): json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    if value is None or isinstance(value, (bool, int, str)):
+        return value
+    return str(value)

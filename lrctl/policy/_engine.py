@@ -1,0 +1,271 @@
+"""The policy stack and its arbiter.
+
+Arbitration, in this order, at every observation of step ``t``:
+
+1. Reactive policies observe, in increasing ``priority``: the divergence guard
+   first (it flags spikes for the others), then plateau decay, then user
+   policies (priority 100 unless they say otherwise); ties keep file order.
+   Each may change its multiplier.
+2. Schedules report phase events for step ``t + 1`` (warmup done, restarts).
+3. The LR of group ``g`` for step ``t + 1`` is
+   ``initial_lr[g] × Π schedule factors(t + 1) × Π reactive multipliers``,
+   clamped to ``[min_lr, max_lr]``. One multiplier for all groups keeps their
+   ratios (the clamp, when it bites, is the only exception).
+
+Every action yields a :class:`Decision` whose ``old_lrs`` and ``new_lrs`` are
+the LRs for ``t + 1`` without and with that action.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from ._base import SCHEDULE, Observation, Policy, StepContext
+from ._decision import Decision
+
+__all__ = ["Engine", "ObservationError"]
+
+STATE_VERSION = 1
+MAX_METRICS = 64
+MAX_DECISIONS_KEPT = 10_000
+_RESERVED = frozenset({"step", "loss", "grad_norm"})
+
+
+class ObservationError(ValueError):
+    """An observation the engine cannot accept (bad step, bad number, bad name)."""
+
+
+class Engine:
+    """A stack of policies driving the LRs of one run's param groups.
+
+    ``observe`` returns the LRs to use for the next step. ``mode="shadow"``
+    runs the policies and records their decisions without acting: the returned
+    LRs stay at the initial ones.
+    """
+
+    def __init__(
+        self,
+        policies: Sequence[Policy],
+        base_lrs: Sequence[float],
+        *,
+        names: Sequence[str] | None = None,
+        min_lr: float = 0.0,
+        max_lr: float | None = None,
+        mode: str = "active",
+        policy_sha256: str = "",
+    ) -> None:
+        self.initial_lrs = tuple(_check_lrs(base_lrs))
+        if names is None:
+            names = unique_names([p.kind for p in policies])
+        if len(names) != len(policies):
+            raise ValueError(f"{len(names)} names for {len(policies)} policies")
+        if len(set(names)) != len(names):
+            raise ValueError(f"policy names must be unique, but got {list(names)}")
+        if mode not in ("active", "shadow"):
+            raise ValueError(f"mode must be 'active' or 'shadow', but got {mode=}")
+        if max_lr is not None and max_lr < min_lr:
+            raise ValueError(f"max_lr must be >= min_lr, but got {min_lr=}, {max_lr=}")
+        self.policies: list[Policy] = list(policies)
+        self.names: list[str] = list(names)
+        self.min_lr = float(min_lr)
+        self.max_lr = math.inf if max_lr is None else float(max_lr)
+        self.mode = mode
+        self.policy_sha256 = policy_sha256
+        self._order = sorted(range(len(self.policies)),
+                             key=lambda i: (self.policies[i].role == SCHEDULE,
+                                            self.policies[i].priority, i))
+        self.last_step: int | None = None
+        self.should_skip = False
+        self.should_stop = False
+        self.decision_count = 0
+        self._decisions: deque[Decision] = deque(maxlen=MAX_DECISIONS_KEPT)
+        #: The decisions of the latest observation.
+        self.last_decisions: list[Decision] = []
+        self._lrs = self._compute(0)
+
+    # -- public API ------------------------------------------------------------
+    @property
+    def lrs(self) -> list[float]:
+        """The LRs the policies want for the next step (ignores shadow mode)."""
+        return list(self._lrs)
+
+    @property
+    def applied_lrs(self) -> list[float]:
+        """The LRs to put into the optimizer: :attr:`lrs`, or the initial LRs in shadow mode."""
+        return list(self.initial_lrs) if self.mode == "shadow" else list(self._lrs)
+
+    @property
+    def decisions(self) -> list[Decision]:
+        """The most recent decisions (at most 10 000; ``decision_count`` counts all)."""
+        return list(self._decisions)
+
+    def observe(
+        self,
+        step: int,
+        loss: float | None = None,
+        grad_norm: float | None = None,
+        **metrics: float,
+    ) -> list[float]:
+        """Take the statistics of ``step``; return the LRs for step ``step + 1``."""
+        return self.update(step, loss, grad_norm, metrics)
+
+    def update(
+        self,
+        step: int,
+        loss: float | None,
+        grad_norm: float | None,
+        metrics: Mapping[str, float],
+    ) -> list[float]:
+        """:meth:`observe` with the metrics as a mapping (any names, checked here)."""
+        obs = self._make_observation(step, loss, grad_norm, metrics)
+        ctx = StepContext(initial_lrs=self.initial_lrs)
+        new_decisions: list[Decision] = []
+        next_step = obs.step + 1
+        for i in self._order:
+            policy = self.policies[i]
+            before = self._compute(next_step)
+            actions = policy.observe(obs, ctx)
+            if not actions:
+                continue
+            after = self._compute(next_step)
+            for action in actions:
+                moved = action.action not in ("skip", "stop")
+                new_decisions.append(Decision(
+                    step=obs.step,
+                    policy=self.names[i],
+                    kind=policy.kind,
+                    action=action.action,
+                    old_lrs=tuple(before),
+                    new_lrs=tuple(after if moved else before),
+                    reason=action.reason,
+                    evidence=action.evidence,
+                    policy_sha256=self.policy_sha256,
+                    shadow=self.mode == "shadow",
+                ))
+        self.last_step = obs.step
+        self.should_skip = ctx.skip
+        self.should_stop = self.should_stop or ctx.stop
+        self._lrs = self._compute(next_step)
+        self._decisions.extend(new_decisions)
+        self.decision_count += len(new_decisions)
+        self.last_decisions = new_decisions
+        return self.applied_lrs
+
+    # -- arbitration -------------------------------------------------------------
+    def _compute(self, step: int) -> list[float]:
+        multiplier = 1.0
+        for p in self.policies:
+            if p.role != SCHEDULE:
+                multiplier *= p.multiplier()
+        lrs = []
+        for g, initial in enumerate(self.initial_lrs):
+            lr = initial * multiplier
+            for p in self.policies:
+                if p.role == SCHEDULE:
+                    lr *= p.factor(step, g, initial)
+            if not math.isfinite(lr) or lr < 0:
+                # A policy bug must not reach the optimizer; hold the floor instead.
+                lr = self.min_lr
+            lrs.append(min(max(lr, self.min_lr), self.max_lr))
+        return lrs
+
+    def _make_observation(self, step: Any, loss: Any, grad_norm: Any,
+                          metrics: Mapping[str, Any]) -> Observation:
+        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+            raise ObservationError(f"step must be a non-negative integer, but got {step!r}")
+        if self.last_step is not None and step <= self.last_step:
+            raise ObservationError(
+                f"steps must increase: got step {step} after step {self.last_step}")
+        if len(metrics) > MAX_METRICS:
+            raise ObservationError(f"at most {MAX_METRICS} metrics per observation")
+        clean = {}
+        for name, value in metrics.items():
+            if not isinstance(name, str) or not _is_metric_name(name):
+                raise ObservationError(
+                    f"bad metric name {name!r}: 1-64 letters, digits or _./- starting "
+                    "with a letter")
+            if name in _RESERVED:
+                raise ObservationError(f"metric name {name!r} is reserved")
+            clean[name] = _number(name, value)
+        return Observation(
+            step=step,
+            loss=None if loss is None else _number("loss", loss),
+            grad_norm=None if grad_norm is None else _number("grad_norm", grad_norm),
+            metrics=clean,
+            lrs=tuple(self._lrs),
+        )
+
+    # -- state -------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "version": STATE_VERSION,
+            "initial_lrs": list(self.initial_lrs),
+            "last_step": self.last_step,
+            "lrs": list(self._lrs),
+            "mode": self.mode,
+            "should_stop": self.should_stop,
+            "decision_count": self.decision_count,
+            "policy_sha256": self.policy_sha256,
+            "policies": [
+                {"name": n, "kind": p.kind, "state": p.state_dict()}
+                for n, p in zip(self.names, self.policies)
+            ],
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        if state.get("version") != STATE_VERSION:
+            raise ValueError(f"unsupported engine state version {state.get('version')!r}")
+        if list(state["initial_lrs"]) != list(self.initial_lrs):
+            raise ValueError(
+                f"state is for initial LRs {state['initial_lrs']}, not {list(self.initial_lrs)}")
+        saved = {(p["name"], p["kind"]): p["state"] for p in state["policies"]}
+        mine = {(n, p.kind) for n, p in zip(self.names, self.policies)}
+        if set(saved) != mine:
+            raise ValueError(f"state is for policies {sorted(saved)}, not {sorted(mine)}")
+        for name, policy in zip(self.names, self.policies):
+            policy.load_state_dict(saved[(name, policy.kind)])
+        self.last_step = state["last_step"]
+        self.mode = state["mode"]
+        self.should_stop = bool(state["should_stop"])
+        self.decision_count = int(state["decision_count"])
+        self._lrs = [float(x) for x in state["lrs"]]
+
+
+def unique_names(kinds: Sequence[str]) -> list[str]:
+    """Default policy names: the kind, with ``#2``, ``#3``… for repeats."""
+    seen: dict[str, int] = {}
+    names = []
+    for kind in kinds:
+        seen[kind] = seen.get(kind, 0) + 1
+        names.append(kind if seen[kind] == 1 else f"{kind}#{seen[kind]}")
+    return names
+
+
+def _is_metric_name(name: str) -> bool:
+    return 0 < len(name) <= 64 and name[0].isalpha() and all(
+        c.isalnum() or c in "_./-" for c in name)
+
+
+def _number(name: str, value: Any) -> float:
+    if isinstance(value, bool) or isinstance(value, (str, bytes)):
+        raise ObservationError(f"{name} must be a number, but got {value!r}")
+    try:
+        return float(value)
+    except (TypeError, ValueError, OverflowError):
+        raise ObservationError(f"{name} must be a number, but got {value!r}") from None
+
+
+def _check_lrs(lrs: Sequence[float]) -> list[float]:
+    out = []
+    if not lrs:
+        raise ValueError("base_lrs must name at least one param group")
+    for lr in lrs:
+        if isinstance(lr, bool) or not isinstance(lr, (int, float)):
+            raise ValueError(f"base_lrs must be numbers, but got {lr!r}")
+        if not math.isfinite(lr) or lr < 0:
+            raise ValueError(f"base_lrs must be finite and >= 0, but got {lr!r}")
+        out.append(float(lr))
+    return out

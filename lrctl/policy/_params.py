@@ -1,0 +1,144 @@
+"""Declared, validated policy knobs.
+
+Every policy lists its knobs as :class:`Param` objects. The same declaration
+validates keyword arguments in the constructor, validates YAML (the config
+layer reports the failing key with its file and line), documents defaults in
+``lrctl validate --explain`` and the README, and names MLflow params.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+__all__ = ["REQUIRED", "Param", "ParamError", "bind_params"]
+
+_MAX_LIST = 4096
+
+
+class ParamError(ValueError):
+    """A knob has a bad value. ``key`` names it so callers can point at it."""
+
+    def __init__(self, key: str, message: str) -> None:
+        super().__init__(f"{key}: {message}")
+        self.key = key
+        self.message = message
+
+
+@dataclass(frozen=True)
+class Param:
+    """One knob of a policy.
+
+    ``kind`` is one of ``"float"``, ``"int"``, ``"bool"``, ``"str"``,
+    ``"float_or_list"`` (a number, or one number per param group, as torch
+    accepts for ``min_lr``/``base_lr``/``max_lr``).
+    """
+
+    name: str
+    kind: str
+    default: Any
+    doc: str
+    choices: tuple[str, ...] = ()
+    ge: float | None = None
+    gt: float | None = None
+    le: float | None = None
+    lt: float | None = None
+    optional: bool = False  # ``None`` is an accepted value (and usually the default)
+
+    def check(self, value: Any) -> Any:
+        """Return ``value`` normalised, or raise :class:`ParamError`."""
+        if value is None:
+            if self.optional:
+                return None
+            raise ParamError(self.name, "a value is required")
+        if self.kind == "bool":
+            if not isinstance(value, bool):
+                raise ParamError(self.name, f"expected true or false, but got {value!r}")
+            return value
+        if self.kind == "str":
+            if not isinstance(value, str):
+                raise ParamError(self.name, f"expected a string, but got {value!r}")
+            if self.choices and value not in self.choices:
+                raise ParamError(
+                    self.name, f"expected one of {', '.join(self.choices)}, but got {value!r}"
+                )
+            return value
+        if self.kind == "int":
+            if isinstance(value, bool) or not isinstance(value, int):
+                if isinstance(value, float) and value.is_integer() and math.isfinite(value):
+                    value = int(value)
+                else:
+                    raise ParamError(self.name, f"expected an integer, but got {value!r}")
+            self._check_range(value)
+            return value
+        if self.kind == "float":
+            return self._check_number(value)
+        if self.kind == "float_or_list":
+            if isinstance(value, (list, tuple)):
+                if not value:
+                    raise ParamError(self.name, "expected a number or a non-empty list of numbers")
+                if len(value) > _MAX_LIST:
+                    raise ParamError(self.name, f"list too long ({len(value)} > {_MAX_LIST})")
+                return [self._check_number(v) for v in value]
+            return self._check_number(value)
+        raise AssertionError(f"unknown param kind {self.kind!r}")  # a bug in a Param table
+
+    def _check_number(self, value: Any) -> float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ParamError(self.name, f"expected a number, but got {value!r}")
+        try:
+            number = float(value)
+        except OverflowError:
+            raise ParamError(self.name, f"number too large: {value!r}") from None
+        if not math.isfinite(number):
+            raise ParamError(self.name, f"expected a finite number, but got {value!r}")
+        self._check_range(number)
+        return number
+
+    def _check_range(self, number: float) -> None:
+        bounds: list[tuple[float | None, Callable[[float, float], bool], str]] = [
+            (self.ge, lambda x, b: x >= b, ">="),
+            (self.gt, lambda x, b: x > b, ">"),
+            (self.le, lambda x, b: x <= b, "<="),
+            (self.lt, lambda x, b: x < b, "<"),
+        ]
+        for bound, ok, symbol in bounds:
+            if bound is not None and not ok(number, bound):
+                raise ParamError(self.name, f"must be {symbol} {bound:g}, but got {number:g}")
+
+    def describe(self) -> str:
+        default = "required" if self.default is _REQUIRED else repr(self.default)
+        extra = f" (one of: {', '.join(self.choices)})" if self.choices else ""
+        return f"{self.name} [{self.kind}, default {default}]{extra}: {self.doc}"
+
+
+class _Required:
+    def __repr__(self) -> str:
+        return "required"
+
+
+#: Marks a knob that has no default.
+REQUIRED: Any = _Required()
+_REQUIRED = REQUIRED
+
+
+def bind_params(
+    kind: str, params: Sequence[Param], values: Mapping[str, Any]
+) -> dict[str, Any]:
+    """Check ``values`` against ``params``: unknown keys, missing keys, types, ranges."""
+    known = {p.name for p in params}
+    for key in values:
+        if key not in known:
+            hint = ", ".join(sorted(known)) or "none"
+            raise ParamError(str(key), f"unknown key for kind {kind!r} (known keys: {hint})")
+    bound: dict[str, Any] = {}
+    for p in params:
+        if p.name in values:
+            bound[p.name] = p.check(values[p.name])
+        elif p.default is _REQUIRED:
+            raise ParamError(p.name, f"required by kind {kind!r}")
+        else:
+            bound[p.name] = p.default
+    return bound

@@ -1,0 +1,252 @@
+"""Divergence guard: back off on non-finite values and loss / grad-norm spikes.
+
+The behaviour of a mixed-precision loss scaler, applied to the learning rate:
+
+* A non-finite loss or grad norm backs off at once, and (``skip_nonfinite``)
+  asks the hook to skip that optimizer step ("reduce LR on NaN": keras#8332).
+* A spike is a value more than ``z_threshold`` robust standard deviations above
+  the median of the last ``window`` accepted values (robust: median and
+  inter-quartile range, so one outlier does not move them). Loss is judged on
+  its own scale, the grad norm on a log scale (its noise is multiplicative).
+  Detection arms after ``min_samples`` values. Spikes never enter the window
+  they are judged against.
+* ``tolerance`` spikes are tolerated before a back-off; the count resets after
+  ``regrow_after`` clean observations.
+* A back-off multiplies the LR by ``factor``. For ``cooldown`` observations
+  after it, further spikes do not back off again and the statistics re-baseline
+  on what the run now produces (non-finite values still back off).
+* After ``regrow_after`` clean observations the multiplier grows by
+  ``regrow_factor`` toward its pre-incident value (1.0), one step at a time.
+* More than ``max_backoffs`` back-offs in one incident, or a back-off below the
+  ``min_multiplier`` floor, escalates to ``stop``.
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+from collections import deque
+from collections.abc import Mapping
+from typing import Any
+
+from ._base import Action, Observation, Policy, StepContext
+from ._params import Param
+from ._registry import register_policy
+
+_MIN_LOSS_SCALE = 1e-12
+
+
+class RobustWindow:
+    """Median and IQR-based scale of the last ``size`` values, O(size) per update."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self._fifo: deque[float] = deque()
+        self._sorted: list[float] = []
+
+    def __len__(self) -> int:
+        return len(self._fifo)
+
+    def add(self, value: float) -> None:
+        self._fifo.append(value)
+        bisect.insort(self._sorted, value)
+        if len(self._fifo) > self.size:
+            old = self._fifo.popleft()
+            del self._sorted[bisect.bisect_left(self._sorted, old)]
+
+    def _quantile(self, q: float) -> float:
+        data = self._sorted
+        pos = q * (len(data) - 1)
+        lo = math.floor(pos)
+        hi = min(lo + 1, len(data) - 1)
+        return data[lo] + (data[hi] - data[lo]) * (pos - lo)
+
+    def median(self) -> float:
+        return self._quantile(0.5)
+
+    def sigma(self) -> float:
+        """Robust standard deviation: IQR / 1.349 (exact for a normal distribution)."""
+        return (self._quantile(0.75) - self._quantile(0.25)) / 1.349
+
+    def values(self) -> list[float]:
+        return list(self._fifo)
+
+    def load(self, values: list[float]) -> None:
+        self._fifo = deque(values[-self.size:])
+        self._sorted = sorted(self._fifo)
+
+
+@register_policy("divergence")
+class Divergence(Policy):
+    priority = 0
+    PARAMS = (
+        Param("factor", "float", 0.5, "multiply the LR by this on a back-off", gt=0, lt=1),
+        Param("z_threshold", "float", 6.0, "robust z-score above which a value is a spike", gt=0),
+        Param("window", "int", 128, "values in the rolling statistics", ge=4),
+        Param("min_samples", "int", 32, "values needed before spike detection arms", ge=4),
+        Param("watch_loss", "bool", True, "detect spikes in the loss"),
+        Param("watch_grad_norm", "bool", True, "detect spikes in the grad norm (log scale)"),
+        Param("rel_floor", "float", 0.01,
+              "least loss scale, relative to the median, so flat losses do not trip", ge=0),
+        Param("tolerance", "int", 0, "spikes tolerated before a back-off", ge=0),
+        Param("cooldown", "int", 10, "observations after a back-off with no new spike back-off",
+              ge=0),
+        Param("regrow_after", "int", 200, "clean observations before the LR regrows", ge=1),
+        Param("regrow_factor", "float", 2.0, "growth of the multiplier at each regrowth", gt=1),
+        Param("max_backoffs", "int", 8, "back-offs in one incident before stop", ge=1),
+        Param("min_multiplier", "float", 1e-3, "floor of the back-off multiplier", gt=0, le=1),
+        Param("skip_nonfinite", "bool", True, "ask the hook to skip non-finite steps"),
+    )
+
+    def __init__(self, **params: Any) -> None:
+        super().__init__(**params)
+        size = self.params["window"]
+        self._loss = RobustWindow(size)
+        self._gnorm = RobustWindow(size)  # log grad norms
+        self._scale = 1.0
+        self._spikes = 0  # spikes since the last back-off or clean interval
+        self._backoffs = 0  # back-offs in the current incident
+        self._cooldown = 0
+        self._clean = 0  # consecutive clean observations
+        self._total_backoffs = 0
+        self._stopped = False
+
+    def multiplier(self) -> float:
+        return self._scale
+
+    # -- detection -----------------------------------------------------------
+    def _spike(self, window: RobustWindow, value: float, floor: float) -> dict[str, Any] | None:
+        if len(window) < self.params["min_samples"]:
+            return None
+        median = window.median()
+        sigma = max(window.sigma(), floor * abs(median), _MIN_LOSS_SCALE)
+        z = (value - median) / sigma
+        if z <= self.params["z_threshold"]:
+            return None
+        return {"median": median, "sigma": sigma, "z": z}
+
+    def observe(self, obs: Observation, ctx: StepContext) -> list[Action]:
+        loss, gnorm = obs.loss, obs.grad_norm
+        nonfinite = [name for name, v in (("loss", loss), ("grad_norm", gnorm))
+                     if v is not None and not math.isfinite(v)]
+        if nonfinite:
+            ctx.flags.add("nonfinite")
+            ctx.skip = ctx.skip or self.params["skip_nonfinite"]
+            name = nonfinite[0]
+            value = obs.value(name)
+            evidence = {"statistic": name, "value": value, "threshold": "finite"}
+            return self._back_off(ctx, f"{name} is {value}", evidence, force=True)
+
+        evidence = None
+        in_cooldown = self._cooldown > 0
+        log_gnorm = math.log(gnorm) if gnorm is not None and gnorm > 0 else None
+        if not in_cooldown:
+            evidence = self._judge(loss, log_gnorm)
+        if evidence is None:
+            # A clean observation (or a cooldown one, which re-baselines).
+            if loss is not None and self.params["watch_loss"]:
+                self._loss.add(loss)
+            if log_gnorm is not None and self.params["watch_grad_norm"]:
+                self._gnorm.add(log_gnorm)
+        if in_cooldown:
+            self._cooldown -= 1
+        if evidence is not None:
+            ctx.flags.add("spike")
+            self._clean = 0
+            self._spikes += 1
+            if self._spikes <= self.params["tolerance"]:
+                return []
+            what = evidence["statistic"]
+            reason = (f"{what} spike: {evidence['value']:.6g} is {evidence['z']:.1f} robust σ "
+                      f"above the median {evidence['median']:.6g} of the last "
+                      f"{evidence['window']} values (threshold {self.params['z_threshold']:g}σ)")
+            return self._back_off(ctx, reason, evidence, force=False)
+        return self._maybe_regrow()
+
+    def _judge(self, loss: float | None, log_gnorm: float | None) -> dict[str, Any] | None:
+        if loss is not None and self.params["watch_loss"]:
+            hit = self._spike(self._loss, loss, self.params["rel_floor"])
+            if hit is not None:
+                return {"statistic": "loss", "value": loss, **hit,
+                        "threshold": self.params["z_threshold"], "window": len(self._loss)}
+        if log_gnorm is not None and self.params["watch_grad_norm"]:
+            hit = self._spike(self._gnorm, log_gnorm, 0.0)
+            if hit is not None:
+                return {"statistic": "grad_norm", "value": math.exp(log_gnorm),
+                        "median": math.exp(hit["median"]), "sigma_log": hit["sigma"],
+                        "z": hit["z"], "threshold": self.params["z_threshold"],
+                        "window": len(self._gnorm)}
+        return None
+
+    # -- actions -------------------------------------------------------------
+    def _back_off(self, ctx: StepContext, reason: str, evidence: dict[str, Any],
+                  force: bool) -> list[Action]:
+        actions: list[Action] = []
+        if ctx.skip:
+            actions.append(Action("skip", f"skip this optimizer step: {reason}", evidence))
+        self._spikes = 0
+        self._clean = 0
+        floor = self.params["min_multiplier"]
+        if self._backoffs >= self.params["max_backoffs"] or self._scale <= floor:
+            self._stopped = True
+            ctx.stop = True
+            why = (f"{self._backoffs} back-offs in this incident (max {self.params['max_backoffs']})"
+                   if self._backoffs >= self.params["max_backoffs"]
+                   else f"the LR multiplier is at its floor {floor:g}")
+            actions.append(Action("stop", f"training keeps diverging: {why}; last: {reason}",
+                                  {**evidence, "backoffs": self._backoffs}))
+            return actions
+        old = self._scale
+        self._scale = max(self._scale * self.params["factor"], floor)
+        self._backoffs += 1
+        self._total_backoffs += 1
+        self._cooldown = self.params["cooldown"]
+        actions.append(Action("backoff", f"{reason}: LR × {self._scale / old:.6g}",
+                              {**evidence, "factor": self._scale / old,
+                               "backoffs": self._backoffs, "forced": force}))
+        return actions
+
+    def _maybe_regrow(self) -> list[Action]:
+        self._clean += 1
+        if self._clean < self.params["regrow_after"]:
+            return []
+        self._clean = 0
+        self._spikes = 0
+        if self._scale >= 1.0:
+            self._backoffs = 0
+            return []
+        old = self._scale
+        self._scale = min(1.0, self._scale * self.params["regrow_factor"])
+        if self._scale >= 1.0:
+            self._backoffs = 0
+        return [Action("regrow",
+                       f"{self.params['regrow_after']} clean observations since the last "
+                       f"change: LR × {self._scale / old:.6g} toward its pre-incident value",
+                       {"statistic": "clean_observations", "value": self.params["regrow_after"],
+                        "threshold": self.params["regrow_after"], "factor": self._scale / old,
+                        "multiplier": self._scale})]
+
+    # -- state ---------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "scale": self._scale,
+            "loss_window": self._loss.values(),
+            "grad_norm_window": self._gnorm.values(),
+            "spikes": self._spikes,
+            "backoffs": self._backoffs,
+            "cooldown": self._cooldown,
+            "clean": self._clean,
+            "total_backoffs": self._total_backoffs,
+            "stopped": self._stopped,
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self._scale = float(state["scale"])
+        self._loss.load([float(v) for v in state["loss_window"]])
+        self._gnorm.load([float(v) for v in state["grad_norm_window"]])
+        self._spikes = int(state["spikes"])
+        self._backoffs = int(state["backoffs"])
+        self._cooldown = int(state["cooldown"])
+        self._clean = int(state["clean"])
+        self._total_backoffs = int(state["total_backoffs"])
+        self._stopped = bool(state["stopped"])

@@ -1,0 +1,180 @@
+"""Plateau decay: torch ``ReduceLROnPlateau``'s rule, made composable.
+
+The rule is torch's, knob for knob (``mode``, ``factor``, ``patience``,
+``threshold``, ``threshold_mode``, ``cooldown``, ``min_lr``, ``eps``), counted
+in observations of ``metric``: per-step ``loss``, or a named metric such as
+``val_loss`` on the steps where it is reported. What differs:
+
+* The reduction is a multiplier on whatever the schedules give, so plateau
+  decay composes with warmup (pytorch#68978) and keeps per-group LR ratios: a
+  reduction stops at the ``min_lr`` of the first group to reach it.
+* Steps that the divergence guard flagged (spikes, non-finite values) are not
+  counted as bad, so the recovery after a spike is not mistaken for a plateau
+  (pytorch#30873).
+* Optional smoothing (``ema`` or ``mean`` over ``smoothing_window``) for noisy
+  per-step losses.
+* ``restart_lr``: when a reduction is due but the LR already sits at its floor,
+  restart at that LR (group 0's; others keep their ratio) instead of stalling.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from collections.abc import Mapping
+from typing import Any
+
+from ._base import Action, Observation, Policy, StepContext, float_from_json, float_to_json
+from ._params import Param
+from ._registry import register_policy
+from ._schedule import per_group
+
+FLAGS_NOT_COUNTED = frozenset({"spike", "nonfinite"})
+
+
+@register_policy("plateau")
+class Plateau(Policy):
+    priority = 50
+    PARAMS = (
+        Param("metric", "str", "loss", "statistic to watch: loss, grad_norm or a reported metric"),
+        Param("mode", "str", "min", "min: lower is better; max: higher is better",
+              choices=("min", "max")),
+        Param("factor", "float", 0.1, "multiply the LR by this on a plateau", gt=0, lt=1),
+        Param("patience", "int", 10, "bad observations tolerated before a reduction", ge=0),
+        Param("threshold", "float", 1e-4, "least change that counts as an improvement", ge=0),
+        Param("threshold_mode", "str", "rel", "rel: relative to best; abs: absolute",
+              choices=("rel", "abs")),
+        Param("cooldown", "int", 0, "observations to wait after a reduction", ge=0),
+        Param("min_lr", "float_or_list", 0.0, "floor of the LR, one or one per group", ge=0),
+        Param("eps", "float", 1e-8, "reductions smaller than this are skipped", ge=0),
+        Param("smoothing", "str", "none", "smooth the metric before judging it",
+              choices=("none", "ema", "mean")),
+        Param("smoothing_window", "int", 20, "ema span / mean window for smoothing", ge=1),
+        Param("restart_lr", "float", None, "restart at this LR (group 0) when at the floor",
+              gt=0, optional=True),
+    )
+
+    def __init__(self, **params: Any) -> None:
+        super().__init__(**params)
+        self._mode_worse = math.inf if self.params["mode"] == "min" else -math.inf
+        self._scale = 1.0
+        self._best = self._mode_worse
+        self._num_bad = 0
+        self._cooldown_counter = 0
+        self._ema: float | None = None
+        self._recent: deque[float] = deque(maxlen=self.params["smoothing_window"])
+        self._reductions = 0
+        self._restarts = 0
+
+    def multiplier(self) -> float:
+        return self._scale
+
+    def _is_better(self, a: float, best: float) -> bool:
+        threshold = self.params["threshold"]
+        if self.params["mode"] == "min":
+            if self.params["threshold_mode"] == "rel":
+                return a < best * (1.0 - threshold)
+            return a < best - threshold
+        if self.params["threshold_mode"] == "rel":
+            return a > best * (threshold + 1.0)
+        return a > best + threshold
+
+    def _smooth(self, value: float) -> float:
+        how = self.params["smoothing"]
+        if how == "none" or not math.isfinite(value):
+            return value
+        if how == "ema":
+            alpha = 2.0 / (self.params["smoothing_window"] + 1.0)
+            self._ema = value if self._ema is None else alpha * value + (1 - alpha) * self._ema
+            return self._ema
+        self._recent.append(value)
+        return sum(self._recent) / len(self._recent)
+
+    def observe(self, obs: Observation, ctx: StepContext) -> list[Action]:
+        raw = obs.value(self.params["metric"])
+        if raw is None or ctx.flags & FLAGS_NOT_COUNTED:
+            return []
+        current = self._smooth(raw)
+        if self._is_better(current, self._best):
+            self._best = current
+            self._num_bad = 0
+        else:
+            self._num_bad += 1
+        if self._cooldown_counter > 0:
+            self._cooldown_counter -= 1
+            self._num_bad = 0
+        if self._num_bad <= self.params["patience"]:
+            return []
+        bad = self._num_bad
+        self._cooldown_counter = self.params["cooldown"]
+        self._num_bad = 0
+        ratio = self._reduction_ratio(obs.lrs)
+        evidence = {
+            "statistic": self.params["metric"],
+            "value": current,
+            "best": self._best,
+            "threshold": self.params["threshold"],
+            "threshold_mode": self.params["threshold_mode"],
+            "window": self.params["patience"],
+            "bad_observations": bad,
+        }
+        if ratio is not None:
+            self._scale *= ratio
+            self._reductions += 1
+            return [Action("reduce",
+                           f"{self.params['metric']} has not improved on its best "
+                           f"{self._best:.6g} for {bad} observations (patience "
+                           f"{self.params['patience']}): LR × {ratio:.6g}",
+                           {**evidence, "factor": ratio})]
+        restart_lr = self.params["restart_lr"]
+        if restart_lr is None or not obs.lrs or obs.lrs[0] <= 0:
+            return []
+        self._scale *= restart_lr / obs.lrs[0]
+        self._best = self._mode_worse
+        self._restarts += 1
+        return [Action("restart",
+                       f"{self.params['metric']} plateaued at the LR floor: restart at "
+                       f"{restart_lr:.6g}", {**evidence, "restart_lr": restart_lr})]
+
+    def _reduction_ratio(self, lrs: Any) -> float | None:
+        """torch's per-group rule, as one ratio so that group ratios are kept.
+
+        torch: ``new = max(old * factor, min_lr)``, applied when ``old - new > eps``.
+        """
+        factor = self.params["factor"]
+        if not lrs:
+            return factor
+        ratio = factor
+        for g, old in enumerate(lrs):
+            floor = per_group(self.params["min_lr"], g, 0.0)
+            if old > 0:
+                ratio = max(ratio, floor / old)
+        if ratio >= 1.0:
+            return None
+        if not any(old - old * ratio > self.params["eps"] for old in lrs):
+            return None
+        return ratio
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "scale": self._scale,
+            "best": float_to_json(self._best),
+            "num_bad": self._num_bad,
+            "cooldown_counter": self._cooldown_counter,
+            "ema": None if self._ema is None else float_to_json(self._ema),
+            "recent": [float_to_json(v) for v in self._recent],
+            "reductions": self._reductions,
+            "restarts": self._restarts,
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self._scale = float(state["scale"])
+        self._best = float_from_json(state["best"])
+        self._num_bad = int(state["num_bad"])
+        self._cooldown_counter = int(state["cooldown_counter"])
+        ema = state["ema"]
+        self._ema = None if ema is None else float_from_json(ema)
+        self._recent = deque((float_from_json(v) for v in state["recent"]),
+                             maxlen=self.params["smoothing_window"])
+        self._reductions = int(state["reductions"])
+        self._restarts = int(state["restarts"])
