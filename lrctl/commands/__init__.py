@@ -1,0 +1,1 @@
+"""Verbs of the lrctl command line, one module per group."""

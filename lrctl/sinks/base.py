@@ -1,0 +1,83 @@
+"""The interface between the controller and where its records go.
+
+The controller calls a :class:`Sink` from its single owner thread. A sink must
+never block that thread on a slow backend: the journal appends (and fsyncs)
+one line per decision, the MLflow sink queues and batches in its own worker.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = ["NullSink", "RunInfo", "Sink"]
+
+
+@dataclass(frozen=True)
+class RunInfo:
+    """What a sink needs to know about one training run (one controller session)."""
+
+    run_key: str  # unique, filesystem- and MLflow-safe id of the session
+    run_name: str  # the human name (MLflow run name when lrctl creates the run)
+    policy_source: str  # a path, or "<string>" / "<dict>"
+    policy_text: str
+    policy_sha256: str
+    group_count: int
+    params: Mapping[str, str] = field(default_factory=dict)  # flattened policy knobs
+    mlflow_run_id: str | None = None  # the training script's active run, if any
+    tracking_uri: str | None = None  # explicit URI from the hook, else env / default
+    cwd: str | None = None  # the training script's working directory (default sqlite store)
+
+
+class Sink(ABC):
+    """Receives a controller's records. Methods must return quickly."""
+
+    @abstractmethod
+    def open_run(self, info: RunInfo) -> None:
+        """A session started (or was restored after a controller restart)."""
+
+    @abstractmethod
+    def observation(self, run_key: str, step: int, loss: float | None,
+                    grad_norm: float | None, lrs: Sequence[float]) -> None:
+        """Every observation; the sink downsamples as configured."""
+
+    @abstractmethod
+    def decision(self, run_key: str, record: Mapping[str, Any]) -> None:
+        """One decision (``Decision.to_dict()`` plus ``wall_time``); durable on return."""
+
+    @abstractmethod
+    def policy_changed(self, run_key: str, info: RunInfo, record: Mapping[str, Any]) -> None:
+        """A hot reload (or a failed one): ``record`` is the audited event."""
+
+    @abstractmethod
+    def close_run(self, run_key: str) -> None:
+        """The session ended; flush what belongs to it."""
+
+    @abstractmethod
+    def close(self) -> None:
+        """Controller shutdown: flush everything that can be flushed, stop workers."""
+
+
+class NullSink(Sink):
+    """Drops everything (tests, and ``lrctl serve --no-audit``)."""
+
+    def open_run(self, info: RunInfo) -> None:
+        return None
+
+    def observation(self, run_key: str, step: int, loss: float | None,
+                    grad_norm: float | None, lrs: Sequence[float]) -> None:
+        return None
+
+    def decision(self, run_key: str, record: Mapping[str, Any]) -> None:
+        return None
+
+    def policy_changed(self, run_key: str, info: RunInfo, record: Mapping[str, Any]) -> None:
+        return None
+
+    def close_run(self, run_key: str) -> None:
+        return None
+
+    def close(self) -> None:
+        return None
