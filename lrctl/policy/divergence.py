@@ -6,10 +6,13 @@ The behaviour of a mixed-precision loss scaler, applied to the learning rate:
   asks the hook to skip that optimizer step ("reduce LR on NaN": keras#8332).
 * A spike is a value more than ``z_threshold`` robust standard deviations above
   the median of the last ``window`` accepted values (robust: median and
-  inter-quartile range, so one outlier does not move them). Loss is judged on
-  its own scale, the grad norm on a log scale (its noise is multiplicative).
-  Detection arms after ``min_samples`` values. Spikes never enter the window
-  they are judged against.
+  inter-quartile range, so one outlier does not move them), on a log scale:
+  the noise of per-batch losses and grad norms is multiplicative and heavy
+  tailed, and on a linear scale easy batches (loss 0.002) make ordinary hard
+  ones (loss 0.2) look like 100σ events. Losses that can be zero or negative
+  set ``loss_scale: linear``. ``min_sigma`` keeps a very smooth series from
+  tripping on small wiggles. Detection arms after ``min_samples`` values.
+  Spikes never enter the window they are judged against.
 * ``tolerance`` spikes are tolerated before a back-off; the count resets after
   ``regrow_after`` clean observations.
 * A back-off multiplies the LR by ``factor``. For ``cooldown`` observations
@@ -33,7 +36,7 @@ from ._base import Action, Observation, Policy, StepContext
 from ._params import Param
 from ._registry import register_policy
 
-_MIN_LOSS_SCALE = 1e-12
+_MIN_SIGMA = 1e-12
 
 
 class RobustWindow:
@@ -86,8 +89,10 @@ class Divergence(Policy):
         Param("min_samples", "int", 32, "values needed before spike detection arms", ge=4),
         Param("watch_loss", "bool", True, "detect spikes in the loss"),
         Param("watch_grad_norm", "bool", True, "detect spikes in the grad norm (log scale)"),
-        Param("rel_floor", "float", 0.01,
-              "least loss scale, relative to the median, so flat losses do not trip", ge=0),
+        Param("loss_scale", "str", "log", "judge the loss on a log or a linear scale",
+              choices=("log", "linear")),
+        Param("min_sigma", "float", 0.05,
+              "least robust σ (log units; relative to the median for a linear loss)", ge=0),
         Param("tolerance", "int", 0, "spikes tolerated before a back-off", ge=0),
         Param("cooldown", "int", 10, "observations after a back-off with no new spike back-off",
               ge=0),
@@ -119,7 +124,7 @@ class Divergence(Policy):
         if len(window) < self.params["min_samples"]:
             return None
         median = window.median()
-        sigma = max(window.sigma(), floor * abs(median), _MIN_LOSS_SCALE)
+        sigma = max(window.sigma(), floor, _MIN_SIGMA)
         z = (value - median) / sigma
         if z <= self.params["z_threshold"]:
             return None
@@ -139,13 +144,14 @@ class Divergence(Policy):
 
         evidence = None
         in_cooldown = self._cooldown > 0
+        judged_loss = self._loss_value(loss)
         log_gnorm = math.log(gnorm) if gnorm is not None and gnorm > 0 else None
-        if not in_cooldown:
-            evidence = self._judge(loss, log_gnorm)
+        if not in_cooldown and not self._stopped:
+            evidence = self._judge(judged_loss, log_gnorm)
         if evidence is None:
             # A clean observation (or a cooldown one, which re-baselines).
-            if loss is not None and self.params["watch_loss"]:
-                self._loss.add(loss)
+            if judged_loss is not None and self.params["watch_loss"]:
+                self._loss.add(judged_loss)
             if log_gnorm is not None and self.params["watch_grad_norm"]:
                 self._gnorm.add(log_gnorm)
         if in_cooldown:
@@ -163,14 +169,31 @@ class Divergence(Policy):
             return self._back_off(ctx, reason, evidence, force=False)
         return self._maybe_regrow()
 
+    def _loss_value(self, loss: float | None) -> float | None:
+        """The loss on the scale it is judged on (None: not judged)."""
+        if loss is None:
+            return None
+        if self.params["loss_scale"] == "linear":
+            return loss
+        return math.log(loss) if loss > 0 else None
+
     def _judge(self, loss: float | None, log_gnorm: float | None) -> dict[str, Any] | None:
         if loss is not None and self.params["watch_loss"]:
-            hit = self._spike(self._loss, loss, self.params["rel_floor"])
+            linear = self.params["loss_scale"] == "linear"
+            floor = self.params["min_sigma"]
+            if linear:
+                floor *= abs(self._loss.median()) if len(self._loss) else 0.0
+            hit = self._spike(self._loss, loss, floor)
             if hit is not None:
-                return {"statistic": "loss", "value": loss, **hit,
-                        "threshold": self.params["z_threshold"], "window": len(self._loss)}
+                if linear:
+                    return {"statistic": "loss", "value": loss, **hit,
+                            "threshold": self.params["z_threshold"], "window": len(self._loss)}
+                return {"statistic": "loss", "value": math.exp(loss),
+                        "median": math.exp(hit["median"]), "sigma_log": hit["sigma"],
+                        "z": hit["z"], "threshold": self.params["z_threshold"],
+                        "window": len(self._loss)}
         if log_gnorm is not None and self.params["watch_grad_norm"]:
-            hit = self._spike(self._gnorm, log_gnorm, 0.0)
+            hit = self._spike(self._gnorm, log_gnorm, self.params["min_sigma"])
             if hit is not None:
                 return {"statistic": "grad_norm", "value": math.exp(log_gnorm),
                         "median": math.exp(hit["median"]), "sigma_log": hit["sigma"],
@@ -186,6 +209,9 @@ class Divergence(Policy):
             actions.append(Action("skip", f"skip this optimizer step: {reason}", evidence))
         self._spikes = 0
         self._clean = 0
+        if self._stopped:  # already asked to stop: say it once, keep the LR where it is
+            ctx.stop = True
+            return actions
         floor = self.params["min_multiplier"]
         if self._backoffs >= self.params["max_backoffs"] or self._scale <= floor:
             self._stopped = True
