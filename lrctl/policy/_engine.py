@@ -211,7 +211,7 @@ class Engine:
             "policy_sha256": self.policy_sha256,
             "policies": [
                 {"name": n, "kind": p.kind, "state": p.state_dict()}
-                for n, p in zip(self.names, self.policies)
+                for n, p in zip(self.names, self.policies, strict=True)
             ],
         }
 
@@ -222,10 +222,10 @@ class Engine:
             raise ValueError(
                 f"state is for initial LRs {state['initial_lrs']}, not {list(self.initial_lrs)}")
         saved = {(p["name"], p["kind"]): p["state"] for p in state["policies"]}
-        mine = {(n, p.kind) for n, p in zip(self.names, self.policies)}
+        mine = {(n, p.kind) for n, p in zip(self.names, self.policies, strict=True)}
         if set(saved) != mine:
             raise ValueError(f"state is for policies {sorted(saved)}, not {sorted(mine)}")
-        for name, policy in zip(self.names, self.policies):
+        for name, policy in zip(self.names, self.policies, strict=True):
             policy.load_state_dict(saved[(name, policy.kind)])
         self.last_step = state["last_step"]
         self.mode = state["mode"]
@@ -250,7 +250,7 @@ def _is_metric_name(name: str) -> bool:
 
 
 def _number(name: str, value: Any) -> float:
-    if isinstance(value, bool) or isinstance(value, (str, bytes)):
+    if isinstance(value, (bool, str, bytes)):
         raise ObservationError(f"{name} must be a number, but got {value!r}")
     try:
         return float(value)

@@ -9,7 +9,7 @@ warmup ends). Unlike torch's ``CosineAnnealingLR``, which swings back up after
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, ClassVar
 
 from ._params import Param, ParamError
 from ._registry import register_policy
@@ -32,7 +32,7 @@ class Decay(Schedule):
         Param("eta_min", "float_or_list", 0.0, "cosine: LR reached after total_steps", ge=0),
     )
 
-    _NEEDS = {
+    _NEEDS: ClassVar[dict[str, tuple[str, ...]]] = {
         "step": ("step_size", "gamma"),
         "exponential": ("gamma",),
         "linear": ("total_steps",),

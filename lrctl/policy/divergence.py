@@ -139,10 +139,11 @@ class Divergence(Policy):
             ctx.skip = ctx.skip or self.params["skip_nonfinite"]
             name = nonfinite[0]
             value = obs.value(name)
-            evidence = {"statistic": name, "value": value, "threshold": "finite"}
-            return self._back_off(ctx, f"{name} is {value}", evidence, force=True)
+            return self._back_off(ctx, f"{name} is {value}",
+                                  {"statistic": name, "value": value, "threshold": "finite"},
+                                  force=True)
 
-        evidence = None
+        evidence: dict[str, Any] | None = None
         in_cooldown = self._cooldown > 0
         judged_loss = self._loss_value(loss)
         log_gnorm = math.log(gnorm) if gnorm is not None and gnorm > 0 else None
@@ -216,8 +217,9 @@ class Divergence(Policy):
         if self._backoffs >= self.params["max_backoffs"] or self._scale <= floor:
             self._stopped = True
             ctx.stop = True
-            why = (f"{self._backoffs} back-offs in this incident (max {self.params['max_backoffs']})"
-                   if self._backoffs >= self.params["max_backoffs"]
+            most = self.params["max_backoffs"]
+            why = (f"{self._backoffs} back-offs in this incident (max {most})"
+                   if self._backoffs >= most
                    else f"the LR multiplier is at its floor {floor:g}")
             actions.append(Action("stop", f"training keeps diverging: {why}; last: {reason}",
                                   {**evidence, "backoffs": self._backoffs}))

@@ -1,0 +1,73 @@
+"""`lrctl validate` and `lrctl replay`, run as a user runs them."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def lrctl(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "lrctl", *args], cwd=cwd,
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_validate_accepts_shipped_policies() -> None:
+    files = sorted(str(p) for p in (REPO / "policies").glob("*.yaml"))
+    assert len(files) >= 5
+    result = lrctl("validate", *files)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count(": ok (") == len(files)
+
+
+def test_validate_reports_file_line_key_and_fails(tmp_path: Path) -> None:
+    good = tmp_path / "good.yaml"
+    good.write_text("version: 1\npolicies:\n  - kind: warmup\n    steps: 10\n")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("version: 1\npolicies:\n  - kind: plateau\n    patience: 3\n"
+                   "    factor: 1.5\n")
+    result = lrctl("validate", str(good), str(bad))
+    assert result.returncode == 1
+    assert f"{bad}:5: factor: must be < 1, but got 1.5" in result.stderr
+    assert f"{good}: ok" in result.stdout
+
+
+def test_validate_missing_file_is_an_error(tmp_path: Path) -> None:
+    result = lrctl("validate", str(tmp_path / "nope.yaml"))
+    assert result.returncode == 1
+    assert "nope.yaml: cannot read" in result.stderr
+
+
+def test_validate_without_files_is_a_usage_error() -> None:
+    assert lrctl("validate").returncode == 2
+
+
+def test_replay_default_prints_decisions_with_reasons() -> None:
+    result = lrctl("replay")
+    assert result.returncode == 0, result.stderr
+    assert "3000 steps replayed" in result.stdout
+    assert "warmup_done" in result.stdout
+    assert "plateau      reduce" in result.stdout
+
+
+def test_replay_json_matches_in_process_engine(tmp_path: Path) -> None:
+    curve = tmp_path / "curve.csv"
+    rows = ["step,loss,grad_norm"] + [f"{t},{1.0 if t != 40 else 'nan'},1.0" for t in range(60)]
+    curve.write_text("\n".join(rows) + "\n")
+    policy = REPO / "policies" / "divergence.yaml"
+    result = lrctl("replay", str(policy), "--curve", str(curve), "--lr", "0.1", "--json")
+    assert result.returncode == 0, result.stderr
+    records = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [(r["step"], r["action"]) for r in records] == [(40, "skip"), (40, "backoff")]
+    assert records[1]["old_lrs"] == [0.1] and records[1]["new_lrs"] == [0.05]
+
+
+def test_replay_rejects_bad_curve(tmp_path: Path) -> None:
+    curve = tmp_path / "curve.csv"
+    curve.write_text("step,loss\n0,1.0\n1,abc\n")
+    result = lrctl("replay", "--curve", str(curve))
+    assert result.returncode == 1
+    assert "curve.csv:3" in result.stderr
