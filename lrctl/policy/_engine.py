@@ -198,6 +198,43 @@ class Engine:
             lrs=tuple(self._lrs),
         )
 
+    # -- hot reload ----------------------------------------------------------------
+    def inherit(self, old: Engine) -> dict[str, list[str]]:
+        """Continue ``old``'s run with this engine's policies (a hot reload).
+
+        Policies are matched by ``(name, kind)``. A match keeps its state —
+        counters, rolling statistics, its current multiplier — even when its
+        knobs changed; a new policy starts fresh; a removed one is dropped with
+        its multiplier. The step counter, stop flag and decision count carry
+        over. Returns which policies were kept, changed, added, removed or reset
+        (kept in name but with a state the new knobs could not take).
+        """
+        if len(old.initial_lrs) != len(self.initial_lrs):
+            raise ValueError("a reload cannot change the number of param groups")
+        self.initial_lrs = old.initial_lrs
+        previous = {(n, p.kind): p for n, p in zip(old.names, old.policies, strict=True)}
+        summary: dict[str, list[str]] = {"kept": [], "changed": [], "added": [],
+                                         "removed": [], "reset": []}
+        for name, policy in zip(self.names, self.policies, strict=True):
+            before = previous.pop((name, policy.kind), None)
+            if before is None:
+                summary["added"].append(name)
+                continue
+            try:
+                policy.load_state_dict(before.state_dict())
+            except (KeyError, TypeError, ValueError):
+                summary["reset"].append(name)
+                continue
+            summary["changed" if policy.params != before.params else "kept"].append(name)
+        summary["removed"] = [name for name, _ in previous]
+        self.last_step = old.last_step
+        self.should_stop = old.should_stop
+        self.decision_count = old.decision_count
+        self._decisions = old._decisions
+        step = 0 if old.last_step is None else old.last_step + 1
+        self._lrs = self._compute(step)
+        return summary
+
     # -- state -------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         return {

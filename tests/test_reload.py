@@ -1,0 +1,165 @@
+"""Policy files edited the ways editors edit them, watched for real (inotify)."""
+
+from __future__ import annotations
+
+import os
+import queue
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from lrctl.reload import PolicyWatcher, ReloadEvent
+
+V1 = "version: 1\npolicies:\n  - kind: plateau\n    patience: 5\n"
+V2 = "version: 1\npolicies:\n  - kind: plateau\n    patience: 7\n"
+V3 = "version: 1\npolicies:\n  - kind: plateau\n    patience: 9\n"
+BROKEN = "version: 1\npolicies:\n  - kind: plateau\n    patience: -1\n"
+QUIET_S = 1.0  # how long to listen for (unwanted) further events
+
+
+@pytest.fixture
+def events() -> queue.Queue[ReloadEvent]:
+    return queue.Queue()
+
+
+@pytest.fixture
+def watcher(events: queue.Queue[ReloadEvent]) -> Iterator[PolicyWatcher]:
+    with PolicyWatcher(events.put, debounce_s=0.1) as w:
+        yield w
+
+
+def collect(events: queue.Queue[ReloadEvent], first_timeout: float = 10.0) -> list[ReloadEvent]:
+    """Every event until the watcher has been quiet for QUIET_S."""
+    got = [events.get(timeout=first_timeout)]
+    while True:
+        try:
+            got.append(events.get(timeout=QUIET_S))
+        except queue.Empty:
+            return got
+
+
+def patience(event: ReloadEvent) -> int:
+    assert event.policy is not None, event
+    return int(event.policy.entries[0].params["patience"])
+
+
+def write(path: Path, text: str) -> None:
+    with open(path, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def test_in_place_edit_reloads_once(tmp_path: Path, watcher: PolicyWatcher,
+                                    events: queue.Queue[ReloadEvent]) -> None:
+    f = tmp_path / "p.yaml"
+    write(f, V1)
+    watcher.watch(str(f))
+    write(f, V2)
+    got = collect(events)
+    assert [(e.status, patience(e)) for e in got] == [("changed", 7)]
+
+
+def test_editor_burst_ends_on_last_content(tmp_path: Path, watcher: PolicyWatcher,
+                                           events: queue.Queue[ReloadEvent]) -> None:
+    f = tmp_path / "p.yaml"
+    write(f, V1)
+    watcher.watch(str(f))
+    with open(f, "w") as h:  # truncate, then several partial writes, as editors do
+        for chunk in (V3[:10], V3[10:25], V3[25:]):
+            h.write(chunk)
+            h.flush()
+            time.sleep(0.01)
+    got = collect(events)
+    assert [(e.status, patience(e)) for e in got] == [("changed", 9)]
+
+
+def test_atomic_save_and_swap_files(tmp_path: Path, watcher: PolicyWatcher,
+                                    events: queue.Queue[ReloadEvent]) -> None:
+    f = tmp_path / "p.yaml"
+    write(f, V1)
+    watcher.watch(str(f))
+    write(tmp_path / ".p.yaml.swp", "garbage: [")  # vim's swap file
+    write(tmp_path / "p.yaml~", V3)  # a backup copy
+    tmp = tmp_path / ".p.yaml.tmp123"
+    write(tmp, V2)
+    os.replace(tmp, f)
+    got = collect(events)
+    assert [(e.status, patience(e)) for e in got] == [("changed", 7)]
+
+
+def test_delete_and_recreate_is_one_reload(tmp_path: Path, watcher: PolicyWatcher,
+                                           events: queue.Queue[ReloadEvent]) -> None:
+    f = tmp_path / "p.yaml"
+    write(f, V1)
+    watcher.watch(str(f))
+    f.unlink()
+    write(f, V2)
+    got = collect(events)
+    assert [(e.status, patience(e)) for e in got] == [("changed", 7)]
+
+
+def test_deleted_file_is_reported_missing_then_reloaded_when_back(
+        tmp_path: Path, watcher: PolicyWatcher, events: queue.Queue[ReloadEvent]) -> None:
+    f = tmp_path / "p.yaml"
+    write(f, V1)
+    watcher.watch(str(f))
+    f.unlink()
+    assert [e.status for e in collect(events)] == ["missing"]
+    write(f, V3)
+    got = collect(events)
+    assert [(e.status, patience(e)) for e in got] == [("changed", 9)]
+
+
+def test_broken_edit_is_reported_with_file_and_line(
+        tmp_path: Path, watcher: PolicyWatcher, events: queue.Queue[ReloadEvent]) -> None:
+    f = tmp_path / "p.yaml"
+    write(f, V1)
+    watcher.watch(str(f))
+    write(f, BROKEN)
+    got = collect(events)
+    assert [e.status for e in got] == ["invalid"]
+    assert got[0].error == f"{f}:4: patience: must be >= 0, but got -1"
+
+
+def test_symlinked_file_follows_the_target(tmp_path: Path, watcher: PolicyWatcher,
+                                           events: queue.Queue[ReloadEvent]) -> None:
+    real_dir = tmp_path / "real"
+    real_dir.mkdir()
+    target = real_dir / "policy.yaml"
+    write(target, V1)
+    link = tmp_path / "link.yaml"
+    link.symlink_to(target)
+    watcher.watch(str(link))
+    write(target, V2)
+    got = collect(events)
+    assert [(e.status, e.path, patience(e)) for e in got] == [("changed", str(link), 7)]
+
+
+def test_unchanged_content_is_not_reloaded_but_poke_forces(
+        tmp_path: Path, watcher: PolicyWatcher, events: queue.Queue[ReloadEvent]) -> None:
+    f = tmp_path / "p.yaml"
+    write(f, V1)
+    watcher.watch(str(f), sha256=None)
+    write(f, V2)
+    assert [patience(e) for e in collect(events)] == [7]
+    write(f, V2)  # same bytes again
+    with pytest.raises(queue.Empty):
+        events.get(timeout=QUIET_S)
+    watcher.poke(str(f))
+    got = collect(events)
+    assert [(e.forced, patience(e)) for e in got] == [(True, 7)]
+
+
+def test_unwatched_file_is_quiet(tmp_path: Path, watcher: PolicyWatcher,
+                                 events: queue.Queue[ReloadEvent]) -> None:
+    f = tmp_path / "p.yaml"
+    write(f, V1)
+    watcher.watch(str(f))
+    watcher.unwatch(str(f))
+    write(f, V2)
+    with pytest.raises(queue.Empty):
+        events.get(timeout=QUIET_S)
+    assert watcher.watched() == []
