@@ -16,6 +16,7 @@ that owns its sessions.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import threading
@@ -179,10 +180,8 @@ class PolicyWatcher:
         used = set().union(*(e["dirs"] for e in self._files.values())) if self._files else set()
         for d in list(self._dir_watches):
             if d not in used:
-                try:
+                with contextlib.suppress(KeyError, OSError):
                     self._observer.unschedule(self._dir_watches.pop(d))
-                except (KeyError, OSError):
-                    pass
 
     def _touched(self, event_path: str) -> None:
         event_path = os.path.abspath(event_path)
