@@ -40,7 +40,7 @@ def torch_lrs(opt: torch.optim.Optimizer) -> list[float]:
 
 def assert_close(got: Lrs, want: Lrs, step: int, what: str) -> None:
     assert len(got) == len(want)
-    for g, (a, b) in enumerate(zip(got, want)):
+    for g, (a, b) in enumerate(zip(got, want, strict=True)):
         assert math.isclose(a, b, rel_tol=REL_TOL, abs_tol=ABS_TOL), (
             f"{what}: step {step}, group {g}: lrctl {a!r} != torch {b!r}")
 

@@ -1,0 +1,213 @@
+"""The divergence guard: NaN/inf and spikes back off at once; noise does not."""
+
+from __future__ import annotations
+
+import math
+import random
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import lrctl
+from lrctl.policy import Decision, Engine
+
+BASE_LR = 0.1
+POLICIES = Path(__file__).resolve().parents[2] / "policies"
+
+
+def guard(**knobs: Any) -> Engine:
+    return lrctl.load_policy({"version": 1, "policies": [{"kind": "divergence", **knobs}]},
+                             base_lrs=[BASE_LR])
+
+
+def realistic(seed: int, steps: int) -> list[tuple[float, float]]:
+    """(loss, grad_norm) of a healthy run: decreasing, multiplicative log-normal noise."""
+    rng = random.Random(seed)
+    out = []
+    for t in range(steps):
+        loss = (2.0 * math.exp(-t / 3000) + 0.3) * math.exp(rng.gauss(0.0, 0.05))
+        gnorm = (0.8 + 2.0 * math.exp(-t / 1500)) * math.exp(rng.gauss(0.0, 0.15))
+        out.append((loss, gnorm))
+    return out
+
+
+def feed(engine: Engine, series: list[tuple[float, float]], start: int = 0) -> None:
+    for t, (loss, gnorm) in enumerate(series, start=start):
+        engine.observe(step=t, loss=loss, grad_norm=gnorm)
+
+
+def only(decisions: list[Decision], action: str) -> Decision:
+    found = [d for d in decisions if d.action == action]
+    assert len(found) == 1, f"expected one {action!r} in {[d.action for d in decisions]}"
+    return found[0]
+
+
+K = 60  # the incident step: well after detection arms (min_samples 32)
+
+
+@pytest.mark.parametrize(("statistic", "value"), [
+    ("loss", math.nan), ("loss", math.inf), ("loss", -math.inf),
+    ("grad_norm", math.nan), ("grad_norm", math.inf),
+])
+def test_nonfinite_backs_off_and_skips_at_that_step(statistic: str, value: float) -> None:
+    engine = guard()
+    series = realistic(0, K)
+    feed(engine, series)
+    before = engine.lrs
+    loss, gnorm = realistic(0, K + 1)[K]
+    obs = {"loss": loss, "grad_norm": gnorm, statistic: value}
+    after = engine.observe(step=K, **obs)
+    back = only(engine.last_decisions, "backoff")
+    assert back.step == K
+    assert back.old_lrs == tuple(before)
+    assert after == pytest.approx([before[0] * 0.5], rel=1e-12)
+    assert list(back.new_lrs) == after
+    skip = only(engine.last_decisions, "skip")
+    assert skip.step == K and skip.new_lrs == skip.old_lrs
+    assert engine.should_skip
+    engine.observe(step=K + 1, loss=loss, grad_norm=gnorm)
+    assert not engine.should_skip  # that step only
+
+
+def test_nan_at_step_zero_backs_off_without_history() -> None:
+    engine = guard(factor=0.25)
+    assert engine.observe(step=0, loss=math.nan) == pytest.approx([BASE_LR * 0.25])
+    assert engine.should_skip
+    assert [d.action for d in engine.last_decisions] == ["skip", "backoff"]
+
+
+def test_nan_without_skip_nonfinite_backs_off_but_does_not_skip() -> None:
+    engine = guard(skip_nonfinite=False)
+    engine.observe(step=0, loss=math.nan)
+    assert not engine.should_skip
+    assert [d.action for d in engine.last_decisions] == ["backoff"]
+
+
+@pytest.mark.parametrize("statistic", ["loss", "grad_norm"])
+def test_fifty_fold_spike_backs_off_at_that_step(statistic: str) -> None:
+    engine = guard()
+    series = realistic(1, K + 1)
+    feed(engine, series[:K])
+    before = engine.lrs
+    loss, gnorm = series[K]
+    obs = {"loss": loss, "grad_norm": gnorm}
+    obs[statistic] *= 50
+    after = engine.observe(step=K, **obs)
+    back = only(engine.last_decisions, "backoff")
+    assert back.step == K
+    assert back.evidence["statistic"] == statistic
+    assert back.evidence["value"] == pytest.approx(obs[statistic])
+    assert after == pytest.approx([before[0] * 0.5], rel=1e-12)
+    assert not engine.should_skip  # a finite spike is applied, only the LR backs off
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_healthy_noisy_run_never_backs_off(seed: int) -> None:
+    engine = guard()  # the default knobs
+    feed(engine, realistic(seed, 10_000))
+    assert [d for d in engine.decisions if d.action != "regrow"] == []
+    assert engine.lrs == [BASE_LR]
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_healthy_noisy_run_under_shipped_guard_file(seed: int) -> None:
+    engine = lrctl.load_policy(POLICIES / "divergence.yaml", base_lrs=[BASE_LR])
+    feed(engine, realistic(seed, 10_000))
+    assert engine.decisions == []
+
+
+def test_regrows_after_clean_interval_toward_one_and_no_further() -> None:
+    engine = guard(regrow_after=50, regrow_factor=2.0, factor=0.5)
+    feed(engine, realistic(2, K))
+    engine.observe(step=K, loss=math.nan)
+    engine.observe(step=K + 1, loss=math.nan)  # non-finite backs off even in cooldown
+    assert engine.lrs == pytest.approx([BASE_LR * 0.25])
+    clean = realistic(3, 200)
+    lrs_by_step: dict[int, float] = {}
+    for i, (loss, gnorm) in enumerate(clean):
+        t = K + 2 + i
+        lrs_by_step[t + 1] = engine.observe(step=t, loss=loss, grad_norm=gnorm)[0]
+    regrows = [d for d in engine.decisions if d.action == "regrow"]
+    # clean observation n after the last back-off is step K + 1 + n
+    assert [d.step for d in regrows] == [K + 1 + 50, K + 1 + 100]
+    for d in regrows:
+        assert d.new_lrs[0] / d.old_lrs[0] == pytest.approx(2.0)
+        assert d.evidence["factor"] == pytest.approx(2.0)
+    assert lrs_by_step[K + 1 + 50] == pytest.approx(BASE_LR * 0.25)
+    assert lrs_by_step[K + 2 + 50] == pytest.approx(BASE_LR * 0.5)
+    assert lrs_by_step[K + 2 + 100] == pytest.approx(BASE_LR)
+    assert max(lrs_by_step.values()) == pytest.approx(BASE_LR)  # never above the original
+
+
+def test_partial_regrowth_stops_at_one() -> None:
+    engine = guard(regrow_after=10, regrow_factor=3.0, factor=0.5)
+    feed(engine, realistic(4, 40))
+    engine.observe(step=40, loss=math.nan)
+    feed(engine, realistic(5, 30), start=41)
+    regrow = only(engine.decisions, "regrow")
+    assert regrow.new_lrs[0] == pytest.approx(BASE_LR)  # ×2 to 1.0, not ×3 past it
+    assert regrow.evidence["factor"] == pytest.approx(2.0)
+
+
+def test_repeated_divergence_escalates_to_stop_after_max_backoffs() -> None:
+    engine = guard(max_backoffs=3, factor=0.5)
+    feed(engine, realistic(6, K))
+    for i in range(3):
+        engine.observe(step=K + i, loss=math.nan)
+        assert not engine.should_stop
+        assert only(engine.last_decisions, "backoff").step == K + i
+    before = engine.lrs
+    engine.observe(step=K + 3, loss=math.nan)
+    stop = only(engine.last_decisions, "stop")
+    assert stop.step == K + 3
+    assert stop.new_lrs == stop.old_lrs == tuple(before)  # stopping does not move the LR
+    assert engine.should_stop
+    assert engine.lrs == pytest.approx([BASE_LR * 0.125])
+
+
+def test_back_off_to_the_multiplier_floor_escalates_to_stop() -> None:
+    engine = guard(factor=0.5, min_multiplier=0.3, max_backoffs=100)
+    engine.observe(step=0, loss=math.nan)
+    engine.observe(step=1, loss=math.nan)
+    assert engine.lrs == pytest.approx([BASE_LR * 0.3])  # 0.25 is below the floor
+    assert engine.last_decisions[-1].evidence["factor"] == pytest.approx(0.6)
+    assert not engine.should_stop
+    engine.observe(step=2, loss=math.nan)
+    assert engine.should_stop
+    assert engine.lrs == pytest.approx([BASE_LR * 0.3])
+
+
+def test_spike_does_not_pollute_statistics() -> None:
+    """A second identical spike after the cooldown is still a spike."""
+    cooldown = 10
+    engine = guard(cooldown=cooldown, regrow_after=1000)
+    series = realistic(7, 200)
+    spike_steps = [K, K + cooldown + 5]
+    for t, (loss, gnorm) in enumerate(series):
+        if t in spike_steps:
+            loss = 50 * 2.3  # the same spike twice: 50× the run's loss level
+        engine.observe(step=t, loss=loss, grad_norm=gnorm)
+    backoffs = [d for d in engine.decisions if d.action == "backoff"]
+    assert [d.step for d in backoffs] == spike_steps
+    assert engine.lrs == pytest.approx([BASE_LR * 0.25])
+
+
+def test_spike_within_cooldown_does_not_back_off_again() -> None:
+    engine = guard(cooldown=10)
+    series = realistic(8, 100)
+    for t, (loss, gnorm) in enumerate(series):
+        if t in (K, K + 3):
+            loss *= 50
+        engine.observe(step=t, loss=loss, grad_norm=gnorm)
+    assert [d.step for d in engine.decisions if d.action == "backoff"] == [K]
+
+
+def test_tolerance_lets_spikes_pass_before_backing_off() -> None:
+    engine = guard(tolerance=1, cooldown=0)
+    series = realistic(9, 100)
+    for t, (loss, gnorm) in enumerate(series):
+        if t in (K, K + 5):
+            loss *= 50
+        engine.observe(step=t, loss=loss, grad_norm=gnorm)
+    assert [d.step for d in engine.decisions if d.action == "backoff"] == [K + 5]
