@@ -7,10 +7,20 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from .client import Controller, attach
 from .policy import Decision, Engine, Policy, register_policy
 
 __version__ = "0.1.0"
-__all__ = ["Decision", "Engine", "Policy", "__version__", "load_policy", "register_policy"]
+__all__ = [
+    "Controller",
+    "Decision",
+    "Engine",
+    "Policy",
+    "__version__",
+    "attach",
+    "load_policy",
+    "register_policy",
+]
 
 if TYPE_CHECKING:
     import os

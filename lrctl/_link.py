@@ -1,0 +1,251 @@
+"""The hook's connection to the controller: non-blocking I/O, handshake, replay, back-off.
+
+Runs on the training thread, with no thread of its own: every call does a few
+non-blocking syscalls and returns. Stdlib and :mod:`lrctl.protocol` only.
+
+Exact resume: the controller checkpoints each session every few hundred
+observations and says in each reply which step it last saved (``saved_step``).
+The link keeps the frames of the observations after that step (and of those it
+could not send while the controller was down) in a bounded buffer. After a
+reconnect, the ``welcome`` says where the (possibly restored) session stands;
+the link replays the buffered frames after that step, in order, so the policies
+see every observation exactly once, as if nothing had happened.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import select
+import socket
+import time
+from collections import deque
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from . import paths
+from .protocol import MAX_FRAME, MAX_HELLO, FrameDecoder, ProtocolError, encode
+
+__all__ = ["Link"]
+
+log = logging.getLogger("lrctl")
+
+BUFFER_MAX = 100_000
+MAX_PENDING_OUT = 4 << 20
+
+
+class Link:
+    """One run's connection. ``on_message`` gets every ``welcome``/``lr``/``error``."""
+
+    def __init__(self, address: str, hello: Mapping[str, Any],
+                 on_message: Callable[[dict[str, Any]], None], *,
+                 warn: Callable[[str, str], None], max_backoff: float = 5.0,
+                 buffer_max: int = BUFFER_MAX) -> None:
+        self.kind, self.addr = paths.parse_address(address)
+        self.address = address
+        self.hello = dict(hello)
+        self.on_message = on_message
+        self.warn = warn
+        self.max_backoff = max_backoff
+        self.buffer: deque[tuple[int, bytes]] = deque()
+        self.buffer_max = buffer_max
+        self.overflowed = False
+        self.state = "down"  # down | handshake | up | closed
+        self.welcomed = False
+        self.fatal: dict[str, Any] | None = None  # a refusal we must not retry into
+        self._sock: socket.socket | None = None
+        self._decoder = FrameDecoder(MAX_FRAME)
+        self._out = bytearray()
+        self._backoff = 0.1
+        self._next_attempt = 0.0
+
+    @property
+    def connected(self) -> bool:
+        return self.state == "up"
+
+    # -- connecting ----------------------------------------------------------------------
+    def open(self, timeout: float) -> bool:
+        """Connect and send ``hello``; the ``welcome`` is read later. False if nobody answers."""
+        try:
+            if self.kind == "unix":
+                sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                sock.settimeout(timeout)
+                try:
+                    sock.connect(self.addr)
+                except OSError:
+                    sock.close()
+                    raise
+            else:
+                sock = socket.create_connection(self.addr, timeout=timeout)  # type: ignore[arg-type]
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            sock.setblocking(False)
+        except OSError as exc:
+            self._down(f"cannot connect to {self.address}: {exc.strerror or exc}")
+            return False
+        self._sock = sock
+        self._decoder = FrameDecoder(MAX_FRAME)
+        self._out = bytearray(encode({"t": "hello", **self.hello}, MAX_HELLO))
+        self.state = "handshake"
+        self._flush()
+        return self._sock is not None
+
+    def _down(self, reason: str) -> None:
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+        if self.state in ("up", "handshake"):
+            self.warn("down", f"lrctl: lost the controller ({reason}); training continues at "
+                              "the last LR and the hook reconnects in the background")
+            log.info("lrctl link down: %s", reason)
+        if self.state != "closed":
+            self.state = "down"
+        self._out.clear()
+        self._next_attempt = time.monotonic() + self._backoff
+        self._backoff = min(self._backoff * 2, self.max_backoff)
+
+    # -- the per-step work ---------------------------------------------------------------
+    def send_obs(self, step: int, frame: bytes) -> None:
+        if len(self.buffer) >= self.buffer_max:
+            self.buffer.popleft()
+            if not self.overflowed:
+                self.overflowed = True
+                self.warn("overflow", f"lrctl: more than {self.buffer_max} observations were "
+                                      "not acknowledged; the oldest are dropped, so decisions "
+                                      "after reconnecting may differ from an uninterrupted run")
+        self.buffer.append((step, frame))
+        if self.state == "up":
+            self._write(frame)
+
+    def pump(self) -> None:
+        """Reconnect when due, send what is queued, handle what arrived. Never blocks long."""
+        if self.state == "down" and self.fatal is None and time.monotonic() >= self._next_attempt:
+            self.open(timeout=0.1)
+        if self._sock is None:
+            return
+        if self._out:
+            self._flush()
+        self._read()
+
+    def wait(self, done: Callable[[], bool], timeout: float) -> bool:
+        """Read until ``done()`` or the timeout; False on timeout or a lost connection."""
+        deadline = time.monotonic() + timeout
+        while not done():
+            if self._sock is None:
+                return False
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            want_write = [self._sock] if self._out else []
+            try:
+                select.select([self._sock], want_write, [], left)
+            except (OSError, ValueError):
+                self._down("select failed")
+                return False
+            self.pump()
+        return True
+
+    def close(self, bye: bool = True, timeout: float = 1.0) -> None:
+        if self.state == "up" and bye:
+            self._write(encode({"t": "bye"}))
+            deadline = time.monotonic() + timeout
+            while self._out and self._sock is not None and time.monotonic() < deadline:
+                select.select([], [self._sock], [], deadline - time.monotonic())
+                self._flush()
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+        self.state = "closed"
+
+    # -- I/O -----------------------------------------------------------------------------
+    def _write(self, frame: bytes) -> None:
+        if self._out:
+            self._out += frame
+            if len(self._out) > MAX_PENDING_OUT:
+                self._down("the controller does not read what the hook sends")
+            return
+        assert self._sock is not None
+        try:
+            sent = self._sock.send(frame)
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+        except OSError as exc:
+            self._down(str(exc.strerror or exc))
+            return
+        if sent < len(frame):
+            self._out += frame[sent:]
+
+    def _flush(self) -> None:
+        assert self._sock is not None
+        try:
+            sent = self._sock.send(self._out)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            self._down(str(exc.strerror or exc))
+            return
+        del self._out[:sent]
+
+    def _read(self) -> None:
+        while self._sock is not None:
+            try:
+                data = self._sock.recv(1 << 16)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                self._down(str(exc.strerror or exc))
+                return
+            if not data:
+                self._down("the controller closed the connection")
+                return
+            try:
+                messages = self._decoder.feed(data)
+            except ProtocolError as exc:
+                self._down(f"bad frame from the controller: {exc}")
+                return
+            for msg in messages:
+                self._handle(msg)
+
+    def _handle(self, msg: dict[str, Any]) -> None:
+        t = msg["t"]
+        if t == "welcome":
+            self._welcome(msg)
+        elif t == "lr":
+            saved = msg.get("saved_step")
+            if isinstance(saved, int):
+                while self.buffer and self.buffer[0][0] <= saved:
+                    self.buffer.popleft()
+        elif t == "error" and msg.get("fatal"):
+            self.fatal = msg
+            self.on_message(msg)
+            self._down(str(msg.get("message")))
+            return
+        self.on_message(msg)
+
+    def _welcome(self, msg: Mapping[str, Any]) -> None:
+        last = msg.get("last_step")
+        last = last if isinstance(last, int) else -1
+        if self.welcomed and not msg.get("restored"):
+            self.warn("lost_state", "lrctl: the controller had no saved state for this run; "
+                                    "its policies start over from the observations the hook "
+                                    "still holds")
+        self.welcomed = True
+        self.state = "up"
+        self._backoff = 0.1
+        while self.buffer and self.buffer[0][0] <= last:
+            self.buffer.popleft()
+        for _, frame in self.buffer:  # replay, in order: see the module docstring
+            self._write(frame)
+            if self.state != "up":
+                return
+        log.info("lrctl link up at step %d (%d observation(s) replayed)", last, len(self.buffer))
+
+
+def token_from_env(env: Mapping[str, str] | None = None) -> str | None:
+    """A TCP token from ``$LRCTL_TOKEN``, else the file named by ``$LRCTL_TOKEN_FILE``."""
+    env = os.environ if env is None else env
+    if env.get("LRCTL_TOKEN"):
+        return env["LRCTL_TOKEN"].strip()
+    if env.get("LRCTL_TOKEN_FILE"):
+        with open(env["LRCTL_TOKEN_FILE"], encoding="utf-8") as f:
+            return f.read(4096).strip()
+    return None

@@ -1,0 +1,570 @@
+"""The training-side hook: ``ctl = lrctl.attach(optimizer)``, then ``ctl.step(loss)``.
+
+Imports only the stdlib and the pure protocol at module level; torch is used
+only through ``sys.modules`` (it is loaded, since the caller hands us an
+optimizer) and mlflow only if the training script imported it.
+
+Timing. Put ``ctl.step(loss)`` after ``backward()`` and before
+``optimizer.step()``. The LRs the controller returns for an observation apply
+to the next optimizer step after they arrive: in sync mode that is the step
+right after the observation (so ``should_skip`` can veto it); in async mode an
+optimizer pre-step hook applies whatever has arrived, so a decision made from
+step ``t`` is in effect by step ``t + 1`` when the controller keeps up. On
+CUDA (async), statistics are copied to a pinned buffer and sent one step later
+when the copy's event has completed, so no step waits for the device; their
+decisions land one step later too.
+
+Fail-open: after ``attach`` returns, nothing raised inside lrctl reaches the
+training loop. A missing, killed or slow controller costs one warning; the LRs
+stay where they were and the hook reconnects with back-off, resuming its session.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import re
+import secrets
+import subprocess
+import sys
+import time
+import warnings
+from collections import deque
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from . import paths
+from ._link import Link, token_from_env
+from .policy import Decision
+from .protocol import MAX_FRAME, FrameDecoder, encode, encode_obs, float_in
+
+__all__ = ["Controller", "ControllerError", "PolicyRejected", "attach", "request"]
+
+log = logging.getLogger("lrctl")
+
+DEFAULT_POLICY = Path(__file__).parent / "data" / "policies" / "default.yaml"
+MAX_POLICY_BYTES = 64 * 1024
+MAX_DECISIONS = 10_000
+_NAME_BAD = re.compile(r"[^A-Za-z0-9._-]+")
+_spawned: list[subprocess.Popen[bytes]] = []  # kept so their handles outlive the caller's frame
+
+
+class ControllerError(RuntimeError):
+    """The controller answered an operator request with an error."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class PolicyRejected(ValueError):
+    """The controller found the policy invalid; the message reads ``file:line: key: message``."""
+
+
+def attach(optimizer: Any, policy: Any = None, run_name: str | None = None, sync: bool = False,
+           every: int = 1, socket: str | None = None, spawn: bool = True,
+           **options: Any) -> Controller:
+    """Connect ``optimizer`` to a controller; see :class:`Controller`."""
+    return Controller(optimizer, policy=policy, run_name=run_name, sync=sync, every=every,
+                      socket=socket, spawn=spawn, **options)
+
+
+class Controller:
+    """One training run's hook.
+
+    ``policy``: a path, YAML text or a dict (``None``: the packaged default).
+    ``sync``: wait up to ``timeout`` seconds for each decision, then fail open.
+    ``every``: report every N-th step (and any step after :meth:`report`).
+    ``socket``: a Unix socket path or ``tcp://HOST:PORT`` (default:
+    ``$LRCTL_SOCKET`` or the per-user runtime directory). ``spawn``: start a
+    controller in the background when none answers (Unix sockets only).
+    """
+
+    def __init__(self, optimizer: Any, *, policy: Any = None, run_name: str | None = None,
+                 sync: bool = False, every: int = 1, socket: str | None = None,
+                 spawn: bool = True, timeout: float = 1.0, token: str | None = None,
+                 spawn_timeout: float = 60.0, max_backoff: float = 5.0) -> None:
+        groups = getattr(optimizer, "param_groups", None)
+        if not isinstance(groups, list) or not groups or not all(
+                isinstance(g, dict) and "lr" in g for g in groups):
+            raise TypeError("attach() needs a torch optimizer (param_groups with an 'lr'), "
+                            f"but got {type(optimizer).__name__}")
+        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+            raise ValueError(f"every must be an integer >= 1, but got {every=}")
+        if not (isinstance(timeout, (int, float)) and timeout > 0):
+            raise ValueError(f"timeout must be > 0 seconds, but got {timeout=}")
+        self.optimizer = optimizer
+        self.sync = bool(sync)
+        self.every = every
+        self.timeout = float(timeout)
+        self._groups: list[dict[str, Any]] = groups
+        self._applied = [_lr_value(g["lr"]) for g in groups]
+        self._target = list(self._applied)  # the latest LRs from the controller
+        self._step = 0
+        self._reported = -1  # the last step sent (or staged)
+        self._acked = -1  # the last step whose answer arrived
+        self._metrics: dict[str, Any] = {}
+        self._records: deque[dict[str, Any]] = deque(maxlen=MAX_DECISIONS)
+        self._warned: set[str] = set()
+        self._got_error = False
+        self._staged: deque[tuple[int, Any, Any, tuple[bool, bool], dict[str, Any]]] = deque()
+        self._pinned: list[Any] = []
+        self._hook_handle: Any = None
+        self.should_stop = False
+        self.should_skip = False
+        self.mode = "active"
+        self.run_key: str | None = None
+        self._dist = _Distributed.detect()
+        self._link: Link | None = None
+        ok = True
+        message = ""
+        if self._dist.rank == 0:
+            try:
+                self._connect(policy, run_name, socket, spawn, token, spawn_timeout,
+                              max_backoff)
+            except (PolicyRejected, PermissionError) as exc:
+                ok, message = False, str(exc)
+        if self._dist.world_size > 1:
+            ok = self._dist.agree(ok)
+        if not ok:
+            raise PolicyRejected(message or "the controller rejected rank 0's policy")
+        if self._dist.world_size > 1:
+            self._broadcast()  # the welcome's LRs (warmup's first step) on every rank
+        else:
+            self._apply()
+            if hasattr(optimizer, "register_step_pre_hook"):
+                self._hook_handle = optimizer.register_step_pre_hook(self._pre_step)
+
+    # -- public API ------------------------------------------------------------------------
+    @property
+    def lr(self) -> list[float]:
+        """The LR per param group now in the optimizer."""
+        return list(self._applied)
+
+    @property
+    def decisions(self) -> list[Decision]:
+        """The decision records this run has received (the latest 10 000)."""
+        return [Decision.from_dict(d) for d in self._records]
+
+    @property
+    def connected(self) -> bool:
+        return self._link is not None and self._link.connected
+
+    def step(self, loss: Any = None, grad_norm: Any = None) -> None:
+        """Report one training step (every ``every``-th) and apply the latest LRs."""
+        try:
+            t = self._step
+            self._step = t + 1
+            self.should_skip = False
+            if self._link is not None and self._link.fatal is None:
+                if t % self.every == 0 or self._metrics:
+                    self._report(t, loss, grad_norm)
+                self._pump()
+                if self.sync and self._reported == t:
+                    self._wait_for(t)
+        except Exception as exc:  # fail-open: the training loop must not see lrctl's bugs
+            self._warn("internal", f"lrctl: hook error ({exc!r}); training continues at the "
+                                   "last LR")
+        if self._dist.world_size > 1:
+            self._broadcast()
+        else:
+            self._apply()
+
+    def report(self, **metrics: Any) -> None:
+        """Named metrics (``val_loss=0.31``), sent with the next step's observation."""
+        for name, value in metrics.items():
+            if not _is_number(value):
+                self._warn(f"metric:{name}", f"lrctl: metric {name}={value!r} is not a number; "
+                                             "ignored")
+                continue
+            self._metrics[name] = value
+
+    def close(self) -> None:
+        """End the run: flush what the controller should see, say goodbye, unhook."""
+        if self._hook_handle is not None:
+            self._hook_handle.remove()
+            self._hook_handle = None
+        if self._link is None:
+            return
+        try:
+            self._drain_staged(block=True)
+            self._link.close(bye=True)
+        except Exception as exc:
+            self._warn("internal", f"lrctl: error while closing ({exc!r})")
+        self._link = None
+
+    def __enter__(self) -> Controller:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- connecting --------------------------------------------------------------------------
+    def _connect(self, policy: Any, run_name: str | None, address: str | None, spawn: bool,
+                 token: str | None, spawn_timeout: float, max_backoff: float) -> None:
+        address = address or paths.default_socket()
+        text, source = _policy_payload(policy)
+        name = sanitize_run_name(run_name or os.environ.get("LRCTL_RUN_NAME")
+                                 or Path(sys.argv[0] or "run").stem)
+        self.run_key = f"{name}-{secrets.token_hex(4)}"
+        hello: dict[str, Any] = {
+            "run": self.run_key, "run_name": name, "policy": {"text": text, "source": source},
+            "lrs": list(self._applied), "groups": len(self._applied),
+            "world_size": self._dist.world_size, "mlflow": _mlflow_info(), "cwd": os.getcwd(),
+        }
+        link = Link(address, {**hello, "token": token or token_from_env()} if
+                    address.startswith("tcp://") else hello, self._on_message,
+                    warn=self._warn, max_backoff=max_backoff)
+        self._link = link
+        opened = link.open(timeout=2.0)
+        if not opened and spawn and link.kind == "unix":
+            opened = _spawn_and_open(link, spawn_timeout)
+        if opened:
+            link.wait(lambda: link.state != "handshake", max(self.timeout, 10.0))
+        if link.fatal is not None:
+            self._link = None
+            code, message = link.fatal.get("code"), str(link.fatal.get("message"))
+            if code == "unauthorized":
+                raise PermissionError(f"lrctl: the controller at {address} refused us: {message}")
+            raise PolicyRejected(message)
+        if not link.connected:
+            self._warn("down", f"lrctl: no controller answers at {address}; training continues "
+                               "at the optimizer's LRs and the hook keeps trying to connect")
+
+    def _on_message(self, msg: dict[str, Any]) -> None:
+        t = msg["t"]
+        if t in ("welcome", "lr"):
+            lrs = msg.get("lrs")
+            if isinstance(lrs, list) and len(lrs) == len(self._target):
+                values = [float_in(v, "lrs") for v in lrs]
+                if all(math.isfinite(v) and v >= 0 for v in values):
+                    self._target = values
+            if isinstance(msg.get("mode"), str):
+                self.mode = msg["mode"]
+        if t == "lr":
+            s = msg.get("s")
+            if not isinstance(s, int):
+                return
+            fresh = s < 0 or s > self._acked
+            if fresh:
+                for d in msg.get("d") or ():
+                    if isinstance(d, dict):
+                        self._records.append(d)
+            if s >= 0:
+                self._acked = max(self._acked, s)
+            if s == self._reported and msg.get("skip") is True:
+                self.should_skip = True
+            if msg.get("stop") is True:
+                self.should_stop = True
+        elif t == "error":
+            self._got_error = True
+            if msg.get("code") != "stale_step":
+                self._warn(f"error:{msg.get('code')}",
+                           f"lrctl: the controller says: {msg.get('message')}")
+
+    # -- the step --------------------------------------------------------------------------
+    def _report(self, t: int, loss: Any, grad_norm: Any) -> None:
+        if grad_norm is None:
+            grad_norm = self._grad_norm()
+        metrics, self._metrics = self._metrics, {}
+        loss_dev, grad_dev = _on_device(loss), _on_device(grad_norm)
+        if (loss_dev or grad_dev) and not self.sync:
+            self._stage(t, loss, grad_norm, (loss_dev, grad_dev), metrics)
+            return
+        self._send(t, _to_float(loss), _to_float(grad_norm), metrics)
+
+    def _send(self, t: int, loss: float | None, grad: float | None,
+              metrics: Mapping[str, Any]) -> None:
+        assert self._link is not None
+        clean = {k: _to_float(v) for k, v in metrics.items()}
+        try:
+            frame = encode_obs(t, loss, grad, clean)
+        except ValueError as exc:  # e.g. too many metrics for one frame
+            self._warn("encode", f"lrctl: step {t} not reported: {exc}")
+            return
+        self._reported = t
+        self._link.send_obs(t, frame)
+
+    def _pump(self) -> None:
+        if self._staged:
+            self._drain_staged(block=False)
+        assert self._link is not None
+        self._link.pump()
+
+    def _wait_for(self, t: int) -> None:
+        assert self._link is not None
+        self._got_error = False
+        ok = self._link.wait(lambda: self._acked >= t or self._got_error, self.timeout)
+        if not ok and not self._got_error and self._link.state != "down":
+            self._warn("slow", f"lrctl: no decision within {self.timeout:g} s (sync mode); "
+                               "continuing at the last LR")
+
+    def _pre_step(self, *_: Any) -> None:
+        """Optimizer pre-step hook: apply whatever arrived since :meth:`step`."""
+        try:
+            if self._link is not None:
+                self._pump()
+            self._apply()
+        except Exception as exc:
+            self._warn("internal", f"lrctl: hook error ({exc!r}); training continues at the "
+                                   "last LR")
+
+    def _apply(self) -> None:
+        target = self._target
+        if target == self._applied:
+            return
+        for group, lr in zip(self._groups, target, strict=True):
+            current = group["lr"]
+            if hasattr(current, "fill_"):
+                current.fill_(lr)  # tensor LRs (capturable optimizers): in place, no sync
+            else:
+                group["lr"] = lr
+        self._applied = list(target)
+
+    def _broadcast(self) -> None:
+        """Rank 0's LRs and flags to every rank, on a CPU group: identical LRs every step."""
+        try:
+            values = self._dist.broadcast(
+                [*self._target, float(self.should_skip), float(self.should_stop)])
+        except Exception as exc:
+            self._warn("broadcast", f"lrctl: LR broadcast failed ({exc!r}); LRs unchanged")
+            return
+        n = len(self._target)
+        self._target = values[:n]
+        self.should_skip = values[n] > 0
+        self.should_stop = values[n + 1] > 0
+        self._apply()
+
+    # -- statistics --------------------------------------------------------------------------
+    def _grad_norm(self) -> Any:
+        torch = sys.modules.get("torch")
+        if torch is None:
+            return None
+        grads = [p.grad for g in self._groups for p in g["params"]
+                 if getattr(p, "grad", None) is not None]
+        if not grads:
+            return None
+        total_norm = getattr(torch.nn.utils, "get_total_norm", None)
+        if total_norm is not None:
+            return total_norm(grads, 2.0)  # foreach kernels, grouped by device and dtype
+        per_device: dict[Any, list[Any]] = {}
+        for grad in grads:
+            per_device.setdefault((grad.device, grad.dtype), []).append(grad)
+        norms = [torch.linalg.vector_norm(torch.stack(torch._foreach_norm(gs)))
+                 for gs in per_device.values()]
+        return torch.linalg.vector_norm(torch.stack([n.to(grads[0].device) for n in norms]))
+
+    def _stage(self, t: int, loss: Any, grad: Any, on_dev: tuple[bool, bool],
+               metrics: dict[str, Any]) -> None:
+        """Start a device→pinned copy of the statistics; :meth:`_drain_staged` sends it."""
+        torch = sys.modules["torch"]
+        device = loss.device if on_dev[0] else grad.device
+        parts = [loss.detach().reshape(()).to(device, torch.float64) if on_dev[0]
+                 else torch.zeros((), dtype=torch.float64, device=device),
+                 grad.detach().reshape(()).to(device, torch.float64) if on_dev[1]
+                 else torch.zeros((), dtype=torch.float64, device=device)]
+        if len(self._staged) >= 8:
+            self._drain_staged(block=True)  # the device is far behind: a reporting step may wait
+        if not self._pinned:
+            self._pinned = [torch.empty(2, dtype=torch.float64, pin_memory=True)
+                            for _ in range(9)]
+        buf = self._pinned[t % len(self._pinned)]
+        buf.copy_(torch.stack(parts), non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        host = (None if on_dev[0] else _to_float(loss), None if on_dev[1] else _to_float(grad))
+        self._staged.append((t, event, buf, on_dev, {"host": host, "metrics": metrics}))
+        self._reported = t
+
+    def _drain_staged(self, block: bool) -> None:
+        while self._staged:
+            t, event, buf, on_dev, extra = self._staged[0]
+            if not block and not event.query():
+                return
+            if block:
+                event.synchronize()
+            self._staged.popleft()
+            values = buf.tolist()
+            loss = values[0] if on_dev[0] else extra["host"][0]
+            grad = values[1] if on_dev[1] else extra["host"][1]
+            if self._link is not None:
+                self._send(t, loss, grad, extra["metrics"])
+
+    def _warn(self, key: str, message: str) -> None:
+        log.warning("%s", message)
+        if key not in self._warned:
+            self._warned.add(key)
+            warnings.warn(message, RuntimeWarning, stacklevel=3)
+
+
+class _Distributed:
+    """Rank and world size, and a CPU (gloo) group to broadcast LRs without a device sync."""
+
+    def __init__(self, rank: int = 0, world_size: int = 1, group: Any = None) -> None:
+        self.rank = rank
+        self.world_size = world_size
+        self.group = group
+
+    @classmethod
+    def detect(cls) -> _Distributed:
+        torch = sys.modules.get("torch")
+        if torch is None:
+            return cls()
+        dist = torch.distributed
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+            return cls()
+        group = None if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
+        return cls(dist.get_rank(), dist.get_world_size(), group)
+
+    def broadcast(self, values: list[float]) -> list[float]:
+        torch = sys.modules["torch"]
+        buf = torch.tensor(values, dtype=torch.float64)
+        torch.distributed.broadcast(buf, src=0, group=self.group)
+        return [float(v) for v in buf.tolist()]
+
+    def agree(self, ok: bool) -> bool:
+        return self.broadcast([1.0 if ok else 0.0])[0] > 0
+
+
+# -- helpers ------------------------------------------------------------------------------
+def sanitize_run_name(name: str) -> str:
+    """A name safe as a file name and an MLflow name: letters, digits and ``._-``."""
+    clean = _NAME_BAD.sub("-", str(name)).strip(".-")[:64].strip(".-")
+    return clean or "run"
+
+
+def _policy_payload(policy: Any) -> tuple[str, str]:
+    """``(text, source)`` for the hello. Dicts travel as JSON, which YAML reads as is."""
+    if policy is None:
+        policy = DEFAULT_POLICY
+    if isinstance(policy, Mapping):
+        try:
+            return json.dumps(dict(policy), indent=2, allow_nan=False), "<dict>"
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"policy dict is not plain data: {exc}") from None
+    if isinstance(policy, os.PathLike) or (isinstance(policy, str) and _looks_like_path(policy)):
+        path = os.path.abspath(os.fspath(policy))
+        try:
+            with open(path, "rb") as f:
+                data = f.read(MAX_POLICY_BYTES + 1)
+        except OSError as exc:
+            raise FileNotFoundError(f"cannot read policy file {path}: "
+                                    f"{exc.strerror or exc}") from None
+        if len(data) > MAX_POLICY_BYTES:
+            raise ValueError(f"policy file {path} is larger than {MAX_POLICY_BYTES} bytes")
+        return data.decode("utf-8", "replace"), path
+    if isinstance(policy, str):
+        return policy, "<string>"
+    raise TypeError(f"policy must be a path, YAML text or a dict, but got "
+                    f"{type(policy).__name__}")
+
+
+def _looks_like_path(s: str) -> bool:
+    # Mirrors lrctl.config's rule, which cannot be imported here (it imports yaml).
+    return "\n" not in s and ":" not in s.split(os.sep)[-1] and not s.lstrip().startswith("{")
+
+
+def _mlflow_info() -> dict[str, str | None]:
+    info: dict[str, str | None] = {"run_id": None,
+                                   "tracking_uri": os.environ.get("MLFLOW_TRACKING_URI")}
+    mlflow = sys.modules.get("mlflow")  # only if the script uses it: never import it here
+    if mlflow is not None:
+        try:
+            run = mlflow.active_run()
+            info["run_id"] = run.info.run_id if run is not None else None
+            info["tracking_uri"] = mlflow.get_tracking_uri()
+        except Exception:
+            pass
+    return info
+
+
+def _spawn_and_open(link: Link, timeout: float) -> bool:
+    """Start ``lrctl serve`` in its own session and wait until it answers.
+
+    Two runs may spawn at once: the loser's controller exits (the socket's lock is
+    taken) and both connect to the winner.
+    """
+    state = paths.ensure_private_dir(paths.state_dir())
+    with open(state / "controller.out", "ab") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "lrctl", "serve", "--foreground", "--socket", link.addr,
+             "--state-dir", str(state)],
+            stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+            start_new_session=True, close_fds=True)
+    _spawned.append(proc)
+    log.info("lrctl: started a controller (pid %d) on %s", proc.pid, link.addr)
+    deadline = time.monotonic() + timeout
+    delay = 0.02
+    while time.monotonic() < deadline:
+        if link.open(timeout=1.0):
+            return True
+        proc.poll()
+        time.sleep(delay)
+        delay = min(delay * 1.5, 0.25)
+    return False
+
+
+def _lr_value(lr: Any) -> float:
+    value = float(lr)  # a tensor LR is read once here, at attach
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"param group LRs must be finite and >= 0, but got {value!r}")
+    return value
+
+
+def _is_number(x: Any) -> bool:
+    if isinstance(x, bool):
+        return False
+    if isinstance(x, (int, float)):
+        return True
+    return hasattr(x, "item") and getattr(x, "numel", lambda: 0)() == 1
+
+
+def _on_device(x: Any) -> bool:
+    device = getattr(x, "device", None)
+    return device is not None and getattr(device, "type", "cpu") != "cpu"
+
+
+def _to_float(x: Any) -> float | None:
+    if x is None:
+        return None
+    if type(x) is float:
+        return x
+    return float(x.item()) if hasattr(x, "item") else float(x)
+
+
+# -- operator requests (used by the CLI verbs) ---------------------------------------------
+def request(msg: Mapping[str, Any], address: str | None = None, *, token: str | None = None,
+            timeout: float = 5.0) -> dict[str, Any]:
+    """One request, one answer. Raises ``OSError`` when no controller answers and
+    :class:`ControllerError` for an ``error`` answer."""
+    import socket as _socket
+
+    address = address or paths.default_socket()
+    kind, addr = paths.parse_address(address)
+    if kind == "unix":
+        sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
+        sock.settimeout(timeout)
+        try:
+            sock.connect(addr)
+        except OSError:
+            sock.close()
+            raise
+    else:
+        sock = _socket.create_connection(addr, timeout=timeout)  # type: ignore[arg-type]
+    with sock:
+        payload = dict(msg)
+        if kind == "tcp":
+            payload["token"] = token or token_from_env()
+        sock.sendall(encode(payload))
+        decoder = FrameDecoder(MAX_FRAME * 16)
+        while True:
+            data = sock.recv(1 << 16)
+            if not data:
+                raise ConnectionError(f"the controller at {address} closed the connection")
+            for reply in decoder.feed(data):
+                if reply["t"] == "error":
+                    raise ControllerError(str(reply.get("code")), str(reply.get("message")))
+                return reply

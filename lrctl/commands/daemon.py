@@ -1,0 +1,183 @@
+"""Verbs that run or talk to the controller: serve, status, runs, set-lr, pause, resume."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import stat
+import sys
+from typing import Any
+
+SOCKET_HELP = "Unix socket path or tcp://HOST:PORT (default: $LRCTL_SOCKET or the runtime dir)"
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("serve", help="run the controller",
+                       description="Run the controller: serve training runs on a Unix socket "
+                                   "(and optionally TCP). Detaches into the background unless "
+                                   "--foreground; SIGTERM/SIGINT stop it with state flushed.")
+    p.add_argument("--socket", help="Unix socket path (default: $LRCTL_SOCKET or the runtime "
+                                    "dir)")
+    p.add_argument("--state-dir", help="where run state and logs live (default: "
+                                       "$LRCTL_STATE_DIR or ~/.local/state/lrctl)")
+    p.add_argument("--tcp", metavar="[HOST:]PORT",
+                   help="also listen on TCP (127.0.0.1 unless HOST is given); needs a token")
+    p.add_argument("--token-file", help="file holding the TCP token (default: $LRCTL_TOKEN or "
+                                        "$LRCTL_TOKEN_FILE)")
+    p.add_argument("--foreground", action="store_true", help="stay attached and log to stderr")
+    p.add_argument("--log-file", help="log file (default: STATE_DIR/controller.log)")
+    p.add_argument("--no-audit", action="store_true",
+                   help="record nothing (no journal, no MLflow): for experiments")
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("status", help="is a controller running, and what is it serving")
+    p.add_argument("--socket", help=SOCKET_HELP)
+    p.add_argument("--json", action="store_true", help="print the answer as JSON")
+    p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("runs", help="list runs: step, LRs, mode, last decision")
+    p.add_argument("--socket", help=SOCKET_HELP)
+    p.add_argument("--json", action="store_true", help="print the answer as JSON")
+    p.set_defaults(func=cmd_runs)
+
+    p = sub.add_parser("set-lr", help="override a run's LR (recorded as a decision)",
+                       description="Set the LR of a run's first param group (the others keep "
+                                   "their ratio to it) for --steps steps, then hand back to the "
+                                   "policies. Without --steps it holds until --clear.")
+    p.add_argument("run", help="run key, run name or a unique key prefix")
+    p.add_argument("lr", nargs="?", type=float, help="the LR")
+    p.add_argument("--steps", type=int, help="hold for N steps, then release")
+    p.add_argument("--clear", action="store_true", help="release a manual override now")
+    p.add_argument("--socket", help=SOCKET_HELP)
+    p.set_defaults(func=cmd_set_lr)
+
+    for verb, what in (("pause", "shadow mode: policies observe and record but do not act"),
+                       ("resume", "leave shadow mode: policies act again")):
+        p = sub.add_parser(verb, help=what)
+        p.add_argument("run", help="run key, run name or a unique key prefix")
+        p.add_argument("--socket", help=SOCKET_HELP)
+        p.set_defaults(func=cmd_mode, verb=verb)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from .. import paths
+    from ..daemon import AlreadyServing, ServeOptions, serve
+    from ..sinks import NullSink, build_sink
+
+    try:
+        tcp = paths.parse_host_port(args.tcp) if args.tcp else None
+        token = _serve_token(args.token_file) if tcp else None
+        options = ServeOptions(
+            socket_path=os.path.abspath(args.socket or paths.default_socket()),
+            state_dir=os.path.abspath(args.state_dir or paths.state_dir()),
+            tcp=tcp, token=token, foreground=args.foreground, log_file=args.log_file)
+        return serve(options, (lambda _: NullSink()) if args.no_audit else build_sink)
+    except AlreadyServing as exc:
+        print(f"lrctl serve: {exc}", file=sys.stderr)
+        return 3
+    except (OSError, ValueError) as exc:
+        print(f"lrctl serve: {exc}", file=sys.stderr)
+        return 2
+
+
+def _serve_token(token_file: str | None) -> str | None:
+    path = token_file or os.environ.get("LRCTL_TOKEN_FILE")
+    if path:
+        if os.stat(path).st_mode & (stat.S_IRWXG | stat.S_IRWXO):
+            print(f"lrctl serve: warning: token file {path} is readable by others; "
+                  "chmod 600 it", file=sys.stderr)
+        with open(path, encoding="utf-8") as f:
+            token = f.read(4096).strip()
+        if not token:
+            raise ValueError(f"token file {path} is empty")
+        return token
+    return os.environ.get("LRCTL_TOKEN") or None
+
+
+def _ask(args: argparse.Namespace, msg: dict[str, Any]) -> dict[str, Any] | None:
+    from ..client import ControllerError, request
+
+    try:
+        return request(msg, args.socket)
+    except ControllerError as exc:
+        print(f"lrctl {args.command}: {exc}", file=sys.stderr)
+    except OSError as exc:
+        where = args.socket or "the default socket"
+        print(f"lrctl {args.command}: no controller answers on {where} "
+              f"({exc.strerror or exc}); start one with 'lrctl serve'", file=sys.stderr)
+    return None
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    reply = _ask(args, {"t": "status"})
+    if reply is None:
+        return 1
+    if args.json:
+        print(json.dumps(reply))
+    else:
+        print(f"controller pid {reply['pid']} (lrctl {reply['version']}) on {reply['socket']}: "
+              f"{reply['runs']} run(s), {reply['connected']} connected, up "
+              f"{reply['uptime_s']:.0f} s; state in {reply['state_dir']}")
+    return 0
+
+
+def cmd_runs(args: argparse.Namespace) -> int:
+    reply = _ask(args, {"t": "runs"})
+    if reply is None:
+        return 1
+    runs = reply.get("runs", [])
+    if args.json:
+        print(json.dumps(runs))
+        return 0
+    if not runs:
+        print("no runs")
+        return 0
+    rows = [("RUN", "STEP", "LR", "MODE", "LAST DECISION")]
+    for r in runs:
+        mode = r["mode"] + ("" if r.get("connected") else ",detached")
+        if r.get("override"):
+            mode += ",manual"
+        rows.append((r["run"], str(r["step"]), " ".join(f"{x:.4g}" for x in r["lrs"]), mode,
+                     _describe(r.get("last_decision"))))
+    widths = [max(len(row[i]) for row in rows) for i in range(4)]
+    for row in rows:
+        cells = [cell.ljust(w) for cell, w in zip(row[:4], widths, strict=True)]
+        print("  ".join([*cells, row[4]]))
+    return 0
+
+
+def _describe(d: dict[str, Any] | None) -> str:
+    if not d:
+        return "-"
+    return f"step {d['step']} {d['policy']}.{d['action']}: {d['reason']}"
+
+
+def cmd_set_lr(args: argparse.Namespace) -> int:
+    if args.clear:
+        msg: dict[str, Any] = {"t": "clear_lr", "run": args.run}
+    elif args.lr is None:
+        print("lrctl set-lr: give an LR, or --clear", file=sys.stderr)
+        return 2
+    else:
+        if not math.isfinite(args.lr) or args.lr < 0:
+            print(f"lrctl set-lr: LR must be finite and >= 0, but got {args.lr}", file=sys.stderr)
+            return 2
+        if args.steps is not None and args.steps < 1:
+            print(f"lrctl set-lr: --steps must be >= 1, but got {args.steps}", file=sys.stderr)
+            return 2
+        msg = {"t": "set_lr", "run": args.run, "lr": args.lr, "steps": args.steps}
+    reply = _ask(args, msg)
+    if reply is None:
+        return 1
+    print(f"{reply['run']}: {reply['message']}")
+    return 0
+
+
+def cmd_mode(args: argparse.Namespace) -> int:
+    reply = _ask(args, {"t": args.verb, "run": args.run})
+    if reply is None:
+        return 1
+    print(f"{reply['run']}: {reply['message']}")
+    return 0

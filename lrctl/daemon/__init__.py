@@ -1,0 +1,191 @@
+"""The controller (``lrctl serve``): sessions, sockets, arbitration and persistence.
+
+Never imports torch. :func:`serve` takes its sockets, state directory and sink
+as arguments so tests can run a private controller.
+
+Start-up is race-safe: the controller holds an exclusive ``flock`` on
+``<socket>.lock`` for its whole life. A second ``serve`` on the same socket
+fails to take the lock and exits non-zero, naming the pid that holds it; a
+socket file left by a controller that died (``kill -9``) is unlinked and taken
+over, since holding the lock proves nobody else serves it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import logging
+import os
+import signal
+import socket
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from .. import paths
+from ..sinks import Sink, build_sink
+from .server import Server
+from .store import StateStore
+
+__all__ = ["AlreadyServing", "ServeOptions", "Server", "bind", "serve"]
+
+log = logging.getLogger("lrctl.daemon")
+
+
+class AlreadyServing(RuntimeError):
+    """Another live controller holds the socket."""
+
+
+@dataclass
+class ServeOptions:
+    socket_path: str
+    state_dir: str
+    tcp: tuple[str, int] | None = None
+    token: str | None = None
+    foreground: bool = False
+    log_file: str | None = None
+
+
+class Listening:
+    """The bound sockets and the lock that makes them ours; ``close`` releases all."""
+
+    def __init__(self, unix: socket.socket, lock_fd: int, path: str,
+                 tcp: socket.socket | None) -> None:
+        self.unix = unix
+        self.tcp = tcp
+        self.lock_fd = lock_fd
+        self.path = path
+
+    def close(self) -> None:
+        for sock in (self.unix, self.tcp):
+            if sock is not None:
+                sock.close()
+        with contextlib.suppress(OSError):
+            os.unlink(self.path)
+        os.close(self.lock_fd)
+
+
+def bind(options: ServeOptions) -> Listening:
+    """Check the directories, take the lock, bind the sockets (0600)."""
+    path = options.socket_path
+    paths.parse_address(path)  # checks the sun_path length
+    paths.ensure_private_dir(Path(path).parent)
+    lock_fd = os.open(path + ".lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(lock_fd, 32, 0).decode("ascii", "replace").strip() or "?"
+        os.close(lock_fd)
+        raise AlreadyServing(f"another controller (pid {holder}) is already serving on "
+                             f"{path}; stop it first or choose another --socket") from None
+    try:
+        os.ftruncate(lock_fd, 0)
+        os.pwrite(lock_fd, f"{os.getpid()}\n".encode(), 0)
+        if os.path.lexists(path):
+            if not _is_socket(path):
+                raise FileExistsError(f"{path} exists and is not a socket; refusing to "
+                                      "replace it")
+            os.unlink(path)  # stale: its controller died without cleaning up
+            log.info("took over the stale socket %s", path)
+        unix = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        old = os.umask(0o177)  # the socket is born 0600: no window where others can connect
+        try:
+            unix.bind(path)
+        finally:
+            os.umask(old)
+        os.chmod(path, 0o600)
+        unix.listen(128)
+        tcp = _bind_tcp(options) if options.tcp else None
+    except BaseException:
+        os.close(lock_fd)
+        raise
+    return Listening(unix, lock_fd, path, tcp)
+
+
+def _bind_tcp(options: ServeOptions) -> socket.socket:
+    if not options.token:
+        raise ValueError("--tcp needs a token: pass --token-file FILE or set LRCTL_TOKEN")
+    assert options.tcp is not None
+    host, port = options.tcp
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    sock.listen(128)
+    return sock
+
+
+def _is_socket(path: str) -> bool:
+    import stat
+
+    return stat.S_ISSOCK(os.lstat(path).st_mode)
+
+
+def serve(options: ServeOptions, sink_factory: Callable[[str], Sink] = build_sink,
+          ready: Callable[[Listening], None] | None = None) -> int:
+    """Run a controller until SIGTERM/SIGINT. Returns the process exit status."""
+    state = paths.ensure_private_dir(options.state_dir)
+    listening = bind(options)
+    if not options.foreground:
+        _detach(options, state, listening)
+    _setup_logging(options, state)
+    store = StateStore(state)
+    sink = sink_factory(str(state))
+    listeners = [(listening.unix, True)]
+    if listening.tcp is not None:
+        listeners.append((listening.tcp, False))  # TCP connections authenticate first
+    server = Server(listeners, store, sink, token=options.token,
+                    socket_path=options.socket_path, state_dir=str(state))
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: server.stop())
+    where = options.socket_path + (
+        f" and tcp {options.tcp[0]}:{listening.tcp.getsockname()[1]}"
+        if options.tcp and listening.tcp else "")
+    log.info("lrctl controller pid %d listening on %s (state in %s)", os.getpid(), where, state)
+    if ready is not None:
+        ready(listening)
+    try:
+        server.serve_forever()
+    finally:
+        listening.close()
+    return 0
+
+
+def _detach(options: ServeOptions, state: Path, listening: Listening) -> None:
+    """Fork into the background in a new session; the parent reports and exits.
+
+    The sockets are bound before the fork, so a refused start is reported by the
+    parent's exit status, and the lock passes to the child with the open file.
+    """
+    pid = os.fork()
+    if pid:
+        print(f"lrctl controller pid {pid} listening on {options.socket_path}; "
+              f"log: {_log_path(options, state)}")
+        os._exit(0)
+    os.setsid()
+    os.pwrite(listening.lock_fd, f"{os.getpid()}\n".ljust(16).encode(), 0)
+    devnull = os.open(os.devnull, os.O_RDWR)
+    out = os.open(state / "controller.out", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    os.dup2(devnull, 0)
+    os.dup2(out, 1)
+    os.dup2(out, 2)
+    os.close(devnull)
+    os.close(out)
+
+
+def _log_path(options: ServeOptions, state: Path) -> str:
+    return options.log_file or str(state / "controller.log")
+
+
+def _setup_logging(options: ServeOptions, state: Path) -> None:
+    root = logging.getLogger("lrctl")
+    root.setLevel(logging.INFO)
+    fmt = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
+    handler: logging.Handler = logging.FileHandler(_log_path(options, state))
+    handler.setFormatter(fmt)
+    root.addHandler(handler)
+    if options.foreground:
+        stream = logging.StreamHandler(sys.stderr)
+        stream.setFormatter(fmt)
+        root.addHandler(stream)

@@ -1,0 +1,471 @@
+"""The controller's event loop: one thread owns every session, socket and the sink.
+
+A ``selectors`` loop multiplexes all connections without threads, so session
+state has exactly one owner and needs no locks. Each connection is a hook (after
+``hello``) or an operator (one request, one answer). Bad input from one
+connection earns it an ``error`` frame, and for broken frames a closed
+connection; it never disturbs the loop or the other runs.
+
+Persistence: a session is checkpointed when it starts, after
+:data:`SAVE_EVERY` observations or :data:`SAVE_INTERVAL` seconds with unsaved
+ones, on operator commands, when its hook disconnects, and at shutdown. Every
+reply tells the hook the last checkpointed step (``saved_step``), so the hook
+keeps just the observations after it and can replay them after a crash.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import math
+import os
+import selectors
+import socket
+import time
+from collections.abc import Mapping
+from typing import Any
+
+from .. import __version__
+from ..config import ConfigError
+from ..policy import ObservationError
+from ..protocol import (
+    MAX_FRAME,
+    MAX_HELLO,
+    FrameDecoder,
+    ProtocolError,
+    encode,
+    float_in,
+    get_int,
+    get_str,
+)
+from ..sinks import Sink
+from .session import Session
+from .store import RUN_KEY, StateStore
+
+__all__ = ["Server"]
+
+log = logging.getLogger("lrctl.daemon")
+
+SAVE_EVERY = 256
+SAVE_INTERVAL = 1.0
+MAX_CONNECTIONS = 1024
+MAX_OUTBUF = 8 << 20
+MAX_GROUPS = 4096
+MAX_DECISIONS_PER_FRAME = 32
+OPERATOR_TYPES = ("runs", "set_lr", "clear_lr", "pause", "resume", "status")
+
+
+class Conn:
+    __slots__ = ("authed", "decoder", "name", "out", "run", "sock")
+
+    def __init__(self, sock: socket.socket, authed: bool, name: str) -> None:
+        self.sock = sock
+        self.authed = authed
+        self.name = name
+        self.decoder = FrameDecoder(MAX_FRAME, first_limit=MAX_HELLO)
+        self.out = bytearray()
+        self.run: str | None = None
+
+
+class Server:
+    """Serve until :meth:`stop`; ``listeners`` are bound, listening sockets."""
+
+    def __init__(self, listeners: list[tuple[socket.socket, bool]], store: StateStore,
+                 sink: Sink, *, token: str | None = None, socket_path: str = "",
+                 state_dir: str = "") -> None:
+        self.sel = selectors.DefaultSelector()
+        self.store = store
+        self.sink = sink
+        self.token = token.encode("utf-8") if token else None
+        self.socket_path = socket_path
+        self.state_dir = state_dir
+        self.sessions: dict[str, Session] = {}
+        self.conns: dict[str, Conn] = {}  # run key -> its hook's connection
+        self._last_save: dict[str, float] = {}
+        self._listeners = [sock for sock, _ in listeners]
+        self._stopping = False
+        self._started = time.monotonic()
+        self._nconns = 0
+        for sock, authed in listeners:
+            sock.setblocking(False)
+            self.sel.register(sock, selectors.EVENT_READ, ("listen", authed))
+        self._restore()
+
+    # -- lifecycle ---------------------------------------------------------------------
+    def _restore(self) -> None:
+        for key, state in self.store.load_all():
+            try:
+                session = Session.restore(state)
+            except (ValueError, KeyError, TypeError) as exc:
+                log.error("cannot restore run %s: %s; its checkpoint is left in place", key, exc)
+                continue
+            self.sessions[key] = session
+            self._last_save[key] = time.monotonic()
+            self._sink("open_run", session.info)
+            log.info("restored run %s at step %d", key, session.last_step)
+
+    def stop(self) -> None:
+        """Ask the loop to finish (safe from a signal handler)."""
+        self._stopping = True
+
+    def serve_forever(self, poll: float = 0.25) -> None:
+        try:
+            while not self._stopping:
+                for key, mask in self.sel.select(timeout=poll):
+                    kind, arg = key.data
+                    if kind == "listen":
+                        self._accept(key.fileobj, arg)  # type: ignore[arg-type]
+                    elif mask & selectors.EVENT_READ and self._read(arg):
+                        if mask & selectors.EVENT_WRITE:
+                            self._flush(arg)
+                    elif mask & selectors.EVENT_WRITE:
+                        self._flush(arg)
+                self._save_due()
+        finally:
+            self._shutdown()
+
+    def _shutdown(self) -> None:
+        for key in list(self.sessions):
+            self._save(key)
+        for conn in [k.data[1] for k in list(self.sel.get_map().values())
+                     if k.data[0] == "conn"]:
+            self._close(conn, save=False)
+        for sock in self._listeners:
+            self.sel.unregister(sock)
+            sock.close()
+        self.sel.close()
+        self._sink("close")
+        log.info("controller stopped; %d run(s) checkpointed", len(self.sessions))
+
+    # -- sockets -----------------------------------------------------------------------
+    def _accept(self, listener: socket.socket, authed: bool) -> None:
+        while True:
+            try:
+                sock, addr = listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                log.warning("accept failed: %s", exc)
+                return
+            if self._nconns >= MAX_CONNECTIONS:
+                log.warning("refusing a connection: %d already open", self._nconns)
+                sock.close()
+                continue
+            sock.setblocking(False)
+            conn = Conn(sock, authed, str(addr) if addr else "unix")
+            self._nconns += 1
+            self.sel.register(sock, selectors.EVENT_READ, ("conn", conn))
+
+    def _read(self, conn: Conn) -> bool:
+        """Read and handle what arrived; False when the connection was closed."""
+        try:
+            data = conn.sock.recv(1 << 16)
+        except (BlockingIOError, InterruptedError):
+            return True
+        except OSError:
+            data = b""
+        if not data:
+            self._close(conn)
+            return False
+        try:
+            messages = conn.decoder.feed(data)
+        except ProtocolError as exc:
+            self._fail(conn, exc.code, str(exc))
+            return False
+        for msg in messages:
+            if conn.sock.fileno() < 0:
+                return False
+            try:
+                self._dispatch(conn, msg)
+            except ProtocolError as exc:
+                self._send(conn, {"t": "error", "code": exc.code, "message": str(exc),
+                                  "fatal": False})
+        return conn.sock.fileno() >= 0
+
+    def _send(self, conn: Conn, msg: Mapping[str, Any], limit: int = MAX_FRAME) -> None:
+        try:
+            frame = encode(msg, limit)
+        except ProtocolError:
+            frame = encode(_slim(msg), limit)
+        except ValueError as exc:  # a non-finite float slipped through: a bug, not a crash
+            log.error("cannot encode a %s frame: %s", msg.get("t"), exc)
+            frame = encode({"t": "error", "code": "internal", "message": str(exc),
+                            "fatal": False})
+        if conn.out:
+            conn.out += frame
+        else:
+            try:
+                sent = conn.sock.send(frame)
+            except (BlockingIOError, InterruptedError):
+                sent = 0
+            except OSError:
+                self._close(conn)
+                return
+            if sent < len(frame):
+                conn.out += frame[sent:]
+                self.sel.modify(conn.sock, selectors.EVENT_READ | selectors.EVENT_WRITE,
+                                ("conn", conn))
+        if len(conn.out) > MAX_OUTBUF:
+            log.warning("closing %s: it does not read its replies", conn.run or conn.name)
+            self._close(conn)
+
+    def _flush(self, conn: Conn) -> None:
+        if conn.sock.fileno() < 0:
+            return
+        try:
+            sent = conn.sock.send(conn.out)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            self._close(conn)
+            return
+        del conn.out[:sent]
+        if not conn.out:
+            self.sel.modify(conn.sock, selectors.EVENT_READ, ("conn", conn))
+
+    def _fail(self, conn: Conn, code: str, message: str) -> None:
+        """An error frame, best effort, then close: for input we cannot go on from."""
+        log.warning("closing %s: %s", conn.run or conn.name, message)
+        try:
+            conn.sock.setblocking(True)
+            conn.sock.settimeout(0.5)
+            conn.sock.sendall(bytes(conn.out) + encode(
+                {"t": "error", "code": code, "message": message, "fatal": True}))
+        except OSError:
+            pass
+        self._close(conn)
+
+    def _close(self, conn: Conn, save: bool = True) -> None:
+        if conn.sock.fileno() < 0:
+            return
+        self.sel.unregister(conn.sock)
+        conn.sock.close()
+        self._nconns -= 1
+        if conn.run is not None and self.conns.get(conn.run) is conn:
+            del self.conns[conn.run]
+            if save and conn.run in self.sessions:
+                self._save(conn.run)  # the hook is gone: do not leave state only in memory
+
+    # -- messages ----------------------------------------------------------------------
+    def _dispatch(self, conn: Conn, msg: dict[str, Any]) -> None:
+        t = msg["t"]
+        if not conn.authed:
+            self._authenticate(conn, msg)
+            if not conn.authed:
+                return
+        if t == "obs":
+            self._obs(conn, msg)
+        elif t == "hello":
+            self._hello(conn, msg)
+        elif t == "bye":
+            self._bye(conn)
+        elif t in OPERATOR_TYPES:
+            self._send(conn, self._operator(t, msg), MAX_HELLO)  # a table of many runs
+        else:
+            raise ProtocolError(f"unknown message type {t!r:.40}", "bad_message")
+
+    def _authenticate(self, conn: Conn, msg: Mapping[str, Any]) -> None:
+        given = msg.get("token")
+        if (self.token is not None and isinstance(given, str)
+                and hmac.compare_digest(given.encode("utf-8"), self.token)):
+            conn.authed = True
+            return
+        self._fail(conn, "unauthorized",
+                   "a valid token is required on TCP (set LRCTL_TOKEN or LRCTL_TOKEN_FILE)")
+
+    def _hello(self, conn: Conn, msg: Mapping[str, Any]) -> None:
+        if conn.run is not None:
+            raise ProtocolError("hello sent twice on one connection", "bad_message")
+        key = get_str(msg, "run", max_len=96)
+        assert key is not None
+        if not RUN_KEY.match(key) or ".." in key:
+            self._fail(conn, "bad_message", f"bad run key {key!r}: letters, digits, ._- only")
+            return
+        policy = msg.get("policy")
+        if not isinstance(policy, dict):
+            raise ProtocolError("policy must be an object {text, source}", "bad_message")
+        text = get_str(policy, "text", max_len=MAX_HELLO)
+        source = get_str(policy, "source", max_len=4096)
+        lrs = _lrs(msg.get("lrs"))
+        if get_int(msg, "groups", lo=1, hi=MAX_GROUPS) != len(lrs):
+            raise ProtocolError(f"groups says {msg.get('groups')} but lrs has {len(lrs)}",
+                                "bad_message")
+        mlflow = msg.get("mlflow") or {}
+        if not isinstance(mlflow, dict):
+            raise ProtocolError("mlflow must be an object {run_id, tracking_uri}", "bad_message")
+        session = self.sessions.get(key)
+        restored = session is not None
+        if session is None:
+            try:
+                session = Session.create(
+                    key=key, run_name=get_str(msg, "run_name", max_len=250) or key,
+                    policy_text=text or "", policy_source=source or "<string>", lrs=lrs,
+                    world_size=get_int(msg, "world_size", lo=1, hi=1 << 20, optional=True) or 1,
+                    mlflow_run_id=get_str(mlflow, "run_id", max_len=64, optional=True),
+                    tracking_uri=get_str(mlflow, "tracking_uri", max_len=4096, optional=True),
+                    cwd=get_str(msg, "cwd", max_len=4096, optional=True))
+            except ConfigError as exc:
+                self._fail(conn, "bad_policy", str(exc))
+                return
+            self.sessions[key] = session
+            self._sink("open_run", session.info)
+            self._save(key)
+            log.info("run %s started (%d group(s), policy %s)", key, len(lrs), source)
+        elif list(session.engine.initial_lrs) != lrs or session.info.policy_text != text:
+            self._fail(conn, "run_conflict",
+                       f"run {key} exists with a different policy or initial LRs")
+            return
+        old = self.conns.get(key)
+        if old is not None and old is not conn:
+            log.info("run %s reconnected; dropping its old connection", key)
+            self._close(old, save=False)
+        conn.run = key
+        self.conns[key] = conn
+        self._send(conn, {"t": "welcome", "run": key, "last_step": session.last_step,
+                          "saved_step": session.saved_step, "lrs": session.lrs(),
+                          "mode": session.mode, "restored": restored,
+                          "policy_sha256": session.info.policy_sha256})
+
+    def _obs(self, conn: Conn, msg: Mapping[str, Any]) -> None:
+        if conn.run is None:
+            raise ProtocolError("obs before hello", "bad_message")
+        session = self.sessions[conn.run]
+        step = get_int(msg, "s")
+        assert step is not None
+        loss = msg.get("l")
+        grad = msg.get("g")
+        raw_metrics = msg.get("m") or {}
+        if not isinstance(raw_metrics, dict):
+            raise ProtocolError("m must be an object of named metrics", "bad_message")
+        metrics = {str(k): float_in(v, f"metric {k!r:.40}") for k, v in raw_metrics.items()}
+        if step <= session.last_step:
+            # A replay that overlaps what the restored session has seen: answer, don't apply.
+            raise ProtocolError(f"step {step} already observed (last step "
+                                f"{session.last_step})", "stale_step")
+        try:
+            result = session.observe(step, None if loss is None else float_in(loss, "loss"),
+                                     None if grad is None else float_in(grad, "grad_norm"),
+                                     metrics)
+        except ObservationError as exc:
+            raise ProtocolError(str(exc), "bad_observation") from None
+        self._sink("observation", session.key, step, _finite(loss), _finite(grad), result.lrs)
+        for d in result.decisions:
+            self._sink("decision", session.key, {**d, "wall_time": time.time()})
+        if session.unsaved >= SAVE_EVERY:
+            self._save(session.key)
+        self._reply(conn, session, step, result.lrs, result.decisions, result.skip, result.stop)
+
+    def _reply(self, conn: Conn, session: Session, step: int, lrs: list[float],
+               decisions: list[dict[str, Any]], skip: bool, stop: bool) -> None:
+        first, rest = decisions[:MAX_DECISIONS_PER_FRAME], decisions[MAX_DECISIONS_PER_FRAME:]
+        self._send(conn, {"t": "lr", "s": step, "lrs": lrs, "skip": skip, "stop": stop,
+                          "mode": session.mode, "saved_step": session.saved_step, "d": first})
+        while rest:
+            chunk, rest = rest[:MAX_DECISIONS_PER_FRAME], rest[MAX_DECISIONS_PER_FRAME:]
+            self._send(conn, {"t": "lr", "s": step, "lrs": lrs, "skip": skip, "stop": stop,
+                              "mode": session.mode, "saved_step": session.saved_step,
+                              "d": chunk})
+
+    def _bye(self, conn: Conn) -> None:
+        key = conn.run
+        if key is None:
+            return
+        session = self.sessions.pop(key, None)
+        self.conns.pop(key, None)
+        conn.run = None
+        self._last_save.pop(key, None)
+        if session is not None:
+            self.store.delete(key)
+            self._sink("close_run", key)
+            log.info("run %s ended at step %d", key, session.last_step)
+
+    def _operator(self, t: str, msg: Mapping[str, Any]) -> dict[str, Any]:
+        if t == "status":
+            return {"t": "status", "pid": os.getpid(), "version": __version__,
+                    "runs": len(self.sessions), "connected": len(self.conns),
+                    "uptime_s": round(time.monotonic() - self._started, 3),
+                    "socket": self.socket_path, "state_dir": self.state_dir}
+        if t == "runs":
+            return {"t": "runs", "runs": [
+                {**s.summary(), "connected": k in self.conns}
+                for k, s in sorted(self.sessions.items())]}
+        key = get_str(msg, "run", max_len=96)
+        session = self._find(key or "")
+        if t == "set_lr":
+            lr = float_in(msg.get("lr"), "lr")
+            if not math.isfinite(lr) or lr < 0:
+                raise ProtocolError(f"lr must be finite and >= 0, but got {lr!r}", "bad_message")
+            steps = get_int(msg, "steps", lo=1, optional=True)
+            decision = session.set_lr(lr, steps)
+        elif t == "clear_lr":
+            decision = session.clear_lr()
+        else:
+            decision = session.set_mode("shadow" if t == "pause" else "active")
+        self._sink("decision", session.key, {**decision, "wall_time": time.time()})
+        self._save(session.key)
+        conn = self.conns.get(session.key)
+        if conn is not None:  # push: the run applies it on its next step
+            self._reply(conn, session, -1, session.lrs(), [decision], False, False)
+        log.info("operator: %s on run %s", t, session.key)
+        return {"t": "ok", "run": session.key, "message": decision["reason"],
+                "decision": decision}
+
+    def _find(self, name: str) -> Session:
+        """A session by run key, or by a run name or key prefix that names exactly one."""
+        if name in self.sessions:
+            return self.sessions[name]
+        found = [s for k, s in self.sessions.items()
+                 if s.info.run_name == name or k.startswith(name)] if name else []
+        if len(found) == 1:
+            return found[0]
+        if not found:
+            raise ProtocolError(f"no run named {name!r}; see 'lrctl runs'", "no_such_run")
+        raise ProtocolError(f"{name!r} matches {len(found)} runs: "
+                            f"{', '.join(sorted(s.key for s in found))}", "ambiguous_run")
+
+    # -- persistence and sink ------------------------------------------------------------
+    def _save(self, key: str) -> None:
+        session = self.sessions[key]
+        try:
+            self.store.save(key, session.to_state())
+        except (OSError, ValueError) as exc:
+            log.error("cannot checkpoint run %s: %s", key, exc)
+            return
+        session.saved_step = session.last_step
+        session.unsaved = 0
+        self._last_save[key] = time.monotonic()
+
+    def _save_due(self) -> None:
+        now = time.monotonic()
+        for key, session in self.sessions.items():
+            if session.unsaved and now - self._last_save.get(key, 0.0) >= SAVE_INTERVAL:
+                self._save(key)
+
+    def _sink(self, method: str, *args: Any) -> None:
+        """A sink failure is logged, never allowed to take the controller down."""
+        try:
+            getattr(self.sink, method)(*args)
+        except Exception:
+            log.exception("sink %s failed", method)
+
+
+def _lrs(value: Any) -> list[float]:
+    if not isinstance(value, list) or not 1 <= len(value) <= MAX_GROUPS:
+        raise ProtocolError(f"lrs must be a list of 1-{MAX_GROUPS} numbers", "bad_message")
+    out = [float_in(v, "lrs") for v in value]
+    if not all(math.isfinite(v) and v >= 0 for v in out):
+        raise ProtocolError(f"lrs must be finite and >= 0, but got {out[:8]}", "bad_message")
+    return out
+
+
+def _finite(x: Any) -> float | None:
+    return None if x is None else float_in(x, "value")
+
+
+def _slim(msg: Mapping[str, Any]) -> dict[str, Any]:
+    """A frame too large to send: drop the decisions' evidence, which is what grows."""
+    out = dict(msg)
+    if "d" in out:
+        out["d"] = [{**d, "evidence": {"truncated": True}} for d in out["d"]]
+    return out
+

@@ -1,0 +1,214 @@
+"""One training run as the controller sees it: its policy stack plus operator state.
+
+A session is plain data and logic, no I/O: the server feeds it observations and
+operator commands and persists :meth:`Session.to_state` through the store.
+
+Operator actions sit on top of the policies and are recorded as decisions of the
+policy ``operator``:
+
+* ``set_lr``: a manual LR for group 0 (the other groups keep their ratio to it)
+  held for ``steps`` steps, then released back to the policies;
+* ``pause`` / ``resume``: shadow mode. The policies keep observing and record
+  what they would do (``shadow: true``) but the LRs hold at the values in
+  effect when shadow mode began, rather than jumping to the initial LRs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from ..config import PolicyFile, parse_text
+from ..policy import Decision, Engine
+from ..sinks import RunInfo
+
+__all__ = ["OPERATOR", "Session", "Step"]
+
+OPERATOR = "operator"
+
+
+class Step:
+    """What the hook needs after one observation."""
+
+    __slots__ = ("decisions", "lrs", "skip", "stop")
+
+    def __init__(self, lrs: list[float], decisions: list[dict[str, Any]], skip: bool,
+                 stop: bool) -> None:
+        self.lrs = lrs
+        self.decisions = decisions
+        self.skip = skip
+        self.stop = stop
+
+
+class Session:
+    def __init__(self, info: RunInfo, policy: PolicyFile, initial_lrs: Sequence[float],
+                 world_size: int = 1) -> None:
+        self.info = info
+        self.key = info.run_key
+        self.policy = policy
+        self.world_size = world_size
+        self.engine: Engine = policy.build(list(initial_lrs))
+        # Shadow from the policy file: hold what the optimizer starts with.
+        self.hold_lrs: list[float] | None = (
+            list(self.engine.initial_lrs) if self.engine.mode == "shadow" else None)
+        self.override: dict[str, Any] | None = None  # {"lrs": [...], "until": int | None}
+        self.last_decision: dict[str, Any] | None = None
+        self.saved_step = -1
+        self.unsaved = 0  # observations since the last checkpoint
+
+    # -- construction ------------------------------------------------------------------
+    @classmethod
+    def create(cls, *, key: str, run_name: str, policy_text: str, policy_source: str,
+               lrs: Sequence[float], world_size: int = 1, mlflow_run_id: str | None = None,
+               tracking_uri: str | None = None, cwd: str | None = None) -> Session:
+        """A new session; raises ``ConfigError`` for an invalid policy."""
+        policy = parse_text(policy_text, policy_source)
+        info = RunInfo(
+            run_key=key, run_name=run_name, policy_source=policy_source,
+            policy_text=policy_text, policy_sha256=policy.sha256, group_count=len(lrs),
+            params=flatten_params(policy), mlflow_run_id=mlflow_run_id,
+            tracking_uri=tracking_uri, cwd=cwd)
+        return cls(info, policy, lrs, world_size)
+
+    @classmethod
+    def restore(cls, state: Mapping[str, Any]) -> Session:
+        """A session from :meth:`to_state`; raises ``ValueError`` (or ``KeyError``) if unusable."""
+        s = cls.create(key=state["run"], run_name=state["run_name"],
+                       policy_text=state["policy_text"], policy_source=state["policy_source"],
+                       lrs=state["initial_lrs"], world_size=state.get("world_size", 1),
+                       mlflow_run_id=state.get("mlflow_run_id"),
+                       tracking_uri=state.get("tracking_uri"), cwd=state.get("cwd"))
+        s.engine.load_state_dict(state["engine"])
+        s.hold_lrs = _floats(state.get("hold_lrs"))
+        override = state.get("override")
+        if override is not None:
+            s.override = {"lrs": _floats(override["lrs"]), "until": override.get("until")}
+        s.last_decision = state.get("last_decision")
+        s.saved_step = s.last_step
+        return s
+
+    def to_state(self) -> dict[str, Any]:
+        return {
+            "run": self.key,
+            "run_name": self.info.run_name,
+            "policy_text": self.info.policy_text,
+            "policy_source": self.info.policy_source,
+            "initial_lrs": list(self.engine.initial_lrs),
+            "world_size": self.world_size,
+            "mlflow_run_id": self.info.mlflow_run_id,
+            "tracking_uri": self.info.tracking_uri,
+            "cwd": self.info.cwd,
+            "engine": self.engine.state_dict(),
+            "hold_lrs": self.hold_lrs,
+            "override": self.override,
+            "last_decision": self.last_decision,
+        }
+
+    # -- the hot path --------------------------------------------------------------------
+    @property
+    def last_step(self) -> int:
+        return -1 if self.engine.last_step is None else self.engine.last_step
+
+    @property
+    def mode(self) -> str:
+        return self.engine.mode
+
+    def lrs(self) -> list[float]:
+        """The LRs in effect for the step after :attr:`last_step`."""
+        if self.override is not None:
+            return list(self.override["lrs"])
+        if self.hold_lrs is not None:
+            return list(self.hold_lrs)
+        return self.engine.lrs
+
+    def observe(self, step: int, loss: float | None, grad_norm: float | None,
+                metrics: Mapping[str, float]) -> Step:
+        """Raises ``ObservationError`` for a bad observation (the session is unchanged)."""
+        self.engine.update(step, loss, grad_norm, metrics)
+        decisions = [d.to_dict() for d in self.engine.last_decisions]
+        override = self.override
+        if override is not None and override["until"] is not None and step + 1 > override["until"]:
+            before = list(override["lrs"])
+            self.override = None
+            decisions.append(self._decision(
+                "release_lr", before, self.lrs(),
+                f"manual override ended after step {override['until']}",
+                {"until": override["until"]}, step=step))
+        self.unsaved += 1
+        if decisions:
+            self.last_decision = decisions[-1]
+        acting = self.engine.mode == "active"
+        return Step(self.lrs(), decisions, acting and self.engine.should_skip,
+                    acting and self.engine.should_stop)
+
+    # -- operator ---------------------------------------------------------------------------
+    def set_lr(self, lr: float, steps: int | None) -> dict[str, Any]:
+        initial = self.engine.initial_lrs
+        ratios = [g / initial[0] if initial[0] > 0 else 1.0 for g in initial]
+        before = self.lrs()
+        until = None if steps is None else self.last_step + steps
+        self.override = {"lrs": [lr * r for r in ratios], "until": until}
+        held = "until cleared" if steps is None else f"for {steps} steps (through step {until})"
+        return self._record(self._decision(
+            "set_lr", before, self.lrs(), f"manual LR {lr:g} set by an operator, held {held}",
+            {"lr": lr, "steps": steps}))
+
+    def clear_lr(self) -> dict[str, Any]:
+        before = self.lrs()
+        self.override = None
+        return self._record(self._decision("release_lr", before, self.lrs(),
+                                           "manual override cleared by an operator", {}))
+
+    def set_mode(self, mode: str) -> dict[str, Any]:
+        before = self.lrs()
+        if mode == "shadow":
+            self.hold_lrs = before if self.hold_lrs is None else self.hold_lrs
+            reason = "paused by an operator: policies observe and record, LRs hold"
+        else:
+            self.hold_lrs = None
+            reason = "resumed by an operator: policies act again"
+        self.engine.mode = mode
+        return self._record(self._decision("pause" if mode == "shadow" else "resume",
+                                           before, self.lrs(), reason, {"mode": mode}))
+
+    def _decision(self, action: str, before: Sequence[float], after: Sequence[float],
+                  reason: str, evidence: Mapping[str, Any], step: int | None = None) -> dict:
+        return Decision(
+            step=max(self.last_step if step is None else step, 0), policy=OPERATOR,
+            kind=OPERATOR, action=action, old_lrs=tuple(before), new_lrs=tuple(after),
+            reason=reason, evidence=dict(evidence), policy_sha256=self.info.policy_sha256,
+        ).to_dict()
+
+    def _record(self, decision: dict[str, Any]) -> dict[str, Any]:
+        self.last_decision = decision
+        return decision
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "run": self.key,
+            "run_name": self.info.run_name,
+            "step": self.last_step,
+            "lrs": self.lrs(),
+            "mode": self.mode,
+            "override": self.override,
+            "last_decision": self.last_decision,
+        }
+
+
+def flatten_params(policy: PolicyFile) -> dict[str, str]:
+    """``{"plateau.factor": "0.5", ...}``: the knobs as MLflow params."""
+    out = {"mode": policy.mode, "min_lr": str(policy.min_lr), "max_lr": str(policy.max_lr)}
+    for entry in policy.entries:
+        out[f"{entry.name}.kind"] = entry.kind
+        for k, v in entry.params.items():
+            out[f"{entry.name}.{k}"] = str(v)[:250]
+    return out
+
+
+def _floats(values: Any) -> list[float] | None:
+    if values is None:
+        return None
+    if not isinstance(values, list) or not all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+        raise ValueError(f"expected a list of numbers, but got {values!r:.80}")
+    return [float(v) for v in values]

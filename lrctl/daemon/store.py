@@ -1,0 +1,109 @@
+"""Durable, atomic per-run checkpoints of controller sessions.
+
+A checkpoint is written to a temporary file, fsynced, renamed over the old one
+and the directory fsynced, so a crash leaves either the old or the new file,
+never half of one. The body carries its own sha256: a file damaged on disk is
+moved aside and reported, never loaded into a policy.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import re
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+__all__ = ["FORMAT", "RUN_KEY", "StateStore"]
+
+FORMAT = 1
+MAX_STATE_BYTES = 16 << 20
+#: A run key: safe as a file name and an MLflow name, no path traversal.
+RUN_KEY = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
+
+log = logging.getLogger("lrctl.daemon")
+
+
+def _canonical(state: Any) -> bytes:
+    return json.dumps(state, sort_keys=True, separators=(",", ":"),
+                      allow_nan=False).encode("utf-8")
+
+
+class StateStore:
+    """Checkpoints under ``<state_dir>/runs/<run key>.json``."""
+
+    def __init__(self, state_dir: str | os.PathLike[str]) -> None:
+        self.dir = Path(state_dir) / "runs"
+        self.dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+
+    def path(self, key: str) -> Path:
+        if not RUN_KEY.match(key) or ".." in key:
+            raise ValueError(f"bad run key {key!r}")
+        return self.dir / f"{key}.json"
+
+    def save(self, key: str, state: dict[str, Any]) -> None:
+        body = _canonical(state)
+        doc = json.dumps({"format": FORMAT, "sha256": hashlib.sha256(body).hexdigest()},
+                         separators=(",", ":")).encode("utf-8")
+        final = self.path(key)
+        tmp = final.with_name(f".{final.name}.{os.getpid()}.tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            # Line 1: format and checksum; line 2: the body the checksum covers.
+            os.write(fd, doc + b"\n" + body + b"\n")
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, final)
+        self._fsync_dir()
+
+    def delete(self, key: str) -> None:
+        try:
+            self.path(key).unlink()
+        except FileNotFoundError:
+            return
+        self._fsync_dir()
+
+    def load_all(self) -> Iterator[tuple[str, dict[str, Any]]]:
+        """Every valid checkpoint; damaged ones are renamed ``*.corrupt`` and logged."""
+        for path in sorted(self.dir.glob("*.json")):
+            key = path.stem
+            try:
+                state = self._read(path)
+            except (OSError, ValueError) as exc:
+                log.error("checkpoint %s is unusable (%s); moved aside as .corrupt", path, exc)
+                with contextlib.suppress(OSError):
+                    os.replace(path, path.with_suffix(".corrupt"))
+                continue
+            yield key, state
+
+    @staticmethod
+    def _read(path: Path) -> dict[str, Any]:
+        with open(path, "rb") as f:
+            data = f.read(MAX_STATE_BYTES + 1)
+        if len(data) > MAX_STATE_BYTES:
+            raise ValueError(f"larger than {MAX_STATE_BYTES} bytes")
+        head, sep, rest = data.partition(b"\n")
+        if not sep or not rest.endswith(b"\n"):
+            raise ValueError("truncated")
+        body = rest[:-1]
+        meta = json.loads(head)
+        if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+            raise ValueError(f"unknown checkpoint format {meta!r:.80}")
+        if hashlib.sha256(body).hexdigest() != meta.get("sha256"):
+            raise ValueError("checksum mismatch")
+        state = json.loads(body)
+        if not isinstance(state, dict):
+            raise ValueError("body is not an object")
+        return state
+
+    def _fsync_dir(self) -> None:
+        fd = os.open(self.dir, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)

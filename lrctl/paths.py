@@ -1,0 +1,102 @@
+"""Where the controller listens and keeps its state, and the checks that keep them private.
+
+Defaults follow the XDG conventions, each overridable by an environment
+variable so tests (and users) can inject their own:
+
+* socket: ``$LRCTL_SOCKET``, else ``$XDG_RUNTIME_DIR/lrctl/lrctl.sock``, else
+  ``/tmp/lrctl-<uid>/lrctl.sock``;
+* state: ``$LRCTL_STATE_DIR``, else ``$XDG_STATE_HOME/lrctl``, else
+  ``~/.local/state/lrctl``.
+
+A Unix socket is private only if its directory is: the directory must belong to
+us and be writable by nobody else, or another user could swap the socket for
+their own and read our runs' statistics (or feed us LRs).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import stat
+from collections.abc import Mapping
+from pathlib import Path
+
+__all__ = [
+    "UNIX_PATH_MAX",
+    "default_socket",
+    "ensure_private_dir",
+    "parse_address",
+    "runtime_dir",
+    "state_dir",
+]
+
+# sun_path is 108 bytes on Linux, including the terminating NUL.
+UNIX_PATH_MAX = 107
+
+
+def runtime_dir(env: Mapping[str, str] | None = None) -> Path:
+    env = os.environ if env is None else env
+    xdg = env.get("XDG_RUNTIME_DIR")
+    if xdg and os.path.isdir(xdg):
+        return Path(xdg) / "lrctl"
+    return Path("/tmp") / f"lrctl-{os.getuid()}"
+
+
+def default_socket(env: Mapping[str, str] | None = None) -> str:
+    env = os.environ if env is None else env
+    return env.get("LRCTL_SOCKET") or str(runtime_dir(env) / "lrctl.sock")
+
+
+def state_dir(env: Mapping[str, str] | None = None) -> Path:
+    env = os.environ if env is None else env
+    if env.get("LRCTL_STATE_DIR"):
+        return Path(env["LRCTL_STATE_DIR"])
+    if env.get("XDG_STATE_HOME"):
+        return Path(env["XDG_STATE_HOME"]) / "lrctl"
+    return Path.home() / ".local" / "state" / "lrctl"
+
+
+def ensure_private_dir(path: str | os.PathLike[str]) -> Path:
+    """Create ``path`` (mode 0700) if missing; refuse one that is not safely ours.
+
+    Raises :class:`PermissionError` naming the path and what is wrong with it.
+    """
+    p = Path(path)
+    with contextlib.suppress(FileExistsError):  # a file there: reported just below
+        p.mkdir(mode=0o700, parents=True, exist_ok=True)
+    st = os.lstat(p)
+    if stat.S_ISLNK(st.st_mode) or not stat.S_ISDIR(st.st_mode):
+        raise PermissionError(f"{p} is not a directory (a symlink or a file); refusing to use it")
+    if st.st_uid != os.getuid():
+        raise PermissionError(
+            f"{p} belongs to uid {st.st_uid}, not to us (uid {os.getuid()}); refusing to use it")
+    if st.st_mode & 0o022:
+        raise PermissionError(
+            f"{p} is writable by other users (mode {stat.S_IMODE(st.st_mode):04o}); "
+            f"run 'chmod 700 {p}' or choose another directory")
+    return p
+
+
+def parse_address(address: str) -> tuple[str, str | tuple[str, int]]:
+    """``("unix", path)`` or ``("tcp", (host, port))`` from a socket argument.
+
+    ``tcp://HOST:PORT`` (or ``tcp://PORT`` for 127.0.0.1) is TCP; anything else is
+    a Unix socket path, which must fit in ``sun_path``.
+    """
+    if address.startswith("tcp://"):
+        return "tcp", parse_host_port(address[len("tcp://"):])
+    if len(os.fsencode(address)) > UNIX_PATH_MAX:
+        raise ValueError(f"socket path is {len(os.fsencode(address))} bytes, over the "
+                         f"{UNIX_PATH_MAX}-byte limit of Unix sockets: {address}")
+    return "unix", address
+
+
+def parse_host_port(text: str) -> tuple[str, int]:
+    """``HOST:PORT`` or ``PORT`` (host 127.0.0.1: nothing is exposed unless asked)."""
+    host, sep, port = text.rpartition(":")
+    if not sep:
+        host, port = "127.0.0.1", text
+    host = host.strip("[]") or "127.0.0.1"
+    if not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"expected HOST:PORT with a port in 0-65535, but got {text!r}")
+    return host, int(port)

@@ -1,0 +1,221 @@
+"""The wire protocol between hooks, operator verbs and the controller (version 1).
+
+Pure: frames in, frames out; no sockets here (see :mod:`lrctl.client` and
+:mod:`lrctl.daemon`), so the format is testable by round trip.
+
+Framing
+-------
+Every frame is a 4-byte big-endian length followed by that many bytes of UTF-8
+JSON encoding one object. JSON is strict: no ``NaN``/``Infinity`` literals; a
+non-finite number travels as the string ``"nan"``, ``"inf"`` or ``"-inf"``.
+Frames are capped: :data:`MAX_HELLO` for a connection's first frame (it carries
+the policy text), :data:`MAX_FRAME` for every later one. A receiver that gets an
+oversized length, bad UTF-8, bad JSON or a non-object answers with an ``error``
+frame and closes the connection. Every frame carries ``"v": 1``; a frame of an
+unknown version is refused with an ``error`` frame naming both versions.
+
+Messages (field ``t`` is the type)
+----------------------------------
+Hook → controller:
+
+* ``hello``: ``run`` (run key), ``run_name``, ``policy`` ``{text, source}``,
+  ``lrs`` (initial LR per param group), ``groups``, ``world_size``, ``mlflow``
+  ``{run_id, tracking_uri}``, ``cwd``, ``token`` (TCP only).
+* ``obs``: ``s`` step, ``l`` loss, ``g`` grad norm (each may be absent or null),
+  ``m`` named metrics (optional object).
+* ``bye``: the run ended; the controller closes the session.
+
+Controller → hook:
+
+* ``welcome``: ``run``, ``last_step`` (-1 before any observation), ``saved_step``,
+  ``lrs``, ``mode``, ``restored``, ``policy_sha256``. The hook replays the
+  observations it holds with a step greater than ``last_step``.
+* ``lr``: ``s`` (the observation step it answers, or -1 for a push from an
+  operator), ``lrs`` for the next step, ``skip``, ``stop``, ``mode``,
+  ``saved_step`` (the last step checkpointed to disk), ``d`` (new decisions,
+  each a ``Decision.to_dict()``).
+
+Operator → controller (one request, one answer, on its own connection; over
+TCP each request carries ``token``):
+
+* ``runs`` → ``runs`` ``{runs: [{run, run_name, step, lrs, mode, connected,
+  override, last_decision}]}``
+* ``set_lr`` ``{run, lr, steps}`` (``steps`` null: until cleared), ``clear_lr``
+  ``{run}``, ``pause`` ``{run}``, ``resume`` ``{run}`` → ``ok`` ``{message}``
+* ``status`` → ``status`` ``{pid, version, runs, uptime_s, socket, state_dir}``
+
+Either side: ``error`` ``{code, message, fatal}``. ``fatal`` means the sender
+closes the connection after it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+from collections.abc import Mapping
+from typing import Any
+
+__all__ = [
+    "MAX_FRAME",
+    "MAX_HELLO",
+    "VERSION",
+    "FrameDecoder",
+    "ProtocolError",
+    "encode",
+    "encode_obs",
+    "float_in",
+    "float_out",
+    "get_float",
+    "get_int",
+    "get_str",
+]
+
+VERSION = 1
+MAX_HELLO = 1 << 20
+MAX_FRAME = 64 << 10
+_HEADER = struct.Struct(">I")
+
+
+class ProtocolError(ValueError):
+    """A frame or a message that breaks the protocol; ``code`` is machine-readable."""
+
+    def __init__(self, message: str, code: str = "bad_frame") -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def float_out(x: float | None) -> float | str | None:
+    """A float for strict JSON: non-finite values become strings."""
+    if x is None or math.isfinite(x):
+        return x
+    return "nan" if math.isnan(x) else ("inf" if x > 0 else "-inf")
+
+
+def float_in(x: Any, name: str) -> float:
+    """The inverse of :func:`float_out`, rejecting anything that is not a number."""
+    if isinstance(x, str):
+        if x in ("nan", "inf", "-inf"):
+            return float(x)
+    elif isinstance(x, (int, float)) and not isinstance(x, bool):
+        return float(x)
+    raise ProtocolError(f"{name} must be a number, but got {x!r}", "bad_message")
+
+
+def encode(msg: Mapping[str, Any], limit: int = MAX_FRAME) -> bytes:
+    """One frame. ``msg`` gets ``v`` added; non-finite floats must already be strings."""
+    body = json.dumps({"v": VERSION, **msg}, separators=(",", ":"), allow_nan=False,
+                      ensure_ascii=False).encode("utf-8")
+    if len(body) > limit:
+        raise ProtocolError(f"frame of {len(body)} bytes exceeds the limit of {limit}",
+                            "too_large")
+    return _HEADER.pack(len(body)) + body
+
+
+def encode_obs(step: int, loss: float | None, grad_norm: float | None,
+               metrics: Mapping[str, float] | None = None) -> bytes:
+    """An ``obs`` frame, formatted by hand: this runs once per training step.
+
+    ``repr`` of a finite float is valid JSON; metrics (rare) go through :func:`encode`.
+    """
+    if metrics:
+        return encode({"t": "obs", "s": step, "l": float_out(loss), "g": float_out(grad_norm),
+                       "m": {k: float_out(float(v)) for k, v in metrics.items()}})
+    body = f'{{"v":1,"t":"obs","s":{int(step)},"l":{_num(loss)},"g":{_num(grad_norm)}}}'.encode(
+        "ascii")
+    return _HEADER.pack(len(body)) + body
+
+
+def _num(x: float | None) -> str:
+    if x is None:
+        return "null"
+    if math.isfinite(x):
+        return repr(float(x))
+    return '"nan"' if math.isnan(x) else ('"inf"' if x > 0 else '"-inf"')
+
+
+class FrameDecoder:
+    """Incremental decoder: feed bytes, get whole messages.
+
+    The first frame may be up to ``first_limit`` bytes, later ones up to ``limit``.
+    Errors are :class:`ProtocolError`; after one the stream is unusable.
+    """
+
+    def __init__(self, limit: int = MAX_FRAME, first_limit: int | None = None) -> None:
+        self.limit = limit
+        self._next_limit = first_limit if first_limit is not None else limit
+        self._buf = bytearray()
+
+    def feed(self, data: bytes) -> list[dict[str, Any]]:
+        self._buf += data
+        out = []
+        while len(self._buf) >= 4:
+            (size,) = _HEADER.unpack_from(self._buf)
+            if size > self._next_limit:
+                raise ProtocolError(
+                    f"frame of {size} bytes exceeds the limit of {self._next_limit}", "too_large")
+            if len(self._buf) < 4 + size:
+                break
+            body = bytes(self._buf[4:4 + size])
+            del self._buf[:4 + size]
+            self._next_limit = self.limit
+            out.append(decode_body(body))
+        return out
+
+
+def decode_body(body: bytes) -> dict[str, Any]:
+    """One frame's JSON body → a message with a known version and a string type."""
+    try:
+        msg = json.loads(body.decode("utf-8"), parse_constant=_reject_constant)
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise ProtocolError(f"frame is not UTF-8 JSON: {exc}") from None
+    except RecursionError:
+        raise ProtocolError("frame nests too deeply") from None
+    if not isinstance(msg, dict):
+        raise ProtocolError(f"frame must be a JSON object, but got {type(msg).__name__}")
+    version = msg.get("v")
+    if version != VERSION:
+        raise ProtocolError(f"unsupported protocol version {version!r}: this side speaks "
+                            f"version {VERSION}; upgrade lrctl on both sides", "bad_version")
+    if not isinstance(msg.get("t"), str):
+        raise ProtocolError("message has no type ('t')", "bad_message")
+    return msg
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"non-standard JSON constant {name}")
+
+
+# -- field access with validation (for receivers) -------------------------------------
+def get_str(msg: Mapping[str, Any], key: str, *, max_len: int = 256,
+            optional: bool = False) -> str | None:
+    value = msg.get(key)
+    if value is None and optional:
+        return None
+    if not isinstance(value, str) or len(value) > max_len:
+        raise ProtocolError(f"{key} must be a string of at most {max_len} characters, "
+                            f"but got {_short(value)}", "bad_message")
+    return value
+
+
+def get_int(msg: Mapping[str, Any], key: str, *, lo: int = 0, hi: int = 2**62,
+            optional: bool = False) -> int | None:
+    value = msg.get(key)
+    if value is None and optional:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+        raise ProtocolError(f"{key} must be an integer in [{lo}, {hi}], but got "
+                            f"{_short(value)}", "bad_message")
+    return value
+
+
+def get_float(msg: Mapping[str, Any], key: str, *, optional: bool = False) -> float | None:
+    value = msg.get(key)
+    if value is None and optional:
+        return None
+    return float_in(value, key)
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
