@@ -1,12 +1,24 @@
-"""Where the controller's records go: the durable journal and MLflow."""
+"""Where the controller's records go: the durable journal and MLflow.
+
+``import lrctl.sinks`` does not import mlflow: the MLflow worker threads import
+it when they first ship something.
+"""
 
 from __future__ import annotations
 
+import os
+
+from .audit import AuditSettings, AuditSink
 from .base import NullSink, RunInfo, Sink
 
-__all__ = ["NullSink", "RunInfo", "Sink", "build_sink"]
+__all__ = ["AuditSettings", "AuditSink", "NullSink", "RunInfo", "Sink", "build_sink"]
 
 
-def build_sink(state_dir: str) -> Sink:
-    """The controller's default sink for a state directory."""
-    return NullSink()
+def build_sink(state_dir: str | os.PathLike[str],
+               settings: AuditSettings | None = None) -> Sink:
+    """The controller's default sink for a state directory: journal, then MLflow.
+
+    Building it also starts replaying into MLflow whatever a previous controller
+    journaled but could not ship.
+    """
+    return AuditSink(state_dir, settings)

@@ -1,0 +1,219 @@
+"""The controller's default sink: the durable journal first, then MLflow.
+
+Every call runs on the controller's owner thread and costs a JSON encode and a
+buffered write (plus one fsync for decisions and policy events); MLflow is
+reached only through :class:`~lrctl.sinks.mlflow_sink.MlflowShipper`, whose
+threads read what the journal already holds.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..policy._base import float_to_json
+from ..policy._decision import json_safe
+from .base import RunInfo, Sink
+from .journal import (
+    STREAMS,
+    RunPaths,
+    StreamWriter,
+    atomic_write_json,
+    atomic_write_text,
+    read_json,
+    read_lines,
+)
+from .mlflow_sink import MlflowShipper
+from .sampling import MetricSampler
+from .tracking import artifact_root_for, resolve_tracking_uri
+
+__all__ = ["AuditSettings", "AuditSink"]
+
+
+@dataclass(frozen=True)
+class AuditSettings:
+    """Knobs of the audit trail (``lrctl serve`` options)."""
+
+    log_every: int = 50  # LR, loss and grad-norm points between changes, in steps
+    experiment: str = "lrctl"  # where lrctl creates runs when the script has none
+    mlflow: bool = True  # False: journal only
+    flush_interval: float = 1.0  # seconds; MLflow sees a record within about this
+    queue_size: int = 10_000  # journal lines buffered in memory before spilling
+    timeline: bool = True  # draw lrctl/timeline.png at run end
+    backoff_max: float = 30.0  # seconds between retries while MLflow is down
+
+
+@dataclass
+class _OpenRun:
+    paths: RunPaths
+    writers: dict[str, StreamWriter]
+    sampler: MetricSampler
+    policy_sha256: str
+    policy_version: int
+    last_step: int | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+class AuditSink(Sink):
+    """Journals every record under ``state_dir`` and ships it to MLflow in the background.
+
+    ``env`` (default ``os.environ``) is where ``MLFLOW_TRACKING_URI`` is looked
+    up when the hook passed no URI; ``shipper`` may be injected (tests).
+    """
+
+    def __init__(self, state_dir: str | os.PathLike[str], settings: AuditSettings | None = None,
+                 *, shipper: MlflowShipper | None = None,
+                 env: Mapping[str, str] | None = None) -> None:
+        self.state_dir = Path(state_dir)
+        self.settings = settings or AuditSettings()
+        MetricSampler(self.settings.log_every)  # validate early, with the bad value
+        self._env = os.environ if env is None else env
+        self._runs: dict[str, _OpenRun] = {}
+        self.shipper = shipper
+        if shipper is None and self.settings.mlflow:
+            self.shipper = MlflowShipper(
+                self.state_dir, flush_interval=self.settings.flush_interval,
+                queue_size=self.settings.queue_size, timeline=self.settings.timeline,
+                backoff_max=self.settings.backoff_max)
+        if self.shipper is not None:
+            self.shipper.recover()  # backlog of runs a previous controller left behind
+
+    # -- Sink ------------------------------------------------------------------------
+    def open_run(self, info: RunInfo) -> None:
+        if info.run_key in self._runs:
+            self._close_writers(self._runs.pop(info.run_key))
+        paths = RunPaths.of(self.state_dir, info.run_key)
+        paths.policies.mkdir(parents=True, exist_ok=True)
+        old = read_json(paths.meta, {}) or {}
+        policy_file = self._save_policy(paths, info)
+        # A restored run keeps its MLflow target: one training run, one MLflow run.
+        target = old.get("mlflow") or self._target(info)
+        meta = {**asdict(info), "params": dict(info.params), "mlflow": target,
+                "created": old.get("created", time.time()), "opened": time.time()}
+        del meta["policy_text"]  # kept once per version under policies/
+        atomic_write_json(paths.meta, meta)
+        sha, version = _current_policy(paths)
+        run = _OpenRun(paths, {name: StreamWriter(paths.stream(name), fsync=name != "metrics")
+                               for name in STREAMS},
+                       MetricSampler(self.settings.log_every), sha, version, meta=meta)
+        self._runs[info.run_key] = run
+        if self.shipper is not None:
+            self.shipper.attend(info.run_key, target["tracking_uri"])
+        if sha != info.policy_sha256:
+            event = "open" if version == 0 else "restore"
+            self._policy_event(run, info, policy_file,
+                               {"event": event, "policy_sha256": info.policy_sha256})
+
+    def observation(self, run_key: str, step: int, loss: float | None,
+                    grad_norm: float | None, lrs: Sequence[float]) -> None:
+        run = self._run(run_key)
+        run.last_step = step
+        points = run.sampler.observe(step, loss, grad_norm, lrs)
+        if points:
+            self._metrics(run, points)
+
+    def decision(self, run_key: str, record: Mapping[str, Any]) -> None:
+        run = self._run(run_key)
+        rec = dict(json_safe(record))
+        rec.setdefault("wall_time", time.time())
+        rec.setdefault("policy_sha256", run.policy_sha256)
+        rec["policy_version"] = run.policy_version
+        rec.pop("seq", None)
+        self._append(run, "decisions", rec)
+        points = run.sampler.decision(int(rec["step"]))
+        if points:
+            self._metrics(run, points)
+
+    def policy_changed(self, run_key: str, info: RunInfo, record: Mapping[str, Any]) -> None:
+        run = self._run(run_key)
+        policy_file = self._save_policy(run.paths, info)
+        self._policy_event(run, info, policy_file, dict(record))
+
+    def close_run(self, run_key: str) -> None:
+        run = self._runs.pop(run_key, None)
+        if run is None:
+            return
+        points = run.sampler.finish()
+        if points:
+            self._metrics(run, points)
+        self._append(run, "events", {"event": "end", "wall_time": time.time(),
+                                     "last_step": run.last_step})
+        self._close_writers(run)
+
+    def close(self) -> None:
+        """Controller shutdown: runs are not ended (their sessions come back on restart)."""
+        for run in self._runs.values():
+            self._close_writers(run)
+        self._runs.clear()
+        if self.shipper is not None:
+            self.shipper.close()
+
+    def flush(self, timeout: float = 10.0) -> bool:
+        """Wait until MLflow has acknowledged everything so far (tests, orderly shutdown)."""
+        return True if self.shipper is None else self.shipper.flush(timeout)
+
+    # -- internals -------------------------------------------------------------------
+    def _run(self, run_key: str) -> _OpenRun:
+        try:
+            return self._runs[run_key]
+        except KeyError:
+            raise KeyError(f"run {run_key!r} is not open in the audit sink; "
+                           "call open_run(info) first") from None
+
+    def _append(self, run: _OpenRun, stream: str, record: dict[str, Any]) -> None:
+        line = run.writers[stream].append(record)
+        if self.shipper is not None:
+            self.shipper.submit(run.paths.run_key, stream, line)
+
+    def _metrics(self, run: _OpenRun, points: list[tuple[str, float, int]]) -> None:
+        self._append(run, "metrics", {"ts": int(time.time() * 1000),
+                                      "points": [[k, float_to_json(v), s]
+                                                 for k, v, s in points]})
+
+    def _policy_event(self, run: _OpenRun, info: RunInfo, policy_file: str,
+                      record: dict[str, Any]) -> None:
+        if info.policy_sha256 != run.policy_sha256:
+            run.policy_sha256 = info.policy_sha256
+            run.policy_version += 1
+        self._append(run, "events", {
+            "event": "policy", "wall_time": time.time(), "step": run.last_step,
+            "policy_version": run.policy_version, "policy_sha256": info.policy_sha256,
+            "policy_source": info.policy_source, "policy_file": policy_file,
+            "params": dict(info.params),
+            "record": json_safe(record)})
+
+    def _target(self, info: RunInfo) -> dict[str, Any]:
+        uri = resolve_tracking_uri(info.tracking_uri, self._env, info.cwd)
+        return {"tracking_uri": uri, "run_id": info.mlflow_run_id,
+                "run_name": info.run_name or info.run_key,
+                "experiment": self.settings.experiment,
+                "artifact_root": artifact_root_for(uri, info.cwd, self.settings.experiment)}
+
+    @staticmethod
+    def _save_policy(paths: RunPaths, info: RunInfo) -> str:
+        """Keep the policy text, content-addressed; return its file's hash."""
+        digest = hashlib.sha256(info.policy_text.encode("utf-8")).hexdigest()
+        path = paths.policy_file(digest)
+        if not path.exists():
+            atomic_write_text(path, info.policy_text)
+        return digest
+
+    @staticmethod
+    def _close_writers(run: _OpenRun) -> None:
+        for w in run.writers.values():
+            w.close()
+
+
+def _current_policy(paths: RunPaths) -> tuple[str, int]:
+    """(sha256, version) of the policy the run's events end with; ("", 0) for a new run."""
+    sha, version = "", 0
+    for line in read_lines(paths.stream("events")):
+        if line.record.get("event") == "policy":
+            sha = str(line.record.get("policy_sha256", ""))
+            version = int(line.record.get("policy_version", version))
+    return sha, version

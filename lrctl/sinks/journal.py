@@ -1,0 +1,243 @@
+"""The durable, append-only journal of one run, and how to read it back.
+
+Layout of ``<state_dir>/runs/<run_key>/``::
+
+    meta.json           the run's RunInfo and where its MLflow records go (atomic rewrite)
+    decisions.jsonl     one decision per line, fsynced before ``decision()`` returns
+    events.jsonl        policy versions, reloads and the run's end (fsynced)
+    metrics.jsonl       sampled metric points (flushed per line, fsynced at close)
+    policies/<sha>.yaml every policy text the run used
+    cursor.json         what MLflow has acknowledged, per stream (written by the shipper)
+
+Every line of a stream carries ``seq`` (1, 2, ... per stream), so a reader that
+remembers ``(seq, byte offset)`` of the last line it handled can resume exactly
+there after a crash: that is what makes replay into MLflow idempotent.
+
+The writer is used from the controller's owner thread only; readers (the MLflow
+worker, the CLI) only ever read complete lines, so a line being appended is
+simply not seen yet.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any
+
+__all__ = [
+    "STREAMS",
+    "JournalError",
+    "JournalLine",
+    "RunPaths",
+    "StreamWriter",
+    "atomic_write_json",
+    "atomic_write_text",
+    "check_run_key",
+    "last_line",
+    "list_run_keys",
+    "read_json",
+    "read_lines",
+]
+
+#: The streams of a run, in the order the shipper acknowledges them.
+STREAMS = ("metrics", "decisions", "events")
+_RUN_KEY = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+_TAIL_CHUNK = 64 * 1024
+
+
+class JournalError(RuntimeError):
+    """A journal file is unreadable in a way that replay cannot repair."""
+
+
+def check_run_key(run_key: str) -> str:
+    """``run_key`` names a directory: refuse anything that could escape the state dir."""
+    if not isinstance(run_key, str) or not _RUN_KEY.match(run_key):
+        raise ValueError(
+            "run_key must be 1-128 letters, digits or ._- starting with a letter or digit, "
+            f"but got {run_key!r}")
+    return run_key
+
+
+@dataclass(frozen=True)
+class RunPaths:
+    """The files of one run's journal directory."""
+
+    root: Path
+
+    @classmethod
+    def of(cls, state_dir: str | os.PathLike[str], run_key: str) -> RunPaths:
+        return cls(Path(state_dir) / "runs" / check_run_key(run_key))
+
+    @property
+    def run_key(self) -> str:
+        return self.root.name
+
+    @property
+    def meta(self) -> Path:
+        return self.root / "meta.json"
+
+    @property
+    def cursor(self) -> Path:
+        return self.root / "cursor.json"
+
+    @property
+    def policies(self) -> Path:
+        return self.root / "policies"
+
+    def stream(self, name: str) -> Path:
+        if name not in STREAMS:
+            raise ValueError(f"unknown journal stream {name!r}; expected one of {STREAMS}")
+        return self.root / f"{name}.jsonl"
+
+    def policy_file(self, sha256: str) -> Path:
+        if not re.fullmatch(r"[0-9a-f]{64}", sha256):
+            raise ValueError(f"policy sha256 must be 64 hex digits, but got {sha256!r}")
+        return self.policies / f"{sha256}.yaml"
+
+
+def list_run_keys(state_dir: str | os.PathLike[str]) -> list[str]:
+    """Run keys with a journal under ``state_dir``, sorted."""
+    runs = Path(state_dir) / "runs"
+    try:
+        entries = list(os.scandir(runs))
+    except FileNotFoundError:
+        return []
+    return sorted(e.name for e in entries
+                  if e.is_dir() and _RUN_KEY.match(e.name) and os.path.exists(
+                      os.path.join(e.path, "meta.json")))
+
+
+@dataclass(frozen=True)
+class JournalLine:
+    seq: int
+    end: int  # byte offset just after this line: where a reader resumes
+    record: dict[str, Any]
+
+
+def read_lines(path: Path, offset: int = 0, limit: int | None = None) -> Iterator[JournalLine]:
+    """Complete lines of a stream from byte ``offset`` on (at most ``limit``)."""
+    try:
+        f = open(path, "rb")  # noqa: SIM115 - closed in the finally below, generator-safe
+    except FileNotFoundError:
+        return
+    try:
+        f.seek(offset)
+        pos = offset
+        for count, raw in enumerate(f, start=1):
+            if not raw.endswith(b"\n"):
+                return  # being appended, or torn by a crash: not part of the journal yet
+            pos += len(raw)
+            try:
+                record = json.loads(raw)
+                seq = int(record["seq"])
+            except (ValueError, KeyError, TypeError) as exc:
+                raise JournalError(f"{path}: bad line ending at byte {pos}: {exc}") from exc
+            yield JournalLine(seq, pos, record)
+            if limit is not None and count >= limit:
+                return
+    finally:
+        f.close()
+
+
+def last_line(path: Path) -> JournalLine | None:
+    """The last complete line of a stream, reading only the file's tail."""
+    try:
+        size = path.stat().st_size
+    except FileNotFoundError:
+        return None
+    start = max(0, size - _TAIL_CHUNK)
+    while True:
+        with open(path, "rb") as f:
+            f.seek(start)
+            chunk = f.read(size - start)
+        end = chunk.rfind(b"\n")
+        if end < 0:
+            if start == 0:
+                return None
+            start = max(0, start - _TAIL_CHUNK)
+            continue
+        begin = chunk.rfind(b"\n", 0, end) + 1
+        if begin == 0 and start > 0:
+            start = max(0, start - _TAIL_CHUNK)  # the last line is longer than the chunk
+            continue
+        record = json.loads(chunk[begin:end + 1])
+        return JournalLine(int(record["seq"]), start + end + 1, record)
+
+
+class StreamWriter:
+    """Appends numbered JSON lines to one stream.
+
+    Opening repairs a crash: a torn last line (no newline) is cut off, since it
+    was never reported durable, and numbering continues after the last whole line.
+    """
+
+    def __init__(self, path: Path, *, fsync: bool) -> None:
+        self.path = path
+        self.fsync = fsync
+        path.parent.mkdir(parents=True, exist_ok=True)
+        last = last_line(path)
+        if path.exists() and path.stat().st_size != (last.end if last else 0):
+            os.truncate(path, last.end if last else 0)
+        self.seq = last.seq if last else 0
+        self.offset = last.end if last else 0
+        self._file: IO[bytes] = open(path, "ab")  # noqa: SIM115 - lives as long as the writer
+
+    def append(self, record: Mapping[str, Any], *, durable: bool | None = None) -> JournalLine:
+        """Write ``record`` with the next ``seq``; fsync if the stream (or ``durable``) says so."""
+        seq = self.seq + 1
+        line = {"seq": seq, **record}
+        data = (json.dumps(line, separators=(",", ":"), allow_nan=False) + "\n").encode()
+        self._file.write(data)
+        self._file.flush()
+        if self.fsync if durable is None else durable:
+            os.fsync(self._file.fileno())
+        self.seq = seq
+        self.offset += len(data)
+        return JournalLine(seq, self.offset, line)
+
+    def sync(self) -> None:
+        if not self._file.closed:
+            self._file.flush()
+            os.fsync(self._file.fileno())
+
+    def close(self) -> None:
+        if not self._file.closed:
+            self.sync()
+            self._file.close()
+
+
+def atomic_write_json(path: Path, value: Any) -> None:
+    """Replace ``path`` with ``value`` so that a crash leaves the old or the new file, whole."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    data = json.dumps(value, indent=1, sort_keys=True, allow_nan=False).encode()
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def read_json(path: Path, default: Any = None) -> Any:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except FileNotFoundError:
+        return default

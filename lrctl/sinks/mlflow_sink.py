@@ -1,0 +1,389 @@
+"""Ships journal lines to MLflow from background threads, batched and replayable.
+
+The journal is the source of truth; MLflow is a replica that may lag. Each
+tracking URI gets one worker thread (a dead server must not hold up runs that
+log elsewhere) fed by a bounded queue. When the queue is full, or MLflow is
+down for long, lines are not kept in memory: the run is marked *behind* and
+the worker reads its backlog back from the journal, from the cursor on.
+
+Idempotence: the cursor (``cursor.json``) advances only after MLflow has
+acknowledged a batch, and everything sent is a pure function of the journal
+and the cursor: metric points keep the timestamp journaled with them (MLflow
+drops a repeated ``(key, timestamp, step, value)``), the decisions artifact is
+the journal's ``decisions.jsonl`` re-uploaded whole, tags and params are
+set to the same values. A batch re-sent after a crash thus changes nothing.
+
+mlflow is imported here, lazily, in the worker threads only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import queue
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..policy._base import float_from_json
+from .journal import (
+    STREAMS,
+    JournalLine,
+    RunPaths,
+    atomic_write_json,
+    list_run_keys,
+    read_json,
+    read_lines,
+)
+
+__all__ = ["MlflowShipper", "decision_ratio"]
+
+log = logging.getLogger("lrctl.sinks.mlflow")
+
+MAX_METRICS_PER_BATCH = 1000  # MLflow's log_batch limit (entities in all)
+MAX_PARAMS_TAGS_PER_BATCH = 100
+MAX_TAG_CHARS = 5000
+_TICK_S = 0.1
+_BACKOFF_MIN_S = 0.5
+#: MLflow error codes that retrying cannot fix (a deleted run, a refused value).
+PERMANENT_ERRORS = frozenset({"INVALID_PARAMETER_VALUE", "RESOURCE_DOES_NOT_EXIST",
+                              "INVALID_STATE", "PERMISSION_DENIED"})
+ClientFactory = Callable[[str], Any]
+
+
+def decision_ratio(record: dict[str, Any]) -> float:
+    """new/old LR of group 0, as :attr:`Decision.ratio` (1.0 when it is not defined)."""
+    try:
+        old = float_from_json(record["old_lrs"][0])
+        new = float_from_json(record["new_lrs"][0])
+    except (KeyError, IndexError, TypeError, ValueError):
+        return 1.0
+    if old == 0 or old != old or old in (float("inf"), float("-inf")):
+        return 1.0
+    return new / old
+
+
+def _default_client(tracking_uri: str) -> Any:
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=tracking_uri)
+
+
+class MlflowShipper:
+    """Routes each run's journal lines to the worker of its tracking URI.
+
+    All methods are called from the controller's owner thread and never wait on
+    MLflow, except :meth:`flush` and :meth:`close`, which wait at most ``timeout``.
+    """
+
+    def __init__(self, state_dir: str | os.PathLike[str], *, flush_interval: float = 1.0,
+                 queue_size: int = 10_000, max_pending: int = 20_000, timeline: bool = True,
+                 backoff_max: float = 30.0, client_factory: ClientFactory | None = None) -> None:
+        if not 0 < flush_interval <= 2.0:
+            raise ValueError(f"flush_interval must be in (0, 2] seconds, but got {flush_interval=}")
+        if queue_size < 1 or max_pending < 1:
+            raise ValueError(f"queue_size and max_pending must be >= 1, but got "
+                             f"{queue_size=}, {max_pending=}")
+        self.state_dir = Path(state_dir)
+        self._options = _Options(flush_interval, queue_size, max_pending, timeline, backoff_max,
+                                 client_factory or _default_client)
+        self._workers: dict[str, _Worker] = {}
+        self._route: dict[str, _Worker] = {}
+        # One HTTP call must not retry for minutes inside the worker: lrctl retries
+        # from the journal itself. setdefault leaves a user's own choice alone.
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+
+    def attend(self, run_key: str, tracking_uri: str) -> None:
+        """Route ``run_key`` to its URI's worker and have it catch up with the journal."""
+        worker = self._workers.get(tracking_uri)
+        if worker is None:
+            worker = self._workers[tracking_uri] = _Worker(self.state_dir, tracking_uri,
+                                                           self._options)
+            worker.start()
+        self._route[run_key] = worker
+        worker.nudge(run_key)
+
+    def submit(self, run_key: str, stream: str, line: JournalLine) -> None:
+        worker = self._route.get(run_key)
+        if worker is None:
+            raise KeyError(f"run {run_key!r} is not attended; call attend() first")
+        worker.submit(run_key, stream, line)
+
+    def recover(self) -> list[str]:
+        """Attend every run under the state dir whose journal is ahead of MLflow."""
+        behind = []
+        for key in list_run_keys(self.state_dir):
+            paths = RunPaths.of(self.state_dir, key)
+            meta = read_json(paths.meta, {})
+            cursor = read_json(paths.cursor, {})
+            uri = (meta.get("mlflow") or {}).get("tracking_uri")
+            if not uri or cursor.get("failed"):
+                continue
+            acked = cursor.get("streams", {})
+            for name in STREAMS:
+                size = paths.stream(name).stat().st_size if paths.stream(name).exists() else 0
+                if size > acked.get(name, {}).get("offset", 0):
+                    behind.append(key)
+                    self.attend(key, uri)
+                    break
+        return behind
+
+    def flush(self, timeout: float = 10.0) -> bool:
+        """Ship everything submitted so far; True if MLflow acknowledged it all in time."""
+        deadline = time.monotonic() + timeout
+        return all([w.flush(max(0.0, deadline - time.monotonic()))
+                    for w in list(self._workers.values())])
+
+    def close(self, timeout: float = 5.0) -> bool:
+        """Flush for up to ``timeout``, then stop the workers; the rest stays in the journal."""
+        done = self.flush(timeout)
+        for w in self._workers.values():
+            w.stop()
+        for w in self._workers.values():
+            w.join(timeout=max(1.0, timeout))
+        self._workers.clear()
+        self._route.clear()
+        return done
+
+
+@dataclass(frozen=True)
+class _Options:
+    flush_interval: float
+    queue_size: int
+    max_pending: int
+    timeline: bool
+    backoff_max: float
+    client_factory: ClientFactory
+
+
+@dataclass
+class _Stream:
+    acked_seq: int = 0
+    acked_offset: int = 0
+    loaded_seq: int = 0
+    loaded_offset: int = 0
+    behind: bool = True  # the journal may hold lines not in `pending`
+    pending: deque[JournalLine] = field(default_factory=deque)
+
+
+class _RunState:
+    """The worker's view of one run: its cursor and the lines not yet acknowledged."""
+
+    def __init__(self, paths: RunPaths) -> None:
+        self.paths = paths
+        self.meta: dict[str, Any] = read_json(paths.meta, {})
+        self.cursor: dict[str, Any] = read_json(paths.cursor, {}) or {}
+        self.cursor.setdefault("streams", {})
+        self.cursor.setdefault("params", {})
+        self.cursor.setdefault("decision_ts", 0)
+        self.streams: dict[str, _Stream] = {}
+        for name in STREAMS:
+            c = self.cursor["streams"].get(name, {"seq": 0, "offset": 0})
+            self.streams[name] = _Stream(c["seq"], c["offset"], c["seq"], c["offset"])
+        self.failed = bool(self.cursor.get("failed"))  # refused by MLflow: journal only
+        self.first_pending_at: float | None = None
+        self.failures = 0
+        self.retry_at = 0.0
+
+    def offer(self, stream: str, line: JournalLine, max_pending: int, now: float) -> None:
+        s = self.streams[stream]
+        if self.failed or line.seq <= s.loaded_seq:
+            return  # given up on, or already read back from the journal
+        if not s.behind and line.seq == s.loaded_seq + 1 and len(s.pending) < max_pending:
+            s.pending.append(line)
+            s.loaded_seq, s.loaded_offset = line.seq, line.end
+            if self.first_pending_at is None:
+                self.first_pending_at = now
+        else:
+            s.behind = True  # spill: the journal has it, read it back when there is room
+
+    def top_up(self, max_pending: int) -> None:
+        for name, s in self.streams.items():
+            room = max_pending - len(s.pending)
+            if not s.behind or room <= 0:
+                continue
+            got = 0
+            for line in read_lines(self.paths.stream(name), s.loaded_offset, limit=room):
+                s.pending.append(line)
+                s.loaded_seq, s.loaded_offset = line.seq, line.end
+                got += 1
+            s.behind = got >= room
+            if got and self.first_pending_at is None:
+                self.first_pending_at = time.monotonic()
+
+    def has_work(self) -> bool:
+        return not self.failed and any(s.pending or s.behind for s in self.streams.values())
+
+    def ack(self, stream: str, lines: Iterable[JournalLine]) -> None:
+        s = self.streams[stream]
+        for line in lines:
+            popped = s.pending.popleft()
+            assert popped is line
+            s.acked_seq, s.acked_offset = line.seq, line.end
+        self.cursor["streams"][stream] = {"seq": s.acked_seq, "offset": s.acked_offset}
+
+    def save(self) -> None:
+        atomic_write_json(self.paths.cursor, self.cursor)
+
+
+class _Worker(threading.Thread):
+    """Ships the runs of one tracking URI."""
+
+    def __init__(self, state_dir: Path, tracking_uri: str, options: _Options) -> None:
+        super().__init__(name=f"lrctl-mlflow[{tracking_uri}]", daemon=True)
+        self.state_dir = state_dir
+        self.tracking_uri = tracking_uri
+        self.opt = options
+        self._queue: queue.Queue[tuple[str, str, JournalLine] | None] = queue.Queue(
+            options.queue_size)
+        self._lock = threading.Lock()
+        self._attention: set[str] = set()  # runs to reconcile with their journal
+        self._submitted = 0  # written by the owner thread only
+        self._settled = 0  # everything submitted up to this count is acknowledged
+        self._settled_cond = threading.Condition()
+        self._force = threading.Event()
+        self._stopping = threading.Event()
+        self._runs: dict[str, _RunState] = {}
+        self._client: Any = None
+        self._outage_logged = False
+
+    # -- owner-thread side ------------------------------------------------------
+    def submit(self, run_key: str, stream: str, line: JournalLine) -> None:
+        try:
+            self._queue.put_nowait((run_key, stream, line))
+        except queue.Full:
+            with self._lock:
+                self._attention.add(run_key)
+        self._submitted += 1
+
+    def nudge(self, run_key: str) -> None:
+        with self._lock:
+            self._attention.add(run_key)
+        self._submitted += 1
+        self._wake()
+
+    def flush(self, timeout: float) -> bool:
+        want = self._submitted
+        self._force.set()
+        self._wake()
+        deadline = time.monotonic() + timeout
+        with self._settled_cond:
+            while self._settled < want and self.is_alive():
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._settled_cond.wait(min(left, _TICK_S))
+        return self._settled >= want
+
+    def stop(self) -> None:
+        self._stopping.set()
+        self._wake()
+
+    def _wake(self) -> None:
+        with contextlib.suppress(queue.Full):  # a full queue wakes the worker anyway
+            self._queue.put_nowait(None)
+
+    # -- worker thread ------------------------------------------------------------
+    def run(self) -> None:
+        while not self._stopping.is_set():
+            seen = self._submitted
+            try:
+                self._loop_once()
+            except Exception:  # never let one bad run kill the worker of every run
+                log.exception("lrctl MLflow worker for %s: unexpected error", self.tracking_uri)
+                time.sleep(_TICK_S)
+            if self._queue.empty() and not any(r.has_work() for r in self._runs.values()):
+                with self._settled_cond:
+                    self._settled = seen
+                    self._settled_cond.notify_all()
+
+    def _loop_once(self) -> None:
+        now = time.monotonic()
+        try:
+            item = self._queue.get(timeout=_TICK_S)
+            for _ in range(self.opt.queue_size):
+                if item is not None:
+                    run_key, stream, line = item
+                    self._state(run_key).offer(stream, line, self.opt.max_pending, now)
+                item = self._queue.get_nowait()
+        except queue.Empty:
+            pass
+        with self._lock:
+            attention, self._attention = self._attention, set()
+        for key in attention:
+            for s in self._state(key).streams.values():
+                s.behind = True
+        force = self._force.is_set()
+        self._force.clear()
+        now = time.monotonic()
+        for key, st in list(self._runs.items()):
+            if not st.has_work():
+                if st.cursor.get("finished") or st.failed:
+                    del self._runs[key]  # the run ended and is fully shipped
+                continue
+            due = force or any(s.behind for s in st.streams.values()) or (
+                st.first_pending_at is not None
+                and now - st.first_pending_at >= self.opt.flush_interval) or sum(
+                len(s.pending) for s in st.streams.values()) >= MAX_METRICS_PER_BATCH
+            if due and now >= st.retry_at:
+                self._ship(st)
+
+    def _state(self, run_key: str) -> _RunState:
+        st = self._runs.get(run_key)
+        if st is None:
+            st = self._runs[run_key] = _RunState(RunPaths.of(self.state_dir, run_key))
+        return st
+
+    def _ship(self, st: _RunState) -> None:
+        from mlflow.exceptions import MlflowException
+
+        try:
+            if self._client is None:
+                self._client = self.opt.client_factory(self.tracking_uri)
+            from ._mlflow_run import RunShipper
+
+            shipper = RunShipper(self._client, st, timeline=self.opt.timeline)
+            shipper.ensure_run()
+            while True:
+                st.top_up(self.opt.max_pending)
+                if not shipper.ship_once() or self._stopping.is_set():
+                    break
+        except MlflowException as exc:
+            if exc.error_code in PERMANENT_ERRORS:
+                self._give_up(st, exc)
+            else:
+                self._back_off(st, exc)
+        except OSError as exc:
+            self._back_off(st, exc)
+        else:
+            if st.failures:
+                log.warning("lrctl: MLflow at %s is reachable again; backlog replayed",
+                            self.tracking_uri)
+            st.failures = 0
+            self._outage_logged = False
+            if not st.has_work():
+                st.first_pending_at = None
+
+    def _back_off(self, st: _RunState, exc: BaseException) -> None:
+        st.failures += 1
+        delay = min(self.opt.backoff_max, _BACKOFF_MIN_S * 2 ** (st.failures - 1))
+        st.retry_at = time.monotonic() + delay
+        if not self._outage_logged:
+            log.warning("lrctl: MLflow at %s failed (%s); decisions stay in the journal and "
+                        "are replayed when it answers", self.tracking_uri, exc)
+            self._outage_logged = True
+
+    def _give_up(self, st: _RunState, exc: BaseException) -> None:
+        log.error("lrctl: MLflow refused run %s (%s); its audit trail stays in the journal "
+                  "(%s) and is no longer shipped", st.paths.run_key, exc, st.paths.root)
+        st.cursor["failed"] = str(exc)[:2000]
+        st.save()
+        st.failed = True
+        for s in st.streams.values():
+            s.pending.clear()

@@ -1,0 +1,142 @@
+"""Which metric points an observation yields, and bounded series for pictures.
+
+A chart of the LR must be a faithful step curve of the LR the optimizer used,
+yet a week-long run cannot send MLflow a point per step per group. MLflow draws
+straight lines between points, so a change from ``a`` (used up to step ``t-1``)
+to ``b`` (from step ``t``) is logged as two points, ``(t-1, a)`` and ``(t, b)``:
+the line between them is then vertical to within one step, and every level in
+between is flat. Between changes a point every ``log_every`` steps keeps the
+chart's tooltips and the latest value current.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+__all__ = ["DECISION", "GRAD_NORM", "LOSS", "Downsampler", "MetricSampler", "Point", "lr_key"]
+
+LOSS = "lrctl/loss"
+GRAD_NORM = "lrctl/grad_norm"
+DECISION = "lrctl/decision"
+#: (key, value, step)
+Point = tuple[str, float, int]
+_MAX_PENDING_DECISION_STEPS = 64
+
+
+def lr_key(group: int) -> str:
+    return f"lrctl/lr/g{group}"
+
+
+class MetricSampler:
+    """Turns one run's observations into the metric points worth keeping.
+
+    LR points: at the first observation, at every change (closing the old level
+    at the previous observed step) and every ``log_every`` steps. Loss and grad
+    norm: every ``log_every`` steps and at each decision step, so a decision's
+    mark on a chart has the numbers that triggered it next to it.
+    """
+
+    def __init__(self, log_every: int = 50) -> None:
+        if isinstance(log_every, bool) or not isinstance(log_every, int) or log_every < 1:
+            raise ValueError(f"log_every must be a positive integer, but got {log_every=}")
+        self.log_every = log_every
+        self._lrs: tuple[float, ...] | None = None  # LRs of the previous observation
+        self._step: int | None = None  # the previous observation's step
+        self._lr_logged_step: int | None = None
+        self._stats: tuple[int, float | None, float | None] | None = None
+        self._stats_logged_step: int | None = None
+        self._decision_steps: set[int] = set()  # decisions seen before their observation
+
+    def observe(self, step: int, loss: float | None, grad_norm: float | None,
+                lrs: Sequence[float]) -> list[Point]:
+        points: list[Point] = []
+        lrs_t = tuple(float(x) for x in lrs)
+        periodic = step % self.log_every == 0
+        changed = lrs_t != self._lrs
+        if (changed and self._lrs is not None and self._step is not None
+                and self._lr_logged_step != self._step
+                and len(self._lrs) == len(lrs_t)):
+            points += [(lr_key(g), lr, self._step) for g, lr in enumerate(self._lrs)]
+        if changed or periodic:
+            points += [(lr_key(g), lr, step) for g, lr in enumerate(lrs_t)]
+            self._lr_logged_step = step
+        self._stats = (step, loss, grad_norm)
+        if periodic or self._stats_logged_step is None or step in self._decision_steps:
+            points += self._stat_points()
+        self._decision_steps = {s for s in self._decision_steps if s > step}
+        self._lrs, self._step = lrs_t, step
+        return points
+
+    def finish(self) -> list[Point]:
+        """The run ended: the last observed LRs and statistics, so curves reach the end."""
+        if self._lrs is None or self._step is None:
+            return []
+        points: list[Point] = []
+        if self._lr_logged_step != self._step:
+            points += [(lr_key(g), lr, self._step) for g, lr in enumerate(self._lrs)]
+            self._lr_logged_step = self._step
+        return points + self._stat_points()
+
+    def decision(self, step: int) -> list[Point]:
+        """A decision at ``step``: the loss and grad norm of that step, once."""
+        if self._stats is not None and self._stats[0] == step:
+            return self._stat_points()
+        if (self._stats is None or step > self._stats[0]) and (
+                len(self._decision_steps) < _MAX_PENDING_DECISION_STEPS):
+            self._decision_steps.add(step)  # its observation comes next
+        return []
+
+    def _stat_points(self) -> list[Point]:
+        assert self._stats is not None
+        step, loss, grad_norm = self._stats
+        if self._stats_logged_step == step:
+            return []
+        self._stats_logged_step = step
+        out: list[Point] = []
+        if loss is not None:
+            out.append((LOSS, float(loss), step))
+        if grad_norm is not None:
+            out.append((GRAD_NORM, float(grad_norm), step))
+        return out
+
+
+class Downsampler:
+    """At most ``capacity`` (x, y) points of an unbounded series, evenly thinned.
+
+    Keeps every ``stride``-th point and doubles the stride when full, so memory
+    stays bounded for any run length and the kept points stay evenly spread;
+    the last point seen is always kept, so a curve reaches its end.
+    """
+
+    def __init__(self, capacity: int = 4000) -> None:
+        if capacity < 4:
+            raise ValueError(f"capacity must be >= 4, but got {capacity=}")
+        self.capacity = capacity
+        self.stride = 1
+        self._seen = 0
+        self._xs: list[float] = []
+        self._ys: list[float] = []
+        self._last: tuple[float, float] | None = None
+
+    def add(self, x: float, y: float) -> None:
+        if self._seen % self.stride == 0:
+            self._xs.append(x)
+            self._ys.append(y)
+            if len(self._xs) > self.capacity:
+                self._xs, self._ys = self._xs[::2], self._ys[::2]
+                self.stride *= 2
+            self._last = None
+        else:
+            self._last = (x, y)
+        self._seen += 1
+
+    def __len__(self) -> int:
+        return len(self._xs) + (self._last is not None)
+
+    def points(self) -> tuple[list[float], list[float]]:
+        xs, ys = list(self._xs), list(self._ys)
+        if self._last is not None:
+            xs.append(self._last[0])
+            ys.append(self._last[1])
+        return xs, ys
+

@@ -1,0 +1,143 @@
+"""The timeline picture of a run: loss, grad norm and LR per group, decisions marked.
+
+Drawn from the run's journal (not from memory), so it covers the whole run
+across controller restarts; the journal is streamed through bounded
+downsamplers, so a week-long run costs the same memory as a short one.
+matplotlib is imported only when a picture is drawn, with the Agg backend and
+without pyplot, so drawing from a worker thread touches no global GUI state.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .policy._base import float_from_json
+from .sinks.journal import RunPaths, read_json, read_lines
+from .sinks.mlflow_sink import decision_ratio
+from .sinks.sampling import GRAD_NORM, LOSS, Downsampler
+
+__all__ = ["TimelineData", "load_timeline", "render", "render_run"]
+
+MAX_POINTS = 4000
+MAX_MARKS = 400
+MAX_LABELS = 12
+_LR = re.compile(r"^lrctl/lr/g(\d+)$")
+
+
+@dataclass
+class TimelineData:
+    title: str
+    loss: Downsampler = field(default_factory=lambda: Downsampler(MAX_POINTS))
+    grad_norm: Downsampler = field(default_factory=lambda: Downsampler(MAX_POINTS))
+    lrs: dict[int, Downsampler] = field(default_factory=dict)
+    decisions: list[dict[str, Any]] = field(default_factory=list)  # at most MAX_MARKS
+    decision_count: int = 0
+
+
+def load_timeline(run_dir: str | os.PathLike[str]) -> TimelineData:
+    """Stream a run's journal into bounded series."""
+    paths = RunPaths(Path(run_dir))
+    meta = read_json(paths.meta, {}) or {}
+    data = TimelineData(title=f"{meta.get('run_name') or paths.run_key}  "
+                              f"({meta.get('policy_source', '')})")
+    for line in read_lines(paths.stream("metrics")):
+        for key, value, step in line.record["points"]:
+            v = float_from_json(value)
+            if key == LOSS:
+                data.loss.add(step, v)
+            elif key == GRAD_NORM:
+                data.grad_norm.add(step, v)
+            elif m := _LR.match(key):
+                data.lrs.setdefault(int(m.group(1)), Downsampler(MAX_POINTS)).add(step, v)
+    stride = 1
+    for line in read_lines(paths.stream("decisions")):
+        data.decision_count += 1
+        if (data.decision_count - 1) % stride == 0:
+            data.decisions.append(line.record)
+            if len(data.decisions) > MAX_MARKS:
+                data.decisions = data.decisions[::2]
+                stride *= 2
+    return data
+
+
+def render_run(run_dir: str | os.PathLike[str], out: str | os.PathLike[str]) -> Path:
+    return render(load_timeline(run_dir), out)
+
+
+def render(data: TimelineData, out: str | os.PathLike[str]) -> Path:
+    """Write the picture to ``out`` (PNG) and return its path."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(13, 9), dpi=100, layout="constrained")
+    FigureCanvasAgg(fig)
+    ax_loss, ax_gn, ax_lr = fig.subplots(3, 1, sharex=True,
+                                         gridspec_kw={"height_ratios": [2, 1, 2]})
+    _series(ax_loss, data.loss, "loss", "tab:blue")
+    _series(ax_gn, data.grad_norm, "grad norm", "tab:orange")
+    for g, series in sorted(data.lrs.items()):
+        xs, ys = series.points()
+        ax_lr.step(xs, ys, where="post", label=f"group {g}")
+    ax_lr.set_ylabel("learning rate")
+    ax_lr.set_xlabel("step")
+    if _positive_span(data.lrs.values()) > 100:
+        ax_lr.set_yscale("log")
+    if data.lrs:
+        ax_lr.legend(loc="upper right", fontsize="small")
+    _marks(data, (ax_loss, ax_gn, ax_lr))
+    shown = f", {len(data.decisions)} marked" if len(data.decisions) < data.decision_count else ""
+    fig.suptitle(f"{data.title}\n{data.decision_count} decisions{shown}", fontsize="medium")
+    out = Path(out)
+    fig.savefig(out, format="png")
+    return out
+
+
+def _series(ax: Any, series: Downsampler, label: str, color: str) -> None:
+    xs, ys = series.points()
+    finite = [(x, y) for x, y in zip(xs, ys, strict=True) if math.isfinite(y)]
+    if finite:
+        ax.plot([x for x, _ in finite], [y for _, y in finite], color=color, lw=0.8)
+        if min(y for _, y in finite) > 0 and _span([y for _, y in finite]) > 100:
+            ax.set_yscale("log")
+    bad = [x for x, y in zip(xs, ys, strict=True) if not math.isfinite(y)]
+    if bad:
+        ax.plot(bad, [0.0] * len(bad), "x", color="red", label="non-finite")
+        ax.legend(loc="upper right", fontsize="small")
+    ax.set_ylabel(label)
+    ax.grid(alpha=0.3)
+
+
+def _marks(data: TimelineData, axes: tuple[Any, ...]) -> None:
+    """A vertical line per decision (red: LR down, green: up, grey: neither); the
+    reasons of up to MAX_LABELS of them, evenly chosen, written on the LR axis."""
+    if not data.decisions:
+        return
+    every = max(1, math.ceil(len(data.decisions) / MAX_LABELS))
+    ax_lr = axes[-1]
+    for i, rec in enumerate(data.decisions):
+        ratio = decision_ratio(rec)
+        color = "tab:red" if ratio < 1 else "tab:green" if ratio > 1 else "tab:gray"
+        step = rec.get("step", 0)
+        for ax in axes:
+            ax.axvline(step, color=color, lw=0.7, alpha=0.6)
+        if i % every == 0:
+            label = f"{step}: {rec.get('policy')} {rec.get('action')} - {rec.get('reason', '')}"
+            ax_lr.annotate(label[:90], xy=(step, 1.0), xycoords=("data", "axes fraction"),
+                           rotation=90, va="top", ha="right", fontsize=6.5, color=color)
+
+
+def _span(values: list[float]) -> float:
+    pos = [v for v in values if v > 0]
+    return max(pos) / min(pos) if pos else 1.0
+
+
+def _positive_span(series: Any) -> float:
+    values: list[float] = []
+    for s in series:
+        values.extend(s.points()[1])
+    return _span(values)
