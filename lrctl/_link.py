@@ -215,9 +215,10 @@ class Link:
                 while self.buffer and self.buffer[0][0] <= saved:
                     self.buffer.popleft()
         elif t == "error" and msg.get("fatal"):
-            self.fatal = msg
-            self.on_message(msg)
+            self.fatal = msg  # no reconnecting into the same refusal
+            self.state = "down"  # quietly: the hook reports the refusal itself
             self._down(str(msg.get("message")))
+            self.on_message(msg)
             return
         self.on_message(msg)
 

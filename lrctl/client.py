@@ -119,18 +119,19 @@ class Controller:
         self.run_key: str | None = None
         self._dist = _Distributed.detect()
         self._link: Link | None = None
-        ok = True
-        message = ""
+        self._attached = False
+        refused: Exception | None = None
         if self._dist.rank == 0:
             try:
                 self._connect(policy, run_name, socket, spawn, token, spawn_timeout,
                               max_backoff)
-            except (PolicyRejected, PermissionError) as exc:
-                ok, message = False, str(exc)
-        if self._dist.world_size > 1:
-            ok = self._dist.agree(ok)
-        if not ok:
-            raise PolicyRejected(message or "the controller rejected rank 0's policy")
+            except Exception as exc:  # raised below, once every rank knows
+                refused = exc
+        if self._dist.world_size > 1 and not self._dist.agree(refused is None):
+            raise refused or PolicyRejected("rank 0 could not attach to the controller")
+        if refused is not None:
+            raise refused
+        self._attached = True
         if self._dist.world_size > 1:
             self._broadcast()  # the welcome's LRs (warmup's first step) on every rank
         else:
@@ -261,7 +262,12 @@ class Controller:
                 self.should_stop = True
         elif t == "error":
             self._got_error = True
-            if msg.get("code") != "stale_step":
+            if msg.get("fatal"):
+                if self._attached:
+                    self._warn("refused", f"lrctl: the controller refused this run "
+                                          f"({msg.get('message')}); training continues at the "
+                                          "last LR")
+            elif msg.get("code") != "stale_step":
                 self._warn(f"error:{msg.get('code')}",
                            f"lrctl: the controller says: {msg.get('message')}")
 
@@ -432,7 +438,7 @@ class _Distributed:
 # -- helpers ------------------------------------------------------------------------------
 def sanitize_run_name(name: str) -> str:
     """A name safe as a file name and an MLflow name: letters, digits and ``._-``."""
-    clean = _NAME_BAD.sub("-", str(name)).strip(".-")[:64].strip(".-")
+    clean = _NAME_BAD.sub("-", str(name)).strip("._-")[:64].strip("._-")
     return clean or "run"
 
 

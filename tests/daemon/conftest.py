@@ -1,0 +1,63 @@
+"""Real controllers for the daemon tests: ``lrctl serve`` subprocesses on private sockets.
+
+Sockets live in a short directory under /tmp (``sun_path`` holds 107 bytes;
+pytest's tmp_path can be longer). Every controller a test starts is killed when
+the test ends, whatever happens; the suite-wide guard then checks nothing leaked.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from daemon_helpers import ControllerProc
+
+
+@pytest.fixture
+def short_dir() -> Iterator[Path]:
+    path = Path(tempfile.mkdtemp(prefix="lrctl-", dir="/tmp"))
+    os.chmod(path, 0o700)
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture(autouse=True)
+def private_env(short_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No test may touch the real user's socket or state directory."""
+    monkeypatch.setenv("LRCTL_SOCKET", str(short_dir / "run" / "c.sock"))
+    monkeypatch.setenv("LRCTL_STATE_DIR", str(short_dir / "state"))
+    monkeypatch.delenv("LRCTL_TOKEN", raising=False)
+    monkeypatch.delenv("LRCTL_TOKEN_FILE", raising=False)
+
+
+@pytest.fixture
+def controllers(short_dir: Path) -> Iterator[list[ControllerProc]]:
+    """A list the test appends its controllers to; all are killed at the end."""
+    procs: list[ControllerProc] = []
+    try:
+        yield procs
+    finally:
+        for proc in procs:
+            proc.ensure_dead()
+
+
+@pytest.fixture
+def make_controller(short_dir: Path, controllers: list[ControllerProc]):  # type: ignore[no-untyped-def]
+    def make(extra: list[str] | None = None, start: bool = True,
+             env: dict[str, str] | None = None) -> ControllerProc:
+        proc = ControllerProc(os.environ["LRCTL_SOCKET"], os.environ["LRCTL_STATE_DIR"],
+                              extra, env)
+        controllers.append(proc)
+        return proc.start() if start else proc
+    return make
+
+
+@pytest.fixture
+def controller(make_controller) -> ControllerProc:  # type: ignore[no-untyped-def]
+    return make_controller()

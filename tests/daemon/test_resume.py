@@ -1,0 +1,97 @@
+"""Controller crashes and restarts: the run goes on, and decisions resume exactly."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from daemon_helpers import POLICIES, ControllerProc, losses
+
+import lrctl
+
+POLICY = str(POLICIES / "default.yaml")
+
+
+def _opt(lr: float = 0.1) -> torch.optim.Optimizer:
+    return torch.optim.SGD([torch.nn.Parameter(torch.ones(2))], lr=lr)
+
+
+def _step_all(ctl: lrctl.Controller, curve: list[float], start: int, stop: int) -> list:
+    out = []
+    for t in range(start, stop):
+        ctl.step(curve[t], grad_norm=1.0)
+        out.append(ctl.lr)
+    return out
+
+
+@pytest.mark.parametrize("kill_at", [150, 333])
+def test_kill_9_mid_run_then_restart_continues_as_if_uninterrupted(
+        controller: ControllerProc, kill_at: int) -> None:
+    curve = losses(900, seed=7, spikes=(200, 420, 421))
+    engine = lrctl.load_policy(POLICY, [0.1])
+    expected = [engine.observe(t, loss, 1.0) for t, loss in enumerate(curve)]
+    with pytest.warns(RuntimeWarning, match="lost the controller"):
+        ctl = lrctl.attach(_opt(), policy=POLICY, sync=True, spawn=False, max_backoff=0.05)
+        try:
+            assert _step_all(ctl, curve, 0, kill_at) == expected[:kill_at]
+            controller.kill9()
+            # Down: training goes on at the last LR, nothing raised.
+            held = _step_all(ctl, curve, kill_at, kill_at + 100)
+            assert held == [expected[kill_at - 1]] * 100
+            assert not ctl.connected
+            controller.start()
+            t = kill_at + 100
+            _reconnect(ctl)
+            # Every observation, including the 100 made while it was down, was replayed.
+            rest = _step_all(ctl, curve, t, len(curve))
+            assert rest == expected[t:]
+            assert [d.to_dict() for d in ctl.decisions] == [d.to_dict() for d in engine.decisions]
+        finally:
+            ctl.close()
+
+
+def _reconnect(ctl: lrctl.Controller) -> None:
+    while not ctl.connected:  # reconnects within its back-off; no timing asserted
+        ctl._link.wait(lambda: ctl.connected, 0.2)  # type: ignore[union-attr]
+        ctl._pump()
+
+
+def test_sigterm_flushes_state_and_a_restart_restores_the_session(
+        controller: ControllerProc) -> None:
+    curve = losses(300, seed=2)
+    engine = lrctl.load_policy(POLICY, [0.1])
+    expected = [engine.observe(t, loss, 1.0) for t, loss in enumerate(curve)]
+    ctl = lrctl.attach(_opt(), policy=POLICY, sync=True, spawn=False, run_name="flush",
+                       max_backoff=0.05)
+    try:
+        assert _step_all(ctl, curve, 0, 120) == expected[:120]
+        assert controller.stop() == 0
+        (path,) = (Path(controller.state_dir) / "runs").glob("flush-*.json")
+        state = json.loads(path.read_text().split("\n")[1])
+        assert state["engine"]["last_step"] == 119  # flushed at shutdown, not periodically
+        controller.start()
+        runs = lrctl.client.request({"t": "runs"})["runs"]
+        assert [(r["step"], r["connected"]) for r in runs] == [(119, False)]
+        with pytest.warns(RuntimeWarning, match="lost the controller"):
+            ctl.step(curve[120], grad_norm=1.0)  # finds the old connection dead
+        _reconnect(ctl)
+        assert _step_all(ctl, curve, 121, 300) == expected[121:]
+    finally:
+        ctl.close()
+    assert lrctl.client.request({"t": "runs"})["runs"] == []  # bye ends the session
+
+
+def test_a_corrupt_checkpoint_is_never_loaded(controller: ControllerProc) -> None:
+    ctl = lrctl.attach(_opt(), policy=POLICY, sync=True, spawn=False, run_name="corrupt")
+    ctl.step(1.0)
+    controller.stop()
+    ctl._link.close(bye=False)  # type: ignore[union-attr]
+    ctl._link = None
+    (path,) = (Path(controller.state_dir) / "runs").glob("corrupt-*.json")
+    head, body, _ = path.read_text().split("\n")
+    path.write_text(head + "\n" + body.replace('"last_step":0', '"last_step":7') + "\n")
+    controller.start()
+    assert lrctl.client.request({"t": "runs"})["runs"] == []
+    assert list(path.parent.glob("*.corrupt"))

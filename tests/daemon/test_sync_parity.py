@@ -1,0 +1,130 @@
+"""Sync mode through a real controller gives exactly the in-process LR sequence."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from daemon_helpers import POLICIES, ControllerProc, losses
+
+import lrctl
+from lrctl._link import Link
+from lrctl.protocol import FrameDecoder
+
+
+def _optimizer(lrs: list[float], tensor_lr: bool = False) -> torch.optim.Optimizer:
+    groups = [{"params": [torch.nn.Parameter(torch.ones(3))],
+               "lr": torch.tensor(lr, dtype=torch.float64) if tensor_lr else lr} for lr in lrs]
+    if tensor_lr:
+        return torch.optim.Adam(groups, foreach=False)
+    return torch.optim.SGD(groups)
+
+
+def _drive(ctl: lrctl.Controller, engine: lrctl.Engine, curve: list[float],
+           start: int = 0) -> list[tuple[int, list[float], list[float]]]:
+    """Step both; return the steps where they disagree."""
+    mismatches = []
+    for t, loss in enumerate(curve[start:], start):
+        grad = 1.0 + (t % 7) * 0.1
+        ctl.step(loss, grad_norm=grad)
+        expected = engine.observe(t, loss, grad)
+        if not all(math.isclose(a, b, rel_tol=0, abs_tol=0) for a, b in zip(
+                ctl.lr, expected, strict=True)):
+            mismatches.append((t, ctl.lr, expected))
+    return mismatches
+
+
+@pytest.mark.parametrize("policy", ["default.yaml", "plateau.yaml", "sgdr.yaml",
+                                    "divergence.yaml", "cyclical.yaml"])
+def test_sync_matches_load_policy(controller: ControllerProc, policy: str) -> None:
+    path = str(POLICIES / policy)
+    lrs = [0.1, 0.01]
+    opt = _optimizer(lrs)
+    curve = losses(600, seed=1, spikes=(250, 251, 400))
+    with lrctl.attach(opt, policy=path, sync=True, spawn=False, run_name=policy) as ctl:
+        engine = lrctl.load_policy(path, lrs)
+        assert ctl.lr == engine.lrs  # the welcome applies the LR of the first step
+        assert _drive(ctl, engine, curve) == []
+        assert [d.to_dict() for d in ctl.decisions] == [d.to_dict() for d in engine.decisions]
+        assert ctl.should_stop == engine.should_stop
+    assert [g["lr"] for g in opt.param_groups] == engine.applied_lrs
+
+
+def test_dict_and_text_policies_and_tensor_lrs_in_place(controller: ControllerProc) -> None:
+    policy = {"version": 1, "policies": [{"kind": "warmup", "steps": 20},
+                                         {"kind": "plateau", "patience": 5, "factor": 0.5}]}
+    opt = _optimizer([0.02, 0.004], tensor_lr=True)
+    lr_tensors = [g["lr"] for g in opt.param_groups]
+    with lrctl.attach(opt, policy=policy, sync=True, spawn=False) as ctl:
+        engine = lrctl.load_policy(policy, [0.02, 0.004])
+        assert _drive(ctl, engine, [1.0] * 60) == []
+    assert [g["lr"] for g in opt.param_groups] == lr_tensors  # same tensor objects
+    assert [float(t) for t in lr_tensors] == engine.applied_lrs
+    ratio = float(lr_tensors[1]) / float(lr_tensors[0])
+    assert math.isclose(ratio, 0.2)
+
+    text = (POLICIES / "plateau.yaml").read_text()
+    opt = _optimizer([0.1])
+    with lrctl.attach(opt, policy=text, sync=True, spawn=False) as ctl:
+        assert _drive(ctl, lrctl.load_policy(text, [0.1]), losses(200, seed=3)) == []
+
+
+def test_async_applies_decisions_before_the_next_optimizer_step(
+        controller: ControllerProc) -> None:
+    """Async never waits, yet the optimizer pre-step hook applies what has arrived."""
+    opt = _optimizer([0.1])
+    path = str(POLICIES / "default.yaml")
+    engine = lrctl.load_policy(path, [0.1])
+    with lrctl.attach(opt, policy=path, spawn=False) as ctl:
+        for t, loss in enumerate(losses(50)):
+            ctl.step(loss, grad_norm=1.0)
+            expected = engine.observe(t, loss, 1.0)
+            # The controller answers while the "training step" runs; no timing assumption:
+            # wait until the answer is here, then the optimizer step must apply it.
+            assert ctl._link is not None
+            ctl._link.wait(lambda t=t: ctl._acked >= t, 10.0)
+            opt.step()
+            assert ctl.lr == expected
+
+
+def test_every_n_reports_every_nth_step(controller: ControllerProc) -> None:
+    opt = _optimizer([0.1])
+    policy = {"version": 1, "policies": [{"kind": "warmup", "steps": 40}]}
+    engine = lrctl.load_policy(policy, [0.1])
+    with lrctl.attach(opt, policy=policy, sync=True, every=4, spawn=False) as ctl:
+        for t in range(20):
+            ctl.step(torch.tensor(1.0))
+            if t % 4 == 0:
+                assert ctl.lr == engine.observe(t, 1.0)
+        ctl.report(val_loss=0.5)  # forces the next step to report
+        ctl.step(1.0)
+        assert ctl.lr == engine.observe(20, 1.0, val_loss=0.5)
+
+
+def test_grad_norm_is_computed_when_not_given_and_reused_when_given(
+        controller: ControllerProc, monkeypatch: pytest.MonkeyPatch) -> None:
+    model = torch.nn.Linear(4, 3)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    model(torch.ones(2, 4)).pow(2).sum().backward()
+    expected = torch.nn.utils.get_total_norm([p.grad for p in model.parameters()]).item()
+    sent: list[dict] = []
+    real_send = Link.send_obs
+
+    def spy(self: Link, step: int, frame: bytes) -> None:
+        sent.extend(FrameDecoder().feed(frame))
+        real_send(self, step, frame)
+
+    monkeypatch.setattr(Link, "send_obs", spy)
+    with lrctl.attach(opt, sync=True, spawn=False) as ctl:
+        ctl.step(torch.tensor(1.0))
+        assert sent[-1]["g"] == pytest.approx(expected, rel=1e-6)
+
+        def no_recompute(*args: object, **kwargs: object) -> None:
+            raise AssertionError("grad norm recomputed although the caller passed it")
+
+        monkeypatch.setattr(torch.nn.utils, "get_total_norm", no_recompute)
+        clipped = torch.nn.utils.clip_grad_norm_(model.parameters(), 0.5, foreach=True)
+        ctl.step(torch.tensor(1.0), grad_norm=clipped)
+        assert sent[-1]["g"] == pytest.approx(clipped.item())
+        assert not [w for w in ctl._warned if w == "internal"]
