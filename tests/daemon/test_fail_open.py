@@ -1,0 +1,71 @@
+"""Controller missing, stalled or gone: training continues, one warning, no exception."""
+
+from __future__ import annotations
+
+import signal
+import warnings
+
+import pytest
+import torch
+from daemon_helpers import POLICIES, ControllerProc, losses
+
+import lrctl
+
+POLICY = str(POLICIES / "default.yaml")
+
+
+def _opt() -> torch.optim.Optimizer:
+    return torch.optim.SGD([torch.nn.Parameter(torch.ones(2))], lr=0.1)
+
+
+def test_no_controller_and_no_spawn_warns_once_and_trains_on() -> None:
+    opt = _opt()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ctl = lrctl.attach(opt, policy=POLICY, spawn=False, max_backoff=0.01)
+        for loss in losses(200):
+            ctl.step(loss)
+            opt.step()
+        ctl.report(val_loss=1.0)
+        ctl.step(torch.tensor(float("nan")))
+        ctl.close()
+    lrctl_warnings = [w for w in caught if "lrctl" in str(w.message)]
+    assert len(lrctl_warnings) == 1, [str(w.message) for w in lrctl_warnings]
+    assert "no controller answers" in str(lrctl_warnings[0].message)
+    assert ctl.lr == [0.1] and opt.param_groups[0]["lr"] == 0.1
+
+
+def test_a_stalled_controller_times_out_in_sync_mode_and_training_continues(
+        controller: ControllerProc) -> None:
+    ctl = lrctl.attach(_opt(), policy=POLICY, sync=True, spawn=False, timeout=0.2)
+    try:
+        for loss in losses(5):
+            ctl.step(loss)
+        before = ctl.lr
+        controller.proc.send_signal(signal.SIGSTOP)  # type: ignore[union-attr]
+        try:
+            with pytest.warns(RuntimeWarning, match="no decision within"):
+                for loss in losses(3):
+                    ctl.step(loss)
+            assert ctl.lr == before
+        finally:
+            controller.proc.send_signal(signal.SIGCONT)  # type: ignore[union-attr]
+    finally:
+        ctl.close()
+
+
+def test_async_mode_never_raises_when_the_controller_dies(controller: ControllerProc) -> None:
+    opt = _opt()
+    ctl = lrctl.attach(opt, policy=POLICY, spawn=False)
+    try:
+        for loss in losses(20):
+            ctl.step(loss)
+            opt.step()
+        controller.kill9()
+        with pytest.warns(RuntimeWarning, match="lost the controller"):
+            for loss in losses(50):
+                ctl.step(loss)
+                opt.step()
+        assert ctl.lr == [opt.param_groups[0]["lr"]]
+    finally:
+        ctl.close()
