@@ -51,6 +51,11 @@ _TOP_LEVEL = (
 )
 # PyYAML follows YAML 1.1, where "1e-4" (no dot) is a string; people mean a number.
 _FLOATISH = re.compile(r"^[-+]?(\d[\d_]*\.?\d*|\.\d+)[eE][-+]?\d+$")
+_PLAIN_TAGS = frozenset({
+    "tag:yaml.org,2002:seq", "tag:yaml.org,2002:map", "tag:yaml.org,2002:str",
+    "tag:yaml.org,2002:int", "tag:yaml.org,2002:float", "tag:yaml.org,2002:bool",
+    "tag:yaml.org,2002:null",
+})
 _NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_.#-]{0,63}$")
 
 
@@ -136,6 +141,7 @@ def load_policy(source: str | os.PathLike[str] | Mapping[str, Any],
 def parse_policy(source: str | os.PathLike[str] | Mapping[str, Any]) -> PolicyFile:
     """Parse and validate a path, YAML text or a dict, without binding LRs."""
     if isinstance(source, Mapping):
+        _check_plain_data(source, "<dict>")
         text = yaml.safe_dump(dict(source), sort_keys=False)
         return parse_text(text, "<dict>")
     if isinstance(source, os.PathLike) or (isinstance(source, str) and _looks_like_path(source)):
@@ -143,6 +149,32 @@ def parse_policy(source: str | os.PathLike[str] | Mapping[str, Any]) -> PolicyFi
     if isinstance(source, str):
         return parse_text(source, "<string>")
     raise TypeError(f"policy must be a path, YAML text or a dict, but got {type(source).__name__}")
+
+
+def _check_plain_data(root: Any, source: str) -> None:
+    """Bound a dict source as YAML text is bounded: nodes, depth, size; plain types only."""
+    budget = MAX_BYTES
+    stack: list[tuple[Any, int]] = [(root, 0)]
+    nodes = 0
+    while stack:
+        value, depth = stack.pop()
+        nodes += 1
+        if nodes > MAX_NODES:
+            raise ConfigError(source, None, None, f"more than {MAX_NODES} values")
+        if depth > MAX_DEPTH:
+            raise ConfigError(source, None, None, f"nested deeper than {MAX_DEPTH} levels")
+        if isinstance(value, Mapping):
+            stack.extend((k, depth + 1) for k in value)
+            stack.extend((v, depth + 1) for v in value.values())
+        elif isinstance(value, (list, tuple)):
+            stack.extend((v, depth + 1) for v in value)
+        elif isinstance(value, str):
+            budget -= len(value)
+            if budget < 0:
+                raise ConfigError(source, None, None, f"larger than {MAX_BYTES} bytes")
+        elif value is not None and not isinstance(value, (bool, int, float)):
+            raise ConfigError(source, None, None,
+                              f"unsupported value of type {type(value).__name__}")
 
 
 def _looks_like_path(s: str) -> bool:
@@ -286,6 +318,8 @@ class _Reader:
             raise self._fail(node, f"nested deeper than {MAX_DEPTH} levels")
         if isinstance(node, yaml.ScalarNode):
             return self._scalar(node)
+        if node.tag not in _PLAIN_TAGS:
+            raise self._fail(node, f"YAML tag {node.tag!r} is not allowed in policy files")
         if isinstance(node, yaml.SequenceNode):
             items = [self.value(child, depth + 1) for child in node.value]
             self.lines[id(items)] = self.line(node)

@@ -94,5 +94,6 @@ class Cyclical(Schedule):
         if t_cur != 0:
             return []
         return [Action("restart", f"warm restart: new cosine cycle of {t_i} steps",
-                       {"statistic": "step", "value": next_step, "window": t_i})]
+                       {"statistic": "step", "value": next_step,
+                        "threshold": next_step, "window": t_i})]
 
