@@ -16,6 +16,7 @@ from . import __version__
 COMMAND_MODULES = (
     "lrctl.commands.policy",
     "lrctl.commands.daemon",
+    "lrctl.commands.audit",
 )
 
 

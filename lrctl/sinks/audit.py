@@ -145,13 +145,17 @@ class AuditSink(Sink):
                                      "last_step": run.last_step})
         self._close_writers(run)
 
-    def close(self) -> None:
-        """Controller shutdown: runs are not ended (their sessions come back on restart)."""
+    def close(self, timeout: float = 5.0) -> None:
+        """Controller shutdown: runs are not ended (their sessions come back on restart).
+
+        MLflow gets up to ``timeout`` seconds to take the backlog; what it does not
+        take stays in the journal for the next controller.
+        """
         for run in self._runs.values():
             self._close_writers(run)
         self._runs.clear()
         if self.shipper is not None:
-            self.shipper.close()
+            self.shipper.close(timeout)
 
     def flush(self, timeout: float = 10.0) -> bool:
         """Wait until MLflow has acknowledged everything so far (tests, orderly shutdown)."""

@@ -1,0 +1,128 @@
+"""Verbs that read a run's audit trail from the journal: ``decisions`` and ``report``.
+
+They read the controller's state directory, not MLflow, so they work while
+MLflow is down, before the backlog is replayed, and for runs that never had
+MLflow at all.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from ..policy._base import float_from_json
+
+
+class RunNotFound(LookupError):
+    pass
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("decisions", help="a run's decisions, with their reasons, as a table",
+                       description="Print every decision of a run from the controller's "
+                                   "journal. RUN is a run key, a unique prefix of one, a run "
+                                   "name or an MLflow run id.")
+    p.add_argument("run", metavar="RUN")
+    p.add_argument("--json", action="store_true",
+                   help="one JSON record per line, as in the lrctl/decisions.jsonl artifact")
+    _state_dir_option(p)
+    p.set_defaults(func=cmd_decisions)
+
+    p = sub.add_parser("report", help="draw a run's timeline picture (PNG)",
+                       description="Draw loss, grad norm and the LR of each param group over "
+                                   "steps, with the decisions marked and labelled.")
+    p.add_argument("run", metavar="RUN")
+    p.add_argument("-o", "--output", default="timeline.png", help="PNG file (default: %(default)s)")
+    _state_dir_option(p)
+    p.set_defaults(func=cmd_report)
+
+
+def _state_dir_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--state-dir", default=None,
+                   help="controller state directory (default: $LRCTL_STATE_DIR, else "
+                        "$XDG_STATE_HOME/lrctl, else ~/.local/state/lrctl)")
+
+
+def cmd_decisions(args: argparse.Namespace) -> int:
+    from ..sinks.journal import read_lines
+
+    try:
+        paths = find_run(args.run, args.state_dir)
+    except RunNotFound as exc:
+        print(f"lrctl decisions: {exc}", file=sys.stderr)
+        return 2
+    records = [line.record for line in read_lines(paths.stream("decisions"))]
+    if args.json:
+        for rec in records:
+            print(json.dumps(rec, separators=(",", ":")))
+        return 0
+    print(format_table(records))
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from ..timeline import render_run
+
+    try:
+        paths = find_run(args.run, args.state_dir)
+    except RunNotFound as exc:
+        print(f"lrctl report: {exc}", file=sys.stderr)
+        return 2
+    out = render_run(paths.root, args.output)
+    print(f"{out}: timeline of run {paths.run_key}")
+    return 0
+
+
+def find_run(query: str, state_dir: str | None = None) -> Any:
+    """The journal of the run a user means: key, unique key prefix, run name or MLflow id."""
+    from ..paths import state_dir as default_state_dir
+    from ..sinks.journal import RunPaths, list_run_keys, read_json
+
+    root = Path(state_dir) if state_dir else default_state_dir()
+    keys = list_run_keys(root)
+    if query in keys:
+        return RunPaths.of(root, query)
+    matches = [k for k in keys if k.startswith(query)]
+    if not matches:
+        for k in keys:
+            paths = RunPaths.of(root, k)
+            meta = read_json(paths.meta, {}) or {}
+            cursor = read_json(paths.cursor, {}) or {}
+            if query in (meta.get("run_name"), cursor.get("run_id"),
+                         (meta.get("mlflow") or {}).get("run_id")):
+                matches.append(k)
+    if len(matches) == 1:
+        return RunPaths.of(root, matches[0])
+    if not matches:
+        known = ", ".join(keys[-5:]) if keys else "none"
+        raise RunNotFound(f"no run matches {query!r} in {root} (latest runs: {known})")
+    raise RunNotFound(f"{query!r} is ambiguous in {root}: {', '.join(matches[:10])}")
+
+
+def format_table(records: Sequence[dict[str, Any]]) -> str:
+    header = ("STEP", "TIME", "POLICY", "ACTION", "LR (group 0)", "REASON")
+    rows = [header]
+    for rec in records:
+        wall = rec.get("wall_time")
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(wall))) if wall else "-"
+        rows.append((str(rec.get("step", "")), when, str(rec.get("policy", "")),
+                     str(rec.get("action", "")) + (" (shadow)" if rec.get("shadow") else ""),
+                     _lr_change(rec), str(rec.get("reason", ""))))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(header) - 1)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r[:-1], widths, strict=True)) + "  " + r[-1]
+             for r in rows]
+    lines.append(f"{len(records)} decision{'s' if len(records) != 1 else ''}")
+    return "\n".join(lines)
+
+
+def _lr_change(rec: dict[str, Any]) -> str:
+    old, new = rec.get("old_lrs") or [], rec.get("new_lrs") or []
+    if not old or not new:
+        return "-"
+    more = f" (+{len(new) - 1} groups)" if len(new) > 1 else ""
+    return f"{float_from_json(old[0]):.4g} -> {float_from_json(new[0]):.4g}{more}"

@@ -1,0 +1,163 @@
+"""Shared pieces of the sink tests: a real ``mlflow server``, RunInfo builders, checks."""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+import hashlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from lrctl.sinks import AuditSettings, AuditSink, RunInfo
+from lrctl.sinks.journal import RunPaths, read_json, read_lines
+
+POLICY = Path(__file__).resolve().parents[2] / "lrctl" / "data" / "policies" / "default.yaml"
+MLFLOW_BIN = Path(sys.executable).with_name("mlflow")
+FAST = AuditSettings(log_every=10, flush_interval=0.2, backoff_max=0.5, timeline=False)
+FAST_WITH_TIMELINE = dataclasses.replace(FAST, timeline=True)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class MlflowServer:
+    """``mlflow server`` on 127.0.0.1 with a sqlite backend; stoppable and restartable
+    on the same port and store, as a real outage would be."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.port = free_port()
+        self.uri = f"http://127.0.0.1:{self.port}"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, timeout: float = 90.0) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        log = open(self.root / "server.log", "ab")  # noqa: SIM115 - the child holds it
+        self.proc = subprocess.Popen(
+            [str(MLFLOW_BIN), "server", "--backend-store-uri",
+             f"sqlite:///{self.root / 'server.db'}", "--artifacts-destination",
+             str(self.root / "artifacts"), "--host", "127.0.0.1", "--port", str(self.port),
+             "--workers", "1"],
+            cwd=self.root, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        log.close()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                log_text = (self.root / "server.log").read_text()
+                raise RuntimeError(f"mlflow server exited: {log_text}")
+            try:
+                with urllib.request.urlopen(f"{self.uri}/health", timeout=1) as r:
+                    if r.status == 200:
+                        return
+            except OSError:
+                time.sleep(0.2)
+        self.stop()
+        raise RuntimeError(f"mlflow server did not answer within {timeout}s")
+
+    def stop(self) -> None:
+        proc, self.proc = self.proc, None
+        if proc is None or proc.poll() is not None:
+            return
+        os.killpg(proc.pid, signal.SIGTERM)  # the group we created: server, uvicorn, jobs
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        deadline = time.monotonic() + 10  # its uvicorn child must be gone before a restart
+        while time.monotonic() < deadline:
+            try:
+                os.killpg(proc.pid, 0)
+            except ProcessLookupError:
+                return
+            time.sleep(0.05)
+        os.killpg(proc.pid, signal.SIGKILL)
+
+
+def run_info(key: str, **kw: Any) -> RunInfo:
+    text = kw.pop("policy_text", POLICY.read_text())
+    defaults: dict[str, Any] = {
+        "run_name": f"name-{key}", "policy_source": "policies/default.yaml",
+        "policy_text": text, "policy_sha256": hashlib.sha256(text.encode()).hexdigest(),
+        "group_count": 2, "params": {"plateau.factor": "0.5", "warmup.steps": "100"}}
+    defaults.update(kw)
+    return RunInfo(run_key=key, **defaults)
+
+
+def decision(step: int, old: list[float], new: list[float], **kw: Any) -> dict[str, Any]:
+    rec = {"step": step, "policy": "plateau", "kind": "plateau", "action": "reduce",
+           "old_lrs": old, "new_lrs": new, "reason": f"loss flat for 10 steps at {step}",
+           "evidence": {"metric": "loss", "value": 1.0, "threshold": 1e-3, "window": 10},
+           "policy_sha256": "", "shadow": False, "wall_time": time.time()}
+    rec.update(kw)
+    return rec
+
+
+def drive(sink: AuditSink, key: str, steps: range, lrs: list[float],
+          every: int = 37) -> list[float]:
+    """Observations for ``steps``; every ``every`` steps a decision halves the LRs."""
+    for step in steps:
+        sink.observation(key, step, 2.0 / (step + 1), 0.5 + step % 3, lrs)
+        if step % every == every - 1:
+            new = [x * 0.5 for x in lrs]
+            sink.decision(key, decision(step, lrs, new))
+            lrs = new
+    return lrs
+
+
+def mlflow_run_id(state_dir: Path, key: str) -> str:
+    return str(read_json(RunPaths.of(state_dir, key).cursor)["run_id"])
+
+
+def journal_decisions(state_dir: Path, key: str) -> list[dict[str, Any]]:
+    return [line.record for line in read_lines(RunPaths.of(state_dir, key).stream("decisions"))]
+
+
+def assert_exactly_once(client: Any, run_id: str, state_dir: Path, key: str,
+                        tmp: Path) -> list[dict[str, Any]]:
+    """Every journaled decision is in the MLflow run exactly once: in the decisions
+    artifact, as a ``lrctl/decision`` metric point, and in the count tag."""
+    journal = journal_decisions(state_dir, key)
+    assert journal, "the test should have made decisions"
+    uploaded = [json.loads(line) for line in
+                download(client, run_id, "lrctl/decisions.jsonl", tmp).splitlines()]
+    assert uploaded == journal
+    assert [r["seq"] for r in uploaded] == list(range(1, len(journal) + 1))
+    history = client.get_metric_history(run_id, "lrctl/decision")
+    assert sorted((m.step, m.value) for m in history) == sorted(
+        (r["step"], r["new_lrs"][0] / r["old_lrs"][0]) for r in journal)
+    assert client.get_run(run_id).data.tags["lrctl.decisions"] == str(len(journal))
+    return journal
+
+
+def download(client: Any, run_id: str, path: str, tmp: Path) -> str:
+    """An artifact's text. MLflow's artifact repositories start thread pools they never
+    shut down; collecting the repository ends its threads (the leak guard checks)."""
+    local = client.download_artifacts(run_id, path, str(tmp))
+    gc.collect()
+    return Path(local).read_text(encoding="utf-8", errors="replace")
+
+
+def lr_curve(client: Any, run_id: str, group: int) -> Callable[[int], float]:
+    """The LR at any step as MLflow's chart shows it: the last point at or before it."""
+    points = sorted((m.step, m.timestamp, m.value)
+                    for m in client.get_metric_history(run_id, f"lrctl/lr/g{group}"))
+    assert len({(s, v) for s, _, v in points}) == len(points), "repeated LR points"
+
+    def at(step: int) -> float:
+        before = [v for s, _, v in points if s <= step]
+        assert before, f"no LR point at or before step {step}"
+        return before[-1]
+    return at

@@ -1,0 +1,108 @@
+"""The journal: numbered lines, resumable reads, crash repair, safe run keys."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from lrctl.sinks.journal import (
+    RunPaths,
+    StreamWriter,
+    atomic_write_json,
+    check_run_key,
+    last_line,
+    list_run_keys,
+    read_json,
+    read_lines,
+)
+
+
+def test_lines_are_numbered_and_a_reader_resumes_at_an_offset(tmp_path: Path) -> None:
+    w = StreamWriter(tmp_path / "d.jsonl", fsync=True)
+    lines = [w.append({"i": i}) for i in range(5)]
+    w.close()
+    assert [ln.seq for ln in lines] == [1, 2, 3, 4, 5]
+    assert [ln.record["i"] for ln in read_lines(tmp_path / "d.jsonl")] == [0, 1, 2, 3, 4]
+    rest = list(read_lines(tmp_path / "d.jsonl", lines[2].end))
+    assert [ln.seq for ln in rest] == [4, 5]
+    assert [ln.seq for ln in read_lines(tmp_path / "d.jsonl", 0, limit=2)] == [1, 2]
+
+
+def test_reopening_continues_numbering_and_cuts_a_torn_line(tmp_path: Path) -> None:
+    path = tmp_path / "d.jsonl"
+    w = StreamWriter(path, fsync=True)
+    w.append({"i": 0})
+    w.append({"i": 1})
+    w.close()
+    with open(path, "ab") as f:
+        f.write(b'{"seq":3,"i":')  # a crash in the middle of a write
+    assert [ln.seq for ln in read_lines(path)] == [1, 2]  # readers never see half a line
+    w = StreamWriter(path, fsync=True)
+    assert w.append({"i": 2}).seq == 3
+    w.close()
+    assert [ln.record["i"] for ln in read_lines(path)] == [0, 1, 2]
+    last = last_line(path)
+    assert last is not None and last.seq == 3 and last.end == path.stat().st_size
+
+
+def test_last_line_finds_a_line_longer_than_one_tail_chunk(tmp_path: Path) -> None:
+    w = StreamWriter(tmp_path / "d.jsonl", fsync=False)
+    w.append({"x": "a"})
+    w.append({"x": "b" * 200_000})
+    w.close()
+    last = last_line(tmp_path / "d.jsonl")
+    assert last is not None and last.seq == 2 and len(last.record["x"]) == 200_000
+
+
+def test_non_finite_numbers_are_refused_rather_than_written_as_bad_json(tmp_path: Path) -> None:
+    w = StreamWriter(tmp_path / "d.jsonl", fsync=False)
+    with pytest.raises(ValueError):
+        w.append({"loss": float("nan")})
+    w.close()
+
+
+@pytest.mark.parametrize("key", ["", "../x", "a/b", ".hidden", "a" * 129, "a b"])
+def test_run_keys_that_could_escape_the_state_dir_are_refused(key: str, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="run_key"):
+        RunPaths.of(tmp_path, key)
+
+
+def test_run_keys_listed_are_those_with_a_meta_file(tmp_path: Path) -> None:
+    for key in ("b-2", "a.1"):
+        RunPaths.of(tmp_path, key).root.mkdir(parents=True)
+        atomic_write_json(RunPaths.of(tmp_path, key).meta, {"run_key": key})
+    RunPaths.of(tmp_path, "half").root.mkdir(parents=True)
+    assert list_run_keys(tmp_path) == ["a.1", "b-2"]
+    assert check_run_key("a.1") == "a.1"
+    assert list_run_keys(tmp_path / "missing") == []
+
+
+def test_atomic_write_leaves_no_temporary_files(tmp_path: Path) -> None:
+    atomic_write_json(tmp_path / "c.json", {"a": 1})
+    atomic_write_json(tmp_path / "c.json", {"a": 2})
+    assert read_json(tmp_path / "c.json") == {"a": 2}
+    assert [p.name for p in tmp_path.iterdir()] == ["c.json"]
+    assert read_json(tmp_path / "none.json", {}) == {}
+
+
+def test_a_decision_is_on_disk_when_append_returns(tmp_path: Path) -> None:
+    """Another process (a crash survivor) reads it at once: the write is not buffered."""
+    w = StreamWriter(tmp_path / "d.jsonl", fsync=True)
+    w.append({"step": 7})
+    out = subprocess.run([sys.executable, "-c",
+                          "import sys; print(open(sys.argv[1]).read())", str(w.path)],
+                         capture_output=True, text=True, check=True).stdout
+    assert json.loads(out.strip()) == {"seq": 1, "step": 7}
+    w.close()
+
+
+def test_importing_lrctl_and_its_sinks_imports_neither_mlflow_nor_matplotlib() -> None:
+    code = ("import sys, lrctl, lrctl.sinks, lrctl.timeline, lrctl.commands.audit; "
+            "print(sorted(m for m in ('mlflow', 'matplotlib') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True).stdout
+    assert out.strip() == "[]"

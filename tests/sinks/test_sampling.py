@@ -1,0 +1,74 @@
+"""Which points an observation yields: a faithful LR step curve with few points."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from lrctl.sinks.sampling import Downsampler, MetricSampler
+
+
+def lr_points(points: list[tuple[str, float, int]], group: int = 0) -> list[tuple[int, float]]:
+    return [(s, v) for k, v, s in points if k == f"lrctl/lr/g{group}"]
+
+
+def test_table_of_points_for_a_step_change() -> None:
+    s = MetricSampler(log_every=10)
+    got = {step: s.observe(step, 1.0, 0.5, [0.1 if step < 14 else 0.05]) for step in range(22)}
+    assert got[0] == [("lrctl/lr/g0", 0.1, 0), ("lrctl/loss", 1.0, 0), ("lrctl/grad_norm", 0.5, 0)]
+    assert got[1] == []
+    assert got[10] == [("lrctl/lr/g0", 0.1, 10), ("lrctl/loss", 1.0, 10),
+                       ("lrctl/grad_norm", 0.5, 10)]
+    # The old level is closed at the last step that used it: a vertical edge, not a ramp.
+    assert got[14] == [("lrctl/lr/g0", 0.1, 13), ("lrctl/lr/g0", 0.05, 14)]
+    assert got[20][0] == ("lrctl/lr/g0", 0.05, 20)
+    assert s.finish() == [("lrctl/lr/g0", 0.05, 21), ("lrctl/loss", 1.0, 21),
+                          ("lrctl/grad_norm", 0.5, 21)]
+
+
+def test_a_decision_step_gets_its_loss_and_grad_norm_once_in_either_order() -> None:
+    s = MetricSampler(log_every=100)
+    s.observe(0, 3.0, 1.0, [0.1])
+    s.observe(5, 2.0, None, [0.1])
+    assert s.decision(5) == [("lrctl/loss", 2.0, 5)]
+    assert s.decision(5) == []  # a second decision at the same step
+    assert s.decision(6) == []  # its observation has not come yet
+    assert ("lrctl/loss", 1.5, 6) in s.observe(6, 1.5, 0.2, [0.1])
+
+
+def test_log_every_is_validated() -> None:
+    with pytest.raises(ValueError, match="log_every"):
+        MetricSampler(log_every=0)
+
+
+@given(st.lists(st.sampled_from([0.1, 0.05, 0.2]), min_size=1, max_size=300),
+       st.integers(1, 60), st.integers(1, 3))
+def test_the_logged_step_curve_equals_every_lr_used(levels: list[float], every: int,
+                                                    stride: int) -> None:
+    s = MetricSampler(log_every=every)
+    used: dict[int, list[float]] = {}
+    points: list[tuple[str, float, int]] = []
+    for i, lr in enumerate(levels):
+        step = i * stride  # steps may skip (gradient accumulation)
+        used[step] = [lr, lr / 10]
+        points += s.observe(step, 1.0, None, used[step])
+    points += s.finish()
+    for g in (0, 1):
+        curve = sorted(lr_points(points, g))
+        for step, lrs in used.items():
+            assert [v for t, v in curve if t <= step][-1] == lrs[g]
+        assert curve[-1][0] == max(used)  # the curve reaches the last step
+
+
+def test_downsampler_is_bounded_and_keeps_both_ends() -> None:
+    d = Downsampler(capacity=100)
+    for i in range(1_000_000):
+        d.add(i, float(i))
+    xs, _ = d.points()
+    assert len(xs) <= 101
+    assert xs[0] == 0 and xs[-1] == 999_999
+    gaps = {b - a for a, b in itertools.pairwise(xs[:-1])}
+    assert len(gaps) == 1  # evenly spread
