@@ -1,0 +1,60 @@
+"""On CUDA the hook never forces a host-device sync (runs only where a GPU exists)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from daemon_helpers import ControllerProc
+
+import lrctl
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+POLICY = {"version": 1, "policies": [{"kind": "warmup", "steps": 50},
+                                     {"kind": "divergence", "min_samples": 8}]}
+
+
+@pytest.mark.parametrize("every", [1, 4])
+def test_async_hook_steps_without_host_device_sync(controller: ControllerProc,
+                                                   every: int) -> None:
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.ReLU(),
+                                torch.nn.Linear(256, 10)).cuda()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    x = torch.randn(64, 64, device="cuda")
+
+    def train_step(ctl: lrctl.Controller) -> None:
+        loss = model(x).pow(2).mean()
+        opt.zero_grad(set_to_none=False)
+        loss.backward()
+        ctl.step(loss)  # a CUDA tensor; the grad norm is computed on the device
+        opt.step()
+
+    with lrctl.attach(opt, policy=POLICY, every=every, spawn=False) as ctl:
+        for _ in range(3):  # first allocations (pinned buffers, optimizer state) may sync
+            train_step(ctl)
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            for _ in range(60):
+                train_step(ctl)
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+        torch.cuda.synchronize()
+        for _ in range(3):  # let the last staged statistics go out
+            train_step(ctl)
+        runs = lrctl.client.request({"t": "runs"})["runs"]
+        assert runs[0]["step"] >= 60  # statistics did reach the controller
+        assert ctl.lr[0] > 1e-3 * 0.01  # warmup moved the LR
+        assert ctl.lr == [g["lr"] for g in opt.param_groups]
+
+
+def test_sync_mode_on_cuda_reports_the_same_values(controller: ControllerProc) -> None:
+    model = torch.nn.Linear(8, 1).cuda()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    engine = lrctl.load_policy(POLICY, [0.1])
+    with lrctl.attach(opt, policy=POLICY, sync=True, spawn=False) as ctl:
+        for t in range(20):
+            loss = torch.tensor(1.0 + t, device="cuda")
+            ctl.step(loss, grad_norm=torch.tensor(2.0, device="cuda"))
+            assert ctl.lr == engine.observe(t, 1.0 + t, 2.0)

@@ -1,0 +1,31 @@
+"""DDP on CPU (gloo): only rank 0 talks to the controller, every rank uses its LRs."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+from daemon_helpers import REPO, ControllerProc
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_lrs_are_identical_on_both_ranks_every_step(controller: ControllerProc,
+                                                    short_dir: Path) -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+         "--nnodes=1", "--master_addr=127.0.0.1", f"--master_port={_free_port()}",
+         str(Path(__file__).with_name("ddp_worker.py")), str(short_dir)],
+        capture_output=True, text=True, timeout=240, cwd=REPO)
+    assert out.returncode == 0, out.stderr[-3000:]
+    ranks = [json.loads((short_dir / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert ranks[0]["connected"] is True and ranks[1]["connected"] is False  # rank 0 only
+    assert ranks[0]["lrs"] == ranks[1]["lrs"]
+    assert len({lr[0] for lr in ranks[0]["lrs"]}) > 10  # the controller really drove them

@@ -1,0 +1,84 @@
+"""Operator verbs on a live run: runs, set-lr (held, then released), pause/resume."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import torch
+from daemon_helpers import ControllerProc
+
+import lrctl
+
+WARMUP = {"version": 1, "policies": [{"kind": "warmup", "steps": 10, "start_factor": 0.1}]}
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "lrctl", *args], capture_output=True,
+                          text=True, timeout=60)
+
+
+def test_set_lr_is_held_for_n_steps_recorded_then_released(controller: ControllerProc) -> None:
+    opt = torch.optim.SGD([{"params": [torch.nn.Parameter(torch.ones(1))], "lr": 0.1},
+                           {"params": [torch.nn.Parameter(torch.ones(1))], "lr": 0.05}])
+    engine = lrctl.load_policy(WARMUP, [0.1, 0.05])
+    with lrctl.attach(opt, policy=WARMUP, sync=True, spawn=False, run_name="op") as ctl:
+        for t in range(20):
+            ctl.step(1.0)
+            engine.observe(t, 1.0)
+        out = _cli("set-lr", "op", "0.02", "--steps", "3")
+        assert out.returncode == 0, out.stderr
+        assert "held for 3 steps" in out.stdout
+        lrs = []
+        for t in range(20, 25):
+            ctl.step(1.0)
+            lrs.append(ctl.lr)
+            engine.observe(t, 1.0)
+        # Steps 20-22 run at the manual LR (group ratios kept), then the policy's LR returns.
+        assert lrs[:2] == [[0.02, 0.01]] * 2
+        assert lrs[3:] == [engine.applied_lrs] * 2
+        actions = [(d.policy, d.action) for d in ctl.decisions]
+        assert ("operator", "set_lr") in actions and ("operator", "release_lr") in actions
+        table = _cli("runs")
+        assert table.returncode == 0 and "op-" in table.stdout
+        assert "operator.release_lr" in table.stdout
+
+
+def test_pause_records_shadow_decisions_and_holds_the_lr(controller: ControllerProc) -> None:
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.ones(1))], lr=0.1)
+    with lrctl.attach(opt, policy=WARMUP, sync=True, spawn=False, run_name="pz") as ctl:
+        ctl.step(1.0)
+        held = ctl.lr
+        assert _cli("pause", "pz").returncode == 0
+        for _ in range(15):  # warmup would act, and its phase event is recorded as shadow
+            ctl.step(1.0)
+        assert ctl.lr == held and ctl.mode == "shadow"
+        assert any(d.shadow for d in ctl.decisions if d.policy != "operator")
+        assert "shadow" in _cli("runs").stdout
+        assert _cli("resume", "pz").returncode == 0
+        ctl.step(1.0)
+        assert ctl.lr == [0.1] and ctl.mode == "active"
+        assert [d.action for d in ctl.decisions if d.policy == "operator"] == ["pause", "resume"]
+
+
+def test_shadow_mode_from_yaml_observes_without_acting(controller: ControllerProc) -> None:
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.ones(1))], lr=0.1)
+    with lrctl.attach(opt, policy={**WARMUP, "mode": "shadow"}, sync=True, spawn=False) as ctl:
+        for _ in range(12):
+            ctl.step(1.0)
+            assert ctl.lr == [0.1]
+        assert ctl.decisions and all(d.shadow for d in ctl.decisions)
+
+
+def test_operator_errors_are_clear(controller: ControllerProc) -> None:
+    out = _cli("set-lr", "nobody", "0.1")
+    assert out.returncode == 1 and "no run named 'nobody'" in out.stderr
+    out = _cli("set-lr", "x", "nan")
+    assert out.returncode == 2 and "finite" in out.stderr
+    status = _cli("status")
+    assert status.returncode == 0 and f"pid {controller.pid}" in status.stdout
+
+
+def test_verbs_without_a_controller_say_so(short_dir) -> None:  # type: ignore[no-untyped-def]
+    out = _cli("runs")
+    assert out.returncode == 1 and "no controller answers" in out.stderr

@@ -1,0 +1,78 @@
+"""attach(spawn=True) starts a controller when none answers; a second run reuses it."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+
+import pytest
+import torch
+from daemon_helpers import ControllerProc
+
+import lrctl
+from lrctl import client
+
+
+@pytest.fixture
+def reap_spawned() -> Iterator[None]:
+    before = len(client._spawned)
+    try:
+        yield
+    finally:
+        for proc in client._spawned[before:]:
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait(10)
+        del client._spawned[before:]
+
+
+def test_spawn_starts_one_controller_and_a_second_run_reuses_it(reap_spawned: None) -> None:
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.ones(1))], lr=0.1)
+    with lrctl.attach(opt, sync=True) as first:
+        first.step(1.0)
+        assert first.connected
+        pid = client.request({"t": "status"})["pid"]
+        assert pid == client._spawned[-1].pid
+        assert os.getsid(pid) == pid  # its own process session
+        with lrctl.attach(opt, sync=True) as second:
+            second.step(1.0)
+            assert client.request({"t": "status"})["runs"] == 2
+        assert len(client._spawned) == 1 or client._spawned[-1].pid == pid
+    state = os.environ["LRCTL_STATE_DIR"]
+    assert os.path.exists(os.path.join(state, "controller.log"))
+
+
+def test_a_second_serve_on_a_live_socket_refuses_clearly(controller: ControllerProc) -> None:
+    out = subprocess.run([sys.executable, "-m", "lrctl", "serve", "--foreground", "--no-audit",
+                          "--socket", controller.socket, "--state-dir", controller.state_dir],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 3
+    assert f"pid {controller.pid}" in out.stderr and "already serving" in out.stderr
+    assert client.request({"t": "status"})["pid"] == controller.pid
+
+
+def test_serve_detaches_by_default_and_stops_on_sigterm(short_dir) -> None:  # type: ignore[no-untyped-def]
+    import signal
+    import time
+
+    out = subprocess.run([sys.executable, "-m", "lrctl", "serve", "--no-audit"],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            pid = client.request({"t": "status"}, timeout=1.0)["pid"]
+            break
+        except OSError:
+            assert time.monotonic() < deadline, out.stdout
+            time.sleep(0.05)
+    assert f"pid {pid}" in out.stdout
+    os.kill(pid, signal.SIGTERM)
+    while os.path.exists(os.environ["LRCTL_SOCKET"]):  # removed on a clean shutdown
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    while os.path.exists(f"/proc/{pid}"):
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
