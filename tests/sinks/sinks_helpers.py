@@ -50,7 +50,9 @@ class MlflowServer:
              f"sqlite:///{self.root / 'server.db'}", "--artifacts-destination",
              str(self.root / "artifacts"), "--host", "127.0.0.1", "--port", str(self.port),
              "--workers", "1"],
-            cwd=self.root, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+            cwd=self.root, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            # No background job runner: it would only compete for the CPUs at start-up.
+            env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})
         log.close()
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

@@ -1,0 +1,59 @@
+"""``lrctl decisions`` and ``lrctl report`` read the journal in the state dir."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from sinks_helpers import drive, journal_decisions, run_info
+
+from lrctl.cli import main
+from lrctl.sinks import AuditSettings, AuditSink
+
+JOURNAL_ONLY = AuditSettings(log_every=10, mlflow=False)
+
+
+@pytest.fixture
+def state(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    state = tmp_path / "state"
+    monkeypatch.setenv("LRCTL_STATE_DIR", str(state))
+    sink = AuditSink(state, JOURNAL_ONLY)
+    for key, name in (("run-aa1", "alpha"), ("run-ab2", "beta")):
+        sink.open_run(run_info(key, run_name=name, cwd=str(tmp_path)))
+        drive(sink, key, range(100), [0.1, 0.01], every=30)
+        sink.close_run(key)
+    sink.close()
+    return state
+
+
+def test_decisions_prints_a_table_with_the_reasons(state: Path,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["decisions", "run-aa1"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].split()[:4] == ["STEP", "TIME", "POLICY", "ACTION"]
+    assert len(out) == 1 + 3 + 1 and out[-1] == "3 decisions"
+    assert "0.1 -> 0.05 (+1 groups)" in out[1] and out[1].endswith("loss flat for 10 steps at 29")
+
+
+def test_decisions_json_is_the_journal_record_for_record(
+        state: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["decisions", "beta", "--json", "--state-dir", str(state)]) == 0
+    got = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert got == journal_decisions(state, "run-ab2")
+    assert {"step", "wall_time", "policy", "action", "old_lrs", "new_lrs", "reason",
+            "evidence", "policy_sha256", "policy_version"} <= set(got[0])
+
+
+@pytest.mark.parametrize(("query", "message"), [("run-a", "ambiguous"),
+                                                ("nope", "no run matches")])
+def test_a_run_that_is_not_one_run_is_a_clear_error(state: Path, query: str, message: str,
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["decisions", query]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_report_draws_the_timeline(state: Path, tmp_path: Path) -> None:
+    out = tmp_path / "t.png"
+    assert main(["report", "run-ab", "-o", str(out)]) == 0
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 10_000
