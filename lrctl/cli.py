@@ -15,6 +15,7 @@ from . import __version__
 
 COMMAND_MODULES = (
     "lrctl.commands.policy",
+    "lrctl.commands.bench",
     "lrctl.commands.daemon",
     "lrctl.commands.audit",
 )

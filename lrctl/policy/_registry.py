@@ -38,6 +38,7 @@ def register_policy(kind: str, *, replace: bool = False) -> Callable[[P], P]:
     def decorate(cls: P) -> P:
         if not (isinstance(cls, type) and issubclass(cls, Policy)):
             raise TypeError(f"{cls!r} is not a subclass of lrctl.policy.Policy")
+        _load_builtins()  # so that a user class cannot take a built-in's name first
         if kind in _REGISTRY and not replace and _REGISTRY[kind] is not cls:
             raise ValueError(f"policy kind {kind!r} is already registered by {_REGISTRY[kind]!r}")
         cls.kind = kind
@@ -77,6 +78,16 @@ def available_kinds() -> list[str]:
     return sorted(names)
 
 
+_builtins_state = {"loading": False, "loaded": False}
+
+
 def _load_builtins() -> None:
-    # Importing the modules runs their @register_policy decorators.
-    from . import cyclical, decay, divergence, plateau, warmup  # noqa: F401
+    """Import the built-in policy modules (their decorators register them), once."""
+    if _builtins_state["loaded"] or _builtins_state["loading"]:
+        return
+    _builtins_state["loading"] = True
+    try:
+        from . import cyclical, decay, divergence, plateau, rangetest, warmup  # noqa: F401
+    finally:
+        _builtins_state["loading"] = False
+    _builtins_state["loaded"] = True

@@ -1,0 +1,15 @@
+"""Benchmarks behind ``lrctl bench``: training quality and fault recovery.
+
+Each sub-benchmark is a module exposing ``SUITE`` (see :mod:`lrctl.bench._suite`);
+``SUITE_MODULES`` lists them in the order ``lrctl bench --help`` shows them.
+Importing this package does not import torch: the suites import it when run.
+"""
+
+from __future__ import annotations
+
+SUITE_MODULES = (
+    "lrctl.bench.quality",
+    "lrctl.bench.recovery",
+)
+
+__all__ = ["SUITE_MODULES"]

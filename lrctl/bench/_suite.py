@@ -1,0 +1,36 @@
+"""What a sub-benchmark of ``lrctl bench`` provides, so that new ones plug in as modules.
+
+A suite module exposes ``SUITE``; :mod:`lrctl.commands.bench` lists the modules
+in ``SUITE_MODULES`` and gives every suite the shared options (``--quick``,
+``--json``, ``--out``) plus the ones it adds itself.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+__all__ = ["ARM_NAMES", "TASK_NAMES", "Progress", "Suite"]
+
+# Names only, so that building the command line does not import torch; the tests
+# check that they match :data:`lrctl.bench.tasks.TASKS` and :data:`lrctl.bench.arms.ARMS`.
+TASK_NAMES = ("digits", "charlm")
+ARM_NAMES = ("fixed", "cosine", "plateau", "schedulefree", "prodigy", "lrctl")
+
+#: Called after each unit of work: (a one-line description, units done, units in all).
+Progress = Callable[[str, int, int], None]
+
+
+@dataclass(frozen=True)
+class Suite:
+    name: str
+    help: str
+    #: Adds the suite's own options to its sub-parser.
+    add_arguments: Callable[[argparse.ArgumentParser], None]
+    #: Runs the suite: (parsed args, progress) → a JSON-safe result.
+    run: Callable[[argparse.Namespace, Progress], dict[str, Any]]
+    #: Renders the result as Markdown; may write files (plots) under the given folder.
+    render: Callable[[dict[str, Any], Path], str]

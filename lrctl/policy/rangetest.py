@@ -1,0 +1,133 @@
+"""Online LR range test: find the learning rate in the first steps of the real run.
+
+Back-off and decay can only lower a learning rate, so a run started ten times
+too low stays too low. This policy fixes the starting LR from below and above
+without a separate pre-run and without resetting the model:
+
+* The multiplier starts at ``start_factor`` and grows by ``growth`` every
+  observation: an exponential warmup that keeps going (the sweep of Smith's
+  range test, done while training).
+* The sweep ends when the training loss says the LR is too high: its EMA
+  (span ``smoothing_window``) rises more than ``rise`` (relative) above its best
+  value, or the divergence guard flags a spike or a non-finite value at this
+  step. It also ends at ``max_factor`` × the initial LR.
+* The LR then settles at ``settle`` × the multiplier the sweep stopped at
+  (``anchor: stop``) or at which the smoothed loss was lowest
+  (``anchor: best``), and stays there; other policies act on top.
+
+Because the sweep is relative to the initial LR, the settled LR does not depend
+on the starting guess as long as the good LR lies between ``start_factor`` and
+``max_factor`` times it. The EMA is judged only after ``min_steps``
+observations, so the first noisy losses cannot end the sweep.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+from ._base import Action, Observation, Policy, StepContext, float_from_json, float_to_json
+from ._params import Param
+from ._registry import register_policy
+
+_STOP_FLAGS = frozenset({"spike", "nonfinite"})
+
+
+@register_policy("rangetest")
+class RangeTest(Policy):
+    priority = 20  # after the divergence guard (its flags end the sweep), before plateau
+    PARAMS = (
+        Param("start_factor", "float", 0.01, "multiplier on the initial LR at step 0",
+              gt=0, le=1),
+        Param("growth", "float", 1.1, "growth of the multiplier per observation during the sweep",
+              gt=1, le=10),
+        Param("max_factor", "float", 1.0e4, "the sweep ends at this multiplier", ge=1),
+        Param("smoothing_window", "int", 10, "EMA span of the loss during the sweep", ge=1),
+        Param("rise", "float", 0.1, "relative rise of the smoothed loss above its best that "
+              "ends the sweep", gt=0),
+        Param("min_steps", "int", 10, "observations before the smoothed loss is judged", ge=1),
+        Param("stop_on_flags", "bool", True,
+              "a spike or non-finite flag from the divergence guard ends the sweep"),
+        Param("anchor", "str", "stop", "settle relative to the multiplier where the sweep "
+              "stopped or where the smoothed loss was lowest", choices=("stop", "best")),
+        Param("settle", "float", 0.1, "final multiplier = settle × the anchor multiplier",
+              gt=0, le=1),
+    )
+
+    def __init__(self, **params: Any) -> None:
+        super().__init__(**params)
+        self._scale: float = self.params["start_factor"]
+        self._sweeping = True
+        self._seen = 0  # loss observations during the sweep
+        self._ema = 0.0  # biased EMA; divided by (1 - (1 - alpha)^seen) when read
+        self._best = math.inf
+        self._best_scale = self._scale
+
+    def multiplier(self) -> float:
+        return self._scale
+
+    def observe(self, obs: Observation, ctx: StepContext) -> list[Action]:
+        if not self._sweeping:
+            return []
+        flagged = sorted(ctx.flags & _STOP_FLAGS) if self.params["stop_on_flags"] else []
+        if flagged:
+            return self._settle(obs, f"the divergence guard flagged a {flagged[0]}",
+                                {"statistic": "flag", "value": flagged[0]})
+        loss = obs.loss
+        if loss is not None and math.isfinite(loss):
+            smoothed = self._smooth(loss)
+            if smoothed < self._best:
+                self._best, self._best_scale = smoothed, self._scale
+            limit = self._best + self.params["rise"] * abs(self._best)
+            if self._seen >= self.params["min_steps"] and smoothed > limit:
+                return self._settle(
+                    obs, f"smoothed loss {smoothed:.6g} rose above {limit:.6g} "
+                    f"({self.params['rise']:g} over its best {self._best:.6g})",
+                    {"statistic": "loss_ema", "value": smoothed, "best": self._best,
+                     "threshold": limit, "window": self.params["smoothing_window"]})
+        if self._scale * self.params["growth"] > self.params["max_factor"]:
+            return self._settle(obs, f"the sweep reached max_factor {self.params['max_factor']:g}",
+                                {"statistic": "multiplier", "value": self._scale,
+                                 "threshold": self.params["max_factor"]})
+        self._scale *= self.params["growth"]
+        return []
+
+    def _smooth(self, loss: float) -> float:
+        alpha = 2.0 / (self.params["smoothing_window"] + 1.0)
+        self._seen += 1
+        self._ema = alpha * loss + (1.0 - alpha) * self._ema
+        return self._ema / (1.0 - (1.0 - alpha) ** self._seen)
+
+    def _settle(self, obs: Observation, why: str, evidence: dict[str, Any]) -> list[Action]:
+        self._sweeping = False
+        anchor = self._scale if self.params["anchor"] == "stop" else self._best_scale
+        old = self._scale
+        self._scale = anchor * self.params["settle"]
+        lr_at_stop = obs.lrs[0] if obs.lrs else None
+        return [Action(
+            "range_test_done",
+            f"LR range test ended at step {obs.step}: {why}; LR × {self._scale / old:.6g} "
+            f"(settle {self.params['settle']:g} × the {self.params['anchor']} multiplier "
+            f"{anchor:.6g})",
+            {**evidence, "lr_at_stop": lr_at_stop, "stop_multiplier": old,
+             "best_multiplier": self._best_scale, "multiplier": self._scale,
+             "factor": self._scale / old, "observations": self._seen})]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "scale": self._scale,
+            "sweeping": self._sweeping,
+            "seen": self._seen,
+            "ema": self._ema,
+            "best": float_to_json(self._best),
+            "best_scale": self._best_scale,
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self._scale = float(state["scale"])
+        self._sweeping = bool(state["sweeping"])
+        self._seen = int(state["seen"])
+        self._ema = float(state["ema"])
+        self._best = float_from_json(state["best"])
+        self._best_scale = float(state["best_scale"])
