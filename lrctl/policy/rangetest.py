@@ -7,13 +7,24 @@ without a separate pre-run and without resetting the model:
 * The multiplier starts at ``start_factor`` and grows by ``growth`` every
   observation: an exponential warmup that keeps going (the sweep of Smith's
   range test, done while training).
-* The sweep ends when the training loss says the LR is too high: its EMA
+* The sweep ends when the training loss says the LR is high enough: its EMA
   (span ``smoothing_window``) rises more than ``rise`` (relative) above its best
-  value, or the divergence guard flags a spike or a non-finite value at this
-  step. It also ends at ``max_factor`` × the initial LR.
+  value; or the divergence guard flags a spike or a non-finite value at this
+  step; or (``slowdown`` > 0) the loss falls more slowly than ``slowdown`` ×
+  the steepest fall seen, after a fall of at least ``min_rate``. The fall is
+  the relative drop of the EMA over one ``smoothing_window``. It also ends at
+  ``max_factor`` × the initial LR.
 * The LR then settles at ``settle`` × the multiplier the sweep stopped at
-  (``anchor: stop``) or at which the smoothed loss was lowest
-  (``anchor: best``), and stays there; other policies act on top.
+  (``anchor: stop``), at which the smoothed loss was lowest (``anchor: best``)
+  or at which it fell fastest (``anchor: steepest``), and stays there; other
+  policies act on top.
+
+Why the slowdown test: a sweep that waits for the loss to *rise* has already
+trained a few steps at a too-high LR, and on small models that leaves lasting
+damage (large weights, over-confident predictions) that a lower LR afterwards
+does not undo. The steepest fall comes before the rise (Smith's own advice is
+to pick the LR of the steepest fall), so stopping when the fall slows keeps the
+overshoot small.
 
 Because the sweep is relative to the initial LR, the settled LR does not depend
 on the starting guess as long as the good LR lies between ``start_factor`` and
@@ -24,6 +35,7 @@ observations, so the first noisy losses cannot end the sweep.
 from __future__ import annotations
 
 import math
+from collections import deque
 from collections.abc import Mapping
 from typing import Any
 
@@ -40,18 +52,23 @@ class RangeTest(Policy):
     PARAMS = (
         Param("start_factor", "float", 0.01, "multiplier on the initial LR at step 0",
               gt=0, le=1),
-        Param("growth", "float", 1.1, "growth of the multiplier per observation during the sweep",
+        Param("growth", "float", 1.07, "growth of the multiplier per observation during the sweep",
               gt=1, le=10),
         Param("max_factor", "float", 1.0e4, "the sweep ends at this multiplier", ge=1),
-        Param("smoothing_window", "int", 10, "EMA span of the loss during the sweep", ge=1),
-        Param("rise", "float", 0.1, "relative rise of the smoothed loss above its best that "
+        Param("smoothing_window", "int", 5, "EMA span of the loss during the sweep", ge=1),
+        Param("rise", "float", 0.05, "relative rise of the smoothed loss above its best that "
               "ends the sweep", gt=0),
         Param("min_steps", "int", 10, "observations before the smoothed loss is judged", ge=1),
         Param("stop_on_flags", "bool", True,
               "a spike or non-finite flag from the divergence guard ends the sweep"),
+        Param("slowdown", "float", 0.0, "end the sweep when the fall of the smoothed loss "
+              "drops below this fraction of its steepest (0: off)", ge=0, lt=1),
+        Param("min_rate", "float", 0.05, "least steepest fall (relative, per smoothing "
+              "window) before the slowdown test applies", gt=0),
         Param("anchor", "str", "stop", "settle relative to the multiplier where the sweep "
-              "stopped or where the smoothed loss was lowest", choices=("stop", "best")),
-        Param("settle", "float", 0.1, "final multiplier = settle × the anchor multiplier",
+              "stopped, where the smoothed loss was lowest or where it fell fastest",
+              choices=("stop", "best", "steepest")),
+        Param("settle", "float", 0.2, "final multiplier = settle × the anchor multiplier",
               gt=0, le=1),
     )
 
@@ -63,6 +80,9 @@ class RangeTest(Policy):
         self._ema = 0.0  # biased EMA; divided by (1 - (1 - alpha)^seen) when read
         self._best = math.inf
         self._best_scale = self._scale
+        self._history: deque[float] = deque(maxlen=self.params["smoothing_window"] + 1)
+        self._steepest = 0.0  # steepest relative fall of the EMA over one window
+        self._steepest_scale = self._scale
 
     def multiplier(self) -> float:
         return self._scale
@@ -79,6 +99,9 @@ class RangeTest(Policy):
             smoothed = self._smooth(loss)
             if smoothed < self._best:
                 self._best, self._best_scale = smoothed, self._scale
+            slowed = self._judge_rate(smoothed)
+            if slowed is not None:
+                return self._settle(obs, slowed[0], slowed[1])
             limit = self._best + self.params["rise"] * abs(self._best)
             if self._seen >= self.params["min_steps"] and smoothed > limit:
                 return self._settle(
@@ -93,6 +116,25 @@ class RangeTest(Policy):
         self._scale *= self.params["growth"]
         return []
 
+    def _judge_rate(self, smoothed: float) -> tuple[str, dict[str, Any]] | None:
+        """(reason, evidence) when the fall of the smoothed loss has slowed, else None."""
+        self._history.append(smoothed)
+        if len(self._history) < self._history.maxlen or self._history[0] <= 0:  # type: ignore[operator]
+            return None
+        rate = (self._history[0] - smoothed) / self._history[0]
+        if rate > self._steepest:
+            self._steepest, self._steepest_scale = rate, self._scale
+        slowdown = self.params["slowdown"]
+        if (slowdown <= 0 or self._seen < self.params["min_steps"]
+                or self._steepest < self.params["min_rate"] or rate >= slowdown * self._steepest):
+            return None
+        return (f"the smoothed loss fell {rate:.3g} over the last "
+                f"{self.params['smoothing_window']} steps, under {slowdown:g} × its steepest "
+                f"fall {self._steepest:.3g}",
+                {"statistic": "loss_fall", "value": rate, "steepest": self._steepest,
+                 "threshold": slowdown * self._steepest,
+                 "window": self.params["smoothing_window"]})
+
     def _smooth(self, loss: float) -> float:
         alpha = 2.0 / (self.params["smoothing_window"] + 1.0)
         self._seen += 1
@@ -101,7 +143,8 @@ class RangeTest(Policy):
 
     def _settle(self, obs: Observation, why: str, evidence: dict[str, Any]) -> list[Action]:
         self._sweeping = False
-        anchor = self._scale if self.params["anchor"] == "stop" else self._best_scale
+        anchor = {"stop": self._scale, "best": self._best_scale,
+                  "steepest": self._steepest_scale}[self.params["anchor"]]
         old = self._scale
         self._scale = anchor * self.params["settle"]
         lr_at_stop = obs.lrs[0] if obs.lrs else None
@@ -111,7 +154,8 @@ class RangeTest(Policy):
             f"(settle {self.params['settle']:g} × the {self.params['anchor']} multiplier "
             f"{anchor:.6g})",
             {**evidence, "lr_at_stop": lr_at_stop, "stop_multiplier": old,
-             "best_multiplier": self._best_scale, "multiplier": self._scale,
+             "best_multiplier": self._best_scale, "steepest_multiplier": self._steepest_scale,
+             "multiplier": self._scale,
              "factor": self._scale / old, "observations": self._seen})]
 
     def state_dict(self) -> dict[str, Any]:
@@ -122,6 +166,9 @@ class RangeTest(Policy):
             "ema": self._ema,
             "best": float_to_json(self._best),
             "best_scale": self._best_scale,
+            "history": list(self._history),
+            "steepest": self._steepest,
+            "steepest_scale": self._steepest_scale,
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -131,3 +178,7 @@ class RangeTest(Policy):
         self._ema = float(state["ema"])
         self._best = float_from_json(state["best"])
         self._best_scale = float(state["best_scale"])
+        self._history = deque((float(v) for v in state["history"]),
+                              maxlen=self.params["smoothing_window"] + 1)
+        self._steepest = float(state["steepest"])
+        self._steepest_scale = float(state["steepest_scale"])

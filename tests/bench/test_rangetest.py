@@ -1,0 +1,103 @@
+"""The online range test: a sweep that ends where the loss says, and state that round-trips."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+import lrctl
+from lrctl.policy import get_policy_class
+from lrctl.policy.rangetest import RangeTest
+
+README = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+
+
+def _sweep(losses: list[float], **knobs: object) -> lrctl.Engine:
+    engine = lrctl.load_policy({"version": 1, "policies": [{"kind": "rangetest", **knobs}]},
+                               base_lrs=[1e-3])
+    for step, loss in enumerate(losses):
+        engine.observe(step, loss)
+    return engine
+
+
+def test_sweep_grows_geometrically_from_start_factor() -> None:
+    engine = _sweep([1.0] * 5, start_factor=0.01, growth=2.0)
+    assert engine.applied_lrs[0] == pytest.approx(1e-3 * 0.01 * 2.0 ** 5)
+    assert engine.decisions == []
+
+
+def test_rising_loss_ends_the_sweep_and_settles() -> None:
+    # The loss falls for 20 steps, then climbs: the sweep stops on the rise.
+    losses = [2.0 - 0.05 * t for t in range(20)] + [1.0 + 0.2 * t for t in range(20)]
+    engine = _sweep(losses, start_factor=0.01, growth=1.1, settle=0.2, smoothing_window=3)
+    (decision,) = engine.decisions
+    assert decision.action == "range_test_done" and decision.kind == "rangetest"
+    stop = decision.evidence["stop_multiplier"]
+    assert 20 < decision.step < 30
+    assert stop == pytest.approx(0.01 * 1.1 ** decision.step)
+    assert engine.applied_lrs[0] == pytest.approx(1e-3 * 0.2 * stop)
+    assert "rose above" in decision.reason
+    lr = engine.applied_lrs[0]
+    for step in range(40, 60):  # settled: the LR holds
+        engine.observe(step, 100.0)
+    assert engine.applied_lrs[0] == lr
+
+
+def test_divergence_flag_ends_the_sweep() -> None:
+    engine = lrctl.load_policy({"version": 1, "policies": [
+        {"kind": "divergence", "min_samples": 8}, {"kind": "rangetest", "settle": 0.5}]},
+        base_lrs=[1e-3])
+    for step in range(20):
+        engine.observe(step, 1.0 + 0.001 * (step % 3))
+    engine.observe(20, math.nan)
+    actions = [(d.policy, d.action) for d in engine.decisions]
+    assert ("rangetest", "range_test_done") in actions and ("divergence", "backoff") in actions
+    assert engine.should_skip
+
+
+def test_max_factor_ends_the_sweep() -> None:
+    engine = _sweep([1.0] * 30, start_factor=1.0, growth=2.0, max_factor=8.0, settle=1.0)
+    (decision,) = engine.decisions
+    assert "max_factor" in decision.reason
+    assert engine.applied_lrs[0] == pytest.approx(8e-3)
+
+
+def test_slowdown_anchor_steepest() -> None:
+    # Fast fall, then a crawl: stop on the slowdown, settle at the steepest point.
+    losses = [4.0 * 0.8 ** t for t in range(15)] + [0.14 - 0.0001 * t for t in range(30)]
+    engine = _sweep(losses, growth=1.1, slowdown=0.5, anchor="steepest", settle=1.0,
+                    smoothing_window=3, min_steps=4)
+    (decision,) = engine.decisions
+    assert decision.evidence["statistic"] == "loss_fall"
+    assert engine.applied_lrs[0] == pytest.approx(1e-3 * decision.evidence["steepest_multiplier"])
+
+
+def test_state_round_trips_through_json() -> None:
+    losses = [2.0 - 0.05 * t for t in range(12)]
+    a = RangeTest(slowdown=0.5, smoothing_window=3)
+    b = RangeTest(slowdown=0.5, smoothing_window=3)
+    ea = lrctl.Engine([a], [1e-3])
+    eb = lrctl.Engine([b], [1e-3])
+    for step, loss in enumerate(losses):
+        ea.observe(step, loss)
+    eb.load_state_dict(json.loads(json.dumps(ea.state_dict(), allow_nan=False)))
+    tail = [1.5 + 0.3 * t for t in range(20)]
+    for step, loss in enumerate(tail, start=len(losses)):
+        assert ea.observe(step, loss) == eb.observe(step, loss)
+    assert [d.step for d in ea.last_decisions] == [d.step for d in eb.last_decisions]
+
+
+def test_bad_knob_is_named() -> None:
+    with pytest.raises(ValueError, match="growth"):
+        RangeTest(growth=0.5)
+
+
+def test_readme_documents_every_knob() -> None:
+    section = README.split("#### `kind: rangetest`", 1)[1].split("####", 1)[0]
+    for p in get_policy_class("rangetest").PARAMS:
+        default = "—" if p.default is None else (
+            str(p.default).lower() if isinstance(p.default, bool) else f"`{p.default}`")
+        assert f"| `{p.name}` | {default} |" in section, p.name
