@@ -49,7 +49,7 @@ def test_replay_default_prints_decisions_with_reasons() -> None:
     result = lrctl("replay")
     assert result.returncode == 0, result.stderr
     assert "3000 steps replayed" in result.stdout
-    assert "warmup_done" in result.stdout
+    assert "range_test_done" in result.stdout
     assert "plateau      reduce" in result.stdout
 
 
