@@ -16,8 +16,13 @@ The behaviour of a mixed-precision loss scaler, applied to the learning rate:
 * ``tolerance`` spikes are tolerated before a back-off; the count resets after
   ``regrow_after`` clean observations.
 * A back-off multiplies the LR by ``factor``. For ``cooldown`` observations
-  after it, further spikes do not back off again and the statistics re-baseline
-  on what the run now produces (non-finite values still back off).
+  after it, spikes are still flagged (and kept out of the statistics) but do not
+  back off again; non-finite values still do. If most of the cooldown was
+  spikes, the run has moved to a new level rather than blown up, and the
+  statistics re-baseline on the cooldown's values.
+* ``skip_spikes`` also asks the hook to skip the optimizer step of a spike (one
+  ×1e4 gradient would otherwise poison Adam's second moment for thousands of
+  steps); the hook can act on it in sync mode or in-process.
 * After ``regrow_after`` clean observations the multiplier grows by
   ``regrow_factor`` toward its pre-incident value (1.0), one step at a time.
 * More than ``max_backoffs`` back-offs in one incident, or a back-off below the
@@ -101,6 +106,8 @@ class Divergence(Policy):
         Param("max_backoffs", "int", 8, "back-offs in one incident before stop", ge=1),
         Param("min_multiplier", "float", 1e-3, "floor of the back-off multiplier", gt=0, le=1),
         Param("skip_nonfinite", "bool", True, "ask the hook to skip non-finite steps"),
+        Param("skip_spikes", "bool", False,
+              "also ask the hook to skip steps flagged as spikes (sync mode acts on it)"),
     )
 
     def __init__(self, **params: Any) -> None:
@@ -112,6 +119,8 @@ class Divergence(Policy):
         self._spikes = 0  # spikes since the last back-off or clean interval
         self._backoffs = 0  # back-offs in the current incident
         self._cooldown = 0
+        self._cooldown_seen: list[tuple[float | None, float | None]] = []
+        self._cooldown_spikes = 0
         self._clean = 0  # consecutive clean observations
         self._total_backoffs = 0
         self._stopped = False
@@ -144,31 +153,51 @@ class Divergence(Policy):
                                   force=True)
 
         evidence: dict[str, Any] | None = None
-        in_cooldown = self._cooldown > 0
         judged_loss = self._loss_value(loss)
         log_gnorm = math.log(gnorm) if gnorm is not None and gnorm > 0 else None
-        if not in_cooldown and not self._stopped:
+        if not self._stopped:
             evidence = self._judge(judged_loss, log_gnorm)
         if evidence is None:
-            # A clean observation (or a cooldown one, which re-baselines).
             if judged_loss is not None and self.params["watch_loss"]:
                 self._loss.add(judged_loss)
             if log_gnorm is not None and self.params["watch_grad_norm"]:
                 self._gnorm.add(log_gnorm)
+        in_cooldown = self._cooldown > 0
         if in_cooldown:
+            self._cooldown_seen.append((judged_loss, log_gnorm))
+            self._cooldown_spikes += evidence is not None
             self._cooldown -= 1
+            if self._cooldown == 0:
+                self._end_cooldown()
         if evidence is not None:
             ctx.flags.add("spike")
+            ctx.skip = ctx.skip or self.params["skip_spikes"]
             self._clean = 0
-            self._spikes += 1
-            if self._spikes <= self.params["tolerance"]:
-                return []
             what = evidence["statistic"]
             reason = (f"{what} spike: {evidence['value']:.6g} is {evidence['z']:.1f} robust σ "
                       f"above the median {evidence['median']:.6g} of the last "
                       f"{evidence['window']} values (threshold {self.params['z_threshold']:g}σ)")
+            if in_cooldown:  # the back-off is still taking effect: flag, do not cut again
+                return ([Action("skip", f"skip this optimizer step: {reason}", evidence)]
+                        if ctx.skip else [])
+            self._spikes += 1
+            if self._spikes <= self.params["tolerance"]:
+                return ([Action("skip", f"skip this optimizer step: {reason}", evidence)]
+                        if ctx.skip else [])
             return self._back_off(ctx, reason, evidence, force=False)
         return self._maybe_regrow()
+
+    def _end_cooldown(self) -> None:
+        """If most of the cooldown was still 'spikes', the run moved to a new level
+        (a harder data mix, a changed objective) rather than blowing up: judge what
+        follows against that level, not the old one. A run that keeps climbing
+        still spikes against the new baseline and backs off again."""
+        seen, self._cooldown_seen = self._cooldown_seen, []
+        spikes, self._cooldown_spikes = self._cooldown_spikes, 0
+        if 2 * spikes <= len(seen):
+            return
+        self._loss.load([v for v, _ in seen if v is not None])
+        self._gnorm.load([g for _, g in seen if g is not None])
 
     def _loss_value(self, loss: float | None) -> float | None:
         """The loss on the scale it is judged on (None: not judged)."""
@@ -263,6 +292,8 @@ class Divergence(Policy):
             "spikes": self._spikes,
             "backoffs": self._backoffs,
             "cooldown": self._cooldown,
+            "cooldown_seen": [list(pair) for pair in self._cooldown_seen],
+            "cooldown_spikes": self._cooldown_spikes,
             "clean": self._clean,
             "total_backoffs": self._total_backoffs,
             "stopped": self._stopped,
@@ -275,6 +306,9 @@ class Divergence(Policy):
         self._spikes = int(state["spikes"])
         self._backoffs = int(state["backoffs"])
         self._cooldown = int(state["cooldown"])
+        self._cooldown_seen = [(None if a is None else float(a), None if b is None else float(b))
+                               for a, b in state["cooldown_seen"]]
+        self._cooldown_spikes = int(state["cooldown_spikes"])
         self._clean = int(state["clean"])
         self._total_backoffs = int(state["total_backoffs"])
         self._stopped = bool(state["stopped"])

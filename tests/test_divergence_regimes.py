@@ -1,0 +1,41 @@
+"""Divergence guard: transient spikes vs a run that moved to a new loss level."""
+
+from __future__ import annotations
+
+import math
+import random
+
+import lrctl
+
+
+def noisy(level: float, rng: random.Random) -> float:
+    return level * math.exp(rng.gauss(0.0, 0.05))
+
+
+def test_level_shift_backs_off_once_then_rebaselines_and_regrows() -> None:
+    rng = random.Random(0)
+    engine = lrctl.load_policy("version: 1\npolicies:\n  - kind: divergence\n", [0.1])
+    for t in range(1200):
+        engine.observe(step=t, loss=noisy(1.0 if t < 500 else 2.0, rng), grad_norm=1.0)
+    actions = [(d.step, d.action) for d in engine.decisions]
+    assert actions == [(500, "backoff"), (710, "regrow")]
+    assert not engine.should_stop
+    assert engine.lrs == [0.1]
+
+
+def test_spikes_inside_the_cooldown_are_flagged_not_learned() -> None:
+    rng = random.Random(1)
+    engine = lrctl.load_policy(
+        "version: 1\npolicies:\n  - kind: divergence\n    skip_spikes: true\n", [0.1])
+    skipped = []
+    for t in range(300):
+        burst = 200 <= t < 205  # a 5-step burst of ×100 losses
+        engine.observe(step=t, loss=noisy(100.0 if burst else 1.0, rng), grad_norm=1.0)
+        if engine.should_skip:
+            skipped.append(t)
+    assert skipped == [200, 201, 202, 203, 204]
+    backoffs = [d.step for d in engine.decisions if d.action == "backoff"]
+    assert backoffs == [200]  # one back-off; the rest of the burst is skipped, not cut again
+    # the burst did not enter the statistics: a later ×50 spike is still caught
+    engine.observe(step=300, loss=50.0, grad_norm=1.0)
+    assert engine.last_decisions[-1].action == "backoff"
