@@ -285,7 +285,7 @@ class Controller:
     def _send(self, t: int, loss: float | None, grad: float | None,
               metrics: Mapping[str, Any]) -> None:
         assert self._link is not None
-        clean = {k: _to_float(v) for k, v in metrics.items()}
+        clean = {k: float(_to_float(v) or 0.0) for k, v in metrics.items()}
         try:
             frame = encode_obs(t, loss, grad, clean)
         except ValueError as exc:  # e.g. too many metrics for one frame
@@ -496,7 +496,7 @@ def _spawn_and_open(link: Link, timeout: float) -> bool:
     state = paths.ensure_private_dir(paths.state_dir())
     with open(state / "controller.out", "ab") as out:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "lrctl", "serve", "--foreground", "--socket", link.addr,
+            [sys.executable, "-m", "lrctl", "serve", "--foreground", "--socket", link.address,
              "--state-dir", str(state)],
             stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
             start_new_session=True, close_fds=True)

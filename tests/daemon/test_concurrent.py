@@ -13,6 +13,8 @@ POLICY_FILES = ["default.yaml", "plateau.yaml", "sgdr.yaml", "divergence.yaml"]
 
 
 def test_16_concurrent_runs_each_get_their_own_decisions(controller: ControllerProc) -> None:
+    for name in POLICY_FILES:  # registers every built-in kind before the threads start
+        lrctl.load_policy(str(POLICIES / name), [0.1])
     results: dict[int, list] = {}
     errors: list[BaseException] = []
     start = threading.Barrier(16)
@@ -27,7 +29,7 @@ def test_16_concurrent_runs_each_get_their_own_decisions(controller: ControllerP
             engine = lrctl.load_policy(path, lrs)
             with lrctl.attach(opt, policy=path, sync=True, spawn=False, timeout=30.0,
                               run_name=f"run{i}") as ctl:
-                start.wait()
+                start.wait(60)
                 bad = []
                 for t, loss in enumerate(curve):
                     ctl.step(loss, grad_norm=1.0 + i)
