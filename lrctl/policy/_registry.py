@@ -9,6 +9,7 @@ policy file can import a module: built-ins register themselves, user code calls
 from __future__ import annotations
 
 import re
+import threading
 from collections.abc import Callable
 from importlib import metadata
 from typing import TypeVar
@@ -78,16 +79,22 @@ def available_kinds() -> list[str]:
     return sorted(names)
 
 
-_builtins_state = {"loading": False, "loaded": False}
+_builtins_lock = threading.RLock()  # re-entrant: the built-ins register while importing
+_builtins_loaded = False
 
 
 def _load_builtins() -> None:
-    """Import the built-in policy modules (their decorators register them), once."""
-    if _builtins_state["loaded"] or _builtins_state["loading"]:
+    """Import the built-in policy modules (their decorators register them), once.
+
+    Thread-safe: a controller or a test may build engines from many threads at
+    once, and none may see a half-filled registry.
+    """
+    global _builtins_loaded
+    if _builtins_loaded:
         return
-    _builtins_state["loading"] = True
-    try:
+    with _builtins_lock:
+        if _builtins_loaded:
+            return
         from . import cyclical, decay, divergence, plateau, rangetest, warmup  # noqa: F401
-    finally:
-        _builtins_state["loading"] = False
-    _builtins_state["loaded"] = True
+
+        _builtins_loaded = True

@@ -25,6 +25,7 @@ from .journal import (
     StreamWriter,
     atomic_write_json,
     atomic_write_text,
+    last_line,
     read_json,
     read_lines,
 )
@@ -57,6 +58,10 @@ class _OpenRun:
     policy_version: int
     last_step: int | None = None
     meta: dict[str, Any] = field(default_factory=dict)
+    # What the journal already holds: after a controller crash the hook replays the
+    # observations since the last checkpoint, and the engine re-makes their decisions.
+    journaled_step: int = -1
+    journaled_at_step: set[tuple[str, str]] = field(default_factory=set)
 
 
 class AuditSink(Sink):
@@ -102,6 +107,7 @@ class AuditSink(Sink):
                                for name in STREAMS},
                        MetricSampler(self.settings.log_every), sha, version, meta=meta)
         self._runs[info.run_key] = run
+        self._load_high_water(run)
         if self.shipper is not None:
             self.shipper.attend(info.run_key, target["tracking_uri"])
         if sha != info.policy_sha256:
@@ -112,6 +118,8 @@ class AuditSink(Sink):
     def observation(self, run_key: str, step: int, loss: float | None,
                     grad_norm: float | None, lrs: Sequence[float]) -> None:
         run = self._run(run_key)
+        if run.last_step is not None and step <= run.last_step:
+            return  # a replayed observation whose points are already journaled
         run.last_step = step
         points = run.sampler.observe(step, loss, grad_norm, lrs)
         if points:
@@ -119,6 +127,13 @@ class AuditSink(Sink):
 
     def decision(self, run_key: str, record: Mapping[str, Any]) -> None:
         run = self._run(run_key)
+        step, key = int(record["step"]), (str(record["policy"]), str(record["action"]))
+        if step < run.journaled_step or (step == run.journaled_step
+                                         and key in run.journaled_at_step):
+            return  # re-made while replaying after a controller restart: already journaled
+        if step > run.journaled_step:
+            run.journaled_step, run.journaled_at_step = step, set()
+        run.journaled_at_step.add(key)
         rec = dict(json_safe(record))
         rec.setdefault("wall_time", time.time())
         rec.setdefault("policy_sha256", run.policy_sha256)
@@ -128,6 +143,21 @@ class AuditSink(Sink):
         points = run.sampler.decision(int(rec["step"]))
         if points:
             self._metrics(run, points)
+
+    @staticmethod
+    def _load_high_water(run: _OpenRun) -> None:
+        """Where the journal of a restored run ends: its last decision step and metric step."""
+        for line in read_lines(run.paths.stream("decisions")):
+            step = int(line.record.get("step", -1))
+            key = (str(line.record.get("policy")), str(line.record.get("action")))
+            if step > run.journaled_step:
+                run.journaled_step, run.journaled_at_step = step, set()
+            if step == run.journaled_step:
+                run.journaled_at_step.add(key)
+        last = last_line(run.paths.stream("metrics"))
+        steps = [point[2] for point in (last.record.get("points") or [])] if last else []
+        if steps:
+            run.last_step = max(int(s) for s in steps)
 
     def policy_changed(self, run_key: str, info: RunInfo, record: Mapping[str, Any]) -> None:
         run = self._run(run_key)

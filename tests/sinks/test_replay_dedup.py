@@ -1,0 +1,50 @@
+"""After a controller crash the hook replays observations and the engine re-makes
+their decisions: the journal must keep each decision once."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from lrctl.sinks.audit import AuditSettings, AuditSink
+from lrctl.sinks.journal import RunPaths
+from sinks_helpers import run_info
+
+JOURNAL_ONLY = AuditSettings(log_every=1, mlflow=False)
+
+
+def decision(step: int, action: str = "reduce") -> dict[str, object]:
+    return {"step": step, "policy": "plateau", "kind": "plateau", "action": action,
+            "old_lrs": [0.1], "new_lrs": [0.05], "reason": "test", "evidence": {}}
+
+
+def journal(state: Path, key: str, stream: str) -> list[dict[str, object]]:
+    path = RunPaths.of(state, key).stream(stream)
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_replayed_decisions_and_observations_are_journaled_once(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    info = run_info("run-a")
+    first = AuditSink(state, JOURNAL_ONLY)
+    first.open_run(info)
+    for step in range(6):
+        first.observation("run-a", step, 1.0, 1.0, [0.1])
+    first.decision("run-a", decision(4))
+    first.decision("run-a", decision(5, "skip"))
+    first.close()  # the controller dies here; its checkpoint was at step 2
+
+    second = AuditSink(state, JOURNAL_ONLY)
+    second.open_run(info)
+    for step in range(3, 8):  # the hook replays 3..5, then goes on
+        second.observation("run-a", step, 1.0, 1.0, [0.1])
+    second.decision("run-a", decision(4))
+    second.decision("run-a", decision(5, "skip"))
+    second.decision("run-a", decision(5, "backoff"))  # new at an already-seen step
+    second.decision("run-a", decision(7))
+    second.close()
+
+    got = [(r["step"], r["action"]) for r in journal(state, "run-a", "decisions")]
+    assert got == [(4, "reduce"), (5, "skip"), (5, "backoff"), (7, "reduce")]
+    steps = sorted({p[2] for line in journal(state, "run-a", "metrics") for p in line["points"]})
+    assert steps == list(range(8))
