@@ -6,9 +6,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from sinks_helpers import run_info
+
 from lrctl.sinks.audit import AuditSettings, AuditSink
 from lrctl.sinks.journal import RunPaths
-from sinks_helpers import run_info
 
 JOURNAL_ONLY = AuditSettings(log_every=1, mlflow=False)
 
