@@ -38,10 +38,12 @@ from typing import Any
 
 from . import paths
 from ._link import Link, token_from_env
+from ._sources import looks_like_path
 from .policy import Decision
 from .protocol import MAX_FRAME, FrameDecoder, encode, encode_obs, float_in
 
-__all__ = ["Controller", "ControllerError", "PolicyRejected", "attach", "request"]
+__all__ = ["Controller", "ControllerError", "PolicyRejected", "attach", "request",
+           "total_grad_norm"]
 
 log = logging.getLogger("lrctl")
 
@@ -81,12 +83,20 @@ class Controller:
     ``socket``: a Unix socket path or ``tcp://HOST:PORT`` (default:
     ``$LRCTL_SOCKET`` or the per-user runtime directory). ``spawn``: start a
     controller in the background when none answers (Unix sockets only).
+    ``compute_grad_norm``: compute the grad norm from the optimizer's gradients
+    when :meth:`step` is not given one (``False`` for integrations that pass
+    the framework's own value whenever it has one).
+    ``resume``: the ``run_key`` of an earlier attach to rejoin (a training
+    process restarted from a checkpoint); ``start_step``: the step number the
+    loop resumes at (the controller ignores observations it already has).
     """
 
     def __init__(self, optimizer: Any, *, policy: Any = None, run_name: str | None = None,
                  sync: bool = False, every: int = 1, socket: str | None = None,
                  spawn: bool = True, timeout: float = 1.0, token: str | None = None,
-                 spawn_timeout: float = 60.0, max_backoff: float = 5.0) -> None:
+                 spawn_timeout: float = 60.0, max_backoff: float = 5.0,
+                 compute_grad_norm: bool = True, resume: str | None = None,
+                 start_step: int = 0) -> None:
         groups = getattr(optimizer, "param_groups", None)
         if not isinstance(groups, list) or not groups or not all(
                 isinstance(g, dict) and "lr" in g for g in groups):
@@ -94,6 +104,11 @@ class Controller:
                             f"but got {type(optimizer).__name__}")
         if isinstance(every, bool) or not isinstance(every, int) or every < 1:
             raise ValueError(f"every must be an integer >= 1, but got {every=}")
+        if isinstance(start_step, bool) or not isinstance(start_step, int) or start_step < 0:
+            raise ValueError(f"start_step must be an integer >= 0, but got {start_step=}")
+        if resume is not None and (not isinstance(resume, str)
+                                   or sanitize_run_name(resume) != resume):
+            raise ValueError(f"resume must be a run key from an earlier attach, but got {resume=}")
         if not (isinstance(timeout, (int, float)) and timeout > 0):
             raise ValueError(f"timeout must be > 0 seconds, but got {timeout=}")
         self.optimizer = optimizer
@@ -103,7 +118,9 @@ class Controller:
         self._groups: list[dict[str, Any]] = groups
         self._applied = [_lr_value(g["lr"]) for g in groups]
         self._target = list(self._applied)  # the latest LRs from the controller
-        self._step = 0
+        self._step = start_step
+        self._compute_grad_norm = bool(compute_grad_norm)
+        self._resume = resume
         self._reported = -1  # the last step sent (or staged)
         self._acked = -1  # the last step whose answer arrived
         self._metrics: dict[str, Any] = {}
@@ -149,6 +166,11 @@ class Controller:
     def decisions(self) -> list[Decision]:
         """The decision records this run has received (the latest 10 000)."""
         return [Decision.from_dict(d) for d in self._records]
+
+    @property
+    def steps_taken(self) -> int:
+        """How many steps this run has counted (``start_step`` plus calls to :meth:`step`)."""
+        return self._step
 
     @property
     def connected(self) -> bool:
@@ -210,7 +232,7 @@ class Controller:
         text, source = _policy_payload(policy)
         name = sanitize_run_name(run_name or os.environ.get("LRCTL_RUN_NAME")
                                  or Path(sys.argv[0] or "run").stem)
-        self.run_key = f"{name}-{secrets.token_hex(4)}"
+        self.run_key = self._resume or f"{name}-{secrets.token_hex(4)}"
         hello: dict[str, Any] = {
             "run": self.run_key, "run_name": name, "policy": {"text": text, "source": source},
             "lrs": list(self._applied), "groups": len(self._applied),
@@ -273,8 +295,8 @@ class Controller:
 
     # -- the step --------------------------------------------------------------------------
     def _report(self, t: int, loss: Any, grad_norm: Any) -> None:
-        if grad_norm is None:
-            grad_norm = self._grad_norm()
+        if grad_norm is None and self._compute_grad_norm:
+            grad_norm = total_grad_norm(self.optimizer)
         metrics, self._metrics = self._metrics, {}
         loss_dev, grad_dev = _on_device(loss), _on_device(grad_norm)
         if (loss_dev or grad_dev) and not self.sync:
@@ -345,24 +367,6 @@ class Controller:
         self._apply()
 
     # -- statistics --------------------------------------------------------------------------
-    def _grad_norm(self) -> Any:
-        torch = sys.modules.get("torch")
-        if torch is None:
-            return None
-        grads = [p.grad for g in self._groups for p in g["params"]
-                 if getattr(p, "grad", None) is not None]
-        if not grads:
-            return None
-        total_norm = getattr(torch.nn.utils, "get_total_norm", None)
-        if total_norm is not None:
-            return total_norm(grads, 2.0)  # foreach kernels, grouped by device and dtype
-        per_device: dict[Any, list[Any]] = {}
-        for grad in grads:
-            per_device.setdefault((grad.device, grad.dtype), []).append(grad)
-        norms = [torch.linalg.vector_norm(torch.stack(torch._foreach_norm(gs)))
-                 for gs in per_device.values()]
-        return torch.linalg.vector_norm(torch.stack([n.to(grads[0].device) for n in norms]))
-
     def _stage(self, t: int, loss: Any, grad: Any, on_dev: tuple[bool, bool],
                metrics: dict[str, Any]) -> None:
         """Start a device→pinned copy of the statistics; :meth:`_drain_staged` sends it."""
@@ -436,6 +440,30 @@ class _Distributed:
 
 
 # -- helpers ------------------------------------------------------------------------------
+def total_grad_norm(optimizer: Any) -> Any:
+    """The 2-norm of all gradients of ``optimizer``'s parameters, as a tensor (no sync).
+
+    Uses torch's foreach kernels (``get_total_norm``, grouped by device and
+    dtype); ``None`` when torch is not loaded or no parameter has a gradient.
+    """
+    torch = sys.modules.get("torch")
+    if torch is None:
+        return None
+    grads = [p.grad for g in optimizer.param_groups for p in g["params"]
+             if getattr(p, "grad", None) is not None]
+    if not grads:
+        return None
+    total_norm = getattr(torch.nn.utils, "get_total_norm", None)
+    if total_norm is not None:
+        return total_norm(grads, 2.0)
+    per_device: dict[Any, list[Any]] = {}
+    for grad in grads:
+        per_device.setdefault((grad.device, grad.dtype), []).append(grad)
+    norms = [torch.linalg.vector_norm(torch.stack(torch._foreach_norm(gs)))
+             for gs in per_device.values()]
+    return torch.linalg.vector_norm(torch.stack([n.to(grads[0].device) for n in norms]))
+
+
 def sanitize_run_name(name: str) -> str:
     """A name safe as a file name and an MLflow name: letters, digits and ``._-``."""
     clean = _NAME_BAD.sub("-", str(name)).strip("._-")[:64].strip("._-")
@@ -451,7 +479,7 @@ def _policy_payload(policy: Any) -> tuple[str, str]:
             return json.dumps(dict(policy), indent=2, allow_nan=False), "<dict>"
         except (TypeError, ValueError) as exc:
             raise ValueError(f"policy dict is not plain data: {exc}") from None
-    if isinstance(policy, os.PathLike) or (isinstance(policy, str) and _looks_like_path(policy)):
+    if isinstance(policy, os.PathLike) or (isinstance(policy, str) and looks_like_path(policy)):
         path = os.path.abspath(os.fspath(policy))
         try:
             with open(path, "rb") as f:
@@ -466,11 +494,6 @@ def _policy_payload(policy: Any) -> tuple[str, str]:
         return policy, "<string>"
     raise TypeError(f"policy must be a path, YAML text or a dict, but got "
                     f"{type(policy).__name__}")
-
-
-def _looks_like_path(s: str) -> bool:
-    # Mirrors lrctl.config's rule, which cannot be imported here (it imports yaml).
-    return "\n" not in s and ":" not in s.split(os.sep)[-1] and not s.lstrip().startswith("{")
 
 
 def _mlflow_info() -> dict[str, str | None]:

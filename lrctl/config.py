@@ -29,6 +29,7 @@ from typing import Any
 
 import yaml
 
+from ._sources import looks_like_path
 from .policy import Engine, ParamError, Policy, get_policy_class
 from .policy._engine import unique_names
 from .policy._params import Param, bind_params
@@ -144,7 +145,7 @@ def parse_policy(source: str | os.PathLike[str] | Mapping[str, Any]) -> PolicyFi
         _check_plain_data(source, "<dict>")
         text = yaml.safe_dump(dict(source), sort_keys=False)
         return parse_text(text, "<dict>")
-    if isinstance(source, os.PathLike) or (isinstance(source, str) and _looks_like_path(source)):
+    if isinstance(source, os.PathLike) or (isinstance(source, str) and looks_like_path(source)):
         return parse_file(os.fspath(source))
     if isinstance(source, str):
         return parse_text(source, "<string>")
@@ -175,10 +176,6 @@ def _check_plain_data(root: Any, source: str) -> None:
         elif value is not None and not isinstance(value, (bool, int, float)):
             raise ConfigError(source, None, None,
                               f"unsupported value of type {type(value).__name__}")
-
-
-def _looks_like_path(s: str) -> bool:
-    return "\n" not in s and ":" not in s.split(os.sep)[-1] and not s.lstrip().startswith("{")
 
 
 def parse_file(path: str) -> PolicyFile:

@@ -1,0 +1,94 @@
+"""Lightning integration: ``LrctlCallback``.
+
+    trainer = L.Trainer(callbacks=[LrctlCallback(policy="policies/default.yaml")])
+
+* Attaches the first optimizer at ``on_fit_start`` (no scheduler is needed;
+  leave ``configure_optimizers`` returning just the optimizer).
+* Takes the grad norm in ``on_before_optimizer_step``, before Lightning clips
+  the gradients (a device tensor: no synchronisation), and the loss from the
+  training step's output, once per optimizer step (gradient accumulation aware).
+* Reports the validation metrics Lightning collected (``val_loss``…) after
+  each validation run.
+* A ``stop`` decision sets ``trainer.should_stop``.
+* Its state (the controller session and the step count) goes into Lightning
+  checkpoints; resuming from one rejoins the same controller session, whose
+  policy state the controller restored from disk.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import lightning.pytorch as pl
+
+from ..client import Controller, total_grad_norm
+
+__all__ = ["LrctlCallback"]
+
+
+class LrctlCallback(pl.Callback):
+    """Keyword arguments go to :func:`lrctl.attach` (``policy``, ``run_name``, ``sync``…)."""
+
+    def __init__(self, **attach_options: Any) -> None:
+        self.attach_options = attach_options
+        self.controller: Controller | None = None
+        self._grad_norm: Any = None
+        self._last_global_step = -1
+        self._resume: dict[str, Any] | None = None
+
+    # -- lifecycle -------------------------------------------------------------------------
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not trainer.optimizers:
+            raise RuntimeError("LrctlCallback: configure_optimizers returned no optimizer")
+        options: dict[str, Any] = {"compute_grad_norm": False, **self.attach_options}
+        if self._resume is not None:
+            options.setdefault("resume", self._resume.get("run_key"))
+            options.setdefault("start_step", int(self._resume.get("step", 0)))
+        self.controller = Controller(trainer.optimizers[0], **options)
+        self._last_global_step = trainer.global_step
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.controller is not None:
+            self.controller.close()
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                     exception: BaseException) -> None:
+        self.on_fit_end(trainer, pl_module)
+
+    # -- per step --------------------------------------------------------------------------
+    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                                 optimizer: Any) -> None:
+        if self.controller is not None and optimizer is self.controller.optimizer:
+            self._grad_norm = total_grad_norm(optimizer)
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                           outputs: Any, batch: Any, batch_idx: int) -> None:
+        if self.controller is None or trainer.global_step == self._last_global_step:
+            return  # no optimizer step this batch (gradient accumulation)
+        self._last_global_step = trainer.global_step
+        loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
+        self.controller.step(loss, grad_norm=self._grad_norm)
+        self._grad_norm = None
+        if self.controller.should_stop:
+            trainer.should_stop = True
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.controller is None or trainer.sanity_checking:
+            return
+        metrics = {}
+        for name, value in trainer.callback_metrics.items():
+            number = float(value)
+            if math.isfinite(number):
+                metrics[name.replace("/", "_")] = number
+        if metrics:
+            self.controller.report(**metrics)
+
+    # -- checkpoints -----------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        if self.controller is None:
+            return dict(self._resume or {})
+        return {"run_key": self.controller.run_key, "step": self.controller.steps_taken}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._resume = dict(state_dict)

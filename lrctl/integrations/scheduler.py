@@ -1,0 +1,71 @@
+"""``lrctl.Scheduler``: lrctl behind torch's ``LRScheduler`` interface.
+
+For code that wants a scheduler object (``step()``, ``get_last_lr()``,
+``state_dict()``): call ``scheduler.step(loss)`` once per optimizer step, after
+``optimizer.step()`` as with any torch scheduler. The LR it returns is in effect
+for the next step, as with torch's schedulers.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch.optim import Optimizer
+from torch.optim.lr_scheduler import LRScheduler
+
+from ..client import Controller
+
+__all__ = ["Scheduler"]
+
+
+class Scheduler(LRScheduler):
+    """A torch ``LRScheduler`` whose LRs come from an lrctl controller.
+
+    Keyword arguments go to :func:`lrctl.attach` (``policy``, ``run_name``,
+    ``sync``, ``socket``, ``spawn``…). ``step(metrics)`` takes the step's loss
+    (a tensor or a float), or nothing for a step with no loss to report.
+    """
+
+    def __init__(self, optimizer: Optimizer, **attach_options: Any) -> None:
+        # LRScheduler.__init__ would take a first step of its own and wrap
+        # optimizer.step; the controller owns the LR, so set up only what the
+        # interface promises.
+        self.optimizer = optimizer
+        self.controller = Controller(optimizer, **attach_options)
+        self.base_lrs = [float(g.get("initial_lr", g["lr"])) for g in optimizer.param_groups]
+        self.last_epoch = 0
+        self._last_lr = self.controller.lr
+
+    def step(self, metrics: Any = None, epoch: None = None) -> None:  # type: ignore[override]
+        """Report this step's loss (``metrics``) and apply the latest LRs."""
+        if epoch is not None:
+            raise TypeError("lrctl.Scheduler counts steps itself; step(epoch=...) is not supported")
+        self.controller.step(metrics)
+        self.last_epoch += 1
+        self._last_lr = self.controller.lr
+
+    def get_lr(self) -> list[float]:  # type: ignore[override]
+        return self.controller.lr
+
+    def get_last_lr(self) -> list[float]:  # type: ignore[override]
+        return list(self._last_lr)
+
+    @property
+    def should_stop(self) -> bool:
+        return self.controller.should_stop
+
+    @property
+    def should_skip(self) -> bool:
+        return self.controller.should_skip
+
+    def state_dict(self) -> dict[str, Any]:
+        """What a checkpoint needs: where this run stands. Policy state lives in the controller."""
+        return {"last_epoch": self.last_epoch, "run_key": self.controller.run_key,
+                "lrs": self.controller.lr}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.last_epoch = int(state_dict["last_epoch"])
+        self._last_lr = [float(x) for x in state_dict["lrs"]]
+
+    def close(self) -> None:
+        self.controller.close()
