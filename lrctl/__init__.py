@@ -16,6 +16,7 @@ __all__ = [
     "Decision",
     "Engine",
     "Policy",
+    "Scheduler",
     "__version__",
     "attach",
     "load_policy",
@@ -25,6 +26,17 @@ __all__ = [
 if TYPE_CHECKING:
     import os
     from collections.abc import Mapping, Sequence
+
+    from .integrations.scheduler import Scheduler
+
+
+def __getattr__(name: str) -> Any:
+    # lrctl.Scheduler subclasses torch's LRScheduler: import torch only when asked for.
+    if name == "Scheduler":
+        from .integrations.scheduler import Scheduler
+
+        return Scheduler
+    raise AttributeError(f"module 'lrctl' has no attribute {name!r}")
 
 
 def load_policy(
