@@ -56,6 +56,13 @@ class LrctlCallback(TrainerCallback):
         # The Trainer's own grad norm arrives through on_log; never compute another.
         options = {"run_name": getattr(args, "run_name", None), **self.attach_options,
                    "compute_grad_norm": False}
+        optimizer = _unwrap(optimizer)
+        # The Trainer built its scheduler before this call, and a warmup scheduler has
+        # already set the LR to its first value (0 for a linear warmup): attach from
+        # the configured LR, which torch's schedulers keep as ``initial_lr``.
+        for group in optimizer.param_groups:
+            if "initial_lr" in group:
+                group["lr"] = group["initial_lr"]
         self.controller = Controller(optimizer, **options)
         self._take_over(kwargs.get("lr_scheduler"))
 
@@ -118,3 +125,16 @@ class LrctlCallback(TrainerCallback):
         scheduler.get_last_lr = get_last_lr
         scheduler._last_lr = controller.lr
 
+
+def _unwrap(optimizer: Any) -> Any:
+    """The torch optimizer inside accelerate's ``AcceleratedOptimizer``.
+
+    The wrapper subclasses ``torch.optim.Optimizer`` without running its
+    ``__init__``, so registering the hook's pre-step hook on it raises; its
+    ``param_groups`` are the inner optimizer's, so attaching to the inner one
+    changes the same LRs.
+    """
+    inner = getattr(optimizer, "optimizer", None)
+    while inner is not None and hasattr(inner, "param_groups"):
+        optimizer, inner = inner, getattr(inner, "optimizer", None)
+    return optimizer
