@@ -19,6 +19,7 @@ COMMAND_MODULES = (
     "lrctl.commands.bench",
     "lrctl.commands.daemon",
     "lrctl.commands.audit",
+    "lrctl.commands.demo",
 )
 
 
