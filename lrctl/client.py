@@ -89,6 +89,8 @@ class Controller:
     ``resume``: the ``run_key`` of an earlier attach to rejoin (a training
     process restarted from a checkpoint); ``start_step``: the step number the
     loop resumes at (the controller ignores observations it already has).
+    ``watch``: ``False`` pins this run to the policy version it starts with (no
+    live reloads when the file is edited).
     """
 
     def __init__(self, optimizer: Any, *, policy: Any = None, run_name: str | None = None,
@@ -96,7 +98,7 @@ class Controller:
                  spawn: bool = True, timeout: float = 1.0, token: str | None = None,
                  spawn_timeout: float = 60.0, max_backoff: float = 5.0,
                  compute_grad_norm: bool = True, resume: str | None = None,
-                 start_step: int = 0) -> None:
+                 start_step: int = 0, watch: bool = True) -> None:
         groups = getattr(optimizer, "param_groups", None)
         if not isinstance(groups, list) or not groups or not all(
                 isinstance(g, dict) and "lr" in g for g in groups):
@@ -112,6 +114,7 @@ class Controller:
         if not (isinstance(timeout, (int, float)) and timeout > 0):
             raise ValueError(f"timeout must be > 0 seconds, but got {timeout=}")
         self.optimizer = optimizer
+        self._watch = bool(watch)
         self.sync = bool(sync)
         self.every = every
         self.timeout = float(timeout)
@@ -237,6 +240,7 @@ class Controller:
             "run": self.run_key, "run_name": name, "policy": {"text": text, "source": source},
             "lrs": list(self._applied), "groups": len(self._applied),
             "world_size": self._dist.world_size, "mlflow": _mlflow_info(), "cwd": os.getcwd(),
+            "watch": self._watch,
         }
         link = Link(address, {**hello, "token": token or token_from_env()} if
                     address.startswith("tcp://") else hello, self._on_message,

@@ -20,7 +20,9 @@ Hook → controller:
 
 * ``hello``: ``run`` (run key), ``run_name``, ``policy`` ``{text, source}``,
   ``lrs`` (initial LR per param group), ``groups``, ``world_size``, ``mlflow``
-  ``{run_id, tracking_uri}``, ``cwd``, ``token`` (TCP only).
+  ``{run_id, tracking_uri}``, ``cwd``, ``watch`` (optional, default true:
+  ``false`` pins the run to the policy version it starts with), ``token``
+  (TCP only).
 * ``obs``: ``s`` step, ``l`` loss, ``g`` grad norm (each may be absent or null),
   ``m`` named metrics (optional object).
 * ``bye``: the run ended; the controller closes the session.
@@ -31,7 +33,7 @@ Controller → hook:
   ``lrs``, ``mode``, ``restored``, ``policy_sha256``. The hook replays the
   observations it holds with a step greater than ``last_step``.
 * ``lr``: ``s`` (the observation step it answers, or -1 for a push from an
-  operator), ``lrs`` for the next step, ``skip``, ``stop``, ``mode``,
+  operator or a live policy reload), ``lrs`` for the next step, ``skip``, ``stop``, ``mode``,
   ``saved_step`` (the last step checkpointed to disk), ``d`` (new decisions,
   each a ``Decision.to_dict()``).
 
@@ -39,10 +41,14 @@ Operator → controller (one request, one answer, on its own connection; over
 TCP each request carries ``token``):
 
 * ``runs`` → ``runs`` ``{runs: [{run, run_name, step, lrs, mode, connected,
-  override, last_decision}]}``
+  override, last_decision, policy_source, policy_sha256, watching, reloads,
+  reload_error, store_error}]}``
 * ``set_lr`` ``{run, lr, steps}`` (``steps`` null: until cleared), ``clear_lr``
   ``{run}``, ``pause`` ``{run}``, ``resume`` ``{run}`` → ``ok`` ``{message}``
-* ``status`` → ``status`` ``{pid, version, runs, uptime_s, socket, state_dir}``
+* ``reload`` ``{run}`` (``run`` absent: every watched run) → ``ok``
+  ``{message, decisions}``; a pinned run answers ``error`` ``pinned``
+* ``status`` → ``status`` ``{pid, version, runs, connected, uptime_s, socket,
+  state_dir, watching, errors}``
 
 Either side: ``error`` ``{code, message, fatal}``. ``fatal`` means the sender
 closes the connection after it.

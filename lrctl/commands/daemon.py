@@ -1,4 +1,5 @@
-"""Verbs that run or talk to the controller: serve, status, runs, set-lr, pause, resume."""
+"""Verbs that run or talk to the controller: serve, status, runs, set-lr, pause, resume,
+reload."""
 
 from __future__ import annotations
 
@@ -30,6 +31,13 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--log-file", help="log file (default: STATE_DIR/controller.log)")
     p.add_argument("--no-audit", action="store_true",
                    help="record nothing (no journal, no MLflow): for experiments")
+    p.add_argument("--policies", metavar="DIR",
+                   help="validate every *.yaml in DIR at start and watch them")
+    p.add_argument("--no-watch", action="store_true",
+                   help="no live policy editing: runs keep the version they started with")
+    p.add_argument("--session-timeout", type=float, default=600.0, metavar="SECONDS",
+                   help="drop a run from memory after its hook is gone this long; its state "
+                        "stays on disk and a reconnect resumes it (0: never; default 600)")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("status", help="is a controller running, and what is it serving")
@@ -60,6 +68,15 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         p.add_argument("--socket", help=SOCKET_HELP)
         p.set_defaults(func=cmd_mode, verb=verb)
 
+    p = sub.add_parser("reload", help="reload a run's policy file now (or every watched run's)",
+                       description="Read the policy file of RUN (or of every watched run) now "
+                                   "and apply it as a live edit, even if it did not change. "
+                                   "An invalid file is reported and the old policy keeps "
+                                   "running.")
+    p.add_argument("run", nargs="?", help="run key, run name or a unique key prefix")
+    p.add_argument("--socket", help=SOCKET_HELP)
+    p.set_defaults(func=cmd_reload)
+
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from .. import paths
@@ -72,7 +89,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         options = ServeOptions(
             socket_path=os.path.abspath(args.socket or paths.default_socket()),
             state_dir=os.path.abspath(args.state_dir or paths.state_dir()),
-            tcp=tcp, token=token, foreground=args.foreground, log_file=args.log_file)
+            tcp=tcp, token=token, foreground=args.foreground, log_file=args.log_file,
+            watch=not args.no_watch,
+            policies_dir=os.path.abspath(args.policies) if args.policies else None,
+            session_timeout=args.session_timeout if args.session_timeout > 0 else None)
         return serve(options, (lambda _: NullSink()) if args.no_audit else build_sink)
     except AlreadyServing as exc:
         print(f"lrctl serve: {exc}", file=sys.stderr)
@@ -119,7 +139,10 @@ def cmd_status(args: argparse.Namespace) -> int:
     else:
         print(f"controller pid {reply['pid']} (lrctl {reply['version']}) on {reply['socket']}: "
               f"{reply['runs']} run(s), {reply['connected']} connected, up "
-              f"{reply['uptime_s']:.0f} s; state in {reply['state_dir']}")
+              f"{reply['uptime_s']:.0f} s; state in {reply['state_dir']}; watching "
+              f"{len(reply.get('watching', []))} policy file(s)")
+        for error in reply.get("errors", []):
+            print(f"  error: {error}")
     return 0
 
 
@@ -139,12 +162,19 @@ def cmd_runs(args: argparse.Namespace) -> int:
         mode = r["mode"] + ("" if r.get("connected") else ",detached")
         if r.get("override"):
             mode += ",manual"
+        if not r.get("watching", False):
+            mode += ",pinned"
         rows.append((r["run"], str(r["step"]), " ".join(f"{x:.4g}" for x in r["lrs"]), mode,
                      _describe(r.get("last_decision"))))
     widths = [max(len(row[i]) for row in rows) for i in range(4)]
     for row in rows:
         cells = [cell.ljust(w) for cell, w in zip(row[:4], widths, strict=True)]
         print("  ".join([*cells, row[4]]))
+    for r in runs:
+        if r.get("reload_error"):
+            print(f"{r['run']}: last reload failed: {r['reload_error']}")
+        if r.get("store_error"):
+            print(f"{r['run']}: cannot checkpoint: {r['store_error']}")
     return 0
 
 
@@ -173,6 +203,18 @@ def cmd_set_lr(args: argparse.Namespace) -> int:
         return 1
     print(f"{reply['run']}: {reply['message']}")
     return 0
+
+
+def cmd_reload(args: argparse.Namespace) -> int:
+    msg: dict[str, Any] = {"t": "reload"}
+    if args.run:
+        msg["run"] = args.run
+    reply = _ask(args, msg)
+    if reply is None:
+        return 1
+    print(f"{reply['run']}: {reply['message']}")
+    failed = any(d.get("action") == "reload_failed" for d in reply.get("decisions", []))
+    return 1 if failed else 0
 
 
 def cmd_mode(args: argparse.Namespace) -> int:

@@ -45,6 +45,9 @@ class ServeOptions:
     token: str | None = None
     foreground: bool = False
     log_file: str | None = None
+    watch: bool = True  # live policy editing (False: every run keeps its version)
+    policies_dir: str | None = None  # validated at start and watched
+    session_timeout: float | None = 600.0  # drop a hook-less run from memory (None: never)
 
 
 class Listening:
@@ -126,6 +129,8 @@ def serve(options: ServeOptions, sink_factory: Callable[[str], Sink] = build_sin
           ready: Callable[[Listening], None] | None = None) -> int:
     """Run a controller until SIGTERM/SIGINT. Returns the process exit status."""
     state = paths.ensure_private_dir(options.state_dir)
+    if options.policies_dir is not None and not os.path.isdir(options.policies_dir):
+        raise NotADirectoryError(f"--policies {options.policies_dir}: not a directory")
     listening = bind(options)
     if not options.foreground:
         _detach(options, state, listening)
@@ -136,7 +141,9 @@ def serve(options: ServeOptions, sink_factory: Callable[[str], Sink] = build_sin
     if listening.tcp is not None:
         listeners.append((listening.tcp, False))  # TCP connections authenticate first
     server = Server(listeners, store, sink, token=options.token,
-                    socket_path=options.socket_path, state_dir=str(state))
+                    socket_path=options.socket_path, state_dir=str(state),
+                    watch=options.watch, policies_dir=options.policies_dir,
+                    session_timeout=options.session_timeout)
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: server.stop())
     where = options.socket_path + (

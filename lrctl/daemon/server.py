@@ -11,18 +11,33 @@ Persistence: a session is checkpointed when it starts, after
 ones, on operator commands, when its hook disconnects, and at shutdown. Every
 reply tells the hook the last checkpointed step (``saved_step``), so the hook
 keeps just the observations after it and can replay them after a crash.
+A checkpoint that cannot be written is logged and shown by ``runs``/``status``;
+the run goes on from memory.
+
+Live policy editing: one :class:`~lrctl.reload.PolicyWatcher` watches every
+file a session runs (and ``--policies DIR``). Its thread only puts events on a
+queue and writes a byte to a wake-up socketpair registered in the selector; the
+loop applies them at once (not at the next observation), so the new LRs are
+pushed to the hook as an ``lr`` frame with ``s = -1``.
+
+Housekeeping, once a second: a session with no hook for ``session_timeout``
+seconds is checkpointed and dropped from memory (a late reconnect restores it
+from disk), and a socket file that was removed is bound again.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hmac
 import logging
 import math
 import os
+import queue
 import selectors
 import socket
 import time
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 from .. import __version__
@@ -38,8 +53,9 @@ from ..protocol import (
     get_int,
     get_str,
 )
+from ..reload import DEFAULT_DEBOUNCE_S, PolicyWatcher, ReloadEvent, read_policy_file
 from ..sinks import Sink
-from .session import Session
+from .session import Session, text_sha256
 from .store import RUN_KEY, StateStore
 
 __all__ = ["Server"]
@@ -52,7 +68,9 @@ MAX_CONNECTIONS = 1024
 MAX_OUTBUF = 8 << 20
 MAX_GROUPS = 4096
 MAX_DECISIONS_PER_FRAME = 32
-OPERATOR_TYPES = ("runs", "set_lr", "clear_lr", "pause", "resume", "status")
+OPERATOR_TYPES = ("runs", "set_lr", "clear_lr", "pause", "resume", "status", "reload")
+DEFAULT_SESSION_TIMEOUT = 600.0
+HOUSEKEEPING_INTERVAL = 1.0
 
 
 class Conn:
@@ -72,7 +90,9 @@ class Server:
 
     def __init__(self, listeners: list[tuple[socket.socket, bool]], store: StateStore,
                  sink: Sink, *, token: str | None = None, socket_path: str = "",
-                 state_dir: str = "") -> None:
+                 state_dir: str = "", watch: bool = True, policies_dir: str | None = None,
+                 session_timeout: float | None = DEFAULT_SESSION_TIMEOUT,
+                 debounce_s: float = DEFAULT_DEBOUNCE_S) -> None:
         self.sel = selectors.DefaultSelector()
         self.store = store
         self.sink = sink
@@ -86,9 +106,31 @@ class Server:
         self._stopping = False
         self._started = time.monotonic()
         self._nconns = 0
+        self.session_timeout = session_timeout
+        self._last_seen: dict[str, float] = {}
+        self._store_errors: dict[str, str] = {}
+        self._sink_error: str | None = None
+        self._housekeeping_at = 0.0
+        self._unix: socket.socket | None = None
+        self._unix_id: tuple[int, int] | None = None
         for sock, authed in listeners:
             sock.setblocking(False)
             self.sel.register(sock, selectors.EVENT_READ, ("listen", authed))
+            if sock.family == socket.AF_UNIX and self._unix is None and socket_path:
+                self._unix = sock
+                self._unix_id = _file_id(socket_path)
+        # Live editing: the watcher thread hands events over through a queue and a wake-up.
+        self._events: queue.SimpleQueue[ReloadEvent] = queue.SimpleQueue()
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+        self.sel.register(self._wake_r, selectors.EVENT_READ, ("wake", None))
+        self.watcher = PolicyWatcher(self._on_reload_event, debounce_s=debounce_s) if watch \
+            else None
+        self._watched: dict[str, str] = {}  # run key -> the path it is watched under
+        self.library: dict[str, str | None] = {}  # --policies files -> their error, if any
+        if policies_dir is not None:
+            self._load_library(policies_dir)
         self._restore()
 
     # -- lifecycle ---------------------------------------------------------------------
@@ -99,39 +141,64 @@ class Server:
             except (ValueError, KeyError, TypeError) as exc:
                 log.error("cannot restore run %s: %s; its checkpoint is left in place", key, exc)
                 continue
-            self.sessions[key] = session
-            self._last_save[key] = time.monotonic()
-            self._sink("open_run", session.info)
-            log.info("restored run %s at step %d", key, session.last_step)
+            self._adopt(key, session)
+            log.info("restored run %s at step %d (policy %s)", key, session.last_step,
+                     session.info.policy_sha256[:12])
+        # Catch up with edits made while the controller was down (same bytes: no-op).
+        for path in sorted({p for p in self._watched.values()}):
+            self._events.put(read_policy_file(path))
+
+    def _adopt(self, key: str, session: Session) -> None:
+        """A restored session joins the loop (at start, or when an evicted run returns)."""
+        self.sessions[key] = session
+        self._last_save[key] = time.monotonic()
+        self._last_seen[key] = time.monotonic()
+        self._sink("open_run", session.info)
+        self._sync_watch(session)
 
     def stop(self) -> None:
         """Ask the loop to finish (safe from a signal handler)."""
         self._stopping = True
 
     def serve_forever(self, poll: float = 0.25) -> None:
+        if self.watcher is not None:
+            self.watcher.start()
         try:
+            self._drain_events()
             while not self._stopping:
                 for key, mask in self.sel.select(timeout=poll):
                     kind, arg = key.data
                     if kind == "listen":
                         self._accept(key.fileobj, arg)  # type: ignore[arg-type]
+                    elif kind == "wake":
+                        self._drain_events()
                     elif mask & selectors.EVENT_READ and self._read(arg):
                         if mask & selectors.EVENT_WRITE:
                             self._flush(arg)
                     elif mask & selectors.EVENT_WRITE:
                         self._flush(arg)
                 self._save_due()
+                if time.monotonic() >= self._housekeeping_at:
+                    self._housekeeping_at = time.monotonic() + HOUSEKEEPING_INTERVAL
+                    self._evict_idle()
+                    self._check_socket()
         finally:
             self._shutdown()
 
     def _shutdown(self) -> None:
+        if self.watcher is not None:
+            self.watcher.stop()
+        self.sel.unregister(self._wake_r)
+        self._wake_r.close()
+        self._wake_w.close()
         for key in list(self.sessions):
             self._save(key)
         for conn in [k.data[1] for k in list(self.sel.get_map().values())
                      if k.data[0] == "conn"]:
             self._close(conn, save=False)
         for sock in self._listeners:
-            self.sel.unregister(sock)
+            with contextlib.suppress(KeyError, ValueError):
+                self.sel.unregister(sock)
             sock.close()
         self.sel.close()
         self._sink("close")
@@ -293,7 +360,15 @@ class Server:
         mlflow = msg.get("mlflow") or {}
         if not isinstance(mlflow, dict):
             raise ProtocolError("mlflow must be an object {run_id, tracking_uri}", "bad_message")
+        watch = msg.get("watch", True)
+        if not isinstance(watch, bool):
+            raise ProtocolError(f"watch must be true or false, but got {watch!r:.40}",
+                                "bad_message")
+        if source is not None and not source.startswith("<"):
+            source = _clean_source(source)
         session = self.sessions.get(key)
+        if session is None:
+            session = self._from_disk(key)
         restored = session is not None
         if session is None:
             try:
@@ -307,14 +382,20 @@ class Server:
             except ConfigError as exc:
                 self._fail(conn, "bad_policy", str(exc))
                 return
+            session.watch = watch
             self.sessions[key] = session
             self._sink("open_run", session.info)
             self._save(key)
-            log.info("run %s started (%d group(s), policy %s)", key, len(lrs), source)
-        elif list(session.engine.initial_lrs) != lrs or session.info.policy_text != text:
+            self._sync_watch(session)
+            log.info("run %s started (%d group(s), policy %s%s)", key, len(lrs), source,
+                     "" if session.watch_path else ", not watched")
+        elif list(session.engine.initial_lrs) != lrs or text_sha256(text or "") not in (
+                session.hello_sha256, session.info.policy_sha256):
+            # After a live reload the hook still sends the text it started with.
             self._fail(conn, "run_conflict",
                        f"run {key} exists with a different policy or initial LRs")
             return
+        self._last_seen[key] = time.monotonic()
         old = self.conns.get(key)
         if old is not None and old is not conn:
             log.info("run %s reconnected; dropping its old connection", key)
@@ -329,7 +410,10 @@ class Server:
     def _obs(self, conn: Conn, msg: Mapping[str, Any]) -> None:
         if conn.run is None:
             raise ProtocolError("obs before hello", "bad_message")
-        session = self.sessions[conn.run]
+        session = self.sessions.get(conn.run)
+        if session is None:
+            raise ProtocolError(f"run {conn.run} is no longer served; reconnect", "no_such_run")
+        self._last_seen[conn.run] = time.monotonic()
         step = get_int(msg, "s")
         assert step is not None
         loss = msg.get("l")
@@ -374,6 +458,9 @@ class Server:
         self.conns.pop(key, None)
         conn.run = None
         self._last_save.pop(key, None)
+        self._last_seen.pop(key, None)
+        self._store_errors.pop(key, None)
+        self._unwatch(key)
         if session is not None:
             self.store.delete(key)
             self._sink("close_run", key)
@@ -381,14 +468,25 @@ class Server:
 
     def _operator(self, t: str, msg: Mapping[str, Any]) -> dict[str, Any]:
         if t == "status":
+            errors = [f"run {s.key}: reload: {s.reload_error}" for s in self.sessions.values()
+                      if s.reload_error]
+            errors += [f"run {k}: checkpoint: {e}" for k, e in self._store_errors.items()]
+            errors += [f"policies: {e}" for e in self.library.values() if e]
+            if self._sink_error:
+                errors.append(f"sink: {self._sink_error}")
             return {"t": "status", "pid": os.getpid(), "version": __version__,
                     "runs": len(self.sessions), "connected": len(self.conns),
                     "uptime_s": round(time.monotonic() - self._started, 3),
-                    "socket": self.socket_path, "state_dir": self.state_dir}
+                    "socket": self.socket_path, "state_dir": self.state_dir,
+                    "watching": [] if self.watcher is None else self.watcher.watched(),
+                    "errors": errors[:50]}
         if t == "runs":
             return {"t": "runs", "runs": [
-                {**s.summary(), "connected": k in self.conns}
+                {**s.summary(), "connected": k in self.conns,
+                 "store_error": self._store_errors.get(k)}
                 for k, s in sorted(self.sessions.items())]}
+        if t == "reload":
+            return self._operator_reload(get_str(msg, "run", max_len=96, optional=True))
         key = get_str(msg, "run", max_len=96)
         session = self._find(key or "")
         if t == "set_lr":
@@ -423,14 +521,202 @@ class Server:
         raise ProtocolError(f"{name!r} matches {len(found)} runs: "
                             f"{', '.join(sorted(s.key for s in found))}", "ambiguous_run")
 
+    # -- live policy editing ---------------------------------------------------------------
+    def _on_reload_event(self, event: ReloadEvent) -> None:
+        """Runs on the watcher's thread: hand the event over and wake the loop, nothing else."""
+        self._events.put(event)
+        with contextlib.suppress(OSError):  # full: the loop is awake already
+            self._wake_w.send(b"\0")
+
+    def _drain_events(self) -> None:
+        with contextlib.suppress(OSError):
+            while self._wake_r.recv(4096):
+                pass
+        while True:
+            try:
+                event = self._events.get_nowait()
+            except queue.Empty:
+                return
+            self._apply_event(event)
+
+    def _sync_watch(self, session: Session) -> None:
+        """Watch the session's file under the right path (or none when pinned)."""
+        want = session.watch_path
+        have = self._watched.get(session.key)
+        if want == have or self.watcher is None:
+            return
+        self._unwatch(session.key)
+        if want is not None:
+            self.watcher.watch(want, session.info.policy_sha256)
+            self._watched[session.key] = want
+
+    def _unwatch(self, key: str) -> None:
+        path = self._watched.pop(key, None)
+        if path is not None and self.watcher is not None:
+            self.watcher.unwatch(path)
+
+    def _load_library(self, directory: str) -> None:
+        """Validate every policy in ``--policies DIR`` now, and watch them."""
+        files = sorted(p for p in Path(directory).iterdir()
+                       if p.suffix in (".yaml", ".yml") and p.is_file())
+        for path in files:
+            event = read_policy_file(str(path.resolve()))
+            self.library[event.path] = event.error
+            if event.error:
+                log.error("policy %s", event.error)
+            if self.watcher is not None:
+                self.watcher.watch(event.path, event.sha256)
+        log.info("validated %d policy file(s) in %s, %d invalid", len(files), directory,
+                 sum(1 for path in files if self.library.get(str(path.resolve()))))
+
+    def _apply_event(self, event: ReloadEvent,
+                     only: list[Session] | None = None) -> list[dict[str, Any]]:
+        """Apply a file's new version to every session running it; their decisions."""
+        path = os.path.normpath(event.path)
+        targets = only if only is not None else [
+            s for s in self.sessions.values() if s.watch_path == path]
+        if path in self.library:
+            self.library[path] = event.error
+        if event.status == "missing":
+            log.warning("%s; %d run(s) keep their current policy until it returns",
+                        event.error, len(targets))
+            return []
+        if event.status == "invalid":
+            log.error("reload rejected, %d run(s) keep the old version: %s", len(targets),
+                      event.error)
+        out = []
+        for session in targets:
+            if event.policy is not None:
+                if not event.forced and event.policy.sha256 == session.info.policy_sha256:
+                    continue  # already running this version (restored after the edit)
+                try:
+                    decision = session.reload(event.policy, event.forced)
+                except (ConfigError, ValueError) as exc:
+                    log.error("run %s cannot take %s: %s", session.key, path, exc)
+                    decision = session.reload_failed(str(exc), event.sha256)
+                else:
+                    log.info("run %s: %s", session.key, decision["reason"])
+            else:
+                decision = session.reload_failed(event.error or "invalid", event.sha256)
+            self._sink("decision", session.key, {**decision, "wall_time": time.time()})
+            self._sink("policy_changed", session.key, session.info, decision)
+            self._save(session.key)
+            self._sync_watch(session)  # the new version may say watch: false
+            conn = self.conns.get(session.key)
+            if conn is not None:
+                self._reply(conn, session, -1, session.lrs(), [decision], False, False)
+            out.append(decision)
+        return out
+
+    def _operator_reload(self, name: str | None) -> dict[str, Any]:
+        """``lrctl reload [RUN]``: read the file(s) now and apply even unchanged bytes."""
+        if name:
+            session = self._find(name)
+            if session.watch_path is None:
+                raise ProtocolError(
+                    f"run {session.key} is pinned to its policy version (not a file, "
+                    "'watch: false' in the file, or attach(watch=False))", "pinned")
+            sessions = [session]
+        else:
+            sessions = [s for s in self.sessions.values() if s.watch_path is not None]
+        by_path: dict[str, list[Session]] = {}
+        for s in sessions:
+            by_path.setdefault(s.watch_path or "", []).append(s)
+        decisions: list[dict[str, Any]] = []
+        problems: list[str] = []
+        for path, group in sorted(by_path.items()):
+            event = read_policy_file(path)
+            if event.status == "missing":
+                problems.append(event.error or path)
+            event = ReloadEvent(event.path, event.status, event.policy, event.error,
+                                event.sha256, forced=True)
+            decisions += self._apply_event(event, only=group)
+        log.info("operator: reload of %d run(s)", len(sessions))
+        lines = [f"{d['action']}: {d['reason']}" for d in decisions] + problems
+        return {"t": "ok", "run": sessions[0].key if name else "*",
+                "message": "; ".join(lines) or "no watched runs",
+                "decisions": decisions[:MAX_DECISIONS_PER_FRAME]}
+
+    # -- housekeeping -----------------------------------------------------------------------
+    def _evict_idle(self) -> None:
+        """Checkpoint and forget runs whose hook is gone for ``session_timeout`` seconds."""
+        if self.session_timeout is None:
+            return
+        now = time.monotonic()
+        for key in [k for k in self.sessions if k not in self.conns
+                    and now - self._last_seen.get(k, now) > self.session_timeout]:
+            self._save(key)
+            if key in self._store_errors:
+                continue  # its only copy is in memory: keep it
+            self.sessions.pop(key)
+            self._last_seen.pop(key, None)
+            self._last_save.pop(key, None)
+            self._unwatch(key)
+            log.info("run %s evicted after %.0f s without its hook; its state stays on disk "
+                     "and a reconnect resumes it", key, self.session_timeout)
+
+    def _from_disk(self, key: str) -> Session | None:
+        """An evicted run whose hook came back."""
+        try:
+            state = self.store.load(key)
+            session = None if state is None else Session.restore(state)
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            log.error("cannot restore run %s: %s", key, exc)
+            return None
+        if session is not None:
+            self._adopt(key, session)
+            log.info("run %s restored from disk at step %d", key, session.last_step)
+        return session
+
+    def _check_socket(self) -> None:
+        """Bind the socket file again if someone removed it; connections stay as they are."""
+        if self._unix is None or self._unix_id is None:
+            return
+        now = _file_id(self.socket_path)
+        if now == self._unix_id:
+            return
+        if now is not None:
+            log.error("%s was replaced by another file; not touching it. New runs cannot "
+                      "reach this controller; existing ones go on", self.socket_path)
+            self._unix_id = now  # say it once
+            self._unix = None
+            return
+        log.warning("socket %s was removed; binding it again", self.socket_path)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        old = os.umask(0o177)
+        try:
+            sock.bind(self.socket_path)
+            os.chmod(self.socket_path, 0o600)
+            sock.listen(128)
+        except OSError as exc:
+            sock.close()
+            log.error("cannot bind %s again: %s", self.socket_path, exc)
+            return
+        finally:
+            os.umask(old)
+        sock.setblocking(False)
+        with contextlib.suppress(KeyError, ValueError):
+            self.sel.unregister(self._unix)
+        self._unix.close()
+        self._listeners = [s for s in self._listeners if s is not self._unix] + [sock]
+        self.sel.register(sock, selectors.EVENT_READ, ("listen", True))
+        self._unix = sock
+        self._unix_id = _file_id(self.socket_path)
+
     # -- persistence and sink ------------------------------------------------------------
     def _save(self, key: str) -> None:
         session = self.sessions[key]
         try:
             self.store.save(key, session.to_state())
         except (OSError, ValueError) as exc:
-            log.error("cannot checkpoint run %s: %s", key, exc)
+            if key not in self._store_errors:  # once per outage, not once per step
+                log.error("cannot checkpoint run %s: %s; the run goes on from memory, "
+                          "a controller restart would lose it", key, exc)
+            self._store_errors[key] = str(exc)
+            self._last_save[key] = time.monotonic()  # retry at SAVE_INTERVAL, not per step
             return
+        if self._store_errors.pop(key, None) is not None:
+            log.info("run %s checkpointed again", key)
         session.saved_step = session.last_step
         session.unsaved = 0
         self._last_save[key] = time.monotonic()
@@ -445,8 +731,30 @@ class Server:
         """A sink failure is logged, never allowed to take the controller down."""
         try:
             getattr(self.sink, method)(*args)
-        except Exception:
+        except Exception as exc:
             log.exception("sink %s failed", method)
+            self._sink_error = f"{method} failed: {exc}"
+
+
+def _file_id(path: str) -> tuple[int, int] | None:
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
+def _clean_source(source: str) -> str:
+    """A client's policy path, made safe to show, watch and store.
+
+    Only an absolute path to a file may be watched; anything else (a relative
+    path, NULs, control characters) is kept as an opaque label in angle
+    brackets, which the controller never opens.
+    """
+    if (not os.path.isabs(source) or any(ord(c) < 32 for c in source)
+            or len(source) > 4096):
+        return "<" + "".join(c if c.isprintable() else "?" for c in source[:200]) + ">"
+    return os.path.normpath(source)
 
 
 def _lrs(value: Any) -> list[float]:

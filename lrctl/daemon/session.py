@@ -11,10 +11,18 @@ policy ``operator``:
 * ``pause`` / ``resume``: shadow mode. The policies keep observing and record
   what they would do (``shadow: true``) but the LRs hold at the values in
   effect when shadow mode began, rather than jumping to the initial LRs.
+
+A hot reload (:meth:`Session.reload`) swaps in a new policy stack built from
+the new file and carries the old one's state over with ``Engine.inherit``.
+Operator state sits above the policies, so it survives the swap: a manual LR
+stays in force and a paused run stays paused.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -22,9 +30,15 @@ from ..config import PolicyFile, parse_text
 from ..policy import Decision, Engine
 from ..sinks import RunInfo
 
-__all__ = ["OPERATOR", "Session", "Step"]
+__all__ = ["OPERATOR", "RELOAD", "Session", "Step", "text_sha256"]
 
 OPERATOR = "operator"
+RELOAD = "reload"
+
+
+def text_sha256(text: str) -> str:
+    """The sha256 a policy text gets in a ``PolicyFile`` (to compare hellos)."""
+    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
 
 
 class Step:
@@ -55,6 +69,12 @@ class Session:
         self.last_decision: dict[str, Any] | None = None
         self.saved_step = -1
         self.unsaved = 0  # observations since the last checkpoint
+        # Live editing: the hook may opt out (attach(watch=False)); so may the file.
+        self.watch = True
+        # The policy the hook sent: a reconnecting hook sends it again even after reloads.
+        self.hello_sha256 = info.policy_sha256
+        self.reload_error: str | None = None  # the last failed reload, shown by ``runs``
+        self.reloads = 0
 
     # -- construction ------------------------------------------------------------------
     @classmethod
@@ -84,6 +104,11 @@ class Session:
         if override is not None:
             s.override = {"lrs": _floats(override["lrs"]), "until": override.get("until")}
         s.last_decision = state.get("last_decision")
+        s.watch = bool(state.get("watch", True))
+        s.hello_sha256 = str(state.get("hello_sha256") or s.info.policy_sha256)
+        error = state.get("reload_error")
+        s.reload_error = None if error is None else str(error)
+        s.reloads = int(state.get("reloads", 0))
         s.saved_step = s.last_step
         return s
 
@@ -102,7 +127,68 @@ class Session:
             "hold_lrs": self.hold_lrs,
             "override": self.override,
             "last_decision": self.last_decision,
+            "watch": self.watch,
+            "hello_sha256": self.hello_sha256,
+            "reload_error": self.reload_error,
+            "reloads": self.reloads,
         }
+
+    # -- live editing ------------------------------------------------------------------
+    @property
+    def watch_path(self) -> str | None:
+        """The file to watch, or None: not a file, pinned by the hook, or ``watch: false``."""
+        source = self.info.policy_source
+        if not (self.watch and self.policy.watch and os.path.isabs(source)):
+            return None
+        return os.path.normpath(source)
+
+    def reload(self, policy: PolicyFile, forced: bool = False) -> dict[str, Any]:
+        """Swap in ``policy``, keeping the policies' and the operator's state.
+
+        Raises ``ConfigError`` or ``ValueError`` when the new file cannot drive
+        this run (e.g. per-group lists of the wrong length); the session is
+        unchanged then.
+        """
+        old = self.engine
+        new = policy.build(list(old.initial_lrs))
+        operator_mode = old.mode != self.policy.mode  # set by pause/resume, not by the file
+        summary = new.inherit(old)
+        new.mode = old.mode if operator_mode else policy.mode
+        before = self.lrs()
+        old_sha = self.info.policy_sha256
+        self.engine = new
+        self.policy = policy
+        if new.mode == "shadow":
+            self.hold_lrs = self.hold_lrs if self.hold_lrs is not None else before
+        else:
+            self.hold_lrs = None
+        self.info = dataclasses.replace(
+            self.info, policy_text=policy.text, policy_sha256=policy.sha256,
+            params=flatten_params(policy))
+        self.reload_error = None
+        self.reloads += 1
+        parts = [f"{k} {', '.join(v)}" for k, v in summary.items() if v]
+        what = "; ".join(parts) or "no policies"
+        verb = "forced reload" if forced else "reloaded"
+        return self._record(Decision(
+            step=max(self.last_step, 0), policy=RELOAD, kind=RELOAD, action="reload",
+            old_lrs=tuple(before), new_lrs=tuple(self.lrs()),
+            reason=f"{verb} {os.path.basename(policy.source)}: {what}",
+            evidence={"old_sha256": old_sha, "new_sha256": policy.sha256,
+                      "source": policy.source, "forced": forced, **summary},
+            policy_sha256=policy.sha256).to_dict())
+
+    def reload_failed(self, error: str, sha256: str | None) -> dict[str, Any]:
+        """Record a rejected new version; the current policy keeps running."""
+        self.reload_error = error
+        lrs = tuple(self.lrs())
+        return self._record(Decision(
+            step=max(self.last_step, 0), policy=RELOAD, kind=RELOAD, action="reload_failed",
+            old_lrs=lrs, new_lrs=lrs,
+            reason=f"new version rejected, the current policy keeps running: {error}",
+            evidence={"old_sha256": self.info.policy_sha256, "new_sha256": sha256,
+                      "error": error},
+            policy_sha256=self.info.policy_sha256).to_dict())
 
     # -- the hot path --------------------------------------------------------------------
     @property
@@ -192,6 +278,11 @@ class Session:
             "mode": self.mode,
             "override": self.override,
             "last_decision": self.last_decision,
+            "policy_source": self.info.policy_source,
+            "policy_sha256": self.info.policy_sha256,
+            "watching": self.watch_path is not None,
+            "reloads": self.reloads,
+            "reload_error": self.reload_error,
         }
 
 

@@ -68,6 +68,19 @@ class StateStore:
             return
         self._fsync_dir()
 
+    def load(self, key: str) -> dict[str, Any] | None:
+        """One run's checkpoint (a run evicted after its idle timeout that came back)."""
+        path = self.path(key)
+        if not path.is_file():
+            return None
+        try:
+            return self._read(path)
+        except (OSError, ValueError) as exc:
+            log.error("checkpoint %s is unusable (%s); moved aside as .corrupt", path, exc)
+            with contextlib.suppress(OSError):
+                os.replace(path, path.with_suffix(".corrupt"))
+            return None
+
     def load_all(self) -> Iterator[tuple[str, dict[str, Any]]]:
         """Every valid checkpoint; damaged ones are renamed ``*.corrupt`` and logged."""
         for path in sorted(self.dir.glob("*.json")):
