@@ -16,15 +16,17 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import select
 import socket
+import struct
 import time
 from collections import deque
 from collections.abc import Callable, Mapping
 from typing import Any
 
 from . import paths
-from .protocol import MAX_FRAME, MAX_HELLO, FrameDecoder, ProtocolError, encode
+from .protocol import MAX_FRAME, MAX_HELLO, ProtocolError, decode_body, encode
 
 __all__ = ["Link"]
 
@@ -32,6 +34,15 @@ log = logging.getLogger("lrctl")
 
 BUFFER_MAX = 100_000
 MAX_PENDING_OUT = 4 << 20
+RECV_SIZE = 1 << 16
+_READABLE = select.POLLIN | select.POLLPRI | select.POLLERR | select.POLLHUP
+_HEADER = struct.Struct(">I")
+# The controller's usual ``lr`` reply, exactly as its ``json.dumps`` writes it (finite
+# LRs, no decisions). Anything else (a decision, a non-finite LR, another field order)
+# goes through ``json.loads``: the fast path only skips work, it never changes results.
+_PLAIN_LR = re.compile(
+    rb'\{"v":1,"t":"lr","s":(-?[0-9]+),"lrs":\[([-+.eE0-9,]*)\],"skip":(true|false),'
+    rb'"stop":(true|false),"mode":"([A-Za-z_]+)","saved_step":(-?[0-9]+),"d":\[\]\}')
 
 
 class Link:
@@ -54,7 +65,8 @@ class Link:
         self.welcomed = False
         self.fatal: dict[str, Any] | None = None  # a refusal we must not retry into
         self._sock: socket.socket | None = None
-        self._decoder = FrameDecoder(MAX_FRAME)
+        self._poller = select.poll()
+        self._rest = b""  # the start of a frame not yet whole
         self._out = bytearray()
         self._backoff = 0.1
         self._next_attempt = 0.0
@@ -62,6 +74,11 @@ class Link:
     @property
     def connected(self) -> bool:
         return self.state == "up"
+
+    @property
+    def idle(self) -> bool:
+        """Up with nothing left to send: a :meth:`pump` could only find unsolicited frames."""
+        return self.state == "up" and not self._out
 
     # -- connecting ----------------------------------------------------------------------
     def open(self, timeout: float) -> bool:
@@ -83,7 +100,9 @@ class Link:
             self._down(f"cannot connect to {self.address}: {exc.strerror or exc}")
             return False
         self._sock = sock
-        self._decoder = FrameDecoder(MAX_FRAME)
+        self._poller = select.poll()  # a zero-timeout poll is far cheaper than a failed recv
+        self._poller.register(sock, _READABLE)
+        self._rest = b""
         self._out = bytearray(encode({"t": "hello", **self.hello}, MAX_HELLO))
         self.state = "handshake"
         self._flush()
@@ -138,7 +157,7 @@ class Link:
             want_write = [self._sock] if self._out else []
             try:
                 select.select([self._sock], want_write, [], left)
-            except (OSError, ValueError):
+            except (OSError, ValueError):  # select, not poll: it also waits to write
                 self._down("select failed")
                 return False
             self.pump()
@@ -186,9 +205,11 @@ class Link:
         del self._out[:sent]
 
     def _read(self) -> None:
-        while self._sock is not None:
+        """Handle what arrived. Runs every step, so: poll first (no exception when nothing
+        came), and a short read means the socket is drained (no second ``recv``)."""
+        while self._sock is not None and self._poller.poll(0):
             try:
-                data = self._sock.recv(1 << 16)
+                data = self._sock.recv(RECV_SIZE)
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:
@@ -198,12 +219,36 @@ class Link:
                 self._down("the controller closed the connection")
                 return
             try:
-                messages = self._decoder.feed(data)
+                messages = self._frames(data)
             except ProtocolError as exc:
                 self._down(f"bad frame from the controller: {exc}")
                 return
             for msg in messages:
                 self._handle(msg)
+            if len(data) < RECV_SIZE:
+                return
+
+    def _frames(self, data: bytes) -> list[dict[str, Any]]:
+        """Whole frames from what arrived (:class:`~lrctl.protocol.FrameDecoder`'s rules,
+        every frame up to :data:`MAX_FRAME`); plain ``lr`` replies skip ``json.loads``."""
+        if self._rest:
+            data = self._rest + data
+            self._rest = b""
+        out = []
+        pos, end = 0, len(data)
+        while pos + 4 <= end:
+            (size,) = _HEADER.unpack_from(data, pos)
+            if size > MAX_FRAME:
+                raise ProtocolError(f"frame of {size} bytes exceeds the limit of {MAX_FRAME}",
+                                    "too_large")
+            if pos + 4 + size > end:
+                break
+            body = data[pos + 4:pos + 4 + size]
+            out.append(_plain_lr(body) or decode_body(body))
+            pos += 4 + size
+        if pos < end:
+            self._rest = data[pos:]
+        return out
 
     def _handle(self, msg: dict[str, Any]) -> None:
         t = msg["t"]
@@ -239,6 +284,21 @@ class Link:
             if self.state != "up":
                 return
         log.info("lrctl link up at step %d (%d observation(s) replayed)", last, len(self.buffer))
+
+
+def _plain_lr(body: bytes) -> dict[str, Any] | None:
+    """The message of a plain ``lr`` reply (see :data:`_PLAIN_LR`), or ``None``."""
+    m = _PLAIN_LR.fullmatch(body)
+    if m is None:
+        return None
+    s, lrs, skip, stop, mode, saved = m.groups()
+    try:
+        values = [float(x) for x in lrs.split(b",")] if lrs else []
+    except ValueError:
+        return None
+    return {"v": 1, "t": "lr", "s": int(s), "lrs": values, "skip": skip == b"true",
+            "stop": stop == b"true", "mode": mode.decode("ascii"), "saved_step": int(saved),
+            "d": []}
 
 
 def token_from_env(env: Mapping[str, str] | None = None) -> str | None:

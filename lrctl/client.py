@@ -34,6 +34,7 @@ import warnings
 from collections import deque
 from collections.abc import Mapping
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 from . import paths
@@ -52,6 +53,11 @@ MAX_POLICY_BYTES = 64 * 1024
 MAX_DECISIONS = 10_000
 _NAME_BAD = re.compile(r"[^A-Za-z0-9._-]+")
 _spawned: list[subprocess.Popen[bytes]] = []  # kept so their handles outlive the caller's frame
+# Shorter than any round trip through the controller (tens of µs): a read this soon after
+# the last one cannot find the answer to what was sent just before it.
+_POLL_GAP = 10e-6
+_NO_METRICS: Mapping[str, Any] = MappingProxyType({})
+_clock = time.perf_counter
 
 
 class ControllerError(RuntimeError):
@@ -132,6 +138,7 @@ class Controller:
         self._got_error = False
         self._staged: deque[tuple[int, Any, Any, tuple[bool, bool], dict[str, Any]]] = deque()
         self._pinned: list[Any] = []
+        self._polled_at = 0.0  # when the link was last read (see _pre_step)
         self._hook_handle: Any = None
         self.should_stop = False
         self.should_skip = False
@@ -185,10 +192,14 @@ class Controller:
             t = self._step
             self._step = t + 1
             self.should_skip = False
-            if self._link is not None and self._link.fatal is None:
+            link = self._link
+            if link is not None and link.fatal is None:
                 if t % self.every == 0 or self._metrics:
                     self._report(t, loss, grad_norm)
-                self._pump()
+                # Between reports with every answer in, there is nothing to read: such
+                # steps cost next to nothing, so every=N divides the hook's cost by N.
+                if self._acked < self._reported or self._staged or not link.idle:
+                    self._pump()
                 if self.sync and self._reported == t:
                     self._wait_for(t)
         except Exception as exc:  # fail-open: the training loop must not see lrctl's bugs
@@ -301,7 +312,14 @@ class Controller:
     def _report(self, t: int, loss: Any, grad_norm: Any) -> None:
         if grad_norm is None and self._compute_grad_norm:
             grad_norm = total_grad_norm(self.optimizer)
-        metrics, self._metrics = self._metrics, {}
+        if self._metrics:
+            metrics, self._metrics = self._metrics, {}
+        else:
+            metrics = _NO_METRICS  # no allocation on the usual step
+        if (loss is None or type(loss) is float) and (grad_norm is None
+                                                      or type(grad_norm) is float):
+            self._send(t, loss, grad_norm, metrics)
+            return
         loss_dev, grad_dev = _on_device(loss), _on_device(grad_norm)
         if (loss_dev or grad_dev) and not self.sync:
             self._stage(t, loss, grad_norm, (loss_dev, grad_dev), metrics)
@@ -311,7 +329,7 @@ class Controller:
     def _send(self, t: int, loss: float | None, grad: float | None,
               metrics: Mapping[str, Any]) -> None:
         assert self._link is not None
-        clean = {k: float(_to_float(v) or 0.0) for k, v in metrics.items()}
+        clean = {k: float(_to_float(v) or 0.0) for k, v in metrics.items()} if metrics else None
         try:
             frame = encode_obs(t, loss, grad, clean)
         except ValueError as exc:  # e.g. too many metrics for one frame
@@ -325,6 +343,7 @@ class Controller:
             self._drain_staged(block=False)
         assert self._link is not None
         self._link.pump()
+        self._polled_at = _clock()
 
     def _wait_for(self, t: int) -> None:
         assert self._link is not None
@@ -335,9 +354,16 @@ class Controller:
                                "continuing at the last LR")
 
     def _pre_step(self, *_: Any) -> None:
-        """Optimizer pre-step hook: apply whatever arrived since :meth:`step`."""
+        """Optimizer pre-step hook: apply whatever arrived since :meth:`step`.
+
+        It reads only when an answer is awaited and :meth:`step` did not just read: in
+        the documented order (``step`` right before ``optimizer.step()``) no reply can
+        have come in between (see :data:`_POLL_GAP`). When a loop calls ``step`` after
+        ``optimizer.step()``, this read is what puts a decision in effect at ``t + 1``.
+        """
         try:
-            if self._link is not None:
+            if (self._link is not None and (self._acked < self._reported or self._staged)
+                    and _clock() - self._polled_at > _POLL_GAP):
                 self._pump()
             self._apply()
         except Exception as exc:
