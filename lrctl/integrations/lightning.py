@@ -2,17 +2,24 @@
 
     trainer = L.Trainer(callbacks=[LrctlCallback(policy="policies/default.yaml")])
 
-* Attaches the first optimizer at ``on_fit_start`` (no scheduler is needed;
-  leave ``configure_optimizers`` returning just the optimizer).
+* Attaches the first optimizer at ``on_train_start`` (no scheduler is needed;
+  leave ``configure_optimizers`` returning just the optimizer). Not earlier:
+  on a resume Lightning loads the optimizer's checkpointed state after
+  ``on_fit_start``, and ``Optimizer.load_state_dict`` replaces the param-group
+  dicts the hook would otherwise keep writing LRs into.
 * Takes the grad norm in ``on_before_optimizer_step``, before Lightning clips
   the gradients (a device tensor: no synchronisation), and the loss from the
   training step's output, once per optimizer step (gradient accumulation aware).
 * Reports the validation metrics Lightning collected (``val_loss``…) after
   each validation run.
 * A ``stop`` decision sets ``trainer.should_stop``.
-* Its state (the controller session and the step count) goes into Lightning
-  checkpoints; resuming from one rejoins the same controller session, whose
-  policy state the controller restored from disk.
+* Its state (the controller session, the step count and the initial LRs) goes
+  into Lightning checkpoints; ``trainer.fit(ckpt_path=...)`` rejoins the same
+  controller session and continues its step count and policy state.
+* A fit that ends normally ends the controller session (the run is finished;
+  its MLflow run is closed). A fit that ends in an exception (a crash, a
+  preemption, Ctrl-C) only disconnects: the controller keeps the session, on
+  disk if it is idle for long, for a resume to rejoin.
 """
 
 from __future__ import annotations
@@ -36,16 +43,26 @@ class LrctlCallback(pl.Callback):
         self._grad_norm: Any = None
         self._last_global_step = -1
         self._resume: dict[str, Any] | None = None
+        self._initial_lrs: list[float] = []
 
     # -- lifecycle -------------------------------------------------------------------------
-    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not trainer.optimizers:
             raise RuntimeError("LrctlCallback: configure_optimizers returned no optimizer")
+        optimizer = trainer.optimizers[0]
         options: dict[str, Any] = {"compute_grad_norm": False, **self.attach_options}
-        if self._resume is not None:
-            options.setdefault("resume", self._resume.get("run_key"))
+        if self._resume is not None and self._resume.get("run_key"):
+            options.setdefault("resume", self._resume["run_key"])
             options.setdefault("start_step", int(self._resume.get("step", 0)))
-        self.controller = Controller(trainer.optimizers[0], **options)
+            # The controller knows a run by its policy and *initial* LRs, while the
+            # restored optimizer holds the LRs of the step it stopped at: say the
+            # initial ones; the welcome then puts the session's current LRs back.
+            initial = self._resume.get("initial_lrs")
+            if isinstance(initial, list) and len(initial) == len(optimizer.param_groups):
+                for group, lr in zip(optimizer.param_groups, initial, strict=True):
+                    group["lr"] = float(lr)
+        self._initial_lrs = [float(g["lr"]) for g in optimizer.param_groups]
+        self.controller = Controller(optimizer, **options)
         self._last_global_step = trainer.global_step
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -54,7 +71,8 @@ class LrctlCallback(pl.Callback):
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                      exception: BaseException) -> None:
-        self.on_fit_end(trainer, pl_module)
+        if self.controller is not None:
+            _detach(self.controller)
 
     # -- per step --------------------------------------------------------------------------
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
@@ -88,7 +106,24 @@ class LrctlCallback(pl.Callback):
     def state_dict(self) -> dict[str, Any]:
         if self.controller is None:
             return dict(self._resume or {})
-        return {"run_key": self.controller.run_key, "step": self.controller.steps_taken}
+        return {"run_key": self.controller.run_key, "step": self.controller.steps_taken,
+                "initial_lrs": list(self._initial_lrs)}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._resume = dict(state_dict)
+
+
+def _detach(controller: Controller) -> None:
+    """Unhook and drop the connection without the goodbye that ends the session.
+
+    ``Controller.close()`` always says goodbye, and the controller then forgets
+    the run; an interrupted fit must stay resumable.
+    """
+    handle = getattr(controller, "_hook_handle", None)
+    if handle is not None:
+        handle.remove()
+        controller._hook_handle = None
+    link = getattr(controller, "_link", None)
+    if link is not None:
+        link.close(bye=False)
+        controller._link = None

@@ -1,0 +1,76 @@
+"""``lrctl.Scheduler`` in a plain loop, against a real controller.
+
+Code written for torch schedulers calls ``step()``, ``get_last_lr()`` and
+``state_dict()``; the LRs must be the controller's, and identical to the
+in-process engine's for the same losses (sync mode).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+from integ_common import POLICY
+from torch import nn
+
+import lrctl
+
+STEPS = 40
+LR = 0.05
+
+
+def test_scheduler_matches_in_process_engine(controller: Any) -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 1))
+    optimizer = torch.optim.SGD(model.parameters(), lr=LR)
+    x, y = torch.randn(64, 8), torch.randn(64, 1)
+    scheduler = lrctl.Scheduler(optimizer, policy=POLICY, sync=True, timeout=10.0)
+    assert isinstance(scheduler, torch.optim.lr_scheduler.LRScheduler)
+    used, last_lrs, observed = [], [], []
+    try:
+        for step in range(STEPS):
+            loss = nn.functional.mse_loss(model(x), y)
+            optimizer.zero_grad()
+            loss.backward()
+            grad_norm = float(lrctl.client.total_grad_norm(optimizer))
+            used.append(optimizer.param_groups[0]["lr"])
+            optimizer.step()
+            observed.append((step, loss.item(), grad_norm))
+            scheduler.step(loss)
+            last_lrs.append(scheduler.get_last_lr()[0])
+            # The LR a torch scheduler promises for the next step is in the optimizer.
+            assert last_lrs[-1] == optimizer.param_groups[0]["lr"]
+        state = scheduler.state_dict()
+        run_key = scheduler.controller.run_key
+    finally:
+        scheduler.close()
+
+    engine = lrctl.load_policy(POLICY, base_lrs=[LR])
+    expected = [engine.applied_lrs[0]]
+    for step, loss_value, grad_norm in observed:
+        expected.append(engine.observe(step, loss_value, grad_norm=grad_norm)[0])
+    assert used == pytest.approx(expected[:STEPS], rel=1e-9)
+    assert last_lrs == pytest.approx(expected[1:], rel=1e-9)
+    assert len(set(used)) > STEPS // 2, "the policy should move the LR"
+
+    # state_dict: JSON-plain, round-trips into a fresh scheduler on the same run.
+    assert state == {"last_epoch": STEPS, "run_key": run_key, "lrs": last_lrs[-1:]}
+    optimizer2 = torch.optim.SGD(model.parameters(), lr=LR)
+    resumed = lrctl.Scheduler(optimizer2, policy=POLICY, sync=True, timeout=10.0)
+    try:
+        resumed.load_state_dict(state)
+        assert resumed.last_epoch == STEPS
+        assert resumed.get_last_lr() == last_lrs[-1:]
+    finally:
+        resumed.close()
+
+
+def test_scheduler_refuses_epoch_argument(controller: Any) -> None:
+    optimizer = torch.optim.SGD([nn.Parameter(torch.zeros(2))], lr=0.1)
+    scheduler = lrctl.Scheduler(optimizer, policy=POLICY)
+    try:
+        with pytest.raises(TypeError, match="counts steps itself"):
+            scheduler.step(epoch=3)  # type: ignore[arg-type]
+    finally:
+        scheduler.close()
