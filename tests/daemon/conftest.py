@@ -50,9 +50,9 @@ def controllers(short_dir: Path) -> Iterator[list[ControllerProc]]:
 @pytest.fixture
 def make_controller(short_dir: Path, controllers: list[ControllerProc]):  # type: ignore[no-untyped-def]
     def make(extra: list[str] | None = None, start: bool = True,
-             env: dict[str, str] | None = None) -> ControllerProc:
+             env: dict[str, str] | None = None, audit: bool = False) -> ControllerProc:
         proc = ControllerProc(os.environ["LRCTL_SOCKET"], os.environ["LRCTL_STATE_DIR"],
-                              extra, env)
+                              extra, env, audit)
         controllers.append(proc)
         return proc.start() if start else proc
     return make

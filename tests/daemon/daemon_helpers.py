@@ -19,7 +19,8 @@ class ControllerProc:
     """One ``lrctl serve --foreground`` process; restartable on the same socket and state."""
 
     def __init__(self, socket_path: str, state_dir: str, extra: list[str] | None = None,
-                 env: dict[str, str] | None = None) -> None:
+                 env: dict[str, str] | None = None, audit: bool = False) -> None:
+        self.audit = audit  # False: --no-audit (no journal, no MLflow)
         self.socket = socket_path
         self.state_dir = state_dir
         self.extra = list(extra or [])
@@ -30,7 +31,8 @@ class ControllerProc:
     def start(self, wait: bool = True) -> ControllerProc:
         with open(self.log, "ab") as out:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "lrctl", "serve", "--foreground", "--no-audit",
+                [sys.executable, "-m", "lrctl", "serve", "--foreground",
+                 *([] if self.audit else ["--no-audit"]),
                  "--socket", self.socket, "--state-dir", self.state_dir, *self.extra],
                 stdout=out, stderr=subprocess.STDOUT, env=self.env, cwd=REPO)
         if wait:

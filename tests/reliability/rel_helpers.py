@@ -1,0 +1,84 @@
+"""Helpers for the reliability tests: raw protocol clients, polling, RSS, figures."""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from collections.abc import Callable
+from typing import Any
+
+from lrctl.protocol import MAX_FRAME, FrameDecoder, encode, encode_obs
+
+#: name -> figure, printed at the end of the session (see conftest.py).
+FIGURES: dict[str, Any] = {}
+TIMEOUT_S = 60.0
+
+
+def until(what: str, check: Callable[[], bool], timeout: float = TIMEOUT_S) -> None:
+    """Poll ``check``; fail after a generous timeout (never a timing assertion)."""
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.02)
+
+
+def rss_kib(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    raise AssertionError(f"no VmRSS for pid {pid}")
+
+
+def hello(run: str, text: str, lrs: list[float], **extra: Any) -> dict[str, Any]:
+    return {"t": "hello", "run": run, "run_name": run,
+            "policy": {"text": text, "source": "<string>"}, "lrs": lrs, "groups": len(lrs),
+            **extra}
+
+
+class RawClient:
+    """A blocking protocol client: what a hook does, without the hook."""
+
+    def __init__(self, path: str, timeout: float = TIMEOUT_S) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(timeout)
+        self.sock.connect(path)
+        self.decoder = FrameDecoder(MAX_FRAME * 16)
+        self.pending: list[dict[str, Any]] = []
+
+    def send(self, msg: dict[str, Any]) -> None:
+        self.sock.sendall(encode(msg, 1 << 20))
+
+    def send_raw(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def obs(self, step: int, loss: float | None, grad: float | None = None) -> None:
+        self.sock.sendall(encode_obs(step, loss, grad))
+
+    def recv(self) -> dict[str, Any] | None:
+        """The next frame, or None when the controller closed the connection."""
+        while not self.pending:
+            try:
+                data = self.sock.recv(1 << 16)
+            except ConnectionResetError:
+                data = b""
+            if not data:
+                return None
+            self.pending.extend(self.decoder.feed(data))
+        return self.pending.pop(0)
+
+    def answer(self) -> dict[str, Any]:
+        """The next reply that is not an operator push (``s`` = -1)."""
+        while True:
+            msg = self.recv()
+            assert msg is not None, "the controller closed the connection"
+            if not (msg["t"] == "lr" and msg["s"] == -1):
+                return msg
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def fds_of(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
