@@ -10,6 +10,7 @@ from __future__ import annotations
 SUITE_MODULES = (
     "lrctl.bench.quality",
     "lrctl.bench.recovery",
+    "lrctl.bench.overhead",
 )
 
 __all__ = ["SUITE_MODULES"]

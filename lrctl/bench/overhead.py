@@ -1,0 +1,324 @@
+"""``lrctl bench overhead``: what the hook adds to a training step, as ratios.
+
+Two measurements, both inside a real training loop of a benchmark task (one
+torch thread), every arm interleaved with the others (see :mod:`._timing`):
+
+* **whole step**: wall time per step of the loop with the hook (async, default
+  options: it computes the grad norm itself) over the bare loop; also the sync
+  hook, torch's cosine scheduler and lrctl's in-process engine for orientation,
+  and the async hook against a controller running under ``SCHED_BATCH``.
+* **hook cost**: the time of ``ctl.step(loss, grad_norm=g)`` plus the optimizer
+  pre-step hook's work, with the statistics already floats (the grad norm
+  excluded), over an in-loop ``CosineAnnealingLR.step()``; and the same for
+  ``every=N``, whose cost should fall as 1/N.
+
+Each arm trains its own copy of the model from the same initial weights,
+restored at every block, so every arm does the same arithmetic.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ._suite import TASK_NAMES, Progress, Suite
+from ._timing import Row, interleave, ratios, rows_table, summary
+
+__all__ = ["SUITE", "OverheadConfig", "run_overhead"]
+
+TARGET_STEP = {"digits": 1.05, "charlm": 1.02}
+TARGET_HOOK = 3.0  # × an in-loop CosineAnnealingLR.step()
+EVERY_SLACK = 2.0  # every=N passes when its cost is at most 2/N of every=1's
+
+
+@dataclass
+class OverheadConfig:
+    tasks: tuple[str, ...] = TASK_NAMES
+    rounds: int = 15
+    steps: dict[str, int] = field(default_factory=lambda: {"digits": 150, "charlm": 30})
+    micro_rounds: int = 15
+    micro_steps: int = 200
+    every: tuple[int, ...] = (1, 4, 16)
+    policy: Any = None
+
+    @classmethod
+    def quick(cls) -> OverheadConfig:
+        return cls(tasks=("digits",), rounds=2, steps={"digits": 10, "charlm": 3},
+                   micro_rounds=2, micro_steps=20, every=(1, 4))
+
+
+class _Trainer:
+    """One arm's model, optimizer and batch stream, resettable to the shared start."""
+
+    def __init__(self, task: str, seed: int = 0) -> None:
+        import torch
+
+        from .tasks import TASKS
+
+        self.inst = TASKS[task].build(seed)
+        self.params = [p for p in self.inst.model.parameters() if p.requires_grad]
+        self.start = [p.detach().clone() for p in self.params]
+        self.opt = torch.optim.AdamW(self.params, lr=1e-3)
+        self.batch = self.inst.next_batch()
+
+    def reset(self) -> None:
+        import torch
+
+        with torch.no_grad():
+            for p, p0 in zip(self.params, self.start, strict=True):
+                p.copy_(p0)
+        self.opt.state.clear()
+        for g in self.opt.param_groups:
+            g["lr"] = 1e-3
+
+    def loss(self) -> Any:
+        self.opt.zero_grad(set_to_none=True)
+        loss = self.inst.loss(self.inst.model, self.batch)
+        loss.backward()
+        return loss
+
+
+def _timed_loop(tr: _Trainer, steps: int, after_backward: Callable[[Any], None],
+                after_step: Callable[[], None] | None = None) -> float:
+    """Seconds per step of ``steps`` training steps with the given extra work."""
+    tr.reset()
+    began = time.perf_counter()
+    for _ in range(steps):
+        loss = tr.loss()
+        after_backward(loss)
+        tr.opt.step()
+        if after_step is not None:
+            after_step()
+    return (time.perf_counter() - began) / steps
+
+
+def _step_arms(task: str, cfg: OverheadConfig, sockets: dict[str, str],
+               stack: list[Any]) -> dict[str, Callable[[], float]]:
+    import torch
+
+    import lrctl
+
+    steps = cfg.steps[task]
+    arms: dict[str, Callable[[], float]] = {}
+
+    bare = _Trainer(task)
+    arms["bare"] = lambda: _timed_loop(bare, steps, lambda loss: None)
+
+    cos_tr = _Trainer(task)
+    cos = torch.optim.lr_scheduler.CosineAnnealingLR(cos_tr.opt, 10**9)
+    arms["cosine scheduler"] = lambda: _timed_loop(cos_tr, steps, lambda loss: None, cos.step)
+
+    eng_tr = _Trainer(task)
+    engine = lrctl.load_policy(cfg.policy or lrctl.client.DEFAULT_POLICY, [1e-3])
+    counter = iter(range(10**12))
+
+    def engine_step(loss: Any) -> None:
+        g = float(torch.nn.utils.get_total_norm([p.grad for p in eng_tr.params]))
+        lrs = engine.observe(next(counter), float(loss.detach()), g)
+        eng_tr.opt.param_groups[0]["lr"] = lrs[0]
+
+    arms["lrctl in-process engine"] = lambda: _timed_loop(eng_tr, steps, engine_step)
+
+    for name, sock, sync in (("lrctl async", sockets["normal"], False),
+                             ("lrctl async, controller SCHED_BATCH", sockets["batch"], False),
+                             ("lrctl sync", sockets["normal"], True)):
+        tr = _Trainer(task)
+        ctl = lrctl.attach(tr.opt, policy=cfg.policy, socket=sock, spawn=False, sync=sync,
+                           run_name=f"bench-{task}")
+        stack.append(ctl)
+        arms[name] = (lambda tr=tr, ctl=ctl: _timed_loop(tr, steps, ctl.step))
+    return arms
+
+
+def _hook_arms(cfg: OverheadConfig, sockets: dict[str, str],
+               stack: list[Any]) -> dict[str, Callable[[], float]]:
+    """Per-call cost in a digits loop; statistics are floats, so the grad norm is excluded."""
+    import torch
+
+    import lrctl
+
+    arms: dict[str, Callable[[], float]] = {}
+
+    def micro(tr: _Trainer, call: Callable[[float, float], None]) -> float:
+        tr.reset()
+        spent = 0.0
+        for _ in range(cfg.micro_steps):
+            loss = float(tr.loss().detach())
+            g = float(torch.nn.utils.get_total_norm([p.grad for p in tr.params]))
+            t0 = time.perf_counter()
+            call(loss, g)
+            spent += time.perf_counter() - t0
+            tr.opt.step()
+        return spent / cfg.micro_steps * 1e6
+
+    cos_tr = _Trainer("digits")
+    cos = torch.optim.lr_scheduler.CosineAnnealingLR(cos_tr.opt, 10**9)
+    arms["CosineAnnealingLR.step()"] = lambda: micro(cos_tr, lambda loss, g: cos.step())
+    pl_tr = _Trainer("digits")
+    plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(pl_tr.opt)
+    arms["ReduceLROnPlateau.step(loss)"] = lambda: micro(pl_tr, lambda loss, g: plateau.step(loss))
+    echo = _Echo()
+    stack.append(echo)
+    echo_tr = _Trainer("digits")
+    arms["I/O floor: send a frame, poll, recv (echo process)"] = lambda: micro(echo_tr, echo.call)
+    variants = [(f"lrctl hook every={n}", sockets["normal"], n) for n in cfg.every]
+    variants.append(("lrctl hook every=1, controller SCHED_BATCH", sockets["batch"], 1))
+    for name, socket, every in variants:
+        tr = _Trainer("digits")
+        ctl = lrctl.attach(tr.opt, policy=cfg.policy, socket=socket, spawn=False, every=every,
+                           run_name="bench-hook")
+        stack.append(ctl)
+        # The pre-step hook is timed by calling it here, next to step(); unregistered so
+        # that optimizer.step() (outside the timer) does not run it a second time.
+        ctl._hook_handle.remove()
+        ctl._hook_handle = None
+
+        def call(loss: float, g: float, ctl: Any = ctl) -> None:
+            ctl.step(loss, grad_norm=g)
+            ctl._pre_step()
+
+        arms[name] = (lambda tr=tr, call=call: micro(tr, call))
+    return arms
+
+
+_ECHO = ("import socket, sys\n"
+         "s = socket.socket(fileno=int(sys.argv[1]))\n"
+         "while data := s.recv(65536):\n"
+         "    s.sendall(data)\n")
+
+
+class _Echo:
+    """The I/O floor of any out-of-process controller: another process that echoes frames.
+
+    The arm built on it does what the hook's I/O does each step (send one
+    observation frame, poll, read what came back) and nothing else.
+    """
+
+    def __init__(self) -> None:
+        import socket
+        import subprocess
+        import sys
+
+        self.sock, theirs = socket.socketpair()
+        self.proc = subprocess.Popen([sys.executable, "-c", _ECHO, str(theirs.fileno())],
+                                     pass_fds=[theirs.fileno()])
+        theirs.close()
+        self.sock.setblocking(False)
+        import select
+
+        self.poller = select.poll()
+        self.poller.register(self.sock, select.POLLIN)
+
+    def call(self, loss: float, g: float) -> None:
+        from ..protocol import encode_obs
+
+        self.sock.send(encode_obs(0, loss, g))
+        if self.poller.poll(0):
+            self.sock.recv(1 << 16)
+
+    def close(self) -> None:
+        self.sock.close()
+        self.proc.wait(10)
+
+
+def run_overhead(cfg: OverheadConfig, progress: Progress | None = None) -> dict[str, Any]:
+    import warnings
+
+    from ._controller import ServeProcess
+
+    warnings.filterwarnings("ignore", category=UserWarning)  # torch's scheduler-order notice
+    result: dict[str, Any] = {"config": {"tasks": list(cfg.tasks), "rounds": cfg.rounds,
+                                         "steps": cfg.steps, "micro_rounds": cfg.micro_rounds,
+                                         "micro_steps": cfg.micro_steps,
+                                         "every": list(cfg.every)},
+                              "step": {}, "hook": {}}
+    stack: list[Any] = []
+    with ServeProcess() as normal, ServeProcess(batch=True) as batch:
+        sockets = {"normal": normal.socket, "batch": batch.socket}
+        try:
+            for task in cfg.tasks:
+                data = interleave(_step_arms(task, cfg, sockets, stack), cfg.rounds, progress,
+                                  f"overhead {task} ")
+                result["step"][task] = _step_rows(task, data)
+            data = interleave(_hook_arms(cfg, sockets, stack), cfg.micro_rounds,
+                              progress, "hook cost ")
+            result["hook"] = _hook_rows(data, cfg.every)
+        finally:
+            for ctl in stack:
+                ctl.close()
+    return result
+
+
+def _step_rows(task: str, data: dict[str, list[float]]) -> list[dict[str, Any]]:
+    rows = [Row("bare AdamW step", summary([x * 1e3 for x in data["bare"]]), "ms")]
+    for arm, xs in data.items():
+        if arm == "bare":
+            continue
+        r = summary(ratios(xs, data["bare"]))
+        target = TARGET_STEP[task] if arm == "lrctl async" else None
+        rows.append(Row(arm, summary([x * 1e3 for x in xs]), "ms", r, "bare",
+                        f"≤ {target}×" if target else "",
+                        None if target is None else r["median"] <= target))
+    return [row.to_dict() for row in rows]
+
+
+def _hook_rows(data: dict[str, list[float]], every: tuple[int, ...]) -> list[dict[str, Any]]:
+    cos = data["CosineAnnealingLR.step()"]
+    rows = [Row("CosineAnnealingLR.step()", summary(cos), "µs"),
+            Row("ReduceLROnPlateau.step(loss)", summary(data["ReduceLROnPlateau.step(loss)"]),
+                "µs", summary(ratios(data["ReduceLROnPlateau.step(loss)"], cos)), "cosine")]
+    floor = data["I/O floor: send a frame, poll, recv (echo process)"]
+    rows.append(Row("I/O floor: send a frame, poll, recv (echo process)", summary(floor), "µs",
+                    summary(ratios(floor, cos)), "cosine"))
+    one = data[f"lrctl hook every={every[0]}"]
+    for n in every:
+        xs = data[f"lrctl hook every={n}"]
+        if n == every[0]:
+            r = summary(ratios(xs, cos))
+            rows.append(Row(f"lrctl hook every={n}", summary(xs), "µs", r, "cosine",
+                            f"≤ {TARGET_HOOK:g}×", r["median"] <= TARGET_HOOK))
+        else:
+            r = summary(ratios(xs, one))
+            limit = EVERY_SLACK / n
+            rows.append(Row(f"lrctl hook every={n}", summary(xs), "µs", r, "every=1",
+                            f"≤ {limit:.3g}× (1/N: {1 / n:.3g})", r["median"] <= limit))
+    batch = data["lrctl hook every=1, controller SCHED_BATCH"]
+    r = summary(ratios(batch, cos))
+    rows.append(Row("lrctl hook every=1, controller SCHED_BATCH", summary(batch), "µs", r,
+                    "cosine", f"≤ {TARGET_HOOK:g}×", r["median"] <= TARGET_HOOK))
+    return [row.to_dict() for row in rows]
+
+
+def _add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--tasks", nargs="+", choices=TASK_NAMES, default=None)
+    p.add_argument("--rounds", type=int, default=None, help="interleaved rounds (default 15)")
+
+
+def _run(args: argparse.Namespace, progress: Progress) -> dict[str, Any]:
+    cfg = OverheadConfig.quick() if args.quick else OverheadConfig()
+    if args.tasks:
+        cfg.tasks = tuple(args.tasks)
+    if args.rounds:
+        cfg.rounds = cfg.micro_rounds = args.rounds
+    cfg.policy = args.policy
+    return run_overhead(cfg, progress)
+
+
+def _render(result: dict[str, Any], out: Path) -> str:
+    parts = []
+    for task, rows in result["step"].items():
+        steps = result["config"]["steps"][task]
+        parts.append(f"**Whole training step, {task}** (blocks of {steps} steps, "
+                     f"{result['config']['rounds']} interleaved rounds)\n\n{rows_table(rows)}\n")
+    parts.append(f"**Hook cost per call inside a digits loop**, grad norm excluded (blocks of "
+                 f"{result['config']['micro_steps']} steps, {result['config']['micro_rounds']} "
+                 f"rounds)\n\n{rows_table(result['hook'])}\n")
+    return "\n".join(parts)
+
+
+SUITE = Suite("overhead", "what the hook adds to a training step (ratios to a bare step and "
+                          "to an in-loop scheduler)", _add_arguments, _run, _render)
