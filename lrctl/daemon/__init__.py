@@ -59,6 +59,7 @@ class Listening:
         self.tcp = tcp
         self.lock_fd = lock_fd
         self.path = path
+        self.took_over = False  # a stale socket of a dead controller was replaced
 
     def close(self) -> None:
         for sock in (self.unix, self.tcp):
@@ -90,7 +91,9 @@ def bind(options: ServeOptions) -> Listening:
                 raise FileExistsError(f"{path} exists and is not a socket; refusing to "
                                       "replace it")
             os.unlink(path)  # stale: its controller died without cleaning up
-            log.info("took over the stale socket %s", path)
+            stale = True
+        else:
+            stale = False
         unix = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         old = os.umask(0o177)  # the socket is born 0600: no window where others can connect
         try:
@@ -103,7 +106,9 @@ def bind(options: ServeOptions) -> Listening:
     except BaseException:
         os.close(lock_fd)
         raise
-    return Listening(unix, lock_fd, path, tcp)
+    listening = Listening(unix, lock_fd, path, tcp)
+    listening.took_over = stale
+    return listening
 
 
 def _bind_tcp(options: ServeOptions) -> socket.socket:
@@ -135,6 +140,8 @@ def serve(options: ServeOptions, sink_factory: Callable[[str], Sink] = build_sin
     if not options.foreground:
         _detach(options, state, listening)
     _setup_logging(options, state)
+    if listening.took_over:  # logged only now that the log exists
+        log.info("took over the stale socket %s (its controller died)", options.socket_path)
     store = StateStore(state)
     sink = sink_factory(str(state))
     listeners = [(listening.unix, True)]
