@@ -11,6 +11,7 @@ SUITE_MODULES = (
     "lrctl.bench.quality",
     "lrctl.bench.recovery",
     "lrctl.bench.overhead",
+    "lrctl.bench.latency",
 )
 
 __all__ = ["SUITE_MODULES"]
