@@ -12,6 +12,7 @@ SUITE_MODULES = (
     "lrctl.bench.recovery",
     "lrctl.bench.overhead",
     "lrctl.bench.latency",
+    "lrctl.bench.throughput",
 )
 
 __all__ = ["SUITE_MODULES"]

@@ -1,0 +1,172 @@
+"""``lrctl bench throughput``: how many runs one controller serves, and at what cost.
+
+Simulated runs (:mod:`._simrun`, raw protocol clients in two worker processes)
+talk to a real ``lrctl serve`` (no audit trail). Two measurements, repeated in
+interleaved rounds:
+
+* **unpaced**: N ∈ {1, 4, 16, 64} runs, each sending its next observation as
+  soon as the last one is answered: observations answered per second, the
+  answer latency distribution, and the controller's CPU time per observation
+  (from ``/proc/PID/stat``, so the figure does not depend on how many cores the
+  clients take);
+* **paced**: 64 runs at 100 observations/s each, the controller's CPU share
+  over the window, and its resident memory (``VmRSS``) before and after.
+
+On a 2-core machine the clients compete with the controller for CPU, so the
+unpaced rates are a floor of what the controller alone could do.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ._simrun import SimSpec, drive
+from ._suite import Progress, Suite
+from ._timing import quantile, summary
+
+__all__ = ["SUITE", "ThroughputConfig", "run_throughput"]
+
+UNPACED_MIN = 30_000.0  # observations/s at N=16
+UNPACED_P99_US = 2000.0
+PACED_CPU = 0.30  # of one core, 64 runs at 100 Hz
+WORKERS = 2
+
+
+@dataclass
+class ThroughputConfig:
+    runs: tuple[int, ...] = (1, 4, 16, 64)
+    seconds: float = 3.0
+    rounds: int = 3
+    paced_runs: int = 64
+    paced_hz: float = 100.0
+    policy: Any = None
+
+    @classmethod
+    def quick(cls) -> ThroughputConfig:
+        return cls(runs=(1, 4), seconds=0.5, rounds=1, paced_runs=4)
+
+
+def _policy_text(policy: Any) -> str:
+    from ..client import _policy_payload
+
+    return _policy_payload(policy)[0]
+
+
+def _one(pool: ProcessPoolExecutor, socket: str, n: int, cfg: ThroughputConfig, text: str,
+         rate: float | None, srv: Any, tag: str) -> dict[str, Any]:
+    """One measurement window: N runs split over the workers, controller CPU around it."""
+    workers = min(n, WORKERS)
+    start_at = time.time() + 1.0 + 0.02 * n
+    futures = [pool.submit(drive, SimSpec(socket, n // workers + (i < n % workers), text,
+                                          start_at, cfg.seconds, rate, f"{tag}-{i}"))
+               for i in range(workers)]
+    time.sleep(max(0.0, start_at - time.time()))
+    cpu0, t0 = srv.cpu_seconds(), time.perf_counter()
+    time.sleep(cfg.seconds)
+    cpu1, t1 = srv.cpu_seconds(), time.perf_counter()
+    parts = [f.result() for f in futures]
+    answered = sum(p["answered"] for p in parts)
+    seconds = max(p["seconds"] for p in parts)
+    lat = [x for p in parts for x in p["latencies_us"]]
+    cpu = (cpu1 - cpu0) / (t1 - t0)
+    return {"runs": n, "rate_hz": rate, "answered": answered, "per_s": answered / seconds,
+            "latencies_us": lat, "cpu_share": cpu,
+            "cpu_us_per_obs": (cpu1 - cpu0) / max(answered, 1) * 1e6 * seconds / (t1 - t0),
+            "late": sum(p["late"] for p in parts), "rss_mib": srv.rss_mib()}
+
+
+def run_throughput(cfg: ThroughputConfig, progress: Progress | None = None) -> dict[str, Any]:
+    import multiprocessing
+
+    from ._controller import ServeProcess
+
+    text = _policy_text(cfg.policy)
+    windows: dict[str, list[dict[str, Any]]] = {}
+    total = cfg.rounds * (len(cfg.runs) + 1)
+    done = 0
+    with ServeProcess() as srv, ProcessPoolExecutor(
+            WORKERS, mp_context=multiprocessing.get_context("spawn")) as pool:
+        rss_idle = srv.rss_mib()
+        for r in range(cfg.rounds):
+            plan: list[tuple[str, int, float | None]] = [(f"unpaced N={n}", n, None)
+                                                         for n in cfg.runs]
+            plan.append((f"paced {cfg.paced_runs} × {cfg.paced_hz:g} Hz", cfg.paced_runs,
+                         cfg.paced_hz))
+            k = r % len(plan)
+            for name, n, rate in plan[k:] + plan[:k]:
+                w = _one(pool, srv.socket, n, cfg, text, rate, srv, f"r{r}")
+                windows.setdefault(name, []).append(w)
+                done += 1
+                if progress is not None:
+                    progress(f"throughput {name}: {w['per_s']:,.0f} obs/s, controller CPU "
+                             f"{w['cpu_share']:.0%}, p99 "
+                             f"{quantile(w['latencies_us'], 0.99):.0f} µs", done, total)
+        rss_end = srv.rss_mib()
+    return {"config": {"runs": list(cfg.runs), "seconds": cfg.seconds, "rounds": cfg.rounds,
+                       "paced_runs": cfg.paced_runs, "paced_hz": cfg.paced_hz,
+                       "workers": WORKERS},
+            "rows": [_row(name, ws, cfg) for name, ws in windows.items()],
+            "rss_mib": {"idle": rss_idle, "end": rss_end}}
+
+
+def _row(name: str, ws: list[dict[str, Any]], cfg: ThroughputConfig) -> dict[str, Any]:
+    lat = [x for w in ws for x in w["latencies_us"]]
+    row: dict[str, Any] = {
+        "arm": name, "per_s": summary([w["per_s"] for w in ws]),
+        "latency_us": {"p50": quantile(lat, 0.5), "p99": quantile(lat, 0.99)},
+        "cpu_share": summary([w["cpu_share"] for w in ws]),
+        "cpu_us_per_obs": summary([w["cpu_us_per_obs"] for w in ws]),
+        "late": sum(w["late"] for w in ws), "rss_mib": max(w["rss_mib"] for w in ws),
+        "target": "", "ok": None}
+    n, rate = ws[0]["runs"], ws[0]["rate_hz"]
+    if rate is None and n == 16:
+        row["target"] = f"≥ {UNPACED_MIN:,.0f}/s, p99 ≤ {UNPACED_P99_US:g} µs"
+        row["ok"] = (row["per_s"]["median"] >= UNPACED_MIN
+                     and row["latency_us"]["p99"] <= UNPACED_P99_US)
+    elif rate is not None and n == 64:
+        row["target"] = f"CPU ≤ {PACED_CPU:.0%} of a core"
+        row["ok"] = row["cpu_share"]["median"] <= PACED_CPU
+    return row
+
+
+def _render(result: dict[str, Any], out: Path) -> str:
+    cfg = result["config"]
+    lines = [f"{cfg['rounds']} interleaved rounds of {cfg['seconds']:g} s windows; clients in "
+             f"{cfg['workers']} worker processes on the same machine.\n",
+             "| arm | answered/s (IQR) | latency p50 | p99 | controller CPU (IQR) | "
+             "CPU µs/obs | RSS | target | result |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in result["rows"]:
+        p, c, u = r["per_s"], r["cpu_share"], r["cpu_us_per_obs"]
+        verdict = "" if r["ok"] is None else ("pass" if r["ok"] else "**miss**")
+        lines.append(f"| {r['arm']} | {p['median']:,.0f} ({p['q1']:,.0f}–{p['q3']:,.0f}) | "
+                     f"{r['latency_us']['p50']:.0f} µs | {r['latency_us']['p99']:.0f} µs | "
+                     f"{c['median']:.0%} ({c['q1']:.0%}–{c['q3']:.0%}) | {u['median']:.1f} | "
+                     f"{r['rss_mib']:.0f} MiB | {r['target']} | {verdict} |")
+    rss = result["rss_mib"]
+    lines.append(f"\nController RSS: {rss['idle']:.0f} MiB idle, {rss['end']:.0f} MiB at the "
+                 "end.")
+    return "\n".join(lines) + "\n"
+
+
+def _add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--seconds", type=float, default=None, help="window length (default 3)")
+    p.add_argument("--rounds", type=int, default=None, help="interleaved rounds (default 3)")
+
+
+def _run(args: argparse.Namespace, progress: Progress) -> dict[str, Any]:
+    cfg = ThroughputConfig.quick() if args.quick else ThroughputConfig()
+    if args.seconds:
+        cfg.seconds = args.seconds
+    if args.rounds:
+        cfg.rounds = args.rounds
+    cfg.policy = args.policy
+    return run_throughput(cfg, progress)
+
+
+SUITE = Suite("throughput", "observations/s and controller CPU with many concurrent runs",
+              _add_arguments, _run, _render)
