@@ -1,0 +1,147 @@
+"""Every example runs, as a user would run it, against a real controller.
+
+Each example is a subprocess pointed at a private controller through
+``LRCTL_SOCKET`` / ``LRCTL_STATE_DIR`` (nothing touches the user's real
+directories); step counts are small, the checks are on what the example says
+lrctl did.
+"""
+
+from __future__ import annotations
+
+import importlib
+import re
+import shutil
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from live_controller import REPO, LiveController, live_controller, subprocess_env
+
+import lrctl
+from lrctl.policy import unregister_policy
+
+EXAMPLES = REPO / "examples"
+RUN_TIMEOUT_S = 240
+
+
+@pytest.fixture
+def controller() -> Iterator[LiveController]:
+    with live_controller() as ctl:
+        yield ctl
+
+
+def run(ctl: LiveController, args: list[str], cwd: Path) -> str:
+    """Run ``python args...`` (or a module) in ``cwd``; its output, or fail with it."""
+    proc = subprocess.run([sys.executable, *args], cwd=cwd, env=subprocess_env(ctl),
+                          capture_output=True, text=True, timeout=RUN_TIMEOUT_S)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 0, output[-4000:]
+    return proc.stdout
+
+
+def final_lr(stdout: str) -> float:
+    match = re.search(r"lrctl run \S+: \d+ steps, final lr ([0-9.e+-]+)", stdout)
+    assert match, stdout[-2000:]
+    return float(match.group(1))
+
+
+def test_train_plain(controller: LiveController, tmp_path: Path) -> None:
+    out = run(controller, [str(EXAMPLES / "train_plain.py"), "--steps", "150", "--lr", "0.01",
+                           "--eval-every", "50"], tmp_path)
+    assert "lrctl run train-plain-" in out
+    # The default policy's online range test ends within 150 steps here and says why.
+    assert re.search(r"step \d+: rangetest range_test_done: ", out), out
+    assert final_lr(out) != pytest.approx(0.01)
+
+
+def test_train_charlm(controller: LiveController, tmp_path: Path) -> None:
+    out = run(controller, [str(EXAMPLES / "train_charlm.py"), "--steps", "30", "--chars",
+                           "20000", "--width", "32", "--layers", "1"], tmp_path)
+    assert "lrctl run charlm-" in out
+    # The range test starts at 1% of --lr and grows the LR every step.
+    assert 3e-5 < final_lr(out) < 3e-3
+
+
+def test_train_hf(controller: LiveController, tmp_path: Path) -> None:
+    out = run(controller, [str(EXAMPLES / "train_hf.py"), "--steps", "20", "--output-dir",
+                           str(tmp_path / "hf")], tmp_path)
+    match = re.search(r"the Trainer logged learning_rate (\S+) at step 1 … (\S+) at step 20",
+                      out)
+    assert match, out[-2000:]
+    # The Trainer's own linear schedule would log 1e-3 first; lrctl's range test starts
+    # at 1% of it and grows it.
+    assert float(match.group(1)) == pytest.approx(1e-5)
+    assert float(match.group(2)) > float(match.group(1))
+    assert "lrctl run train-hf-" in out
+
+
+def test_train_lightning(controller: LiveController, tmp_path: Path) -> None:
+    out = run(controller, [str(EXAMPLES / "train_lightning.py"), "--steps", "120", "--root",
+                           str(tmp_path / "pl")], tmp_path)
+    assert "lrctl run train-lightning-" in out
+    assert re.search(r"val_loss \d", out), out
+    assert re.search(r"step \d+: rangetest range_test_done: ", out), out
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_train_ddp_ranks_use_identical_lrs(controller: LiveController, tmp_path: Path) -> None:
+    out = run(controller, ["-m", "torch.distributed.run", "--nproc_per_node=2", "--nnodes=1",
+                           "--master_addr=127.0.0.1", f"--master_port={free_port()}",
+                           str(EXAMPLES / "train_ddp.py"), "--steps", "120"], tmp_path)
+    # The ranks share one stdout pipe: their lines may run into each other.
+    prints = dict(re.findall(r"rank (\d): \d+ steps, final lr \S+, LR sequence sha256 "
+                             r"([0-9a-f]{16})", out))
+    assert set(prints) == {"0", "1"}, out[-3000:]
+    assert prints["0"] == prints["1"], "the ranks used different LRs"
+    assert re.search(r"step \d+: rangetest range_test_done: ", out), out
+
+
+@pytest.fixture
+def installed_policy_package(tmp_path: Path) -> Iterator[Path]:
+    """examples/custom_policy pip-installed into this venv (from a copy, so that the
+    build leaves nothing in the repository); uninstalled afterwards."""
+    source = tmp_path / "custom_policy"
+    shutil.copytree(EXAMPLES / "custom_policy", source)
+    pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
+    subprocess.run([*pip, "install", "--no-deps", "--no-build-isolation", str(source)],
+                   check=True, capture_output=True, timeout=RUN_TIMEOUT_S)
+    importlib.invalidate_caches()
+    try:
+        yield source
+    finally:
+        subprocess.run([*pip, "uninstall", "-y", "lrctl-inverse-sqrt"], capture_output=True,
+                       timeout=RUN_TIMEOUT_S)
+        unregister_policy("inverse_sqrt")
+        sys.modules.pop("lrctl_inverse_sqrt", None)
+        importlib.invalidate_caches()
+
+
+def test_custom_policy_package(installed_policy_package: Path,
+                               controller: LiveController, tmp_path: Path) -> None:
+    policy_file = installed_policy_package / "inverse_sqrt.yaml"
+    lrctl_cli = Path(sys.executable).with_name("lrctl")
+    check = subprocess.run([str(lrctl_cli), "validate", str(policy_file)],
+                           capture_output=True, text=True, timeout=RUN_TIMEOUT_S)
+    assert check.returncode == 0, check.stdout + check.stderr
+    assert "inverse_sqrt" in check.stdout
+
+    # In-process: linear warmup to step 49, then 1/sqrt decay.
+    engine = lrctl.load_policy(policy_file, base_lrs=[1.0])
+    lrs = [engine.applied_lrs[0]] + [engine.observe(t, 1.0)[0] for t in range(199)]
+    assert lrs[0] == pytest.approx(1 / 50)
+    assert lrs[49] == pytest.approx(1.0)
+    assert lrs[199] == pytest.approx((50 / 200) ** 0.5)
+    assert [d.action for d in engine.decisions] == ["warmup_done"]
+
+    # And the controller loads it for a training run.
+    out = run(controller, [str(EXAMPLES / "train_plain.py"), "--steps", "60", "--policy",
+                           str(policy_file)], tmp_path)
+    assert re.search(r"step 48: inverse_sqrt warmup_done: warmup ends at step 49", out), out
