@@ -13,6 +13,7 @@ SUITE_MODULES = (
     "lrctl.bench.overhead",
     "lrctl.bench.latency",
     "lrctl.bench.throughput",
+    "lrctl.bench.mlflow_bench",
 )
 
 __all__ = ["SUITE_MODULES"]
