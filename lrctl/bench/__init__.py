@@ -1,4 +1,4 @@
-"""Benchmarks behind ``lrctl bench``: training quality and fault recovery.
+"""Benchmarks behind ``lrctl bench``: training quality, fault recovery and speed.
 
 Each sub-benchmark is a module exposing ``SUITE`` (see :mod:`lrctl.bench._suite`);
 ``SUITE_MODULES`` lists them in the order ``lrctl bench --help`` shows them.
@@ -14,6 +14,7 @@ SUITE_MODULES = (
     "lrctl.bench.latency",
     "lrctl.bench.throughput",
     "lrctl.bench.mlflow_bench",
+    "lrctl.bench.everything",
 )
 
 __all__ = ["SUITE_MODULES"]

@@ -145,3 +145,17 @@ def drive(spec: SimSpec) -> dict[str, Any]:
             pass
         run.sock.close()
     return {"answered": answered, "seconds": elapsed, "latencies_us": latencies, "late": late}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m lrctl.bench._simrun SPEC_JSON``: drive, print the result as JSON."""
+    import json
+    import sys
+
+    spec = SimSpec(**json.loads((argv or sys.argv[1:])[0]))
+    json.dump(drive(spec), sys.stdout)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -19,13 +19,16 @@ unpaced rates are a floor of what the controller alone could do.
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
+import subprocess
+import sys
 import time
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ._simrun import SimSpec, drive
+from ._simrun import SimSpec
 from ._suite import Progress, Suite
 from ._timing import quantile, summary
 
@@ -57,19 +60,28 @@ def _policy_text(policy: Any) -> str:
     return _policy_payload(policy)[0]
 
 
-def _one(pool: ProcessPoolExecutor, socket: str, n: int, cfg: ThroughputConfig, text: str,
-         rate: float | None, srv: Any, tag: str) -> dict[str, Any]:
+def _one(socket: str, n: int, cfg: ThroughputConfig, text: str, rate: float | None, srv: Any,
+         tag: str) -> dict[str, Any]:
     """One measurement window: N runs split over the workers, controller CPU around it."""
     workers = min(n, WORKERS)
-    start_at = time.time() + 1.0 + 0.02 * n
-    futures = [pool.submit(drive, SimSpec(socket, n // workers + (i < n % workers), text,
-                                          start_at, cfg.seconds, rate, f"{tag}-{i}"))
-               for i in range(workers)]
+    start_at = time.time() + 1.5 + 0.02 * n  # worker start-up and handshakes come first
+    procs = []
+    for i in range(workers):
+        spec = SimSpec(socket, n // workers + (i < n % workers), text, start_at, cfg.seconds,
+                       rate, f"{tag}-{i}")
+        procs.append(subprocess.Popen(
+            [sys.executable, "-m", "lrctl.bench._simrun", json.dumps(dataclasses.asdict(spec))],
+            stdout=subprocess.PIPE))
     time.sleep(max(0.0, start_at - time.time()))
     cpu0, t0 = srv.cpu_seconds(), time.perf_counter()
     time.sleep(cfg.seconds)
     cpu1, t1 = srv.cpu_seconds(), time.perf_counter()
-    parts = [f.result() for f in futures]
+    parts = []
+    for proc in procs:
+        out, _ = proc.communicate(timeout=120)
+        if proc.returncode != 0:
+            raise RuntimeError(f"a simulated-run worker failed (exit {proc.returncode})")
+        parts.append(json.loads(out))
     answered = sum(p["answered"] for p in parts)
     seconds = max(p["seconds"] for p in parts)
     lat = [x for p in parts for x in p["latencies_us"]]
@@ -81,16 +93,13 @@ def _one(pool: ProcessPoolExecutor, socket: str, n: int, cfg: ThroughputConfig, 
 
 
 def run_throughput(cfg: ThroughputConfig, progress: Progress | None = None) -> dict[str, Any]:
-    import multiprocessing
-
     from ._controller import ServeProcess
 
     text = _policy_text(cfg.policy)
     windows: dict[str, list[dict[str, Any]]] = {}
     total = cfg.rounds * (len(cfg.runs) + 1)
     done = 0
-    with ServeProcess() as srv, ProcessPoolExecutor(
-            WORKERS, mp_context=multiprocessing.get_context("spawn")) as pool:
+    with ServeProcess() as srv:
         rss_idle = srv.rss_mib()
         for r in range(cfg.rounds):
             plan: list[tuple[str, int, float | None]] = [(f"unpaced N={n}", n, None)
@@ -99,7 +108,7 @@ def run_throughput(cfg: ThroughputConfig, progress: Progress | None = None) -> d
                          cfg.paced_hz))
             k = r % len(plan)
             for name, n, rate in plan[k:] + plan[:k]:
-                w = _one(pool, srv.socket, n, cfg, text, rate, srv, f"r{r}")
+                w = _one(srv.socket, n, cfg, text, rate, srv, f"r{r}")
                 windows.setdefault(name, []).append(w)
                 done += 1
                 if progress is not None:
