@@ -49,7 +49,7 @@ def policy(*entries: dict[str, Any]) -> dict[str, Any]:
     return {"version": 1, "policies": list(entries)}
 
 
-def run_schedule_parity(engine: Engine, make_sched: Callable[[torch.optim.Optimizer], Any],
+def check_schedule_parity(engine: Engine, make_sched: Callable[[torch.optim.Optimizer], Any],
                         base_lrs: Lrs, steps: int, what: str) -> None:
     opt = make_optimizer(base_lrs)
     sched = make_sched(opt)
@@ -108,7 +108,7 @@ plateau_knobs = st.fixed_dictionaries({
 })
 
 
-def run_plateau_parity(knobs: dict[str, Any], base_lrs: Lrs, min_lrs: list[float],
+def check_plateau_parity(knobs: dict[str, Any], base_lrs: Lrs, min_lrs: list[float],
                        metrics: list[float]) -> None:
     min_lr: float | list[float] = min_lrs[0] if len(base_lrs) == 1 else min_lrs
     engine = lrctl.load_policy(policy({"kind": "plateau", "metric": "loss",
@@ -128,7 +128,7 @@ def run_plateau_parity(knobs: dict[str, Any], base_lrs: Lrs, min_lrs: list[float
        metrics=metric_sequences())
 def test_plateau_matches_reduce_lr_on_plateau(knobs: dict[str, Any], lr: float,
                                               min_lr: float, metrics: list[float]) -> None:
-    run_plateau_parity(knobs, [lr], [min_lr], metrics)
+    check_plateau_parity(knobs, [lr], [min_lr], metrics)
 
 
 @SETTINGS
@@ -141,7 +141,7 @@ def test_plateau_matches_reduce_lr_on_plateau_multi_group(
     # applies it per group (a small group stops shrinking first), lrctl keeps the
     # ratios, so eps stays well below every group's floor (or 0 without a floor).
     knobs = {**knobs, "eps": 0.0 if floor == 0.0 else min(knobs["eps"], 1e-12)}
-    run_plateau_parity(knobs, lrs, [floor * lr for lr in lrs], metrics)
+    check_plateau_parity(knobs, lrs, [floor * lr for lr in lrs], metrics)
 
 
 def test_plateau_known_answer_table() -> None:
@@ -179,7 +179,7 @@ def test_cyclical_matches_cyclic_lr(mode: str, base_lrs: list[float], span: floa
             opt, base_lr=list(base_lrs), max_lr=max_lrs, step_size_up=up, step_size_down=down,
             mode=mode, gamma=gamma, cycle_momentum=False)
 
-    run_schedule_parity(engine, make, base_lrs, steps, f"cyclical {mode}")
+    check_schedule_parity(engine, make, base_lrs, steps, f"cyclical {mode}")
 
 
 @SETTINGS
@@ -195,7 +195,7 @@ def test_cyclical_cosine_matches_warm_restarts(base_lrs: list[float], t_0: int, 
         return torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(
             opt, T_0=t_0, T_mult=t_mult, eta_min=eta_min)
 
-    run_schedule_parity(engine, make, base_lrs, steps, "cyclical cosine")
+    check_schedule_parity(engine, make, base_lrs, steps, "cyclical cosine")
 
 
 # -- warmup and decay vs LinearLR / CosineAnnealingLR / ExponentialLR / StepLR -----
@@ -212,7 +212,7 @@ def test_warmup_linear_matches_linear_lr(base_lrs: list[float], start: float, wa
         return torch.optim.lr_scheduler.LinearLR(opt, start_factor=start, end_factor=1.0,
                                                  total_iters=warm)
 
-    run_schedule_parity(engine, make, base_lrs, steps, "warmup linear")
+    check_schedule_parity(engine, make, base_lrs, steps, "warmup linear")
 
 
 @SETTINGS
@@ -228,7 +228,7 @@ def test_decay_cosine_matches_cosine_annealing(base_lrs: list[float], t_max: int
     def make(opt: torch.optim.Optimizer) -> Any:
         return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=t_max, eta_min=eta_min)
 
-    run_schedule_parity(engine, make, base_lrs, steps, "decay cosine")
+    check_schedule_parity(engine, make, base_lrs, steps, "decay cosine")
 
 
 def test_decay_cosine_reaches_eta_min_at_t_max() -> None:
@@ -237,7 +237,7 @@ def test_decay_cosine_reaches_eta_min_at_t_max() -> None:
                                base_lrs=[0.1])
     make = lambda opt: torch.optim.lr_scheduler.CosineAnnealingLR(  # noqa: E731
         opt, T_max=MIN_STEPS, eta_min=1e-5)
-    run_schedule_parity(engine, make, [0.1], MIN_STEPS, "decay cosine")
+    check_schedule_parity(engine, make, [0.1], MIN_STEPS, "decay cosine")
     assert math.isclose(engine.lrs[0], 1e-5, rel_tol=REL_TOL)
 
 
@@ -252,7 +252,7 @@ def test_decay_exponential_matches_exponential_lr(base_lrs: list[float], gamma: 
     def make(opt: torch.optim.Optimizer) -> Any:
         return torch.optim.lr_scheduler.ExponentialLR(opt, gamma=gamma)
 
-    run_schedule_parity(engine, make, base_lrs, steps, "decay exponential")
+    check_schedule_parity(engine, make, base_lrs, steps, "decay exponential")
 
 
 @SETTINGS
@@ -266,7 +266,7 @@ def test_decay_step_matches_step_lr(base_lrs: list[float], gamma: float, step_si
     def make(opt: torch.optim.Optimizer) -> Any:
         return torch.optim.lr_scheduler.StepLR(opt, step_size=step_size, gamma=gamma)
 
-    run_schedule_parity(engine, make, base_lrs, steps, "decay step")
+    check_schedule_parity(engine, make, base_lrs, steps, "decay step")
 
 
 @SETTINGS
@@ -282,7 +282,7 @@ def test_decay_linear_matches_linear_lr(base_lrs: list[float], end: float, total
         return torch.optim.lr_scheduler.LinearLR(opt, start_factor=1.0, end_factor=end,
                                                  total_iters=total)
 
-    run_schedule_parity(engine, make, base_lrs, steps, "decay linear")
+    check_schedule_parity(engine, make, base_lrs, steps, "decay linear")
 
 
 @pytest.mark.parametrize(("schedule", "knobs", "want"), [
