@@ -187,8 +187,11 @@ def _hook_arms(cfg: OverheadConfig, sockets: dict[str, str],
 
 _ECHO = ("import socket, sys\n"
          "s = socket.socket(fileno=int(sys.argv[1]))\n"
-         "while data := s.recv(65536):\n"
-         "    s.sendall(data)\n")
+         "try:\n"
+         "    while data := s.recv(65536):\n"
+         "        s.sendall(data)\n"
+         "except OSError:\n"  # the bench closed its end: done
+         "    pass\n")
 
 
 class _Echo:
