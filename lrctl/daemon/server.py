@@ -74,7 +74,7 @@ HOUSEKEEPING_INTERVAL = 1.0
 
 
 class Conn:
-    __slots__ = ("authed", "decoder", "name", "out", "run", "sock")
+    __slots__ = ("authed", "decoder", "eof", "name", "out", "run", "sock")
 
     def __init__(self, sock: socket.socket, authed: bool, name: str) -> None:
         self.sock = sock
@@ -83,6 +83,7 @@ class Conn:
         self.decoder = FrameDecoder(MAX_FRAME, first_limit=MAX_HELLO)
         self.out = bytearray()
         self.run: str | None = None
+        self.eof = False  # the peer half-closed: flush the replies, then close
 
 
 class Server:
@@ -232,6 +233,10 @@ class Server:
         except OSError:
             data = b""
         if not data:
+            if conn.out:  # answer what it asked before it hung up its end
+                conn.eof = True
+                self.sel.modify(conn.sock, selectors.EVENT_WRITE, ("conn", conn))
+                return True
             self._close(conn)
             return False
         try:
@@ -288,6 +293,9 @@ class Server:
             return
         del conn.out[:sent]
         if not conn.out:
+            if conn.eof:
+                self._close(conn)
+                return
             self.sel.modify(conn.sock, selectors.EVENT_READ, ("conn", conn))
 
     def _fail(self, conn: Conn, code: str, message: str) -> None:
