@@ -137,9 +137,15 @@ def _row(name: str, ws: list[dict[str, Any]], cfg: ThroughputConfig) -> dict[str
         row["target"] = f"≥ {UNPACED_MIN:,.0f}/s, p99 ≤ {UNPACED_P99_US:g} µs"
         row["ok"] = (row["per_s"]["median"] >= UNPACED_MIN
                      and row["latency_us"]["p99"] <= UNPACED_P99_US)
-    elif rate is not None and n == 64:
-        row["target"] = f"CPU ≤ {PACED_CPU:.0%} of a core"
-        row["ok"] = row["cpu_share"]["median"] <= PACED_CPU
+    if rate is not None:
+        # When the clients fall behind the offered rate, the CPU share they caused
+        # understates the load: judge the controller's CPU per observation at the full rate.
+        row["offered_per_s"] = n * rate
+        row["cpu_share_at_offered"] = row["cpu_us_per_obs"]["median"] * n * rate / 1e6
+        if n == 64:
+            row["target"] = f"CPU ≤ {PACED_CPU:.0%} of a core at {n * rate:,.0f} obs/s"
+            row["ok"] = (row["cpu_share"]["median"] <= PACED_CPU
+                         and row["cpu_share_at_offered"] <= PACED_CPU)
     return row
 
 
@@ -156,6 +162,12 @@ def _render(result: dict[str, Any], out: Path) -> str:
                      f"{r['latency_us']['p50']:.0f} µs | {r['latency_us']['p99']:.0f} µs | "
                      f"{c['median']:.0%} ({c['q1']:.0%}–{c['q3']:.0%}) | {u['median']:.1f} | "
                      f"{r['rss_mib']:.0f} MiB | {r['target']} | {verdict} |")
+    for r in result["rows"]:
+        if "offered_per_s" in r:
+            lines.append(f"\n{r['arm']}: {r['per_s']['median']:,.0f} of {r['offered_per_s']:,.0f} "
+                         f"offered observations/s answered ({r['late']} sends late); at the "
+                         f"full rate the controller would use {r['cpu_share_at_offered']:.0%} "
+                         "of a core.")
     rss = result["rss_mib"]
     lines.append(f"\nController RSS: {rss['idle']:.0f} MiB idle, {rss['end']:.0f} MiB at the "
                  "end.")
