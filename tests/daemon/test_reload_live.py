@@ -43,7 +43,8 @@ def _opt() -> torch.optim.Optimizer:
     return torch.optim.SGD([torch.nn.Parameter(torch.ones(1))], lr=0.1)
 
 
-def _run(key: str) -> dict[str, Any]:
+def _run(key: str | None) -> dict[str, Any]:
+    assert key is not None
     return next(r for r in request({"t": "runs"})["runs"] if r["run"] == key)
 
 

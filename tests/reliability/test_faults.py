@@ -30,7 +30,7 @@ def _count(name: str) -> None:
     FIGURES["faults injected and survived"] = dict(FAULTS)
 
 
-def _runs() -> dict[str, dict]:
+def _runs() -> dict[str | None, dict]:
     return {r["run"]: r for r in request({"t": "runs"})["runs"]}
 
 

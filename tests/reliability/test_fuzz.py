@@ -101,7 +101,8 @@ STATS = {"examples": 0, "frames": 0, "answered": 0, "fatal": 0, "good_steps": 0}
 
 def _replies(sock: socket.socket) -> list[dict[str, Any]]:
     sock.shutdown(socket.SHUT_WR)  # the controller answers what it got, then sees EOF
-    decoder, out = FrameDecoder(MAX_FRAME * 16), []
+    decoder = FrameDecoder(MAX_FRAME * 16)
+    out: list[dict[str, Any]] = []
     while True:
         try:
             data = sock.recv(1 << 16)

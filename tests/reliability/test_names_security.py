@@ -50,10 +50,11 @@ def test_hostile_run_names_become_safe_keys(controller: ControllerProc, name: st
     opt = torch.optim.SGD([torch.nn.Parameter(torch.ones(1))], lr=0.1)
     with lrctl.attach(opt, policy=PLATEAU, sync=True, spawn=False, run_name=name) as ctl:
         ctl.step(1.0)
-        assert RUN_KEY.match(ctl.run_key) and "/" not in ctl.run_key
-        assert sanitize_run_name(name) in ctl.run_key
+        key = ctl.run_key
+        assert key is not None and RUN_KEY.match(key) and "/" not in key
+        assert sanitize_run_name(name) in key
         files = os.listdir(Path(controller.state_dir) / "runs")
-        assert files == [f"{ctl.run_key}.json"]
+        assert files == [f"{key}.json"]
 
 
 @pytest.mark.parametrize("source", ["../../etc/passwd", "relative.yaml", "/tmp/a\x00b",
