@@ -163,7 +163,8 @@ def test_lr_chart_and_decisions_visible_in_mlflow_ui(
                                              timeout=120.0)
         except AssertionError as exc:
             runs = [(r.info.run_id, r.info.status, r.data.tags)
-                    for r in client.search_runs(search_all_experiments=True)]
+                    for e in client.search_experiments()
+                    for r in client.search_runs([e.experiment_id])]
             raise AssertionError(f"{exc}\nprinted: {printed}\nruns: {runs}\ncontroller log:\n"
                                  f"{ctl.log.read_text()[-3000:]}") from None
         ctl.stop()  # the decisions are shipped; the rest of the test is the UI
