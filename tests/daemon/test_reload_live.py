@@ -253,3 +253,19 @@ def test_lrctl_reload_forces_a_reload(make_controller: Callable[..., ControllerP
         assert _run(ctl.run_key)["policy_sha256"] == sha(v2)
         for t in range(15, 20):
             _step(ctl, engine, t)
+
+
+def test_policies_dir_is_validated_at_start_and_watched(
+        make_controller: Callable[..., ControllerProc], tmp_path: Path) -> None:
+    library = tmp_path / "lib"
+    library.mkdir()
+    (library / "good.yaml").write_text(plateau(0.5))
+    (library / "bad.yaml").write_text(BROKEN)
+    (library / "notes.txt").write_text("not a policy")
+    controller = make_controller(["--policies", str(library)])
+    status = request({"t": "status"})
+    assert status["watching"] == [str(library / "bad.yaml"), str(library / "good.yaml")]
+    assert [e for e in status["errors"] if f"{library / 'bad.yaml'}:4" in e]
+    assert "1 invalid" in controller.log.read_text()
+    (library / "bad.yaml").write_text(plateau(0.3))  # fixed: the error goes away
+    _until("the fix", lambda: not request({"t": "status"})["errors"])

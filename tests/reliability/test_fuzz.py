@@ -34,7 +34,7 @@ MUTATING = {"set_lr", "clear_lr", "pause", "resume", "reload"}
 KEYS = ["s", "l", "g", "m", "run", "run_name", "lrs", "groups", "policy", "lr", "steps",
         "token", "mlflow", "world_size", "watch", "cwd"]
 EXAMPLES = 1000
-BURST = (6, 12)
+BURST = (7, 13)
 #: Each generated message is also sent with each of these in its fields (and without "v").
 BAD_VALUES: list[Any] = ["nan", "inf", "-inf", 1e308, -1, 2**64, -(2**63), [], {}, None,
                          True, "x" * 300, "../../etc"]
