@@ -27,9 +27,11 @@ import pytest
 from browser_helpers import CHROMEDRIVER, CHROMIUM, MlflowServer, chromium, wait_for
 from live_controller import REPO, live_controller, subprocess_env
 
+HAVE_BROWSER = CHROMIUM.exists() and CHROMEDRIVER.exists()
+# .ci/run installs chromium and sets LRCTL_REQUIRE_BROWSER: there, a missing browser fails.
 pytestmark = [
     pytest.mark.browser,
-    pytest.mark.skipif(not (CHROMIUM.exists() and CHROMEDRIVER.exists()),
+    pytest.mark.skipif(not HAVE_BROWSER and not os.environ.get("LRCTL_REQUIRE_BROWSER"),
                        reason=f"needs {CHROMIUM} and {CHROMEDRIVER} (apt-get install chromium "
                               "chromium-driver; .ci/run installs them)"),
 ]
@@ -71,14 +73,14 @@ def browser(tmp_path: Path) -> Iterator[Any]:
 
 
 def shipped_run(client: Any, decisions: int) -> tuple[str, str] | None:
-    """``(experiment_id, run_id)`` once the run's LR metric and all its ``decisions``
-    are in MLflow (the ``lrctl.decisions`` tag counts those shipped)."""
+    """``(experiment_id, run_id)`` once the run's LR metric and at least ``decisions``
+    decisions are in MLflow (the ``lrctl.decisions`` tag counts those shipped)."""
     experiment = client.get_experiment_by_name("lrctl")
     if experiment is None:
         return None
     for run in client.search_runs([experiment.experiment_id]):
         run_id = run.info.run_id
-        if run.data.tags.get("lrctl.decisions") != str(decisions):
+        if int(run.data.tags.get("lrctl.decisions", "0")) < decisions:
             continue
         paths = {a.path for a in client.list_artifacts(run_id, "lrctl")}
         if "lrctl/decisions.jsonl" in paths and client.get_metric_history(run_id,
@@ -169,14 +171,20 @@ def test_lr_chart_and_decisions_visible_in_mlflow_ui(
                                  f"{ctl.log.read_text()[-3000:]}") from None
         ctl.stop()  # the decisions are shipped; the rest of the test is the UI
 
-    download_dir = tmp_path / "download"
-    local = client.download_artifacts(run_id, "lrctl/decisions.jsonl", str(download_dir))
-    decisions = [json.loads(line) for line in Path(local).read_text().splitlines()]
-    shutil.rmtree(download_dir)
-    # MLflow's artifact repository starts a thread pool it never shuts down;
-    # collecting the repository ends it (the suite's leak guard checks).
-    gc.collect()
-    assert [(d["step"], d["policy"], d["action"]) for d in decisions] == printed
+    def uploaded() -> list[dict[str, Any]] | None:
+        download_dir = tmp_path / "download"
+        local = client.download_artifacts(run_id, "lrctl/decisions.jsonl", str(download_dir))
+        records = [json.loads(line) for line in Path(local).read_text().splitlines()]
+        shutil.rmtree(download_dir)
+        # MLflow's artifact repository starts a thread pool it never shuts down;
+        # collecting the repository ends it (the suite's leak guard checks).
+        gc.collect()
+        return records if len(records) >= len(printed) else None
+
+    decisions = wait_for("the decisions artifact", uploaded, timeout=120.0)
+    # What the script printed is what it had received; a decision answering one of
+    # the last observations may reach MLflow after the script printed its list.
+    assert [(d["step"], d["policy"], d["action"]) for d in decisions][:len(printed)] == printed
 
     run_url = f"{mlflow_server.uri}/#/experiments/{experiment_id}/runs/{run_id}"
 
