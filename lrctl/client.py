@@ -53,11 +53,7 @@ MAX_POLICY_BYTES = 64 * 1024
 MAX_DECISIONS = 10_000
 _NAME_BAD = re.compile(r"[^A-Za-z0-9._-]+")
 _spawned: list[subprocess.Popen[bytes]] = []  # kept so their handles outlive the caller's frame
-# Shorter than any round trip through the controller (tens of µs): a read this soon after
-# the last one cannot find the answer to what was sent just before it.
-_POLL_GAP = 10e-6
 _NO_METRICS: Mapping[str, Any] = MappingProxyType({})
-_clock = time.perf_counter
 
 
 class ControllerError(RuntimeError):
@@ -138,7 +134,6 @@ class Controller:
         self._got_error = False
         self._staged: deque[tuple[int, Any, Any, tuple[bool, bool], dict[str, Any]]] = deque()
         self._pinned: list[Any] = []
-        self._polled_at = 0.0  # when the link was last read (see _pre_step)
         self._hook_handle: Any = None
         self.should_stop = False
         self.should_skip = False
@@ -343,7 +338,6 @@ class Controller:
             self._drain_staged(block=False)
         assert self._link is not None
         self._link.pump()
-        self._polled_at = _clock()
 
     def _wait_for(self, t: int) -> None:
         assert self._link is not None
@@ -356,14 +350,12 @@ class Controller:
     def _pre_step(self, *_: Any) -> None:
         """Optimizer pre-step hook: apply whatever arrived since :meth:`step`.
 
-        It reads only when an answer is awaited and :meth:`step` did not just read: in
-        the documented order (``step`` right before ``optimizer.step()``) no reply can
-        have come in between (see :data:`_POLL_GAP`). When a loop calls ``step`` after
-        ``optimizer.step()``, this read is what puts a decision in effect at ``t + 1``.
+        It reads only while an answer is awaited (a zero-timeout poll when nothing came).
+        It reads even right after ``step()``: skipping that saves one poll syscall, but on a
+        busy machine the reply can land in the gap, and the decision would then be late.
         """
         try:
-            if (self._link is not None and (self._acked < self._reported or self._staged)
-                    and _clock() - self._polled_at > _POLL_GAP):
+            if self._link is not None and (self._acked < self._reported or self._staged):
                 self._pump()
             self._apply()
         except Exception as exc:
