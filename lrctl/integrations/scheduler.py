@@ -8,8 +8,9 @@ for the next step, as with torch's schedulers.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
+from torch import Tensor
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
 
@@ -34,7 +35,7 @@ class Scheduler(LRScheduler):
         self.controller = Controller(optimizer, **attach_options)
         self.base_lrs = [float(g.get("initial_lr", g["lr"])) for g in optimizer.param_groups]
         self.last_epoch = 0
-        self._last_lr = self.controller.lr
+        self._last_lr = _lrs(self.controller.lr)
 
     def step(self, metrics: Any = None, epoch: None = None) -> None:  # type: ignore[override]
         """Report this step's loss (``metrics``) and apply the latest LRs."""
@@ -42,13 +43,13 @@ class Scheduler(LRScheduler):
             raise TypeError("lrctl.Scheduler counts steps itself; step(epoch=...) is not supported")
         self.controller.step(metrics)
         self.last_epoch += 1
-        self._last_lr = self.controller.lr
+        self._last_lr = _lrs(self.controller.lr)
 
     def get_lr(self) -> list[float]:  # type: ignore[override]
         return self.controller.lr
 
     def get_last_lr(self) -> list[float]:  # type: ignore[override]
-        return list(self._last_lr)
+        return [float(lr) for lr in self._last_lr]
 
     @property
     def should_stop(self) -> bool:
@@ -65,7 +66,12 @@ class Scheduler(LRScheduler):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.last_epoch = int(state_dict["last_epoch"])
-        self._last_lr = [float(x) for x in state_dict["lrs"]]
+        self._last_lr = _lrs([float(x) for x in state_dict["lrs"]])
 
     def close(self) -> None:
         self.controller.close()
+
+
+def _lrs(values: list[float]) -> list[float | Tensor]:
+    """Our float LRs typed as torch declares ``LRScheduler._last_lr``."""
+    return cast("list[float | Tensor]", values)
