@@ -15,7 +15,12 @@ What it does, and why this way:
   ``on_train_begin`` the callback takes over the Trainer's ``lr_scheduler``:
   its ``step()`` no longer touches the optimizer, and its ``get_last_lr()``
   reports lrctl's LR, so the Trainer's ``learning_rate`` log is the LR actually
-  used. Warmup and decay belong in the lrctl policy file.
+  used. Warmup and decay belong in the lrctl policy file: ``warmup_steps`` and
+  ``lr_scheduler_type`` are ignored, and lrctl starts from ``learning_rate``
+  (the group's ``initial_lr``), not from the 0 a warmup scheduler has already
+  put into the optimizer.
+* **The optimizer inside accelerate's wrapper.** The Trainer hands callbacks an
+  ``AcceleratedOptimizer``; lrctl attaches to the torch optimizer inside it.
 * **Step numbers are the Trainer's ``global_step``.** The observation for
   optimizer step *k* is sent at the start of step *k + 1* (the Trainer logs step
   *k* after ``on_step_end``), and its decision applies from step *k + 2* in
