@@ -74,7 +74,7 @@ HOUSEKEEPING_INTERVAL = 1.0
 
 
 class Conn:
-    __slots__ = ("authed", "decoder", "eof", "name", "out", "run", "sock")
+    __slots__ = ("authed", "dead", "decoder", "eof", "name", "out", "run", "sock")
 
     def __init__(self, sock: socket.socket, authed: bool, name: str) -> None:
         self.sock = sock
@@ -84,6 +84,7 @@ class Conn:
         self.out = bytearray()
         self.run: str | None = None
         self.eof = False  # the peer half-closed: flush the replies, then close
+        self.dead = False  # a send failed: the peer is gone, but what it sent still counts
 
 
 class Server:
@@ -107,6 +108,7 @@ class Server:
         self._stopping = False
         self._started = time.monotonic()
         self._nconns = 0
+        self._reading: Conn | None = None  # the connection whose batch is being handled
         self.session_timeout = session_timeout
         self._last_seen: dict[str, float] = {}
         self._store_errors: dict[str, str] = {}
@@ -244,17 +246,28 @@ class Server:
         except ProtocolError as exc:
             self._fail(conn, exc.code, str(exc))
             return False
-        for msg in messages:
-            if conn.sock.fileno() < 0:
-                return False
-            try:
-                self._dispatch(conn, msg)
-            except ProtocolError as exc:
-                self._send(conn, {"t": "error", "code": exc.code, "message": str(exc),
-                                  "fatal": False})
+        # A hook that died right after sending is gone when we answer; the observations
+        # it sent before dying are still applied (and checkpointed when it is closed).
+        self._reading = conn
+        try:
+            for msg in messages:
+                if conn.sock.fileno() < 0:
+                    return False
+                try:
+                    self._dispatch(conn, msg)
+                except ProtocolError as exc:
+                    self._send(conn, {"t": "error", "code": exc.code, "message": str(exc),
+                                      "fatal": False})
+        finally:
+            self._reading = None
+        if conn.dead:
+            self._close(conn)
+            return False
         return conn.sock.fileno() >= 0
 
     def _send(self, conn: Conn, msg: Mapping[str, Any], limit: int = MAX_FRAME) -> None:
+        if conn.dead:
+            return
         try:
             frame = encode(msg, limit)
         except ProtocolError:
@@ -271,7 +284,9 @@ class Server:
             except (BlockingIOError, InterruptedError):
                 sent = 0
             except OSError:
-                self._close(conn)
+                conn.dead = True
+                if self._reading is not conn:
+                    self._close(conn)
                 return
             if sent < len(frame):
                 conn.out += frame[sent:]
