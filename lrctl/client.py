@@ -158,8 +158,7 @@ class Controller:
             self._broadcast()  # the welcome's LRs (warmup's first step) on every rank
         else:
             self._apply()
-            if hasattr(optimizer, "register_step_pre_hook"):
-                self._hook_handle = optimizer.register_step_pre_hook(self._pre_step)
+            self._hook_handle = _register_pre_step(optimizer, self._pre_step)
 
     # -- public API ------------------------------------------------------------------------
     @property
@@ -214,8 +213,14 @@ class Controller:
                 continue
             self._metrics[name] = value
 
-    def close(self) -> None:
-        """End the run: flush what the controller should see, say goodbye, unhook."""
+    def close(self, end_run: bool = True) -> None:
+        """Flush what the controller should see, unhook, disconnect.
+
+        ``end_run=True`` says goodbye: the controller ends the session (and the
+        MLflow run it created). ``end_run=False`` only disconnects, leaving the
+        session resumable with ``attach(..., resume=run_key)`` — for a training
+        process that is being interrupted rather than finishing.
+        """
         if self._hook_handle is not None:
             self._hook_handle.remove()
             self._hook_handle = None
@@ -223,7 +228,7 @@ class Controller:
             return
         try:
             self._drain_staged(block=True)
-            self._link.close(bye=True)
+            self._link.close(bye=end_run)
         except Exception as exc:
             self._warn("internal", f"lrctl: error while closing ({exc!r})")
         self._link = None
@@ -277,6 +282,9 @@ class Controller:
                     self._target = values
             if isinstance(msg.get("mode"), str):
                 self.mode = msg["mode"]
+        if t == "welcome" and self._resume is not None and msg.get("restored") is False:
+            self._warn("not-restored", f"lrctl: the controller has no state for run "
+                                       f"{self._resume!r}; its policies start afresh")
         if t == "lr":
             s = msg.get("s")
             if not isinstance(s, int):
@@ -307,10 +315,9 @@ class Controller:
     def _report(self, t: int, loss: Any, grad_norm: Any) -> None:
         if grad_norm is None and self._compute_grad_norm:
             grad_norm = total_grad_norm(self.optimizer)
+        metrics: Mapping[str, Any] = _NO_METRICS  # no allocation on the usual step
         if self._metrics:
             metrics, self._metrics = self._metrics, {}
-        else:
-            metrics = _NO_METRICS  # no allocation on the usual step
         if (loss is None or type(loss) is float) and (grad_norm is None
                                                       or type(grad_norm) is float):
             self._send(t, loss, grad_norm, metrics)
@@ -364,9 +371,13 @@ class Controller:
 
     def _apply(self) -> None:
         target = self._target
+        groups = self.optimizer.param_groups
+        if groups is not self._groups:
+            # optimizer.load_state_dict() replaced the group dicts (a resume): write anew.
+            self._groups, self._applied = groups, []
         if target == self._applied:
             return
-        for group, lr in zip(self._groups, target, strict=True):
+        for group, lr in zip(groups, target, strict=True):
             current = group["lr"]
             if hasattr(current, "fill_"):
                 current.fill_(lr)  # tensor LRs (capturable optimizers): in place, no sync
@@ -390,7 +401,7 @@ class Controller:
 
     # -- statistics --------------------------------------------------------------------------
     def _stage(self, t: int, loss: Any, grad: Any, on_dev: tuple[bool, bool],
-               metrics: dict[str, Any]) -> None:
+               metrics: Mapping[str, Any]) -> None:
         """Start a device→pinned copy of the statistics; :meth:`_drain_staged` sends it."""
         torch = sys.modules["torch"]
         device = loss.device if on_dev[0] else grad.device
@@ -462,6 +473,23 @@ class _Distributed:
 
 
 # -- helpers ------------------------------------------------------------------------------
+def _register_pre_step(optimizer: Any, hook: Any) -> Any:
+    """Register ``hook`` to run before each ``optimizer.step()``.
+
+    Wrappers such as accelerate's ``AcceleratedOptimizer`` subclass torch's
+    ``Optimizer`` without its hook tables; their ``.optimizer`` is the real one.
+    """
+    for candidate in (optimizer, getattr(optimizer, "optimizer", None)):
+        register = getattr(candidate, "register_step_pre_hook", None)
+        if register is None:
+            continue
+        try:
+            return register(hook)
+        except (AttributeError, TypeError):
+            continue
+    return None
+
+
 def total_grad_norm(optimizer: Any) -> Any:
     """The 2-norm of all gradients of ``optimizer``'s parameters, as a tensor (no sync).
 

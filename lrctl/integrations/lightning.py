@@ -72,7 +72,7 @@ class LrctlCallback(pl.Callback):
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                      exception: BaseException) -> None:
         if self.controller is not None:
-            _detach(self.controller)
+            self.controller.close(end_run=False)  # stay resumable
 
     # -- per step --------------------------------------------------------------------------
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
@@ -111,19 +111,3 @@ class LrctlCallback(pl.Callback):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._resume = dict(state_dict)
-
-
-def _detach(controller: Controller) -> None:
-    """Unhook and drop the connection without the goodbye that ends the session.
-
-    ``Controller.close()`` always says goodbye, and the controller then forgets
-    the run; an interrupted fit must stay resumable.
-    """
-    handle = getattr(controller, "_hook_handle", None)
-    if handle is not None:
-        handle.remove()
-        controller._hook_handle = None
-    link = getattr(controller, "_link", None)
-    if link is not None:
-        link.close(bye=False)
-        controller._link = None
