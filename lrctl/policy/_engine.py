@@ -74,6 +74,8 @@ class Engine:
         self.max_lr = math.inf if max_lr is None else float(max_lr)
         self.mode = mode
         self.policy_sha256 = policy_sha256
+        self._reactive = [p for p in self.policies if p.role != SCHEDULE]
+        self._schedules = [p for p in self.policies if p.role == SCHEDULE]
         self._order = sorted(range(len(self.policies)),
                              key=lambda i: (self.policies[i].role == SCHEDULE,
                                             self.policies[i].priority, i))
@@ -124,13 +126,15 @@ class Engine:
         ctx = StepContext(initial_lrs=self.initial_lrs)
         new_decisions: list[Decision] = []
         next_step = obs.step + 1
+        factors = self._schedule_factors(next_step)  # schedules are pure: once per step
         for i in self._order:
             policy = self.policies[i]
-            before = self._compute(next_step)
+            multiplier = self._multiplier()
             actions = policy.observe(obs, ctx)
             if not actions:
                 continue
-            after = self._compute(next_step)
+            before = self._lrs_from(multiplier, factors)
+            after = self._lrs_from(self._multiplier(), factors)
             for action in actions:
                 moved = action.action not in ("skip", "stop")
                 new_decisions.append(Decision(
@@ -148,7 +152,7 @@ class Engine:
         self.last_step = obs.step
         self.should_skip = ctx.skip
         self.should_stop = self.should_stop or ctx.stop
-        self._lrs = self._compute(next_step)
+        self._lrs = self._lrs_from(self._multiplier(), factors)
         self._decisions.extend(new_decisions)
         self.decision_count += len(new_decisions)
         self.last_decisions = new_decisions
@@ -156,16 +160,25 @@ class Engine:
 
     # -- arbitration -------------------------------------------------------------
     def _compute(self, step: int) -> list[float]:
+        return self._lrs_from(self._multiplier(), self._schedule_factors(step))
+
+    def _multiplier(self) -> float:
         multiplier = 1.0
-        for p in self.policies:
-            if p.role != SCHEDULE:
-                multiplier *= p.multiplier()
+        for p in self._reactive:
+            multiplier *= p.multiplier()
+        return multiplier
+
+    def _schedule_factors(self, step: int) -> list[list[float]]:
+        """Each group's schedule factors at ``step``, in file order."""
+        return [[p.factor(step, g, initial) for p in self._schedules]
+                for g, initial in enumerate(self.initial_lrs)]
+
+    def _lrs_from(self, multiplier: float, factors: list[list[float]]) -> list[float]:
         lrs = []
-        for g, initial in enumerate(self.initial_lrs):
+        for initial, group_factors in zip(self.initial_lrs, factors, strict=True):
             lr = initial * multiplier
-            for p in self.policies:
-                if p.role == SCHEDULE:
-                    lr *= p.factor(step, g, initial)
+            for f in group_factors:
+                lr *= f
             if not math.isfinite(lr) or lr < 0:
                 # A policy bug must not reach the optimizer; hold the floor instead.
                 lr = self.min_lr
