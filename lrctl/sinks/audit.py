@@ -61,7 +61,7 @@ class _OpenRun:
     # What the journal already holds: after a controller crash the hook replays the
     # observations since the last checkpoint, and the engine re-makes their decisions.
     journaled_step: int = -1
-    journaled_at_step: set[tuple[str, str]] = field(default_factory=set)
+    journaled_at_step: set[tuple[str, str, str]] = field(default_factory=set)
 
 
 class AuditSink(Sink):
@@ -127,7 +127,7 @@ class AuditSink(Sink):
 
     def decision(self, run_key: str, record: Mapping[str, Any]) -> None:
         run = self._run(run_key)
-        step, key = int(record["step"]), (str(record["policy"]), str(record["action"]))
+        step, key = int(record["step"]), _dedup_key(record)
         if step < run.journaled_step or (step == run.journaled_step
                                          and key in run.journaled_at_step):
             return  # re-made while replaying after a controller restart: already journaled
@@ -149,7 +149,7 @@ class AuditSink(Sink):
         """Where the journal of a restored run ends: its last decision step and metric step."""
         for line in read_lines(run.paths.stream("decisions")):
             step = int(line.record.get("step", -1))
-            key = (str(line.record.get("policy")), str(line.record.get("action")))
+            key = _dedup_key(line.record)
             if step > run.journaled_step:
                 run.journaled_step, run.journaled_at_step = step, set()
             if step == run.journaled_step:
@@ -251,3 +251,11 @@ def _current_policy(paths: RunPaths) -> tuple[str, int]:
             sha = str(line.record.get("policy_sha256", ""))
             version = int(line.record.get("policy_version", version))
     return sha, version
+
+
+def _dedup_key(record: Mapping[str, Any]) -> tuple[str, str, str]:
+    """What makes a decision distinct within its step. A policy decides once per step,
+    but several reloads can land between two observations: their new sha tells them apart."""
+    evidence = record.get("evidence")
+    version = str(evidence.get("new_sha256", "")) if isinstance(evidence, Mapping) else ""
+    return str(record.get("policy")), str(record.get("action")), version

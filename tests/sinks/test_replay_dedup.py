@@ -49,3 +49,15 @@ def test_replayed_decisions_and_observations_are_journaled_once(tmp_path: Path) 
     assert got == [(4, "reduce"), (5, "skip"), (5, "backoff"), (7, "reduce")]
     steps = sorted({p[2] for line in journal(state, "run-a", "metrics") for p in line["points"]})
     assert steps == list(range(8))
+
+
+def test_two_reloads_at_one_step_are_both_journaled(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    sink = AuditSink(state, JOURNAL_ONLY)
+    sink.open_run(run_info("run-b"))
+    for sha in ("aaa", "bbb", "bbb"):  # the third is a replay of the second
+        sink.decision("run-b", {**decision(3, "reload"), "policy": "reload",
+                                "evidence": {"old_sha256": "x", "new_sha256": sha}})
+    sink.close()
+    got = [r["evidence"]["new_sha256"] for r in journal(state, "run-b", "decisions")]
+    assert got == ["aaa", "bbb"]
