@@ -65,6 +65,8 @@ def main() -> None:
     if rank == 0:
         for d in decisions:
             print(f"  step {d.step}: {d.policy} {d.action}: {d.reason}")
+    # Every rank done before any tears down: gloo aborts a rank whose peer left first.
+    dist.barrier()
     dist.destroy_process_group()
 
 

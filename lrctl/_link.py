@@ -154,11 +154,13 @@ class Link:
             left = deadline - time.monotonic()
             if left <= 0:
                 return False
-            want_write = [self._sock] if self._out else []
+            # poll, not select: select fails on descriptors >= 1024, common in big jobs
+            waiter = select.poll()
+            waiter.register(self._sock, _READABLE | (select.POLLOUT if self._out else 0))
             try:
-                select.select([self._sock], want_write, [], left)
-            except (OSError, ValueError):  # select, not poll: it also waits to write
-                self._down("select failed")
+                waiter.poll(left * 1000.0)
+            except OSError:
+                self._down("poll failed")
                 return False
             self.pump()
         return True
@@ -167,8 +169,11 @@ class Link:
         if self.state == "up" and bye:
             self._write(encode({"t": "bye"}))
             deadline = time.monotonic() + timeout
+            waiter = select.poll()
+            if self._sock is not None:
+                waiter.register(self._sock, select.POLLOUT)
             while self._out and self._sock is not None and time.monotonic() < deadline:
-                select.select([], [self._sock], [], deadline - time.monotonic())
+                waiter.poll(max(deadline - time.monotonic(), 0.0) * 1000.0)
                 self._flush()
         if self._sock is not None:
             self._sock.close()

@@ -134,6 +134,7 @@ class Controller:
         self._got_error = False
         self._staged: deque[tuple[int, Any, Any, tuple[bool, bool], dict[str, Any]]] = deque()
         self._pinned: list[Any] = []
+        self._slot = 0
         self._hook_handle: Any = None
         self.should_stop = False
         self.should_skip = False
@@ -199,10 +200,14 @@ class Controller:
         except Exception as exc:  # fail-open: the training loop must not see lrctl's bugs
             self._warn("internal", f"lrctl: hook error ({exc!r}); training continues at the "
                                    "last LR")
-        if self._dist.world_size > 1:
-            self._broadcast()
-        else:
-            self._apply()
+        try:
+            if self._dist.world_size > 1:
+                self._broadcast()
+            else:
+                self._apply()
+        except Exception as exc:
+            self._warn("apply", f"lrctl: could not apply the LRs ({exc!r}); training "
+                                "continues at the last LR")
 
     def report(self, **metrics: Any) -> None:
         """Named metrics (``val_loss=0.31``), sent with the next step's observation."""
@@ -236,8 +241,10 @@ class Controller:
     def __enter__(self) -> Controller:
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+    def __exit__(self, exc_type: object, *exc: object) -> None:
+        # Leaving by an exception (a crash, Ctrl-C, a preemption) keeps the session
+        # resumable; only a block that finishes ends the run.
+        self.close(end_run=exc_type is None)
 
     # -- connecting --------------------------------------------------------------------------
     def _connect(self, policy: Any, run_name: str | None, address: str | None, spawn: bool,
@@ -377,7 +384,11 @@ class Controller:
             self._groups, self._applied = groups, []
         if target == self._applied:
             return
-        for group, lr in zip(groups, target, strict=True):
+        if len(groups) != len(target):  # add_param_group() after attach
+            self._warn("groups", f"lrctl: the optimizer has {len(groups)} param groups but "
+                                 f"the run was attached with {len(target)}; LRs are applied "
+                                 "to the first ones only")
+        for group, lr in zip(groups, target, strict=False):
             current = group["lr"]
             if hasattr(current, "fill_"):
                 current.fill_(lr)  # tensor LRs (capturable optimizers): in place, no sync
@@ -414,7 +425,10 @@ class Controller:
         if not self._pinned:
             self._pinned = [torch.empty(2, dtype=torch.float64, pin_memory=True)
                             for _ in range(9)]
-        buf = self._pinned[t % len(self._pinned)]
+        # Slots in staging order: at most 8 copies are pending, so the 9-slot ring never
+        # hands out a buffer whose copy has not been read (t % 9 would, with every=9).
+        self._slot = (self._slot + 1) % len(self._pinned)
+        buf = self._pinned[self._slot]
         buf.copy_(torch.stack(parts), non_blocking=True)
         event = torch.cuda.Event()
         event.record()

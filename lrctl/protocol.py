@@ -104,7 +104,10 @@ def float_in(x: Any, name: str) -> float:
         if x in ("nan", "inf", "-inf"):
             return float(x)
     elif isinstance(x, (int, float)) and not isinstance(x, bool):
-        return float(x)
+        try:
+            return float(x)
+        except OverflowError:  # a JSON integer of hundreds of digits
+            raise ProtocolError(f"{name} is too large: {str(x)[:20]}…", "bad_message") from None
     raise ProtocolError(f"{name} must be a number, but got {x!r}", "bad_message")
 
 

@@ -258,6 +258,10 @@ class Server:
                 except ProtocolError as exc:
                     self._send(conn, {"t": "error", "code": exc.code, "message": str(exc),
                                       "fatal": False})
+                except Exception as exc:  # a bug (or a plugin's) must not end every run
+                    log.exception("internal error handling a %r message", msg.get("t"))
+                    self._send(conn, {"t": "error", "code": "internal",
+                                      "message": f"controller error: {exc!r}", "fatal": False})
         finally:
             self._reading = None
         if conn.dead:
@@ -570,7 +574,12 @@ class Server:
             return
         self._unwatch(session.key)
         if want is not None:
-            self.watcher.watch(want, session.info.policy_sha256)
+            try:
+                self.watcher.watch(want, session.info.policy_sha256)
+            except OSError as exc:  # e.g. the inotify watch limit: run on, unwatched
+                session.reload_error = f"cannot watch {want}: {exc.strerror or exc}"
+                log.error("run %s: %s", session.key, session.reload_error)
+                return
             self._watched[session.key] = want
 
     def _unwatch(self, key: str) -> None:
@@ -588,7 +597,10 @@ class Server:
             if event.error:
                 log.error("policy %s", event.error)
             if self.watcher is not None:
-                self.watcher.watch(event.path, event.sha256)
+                try:
+                    self.watcher.watch(event.path, event.sha256)
+                except OSError as exc:
+                    log.error("cannot watch policy %s: %s", event.path, exc.strerror or exc)
         log.info("validated %d policy file(s) in %s, %d invalid", len(files), directory,
                  sum(1 for path in files if self.library.get(str(path.resolve()))))
 

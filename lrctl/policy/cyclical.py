@@ -67,7 +67,7 @@ class Cyclical(Schedule):
         if p["mode"] == "triangular":
             return base + height
         if p["mode"] == "triangular2":
-            return base + height * (1 / (2.0 ** (cycle - 1)))
+            return base + height * 0.5 ** (cycle - 1)  # underflows to 0, never overflows
         return base + height * p["gamma"] ** step
 
     def factor(self, step: int, group: int, initial_lr: float) -> float:

@@ -38,7 +38,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from ._base import Action, Observation, Policy, StepContext
-from ._params import Param
+from ._params import Param, ParamError
 from ._registry import register_policy
 
 _MIN_SIGMA = 1e-12
@@ -112,6 +112,9 @@ class Divergence(Policy):
 
     def __init__(self, **params: Any) -> None:
         super().__init__(**params)
+        if self.params["min_samples"] > self.params["window"]:
+            raise ParamError("min_samples", f"must be <= window ({self.params['window']}), "
+                             f"but got {self.params['min_samples']}: detection would never arm")
         size = self.params["window"]
         self._loss = RobustWindow(size)
         self._gnorm = RobustWindow(size)  # log grad norms
@@ -239,8 +242,11 @@ class Divergence(Policy):
             actions.append(Action("skip", f"skip this optimizer step: {reason}", evidence))
         self._spikes = 0
         self._clean = 0
-        if self._stopped:  # already asked to stop: say it once, keep the LR where it is
+        if self._stopped:  # already asked to stop: say it once; still never raise the LR
             ctx.stop = True
+            if force:
+                self._scale = max(self._scale * self.params["factor"],
+                                  self.params["min_multiplier"])
             return actions
         floor = self.params["min_multiplier"]
         if self._backoffs >= self.params["max_backoffs"] or self._scale <= floor:
@@ -264,6 +270,8 @@ class Divergence(Policy):
         return actions
 
     def _maybe_regrow(self) -> list[Action]:
+        if self._stopped:  # a run told to stop that goes on anyway stays at the low LR
+            return []
         self._clean += 1
         if self._clean < self.params["regrow_after"]:
             return []

@@ -35,6 +35,8 @@ def main(out_dir: str) -> None:
         connected = ctl.connected
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
         json.dump({"lrs": lrs, "connected": connected}, f)
+    # Every rank done before any tears down: gloo aborts a rank whose peer left first.
+    dist.barrier()
     dist.destroy_process_group()
 
 
