@@ -69,7 +69,10 @@ def get_policy_class(kind: str) -> type[Policy]:
                     "is not a subclass of lrctl.policy.Policy"
                 )
             return register_policy(kind, replace=True)(loaded)
-    raise ValueError(f"unknown policy kind {kind!r} (known kinds: {', '.join(available_kinds())})")
+    raise ValueError(
+        f"unknown policy kind {kind!r} (known kinds: {', '.join(available_kinds())}); "
+        f"a kind registered in a training script is known only in that process — install it "
+        f"through the {ENTRY_POINT_GROUP!r} entry-point group for the controller")
 
 
 def available_kinds() -> list[str]:
