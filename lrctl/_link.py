@@ -45,13 +45,18 @@ _PLAIN_LR = re.compile(
     rb'"stop":(true|false),"mode":"([A-Za-z_]+)","saved_step":(-?[0-9]+),"d":\[\]\}')
 
 
+RESPAWN_AFTER_S = 2.0
+RESPAWN_EVERY_S = 30.0
+
+
 class Link:
     """One run's connection. ``on_message`` gets every ``welcome``/``lr``/``error``."""
 
     def __init__(self, address: str, hello: Mapping[str, Any],
                  on_message: Callable[[dict[str, Any]], None], *,
                  warn: Callable[[str, str], None], max_backoff: float = 5.0,
-                 buffer_max: int = BUFFER_MAX) -> None:
+                 buffer_max: int = BUFFER_MAX,
+                 respawn: Callable[[], None] | None = None) -> None:
         self.kind, self.addr = paths.parse_address(address)
         self.address = address
         self.hello = dict(hello)
@@ -70,6 +75,11 @@ class Link:
         self._out = bytearray()
         self._backoff = 0.1
         self._next_attempt = 0.0
+        # Start a new controller when the one we had is gone for good (spawn=True):
+        # after RESPAWN_AFTER_S of failed reconnects, at most every RESPAWN_EVERY_S.
+        self.respawn = respawn
+        self._down_since: float | None = None
+        self._last_respawn = -RESPAWN_EVERY_S
 
     @property
     def connected(self) -> bool:
@@ -108,6 +118,19 @@ class Link:
         self._flush()
         return self._sock is not None
 
+    def _maybe_respawn(self) -> None:
+        now = time.monotonic()
+        if self._down_since is None:
+            self._down_since = now
+        if (self.respawn is None or now - self._down_since < RESPAWN_AFTER_S
+                or now - self._last_respawn < RESPAWN_EVERY_S):
+            return
+        self._last_respawn = now
+        try:
+            self.respawn()
+        except Exception as exc:  # fail-open: keep training, keep trying to reconnect
+            self.warn("respawn", f"lrctl: could not start a new controller ({exc!r})")
+
     def _down(self, reason: str) -> None:
         if self._sock is not None:
             self._sock.close()
@@ -137,8 +160,9 @@ class Link:
 
     def pump(self) -> None:
         """Reconnect when due, send what is queued, handle what arrived. Never blocks long."""
-        if self.state == "down" and self.fatal is None and time.monotonic() >= self._next_attempt:
-            self.open(timeout=0.1)
+        if (self.state == "down" and self.fatal is None
+                and time.monotonic() >= self._next_attempt and not self.open(timeout=0.1)):
+            self._maybe_respawn()
         if self._sock is None:
             return
         if self._out:
@@ -282,6 +306,7 @@ class Link:
         self.welcomed = True
         self.state = "up"
         self._backoff = 0.1
+        self._down_since = None
         while self.buffer and self.buffer[0][0] <= last:
             self.buffer.popleft()
         for _, frame in self.buffer:  # replay, in order: see the module docstring

@@ -263,6 +263,8 @@ class Controller:
         link = Link(address, {**hello, "token": token or token_from_env()} if
                     address.startswith("tcp://") else hello, self._on_message,
                     warn=self._warn, max_backoff=max_backoff)
+        if spawn and link.kind == "unix":
+            link.respawn = lambda: _respawn(address)
         self._link = link
         opened = link.open(timeout=2.0)
         if not opened and spawn and link.kind == "unix":
@@ -574,21 +576,34 @@ def _mlflow_info() -> dict[str, str | None]:
     return info
 
 
-def _spawn_and_open(link: Link, timeout: float) -> bool:
-    """Start ``lrctl serve`` in its own session and wait until it answers.
+def _start_controller(address: str) -> subprocess.Popen[bytes]:
+    """Start ``lrctl serve`` on ``address`` in its own session, logging to the state dir.
 
-    Two runs may spawn at once: the loser's controller exits (the socket's lock is
-    taken) and both connect to the winner.
+    Two runs may start one at once: the loser's controller exits (the socket's lock
+    is taken) and both connect to the winner.
     """
     state = paths.ensure_private_dir(paths.state_dir())
     with open(state / "controller.out", "ab") as out:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "lrctl", "serve", "--foreground", "--socket", link.address,
+            [sys.executable, "-m", "lrctl", "serve", "--foreground", "--socket", address,
              "--state-dir", str(state)],
             stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
             start_new_session=True, close_fds=True)
     _spawned.append(proc)
-    log.info("lrctl: started a controller (pid %d) on %s", proc.pid, link.addr)
+    log.info("lrctl: started a controller (pid %d) on %s", proc.pid, address)
+    return proc
+
+
+def _respawn(address: str) -> None:
+    """The controller this run used is gone: start another (it restores the sessions)."""
+    _start_controller(address)
+    warnings.warn(f"lrctl: the controller on {address} did not come back; started a new one",
+                  RuntimeWarning, stacklevel=2)
+
+
+def _spawn_and_open(link: Link, timeout: float) -> bool:
+    """Start a controller and wait until it answers."""
+    proc = _start_controller(link.address)
     deadline = time.monotonic() + timeout
     delay = 0.02
     while time.monotonic() < deadline:

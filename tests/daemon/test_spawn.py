@@ -76,3 +76,34 @@ def test_serve_detaches_by_default_and_stops_on_sigterm(short_dir) -> None:  # t
     while os.path.exists(f"/proc/{pid}"):
         assert time.monotonic() < deadline
         time.sleep(0.05)
+
+
+def test_a_controller_that_dies_is_replaced_and_the_run_resumes(reap_spawned: None) -> None:
+    """A week-long job outlives its controller: the hook starts a new one itself."""
+    import signal
+    import time
+
+    policy = "version: 1\npolicies:\n  - kind: plateau\n    patience: 3\n    factor: 0.5\n"
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.ones(1))], lr=0.1)
+    engine = lrctl.load_policy(policy, [0.1])
+    with pytest.warns(RuntimeWarning), lrctl.attach(opt, policy=policy, sync=True) as ctl:
+        for t in range(5):
+            ctl.step(1.0, grad_norm=1.0)
+            engine.observe(step=t, loss=1.0, grad_norm=1.0)
+        first = client._spawned[-1]
+        os.kill(first.pid, signal.SIGKILL)
+        first.wait(10)
+        deadline = time.monotonic() + 120
+        t = 5
+        while not (ctl.connected and len(client._spawned) > 1):
+            assert time.monotonic() < deadline, "no new controller took over"
+            ctl.step(1.0, grad_norm=1.0)  # training goes on meanwhile, at the last LR
+            engine.observe(step=t, loss=1.0, grad_norm=1.0)
+            t += 1
+            time.sleep(0.05)
+        for _ in range(5):  # the replayed history makes the decisions of an unbroken run
+            ctl.step(1.0, grad_norm=1.0)
+            engine.observe(step=t, loss=1.0, grad_norm=1.0)
+            t += 1
+        assert ctl.lr == engine.lrs
+        assert client.request({"t": "status"})["pid"] == client._spawned[-1].pid
