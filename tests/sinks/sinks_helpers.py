@@ -6,86 +6,19 @@ import dataclasses
 import gc
 import hashlib
 import json
-import os
-import signal
-import socket
-import subprocess
-import sys
 import time
-import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from mlflow_server import MLFLOW_BIN, MlflowServer, free_port  # noqa: F401 (re-exported)
 
 from lrctl.sinks import AuditSettings, AuditSink, RunInfo
 from lrctl.sinks.journal import RunPaths, read_json, read_lines
 
 POLICY = Path(__file__).resolve().parents[2] / "lrctl" / "data" / "policies" / "default.yaml"
-MLFLOW_BIN = Path(sys.executable).with_name("mlflow")
 FAST = AuditSettings(log_every=10, flush_interval=0.2, backoff_max=0.5, timeline=False)
 FAST_WITH_TIMELINE = dataclasses.replace(FAST, timeline=True)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-class MlflowServer:
-    """``mlflow server`` on 127.0.0.1 with a sqlite backend; stoppable and restartable
-    on the same port and store, as a real outage would be."""
-
-    def __init__(self, root: Path) -> None:
-        self.root = root
-        self.port = free_port()
-        self.uri = f"http://127.0.0.1:{self.port}"
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self, timeout: float = 90.0) -> None:
-        self.root.mkdir(parents=True, exist_ok=True)
-        log = open(self.root / "server.log", "ab")  # noqa: SIM115 - the child holds it
-        self.proc = subprocess.Popen(
-            [str(MLFLOW_BIN), "server", "--backend-store-uri",
-             f"sqlite:///{self.root / 'server.db'}", "--artifacts-destination",
-             str(self.root / "artifacts"), "--host", "127.0.0.1", "--port", str(self.port),
-             "--workers", "1"],
-            cwd=self.root, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-            # No background job runner: it would only compete for the CPUs at start-up.
-            env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})
-        log.close()
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                log_text = (self.root / "server.log").read_text()
-                raise RuntimeError(f"mlflow server exited: {log_text}")
-            try:
-                with urllib.request.urlopen(f"{self.uri}/health", timeout=1) as r:
-                    if r.status == 200:
-                        return
-            except OSError:
-                time.sleep(0.2)
-        self.stop()
-        raise RuntimeError(f"mlflow server did not answer within {timeout}s")
-
-    def stop(self) -> None:
-        proc, self.proc = self.proc, None
-        if proc is None or proc.poll() is not None:
-            return
-        os.killpg(proc.pid, signal.SIGTERM)  # the group we created: server, uvicorn, jobs
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-        deadline = time.monotonic() + 10  # its uvicorn child must be gone before a restart
-        while time.monotonic() < deadline:
-            try:
-                os.killpg(proc.pid, 0)
-            except ProcessLookupError:
-                return
-            time.sleep(0.05)
-        os.killpg(proc.pid, signal.SIGKILL)
 
 
 def run_info(key: str, **kw: Any) -> RunInfo:
