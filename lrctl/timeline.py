@@ -114,21 +114,29 @@ def _series(ax: Any, series: Downsampler, label: str, color: str) -> None:
 
 def _marks(data: TimelineData, axes: tuple[Any, ...]) -> None:
     """A vertical line per decision (red: LR down, green: up, grey: neither); the
-    reasons of up to MAX_LABELS of them, evenly chosen, written on the LR axis."""
+    reasons of up to MAX_LABELS of them, evenly chosen, written on the LR axis.
+    ``skip`` decisions get a faint line and no label: they come with a back-off (or
+    in a burst) at the same steps, and their labels would hide the back-off's."""
     if not data.decisions:
         return
-    every = max(1, math.ceil(len(data.decisions) / MAX_LABELS))
+    labelled = [rec for rec in data.decisions if rec.get("action") != "skip"]
+    every = max(1, math.ceil(len(labelled) / MAX_LABELS))
     ax_lr = axes[-1]
-    for i, rec in enumerate(data.decisions):
+    for rec in data.decisions:
+        ratio = decision_ratio(rec)
+        color = "tab:red" if ratio < 1 else "tab:green" if ratio > 1 else "tab:gray"
+        alpha = 0.2 if rec.get("action") == "skip" else 0.6
+        for ax in axes:
+            ax.axvline(rec.get("step", 0), color=color, lw=0.7, alpha=alpha)
+    for i, rec in enumerate(labelled):
+        if i % every:
+            continue
         ratio = decision_ratio(rec)
         color = "tab:red" if ratio < 1 else "tab:green" if ratio > 1 else "tab:gray"
         step = rec.get("step", 0)
-        for ax in axes:
-            ax.axvline(step, color=color, lw=0.7, alpha=0.6)
-        if i % every == 0:
-            label = f"{step}: {rec.get('policy')} {rec.get('action')} - {rec.get('reason', '')}"
-            ax_lr.annotate(label[:90], xy=(step, 1.0), xycoords=("data", "axes fraction"),
-                           rotation=90, va="top", ha="right", fontsize=6.5, color=color)
+        label = f"{step}: {rec.get('policy')} {rec.get('action')} - {rec.get('reason', '')}"
+        ax_lr.annotate(label[:90], xy=(step, 1.0), xycoords=("data", "axes fraction"),
+                       rotation=90, va="top", ha="right", fontsize=6.5, color=color)
 
 
 def _span(values: list[float]) -> float:
