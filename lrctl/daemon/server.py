@@ -65,6 +65,8 @@ log = logging.getLogger("lrctl.daemon")
 SAVE_EVERY = 256
 SAVE_INTERVAL = 1.0
 MAX_CONNECTIONS = 1024
+MAX_REMOTE_CONNECTIONS = 256  # TCP peers may not take the slots local hooks need
+AUTH_TIMEOUT_S = 10.0
 MAX_OUTBUF = 8 << 20
 MAX_GROUPS = 4096
 MAX_DECISIONS_PER_FRAME = 32
@@ -74,11 +76,14 @@ HOUSEKEEPING_INTERVAL = 1.0
 
 
 class Conn:
-    __slots__ = ("authed", "dead", "decoder", "eof", "name", "out", "run", "sock")
+    __slots__ = ("authed", "dead", "decoder", "eof", "name", "opened", "out", "remote", "run",
+                 "sock")
 
     def __init__(self, sock: socket.socket, authed: bool, name: str) -> None:
         self.sock = sock
         self.authed = authed
+        self.remote = not authed  # a TCP peer: it must show the token, and soon
+        self.opened = time.monotonic()
         self.name = name
         self.decoder = FrameDecoder(MAX_FRAME, first_limit=MAX_HELLO)
         self.out = bytearray()
@@ -114,6 +119,7 @@ class Server:
         self._store_errors: dict[str, str] = {}
         self._sink_error: str | None = None
         self._housekeeping_at = 0.0
+        self._nremote = 0
         self._unix: socket.socket | None = None
         self._unix_id: tuple[int, int] | None = None
         for sock, authed in listeners:
@@ -184,6 +190,7 @@ class Server:
                 if time.monotonic() >= self._housekeeping_at:
                     self._housekeeping_at = time.monotonic() + HOUSEKEEPING_INTERVAL
                     self._evict_idle()
+                    self._drop_unauthenticated()
                     self._check_socket()
         finally:
             self._shutdown()
@@ -217,13 +224,16 @@ class Server:
             except OSError as exc:
                 log.warning("accept failed: %s", exc)
                 return
-            if self._nconns >= MAX_CONNECTIONS:
-                log.warning("refusing a connection: %d already open", self._nconns)
+            if self._nconns >= MAX_CONNECTIONS or (
+                    not authed and self._nremote >= MAX_REMOTE_CONNECTIONS):
+                log.warning("refusing a connection: %d open (%d over TCP)", self._nconns,
+                            self._nremote)
                 sock.close()
                 continue
             sock.setblocking(False)
             conn = Conn(sock, authed, str(addr) if addr else "unix")
             self._nconns += 1
+            self._nremote += conn.remote
             self.sel.register(sock, selectors.EVENT_READ, ("conn", conn))
 
     def _read(self, conn: Conn) -> bool:
@@ -335,6 +345,7 @@ class Server:
         self.sel.unregister(conn.sock)
         conn.sock.close()
         self._nconns -= 1
+        self._nremote -= conn.remote
         if conn.run is not None and self.conns.get(conn.run) is conn:
             del self.conns[conn.run]
             if save and conn.run in self.sessions:
@@ -673,6 +684,17 @@ class Server:
                 "decisions": decisions[:MAX_DECISIONS_PER_FRAME]}
 
     # -- housekeeping -----------------------------------------------------------------------
+    def _drop_unauthenticated(self) -> None:
+        """A TCP peer that has not shown the token within AUTH_TIMEOUT_S is closed, so
+        that idle strangers cannot hold connection slots the local hooks need."""
+        now = time.monotonic()
+        stale = [key.data[1] for key in list(self.sel.get_map().values())
+                 if key.data[0] == "conn" and not key.data[1].authed
+                 and now - key.data[1].opened > AUTH_TIMEOUT_S]
+        for conn in stale:
+            log.warning("closing %s: no token within %g s", conn.name, AUTH_TIMEOUT_S)
+            self._close(conn, save=False)
+
     def _evict_idle(self) -> None:
         """Checkpoint and forget runs whose hook is gone for ``session_timeout`` seconds."""
         if self.session_timeout is None:

@@ -8,6 +8,7 @@ import stat
 import struct
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -152,3 +153,19 @@ def test_an_invalid_policy_is_refused_at_attach_with_file_and_line(
         lrctl.attach(opt, policy=str(bad), spawn=False)
     with pytest.raises(TypeError, match="needs a torch optimizer"):
         lrctl.attach(object(), spawn=False)
+
+
+def test_a_silent_tcp_peer_is_dropped_and_local_hooks_keep_working(  # type: ignore[no-untyped-def]
+        make_controller, short_dir) -> None:
+    token_file = short_dir / "token"
+    token_file.write_text("s3cret-token\n")
+    token_file.chmod(0o600)
+    port = _free_port()
+    ctl = make_controller(["--tcp", str(port), "--token-file", str(token_file)])
+    stranger = socket.create_connection(("127.0.0.1", port), timeout=60)
+    stranger.sendall(b"\x00\x00")  # half a length prefix, then nothing: never authenticates
+    started = time.monotonic()
+    assert stranger.recv(1) == b""  # the controller closed it (the timeout is ~10 s)
+    assert time.monotonic() - started < 60
+    stranger.close()
+    assert request({"t": "status"}, ctl.socket)["runs"] == 0  # the local socket serves on
