@@ -40,13 +40,14 @@ def __getattr__(name: str) -> Any:
 
 
 def load_policy(
-    source: str | os.PathLike[str] | Mapping[str, Any], base_lrs: Sequence[float]
+    source: str | os.PathLike[str] | Mapping[str, Any], base_lrs: Sequence[float],
+    total_steps: int | None = None,
 ) -> Engine:
     """An in-process policy engine from a path, YAML text or a dict; no controller needed.
 
     ``engine.observe(step, loss, grad_norm=None, **metrics)`` returns the LRs for
-    the next step.
+    the next step. ``total_steps``: the run's length, when known (``anneal`` uses it).
     """
     from .config import load_policy as _load  # yaml is imported only when a file is read
 
-    return _load(source, base_lrs)
+    return _load(source, base_lrs, total_steps)

@@ -94,13 +94,14 @@ class PolicyFile:
     watch: bool
     entries: tuple[PolicyEntry, ...]
 
-    def build(self, base_lrs: Sequence[float]) -> Engine:
-        """An :class:`~lrctl.policy.Engine` for an optimizer with these initial LRs."""
+    def build(self, base_lrs: Sequence[float], total_steps: int | None = None) -> Engine:
+        """An :class:`~lrctl.policy.Engine` for an optimizer with these initial LRs
+        (``total_steps``: the run's length, when known; ``anneal`` needs it)."""
         policies = [self._make(entry, len(base_lrs)) for entry in self.entries]
         try:
             return Engine(policies, base_lrs, names=[e.name for e in self.entries],
                           min_lr=self.min_lr, max_lr=self.max_lr, mode=self.mode,
-                          policy_sha256=self.sha256)
+                          policy_sha256=self.sha256, total_steps=total_steps)
         except ValueError as exc:
             raise ConfigError(self.source, None, None, str(exc)) from None
 
@@ -129,14 +130,14 @@ def check_group_lists(policy: Policy, groups: int) -> None:
 
 
 def load_policy(source: str | os.PathLike[str] | Mapping[str, Any],
-                base_lrs: Sequence[float]) -> Engine:
+                base_lrs: Sequence[float], total_steps: int | None = None) -> Engine:
     """An in-process engine from a path, YAML text or a dict (no controller needed).
 
     >>> engine = load_policy({"version": 1, "policies": [{"kind": "plateau"}]}, [0.1])
     >>> engine.observe(step=0, loss=1.0)
     [0.1]
     """
-    return parse_policy(source).build(base_lrs)
+    return parse_policy(source).build(base_lrs, total_steps)
 
 
 def parse_policy(source: str | os.PathLike[str] | Mapping[str, Any]) -> PolicyFile:

@@ -123,11 +123,13 @@ class _ScheduleFree(Controller):
 class LrctlController(Controller):
     """AdamW driven by an in-process lrctl engine: LRs in before, statistics out after."""
 
-    def __init__(self, optimizer: torch.optim.Optimizer, policy: Any) -> None:
+    def __init__(self, optimizer: torch.optim.Optimizer, policy: Any, steps: int) -> None:
         from .. import load_policy
 
         super().__init__(optimizer)
-        self.engine = load_policy(policy, [g["lr"] for g in optimizer.param_groups])
+        # Told the run's length, as the cosine arm is: attach(total_steps=...) does the same.
+        self.engine = load_policy(policy, [g["lr"] for g in optimizer.param_groups],
+                                  total_steps=steps)
 
     def before_step(self, step: int) -> None:
         for group, lr in zip(self.optimizer.param_groups, self.engine.applied_lrs, strict=True):
@@ -174,7 +176,8 @@ def _prodigy(params: Any, lr: float, steps: int, policy: Any) -> Controller:
 
 
 def _lrctl(params: Any, lr: float, steps: int, policy: Any) -> Controller:
-    return LrctlController(_adamw(params, lr), policy if policy is not None else DEFAULT_POLICY)
+    return LrctlController(_adamw(params, lr), policy if policy is not None else DEFAULT_POLICY,
+                           steps)
 
 
 Factory = Callable[[Any, float, int, Any], Controller]

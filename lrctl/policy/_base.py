@@ -65,10 +65,14 @@ class StepContext:
 
     ``flags`` lets an earlier policy tell later ones about the step: the
     divergence guard sets ``"spike"`` or ``"nonfinite"``, and plateau detection
-    then does not count the step as a bad one (pytorch#30873).
+    then does not count the step as a bad one (pytorch#30873); an LR range test
+    sets ``"lr_sweep"`` while it sweeps, so an anneal waits for it.
+    ``total_steps`` is the run's length when the training script said it
+    (``attach(total_steps=...)``), else ``None``.
     """
 
     initial_lrs: Sequence[float]
+    total_steps: int | None = None
     flags: set[str] = field(default_factory=set)
     skip: bool = False
     stop: bool = False

@@ -56,6 +56,7 @@ class Engine:
         max_lr: float | None = None,
         mode: str = "active",
         policy_sha256: str = "",
+        total_steps: int | None = None,
     ) -> None:
         self.initial_lrs = tuple(_check_lrs(base_lrs))
         if names is None:
@@ -74,6 +75,7 @@ class Engine:
         self.max_lr = math.inf if max_lr is None else float(max_lr)
         self.mode = mode
         self.policy_sha256 = policy_sha256
+        self.total_steps = _check_total_steps(total_steps)
         self._reactive = [p for p in self.policies if p.role != SCHEDULE]
         self._schedules = [p for p in self.policies if p.role == SCHEDULE]
         self._order = sorted(range(len(self.policies)),
@@ -123,7 +125,7 @@ class Engine:
     ) -> list[float]:
         """:meth:`observe` with the metrics as a mapping (any names, checked here)."""
         obs = self._make_observation(step, loss, grad_norm, metrics)
-        ctx = StepContext(initial_lrs=self.initial_lrs)
+        ctx = StepContext(initial_lrs=self.initial_lrs, total_steps=self.total_steps)
         new_decisions: list[Decision] = []
         next_step = obs.step + 1
         factors = self._schedule_factors(next_step)  # schedules are pure: once per step
@@ -225,6 +227,8 @@ class Engine:
         if len(old.initial_lrs) != len(self.initial_lrs):
             raise ValueError("a reload cannot change the number of param groups")
         self.initial_lrs = old.initial_lrs
+        if self.total_steps is None:
+            self.total_steps = old.total_steps
         previous = {(n, p.kind): p for n, p in zip(old.names, old.policies, strict=True)}
         summary: dict[str, list[str]] = {"kept": [], "changed": [], "added": [],
                                          "removed": [], "reset": []}
@@ -306,6 +310,15 @@ def _number(name: str, value: Any) -> float:
         return float(value)
     except (TypeError, ValueError, OverflowError):
         raise ObservationError(f"{name} must be a number, but got {value!r}") from None
+
+
+def _check_total_steps(total_steps: Any) -> int | None:
+    if total_steps is None:
+        return None
+    if isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps < 1:
+        raise ValueError(f"total_steps must be a positive integer or None, but got "
+                         f"{total_steps!r}")
+    return total_steps
 
 
 def _check_lrs(lrs: Sequence[float]) -> list[float]:

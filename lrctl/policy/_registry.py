@@ -98,6 +98,14 @@ def _load_builtins() -> None:
     with _builtins_lock:
         if _builtins_loaded:
             return
-        from . import cyclical, decay, divergence, plateau, rangetest, warmup  # noqa: F401
+        from . import (  # noqa: F401
+            anneal,
+            cyclical,
+            decay,
+            divergence,
+            plateau,
+            rangetest,
+            warmup,
+        )
 
         _builtins_loaded = True

@@ -11,7 +11,10 @@ The behaviour of a mixed-precision loss scaler, applied to the learning rate:
   tailed, and on a linear scale easy batches (loss 0.002) make ordinary hard
   ones (loss 0.2) look like 100σ events. Losses that can be zero or negative
   set ``loss_scale: linear``. ``min_sigma`` keeps a very smooth series from
-  tripping on small wiggles. Detection arms after ``min_samples`` values.
+  tripping on small wiggles; ``grad_norm_min_sigma`` sets it apart for the grad
+  norm, whose ordinary swings are wider (a 2–3× step-to-step jump is common in
+  language-model training and is no divergence). Detection arms after
+  ``min_samples`` values.
   Spikes never enter the window they are judged against.
 * ``tolerance`` spikes are tolerated before a back-off; the count resets after
   ``regrow_after`` clean observations.
@@ -98,6 +101,8 @@ class Divergence(Policy):
               choices=("log", "linear")),
         Param("min_sigma", "float", 0.05,
               "least robust σ (log units; relative to the median for a linear loss)", ge=0),
+        Param("grad_norm_min_sigma", "float", None,
+              "least robust σ of the log grad norm (default: min_sigma)", ge=0, optional=True),
         Param("tolerance", "int", 0, "spikes tolerated before a back-off", ge=0),
         Param("cooldown", "int", 10, "observations after a back-off with no new spike back-off",
               ge=0),
@@ -226,7 +231,9 @@ class Divergence(Policy):
                         "z": hit["z"], "threshold": self.params["z_threshold"],
                         "window": len(self._loss)}
         if log_gnorm is not None and self.params["watch_grad_norm"]:
-            hit = self._spike(self._gnorm, log_gnorm, self.params["min_sigma"])
+            floor = self.params["grad_norm_min_sigma"]
+            hit = self._spike(self._gnorm, log_gnorm,
+                              self.params["min_sigma"] if floor is None else floor)
             if hit is not None:
                 return {"statistic": "grad_norm", "value": math.exp(log_gnorm),
                         "median": math.exp(hit["median"]), "sigma_log": hit["sigma"],

@@ -114,6 +114,7 @@ class RangeTest(Policy):
                                 {"statistic": "multiplier", "value": self._scale,
                                  "threshold": self.params["max_factor"]})
         self._scale *= self.params["growth"]
+        ctx.flags.add("lr_sweep")  # still sweeping: an anneal waits
         return []
 
     def _judge_rate(self, smoothed: float) -> tuple[str, dict[str, Any]] | None:

@@ -211,3 +211,14 @@ def test_tolerance_lets_spikes_pass_before_backing_off() -> None:
             loss *= 50
         engine.observe(step=t, loss=loss, grad_norm=gnorm)
     assert [d.step for d in engine.decisions if d.action == "backoff"] == [K + 5]
+
+
+def test_grad_norm_floor_lets_ordinary_swings_pass_and_still_catches_blowups() -> None:
+    """A 3× grad-norm swing is ordinary in LM training; a 100× one is not."""
+    smooth = [(1.0, 1.0 * (1.01 if t % 2 else 0.99)) for t in range(K)]
+    for floor, swing, backs in [(None, 3.0, True), (0.2, 3.0, False), (0.2, 100.0, True)]:
+        knobs = {} if floor is None else {"grad_norm_min_sigma": floor}
+        engine = guard(**knobs)
+        feed(engine, smooth)
+        engine.observe(step=K, loss=1.0, grad_norm=swing)
+        assert any(d.action == "backoff" for d in engine.last_decisions) is backs, (floor, swing)

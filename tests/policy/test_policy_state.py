@@ -36,6 +36,8 @@ KNOBS: dict[str, list[dict[str, Any]]] = {
                  "smoothing_window": 3, "mode": "min", "threshold_mode": "abs"}],
     "rangetest": [{"growth": 1.05, "min_steps": 5},
                   {"anchor": "best", "max_factor": 20.0, "growth": 1.2, "settle": 0.5}],
+    "anneal": [{"total_steps": 300, "start": 20},
+               {"shape": "linear", "end_factor": 0.1, "total_steps": 350}],
     "divergence": [{"regrow_after": 20, "cooldown": 3, "window": 16, "min_samples": 8,
                     "tolerance": 1, "max_backoffs": 3}],
 }
