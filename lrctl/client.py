@@ -92,7 +92,9 @@ class Controller:
     process restarted from a checkpoint); ``start_step``: the step number the
     loop resumes at (the controller ignores observations it already has).
     ``watch``: ``False`` pins this run to the policy version it starts with (no
-    live reloads when the file is edited).
+    live reloads when the file is edited). ``total_steps``: the run's length in
+    steps, when known; policies that anneal to the end of the run (``anneal``,
+    part of the default policy) need it.
     """
 
     def __init__(self, optimizer: Any, *, policy: Any = None, run_name: str | None = None,
@@ -100,7 +102,8 @@ class Controller:
                  spawn: bool = True, timeout: float = 1.0, token: str | None = None,
                  spawn_timeout: float = 60.0, max_backoff: float = 5.0,
                  compute_grad_norm: bool = True, resume: str | None = None,
-                 start_step: int = 0, watch: bool = True) -> None:
+                 start_step: int = 0, watch: bool = True,
+                 total_steps: int | None = None) -> None:
         groups = getattr(optimizer, "param_groups", None)
         if not isinstance(groups, list) or not groups or not all(
                 isinstance(g, dict) and "lr" in g for g in groups):
@@ -110,6 +113,10 @@ class Controller:
             raise ValueError(f"every must be an integer >= 1, but got {every=}")
         if isinstance(start_step, bool) or not isinstance(start_step, int) or start_step < 0:
             raise ValueError(f"start_step must be an integer >= 0, but got {start_step=}")
+        if total_steps is not None and (isinstance(total_steps, bool)
+                                        or not isinstance(total_steps, int) or total_steps < 1):
+            raise ValueError(f"total_steps must be a positive integer or None, but got "
+                             f"{total_steps=}")
         if resume is not None and (not isinstance(resume, str)
                                    or sanitize_run_name(resume) != resume):
             raise ValueError(f"resume must be a run key from an earlier attach, but got {resume=}")
@@ -117,6 +124,7 @@ class Controller:
             raise ValueError(f"timeout must be > 0 seconds, but got {timeout=}")
         self.optimizer = optimizer
         self._watch = bool(watch)
+        self.total_steps = total_steps
         self.sync = bool(sync)
         self.every = every
         self.timeout = float(timeout)
@@ -260,6 +268,8 @@ class Controller:
             "world_size": self._dist.world_size, "mlflow": _mlflow_info(), "cwd": os.getcwd(),
             "watch": self._watch,
         }
+        if self.total_steps is not None:
+            hello["total_steps"] = self.total_steps
         link = Link(address, {**hello, "token": token or token_from_env()} if
                     address.startswith("tcp://") else hello, self._on_message,
                     warn=self._warn, max_backoff=max_backoff)

@@ -56,12 +56,13 @@ class Step:
 
 class Session:
     def __init__(self, info: RunInfo, policy: PolicyFile, initial_lrs: Sequence[float],
-                 world_size: int = 1) -> None:
+                 world_size: int = 1, total_steps: int | None = None) -> None:
         self.info = info
         self.key = info.run_key
         self.policy = policy
         self.world_size = world_size
-        self.engine: Engine = policy.build(list(initial_lrs))
+        self.total_steps = total_steps  # the run's length, when the hook said it
+        self.engine: Engine = policy.build(list(initial_lrs), total_steps)
         # Shadow from the policy file: hold what the optimizer starts with.
         self.hold_lrs: list[float] | None = (
             list(self.engine.initial_lrs) if self.engine.mode == "shadow" else None)
@@ -80,7 +81,8 @@ class Session:
     @classmethod
     def create(cls, *, key: str, run_name: str, policy_text: str, policy_source: str,
                lrs: Sequence[float], world_size: int = 1, mlflow_run_id: str | None = None,
-               tracking_uri: str | None = None, cwd: str | None = None) -> Session:
+               tracking_uri: str | None = None, cwd: str | None = None,
+               total_steps: int | None = None) -> Session:
         """A new session; raises ``ConfigError`` for an invalid policy."""
         policy = parse_text(policy_text, policy_source)
         info = RunInfo(
@@ -88,7 +90,7 @@ class Session:
             policy_text=policy_text, policy_sha256=policy.sha256, group_count=len(lrs),
             params=flatten_params(policy), mlflow_run_id=mlflow_run_id,
             tracking_uri=tracking_uri, cwd=cwd)
-        return cls(info, policy, lrs, world_size)
+        return cls(info, policy, lrs, world_size, total_steps)
 
     @classmethod
     def restore(cls, state: Mapping[str, Any]) -> Session:
@@ -97,7 +99,8 @@ class Session:
                        policy_text=state["policy_text"], policy_source=state["policy_source"],
                        lrs=state["initial_lrs"], world_size=state.get("world_size", 1),
                        mlflow_run_id=state.get("mlflow_run_id"),
-                       tracking_uri=state.get("tracking_uri"), cwd=state.get("cwd"))
+                       tracking_uri=state.get("tracking_uri"), cwd=state.get("cwd"),
+                       total_steps=state.get("total_steps"))
         s.engine.load_state_dict(state["engine"])
         s.hold_lrs = _floats(state.get("hold_lrs"))
         override = state.get("override")
@@ -120,6 +123,7 @@ class Session:
             "policy_source": self.info.policy_source,
             "initial_lrs": list(self.engine.initial_lrs),
             "world_size": self.world_size,
+            "total_steps": self.total_steps,
             "mlflow_run_id": self.info.mlflow_run_id,
             "tracking_uri": self.info.tracking_uri,
             "cwd": self.info.cwd,
@@ -150,7 +154,7 @@ class Session:
         unchanged then.
         """
         old = self.engine
-        new = policy.build(list(old.initial_lrs))
+        new = policy.build(list(old.initial_lrs), self.total_steps)
         operator_mode = old.mode != self.policy.mode  # set by pause/resume, not by the file
         summary = new.inherit(old)
         new.mode = old.mode if operator_mode else policy.mode

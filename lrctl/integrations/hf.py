@@ -61,6 +61,8 @@ class LrctlCallback(TrainerCallback):
         # The Trainer's own grad norm arrives through on_log; never compute another.
         options = {"run_name": getattr(args, "run_name", None), **self.attach_options,
                    "compute_grad_norm": False}
+        if getattr(state, "max_steps", 0) and state.max_steps > 0:
+            options.setdefault("total_steps", int(state.max_steps))  # for the anneal
         optimizer = _unwrap(optimizer)
         # The Trainer built its scheduler before this call, and a warmup scheduler has
         # already set the LR to its first value (0 for a linear warmup): attach from

@@ -51,6 +51,9 @@ class LrctlCallback(pl.Callback):
             raise RuntimeError("LrctlCallback: configure_optimizers returned no optimizer")
         optimizer = trainer.optimizers[0]
         options: dict[str, Any] = {"compute_grad_norm": False, **self.attach_options}
+        total = _total_steps(trainer)
+        if total is not None:
+            options.setdefault("total_steps", total)  # for the anneal
         if self._resume is not None and self._resume.get("run_key"):
             options.setdefault("resume", self._resume["run_key"])
             options.setdefault("start_step", int(self._resume.get("step", 0)))
@@ -111,3 +114,14 @@ class LrctlCallback(pl.Callback):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._resume = dict(state_dict)
+
+
+def _total_steps(trainer: pl.Trainer) -> int | None:
+    """The run's optimizer steps, when Lightning can tell (not for an endless run)."""
+    try:
+        total = trainer.estimated_stepping_batches
+    except Exception:  # no dataloader length, or a Lightning that cannot estimate
+        return None
+    if isinstance(total, (int, float)) and math.isfinite(total) and total >= 1:
+        return int(total)
+    return None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -128,3 +129,39 @@ def test_grad_norm_is_computed_when_not_given_and_reused_when_given(
         ctl.step(torch.tensor(1.0), grad_norm=clipped)
         assert sent[-1]["g"] == pytest.approx(clipped.item())
         assert not [w for w in ctl._warned if w == "internal"]
+
+
+def test_total_steps_reaches_the_anneal_and_survives_a_restart(
+        controller: ControllerProc, tmp_path: Path) -> None:
+    """attach(total_steps=N) drives the anneal exactly as load_policy(..., total_steps=N),
+    and a controller killed mid-anneal restores the run length with the session."""
+    path = tmp_path / "anneal.yaml"
+    path.write_text("version: 1\npolicies:\n  - kind: rangetest\n    growth: 1.2\n"
+                    "  - kind: anneal\n    shape: linear\n    end_factor: 0.1\n")
+    total = 300
+    curve = losses(total, seed=4)
+    engine = lrctl.load_policy(path, [0.1], total_steps=total)
+    opt = _optimizer([0.1])
+    with pytest.warns(RuntimeWarning, match="lost the controller"), lrctl.attach(
+            opt, policy=str(path), sync=True, spawn=False, total_steps=total,
+            max_backoff=0.05) as ctl:
+        assert _drive(ctl, engine, curve[:150]) == []
+        assert "anneal_start" in [d.action for d in ctl.decisions]
+        controller.kill9()
+        for t in range(150, 200):  # down: the hook holds the LR and buffers the statistics
+            ctl.step(curve[t], grad_norm=1.0 + (t % 7) * 0.1)
+            engine.observe(t, curve[t], 1.0 + (t % 7) * 0.1)
+        assert not ctl.connected
+        controller.start()
+        while not ctl.connected:
+            ctl._link.wait(lambda: ctl.connected, 0.2)  # type: ignore[union-attr]
+            ctl._pump()
+        assert _drive(ctl, engine, curve, start=200) == []
+    assert [d.action for d in engine.decisions][-1] == "anneal_done"
+    assert opt.param_groups[0]["lr"] == pytest.approx(engine.lrs[0])
+
+
+def test_attach_rejects_a_bad_total_steps() -> None:
+    for bad in (0, -1, 2.5, True):
+        with pytest.raises(ValueError, match="total_steps"):
+            lrctl.attach(_optimizer([0.1]), total_steps=bad, spawn=False)
