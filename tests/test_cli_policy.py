@@ -71,3 +71,22 @@ def test_replay_rejects_bad_curve(tmp_path: Path) -> None:
     result = lrctl("replay", "--curve", str(curve))
     assert result.returncode == 1
     assert "curve.csv:3" in result.stderr
+
+
+def test_replay_total_steps_drives_the_anneal(tmp_path: Path) -> None:
+    curve = tmp_path / "curve.csv"
+    curve.write_text("step,loss\n" + "".join(f"{t},1.0\n" for t in range(40)))
+    policy = tmp_path / "anneal.yaml"
+    policy.write_text("version: 1\npolicies:\n  - kind: anneal\n    shape: linear\n")
+    result = lrctl("replay", str(policy), "--curve", str(curve), "--lr", "0.1",
+                   "--total-steps", "20", "--json")
+    assert result.returncode == 0, result.stderr
+    records = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [(r["step"], r["action"]) for r in records] == [(0, "anneal_start"),
+                                                           (19, "anneal_done")]
+    assert records[0]["new_lrs"] == [0.1 * (1 - 1 / 20)]
+    unknown = lrctl("replay", str(policy), "--curve", str(curve), "--json")
+    assert [json.loads(line)["action"] for line in unknown.stdout.splitlines()] == [
+        "anneal_inactive"]
+    bad = lrctl("replay", str(policy), "--curve", str(curve), "--total-steps", "0")
+    assert bad.returncode == 2 and "positive integer" in bad.stderr

@@ -35,6 +35,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                    help="CSV file (default: a recorded AdamW run at a hot LR)")
     p.add_argument("--lr", type=float, action="append", dest="lrs", metavar="LR",
                    help="initial LR of a param group (repeat per group; default 0.02)")
+    p.add_argument("--total-steps", type=_positive_int, default=None, metavar="N",
+                   help="the run's length, as attach(total_steps=N) gives it (for anneal)")
     p.add_argument("--json", action="store_true", help="print decisions as JSON lines")
     p.set_defaults(func=cmd_replay)
 
@@ -79,13 +81,23 @@ def read_curve(path: str) -> Iterator[dict[str, float | None]]:
                 raise ValueError(f"{path}:{n}: {exc}") from None
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
 def cmd_replay(args: argparse.Namespace) -> int:
     from ..config import ConfigError, load_policy
     from ..policy import ObservationError
 
     lrs = args.lrs or [0.02]
     try:
-        engine = load_policy(Path(args.policy), lrs)
+        engine = load_policy(Path(args.policy), lrs, args.total_steps)
     except ConfigError as exc:
         print(exc, file=sys.stderr)
         return 1

@@ -9,8 +9,9 @@ without a separate pre-run and without resetting the model:
   range test, done while training).
 * The sweep ends when the training loss says the LR is high enough: its EMA
   (span ``smoothing_window``) rises more than ``rise`` (relative) above its best
-  value; or the divergence guard flags a spike or a non-finite value at this
-  step; or (``slowdown`` > 0) the loss falls more slowly than ``slowdown`` ×
+  value for ``patience`` observations in a row (a short patch of hard data is
+  not a too-high LR); or the divergence guard flags a spike or a non-finite
+  value at this step; or (``slowdown`` > 0) the loss falls more slowly than ``slowdown`` ×
   the steepest fall seen, after a fall of at least ``min_rate``. The fall is
   the relative drop of the EMA over one ``smoothing_window``. It also ends at
   ``max_factor`` × the initial LR.
@@ -59,6 +60,8 @@ class RangeTest(Policy):
         Param("rise", "float", 0.05, "relative rise of the smoothed loss above its best that "
               "ends the sweep", gt=0),
         Param("min_steps", "int", 10, "observations before the smoothed loss is judged", ge=1),
+        Param("patience", "int", 1, "consecutive observations above the rise limit that end "
+              "the sweep (a short hard patch of data is not a too-high LR)", ge=1),
         Param("stop_on_flags", "bool", True,
               "a spike or non-finite flag from the divergence guard ends the sweep"),
         Param("slowdown", "float", 0.0, "end the sweep when the fall of the smoothed loss "
@@ -83,6 +86,7 @@ class RangeTest(Policy):
         self._history: deque[float] = deque(maxlen=self.params["smoothing_window"] + 1)
         self._steepest = 0.0  # steepest relative fall of the EMA over one window
         self._steepest_scale = self._scale
+        self._above = 0  # consecutive observations above the rise limit
 
     def multiplier(self) -> float:
         return self._scale
@@ -103,7 +107,9 @@ class RangeTest(Policy):
             if slowed is not None:
                 return self._settle(obs, slowed[0], slowed[1])
             limit = self._best + self.params["rise"] * abs(self._best)
-            if self._seen >= self.params["min_steps"] and smoothed > limit:
+            above = self._seen >= self.params["min_steps"] and smoothed > limit
+            self._above = self._above + 1 if above else 0
+            if self._above >= self.params["patience"]:
                 return self._settle(
                     obs, f"smoothed loss {smoothed:.6g} rose above {limit:.6g} "
                     f"({self.params['rise']:g} over its best {self._best:.6g})",
@@ -170,6 +176,7 @@ class RangeTest(Policy):
             "history": list(self._history),
             "steepest": self._steepest,
             "steepest_scale": self._steepest_scale,
+            "above": self._above,
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -183,3 +190,4 @@ class RangeTest(Policy):
                               maxlen=self.params["smoothing_window"] + 1)
         self._steepest = float(state["steepest"])
         self._steepest_scale = float(state["steepest_scale"])
+        self._above = int(state.get("above", 0))

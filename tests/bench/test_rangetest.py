@@ -46,6 +46,18 @@ def test_rising_loss_ends_the_sweep_and_settles() -> None:
     assert engine.applied_lrs[0] == lr
 
 
+def test_patience_lets_a_short_hard_patch_pass() -> None:
+    # A two-step bump of hard data, then the fall resumes; later a real, lasting rise.
+    losses = ([2.0 - 0.05 * t for t in range(20)] + [1.5, 1.5]
+              + [1.0 - 0.01 * t for t in range(20)] + [1.0 + 0.2 * t for t in range(20)])
+    eager = _sweep(losses, growth=1.1, smoothing_window=2, patience=1)
+    assert eager.decisions[0].step == 20  # stopped by the bump
+    patient = _sweep(losses, growth=1.1, smoothing_window=2, patience=5)
+    (decision,) = patient.decisions
+    assert 45 < decision.step < 50  # the lasting rise, after five observations above
+    assert "rose above" in decision.reason
+
+
 def test_divergence_flag_ends_the_sweep() -> None:
     engine = lrctl.load_policy({"version": 1, "policies": [
         {"kind": "divergence", "min_samples": 8}, {"kind": "rangetest", "settle": 0.5}]},

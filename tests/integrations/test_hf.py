@@ -86,6 +86,7 @@ def test_trainer_uses_lrctl_lr_and_its_own_statistics(
 
     ctl = callback.controller
     assert ctl is not None and ctl.run_key is not None
+    assert ctl.total_steps == STEPS  # the Trainer's max_steps, for the anneal
     assert len(recorder.used) == STEPS
     assert sorted(recorder.logs) == list(range(1, STEPS + 1))
     assert not computed, "the callback computed a grad norm of its own"

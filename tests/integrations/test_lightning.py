@@ -105,6 +105,7 @@ def test_lr_applied_grad_norm_pre_clip_and_resume(controller: Any, tmp_path: Pat
     assert first.controller is not None
     run_key = first.controller.run_key
     assert first.controller.steps_taken == 10
+    assert first.controller.total_steps == 20  # max_steps, for the anneal
     saved = torch.load(ckpt, weights_only=False)["callbacks"]
     assert {"run_key": run_key, "step": 10, "initial_lrs": [LR]} in saved.values()
 
