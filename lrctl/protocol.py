@@ -58,6 +58,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import struct
 from collections.abc import Mapping
 from typing import Any
@@ -69,6 +70,7 @@ __all__ = [
     "FrameDecoder",
     "ProtocolError",
     "encode",
+    "encode_lr",
     "encode_obs",
     "float_in",
     "float_out",
@@ -135,6 +137,33 @@ def encode_obs(step: int, loss: float | None, grad_norm: float | None,
     return _HEADER.pack(len(body)) + body
 
 
+def encode_lr(step: int, lrs: list[float], skip: bool, stop: bool, mode: str,
+              saved_step: int, limit: int = MAX_FRAME) -> bytes | None:
+    """A plain ``lr`` frame (no decisions), formatted by hand: the controller sends one
+    per observation. The bytes are exactly what :func:`encode` writes for
+    ``{"t": "lr", "s": step, "lrs": lrs, "skip": skip, "stop": stop, "mode": mode,
+    "saved_step": saved_step, "d": []}`` (``repr`` of a finite float is what
+    ``json.dumps`` writes); ``None`` for anything unusual (a non-finite or non-float
+    LR, an odd mode, a frame over ``limit``): :func:`encode` handles, or refuses, those.
+    """
+    if (type(step) is not int or type(saved_step) is not int or type(skip) is not bool
+            or type(stop) is not bool or type(mode) is not str or not _PLAIN_MODE(mode)):
+        return None
+    isfinite = math.isfinite
+    for x in lrs:
+        if type(x) is not float or not isfinite(x):
+            return None
+    body = (f'{{"v":1,"t":"lr","s":{step!r},"lrs":[{",".join(map(repr, lrs))}],'
+            f'"skip":{"true" if skip else "false"},"stop":{"true" if stop else "false"},'
+            f'"mode":"{mode}","saved_step":{saved_step!r},"d":[]}}').encode("ascii")
+    if len(body) > limit:
+        return None
+    return _HEADER.pack(len(body)) + body
+
+
+_PLAIN_MODE = re.compile(r"[A-Za-z_]{1,32}").fullmatch
+
+
 def _num(x: float | None) -> str:
     if x is None:
         return "null"
@@ -156,24 +185,50 @@ class FrameDecoder:
         self._buf = bytearray()
 
     def feed(self, data: bytes) -> list[dict[str, Any]]:
-        self._buf += data
+        buf = self._buf
+        if buf:  # the rest of a frame: copy out only once a whole frame is in
+            buf += data
+            if len(buf) < 4 or len(buf) < 4 + _HEADER.unpack_from(buf)[0] <= (
+                    self._next_limit + 4):
+                return []
+            data = bytes(buf)
+            buf.clear()
         out = []
-        while len(self._buf) >= 4:
-            (size,) = _HEADER.unpack_from(self._buf)
+        pos, end = 0, len(data)
+        while end - pos >= 4:
+            (size,) = _HEADER.unpack_from(data, pos)
             if size > self._next_limit:
                 raise ProtocolError(
                     f"frame of {size} bytes exceeds the limit of {self._next_limit}", "too_large")
-            if len(self._buf) < 4 + size:
+            if end - pos - 4 < size:
                 break
-            body = bytes(self._buf[4:4 + size])
-            del self._buf[:4 + size]
+            body = data[pos + 4:pos + 4 + size]
+            pos += 4 + size
             self._next_limit = self.limit
             out.append(decode_body(body))
+        if pos < end:
+            self._buf += data[pos:] if pos else data
         return out
+
+
+# The plain ``obs`` frame as :func:`encode_obs` writes it for finite values or none:
+# ``repr`` of a finite float always has a fraction or an exponent. The numbers follow
+# JSON's grammar (bounded in length), so ``float`` of the matched text is what
+# ``json.loads`` gives. Anything else (integers, non-finite values, metrics, spaces,
+# another key order, long numbers) goes through ``json.loads``.
+_JSON_FLOAT = (rb'(null|-?(?:0|[1-9][0-9]{0,30})'
+               rb'(?:\.[0-9]{1,40}(?:[eE][-+]?[0-9]{1,4})?|[eE][-+]?[0-9]{1,4}))')
+_PLAIN_OBS = re.compile(rb'\{"v":1,"t":"obs","s":(0|[1-9][0-9]{0,17}),"l":' + _JSON_FLOAT
+                        + rb',"g":' + _JSON_FLOAT + rb'\}').fullmatch
 
 
 def decode_body(body: bytes) -> dict[str, Any]:
     """One frame's JSON body → a message with a known version and a string type."""
+    m = _PLAIN_OBS(body)
+    if m is not None:  # the frame of (nearly) every step: the same dict, no json.loads
+        s, loss, grad = m.groups()
+        return {"v": 1, "t": "obs", "s": int(s), "l": None if loss == b"null" else float(loss),
+                "g": None if grad == b"null" else float(grad)}
     try:
         msg = json.loads(body.decode("utf-8"), parse_constant=_reject_constant)
     except (UnicodeDecodeError, ValueError) as exc:

@@ -38,6 +38,7 @@ import socket
 import time
 from collections.abc import Mapping
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 from .. import __version__
@@ -49,6 +50,7 @@ from ..protocol import (
     FrameDecoder,
     ProtocolError,
     encode,
+    encode_lr,
     float_in,
     get_int,
     get_str,
@@ -73,6 +75,7 @@ MAX_DECISIONS_PER_FRAME = 32
 OPERATOR_TYPES = ("runs", "set_lr", "clear_lr", "pause", "resume", "status", "reload")
 DEFAULT_SESSION_TIMEOUT = 600.0
 HOUSEKEEPING_INTERVAL = 1.0
+_NO_METRICS: Mapping[str, float] = MappingProxyType({})
 
 
 class Conn:
@@ -119,6 +122,10 @@ class Server:
         self._store_errors: dict[str, str] = {}
         self._sink_error: str | None = None
         self._housekeeping_at = 0.0
+        # The loop's clock, read once per wake-up: when each run's hook was last heard.
+        self._now = time.monotonic()
+        # No session can be due for a time-based checkpoint before this (see _save_due).
+        self._next_save_at = 0.0
         self._nremote = 0
         self._unix: socket.socket | None = None
         self._unix_id: tuple[int, int] | None = None
@@ -175,7 +182,9 @@ class Server:
         try:
             self._drain_events()
             while not self._stopping:
-                for key, mask in self.sel.select(timeout=poll):
+                ready = self.sel.select(timeout=poll)
+                self._now = time.monotonic()
+                for key, mask in ready:
                     kind, arg = key.data
                     if kind == "listen":
                         self._accept(key.fileobj, arg)  # type: ignore[arg-type]
@@ -186,9 +195,11 @@ class Server:
                             self._flush(arg)
                     elif mask & selectors.EVENT_WRITE:
                         self._flush(arg)
-                self._save_due()
-                if time.monotonic() >= self._housekeeping_at:
-                    self._housekeeping_at = time.monotonic() + HOUSEKEEPING_INTERVAL
+                now = time.monotonic()
+                if now >= self._next_save_at:
+                    self._save_due()
+                if now >= self._housekeeping_at:
+                    self._housekeeping_at = now + HOUSEKEEPING_INTERVAL
                     self._evict_idle()
                     self._drop_unauthenticated()
                     self._check_socket()
@@ -290,6 +301,11 @@ class Server:
             log.error("cannot encode a %s frame: %s", msg.get("t"), exc)
             frame = encode({"t": "error", "code": "internal", "message": str(exc),
                             "fatal": False})
+        self._send_frame(conn, frame)
+
+    def _send_frame(self, conn: Conn, frame: bytes) -> None:
+        if conn.dead:
+            return
         if conn.out:
             conn.out += frame
         else:
@@ -446,39 +462,59 @@ class Server:
                           "policy_sha256": session.info.policy_sha256})
 
     def _obs(self, conn: Conn, msg: Mapping[str, Any]) -> None:
-        if conn.run is None:
+        """One observation: the hot path (a plain one allocates next to nothing here)."""
+        key = conn.run
+        if key is None:
             raise ProtocolError("obs before hello", "bad_message")
-        session = self.sessions.get(conn.run)
+        session = self.sessions.get(key)
         if session is None:
-            raise ProtocolError(f"run {conn.run} is no longer served; reconnect", "no_such_run")
-        self._last_seen[conn.run] = time.monotonic()
-        step = get_int(msg, "s")
-        assert step is not None
+            raise ProtocolError(f"run {key} is no longer served; reconnect", "no_such_run")
+        self._last_seen[key] = self._now
+        step = msg.get("s")
+        if type(step) is not int or not 0 <= step <= 2**62:
+            step = get_int(msg, "s")  # raises the error that names the problem
+            assert step is not None
         loss = msg.get("l")
         grad = msg.get("g")
-        raw_metrics = msg.get("m") or {}
-        if not isinstance(raw_metrics, dict):
-            raise ProtocolError("m must be an object of named metrics", "bad_message")
-        metrics = {str(k): float_in(v, f"metric {k!r:.40}") for k, v in raw_metrics.items()}
+        raw_metrics = msg.get("m")
+        metrics: Mapping[str, float] = _NO_METRICS
+        if raw_metrics:
+            if not isinstance(raw_metrics, dict):
+                raise ProtocolError("m must be an object of named metrics", "bad_message")
+            metrics = {str(k): float_in(v, f"metric {k!r:.40}") for k, v in raw_metrics.items()}
         if step <= session.last_step:
             # A replay that overlaps what the restored session has seen: answer, don't apply.
             raise ProtocolError(f"step {step} already observed (last step "
                                 f"{session.last_step})", "stale_step")
         try:
-            result = session.observe(step, None if loss is None else float_in(loss, "loss"),
-                                     None if grad is None else float_in(grad, "grad_norm"),
-                                     metrics)
+            loss = None if loss is None else loss if type(loss) is float else float_in(
+                loss, "loss")
+            grad = None if grad is None else grad if type(grad) is float else float_in(
+                grad, "grad_norm")
+            result = session.observe(step, loss, grad, metrics)
         except ObservationError as exc:
             raise ProtocolError(str(exc), "bad_observation") from None
-        self._sink("observation", session.key, step, _finite(loss), _finite(grad), result.lrs)
-        for d in result.decisions:
-            self._sink("decision", session.key, {**d, "wall_time": time.time()})
+        try:
+            self.sink.observation(key, step, loss, grad, result.lrs)
+        except Exception as exc:
+            self._sink_failed("observation", exc)
+        if result.decisions:
+            for d in result.decisions:
+                self._sink("decision", key, {**d, "wall_time": time.time()})
         if session.unsaved >= SAVE_EVERY:
-            self._save(session.key)
+            self._save(key)
+        elif session.unsaved == 1:  # it has something to checkpoint again
+            self._next_save_at = min(self._next_save_at,
+                                     self._last_save.get(key, 0.0) + SAVE_INTERVAL)
         self._reply(conn, session, step, result.lrs, result.decisions, result.skip, result.stop)
 
     def _reply(self, conn: Conn, session: Session, step: int, lrs: list[float],
                decisions: list[dict[str, Any]], skip: bool, stop: bool) -> None:
+        if not decisions:
+            frame = encode_lr(step, lrs, skip, stop, session.mode, session.saved_step)
+            if frame is not None:  # the usual reply, the same bytes without json.dumps
+                self._send_frame(conn, frame)
+                return
         first, rest = decisions[:MAX_DECISIONS_PER_FRAME], decisions[MAX_DECISIONS_PER_FRAME:]
         self._send(conn, {"t": "lr", "s": step, "lrs": lrs, "skip": skip, "stop": stop,
                           "mode": session.mode, "saved_step": session.saved_step, "d": first})
@@ -779,18 +815,32 @@ class Server:
         self._last_save[key] = time.monotonic()
 
     def _save_due(self) -> None:
+        """Checkpoint the sessions with observations unsaved for SAVE_INTERVAL seconds.
+
+        The loop calls this only from ``_next_save_at`` on: the earliest time any
+        session could be due, kept here and lowered by ``_obs`` when a session gets
+        its first unsaved observation (the only way one becomes due).
+        """
         now = time.monotonic()
+        next_at = math.inf
         for key, session in self.sessions.items():
-            if session.unsaved and now - self._last_save.get(key, 0.0) >= SAVE_INTERVAL:
-                self._save(key)
+            if session.unsaved:
+                if now - self._last_save.get(key, 0.0) >= SAVE_INTERVAL:
+                    self._save(key)
+                if session.unsaved:  # not saved, or the save failed: try again later
+                    next_at = min(next_at, self._last_save.get(key, 0.0) + SAVE_INTERVAL)
+        self._next_save_at = next_at
 
     def _sink(self, method: str, *args: Any) -> None:
         """A sink failure is logged, never allowed to take the controller down."""
         try:
             getattr(self.sink, method)(*args)
         except Exception as exc:
-            log.exception("sink %s failed", method)
-            self._sink_error = f"{method} failed: {exc}"
+            self._sink_failed(method, exc)
+
+    def _sink_failed(self, method: str, exc: Exception) -> None:
+        log.exception("sink %s failed", method)
+        self._sink_error = f"{method} failed: {exc}"
 
 
 def _file_id(path: str) -> tuple[int, int] | None:
@@ -821,10 +871,6 @@ def _lrs(value: Any) -> list[float]:
     if not all(math.isfinite(v) and v >= 0 for v in out):
         raise ProtocolError(f"lrs must be finite and >= 0, but got {out[:8]}", "bad_message")
     return out
-
-
-def _finite(x: Any) -> float | None:
-    return None if x is None else float_in(x, "value")
 
 
 def _slim(msg: Mapping[str, Any]) -> dict[str, Any]:
