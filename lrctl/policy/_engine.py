@@ -129,14 +129,26 @@ class Engine:
         new_decisions: list[Decision] = []
         next_step = obs.step + 1
         factors = self._schedule_factors(next_step)  # schedules are pure: once per step
+        # The product of the reactive multipliers, as _multiplier() computes it. A policy's
+        # multiplier changes only in its own observe(), so after each observe only that
+        # policy is asked again, and the product is redone only when its value changed.
+        reactive = self._reactive
+        multipliers = [p.multiplier() for p in reactive]
+        multiplier = _product(multipliers)
         for i in self._order:
             policy = self.policies[i]
-            multiplier = self._multiplier()
             actions = policy.observe(obs, ctx)
+            before_multiplier = multiplier
+            if policy.role != SCHEDULE:
+                value = policy.multiplier()
+                for j, p in enumerate(reactive):
+                    if p is policy and multipliers[j] is not value:
+                        multipliers[j] = value
+                        multiplier = _product(multipliers)
             if not actions:
                 continue
-            before = self._lrs_from(multiplier, factors)
-            after = self._lrs_from(self._multiplier(), factors)
+            before = self._lrs_from(before_multiplier, factors)
+            after = self._lrs_from(multiplier, factors)
             for action in actions:
                 moved = action.action not in ("skip", "stop")
                 new_decisions.append(Decision(
@@ -154,7 +166,7 @@ class Engine:
         self.last_step = obs.step
         self.should_skip = ctx.skip
         self.should_stop = self.should_stop or ctx.stop
-        self._lrs = self._lrs_from(self._multiplier(), factors)
+        self._lrs = self._lrs_from(multiplier, factors)
         self._decisions.extend(new_decisions)
         self.decision_count += len(new_decisions)
         self.last_decisions = new_decisions
@@ -286,6 +298,13 @@ class Engine:
         self.should_stop = bool(state["should_stop"])
         self.decision_count = int(state["decision_count"])
         self._lrs = [float(x) for x in state["lrs"]]
+
+
+def _product(values: list[float]) -> float:
+    out = 1.0
+    for v in values:
+        out *= v
+    return out
 
 
 def unique_names(kinds: Sequence[str]) -> list[str]:
