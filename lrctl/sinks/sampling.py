@@ -50,7 +50,7 @@ class MetricSampler:
     def observe(self, step: int, loss: float | None, grad_norm: float | None,
                 lrs: Sequence[float]) -> list[Point]:
         points: list[Point] = []
-        lrs_t = tuple(float(x) for x in lrs)
+        lrs_t = tuple(map(float, lrs))
         periodic = step % self.log_every == 0
         changed = lrs_t != self._lrs
         if (changed and self._lrs is not None and self._step is not None
@@ -63,7 +63,8 @@ class MetricSampler:
         self._stats = (step, loss, grad_norm)
         if periodic or self._stats_logged_step is None or step in self._decision_steps:
             points += self._stat_points()
-        self._decision_steps = {s for s in self._decision_steps if s > step}
+        if self._decision_steps:
+            self._decision_steps = {s for s in self._decision_steps if s > step}
         self._lrs, self._step = lrs_t, step
         return points
 
