@@ -21,8 +21,8 @@ Hook → controller:
 * ``hello``: ``run`` (run key), ``run_name``, ``policy`` ``{text, source}``,
   ``lrs`` (initial LR per param group), ``groups``, ``world_size``, ``mlflow``
   ``{run_id, tracking_uri}``, ``cwd``, ``watch`` (optional, default true:
-  ``false`` pins the run to the policy version it starts with), ``token``
-  (TCP only).
+  ``false`` pins the run to the policy version it starts with), ``total_steps``
+  (optional: the run's length, for ``anneal``), ``token`` (TCP only).
 * ``obs``: ``s`` step, ``l`` loss, ``g`` grad norm (each may be absent or null),
   ``m`` named metrics (optional object).
 * ``bye``: the run ended; the controller closes the session.

@@ -430,6 +430,7 @@ class Server:
                     key=key, run_name=get_str(msg, "run_name", max_len=250) or key,
                     policy_text=text or "", policy_source=source or "<string>", lrs=lrs,
                     world_size=get_int(msg, "world_size", lo=1, hi=1 << 20, optional=True) or 1,
+                    total_steps=get_int(msg, "total_steps", lo=1, optional=True),
                     mlflow_run_id=get_str(mlflow, "run_id", max_len=64, optional=True),
                     tracking_uri=get_str(mlflow, "tracking_uri", max_len=4096, optional=True),
                     cwd=get_str(msg, "cwd", max_len=4096, optional=True))
