@@ -39,3 +39,32 @@ def test_spikes_inside_the_cooldown_are_flagged_not_learned() -> None:
     # the burst did not enter the statistics: a later ×50 spike is still caught
     engine.observe(step=300, loss=50.0, grad_norm=1.0)
     assert engine.last_decisions[-1].action == "backoff"
+
+
+def test_a_back_off_that_does_not_take_is_followed_by_harder_ones() -> None:
+    """An LR set ×100 by mistake: the loss stays ~50× up through the cooldown. That is
+    no new level (max_shift 4×): back off again, ×factor², until it comes down."""
+    rng = random.Random(2)
+    text = "version: 1\npolicies:\n  - kind: divergence\n    skip_spikes: true\n"
+    engine = lrctl.load_policy(text, [0.1])
+    resumed = None
+    skipped = []
+    for t in range(400):
+        level = 1.0 if t < 200 else (50.0 if t < 231 else 1.2)  # down after 3 back-offs
+        loss = noisy(level, rng)
+        engine.observe(step=t, loss=loss, grad_norm=1.0)
+        skipped += [t] if engine.should_skip else []
+        if t == 215:  # mid-incident: the state carries the escalation
+            resumed = lrctl.load_policy(text, [0.1])
+            resumed.load_state_dict(engine.state_dict())
+        elif resumed is not None:
+            resumed.observe(step=t, loss=loss, grad_norm=1.0)
+    backs = [(d.step, d.evidence["factor"], d.evidence["statistic"])
+             for d in engine.decisions if d.action == "backoff"]
+    assert backs == [(200, 0.5, "loss"), (210, 0.25, "loss_level"), (220, 0.25, "loss_level"),
+                     (230, 0.25, "loss_level")]
+    assert skipped == list(range(200, 210)), "only the first cooldown's spikes are skipped"
+    assert not engine.should_stop
+    assert resumed is not None and resumed.lrs == engine.lrs
+    assert [d.to_dict() for d in resumed.decisions] == [
+        d.to_dict() for d in engine.decisions if d.step > 215]

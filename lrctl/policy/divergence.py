@@ -22,7 +22,12 @@ The behaviour of a mixed-precision loss scaler, applied to the learning rate:
   after it, spikes are still flagged (and kept out of the statistics) but do not
   back off again; non-finite values still do. If most of the cooldown was
   spikes, the run has moved to a new level rather than blown up, and the
-  statistics re-baseline on the cooldown's values.
+  statistics re-baseline on the cooldown's values; unless that level is more
+  than ``max_shift`` × the old median (an LR set ×100 by mistake): then the
+  back-off did not take, and the guard backs off again, harder (``factor``
+  squared), after each cooldown until the run comes down (or ``max_backoffs``
+  asks it to stop); its high losses are then no longer skipped, so the model
+  can train its way back.
 * ``skip_spikes`` also asks the hook to skip the optimizer step of a spike (one
   ×1e4 gradient would otherwise poison Adam's second moment for thousands of
   steps); the hook can act on it in sync mode or in-process.
@@ -147,6 +152,9 @@ class Divergence(Policy):
         Param("regrow_after", "int", 200, "clean observations before the LR regrows", ge=1),
         Param("regrow_factor", "float", 2.0, "growth of the multiplier at each regrowth", gt=1),
         Param("max_backoffs", "int", 8, "back-offs in one incident before stop", ge=1),
+        Param("max_shift", "float", 4.0,
+              "a cooldown spent this many times above the old median (loss or grad norm) is "
+              "still divergence, not a new level: back off again, harder", gt=1),
         Param("min_multiplier", "float", 1e-3, "floor of the back-off multiplier", gt=0, le=1),
         Param("skip_nonfinite", "bool", True, "ask the hook to skip non-finite steps"),
         Param("skip_spikes", "bool", False,
@@ -168,6 +176,7 @@ class Divergence(Policy):
         self._cooldown_seen: list[tuple[float | None, float | None]] = []
         self._cooldown_spikes = 0
         self._clean = 0  # consecutive clean observations
+        self._escalation = 0  # back-offs in a row that did not take
         self._total_backoffs = 0
         self._stopped = False
 
@@ -215,10 +224,14 @@ class Divergence(Policy):
             self._cooldown_spikes += evidence is not None
             self._cooldown -= 1
             if self._cooldown == 0:
-                self._end_cooldown()
+                still = self._end_cooldown()
+                if still is not None:
+                    return self._escalate(obs, ctx, evidence, still)
         if evidence is not None:
             ctx.flags.add("spike")
-            ctx.skip = ctx.skip or self.params["skip_spikes"]
+            # Once a back-off did not take, the model itself is off course: it must
+            # train its way back at the lower LR, so its high losses are not skipped.
+            ctx.skip = ctx.skip or (self.params["skip_spikes"] and self._escalation == 0)
             self._clean = 0
             what = evidence["statistic"]
             reason = (f"{what} spike: {evidence['value']:.6g} is {evidence['z']:.1f} robust σ "
@@ -234,17 +247,65 @@ class Divergence(Policy):
             return self._back_off(ctx, reason, evidence, force=False)
         return self._maybe_regrow()
 
-    def _end_cooldown(self) -> None:
-        """If most of the cooldown was still 'spikes', the run moved to a new level
-        (a harder data mix, a changed objective) rather than blowing up: judge what
-        follows against that level, not the old one. A run that keeps climbing
-        still spikes against the new baseline and backs off again."""
+    def _end_cooldown(self) -> dict[str, Any] | None:
+        """Judge a cooldown that was mostly 'spikes'; evidence when it is still divergence.
+
+        Within ``max_shift`` × the old median, the run moved to a new level (a harder
+        data mix, a changed objective) rather than blowing up: judge what follows
+        against that level, not the old one; a run that keeps climbing still spikes
+        against the new baseline and backs off again. Further above (an LR set
+        ×100 by mistake), the back-off did not take: the caller backs off again.
+        """
         seen, self._cooldown_seen = self._cooldown_seen, []
         spikes, self._cooldown_spikes = self._cooldown_spikes, 0
         if 2 * spikes <= len(seen):
-            return
-        self._loss.load([v for v, _ in seen if v is not None])
-        self._gnorm.load([g for _, g in seen if g is not None])
+            self._escalation = 0
+            return None
+        losses = [v for v, _ in seen if v is not None]
+        gnorms = [g for _, g in seen if g is not None]
+        shift = self._shift(losses, gnorms)
+        if shift is not None:
+            return shift
+        self._escalation = 0
+        self._loss.load(losses)
+        self._gnorm.load(gnorms)
+        return None
+
+    def _shift(self, losses: list[float], gnorms: list[float]) -> dict[str, Any] | None:
+        """Evidence when the cooldown's median sits over ``max_shift`` × the old one."""
+        limit = math.log(self.params["max_shift"])
+        candidates = []
+        if losses and len(self._loss) and self.params["watch_loss"]:
+            new, old = _median(losses), self._loss.median()
+            if self.params["loss_scale"] == "linear":
+                if old > 0 and new > 0:
+                    candidates.append(("loss", math.log(new / old), new, old))
+            else:
+                candidates.append(("loss", new - old, math.exp(new), math.exp(old)))
+        if gnorms and len(self._gnorm) and self.params["watch_grad_norm"]:
+            new, old = _median(gnorms), self._gnorm.median()
+            candidates.append(("grad_norm", new - old, math.exp(new), math.exp(old)))
+        worst = max(candidates, key=lambda c: c[1], default=None)
+        if worst is None or worst[1] <= limit:
+            return None
+        name, log_ratio, new, old = worst
+        return {"statistic": f"{name}_level", "value": new, "median": old,
+                "ratio": math.exp(log_ratio), "threshold": self.params["max_shift"],
+                "window": self.params["cooldown"]}
+
+    def _escalate(self, obs: Observation, ctx: StepContext, evidence: dict[str, Any] | None,
+                  still: dict[str, Any]) -> list[Action]:
+        """The cooldown ended with the run still far above its old level: cut harder."""
+        if evidence is not None:
+            ctx.flags.add("spike")
+        self._escalation += 1
+        factor = self.params["factor"] ** 2
+        what = still["statistic"].removesuffix("_level")
+        reason = (f"{what} stayed {still['ratio']:.3g}× above its median {still['median']:.6g} "
+                  f"through the cooldown (more than max_shift {self.params['max_shift']:g}×): "
+                  f"the back-off did not take")
+        return self._back_off(ctx, reason, {**still, "escalation": self._escalation},
+                              force=False, factor=factor)
 
     def _loss_value(self, loss: float | None) -> float | None:
         """The loss on the scale it is judged on (None: not judged)."""
@@ -282,7 +343,7 @@ class Divergence(Policy):
 
     # -- actions -------------------------------------------------------------
     def _back_off(self, ctx: StepContext, reason: str, evidence: dict[str, Any],
-                  force: bool) -> list[Action]:
+                  force: bool, factor: float | None = None) -> list[Action]:
         actions: list[Action] = []
         if ctx.skip:
             actions.append(Action("skip", f"skip this optimizer step: {reason}", evidence))
@@ -306,7 +367,8 @@ class Divergence(Policy):
                                   {**evidence, "backoffs": self._backoffs}))
             return actions
         old = self._scale
-        self._scale = max(self._scale * self.params["factor"], floor)
+        self._scale = max(self._scale * (self.params["factor"] if factor is None else factor),
+                          floor)
         self._backoffs += 1
         self._total_backoffs += 1
         self._cooldown = self.params["cooldown"]
@@ -351,6 +413,7 @@ class Divergence(Policy):
             "clean": self._clean,
             "total_backoffs": self._total_backoffs,
             "stopped": self._stopped,
+            "escalation": self._escalation,
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -366,3 +429,10 @@ class Divergence(Policy):
         self._clean = int(state["clean"])
         self._total_backoffs = int(state["total_backoffs"])
         self._stopped = bool(state["stopped"])
+        self._escalation = int(state.get("escalation", 0))
+
+
+def _median(values: list[float]) -> float:
+    ordered = sorted(values)
+    mid = len(ordered) // 2
+    return ordered[mid] if len(ordered) % 2 else 0.5 * (ordered[mid - 1] + ordered[mid])
