@@ -6,8 +6,8 @@ way in, three corrupted batches (labels misaligned, as from a bad data shard).
 
 * **lrctl**: the default policy steers the LR through the controller — a range
   test finds a workable LR, the divergence guard backs off on the corrupted
-  batches' spike and grows the LR back after a clean stretch, plateau decay
-  halves the LR when the loss stops improving.
+  batches' spike (skipping those steps) and grows the LR back after a clean
+  stretch; plateau decay stands by to halve the LR if the loss stops improving.
 * **fixed**: the same LR throughout; lrctl watches in shadow mode, so the
   MLflow UI shows what it *would* have done, and nothing changes the LR.
 
