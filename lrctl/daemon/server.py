@@ -11,6 +11,12 @@ Persistence: a session is checkpointed when it starts, after
 ones, on operator commands, when its hook disconnects, and at shutdown. Every
 reply tells the hook the last checkpointed step (``saved_step``), so the hook
 keeps just the observations after it and can replay them after a crash.
+The checkpoints the hot path asks for (every SAVE_EVERY observations and the
+timed ones) are encoded on the loop and written, with their fsyncs, by a
+:class:`~lrctl.daemon.store.CheckpointWriter` thread; ``saved_step`` advances
+when the loop learns that the file is durable. The rarer ones (a new run, an
+operator command, a reload, a disconnect, eviction, shutdown) are written at
+once, after any write of the same run still in flight.
 A checkpoint that cannot be written is logged and shown by ``runs``/``status``;
 the run goes on from memory.
 
@@ -58,7 +64,7 @@ from ..protocol import (
 from ..reload import DEFAULT_DEBOUNCE_S, PolicyWatcher, ReloadEvent, read_policy_file
 from ..sinks import Sink
 from .session import Session, text_sha256
-from .store import RUN_KEY, StateStore
+from .store import RUN_KEY, CheckpointWriter, StateStore
 
 __all__ = ["Server"]
 
@@ -141,6 +147,9 @@ class Server:
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
         self.sel.register(self._wake_r, selectors.EVENT_READ, ("wake", None))
+        # Checkpoints due on the hot path are written by a thread (see _save_soon).
+        self._writer = CheckpointWriter(store, self._wake)
+        self._saving: dict[str, int] = {}  # run key -> unsaved count its write in flight holds
         self.watcher = PolicyWatcher(self._on_reload_event, debounce_s=debounce_s) if watch \
             else None
         self._watched: dict[str, str] = {}  # run key -> the path it is watched under
@@ -209,6 +218,8 @@ class Server:
     def _shutdown(self) -> None:
         if self.watcher is not None:
             self.watcher.stop()
+        self._writer.stop()
+        self._saved()
         self.sel.unregister(self._wake_r)
         self._wake_r.close()
         self._wake_w.close()
@@ -503,7 +514,7 @@ class Server:
             for d in result.decisions:
                 self._sink("decision", key, {**d, "wall_time": time.time()})
         if session.unsaved >= SAVE_EVERY:
-            self._save(key)
+            self._save_soon(key)
         elif session.unsaved == 1:  # it has something to checkpoint again
             self._next_save_at = min(self._next_save_at,
                                      self._last_save.get(key, 0.0) + SAVE_INTERVAL)
@@ -537,6 +548,9 @@ class Server:
         self._store_errors.pop(key, None)
         self._unwatch(key)
         if session is not None:
+            if key in self._saving:  # its checkpoint must not land after the delete
+                self._writer.wait()
+                self._saved()
             self.store.delete(key)
             self._sink("close_run", key)
             log.info("run %s ended at step %d", key, session.last_step)
@@ -600,6 +614,10 @@ class Server:
     def _on_reload_event(self, event: ReloadEvent) -> None:
         """Runs on the watcher's thread: hand the event over and wake the loop, nothing else."""
         self._events.put(event)
+        self._wake()
+
+    def _wake(self) -> None:
+        """Wake the loop (from another thread)."""
         with contextlib.suppress(OSError):  # full: the loop is awake already
             self._wake_w.send(b"\0")
 
@@ -607,6 +625,7 @@ class Server:
         with contextlib.suppress(OSError):
             while self._wake_r.recv(4096):
                 pass
+        self._saved()
         while True:
             try:
                 event = self._events.get_nowait()
@@ -799,21 +818,66 @@ class Server:
 
     # -- persistence and sink ------------------------------------------------------------
     def _save(self, key: str) -> None:
+        """Checkpoint ``key`` now (operator commands, reloads, disconnects, shutdown)."""
+        if key in self._saving:  # after the write in flight, never before it
+            self._writer.wait()
+            self._saved()
         session = self.sessions[key]
         try:
             self.store.save(key, session.to_state())
         except (OSError, ValueError) as exc:
-            if key not in self._store_errors:  # once per outage, not once per step
-                log.error("cannot checkpoint run %s: %s; the run goes on from memory, "
-                          "a controller restart would lose it", key, exc)
-            self._store_errors[key] = str(exc)
-            self._last_save[key] = time.monotonic()  # retry at SAVE_INTERVAL, not per step
+            self._save_failed(key, exc)
             return
         if self._store_errors.pop(key, None) is not None:
             log.info("run %s checkpointed again", key)
         session.saved_step = session.last_step
         session.unsaved = 0
         self._last_save[key] = time.monotonic()
+
+    def _save_failed(self, key: str, exc: Exception) -> None:
+        if key not in self._store_errors:  # once per outage, not once per step
+            log.error("cannot checkpoint run %s: %s; the run goes on from memory, "
+                      "a controller restart would lose it", key, exc)
+        self._store_errors[key] = str(exc)
+        self._last_save[key] = time.monotonic()  # retry at SAVE_INTERVAL, not per step
+
+    def _save_soon(self, key: str) -> None:
+        """Checkpoint ``key`` on the writer thread (the hot path's checkpoints): the loop
+        encodes the state, the thread writes and fsyncs it, and :meth:`_saved` advances
+        ``saved_step`` only once the file is durable. One write per run at a time."""
+        if key in self._saving:
+            return  # its observations since then wait for the next checkpoint
+        session = self.sessions[key]
+        try:
+            data = self.store.encode(session.to_state())
+        except ValueError as exc:
+            self._save_failed(key, exc)
+            return
+        self._saving[key] = session.unsaved
+        self._writer.submit(key, data, (session, session.last_step))
+        session.unsaved = 0
+        self._last_save[key] = time.monotonic()
+
+    def _saved(self) -> None:
+        """Apply the writer's finished checkpoints (on the loop's thread)."""
+        while True:
+            try:
+                key, (session, step), error = self._writer.done.get_nowait()
+            except queue.Empty:
+                return
+            held = self._saving.pop(key, 0)
+            if self.sessions.get(key) is not session:
+                continue  # the run ended (or was replaced) meanwhile
+            if error is not None:
+                self._save_failed(key, error)
+                session.unsaved += held  # still to be checkpointed
+            else:
+                if self._store_errors.pop(key, None) is not None:
+                    log.info("run %s checkpointed again", key)
+                session.saved_step = max(session.saved_step, step)
+            if session.unsaved:
+                self._next_save_at = min(self._next_save_at,
+                                         self._last_save.get(key, 0.0) + SAVE_INTERVAL)
 
     def _save_due(self) -> None:
         """Checkpoint the sessions with observations unsaved for SAVE_INTERVAL seconds.
@@ -825,10 +889,10 @@ class Server:
         now = time.monotonic()
         next_at = math.inf
         for key, session in self.sessions.items():
-            if session.unsaved:
+            if session.unsaved and key not in self._saving:  # in flight: see _saved
                 if now - self._last_save.get(key, 0.0) >= SAVE_INTERVAL:
-                    self._save(key)
-                if session.unsaved:  # not saved, or the save failed: try again later
+                    self._save_soon(key)
+                if session.unsaved and key not in self._saving:  # failed: try again later
                     next_at = min(next_at, self._last_save.get(key, 0.0) + SAVE_INTERVAL)
         self._next_save_at = next_at
 

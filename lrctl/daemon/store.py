@@ -13,12 +13,14 @@ import hashlib
 import json
 import logging
 import os
+import queue
 import re
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-__all__ = ["FORMAT", "RUN_KEY", "StateStore"]
+__all__ = ["FORMAT", "RUN_KEY", "CheckpointWriter", "StateStore"]
 
 FORMAT = 1
 MAX_STATE_BYTES = 16 << 20
@@ -47,15 +49,25 @@ class StateStore:
         return self.dir / f"{key}.json"
 
     def save(self, key: str, state: dict[str, Any]) -> None:
+        self.write(key, self.encode(state))
+
+    @staticmethod
+    def encode(state: dict[str, Any]) -> bytes:
+        """A checkpoint file's bytes. Line 1: format and checksum; line 2: the body the
+        checksum covers. Raises ``ValueError`` for a state JSON cannot hold."""
         body = _canonical(state)
         doc = json.dumps({"format": FORMAT, "sha256": hashlib.sha256(body).hexdigest()},
                          separators=(",", ":")).encode("utf-8")
+        return doc + b"\n" + body + b"\n"
+
+    def write(self, key: str, data: bytes) -> None:
+        """Replace ``key``'s checkpoint with :meth:`encode`'s ``data``, durably (fsync of
+        the file and of the directory). Safe from one thread other than the loop's."""
         final = self.path(key)
         tmp = final.with_name(f".{final.name}.{os.getpid()}.tmp")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         try:
-            # Line 1: format and checksum; line 2: the body the checksum covers.
-            os.write(fd, doc + b"\n" + body + b"\n")
+            os.write(fd, data)
             os.fsync(fd)
         finally:
             os.close(fd)
@@ -121,3 +133,60 @@ class StateStore:
             os.fsync(fd)
         finally:
             os.close(fd)
+
+
+class CheckpointWriter:
+    """Writes checkpoints on a thread of its own, in the order submitted, so that their
+    fsyncs (milliseconds each on a busy disk, two per checkpoint) never stall the loop.
+
+    The loop encodes the state (:meth:`StateStore.encode`) and submits the bytes; each
+    finished write goes on :attr:`done` as ``(key, token, error)``, then ``notify`` (the
+    loop's wake-up) is called: only the loop touches sessions.
+    """
+
+    def __init__(self, store: StateStore, notify: Callable[[], None]) -> None:
+        self.store = store
+        self.notify = notify
+        self.done: queue.SimpleQueue[tuple[str, Any, Exception | None]] = queue.SimpleQueue()
+        self._jobs: queue.SimpleQueue[tuple[str, bytes, Any] | threading.Event | None] = (
+            queue.SimpleQueue())
+        self._thread: threading.Thread | None = None
+
+    def submit(self, key: str, data: bytes, token: Any) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="lrctl-checkpoints",
+                                            daemon=True)
+            self._thread.start()
+        self._jobs.put((key, data, token))
+
+    def wait(self) -> None:
+        """Return once every write submitted so far is finished (and on :attr:`done`)."""
+        if self._thread is not None:
+            finished = threading.Event()
+            self._jobs.put(finished)
+            finished.wait()
+
+    def stop(self) -> None:
+        """Finish what was submitted, then end the thread."""
+        if self._thread is not None:
+            self._jobs.put(None)
+            self._thread.join()
+            self._thread = None
+
+    def _run(self) -> None:
+        while True:
+            job = self._jobs.get()
+            if job is None:
+                return
+            if isinstance(job, threading.Event):
+                job.set()
+                continue
+            key, data, token = job
+            error: Exception | None = None
+            try:
+                self.store.write(key, data)
+            except Exception as exc:  # reported to the loop, which logs it; the thread goes on
+                error = exc
+            self.done.put((key, token, error))
+            with contextlib.suppress(OSError):
+                self.notify()

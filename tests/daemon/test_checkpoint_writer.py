@@ -1,0 +1,165 @@
+"""Hot-path checkpoints are written off the loop, and ``saved_step`` never runs ahead.
+
+An in-process controller whose store blocks its writes until the test lets them
+go: the loop must keep answering meanwhile, report the old ``saved_step`` until
+the file is durable, then the new one; a run that says ``bye`` while its
+checkpoint is in flight must not get its file back afterwards.
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import lrctl.daemon.server as server_mod
+from lrctl.daemon.server import Server
+from lrctl.daemon.store import StateStore
+from lrctl.protocol import MAX_HELLO, FrameDecoder, encode, encode_obs
+from lrctl.sinks import NullSink
+
+POLICY = "version: 1\npolicies:\n  - kind: plateau\n    patience: 5\n"
+
+
+class GatedStore(StateStore):
+    """Writes wait for ``gate``; ``writes`` counts the finished ones."""
+
+    def __init__(self, state_dir: Path) -> None:
+        super().__init__(state_dir)
+        self.gate = threading.Event()
+        self.gate.set()
+        self.writes = 0
+        self.writing = threading.Event()
+
+    def write(self, key: str, data: bytes) -> None:
+        self.writing.set()
+        assert self.gate.wait(30)
+        super().write(key, data)
+        self.writes += 1
+
+
+class Client:
+    def __init__(self, path: str) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(10)
+        self.sock.connect(path)
+        self.decoder = FrameDecoder(1 << 22)
+        self.pending: list[dict[str, Any]] = []
+
+    def send(self, frame: bytes) -> None:
+        self.sock.sendall(frame)
+
+    def answer(self) -> dict[str, Any]:
+        while not self.pending:
+            data = self.sock.recv(1 << 16)
+            assert data, "the controller closed the connection"
+            self.pending += self.decoder.feed(data)
+        return self.pending.pop(0)
+
+
+@pytest.fixture
+def served(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[Server, GatedStore,
+                                                                              str]]:
+    monkeypatch.setattr(server_mod, "SAVE_EVERY", 8)
+    monkeypatch.setattr(server_mod, "SAVE_INTERVAL", 3600.0)
+    path = str(tmp_path / "c.sock")
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(path)
+    listener.listen(8)
+    store = GatedStore(tmp_path / "state")
+    srv = Server([(listener, True)], store, NullSink(), socket_path=path, watch=False)
+    thread = threading.Thread(target=srv.serve_forever, kwargs={"poll": 0.05}, daemon=True)
+    thread.start()
+    try:
+        yield srv, store, path
+    finally:
+        store.gate.set()
+        srv.stop()
+        thread.join(30)
+        assert not thread.is_alive()
+
+
+def _hello(c: Client, run: str) -> dict[str, Any]:
+    c.send(encode({"t": "hello", "run": run, "run_name": run,
+                   "policy": {"text": POLICY, "source": "<test>"}, "lrs": [0.1], "groups": 1},
+                  MAX_HELLO))
+    welcome = c.answer()
+    assert welcome["t"] == "welcome", welcome
+    return welcome
+
+
+def test_the_loop_answers_while_a_checkpoint_is_written(
+        served: tuple[Server, GatedStore, str]) -> None:
+    srv, store, path = served
+    c = Client(path)
+    _hello(c, "run-a")  # checkpointed at once (a new run), before the welcome
+    store.gate.clear()
+    store.writing.clear()
+    replies = []
+    for t in range(20):  # step 7 asks for a checkpoint; its write hangs
+        c.send(encode_obs(t, 1.0, None))
+        replies.append(c.answer())
+    assert store.writing.wait(10)
+    assert [r["s"] for r in replies] == list(range(20))  # answered all the same
+    assert {r["saved_step"] for r in replies} == {-1}  # nothing reported before it is durable
+    store.gate.set()
+    deadline = time.monotonic() + 20
+    t = 20
+    while time.monotonic() < deadline:  # the fsyncs take what the disk takes
+        c.send(encode_obs(t, 1.0, None))
+        reply = c.answer()
+        t += 1
+        if reply["saved_step"] >= 7:
+            break
+        time.sleep(0.01)
+    assert reply["saved_step"] >= 7 and reply["saved_step"] % 8 == 7, srv._store_errors
+    state = store.load("run-a")
+    assert state is not None and state["engine"]["last_step"] >= reply["saved_step"]
+
+
+def test_bye_while_a_checkpoint_is_in_flight_leaves_no_file(
+        served: tuple[Server, GatedStore, str]) -> None:
+    srv, store, path = served
+    c = Client(path)
+    _hello(c, "run-b")
+    store.gate.clear()
+    store.writing.clear()
+    for t in range(8):
+        c.send(encode_obs(t, 1.0, None))
+        c.answer()
+    assert store.writing.wait(10)
+    c.send(encode({"t": "bye"}))
+    threading.Timer(0.3, store.gate.set).start()  # the loop waits for the write, then deletes
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and (store.writes < 2 or store.path("run-b").exists()):
+        time.sleep(0.02)
+    assert store.writes == 2  # the new run's checkpoint, then the one in flight at bye
+    time.sleep(0.2)
+    assert "run-b" not in srv.sessions
+    assert not store.path("run-b").exists()  # deleted after the write, not before
+    assert store.load("run-b") is None
+
+
+def test_an_operator_save_waits_for_the_write_in_flight(
+        served: tuple[Server, GatedStore, str]) -> None:
+    _, store, path = served
+    c = Client(path)
+    _hello(c, "run-c")
+    store.gate.clear()
+    store.writing.clear()
+    for t in range(12):
+        c.send(encode_obs(t, 1.0, None))
+        c.answer()
+    assert store.writing.wait(10)
+    op = Client(path)
+    threading.Timer(0.3, store.gate.set).start()
+    op.send(encode({"t": "pause", "run": "run-c"}))
+    assert op.answer()["t"] == "ok"
+    state = store.load("run-c")  # the operator's checkpoint is the last one written
+    assert state is not None and state["engine"]["last_step"] == 11
+    assert state["engine"]["mode"] == "shadow"
