@@ -14,6 +14,7 @@ SUITE_MODULES = (
     "lrctl.bench.latency",
     "lrctl.bench.throughput",
     "lrctl.bench.mlflow_bench",
+    "lrctl.bench.reload_bench",
     "lrctl.bench.everything",
 )
 

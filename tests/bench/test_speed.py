@@ -1,4 +1,4 @@
-"""Smoke tests of the speed suites (overhead, latency, throughput, mlflow, all).
+"""Smoke tests of the speed suites (overhead, latency, throughput, mlflow, reload, all).
 
 Tiny sizes and structure only: which arms and rows exist, that every figure is
 finite and every gated row has a verdict. Never a timing threshold: these run
@@ -20,6 +20,7 @@ from lrctl.bench import SUITE_MODULES  # noqa: E402
 from lrctl.bench._timing import interleave, quantile, ratios, rows_table, summary  # noqa: E402
 from lrctl.bench.latency import LatencyConfig, run_latency  # noqa: E402
 from lrctl.bench.overhead import OverheadConfig, run_overhead  # noqa: E402
+from lrctl.bench.reload_bench import ReloadConfig, run_reload  # noqa: E402
 from lrctl.bench.throughput import ThroughputConfig, run_throughput  # noqa: E402
 from lrctl.cli import main  # noqa: E402
 
@@ -31,7 +32,7 @@ def _one_thread() -> None:
 
 def test_every_speed_suite_is_registered() -> None:
     names = [importlib.import_module(m).SUITE.name for m in SUITE_MODULES]
-    for name in ("overhead", "latency", "throughput", "mlflow", "all"):
+    for name in ("overhead", "latency", "throughput", "mlflow", "reload", "all"):
         assert name in names
     assert names[-1] == "all"
 
@@ -91,6 +92,14 @@ def test_quick_latency_structure() -> None:
         assert r["us"]["n"] == 6 and r["us"]["median"] > 0
     for r in result["async"]:
         assert r["steps"] == 5 and 0 <= r["in_time"] <= r["steps"]  # the first step has no t-1
+
+
+def test_quick_reload_structure() -> None:
+    """Every edit of the watched file reaches the optimizer, each as one reload."""
+    result = run_reload(ReloadConfig(edits=2, gap_s=0.2))
+    assert result["missed"] == 0 and result["ms"]["n"] == 2
+    assert result["reload_decisions"] == 2
+    assert math.isfinite(result["ms"]["p99"]) and isinstance(result["ok"], bool)
 
 
 def test_quick_throughput_structure() -> None:
