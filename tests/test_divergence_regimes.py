@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 import random
 
+import pytest
+
 import lrctl
 
 
@@ -42,8 +44,9 @@ def test_spikes_inside_the_cooldown_are_flagged_not_learned() -> None:
 
 
 def test_a_back_off_that_does_not_take_is_followed_by_harder_ones() -> None:
-    """An LR set ×100 by mistake: the loss stays ~50× up through the cooldown. That is
-    no new level (max_shift 4×): back off again, ×factor², until it comes down."""
+    """An LR set ×100 by mistake: the loss stays ~50× up. That is no new level
+    (max_shift 4×): the guard backs off by ×factor² after each cooldown until the
+    loss comes down, and stops skipping so that the model can train back."""
     rng = random.Random(2)
     text = "version: 1\npolicies:\n  - kind: divergence\n    skip_spikes: true\n"
     engine = lrctl.load_policy(text, [0.1])
@@ -68,3 +71,35 @@ def test_a_back_off_that_does_not_take_is_followed_by_harder_ones() -> None:
     assert resumed is not None and resumed.lrs == engine.lrs
     assert [d.to_dict() for d in resumed.decisions] == [
         d.to_dict() for d in engine.decisions if d.step > 215]
+
+
+def test_a_lasting_sixfold_loss_level_is_accepted_after_three_harder_back_offs() -> None:
+    """A harder data mix that stays: the guard never asks such a run to stop."""
+    rng = random.Random(3)
+    text = "version: 1\npolicies:\n  - kind: divergence\n    skip_spikes: true\n"
+    engine = lrctl.load_policy(text, [0.1])
+    for t in range(1200):
+        engine.observe(step=t, loss=noisy(0.05 if t < 400 else 0.30, rng), grad_norm=1.0)
+    backs = [d.step for d in engine.decisions if d.action == "backoff"]
+    assert backs == [400, 410, 420, 430]  # ½, then ¼ three times; then the level stands
+    assert not engine.should_stop
+    regrows = [d.step for d in engine.decisions if d.action == "regrow"]
+    assert regrows and regrows[0] > 450
+    assert engine.lrs[0] > 0.1 / 128
+
+
+@pytest.mark.parametrize(("knobs", "level_of"), [
+    ("    max_shift: null\n", "loss"),  # switched off
+    ("", "grad_norm"),  # grad-norm levels move for benign reasons: never escalated
+])
+def test_no_harder_back_offs_when_switched_off_or_for_the_grad_norm(
+        knobs: str, level_of: str) -> None:
+    rng = random.Random(4)
+    engine = lrctl.load_policy(f"version: 1\npolicies:\n  - kind: divergence\n{knobs}",
+                               [0.1])
+    for t in range(600):
+        up = 50.0 if t >= 300 else 1.0
+        loss, grad = (noisy(up, rng), 1.0) if level_of == "loss" else (noisy(1.0, rng), up)
+        engine.observe(step=t, loss=loss, grad_norm=grad)
+    assert [d.step for d in engine.decisions if d.action == "backoff"] == [300]
+    assert not engine.should_stop

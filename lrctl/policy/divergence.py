@@ -22,12 +22,12 @@ The behaviour of a mixed-precision loss scaler, applied to the learning rate:
   after it, spikes are still flagged (and kept out of the statistics) but do not
   back off again; non-finite values still do. If most of the cooldown was
   spikes, the run has moved to a new level rather than blown up, and the
-  statistics re-baseline on the cooldown's values; unless that level is more
-  than ``max_shift`` × the old median (an LR set ×100 by mistake): then the
-  back-off did not take, and the guard backs off again, harder (``factor``
-  squared), after each cooldown until the run comes down (or ``max_backoffs``
-  asks it to stop); its high losses are then no longer skipped, so the model
-  can train its way back.
+  statistics re-baseline on the cooldown's values; unless the loss stays more
+  than ``max_shift`` × its old median (or the grad norm does, with the loss up
+  1.5× too): an LR set ×100 by mistake. Then the back-off did not take, and the
+  guard backs off again, harder (``factor`` squared), after each cooldown, at
+  most three times in a row, before it accepts the level. Its high losses are
+  then no longer skipped, so the model can train its way back.
 * ``skip_spikes`` also asks the hook to skip the optimizer step of a spike (one
   ×1e4 gradient would otherwise poison Adam's second moment for thousands of
   steps); the hook can act on it in sync mode or in-process.
@@ -51,6 +51,10 @@ from ._params import Param, ParamError
 from ._registry import register_policy
 
 _MIN_SIGMA = 1e-12
+#: Harder back-offs in a row (×factor² each) before a high loss level is accepted.
+MAX_ESCALATIONS = 3
+#: How far the loss must be up for a high grad-norm level to count as divergence.
+LOSS_CONFIRMS = 1.5
 
 
 class RobustWindow:
@@ -153,8 +157,9 @@ class Divergence(Policy):
         Param("regrow_factor", "float", 2.0, "growth of the multiplier at each regrowth", gt=1),
         Param("max_backoffs", "int", 8, "back-offs in one incident before stop", ge=1),
         Param("max_shift", "float", 4.0,
-              "a cooldown spent this many times above the old median (loss or grad norm) is "
-              "still divergence, not a new level: back off again, harder", gt=1),
+              "a cooldown whose loss stays this many times above the old median is still "
+              "divergence, not a new level: back off again, harder (null: never)",
+              gt=1, optional=True),
         Param("min_multiplier", "float", 1e-3, "floor of the back-off multiplier", gt=0, le=1),
         Param("skip_nonfinite", "bool", True, "ask the hook to skip non-finite steps"),
         Param("skip_spikes", "bool", False,
@@ -177,6 +182,7 @@ class Divergence(Policy):
         self._cooldown_spikes = 0
         self._clean = 0  # consecutive clean observations
         self._escalation = 0  # back-offs in a row that did not take
+
         self._total_backoffs = 0
         self._stopped = False
 
@@ -229,9 +235,7 @@ class Divergence(Policy):
                     return self._escalate(obs, ctx, evidence, still)
         if evidence is not None:
             ctx.flags.add("spike")
-            # Once a back-off did not take, the model itself is off course: it must
-            # train its way back at the lower LR, so its high losses are not skipped.
-            ctx.skip = ctx.skip or (self.params["skip_spikes"] and self._escalation == 0)
+            ctx.skip = ctx.skip or self._skips_spikes()
             self._clean = 0
             what = evidence["statistic"]
             reason = (f"{what} spike: {evidence['value']:.6g} is {evidence['z']:.1f} robust σ "
@@ -247,14 +251,24 @@ class Divergence(Policy):
             return self._back_off(ctx, reason, evidence, force=False)
         return self._maybe_regrow()
 
+    def _skips_spikes(self) -> bool:
+        """Whether a spike now asks the hook to skip its step: not once a back-off did
+        not take: the model must then train its way back at the lower LR."""
+        return self.params["skip_spikes"] and self._escalation == 0
+
     def _end_cooldown(self) -> dict[str, Any] | None:
         """Judge a cooldown that was mostly 'spikes'; evidence when it is still divergence.
 
-        Within ``max_shift`` × the old median, the run moved to a new level (a harder
-        data mix, a changed objective) rather than blowing up: judge what follows
-        against that level, not the old one; a run that keeps climbing still spikes
-        against the new baseline and backs off again. Further above (an LR set
-        ×100 by mistake), the back-off did not take: the caller backs off again.
+        Within ``max_shift`` × the old median loss, the run moved to a new level (a
+        harder data mix, a changed objective) rather than blowing up: judge what
+        follows against that level, not the old one; a run that keeps climbing still
+        spikes against the new baseline and backs off again. Further above (an LR set
+        ×100 by mistake) the back-off did not take, and the caller backs off again,
+        at most :data:`MAX_ESCALATIONS` times in a row; then the new level is
+        accepted, so a harder data mix that stays costs LR (regrown later) but never
+        stops the run. A grad-norm level counts only while the loss is up too
+        (:data:`LOSS_CONFIRMS` ×): the grad norm moves to new levels for benign
+        reasons (layers unfrozen, a loss term switched on).
         """
         seen, self._cooldown_seen = self._cooldown_seen, []
         spikes, self._cooldown_spikes = self._cooldown_spikes, 0
@@ -264,7 +278,7 @@ class Divergence(Policy):
         losses = [v for v, _ in seen if v is not None]
         gnorms = [g for _, g in seen if g is not None]
         shift = self._shift(losses, gnorms)
-        if shift is not None:
+        if shift is not None and self._escalation < MAX_ESCALATIONS:
             return shift
         self._escalation = 0
         self._loss.load(losses)
@@ -272,26 +286,37 @@ class Divergence(Policy):
         return None
 
     def _shift(self, losses: list[float], gnorms: list[float]) -> dict[str, Any] | None:
-        """Evidence when the cooldown's median sits over ``max_shift`` × the old one."""
-        limit = math.log(self.params["max_shift"])
-        candidates = []
-        if losses and len(self._loss) and self.params["watch_loss"]:
-            new, old = _median(losses), self._loss.median()
-            if self.params["loss_scale"] == "linear":
-                if old > 0 and new > 0:
-                    candidates.append(("loss", math.log(new / old), new, old))
-            else:
-                candidates.append(("loss", new - old, math.exp(new), math.exp(old)))
-        if gnorms and len(self._gnorm) and self.params["watch_grad_norm"]:
-            new, old = _median(gnorms), self._gnorm.median()
-            candidates.append(("grad_norm", new - old, math.exp(new), math.exp(old)))
-        worst = max(candidates, key=lambda c: c[1], default=None)
-        if worst is None or worst[1] <= limit:
+        """Evidence when the cooldown's median loss (or grad norm, with the loss up too)
+        sits over ``max_shift`` × the old median."""
+        if self.params["max_shift"] is None:
             return None
-        name, log_ratio, new, old = worst
+        limit = math.log(self.params["max_shift"])
+        loss = self._level(losses, self._loss, self.params["watch_loss"],
+                           self.params["loss_scale"] == "linear")
+        grad = self._level(gnorms, self._gnorm, self.params["watch_grad_norm"], False)
+        if loss is not None and loss[0] > limit:
+            name, (log_ratio, new, old) = "loss", loss
+        elif (grad is not None and grad[0] > limit and loss is not None
+              and loss[0] > math.log(LOSS_CONFIRMS)):
+            name, (log_ratio, new, old) = "grad_norm", grad
+        else:
+            return None
         return {"statistic": f"{name}_level", "value": new, "median": old,
                 "ratio": math.exp(log_ratio), "threshold": self.params["max_shift"],
                 "window": self.params["cooldown"]}
+
+    @staticmethod
+    def _level(values: list[float], window: RobustWindow, watched: bool,
+               linear: bool) -> tuple[float, float, float] | None:
+        """(log ratio, new median, old median) of the cooldown's values against the window."""
+        if not watched or not values or not len(window):
+            return None
+        new, old = _median(values), window.median()
+        if not linear:
+            return new - old, math.exp(new), math.exp(old)
+        if old <= 0 or new <= 0:
+            return None
+        return math.log(new / old), new, old
 
     def _escalate(self, obs: Observation, ctx: StepContext, evidence: dict[str, Any] | None,
                   still: dict[str, Any]) -> list[Action]:
