@@ -93,8 +93,9 @@ class Controller:
     loop resumes at (the controller ignores observations it already has).
     ``watch``: ``False`` pins this run to the policy version it starts with (no
     live reloads when the file is edited). ``total_steps``: the run's length in
-    steps, when known; policies that anneal to the end of the run (``anneal``,
-    part of the default policy) need it.
+    steps, when known; policies that anneal to the end of the run (``kind:
+    anneal``) need it. A reconnect or ``resume`` may give a new value (a run
+    extended from a checkpoint): the controller takes it.
     """
 
     def __init__(self, optimizer: Any, *, policy: Any = None, run_name: str | None = None,

@@ -429,6 +429,7 @@ class Server:
         if not isinstance(watch, bool):
             raise ProtocolError(f"watch must be true or false, but got {watch!r:.40}",
                                 "bad_message")
+        total_steps = get_int(msg, "total_steps", lo=1, optional=True)
         if source is not None and not source.startswith("<"):
             source = _clean_source(source)
         session = self.sessions.get(key)
@@ -441,7 +442,7 @@ class Server:
                     key=key, run_name=get_str(msg, "run_name", max_len=250) or key,
                     policy_text=text or "", policy_source=source or "<string>", lrs=lrs,
                     world_size=get_int(msg, "world_size", lo=1, hi=1 << 20, optional=True) or 1,
-                    total_steps=get_int(msg, "total_steps", lo=1, optional=True),
+                    total_steps=total_steps,
                     mlflow_run_id=get_str(mlflow, "run_id", max_len=64, optional=True),
                     tracking_uri=get_str(mlflow, "tracking_uri", max_len=4096, optional=True),
                     cwd=get_str(msg, "cwd", max_len=4096, optional=True))
@@ -461,6 +462,11 @@ class Server:
             self._fail(conn, "run_conflict",
                        f"run {key} exists with a different policy or initial LRs")
             return
+        elif total_steps is not None and total_steps != session.total_steps:
+            # A run resumed with a new length (max_steps raised): the anneal follows it.
+            log.info("run %s: total_steps %s -> %d", key, session.total_steps, total_steps)
+            session.set_total_steps(total_steps)
+            self._save(key)
         self._last_seen[key] = time.monotonic()
         old = self.conns.get(key)
         if old is not None and old is not conn:
@@ -513,7 +519,9 @@ class Server:
         if result.decisions:
             for d in result.decisions:
                 self._sink("decision", key, {**d, "wall_time": time.time()})
-        if session.unsaved >= SAVE_EVERY:
+        if session.unsaved >= SAVE_EVERY and (
+                key not in self._store_errors  # a failing disk: retry at SAVE_INTERVAL
+                or self._now - self._last_save.get(key, 0.0) >= SAVE_INTERVAL):
             self._save_soon(key)
         elif session.unsaved == 1:  # it has something to checkpoint again
             self._next_save_at = min(self._next_save_at,

@@ -137,6 +137,11 @@ class Session:
             "reloads": self.reloads,
         }
 
+    def set_total_steps(self, total_steps: int) -> None:
+        """A new run length from a reconnecting hook (a run extended on resume)."""
+        self.total_steps = total_steps
+        self.engine.total_steps = total_steps
+
     # -- live editing ------------------------------------------------------------------
     @property
     def watch_path(self) -> str | None:

@@ -21,7 +21,9 @@ What it does, and why this way:
   put into the optimizer.
 * **The optimizer inside accelerate's wrapper.** The Trainer hands callbacks an
   ``AcceleratedOptimizer``; lrctl attaches to the torch optimizer inside it.
-* **Step numbers are the Trainer's ``global_step``.** The observation for
+* **Step numbers are the Trainer's ``global_step``** (also after
+  ``resume_from_checkpoint``: the hook counts from the restored step, and the
+  Trainer's ``max_steps`` is the run's ``total_steps``). The observation for
   optimizer step *k* is sent at the start of step *k + 1* (the Trainer logs step
   *k* after ``on_step_end``), and its decision applies from step *k + 2* in
   async mode, *k + 1* with ``sync=True``.
@@ -63,6 +65,8 @@ class LrctlCallback(TrainerCallback):
                    "compute_grad_norm": False}
         if getattr(state, "max_steps", 0) and state.max_steps > 0:
             options.setdefault("total_steps", int(state.max_steps))  # for the anneal
+        # Resumed from a checkpoint: the Trainer has restored global_step; count from it.
+        options.setdefault("start_step", int(getattr(state, "global_step", 0) or 0))
         optimizer = _unwrap(optimizer)
         # The Trainer built its scheduler before this call, and a warmup scheduler has
         # already set the LR to its first value (0 for a linear warmup): attach from

@@ -6,9 +6,9 @@ is won. A decay needs the run's length, which only the training script knows:
 ``lrctl.attach(optimizer, total_steps=N)`` (the Hugging Face and Lightning
 callbacks pass the trainer's own figure), or ``total_steps`` here.
 
-* The anneal starts at the first observation after any LR range test in the
-  stack has settled (the range test flags ``lr_sweep`` while it sweeps), or at
-  step ``start`` if that is later; without a range test it starts at once.
+* The anneal starts at the observation at which any LR range test in the
+  stack settles (the range test flags ``lr_sweep`` while it sweeps), or at step
+  ``start`` if that is later; without a range test it starts at once.
 * From its start step ``s`` to the end of the run ``T`` the multiplier falls
   from 1 to ``end_factor``: ``cosine`` (half a cosine wave, as torch's
   ``CosineAnnealingLR`` with ``T_max = T - s``) or ``linear``. The LR for step
@@ -17,7 +17,10 @@ callbacks pass the trainer's own figure), or ``total_steps`` here.
 * It is a multiplier, so the divergence guard's back-offs and the plateau's
   reductions still act on top of it.
 * When the run's length is unknown the anneal holds 1.0 and says so once, in a
-  decision the audit trail shows (``anneal_inactive``).
+  decision the audit trail shows (``anneal_inactive``); it starts once a
+  reconnecting hook gives the length. A run that goes on past ``total_steps``
+  trains at ``end_factor`` × the peak (0 by default); a run resumed with a
+  larger ``total_steps`` continues the decay over the longer span.
 
 Decisions are recorded when the anneal starts and when it reaches its end, not
 at every step: the LR curve in MLflow shows the decay itself.
@@ -58,8 +61,6 @@ class Anneal(Policy):
         return self._scale
 
     def observe(self, obs: Observation, ctx: StepContext) -> list[Action]:
-        if self._done:
-            return []
         total = self.params["total_steps"] or ctx.total_steps
         if total is None:
             if self._told_inactive:
@@ -80,8 +81,12 @@ class Anneal(Policy):
                 f"at step {total} (multiplier 1 → {self.params['end_factor']:g})",
                 {"statistic": "step", "value": obs.step, "total_steps": total,
                  "shape": self.params["shape"], "end_factor": self.params["end_factor"]}))
+        # Recomputed every step, so a run whose length grows (resumed with a larger
+        # total_steps) continues the decay over the longer span, even after its end.
         self._scale = self._at(obs.step + 1, total)
-        if obs.step + 1 >= total:
+        if obs.step + 1 < total:
+            self._done = False
+        elif not self._done:
             self._done = True
             actions.append(Action(
                 "anneal_done", f"the run reached its end at step {total}: multiplier "

@@ -163,3 +163,47 @@ def test_an_operator_save_waits_for_the_write_in_flight(
     state = store.load("run-c")  # the operator's checkpoint is the last one written
     assert state is not None and state["engine"]["last_step"] == 11
     assert state["engine"]["mode"] == "shadow"
+
+
+class FailingStore(StateStore):
+    """Every write fails, as on a full or read-only disk; ``attempts`` counts them."""
+
+    def __init__(self, state_dir: Path) -> None:
+        super().__init__(state_dir)
+        self.attempts = 0
+
+    def write(self, key: str, data: bytes) -> None:
+        self.attempts += 1
+        raise OSError(28, "No space left on device")
+
+
+def test_a_failing_disk_is_retried_at_the_save_interval_not_per_observation(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(server_mod, "SAVE_EVERY", 8)
+    monkeypatch.setattr(server_mod, "SAVE_INTERVAL", 3600.0)
+    path = str(tmp_path / "c.sock")
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(path)
+    listener.listen(8)
+    store = FailingStore(tmp_path / "state")
+    srv = Server([(listener, True)], store, NullSink(), socket_path=path, watch=False)
+    thread = threading.Thread(target=srv.serve_forever, kwargs={"poll": 0.05}, daemon=True)
+    thread.start()
+    try:
+        c = Client(path)
+        c.send(encode({"t": "hello", "run": "full-disk", "run_name": "full-disk",
+                       "policy": {"text": POLICY, "source": "<test>"}, "lrs": [0.1],
+                       "groups": 1}, MAX_HELLO))
+        assert c.answer()["t"] == "welcome"  # the opening save failed: the run goes on
+        replies = []
+        for step in range(200):
+            c.send(encode_obs(step, 1.0, 1.0))
+            replies.append(c.answer())
+        answers = [r for r in replies if r["t"] == "lr"]
+        assert len(answers) >= 199 and all(r["saved_step"] == -1 for r in answers)
+        # The opening save and the first hot-path one; no retry per observation after it.
+        assert store.attempts <= 3, store.attempts
+    finally:
+        srv.stop()
+        thread.join(30)
+        assert not thread.is_alive()

@@ -165,3 +165,25 @@ def test_attach_rejects_a_bad_total_steps() -> None:
     for bad in (0, -1, 2.5, True):
         with pytest.raises(ValueError, match="total_steps"):
             lrctl.attach(_optimizer([0.1]), total_steps=bad, spawn=False)
+
+
+def test_a_resumed_hook_can_give_the_run_length(controller: ControllerProc,
+                                                tmp_path: Path) -> None:
+    """First attach without total_steps, resume with it: the controller's session takes
+    the new length (logged, checkpointed) and the anneal starts from there."""
+    path = tmp_path / "anneal.yaml"
+    path.write_text("version: 1\npolicies:\n  - kind: anneal\n    shape: linear\n")
+    engine = lrctl.load_policy(path, [0.1])
+    opt = _optimizer([0.1])
+    curve = losses(100, seed=6)
+    ctl = lrctl.attach(opt, policy=str(path), sync=True, spawn=False)
+    assert _drive(ctl, engine, curve[:30]) == []
+    assert [d.action for d in ctl.decisions] == ["anneal_inactive"]
+    run_key = ctl.run_key
+    ctl.close(end_run=False)
+    engine.total_steps = 100
+    with lrctl.attach(opt, policy=str(path), sync=True, spawn=False, resume=run_key,
+                      start_step=30, total_steps=100) as again:
+        assert _drive(again, engine, curve, start=30) == []
+        assert [d.action for d in again.decisions] == ["anneal_start", "anneal_done"]
+    assert opt.param_groups[0]["lr"] == 0.0

@@ -140,3 +140,17 @@ def test_state_and_reload_keep_the_start_step() -> None:
 def test_engine_rejects_a_bad_total_steps(bad: Any) -> None:
     with pytest.raises((ValueError, ConfigError), match="total_steps"):
         anneal(bad)
+
+
+def test_a_longer_run_continues_the_decay_even_after_its_end() -> None:
+    engine = anneal(10)
+    for t in range(15):
+        engine.observe(step=t, loss=1.0)
+    assert engine.lrs == [0.0]
+    engine.total_steps = 40  # a resumed run with a raised max_steps
+    lr = engine.observe(step=15, loss=1.0)[0]
+    assert lr == pytest.approx(LR * 0.5 * (1 + math.cos(math.pi * 16 / 40)), rel=1e-12)
+    for t in range(16, 40):
+        engine.observe(step=t, loss=1.0)
+    assert [d.action for d in engine.decisions].count("anneal_done") == 2
+    assert engine.lrs == [0.0]
