@@ -8,6 +8,7 @@ checkpoint is in flight must not get its file back afterwards.
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import threading
 import time
@@ -62,26 +63,35 @@ class Client:
         return self.pending.pop(0)
 
 
+@contextlib.contextmanager
+def serving(tmp_path: Path, store: StateStore) -> Iterator[tuple[Server, str]]:
+    """An in-process controller on ``store``, its loop on a thread; stopped on exit."""
+    path = str(tmp_path / "c.sock")
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(path)
+    listener.listen(8)
+    srv = Server([(listener, True)], store, NullSink(), socket_path=path, watch=False)
+    thread = threading.Thread(target=srv.serve_forever, kwargs={"poll": 0.05}, daemon=True)
+    thread.start()
+    try:
+        yield srv, path
+    finally:
+        srv.stop()
+        thread.join(30)
+        assert not thread.is_alive()
+
+
 @pytest.fixture
 def served(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[Server, GatedStore,
                                                                               str]]:
     monkeypatch.setattr(server_mod, "SAVE_EVERY", 8)
     monkeypatch.setattr(server_mod, "SAVE_INTERVAL", 3600.0)
-    path = str(tmp_path / "c.sock")
-    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    listener.bind(path)
-    listener.listen(8)
     store = GatedStore(tmp_path / "state")
-    srv = Server([(listener, True)], store, NullSink(), socket_path=path, watch=False)
-    thread = threading.Thread(target=srv.serve_forever, kwargs={"poll": 0.05}, daemon=True)
-    thread.start()
     try:
-        yield srv, store, path
+        with serving(tmp_path, store) as (srv, path):
+            yield srv, store, path
     finally:
         store.gate.set()
-        srv.stop()
-        thread.join(30)
-        assert not thread.is_alive()
 
 
 def _hello(c: Client, run: str) -> dict[str, Any]:
@@ -122,17 +132,23 @@ def test_the_loop_answers_while_a_checkpoint_is_written(
     assert state is not None and state["engine"]["last_step"] >= reply["saved_step"]
 
 
-def test_bye_while_a_checkpoint_is_in_flight_leaves_no_file(
-        served: tuple[Server, GatedStore, str]) -> None:
-    srv, store, path = served
+def _write_in_flight(store: GatedStore, path: str, run: str, steps: int) -> Client:
+    """A run whose hot-path checkpoint is being written (held at the gate)."""
     c = Client(path)
-    _hello(c, "run-b")
+    _hello(c, run)
     store.gate.clear()
     store.writing.clear()
-    for t in range(8):
+    for t in range(steps):
         c.send(encode_obs(t, 1.0, None))
         c.answer()
     assert store.writing.wait(10)
+    return c
+
+
+def test_bye_while_a_checkpoint_is_in_flight_leaves_no_file(
+        served: tuple[Server, GatedStore, str]) -> None:
+    srv, store, path = served
+    c = _write_in_flight(store, path, "run-b", 8)
     c.send(encode({"t": "bye"}))
     threading.Timer(0.3, store.gate.set).start()  # the loop waits for the write, then deletes
     deadline = time.monotonic() + 20
@@ -148,14 +164,7 @@ def test_bye_while_a_checkpoint_is_in_flight_leaves_no_file(
 def test_an_operator_save_waits_for_the_write_in_flight(
         served: tuple[Server, GatedStore, str]) -> None:
     _, store, path = served
-    c = Client(path)
-    _hello(c, "run-c")
-    store.gate.clear()
-    store.writing.clear()
-    for t in range(12):
-        c.send(encode_obs(t, 1.0, None))
-        c.answer()
-    assert store.writing.wait(10)
+    c = _write_in_flight(store, path, "run-c", 12)  # kept open: its hook is still there
     op = Client(path)
     threading.Timer(0.3, store.gate.set).start()
     op.send(encode({"t": "pause", "run": "run-c"}))
@@ -163,6 +172,7 @@ def test_an_operator_save_waits_for_the_write_in_flight(
     state = store.load("run-c")  # the operator's checkpoint is the last one written
     assert state is not None and state["engine"]["last_step"] == 11
     assert state["engine"]["mode"] == "shadow"
+    c.sock.close()  # the run's hook stayed connected throughout
 
 
 class FailingStore(StateStore):
@@ -181,15 +191,8 @@ def test_a_failing_disk_is_retried_at_the_save_interval_not_per_observation(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(server_mod, "SAVE_EVERY", 8)
     monkeypatch.setattr(server_mod, "SAVE_INTERVAL", 3600.0)
-    path = str(tmp_path / "c.sock")
-    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    listener.bind(path)
-    listener.listen(8)
     store = FailingStore(tmp_path / "state")
-    srv = Server([(listener, True)], store, NullSink(), socket_path=path, watch=False)
-    thread = threading.Thread(target=srv.serve_forever, kwargs={"poll": 0.05}, daemon=True)
-    thread.start()
-    try:
+    with serving(tmp_path, store) as (_, path):
         c = Client(path)
         c.send(encode({"t": "hello", "run": "full-disk", "run_name": "full-disk",
                        "policy": {"text": POLICY, "source": "<test>"}, "lrs": [0.1],
@@ -203,7 +206,3 @@ def test_a_failing_disk_is_retried_at_the_save_interval_not_per_observation(
         assert len(answers) >= 199 and all(r["saved_step"] == -1 for r in answers)
         # The opening save and the first hot-path one; no retry per observation after it.
         assert store.attempts <= 3, store.attempts
-    finally:
-        srv.stop()
-        thread.join(30)
-        assert not thread.is_alive()
