@@ -71,6 +71,7 @@ __all__ = ["Server"]
 log = logging.getLogger("lrctl.daemon")
 
 SAVE_EVERY = 256
+MAX_DRAIN = 16 << 20  # bytes read from a hook that hung up, to apply what it sent
 SAVE_INTERVAL = 1.0
 MAX_CONNECTIONS = 1024
 MAX_REMOTE_CONNECTIONS = 256  # TCP peers may not take the slots local hooks need
@@ -278,13 +279,21 @@ class Server:
         except ProtocolError as exc:
             self._fail(conn, exc.code, str(exc))
             return False
-        # A hook that died right after sending is gone when we answer; the observations
-        # it sent before dying are still applied (and checkpointed when it is closed).
-        self._reading = conn
+        self._handle(conn, messages)
+        if conn.dead:
+            self._hung_up(conn)
+            return False
+        return conn.sock.fileno() >= 0
+
+    def _handle(self, conn: Conn, messages: list[dict[str, Any]]) -> None:
+        """Dispatch ``messages``; a reply that cannot be sent marks ``conn`` dead, and the
+        rest are still applied (a hook that hung up right after sending is gone when we
+        answer: what it sent before is applied, and checkpointed when it is closed)."""
+        previous, self._reading = self._reading, conn  # an operator's push may land here
         try:
             for msg in messages:
                 if conn.sock.fileno() < 0:
-                    return False
+                    return
                 try:
                     self._dispatch(conn, msg)
                 except ProtocolError as exc:
@@ -295,11 +304,29 @@ class Server:
                     self._send(conn, {"t": "error", "code": "internal",
                                       "message": f"controller error: {exc!r}", "fatal": False})
         finally:
-            self._reading = None
-        if conn.dead:
-            self._close(conn)
-            return False
-        return conn.sock.fileno() >= 0
+            self._reading = previous
+
+    def _hung_up(self, conn: Conn) -> None:
+        """A reply could not be sent: the hook closed its end, often right after its last
+        observations and its ``bye`` (``ctl.close()`` does not wait for answers). What it
+        sent is all in our receive buffer: apply it, up to :data:`MAX_DRAIN` bytes, then
+        close, so that the run ends (or stays resumable) exactly as the hook left it."""
+        budget = MAX_DRAIN
+        while budget > 0 and conn.sock.fileno() >= 0:
+            try:
+                data = conn.sock.recv(1 << 16)
+            except OSError:  # nothing more (or a reset): done
+                break
+            if not data:
+                break
+            budget -= len(data)
+            try:
+                messages = conn.decoder.feed(data)
+            except ProtocolError as exc:
+                log.warning("closing %s: %s", conn.run or conn.name, exc)
+                break
+            self._handle(conn, messages)
+        self._close(conn)
 
     def _send(self, conn: Conn, msg: Mapping[str, Any], limit: int = MAX_FRAME) -> None:
         if conn.dead:
@@ -327,7 +354,7 @@ class Server:
             except OSError:
                 conn.dead = True
                 if self._reading is not conn:
-                    self._close(conn)
+                    self._hung_up(conn)
                 return
             if sent < len(frame):
                 conn.out += frame[sent:]
@@ -345,7 +372,8 @@ class Server:
         except (BlockingIOError, InterruptedError):
             return
         except OSError:
-            self._close(conn)
+            conn.dead = True
+            self._hung_up(conn)
             return
         del conn.out[:sent]
         if not conn.out:
