@@ -30,7 +30,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         suite = importlib.import_module(name).SUITE
         sp = suites.add_parser(suite.name, help=suite.help, description=suite.help)
         sp.add_argument("--quick", action="store_true",
-                        help="a smoke-sized run (few LRs, one seed, few steps)")
+                        help="a smoke-sized run (fewer rounds, LRs, seeds and steps)")
         sp.add_argument("--json", metavar="FILE", help="write the full result as JSON")
         sp.add_argument("--out", type=Path, default=DEFAULT_OUT,
                         help=f"folder for plots and the Markdown report (default {DEFAULT_OUT}/)")

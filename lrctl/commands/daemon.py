@@ -124,7 +124,9 @@ def _ask(args: argparse.Namespace, msg: dict[str, Any]) -> dict[str, Any] | None
     except ControllerError as exc:
         print(f"lrctl {args.command}: {exc}", file=sys.stderr)
     except OSError as exc:
-        where = args.socket or "the default socket"
+        from ..paths import default_socket
+
+        where = args.socket or default_socket()
         print(f"lrctl {args.command}: no controller answers on {where} "
               f"({exc.strerror or exc}); start one with 'lrctl serve'", file=sys.stderr)
     return None
