@@ -10,9 +10,11 @@ without a separate pre-run and without resetting the model:
 * The sweep ends when the training loss says the LR is high enough: its EMA
   (span ``smoothing_window``) rises more than ``rise`` (relative) above its best
   value for ``patience`` observations in a row (a short patch of hard data is
-  not a too-high LR); or the divergence guard flags a spike or a non-finite
-  value at this step; or (``slowdown`` > 0) the loss falls more slowly than ``slowdown`` ×
-  the steepest fall seen, after a fall of at least ``min_rate``. The fall is
+  not a too-high LR; and while the loss has not yet fallen, the rise must also
+  beat ``noise_z`` standard deviations of the smoothed loss's own noise); or
+  the divergence guard flags a spike or a non-finite value at this step; or
+  (``slowdown`` > 0) the loss falls more slowly than ``slowdown`` × the
+  steepest fall seen, after a fall of at least ``min_rate``. The fall is
   the relative drop of the EMA over one ``smoothing_window``. It also ends at
   ``max_factor`` × the initial LR.
 * The LR then settles at ``settle`` × the multiplier the sweep stopped at
@@ -45,6 +47,8 @@ from ._params import Param
 from ._registry import register_policy
 
 _STOP_FLAGS = frozenset({"spike", "nonfinite"})
+NOISE_ALPHA = 0.1  # the noise estimate averages over ~20 observations
+EARLY_FALL = 0.1  # the smoothed loss's fall from its start that ends the noise guard
 
 
 @register_policy("rangetest")
@@ -62,6 +66,9 @@ class RangeTest(Policy):
         Param("min_steps", "int", 10, "observations before the smoothed loss is judged", ge=1),
         Param("patience", "int", 1, "consecutive observations above the rise limit that end "
               "the sweep (a short hard patch of data is not a too-high LR)", ge=1),
+        Param("noise_z", "float", 6.0, "until the smoothed loss has fallen 10 % from its "
+              "start, the rise must also exceed this many standard deviations of its own "
+              "noise (0: off)", ge=0),
         Param("stop_on_flags", "bool", True,
               "a spike or non-finite flag from the divergence guard ends the sweep"),
         Param("slowdown", "float", 0.0, "end the sweep when the fall of the smoothed loss "
@@ -87,6 +94,9 @@ class RangeTest(Policy):
         self._steepest = 0.0  # steepest relative fall of the EMA over one window
         self._steepest_scale = self._scale
         self._above = 0  # consecutive observations above the rise limit
+        self._dev = 0.0  # biased EMA of |loss - smoothed| / |smoothed|: the loss's noise
+        self._start: float | None = None  # the first smoothed loss
+        self._fallen = False  # the loss has fallen clearly: the noise guard is over
 
     def multiplier(self) -> float:
         return self._scale
@@ -101,20 +111,24 @@ class RangeTest(Policy):
         loss = obs.loss
         if loss is not None and math.isfinite(loss):
             smoothed = self._smooth(loss)
+            if self._start is None:
+                self._start = smoothed
             if smoothed < self._best:
                 self._best, self._best_scale = smoothed, self._scale
             slowed = self._judge_rate(smoothed)
             if slowed is not None:
                 return self._settle(obs, slowed[0], slowed[1])
-            limit = self._best + self.params["rise"] * abs(self._best)
+            rise = self._rise()
+            limit = self._best + rise * abs(self._best)
             above = self._seen >= self.params["min_steps"] and smoothed > limit
             self._above = self._above + 1 if above else 0
             if self._above >= self.params["patience"]:
                 return self._settle(
                     obs, f"smoothed loss {smoothed:.6g} rose above {limit:.6g} "
-                    f"({self.params['rise']:g} over its best {self._best:.6g})",
+                    f"({rise:.3g} over its best {self._best:.6g})",
                     {"statistic": "loss_ema", "value": smoothed, "best": self._best,
-                     "threshold": limit, "window": self.params["smoothing_window"]})
+                     "threshold": limit, "rise": rise,
+                     "window": self.params["smoothing_window"]})
         if self._scale * self.params["growth"] > self.params["max_factor"]:
             return self._settle(obs, f"the sweep reached max_factor {self.params['max_factor']:g}",
                                 {"statistic": "multiplier", "value": self._scale,
@@ -144,9 +158,42 @@ class RangeTest(Policy):
 
     def _smooth(self, loss: float) -> float:
         alpha = 2.0 / (self.params["smoothing_window"] + 1.0)
+        if self._seen:
+            before = self._ema / (1.0 - (1.0 - alpha) ** self._seen)
+            if before != 0:
+                self._dev = NOISE_ALPHA * abs(loss - before) / abs(before) + (
+                    1.0 - NOISE_ALPHA) * self._dev
         self._seen += 1
         self._ema = alpha * loss + (1.0 - alpha) * self._ema
         return self._ema / (1.0 - (1.0 - alpha) ** self._seen)
+
+    def _rise(self) -> float:
+        """The relative rise that ends the sweep: ``rise``, or more on a noisy loss.
+
+        While the LR is still too small to move the loss, a per-step loss that
+        wobbles ±10 % makes its smoothed curve wobble too, and the best value of a
+        wobbling curve is a low outlier: a fixed 8 % rise over it is then reached by
+        noise alone, and the sweep would settle far too low. Until the smoothed loss
+        has fallen :data:`EARLY_FALL` below its start, the limit is therefore at
+        least ``noise_z`` standard deviations of the smoothed loss, estimated from
+        the mean absolute deviation of the raw losses from it. Once the loss falls,
+        the plain ``rise`` rules: by then a rise is the LR's doing, and waiting for a
+        noise-sized one would overshoot.
+        """
+        if self._fallen or self._start is None or self.params["noise_z"] <= 0:
+            return self.params["rise"]
+        alpha = 2.0 / (self.params["smoothing_window"] + 1.0)
+        seen = max(self._seen - 1, 1)
+        dev = self._dev / (1.0 - (1.0 - NOISE_ALPHA) ** seen)  # unbiased early on
+        sigma = 1.2533 * dev * math.sqrt(alpha / (2.0 - alpha))  # mean |x| → σ, then EMA
+        noisy = self.params["noise_z"] * sigma
+        # "Fallen" must not be noise either (the best of a wobbling curve sits low); once
+        # it has fallen, it stays so: near zero, a loss's relative noise means nothing.
+        if (self._seen >= self.params["min_steps"]  # a noise estimate worth the name
+                and self._best < self._start * (1.0 - max(EARLY_FALL, noisy))):
+            self._fallen = True
+            return self.params["rise"]
+        return max(self.params["rise"], noisy)
 
     def _settle(self, obs: Observation, why: str, evidence: dict[str, Any]) -> list[Action]:
         self._sweeping = False
@@ -177,6 +224,9 @@ class RangeTest(Policy):
             "steepest": self._steepest,
             "steepest_scale": self._steepest_scale,
             "above": self._above,
+            "dev": self._dev,
+            "start": self._start,
+            "fallen": self._fallen,
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -191,3 +241,7 @@ class RangeTest(Policy):
         self._steepest = float(state["steepest"])
         self._steepest_scale = float(state["steepest_scale"])
         self._above = int(state.get("above", 0))
+        self._dev = float(state.get("dev", 0.0))
+        start = state.get("start")
+        self._start = None if start is None else float(start)
+        self._fallen = bool(state.get("fallen", False))

@@ -13,6 +13,7 @@ from lrctl.policy import get_policy_class
 from lrctl.policy.rangetest import RangeTest
 
 README = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+REPO_DEFAULT = Path(__file__).resolve().parents[2] / "policies" / "default.yaml"
 
 
 def _sweep(losses: list[float], **knobs: object) -> lrctl.Engine:
@@ -113,3 +114,40 @@ def test_readme_documents_every_knob() -> None:
         default = "—" if p.default is None else (
             str(p.default).lower() if isinstance(p.default, bool) else f"`{p.default}`")
         assert f"| `{p.name}` | {default} |" in section, p.name
+
+
+def _synthetic_sweep(seed: int, policy: object) -> lrctl.Engine:
+    """The README's quick-start loop on a 2-class synthetic MLP (batch 32, AdamW 3e-4):
+    a per-step loss that wobbles ±10 % and does not move at 1 % of the LR."""
+    torch = pytest.importorskip("torch")
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 32), torch.nn.ReLU(), torch.nn.Linear(32, 2))
+    x = torch.randn(2048, 8)
+    y = (x[:, 0] + x[:, 1] > 0).long()
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-4)
+    engine = lrctl.load_policy(policy, [3e-4])  # type: ignore[arg-type]
+    gen = torch.Generator().manual_seed(seed)
+    for step in range(200):
+        idx = torch.randint(0, len(x), (32,), generator=gen)
+        opt.param_groups[0]["lr"] = engine.applied_lrs[0]
+        loss = torch.nn.functional.cross_entropy(model(x[idx]), y[idx])
+        opt.zero_grad()
+        loss.backward()
+        engine.observe(step, float(loss.detach()))
+        opt.step()
+        if any(d.action == "range_test_done" for d in engine.last_decisions):
+            break
+    return engine
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_a_noisy_flat_loss_does_not_end_the_sweep(seed: int) -> None:
+    """The best of a wobbling smoothed loss is a low outlier: without the noise guard
+    (noise_z 0) half of these sweeps stop on noise early and settle far too low."""
+    engine = _synthetic_sweep(seed, REPO_DEFAULT)
+    (done,) = [d for d in engine.decisions if d.action == "range_test_done"]
+    assert done.step > 60, done.reason  # well past the flat start (LR ×1.07 per step)
+    assert done.evidence["lr_at_stop"] > 1e-3, done.reason
+    off = _synthetic_sweep(seed, {"version": 1, "policies": [
+        {"kind": "rangetest", "min_steps": 20, "noise_z": 0, "anchor": "best", "rise": 0.08}]})
+    assert off.decisions[0].step <= done.step  # the guard only ever waits longer
