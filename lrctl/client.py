@@ -233,7 +233,10 @@ class Controller:
         ``end_run=True`` says goodbye: the controller ends the session (and the
         MLflow run it created). ``end_run=False`` only disconnects, leaving the
         session resumable with ``attach(..., resume=run_key)`` — for a training
-        process that is being interrupted rather than finishing.
+        process that is being interrupted rather than finishing. It waits up to
+        ``timeout`` (1 s) for the answers still due, so that :attr:`decisions`
+        holds those made from the last observations; a controller that is gone
+        costs no wait.
         """
         if self._hook_handle is not None:
             self._hook_handle.remove()
@@ -242,6 +245,10 @@ class Controller:
             return
         try:
             self._drain_staged(block=True)
+            if self._link.connected and self._acked < self._reported:
+                self._got_error = False
+                self._link.wait(lambda: self._acked >= self._reported or self._got_error,
+                                self.timeout)
             self._link.close(bye=end_run)
         except Exception as exc:
             self._warn("internal", f"lrctl: error while closing ({exc!r})")

@@ -187,3 +187,21 @@ def test_a_resumed_hook_can_give_the_run_length(controller: ControllerProc,
         assert _drive(again, engine, curve, start=30) == []
         assert [d.action for d in again.decisions] == ["anneal_start", "anneal_done"]
     assert opt.param_groups[0]["lr"] == 0.0
+
+
+def test_close_waits_for_the_answers_to_the_last_observations(
+        controller: ControllerProc, tmp_path: Path) -> None:
+    """Async: the decision made from the very last step (the anneal reaching its end)
+    is in ctl.decisions after close(), and the run ended on the controller."""
+    path = tmp_path / "anneal.yaml"
+    path.write_text("version: 1\npolicies:\n  - kind: anneal\n")
+    opt = _optimizer([0.1])
+    with lrctl.attach(opt, policy=str(path), spawn=False, total_steps=50) as ctl:
+        for _ in range(50):
+            ctl.step(1.0, grad_norm=1.0)
+            opt.step()
+        run_key = ctl.run_key
+    assert [(d.step, d.action) for d in ctl.decisions] == [(0, "anneal_start"),
+                                                           (49, "anneal_done")]
+    runs = lrctl.client.request({"t": "runs"}, controller.socket)["runs"]
+    assert all(r["run"] != run_key for r in runs)
