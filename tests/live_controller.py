@@ -24,6 +24,23 @@ REPO = Path(__file__).resolve().parents[1]
 START_TIMEOUT_S = 60.0
 
 
+def wait_until_serving(proc: subprocess.Popen[bytes], socket: str, log: Path) -> None:
+    """Return once the controller ``proc`` answers ``status`` on ``socket`` as itself;
+    ``AssertionError`` (with the tail of its ``log``) if it exits or stays silent."""
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"controller exited with {proc.returncode}:\n"
+                                 f"{log.read_text()[-3000:]}")
+        try:
+            if request({"t": "status"}, socket, timeout=1.0)["pid"] == proc.pid:
+                return
+        except OSError:
+            pass
+        time.sleep(0.05)
+    raise AssertionError(f"controller not ready:\n{log.read_text()[-3000:]}")
+
+
 class LiveController:
     """One ``lrctl serve --foreground`` on a private socket and state directory."""
 
@@ -51,19 +68,12 @@ class LiveController:
         with open(self.log, "ab") as out:
             self.proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT,
                                          env=self.env, cwd=REPO)
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise AssertionError(f"controller exited with {self.proc.returncode}:\n"
-                                     f"{self.log.read_text()[-3000:]}")
-            try:
-                if request({"t": "status"}, self.socket, timeout=1.0)["pid"] == self.proc.pid:
-                    return self
-            except OSError:
-                pass
-            time.sleep(0.05)
-        self.stop()
-        raise AssertionError(f"controller not ready:\n{self.log.read_text()[-3000:]}")
+        try:
+            wait_until_serving(self.proc, self.socket, self.log)
+        except AssertionError:
+            self.stop()
+            raise
+        return self
 
     def stop(self) -> None:
         """SIGTERM (state flushed, journal shipped), then SIGKILL if it hangs."""

@@ -5,14 +5,12 @@ from __future__ import annotations
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-from lrctl.client import request
+from live_controller import wait_until_serving
 
 REPO = Path(__file__).resolve().parents[2]
 POLICIES = REPO / "policies"
-START_TIMEOUT_S = 60.0
 
 
 class ControllerProc:
@@ -41,18 +39,7 @@ class ControllerProc:
 
     def wait_ready(self) -> None:
         assert self.proc is not None
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise AssertionError(f"controller exited with {self.proc.returncode}:\n"
-                                     f"{self.log.read_text()[-3000:]}")
-            try:
-                if request({"t": "status"}, self.socket, timeout=1.0)["pid"] == self.proc.pid:
-                    return
-            except OSError:
-                pass
-            time.sleep(0.05)
-        raise AssertionError(f"controller not ready:\n{self.log.read_text()[-3000:]}")
+        wait_until_serving(self.proc, self.socket, self.log)
 
     @property
     def pid(self) -> int:

@@ -8,11 +8,12 @@ applied at the same step.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -64,6 +65,20 @@ def _step(ctl: lrctl.Controller, engine: Any, t: int) -> None:
     ctl.step(1.0, grad_norm=1.0)
     engine.observe(t, 1.0, 1.0)
     assert ctl.lr == engine.applied_lrs, f"step {t}"
+
+
+@contextlib.contextmanager
+def _watched(tmp_path: Path, text: str, **options: Any) -> Iterator[tuple[Path, Any,
+                                                                           lrctl.Controller]]:
+    """A sync run on a watched policy file, three steps in, next to the same in-process
+    engine: ``(path, engine, ctl)``."""
+    path = tmp_path / "p.yaml"
+    path.write_text(text)
+    engine = parse_text(text, str(path)).build([0.1])
+    with lrctl.attach(_opt(), policy=str(path), sync=True, spawn=False, **options) as ctl:
+        for t in range(3):
+            _step(ctl, engine, t)
+        yield path, engine, ctl
 
 
 def test_valid_edit_takes_effect_with_state_carried_over(
@@ -134,19 +149,13 @@ def test_reloaded_version_survives_a_controller_restart(
 
 def test_broken_edit_keeps_the_old_policy_and_runs_shows_the_error(
         controller: ControllerProc, tmp_path: Path) -> None:
-    path = tmp_path / "p.yaml"
-    v1 = plateau(0.5)
-    path.write_text(v1)
-    engine = parse_text(v1, str(path)).build([0.1])
-    with lrctl.attach(_opt(), policy=str(path), sync=True, spawn=False) as ctl:
-        for t in range(3):
-            _step(ctl, engine, t)
+    with _watched(tmp_path, plateau(0.5)) as (path, engine, ctl):
         path.write_text(BROKEN)
         _until("the rejection", lambda: _run(ctl.run_key)["reload_error"] is not None)
         for t in range(3, 20):  # unchanged: the old policy keeps running
             _step(ctl, engine, t)
         run = _run(ctl.run_key)
-        assert run["policy_sha256"] == sha(v1)
+        assert run["policy_sha256"] == sha(plateau(0.5))
         assert f"{path}:4" in run["reload_error"] and "factor" in run["reload_error"]
         failed = [d for d in ctl.decisions if d.action == "reload_failed"]
         assert len(failed) == 1 and failed[0].evidence["new_sha256"] == sha(BROKEN)
@@ -181,18 +190,12 @@ def test_rapid_successive_edits_end_on_the_last_content(
 
 def test_deleting_the_file_keeps_the_current_policy(
         controller: ControllerProc, tmp_path: Path) -> None:
-    path = tmp_path / "p.yaml"
-    v1 = plateau(0.5)
-    path.write_text(v1)
-    engine = parse_text(v1, str(path)).build([0.1])
-    with lrctl.attach(_opt(), policy=str(path), sync=True, spawn=False) as ctl:
-        for t in range(3):
-            _step(ctl, engine, t)
+    with _watched(tmp_path, plateau(0.5)) as (path, engine, ctl):
         path.unlink()
         _until("the log line", lambda: "file not found" in controller.log.read_text())
         for t in range(3, 15):
             _step(ctl, engine, t)
-        assert _run(ctl.run_key)["policy_sha256"] == sha(v1)
+        assert _run(ctl.run_key)["policy_sha256"] == sha(plateau(0.5))
         assert not [d for d in ctl.decisions if d.policy == "reload"]
         # The file returns: it is picked up again.
         v2 = plateau(0.25)
