@@ -19,6 +19,8 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import queue
+import stat
 import threading
 import time
 from collections.abc import Callable
@@ -55,7 +57,12 @@ class ReloadEvent:
 def read_policy_file(path: str) -> ReloadEvent:
     """Read and validate ``path`` now."""
     try:
-        with open(path, "rb") as f:
+        # Non-blocking, and only a regular file: a FIFO or a device at the path
+        # must not hang the watcher's thread in open() or read().
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        with os.fdopen(fd, "rb") as f:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                return ReloadEvent(path, "invalid", error=f"{path}: not a regular file")
             data = f.read(MAX_BYTES + 1)
     except FileNotFoundError:
         return ReloadEvent(path, "missing", error=f"{path}: file not found")
@@ -76,15 +83,18 @@ def read_policy_file(path: str) -> ReloadEvent:
 
 
 class _Handler(FileSystemEventHandler):
-    def __init__(self, watcher: PolicyWatcher) -> None:
-        self._watcher = watcher
+    """Runs on watchdog's dispatcher thread, which holds the observer's lock: it
+    only puts the paths on the watcher's inbox and never takes a lock of ours."""
+
+    def __init__(self, inbox: queue.SimpleQueue[str | None]) -> None:
+        self._inbox = inbox
 
     def on_any_event(self, event: FileSystemEvent) -> None:
         if event.event_type in ("opened", "closed_no_write"):
             return
         for raw in (event.src_path, event.dest_path):
             if raw:
-                self._watcher._touched(os.fsdecode(raw))
+                self._inbox.put(os.fsdecode(raw))
 
 
 class PolicyWatcher:
@@ -92,6 +102,15 @@ class PolicyWatcher:
 
     ``on_change(event)`` runs on the watcher's thread; it must hand the event
     to the controller's owner thread and return quickly.
+
+    Locking, so that no two threads can wait on each other: watchdog's
+    dispatcher holds the observer's lock while it calls our handler, so the
+    handler takes no lock at all (it feeds :attr:`_inbox`, a lock-free queue
+    drained by the watcher's thread). Our bookkeeping is guarded by ``_lock``,
+    which is never held while calling into the observer or ``on_change``;
+    calls into the observer (schedule/unschedule) are serialised by
+    ``_observer_lock``, which the dispatcher never takes. The only nesting is
+    ``_observer_lock`` then ``_lock``, briefly, to read the wanted directories.
     """
 
     def __init__(self, on_change: Callable[[ReloadEvent], None], *,
@@ -100,28 +119,38 @@ class PolicyWatcher:
         self._on_change = on_change
         self._debounce_s = debounce_s
         self._observer = observer_factory()
-        self._handler = _Handler(self)
-        self._lock = threading.Condition()
+        self._inbox: queue.SimpleQueue[str | None] = queue.SimpleQueue()  # None: wake up
+        self._handler = _Handler(self._inbox)
+        self._lock = threading.Lock()
+        self._observer_lock = threading.Lock()
         self._files: dict[str, dict[str, Any]] = {}  # watched path -> its bookkeeping
-        self._dir_watches: dict[str, Any] = {}  # directory -> ObservedWatch
+        self._dir_watches: dict[str, Any] = {}  # directory -> ObservedWatch (_observer_lock)
         self._due: dict[str, tuple[float, bool]] = {}  # path -> (deadline, forced)
         self._stopping = False
-        self._thread = threading.Thread(target=self._run, name="lrctl-reload", daemon=False)
+        # A daemon thread: a hung read (a policy path on a dead network mount) must
+        # not keep a controller that was told to stop from exiting.
+        self._thread = threading.Thread(target=self._run, name="lrctl-reload", daemon=True)
 
     # -- lifecycle -----------------------------------------------------------
     def start(self) -> None:
         self._observer.start()
         self._thread.start()
 
-    def stop(self) -> None:
+    def stop(self, timeout: float | None = None) -> bool:
+        """Stop both threads; with ``timeout``, wait at most that long for each.
+
+        Returns False when a thread is still running (it is a daemon thread, so
+        it does not keep the process alive).
+        """
         with self._lock:
             self._stopping = True
-            self._lock.notify_all()
+        self._inbox.put(None)
         if self._thread.is_alive():
-            self._thread.join()
+            self._thread.join(timeout)
         self._observer.stop()
         if self._observer.is_alive():
-            self._observer.join()
+            self._observer.join(timeout)
+        return not (self._thread.is_alive() or self._observer.is_alive())
 
     def __enter__(self) -> PolicyWatcher:
         self.start()
@@ -132,14 +161,32 @@ class PolicyWatcher:
 
     # -- what to watch --------------------------------------------------------
     def watch(self, path: str, sha256: str | None = None) -> None:
-        """Watch ``path`` (its version in use has ``sha256``, if known)."""
+        """Watch ``path`` for a run whose version in use has ``sha256``, if known.
+
+        Several runs may watch one file; each call takes a reference that
+        :meth:`unwatch` gives back.
+
+        Raises OSError when the directory cannot be watched (the inotify limit).
+        """
         path = os.path.abspath(path)
         with self._lock:
             entry = self._files.setdefault(path, {"refs": 0, "sha256": sha256, "dirs": set()})
             entry["refs"] += 1
-            if sha256 is not None:
-                entry["sha256"] = sha256
-            self._refresh_dirs(path, entry)
+            if sha256 is not None and sha256 != entry["sha256"]:
+                # Another run already watches this file and the watcher last saw other
+                # bytes: one of them runs a version that is not on disk (the file changed
+                # between a hook's read and its hello). Read it again and deliver it
+                # whatever it holds; the controller skips runs already on that version.
+                entry["sha256"] = None
+                self._due[path] = (time.monotonic() + self._debounce_s, False)
+            _resolve(path, entry)
+        self._inbox.put(None)
+        try:
+            self._sync_observer()
+        except OSError:
+            with contextlib.suppress(OSError):
+                self.unwatch(path)
+            raise
 
     def unwatch(self, path: str) -> None:
         path = os.path.abspath(path)
@@ -148,10 +195,11 @@ class PolicyWatcher:
             if entry is None:
                 return
             entry["refs"] -= 1
-            if entry["refs"] <= 0:
-                del self._files[path]
-                self._due.pop(path, None)
-                self._drop_unused_dirs()
+            if entry["refs"] > 0:
+                return
+            del self._files[path]
+            self._due.pop(path, None)
+        self._sync_observer()
 
     def watched(self) -> list[str]:
         with self._lock:
@@ -161,53 +209,60 @@ class PolicyWatcher:
         """Reload ``path`` now, even if its content did not change (``lrctl reload``)."""
         path = os.path.abspath(path)
         with self._lock:
-            if path in self._files:
-                self._due[path] = (time.monotonic(), True)
-                self._lock.notify_all()
+            if path not in self._files:
+                return
+            self._due[path] = (time.monotonic(), True)
+        self._inbox.put(None)
 
     # -- internals ------------------------------------------------------------
-    def _refresh_dirs(self, path: str, entry: dict[str, Any]) -> None:
-        """Watch the file's directory and its resolved target's (symlinks)."""
-        wanted = {os.path.dirname(path), os.path.dirname(os.path.realpath(path))}
-        entry["dirs"] = wanted
-        entry["real"] = os.path.realpath(path)
-        for d in wanted:
-            if d not in self._dir_watches and os.path.isdir(d):
-                self._dir_watches[d] = self._observer.schedule(self._handler, d, recursive=False)
-        self._drop_unused_dirs()
-
-    def _drop_unused_dirs(self) -> None:
-        used = set().union(*(e["dirs"] for e in self._files.values())) if self._files else set()
-        for d in list(self._dir_watches):
-            if d not in used:
-                with contextlib.suppress(KeyError, OSError):
-                    self._observer.unschedule(self._dir_watches.pop(d))
+    def _sync_observer(self) -> None:
+        """Make the observer watch exactly the directories the watched files need."""
+        with self._observer_lock:
+            with self._lock:
+                wanted = set().union(*(e["dirs"] for e in self._files.values()))
+            for d in list(self._dir_watches):
+                if d not in wanted:
+                    with contextlib.suppress(KeyError, OSError):
+                        self._observer.unschedule(self._dir_watches.pop(d))
+            for d in sorted(wanted - self._dir_watches.keys()):
+                if os.path.isdir(d):
+                    self._dir_watches[d] = self._observer.schedule(self._handler, d,
+                                                                   recursive=False)
 
     def _touched(self, event_path: str) -> None:
+        """Debounce: a watched file (or its symlink's target) changed; read it once quiet."""
         event_path = os.path.abspath(event_path)
+        deadline = time.monotonic() + self._debounce_s
         with self._lock:
-            deadline = time.monotonic() + self._debounce_s
             for path, entry in self._files.items():
                 if event_path in (path, entry.get("real")):
                     forced = self._due.get(path, (0.0, False))[1]
                     self._due[path] = (deadline, forced)
-                    self._lock.notify_all()
 
     def _run(self) -> None:
         while True:
             with self._lock:
-                while not self._stopping:
-                    now = time.monotonic()
-                    ready = [p for p, (t, _) in self._due.items() if t <= now]
-                    if ready:
-                        break
-                    wait = min((t for t, _ in self._due.values()), default=now + 3600) - now
-                    self._lock.wait(timeout=max(wait, 0.001))
                 if self._stopping:
                     return
+                now = time.monotonic()
+                ready = [p for p, (t, _) in self._due.items() if t <= now]
                 batch = [(p, self._due.pop(p)[1]) for p in ready]
+                wait = min((t for t, _ in self._due.values()), default=now + 3600) - now
             for path, forced in batch:
                 self._reload(path, forced)
+            if batch:
+                continue  # new events may have come in meanwhile: look again first
+            try:
+                item: str | None = self._inbox.get(timeout=max(wait, 0.001))
+            except queue.Empty:
+                continue
+            while True:  # drain the burst: one pass over the watched files per event
+                if item is not None:
+                    self._touched(item)
+                try:
+                    item = self._inbox.get_nowait()
+                except queue.Empty:
+                    break
 
     def _reload(self, path: str, forced: bool) -> None:
         event = read_policy_file(path)
@@ -215,12 +270,27 @@ class PolicyWatcher:
             entry = self._files.get(path)
             if entry is None:
                 return
-            self._refresh_dirs(path, entry)  # a symlink may now point elsewhere
-            if not forced and event.sha256 is not None and event.sha256 == entry["sha256"]:
-                return  # same bytes as the version in use: nothing to do
+            moved = _resolve(path, entry)  # a symlink may now point elsewhere
+            same = event.sha256 is not None and event.sha256 == entry["sha256"]
             if event.sha256 is not None:
                 entry["sha256"] = event.sha256
+        if moved:
+            with contextlib.suppress(OSError):  # the old directories keep working
+                self._sync_observer()
+        if same and not forced:
+            return  # same bytes as the version in use: nothing to do
         if forced:
             event = ReloadEvent(event.path, event.status, event.policy, event.error,
                                 event.sha256, forced=True)
         self._on_change(event)
+
+
+def _resolve(path: str, entry: dict[str, Any]) -> bool:
+    """Record the directories to watch for ``path``: its own and its resolved
+    target's (symlinks). Returns True when they changed."""
+    real = os.path.realpath(path)
+    wanted = {os.path.dirname(path), os.path.dirname(real)}
+    changed = wanted != entry["dirs"]
+    entry["dirs"] = wanted
+    entry["real"] = real
+    return changed

@@ -163,3 +163,32 @@ def test_unwatched_file_is_quiet(tmp_path: Path, watcher: PolicyWatcher,
     with pytest.raises(queue.Empty):
         events.get(timeout=QUIET_S)
     assert watcher.watched() == []
+
+
+def test_a_second_run_on_an_older_version_is_brought_up_to_date(
+        tmp_path: Path, watcher: PolicyWatcher, events: queue.Queue[ReloadEvent]) -> None:
+    """Two runs watch one file; the second started from bytes read before an edit. The
+    watcher must deliver the file's content (the controller skips runs already on it),
+    not drop it as "same bytes as the version in use"."""
+    import hashlib
+
+    f = tmp_path / "p.yaml"
+    write(f, V2)
+    watcher.watch(str(f), hashlib.sha256(V2.encode()).hexdigest())  # the first run, on V2
+    watcher.watch(str(f), hashlib.sha256(V1.encode()).hexdigest())  # a late hello, on V1
+    got = collect(events)
+    assert [(e.status, patience(e)) for e in got] == [("changed", 7)]
+
+
+def test_a_fifo_at_the_policy_path_does_not_hang_the_watcher(
+        tmp_path: Path, watcher: PolicyWatcher, events: queue.Queue[ReloadEvent]) -> None:
+    f = tmp_path / "p.yaml"
+    write(f, V1)
+    watcher.watch(str(f))
+    f.unlink()
+    os.mkfifo(f)  # nobody will ever write to it: a blocking open would never return
+    got = collect(events)
+    assert got[-1].status == "invalid" and "not a regular file" in (got[-1].error or "")
+    f.unlink()
+    write(f, V2)  # the watcher is still alive and reloads the real file
+    assert [(e.status, patience(e)) for e in collect(events)] == [("changed", 7)]

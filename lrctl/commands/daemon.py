@@ -38,6 +38,13 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--session-timeout", type=float, default=600.0, metavar="SECONDS",
                    help="drop a run from memory after its hook is gone this long; its state "
                         "stays on disk and a reconnect resumes it (0: never; default 600)")
+    p.add_argument("--stall-timeout", type=_positive_seconds, metavar="SECONDS",
+                   help="a controller whose event loop is stuck this long logs every thread's "
+                        "stack and exits with status 70, so hooks can start a new one "
+                        "(default 30)")
+    p.add_argument("--shutdown-grace", type=_positive_seconds, metavar="SECONDS",
+                   help="after SIGTERM/SIGINT, exit with status 75 if the shutdown has not "
+                        "finished this long (default 5); a second signal exits at once")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("status", help="is a controller running, and what is it serving")
@@ -93,6 +100,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
             watch=not args.no_watch,
             policies_dir=os.path.abspath(args.policies) if args.policies else None,
             session_timeout=args.session_timeout if args.session_timeout > 0 else None)
+        if args.stall_timeout is not None:
+            options.stall_timeout = args.stall_timeout
+        if args.shutdown_grace is not None:
+            options.shutdown_grace = args.shutdown_grace
         return serve(options, (lambda _: NullSink()) if args.no_audit else build_sink)
     except AlreadyServing as exc:
         print(f"lrctl serve: {exc}", file=sys.stderr)
@@ -100,6 +111,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except (OSError, ValueError) as exc:
         print(f"lrctl serve: {exc}", file=sys.stderr)
         return 2
+
+
+def _positive_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, but got {text!r}") \
+            from None
+    if not (value > 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"expected a positive number of seconds, but got "
+                                         f"{text!r}")
+    return value
 
 
 def _serve_token(token_file: str | None) -> str | None:

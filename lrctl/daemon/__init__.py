@@ -25,6 +25,7 @@ from pathlib import Path
 
 from .. import paths
 from ..sinks import Sink, build_sink
+from .liveness import DEFAULT_GRACE_S, DEFAULT_STALL_S, LoopMonitor
 from .server import Server
 from .store import StateStore
 
@@ -48,6 +49,8 @@ class ServeOptions:
     watch: bool = True  # live policy editing (False: every run keeps its version)
     policies_dir: str | None = None  # validated at start and watched
     session_timeout: float | None = 600.0  # drop a hook-less run from memory (None: never)
+    stall_timeout: float = DEFAULT_STALL_S  # a loop stuck this long: stack dump, exit 70
+    shutdown_grace: float = DEFAULT_GRACE_S  # SIGTERM to exit at most this long (else exit 75)
 
 
 class Listening:
@@ -151,17 +154,28 @@ def serve(options: ServeOptions, sink_factory: Callable[[str], Sink] = build_sin
                     socket_path=options.socket_path, state_dir=str(state),
                     watch=options.watch, policies_dir=options.policies_dir,
                     session_timeout=options.session_timeout)
+    monitor = LoopMonitor(lambda: server.last_wake, stall_s=options.stall_timeout,
+                          grace_s=options.shutdown_grace)
+
+    def on_signal(*_: object) -> None:
+        server.stop()
+        monitor.on_signal()  # the stop must finish within the grace period, even if stuck
+
     for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: server.stop())
+        signal.signal(sig, on_signal)
     where = options.socket_path + (
         f" and tcp {options.tcp[0]}:{listening.tcp.getsockname()[1]}"
         if options.tcp and listening.tcp else "")
     log.info("lrctl controller pid %d listening on %s (state in %s)", os.getpid(), where, state)
     if ready is not None:
         ready(listening)
+    monitor.start()
     try:
         server.serve_forever()
     finally:
+        # Armed until the process is gone: a non-daemon thread that hangs the
+        # interpreter's exit is cut off at the end of the grace period too.
+        monitor.stop_requested()
         listening.close()
     return 0
 

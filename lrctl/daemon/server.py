@@ -186,9 +186,15 @@ class Server:
         """Ask the loop to finish (safe from a signal handler)."""
         self._stopping = True
 
+    @property
+    def last_wake(self) -> float:
+        """``time.monotonic()`` at the loop's latest wake-up (its heartbeat; see liveness)."""
+        return self._now
+
     def serve_forever(self, poll: float = 0.25) -> None:
         if self.watcher is not None:
             self.watcher.start()
+        self._now = time.monotonic()
         try:
             self._drain_events()
             while not self._stopping:
@@ -217,8 +223,8 @@ class Server:
             self._shutdown()
 
     def _shutdown(self) -> None:
-        if self.watcher is not None:
-            self.watcher.stop()
+        if self.watcher is not None and not self.watcher.stop(timeout=1.0):
+            log.warning("the policy watcher did not stop within 1 s; leaving it behind")
         self._writer.stop()
         self._saved()
         self.sel.unregister(self._wake_r)
