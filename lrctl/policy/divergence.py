@@ -39,99 +39,20 @@ The behaviour of a mixed-precision loss scaler, applied to the learning rate:
 
 from __future__ import annotations
 
-import bisect
-import functools
 import math
-from collections import deque
 from collections.abc import Mapping
 from typing import Any
 
 from ._base import Action, Observation, Policy, StepContext
 from ._params import Param, ParamError
 from ._registry import register_policy
+from .stats import RobustWindow
 
 _MIN_SIGMA = 1e-12
 #: Harder back-offs in a row (×factor² each) before a high loss level is accepted.
 MAX_ESCALATIONS = 3
 #: How far the loss must be up for a high grad-norm level to count as divergence.
 LOSS_CONFIRMS = 1.5
-
-
-class RobustWindow:
-    """Median and IQR-based scale of the last ``size`` values, O(size) per update.
-
-    The statistics are computed once per change of the window (:meth:`stats`).
-    """
-
-    def __init__(self, size: int) -> None:
-        self.size = size
-        self._fifo: deque[float] = deque()
-        self._sorted: list[float] = []
-        self._stats: tuple[float, float] | None = None  # (median, sigma) of this window
-
-    def __len__(self) -> int:
-        return len(self._fifo)
-
-    def add(self, value: float) -> None:
-        self._stats = None
-        self._fifo.append(value)
-        bisect.insort(self._sorted, value)
-        if len(self._fifo) > self.size:
-            old = self._fifo.popleft()
-            del self._sorted[bisect.bisect_left(self._sorted, old)]
-
-    def _quantile(self, q: float) -> float:
-        data = self._sorted
-        pos = q * (len(data) - 1)
-        lo = math.floor(pos)
-        hi = min(lo + 1, len(data) - 1)
-        return data[lo] + (data[hi] - data[lo]) * (pos - lo)
-
-    def stats(self) -> tuple[float, float]:
-        """``(median(), sigma())``, computed once until the window changes.
-
-        The same arithmetic as :meth:`_quantile`, with the positions for this length
-        worked out once (``IndexError`` on an empty window, as ``_quantile`` raises).
-        """
-        stats = self._stats
-        if stats is None:
-            data = self._sorted
-            (l25, h25, f25), (l50, h50, f50), (l75, h75, f75) = _positions(len(data))
-            q25 = data[l25] + (data[h25] - data[l25]) * f25
-            median = data[l50] + (data[h50] - data[l50]) * f50
-            q75 = data[l75] + (data[h75] - data[l75]) * f75
-            stats = self._stats = (median, (q75 - q25) / 1.349)
-        return stats
-
-    def median(self) -> float:
-        return self.stats()[0]
-
-    def sigma(self) -> float:
-        """Robust standard deviation: IQR / 1.349 (exact for a normal distribution)."""
-        return self.stats()[1]
-
-    def values(self) -> list[float]:
-        return list(self._fifo)
-
-    def load(self, values: list[float]) -> None:
-        self._stats = None
-        self._fifo = deque(values[-self.size:])
-        self._sorted = sorted(self._fifo)
-
-
-_Position = tuple[int, int, float]
-
-
-@functools.lru_cache(maxsize=64)
-def _positions(n: int) -> tuple[_Position, _Position, _Position]:
-    """Where the 0.25, 0.5 and 0.75 quantiles of ``n`` sorted values fall: ``(lo, hi,
-    pos - lo)`` as :meth:`RobustWindow._quantile` computes them."""
-    out = []
-    for q in (0.25, 0.5, 0.75):
-        pos = q * (n - 1)
-        lo = math.floor(pos)
-        out.append((lo, min(lo + 1, n - 1), pos - lo))
-    return out[0], out[1], out[2]
 
 
 @register_policy("divergence")

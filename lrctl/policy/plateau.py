@@ -13,6 +13,17 @@ in observations of ``metric``: per-step ``loss``, or a named metric such as
   (pytorch#30873).
 * Optional smoothing (``ema`` or ``mean`` over ``smoothing_window``) for noisy
   per-step losses.
+* ``test: trend`` replaces "no observation beat the best one" — a verdict taken
+  on the extreme of a noisy series — with the statistics core's trend test
+  (:class:`~lrctl.policy.stats.TrendWindow`): over the last ``patience``
+  observations, the newer half's mean must sit significantly (one-sided level
+  ``alpha``, autocorrelation accounted for) below the older half's by more than
+  ``threshold``; when it does not, the metric has stalled and the LR is
+  reduced. The window then starts afresh (after ``cooldown``). The test is
+  taken every ``patience / 8`` observations once the window is full. On a
+  falling metric it fires only when the fall is lost in the noise; on noise
+  alone it is the right verdict. ``test: best`` (the default) is torch's rule,
+  exactly.
 * ``restart_lr``: when a reduction is due but the LR already sits at its floor,
   restart at that LR (group 0's; others keep their ratio) instead of stalling.
 """
@@ -28,6 +39,7 @@ from ._base import Action, Observation, Policy, StepContext, float_from_json, fl
 from ._params import Param
 from ._registry import register_policy
 from ._schedule import per_group
+from .stats import TrendWindow
 
 FLAGS_NOT_COUNTED = frozenset({"spike", "nonfinite"})
 
@@ -52,6 +64,11 @@ class Plateau(Policy):
         Param("smoothing_window", "int", 20, "ema span / mean window for smoothing", ge=1),
         Param("restart_lr", "float", None, "restart at this LR (group 0) when at the floor",
               gt=0, optional=True),
+        Param("test", "str", "best", "best: torch's rule (no observation beat the best); "
+              "trend: a significance test of the fall over the last `patience` observations",
+              choices=("best", "trend")),
+        Param("alpha", "float", 0.01, "test: trend — one-sided level of the 'still falling' "
+              "test", gt=0, lt=0.5),
     )
 
     def __init__(self, **params: Any) -> None:
@@ -65,6 +82,9 @@ class Plateau(Policy):
         self._recent: deque[float] = deque(maxlen=self.params["smoothing_window"])
         self._reductions = 0
         self._restarts = 0
+        self._trend = (TrendWindow(max(8, self.params["patience"]))
+                       if self.params["test"] == "trend" else None)
+        self._test_wait = 0
 
     def multiplier(self) -> float:
         return self._scale
@@ -94,6 +114,8 @@ class Plateau(Policy):
         raw = obs.value(self.params["metric"])
         if raw is None or ctx.flags & FLAGS_NOT_COUNTED:
             return []
+        if self._trend is not None:
+            return self._observe_trend(raw, obs)
         current = self._smooth(raw)
         if self._is_better(current, self._best):
             self._best = current
@@ -136,6 +158,54 @@ class Plateau(Policy):
                        f"{self.params['metric']} plateaued at the LR floor: restart at "
                        f"{restart_lr:.6g}", {**evidence, "restart_lr": restart_lr})]
 
+    def _observe_trend(self, raw: float, obs: Observation) -> list[Action]:
+        """``test: trend``: reduce when the window's fall is not significant."""
+        window = self._trend
+        assert window is not None
+        if not math.isfinite(raw):
+            return []  # the divergence guard's business; a NaN cannot be averaged
+        if self._cooldown_counter > 0:
+            self._cooldown_counter -= 1
+            return []
+        window.push(raw if self.params["mode"] == "min" else -raw)
+        if not window.full:
+            return []
+        if self._test_wait > 0:  # tested every window / 8 observations once full
+            self._test_wait -= 1
+            return []
+        self._test_wait = max(1, window.window // 8) - 1
+        margin = self.params["threshold"] if self.params["threshold_mode"] == "rel" else 0.0
+        result = window.test(self.params["alpha"], margin)
+        if result is None or result.verdict == "fell":
+            return []
+        sign = 1.0 if self.params["mode"] == "min" else -1.0
+        evidence = {"statistic": self.params["metric"], "test": "trend",
+                    "window": window.window, "alpha": self.params["alpha"],
+                    "threshold": self.params["threshold"], **result.evidence(),
+                    "older_mean": sign * result.older, "newer_mean": sign * result.newer}
+        window.clear()
+        self._test_wait = 0
+        self._cooldown_counter = self.params["cooldown"]
+        ratio = self._reduction_ratio(obs.lrs)
+        what = ("rose" if result.verdict == "rose" else "did not fall significantly")
+        if ratio is not None:
+            self._scale *= ratio
+            self._reductions += 1
+            return [Action("reduce",
+                           f"{self.params['metric']} {what} over the last {window.window} "
+                           f"observations (mean {sign * result.older:.6g} → "
+                           f"{sign * result.newer:.6g}, z {result.z:.2f}, level "
+                           f"{self.params['alpha']:g}): LR × {ratio:.6g}",
+                           {**evidence, "factor": ratio})]
+        restart_lr = self.params["restart_lr"]
+        if restart_lr is None or not obs.lrs or obs.lrs[0] <= 0:
+            return []
+        self._scale *= restart_lr / obs.lrs[0]
+        self._restarts += 1
+        return [Action("restart",
+                       f"{self.params['metric']} plateaued at the LR floor: restart at "
+                       f"{restart_lr:.6g}", {**evidence, "restart_lr": restart_lr})]
+
     def _reduction_ratio(self, lrs: Any) -> float | None:
         """torch's per-group rule, as one ratio so that group ratios are kept.
 
@@ -165,6 +235,8 @@ class Plateau(Policy):
             "recent": [float_to_json(v) for v in self._recent],
             "reductions": self._reductions,
             "restarts": self._restarts,
+            "trend": None if self._trend is None else self._trend.values(),
+            "test_wait": self._test_wait,
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -178,3 +250,6 @@ class Plateau(Policy):
                              maxlen=self.params["smoothing_window"])
         self._reductions = int(state["reductions"])
         self._restarts = int(state["restarts"])
+        if self._trend is not None:
+            self._trend.load([float(v) for v in state.get("trend") or []])
+        self._test_wait = int(state.get("test_wait", 0))

@@ -111,16 +111,20 @@ class RangeTest(Policy):
         loss = obs.loss
         if loss is not None and math.isfinite(loss):
             smoothed = self._smooth(loss)
-            if self._start is None:
-                self._start = smoothed
-            if smoothed < self._best:
+            if self._start is None and self._seen >= self.params["min_steps"]:
+                self._start = smoothed  # the level after the warm-up, not one raw sample
+            # "Lowest so far" only from a smoothed estimate past its warm-up: the
+            # first raw losses are single samples, and a lucky first batch would
+            # otherwise become a best that noise alone "rises" from.
+            if self._seen >= self.params["min_steps"] and smoothed < self._best:
                 self._best, self._best_scale = smoothed, self._scale
             slowed = self._judge_rate(smoothed)
             if slowed is not None:
                 return self._settle(obs, slowed[0], slowed[1])
             rise = self._rise()
             limit = self._best + rise * abs(self._best)
-            above = self._seen >= self.params["min_steps"] and smoothed > limit
+            above = (self._seen > self.params["min_steps"] and math.isfinite(self._best)
+                     and smoothed > limit)
             self._above = self._above + 1 if above else 0
             if self._above >= self.params["patience"]:
                 return self._settle(
@@ -197,17 +201,32 @@ class RangeTest(Policy):
 
     def _settle(self, obs: Observation, why: str, evidence: dict[str, Any]) -> list[Action]:
         self._sweeping = False
+        old = self._scale
+        lr_at_stop = obs.lrs[0] if obs.lrs else None
+        fell = self._fallen or (self._start is not None
+                                and self._best < self._start * (1.0 - EARLY_FALL))
+        if not fell and self.params["noise_z"] > 0:
+            # The sweep ended before the smoothed loss had fallen by more than its
+            # noise: there is no evidence of where the good LR is. The LR the user
+            # gave stands.
+            self._scale = 1.0
+            return [Action(
+                "range_test_done",
+                f"LR range test ended at step {obs.step}: {why}, but the smoothed loss had "
+                f"not yet fallen beyond its noise: inconclusive, so the given LR stands "
+                f"(LR × {1.0 / old:.6g})",
+                {**evidence, "conclusive": False, "lr_at_stop": lr_at_stop,
+                 "stop_multiplier": old, "multiplier": 1.0, "factor": 1.0 / old,
+                 "observations": self._seen})]
         anchor = {"stop": self._scale, "best": self._best_scale,
                   "steepest": self._steepest_scale}[self.params["anchor"]]
-        old = self._scale
         self._scale = anchor * self.params["settle"]
-        lr_at_stop = obs.lrs[0] if obs.lrs else None
         return [Action(
             "range_test_done",
             f"LR range test ended at step {obs.step}: {why}; LR × {self._scale / old:.6g} "
             f"(settle {self.params['settle']:g} × the {self.params['anchor']} multiplier "
             f"{anchor:.6g})",
-            {**evidence, "lr_at_stop": lr_at_stop, "stop_multiplier": old,
+            {**evidence, "conclusive": True, "lr_at_stop": lr_at_stop, "stop_multiplier": old,
              "best_multiplier": self._best_scale, "steepest_multiplier": self._steepest_scale,
              "multiplier": self._scale,
              "factor": self._scale / old, "observations": self._seen})]

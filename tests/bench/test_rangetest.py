@@ -72,10 +72,35 @@ def test_divergence_flag_ends_the_sweep() -> None:
 
 
 def test_max_factor_ends_the_sweep() -> None:
+    # The loss falls steadily all the way: the sweep stops at max_factor and settles.
+    losses = [2.0 - 0.03 * t for t in range(30)]
+    engine = _sweep(losses, start_factor=1.0, growth=1.2, max_factor=8.0, settle=1.0,
+                    smoothing_window=2, min_steps=4)
+    (decision,) = engine.decisions
+    assert "max_factor" in decision.reason and decision.evidence["conclusive"]
+    assert engine.applied_lrs[0] == pytest.approx(1e-3 * decision.evidence["best_multiplier"])
+
+
+def test_a_sweep_without_a_significant_fall_leaves_the_given_lr() -> None:
+    """A flat loss to max_factor: no evidence where the good LR is, so the user's stands."""
     engine = _sweep([1.0] * 30, start_factor=1.0, growth=2.0, max_factor=8.0, settle=1.0)
     (decision,) = engine.decisions
-    assert "max_factor" in decision.reason
-    assert engine.applied_lrs[0] == pytest.approx(8e-3)
+    assert "inconclusive" in decision.reason and not decision.evidence["conclusive"]
+    assert engine.applied_lrs[0] == pytest.approx(1e-3)
+
+
+def test_a_lucky_first_batch_is_not_the_best() -> None:
+    """The issue's case: a first loss far below the typical one must not become the best
+    that noise then 'rises' from (the sweep settled at 0.0035x the given LR)."""
+    import random
+
+    rng = random.Random(0)
+    losses = [0.59] + [1.0 + rng.gauss(0, 0.15) for _ in range(60)]
+    engine = _sweep(losses, start_factor=0.01, growth=1.07, smoothing_window=5,
+                    min_steps=20, rise=0.08, anchor="best", settle=0.35)
+    assert all(d.evidence.get("conclusive", True) is False or d.step > 60
+               for d in engine.decisions)
+    assert engine.applied_lrs[0] >= 1e-3 * 0.01  # still sweeping, or back at the given LR
 
 
 def test_slowdown_anchor_steepest() -> None:

@@ -23,7 +23,7 @@ import lrctl
 from lrctl.policy import Engine
 from lrctl.policy._base import SCHEDULE, Action, Observation, Policy, StepContext
 from lrctl.policy._decision import Decision
-from lrctl.policy.divergence import RobustWindow
+from lrctl.policy.stats import RobustWindow
 
 POLICIES = Path(__file__).resolve().parents[2] / "policies"
 

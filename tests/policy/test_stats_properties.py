@@ -1,0 +1,177 @@
+"""The statistics core keeps its stated error rates on noise and fires on real change.
+
+Noise kinds: i.i.d. normal, AR(1) with phi up to 0.9 (per-step losses of
+consecutive, momentum-coupled batches), Student-t with 3 degrees of freedom
+(heavy tails). Hypothesis picks the level, the scale and the seed; each example
+measures a verdict's rate over many windows, so the assertions are on rates
+(with a binomial margin), never on one draw.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import lrctl
+from lrctl.policy.stats import FALSE_VERDICT_RATE, SmoothedLevel, TrendWindow, z_for
+
+TRIALS = 300
+
+
+def _noise(kind: str, n: int, rng: random.Random, phi: float) -> list[float]:
+    if kind == "t3":
+        out = []
+        for _ in range(n):
+            chi = sum(rng.gauss(0, 1) ** 2 for _ in range(3))
+            out.append(rng.gauss(0, 1) / math.sqrt(chi / 3) / math.sqrt(3.0))  # unit variance
+        return out
+    x = rng.gauss(0, 1)
+    out = []
+    for _ in range(n):
+        x = phi * x + math.sqrt(1 - phi * phi) * rng.gauss(0, 1)
+        out.append(x)
+    return out
+
+
+def _window_for(phi: float) -> int:
+    tau = (1 + phi) / (1 - phi)
+    return max(40, math.ceil(20 * tau / 2) * 2)  # window >= 20 tau, as documented
+
+
+NOISE = st.sampled_from([("iid", 0.0), ("ar", 0.5), ("ar", 0.9), ("t3", 0.0)])
+
+
+@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(noise=NOISE, level=st.floats(-1e3, 1e3), scale=st.floats(1e-4, 1e2),
+       seed=st.integers(0, 2**31))
+def test_no_false_verdict_above_its_rate_on_noise(noise: tuple[str, float], level: float,
+                                                  scale: float, seed: int) -> None:
+    kind, phi = noise
+    rng = random.Random(seed)
+    window = _window_for(phi)
+    fell = rose = 0
+    for _ in range(TRIALS):
+        w = TrendWindow(window)
+        for e in _noise(kind, window, rng, phi):
+            w.push(level + scale * e)
+        result = w.test(alpha=0.01)
+        assert result is not None
+        fell += result.verdict == "fell"
+        rose += result.verdict == "rose"
+    # FALSE_VERDICT_RATE plus three binomial standard errors of the estimate.
+    bound = FALSE_VERDICT_RATE + 3 * math.sqrt(FALSE_VERDICT_RATE * 0.95 / TRIALS)
+    assert fell / TRIALS <= bound, (kind, phi, fell / TRIALS)
+    assert rose / TRIALS <= bound, (kind, phi, rose / TRIALS)
+
+
+@settings(max_examples=6, deadline=None)
+@given(noise=NOISE, level=st.floats(0.5, 1e3), seed=st.integers(0, 2**31))
+def test_a_clear_fall_is_seen(noise: tuple[str, float], level: float, seed: int) -> None:
+    """A fall of 4 noise σ over the window is reported as "fell" in ≥ 95% of windows."""
+    kind, phi = noise
+    rng = random.Random(seed)
+    window = _window_for(phi)
+    sigma = 0.01 * level
+    seen = 0
+    for _ in range(100):
+        w = TrendWindow(window)
+        for t, e in enumerate(_noise(kind, window, rng, phi)):
+            w.push(level - 4 * sigma * t / window + sigma * e)
+        result = w.test(alpha=0.01)
+        assert result is not None
+        seen += result.verdict == "fell"
+    assert seen >= 95, (kind, phi, seen)
+
+
+def test_a_step_up_is_a_rise_within_half_a_window() -> None:
+    """A level shift of 3 σ is "rose" once it fills the newer half of the window."""
+    rng = random.Random(3)
+    w = TrendWindow(100)
+    for _ in range(100):
+        w.push(1.0 + 0.01 * rng.gauss(0, 1))
+    verdicts = []
+    for _ in range(50):
+        w.push(1.03 + 0.01 * rng.gauss(0, 1))
+        result = w.test()
+        assert result is not None
+        verdicts.append(result.verdict)
+    assert "rose" in verdicts
+
+
+@pytest.mark.parametrize(("alpha", "z"), [(0.05, 1.6449), (0.01, 2.3263), (0.001, 3.0902)])
+def test_z_for_known_answers(alpha: float, z: float) -> None:
+    assert z_for(alpha) == pytest.approx(z, abs=1e-4)
+
+
+def test_smoothed_level_is_bias_corrected_and_warms_up() -> None:
+    s = SmoothedLevel(span=9, warmup=3)
+    assert s.value is None and not s.ready
+    assert s.update(2.0) == pytest.approx(2.0)  # no pull toward 0 at the start
+    assert s.update(2.0) == pytest.approx(2.0)
+    assert not s.ready
+    s.update(2.0)
+    assert s.ready
+    state = s.state()
+    t = SmoothedLevel(span=9)
+    t.load(state)
+    assert t.update(4.0) == pytest.approx(s.update(4.0))
+
+
+def test_window_validation() -> None:
+    with pytest.raises(ValueError, match="window"):
+        TrendWindow(4)
+    with pytest.raises(ValueError, match="alpha"):
+        z_for(0.7)
+
+
+# -- plateau with test: trend --------------------------------------------------------------
+def _plateau(**knobs: object) -> lrctl.Engine:
+    return lrctl.load_policy({"version": 1, "policies": [
+        {"kind": "plateau", "test": "trend", "patience": 40, "factor": 0.5, **knobs}]},
+        base_lrs=[0.1])
+
+
+def test_trend_plateau_holds_while_the_loss_falls_and_reduces_on_a_stall() -> None:
+    rng = random.Random(0)
+    engine = _plateau(cooldown=10)
+    for t in range(400):  # a clear fall: no reduction
+        engine.observe(t, 2.0 - 0.002 * t + 0.01 * rng.gauss(0, 1))
+    assert engine.decisions == []
+    for t in range(400, 460):  # flat: reduced once the window holds only the flat part
+        engine.observe(t, 1.2 + 0.01 * rng.gauss(0, 1))
+    (decision,) = engine.decisions
+    assert decision.action == "reduce" and 420 <= decision.step < 460
+    assert decision.evidence["test"] == "trend" and decision.evidence["verdict"] != "fell"
+    assert engine.applied_lrs[0] == pytest.approx(0.05)
+
+
+def test_trend_plateau_ignores_a_lucky_first_sample() -> None:
+    """The issue's case: one low first loss must not make every later loss 'no better'."""
+    rng = random.Random(1)
+    engine = _plateau(patience=200)
+    engine.observe(0, 0.59)
+    for t in range(1, 300):
+        engine.observe(t, 1.0 - 0.001 * t + 0.05 * rng.gauss(0, 1))
+    assert engine.decisions == []
+
+
+def test_trend_plateau_mode_max_and_state_round_trip() -> None:
+    import json
+
+    rng = random.Random(2)
+    a = _plateau(mode="max", metric="acc")
+    for t in range(200):
+        a.observe(t, 1.0, acc=0.5 + 0.001 * t + 0.005 * rng.gauss(0, 1))
+    assert a.decisions == []
+    b = _plateau(mode="max", metric="acc")
+    b.load_state_dict(json.loads(json.dumps(a.state_dict(), allow_nan=False)))
+    for t in range(200, 300):
+        v = 0.7 + 0.005 * rng.gauss(0, 1)
+        a.observe(t, 1.0, acc=v)
+        b.observe(t, 1.0, acc=v)
+    assert [d.step for d in a.decisions] == [d.step for d in b.decisions] != []
+    assert a.applied_lrs == b.applied_lrs
