@@ -38,6 +38,7 @@ from types import MappingProxyType
 from typing import Any
 
 from . import paths
+from ._guard import StepGuard
 from ._link import Link, token_from_env
 from ._sources import looks_like_path
 from .policy import Decision
@@ -164,6 +165,9 @@ class Controller:
         if refused is not None:
             raise refused
         self._attached = True
+        # Installed last: a refused attach leaves the optimizer untouched.
+        self._guard = StepGuard(optimizer)
+        self._order_known = False  # does the loop call step() before optimizer.step()?
         if self._dist.world_size > 1:
             self._broadcast()  # the welcome's LRs (warmup's first step) on every rank
         else:
@@ -196,6 +200,7 @@ class Controller:
             t = self._step
             self._step = t + 1
             self.should_skip = False
+            loss, grad_norm = self._guard_step(t, loss, grad_norm)
             link = self._link
             if link is not None and link.fatal is None:
                 if t % self.every == 0 or self._metrics:
@@ -241,6 +246,9 @@ class Controller:
         if self._hook_handle is not None:
             self._hook_handle.remove()
             self._hook_handle = None
+        guard = getattr(self, "_guard", None)
+        if guard is not None:
+            guard.remove()
         if self._link is None:
             return
         try:
@@ -339,6 +347,33 @@ class Controller:
                            f"lrctl: the controller says: {msg.get('message')}")
 
     # -- the step --------------------------------------------------------------------------
+    def _guard_step(self, t: int, loss: Any, grad_norm: Any) -> tuple[Any, Any]:
+        """The local non-finite guard (see :mod:`lrctl._guard`); returns the statistics
+        to report, as floats where they are on the host."""
+        guard = self._guard
+        guard.clear()  # a verdict whose optimizer step never came (the loop skipped it)
+        if not self._order_known:
+            self._order_known = True
+            if guard.stepped:
+                guard.enabled = False
+                self._warn("order", "lrctl: ctl.step() runs after optimizer.step(), so a "
+                                    "NaN/inf step has already reached the weights when the hook "
+                                    "sees it; call ctl.step(loss) after backward() and before "
+                                    "optimizer.step() to have such steps skipped")
+        reporting = t % self.every == 0 or bool(self._metrics)
+        if grad_norm is None and self._compute_grad_norm and reporting:
+            grad_norm = total_grad_norm(self.optimizer)
+            if grad_norm is None:
+                self._warn("no-grad", "lrctl: ctl.step() found no gradients (call it after "
+                                      "loss.backward()); the grad norm is not reported")
+        if (_on_device(loss) or _on_device(grad_norm)) and not self.sync:
+            guard.check_on_device(loss, grad_norm)  # no host sync on CUDA
+            return loss, grad_norm
+        loss, grad_norm = _to_float(loss), _to_float(grad_norm)
+        if guard.check(loss, grad_norm):
+            self.should_skip = True
+        return loss, grad_norm
+
     def _report(self, t: int, loss: Any, grad_norm: Any) -> None:
         if grad_norm is None and self._compute_grad_norm:
             grad_norm = total_grad_norm(self.optimizer)
@@ -471,7 +506,10 @@ class Controller:
                 self._send(t, loss, grad, extra["metrics"])
 
     def _warn(self, key: str, message: str) -> None:
-        log.warning("%s", message)
+        """Warn once per kind (a ``RuntimeWarning``, which Python prints once); the log
+        gets every occurrence at INFO, so a script's own logging sees them all without
+        the console showing each message twice."""
+        log.info("%s", message)
         if key not in self._warned:
             self._warned.add(key)
             warnings.warn(message, RuntimeWarning, stacklevel=3)

@@ -163,6 +163,19 @@ class Engine:
                     policy_sha256=self.policy_sha256,
                     shadow=self.mode == "shadow",
                 ))
+        if not ctx.skip and _nonfinite(obs):
+            # Every path skips a non-finite step (the hook refuses it in the training
+            # process whatever the policies say): the record says so.
+            ctx.skip = True
+            lrs = self._lrs_from(multiplier, factors)
+            new_decisions.append(Decision(
+                step=obs.step, policy="guard", kind="guard", action="skip",
+                old_lrs=tuple(lrs), new_lrs=tuple(lrs),
+                reason=f"non-finite statistics (loss {obs.loss}, grad norm {obs.grad_norm}): "
+                       "the optimizer step is skipped",
+                evidence={"statistic": "nonfinite", "loss": obs.loss,
+                          "grad_norm": obs.grad_norm},
+                policy_sha256=self.policy_sha256, shadow=self.mode == "shadow"))
         self.last_step = obs.step
         self.should_skip = ctx.skip
         self.should_stop = self.should_stop or ctx.stop
@@ -351,3 +364,9 @@ def _check_lrs(lrs: Sequence[float]) -> list[float]:
             raise ValueError(f"base_lrs must be finite and >= 0, but got {lr!r}")
         out.append(float(lr))
     return out
+
+
+def _nonfinite(obs: Observation) -> bool:
+    loss, grad = obs.loss, obs.grad_norm
+    return ((loss is not None and not math.isfinite(loss))
+            or (grad is not None and not math.isfinite(grad)))

@@ -82,7 +82,8 @@ class Divergence(Policy):
               "divergence, not a new level: back off again, harder (null: never)",
               gt=1, optional=True),
         Param("min_multiplier", "float", 1e-3, "floor of the back-off multiplier", gt=0, le=1),
-        Param("skip_nonfinite", "bool", True, "ask the hook to skip non-finite steps"),
+        Param("skip_nonfinite", "bool", True, "record the skip of a non-finite step as this "
+              "policy's (false: the engine's guard records it; the step is skipped either way)"),
         Param("skip_spikes", "bool", False,
               "also ask the hook to skip steps flagged as spikes (sync mode acts on it)"),
     )

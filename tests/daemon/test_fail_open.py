@@ -23,6 +23,8 @@ def test_no_controller_and_no_spawn_warns_once_and_trains_on() -> None:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         ctl = lrctl.attach(opt, policy=POLICY, spawn=False, max_backoff=0.01)
+        for p in opt.param_groups[0]["params"]:  # as after a backward(): a grad norm exists
+            p.grad = torch.zeros_like(p)
         for loss in losses(200):
             ctl.step(loss)
             opt.step()

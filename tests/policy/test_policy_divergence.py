@@ -77,11 +77,25 @@ def test_nan_at_step_zero_backs_off_without_history() -> None:
     assert [d.action for d in engine.last_decisions] == ["skip", "backoff"]
 
 
-def test_nan_without_skip_nonfinite_backs_off_but_does_not_skip() -> None:
+def test_nan_without_skip_nonfinite_backs_off_and_the_engine_guard_skips() -> None:
+    """A non-finite step is never applied: without the divergence guard's skip, the
+    engine's own guard records the skip (the hook refuses the step locally)."""
     engine = guard(skip_nonfinite=False)
     engine.observe(step=0, loss=math.nan)
+    assert engine.should_skip
+    assert [(d.policy, d.action) for d in engine.last_decisions] == [
+        ("divergence", "backoff"), ("guard", "skip")]
+
+
+def test_a_non_finite_step_is_skipped_whatever_the_policies() -> None:
+    engine = lrctl.load_policy({"version": 1, "policies": [{"kind": "plateau"}]}, [0.1])
+    engine.observe(step=0, loss=1.0, grad_norm=math.inf)
+    assert engine.should_skip
+    (decision,) = engine.last_decisions
+    assert (decision.policy, decision.action) == ("guard", "skip")
+    assert decision.new_lrs == decision.old_lrs == (0.1,)
+    engine.observe(step=1, loss=1.0, grad_norm=1.0)
     assert not engine.should_skip
-    assert [d.action for d in engine.last_decisions] == ["backoff"]
 
 
 @pytest.mark.parametrize("statistic", ["loss", "grad_norm"])

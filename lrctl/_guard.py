@@ -1,0 +1,119 @@
+"""The hook's own non-finite guard: a NaN/inf loss or gradient never reaches the weights.
+
+The controller's divergence guard *decides* to back off on a non-finite value,
+but in the default (async) loop its answer arrives after ``optimizer.step()``
+has already applied the bad gradients. So the hook refuses that step itself,
+in the training process, the moment it sees the statistics, without waiting
+for the controller:
+
+* **Host values** (a CPU loss, or any loss the loop turned into a float): the
+  guard checks them with :func:`math.isfinite` and, when one is not finite,
+  the next call of ``optimizer.step()`` returns without stepping. The
+  optimizer's state (Adam's moments, its step count) is untouched: exactly as
+  if the batch had not happened.
+* **Device values** (CUDA, async): reading them would force a host sync, so the
+  decision stays on the device. Optimizers that support AMP scaling (torch's
+  ``fused=True`` Adam, AdamW, SGD) receive it as ``found_inf`` and skip the
+  update inside their kernel, as ``GradScaler`` does. Others get their
+  gradients zeroed on the device when the step is bad (``torch.where``; the
+  weights stay finite, but momentum and weight decay still move them a
+  little): pass ``fused=True`` for an exact skip.
+
+The guard wraps the optimizer *instance's* ``step`` while the run is attached
+(GradScaler's ``scaler.step(opt)`` and LR schedulers created later call
+through it) and unwraps it on :meth:`StepGuard.remove`.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from typing import Any
+
+__all__ = ["StepGuard"]
+
+
+class StepGuard:
+    """Skips the optimizer step after a non-finite loss or grad norm was seen."""
+
+    def __init__(self, optimizer: Any) -> None:
+        self.optimizer = optimizer
+        self.skipped = 0  # host-side skips carried out
+        self.stepped = 0  # optimizer steps taken through the guard
+        self.enabled = True  # False: never skip (the loop reports after stepping)
+        self._skip_next = False
+        self._device_ok: Any = None  # a 0-dim bool tensor: the device-side verdict
+        self._inner = optimizer.step
+        self._active = True
+        self._wrapper = self._step  # one bound method, to recognise it when unwrapping
+        try:
+            optimizer.step = self._wrapper
+            self._installed = True
+        except (AttributeError, TypeError):  # a step that cannot be wrapped: no guard
+            self._installed = False
+
+    @property
+    def installed(self) -> bool:
+        return self._installed
+
+    def check(self, loss: float | None, grad_norm: float | None) -> bool:
+        """Host values of this step: True (and the next ``step()`` skipped) if not finite."""
+        bad = ((loss is not None and not math.isfinite(loss))
+               or (grad_norm is not None and not math.isfinite(grad_norm)))
+        if bad and self._installed and self.enabled:
+            self._skip_next = True
+        return bad
+
+    def check_on_device(self, loss: Any, grad_norm: Any) -> None:
+        """Device tensors of this step: keep the verdict on the device (no host sync)."""
+        if not self.enabled:
+            return
+        torch = sys.modules["torch"]
+        ok = None
+        for value in (loss, grad_norm):
+            if value is not None and hasattr(value, "device"):
+                finite = torch.isfinite(value.detach()).all()
+                ok = finite if ok is None else ok & finite
+        self._device_ok = ok
+
+    def clear(self) -> None:
+        """The loop called ``step()`` without stepping the optimizer: forget the verdict."""
+        self._skip_next = False
+        self._device_ok = None
+
+    def remove(self) -> None:
+        self._active = False
+        if self._installed and self.optimizer.__dict__.get("step") is self._wrapper:
+            del self.optimizer.step  # someone who wrapped us after keeps calling through
+
+    # -- the wrapped step ---------------------------------------------------------------
+    def _step(self, *args: Any, **kwargs: Any) -> Any:
+        if not self._active:
+            return self._inner(*args, **kwargs)
+        self.stepped += 1
+        if self._skip_next:
+            self._skip_next = False
+            self._device_ok = None
+            self.skipped += 1
+            return None
+        ok, self._device_ok = self._device_ok, None
+        if ok is None:
+            return self._inner(*args, **kwargs)
+        return self._device_step(ok, args, kwargs)
+
+    def _device_step(self, ok: Any, args: Any, kwargs: Any) -> Any:
+        torch = sys.modules["torch"]
+        opt = getattr(self.optimizer, "optimizer", self.optimizer)  # accelerate's wrapper
+        if getattr(opt, "_step_supports_amp_scaling", False) and not hasattr(opt, "found_inf"):
+            opt.found_inf = (~ok).to(torch.float32)  # the fused kernel skips the update
+            try:
+                return self._inner(*args, **kwargs)
+            finally:
+                del opt.found_inf
+        for group in opt.param_groups:
+            for p in group["params"]:
+                g = p.grad
+                if g is not None:
+                    g.copy_(torch.where(ok.to(g.device), g, torch.zeros((), dtype=g.dtype,
+                                                                        device=g.device)))
+        return self._inner(*args, **kwargs)

@@ -1,0 +1,139 @@
+"""A NaN/inf step never reaches the weights in the README's own loop (async, one line).
+
+The loop below is the README's quick start, as written: no ``should_skip``
+check, no ``sync=True``. A NaN is injected into the loss, or an inf into one
+gradient, and every parameter must stay finite while the run goes on.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable
+
+import pytest
+import torch
+from daemon_helpers import ControllerProc
+
+import lrctl
+
+OPTIMIZERS: dict[str, Callable[..., torch.optim.Optimizer]] = {
+    "sgd": lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9),
+    "adam": lambda p: torch.optim.Adam(p, lr=3e-3),
+    "adamw": lambda p: torch.optim.AdamW(p, lr=3e-3),
+}
+BAD_STEPS = (40, 41, 70)
+
+
+def _data(seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(8, 1, generator=g)
+    out = []
+    for _ in range(120):
+        x = torch.randn(16, 8, generator=g)
+        out.append((x, x @ w + 0.01 * torch.randn(16, 1, generator=g)))
+    return out
+
+
+def _finite(model: torch.nn.Module) -> bool:
+    return all(bool(torch.isfinite(p).all()) for p in model.parameters())
+
+
+def _readme_loop(opt_name: str, poison: str, **attach: object) -> tuple[bool, list[float],
+                                                                      lrctl.Controller]:
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
+    loss_fn = torch.nn.MSELoss()
+    optimizer = OPTIMIZERS[opt_name](model.parameters())
+    ctl = lrctl.attach(optimizer, policy=None, **attach)   # once
+    always_finite = True
+    losses = []
+    for step, (x, y) in enumerate(_data()):
+        loss = loss_fn(model(x), y)
+        if poison == "loss" and step in BAD_STEPS:
+            loss = loss * math.nan
+        optimizer.zero_grad()
+        loss.backward()
+        if poison == "grad" and step in BAD_STEPS:
+            next(model.parameters()).grad[0, 0] = math.inf
+        ctl.step(loss)              # ← the one line
+        optimizer.step()
+        always_finite = always_finite and _finite(model)
+        losses.append(float(loss.detach()))
+    ctl.close()
+    return always_finite, losses, ctl
+
+
+@pytest.mark.parametrize("poison", ["loss", "grad"])
+@pytest.mark.parametrize("opt_name", sorted(OPTIMIZERS))
+def test_readme_loop_skips_non_finite_steps(controller: ControllerProc, opt_name: str,
+                                             poison: str) -> None:
+    finite, losses, ctl = _readme_loop(opt_name, poison)
+    assert finite, "a non-finite step reached the weights"
+    assert all(math.isfinite(v) for v in losses[80:]), "the run did not recover"
+    assert losses[-1] < losses[0]
+    assert ctl._guard.skipped == len(BAD_STEPS)
+    skips = sorted({d.step for d in ctl.decisions if d.action == "skip"})
+    assert skips == list(BAD_STEPS), skips  # each skip is on the record
+
+
+def test_guard_works_without_a_controller(short_dir: object) -> None:
+    """Fail-open keeps the protection: it does not depend on the controller."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        finite, _, ctl = _readme_loop("adamw", "loss", spawn=False,
+                                      socket="/nonexistent/lrctl.sock")
+    assert finite and ctl._guard.skipped == len(BAD_STEPS)
+
+
+def test_a_loop_that_skips_itself_does_not_lose_the_next_step(controller: ControllerProc) -> None:
+    model = torch.nn.Linear(4, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    ctl = lrctl.attach(opt, policy=None, sync=True)
+    stepped = []
+    for step in range(6):
+        opt.zero_grad()
+        loss = model(torch.ones(2, 4)).sum() * (math.nan if step == 2 else 1.0)
+        loss.backward()
+        ctl.step(loss)
+        if ctl.should_skip:       # the loop honours the skip itself ...
+            continue
+        before = model.weight.detach().clone()
+        opt.step()                # ... so the guard must not skip this (good) step
+        stepped.append(not torch.equal(before, model.weight))
+    ctl.close()
+    assert stepped == [True] * 5 and _finite(model)
+
+
+def test_warns_when_called_after_optimizer_step(controller: ControllerProc) -> None:
+    model = torch.nn.Linear(4, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    ctl = lrctl.attach(opt, policy=None)
+    with pytest.warns(RuntimeWarning, match="runs after optimizer.step"):
+        for _ in range(3):
+            opt.zero_grad()
+            model(torch.ones(2, 4)).sum().backward()
+            opt.step()
+            ctl.step(1.0)
+    ctl.close()
+
+
+def test_warns_once_when_no_gradient_exists(controller: ControllerProc) -> None:
+    model = torch.nn.Linear(4, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    ctl = lrctl.attach(opt, policy=None)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(3):
+            ctl.step(1.0)  # before any backward()
+    ctl.close()
+    messages = [str(w.message) for w in caught if "no gradients" in str(w.message)]
+    assert len(messages) == 1 and "after loss.backward()" in messages[0]
+
+
+def test_close_unwraps_the_optimizer(controller: ControllerProc) -> None:
+    opt = torch.optim.SGD(torch.nn.Linear(2, 1).parameters(), lr=0.1)
+    ctl = lrctl.attach(opt, policy=None)
+    assert "step" in vars(opt)
+    ctl.close()
+    assert "step" not in vars(opt)
