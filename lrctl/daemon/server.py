@@ -732,7 +732,15 @@ class Server:
         for session in targets:
             if event.policy is not None:
                 if not event.forced and event.policy.sha256 == session.info.policy_sha256:
-                    continue  # already running this version (restored after the edit)
+                    # Already running this version (restored after the edit, or a broken
+                    # edit put back as it was): the file validates again, so the error
+                    # shown by runs/status is over.
+                    if session.reload_error is not None:
+                        session.reload_error = None
+                        log.info("run %s: %s validates again (the version running)",
+                                 session.key, path)
+                        self._save(session.key)
+                    continue
                 try:
                     decision = session.reload(event.policy, event.forced)
                 except (ConfigError, ValueError) as exc:

@@ -164,6 +164,12 @@ def test_broken_edit_keeps_the_old_policy_and_runs_shows_the_error(
         assert f"{path}:4" in out.stdout
         assert f"{path}:4" in _cli("status").stdout
         assert f"{path}:4" in controller.log.read_text()
+        # Putting the running version back clears the error (nothing to reload).
+        path.write_text(plateau(0.5))
+        _until("the error to clear", lambda: _run(ctl.run_key)["reload_error"] is None)
+        assert "last reload failed" not in _cli("runs").stdout
+        path.write_text(BROKEN)
+        _until("the second rejection", lambda: _run(ctl.run_key)["reload_error"] is not None)
         # Fixing the file clears the error and applies the fix.
         v2 = plateau(0.25)
         path.write_text(v2)
