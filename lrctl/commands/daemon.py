@@ -52,9 +52,17 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--json", action="store_true", help="print the answer as JSON")
     p.set_defaults(func=cmd_status)
 
-    p = sub.add_parser("runs", help="list runs: step, LRs, mode, last decision")
+    p = sub.add_parser("runs", help="list runs: step, LRs, mode, last decision",
+                       description="List the runs a controller serves; with --all, every run "
+                                   "its state directory remembers, ended ones included (read "
+                                   "from the journals: works with no controller running).")
     p.add_argument("--socket", help=SOCKET_HELP)
     p.add_argument("--json", action="store_true", help="print the answer as JSON")
+    p.add_argument("--all", action="store_true",
+                   help="include ended runs: last step, LR, decision count, MLflow run id")
+    p.add_argument("--state-dir", default=None,
+                   help="with --all: the state directory (default: the controller's, else "
+                        "$LRCTL_STATE_DIR or ~/.local/state/lrctl)")
     p.set_defaults(func=cmd_runs)
 
     p = sub.add_parser("set-lr", help="override a run's LR (recorded as a decision)",
@@ -172,6 +180,8 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_runs(args: argparse.Namespace) -> int:
+    if args.all:
+        return _all_runs(args)
     reply = _ask(args, {"t": "runs"})
     if reply is None:
         return 1
@@ -247,4 +257,38 @@ def cmd_mode(args: argparse.Namespace) -> int:
     if reply is None:
         return 1
     print(f"{reply['run']}: {reply['message']}")
+    return 0
+
+
+def _all_runs(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .. import paths
+    from ..client import ControllerError, request
+    from .history import journal_runs
+
+    live: dict[str, dict[str, Any]] = {}
+    state_dir = args.state_dir
+    try:
+        live = {r["run"]: r for r in request({"t": "runs"}, args.socket, timeout=2.0)["runs"]}
+        if state_dir is None:
+            state_dir = request({"t": "status"}, args.socket, timeout=2.0).get("state_dir")
+    except (OSError, ControllerError):
+        pass  # no controller: the journals alone
+    root = Path(state_dir) if state_dir else paths.state_dir()
+    runs = journal_runs(root, live)
+    if args.json:
+        print(json.dumps(runs))
+        return 0
+    if not runs:
+        print(f"no runs in {root}")
+        return 0
+    rows = [("RUN", "STATE", "STEP", "LR", "DECISIONS", "MLFLOW RUN", "LAST DECISION")]
+    for r in runs:
+        rows.append((r["run"], r["state"], "-" if r["step"] is None else str(r["step"]),
+                     " ".join(f"{x:.4g}" for x in r["lrs"]) or "-", str(r["decisions"]),
+                     r["mlflow_run_id"] or "-", _describe(r["last_decision"])))
+    widths = [max(len(row[i]) for row in rows) for i in range(6)]
+    for row in rows:
+        print("  ".join([*(c.ljust(w) for c, w in zip(row[:6], widths, strict=True)), row[6]]))
     return 0

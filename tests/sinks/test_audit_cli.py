@@ -57,3 +57,25 @@ def test_report_draws_the_timeline(state: Path, tmp_path: Path) -> None:
     out = tmp_path / "t.png"
     assert main(["report", "run-ab", "-o", str(out)]) == 0
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 10_000
+
+
+def test_runs_all_lists_ended_runs_from_the_journals(
+        state: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """'Where is my run?': ended runs stay listed, with no controller running."""
+    monkeypatch.setenv("LRCTL_SOCKET", str(tmp_path / "none.sock"))
+    sink = AuditSink(state, JOURNAL_ONLY)  # a third run whose process died: never ended
+    sink.open_run(run_info("run-b3", run_name="gamma", cwd=str(tmp_path)))
+    drive(sink, "run-b3", range(40), [0.2], every=30)
+    sink.close()
+    assert main(["runs", "--all", "--json"]) == 0
+    runs = {r["run"]: r for r in json.loads(capsys.readouterr().out)}
+    assert set(runs) == {"run-aa1", "run-ab2", "run-b3"}
+    assert runs["run-aa1"]["state"] == "ended" and runs["run-b3"]["state"] == "detached"
+    assert runs["run-aa1"]["decisions"] == len(journal_decisions(state, "run-aa1")) == 3
+    assert runs["run-aa1"]["step"] == 99 and len(runs["run-aa1"]["lrs"]) == 2
+    assert runs["run-ab2"]["run_name"] == "beta"
+    assert main(["runs", "--all"]) == 0
+    table = capsys.readouterr().out.splitlines()
+    assert table[0].split()[:5] == ["RUN", "STATE", "STEP", "LR", "DECISIONS"]
+    assert any(line.startswith("run-aa1") and " ended " in line for line in table)
