@@ -52,6 +52,8 @@ log = logging.getLogger("lrctl")
 DEFAULT_POLICY = Path(__file__).parent / "data" / "policies" / "default.yaml"
 MAX_POLICY_BYTES = 64 * 1024
 MAX_DECISIONS = 10_000
+#: A controller that attach() started exits after this long with no hook connected.
+SPAWNED_IDLE_EXIT_S = 600
 _NAME_BAD = re.compile(r"[^A-Za-z0-9._-]+")
 _spawned: list[subprocess.Popen[bytes]] = []  # kept so their handles outlive the caller's frame
 _NO_METRICS: Mapping[str, Any] = MappingProxyType({})
@@ -642,7 +644,7 @@ def _start_controller(address: str) -> subprocess.Popen[bytes]:
     with open(state / "controller.out", "ab") as out:
         proc = subprocess.Popen(
             [sys.executable, "-m", "lrctl", "serve", "--foreground", "--socket", address,
-             "--state-dir", str(state)],
+             "--state-dir", str(state), "--idle-exit", str(SPAWNED_IDLE_EXIT_S)],
             stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
             start_new_session=True, close_fds=True)
     _spawned.append(proc)

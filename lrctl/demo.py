@@ -150,6 +150,19 @@ def _where_to_look(steered: DemoResult, out: TextIO) -> None:
         print(f"  timeline picture: {picture}", file=out)
     if steered.run_key:
         print(f"  audit trail:  lrctl decisions {steered.run_key}", file=out)
+    _controller_note(out)
+
+
+def _controller_note(out: TextIO) -> None:
+    """Say so when the demo started the controller, and how to stop it."""
+    from . import client, paths
+
+    if not client._spawned:
+        return
+    pid = client._spawned[0].pid
+    print(f"\nThe demo started a controller (pid {pid}) on {paths.default_socket()}: it serves "
+          f"the next runs, exits by itself {client.SPAWNED_IDLE_EXIT_S // 60} minutes after "
+          "its last run, and 'lrctl stop' stops it now.", file=out)
 
 
 def _timeline(run: DemoResult, wait_s: float = 15.0) -> Path | None:

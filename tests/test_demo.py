@@ -58,3 +58,24 @@ def test_demo_shows_decisions_comparison_and_where_to_look(
     lrctl_row = next(line for line in out.splitlines() if line.startswith("  lrctl "))
     fixed_row = next(line for line in out.splitlines() if line.startswith("  fixed "))
     assert float(lrctl_row.split()[1]) < float(fixed_row.split()[1])  # lrctl trains better
+
+
+def test_demo_says_when_it_started_the_controller_and_how_to_stop_it(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    import io
+
+    from lrctl import client, demo
+
+    class Proc:
+        pid = 4242
+
+    monkeypatch.setattr(client, "_spawned", [Proc()])
+    out = io.StringIO()
+    demo._controller_note(out)
+    text = out.getvalue()
+    assert "started a controller (pid 4242)" in text and "'lrctl stop'" in text
+    assert "10 minutes" in text
+    monkeypatch.setattr(client, "_spawned", [])
+    out = io.StringIO()
+    demo._controller_note(out)
+    assert out.getvalue() == ""

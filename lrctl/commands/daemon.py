@@ -17,8 +17,9 @@ SOCKET_HELP = "Unix socket path or tcp://HOST:PORT (default: $LRCTL_SOCKET or th
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("serve", help="run the controller",
                        description="Run the controller: serve training runs on a Unix socket "
-                                   "(and optionally TCP). Detaches into the background unless "
-                                   "--foreground; SIGTERM/SIGINT stop it with state flushed.")
+                                   "(and optionally TCP). Stays in the foreground, logging to "
+                                   "stderr and the log file, unless --detach; SIGTERM/SIGINT "
+                                   "(or 'lrctl stop') stop it with state flushed.")
     p.add_argument("--socket", help="Unix socket path (default: $LRCTL_SOCKET or the runtime "
                                     "dir)")
     p.add_argument("--state-dir", help="where run state and logs live (default: "
@@ -27,7 +28,14 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                    help="also listen on TCP (127.0.0.1 unless HOST is given); needs a token")
     p.add_argument("--token-file", help="file holding the TCP token (default: $LRCTL_TOKEN or "
                                         "$LRCTL_TOKEN_FILE)")
-    p.add_argument("--foreground", action="store_true", help="stay attached and log to stderr")
+    p.add_argument("--detach", action="store_true",
+                   help="run in the background (a new session; output to STATE_DIR/"
+                        "controller.out); the command returns once the socket is bound")
+    p.add_argument("--foreground", action="store_true",
+                   help="stay attached and log to stderr (the default; kept for scripts)")
+    p.add_argument("--idle-exit", type=_positive_seconds, metavar="SECONDS",
+                   help="exit once no hook has been connected for this long, every run "
+                        "checkpointed (a controller that attach() starts uses 600)")
     p.add_argument("--log-file", help="log file (default: STATE_DIR/controller.log)")
     p.add_argument("--no-audit", action="store_true",
                    help="record nothing (no journal, no MLflow): for experiments")
@@ -46,6 +54,16 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                    help="after SIGTERM/SIGINT, exit with status 75 if the shutdown has not "
                         "finished this long (default 5); a second signal exits at once")
     p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("stop", help="stop the controller (SIGTERM), wait, and report",
+                       description="Ask the controller on the socket for its pid, send it "
+                                   "SIGTERM (it checkpoints every run) and wait until it has "
+                                   "exited.")
+    p.add_argument("--socket", help="Unix socket path (default: $LRCTL_SOCKET or the runtime "
+                                    "dir)")
+    p.add_argument("--timeout", type=_positive_seconds, default=15.0, metavar="SECONDS",
+                   help="how long to wait for it to exit (default 15)")
+    p.set_defaults(func=cmd_stop)
 
     p = sub.add_parser("status", help="is a controller running, and what is it serving")
     p.add_argument("--socket", help=SOCKET_HELP)
@@ -104,10 +122,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
         options = ServeOptions(
             socket_path=os.path.abspath(args.socket or paths.default_socket()),
             state_dir=os.path.abspath(args.state_dir or paths.state_dir()),
-            tcp=tcp, token=token, foreground=args.foreground, log_file=args.log_file,
+            tcp=tcp, token=token, foreground=not args.detach, log_file=args.log_file,
             watch=not args.no_watch,
             policies_dir=os.path.abspath(args.policies) if args.policies else None,
             session_timeout=args.session_timeout if args.session_timeout > 0 else None)
+        if args.detach and args.foreground:
+            raise ValueError("--detach and --foreground contradict each other")
+        options.idle_exit = args.idle_exit
         if args.stall_timeout is not None:
             options.stall_timeout = args.stall_timeout
         if args.shutdown_grace is not None:
@@ -161,6 +182,53 @@ def _ask(args: argparse.Namespace, msg: dict[str, Any]) -> dict[str, Any] | None
         print(f"lrctl {args.command}: no controller answers on {where} "
               f"({exc.strerror or exc}); start one with 'lrctl serve'", file=sys.stderr)
     return None
+
+
+def cmd_stop(args: argparse.Namespace) -> int:
+    import signal
+    import time
+
+    if args.socket and args.socket.startswith("tcp://"):
+        print("lrctl stop: stops a local controller; give its Unix socket", file=sys.stderr)
+        return 2
+    reply = _ask(args, {"t": "status"})
+    if reply is None:
+        return 1
+    pid = int(reply["pid"])
+    try:
+        os.kill(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        print(f"lrctl stop: controller pid {pid} is already gone")
+        return 0
+    except PermissionError:
+        print(f"lrctl stop: not allowed to signal pid {pid}", file=sys.stderr)
+        return 1
+    deadline = time.monotonic() + args.timeout
+    while _alive(pid):
+        if time.monotonic() > deadline:
+            print(f"lrctl stop: controller pid {pid} has not exited after {args.timeout:g} s; "
+                  f"'kill -9 {pid}' ends it (runs resume from their checkpoints)",
+                  file=sys.stderr)
+            return 1
+        time.sleep(0.05)
+    print(f"lrctl stop: controller pid {pid} on {reply['socket']} stopped "
+          f"({reply['runs']} run(s) checkpointed)")
+    return 0
+
+
+def _alive(pid: int) -> bool:
+    """True while ``pid`` runs (a zombie child of ours counts as gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+        return True
 
 
 def cmd_status(args: argparse.Namespace) -> int:

@@ -51,6 +51,7 @@ class ServeOptions:
     session_timeout: float | None = 600.0  # drop a hook-less run from memory (None: never)
     stall_timeout: float = DEFAULT_STALL_S  # a loop stuck this long: stack dump, exit 70
     shutdown_grace: float = DEFAULT_GRACE_S  # SIGTERM to exit at most this long (else exit 75)
+    idle_exit: float | None = None  # exit once no hook has been connected this long
 
 
 class Listening:
@@ -153,7 +154,7 @@ def serve(options: ServeOptions, sink_factory: Callable[[str], Sink] = build_sin
     server = Server(listeners, store, sink, token=options.token,
                     socket_path=options.socket_path, state_dir=str(state),
                     watch=options.watch, policies_dir=options.policies_dir,
-                    session_timeout=options.session_timeout)
+                    session_timeout=options.session_timeout, idle_exit=options.idle_exit)
     monitor = LoopMonitor(lambda: server.last_wake, stall_s=options.stall_timeout,
                           grace_s=options.shutdown_grace)
 

@@ -109,7 +109,8 @@ class Server:
                  sink: Sink, *, token: str | None = None, socket_path: str = "",
                  state_dir: str = "", watch: bool = True, policies_dir: str | None = None,
                  session_timeout: float | None = DEFAULT_SESSION_TIMEOUT,
-                 debounce_s: float = DEFAULT_DEBOUNCE_S) -> None:
+                 debounce_s: float = DEFAULT_DEBOUNCE_S,
+                 idle_exit: float | None = None) -> None:
         self.sel = selectors.DefaultSelector()
         self.store = store
         self.sink = sink
@@ -125,6 +126,8 @@ class Server:
         self._nconns = 0
         self._reading: Conn | None = None  # the connection whose batch is being handled
         self.session_timeout = session_timeout
+        self.idle_exit = idle_exit
+        self._no_hook_since = time.monotonic()  # when the last hook left (or the start)
         self._last_seen: dict[str, float] = {}
         self._store_errors: dict[str, str] = {}
         self._sink_error: str | None = None
@@ -217,6 +220,7 @@ class Server:
                 if now >= self._housekeeping_at:
                     self._housekeeping_at = now + HOUSEKEEPING_INTERVAL
                     self._evict_idle()
+                    self._exit_if_idle()
                     self._drop_unauthenticated()
                     self._check_socket()
         finally:
@@ -800,6 +804,17 @@ class Server:
         for conn in stale:
             log.warning("closing %s: no token within %g s", conn.name, AUTH_TIMEOUT_S)
             self._close(conn, save=False)
+
+    def _exit_if_idle(self) -> None:
+        """``idle_exit``: stop once no hook has been connected for that long."""
+        if self.conns:
+            self._no_hook_since = self._now
+            return
+        if self.idle_exit is not None and self._now - self._no_hook_since > self.idle_exit:
+            log.info("no hook has been connected for %.0f s (--idle-exit %g): checkpointing "
+                     "%d run(s) and exiting; the next attach() starts a new controller",
+                     self._now - self._no_hook_since, self.idle_exit, len(self.sessions))
+            self.stop()
 
     def _evict_idle(self) -> None:
         """Checkpoint and forget runs whose hook is gone for ``session_timeout`` seconds."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -53,11 +54,11 @@ def test_a_second_serve_on_a_live_socket_refuses_clearly(controller: ControllerP
     assert client.request({"t": "status"})["pid"] == controller.pid
 
 
-def test_serve_detaches_by_default_and_stops_on_sigterm(short_dir) -> None:  # type: ignore[no-untyped-def]
+def test_serve_detach_backgrounds_and_stops_on_sigterm(short_dir) -> None:  # type: ignore[no-untyped-def]
     import signal
     import time
 
-    out = subprocess.run([sys.executable, "-m", "lrctl", "serve", "--no-audit"],
+    out = subprocess.run([sys.executable, "-m", "lrctl", "serve", "--detach", "--no-audit"],
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     deadline = time.monotonic() + 60
@@ -107,3 +108,43 @@ def test_a_controller_that_dies_is_replaced_and_the_run_resumes(reap_spawned: No
             t += 1
         assert ctl.lr == engine.lrs
         assert client.request({"t": "status"})["pid"] == client._spawned[-1].pid
+
+
+def test_serve_stays_in_the_foreground_and_lrctl_stop_stops_it(short_dir) -> None:  # type: ignore[no-untyped-def]
+    from live_controller import wait_until_serving
+
+    log = short_dir / "serve.out"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "lrctl", "serve", "--no-audit"],
+                                stdout=out, stderr=subprocess.STDOUT)
+    try:
+        wait_until_serving(proc, os.environ["LRCTL_SOCKET"], log)  # it is the controller
+        stop = subprocess.run([sys.executable, "-m", "lrctl", "stop"], capture_output=True,
+                              text=True, timeout=60)
+        assert stop.returncode == 0, stop.stderr
+        assert f"pid {proc.pid}" in stop.stdout and "stopped" in stop.stdout
+        assert proc.wait(30) == 0
+        assert "listening on" in log.read_text()  # it logged to stderr, in the foreground
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+    again = subprocess.run([sys.executable, "-m", "lrctl", "stop"], capture_output=True,
+                           text=True, timeout=60)
+    assert again.returncode == 1 and "no controller answers" in again.stderr
+
+
+def test_idle_exit_ends_a_controller_once_its_hooks_are_gone(make_controller) -> None:  # type: ignore[no-untyped-def]
+    ctl_proc = make_controller(["--idle-exit", "1"])
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.ones(1))], lr=0.1)
+    with lrctl.attach(opt, sync=True, spawn=False) as ctl:
+        for _ in range(3):
+            ctl.step(1.0, grad_norm=1.0)
+        # Connected for several idle periods: it stays up (the check is on hooks, not time).
+        until = time.monotonic() + 2.5
+        while time.monotonic() < until:
+            assert ctl_proc.proc.poll() is None
+            ctl.step(1.0, grad_norm=1.0)
+            time.sleep(0.1)
+    assert ctl_proc.proc.wait(60) == 0  # then exits by itself, cleanly
+    assert "no hook has been connected" in ctl_proc.log.read_text()
