@@ -140,13 +140,18 @@ class MlflowShipper:
         return all([w.flush(max(0.0, deadline - time.monotonic()))
                     for w in list(self._workers.values())])
 
-    def close(self, timeout: float = 5.0) -> bool:
-        """Flush for up to ``timeout``, then stop the workers; the rest stays in the journal."""
+    def close(self, timeout: float = 1.0) -> bool:
+        """Flush and stop the workers within ``timeout`` in all; the rest stays in the journal.
+
+        The workers are daemon threads: one stuck in a hung MLflow call is left behind
+        rather than holding the controller's exit (the next controller ships its backlog).
+        """
+        deadline = time.monotonic() + timeout
         done = self.flush(timeout)
         for w in self._workers.values():
             w.stop()
         for w in self._workers.values():
-            w.join(timeout=max(1.0, timeout))
+            w.join(timeout=max(0.0, deadline - time.monotonic()))
         self._workers.clear()
         self._route.clear()
         return done
