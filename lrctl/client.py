@@ -139,7 +139,13 @@ class Controller:
         self._compute_grad_norm = bool(compute_grad_norm)
         self._resume = resume
         self._reported = -1  # the last step sent (or staged)
+        self._prev_reported = -1  # the one before it
         self._acked = -1  # the last step whose answer arrived
+        # Answers too new to apply yet (step -> LRs): the answer to step t is meant for
+        # the optimizer step after t's, never t's own (async; see _usable_step).
+        self._held: dict[int, list[float]] = {}
+        self._device_stats = False  # statistics went through the CUDA staging path
+        self._after_order = False  # the loop calls step() after optimizer.step()
         self._metrics: dict[str, Any] = {}
         self._records: deque[dict[str, Any]] = deque(maxlen=MAX_DECISIONS)
         self._warned: set[str] = set()
@@ -218,8 +224,14 @@ class Controller:
                                    "last LR")
         try:
             if self._dist.world_size > 1:
+                if self._link is not None and self._acked < self._reported:
+                    self._await_due()  # rank 0: the LRs every rank uses next
+                if self._held:
+                    self._promote()
                 self._broadcast()
             else:
+                if self._held:
+                    self._promote()
                 self._apply()
         except Exception as exc:
             self._warn("apply", f"lrctl: could not apply the LRs ({exc!r}); training "
@@ -284,7 +296,7 @@ class Controller:
             "run": self.run_key, "run_name": name, "policy": {"text": text, "source": source},
             "lrs": list(self._applied), "groups": len(self._applied),
             "world_size": self._dist.world_size, "mlflow": _mlflow_info(), "cwd": os.getcwd(),
-            "watch": self._watch,
+            "watch": self._watch, "sync": self.sync,
         }
         if self.total_steps is not None:
             hello["total_steps"] = self.total_steps
@@ -316,7 +328,12 @@ class Controller:
             if isinstance(lrs, list) and len(lrs) == len(self._target):
                 values = [float_in(v, "lrs") for v in lrs]
                 if all(math.isfinite(v) and v >= 0 for v in values):
-                    self._target = values
+                    s = msg.get("s") if t == "lr" else None
+                    if isinstance(s, int) and s > self._usable_step():
+                        self._held[s] = values  # for the optimizer step after step s's
+                    else:
+                        self._held.clear()  # an operator push or reload supersedes them
+                        self._target = values
             if isinstance(msg.get("mode"), str):
                 self.mode = msg["mode"]
         if t == "welcome" and self._resume is not None and msg.get("restored") is False:
@@ -358,6 +375,7 @@ class Controller:
             self._order_known = True
             if guard.stepped:
                 guard.enabled = False
+                self._after_order = True
                 self._warn("order", "lrctl: ctl.step() runs after optimizer.step(), so a "
                                     "NaN/inf step has already reached the weights when the hook "
                                     "sees it; call ctl.step(loss) after backward() and before "
@@ -401,7 +419,7 @@ class Controller:
         except ValueError as exc:  # e.g. too many metrics for one frame
             self._warn("encode", f"lrctl: step {t} not reported: {exc}")
             return
-        self._reported = t
+        self._prev_reported, self._reported = self._reported, t
         self._link.send_obs(t, frame)
 
     def _pump(self) -> None:
@@ -428,10 +446,54 @@ class Controller:
         try:
             if self._link is not None and (self._acked < self._reported or self._staged):
                 self._pump()
+                self._await_due()
+            if self._held:
+                self._promote()
             self._apply()
         except Exception as exc:
             self._warn("internal", f"lrctl: hook error ({exc!r}); training continues at the "
                                    "last LR")
+
+    def _usable_step(self) -> int:
+        """The newest step whose answer may set the LRs of the next optimizer step.
+
+        Async: the optimizer step of step ``t`` uses the answer to ``t - 1`` (a decision
+        made from step ``t`` takes effect at ``t + 1``, exactly: never earlier, so a
+        seeded run is reproducible). When the loop calls ``step()`` before
+        ``optimizer.step()``, step ``t``'s call has counted ``t + 1`` steps. Sync: the
+        answer to ``t`` applies at once (that is what the loop waited for).
+        """
+        if self.sync:
+            return self._step - 1
+        return self._step - 1 if self._after_order else self._step - 2
+
+    def _await_due(self) -> None:
+        """Async: wait (at most ``timeout``) for the answer the next optimizer step needs.
+
+        It has almost always arrived (a whole forward and backward pass has passed since
+        it was asked); on CUDA statistics are read a step late by design, so no wait.
+        """
+        link = self._link
+        if self.sync or self._device_stats or link is None or not link.connected:
+            return
+        limit = self._usable_step()
+        due = self._reported if self._reported <= limit else self._prev_reported
+        if due < 0 or self._acked >= due:
+            return
+        self._got_error = False
+        if not link.wait(lambda: self._acked >= due or self._got_error, self.timeout) \
+                and not self._got_error and link.connected:
+            self._warn("slow", f"lrctl: the decision for step {due} did not arrive within "
+                               f"{self.timeout:g} s; continuing at the last LR")
+
+    def _promote(self) -> None:
+        """Held answers whose optimizer step has come become the target."""
+        limit = self._usable_step()
+        ready = [s for s in self._held if s <= limit]
+        if ready:
+            self._target = self._held[max(ready)]
+            for s in ready:
+                del self._held[s]
 
     def _apply(self) -> None:
         target = self._target
@@ -491,7 +553,8 @@ class Controller:
         event.record()
         host = (None if on_dev[0] else _to_float(loss), None if on_dev[1] else _to_float(grad))
         self._staged.append((t, event, buf, on_dev, {"host": host, "metrics": metrics}))
-        self._reported = t
+        self._prev_reported, self._reported = self._reported, t
+        self._device_stats = True
 
     def _drain_staged(self, block: bool) -> None:
         while self._staged:

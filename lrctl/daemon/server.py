@@ -468,6 +468,10 @@ class Server:
             raise ProtocolError(f"watch must be true or false, but got {watch!r:.40}",
                                 "bad_message")
         total_steps = get_int(msg, "total_steps", lo=1, optional=True)
+        sync = msg.get("sync", False)
+        if not isinstance(sync, bool):
+            raise ProtocolError(f"sync must be true or false, but got {sync!r:.40}",
+                                "bad_message")
         if source is not None and not source.startswith("<"):
             source = _clean_source(source)
         session = self.sessions.get(key)
@@ -505,6 +509,7 @@ class Server:
             log.info("run %s: total_steps %s -> %d", key, session.total_steps, total_steps)
             session.set_total_steps(total_steps)
             self._save(key)
+        session.sync = sync  # which LRs the optimizer used at a step (see _obs)
         self._last_seen[key] = time.monotonic()
         old = self.conns.get(key)
         if old is not None and old is not conn:
@@ -547,11 +552,15 @@ class Server:
                 loss, "loss")
             grad = None if grad is None else grad if type(grad) is float else float_in(
                 grad, "grad_norm")
+            # The LRs the optimizer used at this step: an async hook applies the answer to
+            # step t at step t + 1 (so step t ran on what was decided before it); a sync
+            # hook waits for the answer to t and applies it to t's own optimizer step.
+            used = None if session.sync else session.lrs()
             result = session.observe(step, loss, grad, metrics)
         except ObservationError as exc:
             raise ProtocolError(str(exc), "bad_observation") from None
         try:
-            self.sink.observation(key, step, loss, grad, result.lrs)
+            self.sink.observation(key, step, loss, grad, result.lrs if used is None else used)
         except Exception as exc:
             self._sink_failed("observation", exc)
         if result.decisions:

@@ -75,6 +75,7 @@ class Session:
         # The policy the hook sent: a reconnecting hook sends it again even after reloads.
         self.hello_sha256 = info.policy_sha256
         self.reload_error: str | None = None  # the last failed reload, shown by ``runs``
+        self.sync = False  # the connected hook waits for each answer (set by each hello)
         self.reloads = 0
 
     # -- construction ------------------------------------------------------------------

@@ -71,22 +71,52 @@ def test_dict_and_text_policies_and_tensor_lrs_in_place(controller: ControllerPr
         assert _drive(ctl, lrctl.load_policy(text, [0.1]), losses(200, seed=3)) == []
 
 
-def test_async_applies_decisions_before_the_next_optimizer_step(
+def test_async_applies_each_decision_at_exactly_the_next_step(
         controller: ControllerProc) -> None:
-    """Async never waits, yet the optimizer pre-step hook applies what has arrived."""
+    """Async: the optimizer step of step t uses the answer to t - 1 — never the answer to
+    t, even when it has already arrived (then a seeded run would depend on timing), and
+    never an older one (the pre-step hook waits for it, bounded by ``timeout``)."""
     opt = _optimizer([0.1])
     path = str(POLICIES / "default.yaml")
     engine = lrctl.load_policy(path, [0.1])
     with lrctl.attach(opt, policy=path, spawn=False) as ctl:
-        for t, loss in enumerate(losses(50)):
+        lrs_for_t = engine.applied_lrs  # the welcome: the LRs of step 0
+        seen = set()
+        for t, loss in enumerate(losses(60)):
             ctl.step(loss, grad_norm=1.0)
-            expected = engine.observe(t, loss, 1.0)
-            # The controller answers while the "training step" runs; no timing assumption:
-            # wait until the answer is here, then the optimizer step must apply it.
-            assert ctl._link is not None
-            ctl._link.wait(lambda t=t: ctl._acked >= t, 10.0)
+            if t % 2:  # half the steps: the answer to t is here before t's optimizer step
+                assert ctl._link is not None
+                ctl._link.wait(lambda t=t: ctl._acked >= t, 10.0)
             opt.step()
-            assert ctl.lr == expected
+            assert ctl.lr == lrs_for_t == [g["lr"] for g in opt.param_groups], t
+            seen.add(tuple(lrs_for_t))
+            lrs_for_t = engine.observe(t, loss, 1.0)
+    assert len(seen) > 30  # the policy moved the LR nearly every step
+
+
+def test_async_runs_are_bit_identical(controller: ControllerProc) -> None:
+    """Two async runs of the same seeded loop, a policy that moves the LR every step."""
+    policy = {"version": 1, "policies": [{"kind": "cyclical", "base_lr": 0.01,
+                                          "max_lr": 0.1, "step_size_up": 3}]}
+
+    def run() -> list[torch.Tensor]:
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(8, 32), torch.nn.Tanh(),
+                                    torch.nn.Linear(32, 1))
+        opt = torch.optim.Adam(model.parameters(), lr=0.05)
+        g = torch.Generator().manual_seed(1)
+        with lrctl.attach(opt, policy=policy, spawn=False) as ctl:
+            for _ in range(150):
+                x = torch.randn(16, 8, generator=g)
+                loss = (model(x) - x.sum(1, keepdim=True)).pow(2).mean()
+                opt.zero_grad()
+                loss.backward()
+                ctl.step(loss)
+                opt.step()
+        return [p.detach().clone() for p in model.parameters()]
+
+    first, second = run(), run()
+    assert all(torch.equal(a, b) for a, b in zip(first, second, strict=True))
 
 
 def test_every_n_reports_every_nth_step(controller: ControllerProc) -> None:

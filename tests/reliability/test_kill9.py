@@ -86,16 +86,16 @@ def test_kill_9_at_20_random_points_loses_and_repeats_nothing(
     # MLflow: whatever the last controller could not ship is replayed by the next one.
     controller.start()
     client = MlflowClient(uri)
-    run_id = mlflow_run_id(state, key)
 
-    def shipped() -> bool:
+    def shipped() -> bool:  # the run may be created only now, by this controller
         try:
-            tags = client.get_run(run_id).data.tags
+            tags = client.get_run(mlflow_run_id(state, key)).data.tags
         except Exception:
             return False
         return tags.get("lrctl.decisions") == str(len(journal))
 
     until("MLflow to have every decision", shipped)
+    run_id = mlflow_run_id(state, key)
     controller.stop()
     uploaded = assert_exactly_once(client, run_id, state, key, tmp_path)
     FIGURES["kill -9 recovery"] = {

@@ -1,0 +1,64 @@
+"""MLflow's ``lrctl/lr/g{i}`` at step s is the LR the optimizer actually used at step s.
+
+A real controller ships to a real ``mlflow server``; the training loop records
+each param group's LR inside the optimizer step, and the MLflow history must
+agree at every step, in async and in sync mode.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from live_controller import live_controller
+from mlflow.tracking import MlflowClient
+from sinks_helpers import MlflowServer, lr_curve, mlflow_run_id
+
+import lrctl
+
+# A schedule that changes the LR every step and a plateau rule that makes decisions.
+POLICY = {"version": 1, "policies": [
+    {"kind": "cyclical", "base_lr": 0.01, "max_lr": 0.05, "step_size_up": 7},
+    {"kind": "plateau", "metric": "loss", "patience": 15, "factor": 0.5, "cooldown": 5}]}
+
+
+@pytest.mark.parametrize("sync", [False, True])
+def test_mlflow_lr_is_the_lr_used_at_each_step(mlflow_server: MlflowServer, workdir: Path,
+                                               monkeypatch: pytest.MonkeyPatch,
+                                               sync: bool) -> None:
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server.uri)
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 1)
+    opt = torch.optim.SGD([{"params": [model.weight]}, {"params": [model.bias], "lr": 0.002}],
+                          lr=0.02)
+    used: dict[int, list[float]] = {}
+    with live_controller(audit=True) as controller:
+        monkeypatch.setenv("LRCTL_SOCKET", controller.socket)
+        ctl = lrctl.attach(opt, policy=POLICY, sync=sync, spawn=False, run_name="used")
+        for step in range(200):
+            opt.zero_grad()
+            model(torch.ones(8, 4)).pow(2).mean().backward()
+            ctl.step(1.0, grad_norm=1.0)  # a flat loss: the plateau rule decides
+            opt.step()
+            used[step] = [g["lr"] for g in opt.param_groups]  # what that step used
+        key = ctl.run_key
+        ctl.close()
+        assert key is not None and any(d.action == "reduce" for d in ctl.decisions)
+        client = MlflowClient(mlflow_server.uri)
+        state = Path(controller.state_dir)
+        deadline = time.monotonic() + 120
+        while True:  # the controller ends the MLflow run once everything is shipped
+            try:
+                run = client.get_run(mlflow_run_id(state, key))
+                if run.info.status == "FINISHED":
+                    break
+            except (OSError, KeyError, TypeError):
+                pass
+            assert time.monotonic() < deadline, "the run was never shipped and ended"
+            time.sleep(0.1)
+    for g in (0, 1):
+        at = lr_curve(client, run.info.run_id, g)
+        wrong = [(s, at(s), v[g]) for s, v in used.items() if at(s) != v[g]]
+        assert not wrong, wrong[:5]
