@@ -7,10 +7,10 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from ._version import __version__
 from .client import Controller, attach
 from .policy import Decision, Engine, Policy, register_policy
 
-__version__ = "0.1.0"
 __all__ = [
     "Controller",
     "Decision",

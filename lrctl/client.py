@@ -41,6 +41,7 @@ from . import paths
 from ._guard import StepGuard
 from ._link import Link, token_from_env
 from ._sources import looks_like_path
+from ._version import __version__
 from .policy import Decision
 from .protocol import MAX_FRAME, FrameDecoder, encode, encode_obs, float_in
 
@@ -160,6 +161,7 @@ class Controller:
         self.run_key: str | None = None
         self._dist = _Distributed.detect()
         self._link: Link | None = None
+        self._controller_version: str | None = None  # from the welcome
         self._attached = False
         refused: Exception | None = None
         if self._dist.rank == 0:
@@ -296,10 +298,46 @@ class Controller:
             "run": self.run_key, "run_name": name, "policy": {"text": text, "source": source},
             "lrs": list(self._applied), "groups": len(self._applied),
             "world_size": self._dist.world_size, "mlflow": _mlflow_info(), "cwd": os.getcwd(),
-            "watch": self._watch, "sync": self.sync,
+            "watch": self._watch, "sync": self.sync, "lrctl": __version__,
         }
         if self.total_steps is not None:
             hello["total_steps"] = self.total_steps
+        link = self._open_link(address, hello, token, spawn, spawn_timeout, max_backoff)
+        other = self._controller_version
+        if link.connected and other != __version__:
+            # A controller from another install or checkout holds the shared socket: it may
+            # not know this version's policies or protocol. Use (or start) our own.
+            link.close(bye=False)
+            versioned = _versioned_socket(address)
+            if spawn and link.kind == "unix":
+                self._warn("version", f"lrctl: the controller on {address} runs lrctl "
+                                      f"{other or '< 0.2'}, this hook is lrctl {__version__}: "
+                                      f"using a controller on {versioned} instead ('lrctl stop "
+                                      f"--socket {address}' stops the old one)")
+                self._controller_version = None
+                link = self._open_link(versioned, hello, token, spawn, spawn_timeout,
+                                       max_backoff)
+                address = versioned
+            else:
+                self._link = None
+                self._warn("version", f"lrctl: the controller on {address} runs lrctl "
+                                      f"{other or '< 0.2'}, this hook is lrctl {__version__}; "
+                                      "training continues at the optimizer's LRs (stop it "
+                                      "with 'lrctl stop', or attach with spawn=True)")
+                return
+        if link.fatal is not None:
+            self._link = None
+            code, message = link.fatal.get("code"), str(link.fatal.get("message"))
+            if code == "unauthorized":
+                raise PermissionError(f"lrctl: the controller at {address} refused us: {message}")
+            raise PolicyRejected(message)
+        if not link.connected:
+            self._warn("down", f"lrctl: no controller answers at {address}; training continues "
+                               "at the optimizer's LRs and the hook keeps trying to connect")
+
+    def _open_link(self, address: str, hello: dict[str, Any], token: str | None, spawn: bool,
+                   spawn_timeout: float, max_backoff: float) -> Link:
+        """Connect (starting a controller on ``address`` if allowed) and wait for the welcome."""
         link = Link(address, {**hello, "token": token or token_from_env()} if
                     address.startswith("tcp://") else hello, self._on_message,
                     warn=self._warn, max_backoff=max_backoff)
@@ -311,18 +349,13 @@ class Controller:
             opened = _spawn_and_open(link, spawn_timeout)
         if opened:
             link.wait(lambda: link.state != "handshake", max(self.timeout, 10.0))
-        if link.fatal is not None:
-            self._link = None
-            code, message = link.fatal.get("code"), str(link.fatal.get("message"))
-            if code == "unauthorized":
-                raise PermissionError(f"lrctl: the controller at {address} refused us: {message}")
-            raise PolicyRejected(message)
-        if not link.connected:
-            self._warn("down", f"lrctl: no controller answers at {address}; training continues "
-                               "at the optimizer's LRs and the hook keeps trying to connect")
+        return link
 
     def _on_message(self, msg: dict[str, Any]) -> None:
         t = msg["t"]
+        if t == "welcome":
+            version = msg.get("version")
+            self._controller_version = version if isinstance(version, str) else None
         if t in ("welcome", "lr"):
             lrs = msg.get("lrs")
             if isinstance(lrs, list) and len(lrs) == len(self._target):
@@ -713,6 +746,12 @@ def _start_controller(address: str) -> subprocess.Popen[bytes]:
     _spawned.append(proc)
     log.info("lrctl: started a controller (pid %d) on %s", proc.pid, address)
     return proc
+
+
+def _versioned_socket(address: str) -> str:
+    """Where this version's own controller listens when another holds ``address``."""
+    base = address[:-5] if address.endswith(".sock") else address
+    return f"{base}-{__version__}.sock"
 
 
 def _respawn(address: str) -> None:

@@ -47,7 +47,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
-from .. import __version__
+from .._version import __version__
 from ..config import ConfigError
 from ..policy import ObservationError
 from ..protocol import (
@@ -517,7 +517,8 @@ class Server:
             self._close(old, save=False)
         conn.run = key
         self.conns[key] = conn
-        self._send(conn, {"t": "welcome", "run": key, "last_step": session.last_step,
+        self._send(conn, {"t": "welcome", "version": __version__, "run": key,
+                          "last_step": session.last_step,
                           "saved_step": session.saved_step, "lrs": session.lrs(),
                           "mode": session.mode, "restored": restored,
                           "policy_sha256": session.info.policy_sha256})

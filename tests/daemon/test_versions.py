@@ -1,0 +1,115 @@
+"""A hook never drives a controller of another lrctl version on the shared socket.
+
+A controller started from another install or checkout may not know this
+version's policy keys or protocol. The hook reads the version in the welcome;
+on a mismatch it uses (or starts) a controller of its own version on a
+versioned socket beside the shared one, or, with ``spawn=False``, runs
+fail-open with a warning that says what to do.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+from collections.abc import Iterator
+
+import pytest
+import torch
+
+import lrctl
+from lrctl import client
+from lrctl.protocol import MAX_FRAME, FrameDecoder, encode
+
+
+class OldController:
+    """Answers every hello with a welcome that names an older version (or none)."""
+
+    def __init__(self, path: str, version: str | None) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.bind(path)
+        self.sock.listen(8)
+        self.version = version
+        self.hellos: list[dict] = []
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            decoder = FrameDecoder(MAX_FRAME * 16)
+            with conn:
+                while True:
+                    data = conn.recv(1 << 16)
+                    if not data:
+                        break
+                    for msg in decoder.feed(data):
+                        if msg["t"] == "hello":
+                            self.hellos.append(msg)
+                            welcome = {"t": "welcome", "run": msg["run"], "last_step": -1,
+                                       "saved_step": -1, "lrs": msg["lrs"], "mode": "active",
+                                       "restored": False, "policy_sha256": "0" * 64}
+                            if self.version is not None:
+                                welcome["version"] = self.version
+                            conn.sendall(encode(welcome))
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+@pytest.fixture
+def old_controller() -> Iterator[OldController]:
+    path = os.environ["LRCTL_SOCKET"]
+    os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+    old = OldController(path, version=None)
+    try:
+        yield old
+    finally:
+        old.close()
+
+
+@pytest.fixture
+def reap_spawned() -> Iterator[None]:
+    before = len(client._spawned)
+    try:
+        yield
+    finally:
+        for proc in client._spawned[before:]:
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait(10)
+        del client._spawned[before:]
+
+
+def _opt() -> torch.optim.Optimizer:
+    return torch.optim.SGD([torch.nn.Parameter(torch.ones(1))], lr=0.1)
+
+
+def test_another_version_on_the_shared_socket_gets_our_own_controller(
+        old_controller: OldController, reap_spawned: None) -> None:
+    with pytest.warns(RuntimeWarning, match=r"runs lrctl < 0.2, this hook is lrctl"):
+        ctl = lrctl.attach(_opt(), sync=True)
+    try:
+        assert old_controller.hellos and old_controller.hellos[0]["lrctl"] == lrctl.__version__
+        versioned = client._versioned_socket(os.environ["LRCTL_SOCKET"])
+        assert versioned.endswith(f"-{lrctl.__version__}.sock")
+        status = client.request({"t": "status"}, versioned)
+        assert status["version"] == lrctl.__version__ and status["runs"] == 1
+        ctl.step(1.0, grad_norm=1.0)
+        assert ctl.connected
+    finally:
+        ctl.close()
+
+
+def test_without_spawn_another_version_means_fail_open(old_controller: OldController) -> None:
+    opt = _opt()
+    with pytest.warns(RuntimeWarning, match="training continues at the optimizer's LRs"):
+        ctl = lrctl.attach(opt, spawn=False)
+    for _ in range(3):
+        ctl.step(1.0, grad_norm=1.0)
+        opt.step()
+    assert not ctl.connected and opt.param_groups[0]["lr"] == 0.1
+    ctl.close()
