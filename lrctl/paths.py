@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import stat
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -56,6 +58,18 @@ def state_dir(env: Mapping[str, str] | None = None) -> Path:
     return Path.home() / ".local" / "state" / "lrctl"
 
 
+#: A run key: safe as a file name and an MLflow name. No "/" and no leading "." means no
+#: path traversal ("a..b" is a plain file name). Checked with ``fullmatch`` (``$`` would
+#: let a trailing newline through).
+_RUN_KEY = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,95}")
+RUN_KEY_MAX = 96
+
+
+def is_run_key(key: object) -> bool:
+    """True for a string that may name a run (its files, its MLflow run)."""
+    return isinstance(key, str) and _RUN_KEY.fullmatch(key) is not None
+
+
 def ensure_private_dir(path: str | os.PathLike[str]) -> Path:
     """Create ``path`` (mode 0700) if missing; refuse one that is not safely ours.
 
@@ -74,7 +88,28 @@ def ensure_private_dir(path: str | os.PathLike[str]) -> Path:
         raise PermissionError(
             f"{p} is writable by other users (mode {stat.S_IMODE(st.st_mode):04o}); "
             f"run 'chmod 700 {p}' or choose another directory")
+    if st.st_mode & 0o077:  # readable by others: logs and checkpoints would leak
+        os.chmod(p, 0o700)
+        warnings.warn(f"{p} was readable by other users (mode "
+                      f"{stat.S_IMODE(st.st_mode):04o}); lrctl made it 0700", RuntimeWarning,
+                      stacklevel=2)
     return p
+
+
+def open_private(path: str | os.PathLike[str], flags: int) -> int:
+    """Open (creating 0600) a file in a directory already checked private; never through
+    a symlink, and never anything but a regular file. Returns the descriptor."""
+    fd = os.open(path, flags | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise PermissionError(f"{path} is not a regular file; refusing to use it")
+        if stat.S_IMODE(st.st_mode) & 0o077:
+            os.fchmod(fd, 0o600)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
 def parse_address(address: str) -> tuple[str, str | tuple[str, int]]:

@@ -79,7 +79,8 @@ def bind(options: ServeOptions) -> Listening:
     path = options.socket_path
     paths.parse_address(path)  # checks the sun_path length
     paths.ensure_private_dir(Path(path).parent)
-    lock_fd = os.open(path + ".lock", os.O_RDWR | os.O_CREAT, 0o600)
+    # Never through a symlink (a planted <socket>.lock -> ~/.bashrc would be truncated).
+    lock_fd = paths.open_private(path + ".lock", os.O_RDWR)
     try:
         fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -195,7 +196,7 @@ def _detach(options: ServeOptions, state: Path, listening: Listening) -> None:
     os.setsid()
     os.pwrite(listening.lock_fd, f"{os.getpid()}\n".ljust(16).encode(), 0)
     devnull = os.open(os.devnull, os.O_RDWR)
-    out = os.open(state / "controller.out", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    out = paths.open_private(state / "controller.out", os.O_WRONLY | os.O_APPEND)
     os.dup2(devnull, 0)
     os.dup2(out, 1)
     os.dup2(out, 2)
@@ -211,7 +212,9 @@ def _setup_logging(options: ServeOptions, state: Path) -> None:
     root = logging.getLogger("lrctl")
     root.setLevel(logging.INFO)
     fmt = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
-    handler: logging.Handler = logging.FileHandler(_log_path(options, state))
+    log_path = _log_path(options, state)
+    os.close(paths.open_private(log_path, os.O_WRONLY | os.O_APPEND))  # born 0600, no symlink
+    handler: logging.Handler = logging.FileHandler(log_path)
     handler.setFormatter(fmt)
     root.addHandler(handler)
     if options.foreground:

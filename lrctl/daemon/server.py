@@ -49,6 +49,7 @@ from typing import Any
 
 from .._version import __version__
 from ..config import ConfigError
+from ..paths import RUN_KEY_MAX, is_run_key
 from ..policy import ObservationError
 from ..protocol import (
     MAX_FRAME,
@@ -64,7 +65,7 @@ from ..protocol import (
 from ..reload import DEFAULT_DEBOUNCE_S, PolicyWatcher, ReloadEvent, read_policy_file
 from ..sinks import Sink
 from .session import Session, text_sha256
-from .store import RUN_KEY, CheckpointWriter, StateStore
+from .store import CheckpointWriter, StateStore
 
 __all__ = ["Server"]
 
@@ -446,9 +447,9 @@ class Server:
     def _hello(self, conn: Conn, msg: Mapping[str, Any]) -> None:
         if conn.run is not None:
             raise ProtocolError("hello sent twice on one connection", "bad_message")
-        key = get_str(msg, "run", max_len=96)
+        key = get_str(msg, "run", max_len=RUN_KEY_MAX)
         assert key is not None
-        if not RUN_KEY.match(key):  # no "/" and no leading ".": cannot leave the state dir
+        if not is_run_key(key):  # no "/" and no leading ".": cannot leave the state dir
             self._fail(conn, "bad_message", f"bad run key {key!r}: letters, digits, ._- only")
             return
         policy = msg.get("policy")

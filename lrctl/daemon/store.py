@@ -14,19 +14,17 @@ import json
 import logging
 import os
 import queue
-import re
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-__all__ = ["FORMAT", "RUN_KEY", "CheckpointWriter", "StateStore"]
+from ..paths import is_run_key
+
+__all__ = ["FORMAT", "CheckpointWriter", "StateStore"]
 
 FORMAT = 1
 MAX_STATE_BYTES = 16 << 20
-#: A run key: safe as a file name and an MLflow name. No "/" and no leading "." means no
-#: path traversal ("a..b" is a plain file name), and it fits the sinks' rule too.
-RUN_KEY = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
 
 log = logging.getLogger("lrctl.daemon")
 
@@ -44,7 +42,7 @@ class StateStore:
         self.dir.mkdir(mode=0o700, parents=True, exist_ok=True)
 
     def path(self, key: str) -> Path:
-        if not RUN_KEY.match(key):
+        if not is_run_key(key):
             raise ValueError(f"bad run key {key!r}")
         return self.dir / f"{key}.json"
 

@@ -28,6 +28,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
+from ..paths import is_run_key
+
 __all__ = [
     "STREAMS",
     "JournalError",
@@ -45,7 +47,6 @@ __all__ = [
 
 #: The streams of a run, in the order the shipper acknowledges them.
 STREAMS = ("metrics", "decisions", "events")
-_RUN_KEY = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _TAIL_CHUNK = 64 * 1024
 
 
@@ -55,9 +56,9 @@ class JournalError(RuntimeError):
 
 def check_run_key(run_key: str) -> str:
     """``run_key`` names a directory: refuse anything that could escape the state dir."""
-    if not isinstance(run_key, str) or not _RUN_KEY.match(run_key):
+    if not is_run_key(run_key):
         raise ValueError(
-            "run_key must be 1-128 letters, digits or ._- starting with a letter or digit, "
+            "run_key must be 1-96 letters, digits or ._- starting with a letter or digit, "
             f"but got {run_key!r}")
     return run_key
 
@@ -107,7 +108,7 @@ def list_run_keys(state_dir: str | os.PathLike[str]) -> list[str]:
     except FileNotFoundError:
         return []
     return sorted(e.name for e in entries
-                  if e.is_dir() and _RUN_KEY.match(e.name) and os.path.exists(
+                  if e.is_dir() and is_run_key(e.name) and os.path.exists(
                       os.path.join(e.path, "meta.json")))
 
 

@@ -14,11 +14,12 @@ from rel_helpers import FIGURES, RawClient, hello
 import lrctl
 from lrctl import paths
 from lrctl.client import request, sanitize_run_name
-from lrctl.daemon.store import RUN_KEY
+from lrctl.paths import is_run_key
 
 PLATEAU = "version: 1\npolicies:\n  - kind: plateau\n    metric: loss\n"
 HOSTILE = ["../../etc", "a/b", "\x00", "x" * 500, "..", ".", "/abs", "a\nb", "ünï",
-           "run/../../../tmp/x", "-rf", " ", "a\\b", "~", "$(id)", ".hidden", "a/../b"]
+           "run/../../../tmp/x", "-rf", " ", "a\\b", "~", "$(id)", ".hidden", "a/../b",
+           "keynl\n"]
 NAMES = [*HOSTILE, "CON", "a..b"]
 
 
@@ -51,7 +52,7 @@ def test_hostile_run_names_become_safe_keys(controller: ControllerProc, name: st
     with lrctl.attach(opt, policy=PLATEAU, sync=True, spawn=False, run_name=name) as ctl:
         ctl.step(1.0)
         key = ctl.run_key
-        assert key is not None and RUN_KEY.match(key) and "/" not in key
+        assert key is not None and is_run_key(key) and "/" not in key
         assert sanitize_run_name(name) in key
         files = os.listdir(Path(controller.state_dir) / "runs")
         assert files == [f"{key}.json"]
@@ -122,3 +123,28 @@ def test_tcp_is_loopback_by_default_and_the_token_compare_is_constant_time() -> 
                 and any("token" in ast.unparse(side) for side in [n.left, *n.comparators])]
     assert not compares, [ast.unparse(c) for c in compares]
     assert "hmac.compare_digest" in source
+
+
+def test_a_symlink_at_the_lock_path_is_not_followed(make_controller, short_dir: Path) -> None:  # type: ignore[no-untyped-def]
+    """A planted <socket>.lock -> victim must not truncate the victim."""
+    victim = short_dir / "victim.txt"
+    victim.write_text("precious\n")
+    sock = Path(os.environ["LRCTL_SOCKET"])
+    sock.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    (sock.parent / (sock.name + ".lock")).symlink_to(victim)
+    proc = make_controller(start=False)
+    proc.start(wait=False)
+    assert proc.proc is not None and proc.proc.wait(60) != 0
+    assert victim.read_text() == "precious\n"
+
+
+def test_log_is_private_and_a_readable_state_dir_is_tightened(make_controller) -> None:  # type: ignore[no-untyped-def]
+    import stat
+
+    state = Path(os.environ["LRCTL_STATE_DIR"])
+    state.mkdir(mode=0o755, parents=True)
+    os.chmod(state, 0o755)
+    proc = make_controller()
+    assert stat.S_IMODE(state.stat().st_mode) == 0o700
+    assert stat.S_IMODE((state / "controller.log").stat().st_mode) == 0o600
+    assert proc.proc is not None and proc.proc.poll() is None
