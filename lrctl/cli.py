@@ -38,6 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    # The command line as given, for results that record what produced them.
+    args.command_line = ["lrctl", *(sys.argv[1:] if argv is None else argv)]
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:

@@ -13,12 +13,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-__all__ = ["ARM_NAMES", "TASK_NAMES", "Progress", "Suite"]
+__all__ = ["ARM_NAMES", "BASE_ARMS", "LEGACY_TASKS", "TASK_NAMES", "Progress", "Suite"]
 
 # Names only, so that building the command line does not import torch; the tests
 # check that they match :data:`lrctl.bench.tasks.TASKS` and :data:`lrctl.bench.arms.ARMS`.
-TASK_NAMES = ("digits", "charlm")
+TASK_NAMES = ("digits", "charlm", "cancer_logreg", "diabetes", "digits_ae", "noisy_labels",
+              "moons", "wine", "digits_cnn", "teacher_student", "sparse_parity", "linreg",
+              "friedman", "adding")
+#: The tasks of the first benchmarks: the recovery and overhead suites still run these.
+LEGACY_TASKS = ("digits", "charlm")
 ARM_NAMES = ("fixed", "cosine", "plateau", "schedulefree", "prodigy", "lrctl")
+#: The quality benchmark's reference arms; every policy file adds a ``policy:<stem>`` arm.
+BASE_ARMS = ("fixed", "cosine", "plateau", "schedulefree", "prodigy")
 
 #: Called after each unit of work: (a one-line description, units done, units in all).
 Progress = Callable[[str, int, int], None]

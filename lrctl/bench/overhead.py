@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ._suite import TASK_NAMES, Progress, Suite
+from ._suite import LEGACY_TASKS, Progress, Suite
 from ._timing import Row, interleave, ratios, rows_table, summary
 
 __all__ = ["SUITE", "OverheadConfig", "run_overhead"]
@@ -37,7 +37,7 @@ EVERY_SLACK = 2.0  # every=N passes when its cost is at most 2/N of every=1's
 
 @dataclass
 class OverheadConfig:
-    tasks: tuple[str, ...] = TASK_NAMES
+    tasks: tuple[str, ...] = LEGACY_TASKS
     rounds: int = 15
     steps: dict[str, int] = field(default_factory=lambda: {"digits": 150, "charlm": 30})
     micro_rounds: int = 15
@@ -297,7 +297,7 @@ def _hook_rows(data: dict[str, list[float]], every: tuple[int, ...]) -> list[dic
 
 
 def _add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--tasks", nargs="+", choices=TASK_NAMES, default=None)
+    p.add_argument("--tasks", nargs="+", choices=LEGACY_TASKS, default=None)
     p.add_argument("--rounds", type=int, default=None, help="interleaved rounds (default 15)")
 
 

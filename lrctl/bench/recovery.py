@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ._suite import TASK_NAMES, Progress, Suite
+from ._suite import LEGACY_TASKS, TASK_NAMES, Progress, Suite
 from .faults import FAULTS, Fault
 
 if TYPE_CHECKING:
@@ -42,7 +42,7 @@ _WINDOW = 10
 
 @dataclass
 class RecoveryConfig:
-    tasks: Sequence[str] = TASK_NAMES
+    tasks: Sequence[str] = LEGACY_TASKS
     arms: Sequence[str] = ("lrctl", "fixed")
     faults: Sequence[str] = tuple(FAULTS)
     seeds: Sequence[int] = (0, 1, 2)
@@ -52,7 +52,7 @@ class RecoveryConfig:
 
     @classmethod
     def quick(cls) -> RecoveryConfig:
-        return cls(seeds=(0,), steps={t: 120 for t in TASK_NAMES})
+        return cls(seeds=(0,), steps={t: 120 for t in LEGACY_TASKS})
 
 
 def run_recovery(cfg: RecoveryConfig, progress: Progress | None = None) -> dict[str, Any]:

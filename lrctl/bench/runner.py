@@ -9,6 +9,7 @@ corrupt gradient, a NaN loss.
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -37,24 +38,29 @@ class RunResult:
     lrs: list[float] = field(default_factory=list)
     skipped: int = 0
     decisions: list[dict[str, Any]] = field(default_factory=list)
+    steps_done: int = 0  # optimizer steps taken or skipped (fewer than steps if stopped early)
+    seconds: float = 0.0  # wall time of the run, build and validation included
 
     def summary(self) -> dict[str, Any]:
         """The JSON-safe record of the run, without per-step curves."""
         return {"task": self.task, "arm": self.arm, "lr": self.lr, "seed": self.seed,
                 "steps": self.steps, "final_val": _json_float(self.final_val),
                 "diverged": self.diverged, "stopped_at": self.stopped_at,
-                "skipped": self.skipped,
+                "steps_done": self.steps_done, "skipped": self.skipped,
+                "seconds": round(self.seconds, 3),
                 "actions": _count_actions(self.decisions)}
 
 
 def train(task: Task, arm: str, lr: float, seed: int, *, steps: int | None = None,
           fault: Fault | None = None, policy: Any = None) -> RunResult:
-    """Train ``task`` for ``steps`` steps under ``arm`` from starting LR ``lr``."""
+    """Train ``task`` for ``steps`` steps under ``arm`` from starting LR ``lr``, with the
+    optimizer the task declares."""
+    began = time.perf_counter()
     steps = task.steps if steps is None else steps
     inst = task.build(seed)
     model = inst.model
     params = [p for p in model.parameters() if p.requires_grad]
-    ctl = make_controller(arm, params, lr, steps, policy)
+    ctl = make_controller(arm, params, lr, steps, policy, task.optimizer)
     eval_every = max(1, steps // ctl.evals_per_run) if ctl.evals_per_run else 0
     result = RunResult(task.name, arm, lr, seed, steps, math.nan, False)
     bad_streak = 0
@@ -95,6 +101,8 @@ def train(task: Task, arm: str, lr: float, seed: int, *, steps: int | None = Non
     finite_params = all(bool(torch.isfinite(p).all()) for p in params)
     result.diverged = result.diverged or not finite_params or not math.isfinite(result.final_val)
     result.decisions = ctl.decisions()
+    result.steps_done = len(result.train_loss)
+    result.seconds = time.perf_counter() - began
     return result
 
 

@@ -44,7 +44,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 def cmd_bench(args: argparse.Namespace) -> int:
     import torch
 
-    from ..bench.report import machine, machine_line
+    from ..bench.report import machine, machine_line, provenance, provenance_line
 
     torch.set_num_threads(1)  # comparable numbers on shared machines; runs are tiny
     suite = args.bench_suite
@@ -55,13 +55,17 @@ def cmd_bench(args: argparse.Namespace) -> int:
             print(f"[{done}/{total}] {line}", file=sys.stderr, flush=True)
 
     info = machine()
+    # Taken before the run: the code that ran, not what changed while it ran.
+    origin = provenance(getattr(args, "command_line", None))
     result: dict[str, Any] = suite.run(args, progress)
     result["suite"] = suite.name
     result["machine"] = info
+    result["provenance"] = origin
     result["seconds"] = round(time.perf_counter() - began, 1)
     args.out.mkdir(parents=True, exist_ok=True)
     text = (f"### lrctl bench {suite.name}{' --quick' if args.quick else ''}\n\n"
-            f"Measured {machine_line(info)}; {result['seconds']} s.\n\n"
+            f"Measured {machine_line(info)}; {result['seconds']} s.\n"
+            f"{provenance_line(origin)}\n\n"
             + suite.render(result, args.out))
     (args.out / f"{suite.name}.md").write_text(text)
     print(text)

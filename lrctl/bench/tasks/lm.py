@@ -1,12 +1,5 @@
-"""Benchmark tasks: small, seeded, offline, a few seconds per run on one CPU thread.
+"""A tiny character-level language model on Python's own standard-library source.
 
-Each task builds, for a seed, a model, a stream of training batches and a
-validation loss on a held-out split. The data ship with installed packages
-(scikit-learn's ``load_digits``) or with Python itself (standard-library source
-text), so a benchmark never downloads anything.
-
-* ``digits``: an MLP 64→256→10 on the 8×8 digits, 80/20 train/validation split
-  (the split is fixed; the seed changes the initialisation and batch order).
 * ``charlm``: a two-layer causal transformer (width 64) predicting the next
   byte of Python standard-library source; the last 10 % of the text is the
   validation split. Too high an LR stalls it near the unigram loss rather than
@@ -15,19 +8,18 @@ text), so a benchmark never downloads anything.
 
 from __future__ import annotations
 
+import functools
 import math
 import sysconfig
-from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
-__all__ = ["TASKS", "Task", "TaskInstance", "get_task"]
+from ._base import Batch, TaskInstance, seeded
 
-Batch = tuple[torch.Tensor, torch.Tensor]
+__all__ = ["TinyTransformer", "build_charlm", "corpus"]
 
 # Stable, plain-ASCII modules present in every CPython 3.10+; any missing one is skipped.
 _CORPUS_FILES = ("textwrap.py", "string.py", "shlex.py", "fnmatch.py", "heapq.py", "bisect.py",
@@ -35,65 +27,7 @@ _CORPUS_FILES = ("textwrap.py", "string.py", "shlex.py", "fnmatch.py", "heapq.py
 _CORPUS_BYTES = 400_000
 
 
-@dataclass
-class TaskInstance:
-    """One seeded instance of a task: the model and its data, ready to train."""
-
-    model: nn.Module
-    next_batch: Callable[[], Batch]
-    loss: Callable[[nn.Module, Batch], torch.Tensor]
-    val_loss: Callable[[nn.Module], float]
-
-
-@dataclass(frozen=True)
-class Task:
-    """A named task with its default length in optimizer steps."""
-
-    name: str
-    steps: int
-    build: Callable[[int], TaskInstance]
-    description: str
-
-
-def _seeded(seed: int) -> torch.Generator:
-    torch.manual_seed(seed)
-    return torch.Generator().manual_seed(seed)
-
-
-# -- digits -------------------------------------------------------------------------
-def _digits_data() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    from sklearn.datasets import load_digits
-
-    x, y = load_digits(return_X_y=True)
-    xt = torch.tensor(x, dtype=torch.float32)
-    yt = torch.tensor(y, dtype=torch.long)
-    order = torch.randperm(len(xt), generator=torch.Generator().manual_seed(0))
-    n_train = int(0.8 * len(xt))
-    tr, va = order[:n_train], order[n_train:]
-    mean, std = xt[tr].mean(0), xt[tr].std(0).clamp_min(1e-3)  # train statistics only
-    return (xt[tr] - mean) / std, yt[tr], (xt[va] - mean) / std, yt[va]
-
-
-def build_digits(seed: int, batch_size: int = 64) -> TaskInstance:
-    gen = _seeded(seed)
-    x_tr, y_tr, x_va, y_va = _digits_data()
-    model = nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 10))
-
-    def next_batch() -> Batch:
-        idx = torch.randint(0, len(x_tr), (batch_size,), generator=gen)
-        return x_tr[idx], y_tr[idx]
-
-    def loss(m: nn.Module, batch: Batch) -> torch.Tensor:
-        return F.cross_entropy(m(batch[0]), batch[1])
-
-    def val_loss(m: nn.Module) -> float:
-        with torch.no_grad():
-            return float(F.cross_entropy(m(x_va), y_va))
-
-    return TaskInstance(model, next_batch, loss, val_loss)
-
-
-# -- tiny character-level language model --------------------------------------------
+@functools.lru_cache(maxsize=1)
 def corpus() -> bytes:
     """Python's own standard-library source, as 7-bit ASCII."""
     root = Path(sysconfig.get_paths()["stdlib"])
@@ -128,7 +62,7 @@ class TinyTransformer(nn.Module):
 
 def build_charlm(seed: int, context: int = 32, batch_size: int = 16,
                  val_batches: int = 8) -> TaskInstance:
-    gen = _seeded(seed)
+    gen = seeded(seed)
     data = torch.tensor(list(corpus()), dtype=torch.long)
     split = int(0.9 * len(data))
     train, val = data[:split], data[split:]
@@ -155,18 +89,3 @@ def build_charlm(seed: int, context: int = 32, batch_size: int = 16,
         return value if math.isfinite(value) else math.nan
 
     return TaskInstance(model, next_batch, loss, val_loss)
-
-
-TASKS: dict[str, Task] = {
-    "digits": Task("digits", 600, build_digits,
-                   "MLP 64→256→10 on sklearn digits, batch 64, 80/20 split"),
-    "charlm": Task("charlm", 600, build_charlm,
-                   "2-layer causal transformer (width 64, context 32, batch 16) on stdlib source"),
-}
-
-
-def get_task(name: str) -> Task:
-    try:
-        return TASKS[name]
-    except KeyError:
-        raise ValueError(f"unknown task {name!r} (known: {', '.join(TASKS)})") from None
