@@ -4,10 +4,12 @@ Two runs of the same setup, side by side: a 64→256→10 MLP on the bundled
 digits, AdamW at a deliberately too-high learning rate, and, two fifths of the
 way in, three corrupted batches (labels misaligned, as from a bad data shard).
 
-* **lrctl**: the default policy steers the LR through the controller — a range
-  test finds a workable LR, the divergence guard backs off on the corrupted
-  batches' spike (skipping those steps) and grows the LR back after a clean
-  stretch; plateau decay stands by to halve the LR if the loss stops improving.
+* **lrctl**: the range-test policy (``policies/rangetest.yaml``, opt-in: the
+  default policy leaves the LR you gave alone unless the run diverges or stalls)
+  steers the LR through the controller — a range test finds a workable LR, the
+  divergence guard backs off on the corrupted batches' spike (skipping those
+  steps) and grows the LR back after a clean stretch; plateau decay stands by to
+  halve the LR if the loss stops improving.
 * **fixed**: the same LR throughout; lrctl watches in shadow mode, so the
   MLflow UI shows what it *would* have done, and nothing changes the LR.
 
@@ -27,7 +29,9 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from .client import Controller
-from .commands.policy import DEFAULT_POLICY
+from .commands.policy import DATA
+
+DEMO_POLICY = DATA / "policies" / "rangetest.yaml"
 
 __all__ = ["DemoResult", "run_demo"]
 
@@ -106,12 +110,12 @@ def run_demo(steps: int = 3000, lr: float = 0.5, out: TextIO = sys.stdout) -> in
     import torch
 
     torch.set_num_threads(1)
-    policy_text = DEFAULT_POLICY.read_text()
+    policy_text = DEMO_POLICY.read_text()
     shadow_text = policy_text.replace("version: 1\n", "version: 1\nmode: shadow\n", 1)
     print(f"lrctl demo: digits MLP, AdamW at a too-high LR of {lr:g}, {steps} steps, "
           f"3 corrupted batches at step {2 * steps // 5}\n", file=out)
     started = time.monotonic()
-    steered = train("lrctl", str(DEFAULT_POLICY), lr, steps, out)
+    steered = train("lrctl", str(DEMO_POLICY), lr, steps, out)
     fixed = train("fixed", shadow_text, lr, steps, out)
 
     print("\nWhat lrctl decided, and why:", file=out)

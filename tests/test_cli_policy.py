@@ -49,8 +49,8 @@ def test_replay_default_prints_decisions_with_reasons() -> None:
     result = lrctl("replay")
     assert result.returncode == 0, result.stderr
     assert "3000 steps replayed" in result.stdout
-    assert "range_test_done" in result.stdout
     assert "plateau      reduce" in result.stdout
+    assert "did not fall significantly over the last 400 observations" in result.stdout
 
 
 def test_replay_json_matches_in_process_engine(tmp_path: Path) -> None:

@@ -13,7 +13,7 @@ from lrctl.policy import get_policy_class
 from lrctl.policy.rangetest import RangeTest
 
 README = (Path(__file__).resolve().parents[2] / "README.md").read_text()
-REPO_DEFAULT = Path(__file__).resolve().parents[2] / "policies" / "default.yaml"
+REPO_RANGETEST = Path(__file__).resolve().parents[2] / "policies" / "rangetest.yaml"
 
 
 def _sweep(losses: list[float], **knobs: object) -> lrctl.Engine:
@@ -169,7 +169,7 @@ def _synthetic_sweep(seed: int, policy: object) -> lrctl.Engine:
 def test_a_noisy_flat_loss_does_not_end_the_sweep(seed: int) -> None:
     """The best of a wobbling smoothed loss is a low outlier: without the noise guard
     (noise_z 0) half of these sweeps stop on noise early and settle far too low."""
-    engine = _synthetic_sweep(seed, REPO_DEFAULT)
+    engine = _synthetic_sweep(seed, REPO_RANGETEST)
     (done,) = [d for d in engine.decisions if d.action == "range_test_done"]
     assert done.step > 60, done.reason  # well past the flat start (LR ×1.07 per step)
     assert done.evidence["lr_at_stop"] > 1e-3, done.reason

@@ -36,7 +36,7 @@ def _drive(ctl: lrctl.Controller, engine: lrctl.Engine, curve: list[float],
     return mismatches
 
 
-@pytest.mark.parametrize("policy", ["default.yaml", "plateau.yaml", "sgdr.yaml",
+@pytest.mark.parametrize("policy", ["default.yaml", "rangetest.yaml", "plateau.yaml", "sgdr.yaml",
                                     "divergence.yaml", "cyclical.yaml"])
 def test_sync_matches_load_policy(controller: ControllerProc, policy: str) -> None:
     path = str(POLICIES / policy)
@@ -77,7 +77,7 @@ def test_async_applies_each_decision_at_exactly_the_next_step(
     t, even when it has already arrived (then a seeded run would depend on timing), and
     never an older one (the pre-step hook waits for it, bounded by ``timeout``)."""
     opt = _optimizer([0.1])
-    path = str(POLICIES / "default.yaml")
+    path = str(POLICIES / "rangetest.yaml")  # its sweep moves the LR every step
     engine = lrctl.load_policy(path, [0.1])
     with lrctl.attach(opt, policy=path, spawn=False) as ctl:
         lrs_for_t = engine.applied_lrs  # the welcome: the LRs of step 0

@@ -24,6 +24,10 @@ import lrctl
 from lrctl.policy import unregister_policy
 
 EXAMPLES = REPO / "examples"
+# The examples' own default is lrctl's default policy (do no harm: the LR stays unless the
+# run diverges or stalls). These runs are short, so they use the opt-in range test, whose
+# decisions show within a few dozen steps.
+RANGETEST = ["--policy", str(REPO / "policies" / "rangetest.yaml")]
 RUN_TIMEOUT_S = 240
 
 
@@ -50,16 +54,16 @@ def final_lr(stdout: str) -> float:
 
 def test_train_plain(controller: LiveController, tmp_path: Path) -> None:
     out = run(controller, [str(EXAMPLES / "train_plain.py"), "--steps", "150", "--lr", "0.01",
-                           "--eval-every", "50"], tmp_path)
+                           "--eval-every", "50", *RANGETEST], tmp_path)
     assert "lrctl run train-plain-" in out
-    # The default policy's online range test ends within 150 steps here and says why.
+    # The online range test ends within 150 steps here and says why.
     assert re.search(r"step \d+: rangetest range_test_done: ", out), out
     assert final_lr(out) != pytest.approx(0.01)
 
 
 def test_train_charlm(controller: LiveController, tmp_path: Path) -> None:
     out = run(controller, [str(EXAMPLES / "train_charlm.py"), "--steps", "30", "--chars",
-                           "20000", "--width", "32", "--layers", "1"], tmp_path)
+                           "20000", "--width", "32", "--layers", "1", *RANGETEST], tmp_path)
     assert "lrctl run charlm-" in out
     # The range test starts at 1% of --lr and grows the LR every step.
     assert 3e-5 < final_lr(out) < 3e-3
@@ -67,7 +71,7 @@ def test_train_charlm(controller: LiveController, tmp_path: Path) -> None:
 
 def test_train_hf(controller: LiveController, tmp_path: Path) -> None:
     out = run(controller, [str(EXAMPLES / "train_hf.py"), "--steps", "20", "--output-dir",
-                           str(tmp_path / "hf")], tmp_path)
+                           str(tmp_path / "hf"), *RANGETEST], tmp_path)
     match = re.search(r"the Trainer logged learning_rate (\S+) at step 1 … (\S+) at step 20",
                       out)
     assert match, out[-2000:]
@@ -80,7 +84,7 @@ def test_train_hf(controller: LiveController, tmp_path: Path) -> None:
 
 def test_train_lightning(controller: LiveController, tmp_path: Path) -> None:
     out = run(controller, [str(EXAMPLES / "train_lightning.py"), "--steps", "120", "--root",
-                           str(tmp_path / "pl")], tmp_path)
+                           str(tmp_path / "pl"), *RANGETEST], tmp_path)
     assert "lrctl run train-lightning-" in out
     assert re.search(r"val_loss \d", out), out
     assert re.search(r"step \d+: rangetest range_test_done: ", out), out
@@ -95,7 +99,7 @@ def free_port() -> int:
 def test_train_ddp_ranks_use_identical_lrs(controller: LiveController, tmp_path: Path) -> None:
     out = run(controller, ["-m", "torch.distributed.run", "--nproc_per_node=2", "--nnodes=1",
                            "--master_addr=127.0.0.1", f"--master_port={free_port()}",
-                           str(EXAMPLES / "train_ddp.py"), "--steps", "120"], tmp_path)
+                           str(EXAMPLES / "train_ddp.py"), "--steps", "120", *RANGETEST], tmp_path)
     # The ranks share one stdout pipe: their lines may run into each other.
     prints = dict(re.findall(r"rank (\d): \d+ steps, final lr \S+, LR sequence sha256 "
                              r"([0-9a-f]{16})", out))
