@@ -38,6 +38,7 @@ from types import MappingProxyType
 from typing import Any
 
 from . import paths
+from ._defaults import DEFAULT_POLICY
 from ._guard import StepGuard
 from ._link import Link, token_from_env
 from ._sources import looks_like_path
@@ -50,7 +51,6 @@ __all__ = ["Controller", "ControllerError", "PolicyRejected", "attach", "request
 
 log = logging.getLogger("lrctl")
 
-DEFAULT_POLICY = Path(__file__).parent / "data" / "policies" / "default.yaml"
 MAX_POLICY_BYTES = 64 * 1024
 MAX_DECISIONS = 10_000
 #: A controller that attach() started exits after this long with no hook connected.

@@ -28,10 +28,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
+from ._defaults import RANGETEST_POLICY as DEMO_POLICY
 from .client import Controller
-from .commands.policy import DATA
-
-DEMO_POLICY = DATA / "policies" / "rangetest.yaml"
 
 __all__ = ["DemoResult", "run_demo"]
 

@@ -36,10 +36,11 @@ from typing import Any
 
 import torch
 
+from .._defaults import DEFAULT_POLICY
+
 __all__ = ["ARMS", "DEFAULT_POLICY", "POLICY_PREFIX", "Controller", "build_optimizer",
            "default_policy_files", "is_policy_arm", "make_controller", "policy_arms"]
 
-DEFAULT_POLICY = Path(__file__).resolve().parent.parent / "data" / "policies" / "default.yaml"
 #: The checkout's ``policies/`` folder (absent in an installed wheel).
 REPO_POLICIES = Path(__file__).resolve().parent.parent.parent / "policies"
 POLICY_PREFIX = "policy:"

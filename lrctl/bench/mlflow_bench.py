@@ -75,7 +75,7 @@ def _points(path: Path) -> int:
 def _ship_round(root: Path, uri: str, db: Path, cfg: MlflowConfig, tag: str) -> dict[str, Any]:
     import hashlib
 
-    from ..client import DEFAULT_POLICY
+    from .._defaults import DEFAULT_POLICY
     from ..sinks import AuditSettings, AuditSink, RunInfo
 
     text = DEFAULT_POLICY.read_text()

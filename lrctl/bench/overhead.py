@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .._defaults import DEFAULT_POLICY
 from ._suite import LEGACY_TASKS, Progress, Suite
 from ._timing import Row, interleave, ratios, rows_table, summary
 
@@ -113,7 +114,7 @@ def _step_arms(task: str, cfg: OverheadConfig, sockets: dict[str, str],
     arms["cosine scheduler"] = lambda: _timed_loop(cos_tr, steps, lambda loss: None, cos.step)
 
     eng_tr = _Trainer(task)
-    engine = lrctl.load_policy(cfg.policy or lrctl.client.DEFAULT_POLICY, [1e-3])
+    engine = lrctl.load_policy(cfg.policy or DEFAULT_POLICY, [1e-3])
     counter = iter(range(10**12))
 
     def engine_step(loss: Any) -> None:

@@ -10,9 +10,8 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
-DATA = Path(__file__).resolve().parent.parent / "data"
-DEFAULT_POLICY = DATA / "policies" / "default.yaml"
-RECORDED_CURVE = DATA / "loss_curve.csv"
+from .._defaults import DEFAULT_POLICY, RECORDED_CURVE
+
 MAX_CURVE_ROWS = 10_000_000
 
 
