@@ -335,14 +335,13 @@ def _all_runs(args: argparse.Namespace) -> int:
     from ..client import ControllerError, request
     from .history import journal_runs
 
-    live: dict[str, dict[str, Any]] = {}
     state_dir = args.state_dir
     try:
         live = {r["run"]: r for r in request({"t": "runs"}, args.socket, timeout=2.0)["runs"]}
         if state_dir is None:
             state_dir = request({"t": "status"}, args.socket, timeout=2.0).get("state_dir")
     except (OSError, ControllerError):
-        pass  # no controller: the journals alone
+        live = {}  # no controller: the journals alone
     root = Path(state_dir) if state_dir else paths.state_dir()
     runs = journal_runs(root, live)
     if args.json:

@@ -130,7 +130,6 @@ class Plateau(Policy):
         bad = self._num_bad
         self._cooldown_counter = self.params["cooldown"]
         self._num_bad = 0
-        ratio = self._reduction_ratio(obs.lrs)
         evidence = {
             "statistic": self.params["metric"],
             "value": current,
@@ -140,23 +139,10 @@ class Plateau(Policy):
             "window": self.params["patience"],
             "bad_observations": bad,
         }
-        if ratio is not None:
-            self._scale *= ratio
-            self._reductions += 1
-            return [Action("reduce",
-                           f"{self.params['metric']} has not improved on its best "
-                           f"{self._best:.6g} for {bad} observations (patience "
-                           f"{self.params['patience']}): LR × {ratio:.6g}",
-                           {**evidence, "factor": ratio})]
-        restart_lr = self.params["restart_lr"]
-        if restart_lr is None or not obs.lrs or obs.lrs[0] <= 0:
-            return []
-        self._scale *= restart_lr / obs.lrs[0]
-        self._best = self._mode_worse
-        self._restarts += 1
-        return [Action("restart",
-                       f"{self.params['metric']} plateaued at the LR floor: restart at "
-                       f"{restart_lr:.6g}", {**evidence, "restart_lr": restart_lr})]
+        return self._act(obs, evidence,
+                         f"{self.params['metric']} has not improved on its best "
+                         f"{self._best:.6g} for {bad} observations (patience "
+                         f"{self.params['patience']})")
 
     def _observe_trend(self, raw: float, obs: Observation) -> list[Action]:
         """``test: trend``: reduce when the window's fall is not significant."""
@@ -186,21 +172,25 @@ class Plateau(Policy):
         window.clear()
         self._test_wait = 0
         self._cooldown_counter = self.params["cooldown"]
-        ratio = self._reduction_ratio(obs.lrs)
         what = ("rose" if result.verdict == "rose" else "did not fall significantly")
+        return self._act(obs, evidence,
+                         f"{self.params['metric']} {what} over the last {window.window} "
+                         f"observations (mean {sign * result.older:.6g} → "
+                         f"{sign * result.newer:.6g}, z {result.z:.2f}, level "
+                         f"{self.params['alpha']:g})")
+
+    def _act(self, obs: Observation, evidence: dict[str, Any], why: str) -> list[Action]:
+        """A plateau was found: reduce the LR (torch's rule), or restart at the floor."""
+        ratio = self._reduction_ratio(obs.lrs)
         if ratio is not None:
             self._scale *= ratio
             self._reductions += 1
-            return [Action("reduce",
-                           f"{self.params['metric']} {what} over the last {window.window} "
-                           f"observations (mean {sign * result.older:.6g} → "
-                           f"{sign * result.newer:.6g}, z {result.z:.2f}, level "
-                           f"{self.params['alpha']:g}): LR × {ratio:.6g}",
-                           {**evidence, "factor": ratio})]
+            return [Action("reduce", f"{why}: LR × {ratio:.6g}", {**evidence, "factor": ratio})]
         restart_lr = self.params["restart_lr"]
         if restart_lr is None or not obs.lrs or obs.lrs[0] <= 0:
             return []
         self._scale *= restart_lr / obs.lrs[0]
+        self._best = self._mode_worse
         self._restarts += 1
         return [Action("restart",
                        f"{self.params['metric']} plateaued at the LR floor: restart at "

@@ -61,3 +61,19 @@ def make_controller(short_dir: Path, controllers: list[ControllerProc]):  # type
 @pytest.fixture
 def controller(make_controller) -> ControllerProc:  # type: ignore[no-untyped-def]
     return make_controller()
+
+
+@pytest.fixture
+def reap_spawned() -> Iterator[None]:
+    """Kill the controllers that attach(spawn=True) started during the test."""
+    from lrctl import client
+
+    before = len(client._spawned)
+    try:
+        yield
+    finally:
+        for proc in client._spawned[before:]:
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait(10)
+        del client._spawned[before:]

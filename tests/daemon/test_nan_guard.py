@@ -115,6 +115,7 @@ def test_warns_when_called_after_optimizer_step(controller: ControllerProc) -> N
             model(torch.ones(2, 4)).sum().backward()
             opt.step()
             ctl.step(1.0)
+    assert not ctl._guard.enabled  # it does not skip a step it has not seen yet
     ctl.close()
 
 

@@ -6,7 +6,6 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 
 import pytest
 import torch
@@ -14,19 +13,6 @@ from daemon_helpers import ControllerProc
 
 import lrctl
 from lrctl import client
-
-
-@pytest.fixture
-def reap_spawned() -> Iterator[None]:
-    before = len(client._spawned)
-    try:
-        yield
-    finally:
-        for proc in client._spawned[before:]:
-            if proc.poll() is None:
-                proc.kill()
-            proc.wait(10)
-        del client._spawned[before:]
 
 
 def test_spawn_starts_one_controller_and_a_second_run_reuses_it(reap_spawned: None) -> None:

@@ -71,19 +71,6 @@ def old_controller() -> Iterator[OldController]:
         old.close()
 
 
-@pytest.fixture
-def reap_spawned() -> Iterator[None]:
-    before = len(client._spawned)
-    try:
-        yield
-    finally:
-        for proc in client._spawned[before:]:
-            if proc.poll() is None:
-                proc.kill()
-            proc.wait(10)
-        del client._spawned[before:]
-
-
 def _opt() -> torch.optim.Optimizer:
     return torch.optim.SGD([torch.nn.Parameter(torch.ones(1))], lr=0.1)
 
