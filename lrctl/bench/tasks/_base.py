@@ -110,3 +110,17 @@ def tensor_task(model: nn.Module, data: tuple[torch.Tensor, ...], batch_size: in
             return _finite(float(loss_fn(m(x_va), y_va)))
 
     return TaskInstance(model, next_batch, loss, val_loss)
+
+
+#: A table split: (x_train, y_train, x_val, y_val).
+Data = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
+
+def split_xy(x: torch.Tensor, y: torch.Tensor, scale_y: bool) -> Data:
+    """The fixed train/validation split of a table, features (and optionally targets)
+    standardised with the training rows' statistics only."""
+    tr, va = split_rows(len(x))
+    x_tr, x_va = standardize(x[tr], x[va])
+    y_tr, y_va = y[tr], y[va]
+    if scale_y:
+        y_tr, y_va = standardize(y_tr, y_va)
+    return x_tr, y_tr, x_va, y_va

@@ -26,12 +26,18 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ._base import Batch, TaskInstance, seeded, split_rows, standardize, tensor_task
+from ._base import (
+    Batch,
+    Data,
+    TaskInstance,
+    seeded,
+    split_xy,
+    tensor_task,
+)
 
 __all__ = ["build_adding", "build_friedman", "build_moons", "build_sparse_parity",
            "build_teacher_student"]
 
-Data = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
 
 
 def _mlp(*widths: int, act: type[nn.Module] = nn.ReLU) -> nn.Sequential:
@@ -43,15 +49,6 @@ def _mlp(*widths: int, act: type[nn.Module] = nn.ReLU) -> nn.Sequential:
     return nn.Sequential(*layers)
 
 
-def _split_xy(x: torch.Tensor, y: torch.Tensor, scale_y: bool) -> Data:
-    tr, va = split_rows(len(x))
-    x_tr, x_va = standardize(x[tr], x[va])
-    y_tr, y_va = y[tr], y[va]
-    if scale_y:
-        y_tr, y_va = standardize(y_tr, y_va)
-    return x_tr, y_tr, x_va, y_va
-
-
 # -- teacher-student regression ---------------------------------------------------------
 @functools.lru_cache(maxsize=1)
 def _teacher_data() -> Data:
@@ -61,7 +58,7 @@ def _teacher_data() -> Data:
     b1 = torch.randn(32, generator=g) * 0.5
     w2 = torch.randn(32, 1, generator=g) / 32 ** 0.5
     y = torch.tanh(x @ w1 + b1) @ w2
-    return _split_xy(x, y, scale_y=True)
+    return split_xy(x, y, scale_y=True)
 
 
 def build_teacher_student(seed: int) -> TaskInstance:
@@ -115,7 +112,7 @@ def _moons_data() -> Data:
     from sklearn.datasets import make_moons
 
     x, y = make_moons(n_samples=2000, noise=0.25, random_state=0)
-    return _split_xy(torch.tensor(x, dtype=torch.float32), torch.tensor(y), scale_y=False)
+    return split_xy(torch.tensor(x, dtype=torch.float32), torch.tensor(y), scale_y=False)
 
 
 def build_moons(seed: int) -> TaskInstance:
@@ -141,7 +138,7 @@ def _friedman_data() -> Data:
     from sklearn.datasets import make_friedman1
 
     x, y = make_friedman1(n_samples=3000, n_features=10, noise=1.0, random_state=0)
-    return _split_xy(torch.tensor(x, dtype=torch.float32),
+    return split_xy(torch.tensor(x, dtype=torch.float32),
                      torch.tensor(y, dtype=torch.float32).reshape(-1, 1), scale_y=True)
 
 

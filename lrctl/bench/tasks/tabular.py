@@ -22,12 +22,18 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ._base import Batch, TaskInstance, seeded, split_rows, standardize, tensor_task
+from ._base import (
+    Batch,
+    Data,
+    TaskInstance,
+    seeded,
+    split_xy,
+    tensor_task,
+)
 
 __all__ = ["build_cancer_logreg", "build_diabetes", "build_digits", "build_linreg",
            "build_noisy_labels", "build_wine"]
 
-Data = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
 
 
 # -- digits (unchanged since the first benchmark) ---------------------------------------
@@ -70,12 +76,7 @@ def _split(x: object, y: object, *, classes: bool, scale_y: bool = False) -> Dat
     yt = torch.tensor(y, dtype=torch.long if classes else torch.float32)
     if not classes:
         yt = yt.reshape(-1, 1)
-    tr, va = split_rows(len(xt))
-    x_tr, x_va = standardize(xt[tr], xt[va])
-    y_tr, y_va = yt[tr], yt[va]
-    if scale_y:
-        y_tr, y_va = standardize(y_tr, y_va)
-    return x_tr, y_tr, x_va, y_va
+    return split_xy(xt, yt, scale_y)
 
 
 def _bce(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
