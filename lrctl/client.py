@@ -146,6 +146,8 @@ class Controller:
         # the optimizer step after t's, never t's own (async; see _usable_step).
         self._held: dict[int, list[float]] = {}
         self._device_stats = False  # statistics went through the CUDA staging path
+        self._late = False  # an answer missed its step: no waiting until they catch up
+        self.late_waits = 0  # waits that timed out (a slow or stopped controller)
         self._after_order = False  # the loop calls step() after optimizer.step()
         self._metrics: dict[str, Any] = {}
         self._records: deque[dict[str, Any]] = deque(maxlen=MAX_DECISIONS)
@@ -512,12 +514,18 @@ class Controller:
         limit = self._usable_step()
         due = self._reported if self._reported <= limit else self._prev_reported
         if due < 0 or self._acked >= due:
+            self._late = False  # caught up: exact t+1 again
             return
+        if self._late:
+            return  # a wait already timed out: no step waits again until answers catch up
         self._got_error = False
         if not link.wait(lambda: self._acked >= due or self._got_error, self.timeout) \
                 and not self._got_error and link.connected:
+            self._late = True
+            self.late_waits += 1
             self._warn("slow", f"lrctl: the decision for step {due} did not arrive within "
-                               f"{self.timeout:g} s; continuing at the last LR")
+                               f"{self.timeout:g} s; continuing at the last LR (decisions "
+                               "apply as they arrive until the controller catches up)")
 
     def _promote(self) -> None:
         """Held answers whose optimizer step has come become the target."""

@@ -56,6 +56,35 @@ def test_a_stalled_controller_times_out_in_sync_mode_and_training_continues(
         ctl.close()
 
 
+def test_a_stalled_controller_costs_an_async_loop_one_bounded_wait(
+        controller: ControllerProc) -> None:
+    """Async waits (at most ``timeout``) for a late answer to keep t+1 exact, but a stopped
+    controller must not make every step wait: after one timed-out wait the hook applies
+    answers as they come, and waits again only once they have caught up."""
+    opt = _opt()
+    ctl = lrctl.attach(opt, policy=POLICY, spawn=False, timeout=0.2)
+    try:
+        for loss in losses(5):
+            ctl.step(loss, grad_norm=1.0)
+            opt.step()
+        controller.proc.send_signal(signal.SIGSTOP)  # type: ignore[union-attr]
+        try:
+            with pytest.warns(RuntimeWarning, match="did not arrive within"):
+                for loss in losses(20):
+                    ctl.step(loss, grad_norm=1.0)
+                    opt.step()
+            assert ctl.late_waits == 1
+        finally:
+            controller.proc.send_signal(signal.SIGCONT)  # type: ignore[union-attr]
+        ctl._link.wait(lambda: ctl._acked >= ctl._reported, 30.0)  # type: ignore[union-attr]
+        for loss in losses(5):  # caught up: exact again, and no new timed-out wait
+            ctl.step(loss, grad_norm=1.0)
+            opt.step()
+        assert ctl.late_waits == 1 and not ctl._late
+    finally:
+        ctl.close()
+
+
 def test_async_mode_never_raises_when_the_controller_dies(controller: ControllerProc) -> None:
     opt = _opt()
     ctl = lrctl.attach(opt, policy=POLICY, spawn=False)
