@@ -8,7 +8,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from ._version import __version__
-from .client import Controller, attach
+from .hook import Controller, attach
 from .policy import Decision, Engine, Policy, register_policy
 
 __all__ = [

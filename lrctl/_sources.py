@@ -5,9 +5,16 @@ Stdlib only, so the training side can use it without importing yaml.
 
 from __future__ import annotations
 
+import json
 import os
+from collections.abc import Mapping
+from typing import Any
 
-__all__ = ["looks_like_path"]
+from ._defaults import DEFAULT_POLICY
+
+__all__ = ["MAX_POLICY_BYTES", "looks_like_path", "policy_payload"]
+
+MAX_POLICY_BYTES = 64 * 1024
 
 
 def looks_like_path(s: str) -> bool:
@@ -17,3 +24,34 @@ def looks_like_path(s: str) -> bool:
     ``'{"version": 1, ...}'`` are policy text.
     """
     return "\n" not in s and ":" not in s.split(os.sep)[-1] and not s.lstrip().startswith("{")
+
+
+def policy_payload(policy: Any) -> tuple[str, str]:
+    """``(text, source)`` of a ``policy=`` argument, as the hook sends it in its hello.
+
+    ``None`` is the packaged default; dicts travel as JSON, which YAML reads as is;
+    a path is read here (at most :data:`MAX_POLICY_BYTES`) and sent with its
+    absolute path as the source, so the controller can watch it.
+    """
+    if policy is None:
+        policy = DEFAULT_POLICY
+    if isinstance(policy, Mapping):
+        try:
+            return json.dumps(dict(policy), indent=2, allow_nan=False), "<dict>"
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"policy dict is not plain data: {exc}") from None
+    if isinstance(policy, os.PathLike) or (isinstance(policy, str) and looks_like_path(policy)):
+        path = os.path.abspath(os.fspath(policy))
+        try:
+            with open(path, "rb") as f:
+                data = f.read(MAX_POLICY_BYTES + 1)
+        except OSError as exc:
+            raise FileNotFoundError(f"cannot read policy file {path}: "
+                                    f"{exc.strerror or exc}") from None
+        if len(data) > MAX_POLICY_BYTES:
+            raise ValueError(f"policy file {path} is larger than {MAX_POLICY_BYTES} bytes")
+        return data.decode("utf-8", "replace"), path
+    if isinstance(policy, str):
+        return policy, "<string>"
+    raise TypeError(f"policy must be a path, YAML text or a dict, but got "
+                    f"{type(policy).__name__}")

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from ._defaults import RANGETEST_POLICY as DEMO_POLICY
-from .client import Controller
+from .hook import Controller
 
 __all__ = ["DemoResult", "run_demo"]
 
@@ -157,13 +157,13 @@ def _where_to_look(steered: DemoResult, out: TextIO) -> None:
 
 def _controller_note(out: TextIO) -> None:
     """Say so when the demo started the controller, and how to stop it."""
-    from . import client, paths
+    from . import _spawn, paths
 
-    if not client._spawned:
+    if not _spawn.spawned:
         return
-    pid = client._spawned[0].pid
+    pid = _spawn.spawned[0].pid
     print(f"\nThe demo started a controller (pid {pid}) on {paths.default_socket()}: it serves "
-          f"the next runs, exits by itself {client.SPAWNED_IDLE_EXIT_S // 60} minutes after "
+          f"the next runs, exits by itself {_spawn.SPAWNED_IDLE_EXIT_S // 60} minutes after "
           "its last run, and 'lrctl stop' stops it now.", file=out)
 
 

@@ -1,6 +1,6 @@
 """The wire protocol between hooks, operator verbs and the controller (version 1).
 
-Pure: frames in, frames out; no sockets here (see :mod:`lrctl.client` and
+Pure: frames in, frames out; no sockets here (see :mod:`lrctl._link` and
 :mod:`lrctl.daemon`), so the format is testable by round trip.
 
 Framing

@@ -64,18 +64,18 @@ def test_demo_says_when_it_started_the_controller_and_how_to_stop_it(
         monkeypatch: pytest.MonkeyPatch) -> None:
     import io
 
-    from lrctl import client, demo
+    from lrctl import _spawn, demo
 
     class Proc:
         pid = 4242
 
-    monkeypatch.setattr(client, "_spawned", [Proc()])
+    monkeypatch.setattr(_spawn, "spawned", [Proc()])
     out = io.StringIO()
     demo._controller_note(out)
     text = out.getvalue()
     assert "started a controller (pid 4242)" in text and "'lrctl stop'" in text
     assert "10 minutes" in text
-    monkeypatch.setattr(client, "_spawned", [])
+    monkeypatch.setattr(_spawn, "spawned", [])
     out = io.StringIO()
     demo._controller_note(out)
     assert out.getvalue() == ""

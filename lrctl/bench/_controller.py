@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 from types import TracebackType
 
-from ..client import request
+from ..wire.operator import request
 
 __all__ = ["ServeProcess"]
 

@@ -55,9 +55,9 @@ class ThroughputConfig:
 
 
 def _policy_text(policy: Any) -> str:
-    from ..client import _policy_payload
+    from .._sources import policy_payload
 
-    return _policy_payload(policy)[0]
+    return policy_payload(policy)[0]
 
 
 def _one(socket: str, n: int, cfg: ThroughputConfig, text: str, rate: float | None, srv: Any,

@@ -169,7 +169,7 @@ def _serve_token(token_file: str | None) -> str | None:
 
 
 def _ask(args: argparse.Namespace, msg: dict[str, Any]) -> dict[str, Any] | None:
-    from ..client import ControllerError, request
+    from ..wire.operator import ControllerError, request
 
     try:
         return request(msg, args.socket)
@@ -332,7 +332,7 @@ def _all_runs(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from .. import paths
-    from ..client import ControllerError, request
+    from ..wire.operator import ControllerError, request
     from .history import journal_runs
 
     state_dir = args.state_dir

@@ -38,7 +38,7 @@ from typing import Any
 
 from transformers import TrainerCallback
 
-from ..client import Controller
+from ..hook import Controller
 
 __all__ = ["LrctlCallback"]
 

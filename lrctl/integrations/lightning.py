@@ -29,7 +29,8 @@ from typing import Any
 
 import lightning.pytorch as pl
 
-from ..client import Controller, total_grad_norm
+from .._torchutil import total_grad_norm
+from ..hook import Controller
 
 __all__ = ["LrctlCallback"]
 

@@ -14,7 +14,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
 
-from ..client import Controller
+from ..hook import Controller
 
 __all__ = ["Scheduler"]
 

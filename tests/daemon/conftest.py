@@ -66,14 +66,14 @@ def controller(make_controller) -> ControllerProc:  # type: ignore[no-untyped-de
 @pytest.fixture
 def reap_spawned() -> Iterator[None]:
     """Kill the controllers that attach(spawn=True) started during the test."""
-    from lrctl import client
+    from lrctl import _spawn
 
-    before = len(client._spawned)
+    before = len(_spawn.spawned)
     try:
         yield
     finally:
-        for proc in client._spawned[before:]:
+        for proc in _spawn.spawned[before:]:
             if proc.poll() is None:
                 proc.kill()
             proc.wait(10)
-        del client._spawned[before:]
+        del _spawn.spawned[before:]

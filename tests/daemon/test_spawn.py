@@ -12,7 +12,7 @@ import torch
 from daemon_helpers import ControllerProc
 
 import lrctl
-from lrctl import client
+from lrctl import _spawn, client
 
 
 def test_spawn_starts_one_controller_and_a_second_run_reuses_it(reap_spawned: None) -> None:
@@ -21,12 +21,12 @@ def test_spawn_starts_one_controller_and_a_second_run_reuses_it(reap_spawned: No
         first.step(1.0)
         assert first.connected
         pid = client.request({"t": "status"})["pid"]
-        assert pid == client._spawned[-1].pid
+        assert pid == _spawn.spawned[-1].pid
         assert os.getsid(pid) == pid  # its own process session
         with lrctl.attach(opt, sync=True) as second:
             second.step(1.0)
             assert client.request({"t": "status"})["runs"] == 2
-        assert len(client._spawned) == 1 or client._spawned[-1].pid == pid
+        assert len(_spawn.spawned) == 1 or _spawn.spawned[-1].pid == pid
     state = os.environ["LRCTL_STATE_DIR"]
     assert os.path.exists(os.path.join(state, "controller.log"))
 
@@ -77,12 +77,12 @@ def test_a_controller_that_dies_is_replaced_and_the_run_resumes(reap_spawned: No
         for t in range(5):
             ctl.step(1.0, grad_norm=1.0)
             engine.observe(step=t, loss=1.0, grad_norm=1.0)
-        first = client._spawned[-1]
+        first = _spawn.spawned[-1]
         os.kill(first.pid, signal.SIGKILL)
         first.wait(10)
         deadline = time.monotonic() + 120
         t = 5
-        while not (ctl.connected and len(client._spawned) > 1):
+        while not (ctl.connected and len(_spawn.spawned) > 1):
             assert time.monotonic() < deadline, "no new controller took over"
             ctl.step(1.0, grad_norm=1.0)  # training goes on meanwhile, at the last LR
             engine.observe(step=t, loss=1.0, grad_norm=1.0)
@@ -93,7 +93,7 @@ def test_a_controller_that_dies_is_replaced_and_the_run_resumes(reap_spawned: No
             engine.observe(step=t, loss=1.0, grad_norm=1.0)
             t += 1
         assert ctl.lr == engine.lrs
-        assert client.request({"t": "status"})["pid"] == client._spawned[-1].pid
+        assert client.request({"t": "status"})["pid"] == _spawn.spawned[-1].pid
 
 
 def test_serve_stays_in_the_foreground_and_lrctl_stop_stops_it(short_dir) -> None:  # type: ignore[no-untyped-def]

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 import lrctl
-from lrctl import client
+from lrctl import _spawn, client
 from lrctl.protocol import MAX_FRAME, FrameDecoder, encode
 
 
@@ -81,7 +81,7 @@ def test_another_version_on_the_shared_socket_gets_our_own_controller(
         ctl = lrctl.attach(_opt(), sync=True)
     try:
         assert old_controller.hellos and old_controller.hellos[0]["lrctl"] == lrctl.__version__
-        versioned = client._versioned_socket(os.environ["LRCTL_SOCKET"])
+        versioned = _spawn.versioned_socket(os.environ["LRCTL_SOCKET"])
         assert versioned.endswith(f"-{lrctl.__version__}.sock")
         status = client.request({"t": "status"}, versioned)
         assert status["version"] == lrctl.__version__ and status["runs"] == 1

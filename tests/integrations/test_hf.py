@@ -23,7 +23,7 @@ from transformers import (
 )
 
 import lrctl
-import lrctl.client
+import lrctl.hook
 from lrctl.integrations.hf import LrctlCallback
 
 STEPS = 24
@@ -72,13 +72,13 @@ def make_trainer(tmp_path: Any, callbacks: list[TrainerCallback]) -> Trainer:
 def test_trainer_uses_lrctl_lr_and_its_own_statistics(
         controller: Any, tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     computed: list[int] = []
-    real_norm = lrctl.client.total_grad_norm
+    real_norm = lrctl.hook.total_grad_norm
 
     def counting_norm(optimizer: Any) -> Any:
         computed.append(1)
         return real_norm(optimizer)
 
-    monkeypatch.setattr(lrctl.client, "total_grad_norm", counting_norm)
+    monkeypatch.setattr(lrctl.hook, "total_grad_norm", counting_norm)
     callback = LrctlCallback(policy=POLICY, sync=True, timeout=10.0, run_name="hf-test")
     recorder = Recorder()
     trainer = make_trainer(tmp_path, [callback, recorder])

@@ -1,0 +1,87 @@
+"""Small torch helpers for the hook, used through ``sys.modules`` (never imported here).
+
+The training side loads torch itself (it hands us an optimizer); the hook must
+not import it, so that ``import lrctl`` stays cheap and the controller, which
+shares these modules, never pulls torch in.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from typing import Any
+
+__all__ = ["is_number", "lr_value", "on_device", "register_pre_step", "to_float",
+           "total_grad_norm"]
+
+
+def register_pre_step(optimizer: Any, hook: Any) -> Any:
+    """Register ``hook`` to run before each ``optimizer.step()``; its handle, or ``None``.
+
+    Wrappers such as accelerate's ``AcceleratedOptimizer`` subclass torch's
+    ``Optimizer`` without its hook tables; their ``.optimizer`` is the real one.
+    """
+    for candidate in (optimizer, getattr(optimizer, "optimizer", None)):
+        register = getattr(candidate, "register_step_pre_hook", None)
+        if register is None:
+            continue
+        try:
+            return register(hook)
+        except (AttributeError, TypeError):
+            continue
+    return None
+
+
+def total_grad_norm(optimizer: Any) -> Any:
+    """The 2-norm of all gradients of ``optimizer``'s parameters, as a tensor (no sync).
+
+    Uses torch's foreach kernels (``get_total_norm``, grouped by device and
+    dtype); ``None`` when torch is not loaded or no parameter has a gradient.
+    """
+    torch = sys.modules.get("torch")
+    if torch is None:
+        return None
+    grads = [p.grad for g in optimizer.param_groups for p in g["params"]
+             if getattr(p, "grad", None) is not None]
+    if not grads:
+        return None
+    total_norm = getattr(torch.nn.utils, "get_total_norm", None)
+    if total_norm is not None:
+        return total_norm(grads, 2.0)
+    per_device: dict[Any, list[Any]] = {}
+    for grad in grads:
+        per_device.setdefault((grad.device, grad.dtype), []).append(grad)
+    norms = [torch.linalg.vector_norm(torch.stack(torch._foreach_norm(gs)))
+             for gs in per_device.values()]
+    return torch.linalg.vector_norm(torch.stack([n.to(grads[0].device) for n in norms]))
+
+
+def lr_value(lr: Any) -> float:
+    """A param group's LR as a float (a tensor LR is read once, here), checked."""
+    value = float(lr)
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"param group LRs must be finite and >= 0, but got {value!r}")
+    return value
+
+
+def is_number(x: Any) -> bool:
+    """A real number or a one-element tensor (not a bool)."""
+    if isinstance(x, bool):
+        return False
+    if isinstance(x, (int, float)):
+        return True
+    return hasattr(x, "item") and getattr(x, "numel", lambda: 0)() == 1
+
+
+def on_device(x: Any) -> bool:
+    """A tensor on an accelerator: reading it would synchronise with the device."""
+    device = getattr(x, "device", None)
+    return device is not None and getattr(device, "type", "cpu") != "cpu"
+
+
+def to_float(x: Any) -> float | None:
+    if x is None:
+        return None
+    if type(x) is float:
+        return x
+    return float(x.item()) if hasattr(x, "item") else float(x)

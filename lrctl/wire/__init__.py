@@ -1,0 +1,1 @@
+"""What travels between the hook, the CLI and the controller."""

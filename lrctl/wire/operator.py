@@ -1,0 +1,53 @@
+"""The operator client: one request, one answer (used by the CLI verbs and the benches)."""
+
+from __future__ import annotations
+
+import socket as _socket
+from collections.abc import Mapping
+from typing import Any
+
+from .. import paths
+from .._link import token_from_env
+from ..protocol import MAX_FRAME, FrameDecoder, encode
+
+__all__ = ["ControllerError", "request"]
+
+
+class ControllerError(RuntimeError):
+    """The controller answered an operator request with an error."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def request(msg: Mapping[str, Any], address: str | None = None, *, token: str | None = None,
+            timeout: float = 5.0) -> dict[str, Any]:
+    """One request, one answer. Raises ``OSError`` when no controller answers and
+    :class:`ControllerError` for an ``error`` answer."""
+    address = address or paths.default_socket()
+    kind, addr = paths.parse_address(address)
+    if kind == "unix":
+        sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
+        sock.settimeout(timeout)
+        try:
+            sock.connect(addr)
+        except OSError:
+            sock.close()
+            raise
+    else:
+        sock = _socket.create_connection(addr, timeout=timeout)  # type: ignore[arg-type]
+    with sock:
+        payload = dict(msg)
+        if kind == "tcp":
+            payload["token"] = token or token_from_env()
+        sock.sendall(encode(payload))
+        decoder = FrameDecoder(MAX_FRAME * 16)
+        while True:
+            data = sock.recv(1 << 16)
+            if not data:
+                raise ConnectionError(f"the controller at {address} closed the connection")
+            for reply in decoder.feed(data):
+                if reply["t"] == "error":
+                    raise ControllerError(str(reply.get("code")), str(reply.get("message")))
+                return reply
