@@ -42,10 +42,11 @@ class StepGuard:
         self.stepped = 0  # optimizer steps taken through the guard
         self.enabled = True  # False: never skip (the loop reports after stepping)
         self._skip_next = False
+        self.after: Any = None  # called after every optimizer step, taken or skipped
         self._device_ok: Any = None  # a 0-dim bool tensor: the device-side verdict
         self._inner = optimizer.step
         self._active = True
-        self._wrapper = self._step  # one bound method, to recognise it when unwrapping
+        self._wrapper = self._make_wrapper()  # one function, to recognise it when unwrapping
         try:
             optimizer.step = self._wrapper
             self._installed = True
@@ -76,6 +77,11 @@ class StepGuard:
                 ok = finite if ok is None else ok & finite
         self._device_ok = ok
 
+    def veto(self) -> None:
+        """Skip the next optimizer step (the controller asked, in time: sync mode)."""
+        if self._installed and self.enabled:
+            self._skip_next = True
+
     def clear(self) -> None:
         """The loop called ``step()`` without stepping the optimizer: forget the verdict."""
         self._skip_next = False
@@ -87,9 +93,27 @@ class StepGuard:
             del self.optimizer.step  # someone who wrapped us after keeps calling through
 
     # -- the wrapped step ---------------------------------------------------------------
+    def _make_wrapper(self) -> Any:
+        def step(*args: Any, **kwargs: Any) -> Any:
+            return self._step(*args, **kwargs)
+
+        # A torch LR scheduler created before attach wrapped the step and checks for its
+        # mark; we call through its wrapper, so the mark stays true.
+        if getattr(self._inner, "_wrapped_by_lr_sched", False):
+            step._wrapped_by_lr_sched = True  # type: ignore[attr-defined]
+        step.__wrapped__ = self._inner  # type: ignore[attr-defined]
+        return step
+
     def _step(self, *args: Any, **kwargs: Any) -> Any:
         if not self._active:
             return self._inner(*args, **kwargs)
+        try:
+            return self._guarded_step(args, kwargs)
+        finally:
+            if self.after is not None:
+                self.after()
+
+    def _guarded_step(self, args: Any, kwargs: Any) -> Any:
         self.stepped += 1
         if self._skip_next:
             self._skip_next = False

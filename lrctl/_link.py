@@ -158,6 +158,11 @@ class Link:
         if self.state == "up":
             self._write(frame)
 
+    def send(self, msg: Mapping[str, Any]) -> None:
+        """A request on this run's connection (its answer reaches ``on_message``)."""
+        if self.state == "up":
+            self._write(encode(dict(msg)))
+
     def pump(self) -> None:
         """Reconnect when due, send what is queued, handle what arrived. Never blocks long."""
         if (self.state == "down" and self.fatal is None

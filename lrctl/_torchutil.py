@@ -11,8 +11,16 @@ import math
 import sys
 from typing import Any
 
-__all__ = ["is_number", "lr_value", "on_device", "register_pre_step", "to_float",
-           "total_grad_norm"]
+__all__ = [
+    "is_number",
+    "lr_value",
+    "on_device",
+    "register_pre_step",
+    "scaler_enabled",
+    "to_float",
+    "total_grad_norm",
+    "unscaled_norm",
+]
 
 
 def register_pre_step(optimizer: Any, hook: Any) -> Any:
@@ -85,3 +93,31 @@ def to_float(x: Any) -> float | None:
     if type(x) is float:
         return x
     return float(x.item()) if hasattr(x, "item") else float(x)
+
+
+def scaler_enabled(scaler: Any) -> bool:
+    """A ``GradScaler`` that is scaling (``enabled=False`` makes it a pass-through)."""
+    if scaler is None:
+        return False
+    is_enabled = getattr(scaler, "is_enabled", None)
+    return bool(is_enabled()) if callable(is_enabled) else True
+
+
+def unscaled_norm(scaler: Any, optimizer: Any, norm: Any) -> Any:
+    """``norm`` of the true gradients: divided by the scale unless the loop already called
+    ``scaler.unscale_(optimizer)`` this step. No host sync: the scale stays a tensor."""
+    if not scaler_enabled(scaler):
+        return norm
+    states = getattr(scaler, "_per_optimizer_states", None)
+    inner = getattr(optimizer, "optimizer", optimizer)
+    state = None
+    if isinstance(states, dict):
+        state = states.get(id(optimizer)) or states.get(id(inner))
+    stage = state.get("stage") if isinstance(state, dict) else None
+    if stage is not None and getattr(stage, "name", "") == "UNSCALED":
+        return norm
+    scale = getattr(scaler, "_scale", None)
+    if scale is None:  # not scaled yet (no scale() call this run)
+        return norm
+    return norm / scale.to(norm.device).reshape(()) if hasattr(norm, "device") else (
+        norm / float(scale))

@@ -40,8 +40,18 @@ from ._guard import StepGuard
 from ._link import Link, token_from_env
 from ._sources import policy_payload
 from ._staging import DeviceStaging
-from ._torchutil import is_number, lr_value, on_device, register_pre_step, to_float, total_grad_norm
+from ._torchutil import (
+    is_number,
+    lr_value,
+    on_device,
+    register_pre_step,
+    scaler_enabled,
+    to_float,
+    total_grad_norm,
+    unscaled_norm,
+)
 from ._version import __version__
+from ._writer import LRWriter
 from .policy import Decision
 from .protocol import encode_obs, float_in
 
@@ -78,9 +88,17 @@ class Controller:
     ``compute_grad_norm``: compute the grad norm from the optimizer's gradients
     when :meth:`step` is not given one (``False`` for integrations that pass
     the framework's own value whenever it has one).
-    ``resume``: the ``run_key`` of an earlier attach to rejoin (a training
-    process restarted from a checkpoint); ``start_step``: the step number the
-    loop resumes at (the controller ignores observations it already has).
+    ``resume``: what :meth:`state_dict` returned in an earlier process (kept
+    in your checkpoint), or the ``run_key`` of an earlier attach, to rejoin that
+    run (see :meth:`load_state_dict`); ``start_step``: the step number the loop
+    resumes at (the controller ignores observations it already has).
+    ``base``: ``"controller"`` (default) — the controller's LRs are the LRs, and
+    an LR written by anything else is overwritten, with a warning; ``"loop"`` —
+    keep the loop's own schedule (its ``param_group['lr'] = ...`` or a torch
+    scheduler) and let the policies scale it (see :mod:`lrctl._writer`).
+    ``scaler``: the loop's ``torch.amp.GradScaler``: its overflow steps (inf
+    gradients, which it skips) are reported as overflows, never as divergence,
+    and the grad norm is unscaled (see :meth:`step`).
     ``watch``: ``False`` pins this run to the policy version it starts with (no
     live reloads when the file is edited). ``total_steps``: the run's length in
     steps, when known; policies that anneal to the end of the run (``kind:
@@ -94,7 +112,8 @@ class Controller:
                  spawn_timeout: float = 60.0, max_backoff: float = 5.0,
                  compute_grad_norm: bool = True, resume: str | None = None,
                  start_step: int = 0, watch: bool = True,
-                 total_steps: int | None = None) -> None:
+                 total_steps: int | None = None, base: str = "controller",
+                 scaler: Any = None) -> None:
         groups = getattr(optimizer, "param_groups", None)
         if not isinstance(groups, list) or not groups or not all(
                 isinstance(g, dict) and "lr" in g for g in groups):
@@ -108,9 +127,14 @@ class Controller:
                                         or not isinstance(total_steps, int) or total_steps < 1):
             raise ValueError(f"total_steps must be a positive integer or None, but got "
                              f"{total_steps=}")
-        if resume is not None and (not isinstance(resume, str)
-                                   or sanitize_run_name(resume) != resume):
-            raise ValueError(f"resume must be a run key from an earlier attach, but got {resume=}")
+        saved = _resume_state(resume)
+        if saved is not None:
+            resume = saved["run_key"]
+            start_step = max(start_step, saved["step"])
+        elif resume is not None and (not isinstance(resume, str)
+                                     or sanitize_run_name(resume) != resume):
+            raise ValueError(f"resume must be ctl.state_dict() or a run key from an earlier "
+                             f"attach, but got {resume=}")
         if not (isinstance(timeout, (int, float)) and timeout > 0):
             raise ValueError(f"timeout must be > 0 seconds, but got {timeout=}")
         self.optimizer = optimizer
@@ -119,9 +143,20 @@ class Controller:
         self.sync = bool(sync)
         self.every = every
         self.timeout = float(timeout)
-        self._groups: list[dict[str, Any]] = groups
-        self._applied = [lr_value(g["lr"]) for g in groups]
-        self._target = list(self._applied)  # the latest LRs from the controller
+        initial = [lr_value(g["lr"]) for g in groups]
+        if saved is not None:
+            if len(saved["initial_lrs"]) != len(initial):
+                raise ValueError(f"the saved lrctl state has {len(saved['initial_lrs'])} param "
+                                 f"group(s), this optimizer has {len(initial)}")
+            initial = list(saved["initial_lrs"])  # the run's, not the restored groups' LRs
+        self._initial = initial
+        self._target = list(initial)  # the latest LRs from the controller
+        self._writer = LRWriter(optimizer, initial, base, self._warn)
+        self.scaler = scaler
+        self.overflows = 0  # GradScaler overflow steps seen (reported as such)
+        self._calls_without_step = 0  # ctl.step() calls with no optimizer step between
+        self._excused = False  # the last step() saw a step the loop may rightly not take
+        self._last_stepped = -1
         self._step = start_step
         self._compute_grad_norm = bool(compute_grad_norm)
         self._resume = resume
@@ -148,11 +183,14 @@ class Controller:
         self._link: Link | None = None
         self._controller_version: str | None = None  # from the welcome
         self._attached = False
+        self._saved_session = saved.get("session") if saved is not None else None
+        self._snapshot: dict[str, Any] | None = None
+        self._connect_args = (policy, run_name, socket, spawn, token, spawn_timeout,
+                              max_backoff)
         refused: Exception | None = None
         if self._dist.rank == 0:
             try:
-                self._connect(policy, run_name, socket, spawn, token, spawn_timeout,
-                              max_backoff)
+                self._connect(*self._connect_args)
             except Exception as exc:  # raised below, once every rank knows
                 refused = exc
         if self._dist.world_size > 1 and not self._dist.agree(refused is None):
@@ -168,12 +206,20 @@ class Controller:
         else:
             self._apply()
             self._hook_handle = register_pre_step(optimizer, self._pre_step)
+        if self._writer.loop_mode:
+            self._guard.after = self._after_step
 
     # -- public API ------------------------------------------------------------------------
     @property
     def lr(self) -> list[float]:
-        """The LR per param group now in the optimizer."""
-        return list(self._applied)
+        """The LR per param group the next optimizer step uses."""
+        return list(self._writer.applied)
+
+    @property
+    def foreign_lr_writes(self) -> int:
+        """How often something else wrote an LR that the hook then overwrote
+        (``base="controller"``; see :mod:`lrctl._writer`)."""
+        return self._writer.foreign_writes
 
     @property
     def decisions(self) -> list[Decision]:
@@ -189,12 +235,26 @@ class Controller:
     def connected(self) -> bool:
         return self._link is not None and self._link.connected
 
-    def step(self, loss: Any = None, grad_norm: Any = None) -> None:
-        """Report one training step (every ``every``-th) and apply the latest LRs."""
+    def step(self, loss: Any = None, grad_norm: Any = None, *, scaler: Any = None) -> None:
+        """Report one optimizer step (every ``every``-th) and apply the latest LRs.
+
+        Call it once per optimizer step, after the last ``backward()`` and before
+        ``optimizer.step()``. With gradient accumulation that is after the last
+        micro-batch, with the loss of the whole batch (the mean of the micro-batch
+        losses: the sum of nanoGPT's ``loss / gradient_accumulation_steps``).
+        ``grad_norm``: the value ``clip_grad_norm_`` returned, if the loop has it
+        (the hook then computes none). ``scaler``: the ``GradScaler`` (or give it
+        to :func:`attach`); a step whose gradients overflowed is reported as an
+        overflow, which no policy counts as divergence.
+        """
         try:
             t = self._step
             self._step = t + 1
             self.should_skip = False
+            if scaler is not None:
+                self.scaler = scaler
+            self._count_calls()
+            overflows = self.overflows
             loss, grad_norm = self._guard_step(t, loss, grad_norm)
             link = self._link
             if link is not None and link.fatal is None:
@@ -206,6 +266,8 @@ class Controller:
                     self._pump()
                 if self.sync and self._reported == t:
                     self._wait_for(t)
+            # A step the loop may rightly not take (a scaler overflow, should_skip).
+            self._excused = self.should_skip or self.overflows != overflows
         except Exception as exc:  # fail-open: the training loop must not see lrctl's bugs
             self._warn("internal", f"lrctl: hook error ({exc!r}); training continues at the "
                                    "last LR")
@@ -232,6 +294,61 @@ class Controller:
                                              "ignored")
                 continue
             self._metrics[name] = value
+
+    def state_dict(self) -> dict[str, Any]:
+        """What to keep in your own checkpoint to resume this run exactly.
+
+        Plain data (``torch.save`` and JSON both hold it): the run key, the step
+        count, the run's initial LRs and, when the controller answers, its policies'
+        state as of the last reported step (it waits up to ``timeout`` for the
+        answers still due). Pass it back with ``attach(..., resume=state)`` or
+        :meth:`load_state_dict` in the restarted process: the LRs then continue as
+        if the run had not stopped, wherever the controller had got to since.
+        """
+        state: dict[str, Any] = {"format": STATE_FORMAT, "run_key": self.run_key,
+                                 "step": self._step, "initial_lrs": list(self._initial)}
+        try:
+            session = self._fetch_session()
+        except Exception as exc:
+            session = None
+            self._warn("internal", f"lrctl: could not read the run's state ({exc!r})")
+        if session is not None:
+            state["session"] = session
+        return state
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Rejoin the run that :meth:`state_dict` saved (call it before the first step).
+
+        Equivalent to ``attach(..., resume=state)``: either order relative to the
+        optimizer's own ``load_state_dict`` works (the hook rewrites the LRs into
+        restored param groups). The session this attach opened, still empty, ends.
+        """
+        saved = _resume_state(state)
+        assert saved is not None
+        if len(saved["initial_lrs"]) != len(self._initial):
+            raise ValueError(f"the saved lrctl state has {len(saved['initial_lrs'])} param "
+                             f"group(s), this optimizer has {len(self._initial)}")
+        if self._reported >= 0:
+            raise RuntimeError("load_state_dict() must come before the first ctl.step() "
+                               "(or pass the state to attach(..., resume=state))")
+        self._step = max(self._step, saved["step"])
+        if saved["run_key"] == self.run_key and saved.get("session") is None:
+            return
+        self._initial = list(saved["initial_lrs"])
+        self._target = list(self._initial)
+        self._writer.initial = list(self._initial)
+        self._resume = saved["run_key"]
+        self._saved_session = saved.get("session")
+        if self._dist.rank == 0:
+            if self._link is not None:
+                self._link.close(bye=saved["run_key"] != self.run_key)
+                self._link = None
+            self._controller_version = None
+            self._connect(*self._connect_args)
+        if self._dist.world_size > 1:
+            self._broadcast()
+        else:
+            self._apply()
 
     def close(self, end_run: bool = True) -> None:
         """Flush what the controller should see, unhook, disconnect.
@@ -281,12 +398,14 @@ class Controller:
         self.run_key = self._resume or f"{name}-{secrets.token_hex(4)}"
         hello: dict[str, Any] = {
             "run": self.run_key, "run_name": name, "policy": {"text": text, "source": source},
-            "lrs": list(self._applied), "groups": len(self._applied),
+            "lrs": list(self._initial), "groups": len(self._initial),
             "world_size": self._dist.world_size, "mlflow": _mlflow_info(), "cwd": os.getcwd(),
             "watch": self._watch, "sync": self.sync, "lrctl": __version__,
         }
         if self.total_steps is not None:
             hello["total_steps"] = self.total_steps
+        if self._saved_session is not None:
+            hello["session"] = self._saved_session  # the run as the checkpoint left it
         link = self._open_link(address, hello, token, spawn, spawn_timeout, max_backoff)
         other = self._controller_version
         if link.connected and other != __version__:
@@ -338,6 +457,9 @@ class Controller:
 
     def _on_message(self, msg: dict[str, Any]) -> None:
         t = msg["t"]
+        if t == "snapshot":
+            self._snapshot = msg
+            return
         if t == "welcome":
             version = msg.get("version")
             self._controller_version = version if isinstance(version, str) else None
@@ -370,6 +492,8 @@ class Controller:
                 self._acked = max(self._acked, s)
             if s == self._reported and msg.get("skip") is True:
                 self.should_skip = True
+                if self.sync and s == self._step - 1:
+                    self._guard.veto()  # in time for this step's optimizer.step(): carry it out
             if msg.get("stop") is True:
                 self.should_stop = True
         elif t == "error":
@@ -404,8 +528,10 @@ class Controller:
             if grad_norm is None:
                 self._warn("no-grad", "lrctl: ctl.step() found no gradients (call it after "
                                       "loss.backward()); the grad norm is not reported")
+            elif self.scaler is not None:
+                grad_norm = unscaled_norm(self.scaler, self.optimizer, grad_norm)
         if (on_device(loss) or on_device(grad_norm)) and not self.sync:
-            guard.checkon_device(loss, grad_norm)  # no host sync on CUDA
+            guard.check_on_device(loss, grad_norm)  # no host sync on CUDA
             return loss, grad_norm
         loss, grad_norm = to_float(loss), to_float(grad_norm)
         if guard.check(loss, grad_norm):
@@ -432,8 +558,14 @@ class Controller:
               metrics: Mapping[str, Any]) -> None:
         assert self._link is not None
         clean = {k: float(to_float(v) or 0.0) for k, v in metrics.items()} if metrics else None
+        overflow = False
+        if grad is not None and not math.isfinite(grad) and scaler_enabled(self.scaler):
+            # The scaler skips this step and lowers its scale: normal in fp16 training.
+            overflow, grad = True, None
+            self.overflows += 1
         try:
-            frame = encode_obs(t, loss, grad, clean)
+            frame = encode_obs(t, loss, grad, clean, overflow=overflow,
+                               base=self._writer.base if self._writer.loop_mode else None)
         except ValueError as exc:  # e.g. too many metrics for one frame
             self._warn("encode", f"lrctl: step {t} not reported: {exc}")
             return
@@ -520,24 +652,52 @@ class Controller:
                 del self._held[s]
 
     def _apply(self) -> None:
-        target = self._target
-        groups = self.optimizer.param_groups
-        if groups is not self._groups:
-            # optimizer.load_state_dict() replaced the group dicts (a resume): write anew.
-            self._groups, self._applied = groups, []
-        if target == self._applied:
-            return
-        if len(groups) != len(target):  # add_param_group() after attach
-            self._warn("groups", f"lrctl: the optimizer has {len(groups)} param groups but "
-                                 f"the run was attached with {len(target)}; LRs are applied "
-                                 "to the first ones only")
-        for group, lr in zip(groups, target, strict=False):
-            current = group["lr"]
-            if hasattr(current, "fill_"):
-                current.fill_(lr)  # tensor LRs (capturable optimizers): in place, no sync
-            else:
-                group["lr"] = lr
-        self._applied = list(target)
+        self._writer.apply(self._target)
+
+    def _fetch_session(self) -> dict[str, Any] | None:
+        """The controller's state of this run after every step reported so far."""
+        link = self._link
+        if link is None or not link.connected:
+            if self._dist.rank == 0:
+                self._warn("state-offline", "lrctl: state_dict() without a controller holds "
+                                            "only the run key and step; a resume then relies "
+                                            "on the controller's own checkpoint")
+            return None
+        self._drain_staged(block=True)
+        self._got_error = False
+        if self._acked < self._reported and not link.wait(
+                lambda: self._acked >= self._reported or self._got_error, self.timeout):
+            return None
+        self._snapshot = None
+        self._got_error = False
+        link.send({"t": "snapshot"})
+        link.wait(lambda: self._snapshot is not None or self._got_error, self.timeout)
+        reply, self._snapshot = self._snapshot, None
+        if reply is None or not isinstance(reply.get("session"), dict):
+            return None
+        return dict(reply["session"])
+
+    def _after_step(self) -> None:
+        """Loop mode, after every optimizer step: the loop gets its own LRs back."""
+        try:
+            self._writer.restore()
+        except Exception as exc:
+            self._warn("internal", f"lrctl: hook error ({exc!r}); training continues")
+
+    def _count_calls(self) -> None:
+        """Notice a loop that calls ``step()`` per micro-batch (gradient accumulation)."""
+        stepped = self._guard.stepped if getattr(self, "_guard", None) else -1
+        if stepped == self._last_stepped and stepped >= 0 and not self._excused:
+            self._calls_without_step += 1
+            if self._calls_without_step >= 3:
+                self._warn("accumulation", "lrctl: ctl.step() was called several times "
+                                           "between optimizer steps; each call counts one "
+                                           "step. With gradient accumulation, call it once "
+                                           "per optimizer step, after the last micro-batch's "
+                                           "backward(), with the mean micro-batch loss")
+        else:
+            self._calls_without_step = 0
+        self._last_stepped = stepped
 
     def _broadcast(self) -> None:
         """Rank 0's LRs and flags to every rank, on a CPU group: identical LRs every step."""
@@ -596,3 +756,27 @@ def _mlflow_info() -> dict[str, str | None]:
         except Exception:
             pass
     return info
+
+
+STATE_FORMAT = "lrctl.hook/1"
+
+
+def _resume_state(resume: Any) -> dict[str, Any] | None:
+    """A :meth:`Controller.state_dict` checked; ``None`` when ``resume`` is not one."""
+    if not isinstance(resume, Mapping):
+        return None
+    if resume.get("format") != STATE_FORMAT:
+        raise ValueError(f"not an lrctl hook state (format {resume.get('format')!r}, expected "
+                         f"{STATE_FORMAT!r})")
+    key, step, lrs = resume.get("run_key"), resume.get("step"), resume.get("initial_lrs")
+    if not isinstance(key, str) or sanitize_run_name(key) != key:
+        raise ValueError(f"the saved lrctl state has a bad run key {key!r:.80}")
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        raise ValueError(f"the saved lrctl state has a bad step {step!r:.40}")
+    if not isinstance(lrs, (list, tuple)) or not lrs:
+        raise ValueError("the saved lrctl state has no initial LRs")
+    session = resume.get("session")
+    if session is not None and not isinstance(session, Mapping):
+        raise ValueError("the saved lrctl state's session is not a mapping")
+    return {"run_key": key, "step": step, "initial_lrs": [lr_value(v) for v in lrs],
+            "session": dict(session) if session is not None else None}

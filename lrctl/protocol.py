@@ -22,9 +22,15 @@ Hook → controller:
   ``lrs`` (initial LR per param group), ``groups``, ``world_size``, ``mlflow``
   ``{run_id, tracking_uri}``, ``cwd``, ``watch`` (optional, default true:
   ``false`` pins the run to the policy version it starts with), ``total_steps``
-  (optional: the run's length, for ``anneal``), ``token`` (TCP only).
+  (optional: the run's length, for ``anneal``), ``session`` (optional: the
+  run's state from ``snapshot``, kept in the user's checkpoint: the run resumes
+  from it), ``token`` (TCP only).
 * ``obs``: ``s`` step, ``l`` loss, ``g`` grad norm (each may be absent or null),
-  ``m`` named metrics (optional object).
+  ``m`` named metrics (optional object), ``o`` (optional, true: a mixed-precision
+  overflow step that the ``GradScaler`` skipped; never divergence), ``b``
+  (optional: the loop's own LR per group for this step, ``base="loop"``).
+* ``snapshot``: the run's state after every observation so far → ``snapshot``
+  ``{s, session}``.
 * ``bye``: the run ended; the controller closes the session.
 
 Controller → hook:
@@ -60,7 +66,7 @@ import json
 import math
 import re
 import struct
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 __all__ = [
@@ -124,14 +130,26 @@ def encode(msg: Mapping[str, Any], limit: int = MAX_FRAME) -> bytes:
 
 
 def encode_obs(step: int, loss: float | None, grad_norm: float | None,
-               metrics: Mapping[str, float] | None = None) -> bytes:
+               metrics: Mapping[str, float] | None = None, *, overflow: bool = False,
+               base: Sequence[float] | None = None) -> bytes:
     """An ``obs`` frame, formatted by hand: this runs once per training step.
 
-    ``repr`` of a finite float is valid JSON; metrics (rare) go through :func:`encode`.
+    ``repr`` of a finite float is valid JSON; the rare fields go through
+    :func:`encode`: metrics (``m``), a mixed-precision overflow step (``o``: the
+    ``GradScaler`` skipped it; no grad norm), and the loop's own LRs for this step
+    (``b``, ``attach(..., base="loop")``: the controller records ``b × lrs /
+    initial_lrs`` as the LRs used).
     """
-    if metrics:
-        return encode({"t": "obs", "s": step, "l": float_out(loss), "g": float_out(grad_norm),
-                       "m": {k: float_out(float(v)) for k, v in metrics.items()}})
+    if metrics or overflow or base is not None:
+        msg: dict[str, Any] = {"t": "obs", "s": step, "l": float_out(loss),
+                               "g": float_out(grad_norm)}
+        if metrics:
+            msg["m"] = {k: float_out(float(v)) for k, v in metrics.items()}
+        if overflow:
+            msg["o"] = True
+        if base is not None:
+            msg["b"] = [float_out(float(v)) for v in base]
+        return encode(msg)
     body = f'{{"v":1,"t":"obs","s":{int(step)},"l":{_num(loss)},"g":{_num(grad_norm)}}}'.encode(
         "ascii")
     return _HEADER.pack(len(body)) + body

@@ -84,6 +84,10 @@ class Engine:
         self.last_step: int | None = None
         self.should_skip = False
         self.should_stop = False
+        #: Whether a skip decided here reaches the optimizer step it names. An async hook
+        #: hears the answer after that step ran: its spike skips are recorded as advisory.
+        #: (Non-finite steps are skipped by the hook's own guard either way.)
+        self.skips_enforced = True
         self.decision_count = 0
         self._decisions: deque[Decision] = deque(maxlen=MAX_DECISIONS_KEPT)
         #: The decisions of the latest observation.
@@ -151,6 +155,11 @@ class Engine:
             after = self._lrs_from(multiplier, factors)
             for action in actions:
                 moved = action.action not in ("skip", "stop")
+                reason, evidence = action.reason, action.evidence
+                if action.action == "skip" and not self.skips_enforced and not _nonfinite(obs):
+                    reason += ("; advisory: the hook is async, so this step had already run "
+                               "(attach(..., sync=True) carries such skips out)")
+                    evidence = {**evidence, "advisory": True}
                 new_decisions.append(Decision(
                     step=obs.step,
                     policy=self.names[i],
@@ -158,8 +167,8 @@ class Engine:
                     action=action.action,
                     old_lrs=tuple(before),
                     new_lrs=tuple(after if moved else before),
-                    reason=action.reason,
-                    evidence=action.evidence,
+                    reason=reason,
+                    evidence=evidence,
                     policy_sha256=self.policy_sha256,
                     shadow=self.mode == "shadow",
                 ))

@@ -298,9 +298,15 @@ class Divergence(Policy):
         self._clean = 0
         if self._stopped:  # already asked to stop: say it once; still never raise the LR
             ctx.stop = True
+            old = self._scale
             if force:
                 self._scale = max(self._scale * self.params["factor"],
                                   self.params["min_multiplier"])
+            if self._scale != old:  # every LR change has its record, after a stop too
+                actions.append(Action(
+                    "backoff", f"{reason} after the stop request: LR × {self._scale / old:.6g}",
+                    {**evidence, "factor": self._scale / old, "after_stop": True,
+                     "forced": force}))
             return actions
         floor = self.params["min_multiplier"]
         if self._backoffs >= self.params["max_backoffs"] or self._scale <= floor:

@@ -180,6 +180,38 @@ def test_repeated_divergence_escalates_to_stop_after_max_backoffs() -> None:
     assert engine.lrs == pytest.approx([BASE_LR * 0.125])
 
 
+def test_every_lr_change_after_a_stop_has_its_record() -> None:
+    """A run told to stop that goes on: each further NaN still halves the LR, and says so."""
+    engine = guard(max_backoffs=1, factor=0.5, min_multiplier=0.01)
+    engine.observe(step=0, loss=math.nan)  # back-off
+    engine.observe(step=1, loss=math.nan)  # stop
+    assert engine.should_stop
+    for step in (2, 3):
+        before = engine.lrs
+        engine.observe(step=step, loss=math.nan)
+        backoff = only(engine.last_decisions, "backoff")
+        assert backoff.old_lrs == tuple(before)
+        assert backoff.new_lrs == pytest.approx((before[0] * 0.5,))
+        assert backoff.evidence["after_stop"] is True
+    changes = [d for d in engine.decisions if d.new_lrs != d.old_lrs]
+    lrs = [BASE_LR] + [d.new_lrs[0] for d in changes]
+    assert lrs[-1] == pytest.approx(engine.lrs[0])  # the records account for every change
+
+
+def test_async_spike_skips_are_recorded_as_advisory() -> None:
+    """An async hook hears the verdict after the step ran: the record must not claim a skip
+    happened. Non-finite steps are skipped by the hook's own guard either way."""
+    engine = guard(skip_spikes=True, tolerance=5)
+    engine.skips_enforced = False
+    feed(engine, realistic(3, K))
+    engine.observe(step=K, loss=50.0, grad_norm=1.0)
+    skip = only(engine.last_decisions, "skip")
+    assert skip.evidence["advisory"] is True and "advisory" in skip.reason
+    engine.observe(step=K + 1, loss=math.nan)
+    nan_skip = only(engine.last_decisions, "skip")
+    assert "advisory" not in nan_skip.evidence and "advisory" not in nan_skip.reason
+
+
 def test_back_off_to_the_multiplier_floor_escalates_to_stop() -> None:
     engine = guard(factor=0.5, min_multiplier=0.3, max_backoffs=100)
     engine.observe(step=0, loss=math.nan)

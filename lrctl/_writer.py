@@ -1,0 +1,125 @@
+"""Writing the LRs into the optimizer, and noticing who else writes them.
+
+Two modes (``attach(..., base=...)``):
+
+* ``"controller"`` (default): the controller's LRs are the LRs. If something
+  else wrote a param group's ``lr`` since the hook last did (a loop's own
+  ``param_group['lr'] = lr`` left in place, a torch LR scheduler still
+  stepping), the hook warns once, naming the fix, and writes the controller's
+  LR back before the optimizer steps: the LR used is the LR recorded.
+* ``"loop"``: keep your schedule, add lrctl's protection. Whatever LR the loop
+  set for this step is the *base*; the optimizer steps with ``base × m``, where
+  ``m`` is the controller's LR over the run's initial LR (the product of the
+  reactive policies' multipliers: a back-off halves it, a plateau decay cuts
+  it). After the step the loop's own value is put back, so a chainable torch
+  scheduler (``StepLR``, ``ExponentialLR``) keeps computing from its own LR and
+  the loop sees the LR it wrote.
+
+Tensor LRs (capturable optimizers) are written in place and never read back
+(reading would synchronise with the device): foreign writes to them go unseen.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+__all__ = ["BASES", "LRWriter"]
+
+BASES = ("controller", "loop")
+
+
+class LRWriter:
+    """The LRs the optimizer steps with, from the controller's target LRs."""
+
+    def __init__(self, optimizer: Any, initial: list[float], base: str,
+                 warn: Callable[[str, str], None]) -> None:
+        if base not in BASES:
+            raise ValueError(f"base must be one of {', '.join(map(repr, BASES))}, "
+                             f"but got {base!r}")
+        self.optimizer = optimizer
+        self.initial = list(initial)
+        self.loop_mode = base == "loop"
+        self.base = list(initial)  # loop mode: the LRs the loop set for this step
+        self.applied = list(initial)  # the LRs the next optimizer step uses
+        self.foreign_writes = 0  # controller mode: writes by someone else, overwritten
+        self._warn = warn
+        self._groups: Any = optimizer.param_groups
+        self._written: list[float | None] = list(initial)  # what each group's lr holds
+        self._target = list(initial)
+
+    def apply(self, target: list[float]) -> None:
+        """Make the optimizer's LRs what ``target`` (the controller's LRs) says."""
+        groups = self.optimizer.param_groups
+        if groups is not self._groups:
+            # optimizer.load_state_dict() replaced the group dicts (a resume): their LRs are
+            # the checkpoint's, written by no one in this process. Take them as the loop's
+            # (loop mode) or overwrite them (controller mode), without a warning.
+            self._groups = groups
+            self._written = [None] * len(groups)
+            if self.loop_mode:
+                self.base = [_float(g["lr"]) for g in groups[:len(self.base)]] + \
+                    self.base[len(groups):]
+        if len(groups) != len(target):  # add_param_group() after attach
+            self._warn("groups", f"lrctl: the optimizer has {len(groups)} param groups but "
+                                 f"the run was attached with {len(target)}; LRs are applied "
+                                 "to the first ones only")
+        self._target = target
+        applied = self.applied
+        for i, (group, lr) in enumerate(zip(groups, target, strict=False)):
+            current = group["lr"]
+            tensor = hasattr(current, "fill_")
+            written = self._written[i]
+            if not tensor and written is not None and current != written:
+                self._foreign(i, float(current), written)
+            want = self._effective(i, lr)
+            if tensor:
+                if want != written:
+                    current.fill_(want)  # in place, no sync
+            elif current != want:
+                group["lr"] = want
+            self._written[i] = want
+            applied[i] = want
+
+    def restore(self) -> None:
+        """Loop mode, after the optimizer stepped: give the loop back its own LRs."""
+        if not self.loop_mode:
+            return
+        groups = self.optimizer.param_groups
+        if groups is not self._groups:
+            return
+        for i, group in enumerate(groups[:len(self.base)]):
+            current = group["lr"]
+            if hasattr(current, "fill_") or current != self._written[i]:
+                continue  # a tensor LR, or someone wrote it during the step: leave it
+            group["lr"] = self.base[i]
+            self._written[i] = self.base[i]
+
+    def multipliers(self) -> list[float]:
+        """The controller's LR over the initial LR, per group (1.0 where the initial is 0)."""
+        return [t / i if i > 0 else 1.0 for t, i in zip(self._target, self.initial,
+                                                         strict=False)]
+
+    # -- internals -------------------------------------------------------------------
+    def _effective(self, i: int, lr: float) -> float:
+        if not self.loop_mode or i >= len(self.base):
+            return lr
+        initial = self.initial[i]
+        return self.base[i] * (lr / initial) if initial > 0 else self.base[i]
+
+    def _foreign(self, i: int, current: float, written: float) -> None:
+        if self.loop_mode:
+            self.base[i] = current  # the loop's schedule for this step
+            return
+        self.foreign_writes += 1
+        self._warn("foreign-lr",
+                   f"lrctl: something else set the LR of param group {i} to {current:.6g} "
+                   f"(lrctl had set {written:.6g}): a loop's own param_group['lr'] = ... or "
+                   "an LR scheduler still stepping. lrctl writes its own LR back before each "
+                   "optimizer step, and that is the LR used and recorded. Remove that code, "
+                   "or attach(..., base='loop') to keep your schedule and have lrctl's "
+                   "policies scale it.")
+
+
+def _float(x: Any) -> float:
+    return float(x)

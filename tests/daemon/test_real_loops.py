@@ -1,0 +1,254 @@
+"""Real training loops against a real controller: the loop's own LR code, mixed precision,
+gradient accumulation, and skips that are recorded being skips that happen.
+
+Every loop here is async (the README's default) unless it says otherwise.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Any
+
+import pytest
+import torch
+from daemon_helpers import ControllerProc
+
+import lrctl
+from lrctl._torchutil import total_grad_norm, unscaled_norm
+
+# A guard that backs off at once on a non-finite loss and regrows only much later: a
+# NaN at step NAN_AT halves every LR from NAN_AT + 1 on, within these short runs.
+GUARD = {"version": 1, "policies": [{"kind": "divergence", "factor": 0.5, "cooldown": 5,
+                                      "regrow_after": 1000, "min_samples": 8}]}
+NAN_AT = 12
+STEPS = 40
+# Exactness is what these tests check, not fail-open: on a loaded machine an answer may
+# take longer than the default 1 s, after which the hook would carry on without it.
+SLOW_OK = 60.0
+
+
+def _model() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(6, 12), torch.nn.Tanh(), torch.nn.Linear(12, 1))
+
+
+def _batches(n: int, batch: int, seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(6, 1, generator=g)
+    out = []
+    for _ in range(n):
+        x = torch.randn(batch, 6, generator=g)
+        out.append((x, x @ w + 0.05 * torch.randn(batch, 1, generator=g)))
+    return out
+
+
+def _lr_used(optimizer: torch.optim.Optimizer) -> list[float]:
+    """Record the LR of group 0 at each optimizer step (after lrctl's own pre-step hook)."""
+    used: list[float] = []
+    optimizer.register_step_pre_hook(lambda opt, *_: used.append(opt.param_groups[0]["lr"])
+                                     and None)
+    return used
+
+
+def _cosine(it: int, base: float = 0.05, warmup: int = 5, total: int = STEPS) -> float:
+    """nanoGPT's get_lr."""
+    if it < warmup:
+        return base * (it + 1) / (warmup + 1)
+    ratio = (it - warmup) / (total - warmup)
+    return 0.1 * base + 0.5 * (1 + math.cos(math.pi * ratio)) * 0.9 * base
+
+
+def _loop(ctl: lrctl.Controller | None, optimizer: torch.optim.Optimizer,
+          model: torch.nn.Module, *, loop_lr: Any = None, scheduler: Any = None,
+          nan_at: int | None = NAN_AT) -> None:
+    loss_fn = torch.nn.MSELoss()
+    for it, (x, y) in enumerate(_batches(STEPS, 16)):
+        if loop_lr is not None:
+            for group in optimizer.param_groups:
+                group["lr"] = loop_lr(it)
+        loss = loss_fn(model(x), y)
+        optimizer.zero_grad()
+        loss.backward()
+        if ctl is not None:
+            ctl.step(loss * math.nan if it == nan_at else loss)
+        optimizer.step()
+        if scheduler is not None:
+            scheduler.step()
+
+
+def test_loop_mode_scales_the_loops_own_cosine(controller: ControllerProc) -> None:
+    model = _model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=_cosine(0))
+    used = _lr_used(optimizer)
+    with lrctl.attach(optimizer, policy=GUARD, base="loop", timeout=SLOW_OK) as ctl:
+        _loop(ctl, optimizer, model, loop_lr=_cosine)
+        backoffs = [d for d in ctl.decisions if d.action == "backoff"]
+    assert [d.step for d in backoffs] == [NAN_AT]
+    assert len(used) == STEPS - 1  # the NaN step was skipped by the hook
+    steps = [s for s in range(STEPS) if s != NAN_AT]
+    for s, lr in zip(steps, used, strict=True):
+        want = _cosine(s) * (0.5 if s > NAN_AT else 1.0)
+        assert lr == pytest.approx(want, rel=1e-12), (s, lr, want)
+
+
+def test_loop_mode_keeps_a_torch_scheduler_exact(controller: ControllerProc) -> None:
+    """LambdaLR and a chainable StepLR keep computing from their own LRs: lrctl's multiplier
+    applies only inside the optimizer step."""
+    def lam(it: int) -> float:
+        return 1.0 / (1 + 0.1 * it)
+
+    model = _model()
+    reference = torch.optim.SGD(_model().parameters(), lr=0.05)
+    ref_sched = torch.optim.lr_scheduler.LambdaLR(reference, lam)
+    ref_lrs = []
+    for _ in range(STEPS):
+        ref_lrs.append(reference.param_groups[0]["lr"])
+        reference.step()
+        ref_sched.step()
+
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lam)
+    used = _lr_used(optimizer)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "something else set the LR", no torch warning
+        with lrctl.attach(optimizer, policy=GUARD, base="loop", timeout=SLOW_OK) as ctl:
+            _loop(ctl, optimizer, model, scheduler=scheduler)
+    steps = [s for s in range(STEPS) if s != NAN_AT]
+    for s, lr in zip(steps, used, strict=True):
+        assert lr == pytest.approx(ref_lrs[s] * (0.5 if s > NAN_AT else 1.0), rel=1e-12)
+    assert scheduler.get_last_lr()[0] == pytest.approx(lam(STEPS) * 0.05, rel=1e-12)
+
+    model = _model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=10, gamma=0.5)
+    used = _lr_used(optimizer)
+    with lrctl.attach(optimizer, policy=GUARD, base="loop", timeout=SLOW_OK) as ctl:
+        _loop(ctl, optimizer, model, scheduler=scheduler)
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(0.05 * 0.5 ** 4)  # StepLR's own
+    assert used[-1] == pytest.approx(0.05 * 0.5 ** 3 * 0.5)  # step 39: StepLR × back-off
+
+
+def test_controller_mode_overwrites_a_leftover_loop_and_says_so(
+        controller: ControllerProc) -> None:
+    model = _model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    used = _lr_used(optimizer)
+    with (pytest.warns(RuntimeWarning, match=r"something else set the LR.*base='loop'"),
+          lrctl.attach(optimizer, policy=GUARD, timeout=SLOW_OK) as ctl):
+        _loop(ctl, optimizer, model, loop_lr=_cosine)
+    # The LR used is lrctl's (0.05, halved after the NaN), never the leftover cosine.
+    steps = [s for s in range(STEPS) if s != NAN_AT]
+    for s, lr in zip(steps, used, strict=True):
+        assert lr == pytest.approx(0.05 * (0.5 if s > NAN_AT else 1.0), rel=1e-12), s
+    # Every iteration wrote the LR; only a write of the very value lrctl had set is unseen.
+    assert ctl.foreign_lr_writes == sum(
+        _cosine(s) != 0.05 * (0.5 if s > NAN_AT else 1.0) for s in range(STEPS))
+
+
+def test_a_grad_scaler_overflow_is_not_divergence(controller: ControllerProc) -> None:
+    """An fp16 loop whose scaler starts far too high: its first steps overflow, the scaler
+    skips them and lowers its scale; lrctl counts them and backs off on none."""
+    model = _model()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 120, growth_interval=1000)
+    loss_fn = torch.nn.MSELoss()
+    with lrctl.attach(optimizer, scaler=scaler) as ctl:  # the default policy
+        for x, y in _batches(30, 16):
+            with torch.autocast("cpu", dtype=torch.float16):
+                loss = loss_fn(model(x).float(), y)
+            optimizer.zero_grad()
+            scaler.scale(loss).backward()
+            ctl.step(loss)
+            scaler.step(optimizer)
+            scaler.update()
+        decisions = ctl.decisions
+        lrs = ctl.lr
+    assert ctl.overflows >= 4, ctl.overflows  # 2^120 → 2^16 takes a few halvings
+    assert scaler.get_scale() < 2.0 ** 120
+    assert not [d for d in decisions if d.action in ("backoff", "skip", "stop")], decisions
+    assert lrs == [1e-3]
+    assert all(bool(torch.isfinite(p).all()) for p in model.parameters())
+
+
+def test_the_grad_norm_is_unscaled() -> None:
+    """With the scaler known, the norm the hook reports is the true gradients' norm."""
+    model = _model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    x, y = _batches(1, 16)[0]
+    loss = torch.nn.functional.mse_loss(model(x), y)
+    scaler.scale(loss).backward()
+    scaled = float(total_grad_norm(optimizer))
+    norm = float(unscaled_norm(scaler, optimizer, total_grad_norm(optimizer)))
+    assert norm == pytest.approx(scaled / 1024.0, rel=1e-6)
+    scaler.unscale_(optimizer)  # the loop unscaled: no second division
+    assert float(unscaled_norm(scaler, optimizer, total_grad_norm(optimizer))) == pytest.approx(
+        scaled / 1024.0, rel=1e-6)
+
+
+def _accumulated_run(micro: int, batch: int) -> tuple[list[tuple[int, str]], list[float]]:
+    """One run of 4 × 8 or 1 × 32 samples per optimizer step, on the same data."""
+    model = _model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    used = _lr_used(optimizer)
+    data = _batches(STEPS, 32)
+    loss_fn = torch.nn.MSELoss()
+    with lrctl.attach(optimizer, policy=GUARD, timeout=SLOW_OK) as ctl:
+        for it, (x, y) in enumerate(data):
+            optimizer.zero_grad()
+            total = torch.zeros(())
+            for k in range(micro):
+                xs, ys = x[k * batch:(k + 1) * batch], y[k * batch:(k + 1) * batch]
+                loss = loss_fn(model(xs), ys) / micro
+                loss.backward()
+                total += loss.detach()
+            ctl.step(total * math.nan if it == NAN_AT else total)
+            optimizer.step()
+        return [(d.step, d.action) for d in ctl.decisions], used
+
+
+def test_gradient_accumulation_gives_the_same_decisions(controller: ControllerProc) -> None:
+    one, lrs_one = _accumulated_run(1, 32)
+    four, lrs_four = _accumulated_run(4, 8)
+    assert one == four and (NAN_AT, "backoff") in one
+    assert lrs_one == lrs_four
+
+
+def test_step_per_micro_batch_warns(controller: ControllerProc) -> None:
+    model = _model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    with (pytest.warns(RuntimeWarning, match="once per optimizer step"),
+          lrctl.attach(optimizer, policy=GUARD, timeout=SLOW_OK) as ctl):
+        for it, (x, y) in enumerate(_batches(12, 8)):
+            loss = torch.nn.functional.mse_loss(model(x), y)
+            loss.backward()
+            ctl.step(loss)  # wrong: every micro-batch
+            if it % 4 == 3:
+                optimizer.step()
+                optimizer.zero_grad()
+
+
+def test_a_sync_spike_skip_is_carried_out(controller: ControllerProc) -> None:
+    """``skip_spikes`` in sync mode: the controller's verdict arrives before the optimizer
+    step, and the hook carries it out (the parameters do not move on that step)."""
+    policy = {"version": 1, "policies": [{"kind": "divergence", "skip_spikes": True,
+                                          "tolerance": 5, "min_samples": 8,
+                                          "z_threshold": 4.0}]}
+    model = _model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    moved = []
+    with lrctl.attach(optimizer, policy=policy, sync=True) as ctl:
+        for it, (x, y) in enumerate(_batches(30, 16)):
+            loss = torch.nn.functional.mse_loss(model(x), y)
+            optimizer.zero_grad()
+            loss.backward()
+            ctl.step(loss * 1000 if it == 20 else loss)
+            before = [p.detach().clone() for p in model.parameters()]
+            optimizer.step()
+            moved.append(any(not torch.equal(a, p) for a, p in zip(
+                before, model.parameters(), strict=True)))
+        skips = [d for d in ctl.decisions if d.action == "skip"]
+    assert [d.step for d in skips] == [20]
+    assert "advisory" not in skips[0].reason
+    assert moved[20] is False and all(moved[:20]) and all(moved[21:])
