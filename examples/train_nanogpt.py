@@ -55,6 +55,8 @@ def parse() -> argparse.Namespace:
     p.add_argument("--exit-after", type=int, default=None,
                    help="die (os._exit) after this iteration, as a preempted job would")
     p.add_argument("--lr-log", default=None, help="append 'iter lr' lines (the LR used)")
+    p.add_argument("--lrctl-timeout", type=float, default=1.0,
+                   help="seconds the hook waits for a late decision before failing open")
     return p.parse_args()
 
 
@@ -106,7 +108,8 @@ def main() -> None:
 
     # lrctl: keep the loop's schedule, add protection; resume the run the checkpoint holds.
     ctl = lrctl.attach(optimizer, policy=args.policy, run_name="nanogpt", base="loop",
-                       scaler=scaler, resume=lrctl_state, total_steps=args.max_iters)
+                       scaler=scaler, resume=lrctl_state, total_steps=args.max_iters,
+                       timeout=args.lrctl_timeout)
     lr_log = open(args.lr_log, "a") if args.lr_log else None  # noqa: SIM115
     if lr_log is not None:  # the LR each optimizer step really used (after lrctl's hook)
         def log_lr(opt: torch.optim.Optimizer, *_: object) -> None:

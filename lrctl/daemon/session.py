@@ -75,8 +75,10 @@ class Session:
         # The policy the hook sent: a reconnecting hook sends it again even after reloads.
         self.hello_sha256 = info.policy_sha256
         self.reload_error: str | None = None  # the last failed reload, shown by ``runs``
+        self._sync = False
         self.sync = False  # the connected hook waits for each answer (set by each hello)
         self.reloads = 0
+        self.overflows = 0  # mixed-precision overflow steps the hook reported
 
     # -- construction ------------------------------------------------------------------
     @classmethod
@@ -113,6 +115,7 @@ class Session:
         error = state.get("reload_error")
         s.reload_error = None if error is None else str(error)
         s.reloads = int(state.get("reloads", 0))
+        s.overflows = int(state.get("overflows", 0))
         s.saved_step = s.last_step
         return s
 
@@ -136,6 +139,7 @@ class Session:
             "hello_sha256": self.hello_sha256,
             "reload_error": self.reload_error,
             "reloads": self.reloads,
+            "overflows": self.overflows,
         }
 
     def set_total_steps(self, total_steps: int) -> None:
@@ -167,6 +171,7 @@ class Session:
         before = self.lrs()
         old_sha = self.info.policy_sha256
         self.engine = new
+        self.engine.skips_enforced = self._sync
         self.policy = policy
         if new.mode == "shadow":
             self.hold_lrs = self.hold_lrs if self.hold_lrs is not None else before
@@ -199,6 +204,26 @@ class Session:
             evidence={"old_sha256": self.info.policy_sha256, "new_sha256": sha256,
                       "error": error},
             policy_sha256=self.info.policy_sha256).to_dict())
+
+    @property
+    def sync(self) -> bool:
+        """The connected hook waits for each answer, so a skip reaches its optimizer step
+        (an async hook's spike skips are recorded as advisory)."""
+        return self._sync
+
+    @sync.setter
+    def sync(self, value: bool) -> None:
+        self._sync = value
+        self.engine.skips_enforced = value
+
+    def used_lrs(self, decided: Sequence[float], base: Sequence[float] | None) -> list[float]:
+        """The LRs the optimizer used: ``decided`` (the controller's), or with a hook in
+        ``base="loop"`` mode, the loop's own LRs ``base`` scaled by decided / initial."""
+        if base is None:
+            return list(decided)
+        initial = self.engine.initial_lrs
+        return [b * (d / i) if i > 0 else b
+                for b, d, i in zip(base, decided, initial, strict=False)]
 
     # -- the hot path --------------------------------------------------------------------
     @property
@@ -293,6 +318,7 @@ class Session:
             "watching": self.watch_path is not None,
             "reloads": self.reloads,
             "reload_error": self.reload_error,
+            "overflows": self.overflows,
         }
 
 

@@ -9,6 +9,7 @@ lrctl did.
 from __future__ import annotations
 
 import importlib
+import json
 import re
 import shutil
 import socket
@@ -67,6 +68,61 @@ def test_train_charlm(controller: LiveController, tmp_path: Path) -> None:
     assert "lrctl run charlm-" in out
     # The range test starts at 1% of --lr and grows the LR every step.
     assert 3e-5 < final_lr(out) < 3e-3
+
+
+# A guard that flags a "spike" often and regrows fast: its state changes with every
+# observation and it moves the LR many times in a short run, so a resumed run that did
+# not continue from the checkpoint's exact policy state would show it at once.
+JUMPY = """version: 1
+policies:
+  - kind: divergence
+    z_threshold: 1.5
+    min_samples: 8
+    window: 16
+    tolerance: 0
+    cooldown: 2
+    regrow_after: 4
+    factor: 0.7
+    max_backoffs: 1000
+    min_multiplier: 0.0001
+"""
+
+
+def _lr_log(path: Path) -> dict[int, str]:
+    """iter -> the LR its optimizer step used (the last process to run an iteration wins)."""
+    out = {}
+    for line in path.read_text().splitlines():
+        it, lr = line.split()
+        out[int(it)] = lr
+    return out
+
+
+def test_train_nanogpt_is_reproducible_overflow_safe_and_resumes_exactly(
+        controller: LiveController, tmp_path: Path) -> None:
+    policy = tmp_path / "jumpy.yaml"
+    policy.write_text(JUMPY)
+    common = [str(EXAMPLES / "train_nanogpt.py"), "--max-iters", "90", "--eval-interval",
+              "30", "--policy", str(policy), "--init-scale", str(2.0 ** 30),
+              "--lrctl-timeout", "60"]
+    whole = run(controller, [*common, "--out-dir", str(tmp_path / "a"), "--lr-log",
+                             str(tmp_path / "a.log")], tmp_path)
+    summary = json.loads(whole.split("lrctl summary ", 1)[1])
+    assert summary["iters"] == 90
+    assert summary["overflows"] >= 3  # fp16 at a scale of 2^30: the scaler's first steps
+    assert summary["decisions"] >= 5  # the policy moved the LR: the comparison means something
+    reference = _lr_log(tmp_path / "a.log")
+
+    # The same run, preempted after iteration 70 (checkpoint at 60), then resumed.
+    killed = subprocess.run([sys.executable, *common, "--out-dir", str(tmp_path / "b"),
+                             "--lr-log", str(tmp_path / "b.log"), "--exit-after", "70"],
+                            cwd=tmp_path, env=subprocess_env(controller), capture_output=True,
+                            text=True, timeout=RUN_TIMEOUT_S)
+    assert killed.returncode == 3, killed.stdout + killed.stderr
+    assert _lr_log(tmp_path / "b.log") == {k: v for k, v in reference.items() if k <= 70}
+    run(controller, [*common, "--out-dir", str(tmp_path / "b"), "--lr-log",
+                     str(tmp_path / "b.log"), "--resume"], tmp_path)
+    resumed = _lr_log(tmp_path / "b.log")
+    assert resumed == reference  # iterations 60..89 again, on the same LRs
 
 
 def test_train_hf(controller: LiveController, tmp_path: Path) -> None:
