@@ -92,6 +92,8 @@ class Engine:
         self._decisions: deque[Decision] = deque(maxlen=MAX_DECISIONS_KEPT)
         #: The decisions of the latest observation.
         self.last_decisions: list[Decision] = []
+        self._unusable = False  # the policies' LR is non-finite: held or clamped (recorded)
+        self._saw_unusable = False
         self._lrs = self._compute(0)
 
     # -- public API ------------------------------------------------------------
@@ -188,7 +190,13 @@ class Engine:
         self.last_step = obs.step
         self.should_skip = ctx.skip
         self.should_stop = self.should_stop or ctx.stop
-        self._lrs = self._lrs_from(multiplier, factors)
+        self._saw_unusable = False
+        lrs = self._lrs_from(multiplier, factors)
+        if self._unusable or self._saw_unusable:
+            record = self._unusable_record(obs.step, multiplier, factors, self._lrs, lrs)
+            if record is not None:
+                new_decisions.append(record)
+        self._lrs = lrs
         self._decisions.extend(new_decisions)
         self.decision_count += len(new_decisions)
         self.last_decisions = new_decisions
@@ -211,15 +219,60 @@ class Engine:
 
     def _lrs_from(self, multiplier: float, factors: list[list[float]]) -> list[float]:
         lrs = []
-        for initial, group_factors in zip(self.initial_lrs, factors, strict=True):
+        previous = getattr(self, "_lrs", None)
+        for g, (initial, group_factors) in enumerate(zip(self.initial_lrs, factors,
+                                                         strict=True)):
             lr = initial * multiplier
             for f in group_factors:
                 lr *= f
             if not math.isfinite(lr) or lr < 0:
-                # A policy bug must not reach the optimizer; hold the floor instead.
-                lr = self.min_lr
+                self._saw_unusable = True
+                lr = self._unusable_lr(g, lr, previous)
             lrs.append(min(max(lr, self.min_lr), self.max_lr))
         return lrs
+
+    def _unusable_lr(self, g: int, lr: float, previous: list[float] | None) -> float:
+        """What a non-finite or negative LR becomes (a policy's product overflowed, or a
+        bug): never the optimizer's problem. +inf clamps to ``max_lr`` when one is set;
+        otherwise, and for NaN, the group's last LR holds; a negative LR clamps to
+        ``min_lr``. :meth:`update` records when this starts and when it ends."""
+        if lr < 0:
+            return self.min_lr
+        if lr == math.inf and math.isfinite(self.max_lr):
+            return self.max_lr
+        return previous[g] if previous is not None else self.initial_lrs[g]
+
+    def _unusable_record(self, step: int, multiplier: float, factors: list[list[float]],
+                         before: list[float], after: list[float]) -> Decision | None:
+        """A ``guard`` ``clamp`` decision when the policies' LR became unusable, and a
+        ``clamp_released`` one when it is usable again: every LR change has a record."""
+        bad = {}
+        for g, (initial, group_factors) in enumerate(zip(self.initial_lrs, factors,
+                                                         strict=True)):
+            lr = initial * multiplier
+            for f in group_factors:
+                lr *= f
+            if not math.isfinite(lr) or lr < 0:
+                bad[g] = lr
+        was = self._unusable
+        self._unusable = bool(bad)
+        if bool(bad) == was:
+            return None
+        if bad:
+            g, value = next(iter(bad.items()))
+            clamped = value == math.inf and math.isfinite(self.max_lr)
+            reason = (f"the policies' LR for group {g} is {value} (a multiplier or schedule "
+                      f"factor overflowed): {'clamped to max_lr' if clamped else 'held'} at "
+                      f"{after[g]:.6g} until it is usable again")
+            action, evidence = "clamp", {"groups": sorted(bad), "value": value,
+                                         "multiplier": multiplier}
+        else:
+            reason = "the policies' LR is usable again"
+            action, evidence = "clamp_released", {"multiplier": multiplier}
+        return Decision(step=step, policy="guard", kind="guard", action=action,
+                        old_lrs=tuple(before), new_lrs=tuple(after), reason=reason,
+                        evidence=evidence, policy_sha256=self.policy_sha256,
+                        shadow=self.mode == "shadow")
 
     def _make_observation(self, step: Any, loss: Any, grad_norm: Any,
                           metrics: Mapping[str, Any]) -> Observation:
@@ -282,6 +335,7 @@ class Engine:
         self.should_stop = old.should_stop
         self.decision_count = old.decision_count
         self._decisions = old._decisions
+        self._unusable = old._unusable
         step = 0 if old.last_step is None else old.last_step + 1
         self._lrs = self._compute(step)
         return summary
@@ -296,6 +350,7 @@ class Engine:
             "mode": self.mode,
             "should_stop": self.should_stop,
             "decision_count": self.decision_count,
+            "unusable": self._unusable,
             "policy_sha256": self.policy_sha256,
             "policies": [
                 {"name": n, "kind": p.kind, "state": p.state_dict()}
@@ -319,6 +374,7 @@ class Engine:
         self.mode = state["mode"]
         self.should_stop = bool(state["should_stop"])
         self.decision_count = int(state["decision_count"])
+        self._unusable = bool(state.get("unusable", False))
         self._lrs = [float(x) for x in state["lrs"]]
 
 

@@ -91,7 +91,14 @@ class _Reference(Engine):
         self.last_step = obs.step
         self.should_skip = ctx.skip
         self.should_stop = self.should_stop or ctx.stop
-        self._lrs = self._lrs_from(self._multiplier(), factors)
+        self._saw_unusable = False
+        lrs = self._lrs_from(self._multiplier(), factors)
+        if self._unusable or self._saw_unusable:  # the clamp record, as Engine.update
+            record = self._unusable_record(obs.step, self._multiplier(), factors, self._lrs,
+                                           lrs)
+            if record is not None:
+                new_decisions.append(record)
+        self._lrs = lrs
         self._decisions.extend(new_decisions)
         self.decision_count += len(new_decisions)
         self.last_decisions = new_decisions

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import math
 import random
@@ -229,3 +230,28 @@ def test_decision_old_and_new_lrs_are_for_the_next_step() -> None:
     assert back.old_lrs[0] == pytest.approx(warm(11, 100, 0.5))
     assert back.new_lrs[0] == pytest.approx(warm(11, 100, 0.5) * 0.5)
     assert list(back.new_lrs) == engine.lrs
+
+
+@pytest.mark.parametrize(("max_lr", "held"), [(1.0, 1.0), (None, 1e-3)])
+def test_an_overflowing_schedule_is_clamped_and_recorded(max_lr: float | None,
+                                                         held: float) -> None:
+    """Two schedules whose product overflows to inf: the LR is clamped to max_lr (or, with
+    no max_lr, held), never silently 0, and the clamp and its release are decisions."""
+    policy: dict = {"version": 1, "policies": [
+        {"kind": "cyclical", "base_lr": 1e-3, "max_lr": 1e300, "step_size_up": 10},
+        {"kind": "cyclical", "name": "again", "base_lr": 1e-3, "max_lr": 1e300,
+         "step_size_up": 10}]}
+    if max_lr is not None:
+        policy["max_lr"] = max_lr
+    engine = lrctl.load_policy(policy, base_lrs=[1e-3])
+    lrs = [engine.observe(t, 1.0)[0] for t in range(25)]
+    assert all(lr == held for lr in lrs[:18]), lrs
+    actions = [(d.step, d.policy, d.action) for d in engine.decisions]
+    assert actions[0] == (0, "guard", "clamp")
+    assert ("guard", "clamp_released") in {(p, a) for _, p, a in actions}
+    clamp = engine.decisions[0]
+    assert clamp.evidence["value"] == math.inf and "overflowed" in clamp.reason
+    changes = [d for d in engine.decisions if d.new_lrs != d.old_lrs]
+    for before, after in itertools.pairwise(lrs):
+        if before != after:  # every LR change is accounted for by a record
+            assert any(d.new_lrs[0] == after for d in changes), (before, after)
