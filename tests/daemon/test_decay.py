@@ -98,3 +98,19 @@ def test_the_decay_survives_a_killed_controller(make_controller) -> None:  # typ
         assert [d.action for d in resumed.decisions] == ["decay_done"]
     finally:
         resumed.close()
+
+
+def test_the_decay_is_in_the_audit_trail(make_controller, tmp_path,  # type: ignore[no-untyped-def]
+                                         monkeypatch) -> None:
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
+    monkeypatch.chdir(tmp_path)
+    make_controller(audit=True)
+    with lrctl.attach(_optimizer(), policy=WSD, sync=True, spawn=False,
+                      run_name="audited") as ctl:
+        for _ in range(5):
+            ctl.step(1.0, grad_norm=1.0)
+        assert _cli("decay", "audited", "--steps", "3").returncode == 0
+        # The journal is written (and fsynced) before the operator gets the answer.
+        table = _cli("decisions", ctl.run_key or "")
+        assert table.returncode == 0, table.stderr
+        assert "decay_start" in table.stdout and "started by an operator" in table.stdout

@@ -252,3 +252,16 @@ def test_bad_files_name_file_line_and_key(tmp_path: Path, body: str, line: int, 
 
 def test_operator_only_needs_no_length() -> None:
     assert wsd(None, start_on="operator").lrs == [LR]
+
+
+def test_a_cooldown_under_way_survives_a_hot_reload() -> None:
+    old = wsd(None, start_on="operator")
+    curve(old, 10)
+    old.command("decay", steps=10, shape="linear")
+    curve(old, 3, start=10)
+    new = wsd(None, start_on="operator", min_lr_ratio=0.5)  # an edited file
+    summary = new.inherit(old)
+    assert summary["changed"] == ["wsd"]
+    # The cooldown keeps its start, length and shape; the new floor applies from now.
+    assert curve(new, 8, start=13) == pytest.approx(
+        [LR * (0.5 + 0.5 * (1 - k / 10)) for k in range(5, 10)] + [LR * 0.5] * 3)
