@@ -182,9 +182,11 @@ class WSD(Policy):
         if self.decay_length() is not None and (mode == "plateau" or self._total is not None):
             return []
         self._told_inactive = True
-        return [Action("wsd_inactive", "no cooldown is scheduled: the run's length is unknown "
-                       "(pass total_steps= to lrctl.attach, or set total_steps or decay_steps "
-                       "in the policy file); `lrctl decay RUN` starts one",
+        need = ("decay_fraction needs the run's length" if self.decay_length() is None
+                else "start_on: schedule needs the run's length")
+        return [Action("wsd_inactive", f"no cooldown is scheduled: {need} (pass total_steps= "
+                       "to lrctl.attach, or set total_steps in the policy file); "
+                       "`lrctl decay RUN` starts one",
                        {"statistic": "total_steps", "value": None})]
 
     def _phase_events(self, obs: Observation, ctx: StepContext) -> list[Action]:
