@@ -18,6 +18,7 @@ COMMAND_MODULES = (
     "lrctl.commands.policy",
     "lrctl.commands.bench",
     "lrctl.commands.daemon",
+    "lrctl.commands.cooldown",
     "lrctl.commands.audit",
     "lrctl.commands.demo",
 )

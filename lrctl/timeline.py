@@ -1,7 +1,9 @@
 """The timeline picture of a run: loss, grad norm and LR per group, decisions marked.
 
 Drawn from the run's journal (not from memory), so it covers the whole run
-across controller restarts; the journal is streamed through bounded
+across controller restarts. A WSD policy's phases are shaded on the LR axis
+(warmup, cooldown; the stable phase is what lies between) and an early stop is
+a black dashed line; the journal is streamed through bounded
 downsamplers, so a week-long run costs the same memory as a short one.
 matplotlib is imported only when a picture is drawn, with the Agg backend and
 without pyplot, so drawing from a worker thread touches no global GUI state.
@@ -21,12 +23,23 @@ from .sinks.journal import RunPaths, read_json, read_lines
 from .sinks.mlflow_sink import decision_ratio
 from .sinks.sampling import GRAD_NORM, LOSS, Downsampler
 
-__all__ = ["TimelineData", "load_timeline", "render", "render_run"]
+__all__ = ["Phase", "TimelineData", "load_timeline", "phase_spans", "render", "render_run"]
 
 MAX_POINTS = 4000
 MAX_MARKS = 400
 MAX_LABELS = 12
 _LR = re.compile(r"^lrctl/lr/g(\d+)$")
+_PHASE_ACTIONS = frozenset({"warmup_done", "decay_start", "decay_cancel", "decay_done"})
+MAX_PHASE_EVENTS = 1000
+
+
+@dataclass(frozen=True)
+class Phase:
+    """A shaded stretch of the LR axis: ``label`` from step ``start`` to ``end``."""
+
+    label: str
+    start: int
+    end: int
 
 
 @dataclass
@@ -37,6 +50,9 @@ class TimelineData:
     lrs: dict[int, Downsampler] = field(default_factory=dict)
     decisions: list[dict[str, Any]] = field(default_factory=list)  # at most MAX_MARKS
     decision_count: int = 0
+    #: WSD phase events and stops, kept apart from the thinned marks (few per run).
+    phase_events: list[dict[str, Any]] = field(default_factory=list)
+    last_step: int = 0
 
 
 def load_timeline(run_dir: str | os.PathLike[str]) -> TimelineData:
@@ -56,6 +72,12 @@ def load_timeline(run_dir: str | os.PathLike[str]) -> TimelineData:
                 data.lrs.setdefault(int(m.group(1)), Downsampler(MAX_POINTS)).add(step, v)
     stride = 1
     for line in read_lines(paths.stream("decisions")):
+        record = line.record
+        data.last_step = max(data.last_step, int(record.get("step", 0)))
+        action = record.get("action")
+        phase = (record.get("kind") == "wsd" and action in _PHASE_ACTIONS) or action == "stop"
+        if phase and len(data.phase_events) < MAX_PHASE_EVENTS:
+            data.phase_events.append(record)
         data.decision_count += 1
         if (data.decision_count - 1) % stride == 0:
             data.decisions.append(line.record)
@@ -63,6 +85,36 @@ def load_timeline(run_dir: str | os.PathLike[str]) -> TimelineData:
                 data.decisions = data.decisions[::2]
                 stride *= 2
     return data
+
+
+def phase_spans(events: list[dict[str, Any]], last_step: int) -> list[Phase]:
+    """The warmup and cooldown stretches that a WSD policy's decisions mark.
+
+    A decision at step ``t`` takes effect from step ``t + 1``: a warmup ends at
+    ``warmup_done``'s step + 1; a cooldown runs from ``decay_start``'s step + 1 to
+    the step after its ``decay_done`` or ``decay_cancel`` (a new ``decay_start``
+    restarts it), or to ``last_step`` while it is still under way.
+    """
+    spans: list[Phase] = []
+    open_at: tuple[int, str] | None = None
+    for rec in events:
+        step, action = int(rec.get("step", 0)) + 1, rec.get("action")
+        if rec.get("kind") != "wsd":
+            continue
+        if action == "warmup_done":
+            spans.append(Phase("warmup", 0, step))
+        elif action == "decay_start":
+            if open_at is not None:
+                spans.append(Phase(open_at[1], open_at[0], step))
+            source = (rec.get("evidence") or {}).get("source", "")
+            open_at = (step, f"cooldown ({source})" if source else "cooldown")
+        elif action in ("decay_done", "decay_cancel") and open_at is not None:
+            label = open_at[1] + (", cancelled" if action == "decay_cancel" else "")
+            spans.append(Phase(label, open_at[0], step))
+            open_at = None
+    if open_at is not None:
+        spans.append(Phase(open_at[1], open_at[0], max(last_step + 1, open_at[0])))
+    return spans
 
 
 def render_run(run_dir: str | os.PathLike[str], out: str | os.PathLike[str]) -> Path:
@@ -90,6 +142,7 @@ def render(data: TimelineData, out: str | os.PathLike[str]) -> Path:
     if data.lrs:
         ax_lr.legend(loc="upper right", fontsize="small")
     _marks(data, (ax_loss, ax_gn, ax_lr))
+    _phases(data, ax_lr, (ax_loss, ax_gn, ax_lr))
     shown = f", {len(data.decisions)} marked" if len(data.decisions) < data.decision_count else ""
     fig.suptitle(f"{data.title}\n{data.decision_count} decisions{shown}", fontsize="medium")
     out = Path(out)
@@ -137,6 +190,20 @@ def _marks(data: TimelineData, axes: tuple[Any, ...]) -> None:
         label = f"{step}: {rec.get('policy')} {rec.get('action')} - {rec.get('reason', '')}"
         ax_lr.annotate(label[:90], xy=(step, 1.0), xycoords=("data", "axes fraction"),
                        rotation=90, va="top", ha="right", fontsize=6.5, color=color)
+
+
+def _phases(data: TimelineData, ax_lr: Any, axes: tuple[Any, ...]) -> None:
+    """WSD phases shaded and named on the LR axis; early stops as black dashed lines."""
+    colors = {"warmup": "tab:olive"}
+    for phase in phase_spans(data.phase_events, data.last_step):
+        color = colors.get(phase.label, "tab:purple")
+        ax_lr.axvspan(phase.start, phase.end, color=color, alpha=0.12, lw=0)
+        ax_lr.annotate(phase.label, xy=(phase.start, 0.02), xycoords=("data", "axes fraction"),
+                       fontsize=7, color=color)
+    for rec in data.phase_events:
+        if rec.get("action") == "stop":
+            for ax in axes:
+                ax.axvline(rec.get("step", 0), color="black", lw=1.0, ls="--", alpha=0.8)
 
 
 def _span(values: list[float]) -> float:

@@ -11,7 +11,7 @@ from lrctl.policy import available_kinds, get_policy_class
 from lrctl.policy._params import Param
 
 README = (Path(__file__).resolve().parent.parent / "README.md").read_text()
-BUILTIN = ["warmup", "decay", "cyclical", "plateau", "divergence"]
+BUILTIN = ["warmup", "decay", "cyclical", "plateau", "divergence", "earlystop", "wsd"]
 
 
 def _default_text(p: Param) -> str:

@@ -13,7 +13,13 @@ Per task and arm, over the grid of starting LRs:
   harm is 0 by definition; without a ``fixed`` arm, harm is not defined (None).
 * **NaN runs**: diverged runs.
 * **false back-offs**: the ``backoff``, ``rollback`` and ``stop`` decisions of a
-  policy arm on these clean runs (no fault is injected), per 10 000 steps.
+  policy arm on these clean runs (no fault is injected), per 10 000 steps; a stop
+  that early stopping or a finished WSD cooldown asked for is planned, not false.
+* **early stops** (policy arms): the runs early stopping stopped, the fraction of
+  all steps they saved, and the **steps saved at equal final validation loss**:
+  those saved by stops whose validation loss at the stop is within 5 % of the one
+  the same run reaches when trained on to the end (``full_val``); the stops that
+  cost more are counted as ``worse``.
 
 Across the tasks of a split: the median robust width, the median of the median
 r, the total harm, the number of tasks with harm 0, the largest harm on one
@@ -30,12 +36,16 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from .runner import RunResult
 
-__all__ = ["BAD_ACTIONS", "HARM_R", "ROBUST_R", "aggregate", "summarize_quality"]
+__all__ = ["BAD_ACTIONS", "HARM_R", "PLANNED_STOPS", "ROBUST_R", "aggregate", "early_stops",
+           "summarize_quality"]
 
 ROBUST_R = 1.05
 HARM_R = 1.05
 #: Decisions that count as a back-off when nothing went wrong.
 BAD_ACTIONS = ("backoff", "rollback", "stop")
+#: Kinds whose ``stop`` is the plan, not a back-off: early stopping, a WSD cooldown's end.
+PLANNED_STOPS = frozenset({"earlystop", "wsd"})
+EQUAL_VAL_R = 1.05  # an early stop within 5 % of the full run's validation loss
 
 
 def _is_policy(arm: str) -> bool:
@@ -62,9 +72,43 @@ def false_backoffs(runs: Iterable[RunResult]) -> dict[str, Any]:
     count = steps = 0
     for run in runs:
         steps += run.steps_done or run.steps
-        count += sum(d["action"] in BAD_ACTIONS for d in run.decisions)
+        count += sum(d["action"] in BAD_ACTIONS and d.get("kind") not in PLANNED_STOPS
+                     for d in run.decisions)
     return {"count": count, "steps": steps,
             "per_10k": count * 10_000 / steps if steps else math.nan}
+
+
+def early_stops(runs: Iterable[RunResult]) -> dict[str, Any]:
+    """Early stops among ``runs``: how many, the steps they saved (all, and at equal final
+    validation loss), the stops that cost more, and the median val ratio stop / full."""
+    steps = saved = saved_equal = stopped = worse = 0
+    ratios: list[float] = []
+    for run in runs:
+        steps += run.steps
+        if run.early_stop_step is None:
+            continue
+        stopped += 1
+        gain = run.steps - (run.early_stop_step + 1)
+        ratio = run.final_val / run.full_val if run.full_val > 0 else math.nan
+        ratios.append(ratio)
+        saved += gain
+        if ratio <= EQUAL_VAL_R:  # NaN (a diverged stop) is not equal
+            saved_equal += gain
+        else:
+            worse += 1
+    return {"stopped": stopped, "steps": steps, "saved": saved, "saved_equal": saved_equal,
+            "worse": worse,
+            "median_val_ratio": _median_finite(ratios)}
+
+
+def _median_finite(values: list[float]) -> float:
+    finite = [v for v in values if not math.isnan(v)]
+    return statistics.median(finite) if finite else math.nan
+
+
+def _sum_early_stops(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    keys = ("stopped", "steps", "saved", "saved_equal", "worse")
+    return {k: sum(r[k] for r in rows) for k in keys}
 
 
 def summarize_quality(runs: Sequence[RunResult], arms: Sequence[str],
@@ -102,6 +146,7 @@ def summarize_quality(runs: Sequence[RunResult], arms: Sequence[str],
                 "nan_runs": sum(r.diverged for r in arm_runs),
                 "runs": len(arm_runs),
                 "false_backoffs": false_backoffs(arm_runs) if _is_policy(arm) else None,
+                "early_stops": early_stops(arm_runs) if _is_policy(arm) else None,
             }
         out[task] = {"best_cosine_val": best, "best_cosine_lr": best_lr,
                      "best_at_edge": best_lr is not None and best_lr in (lrs[0], lrs[-1]),
@@ -127,6 +172,7 @@ def aggregate(summary: Mapping[str, Any], split_of: Mapping[str, str],
             harms = [r["harm"] for r in rows]
             fb = [r["false_backoffs"] for r in rows if r["false_backoffs"] is not None]
             fb_count, fb_steps = sum(f["count"] for f in fb), sum(f["steps"] for f in fb)
+            es = [r["early_stops"] for r in rows if r.get("early_stops") is not None]
             per_arm[arm] = {
                 "tasks": len(rows),
                 "median_robust_width": statistics.median(r["robust_width"] for r in rows),
@@ -139,6 +185,7 @@ def aggregate(summary: Mapping[str, Any], split_of: Mapping[str, str],
                 "false_backoffs": None if not fb else {
                     "count": fb_count, "steps": fb_steps,
                     "per_10k": fb_count * 10_000 / fb_steps if fb_steps else math.nan},
+                "early_stops": _sum_early_stops(es) if es else None,
             }
         out[split] = {"tasks": tasks, "arms": per_arm}
     return out

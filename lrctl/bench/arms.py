@@ -23,6 +23,11 @@ momentum 0.9, no weight decay).
   times per run, as a user would with ``ctl.report(val_loss=...)``.
 * ``lrctl``: the same with one file (``--policy``; default: the shipped
   ``default.yaml``); the name of the earlier benchmarks, kept as an alias.
+
+A policy arm's ``stop`` decisions are collected by kind (``stop_kinds``): the runner
+trains on past a stop that only early stopping asked for, to measure what the stop
+saved against the validation loss the full run reaches (see
+:mod:`lrctl.bench.runner`).
 """
 
 from __future__ import annotations
@@ -60,6 +65,8 @@ class Controller:
 
     def __init__(self, optimizer: torch.optim.Optimizer) -> None:
         self.optimizer = optimizer
+        #: The kinds of policy that asked to stop (``earlystop``, ``divergence``…).
+        self.stop_kinds: set[str] = set()
 
     def before_step(self, step: int) -> None:
         """Set the LR for ``step``."""
@@ -173,6 +180,9 @@ class LrctlController(Controller):
     def after_backward(self, step: int, loss: float, grad_norm: float) -> bool:
         metrics, self._pending = self._pending, {}
         self.engine.observe(step, loss, grad_norm, **metrics)
+        for d in self.engine.last_decisions:  # usually none: no cost on most steps
+            if d.action == "stop":
+                self.stop_kinds.add(d.kind)
         return self.engine.should_skip
 
     def on_validation(self, step: int, val_loss: float) -> None:

@@ -121,6 +121,7 @@ def quality_tables(result: dict[str, Any]) -> str:
                          f"{_opt(a['harm_max'])} | {a['nan_runs']}/{a['runs']} | "
                          f"{_fb(a['false_backoffs'])} |")
         lines.append("")
+        lines += _early_stop_table(agg["arms"])
     if info:
         lines.append("#### Tasks\n")
         lines.append("| task | split | kind | optimizer | batch | steps | best cosine: val @ LR |")
@@ -151,6 +152,23 @@ def quality_tables(result: dict[str, Any]) -> str:
                          f"{_fb(a.get('false_backoffs'))} | {cells} |")
         lines.append("")
     return "\n".join(lines)
+
+
+def _early_stop_table(arms: dict[str, Any]) -> list[str]:
+    """Steps saved by early stops, at equal final validation loss, per arm that stopped."""
+    rows = {arm: a for arm, a in arms.items() if (a.get("early_stops") or {}).get("stopped")}
+    if not rows:
+        return []
+    lines = ["Early stopping: steps saved at equal final validation loss (a stop whose "
+             "validation loss is within 5 % of the same run's trained to the end).\n",
+             "| arm | runs stopped | steps saved | at equal final val | stops that cost "
+             "more |", "|---|---|---|---|---|"]
+    for arm, a in rows.items():
+        e = a["early_stops"]
+        total = e["steps"] or 1
+        lines.append(f"| {arm} | {e['stopped']}/{a['runs']} | {e['saved'] / total:.1%} | "
+                     f"{e['saved_equal'] / total:.1%} | {e['worse']} |")
+    return [*lines, ""]
 
 
 def _n(k: int, word: str) -> str:

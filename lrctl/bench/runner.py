@@ -4,6 +4,11 @@ The loop is the one a user writes: forward, backward, grad norm, let the LR
 driver see the statistics (it may ask to skip the step), optimizer step. Faults
 are injected at the points where they happen in real training: a mis-set LR, a
 corrupt gradient, a NaN loss.
+
+A stop that only early stopping asked for does not end the loop: the validation
+loss at the stop becomes the run's ``final_val`` (the model a user would keep),
+and the run trains on to the end, the same run as if it had not stopped, for
+``full_val``: what the stop cost in validation loss, against the steps it saved.
 """
 
 from __future__ import annotations
@@ -40,6 +45,8 @@ class RunResult:
     decisions: list[dict[str, Any]] = field(default_factory=list)
     steps_done: int = 0  # optimizer steps taken or skipped (fewer than steps if stopped early)
     seconds: float = 0.0  # wall time of the run, build and validation included
+    early_stop_step: int | None = None  # the step early stopping asked to stop after
+    full_val: float = math.nan  # with an early stop: the final val of the run trained on
 
     def summary(self) -> dict[str, Any]:
         """The JSON-safe record of the run, without per-step curves."""
@@ -47,6 +54,8 @@ class RunResult:
                 "steps": self.steps, "final_val": _json_float(self.final_val),
                 "diverged": self.diverged, "stopped_at": self.stopped_at,
                 "steps_done": self.steps_done, "skipped": self.skipped,
+                "early_stop_step": self.early_stop_step,
+                "full_val": _json_float(self.full_val),
                 "seconds": round(self.seconds, 3),
                 "actions": _count_actions(self.decisions)}
 
@@ -63,6 +72,7 @@ def train(task: Task, arm: str, lr: float, seed: int, *, steps: int | None = Non
     ctl = make_controller(arm, params, lr, steps, policy, task.optimizer)
     eval_every = max(1, steps // ctl.evals_per_run) if ctl.evals_per_run else 0
     result = RunResult(task.name, arm, lr, seed, steps, math.nan, False)
+    val_at_stop = math.nan
     bad_streak = 0
     model.train()
     ctl.train_mode()
@@ -90,15 +100,24 @@ def train(task: Task, arm: str, lr: float, seed: int, *, steps: int | None = Non
         ctl.after_step(step)
         bad_streak = 0 if math.isfinite(loss_value) else bad_streak + 1
         if bad_streak >= _NAN_PATIENCE:
-            result.diverged = True
+            result.diverged = result.early_stop_step is None  # else only the run trained on
             break
         if eval_every and (step + 1) % eval_every == 0 and step + 1 < steps:
             ctl.on_validation(step, _validate(inst, ctl))
         if ctl.should_stop():
-            result.stopped_at = step
-            break
+            if ctl.stop_kinds != {"earlystop"}:
+                result.stopped_at = step
+                break
+            if result.early_stop_step is None:
+                result.early_stop_step = step
+                val_at_stop = _validate(inst, ctl)
     result.final_val = _validate(inst, ctl)
     finite_params = all(bool(torch.isfinite(p).all()) for p in params)
+    if result.early_stop_step is not None:
+        full_ok = finite_params and math.isfinite(result.final_val)
+        result.full_val = result.final_val if full_ok else math.inf
+        result.final_val = val_at_stop
+        finite_params = math.isfinite(val_at_stop)
     result.diverged = result.diverged or not finite_params or not math.isfinite(result.final_val)
     result.decisions = ctl.decisions()
     result.steps_done = len(result.train_loss)

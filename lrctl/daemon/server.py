@@ -80,7 +80,8 @@ AUTH_TIMEOUT_S = 10.0
 MAX_OUTBUF = 8 << 20
 MAX_GROUPS = 4096
 MAX_DECISIONS_PER_FRAME = 32
-OPERATOR_TYPES = ("runs", "set_lr", "clear_lr", "pause", "resume", "status", "reload")
+OPERATOR_TYPES = ("runs", "set_lr", "clear_lr", "pause", "resume", "status", "reload",
+                  "decay")
 DEFAULT_SESSION_TIMEOUT = 600.0
 HOUSEKEEPING_INTERVAL = 1.0
 _NO_METRICS: Mapping[str, float] = MappingProxyType({})
@@ -643,6 +644,8 @@ class Server:
             decision = session.set_lr(lr, steps)
         elif t == "clear_lr":
             decision = session.clear_lr()
+        elif t == "decay":
+            decision = session.decay(msg)
         else:
             decision = session.set_mode("shadow" if t == "pause" else "active")
         self._sink("decision", session.key, {**decision, "wall_time": time.time()})

@@ -12,6 +12,11 @@ policy ``operator``:
   what they would do (``shadow: true``) but the LRs hold at the values in
   effect when shadow mode began, rather than jumping to the initial LRs.
 
+``decay`` (``lrctl decay``) is different: it is a command to a policy of the
+stack (``kind: wsd`` starts or cancels its cooldown), decided by the engine and
+kept in the policy's state, so the in-process engine and the controller decide
+the same LRs from it and a checkpoint carries it across a restart.
+
 A hot reload (:meth:`Session.reload`) swaps in a new policy stack built from
 the new file and carries the old one's state over with ``Engine.inherit``.
 Operator state sits above the policies, so it survives the swap: a manual LR
@@ -28,6 +33,7 @@ from typing import Any
 
 from ..config import PolicyFile, parse_text
 from ..policy import Decision, Engine
+from ..protocol import ProtocolError, get_int, get_str
 from ..sinks import RunInfo
 
 __all__ = ["OPERATOR", "RELOAD", "Session", "Step", "text_sha256"]
@@ -279,6 +285,25 @@ class Session:
         self.override = None
         return self._record(self._decision("release_lr", before, self.lrs(),
                                            "manual override cleared by an operator", {}))
+
+    def decay(self, msg: Mapping[str, Any]) -> dict[str, Any]:
+        """``lrctl decay``: start (``steps``, ``shape``) or ``cancel`` the cooldown of the
+        run's WSD policy after its last observed step. ``ProtocolError`` when the request
+        is malformed or the policy cannot do it now (nothing changes then)."""
+        cancel = msg.get("cancel", False)
+        if not isinstance(cancel, bool):
+            raise ProtocolError(f"cancel must be true or false, but got {cancel!r:.40}",
+                                "bad_message")
+        steps = get_int(msg, "steps", lo=1, hi=1 << 40, optional=True)
+        shape = get_str(msg, "shape", max_len=16, optional=True)
+        try:
+            if cancel:
+                decisions = self.engine.command("cancel")
+            else:
+                decisions = self.engine.command("decay", steps=steps, shape=shape)
+        except ValueError as exc:
+            raise ProtocolError(f"run {self.key}: {exc}", "bad_request") from None
+        return self._record(decisions[-1].to_dict())
 
     def set_mode(self, mode: str) -> dict[str, Any]:
         before = self.lrs()

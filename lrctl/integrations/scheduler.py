@@ -3,7 +3,10 @@
 For code that wants a scheduler object (``step()``, ``get_last_lr()``,
 ``state_dict()``): call ``scheduler.step(loss)`` once per optimizer step, after
 ``optimizer.step()`` as with any torch scheduler. The LR it returns is in effect
-for the next step, as with torch's schedulers.
+for the next step, as with torch's schedulers. ``scheduler.report(val_loss=…)``
+sends named metrics (plateau decay or early stopping on them), and
+``scheduler.should_stop`` is set by a ``stop`` decision (early stopping, or a
+divergence the guard gave up on): end the loop then.
 """
 
 from __future__ import annotations
@@ -44,6 +47,10 @@ class Scheduler(LRScheduler):
         self.controller.step(metrics)
         self.last_epoch += 1
         self._last_lr = _lrs(self.controller.lr)
+
+    def report(self, **metrics: Any) -> None:
+        """Named metrics (``val_loss=0.31``), sent with the next step's observation."""
+        self.controller.report(**metrics)
 
     def get_lr(self) -> list[float]:  # type: ignore[override]
         return self.controller.lr

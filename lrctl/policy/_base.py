@@ -66,7 +66,9 @@ class StepContext:
     ``flags`` lets an earlier policy tell later ones about the step: the
     divergence guard sets ``"spike"`` or ``"nonfinite"``, and plateau detection
     then does not count the step as a bad one (pytorch#30873); an LR range test
-    sets ``"lr_sweep"`` while it sweeps, so an anneal waits for it.
+    sets ``"lr_sweep"`` while it sweeps, so an anneal waits for it; plateau
+    decay sets ``"lr_reduced"`` when it cuts the LR and a WSD cooldown when it
+    starts, so that early stopping can decay first and give up after.
     ``total_steps`` is the run's length when the training script said it
     (``attach(total_steps=...)``), else ``None``.
     """
@@ -100,6 +102,8 @@ class Policy(ABC):
     PARAMS: ClassVar[tuple[Param, ...]] = ()
     #: Reactive policies act in increasing ``priority``: divergence (0) acts first.
     priority: ClassVar[int] = 100
+    #: Operator commands this policy takes through :meth:`Engine.command` (``"decay"``…).
+    COMMANDS: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, **params: Any) -> None:
         self.params: dict[str, Any] = bind_params(self.kind, self.PARAMS, params)
@@ -117,6 +121,12 @@ class Policy(ABC):
     @abstractmethod
     def observe(self, obs: Observation, ctx: StepContext) -> list[Action]:
         """Take one observation; return what was done (usually nothing)."""
+
+    def command(self, name: str, args: Mapping[str, Any], step: int) -> list[Action]:
+        """Carry out operator command ``name`` (one of :attr:`COMMANDS`) after the
+        observation of ``step`` (-1: none yet); ``ValueError`` (state unchanged) when
+        it cannot be done now. The engine recomputes the LRs afterwards."""
+        raise ValueError(f"{self.kind}: no operator command {name!r}")
 
     @abstractmethod
     def state_dict(self) -> dict[str, Any]:

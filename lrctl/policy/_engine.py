@@ -3,7 +3,8 @@
 Arbitration, in this order, at every observation of step ``t``:
 
 1. Reactive policies observe, in increasing ``priority``: the divergence guard
-   first (it flags spikes for the others), then plateau decay, then user
+   first (it flags spikes for the others), then the range test, anneal, WSD,
+   plateau decay, early stopping (it sees this step's LR cuts), then user
    policies (priority 100 unless they say otherwise); ties keep file order.
    Each may change its multiplier.
 2. Schedules report phase events for step ``t + 1`` (warmup done, restarts).
@@ -201,6 +202,34 @@ class Engine:
         self.decision_count += len(new_decisions)
         self.last_decisions = new_decisions
         return self.applied_lrs
+
+    def command(self, name: str, **args: Any) -> list[Decision]:
+        """An operator command for the one policy of the stack that takes it (``decay``,
+        ``cancel``: ``kind: wsd``), effective from the step after the last observed one.
+
+        The policy's state changes (and with it :meth:`state_dict`), so the command
+        survives a checkpoint; every path (controller, in-process) decides the same
+        LRs from it. ``ValueError`` when no policy, or more than one, takes ``name``, or
+        when the policy cannot do it now; nothing changes then.
+        """
+        takers = [i for i in self._order if name in self.policies[i].COMMANDS]
+        if len(takers) != 1:
+            which = ", ".join(self.names[i] for i in takers) or "none"
+            raise ValueError(f"{name!r} needs exactly one policy that takes it in the stack "
+                             f"(here: {which})")
+        i = takers[0]
+        step = -1 if self.last_step is None else self.last_step
+        before = list(self._lrs)
+        actions = self.policies[i].command(name, args, step)
+        self._lrs = self._compute(step + 1)
+        decisions = [Decision(
+            step=max(step, 0), policy=self.names[i], kind=self.policies[i].kind,
+            action=a.action, old_lrs=tuple(before), new_lrs=tuple(self._lrs), reason=a.reason,
+            evidence=a.evidence, policy_sha256=self.policy_sha256,
+            shadow=self.mode == "shadow") for a in actions]
+        self._decisions.extend(decisions)
+        self.decision_count += len(decisions)
+        return decisions
 
     # -- arbitration -------------------------------------------------------------
     def _compute(self, step: int) -> list[float]:

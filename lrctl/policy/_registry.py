@@ -103,9 +103,11 @@ def _load_builtins() -> None:
             cyclical,
             decay,
             divergence,
+            earlystop,
             plateau,
             rangetest,
             warmup,
+            wsd,
         )
 
         _builtins_loaded = True

@@ -115,7 +115,7 @@ class Plateau(Policy):
         if raw is None or ctx.flags & FLAGS_NOT_COUNTED:
             return []
         if self._trend is not None:
-            return self._observe_trend(raw, obs)
+            return self._observe_trend(raw, obs, ctx)
         current = self._smooth(raw)
         if self._is_better(current, self._best):
             self._best = current
@@ -139,12 +139,12 @@ class Plateau(Policy):
             "window": self.params["patience"],
             "bad_observations": bad,
         }
-        return self._act(obs, evidence,
+        return self._act(obs, ctx, evidence,
                          f"{self.params['metric']} has not improved on its best "
                          f"{self._best:.6g} for {bad} observations (patience "
                          f"{self.params['patience']})")
 
-    def _observe_trend(self, raw: float, obs: Observation) -> list[Action]:
+    def _observe_trend(self, raw: float, obs: Observation, ctx: StepContext) -> list[Action]:
         """``test: trend``: reduce when the window's fall is not significant."""
         window = self._trend
         assert window is not None
@@ -173,18 +173,20 @@ class Plateau(Policy):
         self._test_wait = 0
         self._cooldown_counter = self.params["cooldown"]
         what = ("rose" if result.verdict == "rose" else "did not fall significantly")
-        return self._act(obs, evidence,
+        return self._act(obs, ctx, evidence,
                          f"{self.params['metric']} {what} over the last {window.window} "
                          f"observations (mean {sign * result.older:.6g} → "
                          f"{sign * result.newer:.6g}, z {result.z:.2f}, level "
                          f"{self.params['alpha']:g})")
 
-    def _act(self, obs: Observation, evidence: dict[str, Any], why: str) -> list[Action]:
+    def _act(self, obs: Observation, ctx: StepContext, evidence: dict[str, Any],
+             why: str) -> list[Action]:
         """A plateau was found: reduce the LR (torch's rule), or restart at the floor."""
         ratio = self._reduction_ratio(obs.lrs)
         if ratio is not None:
             self._scale *= ratio
             self._reductions += 1
+            ctx.flags.add("lr_reduced")  # early stopping's after_reductions counts these
             return [Action("reduce", f"{why}: LR × {ratio:.6g}", {**evidence, "factor": ratio})]
         restart_lr = self.params["restart_lr"]
         if restart_lr is None or not obs.lrs or obs.lrs[0] <= 0:

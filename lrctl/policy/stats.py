@@ -144,11 +144,14 @@ class TrendWindow:
     def load(self, values: list[float]) -> None:
         self._values = deque(values[-self.window:], maxlen=self.window)
 
-    def test(self, alpha: float = 0.01, margin: float = 0.0) -> TrendTest | None:
+    def test(self, alpha: float = 0.01, margin: float = 0.0,
+             delta: float = 0.0) -> TrendTest | None:
         """Compare the newer half's mean with the older half's; None until full.
 
         ``margin``: a fall must exceed ``margin × |older mean|`` to count (a
-        relative improvement threshold, as ReduceLROnPlateau's ``threshold``).
+        relative improvement threshold, as ReduceLROnPlateau's ``threshold``);
+        ``delta``: and ``delta`` in the metric's own units (an absolute one, as
+        early stopping's ``min_delta``).
         """
         if not self.full:
             return None
@@ -170,7 +173,7 @@ class TrendWindow:
             tau = (1.0 + rho) / (1.0 - rho)
         se = math.sqrt(2.0 * var * tau / h)
         z_crit = z_for(alpha)
-        drop = m_old - m_new - margin * abs(m_old)
+        drop = m_old - m_new - margin * abs(m_old) - delta
         if se == 0.0:
             z = math.inf if drop > 0 else (-math.inf if m_new > m_old else 0.0)
         else:

@@ -14,7 +14,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from lrctl.bench._metrics import aggregate, false_backoffs  # noqa: E402
+from lrctl.bench._metrics import aggregate, early_stops, false_backoffs  # noqa: E402
 from lrctl.bench._pool import Unit, run_units  # noqa: E402
 from lrctl.bench.arms import (  # noqa: E402
     DEFAULT_POLICY,
@@ -255,3 +255,63 @@ def test_cli_split_and_policies_select_tasks_and_arms(tmp_path: Path) -> None:
     with pytest.raises(SystemExit, match="unknown arm"):
         main(["bench", "quality", "--quick", "--tasks", "wine", "--arms", "policy:nope",
               "--out", str(tmp_path), "-q"])
+
+
+# -- early stopping and WSD arms ------------------------------------------------------------
+def test_an_early_stop_is_measured_against_the_same_run_trained_on(tmp_path: Path) -> None:
+    always = tmp_path / "es.yaml"  # stops at the second validation, whatever it says
+    always.write_text("version: 1\npolicies:\n  - kind: earlystop\n    metric: val_loss\n"
+                      "    min_delta: 100.0\n    patience: 1\n")
+    run = train(TASKS["wine"], "policy:es", 1e-2, 0, steps=100, policy=always)
+    # 20 validations per run, every 5 steps: reported after steps 4 and 9, the second is
+    # judged with step 10's observation.
+    assert run.early_stop_step == 10 and run.stopped_at is None
+    assert run.steps_done == 100  # trained on to the end for the full run's val
+    assert math.isfinite(run.final_val) and math.isfinite(run.full_val)
+    assert run.final_val != run.full_val
+    assert false_backoffs([run])["count"] == 0  # a planned stop is not a false back-off
+    stops = early_stops([run])
+    assert (stops["stopped"], stops["steps"], stops["saved"]) == (1, 100, 89)
+    assert stops["median_val_ratio"] == pytest.approx(run.final_val / run.full_val)
+    assert stops["saved_equal"] == (89 if stops["median_val_ratio"] <= 1.05 else 0)
+    assert stops["worse"] == (stops["saved_equal"] == 0)
+    summary = run.summary()
+    assert summary["early_stop_step"] == 10 and summary["full_val"] == run.full_val
+
+
+def test_early_stops_on_a_hand_made_table() -> None:
+    def stopped(step: int | None, val: float, full: float) -> RunResult:
+        run = _r("a", "policy:es", 1e-3, 0, val, steps=100)
+        run.early_stop_step, run.full_val = step, full
+        return run
+
+    runs = [stopped(49, 1.0, 1.0), stopped(79, 1.2, 1.0), stopped(None, 0.9, math.nan),
+            stopped(9, math.nan, 1.0)]
+    assert early_stops(runs) == {"stopped": 3, "steps": 400, "saved": 50 + 20 + 90,
+                                 "saved_equal": 50, "worse": 2, "median_val_ratio": 1.1}
+
+
+def test_wsd_and_earlystop_arms_run_on_a_small_task(tmp_path: Path) -> None:
+    cfg = QualityConfig(tasks=("wine",), arms=("fixed", "cosine", "policy:wsd",
+                                               "policy:earlystop"),
+                        lrs=(3e-2,), seeds=(0,), steps={"wine": 300})
+    result = run_quality(cfg)
+    runs = {r["arm"]: r for r in result["runs"]}
+    assert set(runs) == {"fixed", "cosine", "policy:wsd", "policy:earlystop"}
+    # WSD knows the run's length (as attach(total_steps=...) does): its cooldown is the
+    # last 20 % at the latest, earlier if the loss stalled.
+    assert runs["policy:wsd"]["actions"].get("wsd:decay_start") == 1
+    assert all(math.isfinite(r["final_val"]) for r in result["runs"])
+    arms = result["summary"]["wine"]["arms"]
+    es = arms["policy:earlystop"]["early_stops"]
+    assert set(es) == {"stopped", "steps", "saved", "saved_equal", "worse",
+                       "median_val_ratio"} and es["steps"] == 300
+    assert arms["fixed"]["early_stops"] is None
+    agg = result["splits"]["heldout"]["arms"]["policy:earlystop"]["early_stops"]
+    assert agg["steps"] == 300 and agg["stopped"] == es["stopped"]
+    json.dumps(result["runs"], allow_nan=False)
+    from lrctl.bench.report import quality_tables
+
+    table = quality_tables(result)
+    assert "| policy:wsd |" in table
+    assert ("steps saved at equal final validation loss" in table) == bool(es["stopped"])

@@ -15,6 +15,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -205,3 +206,55 @@ def test_custom_policy_package(installed_policy_package: Path,
     out = run(controller, [str(EXAMPLES / "train_plain.py"), "--steps", "60", "--policy",
                            str(policy_file)], tmp_path)
     assert re.search(r"step 48: inverse_sqrt warmup_done: warmup ends at step 49", out), out
+
+
+def test_train_wsd_cooldown_started_from_the_command_line(controller: LiveController,
+                                                           tmp_path: Path) -> None:
+    """The example trains at its stable LR until `lrctl decay` (the real CLI, another
+    process) starts the cooldown; the run then stops by itself when the cooldown ends."""
+    log = tmp_path / "out.txt"
+    with open(log, "w") as out:
+        proc = subprocess.Popen([sys.executable, str(EXAMPLES / "train_wsd.py"),
+                                 "--max-steps", "20000"], cwd=tmp_path,
+                                env=subprocess_env(controller), stdout=out,
+                                stderr=subprocess.STDOUT, text=True)
+    try:
+        run = wait_for_step(controller, proc, log, "wsd-charlm", 100)  # past the warmup
+        cli = subprocess.run([sys.executable, "-m", "lrctl", "decay", "wsd-charlm", "--steps",
+                              "60", "--shape", "linear"], env=subprocess_env(controller),
+                             capture_output=True, text=True, timeout=60)
+        assert cli.returncode == 0, cli.stderr
+        assert f"{run['run']}: linear cooldown over steps" in cli.stdout
+        assert proc.wait(RUN_TIMEOUT_S) == 0, log.read_text()[-4000:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+    text = log.read_text()
+    start = int(re.search(r"step (\d+): wsd decay_start: linear cooldown over steps "
+                          r"\d+-\d+ to 0 × the LR \(started by an operator\)", text).group(1))
+    done = int(re.search(r"step (\d+): wsd decay_done: cooldown finished", text).group(1))
+    assert re.search(r"step \d+: wsd stop: the cooldown is over", text), text[-3000:]
+    assert done == start + 59 and start >= 100
+    assert "step 49: wsd warmup_done" in text
+    # The last steps train at the cooldown's last LRs: 1/60 × the LR, then 0 (async: the
+    # stop may arrive before or after the step at 0).
+    assert final_lr(text) <= 3e-3 / 60 * (1 + 1e-9)
+    steps = int(re.search(r"lrctl run \S+: (\d+) steps", text).group(1))
+    assert start + 60 <= steps < 20000
+
+
+def wait_for_step(ctl: LiveController, proc: subprocess.Popen[str], log: Path, name: str,
+                  step: int) -> dict[str, object]:
+    """Poll the controller until run ``name`` has observed ``step`` (or the process ended)."""
+    from lrctl.client import request
+
+    deadline = time.monotonic() + RUN_TIMEOUT_S
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, log.read_text()[-4000:]
+        runs = [r for r in request({"t": "runs"}, ctl.socket)["runs"]
+                if r["run_name"] == name]
+        if runs and runs[0]["step"] >= step:
+            return runs[0]
+        time.sleep(0.1)
+    raise AssertionError(f"run {name} did not reach step {step}:\n{log.read_text()[-3000:]}")

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 import torch
-from integ_common import POLICY
+from integ_common import EARLYSTOP, POLICY, check_early_stop
 from transformers import (
     GPT2Config,
     GPT2LMHeadModel,
@@ -110,3 +110,24 @@ def test_trainer_uses_lrctl_lr_and_its_own_statistics(
     kinds = {d.kind for d in ctl.decisions}
     assert "plateau" in kinds, "the grad-norm plateau should have cut the LR at least once"
     assert all(math.isfinite(x) for x in recorder.used)
+
+
+def test_an_early_stop_ends_the_trainer(controller: Any, tmp_path: Any) -> None:
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=32, n_positions=16, n_embd=32, n_layer=2,
+                                       n_head=2))
+    args = TrainingArguments(
+        output_dir=str(tmp_path / "out"), max_steps=STEPS, per_device_train_batch_size=8,
+        per_device_eval_batch_size=8, learning_rate=LR, logging_steps=1, eval_strategy="steps",
+        eval_steps=3, save_strategy="no", report_to=[], use_cpu=True, disable_tqdm=True,
+        dataloader_num_workers=0, seed=0)
+    callback = LrctlCallback(policy=EARLYSTOP, sync=True, timeout=10.0, run_name="hf-stop")
+    trainer = Trainer(model=model, args=args, train_dataset=tiny_dataset(64),
+                      eval_dataset=tiny_dataset(16), callbacks=[callback])
+    trainer.train()
+    ctl = callback.controller
+    assert ctl is not None and ctl.should_stop
+    # eval_loss (as val_loss) after steps 3 and 6 reaches lrctl with the next step's
+    # statistics; the second one stops the Trainer long before max_steps.
+    check_early_stop(ctl.decisions, trainer.state.global_step, STEPS)
+    assert trainer.state.global_step == 7

@@ -15,7 +15,7 @@ from typing import Any
 import lightning.pytorch as pl
 import pytest
 import torch
-from integ_common import POLICY
+from integ_common import EARLYSTOP, POLICY, check_early_stop
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -129,3 +129,28 @@ def test_lr_applied_grad_norm_pre_clip_and_resume(controller: Any, tmp_path: Pat
         expected.append(engine.observe(step, losses[step], grad_norm=norms[step])[0])
     assert used == pytest.approx(expected, rel=1e-6)
     assert len(set(used)) > 5, "the policy should move the LR"
+
+
+class Validated(Regression):
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        x, y = batch
+        self.log("val_loss", nn.functional.mse_loss(self.net(x), y))
+
+
+def test_an_early_stop_sets_trainer_should_stop(controller: Any, tmp_path: Path) -> None:
+    callback = LrctlCallback(policy=EARLYSTOP, sync=True, timeout=10.0, run_name="pl-stop")
+    torch.manual_seed(0)
+    trainer = pl.Trainer(max_steps=40, accelerator="cpu", devices=1, logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, val_check_interval=4,
+                         limit_val_batches=2, num_sanity_val_steps=0,
+                         default_root_dir=str(tmp_path), callbacks=[callback])
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", ".*num_workers.*")
+        trainer.fit(Validated(), loader(), loader())
+    ctl = callback.controller
+    assert ctl is not None and ctl.should_stop
+    # Validation after steps 4 and 8; the second val_loss goes with step 8's statistics
+    # (0-based step 8 is the ninth optimizer step), which stops the fit there.
+    check_early_stop(ctl.decisions, trainer.global_step, 40)
+    assert trainer.global_step == 9

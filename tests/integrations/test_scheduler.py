@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 import torch
-from integ_common import POLICY
+from integ_common import EARLYSTOP, POLICY, check_early_stop
 from torch import nn
 
 import lrctl
@@ -72,5 +72,29 @@ def test_scheduler_refuses_epoch_argument(controller: Any) -> None:
     try:
         with pytest.raises(TypeError, match="counts steps itself"):
             scheduler.step(epoch=3)  # type: ignore[arg-type]
+    finally:
+        scheduler.close()
+
+
+def test_scheduler_exposes_an_early_stop(controller: Any) -> None:
+    torch.manual_seed(0)
+    model = nn.Linear(4, 1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=LR)
+    x, y = torch.randn(32, 4), torch.randn(32, 1)
+    scheduler = lrctl.Scheduler(optimizer, policy=EARLYSTOP, sync=True, timeout=10.0)
+    steps = 0
+    try:
+        while steps < 100 and not scheduler.should_stop:
+            loss = nn.functional.mse_loss(model(x), y)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            if steps % 5 == 4:  # a "validation" every 5 steps, sent with this step's loss
+                scheduler.report(val_loss=loss.item())
+            scheduler.step(loss)
+            steps += 1
+        check_early_stop(scheduler.controller.decisions, steps, 100)
+        # reported with steps 4 and 9: the second one stops the loop after step 9
+        assert steps == 10
     finally:
         scheduler.close()

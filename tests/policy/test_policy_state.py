@@ -41,6 +41,12 @@ KNOBS: dict[str, list[dict[str, Any]]] = {
                {"shape": "linear", "end_factor": 0.1, "total_steps": 350}],
     "divergence": [{"regrow_after": 20, "cooldown": 3, "window": 16, "min_samples": 8,
                     "tolerance": 1, "max_backoffs": 3}],
+    "earlystop": [{"metric": "val_loss", "patience": 1, "baseline": 1.3},
+                  {"metric": "loss", "smoothing": "trend", "window": 40, "patience": 60,
+                   "after_reductions": 0, "start_after": 100}],
+    "wsd": [{"warmup_steps": 20, "decay_steps": 100, "total_steps": 350,
+             "decay_shape": "cosine", "min_lr_ratio": 0.1, "stop_after_decay": True},
+            {"start_on": "plateau", "decay_fraction": 0.2, "window": 40, "total_steps": 380}],
 }
 
 
