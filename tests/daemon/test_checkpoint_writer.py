@@ -18,13 +18,14 @@ from typing import Any
 
 import pytest
 
-import lrctl.daemon.server as server_mod
-from lrctl.daemon.server import Server
+from lrctl.daemon import Limits, Server
 from lrctl.daemon.store import StateStore
 from lrctl.protocol import MAX_HELLO, FrameDecoder, encode, encode_obs
 from lrctl.sinks import NullSink
 
 POLICY = "version: 1\npolicies:\n  - kind: plateau\n    patience: 5\n"
+# A hot-path checkpoint every 8 observations, and none for time alone.
+EVERY_8 = Limits(save_every=8, save_interval=3600.0)
 
 
 class GatedStore(StateStore):
@@ -70,7 +71,8 @@ def serving(tmp_path: Path, store: StateStore) -> Iterator[tuple[Server, str]]:
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     listener.bind(path)
     listener.listen(8)
-    srv = Server([(listener, True)], store, NullSink(), socket_path=path, watch=False)
+    srv = Server([(listener, True)], store, NullSink(), socket_path=path, watch=False,
+                 limits=EVERY_8)
     thread = threading.Thread(target=srv.serve_forever, kwargs={"poll": 0.05}, daemon=True)
     thread.start()
     try:
@@ -82,10 +84,7 @@ def serving(tmp_path: Path, store: StateStore) -> Iterator[tuple[Server, str]]:
 
 
 @pytest.fixture
-def served(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[Server, GatedStore,
-                                                                              str]]:
-    monkeypatch.setattr(server_mod, "SAVE_EVERY", 8)
-    monkeypatch.setattr(server_mod, "SAVE_INTERVAL", 3600.0)
+def served(tmp_path: Path) -> Iterator[tuple[Server, GatedStore, str]]:
     store = GatedStore(tmp_path / "state")
     try:
         with serving(tmp_path, store) as (srv, path):
@@ -127,7 +126,7 @@ def test_the_loop_answers_while_a_checkpoint_is_written(
         if reply["saved_step"] >= 7:
             break
         time.sleep(0.01)
-    assert reply["saved_step"] >= 7 and reply["saved_step"] % 8 == 7, srv._store_errors
+    assert reply["saved_step"] >= 7 and reply["saved_step"] % 8 == 7, srv.checkpoints.errors
     state = store.load("run-a")
     assert state is not None and state["engine"]["last_step"] >= reply["saved_step"]
 
@@ -188,9 +187,7 @@ class FailingStore(StateStore):
 
 
 def test_a_failing_disk_is_retried_at_the_save_interval_not_per_observation(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(server_mod, "SAVE_EVERY", 8)
-    monkeypatch.setattr(server_mod, "SAVE_INTERVAL", 3600.0)
+        tmp_path: Path) -> None:
     store = FailingStore(tmp_path / "state")
     with serving(tmp_path, store) as (_, path):
         c = Client(path)
