@@ -184,10 +184,13 @@ class Transport:
         while self._holding:  # a send that finds its peer gone may hold again
             self._holding = False
             self.handler.commit()
-            held, self._held = self._held, []
-            for conn in held:
-                frame = bytes(conn.held)
+            # Take every held frame before sending any: a frame held while these go out
+            # (a hook that hung up had more in its buffer) waits for the next commit.
+            frames = [(conn, bytes(conn.held)) for conn in self._held]
+            self._held = []
+            for conn, _ in frames:
                 conn.held.clear()
+            for conn, frame in frames:
                 if conn.sock.fileno() >= 0:
                     self._send_frame(conn, frame)
 
