@@ -1,9 +1,11 @@
 """The controller's default sink: the durable journal first, then MLflow.
 
 Every call runs on the controller's owner thread and costs a JSON encode and a
-buffered write (plus one fsync for decisions and policy events); MLflow is
-reached only through :class:`~lrctl.sinks.mlflow_sink.MlflowShipper`, whose
-threads read what the journal already holds.
+buffered write. Decisions and policy events are made durable by :meth:`AuditSink.commit`
+(group commit: one fsync per journal file however many lines it took since the
+last commit), and only then handed to MLflow, which is reached only through
+:class:`~lrctl.sinks.mlflow_sink.MlflowShipper`, whose threads read what the journal
+already holds.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ from __future__ import annotations
 import hashlib
 import os
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,6 +23,7 @@ from ..policy._decision import json_safe
 from .base import RunInfo, Sink
 from .journal import (
     STREAMS,
+    JournalLine,
     RunPaths,
     StreamWriter,
     atomic_write_json,
@@ -68,17 +71,25 @@ class AuditSink(Sink):
     """Journals every record under ``state_dir`` and ships it to MLflow in the background.
 
     ``env`` (default ``os.environ``) is where ``MLFLOW_TRACKING_URI`` is looked
-    up when the hook passed no URI; ``shipper`` may be injected (tests).
+    up when the hook passed no URI; ``shipper`` and ``fsync_fd`` (``os.fsync``) may be
+    injected (tests).
+
+    Decisions and policy events are durable once :meth:`commit` returns;
+    :meth:`flush`, :meth:`close_run` and :meth:`close` commit first.
     """
 
     def __init__(self, state_dir: str | os.PathLike[str], settings: AuditSettings | None = None,
                  *, shipper: MlflowShipper | None = None,
-                 env: Mapping[str, str] | None = None) -> None:
+                 env: Mapping[str, str] | None = None,
+                 fsync_fd: Callable[[int], None] = os.fsync) -> None:
         self.state_dir = Path(state_dir)
         self.settings = settings or AuditSettings()
         MetricSampler(self.settings.log_every)  # validate early, with the bad value
         self._env = os.environ if env is None else env
+        self._fsync_fd = fsync_fd
         self._runs: dict[str, _OpenRun] = {}
+        # Appended to a durable stream since the last commit: each line with its writer.
+        self._uncommitted: list[tuple[str, str, JournalLine, StreamWriter]] = []
         self.shipper = shipper
         if shipper is None and self.settings.mlflow:
             self.shipper = MlflowShipper(
@@ -103,7 +114,9 @@ class AuditSink(Sink):
         del meta["policy_text"]  # kept once per version under policies/
         atomic_write_json(paths.meta, meta)
         sha, version = _current_policy(paths)
-        run = _OpenRun(paths, {name: StreamWriter(paths.stream(name), fsync=name != "metrics")
+        # The durable streams are fsynced by commit(), not per line.
+        run = _OpenRun(paths, {name: StreamWriter(paths.stream(name), fsync=False,
+                                                  fsync_fd=self._fsync_fd)
                                for name in STREAMS},
                        MetricSampler(self.settings.log_every), sha, version, meta=meta)
         self._runs[info.run_key] = run
@@ -175,6 +188,25 @@ class AuditSink(Sink):
                                      "last_step": run.last_step})
         self._close_writers(run)
 
+    def commit(self) -> None:
+        """Group commit: fsync every journal file appended to since the last commit, once,
+        then hand its new lines to MLflow. A file whose fsync fails keeps its lines
+        unshipped (the shipper reads them from the journal later) and the first such
+        error is raised once the other files are committed."""
+        pending, self._uncommitted = self._uncommitted, []
+        failed: dict[StreamWriter, OSError] = {}
+        for writer in dict.fromkeys(w for *_, w in pending):
+            try:
+                writer.sync()
+            except OSError as exc:
+                failed[writer] = exc
+        if self.shipper is not None:
+            for run_key, stream, line, writer in pending:
+                if writer not in failed:
+                    self.shipper.submit(run_key, stream, line)
+        if failed:
+            raise next(iter(failed.values()))
+
     def close(self, timeout: float = 1.0) -> None:
         """Controller shutdown: runs are not ended (their sessions come back on restart).
 
@@ -182,6 +214,7 @@ class AuditSink(Sink):
         the controller in about two seconds, whatever MLflow's state); what it does
         not take stays in the journal for the next controller.
         """
+        self.commit()
         for run in self._runs.values():
             self._close_writers(run)
         self._runs.clear()
@@ -189,7 +222,9 @@ class AuditSink(Sink):
             self.shipper.close(timeout)
 
     def flush(self, timeout: float = 10.0) -> bool:
-        """Wait until MLflow has acknowledged everything so far (tests, orderly shutdown)."""
+        """Commit, then wait until MLflow has acknowledged everything so far (tests,
+        orderly shutdown)."""
+        self.commit()
         return True if self.shipper is None else self.shipper.flush(timeout)
 
     # -- internals -------------------------------------------------------------------
@@ -201,8 +236,11 @@ class AuditSink(Sink):
                            "call open_run(info) first") from None
 
     def _append(self, run: _OpenRun, stream: str, record: dict[str, Any]) -> None:
-        line = run.writers[stream].append(record)
-        if self.shipper is not None:
+        writer = run.writers[stream]
+        line = writer.append(record)
+        if stream != "metrics":  # durable: shipped once commit() has fsynced it
+            self._uncommitted.append((run.paths.run_key, stream, line, writer))
+        elif self.shipper is not None:
             self.shipper.submit(run.paths.run_key, stream, line)
 
     def _metrics(self, run: _OpenRun, points: list[tuple[str, float, int]]) -> None:
@@ -238,8 +276,9 @@ class AuditSink(Sink):
             atomic_write_text(path, info.policy_text)
         return digest
 
-    @staticmethod
-    def _close_writers(run: _OpenRun) -> None:
+    def _close_writers(self, run: _OpenRun) -> None:
+        if any(w in run.writers.values() for *_, w in self._uncommitted):
+            self.commit()  # its lines are shipped as from any other commit
         for w in run.writers.values():
             w.close()
 

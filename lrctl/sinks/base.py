@@ -1,8 +1,9 @@
 """The interface between the controller and where its records go.
 
 The controller calls a :class:`Sink` from its single owner thread. A sink must
-never block that thread on a slow backend: the journal appends (and fsyncs)
-one line per decision, the MLflow sink queues and batches in its own worker.
+never block that thread on a slow backend: the journal appends one line per
+decision and fsyncs once per :meth:`Sink.commit` (once per loop wake-up), the
+MLflow sink queues and batches in its own worker.
 """
 
 from __future__ import annotations
@@ -45,7 +46,8 @@ class Sink(ABC):
 
     @abstractmethod
     def decision(self, run_key: str, record: Mapping[str, Any]) -> None:
-        """One decision (``Decision.to_dict()`` plus ``wall_time``); durable on return."""
+        """One decision (``Decision.to_dict()`` plus ``wall_time``); durable once the next
+        :meth:`commit` returns (or sooner)."""
 
     @abstractmethod
     def policy_changed(self, run_key: str, info: RunInfo, record: Mapping[str, Any]) -> None:
@@ -54,6 +56,15 @@ class Sink(ABC):
     @abstractmethod
     def close_run(self, run_key: str) -> None:
         """The session ended; flush what belongs to it."""
+
+    def commit(self) -> None:
+        """Make every decision and policy event passed so far durable (group commit).
+
+        The controller calls this once per loop wake-up, before it sends the replies
+        that tell the hooks of those decisions. The default does nothing: right for a
+        sink whose records are durable when its methods return.
+        """
+        return None
 
     @abstractmethod
     def close(self) -> None:

@@ -3,8 +3,8 @@
 Layout of ``<state_dir>/runs/<run_key>/``::
 
     meta.json           the run's RunInfo and where its MLflow records go (atomic rewrite)
-    decisions.jsonl     one decision per line, fsynced before ``decision()`` returns
-    events.jsonl        policy versions, reloads and the run's end (fsynced)
+    decisions.jsonl     one decision per line (fsynced by the sink's ``commit()``)
+    events.jsonl        policy versions, reloads and the run's end (fsynced likewise)
     metrics.jsonl       sampled metric points (flushed per line, fsynced at close)
     policies/<sha>.yaml every policy text the run used
     cursor.json         what MLflow has acknowledged, per stream (written by the shipper)
@@ -23,7 +23,7 @@ from __future__ import annotations
 import json
 import os
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -174,11 +174,16 @@ class StreamWriter:
 
     Opening repairs a crash: a torn last line (no newline) is cut off, since it
     was never reported durable, and numbering continues after the last whole line.
+    ``fsync`` says whether each append is fsynced; ``fsync_fd`` is what fsyncs a file
+    descriptor (``os.fsync``; tests count or gate it).
     """
 
-    def __init__(self, path: Path, *, fsync: bool) -> None:
+    def __init__(self, path: Path, *, fsync: bool,
+                 fsync_fd: Callable[[int], None] = os.fsync) -> None:
         self.path = path
         self.fsync = fsync
+        self._fsync_fd = fsync_fd
+        self.unsynced = 0  # lines appended since the last fsync
         path.parent.mkdir(parents=True, exist_ok=True)
         last = last_line(path)
         if path.exists() and path.stat().st_size != (last.end if last else 0):
@@ -194,16 +199,19 @@ class StreamWriter:
         data = (json.dumps(line, separators=(",", ":"), allow_nan=False) + "\n").encode()
         self._file.write(data)
         self._file.flush()
-        if self.fsync if durable is None else durable:
-            os.fsync(self._file.fileno())
         self.seq = seq
         self.offset += len(data)
+        self.unsynced += 1
+        if self.fsync if durable is None else durable:
+            self.sync()
         return JournalLine(seq, self.offset, line)
 
     def sync(self) -> None:
-        if not self._file.closed:
+        """fsync what was appended since the last one (nothing to do: no fsync)."""
+        if self.unsynced and not self._file.closed:
             self._file.flush()
-            os.fsync(self._file.fileno())
+            self._fsync_fd(self._file.fileno())
+            self.unsynced = 0
 
     def close(self) -> None:
         if not self._file.closed:

@@ -1,13 +1,24 @@
-"""Helpers shared by the daemon tests: a real controller process and test curves."""
+"""Helpers shared by the daemon tests: a real controller process, an in-process one on a
+real socket with a raw client, and test curves."""
 
 from __future__ import annotations
 
+import contextlib
 import signal
+import socket
 import subprocess
 import sys
+import threading
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from live_controller import wait_until_serving
+
+from lrctl.daemon import Limits, Server
+from lrctl.daemon.store import StateStore
+from lrctl.protocol import FrameDecoder
+from lrctl.sinks import NullSink, Sink
 
 REPO = Path(__file__).resolve().parents[2]
 POLICIES = REPO / "policies"
@@ -81,3 +92,57 @@ def losses(n: int, seed: int = 0, spikes: tuple[int, ...] = ()) -> list[float]:
             loss = float("nan") if t % 2 else loss * 40
         out.append(loss)
     return out
+
+
+class Client:
+    """A raw protocol client on a Unix socket: frames out, decoded messages in."""
+
+    def __init__(self, path: str) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(10)
+        self.sock.connect(path)
+        self.decoder = FrameDecoder(1 << 22)
+        self.pending: list[dict[str, Any]] = []
+
+    def send(self, frame: bytes) -> None:
+        self.sock.sendall(frame)
+
+    def answer(self) -> dict[str, Any]:
+        while not self.pending:
+            data = self.sock.recv(1 << 16)
+            assert data, "the controller closed the connection"
+            self.pending += self.decoder.feed(data)
+        return self.pending.pop(0)
+
+    def nothing_received(self) -> bool:
+        """True if no byte has arrived (without waiting for one)."""
+        timeout = self.sock.gettimeout()
+        self.sock.setblocking(False)
+        try:
+            data = self.sock.recv(1, socket.MSG_PEEK)
+        except BlockingIOError:
+            return not self.pending
+        finally:
+            self.sock.settimeout(timeout)
+        assert data, "the controller closed the connection"
+        return False
+
+
+@contextlib.contextmanager
+def serving(path: str, store: StateStore, sink: Sink | None = None,
+            limits: Limits | None = None) -> Iterator[tuple[Server, str]]:
+    """An in-process controller on ``store`` listening at ``path``, its loop on a thread;
+    stopped on exit."""
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(path)
+    listener.listen(8)
+    srv = Server([(listener, True)], store, sink or NullSink(), socket_path=path, watch=False,
+                 limits=limits)
+    thread = threading.Thread(target=srv.serve_forever, kwargs={"poll": 0.05}, daemon=True)
+    thread.start()
+    try:
+        yield srv, path
+    finally:
+        srv.stop()
+        thread.join(30)
+        assert not thread.is_alive()

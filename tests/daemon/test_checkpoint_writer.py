@@ -8,8 +8,6 @@ checkpoint is in flight must not get its file back afterwards.
 
 from __future__ import annotations
 
-import contextlib
-import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -17,14 +15,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from daemon_helpers import Client, serving
 
-import lrctl.daemon.server as server_mod
-from lrctl.daemon.server import Server
+from lrctl.daemon import Limits, Server
 from lrctl.daemon.store import StateStore
-from lrctl.protocol import MAX_HELLO, FrameDecoder, encode, encode_obs
-from lrctl.sinks import NullSink
+from lrctl.protocol import MAX_HELLO, encode, encode_obs
 
 POLICY = "version: 1\npolicies:\n  - kind: plateau\n    patience: 5\n"
+# A hot-path checkpoint every 8 observations, and none for time alone.
+EVERY_8 = Limits(save_every=8, save_interval=3600.0)
 
 
 class GatedStore(StateStore):
@@ -44,51 +43,11 @@ class GatedStore(StateStore):
         self.writes += 1
 
 
-class Client:
-    def __init__(self, path: str) -> None:
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.settimeout(10)
-        self.sock.connect(path)
-        self.decoder = FrameDecoder(1 << 22)
-        self.pending: list[dict[str, Any]] = []
-
-    def send(self, frame: bytes) -> None:
-        self.sock.sendall(frame)
-
-    def answer(self) -> dict[str, Any]:
-        while not self.pending:
-            data = self.sock.recv(1 << 16)
-            assert data, "the controller closed the connection"
-            self.pending += self.decoder.feed(data)
-        return self.pending.pop(0)
-
-
-@contextlib.contextmanager
-def serving(tmp_path: Path, store: StateStore) -> Iterator[tuple[Server, str]]:
-    """An in-process controller on ``store``, its loop on a thread; stopped on exit."""
-    path = str(tmp_path / "c.sock")
-    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    listener.bind(path)
-    listener.listen(8)
-    srv = Server([(listener, True)], store, NullSink(), socket_path=path, watch=False)
-    thread = threading.Thread(target=srv.serve_forever, kwargs={"poll": 0.05}, daemon=True)
-    thread.start()
-    try:
-        yield srv, path
-    finally:
-        srv.stop()
-        thread.join(30)
-        assert not thread.is_alive()
-
-
 @pytest.fixture
-def served(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[Server, GatedStore,
-                                                                              str]]:
-    monkeypatch.setattr(server_mod, "SAVE_EVERY", 8)
-    monkeypatch.setattr(server_mod, "SAVE_INTERVAL", 3600.0)
+def served(tmp_path: Path) -> Iterator[tuple[Server, GatedStore, str]]:
     store = GatedStore(tmp_path / "state")
     try:
-        with serving(tmp_path, store) as (srv, path):
+        with serving(str(tmp_path / "c.sock"), store, limits=EVERY_8) as (srv, path):
             yield srv, store, path
     finally:
         store.gate.set()
@@ -127,7 +86,7 @@ def test_the_loop_answers_while_a_checkpoint_is_written(
         if reply["saved_step"] >= 7:
             break
         time.sleep(0.01)
-    assert reply["saved_step"] >= 7 and reply["saved_step"] % 8 == 7, srv._store_errors
+    assert reply["saved_step"] >= 7 and reply["saved_step"] % 8 == 7, srv.checkpoints.errors
     state = store.load("run-a")
     assert state is not None and state["engine"]["last_step"] >= reply["saved_step"]
 
@@ -188,11 +147,9 @@ class FailingStore(StateStore):
 
 
 def test_a_failing_disk_is_retried_at_the_save_interval_not_per_observation(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(server_mod, "SAVE_EVERY", 8)
-    monkeypatch.setattr(server_mod, "SAVE_INTERVAL", 3600.0)
+        tmp_path: Path) -> None:
     store = FailingStore(tmp_path / "state")
-    with serving(tmp_path, store) as (_, path):
+    with serving(str(tmp_path / "c.sock"), store, limits=EVERY_8) as (_, path):
         c = Client(path)
         c.send(encode({"t": "hello", "run": "full-disk", "run_name": "full-disk",
                        "policy": {"text": POLICY, "source": "<test>"}, "lrs": [0.1],

@@ -116,7 +116,7 @@ def test_no_pickle_eval_or_arbitrary_import_in_the_package() -> None:
 def test_tcp_is_loopback_by_default_and_the_token_compare_is_constant_time() -> None:
     assert paths.parse_host_port("9000") == ("127.0.0.1", 9000)
     assert paths.parse_host_port(":9000") == ("127.0.0.1", 9000)
-    source = (Path(lrctl.__file__).parent / "daemon" / "server.py").read_text()
+    source = (Path(lrctl.__file__).parent / "daemon" / "transport.py").read_text()
     tree = ast.parse(source)
     compares = [n for n in ast.walk(tree) if isinstance(n, ast.Compare)
                 and any(isinstance(op, ast.Eq | ast.NotEq) for op in n.ops)

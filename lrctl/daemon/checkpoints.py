@@ -1,0 +1,164 @@
+"""When each run is checkpointed, and on which thread.
+
+A session is checkpointed when it starts, after ``Limits.save_every``
+observations or ``Limits.save_interval`` seconds with unsaved ones, on operator
+commands, when its hook disconnects, and at shutdown. Every reply tells the hook
+the last checkpointed step (``saved_step``), so the hook keeps just the
+observations after it and can replay them after a crash.
+
+The checkpoints the hot path asks for (:meth:`Checkpoints.observed`,
+:meth:`Checkpoints.save_due`) are encoded on the loop and written, with their
+fsyncs, by a :class:`~lrctl.daemon.store.CheckpointWriter` thread; ``saved_step``
+advances when the loop learns that the file is durable (:meth:`Checkpoints.finished`).
+The rarer ones (:meth:`Checkpoints.save`: a new run, an operator command, a reload,
+a disconnect, eviction, shutdown) are written at once, after any write of the same
+run still in flight. A checkpoint that cannot be written is logged and kept in
+:attr:`Checkpoints.errors` (shown by ``runs``/``status``); the run goes on from memory.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import queue
+import time
+from collections.abc import Callable, Mapping
+
+from .limits import Limits
+from .session import Session
+from .store import CheckpointWriter, StateStore
+
+__all__ = ["Checkpoints"]
+
+log = logging.getLogger("lrctl.daemon")
+
+
+class Checkpoints:
+    """The checkpoint schedule of the runs in ``sessions`` (the server's registry).
+
+    ``notify`` wakes the loop when the writer thread finishes a write; the loop then
+    calls :meth:`finished`.
+    """
+
+    def __init__(self, store: StateStore, sessions: Mapping[str, Session], limits: Limits,
+                 notify: Callable[[], None]) -> None:
+        self.store = store
+        self.sessions = sessions
+        self.limits = limits
+        self.errors: dict[str, str] = {}  # run key -> why its last checkpoint failed
+        # No session can be due for a time-based checkpoint before this (see save_due).
+        self.next_due = 0.0
+        self._last_save: dict[str, float] = {}
+        self._saving: dict[str, int] = {}  # run key -> unsaved count its write in flight holds
+        self._writer = CheckpointWriter(store, notify)
+
+    def track(self, key: str) -> None:
+        """``key`` joined the registry with its state on disk (restored)."""
+        self._last_save[key] = time.monotonic()
+
+    def forget(self, key: str) -> None:
+        """``key`` left the registry (ended or evicted)."""
+        self._last_save.pop(key, None)
+        self.errors.pop(key, None)
+
+    def save(self, key: str) -> None:
+        """Checkpoint ``key`` now, after its write in flight if any."""
+        self._settle(key)
+        session = self.sessions[key]
+        try:
+            self.store.save(key, session.to_state())
+        except (OSError, ValueError) as exc:
+            self._failed(key, exc)
+            return
+        if self.errors.pop(key, None) is not None:
+            log.info("run %s checkpointed again", key)
+        session.saved_step = session.last_step
+        session.unsaved = 0
+        self._last_save[key] = time.monotonic()
+
+    def delete(self, key: str) -> None:
+        """Remove ``key``'s checkpoint (the run ended); a write in flight lands first."""
+        self._settle(key)
+        self.store.delete(key)
+
+    def observed(self, key: str, session: Session, now: float) -> None:
+        """After each observation of ``session`` (the hot path)."""
+        if session.unsaved >= self.limits.save_every and (
+                key not in self.errors  # a failing disk: retry at save_interval
+                or now - self._last_save.get(key, 0.0) >= self.limits.save_interval):
+            self._save_soon(key)
+        elif session.unsaved == 1:  # it has something to checkpoint again
+            self.next_due = min(self.next_due,
+                                self._last_save.get(key, 0.0) + self.limits.save_interval)
+
+    def save_due(self, now: float) -> None:
+        """Checkpoint the sessions with observations unsaved for ``save_interval`` seconds.
+
+        The loop calls this only from :attr:`next_due` on: the earliest time any session
+        could be due, kept here and lowered by :meth:`observed` when a session gets its
+        first unsaved observation (the only way one becomes due).
+        """
+        interval = self.limits.save_interval
+        next_at = math.inf
+        for key, session in self.sessions.items():
+            if session.unsaved and key not in self._saving:  # in flight: see finished()
+                if now - self._last_save.get(key, 0.0) >= interval:
+                    self._save_soon(key)
+                if session.unsaved and key not in self._saving:  # failed: try again later
+                    next_at = min(next_at, self._last_save.get(key, 0.0) + interval)
+        self.next_due = next_at
+
+    def finished(self) -> None:
+        """Apply the writer's finished checkpoints (on the loop's thread)."""
+        while True:
+            try:
+                key, (session, step), error = self._writer.done.get_nowait()
+            except queue.Empty:
+                return
+            held = self._saving.pop(key, 0)
+            if key not in self.sessions or self.sessions[key] is not session:
+                continue  # the run ended (or was replaced) meanwhile
+            if error is not None:
+                self._failed(key, error)
+                session.unsaved += held  # still to be checkpointed
+            else:
+                if self.errors.pop(key, None) is not None:
+                    log.info("run %s checkpointed again", key)
+                session.saved_step = max(session.saved_step, step)
+            if session.unsaved:
+                self.next_due = min(self.next_due, self._last_save.get(key, 0.0)
+                                    + self.limits.save_interval)
+
+    def stop(self) -> None:
+        """Let the writer finish what it was given, and apply it."""
+        self._writer.stop()
+        self.finished()
+
+    def _settle(self, key: str) -> None:
+        if key in self._saving:  # after the write in flight, never before it
+            self._writer.wait()
+            self.finished()
+
+    def _save_soon(self, key: str) -> None:
+        """Checkpoint ``key`` on the writer thread: the loop encodes the state, the thread
+        writes and fsyncs it, and :meth:`finished` advances ``saved_step`` only once the
+        file is durable. One write per run at a time."""
+        if key in self._saving:
+            return  # its observations since then wait for the next checkpoint
+        session = self.sessions[key]
+        try:
+            data = self.store.encode(session.to_state())
+        except ValueError as exc:
+            self._failed(key, exc)
+            return
+        self._saving[key] = session.unsaved
+        self._writer.submit(key, data, (session, session.last_step))
+        session.unsaved = 0
+        self._last_save[key] = time.monotonic()
+
+    def _failed(self, key: str, exc: Exception) -> None:
+        if key not in self.errors:  # once per outage, not once per step
+            log.error("cannot checkpoint run %s: %s; the run goes on from memory, "
+                      "a controller restart would lose it", key, exc)
+        self.errors[key] = str(exc)
+        self._last_save[key] = time.monotonic()  # retry at save_interval, not per step

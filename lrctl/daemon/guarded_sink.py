@@ -1,0 +1,65 @@
+"""The controller's view of its sink: failures are logged, never fatal; records wait for commit.
+
+A sink's failure (a full disk, a bug in a plugin sink) is logged and shown by
+``lrctl status``; the run goes on. Every record but an observation calls
+``on_record`` first (the transport's :meth:`~lrctl.daemon.transport.Transport.hold`),
+so that the replies acknowledging it wait for :meth:`GuardedSink.commit`: the
+controller's group commit, one per loop wake-up.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+from ..sinks import RunInfo, Sink
+
+__all__ = ["GuardedSink"]
+
+log = logging.getLogger("lrctl.daemon")
+
+
+class GuardedSink:
+    def __init__(self, sink: Sink, on_record: Callable[[], None]) -> None:
+        self.sink = sink
+        self._on_record = on_record
+        self.error: str | None = None  # the latest failure, for status
+
+    def open_run(self, info: RunInfo) -> None:
+        self._on_record()
+        self._call("open_run", info)
+
+    def observation(self, run_key: str, step: int, loss: float | None,
+                    grad_norm: float | None, lrs: Sequence[float]) -> None:
+        try:  # the hot path: no getattr, no *args
+            self.sink.observation(run_key, step, loss, grad_norm, lrs)
+        except Exception as exc:
+            self._failed("observation", exc)
+
+    def decision(self, run_key: str, record: Mapping[str, Any]) -> None:
+        self._on_record()
+        self._call("decision", run_key, record)
+
+    def policy_changed(self, run_key: str, info: RunInfo, record: Mapping[str, Any]) -> None:
+        self._on_record()
+        self._call("policy_changed", run_key, info, record)
+
+    def close_run(self, run_key: str) -> None:
+        self._call("close_run", run_key)
+
+    def commit(self) -> None:
+        self._call("commit")
+
+    def close(self) -> None:
+        self._call("close")
+
+    def _call(self, method: str, *args: Any) -> None:
+        try:
+            getattr(self.sink, method)(*args)
+        except Exception as exc:
+            self._failed(method, exc)
+
+    def _failed(self, method: str, exc: Exception) -> None:
+        log.exception("sink %s failed", method)
+        self.error = f"{method} failed: {exc}"

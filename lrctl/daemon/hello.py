@@ -1,0 +1,100 @@
+"""A hook's ``hello``, checked field by field into a typed :class:`Hello`.
+
+Every problem raises ``ProtocolError`` naming the field (an ``error`` frame; the
+connection stays), except a run key that could name a path outside the state
+directory, which is :class:`~lrctl.daemon.transport.Refused` (the connection closes).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from ..paths import RUN_KEY_MAX, is_run_key
+from ..protocol import MAX_HELLO, ProtocolError, float_in, get_int, get_str
+from .transport import Refused
+
+__all__ = ["MAX_GROUPS", "Hello", "parse_hello"]
+
+MAX_GROUPS = 4096  # param groups a run may have
+
+
+@dataclass(frozen=True)
+class Hello:
+    run: str
+    run_name: str
+    policy_text: str
+    policy_source: str  # an absolute, normalised path, or an opaque "<label>"
+    lrs: list[float]
+    world_size: int
+    total_steps: int | None  # the run's length, when the hook knows it
+    mlflow_run_id: str | None
+    tracking_uri: str | None
+    cwd: str | None
+    watch: bool  # attach(watch=...): follow edits of the policy file
+    sync: bool  # the hook waits for each answer
+
+
+def parse_hello(msg: Mapping[str, Any]) -> Hello:
+    key = get_str(msg, "run", max_len=RUN_KEY_MAX)
+    assert key is not None
+    if not is_run_key(key):  # no "/" and no leading ".": cannot leave the state dir
+        raise Refused(f"bad run key {key!r}: letters, digits, ._- only", "bad_message")
+    policy = msg.get("policy")
+    if not isinstance(policy, dict):
+        raise ProtocolError("policy must be an object {text, source}", "bad_message")
+    text = get_str(policy, "text", max_len=MAX_HELLO)
+    source = get_str(policy, "source", max_len=4096)
+    lrs = _lrs(msg.get("lrs"))
+    if get_int(msg, "groups", lo=1, hi=MAX_GROUPS) != len(lrs):
+        raise ProtocolError(f"groups says {msg.get('groups')} but lrs has {len(lrs)}",
+                            "bad_message")
+    mlflow = msg.get("mlflow") or {}
+    if not isinstance(mlflow, dict):
+        raise ProtocolError("mlflow must be an object {run_id, tracking_uri}", "bad_message")
+    watch = _bool(msg, "watch", True)
+    total_steps = get_int(msg, "total_steps", lo=1, optional=True)
+    sync = _bool(msg, "sync", False)
+    if source is not None and not source.startswith("<"):
+        source = _clean_source(source)
+    return Hello(
+        run=key, run_name=get_str(msg, "run_name", max_len=250) or key,
+        policy_text=text or "", policy_source=source or "<string>", lrs=lrs,
+        world_size=get_int(msg, "world_size", lo=1, hi=1 << 20, optional=True) or 1,
+        total_steps=total_steps,
+        mlflow_run_id=get_str(mlflow, "run_id", max_len=64, optional=True),
+        tracking_uri=get_str(mlflow, "tracking_uri", max_len=4096, optional=True),
+        cwd=get_str(msg, "cwd", max_len=4096, optional=True), watch=watch, sync=sync)
+
+
+def _lrs(value: Any) -> list[float]:
+    if not isinstance(value, list) or not 1 <= len(value) <= MAX_GROUPS:
+        raise ProtocolError(f"lrs must be a list of 1-{MAX_GROUPS} numbers", "bad_message")
+    out = [float_in(v, "lrs") for v in value]
+    if not all(math.isfinite(v) and v >= 0 for v in out):
+        raise ProtocolError(f"lrs must be finite and >= 0, but got {out[:8]}", "bad_message")
+    return out
+
+
+def _clean_source(source: str) -> str:
+    """A client's policy path, made safe to show, watch and store.
+
+    Only an absolute path to a file may be watched; anything else (a relative
+    path, NULs, control characters) is kept as an opaque label in angle
+    brackets, which the controller never opens.
+    """
+    if (not os.path.isabs(source) or any(ord(c) < 32 for c in source)
+            or len(source) > 4096):
+        return "<" + "".join(c if c.isprintable() else "?" for c in source[:200]) + ">"
+    return os.path.normpath(source)
+
+
+def _bool(msg: Mapping[str, Any], key: str, default: bool) -> bool:
+    value = msg.get(key, default)
+    if not isinstance(value, bool):
+        raise ProtocolError(f"{key} must be true or false, but got {value!r:.40}",
+                            "bad_message")
+    return value

@@ -1,0 +1,108 @@
+"""Operator verbs (``lrctl status / runs / set-lr / pause / resume / reload``): one request,
+one answer.
+
+An operator's change to a run is a decision of the policy ``operator``: journaled,
+checkpointed and pushed to the run's hook like any other (see ``Server.publish``).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+from .._version import __version__
+from ..protocol import ProtocolError, float_in, get_int, get_str
+from .session import Session
+
+if TYPE_CHECKING:
+    from .server import Server
+
+__all__ = ["MAX_DECISIONS_PER_FRAME", "OPERATOR_TYPES", "answer", "find"]
+
+log = logging.getLogger("lrctl.daemon")
+
+OPERATOR_TYPES = frozenset({"runs", "set_lr", "clear_lr", "pause", "resume", "status",
+                            "reload", "decay"})
+MAX_DECISIONS_PER_FRAME = 32
+
+
+def answer(server: Server, t: str, msg: Mapping[str, Any]) -> dict[str, Any]:
+    """The reply to operator message ``msg`` of type ``t`` (one of :data:`OPERATOR_TYPES`)."""
+    if t == "status":
+        return _status(server)
+    if t == "runs":
+        return {"t": "runs", "runs": [
+            {**s.summary(), "connected": k in server.conns,
+             "store_error": server.checkpoints.errors.get(k)}
+            for k, s in sorted(server.sessions.items())]}
+    if t == "reload":
+        return _reload(server, get_str(msg, "run", max_len=96, optional=True))
+    key = get_str(msg, "run", max_len=96)
+    session = find(server.sessions, key or "")
+    if t == "set_lr":
+        lr = float_in(msg.get("lr"), "lr")
+        if not math.isfinite(lr) or lr < 0:
+            raise ProtocolError(f"lr must be finite and >= 0, but got {lr!r}", "bad_message")
+        steps = get_int(msg, "steps", lo=1, optional=True)
+        decision = session.set_lr(lr, steps)
+    elif t == "clear_lr":
+        decision = session.clear_lr()
+    elif t == "decay":
+        decision = session.decay(msg)
+    else:
+        decision = session.set_mode("shadow" if t == "pause" else "active")
+    server.publish(session, decision)
+    log.info("operator: %s on run %s", t, session.key)
+    return {"t": "ok", "run": session.key, "message": decision["reason"],
+            "decision": decision}
+
+
+def find(sessions: Mapping[str, Session], name: str) -> Session:
+    """A session by run key, or by a run name or key prefix that names exactly one."""
+    if name in sessions:
+        return sessions[name]
+    found = [s for k, s in sessions.items()
+             if s.info.run_name == name or k.startswith(name)] if name else []
+    if len(found) == 1:
+        return found[0]
+    if not found:
+        raise ProtocolError(f"no run named {name!r}; see 'lrctl runs'", "no_such_run")
+    raise ProtocolError(f"{name!r} matches {len(found)} runs: "
+                        f"{', '.join(sorted(s.key for s in found))}", "ambiguous_run")
+
+
+def _status(server: Server) -> dict[str, Any]:
+    errors = [f"run {s.key}: reload: {s.reload_error}" for s in server.sessions.values()
+              if s.reload_error]
+    errors += [f"run {k}: checkpoint: {e}" for k, e in server.checkpoints.errors.items()]
+    errors += server.live.errors()
+    if server.sink.error:
+        errors.append(f"sink: {server.sink.error}")
+    return {"t": "status", "pid": os.getpid(), "version": __version__,
+            "runs": len(server.sessions), "connected": len(server.conns),
+            "uptime_s": round(time.monotonic() - server.started, 3),
+            "socket": server.transport.socket_path, "state_dir": server.state_dir,
+            "watching": server.live.watching(), "errors": errors[:50]}
+
+
+def _reload(server: Server, name: str | None) -> dict[str, Any]:
+    """``lrctl reload [RUN]``: read the file(s) now and apply even unchanged bytes."""
+    if name:
+        session = find(server.sessions, name)
+        if session.watch_path is None:
+            raise ProtocolError(
+                f"run {session.key} is pinned to its policy version (not a file, "
+                "'watch: false' in the file, or attach(watch=False))", "pinned")
+        sessions = [session]
+    else:
+        sessions = [s for s in server.sessions.values() if s.watch_path is not None]
+    decisions, problems = server.live.reload_now(sessions)
+    log.info("operator: reload of %d run(s)", len(sessions))
+    lines = [f"{d['action']}: {d['reason']}" for d in decisions] + problems
+    return {"t": "ok", "run": sessions[0].key if name else "*",
+            "message": "; ".join(lines) or "no watched runs",
+            "decisions": decisions[:MAX_DECISIONS_PER_FRAME]}

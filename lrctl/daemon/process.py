@@ -1,0 +1,219 @@
+"""The controller's process: lock and bind its sockets, detach, log, serve until a signal.
+
+Start-up is race-safe: the controller holds an exclusive ``flock`` on
+``<socket>.lock`` for its whole life. A second ``serve`` on the same socket
+fails to take the lock and exits non-zero, naming the pid that holds it; a
+socket file left by a controller that died (``kill -9``) is unlinked and taken
+over, since holding the lock proves nobody else serves it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import logging
+import os
+import signal
+import socket
+import stat
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from .. import paths
+from ..sinks import Sink, build_sink
+from .limits import DEFAULT_SESSION_TIMEOUT
+from .liveness import DEFAULT_GRACE_S, DEFAULT_STALL_S, LoopMonitor
+from .server import Server
+from .store import StateStore
+from .transport import bind_unix
+
+__all__ = ["AlreadyServing", "Listening", "ServeOptions", "bind", "serve"]
+
+log = logging.getLogger("lrctl.daemon")
+
+
+class AlreadyServing(RuntimeError):
+    """Another live controller holds the socket."""
+
+
+@dataclass
+class ServeOptions:
+    socket_path: str
+    state_dir: str
+    tcp: tuple[str, int] | None = None
+    token: str | None = None
+    foreground: bool = False
+    log_file: str | None = None
+    watch: bool = True  # live policy editing (False: every run keeps its version)
+    policies_dir: str | None = None  # validated at start and watched
+    # Drop a hook-less run from memory after this long (None: never).
+    session_timeout: float | None = DEFAULT_SESSION_TIMEOUT
+    stall_timeout: float = DEFAULT_STALL_S  # a loop stuck this long: stack dump, exit 70
+    shutdown_grace: float = DEFAULT_GRACE_S  # SIGTERM to exit at most this long (else exit 75)
+    idle_exit: float | None = None  # exit once no hook has been connected this long
+
+
+class Listening:
+    """The bound sockets and the lock that makes them ours; ``close`` releases all."""
+
+    def __init__(self, unix: socket.socket, lock_fd: int, path: str,
+                 tcp: socket.socket | None) -> None:
+        self.unix = unix
+        self.tcp = tcp
+        self.lock_fd = lock_fd
+        self.path = path
+        self.took_over = False  # a stale socket of a dead controller was replaced
+
+    def close(self) -> None:
+        for sock in (self.unix, self.tcp):
+            if sock is not None:
+                sock.close()
+        with contextlib.suppress(OSError):
+            os.unlink(self.path)
+        os.close(self.lock_fd)
+
+
+def bind(options: ServeOptions) -> Listening:
+    """Check the directories, take the lock, bind the sockets (0600)."""
+    path = options.socket_path
+    paths.parse_address(path)  # checks the sun_path length
+    paths.ensure_private_dir(Path(path).parent)
+    # Never through a symlink (a planted <socket>.lock -> ~/.bashrc would be truncated).
+    lock_fd = paths.open_private(path + ".lock", os.O_RDWR)
+    try:
+        fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(lock_fd, 32, 0).decode("ascii", "replace").strip() or "?"
+        os.close(lock_fd)
+        raise AlreadyServing(f"another controller (pid {holder}) is already serving on "
+                             f"{path}; stop it first or choose another --socket") from None
+    try:
+        os.ftruncate(lock_fd, 0)
+        os.pwrite(lock_fd, f"{os.getpid()}\n".encode(), 0)
+        if os.path.lexists(path):
+            if not _is_socket(path):
+                raise FileExistsError(f"{path} exists and is not a socket; refusing to "
+                                      "replace it")
+            os.unlink(path)  # stale: its controller died without cleaning up
+            stale = True
+        else:
+            stale = False
+        unix = bind_unix(path)
+        try:
+            tcp = _bind_tcp(options) if options.tcp else None
+        except BaseException:
+            unix.close()
+            raise
+    except BaseException:
+        os.close(lock_fd)
+        raise
+    listening = Listening(unix, lock_fd, path, tcp)
+    listening.took_over = stale
+    return listening
+
+
+def _bind_tcp(options: ServeOptions) -> socket.socket:
+    if not options.token:
+        raise ValueError("--tcp needs a token: pass --token-file FILE or set LRCTL_TOKEN")
+    assert options.tcp is not None
+    host, port = options.tcp
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    sock.listen(128)
+    return sock
+
+
+def _is_socket(path: str) -> bool:
+    return stat.S_ISSOCK(os.lstat(path).st_mode)
+
+
+def serve(options: ServeOptions, sink_factory: Callable[[str], Sink] = build_sink,
+          ready: Callable[[Listening], None] | None = None) -> int:
+    """Run a controller until SIGTERM/SIGINT. Returns the process exit status."""
+    state = paths.ensure_private_dir(options.state_dir)
+    if options.policies_dir is not None and not os.path.isdir(options.policies_dir):
+        raise NotADirectoryError(f"--policies {options.policies_dir}: not a directory")
+    listening = bind(options)
+    if not options.foreground:
+        _detach(options, state, listening)
+    _setup_logging(options, state)
+    if listening.took_over:  # logged only now that the log exists
+        log.info("took over the stale socket %s (its controller died)", options.socket_path)
+    store = StateStore(state)
+    sink = sink_factory(str(state))
+    listeners = [(listening.unix, True)]
+    if listening.tcp is not None:
+        listeners.append((listening.tcp, False))  # TCP connections authenticate first
+    server = Server(listeners, store, sink, token=options.token,
+                    socket_path=options.socket_path, state_dir=str(state),
+                    watch=options.watch, policies_dir=options.policies_dir,
+                    session_timeout=options.session_timeout, idle_exit=options.idle_exit)
+    monitor = LoopMonitor(lambda: server.last_wake, stall_s=options.stall_timeout,
+                          grace_s=options.shutdown_grace)
+
+    def on_signal(*_: object) -> None:
+        server.stop()
+        monitor.on_signal()  # the stop must finish within the grace period, even if stuck
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, on_signal)
+    where = options.socket_path + (
+        f" and tcp {options.tcp[0]}:{listening.tcp.getsockname()[1]}"
+        if options.tcp and listening.tcp else "")
+    log.info("lrctl controller pid %d listening on %s (state in %s)", os.getpid(), where, state)
+    if ready is not None:
+        ready(listening)
+    monitor.start()
+    try:
+        server.serve_forever()
+    finally:
+        # Armed until the process is gone: a non-daemon thread that hangs the
+        # interpreter's exit is cut off at the end of the grace period too.
+        monitor.stop_requested()
+        listening.close()
+    return 0
+
+
+def _detach(options: ServeOptions, state: Path, listening: Listening) -> None:
+    """Fork into the background in a new session; the parent reports and exits.
+
+    The sockets are bound before the fork, so a refused start is reported by the
+    parent's exit status, and the lock passes to the child with the open file.
+    """
+    pid = os.fork()
+    if pid:
+        print(f"lrctl controller pid {pid} listening on {options.socket_path}; "
+              f"log: {_log_path(options, state)}")
+        os._exit(0)
+    os.setsid()
+    os.pwrite(listening.lock_fd, f"{os.getpid()}\n".ljust(16).encode(), 0)
+    devnull = os.open(os.devnull, os.O_RDWR)
+    out = paths.open_private(state / "controller.out", os.O_WRONLY | os.O_APPEND)
+    os.dup2(devnull, 0)
+    os.dup2(out, 1)
+    os.dup2(out, 2)
+    os.close(devnull)
+    os.close(out)
+
+
+def _log_path(options: ServeOptions, state: Path) -> str:
+    return options.log_file or str(state / "controller.log")
+
+
+def _setup_logging(options: ServeOptions, state: Path) -> None:
+    root = logging.getLogger("lrctl")
+    root.setLevel(logging.INFO)
+    fmt = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
+    log_path = _log_path(options, state)
+    os.close(paths.open_private(log_path, os.O_WRONLY | os.O_APPEND))  # born 0600, no symlink
+    handler: logging.Handler = logging.FileHandler(log_path)
+    handler.setFormatter(fmt)
+    root.addHandler(handler)
+    if options.foreground:
+        stream = logging.StreamHandler(sys.stderr)
+        stream.setFormatter(fmt)
+        root.addHandler(stream)
