@@ -26,7 +26,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from . import paths
-from .protocol import MAX_FRAME, MAX_HELLO, ProtocolError, decode_body, encode
+from .protocol import MAX_HELLO, ProtocolError, decode_body, encode
 
 __all__ = ["Link"]
 
@@ -264,7 +264,7 @@ class Link:
 
     def _frames(self, data: bytes) -> list[dict[str, Any]]:
         """Whole frames from what arrived (:class:`~lrctl.protocol.FrameDecoder`'s rules,
-        every frame up to :data:`MAX_FRAME`); plain ``lr`` replies skip ``json.loads``."""
+        every frame up to :data:`MAX_HELLO`); plain ``lr`` replies skip ``json.loads``."""
         if self._rest:
             data = self._rest + data
             self._rest = b""
@@ -272,8 +272,8 @@ class Link:
         pos, end = 0, len(data)
         while pos + 4 <= end:
             (size,) = _HEADER.unpack_from(data, pos)
-            if size > MAX_FRAME:
-                raise ProtocolError(f"frame of {size} bytes exceeds the limit of {MAX_FRAME}",
+            if size > MAX_HELLO:  # a snapshot carries the run's whole state
+                raise ProtocolError(f"frame of {size} bytes exceeds the limit of {MAX_HELLO}",
                                     "too_large")
             if pos + 4 + size > end:
                 break

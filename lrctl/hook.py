@@ -185,6 +185,7 @@ class Controller:
         self._attached = False
         self._saved_session = saved.get("session") if saved is not None else None
         self._snapshot: dict[str, Any] | None = None
+        self._awaiting_snapshot = False
         self._connect_args = (policy, run_name, socket, spawn, token, spawn_timeout,
                               max_backoff)
         refused: Exception | None = None
@@ -254,6 +255,8 @@ class Controller:
             if scaler is not None:
                 self.scaler = scaler
             self._count_calls()
+            if self._writer.loop_mode:
+                self._apply()  # read the LR the loop set for this step: it is reported
             overflows = self.overflows
             loss, grad_norm = self._guard_step(t, loss, grad_norm)
             link = self._link
@@ -503,7 +506,7 @@ class Controller:
                     self._warn("refused", f"lrctl: the controller refused this run "
                                           f"({msg.get('message')}); training continues at the "
                                           "last LR")
-            elif msg.get("code") != "stale_step":
+            elif msg.get("code") != "stale_step" and not self._awaiting_snapshot:
                 self._warn(f"error:{msg.get('code')}",
                            f"lrctl: the controller says: {msg.get('message')}")
 
@@ -670,8 +673,12 @@ class Controller:
             return None
         self._snapshot = None
         self._got_error = False
-        link.send({"t": "snapshot"})
-        link.wait(lambda: self._snapshot is not None or self._got_error, self.timeout)
+        self._awaiting_snapshot = True  # a controller too old to know it answers an error
+        try:
+            link.send({"t": "snapshot"})
+            link.wait(lambda: self._snapshot is not None or self._got_error, self.timeout)
+        finally:
+            self._awaiting_snapshot = False
         reply, self._snapshot = self._snapshot, None
         if reply is None or not isinstance(reply.get("session"), dict):
             return None

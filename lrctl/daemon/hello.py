@@ -36,6 +36,7 @@ class Hello:
     cwd: str | None
     watch: bool  # attach(watch=...): follow edits of the policy file
     sync: bool  # the hook waits for each answer
+    session: dict[str, Any] | None = None  # the run's state from the user's checkpoint
 
 
 def parse_hello(msg: Mapping[str, Any]) -> Hello:
@@ -58,6 +59,9 @@ def parse_hello(msg: Mapping[str, Any]) -> Hello:
     watch = _bool(msg, "watch", True)
     total_steps = get_int(msg, "total_steps", lo=1, optional=True)
     sync = _bool(msg, "sync", False)
+    session = msg.get("session")
+    if session is not None and not isinstance(session, dict):
+        raise ProtocolError("session must be the object a snapshot returned", "bad_message")
     if source is not None and not source.startswith("<"):
         source = _clean_source(source)
     return Hello(
@@ -67,7 +71,8 @@ def parse_hello(msg: Mapping[str, Any]) -> Hello:
         total_steps=total_steps,
         mlflow_run_id=get_str(mlflow, "run_id", max_len=64, optional=True),
         tracking_uri=get_str(mlflow, "tracking_uri", max_len=4096, optional=True),
-        cwd=get_str(msg, "cwd", max_len=4096, optional=True), watch=watch, sync=sync)
+        cwd=get_str(msg, "cwd", max_len=4096, optional=True), watch=watch, sync=sync,
+        session=session)
 
 
 def _lrs(value: Any) -> list[float]:

@@ -27,6 +27,7 @@ from disk), and a socket file that was removed is bound again.
 from __future__ import annotations
 
 import logging
+import math
 import socket
 import time
 from collections.abc import Mapping
@@ -163,6 +164,8 @@ class Server:
             self._hello(conn, msg)
         elif t == "bye":
             self._bye(conn)
+        elif t == "snapshot":
+            self._snapshot(conn)
         elif t in operator.OPERATOR_TYPES:
             reply = operator.answer(self, t, msg)
             self.transport.send(conn, reply, MAX_HELLO)  # a table of many runs
@@ -189,6 +192,8 @@ class Server:
         hello = parse_hello(msg)
         key = hello.run
         session = self.sessions.get(key)
+        if hello.session is not None:
+            session = self._from_hook(hello, session)
         if session is None:
             session = self._from_disk(key)
         restored = session is not None
@@ -218,6 +223,40 @@ class Server:
                                    "saved_step": session.saved_step, "lrs": session.lrs(),
                                    "mode": session.mode, "restored": restored,
                                    "policy_sha256": session.info.policy_sha256})
+
+    def _from_hook(self, hello: Hello, live: Session | None) -> Session:
+        """The run as the user's checkpoint left it (``ctl.state_dict()``): it replaces
+        whatever this controller holds for the run, which may have seen later steps
+        before the training process died."""
+        state = hello.session
+        assert state is not None
+        if state.get("run") != hello.run:
+            raise Refused(f"the saved state is of run {state.get('run')!r:.100}, not "
+                          f"{hello.run}", "run_conflict")
+        try:
+            session = Session.restore(state)
+        except Exception as exc:  # the peer's data: any failure refuses it, nothing else
+            raise Refused(f"the saved lrctl state of run {hello.run} is not usable: "
+                          f"{exc!r:.300}", "bad_state") from None
+        if list(session.engine.initial_lrs) != hello.lrs or text_sha256(
+                hello.policy_text) not in (session.hello_sha256, session.info.policy_sha256):
+            raise Refused(f"the saved state of run {hello.run} has a different policy or "
+                          "initial LRs", "run_conflict")
+        if live is not None:
+            self.live.unwatch(hello.run)
+        self._adopt(hello.run, session)
+        self.checkpoints.save(hello.run)
+        log.info("run %s resumed from the hook's saved state at step %d", hello.run,
+                 session.last_step)
+        return session
+
+    def _snapshot(self, conn: Conn) -> None:
+        """The run's state for the user's checkpoint (``ctl.state_dict()``)."""
+        session = self.sessions.get(conn.run or "")
+        if session is None:
+            raise ProtocolError("snapshot before hello", "bad_message")
+        self.transport.send(conn, {"t": "snapshot", "s": session.last_step,
+                                   "session": session.to_state()}, MAX_HELLO)
 
     def _start(self, hello: Hello) -> Session:
         """A new run: its session, first checkpoint, sink record and watch."""
@@ -272,10 +311,18 @@ class Server:
             # step t at step t + 1 (so step t ran on what was decided before it); a sync
             # hook waits for the answer to t and applies it to t's own optimizer step.
             used = None if session.sync else session.lrs()
+            base = msg.get("b")
+            if base is not None:  # base="loop": the loop's own LRs, scaled by lrctl's
+                base = _base_lrs(base, len(session.engine.initial_lrs))
             result = session.observe(step, loss, grad, metrics)
         except ObservationError as exc:
             raise ProtocolError(str(exc), "bad_observation") from None
-        self.sink.observation(key, step, loss, grad, result.lrs if used is None else used)
+        if msg.get("o") is True:
+            session.overflows += 1  # a GradScaler overflow: counted, never divergence
+        used = result.lrs if used is None else used
+        if base is not None:
+            used = session.used_lrs(used, base)
+        self.sink.observation(key, step, loss, grad, used)
         for d in result.decisions:
             self.sink.decision(key, {**d, "wall_time": time.time()})
         self.checkpoints.observed(key, session, self._now)
@@ -364,3 +411,13 @@ class Server:
             self._adopt(key, session)
             log.info("run %s restored from disk at step %d", key, session.last_step)
         return session
+
+
+def _base_lrs(value: Any, groups: int) -> list[float]:
+    """The ``b`` of an observation: one finite LR >= 0 per param group."""
+    if not isinstance(value, list) or len(value) != groups:
+        raise ProtocolError(f"b must be a list of {groups} LRs", "bad_message")
+    out = [float_in(v, "b") for v in value]
+    if not all(math.isfinite(v) and v >= 0 for v in out):
+        raise ProtocolError("b must hold finite LRs >= 0", "bad_message")
+    return out

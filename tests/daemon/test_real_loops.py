@@ -6,6 +6,7 @@ Every loop here is async (the README's default) unless it says otherwise.
 
 from __future__ import annotations
 
+import copy
 import math
 import warnings
 from typing import Any
@@ -44,7 +45,8 @@ def _batches(n: int, batch: int, seed: int = 0) -> list[tuple[torch.Tensor, torc
 
 
 def _lr_used(optimizer: torch.optim.Optimizer) -> list[float]:
-    """Record the LR of group 0 at each optimizer step (after lrctl's own pre-step hook)."""
+    """Record the LR of group 0 at each optimizer step. Call it after attach: pre-step hooks
+    run in the order they were registered, and lrctl's applies the LR in its own."""
     used: list[float] = []
     optimizer.register_step_pre_hook(lambda opt, *_: used.append(opt.param_groups[0]["lr"])
                                      and None)
@@ -80,8 +82,8 @@ def _loop(ctl: lrctl.Controller | None, optimizer: torch.optim.Optimizer,
 def test_loop_mode_scales_the_loops_own_cosine(controller: ControllerProc) -> None:
     model = _model()
     optimizer = torch.optim.SGD(model.parameters(), lr=_cosine(0))
-    used = _lr_used(optimizer)
     with lrctl.attach(optimizer, policy=GUARD, base="loop", timeout=SLOW_OK) as ctl:
+        used = _lr_used(optimizer)  # after attach: sees the LR lrctl set
         _loop(ctl, optimizer, model, loop_lr=_cosine)
         backoffs = [d for d in ctl.decisions if d.action == "backoff"]
     assert [d.step for d in backoffs] == [NAN_AT]
@@ -109,10 +111,10 @@ def test_loop_mode_keeps_a_torch_scheduler_exact(controller: ControllerProc) -> 
 
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lam)
-    used = _lr_used(optimizer)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no "something else set the LR", no torch warning
         with lrctl.attach(optimizer, policy=GUARD, base="loop", timeout=SLOW_OK) as ctl:
+            used = _lr_used(optimizer)
             _loop(ctl, optimizer, model, scheduler=scheduler)
     steps = [s for s in range(STEPS) if s != NAN_AT]
     for s, lr in zip(steps, used, strict=True):
@@ -122,8 +124,8 @@ def test_loop_mode_keeps_a_torch_scheduler_exact(controller: ControllerProc) -> 
     model = _model()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=10, gamma=0.5)
-    used = _lr_used(optimizer)
     with lrctl.attach(optimizer, policy=GUARD, base="loop", timeout=SLOW_OK) as ctl:
+        used = _lr_used(optimizer)  # after attach: sees the LR lrctl set
         _loop(ctl, optimizer, model, scheduler=scheduler)
     assert optimizer.param_groups[0]["lr"] == pytest.approx(0.05 * 0.5 ** 4)  # StepLR's own
     assert used[-1] == pytest.approx(0.05 * 0.5 ** 3 * 0.5)  # step 39: StepLR × back-off
@@ -133,9 +135,9 @@ def test_controller_mode_overwrites_a_leftover_loop_and_says_so(
         controller: ControllerProc) -> None:
     model = _model()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
-    used = _lr_used(optimizer)
     with (pytest.warns(RuntimeWarning, match=r"something else set the LR.*base='loop'"),
           lrctl.attach(optimizer, policy=GUARD, timeout=SLOW_OK) as ctl):
+        used = _lr_used(optimizer)
         _loop(ctl, optimizer, model, loop_lr=_cosine)
     # The LR used is lrctl's (0.05, halved after the NaN), never the leftover cosine.
     steps = [s for s in range(STEPS) if s != NAN_AT]
@@ -191,10 +193,10 @@ def _accumulated_run(micro: int, batch: int) -> tuple[list[tuple[int, str]], lis
     """One run of 4 × 8 or 1 × 32 samples per optimizer step, on the same data."""
     model = _model()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
-    used = _lr_used(optimizer)
     data = _batches(STEPS, 32)
     loss_fn = torch.nn.MSELoss()
     with lrctl.attach(optimizer, policy=GUARD, timeout=SLOW_OK) as ctl:
+        used = _lr_used(optimizer)
         for it, (x, y) in enumerate(data):
             optimizer.zero_grad()
             total = torch.zeros(())
@@ -252,3 +254,81 @@ def test_a_sync_spike_skip_is_carried_out(controller: ControllerProc) -> None:
     assert [d.step for d in skips] == [20]
     assert "advisory" not in skips[0].reason
     assert moved[20] is False and all(moved[:20]) and all(moved[21:])
+
+
+# A guard that moves the LR often (spikes flagged at a low z, fast regrowth): a resumed run
+# that did not continue from the exact policy state would drift at once.
+JUMPY = {"version": 1, "policies": [{"kind": "divergence", "z_threshold": 1.5,
+                                      "min_samples": 8, "window": 16, "tolerance": 0,
+                                      "cooldown": 2, "regrow_after": 4, "factor": 0.7,
+                                      "max_backoffs": 1000, "min_multiplier": 1e-4}]}
+RESUME_AT, RAN_ON, TOTAL = 30, 42, 60
+
+
+def _attach_recording(optimizer: torch.optim.Optimizer, used: dict[int, float],
+                      clock: list[int], **options: Any) -> lrctl.Controller:
+    ctl = lrctl.attach(optimizer, policy=JUMPY, timeout=SLOW_OK, **options)
+    optimizer.register_step_pre_hook(
+        lambda opt, *_: used.__setitem__(clock[0], opt.param_groups[0]["lr"]))
+    return ctl
+
+
+def _run_steps(ctl: lrctl.Controller, model: torch.nn.Module,
+               optimizer: torch.optim.Optimizer, steps: range, clock: list[int]) -> None:
+    loss_fn = torch.nn.MSELoss()
+    data = _batches(TOTAL, 16, seed=3)
+    for it in steps:
+        clock[0] = it
+        x, y = data[it]
+        optimizer.zero_grad()
+        loss = loss_fn(model(x), y)
+        loss.backward()
+        ctl.step(loss)
+        optimizer.step()
+
+
+@pytest.mark.parametrize("order", ["attach-resume", "attach-then-load",
+                                   "optimizer-first-then-load"])
+def test_resume_from_the_users_checkpoint_continues_the_exact_lrs(
+        controller: ControllerProc, order: str) -> None:
+    """A run checkpointed at step 30 that ran on to step 42 and died, resumed from the
+    checkpoint, uses at steps 30..59 exactly the LRs an uninterrupted run used."""
+    clock = [0]
+    ref_used: dict[int, float] = {}
+    model = _model()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.01)
+    with _attach_recording(optimizer, ref_used, clock) as ctl:
+        _run_steps(ctl, model, optimizer, range(TOTAL), clock)
+        assert sum(d.action in ("backoff", "regrow") for d in ctl.decisions) >= 4
+
+    used: dict[int, float] = {}
+    model = _model()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.01)
+    ctl = _attach_recording(optimizer, used, clock)
+    _run_steps(ctl, model, optimizer, range(RESUME_AT), clock)
+    checkpoint = {"model": {k: v.clone() for k, v in model.state_dict().items()},
+                  "optimizer": copy.deepcopy(optimizer.state_dict()),
+                  "lrctl": ctl.state_dict()}
+    assert checkpoint["lrctl"]["session"]["engine"]["last_step"] == RESUME_AT - 1
+    _run_steps(ctl, model, optimizer, range(RESUME_AT, RAN_ON), clock)  # then it dies
+    ctl.close(end_run=False)
+    assert used == {k: v for k, v in ref_used.items() if k < RAN_ON}
+
+    model = _model()
+    model.load_state_dict(checkpoint["model"])
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.01)
+    if order == "attach-resume":
+        ctl = _attach_recording(optimizer, used, clock, resume=checkpoint["lrctl"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+    elif order == "attach-then-load":
+        ctl = _attach_recording(optimizer, used, clock)
+        ctl.load_state_dict(checkpoint["lrctl"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+    else:  # the optimizer restored first: its groups hold the checkpoint's LRs
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        ctl = _attach_recording(optimizer, used, clock)
+        ctl.load_state_dict(checkpoint["lrctl"])
+    with ctl:
+        assert ctl.run_key == checkpoint["lrctl"]["run_key"]
+        _run_steps(ctl, model, optimizer, range(RESUME_AT, TOTAL), clock)
+    assert used == ref_used

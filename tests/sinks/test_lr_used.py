@@ -62,3 +62,48 @@ def test_mlflow_lr_is_the_lr_used_at_each_step(mlflow_server: MlflowServer, work
         at = lr_curve(client, run.info.run_id, g)
         wrong = [(s, at(s), v[g]) for s, v in used.items() if at(s) != v[g]]
         assert not wrong, wrong[:5]
+
+
+def test_mlflow_lr_is_the_lr_used_with_the_loops_own_schedule(
+        mlflow_server: MlflowServer, workdir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``base="loop"``: the loop sets its LR every step and lrctl's plateau rule scales it;
+    MLflow records the product, the LR each optimizer step used."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server.uri)
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.02)
+    used: dict[int, float] = {}
+    step = 0
+    reactive = {"version": 1, "policies": [POLICY["policies"][1]]}
+    with live_controller(audit=True) as controller:
+        monkeypatch.setenv("LRCTL_SOCKET", controller.socket)
+        ctl = lrctl.attach(opt, policy=reactive, base="loop", spawn=False, run_name="loop",
+                           timeout=60.0)
+        # After attach: pre-step hooks run in registration order, lrctl's sets the LR.
+        opt.register_step_pre_hook(
+            lambda o, *_: used.__setitem__(step, o.param_groups[0]["lr"]))
+        for step in range(200):
+            opt.param_groups[0]["lr"] = 0.02 * (1 - step / 400)  # the loop's own schedule
+            opt.zero_grad()
+            model(torch.ones(8, 4)).pow(2).mean().backward()
+            ctl.step(1.0, grad_norm=1.0)
+            opt.step()
+        key = ctl.run_key
+        ctl.close()
+        assert key is not None and any(d.action == "reduce" for d in ctl.decisions)
+        client = MlflowClient(mlflow_server.uri)
+        state = Path(controller.state_dir)
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                run = client.get_run(mlflow_run_id(state, key))
+                if run.info.status == "FINISHED":
+                    break
+            except (OSError, KeyError, TypeError):
+                pass
+            assert time.monotonic() < deadline, "the run was never shipped and ended"
+            time.sleep(0.1)
+    at = lr_curve(client, run.info.run_id, 0)
+    assert used[0] == 0.02 and min(used.values()) < 0.02 * 0.5  # scaled after a reduce
+    wrong = [(s, at(s), v) for s, v in used.items() if at(s) != pytest.approx(v, rel=1e-12)]
+    assert not wrong, wrong[:5]
