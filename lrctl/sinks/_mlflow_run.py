@@ -17,12 +17,12 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 
 from ..policy._base import float_from_json
+from ._ship_state import RunState
 from .journal import JournalLine
 from .mlflow_sink import (
     MAX_METRICS_PER_BATCH,
     MAX_PARAMS_TAGS_PER_BATCH,
     MAX_TAG_CHARS,
-    _RunState,
     decision_ratio,
 )
 from .sampling import DECISION
@@ -38,7 +38,7 @@ _BAD_PARAM_CHARS = re.compile(r"[^A-Za-z0-9_\-. /:]")
 class RunShipper:
     """Sends one run's pending journal lines to MLflow, one batch per call."""
 
-    def __init__(self, client: Any, state: _RunState, *, timeline: bool) -> None:
+    def __init__(self, client: Any, state: RunState, *, timeline: bool) -> None:
         self.client = client
         self.st = state
         self.timeline = timeline
