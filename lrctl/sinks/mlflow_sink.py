@@ -75,7 +75,8 @@ class MlflowShipper:
 
     def __init__(self, state_dir: str | os.PathLike[str], *, flush_interval: float = 1.0,
                  queue_size: int = 10_000, max_pending: int = 20_000, timeline: bool = True,
-                 backoff_max: float = 30.0, client_factory: ClientFactory | None = None) -> None:
+                 backoff_max: float = 30.0, client_factory: ClientFactory | None = None,
+                 snapshot_interval: float = 60.0) -> None:
         if not 0 < flush_interval <= 2.0:
             raise ValueError(f"flush_interval must be in (0, 2] seconds, but got {flush_interval=}")
         if queue_size < 1 or max_pending < 1:
@@ -83,7 +84,7 @@ class MlflowShipper:
                              f"{queue_size=}, {max_pending=}")
         self.state_dir = Path(state_dir)
         self._options = _Options(flush_interval, queue_size, max_pending, timeline, backoff_max,
-                                 client_factory or _default_client)
+                                 client_factory or _default_client, snapshot_interval)
         self._workers: dict[str, _Worker] = {}
         self._route: dict[str, _Worker] = {}
         # One HTTP call must not retry for minutes inside the worker: lrctl retries
@@ -157,6 +158,7 @@ class _Options:
     timeline: bool
     backoff_max: float
     client_factory: ClientFactory
+    snapshot_interval: float  # seconds; see _mlflow_views (decisions files)
 
 
 class _Worker(threading.Thread):
@@ -275,12 +277,15 @@ class _Worker(threading.Thread):
                 self._client = self.opt.client_factory(self.tracking_uri)
             from ._mlflow_run import RunShipper
 
-            shipper = RunShipper(self._client, st, timeline=self.opt.timeline)
+            shipper = RunShipper(self._client, st, timeline=self.opt.timeline,
+                                 snapshot_interval=self.opt.snapshot_interval)
             shipper.ensure_run()
             while True:
                 st.top_up(self.opt.max_pending)
                 if not shipper.ship_once() or self._stopping.is_set():
                     break
+            if not st.cursor.get("finished"):
+                shipper.refresh_views()
         except MlflowException as exc:
             if exc.error_code in PERMANENT_ERRORS:
                 self._give_up(st, exc)

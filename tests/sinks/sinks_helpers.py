@@ -63,7 +63,8 @@ def journal_decisions(state_dir: Path, key: str) -> list[dict[str, Any]]:
 def assert_exactly_once(client: Any, run_id: str, state_dir: Path, key: str,
                         tmp: Path) -> list[dict[str, Any]]:
     """Every journaled decision is in the MLflow run exactly once: in the decisions
-    artifact, as a ``lrctl/decision`` metric point, and in the count tag."""
+    file and table, as a ``lrctl/decision`` and a ``lrctl/event/<action>`` metric
+    point, and in the count tag."""
     journal = journal_decisions(state_dir, key)
     assert journal, "the test should have made decisions"
     uploaded = [json.loads(line) for line in
@@ -73,7 +74,19 @@ def assert_exactly_once(client: Any, run_id: str, state_dir: Path, key: str,
     history = client.get_metric_history(run_id, "lrctl/decision")
     assert sorted((m.step, m.value) for m in history) == sorted(
         (r["step"], r["new_lrs"][0] / r["old_lrs"][0]) for r in journal)
-    assert client.get_run(run_id).data.tags["lrctl.decisions"] == str(len(journal))
+    for action in {r["action"] for r in journal}:  # one chart per kind of decision
+        events = client.get_metric_history(run_id, f"lrctl/event/{action}")
+        assert sorted((m.step, m.value) for m in events) == sorted(
+            (r["step"], r["new_lrs"][0] / r["old_lrs"][0]) for r in journal
+            if r["action"] == action)
+    table = json.loads(download(client, run_id, "lrctl/decisions_table.json", tmp))
+    assert table["columns"] == ["step", "policy", "action", "old_lr", "new_lr", "reason"]
+    assert table["data"] == [[r["step"], r["policy"], r["action"], r["old_lrs"][0],
+                              r["new_lrs"][0], r["reason"]] for r in journal]
+    tags = client.get_run(run_id).data.tags
+    assert tags["lrctl.decisions"] == str(len(journal))
+    assert {"path": "lrctl/decisions_table.json", "type": "table"} in json.loads(
+        tags["mlflow.loggedArtifacts"])
     return journal
 
 

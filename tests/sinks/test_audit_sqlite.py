@@ -57,7 +57,15 @@ def test_default_store_gets_a_run_named_after_the_session_with_the_full_audit_tr
     assert tags["lrctl.policy_sha256"] == run_info("r1").policy_sha256
     assert tags["lrctl.policy"] == "policies/default.yaml"
     assert tags["lrctl.last_decision"].startswith(f"step {journal[-1]['step']}: plateau reduce")
-    assert params == {"lrctl.plateau.factor": "0.5", "lrctl.warmup.steps": "100"}
+    assert params == {"lrctl.plateau.factor": "0.5", "lrctl.warmup.steps": "100",
+                      "lrctl.policy_sha256": run_info("r1").policy_sha256,
+                      "lrctl.policy": "policies/default.yaml"}
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
+    note = tags["mlflow.note.content"]  # the run's description, on its Overview
+    assert note.startswith("**lrctl** · policy `default.yaml`, sha256 "
+                           f"`{run_info('r1').policy_sha256[:12]}` · "
+                           f"{len(journal)} decisions: {len(journal)} reduce")
+    assert f"| {journal[-1]['step']} | plateau | reduce |" in note
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "lrctl")}
     assert {"lrctl/decisions.jsonl", "lrctl/policy.yaml", "lrctl/timeline.png"} <= artifacts
     policy = download(client, run.info.run_id, "lrctl/policy.yaml", tmp_path)
