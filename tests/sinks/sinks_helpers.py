@@ -6,11 +6,13 @@ import dataclasses
 import gc
 import hashlib
 import json
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from mlflow.tracking import MlflowClient
 from mlflow_server import MLFLOW_BIN, MlflowServer, free_port  # noqa: F401 (re-exported)
 
 from lrctl.sinks import AuditSettings, AuditSink, RunInfo
@@ -19,6 +21,47 @@ from lrctl.sinks.journal import RunPaths, read_json, read_lines
 POLICY = Path(__file__).resolve().parents[2] / "lrctl" / "data" / "policies" / "default.yaml"
 FAST = AuditSettings(log_every=10, flush_interval=0.2, backoff_max=0.5, timeline=False)
 FAST_WITH_TIMELINE = dataclasses.replace(FAST, timeline=True)
+
+
+class GatedClient:
+    """A real client whose calls wait while ``gate`` is closed, or fail while ``down``.
+
+    ``calls`` records each call as ``(method name, args, kwargs)``: what lrctl sent."""
+
+    def __init__(self, uri: str) -> None:
+        self.real = MlflowClient(uri)
+        self.gate = threading.Event()
+        self.gate.set()
+        self.down = False
+        self.waiting = threading.Event()
+        self.calls: list[tuple[str, tuple[Any, ...], dict[str, Any]]] = []
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self.real, name)
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            self.waiting.set()
+            self.gate.wait()
+            if self.down:
+                raise OSError("connection refused (test)")
+            self.calls.append((name, args, kwargs))
+            return attr(*args, **kwargs)
+        return call
+
+    def uploads(self, artifact_file: str) -> list[int]:
+        """Sizes, in characters, of each upload of ``artifact_file`` (``log_text``)."""
+        return [len(args[1]) for name, args, _ in self.calls
+                if name == "log_text" and args[2] == artifact_file]
+
+    def tag_writes(self, key: str) -> list[str]:
+        """Each value lrctl sent for the run tag ``key`` (``log_batch`` or ``set_tag``)."""
+        out = []
+        for name, args, kwargs in self.calls:
+            if name == "log_batch":
+                out += [t.value for t in kwargs.get("tags") or () if t.key == key]
+            elif name == "set_tag" and args[1] == key:
+                out.append(args[2])
+        return out
 
 
 def run_info(key: str, **kw: Any) -> RunInfo:

@@ -7,7 +7,6 @@ import shutil
 import threading
 import time
 from pathlib import Path
-from typing import Any
 
 import mlflow
 import pytest
@@ -15,6 +14,7 @@ from mlflow.tracking import MlflowClient
 from sinks_helpers import (
     FAST,
     FAST_WITH_TIMELINE,
+    GatedClient,
     assert_exactly_once,
     decision,
     download,
@@ -144,28 +144,6 @@ def test_the_lr_curve_in_mlflow_equals_the_lrs_the_optimizer_used(
         assert [at(s) for s in used] == [lrs[g] for lrs in used.values()]
     # ... with far fewer points than steps once the LR holds still.
     assert len(client.get_metric_history(run_id, "lrctl/lr/g0")) < 120
-
-
-class GatedClient:
-    """A real client whose calls wait while ``gate`` is closed, or fail while ``down``."""
-
-    def __init__(self, uri: str) -> None:
-        self.real = MlflowClient(uri)
-        self.gate = threading.Event()
-        self.gate.set()
-        self.down = False
-        self.waiting = threading.Event()
-
-    def __getattr__(self, name: str) -> Any:
-        attr = getattr(self.real, name)
-
-        def call(*args: Any, **kwargs: Any) -> Any:
-            self.waiting.set()
-            self.gate.wait()
-            if self.down:
-                raise OSError("connection refused (test)")
-            return attr(*args, **kwargs)
-        return call
 
 
 def test_the_hot_path_never_waits_and_a_full_queue_spills_to_the_journal(
