@@ -103,9 +103,10 @@ class RunSummary:
                  artifacts: tuple[str, str] = ("lrctl/decisions_table.json",
                                                "lrctl/decisions.jsonl")) -> str:
         """The run description: at most :data:`MAX_NOTE_CHARS` characters (the oldest
-        rows of the table give way first)."""
-        head = [self._headline(), ""]
-        foot = ["", self._footer(len(self.recent), artifacts, experiment_id)]
+        rows of the table give way first). The UI shows its first lines until someone
+        clicks "Show more": the headline and the link come first, then the newest rows."""
+        head = [self._headline(experiment_id), ""]
+        foot = ["", self._footer(len(self.recent), artifacts)]
         rows = [f"| {r[0]} | {_md(r[1])} | {_md(r[2])} | {_lr(r[3])} → {_lr(r[4])} "
                 f"| {_md(_clip(r[5]))} |" for r in reversed(self.recent)]
         while True:
@@ -115,9 +116,9 @@ class RunSummary:
             if len(text) <= MAX_NOTE_CHARS or not rows:
                 return text[:MAX_NOTE_CHARS]
             rows.pop()
-            foot[-1] = self._footer(len(rows), artifacts, experiment_id)
+            foot[-1] = self._footer(len(rows), artifacts)
 
-    def _headline(self) -> str:
+    def _headline(self, experiment_id: str | None) -> str:
         policy = os.path.basename(self.policy_source) or "(unknown policy file)"
         version = f" v{self.policy_version}" if self.policy_version > 1 else ""
         sha = f", sha256 `{self.policy_sha256[:12]}`" if self.policy_sha256 else ""
@@ -125,17 +126,16 @@ class RunSummary:
                            sorted(self.counts.items(), key=lambda kv: (-kv[1], kv[0])))
         total = self.total
         decisions = f"{total} decision{'' if total == 1 else 's'}"
+        link = (f" · [training runs of this experiment]({runs_view_link(experiment_id)})"
+                if experiment_id else "")
         return (f"**lrctl** · policy `{policy.replace('`', '')}`{version}{sha} · "
-                f"{decisions}{': ' + counts if counts else ''}")
+                f"{decisions}{': ' + counts if counts else ''}{link}")
 
-    def _footer(self, shown: int, artifacts: tuple[str, str],
-                experiment_id: str | None) -> str:
+    def _footer(self, shown: int, artifacts: tuple[str, str]) -> str:
         table, jsonl = artifacts
         latest = f"Latest {shown} of {self.total}, newest first. " if shown < self.total else ""
-        link = (f" · [Training runs of this experiment]({runs_view_link(experiment_id)})"
-                if experiment_id else "")
         return (f"{latest}Every decision: artifacts `{table}` (table) and `{jsonl}` "
-                f"(full records); metrics `lrctl/event/<action>`.{link}")
+                f"(full records); metrics `lrctl/event/<action>`.")
 
 
 def _lr0(record: Mapping[str, Any], key: str) -> float | None:

@@ -79,7 +79,7 @@ def test_the_description_tells_the_story_and_follows_operators_and_reloads(
     run_id = mlflow_run_id(state, "n1")
     note = note_of(client, run_id)  # current during the run, not only at its end
     assert note.startswith("**lrctl** · policy `plateau.yaml`, sha256 "
-                           f"`{first.policy_sha256[:12]}` · 1 decision: 1 reduce")
+                           f"`{first.policy_sha256[:12]}` · 1 decision: 1 reduce · ")
     assert "| 10 | plateau | reduce | 0.1 → 0.05 | loss flat, cut 1 |" in note
 
     sink.decision("n1", decision(20, [0.05, 0.005], [0.2, 0.02], policy="operator",
@@ -95,9 +95,11 @@ def test_the_description_tells_the_story_and_follows_operators_and_reloads(
     assert sink.flush(60)
     sink.close()
     note = note_of(client, run_id)
+    exp_id = client.get_run(run_id).info.experiment_id
     assert note.splitlines()[0] == (
         f"**lrctl** · policy `plateau.yaml` v2, sha256 `{second.policy_sha256[:12]}` · "
-        "3 decisions: 1 reduce, 1 reload, 1 set\\_lr")
+        "3 decisions: 1 reduce, 1 reload, 1 set\\_lr · [training runs of this experiment]"
+        f"(#/experiments/{exp_id}/runs?workflowType=machine_learning)")
     rows = [line for line in note.splitlines() if line.startswith("| 2") or
             line.startswith("| 1")]
     assert rows == [
@@ -105,8 +107,6 @@ def test_the_description_tells_the_story_and_follows_operators_and_reloads(
         "| 20 | operator | set\\_lr | 0.05 → 0.2 | manual LR 0.2 set by an operator, held "
         "until cleared |",
         "| 10 | plateau | reduce | 0.1 → 0.05 | loss flat, cut 1 |"]
-    exp_id = client.get_run(run_id).info.experiment_id
-    assert f"(#/experiments/{exp_id}/runs?workflowType=machine_learning)" in note
     tags = client.get_run(run_id).data.tags
     assert tags["lrctl.note_sha256"] == hashlib.sha256(note.encode()).hexdigest()
 
