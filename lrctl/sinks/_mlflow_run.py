@@ -95,6 +95,7 @@ class RunShipper:
                                              run_name=target.get("run_name") or key)
                 run_id = run.info.run_id
             self.st.cursor.update(run_id=run_id, created=True, experiment_id=exp_id)
+        self.st.save()
         self._mark_training()
 
     def _mark_training(self) -> None:
@@ -231,12 +232,13 @@ class RunShipper:
                 log.warning("lrctl: run %s: params not logged: %s", self.st.paths.run_key, exc)
         logged.update(new)
 
-    def refresh_views(self) -> None:
-        """After a shipping round: the decisions files if due, the description if changed."""
-        self.views.refresh()
+    def refresh_views(self, *, catch_up: bool = False) -> None:
+        """After a shipping round: the decisions files if due (if behind at all when
+        ``catch_up``), the description if it changed."""
+        self.views.refresh(complete=catch_up)
 
     def _finish(self) -> None:
-        self.views.refresh(final=True)
+        self.views.refresh(complete=True)
         if self.timeline:
             png = self.st.paths.root / "timeline.png"
             try:

@@ -15,10 +15,12 @@ overwritten again.
 registered in the ``mlflow.loggedArtifacts`` tag) are whole files: an MLflow
 artifact cannot be appended to. They are uploaded together, from the acknowledged
 part of the journal, when it has grown by an eighth since their last upload, at
-least every ``snapshot_interval`` seconds while they are behind, and always at run
-end. What a run uploads thus stays within ~9× the files' final size, however many
-flushes it takes (re-uploading on each flush grew as decisions × flushes), while
-the latest decisions reach the UI with every flush through the description, the
+least every ``snapshot_interval`` seconds while they are behind, and whenever they
+are behind at run end and at a worker's first round for the run (a controller that
+stopped mid-run may have left them behind; the next one catches up). What a run
+uploads thus stays within ~9× the files' final size, however many flushes it takes
+(re-uploading on each flush grew as decisions × flushes), while the latest
+decisions reach the UI with every flush through the description, the
 ``lrctl.last_decision`` tag and the metrics.
 """
 
@@ -79,18 +81,19 @@ class RunViews:
         self.st.cursor["summary"] = self.summary.to_json()
 
     # -- once per shipping round ------------------------------------------------------
-    def refresh(self, *, final: bool = False) -> None:
-        """Upload the files if due (always if ``final``) and the description if changed."""
-        self._files(final)
+    def refresh(self, *, complete: bool = False) -> None:
+        """Upload the files if due (if behind at all when ``complete``: the run's end, a
+        worker's first round for the run) and the description if it changed."""
+        self._files(complete)
         self._note()
 
-    def _files(self, final: bool) -> None:
+    def _files(self, complete: bool) -> None:
         snap = self.st.cursor.setdefault("snapshot", {"offset": 0, "at": 0.0})
         acked = self.st.streams["decisions"].acked_offset
         done = int(snap.get("offset", 0))
         if acked <= done:
             return
-        due = (final or acked - done >= done / _GROWTH
+        due = (complete or acked - done >= done / _GROWTH
                or time.time() - float(snap.get("at", 0.0)) >= self.snapshot_interval)
         if not due:
             return

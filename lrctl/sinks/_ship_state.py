@@ -14,7 +14,15 @@ from typing import Any
 
 from .journal import STREAMS, JournalLine, RunPaths, atomic_write_json, read_json, read_lines
 
-__all__ = ["RunState", "StreamState"]
+__all__ = ["RunState", "StreamState", "files_behind"]
+
+
+def files_behind(cursor: dict[str, Any]) -> bool:
+    """A run's decisions files in MLflow lag the decisions MLflow acknowledged."""
+    if cursor.get("failed") or cursor.get("finished"):
+        return False
+    acked = cursor.get("streams", {}).get("decisions", {}).get("offset", 0)
+    return bool(acked > (cursor.get("snapshot") or {}).get("offset", 0))
 
 
 @dataclass
@@ -45,6 +53,9 @@ class RunState:
         self.first_pending_at: float | None = None
         self.failures = 0
         self.retry_at = 0.0
+        # The decisions files (see _mlflow_views) are brought up to date the first time
+        # a worker ships this run: a controller that stopped may have left them behind.
+        self.files_checked = False
 
     def offer(self, stream: str, line: JournalLine, max_pending: int, now: float) -> None:
         s = self.streams[stream]
@@ -74,6 +85,10 @@ class RunState:
 
     def has_work(self) -> bool:
         return not self.failed and any(s.pending or s.behind for s in self.streams.values())
+
+    def files_behind(self) -> bool:
+        """MLflow's decisions files lag what it acknowledged (uploaded on a schedule)."""
+        return files_behind(self.cursor)
 
     def ack(self, stream: str, lines: Iterable[JournalLine]) -> None:
         s = self.streams[stream]

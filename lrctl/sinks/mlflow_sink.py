@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from ..policy._base import float_from_json
-from ._ship_state import RunState
+from ._ship_state import RunState, files_behind
 from .journal import STREAMS, JournalLine, RunPaths, list_run_keys, read_json
 
 __all__ = ["MlflowShipper", "decision_ratio"]
@@ -109,7 +109,8 @@ class MlflowShipper:
         worker.submit(run_key, stream, line)
 
     def recover(self) -> list[str]:
-        """Attend every run under the state dir whose journal is ahead of MLflow."""
+        """Attend every run under the state dir whose journal is ahead of MLflow
+        (or whose decisions files in MLflow lag what it acknowledged)."""
         behind = []
         for key in list_run_keys(self.state_dir):
             paths = RunPaths.of(self.state_dir, key)
@@ -121,7 +122,7 @@ class MlflowShipper:
             acked = cursor.get("streams", {})
             for name in STREAMS:
                 size = paths.stream(name).stat().st_size if paths.stream(name).exists() else 0
-                if size > acked.get(name, {}).get("offset", 0):
+                if size > acked.get(name, {}).get("offset", 0) or files_behind(cursor):
                     behind.append(key)
                     self.attend(key, uri)
                     break
@@ -285,7 +286,8 @@ class _Worker(threading.Thread):
                 if not shipper.ship_once() or self._stopping.is_set():
                     break
             if not st.cursor.get("finished"):
-                shipper.refresh_views()
+                shipper.refresh_views(catch_up=not st.files_checked)
+                st.files_checked = True
         except MlflowException as exc:
             if exc.error_code in PERMANENT_ERRORS:
                 self._give_up(st, exc)

@@ -19,6 +19,7 @@ from sinks_helpers import (
     GatedClient,
     assert_exactly_once,
     decision,
+    download,
     drive,
     journal_decisions,
     lr_curve,
@@ -214,8 +215,37 @@ def test_description_and_files_go_once_per_flush_and_uploads_stay_linear(
     # The description follows every flush that brought decisions, once each.
     notes = client.tag_writes(NOTE)
     assert 120 <= len(notes) <= 122 and len(set(notes)) == len(notes)
-    assert notes[-1].splitlines()[0].endswith("180 decisions: 180 reduce")
+    assert " · 180 decisions: 180 reduce · " in notes[-1].splitlines()[0]
     assert read_json(RunPaths.of(state, "b1").cursor)["snapshot"]["offset"] == final
+
+
+def test_files_left_behind_by_a_stopped_controller_are_caught_up_by_the_next(
+        workdir: Path, tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    client = MlflowClient(sqlite_uri(workdir))
+
+    def shipper() -> MlflowShipper:
+        return MlflowShipper(state, flush_interval=0.2, backoff_max=0.5,
+                             snapshot_interval=3600.0)
+    first = AuditSink(state, FAST, shipper=shipper(), env={})
+    first.open_run(run_info("c1", cwd=str(workdir)))
+    lrs = drive(first, "c1", range(400), [0.1, 0.01], every=4)  # 100 decisions
+    assert first.flush(60)
+    lrs = drive(first, "c1", range(400, 420), lrs, every=4)  # 5 more: 5 %, not yet due
+    assert first.flush(60)
+    first.close()  # the controller stops; the run goes on elsewhere or never comes back
+    run_id = mlflow_run_id(state, "c1")
+
+    def uploaded() -> int:
+        return len(download(client, run_id, "lrctl/decisions.jsonl", tmp_path).splitlines())
+    assert uploaded() == 100
+    assert len(journal_decisions(state, "c1")) == 105
+    assert "105 decisions" in note_of(client, run_id)  # the description is current
+
+    second = AuditSink(state, FAST, shipper=shipper(), env={})  # recovers on its own
+    assert second.flush(60)
+    second.close()
+    assert uploaded() == 105
 
 
 POLICY = """\
