@@ -37,10 +37,11 @@ from mlflow.entities import RunTag
 from mlflow.exceptions import MlflowException
 
 from ._ship_state import RunState
+from .journal import read_lines
 from .run_views import TABLE_COLUMNS, RunSummary, decision_row
 
 __all__ = ["DECISIONS_JSONL", "DECISIONS_TABLE", "EXPERIMENT_KIND", "NOTE", "NOTE_MARK",
-           "TRAINING_KIND", "RunViews"]
+           "TRAINING_KIND", "RunViews", "mark_training"]
 
 log = logging.getLogger("lrctl.sinks.mlflow")
 
@@ -68,6 +69,18 @@ class RunViews:
         self.run_id = run_id
         self.snapshot_interval = snapshot_interval
         self.summary = RunSummary.from_json(state.cursor.get("summary"))
+        if "summary" not in state.cursor:  # a cursor from an older lrctl: count what it sent
+            acked = state.streams["decisions"].acked_offset
+            for line in read_lines(state.paths.stream("decisions")):
+                if line.end > acked:
+                    break
+                self.summary.add_decision(line.seq, line.record)
+            for line in read_lines(state.paths.stream("events")):
+                if line.end > state.streams["events"].acked_offset:
+                    break
+                if line.record.get("event") == "policy":
+                    self.fold_policy(line.record)
+            state.cursor["summary"] = self.summary.to_json()
 
     # -- folded in by ship_once, saved with the cursor --------------------------------
     def fold_decision(self, seq: int, record: Mapping[str, Any]) -> None:

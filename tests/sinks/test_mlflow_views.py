@@ -29,7 +29,7 @@ from sinks_helpers import (
 
 import lrctl
 from lrctl.sinks import AuditSink
-from lrctl.sinks.journal import RunPaths, read_json
+from lrctl.sinks.journal import RunPaths, atomic_write_json, read_json
 from lrctl.sinks.mlflow_sink import MlflowShipper
 
 KIND = "mlflow.experimentKind"
@@ -246,6 +246,32 @@ def test_files_left_behind_by_a_stopped_controller_are_caught_up_by_the_next(
     assert second.flush(60)
     second.close()
     assert uploaded() == 105
+
+
+def test_a_run_shipped_by_an_older_lrctl_gets_its_description_and_files(
+        workdir: Path, tmp_path: Path) -> None:
+    """Its cursor knows nothing of descriptions or snapshots: the next controller
+    counts the decisions MLflow already has from the journal and catches up."""
+    state = tmp_path / "state"
+    client = MlflowClient(sqlite_uri(workdir))
+    first = AuditSink(state, FAST, env={})
+    first.open_run(run_info("o1", cwd=str(workdir)))
+    drive(first, "o1", range(300), [0.1, 0.01], every=30)
+    assert first.flush(60)
+    first.close()  # the run is not over
+    run_id = mlflow_run_id(state, "o1")
+    cursor = RunPaths.of(state, "o1").cursor
+    old = {k: v for k, v in read_json(cursor).items()
+           if k not in ("summary", "snapshot", "note", "kind_checked", "table_registered")}
+    atomic_write_json(cursor, old)
+    for key in (NOTE, "lrctl.note_sha256"):
+        client.delete_tag(run_id, key)
+
+    second = AuditSink(state, FAST, env={})
+    assert second.flush(60)
+    second.close()
+    assert " · 10 decisions: 10 reduce · " in note_of(client, run_id).splitlines()[0]
+    assert_exactly_once(client, run_id, state, "o1", tmp_path)
 
 
 POLICY = """\
