@@ -145,8 +145,9 @@ def _where_to_look(steered: DemoResult, out: TextIO) -> None:
         print(f"\nMLflow: both runs are in experiment 'lrctl' in {db}", file=out)
         print(f"  open the UI:  mlflow ui --backend-store-uri sqlite:///{db} --port 5000",
               file=out)
-        print("  then browse http://127.0.0.1:5000 → experiment lrctl → run demo-lrctl "
-              "(chart lrctl/lr/g0, artifact lrctl/decisions.jsonl)", file=out)
+        print("  then browse http://127.0.0.1:5000 → Model training → experiment lrctl → "
+              "run demo-lrctl (Overview: the decisions and why; chart lrctl/lr/g0; "
+              "artifact lrctl/decisions_table.json)", file=out)
     picture = _timeline(steered)
     if picture is not None:
         print(f"  timeline picture: {picture}", file=out)

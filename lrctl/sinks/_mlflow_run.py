@@ -1,5 +1,10 @@
 """One run's batches: journal lines in, MLflow entities out, cursor advanced on success.
 
+Per decision: the ``lrctl/decision`` metric (new/old LR, every action on one chart,
+kept for compatibility) and ``lrctl/event/<action>`` (the same value on a chart of
+its own per action, so a back-off or a plateau cut shows as points where it acted).
+The description, the decisions table and file are :mod:`._mlflow_views`'.
+
 Used by the MLflow worker thread only (mlflow is already importable there).
 Every call may raise; the caller backs off and calls again, and because the
 cursor moves only after a batch is fully acknowledged, the retry re-sends the
@@ -17,15 +22,16 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 
 from ..policy._base import float_from_json
+from ._mlflow_views import EXPERIMENT_KIND, TRAINING_KIND, RunViews, mark_training
+from ._ship_state import RunState
 from .journal import JournalLine
 from .mlflow_sink import (
     MAX_METRICS_PER_BATCH,
     MAX_PARAMS_TAGS_PER_BATCH,
     MAX_TAG_CHARS,
-    _RunState,
     decision_ratio,
 )
-from .sampling import DECISION
+from .sampling import DECISION, event_key
 
 __all__ = ["RunShipper"]
 
@@ -38,29 +44,45 @@ _BAD_PARAM_CHARS = re.compile(r"[^A-Za-z0-9_\-. /:]")
 class RunShipper:
     """Sends one run's pending journal lines to MLflow, one batch per call."""
 
-    def __init__(self, client: Any, state: _RunState, *, timeline: bool) -> None:
+    def __init__(self, client: Any, state: RunState, *, timeline: bool,
+                 snapshot_interval: float = 60.0) -> None:
         self.client = client
         self.st = state
         self.timeline = timeline
+        self.snapshot_interval = snapshot_interval
+        self._views: RunViews | None = None
 
     @property
     def run_id(self) -> str:
         return str(self.st.cursor["run_id"])
+
+    @property
+    def views(self) -> RunViews:
+        if self._views is None:
+            self._views = RunViews(self.client, self.st, self.run_id, self.snapshot_interval)
+        return self._views
 
     def ensure_run(self) -> None:
         """Find or create the MLflow run once, and remember it in the cursor.
 
         A run lrctl creates is tagged with its run key and looked up by that tag
         first, so a crash between ``create_run`` and saving the cursor cannot
-        leave two MLflow runs for one training run.
+        leave two MLflow runs for one training run. Its experiment is tagged as
+        model training once (see :func:`mark_training`).
         """
         if self.st.cursor.get("run_id"):
+            if not self.st.cursor.get("kind_checked"):  # a cursor from an older lrctl
+                if not self.st.cursor.get("experiment_id"):
+                    run = self.client.get_run(self.run_id)
+                    self.st.cursor["experiment_id"] = str(run.info.experiment_id)
+                self._mark_training()
             return
         target = self.st.meta.get("mlflow") or {}
         key = self.st.paths.run_key
         if target.get("run_id"):
-            self.client.get_run(target["run_id"])  # fails clearly if it does not exist
-            self.st.cursor.update(run_id=target["run_id"], created=False)
+            run = self.client.get_run(target["run_id"])  # fails clearly if it does not exist
+            self.st.cursor.update(run_id=target["run_id"], created=False,
+                                  experiment_id=str(run.info.experiment_id))
         else:
             exp_id = self._experiment_id(target.get("experiment", "lrctl"),
                                          target.get("artifact_root"))
@@ -74,13 +96,21 @@ class RunShipper:
                 run_id = run.info.run_id
             self.st.cursor.update(run_id=run_id, created=True, experiment_id=exp_id)
         self.st.save()
+        self._mark_training()
+
+    def _mark_training(self) -> None:
+        mark_training(self.client, str(self.st.cursor["experiment_id"]))
+        self.st.cursor["kind_checked"] = True
+        self.st.save()
 
     def _experiment_id(self, name: str, artifact_root: str | None) -> str:
         exp = self.client.get_experiment_by_name(name)
         if exp is not None:
             return str(exp.experiment_id)
         try:
-            return str(self.client.create_experiment(name, artifact_location=artifact_root))
+            return str(self.client.create_experiment(
+                name, artifact_location=artifact_root,
+                tags={EXPERIMENT_KIND: TRAINING_KIND}))
         except MlflowException:
             exp = self.client.get_experiment_by_name(name)  # another worker won the race
             if exp is None:
@@ -96,12 +126,14 @@ class RunShipper:
         decisions: list[JournalLine] = []
         last_ts = int(st.cursor["decision_ts"])
         for line in st.streams["decisions"].pending:
-            if len(metrics) >= budget:
+            if len(metrics) + 2 > budget:
                 break
             rec = line.record
             # Unique per run, so two decisions in one millisecond stay two points.
             last_ts = max(int(float(rec.get("wall_time", 0.0)) * 1000), last_ts + 1)
-            metrics.append(Metric(DECISION, decision_ratio(rec), last_ts, int(rec["step"])))
+            ratio, step = decision_ratio(rec), int(rec["step"])
+            metrics.append(Metric(DECISION, ratio, last_ts, step))
+            metrics.append(Metric(event_key(str(rec.get("action", ""))), ratio, last_ts, step))
             decisions.append(line)
         points: list[JournalLine] = []
         for line in st.streams["metrics"].pending:
@@ -126,8 +158,14 @@ class RunShipper:
             self.client.log_batch(self.run_id, metrics=chunk)
         if tags:
             self.client.log_batch(self.run_id, tags=[RunTag(k, v) for k, v in tags.items()])
-        if decisions:
-            self._upload_prefix("decisions", decisions[-1].end, "lrctl/decisions.jsonl")
+        for line in decisions:
+            self.views.fold_decision(line.seq, line.record)
+        # Acknowledged in memory now (MLflow has them), so that a run end in this batch
+        # uploads the decisions files with them; saved with the events' progress below.
+        st.ack("decisions", decisions)
+        st.ack("metrics", points)
+        st.cursor["decision_ts"] = last_ts
+        st.cursor["tagged"] = True
         for line in events:
             if line.record.get("event") == "end":
                 self._finish()
@@ -135,12 +173,7 @@ class RunShipper:
                 self._policy(line.record)
         if events:
             self._upload_prefix("events", events[-1].end, "lrctl/policy_events.jsonl")
-
-        st.ack("decisions", decisions)
-        st.ack("metrics", points)
         st.ack("events", events)
-        st.cursor["decision_ts"] = last_ts
-        st.cursor["tagged"] = True
         st.save()
         return True
 
@@ -163,6 +196,7 @@ class RunShipper:
     def _policy(self, rec: dict[str, Any]) -> None:
         sha = str(rec.get("policy_sha256", ""))
         version = int(rec.get("policy_version", 1))
+        self.views.fold_policy(rec)
         try:
             text = self.st.paths.policy_file(str(rec.get("policy_file", sha))).read_text(
                 encoding="utf-8")
@@ -175,7 +209,10 @@ class RunShipper:
                 "lrctl.policy_version": str(version)}
         self.client.log_batch(self.run_id,
                               tags=[RunTag(k, v[:MAX_TAG_CHARS]) for k, v in tags.items()])
-        self._params(rec.get("params") or {})
+        # As params too, so that runs compare by policy (a param keeps its first value:
+        # the policy the run started with; the tags follow reloads).
+        self._params({"policy_sha256": sha, "policy": str(rec.get("policy_source", "")),
+                      **(rec.get("params") or {})})
 
     def _params(self, params: dict[str, Any]) -> None:
         """Knobs as params. MLflow params cannot change, so a reload that changes a knob
@@ -195,7 +232,13 @@ class RunShipper:
                 log.warning("lrctl: run %s: params not logged: %s", self.st.paths.run_key, exc)
         logged.update(new)
 
+    def refresh_views(self, *, catch_up: bool = False) -> None:
+        """After a shipping round: the decisions files if due (if behind at all when
+        ``catch_up``), the description if it changed."""
+        self.views.refresh(complete=catch_up)
+
     def _finish(self) -> None:
+        self.views.refresh(complete=True)
         if self.timeline:
             png = self.st.paths.root / "timeline.png"
             try:

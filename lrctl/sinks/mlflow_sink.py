@@ -24,22 +24,14 @@ import os
 import queue
 import threading
 import time
-from collections import deque
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ..policy._base import float_from_json
-from .journal import (
-    STREAMS,
-    JournalLine,
-    RunPaths,
-    atomic_write_json,
-    list_run_keys,
-    read_json,
-    read_lines,
-)
+from ._ship_state import RunState, files_behind
+from .journal import STREAMS, JournalLine, RunPaths, list_run_keys, read_json
 
 __all__ = ["MlflowShipper", "decision_ratio"]
 
@@ -83,7 +75,8 @@ class MlflowShipper:
 
     def __init__(self, state_dir: str | os.PathLike[str], *, flush_interval: float = 1.0,
                  queue_size: int = 10_000, max_pending: int = 20_000, timeline: bool = True,
-                 backoff_max: float = 30.0, client_factory: ClientFactory | None = None) -> None:
+                 backoff_max: float = 30.0, client_factory: ClientFactory | None = None,
+                 snapshot_interval: float = 60.0) -> None:
         if not 0 < flush_interval <= 2.0:
             raise ValueError(f"flush_interval must be in (0, 2] seconds, but got {flush_interval=}")
         if queue_size < 1 or max_pending < 1:
@@ -91,7 +84,7 @@ class MlflowShipper:
                              f"{queue_size=}, {max_pending=}")
         self.state_dir = Path(state_dir)
         self._options = _Options(flush_interval, queue_size, max_pending, timeline, backoff_max,
-                                 client_factory or _default_client)
+                                 client_factory or _default_client, snapshot_interval)
         self._workers: dict[str, _Worker] = {}
         self._route: dict[str, _Worker] = {}
         # One HTTP call must not retry for minutes inside the worker: lrctl retries
@@ -116,7 +109,8 @@ class MlflowShipper:
         worker.submit(run_key, stream, line)
 
     def recover(self) -> list[str]:
-        """Attend every run under the state dir whose journal is ahead of MLflow."""
+        """Attend every run under the state dir whose journal is ahead of MLflow
+        (or whose decisions files in MLflow lag what it acknowledged)."""
         behind = []
         for key in list_run_keys(self.state_dir):
             paths = RunPaths.of(self.state_dir, key)
@@ -128,7 +122,7 @@ class MlflowShipper:
             acked = cursor.get("streams", {})
             for name in STREAMS:
                 size = paths.stream(name).stat().st_size if paths.stream(name).exists() else 0
-                if size > acked.get(name, {}).get("offset", 0):
+                if size > acked.get(name, {}).get("offset", 0) or files_behind(cursor):
                     behind.append(key)
                     self.attend(key, uri)
                     break
@@ -165,76 +159,7 @@ class _Options:
     timeline: bool
     backoff_max: float
     client_factory: ClientFactory
-
-
-@dataclass
-class _Stream:
-    acked_seq: int = 0
-    acked_offset: int = 0
-    loaded_seq: int = 0
-    loaded_offset: int = 0
-    behind: bool = True  # the journal may hold lines not in `pending`
-    pending: deque[JournalLine] = field(default_factory=deque)
-
-
-class _RunState:
-    """The worker's view of one run: its cursor and the lines not yet acknowledged."""
-
-    def __init__(self, paths: RunPaths) -> None:
-        self.paths = paths
-        self.meta: dict[str, Any] = read_json(paths.meta, {})
-        self.cursor: dict[str, Any] = read_json(paths.cursor, {}) or {}
-        self.cursor.setdefault("streams", {})
-        self.cursor.setdefault("params", {})
-        self.cursor.setdefault("decision_ts", 0)
-        self.streams: dict[str, _Stream] = {}
-        for name in STREAMS:
-            c = self.cursor["streams"].get(name, {"seq": 0, "offset": 0})
-            self.streams[name] = _Stream(c["seq"], c["offset"], c["seq"], c["offset"])
-        self.failed = bool(self.cursor.get("failed"))  # refused by MLflow: journal only
-        self.first_pending_at: float | None = None
-        self.failures = 0
-        self.retry_at = 0.0
-
-    def offer(self, stream: str, line: JournalLine, max_pending: int, now: float) -> None:
-        s = self.streams[stream]
-        if self.failed or line.seq <= s.loaded_seq:
-            return  # given up on, or already read back from the journal
-        if not s.behind and line.seq == s.loaded_seq + 1 and len(s.pending) < max_pending:
-            s.pending.append(line)
-            s.loaded_seq, s.loaded_offset = line.seq, line.end
-            if self.first_pending_at is None:
-                self.first_pending_at = now
-        else:
-            s.behind = True  # spill: the journal has it, read it back when there is room
-
-    def top_up(self, max_pending: int) -> None:
-        for name, s in self.streams.items():
-            room = max_pending - len(s.pending)
-            if not s.behind or room <= 0:
-                continue
-            got = 0
-            for line in read_lines(self.paths.stream(name), s.loaded_offset, limit=room):
-                s.pending.append(line)
-                s.loaded_seq, s.loaded_offset = line.seq, line.end
-                got += 1
-            s.behind = got >= room
-            if got and self.first_pending_at is None:
-                self.first_pending_at = time.monotonic()
-
-    def has_work(self) -> bool:
-        return not self.failed and any(s.pending or s.behind for s in self.streams.values())
-
-    def ack(self, stream: str, lines: Iterable[JournalLine]) -> None:
-        s = self.streams[stream]
-        for line in lines:
-            popped = s.pending.popleft()
-            assert popped is line
-            s.acked_seq, s.acked_offset = line.seq, line.end
-        self.cursor["streams"][stream] = {"seq": s.acked_seq, "offset": s.acked_offset}
-
-    def save(self) -> None:
-        atomic_write_json(self.paths.cursor, self.cursor)
+    snapshot_interval: float  # seconds; see _mlflow_views (decisions files)
 
 
 class _Worker(threading.Thread):
@@ -254,7 +179,7 @@ class _Worker(threading.Thread):
         self._settled_cond = threading.Condition()
         self._force = threading.Event()
         self._stopping = threading.Event()
-        self._runs: dict[str, _RunState] = {}
+        self._runs: dict[str, RunState] = {}
         self._client: Any = None
         self._outage_logged = False
 
@@ -339,13 +264,13 @@ class _Worker(threading.Thread):
             if due and now >= st.retry_at:
                 self._ship(st)
 
-    def _state(self, run_key: str) -> _RunState:
+    def _state(self, run_key: str) -> RunState:
         st = self._runs.get(run_key)
         if st is None:
-            st = self._runs[run_key] = _RunState(RunPaths.of(self.state_dir, run_key))
+            st = self._runs[run_key] = RunState(RunPaths.of(self.state_dir, run_key))
         return st
 
-    def _ship(self, st: _RunState) -> None:
+    def _ship(self, st: RunState) -> None:
         from mlflow.exceptions import MlflowException
 
         try:
@@ -353,12 +278,16 @@ class _Worker(threading.Thread):
                 self._client = self.opt.client_factory(self.tracking_uri)
             from ._mlflow_run import RunShipper
 
-            shipper = RunShipper(self._client, st, timeline=self.opt.timeline)
+            shipper = RunShipper(self._client, st, timeline=self.opt.timeline,
+                                 snapshot_interval=self.opt.snapshot_interval)
             shipper.ensure_run()
             while True:
                 st.top_up(self.opt.max_pending)
                 if not shipper.ship_once() or self._stopping.is_set():
                     break
+            if not st.cursor.get("finished"):
+                shipper.refresh_views(catch_up=not st.files_checked)
+                st.files_checked = True
         except MlflowException as exc:
             if exc.error_code in PERMANENT_ERRORS:
                 self._give_up(st, exc)
@@ -375,7 +304,7 @@ class _Worker(threading.Thread):
             if not st.has_work():
                 st.first_pending_at = None
 
-    def _back_off(self, st: _RunState, exc: BaseException) -> None:
+    def _back_off(self, st: RunState, exc: BaseException) -> None:
         st.failures += 1
         delay = min(self.opt.backoff_max, _BACKOFF_MIN_S * 2 ** (st.failures - 1))
         st.retry_at = time.monotonic() + delay
@@ -384,7 +313,7 @@ class _Worker(threading.Thread):
                         "are replayed when it answers", self.tracking_uri, exc)
             self._outage_logged = True
 
-    def _give_up(self, st: _RunState, exc: BaseException) -> None:
+    def _give_up(self, st: RunState, exc: BaseException) -> None:
         log.error("lrctl: MLflow refused run %s (%s); its audit trail stays in the journal "
                   "(%s) and is no longer shipped", st.paths.run_key, exc, st.paths.root)
         st.cursor["failed"] = str(exc)[:2000]

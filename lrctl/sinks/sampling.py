@@ -11,13 +11,17 @@ chart's tooltips and the latest value current.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 
-__all__ = ["DECISION", "GRAD_NORM", "LOSS", "Downsampler", "MetricSampler", "Point", "lr_key"]
+__all__ = ["DECISION", "EVENT_PREFIX", "GRAD_NORM", "LOSS", "Downsampler", "MetricSampler",
+           "Point", "event_key", "lr_key"]
 
 LOSS = "lrctl/loss"
 GRAD_NORM = "lrctl/grad_norm"
 DECISION = "lrctl/decision"
+EVENT_PREFIX = "lrctl/event/"
+_NOT_IN_KEY = re.compile(r"[^A-Za-z0-9_.-]")
 #: (key, value, step)
 Point = tuple[str, float, int]
 _MAX_PENDING_DECISION_STEPS = 64
@@ -25,6 +29,11 @@ _MAX_PENDING_DECISION_STEPS = 64
 
 def lr_key(group: int) -> str:
     return f"lrctl/lr/g{group}"
+
+
+def event_key(action: str) -> str:
+    """``lrctl/event/<action>``: one chart per kind of decision (backoff, reduce, ...)."""
+    return EVENT_PREFIX + (_NOT_IN_KEY.sub("_", action)[:200] or "unknown")
 
 
 class MetricSampler:

@@ -6,11 +6,13 @@ import dataclasses
 import gc
 import hashlib
 import json
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from mlflow.tracking import MlflowClient
 from mlflow_server import MLFLOW_BIN, MlflowServer, free_port  # noqa: F401 (re-exported)
 
 from lrctl.sinks import AuditSettings, AuditSink, RunInfo
@@ -19,6 +21,47 @@ from lrctl.sinks.journal import RunPaths, read_json, read_lines
 POLICY = Path(__file__).resolve().parents[2] / "lrctl" / "data" / "policies" / "default.yaml"
 FAST = AuditSettings(log_every=10, flush_interval=0.2, backoff_max=0.5, timeline=False)
 FAST_WITH_TIMELINE = dataclasses.replace(FAST, timeline=True)
+
+
+class GatedClient:
+    """A real client whose calls wait while ``gate`` is closed, or fail while ``down``.
+
+    ``calls`` records each call as ``(method name, args, kwargs)``: what lrctl sent."""
+
+    def __init__(self, uri: str) -> None:
+        self.real = MlflowClient(uri)
+        self.gate = threading.Event()
+        self.gate.set()
+        self.down = False
+        self.waiting = threading.Event()
+        self.calls: list[tuple[str, tuple[Any, ...], dict[str, Any]]] = []
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self.real, name)
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            self.waiting.set()
+            self.gate.wait()
+            if self.down:
+                raise OSError("connection refused (test)")
+            self.calls.append((name, args, kwargs))
+            return attr(*args, **kwargs)
+        return call
+
+    def uploads(self, artifact_file: str) -> list[int]:
+        """Sizes, in characters, of each upload of ``artifact_file`` (``log_text``)."""
+        return [len(args[1]) for name, args, _ in self.calls
+                if name == "log_text" and args[2] == artifact_file]
+
+    def tag_writes(self, key: str) -> list[str]:
+        """Each value lrctl sent for the run tag ``key`` (``log_batch`` or ``set_tag``)."""
+        out = []
+        for name, args, kwargs in self.calls:
+            if name == "log_batch":
+                out += [t.value for t in kwargs.get("tags") or () if t.key == key]
+            elif name == "set_tag" and args[1] == key:
+                out.append(args[2])
+        return out
 
 
 def run_info(key: str, **kw: Any) -> RunInfo:
@@ -63,7 +106,8 @@ def journal_decisions(state_dir: Path, key: str) -> list[dict[str, Any]]:
 def assert_exactly_once(client: Any, run_id: str, state_dir: Path, key: str,
                         tmp: Path) -> list[dict[str, Any]]:
     """Every journaled decision is in the MLflow run exactly once: in the decisions
-    artifact, as a ``lrctl/decision`` metric point, and in the count tag."""
+    file and table, as a ``lrctl/decision`` and a ``lrctl/event/<action>`` metric
+    point, and in the count tag."""
     journal = journal_decisions(state_dir, key)
     assert journal, "the test should have made decisions"
     uploaded = [json.loads(line) for line in
@@ -73,7 +117,19 @@ def assert_exactly_once(client: Any, run_id: str, state_dir: Path, key: str,
     history = client.get_metric_history(run_id, "lrctl/decision")
     assert sorted((m.step, m.value) for m in history) == sorted(
         (r["step"], r["new_lrs"][0] / r["old_lrs"][0]) for r in journal)
-    assert client.get_run(run_id).data.tags["lrctl.decisions"] == str(len(journal))
+    for action in {r["action"] for r in journal}:  # one chart per kind of decision
+        events = client.get_metric_history(run_id, f"lrctl/event/{action}")
+        assert sorted((m.step, m.value) for m in events) == sorted(
+            (r["step"], r["new_lrs"][0] / r["old_lrs"][0]) for r in journal
+            if r["action"] == action)
+    table = json.loads(download(client, run_id, "lrctl/decisions_table.json", tmp))
+    assert table["columns"] == ["step", "policy", "action", "old_lr", "new_lr", "reason"]
+    assert table["data"] == [[r["step"], r["policy"], r["action"], r["old_lrs"][0],
+                              r["new_lrs"][0], r["reason"]] for r in journal]
+    tags = client.get_run(run_id).data.tags
+    assert tags["lrctl.decisions"] == str(len(journal))
+    assert {"path": "lrctl/decisions_table.json", "type": "table"} in json.loads(
+        tags["mlflow.loggedArtifacts"])
     return journal
 
 

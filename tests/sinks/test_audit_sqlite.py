@@ -7,7 +7,6 @@ import shutil
 import threading
 import time
 from pathlib import Path
-from typing import Any
 
 import mlflow
 import pytest
@@ -15,6 +14,7 @@ from mlflow.tracking import MlflowClient
 from sinks_helpers import (
     FAST,
     FAST_WITH_TIMELINE,
+    GatedClient,
     assert_exactly_once,
     decision,
     download,
@@ -57,7 +57,15 @@ def test_default_store_gets_a_run_named_after_the_session_with_the_full_audit_tr
     assert tags["lrctl.policy_sha256"] == run_info("r1").policy_sha256
     assert tags["lrctl.policy"] == "policies/default.yaml"
     assert tags["lrctl.last_decision"].startswith(f"step {journal[-1]['step']}: plateau reduce")
-    assert params == {"lrctl.plateau.factor": "0.5", "lrctl.warmup.steps": "100"}
+    assert params == {"lrctl.plateau.factor": "0.5", "lrctl.warmup.steps": "100",
+                      "lrctl.policy_sha256": run_info("r1").policy_sha256,
+                      "lrctl.policy": "policies/default.yaml"}
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
+    note = tags["mlflow.note.content"]  # the run's description, on its Overview
+    assert note.startswith("**lrctl** · policy `default.yaml`, sha256 "
+                           f"`{run_info('r1').policy_sha256[:12]}` · "
+                           f"{len(journal)} decisions: {len(journal)} reduce")
+    assert f"| {journal[-1]['step']} | plateau | reduce |" in note
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "lrctl")}
     assert {"lrctl/decisions.jsonl", "lrctl/policy.yaml", "lrctl/timeline.png"} <= artifacts
     policy = download(client, run.info.run_id, "lrctl/policy.yaml", tmp_path)
@@ -136,28 +144,6 @@ def test_the_lr_curve_in_mlflow_equals_the_lrs_the_optimizer_used(
         assert [at(s) for s in used] == [lrs[g] for lrs in used.values()]
     # ... with far fewer points than steps once the LR holds still.
     assert len(client.get_metric_history(run_id, "lrctl/lr/g0")) < 120
-
-
-class GatedClient:
-    """A real client whose calls wait while ``gate`` is closed, or fail while ``down``."""
-
-    def __init__(self, uri: str) -> None:
-        self.real = MlflowClient(uri)
-        self.gate = threading.Event()
-        self.gate.set()
-        self.down = False
-        self.waiting = threading.Event()
-
-    def __getattr__(self, name: str) -> Any:
-        attr = getattr(self.real, name)
-
-        def call(*args: Any, **kwargs: Any) -> Any:
-            self.waiting.set()
-            self.gate.wait()
-            if self.down:
-                raise OSError("connection refused (test)")
-            return attr(*args, **kwargs)
-        return call
 
 
 def test_the_hot_path_never_waits_and_a_full_queue_spills_to_the_journal(

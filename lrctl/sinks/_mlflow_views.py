@@ -1,0 +1,176 @@
+"""What the MLflow UI shows of a run besides its metrics: the description, the
+decisions table, the full decisions file, and the experiment's kind.
+
+Used by the MLflow worker thread only (mlflow is importable there).
+
+*Description.* The run's ``mlflow.note.content`` (Markdown on the run's Overview)
+is rewritten from the run's :class:`~lrctl.sinks.run_views.RunSummary` once per
+shipping round, when it changed. lrctl marks what it wrote with the tag
+``lrctl.note_sha256``; a description that is there without that mark, or that no
+longer matches it (someone edited it in the UI), belongs to a person and is never
+overwritten again.
+
+*Files.* ``lrctl/decisions.jsonl`` (the complete records) and
+``lrctl/decisions_table.json`` (a table in ``MlflowClient.log_table``'s format,
+registered in the ``mlflow.loggedArtifacts`` tag) are whole files: an MLflow
+artifact cannot be appended to. They are uploaded together, from the acknowledged
+part of the journal, when it has grown by an eighth since their last upload, at
+least every ``snapshot_interval`` seconds while they are behind, and whenever they
+are behind at run end and at a worker's first round for the run (a controller that
+stopped mid-run may have left them behind; the next one catches up). What a run
+uploads thus stays within ~9× the files' final size, however many flushes it takes
+(re-uploading on each flush grew as decisions × flushes), while the latest
+decisions reach the UI with every flush through the description, the
+``lrctl.last_decision`` tag and the metrics.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from collections.abc import Mapping
+from typing import Any
+
+from mlflow.entities import RunTag
+from mlflow.exceptions import MlflowException
+
+from ._ship_state import RunState
+from .journal import read_lines
+from .run_views import TABLE_COLUMNS, RunSummary, decision_row
+
+__all__ = ["DECISIONS_JSONL", "DECISIONS_TABLE", "EXPERIMENT_KIND", "NOTE", "NOTE_MARK",
+           "TRAINING_KIND", "RunViews", "mark_training"]
+
+log = logging.getLogger("lrctl.sinks.mlflow")
+
+DECISIONS_JSONL = "lrctl/decisions.jsonl"
+DECISIONS_TABLE = "lrctl/decisions_table.json"
+NOTE = "mlflow.note.content"  # MLflow's run description
+NOTE_MARK = "lrctl.note_sha256"  # sha256 of the description lrctl wrote last
+LOGGED_ARTIFACTS = "mlflow.loggedArtifacts"  # MLflow's register of table artifacts
+EXPERIMENT_KIND = "mlflow.experimentKind"
+TRAINING_KIND = "custom_model_development"  # "Machine learning" / model training
+_GROWTH = 8  # re-upload the files once the journal grew by 1/_GROWTH since the last time
+
+
+def note_sha(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+class RunViews:
+    """The description, table and decisions file of one run (cursor-backed)."""
+
+    def __init__(self, client: Any, state: RunState, run_id: str,
+                 snapshot_interval: float) -> None:
+        self.client = client
+        self.st = state
+        self.run_id = run_id
+        self.snapshot_interval = snapshot_interval
+        self.summary = RunSummary.from_json(state.cursor.get("summary"))
+        if "summary" not in state.cursor:  # a cursor from an older lrctl: count what it sent
+            acked = state.streams["decisions"].acked_offset
+            for line in read_lines(state.paths.stream("decisions")):
+                if line.end > acked:
+                    break
+                self.summary.add_decision(line.seq, line.record)
+            for line in read_lines(state.paths.stream("events")):
+                if line.end > state.streams["events"].acked_offset:
+                    break
+                if line.record.get("event") == "policy":
+                    self.fold_policy(line.record)
+            state.cursor["summary"] = self.summary.to_json()
+
+    # -- folded in by ship_once, saved with the cursor --------------------------------
+    def fold_decision(self, seq: int, record: Mapping[str, Any]) -> None:
+        if self.summary.add_decision(seq, record):
+            self.st.cursor["summary"] = self.summary.to_json()
+
+    def fold_policy(self, record: Mapping[str, Any]) -> None:
+        self.summary.set_policy(str(record.get("policy_source", "")),
+                                str(record.get("policy_sha256", "")),
+                                int(record.get("policy_version", 1)))
+        self.st.cursor["summary"] = self.summary.to_json()
+
+    # -- once per shipping round ------------------------------------------------------
+    def refresh(self, *, complete: bool = False) -> None:
+        """Upload the files if due (if behind at all when ``complete``: the run's end, a
+        worker's first round for the run) and the description if it changed."""
+        self._files(complete)
+        self._note()
+
+    def _files(self, complete: bool) -> None:
+        snap = self.st.cursor.setdefault("snapshot", {"offset": 0, "at": 0.0})
+        acked = self.st.streams["decisions"].acked_offset
+        done = int(snap.get("offset", 0))
+        if acked <= done:
+            return
+        due = (complete or acked - done >= done / _GROWTH
+               or time.time() - float(snap.get("at", 0.0)) >= self.snapshot_interval)
+        if not due:
+            return
+        with open(self.st.paths.stream("decisions"), "rb") as f:
+            data = f.read(acked)  # whole lines: ``acked`` is where a line ends
+        rows = [decision_row(json.loads(raw)) for raw in data.splitlines() if raw.strip()]
+        table = json.dumps({"columns": list(TABLE_COLUMNS), "data": rows},
+                           separators=(",", ":"), allow_nan=False)
+        self.client.log_text(self.run_id, table, DECISIONS_TABLE)
+        self.client.log_text(self.run_id, data.decode("utf-8"), DECISIONS_JSONL)
+        if not self.st.cursor.get("table_registered"):
+            self._register_table()
+            self.st.cursor["table_registered"] = True
+        snap.update(offset=acked, at=time.time())
+        self.st.save()
+
+    def _register_table(self) -> None:
+        """Add the table to ``mlflow.loggedArtifacts`` as ``log_table`` does (keeping
+        the entries already there), so the UI shows it as a table and
+        ``mlflow.load_table`` finds it."""
+        tags = self.client.get_run(self.run_id).data.tags
+        try:
+            entries = json.loads(tags.get(LOGGED_ARTIFACTS, "[]"))
+        except ValueError:
+            entries = []
+        entry = {"path": DECISIONS_TABLE, "type": "table"}
+        if not isinstance(entries, list):
+            entries = []
+        if entry not in entries:
+            self.client.set_tag(self.run_id, LOGGED_ARTIFACTS, json.dumps([*entries, entry]))
+
+    def _note(self) -> None:
+        state = self.st.cursor.setdefault("note", {})
+        if state.get("owner") == "user":
+            return
+        text = self.summary.markdown(self.st.cursor.get("experiment_id"))
+        sha = note_sha(text)
+        if state.get("sha256") == sha:
+            return
+        tags = self.client.get_run(self.run_id).data.tags
+        current = tags.get(NOTE)
+        if current and tags.get(NOTE_MARK) != note_sha(current):
+            log.info("lrctl: run %s has a description lrctl did not write; it is left alone "
+                     "(the decisions are in the run's artifacts and tags)",
+                     self.st.paths.run_key)
+            state["owner"] = "user"
+        else:
+            self.client.log_batch(self.run_id, tags=[RunTag(NOTE, text), RunTag(NOTE_MARK, sha)])
+            state.update(owner="lrctl", sha256=sha)
+        self.st.save()
+
+
+def mark_training(client: Any, experiment_id: str) -> None:
+    """Tag the experiment as model training unless it already has a kind of its own.
+
+    A refusal (say, no permission on someone else's experiment) costs the tag, not
+    the audit trail."""
+    try:
+        exp = client.get_experiment(experiment_id)
+        if EXPERIMENT_KIND not in (exp.tags or {}):
+            client.set_experiment_tag(experiment_id, EXPERIMENT_KIND, TRAINING_KIND)
+    except MlflowException as exc:
+        if exc.error_code not in ("PERMISSION_DENIED", "INVALID_PARAMETER_VALUE",
+                                  "INVALID_STATE"):
+            raise
+        log.warning("lrctl: experiment %s not tagged %s=%s: %s", experiment_id,
+                    EXPERIMENT_KIND, TRAINING_KIND, exc)

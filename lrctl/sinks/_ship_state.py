@@ -1,0 +1,102 @@
+"""The MLflow worker's view of one run: what the journal holds, what MLflow acknowledged.
+
+``_RunState`` is owned by one worker thread; it reads the journal and the cursor
+(``cursor.json``), never MLflow, so it needs no mlflow import.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from .journal import STREAMS, JournalLine, RunPaths, atomic_write_json, read_json, read_lines
+
+__all__ = ["RunState", "StreamState", "files_behind"]
+
+
+def files_behind(cursor: dict[str, Any]) -> bool:
+    """A run's decisions files in MLflow lag the decisions MLflow acknowledged."""
+    if cursor.get("failed") or cursor.get("finished"):
+        return False
+    acked = cursor.get("streams", {}).get("decisions", {}).get("offset", 0)
+    return bool(acked > (cursor.get("snapshot") or {}).get("offset", 0))
+
+
+@dataclass
+class StreamState:
+    acked_seq: int = 0
+    acked_offset: int = 0
+    loaded_seq: int = 0
+    loaded_offset: int = 0
+    behind: bool = True  # the journal may hold lines not in `pending`
+    pending: deque[JournalLine] = field(default_factory=deque)
+
+
+class RunState:
+    """The worker's view of one run: its cursor and the lines not yet acknowledged."""
+
+    def __init__(self, paths: RunPaths) -> None:
+        self.paths = paths
+        self.meta: dict[str, Any] = read_json(paths.meta, {})
+        self.cursor: dict[str, Any] = read_json(paths.cursor, {}) or {}
+        self.cursor.setdefault("streams", {})
+        self.cursor.setdefault("params", {})
+        self.cursor.setdefault("decision_ts", 0)
+        self.streams: dict[str, StreamState] = {}
+        for name in STREAMS:
+            c = self.cursor["streams"].get(name, {"seq": 0, "offset": 0})
+            self.streams[name] = StreamState(c["seq"], c["offset"], c["seq"], c["offset"])
+        self.failed = bool(self.cursor.get("failed"))  # refused by MLflow: journal only
+        self.first_pending_at: float | None = None
+        self.failures = 0
+        self.retry_at = 0.0
+        # The decisions files (see _mlflow_views) are brought up to date the first time
+        # a worker ships this run: a controller that stopped may have left them behind.
+        self.files_checked = False
+
+    def offer(self, stream: str, line: JournalLine, max_pending: int, now: float) -> None:
+        s = self.streams[stream]
+        if self.failed or line.seq <= s.loaded_seq:
+            return  # given up on, or already read back from the journal
+        if not s.behind and line.seq == s.loaded_seq + 1 and len(s.pending) < max_pending:
+            s.pending.append(line)
+            s.loaded_seq, s.loaded_offset = line.seq, line.end
+            if self.first_pending_at is None:
+                self.first_pending_at = now
+        else:
+            s.behind = True  # spill: the journal has it, read it back when there is room
+
+    def top_up(self, max_pending: int) -> None:
+        for name, s in self.streams.items():
+            room = max_pending - len(s.pending)
+            if not s.behind or room <= 0:
+                continue
+            got = 0
+            for line in read_lines(self.paths.stream(name), s.loaded_offset, limit=room):
+                s.pending.append(line)
+                s.loaded_seq, s.loaded_offset = line.seq, line.end
+                got += 1
+            s.behind = got >= room
+            if got and self.first_pending_at is None:
+                self.first_pending_at = time.monotonic()
+
+    def has_work(self) -> bool:
+        return not self.failed and any(s.pending or s.behind for s in self.streams.values())
+
+    def files_behind(self) -> bool:
+        """MLflow's decisions files lag what it acknowledged (uploaded on a schedule)."""
+        return files_behind(self.cursor)
+
+    def ack(self, stream: str, lines: Iterable[JournalLine]) -> None:
+        s = self.streams[stream]
+        for line in lines:
+            popped = s.pending.popleft()
+            assert popped is line
+            s.acked_seq, s.acked_offset = line.seq, line.end
+        self.cursor["streams"][stream] = {"seq": s.acked_seq, "offset": s.acked_offset}
+
+    def save(self) -> None:
+        atomic_write_json(self.paths.cursor, self.cursor)
