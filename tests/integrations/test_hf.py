@@ -176,3 +176,52 @@ def test_base_loop_keeps_the_trainers_schedule_and_scales_it(
     # The checkpoint holds the Trainer's own scheduler, as torch.load reads it back.
     saved = torch.load(tmp_path / "out-1" / "checkpoint-12" / "scheduler.pt", weights_only=True)
     assert saved["last_epoch"] == 12
+
+
+def test_restore_callback_states_rebuilds_the_callback_from_its_checkpoint(
+        controller: LiveController, tmp_path: Path) -> None:
+    """With restore_callback_states_from_checkpoint=True the Trainer replaces the callback
+    it was given by one built from the checkpoint's saved options (JSON: a path becomes
+    text, a token is never written); that one rejoins the checkpoint's lrctl run."""
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(POLICY)
+    first = LrctlCallback(policy=policy, timeout=10.0, run_name="hf-restore", token="secret")
+    make_trainer(tmp_path / "out", 8, [first], save_strategy="steps", save_steps=4).train()
+    assert first.controller is not None
+    text = (tmp_path / "out" / "checkpoint-4" / "trainer_state.json").read_text()
+    assert "secret" not in text
+
+    given = LrctlCallback(policy=PLATEAU, timeout=10.0)
+    second = make_trainer(tmp_path / "out", 8, [given],
+                          restore_callback_states_from_checkpoint=True)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "lrctl: the controller has no state for run")
+        second.train(resume_from_checkpoint=str(tmp_path / "out" / "checkpoint-4"))
+    rebuilt = [cb for cb in second.callback_handler.callbacks if isinstance(cb, LrctlCallback)]
+    assert len(rebuilt) == 1 and rebuilt[0] is not given
+    assert rebuilt[0].attach_options == {"policy": str(policy), "timeout": 10.0,
+                                         "run_name": "hf-restore"}
+    assert rebuilt[0].controller is not None
+    assert rebuilt[0].controller.run_key == first.controller.run_key
+    assert rebuilt[0].controller.steps_taken == 9  # steps 5..8 after the checkpoint's 4
+
+
+def test_gradient_accumulation_observes_the_whole_steps_loss(
+        controller: LiveController, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two micro-batches per update: lrctl sees the loss the Trainer logs for the update
+    (the sum of what training_step returned, already divided for accumulation)."""
+    observed: list[float] = []
+    real_step = lrctl.hook.Controller.step
+
+    def spy(self: Any, loss: Any = None, grad_norm: Any = None, **kwargs: Any) -> None:
+        observed.append(float(loss))
+        real_step(self, loss, grad_norm, **kwargs)
+
+    monkeypatch.setattr(lrctl.hook.Controller, "step", spy)
+    callback = LrctlCallback(policy=PLATEAU, timeout=10.0, run_name="hf-accum")
+    trainer = make_trainer(tmp_path / "out", 8, [callback], gradient_accumulation_steps=2,
+                           per_device_train_batch_size=4, lr_scheduler_type="constant",
+                           warmup_steps=0)
+    trainer.train()
+    logs = logged(trainer)
+    assert observed == pytest.approx([logs[s]["loss"] for s in range(1, 9)], rel=1e-6)
