@@ -57,7 +57,9 @@ from ._hf_trainer import StepTaps, TrainerSchedule, find_trainer, metric_driven
 __all__ = ["LrctlCallback"]
 
 _STATE_KEY = "lrctl_checkpoint"
-_NOT_SAVED = frozenset({"token"})  # never written into a checkpoint's trainer_state.json
+# Never written into a checkpoint's trainer_state.json: a secret, and the inputs of one
+# particular resume (a callback rebuilt from a checkpoint resumes from that checkpoint).
+_NOT_SAVED = frozenset({"token", "resume", "start_step"})
 
 
 class LrctlCallback(TrainerCallback, ExportableState):
@@ -160,7 +162,8 @@ class LrctlCallback(TrainerCallback, ExportableState):
     def state(self) -> dict[str, Any]:
         """What the Trainer writes into each checkpoint's ``trainer_state.json``.
 
-        ``args`` are the attach options that JSON can hold (never a ``token``):
+        ``args`` are the attach options that JSON can hold (never a ``token``, nor a
+        ``resume``/``start_step``):
         with ``restore_callback_states_from_checkpoint=True`` the Trainer builds a
         new callback from them. ``attributes`` hold the lrctl run, which
         ``on_train_begin`` reads back from the restored Trainer state either way.
