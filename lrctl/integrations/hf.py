@@ -92,38 +92,15 @@ class LrctlCallback(TrainerCallback, ExportableState):
         if self._live:
             self._finish(end_run=False)  # a train() that raised left us attached
         keep = self.attach_options.get("base", "controller") == "loop"
-        scaler = getattr(optimizer, "scaler", None)
-        scaled = scaler is not None and bool(getattr(scaler, "is_enabled", lambda: True)())
-        target = _inner(optimizer) if scaled else optimizer
-        taps = StepTaps(trainer)
+        scaler = _enabled_scaler(optimizer)
         saved = _saved_checkpoint(state)
-        options: dict[str, Any] = {"run_name": getattr(args, "run_name", None),
-                                   **self.attach_options,
-                                   "compute_grad_norm": not taps.grad_norm_tapped}
-        if scaled:
-            options.setdefault("scaler", scaler)
-        if getattr(state, "max_steps", 0) and state.max_steps > 0:
-            options.setdefault("total_steps", int(state.max_steps))  # for the anneal
-        # lrctl's step s is the update the Trainer logs as step s: global_step after it.
-        options.setdefault("start_step", int(getattr(state, "global_step", 0) or 0) + 1)
-        if saved is not None:
-            options.setdefault("resume", saved.get("hook"))
-        # The Trainer built its scheduler before this call, and a warmup scheduler has
-        # already set the LR to its first value (0 for a linear warmup): lrctl's run
-        # starts from the configured LR, which torch's schedulers keep as initial_lr.
-        groups = optimizer.param_groups
-        scheduled = [group["lr"] for group in groups]
-        for group in groups:
-            if "initial_lr" in group:
-                group["lr"] = group["initial_lr"]
+        taps = StepTaps(trainer)
         try:
-            self.controller = Controller(target, **options)
+            self.controller = self._attach(optimizer, scaler, self._options(
+                args, state, saved, scaler, compute_grad_norm=not taps.grad_norm_tapped), keep)
         except BaseException:
             taps.remove()
             raise
-        if keep:
-            for group, lr in zip(groups, scheduled, strict=True):
-                group["lr"] = lr  # this step's base: the Trainer's schedule, scaled by lrctl
         self._taps, self._trainer, self._live = taps, trainer, True
         self._take_over(trainer, keep)
         self._note_mlflow(saved)
@@ -176,6 +153,39 @@ class LrctlCallback(TrainerCallback, ExportableState):
                 "attributes": {_STATE_KEY: checkpoint}}
 
     # -- internals -------------------------------------------------------------------------
+    def _options(self, args: Any, state: Any, saved: dict[str, Any] | None, scaler: Any,
+                 compute_grad_norm: bool) -> dict[str, Any]:
+        options: dict[str, Any] = {"run_name": getattr(args, "run_name", None),
+                                   **self.attach_options, "compute_grad_norm": compute_grad_norm}
+        if scaler is not None:
+            options.setdefault("scaler", scaler)  # its overflows are not divergence
+        max_steps = int(getattr(state, "max_steps", 0) or 0)
+        if max_steps > 0:
+            options.setdefault("total_steps", max_steps)  # for the anneal
+        # lrctl's step s is the update the Trainer logs as step s: global_step after it.
+        options.setdefault("start_step", int(getattr(state, "global_step", 0) or 0) + 1)
+        if saved is not None:
+            options.setdefault("resume", saved["hook"])
+        return options
+
+    @staticmethod
+    def _attach(optimizer: Any, scaler: Any, options: dict[str, Any], keep: bool) -> Controller:
+        """Attach to the optimizer the Trainer steps (the one inside it under a GradScaler,
+        which must run its own skip-and-update on every step)."""
+        # The Trainer built its scheduler before this call, and a warmup scheduler has
+        # already set the LR to its first value (0 for a linear warmup): lrctl's run
+        # starts from the configured LR, which torch's schedulers keep as initial_lr.
+        groups = optimizer.param_groups
+        scheduled = [group["lr"] for group in groups]
+        for group in groups:
+            if "initial_lr" in group:
+                group["lr"] = group["initial_lr"]
+        controller = Controller(optimizer if scaler is None else _inner(optimizer), **options)
+        if keep:
+            for group, lr in zip(groups, scheduled, strict=True):
+                group["lr"] = lr  # this step's base: the Trainer's schedule, scaled by lrctl
+        return controller
+
     def _take_over(self, trainer: Any, keep: bool) -> None:
         scheduler = getattr(trainer, "lr_scheduler", None)
         controller = self.controller
@@ -241,6 +251,14 @@ class LrctlCallback(TrainerCallback, ExportableState):
         if key not in self._warned:
             self._warned.add(key)
             warnings.warn(message, RuntimeWarning, stacklevel=2)
+
+
+def _enabled_scaler(optimizer: Any) -> Any:
+    """The ``GradScaler`` accelerate's optimizer wrapper steps through (fp16), or None."""
+    scaler = getattr(optimizer, "scaler", None)
+    if scaler is None or not getattr(scaler, "is_enabled", lambda: True)():
+        return None
+    return scaler
 
 
 def _inner(optimizer: Any) -> Any:
