@@ -7,15 +7,31 @@
   on a resume Lightning loads the optimizer's checkpointed state after
   ``on_fit_start``, and ``Optimizer.load_state_dict`` replaces the param-group
   dicts the hook would otherwise keep writing LRs into.
-* Takes the grad norm in ``on_before_optimizer_step``, before Lightning clips
-  the gradients (a device tensor: no synchronisation), and the loss from the
-  training step's output, once per optimizer step (gradient accumulation aware).
+* Observes every optimizer step: the grad norm taken in
+  ``on_before_optimizer_step``, before Lightning clips the gradients (a device
+  tensor: no synchronisation), and the step's loss, the mean of its
+  micro-batches' losses under gradient accumulation (the sum of the losses
+  Lightning divides by ``accumulate_grad_batches``). Logging settings play no
+  part.
+* **Step numbers are Lightning's**: lrctl's step *t* is the batch Lightning
+  runs at ``global_step`` *t* and logs ``self.log(...)`` values from at step
+  *t*; the first is 0.
+* **A NaN/inf step never reaches the weights.** Lightning calls
+  ``optimizer.step(closure)`` and computes the loss *inside* it, so the hook's
+  guard, which decides when ``step`` is called, cannot: the callback skips the
+  update itself in ``on_before_optimizer_step`` when the grad norm is not
+  finite (the gradients are dropped, as if the batch had not happened; on a
+  device they are zeroed without a host sync). Under 16-bit AMP the
+  ``GradScaler`` skips such steps itself and must see them, so the callback
+  leaves them to it.
 * Reports the validation metrics Lightning collected (``val_loss``…) after
   each validation run.
 * A ``stop`` decision sets ``trainer.should_stop``.
-* Its state (the controller session, the step count and the initial LRs) goes
-  into Lightning checkpoints; ``trainer.fit(ckpt_path=...)`` rejoins the same
-  controller session and continues its step count and policy state.
+* Its state (``ctl.state_dict()``: the run key, the step count, the initial
+  LRs and, where the controller supports it, the policies' state) goes into
+  Lightning checkpoints; ``trainer.fit(ckpt_path=...)`` rejoins the same
+  controller run and continues its step count and policy state. Checkpoints
+  written by lrctl 0.2's callback load too.
 * A fit that ends normally ends the controller session (the run is finished;
   its MLflow run is closed). A fit that ends in an exception (a crash, a
   preemption, Ctrl-C) only disconnects: the controller keeps the session, on
@@ -25,14 +41,20 @@
 from __future__ import annotations
 
 import math
+import sys
+import warnings
 from typing import Any
 
 import lightning.pytorch as pl
 
 from .._torchutil import total_grad_norm
-from ..hook import Controller
+from ..hook import STATE_FORMAT, Controller
 
 __all__ = ["LrctlCallback"]
+
+# The hook's warning for a ctl.step() that comes after optimizer.step() says a NaN step has
+# reached the weights; here the callback skips such steps itself (see the module notes).
+_AFTER_STEP_WARNING = r"lrctl: ctl\.step\(\) runs after optimizer\.step\(\)"
 
 
 class LrctlCallback(pl.Callback):
@@ -41,10 +63,12 @@ class LrctlCallback(pl.Callback):
     def __init__(self, **attach_options: Any) -> None:
         self.attach_options = attach_options
         self.controller: Controller | None = None
+        self.skipped = 0  # updates this callback skipped for a non-finite grad norm
         self._grad_norm: Any = None
+        self._loss: Any = None  # the sum of this step's (normalised) micro-batch losses
         self._last_global_step = -1
         self._resume: dict[str, Any] | None = None
-        self._initial_lrs: list[float] = []
+        self._first_step = True
 
     # -- lifecycle -------------------------------------------------------------------------
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -55,19 +79,22 @@ class LrctlCallback(pl.Callback):
         total = _total_steps(trainer)
         if total is not None:
             options.setdefault("total_steps", total)  # for the anneal
-        if self._resume is not None and self._resume.get("run_key"):
-            options.setdefault("resume", self._resume["run_key"])
-            options.setdefault("start_step", int(self._resume.get("step", 0)))
-            # The controller knows a run by its policy and *initial* LRs, while the
-            # restored optimizer holds the LRs of the step it stopped at: say the
-            # initial ones; the welcome then puts the session's current LRs back.
+        # lrctl's step t is the batch Lightning runs (and logs) at global_step t. A resume
+        # continues from the checkpoint's step and initial LRs (the restored optimizer
+        # holds the LRs of the step it stopped at, not the run's initial ones).
+        options.setdefault("start_step", int(trainer.global_step))
+        if self._resume is not None:
+            options.setdefault("resume", self._resume)
             initial = self._resume.get("initial_lrs")
             if isinstance(initial, list) and len(initial) == len(optimizer.param_groups):
+                # The hook writes the run's LRs over these at once; starting from the
+                # initial ones, it does not take the restored ones for a foreign write.
                 for group, lr in zip(optimizer.param_groups, initial, strict=True):
                     group["lr"] = float(lr)
-        self._initial_lrs = [float(g["lr"]) for g in optimizer.param_groups]
         self.controller = Controller(optimizer, **options)
         self._last_global_step = trainer.global_step
+        self._loss = self._grad_norm = None
+        self._first_step = True
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.controller is not None:
@@ -81,17 +108,32 @@ class LrctlCallback(pl.Callback):
     # -- per step --------------------------------------------------------------------------
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                                  optimizer: Any) -> None:
-        if self.controller is not None and optimizer is self.controller.optimizer:
-            self._grad_norm = total_grad_norm(optimizer)
+        if self.controller is None or optimizer is not self.controller.optimizer:
+            return
+        self._grad_norm = total_grad_norm(optimizer)
+        if self._grad_norm is not None and getattr(trainer.precision_plugin, "scaler",
+                                                   None) is None:
+            self._drop_if_nonfinite(optimizer, self._grad_norm)
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                            outputs: Any, batch: Any, batch_idx: int) -> None:
-        if self.controller is None or trainer.global_step == self._last_global_step:
+        if self.controller is None:
+            return
+        loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
+        if loss is not None:
+            loss = loss.detach() if hasattr(loss, "detach") else loss
+            self._loss = loss if self._loss is None else self._loss + loss
+        if trainer.global_step == self._last_global_step:
             return  # no optimizer step this batch (gradient accumulation)
         self._last_global_step = trainer.global_step
-        loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
-        self.controller.step(loss, grad_norm=self._grad_norm)
-        self._grad_norm = None
+        loss, grad_norm, self._loss, self._grad_norm = self._loss, self._grad_norm, None, None
+        if self._first_step:
+            self._first_step = False
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", _AFTER_STEP_WARNING)
+                self.controller.step(loss, grad_norm=grad_norm)
+        else:
+            self.controller.step(loss, grad_norm=grad_norm)
         if self.controller.should_stop:
             trainer.should_stop = True
 
@@ -110,11 +152,38 @@ class LrctlCallback(pl.Callback):
     def state_dict(self) -> dict[str, Any]:
         if self.controller is None:
             return dict(self._resume or {})
-        return {"run_key": self.controller.run_key, "step": self.controller.steps_taken,
-                "initial_lrs": list(self._initial_lrs)}
+        return self.controller.state_dict()
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self._resume = dict(state_dict)
+        state = dict(state_dict)
+        if "format" not in state and "run_key" in state:
+            state["format"] = STATE_FORMAT  # written by lrctl 0.2: the same fields
+        self._resume = state if state.get("run_key") else None
+
+    # -- internals -------------------------------------------------------------------------
+    def _drop_if_nonfinite(self, optimizer: Any, grad_norm: Any) -> None:
+        """Skip this update if the grad norm is NaN/inf: the gradients never reach the weights.
+
+        On the host the gradients are dropped (``None``): torch's optimizers then leave
+        the parameters and their state alone, as if the batch had not happened. On a
+        device the verdict stays there (no sync): the gradients are zeroed, so the
+        weights stay finite, though momentum and weight decay still move them a little.
+        """
+        torch = sys.modules["torch"]
+        if grad_norm.device.type == "cpu":
+            if bool(torch.isfinite(grad_norm)):
+                return
+            self.skipped += 1
+            for group in optimizer.param_groups:
+                for param in group["params"]:
+                    param.grad = None
+            return
+        finite = torch.isfinite(grad_norm)
+        for group in optimizer.param_groups:
+            for param in group["params"]:
+                if param.grad is not None:
+                    param.grad.copy_(torch.where(finite, param.grad,
+                                                 torch.zeros_like(param.grad)))
 
 
 def _total_steps(trainer: pl.Trainer) -> int | None:

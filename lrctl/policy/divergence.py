@@ -33,6 +33,8 @@ The behaviour of a mixed-precision loss scaler, applied to the learning rate:
   steps); the hook can act on it in sync mode or in-process.
 * After ``regrow_after`` clean observations the multiplier grows by
   ``regrow_factor`` toward its pre-incident value (1.0), one step at a time.
+  An observation with nothing the guard watches (no loss, no grad norm) is
+  neither clean nor a spike: it counts toward nothing.
 * More than ``max_backoffs`` back-offs in one incident, or a back-off below the
   ``min_multiplier`` floor, escalates to ``stop``.
 """
@@ -139,6 +141,11 @@ class Divergence(Policy):
         evidence: dict[str, Any] | None = None
         judged_loss = self._loss_value(loss)
         log_gnorm = math.log(gnorm) if gnorm is not None and gnorm > 0 else None
+        if not ((judged_loss is not None and self.params["watch_loss"])
+                or (log_gnorm is not None and self.params["watch_grad_norm"])):
+            # Nothing this guard watches was reported: no verdict, and not a clean
+            # observation either (a run reporting no loss must not regrow its LR).
+            return []
         if not self._stopped:
             evidence = self._judge(judged_loss, log_gnorm)
         if evidence is None:

@@ -5,8 +5,10 @@ too low stays too low. This policy fixes the starting LR from below and above
 without a separate pre-run and without resetting the model:
 
 * The multiplier starts at ``start_factor`` and grows by ``growth`` every
-  observation: an exponential warmup that keeps going (the sweep of Smith's
-  range test, done while training).
+  observation with a finite loss: an exponential warmup that keeps going (the
+  sweep of Smith's range test, done while training). An observation without a
+  loss (or with a non-finite one) holds the multiplier: the sweep never grows
+  the LR on a step it cannot judge.
 * The sweep ends when the training loss says the LR is high enough: its EMA
   (span ``smoothing_window``) rises more than ``rise`` (relative) above its best
   value for ``patience`` observations in a row (a short patch of hard data is
@@ -109,30 +111,34 @@ class RangeTest(Policy):
             return self._settle(obs, f"the divergence guard flagged a {flagged[0]}",
                                 {"statistic": "flag", "value": flagged[0]})
         loss = obs.loss
-        if loss is not None and math.isfinite(loss):
-            smoothed = self._smooth(loss)
-            if self._start is None and self._seen >= self.params["min_steps"]:
-                self._start = smoothed  # the level after the warm-up, not one raw sample
-            # "Lowest so far" only from a smoothed estimate past its warm-up: the
-            # first raw losses are single samples, and a lucky first batch would
-            # otherwise become a best that noise alone "rises" from.
-            if self._seen >= self.params["min_steps"] and smoothed < self._best:
-                self._best, self._best_scale = smoothed, self._scale
-            slowed = self._judge_rate(smoothed)
-            if slowed is not None:
-                return self._settle(obs, slowed[0], slowed[1])
-            rise = self._rise()
-            limit = self._best + rise * abs(self._best)
-            above = (self._seen > self.params["min_steps"] and math.isfinite(self._best)
-                     and smoothed > limit)
-            self._above = self._above + 1 if above else 0
-            if self._above >= self.params["patience"]:
-                return self._settle(
-                    obs, f"smoothed loss {smoothed:.6g} rose above {limit:.6g} "
-                    f"({rise:.3g} over its best {self._best:.6g})",
-                    {"statistic": "loss_ema", "value": smoothed, "best": self._best,
-                     "threshold": limit, "rise": rise,
-                     "window": self.params["smoothing_window"]})
+        if loss is None or not math.isfinite(loss):
+            # Nothing to judge the LR by at this step: the sweep holds. Growing blind (a
+            # framework that reports the loss only every N steps) would run the LR away.
+            ctx.flags.add("lr_sweep")
+            return []
+        smoothed = self._smooth(loss)
+        if self._start is None and self._seen >= self.params["min_steps"]:
+            self._start = smoothed  # the level after the warm-up, not one raw sample
+        # "Lowest so far" only from a smoothed estimate past its warm-up: the
+        # first raw losses are single samples, and a lucky first batch would
+        # otherwise become a best that noise alone "rises" from.
+        if self._seen >= self.params["min_steps"] and smoothed < self._best:
+            self._best, self._best_scale = smoothed, self._scale
+        slowed = self._judge_rate(smoothed)
+        if slowed is not None:
+            return self._settle(obs, slowed[0], slowed[1])
+        rise = self._rise()
+        limit = self._best + rise * abs(self._best)
+        above = (self._seen > self.params["min_steps"] and math.isfinite(self._best)
+                 and smoothed > limit)
+        self._above = self._above + 1 if above else 0
+        if self._above >= self.params["patience"]:
+            return self._settle(
+                obs, f"smoothed loss {smoothed:.6g} rose above {limit:.6g} "
+                f"({rise:.3g} over its best {self._best:.6g})",
+                {"statistic": "loss_ema", "value": smoothed, "best": self._best,
+                 "threshold": limit, "rise": rise,
+                 "window": self.params["smoothing_window"]})
         if self._scale * self.params["growth"] > self.params["max_factor"]:
             return self._settle(obs, f"the sweep reached max_factor {self.params['max_factor']:g}",
                                 {"statistic": "multiplier", "value": self._scale,
