@@ -45,6 +45,9 @@ class StepGuard:
         self.after: Any = None  # called after every optimizer step, taken or skipped
         self._device_ok: Any = None  # a 0-dim bool tensor: the device-side verdict
         self._inner = optimizer.step
+        # A step set on the instance (an LR scheduler's counting wrapper, say) is put back
+        # on remove(); otherwise the class's step shows through again.
+        self._own_step = optimizer.__dict__.get("step")
         self._active = True
         self._wrapper = self._make_wrapper()  # one function, to recognise it when unwrapping
         try:
@@ -90,7 +93,10 @@ class StepGuard:
     def remove(self) -> None:
         self._active = False
         if self._installed and self.optimizer.__dict__.get("step") is self._wrapper:
-            del self.optimizer.step  # someone who wrapped us after keeps calling through
+            if self._own_step is not None:
+                self.optimizer.step = self._own_step
+            else:
+                del self.optimizer.step  # someone who wrapped us after keeps calling through
 
     # -- the wrapped step ---------------------------------------------------------------
     def _make_wrapper(self) -> Any:

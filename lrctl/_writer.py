@@ -40,12 +40,16 @@ class LRWriter:
         self.optimizer = optimizer
         self.initial = list(initial)
         self.loop_mode = base == "loop"
-        self.base = list(initial)  # loop mode: the LRs the loop set for this step
-        self.applied = list(initial)  # the LRs the next optimizer step uses
+        # What the groups hold at attach counts as written: a resume attaches to groups
+        # holding a checkpoint's LRs (no one's foreign write), and the loop's LR is that.
+        now = [_float(g["lr"]) for g in optimizer.param_groups[:len(initial)]]
+        now += self.initial[len(now):]
+        self.base = list(now)  # loop mode: the LRs the loop set for this step
+        self.applied = list(now)  # the LRs the next optimizer step uses
         self.foreign_writes = 0  # controller mode: writes by someone else, overwritten
         self._warn = warn
         self._groups: Any = optimizer.param_groups
-        self._written: list[float | None] = list(initial)  # what each group's lr holds
+        self._written: list[float | None] = list(now)  # what each group's lr holds
         self._target = list(initial)
 
     def apply(self, target: list[float]) -> None:

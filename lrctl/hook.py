@@ -409,6 +409,8 @@ class Controller:
             hello["total_steps"] = self.total_steps
         if self._saved_session is not None:
             hello["session"] = self._saved_session  # the run as the checkpoint left it
+        if self._step > 0:
+            hello["start_step"] = self._step  # a new run's first LRs are for this step
         link = self._open_link(address, hello, token, spawn, spawn_timeout, max_backoff)
         other = self._controller_version
         if link.connected and other != __version__:
@@ -534,10 +536,14 @@ class Controller:
             elif self.scaler is not None:
                 grad_norm = unscaled_norm(self.scaler, self.optimizer, grad_norm)
         if (on_device(loss) or on_device(grad_norm)) and not self.sync:
-            guard.check_on_device(loss, grad_norm)  # no host sync on CUDA
+            if not scaler_enabled(self.scaler):  # an enabled scaler skips such steps
+                guard.check_on_device(loss, grad_norm)  # no host sync on CUDA
             return loss, grad_norm
         loss, grad_norm = to_float(loss), to_float(grad_norm)
-        if guard.check(loss, grad_norm):
+        if scaler_enabled(self.scaler):  # it skips non-finite steps itself, and must:
+            bad = not all(v is None or math.isfinite(v) for v in (loss, grad_norm))
+            self.should_skip = self.should_skip or bad  # its unscale state is per step
+        elif guard.check(loss, grad_norm):
             self.should_skip = True
         return loss, grad_norm
 
@@ -693,8 +699,10 @@ class Controller:
 
     def _count_calls(self) -> None:
         """Notice a loop that calls ``step()`` per micro-batch (gradient accumulation)."""
-        stepped = self._guard.stepped if getattr(self, "_guard", None) else -1
-        if stepped == self._last_stepped and stepped >= 0 and not self._excused:
+        # 0: the guard never saw a step (a wrapper such as accelerate's steps the inner
+        # optimizer directly), so no evidence either way.
+        stepped = self._guard.stepped if getattr(self, "_guard", None) else 0
+        if stepped == self._last_stepped and stepped > 0 and not self._excused:
             self._calls_without_step += 1
             if self._calls_without_step >= 3:
                 self._warn("accumulation", "lrctl: ctl.step() was called several times "

@@ -37,6 +37,7 @@ class Hello:
     watch: bool  # attach(watch=...): follow edits of the policy file
     sync: bool  # the hook waits for each answer
     session: dict[str, Any] | None = None  # the run's state from the user's checkpoint
+    start_step: int = 0  # the step number of the loop's first step
 
 
 def parse_hello(msg: Mapping[str, Any]) -> Hello:
@@ -72,7 +73,7 @@ def parse_hello(msg: Mapping[str, Any]) -> Hello:
         mlflow_run_id=get_str(mlflow, "run_id", max_len=64, optional=True),
         tracking_uri=get_str(mlflow, "tracking_uri", max_len=4096, optional=True),
         cwd=get_str(msg, "cwd", max_len=4096, optional=True), watch=watch, sync=sync,
-        session=session)
+        session=session, start_step=get_int(msg, "start_step", lo=0, optional=True) or 0)
 
 
 def _lrs(value: Any) -> list[float]:

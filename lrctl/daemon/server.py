@@ -269,6 +269,7 @@ class Server:
         except ConfigError as exc:
             raise Refused(str(exc), "bad_policy") from None
         session.watch = hello.watch
+        session.engine.start_at(hello.start_step)  # the welcome's LRs: for its first step
         self.sessions[hello.run] = session
         self.sink.open_run(session.info)
         self.checkpoints.save(hello.run)

@@ -231,6 +231,12 @@ class Engine:
         self.decision_count += len(decisions)
         return decisions
 
+    def start_at(self, step: int) -> None:
+        """A run whose loop numbers its first step ``step`` (the HF Trainer's first is 1):
+        the LRs before any observation are those for that step. No-op once observed."""
+        if self.last_step is None and step > 0:
+            self._lrs = self._compute(step)
+
     # -- arbitration -------------------------------------------------------------
     def _compute(self, step: int) -> list[float]:
         return self._lrs_from(self._multiplier(), self._schedule_factors(step))

@@ -332,3 +332,25 @@ def test_resume_from_the_users_checkpoint_continues_the_exact_lrs(
         assert ctl.run_key == checkpoint["lrctl"]["run_key"]
         _run_steps(ctl, model, optimizer, range(RESUME_AT, TOTAL), clock)
     assert used == ref_used
+
+
+def test_a_new_run_that_starts_at_step_n_gets_the_lrs_for_step_n(
+        controller: ControllerProc) -> None:
+    """A loop that numbers its first step 1 (the HF Trainer) gets schedule(1) first."""
+    warmup = {"version": 1, "policies": [{"kind": "warmup", "steps": 10,
+                                          "start_factor": 0.1}]}
+    reference = lrctl.load_policy(warmup, base_lrs=[0.1])
+    want = [reference.applied_lrs[0]] + [reference.observe(t, 1.0)[0] for t in range(4)]
+    optimizer = torch.optim.SGD(_model().parameters(), lr=0.1)
+    with lrctl.attach(optimizer, policy=warmup, start_step=3, timeout=SLOW_OK) as ctl:
+        assert ctl.lr == [pytest.approx(want[3], rel=1e-12)]
+
+
+def test_detaching_gives_a_scheduler_its_step_wrapper_back(controller: ControllerProc) -> None:
+    optimizer = torch.optim.SGD(_model().parameters(), lr=0.1)
+    torch.optim.lr_scheduler.LambdaLR(optimizer, lambda it: 1.0)
+    wrapped = optimizer.__dict__.get("step")
+    assert wrapped is not None  # torch's counting wrapper, on the instance
+    with lrctl.attach(optimizer, policy=GUARD, timeout=SLOW_OK):
+        assert optimizer.__dict__.get("step") is not wrapped  # the guard's, in front
+    assert optimizer.__dict__.get("step") is wrapped
