@@ -23,6 +23,7 @@ from mlflow.tracking import MlflowClient
 from sinks_helpers import assert_exactly_once, mlflow_run_id, run_info
 
 import lrctl
+from lrctl.cli import main
 from lrctl.client import request
 from lrctl.sinks import AuditSettings, AuditSink
 from lrctl.sinks.shipper_proxy import ShipperProcess
@@ -69,7 +70,8 @@ def _sqlite_env(workdir: Path) -> tuple[str, dict[str, str]]:
 
 
 def test_the_controller_ships_complete_runs_without_loading_mlflow(
-        workdir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        workdir: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
     uri, env = _sqlite_env(workdir)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     opt = torch.optim.SGD([torch.nn.Parameter(torch.ones(2))], lr=0.1)
@@ -91,10 +93,13 @@ def test_the_controller_ships_complete_runs_without_loading_mlflow(
         shipper = status["shipper"]
         assert shipper["state"] == "running" and shipper["restarts"] == 0
         assert shipper["pid"] not in (None, status["pid"])
-        assert status["mlflow_loaded"] is False
-        with open(f"/proc/{status['pid']}/maps") as f:
-            assert "/mlflow/" not in f.read()
+        assert status["mlflow_loaded"] is False  # the controller's sys.modules
         assert status["rss_kib"] > 0 and shipper["rss_kib"] > 0
+        capsys.readouterr()
+        assert main(["status", "--socket", controller.socket]) == 0
+        out = capsys.readouterr().out
+        assert "mlflow not loaded" in out
+        assert f"MLflow shipper: running, pid {shipper['pid']}, " in out
         for key in keys:
             assert_exactly_once(client, mlflow_run_id(state, key), state, key, workdir)
 
