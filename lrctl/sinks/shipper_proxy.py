@@ -154,8 +154,8 @@ class ShipperProcess:
                             proc.pid, timeout)
                 proc.kill()
                 proc.wait()
-        if self._supervisor is not None:
-            self._supervisor.join()
+        if self._supervisor is not None:  # it sees the child's end of output, then stops
+            self._supervisor.join(max(0.1, deadline - time.monotonic()))
         with self._cond:
             self._state = "stopped"
             return bool(self._closed) if proc is not None else not self._routes

@@ -7,6 +7,7 @@ loses and repeats nothing. A shipper that does not stop is killed at close's dea
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import stat
@@ -157,3 +158,20 @@ def test_close_kills_a_shipper_that_does_not_stop(tmp_path: Path) -> None:
     assert shipper.status()["state"] == "stopped" and shipper.status()["pid"] is None
     with pytest.raises(ProcessLookupError):
         os.kill(pid, 0)
+
+
+def test_a_shipper_that_keeps_dying_is_restarted_with_one_log_line_each(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A crash loop (here: a child that exits at once) backs off and never spams."""
+    dying = tmp_path / "dying-python"
+    dying.write_text("#!/bin/sh\nexit 3\n")
+    dying.chmod(dying.stat().st_mode | stat.S_IXUSR)
+    shipper = ShipperProcess(tmp_path / "state", python=str(dying), backoff_max=1.0)
+    caplog.set_level(logging.INFO, logger="lrctl.sinks.mlflow")
+    shipper.attend("run-d1", f"sqlite:///{tmp_path / 'm.db'}")
+    _poll("three restarts", lambda: shipper.status()["restarts"] >= 3)
+    assert shipper.close(timeout=0.5) is False  # nothing was shipped: the journal keeps it
+    restarts = [r for r in caplog.records if "exited with status 3" in r.getMessage()]
+    assert len(restarts) == shipper.restarts >= 3
+    assert shipper.status() == {"pid": None, "state": "stopped", "restarts": shipper.restarts,
+                                "rss_kib": None}
