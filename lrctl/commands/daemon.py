@@ -242,9 +242,19 @@ def cmd_status(args: argparse.Namespace) -> int:
               f"{reply['runs']} run(s), {reply['connected']} connected, up "
               f"{reply['uptime_s']:.0f} s; state in {reply['state_dir']}; watching "
               f"{len(reply.get('watching', []))} policy file(s)")
+        print(f"  memory: controller {_mib(reply.get('rss_kib'))} (mlflow "
+              f"{'loaded' if reply.get('mlflow_loaded') else 'not loaded'})")
+        shipper = reply.get("shipper")
+        if shipper:
+            print(f"  MLflow shipper: {shipper.get('state')}, pid {shipper.get('pid') or '-'}, "
+                  f"{_mib(shipper.get('rss_kib'))}, {shipper.get('restarts', 0)} restart(s)")
         for error in reply.get("errors", []):
             print(f"  error: {error}")
     return 0
+
+
+def _mib(kib: int | None) -> str:
+    return "-" if kib is None else f"{kib / 1024:.1f} MiB"
 
 
 def cmd_runs(args: argparse.Namespace) -> int:

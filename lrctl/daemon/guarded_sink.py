@@ -54,6 +54,13 @@ class GuardedSink:
     def close(self) -> None:
         self._call("close")
 
+    def status(self) -> dict[str, Any]:
+        try:
+            return dict(self.sink.status())
+        except Exception as exc:
+            self._failed("status", exc)
+            return {}
+
     def _call(self, method: str, *args: Any) -> None:
         try:
             getattr(self.sink, method)(*args)

@@ -10,12 +10,14 @@ from __future__ import annotations
 import logging
 import math
 import os
+import sys
 import time
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from .._version import __version__
 from ..protocol import ProtocolError, float_in, get_int, get_str
+from ..sinks.shipper_proxy import rss_kib
 from .session import Session
 
 if TYPE_CHECKING:
@@ -86,7 +88,10 @@ def _status(server: Server) -> dict[str, Any]:
             "runs": len(server.sessions), "connected": len(server.conns),
             "uptime_s": round(time.monotonic() - server.started, 3),
             "socket": server.transport.socket_path, "state_dir": server.state_dir,
-            "watching": server.live.watching(), "errors": errors[:50]}
+            "watching": server.live.watching(), "errors": errors[:50],
+            # Memory, honestly: this process, and the MLflow shipper's (its own process).
+            "rss_kib": rss_kib(), "mlflow_loaded": "mlflow" in sys.modules,
+            **server.sink.status()}
 
 
 def _reload(server: Server, name: str | None) -> dict[str, Any]:

@@ -10,11 +10,20 @@ import time
 from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
-from .journal import STREAMS, JournalLine, RunPaths, atomic_write_json, read_json, read_lines
+from .journal import (
+    STREAMS,
+    JournalLine,
+    RunPaths,
+    atomic_write_json,
+    list_run_keys,
+    read_json,
+    read_lines,
+)
 
-__all__ = ["RunState", "StreamState", "files_behind"]
+__all__ = ["RunState", "StreamState", "files_behind", "runs_behind"]
 
 
 def files_behind(cursor: dict[str, Any]) -> bool:
@@ -23,6 +32,26 @@ def files_behind(cursor: dict[str, Any]) -> bool:
         return False
     acked = cursor.get("streams", {}).get("decisions", {}).get("offset", 0)
     return bool(acked > (cursor.get("snapshot") or {}).get("offset", 0))
+
+
+def runs_behind(state_dir: Path) -> list[tuple[str, str]]:
+    """``(run_key, tracking_uri)`` of every run under ``state_dir`` whose journal is ahead
+    of MLflow (or whose decisions files in MLflow lag what it acknowledged)."""
+    behind = []
+    for key in list_run_keys(state_dir):
+        paths = RunPaths.of(state_dir, key)
+        meta = read_json(paths.meta, {})
+        cursor = read_json(paths.cursor, {})
+        uri = (meta.get("mlflow") or {}).get("tracking_uri")
+        if not uri or cursor.get("failed"):
+            continue
+        acked = cursor.get("streams", {})
+        for name in STREAMS:
+            size = paths.stream(name).stat().st_size if paths.stream(name).exists() else 0
+            if size > acked.get(name, {}).get("offset", 0) or files_behind(cursor):
+                behind.append((key, str(uri)))
+                break
+    return behind
 
 
 @dataclass

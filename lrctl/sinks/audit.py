@@ -3,9 +3,9 @@
 Every call runs on the controller's owner thread and costs a JSON encode and a
 buffered write. Decisions and policy events are made durable by :meth:`AuditSink.commit`
 (group commit: one fsync per journal file however many lines it took since the
-last commit), and only then handed to MLflow, which is reached only through
-:class:`~lrctl.sinks.mlflow_sink.MlflowShipper`, whose threads read what the journal
-already holds.
+last commit), and only then handed to MLflow, which is reached only through a
+shipper: by default :class:`~lrctl.sinks.shipper_proxy.ShipperProcess`, a child
+process that reads what the journal already holds (mlflow is never imported here).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from typing import Any
 
 from ..policy._base import float_to_json
 from ..policy._decision import json_safe
-from .base import RunInfo, Sink
+from .base import RunInfo, Shipper, Sink
 from .journal import (
     STREAMS,
     JournalLine,
@@ -32,8 +32,8 @@ from .journal import (
     read_json,
     read_lines,
 )
-from .mlflow_sink import MlflowShipper
 from .sampling import MetricSampler
+from .shipper_proxy import ShipperProcess
 from .tracking import artifact_root_for, resolve_tracking_uri
 
 __all__ = ["AuditSettings", "AuditSink"]
@@ -79,7 +79,7 @@ class AuditSink(Sink):
     """
 
     def __init__(self, state_dir: str | os.PathLike[str], settings: AuditSettings | None = None,
-                 *, shipper: MlflowShipper | None = None,
+                 *, shipper: Shipper | None = None,
                  env: Mapping[str, str] | None = None,
                  fsync_fd: Callable[[int], None] = os.fsync) -> None:
         self.state_dir = Path(state_dir)
@@ -90,9 +90,9 @@ class AuditSink(Sink):
         self._runs: dict[str, _OpenRun] = {}
         # Appended to a durable stream since the last commit: each line with its writer.
         self._uncommitted: list[tuple[str, str, JournalLine, StreamWriter]] = []
-        self.shipper = shipper
+        self.shipper: Shipper | None = shipper
         if shipper is None and self.settings.mlflow:
-            self.shipper = MlflowShipper(
+            self.shipper = ShipperProcess(
                 self.state_dir, flush_interval=self.settings.flush_interval,
                 queue_size=self.settings.queue_size, timeline=self.settings.timeline,
                 backoff_max=self.settings.backoff_max)
@@ -204,6 +204,7 @@ class AuditSink(Sink):
             for run_key, stream, line, writer in pending:
                 if writer not in failed:
                     self.shipper.submit(run_key, stream, line)
+            self.shipper.pass_on()
         if failed:
             raise next(iter(failed.values()))
 
@@ -220,6 +221,10 @@ class AuditSink(Sink):
         self._runs.clear()
         if self.shipper is not None:
             self.shipper.close(timeout)
+
+    def status(self) -> dict[str, Any]:
+        """The shipper's process (pid, state, restarts, resident memory), MLflow on."""
+        return {} if self.shipper is None else {"shipper": self.shipper.status()}
 
     def flush(self, timeout: float = 10.0) -> bool:
         """Commit, then wait until MLflow has acknowledged everything so far (tests,

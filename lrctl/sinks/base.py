@@ -11,9 +11,12 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 
-__all__ = ["NullSink", "RunInfo", "Sink"]
+if TYPE_CHECKING:
+    from .journal import JournalLine
+
+__all__ = ["NullSink", "RunInfo", "Shipper", "Sink"]
 
 
 @dataclass(frozen=True)
@@ -30,6 +33,29 @@ class RunInfo:
     mlflow_run_id: str | None = None  # the training script's active run, if any
     tracking_uri: str | None = None  # explicit URI from the hook, else env / default
     cwd: str | None = None  # the training script's working directory (default sqlite store)
+
+
+class Shipper(Protocol):
+    """What :class:`~lrctl.sinks.audit.AuditSink` asks of whatever carries its journal to
+    MLflow: in the controller, a child process
+    (:class:`~lrctl.sinks.shipper_proxy.ShipperProcess`); in tests, possibly the in-process
+    engine (:class:`~lrctl.sinks.mlflow_sink.MlflowShipper`). Called from one owner thread;
+    only ``flush`` and ``close`` wait, at most their ``timeout``."""
+
+    def attend(self, run_key: str, tracking_uri: str) -> None: ...
+
+    def submit(self, run_key: str, stream: str, line: JournalLine) -> None: ...
+
+    def pass_on(self) -> None:
+        """The end of a commit: what was submitted since the last one may be sent on."""
+
+    def recover(self) -> list[str]: ...
+
+    def flush(self, timeout: float = 10.0) -> bool: ...
+
+    def close(self, timeout: float = 1.0) -> bool: ...
+
+    def status(self) -> dict[str, Any]: ...
 
 
 class Sink(ABC):
@@ -65,6 +91,10 @@ class Sink(ABC):
         sink whose records are durable when its methods return.
         """
         return None
+
+    def status(self) -> dict[str, Any]:
+        """Fields for ``lrctl status`` (the MLflow shipper's process, for one)."""
+        return {}
 
     @abstractmethod
     def close(self) -> None:

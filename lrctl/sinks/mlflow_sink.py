@@ -30,8 +30,8 @@ from pathlib import Path
 from typing import Any
 
 from ..policy._base import float_from_json
-from ._ship_state import RunState, files_behind
-from .journal import STREAMS, JournalLine, RunPaths, list_run_keys, read_json
+from ._ship_state import RunState, runs_behind
+from .journal import JournalLine, RunPaths
 
 __all__ = ["MlflowShipper", "decision_ratio"]
 
@@ -108,25 +108,26 @@ class MlflowShipper:
             raise KeyError(f"run {run_key!r} is not attended; call attend() first")
         worker.submit(run_key, stream, line)
 
+    def catch_up(self, run_key: str) -> None:
+        """The journal of ``run_key`` grew: read it from where this shipper is (the
+        shipper process is told which runs grew, not the lines)."""
+        worker = self._route.get(run_key)
+        if worker is not None:
+            worker.nudge(run_key)
+
     def recover(self) -> list[str]:
         """Attend every run under the state dir whose journal is ahead of MLflow
         (or whose decisions files in MLflow lag what it acknowledged)."""
-        behind = []
-        for key in list_run_keys(self.state_dir):
-            paths = RunPaths.of(self.state_dir, key)
-            meta = read_json(paths.meta, {})
-            cursor = read_json(paths.cursor, {})
-            uri = (meta.get("mlflow") or {}).get("tracking_uri")
-            if not uri or cursor.get("failed"):
-                continue
-            acked = cursor.get("streams", {})
-            for name in STREAMS:
-                size = paths.stream(name).stat().st_size if paths.stream(name).exists() else 0
-                if size > acked.get(name, {}).get("offset", 0) or files_behind(cursor):
-                    behind.append(key)
-                    self.attend(key, uri)
-                    break
-        return behind
+        behind = runs_behind(self.state_dir)
+        for key, uri in behind:
+            self.attend(key, uri)
+        return [key for key, _ in behind]
+
+    def pass_on(self) -> None:
+        """Nothing to do: :meth:`submit` hands each line to its worker at once."""
+
+    def status(self) -> dict[str, Any]:
+        return {"pid": os.getpid(), "state": "in-process", "restarts": 0}
 
     def flush(self, timeout: float = 10.0) -> bool:
         """Ship everything submitted so far; True if MLflow acknowledged it all in time."""

@@ -1,0 +1,137 @@
+"""The MLflow shipper's own process: ``python -m lrctl.sinks.shipper_proc --state-dir DIR``.
+
+The controller (:class:`~lrctl.sinks.shipper_proxy.ShipperProcess`) starts this as
+its child so that mlflow, its memory and its GIL time stay out of the event loop's
+process. It runs :class:`~lrctl.sinks.mlflow_sink.MlflowShipper` unchanged.
+
+Protocol: one small JSON object a line, both ways, no pickle. The controller says
+which runs to attend and which journals grew, never the lines themselves: the
+journal is the source of truth, and the shipper reads it from its cursor.
+
+controller → shipper::
+
+    {"op": "attend", "run": KEY, "uri": URI}
+    {"op": "more", "runs": [KEY, ...]}          the journals of these runs grew
+    {"op": "flush", "id": N, "timeout": S}      answered by {"ack": N, "ok": BOOL}
+    {"op": "close", "timeout": S}               answered by {"closed": BOOL}, then exit
+
+shipper → controller, besides those answers: ``{"log": LEVELNO, "msg": TEXT}``, the
+shipper's log records, which the controller writes to its own log.
+
+End of input (the controller died) ends the shipper at once; the journal keeps the rest.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import sys
+import threading
+from collections.abc import Sequence
+from typing import IO, Any
+
+from .mlflow_sink import MlflowShipper
+
+__all__ = ["main"]
+
+log = logging.getLogger("lrctl.sinks.mlflow")
+
+
+class _Out:
+    """Writes JSON lines to the controller; one writer at a time."""
+
+    def __init__(self, stream: IO[bytes]) -> None:
+        self._stream = stream
+        self._lock = threading.Lock()
+
+    def send(self, msg: dict[str, Any]) -> None:
+        data = (json.dumps(msg, separators=(",", ":")) + "\n").encode()
+        with self._lock:
+            try:
+                self._stream.write(data)
+                self._stream.flush()
+            except (OSError, ValueError):
+                pass  # the controller is gone; our end of input follows
+
+
+class _Forward(logging.Handler):
+    """Hands log records to the controller, which keeps the one log."""
+
+    def __init__(self, out: _Out) -> None:
+        super().__init__()
+        self._out = out
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            self._out.send({"log": record.levelno, "msg": self.format(record)})
+        except Exception:
+            self.handleError(record)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m lrctl.sinks.shipper_proc")
+    p.add_argument("--state-dir", required=True)
+    p.add_argument("--flush-interval", type=float, default=1.0)
+    p.add_argument("--queue-size", type=int, default=10_000)
+    p.add_argument("--backoff-max", type=float, default=30.0)
+    p.add_argument("--no-timeline", dest="timeline", action="store_false")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    # Ctrl-C reaches the whole foreground group: the controller decides when we stop.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    out = _Out(sys.stdout.buffer)
+    handler = _Forward(out)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    root = logging.getLogger("lrctl")
+    root.addHandler(handler)
+    root.setLevel(logging.INFO)
+    shipper = MlflowShipper(args.state_dir, flush_interval=args.flush_interval,
+                            queue_size=args.queue_size, timeline=args.timeline,
+                            backoff_max=args.backoff_max)
+    for raw in sys.stdin.buffer:
+        try:
+            _handle(shipper, out, json.loads(raw))
+        except (ValueError, KeyError, TypeError):
+            log.error("lrctl shipper: ignored a bad message %.200r", raw)
+    # End of input: the controller died (kill -9). Stop at once, as its threads would
+    # have: the next controller's shipper reads the journals from the cursors, and two
+    # shippers on one run, even for a second, would only send the same batches twice.
+    os._exit(0)
+
+
+def _handle(shipper: MlflowShipper, out: _Out, msg: dict[str, Any]) -> None:
+    op = msg["op"]
+    if op == "attend":
+        shipper.attend(str(msg["run"]), str(msg["uri"]))
+    elif op == "more":
+        for key in msg["runs"]:
+            shipper.catch_up(str(key))
+    elif op == "flush":  # in a thread: reading our input must never wait on MLflow
+        threading.Thread(target=_flush, args=(shipper, out, msg), daemon=True,
+                         name="lrctl-shipper-flush").start()
+    elif op == "close":
+        _close(shipper, out, float(msg.get("timeout", 1.0)))
+    else:
+        raise ValueError(f"unknown op {op!r:.40}")
+
+
+def _flush(shipper: MlflowShipper, out: _Out, msg: dict[str, Any]) -> None:
+    out.send({"ack": msg["id"], "ok": shipper.flush(float(msg.get("timeout", 10.0)))})
+
+
+def _close(shipper: MlflowShipper, out: _Out, timeout: float) -> None:
+    """Ship within ``timeout``, answer, and exit at once: cursors are written atomically,
+    and a worker stuck in a hung MLflow call must not hold the exit."""
+    ok = shipper.close(timeout)
+    out.send({"closed": ok})
+    os._exit(0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

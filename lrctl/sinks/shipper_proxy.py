@@ -1,0 +1,254 @@
+"""The controller's side of the MLflow shipper process.
+
+:class:`ShipperProcess` has the interface :class:`~lrctl.sinks.audit.AuditSink` uses
+(:class:`~lrctl.sinks.base.Shipper`) and forwards it to a child process,
+``python -m lrctl.sinks.shipper_proc`` (see there for the protocol), so that the
+controller never imports mlflow (about 200 MiB resident) nor runs it on its GIL.
+
+The child is told which runs to attend and which journals grew, once per commit;
+it reads the lines from the journal, from its cursor. A supervisor thread reads the
+child's answers and log, and restarts it with back-off when it dies; the new child
+is told every run again and catches up from the cursors, so nothing is lost (a
+batch re-sent after a crash changes nothing in MLflow, see
+:mod:`~lrctl.sinks.mlflow_sink`). The supervisor only starts and reads processes;
+the routing table it replays is shared with the owner thread under one lock.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import IO, Any
+
+from .journal import JournalLine
+
+__all__ = ["ShipperProcess", "rss_kib"]
+
+log = logging.getLogger("lrctl.sinks.mlflow")
+
+_RESTART_MIN_S = 0.5
+_PACKAGE_ROOT = str(Path(__file__).resolve().parents[2])
+
+
+def rss_kib(pid: int | str = "self") -> int | None:
+    """Resident memory of a process (``VmRSS`` of /proc/PID/status), in KiB."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+class ShipperProcess:
+    """Ships journals to MLflow from a child process; restarts it if it dies.
+
+    The child starts with the first run attended. :meth:`flush` and :meth:`close`
+    wait at most their ``timeout``; :meth:`close` then kills a child that has not
+    exited: what it did not ship stays in the journal for the next controller.
+    """
+
+    def __init__(self, state_dir: str | os.PathLike[str], *, flush_interval: float = 1.0,
+                 queue_size: int = 10_000, timeline: bool = True,
+                 backoff_max: float = 30.0, python: str = sys.executable) -> None:
+        if not 0 < flush_interval <= 2.0:
+            raise ValueError(f"flush_interval must be in (0, 2] seconds, but got {flush_interval=}")
+        if queue_size < 1:
+            raise ValueError(f"queue_size must be >= 1, but got {queue_size=}")
+        self.state_dir = Path(state_dir)
+        self.backoff_max = backoff_max
+        self._argv = [python, "-m", "lrctl.sinks.shipper_proc", "--state-dir",
+                      str(self.state_dir), "--flush-interval", repr(flush_interval),
+                      "--queue-size", str(queue_size), "--backoff-max", repr(backoff_max)]
+        if not timeline:
+            self._argv.append("--no-timeline")
+        self._cond = threading.Condition()  # guards everything below
+        self._routes: dict[str, str] = {}  # run key -> tracking URI: replayed to a new child
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._generation = 0  # +1 per child started and per child gone
+        self._acks: dict[int, bool] = {}
+        self._closed: bool | None = None  # the child's answer to close
+        self._next_id = 0
+        self._state = "not started"
+        self.restarts = 0
+        self._dirty: dict[str, None] = {}  # owner thread only: runs whose journal grew
+        self._stop = threading.Event()
+        self._supervisor: threading.Thread | None = None
+
+    # -- the Shipper interface (owner thread) -------------------------------------------
+    def attend(self, run_key: str, tracking_uri: str) -> None:
+        with self._cond:
+            self._routes[run_key] = tracking_uri
+            self._send({"op": "attend", "run": run_key, "uri": tracking_uri})
+        self._start()
+
+    def submit(self, run_key: str, stream: str, line: JournalLine) -> None:
+        if run_key not in self._routes:
+            raise KeyError(f"run {run_key!r} is not attended; call attend() first")
+        self._dirty[run_key] = None
+
+    def pass_on(self) -> None:
+        if self._dirty:
+            runs, self._dirty = list(self._dirty), {}
+            with self._cond:
+                self._send({"op": "more", "runs": runs})
+
+    def recover(self) -> list[str]:
+        from ._ship_state import runs_behind
+
+        behind = runs_behind(self.state_dir)
+        for key, uri in behind:
+            self.attend(key, uri)
+        return [key for key, _ in behind]
+
+    def flush(self, timeout: float = 10.0) -> bool:
+        """True once the child says MLflow acknowledged everything passed on so far.
+        A child that dies meanwhile is asked again once restarted, within ``timeout``."""
+        deadline = time.monotonic() + timeout
+        self.pass_on()
+        if self._supervisor is None:
+            return True  # no run attended: nothing to ship
+        with self._cond:
+            while not self._stop.is_set():
+                if not self._cond.wait_for(lambda: self._proc is not None or self._stop.is_set(),
+                                           max(0.0, deadline - time.monotonic())):
+                    return False
+                generation, ident = self._generation, self._next_id
+                self._next_id += 1
+                self._send({"op": "flush", "id": ident,
+                            "timeout": max(0.0, deadline - time.monotonic())})
+                self._cond.wait_for(
+                    lambda ident=ident, generation=generation:  # type: ignore[misc]
+                    ident in self._acks or self._generation != generation,
+                    max(0.0, deadline - time.monotonic()))
+                if ident in self._acks:
+                    return self._acks.pop(ident)
+                if time.monotonic() >= deadline:
+                    return False
+        return False
+
+    def close(self, timeout: float = 1.0) -> bool:
+        """Ask the child to ship for most of ``timeout``, then end it, killing it at the
+        deadline. True if it shipped everything."""
+        deadline = time.monotonic() + timeout
+        self.pass_on()
+        self._stop.set()
+        with self._cond:
+            proc = self._proc
+            self._send({"op": "close", "timeout": 0.8 * timeout})
+        if proc is not None:
+            try:
+                proc.wait(max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                log.warning("lrctl: the MLflow shipper (pid %d) did not stop in %.1f s; "
+                            "killed it (the journal keeps what it had not shipped)",
+                            proc.pid, timeout)
+                proc.kill()
+                proc.wait()
+        if self._supervisor is not None:  # it sees the child's end of output, then stops
+            self._supervisor.join(max(0.1, deadline - time.monotonic()))
+        with self._cond:
+            self._state = "stopped"
+            return bool(self._closed) if proc is not None else not self._routes
+
+    def status(self) -> dict[str, Any]:
+        with self._cond:
+            pid = self._proc.pid if self._proc is not None else None
+            return {"pid": pid, "state": self._state, "restarts": self.restarts,
+                    "rss_kib": rss_kib(pid) if pid is not None else None}
+
+    # -- internals ------------------------------------------------------------------------
+    def _send(self, msg: dict[str, Any]) -> None:
+        """Write one line to the child (under the lock). Lost if it is dead: the next
+        child is told every run and reads each journal from its cursor."""
+        proc = self._proc
+        if proc is None or proc.stdin is None:
+            return
+        with contextlib.suppress(OSError, ValueError):
+            proc.stdin.write((json.dumps(msg, separators=(",", ":")) + "\n").encode())
+            proc.stdin.flush()
+
+    def _start(self) -> None:
+        if self._supervisor is None and not self._stop.is_set():
+            self._supervisor = threading.Thread(target=self._supervise, daemon=True,
+                                                name="lrctl-shipper-supervisor")
+            self._supervisor.start()
+
+    def _supervise(self) -> None:
+        quick_deaths = 0
+        while not self._stop.is_set():
+            started = time.monotonic()
+            proc = self._spawn()
+            if proc is not None:
+                assert proc.stdout is not None
+                self._read(proc.stdout)
+                code = proc.wait()
+                with self._cond, contextlib.suppress(OSError):
+                    assert proc.stdin is not None
+                    proc.stdin.close()
+            with self._cond:
+                self._proc = None
+                self._generation += 1
+                self._cond.notify_all()
+                if self._stop.is_set():
+                    break
+                self._state = "restarting"
+                self.restarts += 1
+            lived = time.monotonic() - started
+            quick_deaths = 0 if lived > self.backoff_max else quick_deaths + 1
+            delay = 0.0 if quick_deaths <= 1 else min(
+                self.backoff_max, _RESTART_MIN_S * 2 ** (quick_deaths - 2))
+            log.warning("lrctl: the MLflow shipper %s; restarting it in %.1f s (the journal "
+                        "keeps what it had not shipped)",
+                        f"(pid {proc.pid}) exited with status {code}" if proc is not None
+                        else "could not start", delay)
+            self._stop.wait(delay)
+
+    def _spawn(self) -> subprocess.Popen[bytes] | None:
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(
+            p for p in (_PACKAGE_ROOT, env.get("PYTHONPATH")) if p)
+        with self._cond:
+            if self._stop.is_set():
+                return None
+            try:
+                proc = subprocess.Popen(self._argv, stdin=subprocess.PIPE,
+                                        stdout=subprocess.PIPE, env=env, close_fds=True)
+            except OSError as exc:
+                log.error("lrctl: cannot start the MLflow shipper: %s", exc)
+                return None
+            self._proc = proc
+            self._generation += 1
+            self._state = "running"
+            for key, uri in self._routes.items():  # a new child: every run, from its cursor
+                self._send({"op": "attend", "run": key, "uri": uri})
+            self._cond.notify_all()
+        log.info("lrctl: MLflow shipper started, pid %d", proc.pid)
+        return proc
+
+    def _read(self, stdout: IO[bytes]) -> None:
+        for raw in stdout:
+            try:
+                msg = json.loads(raw)
+            except ValueError:
+                log.error("lrctl: the MLflow shipper wrote %.200r", raw)
+                continue
+            if "log" in msg:
+                log.log(int(msg["log"]), "%s", msg.get("msg", ""))
+                continue
+            with self._cond:
+                if "ack" in msg:
+                    self._acks[int(msg["ack"])] = bool(msg.get("ok"))
+                elif "closed" in msg:
+                    self._closed = bool(msg["closed"])
+                self._cond.notify_all()
+        stdout.close()

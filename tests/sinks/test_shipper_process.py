@@ -1,0 +1,177 @@
+"""The MLflow shipper runs in a child process of the controller (issue #13, memory).
+
+Real controllers ship to a real sqlite store: the controller never loads mlflow, the
+runs are complete in MLflow, and a shipper killed with SIGKILL mid-run is restarted and
+loses and repeats nothing. A shipper that does not stop is killed at close's deadline.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import stat
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from live_controller import LiveController, live_controller
+from mlflow.tracking import MlflowClient
+from sinks_helpers import assert_exactly_once, mlflow_run_id, run_info
+
+import lrctl
+from lrctl.cli import main
+from lrctl.client import request
+from lrctl.sinks import AuditSettings, AuditSink
+from lrctl.sinks.shipper_proxy import ShipperProcess
+
+POLICY = {"version": 1, "policies": [
+    {"kind": "plateau", "metric": "loss", "patience": 5, "factor": 0.5, "cooldown": 2}]}
+DEADLINE_S = 120.0
+
+
+def _poll(what: str, check: Callable[[], Any]) -> Any:
+    """``check()``'s first truthy answer; fails after a generous deadline (a hang)."""
+    deadline = time.monotonic() + DEADLINE_S
+    while True:
+        got = check()
+        if got:
+            return got
+        assert time.monotonic() < deadline, f"never happened: {what}"
+        time.sleep(0.05)
+
+
+def _train(steps: range, opt: torch.optim.Optimizer, ctl: lrctl.Controller) -> None:
+    for _ in steps:
+        ctl.step(1.0, grad_norm=1.0)  # a flat loss: the plateau rule decides now and then
+        opt.step()
+
+
+def _status(controller: LiveController) -> dict[str, Any]:
+    return request({"t": "status"}, controller.socket, timeout=10.0)
+
+
+def _finished(client: MlflowClient, state: Path, key: str) -> Callable[[], bool]:
+    def check() -> bool:
+        try:
+            return client.get_run(mlflow_run_id(state, key)).info.status == "FINISHED"
+        except (OSError, KeyError, TypeError):
+            return False
+    return check
+
+
+def _sqlite_env(workdir: Path) -> tuple[str, dict[str, str]]:
+    uri = f"sqlite:///{workdir / 'mlflow.db'}"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    return uri, env
+
+
+def test_the_controller_ships_complete_runs_without_loading_mlflow(
+        workdir: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    uri, env = _sqlite_env(workdir)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.ones(2))], lr=0.1)
+    with live_controller(audit=True, env=env) as controller:
+        monkeypatch.setenv("LRCTL_SOCKET", controller.socket)
+        keys = []
+        for name in ("first", "second"):
+            with lrctl.attach(opt, policy=POLICY, sync=True, spawn=False,
+                              run_name=name) as ctl:
+                _train(range(60), opt, ctl)
+                keys.append(ctl.run_key)
+                assert any(d.action == "reduce" for d in ctl.decisions)
+        client = MlflowClient(uri)
+        state = Path(controller.state_dir)
+        for key in keys:
+            _poll(f"run {key} finished in MLflow", _finished(client, state, key))
+        status = _status(controller)
+        assert controller.proc is not None and status["pid"] == controller.proc.pid
+        shipper = status["shipper"]
+        assert shipper["state"] == "running" and shipper["restarts"] == 0
+        assert shipper["pid"] not in (None, status["pid"])
+        assert status["mlflow_loaded"] is False  # the controller's sys.modules
+        assert status["rss_kib"] > 0 and shipper["rss_kib"] > 0
+        capsys.readouterr()
+        assert main(["status", "--socket", controller.socket]) == 0
+        out = capsys.readouterr().out
+        assert "mlflow not loaded" in out
+        assert f"MLflow shipper: running, pid {shipper['pid']}, " in out
+        for key in keys:
+            assert_exactly_once(client, mlflow_run_id(state, key), state, key, workdir)
+
+
+def test_a_shipper_killed_mid_run_is_restarted_and_ships_every_decision_once(
+        workdir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    uri, env = _sqlite_env(workdir)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.ones(2))], lr=0.1)
+    with live_controller(audit=True, env=env) as controller:
+        monkeypatch.setenv("LRCTL_SOCKET", controller.socket)
+        client = MlflowClient(uri)
+        state = Path(controller.state_dir)
+        with lrctl.attach(opt, policy=POLICY, sync=True, spawn=False, run_name="k") as ctl:
+            _train(range(40), opt, ctl)
+            key = ctl.run_key
+            assert key is not None
+            _poll("some decisions in MLflow", lambda: (state / "runs").exists() and _shipped(
+                client, state, key))
+            first = _status(controller)["shipper"]["pid"]
+            os.kill(first, signal.SIGKILL)
+            _train(range(40, 120), opt, ctl)
+            again = _poll("the shipper restarted", lambda: (
+                lambda s: s if s["restarts"] == 1 and s["state"] == "running" else None)(
+                    _status(controller)["shipper"]))
+            assert again["pid"] != first
+            _train(range(120, 160), opt, ctl)
+        _poll(f"run {key} finished in MLflow", _finished(client, state, key))
+        journal = assert_exactly_once(client, mlflow_run_id(state, key), state, key, workdir)
+        assert len(journal) >= 3
+        log = controller.log.read_text()
+        assert log.count("exited with status") == 1, log[-3000:]  # logged once per restart
+
+
+def _shipped(client: MlflowClient, state: Path, key: str) -> bool:
+    try:
+        return bool(client.get_metric_history(mlflow_run_id(state, key), "lrctl/decision"))
+    except (OSError, KeyError, TypeError):
+        return False
+
+
+def test_close_kills_a_shipper_that_does_not_stop(tmp_path: Path) -> None:
+    """SIGTERM must stay fast whatever MLflow does: a child that ignores ``close`` is
+    killed at the deadline, and the journal keeps the run for the next controller."""
+    stuck = tmp_path / "stuck-python"
+    stuck.write_text(f"#!/bin/sh\nexec {sys.executable} -c "
+                     "'import signal, sys; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+                     "sys.stdin.read(); signal.pause()'\n")
+    stuck.chmod(stuck.stat().st_mode | stat.S_IXUSR)
+    shipper = ShipperProcess(tmp_path / "state", python=str(stuck))
+    sink = AuditSink(tmp_path / "state", AuditSettings(log_every=10), shipper=shipper, env={})
+    sink.open_run(run_info("run-s1", tracking_uri=f"sqlite:///{tmp_path / 'm.db'}"))
+    pid = _poll("the child started", lambda: shipper.status()["pid"])
+    sink.close(timeout=0.3)
+    assert shipper.status()["state"] == "stopped" and shipper.status()["pid"] is None
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)
+
+
+def test_a_shipper_that_keeps_dying_is_restarted_with_one_log_line_each(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A crash loop (here: a child that exits at once) backs off and never spams."""
+    dying = tmp_path / "dying-python"
+    dying.write_text("#!/bin/sh\nexit 3\n")
+    dying.chmod(dying.stat().st_mode | stat.S_IXUSR)
+    shipper = ShipperProcess(tmp_path / "state", python=str(dying), backoff_max=1.0)
+    caplog.set_level(logging.INFO, logger="lrctl.sinks.mlflow")
+    shipper.attend("run-d1", f"sqlite:///{tmp_path / 'm.db'}")
+    _poll("three restarts", lambda: shipper.status()["restarts"] >= 3)
+    assert shipper.close(timeout=0.5) is False  # nothing was shipped: the journal keeps it
+    restarts = [r for r in caplog.records if "exited with status 3" in r.getMessage()]
+    assert len(restarts) == shipper.restarts >= 3
+    assert shipper.status() == {"pid": None, "state": "stopped", "restarts": shipper.restarts,
+                                "rss_kib": None}
