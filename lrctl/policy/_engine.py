@@ -24,22 +24,24 @@ from collections import deque
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from ._base import SCHEDULE, Observation, Policy, StepContext
+from ._arbiter import Factors, LRArbiter
+from ._base import SCHEDULE, Action, Observation, Policy, StepContext
 from ._decision import Decision
+from ._inputs import (
+    ObservationError,
+    check_lrs,
+    check_total_steps,
+    make_observation,
+    unique_names,
+)
 
-__all__ = ["Engine", "ObservationError"]
+__all__ = ["Engine", "ObservationError", "unique_names"]
 
 STATE_VERSION = 1
-MAX_METRICS = 64
 MAX_DECISIONS_KEPT = 10_000
-_RESERVED = frozenset({"step", "loss", "grad_norm"})
 
 
-class ObservationError(ValueError):
-    """An observation the engine cannot accept (bad step, bad number, bad name)."""
-
-
-class Engine:
+class Engine(LRArbiter):
     """A stack of policies driving the LRs of one run's param groups.
 
     ``observe`` returns the LRs to use for the next step. ``mode="shadow"``
@@ -59,7 +61,7 @@ class Engine:
         policy_sha256: str = "",
         total_steps: int | None = None,
     ) -> None:
-        self.initial_lrs = tuple(_check_lrs(base_lrs))
+        self.initial_lrs = tuple(check_lrs(base_lrs))
         if names is None:
             names = unique_names([p.kind for p in policies])
         if len(names) != len(policies):
@@ -76,12 +78,19 @@ class Engine:
         self.max_lr = math.inf if max_lr is None else float(max_lr)
         self.mode = mode
         self.policy_sha256 = policy_sha256
-        self.total_steps = _check_total_steps(total_steps)
+        self.total_steps = check_total_steps(total_steps)
         self._reactive = [p for p in self.policies if p.role != SCHEDULE]
         self._schedules = [p for p in self.policies if p.role == SCHEDULE]
         self._order = sorted(range(len(self.policies)),
                              key=lambda i: (self.policies[i].role == SCHEDULE,
                                             self.policies[i].priority, i))
+        # The observe order, with each policy's places among the reactive ones (where
+        # update() keeps its multiplier): worked out once, not at every observation.
+        self._plan = [(i, self.policies[i],
+                       tuple(j for j, p in enumerate(self._reactive) if p is self.policies[i]))
+                      for i in self._order]
+        # One context, reset at each observation (policies see it only during one).
+        self._ctx = StepContext(initial_lrs=self.initial_lrs)
         self.last_step: int | None = None
         self.should_skip = False
         self.should_stop = False
@@ -132,49 +141,26 @@ class Engine:
     ) -> list[float]:
         """:meth:`observe` with the metrics as a mapping (any names, checked here)."""
         obs = self._make_observation(step, loss, grad_norm, metrics)
-        ctx = StepContext(initial_lrs=self.initial_lrs, total_steps=self.total_steps)
+        ctx = self._context()
         new_decisions: list[Decision] = []
-        next_step = obs.step + 1
-        factors = self._schedule_factors(next_step)  # schedules are pure: once per step
+        factors = self._schedule_factors(obs.step + 1)  # schedules are pure: once per step
         # The product of the reactive multipliers, as _multiplier() computes it. A policy's
         # multiplier changes only in its own observe(), so after each observe only that
         # policy is asked again, and the product is redone only when its value changed.
-        reactive = self._reactive
-        multipliers = [p.multiplier() for p in reactive]
+        multipliers = [p.multiplier() for p in self._reactive]
         multiplier = _product(multipliers)
-        for i in self._order:
-            policy = self.policies[i]
+        for i, policy, places in self._plan:
             actions = policy.observe(obs, ctx)
             before_multiplier = multiplier
-            if policy.role != SCHEDULE:
+            if places:
                 value = policy.multiplier()
-                for j, p in enumerate(reactive):
-                    if p is policy and multipliers[j] is not value:
+                for j in places:
+                    if multipliers[j] is not value:
                         multipliers[j] = value
                         multiplier = _product(multipliers)
-            if not actions:
-                continue
-            before = self._lrs_from(before_multiplier, factors)
-            after = self._lrs_from(multiplier, factors)
-            for action in actions:
-                moved = action.action not in ("skip", "stop")
-                reason, evidence = action.reason, action.evidence
-                if action.action == "skip" and not self.skips_enforced and not _nonfinite(obs):
-                    reason += ("; advisory: the hook is async, so this step had already run "
-                               "(attach(..., sync=True) carries such skips out)")
-                    evidence = {**evidence, "advisory": True}
-                new_decisions.append(Decision(
-                    step=obs.step,
-                    policy=self.names[i],
-                    kind=policy.kind,
-                    action=action.action,
-                    old_lrs=tuple(before),
-                    new_lrs=tuple(after if moved else before),
-                    reason=reason,
-                    evidence=evidence,
-                    policy_sha256=self.policy_sha256,
-                    shadow=self.mode == "shadow",
-                ))
+            if actions:
+                new_decisions += self._decisions_of(i, actions, obs, before_multiplier,
+                                                    multiplier, factors)
         if not ctx.skip and _nonfinite(obs):
             # Every path skips a non-finite step (the hook refuses it in the training
             # process whatever the policies say): the record says so.
@@ -198,10 +184,49 @@ class Engine:
             if record is not None:
                 new_decisions.append(record)
         self._lrs = lrs
-        self._decisions.extend(new_decisions)
-        self.decision_count += len(new_decisions)
+        if new_decisions:
+            self._decisions.extend(new_decisions)
+            self.decision_count += len(new_decisions)
         self.last_decisions = new_decisions
         return self.applied_lrs
+
+    def _context(self) -> StepContext:
+        """The stack's context, cleared for a new observation."""
+        ctx = self._ctx
+        ctx.initial_lrs, ctx.total_steps = self.initial_lrs, self.total_steps
+        ctx.flags.clear()
+        ctx.skip = ctx.stop = False
+        return ctx
+
+    def _decisions_of(self, i: int, actions: list[Action], obs: Observation,
+                      before_multiplier: float, multiplier: float,
+                      factors: Factors) -> list[Decision]:
+        """The records of what policy ``i`` did at ``obs``: the LRs for the next step
+        without (``before_multiplier``) and with (``multiplier``) its actions."""
+        policy = self.policies[i]
+        before = tuple(self._lrs_from(before_multiplier, factors))
+        after = tuple(self._lrs_from(multiplier, factors))
+        out = []
+        for action in actions:
+            moved = action.action not in ("skip", "stop")
+            reason, evidence = action.reason, action.evidence
+            if action.action == "skip" and not self.skips_enforced and not _nonfinite(obs):
+                reason += ("; advisory: the hook is async, so this step had already run "
+                           "(attach(..., sync=True) carries such skips out)")
+                evidence = {**evidence, "advisory": True}
+            out.append(Decision(
+                step=obs.step,
+                policy=self.names[i],
+                kind=policy.kind,
+                action=action.action,
+                old_lrs=before,
+                new_lrs=after if moved else before,
+                reason=reason,
+                evidence=evidence,
+                policy_sha256=self.policy_sha256,
+                shadow=self.mode == "shadow",
+            ))
+        return out
 
     def command(self, name: str, **args: Any) -> list[Decision]:
         """An operator command for the one policy of the stack that takes it (``decay``,
@@ -231,103 +256,9 @@ class Engine:
         self.decision_count += len(decisions)
         return decisions
 
-    # -- arbitration -------------------------------------------------------------
-    def _compute(self, step: int) -> list[float]:
-        return self._lrs_from(self._multiplier(), self._schedule_factors(step))
-
-    def _multiplier(self) -> float:
-        multiplier = 1.0
-        for p in self._reactive:
-            multiplier *= p.multiplier()
-        return multiplier
-
-    def _schedule_factors(self, step: int) -> list[list[float]]:
-        """Each group's schedule factors at ``step``, in file order."""
-        return [[p.factor(step, g, initial) for p in self._schedules]
-                for g, initial in enumerate(self.initial_lrs)]
-
-    def _lrs_from(self, multiplier: float, factors: list[list[float]]) -> list[float]:
-        lrs = []
-        previous = getattr(self, "_lrs", None)
-        for g, (initial, group_factors) in enumerate(zip(self.initial_lrs, factors,
-                                                         strict=True)):
-            lr = initial * multiplier
-            for f in group_factors:
-                lr *= f
-            if not math.isfinite(lr) or lr < 0:
-                self._saw_unusable = True
-                lr = self._unusable_lr(g, lr, previous)
-            lrs.append(min(max(lr, self.min_lr), self.max_lr))
-        return lrs
-
-    def _unusable_lr(self, g: int, lr: float, previous: list[float] | None) -> float:
-        """What a non-finite or negative LR becomes (a policy's product overflowed, or a
-        bug): never the optimizer's problem. +inf clamps to ``max_lr`` when one is set;
-        otherwise, and for NaN, the group's last LR holds; a negative LR clamps to
-        ``min_lr``. :meth:`update` records when this starts and when it ends."""
-        if lr < 0:
-            return self.min_lr
-        if lr == math.inf and math.isfinite(self.max_lr):
-            return self.max_lr
-        return previous[g] if previous is not None else self.initial_lrs[g]
-
-    def _unusable_record(self, step: int, multiplier: float, factors: list[list[float]],
-                         before: list[float], after: list[float]) -> Decision | None:
-        """A ``guard`` ``clamp`` decision when the policies' LR became unusable, and a
-        ``clamp_released`` one when it is usable again: every LR change has a record."""
-        bad = {}
-        for g, (initial, group_factors) in enumerate(zip(self.initial_lrs, factors,
-                                                         strict=True)):
-            lr = initial * multiplier
-            for f in group_factors:
-                lr *= f
-            if not math.isfinite(lr) or lr < 0:
-                bad[g] = lr
-        was = self._unusable
-        self._unusable = bool(bad)
-        if bool(bad) == was:
-            return None
-        if bad:
-            g, value = next(iter(bad.items()))
-            clamped = value == math.inf and math.isfinite(self.max_lr)
-            reason = (f"the policies' LR for group {g} is {value} (a multiplier or schedule "
-                      f"factor overflowed): {'clamped to max_lr' if clamped else 'held'} at "
-                      f"{after[g]:.6g} until it is usable again")
-            action, evidence = "clamp", {"groups": sorted(bad), "value": value,
-                                         "multiplier": multiplier}
-        else:
-            reason = "the policies' LR is usable again"
-            action, evidence = "clamp_released", {"multiplier": multiplier}
-        return Decision(step=step, policy="guard", kind="guard", action=action,
-                        old_lrs=tuple(before), new_lrs=tuple(after), reason=reason,
-                        evidence=evidence, policy_sha256=self.policy_sha256,
-                        shadow=self.mode == "shadow")
-
     def _make_observation(self, step: Any, loss: Any, grad_norm: Any,
                           metrics: Mapping[str, Any]) -> Observation:
-        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
-            raise ObservationError(f"step must be a non-negative integer, but got {step!r}")
-        if self.last_step is not None and step <= self.last_step:
-            raise ObservationError(
-                f"steps must increase: got step {step} after step {self.last_step}")
-        if len(metrics) > MAX_METRICS:
-            raise ObservationError(f"at most {MAX_METRICS} metrics per observation")
-        clean = {}
-        for name, value in metrics.items():
-            if not isinstance(name, str) or not _is_metric_name(name):
-                raise ObservationError(
-                    f"bad metric name {name!r}: 1-64 letters, digits or _./- starting "
-                    "with a letter")
-            if name in _RESERVED:
-                raise ObservationError(f"metric name {name!r} is reserved")
-            clean[name] = _number(name, value)
-        return Observation(
-            step=step,
-            loss=None if loss is None else _number("loss", loss),
-            grad_norm=None if grad_norm is None else _number("grad_norm", grad_norm),
-            metrics=clean,
-            lrs=tuple(self._lrs),
-        )
+        return make_observation(step, loss, grad_norm, metrics, self.last_step, self._lrs)
 
     # -- hot reload ----------------------------------------------------------------
     def inherit(self, old: Engine) -> dict[str, list[str]]:
@@ -411,52 +342,6 @@ def _product(values: list[float]) -> float:
     out = 1.0
     for v in values:
         out *= v
-    return out
-
-
-def unique_names(kinds: Sequence[str]) -> list[str]:
-    """Default policy names: the kind, with ``#2``, ``#3``… for repeats."""
-    seen: dict[str, int] = {}
-    names = []
-    for kind in kinds:
-        seen[kind] = seen.get(kind, 0) + 1
-        names.append(kind if seen[kind] == 1 else f"{kind}#{seen[kind]}")
-    return names
-
-
-def _is_metric_name(name: str) -> bool:
-    return 0 < len(name) <= 64 and name[0].isalpha() and all(
-        c.isalnum() or c in "_./-" for c in name)
-
-
-def _number(name: str, value: Any) -> float:
-    if isinstance(value, (bool, str, bytes)):
-        raise ObservationError(f"{name} must be a number, but got {value!r}")
-    try:
-        return float(value)
-    except (TypeError, ValueError, OverflowError):
-        raise ObservationError(f"{name} must be a number, but got {value!r}") from None
-
-
-def _check_total_steps(total_steps: Any) -> int | None:
-    if total_steps is None:
-        return None
-    if isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps < 1:
-        raise ValueError(f"total_steps must be a positive integer or None, but got "
-                         f"{total_steps!r}")
-    return total_steps
-
-
-def _check_lrs(lrs: Sequence[float]) -> list[float]:
-    out = []
-    if not lrs:
-        raise ValueError("base_lrs must name at least one param group")
-    for lr in lrs:
-        if isinstance(lr, bool) or not isinstance(lr, (int, float)):
-            raise ValueError(f"base_lrs must be numbers, but got {lr!r}")
-        if not math.isfinite(lr) or lr < 0:
-            raise ValueError(f"base_lrs must be finite and >= 0, but got {lr!r}")
-        out.append(float(lr))
     return out
 
 
