@@ -39,7 +39,7 @@ class LRArbiter:
     policy_sha256: str
     _reactive: list[Policy]
     _schedules: list[Policy]
-    _lrs: list[float]
+    _lrs: Sequence[float]
     #: The policies' LR is unusable now (held or clamped, and recorded as such).
     _unusable = False
     #: :meth:`_lrs_from` met an unusable LR since the flag was last cleared.
@@ -84,7 +84,7 @@ class LRArbiter:
             lrs[g] = min(max(lr, lo), hi)
         return lrs
 
-    def _unusable_lr(self, g: int, lr: float, previous: list[float] | None) -> float:
+    def _unusable_lr(self, g: int, lr: float, previous: Sequence[float] | None) -> float:
         """What a non-finite or negative LR becomes (a policy's product overflowed, or a
         bug): never the optimizer's problem. +inf clamps to ``max_lr`` when one is set;
         otherwise, and for NaN, the group's last LR holds; a negative LR clamps to
@@ -96,7 +96,7 @@ class LRArbiter:
         return previous[g] if previous is not None else self.initial_lrs[g]
 
     def _unusable_record(self, step: int, multiplier: float, factors: Factors,
-                         before: list[float], after: list[float]) -> Decision | None:
+                         before: Sequence[float], after: Sequence[float]) -> Decision | None:
         """A ``guard`` ``clamp`` decision when the policies' LR became unusable, and a
         ``clamp_released`` one when it is usable again: every LR change has a record."""
         bad = {g: lr for g, lr in enumerate(self._products(multiplier, factors))

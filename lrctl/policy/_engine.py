@@ -104,7 +104,12 @@ class Engine(LRArbiter):
         self.last_decisions: list[Decision] = []
         self._unusable = False  # the policies' LR is non-finite: held or clamped (recorded)
         self._saw_unusable = False
-        self._lrs = self._compute(0)
+        # The reactive multipliers as last seen, their product, and the multiplier object
+        # the current LRs were computed from (None: not from it alone; see update()).
+        self._multipliers: list[float] = [p.multiplier() for p in self._reactive]
+        self._product = _product(self._multipliers)
+        self._lrs_multiplier: float | None = None
+        self._lrs: Sequence[float] = self._compute(0)
 
     # -- public API ------------------------------------------------------------
     @property
@@ -140,24 +145,27 @@ class Engine(LRArbiter):
         metrics: Mapping[str, float],
     ) -> list[float]:
         """:meth:`observe` with the metrics as a mapping (any names, checked here)."""
-        obs = self._make_observation(step, loss, grad_norm, metrics)
-        ctx = self._context()
+        obs = make_observation(step, loss, grad_norm, metrics, self.last_step, self._lrs)
+        ctx = self._ctx  # the stack's one context, cleared for this observation
+        ctx.initial_lrs, ctx.total_steps = self.initial_lrs, self.total_steps
+        if ctx.flags:
+            ctx.flags.clear()
+        ctx.skip = ctx.stop = False
         new_decisions: list[Decision] = []
-        factors = self._schedule_factors(obs.step + 1)  # schedules are pure: once per step
-        # The product of the reactive multipliers, as _multiplier() computes it. A policy's
-        # multiplier changes only in its own observe(), so after each observe only that
-        # policy is asked again, and the product is redone only when its value changed.
-        multipliers = [p.multiplier() for p in self._reactive]
-        multiplier = _product(multipliers)
+        factors = self._schedule_factors(obs.step + 1) if self._schedules else None
+        multiplier = self._refresh_multipliers()
+        multipliers = self._multipliers
         for i, policy, places in self._plan:
             actions = policy.observe(obs, ctx)
             before_multiplier = multiplier
+            # A policy's multiplier changes only in its own observe(): ask it again, and
+            # redo the product only when its value changed.
             if places:
                 value = policy.multiplier()
                 for j in places:
                     if multipliers[j] is not value:
                         multipliers[j] = value
-                        multiplier = _product(multipliers)
+                        multiplier = self._product = _product(multipliers)
             if actions:
                 new_decisions += self._decisions_of(i, actions, obs, before_multiplier,
                                                     multiplier, factors)
@@ -165,20 +173,19 @@ class Engine(LRArbiter):
             # Every path skips a non-finite step (the hook refuses it in the training
             # process whatever the policies say): the record says so.
             ctx.skip = True
-            lrs = self._lrs_from(multiplier, factors)
-            new_decisions.append(Decision(
-                step=obs.step, policy="guard", kind="guard", action="skip",
-                old_lrs=tuple(lrs), new_lrs=tuple(lrs),
-                reason=f"non-finite statistics (loss {obs.loss}, grad norm {obs.grad_norm}): "
-                       "the optimizer step is skipped",
-                evidence={"statistic": "nonfinite", "loss": obs.loss,
-                          "grad_norm": obs.grad_norm},
-                policy_sha256=self.policy_sha256, shadow=self.mode == "shadow"))
+            new_decisions.append(self._nonfinite_skip(obs, multiplier, factors))
         self.last_step = obs.step
         self.should_skip = ctx.skip
         self.should_stop = self.should_stop or ctx.stop
         self._saw_unusable = False
-        lrs = self._lrs_from(multiplier, factors)
+        if multiplier is self._lrs_multiplier and factors is None:
+            lrs = self._lrs  # the same multiplier object and no schedules: the same LRs
+        else:
+            lrs = tuple(self._lrs_from(multiplier, factors))
+            # Usable LRs from the multiplier alone are a function of it (and of the fixed
+            # initial LRs and bounds): kept for the next observation's shortcut above.
+            self._lrs_multiplier = (multiplier if factors is None and not self._saw_unusable
+                                    else None)
         if self._unusable or self._saw_unusable:
             record = self._unusable_record(obs.step, multiplier, factors, self._lrs, lrs)
             if record is not None:
@@ -190,13 +197,30 @@ class Engine(LRArbiter):
         self.last_decisions = new_decisions
         return self.applied_lrs
 
-    def _context(self) -> StepContext:
-        """The stack's context, cleared for a new observation."""
-        ctx = self._ctx
-        ctx.initial_lrs, ctx.total_steps = self.initial_lrs, self.total_steps
-        ctx.flags.clear()
-        ctx.skip = ctx.stop = False
-        return ctx
+    def _refresh_multipliers(self) -> float:
+        """The product of the reactive multipliers, as :meth:`_multiplier` computes it,
+        redone only when one of them is another value than at the last observation (a
+        command, a reload or a restored state changed it in between)."""
+        multipliers = self._multipliers
+        changed = False
+        for j, p in enumerate(self._reactive):
+            value = p.multiplier()
+            if multipliers[j] is not value:
+                multipliers[j] = value
+                changed = True
+        if changed:
+            self._product = _product(multipliers)
+        return self._product
+
+    def _nonfinite_skip(self, obs: Observation, multiplier: float,
+                        factors: Factors) -> Decision:
+        lrs = tuple(self._lrs_from(multiplier, factors))
+        return Decision(
+            step=obs.step, policy="guard", kind="guard", action="skip", old_lrs=lrs,
+            new_lrs=lrs, reason=f"non-finite statistics (loss {obs.loss}, grad norm "
+                                f"{obs.grad_norm}): the optimizer step is skipped",
+            evidence={"statistic": "nonfinite", "loss": obs.loss, "grad_norm": obs.grad_norm},
+            policy_sha256=self.policy_sha256, shadow=self.mode == "shadow")
 
     def _decisions_of(self, i: int, actions: list[Action], obs: Observation,
                       before_multiplier: float, multiplier: float,
@@ -247,6 +271,7 @@ class Engine(LRArbiter):
         before = list(self._lrs)
         actions = self.policies[i].command(name, args, step)
         self._lrs = self._compute(step + 1)
+        self._lrs_multiplier = None
         decisions = [Decision(
             step=max(step, 0), policy=self.names[i], kind=self.policies[i].kind,
             action=a.action, old_lrs=tuple(before), new_lrs=tuple(self._lrs), reason=a.reason,
@@ -298,6 +323,7 @@ class Engine(LRArbiter):
         self._unusable = old._unusable
         step = 0 if old.last_step is None else old.last_step + 1
         self._lrs = self._compute(step)
+        self._lrs_multiplier = None
         return summary
 
     # -- state -------------------------------------------------------------------
@@ -336,6 +362,7 @@ class Engine(LRArbiter):
         self.decision_count = int(state["decision_count"])
         self._unusable = bool(state.get("unusable", False))
         self._lrs = [float(x) for x in state["lrs"]]
+        self._lrs_multiplier = None
 
 
 def _product(values: list[float]) -> float:

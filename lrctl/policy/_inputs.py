@@ -40,14 +40,11 @@ def make_observation(step: Any, loss: Any, grad_norm: Any, metrics: Mapping[str,
     if last_step is not None and step <= last_step:
         raise ObservationError(f"steps must increase: got step {step} after step {last_step}")
     checked = _checked_metrics(metrics) if metrics else NO_METRICS  # checked before the stats
-    return Observation(
-        step=step,
-        loss=loss if loss is None or type(loss) is float else _number("loss", loss),
-        grad_norm=(grad_norm if grad_norm is None or type(grad_norm) is float
-                   else _number("grad_norm", grad_norm)),
-        metrics=checked,
-        lrs=tuple(lrs),
-    )
+    if loss is not None and type(loss) is not float:
+        loss = _number("loss", loss)
+    if grad_norm is not None and type(grad_norm) is not float:
+        grad_norm = _number("grad_norm", grad_norm)
+    return Observation(step, loss, grad_norm, checked, tuple(lrs))  # positional: cheaper
 
 
 def _checked_metrics(metrics: Mapping[str, Any]) -> dict[str, float]:

@@ -107,18 +107,26 @@ class Divergence(Policy):
 
         self._total_backoffs = 0
         self._stopped = False
+        # The knobs read at every observation, as plain attributes (params are fixed).
+        p = self.params
+        self._linear = p["loss_scale"] == "linear"
+        self._watch_loss, self._watch_grad = p["watch_loss"], p["watch_grad_norm"]
+        self._min_samples, self._z = p["min_samples"], p["z_threshold"]
+        self._grad_floor = (p["min_sigma"] if p["grad_norm_min_sigma"] is None
+                            else p["grad_norm_min_sigma"])
+        self._regrow_after = p["regrow_after"]
 
     def multiplier(self) -> float:
         return self._scale
 
     # -- detection -----------------------------------------------------------
     def _spike(self, window: RobustWindow, value: float, floor: float) -> dict[str, Any] | None:
-        if len(window) < self.params["min_samples"]:
+        if window.count < self._min_samples:
             return None
         median, sigma = window.stats()
         sigma = max(sigma, floor, _MIN_SIGMA)
         z = (value - median) / sigma
-        if z <= self.params["z_threshold"]:
+        if z <= self._z:
             return None
         return {"median": median, "sigma": sigma, "z": z}
 
@@ -126,25 +134,14 @@ class Divergence(Policy):
         loss, gnorm = obs.loss, obs.grad_norm
         if ((loss is not None and not math.isfinite(loss))
                 or (gnorm is not None and not math.isfinite(gnorm))):
-            nonfinite = [name for name, v in (("loss", loss), ("grad_norm", gnorm))
-                         if v is not None and not math.isfinite(v)]
-            ctx.flags.add("nonfinite")
-            ctx.skip = ctx.skip or self.params["skip_nonfinite"]
-            name = nonfinite[0]
-            value = obs.value(name)
-            return self._back_off(ctx, f"{name} is {value}",
-                                  {"statistic": name, "value": value, "threshold": "finite"},
-                                  force=True)
-
-        evidence: dict[str, Any] | None = None
+            return self._nonfinite(obs, ctx)
         judged_loss = self._loss_value(loss)
         log_gnorm = math.log(gnorm) if gnorm is not None and gnorm > 0 else None
-        if not self._stopped:
-            evidence = self._judge(judged_loss, log_gnorm)
+        evidence = None if self._stopped else self._judge(judged_loss, log_gnorm)
         if evidence is None:
-            if judged_loss is not None and self.params["watch_loss"]:
+            if judged_loss is not None and self._watch_loss:
                 self._loss.add(judged_loss)
-            if log_gnorm is not None and self.params["watch_grad_norm"]:
+            if log_gnorm is not None and self._watch_grad:
                 self._gnorm.add(log_gnorm)
         in_cooldown = self._cooldown > 0
         if in_cooldown:
@@ -171,7 +168,21 @@ class Divergence(Policy):
                 return ([Action("skip", f"skip this optimizer step: {reason}", evidence)]
                         if ctx.skip else [])
             return self._back_off(ctx, reason, evidence, force=False)
-        return self._maybe_regrow()
+        if self._stopped:  # a run told to stop that goes on anyway stays at the low LR
+            return []
+        self._clean += 1
+        return self._regrow() if self._clean >= self._regrow_after else []
+
+    def _nonfinite(self, obs: Observation, ctx: StepContext) -> list[Action]:
+        """A NaN or infinite loss or grad norm: back off at once (and skip the step)."""
+        name = next(name for name, v in (("loss", obs.loss), ("grad_norm", obs.grad_norm))
+                    if v is not None and not math.isfinite(v))
+        ctx.flags.add("nonfinite")
+        ctx.skip = ctx.skip or self.params["skip_nonfinite"]
+        value = obs.value(name)
+        return self._back_off(ctx, f"{name} is {value}",
+                              {"statistic": name, "value": value, "threshold": "finite"},
+                              force=True)
 
     def _skips_spikes(self) -> bool:
         """Whether a spike now asks the hook to skip its step: not once a back-off did
@@ -258,13 +269,13 @@ class Divergence(Policy):
         """The loss on the scale it is judged on (None: not judged)."""
         if loss is None:
             return None
-        if self.params["loss_scale"] == "linear":
+        if self._linear:
             return loss
         return math.log(loss) if loss > 0 else None
 
     def _judge(self, loss: float | None, log_gnorm: float | None) -> dict[str, Any] | None:
-        if loss is not None and self.params["watch_loss"]:
-            linear = self.params["loss_scale"] == "linear"
+        if loss is not None and self._watch_loss:
+            linear = self._linear
             floor = self.params["min_sigma"]
             if linear:
                 floor *= abs(self._loss.median()) if len(self._loss) else 0.0
@@ -277,10 +288,8 @@ class Divergence(Policy):
                         "median": math.exp(hit["median"]), "sigma_log": hit["sigma"],
                         "z": hit["z"], "threshold": self.params["z_threshold"],
                         "window": len(self._loss)}
-        if log_gnorm is not None and self.params["watch_grad_norm"]:
-            floor = self.params["grad_norm_min_sigma"]
-            hit = self._spike(self._gnorm, log_gnorm,
-                              self.params["min_sigma"] if floor is None else floor)
+        if log_gnorm is not None and self._watch_grad:
+            hit = self._spike(self._gnorm, log_gnorm, self._grad_floor)
             if hit is not None:
                 return {"statistic": "grad_norm", "value": math.exp(log_gnorm),
                         "median": math.exp(hit["median"]), "sigma_log": hit["sigma"],
@@ -330,12 +339,8 @@ class Divergence(Policy):
                                "backoffs": self._backoffs, "forced": force}))
         return actions
 
-    def _maybe_regrow(self) -> list[Action]:
-        if self._stopped:  # a run told to stop that goes on anyway stays at the low LR
-            return []
-        self._clean += 1
-        if self._clean < self.params["regrow_after"]:
-            return []
+    def _regrow(self) -> list[Action]:
+        """``regrow_after`` clean observations in a row: the multiplier grows back."""
         self._clean = 0
         self._spikes = 0
         if self._scale >= 1.0:

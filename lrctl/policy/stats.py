@@ -40,9 +40,10 @@ from __future__ import annotations
 
 import bisect
 import functools
-import itertools
 import math
 from collections import deque
+from itertools import islice, repeat
+from operator import mul, sub
 from statistics import NormalDist
 
 __all__ = ["FALSE_VERDICT_RATE", "RobustWindow", "SmoothedLevel", "TrendTest", "TrendWindow",
@@ -54,6 +55,7 @@ FALSE_VERDICT_RATE = 0.05
 _RHO_MAX = 0.95  # an autocorrelation estimate above this is clipped (tau ≤ 39)
 
 
+@functools.lru_cache(maxsize=64)
 def z_for(alpha: float) -> float:
     """The one-sided standard-normal quantile for level ``alpha``."""
     if not 0 < alpha < 0.5:
@@ -161,14 +163,17 @@ class TrendWindow:
         m_old, m_new = sum(older) / h, sum(newer) / h
         # Residuals around each half's own least-squares line: a smooth trend (the
         # usual falling loss) is not mistaken for noise or for autocorrelation.
-        res = _detrended(older, m_old) + _detrended(newer, m_new)
-        var = sum(r * r for r in res) / (self.window - 4)
+        # (The sums run over map(): the same products, added in the same order as a
+        # generator would give them, without a Python frame per value.)
+        res_old, res_new = _detrended(older, m_old), _detrended(newer, m_new)
+        res = res_old + res_new
+        var = sum(map(mul, res, res)) / (self.window - 4)
         if var <= 0.0:
             tau = 1.0
         else:
             # Lag-1 products within each half (not across the boundary between them).
-            lag = sum(a * b for a, b in itertools.pairwise(res[:h]))
-            lag += sum(a * b for a, b in itertools.pairwise(res[h:]))
+            lag = sum(map(mul, res_old, islice(res_old, 1, None)))
+            lag += sum(map(mul, res_new, islice(res_new, 1, None)))
             rho = min(max(lag / (var * (self.window - 4)), 0.0), _RHO_MAX)
             tau = (1.0 + rho) / (1.0 - rho)
         se = math.sqrt(2.0 * var * tau / h)
@@ -189,36 +194,50 @@ class TrendWindow:
 
 
 def _detrended(values: list[float], mean: float) -> list[float]:
-    """``values`` minus their least-squares line over the index."""
-    n = len(values)
+    """``values`` minus their least-squares line over the index:
+    ``v - mean - slope * (i - centre)``, with ``slope = Σ (i - centre)(v - mean) / sxx``."""
+    offsets, sxx = _centred_index(len(values))
+    deviations = list(map(sub, values, repeat(mean)))
+    slope = sum(map(mul, offsets, deviations)) / sxx
+    return list(map(sub, deviations, map(mul, repeat(slope), offsets)))
+
+
+@functools.lru_cache(maxsize=16)
+def _centred_index(n: int) -> tuple[tuple[float, ...], float]:
+    """``i - centre`` for ``i < n`` and their sum of squares ``sxx``, for :func:`_detrended`."""
     centre = (n - 1) / 2.0
-    sxx = n * (n * n - 1) / 12.0
-    slope = sum((i - centre) * (v - mean) for i, v in enumerate(values)) / sxx
-    return [v - mean - slope * (i - centre) for i, v in enumerate(values)]
+    return tuple(i - centre for i in range(n)), n * (n * n - 1) / 12.0
 
 
 class RobustWindow:
     """Median and IQR-based scale of the last ``size`` values, O(size) per update.
 
-    The statistics are computed once per change of the window (:meth:`stats`).
+    The values are kept twice: in arrival order (to know which one leaves) and sorted
+    (to read the quantiles). The statistics are computed once per change of the window
+    (:meth:`stats`); ``count`` is ``len(window)``.
     """
+
+    __slots__ = ("_fifo", "_sorted", "_stats", "count", "size")
 
     def __init__(self, size: int) -> None:
         self.size = size
+        self.count = 0
         self._fifo: deque[float] = deque()
         self._sorted: list[float] = []
         self._stats: tuple[float, float] | None = None  # (median, sigma) of this window
 
     def __len__(self) -> int:
-        return len(self._fifo)
+        return self.count
 
     def add(self, value: float) -> None:
         self._stats = None
-        self._fifo.append(value)
-        bisect.insort(self._sorted, value)
-        if len(self._fifo) > self.size:
-            old = self._fifo.popleft()
-            del self._sorted[bisect.bisect_left(self._sorted, old)]
+        fifo, data = self._fifo, self._sorted
+        fifo.append(value)
+        bisect.insort(data, value)
+        if self.count == self.size:
+            del data[bisect.bisect_left(data, fifo.popleft())]
+        else:
+            self.count += 1
 
     def _quantile(self, q: float) -> float:
         data = self._sorted
@@ -236,7 +255,7 @@ class RobustWindow:
         stats = self._stats
         if stats is None:
             data = self._sorted
-            (l25, h25, f25), (l50, h50, f50), (l75, h75, f75) = _positions(len(data))
+            (l25, h25, f25), (l50, h50, f50), (l75, h75, f75) = _positions(self.count)
             q25 = data[l25] + (data[h25] - data[l25]) * f25
             median = data[l50] + (data[h50] - data[l50]) * f50
             q75 = data[l75] + (data[h75] - data[l75]) * f75
@@ -257,6 +276,7 @@ class RobustWindow:
         self._stats = None
         self._fifo = deque(values[-self.size:])
         self._sorted = sorted(self._fifo)
+        self.count = len(self._fifo)
 
 
 _Position = tuple[int, int, float]
