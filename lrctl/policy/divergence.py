@@ -123,12 +123,10 @@ class Divergence(Policy):
     def _spike(self, window: RobustWindow, value: float, floor: float) -> dict[str, Any] | None:
         if window.count < self._min_samples:
             return None
-        median, sigma = window.stats()
-        sigma = max(sigma, floor, _MIN_SIGMA)
-        z = (value - median) / sigma
-        if z <= self._z:
+        hit = window.outlier(value, self._z, max(floor, _MIN_SIGMA))
+        if hit is None:
             return None
-        return {"median": median, "sigma": sigma, "z": z}
+        return {"median": hit[0], "sigma": hit[1], "z": hit[2]}
 
     def observe(self, obs: Observation, ctx: StepContext) -> list[Action]:
         loss, gnorm = obs.loss, obs.grad_norm

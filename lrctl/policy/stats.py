@@ -217,7 +217,7 @@ class RobustWindow:
     (:meth:`stats`); ``count`` is ``len(window)``.
     """
 
-    __slots__ = ("_fifo", "_sorted", "_stats", "count", "size")
+    __slots__ = ("_fifo", "_pos", "_sorted", "_stats", "count", "size")
 
     def __init__(self, size: int) -> None:
         self.size = size
@@ -225,6 +225,7 @@ class RobustWindow:
         self._fifo: deque[float] = deque()
         self._sorted: list[float] = []
         self._stats: tuple[float, float] | None = None  # (median, sigma) of this window
+        self._pos = _positions(0)  # where the quartiles of `count` values fall
 
     def __len__(self) -> int:
         return self.count
@@ -238,6 +239,7 @@ class RobustWindow:
             del data[bisect.bisect_left(data, fifo.popleft())]
         else:
             self.count += 1
+            self._pos = _positions(self.count)
 
     def _quantile(self, q: float) -> float:
         data = self._sorted
@@ -255,12 +257,40 @@ class RobustWindow:
         stats = self._stats
         if stats is None:
             data = self._sorted
-            (l25, h25, f25), (l50, h50, f50), (l75, h75, f75) = _positions(self.count)
+            (l25, h25, f25), (l50, h50, f50), (l75, h75, f75) = self._pos
             q25 = data[l25] + (data[h25] - data[l25]) * f25
             median = data[l50] + (data[h50] - data[l50]) * f50
             q75 = data[l75] + (data[h75] - data[l75]) * f75
             stats = self._stats = (median, (q75 - q25) / 1.349)
         return stats
+
+    def outlier(self, value: float, z_max: float,
+                floor: float) -> tuple[float, float, float] | None:
+        """``(median, sigma, z)`` when ``value`` lies more than ``z_max > 0`` robust σ
+        above the median, σ being ``max(sigma(), floor)`` with ``floor > 0``; else ``None``.
+
+        Most values are no outliers, and most are told apart without the quartiles:
+        the median is at least the sorted value just below the middle, and σ at least
+        ``floor``, so a value less than half of ``z_max × floor`` above that sorted
+        value has a z below about ``z_max / 2`` (rounding is monotone, and tiny next to
+        the factor 2). When the window's range overflows, its quartiles can be NaN:
+        then the full computation decides, as always. (``tests/policy/
+        test_stats_fastpath.py`` checks both ways agree bit for bit.)
+        """
+        stats = self._stats
+        if stats is None:
+            data = self._sorted
+            below_middle = data[self._pos[1][0]]
+            if (value - below_middle < 0.5 * z_max * floor
+                    and data[-1] - data[0] < math.inf):
+                return None
+            stats = self.stats()
+        median, sigma = stats
+        sigma = max(sigma, floor)
+        z = (value - median) / sigma
+        if z <= z_max:
+            return None
+        return median, sigma, z
 
     def median(self) -> float:
         return self.stats()[0]
@@ -277,6 +307,7 @@ class RobustWindow:
         self._fifo = deque(values[-self.size:])
         self._sorted = sorted(self._fifo)
         self.count = len(self._fifo)
+        self._pos = _positions(self.count)
 
 
 _Position = tuple[int, int, float]
