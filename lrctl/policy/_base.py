@@ -117,6 +117,11 @@ class Policy(ABC):
     priority: ClassVar[int] = 100
     #: Operator commands this policy takes through :meth:`Engine.command` (``"decay"``…).
     COMMANDS: ClassVar[tuple[str, ...]] = ()
+    #: Whether :meth:`observe` may keep the :class:`Observation` it gets past the call.
+    #: When no policy of a stack does (none of lrctl's own), the engine refills one
+    #: observation object at every step instead of building a new one. A subclass of
+    #: a built-in policy that keeps observations sets this back to True.
+    keeps_observations: ClassVar[bool] = True
 
     def __init__(self, **params: Any) -> None:
         self.params: dict[str, Any] = bind_params(self.kind, self.PARAMS, params)

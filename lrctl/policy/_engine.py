@@ -30,6 +30,7 @@ from ._decision import Decision
 from ._inputs import (
     ObservationError,
     check_lrs,
+    check_observation,
     check_total_steps,
     make_observation,
     unique_names,
@@ -89,8 +90,12 @@ class Engine(LRArbiter):
         self._plan = [(i, self.policies[i],
                        tuple(j for j, p in enumerate(self._reactive) if p is self.policies[i]))
                       for i in self._order]
-        # One context, reset at each observation (policies see it only during one).
+        # One context, reset at each observation (policies see it only during one), and
+        # one observation, refilled at each, when no policy keeps observations (building
+        # a frozen dataclass costs a good part of a whole observation's work).
         self._ctx = StepContext(initial_lrs=self.initial_lrs)
+        self._reused: Observation | None = (
+            None if any(p.keeps_observations for p in self.policies) else Observation(-1))
         self.last_step: int | None = None
         self.should_skip = False
         self.should_stop = False
@@ -145,7 +150,13 @@ class Engine(LRArbiter):
         metrics: Mapping[str, float],
     ) -> list[float]:
         """:meth:`observe` with the metrics as a mapping (any names, checked here)."""
-        obs = make_observation(step, loss, grad_norm, metrics, self.last_step, self._lrs)
+        loss, grad_norm, metrics = check_observation(step, loss, grad_norm, metrics,
+                                                     self.last_step)
+        obs = self._reused
+        if obs is None:
+            obs = Observation(step, loss, grad_norm, metrics, tuple(self._lrs))
+        else:
+            obs.__init__(step, loss, grad_norm, metrics, tuple(self._lrs))  # type: ignore[misc]
         ctx = self._ctx  # the stack's one context, cleared for this observation
         ctx.initial_lrs, ctx.total_steps = self.initial_lrs, self.total_steps
         if ctx.flags:
@@ -169,7 +180,7 @@ class Engine(LRArbiter):
             if actions:
                 new_decisions += self._decisions_of(i, actions, obs, before_multiplier,
                                                     multiplier, factors)
-        if not ctx.skip and _nonfinite(obs):
+        if not ctx.skip and _nonfinite(loss, grad_norm):
             # Every path skips a non-finite step (the hook refuses it in the training
             # process whatever the policies say): the record says so.
             ctx.skip = True
@@ -234,7 +245,8 @@ class Engine(LRArbiter):
         for action in actions:
             moved = action.action not in ("skip", "stop")
             reason, evidence = action.reason, action.evidence
-            if action.action == "skip" and not self.skips_enforced and not _nonfinite(obs):
+            if (action.action == "skip" and not self.skips_enforced
+                    and not _nonfinite(obs.loss, obs.grad_norm)):
                 reason += ("; advisory: the hook is async, so this step had already run "
                            "(attach(..., sync=True) carries such skips out)")
                 evidence = {**evidence, "advisory": True}
@@ -372,7 +384,6 @@ def _product(values: list[float]) -> float:
     return out
 
 
-def _nonfinite(obs: Observation) -> bool:
-    loss, grad = obs.loss, obs.grad_norm
+def _nonfinite(loss: float | None, grad: float | None) -> bool:
     return ((loss is not None and not math.isfinite(loss))
             or (grad is not None and not math.isfinite(grad)))

@@ -15,8 +15,8 @@ from typing import Any
 
 from ._base import Observation
 
-__all__ = ["ObservationError", "check_lrs", "check_total_steps", "make_observation",
-           "unique_names"]
+__all__ = ["ObservationError", "check_lrs", "check_observation", "check_total_steps",
+           "make_observation", "unique_names"]
 
 MAX_METRICS = 64
 _RESERVED = frozenset({"step", "loss", "grad_norm"})
@@ -28,9 +28,11 @@ class ObservationError(ValueError):
     """An observation the engine cannot accept (bad step, bad number, bad name)."""
 
 
-def make_observation(step: Any, loss: Any, grad_norm: Any, metrics: Mapping[str, Any],
-                     last_step: int | None, lrs: Sequence[float]) -> Observation:
-    """The checked :class:`Observation` of ``step``, which must come after ``last_step``."""
+def check_observation(step: Any, loss: Any, grad_norm: Any, metrics: Mapping[str, Any],
+                      last_step: int | None) -> tuple[float | None, float | None,
+                                                      Mapping[str, float]]:
+    """The loss, grad norm and metrics of ``step`` as an :class:`Observation` holds them;
+    ``ObservationError`` unless ``step`` comes after ``last_step`` and all are numbers."""
     # `type(x) is int` / `is float` first: the usual case, and exactly the values that the
     # full checks would accept unchanged (bool is not `int` by type, nor a float subclass).
     if type(step) is not int and (isinstance(step, bool) or not isinstance(step, int)):
@@ -44,7 +46,14 @@ def make_observation(step: Any, loss: Any, grad_norm: Any, metrics: Mapping[str,
         loss = _number("loss", loss)
     if grad_norm is not None and type(grad_norm) is not float:
         grad_norm = _number("grad_norm", grad_norm)
-    return Observation(step, loss, grad_norm, checked, tuple(lrs))  # positional: cheaper
+    return loss, grad_norm, checked
+
+
+def make_observation(step: Any, loss: Any, grad_norm: Any, metrics: Mapping[str, Any],
+                     last_step: int | None, lrs: Sequence[float]) -> Observation:
+    """The checked :class:`Observation` of ``step``, which must come after ``last_step``."""
+    loss, grad_norm, checked = check_observation(step, loss, grad_norm, metrics, last_step)
+    return Observation(step, loss, grad_norm, checked, tuple(lrs))
 
 
 def _checked_metrics(metrics: Mapping[str, Any]) -> dict[str, float]:

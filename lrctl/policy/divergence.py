@@ -58,6 +58,7 @@ LOSS_CONFIRMS = 1.5
 @register_policy("divergence")
 class Divergence(Policy):
     priority = 0
+    keeps_observations = False
     PARAMS = (
         Param("factor", "float", 0.5, "multiply the LR by this on a back-off", gt=0, lt=1),
         Param("z_threshold", "float", 6.0, "robust z-score above which a value is a spike", gt=0),
@@ -112,28 +113,26 @@ class Divergence(Policy):
         self._linear = p["loss_scale"] == "linear"
         self._watch_loss, self._watch_grad = p["watch_loss"], p["watch_grad_norm"]
         self._min_samples, self._z = p["min_samples"], p["z_threshold"]
-        self._grad_floor = (p["min_sigma"] if p["grad_norm_min_sigma"] is None
-                            else p["grad_norm_min_sigma"])
+        self._loss_floor = max(p["min_sigma"], _MIN_SIGMA)  # the log scale's
+        self._grad_floor = max(p["min_sigma"] if p["grad_norm_min_sigma"] is None
+                               else p["grad_norm_min_sigma"], _MIN_SIGMA)
         self._regrow_after = p["regrow_after"]
 
     def multiplier(self) -> float:
         return self._scale
 
     # -- detection -----------------------------------------------------------
-    def _spike(self, window: RobustWindow, value: float, floor: float) -> dict[str, Any] | None:
-        if window.count < self._min_samples:
-            return None
-        hit = window.outlier(value, self._z, max(floor, _MIN_SIGMA))
-        if hit is None:
-            return None
-        return {"median": hit[0], "sigma": hit[1], "z": hit[2]}
-
     def observe(self, obs: Observation, ctx: StepContext) -> list[Action]:
         loss, gnorm = obs.loss, obs.grad_norm
         if ((loss is not None and not math.isfinite(loss))
                 or (gnorm is not None and not math.isfinite(gnorm))):
             return self._nonfinite(obs, ctx)
-        judged_loss = self._loss_value(loss)
+        if loss is None:  # the loss on the scale it is judged on (None: not judged)
+            judged_loss = None
+        elif self._linear:
+            judged_loss = loss
+        else:
+            judged_loss = math.log(loss) if loss > 0 else None
         log_gnorm = math.log(gnorm) if gnorm is not None and gnorm > 0 else None
         evidence = None if self._stopped else self._judge(judged_loss, log_gnorm)
         if evidence is None:
@@ -263,36 +262,31 @@ class Divergence(Policy):
         return self._back_off(ctx, reason, {**still, "escalation": self._escalation},
                               force=False, factor=factor)
 
-    def _loss_value(self, loss: float | None) -> float | None:
-        """The loss on the scale it is judged on (None: not judged)."""
-        if loss is None:
-            return None
-        if self._linear:
-            return loss
-        return math.log(loss) if loss > 0 else None
-
     def _judge(self, loss: float | None, log_gnorm: float | None) -> dict[str, Any] | None:
-        if loss is not None and self._watch_loss:
+        """Evidence of a spike in the (judged) loss, else in the log grad norm; or None."""
+        window = self._loss
+        if loss is not None and self._watch_loss and window.count >= self._min_samples:
             linear = self._linear
-            floor = self.params["min_sigma"]
-            if linear:
-                floor *= abs(self._loss.median()) if len(self._loss) else 0.0
-            hit = self._spike(self._loss, loss, floor)
+            floor = (max(self.params["min_sigma"] * abs(window.median()), _MIN_SIGMA)
+                     if linear else self._loss_floor)
+            hit = window.outlier(loss, self._z, floor)
             if hit is not None:
+                median, sigma, z = hit
                 if linear:
-                    return {"statistic": "loss", "value": loss, **hit,
-                            "threshold": self.params["z_threshold"], "window": len(self._loss)}
+                    return {"statistic": "loss", "value": loss, "median": median,
+                            "sigma": sigma, "z": z, "threshold": self._z,
+                            "window": window.count}
                 return {"statistic": "loss", "value": math.exp(loss),
-                        "median": math.exp(hit["median"]), "sigma_log": hit["sigma"],
-                        "z": hit["z"], "threshold": self.params["z_threshold"],
-                        "window": len(self._loss)}
-        if log_gnorm is not None and self._watch_grad:
-            hit = self._spike(self._gnorm, log_gnorm, self._grad_floor)
+                        "median": math.exp(median), "sigma_log": sigma, "z": z,
+                        "threshold": self._z, "window": window.count}
+        window = self._gnorm
+        if log_gnorm is not None and self._watch_grad and window.count >= self._min_samples:
+            hit = window.outlier(log_gnorm, self._z, self._grad_floor)
             if hit is not None:
+                median, sigma, z = hit
                 return {"statistic": "grad_norm", "value": math.exp(log_gnorm),
-                        "median": math.exp(hit["median"]), "sigma_log": hit["sigma"],
-                        "z": hit["z"], "threshold": self.params["z_threshold"],
-                        "window": len(self._gnorm)}
+                        "median": math.exp(median), "sigma_log": sigma, "z": z,
+                        "threshold": self._z, "window": window.count}
         return None
 
     # -- actions -------------------------------------------------------------

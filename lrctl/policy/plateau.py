@@ -47,6 +47,7 @@ FLAGS_NOT_COUNTED = frozenset({"spike", "nonfinite"})
 @register_policy("plateau")
 class Plateau(Policy):
     priority = 50
+    keeps_observations = False
     PARAMS = (
         Param("metric", "str", "loss", "statistic to watch: loss, grad_norm or a reported metric"),
         Param("mode", "str", "min", "min: lower is better; max: higher is better",

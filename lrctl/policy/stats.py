@@ -38,9 +38,9 @@ owning policy's ``state_dict``.
 
 from __future__ import annotations
 
-import bisect
 import functools
 import math
+from bisect import bisect_left, insort
 from collections import deque
 from itertools import islice, repeat
 from operator import mul, sub
@@ -52,6 +52,7 @@ __all__ = ["FALSE_VERDICT_RATE", "RobustWindow", "SmoothedLevel", "TrendTest", "
 #: The highest rate at which "fell" or "rose" fires on stationary noise (see module doc),
 #: for the default ``alpha`` of 0.01; measured rates are lower (the property tests).
 FALSE_VERDICT_RATE = 0.05
+_INF = math.inf
 _RHO_MAX = 0.95  # an autocorrelation estimate above this is clipped (tau ≤ 39)
 
 
@@ -234,9 +235,9 @@ class RobustWindow:
         self._stats = None
         fifo, data = self._fifo, self._sorted
         fifo.append(value)
-        bisect.insort(data, value)
+        insort(data, value)
         if self.count == self.size:
-            del data[bisect.bisect_left(data, fifo.popleft())]
+            del data[bisect_left(data, fifo.popleft())]
         else:
             self.count += 1
             self._pos = _positions(self.count)
@@ -282,7 +283,7 @@ class RobustWindow:
             data = self._sorted
             below_middle = data[self._pos[1][0]]
             if (value - below_middle < 0.5 * z_max * floor
-                    and data[-1] - data[0] < math.inf):
+                    and data[-1] - data[0] < _INF):
                 return None
             stats = self.stats()
         median, sigma = stats
