@@ -122,6 +122,8 @@ class TrendTest:
 class TrendWindow:
     """The last ``window`` values (``window`` even, ≥ 8) and a two-half trend test."""
 
+    __slots__ = ("_values", "window")
+
     def __init__(self, window: int) -> None:
         if window < 8:
             raise ValueError(f"window must be at least 8, but got {window=}")
