@@ -40,7 +40,7 @@ SCHEDULE = "schedule"
 REACTIVE = "reactive"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, init=False)
 class Observation:
     """What the training loop reported for one step."""
 
@@ -49,6 +49,19 @@ class Observation:
     grad_norm: float | None = None
     metrics: Mapping[str, float] = field(default_factory=dict)
     lrs: Sequence[float] = ()  # the learning rates used for this step, per group
+
+    def __init__(self, step: int, loss: float | None = None, grad_norm: float | None = None,
+                 metrics: Mapping[str, float] | None = None,
+                 lrs: Sequence[float] = ()) -> None:
+        # The engine builds one per step. A frozen dataclass's own __init__ sets each field
+        # through object.__setattr__, which costs as much as the rest of a plain policy
+        # step; writing the instance dict directly is the same result (still frozen).
+        fields = self.__dict__
+        fields["step"] = step
+        fields["loss"] = loss
+        fields["grad_norm"] = grad_norm
+        fields["metrics"] = {} if metrics is None else metrics
+        fields["lrs"] = lrs
 
     def value(self, name: str) -> float | None:
         """The named statistic: ``loss``, ``grad_norm`` or a reported metric."""
@@ -104,6 +117,11 @@ class Policy(ABC):
     priority: ClassVar[int] = 100
     #: Operator commands this policy takes through :meth:`Engine.command` (``"decay"``…).
     COMMANDS: ClassVar[tuple[str, ...]] = ()
+    #: Whether :meth:`observe` may keep the :class:`Observation` it gets past the call.
+    #: When no policy of a stack does (none of lrctl's own), the engine refills one
+    #: observation object at every step instead of building a new one. A subclass of
+    #: a built-in policy that keeps observations sets this back to True.
+    keeps_observations: ClassVar[bool] = True
 
     def __init__(self, **params: Any) -> None:
         self.params: dict[str, Any] = bind_params(self.kind, self.PARAMS, params)

@@ -24,22 +24,25 @@ from collections import deque
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from ._base import SCHEDULE, Observation, Policy, StepContext
+from ._arbiter import Factors, LRArbiter
+from ._base import SCHEDULE, Action, Observation, Policy, StepContext
 from ._decision import Decision
+from ._inputs import (
+    ObservationError,
+    check_lrs,
+    check_observation,
+    check_total_steps,
+    make_observation,
+    unique_names,
+)
 
-__all__ = ["Engine", "ObservationError"]
+__all__ = ["Engine", "ObservationError", "unique_names"]
 
 STATE_VERSION = 1
-MAX_METRICS = 64
 MAX_DECISIONS_KEPT = 10_000
-_RESERVED = frozenset({"step", "loss", "grad_norm"})
 
 
-class ObservationError(ValueError):
-    """An observation the engine cannot accept (bad step, bad number, bad name)."""
-
-
-class Engine:
+class Engine(LRArbiter):
     """A stack of policies driving the LRs of one run's param groups.
 
     ``observe`` returns the LRs to use for the next step. ``mode="shadow"``
@@ -59,7 +62,7 @@ class Engine:
         policy_sha256: str = "",
         total_steps: int | None = None,
     ) -> None:
-        self.initial_lrs = tuple(_check_lrs(base_lrs))
+        self.initial_lrs = tuple(check_lrs(base_lrs))
         if names is None:
             names = unique_names([p.kind for p in policies])
         if len(names) != len(policies):
@@ -76,12 +79,23 @@ class Engine:
         self.max_lr = math.inf if max_lr is None else float(max_lr)
         self.mode = mode
         self.policy_sha256 = policy_sha256
-        self.total_steps = _check_total_steps(total_steps)
+        self.total_steps = check_total_steps(total_steps)
         self._reactive = [p for p in self.policies if p.role != SCHEDULE]
         self._schedules = [p for p in self.policies if p.role == SCHEDULE]
         self._order = sorted(range(len(self.policies)),
                              key=lambda i: (self.policies[i].role == SCHEDULE,
                                             self.policies[i].priority, i))
+        # The observe order, with each policy's places among the reactive ones (where
+        # update() keeps its multiplier): worked out once, not at every observation.
+        self._plan = [(i, self.policies[i],
+                       tuple(j for j, p in enumerate(self._reactive) if p is self.policies[i]))
+                      for i in self._order]
+        # One context, reset at each observation (policies see it only during one), and
+        # one observation, refilled at each, when no policy keeps observations (building
+        # a frozen dataclass costs a good part of a whole observation's work).
+        self._ctx = StepContext(initial_lrs=self.initial_lrs)
+        self._reused: Observation | None = (
+            None if any(p.keeps_observations for p in self.policies) else Observation(-1))
         self.last_step: int | None = None
         self.should_skip = False
         self.should_stop = False
@@ -95,7 +109,12 @@ class Engine:
         self.last_decisions: list[Decision] = []
         self._unusable = False  # the policies' LR is non-finite: held or clamped (recorded)
         self._saw_unusable = False
-        self._lrs = self._compute(0)
+        # The reactive multipliers as last seen, their product, and the multiplier object
+        # the current LRs were computed from (None: not from it alone; see update()).
+        self._multipliers: list[float] = [p.multiplier() for p in self._reactive]
+        self._product = _product(self._multipliers)
+        self._lrs_multiplier: float | None = None
+        self._lrs: Sequence[float] = self._compute(0)
 
     # -- public API ------------------------------------------------------------
     @property
@@ -131,77 +150,119 @@ class Engine:
         metrics: Mapping[str, float],
     ) -> list[float]:
         """:meth:`observe` with the metrics as a mapping (any names, checked here)."""
-        obs = self._make_observation(step, loss, grad_norm, metrics)
-        ctx = StepContext(initial_lrs=self.initial_lrs, total_steps=self.total_steps)
+        loss, grad_norm, metrics = check_observation(step, loss, grad_norm, metrics,
+                                                     self.last_step)
+        obs = self._reused
+        if obs is None:
+            obs = Observation(step, loss, grad_norm, metrics, tuple(self._lrs))
+        else:
+            obs.__init__(step, loss, grad_norm, metrics, tuple(self._lrs))  # type: ignore[misc]
+        ctx = self._ctx  # the stack's one context, cleared for this observation
+        ctx.initial_lrs, ctx.total_steps = self.initial_lrs, self.total_steps
+        if ctx.flags:
+            ctx.flags.clear()
+        ctx.skip = ctx.stop = False
         new_decisions: list[Decision] = []
-        next_step = obs.step + 1
-        factors = self._schedule_factors(next_step)  # schedules are pure: once per step
-        # The product of the reactive multipliers, as _multiplier() computes it. A policy's
-        # multiplier changes only in its own observe(), so after each observe only that
-        # policy is asked again, and the product is redone only when its value changed.
-        reactive = self._reactive
-        multipliers = [p.multiplier() for p in reactive]
-        multiplier = _product(multipliers)
-        for i in self._order:
-            policy = self.policies[i]
+        factors = self._schedule_factors(obs.step + 1) if self._schedules else None
+        multiplier = self._refresh_multipliers()
+        multipliers = self._multipliers
+        for i, policy, places in self._plan:
             actions = policy.observe(obs, ctx)
             before_multiplier = multiplier
-            if policy.role != SCHEDULE:
+            # A policy's multiplier changes only in its own observe(): ask it again, and
+            # redo the product only when its value changed.
+            if places:
                 value = policy.multiplier()
-                for j, p in enumerate(reactive):
-                    if p is policy and multipliers[j] is not value:
+                for j in places:
+                    if multipliers[j] is not value:
                         multipliers[j] = value
-                        multiplier = _product(multipliers)
-            if not actions:
-                continue
-            before = self._lrs_from(before_multiplier, factors)
-            after = self._lrs_from(multiplier, factors)
-            for action in actions:
-                moved = action.action not in ("skip", "stop")
-                reason, evidence = action.reason, action.evidence
-                if action.action == "skip" and not self.skips_enforced and not _nonfinite(obs):
-                    reason += ("; advisory: the hook is async, so this step had already run "
-                               "(attach(..., sync=True) carries such skips out)")
-                    evidence = {**evidence, "advisory": True}
-                new_decisions.append(Decision(
-                    step=obs.step,
-                    policy=self.names[i],
-                    kind=policy.kind,
-                    action=action.action,
-                    old_lrs=tuple(before),
-                    new_lrs=tuple(after if moved else before),
-                    reason=reason,
-                    evidence=evidence,
-                    policy_sha256=self.policy_sha256,
-                    shadow=self.mode == "shadow",
-                ))
-        if not ctx.skip and _nonfinite(obs):
+                        multiplier = self._product = _product(multipliers)
+            if actions:
+                new_decisions += self._decisions_of(i, actions, obs, before_multiplier,
+                                                    multiplier, factors)
+        if not ctx.skip and _nonfinite(loss, grad_norm):
             # Every path skips a non-finite step (the hook refuses it in the training
             # process whatever the policies say): the record says so.
             ctx.skip = True
-            lrs = self._lrs_from(multiplier, factors)
-            new_decisions.append(Decision(
-                step=obs.step, policy="guard", kind="guard", action="skip",
-                old_lrs=tuple(lrs), new_lrs=tuple(lrs),
-                reason=f"non-finite statistics (loss {obs.loss}, grad norm {obs.grad_norm}): "
-                       "the optimizer step is skipped",
-                evidence={"statistic": "nonfinite", "loss": obs.loss,
-                          "grad_norm": obs.grad_norm},
-                policy_sha256=self.policy_sha256, shadow=self.mode == "shadow"))
+            new_decisions.append(self._nonfinite_skip(obs, multiplier, factors))
         self.last_step = obs.step
         self.should_skip = ctx.skip
         self.should_stop = self.should_stop or ctx.stop
         self._saw_unusable = False
-        lrs = self._lrs_from(multiplier, factors)
+        if multiplier is self._lrs_multiplier and factors is None:
+            lrs = self._lrs  # the same multiplier object and no schedules: the same LRs
+        else:
+            lrs = tuple(self._lrs_from(multiplier, factors))
+            # Usable LRs from the multiplier alone are a function of it (and of the fixed
+            # initial LRs and bounds): kept for the next observation's shortcut above.
+            self._lrs_multiplier = (multiplier if factors is None and not self._saw_unusable
+                                    else None)
         if self._unusable or self._saw_unusable:
             record = self._unusable_record(obs.step, multiplier, factors, self._lrs, lrs)
             if record is not None:
                 new_decisions.append(record)
         self._lrs = lrs
-        self._decisions.extend(new_decisions)
-        self.decision_count += len(new_decisions)
+        if new_decisions:
+            self._decisions.extend(new_decisions)
+            self.decision_count += len(new_decisions)
         self.last_decisions = new_decisions
         return self.applied_lrs
+
+    def _refresh_multipliers(self) -> float:
+        """The product of the reactive multipliers, as :meth:`_multiplier` computes it,
+        redone only when one of them is another value than at the last observation (a
+        command, a reload or a restored state changed it in between)."""
+        multipliers = self._multipliers
+        changed = False
+        for j, p in enumerate(self._reactive):
+            value = p.multiplier()
+            if multipliers[j] is not value:
+                multipliers[j] = value
+                changed = True
+        if changed:
+            self._product = _product(multipliers)
+        return self._product
+
+    def _nonfinite_skip(self, obs: Observation, multiplier: float,
+                        factors: Factors) -> Decision:
+        lrs = tuple(self._lrs_from(multiplier, factors))
+        return Decision(
+            step=obs.step, policy="guard", kind="guard", action="skip", old_lrs=lrs,
+            new_lrs=lrs, reason=f"non-finite statistics (loss {obs.loss}, grad norm "
+                                f"{obs.grad_norm}): the optimizer step is skipped",
+            evidence={"statistic": "nonfinite", "loss": obs.loss, "grad_norm": obs.grad_norm},
+            policy_sha256=self.policy_sha256, shadow=self.mode == "shadow")
+
+    def _decisions_of(self, i: int, actions: list[Action], obs: Observation,
+                      before_multiplier: float, multiplier: float,
+                      factors: Factors) -> list[Decision]:
+        """The records of what policy ``i`` did at ``obs``: the LRs for the next step
+        without (``before_multiplier``) and with (``multiplier``) its actions."""
+        policy = self.policies[i]
+        before = tuple(self._lrs_from(before_multiplier, factors))
+        after = tuple(self._lrs_from(multiplier, factors))
+        out = []
+        for action in actions:
+            moved = action.action not in ("skip", "stop")
+            reason, evidence = action.reason, action.evidence
+            if (action.action == "skip" and not self.skips_enforced
+                    and not _nonfinite(obs.loss, obs.grad_norm)):
+                reason += ("; advisory: the hook is async, so this step had already run "
+                           "(attach(..., sync=True) carries such skips out)")
+                evidence = {**evidence, "advisory": True}
+            out.append(Decision(
+                step=obs.step,
+                policy=self.names[i],
+                kind=policy.kind,
+                action=action.action,
+                old_lrs=before,
+                new_lrs=after if moved else before,
+                reason=reason,
+                evidence=evidence,
+                policy_sha256=self.policy_sha256,
+                shadow=self.mode == "shadow",
+            ))
+        return out
 
     def command(self, name: str, **args: Any) -> list[Decision]:
         """An operator command for the one policy of the stack that takes it (``decay``,
@@ -222,6 +283,7 @@ class Engine:
         before = list(self._lrs)
         actions = self.policies[i].command(name, args, step)
         self._lrs = self._compute(step + 1)
+        self._lrs_multiplier = None
         decisions = [Decision(
             step=max(step, 0), policy=self.names[i], kind=self.policies[i].kind,
             action=a.action, old_lrs=tuple(before), new_lrs=tuple(self._lrs), reason=a.reason,
@@ -237,103 +299,9 @@ class Engine:
         if self.last_step is None and step > 0:
             self._lrs = self._compute(step)
 
-    # -- arbitration -------------------------------------------------------------
-    def _compute(self, step: int) -> list[float]:
-        return self._lrs_from(self._multiplier(), self._schedule_factors(step))
-
-    def _multiplier(self) -> float:
-        multiplier = 1.0
-        for p in self._reactive:
-            multiplier *= p.multiplier()
-        return multiplier
-
-    def _schedule_factors(self, step: int) -> list[list[float]]:
-        """Each group's schedule factors at ``step``, in file order."""
-        return [[p.factor(step, g, initial) for p in self._schedules]
-                for g, initial in enumerate(self.initial_lrs)]
-
-    def _lrs_from(self, multiplier: float, factors: list[list[float]]) -> list[float]:
-        lrs = []
-        previous = getattr(self, "_lrs", None)
-        for g, (initial, group_factors) in enumerate(zip(self.initial_lrs, factors,
-                                                         strict=True)):
-            lr = initial * multiplier
-            for f in group_factors:
-                lr *= f
-            if not math.isfinite(lr) or lr < 0:
-                self._saw_unusable = True
-                lr = self._unusable_lr(g, lr, previous)
-            lrs.append(min(max(lr, self.min_lr), self.max_lr))
-        return lrs
-
-    def _unusable_lr(self, g: int, lr: float, previous: list[float] | None) -> float:
-        """What a non-finite or negative LR becomes (a policy's product overflowed, or a
-        bug): never the optimizer's problem. +inf clamps to ``max_lr`` when one is set;
-        otherwise, and for NaN, the group's last LR holds; a negative LR clamps to
-        ``min_lr``. :meth:`update` records when this starts and when it ends."""
-        if lr < 0:
-            return self.min_lr
-        if lr == math.inf and math.isfinite(self.max_lr):
-            return self.max_lr
-        return previous[g] if previous is not None else self.initial_lrs[g]
-
-    def _unusable_record(self, step: int, multiplier: float, factors: list[list[float]],
-                         before: list[float], after: list[float]) -> Decision | None:
-        """A ``guard`` ``clamp`` decision when the policies' LR became unusable, and a
-        ``clamp_released`` one when it is usable again: every LR change has a record."""
-        bad = {}
-        for g, (initial, group_factors) in enumerate(zip(self.initial_lrs, factors,
-                                                         strict=True)):
-            lr = initial * multiplier
-            for f in group_factors:
-                lr *= f
-            if not math.isfinite(lr) or lr < 0:
-                bad[g] = lr
-        was = self._unusable
-        self._unusable = bool(bad)
-        if bool(bad) == was:
-            return None
-        if bad:
-            g, value = next(iter(bad.items()))
-            clamped = value == math.inf and math.isfinite(self.max_lr)
-            reason = (f"the policies' LR for group {g} is {value} (a multiplier or schedule "
-                      f"factor overflowed): {'clamped to max_lr' if clamped else 'held'} at "
-                      f"{after[g]:.6g} until it is usable again")
-            action, evidence = "clamp", {"groups": sorted(bad), "value": value,
-                                         "multiplier": multiplier}
-        else:
-            reason = "the policies' LR is usable again"
-            action, evidence = "clamp_released", {"multiplier": multiplier}
-        return Decision(step=step, policy="guard", kind="guard", action=action,
-                        old_lrs=tuple(before), new_lrs=tuple(after), reason=reason,
-                        evidence=evidence, policy_sha256=self.policy_sha256,
-                        shadow=self.mode == "shadow")
-
     def _make_observation(self, step: Any, loss: Any, grad_norm: Any,
                           metrics: Mapping[str, Any]) -> Observation:
-        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
-            raise ObservationError(f"step must be a non-negative integer, but got {step!r}")
-        if self.last_step is not None and step <= self.last_step:
-            raise ObservationError(
-                f"steps must increase: got step {step} after step {self.last_step}")
-        if len(metrics) > MAX_METRICS:
-            raise ObservationError(f"at most {MAX_METRICS} metrics per observation")
-        clean = {}
-        for name, value in metrics.items():
-            if not isinstance(name, str) or not _is_metric_name(name):
-                raise ObservationError(
-                    f"bad metric name {name!r}: 1-64 letters, digits or _./- starting "
-                    "with a letter")
-            if name in _RESERVED:
-                raise ObservationError(f"metric name {name!r} is reserved")
-            clean[name] = _number(name, value)
-        return Observation(
-            step=step,
-            loss=None if loss is None else _number("loss", loss),
-            grad_norm=None if grad_norm is None else _number("grad_norm", grad_norm),
-            metrics=clean,
-            lrs=tuple(self._lrs),
-        )
+        return make_observation(step, loss, grad_norm, metrics, self.last_step, self._lrs)
 
     # -- hot reload ----------------------------------------------------------------
     def inherit(self, old: Engine) -> dict[str, list[str]]:
@@ -373,6 +341,7 @@ class Engine:
         self._unusable = old._unusable
         step = 0 if old.last_step is None else old.last_step + 1
         self._lrs = self._compute(step)
+        self._lrs_multiplier = None
         return summary
 
     # -- state -------------------------------------------------------------------
@@ -411,6 +380,7 @@ class Engine:
         self.decision_count = int(state["decision_count"])
         self._unusable = bool(state.get("unusable", False))
         self._lrs = [float(x) for x in state["lrs"]]
+        self._lrs_multiplier = None
 
 
 def _product(values: list[float]) -> float:
@@ -420,53 +390,6 @@ def _product(values: list[float]) -> float:
     return out
 
 
-def unique_names(kinds: Sequence[str]) -> list[str]:
-    """Default policy names: the kind, with ``#2``, ``#3``… for repeats."""
-    seen: dict[str, int] = {}
-    names = []
-    for kind in kinds:
-        seen[kind] = seen.get(kind, 0) + 1
-        names.append(kind if seen[kind] == 1 else f"{kind}#{seen[kind]}")
-    return names
-
-
-def _is_metric_name(name: str) -> bool:
-    return 0 < len(name) <= 64 and name[0].isalpha() and all(
-        c.isalnum() or c in "_./-" for c in name)
-
-
-def _number(name: str, value: Any) -> float:
-    if isinstance(value, (bool, str, bytes)):
-        raise ObservationError(f"{name} must be a number, but got {value!r}")
-    try:
-        return float(value)
-    except (TypeError, ValueError, OverflowError):
-        raise ObservationError(f"{name} must be a number, but got {value!r}") from None
-
-
-def _check_total_steps(total_steps: Any) -> int | None:
-    if total_steps is None:
-        return None
-    if isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps < 1:
-        raise ValueError(f"total_steps must be a positive integer or None, but got "
-                         f"{total_steps!r}")
-    return total_steps
-
-
-def _check_lrs(lrs: Sequence[float]) -> list[float]:
-    out = []
-    if not lrs:
-        raise ValueError("base_lrs must name at least one param group")
-    for lr in lrs:
-        if isinstance(lr, bool) or not isinstance(lr, (int, float)):
-            raise ValueError(f"base_lrs must be numbers, but got {lr!r}")
-        if not math.isfinite(lr) or lr < 0:
-            raise ValueError(f"base_lrs must be finite and >= 0, but got {lr!r}")
-        out.append(float(lr))
-    return out
-
-
-def _nonfinite(obs: Observation) -> bool:
-    loss, grad = obs.loss, obs.grad_norm
+def _nonfinite(loss: float | None, grad: float | None) -> bool:
     return ((loss is not None and not math.isfinite(loss))
             or (grad is not None and not math.isfinite(grad)))

@@ -17,6 +17,7 @@ class Schedule(Policy):
     """
 
     role = SCHEDULE
+    keeps_observations = False
 
     def observe(self, obs: Observation, ctx: StepContext) -> list[Action]:
         # The engine asks for the LR of the *next* step, so phase events are

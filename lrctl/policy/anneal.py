@@ -40,6 +40,7 @@ from ._registry import register_policy
 @register_policy("anneal")
 class Anneal(Policy):
     priority = 40  # after the range test (its lr_sweep flag), before plateau
+    keeps_observations = False
     PARAMS = (
         Param("shape", "str", "cosine", "shape of the decay", choices=("cosine", "linear")),
         Param("end_factor", "float", 0.0, "multiplier reached at the end of the run",

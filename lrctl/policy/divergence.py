@@ -60,6 +60,7 @@ LOSS_CONFIRMS = 1.5
 @register_policy("divergence")
 class Divergence(Policy):
     priority = 0
+    keeps_observations = False
     PARAMS = (
         Param("factor", "float", 0.5, "multiply the LR by this on a back-off", gt=0, lt=1),
         Param("z_threshold", "float", 6.0, "robust z-score above which a value is a spike", gt=0),
@@ -109,49 +110,42 @@ class Divergence(Policy):
 
         self._total_backoffs = 0
         self._stopped = False
+        # The knobs read at every observation, as plain attributes (params are fixed).
+        p = self.params
+        self._linear = p["loss_scale"] == "linear"
+        self._watch_loss, self._watch_grad = p["watch_loss"], p["watch_grad_norm"]
+        self._min_samples, self._z = p["min_samples"], p["z_threshold"]
+        self._loss_floor = max(p["min_sigma"], _MIN_SIGMA)  # the log scale's
+        self._grad_floor = max(p["min_sigma"] if p["grad_norm_min_sigma"] is None
+                               else p["grad_norm_min_sigma"], _MIN_SIGMA)
+        self._regrow_after = p["regrow_after"]
 
     def multiplier(self) -> float:
         return self._scale
 
     # -- detection -----------------------------------------------------------
-    def _spike(self, window: RobustWindow, value: float, floor: float) -> dict[str, Any] | None:
-        if len(window) < self.params["min_samples"]:
-            return None
-        median, sigma = window.stats()
-        sigma = max(sigma, floor, _MIN_SIGMA)
-        z = (value - median) / sigma
-        if z <= self.params["z_threshold"]:
-            return None
-        return {"median": median, "sigma": sigma, "z": z}
-
     def observe(self, obs: Observation, ctx: StepContext) -> list[Action]:
         loss, gnorm = obs.loss, obs.grad_norm
         if ((loss is not None and not math.isfinite(loss))
                 or (gnorm is not None and not math.isfinite(gnorm))):
-            nonfinite = [name for name, v in (("loss", loss), ("grad_norm", gnorm))
-                         if v is not None and not math.isfinite(v)]
-            ctx.flags.add("nonfinite")
-            ctx.skip = ctx.skip or self.params["skip_nonfinite"]
-            name = nonfinite[0]
-            value = obs.value(name)
-            return self._back_off(ctx, f"{name} is {value}",
-                                  {"statistic": name, "value": value, "threshold": "finite"},
-                                  force=True)
-
-        evidence: dict[str, Any] | None = None
-        judged_loss = self._loss_value(loss)
+            return self._nonfinite(obs, ctx)
+        if loss is None:  # the loss on the scale it is judged on (None: not judged)
+            judged_loss = None
+        elif self._linear:
+            judged_loss = loss
+        else:
+            judged_loss = math.log(loss) if loss > 0 else None
         log_gnorm = math.log(gnorm) if gnorm is not None and gnorm > 0 else None
-        if not ((judged_loss is not None and self.params["watch_loss"])
-                or (log_gnorm is not None and self.params["watch_grad_norm"])):
+        if not ((judged_loss is not None and self._watch_loss)
+                or (log_gnorm is not None and self._watch_grad)):
             # Nothing this guard watches was reported: no verdict, and not a clean
             # observation either (a run reporting no loss must not regrow its LR).
             return []
-        if not self._stopped:
-            evidence = self._judge(judged_loss, log_gnorm)
+        evidence = None if self._stopped else self._judge(judged_loss, log_gnorm)
         if evidence is None:
-            if judged_loss is not None and self.params["watch_loss"]:
+            if judged_loss is not None and self._watch_loss:
                 self._loss.add(judged_loss)
-            if log_gnorm is not None and self.params["watch_grad_norm"]:
+            if log_gnorm is not None and self._watch_grad:
                 self._gnorm.add(log_gnorm)
         in_cooldown = self._cooldown > 0
         if in_cooldown:
@@ -178,7 +172,21 @@ class Divergence(Policy):
                 return ([Action("skip", f"skip this optimizer step: {reason}", evidence)]
                         if ctx.skip else [])
             return self._back_off(ctx, reason, evidence, force=False)
-        return self._maybe_regrow()
+        if self._stopped:  # a run told to stop that goes on anyway stays at the low LR
+            return []
+        self._clean += 1
+        return self._regrow() if self._clean >= self._regrow_after else []
+
+    def _nonfinite(self, obs: Observation, ctx: StepContext) -> list[Action]:
+        """A NaN or infinite loss or grad norm: back off at once (and skip the step)."""
+        name = next(name for name, v in (("loss", obs.loss), ("grad_norm", obs.grad_norm))
+                    if v is not None and not math.isfinite(v))
+        ctx.flags.add("nonfinite")
+        ctx.skip = ctx.skip or self.params["skip_nonfinite"]
+        value = obs.value(name)
+        return self._back_off(ctx, f"{name} is {value}",
+                              {"statistic": name, "value": value, "threshold": "finite"},
+                              force=True)
 
     def _skips_spikes(self) -> bool:
         """Whether a spike now asks the hook to skip its step: not once a back-off did
@@ -261,38 +269,31 @@ class Divergence(Policy):
         return self._back_off(ctx, reason, {**still, "escalation": self._escalation},
                               force=False, factor=factor)
 
-    def _loss_value(self, loss: float | None) -> float | None:
-        """The loss on the scale it is judged on (None: not judged)."""
-        if loss is None:
-            return None
-        if self.params["loss_scale"] == "linear":
-            return loss
-        return math.log(loss) if loss > 0 else None
-
     def _judge(self, loss: float | None, log_gnorm: float | None) -> dict[str, Any] | None:
-        if loss is not None and self.params["watch_loss"]:
-            linear = self.params["loss_scale"] == "linear"
-            floor = self.params["min_sigma"]
-            if linear:
-                floor *= abs(self._loss.median()) if len(self._loss) else 0.0
-            hit = self._spike(self._loss, loss, floor)
+        """Evidence of a spike in the (judged) loss, else in the log grad norm; or None."""
+        window = self._loss
+        if loss is not None and self._watch_loss and window.count >= self._min_samples:
+            linear = self._linear
+            floor = (max(self.params["min_sigma"] * abs(window.median()), _MIN_SIGMA)
+                     if linear else self._loss_floor)
+            hit = window.outlier(loss, self._z, floor)
             if hit is not None:
+                median, sigma, z = hit
                 if linear:
-                    return {"statistic": "loss", "value": loss, **hit,
-                            "threshold": self.params["z_threshold"], "window": len(self._loss)}
+                    return {"statistic": "loss", "value": loss, "median": median,
+                            "sigma": sigma, "z": z, "threshold": self._z,
+                            "window": window.count}
                 return {"statistic": "loss", "value": math.exp(loss),
-                        "median": math.exp(hit["median"]), "sigma_log": hit["sigma"],
-                        "z": hit["z"], "threshold": self.params["z_threshold"],
-                        "window": len(self._loss)}
-        if log_gnorm is not None and self.params["watch_grad_norm"]:
-            floor = self.params["grad_norm_min_sigma"]
-            hit = self._spike(self._gnorm, log_gnorm,
-                              self.params["min_sigma"] if floor is None else floor)
+                        "median": math.exp(median), "sigma_log": sigma, "z": z,
+                        "threshold": self._z, "window": window.count}
+        window = self._gnorm
+        if log_gnorm is not None and self._watch_grad and window.count >= self._min_samples:
+            hit = window.outlier(log_gnorm, self._z, self._grad_floor)
             if hit is not None:
+                median, sigma, z = hit
                 return {"statistic": "grad_norm", "value": math.exp(log_gnorm),
-                        "median": math.exp(hit["median"]), "sigma_log": hit["sigma"],
-                        "z": hit["z"], "threshold": self.params["z_threshold"],
-                        "window": len(self._gnorm)}
+                        "median": math.exp(median), "sigma_log": sigma, "z": z,
+                        "threshold": self._z, "window": window.count}
         return None
 
     # -- actions -------------------------------------------------------------
@@ -337,12 +338,8 @@ class Divergence(Policy):
                                "backoffs": self._backoffs, "forced": force}))
         return actions
 
-    def _maybe_regrow(self) -> list[Action]:
-        if self._stopped:  # a run told to stop that goes on anyway stays at the low LR
-            return []
-        self._clean += 1
-        if self._clean < self.params["regrow_after"]:
-            return []
+    def _regrow(self) -> list[Action]:
+        """``regrow_after`` clean observations in a row: the multiplier grows back."""
         self._clean = 0
         self._spikes = 0
         if self._scale >= 1.0:

@@ -55,6 +55,7 @@ MIN_ROBUST = 16  # values in the rolling median before outliers are clipped
 @register_policy("earlystop")
 class EarlyStop(Policy):
     priority = 60  # after plateau (50) and wsd (45): it sees this step's LR cuts
+    keeps_observations = False
     PARAMS = (
         Param("metric", "str", "val_loss", "statistic to watch: a reported metric (val_loss, "
               "val_acc…), loss or grad_norm"),

@@ -47,6 +47,7 @@ FLAGS_NOT_COUNTED = frozenset({"spike", "nonfinite"})
 @register_policy("plateau")
 class Plateau(Policy):
     priority = 50
+    keeps_observations = False
     PARAMS = (
         Param("metric", "str", "loss", "statistic to watch: loss, grad_norm or a reported metric"),
         Param("mode", "str", "min", "min: lower is better; max: higher is better",
@@ -85,6 +86,8 @@ class Plateau(Policy):
         self._trend = (TrendWindow(max(8, self.params["patience"]))
                        if self.params["test"] == "trend" else None)
         self._test_wait = 0
+        self._metric = self.params["metric"]  # read at every observation
+        self._minimize = self.params["mode"] == "min"
 
     def multiplier(self) -> float:
         return self._scale
@@ -111,8 +114,8 @@ class Plateau(Policy):
         return sum(self._recent) / len(self._recent)
 
     def observe(self, obs: Observation, ctx: StepContext) -> list[Action]:
-        raw = obs.value(self.params["metric"])
-        if raw is None or ctx.flags & FLAGS_NOT_COUNTED:
+        raw = obs.value(self._metric)
+        if raw is None or (ctx.flags and not ctx.flags.isdisjoint(FLAGS_NOT_COUNTED)):
             return []
         if self._trend is not None:
             return self._observe_trend(raw, obs, ctx)
@@ -153,7 +156,7 @@ class Plateau(Policy):
         if self._cooldown_counter > 0:
             self._cooldown_counter -= 1
             return []
-        window.push(raw if self.params["mode"] == "min" else -raw)
+        window.push(raw if self._minimize else -raw)
         if not window.full:
             return []
         if self._test_wait > 0:  # tested every window / 8 observations once full

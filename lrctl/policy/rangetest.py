@@ -56,6 +56,7 @@ EARLY_FALL = 0.1  # the smoothed loss's fall from its start that ends the noise 
 @register_policy("rangetest")
 class RangeTest(Policy):
     priority = 20  # after the divergence guard (its flags end the sweep), before plateau
+    keeps_observations = False
     PARAMS = (
         Param("start_factor", "float", 0.01, "multiplier on the initial LR at step 0",
               gt=0, le=1),

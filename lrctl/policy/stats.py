@@ -38,11 +38,12 @@ owning policy's ``state_dict``.
 
 from __future__ import annotations
 
-import bisect
 import functools
-import itertools
 import math
+from bisect import bisect_left, insort
 from collections import deque
+from itertools import islice, repeat
+from operator import mul, sub
 from statistics import NormalDist
 
 __all__ = ["FALSE_VERDICT_RATE", "RobustWindow", "SmoothedLevel", "TrendTest", "TrendWindow",
@@ -51,9 +52,11 @@ __all__ = ["FALSE_VERDICT_RATE", "RobustWindow", "SmoothedLevel", "TrendTest", "
 #: The highest rate at which "fell" or "rose" fires on stationary noise (see module doc),
 #: for the default ``alpha`` of 0.01; measured rates are lower (the property tests).
 FALSE_VERDICT_RATE = 0.05
+_INF = math.inf
 _RHO_MAX = 0.95  # an autocorrelation estimate above this is clipped (tau ≤ 39)
 
 
+@functools.lru_cache(maxsize=64)
 def z_for(alpha: float) -> float:
     """The one-sided standard-normal quantile for level ``alpha``."""
     if not 0 < alpha < 0.5:
@@ -119,6 +122,8 @@ class TrendTest:
 class TrendWindow:
     """The last ``window`` values (``window`` even, ≥ 8) and a two-half trend test."""
 
+    __slots__ = ("_values", "window")
+
     def __init__(self, window: int) -> None:
         if window < 8:
             raise ValueError(f"window must be at least 8, but got {window=}")
@@ -161,14 +166,17 @@ class TrendWindow:
         m_old, m_new = sum(older) / h, sum(newer) / h
         # Residuals around each half's own least-squares line: a smooth trend (the
         # usual falling loss) is not mistaken for noise or for autocorrelation.
-        res = _detrended(older, m_old) + _detrended(newer, m_new)
-        var = sum(r * r for r in res) / (self.window - 4)
+        # (The sums run over map(): the same products, added in the same order as a
+        # generator would give them, without a Python frame per value.)
+        res_old, res_new = _detrended(older, m_old), _detrended(newer, m_new)
+        res = res_old + res_new
+        var = sum(map(mul, res, res)) / (self.window - 4)
         if var <= 0.0:
             tau = 1.0
         else:
             # Lag-1 products within each half (not across the boundary between them).
-            lag = sum(a * b for a, b in itertools.pairwise(res[:h]))
-            lag += sum(a * b for a, b in itertools.pairwise(res[h:]))
+            lag = sum(map(mul, res_old, islice(res_old, 1, None)))
+            lag += sum(map(mul, res_new, islice(res_new, 1, None)))
             rho = min(max(lag / (var * (self.window - 4)), 0.0), _RHO_MAX)
             tau = (1.0 + rho) / (1.0 - rho)
         se = math.sqrt(2.0 * var * tau / h)
@@ -189,36 +197,52 @@ class TrendWindow:
 
 
 def _detrended(values: list[float], mean: float) -> list[float]:
-    """``values`` minus their least-squares line over the index."""
-    n = len(values)
+    """``values`` minus their least-squares line over the index:
+    ``v - mean - slope * (i - centre)``, with ``slope = Σ (i - centre)(v - mean) / sxx``."""
+    offsets, sxx = _centred_index(len(values))
+    deviations = list(map(sub, values, repeat(mean)))
+    slope = sum(map(mul, offsets, deviations)) / sxx
+    return list(map(sub, deviations, map(mul, repeat(slope), offsets)))
+
+
+@functools.lru_cache(maxsize=16)
+def _centred_index(n: int) -> tuple[tuple[float, ...], float]:
+    """``i - centre`` for ``i < n`` and their sum of squares ``sxx``, for :func:`_detrended`."""
     centre = (n - 1) / 2.0
-    sxx = n * (n * n - 1) / 12.0
-    slope = sum((i - centre) * (v - mean) for i, v in enumerate(values)) / sxx
-    return [v - mean - slope * (i - centre) for i, v in enumerate(values)]
+    return tuple(i - centre for i in range(n)), n * (n * n - 1) / 12.0
 
 
 class RobustWindow:
     """Median and IQR-based scale of the last ``size`` values, O(size) per update.
 
-    The statistics are computed once per change of the window (:meth:`stats`).
+    The values are kept twice: in arrival order (to know which one leaves) and sorted
+    (to read the quantiles). The statistics are computed once per change of the window
+    (:meth:`stats`); ``count`` is ``len(window)``.
     """
+
+    __slots__ = ("_fifo", "_pos", "_sorted", "_stats", "count", "size")
 
     def __init__(self, size: int) -> None:
         self.size = size
+        self.count = 0
         self._fifo: deque[float] = deque()
         self._sorted: list[float] = []
         self._stats: tuple[float, float] | None = None  # (median, sigma) of this window
+        self._pos = _positions(0)  # where the quartiles of `count` values fall
 
     def __len__(self) -> int:
-        return len(self._fifo)
+        return self.count
 
     def add(self, value: float) -> None:
         self._stats = None
-        self._fifo.append(value)
-        bisect.insort(self._sorted, value)
-        if len(self._fifo) > self.size:
-            old = self._fifo.popleft()
-            del self._sorted[bisect.bisect_left(self._sorted, old)]
+        fifo, data = self._fifo, self._sorted
+        fifo.append(value)
+        insort(data, value)
+        if self.count == self.size:
+            del data[bisect_left(data, fifo.popleft())]
+        else:
+            self.count += 1
+            self._pos = _positions(self.count)
 
     def _quantile(self, q: float) -> float:
         data = self._sorted
@@ -236,12 +260,40 @@ class RobustWindow:
         stats = self._stats
         if stats is None:
             data = self._sorted
-            (l25, h25, f25), (l50, h50, f50), (l75, h75, f75) = _positions(len(data))
+            (l25, h25, f25), (l50, h50, f50), (l75, h75, f75) = self._pos
             q25 = data[l25] + (data[h25] - data[l25]) * f25
             median = data[l50] + (data[h50] - data[l50]) * f50
             q75 = data[l75] + (data[h75] - data[l75]) * f75
             stats = self._stats = (median, (q75 - q25) / 1.349)
         return stats
+
+    def outlier(self, value: float, z_max: float,
+                floor: float) -> tuple[float, float, float] | None:
+        """``(median, sigma, z)`` when ``value`` lies more than ``z_max > 0`` robust σ
+        above the median, σ being ``max(sigma(), floor)`` with ``floor > 0``; else ``None``.
+
+        Most values are no outliers, and most are told apart without the quartiles:
+        the median is at least the sorted value just below the middle, and σ at least
+        ``floor``, so a value less than half of ``z_max × floor`` above that sorted
+        value has a z below about ``z_max / 2`` (rounding is monotone, and tiny next to
+        the factor 2). When the window's range overflows, its quartiles can be NaN:
+        then the full computation decides, as always. (``tests/policy/
+        test_stats_fastpath.py`` checks both ways agree bit for bit.)
+        """
+        stats = self._stats
+        if stats is None:
+            data = self._sorted
+            below_middle = data[self._pos[1][0]]
+            if (value - below_middle < 0.5 * z_max * floor
+                    and data[-1] - data[0] < _INF):
+                return None
+            stats = self.stats()
+        median, sigma = stats
+        sigma = max(sigma, floor)
+        z = (value - median) / sigma
+        if z <= z_max:
+            return None
+        return median, sigma, z
 
     def median(self) -> float:
         return self.stats()[0]
@@ -257,6 +309,8 @@ class RobustWindow:
         self._stats = None
         self._fifo = deque(values[-self.size:])
         self._sorted = sorted(self._fifo)
+        self.count = len(self._fifo)
+        self._pos = _positions(self.count)
 
 
 _Position = tuple[int, int, float]

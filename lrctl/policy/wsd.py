@@ -58,6 +58,7 @@ FLAGS_NOT_COUNTED = frozenset({"spike", "nonfinite"})
 @register_policy("wsd")
 class WSD(Policy):
     priority = 45  # after the divergence guard, before plateau and early stopping
+    keeps_observations = False
     COMMANDS = ("decay", "cancel")
     PARAMS = (
         Param("warmup_steps", "int", 0, "steps of warmup from min_lr_ratio × the LR", ge=0),
