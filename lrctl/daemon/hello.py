@@ -37,6 +37,7 @@ class Hello:
     watch: bool  # attach(watch=...): follow edits of the policy file
     sync: bool  # the hook waits for each answer
     session: dict[str, Any] | None = None  # the run's state from the user's checkpoint
+    resume_token: str | None = None  # from the run's welcome: may take a connected run over
 
 
 def parse_hello(msg: Mapping[str, Any]) -> Hello:
@@ -72,7 +73,7 @@ def parse_hello(msg: Mapping[str, Any]) -> Hello:
         mlflow_run_id=get_str(mlflow, "run_id", max_len=64, optional=True),
         tracking_uri=get_str(mlflow, "tracking_uri", max_len=4096, optional=True),
         cwd=get_str(msg, "cwd", max_len=4096, optional=True), watch=watch, sync=sync,
-        session=session)
+        session=session, resume_token=get_str(msg, "resume_token", max_len=64, optional=True))
 
 
 def _lrs(value: Any) -> list[float]:
