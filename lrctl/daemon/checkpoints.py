@@ -134,6 +134,28 @@ class Checkpoints:
         self._writer.stop()
         self.finished()
 
+    def save_all(self) -> int:
+        """Shutdown (after :meth:`stop`): checkpoint every run with something unsaved, all
+        at once (their fsyncs overlap: a thousand runs take a fraction of a second, not
+        ten). Returns how many were written."""
+        data: dict[str, bytes] = {}
+        for key, session in self.sessions.items():
+            if session.unsaved or key in self.errors:
+                try:
+                    data[key] = self.store.encode(session.to_state())
+                except ValueError as exc:
+                    self._failed(key, exc)
+        errors = self.store.write_many(data)
+        for key in data:
+            if key in errors:
+                self._failed(key, errors[key])
+            else:
+                session = self.sessions[key]
+                session.saved_step = session.last_step
+                session.unsaved = 0
+                self.errors.pop(key, None)
+        return len(data) - len(errors)
+
     def _settle(self, key: str) -> None:
         if key in self._saving:  # after the write in flight, never before it
             self._writer.wait()

@@ -15,7 +15,8 @@ import logging
 import os
 import queue
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,7 @@ __all__ = ["FORMAT", "CheckpointWriter", "StateStore"]
 
 FORMAT = 1
 MAX_STATE_BYTES = 16 << 20
+PARALLEL_WRITES = 16  # fsyncs in flight at once when many checkpoints are written together
 
 log = logging.getLogger("lrctl.daemon")
 
@@ -61,6 +63,34 @@ class StateStore:
     def write(self, key: str, data: bytes) -> None:
         """Replace ``key``'s checkpoint with :meth:`encode`'s ``data``, durably (fsync of
         the file and of the directory). Safe from one thread other than the loop's."""
+        os.replace(*self._write_aside(key, data))
+        self._fsync_dir()
+
+    def write_many(self, items: Mapping[str, bytes]) -> dict[str, Exception]:
+        """Several checkpoints at once (a shutdown with many runs): the files are written
+        and fsynced on a pool of threads, so that their fsyncs overlap, then renamed into
+        place, then the directory is fsynced once. Returns the failures by key."""
+        errors: dict[str, Exception] = {}
+        if not items:
+            return errors
+        with ThreadPoolExecutor(min(PARALLEL_WRITES, len(items)),
+                                thread_name_prefix="lrctl-save") as pool:
+            futures = {key: pool.submit(self._write_aside, key, data)
+                       for key, data in items.items()}
+        for key, future in futures.items():
+            try:
+                os.replace(*future.result())
+            except Exception as exc:
+                errors[key] = exc
+        if len(errors) < len(items):
+            try:
+                self._fsync_dir()
+            except OSError as exc:
+                errors.update(dict.fromkeys(items.keys() - errors.keys(), exc))
+        return errors
+
+    def _write_aside(self, key: str, data: bytes) -> tuple[Path, Path]:
+        """``data`` written and fsynced beside ``key``'s checkpoint: (temporary, final)."""
         final = self.path(key)
         tmp = final.with_name(f".{final.name}.{os.getpid()}.tmp")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -69,8 +99,7 @@ class StateStore:
             os.fsync(fd)
         finally:
             os.close(fd)
-        os.replace(tmp, final)
-        self._fsync_dir()
+        return tmp, final
 
     def delete(self, key: str) -> None:
         try:

@@ -31,6 +31,7 @@ from .journal import (
     last_line,
     read_json,
     read_lines,
+    sync_all,
 )
 from .mlflow_sink import MlflowShipper
 from .sampling import MetricSampler
@@ -215,11 +216,15 @@ class AuditSink(Sink):
         not take stays in the journal for the next controller.
         """
         self.commit()
+        # Each run's metrics stream is fsynced at close: all at once, not one by one.
+        errors = sync_all(w for run in self._runs.values() for w in run.writers.values())
         for run in self._runs.values():
             self._close_writers(run)
         self._runs.clear()
         if self.shipper is not None:
             self.shipper.close(timeout)
+        if errors:
+            raise errors[0]
 
     def flush(self, timeout: float = 10.0) -> bool:
         """Commit, then wait until MLflow has acknowledged everything so far (tests,

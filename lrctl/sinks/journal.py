@@ -23,7 +23,8 @@ from __future__ import annotations
 import json
 import os
 import re
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -43,6 +44,7 @@ __all__ = [
     "list_run_keys",
     "read_json",
     "read_lines",
+    "sync_all",
 ]
 
 #: The streams of a run, in the order the shipper acknowledges them.
@@ -217,6 +219,26 @@ class StreamWriter:
         if not self._file.closed:
             self.sync()
             self._file.close()
+
+
+def sync_all(writers: Iterable[StreamWriter], workers: int = 16) -> list[OSError]:
+    """fsync many streams at once (a shutdown with many runs): their fsyncs overlap on a
+    pool of threads, each writer on one thread. Returns the failures."""
+    pending = [w for w in writers if w.unsynced and not w._file.closed]
+    if len(pending) <= 1:
+        return _sync_each(pending)
+    with ThreadPoolExecutor(min(workers, len(pending)), thread_name_prefix="lrctl-sync") as pool:
+        return [e for errors in pool.map(_sync_each, [[w] for w in pending]) for e in errors]
+
+
+def _sync_each(writers: list[StreamWriter]) -> list[OSError]:
+    errors = []
+    for w in writers:
+        try:
+            w.sync()
+        except OSError as exc:
+            errors.append(exc)
+    return errors
 
 
 def atomic_write_json(path: Path, value: Any) -> None:
