@@ -30,8 +30,10 @@ class Limits:
     max_drain: int = 16 << 20  # bytes read from a hook that hung up, to apply what it sent
     # -- hellos (see handshake.py) --------------------------------------------------------
     hello_budget_s: float = 2.0  # a hello's policy must parse (off the loop) within this
-    max_pending_hellos: int = 64  # hellos waiting for their policy to parse
+    max_pending_hellos: int = 1024  # hellos waiting for their policy to parse (or refused)
     housekeeping_interval: float = 1.0  # seconds between evictions and socket checks
+    # Checkpoints of runs with a hook stop being written this long after a SIGTERM.
+    shutdown_budget_s: float = 0.5
 
     def __post_init__(self) -> None:
         for f in fields(self):
