@@ -10,6 +10,11 @@ could not send while the controller was down) in a bounded buffer. After a
 reconnect, the ``welcome`` says where the (possibly restored) session stands;
 the link replays the buffered frames after that step, in order, so the policies
 see every observation exactly once, as if nothing had happened.
+
+The welcome also carries the run's resume token; the link sends it in its later
+hellos, so that its own reconnect may take the run over from a connection the
+controller still thinks alive. Over TCP the link first sends an ``auth`` frame
+with the token: the controller reads nothing large from a peer before that.
 """
 
 from __future__ import annotations
@@ -56,10 +61,12 @@ class Link:
                  on_message: Callable[[dict[str, Any]], None], *,
                  warn: Callable[[str, str], None], max_backoff: float = 5.0,
                  buffer_max: int = BUFFER_MAX,
-                 respawn: Callable[[], None] | None = None) -> None:
+                 respawn: Callable[[], None] | None = None,
+                 token: str | None = None) -> None:
         self.kind, self.addr = paths.parse_address(address)
         self.address = address
-        self.hello = dict(hello)
+        self.hello = dict(hello)  # its resume_token follows the welcomes
+        self.token = token  # TCP: shown in an ``auth`` frame before the hello
         self.on_message = on_message
         self.warn = warn
         self.max_backoff = max_backoff
@@ -113,7 +120,9 @@ class Link:
         self._poller = select.poll()  # a zero-timeout poll is far cheaper than a failed recv
         self._poller.register(sock, _READABLE)
         self._rest = b""
-        self._out = bytearray(encode({"t": "hello", **self.hello}, MAX_HELLO))
+        self._out = bytearray(encode({"t": "auth", "token": self.token})
+                              if self.kind == "tcp" else b"")
+        self._out += encode({"t": "hello", **self.hello}, MAX_HELLO)
         self.state = "handshake"
         self._flush()
         return self._sock is not None
@@ -222,7 +231,7 @@ class Link:
         except (BlockingIOError, InterruptedError):
             sent = 0
         except OSError as exc:
-            self._down(str(exc.strerror or exc))
+            self._send_failed(exc)
             return
         if sent < len(frame):
             self._out += frame[sent:]
@@ -234,9 +243,16 @@ class Link:
         except (BlockingIOError, InterruptedError):
             return
         except OSError as exc:
-            self._down(str(exc.strerror or exc))
+            self._send_failed(exc)
             return
         del self._out[:sent]
+
+    def _send_failed(self, exc: OSError) -> None:
+        """The controller closed the connection: read why first (a fatal ``error`` frame,
+        such as ``run_taken_over``, may be waiting), then go down."""
+        self._read()
+        if self._sock is not None:
+            self._down(str(exc.strerror or exc))
 
     def _read(self) -> None:
         """Handle what arrived. Runs every step, so: poll first (no exception when nothing
@@ -294,7 +310,8 @@ class Link:
                 while self.buffer and self.buffer[0][0] <= saved:
                     self.buffer.popleft()
         elif t == "error" and msg.get("fatal"):
-            self.fatal = msg  # no reconnecting into the same refusal
+            if not msg.get("retry"):
+                self.fatal = msg  # no reconnecting into the same refusal
             self.state = "down"  # quietly: the hook reports the refusal itself
             self._down(str(msg.get("message")))
             self.on_message(msg)
@@ -304,6 +321,9 @@ class Link:
     def _welcome(self, msg: Mapping[str, Any]) -> None:
         last = msg.get("last_step")
         last = last if isinstance(last, int) else -1
+        token = msg.get("resume_token")
+        if isinstance(token, str):
+            self.hello["resume_token"] = token
         if self.welcomed and not msg.get("restored"):
             self.warn("lost_state", "lrctl: the controller had no saved state for this run; "
                                     "its policies start over from the observations the hook "

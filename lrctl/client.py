@@ -4,8 +4,8 @@
 from __future__ import annotations
 
 from ._torchutil import total_grad_norm
-from .hook import Controller, PolicyRejected, attach, sanitize_run_name
+from .hook import Controller, PolicyRejected, RunConflict, attach, sanitize_run_name
 from .wire.operator import ControllerError, request
 
-__all__ = ["Controller", "ControllerError", "PolicyRejected", "attach", "request",
-           "sanitize_run_name", "total_grad_norm"]
+__all__ = ["Controller", "ControllerError", "PolicyRejected", "RunConflict", "attach",
+           "request", "sanitize_run_name", "total_grad_norm"]

@@ -20,10 +20,13 @@ The format (``version: 1``)::
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import re
-from collections.abc import Mapping, Sequence
+import threading
+import time
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,7 +37,8 @@ from .policy import Engine, ParamError, Policy, get_policy_class
 from .policy._engine import unique_names
 from .policy._params import Param, bind_params
 
-__all__ = ["ConfigError", "PolicyEntry", "PolicyFile", "load_policy", "parse_policy"]
+__all__ = ["ConfigError", "PolicyEntry", "PolicyFile", "load_policy", "parse_deadline",
+           "parse_policy"]
 
 MAX_BYTES = 64 * 1024
 MAX_DEPTH = 16
@@ -58,6 +62,7 @@ _PLAIN_TAGS = frozenset({
     "tag:yaml.org,2002:null",
 })
 _NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_.#-]{0,63}$")
+_deadline = threading.local()  # .at: time.monotonic() past which parsing gives up
 
 
 class ConfigError(ValueError):
@@ -194,12 +199,53 @@ def parse_file(path: str) -> PolicyFile:
     return parse_text(text, path)
 
 
+@contextlib.contextmanager
+def parse_deadline(seconds: float) -> Iterator[None]:
+    """Within this block, parsing YAML on this thread gives up with a ``ConfigError`` once
+    ``seconds`` have passed (PyYAML is pure Python: a hostile 64 KB text can take
+    seconds; the controller parses hellos under a budget)."""
+    _deadline.at = time.monotonic() + seconds
+    _deadline.seconds = seconds
+    try:
+        yield
+    finally:
+        _deadline.at = None
+
+
+class _OutOfTime(Exception):
+    pass
+
+
+class _Loader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that checks the thread's :func:`parse_deadline` as it scans, and
+    stops composing past ``MAX_NODES`` nodes (rather than building them all first)."""
+
+    _nodes = 0
+
+    def fetch_more_tokens(self) -> None:
+        at = getattr(_deadline, "at", None)
+        if at is not None and time.monotonic() > at:
+            raise _OutOfTime
+        super().fetch_more_tokens()
+
+    def compose_node(self, parent: yaml.Node | None, index: Any) -> yaml.Node | None:
+        self._nodes += 1
+        if self._nodes > MAX_NODES:
+            raise yaml.MarkedYAMLError(problem=f"more than {MAX_NODES} YAML nodes",
+                                       problem_mark=self.peek_event().start_mark)
+        return super().compose_node(parent, index)  # type: ignore[no-any-return]
+
+
 def parse_text(text: str, source: str = "<string>") -> PolicyFile:
     raw = text.encode("utf-8", "surrogatepass")
     if len(raw) > MAX_BYTES:
         raise ConfigError(source, None, None, f"text larger than {MAX_BYTES} bytes")
     try:
-        root = yaml.compose(text, Loader=yaml.SafeLoader)
+        root = yaml.compose(text, Loader=_Loader)
+    except _OutOfTime:
+        raise ConfigError(source, None, None, f"parsing took longer than the "
+                          f"{_deadline.seconds:g} s allowed (a policy file is a few KB of "
+                          "plain YAML)") from None
     except yaml.MarkedYAMLError as exc:
         line = exc.problem_mark.line + 1 if exc.problem_mark else None
         raise ConfigError(source, line, None, f"YAML syntax: {exc.problem}") from None

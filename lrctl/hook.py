@@ -68,6 +68,11 @@ class PolicyRejected(ValueError):
     """The controller found the policy invalid; the message reads ``file:line: key: message``."""
 
 
+class RunConflict(PolicyRejected):
+    """The controller refused the run: another connection serves it (two scripts with one
+    run name?), or it exists with another policy or other initial LRs."""
+
+
 def attach(optimizer: Any, policy: Any = None, run_name: str | None = None, sync: bool = False,
            every: int = 1, socket: str | None = None, spawn: bool = True,
            **options: Any) -> Controller:
@@ -184,6 +189,9 @@ class Controller:
         self._controller_version: str | None = None  # from the welcome
         self._attached = False
         self._saved_session = saved.get("session") if saved is not None else None
+        # From the run's welcome (or the saved state): lets a hello take the run over
+        # from a connection the controller still serves (see handshake.py).
+        self._resume_token: str | None = saved.get("token") if saved is not None else None
         self._snapshot: dict[str, Any] | None = None
         self._awaiting_snapshot = False
         self._connect_args = (policy, run_name, socket, spawn, token, spawn_timeout,
@@ -310,6 +318,9 @@ class Controller:
         """
         state: dict[str, Any] = {"format": STATE_FORMAT, "run_key": self.run_key,
                                  "step": self._step, "initial_lrs": list(self._initial)}
+        token = self._token()
+        if token is not None:
+            state["token"] = token  # a resume may take the run over from a hung process
         try:
             session = self._fetch_session()
         except Exception as exc:
@@ -342,6 +353,8 @@ class Controller:
         self._writer.initial = list(self._initial)
         self._resume = saved["run_key"]
         self._saved_session = saved.get("session")
+        self._resume_token = saved.get("token") or (
+            self._token() if saved["run_key"] == self.run_key else None)
         if self._dist.rank == 0:
             if self._link is not None:
                 self._link.close(bye=saved["run_key"] != self.run_key)
@@ -411,6 +424,8 @@ class Controller:
             hello["session"] = self._saved_session  # the run as the checkpoint left it
         if self._step > 0:
             hello["start_step"] = self._step  # a new run's first LRs are for this step
+        if self._resume_token is not None and self._resume is not None:
+            hello["resume_token"] = self._resume_token
         link = self._open_link(address, hello, token, spawn, spawn_timeout, max_backoff)
         other = self._controller_version
         if link.connected and other != __version__:
@@ -439,17 +454,19 @@ class Controller:
             code, message = link.fatal.get("code"), str(link.fatal.get("message"))
             if code == "unauthorized":
                 raise PermissionError(f"lrctl: the controller at {address} refused us: {message}")
+            if code == "run_conflict":
+                raise RunConflict(message)
             raise PolicyRejected(message)
-        if not link.connected:
+        if not link.connected and "unavailable" not in self._warned:
             self._warn("down", f"lrctl: no controller answers at {address}; training continues "
                                "at the optimizer's LRs and the hook keeps trying to connect")
 
     def _open_link(self, address: str, hello: dict[str, Any], token: str | None, spawn: bool,
                    spawn_timeout: float, max_backoff: float) -> Link:
         """Connect (starting a controller on ``address`` if allowed) and wait for the welcome."""
-        link = Link(address, {**hello, "token": token or token_from_env()} if
-                    address.startswith("tcp://") else hello, self._on_message,
-                    warn=self._warn, max_backoff=max_backoff)
+        link = Link(address, hello, self._on_message, warn=self._warn,
+                    max_backoff=max_backoff, token=token or token_from_env()
+                    if address.startswith("tcp://") else None)
         if spawn and link.kind == "unix":
             link.respawn = lambda: _spawn.respawn(address)
         self._link = link
@@ -503,7 +520,10 @@ class Controller:
                 self.should_stop = True
         elif t == "error":
             self._got_error = True
-            if msg.get("fatal"):
+            if msg.get("retry"):  # out of descriptors, say: it tries again later
+                self._warn("unavailable", f"lrctl: the controller cannot serve this run now "
+                                          f"({msg.get('message')})")
+            elif msg.get("fatal"):
                 if self._attached:
                     self._warn("refused", f"lrctl: the controller refused this run "
                                           f"({msg.get('message')}); training continues at the "
@@ -663,6 +683,12 @@ class Controller:
     def _apply(self) -> None:
         self._writer.apply(self._target)
 
+    def _token(self) -> str | None:
+        """The run's resume token, as the latest welcome gave it."""
+        link = self._link
+        token = link.hello.get("resume_token") if link is not None else None
+        return token if isinstance(token, str) else self._resume_token
+
     def _fetch_session(self) -> dict[str, Any] | None:
         """The controller's state of this run after every step reported so far."""
         link = self._link
@@ -793,5 +819,7 @@ def _resume_state(resume: Any) -> dict[str, Any] | None:
     session = resume.get("session")
     if session is not None and not isinstance(session, Mapping):
         raise ValueError("the saved lrctl state's session is not a mapping")
+    token = resume.get("token")
     return {"run_key": key, "step": step, "initial_lrs": [lr_value(v) for v in lrs],
-            "session": dict(session) if session is not None else None}
+            "session": dict(session) if session is not None else None,
+            "token": token if isinstance(token, str) else None}

@@ -22,7 +22,7 @@ import logging
 import math
 import queue
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Container, Mapping
 
 from .limits import Limits
 from .session import Session
@@ -130,9 +130,43 @@ class Checkpoints:
                                     + self.limits.save_interval)
 
     def stop(self) -> None:
-        """Let the writer finish what it was given, and apply it."""
+        """Let the writer finish the write it is on, and apply it; the writes it had not
+        started are left to :meth:`save_all`."""
+        for key, (session, _) in self._writer.cancel():
+            held = self._saving.pop(key, 0)
+            if self.sessions.get(key) is session:
+                session.unsaved += held  # still to be checkpointed
         self._writer.stop()
         self.finished()
+
+    def save_all(self, hooked: Container[str], deadline: float) -> int:
+        """Shutdown (after :meth:`stop`): checkpoint the runs with something unsaved, their
+        fsyncs overlapping. First, all those whose hook is gone (this is their only copy);
+        then, until ``deadline``, those in ``hooked``, whose hooks keep every observation
+        after ``saved_step`` and replay them when they reconnect. Returns how many were
+        written."""
+        gone: dict[str, bytes] = {}
+        kept: dict[str, bytes] = {}
+        for key, session in self.sessions.items():
+            if session.unsaved or key in self.errors:
+                try:
+                    data = self.store.encode(session.to_state())
+                except ValueError as exc:
+                    self._failed(key, exc)
+                    continue
+                (kept if key in hooked else gone)[key] = data
+        written = 0
+        for items, until in ((gone, math.inf), (kept, deadline)):
+            done, errors = self.store.write_many(items, until)
+            for key, exc in errors.items():
+                self._failed(key, exc)
+            for key in done:
+                session = self.sessions[key]
+                session.saved_step = session.last_step
+                session.unsaved = 0
+                self.errors.pop(key, None)
+            written += len(done)
+        return written
 
     def _settle(self, key: str) -> None:
         if key in self._saving:  # after the write in flight, never before it

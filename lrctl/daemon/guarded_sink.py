@@ -1,7 +1,10 @@
 """The controller's view of its sink: failures are logged, never fatal; records wait for commit.
 
-A sink's failure (a full disk, a bug in a plugin sink) is logged and shown by
-``lrctl status``; the run goes on. Every record but an observation calls
+A sink's failure (a full disk, a bug in a plugin sink) is logged (at most once per
+ten seconds per method, with a count) and shown by ``lrctl status``; the run goes
+on. A run whose records cannot be opened at all (its journal files, when the
+controller is out of file descriptors) is not served: :meth:`GuardedSink.open_run`
+says why, and the server refuses the hello. Every record but an observation calls
 ``on_record`` first (the transport's :meth:`~lrctl.daemon.transport.Transport.hold`),
 so that the replies acknowledging it wait for :meth:`GuardedSink.commit`: the
 controller's group commit, one per loop wake-up.
@@ -14,6 +17,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from ..sinks import RunInfo, Sink
+from .ratelog import RateLog
 
 __all__ = ["GuardedSink"]
 
@@ -25,10 +29,17 @@ class GuardedSink:
         self.sink = sink
         self._on_record = on_record
         self.error: str | None = None  # the latest failure, for status
+        self._rlog = RateLog(log)
 
-    def open_run(self, info: RunInfo) -> None:
+    def open_run(self, info: RunInfo) -> str | None:
+        """Open (or reopen) the run's records; why not, if they cannot be."""
         self._on_record()
-        self._call("open_run", info)
+        try:
+            self.sink.open_run(info)
+        except Exception as exc:
+            self._failed("open_run", exc)
+            return str(exc)
+        return None
 
     def observation(self, run_key: str, step: int, loss: float | None,
                     grad_norm: float | None, lrs: Sequence[float]) -> None:
@@ -68,5 +79,5 @@ class GuardedSink:
             self._failed(method, exc)
 
     def _failed(self, method: str, exc: Exception) -> None:
-        log.exception("sink %s failed", method)
+        self._rlog.log(logging.ERROR, method, "sink %s failed", method, exc_info=exc)
         self.error = f"{method} failed: {exc}"

@@ -38,6 +38,7 @@ class Hello:
     sync: bool  # the hook waits for each answer
     session: dict[str, Any] | None = None  # the run's state from the user's checkpoint
     start_step: int = 0  # the step number of the loop's first step
+    resume_token: str | None = None  # from the run's welcome: may take a connected run over
 
 
 def parse_hello(msg: Mapping[str, Any]) -> Hello:
@@ -73,7 +74,8 @@ def parse_hello(msg: Mapping[str, Any]) -> Hello:
         mlflow_run_id=get_str(mlflow, "run_id", max_len=64, optional=True),
         tracking_uri=get_str(mlflow, "tracking_uri", max_len=4096, optional=True),
         cwd=get_str(msg, "cwd", max_len=4096, optional=True), watch=watch, sync=sync,
-        session=session, start_step=get_int(msg, "start_step", lo=0, optional=True) or 0)
+        session=session, start_step=get_int(msg, "start_step", lo=0, optional=True) or 0,
+        resume_token=get_str(msg, "resume_token", max_len=64, optional=True))
 
 
 def _lrs(value: Any) -> list[float]:

@@ -16,12 +16,24 @@ class Limits:
 
     save_every: int = 256  # observations between a run's hot-path checkpoints
     save_interval: float = 1.0  # seconds unsaved observations wait for a checkpoint at most
-    max_connections: int = 1024
+    # -- connections (see admission.py) ---------------------------------------------------
+    max_connections: int = 1024  # at the cap, the oldest peer without a run makes room
     max_remote_connections: int = 256  # TCP peers may not take the slots local hooks need
-    auth_timeout_s: float = 10.0  # a TCP peer must show the token within this
+    quiet_timeout_s: float = 10.0  # a peer without a run, silent this long, is closed
+    accept_pause_s: float = 0.5  # out of file descriptors: stop accepting for this long
+    # -- memory per peer ------------------------------------------------------------------
+    max_unauthed_frame: int = 4096  # bytes a TCP peer may send in a frame before its token
+    max_partial_bytes: int = 32 << 20  # bytes of unfinished frames held for peers without a run
+    max_early_messages: int = 256  # messages a peer may send before its hello is answered
     max_outbuf: int = 8 << 20  # bytes of replies a peer may leave unread before it is closed
+    linger_s: float = 2.0  # a closed peer's last frames wait this long for it to read them
     max_drain: int = 16 << 20  # bytes read from a hook that hung up, to apply what it sent
+    # -- hellos (see handshake.py) --------------------------------------------------------
+    hello_budget_s: float = 2.0  # a hello's policy must parse (off the loop) within this
+    max_pending_hellos: int = 1024  # hellos waiting for their policy to parse (or refused)
     housekeeping_interval: float = 1.0  # seconds between evictions and socket checks
+    # Checkpoints of runs with a hook stop being written this long after a SIGTERM.
+    shutdown_budget_s: float = 0.5
 
     def __post_init__(self) -> None:
         for f in fields(self):

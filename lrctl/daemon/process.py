@@ -13,6 +13,7 @@ import contextlib
 import fcntl
 import logging
 import os
+import resource
 import signal
 import socket
 import stat
@@ -23,11 +24,11 @@ from pathlib import Path
 
 from .. import paths
 from ..sinks import Sink, build_sink
+from .admission import bind_unix
 from .limits import DEFAULT_SESSION_TIMEOUT
 from .liveness import DEFAULT_GRACE_S, DEFAULT_STALL_S, LoopMonitor
 from .server import Server
 from .store import StateStore
-from .transport import bind_unix
 
 __all__ = ["AlreadyServing", "Listening", "ServeOptions", "bind", "serve"]
 
@@ -143,6 +144,7 @@ def serve(options: ServeOptions, sink_factory: Callable[[str], Sink] = build_sin
     _setup_logging(options, state)
     if listening.took_over:  # logged only now that the log exists
         log.info("took over the stale socket %s (its controller died)", options.socket_path)
+    _raise_fd_limit()
     store = StateStore(state)
     sink = sink_factory(str(state))
     listeners = [(listening.unix, True)]
@@ -176,6 +178,22 @@ def serve(options: ServeOptions, sink_factory: Callable[[str], Sink] = build_sin
         monitor.stop_requested()
         listening.close()
     return 0
+
+
+def _raise_fd_limit() -> None:
+    """Take the hard limit on open files as our own (each run holds its connection and its
+    journal files; a soft limit of 1 024 is reached at ~300 runs). What happens when even
+    that runs out is in admission.py."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = 1 << 16 if hard == resource.RLIM_INFINITY else min(hard, 1 << 16)
+    if soft == resource.RLIM_INFINITY or soft >= want:
+        return
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+    except (OSError, ValueError) as exc:
+        log.warning("cannot raise the open-file limit from %d: %s", soft, exc)
+        return
+    log.info("open-file limit raised from %d to %d", soft, want)
 
 
 def _detach(options: ServeOptions, state: Path, listening: Listening) -> None:

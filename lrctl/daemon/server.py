@@ -5,9 +5,11 @@ state has exactly one owner and needs no locks. The server keeps the registry of
 runs (sessions, their hooks' connections, when each was last heard) and the hot
 path (hello, observation, reply, bye); its collaborators each own one job:
 
-* :mod:`~lrctl.daemon.transport`: sockets, framing, authentication, the wake-up,
-  re-binding a removed socket file, and holding replies for the group commit;
-* :mod:`~lrctl.daemon.hello`: the typed ``hello``;
+* :mod:`~lrctl.daemon.transport`: connections, framing, authentication, the wake-up,
+  and holding replies for the group commit; :mod:`~lrctl.daemon.admission`: the
+  listeners, who gets a connection and who keeps one (caps, eviction, fd exhaustion);
+* :mod:`~lrctl.daemon.handshake`: the ``hello`` (typed by :mod:`~lrctl.daemon.hello`):
+  which session it joins, built off the loop, and who may take a run over;
 * :mod:`~lrctl.daemon.operator`: the operator verbs;
 * :mod:`~lrctl.daemon.live_reload`: watched policy files applied to running sessions;
 * :mod:`~lrctl.daemon.checkpoints`: when each run is checkpointed, and by which thread;
@@ -21,7 +23,8 @@ the held frames go out. A hook is told of a decision only once it is durable.
 
 Housekeeping, once a second: a session with no hook for ``session_timeout``
 seconds is checkpointed and dropped from memory (a late reconnect restores it
-from disk), and a socket file that was removed is bound again.
+from disk), quiet peers without a run are closed, hellos that take too long are
+refused, and a socket file that was removed is bound again.
 """
 
 from __future__ import annotations
@@ -34,8 +37,6 @@ from collections.abc import Mapping
 from types import MappingProxyType
 from typing import Any
 
-from .._version import __version__
-from ..config import ConfigError
 from ..policy import ObservationError
 from ..protocol import MAX_HELLO, ProtocolError, encode_lr, float_in, get_int
 from ..reload import DEFAULT_DEBOUNCE_S
@@ -43,12 +44,12 @@ from ..sinks import Sink
 from . import operator
 from .checkpoints import Checkpoints
 from .guarded_sink import GuardedSink
-from .hello import Hello, parse_hello
+from .handshake import Handshakes
 from .limits import DEFAULT_SESSION_TIMEOUT, Limits
 from .live_reload import LiveReload
-from .session import Session, text_sha256
+from .session import Session
 from .store import StateStore
-from .transport import Conn, Refused, Transport
+from .transport import Conn, Transport, Unavailable
 
 __all__ = ["Server"]
 
@@ -89,6 +90,7 @@ class Server:
         self.live = LiveReload(self.sessions, publish=self.publish,
                                save=self.checkpoints.save, wake=self.transport.wake,
                                watch=watch, debounce_s=debounce_s)
+        self.handshakes = Handshakes(self)
         if policies_dir is not None:
             self.live.load_library(policies_dir)
         self._restore()
@@ -98,25 +100,51 @@ class Server:
         for key, state in self.store.load_all():
             try:
                 session = Session.restore(state)
+                self.adopt(key, session)
             except (ValueError, KeyError, TypeError) as exc:
                 log.error("cannot restore run %s: %s; its checkpoint is left in place", key, exc)
                 continue
-            self._adopt(key, session)
             log.info("restored run %s at step %d (policy %s)", key, session.last_step,
                      session.info.policy_sha256[:12])
         self.live.catch_up()  # edits made while the controller was down
 
-    def _adopt(self, key: str, session: Session) -> None:
-        """A restored session joins the loop (at start, or when an evicted run returns)."""
+    def adopt(self, key: str, session: Session) -> None:
+        """A restored session joins the registry (at start, when an evicted run returns, or
+        a resume from the hook's saved state replaces what was here). :class:`Unavailable`
+        when its journal cannot be opened (out of file descriptors, say): it stays on disk."""
+        self._open_records(session)
+        if key in self.sessions:
+            self.live.unwatch(key)
         self.sessions[key] = session
         self.checkpoints.track(key)
         self._last_seen[key] = time.monotonic()
-        self.sink.open_run(session.info)
         self.live.sync_watch(session)
 
+    def start(self, session: Session) -> None:
+        """A new run joins the registry: its records, first checkpoint and watch."""
+        key = session.key
+        self._open_records(session)
+        self.sessions[key] = session
+        self.checkpoints.save(key)
+        self.live.sync_watch(session)
+        log.info("run %s started (%d group(s), policy %s%s)", key,
+                 len(session.engine.initial_lrs), session.info.policy_source,
+                 "" if session.watch_path else ", not watched")
+
+    def _open_records(self, session: Session) -> None:
+        error = self.sink.open_run(session.info)
+        if error is not None:  # a run whose decisions cannot be journaled is not served
+            raise Unavailable(f"cannot journal run {session.key}: {error}")
+
+    def heard(self, key: str) -> None:
+        """``key``'s hook was heard from (a hello)."""
+        self._last_seen[key] = time.monotonic()
+
     def stop(self) -> None:
-        """Ask the loop to finish (safe from a signal handler)."""
+        """Ask the loop to finish (safe from a signal handler: it wakes the loop, which
+        would otherwise sleep out its poll interval)."""
         self._stopping = True
+        self.transport.wake()
 
     @property
     def last_wake(self) -> float:
@@ -137,23 +165,31 @@ class Server:
                 now = time.monotonic()
                 if now >= self.checkpoints.next_due:
                     self.checkpoints.save_due(now)
+                if now >= self.transport.admission.resume_at:
+                    self.transport.admission.tick(now)
                 if now >= self._housekeeping_at:
                     self._housekeeping_at = now + self.limits.housekeeping_interval
                     self._evict_idle()
                     self._exit_if_idle()
-                    self.transport.drop_unauthenticated()
-                    self.transport.check_socket()
+                    self.handshakes.expire(now)
+                    self.transport.housekeeping(now)
         finally:
             self._shutdown()
 
     def _shutdown(self) -> None:
+        """Stop within about two seconds however many runs and whatever MLflow's state: the
+        journal is committed and every run whose hook is gone checkpointed; runs with a
+        hook are checkpointed for up to ``Limits.shutdown_budget_s`` (their hooks replay
+        the rest), and MLflow gets what time is left (the next start ships the rest)."""
+        deadline = time.monotonic() + self.limits.shutdown_budget_s
+        self.handshakes.stop()
         self.live.stop()
         self.checkpoints.stop()
-        for key in list(self.sessions):
-            self.checkpoints.save(key)
+        saved = self.checkpoints.save_all(hooked=self.conns, deadline=deadline)
         self.transport.close()
         self.sink.close()
-        log.info("controller stopped; %d run(s) checkpointed", len(self.sessions))
+        log.info("controller stopped; %d run(s) checkpointed (%d held)", saved,
+                 len(self.sessions))
 
     # -- the transport's handler ---------------------------------------------------------
     def handle(self, conn: Conn, msg: dict[str, Any]) -> None:
@@ -161,7 +197,7 @@ class Server:
         if t == "obs":
             self._obs(conn, msg)
         elif t == "hello":
-            self._hello(conn, msg)
+            self.handshakes.hello(conn, msg)
         elif t == "bye":
             self._bye(conn)
         elif t == "snapshot":
@@ -173,6 +209,7 @@ class Server:
             raise ProtocolError(f"unknown message type {t!r:.40}", "bad_message")
 
     def disconnected(self, conn: Conn, save: bool) -> None:
+        self.handshakes.dropped(conn)
         if conn.run is not None and self.conns.get(conn.run) is conn:
             del self.conns[conn.run]
             if save and conn.run in self.sessions:
@@ -184,72 +221,9 @@ class Server:
     def woken(self) -> None:
         self.checkpoints.finished()
         self.live.drain()
+        self.handshakes.finished()
 
     # -- the hot path ------------------------------------------------------------------
-    def _hello(self, conn: Conn, msg: Mapping[str, Any]) -> None:
-        if conn.run is not None:
-            raise ProtocolError("hello sent twice on one connection", "bad_message")
-        hello = parse_hello(msg)
-        key = hello.run
-        session = self.sessions.get(key)
-        if hello.session is not None:
-            session = self._from_hook(hello, session)
-        if session is None:
-            session = self._from_disk(key)
-        restored = session is not None
-        if session is None:
-            session = self._start(hello)
-        elif list(session.engine.initial_lrs) != hello.lrs or text_sha256(
-                hello.policy_text) not in (session.hello_sha256, session.info.policy_sha256):
-            # After a live reload the hook still sends the text it started with.
-            raise Refused(f"run {key} exists with a different policy or initial LRs",
-                          "run_conflict")
-        elif hello.total_steps is not None and hello.total_steps != session.total_steps:
-            # A run resumed with a new length (max_steps raised): the anneal follows it.
-            log.info("run %s: total_steps %s -> %d", key, session.total_steps,
-                     hello.total_steps)
-            session.set_total_steps(hello.total_steps)
-            self.checkpoints.save(key)
-        session.sync = hello.sync  # which LRs the optimizer used at a step (see _obs)
-        self._last_seen[key] = time.monotonic()
-        old = self.conns.get(key)
-        if old is not None and old is not conn:
-            log.info("run %s reconnected; dropping its old connection", key)
-            self.transport.close_conn(old, save=False)
-        conn.run = key
-        self.conns[key] = conn
-        self.transport.send(conn, {"t": "welcome", "version": __version__, "run": key,
-                                   "last_step": session.last_step,
-                                   "saved_step": session.saved_step, "lrs": session.lrs(),
-                                   "mode": session.mode, "restored": restored,
-                                   "policy_sha256": session.info.policy_sha256})
-
-    def _from_hook(self, hello: Hello, live: Session | None) -> Session:
-        """The run as the user's checkpoint left it (``ctl.state_dict()``): it replaces
-        whatever this controller holds for the run, which may have seen later steps
-        before the training process died."""
-        state = hello.session
-        assert state is not None
-        if state.get("run") != hello.run:
-            raise Refused(f"the saved state is of run {state.get('run')!r:.100}, not "
-                          f"{hello.run}", "run_conflict")
-        try:
-            session = Session.restore(state)
-        except Exception as exc:  # the peer's data: any failure refuses it, nothing else
-            raise Refused(f"the saved lrctl state of run {hello.run} is not usable: "
-                          f"{exc!r:.300}", "bad_state") from None
-        if list(session.engine.initial_lrs) != hello.lrs or text_sha256(
-                hello.policy_text) not in (session.hello_sha256, session.info.policy_sha256):
-            raise Refused(f"the saved state of run {hello.run} has a different policy or "
-                          "initial LRs", "run_conflict")
-        if live is not None:
-            self.live.unwatch(hello.run)
-        self._adopt(hello.run, session)
-        self.checkpoints.save(hello.run)
-        log.info("run %s resumed from the hook's saved state at step %d", hello.run,
-                 session.last_step)
-        return session
-
     def _snapshot(self, conn: Conn) -> None:
         """The run's state for the user's checkpoint (``ctl.state_dict()``)."""
         session = self.sessions.get(conn.run or "")
@@ -257,26 +231,6 @@ class Server:
             raise ProtocolError("snapshot before hello", "bad_message")
         self.transport.send(conn, {"t": "snapshot", "s": session.last_step,
                                    "session": session.to_state()}, MAX_HELLO)
-
-    def _start(self, hello: Hello) -> Session:
-        """A new run: its session, first checkpoint, sink record and watch."""
-        try:
-            session = Session.create(
-                key=hello.run, run_name=hello.run_name, policy_text=hello.policy_text,
-                policy_source=hello.policy_source, lrs=hello.lrs, world_size=hello.world_size,
-                total_steps=hello.total_steps, mlflow_run_id=hello.mlflow_run_id,
-                tracking_uri=hello.tracking_uri, cwd=hello.cwd)
-        except ConfigError as exc:
-            raise Refused(str(exc), "bad_policy") from None
-        session.watch = hello.watch
-        session.engine.start_at(hello.start_step)  # the welcome's LRs: for its first step
-        self.sessions[hello.run] = session
-        self.sink.open_run(session.info)
-        self.checkpoints.save(hello.run)
-        self.live.sync_watch(session)
-        log.info("run %s started (%d group(s), policy %s%s)", hello.run, len(hello.lrs),
-                 hello.policy_source, "" if session.watch_path else ", not watched")
-        return session
 
     def _obs(self, conn: Conn, msg: Mapping[str, Any]) -> None:
         """One observation: the hot path (a plain one allocates next to nothing here)."""
@@ -399,19 +353,6 @@ class Server:
             self.live.unwatch(key)
             log.info("run %s evicted after %.0f s without its hook; its state stays on disk "
                      "and a reconnect resumes it", key, self.session_timeout)
-
-    def _from_disk(self, key: str) -> Session | None:
-        """An evicted run whose hook came back."""
-        try:
-            state = self.store.load(key)
-            session = None if state is None else Session.restore(state)
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            log.error("cannot restore run %s: %s", key, exc)
-            return None
-        if session is not None:
-            self._adopt(key, session)
-            log.info("run %s restored from disk at step %d", key, session.last_step)
-        return session
 
 
 def _base_lrs(value: Any, groups: int) -> list[float]:

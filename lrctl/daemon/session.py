@@ -28,6 +28,8 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import os
+import re
+import secrets
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -36,10 +38,18 @@ from ..policy import Decision, Engine
 from ..protocol import ProtocolError, get_int, get_str
 from ..sinks import RunInfo
 
-__all__ = ["OPERATOR", "RELOAD", "Session", "Step", "text_sha256"]
+__all__ = ["OPERATOR", "RELOAD", "Session", "Step", "new_resume_token", "text_sha256"]
 
 OPERATOR = "operator"
 RELOAD = "reload"
+
+
+_TOKEN = re.compile(r"[A-Za-z0-9_-]{16,64}").fullmatch
+
+
+def new_resume_token() -> str:
+    """A run's resume token: what a hello must show to take over a connected run."""
+    return secrets.token_urlsafe(18)
 
 
 def text_sha256(text: str) -> str:
@@ -85,6 +95,9 @@ class Session:
         self.sync = False  # the connected hook waits for each answer (set by each hello)
         self.reloads = 0
         self.overflows = 0  # mixed-precision overflow steps the hook reported
+        # Handed to the run's hook in its welcome; a hello for the run while another
+        # connection serves it must show it (see handshake.py). Kept in the checkpoint.
+        self.resume_token = new_resume_token()
 
     # -- construction ------------------------------------------------------------------
     @classmethod
@@ -122,6 +135,9 @@ class Session:
         s.reload_error = None if error is None else str(error)
         s.reloads = int(state.get("reloads", 0))
         s.overflows = int(state.get("overflows", 0))
+        token = state.get("resume_token")
+        if isinstance(token, str) and _TOKEN(token):
+            s.resume_token = token
         s.saved_step = s.last_step
         return s
 
@@ -146,6 +162,7 @@ class Session:
             "reload_error": self.reload_error,
             "reloads": self.reloads,
             "overflows": self.overflows,
+            "resume_token": self.resume_token,
         }
 
     def set_total_steps(self, total_steps: int) -> None:

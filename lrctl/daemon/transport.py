@@ -1,10 +1,18 @@
-"""Connections: accept, frame, authenticate, send; the loop's wake-up; the socket's upkeep.
+"""Connections: frame, authenticate, send, close; the loop's wake-up; group commit.
 
-The transport owns the selector and every connection. Complete messages go to a
-:class:`Handler` (the server); a message that breaks the protocol earns an
-``error`` frame, and input we cannot go on from (a broken frame, a refused hello,
-a wrong token) a fatal one and a closed connection. Nothing a peer sends can
-disturb the loop or the other connections.
+The transport owns the selector and every connection (who gets and keeps one is
+:mod:`~lrctl.daemon.admission`'s job). Complete messages go to a :class:`Handler`
+(the server); a message that breaks the protocol earns an ``error`` frame, and
+input we cannot go on from (a broken frame, a refused hello, a wrong token) a
+fatal one and a closed connection. Nothing a peer sends can disturb the loop or
+the other connections, and the loop never blocks on a peer: a reply it cannot
+take now waits in its connection's buffer (bounded by ``Limits.max_outbuf``),
+and a peer told to go gets ``Limits.linger_s`` to read its last frames.
+
+A TCP peer shows its token first: until it has, its frames may be at most
+``Limits.max_unauthed_frame`` bytes and only the first is decoded, so a stranger
+cannot make the controller parse a megabyte of JSON. A hook sends an ``auth``
+frame with the token, then its hello (which may be up to ``MAX_HELLO``).
 
 Group commit: :meth:`Transport.hold` (called when the journal took a record that
 is not durable yet) makes every frame sent from then on wait in its connection's
@@ -19,86 +27,21 @@ from __future__ import annotations
 import contextlib
 import hmac
 import logging
-import os
 import selectors
 import socket
 import time
-from collections.abc import Mapping
-from typing import Any, Protocol
+from collections.abc import Callable, Mapping
+from typing import Any
 
 from ..protocol import MAX_FRAME, MAX_HELLO, FrameDecoder, ProtocolError, encode
+from .admission import Admission, bind_unix
+from .conn import Conn, Handler, Refused, Unavailable
 from .limits import Limits
+from .ratelog import RateLog
 
-__all__ = ["Conn", "Handler", "Refused", "Transport", "bind_unix"]
+__all__ = ["Conn", "Handler", "Refused", "Transport", "Unavailable", "bind_unix"]
 
 log = logging.getLogger("lrctl.daemon")
-
-
-class Refused(ProtocolError):
-    """Input we cannot go on from: a fatal ``error`` frame, then the connection closes."""
-
-
-class Conn:
-    __slots__ = ("authed", "dead", "decoder", "eof", "held", "name", "opened", "out", "remote",
-                 "run", "sock")
-
-    def __init__(self, sock: socket.socket, authed: bool, name: str) -> None:
-        self.sock = sock
-        self.authed = authed
-        self.remote = not authed  # a TCP peer: it must show the token, and soon
-        self.opened = time.monotonic()
-        self.name = name
-        self.decoder = FrameDecoder(MAX_FRAME, first_limit=MAX_HELLO)
-        self.out = bytearray()  # sent in part: the rest waits for the socket
-        self.held = bytearray()  # waits for the group commit (see Transport.hold)
-        self.run: str | None = None
-        self.eof = False  # the peer half-closed: flush the replies, then close
-        self.dead = False  # a send failed: the peer is gone, but what it sent still counts
-
-    @property
-    def label(self) -> str:
-        return self.run or self.name
-
-
-class Handler(Protocol):
-    """What the transport calls; all on the loop's thread."""
-
-    def handle(self, conn: Conn, msg: dict[str, Any]) -> None:
-        """One message from an authenticated peer; raise ``ProtocolError`` to answer an
-        error frame, :class:`Refused` to close the connection."""
-
-    def disconnected(self, conn: Conn, save: bool) -> None:
-        """``conn`` was closed; ``save``: checkpoint its run (its hook is gone)."""
-
-    def commit(self) -> None:
-        """Make durable what the held frames acknowledge (see :meth:`Transport.release`)."""
-
-    def woken(self) -> None:
-        """Another thread called :meth:`Transport.wake`."""
-
-
-def bind_unix(path: str) -> socket.socket:
-    """A listening Unix socket at ``path``, born 0600 (no window where others can connect)."""
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    old = os.umask(0o177)
-    try:
-        sock.bind(path)
-        os.chmod(path, 0o600)
-        sock.listen(128)
-    except BaseException:
-        sock.close()
-        raise
-    finally:
-        os.umask(old)
-    return sock
-
-
-def file_id(path: str) -> tuple[int, int] | None:
-    try:
-        st = os.lstat(path)
-    except OSError:
-        return None
-    return st.st_dev, st.st_ino
 
 
 class Transport:
@@ -112,25 +55,19 @@ class Transport:
         self.limits = limits
         self.token = token.encode("utf-8") if token else None
         self.socket_path = socket_path
-        self.listeners = [sock for sock, _ in listeners]
         self.nconns = 0
-        self._nremote = 0
+        self.nremote = 0
+        self._conns: dict[Conn, None] = {}
+        self.rlog = RateLog(log)
         self._reading: Conn | None = None  # the connection whose batch is being handled
         self._holding = False
         self._held: list[Conn] = []
-        self._unix: socket.socket | None = None
-        self._unix_id: tuple[int, int] | None = None
-        for sock, authed in listeners:
-            sock.setblocking(False)
-            self.sel.register(sock, selectors.EVENT_READ, ("listen", authed))
-            if sock.family == socket.AF_UNIX and self._unix is None and socket_path:
-                self._unix = sock
-                self._unix_id = file_id(socket_path)
         # Other threads (the policy watcher, the checkpoint writer) wake the loop here.
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
         self.sel.register(self._wake_r, selectors.EVENT_READ, ("wake", None))
+        self.admission = Admission(self, listeners, limits, socket_path)
 
     # -- the loop ----------------------------------------------------------------------
     def select(self, timeout: float) -> list[tuple[selectors.SelectorKey, int]]:
@@ -141,7 +78,7 @@ class Transport:
         for key, mask in ready:
             kind, arg = key.data
             if kind == "listen":
-                self._accept(key.fileobj, arg)  # type: ignore[arg-type]
+                self.admission.accept(key.fileobj, arg)  # type: ignore[arg-type]
             elif kind == "wake":
                 with contextlib.suppress(OSError):
                     while self._wake_r.recv(4096):
@@ -159,7 +96,27 @@ class Transport:
             self._wake_w.send(b"\0")
 
     def connections(self) -> list[Conn]:
-        return [k.data[1] for k in list(self.sel.get_map().values()) if k.data[0] == "conn"]
+        return list(self._conns)
+
+    def open_conn(self, sock: socket.socket, authed: bool, name: str) -> Conn:
+        """A new connection (admission accepted it)."""
+        sock.setblocking(False)
+        decoder = (FrameDecoder(MAX_FRAME, first_limit=MAX_HELLO) if authed else
+                   FrameDecoder(MAX_FRAME, first_limit=self.limits.max_unauthed_frame,
+                                gated=True))
+        conn = Conn(sock, authed, name, decoder)
+        self._conns[conn] = None
+        self.nconns += 1
+        self.nremote += conn.remote
+        self.sel.register(sock, selectors.EVENT_READ, ("conn", conn))
+        return conn
+
+    def housekeeping(self, now: float) -> None:
+        """Close peers that outstayed their welcome (see admission) or their linger."""
+        self.admission.housekeeping(now)
+        for conn in [c for c in self._conns if c.closing and not c.pending
+                     and now - c.closing > self.limits.linger_s]:
+            self.close_conn(conn)
 
     def close(self) -> None:
         """Close every connection, the wake-up and the listeners (the loop has ended)."""
@@ -168,10 +125,7 @@ class Transport:
         self._wake_w.close()
         for conn in self.connections():
             self.close_conn(conn, save=False)
-        for sock in self.listeners:
-            with contextlib.suppress(KeyError, ValueError):
-                self.sel.unregister(sock)
-            sock.close()
+        self.admission.close()
         self.sel.close()
 
     # -- group commit ------------------------------------------------------------------
@@ -195,27 +149,6 @@ class Transport:
                     self._send_frame(conn, frame)
 
     # -- reading -----------------------------------------------------------------------
-    def _accept(self, listener: socket.socket, authed: bool) -> None:
-        while True:
-            try:
-                sock, addr = listener.accept()
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError as exc:
-                log.warning("accept failed: %s", exc)
-                return
-            if self.nconns >= self.limits.max_connections or (
-                    not authed and self._nremote >= self.limits.max_remote_connections):
-                log.warning("refusing a connection: %d open (%d over TCP)", self.nconns,
-                            self._nremote)
-                sock.close()
-                continue
-            sock.setblocking(False)
-            conn = Conn(sock, authed, str(addr) if addr else "unix")
-            self.nconns += 1
-            self._nremote += conn.remote
-            self.sel.register(sock, selectors.EVENT_READ, ("conn", conn))
-
     def _read(self, conn: Conn) -> bool:
         """Read and handle what arrived; False when the connection was closed."""
         try:
@@ -225,10 +158,9 @@ class Transport:
         except OSError:
             data = b""
         if not data:
-            if conn.out or conn.held:  # answer what it asked before it hung up its end
-                conn.eof = True
-                self.sel.modify(conn.sock, selectors.EVENT_WRITE, ("conn", conn))
-                return True
+            if conn.pending or conn.out or conn.held:  # answer what it asked first
+                self._close_after(conn)
+                return conn.sock.fileno() >= 0
             self.close_conn(conn)
             return False
         try:
@@ -236,6 +168,10 @@ class Transport:
         except ProtocolError as exc:
             self.fail(conn, exc.code, str(exc))
             return False
+        if conn.run is None or conn.partial:
+            self.admission.note_partial(conn)
+            if messages:
+                conn.heard = time.monotonic()
         self._handle(conn, messages)
         if conn.dead:
             self._hung_up(conn)
@@ -248,23 +184,70 @@ class Transport:
         answer: what it sent before is applied, and checkpointed when it is closed)."""
         previous, self._reading = self._reading, conn  # an operator's push may land here
         try:
-            for msg in messages:
-                if conn.sock.fileno() < 0:
+            i = 0
+            while i < len(messages):
+                msg = messages[i]
+                i += 1
+                if conn.sock.fileno() < 0 or conn.failed:
                     return
+                if conn.pending:  # its hello is being answered: these wait for the welcome
+                    if len(conn.early) >= self.limits.max_early_messages:
+                        self.fail(conn, "bad_message", "too many messages before the welcome")
+                        return
+                    conn.early.append(msg)
+                    continue
+                if not conn.authed:
+                    if not self._authenticate(conn, msg):
+                        return
+                    try:  # only now is anything after the first frame decoded
+                        messages += conn.decoder.open_gate(
+                            MAX_HELLO if msg["t"] == "auth" else MAX_FRAME)
+                    except ProtocolError as exc:
+                        self.fail(conn, exc.code, str(exc))
+                        return
+                    if msg["t"] == "auth":
+                        continue
                 try:
-                    if conn.authed or self._authenticate(conn, msg):
-                        self.handler.handle(conn, msg)
-                except Refused as exc:
-                    self.fail(conn, exc.code, str(exc))
-                except ProtocolError as exc:
-                    self.send(conn, {"t": "error", "code": exc.code, "message": str(exc),
-                                     "fatal": False})
-                except Exception as exc:  # a bug (or a plugin's) must not end every run
-                    log.exception("internal error handling a %r message", msg.get("t"))
-                    self.send(conn, {"t": "error", "code": "internal",
-                                     "message": f"controller error: {exc!r}", "fatal": False})
+                    self.handler.handle(conn, msg)
+                except Exception as exc:
+                    self._answer(conn, exc, msg.get("t"))
         finally:
             self._reading = previous
+
+    def call(self, conn: Conn, what: str, action: Callable[[], None]) -> None:
+        """Run ``action`` for ``conn`` outside a read (a hello answered off the loop), its
+        errors answered as a message's would be."""
+        previous, self._reading = self._reading, conn
+        try:
+            action()
+        except Exception as exc:
+            self._answer(conn, exc, what)
+        finally:
+            self._reading = previous
+        if conn.dead and conn.sock.fileno() >= 0:
+            self._hung_up(conn)
+
+    def resume(self, conn: Conn) -> None:
+        """``conn``'s hello was answered: handle what it sent meanwhile, then go on."""
+        conn.pending = False
+        early, conn.early = conn.early, []
+        if conn.sock.fileno() < 0:
+            return
+        if early:
+            self._handle(conn, early)
+        if conn.parked and conn.sock.fileno() >= 0:  # it hung up while we parsed
+            self._close_after(conn)
+
+    def _answer(self, conn: Conn, exc: Exception, what: object) -> None:
+        if isinstance(exc, Refused):
+            self.fail(conn, exc.code, str(exc), retry=exc.retry)
+        elif isinstance(exc, ProtocolError):
+            self.send(conn, {"t": "error", "code": exc.code, "message": str(exc),
+                             "fatal": False})
+        else:  # a bug (or a plugin's) must not end every run
+            log.error("internal error handling a %r message", what, exc_info=exc)
+            self.send(conn, {"t": "error", "code": "internal",
+                             "message": f"controller error: {exc!r}", "fatal": False})
 
     def _authenticate(self, conn: Conn, msg: Mapping[str, Any]) -> bool:
         given = msg.get("token")
@@ -282,7 +265,7 @@ class Transport:
         sent is all in our receive buffer: apply it, up to ``max_drain`` bytes, then
         close, so that the run ends (or stays resumable) exactly as the hook left it."""
         budget = self.limits.max_drain
-        while budget > 0 and conn.sock.fileno() >= 0:
+        while budget > 0 and conn.sock.fileno() >= 0 and not conn.pending:
             try:
                 data = conn.sock.recv(1 << 16)
             except OSError:  # nothing more (or a reset): done
@@ -296,7 +279,27 @@ class Transport:
                 log.warning("closing %s: %s", conn.label, exc)
                 break
             self._handle(conn, messages)
-        self.close_conn(conn)
+        if not conn.pending:  # else it closes once its hello is answered (see resume)
+            self.close_conn(conn)
+
+    def still_open(self, conn: Conn) -> bool:
+        """Whether ``conn``'s peer is still there: what it sent is handled first (up to
+        ``max_drain`` bytes), and a peer that hung up (or was told to go) is closed."""
+        for _ in range(self.limits.max_drain >> 16):
+            if conn.sock.fileno() < 0 or conn.closing or conn.dead:
+                break
+            try:
+                more = conn.sock.recv(1, socket.MSG_PEEK)
+            except (BlockingIOError, InterruptedError):
+                return True  # all it sent is handled, and it has not hung up
+            except OSError:
+                more = b""
+            if not more:
+                break
+            self._read(conn)
+        if conn.sock.fileno() >= 0 and (conn.closing or conn.dead):
+            self.close_conn(conn)
+        return conn.sock.fileno() >= 0
 
     # -- writing -----------------------------------------------------------------------
     def send(self, conn: Conn, msg: Mapping[str, Any], limit: int = MAX_FRAME) -> None:
@@ -339,11 +342,18 @@ class Transport:
                 return
             if sent < len(frame):
                 conn.out += frame[sent:]
-                self.sel.modify(conn.sock, selectors.EVENT_READ | selectors.EVENT_WRITE,
-                                ("conn", conn))
+                self._want_write(conn)
         if len(conn.out) > self.limits.max_outbuf:
-            log.warning("closing %s: it does not read its replies", conn.label)
+            self.rlog.log(logging.WARNING, "outbuf", "closing %s: it does not read its "
+                          "replies (%d bytes waiting)", conn.label, len(conn.out))
             self.close_conn(conn)
+
+    def _want_write(self, conn: Conn) -> None:
+        if conn.parked or conn.sock.fileno() < 0:
+            return
+        events = selectors.EVENT_WRITE if conn.closing else (
+            selectors.EVENT_READ | selectors.EVENT_WRITE)
+        self.sel.modify(conn.sock, events, ("conn", conn))
 
     def _flush(self, conn: Conn) -> None:
         if conn.sock.fileno() < 0:
@@ -358,72 +368,67 @@ class Transport:
             return
         del conn.out[:sent]
         if not conn.out:
-            if conn.eof:
+            if conn.closing and not conn.held:
                 self.close_conn(conn)
                 return
-            self.sel.modify(conn.sock, selectors.EVENT_READ, ("conn", conn))
+            if not conn.closing:
+                self.sel.modify(conn.sock, selectors.EVENT_READ, ("conn", conn))
 
-    def fail(self, conn: Conn, code: str, message: str) -> None:
-        """An error frame, best effort, then close: for input we cannot go on from."""
-        log.warning("closing %s: %s", conn.label, message)
+    def fail(self, conn: Conn, code: str, message: str, retry: bool = False) -> None:
+        """A fatal error frame, then close: for input we cannot go on from. Never blocks:
+        the frame waits in ``conn``'s buffer, for at most ``Limits.linger_s``."""
+        self.rlog.log(logging.WARNING, f"fail:{code}", "closing %s: %s", conn.label, message)
+        if conn.sock.fileno() < 0:
+            return
         if conn.held:
             self.release()  # what it was answered goes first, durable as ever
-        try:
-            conn.sock.setblocking(True)
-            conn.sock.settimeout(0.5)
-            conn.sock.sendall(bytes(conn.out) + encode(
-                {"t": "error", "code": code, "message": message, "fatal": True}))
-        except OSError:
-            pass
-        self.close_conn(conn)
+        conn.pending = False
+        conn.early = []
+        conn.failed = True
+        error = {"t": "error", "code": code, "message": message, "fatal": True}
+        if retry:
+            error["retry"] = True
+        self._close_after(conn, encode(error))
+
+    def _close_after(self, conn: Conn, frame: bytes = b"") -> None:
+        """Stop reading ``conn``; close it once ``frame`` and what it was owed went out."""
+        conn.closing = conn.closing or time.monotonic()
+        if conn.sock.fileno() < 0 or conn.dead:
+            self.close_conn(conn)
+            return
+        if conn.pending:  # its hello is being answered: out of the selector until then
+            if not conn.parked:
+                conn.parked = True
+                self.sel.unregister(conn.sock)
+            return
+        if frame:
+            conn.out += frame
+        if not conn.out and not conn.held:
+            self.close_conn(conn)
+            return
+        if conn.out:
+            self._flush(conn)
+        if conn.sock.fileno() < 0:
+            return
+        if conn.parked:
+            conn.parked = False
+            self.sel.register(conn.sock, selectors.EVENT_WRITE, ("conn", conn))
+        else:
+            self.sel.modify(conn.sock, selectors.EVENT_WRITE, ("conn", conn))
 
     def close_conn(self, conn: Conn, save: bool = True) -> None:
         if conn.sock.fileno() < 0:
             return
-        self.sel.unregister(conn.sock)
+        if not conn.parked:
+            self.sel.unregister(conn.sock)
         conn.sock.close()
         conn.held.clear()
+        conn.early = []
+        self._conns.pop(conn, None)
         self.nconns -= 1
-        self._nremote -= conn.remote
+        self.nremote -= conn.remote
+        self.admission.forget(conn)
         self.handler.disconnected(conn, save)
-
-    # -- housekeeping ------------------------------------------------------------------
-    def drop_unauthenticated(self) -> None:
-        """A TCP peer that has not shown the token within ``auth_timeout_s`` is closed, so
-        that idle strangers cannot hold connection slots the local hooks need."""
-        now = time.monotonic()
-        limit = self.limits.auth_timeout_s
-        for conn in [c for c in self.connections() if not c.authed and now - c.opened > limit]:
-            log.warning("closing %s: no token within %g s", conn.name, limit)
-            self.close_conn(conn, save=False)
-
-    def check_socket(self) -> None:
-        """Bind the socket file again if someone removed it; connections stay as they are."""
-        if self._unix is None or self._unix_id is None:
-            return
-        now = file_id(self.socket_path)
-        if now == self._unix_id:
-            return
-        if now is not None:
-            log.error("%s was replaced by another file; not touching it. New runs cannot "
-                      "reach this controller; existing ones go on", self.socket_path)
-            self._unix_id = now  # say it once
-            self._unix = None
-            return
-        log.warning("socket %s was removed; binding it again", self.socket_path)
-        try:
-            sock = bind_unix(self.socket_path)
-        except OSError as exc:
-            log.error("cannot bind %s again: %s", self.socket_path, exc)
-            return
-        sock.setblocking(False)
-        with contextlib.suppress(KeyError, ValueError):
-            self.sel.unregister(self._unix)
-        self._unix.close()
-        self.listeners = [s for s in self.listeners if s is not self._unix] + [sock]
-        self.sel.register(sock, selectors.EVENT_READ, ("listen", True))
-        self._unix = sock
-        self._unix_id = file_id(self.socket_path)
 
 
 def _slim(msg: Mapping[str, Any]) -> dict[str, Any]:

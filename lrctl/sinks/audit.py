@@ -11,6 +11,7 @@ process that reads what the journal already holds (mlflow is never imported here
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -31,12 +32,15 @@ from .journal import (
     last_line,
     read_json,
     read_lines,
+    sync_all,
 )
 from .sampling import MetricSampler
 from .shipper_proxy import ShipperProcess
 from .tracking import artifact_root_for, resolve_tracking_uri
 
 __all__ = ["AuditSettings", "AuditSink"]
+
+log = logging.getLogger("lrctl.sinks")
 
 
 @dataclass(frozen=True)
@@ -208,19 +212,29 @@ class AuditSink(Sink):
         if failed:
             raise next(iter(failed.values()))
 
-    def close(self, timeout: float = 1.0) -> None:
+    def close(self, timeout: float = 0.5) -> None:
         """Controller shutdown: runs are not ended (their sessions come back on restart).
 
-        MLflow gets up to ``timeout`` seconds to take the backlog (a SIGTERM must end
-        the controller in about two seconds, whatever MLflow's state); what it does
-        not take stays in the journal for the next controller.
+        Decisions and policy events are committed (durable) first. Then, within
+        ``timeout`` seconds in all (a SIGTERM must end the controller within two seconds,
+        whatever MLflow's state and however many runs): the metrics streams are fsynced,
+        all at once, and MLflow takes what it can of the backlog; what it does not take
+        stays in the journal for the next controller.
         """
+        deadline = time.monotonic() + timeout
         self.commit()
-        for run in self._runs.values():
-            self._close_writers(run)
+        writers = [w for run in self._runs.values() for w in run.writers.values()]
+        errors, left = sync_all(writers, deadline)
+        if left:
+            log.warning("shutdown: %d journal stream(s) not fsynced in time; their lines "
+                        "are written and the OS writes them back", left)
+        for w in writers:
+            w.close(sync=False)
         self._runs.clear()
         if self.shipper is not None:
-            self.shipper.close(timeout)
+            self.shipper.close(max(0.05, deadline - time.monotonic()))
+        if errors:
+            raise errors[0]
 
     def status(self) -> dict[str, Any]:
         """The shipper's process (pid, state, restarts, resident memory), MLflow on."""

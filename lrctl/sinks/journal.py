@@ -21,13 +21,15 @@ simply not seen yet.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
+from .._parallel import NOT_DONE, in_parallel
 from ..paths import is_run_key
 
 __all__ = [
@@ -43,6 +45,7 @@ __all__ = [
     "list_run_keys",
     "read_json",
     "read_lines",
+    "sync_all",
 ]
 
 #: The streams of a run, in the order the shipper acknowledges them.
@@ -213,10 +216,22 @@ class StreamWriter:
             self._fsync_fd(self._file.fileno())
             self.unsynced = 0
 
-    def close(self) -> None:
+    def close(self, sync: bool = True) -> None:
+        """Close, fsynced unless ``sync`` is False (a shutdown past its deadline)."""
         if not self._file.closed:
-            self.sync()
+            if sync:
+                self.sync()
             self._file.close()
+
+
+def sync_all(writers: Iterable[StreamWriter],
+             deadline: float = math.inf) -> tuple[list[OSError], int]:
+    """fsync many streams at once (a shutdown with many runs): the fsyncs overlap. A stream
+    not synced by ``deadline`` (``time.monotonic()``) is left to the OS to write back.
+    Returns the failures and how many streams were left."""
+    pending = [w for w in writers if w.unsynced]
+    results = in_parallel([w.sync for w in pending], deadline)
+    return [r for r in results if isinstance(r, OSError)], results.count(NOT_DONE)
 
 
 def atomic_write_json(path: Path, value: Any) -> None:

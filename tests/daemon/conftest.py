@@ -50,9 +50,10 @@ def controllers(short_dir: Path) -> Iterator[list[ControllerProc]]:
 @pytest.fixture
 def make_controller(short_dir: Path, controllers: list[ControllerProc]):  # type: ignore[no-untyped-def]
     def make(extra: list[str] | None = None, start: bool = True,
-             env: dict[str, str] | None = None, audit: bool = False) -> ControllerProc:
+             env: dict[str, str] | None = None, audit: bool = False,
+             nofile: int | None = None) -> ControllerProc:
         proc = ControllerProc(os.environ["LRCTL_SOCKET"], os.environ["LRCTL_STATE_DIR"],
-                              extra, env, audit)
+                              extra, env, audit, nofile)
         controllers.append(proc)
         return proc.start() if start else proc
     return make

@@ -4,6 +4,7 @@ real socket with a raw client, and test curves."""
 from __future__ import annotations
 
 import contextlib
+import resource
 import signal
 import socket
 import subprocess
@@ -28,8 +29,10 @@ class ControllerProc:
     """One ``lrctl serve --foreground`` process; restartable on the same socket and state."""
 
     def __init__(self, socket_path: str, state_dir: str, extra: list[str] | None = None,
-                 env: dict[str, str] | None = None, audit: bool = False) -> None:
+                 env: dict[str, str] | None = None, audit: bool = False,
+                 nofile: int | None = None) -> None:
         self.audit = audit  # False: --no-audit (no journal, no MLflow)
+        self.nofile = nofile  # its open-file limit, soft and hard ('ulimit -n')
         self.socket = socket_path
         self.state_dir = state_dir
         self.extra = list(extra or [])
@@ -43,10 +46,15 @@ class ControllerProc:
                 [sys.executable, "-m", "lrctl", "serve", "--foreground",
                  *([] if self.audit else ["--no-audit"]),
                  "--socket", self.socket, "--state-dir", self.state_dir, *self.extra],
-                stdout=out, stderr=subprocess.STDOUT, env=self.env, cwd=REPO)
+                stdout=out, stderr=subprocess.STDOUT, env=self.env, cwd=REPO,
+                preexec_fn=None if self.nofile is None else self._limit_files)
         if wait:
             self.wait_ready()
         return self
+
+    def _limit_files(self) -> None:  # in the child, before exec
+        assert self.nofile is not None
+        resource.setrlimit(resource.RLIMIT_NOFILE, (self.nofile, self.nofile))
 
     def wait_ready(self) -> None:
         assert self.proc is not None

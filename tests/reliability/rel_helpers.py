@@ -42,8 +42,8 @@ class RawClient:
 
     def __init__(self, path: str, timeout: float = TIMEOUT_S) -> None:
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.connect(path)  # blocking: waits for room in a full backlog
         self.sock.settimeout(timeout)
-        self.sock.connect(path)
         self.decoder = FrameDecoder(MAX_FRAME * 16)
         self.pending: list[dict[str, Any]] = []
 

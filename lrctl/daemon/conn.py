@@ -1,0 +1,77 @@
+"""A connection's state, the errors that close one, and what the transport calls.
+
+(The transport, :mod:`~lrctl.daemon.transport`, does the I/O; these are its nouns.)
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+from typing import Any, Protocol
+
+from ..protocol import FrameDecoder, ProtocolError
+
+__all__ = ["Conn", "Handler", "Refused", "Unavailable"]
+
+
+class Refused(ProtocolError):
+    """Input we cannot go on from: a fatal ``error`` frame, then the connection closes."""
+
+    retry = False
+
+
+class Unavailable(Refused):
+    """The controller cannot serve this now (out of descriptors, a journal it cannot
+    open, too busy): a fatal ``error`` with ``retry: true``; the hook trains on at its
+    LRs, says why, and tries again later."""
+
+    retry = True
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, "unavailable")
+
+
+class Conn:
+    __slots__ = ("authed", "closing", "dead", "decoder", "early", "failed", "heard", "held",
+                 "name", "opened", "out", "parked", "partial", "pending", "remote", "run",
+                 "sock")
+
+    def __init__(self, sock: socket.socket, authed: bool, name: str,
+                 decoder: FrameDecoder) -> None:
+        self.sock = sock
+        self.authed = authed
+        self.remote = not authed  # a TCP peer: it must show the token, and soon
+        self.opened = self.heard = time.monotonic()  # heard: its last complete frame
+        self.name = name
+        self.decoder = decoder
+        self.out = bytearray()  # sent in part: the rest waits for the socket
+        self.held = bytearray()  # waits for the group commit (see Transport.hold)
+        self.run: str | None = None
+        self.pending = False  # its hello is being answered (see handshake.py)
+        self.early: list[dict[str, Any]] = []  # what it sent meanwhile, handled after
+        self.partial = 0  # bytes of an unfinished frame, as admission counted them
+        self.closing = 0.0  # when it was told to go (or hung up its end): flush, then close
+        self.failed = False  # told to go (a fatal error): nothing more it sends is handled
+        self.parked = False  # hung up during its hello: out of the selector until answered
+        self.dead = False  # a send failed: the peer is gone, but what it sent still counts
+
+    @property
+    def label(self) -> str:
+        return self.run or self.name
+
+
+class Handler(Protocol):
+    """What the transport calls; all on the loop's thread."""
+
+    def handle(self, conn: Conn, msg: dict[str, Any]) -> None:
+        """One message from an authenticated peer; raise ``ProtocolError`` to answer an
+        error frame, :class:`Refused` to close the connection."""
+
+    def disconnected(self, conn: Conn, save: bool) -> None:
+        """``conn`` was closed; ``save``: checkpoint its run (its hook is gone)."""
+
+    def commit(self) -> None:
+        """Make durable what the held frames acknowledge (see :meth:`Transport.release`)."""
+
+    def woken(self) -> None:
+        """Another thread called :meth:`Transport.wake`."""

@@ -1,0 +1,234 @@
+"""A hook's hello, answered: which session it joins, built off the loop, and who may take
+a connected run over.
+
+* A run in memory whose hook reconnects is answered at once: nothing to parse.
+* Otherwise the session is built on the :class:`~.session_builder.SessionBuilder`'s
+  thread, within ``Limits.hello_budget_s``: from the run's state in the hello (a resume
+  from the user's checkpoint, ``ctl.state_dict()``), else from its checkpoint on disk
+  (a run evicted from memory), else new from the policy text. The loop serves everyone
+  else meanwhile; what the hook sends before its welcome waits (``Conn.early``), and
+  another hello for the same run is refused until this one is answered.
+* **Taking a run over.** Every run has a random *resume token*, handed to its hook in
+  the welcome (``resume_token``) and kept in the run's checkpoint and state. A hello
+  for a run whose hook is still connected is refused (``run_conflict``) unless it shows
+  that token: the same hook reconnecting before the controller saw its old connection
+  close, or a resume from ``ctl.state_dict()`` while the old process hangs on. The
+  displaced connection is told ``run_taken_over`` (its hook stops reconnecting) and the
+  token changes. A run whose hook is gone is resumed by its key alone, as always.
+"""
+
+from __future__ import annotations
+
+import functools
+import hmac
+import logging
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+from .._version import __version__
+from ..config import ConfigError
+from ..protocol import ProtocolError
+from .hello import Hello, parse_hello
+from .session import Session, new_resume_token, text_sha256
+from .session_builder import BuildJob, SessionBuilder
+from .transport import Conn, Refused, Unavailable
+
+if TYPE_CHECKING:
+    from .server import Server
+
+__all__ = ["Handshakes"]
+
+log = logging.getLogger("lrctl.daemon")
+
+
+class Handshakes:
+    """The hellos of ``server``'s connections."""
+
+    def __init__(self, server: Server) -> None:
+        self.server = server
+        limits = server.limits
+        self.budget_s = limits.hello_budget_s
+        self.pending: dict[str, BuildJob] = {}  # run key -> the hello being answered
+        self.builder = SessionBuilder(self._build, budget_s=limits.hello_budget_s,
+                                      max_pending=limits.max_pending_hellos,
+                                      notify=server.transport.wake)
+
+    # -- on the loop -------------------------------------------------------------------
+    def hello(self, conn: Conn, msg: Mapping[str, Any]) -> None:
+        if conn.run is not None or conn.pending:
+            raise ProtocolError("hello sent twice on one connection", "bad_message")
+        hello = parse_hello(msg)
+        key = hello.run
+        if key in self.pending:
+            raise Refused(f"run {key}: another hello for it is being answered", "run_conflict")
+        takeover = self._takeover(conn, hello)
+        session = self.server.sessions.get(key)
+        if session is not None and hello.session is None:
+            self._join(conn, hello, session, True, takeover)
+            return
+        job = BuildJob(conn, hello, takeover)
+        self.builder.submit(job)
+        self.pending[key] = job
+        conn.pending = True
+
+    def _takeover(self, conn: Conn, hello: Hello) -> bool:
+        """True when ``hello`` may take over a run served on another live connection (it
+        shows the run's resume token); :class:`Refused` when it may not."""
+        srv = self.server
+        old = srv.conns.get(hello.run)
+        if old is None or old is conn:
+            return False
+        # Its hook may have hung up a moment ago (a reconnect, a process restarted from
+        # its checkpoint): apply what it sent, and see.
+        if not srv.transport.still_open(old) or srv.conns.get(hello.run) is not old:
+            return False
+        token = srv.sessions[hello.run].resume_token
+        if hello.resume_token is not None and hmac.compare_digest(
+                hello.resume_token.encode("utf-8"), token.encode("utf-8")):
+            return True
+        raise Refused(f"run {hello.run} is being served to another connection; a hello for it "
+                      "must show the run's resume token (its own hook's reconnect, or "
+                      "attach(resume=ctl.state_dict())). Two scripts with one run name? Give "
+                      "each its own", "run_conflict")
+
+    def finished(self) -> None:
+        """Answer the hellos whose sessions the worker has built (the loop was woken)."""
+        for job in self.builder.finished():
+            if self.pending.get(job.hello.run) is not job:
+                continue  # its connection closed, or it was refused as too slow
+            del self.pending[job.hello.run]
+            transport = self.server.transport
+            transport.call(job.conn, "hello", functools.partial(self._built, job))
+            transport.resume(job.conn)
+
+    def _built(self, job: BuildJob) -> None:
+        conn, hello, result = job.conn, job.hello, job.result
+        if conn.sock.fileno() < 0:
+            return
+        if isinstance(result, Exception):
+            raise result
+        assert result is not None
+        session, restored = result
+        srv = self.server
+        if restored:
+            srv.adopt(hello.run, session)
+            if hello.session is not None:
+                srv.checkpoints.save(hello.run)
+                log.info("run %s resumed from the hook's saved state at step %d", hello.run,
+                         session.last_step)
+            else:
+                log.info("run %s restored from disk at step %d", hello.run, session.last_step)
+        else:
+            session.watch = hello.watch
+            session.engine.start_at(hello.start_step)  # the welcome's LRs: its first step's
+            srv.start(session)
+        self._join(conn, hello, session, restored, job.takeover)
+
+    def _join(self, conn: Conn, hello: Hello, session: Session, restored: bool,
+              takeover: bool) -> None:
+        """``conn``'s hook joins ``session``: checked, registered, welcomed."""
+        srv = self.server
+        key = hello.run
+        if list(session.engine.initial_lrs) != hello.lrs or text_sha256(
+                hello.policy_text) not in (session.hello_sha256, session.info.policy_sha256):
+            # After a live reload the hook still sends the text it started with.
+            raise Refused(f"run {key} exists with a different policy or initial LRs",
+                          "run_conflict")
+        if hello.total_steps is not None and hello.total_steps != session.total_steps:
+            # A run resumed with a new length (max_steps raised): the anneal follows it.
+            log.info("run %s: total_steps %s -> %d", key, session.total_steps,
+                     hello.total_steps)
+            session.set_total_steps(hello.total_steps)
+            srv.checkpoints.save(key)
+        session.sync = hello.sync  # which LRs the optimizer used at a step (see _obs)
+        srv.heard(key)
+        old = srv.conns.get(key)
+        if old is not None and old is not conn:
+            if takeover:
+                session.resume_token = new_resume_token()  # the old hook cannot take it back
+                srv.checkpoints.save(key)
+                log.warning("run %s taken over by a hello with its resume token", key)
+                srv.transport.fail(old, "run_taken_over", f"run {key} was taken over by "
+                                   "another connection with its resume token (a resume from "
+                                   "ctl.state_dict()); this one trains on at its last LRs")
+            else:
+                log.info("run %s reconnected; dropping its old connection", key)
+                srv.transport.close_conn(old, save=False)
+        conn.run = key
+        srv.conns[key] = conn
+        srv.transport.send(conn, {"t": "welcome", "version": __version__, "run": key,
+                                  "last_step": session.last_step,
+                                  "saved_step": session.saved_step, "lrs": session.lrs(),
+                                  "mode": session.mode, "restored": restored,
+                                  "policy_sha256": session.info.policy_sha256,
+                                  "resume_token": session.resume_token})
+
+    def dropped(self, conn: Conn) -> None:
+        """``conn`` closed: its hello, if pending, is not answered."""
+        if conn.pending and conn.run is None:
+            for key, job in list(self.pending.items()):
+                if job.conn is conn:
+                    del self.pending[key]
+
+    def expire(self, now: float) -> None:
+        """Refuse hellos whose session takes too long: one the worker has been on past
+        twice the budget (a stuck plugin), or one waiting behind such for ten budgets."""
+        for key, job in list(self.pending.items()):
+            waited = now - job.submitted
+            if job.started is not None and now - job.started > 2 * self.budget_s:
+                error: Refused = Refused(f"run {key}: its policy took longer than "
+                                         f"{self.budget_s:g} s to build", "bad_policy")
+            elif waited > 10 * self.budget_s:
+                error = Unavailable(f"run {key}: the controller is busy answering other hellos")
+            else:
+                continue
+            del self.pending[key]
+            self.server.transport.fail(job.conn, error.code, str(error), retry=error.retry)
+
+    def stop(self) -> None:
+        self.builder.stop()
+
+    # -- on the worker thread ----------------------------------------------------------
+    def _build(self, job: BuildJob) -> tuple[Session, bool]:
+        """The session ``job``'s hello joins, and whether it was restored. Touches nothing
+        the loop owns (the store reads a file that no one writes while the run is out of
+        memory)."""
+        hello = job.hello
+        if hello.session is not None:
+            return _from_hook(hello), True
+        try:
+            state = self.server.store.load(hello.run)
+            if state is not None:
+                return Session.restore(state), True
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            log.error("cannot restore run %s: %s", hello.run, exc)
+        try:
+            return Session.create(
+                key=hello.run, run_name=hello.run_name, policy_text=hello.policy_text,
+                policy_source=hello.policy_source, lrs=hello.lrs,
+                world_size=hello.world_size, total_steps=hello.total_steps,
+                mlflow_run_id=hello.mlflow_run_id, tracking_uri=hello.tracking_uri,
+                cwd=hello.cwd), False
+        except ConfigError as exc:
+            raise Refused(str(exc), "bad_policy") from None
+
+
+def _from_hook(hello: Hello) -> Session:
+    """The run as the user's checkpoint left it (``ctl.state_dict()``): it replaces whatever
+    the controller holds for the run, which may have seen later steps before the training
+    process died."""
+    state = hello.session
+    assert state is not None
+    if state.get("run") != hello.run:
+        raise Refused(f"the saved state is of run {state.get('run')!r:.100}, not "
+                      f"{hello.run}", "run_conflict")
+    try:
+        session = Session.restore(state)
+    except Exception as exc:  # the peer's data: any failure refuses it, nothing else
+        raise Refused(f"the saved lrctl state of run {hello.run} is not usable: "
+                      f"{exc!r:.300}", "bad_state") from None
+    if list(session.engine.initial_lrs) != hello.lrs or text_sha256(
+            hello.policy_text) not in (session.hello_sha256, session.info.policy_sha256):
+        raise Refused(f"the saved state of run {hello.run} has a different policy or "
+                      "initial LRs", "run_conflict")
+    return session

@@ -1,0 +1,112 @@
+"""Sessions built off the event loop: a hello's policy parsed on a worker thread, on a budget.
+
+Building a session parses its policy text (PyYAML is pure Python: a hostile
+64 KB text took a second) and, on a resume, rebuilds its state. Done on the loop,
+ten such hellos stalled every run for ten seconds. So the loop hands the work
+(:class:`BuildJob`) to one worker thread and goes on serving; the worker parses
+under :func:`~lrctl.config.parse_deadline` (``budget_s``), which gives up with a
+clear ``ConfigError`` rather than run on, puts the finished job on :attr:`done`
+and wakes the loop, which answers the hello.
+
+Smaller policy texts go first, so a hook's usual few-KB file does not wait behind
+an attacker's 64 KB ones; at most ``max_pending`` jobs wait at once (more are
+refused, retryably). The worker touches nothing the loop owns: a job's inputs are
+immutable and its session is new until the loop adopts it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import queue
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from ..config import parse_deadline
+from .transport import Unavailable
+
+if TYPE_CHECKING:
+    from .hello import Hello
+    from .session import Session
+    from .transport import Conn
+
+__all__ = ["BuildJob", "SessionBuilder"]
+
+
+@dataclass(eq=False)
+class BuildJob:
+    """One hello whose session is being built: from the hook's saved state (``from_hook``),
+    else from the run's checkpoint on disk, else new."""
+
+    conn: Conn
+    hello: Hello
+    takeover: bool  # it showed the resume token of a run connected elsewhere
+    submitted: float = field(default_factory=time.monotonic)
+    started: float | None = None  # when the worker took it
+    # The built session and whether it was restored, or why it could not be built.
+    result: tuple[Session, bool] | Exception | None = None
+
+
+class SessionBuilder:
+    """One worker thread that runs ``build(job)`` for each submitted job, on a budget."""
+
+    def __init__(self, build: Callable[[BuildJob], tuple[Session, bool]], *, budget_s: float,
+                 max_pending: int, notify: Callable[[], None]) -> None:
+        self.build = build
+        self.budget_s = budget_s
+        self.max_pending = max_pending
+        self.notify = notify
+        self.done: queue.SimpleQueue[BuildJob] = queue.SimpleQueue()
+        self._jobs: queue.PriorityQueue[tuple[int, int, BuildJob | None]] = (
+            queue.PriorityQueue())
+        self._order = itertools.count()
+        self._queued = 0  # submitted, not yet finished (loop's count)
+        self._thread: threading.Thread | None = None
+
+    def submit(self, job: BuildJob) -> None:
+        """Queue ``job``; :class:`Unavailable` when too many are waiting."""
+        if self._queued >= self.max_pending:
+            raise Unavailable(f"the controller is answering {self._queued} other hellos")
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="lrctl-hellos",
+                                            daemon=True)
+            self._thread.start()
+        self._queued += 1
+        self._jobs.put((len(job.hello.policy_text), next(self._order), job))
+
+    def finished(self) -> list[BuildJob]:
+        """The jobs done since the last call (on the loop's thread)."""
+        out = []
+        while True:
+            try:
+                out.append(self.done.get_nowait())
+            except queue.Empty:
+                self._queued -= len(out)
+                return out
+
+    def stop(self) -> None:
+        """End the worker once it is done with the job it is on, without waiting for that
+        (a shutdown does not wait for a parse; the daemon thread's result is dropped)."""
+        if self._thread is not None:
+            self._jobs.put((-1, -1, None))
+            self._thread = None
+
+    def _run(self) -> None:
+        while True:
+            *_, job = self._jobs.get()
+            if job is None:
+                return
+            job.started = time.monotonic()
+            result: Any
+            try:
+                with parse_deadline(self.budget_s):
+                    result = self.build(job)
+            except Exception as exc:  # the loop answers it: a refusal, or an internal error
+                result = exc
+            job.result = result
+            self.done.put(job)
+            with contextlib.suppress(OSError):
+                self.notify()

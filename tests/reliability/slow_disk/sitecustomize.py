@@ -1,0 +1,25 @@
+"""Fault injection for a controller process: a disk that turns slow.
+
+On ``PYTHONPATH``, Python imports this at start-up. Once the file named by
+``$LRCTL_TEST_SLOW_DISK`` exists, every ``os.fsync`` takes ``$LRCTL_TEST_SLOW_FSYNC_S``
+(default 10 ms) longer, as on a busy disk or network storage. Without the variable
+it does nothing.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+_FLAG = os.environ.get("LRCTL_TEST_SLOW_DISK")
+
+if _FLAG:
+    _DELAY = float(os.environ.get("LRCTL_TEST_SLOW_FSYNC_S", "0.01"))
+    _real_fsync = os.fsync
+
+    def _slow_fsync(fd: int) -> None:
+        if os.path.exists(_FLAG):  # type: ignore[arg-type]
+            time.sleep(_DELAY)
+        _real_fsync(fd)
+
+    os.fsync = _slow_fsync

@@ -1,0 +1,108 @@
+"""Out of file descriptors (issue #18, item 9).
+
+Before, under ``ulimit -n 1024`` a few hundred sessions used every descriptor;
+``accept()`` then failed with EMFILE, the listener stayed readable and the loop
+spun at 100% CPU writing "accept failed" ~50 000 times a second, while new hooks
+hung unanswered. Now a new hook is answered at once with a retryable
+``unavailable`` error that says why (the controller spends a spare descriptor to
+accept and answer it), the log line is rate-limited, the runs already served go
+on, and a hook whose run cannot be journaled trains on at its LRs and says why.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import socket
+import warnings
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+import torch
+from daemon_helpers import ControllerProc, serving
+from rel_helpers import FIGURES, RawClient, hello, until
+
+import lrctl
+from lrctl.daemon.store import StateStore
+from lrctl.sinks import NullSink, RunInfo
+
+POLICY = "version: 1\npolicies:\n  - kind: divergence\n"
+
+
+def test_out_of_descriptors_new_hooks_are_told_why_and_the_loop_does_not_spin(
+        make_controller: Callable[..., ControllerProc]) -> None:
+    ctl = make_controller(nofile=64)
+    served: list[RawClient] = []
+    refusal = None
+    for i in range(64):  # sessions that never say bye, until the descriptors run out
+        c = RawClient(ctl.socket, timeout=30)  # before: no answer ever came
+        c.send(hello(f"fd-{i}", POLICY, [0.1]))
+        reply = c.recv()
+        if reply is None or reply["t"] != "welcome":
+            refusal = reply
+            c.close()
+            break
+        served.append(c)
+    assert refusal is not None, "the descriptors never ran out"
+    assert refusal["code"] == "unavailable" and refusal["retry"] is True, refusal
+    assert "file descriptors" in refusal["message"]
+    for i in range(40):  # more hooks keep coming: each is answered, none hangs
+        c = RawClient(ctl.socket, timeout=30)
+        c.send(hello(f"late-{i}", POLICY, [0.1]))
+        reply = c.recv()
+        c.close()
+        assert reply is not None and reply["code"] == "unavailable", reply
+    for step, c in enumerate(served):  # the runs it serves are served
+        c.obs(0, 1.0, 1.0)
+        assert c.answer()["t"] == "lr", step
+    log = ctl.log.read_text(errors="replace")
+    lines = log.count("out of file descriptors") + log.count("accept failed")
+    assert lines <= 5, f"{lines} log lines about accept"  # before: tens of thousands
+    for c in served[-5:]:  # some runs end: room again
+        c.close()
+    until("a new hook is served again", lambda: _welcomed(ctl.socket))
+    for c in served[:-5]:
+        c.close()
+    FIGURES["out of file descriptors"] = {"sessions at the limit": len(served),
+                                          "hooks answered 'unavailable'": 41,
+                                          "log lines": lines}
+
+
+def _welcomed(path: str) -> bool:
+    c = RawClient(path, timeout=30)
+    try:
+        c.send(hello(f"again-{os.urandom(4).hex()}", POLICY, [0.1]))
+        reply = c.recv()
+        return reply is not None and reply["t"] == "welcome"
+    finally:
+        c.close()
+
+
+class _NoJournal(NullSink):
+    """A sink whose journal files cannot be opened (the controller is out of descriptors)."""
+
+    def open_run(self, info: RunInfo) -> None:
+        raise OSError(errno.EMFILE, os.strerror(errno.EMFILE), f"{info.run_key}/decisions.jsonl")
+
+    def decision(self, run_key: str, record: Mapping[str, object]) -> None:
+        raise AssertionError("a run that cannot be journaled must not be served")
+
+
+def test_a_run_that_cannot_be_journaled_is_refused_and_the_hook_trains_on(
+        short_dir: Path) -> None:
+    store = StateStore(short_dir / "state")
+    with serving(str(short_dir / "s.sock"), store, sink=_NoJournal()) as (srv, path):
+        opt = torch.optim.SGD([torch.nn.Parameter(torch.ones(1))], lr=0.1)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            ctl = lrctl.attach(opt, policy=POLICY, socket=path, spawn=False, sync=True)
+            for _ in range(3):
+                ctl.step(float("nan"))  # would be decisions, were it served
+            ctl.close()
+        messages = [str(w.message) for w in caught]
+        assert any("cannot serve this run now" in m and "cannot journal" in m
+                   and "Too many open files" in m for m in messages), messages
+        assert not srv.sessions and not list((short_dir / "state" / "runs").glob("*.json"))
+        assert opt.param_groups[0]["lr"] == 0.1
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:  # it serves on
+            s.connect(path)
