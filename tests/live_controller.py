@@ -14,7 +14,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -45,13 +45,14 @@ class LiveController:
     """One ``lrctl serve --foreground`` on a private socket and state directory."""
 
     def __init__(self, root: Path, audit: bool = False,
-                 env: dict[str, str] | None = None) -> None:
+                 env: dict[str, str] | None = None, args: Sequence[str] = ()) -> None:
         self.root = root
         self.socket = str(root / "run" / "c.sock")
         self.state_dir = str(root / "state")
         self.log = root / "serve.out"
         self.audit = audit
         self.env = env
+        self.args = list(args)  # more options of ``lrctl serve``
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -65,6 +66,7 @@ class LiveController:
                 self.socket, "--state-dir", self.state_dir]
         if not self.audit:
             args.append("--no-audit")
+        args += self.args
         with open(self.log, "ab") as out:
             self.proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT,
                                          env=self.env, cwd=REPO)
@@ -90,11 +92,11 @@ class LiveController:
 
 @contextmanager
 def live_controller(audit: bool = False, env: dict[str, str] | None = None,
-                    ) -> Iterator[LiveController]:
+                    args: Sequence[str] = ()) -> Iterator[LiveController]:
     """A started controller in a fresh private directory; stopped and removed afterwards."""
     root = Path(tempfile.mkdtemp(prefix="lrctl-", dir="/tmp"))
     os.chmod(root, 0o700)
-    ctl = LiveController(root, audit=audit, env=env)
+    ctl = LiveController(root, audit=audit, env=env, args=args)
     try:
         yield ctl.start()
     finally:

@@ -59,6 +59,9 @@ class GuardedSink:
     def close_run(self, run_key: str) -> None:
         self._call("close_run", run_key)
 
+    def drop_run(self, run_key: str, reason: str) -> None:
+        self._call("drop_run", run_key, reason)
+
     def commit(self) -> None:
         self._call("commit")
 

@@ -19,6 +19,7 @@ a connected run over.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hmac
 import logging
@@ -111,6 +112,7 @@ class Handshakes:
         session, restored = result
         srv = self.server
         if restored:
+            _follow_mlflow(session, hello)  # opened below with the job's MLflow run
             srv.adopt(hello.run, session)
             if hello.session is not None:
                 srv.checkpoints.save(hello.run)
@@ -141,6 +143,9 @@ class Handshakes:
             session.set_total_steps(hello.total_steps)
             srv.checkpoints.save(key)
         session.sync = hello.sync  # which LRs the optimizer used at a step (see _obs)
+        if _follow_mlflow(session, hello):  # a live session rejoined by a resumed job
+            srv.open_records(session)
+            srv.checkpoints.save(key)
         srv.heard(key)
         old = srv.conns.get(key)
         if old is not None and old is not conn:
@@ -211,6 +216,17 @@ class Handshakes:
                 cwd=hello.cwd), False
         except ConfigError as exc:
             raise Refused(str(exc), "bad_policy") from None
+
+
+def _follow_mlflow(session: Session, hello: Hello) -> bool:
+    """A resumed job that logs to an MLflow run of its own (the Hugging Face Trainer
+    opens a new one on every resume): the run's records follow it (see
+    :meth:`~lrctl.sinks.audit.AuditSink.open_run`). True if the session's target moved."""
+    if hello.mlflow_run_id is None or hello.mlflow_run_id == session.info.mlflow_run_id:
+        return False
+    session.info = dataclasses.replace(session.info, mlflow_run_id=hello.mlflow_run_id,
+                                       tracking_uri=hello.tracking_uri)
+    return True
 
 
 def _from_hook(hello: Hello) -> Session:

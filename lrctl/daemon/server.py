@@ -112,7 +112,7 @@ class Server:
         """A restored session joins the registry (at start, when an evicted run returns, or
         a resume from the hook's saved state replaces what was here). :class:`Unavailable`
         when its journal cannot be opened (out of file descriptors, say): it stays on disk."""
-        self._open_records(session)
+        self.open_records(session)
         if key in self.sessions:
             self.live.unwatch(key)
         self.sessions[key] = session
@@ -123,7 +123,7 @@ class Server:
     def start(self, session: Session) -> None:
         """A new run joins the registry: its records, first checkpoint and watch."""
         key = session.key
-        self._open_records(session)
+        self.open_records(session)
         self.sessions[key] = session
         self.checkpoints.save(key)
         self.live.sync_watch(session)
@@ -131,7 +131,8 @@ class Server:
                  len(session.engine.initial_lrs), session.info.policy_source,
                  "" if session.watch_path else ", not watched")
 
-    def _open_records(self, session: Session) -> None:
+    def open_records(self, session: Session) -> None:
+        """Open (or reopen) the session's records with its current :class:`RunInfo`."""
         error = self.sink.open_run(session.info)
         if error is not None:  # a run whose decisions cannot be journaled is not served
             raise Unavailable(f"cannot journal run {session.key}: {error}")
@@ -351,6 +352,8 @@ class Server:
             self._last_seen.pop(key, None)
             self.checkpoints.forget(key)
             self.live.unwatch(key)
+            self.sink.drop_run(key, f"no hook for {self.session_timeout:.0f} s (its process "
+                                    "ended without closing the run, or lost the controller)")
             log.info("run %s evicted after %.0f s without its hook; its state stays on disk "
                      "and a reconnect resumes it", key, self.session_timeout)
 

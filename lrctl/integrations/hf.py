@@ -42,6 +42,7 @@ What it does, and why this way:
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import sys
@@ -53,6 +54,8 @@ from transformers.trainer_callback import ExportableState
 
 from ..hook import Controller
 from ._hf_trainer import StepTaps, TrainerSchedule, find_trainer, metric_driven
+
+log = logging.getLogger("lrctl.integrations.hf")
 
 __all__ = ["LrctlCallback"]
 
@@ -214,21 +217,19 @@ class LrctlCallback(TrainerCallback, ExportableState):
             self.controller.close(end_run=end_run)
 
     def _note_mlflow(self, saved: dict[str, Any] | None) -> None:
-        """Keep the MLflow run this lrctl run logs to; say so when the Trainer's differs.
+        """Keep the MLflow run this lrctl run logs to: the Trainer's.
 
-        A controller keeps a resumed run in the MLflow run it started with (the
-        interrupted job's, which that job left RUNNING), while the Trainer opens a
-        new one unless told to reattach.
+        The Trainer opens a new MLflow run on every resume (unless ``MLFLOW_RUN_ID``
+        reattaches it); the controller follows it, ships the run's whole history
+        there, and ends the interrupted job's run (KILLED, tagged
+        ``lrctl.continued_in``), which that job left RUNNING.
         """
         active = _active_mlflow_run()
         before = saved.get("mlflow_run_id") if saved is not None else None
-        self._mlflow_run_id = before if isinstance(before, str) else active
+        self._mlflow_run_id = active or (before if isinstance(before, str) else None)
         if isinstance(before, str) and active is not None and active != before:
-            self._warn_once("mlflow", f"lrctl: the Trainer logs to a new MLflow run ({active}) "
-                                      f"while this resumed lrctl run keeps logging to the "
-                                      f"interrupted job's run ({before}), which that job left "
-                                      f"RUNNING; resume with MLFLOW_RUN_ID={before} to have "
-                                      "the Trainer reattach to it and both log to one run")
+            log.info("lrctl: the resumed run follows the Trainer's new MLflow run %s; the "
+                     "interrupted job's run %s is ended with lrctl.continued_in", active, before)
 
     def _warn_schedule(self, args: Any, state: Any) -> None:
         kind = getattr(args, "lr_scheduler_type", "constant")

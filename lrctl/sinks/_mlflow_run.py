@@ -13,6 +13,7 @@ same entities, which MLflow deduplicates.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 from collections.abc import Iterator, Sequence
@@ -37,6 +38,8 @@ __all__ = ["RunShipper"]
 
 log = logging.getLogger("lrctl.sinks.mlflow")
 
+CONTINUED_IN = "lrctl.continued_in"  # on a run left for another: the run followed
+END_REASON = "lrctl.end_reason"  # why lrctl ended a run that it did not finish
 _TAG_ROOM = 8  # tags of a batch count towards MLflow's 1 000 entities
 _BAD_PARAM_CHARS = re.compile(r"[^A-Za-z0-9_\-. /:]")
 
@@ -167,9 +170,16 @@ class RunShipper:
         st.cursor["decision_ts"] = last_ts
         st.cursor["tagged"] = True
         for line in events:
-            if line.record.get("event") == "end":
-                self._finish()
-            else:
+            kind = line.record.get("event")
+            if kind == "follow" and line.record.get("run_id") != self.run_id:
+                self._upload_prefix("events", line.end, "lrctl/policy_events.jsonl")
+                self._follow(str(line.record["run_id"]))
+                return True  # the whole journal again, into the run followed
+            if kind == "end":
+                self._finish(line.record)
+            elif kind == "resume":
+                self._resume()
+            elif kind == "policy":
                 self._policy(line.record)
         if events:
             self._upload_prefix("events", events[-1].end, "lrctl/policy_events.jsonl")
@@ -237,7 +247,36 @@ class RunShipper:
         ``catch_up``), the description if it changed."""
         self.views.refresh(complete=catch_up)
 
-    def _finish(self) -> None:
+    def _follow(self, run_id: str) -> None:
+        """The resumed job logs to another MLflow run: end this one (if it still runs,
+        as KILLED: the job that owned it is gone) pointing at the next, and ship the
+        run's whole journal into the next one."""
+        self.views.refresh(complete=True)
+        left = self.run_id
+        tags = [RunTag(CONTINUED_IN, run_id)]
+        if self.client.get_run(left).info.status == "RUNNING":
+            tags.append(RunTag(END_REASON, f"the training job resumed into MLflow run {run_id}"))
+            self.client.log_batch(left, tags=tags)
+            self.client.set_terminated(left, "KILLED")
+        else:
+            self.client.log_batch(left, tags=tags)
+        experiment = str(self.client.get_run(run_id).info.experiment_id)
+        self.st.restart_into(run_id, experiment, left)
+        self._views = None
+        log.info("lrctl: run %s: follows MLflow run %s (was %s)", self.st.paths.run_key,
+                 run_id, left)
+
+    def _resume(self) -> None:
+        """A run that had ended is back (its hook resumed it): running again, if lrctl
+        ended it."""
+        ended = self.st.cursor.pop("ended", None)
+        self.st.cursor["finished"] = False
+        if ended:
+            self.client.update_run(self.run_id, status="RUNNING")
+            with contextlib.suppress(MlflowException):  # a FINISHED run has none
+                self.client.delete_tag(self.run_id, END_REASON)
+
+    def _finish(self, end: dict[str, Any]) -> None:
         self.views.refresh(complete=True)
         if self.timeline:
             png = self.st.paths.root / "timeline.png"
@@ -249,8 +288,16 @@ class RunShipper:
                 log.warning("lrctl: run %s: timeline not drawn: %s", self.st.paths.run_key, exc)
             else:
                 self.client.log_artifact(self.run_id, str(png), "lrctl")
-        if self.st.cursor.get("created"):
+        if end.get("outcome") == "orphaned":
+            # Nobody else will end it: the process that owned it is gone.
+            if self.client.get_run(self.run_id).info.status == "RUNNING":
+                self.client.set_tag(self.run_id, END_REASON, str(end.get("reason", ""))[
+                    :MAX_TAG_CHARS])
+                self.client.set_terminated(self.run_id, "KILLED")
+                self.st.cursor["ended"] = "KILLED"
+        elif self.st.cursor.get("created"):
             self.client.set_terminated(self.run_id, "FINISHED")
+            self.st.cursor["ended"] = "FINISHED"
         self.st.cursor["finished"] = True
 
     def _upload_prefix(self, stream: str, end: int, artifact_file: str) -> None:

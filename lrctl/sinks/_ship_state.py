@@ -127,5 +127,16 @@ class RunState:
             s.acked_seq, s.acked_offset = line.seq, line.end
         self.cursor["streams"][stream] = {"seq": s.acked_seq, "offset": s.acked_offset}
 
+    def restart_into(self, run_id: str, experiment_id: str, left: str) -> None:
+        """Ship the whole journal again, from its first line, into MLflow run ``run_id``
+        (``left`` is the run shipped to so far)."""
+        self.cursor = {"run_id": run_id, "created": False, "experiment_id": experiment_id,
+                       "streams": {}, "params": {}, "decision_ts": 0,
+                       "left": [*self.cursor.get("left", []), left]}
+        self.streams = {name: StreamState() for name in STREAMS}
+        self.first_pending_at = None
+        self.files_checked = False
+        self.save()
+
     def save(self) -> None:
         atomic_write_json(self.paths.cursor, self.cursor)

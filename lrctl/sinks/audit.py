@@ -111,13 +111,12 @@ class AuditSink(Sink):
         paths.policies.mkdir(parents=True, exist_ok=True)
         old = read_json(paths.meta, {}) or {}
         policy_file = self._save_policy(paths, info)
-        # A restored run keeps its MLflow target: one training run, one MLflow run.
-        target = old.get("mlflow") or self._target(info)
+        target, follow = self._reopened_target(old.get("mlflow"), info)
         meta = {**asdict(info), "params": dict(info.params), "mlflow": target,
                 "created": old.get("created", time.time()), "opened": time.time()}
         del meta["policy_text"]  # kept once per version under policies/
         atomic_write_json(paths.meta, meta)
-        sha, version = _current_policy(paths)
+        sha, version, last_event = _current_policy(paths)
         # The durable streams are fsynced by commit(), not per line.
         run = _OpenRun(paths, {name: StreamWriter(paths.stream(name), fsync=False,
                                                   fsync_fd=self._fsync_fd)
@@ -127,6 +126,12 @@ class AuditSink(Sink):
         self._load_high_water(run)
         if self.shipper is not None:
             self.shipper.attend(info.run_key, target["tracking_uri"])
+        if last_event == "end":  # ended (or given up on) and now back: running again
+            self._append(run, "events", {"event": "resume", "wall_time": time.time(),
+                                         "step": run.last_step})
+        if follow is not None:
+            self._append(run, "events", {"event": "follow", "wall_time": time.time(),
+                                         "step": run.last_step, **follow})
         if sha != info.policy_sha256:
             event = "open" if version == 0 else "restore"
             self._policy_event(run, info, policy_file,
@@ -182,6 +187,14 @@ class AuditSink(Sink):
         self._policy_event(run, info, policy_file, dict(record))
 
     def close_run(self, run_key: str) -> None:
+        self._end(run_key, {})
+
+    def drop_run(self, run_key: str, reason: str) -> None:
+        """The hook is gone for good: end the run as orphaned, saying why (the MLflow
+        run ends KILLED with the tag ``lrctl.end_reason``; a later resume reopens it)."""
+        self._end(run_key, {"outcome": "orphaned", "reason": reason})
+
+    def _end(self, run_key: str, extra: dict[str, Any]) -> None:
         run = self._runs.pop(run_key, None)
         if run is None:
             return
@@ -189,7 +202,7 @@ class AuditSink(Sink):
         if points:
             self._metrics(run, points)
         self._append(run, "events", {"event": "end", "wall_time": time.time(),
-                                     "last_step": run.last_step})
+                                     "last_step": run.last_step, **extra})
         self._close_writers(run)
 
     def commit(self) -> None:
@@ -286,6 +299,29 @@ class AuditSink(Sink):
                 "experiment": self.settings.experiment,
                 "artifact_root": artifact_root_for(uri, info.cwd, self.settings.experiment)}
 
+    def _reopened_target(self, old: dict[str, Any] | None,
+                         info: RunInfo) -> tuple[dict[str, Any], dict[str, Any] | None]:
+        """The MLflow target of an opened run, and the ``follow`` event if it moves.
+
+        A restored run keeps its MLflow run (one training run, one MLflow run)
+        unless the resumed job has an active MLflow run of its own on the same
+        tracking server (the Hugging Face Trainer opens a new one on every resume):
+        then lrctl follows it, ships the run's whole history there, and ends the
+        one it leaves (see :mod:`._mlflow_run`).
+        """
+        if not old:
+            return self._target(info), None
+        wanted = info.mlflow_run_id
+        if not wanted or wanted == old.get("run_id"):
+            return old, None
+        fresh = self._target(info)
+        if fresh["tracking_uri"] != old.get("tracking_uri"):
+            log.warning("lrctl: run %s: the resumed job logs to MLflow run %s at %s; lrctl "
+                        "keeps its run at %s (it follows a new run on the same server only)",
+                        info.run_key, wanted, fresh["tracking_uri"], old.get("tracking_uri"))
+            return old, None
+        return {**old, "run_id": wanted}, {"run_id": wanted, "previous": old.get("run_id")}
+
     @staticmethod
     def _save_policy(paths: RunPaths, info: RunInfo) -> str:
         """Keep the policy text, content-addressed; return its file's hash."""
@@ -302,14 +338,16 @@ class AuditSink(Sink):
             w.close()
 
 
-def _current_policy(paths: RunPaths) -> tuple[str, int]:
-    """(sha256, version) of the policy the run's events end with; ("", 0) for a new run."""
-    sha, version = "", 0
+def _current_policy(paths: RunPaths) -> tuple[str, int, str | None]:
+    """(sha256, version) of the policy the run's events end with, and the kind of its
+    last event; ("", 0, None) for a new run."""
+    sha, version, last = "", 0, None
     for line in read_lines(paths.stream("events")):
-        if line.record.get("event") == "policy":
+        last = line.record.get("event")
+        if last == "policy":
             sha = str(line.record.get("policy_sha256", ""))
             version = int(line.record.get("policy_version", version))
-    return sha, version
+    return sha, version, last if isinstance(last, str) else None
 
 
 def _dedup_key(record: Mapping[str, Any]) -> tuple[str, str, str]:

@@ -83,6 +83,12 @@ class Sink(ABC):
     def close_run(self, run_key: str) -> None:
         """The session ended; flush what belongs to it."""
 
+    def drop_run(self, run_key: str, reason: str) -> None:
+        """The session's hook vanished without a ``bye`` and did not come back within
+        the controller's ``session_timeout``: the run is orphaned (``reason`` says
+        why). The default treats it as an end."""
+        self.close_run(run_key)
+
     def commit(self) -> None:
         """Make every decision and policy event passed so far durable (group commit).
 

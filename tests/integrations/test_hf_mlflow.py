@@ -1,11 +1,10 @@
 """MLflow across a resume, with the Trainer's own ``MLflowCallback`` and a real server.
 
-The controller keeps a resumed lrctl run in the MLflow run it started with: the
-interrupted job's, which that job (killed) left RUNNING. The Trainer opens a
-new MLflow run on resume unless ``MLFLOW_RUN_ID`` says which one to reattach
-to. The callback records the run it logs to in each checkpoint, warns with the
-remedy when the Trainer's run differs, and with the remedy applied the Trainer
-and lrctl log into one run, which ends FINISHED.
+The Trainer opens a new MLflow run on resume unless ``MLFLOW_RUN_ID`` says which one
+to reattach to; the controller follows the Trainer's run: the resumed run gets the
+whole lrctl history, and the interrupted job's run (which that job, killed, left
+RUNNING) ends KILLED, tagged with the run followed. With ``MLFLOW_RUN_ID`` the Trainer
+and lrctl keep logging into one run, which ends FINISHED.
 """
 
 from __future__ import annotations
@@ -47,40 +46,52 @@ def saved_run(out: Path, step: int) -> str:
 
 
 @pytest.mark.slow
-def test_a_resumed_job_can_keep_one_mlflow_run(tmp_path: Path) -> None:
+def test_a_resumed_job_is_followed_into_the_trainers_new_mlflow_run(tmp_path: Path) -> None:
     out = tmp_path / "out"
     server = MlflowServer(tmp_path / "mlflow").start()
     try:
         with live_controller(audit=True) as controller:  # audit: it ships to MLflow
-            resume_into_one_run(controller, server, out)
+            resume_and_follow(controller, server, out)
     finally:
         server.stop()
 
 
-def resume_into_one_run(controller: LiveController, server: MlflowServer, out: Path) -> None:
+def lrctl_steps(client: MlflowClient, run_id: str, at_least: int) -> set[int]:
+    """The steps of ``lrctl/lr/g0`` in the run, once the controller shipped past
+    ``at_least`` (it ships in the background)."""
+    deadline = time.monotonic() + 120
+    while True:
+        steps = {m.step for m in client.get_metric_history(run_id, "lrctl/lr/g0")}
+        if max(steps, default=0) >= at_least:
+            return steps
+        assert time.monotonic() < deadline, f"lrctl's LRs never reached {run_id}: " \
+                                            f"{sorted(steps)}"
+        time.sleep(0.2)
+
+
+def resume_and_follow(controller: LiveController, server: MlflowServer, out: Path) -> None:
     client = MlflowClient(server.uri)
     job(controller, server.uri, out, "--exit-after-save", "8", expect=EXITED)
     first = saved_run(out, 8)  # the Trainer's run, which lrctl's run logs to
     assert client.get_run(first).info.status == "RUNNING"  # killed: never ended
 
-    # Resumed as is: the Trainer opens a second run, and the callback says so.
-    said = job(controller, server.uri, out, "--resume", "--exit-after-save", "12",
-               expect=EXITED)
-    assert f"MLFLOW_RUN_ID={first}" in said
-    assert saved_run(out, 12) == first  # lrctl's run still logs to the first one
-
-    # Resumed with the remedy: the Trainer reattaches to the first run.
-    said = job(controller, server.uri, out, "--resume", expect=0, MLFLOW_RUN_ID=first)
-    assert "MLFLOW_RUN_ID=" not in said
-    run = client.get_run(first)
-    assert run.info.status == "FINISHED"
-    trainer_steps = {m.step for m in client.get_metric_history(first, "loss")}
-    assert trainer_steps == set(range(1, 9)) | set(range(13, STEPS + 1))
+    # Resumed as is: the Trainer opens a second run, and lrctl follows it.
+    job(controller, server.uri, out, "--resume", "--exit-after-save", "12", expect=EXITED)
+    second = saved_run(out, 12)
+    assert second != first
+    assert min(lrctl_steps(client, second, 12)) == 1  # the whole history, from step 1
     deadline = time.monotonic() + 120
-    while True:  # the controller ships lrctl's metrics in the background
-        lrctl_steps = {m.step for m in client.get_metric_history(first, "lrctl/lr/g0")}
-        if max(lrctl_steps, default=0) > 12:
-            break
-        assert time.monotonic() < deadline, f"lrctl's LRs never reached the run: " \
-                                            f"{sorted(lrctl_steps)}"
+    while client.get_run(first).info.status == "RUNNING":
+        assert time.monotonic() < deadline, "the interrupted job's run was never ended"
         time.sleep(0.2)
+    left = client.get_run(first)
+    assert left.info.status == "KILLED"
+    assert left.data.tags["lrctl.continued_in"] == second
+
+    # Resumed with MLFLOW_RUN_ID: the Trainer reattaches to the second run; one run.
+    job(controller, server.uri, out, "--resume", expect=0, MLFLOW_RUN_ID=second)
+    run = client.get_run(second)
+    assert run.info.status == "FINISHED"
+    trainer_steps = {m.step for m in client.get_metric_history(second, "loss")}
+    assert trainer_steps == set(range(9, STEPS + 1))
+    assert max(lrctl_steps(client, second, STEPS)) == STEPS

@@ -175,3 +175,38 @@ def test_a_shipper_that_keeps_dying_is_restarted_with_one_log_line_each(
     assert len(restarts) == shipper.restarts >= 3
     assert shipper.status() == {"pid": None, "state": "stopped", "restarts": shipper.restarts,
                                 "rss_kib": None}
+
+
+def test_a_run_whose_hook_vanished_ends_killed_after_the_session_timeout(
+        workdir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A training process that dies never ends its run: the controller does, once the
+    hook has been gone for ``--session-timeout``, saying why; a resume reopens it."""
+    uri, env = _sqlite_env(workdir)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.ones(2))], lr=0.1)
+    with live_controller(audit=True, env=env, args=["--session-timeout", "1"]) as controller:
+        monkeypatch.setenv("LRCTL_SOCKET", controller.socket)
+        client = MlflowClient(uri)
+        state = Path(controller.state_dir)
+        ctl = lrctl.attach(opt, policy=POLICY, sync=True, spawn=False, run_name="gone")
+        _train(range(40), opt, ctl)
+        key = ctl.run_key
+        assert key is not None
+        saved = ctl.state_dict()
+        ctl.close(end_run=False)  # disconnected without a goodbye, like a killed process
+
+        def status() -> str | None:
+            try:
+                return str(client.get_run(mlflow_run_id(state, key)).info.status)
+            except (OSError, KeyError, TypeError):
+                return None
+        _poll("the orphaned run ended KILLED", lambda: status() == "KILLED")
+        run = client.get_run(mlflow_run_id(state, key))
+        assert "no hook for 1 s" in run.data.tags["lrctl.end_reason"]
+
+        with lrctl.attach(opt, policy=POLICY, sync=True, spawn=False, resume=saved) as ctl:
+            assert ctl.run_key == key
+            _train(range(40, 80), opt, ctl)
+        _poll(f"run {key} finished in MLflow", _finished(client, state, key))
+        assert "lrctl.end_reason" not in client.get_run(mlflow_run_id(state, key)).data.tags
+        assert_exactly_once(client, mlflow_run_id(state, key), state, key, workdir)
