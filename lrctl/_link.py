@@ -1,7 +1,7 @@
 """The hook's connection to the controller: non-blocking I/O, handshake, replay, back-off.
 
 Runs on the training thread, with no thread of its own: every call does a few
-non-blocking syscalls and returns. Stdlib and :mod:`lrctl.protocol` only.
+non-blocking syscalls and returns. Stdlib and :mod:`lrctl.wire` only.
 
 Exact resume: the controller checkpoints each session every few hundred
 observations and says in each reply which step it last saved (``saved_step``).
@@ -20,18 +20,17 @@ with the token: the controller reads nothing large from a peer before that.
 from __future__ import annotations
 
 import logging
-import os
-import re
 import select
 import socket
-import struct
 import time
 from collections import deque
 from collections.abc import Callable, Mapping
 from typing import Any
 
 from . import paths
-from .protocol import MAX_HELLO, ProtocolError, decode_body, encode
+from .wire.decoder import FrameDecoder
+from .wire.errors import ProtocolError
+from .wire.frames import MAX_HELLO, encode
 
 __all__ = ["Link"]
 
@@ -41,14 +40,6 @@ BUFFER_MAX = 100_000
 MAX_PENDING_OUT = 4 << 20
 RECV_SIZE = 1 << 16
 _READABLE = select.POLLIN | select.POLLPRI | select.POLLERR | select.POLLHUP
-_HEADER = struct.Struct(">I")
-# The controller's usual ``lr`` reply, exactly as its ``json.dumps`` writes it (finite
-# LRs, no decisions). Anything else (a decision, a non-finite LR, another field order)
-# goes through ``json.loads``: the fast path only skips work, it never changes results.
-_PLAIN_LR = re.compile(
-    rb'\{"v":1,"t":"lr","s":(-?[0-9]+),"lrs":\[([-+.eE0-9,]*)\],"skip":(true|false),'
-    rb'"stop":(true|false),"mode":"([A-Za-z_]+)","saved_step":(-?[0-9]+),"d":\[\]\}')
-
 
 RESPAWN_AFTER_S = 2.0
 RESPAWN_EVERY_S = 30.0
@@ -78,7 +69,8 @@ class Link:
         self.fatal: dict[str, Any] | None = None  # a refusal we must not retry into
         self._sock: socket.socket | None = None
         self._poller = select.poll()
-        self._rest = b""  # the start of a frame not yet whole
+        # Every frame up to MAX_HELLO: a snapshot answer carries the run's whole state.
+        self._decoder = FrameDecoder(MAX_HELLO)
         self._out = bytearray()
         self._backoff = 0.1
         self._next_attempt = 0.0
@@ -119,7 +111,7 @@ class Link:
         self._sock = sock
         self._poller = select.poll()  # a zero-timeout poll is far cheaper than a failed recv
         self._poller.register(sock, _READABLE)
-        self._rest = b""
+        self._decoder = FrameDecoder(MAX_HELLO)
         self._out = bytearray(encode({"t": "auth", "token": self.token})
                               if self.kind == "tcp" else b"")
         self._out += encode({"t": "hello", **self.hello}, MAX_HELLO)
@@ -269,7 +261,7 @@ class Link:
                 self._down("the controller closed the connection")
                 return
             try:
-                messages = self._frames(data)
+                messages = self._decoder.feed(data)
             except ProtocolError as exc:
                 self._down(f"bad frame from the controller: {exc}")
                 return
@@ -277,28 +269,6 @@ class Link:
                 self._handle(msg)
             if len(data) < RECV_SIZE:
                 return
-
-    def _frames(self, data: bytes) -> list[dict[str, Any]]:
-        """Whole frames from what arrived (:class:`~lrctl.protocol.FrameDecoder`'s rules,
-        every frame up to :data:`MAX_HELLO`); plain ``lr`` replies skip ``json.loads``."""
-        if self._rest:
-            data = self._rest + data
-            self._rest = b""
-        out = []
-        pos, end = 0, len(data)
-        while pos + 4 <= end:
-            (size,) = _HEADER.unpack_from(data, pos)
-            if size > MAX_HELLO:  # a snapshot carries the run's whole state
-                raise ProtocolError(f"frame of {size} bytes exceeds the limit of {MAX_HELLO}",
-                                    "too_large")
-            if pos + 4 + size > end:
-                break
-            body = data[pos + 4:pos + 4 + size]
-            out.append(_plain_lr(body) or decode_body(body))
-            pos += 4 + size
-        if pos < end:
-            self._rest = data[pos:]
-        return out
 
     def _handle(self, msg: dict[str, Any]) -> None:
         t = msg["t"]
@@ -339,29 +309,3 @@ class Link:
             if self.state != "up":
                 return
         log.info("lrctl link up at step %d (%d observation(s) replayed)", last, len(self.buffer))
-
-
-def _plain_lr(body: bytes) -> dict[str, Any] | None:
-    """The message of a plain ``lr`` reply (see :data:`_PLAIN_LR`), or ``None``."""
-    m = _PLAIN_LR.fullmatch(body)
-    if m is None:
-        return None
-    s, lrs, skip, stop, mode, saved = m.groups()
-    try:
-        values = [float(x) for x in lrs.split(b",")] if lrs else []
-    except ValueError:
-        return None
-    return {"v": 1, "t": "lr", "s": int(s), "lrs": values, "skip": skip == b"true",
-            "stop": stop == b"true", "mode": mode.decode("ascii"), "saved_step": int(saved),
-            "d": []}
-
-
-def token_from_env(env: Mapping[str, str] | None = None) -> str | None:
-    """A TCP token from ``$LRCTL_TOKEN``, else the file named by ``$LRCTL_TOKEN_FILE``."""
-    env = os.environ if env is None else env
-    if env.get("LRCTL_TOKEN"):
-        return env["LRCTL_TOKEN"].strip()
-    if env.get("LRCTL_TOKEN_FILE"):
-        with open(env["LRCTL_TOKEN_FILE"], encoding="utf-8") as f:
-            return f.read(4096).strip()
-    return None

@@ -37,7 +37,7 @@ from typing import Any
 from . import _spawn, paths
 from ._dist import Distributed
 from ._guard import StepGuard
-from ._link import Link, token_from_env
+from ._link import Link
 from ._sources import policy_payload
 from ._staging import DeviceStaging
 from ._torchutil import (
@@ -53,7 +53,8 @@ from ._torchutil import (
 from ._version import __version__
 from ._writer import LRWriter
 from .policy import Decision
-from .protocol import encode_obs, float_in
+from .wire.messages import encode_obs, float_in
+from .wire.token import token_from_env
 
 __all__ = ["Controller", "PolicyRejected", "attach", "sanitize_run_name", "total_grad_norm"]
 

@@ -20,7 +20,9 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from ..protocol import MAX_HELLO, FrameDecoder, encode, encode_obs
+from ..wire.decoder import FrameDecoder
+from ..wire.frames import MAX_HELLO, encode
+from ..wire.messages import encode_obs
 
 __all__ = ["SimSpec", "drive"]
 

@@ -218,7 +218,7 @@ class _Echo:
         self.poller.register(self.sock, select.POLLIN)
 
     def call(self, loss: float, g: float) -> None:
-        from ..protocol import encode_obs
+        from ..wire.messages import encode_obs
 
         self.sock.send(encode_obs(0, loss, g))
         if self.poller.poll(0):

@@ -37,7 +37,7 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from ..protocol import encode
+from ..wire.frames import encode
 from .limits import Limits
 from .ratelog import RateLog
 

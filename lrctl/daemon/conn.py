@@ -9,7 +9,8 @@ import socket
 import time
 from typing import Any, Protocol
 
-from ..protocol import FrameDecoder, ProtocolError
+from ..wire.decoder import FrameDecoder
+from ..wire.errors import ProtocolError
 
 __all__ = ["Conn", "Handler", "Refused", "Unavailable"]
 

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 from .._version import __version__
 from ..config import ConfigError
-from ..protocol import ProtocolError
+from ..wire.errors import ProtocolError
 from .hello import Hello, parse_hello
 from .session import Session, new_resume_token, text_sha256
 from .session_builder import BuildJob, SessionBuilder

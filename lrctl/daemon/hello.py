@@ -14,7 +14,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..paths import RUN_KEY_MAX, is_run_key
-from ..protocol import MAX_HELLO, ProtocolError, float_in, get_int, get_str
+from ..wire.errors import ProtocolError
+from ..wire.frames import MAX_HELLO
+from ..wire.messages import float_in, get_int, get_str
 from .transport import Refused
 
 __all__ = ["MAX_GROUPS", "Hello", "parse_hello"]

@@ -16,8 +16,9 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from .._version import __version__
-from ..protocol import ProtocolError, float_in, get_int, get_str
 from ..sinks.shipper_proxy import rss_kib
+from ..wire.errors import ProtocolError
+from ..wire.messages import float_in, get_int, get_str
 from .session import Session
 
 if TYPE_CHECKING:

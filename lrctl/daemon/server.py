@@ -38,9 +38,11 @@ from types import MappingProxyType
 from typing import Any
 
 from ..policy import ObservationError
-from ..protocol import MAX_HELLO, ProtocolError, encode_lr, float_in, get_int
 from ..reload import DEFAULT_DEBOUNCE_S
 from ..sinks import Sink
+from ..wire.errors import ProtocolError
+from ..wire.frames import MAX_HELLO
+from ..wire.messages import encode_lr, float_in, get_int
 from . import operator
 from .checkpoints import Checkpoints
 from .guarded_sink import GuardedSink

@@ -35,8 +35,9 @@ from typing import Any
 
 from ..config import PolicyFile, parse_text
 from ..policy import Decision, Engine
-from ..protocol import ProtocolError, get_int, get_str
 from ..sinks import RunInfo
+from ..wire.errors import ProtocolError
+from ..wire.messages import get_int, get_str
 
 __all__ = ["OPERATOR", "RELOAD", "Session", "Step", "new_resume_token", "text_sha256"]
 

@@ -33,7 +33,9 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from ..protocol import MAX_FRAME, MAX_HELLO, FrameDecoder, ProtocolError, encode
+from ..wire.decoder import FrameDecoder
+from ..wire.errors import ProtocolError
+from ..wire.frames import MAX_FRAME, MAX_HELLO, encode
 from .admission import Admission, bind_unix
 from .conn import Conn, Handler, Refused, Unavailable
 from .limits import Limits

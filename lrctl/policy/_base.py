@@ -19,12 +19,12 @@ The learning rate of group ``g`` for step ``t`` is
 
 from __future__ import annotations
 
-import math
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+from ..wire.floats import float_from_json, float_to_json
 from ._params import Param, bind_params
 
 __all__ = [
@@ -159,16 +159,3 @@ class Policy(ABC):
         return f"{self.kind}({knobs})"
 
 
-def float_to_json(x: float) -> float | str:
-    """Encode a float for strict JSON: non-finite values become strings."""
-    if math.isfinite(x):
-        return x
-    return "nan" if math.isnan(x) else ("inf" if x > 0 else "-inf")
-
-
-def float_from_json(x: float | int | str) -> float:
-    if isinstance(x, str):
-        if x not in ("nan", "inf", "-inf"):
-            raise ValueError(f"not a float: {x!r}")
-        return float(x)
-    return float(x)

@@ -7,7 +7,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from ._base import float_to_json
+from ..wire.floats import float_to_json, json_safe  # noqa: F401 (json_safe re-exported)
 
 __all__ = ["Decision", "json_safe"]
 
@@ -65,14 +65,3 @@ class Decision:
         )
 
 
-def json_safe(value: Any) -> Any:
-    """A copy of ``value`` that strict JSON can encode (non-finite floats as strings)."""
-    if isinstance(value, float):
-        return float_to_json(value)
-    if isinstance(value, Mapping):
-        return {str(k): json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [json_safe(v) for v in value]
-    if value is None or isinstance(value, (bool, int, str)):
-        return value
-    return str(value)

@@ -1,1 +1,66 @@
-"""What travels between the hook, the CLI and the controller."""
+"""What travels between the hook, the CLI and the controller: the wire protocol (version 1).
+
+One package, used by both sides (the controller, the hook's link and the operator
+client): :mod:`.frames` (framing, limits, the incremental decoder),
+:mod:`.messages` (the per-step messages with their hand-formatted fast paths beside
+the JSON they equal, and field validation), :mod:`.floats` (the one convention for
+non-finite numbers in JSON, shared with the journal and the policies' state) and
+:mod:`.operator` (the operator client). Pure but for the operator client: frames
+in, frames out, testable by round trip.
+
+Framing
+-------
+Every frame is a 4-byte big-endian length followed by that many bytes of UTF-8
+JSON encoding one object. JSON is strict: no ``NaN``/``Infinity`` literals; a
+non-finite number travels as the string ``"nan"``, ``"inf"`` or ``"-inf"``.
+Frames are capped: :data:`MAX_HELLO` for a connection's first frame (it carries
+the policy text), :data:`MAX_FRAME` for every later one. A receiver that gets an
+oversized length, bad UTF-8, bad JSON or a non-object answers with an ``error``
+frame and closes the connection. Every frame carries ``"v": 1``; a frame of an
+unknown version is refused with an ``error`` frame naming both versions.
+
+Messages (field ``t`` is the type)
+----------------------------------
+Hook → controller:
+
+* ``hello``: ``run`` (run key), ``run_name``, ``policy`` ``{text, source}``,
+  ``lrs`` (initial LR per param group), ``groups``, ``world_size``, ``mlflow``
+  ``{run_id, tracking_uri}``, ``cwd``, ``watch`` (optional, default true:
+  ``false`` pins the run to the policy version it starts with), ``total_steps``
+  (optional: the run's length, for ``anneal``), ``session`` (optional: the
+  run's state from ``snapshot``, kept in the user's checkpoint: the run resumes
+  from it), ``token`` (TCP only).
+* ``obs``: ``s`` step, ``l`` loss, ``g`` grad norm (each may be absent or null),
+  ``m`` named metrics (optional object), ``o`` (optional, true: a mixed-precision
+  overflow step that the ``GradScaler`` skipped; never divergence), ``b``
+  (optional: the loop's own LR per group for this step, ``base="loop"``).
+* ``snapshot``: the run's state after every observation so far → ``snapshot``
+  ``{s, session}``.
+* ``bye``: the run ended; the controller closes the session.
+
+Controller → hook:
+
+* ``welcome``: ``run``, ``last_step`` (-1 before any observation), ``saved_step``,
+  ``lrs``, ``mode``, ``restored``, ``policy_sha256``. The hook replays the
+  observations it holds with a step greater than ``last_step``.
+* ``lr``: ``s`` (the observation step it answers, or -1 for a push from an
+  operator or a live policy reload), ``lrs`` for the next step, ``skip``, ``stop``, ``mode``,
+  ``saved_step`` (the last step checkpointed to disk), ``d`` (new decisions,
+  each a ``Decision.to_dict()``).
+
+Operator → controller (one request, one answer, on its own connection; over
+TCP each request carries ``token``):
+
+* ``runs`` → ``runs`` ``{runs: [{run, run_name, step, lrs, mode, connected,
+  override, last_decision, policy_source, policy_sha256, watching, reloads,
+  reload_error, store_error}]}``
+* ``set_lr`` ``{run, lr, steps}`` (``steps`` null: until cleared), ``clear_lr``
+  ``{run}``, ``pause`` ``{run}``, ``resume`` ``{run}`` → ``ok`` ``{message}``
+* ``reload`` ``{run}`` (``run`` absent: every watched run) → ``ok``
+  ``{message, decisions}``; a pinned run answers ``error`` ``pinned``
+* ``status`` → ``status`` ``{pid, version, runs, connected, uptime_s, socket,
+  state_dir, watching, errors}``
+
+Either side: ``error`` ``{code, message, fatal}``. ``fatal`` means the sender
+closes the connection after it.
+"""

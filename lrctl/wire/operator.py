@@ -7,8 +7,9 @@ from collections.abc import Mapping
 from typing import Any
 
 from .. import paths
-from .._link import token_from_env
-from ..protocol import MAX_FRAME, FrameDecoder, encode
+from .decoder import FrameDecoder
+from .frames import MAX_FRAME, encode
+from .token import token_from_env
 
 __all__ = ["ControllerError", "request"]
 

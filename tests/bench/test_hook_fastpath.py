@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import pytest
 
-from lrctl._link import Link, _plain_lr
-from lrctl.protocol import ProtocolError, decode_body, encode
+from lrctl.wire.decoder import FrameDecoder
+from lrctl.wire.errors import ProtocolError
+from lrctl.wire.frames import MAX_HELLO, decode_json, encode
+from lrctl.wire.messages import plain_message
 
 
 def _body(msg: dict[str, object]) -> bytes:
@@ -27,8 +29,8 @@ PLAIN = {"t": "lr", "s": 41, "lrs": [0.001, 3e-05, 1.0], "skip": False, "stop": 
 ])
 def test_plain_reply_parses_like_json(msg: dict[str, object]) -> None:
     body = _body(msg)
-    fast = _plain_lr(body)
-    assert fast == decode_body(body)
+    fast = plain_message(body)
+    assert fast == decode_json(body)
     assert fast is not None and all(type(v) is float for v in fast["lrs"])  # type: ignore[union-attr]
 
 
@@ -39,24 +41,23 @@ def test_plain_reply_parses_like_json(msg: dict[str, object]) -> None:
     {"t": "welcome", "run": "r", "last_step": -1},
 ])
 def test_anything_else_falls_back(msg: dict[str, object]) -> None:
-    assert _plain_lr(_body(msg)) is None
+    assert plain_message(_body(msg)) is None
 
 
-def _link() -> Link:
-    return Link("/nonexistent.sock", {}, lambda m: None, warn=lambda k, m: None)
-
+def _decoder() -> FrameDecoder:
+    return FrameDecoder(MAX_HELLO)  # as the hook's link reads the controller
 
 def test_framing_splits_joins_and_keeps_partial_frames() -> None:
     frames = encode(PLAIN) + encode({"t": "error", "code": "x", "message": "m", "fatal": False})
     frames += encode({**PLAIN, "s": 42})
-    link = _link()
+    decoder = _decoder()
     got = []
     for i in range(0, len(frames), 7):  # arbitrary cuts, across headers and bodies
-        got += link._frames(frames[i:i + 7])
+        got += decoder.feed(frames[i:i + 7])
     assert [m["t"] for m in got] == ["lr", "error", "lr"] and got[2]["s"] == 42
-    assert link._frames(frames) == got  # all at once: the same messages
+    assert _decoder().feed(frames) == got  # all at once: the same messages
 
 
 def test_oversized_frame_is_refused() -> None:
     with pytest.raises(ProtocolError):
-        _link()._frames((1 << 30).to_bytes(4, "big") + b"{}")
+        _decoder().feed((1 << 30).to_bytes(4, "big") + b"{}")

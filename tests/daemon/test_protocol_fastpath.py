@@ -100,11 +100,12 @@ def test_encode_lr_leaves_oversized_frames_to_encode() -> None:
 
 
 def test_plain_lr_reply_is_what_the_hook_fast_path_reads() -> None:
-    from lrctl._link import _plain_lr
+    from lrctl.wire.frames import decode_json
+    from lrctl.wire.messages import plain_message
 
     frame = encode_lr(7, [0.001, 5e-324, -0.0, 1e16], True, False, "shadow", 3)
     assert frame is not None
-    assert _plain_lr(frame[4:]) == decode_body(frame[4:])
+    assert plain_message(frame[4:]) == decode_json(frame[4:]) == decode_body(frame[4:])
 
 
 # -- obs frames ----------------------------------------------------------------------------

@@ -1,0 +1,204 @@
+"""The messages of every training step, each hand-formatted fast path beside the JSON it
+equals, and the validated field access receivers use.
+
+``obs`` (hook → controller) and the plain ``lr`` reply (controller → hook) travel
+once per step, so they are written by hand and read back by a regular expression
+instead of ``json.dumps``/``json.loads``. Each fast path gives exactly the bytes
+(or the dict) the JSON path gives, and only for the plain case; anything else goes
+through :func:`~lrctl.wire.frames.encode` / ``json.loads``: a fast path only skips
+work, it never changes results.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from .errors import ProtocolError
+from .floats import NON_FINITE, float_to_json
+from .frames import HEADER, MAX_FRAME, decode_json, encode
+
+__all__ = ["decode_body", "encode_lr", "encode_obs", "float_in", "float_out", "get_float",
+           "get_int", "get_str", "plain_message"]
+
+
+
+def float_out(x: float | None) -> float | str | None:
+    """A float (or None) for strict JSON: non-finite values become strings."""
+    return x if x is None else float_to_json(x)
+
+
+def float_in(x: Any, name: str) -> float:
+    """The inverse of :func:`float_out`, rejecting anything that is not a number."""
+    if isinstance(x, str):
+        if x in NON_FINITE:
+            return float(x)
+    elif isinstance(x, (int, float)) and not isinstance(x, bool):
+        try:
+            return float(x)
+        except OverflowError:  # a JSON integer of hundreds of digits
+            raise ProtocolError(f"{name} is too large: {str(x)[:20]}…", "bad_message") from None
+    raise ProtocolError(f"{name} must be a number, but got {x!r}", "bad_message")
+
+
+# -- obs ------------------------------------------------------------------------------
+def encode_obs(step: int, loss: float | None, grad_norm: float | None,
+               metrics: Mapping[str, float] | None = None, *, overflow: bool = False,
+               base: Sequence[float] | None = None) -> bytes:
+    """An ``obs`` frame, formatted by hand: this runs once per training step.
+
+    ``repr`` of a finite float is valid JSON; the rare fields go through
+    :func:`encode`: metrics (``m``), a mixed-precision overflow step (``o``: the
+    ``GradScaler`` skipped it; no grad norm), and the loop's own LRs for this step
+    (``b``, ``attach(..., base="loop")``: the controller records ``b × lrs /
+    initial_lrs`` as the LRs used).
+    """
+    if metrics or overflow or base is not None:
+        msg: dict[str, Any] = {"t": "obs", "s": step, "l": float_out(loss),
+                               "g": float_out(grad_norm)}
+        if metrics:
+            msg["m"] = {k: float_out(float(v)) for k, v in metrics.items()}
+        if overflow:
+            msg["o"] = True
+        if base is not None:
+            msg["b"] = [float_out(float(v)) for v in base]
+        return encode(msg)
+    body = f'{{"v":1,"t":"obs","s":{int(step)},"l":{_num(loss)},"g":{_num(grad_norm)}}}'.encode(
+        "ascii")
+    return HEADER.pack(len(body)) + body
+
+
+def _num(x: float | None) -> str:
+    if x is None:
+        return "null"
+    if math.isfinite(x):
+        return repr(float(x))
+    return '"nan"' if math.isnan(x) else ('"inf"' if x > 0 else '"-inf"')
+
+
+# The plain ``obs`` frame as :func:`encode_obs` writes it for finite values or none:
+# ``repr`` of a finite float always has a fraction or an exponent. The numbers follow
+# JSON's grammar (bounded in length), so ``float`` of the matched text is what
+# ``json.loads`` gives. Anything else (integers, non-finite values, metrics, spaces,
+# another key order, long numbers) goes through ``json.loads``.
+_JSON_FLOAT = (rb'(null|-?(?:0|[1-9][0-9]{0,30})'
+               rb'(?:\.[0-9]{1,40}(?:[eE][-+]?[0-9]{1,4})?|[eE][-+]?[0-9]{1,4}))')
+_PLAIN_OBS = re.compile(rb'\{"v":1,"t":"obs","s":(0|[1-9][0-9]{0,17}),"l":' + _JSON_FLOAT
+                        + rb',"g":' + _JSON_FLOAT + rb'\}').fullmatch
+
+
+
+
+def _plain_obs(body: bytes) -> dict[str, Any] | None:
+    m = _PLAIN_OBS(body)
+    if m is None:
+        return None
+    s, loss, grad = m.groups()
+    return {"v": 1, "t": "obs", "s": int(s), "l": None if loss == b"null" else float(loss),
+            "g": None if grad == b"null" else float(grad)}
+
+
+# -- lr -------------------------------------------------------------------------------
+def encode_lr(step: int, lrs: list[float], skip: bool, stop: bool, mode: str,
+              saved_step: int, limit: int = MAX_FRAME) -> bytes | None:
+    """A plain ``lr`` frame (no decisions), formatted by hand: the controller sends one
+    per observation. The bytes are exactly what :func:`encode` writes for
+    ``{"t": "lr", "s": step, "lrs": lrs, "skip": skip, "stop": stop, "mode": mode,
+    "saved_step": saved_step, "d": []}`` (``repr`` of a finite float is what
+    ``json.dumps`` writes); ``None`` for anything unusual (a non-finite or non-float
+    LR, an odd mode, a frame over ``limit``): :func:`encode` handles, or refuses, those.
+    """
+    if (type(step) is not int or type(saved_step) is not int or type(skip) is not bool
+            or type(stop) is not bool or type(mode) is not str or not _PLAIN_MODE(mode)):
+        return None
+    isfinite = math.isfinite
+    for x in lrs:
+        if type(x) is not float or not isfinite(x):
+            return None
+    body = (f'{{"v":1,"t":"lr","s":{step!r},"lrs":[{",".join(map(repr, lrs))}],'
+            f'"skip":{"true" if skip else "false"},"stop":{"true" if stop else "false"},'
+            f'"mode":"{mode}","saved_step":{saved_step!r},"d":[]}}').encode("ascii")
+    if len(body) > limit:
+        return None
+    return HEADER.pack(len(body)) + body
+
+
+_PLAIN_MODE = re.compile(r"[A-Za-z_]{1,32}").fullmatch
+
+
+# The controller's usual ``lr`` reply, exactly as its ``json.dumps`` writes it (finite
+# LRs, no decisions). Anything else (a decision, a non-finite LR, another field order)
+# goes through ``json.loads``: the fast path only skips work, it never changes results.
+_PLAIN_LR = re.compile(
+    rb'\{"v":1,"t":"lr","s":(-?[0-9]+),"lrs":\[([-+.eE0-9,]*)\],"skip":(true|false),'
+    rb'"stop":(true|false),"mode":"([A-Za-z_]+)","saved_step":(-?[0-9]+),"d":\[\]\}')
+
+
+
+def _plain_lr(body: bytes) -> dict[str, Any] | None:
+    """The message of a plain ``lr`` reply (see :data:`_PLAIN_LR`), or ``None``."""
+    m = _PLAIN_LR.fullmatch(body)
+    if m is None:
+        return None
+    s, lrs, skip, stop, mode, saved = m.groups()
+    try:
+        values = [float(x) for x in lrs.split(b",")] if lrs else []
+    except ValueError:
+        return None
+    return {"v": 1, "t": "lr", "s": int(s), "lrs": values, "skip": skip == b"true",
+            "stop": stop == b"true", "mode": mode.decode("ascii"), "saved_step": int(saved),
+            "d": []}
+
+
+def plain_message(body: bytes) -> dict[str, Any] | None:
+    """The message of a plain ``obs`` or ``lr`` frame body, as ``json.loads`` would give
+    it (with ``v`` and ``t``); ``None`` for any other body."""
+    kind = body[11:15]  # after b'{"v":1,"t":'
+    if kind == b'"obs':
+        return _plain_obs(body)
+    if kind == b'"lr"':
+        return _plain_lr(body)
+    return None
+
+
+def decode_body(body: bytes) -> dict[str, Any]:
+    """One frame's body → its message: the fast path for a plain per-step frame, the
+    checked JSON path (:func:`~lrctl.wire.frames.decode_json`) for every other."""
+    return plain_message(body) or decode_json(body)
+
+
+# -- field access with validation (for receivers) -------------------------------------
+def get_str(msg: Mapping[str, Any], key: str, *, max_len: int = 256,
+            optional: bool = False) -> str | None:
+    value = msg.get(key)
+    if value is None and optional:
+        return None
+    if not isinstance(value, str) or len(value) > max_len:
+        raise ProtocolError(f"{key} must be a string of at most {max_len} characters, "
+                            f"but got {_short(value)}", "bad_message")
+    return value
+
+
+def get_int(msg: Mapping[str, Any], key: str, *, lo: int = 0, hi: int = 2**62,
+            optional: bool = False) -> int | None:
+    value = msg.get(key)
+    if value is None and optional:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+        raise ProtocolError(f"{key} must be an integer in [{lo}, {hi}], but got "
+                            f"{_short(value)}", "bad_message")
+    return value
+
+
+def get_float(msg: Mapping[str, Any], key: str, *, optional: bool = False) -> float | None:
+    value = msg.get(key)
+    if value is None and optional:
+        return None
+    return float_in(value, key)
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
