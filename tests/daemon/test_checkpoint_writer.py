@@ -104,29 +104,47 @@ def _write_in_flight(store: GatedStore, path: str, run: str, steps: int) -> Clie
     return c
 
 
+def _loop_waits_for_writes(srv: Server) -> threading.Event:
+    """Set once the loop blocks on the writes in flight (it must, before it deletes or
+    writes a run's checkpoint again)."""
+    waiting = threading.Event()
+    writer = srv.checkpoints._writer
+    wait = writer.wait
+
+    def noting() -> None:
+        waiting.set()
+        wait()
+    writer.wait = noting  # type: ignore[method-assign]
+    return waiting
+
+
 def test_bye_while_a_checkpoint_is_in_flight_leaves_no_file(
         served: tuple[Server, GatedStore, str]) -> None:
     srv, store, path = served
     c = _write_in_flight(store, path, "run-b", 8)
+    waiting = _loop_waits_for_writes(srv)
     c.send(encode({"t": "bye"}))
-    threading.Timer(0.3, store.gate.set).start()  # the loop waits for the write, then deletes
+    assert waiting.wait(20)  # the loop waits for the write before it deletes the file
+    assert store.writes == 1  # the new run's checkpoint only: the one at bye is held
+    store.gate.set()
     deadline = time.monotonic() + 20
-    while time.monotonic() < deadline and (store.writes < 2 or store.path("run-b").exists()):
-        time.sleep(0.02)
+    while store.writes < 2 or store.path("run-b").exists() or "run-b" in srv.sessions:
+        assert time.monotonic() < deadline, (store.writes, store.path("run-b").exists())
+        time.sleep(0.02)  # polling on the condition
     assert store.writes == 2  # the new run's checkpoint, then the one in flight at bye
-    time.sleep(0.2)
-    assert "run-b" not in srv.sessions
     assert not store.path("run-b").exists()  # deleted after the write, not before
     assert store.load("run-b") is None
 
 
 def test_an_operator_save_waits_for_the_write_in_flight(
         served: tuple[Server, GatedStore, str]) -> None:
-    _, store, path = served
+    srv, store, path = served
     c = _write_in_flight(store, path, "run-c", 12)  # kept open: its hook is still there
     op = Client(path)
-    threading.Timer(0.3, store.gate.set).start()
+    waiting = _loop_waits_for_writes(srv)
     op.send(encode({"t": "pause", "run": "run-c"}))
+    assert waiting.wait(20)  # the operator's save waits for the write in flight
+    store.gate.set()
     assert op.answer()["t"] == "ok"
     state = store.load("run-c")  # the operator's checkpoint is the last one written
     assert state is not None and state["engine"]["last_step"] == 11
