@@ -19,8 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from .policy._base import float_from_json
+from .policy._decision import record_ratio as decision_ratio
 from .sinks.journal import RunPaths, read_json, read_lines
-from .sinks.mlflow_sink import decision_ratio
 from .sinks.sampling import GRAD_NORM, LOSS, Downsampler
 
 __all__ = ["Phase", "TimelineData", "load_timeline", "phase_spans", "render", "render_run"]

@@ -7,9 +7,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..wire.floats import float_to_json, json_safe  # noqa: F401 (json_safe re-exported)
+from ..wire.floats import float_from_json, float_to_json, json_safe  # noqa: F401 (json_safe re-exported)
 
-__all__ = ["Decision", "json_safe"]
+__all__ = ["Decision", "json_safe", "record_ratio"]
 
 
 @dataclass(frozen=True)
@@ -65,3 +65,14 @@ class Decision:
         )
 
 
+def record_ratio(record: Mapping[str, Any]) -> float:
+    """:attr:`Decision.ratio` of a decision as journaled (``to_dict()``, floats as
+    strict JSON); 1.0 when it is not defined or the record is malformed."""
+    try:
+        old = float_from_json(record["old_lrs"][0])
+        new = float_from_json(record["new_lrs"][0])
+    except (KeyError, IndexError, TypeError, ValueError):
+        return 1.0
+    if old == 0 or not math.isfinite(old):
+        return 1.0
+    return new / old

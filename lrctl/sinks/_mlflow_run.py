@@ -23,6 +23,7 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 
 from ..policy._base import float_from_json
+from ..policy._decision import record_ratio as decision_ratio
 from ._mlflow_views import EXPERIMENT_KIND, TRAINING_KIND, RunViews, mark_training
 from ._ship_state import RunState
 from .journal import JournalLine
@@ -30,7 +31,6 @@ from .mlflow_sink import (
     MAX_METRICS_PER_BATCH,
     MAX_PARAMS_TAGS_PER_BATCH,
     MAX_TAG_CHARS,
-    decision_ratio,
 )
 from .sampling import DECISION, event_key
 

@@ -29,11 +29,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..policy._base import float_from_json
+from ..policy._decision import record_ratio
 from ._ship_state import RunState, runs_behind
 from .journal import JournalLine, RunPaths
 
 __all__ = ["MlflowShipper", "decision_ratio"]
+
+decision_ratio = record_ratio  # the old name
 
 log = logging.getLogger("lrctl.sinks.mlflow")
 
@@ -46,18 +48,6 @@ _BACKOFF_MIN_S = 0.5
 PERMANENT_ERRORS = frozenset({"INVALID_PARAMETER_VALUE", "RESOURCE_DOES_NOT_EXIST",
                               "INVALID_STATE", "PERMISSION_DENIED"})
 ClientFactory = Callable[[str], Any]
-
-
-def decision_ratio(record: dict[str, Any]) -> float:
-    """new/old LR of group 0, as :attr:`Decision.ratio` (1.0 when it is not defined)."""
-    try:
-        old = float_from_json(record["old_lrs"][0])
-        new = float_from_json(record["new_lrs"][0])
-    except (KeyError, IndexError, TypeError, ValueError):
-        return 1.0
-    if old == 0 or old != old or old in (float("inf"), float("-inf")):
-        return 1.0
-    return new / old
 
 
 def _default_client(tracking_uri: str) -> Any:
