@@ -35,13 +35,13 @@ from typing import Any
 
 from ..config import PolicyFile, parse_text
 from ..policy import Decision, Engine
+from ..policy._operator import OPERATOR
 from ..sinks import RunInfo
 from ..wire.errors import ProtocolError
 from ..wire.messages import get_int, get_str
 
 __all__ = ["OPERATOR", "RELOAD", "Session", "Step", "new_resume_token", "text_sha256"]
 
-OPERATOR = "operator"
 RELOAD = "reload"
 
 
@@ -79,11 +79,8 @@ class Session:
         self.policy = policy
         self.world_size = world_size
         self.total_steps = total_steps  # the run's length, when the hook said it
+        # The policies, and above them the operator's manual LR and shadow mode's hold.
         self.engine: Engine = policy.build(list(initial_lrs), total_steps)
-        # Shadow from the policy file: hold what the optimizer starts with.
-        self.hold_lrs: list[float] | None = (
-            list(self.engine.initial_lrs) if self.engine.mode == "shadow" else None)
-        self.override: dict[str, Any] | None = None  # {"lrs": [...], "until": int | None}
         self.last_decision: dict[str, Any] | None = None
         self.saved_step = -1
         self.unsaved = 0  # observations since the last checkpoint
@@ -125,10 +122,11 @@ class Session:
                        tracking_uri=state.get("tracking_uri"), cwd=state.get("cwd"),
                        total_steps=state.get("total_steps"))
         s.engine.load_state_dict(state["engine"])
-        s.hold_lrs = _floats(state.get("hold_lrs"))
-        override = state.get("override")
-        if override is not None:
-            s.override = {"lrs": _floats(override["lrs"]), "until": override.get("until")}
+        if "operator" not in state["engine"]:  # a checkpoint from before they moved there
+            override = state.get("override") or {}
+            s.engine.operator.load_state_dict({
+                "hold": state.get("hold_lrs"), "override": override.get("lrs"),
+                "until": override.get("until")})
         s.last_decision = state.get("last_decision")
         s.watch = bool(state.get("watch", True))
         s.hello_sha256 = str(state.get("hello_sha256") or s.info.policy_sha256)
@@ -155,8 +153,6 @@ class Session:
             "tracking_uri": self.info.tracking_uri,
             "cwd": self.info.cwd,
             "engine": self.engine.state_dict(),
-            "hold_lrs": self.hold_lrs,
-            "override": self.override,
             "last_decision": self.last_decision,
             "watch": self.watch,
             "hello_sha256": self.hello_sha256,
@@ -190,17 +186,13 @@ class Session:
         old = self.engine
         new = policy.build(list(old.initial_lrs), self.total_steps)
         operator_mode = old.mode != self.policy.mode  # set by pause/resume, not by the file
-        summary = new.inherit(old)
-        new.mode = old.mode if operator_mode else policy.mode
         before = self.lrs()
+        summary = new.inherit(old)  # with the manual LR and the hold
+        new.set_mode(old.mode if operator_mode else policy.mode, holding=before)
         old_sha = self.info.policy_sha256
         self.engine = new
         self.engine.skips_enforced = self._sync
         self.policy = policy
-        if new.mode == "shadow":
-            self.hold_lrs = self.hold_lrs if self.hold_lrs is not None else before
-        else:
-            self.hold_lrs = None
         self.info = dataclasses.replace(
             self.info, policy_text=policy.text, policy_sha256=policy.sha256,
             params=flatten_params(policy))
@@ -260,49 +252,33 @@ class Session:
 
     def lrs(self) -> list[float]:
         """The LRs in effect for the step after :attr:`last_step`."""
-        if self.override is not None:
-            return list(self.override["lrs"])
-        if self.hold_lrs is not None:
-            return list(self.hold_lrs)
-        return self.engine.lrs
+        return self.engine.applied_lrs
+
+    @property
+    def override(self) -> dict[str, Any] | None:
+        """The operator's manual LR in force: ``{"lrs": [...], "until": step or None}``."""
+        op = self.engine.operator
+        return None if op.override is None else {"lrs": list(op.override), "until": op.until}
 
     def observe(self, step: int, loss: float | None, grad_norm: float | None,
                 metrics: Mapping[str, float]) -> Step:
         """Raises ``ObservationError`` for a bad observation (the session is unchanged)."""
-        self.engine.update(step, loss, grad_norm, metrics)
-        decisions = [d.to_dict() for d in self.engine.last_decisions]
-        override = self.override
-        if override is not None and override["until"] is not None and step + 1 > override["until"]:
-            before = list(override["lrs"])
-            self.override = None
-            decisions.append(self._decision(
-                "release_lr", before, self.lrs(),
-                f"manual override ended after step {override['until']}",
-                {"until": override["until"]}, step=step))
+        engine = self.engine
+        lrs = engine.update(step, loss, grad_norm, metrics)
+        decisions = [d.to_dict() for d in engine.last_decisions]
         self.unsaved += 1
         if decisions:
             self.last_decision = decisions[-1]
-        acting = self.engine.mode == "active"
-        return Step(self.lrs(), decisions, acting and self.engine.should_skip,
-                    acting and self.engine.should_stop)
+        acting = engine.mode == "active"
+        return Step(lrs, decisions, acting and engine.should_skip,
+                    acting and engine.should_stop)
 
     # -- operator ---------------------------------------------------------------------------
     def set_lr(self, lr: float, steps: int | None) -> dict[str, Any]:
-        initial = self.engine.initial_lrs
-        ratios = [g / initial[0] if initial[0] > 0 else 1.0 for g in initial]
-        before = self.lrs()
-        until = None if steps is None else self.last_step + steps
-        self.override = {"lrs": [lr * r for r in ratios], "until": until}
-        held = "until cleared" if steps is None else f"for {steps} steps (through step {until})"
-        return self._record(self._decision(
-            "set_lr", before, self.lrs(), f"manual LR {lr:g} set by an operator, held {held}",
-            {"lr": lr, "steps": steps}))
+        return self._record(self.engine.set_lr(lr, steps).to_dict())
 
     def clear_lr(self) -> dict[str, Any]:
-        before = self.lrs()
-        self.override = None
-        return self._record(self._decision("release_lr", before, self.lrs(),
-                                           "manual override cleared by an operator", {}))
+        return self._record(self.engine.clear_lr().to_dict())
 
     def decay(self, msg: Mapping[str, Any]) -> dict[str, Any]:
         """``lrctl decay``: start (``steps``, ``shape``) or ``cancel`` the cooldown of the
@@ -324,24 +300,8 @@ class Session:
         return self._record(decisions[-1].to_dict())
 
     def set_mode(self, mode: str) -> dict[str, Any]:
-        before = self.lrs()
-        if mode == "shadow":
-            self.hold_lrs = before if self.hold_lrs is None else self.hold_lrs
-            reason = "paused by an operator: policies observe and record, LRs hold"
-        else:
-            self.hold_lrs = None
-            reason = "resumed by an operator: policies act again"
-        self.engine.mode = mode
-        return self._record(self._decision("pause" if mode == "shadow" else "resume",
-                                           before, self.lrs(), reason, {"mode": mode}))
-
-    def _decision(self, action: str, before: Sequence[float], after: Sequence[float],
-                  reason: str, evidence: Mapping[str, Any], step: int | None = None) -> dict:
-        return Decision(
-            step=max(self.last_step if step is None else step, 0), policy=OPERATOR,
-            kind=OPERATOR, action=action, old_lrs=tuple(before), new_lrs=tuple(after),
-            reason=reason, evidence=dict(evidence), policy_sha256=self.info.policy_sha256,
-        ).to_dict()
+        decision = self.engine.pause() if mode == "shadow" else self.engine.resume()
+        return self._record(decision.to_dict())
 
     def _record(self, decision: dict[str, Any]) -> dict[str, Any]:
         self.last_decision = decision
@@ -373,12 +333,3 @@ def flatten_params(policy: PolicyFile) -> dict[str, str]:
         for k, v in entry.params.items():
             out[f"{entry.name}.{k}"] = str(v)[:250]
     return out
-
-
-def _floats(values: Any) -> list[float] | None:
-    if values is None:
-        return None
-    if not isinstance(values, list) or not all(
-            isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
-        raise ValueError(f"expected a list of numbers, but got {values!r:.80}")
-    return [float(v) for v in values]

@@ -35,6 +35,7 @@ from ._inputs import (
     make_observation,
     unique_names,
 )
+from ._operator import OperatorControls, OperatorVerbs
 
 __all__ = ["Engine", "ObservationError", "unique_names"]
 
@@ -42,12 +43,14 @@ STATE_VERSION = 1
 MAX_DECISIONS_KEPT = 10_000
 
 
-class Engine(LRArbiter):
+class Engine(OperatorVerbs, LRArbiter):
     """A stack of policies driving the LRs of one run's param groups.
 
     ``observe`` returns the LRs to use for the next step. ``mode="shadow"``
     runs the policies and records their decisions without acting: the returned
-    LRs stay at the initial ones.
+    LRs hold at those in effect when shadow mode began (the initial ones for an
+    engine built in shadow). An operator's manual LR (:meth:`set_lr`) overrides
+    both (see :mod:`._operator`).
     """
 
     def __init__(
@@ -77,7 +80,10 @@ class Engine(LRArbiter):
         self.names: list[str] = list(names)
         self.min_lr = float(min_lr)
         self.max_lr = math.inf if max_lr is None else float(max_lr)
-        self.mode = mode
+        self.operator = OperatorControls()
+        self._mode = mode
+        if mode == "shadow":
+            self.operator.hold = self.initial_lrs
         self.policy_sha256 = policy_sha256
         self.total_steps = check_total_steps(total_steps)
         self._reactive = [p for p in self.policies if p.role != SCHEDULE]
@@ -124,8 +130,12 @@ class Engine(LRArbiter):
 
     @property
     def applied_lrs(self) -> list[float]:
-        """The LRs to put into the optimizer: :attr:`lrs`, or the initial LRs in shadow mode."""
-        return list(self.initial_lrs) if self.mode == "shadow" else list(self._lrs)
+        """The LRs to put into the optimizer: an operator's manual LR, else the LRs held in
+        shadow mode, else :attr:`lrs`."""
+        op = self.operator
+        if op.override is None and op.hold is None:
+            return list(self._lrs)
+        return op.applied(self._lrs)
 
     @property
     def decisions(self) -> list[Decision]:
@@ -202,6 +212,13 @@ class Engine(LRArbiter):
             if record is not None:
                 new_decisions.append(record)
         self._lrs = lrs
+        if self.operator.until is not None and self.operator.expires_after(obs.step):
+            before = self.operator.override or ()
+            until = self.operator.until
+            self.operator.clear_override()
+            new_decisions.append(self._operator_decision(
+                "release_lr", before, f"manual override ended after step {until}",
+                {"until": until}, step=obs.step))
         if new_decisions:
             self._decisions.extend(new_decisions)
             self.decision_count += len(new_decisions)
@@ -339,6 +356,7 @@ class Engine(LRArbiter):
         self.decision_count = old.decision_count
         self._decisions = old._decisions
         self._unusable = old._unusable
+        self.operator = old.operator  # the manual LR and the hold stay in force
         step = 0 if old.last_step is None else old.last_step + 1
         self._lrs = self._compute(step)
         self._lrs_multiplier = None
@@ -352,6 +370,7 @@ class Engine(LRArbiter):
             "last_step": self.last_step,
             "lrs": list(self._lrs),
             "mode": self.mode,
+            "operator": self.operator.state_dict(),
             "should_stop": self.should_stop,
             "decision_count": self.decision_count,
             "unusable": self._unusable,
@@ -375,7 +394,18 @@ class Engine(LRArbiter):
         for name, policy in zip(self.names, self.policies, strict=True):
             policy.load_state_dict(saved[(name, policy.kind)])
         self.last_step = state["last_step"]
-        self.mode = state["mode"]
+        if state["mode"] not in ("active", "shadow"):
+            raise ValueError(f"unknown mode {state['mode']!r}")
+        self._mode = state["mode"]
+        if "operator" in state:
+            self.operator.load_state_dict(state["operator"])
+            groups = len(self.initial_lrs)
+            if any(lrs is not None and len(lrs) != groups
+                   for lrs in (self.operator.override, self.operator.hold)):
+                raise ValueError(f"operator LRs are not {groups} per group")
+        else:  # a state from before the operator moved here: shadow held the initial LRs
+            self.operator.load_state_dict(
+                {"hold": list(self.initial_lrs) if self._mode == "shadow" else None})
         self.should_stop = bool(state["should_stop"])
         self.decision_count = int(state["decision_count"])
         self._unusable = bool(state.get("unusable", False))

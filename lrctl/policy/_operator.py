@@ -1,0 +1,164 @@
+"""What sits above the policies in the engine: an operator's manual LR and the LRs held in
+shadow mode.
+
+One meaning of shadow on every path (the controller, ``load_policy`` in-process,
+``replay``): the policies keep observing and record what they would do, and the
+LRs hold at those in effect when shadow mode began (the initial LRs for a run
+that starts in shadow). A manual LR (``lrctl set-lr``) overrides both, for a
+number of steps or until cleared; its end is recorded as a ``release_lr``
+decision at the step after which it ends. Everything here is in the engine's
+``state_dict``, so it survives a checkpoint and a hot reload.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from ._decision import Decision
+
+__all__ = ["OPERATOR", "OperatorControls", "OperatorVerbs"]
+
+OPERATOR = "operator"  # the policy name of the decisions made here
+
+
+class OperatorControls:
+    """The manual LR (``override``, through step ``until`` or until cleared) and the
+    shadow-mode hold (``hold``). ``None`` each when not in force."""
+
+    __slots__ = ("hold", "override", "until")
+
+    def __init__(self) -> None:
+        self.override: tuple[float, ...] | None = None
+        self.until: int | None = None
+        self.hold: tuple[float, ...] | None = None
+
+    def applied(self, lrs: Sequence[float]) -> list[float]:
+        """The LRs for the optimizer, given the policies' ``lrs``."""
+        if self.override is not None:
+            return list(self.override)
+        if self.hold is not None:
+            return list(self.hold)
+        return list(lrs)
+
+    def set_override(self, lrs: Sequence[float], until: int | None) -> None:
+        self.override, self.until = tuple(float(x) for x in lrs), until
+
+    def clear_override(self) -> None:
+        self.override = self.until = None
+
+    def expires_after(self, step: int) -> bool:
+        """The override ends once ``step`` is observed (it was held through ``until``)."""
+        return self.until is not None and step + 1 > self.until
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"override": None if self.override is None else list(self.override),
+                "until": self.until,
+                "hold": None if self.hold is None else list(self.hold)}
+
+    def load_state_dict(self, state: Mapping[str, Any] | None) -> None:
+        state = state or {}
+        self.override = _floats(state.get("override"))
+        until = state.get("until")
+        if until is not None and (isinstance(until, bool) or not isinstance(until, int)):
+            raise ValueError(f"until must be a step or null, but got {until!r:.40}")
+        self.until = None if self.override is None else until
+        self.hold = _floats(state.get("hold"))
+
+
+class OperatorVerbs:
+    """The engine's mode and the operator's verbs (mixed into
+    :class:`~lrctl.policy.Engine`, whose attributes these are)."""
+
+    operator: OperatorControls
+    initial_lrs: tuple[float, ...]
+    last_step: int | None
+    policy_sha256: str
+    decision_count: int
+    _mode: str
+    _decisions: deque[Decision]
+
+    @property
+    def applied_lrs(self) -> list[float]:  # the engine's
+        raise NotImplementedError
+
+    @property
+    def mode(self) -> str:
+        """``active``, or ``shadow``: the policies decide, the LRs hold (see :meth:`set_mode`)."""
+        return self._mode
+
+    @mode.setter
+    def mode(self, mode: str) -> None:
+        self.set_mode(mode)
+
+    def set_mode(self, mode: str, holding: Sequence[float] | None = None) -> None:
+        """Enter or leave shadow mode. Entering holds ``holding`` (default: the LRs in
+        effect now) unless already holding; leaving releases the hold."""
+        if mode not in ("active", "shadow"):
+            raise ValueError(f"mode must be 'active' or 'shadow', but got {mode=}")
+        if mode == "shadow":
+            if self.operator.hold is None:
+                self.operator.hold = tuple(self.applied_lrs if holding is None else holding)
+        else:
+            self.operator.hold = None
+        self._mode = mode
+
+    # -- the operator's verbs ------------------------------------------------------------
+    def set_lr(self, lr: float, steps: int | None = None) -> Decision:
+        """A manual LR for group 0 (the other groups keep their initial ratio to it), for
+        ``steps`` steps after the last observed one, or until :meth:`clear_lr`."""
+        initial = self.initial_lrs
+        ratios = [g / initial[0] if initial[0] > 0 else 1.0 for g in initial]
+        before = self.applied_lrs
+        last = -1 if self.last_step is None else self.last_step
+        until = None if steps is None else last + steps
+        self.operator.set_override([lr * r for r in ratios], until)
+        held = "until cleared" if steps is None else f"for {steps} steps (through step {until})"
+        return self._operator_decision("set_lr", before, f"manual LR {lr:g} set by an "
+                                       f"operator, held {held}", {"lr": lr, "steps": steps})
+
+    def clear_lr(self) -> Decision:
+        before = self.applied_lrs
+        self.operator.clear_override()
+        return self._operator_decision("release_lr", before,
+                                       "manual override cleared by an operator", {})
+
+    def pause(self) -> Decision:
+        """Shadow mode by an operator: the policies observe and record, the LRs hold."""
+        before = self.applied_lrs
+        self.set_mode("shadow")
+        return self._operator_decision(
+            "pause", before, "paused by an operator: policies observe and record, LRs hold",
+            {"mode": "shadow"})
+
+    def resume(self) -> Decision:
+        before = self.applied_lrs
+        self.set_mode("active")
+        return self._operator_decision("resume", before,
+                                       "resumed by an operator: policies act again",
+                                       {"mode": "active"})
+
+    def _operator_decision(self, action: str, before: Sequence[float], reason: str,
+                           evidence: Mapping[str, Any], step: int | None = None) -> Decision:
+        last = -1 if self.last_step is None else self.last_step
+        decision = Decision(
+            step=max(last if step is None else step, 0), policy=OPERATOR, kind=OPERATOR,
+            action=action, old_lrs=tuple(before), new_lrs=tuple(self.applied_lrs),
+            reason=reason, evidence=dict(evidence), policy_sha256=self.policy_sha256)
+        if step is None:  # a verb (an expiry is recorded with its observation's decisions)
+            self._decisions.append(decision)
+            self.decision_count += 1
+        return decision
+
+
+def _floats(value: Any) -> tuple[float, ...] | None:
+    """LRs from a state (which may come from a user's checkpoint): finite numbers >= 0."""
+    if value is None:
+        return None
+    if not isinstance(value, (list, tuple)) or not all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v < math.inf
+            for v in value):
+        raise ValueError(f"expected a list of finite LRs >= 0, but got {value!r:.80}")
+    return tuple(float(v) for v in value)

@@ -1,0 +1,100 @@
+"""The operator's manual LR and shadow mode's hold live in the engine: every path (the
+controller, ``load_policy`` in-process, replay) decides the LR the same way."""
+
+from __future__ import annotations
+
+import pytest
+
+import lrctl
+from lrctl.daemon.session import Session
+from lrctl.policy import Engine
+
+DECAY = ("version: 1\npolicies:\n  - kind: decay\n    schedule: step\n    step_size: 10\n"
+         "    gamma: 0.5\n")
+
+
+def engine(mode: str = "active") -> Engine:
+    text = DECAY + (f"mode: {mode}\n" if mode != "active" else "")
+    return lrctl.load_policy(text, [0.1, 0.01])
+
+
+def run(e: Engine, steps: range) -> list[list[float]]:
+    return [e.observe(t, 1.0, 1.0) for t in steps]
+
+
+def test_a_manual_lr_is_held_for_its_steps_then_released_with_a_record() -> None:
+    e = engine()
+    run(e, range(5))
+    d = e.set_lr(0.5, steps=3)  # steps 5, 6, 7 (through step 4 + 3)
+    manual = [0.5, 0.5 * (0.01 / 0.1)]  # group 1 keeps its initial ratio to group 0
+    assert (d.policy, d.action, list(d.new_lrs)) == ("operator", "set_lr", manual)
+    assert e.applied_lrs == manual
+    got = run(e, range(5, 12))
+    assert got[:2] == [manual] * 2  # the LRs for steps 6 and 7
+    assert got[2:] == [[0.1, 0.01]] * 2 + [[0.05, 0.005]] * 3  # the policies' LRs again
+    released = [x for x in e.decisions if x.action == "release_lr"]
+    assert [(x.step, list(x.old_lrs)) for x in released] == [(7, manual)]
+    assert "ended after step 7" in released[0].reason
+
+
+def test_shadow_holds_what_was_in_effect_when_it_began_on_every_path() -> None:
+    e = engine()
+    run(e, range(25))  # two decays: 0.025
+    held = e.applied_lrs
+    assert held == pytest.approx([0.025, 0.0025])
+    d = e.pause()
+    assert (d.action, d.old_lrs, d.new_lrs) == ("pause", tuple(held), tuple(held))
+    assert run(e, range(25, 60))[-1] == held  # the policies decide on, the LRs hold
+    e.resume()
+    assert e.applied_lrs == e.lrs != held
+    built_in_shadow = engine("shadow")
+    assert run(built_in_shadow, range(30))[-1] == [0.1, 0.01]  # the initial LRs
+
+
+def test_the_manual_lr_and_the_hold_survive_a_checkpoint() -> None:
+    e = engine()
+    run(e, range(5))
+    e.set_lr(0.3, steps=10)
+    e.pause()
+    again = engine()
+    again.load_state_dict(e.state_dict())
+    assert again.applied_lrs == e.applied_lrs == pytest.approx([0.3, 0.03])
+    assert run(again, range(5, 20)) == run(e, range(5, 20))
+    assert [x.action for x in again.last_decisions] == [x.action for x in e.last_decisions]
+
+
+def test_a_reload_keeps_the_manual_lr() -> None:
+    s = Session.create(key="r", run_name="r", policy_text=DECAY, policy_source="<t>",
+                       lrs=[0.1, 0.01])
+    s.observe(0, 1.0, 1.0, {})
+    s.set_lr(0.2, None)
+    from lrctl.config import parse_text
+    s.reload(parse_text(DECAY.replace("0.5", "0.25"), "<t>"))
+    assert s.lrs() == pytest.approx([0.2, 0.02])
+    assert s.override == {"lrs": pytest.approx([0.2, 0.02]), "until": None}
+
+
+def test_an_older_checkpoint_with_the_session_holding_them_restores() -> None:
+    s = Session.create(key="o", run_name="o", policy_text=DECAY, policy_source="<t>",
+                       lrs=[0.1, 0.01])
+    for t in range(3):
+        s.observe(t, 1.0, 1.0, {})
+    state = s.to_state()
+    del state["engine"]["operator"]  # as written before the move
+    state["hold_lrs"] = [0.07, 0.007]
+    state["override"] = {"lrs": [0.4, 0.04], "until": 8}
+    restored = Session.restore(state)
+    assert restored.lrs() == [0.4, 0.04]
+    assert restored.engine.operator.hold == (0.07, 0.007)
+    assert restored.override == {"lrs": [0.4, 0.04], "until": 8}
+
+
+@pytest.mark.parametrize("bad", [{"override": ["nan", 1.0]}, {"override": [True, 1.0]},
+                                 {"hold": [0.1]}, {"override": [0.1, 0.1], "until": "9"},
+                                 {"hold": [-1.0, 0.1]}])
+def test_operator_state_from_a_checkpoint_is_checked(bad: dict[str, object]) -> None:
+    e = engine()
+    state = e.state_dict()
+    state["operator"] = {"override": None, "until": None, "hold": None, **bad}
+    with pytest.raises(ValueError):
+        engine().load_state_dict(state)
