@@ -1,0 +1,124 @@
+"""When the LRs the controller decided reach the optimizer: exactly at step *t + 1*
+for a decision made from step *t* (an optimizer pre-step hook applies what has
+arrived, waiting at most ``timeout`` for the answer due), the same LRs on every
+rank under ``torch.distributed``, and the loop's own LRs given back after each
+step in ``base="loop"`` mode.
+
+A mixin of :class:`~lrctl.hook.Controller`, whose attributes these methods use.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = ["Applying"]
+
+
+class Applying:
+    """The decided LRs, in (see the module docstring)."""
+
+    def _pre_step(self, *_: Any) -> None:
+        """Optimizer pre-step hook: apply whatever arrived since :meth:`step`.
+
+        It reads only while an answer is awaited (a zero-timeout poll when nothing came).
+        It reads even right after ``step()``: skipping that saves one poll syscall, but on a
+        busy machine the reply can land in the gap, and the decision would then be late.
+        """
+        try:
+            if self._link is not None and (self._acked < self._reported or self._staging):
+                self._pump()
+                self._await_due()
+            if self._held:
+                self._promote()
+            self._apply()
+        except Exception as exc:
+            self._warn("internal", f"lrctl: hook error ({exc!r}); training continues at the "
+                                   "last LR")
+
+    def _usable_step(self) -> int:
+        """The newest step whose answer may set the LRs of the next optimizer step.
+
+        Async: the optimizer step of step ``t`` uses the answer to ``t - 1`` (a decision
+        made from step ``t`` takes effect at ``t + 1``, exactly: never earlier, so a
+        seeded run is reproducible). When the loop calls ``step()`` before
+        ``optimizer.step()``, step ``t``'s call has counted ``t + 1`` steps. Sync: the
+        answer to ``t`` applies at once (that is what the loop waited for).
+        """
+        if self.sync:
+            return self._step - 1
+        return self._step - 1 if self._after_order else self._step - 2
+
+    def _await_due(self) -> None:
+        """Async: wait (at most ``timeout``) for the answer the next optimizer step needs.
+
+        It has almost always arrived (a whole forward and backward pass has passed since
+        it was asked); on CUDA statistics are read a step late by design, so no wait.
+        """
+        link = self._link
+        if self.sync or self._staging.used or link is None or not link.connected:
+            return
+        limit = self._usable_step()
+        due = self._reported if self._reported <= limit else self._prev_reported
+        if due < 0 or self._acked >= due:
+            self._late = False  # caught up: exact t+1 again
+            return
+        if self._late:
+            return  # a wait already timed out: no step waits again until answers catch up
+        self._got_error = False
+        if not link.wait(lambda: self._acked >= due or self._got_error, self.timeout) \
+                and not self._got_error and link.connected:
+            self._late = True
+            self.late_waits += 1
+            self._warn("slow", f"lrctl: the decision for step {due} did not arrive within "
+                               f"{self.timeout:g} s; continuing at the last LR (decisions "
+                               "apply as they arrive until the controller catches up)")
+
+    def _promote(self) -> None:
+        """Held answers whose optimizer step has come become the target."""
+        limit = self._usable_step()
+        ready = [s for s in self._held if s <= limit]
+        if ready:
+            self._target = self._held[max(ready)]
+            for s in ready:
+                del self._held[s]
+
+    def _apply(self) -> None:
+        self._writer.apply(self._target)
+
+    def _after_step(self) -> None:
+        """Loop mode, after every optimizer step: the loop gets its own LRs back."""
+        try:
+            self._writer.restore()
+        except Exception as exc:
+            self._warn("internal", f"lrctl: hook error ({exc!r}); training continues")
+
+    def _count_calls(self) -> None:
+        """Notice a loop that calls ``step()`` per micro-batch (gradient accumulation)."""
+        # 0: the guard never saw a step (a wrapper such as accelerate's steps the inner
+        # optimizer directly), so no evidence either way.
+        stepped = self._guard.stepped if getattr(self, "_guard", None) else 0
+        if stepped == self._last_stepped and stepped > 0 and not self._excused:
+            self._calls_without_step += 1
+            if self._calls_without_step >= 3:
+                self._warn("accumulation", "lrctl: ctl.step() was called several times "
+                                           "between optimizer steps; each call counts one "
+                                           "step. With gradient accumulation, call it once "
+                                           "per optimizer step, after the last micro-batch's "
+                                           "backward(), with the mean micro-batch loss")
+        else:
+            self._calls_without_step = 0
+        self._last_stepped = stepped
+
+    def _broadcast(self) -> None:
+        """Rank 0's LRs and flags to every rank, on a CPU group: identical LRs every step."""
+        try:
+            values = self._dist.broadcast(
+                [*self._target, float(self.should_skip), float(self.should_stop)])
+        except Exception as exc:
+            self._warn("broadcast", f"lrctl: LR broadcast failed ({exc!r}); LRs unchanged")
+            return
+        n = len(self._target)
+        self._target = values[:n]
+        self.should_skip = values[n] > 0
+        self.should_stop = values[n + 1] > 0
+        self._apply()

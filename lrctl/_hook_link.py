@@ -1,0 +1,216 @@
+"""The hook's side of the conversation with its controller: the hello it sends, the
+link it opens (starting a controller when none answers, or its own when another
+version holds the socket), what it does with each message, and the snapshot of
+its run that ``state_dict`` asks for.
+
+A mixin of :class:`~lrctl.hook.Controller`, whose attributes these methods use.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import secrets
+import sys
+from pathlib import Path
+from typing import Any
+
+from . import _spawn, paths
+from ._link import Link
+from ._resume import sanitize_run_name
+from ._sources import policy_payload
+from ._version import __version__
+from .wire.messages import float_in
+from .wire.token import token_from_env
+
+__all__ = ["LinkSide", "PolicyRejected", "RunConflict"]
+
+
+class PolicyRejected(ValueError):
+    """The controller found the policy invalid; the message reads ``file:line: key: message``."""
+
+
+class RunConflict(PolicyRejected):
+    """The controller refused the run: another connection serves it (two scripts with one
+    run name?), or it exists with another policy or other initial LRs."""
+
+
+class LinkSide:
+    """Connecting, and the controller's messages (see the module docstring)."""
+
+    _link: Link | None
+    _warned: set[str]
+
+    def _connect(self, policy: Any, run_name: str | None, address: str | None, spawn: bool,
+                 token: str | None, spawn_timeout: float, max_backoff: float) -> None:
+        address = address or paths.default_socket()
+        text, source = policy_payload(policy)
+        name = sanitize_run_name(run_name or os.environ.get("LRCTL_RUN_NAME")
+                                 or Path(sys.argv[0] or "run").stem)
+        self.run_key = self._resume or f"{name}-{secrets.token_hex(4)}"
+        hello: dict[str, Any] = {
+            "run": self.run_key, "run_name": name, "policy": {"text": text, "source": source},
+            "lrs": list(self._initial), "groups": len(self._initial),
+            "world_size": self._dist.world_size, "mlflow": mlflow_info(), "cwd": os.getcwd(),
+            "watch": self._watch, "sync": self.sync, "lrctl": __version__,
+        }
+        if self.total_steps is not None:
+            hello["total_steps"] = self.total_steps
+        if self._saved_session is not None:
+            hello["session"] = self._saved_session  # the run as the checkpoint left it
+        if self._step > 0:
+            hello["start_step"] = self._step  # a new run's first LRs are for this step
+        if self._resume_token is not None and self._resume is not None:
+            hello["resume_token"] = self._resume_token
+        link = self._open_link(address, hello, token, spawn, spawn_timeout, max_backoff)
+        other = self._controller_version
+        if link.connected and other != __version__:
+            # A controller from another install or checkout holds the shared socket: it may
+            # not know this version's policies or protocol. Use (or start) our own.
+            link.close(bye=False)
+            versioned = _spawn.versioned_socket(address)
+            if spawn and link.kind == "unix":
+                self._warn("version", f"lrctl: the controller on {address} runs lrctl "
+                                      f"{other or '< 0.2'}, this hook is lrctl {__version__}: "
+                                      f"using a controller on {versioned} instead ('lrctl stop "
+                                      f"--socket {address}' stops the old one)")
+                self._controller_version = None
+                link = self._open_link(versioned, hello, token, spawn, spawn_timeout,
+                                       max_backoff)
+                address = versioned
+            else:
+                self._link = None
+                self._warn("version", f"lrctl: the controller on {address} runs lrctl "
+                                      f"{other or '< 0.2'}, this hook is lrctl {__version__}; "
+                                      "training continues at the optimizer's LRs (stop it "
+                                      "with 'lrctl stop', or attach with spawn=True)")
+                return
+        if link.fatal is not None:
+            self._link = None
+            code, message = link.fatal.get("code"), str(link.fatal.get("message"))
+            if code == "unauthorized":
+                raise PermissionError(f"lrctl: the controller at {address} refused us: {message}")
+            if code == "run_conflict":
+                raise RunConflict(message)
+            raise PolicyRejected(message)
+        if not link.connected and "unavailable" not in self._warned:
+            self._warn("down", f"lrctl: no controller answers at {address}; training continues "
+                               "at the optimizer's LRs and the hook keeps trying to connect")
+
+    def _open_link(self, address: str, hello: dict[str, Any], token: str | None, spawn: bool,
+                   spawn_timeout: float, max_backoff: float) -> Link:
+        """Connect (starting a controller on ``address`` if allowed) and wait for the welcome."""
+        link = Link(address, hello, self._on_message, warn=self._warn,
+                    max_backoff=max_backoff, token=token or token_from_env()
+                    if address.startswith("tcp://") else None)
+        if spawn and link.kind == "unix":
+            link.respawn = lambda: _spawn.respawn(address)
+        self._link = link
+        opened = link.open(timeout=2.0)
+        if not opened and spawn and link.kind == "unix":
+            opened = _spawn.spawn_and_open(link, spawn_timeout)
+        if opened:
+            link.wait(lambda: link.state != "handshake", max(self.timeout, 10.0))
+        return link
+
+    def _on_message(self, msg: dict[str, Any]) -> None:
+        t = msg["t"]
+        if t == "snapshot":
+            self._snapshot = msg
+            return
+        if t == "welcome":
+            version = msg.get("version")
+            self._controller_version = version if isinstance(version, str) else None
+        if t in ("welcome", "lr"):
+            lrs = msg.get("lrs")
+            if isinstance(lrs, list) and len(lrs) == len(self._target):
+                values = [float_in(v, "lrs") for v in lrs]
+                if all(math.isfinite(v) and v >= 0 for v in values):
+                    s = msg.get("s") if t == "lr" else None
+                    if isinstance(s, int) and s > self._usable_step():
+                        self._held[s] = values  # for the optimizer step after step s's
+                    else:
+                        self._held.clear()  # an operator push or reload supersedes them
+                        self._target = values
+            if isinstance(msg.get("mode"), str):
+                self.mode = msg["mode"]
+        if t == "welcome" and self._resume is not None and msg.get("restored") is False:
+            self._warn("not-restored", f"lrctl: the controller has no state for run "
+                                       f"{self._resume!r}; its policies start afresh")
+        if t == "lr":
+            s = msg.get("s")
+            if not isinstance(s, int):
+                return
+            fresh = s < 0 or s > self._acked
+            if fresh:
+                for d in msg.get("d") or ():
+                    if isinstance(d, dict):
+                        self._records.append(d)
+            if s >= 0:
+                self._acked = max(self._acked, s)
+            if s == self._reported and msg.get("skip") is True:
+                self.should_skip = True
+                if self.sync and s == self._step - 1:
+                    self._guard.veto()  # in time for this step's optimizer.step(): carry it out
+            if msg.get("stop") is True:
+                self.should_stop = True
+        elif t == "error":
+            self._got_error = True
+            if msg.get("retry"):  # out of descriptors, say: it tries again later
+                self._warn("unavailable", f"lrctl: the controller cannot serve this run now "
+                                          f"({msg.get('message')})")
+            elif msg.get("fatal"):
+                if self._attached:
+                    self._warn("refused", f"lrctl: the controller refused this run "
+                                          f"({msg.get('message')}); training continues at the "
+                                          "last LR")
+            elif msg.get("code") != "stale_step" and not self._awaiting_snapshot:
+                self._warn(f"error:{msg.get('code')}",
+                           f"lrctl: the controller says: {msg.get('message')}")
+
+    def _token(self) -> str | None:
+        """The run's resume token, as the latest welcome gave it."""
+        link = self._link
+        token = link.hello.get("resume_token") if link is not None else None
+        return token if isinstance(token, str) else self._resume_token
+
+    def _fetch_session(self) -> dict[str, Any] | None:
+        """The controller's state of this run after every step reported so far."""
+        link = self._link
+        if link is None or not link.connected:
+            if self._dist.rank == 0:
+                self._warn("state-offline", "lrctl: state_dict() without a controller holds "
+                                            "only the run key and step; a resume then relies "
+                                            "on the controller's own checkpoint")
+            return None
+        self._drain_staged(block=True)
+        self._got_error = False
+        if self._acked < self._reported and not link.wait(
+                lambda: self._acked >= self._reported or self._got_error, self.timeout):
+            return None
+        self._snapshot = None
+        self._got_error = False
+        self._awaiting_snapshot = True  # a controller too old to know it answers an error
+        try:
+            link.send({"t": "snapshot"})
+            link.wait(lambda: self._snapshot is not None or self._got_error, self.timeout)
+        finally:
+            self._awaiting_snapshot = False
+        reply, self._snapshot = self._snapshot, None
+        if reply is None or not isinstance(reply.get("session"), dict):
+            return None
+        return dict(reply["session"])
+
+
+def mlflow_info() -> dict[str, str | None]:
+    info: dict[str, str | None] = {"run_id": None,
+                                   "tracking_uri": os.environ.get("MLFLOW_TRACKING_URI")}
+    mlflow = sys.modules.get("mlflow")  # only if the script uses it: never import it here
+    if mlflow is not None:
+        try:
+            run = mlflow.active_run()
+            info["run_id"] = run.info.run_id if run is not None else None
+            info["tracking_uri"] = mlflow.get_tracking_uri()
+        except Exception:
+            pass
+    return info

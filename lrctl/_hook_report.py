@@ -1,0 +1,126 @@
+"""What the hook reports at each step: the local non-finite guard's verdict, the
+statistics (computed, unscaled, staged off the device without a host sync), and
+the ``obs`` frame, waiting for its answer in sync mode.
+
+A mixin of :class:`~lrctl.hook.Controller`, whose attributes these methods use.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from types import MappingProxyType
+from typing import Any
+
+from ._torchutil import (
+    on_device,
+    scaler_enabled,
+    to_float,
+    total_grad_norm,
+    unscaled_norm,
+)
+from .wire.messages import encode_obs
+
+__all__ = ["Reporting"]
+
+_NO_METRICS: Mapping[str, Any] = MappingProxyType({})
+
+
+class Reporting:
+    """The statistics of a step, out (see the module docstring)."""
+
+    def _guard_step(self, t: int, loss: Any, grad_norm: Any) -> tuple[Any, Any]:
+        """The local non-finite guard (see :mod:`lrctl._guard`); returns the statistics
+        to report, as floats where they are on the host."""
+        guard = self._guard
+        guard.clear()  # a verdict whose optimizer step never came (the loop skipped it)
+        if not self._order_known:
+            self._order_known = True
+            if guard.stepped:
+                guard.enabled = False
+                self._after_order = True
+                self._warn("order", "lrctl: ctl.step() runs after optimizer.step(), so a "
+                                    "NaN/inf step has already reached the weights when the hook "
+                                    "sees it; call ctl.step(loss) after backward() and before "
+                                    "optimizer.step() to have such steps skipped")
+        reporting = t % self.every == 0 or bool(self._metrics)
+        if grad_norm is None and self._compute_grad_norm and reporting:
+            grad_norm = total_grad_norm(self.optimizer)
+            if grad_norm is None:
+                self._warn("no-grad", "lrctl: ctl.step() found no gradients (call it after "
+                                      "loss.backward()); the grad norm is not reported")
+            elif self.scaler is not None:
+                grad_norm = unscaled_norm(self.scaler, self.optimizer, grad_norm)
+        if (on_device(loss) or on_device(grad_norm)) and not self.sync:
+            if not scaler_enabled(self.scaler):  # an enabled scaler skips such steps
+                guard.check_on_device(loss, grad_norm)  # no host sync on CUDA
+            return loss, grad_norm
+        loss, grad_norm = to_float(loss), to_float(grad_norm)
+        if scaler_enabled(self.scaler):  # it skips non-finite steps itself, and must:
+            bad = not all(v is None or math.isfinite(v) for v in (loss, grad_norm))
+            self.should_skip = self.should_skip or bad  # its unscale state is per step
+        elif guard.check(loss, grad_norm):
+            self.should_skip = True
+        return loss, grad_norm
+
+    def _report(self, t: int, loss: Any, grad_norm: Any) -> None:
+        if grad_norm is None and self._compute_grad_norm:
+            grad_norm = total_grad_norm(self.optimizer)
+        metrics: Mapping[str, Any] = _NO_METRICS  # no allocation on the usual step
+        if self._metrics:
+            metrics, self._metrics = self._metrics, {}
+        if (loss is None or type(loss) is float) and (grad_norm is None
+                                                      or type(grad_norm) is float):
+            self._send(t, loss, grad_norm, metrics)
+            return
+        loss_dev, grad_dev = on_device(loss), on_device(grad_norm)
+        if (loss_dev or grad_dev) and not self.sync:
+            self._stage(t, loss, grad_norm, (loss_dev, grad_dev), metrics)
+            return
+        self._send(t, to_float(loss), to_float(grad_norm), metrics)
+
+    def _send(self, t: int, loss: float | None, grad: float | None,
+              metrics: Mapping[str, Any]) -> None:
+        assert self._link is not None
+        clean = {k: float(to_float(v) or 0.0) for k, v in metrics.items()} if metrics else None
+        overflow = False
+        if grad is not None and not math.isfinite(grad) and scaler_enabled(self.scaler):
+            # The scaler skips this step and lowers its scale: normal in fp16 training.
+            overflow, grad = True, None
+            self.overflows += 1
+        try:
+            frame = encode_obs(t, loss, grad, clean, overflow=overflow,
+                               base=self._writer.base if self._writer.loop_mode else None)
+        except ValueError as exc:  # e.g. too many metrics for one frame
+            self._warn("encode", f"lrctl: step {t} not reported: {exc}")
+            return
+        self._prev_reported, self._reported = self._reported, t
+        self._link.send_obs(t, frame)
+
+    def _pump(self) -> None:
+        if self._staging:
+            self._drain_staged(block=False)
+        assert self._link is not None
+        self._link.pump()
+
+    def _wait_for(self, t: int) -> None:
+        assert self._link is not None
+        self._got_error = False
+        ok = self._link.wait(lambda: self._acked >= t or self._got_error, self.timeout)
+        if not ok and not self._got_error and self._link.state != "down":
+            self._warn("slow", f"lrctl: no decision within {self.timeout:g} s (sync mode); "
+                               "continuing at the last LR")
+
+    def _stage(self, t: int, loss: Any, grad: Any, on_dev: tuple[bool, bool],
+               metrics: Mapping[str, Any]) -> None:
+        """CUDA, async: copy the statistics to the host without a sync; sent when ready."""
+        self._staging.stage(t, loss, grad, on_dev, metrics, self._send_staged)
+        self._prev_reported, self._reported = self._reported, t
+
+    def _send_staged(self, t: int, loss: float | None, grad: float | None,
+                     metrics: Mapping[str, Any]) -> None:
+        if self._link is not None:
+            self._send(t, loss, grad, metrics)
+
+    def _drain_staged(self, block: bool) -> None:
+        self._staging.drain(self._send_staged, block)
