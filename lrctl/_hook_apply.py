@@ -78,7 +78,9 @@ class Applying:
         limit = self._usable_step()
         ready = [s for s in self._held if s <= limit]
         if ready:
-            self._target = self._held[max(ready)]
+            target = self._held[max(ready)]
+            if target != self._target:  # the same LRs keep their list: nothing to rewrite
+                self._target = target
             for s in ready:
                 del self._held[s]
 

@@ -115,45 +115,17 @@ class LinkSide:
 
     def _on_message(self, msg: dict[str, Any]) -> None:
         t = msg["t"]
-        if t == "snapshot":
-            self._snapshot = msg
-            return
-        if t == "welcome":
+        if t == "lr":  # the answer to an observation (or a push): every step, first
+            self._on_lr(msg)
+        elif t == "welcome":
             version = msg.get("version")
             self._controller_version = version if isinstance(version, str) else None
-        if t in ("welcome", "lr"):
-            lrs = msg.get("lrs")
-            if isinstance(lrs, list) and len(lrs) == len(self._target):
-                values = [float_in(v, "lrs") for v in lrs]
-                if all(math.isfinite(v) and v >= 0 for v in values):
-                    s = msg.get("s") if t == "lr" else None
-                    if isinstance(s, int) and s > self._usable_step():
-                        self._held[s] = values  # for the optimizer step after step s's
-                    else:
-                        self._held.clear()  # an operator push or reload supersedes them
-                        self._target = values
-            if isinstance(msg.get("mode"), str):
-                self.mode = msg["mode"]
-        if t == "welcome" and self._resume is not None and msg.get("restored") is False:
-            self._warn("not-restored", f"lrctl: the controller has no state for run "
-                                       f"{self._resume!r}; its policies start afresh")
-        if t == "lr":
-            s = msg.get("s")
-            if not isinstance(s, int):
-                return
-            fresh = s < 0 or s > self._acked
-            if fresh:
-                for d in msg.get("d") or ():
-                    if isinstance(d, dict):
-                        self._records.append(d)
-            if s >= 0:
-                self._acked = max(self._acked, s)
-            if s == self._reported and msg.get("skip") is True:
-                self.should_skip = True
-                if self.sync and s == self._step - 1:
-                    self._guard.veto()  # in time for this step's optimizer.step(): carry it out
-            if msg.get("stop") is True:
-                self.should_stop = True
+            self._take_lrs(msg, None)
+            if self._resume is not None and msg.get("restored") is False:
+                self._warn("not-restored", f"lrctl: the controller has no state for run "
+                                           f"{self._resume!r}; its policies start afresh")
+        elif t == "snapshot":
+            self._snapshot = msg
         elif t == "error":
             self._got_error = True
             if msg.get("retry"):  # out of descriptors, say: it tries again later
@@ -167,6 +139,40 @@ class LinkSide:
             elif msg.get("code") != "stale_step" and not self._awaiting_snapshot:
                 self._warn(f"error:{msg.get('code')}",
                            f"lrctl: the controller says: {msg.get('message')}")
+
+    def _on_lr(self, msg: dict[str, Any]) -> None:
+        s = msg.get("s")
+        self._take_lrs(msg, s)
+        if not isinstance(s, int):
+            return
+        if s < 0 or s > self._acked:  # fresh: its decisions are new
+            for d in msg.get("d") or ():
+                if isinstance(d, dict):
+                    self._records.append(d)
+        if s > self._acked:
+            self._acked = s
+        if s == self._reported and msg.get("skip") is True:
+            self.should_skip = True
+            if self.sync and s == self._step - 1:
+                self._guard.veto()  # in time for this step's optimizer.step(): carry it out
+        if msg.get("stop") is True:
+            self.should_stop = True
+
+    def _take_lrs(self, msg: dict[str, Any], s: Any) -> None:
+        """The LRs of a ``welcome`` or an ``lr`` answer to step ``s`` (``None``, -1: a push),
+        held until the optimizer step they are meant for; and the run's mode."""
+        lrs = msg.get("lrs")
+        if isinstance(lrs, list) and len(lrs) == len(self._target):
+            values = [float_in(v, "lrs") for v in lrs]
+            if all(math.isfinite(v) and v >= 0 for v in values):
+                if isinstance(s, int) and s > self._usable_step():
+                    self._held[s] = values  # for the optimizer step after step s's
+                else:
+                    self._held.clear()  # an operator push or reload supersedes them
+                    self._target = values
+        mode = msg.get("mode")
+        if isinstance(mode, str):
+            self.mode = mode
 
     def _token(self) -> str | None:
         """The run's resume token, as the latest welcome gave it."""

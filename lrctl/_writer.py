@@ -51,10 +51,14 @@ class LRWriter:
         self._groups: Any = optimizer.param_groups
         self._written: list[float | None] = list(now)  # what each group's lr holds
         self._target = list(initial)
+        self._settled = False  # the groups hold what apply(self._target) last wrote
 
     def apply(self, target: list[float]) -> None:
         """Make the optimizer's LRs what ``target`` (the controller's LRs) says."""
         groups = self.optimizer.param_groups
+        if (self._settled and target is self._target and groups is self._groups
+                and self._as_written(groups)):
+            return  # the usual call: nothing changed since the last one
         if groups is not self._groups:
             # optimizer.load_state_dict() replaced the group dicts (a resume): their LRs are
             # the checkpoint's, written by no one in this process. Take them as the loop's
@@ -80,10 +84,19 @@ class LRWriter:
             if tensor:
                 if want != written:
                     current.fill_(want)  # in place, no sync
-            elif current != want:
-                group["lr"] = want
+            else:
+                group["lr"] = want  # even when equal: _as_written goes by identity
             self._written[i] = want
             applied[i] = want
+        self._settled = True
+
+    def _as_written(self, groups: Any) -> bool:
+        """Every group's ``lr`` is still the very float this writer left there (no one
+        wrote since; a tensor LR, never read back, always takes the full way)."""
+        written = self._written
+        if len(groups) != len(written):
+            return False
+        return all(group["lr"] is written[i] for i, group in enumerate(groups))
 
     def restore(self) -> None:
         """Loop mode, after the optimizer stepped: give the loop back its own LRs."""
@@ -92,6 +105,7 @@ class LRWriter:
         groups = self.optimizer.param_groups
         if groups is not self._groups:
             return
+        self._settled = False  # the next apply() writes base × multiplier again
         for i, group in enumerate(groups[:len(self.base)]):
             current = group["lr"]
             if hasattr(current, "fill_") or current != self._written[i]:

@@ -4,13 +4,19 @@ Two measurements, both inside a real training loop of a benchmark task (one
 torch thread), every arm interleaved with the others (see :mod:`._timing`):
 
 * **whole step**: wall time per step of the loop with the hook (async, default
-  options: it computes the grad norm itself) over the bare loop; also the sync
-  hook, torch's cosine scheduler and lrctl's in-process engine for orientation,
-  and the async hook against a controller running under ``SCHED_BATCH``.
-* **hook cost**: the time of ``ctl.step(loss, grad_norm=g)`` plus the optimizer
-  pre-step hook's work, with the statistics already floats (the grad norm
-  excluded), over an in-loop ``CosineAnnealingLR.step()``; and the same for
-  ``every=N``, whose cost should fall as 1/N.
+  options: it computes the grad norm itself) over the bare loop; the loop that
+  clips its gradients and hands the hook ``clip_grad_norm_``'s return value
+  (the documented fast path: no second norm) over the same loop without the
+  hook; also the sync hook, torch's cosine scheduler and lrctl's in-process
+  engine for orientation, and the async hook against a controller running under
+  ``SCHED_BATCH``.
+* **per-call cost**, each call timed in place inside a digits loop, with the
+  statistics already floats (the grad norm excluded): the policy engine's
+  ``observe`` (shipped ``default.yaml`` and ``divergence.yaml``, the LR written
+  into the optimizer) over ``ReduceLROnPlateau.step(loss)`` timed the same way;
+  ``ctl.step(loss, grad_norm=g)`` plus the optimizer pre-step hook's work over an
+  in-loop ``CosineAnnealingLR.step()``, and the same for ``every=N``, whose cost
+  should fall as 1/N.
 
 Each arm trains its own copy of the model from the same initial weights,
 restored at every block, so every arm does the same arithmetic.
@@ -25,15 +31,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .._defaults import DEFAULT_POLICY
+from .._defaults import DEFAULT_POLICY, POLICIES
 from ._suite import LEGACY_TASKS, Progress, Suite
 from ._timing import Row, interleave, ratios, rows_table, summary
 
 __all__ = ["SUITE", "OverheadConfig", "run_overhead"]
 
-TARGET_STEP = {"digits": 1.05, "charlm": 1.02}
+TARGET_STEP = {"digits": 1.05, "charlm": 1.02}  # the async hook, its own grad norm
+TARGET_STEP_NORM_GIVEN = 1.02  # the async hook given clip_grad_norm_'s value, any task
 TARGET_HOOK = 3.0  # × an in-loop CosineAnnealingLR.step()
+#: The in-process engine per observation, × an in-loop ReduceLROnPlateau.step(loss).
+TARGET_ENGINE = {"default.yaml": 3.0, "divergence.yaml": 2.0}
 EVERY_SLACK = 2.0  # every=N passes when its cost is at most 2/N of every=1's
+PLATEAU = "ReduceLROnPlateau.step(loss)"
+CLIPPED = "bare + clip_grad_norm_"
+NORM_GIVEN = "lrctl async, grad_norm=clip_grad_norm_(...)"
 
 
 @dataclass
@@ -124,6 +136,15 @@ def _step_arms(task: str, cfg: OverheadConfig, sockets: dict[str, str],
 
     arms["lrctl in-process engine"] = lambda: _timed_loop(eng_tr, steps, engine_step)
 
+    clip_tr = _Trainer(task)
+    arms[CLIPPED] = lambda: _timed_loop(clip_tr, steps, lambda loss: _clip(clip_tr))
+    given_tr = _Trainer(task)
+    given = lrctl.attach(given_tr.opt, policy=cfg.policy, socket=sockets["normal"], spawn=False,
+                         run_name=f"bench-{task}")
+    stack.append(given)
+    arms[NORM_GIVEN] = lambda: _timed_loop(
+        given_tr, steps, lambda loss: given.step(loss, grad_norm=_clip(given_tr)))
+
     for name, sock, sync in (("lrctl async", sockets["normal"], False),
                              ("lrctl async, controller SCHED_BATCH", sockets["batch"], False),
                              ("lrctl sync", sockets["normal"], True)):
@@ -133,6 +154,14 @@ def _step_arms(task: str, cfg: OverheadConfig, sockets: dict[str, str],
         stack.append(ctl)
         arms[name] = (lambda tr=tr, ctl=ctl: _timed_loop(tr, steps, ctl.step))
     return arms
+
+
+def _clip(tr: _Trainer) -> Any:
+    """What a loop that clips does: the total norm, returned by clip_grad_norm_ (a huge
+    max_norm, so that every arm trains alike)."""
+    import torch
+
+    return torch.nn.utils.clip_grad_norm_(tr.params, 1e9)
 
 
 def _hook_arms(cfg: OverheadConfig, sockets: dict[str, str],
@@ -161,7 +190,9 @@ def _hook_arms(cfg: OverheadConfig, sockets: dict[str, str],
     arms["CosineAnnealingLR.step()"] = lambda: micro(cos_tr, lambda loss, g: cos.step())
     pl_tr = _Trainer("digits")
     plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(pl_tr.opt)
-    arms["ReduceLROnPlateau.step(loss)"] = lambda: micro(pl_tr, lambda loss, g: plateau.step(loss))
+    arms[PLATEAU] = lambda: micro(pl_tr, lambda loss, g: plateau.step(loss))
+    for name in TARGET_ENGINE:
+        arms[f"lrctl engine.observe, {name}"] = _engine_arm(name, micro)
     echo = _Echo()
     stack.append(echo)
     echo_tr = _Trainer("digits")
@@ -184,6 +215,23 @@ def _hook_arms(cfg: OverheadConfig, sockets: dict[str, str],
 
         arms[name] = (lambda tr=tr, call=call: micro(tr, call))
     return arms
+
+
+def _engine_arm(name: str, micro: Callable[[_Trainer, Callable[[float, float], None]], float],
+                ) -> Callable[[], float]:
+    """The in-process engine of a shipped policy file, as a loop would use it: observe,
+    then write the LR it returns into the optimizer (what ReduceLROnPlateau does too)."""
+    from ..config import load_policy
+
+    tr = _Trainer("digits")
+    engine = load_policy(POLICIES / name, [g["lr"] for g in tr.opt.param_groups])
+    steps = iter(range(10**12))
+    group = tr.opt.param_groups[0]
+
+    def call(loss: float, g: float) -> None:
+        group["lr"] = engine.observe(next(steps), loss, g)[0]
+
+    return lambda: micro(tr, call)
 
 
 _ECHO = ("import socket, sys\n"
@@ -262,9 +310,13 @@ def _step_rows(task: str, data: dict[str, list[float]]) -> list[dict[str, Any]]:
     for arm, xs in data.items():
         if arm == "bare":
             continue
-        r = summary(ratios(xs, data["bare"]))
-        target = TARGET_STEP[task] if arm == "lrctl async" else None
-        rows.append(Row(arm, summary([x * 1e3 for x in xs]), "ms", r, "bare",
+        # The loop that hands the hook clip_grad_norm_'s value is compared with the same
+        # loop without the hook: the norm is the loop's own work either way.
+        ref, vs = (CLIPPED, "clipped") if arm == NORM_GIVEN else ("bare", "bare")
+        r = summary(ratios(xs, data[ref]))
+        target = {"lrctl async": TARGET_STEP[task],
+                  NORM_GIVEN: TARGET_STEP_NORM_GIVEN}.get(arm)
+        rows.append(Row(arm, summary([x * 1e3 for x in xs]), "ms", r, vs,
                         f"≤ {target}×" if target else "",
                         None if target is None else r["median"] <= target))
     return [row.to_dict() for row in rows]
@@ -272,9 +324,14 @@ def _step_rows(task: str, data: dict[str, list[float]]) -> list[dict[str, Any]]:
 
 def _hook_rows(data: dict[str, list[float]], every: tuple[int, ...]) -> list[dict[str, Any]]:
     cos = data["CosineAnnealingLR.step()"]
+    plateau = data[PLATEAU]
     rows = [Row("CosineAnnealingLR.step()", summary(cos), "µs"),
-            Row("ReduceLROnPlateau.step(loss)", summary(data["ReduceLROnPlateau.step(loss)"]),
-                "µs", summary(ratios(data["ReduceLROnPlateau.step(loss)"], cos)), "cosine")]
+            Row(PLATEAU, summary(plateau), "µs", summary(ratios(plateau, cos)), "cosine")]
+    for name, limit in TARGET_ENGINE.items():
+        xs = data[f"lrctl engine.observe, {name}"]
+        r = summary(ratios(xs, plateau))
+        rows.append(Row(f"lrctl engine.observe, {name}", summary(xs), "µs", r, "plateau",
+                        f"≤ {limit:g}×", r["median"] <= limit))
     floor = data["I/O floor: send a frame, poll, recv (echo process)"]
     rows.append(Row("I/O floor: send a frame, poll, recv (echo process)", summary(floor), "µs",
                     summary(ratios(floor, cos)), "cosine"))
@@ -318,7 +375,8 @@ def _render(result: dict[str, Any], out: Path) -> str:
         steps = result["config"]["steps"][task]
         parts.append(f"**Whole training step, {task}** (blocks of {steps} steps, "
                      f"{result['config']['rounds']} interleaved rounds)\n\n{rows_table(rows)}\n")
-    parts.append(f"**Hook cost per call inside a digits loop**, grad norm excluded (blocks of "
+    parts.append(f"**Cost per call inside a digits loop** (engine vs ReduceLROnPlateau, hook vs "
+                 f"CosineAnnealingLR), grad norm excluded (blocks of "
                  f"{result['config']['micro_steps']} steps, {result['config']['micro_rounds']} "
                  f"rounds)\n\n{rows_table(result['hook'])}\n")
     return "\n".join(parts)

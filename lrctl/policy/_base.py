@@ -83,7 +83,8 @@ class StepContext:
     decay sets ``"lr_reduced"`` when it cuts the LR and a WSD cooldown when it
     starts, so that early stopping can decay first and give up after.
     ``total_steps`` is the run's length when the training script said it
-    (``attach(total_steps=...)``), else ``None``.
+    (``attach(total_steps=...)``), else ``None``. The engine keeps one context per
+    stack and clears it for each observation: read it during ``observe()`` only.
     """
 
     initial_lrs: Sequence[float]

@@ -78,10 +78,17 @@ def test_quick_overhead_structure() -> None:
     result = run_overhead(cfg)
     arms = [r["arm"] for r in result["step"]["digits"]]
     assert arms[0] == "bare AdamW step" and "lrctl async" in arms and "lrctl sync" in arms
+    step = {r["arm"]: r for r in result["step"]["digits"]}
+    given = step["lrctl async, grad_norm=clip_grad_norm_(...)"]
+    assert given["vs"] == "clipped" and given["target"] == "≤ 1.02×"
+    assert step["lrctl async"]["target"] == "≤ 1.05×"
     _finite_rows(result["step"]["digits"])
     hook = {r["arm"]: r for r in result["hook"]}
     assert {"CosineAnnealingLR.step()", "lrctl hook every=1", "lrctl hook every=4"} <= set(hook)
     assert hook["lrctl hook every=4"]["vs"] == "every=1"
+    for name, target in (("default.yaml", "≤ 3×"), ("divergence.yaml", "≤ 2×")):
+        row = hook[f"lrctl engine.observe, {name}"]
+        assert row["vs"] == "plateau" and row["target"] == target  # side by side, one table
     _finite_rows(result["hook"])
 
 

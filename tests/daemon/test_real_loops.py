@@ -45,11 +45,12 @@ def _batches(n: int, batch: int, seed: int = 0) -> list[tuple[torch.Tensor, torc
 
 
 def _lr_used(optimizer: torch.optim.Optimizer) -> list[float]:
-    """Record the LR of group 0 at each optimizer step. Call it after attach: pre-step hooks
-    run in the order they were registered, and lrctl's applies the LR in its own."""
+    """Record the LR of group 0 at each optimizer step taken. A post-step hook: it sees
+    the LR the step used, after every pre-step hook (a pre-step hook registered before
+    attach would run before lrctl's, and miss an answer that lrctl's waits for)."""
     used: list[float] = []
-    optimizer.register_step_pre_hook(lambda opt, *_: used.append(opt.param_groups[0]["lr"])
-                                     and None)
+    optimizer.register_step_post_hook(lambda opt, *_: used.append(opt.param_groups[0]["lr"])
+                                      and None)
     return used
 
 
