@@ -84,6 +84,13 @@ def _status(server: Server) -> dict[str, Any]:
     errors += server.live.errors()
     if server.sink.error:
         errors.append(f"sink: {server.sink.error}")
+    sink_status = server.sink.status()
+    journal = sink_status.get("journal") or {}
+    if journal.get("error"):
+        errors.append(f"{journal['error']} ({journal.get('held', 0)} record(s) wait in memory)")
+    if journal.get("dropped"):
+        errors.append(f"journal: {journal['dropped']} record(s) dropped while the disk "
+                      "refused writes")
     return {"t": "status", "pid": os.getpid(), "version": __version__,
             "runs": len(server.sessions), "connected": len(server.conns),
             "uptime_s": round(time.monotonic() - server.started, 3),
@@ -91,7 +98,7 @@ def _status(server: Server) -> dict[str, Any]:
             "watching": server.live.watching(), "errors": errors[:50],
             # Memory, honestly: this process, and the MLflow shipper's (its own process).
             "rss_kib": rss_kib(), "mlflow_loaded": "mlflow" in sys.modules,
-            **server.sink.status()}
+            **sink_status}
 
 
 def _reload(server: Server, name: str | None) -> dict[str, Any]:

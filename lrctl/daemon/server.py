@@ -169,6 +169,7 @@ class Server:
                     self.transport.admission.tick(now)
                 if now >= self._housekeeping_at:
                     self._housekeeping_at = now + self.limits.housekeeping_interval
+                    self.sink.tick()
                     self._evict_idle()
                     self._exit_if_idle()
                     self.handshakes.expire(now)

@@ -96,6 +96,10 @@ class Sink(ABC):
         """Fields for ``lrctl status`` (the MLflow shipper's process, for one)."""
         return {}
 
+    def tick(self) -> None:
+        """Once a second, from the controller's loop: retry what failed (a full disk)."""
+        return None
+
     @abstractmethod
     def close(self) -> None:
         """Controller shutdown: flush everything that can be flushed, stop workers."""
