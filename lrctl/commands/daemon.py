@@ -303,6 +303,8 @@ def cmd_runs(args: argparse.Namespace) -> int:
             print(f"{r['run']}: last reload failed: {r['reload_error']}")
         if r.get("store_error"):
             print(f"{r['run']}: cannot checkpoint: {r['store_error']}")
+        if r.get("sink_error"):
+            print(f"{r['run']}: {r['sink_error']}")
         if r.get("overflows"):
             print(f"{r['run']}: {r['overflows']} mixed-precision overflow step(s), skipped by "
                   "the GradScaler (not divergence)")

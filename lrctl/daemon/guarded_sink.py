@@ -84,6 +84,13 @@ class GuardedSink:
             self._failed("status", exc)
             return {}
 
+    def run_errors(self) -> dict[str, str]:
+        try:
+            return dict(self.sink.run_errors())
+        except Exception as exc:
+            self._failed("run_errors", exc)
+            return {}
+
     def _call(self, method: str, *args: Any) -> None:
         try:
             getattr(self.sink, method)(*args)

@@ -37,9 +37,11 @@ def answer(server: Server, t: str, msg: Mapping[str, Any]) -> dict[str, Any]:
     if t == "status":
         return _status(server)
     if t == "runs":
+        sink_errors = server.sink.run_errors()
         return {"t": "runs", "runs": [
             {**s.summary(), "connected": k in server.conns,
-             "store_error": server.checkpoints.errors.get(k)}
+             "store_error": server.checkpoints.errors.get(k),
+             "sink_error": sink_errors.get(k)}
             for k, s in sorted(server.sessions.items())]}
     if t == "reload":
         return _reload(server, get_str(msg, "run", max_len=96, optional=True))
@@ -85,6 +87,8 @@ def _status(server: Server) -> dict[str, Any]:
     if server.sink.error:
         errors.append(f"sink: {server.sink.error}")
     sink_status = server.sink.status()
+    for uri, why in ((sink_status.get("shipper") or {}).get("unavailable") or {}).items():
+        errors.append(f"MLflow unavailable: {why} ({uri})")
     journal = sink_status.get("journal") or {}
     if journal.get("error"):
         errors.append(f"{journal['error']} ({journal.get('held', 0)} record(s) wait in memory)")

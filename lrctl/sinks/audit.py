@@ -271,6 +271,9 @@ class AuditSink(Sink):
                               "since": self._held.since, "dropped": self._held.dropped}
         return out
 
+    def run_errors(self) -> dict[str, str]:
+        return {} if self.shipper is None else self.shipper.run_errors()
+
     def flush(self, timeout: float = 10.0) -> bool:
         """Commit, then wait until MLflow has acknowledged everything so far (tests,
         orderly shutdown)."""

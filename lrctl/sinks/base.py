@@ -57,6 +57,8 @@ class Shipper(Protocol):
 
     def status(self) -> dict[str, Any]: ...
 
+    def run_errors(self) -> dict[str, str]: ...
+
 
 class Sink(ABC):
     """Receives a controller's records. Methods must return quickly."""
@@ -94,6 +96,10 @@ class Sink(ABC):
 
     def status(self) -> dict[str, Any]:
         """Fields for ``lrctl status`` (the MLflow shipper's process, for one)."""
+        return {}
+
+    def run_errors(self) -> dict[str, str]:
+        """``run key -> what is wrong with its records`` (for ``lrctl runs``)."""
         return {}
 
     def tick(self) -> None:
