@@ -74,6 +74,9 @@ class GuardedSink:
     def tick(self) -> None:
         self._call("tick")
 
+    def restore(self) -> None:
+        self._call("restore")
+
     def close(self) -> None:
         self._call("close")
 

@@ -84,6 +84,8 @@ def _status(server: Server) -> dict[str, Any]:
               if s.reload_error]
     errors += [f"run {k}: checkpoint: {e}" for k, e in server.checkpoints.errors.items()]
     errors += server.live.errors()
+    if server.state_watch.error:
+        errors.append(server.state_watch.error)
     if server.sink.error:
         errors.append(f"sink: {server.sink.error}")
     sink_status = server.sink.status()
@@ -100,6 +102,7 @@ def _status(server: Server) -> dict[str, Any]:
             "uptime_s": round(time.monotonic() - server.started, 3),
             "socket": server.transport.socket_path, "state_dir": server.state_dir,
             "watching": server.live.watching(), "errors": errors[:50],
+            "state_dir_recreated": server.state_watch.recreated,
             # Memory, honestly: this process, and the MLflow shipper's (its own process).
             "rss_kib": rss_kib(), "mlflow_loaded": "mlflow" in sys.modules,
             **sink_status}

@@ -70,6 +70,7 @@ class _OpenRun:
     # observations since the last checkpoint, and the engine re-makes their decisions.
     journaled_step: int = -1
     journaled_at_step: set[tuple[str, str, str]] = field(default_factory=set)
+    policy_texts: dict[str, str] = field(default_factory=dict)  # sha256 -> text, if deleted
 
 
 class AuditSink(Sink):
@@ -133,6 +134,7 @@ class AuditSink(Sink):
                                                   fsync_fd=self._fsync_fd)
                                for name in STREAMS},
                        MetricSampler(self.settings.log_every), sha, version, meta=meta)
+        run.policy_texts[policy_file] = info.policy_text
         self._runs[info.run_key] = run
         self._load_high_water(run)
         if self.shipper is not None:
@@ -189,6 +191,7 @@ class AuditSink(Sink):
     def policy_changed(self, run_key: str, info: RunInfo, record: Mapping[str, Any]) -> None:
         run = self._run(run_key)
         policy_file = self._save_policy(run.paths, info)
+        run.policy_texts[policy_file] = info.policy_text
         self._policy_event(run, info, policy_file, dict(record))
 
     def close_run(self, run_key: str) -> None:
@@ -204,6 +207,21 @@ class AuditSink(Sink):
             self._closing[run_key] = run  # closed once the disk has taken the rest
             return
         self._close_writers(run)
+
+    def restore(self) -> None:
+        """The state dir was deleted and made again: each open run's files written back
+        (meta and policies from memory, the streams from the files still held open, byte
+        for byte, so the shipper's offsets hold)."""
+        for run in [*self._runs.values(), *self._closing.values()]:
+            run.paths.policies.mkdir(parents=True, exist_ok=True)
+            for sha, text in run.policy_texts.items():
+                if not run.paths.policy_file(sha).exists():
+                    atomic_write_text(run.paths.policy_file(sha), text)
+            if not run.paths.meta.exists():
+                atomic_write_json(run.paths.meta, run.meta)
+            for writer in run.writers.values():
+                writer.restore_file()
+        log.info("journals of %d open run(s) written back", len(self._runs) + len(self._closing))
 
     def tick(self) -> None:
         """Retry what a failing disk refused (the controller calls this once a second)."""

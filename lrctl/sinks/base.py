@@ -106,6 +106,10 @@ class Sink(ABC):
         """Once a second, from the controller's loop: retry what failed (a full disk)."""
         return None
 
+    def restore(self) -> None:
+        """The state dir was deleted and made again: write back what belongs there."""
+        return None
+
     @abstractmethod
     def close(self) -> None:
         """Controller shutdown: flush everything that can be flushed, stop workers."""

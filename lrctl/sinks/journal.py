@@ -200,8 +200,8 @@ class StreamWriter:
         self.seq = last.seq if last else 0
         self.offset = last.end if last else 0
         # Unbuffered: a buffered writer keeps what a full disk refused and writes it
-        # later, in front of the next line.
-        self._file: IO[bytes] = open(path, "ab", buffering=0)  # noqa: SIM115 - lives as long as the writer
+        # later, in front of the next line. Readable: a deleted file is written back from it.
+        self._file: IO[bytes] = open(path, "a+b", buffering=0)  # noqa: SIM115 - lives as long as the writer
         self._torn = False  # a failed write may have left bytes after ``offset``
 
     def append(self, record: Mapping[str, Any], *, durable: bool | None = None) -> JournalLine:
@@ -237,6 +237,34 @@ class StreamWriter:
     def _cut_back(self) -> None:
         os.ftruncate(self._file.fileno(), self.offset)
         self._torn = False
+
+    def restore_file(self) -> bool:
+        """If the file was deleted (or replaced) under us, write it back, whole, from the
+        descriptor we still hold, and append there from now on. True if it was."""
+        held = os.fstat(self._file.fileno())
+        try:
+            st = os.stat(self.path)
+            if (st.st_dev, st.st_ino) == (held.st_dev, held.st_ino):
+                return False
+        except FileNotFoundError:
+            pass
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+        with open(tmp, "wb") as out:
+            pos = 0
+            while pos < self.offset:
+                chunk = os.pread(self._file.fileno(), min(1 << 20, self.offset - pos), pos)
+                if not chunk:
+                    break
+                out.write(chunk)
+                pos += len(chunk)
+            out.flush()
+            self._fsync_fd(out.fileno())
+        os.replace(tmp, self.path)
+        old, self._file = self._file, open(self.path, "a+b", buffering=0)  # noqa: SIM115
+        old.close()
+        self.unsynced, self._torn = 0, False
+        return True
 
     def sync(self) -> None:
         """fsync what was appended since the last one (nothing to do: no fsync)."""
