@@ -11,6 +11,7 @@ import math
 import os
 import stat
 import sys
+import time
 from typing import Any, NoReturn
 
 SOCKET_HELP = "Unix socket path or tcp://HOST:PORT (default: $LRCTL_SOCKET or the runtime dir)"
@@ -263,6 +264,11 @@ def cmd_status(args: argparse.Namespace) -> int:
         if shipper:
             print(f"  MLflow shipper: {shipper.get('state')}, pid {shipper.get('pid') or '-'}, "
                   f"{_mib(shipper.get('rss_kib'))}, {shipper.get('restarts', 0)} restart(s)")
+        recreated = reply.get("state_dir_recreated")
+        if recreated:
+            print(f"  note: the state dir was deleted and recreated {recreated['count']} "
+                  f"time(s), last at {time.strftime('%H:%M:%S', time.localtime(recreated['at']))}"
+                  "; the open runs' journals were written back")
         for error in reply.get("errors", []):
             print(f"  error: {error}")
     return 0
@@ -303,6 +309,8 @@ def cmd_runs(args: argparse.Namespace) -> int:
             print(f"{r['run']}: last reload failed: {r['reload_error']}")
         if r.get("store_error"):
             print(f"{r['run']}: cannot checkpoint: {r['store_error']}")
+        if r.get("sink_error"):
+            print(f"{r['run']}: {r['sink_error']}")
         if r.get("overflows"):
             print(f"{r['run']}: {r['overflows']} mixed-precision overflow step(s), skipped by "
                   "the GradScaler (not divergence)")

@@ -1,13 +1,14 @@
 """The controller's view of its sink: failures are logged, never fatal; records wait for commit.
 
 A sink's failure (a full disk, a bug in a plugin sink) is logged (at most once per
-ten seconds per method, with a count) and shown by ``lrctl status``; the run goes
-on. A run whose records cannot be opened at all (its journal files, when the
-controller is out of file descriptors) is not served: :meth:`GuardedSink.open_run`
-says why, and the server refuses the hello. Every record but an observation calls
-``on_record`` first (the transport's :meth:`~lrctl.daemon.transport.Transport.hold`),
-so that the replies acknowledging it wait for :meth:`GuardedSink.commit`: the
-controller's group commit, one per loop wake-up.
+ten seconds per method, with a count) and shown by ``lrctl status`` until that
+method succeeds again; the run goes on. A run whose records cannot be opened at all
+(its journal files, when the controller is out of file descriptors) is not served:
+:meth:`GuardedSink.open_run` says why, and the server refuses the hello. Every
+record but an observation calls ``on_record`` first (the transport's
+:meth:`~lrctl.daemon.transport.Transport.hold`), so that the replies acknowledging
+it wait for :meth:`GuardedSink.commit`: the controller's group commit, one per loop
+wake-up.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ class GuardedSink:
     def __init__(self, sink: Sink, on_record: Callable[[], None]) -> None:
         self.sink = sink
         self._on_record = on_record
-        self.error: str | None = None  # the latest failure, for status
+        self._errors: dict[str, str] = {}  # method -> its latest failure, until it succeeds
         self._rlog = RateLog(log)
 
     def open_run(self, info: RunInfo) -> str | None:
@@ -41,12 +42,20 @@ class GuardedSink:
             return str(exc)
         return None
 
+    @property
+    def error(self) -> str | None:
+        """The latest failure of a method that has not succeeded since, for status."""
+        return next(reversed(self._errors.values()), None)
+
     def observation(self, run_key: str, step: int, loss: float | None,
                     grad_norm: float | None, lrs: Sequence[float]) -> None:
         try:  # the hot path: no getattr, no *args
             self.sink.observation(run_key, step, loss, grad_norm, lrs)
         except Exception as exc:
             self._failed("observation", exc)
+        else:
+            if self._errors:
+                self._errors.pop("observation", None)
 
     def decision(self, run_key: str, record: Mapping[str, Any]) -> None:
         self._on_record()
@@ -65,6 +74,12 @@ class GuardedSink:
     def commit(self) -> None:
         self._call("commit")
 
+    def tick(self) -> None:
+        self._call("tick")
+
+    def restore(self) -> None:
+        self._call("restore")
+
     def close(self) -> None:
         self._call("close")
 
@@ -75,12 +90,23 @@ class GuardedSink:
             self._failed("status", exc)
             return {}
 
+    def run_errors(self) -> dict[str, str]:
+        try:
+            return dict(self.sink.run_errors())
+        except Exception as exc:
+            self._failed("run_errors", exc)
+            return {}
+
     def _call(self, method: str, *args: Any) -> None:
         try:
             getattr(self.sink, method)(*args)
         except Exception as exc:
             self._failed(method, exc)
+        else:
+            if self._errors:
+                self._errors.pop(method, None)
 
     def _failed(self, method: str, exc: Exception) -> None:
         self._rlog.log(logging.ERROR, method, "sink %s failed", method, exc_info=exc)
-        self.error = f"{method} failed: {exc}"
+        self._errors.pop(method, None)  # (re-inserted last: the latest)
+        self._errors[method] = f"{method} failed: {exc}"

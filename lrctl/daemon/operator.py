@@ -38,9 +38,11 @@ def answer(server: Server, t: str, msg: Mapping[str, Any]) -> dict[str, Any]:
     if t == "status":
         return _status(server)
     if t == "runs":
+        sink_errors = server.sink.run_errors()
         return {"t": "runs", "runs": [
             {**s.summary(), "connected": k in server.conns,
-             "store_error": server.checkpoints.errors.get(k)}
+             "store_error": server.checkpoints.errors.get(k),
+             "sink_error": sink_errors.get(k)}
             for k, s in sorted(server.sessions.items())]}
     if t == "reload":
         return _reload(server, get_str(msg, "run", max_len=96, optional=True))
@@ -83,16 +85,28 @@ def _status(server: Server) -> dict[str, Any]:
               if s.reload_error]
     errors += [f"run {k}: checkpoint: {e}" for k, e in server.checkpoints.errors.items()]
     errors += server.live.errors()
+    if server.state_watch.error:
+        errors.append(server.state_watch.error)
     if server.sink.error:
         errors.append(f"sink: {server.sink.error}")
+    sink_status = server.sink.status()
+    for uri, why in ((sink_status.get("shipper") or {}).get("unavailable") or {}).items():
+        errors.append(f"MLflow unavailable: {why} ({uri})")
+    journal = sink_status.get("journal") or {}
+    if journal.get("error"):
+        errors.append(f"{journal['error']} ({journal.get('held', 0)} record(s) wait in memory)")
+    if journal.get("dropped"):
+        errors.append(f"journal: {journal['dropped']} record(s) dropped while the disk "
+                      "refused writes")
     return {"t": "status", "pid": os.getpid(), "version": __version__,
             "runs": len(server.sessions), "connected": len(server.conns),
             "uptime_s": round(time.monotonic() - server.started, 3),
             "socket": server.transport.socket_path, "state_dir": server.state_dir,
             "watching": server.live.watching(), "errors": errors[:50],
+            "state_dir_recreated": server.state_watch.recreated,
             # Memory, honestly: this process, and the MLflow shipper's (its own process).
             "rss_kib": rss_kib(), "mlflow_loaded": "mlflow" in sys.modules,
-            **server.sink.status()}
+            **sink_status}
 
 
 def _reload(server: Server, name: str | None) -> dict[str, Any]:

@@ -50,6 +50,7 @@ from .handshake import Handshakes
 from .limits import DEFAULT_SESSION_TIMEOUT, Limits
 from .live_reload import LiveReload
 from .session import Session
+from .state_dir import StateDirWatch
 from .store import StateStore
 from .transport import Conn, Transport, Unavailable
 
@@ -93,6 +94,7 @@ class Server:
                                save=self.checkpoints.save, wake=self.transport.wake,
                                watch=watch, debounce_s=debounce_s)
         self.handshakes = Handshakes(self)
+        self.state_watch = StateDirWatch(state_dir)
         if policies_dir is not None:
             self.live.load_library(policies_dir)
         self._restore()
@@ -172,6 +174,9 @@ class Server:
                     self.transport.admission.tick(now)
                 if now >= self._housekeeping_at:
                     self._housekeeping_at = now + self.limits.housekeeping_interval
+                    self.sink.tick()
+                    if self.state_watch.check():
+                        self._state_dir_recreated()
                     self._evict_idle()
                     self._exit_if_idle()
                     self.handshakes.expire(now)
@@ -329,6 +334,13 @@ class Server:
             log.info("run %s ended at step %d", key, session.last_step)
 
     # -- housekeeping --------------------------------------------------------------------
+    def _state_dir_recreated(self) -> None:
+        """The state dir was deleted and made again: every open run's journal written back,
+        every run checkpointed again."""
+        self.sink.restore()
+        for key in list(self.sessions):
+            self.checkpoints.save(key)
+
     def _exit_if_idle(self) -> None:
         """``idle_exit``: stop once no hook has been connected for that long."""
         if self.conns:

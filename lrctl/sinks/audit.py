@@ -21,6 +21,7 @@ from typing import Any
 
 from ..policy._base import float_to_json
 from ..policy._decision import json_safe
+from ._held import HeldLines
 from .base import RunInfo, Shipper, Sink
 from .journal import (
     STREAMS,
@@ -69,6 +70,7 @@ class _OpenRun:
     # observations since the last checkpoint, and the engine re-makes their decisions.
     journaled_step: int = -1
     journaled_at_step: set[tuple[str, str, str]] = field(default_factory=set)
+    policy_texts: dict[str, str] = field(default_factory=dict)  # sha256 -> text, if deleted
 
 
 class AuditSink(Sink):
@@ -94,6 +96,10 @@ class AuditSink(Sink):
         self._runs: dict[str, _OpenRun] = {}
         # Appended to a durable stream since the last commit: each line with its writer.
         self._uncommitted: list[tuple[str, str, JournalLine, StreamWriter]] = []
+        # What a failing disk refused, written in order once it takes writes again;
+        # runs ended meanwhile keep their writers open here until then.
+        self._held = HeldLines(self.settings.queue_size)
+        self._closing: dict[str, _OpenRun] = {}
         self.shipper: Shipper | None = shipper
         if shipper is None and self.settings.mlflow:
             self.shipper = ShipperProcess(
@@ -107,6 +113,11 @@ class AuditSink(Sink):
     def open_run(self, info: RunInfo) -> None:
         if info.run_key in self._runs:
             self._close_writers(self._runs.pop(info.run_key))
+        if info.run_key in self._closing:
+            self.tick()
+            if info.run_key in self._closing:
+                raise OSError(f"run {info.run_key}: its journal still has records the disk "
+                              f"refused ({self._held.error})")
         paths = RunPaths.of(self.state_dir, info.run_key)
         paths.policies.mkdir(parents=True, exist_ok=True)
         old = read_json(paths.meta, {}) or {}
@@ -122,6 +133,7 @@ class AuditSink(Sink):
                                                   fsync_fd=self._fsync_fd)
                                for name in STREAMS},
                        MetricSampler(self.settings.log_every), sha, version, meta=meta)
+        run.policy_texts[policy_file] = info.policy_text
         self._runs[info.run_key] = run
         self._load_high_water(run)
         if self.shipper is not None:
@@ -184,6 +196,7 @@ class AuditSink(Sink):
     def policy_changed(self, run_key: str, info: RunInfo, record: Mapping[str, Any]) -> None:
         run = self._run(run_key)
         policy_file = self._save_policy(run.paths, info)
+        run.policy_texts[policy_file] = info.policy_text
         self._policy_event(run, info, policy_file, dict(record))
 
     def close_run(self, run_key: str) -> None:
@@ -203,13 +216,38 @@ class AuditSink(Sink):
             self._metrics(run, points)
         self._append(run, "events", {"event": "end", "wall_time": time.time(),
                                      "last_step": run.last_step, **extra})
+        if any(self._held.holds(w) for w in run.writers.values()):
+            self._closing[run_key] = run  # closed once the disk has taken the rest
+            return
         self._close_writers(run)
+
+    def restore(self) -> None:
+        """The state dir was deleted and made again: each open run's files written back
+        (meta and policies from memory, the streams from the files still held open, byte
+        for byte, so the shipper's offsets hold)."""
+        for run in [*self._runs.values(), *self._closing.values()]:
+            run.paths.policies.mkdir(parents=True, exist_ok=True)
+            for sha, text in run.policy_texts.items():
+                if not run.paths.policy_file(sha).exists():
+                    atomic_write_text(run.paths.policy_file(sha), text)
+            if not run.paths.meta.exists():
+                atomic_write_json(run.paths.meta, run.meta)
+            for writer in run.writers.values():
+                writer.restore_file()
+        log.info("journals of %d open run(s) written back", len(self._runs) + len(self._closing))
+
+    def tick(self) -> None:
+        """Retry what a failing disk refused (the controller calls this once a second)."""
+        if self._held:
+            self.commit()
 
     def commit(self) -> None:
         """Group commit: fsync every journal file appended to since the last commit, once,
         then hand its new lines to MLflow. A file whose fsync fails keeps its lines
         unshipped (the shipper reads them from the journal later) and the first such
         error is raised once the other files are committed."""
+        if self._held:
+            self._retry_held()
         pending, self._uncommitted = self._uncommitted, []
         failed: dict[StreamWriter, OSError] = {}
         for writer in dict.fromkeys(w for *_, w in pending):
@@ -236,6 +274,12 @@ class AuditSink(Sink):
         """
         deadline = time.monotonic() + timeout
         self.commit()
+        lost = sum(self._held.forget(w) for w in self._held.writers())
+        if lost:
+            log.error("shutdown: %d journal record(s) lost: the disk still refuses writes",
+                      lost)
+        self._runs.update(self._closing)
+        self._closing.clear()
         writers = [w for run in self._runs.values() for w in run.writers.values()]
         errors, left = sync_all(writers, deadline)
         if left:
@@ -250,8 +294,16 @@ class AuditSink(Sink):
             raise errors[0]
 
     def status(self) -> dict[str, Any]:
-        """The shipper's process (pid, state, restarts, resident memory), MLflow on."""
-        return {} if self.shipper is None else {"shipper": self.shipper.status()}
+        """The shipper's process (pid, state, restarts, resident memory), MLflow on; the
+        journal's trouble with the disk, while it lasts (and what it cost)."""
+        out: dict[str, Any] = {} if self.shipper is None else {"shipper": self.shipper.status()}
+        if self._held.error or self._held.dropped:
+            out["journal"] = {"error": self._held.error, "held": len(self._held),
+                              "since": self._held.since, "dropped": self._held.dropped}
+        return out
+
+    def run_errors(self) -> dict[str, str]:
+        return {} if self.shipper is None else self.shipper.run_errors()
 
     def flush(self, timeout: float = 10.0) -> bool:
         """Commit, then wait until MLflow has acknowledged everything so far (tests,
@@ -269,11 +321,25 @@ class AuditSink(Sink):
 
     def _append(self, run: _OpenRun, stream: str, record: dict[str, Any]) -> None:
         writer = run.writers[stream]
-        line = writer.append(record)
+        for line in self._held.append(writer, record):
+            self._written(run.paths.run_key, stream, line, writer)
+
+    def _written(self, run_key: str, stream: str, line: JournalLine,
+                 writer: StreamWriter) -> None:
         if stream != "metrics":  # durable: shipped once commit() has fsynced it
-            self._uncommitted.append((run.paths.run_key, stream, line, writer))
+            self._uncommitted.append((run_key, stream, line, writer))
         elif self.shipper is not None:
-            self.shipper.submit(run.paths.run_key, stream, line)
+            self.shipper.submit(run_key, stream, line)
+
+    def _retry_held(self) -> None:
+        for run in [*self._runs.values(), *self._closing.values()]:
+            for stream, writer in run.writers.items():
+                for line in self._held.retry(writer):
+                    self._written(run.paths.run_key, stream, line, writer)
+        for key, run in list(self._closing.items()):
+            if (not any(self._held.holds(w) for w in run.writers.values())
+                    and self._closing.pop(key, None) is not None):  # (a nested commit's?)
+                self._close_writers(run)
 
     def _metrics(self, run: _OpenRun, points: list[tuple[str, float, int]]) -> None:
         self._append(run, "metrics", {"ts": int(time.time() * 1000),

@@ -57,6 +57,8 @@ class Shipper(Protocol):
 
     def status(self) -> dict[str, Any]: ...
 
+    def run_errors(self) -> dict[str, str]: ...
+
 
 class Sink(ABC):
     """Receives a controller's records. Methods must return quickly."""
@@ -101,6 +103,18 @@ class Sink(ABC):
     def status(self) -> dict[str, Any]:
         """Fields for ``lrctl status`` (the MLflow shipper's process, for one)."""
         return {}
+
+    def run_errors(self) -> dict[str, str]:
+        """``run key -> what is wrong with its records`` (for ``lrctl runs``)."""
+        return {}
+
+    def tick(self) -> None:
+        """Once a second, from the controller's loop: retry what failed (a full disk)."""
+        return None
+
+    def restore(self) -> None:
+        """The state dir was deleted and made again: write back what belongs there."""
+        return None
 
     @abstractmethod
     def close(self) -> None:

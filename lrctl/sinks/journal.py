@@ -20,6 +20,8 @@ simply not seen yet.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import math
 import os
@@ -177,6 +179,10 @@ class StreamWriter:
 
     Opening repairs a crash: a torn last line (no newline) is cut off, since it
     was never reported durable, and numbering continues after the last whole line.
+    An append is all or nothing: a write the disk refuses part of (``ENOSPC``) is cut
+    back to the last whole line before the error is raised (or, if even that fails,
+    before the next append), and its ``seq`` is not taken; so a full disk never leaves
+    half a line, a line twice or a ``seq`` twice.
     ``fsync`` says whether each append is fsynced; ``fsync_fd`` is what fsyncs a file
     descriptor (``os.fsync``; tests count or gate it).
     """
@@ -193,15 +199,17 @@ class StreamWriter:
             os.truncate(path, last.end if last else 0)
         self.seq = last.seq if last else 0
         self.offset = last.end if last else 0
-        self._file: IO[bytes] = open(path, "ab")  # noqa: SIM115 - lives as long as the writer
+        # Unbuffered: a buffered writer keeps what a full disk refused and writes it
+        # later, in front of the next line. Readable: a deleted file is written back from it.
+        self._file: IO[bytes] = open(path, "a+b", buffering=0)  # noqa: SIM115 - lives as long as the writer
+        self._torn = False  # a failed write may have left bytes after ``offset``
 
     def append(self, record: Mapping[str, Any], *, durable: bool | None = None) -> JournalLine:
         """Write ``record`` with the next ``seq``; fsync if the stream (or ``durable``) says so."""
         seq = self.seq + 1
         line = {"seq": seq, **record}
         data = (json.dumps(line, separators=(",", ":"), allow_nan=False) + "\n").encode()
-        self._file.write(data)
-        self._file.flush()
+        self._write(data)
         self.seq = seq
         self.offset += len(data)
         self.unsynced += 1
@@ -209,10 +217,58 @@ class StreamWriter:
             self.sync()
         return JournalLine(seq, self.offset, line)
 
+    def _write(self, data: bytes) -> None:
+        """Append ``data`` whole, or raise with the file cut back to ``offset``."""
+        if self._torn:
+            self._cut_back()
+        view, done = memoryview(data), 0
+        try:
+            while done < len(data):
+                n = self._file.write(view[done:])
+                if not n:
+                    raise OSError(errno.EIO, f"short write to {self.path}")
+                done += n
+        except OSError:
+            self._torn = True
+            with contextlib.suppress(OSError):
+                self._cut_back()
+            raise
+
+    def _cut_back(self) -> None:
+        os.ftruncate(self._file.fileno(), self.offset)
+        self._torn = False
+
+    def restore_file(self) -> bool:
+        """If the file was deleted (or replaced) under us, write it back, whole, from the
+        descriptor we still hold, and append there from now on. True if it was."""
+        held = os.fstat(self._file.fileno())
+        try:
+            st = os.stat(self.path)
+            if (st.st_dev, st.st_ino) == (held.st_dev, held.st_ino):
+                return False
+        except FileNotFoundError:
+            pass
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+        with open(tmp, "wb") as out:
+            pos = 0
+            while pos < self.offset:
+                chunk = os.pread(self._file.fileno(), min(1 << 20, self.offset - pos), pos)
+                if not chunk:
+                    break
+                out.write(chunk)
+                pos += len(chunk)
+            out.flush()
+            self._fsync_fd(out.fileno())
+        os.replace(tmp, self.path)
+        old, self._file = self._file, open(self.path, "a+b", buffering=0)  # noqa: SIM115
+        old.close()
+        self.unsynced, self._torn = 0, False
+        return True
+
     def sync(self) -> None:
         """fsync what was appended since the last one (nothing to do: no fsync)."""
         if self.unsynced and not self._file.closed:
-            self._file.flush()
             self._fsync_fd(self._file.fileno())
             self.unsynced = 0
 

@@ -13,6 +13,14 @@ drops a repeated ``(key, timestamp, step, value)``), the decisions artifact is
 the journal's ``decisions.jsonl`` re-uploaded whole, tags and params are
 set to the same values. A batch re-sent after a crash thus changes nothing.
 
+Store trouble: the worker opens its store once, before shipping anything
+(:func:`~lrctl.sinks._mlflow_store.open_store`: a new sqlite store is built whole,
+so a kill cannot leave it half-migrated). A store that cannot be opened, or an
+unexpected error, puts the worker's URI down: retried with exponential back-off up
+to ``backoff_max``, logged with one traceback and then one line at most every
+:data:`LOG_EVERY_S` seconds, and reported (``on_state``) as "MLflow unavailable:
+<reason>" until it answers again. The journal keeps everything meanwhile.
+
 mlflow is imported here, lazily, in the worker threads only.
 """
 
@@ -30,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from ..policy._decision import record_ratio
+from ._mlflow_store import open_store, reason
 from ._ship_state import RunState, runs_behind
 from .journal import JournalLine, RunPaths
 
@@ -44,16 +53,17 @@ MAX_PARAMS_TAGS_PER_BATCH = 100
 MAX_TAG_CHARS = 5000
 _TICK_S = 0.1
 _BACKOFF_MIN_S = 0.5
+LOG_EVERY_S = 10.0  # at most one line per URI this often while MLflow stays unavailable
 #: MLflow error codes that retrying cannot fix (a deleted run, a refused value).
 PERMANENT_ERRORS = frozenset({"INVALID_PARAMETER_VALUE", "RESOURCE_DOES_NOT_EXIST",
                               "INVALID_STATE", "PERMISSION_DENIED"})
 ClientFactory = Callable[[str], Any]
+#: ``(tracking URI, why it is unavailable or None once it answers)``.
+StateCallback = Callable[[str, "str | None"], None]
 
 
 def _default_client(tracking_uri: str) -> Any:
-    from mlflow.tracking import MlflowClient
-
-    return MlflowClient(tracking_uri=tracking_uri)
+    return open_store(tracking_uri)
 
 
 class MlflowShipper:
@@ -66,7 +76,8 @@ class MlflowShipper:
     def __init__(self, state_dir: str | os.PathLike[str], *, flush_interval: float = 1.0,
                  queue_size: int = 10_000, max_pending: int = 20_000, timeline: bool = True,
                  backoff_max: float = 30.0, client_factory: ClientFactory | None = None,
-                 snapshot_interval: float = 60.0) -> None:
+                 snapshot_interval: float = 60.0,
+                 on_state: StateCallback | None = None) -> None:
         if not 0 < flush_interval <= 2.0:
             raise ValueError(f"flush_interval must be in (0, 2] seconds, but got {flush_interval=}")
         if queue_size < 1 or max_pending < 1:
@@ -74,7 +85,8 @@ class MlflowShipper:
                              f"{queue_size=}, {max_pending=}")
         self.state_dir = Path(state_dir)
         self._options = _Options(flush_interval, queue_size, max_pending, timeline, backoff_max,
-                                 client_factory or _default_client, snapshot_interval)
+                                 client_factory or _default_client, snapshot_interval,
+                                 on_state)
         self._workers: dict[str, _Worker] = {}
         self._route: dict[str, _Worker] = {}
         # One HTTP call must not retry for minutes inside the worker: lrctl retries
@@ -117,7 +129,14 @@ class MlflowShipper:
         """Nothing to do: :meth:`submit` hands each line to its worker at once."""
 
     def status(self) -> dict[str, Any]:
-        return {"pid": os.getpid(), "state": "in-process", "restarts": 0}
+        return {"pid": os.getpid(), "state": "in-process", "restarts": 0,
+                "unavailable": {uri: w.error for uri, w in list(self._workers.items())
+                                if w.error}}
+
+    def run_errors(self) -> dict[str, str]:
+        """``run key -> "MLflow unavailable: <reason>"`` for the runs whose MLflow is down."""
+        return {key: f"MLflow unavailable: {w.error}" for key, w in list(self._route.items())
+                if w.error}
 
     def flush(self, timeout: float = 10.0) -> bool:
         """Ship everything submitted so far; True if MLflow acknowledged it all in time."""
@@ -151,6 +170,7 @@ class _Options:
     backoff_max: float
     client_factory: ClientFactory
     snapshot_interval: float  # seconds; see _mlflow_views (decisions files)
+    on_state: StateCallback | None
 
 
 class _Worker(threading.Thread):
@@ -173,6 +193,11 @@ class _Worker(threading.Thread):
         self._runs: dict[str, RunState] = {}
         self._client: Any = None
         self._outage_logged = False
+        self.error: str | None = None  # why MLflow is unavailable, while it is
+        self._failures = 0  # of the store, in a row (the worker's back-off)
+        self._retry_at = 0.0
+        self._quiet_until = 0.0  # no one-line report before this (rate limit)
+        self._traced = False  # this outage's one traceback was logged
 
     # -- owner-thread side ------------------------------------------------------
     def submit(self, run_key: str, stream: str, line: JournalLine) -> None:
@@ -216,9 +241,9 @@ class _Worker(threading.Thread):
             seen = self._submitted
             try:
                 self._loop_once()
-            except Exception:  # never let one bad run kill the worker of every run
-                log.exception("lrctl MLflow worker for %s: unexpected error", self.tracking_uri)
-                time.sleep(_TICK_S)
+            except Exception as exc:  # never let one bad run kill the worker of every run
+                self._client = None  # opened afresh (out of descriptors, a store replaced)
+                self._stopping.wait(self._store_failed(exc))
             if self._queue.empty() and not any(r.has_work() for r in self._runs.values()):
                 with self._settled_cond:
                     self._settled = seen
@@ -243,6 +268,15 @@ class _Worker(threading.Thread):
         force = self._force.is_set()
         self._force.clear()
         now = time.monotonic()
+        if self._client is None:
+            if now < self._retry_at:
+                return
+            try:
+                self._client = self.opt.client_factory(self.tracking_uri)
+            except Exception as exc:
+                self._retry_at = now + self._store_failed(exc)
+                return
+            self._store_ok()
         for key, st in list(self._runs.items()):
             if not st.has_work():
                 if st.cursor.get("finished") or st.failed:
@@ -265,8 +299,6 @@ class _Worker(threading.Thread):
         from mlflow.exceptions import MlflowException
 
         try:
-            if self._client is None:
-                self._client = self.opt.client_factory(self.tracking_uri)
             from ._mlflow_run import RunShipper
 
             shipper = RunShipper(self._client, st, timeline=self.opt.timeline,
@@ -292,6 +324,7 @@ class _Worker(threading.Thread):
                             self.tracking_uri)
             st.failures = 0
             self._outage_logged = False
+            self._store_ok()
             if not st.has_work():
                 st.first_pending_at = None
 
@@ -303,6 +336,38 @@ class _Worker(threading.Thread):
             log.warning("lrctl: MLflow at %s failed (%s); decisions stay in the journal and "
                         "are replayed when it answers", self.tracking_uri, exc)
             self._outage_logged = True
+        self._set_error(reason(exc))
+
+    def _store_failed(self, exc: BaseException) -> float:
+        """MLflow cannot be used at all: report, log (boundedly), and say how long to wait."""
+        self._failures += 1
+        delay = min(self.opt.backoff_max, _BACKOFF_MIN_S * 2 ** (self._failures - 1))
+        why = reason(exc)
+        now = time.monotonic()
+        if not self._traced:
+            log.error("lrctl: MLflow unavailable at %s: %s; decisions stay in the journal, "
+                      "retrying with back-off (up to %g s)", self.tracking_uri, why,
+                      self.opt.backoff_max, exc_info=exc)
+            self._traced, self._quiet_until = True, now + LOG_EVERY_S
+        elif now >= self._quiet_until:
+            log.warning("lrctl: MLflow still unavailable at %s: %s (%d failed attempt(s); "
+                        "next in %.1f s)", self.tracking_uri, why, self._failures, delay)
+            self._quiet_until = now + LOG_EVERY_S
+        self._set_error(why)
+        return delay
+
+    def _store_ok(self) -> None:
+        if self._failures:
+            log.warning("lrctl: MLflow at %s is available again after %d failed attempt(s)",
+                        self.tracking_uri, self._failures)
+        self._failures, self._traced = 0, False
+        self._set_error(None)
+
+    def _set_error(self, why: str | None) -> None:
+        if why != self.error:
+            self.error = why
+            if self.opt.on_state is not None:
+                self.opt.on_state(self.tracking_uri, why)
 
     def _give_up(self, st: RunState, exc: BaseException) -> None:
         log.error("lrctl: MLflow refused run %s (%s); its audit trail stays in the journal "

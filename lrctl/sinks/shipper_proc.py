@@ -16,7 +16,9 @@ controller → shipper::
     {"op": "close", "timeout": S}               answered by {"closed": BOOL}, then exit
 
 shipper → controller, besides those answers: ``{"log": LEVELNO, "msg": TEXT}``, the
-shipper's log records, which the controller writes to its own log.
+shipper's log records, which the controller writes to its own log, and
+``{"mlflow": URI, "error": TEXT | null}`` when MLflow at URI becomes unavailable
+(and why) or answers again.
 
 End of input (the controller died) ends the shipper at once; the journal keeps the rest.
 """
@@ -93,7 +95,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     root.setLevel(logging.INFO)
     shipper = MlflowShipper(args.state_dir, flush_interval=args.flush_interval,
                             queue_size=args.queue_size, timeline=args.timeline,
-                            backoff_max=args.backoff_max)
+                            backoff_max=args.backoff_max,
+                            on_state=lambda uri, why: out.send({"mlflow": uri, "error": why}))
     for raw in sys.stdin.buffer:
         try:
             _handle(shipper, out, json.loads(raw))

@@ -77,6 +77,7 @@ class ShipperProcess:
         self._generation = 0  # +1 per child started and per child gone
         self._acks: dict[int, bool] = {}
         self._closed: bool | None = None  # the child's answer to close
+        self._unavailable: dict[str, str] = {}  # tracking URI -> why, as the child says
         self._next_id = 0
         self._state = "not started"
         self.restarts = 0
@@ -164,7 +165,14 @@ class ShipperProcess:
         with self._cond:
             pid = self._proc.pid if self._proc is not None else None
             return {"pid": pid, "state": self._state, "restarts": self.restarts,
-                    "rss_kib": rss_kib(pid) if pid is not None else None}
+                    "rss_kib": rss_kib(pid) if pid is not None else None,
+                    "unavailable": dict(self._unavailable)}
+
+    def run_errors(self) -> dict[str, str]:
+        """``run key -> "MLflow unavailable: <reason>"`` for the runs whose MLflow is down."""
+        with self._cond:
+            return {key: f"MLflow unavailable: {self._unavailable[uri]}"
+                    for key, uri in self._routes.items() if uri in self._unavailable}
 
     # -- internals ------------------------------------------------------------------------
     def _send(self, msg: dict[str, Any]) -> None:
@@ -229,6 +237,7 @@ class ShipperProcess:
             self._proc = proc
             self._generation += 1
             self._state = "running"
+            self._unavailable.clear()  # the new child says again what it finds
             for key, uri in self._routes.items():  # a new child: every run, from its cursor
                 self._send({"op": "attend", "run": key, "uri": uri})
             self._cond.notify_all()
@@ -244,6 +253,13 @@ class ShipperProcess:
                 continue
             if "log" in msg:
                 log.log(int(msg["log"]), "%s", msg.get("msg", ""))
+                continue
+            if "mlflow" in msg:
+                with self._cond:
+                    if msg.get("error"):
+                        self._unavailable[str(msg["mlflow"])] = str(msg["error"])[:500]
+                    else:
+                        self._unavailable.pop(str(msg["mlflow"]), None)
                 continue
             with self._cond:
                 if "ack" in msg:

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -106,3 +109,41 @@ def test_importing_lrctl_and_its_sinks_imports_neither_mlflow_nor_matplotlib() -
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True).stdout
     assert out.strip() == "[]"
+
+
+class _FillingFile:
+    """A raw file on a disk with ``free`` bytes left: a short write, then ENOSPC."""
+
+    def __init__(self, real: Any, free: int) -> None:
+        self.real, self.free, self.closed = real, free, False
+
+    def write(self, data: Any) -> int:
+        if self.free <= 0:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        n = int(self.real.write(bytes(data[:self.free])))
+        self.free -= n
+        return n
+
+    def fileno(self) -> int:
+        return int(self.real.fileno())
+
+    def close(self) -> None:
+        self.real.close()
+        self.closed = True
+
+
+def test_an_append_the_disk_refuses_part_of_is_cut_back_and_its_seq_not_taken(
+        tmp_path: Path) -> None:
+    path = tmp_path / "d.jsonl"
+    w = StreamWriter(path, fsync=False)
+    w.append({"step": 1})
+    good = path.read_bytes()
+    real = w._file
+    w._file = _FillingFile(real, free=7)  # type: ignore[assignment]
+    with pytest.raises(OSError, match="No space"):
+        w.append({"step": 2, "pad": "x" * 100})
+    assert path.read_bytes() == good  # no torn half line left behind
+    w._file.free = 10**6  # type: ignore[attr-defined]
+    w.append({"step": 3})
+    w.close()
+    assert [(line.seq, line.record["step"]) for line in read_lines(path)] == [(1, 1), (2, 3)]

@@ -174,7 +174,7 @@ def test_a_shipper_that_keeps_dying_is_restarted_with_one_log_line_each(
     restarts = [r for r in caplog.records if "exited with status 3" in r.getMessage()]
     assert len(restarts) == shipper.restarts >= 3
     assert shipper.status() == {"pid": None, "state": "stopped", "restarts": shipper.restarts,
-                                "rss_kib": None}
+                                "rss_kib": None, "unavailable": {}}
 
 
 def test_a_run_whose_hook_vanished_ends_killed_after_the_session_timeout(

@@ -1,0 +1,119 @@
+"""Opening an MLflow tracking store, once, from the shipper process, before shipping.
+
+MLflow creates a sqlite store's tables on first use, in many steps (``create_all``,
+then every alembic migration), not in one transaction: a process killed in between
+(a controller's ``kill -9`` ends its shipper at once) leaves a half-migrated database
+that MLflow refuses for good. So a sqlite store that does not exist yet is built
+under a temporary name next to it and linked into place only when complete (a
+link, not a rename: a store that appeared meanwhile is never replaced); a kill
+leaves at most a temporary file, which the next attempt removes.
+
+Any store is then checked with one cheap call, so that a store MLflow cannot open
+(corrupt, half-migrated by an older version, unwritable, out of file descriptors)
+fails here, once per attempt, with a reason, not in the middle of a batch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from pathlib import Path
+from typing import Any
+from urllib.parse import unquote, urlparse
+
+__all__ = ["open_store", "reason"]
+
+_TMP = ".lrctl-new-"
+
+
+def open_store(tracking_uri: str) -> Any:
+    """An ``MlflowClient`` on ``tracking_uri`` whose store is created and answers."""
+    from mlflow.tracking import MlflowClient
+
+    path = _sqlite_path(tracking_uri)
+    try:
+        if path is not None:
+            _remove_stale(path)
+            if not _has_data(path):
+                _create_sqlite(path)
+        client = MlflowClient(tracking_uri=tracking_uri)
+        client.search_experiments(max_results=1)
+    except BaseException:
+        _forget_engine(tracking_uri)  # a repaired file must be opened afresh next time
+        raise
+    return client
+
+
+def reason(exc: BaseException) -> str:
+    """One line saying why: the exception's first line, without SQL or stack."""
+    text = str(exc).strip().splitlines()
+    first = text[0] if text else ""
+    return f"{type(exc).__name__}: {first[:300]}" if first else type(exc).__name__
+
+
+def _sqlite_path(uri: str) -> Path | None:
+    if not uri.startswith("sqlite:///"):
+        return None
+    path = unquote(urlparse(uri).path)
+    return None if path in ("", "/:memory:") else Path(path)
+
+
+def _has_data(path: Path) -> bool:
+    try:
+        return path.stat().st_size > 0
+    except FileNotFoundError:
+        return False
+
+
+def _create_sqlite(path: Path) -> None:
+    """Build a new sqlite store at ``path`` all at once (see the module's note)."""
+    from mlflow.tracking import MlflowClient
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}{_TMP}{os.getpid()}")
+    with contextlib.suppress(FileNotFoundError):
+        tmp.unlink()
+    tmp_uri = f"sqlite:///{tmp}"
+    try:
+        MlflowClient(tracking_uri=tmp_uri).search_experiments(max_results=1)
+        _forget_engine(tmp_uri)
+        if _has_data(path):
+            return  # another process made it meanwhile: theirs stands
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()  # an empty file: nothing in it to keep
+        with contextlib.suppress(FileExistsError):
+            os.link(tmp, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+
+
+def _remove_stale(path: Path) -> None:
+    """Temporary stores (and their sqlite journals) of attempts that were killed."""
+    with contextlib.suppress(OSError):
+        for stale in path.parent.glob(f"{path.name}{_TMP}*"):
+            pid = stale.name[len(path.name) + len(_TMP):].split("-", 1)[0]
+            if not (pid.isdigit() and _alive(int(pid))):
+                with contextlib.suppress(OSError):
+                    stale.unlink()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _forget_engine(uri: str) -> None:
+    """Drop MLflow's cached engine (and its pooled connections) for ``uri``."""
+    with contextlib.suppress(Exception):
+        from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+        with SqlAlchemyStore._engine_map_lock:
+            engine = SqlAlchemyStore._engine_map.pop(uri, None)
+        if engine is not None:
+            engine.dispose()

@@ -1,0 +1,110 @@
+"""A full disk under the state dir, then freed (issue #18, item 1).
+
+Before: the journal's buffered writer kept the unwritten half of a line after
+``ENOSPC`` and wrote it later, in front of the next line, which reused its ``seq``:
+two records ``seq 15``, a torn ``{"`` fragment in the uploaded ``decisions.jsonl``,
+decisions missing in MLflow, and ``lrctl status`` showing the error for ever. Now an
+append is all or nothing (a short write is rolled back to the last whole line), what
+the disk refused waits in memory and is written, in order, once it takes writes again,
+``status`` says so while it lasts, and MLflow ends with every decision exactly once.
+
+The disk is filled by fault injection in the controller (``full_disk/sitecustomize.py``:
+short write, then ``ENOSPC``): tmpfs quotas and loop mounts are not available here.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+from daemon_helpers import ControllerProc
+from rel_helpers import FIGURES, until
+
+import lrctl
+from lrctl.client import request
+from lrctl.sinks.journal import STREAMS, RunPaths
+
+FULL_DISK = Path(__file__).resolve().parent / "full_disk"  # sitecustomize: the disk fills
+QUIET = "version: 1\npolicies:\n  - kind: plateau\n    metric: loss\n    patience: 100000\n"
+
+
+def _disk_errors() -> list[str]:
+    return [e for e in request({"t": "status"})["errors"] if "No space left" in e]
+
+
+def _check_stream(path: Path) -> list[dict]:
+    """Every line whole, ``seq`` 1, 2, 3... with no repeat and no gap."""
+    lines = path.read_bytes().split(b"\n")
+    assert lines[-1] == b"", f"{path.name}: torn last line {lines[-1][:40]!r}"
+    records = []
+    for raw in lines[:-1]:
+        try:
+            records.append(json.loads(raw))
+        except ValueError:
+            pytest.fail(f"{path.name}: torn line {raw[:60]!r}")
+    assert [r["seq"] for r in records] == list(range(1, len(records) + 1)), path.name
+    return records
+
+
+def test_full_disk_then_freed_loses_repeats_and_tears_nothing(
+        make_controller: Callable[..., ControllerProc], short_dir: Path, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from mlflow.tracking import MlflowClient
+    from sinks_helpers import assert_exactly_once, mlflow_run_id
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.chdir(tmp_path)
+    state = Path(os.environ["LRCTL_STATE_DIR"])
+    flag = short_dir / "disk-full"
+    env = {**os.environ, "LRCTL_TEST_FULL_DISK": str(flag),
+           "LRCTL_TEST_FULL_DISK_UNDER": str(state),
+           "PYTHONPATH": os.pathsep.join(p for p in (str(FULL_DISK),
+                                                     os.environ.get("PYTHONPATH")) if p)}
+    controller = make_controller(audit=True, env=env)
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.ones(1))], lr=0.1)
+    made: list[dict] = []
+    with lrctl.attach(opt, policy=QUIET, sync=True, spawn=False) as ctl:
+        key = ctl.run_key
+
+        def phase(rounds: int) -> None:
+            for _ in range(rounds):
+                for _ in range(7):
+                    ctl.step(1.0, grad_norm=1.0)
+                reply = request({"t": "set_lr", "run": key, "lr": 0.01 * (len(made) + 1)})
+                made.append(reply["decision"])
+
+        phase(3)
+        flag.write_text("300")  # 300 bytes left, then full: the next lines tear
+        phase(8)
+        assert _disk_errors(), "status says nothing of the full disk"
+        flag.unlink()
+        phase(3)
+    paths = RunPaths.of(state, key)
+    until("the run's end in its journal", lambda: b'"event":"end"' in
+          paths.stream("events").read_bytes())
+    journal = {name: _check_stream(paths.stream(name)) for name in STREAMS}
+    assert [(r["step"], r["new_lrs"]) for r in journal["decisions"]] == [
+        (d["step"], d["new_lrs"]) for d in made], "decisions lost or reordered"
+    until("the disk error to clear from status", lambda: not _disk_errors())
+
+    client = MlflowClient(uri)
+
+    def shipped() -> bool:
+        try:
+            run = client.get_run(mlflow_run_id(state, key))
+        except Exception:
+            return False
+        return (run.data.tags.get("lrctl.decisions") == str(len(made))
+                and run.info.status == "FINISHED")
+
+    until("MLflow to have every decision", shipped)
+    controller.stop()
+    uploaded = assert_exactly_once(client, mlflow_run_id(state, key), state, key, tmp_path)
+    FIGURES["full disk"] = {"decisions": len(made), "journal": len(journal["decisions"]),
+                            "mlflow": len(uploaded),
+                            "metric lines": len(journal["metrics"])}
