@@ -38,6 +38,7 @@ from . import _spawn, paths
 from ._dist import Distributed
 from ._guard import StepGuard
 from ._link import Link, token_from_env
+from ._rollback import Rollbacks
 from ._sources import policy_payload
 from ._staging import DeviceStaging
 from ._torchutil import (
@@ -109,6 +110,9 @@ class Controller:
     steps, when known; policies that anneal to the end of the run (``kind:
     anneal``) need it. A reconnect or ``resume`` may give a new value (a run
     extended from a checkpoint): the controller takes it.
+    ``snapshot_every``, ``keep``, ``model``, ``on_snapshot``, ``on_rollback``:
+    snapshots for rollback-and-skip, off by default (see :mod:`lrctl._rollback`);
+    :attr:`rolled_back` is the step restored by the last :meth:`step`, or None.
     """
 
     def __init__(self, optimizer: Any, *, policy: Any = None, run_name: str | None = None,
@@ -118,7 +122,8 @@ class Controller:
                  compute_grad_norm: bool = True, resume: str | None = None,
                  start_step: int = 0, watch: bool = True,
                  total_steps: int | None = None, base: str = "controller",
-                 scaler: Any = None) -> None:
+                 scaler: Any = None, snapshot_every: int | None = None, keep: int = 2,
+                 model: Any = None, on_snapshot: Any = None, on_rollback: Any = None) -> None:
         groups = getattr(optimizer, "param_groups", None)
         if not isinstance(groups, list) or not groups or not all(
                 isinstance(g, dict) and "lr" in g for g in groups):
@@ -185,6 +190,9 @@ class Controller:
         self.mode = "active"
         self.run_key: str | None = None
         self._dist = Distributed.detect()
+        self._rollbacks = Rollbacks.create(optimizer, snapshot_every, keep, model, on_snapshot,
+                                           on_rollback, self._warn)
+        self.rolled_back: int | None = None
         self._link: Link | None = None
         self._controller_version: str | None = None  # from the welcome
         self._attached = False
@@ -267,6 +275,10 @@ class Controller:
                 self._apply()  # read the LR the loop set for this step: it is reported
             overflows = self.overflows
             loss, grad_norm = self._guard_step(t, loss, grad_norm)
+            self.rolled_back = self._rollbacks.step(t) if self._rollbacks else None
+            if self.rolled_back is not None:  # this step's gradients are of the old weights
+                self.should_skip = True
+                self._guard.veto()
             link = self._link
             if link is not None and link.fatal is None:
                 if t % self.every == 0 or self._metrics:
@@ -420,6 +432,8 @@ class Controller:
         }
         if self.total_steps is not None:
             hello["total_steps"] = self.total_steps
+        if self._rollbacks is not None:
+            hello["snapshots"] = self._rollbacks.hello()
         if self._saved_session is not None:
             hello["session"] = self._saved_session  # the run as the checkpoint left it
         if self._step > 0:
@@ -510,6 +524,8 @@ class Controller:
                 for d in msg.get("d") or ():
                     if isinstance(d, dict):
                         self._records.append(d)
+                        if self._rollbacks is not None and d.get("action") == "rollback":
+                            self._rollbacks.on_decision(d, self._dist.world_size > 1)
             if s >= 0:
                 self._acked = max(self._acked, s)
             if s == self._reported and msg.get("skip") is True:
@@ -743,8 +759,9 @@ class Controller:
     def _broadcast(self) -> None:
         """Rank 0's LRs and flags to every rank, on a CPU group: identical LRs every step."""
         try:
+            rollback = self._rollbacks.wire() if self._rollbacks is not None else []
             values = self._dist.broadcast(
-                [*self._target, float(self.should_skip), float(self.should_stop)])
+                [*self._target, float(self.should_skip), float(self.should_stop), *rollback])
         except Exception as exc:
             self._warn("broadcast", f"lrctl: LR broadcast failed ({exc!r}); LRs unchanged")
             return
@@ -752,6 +769,8 @@ class Controller:
         self._target = values[:n]
         self.should_skip = values[n] > 0
         self.should_stop = values[n + 1] > 0
+        if self._rollbacks is not None:
+            self._rollbacks.agree(values[n + 2], values[n + 3])
         self._apply()
 
     # -- statistics --------------------------------------------------------------------------
