@@ -141,6 +141,7 @@ class Handshakes:
             session.set_total_steps(hello.total_steps)
             srv.checkpoints.save(key)
         session.sync = hello.sync  # which LRs the optimizer used at a step (see _obs)
+        session.set_snapshots(hello.snapshots)  # the hook can roll back (or no longer)
         srv.heard(key)
         old = srv.conns.get(key)
         if old is not None and old is not conn:

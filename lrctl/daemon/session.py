@@ -35,6 +35,7 @@ from typing import Any
 
 from ..config import PolicyFile, parse_text
 from ..policy import Decision, Engine
+from ..policy._rollback import ASYNC_LAG
 from ..protocol import ProtocolError, get_int, get_str
 from ..sinks import RunInfo
 
@@ -164,6 +165,29 @@ class Session:
             "overflows": self.overflows,
             "resume_token": self.resume_token,
         }
+
+    def set_snapshots(self, spec: tuple[int, int] | None) -> None:
+        """The connected hook keeps snapshots (``(every, keep)``) or none (``None``)."""
+        if spec is None:
+            self.engine.disable_snapshots()
+        else:
+            self.engine.enable_snapshots(spec[0], spec[1], ASYNC_LAG)
+
+    def rollback(self, to: int | None) -> dict[str, Any]:
+        """``lrctl rollback RUN [--to STEP]``: the hook restores the newest snapshot at or
+        before ``to`` (default: its newest) at its next step. ``ProtocolError`` when it
+        holds none (nothing changes then)."""
+        try:
+            target, now = self.engine.request_rollback(to)
+        except ValueError as exc:
+            raise ProtocolError(f"run {self.key}: {exc}", "bad_request") from None
+        lrs = self.lrs()
+        lag = ASYNC_LAG
+        return self._record(self._decision(
+            "rollback", lrs, lrs, f"rollback to the snapshot of step {target} requested by an "
+            f"operator{'' if to is None else f' (at or before step {to})'}",
+            {"snapshot_step": target, "requested": to, "incident_step": now,
+             "steps_lost": now + lag + 1 - target}))
 
     def set_total_steps(self, total_steps: int) -> None:
         """A new run length from a reconnecting hook (a run extended on resume)."""
