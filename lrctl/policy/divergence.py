@@ -43,8 +43,9 @@ The behaviour of a mixed-precision loss scaler, applied to the learning rate:
   weights themselves are broken), it rolls back instead: the training process
   restores the newest snapshot taken before the incident's first back-off, and
   the LR is cut as the harder back-off would have cut it. The step counter moves
-  on (the batches in between are skipped). At most ``max_rollbacks`` per run;
-  one more would-be rollback asks the run to stop.
+  on (the batches in between are skipped). The LR then regrows no higher than the
+  rollback left it (what needed a rollback was no passing spike). At most
+  ``max_rollbacks`` per run; one more would-be rollback asks the run to stop.
 """
 
 from __future__ import annotations
@@ -96,6 +97,8 @@ class Divergence(Policy):
         Param("max_rollbacks", "int", 3,
               "rollbacks to a snapshot before the incident per run, when the hook keeps "
               "snapshots (attach(snapshot_every=N)); one more asks to stop; 0: never", ge=0),
+        Param("rollback_factor", "float", 0.1,
+              "multiply the LR by this at a rollback (it does not regrow past it)", gt=0, lt=1),
         Param("skip_nonfinite", "bool", True, "record the skip of a non-finite step as this "
               "policy's (false: the engine's guard records it; the step is skipped either way)"),
         Param("skip_spikes", "bool", False,
@@ -122,6 +125,7 @@ class Divergence(Policy):
         self._total_backoffs = 0
         self._stopped = False
         self._rollbacks = 0  # rollbacks this run
+        self._ceiling = 1.0  # the multiplier regrows to this (lower after a rollback)
         self._incident = -1  # the step of the current incident's first back-off
         self._nonfinite_run = 0  # non-finite observations in a row
         self._now = -1  # the step being observed
@@ -209,7 +213,7 @@ class Divergence(Policy):
         if self._nonfinite_run >= 2:  # persisting: the weights themselves may be broken
             rolled = self._rollback(ctx, f"{reason} again ({self._nonfinite_run} in a row)",
                                     {**evidence, "in_a_row": self._nonfinite_run},
-                                    self.params["factor"])
+                                    self.params["rollback_factor"])
             if rolled is not None:
                 return rolled
         return self._back_off(ctx, reason, evidence, force=True)
@@ -293,7 +297,7 @@ class Divergence(Policy):
                   f"through the cooldown (more than max_shift {self.params['max_shift']:g}×): "
                   f"the back-off did not take")
         evidence = {**still, "escalation": self._escalation}
-        rolled = self._rollback(ctx, reason, evidence, factor)
+        rolled = self._rollback(ctx, reason, evidence, self.params["rollback_factor"])
         if rolled is not None:
             return rolled
         return self._back_off(ctx, reason, evidence, force=False, factor=factor)
@@ -334,6 +338,8 @@ class Divergence(Policy):
         self._cooldown_seen, self._cooldown_spikes = [], 0
         self._escalation = self._spikes = self._clean = self._nonfinite_run = 0
         ctx.rollback = target
+        # What needed a rollback was no passing spike: the LR does not regrow past the cut.
+        self._ceiling = self._scale
         record.update(factor=self._scale / old, backoffs=self._backoffs,
                       rollbacks=self._rollbacks)
         actions.append(Action(
@@ -419,12 +425,13 @@ class Divergence(Policy):
         """``regrow_after`` clean observations in a row: the multiplier grows back."""
         self._clean = 0
         self._spikes = 0
-        if self._scale >= 1.0:
+        ceiling = self._ceiling
+        if self._scale >= ceiling:
             self._backoffs = 0
             return []
         old = self._scale
-        self._scale = min(1.0, self._scale * self.params["regrow_factor"])
-        if self._scale >= 1.0:
+        self._scale = min(ceiling, self._scale * self.params["regrow_factor"])
+        if self._scale >= ceiling:
             self._backoffs = 0
         return [Action("regrow",
                        f"{self.params['regrow_after']} clean observations since the last "
@@ -450,7 +457,7 @@ class Divergence(Policy):
             "escalation": self._escalation,
             # Only for a run with snapshots: the state of every other run stays as it was.
             **({"rollback": {"rollbacks": self._rollbacks, "incident": self._incident,
-                             "nonfinite_run": self._nonfinite_run}}
+                             "nonfinite_run": self._nonfinite_run, "ceiling": self._ceiling}}
                if self._with_snapshots else {}),
         }
 
@@ -473,6 +480,7 @@ class Divergence(Policy):
         self._rollbacks = int(rollback.get("rollbacks", 0))
         self._incident = int(rollback.get("incident", -1))
         self._nonfinite_run = int(rollback.get("nonfinite_run", 0))
+        self._ceiling = float(rollback.get("ceiling", 1.0))
 
 
 def _median(values: list[float]) -> float:
