@@ -36,6 +36,10 @@ TARGET_HOOK = 3.0  # × an in-loop CosineAnnealingLR.step()
 EVERY_SLACK = 2.0  # every=N passes when its cost is at most 2/N of every=1's
 
 
+#: Snapshot intervals whose step-time ratio the suite measures (rollback-and-skip).
+SNAPSHOT_EVERY = (1, 10)
+
+
 @dataclass
 class OverheadConfig:
     tasks: tuple[str, ...] = LEGACY_TASKS
@@ -132,7 +136,33 @@ def _step_arms(task: str, cfg: OverheadConfig, sockets: dict[str, str],
                            run_name=f"bench-{task}")
         stack.append(ctl)
         arms[name] = (lambda tr=tr, ctl=ctl: _timed_loop(tr, steps, ctl.step))
+    for every in SNAPSHOT_EVERY:  # rollback-and-skip's host copies (see lrctl._snapshots)
+        tr = _Trainer(task)
+        ctl = lrctl.attach(tr.opt, policy=cfg.policy, socket=sockets["normal"], spawn=False,
+                           run_name=f"bench-{task}", snapshot_every=every, keep=2)
+        stack.append(ctl)
+        arms[f"lrctl async, snapshot_every={every}"] = (
+            lambda tr=tr, ctl=ctl: _timed_loop(tr, steps, ctl.step))
     return arms
+
+
+def _snapshot_memory(stack: list[Any]) -> dict[str, float]:
+    """Host memory of the snapshots (keep=2, snapshot_every=1: the steady state) / the
+    bytes of the parameters and optimizer state they copy."""
+    import torch
+
+    out: dict[str, float] = {}
+    for ctl in stack:
+        rollbacks = getattr(ctl, "_rollbacks", None)
+        ring = getattr(rollbacks, "ring", None)
+        if ring is None or rollbacks.every != 1:  # every=1: both slots hold a trained state
+            continue
+        params = [p for g in ctl.optimizer.param_groups for p in g["params"]]
+        live = sum(p.numel() * p.element_size() for p in params)
+        live += sum(v.numel() * v.element_size() for p in params
+                    for v in ctl.optimizer.state.get(p, {}).values() if torch.is_tensor(v))
+        out[ctl.run_key.rsplit("-", 1)[0]] = ring.nbytes / live
+    return out
 
 
 def _hook_arms(cfg: OverheadConfig, sockets: dict[str, str],
@@ -251,6 +281,7 @@ def run_overhead(cfg: OverheadConfig, progress: Progress | None = None) -> dict[
             data = interleave(_hook_arms(cfg, sockets, stack), cfg.micro_rounds,
                               progress, "hook cost ")
             result["hook"] = _hook_rows(data, cfg.every)
+            result["snapshot_memory"] = _snapshot_memory(stack)
         finally:
             for ctl in stack:
                 ctl.close()
@@ -321,6 +352,11 @@ def _render(result: dict[str, Any], out: Path) -> str:
     parts.append(f"**Hook cost per call inside a digits loop**, grad norm excluded (blocks of "
                  f"{result['config']['micro_steps']} steps, {result['config']['micro_rounds']} "
                  f"rounds)\n\n{rows_table(result['hook'])}\n")
+    memory = result.get("snapshot_memory") or {}
+    if memory:
+        parts.append("**Snapshot memory** (keep=2, host): " + ", ".join(
+            f"{run.removeprefix('bench-')} {ratio:.2f}× its parameters and optimizer state"
+            for run, ratio in memory.items()) + "\n")
     return "\n".join(parts)
 
 
