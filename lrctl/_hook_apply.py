@@ -114,8 +114,9 @@ class Applying:
     def _broadcast(self) -> None:
         """Rank 0's LRs and flags to every rank, on a CPU group: identical LRs every step."""
         try:
+            rollback = self._rollbacks.wire() if self._rollbacks is not None else []
             values = self._dist.broadcast(
-                [*self._target, float(self.should_skip), float(self.should_stop)])
+                [*self._target, float(self.should_skip), float(self.should_stop), *rollback])
         except Exception as exc:
             self._warn("broadcast", f"lrctl: LR broadcast failed ({exc!r}); LRs unchanged")
             return
@@ -123,4 +124,6 @@ class Applying:
         self._target = values[:n]
         self.should_skip = values[n] > 0
         self.should_stop = values[n + 1] > 0
+        if self._rollbacks is not None:
+            self._rollbacks.agree(values[n + 2], values[n + 3])
         self._apply()

@@ -56,6 +56,8 @@ class LinkSide:
         }
         if self.total_steps is not None:
             hello["total_steps"] = self.total_steps
+        if self._rollbacks is not None:
+            hello["snapshots"] = self._rollbacks.hello()
         if self._saved_session is not None:
             hello["session"] = self._saved_session  # the run as the checkpoint left it
         if self._step > 0:
@@ -149,6 +151,8 @@ class LinkSide:
             for d in msg.get("d") or ():
                 if isinstance(d, dict):
                     self._records.append(d)
+                    if self._rollbacks is not None and d.get("action") == "rollback":
+                        self._rollbacks.on_decision(d, self._dist.world_size > 1)
         if s > self._acked:
             self._acked = s
         if s == self._reported and msg.get("skip") is True:

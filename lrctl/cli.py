@@ -19,6 +19,7 @@ COMMAND_MODULES = (
     "lrctl.commands.bench",
     "lrctl.commands.daemon",
     "lrctl.commands.cooldown",
+    "lrctl.commands.rollback",
     "lrctl.commands.audit",
     "lrctl.commands.demo",
 )

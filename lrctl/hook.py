@@ -34,6 +34,7 @@ from ._hook_link import LinkSide, PolicyRejected, RunConflict
 from ._hook_report import Reporting
 from ._link import Link
 from ._resume import STATE_FORMAT, resume_state, sanitize_run_name
+from ._rollback import Rollbacks
 from ._staging import DeviceStaging
 from ._torchutil import (
     is_number,
@@ -88,6 +89,9 @@ class Controller(LinkSide, Reporting, Applying):
     steps, when known; policies that anneal to the end of the run (``kind:
     anneal``) need it. A reconnect or ``resume`` may give a new value (a run
     extended from a checkpoint): the controller takes it.
+    ``snapshot_every``, ``keep``, ``model``, ``on_snapshot``, ``on_rollback``:
+    snapshots for rollback-and-skip, off by default (see :mod:`lrctl._rollback`);
+    :attr:`rolled_back` is the step restored by the last :meth:`step`, or None.
     """
 
     def __init__(self, optimizer: Any, *, policy: Any = None, run_name: str | None = None,
@@ -97,7 +101,8 @@ class Controller(LinkSide, Reporting, Applying):
                  compute_grad_norm: bool = True, resume: str | None = None,
                  start_step: int = 0, watch: bool = True,
                  total_steps: int | None = None, base: str = "controller",
-                 scaler: Any = None) -> None:
+                 scaler: Any = None, snapshot_every: int | None = None, keep: int = 2,
+                 model: Any = None, on_snapshot: Any = None, on_rollback: Any = None) -> None:
         groups = getattr(optimizer, "param_groups", None)
         if not isinstance(groups, list) or not groups or not all(
                 isinstance(g, dict) and "lr" in g for g in groups):
@@ -164,6 +169,9 @@ class Controller(LinkSide, Reporting, Applying):
         self.mode = "active"
         self.run_key: str | None = None
         self._dist = Distributed.detect()
+        self._rollbacks = Rollbacks.create(optimizer, snapshot_every, keep, model, on_snapshot,
+                                           on_rollback, self._warn)
+        self.rolled_back: int | None = None
         self._link: Link | None = None
         self._controller_version: str | None = None  # from the welcome
         self._attached = False
@@ -246,6 +254,10 @@ class Controller(LinkSide, Reporting, Applying):
                 self._apply()  # read the LR the loop set for this step: it is reported
             overflows = self.overflows
             loss, grad_norm = self._guard_step(t, loss, grad_norm)
+            self.rolled_back = self._rollbacks.step(t) if self._rollbacks else None
+            if self.rolled_back is not None:  # this step's gradients are of the old weights
+                self.should_skip = True
+                self._guard.veto()
             link = self._link
             if link is not None and link.fatal is None:
                 if t % self.every == 0 or self._metrics:

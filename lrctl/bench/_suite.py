@@ -22,7 +22,7 @@ TASK_NAMES = ("digits", "charlm", "cancer_logreg", "diabetes", "digits_ae", "noi
               "friedman", "adding")
 #: The tasks of the first benchmarks: the recovery and overhead suites still run these.
 LEGACY_TASKS = ("digits", "charlm")
-ARM_NAMES = ("fixed", "cosine", "plateau", "schedulefree", "prodigy", "lrctl")
+ARM_NAMES = ("fixed", "cosine", "plateau", "schedulefree", "prodigy", "lrctl", "lrctl+rollback")
 #: The quality benchmark's reference arms; every policy file adds a ``policy:<stem>`` arm.
 BASE_ARMS = ("fixed", "cosine", "plateau", "schedulefree", "prodigy")
 

@@ -23,6 +23,8 @@ momentum 0.9, no weight decay).
   times per run, as a user would with ``ctl.report(val_loss=...)``.
 * ``lrctl``: the same with one file (``--policy``; default: the shipped
   ``default.yaml``); the name of the earlier benchmarks, kept as an alias.
+* ``lrctl+rollback``: ``lrctl`` with host snapshots (every 10 steps, the newest 4),
+  so the divergence guard may roll back (see :mod:`lrctl.bench._rollback_arm`).
 
 A policy arm's ``stop`` decisions are collected by kind (``stop_kinds``): the runner
 trains on past a stop that only early stopping asked for, to measure what the stop
@@ -234,6 +236,13 @@ def _lrctl(params: Any, lr: float, steps: int, policy: Any, opt: str) -> Control
                            policy if policy is not None else DEFAULT_POLICY, steps)
 
 
+def _lrctl_rollback(params: Any, lr: float, steps: int, policy: Any, opt: str) -> Controller:
+    from ._rollback_arm import RollbackController
+
+    return RollbackController(build_optimizer(opt, params, lr),
+                              policy if policy is not None else DEFAULT_POLICY, steps)
+
+
 Factory = Callable[[Any, float, int, Any, str], Controller]
 ARMS: dict[str, Factory] = {
     "fixed": _fixed,
@@ -242,6 +251,7 @@ ARMS: dict[str, Factory] = {
     "schedulefree": _schedulefree,
     "prodigy": _prodigy,
     "lrctl": _lrctl,
+    "lrctl+rollback": _lrctl_rollback,
 }
 
 

@@ -48,6 +48,10 @@ CLIPPED = "bare + clip_grad_norm_"
 NORM_GIVEN = "lrctl async, grad_norm=clip_grad_norm_(...)"
 
 
+#: Snapshot intervals whose step-time ratio the suite measures (rollback-and-skip).
+SNAPSHOT_EVERY = (1, 10)
+
+
 @dataclass
 class OverheadConfig:
     tasks: tuple[str, ...] = LEGACY_TASKS
@@ -153,6 +157,13 @@ def _step_arms(task: str, cfg: OverheadConfig, sockets: dict[str, str],
                            run_name=f"bench-{task}")
         stack.append(ctl)
         arms[name] = (lambda tr=tr, ctl=ctl: _timed_loop(tr, steps, ctl.step))
+    for every in SNAPSHOT_EVERY:  # rollback-and-skip's host copies (see lrctl._snapshots)
+        tr = _Trainer(task)
+        ctl = lrctl.attach(tr.opt, policy=cfg.policy, socket=sockets["normal"], spawn=False,
+                           run_name=f"bench-{task}", snapshot_every=every, keep=2)
+        stack.append(ctl)
+        arms[f"lrctl async, snapshot_every={every}"] = (
+            lambda tr=tr, ctl=ctl: _timed_loop(tr, steps, ctl.step))
     return arms
 
 
@@ -162,6 +173,25 @@ def _clip(tr: _Trainer) -> Any:
     import torch
 
     return torch.nn.utils.clip_grad_norm_(tr.params, 1e9)
+
+
+def _snapshot_memory(stack: list[Any]) -> dict[str, float]:
+    """Host memory of the snapshots (keep=2, snapshot_every=1: the steady state) / the
+    bytes of the parameters and optimizer state they copy."""
+    import torch
+
+    out: dict[str, float] = {}
+    for ctl in stack:
+        rollbacks = getattr(ctl, "_rollbacks", None)
+        ring = getattr(rollbacks, "ring", None)
+        if ring is None or rollbacks.every != 1:  # every=1: both slots hold a trained state
+            continue
+        params = [p for g in ctl.optimizer.param_groups for p in g["params"]]
+        live = sum(p.numel() * p.element_size() for p in params)
+        live += sum(v.numel() * v.element_size() for p in params
+                    for v in ctl.optimizer.state.get(p, {}).values() if torch.is_tensor(v))
+        out[ctl.run_key.rsplit("-", 1)[0]] = ring.nbytes / live
+    return out
 
 
 def _hook_arms(cfg: OverheadConfig, sockets: dict[str, str],
@@ -299,6 +329,7 @@ def run_overhead(cfg: OverheadConfig, progress: Progress | None = None) -> dict[
             data = interleave(_hook_arms(cfg, sockets, stack), cfg.micro_rounds,
                               progress, "hook cost ")
             result["hook"] = _hook_rows(data, cfg.every)
+            result["snapshot_memory"] = _snapshot_memory(stack)
         finally:
             for ctl in stack:
                 ctl.close()
@@ -379,6 +410,11 @@ def _render(result: dict[str, Any], out: Path) -> str:
                  f"CosineAnnealingLR), grad norm excluded (blocks of "
                  f"{result['config']['micro_steps']} steps, {result['config']['micro_rounds']} "
                  f"rounds)\n\n{rows_table(result['hook'])}\n")
+    memory = result.get("snapshot_memory") or {}
+    if memory:
+        parts.append("**Snapshot memory** (keep=2, host): " + ", ".join(
+            f"{run.removeprefix('bench-')} {ratio:.2f}× its parameters and optimizer state"
+            for run, ratio in memory.items()) + "\n")
     return "\n".join(parts)
 
 

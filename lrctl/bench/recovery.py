@@ -35,6 +35,8 @@ if TYPE_CHECKING:
 __all__ = ["SUITE", "RecoveryConfig", "recovery_steps", "run_recovery"]
 
 FINAL_RATIO = 1.10
+#: The rollback target: a faulted run ends within 5 % of its clean run's final loss.
+CLOSE_RATIO = 1.05
 RECOVERY_STEPS = 50
 _PRE = 50
 _WINDOW = 10
@@ -43,7 +45,7 @@ _WINDOW = 10
 @dataclass
 class RecoveryConfig:
     tasks: Sequence[str] = LEGACY_TASKS
-    arms: Sequence[str] = ("lrctl", "fixed")
+    arms: Sequence[str] = ("lrctl", "lrctl+rollback", "fixed")
     faults: Sequence[str] = tuple(FAULTS)
     seeds: Sequence[int] = (0, 1, 2)
     lr: float = 1e-3
@@ -96,6 +98,7 @@ def run_recovery(cfg: RecoveryConfig, progress: Progress | None = None) -> dict[
                    "steps": {t: cfg.steps.get(t, TASKS[t].steps) for t in cfg.tasks}},
         "runs": rows,
         "summary": _summarize(rows, cfg),
+        "within_5pct": _within(rows, cfg),
         "false_backoffs": false_backoffs(clean_runs, pre_fault_runs),
     }
 
@@ -143,6 +146,20 @@ def _summarize(rows: list[dict[str, Any]], cfg: RecoveryConfig) -> list[dict[str
                     "worst_recovery_steps": (None if any(x is None for x in recs)
                                              else max(recs)),
                 })
+    return out
+
+
+def _within(rows: list[dict[str, Any]], cfg: RecoveryConfig) -> list[dict[str, Any]]:
+    """Per arm and fault, over every task and seed: runs that end finite within
+    :data:`CLOSE_RATIO` of their clean run's final validation loss."""
+    out = []
+    for arm in cfg.arms:
+        for kind in cfg.faults:
+            mine = [r for r in rows if (r["arm"], r["fault"]) == (arm, kind)]
+            if mine:
+                out.append({"arm": arm, "fault": kind, "runs": len(mine),
+                            "within": sum(r["finite"] and r["final_ratio"] <= CLOSE_RATIO
+                                          for r in mine)})
     return out
 
 

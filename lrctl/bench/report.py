@@ -195,6 +195,14 @@ def recovery_tables(result: dict[str, Any]) -> str:
         lines.append(f"| {row['task']} | {row['arm']} | {row['fault']} | "
                      f"{row['success']}/{row['seeds']} | {row['finite']}/{row['seeds']} | "
                      f"{_r(row['worst_final_ratio'])} | {'never' if rec is None else rec} |")
+    close = result.get("within_5pct")
+    if close:
+        faults = list(dict.fromkeys(r["fault"] for r in close))
+        lines += ["", "Runs ending within 5 % of the clean run's final loss (every task and seed):",
+                  "", "| arm | " + " | ".join(faults) + " |", "|---" * (len(faults) + 1) + "|"]
+        for arm in dict.fromkeys(r["arm"] for r in close):
+            cells = {r["fault"]: f"{r['within']}/{r['runs']}" for r in close if r["arm"] == arm}
+            lines.append(f"| {arm} | " + " | ".join(cells.get(f, "") for f in faults) + " |")
     fb = result["false_backoffs"]
     lines.append("")
     lines.append(f"False back-offs on clean steps (lrctl): {fb['backoffs']} in {fb['steps']} steps "

@@ -143,6 +143,7 @@ class Handshakes:
             session.set_total_steps(hello.total_steps)
             srv.checkpoints.save(key)
         session.sync = hello.sync  # which LRs the optimizer used at a step (see _obs)
+        session.set_snapshots(hello.snapshots)  # the hook can roll back (or no longer)
         if _follow_mlflow(session, hello):  # a live session rejoined by a resumed job
             srv.open_records(session)
             srv.checkpoints.save(key)

@@ -41,6 +41,7 @@ class Hello:
     session: dict[str, Any] | None = None  # the run's state from the user's checkpoint
     start_step: int = 0  # the step number of the loop's first step
     resume_token: str | None = None  # from the run's welcome: may take a connected run over
+    snapshots: tuple[int, int] | None = None  # the hook's (every, keep): it can roll back
 
 
 def parse_hello(msg: Mapping[str, Any]) -> Hello:
@@ -77,7 +78,20 @@ def parse_hello(msg: Mapping[str, Any]) -> Hello:
         tracking_uri=get_str(mlflow, "tracking_uri", max_len=4096, optional=True),
         cwd=get_str(msg, "cwd", max_len=4096, optional=True), watch=watch, sync=sync,
         session=session, start_step=get_int(msg, "start_step", lo=0, optional=True) or 0,
-        resume_token=get_str(msg, "resume_token", max_len=64, optional=True))
+        resume_token=get_str(msg, "resume_token", max_len=64, optional=True),
+        snapshots=_snapshots(msg.get("snapshots")))
+
+
+def _snapshots(value: Any) -> tuple[int, int] | None:
+    """``{"every": N, "keep": K}``: the hook keeps snapshots (see lrctl._rollback)."""
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise ProtocolError("snapshots must be an object {every, keep}", "bad_message")
+    every = get_int(value, "every", lo=1, hi=1 << 40)
+    keep = get_int(value, "keep", lo=1, hi=1 << 20)
+    assert every is not None and keep is not None
+    return every, keep
 
 
 def _lrs(value: Any) -> list[float]:

@@ -1,5 +1,5 @@
-"""Operator verbs (``lrctl status / runs / set-lr / pause / resume / reload``): one request,
-one answer.
+"""Operator verbs (``lrctl status / runs / set-lr / pause / resume / reload / decay /
+rollback``): one request, one answer.
 
 An operator's change to a run is a decision of the policy ``operator``: journaled,
 checkpointed and pushed to the run's hook like any other (see ``Server.publish``).
@@ -29,7 +29,7 @@ __all__ = ["MAX_DECISIONS_PER_FRAME", "OPERATOR_TYPES", "answer", "find"]
 log = logging.getLogger("lrctl.daemon")
 
 OPERATOR_TYPES = frozenset({"runs", "set_lr", "clear_lr", "pause", "resume", "status",
-                            "reload", "decay"})
+                            "reload", "decay", "rollback"})
 MAX_DECISIONS_PER_FRAME = 32
 
 
@@ -58,6 +58,8 @@ def answer(server: Server, t: str, msg: Mapping[str, Any]) -> dict[str, Any]:
         decision = session.clear_lr()
     elif t == "decay":
         decision = session.decay(msg)
+    elif t == "rollback":
+        decision = session.rollback(get_int(msg, "to", lo=0, optional=True))
     else:
         decision = session.set_mode("shadow" if t == "pause" else "active")
     server.publish(session, decision)

@@ -36,6 +36,7 @@ from typing import Any
 from ..config import PolicyFile, parse_text
 from ..policy import Decision, Engine
 from ..policy._operator import OPERATOR
+from ..policy._rollback import ASYNC_LAG
 from ..sinks import RunInfo
 from ..wire.errors import ProtocolError
 from ..wire.messages import get_int, get_str
@@ -161,6 +162,23 @@ class Session:
             "overflows": self.overflows,
             "resume_token": self.resume_token,
         }
+
+    def set_snapshots(self, spec: tuple[int, int] | None) -> None:
+        """The connected hook keeps snapshots (``(every, keep)``) or none (``None``)."""
+        if spec is None:
+            self.engine.disable_snapshots()
+        else:
+            self.engine.enable_snapshots(spec[0], spec[1], ASYNC_LAG)
+
+    def rollback(self, to: int | None) -> dict[str, Any]:
+        """``lrctl rollback RUN [--to STEP]``: the hook restores the newest snapshot at or
+        before ``to`` (default: its newest) at its next step. ``ProtocolError`` when it
+        holds none (nothing changes then)."""
+        try:
+            decision = self.engine.rollback(to, ASYNC_LAG)
+        except ValueError as exc:
+            raise ProtocolError(f"run {self.key}: {exc}", "bad_request") from None
+        return self._record(decision.to_dict())
 
     def set_total_steps(self, total_steps: int) -> None:
         """A new run length from a reconnecting hook (a run extended on resume)."""

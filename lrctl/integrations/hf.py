@@ -99,8 +99,11 @@ class LrctlCallback(TrainerCallback, ExportableState):
         saved = _saved_checkpoint(state)
         taps = StepTaps(trainer)
         try:
-            self.controller = self._attach(optimizer, scaler, self._options(
-                args, state, saved, scaler, compute_grad_norm=not taps.grad_norm_tapped), keep)
+            options = self._options(args, state, saved, scaler,
+                                    compute_grad_norm=not taps.grad_norm_tapped)
+            if options.get("snapshot_every") is not None and options.get("on_snapshot") is None:
+                options.setdefault("model", kwargs.get("model"))  # its buffers roll back too
+            self.controller = self._attach(optimizer, scaler, options, keep)
         except BaseException:
             taps.remove()
             raise

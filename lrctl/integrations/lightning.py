@@ -83,6 +83,8 @@ class LrctlCallback(pl.Callback):
         # continues from the checkpoint's step and initial LRs (the restored optimizer
         # holds the LRs of the step it stopped at, not the run's initial ones).
         options.setdefault("start_step", int(trainer.global_step))
+        if options.get("snapshot_every") is not None and options.get("on_snapshot") is None:
+            options.setdefault("model", pl_module)  # its buffers (BatchNorm) roll back too
         if self._resume is not None:
             options.setdefault("resume", self._resume)
             initial = self._resume.get("initial_lrs")

@@ -83,7 +83,10 @@ class StepContext:
     decay sets ``"lr_reduced"`` when it cuts the LR and a WSD cooldown when it
     starts, so that early stopping can decay first and give up after.
     ``total_steps`` is the run's length when the training script said it
-    (``attach(total_steps=...)``), else ``None``. The engine keeps one context per
+    (``attach(total_steps=...)``), else ``None``. ``snapshots`` is the
+    :class:`~lrctl.policy._rollback.SnapshotBook` of a run whose hook keeps
+    snapshots (else ``None``: no rollback is possible); a policy that rolls back
+    sets ``rollback`` to the snapshot's step. The engine keeps one context per
     stack and clears it for each observation: read it during ``observe()`` only.
     """
 
@@ -92,13 +95,15 @@ class StepContext:
     flags: set[str] = field(default_factory=set)
     skip: bool = False
     stop: bool = False
+    snapshots: Any = None
+    rollback: int | None = None
 
 
 @dataclass(frozen=True)
 class Action:
     """Something a policy did at a step, with the reason and the numbers behind it."""
 
-    action: str  # backoff, regrow, reduce, restart, skip, stop, warmup_done, ...
+    action: str  # backoff, regrow, reduce, restart, skip, stop, rollback, warmup_done, ...
     reason: str
     evidence: Mapping[str, Any] = field(default_factory=dict)
 

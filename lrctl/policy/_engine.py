@@ -36,6 +36,7 @@ from ._inputs import (
     unique_names,
 )
 from ._operator import OperatorControls, OperatorVerbs
+from ._rollback import SnapshotBook, Snapshotting
 
 __all__ = ["Engine", "ObservationError", "unique_names"]
 
@@ -43,7 +44,7 @@ STATE_VERSION = 1
 MAX_DECISIONS_KEPT = 10_000
 
 
-class Engine(OperatorVerbs, LRArbiter):
+class Engine(OperatorVerbs, LRArbiter, Snapshotting):
     """A stack of policies driving the LRs of one run's param groups.
 
     ``observe`` returns the LRs to use for the next step. ``mode="shadow"``
@@ -110,6 +111,11 @@ class Engine(OperatorVerbs, LRArbiter):
         #: (Non-finite steps are skipped by the hook's own guard either way.)
         self.skips_enforced = True
         self.decision_count = 0
+        #: The snapshots the training process holds (None: it keeps none, so no policy
+        #: rolls back); see :meth:`enable_snapshots`.
+        self.snapshots: SnapshotBook | None = None
+        #: The snapshot step the latest observation rolled back to, or None.
+        self.rollback_to: int | None = None
         self._decisions: deque[Decision] = deque(maxlen=MAX_DECISIONS_KEPT)
         #: The decisions of the latest observation.
         self.last_decisions: list[Decision] = []
@@ -172,6 +178,10 @@ class Engine(OperatorVerbs, LRArbiter):
         if ctx.flags:
             ctx.flags.clear()
         ctx.skip = ctx.stop = False
+        book = self.snapshots
+        if book is not None:
+            book.advance(obs.step)
+            ctx.rollback = None
         new_decisions: list[Decision] = []
         factors = self._schedule_factors(obs.step + 1) if self._schedules else None
         multiplier = self._refresh_multipliers()
@@ -196,6 +206,10 @@ class Engine(OperatorVerbs, LRArbiter):
             ctx.skip = True
             new_decisions.append(self._nonfinite_skip(obs, multiplier, factors))
         self.last_step = obs.step
+        if book is not None:  # a shadow rollback is recorded, never carried out
+            self.rollback_to = ctx.rollback if self.mode == "active" else None
+            if self.rollback_to is not None:
+                book.rolled_back(self.rollback_to, obs.step)
         self.should_skip = ctx.skip
         self.should_stop = self.should_stop or ctx.stop
         self._saw_unusable = False
@@ -354,6 +368,7 @@ class Engine(OperatorVerbs, LRArbiter):
         self.last_step = old.last_step
         self.should_stop = old.should_stop
         self.decision_count = old.decision_count
+        self.snapshots = self._ctx.snapshots = old.snapshots
         self._decisions = old._decisions
         self._unusable = old._unusable
         self.operator = old.operator  # the manual LR and the hold stay in force
@@ -364,6 +379,12 @@ class Engine(OperatorVerbs, LRArbiter):
 
     # -- state -------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
+        state = self._state()
+        if self.snapshots is not None:  # only then: the state of other runs is unchanged
+            state["snapshots"] = self.snapshots.state_dict()
+        return state
+
+    def _state(self) -> dict[str, Any]:
         return {
             "version": STATE_VERSION,
             "initial_lrs": list(self.initial_lrs),
@@ -411,6 +432,9 @@ class Engine(OperatorVerbs, LRArbiter):
         self._unusable = bool(state.get("unusable", False))
         self._lrs = [float(x) for x in state["lrs"]]
         self._lrs_multiplier = None
+        book = state.get("snapshots")
+        self.snapshots = self._ctx.snapshots = (
+            None if book is None else SnapshotBook.from_state(book))
 
 
 def _product(values: list[float]) -> float:

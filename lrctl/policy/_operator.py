@@ -140,6 +140,18 @@ class OperatorVerbs:
                                        "resumed by an operator: policies act again",
                                        {"mode": "active"})
 
+    def rollback(self, to: int | None, lag: int) -> Decision:
+        """An operator's rollback: the hook restores its newest snapshot at or before
+        ``to`` (default: its newest) at its next step, ``lag`` steps after the last
+        observed one. ``ValueError`` when it holds none (nothing changes then)."""
+        target, now = self.request_rollback(to)  # type: ignore[attr-defined] (Snapshotting)
+        lrs = self.applied_lrs
+        return self._operator_decision(
+            "rollback", lrs, f"rollback to the snapshot of step {target} requested by an "
+            f"operator{'' if to is None else f' (at or before step {to})'}",
+            {"snapshot_step": target, "requested": to, "incident_step": now,
+             "steps_lost": now + lag + 1 - target})
+
     def _operator_decision(self, action: str, before: Sequence[float], reason: str,
                            evidence: Mapping[str, Any], step: int | None = None) -> Decision:
         last = -1 if self.last_step is None else self.last_step

@@ -37,6 +37,15 @@ The behaviour of a mixed-precision loss scaler, applied to the learning rate:
   neither clean nor a spike: it counts toward nothing.
 * More than ``max_backoffs`` back-offs in one incident, or a back-off below the
   ``min_multiplier`` floor, escalates to ``stop``.
+* Rollback (only when the hook keeps snapshots: ``attach(..., snapshot_every=N)``;
+  otherwise none of this happens). Where the guard would back off harder because
+  the back-off did not take, or at a second non-finite observation in a row (the
+  weights themselves are broken), it rolls back instead: the training process
+  restores the newest snapshot taken before the incident's first back-off, and
+  the LR is cut as the harder back-off would have cut it. The step counter moves
+  on (the batches in between are skipped). The LR then regrows no higher than the
+  rollback left it (what needed a rollback was no passing spike). At most
+  ``max_rollbacks`` per run; one more would-be rollback asks the run to stop.
 """
 
 from __future__ import annotations
@@ -85,6 +94,11 @@ class Divergence(Policy):
               "divergence, not a new level: back off again, harder (null: never)",
               gt=1, optional=True),
         Param("min_multiplier", "float", 1e-3, "floor of the back-off multiplier", gt=0, le=1),
+        Param("max_rollbacks", "int", 3,
+              "rollbacks to a snapshot before the incident per run, when the hook keeps "
+              "snapshots (attach(snapshot_every=N)); one more asks to stop; 0: never", ge=0),
+        Param("rollback_factor", "float", 0.1,
+              "multiply the LR by this at a rollback (it does not regrow past it)", gt=0, lt=1),
         Param("skip_nonfinite", "bool", True, "record the skip of a non-finite step as this "
               "policy's (false: the engine's guard records it; the step is skipped either way)"),
         Param("skip_spikes", "bool", False,
@@ -110,6 +124,12 @@ class Divergence(Policy):
 
         self._total_backoffs = 0
         self._stopped = False
+        self._rollbacks = 0  # rollbacks this run
+        self._ceiling = 1.0  # the multiplier regrows to this (lower after a rollback)
+        self._incident = -1  # the step of the current incident's first back-off
+        self._nonfinite_run = 0  # non-finite observations in a row
+        self._now = -1  # the step being observed
+        self._with_snapshots = False  # has backed off in a run whose hook keeps snapshots
         # The knobs read at every observation, as plain attributes (params are fixed).
         p = self.params
         self._linear = p["loss_scale"] == "linear"
@@ -126,9 +146,12 @@ class Divergence(Policy):
     # -- detection -----------------------------------------------------------
     def observe(self, obs: Observation, ctx: StepContext) -> list[Action]:
         loss, gnorm = obs.loss, obs.grad_norm
+        self._now = obs.step
         if ((loss is not None and not math.isfinite(loss))
                 or (gnorm is not None and not math.isfinite(gnorm))):
             return self._nonfinite(obs, ctx)
+        if self._nonfinite_run:
+            self._nonfinite_run = 0
         if loss is None:  # the loss on the scale it is judged on (None: not judged)
             judged_loss = None
         elif self._linear:
@@ -184,9 +207,16 @@ class Divergence(Policy):
         ctx.flags.add("nonfinite")
         ctx.skip = ctx.skip or self.params["skip_nonfinite"]
         value = obs.value(name)
-        return self._back_off(ctx, f"{name} is {value}",
-                              {"statistic": name, "value": value, "threshold": "finite"},
-                              force=True)
+        reason = f"{name} is {value}"
+        evidence = {"statistic": name, "value": value, "threshold": "finite"}
+        self._nonfinite_run += 1
+        if self._nonfinite_run >= 2:  # persisting: the weights themselves may be broken
+            rolled = self._rollback(ctx, f"{reason} again ({self._nonfinite_run} in a row)",
+                                    {**evidence, "in_a_row": self._nonfinite_run},
+                                    self.params["rollback_factor"])
+            if rolled is not None:
+                return rolled
+        return self._back_off(ctx, reason, evidence, force=True)
 
     def _skips_spikes(self) -> bool:
         """Whether a spike now asks the hook to skip its step: not once a back-off did
@@ -266,8 +296,57 @@ class Divergence(Policy):
         reason = (f"{what} stayed {still['ratio']:.3g}× above its median {still['median']:.6g} "
                   f"through the cooldown (more than max_shift {self.params['max_shift']:g}×): "
                   f"the back-off did not take")
-        return self._back_off(ctx, reason, {**still, "escalation": self._escalation},
-                              force=False, factor=factor)
+        evidence = {**still, "escalation": self._escalation}
+        rolled = self._rollback(ctx, reason, evidence, self.params["rollback_factor"])
+        if rolled is not None:
+            return rolled
+        return self._back_off(ctx, reason, evidence, force=False, factor=factor)
+
+    def _rollback(self, ctx: StepContext, reason: str, evidence: dict[str, Any],
+                  factor: float) -> list[Action] | None:
+        """Roll back to the newest snapshot before the incident, with the LR × ``factor``;
+        None (the caller backs off as without snapshots) when there is no such snapshot,
+        rollbacks are off, or a back-off would stop the run anyway."""
+        book = ctx.snapshots
+        most = self.params["max_rollbacks"]
+        if (book is None or most == 0 or self._stopped or self._incident < 0
+                or self._backoffs >= self.params["max_backoffs"]
+                or self._scale <= self.params["min_multiplier"]):
+            return None
+        target = book.newest_at_or_before(self._incident - 1, self._now)
+        if target is None:
+            return None
+        actions: list[Action] = []
+        if ctx.skip:
+            actions.append(Action("skip", f"skip this optimizer step: {reason}", evidence))
+        record = {**evidence, "incident_step": self._incident, "snapshot_step": target,
+                  "steps_lost": self._now + book.lag + 1 - target,
+                  "rollbacks": self._rollbacks}
+        if self._rollbacks >= most:
+            self._stopped = True
+            ctx.stop = True
+            actions.append(Action("stop", f"training keeps diverging after {most} "
+                                  f"rollback(s): {reason}", record))
+            return actions
+        old = self._scale
+        self._scale = max(self._scale * factor, self.params["min_multiplier"])
+        self._rollbacks += 1
+        self._backoffs += 1
+        self._total_backoffs += 1
+        # The restored model starts a fresh cooldown: what it shows next is judged anew.
+        self._cooldown = self.params["cooldown"]
+        self._cooldown_seen, self._cooldown_spikes = [], 0
+        self._escalation = self._spikes = self._clean = self._nonfinite_run = 0
+        ctx.rollback = target
+        # What needed a rollback was no passing spike: the LR does not regrow past the cut.
+        self._ceiling = self._scale
+        record.update(factor=self._scale / old, backoffs=self._backoffs,
+                      rollbacks=self._rollbacks)
+        actions.append(Action(
+            "rollback", f"{reason}: roll back to the snapshot of step {target} (before the "
+                        f"incident at step {self._incident}; {record['steps_lost']} steps "
+                        f"lost), LR × {self._scale / old:.6g}", record))
+        return actions
 
     def _judge(self, loss: float | None, log_gnorm: float | None) -> dict[str, Any] | None:
         """Evidence of a spike in the (judged) loss, else in the log grad norm; or None."""
@@ -330,6 +409,10 @@ class Divergence(Policy):
         old = self._scale
         self._scale = max(self._scale * (self.params["factor"] if factor is None else factor),
                           floor)
+        if self._backoffs == 0:
+            self._incident = self._now
+        if ctx.snapshots is not None:
+            self._with_snapshots = True
         self._backoffs += 1
         self._total_backoffs += 1
         self._cooldown = self.params["cooldown"]
@@ -342,12 +425,13 @@ class Divergence(Policy):
         """``regrow_after`` clean observations in a row: the multiplier grows back."""
         self._clean = 0
         self._spikes = 0
-        if self._scale >= 1.0:
+        ceiling = self._ceiling
+        if self._scale >= ceiling:
             self._backoffs = 0
             return []
         old = self._scale
-        self._scale = min(1.0, self._scale * self.params["regrow_factor"])
-        if self._scale >= 1.0:
+        self._scale = min(ceiling, self._scale * self.params["regrow_factor"])
+        if self._scale >= ceiling:
             self._backoffs = 0
         return [Action("regrow",
                        f"{self.params['regrow_after']} clean observations since the last "
@@ -371,6 +455,10 @@ class Divergence(Policy):
             "total_backoffs": self._total_backoffs,
             "stopped": self._stopped,
             "escalation": self._escalation,
+            # Only for a run with snapshots: the state of every other run stays as it was.
+            **({"rollback": {"rollbacks": self._rollbacks, "incident": self._incident,
+                             "nonfinite_run": self._nonfinite_run, "ceiling": self._ceiling}}
+               if self._with_snapshots else {}),
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -387,6 +475,12 @@ class Divergence(Policy):
         self._total_backoffs = int(state["total_backoffs"])
         self._stopped = bool(state["stopped"])
         self._escalation = int(state.get("escalation", 0))
+        rollback = state.get("rollback") or {}
+        self._with_snapshots = bool(rollback)
+        self._rollbacks = int(rollback.get("rollbacks", 0))
+        self._incident = int(rollback.get("incident", -1))
+        self._nonfinite_run = int(rollback.get("nonfinite_run", 0))
+        self._ceiling = float(rollback.get("ceiling", 1.0))
 
 
 def _median(values: list[float]) -> float:

@@ -27,7 +27,8 @@ Hook → controller:
   ``lrs`` (initial LR per param group), ``groups``, ``world_size``, ``mlflow``
   ``{run_id, tracking_uri}``, ``cwd``, ``watch`` (optional, default true:
   ``false`` pins the run to the policy version it starts with), ``total_steps``
-  (optional: the run's length, for ``anneal``), ``session`` (optional: the
+  (optional: the run's length, for ``anneal``), ``snapshots`` (optional,
+  ``{every, keep}``: the hook keeps snapshots and can roll back), ``session`` (optional: the
   run's state from ``snapshot``, kept in the user's checkpoint: the run resumes
   from it), ``token`` (TCP only).
 * ``obs``: ``s`` step, ``l`` loss, ``g`` grad norm (each may be absent or null),
@@ -56,6 +57,7 @@ TCP each request carries ``token``):
   reload_error, store_error}]}``
 * ``set_lr`` ``{run, lr, steps}`` (``steps`` null: until cleared), ``clear_lr``
   ``{run}``, ``pause`` ``{run}``, ``resume`` ``{run}`` → ``ok`` ``{message}``
+* ``rollback`` ``{run, to}`` (``to`` absent: the newest snapshot) → ``ok`` ``{message}``
 * ``reload`` ``{run}`` (``run`` absent: every watched run) → ``ok``
   ``{message, decisions}``; a pinned run answers ``error`` ``pinned``
 * ``status`` → ``status`` ``{pid, version, runs, connected, uptime_s, socket,

@@ -108,10 +108,12 @@ def test_quick_recovery_run_structure() -> None:
     cfg = RecoveryConfig.quick()
     cfg.tasks, cfg.faults, cfg.steps = ("digits",), ("nan_loss",), {"digits": 60}
     result = run_recovery(cfg)
-    assert [(r["arm"], r["fault"]) for r in result["runs"]] == [("lrctl", "nan_loss"),
-                                                                 ("fixed", "nan_loss")]
-    lrctl, fixed = result["runs"]
-    assert lrctl["finite"] and not fixed["finite"]
+    assert [(r["arm"], r["fault"]) for r in result["runs"]] == [
+        ("lrctl", "nan_loss"), ("lrctl+rollback", "nan_loss"), ("fixed", "nan_loss")]
+    lrctl, rollback, fixed = result["runs"]
+    assert lrctl["finite"] and rollback["finite"] and not fixed["finite"]
+    assert [(r["arm"], r["runs"]) for r in result["within_5pct"]] == [
+        ("lrctl", 1), ("lrctl+rollback", 1), ("fixed", 1)]
     assert result["false_backoffs"]["steps"] == 60 + 30
 
 

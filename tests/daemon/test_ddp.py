@@ -29,3 +29,22 @@ def test_lrs_are_identical_on_both_ranks_every_step(controller: ControllerProc,
     assert ranks[0]["connected"] is True and ranks[1]["connected"] is False  # rank 0 only
     assert ranks[0]["lrs"] == ranks[1]["lrs"]
     assert len({lr[0] for lr in ranks[0]["lrs"]}) > 10  # the controller really drove them
+
+
+def test_a_rollback_restores_the_same_snapshot_on_every_rank(controller: ControllerProc,
+                                                             short_dir: Path) -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+         "--nnodes=1", "--master_addr=127.0.0.1", f"--master_port={_free_port()}",
+         str(Path(__file__).with_name("ddp_rollback_worker.py")), str(short_dir)],
+        capture_output=True, text=True, timeout=240, cwd=REPO)
+    assert out.returncode == 0, out.stderr[-3000:]
+    ranks = [json.loads((short_dir / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert ranks[0]["rolled"], "no rollback happened"
+    # The same step, the same snapshot, on both ranks; the weights are the snapshot's.
+    assert [r[:2] for r in ranks[0]["rolled"]] == [r[:2] for r in ranks[1]["rolled"]]
+    for rank in ranks:
+        for _, to, weights in rank["rolled"]:
+            assert weights == rank["snapshots"][str(to)]
+    assert ranks[0]["rolled"][0][2] == ranks[1]["rolled"][0][2]
+    assert ranks[0]["final"] == ranks[1]["final"]
