@@ -90,7 +90,9 @@ class Reporting:
             self.overflows += 1
         try:
             frame = encode_obs(t, loss, grad, clean, overflow=overflow,
-                               base=self._writer.base if self._writer.loop_mode else None)
+                               base=self._writer.base if self._writer.loop_mode else None,
+                               restored=self._restored_unreported)
+            self._restored_unreported = None
         except ValueError as exc:  # e.g. too many metrics for one frame
             self._warn("encode", f"lrctl: step {t} not reported: {exc}")
             return

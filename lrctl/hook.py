@@ -172,6 +172,7 @@ class Controller(LinkSide, Reporting, Applying):
         self._rollbacks = Rollbacks.create(optimizer, snapshot_every, keep, model, on_snapshot,
                                            on_rollback, self._warn)
         self.rolled_back: int | None = None
+        self._restored_unreported: int | None = None  # told to the controller with an obs
         self._link: Link | None = None
         self._controller_version: str | None = None  # from the welcome
         self._attached = False
@@ -256,6 +257,7 @@ class Controller(LinkSide, Reporting, Applying):
             loss, grad_norm = self._guard_step(t, loss, grad_norm)
             self.rolled_back = self._rollbacks.step(t) if self._rollbacks else None
             if self.rolled_back is not None:  # this step's gradients are of the old weights
+                self._restored_unreported = self.rolled_back
                 self.should_skip = True
                 self._guard.veto()
             link = self._link

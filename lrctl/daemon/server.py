@@ -261,6 +261,8 @@ class Server:
             if not isinstance(raw_metrics, dict):
                 raise ProtocolError("m must be an object of named metrics", "bad_message")
             metrics = {str(k): float_in(v, f"metric {k!r:.40}") for k, v in raw_metrics.items()}
+        # The hook carried out a rollback before this step: the snapshot step it restored.
+        restored = None if msg.get("r") is None else get_int(msg, "r", hi=step)
         if step <= session.last_step:
             # A replay that overlaps what the restored session has seen: answer, don't apply.
             raise ProtocolError(f"step {step} already observed (last step "
@@ -282,6 +284,8 @@ class Server:
             raise ProtocolError(str(exc), "bad_observation") from None
         if msg.get("o") is True:
             session.overflows += 1  # a GradScaler overflow: counted, never divergence
+        if restored is not None:
+            result.decisions.append(session.rolled_back(step, restored))
         used = result.lrs if used is None else used
         if base is not None:
             used = session.used_lrs(used, base)

@@ -180,6 +180,18 @@ class Session:
             raise ProtocolError(f"run {self.key}: {exc}", "bad_request") from None
         return self._record(decision.to_dict())
 
+    def rolled_back(self, step: int, restored: int) -> dict[str, Any]:
+        """The hook says it restored the snapshot of step ``restored`` before ``step``: the
+        record that the rollback decided earlier was carried out, and to which snapshot."""
+        lrs = tuple(self.lrs())
+        return self._record(Decision(
+            step=step, policy="hook", kind="hook", action="rolled_back", old_lrs=lrs,
+            new_lrs=lrs, reason=f"the hook restored the snapshot of step {restored} before "
+                                f"step {step} ({step - restored} steps lost)",
+            evidence={"snapshot_step": restored, "at_step": step,
+                      "steps_lost": step - restored},
+            policy_sha256=self.info.policy_sha256).to_dict())
+
     def set_total_steps(self, total_steps: int) -> None:
         """A new run length from a reconnecting hook (a run extended on resume)."""
         self.total_steps = total_steps

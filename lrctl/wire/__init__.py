@@ -34,7 +34,9 @@ Hook → controller:
 * ``obs``: ``s`` step, ``l`` loss, ``g`` grad norm (each may be absent or null),
   ``m`` named metrics (optional object), ``o`` (optional, true: a mixed-precision
   overflow step that the ``GradScaler`` skipped; never divergence), ``b``
-  (optional: the loop's own LR per group for this step, ``base="loop"``).
+  (optional: the loop's own LR per group for this step, ``base="loop"``), ``r``
+  (optional: the snapshot step the hook restored before this step, a rollback
+  carried out; journaled as a ``rolled_back`` decision).
 * ``snapshot``: the run's state after every observation so far → ``snapshot``
   ``{s, session}``.
 * ``bye``: the run ended; the controller closes the session.

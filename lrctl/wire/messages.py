@@ -46,16 +46,17 @@ def float_in(x: Any, name: str) -> float:
 # -- obs ------------------------------------------------------------------------------
 def encode_obs(step: int, loss: float | None, grad_norm: float | None,
                metrics: Mapping[str, float] | None = None, *, overflow: bool = False,
-               base: Sequence[float] | None = None) -> bytes:
+               base: Sequence[float] | None = None, restored: int | None = None) -> bytes:
     """An ``obs`` frame, formatted by hand: this runs once per training step.
 
     ``repr`` of a finite float is valid JSON; the rare fields go through
     :func:`encode`: metrics (``m``), a mixed-precision overflow step (``o``: the
     ``GradScaler`` skipped it; no grad norm), and the loop's own LRs for this step
     (``b``, ``attach(..., base="loop")``: the controller records ``b × lrs /
-    initial_lrs`` as the LRs used).
+    initial_lrs`` as the LRs used), and the snapshot step the hook has just
+    restored (``r``: a rollback carried out, before this step).
     """
-    if metrics or overflow or base is not None:
+    if metrics or overflow or base is not None or restored is not None:
         msg: dict[str, Any] = {"t": "obs", "s": step, "l": float_out(loss),
                                "g": float_out(grad_norm)}
         if metrics:
@@ -64,6 +65,8 @@ def encode_obs(step: int, loss: float | None, grad_norm: float | None,
             msg["o"] = True
         if base is not None:
             msg["b"] = [float_out(float(v)) for v in base]
+        if restored is not None:
+            msg["r"] = int(restored)
         return encode(msg)
     body = f'{{"v":1,"t":"obs","s":{int(step)},"l":{_num(loss)},"g":{_num(grad_norm)}}}'.encode(
         "ascii")

@@ -68,6 +68,11 @@ def test_an_injected_fault_rolls_back_and_the_journal_says_why(
     ev = journaled["evidence"]
     assert (ev["incident_step"], ev["snapshot_step"]) == (30, 25)
     assert ev["steps_lost"] == journaled["step"] + 2 + 1 - 25
+    # The hook said it carried it out, and to which snapshot: the audit shows both.
+    [done] = [r for r in records if r["action"] == "rolled_back"]
+    assert (done["policy"], done["step"]) == ("hook", restored[0])
+    assert done["evidence"] == {"snapshot_step": 25, "at_step": restored[0],
+                                "steps_lost": restored[0] - 25}
 
 
 def test_an_operator_rollback_calls_the_users_callbacks_with_the_step(
@@ -91,6 +96,8 @@ def test_an_operator_rollback_calls_the_users_callbacks_with_the_step(
         _train_step(model, opt, ctl, 1.0)
         assert ctl.rolled_back is None
         assert ("operator", "rollback") in [(d.policy, d.action) for d in ctl.decisions]
+        [done] = [d for d in ctl.decisions if d.action == "rolled_back"]
+        assert done.step == 15 and done.evidence["snapshot_step"] == 8
         bad = _cli("rollback", "cb", "--to", "2")  # 0 was dropped from the ring (keep=2)
         assert bad.returncode != 0 and "no snapshot" in bad.stderr
 
