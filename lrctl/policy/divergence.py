@@ -55,6 +55,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from ._base import Action, Observation, Policy, StepContext
+from ._divergence_rollback import RollbackEscalation
 from ._params import Param, ParamError
 from ._registry import register_policy
 from .stats import RobustWindow
@@ -67,7 +68,7 @@ LOSS_CONFIRMS = 1.5
 
 
 @register_policy("divergence")
-class Divergence(Policy):
+class Divergence(RollbackEscalation, Policy):
     priority = 0
     keeps_observations = False
     PARAMS = (
@@ -302,52 +303,6 @@ class Divergence(Policy):
             return rolled
         return self._back_off(ctx, reason, evidence, force=False, factor=factor)
 
-    def _rollback(self, ctx: StepContext, reason: str, evidence: dict[str, Any],
-                  factor: float) -> list[Action] | None:
-        """Roll back to the newest snapshot before the incident, with the LR × ``factor``;
-        None (the caller backs off as without snapshots) when there is no such snapshot,
-        rollbacks are off, or a back-off would stop the run anyway."""
-        book = ctx.snapshots
-        most = self.params["max_rollbacks"]
-        if (book is None or most == 0 or self._stopped or self._incident < 0
-                or self._backoffs >= self.params["max_backoffs"]
-                or self._scale <= self.params["min_multiplier"]):
-            return None
-        target = book.newest_at_or_before(self._incident - 1, self._now)
-        if target is None:
-            return None
-        actions: list[Action] = []
-        if ctx.skip:
-            actions.append(Action("skip", f"skip this optimizer step: {reason}", evidence))
-        record = {**evidence, "incident_step": self._incident, "snapshot_step": target,
-                  "steps_lost": self._now + book.lag + 1 - target,
-                  "rollbacks": self._rollbacks}
-        if self._rollbacks >= most:
-            self._stopped = True
-            ctx.stop = True
-            actions.append(Action("stop", f"training keeps diverging after {most} "
-                                  f"rollback(s): {reason}", record))
-            return actions
-        old = self._scale
-        self._scale = max(self._scale * factor, self.params["min_multiplier"])
-        self._rollbacks += 1
-        self._backoffs += 1
-        self._total_backoffs += 1
-        # The restored model starts a fresh cooldown: what it shows next is judged anew.
-        self._cooldown = self.params["cooldown"]
-        self._cooldown_seen, self._cooldown_spikes = [], 0
-        self._escalation = self._spikes = self._clean = self._nonfinite_run = 0
-        ctx.rollback = target
-        # What needed a rollback was no passing spike: the LR does not regrow past the cut.
-        self._ceiling = self._scale
-        record.update(factor=self._scale / old, backoffs=self._backoffs,
-                      rollbacks=self._rollbacks)
-        actions.append(Action(
-            "rollback", f"{reason}: roll back to the snapshot of step {target} (before the "
-                        f"incident at step {self._incident}; {record['steps_lost']} steps "
-                        f"lost), LR × {self._scale / old:.6g}", record))
-        return actions
-
     def _judge(self, loss: float | None, log_gnorm: float | None) -> dict[str, Any] | None:
         """Evidence of a spike in the (judged) loss, else in the log grad norm; or None."""
         window = self._loss
@@ -455,10 +410,7 @@ class Divergence(Policy):
             "total_backoffs": self._total_backoffs,
             "stopped": self._stopped,
             "escalation": self._escalation,
-            # Only for a run with snapshots: the state of every other run stays as it was.
-            **({"rollback": {"rollbacks": self._rollbacks, "incident": self._incident,
-                             "nonfinite_run": self._nonfinite_run, "ceiling": self._ceiling}}
-               if self._with_snapshots else {}),
+            **self._rollback_state(),
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -475,12 +427,7 @@ class Divergence(Policy):
         self._total_backoffs = int(state["total_backoffs"])
         self._stopped = bool(state["stopped"])
         self._escalation = int(state.get("escalation", 0))
-        rollback = state.get("rollback") or {}
-        self._with_snapshots = bool(rollback)
-        self._rollbacks = int(rollback.get("rollbacks", 0))
-        self._incident = int(rollback.get("incident", -1))
-        self._nonfinite_run = int(rollback.get("nonfinite_run", 0))
-        self._ceiling = float(rollback.get("ceiling", 1.0))
+        self._load_rollback_state(state)
 
 
 def _median(values: list[float]) -> float:
