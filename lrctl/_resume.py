@@ -1,5 +1,6 @@
 """What a hook keeps in the user's checkpoint (``ctl.state_dict()``), checked on the way
-back in, and the run-name rule its run key follows."""
+back in (``attach(resume=...)``, ``ctl.load_state_dict``), and the run-name rule its run
+key follows. :class:`Resuming` is a mixin of :class:`~lrctl.hook.Controller`."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from typing import Any
 
 from ._torchutil import lr_value
 
-__all__ = ["STATE_FORMAT", "resume_state", "sanitize_run_name"]
+__all__ = ["STATE_FORMAT", "Resuming", "resume_state", "sanitize_run_name"]
 
 _NAME_BAD = re.compile(r"[^A-Za-z0-9._-]+")
 
@@ -44,3 +45,67 @@ def resume_state(resume: Any) -> dict[str, Any] | None:
     return {"run_key": key, "step": step, "initial_lrs": [lr_value(v) for v in lrs],
             "session": dict(session) if session is not None else None,
             "token": token if isinstance(token, str) else None}
+
+
+class Resuming:
+    """``state_dict`` and ``load_state_dict`` of the hook (see the module docstring)."""
+
+    def state_dict(self) -> dict[str, Any]:
+        """What to keep in your own checkpoint to resume this run exactly.
+
+        Plain data (``torch.save`` and JSON both hold it): the run key, the step
+        count, the run's initial LRs and, when the controller answers, its policies'
+        state as of the last reported step (it waits up to ``timeout`` for the
+        answers still due). Pass it back with ``attach(..., resume=state)`` or
+        :meth:`load_state_dict` in the restarted process: the LRs then continue as
+        if the run had not stopped, wherever the controller had got to since.
+        """
+        state: dict[str, Any] = {"format": STATE_FORMAT, "run_key": self.run_key,
+                                 "step": self._step, "initial_lrs": list(self._initial)}
+        token = self._token()
+        if token is not None:
+            state["token"] = token  # a resume may take the run over from a hung process
+        try:
+            session = self._fetch_session()
+        except Exception as exc:
+            session = None
+            self._warn("internal", f"lrctl: could not read the run's state ({exc!r})")
+        if session is not None:
+            state["session"] = session
+        return state
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Rejoin the run that :meth:`state_dict` saved (call it before the first step).
+
+        Equivalent to ``attach(..., resume=state)``: either order relative to the
+        optimizer's own ``load_state_dict`` works (the hook rewrites the LRs into
+        restored param groups). The session this attach opened, still empty, ends.
+        """
+        saved = resume_state(state)
+        assert saved is not None
+        if len(saved["initial_lrs"]) != len(self._initial):
+            raise ValueError(f"the saved lrctl state has {len(saved['initial_lrs'])} param "
+                             f"group(s), this optimizer has {len(self._initial)}")
+        if self._reported >= 0:
+            raise RuntimeError("load_state_dict() must come before the first ctl.step() "
+                               "(or pass the state to attach(..., resume=state))")
+        self._step = max(self._step, saved["step"])
+        if saved["run_key"] == self.run_key and saved.get("session") is None:
+            return
+        self._initial = list(saved["initial_lrs"])
+        self._target = list(self._initial)
+        self._writer.initial = list(self._initial)
+        self._resume = saved["run_key"]
+        self._saved_session = saved.get("session")
+        self._resume_token = saved.get("token") or (
+            self._token() if saved["run_key"] == self.run_key else None)
+        if self._dist.rank == 0:
+            if self._link is not None:
+                self._link.close(bye=saved["run_key"] != self.run_key)
+                self._link = None
+            self._controller_version = None
+            self._connect(*self._connect_args)
+        if self._dist.world_size > 1:
+            self._broadcast()
+        else:
+            self._apply()

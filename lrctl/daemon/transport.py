@@ -35,18 +35,19 @@ from typing import Any
 
 from ..wire.decoder import FrameDecoder
 from ..wire.errors import ProtocolError
-from ..wire.frames import MAX_FRAME, MAX_HELLO, encode
+from ..wire.frames import MAX_FRAME, MAX_HELLO
 from .admission import Admission, bind_unix
 from .conn import Conn, Handler, Refused, Unavailable
 from .limits import Limits
 from .ratelog import RateLog
+from .writing import Writing
 
 __all__ = ["Conn", "Handler", "Refused", "Transport", "Unavailable", "bind_unix"]
 
 log = logging.getLogger("lrctl.daemon")
 
 
-class Transport:
+class Transport(Writing):
     """Every socket of one controller; ``listeners`` are bound, listening sockets, each with
     whether its peers are trusted (Unix) or must show ``token`` first (TCP)."""
 
@@ -302,140 +303,3 @@ class Transport:
         if conn.sock.fileno() >= 0 and (conn.closing or conn.dead):
             self.close_conn(conn)
         return conn.sock.fileno() >= 0
-
-    # -- writing -----------------------------------------------------------------------
-    def send(self, conn: Conn, msg: Mapping[str, Any], limit: int = MAX_FRAME) -> None:
-        if conn.dead:
-            return
-        try:
-            frame = encode(msg, limit)
-        except ProtocolError:
-            frame = encode(_slim(msg), limit)
-        except ValueError as exc:  # a non-finite float slipped through: a bug, not a crash
-            log.error("cannot encode a %s frame: %s", msg.get("t"), exc)
-            frame = encode({"t": "error", "code": "internal", "message": str(exc),
-                            "fatal": False})
-        self.send_frame(conn, frame)
-
-    def send_frame(self, conn: Conn, frame: bytes) -> None:
-        if conn.dead:
-            return
-        if self._holding:
-            if not conn.held:
-                self._held.append(conn)
-            conn.held += frame
-            return
-        self._send_frame(conn, frame)
-
-    def _send_frame(self, conn: Conn, frame: bytes) -> None:
-        if conn.dead:
-            return
-        if conn.out:
-            conn.out += frame
-        else:
-            try:
-                sent = conn.sock.send(frame)
-            except (BlockingIOError, InterruptedError):
-                sent = 0
-            except OSError:
-                conn.dead = True
-                if self._reading is not conn:
-                    self._hung_up(conn)
-                return
-            if sent < len(frame):
-                conn.out += frame[sent:]
-                self._want_write(conn)
-        if len(conn.out) > self.limits.max_outbuf:
-            self.rlog.log(logging.WARNING, "outbuf", "closing %s: it does not read its "
-                          "replies (%d bytes waiting)", conn.label, len(conn.out))
-            self.close_conn(conn)
-
-    def _want_write(self, conn: Conn) -> None:
-        if conn.parked or conn.sock.fileno() < 0:
-            return
-        events = selectors.EVENT_WRITE if conn.closing else (
-            selectors.EVENT_READ | selectors.EVENT_WRITE)
-        self.sel.modify(conn.sock, events, ("conn", conn))
-
-    def _flush(self, conn: Conn) -> None:
-        if conn.sock.fileno() < 0:
-            return
-        try:
-            sent = conn.sock.send(conn.out)
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError:
-            conn.dead = True
-            self._hung_up(conn)
-            return
-        del conn.out[:sent]
-        if not conn.out:
-            if conn.closing and not conn.held:
-                self.close_conn(conn)
-                return
-            if not conn.closing:
-                self.sel.modify(conn.sock, selectors.EVENT_READ, ("conn", conn))
-
-    def fail(self, conn: Conn, code: str, message: str, retry: bool = False) -> None:
-        """A fatal error frame, then close: for input we cannot go on from. Never blocks:
-        the frame waits in ``conn``'s buffer, for at most ``Limits.linger_s``."""
-        self.rlog.log(logging.WARNING, f"fail:{code}", "closing %s: %s", conn.label, message)
-        if conn.sock.fileno() < 0:
-            return
-        if conn.held:
-            self.release()  # what it was answered goes first, durable as ever
-        conn.pending = False
-        conn.early = []
-        conn.failed = True
-        error = {"t": "error", "code": code, "message": message, "fatal": True}
-        if retry:
-            error["retry"] = True
-        self._close_after(conn, encode(error))
-
-    def _close_after(self, conn: Conn, frame: bytes = b"") -> None:
-        """Stop reading ``conn``; close it once ``frame`` and what it was owed went out."""
-        conn.closing = conn.closing or time.monotonic()
-        if conn.sock.fileno() < 0 or conn.dead:
-            self.close_conn(conn)
-            return
-        if conn.pending:  # its hello is being answered: out of the selector until then
-            if not conn.parked:
-                conn.parked = True
-                self.sel.unregister(conn.sock)
-            return
-        if frame:
-            conn.out += frame
-        if not conn.out and not conn.held:
-            self.close_conn(conn)
-            return
-        if conn.out:
-            self._flush(conn)
-        if conn.sock.fileno() < 0:
-            return
-        if conn.parked:
-            conn.parked = False
-            self.sel.register(conn.sock, selectors.EVENT_WRITE, ("conn", conn))
-        else:
-            self.sel.modify(conn.sock, selectors.EVENT_WRITE, ("conn", conn))
-
-    def close_conn(self, conn: Conn, save: bool = True) -> None:
-        if conn.sock.fileno() < 0:
-            return
-        if not conn.parked:
-            self.sel.unregister(conn.sock)
-        conn.sock.close()
-        conn.held.clear()
-        conn.early = []
-        self._conns.pop(conn, None)
-        self.nconns -= 1
-        self.nremote -= conn.remote
-        self.admission.forget(conn)
-        self.handler.disconnected(conn, save)
-
-
-def _slim(msg: Mapping[str, Any]) -> dict[str, Any]:
-    """A frame too large to send: drop the decisions' evidence, which is what grows."""
-    out = dict(msg)
-    if "d" in out:
-        out["d"] = [{**d, "evidence": {"truncated": True}} for d in out["d"]]
-    return out
