@@ -99,7 +99,7 @@ def run_latency(cfg: LatencyConfig, progress: Progress | None = None) -> dict[st
     import lrctl
 
     from ._controller import ServeProcess
-    from .overhead import _Trainer
+    from ._trainer import Trainer
 
     result: dict[str, Any] = {"config": {"rounds": cfg.rounds, "steps": cfg.steps}}
     ctls: list[Any] = []
@@ -110,7 +110,7 @@ def run_latency(cfg: LatencyConfig, progress: Progress | None = None) -> dict[st
             arms: dict[str, Callable[[], float]] = {}
             for label, srv in (("", normal), (", controller SCHED_BATCH", batch)):
                 for in_loop in (True, False):
-                    tr = _Trainer("digits")
+                    tr = Trainer("digits")
                     ctl = lrctl.attach(tr.opt, socket=srv.socket, spawn=False, sync=True,
                                        run_name="bench-latency")
                     ctls.append(ctl)
@@ -119,7 +119,7 @@ def run_latency(cfg: LatencyConfig, progress: Progress | None = None) -> dict[st
                     arms[name] = (lambda c=ctl, t=tr, i=in_loop, s=sync_samples[name]:
                                   _sync_arm(c, t, cfg.steps, i, s))
                 for before in (True, False):
-                    tr = _Trainer("digits")
+                    tr = Trainer("digits")
                     ctl = lrctl.attach(tr.opt, socket=srv.socket, spawn=False,
                                        run_name="bench-latency")
                     ctls.append(ctl)

@@ -131,7 +131,7 @@ def run_mlflow(cfg: MlflowConfig, progress: Progress | None = None) -> dict[str,
     import lrctl
 
     from ._controller import ServeProcess
-    from .overhead import _timed_loop, _Trainer
+    from ._trainer import Trainer, timed_loop
 
     result: dict[str, Any] = {"config": vars(cfg).copy()}
     with tempfile.TemporaryDirectory(prefix="lrctl-bench-mlflow-") as tmp:
@@ -165,18 +165,18 @@ def run_mlflow(cfg: MlflowConfig, progress: Progress | None = None) -> dict[str,
                     ServeProcess(audit=True, env={**os.environ,
                                                   "MLFLOW_TRACKING_URI": slow_uri}) as slow:
                 arms: dict[str, Callable[[], float]] = {}
-                bare = _Trainer("digits")
-                arms["bare"] = lambda: _timed_loop(bare, cfg.steps, lambda loss: None)
+                bare = Trainer("digits")
+                arms["bare"] = lambda: timed_loop(bare, cfg.steps, lambda loss: None)
                 for name, srv, uri in (("no audit", plain, None), ("MLflow sqlite", fast, fast_uri),
                                        ("MLflow sqlite, slowed", slow, slow_uri)):
                     if uri:
                         os.environ["MLFLOW_TRACKING_URI"] = uri  # what the hello carries
-                    tr = _Trainer("digits")
+                    tr = Trainer("digits")
                     ctl = lrctl.attach(tr.opt, socket=srv.socket, spawn=False,
                                        run_name="bench-mlflow")
                     ctls.append(ctl)
                     arms[f"lrctl async, {name}"] = (lambda tr=tr, ctl=ctl:
-                                                    _timed_loop(tr, cfg.steps, ctl.step))
+                                                    timed_loop(tr, cfg.steps, ctl.step))
                 data = interleave(arms, cfg.rounds, progress, "mlflow overhead ")
                 for ctl in ctls:
                     ctl.close()

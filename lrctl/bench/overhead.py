@@ -34,6 +34,7 @@ from typing import Any
 from .._defaults import DEFAULT_POLICY, POLICIES
 from ._suite import LEGACY_TASKS, Progress, Suite
 from ._timing import Row, interleave, ratios, rows_table, summary
+from ._trainer import Trainer, timed_loop
 
 __all__ = ["SUITE", "OverheadConfig", "run_overhead"]
 
@@ -68,51 +69,6 @@ class OverheadConfig:
                    micro_rounds=2, micro_steps=20, every=(1, 4))
 
 
-class _Trainer:
-    """One arm's model, optimizer and batch stream, resettable to the shared start."""
-
-    def __init__(self, task: str, seed: int = 0) -> None:
-        import torch
-
-        from .tasks import TASKS
-
-        self.inst = TASKS[task].build(seed)
-        self.params = [p for p in self.inst.model.parameters() if p.requires_grad]
-        self.start = [p.detach().clone() for p in self.params]
-        self.opt = torch.optim.AdamW(self.params, lr=1e-3)
-        self.batch = self.inst.next_batch()
-
-    def reset(self) -> None:
-        import torch
-
-        with torch.no_grad():
-            for p, p0 in zip(self.params, self.start, strict=True):
-                p.copy_(p0)
-        self.opt.state.clear()
-        for g in self.opt.param_groups:
-            g["lr"] = 1e-3
-
-    def loss(self) -> Any:
-        self.opt.zero_grad(set_to_none=True)
-        loss = self.inst.loss(self.inst.model, self.batch)
-        loss.backward()
-        return loss
-
-
-def _timed_loop(tr: _Trainer, steps: int, after_backward: Callable[[Any], None],
-                after_step: Callable[[], None] | None = None) -> float:
-    """Seconds per step of ``steps`` training steps with the given extra work."""
-    tr.reset()
-    began = time.perf_counter()
-    for _ in range(steps):
-        loss = tr.loss()
-        after_backward(loss)
-        tr.opt.step()
-        if after_step is not None:
-            after_step()
-    return (time.perf_counter() - began) / steps
-
-
 def _step_arms(task: str, cfg: OverheadConfig, sockets: dict[str, str],
                stack: list[Any]) -> dict[str, Callable[[], float]]:
     import torch
@@ -122,14 +78,14 @@ def _step_arms(task: str, cfg: OverheadConfig, sockets: dict[str, str],
     steps = cfg.steps[task]
     arms: dict[str, Callable[[], float]] = {}
 
-    bare = _Trainer(task)
-    arms["bare"] = lambda: _timed_loop(bare, steps, lambda loss: None)
+    bare = Trainer(task)
+    arms["bare"] = lambda: timed_loop(bare, steps, lambda loss: None)
 
-    cos_tr = _Trainer(task)
+    cos_tr = Trainer(task)
     cos = torch.optim.lr_scheduler.CosineAnnealingLR(cos_tr.opt, 10**9)
-    arms["cosine scheduler"] = lambda: _timed_loop(cos_tr, steps, lambda loss: None, cos.step)
+    arms["cosine scheduler"] = lambda: timed_loop(cos_tr, steps, lambda loss: None, cos.step)
 
-    eng_tr = _Trainer(task)
+    eng_tr = Trainer(task)
     engine = lrctl.load_policy(cfg.policy or DEFAULT_POLICY, [1e-3])
     counter = iter(range(10**12))
 
@@ -138,36 +94,36 @@ def _step_arms(task: str, cfg: OverheadConfig, sockets: dict[str, str],
         lrs = engine.observe(next(counter), float(loss.detach()), g)
         eng_tr.opt.param_groups[0]["lr"] = lrs[0]
 
-    arms["lrctl in-process engine"] = lambda: _timed_loop(eng_tr, steps, engine_step)
+    arms["lrctl in-process engine"] = lambda: timed_loop(eng_tr, steps, engine_step)
 
-    clip_tr = _Trainer(task)
-    arms[CLIPPED] = lambda: _timed_loop(clip_tr, steps, lambda loss: _clip(clip_tr))
-    given_tr = _Trainer(task)
+    clip_tr = Trainer(task)
+    arms[CLIPPED] = lambda: timed_loop(clip_tr, steps, lambda loss: _clip(clip_tr))
+    given_tr = Trainer(task)
     given = lrctl.attach(given_tr.opt, policy=cfg.policy, socket=sockets["normal"], spawn=False,
                          run_name=f"bench-{task}")
     stack.append(given)
-    arms[NORM_GIVEN] = lambda: _timed_loop(
+    arms[NORM_GIVEN] = lambda: timed_loop(
         given_tr, steps, lambda loss: given.step(loss, grad_norm=_clip(given_tr)))
 
     for name, sock, sync in (("lrctl async", sockets["normal"], False),
                              ("lrctl async, controller SCHED_BATCH", sockets["batch"], False),
                              ("lrctl sync", sockets["normal"], True)):
-        tr = _Trainer(task)
+        tr = Trainer(task)
         ctl = lrctl.attach(tr.opt, policy=cfg.policy, socket=sock, spawn=False, sync=sync,
                            run_name=f"bench-{task}")
         stack.append(ctl)
-        arms[name] = (lambda tr=tr, ctl=ctl: _timed_loop(tr, steps, ctl.step))
+        arms[name] = (lambda tr=tr, ctl=ctl: timed_loop(tr, steps, ctl.step))
     for every in SNAPSHOT_EVERY:  # rollback-and-skip's host copies (see lrctl._snapshots)
-        tr = _Trainer(task)
+        tr = Trainer(task)
         ctl = lrctl.attach(tr.opt, policy=cfg.policy, socket=sockets["normal"], spawn=False,
                            run_name=f"bench-{task}", snapshot_every=every, keep=2)
         stack.append(ctl)
         arms[f"lrctl async, snapshot_every={every}"] = (
-            lambda tr=tr, ctl=ctl: _timed_loop(tr, steps, ctl.step))
+            lambda tr=tr, ctl=ctl: timed_loop(tr, steps, ctl.step))
     return arms
 
 
-def _clip(tr: _Trainer) -> Any:
+def _clip(tr: Trainer) -> Any:
     """What a loop that clips does: the total norm, returned by clip_grad_norm_ (a huge
     max_norm, so that every arm trains alike)."""
     import torch
@@ -203,7 +159,7 @@ def _hook_arms(cfg: OverheadConfig, sockets: dict[str, str],
 
     arms: dict[str, Callable[[], float]] = {}
 
-    def micro(tr: _Trainer, call: Callable[[float, float], None]) -> float:
+    def micro(tr: Trainer, call: Callable[[float, float], None]) -> float:
         tr.reset()
         spent = 0.0
         for _ in range(cfg.micro_steps):
@@ -215,22 +171,22 @@ def _hook_arms(cfg: OverheadConfig, sockets: dict[str, str],
             tr.opt.step()
         return spent / cfg.micro_steps * 1e6
 
-    cos_tr = _Trainer("digits")
+    cos_tr = Trainer("digits")
     cos = torch.optim.lr_scheduler.CosineAnnealingLR(cos_tr.opt, 10**9)
     arms["CosineAnnealingLR.step()"] = lambda: micro(cos_tr, lambda loss, g: cos.step())
-    pl_tr = _Trainer("digits")
+    pl_tr = Trainer("digits")
     plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(pl_tr.opt)
     arms[PLATEAU] = lambda: micro(pl_tr, lambda loss, g: plateau.step(loss))
     for name in TARGET_ENGINE:
         arms[f"lrctl engine.observe, {name}"] = _engine_arm(name, micro)
     echo = _Echo()
     stack.append(echo)
-    echo_tr = _Trainer("digits")
+    echo_tr = Trainer("digits")
     arms["I/O floor: send a frame, poll, recv (echo process)"] = lambda: micro(echo_tr, echo.call)
     variants = [(f"lrctl hook every={n}", sockets["normal"], n) for n in cfg.every]
     variants.append(("lrctl hook every=1, controller SCHED_BATCH", sockets["batch"], 1))
     for name, socket, every in variants:
-        tr = _Trainer("digits")
+        tr = Trainer("digits")
         ctl = lrctl.attach(tr.opt, policy=cfg.policy, socket=socket, spawn=False, every=every,
                            run_name="bench-hook")
         stack.append(ctl)
@@ -247,13 +203,13 @@ def _hook_arms(cfg: OverheadConfig, sockets: dict[str, str],
     return arms
 
 
-def _engine_arm(name: str, micro: Callable[[_Trainer, Callable[[float, float], None]], float],
+def _engine_arm(name: str, micro: Callable[[Trainer, Callable[[float, float], None]], float],
                 ) -> Callable[[], float]:
     """The in-process engine of a shipped policy file, as a loop would use it: observe,
     then write the LR it returns into the optimizer (what ReduceLROnPlateau does too)."""
     from ..config import load_policy
 
-    tr = _Trainer("digits")
+    tr = Trainer("digits")
     engine = load_policy(POLICIES / name, [g["lr"] for g in tr.opt.param_groups])
     steps = iter(range(10**12))
     group = tr.opt.param_groups[0]

@@ -38,7 +38,7 @@ __all__ = ["build_cancer_logreg", "build_diabetes", "build_digits", "build_linre
 
 # -- digits (unchanged since the first benchmark) ---------------------------------------
 @functools.lru_cache(maxsize=1)
-def _digits_data() -> Data:
+def digits_data() -> Data:
     from sklearn.datasets import load_digits
 
     x, y = load_digits(return_X_y=True)
@@ -53,7 +53,7 @@ def _digits_data() -> Data:
 
 def build_digits(seed: int, batch_size: int = 64) -> TaskInstance:
     gen = seeded(seed)
-    x_tr, y_tr, x_va, y_va = _digits_data()
+    x_tr, y_tr, x_va, y_va = digits_data()
     model = nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 10))
 
     def next_batch() -> Batch:

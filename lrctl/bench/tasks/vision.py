@@ -13,14 +13,14 @@ from torch import nn
 from torch.nn import functional as F
 
 from ._base import TaskInstance, seeded, tensor_task
-from .tabular import _digits_data
+from .tabular import digits_data
 
 __all__ = ["build_digits_ae", "build_digits_cnn"]
 
 
 def build_digits_cnn(seed: int) -> TaskInstance:
     gen = seeded(seed)
-    x_tr, y_tr, x_va, y_va = _digits_data()
+    x_tr, y_tr, x_va, y_va = digits_data()
     data = (x_tr.reshape(-1, 1, 8, 8), y_tr, x_va.reshape(-1, 1, 8, 8), y_va)
     model = nn.Sequential(
         nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(),
@@ -31,7 +31,7 @@ def build_digits_cnn(seed: int) -> TaskInstance:
 
 def build_digits_ae(seed: int) -> TaskInstance:
     gen = seeded(seed)
-    x_tr, _, x_va, _ = _digits_data()
+    x_tr, _, x_va, _ = digits_data()
     model = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 8), nn.ReLU(),
                           nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 64))
     return tensor_task(model, (x_tr, x_tr, x_va, x_va), 256, gen, F.mse_loss)
