@@ -5,7 +5,7 @@ Nothing here does I/O, reads a clock or imports torch, mlflow or watchdog.
 
 from __future__ import annotations
 
-from ._base import Action, Observation, Policy, StepContext
+from ._base import Action, Observation, Policy, ReactivePolicy, Role, StepContext
 from ._decision import Decision
 from ._engine import Engine, ObservationError
 from ._params import REQUIRED, Param, ParamError
@@ -22,6 +22,8 @@ __all__ = [
     "Param",
     "ParamError",
     "Policy",
+    "ReactivePolicy",
+    "Role",
     "Schedule",
     "StepContext",
     "available_kinds",

@@ -22,6 +22,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import Any, ClassVar
 
 from ..wire.floats import float_from_json, float_to_json
@@ -31,13 +32,24 @@ __all__ = [
     "Action",
     "Observation",
     "Policy",
+    "ReactivePolicy",
+    "Role",
     "StepContext",
     "float_from_json",
     "float_to_json",
 ]
 
-SCHEDULE = "schedule"
-REACTIVE = "reactive"
+
+class Role(StrEnum):
+    """What a policy does in the engine (see the module docstring). A ``StrEnum``, so a
+    role still equals its name: ``role == "schedule"``."""
+
+    SCHEDULE = "schedule"  # a factor on the initial LRs, a function of the step
+    REACTIVE = "reactive"  # a multiplier changed in answer to what it observes
+
+
+SCHEDULE = Role.SCHEDULE
+REACTIVE = Role.REACTIVE
 
 
 @dataclass(frozen=True, init=False)
@@ -111,13 +123,15 @@ class Action:
 class Policy(ABC):
     """Base class of every policy.
 
-    Subclasses set ``kind`` (the YAML name), ``role`` (``"schedule"`` or
-    ``"reactive"``) and ``PARAMS`` (their knobs). The constructor validates the
-    knobs and stores them on ``self.params``; subclasses read them from there.
+    Derive a schedule from :class:`~lrctl.policy._schedule.Schedule` and a reactive
+    policy from :class:`ReactivePolicy` (a direct subclass of ``Policy`` is reactive,
+    as before). Subclasses set ``kind`` (the YAML name) and ``PARAMS`` (their knobs).
+    The constructor validates the knobs and stores them on ``self.params``;
+    subclasses read them from there.
     """
 
     kind: ClassVar[str] = ""
-    role: ClassVar[str] = REACTIVE
+    role: ClassVar[Role] = Role.REACTIVE
     PARAMS: ClassVar[tuple[Param, ...]] = ()
     #: Reactive policies act in increasing ``priority``: divergence (0) acts first.
     priority: ClassVar[int] = 100
@@ -163,5 +177,17 @@ class Policy(ABC):
     def describe(self) -> str:
         knobs = ", ".join(f"{k}={v!r}" for k, v in self.params.items())
         return f"{self.kind}({knobs})"
+
+
+class ReactivePolicy(Policy):
+    """A policy that keeps a multiplier (:meth:`multiplier`) and changes it in answer to
+    what it observes (divergence back-off, plateau decay, the range test...)."""
+
+    role = Role.REACTIVE
+
+    def multiplier(self) -> float:
+        """The multiplier this policy applies now (1.0 for one that only skips or stops,
+        such as early stopping)."""
+        return 1.0
 
 

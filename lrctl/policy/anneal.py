@@ -32,13 +32,13 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
-from ._base import Action, Observation, Policy, StepContext
+from ._base import Action, Observation, ReactivePolicy, StepContext
 from ._params import Param
 from ._registry import register_policy
 
 
 @register_policy("anneal")
-class Anneal(Policy):
+class Anneal(ReactivePolicy):
     priority = 40  # after the range test (its lr_sweep flag), before plateau
     keeps_observations = False
     PARAMS = (

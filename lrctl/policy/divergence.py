@@ -54,7 +54,7 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
-from ._base import Action, Observation, Policy, StepContext
+from ._base import Action, Observation, ReactivePolicy, StepContext
 from ._divergence_rollback import RollbackEscalation
 from ._params import Param, ParamError
 from ._registry import register_policy
@@ -68,7 +68,7 @@ LOSS_CONFIRMS = 1.5
 
 
 @register_policy("divergence")
-class Divergence(RollbackEscalation, Policy):
+class Divergence(RollbackEscalation, ReactivePolicy):
     priority = 0
     keeps_observations = False
     PARAMS = (

@@ -42,7 +42,7 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
-from ._base import Action, Observation, Policy, StepContext, float_from_json, float_to_json
+from ._base import Action, Observation, ReactivePolicy, StepContext, float_from_json, float_to_json
 from ._params import Param, ParamError
 from ._registry import register_policy
 from .stats import RobustWindow, TrendWindow
@@ -53,7 +53,7 @@ MIN_ROBUST = 16  # values in the rolling median before outliers are clipped
 
 
 @register_policy("earlystop")
-class EarlyStop(Policy):
+class EarlyStop(ReactivePolicy):
     priority = 60  # after plateau (50) and wsd (45): it sees this step's LR cuts
     keeps_observations = False
     PARAMS = (

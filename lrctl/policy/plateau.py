@@ -35,7 +35,7 @@ from collections import deque
 from collections.abc import Mapping
 from typing import Any
 
-from ._base import Action, Observation, Policy, StepContext, float_from_json, float_to_json
+from ._base import Action, Observation, ReactivePolicy, StepContext, float_from_json, float_to_json
 from ._params import Param
 from ._registry import register_policy
 from ._schedule import per_group
@@ -45,7 +45,7 @@ FLAGS_NOT_COUNTED = frozenset({"spike", "nonfinite"})
 
 
 @register_policy("plateau")
-class Plateau(Policy):
+class Plateau(ReactivePolicy):
     priority = 50
     keeps_observations = False
     PARAMS = (

@@ -44,7 +44,7 @@ from collections import deque
 from collections.abc import Mapping
 from typing import Any
 
-from ._base import Action, Observation, Policy, StepContext, float_from_json, float_to_json
+from ._base import Action, Observation, ReactivePolicy, StepContext, float_from_json, float_to_json
 from ._params import Param
 from ._registry import register_policy
 
@@ -54,7 +54,7 @@ EARLY_FALL = 0.1  # the smoothed loss's fall from its start that ends the noise 
 
 
 @register_policy("rangetest")
-class RangeTest(Policy):
+class RangeTest(ReactivePolicy):
     priority = 20  # after the divergence guard (its flags end the sweep), before plateau
     keeps_observations = False
     PARAMS = (

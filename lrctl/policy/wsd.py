@@ -37,7 +37,7 @@ import math
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from ._base import Action, Observation, Policy, StepContext
+from ._base import Action, Observation, ReactivePolicy, StepContext
 from ._params import Param, ParamError
 from ._registry import register_policy
 from .stats import TrendWindow
@@ -56,7 +56,7 @@ FLAGS_NOT_COUNTED = frozenset({"spike", "nonfinite"})
 
 
 @register_policy("wsd")
-class WSD(Policy):
+class WSD(ReactivePolicy):
     priority = 45  # after the divergence guard, before plateau and early stopping
     keeps_observations = False
     COMMANDS = ("decay", "cancel")
