@@ -54,6 +54,9 @@ class ServeOptions:
     stall_timeout: float = DEFAULT_STALL_S  # a loop stuck this long: stack dump, exit 70
     shutdown_grace: float = DEFAULT_GRACE_S  # SIGTERM to exit at most this long (else exit 75)
     idle_exit: float | None = None  # exit once no hook has been connected this long
+    # "batch": the controller runs under SCHED_BATCH, so waking it never preempts the
+    # training process (async hooks on a busy machine); "normal": the OS default.
+    sched: str = "normal"
 
 
 class Listening:
@@ -132,6 +135,19 @@ def _is_socket(path: str) -> bool:
     return stat.S_ISSOCK(os.lstat(path).st_mode)
 
 
+def _set_sched(kind: str) -> None:
+    """``--sched batch``: no wake-up preemption of whatever runs when an observation
+    arrives (an unprivileged process may choose SCHED_BATCH for itself)."""
+    if kind != "batch":
+        return
+    try:
+        os.sched_setscheduler(0, os.SCHED_BATCH, os.sched_param(0))
+    except (AttributeError, OSError) as exc:
+        log.warning("--sched batch: could not set SCHED_BATCH (%s); running as normal", exc)
+    else:
+        log.info("running under SCHED_BATCH (--sched batch)")
+
+
 def serve(options: ServeOptions, sink_factory: Callable[[str], Sink] = build_sink,
           ready: Callable[[Listening], None] | None = None) -> int:
     """Run a controller until SIGTERM/SIGINT. Returns the process exit status."""
@@ -145,6 +161,7 @@ def serve(options: ServeOptions, sink_factory: Callable[[str], Sink] = build_sin
     if listening.took_over:  # logged only now that the log exists
         log.info("took over the stale socket %s (its controller died)", options.socket_path)
     _raise_fd_limit()
+    _set_sched(options.sched)
     store = StateStore(state)
     sink = sink_factory(str(state))
     listeners = [(listening.unix, True)]
