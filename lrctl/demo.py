@@ -131,12 +131,15 @@ def run_demo(steps: int = 3000, lr: float = 0.5, out: TextIO = sys.stdout) -> in
         stop = f"  (asked to stop at step {r.stopped_at})" if r.stopped_at is not None else ""
         print(f"  {r.name:<7} {_num(r.val_loss):>14}  {r.accuracy:>12.1%}  "
               f"{r.lrs[-1] if r.lrs else lr:>13.3g}{stop}", file=out)
-    _where_to_look(steered, out)
+    _where_to_look(steered, fixed, out)
     print(f"\n(done in {time.monotonic() - started:.0f} s)", file=out)
     return 0
 
 
-def _where_to_look(steered: DemoResult, out: TextIO) -> None:
+def _where_to_look(steered: DemoResult, fixed: DemoResult, out: TextIO) -> None:
+    if not _shipped([r.run_key for r in (steered, fixed) if r.run_key]):
+        print("\nMLflow has not received both runs yet (the controller ships them in the "
+              "background; 'lrctl status' shows why if it cannot)", file=out)
     uri = os.environ.get("MLFLOW_TRACKING_URI")
     if uri:
         print(f"\nMLflow: both runs are in experiment 'lrctl' at {uri}", file=out)
@@ -154,6 +157,22 @@ def _where_to_look(steered: DemoResult, out: TextIO) -> None:
     if steered.run_key:
         print(f"  audit trail:  lrctl decisions {steered.run_key}", file=out)
     _controller_note(out)
+
+
+def _shipped(run_keys: list[str], wait_s: float = 60.0) -> bool:
+    """Wait until the controller's MLflow shipper has finished each run (its cursor says
+    so), so that what the demo then prints about MLflow is true; False after ``wait_s``."""
+    from . import paths
+    from .sinks.journal import RunPaths, read_json
+
+    deadline = time.monotonic() + wait_s
+    while True:
+        if all((read_json(RunPaths.of(paths.state_dir(), key).cursor, {}) or {}).get("finished")
+               for key in run_keys):
+            return True
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.2)
 
 
 def _controller_note(out: TextIO) -> None:
