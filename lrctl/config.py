@@ -20,19 +20,25 @@ The format (``version: 1``)::
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import os
 import re
-import threading
-import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import yaml
 
 from ._sources import looks_like_path
+from ._yaml_read import (
+    MAX_BYTES,
+    MAX_DEPTH,
+    MAX_NODES,
+    ConfigError,
+    YamlReader,
+    parse_deadline,
+    read_yaml,
+)
 from .policy import Engine, ParamError, Policy, get_policy_class
 from .policy._engine import unique_names
 from .policy._params import Param, bind_params
@@ -40,9 +46,6 @@ from .policy._params import Param, bind_params
 __all__ = ["ConfigError", "PolicyEntry", "PolicyFile", "load_policy", "parse_deadline",
            "parse_policy"]
 
-MAX_BYTES = 64 * 1024
-MAX_DEPTH = 16
-MAX_NODES = 5_000
 MAX_POLICIES = 64
 SUPPORTED_VERSIONS = (1,)
 
@@ -54,27 +57,7 @@ _TOP_LEVEL = (
     Param("max_lr", "float", None, "upper clamp of every group's LR", gt=0, optional=True),
     Param("watch", "bool", True, "hot-reload the file while runs use it"),
 )
-# PyYAML follows YAML 1.1, where "1e-4" (no dot) is a string; people mean a number.
-_FLOATISH = re.compile(r"^[-+]?(\d[\d_]*\.?\d*|\.\d+)[eE][-+]?\d+$")
-_PLAIN_TAGS = frozenset({
-    "tag:yaml.org,2002:seq", "tag:yaml.org,2002:map", "tag:yaml.org,2002:str",
-    "tag:yaml.org,2002:int", "tag:yaml.org,2002:float", "tag:yaml.org,2002:bool",
-    "tag:yaml.org,2002:null",
-})
 _NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_.#-]{0,63}$")
-_deadline = threading.local()  # .at: time.monotonic() past which parsing gives up
-
-
-class ConfigError(ValueError):
-    """A policy file is invalid. ``str(err)`` reads ``file:line: key: message``."""
-
-    def __init__(self, source: str, line: int | None, key: str | None, message: str) -> None:
-        self.source = source
-        self.line = line
-        self.key = key
-        self.message = message
-        where = f"{source}:{line}" if line else source
-        super().__init__(f"{where}: {key}: {message}" if key else f"{where}: {message}")
 
 
 @dataclass(frozen=True)
@@ -199,70 +182,12 @@ def parse_file(path: str) -> PolicyFile:
     return parse_text(text, path)
 
 
-@contextlib.contextmanager
-def parse_deadline(seconds: float) -> Iterator[None]:
-    """Within this block, parsing YAML on this thread gives up with a ``ConfigError`` once
-    ``seconds`` have passed (PyYAML is pure Python: a hostile 64 KB text can take
-    seconds; the controller parses hellos under a budget)."""
-    _deadline.at = time.monotonic() + seconds
-    _deadline.seconds = seconds
-    try:
-        yield
-    finally:
-        _deadline.at = None
-
-
-class _OutOfTime(Exception):
-    pass
-
-
-class _Loader(yaml.SafeLoader):
-    """``yaml.SafeLoader`` that checks the thread's :func:`parse_deadline` as it scans, and
-    stops composing past ``MAX_NODES`` nodes (rather than building them all first)."""
-
-    _nodes = 0
-
-    def fetch_more_tokens(self) -> None:
-        at = getattr(_deadline, "at", None)
-        if at is not None and time.monotonic() > at:
-            raise _OutOfTime
-        super().fetch_more_tokens()
-
-    def compose_node(self, parent: yaml.Node | None, index: Any) -> yaml.Node | None:
-        self._nodes += 1
-        if self._nodes > MAX_NODES:
-            raise yaml.MarkedYAMLError(problem=f"more than {MAX_NODES} YAML nodes",
-                                       problem_mark=self.peek_event().start_mark)
-        return super().compose_node(parent, index)  # type: ignore[no-any-return]
-
-
 def parse_text(text: str, source: str = "<string>") -> PolicyFile:
-    raw = text.encode("utf-8", "surrogatepass")
-    if len(raw) > MAX_BYTES:
-        raise ConfigError(source, None, None, f"text larger than {MAX_BYTES} bytes")
-    try:
-        root = yaml.compose(text, Loader=_Loader)
-    except _OutOfTime:
-        raise ConfigError(source, None, None, f"parsing took longer than the "
-                          f"{_deadline.seconds:g} s allowed (a policy file is a few KB of "
-                          "plain YAML)") from None
-    except yaml.MarkedYAMLError as exc:
-        line = exc.problem_mark.line + 1 if exc.problem_mark else None
-        raise ConfigError(source, line, None, f"YAML syntax: {exc.problem}") from None
-    except yaml.YAMLError as exc:
-        raise ConfigError(source, None, None, f"YAML: {exc}") from None
-    except RecursionError:
-        raise ConfigError(source, None, None, "nesting too deep") from None
-    if root is None:
-        raise ConfigError(source, 1, None, "empty policy file")
-    reader = _Reader(source)
-    doc = reader.value(root, 0)
-    if not isinstance(doc, dict):
-        raise ConfigError(source, reader.line(root), None, "expected a mapping at the top level")
+    doc, reader = read_yaml(text, source)
     return _validate(doc, reader, text, source)
 
 
-def _validate(doc: dict[str, Any], reader: _Reader, text: str, source: str) -> PolicyFile:
+def _validate(doc: dict[str, Any], reader: YamlReader, text: str, source: str) -> PolicyFile:
     top_lines = reader.key_lines[id(doc)]
     if "version" not in doc:
         raise ConfigError(source, 1, "version", f"required (supported: {SUPPORTED_VERSIONS})")
@@ -303,7 +228,7 @@ def _validate(doc: dict[str, Any], reader: _Reader, text: str, source: str) -> P
     return parsed
 
 
-def _entry(item: Any, reader: _Reader, source: str, list_line: int) -> PolicyEntry:
+def _entry(item: Any, reader: YamlReader, source: str, list_line: int) -> PolicyEntry:
     if not isinstance(item, dict):
         raise ConfigError(source, reader.lines.get(id(item), list_line), "policies",
                           "each policy must be a mapping with a 'kind'")
@@ -318,7 +243,7 @@ def _entry(item: Any, reader: _Reader, source: str, list_line: int) -> PolicyEnt
     except ValueError as exc:
         raise ConfigError(source, lines["kind"], "kind", str(exc)) from None
     name = item.get("name")
-    if name is not None and (not isinstance(name, str) or not _NAME.match(name)):
+    if name is not None and (not isinstance(name, str) or not _NAME.fullmatch(name)):
         raise ConfigError(source, lines["name"], "name",
                           f"expected a short name (letters, digits, _.#-), but got {name!r}")
     params = {k: v for k, v in item.items() if k not in ("kind", "name")}
@@ -335,81 +260,6 @@ def _name_entries(entries: list[PolicyEntry], source: str) -> None:
                               f"duplicate policy name {name!r}")
         seen.add(name)
         entries[i] = PolicyEntry(name, entry.kind, entry.params, entry.line, entry.key_lines)
-
-
-class _Reader:
-    """Turns a composed YAML node tree into Python values, within budgets, keeping lines."""
-
-    def __init__(self, source: str) -> None:
-        self.source = source
-        self.nodes = 0
-        self.lines: dict[int, int] = {}  # id(value) -> line, for containers
-        self.key_lines: dict[int, dict[str, int]] = {}  # id(dict) -> key -> line
-        self._constructor = yaml.constructor.SafeConstructor()
-
-    @staticmethod
-    def line(node: yaml.Node) -> int:
-        return int(node.start_mark.line) + 1
-
-    def _fail(self, node: yaml.Node, message: str, key: str | None = None) -> ConfigError:
-        return ConfigError(self.source, self.line(node), key, message)
-
-    def value(self, node: yaml.Node, depth: int) -> Any:
-        self.nodes += 1
-        if self.nodes > MAX_NODES:
-            raise self._fail(node, f"more than {MAX_NODES} YAML nodes (alias expansion?)")
-        if depth > MAX_DEPTH:
-            raise self._fail(node, f"nested deeper than {MAX_DEPTH} levels")
-        if isinstance(node, yaml.ScalarNode):
-            return self._scalar(node)
-        if node.tag not in _PLAIN_TAGS:
-            raise self._fail(node, f"YAML tag {node.tag!r} is not allowed in policy files")
-        if isinstance(node, yaml.SequenceNode):
-            items = [self.value(child, depth + 1) for child in node.value]
-            self.lines[id(items)] = self.line(node)
-            return items
-        if isinstance(node, yaml.MappingNode):
-            return self._mapping(node, depth)
-        raise self._fail(node, f"unsupported YAML node {type(node).__name__}")
-
-    def _mapping(self, node: yaml.MappingNode, depth: int) -> dict[str, Any]:
-        out: dict[str, Any] = {}
-        lines: dict[str, int] = {}
-        for key_node, value_node in node.value:
-            if not isinstance(key_node, yaml.ScalarNode):
-                raise self._fail(key_node, "mapping keys must be plain strings")
-            key = self._scalar(key_node)
-            if key_node.tag == "tag:yaml.org,2002:merge":
-                raise self._fail(key_node, "merge keys (<<) are not supported")
-            if not isinstance(key, str):
-                raise self._fail(key_node, f"mapping keys must be strings, but got {key!r}")
-            if key in out:
-                raise self._fail(key_node, "duplicate key", key)
-            lines[key] = self.line(key_node)
-            out[key] = self.value(value_node, depth + 1)
-        self.lines[id(out)] = self.line(node)
-        self.key_lines[id(out)] = lines
-        return out
-
-    def _scalar(self, node: yaml.ScalarNode) -> Any:
-        if node.tag == "tag:yaml.org,2002:str" and node.style is None and _FLOATISH.match(
-                node.value):
-            return self._number(node, node.value)
-        try:
-            value = self._constructor.construct_object(node)
-        except (yaml.YAMLError, ValueError, OverflowError) as exc:
-            raise self._fail(node, f"bad value {node.value[:40]!r}: {exc}") from None
-        if isinstance(value, (bytes, bytearray)) or not isinstance(
-                value, (str, int, float, bool, type(None))):
-            raise self._fail(node, f"unsupported value type {type(value).__name__}")
-        return value
-
-    def _number(self, node: yaml.ScalarNode, text: str) -> float:
-        try:
-            # An overflow gives inf, which the knob's own check reports as not finite.
-            return float(text.replace("_", ""))
-        except ValueError:
-            raise self._fail(node, f"bad number {text[:40]!r}") from None
 
 
 def describe_kinds() -> str:

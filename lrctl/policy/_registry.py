@@ -31,7 +31,7 @@ def register_policy(kind: str, *, replace: bool = False) -> Callable[[P], P]:
     >>> @register_policy("my_policy")
     ... class MyPolicy(Policy): ...
     """
-    if not _NAME.match(kind):
+    if not _NAME.fullmatch(kind):
         raise ValueError(
             f"policy kind must be lowercase letters, digits and '_' (≤ 64), but got {kind=}"
         )

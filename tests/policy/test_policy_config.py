@@ -209,3 +209,16 @@ def test_int_too_long_to_convert_is_a_config_error() -> None:
     with pytest.raises(ConfigError) as info:
         lrctl.load_policy(HEAD + "    patience: 1" + "0" * 5000 + "\n", base_lrs=[0.1])
     assert info.value.line == 4
+
+
+def test_a_name_or_kind_with_a_trailing_newline_is_refused() -> None:
+    """``$`` matches before a final newline: names are checked whole (issue #18, item 10)."""
+    import lrctl
+    from lrctl.config import ConfigError
+    from lrctl.policy import register_policy
+
+    with pytest.raises(ConfigError, match="name"):
+        lrctl.load_policy({"version": 1, "policies": [{"kind": "divergence",
+                                                       "name": "guard\n"}]}, [0.1])
+    with pytest.raises(ValueError):
+        register_policy("loss_cap\n")
