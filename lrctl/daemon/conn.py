@@ -33,7 +33,8 @@ class Unavailable(Refused):
 
 
 class Conn:
-    __slots__ = ("authed", "closing", "dead", "decoder", "early", "failed", "heard", "held",
+    __slots__ = ("authed", "backlog", "closing", "dead", "decoder", "early", "failed", "heard",
+                 "held",
                  "name", "opened", "out", "parked", "partial", "pending", "remote", "run",
                  "sock")
 
@@ -55,6 +56,9 @@ class Conn:
         self.failed = False  # told to go (a fatal error): nothing more it sends is handled
         self.parked = False  # hung up during its hello: out of the selector until answered
         self.dead = False  # a send failed: the peer is gone, but what it sent still counts
+        # Messages decoded but not yet handled: past Limits.max_messages_per_wake in one
+        # wake-up, the rest wait for the next one (the other peers are served in between).
+        self.backlog: list[dict[str, Any]] = []
 
     @property
     def label(self) -> str:

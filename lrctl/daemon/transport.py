@@ -61,6 +61,7 @@ class Transport(Writing):
         self.nconns = 0
         self.nremote = 0
         self._conns: dict[Conn, None] = {}
+        self._backlogged: dict[Conn, None] = {}  # peers with messages for the next wake-up
         self.rlog = RateLog(log)
         self._reading: Conn | None = None  # the connection whose batch is being handled
         self._holding = False
@@ -74,10 +75,13 @@ class Transport(Writing):
 
     # -- the loop ----------------------------------------------------------------------
     def select(self, timeout: float) -> list[tuple[selectors.SelectorKey, int]]:
-        return self.sel.select(timeout=timeout)
+        # Messages left over from the last wake-up (see _dispatch): no sleeping on them.
+        return self.sel.select(timeout=0 if self._backlogged else timeout)
 
     def serve(self, ready: list[tuple[selectors.SelectorKey, int]]) -> None:
-        """Accept, read and write what :meth:`select` found ready."""
+        """Accept, read and write what :meth:`select` found ready; then the next share of
+        what peers sent before this wake-up and is still waiting (see :meth:`_dispatch`)."""
+        carried = list(self._backlogged)
         for key, mask in ready:
             kind, arg = key.data
             if kind == "listen":
@@ -92,6 +96,28 @@ class Transport(Writing):
                     self._flush(arg)
             elif mask & selectors.EVENT_WRITE:
                 self._flush(arg)
+        for conn in carried:
+            if conn in self._backlogged:
+                self._serve_backlog(conn)
+
+    def _serve_backlog(self, conn: Conn) -> None:
+        del self._backlogged[conn]
+        messages, conn.backlog = conn.backlog, []
+        if conn.sock.fileno() < 0 or conn.failed:
+            return
+        self._dispatch(conn, messages)
+        if conn.dead:
+            self._hung_up(conn)
+
+    def _dispatch(self, conn: Conn, messages: list[dict[str, Any]]) -> None:
+        """Handle at most ``Limits.max_messages_per_wake`` of ``conn``'s messages now; the
+        rest wait in its backlog for the next wake-up (its socket is not read meanwhile)."""
+        budget = self.limits.max_messages_per_wake
+        if len(messages) > budget:
+            conn.backlog = messages[budget:]
+            messages = messages[:budget]
+            self._backlogged[conn] = None
+        self._handle(conn, messages)
 
     def wake(self) -> None:
         """Wake the loop (from another thread)."""
@@ -154,6 +180,8 @@ class Transport(Writing):
     # -- reading -----------------------------------------------------------------------
     def _read(self, conn: Conn) -> bool:
         """Read and handle what arrived; False when the connection was closed."""
+        if conn.backlog:  # handle what it sent before reading more (see _dispatch)
+            return True
         try:
             data = conn.sock.recv(1 << 16)
         except (BlockingIOError, InterruptedError):
@@ -175,7 +203,7 @@ class Transport(Writing):
             self.admission.note_partial(conn)
             if messages:
                 conn.heard = time.monotonic()
-        self._handle(conn, messages)
+        self._dispatch(conn, messages)
         if conn.dead:
             self._hung_up(conn)
             return False

@@ -35,6 +35,7 @@ class Writing:
     handler: Handler
     admission: Admission
     _conns: dict[Conn, None]
+    _backlogged: dict[Conn, None]
 
     def send(self, conn: Conn, msg: Mapping[str, Any], limit: int = MAX_FRAME) -> None:
         if conn.dead:
@@ -158,6 +159,8 @@ class Writing:
         conn.sock.close()
         conn.held.clear()
         conn.early = []
+        conn.backlog = []
+        self._backlogged.pop(conn, None)
         self._conns.pop(conn, None)
         self.nconns -= 1
         self.nremote -= conn.remote
