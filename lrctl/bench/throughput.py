@@ -27,6 +27,7 @@ unpaced rates are a floor of what the controller alone could do.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
@@ -38,10 +39,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..wire.operator import request
 from ._simrun import SimSpec
 from ._suite import Progress, Suite
 from ._timing import quantile, summary
-from ..wire.operator import request
 
 __all__ = ["SUITE", "ThroughputConfig", "run_throughput"]
 
@@ -171,10 +172,8 @@ def _children_cpu_seconds(pid: int) -> float:
     total = 0.0
     kids: list[str] = []
     for task in Path(f"/proc/{pid}/task").glob("*"):  # a child is its spawning thread's
-        try:
+        with contextlib.suppress(OSError):
             kids += (task / "children").read_text().split()
-        except OSError:
-            pass
     for kid in kids:
         try:
             with open(f"/proc/{kid}/stat") as f:
@@ -242,17 +241,20 @@ def _churn_window(cfg: ThroughputConfig, tag: str) -> dict[str, Any]:
             start_at = time.time() + 1.5 + 0.02 * cfg.churn_runs
             procs = []
             for i in range(workers):
-                spec = SimSpec(srv.socket, cfg.churn_runs // workers + (i < cfg.churn_runs % workers),
-                               text, start_at, cfg.churn_seconds, cfg.churn_hz, f"{tag}-{i}",
+                share = cfg.churn_runs // workers + (i < cfg.churn_runs % workers)
+                spec = SimSpec(srv.socket, share, text, start_at, cfg.churn_seconds, cfg.churn_hz,
+                               f"{tag}-{i}",
                                lifetime=cfg.churn_lifetime, cwd=str(work), tracking_uri=uri,
                                seed=1000 * i + 1 + int(tag[1:]))
                 procs.append(subprocess.Popen(
                     [sys.executable, "-m", "lrctl.bench._simrun",
                      json.dumps(dataclasses.asdict(spec))], stdout=subprocess.PIPE))
             time.sleep(max(0.0, start_at - time.time()))
-            cpu0, kid0, t0 = srv.cpu_seconds(), _children_cpu_seconds(srv.pid), time.perf_counter()
+            cpu0, kid0 = srv.cpu_seconds(), _children_cpu_seconds(srv.pid)
+            t0 = time.perf_counter()
             time.sleep(cfg.churn_seconds)
-            cpu1, kid1, t1 = srv.cpu_seconds(), _children_cpu_seconds(srv.pid), time.perf_counter()
+            cpu1, kid1 = srv.cpu_seconds(), _children_cpu_seconds(srv.pid)
+            t1 = time.perf_counter()
             rss1 = srv.rss_mib()
             parts = []
             for proc in procs:

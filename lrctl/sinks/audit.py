@@ -10,6 +10,7 @@ process that reads what the journal already holds (mlflow is never imported here
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import os
@@ -19,10 +20,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .._parallel import in_parallel
 from ..policy._base import float_to_json
 from ..policy._decision import json_safe
 from ._held import HeldLines
-from .._parallel import in_parallel
 from .base import RunInfo, Shipper, Sink
 from .journal import (
     STREAMS,
@@ -263,7 +264,7 @@ class AuditSink(Sink):
         writers = [w for w in dict.fromkeys(w for *_, w in pending) if w.unsynced]
         paths, self._unsynced_paths = list(self._unsynced_paths), {}
         calls: list[Callable[[], None]] = [w.sync for w in writers]
-        calls += [lambda p=p: fsync_path(p) for p in paths]
+        calls += [functools.partial(fsync_path, p) for p in paths]
         # One fsync in the loop's thread; several (runs starting, decisions of several
         # runs in one wake-up) overlap on threads: they cost about one.
         results = ([_call(calls[0])] if len(calls) == 1 else in_parallel(calls))
