@@ -6,6 +6,11 @@ curve with noise) either closed-loop (the next one as soon as the answer
 arrives: "unpaced") or at a fixed rate per run. Replies are counted by their
 frame headers only, so the workers spend as little CPU as possible next to the
 controller they measure.
+
+With ``lifetime`` (seconds, low and high) the runs churn: each ends with ``bye``
+after a random lifetime, once its last observation is answered, and a new run
+takes its place at once (its hello sent without blocking the other runs; the
+time to its welcome is measured too), as a cluster of short jobs would do.
 """
 
 from __future__ import annotations
@@ -39,6 +44,10 @@ class SimSpec:
     seconds: float
     rate_hz: float | None  # None: closed loop
     tag: str
+    lifetime: tuple[float, float] | None = None  # churn: each run ends after U(lo, hi) s
+    cwd: str | None = None  # the runs' working directory, as the hook reports it
+    tracking_uri: str | None = None  # the MLflow URI the runs report
+    seed: int = 0
 
 
 class _Run:
@@ -70,16 +79,20 @@ class _Run:
         return n
 
 
+def _hello(spec: SimSpec, index: int) -> bytes:
+    return encode({"t": "hello", "run": f"sim-{spec.tag}-{os.getpid()}-{index}",
+                   "run_name": f"sim-{index}", "policy": {"text": spec.policy_text,
+                                                           "source": "<bench>"},
+                   "lrs": [1e-3], "groups": 1, "world_size": 1,
+                   "mlflow": {"run_id": None, "tracking_uri": spec.tracking_uri},
+                   "cwd": spec.cwd or os.getcwd()}, MAX_HELLO)
+
+
 def _connect(spec: SimSpec, index: int) -> _Run:
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     sock.settimeout(30)
     sock.connect(spec.socket)
-    hello = {"t": "hello", "run": f"sim-{spec.tag}-{os.getpid()}-{index}",
-             "run_name": f"sim-{index}", "policy": {"text": spec.policy_text,
-                                                     "source": "<bench>"},
-             "lrs": [1e-3], "groups": 1, "world_size": 1,
-             "mlflow": {"run_id": None, "tracking_uri": None}, "cwd": os.getcwd()}
-    sock.sendall(encode(hello, MAX_HELLO))
+    sock.sendall(_hello(spec, index))
     decoder = FrameDecoder()
     while True:
         data = sock.recv(1 << 16)
@@ -149,13 +162,139 @@ def drive(spec: SimSpec) -> dict[str, Any]:
     return {"answered": answered, "seconds": elapsed, "latencies_us": latencies, "late": late}
 
 
+class _ChurnRun(_Run):
+    def __init__(self, sock: socket.socket, seed: int, ends_at: float) -> None:
+        super().__init__(sock, seed)
+        self.ends_at = ends_at
+        self.decoder: FrameDecoder | None = None  # the handshake is under way
+
+
+def drive_churn(spec: SimSpec) -> dict[str, Any]:
+    """Paced runs that end after a random lifetime and are replaced by new ones."""
+    assert spec.lifetime is not None and spec.rate_hz
+    lo, hi = spec.lifetime
+    rng = random.Random(spec.seed or os.getpid())
+    sel = selectors.DefaultSelector()
+    period = 1.0 / spec.rate_hz
+    counter = 0
+    started = ended = answered = late = 0
+    latencies: list[float] = []
+    handshakes: list[float] = []
+
+    def begin(now: float, handshake: bool, lifetime: float) -> _ChurnRun:
+        nonlocal counter, started
+        if handshake:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.settimeout(30)
+            sock.connect(spec.socket)
+            sock.setblocking(False)
+            run = _ChurnRun(sock, counter, now + lifetime)
+            run.decoder = FrameDecoder()
+            run.sent_at = now
+            sock.sendall(_hello(spec, counter))  # a small frame: the buffer takes it
+        else:  # the first runs connect before the window, as in :func:`drive`
+            base = _connect(spec, counter)
+            run = _ChurnRun(base.sock, counter, now + lifetime)
+        counter += 1
+        started += 1
+        sel.register(run.sock, selectors.EVENT_READ, run)
+        return run
+
+    def end(run: _ChurnRun) -> None:
+        nonlocal ended
+        sel.unregister(run.sock)
+        try:
+            run.sock.setblocking(True)
+            run.sock.sendall(encode({"t": "bye"}))
+        except OSError:
+            pass
+        run.sock.close()
+        ended += 1
+
+    runs = [begin(0.0, False, 0.0) for _ in range(spec.runs)]
+    started = 0  # the runs of the window's start are not counted as started in it
+    pause = spec.start_at - time.time()
+    if pause > 0:
+        time.sleep(pause)
+    began = time.perf_counter()
+    stop = began + spec.seconds
+    for i, run in enumerate(runs):  # spread over one period; lifetimes from the start
+        run.next_at = began + period * i / len(runs)
+        run.ends_at = began + rng.uniform(lo, hi)
+    now = began
+    while now < stop:
+        for i, run in enumerate(runs):
+            if run.decoder is not None or run.waiting:
+                continue
+            if now >= run.ends_at:
+                end(run)
+                run = runs[i] = begin(now, True, rng.uniform(lo, hi))
+                continue
+            if now >= run.next_at:
+                run.sent_at = now
+                run.waiting = True
+                run.sock.send(run.obs())
+                run.next_at += period
+                if run.next_at < now:
+                    late += 1
+                    run.next_at = now + period
+        due = [r.next_at for r in runs if r.decoder is None and not r.waiting]
+        timeout = max(0.0, min(due) - time.perf_counter()) if due else 0.05
+        for key, _ in sel.select(min(timeout, 0.05)):
+            run = key.data
+            data = run.sock.recv(1 << 16)
+            if not data:
+                raise ConnectionError("the controller closed a connection")
+            now = time.perf_counter()
+            if run.decoder is not None:
+                msgs = run.decoder.feed(data)
+                if msgs:
+                    if msgs[0]["t"] != "welcome":
+                        raise ConnectionError(f"no welcome: {msgs[0]}")
+                    run.decoder = None
+                    handshakes.append((now - run.sent_at) * 1e6)
+                    run.next_at = now
+                continue
+            got = run.replies(data)
+            if got and run.waiting:
+                run.waiting = False
+                answered += 1
+                if len(latencies) < _MAX_SAMPLES:
+                    latencies.append((now - run.sent_at) * 1e6)
+        now = time.perf_counter()
+    elapsed = time.perf_counter() - began
+    ended_in_window = ended
+    for run in runs:  # wait for what is in flight, then end every run
+        deadline = time.perf_counter() + 30
+        while (run.waiting or run.decoder is not None) and time.perf_counter() < deadline:
+            run.sock.setblocking(True)
+            run.sock.settimeout(30)
+            data = run.sock.recv(1 << 16)
+            if not data:
+                raise ConnectionError("the controller closed a connection")
+            if run.decoder is not None:
+                if run.decoder.feed(data):
+                    run.decoder = None
+            elif run.replies(data):
+                run.waiting = False
+                answered += 1
+        end(run)
+    return {"answered": answered, "seconds": elapsed, "latencies_us": latencies, "late": late,
+            "handshakes_us": handshakes, "started": started, "ended": ended_in_window,
+            "ended_total": ended,
+            "max_us": max(latencies, default=float("nan"))}
+
+
 def main(argv: list[str] | None = None) -> int:
     """``python -m lrctl.bench._simrun SPEC_JSON``: drive, print the result as JSON."""
     import json
     import sys
 
-    spec = SimSpec(**json.loads((argv or sys.argv[1:])[0]))
-    json.dump(drive(spec), sys.stdout)
+    raw = json.loads((argv or sys.argv[1:])[0])
+    if raw.get("lifetime") is not None:
+        raw["lifetime"] = tuple(raw["lifetime"])
+    spec = SimSpec(**raw)
+    json.dump(drive_churn(spec) if spec.lifetime else drive(spec), sys.stdout)
     return 0
 
 

@@ -10,6 +10,7 @@ process that reads what the journal already holds (mlflow is never imported here
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import os
@@ -19,6 +20,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .._parallel import in_parallel
 from ..policy._base import float_to_json
 from ..policy._decision import json_safe
 from ._held import HeldLines
@@ -30,6 +32,7 @@ from .journal import (
     StreamWriter,
     atomic_write_json,
     atomic_write_text,
+    fsync_path,
     last_line,
     read_json,
     read_lines,
@@ -96,6 +99,9 @@ class AuditSink(Sink):
         self._runs: dict[str, _OpenRun] = {}
         # Appended to a durable stream since the last commit: each line with its writer.
         self._uncommitted: list[tuple[str, str, JournalLine, StreamWriter]] = []
+        # Files (and directories) written by open_run without an fsync of their own: made
+        # durable by the next commit, with the journal lines, before any is acknowledged.
+        self._unsynced_paths: dict[Path, None] = {}
         # What a failing disk refused, written in order once it takes writes again;
         # runs ended meanwhile keep their writers open here until then.
         self._held = HeldLines(self.settings.queue_size)
@@ -121,12 +127,17 @@ class AuditSink(Sink):
         paths = RunPaths.of(self.state_dir, info.run_key)
         paths.policies.mkdir(parents=True, exist_ok=True)
         old = read_json(paths.meta, {}) or {}
-        policy_file = self._save_policy(paths, info)
+        policy_file = self._save_policy(paths, info, sync=False)
         target, follow = self._reopened_target(old.get("mlflow"), info)
         meta = {**asdict(info), "params": dict(info.params), "mlflow": target,
                 "created": old.get("created", time.time()), "opened": time.time()}
         del meta["policy_text"]  # kept once per version under policies/
-        atomic_write_json(paths.meta, meta)
+        # fsynced by the next commit (this run's first one), with its directories, so that
+        # a run start costs the loop one round of fsyncs in parallel, not five in a row.
+        atomic_write_json(paths.meta, meta, sync=False)
+        for path in (paths.meta, paths.policy_file(policy_file), paths.policies, paths.root,
+                     paths.root.parent):
+            self._unsynced_paths[path] = None
         sha, version, last_event = _current_policy(paths)
         # The durable streams are fsynced by commit(), not per line.
         run = _OpenRun(paths, {name: StreamWriter(paths.stream(name), fsync=False,
@@ -250,11 +261,23 @@ class AuditSink(Sink):
             self._retry_held()
         pending, self._uncommitted = self._uncommitted, []
         failed: dict[StreamWriter, OSError] = {}
-        for writer in dict.fromkeys(w for *_, w in pending):
-            try:
-                writer.sync()
-            except OSError as exc:
-                failed[writer] = exc
+        writers = [w for w in dict.fromkeys(w for *_, w in pending) if w.unsynced]
+        paths, self._unsynced_paths = list(self._unsynced_paths), {}
+        calls: list[Callable[[], None]] = [w.sync for w in writers]
+        calls += [functools.partial(fsync_path, p) for p in paths]
+        # One fsync in the loop's thread; several (runs starting, decisions of several
+        # runs in one wake-up) overlap on threads: they cost about one.
+        results = ([_call(calls[0])] if len(calls) == 1 else in_parallel(calls))
+        path_error: OSError | None = None
+        for i, result in enumerate(results):
+            if result is None:
+                continue
+            exc = result if isinstance(result, OSError) else OSError(str(result))
+            if i < len(writers):
+                failed[writers[i]] = exc
+            elif not isinstance(result, FileNotFoundError):  # a run dir removed: nothing to do
+                self._unsynced_paths[paths[i - len(writers)]] = None  # again next commit
+                path_error = path_error or exc
         if self.shipper is not None:
             for run_key, stream, line, writer in pending:
                 if writer not in failed:
@@ -262,6 +285,8 @@ class AuditSink(Sink):
             self.shipper.pass_on()
         if failed:
             raise next(iter(failed.values()))
+        if path_error is not None:
+            raise path_error
 
     def close(self, timeout: float = 0.5) -> None:
         """Controller shutdown: runs are not ended (their sessions come back on restart).
@@ -389,12 +414,12 @@ class AuditSink(Sink):
         return {**old, "run_id": wanted}, {"run_id": wanted, "previous": old.get("run_id")}
 
     @staticmethod
-    def _save_policy(paths: RunPaths, info: RunInfo) -> str:
+    def _save_policy(paths: RunPaths, info: RunInfo, *, sync: bool = True) -> str:
         """Keep the policy text, content-addressed; return its file's hash."""
         digest = hashlib.sha256(info.policy_text.encode("utf-8")).hexdigest()
         path = paths.policy_file(digest)
         if not path.exists():
-            atomic_write_text(path, info.policy_text)
+            atomic_write_text(path, info.policy_text, sync=sync)
         return digest
 
     def _close_writers(self, run: _OpenRun) -> None:
@@ -402,6 +427,14 @@ class AuditSink(Sink):
             self.commit()  # its lines are shipped as from any other commit
         for w in run.writers.values():
             w.close()
+
+
+def _call(call: Callable[[], None]) -> Exception | None:
+    try:
+        call()
+    except Exception as exc:
+        return exc
+    return None
 
 
 def _current_policy(paths: RunPaths) -> tuple[str, int, str | None]:

@@ -43,6 +43,7 @@ __all__ = [
     "atomic_write_json",
     "atomic_write_text",
     "check_run_key",
+    "fsync_path",
     "last_line",
     "list_run_keys",
     "read_json",
@@ -290,29 +291,39 @@ def sync_all(writers: Iterable[StreamWriter],
     return [r for r in results if isinstance(r, OSError)], results.count(NOT_DONE)
 
 
-def atomic_write_json(path: Path, value: Any) -> None:
-    """Replace ``path`` with ``value`` so that a crash leaves the old or the new file, whole."""
+def atomic_write_json(path: Path, value: Any, *, sync: bool = True) -> None:
+    """Replace ``path`` with ``value`` so that a crash leaves the old or the new file, whole.
+    ``sync=False``: the caller makes it durable later (:func:`fsync_path` on the file and
+    its directory) before anything that depends on it is reported durable."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     data = json.dumps(value, indent=1, sort_keys=True, allow_nan=False).encode()
     with open(tmp, "wb") as f:
         f.write(data)
         f.flush()
-        os.fsync(f.fileno())
+        if sync:
+            os.fsync(f.fileno())
     os.replace(tmp, path)
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    if sync:
+        fsync_path(path.parent)
 
 
-def atomic_write_text(path: Path, text: str) -> None:
+def atomic_write_text(path: Path, text: str, *, sync: bool = True) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     with open(tmp, "w", encoding="utf-8") as f:
         f.write(text)
         f.flush()
-        os.fsync(f.fileno())
+        if sync:
+            os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def fsync_path(path: Path) -> None:
+    """fsync a file or a directory by its path."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def read_json(path: Path, default: Any = None) -> Any:
