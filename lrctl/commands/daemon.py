@@ -55,8 +55,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                         "(default 30)")
     p.add_argument("--sched", choices=("normal", "batch"), default="normal",
                    help="batch: run under SCHED_BATCH, so an observation arriving never "
-                        "preempts the training process (async hooks on a busy machine: the "
-                        "hook's send costs ~10x less there; sync hooks may wait longer)")
+                        "preempts the training process (for async hooks on a machine whose "
+                        "cores are all busy; sync hooks may wait longer for their answer)")
     p.add_argument("--shutdown-grace", type=_positive_seconds, metavar="SECONDS",
                    help="after SIGTERM/SIGINT, exit with status 75 if the shutdown has not "
                         "finished this long (default 5); a second signal exits at once")
