@@ -80,10 +80,7 @@ class OperatorVerbs:
     _mode: str
     _decisions: deque[Decision]
 
-    @property
-    def applied_lrs(self) -> list[float]:  # the engine's
-        raise NotImplementedError
-
+    applied_lrs: list[float]  # the engine's property
     @property
     def mode(self) -> str:
         """``active``, or ``shadow``: the policies decide, the LRs hold (see :meth:`set_mode`)."""

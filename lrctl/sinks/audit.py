@@ -40,7 +40,7 @@ from .journal import (
 )
 from .sampling import MetricSampler
 from .shipper_proxy import ShipperProcess
-from .tracking import artifact_root_for, resolve_tracking_uri
+from .tracking import run_target
 
 __all__ = ["AuditSettings", "AuditSink"]
 
@@ -128,7 +128,7 @@ class AuditSink(Sink):
         paths.policies.mkdir(parents=True, exist_ok=True)
         old = read_json(paths.meta, {}) or {}
         policy_file = self._save_policy(paths, info, sync=False)
-        target, follow = self._reopened_target(old.get("mlflow"), info)
+        target, follow = run_target(old.get("mlflow"), info, self._env, self.settings.experiment)
         meta = {**asdict(info), "params": dict(info.params), "mlflow": target,
                 "created": old.get("created", time.time()), "opened": time.time()}
         del meta["policy_text"]  # kept once per version under policies/
@@ -382,36 +382,6 @@ class AuditSink(Sink):
             "policy_source": info.policy_source, "policy_file": policy_file,
             "params": dict(info.params),
             "record": json_safe(record)})
-
-    def _target(self, info: RunInfo) -> dict[str, Any]:
-        uri = resolve_tracking_uri(info.tracking_uri, self._env, info.cwd)
-        return {"tracking_uri": uri, "run_id": info.mlflow_run_id,
-                "run_name": info.run_name or info.run_key,
-                "experiment": self.settings.experiment,
-                "artifact_root": artifact_root_for(uri, info.cwd, self.settings.experiment)}
-
-    def _reopened_target(self, old: dict[str, Any] | None,
-                         info: RunInfo) -> tuple[dict[str, Any], dict[str, Any] | None]:
-        """The MLflow target of an opened run, and the ``follow`` event if it moves.
-
-        A restored run keeps its MLflow run (one training run, one MLflow run)
-        unless the resumed job has an active MLflow run of its own on the same
-        tracking server (the Hugging Face Trainer opens a new one on every resume):
-        then lrctl follows it, ships the run's whole history there, and ends the
-        one it leaves (see :mod:`._mlflow_run`).
-        """
-        if not old:
-            return self._target(info), None
-        wanted = info.mlflow_run_id
-        if not wanted or wanted == old.get("run_id"):
-            return old, None
-        fresh = self._target(info)
-        if fresh["tracking_uri"] != old.get("tracking_uri"):
-            log.warning("lrctl: run %s: the resumed job logs to MLflow run %s at %s; lrctl "
-                        "keeps its run at %s (it follows a new run on the same server only)",
-                        info.run_key, wanted, fresh["tracking_uri"], old.get("tracking_uri"))
-            return old, None
-        return {**old, "run_id": wanted}, {"run_id": wanted, "previous": old.get("run_id")}
 
     @staticmethod
     def _save_policy(paths: RunPaths, info: RunInfo, *, sync: bool = True) -> str:

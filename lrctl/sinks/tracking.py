@@ -9,12 +9,20 @@ resolved against it for the same reason.
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
 
-__all__ = ["artifact_root_for", "is_local_uri", "resolve_tracking_uri"]
+if TYPE_CHECKING:
+    from .base import RunInfo
+
+__all__ = ["artifact_root_for", "is_local_uri", "resolve_tracking_uri", "run_target"]
+
+
+log = logging.getLogger("lrctl.sinks")
 
 
 def resolve_tracking_uri(explicit: str | None, env: Mapping[str, str],
@@ -68,3 +76,34 @@ def _has_mlruns_data(mlruns: Path) -> bool:
                        and os.path.lexists(os.path.join(e.path, "meta.yaml")) for e in entries)
     except OSError:
         return False
+
+def _fresh_target(info: RunInfo, env: Mapping[str, str], experiment: str) -> dict[str, Any]:
+    uri = resolve_tracking_uri(info.tracking_uri, env, info.cwd)
+    return {"tracking_uri": uri, "run_id": info.mlflow_run_id,
+            "run_name": info.run_name or info.run_key, "experiment": experiment,
+            "artifact_root": artifact_root_for(uri, info.cwd, experiment)}
+
+
+def run_target(old: dict[str, Any] | None, info: RunInfo, env: Mapping[str, str],
+               experiment: str) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """The MLflow target of an opened run (``old``: the one it had), and the ``follow``
+    event if it moves.
+
+    A restored run keeps its MLflow run (one training run, one MLflow run) unless the
+    resumed job has an active MLflow run of its own on the same tracking server (the
+    Hugging Face Trainer opens a new one on every resume): then lrctl follows it, ships
+    the run's whole history there, and ends the one it leaves (see
+    :mod:`lrctl.sinks._mlflow_run`).
+    """
+    if not old:
+        return _fresh_target(info, env, experiment), None
+    wanted = info.mlflow_run_id
+    if not wanted or wanted == old.get("run_id"):
+        return old, None
+    fresh = _fresh_target(info, env, experiment)
+    if fresh["tracking_uri"] != old.get("tracking_uri"):
+        log.warning("lrctl: run %s: the resumed job logs to MLflow run %s at %s; lrctl "
+                    "keeps its run at %s (it follows a new run on the same server only)",
+                    info.run_key, wanted, fresh["tracking_uri"], old.get("tracking_uri"))
+        return old, None
+    return {**old, "run_id": wanted}, {"run_id": wanted, "previous": old.get("run_id")}

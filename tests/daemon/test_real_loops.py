@@ -230,6 +230,7 @@ def test_step_per_micro_batch_warns(controller: ControllerProc) -> None:
             if it % 4 == 3:
                 optimizer.step()
                 optimizer.zero_grad()
+        assert ctl.steps_taken == 12  # each call counted one step, as the warning says
 
 
 def test_a_sync_spike_skip_is_carried_out(controller: ControllerProc) -> None:

@@ -51,7 +51,8 @@ def test_a_resumed_job_is_followed_into_the_trainers_new_mlflow_run(tmp_path: Pa
     server = MlflowServer(tmp_path / "mlflow").start()
     try:
         with live_controller(audit=True) as controller:  # audit: it ships to MLflow
-            resume_and_follow(controller, server, out)
+            first, second = resume_and_follow(controller, server, out)
+        assert first != second
     finally:
         server.stop()
 
@@ -69,7 +70,9 @@ def lrctl_steps(client: MlflowClient, run_id: str, at_least: int) -> set[int]:
         time.sleep(0.2)
 
 
-def resume_and_follow(controller: LiveController, server: MlflowServer, out: Path) -> None:
+def resume_and_follow(controller: LiveController, server: MlflowServer,
+                      out: Path) -> tuple[str, str]:
+    """The killed job's MLflow run and the one lrctl followed on resume."""
     client = MlflowClient(server.uri)
     job(controller, server.uri, out, "--exit-after-save", "8", expect=EXITED)
     first = saved_run(out, 8)  # the Trainer's run, which lrctl's run logs to
@@ -95,3 +98,4 @@ def resume_and_follow(controller: LiveController, server: MlflowServer, out: Pat
     trainer_steps = {m.step for m in client.get_metric_history(second, "loss")}
     assert trainer_steps == set(range(9, STEPS + 1))
     assert max(lrctl_steps(client, second, STEPS)) == STEPS
+    return first, second

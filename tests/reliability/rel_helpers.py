@@ -6,6 +6,7 @@ import os
 import socket
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from lrctl.protocol import MAX_FRAME, FrameDecoder, encode, encode_obs
@@ -82,3 +83,20 @@ class RawClient:
 
 def fds_of(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def until_shipped(client: Any, state: Path, key: str, decisions: int) -> str:
+    """Wait until the run's MLflow run holds ``decisions`` decisions and has ended;
+    return its id (the run must end FINISHED: lrctl created it)."""
+    from sinks_helpers import mlflow_run_id
+
+    def shipped() -> bool:
+        try:
+            run = client.get_run(mlflow_run_id(state, key))
+        except Exception:
+            return False
+        return (run.data.tags.get("lrctl.decisions") == str(decisions)
+                and run.info.status == "FINISHED")
+
+    until("MLflow to have every decision and the run's end", shipped)
+    return mlflow_run_id(state, key)

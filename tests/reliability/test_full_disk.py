@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 import torch
 from daemon_helpers import ControllerProc
-from rel_helpers import FIGURES, until
+from rel_helpers import FIGURES, until, until_shipped
 
 import lrctl
 from lrctl.client import request
@@ -94,15 +94,7 @@ def test_full_disk_then_freed_loses_repeats_and_tears_nothing(
 
     client = MlflowClient(uri)
 
-    def shipped() -> bool:
-        try:
-            run = client.get_run(mlflow_run_id(state, key))
-        except Exception:
-            return False
-        return (run.data.tags.get("lrctl.decisions") == str(len(made))
-                and run.info.status == "FINISHED")
-
-    until("MLflow to have every decision", shipped)
+    until_shipped(client, state, key, len(made))
     controller.stop()
     uploaded = assert_exactly_once(client, mlflow_run_id(state, key), state, key, tmp_path)
     FIGURES["full disk"] = {"decisions": len(made), "journal": len(journal["decisions"]),

@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 import torch
 from daemon_helpers import REPO, ControllerProc
-from rel_helpers import FIGURES, until
+from rel_helpers import FIGURES, until, until_shipped
 
 import lrctl
 from lrctl.client import request
@@ -116,15 +116,7 @@ def test_a_store_that_cannot_be_opened_is_reported_retried_with_back_off_and_cau
         until("status to say MLflow answers again", lambda: not unavailable())
     client = MlflowClient(uri)
 
-    def shipped() -> bool:
-        try:
-            run = client.get_run(mlflow_run_id(state, key))
-        except Exception:
-            return False
-        return (run.data.tags.get("lrctl.decisions") == str(len(made))
-                and run.info.status == "FINISHED")
-
-    until("MLflow to have every decision", shipped)
+    until_shipped(client, state, key, len(made))
     controller.stop()
     uploaded = assert_exactly_once(client, mlflow_run_id(state, key), state, key, tmp_path)
     FIGURES["MLflow store unavailable"] = {"tracebacks": tracebacks, "reports": reports,

@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 import torch
 from daemon_helpers import REPO, ControllerProc
-from rel_helpers import FIGURES, until
+from rel_helpers import FIGURES, until, until_shipped
 
 import lrctl
 from lrctl.client import request
@@ -76,15 +76,7 @@ def test_state_dir_deleted_mid_run_comes_back_with_the_whole_journal(
     assert "recreated" in log
     client = MlflowClient(uri)
 
-    def shipped() -> bool:
-        try:
-            run = client.get_run(mlflow_run_id(state, key))
-        except Exception:
-            return False
-        return (run.data.tags.get("lrctl.decisions") == str(len(made))
-                and run.info.status == "FINISHED")
-
-    until("MLflow to have every decision and the run's end", shipped)
+    until_shipped(client, state, key, len(made))
     controller.stop()
     uploaded = assert_exactly_once(client, mlflow_run_id(state, key), state, key, tmp_path)
     FIGURES["state dir deleted"] = {"decisions": len(made), "journal": len(listed),
