@@ -50,6 +50,7 @@ def test_out_of_descriptors_new_hooks_are_told_why_and_the_loop_does_not_spin(
     assert refusal is not None, "the descriptors never ran out"
     assert refusal["code"] == "unavailable" and refusal["retry"] is True, refusal
     assert "file descriptors" in refusal["message"]
+    refused = 1
     for i in range(40):  # more hooks keep coming: each is answered, none hangs
         c = RawClient(ctl.socket, timeout=30)
         # The controller may answer (on its spare descriptor) and close before the hello
@@ -57,8 +58,14 @@ def test_out_of_descriptors_new_hooks_are_told_why_and_the_loop_does_not_spin(
         with contextlib.suppress(BrokenPipeError, ConnectionResetError):
             c.send(hello(f"late-{i}", POLICY, [0.1]))
         reply = c.recv()
+        assert reply is not None, "a hook got no answer"
+        if reply["t"] == "welcome":  # a descriptor came free (a checkpoint file closed)
+            served.append(c)
+            continue
         c.close()
-        assert reply is not None and reply["code"] == "unavailable", reply
+        assert reply["code"] == "unavailable", reply
+        refused += 1
+    assert refused > 20  # still out of descriptors for most of them
     for step, c in enumerate(served):  # the runs it serves are served
         c.obs(0, 1.0, 1.0)
         assert c.answer()["t"] == "lr", step
@@ -71,7 +78,7 @@ def test_out_of_descriptors_new_hooks_are_told_why_and_the_loop_does_not_spin(
     for c in served[:-5]:
         c.close()
     FIGURES["out of file descriptors"] = {"sessions at the limit": len(served),
-                                          "hooks answered 'unavailable'": 41,
+                                          "hooks answered 'unavailable'": refused,
                                           "log lines": lines}
 
 

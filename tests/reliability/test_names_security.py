@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from daemon_helpers import ControllerProc
-from rel_helpers import FIGURES, RawClient, hello
+from rel_helpers import FIGURES, RawClient, hello, until
 
 import lrctl
 from lrctl import paths
@@ -54,8 +54,12 @@ def test_hostile_run_names_become_safe_keys(controller: ControllerProc, name: st
         key = ctl.run_key
         assert key is not None and is_run_key(key) and "/" not in key
         assert sanitize_run_name(name) in key
-        files = os.listdir(Path(controller.state_dir) / "runs")
-        assert files == [f"{key}.json"]
+        runs = Path(controller.state_dir) / "runs"
+        # A new run's first checkpoint is written off the loop: wait for it.
+        until("the run's checkpoint", lambda: (runs / f"{key}.json").exists())
+        files = os.listdir(runs)  # a later checkpoint may be on its way: .KEY.json.*.tmp
+        assert [f for f in files if not f.startswith(".")] == [f"{key}.json"]
+        assert all(f.startswith(f".{key}.json.") for f in files if f.startswith("."))
 
 
 @pytest.mark.parametrize("source", ["../../etc/passwd", "relative.yaml", "/tmp/a\x00b",
