@@ -23,6 +23,7 @@ Messages (field ``t`` is the type)
 ----------------------------------
 Hook → controller:
 
+* ``auth``: ``token`` (TCP only, the connection's first frame: see below).
 * ``hello``: ``run`` (run key), ``run_name``, ``policy`` ``{text, source}``,
   ``lrs`` (initial LR per param group), ``groups``, ``world_size``, ``mlflow``
   ``{run_id, tracking_uri}``, ``cwd``, ``watch`` (optional, default true:
@@ -30,7 +31,9 @@ Hook → controller:
   (optional: the run's length, for ``anneal``), ``snapshots`` (optional,
   ``{every, keep}``: the hook keeps snapshots and can roll back), ``session`` (optional: the
   run's state from ``snapshot``, kept in the user's checkpoint: the run resumes
-  from it), ``token`` (TCP only).
+  from it), ``resume_token`` (optional: the run's token from its welcome; a hello for
+  a run that another live connection serves is refused without it), ``token`` (TCP,
+  when no ``auth`` came first).
 * ``obs``: ``s`` step, ``l`` loss, ``g`` grad norm (each may be absent or null),
   ``m`` named metrics (optional object), ``o`` (optional, true: a mixed-precision
   overflow step that the ``GradScaler`` skipped; never divergence), ``b``
@@ -44,8 +47,8 @@ Hook → controller:
 Controller → hook:
 
 * ``welcome``: ``run``, ``last_step`` (-1 before any observation), ``saved_step``,
-  ``lrs``, ``mode``, ``restored``, ``policy_sha256``. The hook replays the
-  observations it holds with a step greater than ``last_step``.
+  ``lrs``, ``mode``, ``restored``, ``policy_sha256``, ``resume_token``. The hook
+  replays the observations it holds with a step greater than ``last_step``.
 * ``lr``: ``s`` (the observation step it answers, or -1 for a push from an
   operator or a live policy reload), ``lrs`` for the next step, ``skip``, ``stop``, ``mode``,
   ``saved_step`` (the last step checkpointed to disk), ``d`` (new decisions,
@@ -65,6 +68,11 @@ TCP each request carries ``token``):
 * ``status`` → ``status`` ``{pid, version, runs, connected, uptime_s, socket,
   state_dir, watching, errors}``
 
-Either side: ``error`` ``{code, message, fatal}``. ``fatal`` means the sender
-closes the connection after it.
+Either side: ``error`` ``{code, message, fatal, retry}``. ``fatal`` means the sender
+closes the connection after it; ``retry`` (with ``fatal``, code ``unavailable``) that
+the refusal is temporary: try again later.
+
+Over TCP a peer's first frame may be at most 4 KiB and must carry the token (an
+``auth`` frame, or any small request with ``token``): the controller decodes nothing
+after it until the token checks out.
 """
