@@ -10,13 +10,9 @@ The checkpoints the hot path asks for (:meth:`Checkpoints.observed`,
 :meth:`Checkpoints.save_due`) are encoded on the loop and written, with their
 fsyncs, by a :class:`~lrctl.daemon.store.CheckpointWriter` thread; ``saved_step``
 advances when the loop learns that the file is durable (:meth:`Checkpoints.finished`).
-A new run's first checkpoint and an ended run's removal (:meth:`Checkpoints.start`,
-:meth:`Checkpoints.delete`) go to the same thread, in order, so that many runs starting
-and ending do not stall the loop on their fsyncs (a new run's ``saved_step`` stays -1,
-its hook keeps every observation, until its first checkpoint is durable). The rarer
-ones (:meth:`Checkpoints.save`: an operator command, a reload, a disconnect, eviction,
-shutdown) are written at once, after any write or removal of the same run still in
-flight. A checkpoint that cannot be written is logged and kept in
+The rarer ones (:meth:`Checkpoints.save`: a new run, an operator command, a reload,
+a disconnect, eviction, shutdown) are written at once, after any write of the same
+run still in flight. A checkpoint that cannot be written is logged and kept in
 :attr:`Checkpoints.errors` (shown by ``runs``/``status``); the run goes on from memory.
 """
 
@@ -36,9 +32,6 @@ __all__ = ["Checkpoints"]
 
 log = logging.getLogger("lrctl.daemon")
 
-#: The writer's token of a removal (see :meth:`Checkpoints.delete`).
-_DELETE = object()
-
 
 class Checkpoints:
     """The checkpoint schedule of the runs in ``sessions`` (the server's registry).
@@ -57,7 +50,6 @@ class Checkpoints:
         self.next_due = 0.0
         self._last_save: dict[str, float] = {}
         self._saving: dict[str, int] = {}  # run key -> unsaved count its write in flight holds
-        self._deleting: dict[str, int] = {}  # run key -> its removals in flight
         self._writer = CheckpointWriter(store, notify)
 
     def track(self, key: str) -> None:
@@ -84,20 +76,10 @@ class Checkpoints:
         session.unsaved = 0
         self._last_save[key] = time.monotonic()
 
-    def start(self, key: str) -> None:
-        """A new run's first checkpoint, written by the writer thread (after a removal of
-        the same key in flight, if any)."""
-        self._save_soon(key)
-
-    def in_flight(self, key: str) -> bool:
-        """A write or removal of ``key`` is under way (or not yet applied by the loop)."""
-        return key in self._saving or key in self._deleting
-
     def delete(self, key: str) -> None:
-        """Remove ``key``'s checkpoint (the run ended), on the writer thread: after its
-        write in flight, if any, and before any later write of the same key."""
-        self._deleting[key] = self._deleting.get(key, 0) + 1
-        self._writer.submit(key, None, _DELETE)
+        """Remove ``key``'s checkpoint (the run ended); a write in flight lands first."""
+        self._settle(key)
+        self.store.delete(key)
 
     def observed(self, key: str, session: Session, now: float) -> None:
         """After each observation of ``session`` (the hot path)."""
@@ -130,13 +112,9 @@ class Checkpoints:
         """Apply the writer's finished checkpoints (on the loop's thread)."""
         while True:
             try:
-                key, token, error = self._writer.done.get_nowait()
+                key, (session, step), error = self._writer.done.get_nowait()
             except queue.Empty:
                 return
-            if token is _DELETE:
-                self._deleted(key, error)
-                continue
-            session, step = token
             held = self._saving.pop(key, 0)
             if key not in self.sessions or self.sessions[key] is not session:
                 continue  # the run ended (or was replaced) meanwhile
@@ -154,16 +132,7 @@ class Checkpoints:
     def stop(self) -> None:
         """Let the writer finish the write it is on, and apply it; the writes it had not
         started are left to :meth:`save_all`."""
-        for key, token in self._writer.cancel():
-            if token is _DELETE:  # not left for the next start: done now
-                try:
-                    self.store.delete(key)
-                except OSError as exc:
-                    self._deleted(key, exc)
-                else:
-                    self._deleted(key, None)
-                continue
-            session, _ = token
+        for key, (session, _) in self._writer.cancel():
             held = self._saving.pop(key, 0)
             if self.sessions.get(key) is session:
                 session.unsaved += held  # still to be checkpointed
@@ -199,15 +168,8 @@ class Checkpoints:
             written += len(done)
         return written
 
-    def _deleted(self, key: str, error: Exception | None) -> None:
-        n = self._deleting.pop(key, 0) - 1
-        if n > 0:
-            self._deleting[key] = n
-        if error is not None:
-            log.error("cannot remove the checkpoint of ended run %s: %s", key, error)
-
     def _settle(self, key: str) -> None:
-        if key in self._saving or key in self._deleting:  # after those in flight
+        if key in self._saving:  # after the write in flight, never before it
             self._writer.wait()
             self.finished()
 

@@ -129,7 +129,7 @@ class Server:
         key = session.key
         self.open_records(session)
         self.sessions[key] = session
-        self.checkpoints.start(key)  # written off the loop; saved_step follows
+        self.checkpoints.save(key)
         self.live.sync_watch(session)
         log.info("run %s started (%d group(s), policy %s%s)", key,
                  len(session.engine.initial_lrs), session.info.policy_source,

@@ -178,12 +178,11 @@ class CheckpointWriter:
         self.store = store
         self.notify = notify
         self.done: queue.SimpleQueue[tuple[str, Any, Exception | None]] = queue.SimpleQueue()
-        self._jobs: queue.SimpleQueue[tuple[str, bytes | None, Any] | threading.Event | None] = (
+        self._jobs: queue.SimpleQueue[tuple[str, bytes, Any] | threading.Event | None] = (
             queue.SimpleQueue())
         self._thread: threading.Thread | None = None
 
-    def submit(self, key: str, data: bytes | None, token: Any) -> None:
-        """Write ``data`` as ``key``'s checkpoint, or remove it (``data`` None)."""
+    def submit(self, key: str, data: bytes, token: Any) -> None:
         if self._thread is None:
             self._thread = threading.Thread(target=self._run, name="lrctl-checkpoints",
                                             daemon=True)
@@ -229,10 +228,7 @@ class CheckpointWriter:
             key, data, token = job
             error: Exception | None = None
             try:
-                if data is None:  # a removal (the run ended)
-                    self.store.delete(key)
-                else:
-                    self.store.write(key, data)
+                self.store.write(key, data)
             except Exception as exc:  # reported to the loop, which logs it; the thread goes on
                 error = exc
             self.done.put((key, token, error))

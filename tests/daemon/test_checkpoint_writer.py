@@ -66,8 +66,7 @@ def test_the_loop_answers_while_a_checkpoint_is_written(
         served: tuple[Server, GatedStore, str]) -> None:
     srv, store, path = served
     c = Client(path)
-    _hello(c, "run-a")  # a new run: its first checkpoint is written off the loop
-    _first_checkpoint(srv, "run-a")
+    _hello(c, "run-a")  # checkpointed at once (a new run), before the welcome
     store.gate.clear()
     store.writing.clear()
     replies = []
@@ -92,20 +91,10 @@ def test_the_loop_answers_while_a_checkpoint_is_written(
     assert state is not None and state["engine"]["last_step"] >= reply["saved_step"]
 
 
-def _first_checkpoint(srv: Server, run: str) -> None:
-    """Wait until a new run's first checkpoint (written off the loop) is applied."""
-    deadline = time.monotonic() + 20
-    while srv.checkpoints.in_flight(run) and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert not srv.checkpoints.in_flight(run)
-
-
-def _write_in_flight(srv: Server, store: GatedStore, path: str, run: str,
-                     steps: int) -> Client:
+def _write_in_flight(store: GatedStore, path: str, run: str, steps: int) -> Client:
     """A run whose hot-path checkpoint is being written (held at the gate)."""
     c = Client(path)
     _hello(c, run)
-    _first_checkpoint(srv, run)
     store.gate.clear()
     store.writing.clear()
     for t in range(steps):
@@ -132,12 +121,10 @@ def _loop_waits_for_writes(srv: Server) -> threading.Event:
 def test_bye_while_a_checkpoint_is_in_flight_leaves_no_file(
         served: tuple[Server, GatedStore, str]) -> None:
     srv, store, path = served
-    c = _write_in_flight(srv, store, path, "run-b", 8)
+    c = _write_in_flight(store, path, "run-b", 8)
+    waiting = _loop_waits_for_writes(srv)
     c.send(encode({"t": "bye"}))
-    # The removal is queued behind the write in flight: the loop goes on meanwhile.
-    op = Client(path)
-    op.send(encode({"t": "status"}))
-    assert op.answer()["t"] == "status"
+    assert waiting.wait(20)  # the loop waits for the write before it deletes the file
     assert store.writes == 1  # the new run's checkpoint only: the one at bye is held
     store.gate.set()
     deadline = time.monotonic() + 20
@@ -152,7 +139,7 @@ def test_bye_while_a_checkpoint_is_in_flight_leaves_no_file(
 def test_an_operator_save_waits_for_the_write_in_flight(
         served: tuple[Server, GatedStore, str]) -> None:
     srv, store, path = served
-    c = _write_in_flight(srv, store, path, "run-c", 12)  # kept open: its hook is still there
+    c = _write_in_flight(store, path, "run-c", 12)  # kept open: its hook is still there
     op = Client(path)
     waiting = _loop_waits_for_writes(srv)
     op.send(encode({"t": "pause", "run": "run-c"}))
