@@ -106,6 +106,7 @@ def test_unwritable_checkpoint_is_reported_and_training_continues(
             _step(ctl, engine, t)
         # The checkpoint's path becomes a non-empty directory: every save fails (as root too).
         target = runs_dir / f"{ctl.run_key}.json"
+        until("the first checkpoint (written off the loop)", target.is_file)
         target.unlink()
         target.mkdir()
         (target / "x").write_text("in the way")
@@ -127,7 +128,8 @@ def test_unwritable_checkpoint_is_reported_and_training_continues(
             ctl.step(1.0)
         until("the checkpoint to be written", lambda: target.is_file())
         until("the error to clear", lambda: _runs()[ctl.run_key]["store_error"] is None)
-        assert not [p for p in runs_dir.iterdir() if p.name.endswith(".tmp")]
+        until("no temporary file left (a write may be finishing)",
+              lambda: not [p for p in runs_dir.iterdir() if p.name.endswith(".tmp")])
 
 
 def test_corrupt_or_partial_checkpoints_are_never_loaded(
