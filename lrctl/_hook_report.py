@@ -12,6 +12,7 @@ from collections.abc import Mapping
 from types import MappingProxyType
 from typing import Any
 
+from ._batching import Batching
 from ._torchutil import (
     on_device,
     scaler_enabled,
@@ -29,9 +30,9 @@ _NO_METRICS: Mapping[str, Any] = MappingProxyType({})
 class Reporting:
     """The statistics of a step, out (see the module docstring)."""
 
-    def _guard_step(self, t: int, loss: Any, grad_norm: Any) -> tuple[Any, Any]:
+    def _guard_step(self, t: int, loss: Any, grad_norm: Any) -> tuple[Any, Any, bool]:
         """The local non-finite guard (see :mod:`lrctl._guard`); returns the statistics
-        to report, as floats where they are on the host."""
+        to report, as floats where they are on the host, and whether this step reports."""
         guard = self._guard
         guard.clear()  # a verdict whose optimizer step never came (the loop skipped it)
         if not self._order_known:
@@ -43,7 +44,13 @@ class Reporting:
                                     "NaN/inf step has already reached the weights when the hook "
                                     "sees it; call ctl.step(loss) after backward() and before "
                                     "optimizer.step() to have such steps skipped")
-        reporting = t % self.every == 0 or bool(self._metrics)
+        batch = self._batch
+        if batch is None:
+            reporting = t % self.every == 0 or bool(self._metrics)
+        else:
+            if type(loss) is not float and loss is not None and not on_device(loss):
+                loss = to_float(loss)  # a CPU tensor: read once, to judge the step
+            reporting = self._batch_due(batch, loss, grad_norm)
         if grad_norm is None and self._compute_grad_norm and reporting:
             grad_norm = total_grad_norm(self.optimizer)
             if grad_norm is None:
@@ -54,14 +61,38 @@ class Reporting:
         if (on_device(loss) or on_device(grad_norm)) and not self.sync:
             if not scaler_enabled(self.scaler):  # an enabled scaler skips such steps
                 guard.check_on_device(loss, grad_norm)  # no host sync on CUDA
-            return loss, grad_norm
+            return loss, grad_norm, reporting
         loss, grad_norm = to_float(loss), to_float(grad_norm)
         if scaler_enabled(self.scaler):  # it skips non-finite steps itself, and must:
             bad = not all(v is None or math.isfinite(v) for v in (loss, grad_norm))
             self.should_skip = self.should_skip or bad  # its unscale state is per step
         elif guard.check(loss, grad_norm):
             self.should_skip = True
-        return loss, grad_norm
+        return loss, grad_norm, reporting
+
+    def _batch_due(self, batch: Batching, loss: Any, grad_norm: Any) -> bool:
+        """``every="auto"``: does this step report, or wait for the batch's report?"""
+        if grad_norm is not None and type(grad_norm) is not float and not on_device(grad_norm):
+            grad_norm = to_float(grad_norm)
+        if type(loss) is float and (grad_norm is None or type(grad_norm) is float):
+            if self._metrics or self._restored_unreported is not None:
+                return True
+            return batch.due(loss, grad_norm)
+        if on_device(loss) or on_device(grad_norm):
+            # Device values take the no-sync staging path, one step per report: what is
+            # pending goes now, as the report of its own last step.
+            batch.fix_k(1)
+            self._flush_pending()
+        return True
+
+    def _flush_pending(self) -> None:
+        """Report the pending steps of an ``every="auto"`` batch (at close, or before a
+        step that cannot join it)."""
+        batch = self._batch
+        if batch is None or not batch.losses or self._link is None:
+            return
+        t, loss, grad = batch.pop_last()
+        self._send(t, loss, grad, _NO_METRICS)
 
     def _report(self, t: int, loss: Any, grad_norm: Any) -> None:
         if grad_norm is None and self._compute_grad_norm:
@@ -88,10 +119,15 @@ class Reporting:
             # The scaler skips this step and lowers its scale: normal in fp16 training.
             overflow, grad = True, None
             self.overflows += 1
+        prior: list[float] | None = None
+        prior_grads: list[float | None] | None = None
+        if self._batch is not None:  # every="auto": the steps held since the last report
+            prior, prior_grads = self._batch.take(loss, grad)
         try:
             frame = encode_obs(t, loss, grad, clean, overflow=overflow,
                                base=self._writer.base if self._writer.loop_mode else None,
-                               restored=self._restored_unreported)
+                               restored=self._restored_unreported, prior=prior,
+                               prior_grads=prior_grads)
             self._restored_unreported = None
         except ValueError as exc:  # e.g. too many metrics for one frame
             self._warn("encode", f"lrctl: step {t} not reported: {exc}")

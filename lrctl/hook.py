@@ -24,8 +24,10 @@ from __future__ import annotations
 import logging
 import warnings
 from collections import deque
+from time import perf_counter
 from typing import Any
 
+from ._batching import Batching
 from ._dist import Distributed
 from ._guard import StepGuard
 from ._hook_apply import Applying
@@ -53,7 +55,7 @@ MAX_DECISIONS = 10_000
 
 
 def attach(optimizer: Any, policy: Any = None, run_name: str | None = None, sync: bool = False,
-           every: int = 1, socket: str | None = None, spawn: bool = True,
+           every: int | str = 1, socket: str | None = None, spawn: bool = True,
            **options: Any) -> Controller:
     """Connect ``optimizer`` to a controller; see :class:`Controller`."""
     return Controller(optimizer, policy=policy, run_name=run_name, sync=sync, every=every,
@@ -65,7 +67,10 @@ class Controller(Resuming, LinkSide, Reporting, Applying):
 
     ``policy``: a path, YAML text or a dict (``None``: the packaged default).
     ``sync``: wait up to ``timeout`` seconds for each decision, then fail open.
-    ``every``: report every N-th step (and any step after :meth:`report`).
+    ``every``: report every N-th step (and any step after :meth:`report`);
+    ``"auto"``: report every step's values, batched so that reporting costs
+    about 1 % of the step time, a standing-out step at once (see
+    :mod:`lrctl._batching`).
     ``socket``: a Unix socket path or ``tcp://HOST:PORT`` (default:
     ``$LRCTL_SOCKET`` or the per-user runtime directory). ``spawn``: start a
     controller in the background when none answers (Unix sockets only).
@@ -94,7 +99,7 @@ class Controller(Resuming, LinkSide, Reporting, Applying):
     """
 
     def __init__(self, optimizer: Any, *, policy: Any = None, run_name: str | None = None,
-                 sync: bool = False, every: int = 1, socket: str | None = None,
+                 sync: bool = False, every: int | str = 1, socket: str | None = None,
                  spawn: bool = True, timeout: float = 1.0, token: str | None = None,
                  spawn_timeout: float = 60.0, max_backoff: float = 5.0,
                  compute_grad_norm: bool = True, resume: str | None = None,
@@ -107,8 +112,9 @@ class Controller(Resuming, LinkSide, Reporting, Applying):
                 isinstance(g, dict) and "lr" in g for g in groups):
             raise TypeError("attach() needs a torch optimizer (param_groups with an 'lr'), "
                             f"but got {type(optimizer).__name__}")
-        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
-            raise ValueError(f"every must be an integer >= 1, but got {every=}")
+        auto = every == "auto"
+        if not auto and (isinstance(every, bool) or not isinstance(every, int) or every < 1):
+            raise ValueError(f"every must be an integer >= 1 or 'auto', but got {every=}")
         if isinstance(start_step, bool) or not isinstance(start_step, int) or start_step < 0:
             raise ValueError(f"start_step must be an integer >= 0, but got {start_step=}")
         if total_steps is not None and (isinstance(total_steps, bool)
@@ -129,7 +135,7 @@ class Controller(Resuming, LinkSide, Reporting, Applying):
         self._watch = bool(watch)
         self.total_steps = total_steps
         self.sync = bool(sync)
-        self.every = every
+        self.every = 1 if auto else every
         self.timeout = float(timeout)
         initial = [lr_value(g["lr"]) for g in groups]
         if saved is not None:
@@ -168,6 +174,9 @@ class Controller(Resuming, LinkSide, Reporting, Applying):
         self.mode = "active"
         self.run_key: str | None = None
         self._dist = Distributed.detect()
+        # every="auto": batched reports where they can apply (see lrctl._batching)
+        self._batch = Batching() if (auto and not self.sync and base != "loop"
+                                     and self._dist.world_size == 1) else None
         self._rollbacks = Rollbacks.create(optimizer, snapshot_every, keep, model, on_snapshot,
                                            on_rollback, self._warn)
         self.rolled_back: int | None = None
@@ -243,6 +252,11 @@ class Controller(Resuming, LinkSide, Reporting, Applying):
         to :func:`attach`); a step whose gradients overflowed is reported as an
         overflow, which no policy counts as divergence.
         """
+        batch = self._batch
+        if batch is not None:
+            began = perf_counter()
+            batch.tick(began)
+        reporting = True
         try:
             t = self._step
             self._step = t + 1
@@ -253,16 +267,22 @@ class Controller(Resuming, LinkSide, Reporting, Applying):
             if self._writer.loop_mode:
                 self._apply()  # read the LR the loop set for this step: it is reported
             overflows = self.overflows
-            loss, grad_norm = self._guard_step(t, loss, grad_norm)
+            loss, grad_norm, reporting = self._guard_step(t, loss, grad_norm)
             self.rolled_back = self._rollbacks.step(t) if self._rollbacks else None
             if self.rolled_back is not None:  # this step's gradients are of the old weights
                 self._restored_unreported = self.rolled_back
                 self.should_skip = True
                 self._guard.veto()
+                reporting = True
             link = self._link
-            if link is not None and link.fatal is None:
-                if t % self.every == 0 or self._metrics:
+            if link is None or link.fatal is not None:
+                if batch is not None:
+                    batch.clear()  # unreported, as any step is while the link is down
+            else:
+                if reporting:
                     self._report(t, loss, grad_norm)
+                elif batch is not None:
+                    batch.hold(t, loss, grad_norm)
                 # Between reports with every answer in, there is nothing to read: such
                 # steps cost next to nothing, so every=N divides the hook's cost by N.
                 if self._acked < self._reported or self._staging or not link.idle:
@@ -271,6 +291,8 @@ class Controller(Resuming, LinkSide, Reporting, Applying):
                     self._wait_for(t)
             # A step the loop may rightly not take (a scaler overflow, should_skip).
             self._excused = self.should_skip or self.overflows != overflows
+            if batch is not None:
+                batch.spent(perf_counter() - began, reporting)
         except Exception as exc:  # fail-open: the training loop must not see lrctl's bugs
             self._warn("internal", f"lrctl: hook error ({exc!r}); training continues at the "
                                    "last LR")
@@ -318,6 +340,7 @@ class Controller(Resuming, LinkSide, Reporting, Applying):
         if self._link is None:
             return
         try:
+            self._flush_pending()
             self._drain_staged(block=True)
             if self._link.connected and self._acked < self._reported:
                 self._got_error = False

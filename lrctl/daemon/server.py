@@ -42,14 +42,14 @@ from ..reload import DEFAULT_DEBOUNCE_S
 from ..sinks import Sink
 from ..wire.errors import ProtocolError
 from ..wire.frames import MAX_HELLO
-from ..wire.messages import encode_lr, float_in, get_int
+from ..wire.messages import encode_lr, float_in, get_int, prior_steps
 from . import operator
 from .checkpoints import Checkpoints
 from .guarded_sink import GuardedSink
 from .handshake import Handshakes
 from .limits import DEFAULT_SESSION_TIMEOUT, Limits
 from .live_reload import LiveReload
-from .session import Session
+from .session import Session, Step
 from .state_dir import StateDirWatch
 from .store import StateStore
 from .transport import Conn, Transport, Unavailable
@@ -263,6 +263,7 @@ class Server:
             metrics = {str(k): float_in(v, f"metric {k!r:.40}") for k, v in raw_metrics.items()}
         # The hook carried out a rollback before this step: the snapshot step it restored.
         restored = None if msg.get("r") is None else get_int(msg, "r", hi=step)
+        prior = prior_steps(msg, step)  # every="auto": the steps held back, oldest first
         if step <= session.last_step:
             # A replay that overlaps what the restored session has seen: answer, don't apply.
             raise ProtocolError(f"step {step} already observed (last step "
@@ -279,7 +280,11 @@ class Server:
             base = msg.get("b")
             if base is not None:  # base="loop": the loop's own LRs, scaled by lrctl's
                 base = _base_lrs(base, len(session.engine.initial_lrs))
+            held = self._observe_held(key, session, prior, used) if prior else None
             result = session.observe(step, loss, grad, metrics)
+            if held is not None:
+                result.decisions[:0] = held.decisions
+                result.stop = result.stop or held.stop
         except ObservationError as exc:
             raise ProtocolError(str(exc), "bad_observation") from None
         if msg.get("o") is True:
@@ -294,6 +299,21 @@ class Server:
             self.sink.decision(key, {**d, "wall_time": time.time()})
         self.checkpoints.observed(key, session, self._now)
         self.reply(conn, session, step, result.lrs, result.decisions, result.skip, result.stop)
+
+    def _observe_held(self, key: str, session: Session,
+                      prior: list[tuple[int, float | None, float | None]],
+                      used: list[float] | None) -> Step:
+        """The held steps of a batched ``obs``, each observed in order; they ran on the
+        LRs in effect before the frame (the hook applies answers at its reports)."""
+        held = Step([], [], False, False)
+        for s, loss, grad in prior:
+            if s <= session.last_step:
+                continue  # a replay overlapping what a restored session has seen
+            result = session.observe(s, loss, grad, _NO_METRICS)
+            self.sink.observation(key, s, loss, grad, result.lrs if used is None else used)
+            held.decisions += result.decisions
+            held.stop = held.stop or result.stop
+        return held
 
     def reply(self, conn: Conn, session: Session, step: int, lrs: list[float],
               decisions: list[dict[str, Any]], skip: bool, stop: bool) -> None:

@@ -39,7 +39,11 @@ Hook → controller:
   overflow step that the ``GradScaler`` skipped; never divergence), ``b``
   (optional: the loop's own LR per group for this step, ``base="loop"``), ``r``
   (optional: the snapshot step the hook restored before this step, a rollback
-  carried out; journaled as a ``rolled_back`` decision).
+  carried out; journaled as a ``rolled_back`` decision), ``pl`` (optional, at most
+  ``MAX_PRIOR`` numbers: the losses of the steps ``s - len(pl)`` … ``s - 1`` that
+  ``every="auto"`` held back; the controller observes each, in order, before ``s``,
+  with the LRs in effect before the frame as the LRs they used) and ``pg`` (their
+  grad norms, the same length, null where none).
 * ``snapshot``: the run's state after every observation so far → ``snapshot``
   ``{s, session}``.
 * ``bye``: the run ended; the controller closes the session.

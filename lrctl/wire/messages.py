@@ -20,8 +20,8 @@ from .errors import ProtocolError
 from .floats import NON_FINITE, float_to_json
 from .frames import HEADER, MAX_FRAME, decode_json, encode
 
-__all__ = ["decode_body", "encode_lr", "encode_obs", "float_in", "float_out", "get_float",
-           "get_int", "get_str", "plain_message"]
+__all__ = ["MAX_PRIOR", "decode_body", "encode_lr", "encode_obs", "float_in", "float_out",
+           "get_float", "get_int", "get_str", "plain_message", "prior_steps"]
 
 
 
@@ -46,7 +46,9 @@ def float_in(x: Any, name: str) -> float:
 # -- obs ------------------------------------------------------------------------------
 def encode_obs(step: int, loss: float | None, grad_norm: float | None,
                metrics: Mapping[str, float] | None = None, *, overflow: bool = False,
-               base: Sequence[float] | None = None, restored: int | None = None) -> bytes:
+               base: Sequence[float] | None = None, restored: int | None = None,
+               prior: Sequence[float] | None = None,
+               prior_grads: Sequence[float | None] | None = None) -> bytes:
     """An ``obs`` frame, formatted by hand: this runs once per training step.
 
     ``repr`` of a finite float is valid JSON; the rare fields go through
@@ -54,9 +56,12 @@ def encode_obs(step: int, loss: float | None, grad_norm: float | None,
     ``GradScaler`` skipped it; no grad norm), and the loop's own LRs for this step
     (``b``, ``attach(..., base="loop")``: the controller records ``b × lrs /
     initial_lrs`` as the LRs used), and the snapshot step the hook has just
-    restored (``r``: a rollback carried out, before this step).
+    restored (``r``: a rollback carried out, before this step), and the steps held
+    since the previous report (``every="auto"``): ``pl``, the losses of steps
+    ``s - len(pl)`` to ``s - 1``, and ``pg``, their grad norms (null where none),
+    when the loop gave any.
     """
-    if metrics or overflow or base is not None or restored is not None:
+    if metrics or overflow or base is not None or restored is not None or prior:
         msg: dict[str, Any] = {"t": "obs", "s": step, "l": float_out(loss),
                                "g": float_out(grad_norm)}
         if metrics:
@@ -67,10 +72,37 @@ def encode_obs(step: int, loss: float | None, grad_norm: float | None,
             msg["b"] = [float_out(float(v)) for v in base]
         if restored is not None:
             msg["r"] = int(restored)
+        if prior:
+            msg["pl"] = [float_out(v) for v in prior]
+            if prior_grads is not None:
+                msg["pg"] = [float_out(v) for v in prior_grads]
         return encode(msg)
     body = f'{{"v":1,"t":"obs","s":{int(step)},"l":{_num(loss)},"g":{_num(grad_norm)}}}'.encode(
         "ascii")
     return HEADER.pack(len(body)) + body
+
+
+MAX_PRIOR = 256  # held steps one obs may carry (every="auto" holds at most 63)
+
+
+def prior_steps(msg: Mapping[str, Any], step: int,
+                ) -> list[tuple[int, float | None, float | None]]:
+    """The held steps an ``obs`` carries (``pl``/``pg``) as ``(step, loss, grad_norm)``,
+    oldest first; ``[]`` for a plain one."""
+    losses = msg.get("pl")
+    if losses is None:
+        return []
+    if not isinstance(losses, list) or len(losses) > MAX_PRIOR:
+        raise ProtocolError(f"pl must be a list of at most {MAX_PRIOR} losses", "bad_message")
+    grads = msg.get("pg")
+    if grads is not None and (not isinstance(grads, list) or len(grads) != len(losses)):
+        raise ProtocolError("pg must be a list as long as pl", "bad_message")
+    first = step - len(losses)
+    if first < 0:
+        raise ProtocolError(f"pl holds {len(losses)} steps before step {step}", "bad_message")
+    return [(first + i, None if loss is None else float_in(loss, "loss"),
+             None if grads is None or grads[i] is None else float_in(grads[i], "grad_norm"))
+            for i, loss in enumerate(losses)]
 
 
 def _num(x: float | None) -> str:

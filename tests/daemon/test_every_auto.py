@@ -1,0 +1,146 @@
+"""``every="auto"``: batched reports through a real controller see every step, decide
+exactly what per-step reports decide, and apply a spike's back-off at t + 1."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import pytest
+import torch
+from daemon_helpers import POLICIES, ControllerProc, losses
+
+import lrctl
+from lrctl._batching import Batching
+from lrctl.wire.errors import ProtocolError
+from lrctl.wire.messages import decode_body, encode_obs, prior_steps
+
+
+def _optimizer(lr: float = 0.1) -> torch.optim.Optimizer:
+    return torch.optim.SGD([torch.nn.Parameter(torch.ones(3))], lr=lr)
+
+
+def _grad(t: int) -> float:
+    return 1.0 + (t % 7) * 0.1
+
+
+def _run(curve: list[float], k: int | None) -> tuple[list[dict], list[float], int]:
+    """Decisions, the LR each optimizer step used, the last step reported."""
+    path = str(POLICIES / "default.yaml")
+    opt = _optimizer()
+    with lrctl.attach(opt, policy=path, every="auto" if k else 1, spawn=False,
+                      run_name="auto", timeout=30.0) as ctl:  # a loaded machine is no excuse
+        if k:
+            assert ctl._batch is not None
+            ctl._batch.fix_k(k)  # what the timings would choose on a fast loop
+        applied: list[float] = []
+        for t, loss in enumerate(curve):
+            ctl.step(loss, grad_norm=_grad(t))
+            opt.step()
+            applied.append(opt.param_groups[0]["lr"])
+    return [d.to_dict() for d in ctl.decisions], applied, ctl._reported
+
+
+@pytest.mark.parametrize("k", [4, 16])
+def test_batched_reports_decide_what_per_step_reports_decide(
+        controller: ControllerProc, k: int) -> None:
+    curve = losses(900, seed=2, spikes=(300, 301, 620))
+    per_step, per_step_lrs, _ = _run(curve, None)
+    batched, batched_lrs, last = _run(curve, k)
+    # Every step was observed, in order: the decisions are those of per-step reports.
+    assert batched == per_step
+    assert last == len(curve) - 1
+    backoffs = [d for d in batched if d["action"] == "backoff"]
+    assert backoffs
+    # A back-off decided from a spike is in effect at the very next step, as with
+    # every=1: a spike stands out (a new high, or not finite), so it reports at once.
+    # (A non-finite step is skipped by the guard: its LR is never used, so not checked.)
+    checked = [d for d in backoffs if math.isfinite(curve[d["step"] + 1])]
+    assert checked
+    for d in checked:
+        assert math.isclose(batched_lrs[d["step"] + 1], d["new_lrs"][0]), d
+        assert batched_lrs[d["step"] + 1] == per_step_lrs[d["step"] + 1]
+
+
+def test_quiet_steps_report_in_batches_and_close_flushes_them(
+        controller: ControllerProc) -> None:
+    """A falling loss: k steps per frame; the last held steps go out at close()."""
+    opt = _optimizer()
+    sent: list[int] = []
+    with lrctl.attach(opt, policy=str(POLICIES / "plateau.yaml"), every="auto",
+                      spawn=False) as ctl:
+        assert ctl._batch is not None and ctl._link is not None
+        ctl._batch.fix_k(8)
+        send = ctl._link.send_obs
+        ctl._link.send_obs = lambda t, frame: (sent.append(t), send(t, frame))  # type: ignore[method-assign]
+        curve = [2.0 - 0.001 * t for t in range(205)]  # never a new high after step 0
+        for loss in curve:
+            ctl.step(loss, grad_norm=1.0)
+            opt.step()
+    assert sent[:3] == [0, 8, 16]  # the first step is the only high; then every 8th
+    assert all(b - a == 8 for a, b in itertools.pairwise(sent[:-1]))
+    assert sent[-1] == 204  # held steps 201..204 went out as the report of 204
+
+
+def test_device_or_metrics_steps_report_alone() -> None:
+    batch = Batching()
+    batch.fix_k(8)
+    assert batch.due(1.0, None)  # no recent high yet: stands out
+    batch.take(1.0, None)
+    assert not batch.due(0.9, None)
+    batch.hold(1, 0.9, None)
+    assert batch.due(float("nan"), None)
+    assert batch.due(float("inf"), None)
+    assert batch.due(1.5, None)  # a new high over the recent window
+    assert not batch.due(0.95, None)
+    assert batch.due(0.95, 3.0)  # the first grad norm is a new high too
+    losses_, grads = batch.take(0.95, 3.0)
+    assert losses_ == [0.9] and grads is None
+    assert not batch.due(0.9, 2.0) and batch.due(0.9, 3.5)
+
+
+def test_k_follows_the_measured_cost() -> None:
+    """k: the smallest power of two that keeps reporting under 1 % of the step time;
+    it grows at once and shrinks only on a clear change."""
+    batch = Batching()
+    now = 0.0
+
+    def run(steps: int, interval: float, report: float, quiet: float) -> None:
+        nonlocal now
+        for _ in range(steps):
+            now += interval
+            batch.tick(now)
+            due = len(batch.losses) + 1 >= batch.k
+            batch.spent(report if due else quiet, due)
+            if due:
+                batch.take(1.0, None)
+            else:
+                batch.hold(0, 1.0, None)
+
+    run(64, 1e-3, 100e-6, 5e-6)  # 95 µs extra on a 1 ms step: 9.5 × 10 µs -> 16
+    assert batch.k == 16
+    run(256, 1e-3, 60e-6, 5e-6)  # 55 µs -> 8: not a clear change, 16 stays
+    assert batch.k == 16
+    run(256, 20e-3, 100e-6, 5e-6)  # a 20 ms step: reporting every step fits
+    assert batch.k == 1
+    run(256, 1e-5, 100e-6, 5e-6)  # no room at all: the cap
+    assert batch.k == Batching.MAX_K
+
+
+def test_wire_carries_held_steps_and_rejects_bad_ones() -> None:
+    frame = encode_obs(10, 0.5, None, prior=[0.7, float("nan")], prior_grads=[None, 2.0])
+    msg = decode_body(frame[4:])
+    (s0, l0, g0), (s1, l1, g1) = prior_steps(msg, 10)
+    assert (s0, l0, g0, s1, g1) == (8, 0.7, None, 9, 2.0)
+    assert l1 is not None and math.isnan(l1)
+    for bad in ({"pl": "x"}, {"pl": [1.0] * 300}, {"pl": [1.0], "pg": []},
+                {"pl": [1.0] * 11}, {"pl": ["loss"]}):
+        with pytest.raises(ProtocolError):
+            prior_steps(bad, 10)
+
+
+def test_auto_is_one_step_per_report_in_sync_mode(controller: ControllerProc) -> None:
+    with lrctl.attach(_optimizer(), every="auto", sync=True, spawn=False) as ctl:
+        assert ctl._batch is None
+    with pytest.raises(ValueError, match="'auto'"):
+        lrctl.attach(_optimizer(), every="sometimes", spawn=False)
