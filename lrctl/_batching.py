@@ -138,8 +138,10 @@ class Batching:
         if last is None:
             return
         gap = now - last
-        self._interval = gap if self._calls == 0 else self._interval + self._SMOOTH * (
-            gap - self._interval)
+        if self._calls == 0:
+            self._interval = gap
+        else:  # a pause (evaluation, a checkpoint) moves the estimate by little
+            self._interval += self._SMOOTH * (min(gap, 4.0 * self._interval) - self._interval)
         self._calls += 1
         if (self._calls >= self.WARMUP and self._calls % self.ADAPT_EVERY == 0
                 and not self._fixed):

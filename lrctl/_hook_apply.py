@@ -25,7 +25,8 @@ class Applying:
         busy machine the reply can land in the gap, and the decision would then be late.
         """
         try:
-            if self._link is not None and (self._acked < self._reported or self._staging):
+            if self._link is not None and (self._acked < self._reported
+                                           or (self._staging.used and self._staging)):
                 self._pump()
                 self._await_due()
             if self._held:

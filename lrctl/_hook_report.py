@@ -58,12 +58,16 @@ class Reporting:
                                       "loss.backward()); the grad norm is not reported")
             elif self.scaler is not None:
                 grad_norm = unscaled_norm(self.scaler, self.optimizer, grad_norm)
-        if (on_device(loss) or on_device(grad_norm)) and not self.sync:
+        host = ((loss is None or type(loss) is float)
+                and (grad_norm is None or type(grad_norm) is float))
+        if not host and (on_device(loss) or on_device(grad_norm)) and not self.sync:
             if not scaler_enabled(self.scaler):  # an enabled scaler skips such steps
                 guard.check_on_device(loss, grad_norm)  # no host sync on CUDA
             return loss, grad_norm, reporting
-        loss, grad_norm = to_float(loss), to_float(grad_norm)
-        if scaler_enabled(self.scaler):  # it skips non-finite steps itself, and must:
+        if not host:
+            loss, grad_norm = to_float(loss), to_float(grad_norm)
+        if self.scaler is not None and scaler_enabled(self.scaler):
+            # The scaler skips non-finite steps itself, and must:
             bad = not all(v is None or math.isfinite(v) for v in (loss, grad_norm))
             self.should_skip = self.should_skip or bad  # its unscale state is per step
         elif guard.check(loss, grad_norm):

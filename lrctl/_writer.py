@@ -96,7 +96,10 @@ class LRWriter:
         written = self._written
         if len(groups) != len(written):
             return False
-        return all(group["lr"] is written[i] for i, group in enumerate(groups))
+        for group, lr in zip(groups, written, strict=True):  # noqa: SIM110 (no generator per call)
+            if group["lr"] is not lr:
+                return False
+        return True
 
     def restore(self) -> None:
         """Loop mode, after the optimizer stepped: give the loop back its own LRs."""

@@ -285,7 +285,8 @@ class Controller(Resuming, LinkSide, Reporting, Applying):
                     batch.hold(t, loss, grad_norm)
                 # Between reports with every answer in, there is nothing to read: such
                 # steps cost next to nothing, so every=N divides the hook's cost by N.
-                if self._acked < self._reported or self._staging or not link.idle:
+                if (self._acked < self._reported or not link.idle
+                        or (self._staging.used and self._staging)):
                     self._pump()
                 if self.sync and self._reported == t:
                     self._wait_for(t)

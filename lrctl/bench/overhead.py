@@ -47,6 +47,9 @@ EVERY_SLACK = 2.0  # every=N passes when its cost is at most 2/N of every=1's
 PLATEAU = "ReduceLROnPlateau.step(loss)"
 CLIPPED = "bare + clip_grad_norm_"
 NORM_GIVEN = "lrctl async, grad_norm=clip_grad_norm_(...)"
+AUTO = 'lrctl async, every="auto"'
+HOOK_AUTO = 'lrctl hook every="auto"'
+AUTO_NORM_GIVEN = 'lrctl async, every="auto", grad_norm=clip_grad_norm_(...)'
 
 
 #: Snapshot intervals whose step-time ratio the suite measures (rollback-and-skip).
@@ -104,13 +107,21 @@ def _step_arms(task: str, cfg: OverheadConfig, sockets: dict[str, str],
     stack.append(given)
     arms[NORM_GIVEN] = lambda: timed_loop(
         given_tr, steps, lambda loss: given.step(loss, grad_norm=_clip(given_tr)))
+    auto_tr = Trainer(task)
+    auto_given = lrctl.attach(auto_tr.opt, policy=cfg.policy, socket=sockets["normal"],
+                              spawn=False, run_name=f"bench-{task}", every="auto")
+    stack.append(auto_given)
+    arms[AUTO_NORM_GIVEN] = lambda: timed_loop(
+        auto_tr, steps, lambda loss: auto_given.step(loss, grad_norm=_clip(auto_tr)))
 
-    for name, sock, sync in (("lrctl async", sockets["normal"], False),
-                             ("lrctl async, controller SCHED_BATCH", sockets["batch"], False),
-                             ("lrctl sync", sockets["normal"], True)):
+    for name, sock, sync, every in (
+            ("lrctl async", sockets["normal"], False, 1),
+            (AUTO, sockets["normal"], False, "auto"),
+            ("lrctl async, controller SCHED_BATCH", sockets["batch"], False, 1),
+            ("lrctl sync", sockets["normal"], True, 1)):
         tr = Trainer(task)
         ctl = lrctl.attach(tr.opt, policy=cfg.policy, socket=sock, spawn=False, sync=sync,
-                           run_name=f"bench-{task}")
+                           run_name=f"bench-{task}", every=every)
         stack.append(ctl)
         arms[name] = (lambda tr=tr, ctl=ctl: timed_loop(tr, steps, ctl.step))
     for every in SNAPSHOT_EVERY:  # rollback-and-skip's host copies (see lrctl._snapshots)
@@ -183,7 +194,9 @@ def _hook_arms(cfg: OverheadConfig, sockets: dict[str, str],
     stack.append(echo)
     echo_tr = Trainer("digits")
     arms["I/O floor: send a frame, poll, recv (echo process)"] = lambda: micro(echo_tr, echo.call)
-    variants = [(f"lrctl hook every={n}", sockets["normal"], n) for n in cfg.every]
+    variants: list[tuple[str, str, int | str]] = [
+        (f"lrctl hook every={n}", sockets["normal"], n) for n in cfg.every]
+    variants.append((HOOK_AUTO, sockets["normal"], "auto"))
     variants.append(("lrctl hook every=1, controller SCHED_BATCH", sockets["batch"], 1))
     for name, socket, every in variants:
         tr = Trainer("digits")
@@ -299,10 +312,12 @@ def _step_rows(task: str, data: dict[str, list[float]]) -> list[dict[str, Any]]:
             continue
         # The loop that hands the hook clip_grad_norm_'s value is compared with the same
         # loop without the hook: the norm is the loop's own work either way.
-        ref, vs = (CLIPPED, "clipped") if arm == NORM_GIVEN else ("bare", "bare")
+        given = arm in (NORM_GIVEN, AUTO_NORM_GIVEN)
+        ref, vs = (CLIPPED, "clipped") if given else ("bare", "bare")
         r = summary(ratios(xs, data[ref]))
-        target = {"lrctl async": TARGET_STEP[task],
-                  NORM_GIVEN: TARGET_STEP_NORM_GIVEN}.get(arm)
+        target = {"lrctl async": TARGET_STEP[task], AUTO: TARGET_STEP[task],
+                  NORM_GIVEN: TARGET_STEP_NORM_GIVEN,
+                  AUTO_NORM_GIVEN: TARGET_STEP_NORM_GIVEN}.get(arm)
         rows.append(Row(arm, summary([x * 1e3 for x in xs]), "ms", r, vs,
                         f"≤ {target}×" if target else "",
                         None if target is None else r["median"] <= target))
@@ -334,6 +349,10 @@ def _hook_rows(data: dict[str, list[float]], every: tuple[int, ...]) -> list[dic
             limit = EVERY_SLACK / n
             rows.append(Row(f"lrctl hook every={n}", summary(xs), "µs", r, "every=1",
                             f"≤ {limit:.3g}× (1/N: {1 / n:.3g})", r["median"] <= limit))
+    auto = data[HOOK_AUTO]
+    r = summary(ratios(auto, cos))
+    rows.append(Row(HOOK_AUTO, summary(auto), "µs", r, "cosine", f"≤ {TARGET_HOOK:g}×",
+                    r["median"] <= TARGET_HOOK))
     batch = data["lrctl hook every=1, controller SCHED_BATCH"]
     r = summary(ratios(batch, cos))
     rows.append(Row("lrctl hook every=1, controller SCHED_BATCH", summary(batch), "µs", r,
