@@ -18,6 +18,7 @@ COMMAND_MODULES = (
     "lrctl.commands.policy",
     "lrctl.commands.bench",
     "lrctl.commands.daemon",
+    "lrctl.commands.steer",
     "lrctl.commands.cooldown",
     "lrctl.commands.rollback",
     "lrctl.commands.audit",

@@ -6,7 +6,7 @@ import argparse
 import sys
 from typing import Any
 
-from .daemon import SOCKET_HELP, _ask
+from ._client import SOCKET_HELP, ask
 
 SHAPES = ("linear", "cosine", "1-sqrt")
 
@@ -41,7 +41,7 @@ def cmd_decay(args: argparse.Namespace) -> int:
         msg["cancel"] = True
     else:
         msg.update({"steps": args.steps, "shape": args.shape})
-    reply = _ask(args, msg)
+    reply = ask(args, msg)
     if reply is None:
         return 1
     print(f"{reply['run']}: {reply['message']}")

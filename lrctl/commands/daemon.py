@@ -1,5 +1,4 @@
-"""Verbs that run or talk to the controller: serve, status, runs, set-lr, pause, resume,
-reload."""
+"""Verbs that run the controller or ask it what it serves: serve, stop, status, runs."""
 
 from __future__ import annotations
 
@@ -14,7 +13,7 @@ import sys
 import time
 from typing import Any, NoReturn
 
-SOCKET_HELP = "Unix socket path or tcp://HOST:PORT (default: $LRCTL_SOCKET or the runtime dir)"
+from ._client import SOCKET_HELP, ask
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -90,33 +89,6 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                         "$LRCTL_STATE_DIR or ~/.local/state/lrctl)")
     p.set_defaults(func=cmd_runs)
 
-    p = sub.add_parser("set-lr", help="override a run's LR (recorded as a decision)",
-                       description="Set the LR of a run's first param group (the others keep "
-                                   "their ratio to it) for --steps steps, then hand back to the "
-                                   "policies. Without --steps it holds until --clear.")
-    p.add_argument("run", help="run key, run name or a unique key prefix")
-    p.add_argument("lr", nargs="?", type=float, help="the LR")
-    p.add_argument("--steps", type=int, help="hold for N steps, then release")
-    p.add_argument("--clear", action="store_true", help="release a manual override now")
-    p.add_argument("--socket", help=SOCKET_HELP)
-    p.set_defaults(func=cmd_set_lr)
-
-    for verb, what in (("pause", "shadow mode: policies observe and record but do not act"),
-                       ("resume", "leave shadow mode: policies act again")):
-        p = sub.add_parser(verb, help=what)
-        p.add_argument("run", help="run key, run name or a unique key prefix")
-        p.add_argument("--socket", help=SOCKET_HELP)
-        p.set_defaults(func=cmd_mode, verb=verb)
-
-    p = sub.add_parser("reload", help="reload a run's policy file now (or every watched run's)",
-                       description="Read the policy file of RUN (or of every watched run) now "
-                                   "and apply it as a live edit, even if it did not change. "
-                                   "An invalid file is reported and the old policy keeps "
-                                   "running.")
-    p.add_argument("run", nargs="?", help="run key, run name or a unique key prefix")
-    p.add_argument("--socket", help=SOCKET_HELP)
-    p.set_defaults(func=cmd_reload)
-
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from .. import paths
@@ -189,22 +161,6 @@ def _serve_token(token_file: str | None) -> str | None:
     return os.environ.get("LRCTL_TOKEN") or None
 
 
-def _ask(args: argparse.Namespace, msg: dict[str, Any]) -> dict[str, Any] | None:
-    from ..wire.operator import ControllerError, request
-
-    try:
-        return request(msg, args.socket)
-    except ControllerError as exc:
-        print(f"lrctl {args.command}: {exc}", file=sys.stderr)
-    except OSError as exc:
-        from ..paths import default_socket
-
-        where = args.socket or default_socket()
-        print(f"lrctl {args.command}: no controller answers on {where} "
-              f"({exc.strerror or exc}); start one with 'lrctl serve'", file=sys.stderr)
-    return None
-
-
 def cmd_stop(args: argparse.Namespace) -> int:
     import signal
     import time
@@ -212,7 +168,7 @@ def cmd_stop(args: argparse.Namespace) -> int:
     if args.socket and args.socket.startswith("tcp://"):
         print("lrctl stop: stops a local controller; give its Unix socket", file=sys.stderr)
         return 2
-    reply = _ask(args, {"t": "status"})
+    reply = ask(args, {"t": "status"})
     if reply is None:
         return 1
     pid = int(reply["pid"])
@@ -253,7 +209,7 @@ def _alive(pid: int) -> bool:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    reply = _ask(args, {"t": "status"})
+    reply = ask(args, {"t": "status"})
     if reply is None:
         return 1
     if args.json:
@@ -286,7 +242,7 @@ def _mib(kib: int | None) -> str:
 def cmd_runs(args: argparse.Namespace) -> int:
     if args.all:
         return _all_runs(args)
-    reply = _ask(args, {"t": "runs"})
+    reply = ask(args, {"t": "runs"})
     if reply is None:
         return 1
     runs = reply.get("runs", [])
@@ -326,47 +282,6 @@ def _describe(d: dict[str, Any] | None) -> str:
     if not d:
         return "-"
     return f"step {d['step']} {d['policy']}.{d['action']}: {d['reason']}"
-
-
-def cmd_set_lr(args: argparse.Namespace) -> int:
-    if args.clear:
-        msg: dict[str, Any] = {"t": "clear_lr", "run": args.run}
-    elif args.lr is None:
-        print("lrctl set-lr: give an LR, or --clear", file=sys.stderr)
-        return 2
-    else:
-        if not math.isfinite(args.lr) or args.lr < 0:
-            print(f"lrctl set-lr: LR must be finite and >= 0, but got {args.lr}", file=sys.stderr)
-            return 2
-        if args.steps is not None and args.steps < 1:
-            print(f"lrctl set-lr: --steps must be >= 1, but got {args.steps}", file=sys.stderr)
-            return 2
-        msg = {"t": "set_lr", "run": args.run, "lr": args.lr, "steps": args.steps}
-    reply = _ask(args, msg)
-    if reply is None:
-        return 1
-    print(f"{reply['run']}: {reply['message']}")
-    return 0
-
-
-def cmd_reload(args: argparse.Namespace) -> int:
-    msg: dict[str, Any] = {"t": "reload"}
-    if args.run:
-        msg["run"] = args.run
-    reply = _ask(args, msg)
-    if reply is None:
-        return 1
-    print(f"{reply['run']}: {reply['message']}")
-    failed = any(d.get("action") == "reload_failed" for d in reply.get("decisions", []))
-    return 1 if failed else 0
-
-
-def cmd_mode(args: argparse.Namespace) -> int:
-    reply = _ask(args, {"t": args.verb, "run": args.run})
-    if reply is None:
-        return 1
-    print(f"{reply['run']}: {reply['message']}")
-    return 0
 
 
 def _all_runs(args: argparse.Namespace) -> int:

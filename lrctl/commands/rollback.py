@@ -6,7 +6,7 @@ import argparse
 import sys
 from typing import Any
 
-from .daemon import SOCKET_HELP, _ask
+from ._client import SOCKET_HELP, ask
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -29,7 +29,7 @@ def cmd_rollback(args: argparse.Namespace) -> int:
     msg: dict[str, Any] = {"t": "rollback", "run": args.run}
     if args.to is not None:
         msg["to"] = args.to
-    reply = _ask(args, msg)
+    reply = ask(args, msg)
     if reply is None:
         return 1
     print(f"{reply['run']}: {reply['message']}")

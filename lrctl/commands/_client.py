@@ -1,0 +1,28 @@
+"""What every verb that talks to a running controller shares: the socket option's help
+and one request with errors a user can act on."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+__all__ = ["SOCKET_HELP", "ask"]
+
+SOCKET_HELP = "Unix socket path or tcp://HOST:PORT (default: $LRCTL_SOCKET or the runtime dir)"
+
+
+def ask(args: argparse.Namespace, msg: dict[str, Any]) -> dict[str, Any] | None:
+    from ..wire.operator import ControllerError, request
+
+    try:
+        return request(msg, args.socket)
+    except ControllerError as exc:
+        print(f"lrctl {args.command}: {exc}", file=sys.stderr)
+    except OSError as exc:
+        from ..paths import default_socket
+
+        where = args.socket or default_socket()
+        print(f"lrctl {args.command}: no controller answers on {where} "
+              f"({exc.strerror or exc}); start one with 'lrctl serve'", file=sys.stderr)
+    return None
