@@ -144,3 +144,32 @@ def test_auto_is_one_step_per_report_in_sync_mode(controller: ControllerProc) ->
         assert ctl._batch is None
     with pytest.raises(ValueError, match="'auto'"):
         lrctl.attach(_optimizer(), every="sometimes", spawn=False)
+
+
+def test_a_nan_on_a_quiet_step_is_skipped_and_reported_at_once(
+        controller: ControllerProc) -> None:
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    x = torch.randn(8, 4)
+    sent: list[int] = []
+    with lrctl.attach(opt, every="auto", spawn=False, timeout=30.0) as ctl:
+        assert ctl._batch is not None and ctl._link is not None
+        ctl._batch.fix_k(16)
+        send = ctl._link.send_obs
+        ctl._link.send_obs = lambda t, frame: (sent.append(t), send(t, frame))  # type: ignore[method-assign]
+        for t in range(40):
+            loss = model(x).pow(2).mean() * (1.0 - 1e-3 * t)
+            opt.zero_grad()
+            loss.backward()
+            if t == 21:  # a quiet step (the batch from 17 is not full)
+                loss = loss * float("nan")
+            before = [p.detach().clone() for p in model.parameters()]
+            ctl.step(loss)
+            opt.step()
+            if t == 21:
+                assert all(torch.equal(a, b) for a, b in zip(
+                    before, model.parameters(), strict=True))  # skipped by the guard
+    assert 21 in sent  # not held: reported the step it happened
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert any(d.step == 21 and d.action == "skip" for d in ctl.decisions)
