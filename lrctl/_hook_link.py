@@ -193,6 +193,7 @@ class LinkSide:
                                             "only the run key and step; a resume then relies "
                                             "on the controller's own checkpoint")
             return None
+        self._flush_pending()  # every="auto": held steps are part of the run's state
         self._drain_staged(block=True)
         self._got_error = False
         if self._acked < self._reported and not link.wait(
