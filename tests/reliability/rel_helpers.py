@@ -85,6 +85,17 @@ def fds_of(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
 
 
+def store_client(uri: str) -> Any:
+    """An ``MlflowClient`` on the controller's sqlite store, once its shipper has created
+    it: two processes creating one sqlite store at once can break its migration
+    ("duplicate column name"), and a test must never be the second creator."""
+    from mlflow.tracking import MlflowClient
+
+    db = Path(uri.removeprefix("sqlite:///"))
+    until(f"the shipper to create the MLflow store {db}", db.exists)
+    return MlflowClient(uri)
+
+
 def until_shipped(client: Any, state: Path, key: str, decisions: int) -> str:
     """Wait until the run's MLflow run holds ``decisions`` decisions and has ended;
     return its id (the run must end FINISHED: lrctl created it)."""

@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 import torch
 from daemon_helpers import ControllerProc
-from rel_helpers import FIGURES, until, until_shipped
+from rel_helpers import FIGURES, store_client, until, until_shipped
 
 import lrctl
 from lrctl.client import request
@@ -53,7 +53,6 @@ def _check_stream(path: Path) -> list[dict]:
 def test_full_disk_then_freed_loses_repeats_and_tears_nothing(
         make_controller: Callable[..., ControllerProc], short_dir: Path, tmp_path: Path,
         monkeypatch: pytest.MonkeyPatch) -> None:
-    from mlflow.tracking import MlflowClient
     from sinks_helpers import assert_exactly_once, mlflow_run_id
 
     uri = f"sqlite:///{tmp_path}/mlflow.db"
@@ -92,7 +91,7 @@ def test_full_disk_then_freed_loses_repeats_and_tears_nothing(
         (d["step"], d["new_lrs"]) for d in made], "decisions lost or reordered"
     until("the disk error to clear from status", lambda: not _disk_errors())
 
-    client = MlflowClient(uri)
+    client = store_client(uri)
 
     until_shipped(client, state, key, len(made))
     controller.stop()

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 from daemon_helpers import POLICIES, ControllerProc, losses
-from rel_helpers import FIGURES, until
+from rel_helpers import FIGURES, store_client, until
 
 import lrctl
 
@@ -36,7 +36,6 @@ def _reconnect(ctl: lrctl.Controller) -> None:
 def test_kill_9_at_20_random_points_loses_and_repeats_nothing(
         make_controller: Callable[..., ControllerProc], tmp_path: Path,
         monkeypatch: pytest.MonkeyPatch) -> None:
-    from mlflow.tracking import MlflowClient
     from sinks_helpers import assert_exactly_once, journal_decisions, mlflow_run_id
 
     uri = f"sqlite:///{tmp_path}/mlflow.db"
@@ -85,7 +84,7 @@ def test_kill_9_at_20_random_points_loses_and_repeats_nothing(
     assert [(r["step"], r["policy"], r["action"]) for r in journal] == made
     # MLflow: whatever the last controller could not ship is replayed by the next one.
     controller.start()
-    client = MlflowClient(uri)
+    client = store_client(uri)
 
     def shipped() -> bool:  # the run may be created only now, by this controller
         try:

@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 import torch
 from daemon_helpers import REPO, ControllerProc
-from rel_helpers import FIGURES, until, until_shipped
+from rel_helpers import FIGURES, store_client, until, until_shipped
 
 import lrctl
 from lrctl.client import request
@@ -76,7 +76,6 @@ def _log_lines(controller: ControllerProc, needle: str) -> int:
 def test_a_store_that_cannot_be_opened_is_reported_retried_with_back_off_and_caught_up(
         make_controller: Callable[..., ControllerProc], tmp_path: Path,
         monkeypatch: pytest.MonkeyPatch) -> None:
-    from mlflow.tracking import MlflowClient
     from sinks_helpers import assert_exactly_once, mlflow_run_id
 
     db = tmp_path / "mlflow.db"
@@ -114,7 +113,7 @@ def test_a_store_that_cannot_be_opened_is_reported_retried_with_back_off_and_cau
         assert reports <= 4, controller.log.read_text()[-3000:]  # before: ten a second
         db.unlink()  # the cause fixed: the next attempt makes a new store
         until("status to say MLflow answers again", lambda: not unavailable())
-    client = MlflowClient(uri)
+    client = store_client(uri)
 
     until_shipped(client, state, key, len(made))
     controller.stop()

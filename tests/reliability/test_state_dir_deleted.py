@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 import torch
 from daemon_helpers import REPO, ControllerProc
-from rel_helpers import FIGURES, until, until_shipped
+from rel_helpers import FIGURES, store_client, until, until_shipped
 
 import lrctl
 from lrctl.client import request
@@ -33,7 +33,6 @@ QUIET = "version: 1\npolicies:\n  - kind: plateau\n    metric: loss\n    patienc
 def test_state_dir_deleted_mid_run_comes_back_with_the_whole_journal(
         make_controller: Callable[..., ControllerProc], tmp_path: Path,
         monkeypatch: pytest.MonkeyPatch) -> None:
-    from mlflow.tracking import MlflowClient
     from sinks_helpers import assert_exactly_once, mlflow_run_id
 
     uri = f"sqlite:///{tmp_path}/mlflow.db"
@@ -74,7 +73,7 @@ def test_state_dir_deleted_mid_run_comes_back_with_the_whole_journal(
             (i + 1, d["new_lrs"]) for i, d in enumerate(made)]
     log = (state / "controller.log").read_text()
     assert "recreated" in log
-    client = MlflowClient(uri)
+    client = store_client(uri)
 
     until_shipped(client, state, key, len(made))
     controller.stop()
