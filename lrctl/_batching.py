@@ -10,13 +10,16 @@ every step since the last report, and the controller feeds its policies each
 step in order, exactly as if they had come one by one.
 
 What changes is *when* a decision takes effect: a decision made from a step
-inside a batch reaches the optimizer at the step after the batch's report, up to
-*k* − 1 steps late (the audit's ``lrctl/lr`` metric shows the LR each step really
-used). Two rules keep protection immediate:
+inside a batch reaches the optimizer once the batch's answer has arrived — never
+before the step after the report, and not awaited (a batch of 64 steps takes the
+controller a few milliseconds), so up to *k* − 1 steps late and a little more (the
+audit's ``lrctl/lr`` metric shows the LR each step really used). Two rules keep
+protection immediate:
 
 * a step whose loss (or given grad norm) is not finite, or is the highest of the
-  last ~128 steps, is reported at once, with what was pending — so a spike the
-  divergence guard would act on is in effect at *t* + 1, as with ``every=1``;
+  last ~128 steps, is reported at once, with what was pending, and its answer is
+  awaited at the next optimizer step (bounded by ``timeout``) — so a spike the
+  divergence guard acts on is in effect at *t* + 1, as with ``every=1``;
 * the local non-finite guard checks every step's loss; a grad norm the hook
   computes itself is computed on report steps only (the norm is the expensive
   part on small CPU models), so a non-finite gradient behind a finite loss is
@@ -54,6 +57,9 @@ class Batching:
         self.k = 1
         self._fixed = False  # k no longer adapts (device values: one step per report)
         self.last_step = -1  # the newest pending step
+        # The step to report stands out: its answer is awaited at the next optimizer step
+        # (t + 1, as with every=1); a full batch's answer applies when it arrives.
+        self.urgent = False
         self.losses: list[float] = []
         self.grads: list[float | None] = []
         self._with_grads = False  # some pending step carries a grad norm
@@ -74,11 +80,11 @@ class Batching:
     # -- which steps report ----------------------------------------------------------------
     def due(self, loss: float, grad: float | None) -> bool:
         """Report at this step: the batch is full, or the step stands out."""
-        if len(self.losses) + 1 >= self.k:
+        if not -_INF < loss <= self._loss_above or (  # NaN, inf or a new high
+                grad is not None and not -_INF < grad <= self._grad_above):
+            self.urgent = True
             return True
-        if not -_INF < loss <= self._loss_above:  # NaN, inf or a new high
-            return True
-        return grad is not None and not -_INF < grad <= self._grad_above
+        return len(self.losses) + 1 >= self.k
 
     def hold(self, step: int, loss: float, grad: float | None) -> None:
         """A quiet step: its values go with the next report."""

@@ -9,6 +9,7 @@ A mixin of :class:`~lrctl.hook.Controller`, whose attributes these methods use.
 
 from __future__ import annotations
 
+from time import perf_counter
 from typing import Any
 
 __all__ = ["Applying"]
@@ -27,8 +28,11 @@ class Applying:
         try:
             if self._link is not None and (self._acked < self._reported
                                            or (self._staging.used and self._staging)):
+                began = perf_counter()
                 self._pump()
                 self._await_due()
+                if self._batch is not None:  # reading the answer is part of a report's cost
+                    self._batch.answer_cost(perf_counter() - began)
             if self._held:
                 self._promote()
             self._apply()
@@ -63,6 +67,8 @@ class Applying:
         if due < 0 or self._acked >= due:
             self._late = False  # caught up: exact t+1 again
             return
+        if self._batch is not None and due != self._urgent_step:
+            return  # every="auto": a full batch's answer applies when it arrives
         if self._late:
             return  # a wait already timed out: no step waits again until answers catch up
         self._got_error = False

@@ -125,8 +125,12 @@ class Reporting:
             self.overflows += 1
         prior: list[float] | None = None
         prior_grads: list[float | None] | None = None
-        if self._batch is not None:  # every="auto": the steps held since the last report
-            prior, prior_grads = self._batch.take(loss, grad)
+        batch = self._batch
+        if batch is not None:  # every="auto": the steps held since the last report
+            prior, prior_grads = batch.take(loss, grad)
+            if batch.urgent:
+                batch.urgent = False
+                self._urgent_step = t
         try:
             frame = encode_obs(t, loss, grad, clean, overflow=overflow,
                                base=self._writer.base if self._writer.loop_mode else None,

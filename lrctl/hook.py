@@ -175,6 +175,7 @@ class Controller(Resuming, LinkSide, Reporting, Applying):
         self.run_key: str | None = None
         self._dist = Distributed.detect()
         # every="auto": batched reports where they can apply (see lrctl._batching)
+        self._urgent_step = -1  # every="auto": the last report of a step that stood out
         self._batch = Batching() if (auto and not self.sync and base != "loop"
                                      and self._dist.world_size == 1) else None
         self._rollbacks = Rollbacks.create(optimizer, snapshot_every, keep, model, on_snapshot,
