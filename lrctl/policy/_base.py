@@ -160,6 +160,21 @@ class Policy(ABC):
     def observe(self, obs: Observation, ctx: StepContext) -> list[Action]:
         """Take one observation; return what was done (usually nothing)."""
 
+    def observe_plain(self, step: int, loss: float | None, grad_norm: float | None) -> bool:
+        """A shortcut for the usual observation, which the engine tries before
+        :meth:`observe` when it can (a plain observation: no metrics, the statistics
+        finite floats or absent, no schedules, no snapshots, no policy before this one
+        that did anything).
+
+        ``True``: this policy observed ``step`` exactly as :meth:`observe` would have
+        (the same state afterwards), and that observation would have returned no
+        action, set no flag, skip, stop or rollback, and left :meth:`multiplier` the
+        same object. ``False``: nothing changed, and the engine calls :meth:`observe`.
+        The default always declines; a policy that overrides it must keep both ways
+        equal (``tests/policy/test_engine_fastpath.py`` checks lrctl's own).
+        """
+        return False
+
     def command(self, name: str, args: Mapping[str, Any], step: int) -> list[Action]:
         """Carry out operator command ``name`` (one of :attr:`COMMANDS`) after the
         observation of ``step`` (-1: none yet); ``ValueError`` (state unchanged) when

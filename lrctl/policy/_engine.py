@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 from collections import deque
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from ._arbiter import Factors, LRArbiter
@@ -29,6 +29,7 @@ from ._base import SCHEDULE, Action, Observation, Policy, StepContext
 from ._decision import Decision
 from ._engine_state import EngineState
 from ._inputs import (
+    NO_METRICS,
     ObservationError,
     check_lrs,
     check_observation,
@@ -103,6 +104,17 @@ class Engine(EngineState, OperatorVerbs, LRArbiter, Snapshotting):
         self._ctx = StepContext(initial_lrs=self.initial_lrs)
         self._reused: Observation | None = (
             None if any(p.keeps_observations for p in self.policies) else Observation(-1))
+        # The plain observers (Policy.observe_plain) leading the observe plan, and none of
+        # it when there are schedules (their factors move the LRs at every step).
+        self._plain: list[Callable[[int, float | None, float | None], bool]] = []
+        if not self._schedules:
+            for _, policy, _ in self._plan:
+                if type(policy).observe_plain is Policy.observe_plain:
+                    break
+                self._plain.append(policy.observe_plain)
+        # Its fields, written in place (Observation is frozen to the policies only).
+        self._reused_fields: dict[str, Any] | None = (
+            None if self._reused is None else self._reused.__dict__)
         self.last_step: int | None = None
         self.should_skip = False
         self.should_stop = False
@@ -125,8 +137,11 @@ class Engine(EngineState, OperatorVerbs, LRArbiter, Snapshotting):
         # the current LRs were computed from (None: not from it alone; see update()).
         self._multipliers: list[float] = [p.multiplier() for p in self._reactive]
         self._product = _product(self._multipliers)
+        #: The multipliers must be asked before the next observation: a verb of the engine
+        #: (command, reload, restored state) may have changed them in between.
+        self._stale = False
         self._lrs_multiplier: float | None = None
-        self._lrs: Sequence[float] = self._compute(0)
+        self._lrs: tuple[float, ...] = tuple(self._compute(0))
 
     # -- public API ------------------------------------------------------------
     @property
@@ -156,6 +171,35 @@ class Engine(EngineState, OperatorVerbs, LRArbiter, Snapshotting):
         **metrics: float,
     ) -> list[float]:
         """Take the statistics of ``step``; return the LRs for step ``step + 1``."""
+        # The plain way (see Policy.observe_plain): an int step after the last one, finite
+        # float statistics or none, no metrics, and an engine with nothing to do at this
+        # step beyond its policies (no schedules, no snapshots, no manual LR that ends,
+        # no stale multiplier, the LRs those of the current multiplier). The policies
+        # that take the shortcut go first; the first that declines, and those after it,
+        # observe the full way (update), which would have found the same.
+        plain = self._plain
+        last = self.last_step
+        if (plain and not metrics and type(step) is int
+                and (step > last if last is not None else step >= 0)
+                and (loss is None or (type(loss) is float and loss - loss == 0.0))
+                and (grad_norm is None
+                     or (type(grad_norm) is float and grad_norm - grad_norm == 0.0))
+                and self.snapshots is None and not self._stale and not self._unusable
+                and self._lrs_multiplier is self._product and self.operator.until is None):
+            for first, observe_plain in enumerate(plain):
+                if not observe_plain(step, loss, grad_norm):
+                    return self._run(step, loss, grad_norm, NO_METRICS, first)
+            if len(plain) < len(self._plan):
+                return self._run(step, loss, grad_norm, NO_METRICS, len(plain))
+            # Nothing decided, flagged or changed: the same LRs, no decisions.
+            self.last_step = step
+            self.should_skip = False
+            if self.last_decisions:
+                self.last_decisions = []
+            op = self.operator
+            if op.override is None and op.hold is None:
+                return list(self._lrs)
+            return op.applied(self._lrs)
         return self.update(step, loss, grad_norm, metrics)
 
     def update(
@@ -166,31 +210,53 @@ class Engine(EngineState, OperatorVerbs, LRArbiter, Snapshotting):
         metrics: Mapping[str, float],
     ) -> list[float]:
         """:meth:`observe` with the metrics as a mapping (any names, checked here)."""
-        loss, grad_norm, metrics = check_observation(step, loss, grad_norm, metrics,
-                                                     self.last_step)
-        obs = self._reused
-        if obs is None:
-            obs = Observation(step, loss, grad_norm, metrics, tuple(self._lrs))
+        # The usual observation (an int step after the last one, float or absent
+        # statistics, no metrics) needs no checks beyond these: anything else takes the
+        # full checks, which say what is wrong.
+        last = self.last_step
+        if (type(step) is int and (step > last if last is not None else step >= 0)
+                and not metrics and (loss is None or type(loss) is float)
+                and (grad_norm is None or type(grad_norm) is float)):
+            metrics = NO_METRICS
         else:
-            obs.__init__(step, loss, grad_norm, metrics, tuple(self._lrs))  # type: ignore[misc]
+            loss, grad_norm, metrics = check_observation(step, loss, grad_norm, metrics, last)
+        return self._run(step, loss, grad_norm, metrics, 0)
+
+    def _run(self, step: int, loss: float | None, grad_norm: float | None,
+             metrics: Mapping[str, float], first: int) -> list[float]:
+        """The observation of ``step`` (its statistics checked) by the policies of the
+        observe plan from ``first`` on: those before it took it plainly (no action, no
+        flag, the same multiplier), and would have done the same here."""
+        fields = self._reused_fields
+        if fields is None:
+            obs = Observation(step, loss, grad_norm, metrics, self._lrs)
+        else:  # the one reused observation, refilled (as Observation.__init__ does)
+            obs = self._reused  # type: ignore[assignment]
+            fields["step"] = step
+            fields["loss"] = loss
+            fields["grad_norm"] = grad_norm
+            fields["metrics"] = metrics
+            fields["lrs"] = self._lrs
         ctx = self._ctx  # the stack's one context, cleared for this observation
-        ctx.initial_lrs, ctx.total_steps = self.initial_lrs, self.total_steps
+        ctx.initial_lrs = self.initial_lrs
+        ctx.total_steps = self.total_steps
         if ctx.flags:
             ctx.flags.clear()
         ctx.skip = ctx.stop = False
         book = self.snapshots
         if book is not None:
-            book.advance(obs.step)
+            book.advance(step)
             ctx.rollback = None
-        new_decisions: list[Decision] = []
-        factors = self._schedule_factors(obs.step + 1) if self._schedules else None
-        multiplier = self._refresh_multipliers()
+        new_decisions: list[Decision] | None = None  # built only when something is decided
+        factors = self._schedule_factors(step + 1) if self._schedules else None
+        multiplier = self._refresh_multipliers() if self._stale else self._product
         multipliers = self._multipliers
-        for i, policy, places in self._plan:
+        for i, policy, places in (self._plan[first:] if first else self._plan):
             actions = policy.observe(obs, ctx)
             before_multiplier = multiplier
-            # A policy's multiplier changes only in its own observe(): ask it again, and
-            # redo the product only when its value changed.
+            # A policy's multiplier changes only in its own observe() (or through the
+            # engine's command, reload and state verbs, which mark them stale): ask it
+            # again, and redo the product only when its value changed.
             if places:
                 value = policy.multiplier()
                 for j in places:
@@ -198,20 +264,27 @@ class Engine(EngineState, OperatorVerbs, LRArbiter, Snapshotting):
                         multipliers[j] = value
                         multiplier = self._product = _product(multipliers)
             if actions:
+                if new_decisions is None:
+                    new_decisions = []
                 new_decisions += self._decisions_of(i, actions, obs, before_multiplier,
                                                     multiplier, factors)
-        if not ctx.skip and _nonfinite(loss, grad_norm):
+        # Non-finite statistics (x - x is NaN for ±inf and NaN, 0.0 for any finite float).
+        if not ctx.skip and ((loss is not None and loss - loss != 0.0)
+                             or (grad_norm is not None and grad_norm - grad_norm != 0.0)):
             # Every path skips a non-finite step (the hook refuses it in the training
             # process whatever the policies say): the record says so.
             ctx.skip = True
+            if new_decisions is None:
+                new_decisions = []
             new_decisions.append(self._nonfinite_skip(obs, multiplier, factors))
-        self.last_step = obs.step
+        self.last_step = step
         if book is not None:  # a shadow rollback is recorded, never carried out
             self.rollback_to = ctx.rollback if self.mode == "active" else None
             if self.rollback_to is not None:
-                book.rolled_back(self.rollback_to, obs.step)
+                book.rolled_back(self.rollback_to, step)
         self.should_skip = ctx.skip
-        self.should_stop = self.should_stop or ctx.stop
+        if ctx.stop:
+            self.should_stop = True
         self._saw_unusable = False
         if multiplier is self._lrs_multiplier and factors is None:
             lrs = self._lrs  # the same multiplier object and no schedules: the same LRs
@@ -222,22 +295,31 @@ class Engine(EngineState, OperatorVerbs, LRArbiter, Snapshotting):
             self._lrs_multiplier = (multiplier if factors is None and not self._saw_unusable
                                     else None)
         if self._unusable or self._saw_unusable:
-            record = self._unusable_record(obs.step, multiplier, factors, self._lrs, lrs)
+            record = self._unusable_record(step, multiplier, factors, self._lrs, lrs)
             if record is not None:
+                if new_decisions is None:
+                    new_decisions = []
                 new_decisions.append(record)
         self._lrs = lrs
-        if self.operator.until is not None and self.operator.expires_after(obs.step):
-            before = self.operator.override or ()
-            until = self.operator.until
-            self.operator.clear_override()
+        op = self.operator
+        if op.until is not None and op.expires_after(step):
+            before = op.override or ()
+            until = op.until
+            op.clear_override()
+            if new_decisions is None:
+                new_decisions = []
             new_decisions.append(self._operator_decision(
                 "release_lr", before, f"manual override ended after step {until}",
-                {"until": until}, step=obs.step))
+                {"until": until}, step=step))
         if new_decisions:
             self._decisions.extend(new_decisions)
             self.decision_count += len(new_decisions)
-        self.last_decisions = new_decisions
-        return self.applied_lrs
+            self.last_decisions = new_decisions
+        elif self.last_decisions:
+            self.last_decisions = []
+        if op.override is None and op.hold is None:
+            return list(lrs)
+        return op.applied(lrs)
 
     def _refresh_multipliers(self) -> float:
         """The product of the reactive multipliers, as :meth:`_multiplier` computes it,
@@ -252,6 +334,7 @@ class Engine(EngineState, OperatorVerbs, LRArbiter, Snapshotting):
                 changed = True
         if changed:
             self._product = _product(multipliers)
+        self._stale = False
         return self._product
 
     def _nonfinite_skip(self, obs: Observation, multiplier: float,
@@ -313,7 +396,8 @@ class Engine(EngineState, OperatorVerbs, LRArbiter, Snapshotting):
         step = -1 if self.last_step is None else self.last_step
         before = list(self._lrs)
         actions = self.policies[i].command(name, args, step)
-        self._lrs = self._compute(step + 1)
+        self._stale = True
+        self._lrs = tuple(self._compute(step + 1))
         self._lrs_multiplier = None
         decisions = [Decision(
             step=max(step, 0), policy=self.names[i], kind=self.policies[i].kind,
@@ -328,7 +412,7 @@ class Engine(EngineState, OperatorVerbs, LRArbiter, Snapshotting):
         """A run whose loop numbers its first step ``step`` (the HF Trainer's first is 1):
         the LRs before any observation are those for that step. No-op once observed."""
         if self.last_step is None and step > 0:
-            self._lrs = self._compute(step)
+            self._lrs = tuple(self._compute(step))
 
     def _make_observation(self, step: Any, loss: Any, grad_norm: Any,
                           metrics: Mapping[str, Any]) -> Observation:

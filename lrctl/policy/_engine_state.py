@@ -61,8 +61,9 @@ class EngineState:
         self._unusable = old._unusable
         self.operator = old.operator  # the manual LR and the hold stay in force
         step = 0 if old.last_step is None else old.last_step + 1
-        self._lrs = self._compute(step)
+        self._lrs = tuple(self._compute(step))
         self._lrs_multiplier = None
+        self._stale = True
         return summary
 
     # -- state -------------------------------------------------------------------
@@ -100,6 +101,7 @@ class EngineState:
         mine = {(n, p.kind) for n, p in zip(self.names, self.policies, strict=True)}
         if set(saved) != mine:
             raise ValueError(f"state is for policies {sorted(saved)}, not {sorted(mine)}")
+        self._stale = True  # the policies' multipliers are asked again at the next step
         for name, policy in zip(self.names, self.policies, strict=True):
             policy.load_state_dict(saved[(name, policy.kind)])
         self.last_step = state["last_step"]
@@ -118,7 +120,7 @@ class EngineState:
         self.should_stop = bool(state["should_stop"])
         self.decision_count = int(state["decision_count"])
         self._unusable = bool(state.get("unusable", False))
-        self._lrs = [float(x) for x in state["lrs"]]
+        self._lrs = tuple(float(x) for x in state["lrs"])
         self._lrs_multiplier = None
         book = state.get("snapshots")
         self.snapshots = self._ctx.snapshots = (

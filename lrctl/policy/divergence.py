@@ -56,19 +56,20 @@ from typing import Any
 
 from ._base import Action, Observation, ReactivePolicy, StepContext
 from ._divergence_rollback import RollbackEscalation
+from ._divergence_shift import LOSS_CONFIRMS, MAX_ESCALATIONS, LevelShift
 from ._params import Param, ParamError
 from ._registry import register_policy
 from .stats import RobustWindow
 
+__all__ = ["LOSS_CONFIRMS", "MAX_ESCALATIONS", "Divergence"]
+
 _MIN_SIGMA = 1e-12
-#: Harder back-offs in a row (×factor² each) before a high loss level is accepted.
-MAX_ESCALATIONS = 3
-#: How far the loss must be up for a high grad-norm level to count as divergence.
-LOSS_CONFIRMS = 1.5
+_INF = math.inf
+log = math.log
 
 
 @register_policy("divergence")
-class Divergence(RollbackEscalation, ReactivePolicy):
+class Divergence(LevelShift, RollbackEscalation, ReactivePolicy):
     priority = 0
     keeps_observations = False
     PARAMS = (
@@ -140,14 +141,59 @@ class Divergence(RollbackEscalation, ReactivePolicy):
         self._grad_floor = max(p["min_sigma"] if p["grad_norm_min_sigma"] is None
                                else p["grad_norm_min_sigma"], _MIN_SIGMA)
         self._regrow_after = p["regrow_after"]
+        # The screens of observe()'s shortcut: log-scale statistics, both watched.
+        self._plain = not self._linear and self._watch_loss and self._watch_grad
+        self._loss.screen(self._z, self._loss_floor, self._min_samples)
+        self._gnorm.screen(self._z, self._grad_floor, self._min_samples)
 
     def multiplier(self) -> float:
         return self._scale
 
     # -- detection -----------------------------------------------------------
     def observe(self, obs: Observation, ctx: StepContext) -> list[Action]:
+        if self.observe_plain(obs.step, obs.loss, obs.grad_norm):
+            return []
+        return self._observe(obs, ctx)
+
+    def observe_plain(self, step: int, loss: float | None, grad_norm: float | None) -> bool:
+        """The usual observation, told apart without the full rule (:meth:`_observe`):
+        finite positive statistics judged on the log scale, both watched, outside any
+        incident, no regrowth due, and no spike: below each window's screen (no spike,
+        or the window not armed yet; see RobustWindow.screen), else by the window's own
+        test, as :meth:`_judge` would judge it. Both values join their windows and the
+        observation counts as clean, as the full rule would have it."""
+        self._now = step
+        if (not self._plain or self._cooldown or self._stopped or self._nonfinite_run
+                or self._clean + 1 >= self._regrow_after):
+            return False
+        if grad_norm is None:
+            if loss is None or not 0.0 < loss < _INF:
+                return False
+            value = log(loss)
+            window = self._loss
+            if not (value < window.limit
+                    or window.outlier(value, self._z, self._loss_floor) is None):
+                return False
+            window.add(value)
+        else:
+            if loss is None or not (0.0 < loss < _INF and 0.0 < grad_norm < _INF):
+                return False
+            value, log_gnorm = log(loss), log(grad_norm)
+            window, gwindow = self._loss, self._gnorm
+            if not ((value < window.limit
+                     or window.outlier(value, self._z, self._loss_floor) is None)
+                    and (log_gnorm < gwindow.limit
+                         or gwindow.outlier(log_gnorm, self._z, self._grad_floor) is None)):
+                return False
+            window.add(value)
+            gwindow.add(log_gnorm)
+        self._clean += 1
+        return True
+
+    def _observe(self, obs: Observation, ctx: StepContext) -> list[Action]:
+        """The full rule for one observation (``observe`` takes a shortcut to the same
+        verdict for the usual one)."""
         loss, gnorm = obs.loss, obs.grad_norm
-        self._now = obs.step
         if ((loss is not None and not math.isfinite(loss))
                 or (gnorm is not None and not math.isfinite(gnorm))):
             return self._nonfinite(obs, ctx)
@@ -223,85 +269,6 @@ class Divergence(RollbackEscalation, ReactivePolicy):
         """Whether a spike now asks the hook to skip its step: not once a back-off did
         not take: the model must then train its way back at the lower LR."""
         return self.params["skip_spikes"] and self._escalation == 0
-
-    def _end_cooldown(self) -> dict[str, Any] | None:
-        """Judge a cooldown that was mostly 'spikes'; evidence when it is still divergence.
-
-        Within ``max_shift`` × the old median loss, the run moved to a new level (a
-        harder data mix, a changed objective) rather than blowing up: judge what
-        follows against that level, not the old one; a run that keeps climbing still
-        spikes against the new baseline and backs off again. Further above (an LR set
-        ×100 by mistake) the back-off did not take, and the caller backs off again,
-        at most :data:`MAX_ESCALATIONS` times in a row; then the new level is
-        accepted, so a harder data mix that stays costs LR (regrown later) but never
-        stops the run. A grad-norm level counts only while the loss is up too
-        (:data:`LOSS_CONFIRMS` ×): the grad norm moves to new levels for benign
-        reasons (layers unfrozen, a loss term switched on).
-        """
-        seen, self._cooldown_seen = self._cooldown_seen, []
-        spikes, self._cooldown_spikes = self._cooldown_spikes, 0
-        if 2 * spikes <= len(seen):
-            self._escalation = 0
-            return None
-        losses = [v for v, _ in seen if v is not None]
-        gnorms = [g for _, g in seen if g is not None]
-        shift = self._shift(losses, gnorms)
-        if shift is not None and self._escalation < MAX_ESCALATIONS:
-            return shift
-        self._escalation = 0
-        self._loss.load(losses)
-        self._gnorm.load(gnorms)
-        return None
-
-    def _shift(self, losses: list[float], gnorms: list[float]) -> dict[str, Any] | None:
-        """Evidence when the cooldown's median loss (or grad norm, with the loss up too)
-        sits over ``max_shift`` × the old median."""
-        if self.params["max_shift"] is None:
-            return None
-        limit = math.log(self.params["max_shift"])
-        loss = self._level(losses, self._loss, self.params["watch_loss"],
-                           self.params["loss_scale"] == "linear")
-        grad = self._level(gnorms, self._gnorm, self.params["watch_grad_norm"], False)
-        if loss is not None and loss[0] > limit:
-            name, (log_ratio, new, old) = "loss", loss
-        elif (grad is not None and grad[0] > limit and loss is not None
-              and loss[0] > math.log(LOSS_CONFIRMS)):
-            name, (log_ratio, new, old) = "grad_norm", grad
-        else:
-            return None
-        return {"statistic": f"{name}_level", "value": new, "median": old,
-                "ratio": math.exp(log_ratio), "threshold": self.params["max_shift"],
-                "window": self.params["cooldown"]}
-
-    @staticmethod
-    def _level(values: list[float], window: RobustWindow, watched: bool,
-               linear: bool) -> tuple[float, float, float] | None:
-        """(log ratio, new median, old median) of the cooldown's values against the window."""
-        if not watched or not values or not len(window):
-            return None
-        new, old = _median(values), window.median()
-        if not linear:
-            return new - old, math.exp(new), math.exp(old)
-        if old <= 0 or new <= 0:
-            return None
-        return math.log(new / old), new, old
-
-    def _escalate(self, obs: Observation, ctx: StepContext, evidence: dict[str, Any] | None,
-                  still: dict[str, Any]) -> list[Action]:
-        """The cooldown ended with the run still far above its old level: cut harder."""
-        if evidence is not None:
-            ctx.flags.add("spike")
-        self._escalation += 1
-        factor = self.params["factor"] ** 2
-        what = still["statistic"].removesuffix("_level")
-        reason = (f"{what} stayed {still['ratio']:.3g}× above its median {still['median']:.6g} "
-                  f"through the cooldown (more than max_shift {self.params['max_shift']:g}×): "
-                  f"the back-off did not take")
-        evidence = {**still, "escalation": self._escalation}
-        rolled = self._rollback(ctx, reason, evidence, self.params["rollback_factor"])
-        if rolled is not None:
-            return rolled
-        return self._back_off(ctx, reason, evidence, force=False, factor=factor)
 
     def _judge(self, loss: float | None, log_gnorm: float | None) -> dict[str, Any] | None:
         """Evidence of a spike in the (judged) loss, else in the log grad norm; or None."""
@@ -429,8 +396,3 @@ class Divergence(RollbackEscalation, ReactivePolicy):
         self._escalation = int(state.get("escalation", 0))
         self._load_rollback_state(state)
 
-
-def _median(values: list[float]) -> float:
-    ordered = sorted(values)
-    mid = len(ordered) // 2
-    return ordered[mid] if len(ordered) % 2 else 0.5 * (ordered[mid - 1] + ordered[mid])

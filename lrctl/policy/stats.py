@@ -215,34 +215,86 @@ def _centred_index(n: int) -> tuple[tuple[float, ...], float]:
 class RobustWindow:
     """Median and IQR-based scale of the last ``size`` values, O(size) per update.
 
-    The values are kept twice: in arrival order (to know which one leaves) and sorted
-    (to read the quantiles). The statistics are computed once per change of the window
+    The values are kept twice: in a ring buffer in arrival order (to know which one
+    leaves) and sorted (to read the quantiles), each changed in place by one insertion
+    and one removal per value. The statistics are computed once per change of the window
     (:meth:`stats`); ``count`` is ``len(window)``.
+
+    A window can also keep a *screen* for one outlier rule (:meth:`screen`): ``limit``,
+    below which a value needs no judging, kept up to date at every change for the price
+    of an addition, so that an ordinary value is told apart without a call.
     """
 
-    __slots__ = ("_fifo", "_pos", "_sorted", "_stats", "count", "size")
+    __slots__ = ("_armed_at", "_head", "_mid", "_pos", "_quick", "_ring", "_sorted",
+                 "_stats", "count", "limit", "size")
 
     def __init__(self, size: int) -> None:
         self.size = size
         self.count = 0
-        self._fifo: deque[float] = deque()
+        self._ring: list[float] = []  # arrival order; once full, _head is the oldest
+        self._head = 0
         self._sorted: list[float] = []
         self._stats: tuple[float, float] | None = None  # (median, sigma) of this window
         self._pos = _positions(0)  # where the quartiles of `count` values fall
+        self._mid = 0  # the sorted index just below the middle (the median's `lo`)
+        # No screen: `limit` stays -inf (or NaN), so no value passes it.
+        self._quick = -_INF
+        self._armed_at = 0
+        self.limit = -_INF
 
     def __len__(self) -> int:
         return self.count
 
     def add(self, value: float) -> None:
-        self._stats = None
-        fifo, data = self._fifo, self._sorted
-        fifo.append(value)
+        data = self._sorted
         insort(data, value)
-        if self.count == self.size:
-            del data[bisect_left(data, fifo.popleft())]
+        count = self.count
+        if count == self.size:  # full: the oldest value leaves, in both orders
+            ring, head = self._ring, self._head
+            del data[bisect_left(data, ring[head])]
+            ring[head] = value
+            head += 1
+            self._head = 0 if head == count else head
         else:
-            self.count += 1
-            self._pos = _positions(self.count)
+            self._ring.append(value)
+            self.count = count = count + 1
+            self._pos = pos = _positions(count)
+            self._mid = pos[1][0]
+        self._stats = None
+        # The screen (see screen()): one comparison and one addition per value.
+        if count < self._armed_at:
+            self.limit = _INF
+        elif data[-1] - data[0] < _INF:
+            self.limit = data[self._mid] + self._quick
+        else:
+            self.limit = -_INF
+
+    def screen(self, z_max: float, floor: float, armed_at: int = 0) -> None:
+        """Keep :attr:`limit` for the rule ``outlier(value, z_max, floor)`` (``z_max``
+        and ``floor`` > 0) of a caller that judges no value before the window holds
+        ``armed_at`` values: a value below ``limit`` is no outlier by that rule, or the
+        window is not armed yet (``limit`` is then ``inf``). A value at or above it may
+        be either: the full rule decides.
+
+        ``limit`` is the sorted value just below the middle (never above the median)
+        plus half of ``z_max × floor`` (never above half of ``z_max × σ``): a value
+        below it is less than ``z_max / 2`` robust σ above the median (see
+        :meth:`outlier`, whose shortcut this is, with the addition done at each change
+        of the window instead of a subtraction at each value). A window whose range
+        overflows gets ``-inf``: no value passes, and the full rule decides.
+        """
+        self._quick = 0.5 * z_max * floor
+        self._armed_at = armed_at
+        self._update_limit()
+
+    def _update_limit(self) -> None:
+        data = self._sorted
+        if self.count < self._armed_at:
+            self.limit = _INF
+        elif data and data[-1] - data[0] < _INF:
+            self.limit = data[self._mid] + self._quick
+        else:
+            self.limit = -_INF
 
     def _quantile(self, q: float) -> float:
         data = self._sorted
@@ -283,7 +335,7 @@ class RobustWindow:
         stats = self._stats
         if stats is None:
             data = self._sorted
-            below_middle = data[self._pos[1][0]]
+            below_middle = data[self._mid]
             if (value - below_middle < 0.5 * z_max * floor
                     and data[-1] - data[0] < _INF):
                 return None
@@ -303,14 +355,19 @@ class RobustWindow:
         return self.stats()[1]
 
     def values(self) -> list[float]:
-        return list(self._fifo)
+        """The values in arrival order, oldest first."""
+        ring, head = self._ring, self._head
+        return ring[head:] + ring[:head]
 
     def load(self, values: list[float]) -> None:
         self._stats = None
-        self._fifo = deque(values[-self.size:])
-        self._sorted = sorted(self._fifo)
-        self.count = len(self._fifo)
+        self._ring = list(values[-self.size:])
+        self._head = 0
+        self._sorted = sorted(self._ring)
+        self.count = len(self._ring)
         self._pos = _positions(self.count)
+        self._mid = self._pos[1][0]
+        self._update_limit()
 
 
 _Position = tuple[int, int, float]

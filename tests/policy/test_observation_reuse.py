@@ -48,13 +48,14 @@ def test_built_in_kinds_say_they_keep_no_observations() -> None:
 
 @pytest.mark.parametrize("path", POLICIES, ids=[p.stem for p in POLICIES])
 def test_no_shipped_policy_holds_on_to_the_reused_observation(path: Path) -> None:
-    engine = lrctl.load_policy(path, [0.1], total_steps=400)
+    engine = lrctl.load_policy(path, [0.1], total_steps=401)
     for step in range(400):
         loss = math.nan if step == 300 else 2.0 * math.exp(-step / 200) + 0.01 * (step % 7)
         engine.observe(step, loss, 1.0 + (step % 5), **({"val_loss": loss} if step % 10 == 0
                                                         else {}))
+    engine.observe(400, 1.0, val_loss=1.0)  # a metric: the full way, which refills it
     obs = engine._reused
-    assert obs is not None and obs.step == 399
+    assert obs is not None and obs.step == 400
     holders = [r for r in gc.get_referrers(obs) if not isinstance(r, types.FrameType)]
     # The engine alone (CPython 3.11+ may name the object rather than its __dict__).
     assert len(holders) == 1 and (holders[0] is engine or holders[0] is vars(engine))
