@@ -38,11 +38,11 @@ from pathlib import Path
 from typing import Any
 
 from ..policy._decision import record_ratio
-from ._mlflow_store import open_store, reason
+from ._mlflow_store import BACKOFF_MIN_S, LOG_EVERY_S, StoreHealth, open_store, reason
 from ._ship_state import RunState, runs_behind
 from .journal import JournalLine, RunPaths
 
-__all__ = ["MlflowShipper", "decision_ratio"]
+__all__ = ["LOG_EVERY_S", "MlflowShipper", "decision_ratio"]
 
 decision_ratio = record_ratio  # the old name
 
@@ -52,8 +52,6 @@ MAX_METRICS_PER_BATCH = 1000  # MLflow's log_batch limit (entities in all)
 MAX_PARAMS_TAGS_PER_BATCH = 100
 MAX_TAG_CHARS = 5000
 _TICK_S = 0.1
-_BACKOFF_MIN_S = 0.5
-LOG_EVERY_S = 10.0  # at most one line per URI this often while MLflow stays unavailable
 #: MLflow error codes that retrying cannot fix (a deleted run, a refused value).
 PERMANENT_ERRORS = frozenset({"INVALID_PARAMETER_VALUE", "RESOURCE_DOES_NOT_EXIST",
                               "INVALID_STATE", "PERMISSION_DENIED"})
@@ -193,11 +191,13 @@ class _Worker(threading.Thread):
         self._runs: dict[str, RunState] = {}
         self._client: Any = None
         self._outage_logged = False
-        self.error: str | None = None  # why MLflow is unavailable, while it is
-        self._failures = 0  # of the store, in a row (the worker's back-off)
+        self.health = StoreHealth(tracking_uri, options.backoff_max, options.on_state)
         self._retry_at = 0.0
-        self._quiet_until = 0.0  # no one-line report before this (rate limit)
-        self._traced = False  # this outage's one traceback was logged
+
+    @property
+    def error(self) -> str | None:
+        """Why MLflow is unavailable, while it is."""
+        return self.health.error
 
     # -- owner-thread side ------------------------------------------------------
     def submit(self, run_key: str, stream: str, line: JournalLine) -> None:
@@ -243,7 +243,7 @@ class _Worker(threading.Thread):
                 self._loop_once()
             except Exception as exc:  # never let one bad run kill the worker of every run
                 self._client = None  # opened afresh (out of descriptors, a store replaced)
-                self._stopping.wait(self._store_failed(exc))
+                self._stopping.wait(self.health.failed(exc))
             if self._queue.empty() and not any(r.has_work() for r in self._runs.values()):
                 with self._settled_cond:
                     self._settled = seen
@@ -274,9 +274,9 @@ class _Worker(threading.Thread):
             try:
                 self._client = self.opt.client_factory(self.tracking_uri)
             except Exception as exc:
-                self._retry_at = now + self._store_failed(exc)
+                self._retry_at = now + self.health.failed(exc)
                 return
-            self._store_ok()
+            self.health.ok()
         for key, st in list(self._runs.items()):
             if not st.has_work():
                 if st.cursor.get("finished") or st.failed:
@@ -324,50 +324,19 @@ class _Worker(threading.Thread):
                             self.tracking_uri)
             st.failures = 0
             self._outage_logged = False
-            self._store_ok()
+            self.health.ok()
             if not st.has_work():
                 st.first_pending_at = None
 
     def _back_off(self, st: RunState, exc: BaseException) -> None:
         st.failures += 1
-        delay = min(self.opt.backoff_max, _BACKOFF_MIN_S * 2 ** (st.failures - 1))
+        delay = min(self.opt.backoff_max, BACKOFF_MIN_S * 2 ** (st.failures - 1))
         st.retry_at = time.monotonic() + delay
         if not self._outage_logged:
             log.warning("lrctl: MLflow at %s failed (%s); decisions stay in the journal and "
                         "are replayed when it answers", self.tracking_uri, exc)
             self._outage_logged = True
-        self._set_error(reason(exc))
-
-    def _store_failed(self, exc: BaseException) -> float:
-        """MLflow cannot be used at all: report, log (boundedly), and say how long to wait."""
-        self._failures += 1
-        delay = min(self.opt.backoff_max, _BACKOFF_MIN_S * 2 ** (self._failures - 1))
-        why = reason(exc)
-        now = time.monotonic()
-        if not self._traced:
-            log.error("lrctl: MLflow unavailable at %s: %s; decisions stay in the journal, "
-                      "retrying with back-off (up to %g s)", self.tracking_uri, why,
-                      self.opt.backoff_max, exc_info=exc)
-            self._traced, self._quiet_until = True, now + LOG_EVERY_S
-        elif now >= self._quiet_until:
-            log.warning("lrctl: MLflow still unavailable at %s: %s (%d failed attempt(s); "
-                        "next in %.1f s)", self.tracking_uri, why, self._failures, delay)
-            self._quiet_until = now + LOG_EVERY_S
-        self._set_error(why)
-        return delay
-
-    def _store_ok(self) -> None:
-        if self._failures:
-            log.warning("lrctl: MLflow at %s is available again after %d failed attempt(s)",
-                        self.tracking_uri, self._failures)
-        self._failures, self._traced = 0, False
-        self._set_error(None)
-
-    def _set_error(self, why: str | None) -> None:
-        if why != self.error:
-            self.error = why
-            if self.opt.on_state is not None:
-                self.opt.on_state(self.tracking_uri, why)
+        self.health.set_error(reason(exc))
 
     def _give_up(self, st: RunState, exc: BaseException) -> None:
         log.error("lrctl: MLflow refused run %s (%s); its audit trail stays in the journal "
