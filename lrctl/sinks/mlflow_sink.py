@@ -58,6 +58,8 @@ PERMANENT_ERRORS = frozenset({"INVALID_PARAMETER_VALUE", "RESOURCE_DOES_NOT_EXIS
 ClientFactory = Callable[[str], Any]
 #: ``(tracking URI, why it is unavailable or None once it answers)``.
 StateCallback = Callable[[str, "str | None"], None]
+#: ``(run key, events seq shipped, refused by MLflow)``: no more work for an ended run.
+DoneCallback = Callable[[str, int, bool], None]
 
 
 def _default_client(tracking_uri: str) -> Any:
@@ -75,7 +77,8 @@ class MlflowShipper:
                  queue_size: int = 10_000, max_pending: int = 20_000, timeline: bool = True,
                  backoff_max: float = 30.0, client_factory: ClientFactory | None = None,
                  snapshot_interval: float = 60.0,
-                 on_state: StateCallback | None = None) -> None:
+                 on_state: StateCallback | None = None,
+                 on_done: DoneCallback | None = None) -> None:
         if not 0 < flush_interval <= 2.0:
             raise ValueError(f"flush_interval must be in (0, 2] seconds, but got {flush_interval=}")
         if queue_size < 1 or max_pending < 1:
@@ -84,7 +87,7 @@ class MlflowShipper:
         self.state_dir = Path(state_dir)
         self._options = _Options(flush_interval, queue_size, max_pending, timeline, backoff_max,
                                  client_factory or _default_client, snapshot_interval,
-                                 on_state)
+                                 on_state, on_done)
         self._workers: dict[str, _Worker] = {}
         self._route: dict[str, _Worker] = {}
         # One HTTP call must not retry for minutes inside the worker: lrctl retries
@@ -101,6 +104,10 @@ class MlflowShipper:
             worker.start()
         self._route[run_key] = worker
         worker.nudge(run_key)
+
+    def forget(self, run_key: str) -> None:
+        """The run ended and is shipped (the controller heard ``on_done``): drop its route."""
+        self._route.pop(run_key, None)
 
     def submit(self, run_key: str, stream: str, line: JournalLine) -> None:
         worker = self._route.get(run_key)
@@ -169,6 +176,7 @@ class _Options:
     client_factory: ClientFactory
     snapshot_interval: float  # seconds; see _mlflow_views (decisions files)
     on_state: StateCallback | None
+    on_done: DoneCallback | None
 
 
 class _Worker(threading.Thread):
@@ -281,6 +289,8 @@ class _Worker(threading.Thread):
             if not st.has_work():
                 if st.cursor.get("finished") or st.failed:
                     del self._runs[key]  # the run ended and is fully shipped
+                    if self.opt.on_done is not None:
+                        self.opt.on_done(key, st.streams["events"].acked_seq, st.failed)
                 continue
             due = force or any(s.behind for s in st.streams.values()) or (
                 st.first_pending_at is not None
