@@ -25,7 +25,7 @@ from mlflow.exceptions import MlflowException
 from ..policy._base import float_from_json
 from ..policy._decision import record_ratio as decision_ratio
 from ._mlflow_views import EXPERIMENT_KIND, TRAINING_KIND, RunViews, mark_training
-from ._ship_state import RunState
+from ._ship_state import TIMELINE_DUE, RunState
 from .journal import JournalLine
 from .mlflow_sink import (
     MAX_METRICS_PER_BATCH,
@@ -271,6 +271,7 @@ class RunShipper:
         ended it."""
         ended = self.st.cursor.pop("ended", None)
         self.st.cursor["finished"] = False
+        self.st.cursor.pop(TIMELINE_DUE, None)  # drawn at the run's next end
         if ended:
             self.client.update_run(self.run_id, status="RUNNING")
             with contextlib.suppress(MlflowException):  # a FINISHED run has none
@@ -278,16 +279,8 @@ class RunShipper:
 
     def _finish(self, end: dict[str, Any]) -> None:
         self.views.refresh(complete=True)
-        if self.timeline:
-            png = self.st.paths.root / "timeline.png"
-            try:
-                from ..timeline import render_run
-
-                render_run(self.st.paths.root, png)
-            except Exception as exc:  # a picture must not block the audit trail
-                log.warning("lrctl: run %s: timeline not drawn: %s", self.st.paths.run_key, exc)
-            else:
-                self.client.log_artifact(self.run_id, str(png), "lrctl")
+        if self.timeline:  # drawn once no run has lines to ship (see draw_timeline)
+            self.st.cursor[TIMELINE_DUE] = True
         if end.get("outcome") == "orphaned":
             # Nobody else will end it: the process that owned it is gone.
             if self.client.get_run(self.run_id).info.status == "RUNNING":
@@ -299,6 +292,25 @@ class RunShipper:
             self.client.set_terminated(self.run_id, "FINISHED")
             self.st.cursor["ended"] = "FINISHED"
         self.st.cursor["finished"] = True
+
+    def draw_timeline(self) -> None:
+        """The picture of an ended run, from its journal, as ``lrctl/timeline.png``.
+
+        Drawing costs far more than shipping a run (a few hundred ms of CPU), so the
+        worker draws only when no run has lines to ship: decisions never wait behind
+        pictures. Until then the cursor keeps it due, across restarts."""
+        if self.timeline:
+            png = self.st.paths.root / "timeline.png"
+            try:
+                from ..timeline import render_run
+
+                render_run(self.st.paths.root, png)
+            except Exception as exc:  # a picture must not block the audit trail
+                log.warning("lrctl: run %s: timeline not drawn: %s", self.st.paths.run_key, exc)
+            else:
+                self.client.log_artifact(self.run_id, str(png), "lrctl")
+        self.st.cursor.pop(TIMELINE_DUE, None)
+        self.st.save()
 
     def _upload_prefix(self, stream: str, end: int, artifact_file: str) -> None:
         """Upload the stream's first ``end`` bytes: everything acknowledged, whole, once more."""

@@ -23,7 +23,10 @@ from .journal import (
     read_lines,
 )
 
-__all__ = ["RunState", "StreamState", "files_behind", "runs_behind"]
+__all__ = ["TIMELINE_DUE", "RunState", "StreamState", "files_behind", "runs_behind"]
+
+#: Cursor key: the run ended and its timeline picture is still to be drawn.
+TIMELINE_DUE = "timeline_due"
 
 
 def files_behind(cursor: dict[str, Any]) -> bool:
@@ -36,7 +39,8 @@ def files_behind(cursor: dict[str, Any]) -> bool:
 
 def runs_behind(state_dir: Path) -> list[tuple[str, str]]:
     """``(run_key, tracking_uri)`` of every run under ``state_dir`` whose journal is ahead
-    of MLflow (or whose decisions files in MLflow lag what it acknowledged)."""
+    of MLflow (or whose decisions files in MLflow lag what it acknowledged, or whose
+    timeline picture is still to be drawn)."""
     behind = []
     for key in list_run_keys(state_dir):
         paths = RunPaths.of(state_dir, key)
@@ -44,6 +48,9 @@ def runs_behind(state_dir: Path) -> list[tuple[str, str]]:
         cursor = read_json(paths.cursor, {})
         uri = (meta.get("mlflow") or {}).get("tracking_uri")
         if not uri or cursor.get("failed"):
+            continue
+        if cursor.get(TIMELINE_DUE):
+            behind.append((key, str(uri)))
             continue
         acked = cursor.get("streams", {})
         for name in STREAMS:
@@ -114,6 +121,10 @@ class RunState:
 
     def has_work(self) -> bool:
         return not self.failed and any(s.pending or s.behind for s in self.streams.values())
+
+    def picture_due(self) -> bool:
+        """The run ended and its timeline is still to be drawn (after any work)."""
+        return not self.failed and bool(self.cursor.get(TIMELINE_DUE))
 
     def files_behind(self) -> bool:
         """MLflow's decisions files lag what it acknowledged (uploaded on a schedule)."""

@@ -35,12 +35,15 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..policy._decision import record_ratio
 from ._mlflow_store import BACKOFF_MIN_S, LOG_EVERY_S, StoreHealth, open_store, reason
 from ._ship_state import RunState, runs_behind
 from .journal import JournalLine, RunPaths
+
+if TYPE_CHECKING:
+    from ._mlflow_run import RunShipper
 
 __all__ = ["LOG_EVERY_S", "MlflowShipper", "decision_ratio"]
 
@@ -252,7 +255,8 @@ class _Worker(threading.Thread):
             except Exception as exc:  # never let one bad run kill the worker of every run
                 self._client = None  # opened afresh (out of descriptors, a store replaced)
                 self._stopping.wait(self.health.failed(exc))
-            if self._queue.empty() and not any(r.has_work() for r in self._runs.values()):
+            if self._queue.empty() and not any(r.has_work() or r.picture_due()
+                                               for r in self._runs.values()):
                 with self._settled_cond:
                     self._settled = seen
                     self._settled_cond.notify_all()
@@ -285,9 +289,12 @@ class _Worker(threading.Thread):
                 self._retry_at = now + self.health.failed(exc)
                 return
             self.health.ok()
+        shipped, pictures = False, []
         for key, st in list(self._runs.items()):
             if not st.has_work():
-                if st.cursor.get("finished") or st.failed:
+                if st.picture_due():
+                    pictures.append(st)
+                elif st.cursor.get("finished") or st.failed:
                     del self._runs[key]  # the run ended and is fully shipped
                     if self.opt.on_done is not None:
                         self.opt.on_done(key, st.streams["events"].acked_seq, st.failed)
@@ -298,6 +305,13 @@ class _Worker(threading.Thread):
                 len(s.pending) for s in st.streams.values()) >= MAX_METRICS_PER_BATCH
             if due and now >= st.retry_at:
                 self._ship(st)
+                shipped = True
+        # Pictures only when this round shipped nothing, one at a time: a decision
+        # waits behind one picture at most.
+        for st in pictures if not shipped else ():
+            if now >= st.retry_at:
+                self._attempt(st, lambda shipper: shipper.draw_timeline())
+                break
 
     def _state(self, run_key: str) -> RunState:
         st = self._runs.get(run_key)
@@ -306,13 +320,7 @@ class _Worker(threading.Thread):
         return st
 
     def _ship(self, st: RunState) -> None:
-        from mlflow.exceptions import MlflowException
-
-        try:
-            from ._mlflow_run import RunShipper
-
-            shipper = RunShipper(self._client, st, timeline=self.opt.timeline,
-                                 snapshot_interval=self.opt.snapshot_interval)
+        def ship(shipper: RunShipper) -> None:
             shipper.ensure_run()
             while True:
                 st.top_up(self.opt.max_pending)
@@ -321,6 +329,19 @@ class _Worker(threading.Thread):
             if not st.cursor.get("finished"):
                 shipper.refresh_views(catch_up=not st.files_checked)
                 st.files_checked = True
+
+        self._attempt(st, ship)
+
+    def _attempt(self, st: RunState, action: Callable[[RunShipper], None]) -> None:
+        """``action`` on the run's :class:`RunShipper`; MLflow's refusals and outages
+        handled (given up on, or backed off from)."""
+        from mlflow.exceptions import MlflowException
+
+        from ._mlflow_run import RunShipper
+
+        try:
+            action(RunShipper(self._client, st, timeline=self.opt.timeline,
+                              snapshot_interval=self.opt.snapshot_interval))
         except MlflowException as exc:
             if exc.error_code in PERMANENT_ERRORS:
                 self._give_up(st, exc)
