@@ -23,7 +23,7 @@ from .journal import (
     read_lines,
 )
 
-__all__ = ["TIMELINE_DUE", "RunState", "StreamState", "files_behind", "runs_behind"]
+__all__ = ["TIMELINE_DUE", "Experiments", "RunState", "StreamState", "files_behind", "runs_behind"]
 
 #: Cursor key: the run ended and its timeline picture is still to be drawn.
 TIMELINE_DUE = "timeline_due"
@@ -59,6 +59,15 @@ def runs_behind(state_dir: Path) -> list[tuple[str, str]]:
                 behind.append((key, str(uri)))
                 break
     return behind
+
+
+@dataclass
+class Experiments:
+    """What a worker learned of its store's experiments, so that a new run does not ask
+    again: ids by name, and those tagged (or found) as model training."""
+
+    ids: dict[str, str] = field(default_factory=dict)
+    marked: set[str] = field(default_factory=set)
 
 
 @dataclass

@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..policy._decision import record_ratio
 from ._mlflow_store import BACKOFF_MIN_S, LOG_EVERY_S, StoreHealth, open_store, reason
-from ._ship_state import RunState, runs_behind
+from ._ship_state import Experiments, RunState, runs_behind
 from .journal import JournalLine, RunPaths
 
 if TYPE_CHECKING:
@@ -201,6 +201,7 @@ class _Worker(threading.Thread):
         self._stopping = threading.Event()
         self._runs: dict[str, RunState] = {}
         self._client: Any = None
+        self._experiments = Experiments()  # of this client's store
         self._outage_logged = False
         self.health = StoreHealth(tracking_uri, options.backoff_max, options.on_state)
         self._retry_at = 0.0
@@ -285,6 +286,7 @@ class _Worker(threading.Thread):
                 return
             try:
                 self._client = self.opt.client_factory(self.tracking_uri)
+                self._experiments = Experiments()
             except Exception as exc:
                 self._retry_at = now + self.health.failed(exc)
                 return
@@ -341,7 +343,8 @@ class _Worker(threading.Thread):
 
         try:
             action(RunShipper(self._client, st, timeline=self.opt.timeline,
-                              snapshot_interval=self.opt.snapshot_interval))
+                              snapshot_interval=self.opt.snapshot_interval,
+                              experiments=self._experiments))
         except MlflowException as exc:
             if exc.error_code in PERMANENT_ERRORS:
                 self._give_up(st, exc)
