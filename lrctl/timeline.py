@@ -31,6 +31,8 @@ MAX_LABELS = 12
 _LR = re.compile(r"^lrctl/lr/g(\d+)$")
 _PHASE_ACTIONS = frozenset({"warmup_done", "decay_start", "decay_cancel", "decay_done"})
 MAX_PHASE_EVENTS = 1000
+_BOTTOM = 0.06  # the axes' bottom edge, as a share of the figure's height, at least
+_MARGIN = 0.01  # below the longest decision label
 
 
 @dataclass(frozen=True)
@@ -126,10 +128,15 @@ def render(data: TimelineData, out: str | os.PathLike[str]) -> Path:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(13, 9), dpi=100, layout="constrained")
-    FigureCanvasAgg(fig)
+    # Fixed margins, not a layout engine: "constrained" measures every tick label in
+    # extra drawing passes, which doubled the cost of a picture (the MLflow shipper
+    # draws one per run). Only the decision labels, which run down past the LR axis,
+    # are measured, to make room for them (_fit_labels).
+    fig = Figure(figsize=(13, 9), dpi=100)
+    canvas = FigureCanvasAgg(fig)
     ax_loss, ax_gn, ax_lr = fig.subplots(3, 1, sharex=True,
                                          gridspec_kw={"height_ratios": [2, 1, 2]})
+    fig.subplots_adjust(left=0.075, right=0.985, bottom=_BOTTOM, top=0.92, hspace=0.06)
     _series(ax_loss, data.loss, "loss", "tab:blue")
     _series(ax_gn, data.grad_norm, "grad norm", "tab:orange")
     for g, series in sorted(data.lrs.items()):
@@ -141,8 +148,9 @@ def render(data: TimelineData, out: str | os.PathLike[str]) -> Path:
         ax_lr.set_yscale("log")
     if data.lrs:
         ax_lr.legend(loc="upper right", fontsize="small")
-    _marks(data, (ax_loss, ax_gn, ax_lr))
+    labels = _marks(data, (ax_loss, ax_gn, ax_lr))
     _phases(data, ax_lr, (ax_loss, ax_gn, ax_lr))
+    _fit_labels(fig, ax_lr, labels, canvas.get_renderer())
     shown = f", {len(data.decisions)} marked" if len(data.decisions) < data.decision_count else ""
     fig.suptitle(f"{data.title}\n{data.decision_count} decisions{shown}", fontsize="medium")
     out = Path(out)
@@ -165,13 +173,29 @@ def _series(ax: Any, series: Downsampler, label: str, color: str) -> None:
     ax.grid(alpha=0.3)
 
 
-def _marks(data: TimelineData, axes: tuple[Any, ...]) -> None:
+def _fit_labels(fig: Any, ax_lr: Any, labels: list[Any], renderer: Any) -> None:
+    """Raise the axes' bottom edge so that the longest decision label, which hangs
+    down from the top of the LR axis, ends inside the figure."""
+    if not labels:
+        return
+    height = fig.bbox.height
+    longest = max(label.get_window_extent(renderer).height for label in labels) / height
+    top = fig.subplotpars.top
+    lr_top = ax_lr.get_position().y1
+    share = (lr_top - _BOTTOM) / (top - _BOTTOM)  # where the LR axis ends, as a share
+    need = _MARGIN + longest  # lr_top must be this high
+    if lr_top < need:
+        # lr_top = bottom + (top - bottom) * share, solved for bottom
+        fig.subplots_adjust(bottom=min(0.5, (need - top * share) / (1 - share)))
+
+
+def _marks(data: TimelineData, axes: tuple[Any, ...]) -> list[Any]:
     """A vertical line per decision (red: LR down, green: up, grey: neither); the
     reasons of up to MAX_LABELS of them, evenly chosen, written on the LR axis.
     ``skip`` decisions get a faint line and no label: they come with a back-off (or
     in a burst) at the same steps, and their labels would hide the back-off's."""
     if not data.decisions:
-        return
+        return []
     labelled = [rec for rec in data.decisions if rec.get("action") != "skip"]
     every = max(1, math.ceil(len(labelled) / MAX_LABELS))
     ax_lr = axes[-1]
@@ -181,6 +205,7 @@ def _marks(data: TimelineData, axes: tuple[Any, ...]) -> None:
         alpha = 0.2 if rec.get("action") == "skip" else 0.6
         for ax in axes:
             ax.axvline(rec.get("step", 0), color=color, lw=0.7, alpha=alpha)
+    labels = []
     for i, rec in enumerate(labelled):
         if i % every:
             continue
@@ -188,8 +213,10 @@ def _marks(data: TimelineData, axes: tuple[Any, ...]) -> None:
         color = "tab:red" if ratio < 1 else "tab:green" if ratio > 1 else "tab:gray"
         step = rec.get("step", 0)
         label = f"{step}: {rec.get('policy')} {rec.get('action')} - {rec.get('reason', '')}"
-        ax_lr.annotate(label[:90], xy=(step, 1.0), xycoords=("data", "axes fraction"),
-                       rotation=90, va="top", ha="right", fontsize=6.5, color=color)
+        labels.append(ax_lr.annotate(
+            label[:90], xy=(step, 1.0), xycoords=("data", "axes fraction"), rotation=90,
+            va="top", ha="right", fontsize=6.5, color=color))
+    return labels
 
 
 def _phases(data: TimelineData, ax_lr: Any, axes: tuple[Any, ...]) -> None:

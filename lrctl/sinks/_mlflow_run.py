@@ -25,7 +25,7 @@ from mlflow.exceptions import MlflowException
 from ..policy._base import float_from_json
 from ..policy._decision import record_ratio as decision_ratio
 from ._mlflow_views import EXPERIMENT_KIND, TRAINING_KIND, RunViews, mark_training
-from ._ship_state import RunState
+from ._ship_state import TIMELINE_DUE, Experiments, RunState
 from .journal import JournalLine
 from .mlflow_sink import (
     MAX_METRICS_PER_BATCH,
@@ -48,11 +48,13 @@ class RunShipper:
     """Sends one run's pending journal lines to MLflow, one batch per call."""
 
     def __init__(self, client: Any, state: RunState, *, timeline: bool,
-                 snapshot_interval: float = 60.0) -> None:
+                 snapshot_interval: float = 60.0,
+                 experiments: Experiments | None = None) -> None:
         self.client = client
         self.st = state
         self.timeline = timeline
         self.snapshot_interval = snapshot_interval
+        self.experiments = experiments if experiments is not None else Experiments()
         self._views: RunViews | None = None
 
     @property
@@ -71,7 +73,7 @@ class RunShipper:
         A run lrctl creates is tagged with its run key and looked up by that tag
         first, so a crash between ``create_run`` and saving the cursor cannot
         leave two MLflow runs for one training run. Its experiment is tagged as
-        model training once (see :func:`mark_training`).
+        model training once (see :func:`mark_training`; once per worker and experiment).
         """
         if self.st.cursor.get("run_id"):
             if not self.st.cursor.get("kind_checked"):  # a cursor from an older lrctl
@@ -81,28 +83,20 @@ class RunShipper:
                 self._mark_training()
             return
         target = self.st.meta.get("mlflow") or {}
-        key = self.st.paths.run_key
         if target.get("run_id"):
             run = self.client.get_run(target["run_id"])  # fails clearly if it does not exist
             self.st.cursor.update(run_id=target["run_id"], created=False,
                                   experiment_id=str(run.info.experiment_id))
         else:
-            exp_id = self._experiment_id(target.get("experiment", "lrctl"),
-                                         target.get("artifact_root"))
-            found = self.client.search_runs([exp_id], f"tags.`lrctl.run_key` = '{key}'",
-                                            max_results=1)
-            if found:
-                run_id = found[0].info.run_id
-            else:
-                run = self.client.create_run(exp_id, tags={"lrctl.run_key": key},
-                                             run_name=target.get("run_name") or key)
-                run_id = run.info.run_id
+            exp_id, run_id = self._created_run(target)
             self.st.cursor.update(run_id=run_id, created=True, experiment_id=exp_id)
-        self.st.save()
         self._mark_training()
 
     def _mark_training(self) -> None:
-        mark_training(self.client, str(self.st.cursor["experiment_id"]))
+        exp_id = str(self.st.cursor["experiment_id"])
+        if exp_id not in self.experiments.marked:
+            mark_training(self.client, exp_id)
+            self.experiments.marked.add(exp_id)
         self.st.cursor["kind_checked"] = True
         self.st.save()
 
@@ -111,7 +105,7 @@ class RunShipper:
         if exp is not None:
             return str(exp.experiment_id)
         try:
-            return str(self.client.create_experiment(
+            exp_id = str(self.client.create_experiment(
                 name, artifact_location=artifact_root,
                 tags={EXPERIMENT_KIND: TRAINING_KIND}))
         except MlflowException:
@@ -119,6 +113,30 @@ class RunShipper:
             if exp is None:
                 raise
             return str(exp.experiment_id)
+        self.experiments.marked.add(exp_id)  # made with the tag
+        return exp_id
+
+    def _created_run(self, target: dict[str, Any]) -> tuple[str, str]:
+        """``(experiment id, run id)`` of the run lrctl made for this run key, found by its
+        tag or made now. The experiment's id is asked for once per worker; if the store
+        refuses it (the experiment was deleted meanwhile), it is asked for again."""
+        name, key = target.get("experiment", "lrctl"), self.st.paths.run_key
+        cached = self.experiments.ids.get(name)
+        exp_id = cached or self._experiment_id(name, target.get("artifact_root"))
+        try:
+            found = self.client.search_runs([exp_id], f"tags.`lrctl.run_key` = '{key}'",
+                                            max_results=1)
+            if found:
+                return exp_id, str(found[0].info.run_id)
+            run = self.client.create_run(exp_id, tags={"lrctl.run_key": key},
+                                         run_name=target.get("run_name") or key)
+        except MlflowException:
+            if cached is None:
+                raise
+            del self.experiments.ids[name]
+            return self._created_run(target)
+        self.experiments.ids[name] = exp_id
+        return exp_id, str(run.info.run_id)
 
     # -- one batch ---------------------------------------------------------------------
     def ship_once(self) -> bool:
@@ -157,10 +175,13 @@ class RunShipper:
             tags["lrctl.last_decision"] = _summary(last)
         if not st.cursor.get("tagged"):
             tags["lrctl.run_key"] = st.paths.run_key
-        for chunk in _chunks(metrics, MAX_METRICS_PER_BATCH):
-            self.client.log_batch(self.run_id, metrics=chunk)
-        if tags:
-            self.client.log_batch(self.run_id, tags=[RunTag(k, v) for k, v in tags.items()])
+        # One call: the tags ride with the (last) metrics.
+        run_tags = [RunTag(k, v) for k, v in tags.items()]
+        chunks = list(_chunks(metrics, MAX_METRICS_PER_BATCH - len(run_tags))) or [[]]
+        for i, chunk in enumerate(chunks):
+            last = i == len(chunks) - 1
+            if chunk or (last and run_tags):
+                self.client.log_batch(self.run_id, metrics=chunk, tags=run_tags if last else [])
         for line in decisions:
             self.views.fold_decision(line.seq, line.record)
         # Acknowledged in memory now (MLflow has them), so that a run end in this batch
@@ -217,29 +238,37 @@ class RunShipper:
             self.client.log_text(self.run_id, text, f"lrctl/policies/v{version}-{sha[:12]}.yaml")
         tags = {"lrctl.policy_sha256": sha, "lrctl.policy": str(rec.get("policy_source", "")),
                 "lrctl.policy_version": str(version)}
-        self.client.log_batch(self.run_id,
-                              tags=[RunTag(k, v[:MAX_TAG_CHARS]) for k, v in tags.items()])
         # As params too, so that runs compare by policy (a param keeps its first value:
         # the policy the run started with; the tags follow reloads).
         self._params({"policy_sha256": sha, "policy": str(rec.get("policy_source", "")),
-                      **(rec.get("params") or {})})
+                      **(rec.get("params") or {})},
+                     [RunTag(k, v[:MAX_TAG_CHARS]) for k, v in tags.items()])
 
-    def _params(self, params: dict[str, Any]) -> None:
-        """Knobs as params. MLflow params cannot change, so a reload that changes a knob
-        keeps the first value as the param; every version is in the policy artifacts."""
+    def _params(self, params: dict[str, Any], tags: list[RunTag]) -> None:
+        """Knobs as params, with ``tags`` in the first call. MLflow params cannot change,
+        so a reload that changes a knob keeps the first value as the param; every
+        version is in the policy artifacts. Params MLflow refuses are left out (logged);
+        the tags go all the same."""
         logged: dict[str, str] = self.st.cursor["params"]
         new = {}
         for k, v in params.items():
             key = _param_key(str(k))
             if key not in logged:
                 new[key] = str(v)
-        for chunk in _chunks(list(new.items()), MAX_PARAMS_TAGS_PER_BATCH):
+        items = list(new.items())
+        first = MAX_PARAMS_TAGS_PER_BATCH - len(tags)
+        for chunk, with_tags in [(items[:first], tags),
+                                 *((c, []) for c in _chunks(items[first:],
+                                                           MAX_PARAMS_TAGS_PER_BATCH))]:
             try:
-                self.client.log_batch(self.run_id, params=[Param(k, v) for k, v in chunk])
+                self.client.log_batch(self.run_id, params=[Param(k, v) for k, v in chunk],
+                                      tags=with_tags)
             except MlflowException as exc:
-                if exc.error_code != "INVALID_PARAMETER_VALUE":
+                if exc.error_code != "INVALID_PARAMETER_VALUE" or not chunk:
                     raise
                 log.warning("lrctl: run %s: params not logged: %s", self.st.paths.run_key, exc)
+                if with_tags:
+                    self.client.log_batch(self.run_id, tags=with_tags)
         logged.update(new)
 
     def refresh_views(self, *, catch_up: bool = False) -> None:
@@ -271,6 +300,7 @@ class RunShipper:
         ended it."""
         ended = self.st.cursor.pop("ended", None)
         self.st.cursor["finished"] = False
+        self.st.cursor.pop(TIMELINE_DUE, None)  # drawn at the run's next end
         if ended:
             self.client.update_run(self.run_id, status="RUNNING")
             with contextlib.suppress(MlflowException):  # a FINISHED run has none
@@ -278,16 +308,8 @@ class RunShipper:
 
     def _finish(self, end: dict[str, Any]) -> None:
         self.views.refresh(complete=True)
-        if self.timeline:
-            png = self.st.paths.root / "timeline.png"
-            try:
-                from ..timeline import render_run
-
-                render_run(self.st.paths.root, png)
-            except Exception as exc:  # a picture must not block the audit trail
-                log.warning("lrctl: run %s: timeline not drawn: %s", self.st.paths.run_key, exc)
-            else:
-                self.client.log_artifact(self.run_id, str(png), "lrctl")
+        if self.timeline:  # drawn once no run has lines to ship (see draw_timeline)
+            self.st.cursor[TIMELINE_DUE] = True
         if end.get("outcome") == "orphaned":
             # Nobody else will end it: the process that owned it is gone.
             if self.client.get_run(self.run_id).info.status == "RUNNING":
@@ -299,6 +321,25 @@ class RunShipper:
             self.client.set_terminated(self.run_id, "FINISHED")
             self.st.cursor["ended"] = "FINISHED"
         self.st.cursor["finished"] = True
+
+    def draw_timeline(self) -> None:
+        """The picture of an ended run, from its journal, as ``lrctl/timeline.png``.
+
+        Drawing costs far more than shipping a run (a few hundred ms of CPU), so the
+        worker draws only when no run has lines to ship: decisions never wait behind
+        pictures. Until then the cursor keeps it due, across restarts."""
+        if self.timeline:
+            png = self.st.paths.root / "timeline.png"
+            try:
+                from ..timeline import render_run
+
+                render_run(self.st.paths.root, png)
+            except Exception as exc:  # a picture must not block the audit trail
+                log.warning("lrctl: run %s: timeline not drawn: %s", self.st.paths.run_key, exc)
+            else:
+                self.client.log_artifact(self.run_id, str(png), "lrctl")
+        self.st.cursor.pop(TIMELINE_DUE, None)
+        self.st.save()
 
     def _upload_prefix(self, stream: str, end: int, artifact_file: str) -> None:
         """Upload the stream's first ``end`` bytes: everything acknowledged, whole, once more."""

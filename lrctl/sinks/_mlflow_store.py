@@ -11,19 +11,29 @@ leaves at most a temporary file, which the next attempt removes.
 Any store is then checked with one cheap call, so that a store MLflow cannot open
 (corrupt, half-migrated by an older version, unwritable, out of file descriptors)
 fails here, once per attempt, with a reason, not in the middle of a batch.
+
+:class:`StoreHealth` is a worker's account of its store while it is unavailable: the
+back-off, the log (bounded) and the reason reported.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlparse
 
-__all__ = ["open_store", "reason"]
+__all__ = ["BACKOFF_MIN_S", "LOG_EVERY_S", "StoreHealth", "open_store", "reason"]
+
+log = logging.getLogger("lrctl.sinks.mlflow")
 
 _TMP = ".lrctl-new-"
+BACKOFF_MIN_S = 0.5
+LOG_EVERY_S = 10.0  # at most one line per URI this often while MLflow stays unavailable
 
 
 def open_store(tracking_uri: str) -> Any:
@@ -117,3 +127,53 @@ def _forget_engine(uri: str) -> None:
             engine = SqlAlchemyStore._engine_map.pop(uri, None)
         if engine is not None:
             engine.dispose()
+
+
+class StoreHealth:
+    """Whether one tracking URI's store can be used, as its worker finds out.
+
+    A store that cannot be used at all is retried with exponential back-off up to
+    ``backoff_max``, logged with one traceback and then one line at most every
+    :data:`LOG_EVERY_S` seconds, and reported through ``on_state(uri, why)`` until it
+    answers again (``on_state(uri, None)``)."""
+
+    def __init__(self, uri: str, backoff_max: float,
+                 on_state: Callable[[str, str | None], None] | None) -> None:
+        self.uri = uri
+        self.backoff_max = backoff_max
+        self.on_state = on_state
+        self.error: str | None = None  # why MLflow is unavailable, while it is
+        self.failures = 0  # of the store, in a row
+        self._quiet_until = 0.0  # no one-line report before this (rate limit)
+        self._traced = False  # this outage's one traceback was logged
+
+    def failed(self, exc: BaseException) -> float:
+        """MLflow cannot be used at all: report, log (boundedly), and say how long to wait."""
+        self.failures += 1
+        delay = min(self.backoff_max, BACKOFF_MIN_S * 2 ** (self.failures - 1))
+        why = reason(exc)
+        now = time.monotonic()
+        if not self._traced:
+            log.error("lrctl: MLflow unavailable at %s: %s; decisions stay in the journal, "
+                      "retrying with back-off (up to %g s)", self.uri, why,
+                      self.backoff_max, exc_info=exc)
+            self._traced, self._quiet_until = True, now + LOG_EVERY_S
+        elif now >= self._quiet_until:
+            log.warning("lrctl: MLflow still unavailable at %s: %s (%d failed attempt(s); "
+                        "next in %.1f s)", self.uri, why, self.failures, delay)
+            self._quiet_until = now + LOG_EVERY_S
+        self.set_error(why)
+        return delay
+
+    def ok(self) -> None:
+        if self.failures:
+            log.warning("lrctl: MLflow at %s is available again after %d failed attempt(s)",
+                        self.uri, self.failures)
+        self.failures, self._traced = 0, False
+        self.set_error(None)
+
+    def set_error(self, why: str | None) -> None:
+        if why != self.error:
+            self.error = why
+            if self.on_state is not None:
+                self.on_state(self.uri, why)

@@ -96,20 +96,41 @@ class RunViews:
     # -- once per shipping round ------------------------------------------------------
     def refresh(self, *, complete: bool = False) -> None:
         """Upload the files if due (if behind at all when ``complete``: the run's end, a
-        worker's first round for the run) and the description if it changed."""
-        self._files(complete)
-        self._note()
+        worker's first round for the run) and the description if it changed.
 
-    def _files(self, complete: bool) -> None:
+        What the run's tags must say then (the description, the table's entry in
+        ``mlflow.loggedArtifacts``) is read with one ``get_run`` and written with one
+        ``log_batch``, the cursor saved once."""
+        changed = self._files(complete)
+        register = (not self.st.cursor.get("table_registered")
+                    and int(self.st.cursor.get("snapshot", {}).get("offset", 0)) > 0)
+        note = self._note_due()
+        if register or note is not None:
+            tags = self.client.get_run(self.run_id).data.tags
+            out = self._table_entry(tags) if register else []
+            if note is not None:
+                out += self._note(tags, *note)
+            if out:
+                self.client.log_batch(self.run_id, tags=out)
+            if register:
+                self.st.cursor["table_registered"] = True
+            if note is not None and self.st.cursor["note"].get("owner") != "user":
+                self.st.cursor["note"].update(owner="lrctl", sha256=note[1])
+            changed = True
+        if changed:
+            self.st.save()
+
+    def _files(self, complete: bool) -> bool:
+        """Upload the decisions files if due; True if it did (the cursor says how far)."""
         snap = self.st.cursor.setdefault("snapshot", {"offset": 0, "at": 0.0})
         acked = self.st.streams["decisions"].acked_offset
         done = int(snap.get("offset", 0))
         if acked <= done:
-            return
+            return False
         due = (complete or acked - done >= done / _GROWTH
                or time.time() - float(snap.get("at", 0.0)) >= self.snapshot_interval)
         if not due:
-            return
+            return False
         with open(self.st.paths.stream("decisions"), "rb") as f:
             data = f.read(acked)  # whole lines: ``acked`` is where a line ends
         rows = [decision_row(json.loads(raw)) for raw in data.splitlines() if raw.strip()]
@@ -117,17 +138,14 @@ class RunViews:
                            separators=(",", ":"), allow_nan=False)
         self.client.log_text(self.run_id, table, DECISIONS_TABLE)
         self.client.log_text(self.run_id, data.decode("utf-8"), DECISIONS_JSONL)
-        if not self.st.cursor.get("table_registered"):
-            self._register_table()
-            self.st.cursor["table_registered"] = True
         snap.update(offset=acked, at=time.time())
-        self.st.save()
+        return True
 
-    def _register_table(self) -> None:
-        """Add the table to ``mlflow.loggedArtifacts`` as ``log_table`` does (keeping
+    @staticmethod
+    def _table_entry(tags: Mapping[str, str]) -> list[RunTag]:
+        """The table added to ``mlflow.loggedArtifacts`` as ``log_table`` does (keeping
         the entries already there), so the UI shows it as a table and
-        ``mlflow.load_table`` finds it."""
-        tags = self.client.get_run(self.run_id).data.tags
+        ``mlflow.load_table`` finds it; nothing if it is there."""
         try:
             entries = json.loads(tags.get(LOGGED_ARTIFACTS, "[]"))
         except ValueError:
@@ -135,28 +153,29 @@ class RunViews:
         entry = {"path": DECISIONS_TABLE, "type": "table"}
         if not isinstance(entries, list):
             entries = []
-        if entry not in entries:
-            self.client.set_tag(self.run_id, LOGGED_ARTIFACTS, json.dumps([*entries, entry]))
+        if entry in entries:
+            return []
+        return [RunTag(LOGGED_ARTIFACTS, json.dumps([*entries, entry]))]
 
-    def _note(self) -> None:
+    def _note_due(self) -> tuple[str, str] | None:
+        """The description and its sha256 if lrctl should write it (it changed)."""
         state = self.st.cursor.setdefault("note", {})
         if state.get("owner") == "user":
-            return
+            return None
         text = self.summary.markdown(self.st.cursor.get("experiment_id"))
         sha = note_sha(text)
-        if state.get("sha256") == sha:
-            return
-        tags = self.client.get_run(self.run_id).data.tags
+        return None if state.get("sha256") == sha else (text, sha)
+
+    def _note(self, tags: Mapping[str, str], text: str, sha: str) -> list[RunTag]:
+        """The description's tags, unless the run's description is someone else's."""
         current = tags.get(NOTE)
         if current and tags.get(NOTE_MARK) != note_sha(current):
             log.info("lrctl: run %s has a description lrctl did not write; it is left alone "
                      "(the decisions are in the run's artifacts and tags)",
                      self.st.paths.run_key)
-            state["owner"] = "user"
-        else:
-            self.client.log_batch(self.run_id, tags=[RunTag(NOTE, text), RunTag(NOTE_MARK, sha)])
-            state.update(owner="lrctl", sha256=sha)
-        self.st.save()
+            self.st.cursor["note"]["owner"] = "user"
+            return []
+        return [RunTag(NOTE, text), RunTag(NOTE_MARK, sha)]
 
 
 def mark_training(client: Any, experiment_id: str) -> None:

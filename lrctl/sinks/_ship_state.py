@@ -23,7 +23,10 @@ from .journal import (
     read_lines,
 )
 
-__all__ = ["RunState", "StreamState", "files_behind", "runs_behind"]
+__all__ = ["TIMELINE_DUE", "Experiments", "RunState", "StreamState", "files_behind", "runs_behind"]
+
+#: Cursor key: the run ended and its timeline picture is still to be drawn.
+TIMELINE_DUE = "timeline_due"
 
 
 def files_behind(cursor: dict[str, Any]) -> bool:
@@ -36,7 +39,8 @@ def files_behind(cursor: dict[str, Any]) -> bool:
 
 def runs_behind(state_dir: Path) -> list[tuple[str, str]]:
     """``(run_key, tracking_uri)`` of every run under ``state_dir`` whose journal is ahead
-    of MLflow (or whose decisions files in MLflow lag what it acknowledged)."""
+    of MLflow (or whose decisions files in MLflow lag what it acknowledged, or whose
+    timeline picture is still to be drawn)."""
     behind = []
     for key in list_run_keys(state_dir):
         paths = RunPaths.of(state_dir, key)
@@ -45,6 +49,9 @@ def runs_behind(state_dir: Path) -> list[tuple[str, str]]:
         uri = (meta.get("mlflow") or {}).get("tracking_uri")
         if not uri or cursor.get("failed"):
             continue
+        if cursor.get(TIMELINE_DUE):
+            behind.append((key, str(uri)))
+            continue
         acked = cursor.get("streams", {})
         for name in STREAMS:
             size = paths.stream(name).stat().st_size if paths.stream(name).exists() else 0
@@ -52,6 +59,15 @@ def runs_behind(state_dir: Path) -> list[tuple[str, str]]:
                 behind.append((key, str(uri)))
                 break
     return behind
+
+
+@dataclass
+class Experiments:
+    """What a worker learned of its store's experiments, so that a new run does not ask
+    again: ids by name, and those tagged (or found) as model training."""
+
+    ids: dict[str, str] = field(default_factory=dict)
+    marked: set[str] = field(default_factory=set)
 
 
 @dataclass
@@ -114,6 +130,10 @@ class RunState:
 
     def has_work(self) -> bool:
         return not self.failed and any(s.pending or s.behind for s in self.streams.values())
+
+    def picture_due(self) -> bool:
+        """The run ended and its timeline is still to be drawn (after any work)."""
+        return not self.failed and bool(self.cursor.get(TIMELINE_DUE))
 
     def files_behind(self) -> bool:
         """MLflow's decisions files lag what it acknowledged (uploaded on a schedule)."""

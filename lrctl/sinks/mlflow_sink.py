@@ -35,14 +35,17 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..policy._decision import record_ratio
-from ._mlflow_store import open_store, reason
-from ._ship_state import RunState, runs_behind
+from ._mlflow_store import BACKOFF_MIN_S, LOG_EVERY_S, StoreHealth, open_store, reason
+from ._ship_state import Experiments, RunState, runs_behind
 from .journal import JournalLine, RunPaths
 
-__all__ = ["MlflowShipper", "decision_ratio"]
+if TYPE_CHECKING:
+    from ._mlflow_run import RunShipper
+
+__all__ = ["LOG_EVERY_S", "MlflowShipper", "decision_ratio"]
 
 decision_ratio = record_ratio  # the old name
 
@@ -52,14 +55,14 @@ MAX_METRICS_PER_BATCH = 1000  # MLflow's log_batch limit (entities in all)
 MAX_PARAMS_TAGS_PER_BATCH = 100
 MAX_TAG_CHARS = 5000
 _TICK_S = 0.1
-_BACKOFF_MIN_S = 0.5
-LOG_EVERY_S = 10.0  # at most one line per URI this often while MLflow stays unavailable
 #: MLflow error codes that retrying cannot fix (a deleted run, a refused value).
 PERMANENT_ERRORS = frozenset({"INVALID_PARAMETER_VALUE", "RESOURCE_DOES_NOT_EXIST",
                               "INVALID_STATE", "PERMISSION_DENIED"})
 ClientFactory = Callable[[str], Any]
 #: ``(tracking URI, why it is unavailable or None once it answers)``.
 StateCallback = Callable[[str, "str | None"], None]
+#: ``(run key, events seq shipped, refused by MLflow)``: no more work for an ended run.
+DoneCallback = Callable[[str, int, bool], None]
 
 
 def _default_client(tracking_uri: str) -> Any:
@@ -77,7 +80,8 @@ class MlflowShipper:
                  queue_size: int = 10_000, max_pending: int = 20_000, timeline: bool = True,
                  backoff_max: float = 30.0, client_factory: ClientFactory | None = None,
                  snapshot_interval: float = 60.0,
-                 on_state: StateCallback | None = None) -> None:
+                 on_state: StateCallback | None = None,
+                 on_done: DoneCallback | None = None) -> None:
         if not 0 < flush_interval <= 2.0:
             raise ValueError(f"flush_interval must be in (0, 2] seconds, but got {flush_interval=}")
         if queue_size < 1 or max_pending < 1:
@@ -86,7 +90,7 @@ class MlflowShipper:
         self.state_dir = Path(state_dir)
         self._options = _Options(flush_interval, queue_size, max_pending, timeline, backoff_max,
                                  client_factory or _default_client, snapshot_interval,
-                                 on_state)
+                                 on_state, on_done)
         self._workers: dict[str, _Worker] = {}
         self._route: dict[str, _Worker] = {}
         # One HTTP call must not retry for minutes inside the worker: lrctl retries
@@ -103,6 +107,10 @@ class MlflowShipper:
             worker.start()
         self._route[run_key] = worker
         worker.nudge(run_key)
+
+    def forget(self, run_key: str) -> None:
+        """The run ended and is shipped (the controller heard ``on_done``): drop its route."""
+        self._route.pop(run_key, None)
 
     def submit(self, run_key: str, stream: str, line: JournalLine) -> None:
         worker = self._route.get(run_key)
@@ -171,6 +179,7 @@ class _Options:
     client_factory: ClientFactory
     snapshot_interval: float  # seconds; see _mlflow_views (decisions files)
     on_state: StateCallback | None
+    on_done: DoneCallback | None
 
 
 class _Worker(threading.Thread):
@@ -192,12 +201,15 @@ class _Worker(threading.Thread):
         self._stopping = threading.Event()
         self._runs: dict[str, RunState] = {}
         self._client: Any = None
+        self._experiments = Experiments()  # of this client's store
         self._outage_logged = False
-        self.error: str | None = None  # why MLflow is unavailable, while it is
-        self._failures = 0  # of the store, in a row (the worker's back-off)
+        self.health = StoreHealth(tracking_uri, options.backoff_max, options.on_state)
         self._retry_at = 0.0
-        self._quiet_until = 0.0  # no one-line report before this (rate limit)
-        self._traced = False  # this outage's one traceback was logged
+
+    @property
+    def error(self) -> str | None:
+        """Why MLflow is unavailable, while it is."""
+        return self.health.error
 
     # -- owner-thread side ------------------------------------------------------
     def submit(self, run_key: str, stream: str, line: JournalLine) -> None:
@@ -243,8 +255,9 @@ class _Worker(threading.Thread):
                 self._loop_once()
             except Exception as exc:  # never let one bad run kill the worker of every run
                 self._client = None  # opened afresh (out of descriptors, a store replaced)
-                self._stopping.wait(self._store_failed(exc))
-            if self._queue.empty() and not any(r.has_work() for r in self._runs.values()):
+                self._stopping.wait(self.health.failed(exc))
+            if self._queue.empty() and not any(r.has_work() or r.picture_due()
+                                               for r in self._runs.values()):
                 with self._settled_cond:
                     self._settled = seen
                     self._settled_cond.notify_all()
@@ -273,14 +286,20 @@ class _Worker(threading.Thread):
                 return
             try:
                 self._client = self.opt.client_factory(self.tracking_uri)
+                self._experiments = Experiments()
             except Exception as exc:
-                self._retry_at = now + self._store_failed(exc)
+                self._retry_at = now + self.health.failed(exc)
                 return
-            self._store_ok()
+            self.health.ok()
+        shipped, pictures = False, []
         for key, st in list(self._runs.items()):
             if not st.has_work():
-                if st.cursor.get("finished") or st.failed:
+                if st.picture_due():
+                    pictures.append(st)
+                elif st.cursor.get("finished") or st.failed:
                     del self._runs[key]  # the run ended and is fully shipped
+                    if self.opt.on_done is not None:
+                        self.opt.on_done(key, st.streams["events"].acked_seq, st.failed)
                 continue
             due = force or any(s.behind for s in st.streams.values()) or (
                 st.first_pending_at is not None
@@ -288,6 +307,13 @@ class _Worker(threading.Thread):
                 len(s.pending) for s in st.streams.values()) >= MAX_METRICS_PER_BATCH
             if due and now >= st.retry_at:
                 self._ship(st)
+                shipped = True
+        # Pictures only when this round shipped nothing, one at a time: a decision
+        # waits behind one picture at most.
+        for st in pictures if not shipped else ():
+            if now >= st.retry_at:
+                self._attempt(st, lambda shipper: shipper.draw_timeline())
+                break
 
     def _state(self, run_key: str) -> RunState:
         st = self._runs.get(run_key)
@@ -296,13 +322,7 @@ class _Worker(threading.Thread):
         return st
 
     def _ship(self, st: RunState) -> None:
-        from mlflow.exceptions import MlflowException
-
-        try:
-            from ._mlflow_run import RunShipper
-
-            shipper = RunShipper(self._client, st, timeline=self.opt.timeline,
-                                 snapshot_interval=self.opt.snapshot_interval)
+        def ship(shipper: RunShipper) -> None:
             shipper.ensure_run()
             while True:
                 st.top_up(self.opt.max_pending)
@@ -311,6 +331,20 @@ class _Worker(threading.Thread):
             if not st.cursor.get("finished"):
                 shipper.refresh_views(catch_up=not st.files_checked)
                 st.files_checked = True
+
+        self._attempt(st, ship)
+
+    def _attempt(self, st: RunState, action: Callable[[RunShipper], None]) -> None:
+        """``action`` on the run's :class:`RunShipper`; MLflow's refusals and outages
+        handled (given up on, or backed off from)."""
+        from mlflow.exceptions import MlflowException
+
+        from ._mlflow_run import RunShipper
+
+        try:
+            action(RunShipper(self._client, st, timeline=self.opt.timeline,
+                              snapshot_interval=self.opt.snapshot_interval,
+                              experiments=self._experiments))
         except MlflowException as exc:
             if exc.error_code in PERMANENT_ERRORS:
                 self._give_up(st, exc)
@@ -324,50 +358,19 @@ class _Worker(threading.Thread):
                             self.tracking_uri)
             st.failures = 0
             self._outage_logged = False
-            self._store_ok()
+            self.health.ok()
             if not st.has_work():
                 st.first_pending_at = None
 
     def _back_off(self, st: RunState, exc: BaseException) -> None:
         st.failures += 1
-        delay = min(self.opt.backoff_max, _BACKOFF_MIN_S * 2 ** (st.failures - 1))
+        delay = min(self.opt.backoff_max, BACKOFF_MIN_S * 2 ** (st.failures - 1))
         st.retry_at = time.monotonic() + delay
         if not self._outage_logged:
             log.warning("lrctl: MLflow at %s failed (%s); decisions stay in the journal and "
                         "are replayed when it answers", self.tracking_uri, exc)
             self._outage_logged = True
-        self._set_error(reason(exc))
-
-    def _store_failed(self, exc: BaseException) -> float:
-        """MLflow cannot be used at all: report, log (boundedly), and say how long to wait."""
-        self._failures += 1
-        delay = min(self.opt.backoff_max, _BACKOFF_MIN_S * 2 ** (self._failures - 1))
-        why = reason(exc)
-        now = time.monotonic()
-        if not self._traced:
-            log.error("lrctl: MLflow unavailable at %s: %s; decisions stay in the journal, "
-                      "retrying with back-off (up to %g s)", self.tracking_uri, why,
-                      self.opt.backoff_max, exc_info=exc)
-            self._traced, self._quiet_until = True, now + LOG_EVERY_S
-        elif now >= self._quiet_until:
-            log.warning("lrctl: MLflow still unavailable at %s: %s (%d failed attempt(s); "
-                        "next in %.1f s)", self.tracking_uri, why, self._failures, delay)
-            self._quiet_until = now + LOG_EVERY_S
-        self._set_error(why)
-        return delay
-
-    def _store_ok(self) -> None:
-        if self._failures:
-            log.warning("lrctl: MLflow at %s is available again after %d failed attempt(s)",
-                        self.tracking_uri, self._failures)
-        self._failures, self._traced = 0, False
-        self._set_error(None)
-
-    def _set_error(self, why: str | None) -> None:
-        if why != self.error:
-            self.error = why
-            if self.opt.on_state is not None:
-                self.opt.on_state(self.tracking_uri, why)
+        self.health.set_error(reason(exc))
 
     def _give_up(self, st: RunState, exc: BaseException) -> None:
         log.error("lrctl: MLflow refused run %s (%s); its audit trail stays in the journal "

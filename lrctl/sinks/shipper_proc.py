@@ -14,11 +14,14 @@ controller → shipper::
     {"op": "more", "runs": [KEY, ...]}          the journals of these runs grew
     {"op": "flush", "id": N, "timeout": S}      answered by {"ack": N, "ok": BOOL}
     {"op": "close", "timeout": S}               answered by {"closed": BOOL}, then exit
+    {"op": "forget", "run": KEY}                the run ended and is shipped: drop it
 
 shipper → controller, besides those answers: ``{"log": LEVELNO, "msg": TEXT}``, the
 shipper's log records, which the controller writes to its own log, and
 ``{"mlflow": URI, "error": TEXT | null}`` when MLflow at URI becomes unavailable
-(and why) or answers again.
+(and why) or answers again, and ``{"done": KEY, "events_seq": N, "failed": BOOL}``
+when the shipper has no more work for a run that ended (shipped up to line N of its
+events) or that MLflow refused for good; the controller then forgets the run.
 
 End of input (the controller died) ends the shipper at once; the journal keeps the rest.
 """
@@ -96,7 +99,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     shipper = MlflowShipper(args.state_dir, flush_interval=args.flush_interval,
                             queue_size=args.queue_size, timeline=args.timeline,
                             backoff_max=args.backoff_max,
-                            on_state=lambda uri, why: out.send({"mlflow": uri, "error": why}))
+                            on_state=lambda uri, why: out.send({"mlflow": uri, "error": why}),
+                            on_done=lambda key, seq, failed: out.send(
+                                {"done": key, "events_seq": seq, "failed": failed}))
     for raw in sys.stdin.buffer:
         try:
             _handle(shipper, out, json.loads(raw))
@@ -118,6 +123,8 @@ def _handle(shipper: MlflowShipper, out: _Out, msg: dict[str, Any]) -> None:
     elif op == "flush":  # in a thread: reading our input must never wait on MLflow
         threading.Thread(target=_flush, args=(shipper, out, msg), daemon=True,
                          name="lrctl-shipper-flush").start()
+    elif op == "forget":
+        shipper.forget(str(msg["run"]))
     elif op == "close":
         _close(shipper, out, float(msg.get("timeout", 1.0)))
     else:

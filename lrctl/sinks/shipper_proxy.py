@@ -12,6 +12,11 @@ is told every run again and catches up from the cursors, so nothing is lost (a
 batch re-sent after a crash changes nothing in MLflow, see
 :mod:`~lrctl.sinks.mlflow_sink`). The supervisor only starts and reads processes;
 the routing table it replays is shared with the owner thread under one lock.
+
+A run leaves the routing table once it has ended and the child says it shipped the
+run's end (``{"done": KEY, "events_seq": N}`` with N at or past the end's line): a
+controller serving many short runs in turn keeps only the runs that are open or
+still being shipped.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ import subprocess
 import sys
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
@@ -49,6 +55,12 @@ def rss_kib(pid: int | str = "self") -> int | None:
     return None
 
 
+@dataclass
+class _Route:
+    uri: str
+    end_seq: int | None = None  # events seq of the run's end, once passed on
+
+
 class ShipperProcess:
     """Ships journals to MLflow from a child process; restarts it if it dies.
 
@@ -72,7 +84,7 @@ class ShipperProcess:
         if not timeline:
             self._argv.append("--no-timeline")
         self._cond = threading.Condition()  # guards everything below
-        self._routes: dict[str, str] = {}  # run key -> tracking URI: replayed to a new child
+        self._routes: dict[str, _Route] = {}  # replayed to a new child
         self._proc: subprocess.Popen[bytes] | None = None
         self._generation = 0  # +1 per child started and per child gone
         self._acks: dict[int, bool] = {}
@@ -88,7 +100,7 @@ class ShipperProcess:
     # -- the Shipper interface (owner thread) -------------------------------------------
     def attend(self, run_key: str, tracking_uri: str) -> None:
         with self._cond:
-            self._routes[run_key] = tracking_uri
+            self._routes[run_key] = _Route(tracking_uri)  # (re)opened: not ended
             self._send({"op": "attend", "run": run_key, "uri": tracking_uri})
         self._start()
 
@@ -96,6 +108,8 @@ class ShipperProcess:
         if run_key not in self._routes:
             raise KeyError(f"run {run_key!r} is not attended; call attend() first")
         self._dirty[run_key] = None
+        if stream == "events" and line.record.get("event") == "end":
+            self._ended(run_key, line.seq)
 
     def pass_on(self) -> None:
         if self._dirty:
@@ -105,10 +119,17 @@ class ShipperProcess:
 
     def recover(self) -> list[str]:
         from ._ship_state import runs_behind
+        from .journal import RunPaths, last_line
 
         behind = runs_behind(self.state_dir)
         for key, uri in behind:
             self.attend(key, uri)
+            try:
+                last = last_line(RunPaths.of(self.state_dir, key).stream("events"))
+            except (OSError, ValueError, KeyError):
+                continue  # the child reads it and says what is wrong
+            if last is not None and last.record.get("event") == "end":
+                self._ended(key, last.seq)  # ended under an earlier controller
         return [key for key, _ in behind]
 
     def flush(self, timeout: float = 10.0) -> bool:
@@ -171,10 +192,23 @@ class ShipperProcess:
     def run_errors(self) -> dict[str, str]:
         """``run key -> "MLflow unavailable: <reason>"`` for the runs whose MLflow is down."""
         with self._cond:
-            return {key: f"MLflow unavailable: {self._unavailable[uri]}"
-                    for key, uri in self._routes.items() if uri in self._unavailable}
+            return {key: f"MLflow unavailable: {self._unavailable[route.uri]}"
+                    for key, route in self._routes.items() if route.uri in self._unavailable}
+
+    def routes(self) -> int:
+        """How many runs the child is told of (open, or ended but not yet shipped)."""
+        with self._cond:
+            return len(self._routes)
 
     # -- internals ------------------------------------------------------------------------
+    def _ended(self, run_key: str, seq: int) -> None:
+        """The run's end (events line ``seq``) is passed on: once the child says it
+        shipped it, the run is forgotten."""
+        with self._cond:
+            route = self._routes.get(run_key)
+            if route is not None:
+                route.end_seq = seq
+
     def _send(self, msg: dict[str, Any]) -> None:
         """Write one line to the child (under the lock). Lost if it is dead: the next
         child is told every run and reads each journal from its cursor."""
@@ -238,8 +272,8 @@ class ShipperProcess:
             self._generation += 1
             self._state = "running"
             self._unavailable.clear()  # the new child says again what it finds
-            for key, uri in self._routes.items():  # a new child: every run, from its cursor
-                self._send({"op": "attend", "run": key, "uri": uri})
+            for key, route in self._routes.items():  # a new child: every run, from its cursor
+                self._send({"op": "attend", "run": key, "uri": route.uri})
             self._cond.notify_all()
         log.info("lrctl: MLflow shipper started, pid %d", proc.pid)
         return proc
@@ -262,9 +296,23 @@ class ShipperProcess:
                         self._unavailable.pop(str(msg["mlflow"]), None)
                 continue
             with self._cond:
-                if "ack" in msg:
+                if "done" in msg:
+                    self._done(str(msg["done"]), int(msg.get("events_seq", 0)),
+                               bool(msg.get("failed")))
+                elif "ack" in msg:
                     self._acks[int(msg["ack"])] = bool(msg.get("ok"))
                 elif "closed" in msg:
                     self._closed = bool(msg["closed"])
                 self._cond.notify_all()
         stdout.close()
+
+    def _done(self, run_key: str, events_seq: int, failed: bool) -> None:
+        """The child shipped ``run_key`` up to ``events_seq`` of its events and has no
+        more work for it (or MLflow refused the run for good): forget the run if that
+        covers its end (under the lock). A report from before a resume, or from before
+        the end was passed on, covers nothing."""
+        route = self._routes.get(run_key)
+        if route is None or route.end_seq is None or not (failed or events_seq >= route.end_seq):
+            return
+        del self._routes[run_key]
+        self._send({"op": "forget", "run": run_key})
