@@ -179,9 +179,9 @@ class RunShipper:
         run_tags = [RunTag(k, v) for k, v in tags.items()]
         chunks = list(_chunks(metrics, MAX_METRICS_PER_BATCH - len(run_tags))) or [[]]
         for i, chunk in enumerate(chunks):
-            last = i == len(chunks) - 1
-            if chunk or (last and run_tags):
-                self.client.log_batch(self.run_id, metrics=chunk, tags=run_tags if last else [])
+            final = i == len(chunks) - 1
+            if chunk or (final and run_tags):
+                self.client.log_batch(self.run_id, metrics=chunk, tags=run_tags if final else [])
         for line in decisions:
             self.views.fold_decision(line.seq, line.record)
         # Acknowledged in memory now (MLflow has them), so that a run end in this batch

@@ -24,11 +24,15 @@ when the shipper has no more work for a run that ended (shipped up to line N of 
 events) or that MLflow refused for good; the controller then forgets the run.
 
 End of input (the controller died) ends the shipper at once; the journal keeps the rest.
+
+The shipper runs at a lower CPU priority than the controller (:data:`NICE`): MLflow is
+a replica that may lag, the controller's answers to the training runs come first.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -40,7 +44,12 @@ from typing import IO, Any
 
 from .mlflow_sink import MlflowShipper
 
-__all__ = ["main"]
+__all__ = ["NICE", "main"]
+
+#: Added to the shipper's nice value at start: on a busy machine it yields the CPU to the
+#: controller (and to training); still about a tenth of a contended core, ample for
+#: shipping, where nice 19 would starve it.
+NICE = 10
 
 log = logging.getLogger("lrctl.sinks.mlflow")
 
@@ -88,6 +97,8 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    with contextlib.suppress(OSError):
+        os.nice(NICE)
     # Ctrl-C reaches the whole foreground group: the controller decides when we stop.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     out = _Out(sys.stdout.buffer)

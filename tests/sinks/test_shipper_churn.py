@@ -1,9 +1,10 @@
 """Many short runs through one shipper (issue #18, the churn arm): the audit trail of
-every run first, the timeline pictures after it, and nothing kept of the runs that
-ended once they are shipped."""
+every run first, the timeline pictures after it, nothing kept of the runs that ended
+once they are shipped, and the controller first for the CPU."""
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from pathlib import Path
@@ -23,6 +24,7 @@ from lrctl.sinks import AuditSettings, AuditSink
 from lrctl.sinks._ship_state import TIMELINE_DUE, runs_behind
 from lrctl.sinks.journal import RunPaths, read_json
 from lrctl.sinks.mlflow_sink import MlflowShipper
+from lrctl.sinks.shipper_proc import NICE
 from lrctl.sinks.shipper_proxy import ShipperProcess
 
 JOURNAL_ONLY = AuditSettings(log_every=10, mlflow=False)
@@ -157,3 +159,23 @@ def test_the_controllers_shipper_forgets_runs_that_ended_once_they_are_shipped(
     for key in (*KEYS, "open"):
         assert_exactly_once(client, mlflow_run_id(state, key), state, key, tmp_path / key)
         assert client.get_run(mlflow_run_id(state, key)).info.status == "FINISHED"
+
+
+def test_the_shipper_yields_the_cpu_to_the_controller(workdir: Path, tmp_path: Path) -> None:
+    shipper = ShipperProcess(tmp_path / "state", flush_interval=0.2, timeline=False)
+    try:
+        shipper.attend("y1", _sqlite(workdir))  # the child starts with the first run
+        deadline = time.monotonic() + 60
+        while shipper.status()["pid"] is None:
+            assert time.monotonic() < deadline, "the shipper never started"
+            time.sleep(0.05)
+        pid, want = shipper.status()["pid"], min(19, os.nice(0) + NICE)
+        while True:  # the child lowers its priority first thing, before it loads mlflow
+            with open(f"/proc/{pid}/stat") as f:
+                nice = int(f.read().rsplit(")", 1)[1].split()[16])
+            if nice == want:
+                break
+            assert time.monotonic() < deadline, f"the shipper's nice is {nice}, not {want}"
+            time.sleep(0.05)
+    finally:
+        shipper.close(timeout=5.0)
