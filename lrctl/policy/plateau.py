@@ -88,6 +88,8 @@ class Plateau(ReactivePolicy):
         self._test_wait = 0
         self._metric = self.params["metric"]  # read at every observation
         self._minimize = self.params["mode"] == "min"
+        self._margin = (self.params["threshold"] if self.params["threshold_mode"] == "rel"
+                        else 0.0)  # the trend test's
 
     def multiplier(self) -> float:
         return self._scale
@@ -147,6 +149,38 @@ class Plateau(ReactivePolicy):
                          f"{self._best:.6g} for {bad} observations (patience "
                          f"{self.params['patience']})")
 
+    def observe_plain(self, step: int, loss: float | None, grad_norm: float | None) -> bool:
+        """``test: trend`` on the usual observation (no flags: nothing before this policy
+        acted), as :meth:`_observe_trend` takes it, when no test is due or the test
+        surely says "fell" (TrendWindow.surely_fell); a named metric is never in it."""
+        metric = self._metric
+        if metric == "loss":
+            raw = loss
+        elif metric == "grad_norm":
+            raw = grad_norm
+        else:
+            return True  # (observe() finds no value: nothing to do)
+        if raw is None:
+            return True
+        window = self._trend
+        if window is None:
+            return False  # test: best
+        if raw - raw != 0.0:
+            return True  # (not finite: _observe_trend does nothing with it either)
+        if self._cooldown_counter > 0:
+            self._cooldown_counter -= 1
+            return True
+        value = raw if self._minimize else -raw
+        if self._test_wait or not window.fills_up():  # no test at this observation
+            if window.push(value) and self._test_wait:
+                self._test_wait -= 1
+            return True
+        if not window.surely_fell(self.params["alpha"], self._margin, pushing=value):
+            return False  # the test may act: observe() takes it
+        window.push(value)
+        self._test_wait = max(1, window.window // 8) - 1
+        return True
+
     def _observe_trend(self, raw: float, obs: Observation, ctx: StepContext) -> list[Action]:
         """``test: trend``: reduce when the window's fall is not significant."""
         window = self._trend
@@ -163,8 +197,10 @@ class Plateau(ReactivePolicy):
             self._test_wait -= 1
             return []
         self._test_wait = max(1, window.window // 8) - 1
-        margin = self.params["threshold"] if self.params["threshold_mode"] == "rel" else 0.0
-        result = window.test(self.params["alpha"], margin)
+        alpha, margin = self.params["alpha"], self._margin
+        if window.surely_fell(alpha, margin):  # (the test's verdict, at a fraction of it)
+            return []
+        result = window.test(alpha, margin)
         if result is None or result.verdict == "fell":
             return []
         sign = 1.0 if self.params["mode"] == "min" else -1.0
