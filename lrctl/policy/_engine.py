@@ -104,17 +104,19 @@ class Engine(EngineState, OperatorVerbs, LRArbiter, Snapshotting):
         self._ctx = StepContext(initial_lrs=self.initial_lrs)
         self._reused: Observation | None = (
             None if any(p.keeps_observations for p in self.policies) else Observation(-1))
+        # Its fields, written in place (Observation is frozen to the policies only).
+        self._reused_fields: dict[str, Any] | None = (
+            None if self._reused is None else self._reused.__dict__)
         # The plain observers (Policy.observe_plain) leading the observe plan, and none of
         # it when there are schedules (their factors move the LRs at every step).
         self._plain: list[Callable[[int, float | None, float | None], bool]] = []
         if not self._schedules:
             for _, policy, _ in self._plan:
-                if type(policy).observe_plain is Policy.observe_plain:
+                if (type(policy).observe_plain is Policy.observe_plain
+                        or policy.observe_plain in self._plain):  # (each once: see observe)
                     break
                 self._plain.append(policy.observe_plain)
-        # Its fields, written in place (Observation is frozen to the policies only).
-        self._reused_fields: dict[str, Any] | None = (
-            None if self._reused is None else self._reused.__dict__)
+        self._plain_rest = len(self._plain) < len(self._plan)  # policies after them
         self.last_step: int | None = None
         self.should_skip = False
         self.should_stop = False
@@ -186,10 +188,11 @@ class Engine(EngineState, OperatorVerbs, LRArbiter, Snapshotting):
                      or (type(grad_norm) is float and grad_norm - grad_norm == 0.0))
                 and self.snapshots is None and not self._stale and not self._unusable
                 and self._lrs_multiplier is self._product and self.operator.until is None):
-            for first, observe_plain in enumerate(plain):
+            for observe_plain in plain:
                 if not observe_plain(step, loss, grad_norm):
-                    return self._run(step, loss, grad_norm, NO_METRICS, first)
-            if len(plain) < len(self._plan):
+                    return self._run(step, loss, grad_norm, NO_METRICS,
+                                     plain.index(observe_plain))
+            if self._plain_rest:
                 return self._run(step, loss, grad_norm, NO_METRICS, len(plain))
             # Nothing decided, flagged or changed: the same LRs, no decisions.
             self.last_step = step
@@ -198,7 +201,7 @@ class Engine(EngineState, OperatorVerbs, LRArbiter, Snapshotting):
                 self.last_decisions = []
             op = self.operator
             if op.override is None and op.hold is None:
-                return list(self._lrs)
+                return [*self._lrs]
             return op.applied(self._lrs)
         return self.update(step, loss, grad_norm, metrics)
 

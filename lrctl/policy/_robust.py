@@ -30,6 +30,7 @@ _INF = math.inf
 #: A screen needs every value of the window within ±this: no difference of two of them,
 #: nor a quartile, can then overflow (or be NaN).
 _TAME = 1e300
+_NEG_TAME = -_TAME
 #: The least screen margin worth the rounding argument (a normal float, far from underflow).
 _TINY = 1e-290
 #: How much of the z threshold the screen lets through: below 1 by far more than the
@@ -76,14 +77,14 @@ class RobustWindow:
         return len(self._fifo)
 
     def add(self, value: float) -> None:
-        if self._room and -_TAME < value < _TAME:
+        if self._room and _NEG_TAME < value < _TAME:
             # Screened: the sorted copy waits (the screen allows for it).
             self._fifo.append(value)
             self._room -= 1
             return
         fifo = self._fifo
         full = len(fifo) == self.size
-        old = fifo[0] if full else None
+        old = fifo[0] if full else 0.0
         fifo.append(value)
         self._stats = None
         if self._most:  # screened: one sort, with this value

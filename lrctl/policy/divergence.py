@@ -64,7 +64,6 @@ from .stats import RobustWindow
 __all__ = ["LOSS_CONFIRMS", "MAX_ESCALATIONS", "Divergence"]
 
 _MIN_SIGMA = 1e-12
-_INF = math.inf
 log = math.log
 
 
@@ -141,6 +140,7 @@ class Divergence(LevelShift, RollbackEscalation, ReactivePolicy):
         self._grad_floor = max(p["min_sigma"] if p["grad_norm_min_sigma"] is None
                                else p["grad_norm_min_sigma"], _MIN_SIGMA)
         self._regrow_after = p["regrow_after"]
+        self._regrow_at = self._regrow_after - 1  # clean ones before this one: regrow now
         # The screens of observe()'s shortcut: log-scale statistics, both watched.
         self._plain = not self._linear and self._watch_loss and self._watch_grad
         self._loss.screen(self._z, self._loss_floor, self._min_samples)
@@ -151,7 +151,9 @@ class Divergence(LevelShift, RollbackEscalation, ReactivePolicy):
 
     # -- detection -----------------------------------------------------------
     def observe(self, obs: Observation, ctx: StepContext) -> list[Action]:
-        if self.observe_plain(obs.step, obs.loss, obs.grad_norm):
+        loss, gnorm = obs.loss, obs.grad_norm
+        if ((loss is None or loss - loss == 0.0) and (gnorm is None or gnorm - gnorm == 0.0)
+                and self.observe_plain(obs.step, loss, gnorm)):  # (finite, as it needs)
             return []
         return self._observe(obs, ctx)
 
@@ -161,13 +163,13 @@ class Divergence(LevelShift, RollbackEscalation, ReactivePolicy):
         incident, no regrowth due, and no spike: below each window's screen (no spike,
         or the window not armed yet; see RobustWindow.screen), else by the window's own
         test, as :meth:`_judge` would judge it. Both values join their windows and the
-        observation counts as clean, as the full rule would have it."""
-        self._now = step
+        observation counts as clean, as the full rule would have it. (The statistics are
+        finite floats or absent: see Policy.observe_plain.)"""
         if (not self._plain or self._cooldown or self._stopped or self._nonfinite_run
-                or self._clean + 1 >= self._regrow_after):
+                or self._clean >= self._regrow_at):
             return False
         if grad_norm is None:
-            if loss is None or not 0.0 < loss < _INF:
+            if loss is None or not loss > 0.0:
                 return False
             value = log(loss)
             window = self._loss
@@ -176,7 +178,7 @@ class Divergence(LevelShift, RollbackEscalation, ReactivePolicy):
                 return False
             window.add(value)
         else:
-            if loss is None or not (0.0 < loss < _INF and 0.0 < grad_norm < _INF):
+            if loss is None or not (loss > 0.0 and grad_norm > 0.0):
                 return False
             value, log_gnorm = log(loss), log(grad_norm)
             window, gwindow = self._loss, self._gnorm
@@ -194,6 +196,7 @@ class Divergence(LevelShift, RollbackEscalation, ReactivePolicy):
         """The full rule for one observation (``observe`` takes a shortcut to the same
         verdict for the usual one)."""
         loss, gnorm = obs.loss, obs.grad_norm
+        self._now = obs.step
         if ((loss is not None and not math.isfinite(loss))
                 or (gnorm is not None and not math.isfinite(gnorm))):
             return self._nonfinite(obs, ctx)

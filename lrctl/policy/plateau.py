@@ -90,6 +90,11 @@ class Plateau(ReactivePolicy):
         self._minimize = self.params["mode"] == "min"
         self._margin = (self.params["threshold"] if self.params["threshold_mode"] == "rel"
                         else 0.0)  # the trend test's
+        # observe_plain's way: 1 the loss, 2 the grad norm (test: trend), 0 a named metric
+        # (never in a plain observation), -1 none (the loss or grad norm, test: best).
+        self._pick = {"loss": 1, "grad_norm": 2}.get(self._metric, 0)
+        if self._pick and self._trend is None:
+            self._pick = -1
 
     def multiplier(self) -> float:
         return self._scale
@@ -153,28 +158,27 @@ class Plateau(ReactivePolicy):
         """``test: trend`` on the usual observation (no flags: nothing before this policy
         acted), as :meth:`_observe_trend` takes it, when no test is due or the test
         surely says "fell" (TrendWindow.surely_fell); a named metric is never in it."""
-        metric = self._metric
-        if metric == "loss":
+        pick = self._pick
+        if pick == 1:
             raw = loss
-        elif metric == "grad_norm":
+        elif pick == 2:
             raw = grad_norm
         else:
-            return True  # (observe() finds no value: nothing to do)
+            return pick == 0  # a named metric: observe() finds none; test: best declines
         if raw is None:
             return True
-        window = self._trend
-        if window is None:
-            return False  # test: best
-        if raw - raw != 0.0:
-            return True  # (not finite: _observe_trend does nothing with it either)
         if self._cooldown_counter > 0:
             self._cooldown_counter -= 1
             return True
         value = raw if self._minimize else -raw
-        if self._test_wait or not window.fills_up():  # no test at this observation
-            if window.push(value) and self._test_wait:
+        window: TrendWindow = self._trend  # type: ignore[assignment]
+        if self._test_wait:  # the wait runs down once the window is full
+            if window.push(value):
                 self._test_wait -= 1
             return True
+        if window.push_short(value):
+            return True  # (not full yet: no test)
+        # A test is due with this value in: take it here only when it surely says "fell".
         if not window.surely_fell(self.params["alpha"], self._margin, pushing=value):
             return False  # the test may act: observe() takes it
         window.push(value)

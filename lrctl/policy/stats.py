@@ -145,9 +145,14 @@ class TrendWindow:
         values.append(x)
         return len(values) == self.window
 
-    def fills_up(self) -> bool:
-        """Whether the window is full once the next value is in."""
-        return len(self._values) + 1 >= self.window
+    def push_short(self, x: float) -> bool:
+        """Append ``x`` unless the window would then be full (it is not yet); whether it
+        did."""
+        values = self._values
+        if len(values) + 1 < self.window:
+            values.append(x)
+            return True
+        return False
 
     def clear(self) -> None:
         self._values.clear()
