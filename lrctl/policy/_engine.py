@@ -24,8 +24,8 @@ from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from ._arbiter import Factors, LRArbiter
-from ._base import SCHEDULE, Action, Observation, Policy, StepContext
+from ._arbiter import LRArbiter
+from ._base import SCHEDULE, Observation, Policy, StepContext
 from ._decision import Decision
 from ._engine_state import EngineState
 from ._inputs import (
@@ -340,77 +340,6 @@ class Engine(EngineState, OperatorVerbs, LRArbiter, Snapshotting):
         self._stale = False
         return self._product
 
-    def _nonfinite_skip(self, obs: Observation, multiplier: float,
-                        factors: Factors) -> Decision:
-        lrs = tuple(self._lrs_from(multiplier, factors))
-        return Decision(
-            step=obs.step, policy="guard", kind="guard", action="skip", old_lrs=lrs,
-            new_lrs=lrs, reason=f"non-finite statistics (loss {obs.loss}, grad norm "
-                                f"{obs.grad_norm}): the optimizer step is skipped",
-            evidence={"statistic": "nonfinite", "loss": obs.loss, "grad_norm": obs.grad_norm},
-            policy_sha256=self.policy_sha256, shadow=self.mode == "shadow")
-
-    def _decisions_of(self, i: int, actions: list[Action], obs: Observation,
-                      before_multiplier: float, multiplier: float,
-                      factors: Factors) -> list[Decision]:
-        """The records of what policy ``i`` did at ``obs``: the LRs for the next step
-        without (``before_multiplier``) and with (``multiplier``) its actions."""
-        policy = self.policies[i]
-        before = tuple(self._lrs_from(before_multiplier, factors))
-        after = tuple(self._lrs_from(multiplier, factors))
-        out = []
-        for action in actions:
-            moved = action.action not in ("skip", "stop")
-            reason, evidence = action.reason, action.evidence
-            if (action.action == "skip" and not self.skips_enforced
-                    and not _nonfinite(obs.loss, obs.grad_norm)):
-                reason += ("; advisory: the hook is async, so this step had already run "
-                           "(attach(..., sync=True) carries such skips out)")
-                evidence = {**evidence, "advisory": True}
-            out.append(Decision(
-                step=obs.step,
-                policy=self.names[i],
-                kind=policy.kind,
-                action=action.action,
-                old_lrs=before,
-                new_lrs=after if moved else before,
-                reason=reason,
-                evidence=evidence,
-                policy_sha256=self.policy_sha256,
-                shadow=self.mode == "shadow",
-            ))
-        return out
-
-    def command(self, name: str, **args: Any) -> list[Decision]:
-        """An operator command for the one policy of the stack that takes it (``decay``,
-        ``cancel``: ``kind: wsd``), effective from the step after the last observed one.
-
-        The policy's state changes (and with it :meth:`state_dict`), so the command
-        survives a checkpoint; every path (controller, in-process) decides the same
-        LRs from it. ``ValueError`` when no policy, or more than one, takes ``name``, or
-        when the policy cannot do it now; nothing changes then.
-        """
-        takers = [i for i in self._order if name in self.policies[i].COMMANDS]
-        if len(takers) != 1:
-            which = ", ".join(self.names[i] for i in takers) or "none"
-            raise ValueError(f"{name!r} needs exactly one policy that takes it in the stack "
-                             f"(here: {which})")
-        i = takers[0]
-        step = -1 if self.last_step is None else self.last_step
-        before = list(self._lrs)
-        actions = self.policies[i].command(name, args, step)
-        self._stale = True
-        self._lrs = tuple(self._compute(step + 1))
-        self._lrs_multiplier = None
-        decisions = [Decision(
-            step=max(step, 0), policy=self.names[i], kind=self.policies[i].kind,
-            action=a.action, old_lrs=tuple(before), new_lrs=tuple(self._lrs), reason=a.reason,
-            evidence=a.evidence, policy_sha256=self.policy_sha256,
-            shadow=self.mode == "shadow") for a in actions]
-        self._decisions.extend(decisions)
-        self.decision_count += len(decisions)
-        return decisions
-
     def start_at(self, step: int) -> None:
         """A run whose loop numbers its first step ``step`` (the HF Trainer's first is 1):
         the LRs before any observation are those for that step. No-op once observed."""
@@ -428,7 +357,3 @@ def _product(values: list[float]) -> float:
         out *= v
     return out
 
-
-def _nonfinite(loss: float | None, grad: float | None) -> bool:
-    return ((loss is not None and not math.isfinite(loss))
-            or (grad is not None and not math.isfinite(grad)))

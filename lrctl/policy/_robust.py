@@ -23,6 +23,7 @@ import functools
 import math
 from bisect import bisect_left, insort
 from collections import deque
+from math import exp, log
 
 __all__ = ["RobustWindow"]
 
@@ -31,6 +32,7 @@ _INF = math.inf
 #: nor a quartile, can then overflow (or be NaN).
 _TAME = 1e300
 _NEG_TAME = -_TAME
+_SHY = 1.0 - 2.0**-40  # (see _exp_limit)
 #: The least screen margin worth the rounding argument (a normal float, far from underflow).
 _TINY = 1e-290
 #: How much of the z threshold the screen lets through: below 1 by far more than the
@@ -47,12 +49,13 @@ class RobustWindow:
     ``count`` is ``len(window)``.
     """
 
-    __slots__ = ("_armed_at", "_cz", "_fifo", "_floor", "_granted", "_most", "_pos", "_room",
-                 "_sorted", "_stats", "_wild", "limit", "size")
+    __slots__ = ("_armed_at", "_cz", "_fifo", "_floor", "_granted", "_most", "_pos", "_raw",
+                 "_room", "_sorted", "_stats", "_wild", "exp_limit", "limit", "size")
 
     def __init__(self, size: int) -> None:
         self.size = size
         self._fifo: deque[float] = deque(maxlen=size)  # arrival order, oldest first
+        self._raw: list[float] = []  # newer still: x of add_log(x), their logs not taken yet
         # sorted(values()), as of `_granted - _room` values ago (see the screen below).
         self._sorted: list[float] = []
         self._pos = _positions(0)  # where the quartiles of the sorted copy fall
@@ -68,15 +71,19 @@ class RobustWindow:
         self._most = 0
         self._granted = self._room = 0
         self.limit = -_INF
+        self.exp_limit = 0.0
 
     @property
     def count(self) -> int:
-        return len(self._fifo)
+        n = len(self._fifo) + len(self._raw)
+        return n if n < self.size else self.size
 
     def __len__(self) -> int:
-        return len(self._fifo)
+        return self.count
 
     def add(self, value: float) -> None:
+        if self._raw:
+            self._flush()
         if self._room and _NEG_TAME < value < _TAME:
             # Screened: the sorted copy waits (the screen allows for it).
             self._fifo.append(value)
@@ -101,8 +108,27 @@ class RobustWindow:
         else:
             self._pos = _positions(len(fifo))
 
+    def add_log(self, x: float) -> None:
+        """``add(log(x))``, ``x`` finite and > 0. A screened window takes the log later,
+        for all the values that wait for its next sort at once (the same logs: in a
+        training loop, one call of a cold ``math.log`` costs about as much as the rest
+        of the divergence guard's plain observation)."""
+        if self._room:
+            self._raw.append(x)
+            self._room -= 1
+            return
+        self.add(log(x))
+
+    def _flush(self) -> None:
+        """The logs of the values added by add_log, into the arrival order."""
+        raw = self._raw
+        self._fifo.extend(map(log, raw))
+        raw.clear()
+
     def _sync(self) -> None:
         """Bring the sorted copy up to date (``sorted(values())``) and the screen with it."""
+        if self._raw:
+            self._flush()
         behind = self._granted - self._room
         if behind:
             self._sorted = sorted(self._fifo)
@@ -130,7 +156,7 @@ class RobustWindow:
         self._floor = floor
         self._armed_at = armed_at
         self._most = max(1, self.size // _BEHIND_SHARE)
-        self._wild = _wild(list(self._fifo), self.size)
+        self._wild = _wild(self.values(), self.size)
         self._sync()
 
     def _screen(self) -> None:
@@ -150,28 +176,30 @@ class RobustWindow:
         exactly, so the full rule's ``z ≤ q / σ'`` ≈ 0.99 × ``z_max`` (σ' = max(σ,
         floor) ≥ the bound; ``q`` a normal float, so no underflow spoils the ratio).
         """
+        self.limit = self._screen_limit()
+        self.exp_limit = _exp_limit(self.limit)
+
+    def _screen_limit(self) -> float:
+        """``limit`` (see :meth:`_screen`), and ``_room`` with it."""
         count, size = len(self._fifo), self.size
         if count < self._armed_at:  # not armed: no value is judged yet
-            self.limit = _INF
             self._granted = self._room = self._armed_at - 1 - count
-            return
+            return _INF
         self._granted = self._room = p = self._most
         data = self._sorted
         if self._wild or not count:
-            self.limit = -_INF
-            return
+            return -_INF
         after = min(count + p, size)  # the window's length after p more values
         r = count + p - after  # of which r pushed out old ones
         (_, h25, _), (l50, _, _), (l75, _, _) = _positions(after)
         if l50 < p:
-            self.limit = -_INF
-            return
+            return -_INF
         spread = (data[l75 - p] - data[h25 + r]) / 1.349 if h25 + r < count else 0.0
         q = self._cz * (spread if spread > self._floor else self._floor)
         if not q >= _TINY:
             q = 0.0  # (a margin lost to underflow: the median's bound alone is sound)
         limit = data[l50 - p] + q
-        self.limit = limit if limit < _INF else -_INF
+        return limit if limit < _INF else -_INF
 
     def _quantile(self, q: float) -> float:
         if self._room != self._granted:
@@ -239,11 +267,14 @@ class RobustWindow:
 
     def values(self) -> list[float]:
         """The values in arrival order, oldest first."""
+        if self._raw:
+            self._flush()
         return list(self._fifo)
 
     def load(self, values: list[float]) -> None:
         kept = values[-self.size:] if self.size else []
         self._stats = None
+        self._raw.clear()
         self._fifo = deque(kept, maxlen=self.size)
         self._sorted = sorted(self._fifo)
         self._granted = self._room = 0
@@ -258,6 +289,18 @@ def _wild(values: list[float], size: int) -> int:
     arrival order) has left: it leaves after those before it, and the room left."""
     return max((size - len(values) + i + 1 for i, v in enumerate(values)
                 if not -_TAME < v < _TAME), default=0)
+
+
+def _exp_limit(limit: float) -> float:
+    """A bound below which a positive ``x`` surely has ``log(x) < limit``: ``exp(limit)``
+    less 2**-40 of it, far more than the rounding of ``exp`` and ``log`` (about 1e-16
+    relative, and 1e-13 absolute on a log of at most 745); ``exp`` kept within the normal
+    floats (a lower bound is always sound)."""
+    if limit == _INF:
+        return _INF
+    if limit < -700.0:
+        return 0.0
+    return exp(limit if limit < 700.0 else 700.0) * _SHY
 
 
 _Position = tuple[int, int, float]

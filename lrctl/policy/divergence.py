@@ -142,7 +142,7 @@ class Divergence(LevelShift, RollbackEscalation, ReactivePolicy):
         self._regrow_after = p["regrow_after"]
         self._regrow_at = self._regrow_after - 1  # clean ones before this one: regrow now
         # The screens of observe()'s shortcut: log-scale statistics, both watched.
-        self._plain = not self._linear and self._watch_loss and self._watch_grad
+        self._log_both = not self._linear and self._watch_loss and self._watch_grad
         self._loss.screen(self._z, self._loss_floor, self._min_samples)
         self._gnorm.screen(self._z, self._grad_floor, self._min_samples)
 
@@ -158,39 +158,30 @@ class Divergence(LevelShift, RollbackEscalation, ReactivePolicy):
         return self._observe(obs, ctx)
 
     def observe_plain(self, step: int, loss: float | None, grad_norm: float | None) -> bool:
-        """The usual observation, told apart without the full rule (:meth:`_observe`):
-        finite positive statistics judged on the log scale, both watched, outside any
-        incident, no regrowth due, and no spike: below each window's screen (no spike,
-        or the window not armed yet; see RobustWindow.screen), else by the window's own
-        test, as :meth:`_judge` would judge it. Both values join their windows and the
-        observation counts as clean, as the full rule would have it. (The statistics are
-        finite floats or absent: see Policy.observe_plain.)"""
-        if (not self._plain or self._cooldown or self._stopped or self._nonfinite_run
-                or self._clean >= self._regrow_at):
+        """The usual observation without the full rule (:meth:`_observe`), to the same
+        verdict: positive statistics on the log scale, both watched, no incident, no
+        regrowth due, no spike (below each window's screen, else by its own test, as
+        :meth:`_judge` judges). Both join their windows; the observation is clean."""
+        if (not self._log_both or self._cooldown or self._stopped or self._nonfinite_run
+                or self._clean >= self._regrow_at or loss is None or not loss > 0.0):
             return False
-        if grad_norm is None:
-            if loss is None or not loss > 0.0:
+        # (On the linear scale: the windows take the logs later, many at once: add_log.)
+        window, gwindow = self._loss, self._gnorm
+        if not (loss < window.exp_limit or self._clear(window, log(loss), self._loss_floor)):
+            return False
+        if grad_norm is not None:
+            if not (grad_norm > 0.0 and (grad_norm < gwindow.exp_limit or self._clear(
+                    gwindow, log(grad_norm), self._grad_floor))):
                 return False
-            value = log(loss)
-            window = self._loss
-            if not (value < window.limit
-                    or window.outlier(value, self._z, self._loss_floor) is None):
-                return False
-            window.add(value)
-        else:
-            if loss is None or not (loss > 0.0 and grad_norm > 0.0):
-                return False
-            value, log_gnorm = log(loss), log(grad_norm)
-            window, gwindow = self._loss, self._gnorm
-            if not ((value < window.limit
-                     or window.outlier(value, self._z, self._loss_floor) is None)
-                    and (log_gnorm < gwindow.limit
-                         or gwindow.outlier(log_gnorm, self._z, self._grad_floor) is None)):
-                return False
-            window.add(value)
-            gwindow.add(log_gnorm)
+            gwindow.add_log(grad_norm)
+        window.add_log(loss)
         self._clean += 1
         return True
+
+    def _clear(self, window: RobustWindow, value: float, floor: float) -> bool:
+        """No spike in ``value`` (a log): below the screen (or not armed), or not by the
+        window's own test."""
+        return value < window.limit or window.outlier(value, self._z, floor) is None
 
     def _observe(self, obs: Observation, ctx: StepContext) -> list[Action]:
         """The full rule for one observation (``observe`` takes a shortcut to the same

@@ -18,6 +18,7 @@ from typing import Any
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from lrctl.policy._robust import _exp_limit
 from lrctl.policy.stats import RobustWindow
 
 Z_MAX, FLOOR = 6.0, 0.05
@@ -172,3 +173,47 @@ def test_the_screen_allows_for_the_values_its_sorted_copy_has_not_seen() -> None
     probe = math.nextafter(window.limit, -math.inf)
     assert _full_rule(window.values(), probe, 0.01, 1e-9) is None
     assert window.outlier(probe, 0.01, 1e-9) is None
+
+
+positive = st.one_of(st.floats(min_value=1e-3, max_value=1e3),
+                     st.floats(min_value=5e-324, max_value=1.7e308),
+                     st.sampled_from([5e-324, 1e-310, 1.0, 1.7e308]))
+
+
+@settings(max_examples=200, deadline=None)
+@given(size=st.integers(1, 40), ops=st.lists(
+    st.one_of(st.tuples(st.just("add_log"), positive), st.tuples(st.just("add_log"), positive),
+              st.tuples(st.just("add"), ordinary),
+              st.tuples(st.just("load"), st.lists(ordinary, max_size=40))),
+    min_size=1, max_size=150))
+def test_add_log_is_add_of_the_log(size: int, ops: list[tuple[str, Any]]) -> None:
+    """The logs a screened window takes later are the logs, in their place."""
+    lazy, plain = RobustWindow(size), RobustWindow(size)
+    lazy.screen(Z_MAX, FLOOR, 4)
+    for op, arg in ops:
+        if op == "add_log":
+            lazy.add_log(arg)
+            plain.add(math.log(arg))
+        elif op == "add":
+            lazy.add(arg)
+            plain.add(arg)
+        else:
+            lazy.load(arg)
+            plain.load(arg)
+        assert len(lazy) == len(plain)
+        if op != "load" and len(plain) > 1 and arg == 1.0:
+            assert lazy.values() == plain.values()  # (now and then: it brings logs in)
+        if len(plain):
+            assert _bits(lazy.stats()) == _bits(plain.stats())
+    assert lazy.values() == plain.values()
+
+
+@settings(max_examples=500, deadline=None)
+@given(limit=st.one_of(st.floats(-750.0, 750.0), st.sampled_from(
+    [math.inf, -math.inf, 0.0, -700.0, -700.0000001, 700.0, 709.0, 709.78, 709.79, 745.0])),
+       shrink=st.floats(0.0, 1.0))
+def test_below_the_exp_limit_the_log_is_below_the_limit(limit: float, shrink: float) -> None:
+    bound = _exp_limit(limit)
+    for x in (math.nextafter(bound, 0.0), bound * shrink, 5e-324):
+        if 0.0 < x < bound and x < math.inf:
+            assert math.log(x) < limit, (x, bound, limit)
