@@ -14,7 +14,13 @@ up to ``size // 8`` values behind and brings it up to date with one sort
 (cheaper than that many insertions and removals) when it is read or that far
 behind. Its ``limit`` stays sound meanwhile, because ``p`` values in (and up to
 ``p`` out) move an order statistic by at most ``p`` places: see
-:meth:`RobustWindow._screen`.
+:meth:`RobustWindow._screen`. A window of logs can also take raw values
+(:meth:`RobustWindow.add_log`, screened against ``exp_limit``) and their logs
+with that sort, all at once.
+
+The arrival order is a bounded deque (a ring buffer in C: one append per value,
+the oldest value leaving by itself); ``tests/policy/test_robust_window.py``
+checks the window against its definition, computed from scratch.
 """
 
 from __future__ import annotations

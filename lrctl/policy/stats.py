@@ -27,10 +27,13 @@ autocorrelation, and each verdict has a stated false-positive rate.
   (``window ≥ 20 tau``: 40 for i.i.d. noise, 400 for ``phi = 0.9``);
   ``tests/policy/test_stats_properties.py`` checks it. A *stall* is "not fell":
   it is the verdict on a flat series, and on a falling one it fires only when
-  the fall per half-window is lost in the noise.
-* :class:`RobustWindow`: median and IQR-based σ of a rolling window, for spike
-  z-scores (the divergence guard's "spiked": ``z`` robust σ above the median;
-  at ``z = 6`` a normal value exceeds it with probability 1e-9 per step).
+  the fall per half-window is lost in the noise. :meth:`TrendWindow.surely_fell`
+  tells a certain "fell" from a cheap bound (:mod:`._trend_bound`), so that a
+  caller runs the test only when it may act.
+* :class:`RobustWindow` (:mod:`._robust`): median and IQR-based σ of a rolling
+  window, for spike z-scores (the divergence guard's "spiked": ``z`` robust σ
+  above the median; at ``z = 6`` a normal value exceeds it with probability 1e-9
+  per step), with a screen that tells ordinary values apart at a comparison.
 
 Everything here is pure, deterministic and JSON-serialisable through the
 owning policy's ``state_dict``.
