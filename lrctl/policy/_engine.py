@@ -112,7 +112,7 @@ class Engine(EngineState, OperatorVerbs, LRArbiter, Snapshotting):
         self._plain: list[Callable[[int, float | None, float | None], bool]] = []
         if not self._schedules:
             for _, policy, _ in self._plan:
-                if (type(policy).observe_plain is Policy.observe_plain
+                if (not _plain_observer(type(policy))
                         or policy.observe_plain in self._plain):  # (each once: see observe)
                     break
                 self._plain.append(policy.observe_plain)
@@ -349,6 +349,15 @@ class Engine(EngineState, OperatorVerbs, LRArbiter, Snapshotting):
     def _make_observation(self, step: Any, loss: Any, grad_norm: Any,
                           metrics: Mapping[str, Any]) -> Observation:
         return make_observation(step, loss, grad_norm, metrics, self.last_step, self._lrs)
+
+
+def _plain_observer(cls: type) -> bool:
+    """Whether ``cls`` observes the plain way: it overrides Policy.observe_plain, and no
+    later than ``observe`` (a subclass that overrides only ``observe`` has it called)."""
+    def owner(name: str) -> type:
+        return next(c for c in cls.__mro__ if name in c.__dict__)
+    plain = owner("observe_plain")
+    return plain is not Policy and issubclass(plain, owner("observe"))
 
 
 def _product(values: list[float]) -> float:

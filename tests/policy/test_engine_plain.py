@@ -198,3 +198,25 @@ def test_an_operator_command_is_seen_by_the_plain_way() -> None:
         _same(fast, ref, fast.observe(step, loss, grad), ref.observe(step, loss, grad),
               step)
     assert fast.lrs[0] < 1e-2  # (the decay happened)
+
+
+def test_a_subclass_that_overrides_observe_only_has_it_called() -> None:
+    """The plain way is a built-in policy's own shortcut: a user's subclass that changes
+    ``observe`` (and not ``observe_plain``) sees every observation through it."""
+    seen: list[int] = []
+
+    class Counting(Divergence):
+        def observe(self, obs: Any, ctx: Any) -> list[Any]:
+            seen.append(obs.step)
+            return super().observe(obs, ctx)
+
+    class Plain(Divergence):  # (overrides neither: keeps the shortcut)
+        pass
+
+    counting = Engine([Counting()], [0.1])
+    plain = Engine([Plain()], [0.1])
+    for step in range(50):
+        counting.observe(step, 1.0 + 0.01 * (step % 3), 2.0)
+        plain.observe(step, 1.0 + 0.01 * (step % 3), 2.0)
+    assert seen == list(range(50))
+    assert counting._plain == [] and len(plain._plain) == 1
