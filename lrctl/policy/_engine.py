@@ -67,6 +67,28 @@ class Engine(EngineState, OperatorVerbs, LRArbiter, Snapshotting):
         policy_sha256: str = "",
         total_steps: int | None = None,
     ) -> None:
+        # What observe() reads at every step, set first (placeholders, set for real
+        # below): the first entries of the instance's dict, a few cache lines that a
+        # training loop's other work has not evicted as surely as a dozen scattered ones.
+        self._plain: list[Callable[[int, float | None, float | None], bool]] = []
+        self.last_step: int | None = None
+        #: The snapshots the training process holds (None: it keeps none, so no policy
+        #: rolls back); see :meth:`enable_snapshots`.
+        self.snapshots: SnapshotBook | None = None
+        #: The multipliers must be asked before the next observation: a verb of the engine
+        #: (command, reload, restored state) may have changed them in between.
+        self._stale = False
+        self._unusable = False  # the policies' LR is non-finite: held or clamped (recorded)
+        # The multiplier object the current LRs were computed from (None: not from it
+        # alone; see _run()), and the product of the reactive multipliers as last seen.
+        self._lrs_multiplier: float | None = None
+        self._product = 1.0
+        self.operator = OperatorControls()
+        self._plain_rest = False
+        self.should_skip = False
+        #: The decisions of the latest observation.
+        self.last_decisions: list[Decision] = []
+        self._lrs: tuple[float, ...] = ()
         self.initial_lrs = tuple(check_lrs(base_lrs))
         if names is None:
             names = unique_names([p.kind for p in policies])
@@ -82,7 +104,6 @@ class Engine(EngineState, OperatorVerbs, LRArbiter, Snapshotting):
         self.names: list[str] = list(names)
         self.min_lr = float(min_lr)
         self.max_lr = math.inf if max_lr is None else float(max_lr)
-        self.operator = OperatorControls()
         self._mode = mode
         if mode == "shadow":
             self.operator.hold = self.initial_lrs
@@ -109,7 +130,6 @@ class Engine(EngineState, OperatorVerbs, LRArbiter, Snapshotting):
             None if self._reused is None else self._reused.__dict__)
         # The plain observers (Policy.observe_plain) leading the observe plan, and none of
         # it when there are schedules (their factors move the LRs at every step).
-        self._plain: list[Callable[[int, float | None, float | None], bool]] = []
         if not self._schedules:
             for _, policy, _ in self._plan:
                 if (not _plain_observer(type(policy))
@@ -117,33 +137,20 @@ class Engine(EngineState, OperatorVerbs, LRArbiter, Snapshotting):
                     break
                 self._plain.append(policy.observe_plain)
         self._plain_rest = len(self._plain) < len(self._plan)  # policies after them
-        self.last_step: int | None = None
-        self.should_skip = False
         self.should_stop = False
         #: Whether a skip decided here reaches the optimizer step it names. An async hook
         #: hears the answer after that step ran: its spike skips are recorded as advisory.
         #: (Non-finite steps are skipped by the hook's own guard either way.)
         self.skips_enforced = True
         self.decision_count = 0
-        #: The snapshots the training process holds (None: it keeps none, so no policy
-        #: rolls back); see :meth:`enable_snapshots`.
-        self.snapshots: SnapshotBook | None = None
         #: The snapshot step the latest observation rolled back to, or None.
         self.rollback_to: int | None = None
         self._decisions: deque[Decision] = deque(maxlen=MAX_DECISIONS_KEPT)
-        #: The decisions of the latest observation.
-        self.last_decisions: list[Decision] = []
-        self._unusable = False  # the policies' LR is non-finite: held or clamped (recorded)
         self._saw_unusable = False
-        # The reactive multipliers as last seen, their product, and the multiplier object
-        # the current LRs were computed from (None: not from it alone; see update()).
+        # The reactive multipliers as last seen, and their product.
         self._multipliers: list[float] = [p.multiplier() for p in self._reactive]
         self._product = _product(self._multipliers)
-        #: The multipliers must be asked before the next observation: a verb of the engine
-        #: (command, reload, restored state) may have changed them in between.
-        self._stale = False
-        self._lrs_multiplier: float | None = None
-        self._lrs: tuple[float, ...] = tuple(self._compute(0))
+        self._lrs = tuple(self._compute(0))
 
     # -- public API ------------------------------------------------------------
     @property

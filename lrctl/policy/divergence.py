@@ -108,27 +108,31 @@ class Divergence(LevelShift, RollbackEscalation, ReactivePolicy):
 
     def __init__(self, **params: Any) -> None:
         super().__init__(**params)
+        # What observe_plain() reads at every step, set first (for real below): the first
+        # entries of the instance's dict, a few cache lines (see the engine's).
+        self._log_both = False
+        self._cooldown = 0
+        self._stopped = False
+        self._nonfinite_run = 0  # non-finite observations in a row
+        self._clean = 0  # consecutive clean observations
+        self._regrow_at = 0
         if self.params["min_samples"] > self.params["window"]:
             raise ParamError("min_samples", f"must be <= window ({self.params['window']}), "
                              f"but got {self.params['min_samples']}: detection would never arm")
         size = self.params["window"]
-        self._loss = RobustWindow(size)
+        self._loss = RobustWindow(size)  # the judged losses
         self._gnorm = RobustWindow(size)  # log grad norms
         self._scale = 1.0
         self._spikes = 0  # spikes since the last back-off or clean interval
         self._backoffs = 0  # back-offs in the current incident
-        self._cooldown = 0
         self._cooldown_seen: list[tuple[float | None, float | None]] = []
         self._cooldown_spikes = 0
-        self._clean = 0  # consecutive clean observations
         self._escalation = 0  # back-offs in a row that did not take
 
         self._total_backoffs = 0
-        self._stopped = False
         self._rollbacks = 0  # rollbacks this run
         self._ceiling = 1.0  # the multiplier regrows to this (lower after a rollback)
         self._incident = -1  # the step of the current incident's first back-off
-        self._nonfinite_run = 0  # non-finite observations in a row
         self._now = -1  # the step being observed
         self._with_snapshots = False  # has backed off in a run whose hook keeps snapshots
         # The knobs read at every observation, as plain attributes (params are fixed).
