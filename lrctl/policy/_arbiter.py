@@ -1,4 +1,5 @@
-"""From the policies' multipliers and schedule factors to the LRs: product, clamp, guard.
+"""From the policies' multipliers and schedule factors to the LRs: product, clamp, guard;
+and the records of what the policies did, with the LRs without and with it.
 
 The LR of group ``g`` for step ``t + 1`` is ``initial_lr[g] × Π reactive multipliers
 × Π schedule factors(t + 1)``, multiplied in exactly that order (in floating point the
@@ -15,7 +16,7 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
-from ._base import Policy
+from ._base import Action, Observation, Policy
 from ._decision import Decision
 
 __all__ = ["Factors", "LRArbiter"]
@@ -37,6 +38,9 @@ class LRArbiter:
     max_lr: float
     mode: str
     policy_sha256: str
+    policies: list[Policy]
+    names: list[str]
+    skips_enforced: bool
     _reactive: list[Policy]
     _schedules: list[Policy]
     _lrs: Sequence[float]
@@ -121,6 +125,53 @@ class LRArbiter:
                         old_lrs=tuple(before), new_lrs=tuple(after), reason=reason,
                         evidence=evidence, policy_sha256=self.policy_sha256,
                         shadow=self.mode == "shadow")
+
+    # -- the records of an observation's actions ---------------------------------
+    def _nonfinite_skip(self, obs: Observation, multiplier: float,
+                        factors: Factors) -> Decision:
+        lrs = tuple(self._lrs_from(multiplier, factors))
+        return Decision(
+            step=obs.step, policy="guard", kind="guard", action="skip", old_lrs=lrs,
+            new_lrs=lrs, reason=f"non-finite statistics (loss {obs.loss}, grad norm "
+                                f"{obs.grad_norm}): the optimizer step is skipped",
+            evidence={"statistic": "nonfinite", "loss": obs.loss, "grad_norm": obs.grad_norm},
+            policy_sha256=self.policy_sha256, shadow=self.mode == "shadow")
+
+    def _decisions_of(self, i: int, actions: list[Action], obs: Observation,
+                      before_multiplier: float, multiplier: float,
+                      factors: Factors) -> list[Decision]:
+        """The records of what policy ``i`` did at ``obs``: the LRs for the next step
+        without (``before_multiplier``) and with (``multiplier``) its actions."""
+        policy = self.policies[i]
+        before = tuple(self._lrs_from(before_multiplier, factors))
+        after = tuple(self._lrs_from(multiplier, factors))
+        out = []
+        for action in actions:
+            moved = action.action not in ("skip", "stop")
+            reason, evidence = action.reason, action.evidence
+            if (action.action == "skip" and not self.skips_enforced
+                    and not _nonfinite(obs.loss, obs.grad_norm)):
+                reason += ("; advisory: the hook is async, so this step had already run "
+                           "(attach(..., sync=True) carries such skips out)")
+                evidence = {**evidence, "advisory": True}
+            out.append(Decision(
+                step=obs.step,
+                policy=self.names[i],
+                kind=policy.kind,
+                action=action.action,
+                old_lrs=before,
+                new_lrs=after if moved else before,
+                reason=reason,
+                evidence=evidence,
+                policy_sha256=self.policy_sha256,
+                shadow=self.mode == "shadow",
+            ))
+        return out
+
+
+def _nonfinite(loss: float | None, grad: float | None) -> bool:
+    return ((loss is not None and not math.isfinite(loss))
+            or (grad is not None and not math.isfinite(grad)))
 
 
 def _usable(lr: float) -> bool:

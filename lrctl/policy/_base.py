@@ -171,7 +171,9 @@ class Policy(ABC):
         action, set no flag, skip, stop or rollback, and left :meth:`multiplier` the
         same object. ``False``: nothing changed, and the engine calls :meth:`observe`.
         The default always declines; a policy that overrides it must keep both ways
-        equal (``tests/policy/test_engine_fastpath.py`` checks lrctl's own).
+        equal (``tests/policy/test_engine_plain.py`` checks lrctl's own). A subclass
+        that overrides :meth:`observe` but not this one is not asked: its ``observe``
+        sees every observation.
         """
         return False
 

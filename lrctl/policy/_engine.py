@@ -24,8 +24,8 @@ from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from ._arbiter import Factors, LRArbiter
-from ._base import SCHEDULE, Action, Observation, Policy, StepContext
+from ._arbiter import LRArbiter
+from ._base import SCHEDULE, Observation, Policy, StepContext
 from ._decision import Decision
 from ._engine_state import EngineState
 from ._inputs import (
@@ -67,6 +67,28 @@ class Engine(EngineState, OperatorVerbs, LRArbiter, Snapshotting):
         policy_sha256: str = "",
         total_steps: int | None = None,
     ) -> None:
+        # What observe() reads at every step, set first (placeholders, set for real
+        # below): the first entries of the instance's dict, a few cache lines that a
+        # training loop's other work has not evicted as surely as a dozen scattered ones.
+        self._plain: list[Callable[[int, float | None, float | None], bool]] = []
+        self.last_step: int | None = None
+        #: The snapshots the training process holds (None: it keeps none, so no policy
+        #: rolls back); see :meth:`enable_snapshots`.
+        self.snapshots: SnapshotBook | None = None
+        #: The multipliers must be asked before the next observation: a verb of the engine
+        #: (command, reload, restored state) may have changed them in between.
+        self._stale = False
+        self._unusable = False  # the policies' LR is non-finite: held or clamped (recorded)
+        # The multiplier object the current LRs were computed from (None: not from it
+        # alone; see _run()), and the product of the reactive multipliers as last seen.
+        self._lrs_multiplier: float | None = None
+        self._product = 1.0
+        self.operator = OperatorControls()
+        self._plain_rest = False
+        self.should_skip = False
+        #: The decisions of the latest observation.
+        self.last_decisions: list[Decision] = []
+        self._lrs: tuple[float, ...] = ()
         self.initial_lrs = tuple(check_lrs(base_lrs))
         if names is None:
             names = unique_names([p.kind for p in policies])
@@ -82,7 +104,6 @@ class Engine(EngineState, OperatorVerbs, LRArbiter, Snapshotting):
         self.names: list[str] = list(names)
         self.min_lr = float(min_lr)
         self.max_lr = math.inf if max_lr is None else float(max_lr)
-        self.operator = OperatorControls()
         self._mode = mode
         if mode == "shadow":
             self.operator.hold = self.initial_lrs
@@ -104,44 +125,32 @@ class Engine(EngineState, OperatorVerbs, LRArbiter, Snapshotting):
         self._ctx = StepContext(initial_lrs=self.initial_lrs)
         self._reused: Observation | None = (
             None if any(p.keeps_observations for p in self.policies) else Observation(-1))
-        # The plain observers (Policy.observe_plain) leading the observe plan, and none of
-        # it when there are schedules (their factors move the LRs at every step).
-        self._plain: list[Callable[[int, float | None, float | None], bool]] = []
-        if not self._schedules:
-            for _, policy, _ in self._plan:
-                if type(policy).observe_plain is Policy.observe_plain:
-                    break
-                self._plain.append(policy.observe_plain)
         # Its fields, written in place (Observation is frozen to the policies only).
         self._reused_fields: dict[str, Any] | None = (
             None if self._reused is None else self._reused.__dict__)
-        self.last_step: int | None = None
-        self.should_skip = False
+        # The plain observers (Policy.observe_plain) leading the observe plan, and none of
+        # it when there are schedules (their factors move the LRs at every step).
+        if not self._schedules:
+            for _, policy, _ in self._plan:
+                if (not _plain_observer(type(policy))
+                        or policy.observe_plain in self._plain):  # (each once: see observe)
+                    break
+                self._plain.append(policy.observe_plain)
+        self._plain_rest = len(self._plain) < len(self._plan)  # policies after them
         self.should_stop = False
         #: Whether a skip decided here reaches the optimizer step it names. An async hook
         #: hears the answer after that step ran: its spike skips are recorded as advisory.
         #: (Non-finite steps are skipped by the hook's own guard either way.)
         self.skips_enforced = True
         self.decision_count = 0
-        #: The snapshots the training process holds (None: it keeps none, so no policy
-        #: rolls back); see :meth:`enable_snapshots`.
-        self.snapshots: SnapshotBook | None = None
         #: The snapshot step the latest observation rolled back to, or None.
         self.rollback_to: int | None = None
         self._decisions: deque[Decision] = deque(maxlen=MAX_DECISIONS_KEPT)
-        #: The decisions of the latest observation.
-        self.last_decisions: list[Decision] = []
-        self._unusable = False  # the policies' LR is non-finite: held or clamped (recorded)
         self._saw_unusable = False
-        # The reactive multipliers as last seen, their product, and the multiplier object
-        # the current LRs were computed from (None: not from it alone; see update()).
+        # The reactive multipliers as last seen, and their product.
         self._multipliers: list[float] = [p.multiplier() for p in self._reactive]
         self._product = _product(self._multipliers)
-        #: The multipliers must be asked before the next observation: a verb of the engine
-        #: (command, reload, restored state) may have changed them in between.
-        self._stale = False
-        self._lrs_multiplier: float | None = None
-        self._lrs: tuple[float, ...] = tuple(self._compute(0))
+        self._lrs = tuple(self._compute(0))
 
     # -- public API ------------------------------------------------------------
     @property
@@ -186,10 +195,11 @@ class Engine(EngineState, OperatorVerbs, LRArbiter, Snapshotting):
                      or (type(grad_norm) is float and grad_norm - grad_norm == 0.0))
                 and self.snapshots is None and not self._stale and not self._unusable
                 and self._lrs_multiplier is self._product and self.operator.until is None):
-            for first, observe_plain in enumerate(plain):
+            for observe_plain in plain:
                 if not observe_plain(step, loss, grad_norm):
-                    return self._run(step, loss, grad_norm, NO_METRICS, first)
-            if len(plain) < len(self._plan):
+                    return self._run(step, loss, grad_norm, NO_METRICS,
+                                     plain.index(observe_plain))
+            if self._plain_rest:
                 return self._run(step, loss, grad_norm, NO_METRICS, len(plain))
             # Nothing decided, flagged or changed: the same LRs, no decisions.
             self.last_step = step
@@ -198,7 +208,7 @@ class Engine(EngineState, OperatorVerbs, LRArbiter, Snapshotting):
                 self.last_decisions = []
             op = self.operator
             if op.override is None and op.hold is None:
-                return list(self._lrs)
+                return [*self._lrs]
             return op.applied(self._lrs)
         return self.update(step, loss, grad_norm, metrics)
 
@@ -337,77 +347,6 @@ class Engine(EngineState, OperatorVerbs, LRArbiter, Snapshotting):
         self._stale = False
         return self._product
 
-    def _nonfinite_skip(self, obs: Observation, multiplier: float,
-                        factors: Factors) -> Decision:
-        lrs = tuple(self._lrs_from(multiplier, factors))
-        return Decision(
-            step=obs.step, policy="guard", kind="guard", action="skip", old_lrs=lrs,
-            new_lrs=lrs, reason=f"non-finite statistics (loss {obs.loss}, grad norm "
-                                f"{obs.grad_norm}): the optimizer step is skipped",
-            evidence={"statistic": "nonfinite", "loss": obs.loss, "grad_norm": obs.grad_norm},
-            policy_sha256=self.policy_sha256, shadow=self.mode == "shadow")
-
-    def _decisions_of(self, i: int, actions: list[Action], obs: Observation,
-                      before_multiplier: float, multiplier: float,
-                      factors: Factors) -> list[Decision]:
-        """The records of what policy ``i`` did at ``obs``: the LRs for the next step
-        without (``before_multiplier``) and with (``multiplier``) its actions."""
-        policy = self.policies[i]
-        before = tuple(self._lrs_from(before_multiplier, factors))
-        after = tuple(self._lrs_from(multiplier, factors))
-        out = []
-        for action in actions:
-            moved = action.action not in ("skip", "stop")
-            reason, evidence = action.reason, action.evidence
-            if (action.action == "skip" and not self.skips_enforced
-                    and not _nonfinite(obs.loss, obs.grad_norm)):
-                reason += ("; advisory: the hook is async, so this step had already run "
-                           "(attach(..., sync=True) carries such skips out)")
-                evidence = {**evidence, "advisory": True}
-            out.append(Decision(
-                step=obs.step,
-                policy=self.names[i],
-                kind=policy.kind,
-                action=action.action,
-                old_lrs=before,
-                new_lrs=after if moved else before,
-                reason=reason,
-                evidence=evidence,
-                policy_sha256=self.policy_sha256,
-                shadow=self.mode == "shadow",
-            ))
-        return out
-
-    def command(self, name: str, **args: Any) -> list[Decision]:
-        """An operator command for the one policy of the stack that takes it (``decay``,
-        ``cancel``: ``kind: wsd``), effective from the step after the last observed one.
-
-        The policy's state changes (and with it :meth:`state_dict`), so the command
-        survives a checkpoint; every path (controller, in-process) decides the same
-        LRs from it. ``ValueError`` when no policy, or more than one, takes ``name``, or
-        when the policy cannot do it now; nothing changes then.
-        """
-        takers = [i for i in self._order if name in self.policies[i].COMMANDS]
-        if len(takers) != 1:
-            which = ", ".join(self.names[i] for i in takers) or "none"
-            raise ValueError(f"{name!r} needs exactly one policy that takes it in the stack "
-                             f"(here: {which})")
-        i = takers[0]
-        step = -1 if self.last_step is None else self.last_step
-        before = list(self._lrs)
-        actions = self.policies[i].command(name, args, step)
-        self._stale = True
-        self._lrs = tuple(self._compute(step + 1))
-        self._lrs_multiplier = None
-        decisions = [Decision(
-            step=max(step, 0), policy=self.names[i], kind=self.policies[i].kind,
-            action=a.action, old_lrs=tuple(before), new_lrs=tuple(self._lrs), reason=a.reason,
-            evidence=a.evidence, policy_sha256=self.policy_sha256,
-            shadow=self.mode == "shadow") for a in actions]
-        self._decisions.extend(decisions)
-        self.decision_count += len(decisions)
-        return decisions
-
     def start_at(self, step: int) -> None:
         """A run whose loop numbers its first step ``step`` (the HF Trainer's first is 1):
         the LRs before any observation are those for that step. No-op once observed."""
@@ -419,13 +358,18 @@ class Engine(EngineState, OperatorVerbs, LRArbiter, Snapshotting):
         return make_observation(step, loss, grad_norm, metrics, self.last_step, self._lrs)
 
 
+def _plain_observer(cls: type) -> bool:
+    """Whether ``cls`` observes the plain way: it overrides Policy.observe_plain, and no
+    later than ``observe`` (a subclass that overrides only ``observe`` has it called)."""
+    def owner(name: str) -> type:
+        return next(c for c in cls.__mro__ if name in c.__dict__)
+    plain = owner("observe_plain")
+    return plain is not Policy and issubclass(plain, owner("observe"))
+
+
 def _product(values: list[float]) -> float:
     out = 1.0
     for v in values:
         out *= v
     return out
 
-
-def _nonfinite(loss: float | None, grad: float | None) -> bool:
-    return ((loss is not None and not math.isfinite(loss))
-            or (grad is not None and not math.isfinite(grad)))

@@ -14,9 +14,10 @@ from __future__ import annotations
 
 import math
 from collections import deque
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+from ._base import Policy
 from ._decision import Decision
 
 __all__ = ["OPERATOR", "OperatorControls", "OperatorVerbs"]
@@ -81,6 +82,13 @@ class OperatorVerbs:
     _decisions: deque[Decision]
 
     applied_lrs: list[float]  # the engine's property
+    policies: list[Policy]
+    names: list[str]
+    _order: list[int]
+    _lrs: tuple[float, ...]
+    _stale: bool
+    _lrs_multiplier: float | None
+    _compute: Callable[[int], list[float]]
     @property
     def mode(self) -> str:
         """``active``, or ``shadow``: the policies decide, the LRs hold (see :meth:`set_mode`)."""
@@ -148,6 +156,36 @@ class OperatorVerbs:
             f"operator{'' if to is None else f' (at or before step {to})'}",
             {"snapshot_step": target, "requested": to, "incident_step": now,
              "steps_lost": now + lag + 1 - target})
+
+    def command(self, name: str, **args: Any) -> list[Decision]:
+        """An operator command for the one policy of the stack that takes it (``decay``,
+        ``cancel``: ``kind: wsd``), effective from the step after the last observed one.
+
+        The policy's state changes (and with it :meth:`state_dict`), so the command
+        survives a checkpoint; every path (controller, in-process) decides the same
+        LRs from it. ``ValueError`` when no policy, or more than one, takes ``name``, or
+        when the policy cannot do it now; nothing changes then.
+        """
+        takers = [i for i in self._order if name in self.policies[i].COMMANDS]
+        if len(takers) != 1:
+            which = ", ".join(self.names[i] for i in takers) or "none"
+            raise ValueError(f"{name!r} needs exactly one policy that takes it in the stack "
+                             f"(here: {which})")
+        i = takers[0]
+        step = -1 if self.last_step is None else self.last_step
+        before = list(self._lrs)
+        actions = self.policies[i].command(name, args, step)
+        self._stale = True
+        self._lrs = tuple(self._compute(step + 1))
+        self._lrs_multiplier = None
+        decisions = [Decision(
+            step=max(step, 0), policy=self.names[i], kind=self.policies[i].kind,
+            action=a.action, old_lrs=tuple(before), new_lrs=tuple(self._lrs), reason=a.reason,
+            evidence=a.evidence, policy_sha256=self.policy_sha256,
+            shadow=self.mode == "shadow") for a in actions]
+        self._decisions.extend(decisions)
+        self.decision_count += len(decisions)
+        return decisions
 
     def _operator_decision(self, action: str, before: Sequence[float], reason: str,
                            evidence: Mapping[str, Any], step: int | None = None) -> Decision:

@@ -64,7 +64,6 @@ from .stats import RobustWindow
 __all__ = ["LOSS_CONFIRMS", "MAX_ESCALATIONS", "Divergence"]
 
 _MIN_SIGMA = 1e-12
-_INF = math.inf
 log = math.log
 
 
@@ -109,27 +108,31 @@ class Divergence(LevelShift, RollbackEscalation, ReactivePolicy):
 
     def __init__(self, **params: Any) -> None:
         super().__init__(**params)
+        # What observe_plain() reads at every step, set first (for real below): the first
+        # entries of the instance's dict, a few cache lines (see the engine's).
+        self._log_both = False
+        self._cooldown = 0
+        self._stopped = False
+        self._nonfinite_run = 0  # non-finite observations in a row
+        self._clean = 0  # consecutive clean observations
+        self._regrow_at = 0
         if self.params["min_samples"] > self.params["window"]:
             raise ParamError("min_samples", f"must be <= window ({self.params['window']}), "
                              f"but got {self.params['min_samples']}: detection would never arm")
         size = self.params["window"]
-        self._loss = RobustWindow(size)
+        self._loss = RobustWindow(size)  # the judged losses
         self._gnorm = RobustWindow(size)  # log grad norms
         self._scale = 1.0
         self._spikes = 0  # spikes since the last back-off or clean interval
         self._backoffs = 0  # back-offs in the current incident
-        self._cooldown = 0
         self._cooldown_seen: list[tuple[float | None, float | None]] = []
         self._cooldown_spikes = 0
-        self._clean = 0  # consecutive clean observations
         self._escalation = 0  # back-offs in a row that did not take
 
         self._total_backoffs = 0
-        self._stopped = False
         self._rollbacks = 0  # rollbacks this run
         self._ceiling = 1.0  # the multiplier regrows to this (lower after a rollback)
         self._incident = -1  # the step of the current incident's first back-off
-        self._nonfinite_run = 0  # non-finite observations in a row
         self._now = -1  # the step being observed
         self._with_snapshots = False  # has backed off in a run whose hook keeps snapshots
         # The knobs read at every observation, as plain attributes (params are fixed).
@@ -141,8 +144,9 @@ class Divergence(LevelShift, RollbackEscalation, ReactivePolicy):
         self._grad_floor = max(p["min_sigma"] if p["grad_norm_min_sigma"] is None
                                else p["grad_norm_min_sigma"], _MIN_SIGMA)
         self._regrow_after = p["regrow_after"]
+        self._regrow_at = self._regrow_after - 1  # clean ones before this one: regrow now
         # The screens of observe()'s shortcut: log-scale statistics, both watched.
-        self._plain = not self._linear and self._watch_loss and self._watch_grad
+        self._log_both = not self._linear and self._watch_loss and self._watch_grad
         self._loss.screen(self._z, self._loss_floor, self._min_samples)
         self._gnorm.screen(self._z, self._grad_floor, self._min_samples)
 
@@ -151,49 +155,43 @@ class Divergence(LevelShift, RollbackEscalation, ReactivePolicy):
 
     # -- detection -----------------------------------------------------------
     def observe(self, obs: Observation, ctx: StepContext) -> list[Action]:
-        if self.observe_plain(obs.step, obs.loss, obs.grad_norm):
+        loss, gnorm = obs.loss, obs.grad_norm
+        if ((loss is None or loss - loss == 0.0) and (gnorm is None or gnorm - gnorm == 0.0)
+                and self.observe_plain(obs.step, loss, gnorm)):  # (finite, as it needs)
             return []
         return self._observe(obs, ctx)
 
     def observe_plain(self, step: int, loss: float | None, grad_norm: float | None) -> bool:
-        """The usual observation, told apart without the full rule (:meth:`_observe`):
-        finite positive statistics judged on the log scale, both watched, outside any
-        incident, no regrowth due, and no spike: below each window's screen (no spike,
-        or the window not armed yet; see RobustWindow.screen), else by the window's own
-        test, as :meth:`_judge` would judge it. Both values join their windows and the
-        observation counts as clean, as the full rule would have it."""
-        self._now = step
-        if (not self._plain or self._cooldown or self._stopped or self._nonfinite_run
-                or self._clean + 1 >= self._regrow_after):
+        """The usual observation without the full rule (:meth:`_observe`), to the same
+        verdict: positive statistics on the log scale, both watched, no incident, no
+        regrowth due, no spike (below each window's screen, else by its own test, as
+        :meth:`_judge` judges). Both join their windows; the observation is clean."""
+        if (not self._log_both or self._cooldown or self._stopped or self._nonfinite_run
+                or self._clean >= self._regrow_at or loss is None or not loss > 0.0):
             return False
-        if grad_norm is None:
-            if loss is None or not 0.0 < loss < _INF:
+        # (On the linear scale: the windows take the logs later, many at once: add_log.)
+        window, gwindow = self._loss, self._gnorm
+        if not (loss < window.exp_limit or self._clear(window, log(loss), self._loss_floor)):
+            return False
+        if grad_norm is not None:
+            if not (grad_norm > 0.0 and (grad_norm < gwindow.exp_limit or self._clear(
+                    gwindow, log(grad_norm), self._grad_floor))):
                 return False
-            value = log(loss)
-            window = self._loss
-            if not (value < window.limit
-                    or window.outlier(value, self._z, self._loss_floor) is None):
-                return False
-            window.add(value)
-        else:
-            if loss is None or not (0.0 < loss < _INF and 0.0 < grad_norm < _INF):
-                return False
-            value, log_gnorm = log(loss), log(grad_norm)
-            window, gwindow = self._loss, self._gnorm
-            if not ((value < window.limit
-                     or window.outlier(value, self._z, self._loss_floor) is None)
-                    and (log_gnorm < gwindow.limit
-                         or gwindow.outlier(log_gnorm, self._z, self._grad_floor) is None)):
-                return False
-            window.add(value)
-            gwindow.add(log_gnorm)
+            gwindow.add_log(grad_norm)
+        window.add_log(loss)
         self._clean += 1
         return True
+
+    def _clear(self, window: RobustWindow, value: float, floor: float) -> bool:
+        """No spike in ``value`` (a log): below the screen (or not armed), or not by the
+        window's own test."""
+        return value < window.limit or window.outlier(value, self._z, floor) is None
 
     def _observe(self, obs: Observation, ctx: StepContext) -> list[Action]:
         """The full rule for one observation (``observe`` takes a shortcut to the same
         verdict for the usual one)."""
         loss, gnorm = obs.loss, obs.grad_norm
+        self._now = obs.step
         if ((loss is not None and not math.isfinite(loss))
                 or (gnorm is not None and not math.isfinite(gnorm))):
             return self._nonfinite(obs, ctx)

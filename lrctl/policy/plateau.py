@@ -88,6 +88,13 @@ class Plateau(ReactivePolicy):
         self._test_wait = 0
         self._metric = self.params["metric"]  # read at every observation
         self._minimize = self.params["mode"] == "min"
+        self._margin = (self.params["threshold"] if self.params["threshold_mode"] == "rel"
+                        else 0.0)  # the trend test's
+        # observe_plain's way: 1 the loss, 2 the grad norm (test: trend), 0 a named metric
+        # (never in a plain observation), -1 none (the loss or grad norm, test: best).
+        self._pick = {"loss": 1, "grad_norm": 2}.get(self._metric, 0)
+        if self._pick and self._trend is None:
+            self._pick = -1
 
     def multiplier(self) -> float:
         return self._scale
@@ -147,6 +154,37 @@ class Plateau(ReactivePolicy):
                          f"{self._best:.6g} for {bad} observations (patience "
                          f"{self.params['patience']})")
 
+    def observe_plain(self, step: int, loss: float | None, grad_norm: float | None) -> bool:
+        """``test: trend`` on the usual observation (no flags: nothing before this policy
+        acted), as :meth:`_observe_trend` takes it, when no test is due or the test
+        surely says "fell" (TrendWindow.surely_fell); a named metric is never in it."""
+        pick = self._pick
+        if pick == 1:
+            raw = loss
+        elif pick == 2:
+            raw = grad_norm
+        else:
+            return pick == 0  # a named metric: observe() finds none; test: best declines
+        if raw is None:
+            return True
+        if self._cooldown_counter > 0:
+            self._cooldown_counter -= 1
+            return True
+        value = raw if self._minimize else -raw
+        window: TrendWindow = self._trend  # type: ignore[assignment]
+        if self._test_wait:  # the wait runs down once the window is full
+            if window.push(value):
+                self._test_wait -= 1
+            return True
+        if window.push_short(value):
+            return True  # (not full yet: no test)
+        # A test is due with this value in: take it here only when it surely says "fell".
+        if not window.surely_fell(self.params["alpha"], self._margin, pushing=value):
+            return False  # the test may act: observe() takes it
+        window.push(value)
+        self._test_wait = max(1, window.window // 8) - 1
+        return True
+
     def _observe_trend(self, raw: float, obs: Observation, ctx: StepContext) -> list[Action]:
         """``test: trend``: reduce when the window's fall is not significant."""
         window = self._trend
@@ -163,8 +201,10 @@ class Plateau(ReactivePolicy):
             self._test_wait -= 1
             return []
         self._test_wait = max(1, window.window // 8) - 1
-        margin = self.params["threshold"] if self.params["threshold_mode"] == "rel" else 0.0
-        result = window.test(self.params["alpha"], margin)
+        alpha, margin = self.params["alpha"], self._margin
+        if window.surely_fell(alpha, margin):  # (the test's verdict, at a fraction of it)
+            return []
+        result = window.test(alpha, margin)
         if result is None or result.verdict == "fell":
             return []
         sign = 1.0 if self.params["mode"] == "min" else -1.0

@@ -27,10 +27,13 @@ autocorrelation, and each verdict has a stated false-positive rate.
   (``window ≥ 20 tau``: 40 for i.i.d. noise, 400 for ``phi = 0.9``);
   ``tests/policy/test_stats_properties.py`` checks it. A *stall* is "not fell":
   it is the verdict on a flat series, and on a falling one it fires only when
-  the fall per half-window is lost in the noise.
-* :class:`RobustWindow`: median and IQR-based σ of a rolling window, for spike
-  z-scores (the divergence guard's "spiked": ``z`` robust σ above the median;
-  at ``z = 6`` a normal value exceeds it with probability 1e-9 per step).
+  the fall per half-window is lost in the noise. :meth:`TrendWindow.surely_fell`
+  tells a certain "fell" from a cheap bound (:mod:`._trend_bound`), so that a
+  caller runs the test only when it may act.
+* :class:`RobustWindow` (:mod:`._robust`): median and IQR-based σ of a rolling
+  window, for spike z-scores (the divergence guard's "spiked": ``z`` robust σ
+  above the median; at ``z = 6`` a normal value exceeds it with probability 1e-9
+  per step), with a screen that tells ordinary values apart at a comparison.
 
 Everything here is pure, deterministic and JSON-serialisable through the
 owning policy's ``state_dict``.
@@ -40,11 +43,13 @@ from __future__ import annotations
 
 import functools
 import math
-from bisect import bisect_left, insort
 from collections import deque
 from itertools import islice, repeat
 from operator import mul, sub
 from statistics import NormalDist
+
+from ._robust import RobustWindow
+from ._trend_bound import RHO_MAX, surely_fell
 
 __all__ = ["FALSE_VERDICT_RATE", "RobustWindow", "SmoothedLevel", "TrendTest", "TrendWindow",
            "z_for"]
@@ -53,7 +58,7 @@ __all__ = ["FALSE_VERDICT_RATE", "RobustWindow", "SmoothedLevel", "TrendTest", "
 #: for the default ``alpha`` of 0.01; measured rates are lower (the property tests).
 FALSE_VERDICT_RATE = 0.05
 _INF = math.inf
-_RHO_MAX = 0.95  # an autocorrelation estimate above this is clipped (tau ≤ 39)
+_RHO_MAX = RHO_MAX  # an autocorrelation estimate above this is clipped (tau ≤ 39)
 
 
 @functools.lru_cache(maxsize=64)
@@ -137,8 +142,20 @@ class TrendWindow:
     def full(self) -> bool:
         return len(self._values) == self.window
 
-    def push(self, x: float) -> None:
-        self._values.append(x)
+    def push(self, x: float) -> bool:
+        """Append ``x`` (the oldest value leaves a full window); whether it is full now."""
+        values = self._values
+        values.append(x)
+        return len(values) == self.window
+
+    def push_short(self, x: float) -> bool:
+        """Append ``x`` unless the window would then be full (it is not yet); whether it
+        did."""
+        values = self._values
+        if len(values) + 1 < self.window:
+            values.append(x)
+            return True
+        return False
 
     def clear(self) -> None:
         self._values.clear()
@@ -148,6 +165,22 @@ class TrendWindow:
 
     def load(self, values: list[float]) -> None:
         self._values = deque(values[-self.window:], maxlen=self.window)
+
+    def surely_fell(self, alpha: float = 0.01, margin: float = 0.0, delta: float = 0.0,
+                    pushing: float | None = None) -> bool:
+        """True only when :meth:`test` (with these arguments; after pushing ``pushing``,
+        when given) would say "fell", told from a bound at a fraction of its cost
+        (:mod:`lrctl.policy._trend_bound`). False: it may say anything, or the window
+        is not full."""
+        values = self._values
+        if len(values) + (pushing is not None) < self.window:
+            return False
+        data = list(values)
+        if pushing is not None:
+            data.append(pushing)
+            if len(data) > self.window:
+                del data[0]
+        return surely_fell(data, z_for(alpha), margin, delta)
 
     def test(self, alpha: float = 0.01, margin: float = 0.0,
              delta: float = 0.0) -> TrendTest | None:
@@ -210,176 +243,3 @@ def _centred_index(n: int) -> tuple[tuple[float, ...], float]:
     """``i - centre`` for ``i < n`` and their sum of squares ``sxx``, for :func:`_detrended`."""
     centre = (n - 1) / 2.0
     return tuple(i - centre for i in range(n)), n * (n * n - 1) / 12.0
-
-
-class RobustWindow:
-    """Median and IQR-based scale of the last ``size`` values, O(size) per update.
-
-    The values are kept twice: in a ring buffer in arrival order (to know which one
-    leaves) and sorted (to read the quantiles), each changed in place by one insertion
-    and one removal per value. The statistics are computed once per change of the window
-    (:meth:`stats`); ``count`` is ``len(window)``.
-
-    A window can also keep a *screen* for one outlier rule (:meth:`screen`): ``limit``,
-    below which a value needs no judging, kept up to date at every change for the price
-    of an addition, so that an ordinary value is told apart without a call.
-    """
-
-    __slots__ = ("_armed_at", "_head", "_mid", "_pos", "_quick", "_ring", "_sorted",
-                 "_stats", "count", "limit", "size")
-
-    def __init__(self, size: int) -> None:
-        self.size = size
-        self.count = 0
-        self._ring: list[float] = []  # arrival order; once full, _head is the oldest
-        self._head = 0
-        self._sorted: list[float] = []
-        self._stats: tuple[float, float] | None = None  # (median, sigma) of this window
-        self._pos = _positions(0)  # where the quartiles of `count` values fall
-        self._mid = 0  # the sorted index just below the middle (the median's `lo`)
-        # No screen: `limit` stays -inf (or NaN), so no value passes it.
-        self._quick = -_INF
-        self._armed_at = 0
-        self.limit = -_INF
-
-    def __len__(self) -> int:
-        return self.count
-
-    def add(self, value: float) -> None:
-        data = self._sorted
-        insort(data, value)
-        count = self.count
-        if count == self.size:  # full: the oldest value leaves, in both orders
-            ring, head = self._ring, self._head
-            del data[bisect_left(data, ring[head])]
-            ring[head] = value
-            head += 1
-            self._head = 0 if head == count else head
-        else:
-            self._ring.append(value)
-            self.count = count = count + 1
-            self._pos = pos = _positions(count)
-            self._mid = pos[1][0]
-        self._stats = None
-        # The screen (see screen()): one comparison and one addition per value.
-        if count < self._armed_at:
-            self.limit = _INF
-        elif data[-1] - data[0] < _INF:
-            self.limit = data[self._mid] + self._quick
-        else:
-            self.limit = -_INF
-
-    def screen(self, z_max: float, floor: float, armed_at: int = 0) -> None:
-        """Keep :attr:`limit` for the rule ``outlier(value, z_max, floor)`` (``z_max``
-        and ``floor`` > 0) of a caller that judges no value before the window holds
-        ``armed_at`` values: a value below ``limit`` is no outlier by that rule, or the
-        window is not armed yet (``limit`` is then ``inf``). A value at or above it may
-        be either: the full rule decides.
-
-        ``limit`` is the sorted value just below the middle (never above the median)
-        plus half of ``z_max × floor`` (never above half of ``z_max × σ``): a value
-        below it is less than ``z_max / 2`` robust σ above the median (see
-        :meth:`outlier`, whose shortcut this is, with the addition done at each change
-        of the window instead of a subtraction at each value). A window whose range
-        overflows gets ``-inf``: no value passes, and the full rule decides.
-        """
-        self._quick = 0.5 * z_max * floor
-        self._armed_at = armed_at
-        self._update_limit()
-
-    def _update_limit(self) -> None:
-        data = self._sorted
-        if self.count < self._armed_at:
-            self.limit = _INF
-        elif data and data[-1] - data[0] < _INF:
-            self.limit = data[self._mid] + self._quick
-        else:
-            self.limit = -_INF
-
-    def _quantile(self, q: float) -> float:
-        data = self._sorted
-        pos = q * (len(data) - 1)
-        lo = math.floor(pos)
-        hi = min(lo + 1, len(data) - 1)
-        return data[lo] + (data[hi] - data[lo]) * (pos - lo)
-
-    def stats(self) -> tuple[float, float]:
-        """``(median(), sigma())``, computed once until the window changes.
-
-        The same arithmetic as :meth:`_quantile`, with the positions for this length
-        worked out once (``IndexError`` on an empty window, as ``_quantile`` raises).
-        """
-        stats = self._stats
-        if stats is None:
-            data = self._sorted
-            (l25, h25, f25), (l50, h50, f50), (l75, h75, f75) = self._pos
-            q25 = data[l25] + (data[h25] - data[l25]) * f25
-            median = data[l50] + (data[h50] - data[l50]) * f50
-            q75 = data[l75] + (data[h75] - data[l75]) * f75
-            stats = self._stats = (median, (q75 - q25) / 1.349)
-        return stats
-
-    def outlier(self, value: float, z_max: float,
-                floor: float) -> tuple[float, float, float] | None:
-        """``(median, sigma, z)`` when ``value`` lies more than ``z_max > 0`` robust σ
-        above the median, σ being ``max(sigma(), floor)`` with ``floor > 0``; else ``None``.
-
-        Most values are no outliers, and most are told apart without the quartiles:
-        the median is at least the sorted value just below the middle, and σ at least
-        ``floor``, so a value less than half of ``z_max × floor`` above that sorted
-        value has a z below about ``z_max / 2`` (rounding is monotone, and tiny next to
-        the factor 2). When the window's range overflows, its quartiles can be NaN:
-        then the full computation decides, as always. (``tests/policy/
-        test_stats_fastpath.py`` checks both ways agree bit for bit.)
-        """
-        stats = self._stats
-        if stats is None:
-            data = self._sorted
-            below_middle = data[self._mid]
-            if (value - below_middle < 0.5 * z_max * floor
-                    and data[-1] - data[0] < _INF):
-                return None
-            stats = self.stats()
-        median, sigma = stats
-        sigma = max(sigma, floor)
-        z = (value - median) / sigma
-        if z <= z_max:
-            return None
-        return median, sigma, z
-
-    def median(self) -> float:
-        return self.stats()[0]
-
-    def sigma(self) -> float:
-        """Robust standard deviation: IQR / 1.349 (exact for a normal distribution)."""
-        return self.stats()[1]
-
-    def values(self) -> list[float]:
-        """The values in arrival order, oldest first."""
-        ring, head = self._ring, self._head
-        return ring[head:] + ring[:head]
-
-    def load(self, values: list[float]) -> None:
-        self._stats = None
-        self._ring = list(values[-self.size:])
-        self._head = 0
-        self._sorted = sorted(self._ring)
-        self.count = len(self._ring)
-        self._pos = _positions(self.count)
-        self._mid = self._pos[1][0]
-        self._update_limit()
-
-
-_Position = tuple[int, int, float]
-
-
-@functools.lru_cache(maxsize=64)
-def _positions(n: int) -> tuple[_Position, _Position, _Position]:
-    """Where the 0.25, 0.5 and 0.75 quantiles of ``n`` sorted values fall: ``(lo, hi,
-    pos - lo)`` as :meth:`RobustWindow._quantile` computes them."""
-    out = []
-    for q in (0.25, 0.5, 0.75):
-        pos = q * (n - 1)
-        lo = math.floor(pos)
-        out.append((lo, min(lo + 1, n - 1), pos - lo))
-    return out[0], out[1], out[2]
