@@ -20,6 +20,7 @@ with the token: the controller reads nothing large from a peer before that.
 from __future__ import annotations
 
 import logging
+import os
 import select
 import socket
 import time
@@ -41,6 +42,12 @@ MAX_PENDING_OUT = 4 << 20
 RECV_SIZE = 1 << 16
 _READABLE = select.POLLIN | select.POLLPRI | select.POLLERR | select.POLLHUP
 
+#: How long :meth:`Link.wait` checks for the answer without sleeping before it blocks in
+#: ``poll``: a sync hook's round trip is ~100 µs, and waking a thread that slept in
+#: ``poll`` costs tens of µs on a VM (the training thread waits either way). Not on a
+#: single CPU, where the spin would hold the core the controller needs to answer.
+SPIN_S = 200e-6 if (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+                    else os.cpu_count() or 1) > 1 else 0.0
 RESPAWN_AFTER_S = 2.0
 RESPAWN_EVERY_S = 30.0
 
@@ -58,6 +65,7 @@ class Link:
         self.address = address
         self.hello = dict(hello)  # its resume_token follows the welcomes
         self.token = token  # TCP: shown in an ``auth`` frame before the hello
+        self.spin_s = SPIN_S
         self.on_message = on_message
         self.warn = warn
         self.max_backoff = max_backoff
@@ -178,9 +186,13 @@ class Link:
     def wait(self, done: Callable[[], bool], timeout: float) -> bool:
         """Read until ``done()`` or the timeout; False on timeout or a lost connection."""
         deadline = time.monotonic() + timeout
+        spin_until = time.perf_counter() + min(self.spin_s, timeout)
         while not done():
             if self._sock is None:
                 return False
+            if not self._out and time.perf_counter() < spin_until:
+                self._read()  # non-blocking: one poll(0), a recv when something came
+                continue
             left = deadline - time.monotonic()
             if left <= 0:
                 return False

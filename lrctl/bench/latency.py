@@ -3,7 +3,9 @@
 * **sync**: the time ``ctl.step(loss, grad_norm=g)`` blocks in sync mode (send,
   controller, reply), per step inside a digits training loop, as a
   distribution; next to it the same round trip back to back (no training in
-  between), which shows what the loop's cold caches and vCPU wake-ups add.
+  between), which shows what the loop's cold caches and vCPU wake-ups add, and
+  the loop again with a hook that sleeps in ``poll`` at once instead of checking
+  for the answer for up to ``SPIN_S`` first (what waking the hook costs).
 * **async**: the share of steps at whose ``optimizer.step()`` the answer to the
   previous step's observation is in hand (and so its LRs are in effect: the
   pre-step hook applies them), for both orders of ``ctl.step`` and
@@ -31,6 +33,9 @@ __all__ = ["SUITE", "LatencyConfig", "run_latency"]
 SYNC_P50_US = 100.0
 SYNC_P99_US = 1000.0
 ASYNC_IN_TIME = 0.995
+#: The loop arm again with a hook that blocks in ``poll`` at once (no spin before it):
+#: what :data:`lrctl._link.SPIN_S` buys, side by side.
+NO_SPIN = "sync, same loop, hook without its spin (sleeps in poll at once)"
 
 
 @dataclass
@@ -118,6 +123,17 @@ def run_latency(cfg: LatencyConfig, progress: Progress | None = None) -> dict[st
                     sync_samples[name] = []
                     arms[name] = (lambda c=ctl, t=tr, i=in_loop, s=sync_samples[name]:
                                   _sync_arm(c, t, cfg.steps, i, s))
+                if not label:  # the same loop with a hook that sleeps in poll at once
+                    tr = Trainer("digits")
+                    ctl = lrctl.attach(tr.opt, socket=srv.socket, spawn=False, sync=True,
+                                       run_name="bench-latency")
+                    ctls.append(ctl)
+                    if ctl._link is not None:
+                        ctl._link.spin_s = 0.0
+                    name = NO_SPIN
+                    sync_samples[name] = []
+                    arms[name] = (lambda c=ctl, t=tr, s=sync_samples[name]:
+                                  _sync_arm(c, t, cfg.steps, True, s))
                 for before in (True, False):
                     tr = Trainer("digits")
                     ctl = lrctl.attach(tr.opt, socket=srv.socket, spawn=False,

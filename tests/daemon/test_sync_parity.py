@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import signal
 from pathlib import Path
 
 import pytest
@@ -50,6 +51,30 @@ def test_sync_matches_load_policy(controller: ControllerProc, policy: str) -> No
         assert [d.to_dict() for d in ctl.decisions] == [d.to_dict() for d in engine.decisions]
         assert ctl.should_stop == engine.should_stop
     assert [g["lr"] for g in opt.param_groups] == engine.applied_lrs
+
+
+@pytest.mark.parametrize("spin_s", [0.0, 1000.0])
+def test_the_wait_finds_each_answer_with_or_without_its_spin(
+        controller: ControllerProc, spin_s: float) -> None:
+    """The sync wait checks for the answer without sleeping for up to ``spin_s`` first:
+    it returns as soon as the answer is in (a 1000 s spin that missed it would hang the
+    test), the decisions are those of the engine, and a stalled controller still costs
+    the sync timeout, not the spin."""
+    path = str(POLICIES / "divergence.yaml")
+    opt = _optimizer([0.1])
+    curve = losses(300, seed=4, spikes=(120, 121))
+    with lrctl.attach(opt, policy=path, sync=True, spawn=False, timeout=0.2) as ctl:
+        assert ctl._link is not None
+        ctl._link.spin_s = spin_s
+        engine = lrctl.load_policy(path, [0.1])
+        assert _drive(ctl, engine, curve) == []
+        assert engine.decisions and len(ctl.decisions) == len(engine.decisions)
+        controller.proc.send_signal(signal.SIGSTOP)  # type: ignore[union-attr]
+        try:
+            with pytest.warns(RuntimeWarning, match="no decision within"):
+                ctl.step(1.0, grad_norm=1.0)
+        finally:
+            controller.proc.send_signal(signal.SIGCONT)  # type: ignore[union-attr]
 
 
 def test_dict_and_text_policies_and_tensor_lrs_in_place(controller: ControllerProc) -> None:
