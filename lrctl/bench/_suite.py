@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ._targets import Target
+
 __all__ = ["ARM_NAMES", "BASE_ARMS", "LEGACY_TASKS", "TASK_NAMES", "Progress", "Suite"]
 
 # Names only, so that building the command line does not import torch; the tests
@@ -40,3 +42,5 @@ class Suite:
     run: Callable[[argparse.Namespace, Progress], dict[str, Any]]
     #: Renders the result as Markdown; may write files (plots) under the given folder.
     render: Callable[[dict[str, Any], Path], str]
+    #: The figures the suite judges against a target (``lrctl bench all`` lists them first).
+    targets: Callable[[dict[str, Any]], list[Target]] | None = None

@@ -1,7 +1,8 @@
 """``lrctl bench all``: every other suite in turn, one report.
 
 Each suite runs with its own defaults (or its ``--quick`` size) and the shared
-options given to ``all``; the report is the suites' sections in
+options given to ``all``; the report starts with every target the suites judge
+(:mod:`._targets`: the table the README shows), then the suites' sections in
 :data:`lrctl.bench.SUITE_MODULES` order.
 """
 
@@ -13,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from ._suite import Progress, Suite
+from ._targets import Target, table
 
 __all__ = ["SUITE"]
 
@@ -41,13 +43,18 @@ def _run(args: argparse.Namespace, progress: Progress) -> dict[str, Any]:
             progress(f"{name}: {line}", done, total)
 
         results[suite.name] = suite.run(ns, prefixed)
-    return {"suites": results}
+    by_name = {s.name: s for s in _suites()}
+    targets = {name: [t.to_dict() for t in by_name[name].targets(r)]  # type: ignore[misc]
+               for name, r in results.items() if by_name[name].targets is not None}
+    return {"suites": results, "targets": targets}
 
 
 def _render(result: dict[str, Any], out: Path) -> str:
     by_name = {s.name: s for s in _suites()}
-    return "\n".join(f"#### {name}\n\n{by_name[name].render(r, out)}"
-                     for name, r in result["suites"].items())
+    glance = {name: [Target(**t) for t in ts] for name, ts in result.get("targets", {}).items()}
+    head = f"#### targets at a glance\n\n{table(glance)}\n" if glance else ""
+    return head + "\n".join(f"#### {name}\n\n{by_name[name].render(r, out)}"
+                            for name, r in result["suites"].items())
 
 
 def _add_arguments(p: argparse.ArgumentParser) -> None:

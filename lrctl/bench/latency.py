@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from ._suite import Progress, Suite
+from ._targets import Target
 from ._timing import interleave, quantile, summary
 
 __all__ = ["SUITE", "LatencyConfig", "run_latency"]
@@ -207,5 +208,18 @@ def _run(args: argparse.Namespace, progress: Progress) -> dict[str, Any]:
     return run_latency(cfg, progress)
 
 
+def _targets(result: dict[str, Any]) -> list[Target]:
+    out = []
+    for r in result["sync"]:
+        if r["ok_p50"] is not None:
+            out += [Target(f"{r['arm']}: p50", f"≤ {SYNC_P50_US:g} µs",
+                           f"{r['us']['median']:.0f} µs", r["ok_p50"]),
+                    Target(f"{r['arm']}: p99", f"≤ {SYNC_P99_US:g} µs",
+                           f"{r['us']['p99']:.0f} µs", r["ok_p99"])]
+    return out + [Target(f"{r['arm']}: decisions in effect at t+1", f"≥ {ASYNC_IN_TIME:.1%}",
+                         f"{r['in_time']}/{r['steps']} ({r['share']:.2%})", r["ok"])
+                  for r in result["async"]]
+
+
 SUITE = Suite("latency", "sync round trip in a training loop; async decisions in effect at t+1",
-              _add_arguments, _run, _render)
+              _add_arguments, _run, _render, _targets)

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from ._suite import Progress, Suite
+from ._targets import Target, row_targets
 from ._timing import Row, interleave, ratios, rows_table, summary
 
 __all__ = ["SUITE", "MlflowConfig", "run_mlflow"]
@@ -235,5 +236,12 @@ def _run(args: argparse.Namespace, progress: Progress) -> dict[str, Any]:
     return run_mlflow(cfg, progress)
 
 
+def _targets(result: dict[str, Any]) -> list[Target]:
+    ship = result["shipping"]
+    return [Target("points shipped into a sqlite store", f"≥ {POINTS_MIN:,.0f}/s",
+                   f"{ship['per_s']['median']:,.0f}/s", ship["ok"]),
+            *row_targets(result["overhead"], "while MLflow is slow: ")]
+
+
 SUITE = Suite("mlflow", "points/s shipped into MLflow; hook overhead while MLflow is slow",
-              _add_arguments, _run, _render)
+              _add_arguments, _run, _render, _targets)

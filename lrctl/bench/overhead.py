@@ -33,6 +33,7 @@ from typing import Any
 
 from .._defaults import DEFAULT_POLICY, POLICIES
 from ._suite import LEGACY_TASKS, Progress, Suite
+from ._targets import Target, row_targets
 from ._timing import Row, interleave, ratios, rows_table, summary
 from ._trainer import Trainer, timed_loop
 
@@ -393,5 +394,10 @@ def _render(result: dict[str, Any], out: Path) -> str:
     return "\n".join(parts)
 
 
+def _targets(result: dict[str, Any]) -> list[Target]:
+    out = [t for task, rows in result["step"].items() for t in row_targets(rows, f"{task} step: ")]
+    return out + row_targets(result["hook"], "per call in a digits loop: ")
+
+
 SUITE = Suite("overhead", "what the hook adds to a training step (ratios to a bare step and "
-                          "to an in-loop scheduler)", _add_arguments, _run, _render)
+                          "to an in-loop scheduler)", _add_arguments, _run, _render, _targets)

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from ._suite import Progress, Suite
+from ._targets import Target
 from ._timing import summary
 
 __all__ = ["SUITE", "ReloadConfig", "run_reload"]
@@ -127,5 +128,13 @@ def _run(args: argparse.Namespace, progress: Progress) -> dict[str, Any]:
     return run_reload(cfg, progress)
 
 
+def _targets(result: dict[str, Any]) -> list[Target]:
+    s = result["ms"]
+    return [Target("policy file edit to effect at the optimizer",
+                   f"p99 ≤ {P99_MS:g} ms, no edit missed",
+                   f"p50 {s['median']:.0f} ms, p99 {s['p99']:.0f} ms over "
+                   f"{int(s['n'])} edits, {result['missed']} missed", result["ok"])]
+
+
 SUITE = Suite("reload", "edit-to-effect time of a watched policy file, at the optimizer",
-              _add_arguments, _run, _render)
+              _add_arguments, _run, _render, _targets)

@@ -35,6 +35,7 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -42,6 +43,7 @@ from typing import Any
 from ..wire.operator import request
 from ._simrun import SimSpec
 from ._suite import Progress, Suite
+from ._targets import Target, row_targets
 from ._timing import quantile, summary
 
 __all__ = ["SUITE", "ThroughputConfig", "run_throughput"]
@@ -417,5 +419,22 @@ def _run(args: argparse.Namespace, progress: Progress) -> dict[str, Any]:
     return run_throughput(cfg, progress)
 
 
+def _measured(r: Mapping[str, Any]) -> str:
+    lat, cpu = r["latency_us"], r["cpu_share"]["median"]
+    if r.get("churn"):
+        return (f"p99 {lat['p99'] / 1000:.1f} ms (max {lat['max'] / 1000:.0f} ms), controller "
+                f"{cpu:.0%} of a core, {r['decisions_mlflow']} of {r['decisions_journaled']} "
+                f"decisions in MLflow ({'exactly once' if r['decisions_exact'] else 'not exact'})")
+    if "offered_per_s" in r:
+        return (f"{cpu:.0%} of a core ({r['cpu_share_at_offered']:.0%} at the full rate), "
+                f"{r['per_s']['median']:,.0f} of {r['offered_per_s']:,.0f} obs/s answered")
+    return (f"{r['per_s']['median']:,.0f} obs/s, p99 {lat['p99']:,.0f} µs, "
+            f"{r['cpu_us_per_obs']['median']:.1f} µs of controller CPU per observation")
+
+
+def _targets(result: dict[str, Any]) -> list[Target]:
+    return row_targets(result["rows"], measured=_measured)
+
+
 SUITE = Suite("throughput", "observations/s and controller CPU with many concurrent runs",
-              _add_arguments, _run, _render)
+              _add_arguments, _run, _render, _targets)

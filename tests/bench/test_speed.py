@@ -94,7 +94,7 @@ def test_quick_overhead_structure() -> None:
 
 def test_quick_latency_structure() -> None:
     result = run_latency(LatencyConfig(rounds=1, steps=6))
-    assert len(result["sync"]) == 4 and len(result["async"]) == 4
+    assert len(result["sync"]) == 5 and len(result["async"]) == 4  # 5: the loop without spin
     for r in result["sync"]:
         assert r["us"]["n"] == 6 and r["us"]["median"] > 0
     for r in result["async"]:
@@ -148,10 +148,21 @@ def test_cli_json_and_markdown(tmp_path: Path, capsys: pytest.CaptureFixture[str
 
 
 def test_all_runs_the_chosen_suites(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    rc = main(["bench", "all", "--quick", "--only", "throughput", "--out", str(tmp_path), "-q"])
+    out = tmp_path / "all.json"
+    rc = main(["bench", "all", "--quick", "--only", "throughput", "--out", str(tmp_path), "-q",
+               "--json", str(out)])
     assert rc == 0
     printed = capsys.readouterr().out
     assert "#### throughput" in printed and "#### overhead" not in printed
+    # The targets come first, one line per judged figure, from the same result.
+    assert printed.index("#### targets at a glance") < printed.index("#### throughput")
+    saved = json.loads(out.read_text())
+    rows = saved["targets"]["throughput"]
+    judged = [r for r in saved["suites"]["throughput"]["rows"] if r["target"]]
+    assert [t["target"] for t in rows] == [r["target"] for r in judged] and rows
+    assert [t["ok"] for t in rows] == [r["ok"] for r in judged]
+    for t in rows:
+        assert f"| throughput | {t['what']} | {t['target']} | {t['measured']} |" in printed
 
 
 def test_quick_mlflow_structure(tmp_path: Path) -> None:
