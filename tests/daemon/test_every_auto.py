@@ -24,8 +24,11 @@ def _grad(t: int) -> float:
     return 1.0 + (t % 7) * 0.1
 
 
-def _run(curve: list[float], k: int | None) -> tuple[list[dict], list[float], int]:
-    """Decisions, the LR each optimizer step used, the last step reported."""
+def _run(curve: list[float], k: int | None, quiet_path: bool = True,
+         frames: list[dict] | None = None) -> tuple[list[dict], list[float], int]:
+    """Decisions, the LR each optimizer step used, the last step reported. ``quiet_path``
+    False: every step takes the full way (``_held_quietly`` always declines);
+    ``frames``: collects the observations sent."""
     path = str(POLICIES / "default.yaml")
     opt = _optimizer()
     with lrctl.attach(opt, policy=path, every="auto" if k else 1, spawn=False,
@@ -33,11 +36,19 @@ def _run(curve: list[float], k: int | None) -> tuple[list[dict], list[float], in
         if k:
             assert ctl._batch is not None
             ctl._batch.fix_k(k)  # what the timings would choose on a fast loop
+        if not quiet_path:
+            ctl._held_quietly = lambda *args: False  # type: ignore[method-assign]
+        if frames is not None:
+            assert ctl._link is not None
+            send = ctl._link.send_obs
+            ctl._link.send_obs = lambda t, frame: (  # type: ignore[method-assign]
+                frames.extend(decode_body(frame[4:]) for _ in [0]), send(t, frame))
         applied: list[float] = []
         for t, loss in enumerate(curve):
             ctl.step(loss, grad_norm=_grad(t))
             opt.step()
             applied.append(opt.param_groups[0]["lr"])
+        assert ctl.steps_taken == len(curve)
     return [d.to_dict() for d in ctl.decisions], applied, ctl._reported
 
 
@@ -60,6 +71,36 @@ def test_batched_reports_decide_what_per_step_reports_decide(
     for d in checked:
         assert math.isclose(batched_lrs[d["step"] + 1], d["new_lrs"][0]), d
         assert batched_lrs[d["step"] + 1] == per_step_lrs[d["step"] + 1]
+
+
+def test_the_quiet_path_does_what_the_full_way_does(
+        controller: ControllerProc, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A quiet step's shortcut (``Controller._held_quietly``) sends the same frames and
+    gets the same decisions as the full way, with each back-off in effect at t + 1; and
+    it is taken on most steps (so this compares something)."""
+    curve = losses(700, seed=5, spikes=(250, 251, 480))
+    curve[400] = float("nan")
+    taken = 0
+    real = lrctl.Controller._held_quietly
+
+    def counting(self: lrctl.Controller, *args: object) -> bool:
+        nonlocal taken
+        held = real(self, *args)  # type: ignore[arg-type]
+        taken += held
+        return held
+
+    monkeypatch.setattr(lrctl.Controller, "_held_quietly", counting)
+    quick_frames: list[dict] = []
+    quick = _run(curve, 8, frames=quick_frames)
+    assert taken > len(curve) // 2
+    full_frames: list[dict] = []
+    full = _run(curve, 8, quiet_path=False, frames=full_frames)
+    assert full_frames == quick_frames
+    assert full[0] == quick[0] and full[2] == quick[2]  # the decisions, the last report
+    # A full batch's answer applies when it arrives (timing); a back-off's at t + 1:
+    for d in quick[0]:
+        if d["action"] == "backoff" and math.isfinite(curve[d["step"] + 1]):
+            assert full[1][d["step"] + 1] == quick[1][d["step"] + 1] == d["new_lrs"][0]
 
 
 def test_quiet_steps_report_in_batches_and_close_flushes_them(
