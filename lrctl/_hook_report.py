@@ -1,6 +1,7 @@
 """What the hook reports at each step: the local non-finite guard's verdict, the
 statistics (computed, unscaled, staged off the device without a host sync), and
-the ``obs`` frame, waiting for its answer in sync mode.
+the ``obs`` frame, waiting for its answer in sync mode; ``every="auto"``'s quiet
+steps, which only join the pending batch, take a short way.
 
 A mixin of :class:`~lrctl.hook.Controller`, whose attributes these methods use.
 """
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from time import perf_counter
 from types import MappingProxyType
 from typing import Any
 
@@ -29,6 +31,72 @@ _NO_METRICS: Mapping[str, Any] = MappingProxyType({})
 
 class Reporting:
     """The statistics of a step, out (see the module docstring)."""
+
+    def _held_quietly(self, batch: Batching, began: float, loss: float,
+                      grad_norm: float | None) -> bool:
+        """``every="auto"``: a quiet step (host floats, nothing standing out, nothing
+        to read or send) only joins the pending batch. Does exactly what
+        :meth:`_step_fully` does for such a step, touching a few attributes instead of
+        a dozen objects: inside a training loop, Python's cost is its cold cache lines.
+        False, having done nothing, for any other step."""
+        link = self._link
+        if (self._acked < self._reported or link is None or link.fatal is not None
+                or not link.idle or self._metrics
+                or self.scaler is not None or self._restored_unreported is not None
+                or not self._order_known or self._rollbacks is not None
+                or (self._staging.used and self._staging) or self._writer.loop_mode
+                or self.sync or self._dist.world_size > 1 or batch.due(loss, grad_norm)):
+            return False
+        t = self._step
+        self._step = t + 1
+        self.should_skip = False
+        self._count_calls()
+        self._guard.clear()  # a verdict whose optimizer step never came (as _guard_step)
+        self.rolled_back = None
+        batch.hold(t, loss, grad_norm)
+        self._excused = False
+        batch.spent(perf_counter() - began, False)
+        return True
+
+    def _step_fully(self, batch: Batching | None, began: float, loss: Any, grad_norm: Any,
+                    scaler: Any) -> None:
+        """Every step the quiet path does not take: see :meth:`step`."""
+        t = self._step
+        self._step = t + 1
+        self.should_skip = False
+        if scaler is not None:
+            self.scaler = scaler
+        self._count_calls()
+        if self._writer.loop_mode:
+            self._apply()  # read the LR the loop set for this step: it is reported
+        overflows = self.overflows
+        loss, grad_norm, reporting = self._guard_step(t, loss, grad_norm)
+        self.rolled_back = self._rollbacks.step(t) if self._rollbacks else None
+        if self.rolled_back is not None:  # this step's gradients are of the old weights
+            self._restored_unreported = self.rolled_back
+            self.should_skip = True
+            self._guard.veto()
+            reporting = True
+        link = self._link
+        if link is None or link.fatal is not None:
+            if batch is not None:
+                batch.clear()  # unreported, as any step is while the link is down
+        else:
+            if reporting:
+                self._report(t, loss, grad_norm)
+            elif batch is not None:
+                batch.hold(t, loss, grad_norm)
+            # Between reports with every answer in, there is nothing to read: such
+            # steps cost next to nothing, so every=N divides the hook's cost by N.
+            if (self._acked < self._reported or not link.idle
+                    or (self._staging.used and self._staging)):
+                self._pump()
+            if self.sync and self._reported == t:
+                self._wait_for(t)
+        # A step the loop may rightly not take (a scaler overflow, should_skip).
+        self._excused = self.should_skip or self.overflows != overflows
+        if batch is not None:
+            batch.spent(perf_counter() - began, reporting)
 
     def _guard_step(self, t: int, loss: Any, grad_norm: Any) -> tuple[Any, Any, bool]:
         """The local non-finite guard (see :mod:`lrctl._guard`); returns the statistics
