@@ -70,8 +70,9 @@ class Batching:
         self._block_steps = 0
         self._block_loss = -_INF
         self._block_grad = -_INF
-        self._last_call: float | None = None
-        self._interval = 0.0  # EWMA of the time between step() calls
+        self._last_call: float | None = None  # when the last full-way step() began
+        self._last_tick = -1  # and its step number
+        self._interval = 0.0  # EWMA of the time per step
         self._report_cost = 0.0  # EWMA of the hook's time on a report step
         self._quiet_cost = 0.0  # and on a step that only holds its values
         self._this_report = 0.0  # the latest report's cost so far (its answer comes later)
@@ -85,6 +86,16 @@ class Batching:
             self.urgent = True
             return True
         return len(self.losses) + 1 >= self.k
+
+    def hold_if_quiet(self, step: int, loss: float, grad: float | None) -> bool:
+        """:meth:`due` and, when the step is not, :meth:`hold`, in one call (the hook's
+        quiet way); False, having held nothing, when the step reports."""
+        if (not -_INF < loss <= self._loss_above
+                or (grad is not None and not -_INF < grad <= self._grad_above)
+                or len(self.losses) + 1 >= self.k):
+            return False
+        self.hold(step, loss, grad)
+        return True
 
     def hold(self, step: int, loss: float, grad: float | None) -> None:
         """A quiet step: its values go with the next report."""
@@ -138,23 +149,30 @@ class Batching:
         self._grad_above = max((b[1] for b in blocks if b[1] < _INF), default=-_INF)
 
     # -- what reporting costs ----------------------------------------------------------------
-    def tick(self, now: float) -> None:
-        """A ``step()`` call began at ``now`` (``time.perf_counter()``)."""
-        last, self._last_call = self._last_call, now
-        if last is None:
+    def tick(self, now: float, step: int) -> None:
+        """A ``step()`` that takes the full way (a report, the step after one, anything
+        unusual) began at ``now`` (``time.perf_counter()``) for step number ``step``;
+        the quiet steps since the last such call take no time reading the clock, and
+        share the time since it."""
+        last, last_step = self._last_call, self._last_tick
+        self._last_call, self._last_tick = now, step
+        if last is None or step <= last_step:  # the first call, or a resume's new count
             return
-        gap = now - last
+        steps = step - last_step
+        gap = (now - last) / steps
         if self._calls == 0:
             self._interval = gap
         else:  # a pause (evaluation, a checkpoint) moves the estimate by little
             self._interval += self._SMOOTH * (min(gap, 4.0 * self._interval) - self._interval)
-        self._calls += 1
-        if (self._calls >= self.WARMUP and self._calls % self.ADAPT_EVERY == 0
-                and not self._fixed):
+        before = self._calls
+        self._calls += steps
+        if (self._calls >= self.WARMUP and self._calls // self.ADAPT_EVERY
+                != before // self.ADAPT_EVERY and not self._fixed):
             self._adapt()
 
     def spent(self, seconds: float, reporting: bool) -> None:
-        """The hook's ``step()`` took ``seconds``, on a report step or a quiet one."""
+        """The hook's full-way ``step()`` took ``seconds``, on a report step or a quiet
+        one (the step after a report, whose answer it reads)."""
         if reporting:
             self._fold_report()
             self._this_report = seconds

@@ -32,36 +32,42 @@ _NO_METRICS: Mapping[str, Any] = MappingProxyType({})
 class Reporting:
     """The statistics of a step, out (see the module docstring)."""
 
-    def _held_quietly(self, batch: Batching, began: float, loss: float,
-                      grad_norm: float | None) -> bool:
+    def _held_quietly(self, batch: Batching, loss: float, grad_norm: float | None) -> bool:
         """``every="auto"``: a quiet step (host floats, nothing standing out, nothing
-        to read or send) only joins the pending batch. Does exactly what
-        :meth:`_step_fully` does for such a step, touching a few attributes instead of
-        a dozen objects: inside a training loop, Python's cost is its cold cache lines.
-        False, having done nothing, for any other step."""
+        arrived, nothing to send) only joins the pending batch. It has exactly the
+        effects :meth:`_step_fully` and the apply after it have on such a step, but in a
+        training loop Python pays for every cold object and call, so it reads a few
+        attributes, calls two methods and leaves the LRs to the optimizer's pre-step
+        hook (which checks them before every step anyway) and the clock to the next
+        full-way step. False, having changed nothing, for any other step."""
         link = self._link
+        stepped = self._guard.stepped
         if (self._acked < self._reported or link is None or link.fatal is not None
-                or not link.idle or self._metrics
+                or not link.idle or self._held or self._metrics
                 or self.scaler is not None or self._restored_unreported is not None
                 or not self._order_known or self._rollbacks is not None
-                or (self._staging.used and self._staging) or self._writer.loop_mode
-                or self.sync or self._dist.world_size > 1 or batch.due(loss, grad_norm)):
+                or self._hook_handle is None or (self._staging.used and self._staging)
+                or self._writer.loop_mode or self.sync or self._dist.world_size > 1
+                or (stepped == self._last_stepped and stepped > 0 and not self._excused)
+                or not batch.hold_if_quiet(self._step, loss, grad_norm)):
             return False
-        t = self._step
-        self._step = t + 1
+        self._step += 1
         self.should_skip = False
-        self._count_calls()
+        self._calls_without_step = 0  # _count_calls: the optimizer stepped since
+        self._last_stepped = stepped
         self._guard.clear()  # a verdict whose optimizer step never came (as _guard_step)
         self.rolled_back = None
-        batch.hold(t, loss, grad_norm)
         self._excused = False
-        batch.spent(perf_counter() - began, False)
         return True
 
-    def _step_fully(self, batch: Batching | None, began: float, loss: Any, grad_norm: Any,
+    def _step_fully(self, batch: Batching | None, loss: Any, grad_norm: Any,
                     scaler: Any) -> None:
-        """Every step the quiet path does not take: see :meth:`step`."""
+        """Every step the quiet way does not take: see :meth:`step`."""
         t = self._step
+        began = 0.0
+        if batch is not None:
+            began = perf_counter()
+            batch.tick(began, t)
         self._step = t + 1
         self.should_skip = False
         if scaler is not None:

@@ -24,7 +24,6 @@ from __future__ import annotations
 import logging
 import warnings
 from collections import deque
-from time import perf_counter
 from typing import Any
 
 from ._batching import Batching
@@ -254,15 +253,12 @@ class Controller(Resuming, LinkSide, Reporting, Applying):
         overflow, which no policy counts as divergence.
         """
         batch = self._batch
-        began = 0.0
-        if batch is not None:
-            began = perf_counter()
-            batch.tick(began)
         try:
-            if not (batch is not None and scaler is None and type(loss) is float
+            if (batch is not None and scaler is None and type(loss) is float
                     and (grad_norm is None or type(grad_norm) is float)
-                    and self._held_quietly(batch, began, loss, grad_norm)):
-                self._step_fully(batch, began, loss, grad_norm, scaler)
+                    and self._held_quietly(batch, loss, grad_norm)):
+                return  # nothing arrived, nothing went out: the pre-step hook checks the LRs
+            self._step_fully(batch, loss, grad_norm, scaler)
         except Exception as exc:  # fail-open: the training loop must not see lrctl's bugs
             self._warn("internal", f"lrctl: hook error ({exc!r}); training continues at the "
                                    "last LR")
