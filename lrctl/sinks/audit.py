@@ -24,6 +24,8 @@ from .._parallel import in_parallel
 from ..policy._base import float_to_json
 from ..policy._decision import json_safe
 from ._held import HeldLines
+from ._run_sync import RunSync
+from ._syncer import Syncer, SyncJob
 from .base import RunInfo, Shipper, Sink
 from .journal import (
     STREAMS,
@@ -76,7 +78,7 @@ class _OpenRun:
     policy_texts: dict[str, str] = field(default_factory=dict)  # sha256 -> text, if deleted
 
 
-class AuditSink(Sink):
+class AuditSink(RunSync, Sink):
     """Journals every record under ``state_dir`` and ships it to MLflow in the background.
 
     ``env`` (default ``os.environ``) is where ``MLFLOW_TRACKING_URI`` is looked
@@ -106,6 +108,8 @@ class AuditSink(Sink):
         # runs ended meanwhile keep their writers open here until then.
         self._held = HeldLines(self.settings.queue_size)
         self._closing: dict[str, _OpenRun] = {}
+        # A run's start and end made durable off the owner thread (see _syncer).
+        self._syncer = Syncer(fsync_fd)
         self.shipper: Shipper | None = shipper
         if shipper is None and self.settings.mlflow:
             self.shipper = ShipperProcess(
@@ -119,6 +123,9 @@ class AuditSink(Sink):
     def open_run(self, info: RunInfo) -> None:
         if info.run_key in self._runs:
             self._close_writers(self._runs.pop(info.run_key))
+        if self._syncer.busy(info.run_key):  # its end in flight: shipped before it reopens
+            self._syncer.wait(info.run_key)
+            self._reap()
         if info.run_key in self._closing:
             self.tick()
             if info.run_key in self._closing:
@@ -132,12 +139,10 @@ class AuditSink(Sink):
         meta = {**asdict(info), "params": dict(info.params), "mlflow": target,
                 "created": old.get("created", time.time()), "opened": time.time()}
         del meta["policy_text"]  # kept once per version under policies/
-        # fsynced by the next commit (this run's first one), with its directories, so that
-        # a run start costs the loop one round of fsyncs in parallel, not five in a row.
+        # fsynced off the loop with its directories and first events (see _start_sync).
         atomic_write_json(paths.meta, meta, sync=False)
-        for path in (paths.meta, paths.policy_file(policy_file), paths.policies, paths.root,
-                     paths.root.parent):
-            self._unsynced_paths[path] = None
+        new_paths = (paths.meta, paths.policy_file(policy_file), paths.policies, paths.root,
+                     paths.root.parent)
         sha, version, last_event = _current_policy(paths)
         # The durable streams are fsynced by commit(), not per line.
         run = _OpenRun(paths, {name: StreamWriter(paths.stream(name), fsync=False,
@@ -159,6 +164,7 @@ class AuditSink(Sink):
             event = "open" if version == 0 else "restore"
             self._policy_event(run, info, policy_file,
                                {"event": event, "policy_sha256": info.policy_sha256})
+        self._start_sync(run, new_paths)
 
     def observation(self, run_key: str, step: int, loss: float | None,
                     grad_norm: float | None, lrs: Sequence[float]) -> None:
@@ -222,6 +228,8 @@ class AuditSink(Sink):
         run = self._runs.pop(run_key, None)
         if run is None:
             return
+        # A record a reply waits for (a decision in this wake-up): committed here, as before.
+        waited_for = any(w in run.writers.values() for *_, w in self._uncommitted)
         points = run.sampler.finish()
         if points:
             self._metrics(run, points)
@@ -230,7 +238,11 @@ class AuditSink(Sink):
         if any(self._held.holds(w) for w in run.writers.values()):
             self._closing[run_key] = run  # closed once the disk has taken the rest
             return
-        self._close_writers(run)
+        if waited_for:
+            self._close_writers(run)
+            return
+        # Its last lines and the streams' fsyncs to the syncer, with their descriptors.
+        self._hand_over(run, SyncJob(run_key, []), close=True)
 
     def restore(self) -> None:
         """The state dir was deleted and made again: each open run's files written back
@@ -248,9 +260,11 @@ class AuditSink(Sink):
         log.info("journals of %d open run(s) written back", len(self._runs) + len(self._closing))
 
     def tick(self) -> None:
-        """Retry what a failing disk refused (the controller calls this once a second)."""
+        """Retry what a failing disk refused, ship what the syncer made durable (the
+        controller calls this once a second)."""
         if self._held:
             self.commit()
+        self._reap()
 
     def commit(self) -> None:
         """Group commit: fsync every journal file appended to since the last commit, once,
@@ -259,6 +273,10 @@ class AuditSink(Sink):
         error is raised once the other files are committed."""
         if self._held:
             self._retry_held()
+        for run_key in {item[0] for item in self._uncommitted}:
+            if self._syncer.busy(run_key):  # its files first (a run's first decision)
+                self._syncer.wait(run_key)
+        self._reap()
         pending, self._uncommitted = self._uncommitted, []
         failed: dict[StreamWriter, OSError] = {}
         writers = [w for w in dict.fromkeys(w for *_, w in pending) if w.unsynced]
@@ -299,6 +317,9 @@ class AuditSink(Sink):
         """
         deadline = time.monotonic() + timeout
         self.commit()
+        self._syncer.wait(deadline=deadline)
+        self._syncer.stop()
+        self._reap()
         lost = sum(self._held.forget(w) for w in self._held.writers())
         if lost:
             log.error("shutdown: %d journal record(s) lost: the disk still refuses writes",
@@ -334,6 +355,8 @@ class AuditSink(Sink):
         """Commit, then wait until MLflow has acknowledged everything so far (tests,
         orderly shutdown)."""
         self.commit()
+        self._syncer.wait()
+        self._reap()
         return True if self.shipper is None else self.shipper.flush(timeout)
 
     # -- internals -------------------------------------------------------------------
