@@ -7,17 +7,18 @@ the last checkpointed step (``saved_step``), so the hook keeps just the
 observations after it and can replay them after a crash.
 
 The checkpoints the hot path asks for (:meth:`Checkpoints.observed`,
-:meth:`Checkpoints.save_due`) and a new run's first one (:meth:`Checkpoints.start`)
-are encoded and written to a temporary file on the loop, and made durable (fsyncs,
-rename) by a :class:`~lrctl.daemon.store.CheckpointWriter` thread; ``saved_step``
-advances when the loop learns that the file is durable (:meth:`Checkpoints.finished`).
-An ended run's checkpoint is removed by that thread too (:meth:`Checkpoints.delete`),
-after its writes in flight. The loop opens every descriptor these jobs use, so running
-out of them is met where the spare one is. The rarer saves (:meth:`Checkpoints.save`:
-an operator command, a reload, a disconnect, eviction, shutdown) are written at once,
-after any write of the same run still in flight. A checkpoint that cannot be written
-is logged and kept in :attr:`Checkpoints.errors` (shown by ``runs``/``status``); the
-run goes on from memory.
+:meth:`Checkpoints.save_due`) are encoded on the loop and written, with their fsyncs,
+by a :class:`~lrctl.daemon.store.CheckpointWriter` thread; a new run's first one
+(:meth:`Checkpoints.start`) is written to a temporary file on the loop and made
+durable (fsyncs, rename) by that thread, and an ended run's checkpoint is removed by
+it (:meth:`Checkpoints.delete`), after the run's writes in flight: the loop opens the
+descriptors of these two, so that a run's start or end cannot take the descriptor the
+loop was counting on (its spare one, when they run out). ``saved_step`` advances when
+the loop learns that the file is durable (:meth:`Checkpoints.finished`). The rarer
+saves (:meth:`Checkpoints.save`: an operator command, a reload, a disconnect,
+eviction, shutdown) are written at once, after any write of the same run still in
+flight. A checkpoint that cannot be written is logged and kept in
+:attr:`Checkpoints.errors` (shown by ``runs``/``status``); the run goes on from memory.
 """
 
 from __future__ import annotations
@@ -89,7 +90,7 @@ class Checkpoints:
     def start(self, key: str) -> None:
         """A new run's first checkpoint, made durable off the loop (see the module
         docstring)."""
-        self._save_soon(key)
+        self._save_soon(key, prepare=True)
 
     def delete(self, key: str) -> None:
         """Remove ``key``'s checkpoint (the run ended) on the writer thread, after its
@@ -119,13 +120,19 @@ class Checkpoints:
 
         The loop calls this only from :attr:`next_due` on: the earliest time any session
         could be due, kept here and lowered by :meth:`observed` when a session gets its
-        first unsaved observation (the only way one becomes due).
+        first unsaved observation (the only way one becomes due). At most
+        ``Limits.max_saves_per_wake`` per call: the others are due at the next wake-up.
         """
         interval = self.limits.save_interval
+        budget = self.limits.max_saves_per_wake
         next_at = math.inf
         for key, session in self.sessions.items():
             if session.unsaved and key not in self._saving:  # in flight: see finished()
                 if now - self._last_save.get(key, 0.0) >= interval:
+                    if budget <= 0:  # the next wake-up goes on from here
+                        next_at = now
+                        continue
+                    budget -= 1
                     self._save_soon(key)
                 if session.unsaved and key not in self._saving:  # failed: try again later
                     next_at = min(next_at, self._last_save.get(key, 0.0) + interval)
@@ -220,21 +227,25 @@ class Checkpoints:
             self._writer.wait()
             self.finished()
 
-    def _save_soon(self, key: str) -> None:
-        """Checkpoint ``key`` on the writer thread: the loop encodes the state and writes
-        it to a temporary file, the thread fsyncs it and renames it into place, and
-        :meth:`finished` advances ``saved_step`` only once the file is durable. One write
-        per run at a time."""
+    def _save_soon(self, key: str, prepare: bool = False) -> None:
+        """Checkpoint ``key`` on the writer thread: the loop encodes the state (``prepare``:
+        and writes it to a temporary file), the thread writes (or just fsyncs) it and
+        renames it into place, and :meth:`finished` advances ``saved_step`` only once the
+        file is durable. One write per run at a time."""
         if key in self._saving:
             return  # its observations since then wait for the next checkpoint
         session = self.sessions[key]
+        token = (session, session.last_step)
         try:
-            prep = self.store.prepare(key, self.store.encode(session.to_state()))
+            data = self.store.encode(session.to_state())
+            if prepare:  # the descriptors taken here, where running out of them is handled
+                self._writer.submit(key, self.store.prepare(key, data), token)
+            else:
+                self._writer.submit_write(key, data, token)
         except (OSError, ValueError) as exc:
             self._failed(key, exc)
             return
         self._saving[key] = session.unsaved
-        self._writer.submit(key, prep, (session, session.last_step))
         session.unsaved = 0
         self._last_save[key] = time.monotonic()
 

@@ -252,9 +252,10 @@ class CheckpointWriter:
     their fsyncs (milliseconds each on a busy disk, two per checkpoint) never stall the
     loop.
 
-    The loop encodes the state (:meth:`StateStore.encode`) and opens what the job needs
-    (:meth:`StateStore.prepare`, :meth:`StateStore.open_dir`); a job only fsyncs, renames,
-    unlinks and closes, never opens a descriptor. Each finished job goes on :attr:`done`
+    The loop encodes the state (:meth:`StateStore.encode`). For a run's start and end it
+    also opens what the job needs (:meth:`StateStore.prepare`, :meth:`StateStore.open_dir`),
+    and the job only fsyncs, renames, unlinks and closes; a hot-path checkpoint is
+    written whole here (two short-lived descriptors). Each finished job goes on :attr:`done`
     as ``(key, token, error)``, then ``notify`` (the loop's wake-up) is called: only the
     loop touches sessions.
     """
@@ -265,6 +266,11 @@ class CheckpointWriter:
         self.done: queue.SimpleQueue[tuple[str, Any, Exception | None]] = queue.SimpleQueue()
         self._jobs: queue.SimpleQueue[_Job | threading.Event | None] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
+
+    def submit_write(self, key: str, data: bytes, token: Any) -> None:
+        """Write ``key``'s checkpoint whole (:meth:`StateStore.write`): the hot path's,
+        whose file creation (it can wait on a busy filesystem) stays off the loop too."""
+        self._put(_Job(key, functools.partial(self.store.write, key, data), token, _nothing))
 
     def submit(self, key: str, prep: PreparedWrite, token: Any) -> None:
         """Complete the prepared write ``prep`` of ``key``'s checkpoint."""
@@ -330,6 +336,10 @@ class CheckpointWriter:
             self.done.put((job.key, job.token, error))
             with contextlib.suppress(OSError):
                 self.notify()
+
+
+def _nothing() -> None:
+    pass
 
 
 @dataclass(frozen=True)
