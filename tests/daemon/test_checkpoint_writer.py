@@ -209,3 +209,29 @@ def test_a_failing_disk_is_retried_at_the_save_interval_not_per_observation(
         assert len(answers) >= 199 and all(r["saved_step"] == -1 for r in answers)
         # The opening save and the first hot-path one; no retry per observation after it.
         assert store.attempts <= 3, store.attempts
+
+
+def test_timed_checkpoints_are_spread_over_wakeups(tmp_path: Path) -> None:
+    """After a stall every run is due at once: at most ``max_saves_per_wake`` are encoded
+    in one wake-up, the rest in the next ones (their encodes in one go held every answer)."""
+    from lrctl.daemon.checkpoints import Checkpoints
+    from lrctl.daemon.session import Session
+
+    store = StateStore(tmp_path / "state")
+    sessions = {f"r{i}": Session.create(
+        key=f"r{i}", run_name=f"r{i}", policy_text=POLICY, policy_source="<test>", lrs=[0.1],
+        world_size=1, total_steps=None, mlflow_run_id=None, tracking_uri=None, cwd=None)
+        for i in range(20)}
+    limits = Limits(save_interval=1.0, max_saves_per_wake=8)
+    checkpoints = Checkpoints(store, sessions, limits, notify=lambda: None)
+    for s in sessions.values():
+        s.unsaved = 1
+    now = time.monotonic() + 10.0  # every run is past its interval
+    done = []
+    for _ in range(3):
+        assert checkpoints.next_due <= now
+        checkpoints.save_due(now)
+        done.append(sum(s.unsaved == 0 for s in sessions.values()))
+    assert done == [8, 16, 20]
+    assert checkpoints.next_due > now  # nothing due any more
+    checkpoints.stop()
