@@ -21,7 +21,7 @@ from .base import Shipper
 from .journal import JournalLine, StreamWriter
 
 if TYPE_CHECKING:
-    from .audit import _OpenRun
+    from ._open_run import OpenRun
 
 __all__ = ["RunSync"]
 
@@ -39,7 +39,7 @@ class RunSync:
     def commit(self) -> None:
         raise NotImplementedError
 
-    def _start_sync(self, run: _OpenRun, paths: Sequence[Path]) -> None:
+    def _start_sync(self, run: OpenRun, paths: Sequence[Path]) -> None:
         """A run just opened: its files, directories and first lines made durable by the
         syncer (descriptors opened here). What cannot be opened (out of descriptors) is
         left to the next group commit, on this thread, as before."""
@@ -52,7 +52,7 @@ class RunSync:
                 self._unsynced_paths[path] = None
         self._hand_over(run, job, close=False)
 
-    def _hand_over(self, run: _OpenRun, job: SyncJob, *, close: bool) -> None:
+    def _hand_over(self, run: OpenRun, job: SyncJob, *, close: bool) -> None:
         """Give ``job`` the run's unsynced streams (a duplicate descriptor each) and their
         uncommitted lines, and submit it; ``close``: the run ended, its writers close
         here without an fsync of their own. A stream whose descriptor cannot be

@@ -16,7 +16,7 @@ import logging
 import os
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +24,7 @@ from .._parallel import in_parallel
 from ..policy._base import float_to_json
 from ..policy._decision import json_safe
 from ._held import HeldLines
+from ._open_run import OpenRun, current_policy, dedup_key, load_high_water
 from ._run_sync import RunSync
 from ._syncer import Syncer, SyncJob
 from .base import RunInfo, Shipper, Sink
@@ -35,9 +36,7 @@ from .journal import (
     atomic_write_json,
     atomic_write_text,
     fsync_path,
-    last_line,
     read_json,
-    read_lines,
     sync_all,
 )
 from .sampling import MetricSampler
@@ -62,22 +61,6 @@ class AuditSettings:
     backoff_max: float = 30.0  # seconds between retries while MLflow is down
 
 
-@dataclass
-class _OpenRun:
-    paths: RunPaths
-    writers: dict[str, StreamWriter]
-    sampler: MetricSampler
-    policy_sha256: str
-    policy_version: int
-    last_step: int | None = None
-    meta: dict[str, Any] = field(default_factory=dict)
-    # What the journal already holds: after a controller crash the hook replays the
-    # observations since the last checkpoint, and the engine re-makes their decisions.
-    journaled_step: int = -1
-    journaled_at_step: set[tuple[str, str, str]] = field(default_factory=set)
-    policy_texts: dict[str, str] = field(default_factory=dict)  # sha256 -> text, if deleted
-
-
 class AuditSink(RunSync, Sink):
     """Journals every record under ``state_dir`` and ships it to MLflow in the background.
 
@@ -98,7 +81,7 @@ class AuditSink(RunSync, Sink):
         MetricSampler(self.settings.log_every)  # validate early, with the bad value
         self._env = os.environ if env is None else env
         self._fsync_fd = fsync_fd
-        self._runs: dict[str, _OpenRun] = {}
+        self._runs: dict[str, OpenRun] = {}
         # Appended to a durable stream since the last commit: each line with its writer.
         self._uncommitted: list[tuple[str, str, JournalLine, StreamWriter]] = []
         # Files (and directories) written by open_run without an fsync of their own: made
@@ -107,7 +90,7 @@ class AuditSink(RunSync, Sink):
         # What a failing disk refused, written in order once it takes writes again;
         # runs ended meanwhile keep their writers open here until then.
         self._held = HeldLines(self.settings.queue_size)
-        self._closing: dict[str, _OpenRun] = {}
+        self._closing: dict[str, OpenRun] = {}
         # A run's start and end made durable off the owner thread (see _syncer).
         self._syncer = Syncer(fsync_fd)
         self.shipper: Shipper | None = shipper
@@ -143,15 +126,15 @@ class AuditSink(RunSync, Sink):
         atomic_write_json(paths.meta, meta, sync=False)
         new_paths = (paths.meta, paths.policy_file(policy_file), paths.policies, paths.root,
                      paths.root.parent)
-        sha, version, last_event = _current_policy(paths)
+        sha, version, last_event = current_policy(paths)
         # The durable streams are fsynced by commit(), not per line.
-        run = _OpenRun(paths, {name: StreamWriter(paths.stream(name), fsync=False,
+        run = OpenRun(paths, {name: StreamWriter(paths.stream(name), fsync=False,
                                                   fsync_fd=self._fsync_fd)
                                for name in STREAMS},
                        MetricSampler(self.settings.log_every), sha, version, meta=meta)
         run.policy_texts[policy_file] = info.policy_text
         self._runs[info.run_key] = run
-        self._load_high_water(run)
+        load_high_water(run)
         if self.shipper is not None:
             self.shipper.attend(info.run_key, target["tracking_uri"])
         if last_event == "end":  # ended (or given up on) and now back: running again
@@ -178,7 +161,7 @@ class AuditSink(RunSync, Sink):
 
     def decision(self, run_key: str, record: Mapping[str, Any]) -> None:
         run = self._run(run_key)
-        step, key = int(record["step"]), _dedup_key(record)
+        step, key = int(record["step"]), dedup_key(record)
         if step < run.journaled_step or (step == run.journaled_step
                                          and key in run.journaled_at_step):
             return  # re-made while replaying after a controller restart: already journaled
@@ -194,21 +177,6 @@ class AuditSink(RunSync, Sink):
         points = run.sampler.decision(int(rec["step"]))
         if points:
             self._metrics(run, points)
-
-    @staticmethod
-    def _load_high_water(run: _OpenRun) -> None:
-        """Where the journal of a restored run ends: its last decision step and metric step."""
-        for line in read_lines(run.paths.stream("decisions")):
-            step = int(line.record.get("step", -1))
-            key = _dedup_key(line.record)
-            if step > run.journaled_step:
-                run.journaled_step, run.journaled_at_step = step, set()
-            if step == run.journaled_step:
-                run.journaled_at_step.add(key)
-        last = last_line(run.paths.stream("metrics"))
-        steps = [point[2] for point in (last.record.get("points") or [])] if last else []
-        if steps:
-            run.last_step = max(int(s) for s in steps)
 
     def policy_changed(self, run_key: str, info: RunInfo, record: Mapping[str, Any]) -> None:
         run = self._run(run_key)
@@ -360,14 +328,14 @@ class AuditSink(RunSync, Sink):
         return True if self.shipper is None else self.shipper.flush(timeout)
 
     # -- internals -------------------------------------------------------------------
-    def _run(self, run_key: str) -> _OpenRun:
+    def _run(self, run_key: str) -> OpenRun:
         try:
             return self._runs[run_key]
         except KeyError:
             raise KeyError(f"run {run_key!r} is not open in the audit sink; "
                            "call open_run(info) first") from None
 
-    def _append(self, run: _OpenRun, stream: str, record: dict[str, Any]) -> None:
+    def _append(self, run: OpenRun, stream: str, record: dict[str, Any]) -> None:
         writer = run.writers[stream]
         for line in self._held.append(writer, record):
             self._written(run.paths.run_key, stream, line, writer)
@@ -389,12 +357,12 @@ class AuditSink(RunSync, Sink):
                     and self._closing.pop(key, None) is not None):  # (a nested commit's?)
                 self._close_writers(run)
 
-    def _metrics(self, run: _OpenRun, points: list[tuple[str, float, int]]) -> None:
+    def _metrics(self, run: OpenRun, points: list[tuple[str, float, int]]) -> None:
         self._append(run, "metrics", {"ts": int(time.time() * 1000),
                                       "points": [[k, float_to_json(v), s]
                                                  for k, v, s in points]})
 
-    def _policy_event(self, run: _OpenRun, info: RunInfo, policy_file: str,
+    def _policy_event(self, run: OpenRun, info: RunInfo, policy_file: str,
                       record: dict[str, Any]) -> None:
         if info.policy_sha256 != run.policy_sha256:
             run.policy_sha256 = info.policy_sha256
@@ -415,7 +383,7 @@ class AuditSink(RunSync, Sink):
             atomic_write_text(path, info.policy_text, sync=sync)
         return digest
 
-    def _close_writers(self, run: _OpenRun) -> None:
+    def _close_writers(self, run: OpenRun) -> None:
         if any(w in run.writers.values() for *_, w in self._uncommitted):
             self.commit()  # its lines are shipped as from any other commit
         for w in run.writers.values():
@@ -428,23 +396,3 @@ def _call(call: Callable[[], None]) -> Exception | None:
     except Exception as exc:
         return exc
     return None
-
-
-def _current_policy(paths: RunPaths) -> tuple[str, int, str | None]:
-    """(sha256, version) of the policy the run's events end with, and the kind of its
-    last event; ("", 0, None) for a new run."""
-    sha, version, last = "", 0, None
-    for line in read_lines(paths.stream("events")):
-        last = line.record.get("event")
-        if last == "policy":
-            sha = str(line.record.get("policy_sha256", ""))
-            version = int(line.record.get("policy_version", version))
-    return sha, version, last if isinstance(last, str) else None
-
-
-def _dedup_key(record: Mapping[str, Any]) -> tuple[str, str, str]:
-    """What makes a decision distinct within its step. A policy decides once per step,
-    but several reloads can land between two observations: their new sha tells them apart."""
-    evidence = record.get("evidence")
-    version = str(evidence.get("new_sha256", "")) if isinstance(evidence, Mapping) else ""
-    return str(record.get("policy")), str(record.get("action")), version
