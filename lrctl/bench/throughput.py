@@ -55,6 +55,7 @@ CHURN_P99_US = 10_000.0  # answer latency, 64 runs at 20 Hz with churn and MLflo
 CHURN_CPU = 0.50  # of one core, the controller process alone
 SHIP_WAIT_S = 240.0  # after the churn window, how long MLflow may take to catch up
 WORKERS = 2
+ARMS = ("unpaced", "paced", "churn")
 #: The churn arm's policy: a plateau that decides every ~60 steps on the simulated
 #: curve (a slow fall under noise), i.e. a few decisions in each run's life.
 CHURN_POLICY = {"version": 1, "policies": [
@@ -75,6 +76,8 @@ class ThroughputConfig:
     churn_seconds: float = 30.0
     churn_rounds: int = 3
     churn_lifetime: tuple[float, float] = (5.0, 15.0)
+    arms: tuple[str, ...] = ARMS  # which of them to run (``--only``)
+    ship_wait_s: float = SHIP_WAIT_S
 
     @classmethod
     def quick(cls) -> ThroughputConfig:
@@ -125,27 +128,33 @@ def run_throughput(cfg: ThroughputConfig, progress: Progress | None = None) -> d
 
     text = _policy_text(cfg.policy)
     windows: dict[str, list[dict[str, Any]]] = {}
-    total = cfg.rounds * (len(cfg.runs) + 1)
+    plan: list[tuple[str, int, float | None]] = []
+    if "unpaced" in cfg.arms:
+        plan += [(f"unpaced N={n}", n, None) for n in cfg.runs]
+    if "paced" in cfg.arms:
+        plan.append((f"paced {cfg.paced_runs} × {cfg.paced_hz:g} Hz", cfg.paced_runs,
+                     cfg.paced_hz))
+    churn = cfg.churn_runs > 0 and "churn" in cfg.arms
+    total = cfg.rounds * len(plan) + (cfg.churn_rounds if churn else 0)
     done = 0
-    with ServeProcess() as srv:
-        rss_idle = srv.rss_mib()
-        for r in range(cfg.rounds):
-            plan: list[tuple[str, int, float | None]] = [(f"unpaced N={n}", n, None)
-                                                         for n in cfg.runs]
-            plan.append((f"paced {cfg.paced_runs} × {cfg.paced_hz:g} Hz", cfg.paced_runs,
-                         cfg.paced_hz))
-            k = r % len(plan)
-            for name, n, rate in plan[k:] + plan[:k]:
-                w = _one(srv.socket, n, cfg, text, rate, srv, f"r{r}")
-                windows.setdefault(name, []).append(w)
-                done += 1
-                if progress is not None:
-                    progress(f"throughput {name}: {w['per_s']:,.0f} obs/s, controller CPU "
-                             f"{w['cpu_share']:.0%}, p99 "
-                             f"{quantile(w['latencies_us'], 0.99):.0f} µs", done, total)
-        rss_end = srv.rss_mib()
+    rss_idle: float | None = None
+    rss_end: float | None = None
+    if plan:
+        with ServeProcess() as srv:
+            rss_idle = srv.rss_mib()
+            for r in range(cfg.rounds):
+                k = r % len(plan)
+                for name, n, rate in plan[k:] + plan[:k]:
+                    w = _one(srv.socket, n, cfg, text, rate, srv, f"r{r}")
+                    windows.setdefault(name, []).append(w)
+                    done += 1
+                    if progress is not None:
+                        progress(f"throughput {name}: {w['per_s']:,.0f} obs/s, controller "
+                                 f"CPU {w['cpu_share']:.0%}, p99 "
+                                 f"{quantile(w['latencies_us'], 0.99):.0f} µs", done, total)
+            rss_end = srv.rss_mib()
     rows = [_row(name, ws, cfg) for name, ws in windows.items()]
-    if cfg.churn_runs:
+    if churn:
         name = (f"paced {cfg.churn_runs} × {cfg.churn_hz:g} Hz, churn, MLflow on")
         ws = []
         for r in range(cfg.churn_rounds):
@@ -157,14 +166,14 @@ def run_throughput(cfg: ThroughputConfig, progress: Progress | None = None) -> d
                          f"{w['cpu_share']:.0%}, shipper {w['shipper_cpu_share']:.0%}, p99 "
                          f"{quantile(w['latencies_us'], 0.99):.0f} µs, decisions "
                          f"{w['decisions_mlflow']}/{w['decisions_journaled']} in MLflow",
-                         done, total + cfg.churn_rounds)
+                         done, total)
         rows.append(_churn_row(name, ws, cfg))
     return {"config": {"runs": list(cfg.runs), "seconds": cfg.seconds, "rounds": cfg.rounds,
                        "paced_runs": cfg.paced_runs, "paced_hz": cfg.paced_hz,
                        "workers": WORKERS, "churn_runs": cfg.churn_runs,
                        "churn_hz": cfg.churn_hz, "churn_seconds": cfg.churn_seconds,
                        "churn_rounds": cfg.churn_rounds,
-                       "churn_lifetime": list(cfg.churn_lifetime)},
+                       "churn_lifetime": list(cfg.churn_lifetime), "arms": list(cfg.arms)},
             "rows": rows,
             "rss_mib": {"idle": rss_idle, "end": rss_end}}
 
@@ -270,7 +279,7 @@ def _churn_window(cfg: ThroughputConfig, tag: str) -> dict[str, Any]:
             t_end = time.perf_counter()
             journaled = _journaled_decisions(Path(srv.state_dir))
             shipped = _mlflow_decisions(uri)
-            while shipped != journaled and time.perf_counter() - t_end < SHIP_WAIT_S:
+            while shipped != journaled and time.perf_counter() - t_end < cfg.ship_wait_s:
                 time.sleep(1.0)
                 journaled = _journaled_decisions(Path(srv.state_dir))
                 shipped = _mlflow_decisions(uri)
@@ -399,14 +408,24 @@ def _render(result: dict[str, Any], out: Path) -> str:
                          f"full rate the controller would use {r['cpu_share_at_offered']:.0%} "
                          "of a core.")
     rss = result["rss_mib"]
-    lines.append(f"\nController RSS: {rss['idle']:.0f} MiB idle, {rss['end']:.0f} MiB at the "
-                 "end.")
+    if rss["idle"] is not None:  # (not with --only churn: that arm reports its own)
+        lines.append(f"\nController RSS: {rss['idle']:.0f} MiB idle, {rss['end']:.0f} MiB at "
+                     "the end.")
     return "\n".join(lines) + "\n"
 
 
 def _add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seconds", type=float, default=None, help="window length (default 3)")
     p.add_argument("--rounds", type=int, default=None, help="interleaved rounds (default 3)")
+    p.add_argument("--only", default=None, metavar="ARMS",
+                   help=f"comma-separated arms to run, of {', '.join(ARMS)} (default: all)")
+    p.add_argument("--churn-rounds", type=int, default=None,
+                   help="rounds of the churn arm, each with a fresh controller (default 3)")
+    p.add_argument("--churn-seconds", type=float, default=None,
+                   help="the churn arm's window (default 30)")
+    p.add_argument("--ship-wait", type=float, default=None, metavar="S",
+                   help="after a churn window, how long MLflow may take to catch up before "
+                        f"its decisions are counted (default {SHIP_WAIT_S:g})")
 
 
 def _run(args: argparse.Namespace, progress: Progress) -> dict[str, Any]:
@@ -415,6 +434,19 @@ def _run(args: argparse.Namespace, progress: Progress) -> dict[str, Any]:
         cfg.seconds = args.seconds
     if args.rounds:
         cfg.rounds = args.rounds
+    if args.only:
+        arms = tuple(a.strip() for a in args.only.split(",") if a.strip())
+        unknown = [a for a in arms if a not in ARMS]
+        if unknown or not arms:
+            raise SystemExit(f"lrctl bench throughput: --only takes arms of {', '.join(ARMS)}, "
+                             f"but got {args.only!r}")
+        cfg.arms = arms
+    if args.churn_rounds:
+        cfg.churn_rounds = args.churn_rounds
+    if args.churn_seconds:
+        cfg.churn_seconds = args.churn_seconds
+    if args.ship_wait is not None:
+        cfg.ship_wait_s = args.ship_wait
     cfg.policy = args.policy
     return run_throughput(cfg, progress)
 

@@ -7,12 +7,17 @@ the last checkpointed step (``saved_step``), so the hook keeps just the
 observations after it and can replay them after a crash.
 
 The checkpoints the hot path asks for (:meth:`Checkpoints.observed`,
-:meth:`Checkpoints.save_due`) are encoded on the loop and written, with their
-fsyncs, by a :class:`~lrctl.daemon.store.CheckpointWriter` thread; ``saved_step``
-advances when the loop learns that the file is durable (:meth:`Checkpoints.finished`).
-The rarer ones (:meth:`Checkpoints.save`: a new run, an operator command, a reload,
-a disconnect, eviction, shutdown) are written at once, after any write of the same
-run still in flight. A checkpoint that cannot be written is logged and kept in
+:meth:`Checkpoints.save_due`) are encoded on the loop and written, with their fsyncs,
+by a :class:`~lrctl.daemon.store.CheckpointWriter` thread; a new run's first one
+(:meth:`Checkpoints.start`) is written to a temporary file on the loop and made
+durable (fsyncs, rename) by that thread, and an ended run's checkpoint is removed by
+it (:meth:`Checkpoints.delete`), after the run's writes in flight: the loop opens the
+descriptors of these two, so that a run's start or end cannot take the descriptor the
+loop was counting on (its spare one, when they run out). ``saved_step`` advances when
+the loop learns that the file is durable (:meth:`Checkpoints.finished`). The rarer
+saves (:meth:`Checkpoints.save`: an operator command, a reload, a disconnect,
+eviction, shutdown) are written at once, after any write of the same run still in
+flight. A checkpoint that cannot be written is logged and kept in
 :attr:`Checkpoints.errors` (shown by ``runs``/``status``); the run goes on from memory.
 """
 
@@ -32,6 +37,8 @@ __all__ = ["Checkpoints"]
 
 log = logging.getLogger("lrctl.daemon")
 
+_REMOVAL = object()  # the token of a removal job
+
 
 class Checkpoints:
     """The checkpoint schedule of the runs in ``sessions`` (the server's registry).
@@ -50,6 +57,9 @@ class Checkpoints:
         self.next_due = 0.0
         self._last_save: dict[str, float] = {}
         self._saving: dict[str, int] = {}  # run key -> unsaved count its write in flight holds
+        # Run key -> its removals in flight: a checkpoint found on disk meanwhile is an
+        # ended run's, never to be restored (see Handshakes.hello).
+        self.removing: dict[str, int] = {}
         self._writer = CheckpointWriter(store, notify)
 
     def track(self, key: str) -> None:
@@ -60,6 +70,7 @@ class Checkpoints:
         """``key`` left the registry (ended or evicted)."""
         self._last_save.pop(key, None)
         self.errors.pop(key, None)
+        self._saving.pop(key, None)  # a new run of that key may checkpoint at once
 
     def save(self, key: str) -> None:
         """Checkpoint ``key`` now, after its write in flight if any."""
@@ -76,10 +87,23 @@ class Checkpoints:
         session.unsaved = 0
         self._last_save[key] = time.monotonic()
 
+    def start(self, key: str) -> None:
+        """A new run's first checkpoint, made durable off the loop (see the module
+        docstring)."""
+        self._save_soon(key, prepare=True)
+
     def delete(self, key: str) -> None:
-        """Remove ``key``'s checkpoint (the run ended); a write in flight lands first."""
-        self._settle(key)
-        self.store.delete(key)
+        """Remove ``key``'s checkpoint (the run ended) on the writer thread, after its
+        writes in flight."""
+        try:
+            dir_fd = self.store.open_dir()
+        except OSError:  # out of descriptors, say: here and now, after the writes in flight
+            self._writer.wait()
+            self.finished()
+            self.store.delete(key)
+            return
+        self.removing[key] = self.removing.get(key, 0) + 1
+        self._writer.submit_remove(key, dir_fd, _REMOVAL)
 
     def observed(self, key: str, session: Session, now: float) -> None:
         """After each observation of ``session`` (the hot path)."""
@@ -96,13 +120,19 @@ class Checkpoints:
 
         The loop calls this only from :attr:`next_due` on: the earliest time any session
         could be due, kept here and lowered by :meth:`observed` when a session gets its
-        first unsaved observation (the only way one becomes due).
+        first unsaved observation (the only way one becomes due). At most
+        ``Limits.max_saves_per_wake`` per call: the others are due at the next wake-up.
         """
         interval = self.limits.save_interval
+        budget = self.limits.max_saves_per_wake
         next_at = math.inf
         for key, session in self.sessions.items():
             if session.unsaved and key not in self._saving:  # in flight: see finished()
                 if now - self._last_save.get(key, 0.0) >= interval:
+                    if budget <= 0:  # the next wake-up goes on from here
+                        next_at = now
+                        continue
+                    budget -= 1
                     self._save_soon(key)
                 if session.unsaved and key not in self._saving:  # failed: try again later
                     next_at = min(next_at, self._last_save.get(key, 0.0) + interval)
@@ -112,9 +142,13 @@ class Checkpoints:
         """Apply the writer's finished checkpoints (on the loop's thread)."""
         while True:
             try:
-                key, (session, step), error = self._writer.done.get_nowait()
+                key, token, error = self._writer.done.get_nowait()
             except queue.Empty:
                 return
+            if token is _REMOVAL:
+                self._removed(key, error)
+                continue
+            session, step = token
             held = self._saving.pop(key, 0)
             if key not in self.sessions or self.sessions[key] is not session:
                 continue  # the run ended (or was replaced) meanwhile
@@ -132,12 +166,32 @@ class Checkpoints:
     def stop(self) -> None:
         """Let the writer finish the write it is on, and apply it; the writes it had not
         started are left to :meth:`save_all`."""
-        for key, (session, _) in self._writer.cancel():
+        removals: list[str] = []
+        for key, token in self._writer.cancel():
+            if token is _REMOVAL:
+                removals.append(key)
+                continue
+            session: Session = token[0]
             held = self._saving.pop(key, 0)
             if self.sessions.get(key) is session:
                 session.unsaved += held  # still to be checkpointed
         self._writer.stop()
         self.finished()
+        for key in removals:  # an ended run must not come back at the next start
+            error: Exception | None = None
+            try:
+                if key not in self.sessions:
+                    self.store.delete(key)
+            except OSError as exc:
+                error = exc
+            self._removed(key, error)
+
+    def _removed(self, key: str, error: Exception | None) -> None:
+        left = self.removing.pop(key, 1) - 1
+        if left:
+            self.removing[key] = left
+        if error is not None:
+            log.error("cannot remove the checkpoint of ended run %s: %s", key, error)
 
     def save_all(self, hooked: Container[str], deadline: float) -> int:
         """Shutdown (after :meth:`stop`): checkpoint the runs with something unsaved, their
@@ -173,20 +227,25 @@ class Checkpoints:
             self._writer.wait()
             self.finished()
 
-    def _save_soon(self, key: str) -> None:
-        """Checkpoint ``key`` on the writer thread: the loop encodes the state, the thread
-        writes and fsyncs it, and :meth:`finished` advances ``saved_step`` only once the
+    def _save_soon(self, key: str, prepare: bool = False) -> None:
+        """Checkpoint ``key`` on the writer thread: the loop encodes the state (``prepare``:
+        and writes it to a temporary file), the thread writes (or just fsyncs) it and
+        renames it into place, and :meth:`finished` advances ``saved_step`` only once the
         file is durable. One write per run at a time."""
         if key in self._saving:
             return  # its observations since then wait for the next checkpoint
         session = self.sessions[key]
+        token = (session, session.last_step)
         try:
             data = self.store.encode(session.to_state())
-        except ValueError as exc:
+            if prepare:  # the descriptors taken here, where running out of them is handled
+                self._writer.submit(key, self.store.prepare(key, data), token)
+            else:
+                self._writer.submit_write(key, data, token)
+        except (OSError, ValueError) as exc:
             self._failed(key, exc)
             return
         self._saving[key] = session.unsaved
-        self._writer.submit(key, data, (session, session.last_step))
         session.unsaved = 0
         self._last_save[key] = time.monotonic()
 

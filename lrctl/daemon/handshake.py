@@ -67,7 +67,7 @@ class Handshakes:
         if session is not None and hello.session is None:
             self._join(conn, hello, session, True, takeover)
             return
-        job = BuildJob(conn, hello, takeover)
+        job = BuildJob(conn, hello, takeover, ended=key in self.server.checkpoints.removing)
         self.builder.submit(job)
         self.pending[key] = job
         conn.pending = True
@@ -203,7 +203,7 @@ class Handshakes:
         if hello.session is not None:
             return _from_hook(hello), True
         try:
-            state = self.server.store.load(hello.run)
+            state = None if job.ended else self.server.store.load(hello.run)
             if state is not None:
                 return Session.restore(state), True
         except (OSError, ValueError, KeyError, TypeError) as exc:

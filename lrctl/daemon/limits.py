@@ -16,6 +16,9 @@ class Limits:
 
     save_every: int = 256  # observations between a run's hot-path checkpoints
     save_interval: float = 1.0  # seconds unsaved observations wait for a checkpoint at most
+    # Timed checkpoints encoded in one loop wake-up; the rest wait for the next ones (after a
+    # stall every run is due at once: their encodes in one go held every answer).
+    max_saves_per_wake: int = 8
     # -- connections (see admission.py) ---------------------------------------------------
     max_connections: int = 1024  # at the cap, the oldest peer without a run makes room
     max_remote_connections: int = 256  # TCP peers may not take the slots local hooks need

@@ -125,11 +125,12 @@ class Server:
         self.live.sync_watch(session)
 
     def start(self, session: Session) -> None:
-        """A new run joins the registry: its records, first checkpoint and watch."""
+        """A new run joins the registry: its records, first checkpoint (durable off the
+        loop: the welcome says ``saved_step`` -1 until a checkpoint is) and watch."""
         key = session.key
         self.open_records(session)
         self.sessions[key] = session
-        self.checkpoints.save(key)
+        self.checkpoints.start(key)  # made durable off the loop
         self.live.sync_watch(session)
         log.info("run %s started (%d group(s), policy %s%s)", key,
                  len(session.engine.initial_lrs), session.info.policy_source,
@@ -353,7 +354,7 @@ class Server:
         self.checkpoints.forget(key)
         self.live.unwatch(key)
         if session is not None:
-            self.checkpoints.delete(key)  # after its checkpoint in flight, if any
+            self.checkpoints.delete(key)  # off the loop, after its checkpoint in flight
             self.sink.close_run(key)
             log.info("run %s ended at step %d", key, session.last_step)
 

@@ -44,6 +44,8 @@ class BuildJob:
     conn: Conn
     hello: Hello
     takeover: bool  # it showed the resume token of a run connected elsewhere
+    # The run's checkpoint on disk is an ended run's, being removed: never restored.
+    ended: bool = False
     submitted: float = field(default_factory=time.monotonic)
     started: float | None = None  # when the worker took it
     # The built session and whether it was restored, or why it could not be built.

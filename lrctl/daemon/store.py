@@ -9,7 +9,9 @@ moved aside and reported, never loaded into a policy.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
+import itertools
 import json
 import logging
 import math
@@ -17,16 +19,18 @@ import os
 import queue
 import threading
 from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from .._parallel import in_parallel
 from ..paths import is_run_key
 
-__all__ = ["FORMAT", "CheckpointWriter", "StateStore"]
+__all__ = ["FORMAT", "CheckpointWriter", "PreparedWrite", "StateStore"]
 
 FORMAT = 1
 MAX_STATE_BYTES = 16 << 20
+_TMP_IDS = itertools.count()  # temporary files of prepared writes: one name each
 
 log = logging.getLogger("lrctl.daemon")
 
@@ -34,6 +38,18 @@ log = logging.getLogger("lrctl.daemon")
 def _canonical(state: Any) -> bytes:
     return json.dumps(state, sort_keys=True, separators=(",", ":"),
                       allow_nan=False).encode("utf-8")
+
+
+@dataclass(frozen=True)
+class PreparedWrite:
+    """A checkpoint written but not yet durable nor in place (see :meth:`StateStore.prepare`);
+    it owns its two descriptors until :meth:`StateStore.complete` or ``discard``."""
+
+    key: str
+    tmp: Path
+    final: Path
+    fd: int
+    dir_fd: int
 
 
 class StateStore:
@@ -62,9 +78,75 @@ class StateStore:
 
     def write(self, key: str, data: bytes) -> None:
         """Replace ``key``'s checkpoint with :meth:`encode`'s ``data``, durably (fsync of
-        the file and of the directory). Safe from one thread other than the loop's."""
+        the file and of the directory), at once."""
         self._replace(key, data)
         self._fsync_dir()
+
+    def prepare(self, key: str, data: bytes) -> PreparedWrite:
+        """The part of :meth:`write` that takes descriptors, on the caller's (the loop's)
+        thread: ``data`` written to a new temporary file, which and the directory stay
+        open. :meth:`complete` (on the writer thread) does the fsyncs, the rename and
+        closes both, so that thread never opens a descriptor: running out of them is
+        met on the loop, which has a spare one and knows what to refuse."""
+        final = self.path(key)
+        tmp = final.with_name(f".{final.name}.{os.getpid()}.{next(_TMP_IDS)}.tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        dir_fd = -1
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            dir_fd = os.open(self.dir, os.O_RDONLY | os.O_CLOEXEC)
+        except BaseException:
+            os.close(fd)
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+        return PreparedWrite(key, tmp, final, fd, dir_fd)
+
+    def complete(self, prep: PreparedWrite) -> None:
+        """Finish :meth:`prepare`'s write durably (on the writer thread); its descriptors
+        are closed whatever happens, and a failed write leaves no temporary file."""
+        try:
+            try:
+                os.fsync(prep.fd)
+            finally:
+                os.close(prep.fd)
+            os.replace(prep.tmp, prep.final)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(prep.tmp)
+            os.close(prep.dir_fd)
+            raise
+        try:
+            os.fsync(prep.dir_fd)
+        finally:
+            os.close(prep.dir_fd)
+
+    @staticmethod
+    def discard(prep: PreparedWrite) -> None:
+        """A prepared write that will not be completed (a shutdown took it back)."""
+        for fd in (prep.fd, prep.dir_fd):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        with contextlib.suppress(OSError):
+            os.unlink(prep.tmp)
+
+    def open_dir(self) -> int:
+        """A descriptor of the checkpoint directory, for :meth:`remove` on another thread."""
+        return os.open(self.dir, os.O_RDONLY | os.O_CLOEXEC)
+
+    def remove(self, key: str, dir_fd: int) -> None:
+        """:meth:`delete` with the directory's descriptor from :meth:`open_dir`, which
+        is closed here."""
+        try:
+            try:
+                self.path(key).unlink()
+            except FileNotFoundError:
+                return
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
 
     def write_many(self, items: Mapping[str, bytes],
                    deadline: float = math.inf) -> tuple[list[str], dict[str, Exception]]:
@@ -166,31 +248,49 @@ class StateStore:
 
 
 class CheckpointWriter:
-    """Writes checkpoints on a thread of its own, in the order submitted, so that their
-    fsyncs (milliseconds each on a busy disk, two per checkpoint) never stall the loop.
+    """Finishes checkpoint writes on a thread of its own, in the order submitted, so that
+    their fsyncs (milliseconds each on a busy disk, two per checkpoint) never stall the
+    loop.
 
-    The loop encodes the state (:meth:`StateStore.encode`) and submits the bytes; each
-    finished write goes on :attr:`done` as ``(key, token, error)``, then ``notify`` (the
-    loop's wake-up) is called: only the loop touches sessions.
+    The loop encodes the state (:meth:`StateStore.encode`). For a run's start and end it
+    also opens what the job needs (:meth:`StateStore.prepare`, :meth:`StateStore.open_dir`),
+    and the job only fsyncs, renames, unlinks and closes; a hot-path checkpoint is
+    written whole here (two short-lived descriptors). Each finished job goes on :attr:`done`
+    as ``(key, token, error)``, then ``notify`` (the loop's wake-up) is called: only the
+    loop touches sessions.
     """
 
     def __init__(self, store: StateStore, notify: Callable[[], None]) -> None:
         self.store = store
         self.notify = notify
         self.done: queue.SimpleQueue[tuple[str, Any, Exception | None]] = queue.SimpleQueue()
-        self._jobs: queue.SimpleQueue[tuple[str, bytes, Any] | threading.Event | None] = (
-            queue.SimpleQueue())
+        self._jobs: queue.SimpleQueue[_Job | threading.Event | None] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
 
-    def submit(self, key: str, data: bytes, token: Any) -> None:
+    def submit_write(self, key: str, data: bytes, token: Any) -> None:
+        """Write ``key``'s checkpoint whole (:meth:`StateStore.write`): the hot path's,
+        whose file creation (it can wait on a busy filesystem) stays off the loop too."""
+        self._put(_Job(key, functools.partial(self.store.write, key, data), token, _nothing))
+
+    def submit(self, key: str, prep: PreparedWrite, token: Any) -> None:
+        """Complete the prepared write ``prep`` of ``key``'s checkpoint."""
+        self._put(_Job(key, functools.partial(self.store.complete, prep), token,
+                       functools.partial(self.store.discard, prep)))
+
+    def submit_remove(self, key: str, dir_fd: int, token: Any) -> None:
+        """Remove ``key``'s checkpoint once the writes submitted before are done."""
+        self._put(_Job(key, functools.partial(self.store.remove, key, dir_fd), token,
+                       functools.partial(os.close, dir_fd)))
+
+    def _put(self, job: _Job) -> None:
         if self._thread is None:
             self._thread = threading.Thread(target=self._run, name="lrctl-checkpoints",
                                             daemon=True)
             self._thread.start()
-        self._jobs.put((key, data, token))
+        self._jobs.put(job)
 
     def wait(self) -> None:
-        """Return once every write submitted so far is finished (and on :attr:`done`)."""
+        """Return once every job submitted so far is finished (and on :attr:`done`)."""
         if self._thread is not None:
             finished = threading.Event()
             self._jobs.put(finished)
@@ -204,9 +304,10 @@ class CheckpointWriter:
             self._thread = None
 
     def cancel(self) -> list[tuple[str, Any]]:
-        """Take back the writes not started yet (a shutdown writes them all at once, in
-        parallel, from the latest state); returns their ``(key, token)``."""
-        dropped = []
+        """Take back the jobs not started yet (a shutdown writes every checkpoint at once,
+        in parallel, from the latest state; a removal is left undone, harmlessly: the
+        run's checkpoint stays); returns their ``(key, token)``."""
+        dropped: list[tuple[str, Any]] = []
         while True:
             try:
                 job = self._jobs.get_nowait()
@@ -215,7 +316,9 @@ class CheckpointWriter:
             if isinstance(job, threading.Event):
                 job.set()
             elif job is not None:
-                dropped.append((job[0], job[2]))
+                with contextlib.suppress(OSError):
+                    job.discard()
+                dropped.append((job.key, job.token))
 
     def _run(self) -> None:
         while True:
@@ -225,12 +328,23 @@ class CheckpointWriter:
             if isinstance(job, threading.Event):
                 job.set()
                 continue
-            key, data, token = job
             error: Exception | None = None
             try:
-                self.store.write(key, data)
+                job.run()
             except Exception as exc:  # reported to the loop, which logs it; the thread goes on
                 error = exc
-            self.done.put((key, token, error))
+            self.done.put((job.key, job.token, error))
             with contextlib.suppress(OSError):
                 self.notify()
+
+
+def _nothing() -> None:
+    pass
+
+
+@dataclass(frozen=True)
+class _Job:
+    key: str
+    run: Callable[[], None]
+    token: Any
+    discard: Callable[[], None]  # what the job owns, let go unfinished

@@ -16,7 +16,7 @@ import logging
 import os
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +24,9 @@ from .._parallel import in_parallel
 from ..policy._base import float_to_json
 from ..policy._decision import json_safe
 from ._held import HeldLines
+from ._open_run import OpenRun, current_policy, dedup_key, load_high_water
+from ._run_sync import RunSync
+from ._syncer import Syncer, SyncJob
 from .base import RunInfo, Shipper, Sink
 from .journal import (
     STREAMS,
@@ -33,9 +36,7 @@ from .journal import (
     atomic_write_json,
     atomic_write_text,
     fsync_path,
-    last_line,
     read_json,
-    read_lines,
     sync_all,
 )
 from .sampling import MetricSampler
@@ -60,23 +61,7 @@ class AuditSettings:
     backoff_max: float = 30.0  # seconds between retries while MLflow is down
 
 
-@dataclass
-class _OpenRun:
-    paths: RunPaths
-    writers: dict[str, StreamWriter]
-    sampler: MetricSampler
-    policy_sha256: str
-    policy_version: int
-    last_step: int | None = None
-    meta: dict[str, Any] = field(default_factory=dict)
-    # What the journal already holds: after a controller crash the hook replays the
-    # observations since the last checkpoint, and the engine re-makes their decisions.
-    journaled_step: int = -1
-    journaled_at_step: set[tuple[str, str, str]] = field(default_factory=set)
-    policy_texts: dict[str, str] = field(default_factory=dict)  # sha256 -> text, if deleted
-
-
-class AuditSink(Sink):
+class AuditSink(RunSync, Sink):
     """Journals every record under ``state_dir`` and ships it to MLflow in the background.
 
     ``env`` (default ``os.environ``) is where ``MLFLOW_TRACKING_URI`` is looked
@@ -96,7 +81,7 @@ class AuditSink(Sink):
         MetricSampler(self.settings.log_every)  # validate early, with the bad value
         self._env = os.environ if env is None else env
         self._fsync_fd = fsync_fd
-        self._runs: dict[str, _OpenRun] = {}
+        self._runs: dict[str, OpenRun] = {}
         # Appended to a durable stream since the last commit: each line with its writer.
         self._uncommitted: list[tuple[str, str, JournalLine, StreamWriter]] = []
         # Files (and directories) written by open_run without an fsync of their own: made
@@ -105,7 +90,9 @@ class AuditSink(Sink):
         # What a failing disk refused, written in order once it takes writes again;
         # runs ended meanwhile keep their writers open here until then.
         self._held = HeldLines(self.settings.queue_size)
-        self._closing: dict[str, _OpenRun] = {}
+        self._closing: dict[str, OpenRun] = {}
+        # A run's start and end made durable off the owner thread (see _syncer).
+        self._syncer = Syncer(fsync_fd)
         self.shipper: Shipper | None = shipper
         if shipper is None and self.settings.mlflow:
             self.shipper = ShipperProcess(
@@ -119,6 +106,9 @@ class AuditSink(Sink):
     def open_run(self, info: RunInfo) -> None:
         if info.run_key in self._runs:
             self._close_writers(self._runs.pop(info.run_key))
+        if self._syncer.busy(info.run_key):  # its end in flight: shipped before it reopens
+            self._syncer.wait(info.run_key)
+            self._reap()
         if info.run_key in self._closing:
             self.tick()
             if info.run_key in self._closing:
@@ -132,21 +122,19 @@ class AuditSink(Sink):
         meta = {**asdict(info), "params": dict(info.params), "mlflow": target,
                 "created": old.get("created", time.time()), "opened": time.time()}
         del meta["policy_text"]  # kept once per version under policies/
-        # fsynced by the next commit (this run's first one), with its directories, so that
-        # a run start costs the loop one round of fsyncs in parallel, not five in a row.
+        # fsynced off the loop with its directories and first events (see _start_sync).
         atomic_write_json(paths.meta, meta, sync=False)
-        for path in (paths.meta, paths.policy_file(policy_file), paths.policies, paths.root,
-                     paths.root.parent):
-            self._unsynced_paths[path] = None
-        sha, version, last_event = _current_policy(paths)
+        new_paths = (paths.meta, paths.policy_file(policy_file), paths.policies, paths.root,
+                     paths.root.parent)
+        sha, version, last_event = current_policy(paths)
         # The durable streams are fsynced by commit(), not per line.
-        run = _OpenRun(paths, {name: StreamWriter(paths.stream(name), fsync=False,
+        run = OpenRun(paths, {name: StreamWriter(paths.stream(name), fsync=False,
                                                   fsync_fd=self._fsync_fd)
                                for name in STREAMS},
                        MetricSampler(self.settings.log_every), sha, version, meta=meta)
         run.policy_texts[policy_file] = info.policy_text
         self._runs[info.run_key] = run
-        self._load_high_water(run)
+        load_high_water(run)
         if self.shipper is not None:
             self.shipper.attend(info.run_key, target["tracking_uri"])
         if last_event == "end":  # ended (or given up on) and now back: running again
@@ -159,6 +147,7 @@ class AuditSink(Sink):
             event = "open" if version == 0 else "restore"
             self._policy_event(run, info, policy_file,
                                {"event": event, "policy_sha256": info.policy_sha256})
+        self._start_sync(run, new_paths)
 
     def observation(self, run_key: str, step: int, loss: float | None,
                     grad_norm: float | None, lrs: Sequence[float]) -> None:
@@ -172,7 +161,7 @@ class AuditSink(Sink):
 
     def decision(self, run_key: str, record: Mapping[str, Any]) -> None:
         run = self._run(run_key)
-        step, key = int(record["step"]), _dedup_key(record)
+        step, key = int(record["step"]), dedup_key(record)
         if step < run.journaled_step or (step == run.journaled_step
                                          and key in run.journaled_at_step):
             return  # re-made while replaying after a controller restart: already journaled
@@ -188,21 +177,6 @@ class AuditSink(Sink):
         points = run.sampler.decision(int(rec["step"]))
         if points:
             self._metrics(run, points)
-
-    @staticmethod
-    def _load_high_water(run: _OpenRun) -> None:
-        """Where the journal of a restored run ends: its last decision step and metric step."""
-        for line in read_lines(run.paths.stream("decisions")):
-            step = int(line.record.get("step", -1))
-            key = _dedup_key(line.record)
-            if step > run.journaled_step:
-                run.journaled_step, run.journaled_at_step = step, set()
-            if step == run.journaled_step:
-                run.journaled_at_step.add(key)
-        last = last_line(run.paths.stream("metrics"))
-        steps = [point[2] for point in (last.record.get("points") or [])] if last else []
-        if steps:
-            run.last_step = max(int(s) for s in steps)
 
     def policy_changed(self, run_key: str, info: RunInfo, record: Mapping[str, Any]) -> None:
         run = self._run(run_key)
@@ -222,6 +196,8 @@ class AuditSink(Sink):
         run = self._runs.pop(run_key, None)
         if run is None:
             return
+        # A record a reply waits for (a decision in this wake-up): committed here, as before.
+        waited_for = any(w in run.writers.values() for *_, w in self._uncommitted)
         points = run.sampler.finish()
         if points:
             self._metrics(run, points)
@@ -230,7 +206,11 @@ class AuditSink(Sink):
         if any(self._held.holds(w) for w in run.writers.values()):
             self._closing[run_key] = run  # closed once the disk has taken the rest
             return
-        self._close_writers(run)
+        if waited_for:
+            self._close_writers(run)
+            return
+        # Its last lines and the streams' fsyncs to the syncer, with their descriptors.
+        self._hand_over(run, SyncJob(run_key, []), close=True)
 
     def restore(self) -> None:
         """The state dir was deleted and made again: each open run's files written back
@@ -248,9 +228,11 @@ class AuditSink(Sink):
         log.info("journals of %d open run(s) written back", len(self._runs) + len(self._closing))
 
     def tick(self) -> None:
-        """Retry what a failing disk refused (the controller calls this once a second)."""
+        """Retry what a failing disk refused, ship what the syncer made durable (the
+        controller calls this once a second)."""
         if self._held:
             self.commit()
+        self._reap()
 
     def commit(self) -> None:
         """Group commit: fsync every journal file appended to since the last commit, once,
@@ -259,6 +241,10 @@ class AuditSink(Sink):
         error is raised once the other files are committed."""
         if self._held:
             self._retry_held()
+        for run_key in {item[0] for item in self._uncommitted}:
+            if self._syncer.busy(run_key):  # its files first (a run's first decision)
+                self._syncer.wait(run_key)
+        self._reap()
         pending, self._uncommitted = self._uncommitted, []
         failed: dict[StreamWriter, OSError] = {}
         writers = [w for w in dict.fromkeys(w for *_, w in pending) if w.unsynced]
@@ -299,6 +285,9 @@ class AuditSink(Sink):
         """
         deadline = time.monotonic() + timeout
         self.commit()
+        self._syncer.wait(deadline=deadline)
+        self._syncer.stop()
+        self._reap()
         lost = sum(self._held.forget(w) for w in self._held.writers())
         if lost:
             log.error("shutdown: %d journal record(s) lost: the disk still refuses writes",
@@ -334,17 +323,19 @@ class AuditSink(Sink):
         """Commit, then wait until MLflow has acknowledged everything so far (tests,
         orderly shutdown)."""
         self.commit()
+        self._syncer.wait()
+        self._reap()
         return True if self.shipper is None else self.shipper.flush(timeout)
 
     # -- internals -------------------------------------------------------------------
-    def _run(self, run_key: str) -> _OpenRun:
+    def _run(self, run_key: str) -> OpenRun:
         try:
             return self._runs[run_key]
         except KeyError:
             raise KeyError(f"run {run_key!r} is not open in the audit sink; "
                            "call open_run(info) first") from None
 
-    def _append(self, run: _OpenRun, stream: str, record: dict[str, Any]) -> None:
+    def _append(self, run: OpenRun, stream: str, record: dict[str, Any]) -> None:
         writer = run.writers[stream]
         for line in self._held.append(writer, record):
             self._written(run.paths.run_key, stream, line, writer)
@@ -366,12 +357,12 @@ class AuditSink(Sink):
                     and self._closing.pop(key, None) is not None):  # (a nested commit's?)
                 self._close_writers(run)
 
-    def _metrics(self, run: _OpenRun, points: list[tuple[str, float, int]]) -> None:
+    def _metrics(self, run: OpenRun, points: list[tuple[str, float, int]]) -> None:
         self._append(run, "metrics", {"ts": int(time.time() * 1000),
                                       "points": [[k, float_to_json(v), s]
                                                  for k, v, s in points]})
 
-    def _policy_event(self, run: _OpenRun, info: RunInfo, policy_file: str,
+    def _policy_event(self, run: OpenRun, info: RunInfo, policy_file: str,
                       record: dict[str, Any]) -> None:
         if info.policy_sha256 != run.policy_sha256:
             run.policy_sha256 = info.policy_sha256
@@ -392,7 +383,7 @@ class AuditSink(Sink):
             atomic_write_text(path, info.policy_text, sync=sync)
         return digest
 
-    def _close_writers(self, run: _OpenRun) -> None:
+    def _close_writers(self, run: OpenRun) -> None:
         if any(w in run.writers.values() for *_, w in self._uncommitted):
             self.commit()  # its lines are shipped as from any other commit
         for w in run.writers.values():
@@ -405,23 +396,3 @@ def _call(call: Callable[[], None]) -> Exception | None:
     except Exception as exc:
         return exc
     return None
-
-
-def _current_policy(paths: RunPaths) -> tuple[str, int, str | None]:
-    """(sha256, version) of the policy the run's events end with, and the kind of its
-    last event; ("", 0, None) for a new run."""
-    sha, version, last = "", 0, None
-    for line in read_lines(paths.stream("events")):
-        last = line.record.get("event")
-        if last == "policy":
-            sha = str(line.record.get("policy_sha256", ""))
-            version = int(line.record.get("policy_version", version))
-    return sha, version, last if isinstance(last, str) else None
-
-
-def _dedup_key(record: Mapping[str, Any]) -> tuple[str, str, str]:
-    """What makes a decision distinct within its step. A policy decides once per step,
-    but several reloads can land between two observations: their new sha tells them apart."""
-    evidence = record.get("evidence")
-    version = str(evidence.get("new_sha256", "")) if isinstance(evidence, Mapping) else ""
-    return str(record.get("policy")), str(record.get("action")), version

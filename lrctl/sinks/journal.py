@@ -273,6 +273,11 @@ class StreamWriter:
             self._fsync_fd(self._file.fileno())
             self.unsynced = 0
 
+    def dup_fd(self) -> int:
+        """A descriptor of the open file for another thread to fsync and close (see
+        :mod:`lrctl.sinks._syncer`); appends after it are not covered by that fsync."""
+        return os.dup(self._file.fileno())
+
     def close(self, sync: bool = True) -> None:
         """Close, fsynced unless ``sync`` is False (a shutdown past its deadline)."""
         if not self._file.closed:

@@ -124,15 +124,23 @@ def test_quick_throughput_structure() -> None:
 def test_quick_throughput_churn_arm_structure() -> None:
     cfg = ThroughputConfig(runs=(1,), seconds=0.2, rounds=1, paced_runs=2, paced_hz=50,
                            churn_runs=3, churn_hz=20, churn_seconds=2.0, churn_rounds=1,
-                           churn_lifetime=(0.3, 0.8))
+                           churn_lifetime=(0.3, 0.8), arms=("churn",))  # --only churn
     result = run_throughput(cfg)
-    row = {r["arm"]: r for r in result["rows"]}["paced 3 × 20 Hz, churn, MLflow on"]
+    rows = {r["arm"]: r for r in result["rows"]}
+    assert list(rows) == ["paced 3 × 20 Hz, churn, MLflow on"]
+    assert result["rss_mib"]["idle"] is None  # no shared controller was started
+    row = rows["paced 3 × 20 Hz, churn, MLflow on"]
     assert row["churn"] and row["per_s"]["median"] > 0 and row["latency_us"]["p99"] > 0
     assert row["started"]["median"] >= 1 and row["ended"]["median"] >= 1
     assert row["decisions_exact"]  # every journaled decision in MLflow exactly once
     assert row["decisions_mlflow"] == row["decisions_journaled"]
     assert math.isfinite(row["shipper_cpu_share"]["median"]) and row["rss_mib"] > 0
     assert isinstance(row["ok"], bool)
+
+
+def test_throughput_only_names_its_arms() -> None:
+    with pytest.raises(SystemExit, match="--only takes arms of unpaced, paced, churn"):
+        main(["bench", "throughput", "--only", "churn,bogus", "-q"])
 
 
 def test_cli_json_and_markdown(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

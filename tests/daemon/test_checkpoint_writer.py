@@ -18,7 +18,7 @@ import pytest
 from daemon_helpers import Client, serving
 
 from lrctl.daemon import Limits, Server
-from lrctl.daemon.store import StateStore
+from lrctl.daemon.store import PreparedWrite, StateStore
 from lrctl.protocol import MAX_HELLO, encode, encode_obs
 
 POLICY = "version: 1\npolicies:\n  - kind: plateau\n    patience: 5\n"
@@ -27,7 +27,8 @@ EVERY_8 = Limits(save_every=8, save_interval=3600.0)
 
 
 class GatedStore(StateStore):
-    """Writes wait for ``gate``; ``writes`` counts the finished ones."""
+    """Writes (the loop's own, and the writer thread's part of the others) wait for
+    ``gate``; ``writes`` counts the finished ones."""
 
     def __init__(self, state_dir: Path) -> None:
         super().__init__(state_dir)
@@ -40,6 +41,12 @@ class GatedStore(StateStore):
         self.writing.set()
         assert self.gate.wait(30)
         super().write(key, data)
+        self.writes += 1
+
+    def complete(self, prep: PreparedWrite) -> None:
+        self.writing.set()
+        assert self.gate.wait(30)
+        super().complete(prep)
         self.writes += 1
 
 
@@ -62,11 +69,20 @@ def _hello(c: Client, run: str) -> dict[str, Any]:
     return welcome
 
 
+def _checkpointed(store: GatedStore, run: str) -> None:
+    """Wait for a new run's first checkpoint (made durable off the loop, after the welcome)."""
+    deadline = time.monotonic() + 20
+    while not store.path(run).exists():
+        assert time.monotonic() < deadline, f"{run} was never checkpointed"
+        time.sleep(0.01)  # polling on the condition
+
+
 def test_the_loop_answers_while_a_checkpoint_is_written(
         served: tuple[Server, GatedStore, str]) -> None:
     srv, store, path = served
     c = Client(path)
-    _hello(c, "run-a")  # checkpointed at once (a new run), before the welcome
+    _hello(c, "run-a")  # checkpointed at once (a new run), off the loop
+    _checkpointed(store, "run-a")
     store.gate.clear()
     store.writing.clear()
     replies = []
@@ -95,6 +111,7 @@ def _write_in_flight(store: GatedStore, path: str, run: str, steps: int) -> Clie
     """A run whose hot-path checkpoint is being written (held at the gate)."""
     c = Client(path)
     _hello(c, run)
+    _checkpointed(store, run)
     store.gate.clear()
     store.writing.clear()
     for t in range(steps):
@@ -121,17 +138,24 @@ def _loop_waits_for_writes(srv: Server) -> threading.Event:
 def test_bye_while_a_checkpoint_is_in_flight_leaves_no_file(
         served: tuple[Server, GatedStore, str]) -> None:
     srv, store, path = served
+    other = Client(path)
+    _hello(other, "run-other")
+    _checkpointed(store, "run-other")
     c = _write_in_flight(store, path, "run-b", 8)
-    waiting = _loop_waits_for_writes(srv)
     c.send(encode({"t": "bye"}))
-    assert waiting.wait(20)  # the loop waits for the write before it deletes the file
-    assert store.writes == 1  # the new run's checkpoint only: the one at bye is held
+    # The removal waits behind the write on the writer thread, not on the loop: another
+    # run is answered meanwhile.
+    for t in range(3):
+        other.send(encode_obs(t, 1.0, None))
+        assert other.answer()["s"] == t
+    assert "run-b" not in srv.sessions or store.writes < 3
+    assert store.writes == 2  # the two first checkpoints: the one in flight is held
     store.gate.set()
     deadline = time.monotonic() + 20
-    while store.writes < 2 or store.path("run-b").exists() or "run-b" in srv.sessions:
+    while store.writes < 3 or store.path("run-b").exists() or "run-b" in srv.sessions:
         assert time.monotonic() < deadline, (store.writes, store.path("run-b").exists())
         time.sleep(0.02)  # polling on the condition
-    assert store.writes == 2  # the new run's checkpoint, then the one in flight at bye
+    assert store.writes == 3  # the first checkpoints, then the one in flight at bye
     assert not store.path("run-b").exists()  # deleted after the write, not before
     assert store.load("run-b") is None
 
@@ -163,6 +187,10 @@ class FailingStore(StateStore):
         self.attempts += 1
         raise OSError(28, "No space left on device")
 
+    def prepare(self, key: str, data: bytes) -> PreparedWrite:
+        self.attempts += 1
+        raise OSError(28, "No space left on device")
+
 
 def test_a_failing_disk_is_retried_at_the_save_interval_not_per_observation(
         tmp_path: Path) -> None:
@@ -181,3 +209,29 @@ def test_a_failing_disk_is_retried_at_the_save_interval_not_per_observation(
         assert len(answers) >= 199 and all(r["saved_step"] == -1 for r in answers)
         # The opening save and the first hot-path one; no retry per observation after it.
         assert store.attempts <= 3, store.attempts
+
+
+def test_timed_checkpoints_are_spread_over_wakeups(tmp_path: Path) -> None:
+    """After a stall every run is due at once: at most ``max_saves_per_wake`` are encoded
+    in one wake-up, the rest in the next ones (their encodes in one go held every answer)."""
+    from lrctl.daemon.checkpoints import Checkpoints
+    from lrctl.daemon.session import Session
+
+    store = StateStore(tmp_path / "state")
+    sessions = {f"r{i}": Session.create(
+        key=f"r{i}", run_name=f"r{i}", policy_text=POLICY, policy_source="<test>", lrs=[0.1],
+        world_size=1, total_steps=None, mlflow_run_id=None, tracking_uri=None, cwd=None)
+        for i in range(20)}
+    limits = Limits(save_interval=1.0, max_saves_per_wake=8)
+    checkpoints = Checkpoints(store, sessions, limits, notify=lambda: None)
+    for s in sessions.values():
+        s.unsaved = 1
+    now = time.monotonic() + 10.0  # every run is past its interval
+    done = []
+    for _ in range(3):
+        assert checkpoints.next_due <= now
+        checkpoints.save_due(now)
+        done.append(sum(s.unsaved == 0 for s in sessions.values()))
+    assert done == [8, 16, 20]
+    assert checkpoints.next_due > now  # nothing due any more
+    checkpoints.stop()

@@ -140,8 +140,10 @@ def test_corrupt_or_partial_checkpoints_are_never_loaded(
         for _ in range(5):
             ctl.step(1.0)
         key = ctl.run_key
-        controller.kill9()
         runs_dir = Path(controller.state_dir) / "runs"
+        # A new run's first checkpoint is made durable off the loop: wait for it.
+        until("the run's first checkpoint", (runs_dir / f"{key}.json").is_file)
+        controller.kill9()
         good = (runs_dir / f"{key}.json").read_bytes()
         damaged = {
             "truncated": good[: len(good) // 2],

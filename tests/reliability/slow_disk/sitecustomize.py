@@ -2,12 +2,14 @@
 
 On ``PYTHONPATH``, Python imports this at start-up. Once the file named by
 ``$LRCTL_TEST_SLOW_DISK`` exists, every ``os.fsync`` takes ``$LRCTL_TEST_SLOW_FSYNC_S``
-(default 10 ms) longer, as on a busy disk or network storage. Without the variable
-it does nothing.
+(default 10 ms) longer, as on a busy disk or network storage; ``inf``: every fsync
+hangs for as long as the file exists (a stuck disk). Without the variable it does
+nothing.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import time
 
@@ -19,7 +21,11 @@ if _FLAG:
 
     def _slow_fsync(fd: int) -> None:
         if os.path.exists(_FLAG):  # type: ignore[arg-type]
-            time.sleep(_DELAY)
+            if math.isinf(_DELAY):
+                while os.path.exists(_FLAG):  # type: ignore[arg-type]
+                    time.sleep(0.005)
+            else:
+                time.sleep(_DELAY)
         _real_fsync(fd)
 
     os.fsync = _slow_fsync

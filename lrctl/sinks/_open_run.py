@@ -1,0 +1,63 @@
+"""One open run of the audit sink, and what its journal already holds when it reopens."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from .journal import RunPaths, StreamWriter, last_line, read_lines
+from .sampling import MetricSampler
+
+__all__ = ["OpenRun", "current_policy", "dedup_key", "load_high_water"]
+
+
+@dataclass
+class OpenRun:
+    paths: RunPaths
+    writers: dict[str, StreamWriter]
+    sampler: MetricSampler
+    policy_sha256: str
+    policy_version: int
+    last_step: int | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
+    # What the journal already holds: after a controller crash the hook replays the
+    # observations since the last checkpoint, and the engine re-makes their decisions.
+    journaled_step: int = -1
+    journaled_at_step: set[tuple[str, str, str]] = field(default_factory=set)
+    policy_texts: dict[str, str] = field(default_factory=dict)  # sha256 -> text, if deleted
+
+
+def load_high_water(run: OpenRun) -> None:
+    """Where the journal of a restored run ends: its last decision step and metric step."""
+    for line in read_lines(run.paths.stream("decisions")):
+        step = int(line.record.get("step", -1))
+        key = dedup_key(line.record)
+        if step > run.journaled_step:
+            run.journaled_step, run.journaled_at_step = step, set()
+        if step == run.journaled_step:
+            run.journaled_at_step.add(key)
+    last = last_line(run.paths.stream("metrics"))
+    steps = [point[2] for point in (last.record.get("points") or [])] if last else []
+    if steps:
+        run.last_step = max(int(s) for s in steps)
+
+
+def current_policy(paths: RunPaths) -> tuple[str, int, str | None]:
+    """(sha256, version) of the policy the run's events end with, and the kind of its
+    last event; ("", 0, None) for a new run."""
+    sha, version, last = "", 0, None
+    for line in read_lines(paths.stream("events")):
+        last = line.record.get("event")
+        if last == "policy":
+            sha = str(line.record.get("policy_sha256", ""))
+            version = int(line.record.get("policy_version", version))
+    return sha, version, last if isinstance(last, str) else None
+
+
+def dedup_key(record: Mapping[str, Any]) -> tuple[str, str, str]:
+    """What makes a decision distinct within its step. A policy decides once per step,
+    but several reloads can land between two observations: their new sha tells them apart."""
+    evidence = record.get("evidence")
+    version = str(evidence.get("new_sha256", "")) if isinstance(evidence, Mapping) else ""
+    return str(record.get("policy")), str(record.get("action")), version
