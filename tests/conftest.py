@@ -2,14 +2,21 @@
 
 (After watchdog's tests/conftest.py.) A controller project that leaks a daemon
 process or a non-daemon thread in its tests will leak them in production too.
+
+Also the reliability figures (``rel_helpers.FIGURES``), printed at the end of the
+run: the suite runs under pytest-xdist, so each worker hands its figures to the
+controlling process, which prints them all.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import sys
 import threading
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
@@ -56,3 +63,32 @@ def no_leaked_threads_or_processes() -> Iterator[None]:
         time.sleep(0.05)
     assert not threads, f"test leaked non-daemon threads: {[t.name for t in threads]}"
     assert not children, f"test leaked child processes: {sorted(children)}"
+
+
+_WORKER_FIGURES: dict[str, Any] = {}
+
+
+def _figures() -> dict[str, Any]:
+    """This process's figures (rel_helpers is imported only where reliability tests ran)."""
+    return dict(getattr(sys.modules.get("rel_helpers"), "FIGURES", None) or {})
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    workeroutput = getattr(session.config, "workeroutput", None)
+    if workeroutput is not None:  # an xdist worker: its figures go to the controller
+        workeroutput["lrctl_figures"] = json.dumps(_figures())
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node: Any, error: Any) -> None:
+    output = getattr(node, "workeroutput", None) or {}
+    _WORKER_FIGURES.update(json.loads(output.get("lrctl_figures", "{}")))
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    figures = {**_WORKER_FIGURES, **_figures()}
+    if not figures:
+        return
+    terminalreporter.section("lrctl reliability figures")
+    for name in sorted(figures):
+        terminalreporter.write_line(f"{name}: {json.dumps(figures[name])}")

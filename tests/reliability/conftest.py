@@ -1,18 +1,17 @@
-"""Fixtures for the reliability suite: the daemon suite's real controllers, and a summary.
+"""Fixtures for the reliability suite: the daemon suite's real controllers.
 
 The controller fixtures are the daemon tests' own (loaded from that conftest,
 so there is one definition). Each test records its figures in
-:data:`rel_helpers.FIGURES`; they are printed at the end of the run, so a CI
-log shows the load held, the faults survived and the bad inputs tried.
+:data:`rel_helpers.FIGURES`; tests/conftest.py prints them at the end of the run
+(gathered from every xdist worker), so a CI log shows the load held, the faults
+survived and the bad inputs tried.
 """
 
 from __future__ import annotations
 
 import importlib.util
-import json
 import sys
 from pathlib import Path
-from typing import Any
 
 HERE = Path(__file__).resolve().parent
 for extra in (HERE, HERE.parent / "daemon", HERE.parent / "sinks"):
@@ -29,13 +28,3 @@ private_env = _daemon.private_env
 controllers = _daemon.controllers
 make_controller = _daemon.make_controller
 controller = _daemon.controller
-
-from rel_helpers import FIGURES  # noqa: E402
-
-
-def pytest_terminal_summary(terminalreporter: Any) -> None:
-    if not FIGURES:
-        return
-    terminalreporter.section("lrctl reliability figures")
-    for name, value in FIGURES.items():
-        terminalreporter.write_line(f"{name}: {json.dumps(value)}")

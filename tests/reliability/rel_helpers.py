@@ -14,6 +14,9 @@ from lrctl.protocol import MAX_FRAME, FrameDecoder, encode, encode_obs
 #: name -> figure, printed at the end of the session (see conftest.py).
 FIGURES: dict[str, Any] = {}
 TIMEOUT_S = 60.0
+#: ``LRCTL_TEST_FULL=1``: the load and fuzz tests at their full sizes (CI runs smaller
+#: ones that check the same things; see test_load.py and test_fuzz.py).
+FULL = os.environ.get("LRCTL_TEST_FULL") == "1"
 
 
 def until(what: str, check: Callable[[], bool], timeout: float = TIMEOUT_S) -> None:
