@@ -15,12 +15,16 @@ time to its welcome is measured too), as a cluster of short jobs would do.
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import math
 import os
 import random
 import selectors
 import socket
 import struct
+import subprocess
+import sys
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -285,11 +289,25 @@ def drive_churn(spec: SimSpec) -> dict[str, Any]:
             "max_us": max(latencies, default=float("nan"))}
 
 
+def spawn(spec: SimSpec) -> subprocess.Popen[bytes]:
+    """A worker process that drives ``spec``'s runs (see :func:`main`)."""
+    return subprocess.Popen([sys.executable, "-m", "lrctl.bench._simrun",
+                             json.dumps(dataclasses.asdict(spec))], stdout=subprocess.PIPE)
+
+
+def collect(procs: list[subprocess.Popen[bytes]]) -> list[dict[str, Any]]:
+    """Each worker's result, once it has ended; a failed worker is an error."""
+    parts = []
+    for proc in procs:
+        out, _ = proc.communicate(timeout=120)
+        if proc.returncode != 0:
+            raise RuntimeError(f"a simulated-run worker failed (exit {proc.returncode})")
+        parts.append(json.loads(out))
+    return parts
+
+
 def main(argv: list[str] | None = None) -> int:
     """``python -m lrctl.bench._simrun SPEC_JSON``: drive, print the result as JSON."""
-    import json
-    import sys
-
     raw = json.loads((argv or sys.argv[1:])[0])
     if raw.get("lifetime") is not None:
         raw["lifetime"] = tuple(raw["lifetime"])
