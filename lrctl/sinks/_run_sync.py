@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -35,9 +35,7 @@ class RunSync:
     _uncommitted: list[tuple[str, str, JournalLine, StreamWriter]]
     _unsynced_paths: dict[Path, None]
     shipper: Shipper | None
-
-    def commit(self) -> None:
-        raise NotImplementedError
+    commit: Callable[[], None]  # the host's group commit (AuditSink.commit)
 
     def _start_sync(self, run: OpenRun, paths: Sequence[Path]) -> None:
         """A run just opened: its files, directories and first lines made durable by the
