@@ -39,7 +39,9 @@ from ._staging import DeviceStaging
 from ._torchutil import (
     is_number,
     lr_value,
+    on_device,
     register_pre_step,
+    to_float,
     total_grad_norm,
 )
 from ._writer import LRWriter
@@ -254,10 +256,17 @@ class Controller(Resuming, LinkSide, Reporting, Applying):
         """
         batch = self._batch
         try:
-            if (batch is not None and scaler is None and type(loss) is float
-                    and (grad_norm is None or type(grad_norm) is float)
-                    and self._held_quietly(batch, loss, grad_norm)):
-                return  # nothing arrived, nothing went out: the pre-step hook checks the LRs
+            if batch is not None and scaler is None:
+                # every="auto" judges each step on the host: a CPU tensor is read once here
+                # (the full way would read it too), a device value takes the staging path.
+                if type(loss) is not float and loss is not None and not on_device(loss):
+                    loss = to_float(loss)
+                if (type(grad_norm) is not float and grad_norm is not None
+                        and not on_device(grad_norm)):
+                    grad_norm = to_float(grad_norm)
+                if (type(loss) is float and (grad_norm is None or type(grad_norm) is float)
+                        and self._held_quietly(batch, loss, grad_norm)):
+                    return  # nothing arrived or went out: the pre-step hook checks the LRs
             self._step_fully(batch, loss, grad_norm, scaler)
         except Exception as exc:  # fail-open: the training loop must not see lrctl's bugs
             self._warn("internal", f"lrctl: hook error ({exc!r}); training continues at the "

@@ -25,12 +25,12 @@ def _grad(t: int) -> float:
 
 
 def _run(curve: list[float], k: int | None, quiet_path: bool = True,
-         frames: list[dict] | None = None,
-         settle: bool = False) -> tuple[list[dict], list[float], int]:
+         frames: list[dict] | None = None, settle: bool = False,
+         tensors: bool = False) -> tuple[list[dict], list[float], int]:
     """Decisions, the LR each optimizer step used, the last step reported. ``quiet_path``
     False: every step takes the full way (``_held_quietly`` always declines);
     ``frames``: collects the observations sent; ``settle``: every answer is in before
-    each step (no timing in the outcome)."""
+    each step (no timing in the outcome); ``tensors``: the loop hands CPU tensors."""
     path = str(POLICIES / "default.yaml")
     opt = _optimizer()
     with lrctl.attach(opt, policy=path, every="auto" if k else 1, spawn=False,
@@ -50,7 +50,11 @@ def _run(curve: list[float], k: int | None, quiet_path: bool = True,
             if settle:
                 assert ctl._link is not None
                 assert ctl._link.wait(lambda: ctl._acked >= ctl._reported, 30.0)
-            ctl.step(loss, grad_norm=_grad(t))
+            if tensors:
+                ctl.step(torch.tensor(loss, dtype=torch.float64),
+                         grad_norm=torch.tensor(_grad(t), dtype=torch.float64))
+            else:
+                ctl.step(loss, grad_norm=_grad(t))
             opt.step()
             applied.append(opt.param_groups[0]["lr"])
         assert ctl.steps_taken == len(curve)
@@ -78,12 +82,13 @@ def test_batched_reports_decide_what_per_step_reports_decide(
         assert batched_lrs[d["step"] + 1] == per_step_lrs[d["step"] + 1]
 
 
+@pytest.mark.parametrize("tensors", [False, True])
 def test_the_quiet_path_does_what_the_full_way_does(
-        controller: ControllerProc, monkeypatch: pytest.MonkeyPatch) -> None:
+        controller: ControllerProc, monkeypatch: pytest.MonkeyPatch, tensors: bool) -> None:
     """A quiet step's shortcut (``Controller._held_quietly``) sends the same frames, gets
     the same decisions and leaves the same LR at every step as the full way; with every
     answer in before each step, it is taken on every step that neither reports nor
-    takes in the answer to a report."""
+    takes in the answer to a report, with floats or CPU tensors (the README's loop)."""
     curve = losses(700, seed=5, spikes=(250, 251, 480))
     curve[400] = float("nan")
     taken = 0
@@ -97,13 +102,14 @@ def test_the_quiet_path_does_what_the_full_way_does(
 
     monkeypatch.setattr(lrctl.Controller, "_held_quietly", counting)
     quick_frames: list[dict] = []
-    quick = _run(curve, 8, frames=quick_frames, settle=True)
+    quick = _run(curve, 8, frames=quick_frames, settle=True, tensors=tensors)
     reports = len(quick_frames)
     # Every step that neither reported nor had an answer to take in went the quiet way.
     assert taken >= len(curve) - 2 * reports
     assert reports < len(curve) // 4
     full_frames: list[dict] = []
-    assert _run(curve, 8, quiet_path=False, frames=full_frames, settle=True) == quick
+    assert _run(curve, 8, quiet_path=False, frames=full_frames, settle=True,
+                tensors=tensors) == quick
     assert full_frames == quick_frames
 
 
