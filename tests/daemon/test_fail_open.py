@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import select
 import signal
 import warnings
 
@@ -76,9 +77,17 @@ def test_a_stalled_controller_costs_an_async_loop_one_bounded_wait(
             assert ctl.late_waits == 1
         finally:
             controller.proc.send_signal(signal.SIGCONT)  # type: ignore[union-attr]
-        ctl._link.wait(lambda: ctl._acked >= ctl._reported, 30.0)  # type: ignore[union-attr]
+        link = ctl._link
+        assert link is not None
+        link.wait(lambda: ctl._acked >= ctl._reported, 30.0)
         for loss in losses(5):  # caught up: exact again, and no new timed-out wait
             ctl.step(loss, grad_norm=1.0)
+            # The answer is in before the optimizer step (as after a forward and backward
+            # pass): the pre-step hook takes it in and sees the answers caught up. On a
+            # busy machine, a loop with no work between steps would outrun the controller.
+            waiter = select.poll()
+            waiter.register(link._sock, select.POLLIN)  # type: ignore[arg-type]
+            assert ctl._acked >= ctl._reported or waiter.poll(30_000)
             opt.step()
         assert ctl.late_waits == 1 and not ctl._late
     finally:
