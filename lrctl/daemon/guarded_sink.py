@@ -42,6 +42,18 @@ class GuardedSink:
             return str(exc)
         return None
 
+    def prepare_run(self, info: RunInfo) -> None:
+        """(The hello worker's thread.) A failure is only logged: :meth:`open_run`, on
+        the loop, does the work again and says why it fails."""
+        try:
+            self.sink.prepare_run(info)
+        except Exception as exc:
+            self._rlog.log(logging.WARNING, "prepare_run", "preparing run %s's records "
+                           "failed (the loop opens them): %s", info.run_key, exc)
+
+    def discard_prepared(self, info: RunInfo) -> None:
+        self._call("discard_prepared", info)
+
     @property
     def error(self) -> str | None:
         """The latest failure of a method that has not succeeded since, for status."""

@@ -96,7 +96,8 @@ class Handshakes:
         """Answer the hellos whose sessions the worker has built (the loop was woken)."""
         for job in self.builder.finished():
             if self.pending.get(job.hello.run) is not job:
-                continue  # its connection closed, or it was refused as too slow
+                self._unprepare(job)  # its connection closed, or it was refused as too slow
+                continue
             del self.pending[job.hello.run]
             transport = self.server.transport
             transport.call(job.conn, "hello", functools.partial(self._built, job))
@@ -105,6 +106,7 @@ class Handshakes:
     def _built(self, job: BuildJob) -> None:
         conn, hello, result = job.conn, job.hello, job.result
         if conn.sock.fileno() < 0:
+            self._unprepare(job)
             return
         if isinstance(result, Exception):
             raise result
@@ -169,6 +171,11 @@ class Handshakes:
                                   "policy_sha256": session.info.policy_sha256,
                                   "resume_token": session.resume_token})
 
+    def _unprepare(self, job: BuildJob) -> None:
+        """A new run's records prepared by the worker (see ``_build``) are not needed."""
+        if isinstance(job.result, tuple) and not job.result[1]:
+            self.server.sink.discard_prepared(job.result[0].info)
+
     def dropped(self, conn: Conn) -> None:
         """``conn`` closed: its hello, if pending, is not answered."""
         if conn.pending and conn.run is None:
@@ -209,14 +216,18 @@ class Handshakes:
         except (OSError, ValueError, KeyError, TypeError) as exc:
             log.error("cannot restore run %s: %s", hello.run, exc)
         try:
-            return Session.create(
+            session = Session.create(
                 key=hello.run, run_name=hello.run_name, policy_text=hello.policy_text,
                 policy_source=hello.policy_source, lrs=hello.lrs,
                 world_size=hello.world_size, total_steps=hello.total_steps,
                 mlflow_run_id=hello.mlflow_run_id, tracking_uri=hello.tracking_uri,
-                cwd=hello.cwd), False
+                cwd=hello.cwd)
         except ConfigError as exc:
             raise Refused(str(exc), "bad_policy") from None
+        # Its files too (the loop's open_run then only registers them): a dozen
+        # filesystem calls that take milliseconds on a busy disk.
+        self.server.sink.prepare_run(session.info)
+        return session, False
 
 
 def _follow_mlflow(session: Session, hello: Hello) -> bool:

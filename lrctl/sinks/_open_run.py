@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from .journal import RunPaths, StreamWriter, last_line, read_lines
+from .base import RunInfo
+from .journal import RunPaths, StreamWriter, atomic_write_text, last_line, read_lines
 from .sampling import MetricSampler
 
-__all__ = ["OpenRun", "current_policy", "dedup_key", "load_high_water"]
+__all__ = ["OpenRun", "current_policy", "dedup_key", "load_high_water", "save_policy"]
 
 
 @dataclass
@@ -61,3 +63,12 @@ def dedup_key(record: Mapping[str, Any]) -> tuple[str, str, str]:
     evidence = record.get("evidence")
     version = str(evidence.get("new_sha256", "")) if isinstance(evidence, Mapping) else ""
     return str(record.get("policy")), str(record.get("action")), version
+
+
+def save_policy(paths: RunPaths, info: RunInfo, *, sync: bool = True) -> str:
+    """Keep the policy text, content-addressed; return its file's hash."""
+    digest = hashlib.sha256(info.policy_text.encode("utf-8")).hexdigest()
+    path = paths.policy_file(digest)
+    if not path.exists():
+        atomic_write_text(path, info.policy_text, sync=sync)
+    return digest

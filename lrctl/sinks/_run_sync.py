@@ -11,8 +11,7 @@ docstring for why and what still waits.
 from __future__ import annotations
 
 import logging
-import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -37,18 +36,11 @@ class RunSync:
     shipper: Shipper | None
     commit: Callable[[], None]  # the host's group commit (AuditSink.commit)
 
-    def _start_sync(self, run: OpenRun, paths: Sequence[Path]) -> None:
+    def _start_sync(self, run: OpenRun, fds: list[int]) -> None:
         """A run just opened: its files, directories and first lines made durable by the
-        syncer (descriptors opened here). What cannot be opened (out of descriptors) is
-        left to the next group commit, on this thread, as before."""
-        key = run.paths.run_key
-        job = SyncJob(key, [])
-        for path in paths:
-            try:
-                job.fds.append(os.open(path, os.O_RDONLY | os.O_CLOEXEC))
-            except OSError:
-                self._unsynced_paths[path] = None
-        self._hand_over(run, job, close=False)
+        syncer (``fds``: its new files and directories, opened by the preparation; those
+        it could not open wait for the next group commit, on this thread, as before)."""
+        self._hand_over(run, SyncJob(run.paths.run_key, list(fds)), close=False)
 
     def _hand_over(self, run: OpenRun, job: SyncJob, *, close: bool) -> None:
         """Give ``job`` the run's unsynced streams (a duplicate descriptor each) and their

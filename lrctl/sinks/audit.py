@@ -11,12 +11,11 @@ process that reads what the journal already holds (mlflow is never imported here
 from __future__ import annotations
 
 import functools
-import hashlib
 import logging
 import os
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,24 +23,21 @@ from .._parallel import in_parallel
 from ..policy._base import float_to_json
 from ..policy._decision import json_safe
 from ._held import HeldLines
-from ._open_run import OpenRun, current_policy, dedup_key, load_high_water
+from ._open_run import OpenRun, dedup_key, save_policy
+from ._prepared import Preparations, PreparedRun, prepare_open
 from ._run_sync import RunSync
 from ._syncer import Syncer, SyncJob
 from .base import RunInfo, Shipper, Sink
 from .journal import (
-    STREAMS,
     JournalLine,
-    RunPaths,
     StreamWriter,
     atomic_write_json,
     atomic_write_text,
     fsync_path,
-    read_json,
     sync_all,
 )
 from .sampling import MetricSampler
 from .shipper_proxy import ShipperProcess
-from .tracking import run_target
 
 __all__ = ["AuditSettings", "AuditSink"]
 
@@ -93,6 +89,8 @@ class AuditSink(RunSync, Sink):
         self._closing: dict[str, OpenRun] = {}
         # A run's start and end made durable off the owner thread (see _syncer).
         self._syncer = Syncer(fsync_fd)
+        # Runs opened by prepare_run on the hello worker, waiting for open_run to claim them.
+        self._prepared = Preparations()
         self.shipper: Shipper | None = shipper
         if shipper is None and self.settings.mlflow:
             self.shipper = ShipperProcess(
@@ -114,40 +112,42 @@ class AuditSink(RunSync, Sink):
             if info.run_key in self._closing:
                 raise OSError(f"run {info.run_key}: its journal still has records the disk "
                               f"refused ({self._held.error})")
-        paths = RunPaths.of(self.state_dir, info.run_key)
-        paths.policies.mkdir(parents=True, exist_ok=True)
-        old = read_json(paths.meta, {}) or {}
-        policy_file = self._save_policy(paths, info, sync=False)
-        target, follow = run_target(old.get("mlflow"), info, self._env, self.settings.experiment)
-        meta = {**asdict(info), "params": dict(info.params), "mlflow": target,
-                "created": old.get("created", time.time()), "opened": time.time()}
-        del meta["policy_text"]  # kept once per version under policies/
-        # fsynced off the loop with its directories and first events (see _start_sync).
-        atomic_write_json(paths.meta, meta, sync=False)
-        new_paths = (paths.meta, paths.policy_file(policy_file), paths.policies, paths.root,
-                     paths.root.parent)
-        sha, version, last_event = current_policy(paths)
-        # The durable streams are fsynced by commit(), not per line.
-        run = OpenRun(paths, {name: StreamWriter(paths.stream(name), fsync=False,
-                                                  fsync_fd=self._fsync_fd)
-                               for name in STREAMS},
-                       MetricSampler(self.settings.log_every), sha, version, meta=meta)
-        run.policy_texts[policy_file] = info.policy_text
+        prepared = self._prepared.take(info) or self._prepare(info)
+        run = prepared.run
         self._runs[info.run_key] = run
-        load_high_water(run)
         if self.shipper is not None:
-            self.shipper.attend(info.run_key, target["tracking_uri"])
-        if last_event == "end":  # ended (or given up on) and now back: running again
+            self.shipper.attend(info.run_key, run.meta["mlflow"]["tracking_uri"])
+        if prepared.last_event == "end":  # ended (or given up on) and now back: running again
             self._append(run, "events", {"event": "resume", "wall_time": time.time(),
                                          "step": run.last_step})
-        if follow is not None:
+        if prepared.follow is not None:
             self._append(run, "events", {"event": "follow", "wall_time": time.time(),
-                                         "step": run.last_step, **follow})
-        if sha != info.policy_sha256:
-            event = "open" if version == 0 else "restore"
-            self._policy_event(run, info, policy_file,
+                                         "step": run.last_step, **prepared.follow})
+        if run.policy_sha256 != info.policy_sha256:
+            event = "open" if run.policy_version == 0 else "restore"
+            self._policy_event(run, info, prepared.policy_file,
                                {"event": event, "policy_sha256": info.policy_sha256})
-        self._start_sync(run, new_paths)
+        self._unsynced_paths.update(dict.fromkeys(prepared.unsynced))
+        self._start_sync(run, prepared.sync_fds)
+
+    def prepare_run(self, info: RunInfo) -> None:
+        """Open a new run's files on the hello worker's thread (see :mod:`._prepared`);
+        :meth:`open_run` then only registers it. Not for a run this sink has open or is
+        ending: that one opens on the owner thread."""
+        self._prepared.make(info, self._busy, self._prepare)
+
+    def discard_prepared(self, info: RunInfo) -> None:
+        """``info``'s hello was not answered after all: undo :meth:`prepare_run`."""
+        self._prepared.discard(info)
+
+    def _busy(self, run_key: str) -> bool:
+        return (run_key in self._runs or run_key in self._closing
+                or self._syncer.busy(run_key))
+
+    def _prepare(self, info: RunInfo) -> PreparedRun:
+        return prepare_open(self.state_dir, info, env=self._env,
+                            experiment=self.settings.experiment,
+                            log_every=self.settings.log_every, fsync_fd=self._fsync_fd)
 
     def observation(self, run_key: str, step: int, loss: float | None,
                     grad_norm: float | None, lrs: Sequence[float]) -> None:
@@ -180,7 +180,7 @@ class AuditSink(RunSync, Sink):
 
     def policy_changed(self, run_key: str, info: RunInfo, record: Mapping[str, Any]) -> None:
         run = self._run(run_key)
-        policy_file = self._save_policy(run.paths, info)
+        policy_file = save_policy(run.paths, info)
         run.policy_texts[policy_file] = info.policy_text
         self._policy_event(run, info, policy_file, dict(record))
 
@@ -233,6 +233,7 @@ class AuditSink(RunSync, Sink):
         if self._held:
             self.commit()
         self._reap()
+        self._prepared.expire()
 
     def commit(self) -> None:
         """Group commit: fsync every journal file appended to since the last commit, once,
@@ -284,6 +285,7 @@ class AuditSink(RunSync, Sink):
         stays in the journal for the next controller.
         """
         deadline = time.monotonic() + timeout
+        self._prepared.clear()
         self.commit()
         self._syncer.wait(deadline=deadline)
         self._syncer.stop()
@@ -373,15 +375,6 @@ class AuditSink(RunSync, Sink):
             "policy_source": info.policy_source, "policy_file": policy_file,
             "params": dict(info.params),
             "record": json_safe(record)})
-
-    @staticmethod
-    def _save_policy(paths: RunPaths, info: RunInfo, *, sync: bool = True) -> str:
-        """Keep the policy text, content-addressed; return its file's hash."""
-        digest = hashlib.sha256(info.policy_text.encode("utf-8")).hexdigest()
-        path = paths.policy_file(digest)
-        if not path.exists():
-            atomic_write_text(path, info.policy_text, sync=sync)
-        return digest
 
     def _close_writers(self, run: OpenRun) -> None:
         if any(w in run.writers.values() for *_, w in self._uncommitted):

@@ -67,6 +67,18 @@ class Sink(ABC):
     def open_run(self, info: RunInfo) -> None:
         """A session started (or was restored after a controller restart)."""
 
+    def prepare_run(self, info: RunInfo) -> None:
+        """Called on a worker thread (the hello's) before :meth:`open_run` of a new run,
+        so that a sink can do slow file work there; :meth:`open_run` follows with an
+        equal ``info`` on the owner thread, unless the hello is not answered after all:
+        then :meth:`discard_prepared` gets this very ``info``. It must touch nothing the
+        owner thread uses. The default does nothing."""
+        return None
+
+    def discard_prepared(self, info: RunInfo) -> None:
+        """Undo :meth:`prepare_run` (see there). The default does nothing."""
+        return None
+
     @abstractmethod
     def observation(self, run_key: str, step: int, loss: float | None,
                     grad_norm: float | None, lrs: Sequence[float]) -> None:

@@ -1,0 +1,166 @@
+"""A new run's files opened off the owner thread (:func:`prepare_open`), and the runs so
+opened until the owner thread claims them (:class:`Preparations`).
+
+Opening a run makes its directories, writes its policy text and ``meta.json``, opens
+its three journal files and reads them back: a dozen filesystem calls, each a
+fraction of a millisecond on an idle disk but several, tens under load, while other
+threads fsync (a directory operation waits for the filesystem's journal). A new
+run's hello is answered off the loop anyway (its policy is parsed on the hello
+worker), so the worker does this too
+(:meth:`~lrctl.sinks.audit.AuditSink.prepare_run`) and the loop only registers the
+result. A hello that is not answered after all discards its preparation, and one no
+hello claimed within :data:`PREPARED_TTL_S` is discarded by the sink's tick.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ._open_run import OpenRun, current_policy, load_high_water, save_policy
+from .base import RunInfo
+from .journal import STREAMS, RunPaths, StreamWriter, atomic_write_json, read_json
+from .sampling import MetricSampler
+from .tracking import run_target
+
+__all__ = ["PREPARED_TTL_S", "Preparations", "PreparedRun", "prepare_open"]
+
+PREPARED_TTL_S = 60.0
+
+
+@dataclass(eq=False)
+class PreparedRun:
+    """A run whose files :func:`prepare_open` made and opened, not yet registered."""
+
+    info: RunInfo
+    run: OpenRun
+    policy_file: str  # the sha256 its policy text is kept under
+    follow: dict[str, Any] | None  # the MLflow run it now follows, if it moved
+    last_event: str | None  # the kind of its journal's last event (None: a new run)
+    # Its new files and directories opened for the syncer's fsyncs; those that could not
+    # be opened (out of descriptors) are left to the next group commit.
+    sync_fds: list[int]
+    unsynced: list[Path]
+    created: bool  # its directory is new: made by this preparation
+    made: float = field(default_factory=time.monotonic)
+
+    def discard(self) -> None:
+        """Close what it opened; a directory it made and nothing wrote to since goes too."""
+        for writer in self.run.writers.values():
+            writer.close(sync=False)
+        for fd in self.sync_fds:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self.sync_fds = []
+        if self.created and all(w.seq == 0 for w in self.run.writers.values()):
+            shutil.rmtree(self.run.paths.root, ignore_errors=True)
+
+
+def prepare_open(state_dir: Path, info: RunInfo, *, env: Mapping[str, str], experiment: str,
+                 log_every: int, fsync_fd: Callable[[int], None]) -> PreparedRun:
+    """The file work of opening ``info``'s run: nothing here is fsynced (the syncer does
+    that, off the loop, before any reply acknowledges the run's first records)."""
+    paths = RunPaths.of(state_dir, info.run_key)
+    created = not paths.root.exists()
+    paths.policies.mkdir(parents=True, exist_ok=True)
+    old = read_json(paths.meta, {}) or {}
+    policy_file = save_policy(paths, info, sync=False)
+    target, follow = run_target(old.get("mlflow"), info, env, experiment)
+    meta = {**asdict(info), "params": dict(info.params), "mlflow": target,
+            "created": old.get("created", time.time()), "opened": time.time()}
+    del meta["policy_text"]  # kept once per version under policies/
+    atomic_write_json(paths.meta, meta, sync=False)
+    sha, version, last_event = current_policy(paths)
+    writers: dict[str, StreamWriter] = {}
+    try:
+        for name in STREAMS:  # the durable streams are fsynced by commit(), not per line
+            writers[name] = StreamWriter(paths.stream(name), fsync=False, fsync_fd=fsync_fd)
+    except BaseException:
+        for writer in writers.values():
+            writer.close(sync=False)
+        raise
+    run = OpenRun(paths, writers, MetricSampler(log_every), sha, version, meta=meta)
+    run.policy_texts[policy_file] = info.policy_text
+    load_high_water(run)
+    fds: list[int] = []
+    unsynced: list[Path] = []
+    for path in (paths.meta, paths.policy_file(policy_file), paths.policies, paths.root,
+                 paths.root.parent):
+        try:
+            fds.append(os.open(path, os.O_RDONLY | os.O_CLOEXEC))
+        except OSError:
+            unsynced.append(path)
+    return PreparedRun(info, run, policy_file, follow, last_event, fds, unsynced, created)
+
+
+
+class Preparations:
+    """Runs opened by :func:`prepare_open` on a worker, by run key, until claimed; one lock.
+    The owner thread takes the lock only when something is prepared, and never waits on
+    it at its tick."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._runs: dict[str, PreparedRun] = {}
+
+    def make(self, info: RunInfo, busy: Callable[[str], bool],
+             prepare: Callable[[RunInfo], PreparedRun]) -> None:
+        """(Worker thread) ``prepare(info)`` unless its run is prepared already or
+        ``busy(run_key)`` (open, or ending, on the owner thread: it opens there)."""
+        key = info.run_key
+        with self._lock:
+            if key not in self._runs and not busy(key):
+                self._runs[key] = prepare(info)
+
+    def take(self, info: RunInfo) -> PreparedRun | None:
+        """The run prepared for ``info``, if any (one prepared for another ``info`` of the
+        same key is discarded: the hello that asked for it changed)."""
+        if not self._runs:
+            return None
+        with self._lock:
+            prepared = self._runs.pop(info.run_key, None)
+        if prepared is not None and prepared.info != info:
+            prepared.discard()
+            return None
+        return prepared
+
+    def discard(self, info: RunInfo) -> None:
+        """The run prepared for this very ``info`` (its hello was not answered), if any."""
+        if not self._runs:
+            return
+        with self._lock:
+            prepared = self._runs.get(info.run_key)
+            if prepared is None or prepared.info is not info:
+                return
+            del self._runs[info.run_key]
+        prepared.discard()
+
+    def expire(self, ttl_s: float = PREPARED_TTL_S) -> None:
+        """Discard what no hello claimed within ``ttl_s``; skipped while a worker holds
+        the lock (the next tick sees to it)."""
+        if not self._runs or not self._lock.acquire(blocking=False):
+            return
+        try:
+            cutoff = time.monotonic() - ttl_s
+            stale = [self._runs.pop(k) for k, p in list(self._runs.items()) if p.made < cutoff]
+        finally:
+            self._lock.release()
+        for prepared in stale:
+            prepared.discard()
+
+    def clear(self, timeout: float = 0.1) -> None:
+        """Shutdown: discard every preparation (a worker still preparing one past
+        ``timeout`` keeps it; the process exits and the kernel closes its files)."""
+        if not self._lock.acquire(timeout=timeout):
+            return
+        stale, self._runs = list(self._runs.values()), {}
+        self._lock.release()
+        for prepared in stale:
+            prepared.discard()
