@@ -27,6 +27,7 @@ from .wire.messages import encode_obs
 __all__ = ["Reporting"]
 
 _NO_METRICS: Mapping[str, Any] = MappingProxyType({})
+_INF = math.inf
 
 
 class Reporting:
@@ -34,31 +35,49 @@ class Reporting:
 
     def _held_quietly(self, batch: Batching, loss: float, grad_norm: float | None) -> bool:
         """``every="auto"``: a quiet step (host floats, nothing standing out, nothing
-        arrived, nothing to send) only joins the pending batch. It has exactly the
-        effects :meth:`_step_fully` and the apply after it have on such a step, but in a
-        training loop Python pays for every cold object and call, so it reads a few
-        attributes, calls two methods and leaves the LRs to the optimizer's pre-step
-        hook (which checks them before every step anyway) and the clock to the next
-        full-way step. False, having changed nothing, for any other step."""
+        arrived, nothing to send) only joins the pending batch. False, having changed
+        nothing, for any other step (see :meth:`_quiet`)."""
+        if not self._quiet() or not batch.hold_if_quiet(self._step, loss, grad_norm):
+            return False
+        self._quiet_step()
+        return True
+
+    def _passed_quietly(self, loss: float, grad_norm: float | None) -> bool:
+        """``every=N``: a step between reports, with finite host values, nothing arrived
+        and nothing to send, only counts (see :meth:`_quiet`); False, having changed
+        nothing, for any other step."""
+        if (not self._step % self.every or not -_INF < loss < _INF
+                or (grad_norm is not None and not -_INF < grad_norm < _INF)
+                or not self._quiet()):
+            return False
+        self._quiet_step()
+        return True
+
+    def _quiet(self) -> bool:
+        """Whether this step may take the quiet way: it has exactly the effects
+        :meth:`_step_fully` and the apply after it have on such a step, but in a training
+        loop Python pays for every cold object and call, so it reads a few attributes,
+        and leaves the LRs to the optimizer's pre-step hook (which checks them before
+        every step anyway) and every="auto"'s clock to the next full-way step."""
         link = self._link
         stepped = self._guard.stepped
-        if (self._acked < self._reported or link is None or link.fatal is not None
-                or not link.idle or self._held or self._metrics
-                or self.scaler is not None or self._restored_unreported is not None
-                or not self._order_known or self._rollbacks is not None
-                or self._hook_handle is None or (self._staging.used and self._staging)
-                or self._writer.loop_mode or self.sync or self._dist.world_size > 1
-                or (stepped == self._last_stepped and stepped > 0 and not self._excused)
-                or not batch.hold_if_quiet(self._step, loss, grad_norm)):
-            return False
+        return not (self._acked < self._reported or link is None or link.fatal is not None
+                    or not link.idle or self._held or self._metrics
+                    or self.scaler is not None or self._restored_unreported is not None
+                    or not self._order_known or self._rollbacks is not None
+                    or self._hook_handle is None or (self._staging.used and self._staging)
+                    or self._writer.loop_mode or self.sync or self._dist.world_size > 1
+                    or (stepped == self._last_stepped and stepped > 0 and not self._excused))
+
+    def _quiet_step(self) -> None:
+        """A quiet step's bookkeeping: what :meth:`_step_fully` would have changed."""
         self._step += 1
         self.should_skip = False
         self._calls_without_step = 0  # _count_calls: the optimizer stepped since
-        self._last_stepped = stepped
+        self._last_stepped = self._guard.stepped
         self._guard.clear()  # a verdict whose optimizer step never came (as _guard_step)
         self.rolled_back = None
         self._excused = False
-        return True
 
     def _step_fully(self, batch: Batching | None, loss: Any, grad_norm: Any,
                     scaler: Any) -> None:

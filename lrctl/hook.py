@@ -256,16 +256,17 @@ class Controller(Resuming, LinkSide, Reporting, Applying):
         """
         batch = self._batch
         try:
-            if batch is not None and scaler is None:
-                # every="auto" judges each step on the host: a CPU tensor is read once here
-                # (the full way would read it too), a device value takes the staging path.
+            if scaler is None and (batch is not None or self.every > 1):
+                # The quiet ways judge each step on the host: a CPU tensor is read once here
+                # (the full way would read it too), a device value takes the full way.
                 if type(loss) is not float and loss is not None and not on_device(loss):
                     loss = to_float(loss)
                 if (type(grad_norm) is not float and grad_norm is not None
                         and not on_device(grad_norm)):
                     grad_norm = to_float(grad_norm)
-                if (type(loss) is float and (grad_norm is None or type(grad_norm) is float)
-                        and self._held_quietly(batch, loss, grad_norm)):
+                if type(loss) is float and (grad_norm is None or type(grad_norm) is float) and (
+                        self._held_quietly(batch, loss, grad_norm) if batch is not None
+                        else self._passed_quietly(loss, grad_norm)):
                     return  # nothing arrived or went out: the pre-step hook checks the LRs
             self._step_fully(batch, loss, grad_norm, scaler)
         except Exception as exc:  # fail-open: the training loop must not see lrctl's bugs

@@ -205,9 +205,11 @@ def _hook_arms(cfg: OverheadConfig, sockets: dict[str, str],
                            run_name="bench-hook")
         stack.append(ctl)
         # The pre-step hook is timed by calling it here, next to step(); unregistered so
-        # that optimizer.step() (outside the timer) does not run it a second time.
+        # that optimizer.step() (outside the timer) does not run it a second time. The
+        # hook still counts as installed (its handle stands in): the quiet ways of
+        # every=N and every="auto" rely on it, as in a real loop.
         ctl._hook_handle.remove()
-        ctl._hook_handle = None
+        ctl._hook_handle = _StandIn()
 
         def call(loss: float, g: float, ctl: Any = ctl) -> None:
             ctl.step(loss, grad_norm=g)
@@ -215,6 +217,13 @@ def _hook_arms(cfg: OverheadConfig, sockets: dict[str, str],
 
         arms[name] = (lambda tr=tr, call=call: micro(tr, call))
     return arms
+
+
+class _StandIn:
+    """The handle of a pre-step hook the bench calls itself (see ``_hook_arms``)."""
+
+    def remove(self) -> None:
+        return None
 
 
 def _engine_arm(name: str, micro: Callable[[Trainer, Callable[[float, float], None]], float],

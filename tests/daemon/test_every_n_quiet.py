@@ -1,0 +1,75 @@
+"""``every=N``: the steps between reports take a quiet way (they only count) that does
+exactly what the full way does, through a real controller, with floats or CPU tensors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from daemon_helpers import POLICIES, ControllerProc, losses
+
+import lrctl
+from lrctl.wire.messages import decode_body
+
+EVERY = 4
+
+
+def _run(curve: list[float], quiet_path: bool, tensors: bool,
+         ) -> tuple[list[dict], list[float], list[dict], list[int], int]:
+    """Decisions, the LR each optimizer step used, the frames sent, the steps whose
+    optimizer step was skipped, and how many steps went the quiet way. Every answer is
+    in before each step (no timing in the outcome)."""
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.ones(3))], lr=0.1)
+    quiet = 0
+    with lrctl.attach(opt, policy=str(POLICIES / "default.yaml"), every=EVERY, spawn=False,
+                      run_name="every-n", timeout=30.0) as ctl:
+        real = ctl._passed_quietly
+
+        def passed(loss: float, grad: float | None) -> bool:
+            nonlocal quiet
+            took = quiet_path and real(loss, grad)
+            quiet += took
+            return took
+
+        ctl._passed_quietly = passed  # type: ignore[method-assign]
+        frames: list[dict] = []
+        assert ctl._link is not None
+        send = ctl._link.send_obs
+        ctl._link.send_obs = lambda t, frame: (  # type: ignore[method-assign]
+            frames.append(decode_body(frame[4:])), send(t, frame))
+        applied: list[float] = []
+        skipped: list[int] = []
+        for t, loss in enumerate(curve):
+            assert ctl._link.wait(lambda: ctl._acked >= ctl._reported, 30.0)
+            grad = 1.0 + (t % 7) * 0.1
+            for p in opt.param_groups[0]["params"]:
+                p.grad = torch.full_like(p, grad)
+            if tensors:
+                ctl.step(torch.tensor(loss, dtype=torch.float64),
+                         grad_norm=torch.tensor(grad, dtype=torch.float64))
+            else:
+                ctl.step(loss, grad_norm=grad)
+            before = opt.param_groups[0]["params"][0].detach().clone()
+            opt.step()
+            if torch.equal(before, opt.param_groups[0]["params"][0]):
+                skipped.append(t)
+            applied.append(opt.param_groups[0]["lr"])
+        assert ctl.steps_taken == len(curve)
+    return [d.to_dict() for d in ctl.decisions], applied, frames, skipped, quiet
+
+
+@pytest.mark.parametrize("tensors", [False, True])
+def test_steps_between_reports_go_the_quiet_way_with_the_full_ways_outcome(
+        controller: ControllerProc, tensors: bool) -> None:
+    curve = losses(600, seed=7, spikes=(200, 201, 452))
+    curve[301] = float("nan")  # not a reporting step: the local guard alone skips it
+    quick = _run(curve, True, tensors)
+    full = _run(curve, False, tensors)
+    assert quick[:4] == full[:4]
+    decisions, _, frames, skipped, quiet = quick
+    assert full[4] == 0
+    assert [f["s"] for f in frames] == list(range(0, len(curve), EVERY))
+    assert 301 in skipped  # the NaN never reached the weights
+    assert any(d["action"] == "backoff" for d in decisions)
+    # Every step between reports took the quiet way, but for the NaN one and those that
+    # took in the answer to a report (the step after each).
+    assert quiet >= len(curve) - 2 * len(frames) - 1
