@@ -25,10 +25,12 @@ from typing import Any
 
 from .._parallel import in_parallel
 from ..paths import is_run_key
+from ._packed import pack, unpack
 
 __all__ = ["FORMAT", "CheckpointWriter", "PreparedWrite", "StateStore"]
 
-FORMAT = 1
+FORMAT = 2  # 2: long float lists packed (see _packed); format 1 files are read as ever
+_READABLE = (1, 2)
 MAX_STATE_BYTES = 16 << 20
 _TMP_IDS = itertools.count()  # temporary files of prepared writes: one name each
 
@@ -71,7 +73,7 @@ class StateStore:
     def encode(state: dict[str, Any]) -> bytes:
         """A checkpoint file's bytes. Line 1: format and checksum; line 2: the body the
         checksum covers. Raises ``ValueError`` for a state JSON cannot hold."""
-        body = _canonical(state)
+        body = _canonical(pack(state))
         doc = json.dumps({"format": FORMAT, "sha256": hashlib.sha256(body).hexdigest()},
                          separators=(",", ":")).encode("utf-8")
         return doc + b"\n" + body + b"\n"
@@ -230,11 +232,11 @@ class StateStore:
             raise ValueError("truncated")
         body = rest[:-1]
         meta = json.loads(head)
-        if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        if not isinstance(meta, dict) or meta.get("format") not in _READABLE:
             raise ValueError(f"unknown checkpoint format {meta!r:.80}")
         if hashlib.sha256(body).hexdigest() != meta.get("sha256"):
             raise ValueError("checksum mismatch")
-        state = json.loads(body)
+        state = json.loads(body, object_hook=unpack) if meta["format"] >= 2 else json.loads(body)
         if not isinstance(state, dict):
             raise ValueError("body is not an object")
         return state
