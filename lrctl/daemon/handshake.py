@@ -184,11 +184,13 @@ class Handshakes:
                     del self.pending[key]
 
     def expire(self, now: float) -> None:
-        """Refuse hellos whose session takes too long: one the worker has been on past
-        twice the budget (a stuck plugin), or one waiting behind such for ten budgets."""
+        """Refuse hellos whose session takes too long: one whose policy the worker has
+        parsed for past twice the budget (a stuck plugin), or one waiting (behind such, or
+        for a slow disk to open its files) for ten budgets, retryably."""
         for key, job in list(self.pending.items()):
             waited = now - job.submitted
-            if job.started is not None and now - job.started > 2 * self.budget_s:
+            if (job.started is not None and not job.parsed
+                    and now - job.started > 2 * self.budget_s):
                 error: Refused = Refused(f"run {key}: its policy took longer than "
                                          f"{self.budget_s:g} s to build", "bad_policy")
             elif waited > 10 * self.budget_s:
@@ -224,6 +226,7 @@ class Handshakes:
                 cwd=hello.cwd)
         except ConfigError as exc:
             raise Refused(str(exc), "bad_policy") from None
+        job.parsed = True  # a slow disk from here on is not the policy's fault
         # Its files too (the loop's open_run then only registers them): a dozen
         # filesystem calls that take milliseconds on a busy disk.
         self.server.sink.prepare_run(session.info)

@@ -48,6 +48,7 @@ class BuildJob:
     ended: bool = False
     submitted: float = field(default_factory=time.monotonic)
     started: float | None = None  # when the worker took it
+    parsed: bool = False  # its policy is parsed: what is left (opening its files) is I/O
     # The built session and whether it was restored, or why it could not be built.
     result: tuple[Session, bool] | Exception | None = None
 

@@ -51,16 +51,21 @@ class PreparedRun:
     created: bool  # its directory is new: made by this preparation
     made: float = field(default_factory=time.monotonic)
 
-    def discard(self) -> None:
-        """Close what it opened; a directory it made and nothing wrote to since goes too."""
+    def discard(self, remove_dir: bool = True) -> None:
+        """Close what it opened; a directory it made and nothing wrote to since goes too
+        (``remove_dir``: the caller knows no one else uses it now)."""
         for writer in self.run.writers.values():
             writer.close(sync=False)
-        for fd in self.sync_fds:
-            with contextlib.suppress(OSError):
-                os.close(fd)
+        close_all(self.sync_fds)
         self.sync_fds = []
-        if self.created and all(w.seq == 0 for w in self.run.writers.values()):
+        if remove_dir and self.created and all(w.seq == 0 for w in self.run.writers.values()):
             shutil.rmtree(self.run.paths.root, ignore_errors=True)
+
+
+def close_all(fds: list[int]) -> None:
+    for fd in fds:
+        with contextlib.suppress(OSError):
+            os.close(fd)
 
 
 def prepare_open(state_dir: Path, info: RunInfo, *, env: Mapping[str, str], experiment: str,
@@ -70,54 +75,77 @@ def prepare_open(state_dir: Path, info: RunInfo, *, env: Mapping[str, str], expe
     paths = RunPaths.of(state_dir, info.run_key)
     created = not paths.root.exists()
     paths.policies.mkdir(parents=True, exist_ok=True)
-    old = read_json(paths.meta, {}) or {}
-    policy_file = save_policy(paths, info, sync=False)
-    target, follow = run_target(old.get("mlflow"), info, env, experiment)
-    meta = {**asdict(info), "params": dict(info.params), "mlflow": target,
-            "created": old.get("created", time.time()), "opened": time.time()}
-    del meta["policy_text"]  # kept once per version under policies/
-    atomic_write_json(paths.meta, meta, sync=False)
-    sha, version, last_event = current_policy(paths)
     writers: dict[str, StreamWriter] = {}
+    fds: list[int] = []
     try:
+        old = read_json(paths.meta, {}) or {}
+        policy_file = save_policy(paths, info, sync=False)
+        target, follow = run_target(old.get("mlflow"), info, env, experiment)
+        meta = {**asdict(info), "params": dict(info.params), "mlflow": target,
+                "created": old.get("created", time.time()), "opened": time.time()}
+        del meta["policy_text"]  # kept once per version under policies/
+        atomic_write_json(paths.meta, meta, sync=False)
+        sha, version, last_event = current_policy(paths)
         for name in STREAMS:  # the durable streams are fsynced by commit(), not per line
             writers[name] = StreamWriter(paths.stream(name), fsync=False, fsync_fd=fsync_fd)
-    except BaseException:
+        run = OpenRun(paths, writers, MetricSampler(log_every), sha, version, meta=meta)
+        run.policy_texts[policy_file] = info.policy_text
+        load_high_water(run)
+        unsynced: list[Path] = []
+        for path in (paths.meta, paths.policy_file(policy_file), paths.policies, paths.root,
+                     paths.root.parent):
+            try:
+                fds.append(os.open(path, os.O_RDONLY | os.O_CLOEXEC))
+            except OSError:
+                unsynced.append(path)
+    except BaseException:  # half-way (out of descriptors, a damaged journal): undone
         for writer in writers.values():
             writer.close(sync=False)
+        close_all(fds)
+        if created:
+            shutil.rmtree(paths.root, ignore_errors=True)
         raise
-    run = OpenRun(paths, writers, MetricSampler(log_every), sha, version, meta=meta)
-    run.policy_texts[policy_file] = info.policy_text
-    load_high_water(run)
-    fds: list[int] = []
-    unsynced: list[Path] = []
-    for path in (paths.meta, paths.policy_file(policy_file), paths.policies, paths.root,
-                 paths.root.parent):
-        try:
-            fds.append(os.open(path, os.O_RDONLY | os.O_CLOEXEC))
-        except OSError:
-            unsynced.append(path)
     return PreparedRun(info, run, policy_file, follow, last_event, fds, unsynced, created)
 
 
 
 class Preparations:
-    """Runs opened by :func:`prepare_open` on a worker, by run key, until claimed; one lock.
-    The owner thread takes the lock only when something is prepared, and never waits on
-    it at its tick."""
+    """Runs opened by :func:`prepare_open` on a worker, by run key, until claimed.
+
+    The lock guards the map only: the worker prepares outside it, so the owner thread
+    never waits on file work. A key being prepared, or whose unclaimed directory is being
+    removed, is *busy*: no second preparation of it starts meanwhile. :meth:`invalidate`
+    (the state dir was made anew) and :meth:`clear` (shutdown) drop what is prepared and
+    what is being prepared when it is done."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._runs: dict[str, PreparedRun] = {}
+        self._busy: set[str] = set()
+        self._generation = 0  # raised by invalidate(): older preparations are dropped
+        self._closed = False
 
     def make(self, info: RunInfo, busy: Callable[[str], bool],
              prepare: Callable[[RunInfo], PreparedRun]) -> None:
-        """(Worker thread) ``prepare(info)`` unless its run is prepared already or
-        ``busy(run_key)`` (open, or ending, on the owner thread: it opens there)."""
+        """(Worker thread) ``prepare(info)`` unless its run is prepared or busy already,
+        or ``busy(run_key)`` (open, or ending, on the owner thread: it opens there)."""
         key = info.run_key
         with self._lock:
-            if key not in self._runs and not busy(key):
-                self._runs[key] = prepare(info)
+            if self._closed or key in self._runs or key in self._busy or busy(key):
+                return
+            self._busy.add(key)
+            generation = self._generation
+        try:
+            prepared = prepare(info)
+        finally:
+            with self._lock:
+                self._busy.discard(key)
+        with self._lock:
+            stale = self._closed or generation != self._generation
+            if not stale:
+                self._runs[key] = prepared
+        if stale:
+            prepared.discard(remove_dir=self._closed)
 
     def take(self, info: RunInfo) -> PreparedRun | None:
         """The run prepared for ``info``, if any (one prepared for another ``info`` of the
@@ -127,40 +155,51 @@ class Preparations:
         with self._lock:
             prepared = self._runs.pop(info.run_key, None)
         if prepared is not None and prepared.info != info:
-            prepared.discard()
+            prepared.discard(remove_dir=False)  # the caller opens the run there now
             return None
         return prepared
 
     def discard(self, info: RunInfo) -> None:
-        """The run prepared for this very ``info`` (its hello was not answered), if any."""
+        """The run prepared for this very ``info`` (its hello was not answered), if any;
+        its run key is busy until its directory is gone."""
         if not self._runs:
             return
+        key = info.run_key
         with self._lock:
-            prepared = self._runs.get(info.run_key)
+            prepared = self._runs.get(key)
             if prepared is None or prepared.info is not info:
                 return
-            del self._runs[info.run_key]
-        prepared.discard()
+            del self._runs[key]
+            self._busy.add(key)
+        try:
+            prepared.discard()
+        finally:
+            with self._lock:
+                self._busy.discard(key)
 
     def expire(self, ttl_s: float = PREPARED_TTL_S) -> None:
-        """Discard what no hello claimed within ``ttl_s``; skipped while a worker holds
-        the lock (the next tick sees to it)."""
-        if not self._runs or not self._lock.acquire(blocking=False):
+        """Discard what no hello claimed within ``ttl_s``."""
+        if not self._runs:
             return
-        try:
-            cutoff = time.monotonic() - ttl_s
-            stale = [self._runs.pop(k) for k, p in list(self._runs.items()) if p.made < cutoff]
-        finally:
-            self._lock.release()
-        for prepared in stale:
-            prepared.discard()
+        cutoff = time.monotonic() - ttl_s
+        with self._lock:
+            old = [p.info for p in self._runs.values() if p.made < cutoff]
+        for info in old:
+            self.discard(info)
 
-    def clear(self, timeout: float = 0.1) -> None:
-        """Shutdown: discard every preparation (a worker still preparing one past
-        ``timeout`` keeps it; the process exits and the kernel closes its files)."""
-        if not self._lock.acquire(timeout=timeout):
-            return
-        stale, self._runs = list(self._runs.values()), {}
-        self._lock.release()
+    def invalidate(self) -> None:
+        """The state dir was deleted and made again: every preparation, made or under
+        way, is of files that are gone; drop them (their hellos open anew)."""
+        with self._lock:
+            self._generation += 1
+            stale, self._runs = list(self._runs.values()), {}
+        for prepared in stale:
+            prepared.discard(remove_dir=False)
+
+    def clear(self) -> None:
+        """Shutdown: discard every preparation; one under way is discarded when done."""
+        with self._lock:
+            self._closed = True
+            stale, self._runs = list(self._runs.values()), {}
         for prepared in stale:
             prepared.discard()

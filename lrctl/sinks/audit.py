@@ -24,7 +24,7 @@ from ..policy._base import float_to_json
 from ..policy._decision import json_safe
 from ._held import HeldLines
 from ._open_run import OpenRun, dedup_key, save_policy
-from ._prepared import Preparations, PreparedRun, prepare_open
+from ._prepared import Preparations, PreparedRun, close_all, prepare_open
 from ._run_sync import RunSync
 from ._syncer import Syncer, SyncJob
 from .base import RunInfo, Shipper, Sink
@@ -115,20 +115,25 @@ class AuditSink(RunSync, Sink):
         prepared = self._prepared.take(info) or self._prepare(info)
         run = prepared.run
         self._runs[info.run_key] = run
-        if self.shipper is not None:
-            self.shipper.attend(info.run_key, run.meta["mlflow"]["tracking_uri"])
-        if prepared.last_event == "end":  # ended (or given up on) and now back: running again
-            self._append(run, "events", {"event": "resume", "wall_time": time.time(),
-                                         "step": run.last_step})
-        if prepared.follow is not None:
-            self._append(run, "events", {"event": "follow", "wall_time": time.time(),
-                                         "step": run.last_step, **prepared.follow})
-        if run.policy_sha256 != info.policy_sha256:
-            event = "open" if run.policy_version == 0 else "restore"
-            self._policy_event(run, info, prepared.policy_file,
-                               {"event": event, "policy_sha256": info.policy_sha256})
+        fds, prepared.sync_fds = prepared.sync_fds, []
+        try:
+            if self.shipper is not None:
+                self.shipper.attend(info.run_key, run.meta["mlflow"]["tracking_uri"])
+            if prepared.last_event == "end":  # ended (or given up on) and now back
+                self._append(run, "events", {"event": "resume", "wall_time": time.time(),
+                                             "step": run.last_step})
+            if prepared.follow is not None:
+                self._append(run, "events", {"event": "follow", "wall_time": time.time(),
+                                             "step": run.last_step, **prepared.follow})
+            if run.policy_sha256 != info.policy_sha256:
+                event = "open" if run.policy_version == 0 else "restore"
+                self._policy_event(run, info, prepared.policy_file,
+                                   {"event": event, "policy_sha256": info.policy_sha256})
+        except BaseException:
+            close_all(fds)  # the syncer never gets them
+            raise
         self._unsynced_paths.update(dict.fromkeys(prepared.unsynced))
-        self._start_sync(run, prepared.sync_fds)
+        self._start_sync(run, fds)
 
     def prepare_run(self, info: RunInfo) -> None:
         """Open a new run's files on the hello worker's thread (see :mod:`._prepared`);
@@ -141,6 +146,9 @@ class AuditSink(RunSync, Sink):
         self._prepared.discard(info)
 
     def _busy(self, run_key: str) -> bool:
+        # (Called on the worker thread: membership tests of the owner thread's dicts are
+        # atomic under the GIL, and a run only becomes open or ending on the owner thread
+        # by open_run of this very run, which waits for its hello, hence this preparation.)
         return (run_key in self._runs or run_key in self._closing
                 or self._syncer.busy(run_key))
 
@@ -216,6 +224,7 @@ class AuditSink(RunSync, Sink):
         """The state dir was deleted and made again: each open run's files written back
         (meta and policies from memory, the streams from the files still held open, byte
         for byte, so the shipper's offsets hold)."""
+        self._prepared.invalidate()  # their files went with the directory
         for run in [*self._runs.values(), *self._closing.values()]:
             run.paths.policies.mkdir(parents=True, exist_ok=True)
             for sha, text in run.policy_texts.items():
