@@ -29,8 +29,14 @@ from ._packed import pack, unpack
 
 __all__ = ["FORMAT", "CheckpointWriter", "PreparedWrite", "StateStore"]
 
-FORMAT = 2  # 2: long float lists packed (see _packed); format 1 files are read as ever
+# Format 2 packs long float lists (see _packed), in ``<key>.ckpt``: a controller of an
+# earlier version reads only ``<key>.json`` (format 1) and would take a format-2 file it
+# found there for a damaged one. Format-1 files are still read; a run's next checkpoint
+# replaces its ``.json``.
+FORMAT = 2
 _READABLE = (1, 2)
+SUFFIX = ".ckpt"
+LEGACY_SUFFIX = ".json"
 MAX_STATE_BYTES = 16 << 20
 _TMP_IDS = itertools.count()  # temporary files of prepared writes: one name each
 
@@ -55,7 +61,8 @@ class PreparedWrite:
 
 
 class StateStore:
-    """Checkpoints under ``<state_dir>/runs/<run key>.json``."""
+    """Checkpoints under ``<state_dir>/runs/<run key>.ckpt`` (``.json``: an earlier
+    version's, read until replaced)."""
 
     def __init__(self, state_dir: str | os.PathLike[str]) -> None:
         self.dir = Path(state_dir) / "runs"
@@ -64,7 +71,20 @@ class StateStore:
     def path(self, key: str) -> Path:
         if not is_run_key(key):
             raise ValueError(f"bad run key {key!r}")
-        return self.dir / f"{key}.json"
+        return self.dir / f"{key}{SUFFIX}"
+
+    def legacy_path(self, key: str) -> Path:
+        """Where an earlier version kept ``key``'s checkpoint (format 1)."""
+        return self.path(key).with_suffix(LEGACY_SUFFIX)
+
+    def _unlink_all(self, key: str) -> bool:
+        """Remove ``key``'s checkpoint, in either place; whether there was one."""
+        gone = False
+        for path in (self.path(key), self.legacy_path(key)):
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+                gone = True
+        return gone
 
     def save(self, key: str, state: dict[str, Any]) -> None:
         self.write(key, self.encode(state))
@@ -115,6 +135,8 @@ class StateStore:
             finally:
                 os.close(prep.fd)
             os.replace(prep.tmp, prep.final)
+            with contextlib.suppress(FileNotFoundError):  # an earlier version's, replaced
+                self.legacy_path(prep.key).unlink()
         except BaseException:
             with contextlib.suppress(OSError):
                 os.unlink(prep.tmp)
@@ -142,11 +164,8 @@ class StateStore:
         """:meth:`delete` with the directory's descriptor from :meth:`open_dir`, which
         is closed here."""
         try:
-            try:
-                self.path(key).unlink()
-            except FileNotFoundError:
-                return
-            os.fsync(dir_fd)
+            if self._unlink_all(key):
+                os.fsync(dir_fd)
         finally:
             os.close(dir_fd)
 
@@ -182,6 +201,8 @@ class StateStore:
             finally:
                 os.close(fd)
             os.replace(tmp, final)
+            with contextlib.suppress(FileNotFoundError):  # an earlier version's, replaced
+                self.legacy_path(key).unlink()
         except BaseException:
             # Names differ per thread: a failed attempt must not leave its file behind.
             with contextlib.suppress(OSError):
@@ -189,17 +210,16 @@ class StateStore:
             raise
 
     def delete(self, key: str) -> None:
-        try:
-            self.path(key).unlink()
-        except FileNotFoundError:
-            return
-        self._fsync_dir()
+        if self._unlink_all(key):
+            self._fsync_dir()
 
     def load(self, key: str) -> dict[str, Any] | None:
         """One run's checkpoint (a run evicted after its idle timeout that came back)."""
         path = self.path(key)
         if not path.is_file():
-            return None
+            path = self.legacy_path(key)
+            if not path.is_file():
+                return None
         try:
             return self._read(path)
         except (OSError, ValueError) as exc:
@@ -210,8 +230,9 @@ class StateStore:
 
     def load_all(self) -> Iterator[tuple[str, dict[str, Any]]]:
         """Every valid checkpoint; damaged ones are renamed ``*.corrupt`` and logged."""
-        for path in sorted(self.dir.glob("*.json")):
-            key = path.stem
+        paths = {p.stem: p for p in self.dir.glob(f"*{LEGACY_SUFFIX}")}
+        paths.update({p.stem: p for p in self.dir.glob(f"*{SUFFIX}")})  # these first
+        for key, path in sorted(paths.items()):
             try:
                 state = self._read(path)
             except (OSError, ValueError) as exc:

@@ -84,10 +84,20 @@ def test_a_restored_session_decides_exactly_as_the_one_checkpointed(tmp_path: Pa
         assert (a.decisions, live.lrs()) == (b.decisions, restored.lrs()), t
 
 
-def test_a_format_1_checkpoint_still_loads(tmp_path: Path) -> None:
+def test_an_earlier_versions_checkpoint_still_loads_and_the_next_one_replaces_it(
+        tmp_path: Path) -> None:
     store = StateStore(tmp_path)
     state = _session(300).to_state()
     body = json.dumps(state, sort_keys=True, separators=(",", ":")).encode()
     head = json.dumps({"format": 1, "sha256": hashlib.sha256(body).hexdigest()}).encode()
-    store.path("packed").write_bytes(head + b"\n" + body + b"\n")
+    legacy = store.legacy_path("packed")
+    assert legacy.name == "packed.json"  # where an earlier version looks (and only there)
+    legacy.write_bytes(head + b"\n" + body + b"\n")
     assert store.load("packed") == state
+    assert dict(store.load_all()) == {"packed": state}
+    store.save("packed", state)  # format 2, where an earlier version never looks
+    assert store.path("packed").name == "packed.ckpt" and not legacy.exists()
+    assert json.loads(store.path("packed").read_bytes().split(b"\n")[0])["format"] == 2
+    assert dict(store.load_all()) == {"packed": state}
+    store.delete("packed")
+    assert not store.path("packed").exists() and store.load("packed") is None

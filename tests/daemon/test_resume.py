@@ -68,7 +68,7 @@ def test_sigterm_flushes_state_and_a_restart_restores_the_session(
     try:
         assert _step_all(ctl, curve, 0, 120) == expected[:120]
         assert controller.stop() == 0
-        (path,) = (Path(controller.state_dir) / "runs").glob("flush-*.json")
+        (path,) = (Path(controller.state_dir) / "runs").glob("flush-*.ckpt")
         state = json.loads(path.read_text().split("\n")[1])
         assert state["engine"]["last_step"] == 119  # flushed at shutdown, not periodically
         controller.start()
@@ -89,7 +89,7 @@ def test_a_corrupt_checkpoint_is_never_loaded(controller: ControllerProc) -> Non
     controller.stop()
     ctl._link.close(bye=False)  # type: ignore[union-attr]
     ctl._link = None
-    (path,) = (Path(controller.state_dir) / "runs").glob("corrupt-*.json")
+    (path,) = (Path(controller.state_dir) / "runs").glob("corrupt-*.ckpt")
     head, body, _ = path.read_text().split("\n")
     path.write_text(head + "\n" + body.replace('"last_step":0', '"last_step":7') + "\n")
     controller.start()

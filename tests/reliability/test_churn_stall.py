@@ -51,7 +51,7 @@ def test_a_hello_and_a_bye_on_a_stuck_disk_do_not_hold_other_runs(
             step += 1
 
     steady_is_answered(5)
-    checkpoint = Path(ctl.state_dir) / "runs" / "newcomer.json"
+    checkpoint = Path(ctl.state_dir) / "runs" / "newcomer.ckpt"
     stuck.touch()  # from here on every fsync hangs
     newcomer = RawClient(ctl.socket, timeout=ANSWER_S)
     newcomer.send(hello("newcomer", POLICY, [0.1]))

@@ -74,12 +74,12 @@ def test_training_process_killed_mid_frame_is_cleaned_up_and_can_resume(
             _count("training process killed mid-frame")
         # Its hook is gone: checkpointed at once (the step is checked on reconnect below).
         until("the orphan's checkpoint", lambda: (
-            Path(controller.state_dir) / "runs" / "orphan.json").is_file())
+            Path(controller.state_dir) / "runs" / "orphan.ckpt").is_file())
         for t in range(5, 10):  # the well-behaved run is unaffected throughout
             _step(ctl, engine, t)
         # No hook for longer than --session-timeout: dropped from memory, kept on disk.
         until("the orphan to be evicted", lambda: "orphan" not in _runs())
-        assert (Path(controller.state_dir) / "runs" / "orphan.json").is_file()
+        assert (Path(controller.state_dir) / "runs" / "orphan.ckpt").is_file()
         for t in range(10, 15):
             _step(ctl, engine, t)
         # A late reconnect resumes where the orphan left off.
@@ -105,7 +105,7 @@ def test_unwritable_checkpoint_is_reported_and_training_continues(
         for t in range(3):
             _step(ctl, engine, t)
         # The checkpoint's path becomes a non-empty directory: every save fails (as root too).
-        target = runs_dir / f"{ctl.run_key}.json"
+        target = runs_dir / f"{ctl.run_key}.ckpt"
         until("the first checkpoint (written off the loop)", target.is_file)
         target.unlink()
         target.mkdir()
@@ -142,9 +142,9 @@ def test_corrupt_or_partial_checkpoints_are_never_loaded(
         key = ctl.run_key
         runs_dir = Path(controller.state_dir) / "runs"
         # A new run's first checkpoint is made durable off the loop: wait for it.
-        until("the run's first checkpoint", (runs_dir / f"{key}.json").is_file)
+        until("the run's first checkpoint", (runs_dir / f"{key}.ckpt").is_file)
         controller.kill9()
-        good = (runs_dir / f"{key}.json").read_bytes()
+        good = (runs_dir / f"{key}.ckpt").read_bytes()
         damaged = {
             "truncated": good[: len(good) // 2],
             "flipped": good.replace(b'"run_name":"good"', b'"run_name":"evil"'),
@@ -152,7 +152,7 @@ def test_corrupt_or_partial_checkpoints_are_never_loaded(
             "garbage": os.urandom(200),
         }
         for name, data in damaged.items():
-            (runs_dir / f"{name}.json").write_bytes(data)
+            (runs_dir / f"{name}.ckpt").write_bytes(data)
             _count("corrupt checkpoint")
         controller.start()
         runs = _runs()

@@ -116,7 +116,7 @@ def test_a_run_that_cannot_be_journaled_is_refused_and_the_hook_trains_on(
         messages = [str(w.message) for w in caught]
         assert any("cannot serve this run now" in m and "cannot journal" in m
                    and "Too many open files" in m for m in messages), messages
-        assert not srv.sessions and not list((short_dir / "state" / "runs").glob("*.json"))
+        assert not srv.sessions and not list((short_dir / "state" / "runs").glob("*.ckpt"))
         assert opt.param_groups[0]["lr"] == 0.1
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:  # it serves on
             s.connect(path)

@@ -56,9 +56,9 @@ def test_hostile_run_names_become_safe_keys(controller: ControllerProc, name: st
         assert sanitize_run_name(name) in key
         runs = Path(controller.state_dir) / "runs"
         # A new run's first checkpoint is written off the loop: wait for it.
-        until("the run's checkpoint", lambda: (runs / f"{key}.json").exists())
+        until("the run's checkpoint", lambda: (runs / f"{key}.ckpt").exists())
         files = os.listdir(runs)  # a later checkpoint may be on its way: .KEY.json.*.tmp
-        assert [f for f in files if not f.startswith(".")] == [f"{key}.json"]
+        assert [f for f in files if not f.startswith(".")] == [f"{key}.ckpt"]
         assert all(f.startswith(f".{key}.json.") for f in files if f.startswith("."))
 
 
