@@ -63,12 +63,11 @@ class _Out:
 
     def send(self, msg: dict[str, Any]) -> None:
         data = (json.dumps(msg, separators=(",", ":")) + "\n").encode()
-        with self._lock:
-            try:
-                self._stream.write(data)
-                self._stream.flush()
-            except (OSError, ValueError):
-                pass  # the controller is gone; our end of input follows
+        # The controller gone (OSError, or ValueError on a closed stream): our end of
+        # input follows, and with it our exit.
+        with self._lock, contextlib.suppress(OSError, ValueError):
+            self._stream.write(data)
+            self._stream.flush()
 
 
 class _Forward(logging.Handler):
