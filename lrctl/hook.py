@@ -258,16 +258,18 @@ class Controller(Resuming, LinkSide, Reporting, Applying):
         try:
             if scaler is None and (batch is not None or self.every > 1):
                 # The quiet ways judge each step on the host: a CPU tensor is read once here
-                # (the full way would read it too), a device value takes the full way.
-                if type(loss) is not float and loss is not None and not on_device(loss):
-                    loss = to_float(loss)
-                if (type(grad_norm) is not float and grad_norm is not None
-                        and not on_device(grad_norm)):
-                    grad_norm = to_float(grad_norm)
-                if type(loss) is float and (grad_norm is None or type(grad_norm) is float) and (
-                        self._held_quietly(batch, loss, grad_norm) if batch is not None
-                        else self._passed_quietly(loss, grad_norm)):
+                # (the full way would read it too), a device value takes the full way, and
+                # so does a value that cannot be read (it counts, and says why, there).
+                try:
+                    host_loss, host_grad = _host(loss), _host(grad_norm)
+                except (TypeError, ValueError, RuntimeError):
+                    host_loss, host_grad = loss, grad_norm
+                if type(host_loss) is float and (
+                        host_grad is None or type(host_grad) is float) and (
+                        self._held_quietly(batch, host_loss, host_grad) if batch is not None
+                        else self._passed_quietly(host_loss, host_grad)):
                     return  # nothing arrived or went out: the pre-step hook checks the LRs
+                loss, grad_norm = host_loss, host_grad
             self._step_fully(batch, loss, grad_norm, scaler)
         except Exception as exc:  # fail-open: the training loop must not see lrctl's bugs
             self._warn("internal", f"lrctl: hook error ({exc!r}); training continues at the "
@@ -364,3 +366,10 @@ class Controller(Resuming, LinkSide, Reporting, Applying):
         if key not in self._warned:
             self._warned.add(key)
             warnings.warn(message, RuntimeWarning, stacklevel=3)
+
+
+def _host(value: Any) -> Any:
+    """A CPU tensor (or number) as a float; a float, ``None`` or a device value as it is."""
+    if type(value) is float or value is None or on_device(value):
+        return value
+    return to_float(value)

@@ -73,3 +73,21 @@ def test_steps_between_reports_go_the_quiet_way_with_the_full_ways_outcome(
     # Every step between reports took the quiet way, but for the NaN one and those that
     # took in the answer to a report (the step after each).
     assert quiet >= len(curve) - 2 * len(frames) - 1
+
+
+@pytest.mark.parametrize("every", [EVERY, "auto"])
+def test_a_loss_that_cannot_be_read_still_counts_its_step_and_says_why(
+        controller: ControllerProc, every: int | str) -> None:
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.ones(3))], lr=0.1)
+    with lrctl.attach(opt, policy=str(POLICIES / "default.yaml"), every=every, spawn=False,
+                      run_name="unreadable", timeout=30.0) as ctl:
+        for _ in range(3):
+            ctl.step(1.0)
+            opt.step()
+        with pytest.warns(RuntimeWarning, match="hook error"):
+            ctl.step(torch.ones(2))  # not a scalar: .item() refuses it
+        opt.step()
+        assert ctl.steps_taken == 4
+        ctl.step(0.9)  # and the run goes on
+        opt.step()
+        assert ctl.steps_taken == 5
