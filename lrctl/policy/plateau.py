@@ -24,6 +24,11 @@ in observations of ``metric``: per-step ``loss``, or a named metric such as
   falling metric it fires only when the fall is lost in the noise; on noise
   alone it is the right verdict. ``test: best`` (the default) is torch's rule,
   exactly.
+* ``burn_in``: the first observations of a run are not judged (by default with
+  ``test: trend``, half of ``patience``). A run starts with a fast fall that no
+  straight line fits; inside a window, the test would read that curve as noise
+  (large, autocorrelated residuals) and could call a tenfold fall "not
+  significant". As after a reduction, the window fills once the fall has settled.
 * ``restart_lr``: when a reduction is due but the LR already sits at its floor,
   restart at that LR (group 0's; others keep their ratio) instead of stalling.
 """
@@ -70,6 +75,9 @@ class Plateau(ReactivePolicy):
               choices=("best", "trend")),
         Param("alpha", "float", 0.01, "test: trend — one-sided level of the 'still falling' "
               "test", gt=0, lt=0.5),
+        Param("burn_in", "int", None, "observations at the start of the policy's life that "
+              "are not judged (default: test: trend, half of `patience`; test: best, none)",
+              ge=0, optional=True),
     )
 
     def __init__(self, **params: Any) -> None:
@@ -78,7 +86,13 @@ class Plateau(ReactivePolicy):
         self._scale = 1.0
         self._best = self._mode_worse
         self._num_bad = 0
-        self._cooldown_counter = 0
+        # The start of a run counts as a cooldown: its first fast fall (a curve no line
+        # fits) is not judged, so it is neither mistaken for noise nor compared with the
+        # level it falls to (see the module docstring).
+        burn_in = self.params["burn_in"]
+        if burn_in is None:
+            burn_in = self.params["patience"] // 2 if self.params["test"] == "trend" else 0
+        self._cooldown_counter = burn_in
         self._ema: float | None = None
         self._recent: deque[float] = deque(maxlen=self.params["smoothing_window"])
         self._reductions = 0

@@ -38,3 +38,51 @@ def test_min_samples_above_window_is_a_config_error() -> None:
     with pytest.raises(ConfigError, match="min_samples: must be <= window"):
         lrctl.load_policy("version: 1\npolicies:\n  - kind: divergence\n    window: 16\n",
                           [0.1])
+
+
+def _first_fall_then_a_slow_one(n: int, seed: int = 0) -> list[float]:
+    """A run's usual start: a fall from 2.3 to ~0.05 within 30 steps (a curve no line
+    fits), then a slow, steady fall with noise."""
+    import random
+
+    rng = random.Random(seed)
+    return [2.3 * math.exp(-t / 6) + 0.05 - 0.03 * t / n + rng.gauss(0, 0.01)
+            for t in range(n)]
+
+
+@pytest.mark.parametrize("burn_in", [None, 0])
+def test_the_first_fast_fall_of_a_run_is_not_read_as_noise(burn_in: int | None) -> None:
+    """From a newcomer's run of the README loop: the trend test judged the first window,
+    whose older half holds the run's first fast fall, and called a threefold fall of the
+    mean "not significant" (its residuals around a line were that curve). By default
+    the first half-window is not judged (``burn_in``); ``burn_in: 0`` is the old way."""
+    spec = {"kind": "plateau", "test": "trend", "patience": 400, "factor": 0.5,
+            "threshold": 1e-3}
+    if burn_in is not None:
+        spec["burn_in"] = burn_in
+    engine = lrctl.load_policy({"version": 1, "policies": [spec]}, [0.1])
+    for step, loss in enumerate(_first_fall_then_a_slow_one(1000)):
+        engine.observe(step=step, loss=loss)
+    if burn_in is None:
+        assert engine.decisions == [] and engine.lrs == [0.1]
+    else:
+        (cut,) = engine.decisions
+        assert cut.step == 399 and "did not fall significantly" in cut.reason
+
+
+def test_burn_in_delays_the_first_plateau_test_and_survives_a_restore() -> None:
+    """A flat loss: the first reduction comes at burn_in + patience observations, also
+    when the state is saved and restored in the middle of the burn-in."""
+    spec = {"kind": "plateau", "test": "trend", "patience": 64, "factor": 0.5,
+            "burn_in": 40}
+    flat = [1.0 + 0.01 * math.sin(1.7 * t) for t in range(200)]
+    engine = lrctl.load_policy({"version": 1, "policies": [spec]}, [0.1])
+    for step in range(20):
+        engine.observe(step=step, loss=flat[step])
+    restored = lrctl.load_policy({"version": 1, "policies": [spec]}, [0.1])
+    restored.load_state_dict(engine.state_dict())
+    for step in range(20, 200):
+        restored.observe(step=step, loss=flat[step])
+    assert restored.decisions[0].step == 40 + 64 - 1
+    with pytest.raises(ConfigError, match="burn_in"):
+        lrctl.load_policy({"version": 1, "policies": [{**spec, "burn_in": -1}]}, [0.1])
