@@ -4,13 +4,13 @@ A 64→256→10 MLP trained with AdamW at a deliberately hot, fixed learning rat
 a synthetic 10-class problem (Gaussian clusters, made here: nothing is
 downloaded). Writes ``step,loss,grad_norm`` rows to a CSV file.
 
-    python examples/record_loss_curve.py lrctl/data/loss_curve.csv
+    python examples/record_loss_curve.py lrctl/data/loss_curve.csv --steps 3000
 """
 
 from __future__ import annotations
 
+import argparse
 import csv
-import sys
 
 import torch
 from torch import nn
@@ -39,4 +39,10 @@ def main(out: str, steps: int = 3000, lr: float = 0.02, seed: int = 0) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1] if len(sys.argv) > 1 else "loss_curve.csv")
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("out", nargs="?", default="loss_curve.csv", help="the CSV to write")
+    parser.add_argument("--steps", type=int, default=3000)
+    parser.add_argument("--lr", type=float, default=0.02)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    main(args.out, args.steps, args.lr, args.seed)

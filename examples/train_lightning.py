@@ -64,7 +64,7 @@ def main() -> None:
     train, val = loaders(batch_size=64)
     lrctl_callback = LrctlCallback(policy=args.policy, run_name="train-lightning")  # ← lrctl
     trainer = pl.Trainer(max_steps=args.steps, accelerator="cpu", devices=1,
-                         gradient_clip_val=1.0, val_check_interval=100,
+                         gradient_clip_val=1.0, val_check_interval=min(100, args.steps),
                          check_val_every_n_epoch=None, callbacks=[lrctl_callback],
                          logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False,

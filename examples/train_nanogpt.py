@@ -34,7 +34,8 @@ import lrctl
 def parse() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out-dir", default="out")
-    p.add_argument("--max-iters", type=int, default=300)
+    p.add_argument("--max-iters", "--steps", type=int, default=300,
+                   help="iterations to train (nanoGPT's max_iters; --steps as the other examples)")
     p.add_argument("--eval-interval", type=int, default=50)
     p.add_argument("--eval-iters", type=int, default=5)
     p.add_argument("--gradient-accumulation-steps", type=int, default=2)

@@ -38,7 +38,7 @@ POLICY = {
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--max-steps", type=int, default=100_000,
+    parser.add_argument("--max-steps", "--steps", type=int, default=100_000,
                         help="stop here if no cooldown was started")
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--context", type=int, default=32)

@@ -96,8 +96,10 @@ class LinkSide:
                 raise RunConflict(message)
             raise PolicyRejected(message)
         if not link.connected and "unavailable" not in self._warned:
-            self._warn("down", f"lrctl: no controller answers at {address}; training continues "
-                               "at the optimizer's LRs and the hook keeps trying to connect")
+            why = f" ({self._spawn_failure})" if self._spawn_failure else ""
+            self._warn("down", f"lrctl: no controller answers at {address}{why}; training "
+                               "continues at the optimizer's LRs and the hook keeps trying to "
+                               "connect")
 
     def _open_link(self, address: str, hello: dict[str, Any], token: str | None, spawn: bool,
                    spawn_timeout: float, max_backoff: float) -> Link:
@@ -108,9 +110,11 @@ class LinkSide:
         if spawn and link.kind == "unix":
             link.respawn = lambda: _spawn.respawn(address)
         self._link = link
+        self._spawn_failure: str | None = None
         opened = link.open(timeout=2.0)
         if not opened and spawn and link.kind == "unix":
-            opened = _spawn.spawn_and_open(link, spawn_timeout)
+            self._spawn_failure = _spawn.spawn_and_open(link, spawn_timeout)
+            opened = self._spawn_failure is None
         if opened:
             link.wait(lambda: link.state != "handshake", max(self.timeout, 10.0))
         return link

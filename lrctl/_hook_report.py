@@ -35,17 +35,17 @@ class Reporting:
 
     def _held_quietly(self, batch: Batching, loss: float, grad_norm: float | None) -> bool:
         """``every="auto"``: a quiet step (host floats, nothing standing out, nothing
-        arrived, nothing to send) only joins the pending batch. False, having changed
-        nothing, for any other step (see :meth:`_quiet`)."""
+        to send) only joins the pending batch. False, having changed nothing, for any
+        other step (see :meth:`_quiet`)."""
         if not self._quiet() or not batch.hold_if_quiet(self._step, loss, grad_norm):
             return False
         self._quiet_step()
         return True
 
     def _passed_quietly(self, loss: float, grad_norm: float | None) -> bool:
-        """``every=N``: a step between reports, with finite host values, nothing arrived
-        and nothing to send, only counts (see :meth:`_quiet`); False, having changed
-        nothing, for any other step."""
+        """``every=N``: a step between reports, with finite host values and nothing to
+        send, only counts (see :meth:`_quiet`); False, having changed nothing, for any
+        other step."""
         if (not self._step % self.every or not -_INF < loss < _INF
                 or (grad_norm is not None and not -_INF < grad_norm < _INF)
                 or not self._quiet()):
@@ -57,12 +57,12 @@ class Reporting:
         """Whether this step may take the quiet way: it has exactly the effects
         :meth:`_step_fully` and the apply after it have on such a step, but in a training
         loop Python pays for every cold object and call, so it reads a few attributes,
-        and leaves the LRs to the optimizer's pre-step hook (which checks them before
-        every step anyway) and every="auto"'s clock to the next full-way step."""
+        and leaves every="auto"'s clock to the next full-way step. An answer still
+        awaited is read as the full way reads it (:meth:`_quiet_step`)."""
         link = self._link
         stepped = self._guard.stepped
-        return not (self._acked < self._reported or link is None or link.fatal is not None
-                    or not link.idle or self._held or self._metrics
+        return not (link is None or link.fatal is not None
+                    or not link.idle or self._metrics
                     or self.scaler is not None or self._restored_unreported is not None
                     or not self._order_known or self._rollbacks is not None
                     or self._hook_handle is None or (self._staging.used and self._staging)
@@ -70,7 +70,9 @@ class Reporting:
                     or (stepped == self._last_stepped and stepped > 0 and not self._excused))
 
     def _quiet_step(self) -> None:
-        """A quiet step's bookkeeping: what :meth:`_step_fully` would have changed."""
+        """A quiet step's bookkeeping: what :meth:`_step_fully` and the apply after it
+        would have changed. With nothing awaited or held, the LRs are left to the
+        optimizer's pre-step hook, which checks them before every step anyway."""
         self._step += 1
         self.should_skip = False
         self._calls_without_step = 0  # _count_calls: the optimizer stepped since
@@ -78,6 +80,15 @@ class Reporting:
         self._guard.clear()  # a verdict whose optimizer step never came (as _guard_step)
         self.rolled_back = None
         self._excused = False
+        if self._acked < self._reported or self._held:
+            # The step after a report: read the answer now, as the full way does, so that
+            # ``should_stop`` and ``lr`` after step() are the same either way.
+            if self._acked < self._reported:
+                assert self._link is not None  # _quiet: the link is up
+                self._link.pump()
+            if self._held:
+                self._promote()
+            self._apply()
 
     def _step_fully(self, batch: Batching | None, loss: Any, grad_norm: Any,
                     scaler: Any) -> None:

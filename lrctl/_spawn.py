@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 import warnings
+from pathlib import Path
 
 from . import paths
 from ._link import Link
@@ -20,6 +21,8 @@ log = logging.getLogger("lrctl")
 
 #: A controller that attach() started exits after this long with no hook connected.
 SPAWNED_IDLE_EXIT_S = 600
+#: After the controller a hook started exits, how long another may still take to answer.
+EXITED_GRACE_S = 3.0
 #: The controllers this process started (kept so their handles outlive the caller's frame).
 spawned: list[subprocess.Popen[bytes]] = []
 
@@ -30,9 +33,16 @@ def start_controller(address: str) -> subprocess.Popen[bytes]:
     Two runs may start one at once: the loser's controller exits (the socket's lock
     is taken) and both connect to the winner.
     """
+    return _start(address)[0]
+
+
+def _start(address: str) -> tuple[subprocess.Popen[bytes], Path, int]:
+    """:func:`start_controller`, with its log file and where this start's output begins."""
     state = paths.ensure_private_dir(paths.state_dir())
-    fd = paths.open_private(state / "controller.out", os.O_WRONLY | os.O_APPEND)
+    log_path = state / "controller.out"
+    fd = paths.open_private(log_path, os.O_WRONLY | os.O_APPEND)
     with os.fdopen(fd, "ab") as out:
+        offset = out.seek(0, os.SEEK_END)
         proc = subprocess.Popen(
             [sys.executable, "-m", "lrctl", "serve", "--socket", address,
              "--state-dir", str(state), "--idle-exit", str(SPAWNED_IDLE_EXIT_S)],
@@ -40,7 +50,7 @@ def start_controller(address: str) -> subprocess.Popen[bytes]:
             start_new_session=True, close_fds=True)
     spawned.append(proc)
     log.info("lrctl: started a controller (pid %d) on %s", proc.pid, address)
-    return proc
+    return proc, log_path, offset
 
 
 def versioned_socket(address: str) -> str:
@@ -56,15 +66,36 @@ def respawn(address: str) -> None:
                   RuntimeWarning, stacklevel=2)
 
 
-def spawn_and_open(link: Link, timeout: float) -> bool:
-    """Start a controller and wait until it answers."""
-    proc = start_controller(link.address)
+def spawn_and_open(link: Link, timeout: float) -> str | None:
+    """Start a controller and wait until it answers (at most ``timeout``); None once it
+    does, else why not. A controller that exits stops the wait soon: only a controller
+    another run started at the same moment (which took the socket) can answer then, and
+    that one answers within ``EXITED_GRACE_S``. Its last output is in the reason."""
+    proc, log_path, offset = _start(link.address)
     deadline = time.monotonic() + timeout
     delay = 0.02
     while time.monotonic() < deadline:
         if link.open(timeout=1.0):
-            return True
-        proc.poll()
+            return None
+        if proc.poll() is not None:
+            deadline = min(deadline, time.monotonic() + EXITED_GRACE_S)
         time.sleep(delay)
         delay = min(delay * 1.5, 0.25)
-    return False
+    if proc.returncode is None:
+        return f"the controller it started (pid {proc.pid}) did not answer within {timeout:g} s"
+    said = _last_line(log_path, offset)
+    return (f"the controller it started (pid {proc.pid}) exited with status "
+            f"{proc.returncode}" + (f": {said}" if said else f" (see {log_path})"))
+
+
+def _last_line(path: Path, offset: int) -> str:
+    """The last non-empty line written to ``path`` after ``offset`` (at most 4 KiB read)."""
+    try:
+        with open(path, "rb") as f:
+            end = f.seek(0, os.SEEK_END)
+            f.seek(max(offset, end - 4096))
+            text = f.read().decode("utf-8", "replace")
+    except OSError:
+        return ""
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return lines[-1][:500] if lines else ""

@@ -22,6 +22,8 @@ stay where they were and the hook reconnects with back-off, resuming its session
 from __future__ import annotations
 
 import logging
+import os
+import sys
 import warnings
 from collections import deque
 from typing import Any
@@ -337,27 +339,6 @@ class Controller(Resuming, LinkSide, Reporting, Applying):
         # resumable; only a block that finishes ends the run.
         self.close(end_run=exc_type is None)
 
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
     def _warn(self, key: str, message: str) -> None:
         """Warn once per kind (a ``RuntimeWarning``, which Python prints once); the log
         gets every occurrence at INFO, so a script's own logging sees them all without
@@ -365,7 +346,20 @@ class Controller(Resuming, LinkSide, Reporting, Applying):
         log.info("%s", message)
         if key not in self._warned:
             self._warned.add(key)
-            warnings.warn(message, RuntimeWarning, stacklevel=3)
+            warnings.warn(message, RuntimeWarning, stacklevel=_callers_level())
+
+
+_PACKAGE = os.path.dirname(os.path.abspath(__file__)) + os.sep
+
+
+def _callers_level() -> int:
+    """``warnings.warn``'s ``stacklevel`` (called from :meth:`Controller._warn`) of the
+    first frame outside lrctl: the warning names the line of the script that called it
+    (its ``ctl.step(...)``), not lrctl's own."""
+    level, frame = 2, sys._getframe(2)  # 1: _warn; 2: _warn's caller
+    while frame is not None and frame.f_code.co_filename.startswith(_PACKAGE):
+        level, frame = level + 1, frame.f_back
+    return level
 
 
 def _host(value: Any) -> Any:

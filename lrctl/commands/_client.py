@@ -19,10 +19,14 @@ def ask(args: argparse.Namespace, msg: dict[str, Any]) -> dict[str, Any] | None:
         return request(msg, args.socket)
     except ControllerError as exc:
         print(f"lrctl {args.command}: {exc}", file=sys.stderr)
+    except ValueError as exc:  # an address no socket can have (too long, say)
+        print(f"lrctl {args.command}: {exc}", file=sys.stderr)
     except OSError as exc:
         from ..paths import default_socket
 
         where = args.socket or default_socket()
+        hint = ("nothing to stop" if args.command == "stop"
+                else "start one with 'lrctl serve'")
         print(f"lrctl {args.command}: no controller answers on {where} "
-              f"({exc.strerror or exc}); start one with 'lrctl serve'", file=sys.stderr)
+              f"({exc.strerror or exc}); {hint}", file=sys.stderr)
     return None

@@ -13,11 +13,13 @@ from lrctl.wire.messages import decode_body
 EVERY = 4
 
 
-def _run(curve: list[float], quiet_path: bool, tensors: bool,
+def _run(curve: list[float], quiet_path: bool, tensors: bool, settle: bool = True,
          ) -> tuple[list[dict], list[float], list[dict], list[int], int]:
     """Decisions, the LR each optimizer step used, the frames sent, the steps whose
-    optimizer step was skipped, and how many steps went the quiet way. Every answer is
-    in before each step (no timing in the outcome)."""
+    optimizer step was skipped, and how many steps went the quiet way. ``settle``: every
+    answer is in before each step; without it the step after a report finds its answer
+    still on the way (or not): the outcome is the same, since a report's answer is
+    awaited at the optimizer step after it."""
     opt = torch.optim.SGD([torch.nn.Parameter(torch.ones(3))], lr=0.1)
     quiet = 0
     with lrctl.attach(opt, policy=str(POLICIES / "default.yaml"), every=EVERY, spawn=False,
@@ -39,7 +41,8 @@ def _run(curve: list[float], quiet_path: bool, tensors: bool,
         applied: list[float] = []
         skipped: list[int] = []
         for t, loss in enumerate(curve):
-            assert ctl._link.wait(lambda: ctl._acked >= ctl._reported, 30.0)
+            if settle:
+                assert ctl._link.wait(lambda: ctl._acked >= ctl._reported, 30.0)
             grad = 1.0 + (t % 7) * 0.1
             for p in opt.param_groups[0]["params"]:
                 p.grad = torch.full_like(p, grad)
@@ -75,6 +78,25 @@ def test_steps_between_reports_go_the_quiet_way_with_the_full_ways_outcome(
     assert quiet >= len(curve) - 2 * len(frames) - 1
 
 
+def test_the_step_after_a_report_goes_the_quiet_way_and_reads_the_answer(
+        controller: ControllerProc) -> None:
+    """Answers still on the way: the step after a report takes the quiet way too (it
+    reads the answer as the full way does), and the decisions, the LR of every optimizer
+    step and the skipped steps are the full way's."""
+    curve = losses(600, seed=7, spikes=(200, 201, 452))
+    curve[301] = float("nan")
+    quick = _run(curve, True, False, settle=False)
+    full = _run(curve, False, False, settle=False)
+    assert quick[:4] == full[:4]
+    decisions, _, frames, skipped, quiet = quick
+    assert 301 in skipped
+    assert any(d["action"] == "backoff" for d in decisions)
+    # Only the reports, the NaN step and the step after the spike's report (whose
+    # optimizer step the guard held back: the loop may rightly not have taken it) took
+    # the full way; before, every step after a report did.
+    assert quiet >= len(curve) - len(frames) - 2
+
+
 @pytest.mark.parametrize("every", [EVERY, "auto"])
 def test_a_loss_that_cannot_be_read_still_counts_its_step_and_says_why(
         controller: ControllerProc, every: int | str) -> None:
@@ -84,8 +106,9 @@ def test_a_loss_that_cannot_be_read_still_counts_its_step_and_says_why(
         for _ in range(3):
             ctl.step(1.0)
             opt.step()
-        with pytest.warns(RuntimeWarning, match="hook error"):
+        with pytest.warns(RuntimeWarning, match="hook error") as seen:
             ctl.step(torch.ones(2))  # not a scalar: .item() refuses it
+        assert seen[0].filename == __file__  # the warning names the loop's line
         opt.step()
         assert ctl.steps_taken == 4
         ctl.step(0.9)  # and the run goes on

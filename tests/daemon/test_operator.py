@@ -82,3 +82,12 @@ def test_operator_errors_are_clear(controller: ControllerProc) -> None:
 def test_verbs_without_a_controller_say_so(short_dir) -> None:  # type: ignore[no-untyped-def]
     out = _cli("runs")
     assert out.returncode == 1 and "no controller answers" in out.stderr
+    assert "start one with 'lrctl serve'" in out.stderr
+    stop = _cli("stop")
+    assert stop.returncode == 1 and "nothing to stop" in stop.stderr
+    # An address no socket can have: one line that says why, no traceback.
+    for verb in ("status", "runs", "stop"):
+        bad = _cli(verb, "--socket", str(short_dir / ("x" * 120) / "c.sock"))
+        assert bad.returncode == 1, bad.stderr
+        assert "byte limit" in bad.stderr and "Traceback" not in bad.stderr
+        assert len(bad.stderr.strip().splitlines()) == 1

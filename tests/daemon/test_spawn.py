@@ -134,3 +134,25 @@ def test_idle_exit_ends_a_controller_once_its_hooks_are_gone(make_controller) ->
             time.sleep(0.1)
     assert ctl_proc.proc.wait(60) == 0  # then exits by itself, cleanly
     assert "no hook has been connected" in ctl_proc.log.read_text()
+
+
+def test_a_controller_that_cannot_start_ends_the_wait_and_the_warning_says_why(
+        short_dir, reap_spawned: None) -> None:  # type: ignore[no-untyped-def]
+    """A socket in a directory other users may write to: the controller attach() starts
+    refuses it and exits. The hook stops waiting for it then (not after spawn_timeout)
+    and its warning carries the controller's own words."""
+    shared = short_dir / "shared"
+    shared.mkdir()
+    os.chmod(shared, 0o1777)
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.ones(1))], lr=0.1)
+    with pytest.warns(RuntimeWarning, match="no controller answers") as seen:
+        ctl = lrctl.attach(opt, socket=str(shared / "c.sock"), spawn_timeout=600.0)
+    try:
+        message = str(seen[0].message)
+        assert "exited with status" in message  # not "did not answer within 600 s"
+        assert "writable by other users" in message
+        assert _spawn.spawned[-1].poll() is not None
+        ctl.step(1.0)  # and training goes on
+        opt.step()
+    finally:
+        ctl.close()
