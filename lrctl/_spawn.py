@@ -15,7 +15,7 @@ from ._link import Link
 from ._version import __version__
 
 __all__ = ["SPAWNED_IDLE_EXIT_S", "respawn", "spawn_and_open", "spawned", "start_controller",
-           "versioned_socket"]
+           "state_dir_for", "versioned_socket"]
 
 log = logging.getLogger("lrctl")
 
@@ -38,7 +38,7 @@ def start_controller(address: str) -> subprocess.Popen[bytes]:
 
 def _start(address: str) -> tuple[subprocess.Popen[bytes], Path, int]:
     """:func:`start_controller`, with its log file and where this start's output begins."""
-    state = paths.ensure_private_dir(paths.state_dir())
+    state = paths.ensure_private_dir(state_dir_for(address))
     log_path = state / "controller.out"
     fd = paths.open_private(log_path, os.O_WRONLY | os.O_APPEND)
     with os.fdopen(fd, "ab") as out:
@@ -57,6 +57,16 @@ def versioned_socket(address: str) -> str:
     """Where this version's own controller listens when another holds ``address``."""
     base = address[:-5] if address.endswith(".sock") else address
     return f"{base}-{__version__}.sock"
+
+
+def state_dir_for(address: str) -> Path:
+    """The state directory of the controller this hook starts on ``address``: the user's,
+    or for :func:`versioned_socket`'s controller a directory of its own inside it (a
+    state directory serves one controller: see ``lrctl.daemon.process``)."""
+    state = paths.state_dir()
+    if address.endswith(f"-{__version__}.sock"):
+        return state / f"v{__version__}"
+    return state
 
 
 def respawn(address: str) -> None:

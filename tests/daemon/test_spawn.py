@@ -40,6 +40,21 @@ def test_a_second_serve_on_a_live_socket_refuses_clearly(controller: ControllerP
     assert client.request({"t": "status"})["pid"] == controller.pid
 
 
+def test_a_second_serve_on_the_same_state_dir_refuses_clearly(
+        controller: ControllerProc, short_dir) -> None:  # type: ignore[no-untyped-def]
+    """Another socket, the same state directory: it would restore the first one's runs
+    from their checkpoints and end them when no hook came. It refuses, naming the holder,
+    and leaves no socket behind."""
+    other = str(short_dir / "run" / "other.sock")
+    out = subprocess.run([sys.executable, "-m", "lrctl", "serve", "--foreground", "--no-audit",
+                          "--socket", other, "--state-dir", controller.state_dir],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 3, out.stderr
+    assert f"pid {controller.pid}" in out.stderr and "state directory" in out.stderr
+    assert not os.path.exists(other)
+    assert client.request({"t": "status"})["pid"] == controller.pid
+
+
 def test_serve_detach_backgrounds_and_stops_on_sigterm(short_dir) -> None:  # type: ignore[no-untyped-def]
     import signal
     import time
