@@ -38,7 +38,8 @@ class ConfigError(ValueError):
         self.line = line
         self.key = key
         self.message = message
-        where = f"{source}:{line}" if line else source
+        # A dict has no lines of its own (the text parsed is lrctl's dump of it).
+        where = f"{source}:{line}" if line and source != "<dict>" else source
         super().__init__(f"{where}: {key}: {message}" if key else f"{where}: {message}")
 
 

@@ -60,7 +60,8 @@ def cmd_validate(args: argparse.Namespace) -> int:
             continue
         if not args.quiet:
             names = ", ".join(e.name for e in parsed.entries)
-            print(f"{path}: ok ({len(parsed.entries)} policies: {names}; "
+            n = len(parsed.entries)
+            print(f"{path}: ok ({n} polic{'y' if n == 1 else 'ies'}: {names}; "
                   f"sha256 {parsed.sha256[:12]})")
     return 1 if failed else 0
 

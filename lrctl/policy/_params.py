@@ -8,12 +8,13 @@ layer reports the failing key with its file and line), documents defaults in
 
 from __future__ import annotations
 
+import difflib
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["REQUIRED", "Param", "ParamError", "bind_params"]
+__all__ = ["REQUIRED", "Param", "ParamError", "bind_params", "did_you_mean"]
 
 _MAX_LIST = 4096
 
@@ -124,6 +125,12 @@ REQUIRED: Any = _Required()
 _REQUIRED = REQUIRED
 
 
+def did_you_mean(word: str, choices: Iterable[str]) -> str:
+    """``"; did you mean 'x'?"`` for the closest of ``choices`` to a misspelt ``word``."""
+    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.75)
+    return f"; did you mean {close[0]!r}?" if close else ""
+
+
 def bind_params(
     kind: str, params: Sequence[Param], values: Mapping[str, Any]
 ) -> dict[str, Any]:
@@ -132,7 +139,8 @@ def bind_params(
     for key in values:
         if key not in known:
             hint = ", ".join(sorted(known)) or "none"
-            raise ParamError(str(key), f"unknown key for kind {kind!r} (known keys: {hint})")
+            raise ParamError(str(key), f"unknown key for kind {kind!r}"
+                                       f"{did_you_mean(str(key), known)} (known keys: {hint})")
     bound: dict[str, Any] = {}
     for p in params:
         if p.name in values:

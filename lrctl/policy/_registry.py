@@ -15,6 +15,7 @@ from importlib import metadata
 from typing import TypeVar
 
 from ._base import Policy
+from ._params import did_you_mean
 
 __all__ = ["available_kinds", "get_policy_class", "register_policy", "unregister_policy"]
 
@@ -70,7 +71,8 @@ def get_policy_class(kind: str) -> type[Policy]:
                 )
             return register_policy(kind, replace=True)(loaded)
     raise ValueError(
-        f"unknown policy kind {kind!r} (known kinds: {', '.join(available_kinds())}); "
+        f"unknown policy kind {kind!r}{did_you_mean(kind, available_kinds())} (known kinds: "
+        f"{', '.join(available_kinds())}); "
         f"a kind registered in a training script is known only in that process — install it "
         f"through the {ENTRY_POINT_GROUP!r} entry-point group for the controller")
 

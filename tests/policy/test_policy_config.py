@@ -46,6 +46,10 @@ HEAD = "version: 1\npolicies:\n  - kind: plateau\n"
 BAD_FILES: list[tuple[str, str, int, str, str]] = [
     ("unknown policy key", HEAD + "    patience: 3\n    fator: 0.5\n", 5, "fator",
      "unknown key"),
+    ("misspelt policy key", HEAD + "    patiance: 3\n", 4, "patiance",
+     "did you mean 'patience'?"),
+    ("misspelt kind", "version: 1\npolicies:\n  - kind: divergance\n", 3, "kind",
+     "did you mean 'divergence'?"),
     ("unknown top-level key", "version: 1\nmin_lrr: 0.1\npolicies:\n  - kind: plateau\n", 2,
      "min_lrr", "unknown key"),
     ("string for a float", HEAD + "    factor: \"abc\"\n", 4, "factor", "expected a number"),
@@ -222,3 +226,12 @@ def test_a_name_or_kind_with_a_trailing_newline_is_refused() -> None:
                                                        "name": "guard\n"}]}, [0.1])
     with pytest.raises(ValueError):
         register_policy("loss_cap\n")
+
+
+def test_a_dict_policy_error_names_no_line() -> None:
+    """A dict has no lines: the error names the key, not a line of lrctl's own dump."""
+    with pytest.raises(ConfigError) as info:
+        lrctl.load_policy({"version": 1, "policies": [{"kind": "plateau", "fator": 0.5}]},
+                          [0.1])
+    assert info.value.source == "<dict>"
+    assert str(info.value).startswith("<dict>: fator: unknown key")
