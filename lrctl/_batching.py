@@ -151,8 +151,8 @@ class Batching:
 
     # -- what reporting costs ----------------------------------------------------------------
     def tick(self, now: float, step: int) -> None:
-        """A ``step()`` that takes the full way (a report, the step after one, anything
-        unusual) began at ``now`` (``time.perf_counter()``) for step number ``step``;
+        """A ``step()`` that takes the full way (a report, or anything unusual) began at
+        ``now`` (``time.perf_counter()``) for step number ``step``;
         the quiet steps since the last such call take no time reading the clock, and
         share the time since it."""
         last, last_step = self._last_call, self._last_tick
@@ -172,8 +172,9 @@ class Batching:
             self._adapt()
 
     def spent(self, seconds: float, reporting: bool) -> None:
-        """The hook's full-way ``step()`` took ``seconds``, on a report step or a quiet
-        one (the step after a report, whose answer it reads)."""
+        """The hook's full-way ``step()`` took ``seconds``, on a report step or on one
+        that does not report (an unusual one: the step after a report takes the quiet
+        way, and the time it spends reading the answer counts in :meth:`answer_cost`)."""
         if reporting:
             self._fold_report()
             self._this_report = seconds
@@ -183,7 +184,8 @@ class Batching:
                 seconds - cost)
 
     def answer_cost(self, seconds: float) -> None:
-        """Time spent reading the answer to the last report (the optimizer pre-step)."""
+        """Time spent reading the answer to the last report (the quiet step after it, the
+        optimizer pre-step)."""
         self._this_report += seconds
 
     def _fold_report(self) -> None:

@@ -82,10 +82,14 @@ class Reporting:
         self._excused = False
         if self._acked < self._reported or self._held:
             # The step after a report: read the answer now, as the full way does, so that
-            # ``should_stop`` and ``lr`` after step() are the same either way.
+            # ``should_stop``, ``should_skip`` and ``lr`` after step() are the same either way.
             if self._acked < self._reported:
                 assert self._link is not None  # _quiet: the link is up
+                began = perf_counter()
                 self._link.pump()
+                if self._batch is not None:  # reading the answer is part of a report's cost
+                    self._batch.answer_cost(perf_counter() - began)
+                self._excused = self.should_skip  # as _step_fully sets it, after its read
             if self._held:
                 self._promote()
             self._apply()

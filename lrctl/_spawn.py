@@ -15,7 +15,7 @@ from ._link import Link
 from ._version import __version__
 
 __all__ = ["SPAWNED_IDLE_EXIT_S", "respawn", "spawn_and_open", "spawned", "start_controller",
-           "state_dir_for", "versioned_socket"]
+           "versioned_socket"]
 
 log = logging.getLogger("lrctl")
 
@@ -38,7 +38,7 @@ def start_controller(address: str) -> subprocess.Popen[bytes]:
 
 def _start(address: str) -> tuple[subprocess.Popen[bytes], Path, int]:
     """:func:`start_controller`, with its log file and where this start's output begins."""
-    state = paths.ensure_private_dir(state_dir_for(address))
+    state = paths.ensure_private_dir(paths.state_dir())
     log_path = state / "controller.out"
     fd = paths.open_private(log_path, os.O_WRONLY | os.O_APPEND)
     with os.fdopen(fd, "ab") as out:
@@ -48,6 +48,8 @@ def _start(address: str) -> tuple[subprocess.Popen[bytes], Path, int]:
              "--state-dir", str(state), "--idle-exit", str(SPAWNED_IDLE_EXIT_S)],
             stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
             start_new_session=True, close_fds=True)
+    for earlier in spawned:
+        earlier.poll()  # one that exited is reaped (no zombie per respawn attempt)
     spawned.append(proc)
     log.info("lrctl: started a controller (pid %d) on %s", proc.pid, address)
     return proc, log_path, offset
@@ -57,16 +59,6 @@ def versioned_socket(address: str) -> str:
     """Where this version's own controller listens when another holds ``address``."""
     base = address[:-5] if address.endswith(".sock") else address
     return f"{base}-{__version__}.sock"
-
-
-def state_dir_for(address: str) -> Path:
-    """The state directory of the controller this hook starts on ``address``: the user's,
-    or for :func:`versioned_socket`'s controller a directory of its own inside it (a
-    state directory serves one controller: see ``lrctl.daemon.process``)."""
-    state = paths.state_dir()
-    if address.endswith(f"-{__version__}.sock"):
-        return state / f"v{__version__}"
-    return state
 
 
 def respawn(address: str) -> None:
@@ -81,7 +73,10 @@ def spawn_and_open(link: Link, timeout: float) -> str | None:
     does, else why not. A controller that exits stops the wait soon: only a controller
     another run started at the same moment (which took the socket) can answer then, and
     that one answers within ``EXITED_GRACE_S``. Its last output is in the reason."""
-    proc, log_path, offset = _start(link.address)
+    try:
+        proc, log_path, offset = _start(link.address)
+    except OSError as exc:  # the state dir is not safely ours, or cannot be made: fail open
+        return f"no controller could be started: {exc}"
     deadline = time.monotonic() + timeout
     delay = 0.02
     while time.monotonic() < deadline:

@@ -270,7 +270,7 @@ class Controller(Resuming, LinkSide, Reporting, Applying):
                         host_grad is None or type(host_grad) is float) and (
                         self._held_quietly(batch, host_loss, host_grad) if batch is not None
                         else self._passed_quietly(host_loss, host_grad)):
-                    return  # nothing arrived or went out: the pre-step hook checks the LRs
+                    return  # nothing went out: the pre-step hook checks the LRs
                 loss, grad_norm = host_loss, host_grad
             self._step_fully(batch, loss, grad_norm, scaler)
         except Exception as exc:  # fail-open: the training loop must not see lrctl's bugs
@@ -354,10 +354,14 @@ _PACKAGE = os.path.dirname(os.path.abspath(__file__)) + os.sep
 
 def _callers_level() -> int:
     """``warnings.warn``'s ``stacklevel`` (called from :meth:`Controller._warn`) of the
-    first frame outside lrctl: the warning names the line of the script that called it
-    (its ``ctl.step(...)``), not lrctl's own."""
+    first frame outside lrctl and torch (whose ``optimizer.step()`` runs the pre-step
+    hook): the warning names the line of the script, not lrctl's or torch's own."""
+    torch = sys.modules.get("torch")
+    torch_file = getattr(torch, "__file__", None)
+    inside = (_PACKAGE,) if torch_file is None else (
+        _PACKAGE, os.path.dirname(os.path.abspath(torch_file)) + os.sep)
     level, frame = 2, sys._getframe(2)  # 1: _warn; 2: _warn's caller
-    while frame is not None and frame.f_code.co_filename.startswith(_PACKAGE):
+    while frame is not None and frame.f_code.co_filename.startswith(inside):
         level, frame = level + 1, frame.f_back
     return level
 

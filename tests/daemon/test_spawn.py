@@ -40,21 +40,6 @@ def test_a_second_serve_on_a_live_socket_refuses_clearly(controller: ControllerP
     assert client.request({"t": "status"})["pid"] == controller.pid
 
 
-def test_a_second_serve_on_the_same_state_dir_refuses_clearly(
-        controller: ControllerProc, short_dir) -> None:  # type: ignore[no-untyped-def]
-    """Another socket, the same state directory: it would restore the first one's runs
-    from their checkpoints and end them when no hook came. It refuses, naming the holder,
-    and leaves no socket behind."""
-    other = str(short_dir / "run" / "other.sock")
-    out = subprocess.run([sys.executable, "-m", "lrctl", "serve", "--foreground", "--no-audit",
-                          "--socket", other, "--state-dir", controller.state_dir],
-                         capture_output=True, text=True, timeout=60)
-    assert out.returncode == 3, out.stderr
-    assert f"pid {controller.pid}" in out.stderr and "state directory" in out.stderr
-    assert not os.path.exists(other)
-    assert client.request({"t": "status"})["pid"] == controller.pid
-
-
 def test_serve_detach_backgrounds_and_stops_on_sigterm(short_dir) -> None:  # type: ignore[no-untyped-def]
     import signal
     import time
@@ -169,5 +154,27 @@ def test_a_controller_that_cannot_start_ends_the_wait_and_the_warning_says_why(
         assert _spawn.spawned[-1].poll() is not None
         ctl.step(1.0)  # and training goes on
         opt.step()
+    finally:
+        ctl.close()
+
+
+def test_a_state_dir_the_hook_cannot_use_fails_open_and_says_why(
+        short_dir, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
+    """The state directory is writable by others: no controller is started (its files
+    would not be safe there), attach() does not raise, and the warning says why."""
+    state = short_dir / "shared-state"
+    state.mkdir()
+    os.chmod(state, 0o770)
+    monkeypatch.setenv("LRCTL_STATE_DIR", str(state))
+    before = len(_spawn.spawned)
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.ones(1))], lr=0.1)
+    with pytest.warns(RuntimeWarning, match="no controller could be started") as seen:
+        ctl = lrctl.attach(opt)
+    try:
+        assert "writable by other users" in str(seen[0].message)
+        assert len(_spawn.spawned) == before
+        ctl.step(1.0)
+        opt.step()
+        assert opt.param_groups[0]["lr"] == 0.1
     finally:
         ctl.close()
