@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 from daemon_helpers import POLICIES, ControllerProc, losses
-from rel_helpers import FIGURES, store_client, until
+from rel_helpers import FIGURES, store_client, until_shipped
 
 import lrctl
 
@@ -36,7 +36,7 @@ def _reconnect(ctl: lrctl.Controller) -> None:
 def test_kill_9_at_20_random_points_loses_and_repeats_nothing(
         make_controller: Callable[..., ControllerProc], tmp_path: Path,
         monkeypatch: pytest.MonkeyPatch) -> None:
-    from sinks_helpers import assert_exactly_once, journal_decisions, mlflow_run_id
+    from sinks_helpers import assert_exactly_once, journal_decisions
 
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
@@ -86,15 +86,7 @@ def test_kill_9_at_20_random_points_loses_and_repeats_nothing(
     controller.start()
     client = store_client(uri)
 
-    def shipped() -> bool:  # the run may be created only now, by this controller
-        try:
-            tags = client.get_run(mlflow_run_id(state, key)).data.tags
-        except Exception:
-            return False
-        return tags.get("lrctl.decisions") == str(len(journal))
-
-    until("MLflow to have every decision", shipped)
-    run_id = mlflow_run_id(state, key)
+    run_id = until_shipped(client, state, key, len(journal))  # decisions, files, end
     controller.stop()
     uploaded = assert_exactly_once(client, run_id, state, key, tmp_path)
     FIGURES["kill -9 recovery"] = {
