@@ -22,7 +22,7 @@ log = logging.getLogger("lrctl")
 #: A controller that attach() started exits after this long with no hook connected.
 SPAWNED_IDLE_EXIT_S = 600
 #: After the controller a hook started exits, how long another may still take to answer.
-EXITED_GRACE_S = 3.0
+EXITED_GRACE_S = 10.0
 #: The controllers this process started (kept so their handles outlive the caller's frame).
 spawned: list[subprocess.Popen[bytes]] = []
 
@@ -71,8 +71,9 @@ def respawn(address: str) -> None:
 def spawn_and_open(link: Link, timeout: float) -> str | None:
     """Start a controller and wait until it answers (at most ``timeout``); None once it
     does, else why not. A controller that exits stops the wait soon: only a controller
-    another run started at the same moment (which took the socket) can answer then, and
-    that one answers within ``EXITED_GRACE_S``. Its last output is in the reason."""
+    another run started at the same moment can answer then, and the one that made ours
+    exit holds the socket's lock, which it takes just before binding: a few seconds
+    (``EXITED_GRACE_S``) are ample. The exited one's last output is in the reason."""
     try:
         proc, log_path, offset = _start(link.address)
     except OSError as exc:  # the state dir is not safely ours, or cannot be made: fail open
