@@ -3,8 +3,8 @@
 Runs on the training thread, with no thread of its own: every call does a few
 non-blocking syscalls and returns. Stdlib and :mod:`lrctl.wire` only.
 
-Exact resume: the controller checkpoints each session every few hundred
-observations and says in each reply which step it last saved (``saved_step``).
+Exact resume: the controller checkpoints each session every second (every 4 096
+observations at most) and says in each reply which step it last saved (``saved_step``).
 The link keeps the frames of the observations after that step (and of those it
 could not send while the controller was down) in a bounded buffer. After a
 reconnect, the ``welcome`` says where the (possibly restored) session stands;
