@@ -58,16 +58,15 @@ class Reporting:
         :meth:`_step_fully` and the apply after it have on such a step, but in a training
         loop Python pays for every cold object and call, so it reads a few attributes,
         and leaves every="auto"'s clock to the next full-way step. An answer still
-        awaited is read as the full way reads it (:meth:`_quiet_step`)."""
+        awaited is read as the full way reads it (:meth:`_quiet_step`). What cannot
+        change after ``attach`` (sync, rollbacks, ``base="loop"``, ranks, the pre-step
+        hook until :meth:`close`) is :attr:`_quiet_allowed`, decided once."""
         link = self._link
         stepped = self._guard.stepped
-        return not (link is None or link.fatal is not None
-                    or not link.idle or self._metrics
-                    or self.scaler is not None or self._restored_unreported is not None
-                    or not self._order_known or self._rollbacks is not None
-                    or self._hook_handle is None or (self._staging.used and self._staging)
-                    or self._writer.loop_mode or self.sync or self._dist.world_size > 1
-                    or (stepped == self._last_stepped and stepped > 0 and not self._excused))
+        return (self._quiet_allowed and link is not None and link.fatal is None
+                and link.idle and not self._metrics and self.scaler is None
+                and self._order_known and not (self._staging.used and self._staging)
+                and not (stepped == self._last_stepped and stepped > 0 and not self._excused))
 
     def _quiet_step(self) -> None:
         """A quiet step's bookkeeping: what :meth:`_step_fully` and the apply after it

@@ -172,6 +172,7 @@ class Controller(Resuming, LinkSide, Reporting, Applying):
         self._got_error = False
         self._staging = DeviceStaging()
         self._hook_handle: Any = None
+        self._quiet_allowed = False  # decided once attached (see below)
         self.should_stop = False
         self.should_skip = False
         self.mode = "active"
@@ -217,6 +218,11 @@ class Controller(Resuming, LinkSide, Reporting, Applying):
             self._hook_handle = register_pre_step(optimizer, self._pre_step)
         if self._writer.loop_mode:
             self._guard.after = self._after_step
+        # Steps may take the quiet way (see Reporting._quiet) only with none of these,
+        # which cannot change while the run is attached.
+        self._quiet_allowed = (self._hook_handle is not None and self._rollbacks is None
+                               and not self._writer.loop_mode and not self.sync
+                               and self._dist.world_size == 1)
 
     # -- public API ------------------------------------------------------------------------
     @property
@@ -263,7 +269,8 @@ class Controller(Resuming, LinkSide, Reporting, Applying):
                 # (the full way would read it too), a device value takes the full way, and
                 # so does a value that cannot be read (it counts, and says why, there).
                 try:
-                    host_loss, host_grad = _host(loss), _host(grad_norm)
+                    host_loss = _host(loss)
+                    host_grad = grad_norm if grad_norm is None else _host(grad_norm)
                 except (TypeError, ValueError, RuntimeError):
                     host_loss, host_grad = loss, grad_norm
                 if type(host_loss) is float and (
@@ -311,6 +318,7 @@ class Controller(Resuming, LinkSide, Reporting, Applying):
         holds those made from the last observations; a controller that is gone
         costs no wait.
         """
+        self._quiet_allowed = False
         if self._hook_handle is not None:
             self._hook_handle.remove()
             self._hook_handle = None

@@ -55,3 +55,31 @@ def test_a_non_finite_gradient_gives_a_non_finite_norm() -> None:
     grads = _with_grads(opt)
     grads[1][0] = float("nan")
     assert torch.isnan(total_grad_norm(opt))
+
+
+class _Sub(torch.Tensor):
+    """A tensor subclass: torch's foreach kernels do not take it."""
+
+
+@pytest.mark.parametrize("make", [
+    lambda: [torch.randn(3), torch.randn(4, 2)],
+    lambda: [torch.randn(3), torch.randn(2, dtype=torch.float64)],
+    lambda: [torch.randn(3, dtype=torch.bfloat16)] * 2,
+    lambda: [torch.randn(3), torch.randn(2).as_subclass(_Sub)],
+    lambda: [torch.randn(3).as_subclass(_Sub)],
+    lambda: [torch.randn(3), torch.randn(2, device="meta")],
+    lambda: [torch.randn(2, device="meta"), torch.randn(3, device="meta")],
+])
+def test_the_fast_grouping_check_agrees_with_torch_helpers(make: Any) -> None:
+    """The attribute-by-attribute check (no device objects) gives torch's own verdict."""
+    from torch.utils._foreach_utils import (
+        _group_tensors_by_device_and_dtype,
+        _has_foreach_support,
+    )
+
+    from lrctl._torchutil import _one_foreach_group
+
+    grads = make()
+    want = (len(_group_tensors_by_device_and_dtype([grads])) == 1
+            and _has_foreach_support(grads, grads[0].device))
+    assert _one_foreach_group(torch, grads) is want
