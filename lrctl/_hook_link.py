@@ -159,6 +159,10 @@ class LinkSide:
                         self._rollbacks.on_decision(d, self._dist.world_size > 1)
         if s > self._acked:
             self._acked = s
+            if s >= self._reported:
+                # Caught up (also when step() itself read this answer, and no pre-step
+                # hook saw the answers due): a late answer may be waited for again.
+                self._late = False
         if s == self._reported and msg.get("skip") is True:
             self.should_skip = True
             if self.sync and s == self._step - 1:

@@ -94,6 +94,37 @@ def test_a_stalled_controller_costs_an_async_loop_one_bounded_wait(
         ctl.close()
 
 
+def test_answers_caught_up_inside_step_end_the_late_mode(controller: ControllerProc) -> None:
+    """A controller that answers before step() returns (it preempts the training process on
+    its CPU) has the answers read inside step(), with none due at the pre-step hook: that
+    catching up must end the late mode too, or a later slow answer would not be waited for."""
+    opt = _opt()
+    ctl = lrctl.attach(opt, policy=POLICY, spawn=False, timeout=0.2)
+    try:
+        for loss in losses(5):
+            ctl.step(loss, grad_norm=1.0)
+            opt.step()
+        controller.proc.send_signal(signal.SIGSTOP)  # type: ignore[union-attr]
+        try:
+            with pytest.warns(RuntimeWarning, match="did not arrive within"):
+                for loss in losses(3):
+                    ctl.step(loss, grad_norm=1.0)
+                    opt.step()
+            assert ctl._late
+        finally:
+            controller.proc.send_signal(signal.SIGCONT)  # type: ignore[union-attr]
+        link = ctl._link
+        assert link is not None
+        link.wait(lambda: ctl._acked >= ctl._reported, 30.0)
+        ctl.step(1.0, grad_norm=1.0)
+        link.wait(lambda: ctl._acked >= ctl._reported, 30.0)  # read as step()'s own pump does
+        assert not ctl._late
+        opt.step()
+        assert ctl.late_waits == 1
+    finally:
+        ctl.close()
+
+
 def test_async_mode_never_raises_when_the_controller_dies(controller: ControllerProc) -> None:
     opt = _opt()
     ctl = lrctl.attach(opt, policy=POLICY, spawn=False)
