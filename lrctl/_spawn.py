@@ -38,7 +38,7 @@ def start_controller(address: str) -> subprocess.Popen[bytes]:
 
 def _start(address: str) -> tuple[subprocess.Popen[bytes], Path, int]:
     """:func:`start_controller`, with its log file and where this start's output begins."""
-    state = paths.ensure_private_dir(paths.state_dir())
+    state = paths.ensure_private_dir(paths.state_dir(socket=address))
     log_path = state / "controller.out"
     fd = paths.open_private(log_path, os.O_WRONLY | os.O_APPEND)
     with os.fdopen(fd, "ab") as out:

@@ -6,7 +6,9 @@ variable so tests (and users) can inject their own:
 * socket: ``$LRCTL_SOCKET``, else ``$XDG_RUNTIME_DIR/lrctl/lrctl.sock``, else
   ``/tmp/lrctl-<uid>/lrctl.sock``;
 * state: ``$LRCTL_STATE_DIR``, else ``$XDG_STATE_HOME/lrctl``, else
-  ``~/.local/state/lrctl``.
+  ``~/.local/state/lrctl``: the default socket's controller keeps its state there,
+  a controller on any other socket in ``sockets/<name>-<hash>`` inside it (a state
+  directory serves one controller: it restores the runs it finds there).
 
 A Unix socket is private only if its directory is: the directory must belong to
 us and be writable by nobody else, or another user could swap the socket for
@@ -16,6 +18,7 @@ their own and read our runs' statistics (or feed us LRs).
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import re
 import stat
@@ -30,6 +33,7 @@ __all__ = [
     "parse_address",
     "runtime_dir",
     "state_dir",
+    "state_dirs",
 ]
 
 # sun_path is 108 bytes on Linux, including the terminating NUL.
@@ -49,13 +53,42 @@ def default_socket(env: Mapping[str, str] | None = None) -> str:
     return env.get("LRCTL_SOCKET") or str(runtime_dir(env) / "lrctl.sock")
 
 
-def state_dir(env: Mapping[str, str] | None = None) -> Path:
+#: Inside the default state directory: those of controllers on other sockets.
+SOCKETS_DIR = "sockets"
+
+
+def state_dir(env: Mapping[str, str] | None = None, socket: str | None = None) -> Path:
+    """The state directory of the controller on ``socket`` (``None``: the default
+    socket's): see the module docstring. Two controllers never share one by default:
+    each would restore the other's runs from their checkpoints, and end them when no
+    hook came (``lrctl serve`` refuses a state directory another controller holds)."""
     env = os.environ if env is None else env
     if env.get("LRCTL_STATE_DIR"):
-        return Path(env["LRCTL_STATE_DIR"])
-    if env.get("XDG_STATE_HOME"):
-        return Path(env["XDG_STATE_HOME"]) / "lrctl"
-    return Path.home() / ".local" / "state" / "lrctl"
+        base = Path(env["LRCTL_STATE_DIR"])
+    elif env.get("XDG_STATE_HOME"):
+        base = Path(env["XDG_STATE_HOME"]) / "lrctl"
+    else:
+        base = Path.home() / ".local" / "state" / "lrctl"
+    if socket is None:
+        return base
+    own = os.path.abspath(socket)
+    if own == os.path.abspath(default_socket(env)):
+        return base
+    name = re.sub(r"[^A-Za-z0-9._-]", "_", os.path.basename(own).removesuffix(".sock"))
+    digest = hashlib.sha256(own.encode("utf-8", "surrogateescape")).hexdigest()[:12]
+    return base / SOCKETS_DIR / f"{name.lstrip('.')[:40] or 'socket'}-{digest}"
+
+
+def state_dirs(env: Mapping[str, str] | None = None) -> list[Path]:
+    """The default state directory, then those of controllers on other sockets (the
+    places a run's files may be, for the CLI verbs that read them)."""
+    base = state_dir(env)
+    others = base / SOCKETS_DIR
+    try:
+        found = sorted(p for p in others.iterdir() if p.is_dir() and not p.is_symlink())
+    except OSError:
+        found = []
+    return [base, *found]
 
 
 #: A run key: safe as a file name and an MLflow name. No "/" and no leading "." means no
@@ -76,8 +109,16 @@ def ensure_private_dir(path: str | os.PathLike[str]) -> Path:
     Raises :class:`PermissionError` naming the path and what is wrong with it.
     """
     p = Path(path)
+    missing = []  # created here 0700 too (mkdir's parents would get the umask's mode)
+    parent = p.parent
+    while parent != parent.parent and not os.path.lexists(parent):
+        missing.append(parent)
+        parent = parent.parent
+    for d in reversed(missing):
+        with contextlib.suppress(FileExistsError):  # made meanwhile: fine
+            d.mkdir(mode=0o700)
     with contextlib.suppress(FileExistsError):  # a file there: reported just below
-        p.mkdir(mode=0o700, parents=True, exist_ok=True)
+        p.mkdir(mode=0o700, exist_ok=True)
     st = os.lstat(p)
     if stat.S_ISLNK(st.st_mode) or not stat.S_ISDIR(st.st_mode):
         raise PermissionError(f"{p} is not a directory (a symlink or a file); refusing to use it")

@@ -45,7 +45,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 def _state_dir_option(p: argparse.ArgumentParser) -> None:
     p.add_argument("--state-dir", default=None,
                    help="controller state directory (default: $LRCTL_STATE_DIR, else "
-                        "$XDG_STATE_HOME/lrctl, else ~/.local/state/lrctl)")
+                        "$XDG_STATE_HOME/lrctl, else ~/.local/state/lrctl, and those of "
+                        "controllers on other sockets inside it)")
 
 
 def cmd_decisions(args: argparse.Namespace) -> int:
@@ -79,29 +80,36 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def find_run(query: str, state_dir: str | None = None) -> Any:
-    """The journal of the run a user means: key, unique key prefix, run name or MLflow id."""
-    from ..paths import state_dir as default_state_dir
+    """The journal of the run a user means: key, unique key prefix, run name or MLflow id.
+    Without ``state_dir``: in the default state directory and those of controllers on
+    other sockets (``lrctl.paths.state_dirs``)."""
+    from ..paths import state_dirs
     from ..sinks.journal import RunPaths, list_run_keys, read_json
 
-    root = Path(state_dir) if state_dir else default_state_dir()
-    keys = list_run_keys(root)
-    if query in keys:
-        return RunPaths.of(root, query)
-    matches = [k for k in keys if k.startswith(query)]
+    roots = [Path(state_dir)] if state_dir else state_dirs()
+    found = [(root, list_run_keys(root)) for root in roots]
+    exact = [RunPaths.of(root, query) for root, keys in found if query in keys]
+    if len(exact) == 1:
+        return exact[0]
+    matches = [(root, k) for root, keys in found for k in keys if k.startswith(query)]
     if not matches:
-        for k in keys:
-            paths = RunPaths.of(root, k)
-            meta = read_json(paths.meta, {}) or {}
-            cursor = read_json(paths.cursor, {}) or {}
-            if query in (meta.get("run_name"), cursor.get("run_id"),
-                         (meta.get("mlflow") or {}).get("run_id")):
-                matches.append(k)
+        for root, keys in found:
+            for k in keys:
+                paths = RunPaths.of(root, k)
+                meta = read_json(paths.meta, {}) or {}
+                cursor = read_json(paths.cursor, {}) or {}
+                if query in (meta.get("run_name"), cursor.get("run_id"),
+                             (meta.get("mlflow") or {}).get("run_id")):
+                    matches.append((root, k))
+    where = str(roots[0]) if len(roots) == 1 else f"{roots[0]} (and {len(roots) - 1} more)"
     if len(matches) == 1:
-        return RunPaths.of(root, matches[0])
+        return RunPaths.of(*matches[0])
     if not matches:
-        known = ", ".join(keys[-5:]) if keys else "none"
-        raise RunNotFound(f"no run matches {query!r} in {root} (latest runs: {known})")
-    raise RunNotFound(f"{query!r} is ambiguous in {root}: {', '.join(matches[:10])}")
+        latest = [k for _, keys in found for k in keys][-5:]
+        known = ", ".join(latest) if latest else "none"
+        raise RunNotFound(f"no run matches {query!r} in {where} (latest runs: {known})")
+    names = ", ".join(k for _, k in matches[:10])
+    raise RunNotFound(f"{query!r} is ambiguous in {where}: {names}")
 
 
 def format_table(records: Sequence[dict[str, Any]]) -> str:

@@ -24,8 +24,10 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                                    "(or 'lrctl stop') stop it with state flushed.")
     p.add_argument("--socket", help="Unix socket path (default: $LRCTL_SOCKET or the runtime "
                                     "dir)")
-    p.add_argument("--state-dir", help="where run state and logs live (default: "
-                                       "$LRCTL_STATE_DIR or ~/.local/state/lrctl)")
+    p.add_argument("--state-dir", help="where run state and logs live, one controller's "
+                                       "alone (default: $LRCTL_STATE_DIR or "
+                                       "~/.local/state/lrctl for the default socket, "
+                                       "sockets/NAME-HASH inside it for another)")
     p.add_argument("--tcp", metavar="[HOST:]PORT",
                    help="also listen on TCP (127.0.0.1 unless HOST is given); needs a token")
     p.add_argument("--token-file", help="file holding the TCP token (default: $LRCTL_TOKEN or "
@@ -100,7 +102,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         token = _serve_token(args.token_file) if tcp else None
         options = ServeOptions(
             socket_path=os.path.abspath(args.socket or paths.default_socket()),
-            state_dir=os.path.abspath(args.state_dir or paths.state_dir()),
+            state_dir=os.path.abspath(args.state_dir or paths.state_dir(socket=args.socket)),
             tcp=tcp, token=token, foreground=not args.detach, log_file=args.log_file,
             watch=not args.no_watch,
             policies_dir=os.path.abspath(args.policies) if args.policies else None,
@@ -298,7 +300,7 @@ def _all_runs(args: argparse.Namespace) -> int:
             state_dir = request({"t": "status"}, args.socket, timeout=2.0).get("state_dir")
     except (OSError, ControllerError):
         live = {}  # no controller: the journals alone
-    root = Path(state_dir) if state_dir else paths.state_dir()
+    root = Path(state_dir) if state_dir else paths.state_dir(socket=args.socket)
     runs = journal_runs(root, live)
     if args.json:
         print(json.dumps(runs))

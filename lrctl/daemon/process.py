@@ -4,7 +4,10 @@ Start-up is race-safe: the controller holds an exclusive ``flock`` on
 ``<socket>.lock`` for its whole life. A second ``serve`` on the same socket
 fails to take the lock and exits non-zero, naming the pid that holds it; a
 socket file left by a controller that died (``kill -9``) is unlinked and taken
-over, since holding the lock proves nobody else serves it.
+over, since holding the lock proves nobody else serves it. It holds
+``controller.lock`` in its state directory too: two controllers on one state
+directory would each restore the other's runs from their checkpoints, and end
+them (and their MLflow runs) when no hook came, so the second one refuses.
 """
 
 from __future__ import annotations
@@ -60,13 +63,15 @@ class ServeOptions:
 
 
 class Listening:
-    """The bound sockets and the lock that makes them ours; ``close`` releases all."""
+    """The bound sockets and the locks that make them (and the state directory) ours;
+    ``close`` releases all."""
 
     def __init__(self, unix: socket.socket, lock_fd: int, path: str,
                  tcp: socket.socket | None) -> None:
         self.unix = unix
         self.tcp = tcp
         self.lock_fd = lock_fd
+        self.state_lock_fd = -1  # the state directory's (see lock_state_dir)
         self.path = path
         self.took_over = False  # a stale socket of a dead controller was replaced
 
@@ -77,6 +82,50 @@ class Listening:
         with contextlib.suppress(OSError):
             os.unlink(self.path)
         os.close(self.lock_fd)
+        if self.state_lock_fd >= 0:
+            os.close(self.state_lock_fd)
+
+
+def _take_lock(path: str | Path) -> int | str:
+    """An exclusive ``flock`` on ``path`` (created 0600, never through a symlink), our pid
+    written in it: its descriptor, or the pid of the process that holds it."""
+    fd = paths.open_private(path, os.O_RDWR)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "?"
+        os.close(fd)
+        return holder
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def lock_state_dir(listening: Listening, state: Path) -> None:
+    """Take ``state``'s ``controller.lock`` for ``listening``'s life, or raise
+    :class:`AlreadyServing` naming the controller that uses the directory."""
+    taken = _take_lock(state / "controller.lock")
+    if isinstance(taken, str):
+        raise AlreadyServing(f"another controller (pid {taken}) already uses the state "
+                             f"directory {state}; give this one its own --state-dir (or "
+                             "LRCTL_STATE_DIR), or stop that one first")
+    listening.state_lock_fd = taken
+
+
+def relock_state_dir(listening: Listening, state: Path) -> None:
+    """The state directory was deleted and made again (see ``StateDirWatch``): its lock
+    went with it, so take the new one's."""
+    old, listening.state_lock_fd = listening.state_lock_fd, -1
+    if old >= 0:
+        os.close(old)
+    try:
+        lock_state_dir(listening, state)
+    except (AlreadyServing, OSError) as exc:
+        log.error("cannot lock the recreated state dir: %s", exc)
 
 
 def bind(options: ServeOptions) -> Listening:
@@ -85,17 +134,11 @@ def bind(options: ServeOptions) -> Listening:
     paths.parse_address(path)  # checks the sun_path length
     paths.ensure_private_dir(Path(path).parent)
     # Never through a symlink (a planted <socket>.lock -> ~/.bashrc would be truncated).
-    lock_fd = paths.open_private(path + ".lock", os.O_RDWR)
+    lock_fd = _take_lock(path + ".lock")
+    if isinstance(lock_fd, str):
+        raise AlreadyServing(f"another controller (pid {lock_fd}) is already serving on "
+                             f"{path}; stop it first or choose another --socket")
     try:
-        fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        holder = os.pread(lock_fd, 32, 0).decode("ascii", "replace").strip() or "?"
-        os.close(lock_fd)
-        raise AlreadyServing(f"another controller (pid {holder}) is already serving on "
-                             f"{path}; stop it first or choose another --socket") from None
-    try:
-        os.ftruncate(lock_fd, 0)
-        os.pwrite(lock_fd, f"{os.getpid()}\n".encode(), 0)
         if os.path.lexists(path):
             if not _is_socket(path):
                 raise FileExistsError(f"{path} exists and is not a socket; refusing to "
@@ -155,6 +198,11 @@ def serve(options: ServeOptions, sink_factory: Callable[[str], Sink] = build_sin
     if options.policies_dir is not None and not os.path.isdir(options.policies_dir):
         raise NotADirectoryError(f"--policies {options.policies_dir}: not a directory")
     listening = bind(options)
+    try:
+        lock_state_dir(listening, state)
+    except BaseException:
+        listening.close()
+        raise
     if not options.foreground:
         _detach(options, state, listening)
     _setup_logging(options, state)
@@ -171,6 +219,7 @@ def serve(options: ServeOptions, sink_factory: Callable[[str], Sink] = build_sin
                     socket_path=options.socket_path, state_dir=str(state),
                     watch=options.watch, policies_dir=options.policies_dir,
                     session_timeout=options.session_timeout, idle_exit=options.idle_exit)
+    server.state_watch.relock = lambda: relock_state_dir(listening, state)
     monitor = LoopMonitor(lambda: server.last_wake, stall_s=options.stall_timeout,
                           grace_s=options.shutdown_grace)
 
@@ -225,7 +274,8 @@ def _detach(options: ServeOptions, state: Path, listening: Listening) -> None:
               f"log: {_log_path(options, state)}")
         os._exit(0)
     os.setsid()
-    os.pwrite(listening.lock_fd, f"{os.getpid()}\n".ljust(16).encode(), 0)
+    for fd in (listening.lock_fd, listening.state_lock_fd):
+        os.pwrite(fd, f"{os.getpid()}\n".ljust(16).encode(), 0)
     devnull = os.open(os.devnull, os.O_RDWR)
     out = paths.open_private(state / "controller.out", os.O_WRONLY | os.O_APPEND)
     os.dup2(devnull, 0)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections.abc import Callable
 from typing import Any
 
 from .. import paths
@@ -28,6 +29,7 @@ class StateDirWatch:
         self.path = state_dir
         self.recreated: dict[str, Any] | None = None  # {"count", "at"}: for status
         self.error: str | None = None  # it is gone and cannot be made again
+        self.relock: Callable[[], None] | None = None  # its lock, taken again (process.py)
         self._ident = self._stat()
 
     def _stat(self) -> tuple[int, int] | None:
@@ -53,6 +55,8 @@ class StateDirWatch:
             return False
         self._ident, self.error = self._stat(), None
         _reopen_logs(self.path)
+        if self.relock is not None:
+            self.relock()
         count = 1 + (self.recreated or {}).get("count", 0)
         self.recreated = {"count": count, "at": time.time()}
         log.warning("state dir %s was deleted (or replaced) under the controller; recreated "

@@ -40,6 +40,44 @@ def test_a_second_serve_on_a_live_socket_refuses_clearly(controller: ControllerP
     assert client.request({"t": "status"})["pid"] == controller.pid
 
 
+def test_a_second_serve_on_the_same_state_dir_refuses_clearly(
+        controller: ControllerProc, short_dir) -> None:  # type: ignore[no-untyped-def]
+    """Another socket, the same state directory: it would restore the first one's runs
+    from their checkpoints and end them when no hook came. It refuses, naming the holder,
+    and leaves no socket behind."""
+    other = str(short_dir / "run" / "other.sock")
+    out = subprocess.run([sys.executable, "-m", "lrctl", "serve", "--foreground", "--no-audit",
+                          "--socket", other, "--state-dir", controller.state_dir],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 3, out.stderr
+    assert f"pid {controller.pid}" in out.stderr and "state directory" in out.stderr
+    assert not os.path.exists(other)
+    assert client.request({"t": "status"})["pid"] == controller.pid
+
+
+def test_attach_on_another_socket_beside_the_default_controller_gets_its_own(
+        controller: ControllerProc, short_dir, reap_spawned: None) -> None:  # type: ignore[no-untyped-def]
+    """attach(socket=...) with no controller there starts one beside the default one, with
+    a state directory of its own inside the default's: both serve, neither restores (nor
+    ends) the other's runs."""
+    other = str(short_dir / "run" / "mine.sock")
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.ones(1))], lr=0.1)
+    with lrctl.attach(opt, sync=True, run_name="beside") as ctl:
+        ctl.step(1.0)
+        assert ctl.connected
+        with lrctl.attach(opt, sync=True, socket=other, run_name="own") as mine:
+            mine.step(1.0)
+            assert mine.connected
+            status = client.request({"t": "status"}, other)
+            assert status["pid"] == _spawn.spawned[-1].pid != controller.pid
+            assert status["runs"] == 1
+            base = os.environ["LRCTL_STATE_DIR"]
+            assert os.path.dirname(status["state_dir"]) == os.path.join(base, "sockets")
+            assert os.path.basename(status["state_dir"]).startswith("mine-")
+            assert os.stat(os.path.join(base, "sockets")).st_mode & 0o777 == 0o700
+        assert client.request({"t": "status"})["runs"] == 1  # the default one's own run
+
+
 def test_serve_detach_backgrounds_and_stops_on_sigterm(short_dir) -> None:  # type: ignore[no-untyped-def]
     import signal
     import time

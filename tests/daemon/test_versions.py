@@ -18,7 +18,7 @@ import pytest
 import torch
 
 import lrctl
-from lrctl import _spawn, client
+from lrctl import _spawn, client, paths
 from lrctl.protocol import MAX_FRAME, FrameDecoder, encode
 
 
@@ -85,6 +85,10 @@ def test_another_version_on_the_shared_socket_gets_our_own_controller(
         assert versioned.endswith(f"-{lrctl.__version__}.sock")
         status = client.request({"t": "status"}, versioned)
         assert status["version"] == lrctl.__version__ and status["runs"] == 1
+        # A state directory of its own (one serves one controller), inside the user's.
+        assert status["state_dir"] == str(paths.state_dir(socket=versioned))
+        assert status["state_dir"].startswith(os.path.join(os.environ["LRCTL_STATE_DIR"],
+                                                           "sockets", "c-"))
         ctl.step(1.0, grad_norm=1.0)
         assert ctl.connected
     finally:

@@ -60,6 +60,12 @@ def test_state_dir_deleted_mid_run_comes_back_with_the_whole_journal(
         until("the state dir to come back", lambda: bool(
             request({"t": "status"}).get("state_dir_recreated")))
         assert stat.S_IMODE(os.lstat(state).st_mode) == 0o700
+        # Its lock came back with it: no second controller can take the directory now.
+        other = subprocess.run([sys.executable, "-m", "lrctl", "serve", "--foreground",
+                                "--no-audit", "--socket", str(state.parent / "o.sock"),
+                                "--state-dir", str(state)], capture_output=True, text=True,
+                               cwd=REPO, timeout=60)
+        assert other.returncode == 3 and "state directory" in other.stderr, other.stderr
         status = subprocess.run([sys.executable, "-m", "lrctl", "status"], capture_output=True,
                                 text=True, cwd=REPO, timeout=60)
         assert "state dir was deleted and recreated 1 time(s)" in status.stdout, status.stdout

@@ -79,3 +79,41 @@ def test_runs_all_lists_ended_runs_from_the_journals(
     table = capsys.readouterr().out.splitlines()
     assert table[0].split()[:5] == ["RUN", "STATE", "STEP", "LR", "DECISIONS"]
     assert any(line.startswith("run-aa1") and " ended " in line for line in table)
+
+
+def test_runs_of_a_controller_on_another_socket_are_found_by_default(
+        state: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """A controller on another socket keeps its journals in a state directory of its own
+    inside the default one; the audit verbs look there too."""
+    from lrctl import paths
+
+    monkeypatch.setenv("LRCTL_SOCKET", str(tmp_path / "default.sock"))
+    own = paths.state_dir(socket=str(tmp_path / "other.sock"))
+    assert own.parent == state / paths.SOCKETS_DIR and own.name.startswith("other-")
+    sink = AuditSink(own, JOURNAL_ONLY)
+    sink.open_run(run_info("run-cc3", run_name="gamma", cwd=str(tmp_path)))
+    drive(sink, "run-cc3", range(100), [0.1, 0.01], every=30)
+    sink.close_run("run-cc3")
+    sink.close()
+    assert paths.state_dirs() == [state, own]
+    assert main(["decisions", "gamma"]) == 0
+    assert capsys.readouterr().out.splitlines()[-1] == "3 decisions"
+    assert main(["decisions", "run-a", "--json"]) == 2  # still ambiguous: aa1, ab2
+    assert "ambiguous" in capsys.readouterr().err
+
+
+def test_state_dirs_follow_the_socket(tmp_path: Path) -> None:
+    """The default socket's controller keeps the default state directory; any other
+    socket gets one of its own, stable, distinct per socket path."""
+    from lrctl import paths
+
+    env = {"LRCTL_STATE_DIR": str(tmp_path / "s"), "LRCTL_SOCKET": str(tmp_path / "d.sock")}
+    base = tmp_path / "s"
+    assert paths.state_dir(env) == base == paths.state_dir(env, socket=str(tmp_path / "d.sock"))
+    a = paths.state_dir(env, socket=str(tmp_path / "a" / "x.sock"))
+    b = paths.state_dir(env, socket=str(tmp_path / "b" / "x.sock"))
+    assert a != b and a.parent == b.parent == base / "sockets"
+    assert a == paths.state_dir(env, socket=str(tmp_path / "a" / "x.sock"))
+    assert a.name.startswith("x-") and paths.state_dir(
+        env, socket=str(tmp_path / ".odd name!.sock")).name.startswith("odd_name_-")
