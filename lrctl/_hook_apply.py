@@ -35,7 +35,7 @@ class Applying:
                     self._batch.answer_cost(perf_counter() - began)
             if self._held:
                 self._promote()
-            self._apply()
+            self._writer.apply(self._target)  # (_apply, one call less: it runs every step)
         except Exception as exc:
             self._warn("internal", f"lrctl: hook error ({exc!r}); training continues at the "
                                    "last LR")

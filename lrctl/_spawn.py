@@ -38,14 +38,16 @@ def start_controller(address: str) -> subprocess.Popen[bytes]:
 
 def _start(address: str) -> tuple[subprocess.Popen[bytes], Path, int]:
     """:func:`start_controller`, with its log file and where this start's output begins."""
-    state = paths.ensure_private_dir(paths.state_dir(socket=address))
+    state = paths.ensure_state_dir(paths.state_dir(socket=address))
     log_path = state / "controller.out"
     fd = paths.open_private(log_path, os.O_WRONLY | os.O_APPEND)
     with os.fdopen(fd, "ab") as out:
         offset = out.seek(0, os.SEEK_END)
         proc = subprocess.Popen(
+            # No --state-dir: the controller derives it as above, and serves from its
+            # socket's own when another controller holds that one (lrctl.paths.state_dir).
             [sys.executable, "-m", "lrctl", "serve", "--socket", address,
-             "--state-dir", str(state), "--idle-exit", str(SPAWNED_IDLE_EXIT_S)],
+             "--idle-exit", str(SPAWNED_IDLE_EXIT_S)],
             stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
             start_new_session=True, close_fds=True)
     for earlier in spawned:

@@ -163,11 +163,12 @@ def _shipped(run_keys: list[str], wait_s: float = 60.0) -> bool:
     """Wait until the controller's MLflow shipper has finished each run (its cursor says
     so), so that what the demo then prints about MLflow is true; False after ``wait_s``."""
     from . import paths
-    from .sinks.journal import RunPaths, read_json
+    from .sinks.journal import find_run_paths, read_json
 
     deadline = time.monotonic() + wait_s
-    while True:
-        if all((read_json(RunPaths.of(paths.state_dir(), key).cursor, {}) or {}).get("finished")
+    while True:  # (another version's controller keeps its own state dir: state_dirs)
+        roots = paths.state_dirs()
+        if all((read_json(find_run_paths(key, roots).cursor, {}) or {}).get("finished")
                for key in run_keys):
             return True
         if time.monotonic() > deadline:
@@ -190,12 +191,12 @@ def _controller_note(out: TextIO) -> None:
 def _timeline(run: DemoResult, wait_s: float = 15.0) -> Path | None:
     """Draw the steered run's timeline from the controller's journal, once it is complete."""
     from . import paths
-    from .sinks.journal import RunPaths, read_lines
+    from .sinks.journal import find_run_paths, read_lines
     from .timeline import render_run
 
     if run.run_key is None:
         return None
-    run_paths = RunPaths.of(paths.state_dir(), run.run_key)
+    run_paths = find_run_paths(run.run_key, paths.state_dirs())
     events = run_paths.stream("events")
     deadline = time.monotonic() + wait_s
     while time.monotonic() < deadline:  # the controller journals the run's end after `bye`

@@ -269,8 +269,9 @@ class Controller(Resuming, LinkSide, Reporting, Applying):
                 # (the full way would read it too), a device value takes the full way, and
                 # so does a value that cannot be read (it counts, and says why, there).
                 try:
-                    host_loss = _host(loss)
-                    host_grad = grad_norm if grad_norm is None else _host(grad_norm)
+                    host_loss = loss if type(loss) is float else _host(loss)
+                    host_grad = grad_norm if grad_norm is None or type(
+                        grad_norm) is float else _host(grad_norm)
                 except (TypeError, ValueError, RuntimeError):
                     host_loss, host_grad = loss, grad_norm
                 if type(host_loss) is float and (

@@ -8,7 +8,8 @@ variable so tests (and users) can inject their own:
 * state: ``$LRCTL_STATE_DIR``, else ``$XDG_STATE_HOME/lrctl``, else
   ``~/.local/state/lrctl``: the default socket's controller keeps its state there,
   a controller on any other socket in ``sockets/<name>-<hash>`` inside it (a state
-  directory serves one controller: it restores the runs it finds there).
+  directory serves one controller: it restores the runs it finds there; see
+  :func:`state_dir`).
 
 A Unix socket is private only if its directory is: the directory must belong to
 us and be writable by nobody else, or another user could swap the socket for
@@ -30,6 +31,8 @@ __all__ = [
     "UNIX_PATH_MAX",
     "default_socket",
     "ensure_private_dir",
+    "ensure_state_dir",
+    "own_state_dir",
     "parse_address",
     "runtime_dir",
     "state_dir",
@@ -59,28 +62,43 @@ SOCKETS_DIR = "sockets"
 
 def state_dir(env: Mapping[str, str] | None = None, socket: str | None = None) -> Path:
     """The state directory of the controller on ``socket`` (``None``: the default
-    socket's): see the module docstring. Two controllers never share one by default:
-    each would restore the other's runs from their checkpoints, and end them when no
-    hook came (``lrctl serve`` refuses a state directory another controller holds)."""
+    socket's). A state directory serves one controller: it restores the runs it finds
+    there, so two sharing one would each end the other's. The default socket's
+    controller uses the shared directory (``$LRCTL_STATE_DIR``, …); a controller on any
+    other socket, or one whose own directory exists already (it once found the shared
+    one taken, see ``lrctl.daemon.process``), uses :func:`own_state_dir`. A TCP address
+    names no Unix socket: the shared directory."""
+    env = os.environ if env is None else env
+    base = _state_base(env)
+    if socket is None or socket.startswith("tcp://"):
+        return base
+    own = own_state_dir(socket, env)
+    if os.path.isdir(own) or os.path.realpath(socket) != os.path.realpath(
+            default_socket(env)):
+        return own
+    return base
+
+
+def own_state_dir(socket: str, env: Mapping[str, str] | None = None) -> Path:
+    """``sockets/<name>-<hash>`` inside the shared state directory: the state directory
+    of the controller on the Unix socket ``socket`` alone (the hash is of its real path)."""
+    real = os.path.realpath(socket)
+    name = re.sub(r"[^A-Za-z0-9._-]", "_", os.path.basename(real).removesuffix(".sock"))
+    digest = hashlib.sha256(real.encode("utf-8", "surrogateescape")).hexdigest()[:12]
+    return _state_base(env) / SOCKETS_DIR / f"{name.lstrip('.')[:40] or 'socket'}-{digest}"
+
+
+def _state_base(env: Mapping[str, str] | None) -> Path:
     env = os.environ if env is None else env
     if env.get("LRCTL_STATE_DIR"):
-        base = Path(env["LRCTL_STATE_DIR"])
-    elif env.get("XDG_STATE_HOME"):
-        base = Path(env["XDG_STATE_HOME"]) / "lrctl"
-    else:
-        base = Path.home() / ".local" / "state" / "lrctl"
-    if socket is None:
-        return base
-    own = os.path.abspath(socket)
-    if own == os.path.abspath(default_socket(env)):
-        return base
-    name = re.sub(r"[^A-Za-z0-9._-]", "_", os.path.basename(own).removesuffix(".sock"))
-    digest = hashlib.sha256(own.encode("utf-8", "surrogateescape")).hexdigest()[:12]
-    return base / SOCKETS_DIR / f"{name.lstrip('.')[:40] or 'socket'}-{digest}"
+        return Path(env["LRCTL_STATE_DIR"])
+    if env.get("XDG_STATE_HOME"):
+        return Path(env["XDG_STATE_HOME"]) / "lrctl"
+    return Path.home() / ".local" / "state" / "lrctl"
 
 
 def state_dirs(env: Mapping[str, str] | None = None) -> list[Path]:
-    """The default state directory, then those of controllers on other sockets (the
+    """The shared state directory, then those of controllers on other sockets (the
     places a run's files may be, for the CLI verbs that read them)."""
     base = state_dir(env)
     others = base / SOCKETS_DIR
@@ -89,6 +107,17 @@ def state_dirs(env: Mapping[str, str] | None = None) -> list[Path]:
     except OSError:
         found = []
     return [base, *found]
+
+
+def ensure_state_dir(path: str | os.PathLike[str]) -> Path:
+    """:func:`ensure_private_dir` for a state directory; for one inside the shared
+    directory's ``sockets/``, the shared directory and ``sockets/`` are checked too (one
+    another user could write to would let them swap ``sockets/`` for their own)."""
+    p = Path(path)
+    if p.parent.name == SOCKETS_DIR:
+        ensure_private_dir(p.parent.parent)
+        ensure_private_dir(p.parent)
+    return ensure_private_dir(p)
 
 
 #: A run key: safe as a file name and an MLflow name. No "/" and no leading "." means no
@@ -104,7 +133,8 @@ def is_run_key(key: object) -> bool:
 
 
 def ensure_private_dir(path: str | os.PathLike[str]) -> Path:
-    """Create ``path`` (mode 0700) if missing; refuse one that is not safely ours.
+    """Create ``path`` (mode 0700, and 0700 any missing parent it creates) if missing;
+    refuse one that is not safely ours.
 
     Raises :class:`PermissionError` naming the path and what is wrong with it.
     """

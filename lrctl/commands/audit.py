@@ -81,35 +81,43 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 def find_run(query: str, state_dir: str | None = None) -> Any:
     """The journal of the run a user means: key, unique key prefix, run name or MLflow id.
-    Without ``state_dir``: in the default state directory and those of controllers on
+    Without ``state_dir``: in the shared state directory and those of controllers on
     other sockets (``lrctl.paths.state_dirs``)."""
     from ..paths import state_dirs
     from ..sinks.journal import RunPaths, list_run_keys, read_json
 
     roots = [Path(state_dir)] if state_dir else state_dirs()
-    found = [(root, list_run_keys(root)) for root in roots]
-    exact = [RunPaths.of(root, query) for root, keys in found if query in keys]
-    if len(exact) == 1:
-        return exact[0]
-    matches = [(root, k) for root, keys in found for k in keys if k.startswith(query)]
+    found = [(root, key) for root in roots for key in list_run_keys(root)]
+    matches = [(root, k) for root, k in found if k == query]
     if not matches:
-        for root, keys in found:
-            for k in keys:
-                paths = RunPaths.of(root, k)
-                meta = read_json(paths.meta, {}) or {}
-                cursor = read_json(paths.cursor, {}) or {}
-                if query in (meta.get("run_name"), cursor.get("run_id"),
-                             (meta.get("mlflow") or {}).get("run_id")):
-                    matches.append((root, k))
+        matches = [(root, k) for root, k in found if k.startswith(query)]
+    if not matches:
+        for root, k in found:
+            paths = RunPaths.of(root, k)
+            meta = read_json(paths.meta, {}) or {}
+            cursor = read_json(paths.cursor, {}) or {}
+            if query in (meta.get("run_name"), cursor.get("run_id"),
+                         (meta.get("mlflow") or {}).get("run_id")):
+                matches.append((root, k))
     where = str(roots[0]) if len(roots) == 1 else f"{roots[0]} (and {len(roots) - 1} more)"
     if len(matches) == 1:
         return RunPaths.of(*matches[0])
     if not matches:
-        latest = [k for _, keys in found for k in keys][-5:]
-        known = ", ".join(latest) if latest else "none"
+        latest = sorted(found, key=lambda rk: _modified(RunPaths.of(*rk).meta))[-5:]
+        known = ", ".join(k for _, k in latest) if latest else "none"
         raise RunNotFound(f"no run matches {query!r} in {where} (latest runs: {known})")
-    names = ", ".join(k for _, k in matches[:10])
-    raise RunNotFound(f"{query!r} is ambiguous in {where}: {names}")
+    if len(roots) == 1:
+        raise RunNotFound(f"{query!r} is ambiguous in {where}: "
+                          f"{', '.join(k for _, k in matches[:10])}")
+    listed = ", ".join(f"{k} in {root}" for root, k in matches[:10])
+    raise RunNotFound(f"{query!r} is ambiguous: {listed} (--state-dir picks one)")
+
+
+def _modified(path: Path) -> float:
+    try:
+        return path.stat().st_mtime
+    except OSError:
+        return 0.0
 
 
 def format_table(records: Sequence[dict[str, Any]]) -> str:

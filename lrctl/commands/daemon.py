@@ -87,8 +87,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--all", action="store_true",
                    help="include ended runs: last step, LR, decision count, MLflow run id")
     p.add_argument("--state-dir", default=None,
-                   help="with --all: the state directory (default: the controller's, else "
-                        "$LRCTL_STATE_DIR or ~/.local/state/lrctl)")
+                   help="with --all: the state directory (default: with --socket that "
+                        "controller's, else every controller's: $LRCTL_STATE_DIR or "
+                        "~/.local/state/lrctl and the sockets/ directories inside it)")
     p.set_defaults(func=cmd_runs)
 
 
@@ -100,9 +101,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     try:
         tcp = paths.parse_host_port(args.tcp) if args.tcp else None
         token = _serve_token(args.token_file) if tcp else None
+        socket_path = os.path.abspath(args.socket or paths.default_socket())
         options = ServeOptions(
-            socket_path=os.path.abspath(args.socket or paths.default_socket()),
-            state_dir=os.path.abspath(args.state_dir or paths.state_dir(socket=args.socket)),
+            socket_path=socket_path,
+            state_dir=os.path.abspath(args.state_dir or paths.state_dir(socket=socket_path)),
             tcp=tcp, token=token, foreground=not args.detach, log_file=args.log_file,
             watch=not args.no_watch,
             policies_dir=os.path.abspath(args.policies) if args.policies else None,
@@ -110,6 +112,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         if args.detach and args.foreground:
             raise ValueError("--detach and --foreground contradict each other")
         options.idle_exit = args.idle_exit
+        if not args.state_dir:  # taken by another controller: this socket's own instead
+            options.state_fallback = str(paths.own_state_dir(socket_path))
         options.sched = args.sched
         if args.stall_timeout is not None:
             options.stall_timeout = args.stall_timeout
@@ -293,20 +297,29 @@ def _all_runs(args: argparse.Namespace) -> int:
     from ..wire.operator import ControllerError, request
     from .history import journal_runs
 
-    state_dir = args.state_dir
+    reported = None  # the state directory of the controller on the socket
     try:
         live = {r["run"]: r for r in request({"t": "runs"}, args.socket, timeout=2.0)["runs"]}
-        if state_dir is None:
-            state_dir = request({"t": "status"}, args.socket, timeout=2.0).get("state_dir")
+        if args.state_dir is None:
+            reported = request({"t": "status"}, args.socket, timeout=2.0).get("state_dir")
     except (OSError, ControllerError):
         live = {}  # no controller: the journals alone
-    root = Path(state_dir) if state_dir else paths.state_dir(socket=args.socket)
-    runs = journal_runs(root, live)
+    if args.state_dir:
+        roots = [Path(args.state_dir)]
+    elif args.socket:
+        roots = [Path(reported) if reported else paths.state_dir(socket=args.socket)]
+    else:  # every controller's: the shared directory's and those of other sockets
+        roots = paths.state_dirs()
+        if reported and Path(reported) not in roots:
+            roots.insert(0, Path(reported))
+    runs = sorted((r for root in roots for r in journal_runs(root, live)),
+                  key=lambda r: r["modified"])
     if args.json:
         print(json.dumps(runs))
         return 0
     if not runs:
-        print(f"no runs in {root}")
+        print(f"no runs in {roots[0]}" + (f" (or {len(roots) - 1} more state directories)"
+                                          if len(roots) > 1 else ""))
         return 0
     rows = [("RUN", "STATE", "STEP", "LR", "DECISIONS", "MLFLOW RUN", "LAST DECISION")]
     for r in runs:
@@ -316,4 +329,7 @@ def _all_runs(args: argparse.Namespace) -> int:
     widths = [max(len(row[i]) for row in rows) for i in range(6)]
     for row in rows:
         print("  ".join([*(c.ljust(w) for c, w in zip(row[:6], widths, strict=True)), row[6]]))
+    others = sorted({r["state_dir"] for r in runs} - {str(roots[0])})
+    if others:
+        print(f"(runs of controllers on other sockets included: {', '.join(others)})")
     return 0

@@ -42,7 +42,7 @@ def journal_runs(state_dir: Path, live: dict[str, dict[str, Any]]) -> list[dict[
             "decisions": 0 if last_decision is None else int(last_decision.record["seq"]),
             "last_decision": None if last_decision is None else last_decision.record,
             "mlflow_run_id": cursor.get("run_id") or (meta.get("mlflow") or {}).get("run_id"),
-            "modified": paths.meta.stat().st_mtime,
+            "modified": paths.meta.stat().st_mtime, "state_dir": str(state_dir),
         })
     out.sort(key=lambda r: r["modified"])
     return out

@@ -13,6 +13,7 @@ them (and their MLflow runs) when no hook came, so the second one refuses.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import logging
 import os
@@ -60,6 +61,9 @@ class ServeOptions:
     # "batch": the controller runs under SCHED_BATCH, so waking it never preempts the
     # training process (async hooks on a busy machine); "normal": the OS default.
     sched: str = "normal"
+    # Where to serve from when another controller holds state_dir (None: refuse, exit 3):
+    # this socket's own directory, for a state_dir chosen by default, not given.
+    state_fallback: str | None = None
 
 
 class Listening:
@@ -72,6 +76,7 @@ class Listening:
         self.tcp = tcp
         self.lock_fd = lock_fd
         self.state_lock_fd = -1  # the state directory's (see lock_state_dir)
+        self.notes: list[str] = []  # warnings for the log, once it is open
         self.path = path
         self.took_over = False  # a stale socket of a dead controller was replaced
 
@@ -86,9 +91,15 @@ class Listening:
             os.close(self.state_lock_fd)
 
 
-def _take_lock(path: str | Path) -> int | str:
+#: flock errors of a filesystem that has no locks (NFS mounted nolock, Lustre without
+#: -o flock): the controller goes on unlocked, and says so.
+_NO_LOCKS = {errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP}
+
+
+def _take_lock(path: str | Path) -> int | str | None:
     """An exclusive ``flock`` on ``path`` (created 0600, never through a symlink), our pid
-    written in it: its descriptor, or the pid of the process that holds it."""
+    written in it: its descriptor, the pid of the process that holds it, or ``None``
+    where the filesystem has no locks."""
     fd = paths.open_private(path, os.O_RDWR)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -96,6 +107,14 @@ def _take_lock(path: str | Path) -> int | str:
         holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "?"
         os.close(fd)
         return holder
+    except OSError as exc:
+        os.close(fd)
+        if exc.errno in _NO_LOCKS:
+            return None
+        raise
+    except BaseException:
+        os.close(fd)
+        raise
     try:
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
@@ -113,7 +132,29 @@ def lock_state_dir(listening: Listening, state: Path) -> None:
         raise AlreadyServing(f"another controller (pid {taken}) already uses the state "
                              f"directory {state}; give this one its own --state-dir (or "
                              "LRCTL_STATE_DIR), or stop that one first")
+    if taken is None:
+        listening.notes.append(f"the state directory {state} cannot be locked (its "
+                               "filesystem has no locks): make sure no other controller "
+                               "uses it")
+        return
     listening.state_lock_fd = taken
+
+
+def _lock_state(listening: Listening, options: ServeOptions, state: Path) -> Path:
+    """The state directory this controller serves from, locked: ``state``, or, when
+    another controller holds it and it was not given (``--state-dir``),
+    ``options.state_fallback`` (this socket's own; see ``lrctl.paths.state_dir``)."""
+    try:
+        lock_state_dir(listening, state)
+        return state
+    except AlreadyServing as exc:
+        if options.state_fallback is None:
+            raise
+        own = paths.ensure_state_dir(options.state_fallback)
+        lock_state_dir(listening, own)
+        listening.notes.append(f"{exc.args[0].split(';')[0]}: this controller keeps its "
+                               f"state in {own} instead (its socket's own, from now on)")
+        return own
 
 
 def relock_state_dir(listening: Listening, state: Path) -> None:
@@ -138,6 +179,9 @@ def bind(options: ServeOptions) -> Listening:
     if isinstance(lock_fd, str):
         raise AlreadyServing(f"another controller (pid {lock_fd}) is already serving on "
                              f"{path}; stop it first or choose another --socket")
+    if lock_fd is None:
+        raise OSError(f"cannot lock {path}.lock (its filesystem has no locks); choose a "
+                      "--socket on a local filesystem")
     try:
         if os.path.lexists(path):
             if not _is_socket(path):
@@ -194,18 +238,20 @@ def _set_sched(kind: str) -> None:
 def serve(options: ServeOptions, sink_factory: Callable[[str], Sink] = build_sink,
           ready: Callable[[Listening], None] | None = None) -> int:
     """Run a controller until SIGTERM/SIGINT. Returns the process exit status."""
-    state = paths.ensure_private_dir(options.state_dir)
+    state = paths.ensure_state_dir(options.state_dir)
     if options.policies_dir is not None and not os.path.isdir(options.policies_dir):
         raise NotADirectoryError(f"--policies {options.policies_dir}: not a directory")
     listening = bind(options)
     try:
-        lock_state_dir(listening, state)
+        state = _lock_state(listening, options, state)
     except BaseException:
         listening.close()
         raise
     if not options.foreground:
         _detach(options, state, listening)
     _setup_logging(options, state)
+    for note in listening.notes:
+        log.warning("%s", note)
     if listening.took_over:  # logged only now that the log exists
         log.info("took over the stale socket %s (its controller died)", options.socket_path)
     _raise_fd_limit()
@@ -275,7 +321,8 @@ def _detach(options: ServeOptions, state: Path, listening: Listening) -> None:
         os._exit(0)
     os.setsid()
     for fd in (listening.lock_fd, listening.state_lock_fd):
-        os.pwrite(fd, f"{os.getpid()}\n".ljust(16).encode(), 0)
+        if fd >= 0:  # (none where the state directory's filesystem has no locks)
+            os.pwrite(fd, f"{os.getpid()}\n".ljust(16).encode(), 0)
     devnull = os.open(os.devnull, os.O_RDWR)
     out = paths.open_private(state / "controller.out", os.O_WRONLY | os.O_APPEND)
     os.dup2(devnull, 0)

@@ -26,7 +26,7 @@ import json
 import math
 import os
 import re
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -43,6 +43,7 @@ __all__ = [
     "atomic_write_json",
     "atomic_write_text",
     "check_run_key",
+    "find_run_paths",
     "fsync_path",
     "last_line",
     "list_run_keys",
@@ -104,6 +105,16 @@ class RunPaths:
         if not re.fullmatch(r"[0-9a-f]{64}", sha256):
             raise ValueError(f"policy sha256 must be 64 hex digits, but got {sha256!r}")
         return self.policies / f"{sha256}.yaml"
+
+
+def find_run_paths(run_key: str, roots: Sequence[str | os.PathLike[str]]) -> RunPaths:
+    """``run_key``'s files in the first of ``roots`` (state directories) that has them;
+    the first root's when none has (yet)."""
+    for root in roots:
+        found = RunPaths.of(root, run_key)
+        if found.meta.exists():
+            return found
+    return RunPaths.of(roots[0], run_key)
 
 
 def list_run_keys(state_dir: str | os.PathLike[str]) -> list[str]:

@@ -12,7 +12,7 @@ import torch
 from daemon_helpers import ControllerProc
 
 import lrctl
-from lrctl import _spawn, client
+from lrctl import _spawn, client, paths
 
 
 def test_spawn_starts_one_controller_and_a_second_run_reuses_it(reap_spawned: None) -> None:
@@ -76,6 +76,45 @@ def test_attach_on_another_socket_beside_the_default_controller_gets_its_own(
             assert os.path.basename(status["state_dir"]).startswith("mine-")
             assert os.stat(os.path.join(base, "sockets")).st_mode & 0o777 == 0o700
         assert client.request({"t": "status"})["runs"] == 1  # the default one's own run
+
+
+def test_a_second_default_socket_serves_from_its_own_state_dir(
+        controller: ControllerProc, short_dir, monkeypatch: pytest.MonkeyPatch,
+        reap_spawned: None) -> None:  # type: ignore[no-untyped-def]
+    """Another environment's default socket (a job with its own LRCTL_SOCKET, a session
+    without XDG_RUNTIME_DIR), the same state directory, held by a live controller: the new
+    controller serves from its socket's own directory rather than refusing, and keeps it."""
+    other = str(short_dir / "run" / "job.sock")
+    monkeypatch.setenv("LRCTL_SOCKET", other)
+    assert paths.state_dir(socket=other) == paths.state_dir()  # by the rule: the shared one
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.ones(1))], lr=0.1)
+    with lrctl.attach(opt, sync=True, run_name="job") as ctl:
+        ctl.step(1.0)
+        assert ctl.connected
+        status = client.request({"t": "status"}, other)
+        assert status["pid"] != controller.pid
+        assert status["state_dir"] == str(paths.own_state_dir(other))
+    log = (paths.own_state_dir(other) / "controller.log").read_text()
+    assert f"pid {controller.pid}" in log and "keeps its state in" in log
+    # It exists now, so this socket's controller uses it from now on, first or not.
+    assert paths.state_dir(socket=other) == paths.own_state_dir(other)
+
+
+def test_a_filesystem_without_locks_is_served_unlocked(short_dir,  # type: ignore[no-untyped-def]
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """flock failing with ENOLCK (NFS mounted nolock) takes no lock, leaks no descriptor."""
+    import errno
+    import fcntl
+
+    from lrctl.daemon import process
+
+    def no_locks(fd: int, op: int) -> None:
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    before = len(os.listdir("/proc/self/fd"))
+    assert process._take_lock(short_dir / "x.lock") is None
+    assert len(os.listdir("/proc/self/fd")) == before
 
 
 def test_serve_detach_backgrounds_and_stops_on_sigterm(short_dir) -> None:  # type: ignore[no-untyped-def]
@@ -214,5 +253,23 @@ def test_a_state_dir_the_hook_cannot_use_fails_open_and_says_why(
         ctl.step(1.0)
         opt.step()
         assert opt.param_groups[0]["lr"] == 0.1
+    finally:
+        ctl.close()
+
+
+def test_a_shared_state_dir_others_may_write_to_is_refused_for_every_socket(
+        short_dir, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
+    """A controller on another socket keeps its state inside the shared directory: that one
+    (and sockets/) must be private too, or another user could swap sockets/ for theirs."""
+    state = short_dir / "shared-state"
+    state.mkdir()
+    os.chmod(state, 0o770)
+    monkeypatch.setenv("LRCTL_STATE_DIR", str(state))
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.ones(1))], lr=0.1)
+    with pytest.warns(RuntimeWarning, match="no controller could be started") as seen:
+        ctl = lrctl.attach(opt, socket=str(short_dir / "run" / "mine.sock"))
+    try:
+        assert "writable by other users" in str(seen[0].message)
+        assert not (state / "sockets").exists()
     finally:
         ctl.close()

@@ -101,6 +101,18 @@ def test_runs_of_a_controller_on_another_socket_are_found_by_default(
     assert capsys.readouterr().out.splitlines()[-1] == "3 decisions"
     assert main(["decisions", "run-a", "--json"]) == 2  # still ambiguous: aa1, ab2
     assert "ambiguous" in capsys.readouterr().err
+    assert main(["runs", "--all", "--json"]) == 0  # every controller's runs
+    listed = {r["run"]: r["state_dir"] for r in json.loads(capsys.readouterr().out)}
+    assert listed == {"run-aa1": str(state), "run-ab2": str(state), "run-cc3": str(own)}
+    # One run's journal in two directories (resumed by another controller): say where.
+    sink = AuditSink(own, JOURNAL_ONLY)
+    sink.open_run(run_info("run-aa1", run_name="alpha", cwd=str(tmp_path)))
+    sink.close_run("run-aa1")
+    sink.close()
+    assert main(["decisions", "run-aa1"]) == 2
+    err = capsys.readouterr().err
+    assert f"run-aa1 in {state}" in err and f"run-aa1 in {own}" in err and "--state-dir" in err
+    assert main(["decisions", "run-aa1", "--state-dir", str(state)]) == 0
 
 
 def test_state_dirs_follow_the_socket(tmp_path: Path) -> None:
