@@ -74,8 +74,9 @@ class LinkSide:
             if spawn and link.kind == "unix":
                 self._warn("version", f"lrctl: the controller on {address} runs lrctl "
                                       f"{other or '< 0.2'}, this hook is lrctl {__version__}: "
-                                      f"using a controller on {versioned} instead ('lrctl stop "
-                                      f"--socket {address}' stops the old one)")
+                                      f"using a controller on {versioned} instead, its state "
+                                      f"and log in {paths.state_dir(socket=versioned)} ('lrctl "
+                                      f"stop --socket {address}' stops the old one)")
                 self._controller_version = None
                 link = self._open_link(versioned, hello, token, spawn, spawn_timeout,
                                        max_backoff)

@@ -77,7 +77,7 @@ def _opt() -> torch.optim.Optimizer:
 
 def test_another_version_on_the_shared_socket_gets_our_own_controller(
         old_controller: OldController, reap_spawned: None) -> None:
-    with pytest.warns(RuntimeWarning, match=r"runs lrctl < 0.2, this hook is lrctl"):
+    with pytest.warns(RuntimeWarning, match=r"runs lrctl < 0.2, this hook is lrctl") as seen:
         ctl = lrctl.attach(_opt(), sync=True)
     try:
         assert old_controller.hellos and old_controller.hellos[0]["lrctl"] == lrctl.__version__
@@ -87,6 +87,7 @@ def test_another_version_on_the_shared_socket_gets_our_own_controller(
         assert status["version"] == lrctl.__version__ and status["runs"] == 1
         # A state directory of its own (one serves one controller), inside the user's.
         assert status["state_dir"] == str(paths.state_dir(socket=versioned))
+        assert f"its state and log in {status['state_dir']}" in str(seen[0].message)
         assert status["state_dir"].startswith(os.path.join(os.environ["LRCTL_STATE_DIR"],
                                                            "sockets", "c-"))
         ctl.step(1.0, grad_norm=1.0)
