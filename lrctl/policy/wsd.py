@@ -19,7 +19,11 @@ transformers' (tested for parity). What a fixed schedule cannot do:
 * **Start it on a plateau** (``start_on: plateau``): when the statistics core's
   trend test (as plateau decay's ``test: trend``) finds no significant fall of
   ``metric`` over the last ``window`` observations of the stable phase, or at
-  the scheduled point, whichever comes first.
+  the scheduled point, whichever comes first. The first ``burn_in`` observations
+  of the stable phase (by default half of ``window``) are not judged: a run's
+  first fast fall is a curve no line fits, and inside a window the test reads it
+  as noise and calls a tenfold fall "not significant" (as plateau decay's
+  ``burn_in``).
 * ``start_on: operator``: only ``lrctl decay`` starts it.
 
 The warmup wins over a cooldown that starts inside it (as in transformers). It
@@ -83,6 +87,9 @@ class WSD(ReactivePolicy):
               "falling' test", gt=0, lt=0.5),
         Param("threshold", "float", 1e-3, "start_on plateau: a fall must exceed this fraction "
               "of the level to count", ge=0),
+        Param("burn_in", "int", None, "start_on plateau: observations at the start of the "
+              "stable phase that are not judged (default: half of `window`)", ge=0,
+              optional=True),
         Param("stop_after_decay", "bool", False, "ask the run to stop when the cooldown ends"),
     )
 
@@ -110,6 +117,9 @@ class WSD(ReactivePolicy):
         self._cut_pending = False  # an operator's cooldown, for early stopping to count
         self._trend = TrendWindow(p["window"]) if p["start_on"] == "plateau" else None
         self._test_wait = 0
+        # Observations of the stable phase still to pass unjudged (see the docstring).
+        self._burn_left = 0 if self._trend is None else (
+            p["window"] // 2 if p["burn_in"] is None else p["burn_in"])
         self._scale = self._factor(0)
 
     def multiplier(self) -> float:
@@ -213,6 +223,9 @@ class WSD(ReactivePolicy):
             return []
         if ctx.flags & FLAGS_NOT_COUNTED or not math.isfinite(raw):
             return []
+        if self._burn_left > 0:
+            self._burn_left -= 1
+            return []
         window.push(raw)
         if not window.full:
             return []
@@ -290,7 +303,7 @@ class WSD(ReactivePolicy):
                 "cancelled_at": self._cancelled_at, "told_inactive": self._told_inactive,
                 "cut_pending": self._cut_pending,
                 "trend": None if self._trend is None else self._trend.values(),
-                "test_wait": self._test_wait}
+                "test_wait": self._test_wait, "burn_left": self._burn_left}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self._scale = float(state["scale"])
@@ -313,3 +326,4 @@ class WSD(ReactivePolicy):
         if self._trend is not None:
             self._trend.load([float(v) for v in state.get("trend") or []])
         self._test_wait = int(state.get("test_wait", 0))
+        self._burn_left = int(state.get("burn_left", 0))  # (older states: a run under way)

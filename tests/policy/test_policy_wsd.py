@@ -110,7 +110,7 @@ def test_a_second_decay_restarts_from_the_current_level() -> None:
 def test_cancel_returns_to_the_stable_lr_and_stops_automatic_starts() -> None:
     rng = random.Random(0)
     flat = [1.0 + rng.gauss(0, 0.01) for _ in range(400)]
-    engine = wsd(None, start_on="plateau", decay_steps=50, window=40)
+    engine = wsd(None, start_on="plateau", decay_steps=50, window=40, burn_in=0)
     for t in range(40):
         engine.observe(step=t, loss=flat[t])
     assert engine.decisions[-1].action == "decay_start"  # the flat loss stalled
@@ -265,3 +265,47 @@ def test_a_cooldown_under_way_survives_a_hot_reload() -> None:
     # The cooldown keeps its start, length and shape; the new floor applies from now.
     assert curve(new, 8, start=13) == pytest.approx(
         [LR * (0.5 + 0.5 * (1 - k / 10)) for k in range(5, 10)] + [LR * 0.5] * 3)
+
+
+def _first_fall_then_a_slow_one(n: int, seed: int) -> list[float]:
+    """A run's usual start: a fall from 2.3 to ~0.05 within 30 steps, then a slow fall."""
+    rng = random.Random(seed)
+    return [2.3 * math.exp(-t / 6) + 0.05 - 0.03 * t / n + rng.gauss(0, 0.01)
+            for t in range(n)]
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_a_plateau_start_never_judges_the_first_fast_fall(seed: int) -> None:
+    """The trend test read a window whose older half held the run's first fast fall as
+    noise, and started the cooldown at its first test (step 399 of 3 000, every seed).
+    By default the first half-window of the stable phase is not judged (``burn_in``), so
+    the first test comes at ``burn_in + window``; ``burn_in: 0`` is the old way."""
+    losses = _first_fall_then_a_slow_one(3000, seed)
+    starts = {}
+    for burn_in in (None, 0):
+        knobs = {} if burn_in is None else {"burn_in": burn_in}
+        engine = wsd(3000, start_on="plateau", decay_fraction=0.2, window=400, **knobs)
+        for t, loss in enumerate(losses):
+            engine.observe(step=t, loss=loss)
+        (start,) = [d for d in engine.decisions if d.action == "decay_start"]
+        starts[burn_in] = start.step
+    assert starts[0] == 399
+    assert starts[None] >= 599
+
+
+def test_the_burn_in_survives_a_restore_and_counts_after_the_warmup() -> None:
+    """A flat loss: the first plateau test at warmup + burn_in + window, also when the
+    state is restored half-way through the burn-in."""
+    rng = random.Random(3)
+    flat = [1.0 + rng.gauss(0, 0.01) for _ in range(200)]
+    knobs = {"start_on": "plateau", "decay_steps": 20, "window": 40, "burn_in": 30,
+             "warmup_steps": 10}
+    engine = wsd(None, **knobs)
+    for t in range(25):
+        engine.observe(step=t, loss=flat[t])
+    restored = wsd(None, **knobs)
+    restored.load_state_dict(engine.state_dict())
+    for t in range(25, 200):
+        restored.observe(step=t, loss=flat[t])
+    (start,) = [d for d in restored.decisions if d.action == "decay_start"]
+    assert start.step == 10 + 30 + 40 - 1
