@@ -179,6 +179,9 @@ class Reporting:
             self.should_skip = self.should_skip or bad  # its unscale state is per step
         elif guard.check(loss, grad_norm):
             self.should_skip = True
+            # every=N: a step between reports, too, so that the policies see it (the
+            # divergence guard backs off) and the skip is recorded as a decision.
+            reporting = True
         return loss, grad_norm, reporting
 
     def _batch_due(self, batch: Batching, loss: Any, grad_norm: Any) -> bool:
