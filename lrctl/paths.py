@@ -6,10 +6,10 @@ variable so tests (and users) can inject their own:
 * socket: ``$LRCTL_SOCKET``, else ``$XDG_RUNTIME_DIR/lrctl/lrctl.sock``, else
   ``/tmp/lrctl-<uid>/lrctl.sock``;
 * state: ``$LRCTL_STATE_DIR``, else ``$XDG_STATE_HOME/lrctl``, else
-  ``~/.local/state/lrctl``: the default socket's controller keeps its state there,
-  a controller on any other socket in ``sockets/<name>-<hash>`` inside it (a state
-  directory serves one controller: it restores the runs it finds there; see
-  :func:`state_dir`).
+  ``~/.local/state/lrctl``: it belongs to the socket of the first controller that
+  served from it by default (the default socket's), a controller on any other socket
+  keeps its state in ``sockets/<name>-<hash>`` inside it (a state directory serves one
+  controller: it restores the runs it finds there; see :func:`state_dir`).
 
 A Unix socket is private only if its directory is: the directory must belong to
 us and be writable by nobody else, or another user could swap the socket for
@@ -28,15 +28,22 @@ from collections.abc import Mapping
 from pathlib import Path
 
 __all__ = [
+    "OWNER_FILE",
+    "STATE_LOCK",
     "UNIX_PATH_MAX",
+    "claim_state_dir",
     "default_socket",
     "ensure_private_dir",
     "ensure_state_dir",
+    "lock_fields",
+    "lock_text",
     "own_state_dir",
     "parse_address",
     "runtime_dir",
     "state_dir",
+    "state_dir_socket",
     "state_dirs",
+    "state_owner",
 ]
 
 # sun_path is 108 bytes on Linux, including the terminating NUL.
@@ -63,20 +70,62 @@ SOCKETS_DIR = "sockets"
 def state_dir(env: Mapping[str, str] | None = None, socket: str | None = None) -> Path:
     """The state directory of the controller on ``socket`` (``None``: the default
     socket's). A state directory serves one controller: it restores the runs it finds
-    there, so two sharing one would each end the other's. The default socket's
-    controller uses the shared directory (``$LRCTL_STATE_DIR``, …); a controller on any
-    other socket, or one whose own directory exists already (it once found the shared
-    one taken, see ``lrctl.daemon.process``), uses :func:`own_state_dir`. A TCP address
-    names no Unix socket: the shared directory."""
+    there, so two sharing one would each end the other's, at once or taking turns. The
+    shared directory (``$LRCTL_STATE_DIR``, …) belongs to the socket recorded in it
+    (:data:`OWNER_FILE`, written by the first controller that served from it by
+    default), and until one is, to the default socket; a controller on any other
+    socket, or one that once found the shared directory held (see
+    ``lrctl.daemon.process``), uses :func:`own_state_dir`. A TCP address names no Unix
+    socket: the shared directory."""
     env = os.environ if env is None else env
     base = _state_base(env)
     if socket is None or socket.startswith("tcp://"):
         return base
+    real = os.path.realpath(socket)
+    owner = state_owner(base)
+    if owner is not None:
+        return base if owner == real else own_state_dir(socket, env)
     own = own_state_dir(socket, env)
-    if os.path.isdir(own) or os.path.realpath(socket) != os.path.realpath(
-            default_socket(env)):
+    if os.path.isdir(own) or real != os.path.realpath(default_socket(env)):
         return own
     return base
+
+
+#: In the shared state directory: the real path of the socket whose controller it serves.
+OWNER_FILE = "socket"
+
+
+def state_owner(base: str | os.PathLike[str]) -> str | None:
+    """The socket the shared state directory ``base`` belongs to, or None (not yet
+    claimed, or unreadable: a file that is not ours is not trusted)."""
+    try:
+        fd = os.open(Path(base) / OWNER_FILE, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_uid != os.getuid():
+            return None
+        text = os.read(fd, 4096).decode("utf-8", "surrogateescape").strip()
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+    return text or None
+
+
+def claim_state_dir(base: str | os.PathLike[str], socket: str) -> None:
+    """Record ``socket`` as the owner of the shared state directory ``base`` (atomic,
+    0600): from now on a controller on another socket serves from its own."""
+    final = Path(base) / OWNER_FILE
+    tmp = final.with_name(f".{OWNER_FILE}.{os.getpid()}.tmp")
+    fd = open_private(tmp, os.O_WRONLY | os.O_TRUNC)
+    try:
+        os.write(fd, (os.path.realpath(socket) + "\n").encode("utf-8", "surrogateescape"))
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, final)
 
 
 def own_state_dir(socket: str, env: Mapping[str, str] | None = None) -> Path:
@@ -95,6 +144,39 @@ def _state_base(env: Mapping[str, str] | None) -> Path:
     if env.get("XDG_STATE_HOME"):
         return Path(env["XDG_STATE_HOME"]) / "lrctl"
     return Path.home() / ".local" / "state" / "lrctl"
+
+
+#: In a state directory: the lock its controller holds for its life (see lrctl.daemon.process).
+STATE_LOCK = "controller.lock"
+
+
+def lock_text(pid: int, socket: str | None = None) -> bytes:
+    """A lock file's text: the holder's pid on a line of fixed length (16 bytes, so that a
+    controller that forks into the background rewrites it in place), then its socket."""
+    text = f"{pid}".ljust(15) + "\n" + ("" if socket is None else socket + "\n")
+    return text.encode("utf-8", "surrogateescape")
+
+
+def lock_fields(data: bytes) -> tuple[str, str | None]:
+    """``(pid, socket)`` from :func:`lock_text`'s bytes (an older lock: the pid alone)."""
+    lines = data.decode("utf-8", "surrogateescape").split("\n")
+    socket = lines[1].strip() if len(lines) > 1 else ""
+    return lines[0].strip(), socket or None
+
+
+def state_dir_socket(state: str | os.PathLike[str]) -> str | None:
+    """The socket of the controller that serves (or last served) from ``state``, from
+    its lock file; None if it does not say."""
+    try:
+        fd = os.open(Path(state) / STATE_LOCK, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        return lock_fields(os.read(fd, 4096))[1]
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
 
 
 def state_dirs(env: Mapping[str, str] | None = None) -> list[Path]:

@@ -297,13 +297,16 @@ def _all_runs(args: argparse.Namespace) -> int:
     from ..wire.operator import ControllerError, request
     from .history import journal_runs
 
+    def live_runs(socket: str | None) -> dict[str, dict[str, Any]]:
+        try:
+            return {r["run"]: r for r in request({"t": "runs"}, socket, timeout=2.0)["runs"]}
+        except (OSError, ControllerError, KeyError, TypeError):
+            return {}  # no controller there: the journals alone
+
     reported = None  # the state directory of the controller on the socket
-    try:
-        live = {r["run"]: r for r in request({"t": "runs"}, args.socket, timeout=2.0)["runs"]}
-        if args.state_dir is None:
+    if args.state_dir is None:
+        with contextlib.suppress(OSError, ControllerError):
             reported = request({"t": "status"}, args.socket, timeout=2.0).get("state_dir")
-    except (OSError, ControllerError):
-        live = {}  # no controller: the journals alone
     if args.state_dir:
         roots = [Path(args.state_dir)]
     elif args.socket:
@@ -312,8 +315,14 @@ def _all_runs(args: argparse.Namespace) -> int:
         roots = paths.state_dirs()
         if reported and Path(reported) not in roots:
             roots.insert(0, Path(reported))
-    runs = sorted((r for root in roots for r in journal_runs(root, live)),
-                  key=lambda r: r["modified"])
+    runs = []
+    for root in roots:
+        # Live means served by the controller of this directory (its lock names its
+        # socket): a run key in two directories is live in one at most.
+        served_here = str(root) == reported
+        socket = args.socket if served_here else paths.state_dir_socket(root)
+        runs += journal_runs(root, live_runs(socket) if served_here or socket else {})
+    runs.sort(key=lambda r: r["modified"])
     if args.json:
         print(json.dumps(runs))
         return 0

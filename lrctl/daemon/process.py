@@ -80,6 +80,11 @@ class Listening:
         self.path = path
         self.took_over = False  # a stale socket of a dead controller was replaced
 
+    def release_state_lock(self) -> None:
+        if self.state_lock_fd >= 0:
+            os.close(self.state_lock_fd)
+            self.state_lock_fd = -1
+
     def close(self) -> None:
         for sock in (self.unix, self.tcp):
             if sock is not None:
@@ -87,8 +92,7 @@ class Listening:
         with contextlib.suppress(OSError):
             os.unlink(self.path)
         os.close(self.lock_fd)
-        if self.state_lock_fd >= 0:
-            os.close(self.state_lock_fd)
+        self.release_state_lock()
 
 
 #: flock errors of a filesystem that has no locks (NFS mounted nolock, Lustre without
@@ -96,15 +100,15 @@ class Listening:
 _NO_LOCKS = {errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP}
 
 
-def _take_lock(path: str | Path) -> int | str | None:
+def _take_lock(path: str | Path, socket_path: str | None = None) -> int | str | None:
     """An exclusive ``flock`` on ``path`` (created 0600, never through a symlink), our pid
-    written in it: its descriptor, the pid of the process that holds it, or ``None``
-    where the filesystem has no locks."""
+    (and ``socket_path``) written in it (see ``paths.read_lock``): its descriptor, the
+    pid of the process that holds it, or ``None`` where the filesystem has no locks."""
     fd = paths.open_private(path, os.O_RDWR)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
-        holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "?"
+        holder = paths.lock_fields(os.pread(fd, 4096, 0))[0] or "?"
         os.close(fd)
         return holder
     except OSError as exc:
@@ -117,7 +121,7 @@ def _take_lock(path: str | Path) -> int | str | None:
         raise
     try:
         os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        os.pwrite(fd, paths.lock_text(os.getpid(), socket_path), 0)
     except BaseException:
         os.close(fd)
         raise
@@ -127,7 +131,7 @@ def _take_lock(path: str | Path) -> int | str | None:
 def lock_state_dir(listening: Listening, state: Path) -> None:
     """Take ``state``'s ``controller.lock`` for ``listening``'s life, or raise
     :class:`AlreadyServing` naming the controller that uses the directory."""
-    taken = _take_lock(state / "controller.lock")
+    taken = _take_lock(state / paths.STATE_LOCK, listening.path)
     if isinstance(taken, str):
         raise AlreadyServing(f"another controller (pid {taken}) already uses the state "
                              f"directory {state}; give this one its own --state-dir (or "
@@ -144,25 +148,37 @@ def _lock_state(listening: Listening, options: ServeOptions, state: Path) -> Pat
     """The state directory this controller serves from, locked: ``state``, or, when
     another controller holds it and it was not given (``--state-dir``),
     ``options.state_fallback`` (this socket's own; see ``lrctl.paths.state_dir``)."""
+    fallback = options.state_fallback
     try:
         lock_state_dir(listening, state)
-        return state
     except AlreadyServing as exc:
-        if options.state_fallback is None:
+        if fallback is None:
             raise
-        own = paths.ensure_state_dir(options.state_fallback)
-        lock_state_dir(listening, own)
-        listening.notes.append(f"{exc.args[0].split(';')[0]}: this controller keeps its "
-                               f"state in {own} instead (its socket's own, from now on)")
-        return own
+        why = exc.args[0].split(";")[0]
+    else:
+        if fallback is None or Path(fallback) == state:
+            return state
+        # The shared directory, by default: it becomes this socket's, unless another
+        # socket claimed it since this controller looked (then it is that one's).
+        owner = paths.state_owner(state)
+        if owner is None:
+            paths.claim_state_dir(state, options.socket_path)
+            return state
+        if owner == os.path.realpath(options.socket_path):
+            return state
+        listening.release_state_lock()
+        why = f"the state directory {state} belongs to the controller on {owner}"
+    own = paths.ensure_state_dir(fallback)
+    lock_state_dir(listening, own)
+    listening.notes.append(f"{why}: this controller keeps its state in {own} instead (its "
+                           "socket's own, from now on)")
+    return own
 
 
 def relock_state_dir(listening: Listening, state: Path) -> None:
     """The state directory was deleted and made again (see ``StateDirWatch``): its lock
     went with it, so take the new one's."""
-    old, listening.state_lock_fd = listening.state_lock_fd, -1
-    if old >= 0:
-        os.close(old)
+    listening.release_state_lock()
     try:
         lock_state_dir(listening, state)
     except (AlreadyServing, OSError) as exc:
@@ -322,7 +338,7 @@ def _detach(options: ServeOptions, state: Path, listening: Listening) -> None:
     os.setsid()
     for fd in (listening.lock_fd, listening.state_lock_fd):
         if fd >= 0:  # (none where the state directory's filesystem has no locks)
-            os.pwrite(fd, f"{os.getpid()}\n".ljust(16).encode(), 0)
+            os.pwrite(fd, paths.lock_text(os.getpid()), 0)  # the pid's line: same length
     devnull = os.open(os.devnull, os.O_RDWR)
     out = paths.open_private(state / "controller.out", os.O_WRONLY | os.O_APPEND)
     os.dup2(devnull, 0)

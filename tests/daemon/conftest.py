@@ -78,3 +78,14 @@ def reap_spawned() -> Iterator[None]:
                 proc.kill()
             proc.wait(10)
         del _spawn.spawned[before:]
+
+
+@pytest.fixture
+def private_cwd() -> Iterator[None]:
+    """The test may chdir (a spawned controller's MLflow store goes to the hook's working
+    directory); the previous one comes back."""
+    before = os.getcwd()
+    try:
+        yield
+    finally:
+        os.chdir(before)

@@ -56,7 +56,8 @@ def test_a_second_serve_on_the_same_state_dir_refuses_clearly(
 
 
 def test_attach_on_another_socket_beside_the_default_controller_gets_its_own(
-        controller: ControllerProc, short_dir, reap_spawned: None) -> None:  # type: ignore[no-untyped-def]
+        controller: ControllerProc, short_dir, reap_spawned: None,  # type: ignore[no-untyped-def]
+        private_cwd: None) -> None:
     """attach(socket=...) with no controller there starts one beside the default one, with
     a state directory of its own inside the default's: both serve, neither restores (nor
     ends) the other's runs."""
@@ -84,6 +85,7 @@ def test_a_second_default_socket_serves_from_its_own_state_dir(
     """Another environment's default socket (a job with its own LRCTL_SOCKET, a session
     without XDG_RUNTIME_DIR), the same state directory, held by a live controller: the new
     controller serves from its socket's own directory rather than refusing, and keeps it."""
+    monkeypatch.chdir(short_dir)  # the MLflow store of the run goes there
     other = str(short_dir / "run" / "job.sock")
     monkeypatch.setenv("LRCTL_SOCKET", other)
     assert paths.state_dir(socket=other) == paths.state_dir()  # by the rule: the shared one
@@ -273,3 +275,67 @@ def test_a_shared_state_dir_others_may_write_to_is_refused_for_every_socket(
         assert not (state / "sockets").exists()
     finally:
         ctl.close()
+
+
+def _serve_until_answering(env: dict[str, str], socket: str) -> subprocess.Popen[bytes]:
+    proc = subprocess.Popen([sys.executable, "-m", "lrctl", "serve", "--foreground",
+                             "--no-audit"], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            client.request({"t": "status"}, socket, timeout=1.0)
+            return proc
+        except OSError:
+            assert proc.poll() is None and time.monotonic() < deadline
+            time.sleep(0.05)
+
+
+def test_environments_taking_turns_never_share_the_state_dir(short_dir) -> None:  # type: ignore[no-untyped-def]
+    """One environment's default controller claims the shared state directory (its socket
+    recorded there); another environment's, with its own LRCTL_SOCKET, serves from its own
+    even when the first is not running: it never restores (and ends) the first one's runs."""
+    import signal
+
+    first = os.environ["LRCTL_SOCKET"]
+    base = paths.state_dir()
+    proc = _serve_until_answering(dict(os.environ), first)
+    try:
+        assert client.request({"t": "status"}, first)["state_dir"] == str(base)
+        assert paths.state_owner(base) == os.path.realpath(first)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(60)
+    second = str(short_dir / "run" / "b.sock")
+    env = {**os.environ, "LRCTL_SOCKET": second}
+    assert paths.state_dir(env, socket=second) == paths.own_state_dir(second, env)
+    proc = _serve_until_answering(env, second)
+    try:
+        assert client.request({"t": "status"}, second)["state_dir"] == str(
+            paths.own_state_dir(second, env))
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(60)
+    assert paths.state_dir(socket=first) == base  # the first one's, still
+
+
+def test_runs_all_shows_a_run_live_on_another_sockets_controller(
+        controller: ControllerProc, short_dir, reap_spawned: None,  # type: ignore[no-untyped-def]
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """`lrctl runs --all` with no flags: a run served by the controller of another socket
+    is live (that controller's lock names its socket), not "detached"."""
+    import json
+
+    from lrctl.cli import main
+
+    monkeypatch.chdir(short_dir)  # the MLflow store of the run goes there
+    other = str(short_dir / "run" / "far.sock")
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.ones(1))], lr=0.1)
+    with lrctl.attach(opt, sync=True, socket=other, run_name="far") as ctl:
+        for _ in range(3):
+            ctl.step(1.0, grad_norm=1.0)
+        assert ctl.connected
+        assert paths.state_dir_socket(paths.own_state_dir(other)) == other
+        assert main(["runs", "--all", "--json"]) == 0
+        (far,) = [r for r in json.loads(capsys.readouterr().out) if r["run_name"] == "far"]
+        assert far["state"] == "live" and far["state_dir"] == str(paths.own_state_dir(other))
