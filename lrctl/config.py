@@ -41,7 +41,7 @@ from ._yaml_read import (
 )
 from .policy import Engine, ParamError, Policy, get_policy_class
 from .policy._engine import unique_names
-from .policy._params import Param, bind_params
+from .policy._params import Param, bind_params, did_you_mean
 
 __all__ = ["ConfigError", "PolicyEntry", "PolicyFile", "load_policy", "parse_deadline",
            "parse_policy"]
@@ -192,6 +192,11 @@ def _validate(doc: dict[str, Any], reader: YamlReader, text: str, source: str) -
     if "version" not in doc:
         raise ConfigError(source, 1, "version", f"required (supported: {SUPPORTED_VERSIONS})")
     if "policies" not in doc:
+        for key in doc:  # a misspelt "policies:" is said where it is
+            hint = did_you_mean(str(key), ["policies"])
+            if hint:
+                raise ConfigError(source, top_lines.get(key), str(key),
+                                  f"unknown key for the policy file{hint}")
         raise ConfigError(source, 1, "policies", "required: a list of policies")
     settings = {k: v for k, v in doc.items() if k != "policies"}
     try:

@@ -106,8 +106,8 @@ def find_run(query: str, state_dir: str | None = None) -> Any:
         latest = sorted(found, key=lambda rk: _modified(RunPaths.of(*rk).meta))[-5:]
         known = ", ".join(k for _, k in latest) if latest else "none"
         raise RunNotFound(f"no run matches {query!r} in {where} (latest runs: {known})")
-    if len(roots) == 1:
-        raise RunNotFound(f"{query!r} is ambiguous in {where}: "
+    if len({root for root, _ in matches}) == 1:
+        raise RunNotFound(f"{query!r} is ambiguous in {matches[0][0]}: "
                           f"{', '.join(k for _, k in matches[:10])}")
     listed = ", ".join(f"{k} in {root}" for root, k in matches[:10])
     raise RunNotFound(f"{query!r} is ambiguous: {listed} (--state-dir picks one)")

@@ -308,6 +308,10 @@ def _all_runs(args: argparse.Namespace) -> int:
         with contextlib.suppress(OSError, ControllerError):
             reported = request({"t": "status"}, args.socket, timeout=2.0).get("state_dir")
     if args.state_dir:
+        if not os.path.isdir(args.state_dir):
+            print(f"lrctl runs: --state-dir {args.state_dir}: no such directory",
+                  file=sys.stderr)
+            return 2
         roots = [Path(args.state_dir)]
     elif args.socket:
         roots = [Path(reported) if reported else paths.state_dir(socket=args.socket)]

@@ -50,6 +50,8 @@ BAD_FILES: list[tuple[str, str, int, str, str]] = [
      "did you mean 'patience'?"),
     ("misspelt kind", "version: 1\npolicies:\n  - kind: divergance\n", 3, "kind",
      "did you mean 'divergence'?"),
+    ("misspelt policies", "version: 1\npolices:\n  - kind: plateau\n", 2, "polices",
+     "did you mean 'policies'?"),
     ("unknown top-level key", "version: 1\nmin_lrr: 0.1\npolicies:\n  - kind: plateau\n", 2,
      "min_lrr", "unknown key"),
     ("string for a float", HEAD + "    factor: \"abc\"\n", 4, "factor", "expected a number"),

@@ -50,7 +50,8 @@ def test_decisions_json_is_the_journal_record_for_record(
 def test_a_run_that_is_not_one_run_is_a_clear_error(state: Path, query: str, message: str,
                                                     capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["decisions", query]) == 2
-    assert message in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert message in err and "--state-dir" not in err  # (one directory: nothing to pick)
 
 
 def test_report_draws_the_timeline(state: Path, tmp_path: Path) -> None:
@@ -113,6 +114,9 @@ def test_runs_of_a_controller_on_another_socket_are_found_by_default(
     err = capsys.readouterr().err
     assert f"run-aa1 in {state}" in err and f"run-aa1 in {own}" in err and "--state-dir" in err
     assert main(["decisions", "run-aa1", "--state-dir", str(state)]) == 0
+    capsys.readouterr()
+    assert main(["runs", "--all", "--state-dir", str(tmp_path / "nope")]) == 2
+    assert "no such directory" in capsys.readouterr().err
 
 
 def test_state_dirs_follow_the_socket(tmp_path: Path) -> None:
