@@ -32,6 +32,8 @@ def private_env(short_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """No test may touch the real user's socket or state directory."""
     monkeypatch.setenv("LRCTL_SOCKET", str(short_dir / "run" / "c.sock"))
     monkeypatch.setenv("LRCTL_STATE_DIR", str(short_dir / "state"))
+    # Nor the working directory's MLflow store, which two workers would create at once.
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{short_dir}/mlflow.db")
     monkeypatch.delenv("LRCTL_TOKEN", raising=False)
     monkeypatch.delenv("LRCTL_TOKEN_FILE", raising=False)
 

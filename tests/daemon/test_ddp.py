@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -11,19 +10,19 @@ from pathlib import Path
 from daemon_helpers import REPO, ControllerProc
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+def _torchrun(worker: str, out_dir: Path) -> subprocess.CompletedProcess[str]:
+    """Two ranks on this machine. ``--standalone``: the rendezvous binds port 0 itself (a
+    port picked free beforehand could be taken by another test's peer before torchrun
+    bound it, and a rank that then met a stranger aborted inside gloo)."""
+    return subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+         str(Path(__file__).with_name(worker)), str(out_dir)],
+        capture_output=True, text=True, timeout=240, cwd=REPO)
 
 
 def test_lrs_are_identical_on_both_ranks_every_step(controller: ControllerProc,
                                                     short_dir: Path) -> None:
-    out = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-         "--nnodes=1", "--master_addr=127.0.0.1", f"--master_port={_free_port()}",
-         str(Path(__file__).with_name("ddp_worker.py")), str(short_dir)],
-        capture_output=True, text=True, timeout=240, cwd=REPO)
+    out = _torchrun("ddp_worker.py", short_dir)
     assert out.returncode == 0, out.stderr[-3000:]
     ranks = [json.loads((short_dir / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert ranks[0]["connected"] is True and ranks[1]["connected"] is False  # rank 0 only
@@ -33,11 +32,7 @@ def test_lrs_are_identical_on_both_ranks_every_step(controller: ControllerProc,
 
 def test_a_rollback_restores_the_same_snapshot_on_every_rank(controller: ControllerProc,
                                                              short_dir: Path) -> None:
-    out = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-         "--nnodes=1", "--master_addr=127.0.0.1", f"--master_port={_free_port()}",
-         str(Path(__file__).with_name("ddp_rollback_worker.py")), str(short_dir)],
-        capture_output=True, text=True, timeout=240, cwd=REPO)
+    out = _torchrun("ddp_rollback_worker.py", short_dir)
     assert out.returncode == 0, out.stderr[-3000:]
     ranks = [json.loads((short_dir / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert ranks[0]["rolled"], "no rollback happened"

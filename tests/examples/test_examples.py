@@ -12,7 +12,6 @@ import importlib
 import json
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -147,15 +146,10 @@ def test_train_lightning(controller: LiveController, tmp_path: Path) -> None:
     assert re.search(r"step \d+: rangetest range_test_done: ", out), out
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def test_train_ddp_ranks_use_identical_lrs(controller: LiveController, tmp_path: Path) -> None:
-    out = run(controller, ["-m", "torch.distributed.run", "--nproc_per_node=2", "--nnodes=1",
-                           "--master_addr=127.0.0.1", f"--master_port={free_port()}",
+    # --standalone: the rendezvous binds port 0 itself (no free port picked beforehand
+    # that another test could take first).
+    out = run(controller, ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                            str(EXAMPLES / "train_ddp.py"), "--steps", "120", *RANGETEST], tmp_path)
     # The ranks share one stdout pipe: their lines may run into each other.
     prints = dict(re.findall(r"rank (\d): \d+ steps, final lr \S+, LR sequence sha256 "
