@@ -102,7 +102,7 @@ _NO_LOCKS = {errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP}
 
 def _take_lock(path: str | Path, socket_path: str | None = None) -> int | str | None:
     """An exclusive ``flock`` on ``path`` (created 0600, never through a symlink), our pid
-    (and ``socket_path``) written in it (see ``paths.read_lock``): its descriptor, the
+    (and ``socket_path``) written in it (see ``paths.lock_text``): its descriptor, the
     pid of the process that holds it, or ``None`` where the filesystem has no locks."""
     fd = paths.open_private(path, os.O_RDWR)
     try:
