@@ -53,6 +53,9 @@ class LinkSide:
             "lrs": list(self._initial), "groups": len(self._initial),
             "world_size": self._dist.world_size, "mlflow": mlflow_info(), "cwd": os.getcwd(),
             "watch": self._watch, "sync": self.sync, "lrctl": __version__,
+            # It never waits for an answer in the step: the controller may read it on a
+            # timer, so that its sends do not wake the controller (see daemon/pacing.py).
+            "pace": not self.sync,
         }
         if self.total_steps is not None:
             hello["total_steps"] = self.total_steps

@@ -29,9 +29,10 @@ class ServeProcess:
 
     ``batch``: run the controller under ``SCHED_BATCH`` (no wake-up preemption of
     the training process on a busy machine), to measure what that policy buys.
+    ``pacing=False``: ``--no-pacing`` (every observation wakes the controller).
     """
 
-    def __init__(self, *, audit: bool = False, batch: bool = False,
+    def __init__(self, *, audit: bool = False, batch: bool = False, pacing: bool = True,
                  env: dict[str, str] | None = None, root: str | None = None) -> None:
         self.root = Path(root or tempfile.mkdtemp(prefix="lrctl-bench-"))
         self._own_root = root is None
@@ -39,12 +40,14 @@ class ServeProcess:
         self.state_dir = str(self.root / "state")
         self.audit = audit
         self.batch = batch
+        self.pacing = pacing
         self.env = env
         self.proc: subprocess.Popen[bytes] | None = None
 
     def __enter__(self) -> ServeProcess:
         cmd = [sys.executable, "-m", "lrctl", "serve", "--foreground", "--socket", self.socket,
-               "--state-dir", self.state_dir, *(() if self.audit else ("--no-audit",))]
+               "--state-dir", self.state_dir, *(() if self.audit else ("--no-audit",)),
+               *(() if self.pacing else ("--no-pacing",))]
         with open(self.root / "serve.out", "ab") as out:
             self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out,
                                          stderr=subprocess.STDOUT, env=self.env)

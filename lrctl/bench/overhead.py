@@ -9,7 +9,8 @@ torch thread), every arm interleaved with the others (see :mod:`._timing`):
   (the documented fast path: no second norm) over the same loop without the
   hook; also the sync hook, torch's cosine scheduler and lrctl's in-process
   engine for orientation, and the async hook against a controller running under
-  ``SCHED_BATCH``.
+  ``SCHED_BATCH`` and one started with ``--no-pacing`` (each observation wakes it:
+  what paced reading saves, side by side).
 * **per-call cost**, each call timed in place inside a digits loop, with the
   statistics already floats (the grad norm excluded): the policy engine's
   ``observe`` (shipped ``default.yaml`` and ``divergence.yaml``, the LR written
@@ -50,6 +51,8 @@ CLIPPED = "bare + clip_grad_norm_"
 NORM_GIVEN = "lrctl async, grad_norm=clip_grad_norm_(...)"
 AUTO = 'lrctl async, every="auto"'
 HOOK_AUTO = 'lrctl hook every="auto"'
+UNPACED = "lrctl async, controller --no-pacing"  # every observation wakes the controller
+HOOK_UNPACED = "lrctl hook every=1, controller --no-pacing"
 AUTO_NORM_GIVEN = 'lrctl async, every="auto", grad_norm=clip_grad_norm_(...)'
 
 
@@ -119,6 +122,7 @@ def _step_arms(task: str, cfg: OverheadConfig, sockets: dict[str, str],
             ("lrctl async", sockets["normal"], False, 1),
             (AUTO, sockets["normal"], False, "auto"),
             ("lrctl async, controller SCHED_BATCH", sockets["batch"], False, 1),
+            (UNPACED, sockets["unpaced"], False, 1),
             ("lrctl sync", sockets["normal"], True, 1)):
         tr = Trainer(task)
         ctl = lrctl.attach(tr.opt, policy=cfg.policy, socket=sock, spawn=False, sync=sync,
@@ -199,6 +203,7 @@ def _hook_arms(cfg: OverheadConfig, sockets: dict[str, str],
         (f"lrctl hook every={n}", sockets["normal"], n) for n in cfg.every]
     variants.append((HOOK_AUTO, sockets["normal"], "auto"))
     variants.append(("lrctl hook every=1, controller SCHED_BATCH", sockets["batch"], 1))
+    variants.append((HOOK_UNPACED, sockets["unpaced"], 1))
     for name, socket, every in variants:
         tr = Trainer("digits")
         ctl = lrctl.attach(tr.opt, policy=cfg.policy, socket=socket, spawn=False, every=every,
@@ -298,8 +303,9 @@ def run_overhead(cfg: OverheadConfig, progress: Progress | None = None) -> dict[
                                          "every": list(cfg.every)},
                               "step": {}, "hook": {}}
     stack: list[Any] = []
-    with ServeProcess() as normal, ServeProcess(batch=True) as batch:
-        sockets = {"normal": normal.socket, "batch": batch.socket}
+    with ServeProcess() as normal, ServeProcess(batch=True) as batch, \
+            ServeProcess(pacing=False) as unpaced:
+        sockets = {"normal": normal.socket, "batch": batch.socket, "unpaced": unpaced.socket}
         try:
             for task in cfg.tasks:
                 data = interleave(_step_arms(task, cfg, sockets, stack), cfg.rounds, progress,
@@ -367,6 +373,9 @@ def _hook_rows(data: dict[str, list[float]], every: tuple[int, ...]) -> list[dic
     r = summary(ratios(batch, cos))
     rows.append(Row("lrctl hook every=1, controller SCHED_BATCH", summary(batch), "µs", r,
                     "cosine", f"≤ {TARGET_HOOK:g}×", r["median"] <= TARGET_HOOK))
+    unpaced = data[HOOK_UNPACED]  # what paced reading saves: the same hook, woken per send
+    rows.append(Row(HOOK_UNPACED, summary(unpaced), "µs", summary(ratios(unpaced, one)),
+                    "every=1"))
     return [row.to_dict() for row in rows]
 
 

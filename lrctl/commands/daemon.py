@@ -58,6 +58,10 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                    help="batch: run under SCHED_BATCH, so an observation arriving never "
                         "preempts the training process (for async hooks on a machine whose "
                         "cores are all busy; sync hooks may wait longer for their answer)")
+    p.add_argument("--no-pacing", action="store_true",
+                   help="read every hook's observations as they come, so each wakes the "
+                        "controller (by default a fast async hook is read on a timer, and "
+                        "its sends wake nobody: see 'Paced reading' in the README)")
     p.add_argument("--shutdown-grace", type=_positive_seconds, metavar="SECONDS",
                    help="after SIGTERM/SIGINT, exit with status 75 if the shutdown has not "
                         "finished this long (default 5); a second signal exits at once")
@@ -115,6 +119,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         if not args.state_dir:  # taken by another controller: this socket's own instead
             options.state_fallback = str(paths.own_state_dir(socket_path))
         options.sched = args.sched
+        options.pacing = not args.no_pacing
         if args.stall_timeout is not None:
             options.stall_timeout = args.stall_timeout
         if args.shutdown_grace is not None:
@@ -222,7 +227,8 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(json.dumps(reply))
     else:
         print(f"controller pid {reply['pid']} (lrctl {reply['version']}) on {reply['socket']}: "
-              f"{reply['runs']} run(s), {reply['connected']} connected, up "
+              f"{reply['runs']} run(s), {reply['connected']} connected "
+              f"({reply.get('paced', 0)} read on a timer), up "
               f"{reply['uptime_s']:.0f} s; state in {reply['state_dir']}; watching "
               f"{len(reply.get('watching', []))} policy file(s)")
         print(f"  memory: controller {_mib(reply.get('rss_kib'))} (mlflow "

@@ -163,6 +163,7 @@ class Handshakes:
                 log.info("run %s reconnected; dropping its old connection", key)
                 srv.transport.close_conn(old, save=False)
         conn.run = key
+        conn.paceable = hello.pace
         srv.conns[key] = conn
         srv.transport.send(conn, {"t": "welcome", "version": __version__, "run": key,
                                   "last_step": session.last_step,

@@ -38,6 +38,7 @@ class Hello:
     cwd: str | None
     watch: bool  # attach(watch=...): follow edits of the policy file
     sync: bool  # the hook waits for each answer
+    pace: bool = False  # an async hook: it may be read on a timer (see pacing.py)
     session: dict[str, Any] | None = None  # the run's state from the user's checkpoint
     start_step: int = 0  # the step number of the loop's first step
     resume_token: str | None = None  # from the run's welcome: may take a connected run over
@@ -79,7 +80,7 @@ def parse_hello(msg: Mapping[str, Any]) -> Hello:
         cwd=get_str(msg, "cwd", max_len=4096, optional=True), watch=watch, sync=sync,
         session=session, start_step=get_int(msg, "start_step", lo=0, optional=True) or 0,
         resume_token=get_str(msg, "resume_token", max_len=64, optional=True),
-        snapshots=_snapshots(msg.get("snapshots")))
+        snapshots=_snapshots(msg.get("snapshots")), pace=_bool(msg, "pace", False) and not sync)
 
 
 def _snapshots(value: Any) -> tuple[int, int] | None:

@@ -102,6 +102,7 @@ def _status(server: Server) -> dict[str, Any]:
                       "refused writes")
     return {"t": "status", "pid": os.getpid(), "version": __version__,
             "runs": len(server.sessions), "connected": len(server.conns),
+            "paced": len(server.transport.pacing or ()),
             "uptime_s": round(time.monotonic() - server.started, 3),
             "socket": server.transport.socket_path, "state_dir": server.state_dir,
             "watching": server.live.watching(), "errors": errors[:50],

@@ -61,6 +61,9 @@ class ServeOptions:
     # "batch": the controller runs under SCHED_BATCH, so waking it never preempts the
     # training process (async hooks on a busy machine); "normal": the OS default.
     sched: str = "normal"
+    # Read fast async hooks on a timer, so that their sends wake nobody (see pacing.py);
+    # False: every observation wakes the controller (--no-pacing).
+    pacing: bool = True
     # Where to serve from when another controller holds state_dir (None: refuse, exit 3):
     # this socket's own directory, for a state_dir chosen by default, not given.
     state_fallback: str | None = None
@@ -280,7 +283,8 @@ def serve(options: ServeOptions, sink_factory: Callable[[str], Sink] = build_sin
     server = Server(listeners, store, sink, token=options.token,
                     socket_path=options.socket_path, state_dir=str(state),
                     watch=options.watch, policies_dir=options.policies_dir,
-                    session_timeout=options.session_timeout, idle_exit=options.idle_exit)
+                    session_timeout=options.session_timeout, idle_exit=options.idle_exit,
+                    pacing=options.pacing)
     server.state_watch.relock = lambda: relock_state_dir(listening, state)
     monitor = LoopMonitor(lambda: server.last_wake, stall_s=options.stall_timeout,
                           grace_s=options.shutdown_grace)

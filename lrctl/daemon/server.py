@@ -70,7 +70,8 @@ class Server:
                  state_dir: str = "", watch: bool = True, policies_dir: str | None = None,
                  session_timeout: float | None = DEFAULT_SESSION_TIMEOUT,
                  debounce_s: float = DEFAULT_DEBOUNCE_S,
-                 idle_exit: float | None = None, limits: Limits | None = None) -> None:
+                 idle_exit: float | None = None, limits: Limits | None = None,
+                 pacing: bool = True) -> None:
         self.limits = limits or Limits()
         self.store = store
         self.state_dir = state_dir
@@ -86,7 +87,7 @@ class Server:
         # The loop's clock, read once per wake-up.
         self._now = self.started
         self.transport = Transport(listeners, self, limits=self.limits, token=token,
-                                   socket_path=socket_path)
+                                   socket_path=socket_path, pacing=pacing)
         self.sink = GuardedSink(sink, on_record=self.transport.hold)
         self.checkpoints = Checkpoints(store, self.sessions, self.limits,
                                        self.transport.wake)

@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import hmac
 import logging
+import math
 import selectors
 import socket
 import time
@@ -39,6 +40,7 @@ from ..wire.frames import MAX_FRAME, MAX_HELLO
 from .admission import Admission, bind_unix
 from .conn import Conn, Handler, Refused, Unavailable
 from .limits import Limits
+from .pacing import Pacing
 from .ratelog import RateLog
 from .writing import Writing
 
@@ -46,13 +48,16 @@ __all__ = ["Conn", "Handler", "Refused", "Transport", "Unavailable", "bind_unix"
 
 log = logging.getLogger("lrctl.daemon")
 
+EPOLL_TICK_S = 1e-3  # epoll's timeout counts whole milliseconds (rounded up)
+
 
 class Transport(Writing):
     """Every socket of one controller; ``listeners`` are bound, listening sockets, each with
     whether its peers are trusted (Unix) or must show ``token`` first (TCP)."""
 
     def __init__(self, listeners: list[tuple[socket.socket, bool]], handler: Handler, *,
-                 limits: Limits, token: str | None = None, socket_path: str = "") -> None:
+                 limits: Limits, token: str | None = None, socket_path: str = "",
+                 pacing: bool = True) -> None:
         self.sel = selectors.DefaultSelector()
         self.handler = handler
         self.limits = limits
@@ -72,11 +77,23 @@ class Transport(Writing):
         self._wake_w.setblocking(False)
         self.sel.register(self._wake_r, selectors.EVENT_READ, ("wake", None))
         self.admission = Admission(self, listeners, limits, socket_path)
+        self.pacing = Pacing(limits.pace_interval_s, limits.pace_after) if pacing else None
 
     # -- the loop ----------------------------------------------------------------------
     def select(self, timeout: float) -> list[tuple[selectors.SelectorKey, int]]:
         # Messages left over from the last wake-up (see _dispatch): no sleeping on them.
-        return self.sel.select(timeout=0 if self._backlogged else timeout)
+        if self._backlogged:
+            return self.sel.select(timeout=0)
+        if self.pacing is not None and self.pacing.next_due < math.inf:
+            wait = self.pacing.next_due - time.monotonic()
+            if wait < timeout:
+                if wait > EPOLL_TICK_S:  # rounded up to whole ms: never past the look
+                    return self.sel.select(timeout=wait - EPOLL_TICK_S)
+                ready = self.sel.select(timeout=0)
+                if not ready and wait > 0:
+                    time.sleep(wait)
+                return ready
+        return self.sel.select(timeout=timeout)
 
     def serve(self, ready: list[tuple[selectors.SelectorKey, int]]) -> None:
         """Accept, read and write what :meth:`select` found ready; then the next share of
@@ -99,6 +116,42 @@ class Transport(Writing):
         for conn in carried:
             if conn in self._backlogged:
                 self._serve_backlog(conn)
+        if self.pacing is not None and self.pacing.next_due < math.inf:
+            self._serve_paced()
+
+    # -- paced reading (see pacing.py) -------------------------------------------------
+    def _serve_paced(self) -> None:
+        assert self.pacing is not None
+        read, idle = self.pacing.due(time.monotonic())
+        for conn in read:
+            if conn.paced and conn.sock.fileno() >= 0:
+                self._read(conn)
+        for conn in idle:
+            if conn.paced:
+                self._unpace(conn)
+        self.pacing.reschedule()
+
+    def _heard(self, conn: Conn, count: int) -> None:
+        """``conn`` (an async hook's) sent ``count`` messages: pace it, or no longer."""
+        assert self.pacing is not None
+        now = time.monotonic()
+        if self.pacing.heard(conn, now, count):
+            if not conn.paced and not (conn.out or conn.closing or conn.parked or conn.dead
+                                       or conn.failed or conn.pending):
+                self.sel.unregister(conn.sock)
+                self.pacing.pace(conn, now)
+        elif conn.paced:
+            self._unpace(conn)
+
+    def _unpace(self, conn: Conn) -> None:
+        """Back to the selector: read as its frames come."""
+        if not conn.paced:
+            return
+        assert self.pacing is not None
+        self.pacing.unpace(conn)
+        if conn.sock.fileno() >= 0:
+            self.sel.register(conn.sock, selectors.EVENT_READ | (
+                selectors.EVENT_WRITE if conn.out else 0), ("conn", conn))
 
     def _serve_backlog(self, conn: Conn) -> None:
         del self._backlogged[conn]
@@ -203,6 +256,8 @@ class Transport(Writing):
             self.admission.note_partial(conn)
             if messages:
                 conn.heard = time.monotonic()
+        if conn.paceable and self.pacing is not None:
+            self._heard(conn, len(messages))
         self._dispatch(conn, messages)
         if conn.dead:
             self._hung_up(conn)

@@ -20,7 +20,10 @@ from .conn import Conn, Handler
 from .limits import Limits
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from .admission import Admission
+    from .pacing import Pacing
 
 __all__ = ["Writing"]
 
@@ -36,6 +39,8 @@ class Writing:
     admission: Admission
     _conns: dict[Conn, None]
     _backlogged: dict[Conn, None]
+    pacing: Pacing | None
+    _unpace: Callable[[Conn], None]
 
     def send(self, conn: Conn, msg: Mapping[str, Any], limit: int = MAX_FRAME) -> None:
         if conn.dead:
@@ -86,6 +91,8 @@ class Writing:
     def _want_write(self, conn: Conn) -> None:
         if conn.parked or conn.sock.fileno() < 0:
             return
+        if conn.paced:  # a reply it cannot take now: wait for it in the selector
+            self._unpace(conn)
         events = selectors.EVENT_WRITE if conn.closing else (
             selectors.EVENT_READ | selectors.EVENT_WRITE)
         self.sel.modify(conn.sock, events, ("conn", conn))
@@ -128,6 +135,7 @@ class Writing:
     def _close_after(self, conn: Conn, frame: bytes = b"") -> None:
         """Stop reading ``conn``; close it once ``frame`` and what it was owed went out."""
         conn.closing = conn.closing or time.monotonic()
+        self._unpace(conn)
         if conn.sock.fileno() < 0 or conn.dead:
             self.close_conn(conn)
             return
@@ -154,8 +162,10 @@ class Writing:
     def close_conn(self, conn: Conn, save: bool = True) -> None:
         if conn.sock.fileno() < 0:
             return
-        if not conn.parked:
+        if not (conn.parked or conn.paced):
             self.sel.unregister(conn.sock)
+        if self.pacing is not None:
+            self.pacing.forget(conn)
         conn.sock.close()
         conn.held.clear()
         conn.early = []

@@ -1,0 +1,155 @@
+"""Paced reading: a fast async hook's observations wake nobody.
+
+A ``send`` to a socket that a sleeping process waits on wakes that process inside
+the sender's system call; on a VM that is an inter-processor interrupt, 20–100 µs
+of the *training* thread's time. Profiled in a 0.5 ms digits step (py-spy), that
+send was 70 % of an async hook's cost; the same send costs ~4 µs when nobody waits
+on the socket. An async hook does not wait for its answers: the answer to step
+``t`` is due at step ``t + 1``'s ``optimizer.step()``, a whole step later.
+
+So a connection whose hook said ``pace`` in its hello (async hooks do) and whose
+observations come fast — its mean interval, measured over a window of ``WINDOW``
+messages, within ``Limits.pace_interval_s``, and ``Limits.pace_after`` in a row each
+within it of the last — leaves the selector: the transport reads it on a timer
+instead, and the hook's sends wake nobody. The timer follows the connection's own
+rhythm: after a read that found data, the next look is ``AFTER_DATA`` (0.6) of the
+mean interval later; after one that found nothing, ``AFTER_NOTHING`` (¼) of it
+later; a read that finds messages queued up (the run sped up) shortens the interval
+at once. An observation so waits about a quarter of a step (plus the timer's slack,
+~80 µs on the project's VMs) for its read, and is answered at once, long before the
+hook needs the answer; a hook that does wait (a late answer, ``state_dict()``,
+``close()``) waits about as long more. Decisions are the same either way: the hook
+applies the answer to step ``t`` at step ``t + 1`` exactly, waiting for it if need be.
+
+A paced connection goes back to the selector when it falls silent
+(``IDLE_INTERVALS`` mean intervals, and at least ``2 × pace_interval_s``: an
+evaluation pause, the end of a run), when its observations slow down past
+``pace_interval_s``, and when the transport must wait for it (a reply it cannot take
+now, a close). A hang-up is seen at the next look (``poll`` reports it).
+
+The controller pays for this in wake-ups of its own (a timer per look, on its own
+CPU, one to two per observation), not the training thread. Sync hooks, and clients
+that do not say ``pace`` (a raw protocol client that waits for each answer before
+its next frame would only be slowed by a timer), are read as their frames come.
+"""
+
+from __future__ import annotations
+
+import math
+import select
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .conn import Conn
+
+__all__ = ["Pacing"]
+
+
+WINDOW = 16  # messages per estimate of a connection's mean interval
+AFTER_DATA = 0.6  # next look after a read that found data, in mean intervals
+AFTER_NOTHING = 0.25  # ... after one that found nothing
+MIN_LOOK_S = 50e-6  # looks are never closer than this (a burst of replayed frames)
+IDLE_INTERVALS = 8.0  # silent this many mean intervals: back to the selector
+_READY = select.POLLIN | select.POLLPRI | select.POLLERR | select.POLLHUP
+
+
+@dataclass(slots=True)
+class _Rate:
+    last: float  # when data last came from the connection (its read)
+    interval: float  # mean seconds between its messages, over the last window
+    since: float  # the current window's start (see heard)
+    streak: int = 0  # fast messages in a row (read as they came)
+    msgs: int = 0  # messages read since the window's start
+    due: float = math.inf  # paced: when to look next
+
+
+class Pacing:
+    """Which connections are read on a timer, and when (see the module docstring)."""
+
+    def __init__(self, interval_s: float, after: int) -> None:
+        self.interval_s = interval_s
+        self.after = after
+        self.next_due = math.inf  # the earliest look due (inf: no paced connection)
+        self._rates: dict[Conn, _Rate] = {}
+        self._paced: dict[int, Conn] = {}  # fd -> connection
+        self._poll = select.poll()
+
+    def __len__(self) -> int:
+        return len(self._paced)
+
+    def heard(self, conn: Conn, now: float, count: int) -> bool:
+        """``count`` messages were read from ``conn`` at ``now``. Returns whether it should
+        be paced from now on (read as they come) or stay paced (paced)."""
+        rate = self._rates.get(conn)
+        if rate is None:
+            self._rates[conn] = _Rate(now, math.inf, now)  # measured after a window
+            return False
+        gap = (now - rate.last) / max(count, 1)
+        rate.last = now
+        # The mean interval over a window of messages: a paced connection's reads happen
+        # at our looks, so the gap between two reads measures our schedule, not its pace.
+        rate.msgs += count
+        if rate.msgs >= WINDOW:
+            rate.interval = (now - rate.since) / rate.msgs
+            rate.since, rate.msgs = now, 0
+        if conn.paced and count > 1:  # they queued up: it has sped up, look sooner at once
+            rate.interval = max(min(rate.interval, gap), MIN_LOOK_S)
+            rate.since, rate.msgs = now, 0
+        if conn.paced:
+            rate.due = now + max(rate.interval * AFTER_DATA, MIN_LOOK_S)
+            return rate.interval <= self.interval_s
+        rate.streak = rate.streak + count if gap <= self.interval_s else 0
+        return rate.streak >= self.after and rate.interval <= self.interval_s
+
+    def pace(self, conn: Conn, now: float) -> None:
+        rate = self._rates[conn]
+        rate.due = now + max(rate.interval * AFTER_DATA, MIN_LOOK_S)
+        fd = conn.sock.fileno()
+        self._paced[fd] = conn
+        self._poll.register(fd, _READY)
+        conn.paced = True
+        self.next_due = min(self.next_due, rate.due)
+
+    def unpace(self, conn: Conn) -> None:
+        """``conn`` goes back to the selector (the caller registers it)."""
+        conn.paced = False
+        for fd, other in list(self._paced.items()):
+            if other is conn:
+                del self._paced[fd]
+                self._poll.unregister(fd)
+        rate = self._rates.get(conn)
+        if rate is not None:
+            rate.streak = 0
+            rate.due = math.inf
+
+    def forget(self, conn: Conn) -> None:
+        """``conn`` is closed."""
+        if conn.paced:
+            self.unpace(conn)
+        self._rates.pop(conn, None)
+
+    def due(self, now: float) -> tuple[list[Conn], list[Conn]]:
+        """The paced connections to read now (something came, or they hung up) and those
+        to hand back to the selector (silent too long). Empty before :attr:`next_due`."""
+        if now < self.next_due:
+            return [], []
+        readable = {fd for fd, _ in self._poll.poll(0)}
+        read: list[Conn] = []
+        idle: list[Conn] = []
+        for fd, conn in self._paced.items():
+            rate = self._rates[conn]
+            if fd in readable:
+                read.append(conn)  # heard() moves its next look, if the read finds data
+                rate.due = now + max(rate.interval * AFTER_NOTHING, MIN_LOOK_S)
+            elif rate.due <= now:
+                if now - rate.last > max(IDLE_INTERVALS * rate.interval, 2 * self.interval_s):
+                    idle.append(conn)
+                else:
+                    rate.due = now + max(rate.interval * AFTER_NOTHING, MIN_LOOK_S)
+        return read, idle
+
+    def reschedule(self) -> None:
+        """Recompute :attr:`next_due` (after :meth:`due`'s connections were handled)."""
+        self.next_due = min((self._rates[c].due for c in self._paced.values()),
+                            default=math.inf)

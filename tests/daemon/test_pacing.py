@@ -1,0 +1,204 @@
+"""Paced reading (lrctl/daemon/pacing.py): a fast async hook's connection is read on a
+timer, so that its sends wake nobody; decisions stay exactly where they were.
+
+The schedule is a known-answer table over a fake clock; the rest runs real hooks
+against a real controller and asks it (``status``) which connections it paces.
+"""
+
+from __future__ import annotations
+
+import math
+import socket
+import time
+from collections.abc import Callable, Iterator
+
+import pytest
+import torch
+from daemon_helpers import POLICIES, ControllerProc, losses
+
+import lrctl
+from lrctl.client import request
+from lrctl.daemon.pacing import AFTER_DATA, AFTER_NOTHING, IDLE_INTERVALS, WINDOW, Pacing
+
+DEADLINE_S = 30.0
+
+
+class _Conn:
+    """What Pacing reads of a connection: its socket and whether it is paced."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.paced = False
+
+
+@pytest.fixture
+def pair() -> Iterator[tuple[socket.socket, socket.socket]]:
+    a, b = socket.socketpair()
+    yield a, b
+    a.close()
+    b.close()
+
+
+def test_paced_after_a_measured_window_of_fast_messages(pair: tuple[socket.socket, ...]) -> None:
+    """Not before its interval is measured (a window of messages) and ``after`` fast ones
+    in a row; a gap past the interval starts the streak again."""
+    pacing = Pacing(interval_s=0.004, after=4)
+    conn = _Conn(pair[0])
+    assert not pacing.heard(conn, 100.0, 1)  # the first message starts the window
+    answers = [pacing.heard(conn, 100.0 + i * 0.001, 1) for i in range(1, WINDOW + 2)]
+    assert answers.index(True) == WINDOW - 1  # 16 messages 1 ms apart: 1 ms, paced
+    other = _Conn(pair[1])
+    pacing.heard(other, 0.0, 1)
+    t = 0.0
+    for _ in range(WINDOW):
+        t += 0.001
+        pacing.heard(other, t, 1)
+    t += 0.010  # a 10 ms pause: the streak starts over
+    assert not pacing.heard(other, t, 1)
+    answers = []
+    for _ in range(4):
+        t += 0.001
+        answers.append(pacing.heard(other, t, 1))
+    assert answers == [False, False, False, True]
+
+
+def test_the_looks_follow_the_connection(pair: tuple[socket.socket, ...]) -> None:
+    """Known answers: a look AFTER_DATA intervals after data, AFTER_NOTHING after an empty
+    one; data queued up (two messages in one read) shortens the interval at once; silence
+    for IDLE_INTERVALS intervals hands the connection back; slower than interval_s too."""
+    a, b = pair
+    pacing = Pacing(interval_s=0.004, after=1)
+    conn = _Conn(a)
+    t = 10.0
+    pacing.heard(conn, t, 1)
+    for _ in range(WINDOW):
+        t += 0.002
+        paced = pacing.heard(conn, t, 1)
+    assert paced
+    pacing.pace(conn, t)
+    assert conn.paced and len(pacing) == 1
+    assert pacing.next_due == pytest.approx(t + AFTER_DATA * 0.002)
+    assert pacing.due(t + 0.0001) == ([], [])  # before the look: nothing, no syscall
+    look = pacing.next_due
+    assert pacing.due(look) == ([], [])  # nothing came: the next look comes sooner
+    pacing.reschedule()
+    assert pacing.next_due == pytest.approx(look + AFTER_NOTHING * 0.002)
+    b.send(b"x")
+    assert pacing.due(pacing.next_due) == ([conn], [])
+    a.recv(1)
+    now = pacing.next_due
+    assert pacing.heard(conn, now, 2)  # two queued up: the interval is the gap now
+    pacing.reschedule()
+    gap = (now - t) / 2
+    assert pacing.next_due == pytest.approx(now + AFTER_DATA * gap)
+    silent = now + IDLE_INTERVALS * gap + 0.0081  # and past 2 x interval_s
+    assert pacing.due(silent) == ([], [conn])
+    pacing.unpace(conn)
+    pacing.reschedule()
+    assert not conn.paced and len(pacing) == 0 and pacing.next_due == math.inf
+    slow = Pacing(interval_s=0.004, after=1)
+    conn.paced = False
+    slow.heard(conn, 0.0, 1)
+    for i in range(1, WINDOW + 1):
+        slow.heard(conn, i * 0.002, 1)
+    slow.pace(conn, WINDOW * 0.002)
+    still = [slow.heard(conn, WINDOW * 0.002 + i * 0.006, 1) for i in range(1, WINDOW + 1)]
+    assert still[-1] is False and all(still[:-1])  # 6 ms apart: back to the selector
+
+
+def _status(controller: ControllerProc) -> dict:
+    return request({"t": "status"}, controller.socket, timeout=5.0)
+
+
+def _loop(ctl: lrctl.Controller, opt: torch.optim.Optimizer, until: Callable[[], bool],
+          curve: list[float]) -> list[float]:
+    """Step until ``until()`` (checked every 25 steps) or the curve ends; the LR each
+    optimizer step used."""
+    used = []
+    for t, loss in enumerate(curve):
+        ctl.step(loss, grad_norm=1.0 + (t % 5) * 0.1)
+        opt.step()
+        used.append(opt.param_groups[0]["lr"])
+        if t % 25 == 24 and until():
+            break
+    return used
+
+
+def _sampling(controller: ControllerProc, into: list[int]) -> Callable[[], bool]:
+    """An ``until`` for :func:`_loop` that never stops it and notes how many connections
+    the controller paces."""
+    def sample() -> bool:
+        into.append(_status(controller)["paced"])
+        return False
+    return sample
+
+
+def _opt() -> torch.optim.Optimizer:
+    return torch.optim.SGD([torch.nn.Parameter(torch.ones(3))], lr=0.1)
+
+
+def test_a_fast_async_hook_is_paced_and_decides_exactly_as_unpaced(
+        make_controller: Callable[..., ControllerProc]) -> None:
+    """The same seeded run against a pacing controller and a ``--no-pacing`` one: the
+    same LR at every optimizer step (a policy that moves it every step: each answer is
+    applied at exactly the next step either way), the same decisions."""
+    policy = str(POLICIES / "rangetest.yaml")
+    curve = losses(600, seed=4, spikes=(300,))
+    runs = []
+    for extra in ([], ["--no-pacing"]):
+        controller = make_controller(extra)
+        opt = _opt()
+        seen_paced = []
+        with lrctl.attach(opt, policy=policy, spawn=False, run_name="paced",
+                          socket=controller.socket, timeout=30.0) as ctl:
+            used = _loop(ctl, opt, _sampling(controller, seen_paced), curve)
+        runs.append((used, [d.to_dict() for d in ctl.decisions], max(seen_paced)))
+        controller.stop()
+    (paced_lrs, paced_decisions, paced_max), (plain_lrs, plain_decisions, plain_max) = runs
+    assert paced_max == 1 and plain_max == 0
+    assert paced_lrs == plain_lrs and len(set(paced_lrs)) > 100
+    assert paced_decisions == plain_decisions and paced_decisions
+
+
+def test_sync_hooks_are_never_paced(controller: ControllerProc) -> None:
+    opt = _opt()
+    paced = []
+    with lrctl.attach(opt, policy=str(POLICIES / "default.yaml"), spawn=False, sync=True,
+                      run_name="sync") as ctl:
+        _loop(ctl, opt, _sampling(controller, paced), losses(300))
+    assert paced and max(paced) == 0
+
+
+def _wait_for(what: Callable[[], bool]) -> None:
+    deadline = time.monotonic() + DEADLINE_S
+    while not what():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.02)
+
+
+def test_a_silent_hook_goes_back_to_the_selector_and_a_dead_one_is_seen(
+        controller: ControllerProc) -> None:
+    """An evaluation pause: read as its frames come again (its next observation is
+    answered as before). A hook whose process dies while paced: its hang-up is seen."""
+    opt = _opt()
+    ctl = lrctl.attach(opt, policy=str(POLICIES / "default.yaml"), spawn=False,
+                       run_name="pause", timeout=30.0)
+    try:
+        _loop(ctl, opt, lambda: _status(controller)["paced"] == 1, losses(20_000))
+        assert _status(controller)["paced"] == 1
+        _wait_for(lambda: _status(controller)["paced"] == 0)  # silent: back, no looks
+        ctl.step(1.0, grad_norm=1.0)
+        assert ctl._link is not None
+        assert ctl._link.wait(lambda: ctl._acked >= ctl._reported, DEADLINE_S)
+        _loop(ctl, opt, lambda: _status(controller)["paced"] == 1, losses(20_000))
+        assert _status(controller)["paced"] == 1
+        ctl._link._sock.close()  # type: ignore[union-attr]  # the process died, say
+        ctl._link._sock = None
+
+        def detached() -> bool:
+            runs = request({"t": "runs"}, controller.socket, timeout=5.0)["runs"]
+            return [r["connected"] for r in runs] == [False]
+        _wait_for(detached)
+        assert _status(controller)["paced"] == 0
+    finally:
+        ctl.close(end_run=False)
