@@ -53,9 +53,12 @@ class LinkSide:
             "lrs": list(self._initial), "groups": len(self._initial),
             "world_size": self._dist.world_size, "mlflow": mlflow_info(), "cwd": os.getcwd(),
             "watch": self._watch, "sync": self.sync, "lrctl": __version__,
-            # It never waits for an answer in the step: the controller may read it on a
-            # timer, so that its sends do not wake the controller (see daemon/pacing.py).
-            "pace": not self.sync,
+            # Each report's answer is due a step later, and reports come every step: the
+            # controller may read it on a timer that follows its steps, so its sends wake
+            # nobody (see daemon/pacing.py). Not with every=N or "auto": their reports are
+            # steps apart, but an answer is due the next step (the timer would follow the
+            # reports, and the hook would wait), and they wake the controller 1/N as often.
+            "pace": not self.sync and self.every == 1 and self._batch is None,
         }
         if self.total_steps is not None:
             hello["total_steps"] = self.total_steps

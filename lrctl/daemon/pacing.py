@@ -7,7 +7,9 @@ send was 70 % of an async hook's cost; the same send costs ~4 µs when nobody wa
 on the socket. An async hook does not wait for its answers: the answer to step
 ``t`` is due at step ``t + 1``'s ``optimizer.step()``, a whole step later.
 
-So a connection whose hook said ``pace`` in its hello (async hooks do) and whose
+So a connection whose hook said ``pace`` in its hello (async hooks that report every
+step do: with ``every=N`` the reports come N steps apart, but an answer is due the next
+step, and a timer that followed the reports would make the hook wait) and whose
 observations come fast — its mean interval, measured over a window of ``WINDOW``
 messages, within ``Limits.pace_interval_s``, and ``Limits.pace_after`` in a row each
 within it of the last — leaves the selector: the transport reads it on a timer

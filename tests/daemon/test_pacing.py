@@ -160,12 +160,16 @@ def test_a_fast_async_hook_is_paced_and_decides_exactly_as_unpaced(
     assert paced_decisions == plain_decisions and paced_decisions
 
 
-def test_sync_hooks_are_never_paced(controller: ControllerProc) -> None:
+@pytest.mark.parametrize("options", [{"sync": True}, {"every": 4}, {"every": "auto"}])
+def test_sync_and_every_n_hooks_are_never_paced(controller: ControllerProc,
+                                               options: dict) -> None:
+    """Sync hooks wait for each answer; every=N's answer is due the step after a report,
+    N steps before the next one (a timer that followed the reports would be late)."""
     opt = _opt()
     paced = []
-    with lrctl.attach(opt, policy=str(POLICIES / "default.yaml"), spawn=False, sync=True,
-                      run_name="sync") as ctl:
-        _loop(ctl, opt, _sampling(controller, paced), losses(300))
+    with lrctl.attach(opt, policy=str(POLICIES / "default.yaml"), spawn=False,
+                      run_name="unpaced", **options) as ctl:
+        _loop(ctl, opt, _sampling(controller, paced), losses(800))
     assert paced and max(paced) == 0
 
 
