@@ -37,6 +37,7 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+from .. import paths
 from ..wire.frames import encode
 from .limits import Limits
 from .ratelog import RateLog
@@ -102,6 +103,9 @@ class Admission:
         self._spare = _spare_fd()  # spent to answer a connection when out of descriptors
         self._unix: socket.socket | None = None
         self._unix_id: tuple[int, int] | None = None
+        # The socket's lock, taken again after its file was removed (see process.py); False:
+        # another controller holds it now.
+        self.relock: Callable[[], bool] | None = None
         for sock, authed in listeners:
             sock.setblocking(False)
             self.listeners[sock] = authed
@@ -262,12 +266,22 @@ class Admission:
             self._unix_id = now  # say it once
             self._unix = None
             return
-        log.warning("socket %s was removed; binding it again", self.socket_path)
         try:
+            # Its directory may have gone with it (XDG_RUNTIME_DIR removed at logout), and
+            # with it the socket's lock file: make both again before binding.
+            paths.ensure_private_dir(os.path.dirname(self.socket_path))
+            if self.relock is not None and not self.relock():
+                log.error("socket %s was removed, and another controller serves it now: new "
+                          "runs go to that one; the runs connected here go on",
+                          self.socket_path)
+                self._unix = None  # say it once
+                return
             sock = bind_unix(self.socket_path)
         except OSError as exc:
-            log.error("cannot bind %s again: %s", self.socket_path, exc)
+            self.rlog.log(logging.ERROR, "rebind", "socket %s was removed and cannot be bound "
+                          "again: %s", self.socket_path, exc)
             return
+        log.warning("socket %s was removed; bound it again", self.socket_path)
         sock.setblocking(False)
         self._drop_listener(self._unix)
         self.listeners[sock] = True

@@ -83,6 +83,14 @@ class Listening:
         self.path = path
         self.took_over = False  # a stale socket of a dead controller was replaced
 
+    def holds_socket(self) -> bool:
+        """Whether the socket's lock file is still the one this controller locked."""
+        try:
+            held, there = os.fstat(self.lock_fd), os.lstat(self.path + ".lock")
+        except OSError:
+            return False
+        return (held.st_dev, held.st_ino) == (there.st_dev, there.st_ino)
+
     def release_state_lock(self) -> None:
         if self.state_lock_fd >= 0:
             os.close(self.state_lock_fd)
@@ -92,8 +100,9 @@ class Listening:
         for sock in (self.unix, self.tcp):
             if sock is not None:
                 sock.close()
-        with contextlib.suppress(OSError):
-            os.unlink(self.path)
+        if self.holds_socket():  # else another controller serves it now: not ours to remove
+            with contextlib.suppress(OSError):
+                os.unlink(self.path)
         os.close(self.lock_fd)
         self.release_state_lock()
 
@@ -188,6 +197,21 @@ def relock_state_dir(listening: Listening, state: Path) -> None:
         log.error("cannot lock the recreated state dir: %s", exc)
 
 
+def relock_socket(listening: Listening) -> bool:
+    """The socket file was removed (see ``Admission._check_socket``), perhaps with its
+    directory and so its lock file: take the lock of the file there now. False when
+    another controller holds it (it serves the socket now: leave it be)."""
+    if listening.holds_socket():
+        return True
+    taken = _take_lock(listening.path + ".lock")
+    if isinstance(taken, str):
+        return False
+    if taken is not None:  # (None: a filesystem without locks, as at the start)
+        os.close(listening.lock_fd)
+        listening.lock_fd = taken
+    return True
+
+
 def bind(options: ServeOptions) -> Listening:
     """Check the directories, take the lock, bind the sockets (0600)."""
     path = options.socket_path
@@ -206,6 +230,10 @@ def bind(options: ServeOptions) -> Listening:
             if not _is_socket(path):
                 raise FileExistsError(f"{path} exists and is not a socket; refusing to "
                                       "replace it")
+            if _answers(path):  # its lock file was removed, not its controller
+                raise AlreadyServing(f"a controller answers on {path}, though its lock file "
+                                     "was removed; stop it first (lrctl stop --socket "
+                                     f"{path}) or choose another --socket")
             os.unlink(path)  # stale: its controller died without cleaning up
             stale = True
         else:
@@ -235,6 +263,19 @@ def _bind_tcp(options: ServeOptions) -> socket.socket:
     sock.bind((host, port))
     sock.listen(128)
     return sock
+
+
+def _answers(path: str) -> bool:
+    """Whether something accepts connections on the Unix socket ``path``."""
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.settimeout(1.0)
+    try:
+        probe.connect(path)
+    except OSError:
+        return False
+    finally:
+        probe.close()
+    return True
 
 
 def _is_socket(path: str) -> bool:
@@ -286,6 +327,7 @@ def serve(options: ServeOptions, sink_factory: Callable[[str], Sink] = build_sin
                     session_timeout=options.session_timeout, idle_exit=options.idle_exit,
                     pacing=options.pacing)
     server.state_watch.relock = lambda: relock_state_dir(listening, state)
+    server.transport.admission.relock = lambda: relock_socket(listening)
     monitor = LoopMonitor(lambda: server.last_wake, stall_s=options.stall_timeout,
                           grace_s=options.shutdown_grace)
 

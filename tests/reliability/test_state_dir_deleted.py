@@ -86,3 +86,44 @@ def test_state_dir_deleted_mid_run_comes_back_with_the_whole_journal(
     uploaded = assert_exactly_once(client, mlflow_run_id(state, key), state, key, tmp_path)
     FIGURES["state dir deleted"] = {"decisions": len(made), "journal": len(listed),
                                     "mlflow": len(uploaded)}
+
+
+def _serve_again(controller: ControllerProc) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "lrctl", "serve", "--foreground",
+                           "--no-audit", "--socket", controller.socket,
+                           "--state-dir", controller.state_dir + "-2"],
+                          capture_output=True, text=True, timeout=60, cwd=REPO)
+
+
+def test_the_socket_directory_removed_under_the_controller_comes_back(
+        controller: ControllerProc) -> None:
+    """XDG_RUNTIME_DIR removed at logout, say: the socket, its directory and its lock file
+    go. Before, the controller logged 'cannot bind' every second for ever, nothing could
+    reach it, and the next hook started a second controller on the same socket. Now it
+    makes the directory again (0700), takes the new lock file's lock and binds again;
+    the runs connected meanwhile never noticed."""
+    run_dir = Path(controller.socket).parent
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.ones(1))], lr=0.1)
+    with lrctl.attach(opt, policy=QUIET, sync=True, spawn=False) as ctl:
+        for _ in range(5):
+            ctl.step(1.0, grad_norm=1.0)
+        shutil.rmtree(run_dir)
+        for _ in range(5):
+            ctl.step(1.0, grad_norm=1.0)  # its connection is untouched
+        until("the socket bound again", lambda: os.path.exists(controller.socket))
+        assert request({"t": "status"}, controller.socket)["pid"] == controller.pid
+        assert stat.S_IMODE(os.stat(run_dir).st_mode) == 0o700
+        out = _serve_again(controller)  # the lock is ours again: a second one refuses
+        assert out.returncode == 3 and f"pid {controller.pid}" in out.stderr, out.stderr
+        assert ctl.connected and ctl.steps_taken == 10
+    assert controller.stop() == 0
+
+
+def test_a_removed_lock_file_does_not_let_a_second_controller_take_a_live_socket(
+        controller: ControllerProc) -> None:
+    """Before, ``lrctl serve`` found the lock free, took the socket for stale, unlinked it
+    and served in its place; the live controller could no longer be reached."""
+    os.unlink(controller.socket + ".lock")
+    out = _serve_again(controller)
+    assert out.returncode == 3 and "answers on" in out.stderr, out.stderr
+    assert request({"t": "status"}, controller.socket)["pid"] == controller.pid
