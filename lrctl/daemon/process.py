@@ -79,6 +79,7 @@ class Listening:
         self.tcp = tcp
         self.lock_fd = lock_fd
         self.state_lock_fd = -1  # the state directory's (see lock_state_dir)
+        self.owns_state = False  # the shared state directory names this socket its owner
         self.notes: list[str] = []  # warnings for the log, once it is open
         self.path = path
         self.took_over = False  # a stale socket of a dead controller was replaced
@@ -175,8 +176,8 @@ def _lock_state(listening: Listening, options: ServeOptions, state: Path) -> Pat
         owner = paths.state_owner(state)
         if owner is None:
             paths.claim_state_dir(state, options.socket_path)
-            return state
-        if owner == os.path.realpath(options.socket_path):
+        if owner is None or owner == os.path.realpath(options.socket_path):
+            listening.owns_state = True
             return state
         listening.release_state_lock()
         why = f"the state directory {state} belongs to the controller on {owner}"
@@ -189,10 +190,13 @@ def _lock_state(listening: Listening, options: ServeOptions, state: Path) -> Pat
 
 def relock_state_dir(listening: Listening, state: Path) -> None:
     """The state directory was deleted and made again (see ``StateDirWatch``): its lock
-    went with it, so take the new one's."""
+    (and, in the shared directory, the owner file naming this socket) went with it, so
+    take the new one's (and write it again)."""
     listening.release_state_lock()
     try:
         lock_state_dir(listening, state)
+        if listening.owns_state:  # its owner file went too: else another socket's
+            paths.claim_state_dir(state, listening.path)  # controller would claim it
     except (AlreadyServing, OSError) as exc:
         log.error("cannot lock the recreated state dir: %s", exc)
 

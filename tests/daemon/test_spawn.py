@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -339,3 +340,25 @@ def test_runs_all_shows_a_run_live_on_another_sockets_controller(
         assert main(["runs", "--all", "--json"]) == 0
         (far,) = [r for r in json.loads(capsys.readouterr().out) if r["run_name"] == "far"]
         assert far["state"] == "live" and far["state_dir"] == str(paths.own_state_dir(other))
+
+
+def test_the_shared_state_dir_deleted_under_its_owner_stays_its_own(short_dir) -> None:  # type: ignore[no-untyped-def]
+    """The owner file went with the directory: before, the controller made the directory
+    and its lock again but not the file, so another environment's controller could
+    claim it and restore this one's detached runs."""
+    import signal
+
+    sock = os.environ["LRCTL_SOCKET"]
+    base = paths.state_dir()
+    proc = _serve_until_answering(dict(os.environ), sock)
+    try:
+        assert paths.state_owner(base) == os.path.realpath(sock)
+        shutil.rmtree(base)
+        deadline = time.monotonic() + 60
+        while paths.state_owner(base) != os.path.realpath(sock):
+            assert proc.poll() is None and time.monotonic() < deadline
+            time.sleep(0.05)
+        assert client.request({"t": "status"}, sock)["state_dir_recreated"]
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(60)
