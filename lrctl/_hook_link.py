@@ -77,6 +77,15 @@ class LinkSide:
             # not know this version's policies or protocol. Use (or start) our own.
             link.close(bye=False)
             versioned = _spawn.versioned_socket(address)
+            if spawn and link.kind == "unix" and not _fits(versioned):
+                self._link = None
+                self._warn("version", f"lrctl: the controller on {address} runs lrctl "
+                                      f"{other or '< 0.2'}, this hook is lrctl {__version__}, "
+                                      f"and no socket for this version's fits beside it "
+                                      f"({versioned} is too long); training continues at the "
+                                      "optimizer's LRs (stop the old one with 'lrctl stop', "
+                                      "or choose a shorter socket)")
+                return
             if spawn and link.kind == "unix":
                 self._warn("version", f"lrctl: the controller on {address} runs lrctl "
                                       f"{other or '< 0.2'}, this hook is lrctl {__version__}: "
@@ -226,6 +235,14 @@ class LinkSide:
         if reply is None or not isinstance(reply.get("session"), dict):
             return None
         return dict(reply["session"])
+
+
+def _fits(address: str) -> bool:
+    try:
+        paths.parse_address(address)
+    except ValueError:
+        return False
+    return True
 
 
 def mlflow_info() -> dict[str, str | None]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import subprocess
@@ -58,9 +59,15 @@ def _start(address: str) -> tuple[subprocess.Popen[bytes], Path, int]:
 
 
 def versioned_socket(address: str) -> str:
-    """Where this version's own controller listens when another holds ``address``."""
+    """Where this version's own controller listens when another holds ``address``: beside
+    it, named after it, or, where that name is past the Unix limit, in the runtime
+    directory, named after a hash of it."""
     base = address[:-5] if address.endswith(".sock") else address
-    return f"{base}-{__version__}.sock"
+    named = f"{base}-{__version__}.sock"
+    if len(os.fsencode(named)) <= paths.UNIX_PATH_MAX:
+        return named
+    digest = hashlib.sha256(os.fsencode(address)).hexdigest()[:12]
+    return str(paths.runtime_dir() / f"lrctl-{digest}-{__version__}.sock")
 
 
 def respawn(address: str) -> None:

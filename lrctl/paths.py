@@ -139,10 +139,12 @@ def own_state_dir(socket: str, env: Mapping[str, str] | None = None) -> Path:
 
 def _state_base(env: Mapping[str, str] | None) -> Path:
     env = os.environ if env is None else env
+    # Absolute: a relative LRCTL_STATE_DIR named the same directory as the absolute path a
+    # controller reports, and 'lrctl runs --all' listed its runs twice.
     if env.get("LRCTL_STATE_DIR"):
-        return Path(env["LRCTL_STATE_DIR"])
+        return Path(os.path.abspath(env["LRCTL_STATE_DIR"]))
     if env.get("XDG_STATE_HOME"):
-        return Path(env["XDG_STATE_HOME"]) / "lrctl"
+        return Path(os.path.abspath(env["XDG_STATE_HOME"])) / "lrctl"
     return Path.home() / ".local" / "state" / "lrctl"
 
 
@@ -276,7 +278,8 @@ def parse_address(address: str) -> tuple[str, str | tuple[str, int]]:
         return "tcp", parse_host_port(address[len("tcp://"):])
     if len(os.fsencode(address)) > UNIX_PATH_MAX:
         raise ValueError(f"socket path is {len(os.fsencode(address))} bytes, over the "
-                         f"{UNIX_PATH_MAX}-byte limit of Unix sockets: {address}")
+                         f"{UNIX_PATH_MAX}-byte limit of Unix sockets: {address} (choose a "
+                         "shorter one: --socket, socket=..., or LRCTL_SOCKET)")
     return "unix", address
 
 

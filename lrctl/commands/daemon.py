@@ -306,12 +306,12 @@ def _all_runs(args: argparse.Namespace) -> int:
     def live_runs(socket: str | None) -> dict[str, dict[str, Any]]:
         try:
             return {r["run"]: r for r in request({"t": "runs"}, socket, timeout=2.0)["runs"]}
-        except (OSError, ControllerError, KeyError, TypeError):
-            return {}  # no controller there: the journals alone
+        except (OSError, ControllerError, KeyError, TypeError, ValueError):
+            return {}  # no controller there (or no socket can be there): the journals alone
 
     reported = None  # the state directory of the controller on the socket
     if args.state_dir is None:
-        with contextlib.suppress(OSError, ControllerError):
+        with contextlib.suppress(OSError, ControllerError, ValueError):
             reported = request({"t": "status"}, args.socket, timeout=2.0).get("state_dir")
     if args.state_dir:
         if not os.path.isdir(args.state_dir):

@@ -362,3 +362,18 @@ def test_the_shared_state_dir_deleted_under_its_owner_stays_its_own(short_dir) -
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(60)
+
+
+def test_state_dirs_are_absolute_and_runs_all_survives_an_impossible_socket(
+        short_dir, monkeypatch: pytest.MonkeyPatch,  # type: ignore[no-untyped-def]
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """A relative LRCTL_STATE_DIR listed every run twice in ``runs --all`` (the reported
+    directory is absolute); a default socket past the Unix limit made it a traceback."""
+    from lrctl.cli import main
+
+    monkeypatch.chdir(short_dir)
+    monkeypatch.setenv("LRCTL_STATE_DIR", "rel-state")
+    assert paths.state_dir() == short_dir / "rel-state"
+    monkeypatch.setenv("LRCTL_SOCKET", str(short_dir / ("s" * 120) / "c.sock"))
+    assert main(["runs", "--all"]) == 0
+    assert "no runs" in capsys.readouterr().out

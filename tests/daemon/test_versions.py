@@ -105,3 +105,16 @@ def test_without_spawn_another_version_means_fail_open(old_controller: OldContro
         opt.step()
     assert not ctl.connected and opt.param_groups[0]["lr"] == 0.1
     ctl.close()
+
+
+def test_a_versioned_socket_always_fits_beside_a_long_one(short_dir) -> None:  # type: ignore[no-untyped-def]
+    """A legal 103-byte socket plus '-<version>' was past the Unix limit, and attach()
+    raised ValueError out of the training script."""
+    long_dir = "/tmp/" + "d" * (paths.UNIX_PATH_MAX - 5 - len("/c.sock") - 4)
+    address = f"{long_dir}/c.sock"
+    assert len(address) <= paths.UNIX_PATH_MAX
+    versioned = _spawn.versioned_socket(address)
+    assert len(os.fsencode(versioned)) <= paths.UNIX_PATH_MAX
+    assert os.path.dirname(versioned) == str(paths.runtime_dir())
+    assert versioned.endswith(f"-{lrctl.__version__}.sock")
+    assert _spawn.versioned_socket("/tmp/x/c.sock") == f"/tmp/x/c-{lrctl.__version__}.sock"
