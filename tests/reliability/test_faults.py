@@ -175,7 +175,7 @@ def test_socket_file_removed_while_serving_is_bound_again(controller: Controller
         until("the socket to come back", lambda: os.path.exists(controller.socket))
         assert os.stat(controller.socket).st_mode & 0o777 == 0o600
         assert request({"t": "status"})["pid"] == controller.pid  # new connections work
-        assert "was removed; binding it again" in controller.log.read_text()
+        assert "was removed; bound it again" in controller.log.read_text()
         for t in range(10, 15):
             _step(ctl, engine, t)
 
