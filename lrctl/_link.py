@@ -59,7 +59,7 @@ class Link:
                  on_message: Callable[[dict[str, Any]], None], *,
                  warn: Callable[[str, str], None], max_backoff: float = 5.0,
                  buffer_max: int = BUFFER_MAX,
-                 respawn: Callable[[], None] | None = None,
+                 respawn: Callable[[], str | None] | None = None,
                  token: str | None = None) -> None:
         self.kind, self.addr = paths.parse_address(address)
         self.address = address
@@ -136,9 +136,12 @@ class Link:
             return
         self._last_respawn = now
         try:
-            self.respawn()
+            said = self.respawn()
         except Exception as exc:  # fail-open: keep training, keep trying to reconnect
             self.warn("respawn", f"lrctl: could not start a new controller ({exc!r})")
+            return
+        if said:
+            self.warn("respawn", said)
 
     def _down(self, reason: str) -> None:
         if self._sock is not None:

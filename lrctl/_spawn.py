@@ -8,7 +8,6 @@ import os
 import subprocess
 import sys
 import time
-import warnings
 from pathlib import Path
 
 from . import paths
@@ -70,11 +69,13 @@ def versioned_socket(address: str) -> str:
     return str(paths.runtime_dir() / f"lrctl-{digest}-{__version__}.sock")
 
 
-def respawn(address: str) -> None:
-    """The controller this run used is gone: start another (it restores the sessions)."""
-    start_controller(address)
-    warnings.warn(f"lrctl: the controller on {address} did not come back; started a new one",
-                  RuntimeWarning, stacklevel=2)
+def respawn(address: str) -> str:
+    """The controller this run used is gone: start another (it restores the sessions).
+    Returns what to tell the user."""
+    proc, log_path, _ = _start(address)
+    return (f"lrctl: no controller has answered on {address} for a while; started one (pid "
+            f"{proc.pid}, its output in {log_path}): the run goes on from its checkpoint once "
+            "it answers")
 
 
 def spawn_and_open(link: Link, timeout: float) -> str | None:

@@ -82,13 +82,13 @@ def state_dir(env: Mapping[str, str] | None = None, socket: str | None = None) -
     if socket is None or socket.startswith("tcp://"):
         return base
     real = os.path.realpath(socket)
+    own = own_state_dir(socket, env)
+    if os.path.isdir(own):  # it found the shared one held once: its own, from then on
+        return own
     owner = state_owner(base)
     if owner is not None:
-        return base if owner == real else own_state_dir(socket, env)
-    own = own_state_dir(socket, env)
-    if os.path.isdir(own) or real != os.path.realpath(default_socket(env)):
-        return own
-    return base
+        return base if owner == real else own
+    return own if real != os.path.realpath(default_socket(env)) else base
 
 
 #: In the shared state directory: the real path of the socket whose controller it serves.

@@ -73,6 +73,7 @@ def test_shadow_mode_from_yaml_observes_without_acting(controller: ControllerPro
 def test_operator_errors_are_clear(controller: ControllerProc) -> None:
     out = _cli("set-lr", "nobody", "0.1")
     assert out.returncode == 1 and "no run named 'nobody'" in out.stderr
+    assert "runs --all" in out.stderr and "--socket" in out.stderr  # another socket's?
     out = _cli("set-lr", "x", "nan")
     assert out.returncode == 2 and "finite" in out.stderr
     status = _cli("status")

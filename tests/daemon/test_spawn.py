@@ -153,7 +153,8 @@ def test_a_controller_that_dies_is_replaced_and_the_run_resumes(reap_spawned: No
     policy = "version: 1\npolicies:\n  - kind: plateau\n    patience: 3\n    factor: 0.5\n"
     opt = torch.optim.SGD([torch.nn.Parameter(torch.ones(1))], lr=0.1)
     engine = lrctl.load_policy(policy, [0.1])
-    with pytest.warns(RuntimeWarning), lrctl.attach(opt, policy=policy, sync=True) as ctl:
+    with pytest.warns(RuntimeWarning) as seen, lrctl.attach(opt, policy=policy,
+                                                          sync=True) as ctl:
         for t in range(5):
             ctl.step(1.0, grad_norm=1.0)
             engine.observe(step=t, loss=1.0, grad_norm=1.0)
@@ -174,6 +175,10 @@ def test_a_controller_that_dies_is_replaced_and_the_run_resumes(reap_spawned: No
             t += 1
         assert ctl.lr == engine.lrs
         assert client.request({"t": "status"})["pid"] == _spawn.spawned[-1].pid
+    # Said once, at the script's line (it was lrctl's own), naming the new controller.
+    said = [w for w in seen if "started one (pid" in str(w.message)]
+    assert len(said) == 1 and said[0].filename == __file__
+    assert f"pid {_spawn.spawned[-1].pid}" in str(said[0].message)
 
 
 def test_serve_stays_in_the_foreground_and_lrctl_stop_stops_it(short_dir) -> None:  # type: ignore[no-untyped-def]
@@ -377,3 +382,16 @@ def test_state_dirs_are_absolute_and_runs_all_survives_an_impossible_socket(
     monkeypatch.setenv("LRCTL_SOCKET", str(short_dir / ("s" * 120) / "c.sock"))
     assert main(["runs", "--all"]) == 0
     assert "no runs" in capsys.readouterr().out
+
+
+def test_a_socket_that_once_fell_back_keeps_its_own_state_dir(short_dir) -> None:  # type: ignore[no-untyped-def]
+    """The owner of the shared directory found it held once (an explicit --state-dir) and
+    served from its own: its runs are there, and its log said "from now on". Its next
+    start went back to the shared one and never restored them."""
+    sock = os.environ["LRCTL_SOCKET"]
+    base = paths.state_dir()
+    paths.ensure_state_dir(base)
+    paths.claim_state_dir(base, sock)
+    assert paths.state_dir(socket=sock) == base
+    own = paths.ensure_state_dir(paths.own_state_dir(sock))
+    assert paths.state_dir(socket=sock) == own
