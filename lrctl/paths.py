@@ -242,8 +242,8 @@ def ensure_private_dir(path: str | os.PathLike[str]) -> Path:
     if st.st_mode & 0o022:
         raise PermissionError(
             f"{p} is writable by other users (mode {stat.S_IMODE(st.st_mode):04o}), so "
-            f"another user could replace what lrctl keeps there; choose a private directory "
-            f"(one lrctl creates, such as a new {p / 'lrctl'}, or 'mkdir -m 700 DIR')")
+            f"another user could replace what lrctl keeps there; make it private ('chmod "
+            f"700 {p}', if it is yours alone) or choose another ('mkdir -m 700 DIR')")
     if st.st_mode & 0o077:  # readable by others: logs and checkpoints would leak
         os.chmod(p, 0o700)
         warnings.warn(f"{p} was readable by other users (mode "

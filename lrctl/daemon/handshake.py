@@ -67,6 +67,9 @@ class Handshakes:
         if session is not None and hello.session is None:
             self._join(conn, hello, session, True, takeover)
             return
+        refused = self.server.state_watch.error
+        if refused is not None:  # a new run's files would go through what is there now
+            raise Unavailable(f"{refused}; no new run starts here until it is fixed")
         job = BuildJob(conn, hello, takeover, ended=key in self.server.checkpoints.removing)
         self.builder.submit(job)
         self.pending[key] = job

@@ -3,10 +3,15 @@ it is made again.
 
 The runs never depend on it for their LRs, but the journal, the checkpoints and the
 log live there. When the directory at ``state_dir`` is gone, or is another one, it
-is created again private (0700; a symlink or a directory that is not ours is refused
-and reported, never followed), the controller's log file is reopened, and the
+is created again private (0700), the controller's log file is reopened, and the
 server has every open run's journal written back from the files it still holds
 open and every run checkpointed again. The log and ``lrctl status`` say so.
+
+A symlink, a file or a directory that is not ours in its place is refused and
+reported (``error``), and not made again; meanwhile no new run starts (its hello is
+refused retryably: the hook trains on and tries again), so no new run's files go
+through it. The open runs' journals stay in the files the controller holds open; their
+checkpoints, written by name, go wherever the path leads until it is fixed.
 """
 
 from __future__ import annotations

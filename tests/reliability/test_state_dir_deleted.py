@@ -127,3 +127,24 @@ def test_a_removed_lock_file_does_not_let_a_second_controller_take_a_live_socket
     out = _serve_again(controller)
     assert out.returncode == 3 and "answers on" in out.stderr, out.stderr
     assert request({"t": "status"}, controller.socket)["pid"] == controller.pid
+
+
+def test_a_symlink_in_the_state_dirs_place_takes_no_new_run(
+        controller: ControllerProc, short_dir: Path) -> None:
+    """Reported as refused, but a new run's files went through it: now no new run starts
+    until it is fixed (its hook trains on, says why, and tries again)."""
+    state = Path(controller.state_dir)
+    elsewhere = short_dir / "elsewhere"
+    elsewhere.mkdir(mode=0o700)
+    state.rename(short_dir / "moved")
+    state.symlink_to(elsewhere)
+    until("the symlink reported", lambda: any(
+        "refusing to use it" in e for e in request({"t": "status"}, controller.socket)["errors"]))
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.ones(1))], lr=0.1)
+    with pytest.warns(RuntimeWarning, match="no new run starts here"):
+        ctl = lrctl.attach(opt, policy=QUIET, spawn=False)
+    for _ in range(3):
+        ctl.step(1.0, grad_norm=1.0)
+    assert not ctl.connected and opt.param_groups[0]["lr"] == 0.1
+    ctl.close()
+    assert list(elsewhere.iterdir()) == []
