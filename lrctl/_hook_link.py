@@ -58,7 +58,10 @@ class LinkSide:
             # nobody (see daemon/pacing.py). Not with every=N or "auto": their reports are
             # steps apart, but an answer is due the next step (the timer would follow the
             # reports, and the hook would wait), and they wake the controller 1/N as often.
-            "pace": not self.sync and self.every == 1 and self._batch is None,
+            # Nor under torch.distributed: rank 0 awaits each answer inside step(), which
+            # with step() after optimizer.step() is the one to the step it just reported.
+            "pace": (not self.sync and self.every == 1 and self._batch is None
+                     and self._dist.world_size == 1),
         }
         if self.total_steps is not None:
             hello["total_steps"] = self.total_steps

@@ -20,6 +20,12 @@ is not durable yet) makes every frame sent from then on wait in its connection's
 :meth:`Handler.commit` (one fsync per journal file) and only then sends what was
 held. So no reply that carries a decision leaves before the decision is on disk,
 and frames on a connection keep their order.
+
+Paced reading (:mod:`~lrctl.daemon.pacing`): a fast async hook's connection leaves the
+selector and is read on a timer, so that its sends wake nobody. :meth:`select` waits
+until the next look is due on the selector's own descriptor with ``select()``, to the
+microsecond (``epoll`` counts whole milliseconds), so any other peer still wakes it;
+:meth:`serve` then reads the connections due.
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ import contextlib
 import hmac
 import logging
 import math
+import select
 import selectors
 import socket
 import time
@@ -48,8 +55,6 @@ __all__ = ["Conn", "Handler", "Refused", "Transport", "Unavailable", "bind_unix"
 
 log = logging.getLogger("lrctl.daemon")
 
-EPOLL_TICK_S = 1e-3  # epoll's timeout counts whole milliseconds (rounded up)
-
 
 class Transport(Writing):
     """Every socket of one controller; ``listeners`` are bound, listening sockets, each with
@@ -59,6 +64,7 @@ class Transport(Writing):
                  limits: Limits, token: str | None = None, socket_path: str = "",
                  pacing: bool = True) -> None:
         self.sel = selectors.DefaultSelector()
+        self._sel_fd = self.sel.fileno() if hasattr(self.sel, "fileno") else -1
         self.handler = handler
         self.limits = limits
         self.token = token.encode("utf-8") if token else None
@@ -87,12 +93,15 @@ class Transport(Writing):
         if self.pacing is not None and self.pacing.next_due < math.inf:
             wait = self.pacing.next_due - time.monotonic()
             if wait < timeout:
-                if wait > EPOLL_TICK_S:  # rounded up to whole ms: never past the look
-                    return self.sel.select(timeout=wait - EPOLL_TICK_S)
-                ready = self.sel.select(timeout=0)
-                if not ready and wait > 0:
-                    time.sleep(wait)
-                return ready
+                if wait > 0:
+                    # Until the look, awake to every other peer: epoll counts whole
+                    # milliseconds, select() microseconds, and the epoll descriptor
+                    # itself turns readable when any of its sockets does.
+                    try:
+                        select.select([self._sel_fd], [], [], wait)
+                    except ValueError:  # a descriptor past select()'s limit: epoll, in ms
+                        return self.sel.select(timeout=wait)
+                return self.sel.select(timeout=0)
         return self.sel.select(timeout=timeout)
 
     def serve(self, ready: list[tuple[selectors.SelectorKey, int]]) -> None:
@@ -350,6 +359,10 @@ class Transport(Writing):
         observations and its ``bye`` (``ctl.close()`` does not wait for answers). What it
         sent is all in our receive buffer: apply it, up to ``max_drain`` bytes, then
         close, so that the run ends (or stays resumable) exactly as the hook left it."""
+        if conn.backlog:  # decoded before what is still in the socket: handled first
+            messages, conn.backlog = conn.backlog, []
+            self._backlogged.pop(conn, None)
+            self._handle(conn, messages)
         budget = self.limits.max_drain
         while budget > 0 and conn.sock.fileno() >= 0 and not conn.pending:
             try:
@@ -380,7 +393,8 @@ class Transport(Writing):
                 return True  # all it sent is handled, and it has not hung up
             except OSError:
                 more = b""
-            if not more:
+            if not more:  # it hung up: what it sent was handled, and now it is gone
+                self._read(conn)
                 break
             self._read(conn)
         if conn.sock.fileno() >= 0 and (conn.closing or conn.dead):

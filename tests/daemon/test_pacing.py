@@ -18,7 +18,11 @@ from daemon_helpers import POLICIES, ControllerProc, losses
 
 import lrctl
 from lrctl.client import request
+from lrctl.daemon.conn import Conn
+from lrctl.daemon.limits import Limits
 from lrctl.daemon.pacing import AFTER_DATA, AFTER_NOTHING, IDLE_INTERVALS, WINDOW, Pacing
+from lrctl.daemon.transport import Transport
+from lrctl.wire.frames import encode
 
 DEADLINE_S = 30.0
 
@@ -206,3 +210,96 @@ def test_a_silent_hook_goes_back_to_the_selector_and_a_dead_one_is_seen(
         assert _status(controller)["paced"] == 0
     finally:
         ctl.close(end_run=False)
+
+
+class _Echo:
+    """A handler that answers each ``obs`` (the transport's side, in process)."""
+
+    def __init__(self) -> None:
+        self.transport: Transport | None = None
+        self.handled: list[int] = []
+
+    def handle(self, conn: object, msg: dict) -> None:
+        self.handled.append(msg["s"])
+        assert self.transport is not None
+        self.transport.send(conn, {"t": "lr", "s": msg["s"]})  # type: ignore[arg-type]
+
+    def disconnected(self, conn: object, save: bool) -> None:
+        pass
+
+    def commit(self) -> None:
+        pass
+
+    def woken(self) -> None:
+        pass
+
+
+@pytest.fixture
+def transport() -> Iterator[tuple[Transport, _Echo]]:
+    echo = _Echo()
+    t = Transport([], echo, limits=Limits(max_messages_per_wake=4))
+    echo.transport = t
+    yield t, echo
+    t.close()
+
+
+def _peer(t: Transport, paceable: bool = True) -> tuple[Conn, socket.socket]:
+    ours, theirs = socket.socketpair()
+    conn = t.open_conn(ours, True, "peer")
+    conn.run, conn.paceable = "peer", paceable
+    return conn, theirs
+
+
+def _serve_until(t: Transport, done: Callable[[], bool]) -> None:
+    deadline = time.monotonic() + DEADLINE_S
+    while not done():
+        assert time.monotonic() < deadline, "timed out"
+        t.serve(t.select(0.01))
+        t.release()
+
+
+def test_a_peer_that_hangs_up_has_all_it_sent_handled(
+        transport: tuple[Transport, _Echo]) -> None:
+    """Past max_messages_per_wake, the rest waited in the connection's backlog, and a
+    hang-up dropped it (26 of 30 lost)."""
+    t, echo = transport
+    conn, theirs = _peer(t)
+    theirs.sendall(b"".join(encode({"t": "obs", "s": s}) for s in range(30)))
+    theirs.close()
+    _serve_until(t, lambda: conn.sock.fileno() < 0)
+    assert echo.handled == list(range(30))
+
+
+def test_still_open_sees_a_peer_that_closed(transport: tuple[Transport, _Echo]) -> None:
+    """A peer that closed cleanly was still open (a hello without the run's resume token
+    could then be refused run_conflict, its hook long gone)."""
+    t, _ = transport
+    conn, theirs = _peer(t)
+    theirs.close()
+    assert not t.still_open(conn) and conn.sock.fileno() < 0
+
+
+def test_the_loop_never_sleeps_deaf(transport: tuple[Transport, _Echo],
+                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """With a look due in under a millisecond the loop slept in time.sleep, hearing no
+    one (a sync hook's answer waited out the sleep); it waits on the selector now."""
+    t, echo = transport
+    conn, theirs = _peer(t)
+    assert t.pacing is not None
+    t.pacing.heard(conn, 0.0, 1)
+    for i in range(1, WINDOW + 1):
+        t.pacing.heard(conn, i * 0.001, 1)
+    t.sel.unregister(conn.sock)
+    t.pacing.pace(conn, time.monotonic())
+    t.pacing.next_due = time.monotonic() + 0.0005
+    monkeypatch.setattr(time, "sleep", lambda s: pytest.fail(f"slept {s} s deaf"))
+    other, them = _peer(t, paceable=False)
+    them.sendall(encode({"t": "obs", "s": 7}))
+    ready = t.select(1.0)
+    assert [key.data[1] for key, _ in ready] == [other]
+    t.serve(ready)
+    assert echo.handled == [7]
+    t.pacing.next_due = time.monotonic() + 0.0005
+    assert t.select(1.0) == []  # nothing came: it returns at the look, still awake
+    theirs.close()
+    them.close()
