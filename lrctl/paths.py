@@ -75,7 +75,7 @@ def state_dir(env: Mapping[str, str] | None = None, socket: str | None = None) -
     (:data:`OWNER_FILE`, written by the first controller that served from it by
     default), and until one is, to the default socket; a controller on any other
     socket, or one that once found the shared directory held (see
-    ``lrctl.daemon.process``), uses :func:`own_state_dir`. A TCP address names no Unix
+    ``lrctl.daemon.listening``), uses :func:`own_state_dir`. A TCP address names no Unix
     socket: the shared directory."""
     env = os.environ if env is None else env
     base = _state_base(env)
@@ -148,7 +148,7 @@ def _state_base(env: Mapping[str, str] | None) -> Path:
     return Path.home() / ".local" / "state" / "lrctl"
 
 
-#: In a state directory: the lock its controller holds for its life (see lrctl.daemon.process).
+#: In a state directory: the lock its controller holds for its life (see lrctl.daemon.listening).
 STATE_LOCK = "controller.lock"
 
 

@@ -103,7 +103,7 @@ class Admission:
         self._spare = _spare_fd()  # spent to answer a connection when out of descriptors
         self._unix: socket.socket | None = None
         self._unix_id: tuple[int, int] | None = None
-        # The socket's lock, taken again after its file was removed (see process.py); False:
+        # The socket's lock, taken again after its file was removed (see listening.py); False:
         # another controller holds it now.
         self.relock: Callable[[], bool] | None = None
         for sock, authed in listeners:

@@ -1,26 +1,13 @@
-"""The controller's process: lock and bind its sockets, detach, log, serve until a signal.
-
-Start-up is race-safe: the controller holds an exclusive ``flock`` on
-``<socket>.lock`` for its whole life. A second ``serve`` on the same socket
-fails to take the lock and exits non-zero, naming the pid that holds it; a
-socket file left by a controller that died (``kill -9``) is unlinked and taken
-over, since holding the lock proves nobody else serves it. It holds
-``controller.lock`` in its state directory too: two controllers on one state
-directory would each restore the other's runs from their checkpoints, and end
-them (and their MLflow runs) when no hook came, so the second one refuses.
+"""The controller's process: lock and bind its sockets (:mod:`.listening`), detach,
+log, serve until a signal.
 """
 
 from __future__ import annotations
 
-import contextlib
-import errno
-import fcntl
 import logging
 import os
 import resource
 import signal
-import socket
-import stat
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -28,8 +15,8 @@ from pathlib import Path
 
 from .. import paths
 from ..sinks import Sink, build_sink
-from .admission import bind_unix
 from .limits import DEFAULT_SESSION_TIMEOUT
+from .listening import AlreadyServing, Listening, bind, lock_state, relock_socket, relock_state_dir
 from .liveness import DEFAULT_GRACE_S, DEFAULT_STALL_S, LoopMonitor
 from .server import Server
 from .store import StateStore
@@ -37,10 +24,6 @@ from .store import StateStore
 __all__ = ["AlreadyServing", "Listening", "ServeOptions", "bind", "serve"]
 
 log = logging.getLogger("lrctl.daemon")
-
-
-class AlreadyServing(RuntimeError):
-    """Another live controller holds the socket."""
 
 
 @dataclass
@@ -69,223 +52,6 @@ class ServeOptions:
     state_fallback: str | None = None
 
 
-class Listening:
-    """The bound sockets and the locks that make them (and the state directory) ours;
-    ``close`` releases all."""
-
-    def __init__(self, unix: socket.socket, lock_fd: int, path: str,
-                 tcp: socket.socket | None) -> None:
-        self.unix = unix
-        self.tcp = tcp
-        self.lock_fd = lock_fd
-        self.state_lock_fd = -1  # the state directory's (see lock_state_dir)
-        self.owns_state = False  # the shared state directory names this socket its owner
-        self.notes: list[str] = []  # warnings for the log, once it is open
-        self.path = path
-        self.took_over = False  # a stale socket of a dead controller was replaced
-
-    def holds_socket(self) -> bool:
-        """Whether the socket's lock file is still the one this controller locked."""
-        try:
-            held, there = os.fstat(self.lock_fd), os.lstat(self.path + ".lock")
-        except OSError:
-            return False
-        return (held.st_dev, held.st_ino) == (there.st_dev, there.st_ino)
-
-    def release_state_lock(self) -> None:
-        if self.state_lock_fd >= 0:
-            os.close(self.state_lock_fd)
-            self.state_lock_fd = -1
-
-    def close(self) -> None:
-        for sock in (self.unix, self.tcp):
-            if sock is not None:
-                sock.close()
-        if self.holds_socket():  # else another controller serves it now: not ours to remove
-            with contextlib.suppress(OSError):
-                os.unlink(self.path)
-        os.close(self.lock_fd)
-        self.release_state_lock()
-
-
-#: flock errors of a filesystem that has no locks (NFS mounted nolock, Lustre without
-#: -o flock): the controller goes on unlocked, and says so.
-_NO_LOCKS = {errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP}
-
-
-def _take_lock(path: str | Path, socket_path: str | None = None) -> int | str | None:
-    """An exclusive ``flock`` on ``path`` (created 0600, never through a symlink), our pid
-    (and ``socket_path``) written in it (see ``paths.lock_text``): its descriptor, the
-    pid of the process that holds it, or ``None`` where the filesystem has no locks."""
-    fd = paths.open_private(path, os.O_RDWR)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        holder = paths.lock_fields(os.pread(fd, 4096, 0))[0] or "?"
-        os.close(fd)
-        return holder
-    except OSError as exc:
-        os.close(fd)
-        if exc.errno in _NO_LOCKS:
-            return None
-        raise
-    except BaseException:
-        os.close(fd)
-        raise
-    try:
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, paths.lock_text(os.getpid(), socket_path), 0)
-    except BaseException:
-        os.close(fd)
-        raise
-    return fd
-
-
-def lock_state_dir(listening: Listening, state: Path) -> None:
-    """Take ``state``'s ``controller.lock`` for ``listening``'s life, or raise
-    :class:`AlreadyServing` naming the controller that uses the directory."""
-    taken = _take_lock(state / paths.STATE_LOCK, listening.path)
-    if isinstance(taken, str):
-        raise AlreadyServing(f"another controller (pid {taken}) already uses the state "
-                             f"directory {state}; give this one its own --state-dir (or "
-                             "LRCTL_STATE_DIR), or stop that one first")
-    if taken is None:
-        listening.notes.append(f"the state directory {state} cannot be locked (its "
-                               "filesystem has no locks): make sure no other controller "
-                               "uses it")
-        return
-    listening.state_lock_fd = taken
-
-
-def _lock_state(listening: Listening, options: ServeOptions, state: Path) -> Path:
-    """The state directory this controller serves from, locked: ``state``, or, when
-    another controller holds it and it was not given (``--state-dir``),
-    ``options.state_fallback`` (this socket's own; see ``lrctl.paths.state_dir``)."""
-    fallback = options.state_fallback
-    try:
-        lock_state_dir(listening, state)
-    except AlreadyServing as exc:
-        if fallback is None:
-            raise
-        why = exc.args[0].split(";")[0]
-    else:
-        if fallback is None or Path(fallback) == state:
-            return state
-        # The shared directory, by default: it becomes this socket's, unless another
-        # socket claimed it since this controller looked (then it is that one's).
-        owner = paths.state_owner(state)
-        if owner is None:
-            paths.claim_state_dir(state, options.socket_path)
-        if owner is None or owner == os.path.realpath(options.socket_path):
-            listening.owns_state = True
-            return state
-        listening.release_state_lock()
-        why = f"the state directory {state} belongs to the controller on {owner}"
-    own = paths.ensure_state_dir(fallback)
-    lock_state_dir(listening, own)
-    listening.notes.append(f"{why}: this controller keeps its state in {own} instead (its "
-                           "socket's own, from now on)")
-    return own
-
-
-def relock_state_dir(listening: Listening, state: Path) -> None:
-    """The state directory was deleted and made again (see ``StateDirWatch``): its lock
-    (and, in the shared directory, the owner file naming this socket) went with it, so
-    take the new one's (and write it again)."""
-    listening.release_state_lock()
-    try:
-        lock_state_dir(listening, state)
-        if listening.owns_state:  # its owner file went too: else another socket's
-            paths.claim_state_dir(state, listening.path)  # controller would claim it
-    except (AlreadyServing, OSError) as exc:
-        log.error("cannot lock the recreated state dir: %s", exc)
-
-
-def relock_socket(listening: Listening) -> bool:
-    """The socket file was removed (see ``Admission._check_socket``), perhaps with its
-    directory and so its lock file: take the lock of the file there now. False when
-    another controller holds it (it serves the socket now: leave it be)."""
-    if listening.holds_socket():
-        return True
-    taken = _take_lock(listening.path + ".lock")
-    if isinstance(taken, str):
-        return False
-    if taken is not None:  # (None: a filesystem without locks, as at the start)
-        os.close(listening.lock_fd)
-        listening.lock_fd = taken
-    return True
-
-
-def bind(options: ServeOptions) -> Listening:
-    """Check the directories, take the lock, bind the sockets (0600)."""
-    path = options.socket_path
-    paths.parse_address(path)  # checks the sun_path length
-    paths.ensure_private_dir(Path(path).parent)
-    # Never through a symlink (a planted <socket>.lock -> ~/.bashrc would be truncated).
-    lock_fd = _take_lock(path + ".lock")
-    if isinstance(lock_fd, str):
-        raise AlreadyServing(f"another controller (pid {lock_fd}) is already serving on "
-                             f"{path}; stop it first or choose another --socket")
-    if lock_fd is None:
-        raise OSError(f"cannot lock {path}.lock (its filesystem has no locks); choose a "
-                      "--socket on a local filesystem")
-    try:
-        if os.path.lexists(path):
-            if not _is_socket(path):
-                raise FileExistsError(f"{path} exists and is not a socket; refusing to "
-                                      "replace it")
-            if _answers(path):  # its lock file was removed, not its controller
-                raise AlreadyServing(f"a controller answers on {path}, though its lock file "
-                                     "was removed; stop it first (lrctl stop --socket "
-                                     f"{path}) or choose another --socket")
-            os.unlink(path)  # stale: its controller died without cleaning up
-            stale = True
-        else:
-            stale = False
-        unix = bind_unix(path)
-        try:
-            tcp = _bind_tcp(options) if options.tcp else None
-        except BaseException:
-            unix.close()
-            raise
-    except BaseException:
-        os.close(lock_fd)
-        raise
-    listening = Listening(unix, lock_fd, path, tcp)
-    listening.took_over = stale
-    return listening
-
-
-def _bind_tcp(options: ServeOptions) -> socket.socket:
-    if not options.token:
-        raise ValueError("--tcp needs a token: pass --token-file FILE or set LRCTL_TOKEN")
-    assert options.tcp is not None
-    host, port = options.tcp
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((host, port))
-    sock.listen(128)
-    return sock
-
-
-def _answers(path: str) -> bool:
-    """Whether something accepts connections on the Unix socket ``path``."""
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    probe.settimeout(1.0)
-    try:
-        probe.connect(path)
-    except OSError:
-        return False
-    finally:
-        probe.close()
-    return True
-
-
-def _is_socket(path: str) -> bool:
-    return stat.S_ISSOCK(os.lstat(path).st_mode)
-
-
 def _set_sched(kind: str) -> None:
     """``--sched batch``: no wake-up preemption of whatever runs when an observation
     arrives (an unprivileged process may choose SCHED_BATCH for itself)."""
@@ -307,7 +73,7 @@ def serve(options: ServeOptions, sink_factory: Callable[[str], Sink] = build_sin
         raise NotADirectoryError(f"--policies {options.policies_dir}: not a directory")
     listening = bind(options)
     try:
-        state = _lock_state(listening, options, state)
+        state = lock_state(listening, options, state)
     except BaseException:
         listening.close()
         raise

@@ -34,7 +34,7 @@ class StateDirWatch:
         self.path = state_dir
         self.recreated: dict[str, Any] | None = None  # {"count", "at"}: for status
         self.error: str | None = None  # it is gone and cannot be made again
-        self.relock: Callable[[], None] | None = None  # its lock, taken again (process.py)
+        self.relock: Callable[[], None] | None = None  # its lock, taken again (listening.py)
         self._ident = self._stat()
 
     def _stat(self) -> tuple[int, int] | None:

@@ -34,7 +34,6 @@ import contextlib
 import hmac
 import logging
 import math
-import select
 import selectors
 import socket
 import time
@@ -47,6 +46,7 @@ from ..wire.frames import MAX_FRAME, MAX_HELLO
 from .admission import Admission, bind_unix
 from .conn import Conn, Handler, Refused, Unavailable
 from .limits import Limits
+from .paced_reading import PacedReading
 from .pacing import Pacing
 from .ratelog import RateLog
 from .writing import Writing
@@ -56,7 +56,7 @@ __all__ = ["Conn", "Handler", "Refused", "Transport", "Unavailable", "bind_unix"
 log = logging.getLogger("lrctl.daemon")
 
 
-class Transport(Writing):
+class Transport(Writing, PacedReading):
     """Every socket of one controller; ``listeners`` are bound, listening sockets, each with
     whether its peers are trusted (Unix) or must show ``token`` first (TCP)."""
 
@@ -90,18 +90,8 @@ class Transport(Writing):
         # Messages left over from the last wake-up (see _dispatch): no sleeping on them.
         if self._backlogged:
             return self.sel.select(timeout=0)
-        if self.pacing is not None and self.pacing.next_due < math.inf:
-            wait = self.pacing.next_due - time.monotonic()
-            if wait < timeout:
-                if wait > 0:
-                    # Until the look, awake to every other peer: epoll counts whole
-                    # milliseconds, select() microseconds, and the epoll descriptor
-                    # itself turns readable when any of its sockets does.
-                    try:
-                        select.select([self._sel_fd], [], [], wait)
-                    except ValueError:  # a descriptor past select()'s limit: epoll, in ms
-                        return self.sel.select(timeout=wait)
-                return self.sel.select(timeout=0)
+        if self.pacing is not None and self.pacing.next_due - time.monotonic() < timeout:
+            return self._until_look()
         return self.sel.select(timeout=timeout)
 
     def serve(self, ready: list[tuple[selectors.SelectorKey, int]]) -> None:
@@ -127,40 +117,6 @@ class Transport(Writing):
                 self._serve_backlog(conn)
         if self.pacing is not None and self.pacing.next_due < math.inf:
             self._serve_paced()
-
-    # -- paced reading (see pacing.py) -------------------------------------------------
-    def _serve_paced(self) -> None:
-        assert self.pacing is not None
-        read, idle = self.pacing.due(time.monotonic())
-        for conn in read:
-            if conn.paced and conn.sock.fileno() >= 0:
-                self._read(conn)
-        for conn in idle:
-            if conn.paced:
-                self._unpace(conn)
-        self.pacing.reschedule()
-
-    def _heard(self, conn: Conn, count: int) -> None:
-        """``conn`` (an async hook's) sent ``count`` messages: pace it, or no longer."""
-        assert self.pacing is not None
-        now = time.monotonic()
-        if self.pacing.heard(conn, now, count):
-            if not conn.paced and not (conn.out or conn.closing or conn.parked or conn.dead
-                                       or conn.failed or conn.pending):
-                self.sel.unregister(conn.sock)
-                self.pacing.pace(conn, now)
-        elif conn.paced:
-            self._unpace(conn)
-
-    def _unpace(self, conn: Conn) -> None:
-        """Back to the selector: read as its frames come."""
-        if not conn.paced:
-            return
-        assert self.pacing is not None
-        self.pacing.unpace(conn)
-        if conn.sock.fileno() >= 0:
-            self.sel.register(conn.sock, selectors.EVENT_READ | (
-                selectors.EVENT_WRITE if conn.out else 0), ("conn", conn))
 
     def _serve_backlog(self, conn: Conn) -> None:
         del self._backlogged[conn]

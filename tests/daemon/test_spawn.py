@@ -109,14 +109,14 @@ def test_a_filesystem_without_locks_is_served_unlocked(short_dir,  # type: ignor
     import errno
     import fcntl
 
-    from lrctl.daemon import process
+    from lrctl.daemon import listening
 
     def no_locks(fd: int, op: int) -> None:
         raise OSError(errno.ENOLCK, "No locks available")
 
     monkeypatch.setattr(fcntl, "flock", no_locks)
     before = len(os.listdir("/proc/self/fd"))
-    assert process._take_lock(short_dir / "x.lock") is None
+    assert listening.take_lock(short_dir / "x.lock") is None
     assert len(os.listdir("/proc/self/fd")) == before
 
 
