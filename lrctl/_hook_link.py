@@ -21,9 +21,12 @@ from ._resume import sanitize_run_name
 from ._sources import policy_payload
 from ._version import __version__
 from .wire.messages import float_in
+from .wire.operator import ControllerError, request
 from .wire.token import token_from_env
 
 __all__ = ["LinkSide", "PolicyRejected", "RunConflict"]
+
+VERSION_PROBE_S = 2.0  # a controller that takes longer to say its version: asked by hello
 
 
 class PolicyRejected(ValueError):
@@ -73,14 +76,21 @@ class LinkSide:
             hello["start_step"] = self._step  # a new run's first LRs are for this step
         if self._resume_token is not None and self._resume is not None:
             hello["resume_token"] = self._resume_token
-        link = self._open_link(address, hello, token, spawn, spawn_timeout, max_backoff)
-        other = self._controller_version
-        if link.connected and other != __version__:
+        # Asked before any hello: a controller of another version must not get this run
+        # (it would keep it, a phantom beside the one ours serves).
+        answered, other = _version_on(address)
+        link: Link | None = None
+        if not answered or other == __version__:
+            link = self._open_link(address, hello, token, spawn, spawn_timeout, max_backoff)
+            answered, other = link.connected, self._controller_version
+            if answered and other != __version__:
+                link.close(bye=False)
+        if answered and other != __version__:
             # A controller from another install or checkout holds the shared socket: it may
             # not know this version's policies or protocol. Use (or start) our own.
-            link.close(bye=False)
+            unix = not address.startswith("tcp://")
             versioned = _spawn.versioned_socket(address)
-            if spawn and link.kind == "unix" and not _fits(versioned):
+            if spawn and unix and not _fits(versioned):
                 self._link = None
                 self._warn("version", f"lrctl: the controller on {address} runs lrctl "
                                       f"{other or '< 0.2'}, this hook is lrctl {__version__}, "
@@ -89,7 +99,7 @@ class LinkSide:
                                       "optimizer's LRs (stop the old one with 'lrctl stop', "
                                       "or choose a shorter socket)")
                 return
-            if spawn and link.kind == "unix":
+            if spawn and unix:
                 self._warn("version", f"lrctl: the controller on {address} runs lrctl "
                                       f"{other or '< 0.2'}, this hook is lrctl {__version__}: "
                                       f"using a controller on {versioned} instead, its state "
@@ -106,6 +116,7 @@ class LinkSide:
                                       "training continues at the optimizer's LRs (stop it "
                                       "with 'lrctl stop', or attach with spawn=True)")
                 return
+        assert link is not None
         if link.fatal is not None:
             self._link = None
             code, message = link.fatal.get("code"), str(link.fatal.get("message"))
@@ -238,6 +249,19 @@ class LinkSide:
         if reply is None or not isinstance(reply.get("session"), dict):
             return None
         return dict(reply["session"])
+
+
+def _version_on(address: str) -> tuple[bool, str | None]:
+    """Whether a controller answers ``status`` on the Unix socket ``address`` (TCP: not
+    asked, the welcome says), and its version (``None``: one older than 0.2)."""
+    if address.startswith("tcp://"):
+        return False, None
+    try:
+        reply = request({"t": "status"}, address, timeout=VERSION_PROBE_S)
+    except (OSError, ControllerError, ValueError):
+        return False, None
+    version = reply.get("version")
+    return True, version if isinstance(version, str) else None
 
 
 def _fits(address: str) -> bool:
