@@ -70,7 +70,10 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("stop", help="stop the controller (SIGTERM), wait, and report",
                        description="Ask the controller on the socket for its pid, send it "
                                    "SIGTERM (it checkpoints every run) and wait until it has "
-                                   "exited.")
+                                   "exited. A hook attached with spawn=True (the default) "
+                                   "that is still training starts a new one within seconds, "
+                                   "which restores its run: stop the training first to "
+                                   "stop for good.")
     p.add_argument("--socket", help="Unix socket path (default: $LRCTL_SOCKET or the runtime "
                                     "dir)")
     p.add_argument("--timeout", type=_positive_seconds, default=15.0, metavar="SECONDS",
