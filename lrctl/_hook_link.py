@@ -56,14 +56,15 @@ class LinkSide:
             "lrs": list(self._initial), "groups": len(self._initial),
             "world_size": self._dist.world_size, "mlflow": mlflow_info(), "cwd": os.getcwd(),
             "watch": self._watch, "sync": self.sync, "lrctl": __version__,
-            # Each report's answer is due a step later: the controller may read this hook
-            # on a timer that follows its steps (it reports every `pace` steps), so that
-            # its sends wake nobody (see daemon/pacing.py). Not every="auto": its reports
-            # come at uneven intervals. Nor under torch.distributed: rank 0 awaits each
-            # answer inside step(), with step() after optimizer.step() the one to the
-            # step it just reported.
-            "pace": self.every if (not self.sync and self._batch is None
-                                   and self._dist.world_size == 1) else 0,
+            # Each report's answer is due a step later, and reports come every step: the
+            # controller may read it on a timer that follows its steps, so its sends wake
+            # nobody (see daemon/pacing.py). Not with every=N or "auto": their reports are
+            # steps apart, but an answer is due the next step (the timer would follow the
+            # reports, and the hook would wait), and they wake the controller 1/N as often.
+            # Nor under torch.distributed: rank 0 awaits each answer inside step(), which
+            # with step() after optimizer.step() is the one to the step it just reported.
+            "pace": (not self.sync and self.every == 1 and self._batch is None
+                     and self._dist.world_size == 1),
         }
         if self.total_steps is not None:
             hello["total_steps"] = self.total_steps

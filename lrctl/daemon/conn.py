@@ -55,7 +55,7 @@ class Conn:
         self.failed = False  # told to go (a fatal error): nothing more it sends is handled
         self.parked = False  # hung up during its hello: out of the selector until answered
         self.dead = False  # a send failed: the peer is gone, but what it sent still counts
-        self.paceable = 0  # an async hook's steps per report: read on a timer (pacing.py)
+        self.paceable = False  # an async hook's: may be read on a timer (see pacing.py)
         self.paced = False  # read on a timer now, out of the selector
         # Messages decoded but not yet handled: past Limits.max_messages_per_wake in one
         # wake-up, the rest wait for the next one (the other peers are served in between).

@@ -38,7 +38,7 @@ class Hello:
     cwd: str | None
     watch: bool  # attach(watch=...): follow edits of the policy file
     sync: bool  # the hook waits for each answer
-    pace: int = 0  # an async hook's steps per report: it may be read on a timer (pacing.py)
+    pace: bool = False  # an async hook: it may be read on a timer (see pacing.py)
     session: dict[str, Any] | None = None  # the run's state from the user's checkpoint
     start_step: int = 0  # the step number of the loop's first step
     resume_token: str | None = None  # from the run's welcome: may take a connected run over
@@ -80,7 +80,7 @@ def parse_hello(msg: Mapping[str, Any]) -> Hello:
         cwd=get_str(msg, "cwd", max_len=4096, optional=True), watch=watch, sync=sync,
         session=session, start_step=get_int(msg, "start_step", lo=0, optional=True) or 0,
         resume_token=get_str(msg, "resume_token", max_len=64, optional=True),
-        snapshots=_snapshots(msg.get("snapshots")), pace=0 if sync else _pace(msg))
+        snapshots=_snapshots(msg.get("snapshots")), pace=_bool(msg, "pace", False) and not sync)
 
 
 def _snapshots(value: Any) -> tuple[int, int] | None:
@@ -115,18 +115,6 @@ def _clean_source(source: str) -> str:
             or len(source) > 4096):
         return "<" + "".join(c if c.isprintable() else "?" for c in source[:200]) + ">"
     return os.path.normpath(source)
-
-
-def _pace(msg: Mapping[str, Any]) -> int:
-    """``pace``: the hook's steps per report (``true``: 1), or 0 (``false``, absent): it
-    may not be read on a timer."""
-    value = msg.get("pace", False)
-    if isinstance(value, bool):
-        return int(value)
-    if isinstance(value, int) and 0 <= value <= 1 << 20:
-        return value
-    raise ProtocolError(f"pace must be a number of steps (0 to {1 << 20}) or true/false, but "
-                        f"got {value!r:.40}", "bad_message")
 
 
 def _bool(msg: Mapping[str, Any], key: str, default: bool) -> bool:

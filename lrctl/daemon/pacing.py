@@ -7,21 +7,21 @@ send was 70 % of an async hook's cost; the same send costs ~4 µs when nobody wa
 on the socket. An async hook does not wait for its answers: the answer to step
 ``t`` is due at step ``t + 1``'s ``optimizer.step()``, a whole step later.
 
-So a connection whose hook said ``pace: N`` in its hello (async hooks do; N is its
-steps per report, ``every=N``) and whose reports come fast — their mean interval,
-measured over a window of ``WINDOW`` messages, within ``Limits.pace_interval_s``, and
-``Limits.pace_after`` in a row each within it of the last — leaves the selector: the
-transport reads it on a timer instead, and the hook's sends wake nobody. The timer
-follows the connection's own rhythm, in steps (the mean interval / N): after a read
-that found data, the next look comes ``1 - AFTER_DATA`` (0.4) of a step before the
-next report is due (with N = 1, 0.6 of an interval later); after a read that found
-nothing, ``AFTER_NOTHING`` (¼) of a step later; a read that finds messages queued up
-(the run sped up) shortens the interval at once. A report so waits about a quarter
-of a step (plus the timer's slack, ~80 µs on the project's VMs) for its read, and is
-answered at once, long before the hook needs the answer, a step after the report; a
-hook that does wait (a late answer, ``state_dict()``, ``close()``) waits about as
-long more. Decisions are the same either way: the hook applies the answer to step
-``t`` at step ``t + 1`` exactly, waiting for it if need be.
+So a connection whose hook said ``pace`` in its hello (async hooks that report every
+step do: with ``every=N`` the reports come N steps apart, but an answer is due the next
+step, and a timer that followed the reports would make the hook wait) and whose
+observations come fast — its mean interval, measured over a window of ``WINDOW``
+messages, within ``Limits.pace_interval_s``, and ``Limits.pace_after`` in a row each
+within it of the last — leaves the selector: the transport reads it on a timer
+instead, and the hook's sends wake nobody. The timer follows the connection's own
+rhythm: after a read that found data, the next look is ``AFTER_DATA`` (0.6) of the
+mean interval later; after one that found nothing, ``AFTER_NOTHING`` (¼) of it
+later; a read that finds messages queued up (the run sped up) shortens the interval
+at once. An observation so waits about a quarter of a step (plus the timer's slack,
+~80 µs on the project's VMs) for its read, and is answered at once, long before the
+hook needs the answer; a hook that does wait (a late answer, ``state_dict()``,
+``close()``) waits about as long more. Decisions are the same either way: the hook
+applies the answer to step ``t`` at step ``t + 1`` exactly, waiting for it if need be.
 
 A paced connection goes back to the selector when it falls silent
 (``IDLE_INTERVALS`` mean intervals, and at least ``2 × pace_interval_s``: an
@@ -30,11 +30,9 @@ evaluation pause, the end of a run), when its observations slow down past
 now, a close). A hang-up is seen at the next look (``poll`` reports it).
 
 The controller pays for this in wake-ups of its own (a timer per look, on its own
-CPU, one to three per report), not the training thread. Sync hooks, ``every="auto"``
-(its reports come at uneven intervals), hooks under ``torch.distributed`` (rank 0
-waits for each answer in ``step()``) and clients that do not say ``pace`` (a raw
-protocol client that waits for each answer before its next frame would only be
-slowed by a timer) are read as their frames come.
+CPU, one to two per observation), not the training thread. Sync hooks, and clients
+that do not say ``pace`` (a raw protocol client that waits for each answer before
+its next frame would only be slowed by a timer), are read as their frames come.
 """
 
 from __future__ import annotations
@@ -51,10 +49,8 @@ __all__ = ["Pacing"]
 
 
 WINDOW = 16  # messages per estimate of a connection's mean interval
-# The next look after a read that found data: at the next report less 1 - AFTER_DATA of a
-# step (every=1: AFTER_DATA of an interval); after one that found nothing: a quarter step.
-AFTER_DATA = 0.6
-AFTER_NOTHING = 0.25
+AFTER_DATA = 0.6  # next look after a read that found data, in mean intervals
+AFTER_NOTHING = 0.25  # ... after one that found nothing
 MIN_LOOK_S = 50e-6  # looks are never closer than this (a burst of replayed frames)
 IDLE_INTERVALS = 8.0  # silent this many mean intervals: back to the selector
 _READY = select.POLLIN | select.POLLPRI | select.POLLERR | select.POLLHUP
@@ -103,14 +99,14 @@ class Pacing:
             rate.interval = max(min(rate.interval, gap), MIN_LOOK_S)
             rate.since, rate.msgs = now, 0
         if conn.paced:
-            rate.due = now + _after_data(rate.interval, conn.paceable)
+            rate.due = now + max(rate.interval * AFTER_DATA, MIN_LOOK_S)
             return rate.interval <= self.interval_s
         rate.streak = rate.streak + count if gap <= self.interval_s else 0
         return rate.streak >= self.after and rate.interval <= self.interval_s
 
     def pace(self, conn: Conn, now: float) -> None:
         rate = self._rates[conn]
-        rate.due = now + _after_data(rate.interval, conn.paceable)
+        rate.due = now + max(rate.interval * AFTER_DATA, MIN_LOOK_S)
         fd = conn.sock.fileno()
         self._paced[fd] = conn
         self._poll.register(fd, _READY)
@@ -147,27 +143,15 @@ class Pacing:
             rate = self._rates[conn]
             if fd in readable:
                 read.append(conn)  # heard() moves its next look, if the read finds data
-                rate.due = now + _after_nothing(rate.interval, conn.paceable)
+                rate.due = now + max(rate.interval * AFTER_NOTHING, MIN_LOOK_S)
             elif rate.due <= now:
                 if now - rate.last > max(IDLE_INTERVALS * rate.interval, 2 * self.interval_s):
                     idle.append(conn)
                 else:
-                    rate.due = now + _after_nothing(rate.interval, conn.paceable)
+                    rate.due = now + max(rate.interval * AFTER_NOTHING, MIN_LOOK_S)
         return read, idle
 
     def reschedule(self) -> None:
         """Recompute :attr:`next_due` (after :meth:`due`'s connections were handled)."""
         self.next_due = min((self._rates[c].due for c in self._paced.values()),
                             default=math.inf)
-
-
-def _after_data(interval: float, steps: int) -> float:
-    """The next look after a read that found data: the next report is due ``interval``
-    later, and its answer a step after it (a report comes every ``steps`` steps), so
-    look ``1 - AFTER_DATA`` of a step before it."""
-    return max(interval - (1.0 - AFTER_DATA) * interval / max(steps, 1), MIN_LOOK_S)
-
-
-def _after_nothing(interval: float, steps: int) -> float:
-    """The next look after one that found nothing: a quarter of a step later."""
-    return max(AFTER_NOTHING * interval / max(steps, 1), MIN_LOOK_S)

@@ -28,12 +28,10 @@ DEADLINE_S = 30.0
 
 
 class _Conn:
-    """What Pacing reads of a connection: its socket, its steps per report and whether it
-    is paced."""
+    """What Pacing reads of a connection: its socket and whether it is paced."""
 
-    def __init__(self, sock: socket.socket, steps: int = 1) -> None:
+    def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
-        self.paceable = steps
         self.paced = False
 
 
@@ -112,25 +110,6 @@ def test_the_looks_follow_the_connection(pair: tuple[socket.socket, ...]) -> Non
     assert still[-1] is False and all(still[:-1])  # 6 ms apart: back to the selector
 
 
-def test_every_n_is_looked_at_by_its_steps(pair: tuple[socket.socket, ...]) -> None:
-    """every=4, reports 2 ms apart (0.5 ms steps): after data, the next look comes 0.4 of
-    a step before the next report; after nothing, a quarter step later (an answer is due
-    a step after its report, not a report later)."""
-    pacing = Pacing(interval_s=0.004, after=1)
-    conn = _Conn(pair[0], steps=4)
-    t = 0.0
-    pacing.heard(conn, t, 1)
-    for _ in range(WINDOW):
-        t += 0.002
-        pacing.heard(conn, t, 1)
-    pacing.pace(conn, t)
-    assert pacing.next_due == pytest.approx(t + 0.002 - (1 - AFTER_DATA) * 0.0005)
-    look = pacing.next_due
-    assert pacing.due(look) == ([], [])
-    pacing.reschedule()
-    assert pacing.next_due == pytest.approx(look + AFTER_NOTHING * 0.0005)
-
-
 def _status(controller: ControllerProc) -> dict:
     return request({"t": "status"}, controller.socket, timeout=5.0)
 
@@ -162,36 +141,34 @@ def _opt() -> torch.optim.Optimizer:
     return torch.optim.SGD([torch.nn.Parameter(torch.ones(3))], lr=0.1)
 
 
-@pytest.mark.parametrize("every", [1, 4])
 def test_a_fast_async_hook_is_paced_and_decides_exactly_as_unpaced(
-        make_controller: Callable[..., ControllerProc], every: int) -> None:
+        make_controller: Callable[..., ControllerProc]) -> None:
     """The same seeded run against a pacing controller and a ``--no-pacing`` one: the
     same LR at every optimizer step (a policy that moves it every step: each answer is
     applied at exactly the next step either way), the same decisions."""
     policy = str(POLICIES / "rangetest.yaml")
-    curve = losses(600 * every, seed=4, spikes=(300,))
+    curve = losses(600, seed=4, spikes=(300,))
     runs = []
     for extra in ([], ["--no-pacing"]):
         controller = make_controller(extra)
         opt = _opt()
         seen_paced = []
-        with lrctl.attach(opt, policy=policy, spawn=False, run_name="paced", every=every,
+        with lrctl.attach(opt, policy=policy, spawn=False, run_name="paced",
                           socket=controller.socket, timeout=30.0) as ctl:
             used = _loop(ctl, opt, _sampling(controller, seen_paced), curve)
         runs.append((used, [d.to_dict() for d in ctl.decisions], max(seen_paced)))
         controller.stop()
     (paced_lrs, paced_decisions, paced_max), (plain_lrs, plain_decisions, plain_max) = runs
     assert paced_max == 1 and plain_max == 0
-    assert paced_lrs == plain_lrs
-    assert len(set(paced_lrs)) > 50  # the policy moved the LR at (nearly) every report
+    assert paced_lrs == plain_lrs and len(set(paced_lrs)) > 100
     assert paced_decisions == plain_decisions and paced_decisions
 
 
-@pytest.mark.parametrize("options", [{"sync": True}, {"every": "auto"}])
-def test_sync_and_every_auto_hooks_are_never_paced(controller: ControllerProc,
-                                                  options: dict) -> None:
-    """Sync hooks wait for each answer; every="auto"'s reports come at uneven intervals
-    (a batch, or at once when a step stands out)."""
+@pytest.mark.parametrize("options", [{"sync": True}, {"every": 4}, {"every": "auto"}])
+def test_sync_and_every_n_hooks_are_never_paced(controller: ControllerProc,
+                                               options: dict) -> None:
+    """Sync hooks wait for each answer; every=N's answer is due the step after a report,
+    N steps before the next one (a timer that followed the reports would be late)."""
     opt = _opt()
     paced = []
     with lrctl.attach(opt, policy=str(POLICIES / "default.yaml"), spawn=False,
@@ -326,24 +303,3 @@ def test_the_loop_never_sleeps_deaf(transport: tuple[Transport, _Echo],
     assert t.select(1.0) == []  # nothing came: it returns at the look, still awake
     theirs.close()
     them.close()
-
-
-@pytest.mark.parametrize(("pace", "sync", "steps"), [
-    (True, False, 1), (False, False, 0), (None, False, 0), (0, False, 0), (4, False, 4),
-    (1, True, 0), ("yes", False, None), (-1, False, None), (1.5, False, None),
-    ((1 << 20) + 1, False, None)])
-def test_a_hellos_pace_is_its_steps_per_report(pace: object, sync: bool,
-                                              steps: int | None) -> None:
-    from lrctl.daemon.hello import parse_hello
-    from lrctl.wire.errors import ProtocolError
-
-    msg = {"t": "hello", "run": "r-1", "run_name": "r", "policy": {"text": "", "source": "<t>"},
-           "lrs": [0.1],
-           "groups": 1, "sync": sync}
-    if pace is not None:
-        msg["pace"] = pace
-    if steps is None:
-        with pytest.raises(ProtocolError, match="pace must be"):
-            parse_hello(msg)
-    else:
-        assert parse_hello(msg).pace == steps
