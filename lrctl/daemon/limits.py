@@ -50,7 +50,7 @@ class Limits:
     # thread's time on a VM). At 4 ms a wake-up costs at most ~2.5 % of a step; slower runs
     # (a 100 Hz run: 10 ms) are read as their frames come.
     pace_interval_s: float = 0.004
-    pace_after: int = 32
+    pace_after: int = 8
 
     def __post_init__(self) -> None:
         for f in fields(self):
