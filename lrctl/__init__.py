@@ -40,14 +40,16 @@ def __getattr__(name: str) -> Any:
 
 
 def load_policy(
-    source: str | os.PathLike[str] | Mapping[str, Any], base_lrs: Sequence[float],
+    source: str | os.PathLike[str] | Mapping[str, Any] | None, base_lrs: Sequence[float],
     total_steps: int | None = None,
 ) -> Engine:
     """An in-process policy engine from a path, YAML text or a dict; no controller needed.
+    ``None``: the shipped default policy, as for :func:`attach`.
 
     ``engine.observe(step, loss, grad_norm=None, **metrics)`` returns the LRs for
     the next step. ``total_steps``: the run's length, when known (``anneal`` uses it).
     """
+    from ._defaults import DEFAULT_POLICY
     from .config import load_policy as _load  # yaml is imported only when a file is read
 
-    return _load(source, base_lrs, total_steps)
+    return _load(DEFAULT_POLICY if source is None else source, base_lrs, total_steps)

@@ -210,6 +210,16 @@ class Link:
             self.pump()
         return True
 
+    def reconnect_now(self, timeout: float) -> bool:
+        """One attempt now, back-off or not, and the welcome awaited (at most ``timeout``):
+        a controller restarted meanwhile gets the observations it has not seen, replayed.
+        A socket nobody listens on fails at once."""
+        if self.state != "down" or self.fatal is not None:
+            return self.connected
+        if self.open(timeout=min(timeout, 0.5)):
+            self.wait(lambda: self.state != "handshake", timeout)
+        return self.connected
+
     def close(self, bye: bool = True, timeout: float = 1.0) -> None:
         if self.state == "up" and bye:
             self._write(encode({"t": "bye"}))

@@ -317,7 +317,9 @@ class Controller(Resuming, LinkSide, Reporting, Applying):
         process that is being interrupted rather than finishing. It waits up to
         ``timeout`` (1 s) for the answers still due, so that :attr:`decisions`
         holds those made from the last observations; a controller that is gone
-        costs no wait.
+        costs no wait. A hook that lost its controller tries once more, at once: one
+        restarted meanwhile (the hook's back-off may have outlasted it) gets the
+        observations it missed and the goodbye.
         """
         self._quiet_allowed = False
         if self._hook_handle is not None:
@@ -331,6 +333,8 @@ class Controller(Resuming, LinkSide, Reporting, Applying):
         try:
             self._flush_pending()
             self._drain_staged(block=True)
+            if not self._link.connected:  # its back-off may have outlasted a restart: one
+                self._link.reconnect_now(self.timeout)  # last try, so the run ends as it is
             if self._link.connected and self._acked < self._reported:
                 self._got_error = False
                 self._link.wait(lambda: self._acked >= self._reported or self._got_error,

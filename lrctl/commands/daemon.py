@@ -222,6 +222,11 @@ def _alive(pid: int) -> bool:
         return True
 
 
+def _paced(paced: Any) -> str:
+    """``status``'s count of hooks read on a timer (paced reading), or that it is off."""
+    return "pacing off" if paced is None else f"{paced} read on a timer now"
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     reply = ask(args, {"t": "status"})
     if reply is None:
@@ -231,7 +236,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     else:
         print(f"controller pid {reply['pid']} (lrctl {reply['version']}) on {reply['socket']}: "
               f"{reply['runs']} run(s), {reply['connected']} connected "
-              f"({reply.get('paced', 0)} read on a timer), up "
+              f"({_paced(reply.get('paced'))}), up "
               f"{reply['uptime_s']:.0f} s; state in {reply['state_dir']}; watching "
               f"{len(reply.get('watching', []))} policy file(s)")
         print(f"  memory: controller {_mib(reply.get('rss_kib'))} (mlflow "

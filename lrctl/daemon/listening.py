@@ -205,10 +205,13 @@ def bind(options: ServeOptions) -> Listening:
             if not _is_socket(path):
                 raise FileExistsError(f"{path} exists and is not a socket; refusing to "
                                       "replace it")
-            if _answers(path):  # its lock file was removed, not its controller
-                raise AlreadyServing(f"a controller answers on {path}, though its lock file "
-                                     "was removed; stop it first (lrctl stop --socket "
-                                     f"{path}) or choose another --socket")
+            pid = _answering_pid(path)
+            if pid is not None:  # its lock file was removed, not its controller
+                with contextlib.suppress(OSError):  # the one made just now: nobody's
+                    os.unlink(path + ".lock")
+                raise AlreadyServing(f"a controller (pid {pid}) answers on {path}, though its "
+                                     "lock file was removed; stop it first (lrctl stop "
+                                     f"--socket {path}) or choose another --socket")
             os.unlink(path)  # stale: its controller died without cleaning up
             stale = True
         else:
@@ -240,17 +243,25 @@ def _bind_tcp(options: ServeOptions) -> socket.socket:
     return sock
 
 
-def _answers(path: str) -> bool:
-    """Whether something accepts connections on the Unix socket ``path``."""
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    probe.settimeout(1.0)
+def _answering_pid(path: str) -> str | None:
+    """The pid of the controller answering on the Unix socket ``path`` ("?" for something
+    that accepts connections but does not say), or None when nothing does."""
+    from ..wire.operator import ControllerError, request
+
     try:
-        probe.connect(path)
-    except OSError:
-        return False
-    finally:
-        probe.close()
-    return True
+        return str(request({"t": "status"}, path, timeout=2.0).get("pid", "?"))
+    except ControllerError:
+        return "?"
+    except (OSError, ValueError):
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        probe.settimeout(1.0)
+        try:
+            probe.connect(path)
+        except OSError:
+            return None
+        finally:
+            probe.close()
+        return "?"
 
 
 def _is_socket(path: str) -> bool:

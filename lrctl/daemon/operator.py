@@ -104,7 +104,9 @@ def _status(server: Server) -> dict[str, Any]:
                       "refused writes")
     return {"t": "status", "pid": os.getpid(), "version": __version__,
             "runs": len(server.sessions), "connected": len(server.conns),
-            "paced": len(server.transport.pacing or ()),
+            # Hooks read on a timer now (paced reading), None when it is off (--no-pacing).
+            "paced": (None if server.transport.pacing is None
+                      else len(server.transport.pacing)),
             "uptime_s": round(time.monotonic() - server.started, 3),
             "socket": server.transport.socket_path, "state_dir": server.state_dir,
             "watching": server.live.watching(), "errors": errors[:50],

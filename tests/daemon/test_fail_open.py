@@ -11,6 +11,7 @@ import torch
 from daemon_helpers import POLICIES, ControllerProc, losses
 
 import lrctl
+from lrctl.client import request
 
 POLICY = str(POLICIES / "default.yaml")
 
@@ -140,3 +141,25 @@ def test_async_mode_never_raises_when_the_controller_dies(controller: Controller
         assert ctl.lr == [opt.param_groups[0]["lr"]]
     finally:
         ctl.close()
+
+
+def test_close_reaches_a_controller_restarted_during_the_back_off(
+        controller: ControllerProc) -> None:
+    """The hook's reconnect back-off (0.1 s doubling to 5 s) could outlast a restart: a
+    script that finished meanwhile closed without a last try, and its run stayed detached
+    at the step before the stop, its last steps never seen. close() tries once more."""
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.ones(1))], lr=0.1)
+    ctl = lrctl.attach(opt, policy=str(POLICIES / "default.yaml"), spawn=False,
+                       run_name="late", timeout=10.0, max_backoff=60.0)
+    for _ in range(20):
+        ctl.step(1.0, grad_norm=1.0)
+    assert controller.stop() == 0
+    for _ in range(20):  # the hook finds it gone and backs off
+        ctl.step(1.0, grad_norm=1.0)
+    assert ctl._link is not None
+    ctl._link._next_attempt = float("inf")  # its next try far away, as after a long back-off
+    controller.start()
+    key = ctl.run_key
+    ctl.close()
+    runs = request({"t": "runs"}, controller.socket, timeout=5.0)["runs"]
+    assert key not in [r["run"] for r in runs]  # it ended: the goodbye arrived

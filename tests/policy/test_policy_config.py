@@ -237,3 +237,14 @@ def test_a_dict_policy_error_names_no_line() -> None:
                           [0.1])
     assert info.value.source == "<dict>"
     assert str(info.value).startswith("<dict>: fator: unknown key")
+
+
+def test_load_policy_none_is_the_shipped_default_as_for_attach() -> None:
+    """attach(policy=None) meant the shipped default; load_policy(None) raised TypeError."""
+    import lrctl
+    from lrctl._defaults import DEFAULT_POLICY
+
+    a, b = lrctl.load_policy(None, [0.1]), lrctl.load_policy(DEFAULT_POLICY, [0.1])
+    for t in range(50):
+        assert a.observe(t, 1.0 / (t + 1), 1.0) == b.observe(t, 1.0 / (t + 1), 1.0)
+    assert a.policy_sha256 == b.policy_sha256

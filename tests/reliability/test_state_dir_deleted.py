@@ -126,6 +126,8 @@ def test_a_removed_lock_file_does_not_let_a_second_controller_take_a_live_socket
     os.unlink(controller.socket + ".lock")
     out = _serve_again(controller)
     assert out.returncode == 3 and "answers on" in out.stderr, out.stderr
+    assert f"pid {controller.pid}" in out.stderr  # who, and no lock file of its own left
+    assert not os.path.exists(controller.socket + ".lock")
     assert request({"t": "status"}, controller.socket)["pid"] == controller.pid
 
 
