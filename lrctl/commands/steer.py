@@ -41,6 +41,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
 
 def cmd_set_lr(args: argparse.Namespace) -> int:
+    if args.clear and (args.lr is not None or args.steps is not None):
+        print("lrctl set-lr: give an LR (and --steps), or --clear, not both", file=sys.stderr)
+        return 2
     if args.clear:
         msg: dict[str, Any] = {"t": "clear_lr", "run": args.run}
     elif args.lr is None:

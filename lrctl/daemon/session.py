@@ -308,7 +308,11 @@ class Session:
         return self._record(self.engine.set_lr(lr, steps).to_dict())
 
     def clear_lr(self) -> dict[str, Any]:
-        return self._record(self.engine.clear_lr().to_dict())
+        try:
+            decision = self.engine.clear_lr()
+        except ValueError as exc:  # nothing to clear: nothing recorded
+            raise ProtocolError(f"run {self.key}: {exc}", "bad_request") from None
+        return self._record(decision.to_dict())
 
     def decay(self, msg: Mapping[str, Any]) -> dict[str, Any]:
         """``lrctl decay``: start (``steps``, ``shape``) or ``cancel`` the cooldown of the

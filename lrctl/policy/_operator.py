@@ -125,6 +125,9 @@ class OperatorVerbs:
                                        f"operator, held {held}", {"lr": lr, "steps": steps})
 
     def clear_lr(self) -> Decision:
+        """Release the manual LR; ``ValueError`` when none is set (no decision to record)."""
+        if self.operator.override is None:
+            raise ValueError("no manual LR is set (lrctl set-lr RUN LR sets one)")
         before = self.applied_lrs
         self.operator.clear_override()
         return self._operator_decision("release_lr", before,

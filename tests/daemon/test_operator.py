@@ -92,3 +92,20 @@ def test_verbs_without_a_controller_say_so(short_dir) -> None:  # type: ignore[n
         assert bad.returncode == 1, bad.stderr
         assert "byte limit" in bad.stderr and "Traceback" not in bad.stderr
         assert len(bad.stderr.strip().splitlines()) == 1
+
+
+def test_clearing_no_manual_lr_records_nothing(controller: ControllerProc) -> None:
+    """It said 'manual override cleared' and journaled an empty release_lr decision."""
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.ones(1))], lr=0.1)
+    with lrctl.attach(opt, policy={**WARMUP}, sync=True, spawn=False) as ctl:
+        ctl.step(1.0, grad_norm=1.0)
+        before = len(ctl.decisions)
+        out = _cli("set-lr", ctl.run_key, "--clear")
+        assert out.returncode == 1 and "no manual LR is set" in out.stderr, out.stderr
+        out = _cli("set-lr", ctl.run_key, "0.2", "--clear")
+        assert out.returncode == 2 and "not both" in out.stderr
+        assert _cli("set-lr", ctl.run_key, "0.2").returncode == 0
+        assert _cli("set-lr", ctl.run_key, "--clear").returncode == 0
+        ctl.step(1.0, grad_norm=1.0)
+        actions = [d.action for d in ctl.decisions[before:]]
+        assert actions.count("release_lr") == 1 and actions.count("set_lr") == 1
