@@ -202,8 +202,8 @@ def cmd_stop(args: argparse.Namespace) -> int:
                   file=sys.stderr)
             return 1
         time.sleep(0.05)
-    print(f"lrctl stop: controller pid {pid} on {reply['socket']} stopped "
-          f"({reply['runs']} run(s) checkpointed)")
+    print(f"lrctl stop: controller pid {pid} on {reply['socket']} stopped ({reply['runs']} "
+          "run(s) held, each resumable from its checkpoint)")
     return 0
 
 

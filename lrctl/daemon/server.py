@@ -198,8 +198,8 @@ class Server:
         saved = self.checkpoints.save_all(hooked=self.conns, deadline=deadline)
         self.transport.close()
         self.sink.close()
-        log.info("controller stopped; %d run(s) checkpointed (%d held)", saved,
-                 len(self.sessions))
+        log.info("controller stopped; %d run(s) held, %d checkpoint(s) written at shutdown "
+                 "(the others were up to date)", len(self.sessions), saved)
 
     # -- the transport's handler ---------------------------------------------------------
     def handle(self, conn: Conn, msg: dict[str, Any]) -> None:
