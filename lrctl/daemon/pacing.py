@@ -33,9 +33,11 @@ evaluation pause, the end of a run), when its observations slow down past
 now, a close). A hang-up is seen at the next look (``poll`` reports it).
 
 The controller pays for this in wake-ups of its own (a timer per look, on its own
-CPU, one to two per observation), not the training thread. Sync hooks, and clients
-that do not say ``pace`` (a raw protocol client that waits for each answer before
-its next frame would only be slowed by a timer), are read as their frames come.
+CPU, one to two per observation), not the training thread. Sync hooks, hooks under
+``torch.distributed`` (rank 0 waits for each answer inside ``step()``: the hook does
+not say ``pace``), and clients that do not say it (a raw protocol client that waits
+for each answer before its next frame would only be slowed by a timer) are read as
+their frames come.
 """
 
 from __future__ import annotations
