@@ -137,6 +137,16 @@ def _sampling(controller: ControllerProc, into: list[int]) -> Callable[[], bool]
     return sample
 
 
+def _until_paced(controller: ControllerProc, into: list[int]) -> Callable[[], bool]:
+    """An ``until`` for :func:`_loop` that stops it once the controller paces a hook (what
+    it said last is in ``into``: the loop's last answer, not a second question asked
+    when the hook may already have gone quiet)."""
+    def paced() -> bool:
+        into.append(_status(controller)["paced"])
+        return into[-1] == 1
+    return paced
+
+
 def _opt() -> torch.optim.Optimizer:
     return torch.optim.SGD([torch.nn.Parameter(torch.ones(3))], lr=0.1)
 
@@ -192,14 +202,16 @@ def test_a_silent_hook_goes_back_to_the_selector_and_a_dead_one_is_seen(
     ctl = lrctl.attach(opt, policy=str(POLICIES / "default.yaml"), spawn=False,
                        run_name="pause", timeout=30.0)
     try:
-        _loop(ctl, opt, lambda: _status(controller)["paced"] == 1, losses(20_000))
-        assert _status(controller)["paced"] == 1
+        paced: list[int] = []
+        _loop(ctl, opt, _until_paced(controller, paced), losses(20_000))
+        assert paced[-1] == 1  # (asking again would race its going quiet)
         _wait_for(lambda: _status(controller)["paced"] == 0)  # silent: back, no looks
         ctl.step(1.0, grad_norm=1.0)
         assert ctl._link is not None
         assert ctl._link.wait(lambda: ctl._acked >= ctl._reported, DEADLINE_S)
-        _loop(ctl, opt, lambda: _status(controller)["paced"] == 1, losses(20_000))
-        assert _status(controller)["paced"] == 1
+        paced.clear()
+        _loop(ctl, opt, _until_paced(controller, paced), losses(20_000))
+        assert paced[-1] == 1
         ctl._link._sock.close()  # type: ignore[union-attr]  # the process died, say
         ctl._link._sock = None
 
