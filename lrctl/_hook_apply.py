@@ -21,13 +21,20 @@ class Applying:
     def _pre_step(self, *_: Any) -> None:
         """Optimizer pre-step hook: apply whatever arrived since :meth:`step`.
 
-        It reads only while an answer is awaited (a zero-timeout poll when nothing came).
-        It reads even right after ``step()``: skipping that saves one poll syscall, but on a
-        busy machine the reply can land in the gap, and the decision would then be late.
+        It reads only while an answer this optimizer step may use is awaited (a
+        zero-timeout poll when it has come meanwhile, a wait when not). The answer to the
+        step just reported is for the next optimizer step: the next ``step()`` reads it,
+        so an async hook whose due answer is in makes no system call here.
         """
         try:
             if self._link is not None and (self._acked < self._reported
                                            or (self._staging.used and self._staging)):
+                if not self._staging.used and self._acked >= self._due_step():
+                    self._late = False  # caught up: exact t+1 again (as _await_due says)
+                    if self._held:
+                        self._promote()
+                    self._writer.apply(self._target)
+                    return
                 began = perf_counter()
                 self._pump()
                 self._await_due()
@@ -53,6 +60,12 @@ class Applying:
             return self._step - 1
         return self._step - 1 if self._after_order else self._step - 2
 
+    def _due_step(self) -> int:
+        """The newest reported step whose answer the next optimizer step uses (-1: none):
+        the last report, or the one before it when the last is for a later step."""
+        return (self._reported if self._reported <= self._usable_step()
+                else self._prev_reported)
+
     def _await_due(self) -> None:
         """Async: wait (at most ``timeout``) for the answer the next optimizer step needs.
 
@@ -62,8 +75,7 @@ class Applying:
         link = self._link
         if self.sync or self._staging.used or link is None or not link.connected:
             return
-        limit = self._usable_step()
-        due = self._reported if self._reported <= limit else self._prev_reported
+        due = self._due_step()
         if due < 0 or self._acked >= due:
             self._late = False  # caught up: exact t+1 again
             return

@@ -119,6 +119,37 @@ def test_async_applies_each_decision_at_exactly_the_next_step(
     assert len(seen) > 30  # the policy moved the LR nearly every step
 
 
+def test_the_pre_step_hook_reads_only_for_the_answer_its_step_uses(
+        controller: ControllerProc) -> None:
+    """With the answer to t - 1 in when step t is reported, the optimizer's pre-step hook
+    makes no read (the answer to t is the next step()'s to read), and the LRs are still
+    exactly those of the answer to t - 1."""
+    opt = _optimizer([0.1])
+    path = str(POLICIES / "rangetest.yaml")
+    engine = lrctl.load_policy(path, [0.1])
+    with lrctl.attach(opt, policy=path, spawn=False) as ctl:
+        link = ctl._link
+        assert link is not None
+        reads = 0
+        real_read = link._read
+
+        def counted() -> None:
+            nonlocal reads
+            reads += 1
+            real_read()
+
+        lrs_for_t = engine.applied_lrs
+        for t, loss in enumerate(losses(40)):
+            assert link.wait(lambda: ctl._acked >= ctl._reported, 10.0)
+            ctl.step(loss, grad_norm=1.0)
+            link._read = counted  # type: ignore[method-assign]
+            opt.step()
+            link._read = real_read  # type: ignore[method-assign]
+            assert ctl.lr == lrs_for_t == [g["lr"] for g in opt.param_groups], t
+            lrs_for_t = engine.observe(t, loss, 1.0)
+        assert reads == 0
+
+
 def test_async_runs_are_bit_identical(controller: ControllerProc) -> None:
     """Two async runs of the same seeded loop, a policy that moves the LR every step."""
     policy = {"version": 1, "policies": [{"kind": "cyclical", "base_lr": 0.01,
