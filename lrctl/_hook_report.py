@@ -129,7 +129,9 @@ class Reporting:
             # steps cost next to nothing, so every=N divides the hook's cost by N.
             if (self._acked < self._reported or not link.idle
                     or (self._staging.used and self._staging)):
-                self._pump()
+                # The answer to the report before this one has most likely come (a step
+                # has passed since it was sent): read it without polling first.
+                self._pump(reporting and self._acked < self._prev_reported)
             if self.sync and self._reported == t:
                 self._wait_for(t)
         # A step the loop may rightly not take (a scaler overflow, should_skip).
@@ -253,11 +255,11 @@ class Reporting:
         self._prev_reported, self._reported = self._reported, t
         self._link.send_obs(t, frame)
 
-    def _pump(self) -> None:
+    def _pump(self, expect: bool = False) -> None:
         if self._staging:
             self._drain_staged(block=False)
         assert self._link is not None
-        self._link.pump()
+        self._link.pump(expect)
 
     def _wait_for(self, t: int) -> None:
         assert self._link is not None

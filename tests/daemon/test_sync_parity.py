@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import select
 import signal
 from pathlib import Path
 
@@ -148,6 +149,51 @@ def test_the_pre_step_hook_reads_only_for_the_answer_its_step_uses(
             assert ctl.lr == lrs_for_t == [g["lr"] for g in opt.param_groups], t
             lrs_for_t = engine.observe(t, loss, 1.0)
         assert reads == 0
+
+
+class _CountedPoll:
+    """A hook link's poller that counts its polls."""
+
+    def __init__(self, poller: select.poll) -> None:
+        self.poller = poller
+        self.polls = 0
+
+    def poll(self, timeout: float | None = None) -> list[tuple[int, int]]:
+        self.polls += 1
+        return self.poller.poll(timeout)
+
+
+def test_step_reads_the_answer_that_came_without_polling_first(
+        controller: ControllerProc) -> None:
+    """The answer to the step before has come when a step is reported: step() reads it
+    with one recv, no poll first; a socket that turns out empty costs nothing else."""
+    opt = _optimizer([0.1])
+    path = str(POLICIES / "rangetest.yaml")
+    engine = lrctl.load_policy(path, [0.1])
+    with lrctl.attach(opt, policy=path, spawn=False) as ctl:
+        link = ctl._link
+        assert link is not None and link._sock is not None
+        counted = _CountedPoll(link._poller)
+        link._poller = counted  # type: ignore[assignment]
+        arrived = select.poll()
+        arrived.register(link._sock, select.POLLIN)
+        reads = 0
+        for t, loss in enumerate(losses(30)):
+            expect = ctl._acked < t - 1  # the answer to t - 1: in, unread
+            polls = counted.polls
+            ctl.step(loss, grad_norm=1.0)
+            assert ctl._acked >= t - 1
+            if expect:  # read by step(): one recv, no poll
+                reads += 1
+                assert counted.polls == polls
+            opt.step()
+            engine.observe(t, loss, 1.0)
+            if ctl._acked < t:  # (it may have come before step()'s recv: both read at once)
+                assert arrived.poll(10_000)  # the answer to t is in the socket, unread
+        assert reads >= 5
+        link.pump()  # drained
+        link._read(expect=True)  # nothing there: no error, no message, still up
+        assert link.connected and ctl._acked == 29
 
 
 def test_async_runs_are_bit_identical(controller: ControllerProc) -> None:
