@@ -351,7 +351,8 @@ def _all_runs(args: argparse.Namespace) -> int:
     rows = [("RUN", "STATE", "STEP", "LR", "DECISIONS", "MLFLOW RUN", "LAST DECISION")]
     for r in runs:
         rows.append((r["run"], r["state"], "-" if r["step"] is None else str(r["step"]),
-                     " ".join(f"{x:.4g}" for x in r["lrs"]) or "-", str(r["decisions"]),
+                     " ".join(f"{x:.4g}" for x in r["lrs"]) or "-",
+                     "-" if r["decisions"] is None else str(r["decisions"]),
                      r["mlflow_run_id"] or "-", _describe(r["last_decision"])))
     widths = [max(len(row[i]) for row in rows) for i in range(6)]
     for row in rows:

@@ -2,11 +2,18 @@
 
 A live controller forgets a run when it ends; its journal stays. This reads the
 journals (so it works with no controller running) and, when a controller
-answers, marks the runs it is serving as live.
+answers, asks it which runs it serves: ``live`` (its hook connected) or
+``detached`` (held for its hook, which is gone). A run no controller serves is
+``detached`` while its checkpoint is on disk (a reconnect, or the next
+controller, resumes it; an eviction after ``--session-timeout`` keeps it), else
+``ended``. Its step and LRs are the checkpoint's (the journal's metrics are a
+sample, every 50 steps or so); a run that is served comes with the controller's
+own. Runs served without a journal (``--no-audit``) are listed too.
 """
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any
 
@@ -14,35 +21,89 @@ __all__ = ["journal_runs"]
 
 
 def journal_runs(state_dir: Path, live: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
-    """One summary per journaled run, oldest first: key, name, state, last step and LRs,
-    decision count, last decision and MLflow run id."""
+    """One summary per journaled or served run, oldest first: key, name, state, last step
+    and LRs, decision count, last decision and MLflow run id."""
     from ..sinks.journal import RunPaths, last_line, list_run_keys, read_json
 
     out = []
-    for key in list_run_keys(state_dir):
+    keys = list_run_keys(state_dir)
+    for key in keys:
         paths = RunPaths.of(state_dir, key)
         meta = read_json(paths.meta, {}) or {}
         cursor = read_json(paths.cursor, {}) or {}
         last_decision = last_line(paths.stream("decisions"))
         last_event = last_line(paths.stream("events"))
-        last_metrics = last_line(paths.stream("metrics"))
-        step, lrs = None, {}
-        if last_metrics is not None:
-            for name, value, at in last_metrics.record.get("points", []):
-                step = at if step is None else max(step, at)
-                if str(name).startswith("lrctl/lr/g"):
-                    lrs[int(str(name).rsplit("g", 1)[1])] = value
+        step, lrs = _checkpointed(state_dir, key)
+        if step is None:
+            last_metrics = last_line(paths.stream("metrics"))
+            step, lrs = _sampled(last_metrics.record if last_metrics is not None else {})
         ended = last_event is not None and last_event.record.get("event") == "end"
-        state = "live" if key in live else ("ended" if ended else "detached")
         if key in live:
-            step, lrs = live[key].get("step", step), dict(enumerate(live[key].get("lrs", [])))
+            state = "live" if live[key].get("connected", True) else "detached"
+            step, lrs = live[key].get("step", step), list(live[key].get("lrs", lrs))
+        else:
+            state = "ended" if ended and not _resumable(state_dir, key) else "detached"
         out.append({
             "run": key, "run_name": meta.get("run_name", key), "state": state,
-            "step": step, "lrs": [lrs[g] for g in sorted(lrs)],
+            "step": step, "lrs": lrs,
             "decisions": 0 if last_decision is None else int(last_decision.record["seq"]),
             "last_decision": None if last_decision is None else last_decision.record,
             "mlflow_run_id": cursor.get("run_id") or (meta.get("mlflow") or {}).get("run_id"),
             "modified": paths.meta.stat().st_mtime, "state_dir": str(state_dir),
         })
+    now = time.time()
+    for key, run in live.items():  # served with no journal (the controller runs --no-audit)
+        if key in keys:
+            continue
+        out.append({
+            "run": key, "run_name": run.get("run_name", key),
+            "state": "live" if run.get("connected", True) else "detached",
+            "step": run.get("step"), "lrs": list(run.get("lrs", [])), "decisions": None,
+            "last_decision": run.get("last_decision"), "mlflow_run_id": None,
+            "modified": now, "state_dir": str(state_dir),
+        })
     out.sort(key=lambda r: r["modified"])
     return out
+
+
+def _checkpoint_file(state_dir: Path, key: str) -> Path | None:
+    from ..daemon.store import LEGACY_SUFFIX, SUFFIX
+
+    for suffix in (SUFFIX, LEGACY_SUFFIX):
+        path = state_dir / "runs" / f"{key}{suffix}"
+        if path.is_file():
+            return path
+    return None
+
+
+def _resumable(state_dir: Path, key: str) -> bool:
+    """A checkpoint of ``key`` is on disk: a reconnect (or the next controller) resumes it."""
+    return _checkpoint_file(state_dir, key) is not None
+
+
+def _checkpointed(state_dir: Path, key: str) -> tuple[int | None, list[float]]:
+    """The last step and the LRs in effect after it, as the run's checkpoint holds them
+    (``None, []`` without a readable one)."""
+    from ..daemon.store import StateStore
+
+    path = _checkpoint_file(state_dir, key)
+    if path is None:
+        return None, []
+    try:
+        engine = StateStore.read_file(path)["engine"]
+        op = engine.get("operator") or {}
+        lrs = op.get("override") or op.get("hold") or engine["lrs"]
+        step = engine["last_step"]
+        return (step if isinstance(step, int) else None), [float(x) for x in lrs]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None, []  # damaged: the controller says so when it loads it
+
+
+def _sampled(record: dict[str, Any]) -> tuple[int | None, list[float]]:
+    """The last step and LRs of a journal's metrics record (a sample)."""
+    step, lrs = None, {}
+    for name, value, at in record.get("points", []):
+        step = at if step is None else max(step, at)
+        if str(name).startswith("lrctl/lr/g"):
+            lrs[int(str(name).rsplit("g", 1)[1])] = value
+    return step, [lrs[g] for g in sorted(lrs)]

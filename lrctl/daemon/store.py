@@ -221,7 +221,7 @@ class StateStore:
             if not path.is_file():
                 return None
         try:
-            return self._read(path)
+            return self.read_file(path)
         except (OSError, ValueError) as exc:
             log.error("checkpoint %s is unusable (%s); moved aside as .corrupt", path, exc)
             with contextlib.suppress(OSError):
@@ -234,7 +234,7 @@ class StateStore:
         paths.update({p.stem: p for p in self.dir.glob(f"*{SUFFIX}")})  # these first
         for key, path in sorted(paths.items()):
             try:
-                state = self._read(path)
+                state = self.read_file(path)
             except (OSError, ValueError) as exc:
                 log.error("checkpoint %s is unusable (%s); moved aside as .corrupt", path, exc)
                 with contextlib.suppress(OSError):
@@ -243,7 +243,8 @@ class StateStore:
             yield key, state
 
     @staticmethod
-    def _read(path: Path) -> dict[str, Any]:
+    def read_file(path: Path) -> dict[str, Any]:
+        """A checkpoint file's state, checked (format, checksum); ``ValueError`` if not."""
         with open(path, "rb") as f:
             data = f.read(MAX_STATE_BYTES + 1)
         if len(data) > MAX_STATE_BYTES:

@@ -1,0 +1,72 @@
+"""``lrctl runs`` and ``lrctl runs --all`` tell the same story about a run: live while its
+hook is connected, detached while its checkpoint waits for it (held by a controller or
+on disk), ended once it said goodbye; its step and LRs those the controller has."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from daemon_helpers import ControllerProc
+
+import lrctl
+from lrctl.cli import main
+
+STEPS = 123  # not a multiple of the journal's metrics sample: its step would differ
+
+
+def _views(capsys: pytest.CaptureFixture[str], all_too: bool = True,
+           ) -> tuple[dict[str, dict], dict[str, dict]]:
+    served: dict[str, dict] = {}
+    if main(["runs", "--json"]) == 0:
+        served = {r["run_name"]: r for r in json.loads(capsys.readouterr().out)}
+    else:
+        capsys.readouterr()
+    assert main(["runs", "--all", "--json"]) == 0
+    remembered = {r["run_name"]: r for r in json.loads(capsys.readouterr().out)}
+    return served, remembered
+
+
+def _train(name: str, steps: int = STEPS) -> lrctl.Controller:
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.ones(2))], lr=0.1)
+    ctl = lrctl.attach(opt, sync=True, spawn=False, run_name=name)
+    for t in range(steps):
+        ctl.step(2.0 / (t + 1), grad_norm=1.0)
+        opt.step()
+    return ctl
+
+
+def test_the_views_agree_on_live_detached_and_ended_runs(
+        make_controller, capsys: pytest.CaptureFixture[str]) -> None:  # type: ignore[no-untyped-def]
+    controller: ControllerProc = make_controller(audit=True)
+    live = _train("live")
+    _train("gone").close(end_run=False)  # its hook is gone; the controller holds the run
+    _train("done").close()  # said goodbye
+    served, remembered = _views(capsys)
+    assert served["live"]["connected"] and remembered["live"]["state"] == "live"
+    assert not served["gone"]["connected"] and remembered["gone"]["state"] == "detached"
+    assert "done" not in served and remembered["done"]["state"] == "ended"
+    for name in ("live", "gone"):
+        assert remembered[name]["step"] == served[name]["step"] == STEPS - 1
+        assert remembered[name]["lrs"] == served[name]["lrs"]
+    lrs = served["gone"]["lrs"]
+    live.close(end_run=False)
+    assert controller.stop() == 0  # both checkpointed: resumable
+    _, remembered = _views(capsys)
+    for name in ("live", "gone"):  # from the checkpoint, not the journal's last sample
+        assert remembered[name]["state"] == "detached"
+        assert remembered[name]["step"] == STEPS - 1
+    assert remembered["gone"]["lrs"] == lrs and remembered["done"]["state"] == "ended"
+
+
+def test_runs_all_lists_the_runs_of_a_controller_without_a_journal(
+        controller: ControllerProc, capsys: pytest.CaptureFixture[str]) -> None:
+    """--no-audit: no journal, but ``--all`` adds ended runs to those served, never fewer."""
+    with _train("unjournaled", steps=5):
+        served, remembered = _views(capsys)
+        assert remembered["unjournaled"]["state"] == "live"
+        assert remembered["unjournaled"]["step"] == served["unjournaled"]["step"] == 4
+        assert main(["runs", "--all"]) == 0
+        row = [line for line in capsys.readouterr().out.splitlines() if "unjournaled" in line]
+        assert row and row[0].split()[1:3] == ["live", "4"]
