@@ -43,6 +43,10 @@ class StepGuard:
         self.enabled = True  # False: never skip (the loop reports after stepping)
         self._skip_next = False
         self.after: Any = None  # called after every optimizer step, taken or skipped
+        # Called instead of the step it skips: the hook's pre-step work (the optimizer's
+        # pre-step hooks run only inside the step), so that the LRs the groups hold then
+        # are those the step would have used, as at any other step.
+        self.on_skip: Any = None
         self._device_ok: Any = None  # a 0-dim bool tensor: the device-side verdict
         self._inner = optimizer.step
         # A step set on the instance (an LR scheduler's counting wrapper, say) is put back
@@ -125,6 +129,8 @@ class StepGuard:
             self._skip_next = False
             self._device_ok = None
             self.skipped += 1
+            if self.on_skip is not None:
+                self.on_skip()
             return None
         ok, self._device_ok = self._device_ok, None
         if ok is None:

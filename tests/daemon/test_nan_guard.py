@@ -138,3 +138,40 @@ def test_close_unwraps_the_optimizer(controller: ControllerProc) -> None:
     assert "step" in vars(opt)
     ctl.close()
     assert "step" not in vars(opt)
+
+
+def test_a_skipped_step_holds_the_lrs_it_would_have_used(controller: ControllerProc) -> None:
+    """The guard skips step t's optimizer step: the param groups still hold the answer to
+    t - 1 then (the hook awaits it, as at any other step), not whichever answer happened
+    to be in. The controller is stopped while steps t - 1 and t are reported, so that
+    answer is certainly still on its way when the skipped step comes."""
+    import signal
+
+    from daemon_helpers import POLICIES
+
+    policy = str(POLICIES / "rangetest.yaml")  # its sweep moves the LR every step
+    engine = lrctl.load_policy(policy, [0.1])
+    param = torch.nn.Parameter(torch.ones(2))
+    opt = torch.optim.SGD([param], lr=0.1)
+    with lrctl.attach(opt, policy=policy, spawn=False, timeout=30.0) as ctl:
+        for t in range(10):
+            param.grad = torch.ones(2)
+            ctl.step(1.0, grad_norm=1.0)
+            opt.step()
+            expected = engine.observe(t, 1.0, 1.0)
+        assert controller.proc is not None and ctl._link is not None
+        assert ctl._link.wait(lambda: ctl._acked >= 9, 30.0)  # the answer to step 9: in
+        controller.proc.send_signal(signal.SIGSTOP)
+        try:
+            param.grad = torch.ones(2)
+            ctl.step(1.0, grad_norm=1.0)  # step 10
+            expected_at_11 = engine.observe(10, 1.0, 1.0)
+            opt.step()
+            assert [opt.param_groups[0]["lr"]] == expected
+            ctl.step(math.nan, grad_norm=1.0)  # step 11: skipped by the guard
+        finally:
+            controller.proc.send_signal(signal.SIGCONT)
+        before = param.detach().clone()
+        opt.step()
+        assert torch.equal(param, before)  # skipped
+        assert [opt.param_groups[0]["lr"]] == expected_at_11 != expected
