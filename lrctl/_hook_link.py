@@ -96,15 +96,15 @@ class LinkSide:
                                       f"{other or '< 0.2'}, this hook is lrctl {__version__}, "
                                       f"and no socket for this version's fits beside it "
                                       f"({versioned} is too long); training continues at the "
-                                      "optimizer's LRs (stop the old one with 'lrctl stop', "
-                                      "or choose a shorter socket)")
+                                      f"optimizer's LRs (stop the old one with '{_stop(address)}'"
+                                      ", or choose a shorter socket)")
                 return
             if spawn and unix:
                 self._warn("version", f"lrctl: the controller on {address} runs lrctl "
                                       f"{other or '< 0.2'}, this hook is lrctl {__version__}: "
                                       f"using a controller on {versioned} instead, its state "
-                                      f"and log in {paths.state_dir(socket=versioned)} ('lrctl "
-                                      f"stop --socket {address}' stops the old one)")
+                                      f"and log in {paths.state_dir(socket=versioned)} "
+                                      f"('{_stop(address)}' stops the old one)")
                 self._controller_version = None
                 link = self._open_link(versioned, hello, token, spawn, spawn_timeout,
                                        max_backoff)
@@ -114,7 +114,7 @@ class LinkSide:
                 self._warn("version", f"lrctl: the controller on {address} runs lrctl "
                                       f"{other or '< 0.2'}, this hook is lrctl {__version__}; "
                                       "training continues at the optimizer's LRs (stop it "
-                                      "with 'lrctl stop', or attach with spawn=True)")
+                                      f"with '{_stop(address)}', or attach with spawn=True)")
                 return
         assert link is not None
         if link.fatal is not None:
@@ -138,7 +138,7 @@ class LinkSide:
                     max_backoff=max_backoff, token=token or token_from_env()
                     if address.startswith("tcp://") else None)
         if spawn and link.kind == "unix":
-            link.respawn = lambda: _spawn.respawn(address)
+            link.respawn = lambda resumable: _spawn.respawn(address, resumable)
         self._link = link
         self._spawn_failure: str | None = None
         opened = link.open(timeout=2.0)
@@ -160,6 +160,16 @@ class LinkSide:
             if self._resume is not None and msg.get("restored") is False:
                 self._warn("not-restored", f"lrctl: the controller has no state for run "
                                            f"{self._resume!r}; its policies start afresh")
+            last = msg.get("last_step")
+            if isinstance(last, int) and not isinstance(last, bool) and last >= self._step:
+                # Resumed by run key at a step before the controller's (no start_step?):
+                # the controller answers such steps as already seen, observing none.
+                self._warn("behind", f"lrctl: the controller has run {self.run_key!r} up to "
+                                     f"step {last}, and this hook counts from step "
+                                     f"{self._step}: its steps up to {last} are answered as "
+                                     "already seen and observed by no policy. Give attach("
+                                     "..., start_step=N) the step your loop resumes at, or "
+                                     "resume from ctl.state_dict() (resume=state)")
         elif t == "snapshot":
             self._snapshot = msg
         elif t == "error":
@@ -284,3 +294,9 @@ def mlflow_info() -> dict[str, str | None]:
         except Exception:
             pass
     return info
+
+
+def _stop(address: str) -> str:
+    """The command that stops the controller on ``address``."""
+    return ("lrctl stop" if address == paths.default_socket()
+            else f"lrctl stop --socket {address}")

@@ -59,7 +59,7 @@ class Link:
                  on_message: Callable[[dict[str, Any]], None], *,
                  warn: Callable[[str, str], None], max_backoff: float = 5.0,
                  buffer_max: int = BUFFER_MAX,
-                 respawn: Callable[[], str | None] | None = None,
+                 respawn: Callable[[bool], tuple[str, str] | None] | None = None,
                  token: str | None = None) -> None:
         self.kind, self.addr = paths.parse_address(address)
         self.address = address
@@ -136,12 +136,16 @@ class Link:
             return
         self._last_respawn = now
         try:
-            said = self.respawn()
+            said = self.respawn(self.welcomed)  # (welcomed: the run has a checkpoint)
         except Exception as exc:  # fail-open: keep training, keep trying to reconnect
             self.warn("respawn", f"lrctl: could not start a new controller ({exc!r})")
             return
         if said:
-            self.warn("respawn", said)
+            self.warn(*said)
+        # A controller answers within a second or so of its start: look for it soon, not
+        # after the back-off reached so far (up to max_backoff).
+        self._backoff = 0.1
+        self._next_attempt = now + self._backoff
 
     def _down(self, reason: str) -> None:
         if self._sock is not None:

@@ -21,10 +21,16 @@ log = logging.getLogger("lrctl")
 
 #: A controller that attach() started exits after this long with no hook connected.
 SPAWNED_IDLE_EXIT_S = 600
-#: After the controller a hook started exits, how long another may still take to answer.
+#: After the controller a hook started exits because another holds the socket, how long
+#: that one may still take to answer.
 EXITED_GRACE_S = 10.0
+#: ``lrctl serve``'s exit status when another controller holds the socket or state dir.
+ANOTHER_SERVES = 3
 #: The controllers this process started (kept so their handles outlive the caller's frame).
 spawned: list[subprocess.Popen[bytes]] = []
+#: The last controller :func:`respawn` started on each socket, its log and where its
+#: output begins (the next respawn says how it ended, if it failed).
+_respawned: dict[str, tuple[subprocess.Popen[bytes], Path, int]] = {}
 
 
 def start_controller(address: str) -> subprocess.Popen[bytes]:
@@ -69,21 +75,36 @@ def versioned_socket(address: str) -> str:
     return str(paths.runtime_dir() / f"lrctl-{digest}-{__version__}.sock")
 
 
-def respawn(address: str) -> str:
-    """The controller this run used is gone: start another (it restores the sessions).
-    Returns what to tell the user."""
-    proc, log_path, _ = _start(address)
-    return (f"lrctl: no controller has answered on {address} for a while; started one (pid "
-            f"{proc.pid}, its output in {log_path}): the run goes on from its checkpoint once "
-            "it answers")
+def respawn(address: str, resumable: bool) -> tuple[str, str]:
+    """No controller answers on ``address`` (the one this run used is gone, or none ever
+    started): start one (it restores the sessions). ``resumable``: a controller has
+    served the run (it goes on from its checkpoint), else it starts once one answers.
+    Returns the kind of warning and its text: ``respawn-failed`` when the controller
+    started last time exited with an error (its last words are in the text)."""
+    failed = ""
+    earlier = _respawned.get(address)
+    if earlier is not None:
+        before, before_log, before_offset = earlier
+        if before.poll() not in (None, 0, ANOTHER_SERVES):
+            said = _last_line(before_log, before_offset)
+            failed = (f"the one started before (pid {before.pid}) exited with status "
+                      f"{before.returncode}" + (f": {said}" if said else "") + "; ")
+    proc, log_path, offset = _start(address)
+    _respawned[address] = (proc, log_path, offset)
+    then = ("the run goes on from its checkpoint once it answers" if resumable
+            else "the run starts once it answers")
+    return ("respawn-failed" if failed else "respawn",
+            f"lrctl: no controller has answered on {address} for a while; {failed}started one "
+            f"(pid {proc.pid}, its output in {log_path}): {then}")
 
 
 def spawn_and_open(link: Link, timeout: float) -> str | None:
     """Start a controller and wait until it answers (at most ``timeout``); None once it
-    does, else why not. A controller that exits stops the wait soon: only a controller
-    another run started at the same moment can answer then, and the one that made ours
-    exit holds the socket's lock, which it takes just before binding: a few seconds
-    (``EXITED_GRACE_S``) are ample. The exited one's last output is in the reason."""
+    does, else why not. A controller that exits because another holds the socket (status
+    3: another run started one at the same moment) stops the wait soon: that one took
+    the socket's lock just before binding, so a few seconds (``EXITED_GRACE_S``) are
+    ample. One that exits otherwise (bad configuration, a crash) stops it at once: no
+    one else is starting. The exited one's last output is in the reason."""
     try:
         proc, log_path, offset = _start(link.address)
     except OSError as exc:  # the state dir is not safely ours, or cannot be made: fail open
@@ -94,6 +115,10 @@ def spawn_and_open(link: Link, timeout: float) -> str | None:
         if link.open(timeout=1.0):
             return None
         if proc.poll() is not None:
+            if proc.returncode != ANOTHER_SERVES:
+                if link.open(timeout=1.0):  # (one more look: someone else's may be up)
+                    return None
+                break
             deadline = min(deadline, time.monotonic() + EXITED_GRACE_S)
         time.sleep(delay)
         delay = min(delay * 1.5, 0.25)
@@ -101,7 +126,8 @@ def spawn_and_open(link: Link, timeout: float) -> str | None:
         return f"the controller it started (pid {proc.pid}) did not answer within {timeout:g} s"
     said = _last_line(log_path, offset)
     return (f"the controller it started (pid {proc.pid}) exited with status "
-            f"{proc.returncode}" + (f": {said}" if said else f" (see {log_path})"))
+            f"{proc.returncode}" + (f": {said} (its output: {log_path})" if said
+                                    else f" (see {log_path})"))
 
 
 def _last_line(path: Path, offset: int) -> str:

@@ -25,8 +25,8 @@ def ask(args: argparse.Namespace, msg: dict[str, Any]) -> dict[str, Any] | None:
         from ..paths import default_socket
 
         where = args.socket or default_socket()
-        hint = ("nothing to stop" if args.command == "stop"
-                else "start one with 'lrctl serve'")
+        serve = "lrctl serve" + ("" if where == default_socket() else f" --socket {where}")
+        hint = "nothing to stop" if args.command == "stop" else f"start one with '{serve}'"
         print(f"lrctl {args.command}: no controller answers on {where} "
               f"({exc.strerror or exc}); {hint}", file=sys.stderr)
     return None

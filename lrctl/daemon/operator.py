@@ -78,8 +78,9 @@ def find(sessions: Mapping[str, Session], name: str) -> Session:
         return found[0]
     if not found:
         raise ProtocolError(f"no run named {name!r} on this controller; see 'lrctl runs' ('lrctl "
-                            "runs --all' lists the runs of controllers on other sockets too: "
-                            "reach one with --socket)", "no_such_run")
+                            "runs --all' lists the runs that ended too, and those of "
+                            "controllers on other sockets: reach one with --socket)",
+                            "no_such_run")
     raise ProtocolError(f"{name!r} matches {len(found)} runs: "
                         f"{', '.join(sorted(s.key for s in found))}", "ambiguous_run")
 

@@ -80,6 +80,7 @@ def reap_spawned() -> Iterator[None]:
                 proc.kill()
             proc.wait(10)
         del _spawn.spawned[before:]
+        _spawn._respawned.clear()  # (each test's sockets are its own)
 
 
 @pytest.fixture

@@ -84,6 +84,9 @@ def test_verbs_without_a_controller_say_so(short_dir) -> None:  # type: ignore[n
     out = _cli("runs")
     assert out.returncode == 1 and "no controller answers" in out.stderr
     assert "start one with 'lrctl serve'" in out.stderr
+    elsewhere = str(short_dir / "elsewhere.sock")  # the hint names the socket asked
+    out = _cli("status", "--socket", elsewhere)
+    assert f"start one with 'lrctl serve --socket {elsewhere}'" in out.stderr
     stop = _cli("stop")
     assert stop.returncode == 1 and "nothing to stop" in stop.stderr
     # An address no socket can have: one line that says why, no traceback.

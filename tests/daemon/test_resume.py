@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import pytest
@@ -95,3 +96,25 @@ def test_a_corrupt_checkpoint_is_never_loaded(controller: ControllerProc) -> Non
     controller.start()
     assert lrctl.client.request({"t": "runs"})["runs"] == []
     assert list(path.parent.glob("*.corrupt"))
+
+
+def test_a_resume_by_run_key_behind_the_controller_says_its_steps_are_not_observed(
+        controller: ControllerProc) -> None:
+    """Rejoining a run by its key without start_step: the controller has it at step 19,
+    the hook counts from 0, and its steps up to 19 would be answered as already seen
+    with nothing said. The hook says so at attach; with start_step it says nothing."""
+    curve = losses(40, seed=3)
+    ctl = lrctl.attach(_opt(), policy=POLICY, sync=True, spawn=False)
+    _step_all(ctl, curve, 0, 20)
+    key = ctl.run_key
+    ctl.close(end_run=False)
+    with pytest.warns(RuntimeWarning, match=r"up to step 19, and this hook counts from "
+                                            r"step 0: .*start_step"):
+        behind = lrctl.attach(_opt(), policy=POLICY, sync=True, spawn=False, resume=key)
+    behind.close(end_run=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no warning at all
+        with lrctl.attach(_opt(), policy=POLICY, sync=True, spawn=False, resume=key,
+                          start_step=20) as again:
+            _step_all(again, curve, 20, 40)
+            assert again.steps_taken == 40

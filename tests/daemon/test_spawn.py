@@ -222,10 +222,13 @@ def test_idle_exit_ends_a_controller_once_its_hooks_are_gone(make_controller) ->
 
 
 def test_a_controller_that_cannot_start_ends_the_wait_and_the_warning_says_why(
-        short_dir, reap_spawned: None) -> None:  # type: ignore[no-untyped-def]
+        short_dir, reap_spawned: None, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
     """A socket in a directory other users may write to: the controller attach() starts
-    refuses it and exits. The hook stops waiting for it then (not after spawn_timeout)
-    and its warning carries the controller's own words."""
+    refuses it and exits (status 2). The hook stops waiting for it then: not after
+    spawn_timeout, nor after the grace left for another controller to answer (only
+    for status 3, another one holds the socket: here a grace past the test's timeout),
+    and its warning carries the controller's own words and where its output is."""
+    monkeypatch.setattr(_spawn, "EXITED_GRACE_S", 3600.0)
     shared = short_dir / "shared"
     shared.mkdir()
     os.chmod(shared, 0o1777)
@@ -234,11 +237,46 @@ def test_a_controller_that_cannot_start_ends_the_wait_and_the_warning_says_why(
         ctl = lrctl.attach(opt, socket=str(shared / "c.sock"), spawn_timeout=600.0)
     try:
         message = str(seen[0].message)
-        assert "exited with status" in message  # not "did not answer within 600 s"
-        assert "writable by other users" in message
+        assert "exited with status 2" in message  # not "did not answer within 600 s"
+        assert "writable by other users" in message and "controller.out" in message
         assert _spawn.spawned[-1].poll() is not None
         ctl.step(1.0)  # and training goes on
         opt.step()
+    finally:
+        ctl.close()
+
+
+def test_a_respawn_that_fails_too_is_said_and_no_checkpoint_is_promised(
+        short_dir, reap_spawned: None, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
+    """A run no controller ever served: the respawn's warning says the run starts once
+    one answers (there is no checkpoint to go on from), and when that controller fails
+    as well, the next respawn says so, with its words."""
+    import time
+
+    from lrctl import _link
+
+    shared = short_dir / "shared"
+    shared.mkdir()
+    os.chmod(shared, 0o1777)  # every controller started on it refuses it (status 2)
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.ones(1))], lr=0.1)
+    with pytest.warns(RuntimeWarning, match="no controller answers"):
+        ctl = lrctl.attach(opt, socket=str(shared / "c.sock"))
+    monkeypatch.setattr(_link, "RESPAWN_AFTER_S", 0.0)
+    monkeypatch.setattr(_link, "RESPAWN_EVERY_S", 0.0)
+    try:
+        with pytest.warns(RuntimeWarning) as seen:
+            deadline = time.monotonic() + 120
+            while not any("exited with status 2" in str(w.message) for w in seen):
+                assert time.monotonic() < deadline, [str(w.message) for w in seen]
+                for proc, _, _ in _spawn._respawned.values():  # its end is said next time
+                    proc.wait(60)
+                ctl.step(1.0)
+                opt.step()
+                time.sleep(0.05)  # (the hook's back-off between attempts, 0.1 s)
+        said = [str(w.message) for w in seen if "started one (pid" in str(w.message)]
+        assert said and all("the run starts once it answers" in m for m in said)
+        assert not any("checkpoint" in m for m in said)
+        assert "writable by other users" in said[-1]
     finally:
         ctl.close()
 

@@ -130,3 +130,17 @@ def test_a_versioned_socket_always_fits_beside_a_long_one(short_dir) -> None:  #
     assert os.path.dirname(versioned) == str(paths.runtime_dir())
     assert versioned.endswith(f"-{lrctl.__version__}.sock")
     assert _spawn.versioned_socket("/tmp/x/c.sock") == f"/tmp/x/c-{lrctl.__version__}.sock"
+
+
+def test_the_fail_open_warning_names_the_socket_to_stop(short_dir) -> None:  # type: ignore[no-untyped-def]
+    """Another version on a socket given to attach(): 'lrctl stop' alone would stop the
+    default socket's controller, not that one."""
+    path = str(short_dir / "run" / "other.sock")
+    os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+    old = OldController(path, version=None, status=True)
+    try:
+        with pytest.warns(RuntimeWarning, match=f"stop it with 'lrctl stop --socket {path}'"):
+            ctl = lrctl.attach(_opt(), socket=path, spawn=False)
+        ctl.close()
+    finally:
+        old.close()
