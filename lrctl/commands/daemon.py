@@ -47,7 +47,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                    help="validate every *.yaml in DIR at start and watch them")
     p.add_argument("--no-watch", action="store_true",
                    help="no live policy editing: runs keep the version they started with")
-    p.add_argument("--session-timeout", type=float, default=600.0, metavar="SECONDS",
+    p.add_argument("--session-timeout", type=_seconds_or_never, default=600.0,
+                   metavar="SECONDS",
                    help="drop a run from memory after its hook is gone this long; its state "
                         "stays on disk and a reconnect resumes it (0: never; default 600)")
     p.add_argument("--stall-timeout", type=_positive_seconds, metavar="SECONDS",
@@ -161,6 +162,15 @@ def _positive_seconds(text: str) -> float:
     return value
 
 
+def _seconds_or_never(text: str) -> float:
+    """A positive number of seconds, or 0 for never."""
+    try:
+        return 0.0 if float(text) == 0 else _positive_seconds(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds (0: never), but got "
+                                         f"{text!r}") from None
+
+
 def _serve_token(token_file: str | None) -> str | None:
     path = token_file or os.environ.get("LRCTL_TOKEN_FILE")
     if path:
@@ -202,8 +212,15 @@ def cmd_stop(args: argparse.Namespace) -> int:
                   file=sys.stderr)
             return 1
         time.sleep(0.05)
-    print(f"lrctl stop: controller pid {pid} on {reply['socket']} stopped ({reply['runs']} "
-          "run(s) held, each resumable from its checkpoint)")
+    runs, hooks = int(reply.get("runs", 0)), int(reply.get("connected", 0))
+    held = (f"{runs} run(s) held, each resumable from its checkpoint" if runs
+            else "no runs held")
+    print(f"lrctl stop: controller pid {pid} on {reply['socket']} stopped ({held})")
+    if hooks:
+        print(f"lrctl stop: {hooks} hook(s) were still connected: one attached with "
+              "spawn=True (the default) starts a new controller on this socket within "
+              "seconds, with the default options, and its run goes on there; stop those "
+              "training scripts first to keep it stopped")
     return 0
 
 
@@ -347,6 +364,10 @@ def _all_runs(args: argparse.Namespace) -> int:
     if not runs:
         print(f"no runs in {roots[0]}" + (f" (or {len(roots) - 1} more state directories)"
                                           if len(roots) > 1 else ""))
+        if args.socket and reported is None and not args.state_dir:
+            print("(no controller answers on that socket, so this is the directory its "
+                  "controller uses by default; one started with --state-dir keeps its runs "
+                  "there: pass the same --state-dir)")
         return 0
     rows = [("RUN", "STATE", "STEP", "LR", "DECISIONS", "MLFLOW RUN", "LAST DECISION")]
     for r in runs:

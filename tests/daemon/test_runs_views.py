@@ -70,3 +70,12 @@ def test_runs_all_lists_the_runs_of_a_controller_without_a_journal(
         assert main(["runs", "--all"]) == 0
         row = [line for line in capsys.readouterr().out.splitlines() if "unjournaled" in line]
         assert row and row[0].split()[1:3] == ["live", "4"]
+
+
+def test_runs_all_on_a_silent_socket_says_where_it_looked_and_why(
+        short_dir, capsys: pytest.CaptureFixture[str]) -> None:  # type: ignore[no-untyped-def]
+    """No controller answers: the directory is the socket's default one, which a
+    controller started with --state-dir does not use."""
+    assert main(["runs", "--all", "--socket", str(short_dir / "nobody.sock")]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("no runs in ") and "pass the same --state-dir" in out

@@ -193,7 +193,8 @@ def test_serve_stays_in_the_foreground_and_lrctl_stop_stops_it(short_dir) -> Non
         stop = subprocess.run([sys.executable, "-m", "lrctl", "stop"], capture_output=True,
                               text=True, timeout=60)
         assert stop.returncode == 0, stop.stderr
-        assert f"pid {proc.pid}" in stop.stdout and "stopped" in stop.stdout
+        assert f"pid {proc.pid}" in stop.stdout and "stopped (no runs held)" in stop.stdout
+        assert "still connected" not in stop.stdout
         assert proc.wait(30) == 0
         assert "listening on" in log.read_text()  # it logged to stderr, in the foreground
     finally:
@@ -203,6 +204,25 @@ def test_serve_stays_in_the_foreground_and_lrctl_stop_stops_it(short_dir) -> Non
     again = subprocess.run([sys.executable, "-m", "lrctl", "stop"], capture_output=True,
                            text=True, timeout=60)
     assert again.returncode == 1 and "no controller answers" in again.stderr
+
+
+def test_stop_says_which_runs_it_holds_and_that_connected_hooks_may_start_another(
+        controller: ControllerProc) -> None:
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.ones(1))], lr=0.1)
+    with lrctl.attach(opt, sync=True, spawn=False) as ctl:
+        ctl.step(1.0, grad_norm=1.0)
+        stop = subprocess.run([sys.executable, "-m", "lrctl", "stop"], capture_output=True,
+                              text=True, timeout=60)
+        assert stop.returncode == 0, stop.stderr
+        assert "(1 run(s) held, each resumable from its checkpoint)" in stop.stdout
+        assert "1 hook(s) were still connected" in stop.stdout and "spawn=True" in stop.stdout
+
+
+@pytest.mark.parametrize("value", ["-5", "nan", "inf", "soon"])
+def test_serve_refuses_a_session_timeout_that_is_not_seconds(value: str) -> None:
+    out = subprocess.run([sys.executable, "-m", "lrctl", "serve", "--session-timeout", value],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2 and "--session-timeout" in out.stderr
 
 
 def test_idle_exit_ends_a_controller_once_its_hooks_are_gone(make_controller) -> None:  # type: ignore[no-untyped-def]
