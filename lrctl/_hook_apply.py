@@ -19,17 +19,21 @@ class Applying:
     """The decided LRs, in (see the module docstring)."""
 
     def _pre_step(self, *_: Any) -> None:
-        """Optimizer pre-step hook: apply whatever arrived since :meth:`step`.
+        """Optimizer pre-step hook: the LRs this optimizer step uses into the groups.
 
-        It reads only while an answer this optimizer step may use is awaited (a
-        zero-timeout poll when it has come meanwhile, a wait when not). The answer to the
-        step just reported is for the next optimizer step: the next ``step()`` reads it,
-        so an async hook whose due answer is in makes no system call here.
+        It reads the socket only while an answer is awaited and not all that this step
+        may use is in (the answer due: :meth:`_await_due` waits for it where the step
+        needs it), while CUDA-staged statistics wait to be sent, and while something is
+        left to send or the link is down. The answer to the step just reported is for the
+        next optimizer step, which the next ``step()`` reads: an async hook whose due
+        answer is in makes no system call here (a push from ``lrctl set-lr`` or a reload
+        that lands between ``step()`` and this hook applies a step later).
         """
         try:
             if self._link is not None and (self._acked < self._reported
                                            or (self._staging.used and self._staging)):
-                if not self._staging.used and self._acked >= self._due_step():
+                if (not self._staging.used and self._link.idle
+                        and self._acked >= self._due_step()):
                     self._late = False  # caught up: exact t+1 again (as _await_due says)
                     if self._held:
                         self._promote()

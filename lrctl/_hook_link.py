@@ -154,6 +154,8 @@ class LinkSide:
         if t == "lr":  # the answer to an observation (or a push): every step, first
             self._on_lr(msg)
         elif t == "welcome":
+            if self._link is not None:
+                _spawn.served(self._link.address)
             version = msg.get("version")
             self._controller_version = version if isinstance(version, str) else None
             self._take_lrs(msg, None)
@@ -162,14 +164,17 @@ class LinkSide:
                                            f"{self._resume!r}; its policies start afresh")
             last = msg.get("last_step")
             if isinstance(last, int) and not isinstance(last, bool) and last >= self._step:
-                # Resumed by run key at a step before the controller's (no start_step?):
-                # the controller answers such steps as already seen, observing none.
+                # Rejoined at a step before the controller's: it answers such steps as
+                # already seen, observing none.
+                fix = ("resume from the ctl.state_dict() saved with the checkpoint your loop "
+                       "resumed from (resume=state): it holds the run as of that step"
+                       if self._step > 0 else
+                       "give attach(..., start_step=N) the step your loop resumes at, or "
+                       "resume from ctl.state_dict() (resume=state)")
                 self._warn("behind", f"lrctl: the controller has run {self.run_key!r} up to "
                                      f"step {last}, and this hook counts from step "
                                      f"{self._step}: its steps up to {last} are answered as "
-                                     "already seen and observed by no policy. Give attach("
-                                     "..., start_step=N) the step your loop resumes at, or "
-                                     "resume from ctl.state_dict() (resume=state)")
+                                     f"already seen and observed by no policy; {fix}")
         elif t == "snapshot":
             self._snapshot = msg
         elif t == "error":

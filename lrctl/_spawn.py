@@ -14,8 +14,8 @@ from . import paths
 from ._link import Link
 from ._version import __version__
 
-__all__ = ["SPAWNED_IDLE_EXIT_S", "respawn", "spawn_and_open", "spawned", "start_controller",
-           "versioned_socket"]
+__all__ = ["SPAWNED_IDLE_EXIT_S", "respawn", "served", "spawn_and_open", "spawned",
+           "start_controller", "versioned_socket"]
 
 log = logging.getLogger("lrctl")
 
@@ -73,6 +73,12 @@ def versioned_socket(address: str) -> str:
         return named
     digest = hashlib.sha256(os.fsencode(address)).hexdigest()[:12]
     return str(paths.runtime_dir() / f"lrctl-{digest}-{__version__}.sock")
+
+
+def served(address: str) -> None:
+    """A controller on ``address`` welcomed the run: whatever ends the one :func:`respawn`
+    started there later is no failure to start (say, a crash after hours of serving)."""
+    _respawned.pop(address, None)
 
 
 def respawn(address: str, resumable: bool) -> tuple[str, str]:

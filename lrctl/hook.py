@@ -216,7 +216,8 @@ class Controller(Resuming, LinkSide, Reporting, Applying):
         else:
             self._apply()
             self._hook_handle = register_pre_step(optimizer, self._pre_step)
-            self._guard.on_skip = self._pre_step
+            if self._hook_handle is not None:  # (as the optimizer step it stands in for)
+                self._guard.on_skip = self._pre_step
         if self._writer.loop_mode:
             self._guard.after = self._after_step
         # Steps may take the quiet way (see Reporting._quiet) only with none of these,

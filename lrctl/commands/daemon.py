@@ -165,10 +165,13 @@ def _positive_seconds(text: str) -> float:
 def _seconds_or_never(text: str) -> float:
     """A positive number of seconds, or 0 for never."""
     try:
-        return 0.0 if float(text) == 0 else _positive_seconds(text)
+        value = float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number of seconds (0: never), but got "
-                                         f"{text!r}") from None
+        value = math.nan
+    if value == 0 or (value > 0 and math.isfinite(value)):
+        return value
+    raise argparse.ArgumentTypeError(f"expected a positive number of seconds (0: never), but "
+                                     f"got {text!r}")
 
 
 def _serve_token(token_file: str | None) -> str | None:
@@ -217,10 +220,16 @@ def cmd_stop(args: argparse.Namespace) -> int:
             else "no runs held")
     print(f"lrctl stop: controller pid {pid} on {reply['socket']} stopped ({held})")
     if hooks:
+        from ..paths import state_dir
+
+        own = str(state_dir(socket=reply["socket"])) == reply.get("state_dir")
+        goes_on = ("its run goes on there" if own else
+                   f"in the socket's own state directory, not {reply.get('state_dir')}: its "
+                   "run starts over there")
         print(f"lrctl stop: {hooks} hook(s) were still connected: one attached with "
               "spawn=True (the default) starts a new controller on this socket within "
-              "seconds, with the default options, and its run goes on there; stop those "
-              "training scripts first to keep it stopped")
+              f"seconds, with the default options, and {goes_on}; stop those training "
+              "scripts first to keep it stopped")
     return 0
 
 

@@ -4,11 +4,11 @@ A live controller forgets a run when it ends; its journal stays. This reads the
 journals (so it works with no controller running) and, when a controller
 answers, asks it which runs it serves: ``live`` (its hook connected) or
 ``detached`` (held for its hook, which is gone). A run no controller serves is
-``detached`` while its checkpoint is on disk (a reconnect, or the next
-controller, resumes it; an eviction after ``--session-timeout`` keeps it), else
-``ended``. Its step and LRs are the checkpoint's (the journal's metrics are a
-sample, every 50 steps or so); a run that is served comes with the controller's
-own. Runs served without a journal (``--no-audit``) are listed too.
+``ended`` once it said goodbye, or was evicted after ``--session-timeout`` and its
+checkpoint is gone; otherwise ``detached`` (a reconnect, or the next controller,
+resumes it from its checkpoint). Its step and LRs are the controller's, else the
+checkpoint's (the journal's metrics are a sample, every 50 steps or so). Runs served
+without a journal (``--no-audit``) are listed too.
 """
 
 from __future__ import annotations
@@ -33,16 +33,21 @@ def journal_runs(state_dir: Path, live: dict[str, dict[str, Any]]) -> list[dict[
         cursor = read_json(paths.cursor, {}) or {}
         last_decision = last_line(paths.stream("decisions"))
         last_event = last_line(paths.stream("events"))
-        step, lrs = _checkpointed(state_dir, key)
-        if step is None:
-            last_metrics = last_line(paths.stream("metrics"))
-            step, lrs = _sampled(last_metrics.record if last_metrics is not None else {})
-        ended = last_event is not None and last_event.record.get("event") == "end"
+        end = last_event.record if last_event is not None else {}
         if key in live:
             state = "live" if live[key].get("connected", True) else "detached"
-            step, lrs = live[key].get("step", step), list(live[key].get("lrs", lrs))
+            step, lrs = live[key].get("step"), list(live[key].get("lrs", []))
         else:
-            state = "ended" if ended and not _resumable(state_dir, key) else "detached"
+            if end.get("event") != "end":
+                state = "detached"  # its hook went without a goodbye (or still may come)
+            elif end.get("outcome") == "orphaned":  # evicted: resumable while checkpointed
+                state = "detached" if _checkpoint_file(state_dir, key) else "ended"
+            else:
+                state = "ended"
+            step, lrs = _checkpointed(state_dir, key)
+            if step is None:
+                last_metrics = last_line(paths.stream("metrics"))
+                step, lrs = _sampled(last_metrics.record if last_metrics is not None else {})
         out.append({
             "run": key, "run_name": meta.get("run_name", key), "state": state,
             "step": step, "lrs": lrs,
@@ -76,11 +81,6 @@ def _checkpoint_file(state_dir: Path, key: str) -> Path | None:
     return None
 
 
-def _resumable(state_dir: Path, key: str) -> bool:
-    """A checkpoint of ``key`` is on disk: a reconnect (or the next controller) resumes it."""
-    return _checkpoint_file(state_dir, key) is not None
-
-
 def _checkpointed(state_dir: Path, key: str) -> tuple[int | None, list[float]]:
     """The last step and the LRs in effect after it, as the run's checkpoint holds them
     (``None, []`` without a readable one)."""
@@ -90,12 +90,17 @@ def _checkpointed(state_dir: Path, key: str) -> tuple[int | None, list[float]]:
     if path is None:
         return None, []
     try:
-        engine = StateStore.read_file(path)["engine"]
-        op = engine.get("operator") or {}
-        lrs = op.get("override") or op.get("hold") or engine["lrs"]
+        state = StateStore.read_file(path)
+        engine = state["engine"]
+        if "operator" in engine:
+            op = engine["operator"]
+            manual = op.get("override") or op.get("hold")
+        else:  # a checkpoint from before the operator's LRs moved into the engine's state
+            manual = (state.get("override") or {}).get("lrs") or state.get("hold_lrs")
         step = engine["last_step"]
-        return (step if isinstance(step, int) else None), [float(x) for x in lrs]
-    except (OSError, ValueError, KeyError, TypeError):
+        return (step if isinstance(step, int) else None), [float(x) for x in
+                                                            manual or engine["lrs"]]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return None, []  # damaged: the controller says so when it loads it
 
 

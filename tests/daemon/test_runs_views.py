@@ -60,6 +60,30 @@ def test_the_views_agree_on_live_detached_and_ended_runs(
     assert remembered["gone"]["lrs"] == lrs and remembered["done"]["state"] == "ended"
 
 
+def test_an_evicted_run_is_detached_while_its_checkpoint_is_on_disk(
+        make_controller, capsys: pytest.CaptureFixture[str]) -> None:  # type: ignore[no-untyped-def]
+    """--session-timeout drops a run whose hook is gone from memory (its journal ends it as
+    orphaned) and keeps its checkpoint: a reconnect resumes it, so it is detached, at the
+    checkpoint's step; ended once that is gone."""
+    import time
+    from pathlib import Path
+
+    controller: ControllerProc = make_controller(["--session-timeout", "1"], audit=True)
+    _train("evicted", steps=10).close(end_run=False)
+    deadline = time.monotonic() + 60
+    while True:  # until the controller has evicted it
+        served, remembered = _views(capsys)
+        if "evicted" not in served:
+            break
+        assert time.monotonic() < deadline, "never evicted"
+        time.sleep(0.1)
+    assert remembered["evicted"]["state"] == "detached" and remembered["evicted"]["step"] == 9
+    key = remembered["evicted"]["run"]
+    (Path(controller.state_dir) / "runs" / f"{key}.ckpt").unlink()
+    _, remembered = _views(capsys)
+    assert remembered["evicted"]["state"] == "ended"
+
+
 def test_runs_all_lists_the_runs_of_a_controller_without_a_journal(
         controller: ControllerProc, capsys: pytest.CaptureFixture[str]) -> None:
     """--no-audit: no journal, but ``--all`` adds ended runs to those served, never fewer."""

@@ -226,8 +226,11 @@ def test_serve_refuses_a_session_timeout_that_is_not_seconds(value: str) -> None
 
 
 def test_idle_exit_ends_a_controller_once_its_hooks_are_gone(make_controller) -> None:  # type: ignore[no-untyped-def]
-    ctl_proc = make_controller(["--idle-exit", "1"])
+    ctl_proc = make_controller(["--idle-exit", "1"], start=False)
+    # Made before the controller starts: a process's first optimizer imports parts of torch
+    # (over a second on a slow machine), and the controller would be idle that long.
     opt = torch.optim.SGD([torch.nn.Parameter(torch.ones(1))], lr=0.1)
+    ctl_proc.start()
     with lrctl.attach(opt, sync=True, spawn=False) as ctl:
         for _ in range(3):
             ctl.step(1.0, grad_norm=1.0)

@@ -5,7 +5,9 @@ from __future__ import annotations
 import math
 import select
 import signal
+import warnings
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -134,20 +136,22 @@ def test_the_pre_step_hook_reads_only_for_the_answer_its_step_uses(
         reads = 0
         real_read = link._read
 
-        def counted() -> None:
+        def counted(*args: Any) -> None:
             nonlocal reads
             reads += 1
-            real_read()
+            real_read(*args)
 
         lrs_for_t = engine.applied_lrs
-        for t, loss in enumerate(losses(40)):
-            assert link.wait(lambda: ctl._acked >= ctl._reported, 10.0)
-            ctl.step(loss, grad_norm=1.0)
-            link._read = counted  # type: ignore[method-assign]
-            opt.step()
-            link._read = real_read  # type: ignore[method-assign]
-            assert ctl.lr == lrs_for_t == [g["lr"] for g in opt.param_groups], t
-            lrs_for_t = engine.observe(t, loss, 1.0)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # a hook error it swallowed (a warning) fails too
+            for t, loss in enumerate(losses(40)):
+                assert link.wait(lambda: ctl._acked >= ctl._reported, 10.0)
+                ctl.step(loss, grad_norm=1.0)
+                link._read = counted  # type: ignore[method-assign]
+                opt.step()
+                link._read = real_read  # type: ignore[method-assign]
+                assert ctl.lr == lrs_for_t == [g["lr"] for g in opt.param_groups], t
+                lrs_for_t = engine.observe(t, loss, 1.0)
         assert reads == 0
 
 
