@@ -10,7 +10,10 @@ interleaved rounds:
   (from ``/proc/PID/stat``, so the figure does not depend on how many cores the
   clients take);
 * **paced**: 64 runs at 100 observations/s each, the controller's CPU share
-  over the window, and its resident memory (``VmRSS``) before and after;
+  over the window, and its resident memory (``VmRSS``) before and after ("paced"
+  as in rate-limited: these raw clients do not ask for the controller's paced
+  reading, which a 10 ms interval would not get anyway, see
+  :mod:`lrctl.daemon.pacing`; every observation wakes the controller);
 * **churn, MLflow on**: a controller *with* its audit trail (journal, group
   commit, the MLflow shipper child) shipping to a sqlite store, 64 runs at 20 Hz
   where each run ends (``bye``) after a random 5–15 s and a new one takes its

@@ -222,8 +222,11 @@ class Server:
         self.handshakes.dropped(conn)
         if conn.run is not None and self.conns.get(conn.run) is conn:
             del self.conns[conn.run]
-            if save and conn.run in self.sessions:
+            session = self.sessions.get(conn.run)
+            if save and session is not None:
                 self.checkpoints.save(conn.run)  # the hook is gone: not only in memory
+                log.info("run %s: its hook went without a goodbye after step %s; the run is "
+                         "held (a reconnect resumes it)", conn.run, session.last_step)
 
     def commit(self) -> None:
         self.sink.commit()

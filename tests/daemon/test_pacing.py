@@ -315,3 +315,36 @@ def test_the_loop_never_sleeps_deaf(transport: tuple[Transport, _Echo],
     assert t.select(1.0) == []  # nothing came: it returns at the look, still awake
     theirs.close()
     them.close()
+
+
+def test_many_hooks_paced_at_once_each_apply_every_answer_at_the_next_step(
+        controller: ControllerProc) -> None:
+    """Four fast async hooks, one process taking turns: the controller paces them all at
+    once, and each optimizer step of each run uses exactly the answer to the step
+    before (a policy that moves the LR every step), as an in-process engine gives."""
+    policy = str(POLICIES / "rangetest.yaml")
+    curve = losses(800, seed=5)
+    engine = lrctl.load_policy(policy, [0.1])
+    expected = [list(engine.applied_lrs)]
+    for t, loss in enumerate(curve[:-1]):
+        expected.append(engine.observe(t, loss, 1.0))
+    opts = [_opt() for _ in range(4)]
+    hooks = [lrctl.attach(opt, policy=policy, spawn=False, run_name=f"many-{i}", timeout=30.0)
+             for i, opt in enumerate(opts)]
+    paced = []
+    used: list[list[list[float]]] = [[] for _ in hooks]
+    try:
+        for t, loss in enumerate(curve):
+            for ctl, opt, lrs in zip(hooks, opts, used, strict=True):
+                ctl.step(loss, grad_norm=1.0)
+                opt.step()
+                lrs.append([g["lr"] for g in opt.param_groups])
+            if t % 50 == 49:
+                paced.append(_status(controller)["paced"])
+    finally:
+        for ctl in hooks:
+            ctl.close()
+    assert max(paced) == 4, paced
+    assert all(lrs == expected for lrs in used)
+    made = [[(d.step, d.action, d.new_lrs) for d in ctl.decisions] for ctl in hooks]
+    assert made[0] and all(m == made[0] for m in made)  # the same decisions, every run

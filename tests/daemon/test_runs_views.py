@@ -44,6 +44,9 @@ def test_the_views_agree_on_live_detached_and_ended_runs(
     _train("gone").close(end_run=False)  # its hook is gone; the controller holds the run
     _train("done").close()  # said goodbye
     served, remembered = _views(capsys)
+    gone = served["gone"]["run"]  # the controller's log says when a hook went without a bye
+    assert f"run {gone}: its hook went without a goodbye after step {STEPS - 1}" in \
+        controller.log.read_text()
     assert served["live"]["connected"] and remembered["live"]["state"] == "live"
     assert not served["gone"]["connected"] and remembered["gone"]["state"] == "detached"
     assert "done" not in served and remembered["done"]["state"] == "ended"
