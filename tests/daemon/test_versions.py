@@ -141,6 +141,7 @@ def test_the_fail_open_warning_names_the_socket_to_stop(short_dir) -> None:  # t
     try:
         with pytest.warns(RuntimeWarning, match=f"stop it with 'lrctl stop --socket {path}'"):
             ctl = lrctl.attach(_opt(), socket=path, spawn=False)
+        assert not ctl.connected and old.hellos == []  # (asked its version, then left alone)
         ctl.close()
     finally:
         old.close()
