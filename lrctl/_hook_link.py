@@ -179,6 +179,12 @@ class LinkSide:
             self._snapshot = msg
         elif t == "error":
             self._got_error = True
+            stale = msg.get("s")
+            if (msg.get("code") == "stale_step" and isinstance(stale, int)
+                    and not isinstance(stale, bool) and stale > self._acked):
+                self._acked = stale  # answered as already seen: nothing to apply, no wait
+                if stale >= self._reported:
+                    self._late = False
             if msg.get("retry"):  # out of descriptors, say: it tries again later
                 self._warn("unavailable", f"lrctl: the controller cannot serve this run now "
                                           f"({msg.get('message')})")
@@ -242,9 +248,12 @@ class LinkSide:
         link = self._link
         if link is None or not link.connected:
             if self._dist.rank == 0:
-                self._warn("state-offline", "lrctl: state_dict() without a controller holds "
-                                            "only the run key and step; a resume then relies "
-                                            "on the controller's own checkpoint")
+                closed = getattr(self, "_closed", False)
+                self._warn("state-offline", "lrctl: state_dict() " + (
+                    "after close() (or after leaving the 'with' block) holds only the run key "
+                    "and step: call it while the run is attached" if closed else
+                    "without a controller holds only the run key and step") + "; a resume "
+                    "then relies on the controller's own checkpoint")
             return None
         self._flush_pending()  # every="auto": held steps are part of the run's state
         self._drain_staged(block=True)

@@ -136,6 +136,18 @@ def run_demo(steps: int = 3000, lr: float = 0.5, out: TextIO = sys.stdout) -> in
     return 0
 
 
+def open_ui_lines(uri: str) -> list[str]:
+    """How to see the demo's runs in MLflow's UI, for the tracking URI they went to."""
+    if uri.startswith(("http://", "https://")):  # a tracking server: its own UI
+        lines = [f"  open the UI:  browse {uri.rstrip('/')}"]
+    else:
+        lines = [f"  open the UI:  mlflow ui --backend-store-uri {uri} --port 5000",
+                 "  then browse http://127.0.0.1:5000"]
+    return [*lines, "  → Model training → experiment lrctl → run demo-lrctl (Overview: the "
+                    "decisions and why; chart lrctl/lr/g0; artifact "
+                    "lrctl/decisions_table.json)"]
+
+
 def _where_to_look(steered: DemoResult, fixed: DemoResult, out: TextIO) -> None:
     if not _shipped([r.run_key for r in (steered, fixed) if r.run_key]):
         print("\nMLflow has not received both runs yet (the controller ships them in the "
@@ -144,13 +156,11 @@ def _where_to_look(steered: DemoResult, fixed: DemoResult, out: TextIO) -> None:
     if uri:
         print(f"\nMLflow: both runs are in experiment 'lrctl' at {uri}", file=out)
     else:
-        db = Path.cwd() / "mlflow.db"
-        print(f"\nMLflow: both runs are in experiment 'lrctl' in {db}", file=out)
-        print(f"  open the UI:  mlflow ui --backend-store-uri sqlite:///{db} --port 5000",
+        uri = f"sqlite:///{Path.cwd() / 'mlflow.db'}"
+        print(f"\nMLflow: both runs are in experiment 'lrctl' in {Path.cwd() / 'mlflow.db'}",
               file=out)
-        print("  then browse http://127.0.0.1:5000 → Model training → experiment lrctl → "
-              "run demo-lrctl (Overview: the decisions and why; chart lrctl/lr/g0; "
-              "artifact lrctl/decisions_table.json)", file=out)
+    for line in open_ui_lines(uri):
+        print(line, file=out)
     picture = _timeline(steered)
     if picture is not None:
         print(f"  timeline picture: {picture}", file=out)

@@ -324,6 +324,7 @@ class Controller(Resuming, LinkSide, Reporting, Applying):
         observations it missed and the goodbye.
         """
         self._quiet_allowed = False
+        self._closed = True
         if self._hook_handle is not None:
             self._hook_handle.remove()
             self._hook_handle = None

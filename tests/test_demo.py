@@ -79,3 +79,15 @@ def test_demo_says_when_it_started_the_controller_and_how_to_stop_it(
     out = io.StringIO()
     demo._controller_note(out)
     assert out.getvalue() == ""
+
+
+def test_the_ui_hint_follows_the_tracking_uri() -> None:
+    """A store given by MLFLOW_TRACKING_URI gets its `mlflow ui` command too; a tracking
+    server is browsed directly."""
+    from lrctl import demo
+
+    store = demo.open_ui_lines("sqlite:////data/runs/mlflow.db")
+    assert "mlflow ui --backend-store-uri sqlite:////data/runs/mlflow.db --port 5000" in store[0]
+    server = demo.open_ui_lines("http://mlflow.lab:5000/")
+    assert server[0] == "  open the UI:  browse http://mlflow.lab:5000"
+    assert not any("mlflow ui" in line for line in server)

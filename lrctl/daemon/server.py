@@ -270,9 +270,13 @@ class Server:
         restored = None if msg.get("r") is None else get_int(msg, "r", hi=step)
         prior = prior_steps(msg, step)  # every="auto": the steps held back, oldest first
         if step <= session.last_step:
-            # A replay that overlaps what the restored session has seen: answer, don't apply.
-            raise ProtocolError(f"step {step} already observed (last step "
-                                f"{session.last_step})", "stale_step")
+            # A replay that overlaps what the restored session has seen, or a hook counting
+            # from behind it: answered (with its step, so the hook waits for it no longer),
+            # not applied.
+            self.transport.send(conn, {"t": "error", "code": "stale_step", "s": step,
+                                       "fatal": False, "message": f"step {step} already "
+                                       f"observed (last step {session.last_step})"})
+            return
         try:
             loss = None if loss is None else loss if type(loss) is float else float_in(
                 loss, "loss")

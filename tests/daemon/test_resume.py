@@ -108,9 +108,19 @@ def test_a_resume_by_run_key_behind_the_controller_says_its_steps_are_not_observ
     _step_all(ctl, curve, 0, 20)
     key = ctl.run_key
     ctl.close(end_run=False)
-    with pytest.warns(RuntimeWarning, match=r"up to step 19, and this hook counts from "
-                                            r"step 0: .*start_step"):
-        behind = lrctl.attach(_opt(), policy=POLICY, sync=True, spawn=False, resume=key)
+    opt = _opt()
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        behind = lrctl.attach(opt, policy=POLICY, spawn=False, resume=key, timeout=30.0)
+        for t in range(20):  # async: each is answered as already seen, at once
+            behind.step(curve[t], grad_norm=1.0)
+            opt.step()
+        assert behind._link is not None
+        assert behind._link.wait(lambda: behind._acked == 19, 30.0)
+    said = [str(w.message) for w in seen]
+    assert any("up to step 19, and this hook counts from step 0" in m and "start_step" in m
+               for m in said), said
+    assert behind.late_waits == 0 and not any("did not arrive" in m for m in said), said
     behind.close(end_run=False)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no warning at all
@@ -118,3 +128,17 @@ def test_a_resume_by_run_key_behind_the_controller_says_its_steps_are_not_observ
                           start_step=20) as again:
             _step_all(again, curve, 20, 40)
             assert again.steps_taken == 40
+
+
+def test_state_dict_after_close_says_to_call_it_while_attached(
+        controller: ControllerProc) -> None:
+    """After the `with` block (close()), state_dict() cannot ask the controller: the
+    warning says why, not that no controller runs (one does)."""
+    opt = _opt()
+    with lrctl.attach(opt, policy=POLICY, sync=True, spawn=False) as ctl:
+        _step_all(ctl, losses(5), 0, 5)
+    with pytest.warns(RuntimeWarning, match=r"after close\(\) .* call it while the run is "
+                                            r"attached") as seen:
+        state = ctl.state_dict()
+    assert not any("without a controller" in str(w.message) for w in seen)
+    assert state["run_key"] == ctl.run_key and state["step"] == 5
