@@ -2,14 +2,15 @@
 
 A ``selectors`` loop multiplexes all connections without threads, so session
 state has exactly one owner and needs no locks. The server keeps the registry of
-runs (sessions, their hooks' connections, when each was last heard) and the hot
-path (hello, observation, reply, bye); its collaborators each own one job:
+runs (sessions, their hooks' connections, when each was last heard), its lifecycle
+and dispatch (hello, observation, bye, housekeeping); its collaborators each own one job:
 
 * :mod:`~lrctl.daemon.transport`: connections, framing, authentication, the wake-up,
   and holding replies for the group commit; :mod:`~lrctl.daemon.admission`: the
   listeners, who gets a connection and who keeps one (caps, eviction, fd exhaustion);
 * :mod:`~lrctl.daemon.handshake`: the ``hello`` (typed by :mod:`~lrctl.daemon.hello`):
   which session it joins, built off the loop, and who may take a run over;
+* :mod:`~lrctl.daemon.observing`: an observation in, its answer out (the hot path);
 * :mod:`~lrctl.daemon.operator`: the operator verbs;
 * :mod:`~lrctl.daemon.live_reload`: watched policy files applied to running sessions;
 * :mod:`~lrctl.daemon.checkpoints`: when each run is checkpointed, and by which thread;
@@ -30,26 +31,22 @@ refused, and a socket file that was removed is bound again.
 from __future__ import annotations
 
 import logging
-import math
 import socket
 import time
-from collections.abc import Mapping
-from types import MappingProxyType
 from typing import Any
 
-from ..policy import ObservationError
 from ..reload import DEFAULT_DEBOUNCE_S
 from ..sinks import Sink
 from ..wire.errors import ProtocolError
 from ..wire.frames import MAX_HELLO
-from ..wire.messages import encode_lr, float_in, get_int, prior_steps
 from . import operator
 from .checkpoints import Checkpoints
 from .guarded_sink import GuardedSink
 from .handshake import Handshakes
 from .limits import DEFAULT_SESSION_TIMEOUT, Limits
 from .live_reload import LiveReload
-from .session import Session, Step
+from .observing import Observing
+from .session import Session
 from .state_dir import StateDirWatch
 from .store import StateStore
 from .transport import Conn, Transport, Unavailable
@@ -58,10 +55,7 @@ __all__ = ["Server"]
 
 log = logging.getLogger("lrctl.daemon")
 
-_NO_METRICS: Mapping[str, float] = MappingProxyType({})
-
-
-class Server:
+class Server(Observing):
     """Serve until :meth:`stop`; ``listeners`` are bound, listening sockets, each with
     whether its peers are trusted (Unix) or must show ``token`` first (TCP)."""
 
@@ -236,108 +230,6 @@ class Server:
         self.live.drain()
         self.handshakes.finished()
 
-    # -- the hot path ------------------------------------------------------------------
-    def _snapshot(self, conn: Conn) -> None:
-        """The run's state for the user's checkpoint (``ctl.state_dict()``)."""
-        session = self.sessions.get(conn.run or "")
-        if session is None:
-            raise ProtocolError("snapshot before hello", "bad_message")
-        self.transport.send(conn, {"t": "snapshot", "s": session.last_step,
-                                   "session": session.to_state()}, MAX_HELLO)
-
-    def _obs(self, conn: Conn, msg: Mapping[str, Any]) -> None:
-        """One observation: the hot path (a plain one allocates next to nothing here)."""
-        key = conn.run
-        if key is None:
-            raise ProtocolError("obs before hello", "bad_message")
-        session = self.sessions.get(key)
-        if session is None:
-            raise ProtocolError(f"run {key} is no longer served; reconnect", "no_such_run")
-        self._last_seen[key] = self._now
-        step = msg.get("s")
-        if type(step) is not int or not 0 <= step <= 2**62:
-            step = get_int(msg, "s")  # raises the error that names the problem
-            assert step is not None
-        loss = msg.get("l")
-        grad = msg.get("g")
-        raw_metrics = msg.get("m")
-        metrics: Mapping[str, float] = _NO_METRICS
-        if raw_metrics:
-            if not isinstance(raw_metrics, dict):
-                raise ProtocolError("m must be an object of named metrics", "bad_message")
-            metrics = {str(k): float_in(v, f"metric {k!r:.40}") for k, v in raw_metrics.items()}
-        # The hook carried out a rollback before this step: the snapshot step it restored.
-        restored = None if msg.get("r") is None else get_int(msg, "r", hi=step)
-        prior = prior_steps(msg, step)  # every="auto": the steps held back, oldest first
-        if step <= session.last_step:
-            # A replay that overlaps what the restored session has seen, or a hook counting
-            # from behind it: answered (with its step, so the hook waits for it no longer),
-            # not applied.
-            self.transport.send(conn, {"t": "error", "code": "stale_step", "s": step,
-                                       "fatal": False, "message": f"step {step} already "
-                                       f"observed (last step {session.last_step})"})
-            return
-        try:
-            loss = None if loss is None else loss if type(loss) is float else float_in(
-                loss, "loss")
-            grad = None if grad is None else grad if type(grad) is float else float_in(
-                grad, "grad_norm")
-            # The LRs the optimizer used at this step: an async hook applies the answer to
-            # step t at step t + 1 (so step t ran on what was decided before it); a sync
-            # hook waits for the answer to t and applies it to t's own optimizer step.
-            used = None if session.sync else session.lrs()
-            base = msg.get("b")
-            if base is not None:  # base="loop": the loop's own LRs, scaled by lrctl's
-                base = _base_lrs(base, len(session.engine.initial_lrs))
-            held = self._observe_held(key, session, prior, used) if prior else None
-            result = session.observe(step, loss, grad, metrics)
-            if held is not None:
-                result.decisions[:0] = held.decisions
-                result.stop = result.stop or held.stop
-        except ObservationError as exc:
-            raise ProtocolError(str(exc), "bad_observation") from None
-        if msg.get("o") is True:
-            session.overflows += 1  # a GradScaler overflow: counted, never divergence
-        if restored is not None:
-            result.decisions.append(session.rolled_back(step, restored))
-        used = result.lrs if used is None else used
-        if base is not None:
-            used = session.used_lrs(used, base)
-        self.sink.observation(key, step, loss, grad, used)
-        for d in result.decisions:
-            self.sink.decision(key, {**d, "wall_time": time.time()})
-        self.checkpoints.observed(key, session, self._now)
-        self.reply(conn, session, step, result.lrs, result.decisions, result.skip, result.stop)
-
-    def _observe_held(self, key: str, session: Session,
-                      prior: list[tuple[int, float | None, float | None]],
-                      used: list[float] | None) -> Step:
-        """The held steps of a batched ``obs``, each observed in order; they ran on the
-        LRs in effect before the frame (the hook applies answers at its reports)."""
-        held = Step([], [], False, False)
-        for s, loss, grad in prior:
-            if s <= session.last_step:
-                continue  # a replay overlapping what a restored session has seen
-            result = session.observe(s, loss, grad, _NO_METRICS)
-            self.sink.observation(key, s, loss, grad, result.lrs if used is None else used)
-            held.decisions += result.decisions
-            held.stop = held.stop or result.stop
-        return held
-
-    def reply(self, conn: Conn, session: Session, step: int, lrs: list[float],
-              decisions: list[dict[str, Any]], skip: bool, stop: bool) -> None:
-        if not decisions:
-            frame = encode_lr(step, lrs, skip, stop, session.mode, session.saved_step)
-            if frame is not None:  # the usual reply, the same bytes without json.dumps
-                self.transport.send_frame(conn, frame)
-                return
-        per_frame = operator.MAX_DECISIONS_PER_FRAME
-        for i in range(0, max(len(decisions), 1), per_frame):
-            self.transport.send(conn, {"t": "lr", "s": step, "lrs": lrs, "skip": skip,
-                                       "stop": stop, "mode": session.mode,
-                                       "saved_step": session.saved_step,
-                                       "d": decisions[i:i + per_frame]})
-
     def publish(self, session: Session, decision: dict[str, Any],
                 reloaded: bool = False) -> None:
         """A decision made off the hot path (an operator's, a reload's): journal it,
@@ -403,13 +295,3 @@ class Server:
                                     "ended without closing the run, or lost the controller)")
             log.info("run %s evicted after %.0f s without its hook; its state stays on disk "
                      "and a reconnect resumes it", key, self.session_timeout)
-
-
-def _base_lrs(value: Any, groups: int) -> list[float]:
-    """The ``b`` of an observation: one finite LR >= 0 per param group."""
-    if not isinstance(value, list) or len(value) != groups:
-        raise ProtocolError(f"b must be a list of {groups} LRs", "bad_message")
-    out = [float_in(v, "b") for v in value]
-    if not all(math.isfinite(v) and v >= 0 for v in out):
-        raise ProtocolError("b must hold finite LRs >= 0", "bad_message")
-    return out
