@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from .._defaults import DEFAULT_POLICY, POLICIES
+from ._echo import Echo
 from ._suite import LEGACY_TASKS, Progress, Suite
 from ._targets import Target, row_targets
 from ._timing import Row, interleave, ratios, rows_table, summary
@@ -195,7 +196,7 @@ def _hook_arms(cfg: OverheadConfig, sockets: dict[str, str],
     arms[PLATEAU] = lambda: micro(pl_tr, lambda loss, g: plateau.step(loss))
     for name in TARGET_ENGINE:
         arms[f"lrctl engine.observe, {name}"] = _engine_arm(name, micro)
-    echo = _Echo()
+    echo = Echo()
     stack.append(echo)
     echo_tr = Trainer("digits")
     arms["I/O floor: send a frame, poll, recv (echo process)"] = lambda: micro(echo_tr, echo.call)
@@ -246,49 +247,6 @@ def _engine_arm(name: str, micro: Callable[[Trainer, Callable[[float, float], No
         group["lr"] = engine.observe(next(steps), loss, g)[0]
 
     return lambda: micro(tr, call)
-
-
-_ECHO = ("import socket, sys\n"
-         "s = socket.socket(fileno=int(sys.argv[1]))\n"
-         "try:\n"
-         "    while data := s.recv(65536):\n"
-         "        s.sendall(data)\n"
-         "except OSError:\n"  # the bench closed its end: done
-         "    pass\n")
-
-
-class _Echo:
-    """The I/O floor of any out-of-process controller: another process that echoes frames.
-
-    The arm built on it does what the hook's I/O does each step (send one
-    observation frame, poll, read what came back) and nothing else.
-    """
-
-    def __init__(self) -> None:
-        import socket
-        import subprocess
-        import sys
-
-        self.sock, theirs = socket.socketpair()
-        self.proc = subprocess.Popen([sys.executable, "-c", _ECHO, str(theirs.fileno())],
-                                     pass_fds=[theirs.fileno()])
-        theirs.close()
-        self.sock.setblocking(False)
-        import select
-
-        self.poller = select.poll()
-        self.poller.register(self.sock, select.POLLIN)
-
-    def call(self, loss: float, g: float) -> None:
-        from ..wire.messages import encode_obs
-
-        self.sock.send(encode_obs(0, loss, g))
-        if self.poller.poll(0):
-            self.sock.recv(1 << 16)
-
-    def close(self) -> None:
-        self.sock.close()
-        self.proc.wait(10)
 
 
 def run_overhead(cfg: OverheadConfig, progress: Progress | None = None) -> dict[str, Any]:
