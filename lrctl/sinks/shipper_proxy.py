@@ -6,7 +6,11 @@
 controller never imports mlflow (about 200 MiB resident) nor runs it on its GIL.
 
 The child is told which runs to attend and which journals grew, once per commit;
-it reads the lines from the journal, from its cursor. A supervisor thread reads the
+it reads the lines from the journal, from its cursor. Those messages go through an
+:class:`~lrctl.sinks._outbox.Outbox`, whose own thread writes them: the controller's
+loop never waits on the child's pipe, which fills when the child stops reading
+(stopped, hung, starved). A child that has read nothing for ``stall_s`` seconds
+while a write waited is killed, and restarted like one that died. A supervisor thread reads the
 child's answers and log, and restarts it with back-off when it dies; the new child
 is told every run again and catches up from the cursors, so nothing is lost (a
 batch re-sent after a crash changes nothing in MLflow, see
@@ -33,6 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
+from ._outbox import Outbox
 from .journal import JournalLine
 
 __all__ = ["ShipperProcess", "rss_kib"]
@@ -40,6 +45,10 @@ __all__ = ["ShipperProcess", "rss_kib"]
 log = logging.getLogger("lrctl.sinks.mlflow")
 
 _RESTART_MIN_S = 0.5
+#: A child that has read nothing this long while a write to it waited is killed.
+STALL_S = 60.0
+#: ... and said to be not reading (``lrctl status``) after this long.
+_NOT_READING_S = 5.0
 _PACKAGE_ROOT = str(Path(__file__).resolve().parents[2])
 
 
@@ -71,13 +80,15 @@ class ShipperProcess:
 
     def __init__(self, state_dir: str | os.PathLike[str], *, flush_interval: float = 1.0,
                  queue_size: int = 10_000, timeline: bool = True,
-                 backoff_max: float = 30.0, python: str = sys.executable) -> None:
+                 backoff_max: float = 30.0, python: str = sys.executable,
+                 stall_s: float = STALL_S) -> None:
         if not 0 < flush_interval <= 2.0:
             raise ValueError(f"flush_interval must be in (0, 2] seconds, but got {flush_interval=}")
         if queue_size < 1:
             raise ValueError(f"queue_size must be >= 1, but got {queue_size=}")
         self.state_dir = Path(state_dir)
         self.backoff_max = backoff_max
+        self.stall_s = stall_s
         self._argv = [python, "-m", "lrctl.sinks.shipper_proc", "--state-dir",
                       str(self.state_dir), "--flush-interval", repr(flush_interval),
                       "--queue-size", str(queue_size), "--backoff-max", repr(backoff_max)]
@@ -96,6 +107,8 @@ class ShipperProcess:
         self._dirty: dict[str, None] = {}  # owner thread only: runs whose journal grew
         self._stop = threading.Event()
         self._supervisor: threading.Thread | None = None
+        self._outbox = Outbox()
+        self._stall_killed: int | None = None  # pid of the child killed for not reading
 
     # -- the Shipper interface (owner thread) -------------------------------------------
     def attend(self, run_key: str, tracking_uri: str) -> None:
@@ -114,8 +127,9 @@ class ShipperProcess:
     def pass_on(self) -> None:
         if self._dirty:
             runs, self._dirty = list(self._dirty), {}
-            with self._cond:
-                self._send({"op": "more", "runs": runs})
+            self._outbox.more(runs)
+        if self._outbox.blocked_for > self.stall_s:
+            self._end_stalled()
 
     def recover(self) -> list[str]:
         from ._ship_state import runs_behind
@@ -178,6 +192,7 @@ class ShipperProcess:
                 proc.wait()
         if self._supervisor is not None:  # it sees the child's end of output, then stops
             self._supervisor.join(max(0.1, deadline - time.monotonic()))
+        self._outbox.stop()
         with self._cond:
             self._state = "stopped"
             return bool(self._closed) if proc is not None else not self._routes
@@ -185,7 +200,10 @@ class ShipperProcess:
     def status(self) -> dict[str, Any]:
         with self._cond:
             pid = self._proc.pid if self._proc is not None else None
-            return {"pid": pid, "state": self._state, "restarts": self.restarts,
+            state = self._state
+            if state == "running" and self._outbox.blocked_for > _NOT_READING_S:
+                state = f"not reading its input for {self._outbox.blocked_for:.0f} s"
+            return {"pid": pid, "state": state, "restarts": self.restarts,
                     "rss_kib": rss_kib(pid) if pid is not None else None,
                     "unavailable": dict(self._unavailable)}
 
@@ -210,14 +228,24 @@ class ShipperProcess:
                 route.end_seq = seq
 
     def _send(self, msg: dict[str, Any]) -> None:
-        """Write one line to the child (under the lock). Lost if it is dead: the next
+        """Queue one line for the child (never waits). Lost if it is dead: the next
         child is told every run and reads each journal from its cursor."""
-        proc = self._proc
-        if proc is None or proc.stdin is None:
+        self._outbox.put(msg)
+
+    def _end_stalled(self) -> None:
+        """The child has read nothing for ``stall_s`` while a write waited: kill it (a
+        stopped process too); the supervisor restarts it, and the new child catches up
+        from the cursors."""
+        with self._cond:
+            proc = self._proc
+        if proc is None or proc.pid == self._stall_killed or proc.poll() is not None:
             return
-        with contextlib.suppress(OSError, ValueError):
-            proc.stdin.write((json.dumps(msg, separators=(",", ":")) + "\n").encode())
-            proc.stdin.flush()
+        self._stall_killed = proc.pid
+        log.warning("lrctl: the MLflow shipper (pid %d) has read nothing for %.0f s; "
+                    "killing it (a new one catches up from the journal)",
+                    proc.pid, self._outbox.blocked_for)
+        with contextlib.suppress(OSError):
+            proc.kill()
 
     def _start(self) -> None:
         if self._supervisor is None and not self._stop.is_set():
@@ -234,6 +262,7 @@ class ShipperProcess:
                 assert proc.stdout is not None
                 self._read(proc.stdout)
                 code = proc.wait()
+                self._outbox.detach()
                 with self._cond, contextlib.suppress(OSError):
                     assert proc.stdin is not None
                     proc.stdin.close()
@@ -269,6 +298,8 @@ class ShipperProcess:
                 log.error("lrctl: cannot start the MLflow shipper: %s", exc)
                 return None
             self._proc = proc
+            assert proc.stdin is not None
+            self._outbox.attach(proc.stdin)
             self._generation += 1
             self._state = "running"
             self._unavailable.clear()  # the new child says again what it finds

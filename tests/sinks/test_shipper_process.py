@@ -7,11 +7,13 @@ loses and repeats nothing. A shipper that does not stop is killed at close's dea
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
 import stat
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -27,6 +29,7 @@ import lrctl
 from lrctl.cli import main
 from lrctl.client import request
 from lrctl.sinks import AuditSettings, AuditSink
+from lrctl.sinks._outbox import Outbox
 from lrctl.sinks.shipper_proxy import ShipperProcess
 
 POLICY = {"version": 1, "policies": [
@@ -158,6 +161,90 @@ def test_close_kills_a_shipper_that_does_not_stop(tmp_path: Path) -> None:
     assert shipper.status()["state"] == "stopped" and shipper.status()["pid"] is None
     with pytest.raises(ProcessLookupError):
         os.kill(pid, 0)
+
+
+def _deaf_python(tmp_path: Path) -> Path:
+    """A stand-in for the shipper's python that never reads its input (as a stopped or
+    hung child would not)."""
+    deaf = tmp_path / "deaf-python"
+    deaf.write_text(f"#!/bin/sh\nexec {sys.executable} -c 'import signal; signal.pause()'\n")
+    deaf.chmod(deaf.stat().st_mode | stat.S_IXUSR)
+    return deaf
+
+
+def test_a_shipper_that_reads_nothing_never_blocks_the_caller(tmp_path: Path) -> None:
+    """The controller's loop tells the child of every run and every journal that grew;
+    a child that reads nothing (SIGSTOP, a hang) fills its 64 KiB pipe, and a blocking
+    write would stop the loop, and with it every run's answers. Queued instead."""
+    shipper = ShipperProcess(tmp_path / "state", python=str(_deaf_python(tmp_path)),
+                             stall_s=3600.0)
+    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    done = threading.Event()
+
+    def flood() -> None:  # ~450 KiB of attend and more lines
+        for i in range(3000):
+            key = f"run-{i:04d}-" + "k" * 90
+            shipper.attend(key, uri)
+            shipper._dirty[key] = None
+            shipper.pass_on()
+        done.set()
+
+    shipper.attend("run-first", uri)  # the child starts with the first run
+    _poll("the child started", lambda: shipper.status()["pid"])
+    thread = threading.Thread(target=flood, daemon=True)
+    thread.start()
+    assert done.wait(DEADLINE_S), "attend/pass_on waited on the child's pipe"
+    _poll("the writer waits on the full pipe", lambda: shipper._outbox.blocked_for > 0)
+    # What waits is bounded by the runs (an attend, and at most one `more` after each),
+    # not by how often the loop commits: more commits merge into the last `more`.
+    queued = shipper._outbox.pending()
+    assert queued <= 2 * 3001
+    for i in range(1000):
+        shipper._dirty[f"run-{i:04d}-" + "k" * 90] = None
+        shipper.pass_on()
+    assert shipper._outbox.pending() == queued
+    assert shipper.close(timeout=0.3) is False
+
+
+def test_a_shipper_that_reads_nothing_for_stall_s_is_killed_and_restarted(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="lrctl.sinks.mlflow")
+    shipper = ShipperProcess(tmp_path / "state", python=str(_deaf_python(tmp_path)),
+                             stall_s=0.5)
+    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    for i in range(1000):  # more than the pipe holds
+        shipper.attend(f"run-{i:04d}-" + "k" * 90, uri)
+    first = _poll("the child started", lambda: shipper.status()["pid"])
+
+    def restarted() -> bool:
+        shipper.pass_on()  # the controller calls it once a second (its tick)
+        return shipper.restarts >= 1
+    _poll("a restart", restarted)
+    with pytest.raises(ProcessLookupError):
+        _poll("the stalled child reaped", lambda: os.kill(first, 0) and False)
+    assert any("has read nothing for" in r.getMessage() for r in caplog.records)
+    assert shipper.close(timeout=0.3) is False
+
+
+def test_the_outbox_keeps_order_and_merges_only_neighbouring_mores() -> None:
+    box = Outbox()
+    r, w = os.pipe()
+    with os.fdopen(w, "wb") as pipe, os.fdopen(r, "rb") as out:
+        box.attach(pipe)
+        with box._cond:  # the writer takes nothing before it is all queued
+            box.put({"op": "attend", "run": "a", "uri": "u"})
+            box.more(["a"])
+            box.more(["a", "b"])
+            box.put({"op": "forget", "run": "b"})
+            box.more(["a"])
+            queued = list(box._queue)
+        box.stop(timeout=DEADLINE_S)  # writes what is queued, then ends
+        pipe.close()
+        lines = [json.loads(line) for line in out.read().splitlines()]
+    assert queued == lines == [{"op": "attend", "run": "a", "uri": "u"},
+                               {"op": "more", "runs": ["a", "b"]},
+                               {"op": "forget", "run": "b"},
+                               {"op": "more", "runs": ["a"]}]
 
 
 def test_a_shipper_that_keeps_dying_is_restarted_with_one_log_line_each(
