@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import math
 import sys
+import types
 from typing import Any
 
 __all__ = ["StepGuard"]
@@ -104,7 +105,7 @@ class StepGuard:
 
     # -- the wrapped step ---------------------------------------------------------------
     def _make_wrapper(self) -> Any:
-        def step(*args: Any, **kwargs: Any) -> Any:
+        def step(_optimizer: Any, *args: Any, **kwargs: Any) -> Any:
             return self._step(*args, **kwargs)
 
         # A torch LR scheduler created before attach wrapped the step and checks for its
@@ -112,7 +113,9 @@ class StepGuard:
         if getattr(self._inner, "_wrapped_by_lr_sched", False):
             step._wrapped_by_lr_sched = True  # type: ignore[attr-defined]
         step.__wrapped__ = self._inner  # type: ignore[attr-defined]
-        return step
+        # A method bound to the optimizer, as the step it replaces: a scheduler created
+        # after attach wraps ``step.__func__`` and binds it to the optimizer again.
+        return types.MethodType(step, self.optimizer)
 
     def _step(self, *args: Any, **kwargs: Any) -> Any:
         if not self._active:

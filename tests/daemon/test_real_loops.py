@@ -132,6 +132,42 @@ def test_loop_mode_keeps_a_torch_scheduler_exact(controller: ControllerProc) -> 
     assert used[-1] == pytest.approx(0.05 * 0.5 ** 3 * 0.5)  # step 39: StepLR × back-off
 
 
+def test_a_scheduler_created_after_attach_wraps_the_guarded_step(
+        controller: ControllerProc) -> None:
+    """The usual order in a script (attach, then build the scheduler): torch's scheduler
+    wraps ``optimizer.step.__func__``, so the guard must be a bound method; its wrapper
+    then calls through the guard, which still skips the NaN step. A newcomer found that
+    this order crashed in ``LRScheduler.__init__``."""
+    def lam(it: int) -> float:
+        return 1.0 / (1 + 0.1 * it)
+
+    reference = torch.optim.SGD(_model().parameters(), lr=0.05)
+    ref_sched = torch.optim.lr_scheduler.LambdaLR(reference, lam)
+    ref_lrs = []
+    for _ in range(STEPS):
+        ref_lrs.append(reference.param_groups[0]["lr"])
+        reference.step()
+        ref_sched.step()
+
+    model = _model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # torch's "lr_scheduler.step() before" warning too
+        with lrctl.attach(optimizer, policy=GUARD, base="loop", timeout=SLOW_OK) as ctl:
+            scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lam)
+            used = _lr_used(optimizer)
+            _loop(ctl, optimizer, model, scheduler=scheduler)
+    assert len(used) == STEPS - 1  # the NaN step skipped, through the scheduler's wrapper
+    steps = [s for s in range(STEPS) if s != NAN_AT]
+    for s, lr in zip(steps, used, strict=True):
+        assert lr == pytest.approx(ref_lrs[s] * (0.5 if s > NAN_AT else 1.0), rel=1e-12)
+    # Detached: the scheduler's wrapper stays (it is on top) and steps the optimizer.
+    before = [p.detach().clone() for p in model.parameters()]
+    model(torch.ones(1, 6)).sum().backward()
+    optimizer.step()
+    assert any(not torch.equal(a, p) for a, p in zip(before, model.parameters(), strict=True))
+
+
 def test_controller_mode_overwrites_a_leftover_loop_and_says_so(
         controller: ControllerProc) -> None:
     model = _model()
