@@ -33,9 +33,9 @@ class Unavailable(Refused):
 
 
 class Conn:
-    __slots__ = ("authed", "backlog", "closing", "dead", "decoder", "early", "failed", "heard",
-                 "held", "name", "opened", "out", "paceable", "paced", "parked", "partial",
-                 "pending", "remote", "run", "sock")
+    __slots__ = ("authed", "backlog", "closing", "dead", "decoder", "drained", "early",
+                 "failed", "heard", "held", "name", "opened", "out", "paceable", "paced",
+                 "parked", "partial", "pending", "remote", "run", "sock")
 
     def __init__(self, sock: socket.socket, authed: bool, name: str,
                  decoder: FrameDecoder) -> None:
@@ -55,6 +55,7 @@ class Conn:
         self.failed = False  # told to go (a fatal error): nothing more it sends is handled
         self.parked = False  # hung up during its hello: out of the selector until answered
         self.dead = False  # a send failed: the peer is gone, but what it sent still counts
+        self.drained = 0  # bytes read since it was found dead (Limits.max_drain at most)
         self.paceable = False  # an async hook's: may be read on a timer (see pacing.py)
         self.paced = False  # read on a timer now, out of the selector
         # Messages decoded but not yet handled: past Limits.max_messages_per_wake in one

@@ -35,9 +35,12 @@ class Limits:
     max_outbuf: int = 8 << 20  # bytes of replies a peer may leave unread before it is closed
     linger_s: float = 2.0  # a closed peer's last frames wait this long for it to read them
     max_drain: int = 16 << 20  # bytes read from a hook that hung up, to apply what it sent
-    # Messages of one peer handled per loop wake-up; the rest wait for the next wake-up,
-    # so a peer that sends thousands at once (2 000 'status' requests) cannot stall others.
+    # Messages of one peer handled per loop wake-up, and the loop's time spent on them; the
+    # rest wait for the next wake-up, so a peer that sends thousands at once (2 000
+    # 'status' requests, batched observations under a costly policy, snapshots of a large
+    # session) cannot stall others.
     max_messages_per_wake: int = 256
+    max_wake_share_s: float = 0.005
     # -- hellos (see handshake.py) --------------------------------------------------------
     hello_budget_s: float = 2.0  # a hello's policy must parse (off the loop) within this
     max_pending_hellos: int = 1024  # hellos waiting for their policy to parse (or refused)

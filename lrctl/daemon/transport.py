@@ -206,7 +206,7 @@ class Transport(Writing, PacedReading):
             return True
         except OSError:
             data = b""
-        if not data:
+        if not data or (conn.dead and not self._drain(conn, data)):
             if conn.pending or conn.out or conn.held:  # answer what it asked first
                 self._close_after(conn)
                 return conn.sock.fileno() >= 0
@@ -229,15 +229,32 @@ class Transport(Writing, PacedReading):
             return False
         return conn.sock.fileno() >= 0
 
+    def _drain(self, conn: Conn, data: bytes) -> bool:
+        """``data`` came from a peer found dead: False past ``max_drain`` bytes."""
+        conn.drained += len(data)
+        if conn.drained <= self.limits.max_drain:
+            return True
+        log.warning("closing %s: it hung up and its last frames run past %d bytes",
+                    conn.label, self.limits.max_drain)
+        return False
+
     def _handle(self, conn: Conn, messages: list[dict[str, Any]]) -> None:
         """Dispatch ``messages``; a reply that cannot be sent marks ``conn`` dead, and the
         rest are still applied (a hook that hung up right after sending is gone when we
         answer: what it sent before is applied, and checkpointed when it is closed)."""
         previous, self._reading = self._reading, conn  # an operator's push may land here
+        until = 0.0  # the end of this peer's share of the wake-up (set at a second message)
         try:
             i = 0
             while i < len(messages):
                 msg = messages[i]
+                if i:
+                    now = time.monotonic()
+                    until = until or now + self.limits.max_wake_share_s
+                    if now > until:  # its share is spent: the rest wait for the next wake-up
+                        conn.backlog[:0] = messages[i:]
+                        self._backlogged[conn] = None
+                        return
                 i += 1
                 if conn.sock.fileno() < 0 or conn.failed:
                     return
@@ -313,36 +330,31 @@ class Transport(Writing, PacedReading):
     def _hung_up(self, conn: Conn) -> None:
         """A reply could not be sent: the hook closed its end, often right after its last
         observations and its ``bye`` (``ctl.close()`` does not wait for answers). What it
-        sent is all in our receive buffer: apply it, up to ``max_drain`` bytes, then
-        close, so that the run ends (or stays resumable) exactly as the hook left it."""
-        if conn.backlog:  # decoded before what is still in the socket: handled first
-            messages, conn.backlog = conn.backlog, []
-            self._backlogged.pop(conn, None)
-            self._handle(conn, messages)
-        budget = self.limits.max_drain
-        while budget > 0 and conn.sock.fileno() >= 0 and not conn.pending:
-            try:
-                data = conn.sock.recv(1 << 16)
-            except OSError:  # nothing more (or a reset): done
-                break
-            if not data:
-                break
-            budget -= len(data)
-            try:
-                messages = conn.decoder.feed(data)
-            except ProtocolError as exc:
-                log.warning("closing %s: %s", conn.label, exc)
-                break
-            self._handle(conn, messages)
-        if not conn.pending:  # else it closes once its hello is answered (see resume)
-            self.close_conn(conn)
+        sent is in our receive buffer, and it can send no more: it is read and applied
+        like any peer's messages, a wake-up's share at a time (see :meth:`_dispatch`; up
+        to ``max_drain`` bytes), and the connection closes at its end (:meth:`_read`), so
+        that the run ends (or stays resumable) exactly as the hook left it, while the
+        other peers are served as usual."""
+        if conn.sock.fileno() < 0:
+            return
+        conn.out.clear()  # nothing more goes out
+        if conn.paced:
+            self._unpace(conn)  # the selector sees its end of input
+        elif not conn.parked:
+            self.sel.modify(conn.sock, selectors.EVENT_READ, ("conn", conn))
 
     def still_open(self, conn: Conn) -> bool:
         """Whether ``conn``'s peer is still there: what it sent is handled first (up to
         ``max_drain`` bytes), and a peer that hung up (or was told to go) is closed."""
+        until = time.monotonic() + 10 * self.limits.max_wake_share_s
         for _ in range(self.limits.max_drain >> 16):
-            if conn.sock.fileno() < 0 or conn.closing or conn.dead:
+            if conn.sock.fileno() < 0 or conn.closing:  # (a dead one: read to its end)
                 break
+            if conn.backlog:  # decoded before what is still in the socket: handled first
+                if time.monotonic() > until:
+                    return True  # too much to apply now: still open, as far as we know
+                self._serve_backlog(conn)
+                continue
             try:
                 more = conn.sock.recv(1, socket.MSG_PEEK)
             except (BlockingIOError, InterruptedError):

@@ -14,9 +14,16 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["REQUIRED", "Param", "ParamError", "bind_params", "did_you_mean"]
+__all__ = ["MAX_MEAN_WINDOW", "MAX_WINDOW", "REQUIRED", "Param", "ParamError", "bind_params",
+           "did_you_mean"]
 
 _MAX_LIST = 4096
+#: The most observations a policy's window may hold: each run's memory, its checkpoint
+#: and the loop's work on one observation stay bounded (a window of 1e8 was accepted,
+#: and one peer's observations then stalled every other run).
+MAX_WINDOW = 100_000
+#: ... and a running mean's, which is summed at every observation.
+MAX_MEAN_WINDOW = 10_000
 
 
 class ParamError(ValueError):
@@ -107,7 +114,8 @@ class Param:
         ]
         for bound, ok, symbol in bounds:
             if bound is not None and not ok(number, bound):
-                raise ParamError(self.name, f"must be {symbol} {bound:g}, but got {number:g}")
+                raise ParamError(self.name, f"must be {symbol} {_number(bound)}, but got "
+                                            f"{_number(number)}")
 
     def describe(self) -> str:
         default = "required" if self.default is _REQUIRED else repr(self.default)
@@ -150,3 +158,8 @@ def bind_params(
         else:
             bound[p.name] = p.default
     return bound
+
+
+def _number(x: float) -> str:
+    """``x`` as a user wrote it: an int in full (10000, not 1e+04), a float short."""
+    return str(x) if isinstance(x, int) else f"{x:g}"

@@ -57,7 +57,7 @@ from typing import Any
 from ._base import Action, Observation, ReactivePolicy, StepContext
 from ._divergence_rollback import RollbackEscalation
 from ._divergence_shift import LOSS_CONFIRMS, MAX_ESCALATIONS, LevelShift
-from ._params import Param, ParamError
+from ._params import MAX_WINDOW, Param, ParamError
 from ._registry import register_policy
 from .stats import RobustWindow
 
@@ -74,7 +74,8 @@ class Divergence(LevelShift, RollbackEscalation, ReactivePolicy):
     PARAMS = (
         Param("factor", "float", 0.5, "multiply the LR by this on a back-off", gt=0, lt=1),
         Param("z_threshold", "float", 6.0, "robust z-score above which a value is a spike", gt=0),
-        Param("window", "int", 128, "values in the rolling statistics", ge=4),
+        Param("window", "int", 128, "values in the rolling statistics", ge=4,
+              le=MAX_WINDOW),
         Param("min_samples", "int", 32, "values needed before spike detection arms", ge=4),
         Param("watch_loss", "bool", True, "detect spikes in the loss"),
         Param("watch_grad_norm", "bool", True, "detect spikes in the grad norm (log scale)"),

@@ -43,7 +43,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from ._base import Action, Observation, ReactivePolicy, StepContext, float_from_json, float_to_json
-from ._params import Param, ParamError
+from ._params import MAX_WINDOW, Param, ParamError
 from ._registry import register_policy
 from .stats import RobustWindow, TrendWindow
 
@@ -73,7 +73,8 @@ class EarlyStop(ReactivePolicy):
         Param("smoothing", "str", "none", "none: each value as reported (Keras/Lightning "
               "rule); trend: the statistics core's two-half test over `window` observations",
               choices=("none", "trend")),
-        Param("window", "int", 200, "trend: observations in the two-half test", ge=8),
+        Param("window", "int", 200, "trend: observations in the two-half test", ge=8,
+              le=MAX_WINDOW),
         Param("alpha", "float", 0.01, "trend: one-sided level of the 'still improving' test",
               gt=0, lt=0.5),
         Param("outlier_z", "float", 6.0, "trend: values worse than the rolling median by more "

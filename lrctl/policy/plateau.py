@@ -41,7 +41,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from ._base import Action, Observation, ReactivePolicy, StepContext, float_from_json, float_to_json
-from ._params import Param
+from ._params import MAX_MEAN_WINDOW, Param
 from ._registry import register_policy
 from ._schedule import per_group
 from .stats import TrendWindow
@@ -67,7 +67,8 @@ class Plateau(ReactivePolicy):
         Param("eps", "float", 1e-8, "reductions smaller than this are skipped", ge=0),
         Param("smoothing", "str", "none", "smooth the metric before judging it",
               choices=("none", "ema", "mean")),
-        Param("smoothing_window", "int", 20, "ema span / mean window for smoothing", ge=1),
+        Param("smoothing_window", "int", 20, "ema span / mean window for smoothing",
+              ge=1, le=MAX_MEAN_WINDOW),
         Param("restart_lr", "float", None, "restart at this LR (group 0) when at the floor",
               gt=0, optional=True),
         Param("test", "str", "best", "best: torch's rule (no observation beat the best); "

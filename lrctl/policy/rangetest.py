@@ -45,7 +45,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from ._base import Action, Observation, ReactivePolicy, StepContext, float_from_json, float_to_json
-from ._params import Param
+from ._params import MAX_MEAN_WINDOW, Param
 from ._registry import register_policy
 
 _STOP_FLAGS = frozenset({"spike", "nonfinite"})
@@ -63,7 +63,8 @@ class RangeTest(ReactivePolicy):
         Param("growth", "float", 1.07, "growth of the multiplier per observation during the sweep",
               gt=1, le=10),
         Param("max_factor", "float", 1.0e4, "the sweep ends at this multiplier", ge=1),
-        Param("smoothing_window", "int", 5, "EMA span of the loss during the sweep", ge=1),
+        Param("smoothing_window", "int", 5, "EMA span of the loss during the sweep", ge=1,
+              le=MAX_MEAN_WINDOW),
         Param("rise", "float", 0.05, "relative rise of the smoothed loss above its best that "
               "ends the sweep", gt=0),
         Param("min_steps", "int", 10, "observations before the smoothed loss is judged", ge=1),

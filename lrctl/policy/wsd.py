@@ -42,7 +42,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from ._base import Action, Observation, ReactivePolicy, StepContext
-from ._params import Param, ParamError
+from ._params import MAX_WINDOW, Param, ParamError
 from ._registry import register_policy
 from .stats import TrendWindow
 
@@ -82,7 +82,8 @@ class WSD(ReactivePolicy):
               "`lrctl decay`", choices=("schedule", "plateau", "operator")),
         Param("metric", "str", "loss", "start_on plateau: the statistic whose stall starts "
               "the cooldown"),
-        Param("window", "int", 400, "start_on plateau: observations in the trend test", ge=8),
+        Param("window", "int", 400, "start_on plateau: observations in the trend test", ge=8,
+              le=MAX_WINDOW),
         Param("alpha", "float", 0.01, "start_on plateau: one-sided level of the 'still "
               "falling' test", gt=0, lt=0.5),
         Param("threshold", "float", 1e-3, "start_on plateau: a fall must exceed this fraction "

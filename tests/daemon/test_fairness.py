@@ -5,6 +5,8 @@ per wake-up, serves the other peers, then goes on with the rest (issue #18: 2 00
 
 from __future__ import annotations
 
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -49,3 +51,68 @@ def test_a_flood_of_requests_is_served_in_shares_with_other_peers_in_between(
         assert statuses[0] < obs < statuses[-1]  # the hook was served in between
         # ... within a few shares of the flood, not after it
         assert sum(i < obs for i in statuses) <= 4 * limits.max_messages_per_wake
+
+
+COSTLY = 200
+COST_S = 0.002
+
+
+def _costly_flood(tmp_path: Path, hang_up: bool) -> tuple[list[str], int]:
+    """A peer whose messages each cost the loop COST_S (as batched observations under a
+    costly policy, or snapshots of a large session, would) sends COSTLY of them at once;
+    then a hook's observation. What was handled, in order, and where the hook's was."""
+    limits = Limits(max_messages_per_wake=100_000, max_wake_share_s=0.005)
+    with serving(str(tmp_path / "c.sock"), StateStore(tmp_path / "state"),
+                 limits=limits) as (srv, path):
+        hook = Client(path)
+        hook.send(encode({"t": "hello", "run": "ref", "run_name": "ref", "lrs": [0.1],
+                          "groups": 1, "policy": {"text": POLICY, "source": "<test>"}},
+                         MAX_HELLO))
+        assert hook.answer()["t"] == "welcome"
+        handled: list[str] = []
+        all_handled = threading.Event()
+        flood_begun = threading.Event()
+        handle = srv.handle
+
+        def costly(conn: Any, msg: dict[str, Any]) -> None:
+            if conn.label != "ref":
+                until = time.perf_counter() + COST_S
+                while time.perf_counter() < until:
+                    pass
+                flood_begun.set()
+            handled.append(conn.label)
+            handle(conn, msg)
+            if handled.count("ref") == 1 and len(handled) == COSTLY + 1:
+                all_handled.set()
+        srv.handle = costly  # type: ignore[method-assign]
+
+        flood = Client(path)
+        flood.send(encode({"t": "status"}) * COSTLY)
+        if hang_up:
+            flood.sock.close()  # every reply to it fails: what it sent still counts
+        assert flood_begun.wait(60)  # the loop is at work on the flood
+        hook.send(encode_obs(0, 1.0, 1.0))
+        assert hook.answer()["t"] == "lr"
+        assert all_handled.wait(60), f"{len(handled)} of {COSTLY + 1} messages handled"
+        return handled, handled.index("ref")
+
+
+def test_a_peer_whose_messages_are_costly_gets_a_share_of_the_loops_time(
+        tmp_path: Path) -> None:
+    """The share was counted in messages only: 256 messages that each cost the loop
+    milliseconds (observations carrying 256 held steps under a costly policy, snapshots
+    of a large session) stalled every other run for seconds, past the liveness
+    watchdog. Now a peer's share of a wake-up is also bounded in time."""
+    handled, at = _costly_flood(tmp_path, hang_up=False)
+    assert len(handled) == COSTLY + 1  # nothing dropped
+    assert at < 20  # within a few shares (each about 3 of these messages), not after 200
+
+
+def test_a_peer_that_hangs_up_gets_no_more_than_its_share_either(tmp_path: Path) -> None:
+    """A peer found gone had everything it sent applied at once (up to 16 MiB), whatever
+    the share: six peers each sending 1 MB of batched observations and hanging up held
+    an honest hook's answers for 2.7 s. Its messages are applied share by share now,
+    and all of them still count."""
+    handled, at = _costly_flood(tmp_path, hang_up=True)
+    assert len(handled) == COSTLY + 1
+    assert at < 20

@@ -7,7 +7,8 @@ import math
 import pytest
 
 import lrctl
-from lrctl.config import ConfigError
+from lrctl.config import ConfigError, load_policy
+from lrctl.policy._params import MAX_MEAN_WINDOW, MAX_WINDOW
 
 
 def test_triangular2_runs_for_millions_of_steps() -> None:
@@ -86,3 +87,20 @@ def test_burn_in_delays_the_first_plateau_test_and_survives_a_restore() -> None:
     assert restored.decisions[0].step == 40 + 64 - 1
     with pytest.raises(ConfigError, match="burn_in"):
         lrctl.load_policy({"version": 1, "policies": [{**spec, "burn_in": -1}]}, [0.1])
+
+
+@pytest.mark.parametrize(("kind", "knob", "most", "extra"), [
+    ("plateau", "smoothing_window", MAX_MEAN_WINDOW, {"smoothing": "mean"}),
+    ("rangetest", "smoothing_window", MAX_MEAN_WINDOW, {}),
+    ("divergence", "window", MAX_WINDOW, {}),
+    ("earlystop", "window", MAX_WINDOW, {}),
+    ("wsd", "window", MAX_WINDOW, {"start_on": "plateau", "decay_steps": 100}),
+])
+def test_a_window_is_bounded(kind: str, knob: str, most: int, extra: dict) -> None:
+    """A window of 1e8 observations was accepted: a run's memory, its checkpoint and the
+    loop's work per observation grew without bound (one peer's batched observations
+    under a mean over 1e8 then stalled every other run)."""
+    load_policy({"version": 1, "policies": [{"kind": kind, knob: most, **extra}]}, [0.1])
+    with pytest.raises(ConfigError, match=rf"{knob}: must be <= {most}, but got {most + 1}"):
+        load_policy({"version": 1, "policies": [{"kind": kind, knob: most + 1, **extra}]},
+                    [0.1])
