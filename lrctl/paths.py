@@ -216,9 +216,10 @@ def is_run_key(key: object) -> bool:
     return isinstance(key, str) and _RUN_KEY.fullmatch(key) is not None
 
 
-def ensure_private_dir(path: str | os.PathLike[str]) -> Path:
+def ensure_private_dir(path: str | os.PathLike[str], *, quiet: bool = False) -> Path:
     """Create ``path`` (mode 0700, and 0700 any missing parent it creates) if missing;
-    refuse one that is not safely ours.
+    refuse one that is not safely ours. One readable by others is made 0700, with a
+    warning unless ``quiet`` (a directory inside one already checked private).
 
     Raises :class:`PermissionError` naming the path and what is wrong with it.
     """
@@ -246,6 +247,8 @@ def ensure_private_dir(path: str | os.PathLike[str]) -> Path:
             f"700 {p}', if it is yours alone) or choose another ('mkdir -m 700 DIR')")
     if st.st_mode & 0o077:  # readable by others: logs and checkpoints would leak
         os.chmod(p, 0o700)
+        if quiet:
+            return p
         warnings.warn(f"{p} was readable by other users (mode "
                       f"{stat.S_IMODE(st.st_mode):04o}); lrctl made it 0700", RuntimeWarning,
                       stacklevel=2)

@@ -26,7 +26,7 @@ from typing import Any
 
 from ._open_run import OpenRun, current_policy, load_high_water, save_policy
 from .base import RunInfo
-from .journal import STREAMS, RunPaths, StreamWriter, atomic_write_json, read_json
+from .journal import STREAMS, RunPaths, StreamWriter, atomic_write_json, private_dirs, read_json
 from .sampling import MetricSampler
 from .tracking import run_target
 
@@ -74,7 +74,7 @@ def prepare_open(state_dir: Path, info: RunInfo, *, env: Mapping[str, str], expe
     that, off the loop, before any reply acknowledges the run's first records)."""
     paths = RunPaths.of(state_dir, info.run_key)
     created = not paths.root.exists()
-    paths.policies.mkdir(parents=True, exist_ok=True)
+    private_dirs(paths.policies)
     writers: dict[str, StreamWriter] = {}
     fds: list[int] = []
     try:

@@ -34,6 +34,7 @@ from .journal import (
     atomic_write_json,
     atomic_write_text,
     fsync_path,
+    private_dirs,
     sync_all,
 )
 from .sampling import MetricSampler
@@ -226,7 +227,7 @@ class AuditSink(RunSync, Sink):
         for byte, so the shipper's offsets hold)."""
         self._prepared.invalidate()  # their files went with the directory
         for run in [*self._runs.values(), *self._closing.values()]:
-            run.paths.policies.mkdir(parents=True, exist_ok=True)
+            private_dirs(run.paths.policies)
             for sha, text in run.policy_texts.items():
                 if not run.paths.policy_file(sha).exists():
                     atomic_write_text(run.paths.policy_file(sha), text)

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from .._parallel import NOT_DONE, in_parallel
-from ..paths import is_run_key
+from ..paths import ensure_private_dir, is_run_key, open_private
 
 __all__ = [
     "STREAMS",
@@ -47,6 +47,7 @@ __all__ = [
     "fsync_path",
     "last_line",
     "list_run_keys",
+    "private_dirs",
     "read_json",
     "read_lines",
     "sync_all",
@@ -205,15 +206,17 @@ class StreamWriter:
         self.fsync = fsync
         self._fsync_fd = fsync_fd
         self.unsynced = 0  # lines appended since the last fsync
-        path.parent.mkdir(parents=True, exist_ok=True)
+        private_dirs(path.parent)
+        # Unbuffered: a buffered writer keeps what a full disk refused and writes it
+        # later, in front of the next line. Readable: a deleted file is written back from
+        # it. Private (0600), and never through a symlink: a link planted in the run's
+        # directory would have had its target cut and appended to.
+        self._file: IO[bytes] = _open_append(path)
         last = last_line(path)
-        if path.exists() and path.stat().st_size != (last.end if last else 0):
-            os.truncate(path, last.end if last else 0)
+        if os.fstat(self._file.fileno()).st_size != (last.end if last else 0):
+            os.ftruncate(self._file.fileno(), last.end if last else 0)
         self.seq = last.seq if last else 0
         self.offset = last.end if last else 0
-        # Unbuffered: a buffered writer keeps what a full disk refused and writes it
-        # later, in front of the next line. Readable: a deleted file is written back from it.
-        self._file: IO[bytes] = open(path, "a+b", buffering=0)  # noqa: SIM115 - lives as long as the writer
         self._torn = False  # a failed write may have left bytes after ``offset``
 
     def append(self, record: Mapping[str, Any], *, durable: bool | None = None) -> JournalLine:
@@ -260,9 +263,9 @@ class StreamWriter:
                 return False
         except FileNotFoundError:
             pass
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        private_dirs(self.path.parent)
         tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
-        with open(tmp, "wb") as out:
+        with _open_new(tmp) as out:
             pos = 0
             while pos < self.offset:
                 chunk = os.pread(self._file.fileno(), min(1 << 20, self.offset - pos), pos)
@@ -273,7 +276,7 @@ class StreamWriter:
             out.flush()
             self._fsync_fd(out.fileno())
         os.replace(tmp, self.path)
-        old, self._file = self._file, open(self.path, "a+b", buffering=0)  # noqa: SIM115
+        old, self._file = self._file, _open_append(self.path)
         old.close()
         self.unsynced, self._torn = 0, False
         return True
@@ -313,7 +316,7 @@ def atomic_write_json(path: Path, value: Any, *, sync: bool = True) -> None:
     its directory) before anything that depends on it is reported durable."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     data = json.dumps(value, indent=1, sort_keys=True, allow_nan=False).encode()
-    with open(tmp, "wb") as f:
+    with _open_new(tmp) as f:
         f.write(data)
         f.flush()
         if sync:
@@ -325,8 +328,8 @@ def atomic_write_json(path: Path, value: Any, *, sync: bool = True) -> None:
 
 def atomic_write_text(path: Path, text: str, *, sync: bool = True) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
+    with _open_new(tmp) as f:
+        f.write(text.encode("utf-8"))
         f.flush()
         if sync:
             os.fsync(f.fileno())
@@ -348,3 +351,20 @@ def read_json(path: Path, default: Any = None) -> Any:
             return json.load(f)
     except FileNotFoundError:
         return default
+
+
+def private_dirs(path: Path) -> None:
+    """``path`` and any missing parent, 0700 (a run's directory holds its journal, meta
+    and policy texts); a symlink or a file there is refused."""
+    ensure_private_dir(path, quiet=True)
+
+
+def _open_append(path: Path) -> IO[bytes]:
+    """``path`` for appending and reading, unbuffered; created 0600, never through a
+    symlink (see :func:`lrctl.paths.open_private`)."""
+    return open(open_private(path, os.O_RDWR | os.O_APPEND), "a+b", buffering=0)
+
+
+def _open_new(path: Path) -> IO[bytes]:
+    """A temporary file to replace another with, empty, 0600, never through a symlink."""
+    return open(open_private(path, os.O_WRONLY | os.O_TRUNC), "wb")

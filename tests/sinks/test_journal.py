@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -16,6 +17,7 @@ from lrctl.sinks.journal import (
     RunPaths,
     StreamWriter,
     atomic_write_json,
+    atomic_write_text,
     check_run_key,
     last_line,
     list_run_keys,
@@ -147,3 +149,31 @@ def test_an_append_the_disk_refuses_part_of_is_cut_back_and_its_seq_not_taken(
     w.append({"step": 3})
     w.close()
     assert [(line.seq, line.record["step"]) for line in read_lines(path)] == [(1, 1), (2, 3)]
+
+
+def test_a_journal_is_private_and_never_written_through_a_symlink(tmp_path: Path) -> None:
+    """An adversarial pass planted ``runs/KEY/decisions.jsonl -> victim``: the torn-tail
+    repair cut the victim to zero bytes and the journal appended to it; files were
+    created 0644 and run directories 0755 (checkpoints and logs were 0600)."""
+    victim = tmp_path / "victim.txt"
+    victim.write_bytes(b"precious data, no newline")
+    run_dir = tmp_path / "state" / "runs" / "sym"
+    run_dir.mkdir(parents=True, mode=0o700)
+    (run_dir / "decisions.jsonl").symlink_to(victim)
+    with pytest.raises(OSError):
+        StreamWriter(run_dir / "decisions.jsonl", fsync=False)
+    assert victim.read_bytes() == b"precious data, no newline"
+
+    fresh = tmp_path / "fresh" / "runs" / "k1" / "events.jsonl"
+    writer = StreamWriter(fresh, fsync=False)
+    writer.append({"event": "start"})
+    writer.close()
+    assert stat.S_IMODE(fresh.stat().st_mode) == 0o600
+    assert stat.S_IMODE(fresh.parent.stat().st_mode) == 0o700
+    assert stat.S_IMODE(fresh.parent.parent.stat().st_mode) == 0o700
+    meta = fresh.parent / "meta.json"
+    atomic_write_json(meta, {"a": 1})
+    assert stat.S_IMODE(meta.stat().st_mode) == 0o600 and read_json(meta) == {"a": 1}
+    text = fresh.parent / "policy.yaml"
+    atomic_write_text(text, "version: 1\n")
+    assert stat.S_IMODE(text.stat().st_mode) == 0o600 and text.read_text() == "version: 1\n"
