@@ -3,7 +3,7 @@
 On ``PYTHONPATH``, Python imports this at start-up. While the file named by
 ``$LRCTL_TEST_FULL_DISK`` exists, the disk under ``$LRCTL_TEST_FULL_DISK_UNDER``
 (the state dir) is full for journal appends (``*.jsonl`` opened for appending in
-binary): it had as many bytes free as the flag file says (0 if empty) when the flag
+binary, by name or by descriptor): it had as many bytes free as the flag file says (0 if empty) when the flag
 appeared, a write that needs more writes what fits and returns short, and the next
 one fails with ``ENOSPC``, as a real file system does. Removing the flag frees the
 disk. tmpfs quotas and loop mounts are not available to the tests; this is the same
@@ -50,10 +50,13 @@ if _FLAG and _UNDER:
             return n
 
     def _open(file, mode="r", buffering=-1, *args, **kwargs):  # type: ignore[no-untyped-def]
-        name = os.fsdecode(file) if isinstance(file, (str, bytes, os.PathLike)) else ""
+        if isinstance(file, int):  # a descriptor (the journal opens its files O_NOFOLLOW)
+            name = os.readlink(f"/proc/self/fd/{file}")
+        else:
+            name = os.fsdecode(file) if isinstance(file, (str, bytes, os.PathLike)) else ""
         if ("a" in mode and "b" in mode and name.endswith(".jsonl")
                 and os.path.abspath(name).startswith(_UNDER)):  # type: ignore[arg-type]
-            raw = _FillingFile(name, mode.replace("b", ""))
+            raw = _FillingFile(file if isinstance(file, int) else name, mode.replace("b", ""))
             return raw if buffering == 0 else io.BufferedWriter(raw)
         return _real_open(file, mode, buffering, *args, **kwargs)
 
