@@ -172,6 +172,8 @@ class Admission:
             if victim is not None:
                 self._evict(victim, "out of file descriptors")
                 self._admit(sock, authed, str(addr) if addr else "unix")
+            elif t.handler.make_room():  # runs without a hook held descriptors: evicted
+                self._admit(sock, authed, str(addr) if addr else "unix")
             else:
                 self.rlog.log(logging.ERROR, "fds", "out of file descriptors with %d "
                               "connections open: new runs are refused until some end (raise "

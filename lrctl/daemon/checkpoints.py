@@ -72,6 +72,12 @@ class Checkpoints:
         self.errors.pop(key, None)
         self._saving.pop(key, None)  # a new run of that key may checkpoint at once
 
+    def current(self, key: str) -> bool:
+        """Whether ``key``'s checkpoint on disk holds all it observed (none in flight)."""
+        session = self.sessions[key]
+        return (key not in self._saving and key not in self.errors and not session.unsaved
+                and session.saved_step == session.last_step)
+
     def save(self, key: str) -> None:
         """Checkpoint ``key`` now, after its write in flight if any."""
         self._settle(key)

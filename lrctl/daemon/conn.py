@@ -82,3 +82,7 @@ class Handler(Protocol):
 
     def woken(self) -> None:
         """Another thread called :meth:`Transport.wake`."""
+
+    def make_room(self, keep: str | None = None) -> int:
+        """Out of file descriptors: free some by evicting runs without a hook (never
+        ``keep``); how many were."""

@@ -32,14 +32,14 @@ class GuardedSink:
         self._errors: dict[str, str] = {}  # method -> its latest failure, until it succeeds
         self._rlog = RateLog(log)
 
-    def open_run(self, info: RunInfo) -> str | None:
+    def open_run(self, info: RunInfo) -> Exception | None:
         """Open (or reopen) the run's records; why not, if they cannot be."""
         self._on_record()
         try:
             self.sink.open_run(info)
         except Exception as exc:
             self._failed("open_run", exc)
-            return str(exc)
+            return exc
         return None
 
     def prepare_run(self, info: RunInfo) -> None:

@@ -30,6 +30,7 @@ refused, and a socket file that was removed is bound again.
 
 from __future__ import annotations
 
+import errno
 import logging
 import socket
 import time
@@ -54,6 +55,9 @@ from .transport import Conn, Transport, Unavailable
 __all__ = ["Server"]
 
 log = logging.getLogger("lrctl.daemon")
+
+#: Runs without a hook evicted at once when the controller runs out of descriptors.
+ROOM_RUNS = 64
 
 class Server(Observing):
     """Serve until :meth:`stop`; ``listeners`` are bound, listening sockets, each with
@@ -132,10 +136,28 @@ class Server(Observing):
                  "" if session.watch_path else ", not watched")
 
     def open_records(self, session: Session) -> None:
-        """Open (or reopen) the session's records with its current :class:`RunInfo`."""
+        """Open (or reopen) the session's records with its current :class:`RunInfo`. Out
+        of file descriptors, runs without a hook make room first (see :meth:`make_room`)."""
         error = self.sink.open_run(session.info)
+        if (isinstance(error, OSError) and error.errno in (errno.EMFILE, errno.ENFILE)
+                and self.make_room(session.key)):
+            error = self.sink.open_run(session.info)
         if error is not None:  # a run whose decisions cannot be journaled is not served
             raise Unavailable(f"cannot journal run {session.key}: {error}")
+
+    def make_room(self, keep: str | None = None) -> int:
+        """Out of file descriptors: evict the runs without a hook, the longest gone first
+        (up to ``ROOM_RUNS``; each holds its journal files), as their session timeout
+        would later. Their state stays on disk and a reconnect resumes them: runs
+        opened and abandoned by one peer cannot keep every new run out."""
+        gone = sorted((k for k in self.sessions if k not in self.conns and k != keep),
+                      key=lambda k: self._last_seen.get(k, 0.0))[:ROOM_RUNS]
+        evicted = sum(self._evict(k, "the controller ran out of file descriptors and "
+                                     "evicted runs without a hook") for k in gone)
+        if evicted:
+            log.warning("out of file descriptors: evicted %d run(s) without a hook (their "
+                        "state stays on disk; a reconnect resumes them)", evicted)
+        return evicted
 
     def heard(self, key: str) -> None:
         """``key``'s hook was heard from (a hello)."""
@@ -284,14 +306,21 @@ class Server(Observing):
         now = time.monotonic()
         for key in [k for k in self.sessions if k not in self.conns
                     and now - self._last_seen.get(k, now) > self.session_timeout]:
+            if self._evict(key, f"no hook for {self.session_timeout:.0f} s (its process "
+                                "ended without closing the run, or lost the controller)"):
+                log.info("run %s evicted after %.0f s without its hook; its state stays on "
+                         "disk and a reconnect resumes it", key, self.session_timeout)
+
+    def _evict(self, key: str, reason: str) -> bool:
+        """Checkpoint a run without a hook (unless its checkpoint is current) and forget it
+        (False: its checkpoint failed, so its only copy is in memory, and it stays)."""
+        if not self.checkpoints.current(key):
             self.checkpoints.save(key)
             if key in self.checkpoints.errors:
-                continue  # its only copy is in memory: keep it
-            self.sessions.pop(key)
-            self._last_seen.pop(key, None)
-            self.checkpoints.forget(key)
-            self.live.unwatch(key)
-            self.sink.drop_run(key, f"no hook for {self.session_timeout:.0f} s (its process "
-                                    "ended without closing the run, or lost the controller)")
-            log.info("run %s evicted after %.0f s without its hook; its state stays on disk "
-                     "and a reconnect resumes it", key, self.session_timeout)
+                return False
+        self.sessions.pop(key)
+        self._last_seen.pop(key, None)
+        self.checkpoints.forget(key)
+        self.live.unwatch(key)
+        self.sink.drop_run(key, reason)
+        return True

@@ -145,3 +145,30 @@ def test_a_run_that_cannot_be_journaled_is_refused_and_the_hook_trains_on(
         assert opt.param_groups[0]["lr"] == 0.1
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:  # it serves on
             s.connect(path)
+
+
+def test_runs_opened_and_abandoned_cannot_keep_new_runs_out(
+        make_controller: Callable[..., ControllerProc], tmp_path: Path) -> None:
+    """An adversarial pass: a peer that opens runs and walks away (hello, welcome,
+    close: 334 of them in 2.6 s) left each run holding its journal files for the whole
+    session timeout (600 s), and every new hook was refused 'cannot journal run ...:
+    Too many open files'. Out of descriptors, the controller now evicts the runs
+    without a hook, the longest gone first: checkpointed, resumable from disk."""
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    ctl = make_controller(nofile=128, audit=True)
+    mlflow = {"mlflow": {"run_id": None, "tracking_uri": uri}}
+    for i in range(120):  # each would hold its journal files: far more than 128 in all
+        c = RawClient(ctl.socket, timeout=30)
+        c.send(hello(f"gone-{i}", POLICY, [0.1], **mlflow))
+        reply = c.recv()
+        c.close()
+        assert reply is not None and reply["t"] == "welcome", (i, reply)
+    assert "evicted" in ctl.log.read_text(errors="replace")
+    # An evicted run resumes from its checkpoint on disk.
+    c = RawClient(ctl.socket, timeout=30)
+    c.send(hello("gone-0", POLICY, [0.1], **mlflow))
+    reply = c.recv()
+    assert reply is not None and reply["t"] == "welcome", reply
+    c.obs(0, 1.0, 1.0)
+    assert c.answer()["t"] == "lr"
+    c.close()
