@@ -85,10 +85,11 @@ class Observing:
                                        f"observed (last step {session.last_step})"})
             return
         try:
-            loss = None if loss is None else loss if type(loss) is float else float_in(
-                loss, "loss")
-            grad = None if grad is None else grad if type(grad) is float else float_in(
-                grad, "grad_norm")
+            # (A float that is not finite came as a number too large: float_in refuses it.)
+            loss = None if loss is None else loss if (
+                type(loss) is float and loss - loss == 0.0) else float_in(loss, "loss")
+            grad = None if grad is None else grad if (
+                type(grad) is float and grad - grad == 0.0) else float_in(grad, "grad_norm")
             # The LRs the optimizer used at this step: an async hook applies the answer to
             # step t at step t + 1 (so step t ran on what was decided before it); a sync
             # hook waits for the answer to t and applies it to t's own optimizer step.

@@ -37,9 +37,16 @@ def float_in(x: Any, name: str) -> float:
             return float(x)
     elif isinstance(x, (int, float)) and not isinstance(x, bool):
         try:
-            return float(x)
+            value = float(x)
         except OverflowError:  # a JSON integer of hundreds of digits
             raise ProtocolError(f"{name} is too large: {str(x)[:20]}…", "bad_message") from None
+        if value - value == 0.0:
+            return value
+        # A JSON number past the float range (1e400) reads as inf: non-finite values
+        # travel as the strings "nan", "inf", "-inf" (see float_out), never as numbers.
+        raise ProtocolError(f"{name} is out of the float range (a non-finite value is "
+                            "sent as the string \"nan\", \"inf\" or \"-inf\")",
+                            "bad_message")
     raise ProtocolError(f"{name} must be a number, but got {x!r}", "bad_message")
 
 

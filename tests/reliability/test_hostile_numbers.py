@@ -27,6 +27,10 @@ def frame(body: str) -> bytes:
     '{"v":1,"t":"obs","s":0,"l":1.0,"g":HUGE}',
     '{"v":1,"t":"obs","s":0,"l":1.0,"m":{"val_loss":HUGE}}',
     '{"v":1,"t":"obs","s":HUGE,"l":1.0}',
+    # Numbers past the float range read as inf: non-finite values travel as strings.
+    '{"v":1,"t":"obs","s":0,"l":1e400}',
+    '{"v":1,"t":"obs","s":0,"l":1.0,"g":-1.0e9999}',
+    '{"v":1,"t":"obs","s":0,"l":1.0,"m":{"val_loss":1e400}}',
 ])
 def test_huge_integers_get_an_error_and_the_controller_serves_on(
         controller: ControllerProc, body: str) -> None:
