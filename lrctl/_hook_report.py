@@ -247,7 +247,10 @@ class Reporting:
             frame = encode_obs(t, loss, grad, clean, overflow=overflow,
                                base=self._writer.base if self._writer.loop_mode else None,
                                restored=self._restored_unreported, prior=prior,
-                               prior_grads=prior_grads)
+                               prior_grads=prior_grads,
+                               # reported after the loop's step t - 1 (see report()):
+                               # they measured the weights of that step
+                               metrics_step=t - 1 if clean else None)
             self._restored_unreported = None
         except ValueError as exc:  # e.g. too many metrics for one frame
             self._warn("encode", f"lrctl: step {t} not reported: {exc}")

@@ -336,6 +336,7 @@ class Controller(Resuming, LinkSide, Reporting, Applying):
         try:
             self._flush_pending()
             self._drain_staged(block=True)
+            self._send_last_metrics(end_run)
             if not self._link.connected:  # its back-off may have outlasted a restart: one
                 self._link.reconnect_now(self.timeout)  # last try, so the run ends as it is
             if self._link.connected and self._acked < self._reported:
@@ -346,6 +347,21 @@ class Controller(Resuming, LinkSide, Reporting, Applying):
         except Exception as exc:
             self._warn("internal", f"lrctl: error while closing ({exc!r})")
         self._link = None
+
+    def _send_last_metrics(self, end_run: bool) -> None:
+        """Metrics reported after the last step (a final evaluation) go with the next
+        step's observation, which never comes: a run that ends sends them on an
+        observation of their own, of the step after the last (no loss, no grad norm),
+        so the policies see them. A run left resumable keeps its steps for the resume."""
+        if not self._metrics:
+            return
+        metrics, self._metrics = self._metrics, {}
+        if end_run:
+            self._send(self._step, None, None, metrics)
+        else:
+            self._warn("late-metrics", f"lrctl: {', '.join(metrics)} reported after the "
+                       "last step were not sent (the run was left resumable: report them "
+                       "again after resuming)")
 
     def __enter__(self) -> Controller:
         return self

@@ -73,6 +73,8 @@ class Observing:
             if not isinstance(raw_metrics, dict):
                 raise ProtocolError("m must be an object of named metrics", "bad_message")
             metrics = {str(k): float_in(v, f"metric {k!r:.40}") for k, v in raw_metrics.items()}
+        # The step whose weights the metrics measured (the loop's last before report()).
+        metrics_step = None if msg.get("ms") is None else get_int(msg, "ms", lo=-1, hi=step)
         # The hook carried out a rollback before this step: the snapshot step it restored.
         restored = None if msg.get("r") is None else get_int(msg, "r", hi=step)
         prior = prior_steps(msg, step)  # every="auto": the steps held back, oldest first
@@ -98,7 +100,7 @@ class Observing:
             if base is not None:  # base="loop": the loop's own LRs, scaled by lrctl's
                 base = _base_lrs(base, len(session.engine.initial_lrs))
             held = self._observe_held(key, session, prior, used) if prior else None
-            result = session.observe(step, loss, grad, metrics)
+            result = session.observe(step, loss, grad, metrics, metrics_step)
             if held is not None:
                 result.decisions[:0] = held.decisions
                 result.stop = result.stop or held.stop

@@ -291,10 +291,10 @@ class Session:
         return None if op.override is None else {"lrs": list(op.override), "until": op.until}
 
     def observe(self, step: int, loss: float | None, grad_norm: float | None,
-                metrics: Mapping[str, float]) -> Step:
+                metrics: Mapping[str, float], metrics_step: int | None = None) -> Step:
         """Raises ``ObservationError`` for a bad observation (the session is unchanged)."""
         engine = self.engine
-        lrs = engine.update(step, loss, grad_norm, metrics)
+        lrs = engine.update(step, loss, grad_norm, metrics, metrics_step)
         decisions = [d.to_dict() for d in engine.last_decisions]
         self.unsaved += 1
         if decisions:

@@ -61,10 +61,13 @@ class Observation:
     grad_norm: float | None = None
     metrics: Mapping[str, float] = field(default_factory=dict)
     lrs: Sequence[float] = ()  # the learning rates used for this step, per group
+    #: The step whose weights the metrics measured: a loop evaluates after a step and
+    #: reports with the next one (the hook says which; ``None``: this one).
+    metrics_step: int | None = None
 
     def __init__(self, step: int, loss: float | None = None, grad_norm: float | None = None,
                  metrics: Mapping[str, float] | None = None,
-                 lrs: Sequence[float] = ()) -> None:
+                 lrs: Sequence[float] = (), metrics_step: int | None = None) -> None:
         # The engine builds one per step. A frozen dataclass's own __init__ sets each field
         # through object.__setattr__, which costs as much as the rest of a plain policy
         # step; writing the instance dict directly is the same result (still frozen).
@@ -74,6 +77,14 @@ class Observation:
         fields["grad_norm"] = grad_norm
         fields["metrics"] = {} if metrics is None else metrics
         fields["lrs"] = lrs
+        fields["metrics_step"] = metrics_step
+
+    def measured_at(self, name: str) -> int:
+        """The step the named statistic measured: this one for ``loss`` and
+        ``grad_norm``, :attr:`metrics_step` (if given) for a reported metric."""
+        if name in ("loss", "grad_norm") or self.metrics_step is None:
+            return self.step
+        return self.metrics_step
 
     def value(self, name: str) -> float | None:
         """The named statistic: ``loss``, ``grad_norm`` or a reported metric."""

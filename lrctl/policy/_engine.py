@@ -218,8 +218,10 @@ class Engine(EngineState, OperatorVerbs, LRArbiter, Snapshotting):
         loss: float | None,
         grad_norm: float | None,
         metrics: Mapping[str, float],
+        metrics_step: int | None = None,
     ) -> list[float]:
-        """:meth:`observe` with the metrics as a mapping (any names, checked here)."""
+        """:meth:`observe` with the metrics as a mapping (any names, checked here);
+        ``metrics_step``: the step whose weights they measured (default: ``step``)."""
         # The usual observation (an int step after the last one, float or absent
         # statistics, no metrics) needs no checks beyond these: anything else takes the
         # full checks, which say what is wrong.
@@ -230,16 +232,17 @@ class Engine(EngineState, OperatorVerbs, LRArbiter, Snapshotting):
             metrics = NO_METRICS
         else:
             loss, grad_norm, metrics = check_observation(step, loss, grad_norm, metrics, last)
-        return self._run(step, loss, grad_norm, metrics, 0)
+        return self._run(step, loss, grad_norm, metrics, 0, metrics_step)
 
     def _run(self, step: int, loss: float | None, grad_norm: float | None,
-             metrics: Mapping[str, float], first: int) -> list[float]:
+             metrics: Mapping[str, float], first: int,
+             metrics_step: int | None = None) -> list[float]:
         """The observation of ``step`` (its statistics checked) by the policies of the
         observe plan from ``first`` on: those before it took it plainly (no action, no
         flag, the same multiplier), and would have done the same here."""
         fields = self._reused_fields
         if fields is None:
-            obs = Observation(step, loss, grad_norm, metrics, self._lrs)
+            obs = Observation(step, loss, grad_norm, metrics, self._lrs, metrics_step)
         else:  # the one reused observation, refilled (as Observation.__init__ does)
             obs = self._reused  # type: ignore[assignment]
             fields["step"] = step
@@ -247,6 +250,7 @@ class Engine(EngineState, OperatorVerbs, LRArbiter, Snapshotting):
             fields["grad_norm"] = grad_norm
             fields["metrics"] = metrics
             fields["lrs"] = self._lrs
+            fields["metrics_step"] = metrics_step
         ctx = self._ctx  # the stack's one context, cleared for this observation
         ctx.initial_lrs = self.initial_lrs
         ctx.total_steps = self.total_steps

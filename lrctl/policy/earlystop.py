@@ -124,7 +124,7 @@ class EarlyStop(ReactivePolicy):
         self._seen += 1
         self._wait += 1
         if value + self.params["min_delta"] < self._best:  # beats the best by more than δ
-            self._best, self._best_step = value, obs.step
+            self._best, self._best_step = value, obs.measured_at(metric)
             if self._beats_baseline(value):
                 self._wait = 0
                 self._reductions = 0
@@ -160,7 +160,7 @@ class EarlyStop(ReactivePolicy):
         result = window.test(self.params["alpha"], delta=self.params["min_delta"])
         assert result is not None
         if result.newer < self._best:
-            self._best, self._best_step = result.newer, obs.step
+            self._best, self._best_step = result.newer, obs.measured_at(self.params["metric"])
         if result.verdict == "fell":
             if self._beats_baseline(result.newer):
                 self._wait = 0

@@ -55,7 +55,8 @@ def encode_obs(step: int, loss: float | None, grad_norm: float | None,
                metrics: Mapping[str, float] | None = None, *, overflow: bool = False,
                base: Sequence[float] | None = None, restored: int | None = None,
                prior: Sequence[float] | None = None,
-               prior_grads: Sequence[float | None] | None = None) -> bytes:
+               prior_grads: Sequence[float | None] | None = None,
+               metrics_step: int | None = None) -> bytes:
     """An ``obs`` frame, formatted by hand: this runs once per training step.
 
     ``repr`` of a finite float is valid JSON; the rare fields go through
@@ -66,13 +67,16 @@ def encode_obs(step: int, loss: float | None, grad_norm: float | None,
     restored (``r``: a rollback carried out, before this step), and the steps held
     since the previous report (``every="auto"``): ``pl``, the losses of steps
     ``s - len(pl)`` to ``s - 1``, and ``pg``, their grad norms (null where none),
-    when the loop gave any.
+    when the loop gave any. With metrics, ``ms``: the step whose weights they measured
+    (the loop's last step before ``report()``; the observation's own when absent).
     """
     if metrics or overflow or base is not None or restored is not None or prior:
         msg: dict[str, Any] = {"t": "obs", "s": step, "l": float_out(loss),
                                "g": float_out(grad_norm)}
         if metrics:
             msg["m"] = {k: float_out(float(v)) for k, v in metrics.items()}
+            if metrics_step is not None and metrics_step != step:
+                msg["ms"] = int(metrics_step)
         if overflow:
             msg["o"] = True
         if base is not None:

@@ -392,3 +392,31 @@ def test_detaching_gives_a_scheduler_its_step_wrapper_back(controller: Controlle
     with lrctl.attach(optimizer, policy=GUARD, timeout=SLOW_OK):
         assert optimizer.__dict__.get("step") is not wrapped  # the guard's, in front
     assert optimizer.__dict__.get("step") is wrapped
+
+
+def test_metrics_are_credited_to_the_step_they_measured_and_the_last_ones_count(
+        controller: ControllerProc) -> None:
+    """A newcomer's finds: report() after step t travels with step t + 1's observation,
+    so early stopping's ``best_step`` (``keep that checkpoint``) named t + 1, a step
+    whose weights nobody saved; and the evaluation after the last step was never sent
+    (no step followed it). Now the observation says which step the metrics measured,
+    and a run that ends sends its last metrics on an observation of their own."""
+    policy = {"version": 1, "policies": [
+        {"kind": "earlystop", "metric": "val_loss", "patience": 1}]}
+    model = _model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    evals = {9: 1.0, 19: 0.5, 29: 0.9}  # the best after step 19; 29 is the last step
+    with lrctl.attach(optimizer, policy=policy, timeout=SLOW_OK) as ctl:
+        loss_fn = torch.nn.MSELoss()
+        for it, (x, y) in enumerate(_batches(30, 16)):
+            loss = loss_fn(model(x), y)
+            optimizer.zero_grad()
+            loss.backward()
+            ctl.step(loss)
+            optimizer.step()
+            if it in evals:
+                ctl.report(val_loss=evals[it])
+    stops = [d for d in ctl.decisions if d.action == "stop"]
+    assert len(stops) == 1, ctl.decisions
+    assert stops[0].evidence["best_step"] == 19
+    assert stops[0].evidence["value"] == 0.9 and stops[0].step == 30  # after the last step

@@ -3,11 +3,11 @@
 On ``PYTHONPATH``, Python imports this at start-up. While the file named by
 ``$LRCTL_TEST_FULL_DISK`` exists, the disk under ``$LRCTL_TEST_FULL_DISK_UNDER``
 (the state dir) is full for journal appends (``*.jsonl`` opened for appending in
-binary, by name or by descriptor): it had as many bytes free as the flag file says (0 if empty) when the flag
-appeared, a write that needs more writes what fits and returns short, and the next
-one fails with ``ENOSPC``, as a real file system does. Removing the flag frees the
-disk. tmpfs quotas and loop mounts are not available to the tests; this is the same
-sequence of system-call results. Without the variables it does nothing.
+binary, by name or by descriptor): it had as many bytes free as the flag file says
+(0 if empty) when the flag appeared, a write that needs more writes what fits and
+returns short, and the next one fails with ``ENOSPC``, as a real file system does.
+Removing the flag frees the disk. tmpfs quotas and loop mounts are not available to
+the tests; this is the same sequence of system-call results. Without the variables it does nothing.
 """
 
 from __future__ import annotations
