@@ -125,14 +125,29 @@ class Applying:
         if stepped == self._last_stepped and stepped > 0 and not self._excused:
             self._calls_without_step += 1
             if self._calls_without_step >= 3:
-                self._warn("accumulation", "lrctl: ctl.step() was called several times "
-                                           "between optimizer steps; each call counts one "
-                                           "step. With gradient accumulation, call it once "
-                                           "per optimizer step, after the last micro-batch's "
-                                           "backward(), with the mean micro-batch loss")
+                self._warn_accumulation()
         else:
-            self._calls_without_step = 0
+            self._interval_ended()
         self._last_stepped = stepped
+
+    def _interval_ended(self) -> None:
+        """The optimizer stepped since the last ``step()``: an interval between optimizer
+        steps ended. Extra calls in three such intervals in a row (two micro-batches,
+        nanoGPT's default) say the same as three in one."""
+        if self._calls_without_step:
+            self._intervals_with_extra += 1
+            if self._intervals_with_extra >= 3:
+                self._warn_accumulation()
+        else:
+            self._intervals_with_extra = 0
+        self._calls_without_step = 0
+
+    def _warn_accumulation(self) -> None:
+        self._warn("accumulation", "lrctl: ctl.step() was called several times between "
+                                   "optimizer steps; each call counts one step. With "
+                                   "gradient accumulation, call it once per optimizer step, "
+                                   "after the last micro-batch's backward(), with the mean "
+                                   "micro-batch loss")
 
     def _broadcast(self) -> None:
         """Rank 0's LRs and flags to every rank, on a CPU group: identical LRs every step."""

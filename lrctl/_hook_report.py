@@ -74,7 +74,8 @@ class Reporting:
         optimizer's pre-step hook, which checks them before every step anyway."""
         self._step += 1
         self.should_skip = False
-        self._calls_without_step = 0  # _count_calls: the optimizer stepped since
+        if self._calls_without_step or self._intervals_with_extra:
+            self._interval_ended()  # _count_calls: the optimizer stepped since
         self._last_stepped = self._guard.stepped
         self._guard.clear()  # a verdict whose optimizer step never came (as _guard_step)
         self.rolled_back = None

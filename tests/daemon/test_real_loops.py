@@ -254,19 +254,42 @@ def test_gradient_accumulation_gives_the_same_decisions(controller: ControllerPr
     assert lrs_one == lrs_four
 
 
-def test_step_per_micro_batch_warns(controller: ControllerProc) -> None:
+@pytest.mark.parametrize("micro_batches", [2, 3, 4])
+@pytest.mark.parametrize("every", [1, 4])
+def test_step_per_micro_batch_warns(controller: ControllerProc, micro_batches: int,
+                                    every: int) -> None:
+    """A newcomer found no warning with 2 or 3 micro-batches (nanoGPT's default is 2):
+    it needed three extra calls between two optimizer steps."""
     model = _model()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
     with (pytest.warns(RuntimeWarning, match="once per optimizer step"),
-          lrctl.attach(optimizer, policy=GUARD, timeout=SLOW_OK) as ctl):
-        for it, (x, y) in enumerate(_batches(12, 8)):
+          lrctl.attach(optimizer, policy=GUARD, timeout=SLOW_OK, every=every) as ctl):
+        for it, (x, y) in enumerate(_batches(6 * micro_batches, 8)):
             loss = torch.nn.functional.mse_loss(model(x), y)
             loss.backward()
             ctl.step(loss)  # wrong: every micro-batch
-            if it % 4 == 3:
+            if it % micro_batches == micro_batches - 1:
                 optimizer.step()
                 optimizer.zero_grad()
-        assert ctl.steps_taken == 12  # each call counted one step, as the warning says
+        assert ctl.steps_taken == 6 * micro_batches  # each call counted one step
+
+
+def test_one_step_per_optimizer_step_with_some_skipped_does_not_warn(
+        controller: ControllerProc) -> None:
+    """A loop that skips an optimizer step now and then (its own check) is no
+    accumulation: an extra call in one interval, not in three in a row."""
+    model = _model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with lrctl.attach(optimizer, policy=GUARD, timeout=SLOW_OK) as ctl:
+            for it, (x, y) in enumerate(_batches(30, 8)):
+                optimizer.zero_grad()
+                loss = torch.nn.functional.mse_loss(model(x), y)
+                loss.backward()
+                ctl.step(loss)
+                if it % 5 != 4:  # every fifth step skipped by the loop itself
+                    optimizer.step()
 
 
 def test_a_sync_spike_skip_is_carried_out(controller: ControllerProc) -> None:
