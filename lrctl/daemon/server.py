@@ -257,9 +257,9 @@ class Server(Observing):
         """A decision made off the hot path (an operator's, a reload's): journal it,
         checkpoint the run, and push the new LRs to its hook, which applies them on its
         next step."""
-        self.sink.decision(session.key, {**decision, "wall_time": time.time()})
-        if reloaded:
+        if reloaded:  # first: the reload's own decision is of the new policy version
             self.sink.policy_changed(session.key, session.info, decision)
+        self.sink.decision(session.key, {**decision, "wall_time": time.time()})
         self.checkpoints.save(session.key)
         conn = self.conns.get(session.key)
         if conn is not None:

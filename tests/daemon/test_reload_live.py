@@ -278,3 +278,29 @@ def test_policies_dir_is_validated_at_start_and_watched(
     assert "1 invalid" in controller.log.read_text()
     (library / "bad.yaml").write_text(plateau(0.3))  # fixed: the error goes away
     _until("the fix", lambda: not request({"t": "status"})["errors"])
+
+
+def test_a_reload_decision_is_journaled_with_its_new_policy_version(
+        make_controller: Callable[..., ControllerProc], tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A newcomer's find: the reload decision paired the new policy's sha with the old
+    version number (``"policy_version": 1``), every later decision said 2."""
+    from lrctl.sinks.journal import RunPaths, read_lines
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
+    controller = make_controller(["--no-watch"], audit=True)
+    path = tmp_path / "p.yaml"
+    v1, v2 = plateau(0.5), plateau(0.25)
+    path.write_text(v1)
+    with lrctl.attach(_opt(), policy=str(path), sync=True, spawn=False, run_name="r") as ctl:
+        for _ in range(3):
+            ctl.step(1.0, grad_norm=1.0)
+        path.write_text(v2)
+        assert _cli("reload", "r").returncode == 0
+        key = ctl.run_key
+        assert key is not None
+    decisions = [line.record for line in read_lines(
+        RunPaths.of(Path(controller.state_dir), key).stream("decisions"))]
+    reloads = [d for d in decisions if d["action"] == "reload"]
+    assert len(reloads) == 1, decisions
+    assert (reloads[0]["policy_sha256"], reloads[0]["policy_version"]) == (sha(v2), 2)
