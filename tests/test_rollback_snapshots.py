@@ -181,6 +181,33 @@ def test_persisting_nonfinite_values_roll_back() -> None:
     assert engine.decisions[-1].evidence["in_a_row"] == 2
 
 
+def test_the_steps_of_the_thrown_away_weights_are_no_new_incident() -> None:
+    """A newcomer's find: a rollback decided at t is carried out by an async hook at
+    t + 2, so steps t + 1 and t + 2 ran on the broken weights; their NaN counted as a
+    new incident and backed off again on top of the rollback's own cut. They are still
+    skipped, not judged; after them the restored model is judged as usual."""
+    engine = lrctl.load_policy(GUARD, [0.1])
+    engine.enable_snapshots(every=4, keep=4, lag=2)
+    for t in range(20):
+        engine.observe(t, 1.0 + 0.01 * (t % 3))
+    engine.observe(20, math.nan)
+    engine.observe(21, math.nan)
+    assert engine.rollback_to == 16
+    lr_after_rollback = engine.applied_lrs
+    decided = len(engine.decisions)
+    for t in (22, 23):  # the weights being thrown away, restored before step 23's update
+        engine.observe(t, math.nan)
+        assert engine.should_skip
+        assert engine.applied_lrs == lr_after_rollback
+    assert [d.action for d in engine.decisions[decided:]] == ["skip", "skip"]
+    engine.observe(24, math.nan)  # the restored model: a NaN now is an incident again
+    assert engine.decisions[-1].action in ("backoff", "rollback")
+    state = engine.state_dict()
+    again = lrctl.load_policy(GUARD, [0.1])
+    again.load_state_dict(state)
+    assert again.state_dict() == state
+
+
 def test_user_callbacks_are_called_with_the_snapshot_step() -> None:
     saved: list[int] = []
     loaded: list[int] = []

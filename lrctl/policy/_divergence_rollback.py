@@ -35,6 +35,7 @@ class RollbackEscalation:
     _nonfinite_run: int
     _ceiling: float
     _with_snapshots: bool
+    _discard_until: int
 
     def _rollback(self, ctx: StepContext, reason: str, evidence: dict[str, Any],
                   factor: float) -> list[Action] | None:
@@ -72,6 +73,7 @@ class RollbackEscalation:
         self._cooldown_seen, self._cooldown_spikes = [], 0
         self._escalation = self._spikes = self._clean = self._nonfinite_run = 0
         ctx.rollback = target
+        self._discard_until = self._now + book.lag
         # What needed a rollback was no passing spike: the LR does not regrow past the cut.
         self._ceiling = self._scale
         record.update(factor=self._scale / old, backoffs=self._backoffs,
@@ -86,7 +88,8 @@ class RollbackEscalation:
         if not self._with_snapshots:
             return {}
         return {"rollback": {"rollbacks": self._rollbacks, "incident": self._incident,
-                             "nonfinite_run": self._nonfinite_run, "ceiling": self._ceiling}}
+                             "nonfinite_run": self._nonfinite_run, "ceiling": self._ceiling,
+                             "discard_until": self._discard_until}}
 
     def _load_rollback_state(self, state: Mapping[str, Any]) -> None:
         rollback = state.get("rollback") or {}
@@ -95,3 +98,4 @@ class RollbackEscalation:
         self._incident = int(rollback.get("incident", -1))
         self._nonfinite_run = int(rollback.get("nonfinite_run", 0))
         self._ceiling = float(rollback.get("ceiling", 1.0))
+        self._discard_until = int(rollback.get("discard_until", -1))

@@ -134,6 +134,9 @@ class Divergence(LevelShift, RollbackEscalation, ReactivePolicy):
         self._rollbacks = 0  # rollbacks this run
         self._ceiling = 1.0  # the multiplier regrows to this (lower after a rollback)
         self._incident = -1  # the step of the current incident's first back-off
+        # After a rollback decided at t, the steps up to t + lag ran on the weights being
+        # thrown away (the hook restores at t + lag): nothing they show is a new incident.
+        self._discard_until = -1
         self._now = -1  # the step being observed
         self._with_snapshots = False  # has backed off in a run whose hook keeps snapshots
         # The knobs read at every observation, as plain attributes (params are fixed).
@@ -193,6 +196,8 @@ class Divergence(LevelShift, RollbackEscalation, ReactivePolicy):
         verdict for the usual one)."""
         loss, gnorm = obs.loss, obs.grad_norm
         self._now = obs.step
+        if obs.step <= self._discard_until:
+            return self._discarded(obs, ctx)
         if ((loss is not None and not math.isfinite(loss))
                 or (gnorm is not None and not math.isfinite(gnorm))):
             return self._nonfinite(obs, ctx)
@@ -263,6 +268,19 @@ class Divergence(LevelShift, RollbackEscalation, ReactivePolicy):
             if rolled is not None:
                 return rolled
         return self._back_off(ctx, reason, evidence, force=True)
+
+    def _discarded(self, obs: Observation, ctx: StepContext) -> list[Action]:
+        """A step of the weights a rollback throws away (see ``_discard_until``): not
+        judged, not counted; a non-finite one is still flagged and skipped (its
+        gradients must not reach the optimizer)."""
+        if not all(v is None or math.isfinite(v) for v in (obs.loss, obs.grad_norm)):
+            ctx.flags.add("nonfinite")
+            if self.params["skip_nonfinite"]:
+                ctx.skip = True
+                return [Action("skip", f"skip this optimizer step: step {obs.step} ran on "
+                                       "the weights being rolled back, and its statistics "
+                                       "are not finite", {"rolled_back_weights": True})]
+        return []
 
     def _skips_spikes(self) -> bool:
         """Whether a spike now asks the hook to skip its step: not once a back-off did
