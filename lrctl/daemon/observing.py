@@ -98,7 +98,7 @@ class Observing:
             used = None if session.sync else session.lrs()
             base = msg.get("b")
             if base is not None:  # base="loop": the loop's own LRs, scaled by lrctl's
-                base = _base_lrs(base, len(session.engine.initial_lrs))
+                base = session.loop_base = _base_lrs(base, len(session.engine.initial_lrs))
             held = self._observe_held(key, session, prior, used) if prior else None
             result = session.observe(step, loss, grad, metrics, metrics_step)
             if held is not None:

@@ -94,6 +94,8 @@ class Session:
         self.sync = False  # the connected hook waits for each answer (set by each hello)
         self.reloads = 0
         self.overflows = 0  # mixed-precision overflow steps the hook reported
+        # base="loop": the loop's own LRs at the last observation (runs shows them scaled)
+        self.loop_base: list[float] | None = None
         # Handed to the run's hook in its welcome; a hello for the run while another
         # connection serves it must show it (see handshake.py). Kept in the checkpoint.
         self.resume_token = new_resume_token()
@@ -346,7 +348,7 @@ class Session:
             "run": self.key,
             "run_name": self.info.run_name,
             "step": self.last_step,
-            "lrs": self.lrs(),
+            "lrs": self.used_lrs(self.lrs(), self.loop_base),
             "mode": self.mode,
             "override": self.override,
             "last_decision": self.last_decision,

@@ -95,6 +95,21 @@ def test_loop_mode_scales_the_loops_own_cosine(controller: ControllerProc) -> No
         assert lr == pytest.approx(want, rel=1e-12), (s, lr, want)
 
 
+def test_runs_shows_the_loops_lr_scaled_under_base_loop(controller: ControllerProc) -> None:
+    """A newcomer's find: ``lrctl runs`` showed 0.1, the LR at attach, while the loop's
+    LambdaLR had it at 0.01 (``runs --all`` showed 0.01)."""
+    from lrctl.client import request
+
+    model = _model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda it: 0.1 if it >= 5 else 1.0)
+    with lrctl.attach(optimizer, policy=GUARD, base="loop", sync=True,
+                      timeout=SLOW_OK) as ctl:
+        _loop(ctl, optimizer, model, scheduler=scheduler, nan_at=None)
+        [row] = [r for r in request({"t": "runs"})["runs"] if r["run"] == ctl.run_key]
+    assert row["lrs"] == [pytest.approx(0.01)]
+
+
 def test_loop_mode_keeps_a_torch_scheduler_exact(controller: ControllerProc) -> None:
     """LambdaLR and a chainable StepLR keep computing from their own LRs: lrctl's multiplier
     applies only inside the optimizer step."""
