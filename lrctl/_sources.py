@@ -10,9 +10,10 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
-from ._defaults import DEFAULT_POLICY
+from ._defaults import DEFAULT_POLICY, POLICIES
 
-__all__ = ["MAX_POLICY_BYTES", "looks_like_path", "policy_payload"]
+__all__ = ["MAX_POLICY_BYTES", "looks_like_path", "missing_policy_hint", "policy_payload",
+           "resolve_policy_path", "shipped_policies"]
 
 MAX_POLICY_BYTES = 64 * 1024
 
@@ -24,6 +25,28 @@ def looks_like_path(s: str) -> bool:
     ``'{"version": 1, ...}'`` are policy text.
     """
     return "\n" not in s and ":" not in s.split(os.sep)[-1] and not s.lstrip().startswith("{")
+
+
+def shipped_policies() -> list[str]:
+    """The names of the policy files lrctl ships (``default``, ``rangetest``, ...)."""
+    return sorted(p.stem for p in POLICIES.glob("*.yaml"))
+
+
+def resolve_policy_path(policy: str | os.PathLike[str]) -> str:
+    """The absolute path a path-like ``policy=`` names. A bare name with no such file
+    here (``"rangetest"``, ``"rangetest.yaml"``) is the shipped policy of that name."""
+    raw = os.fspath(policy)
+    path = os.path.abspath(raw)
+    name = raw[:-5] if raw.endswith(".yaml") else raw
+    if not os.path.exists(path) and os.sep not in raw and name in shipped_policies():
+        return str(POLICIES / f"{name}.yaml")
+    return path
+
+
+def missing_policy_hint() -> str:
+    """What to say of a policy file that is not there."""
+    return (f"the shipped policies go by name from any directory: policy=\"rangetest\" "
+            f"(one of {', '.join(shipped_policies())}; they are in {POLICIES})")
 
 
 def policy_payload(policy: Any) -> tuple[str, str]:
@@ -41,13 +64,14 @@ def policy_payload(policy: Any) -> tuple[str, str]:
         except (TypeError, ValueError) as exc:
             raise ValueError(f"policy dict is not plain data: {exc}") from None
     if isinstance(policy, os.PathLike) or (isinstance(policy, str) and looks_like_path(policy)):
-        path = os.path.abspath(os.fspath(policy))
+        path = resolve_policy_path(policy)
         try:
             with open(path, "rb") as f:
                 data = f.read(MAX_POLICY_BYTES + 1)
         except OSError as exc:
+            hint = f"; {missing_policy_hint()}" if isinstance(exc, FileNotFoundError) else ""
             raise FileNotFoundError(f"cannot read policy file {path}: "
-                                    f"{exc.strerror or exc}") from None
+                                    f"{exc.strerror or exc}{hint}") from None
         if len(data) > MAX_POLICY_BYTES:
             raise ValueError(f"policy file {path} is larger than {MAX_POLICY_BYTES} bytes")
         return data.decode("utf-8", "replace"), path

@@ -29,7 +29,7 @@ from typing import Any
 
 import yaml
 
-from ._sources import looks_like_path
+from ._sources import looks_like_path, missing_policy_hint, resolve_policy_path
 from ._yaml_read import (
     MAX_BYTES,
     MAX_DEPTH,
@@ -135,7 +135,7 @@ def parse_policy(source: str | os.PathLike[str] | Mapping[str, Any]) -> PolicyFi
         text = yaml.safe_dump(dict(source), sort_keys=False)
         return parse_text(text, "<dict>")
     if isinstance(source, os.PathLike) or (isinstance(source, str) and looks_like_path(source)):
-        return parse_file(os.fspath(source))
+        return parse_file(resolve_policy_path(source))
     if isinstance(source, str):
         return parse_text(source, "<string>")
     raise TypeError(f"policy must be a path, YAML text or a dict, but got {type(source).__name__}")
@@ -172,7 +172,9 @@ def parse_file(path: str) -> PolicyFile:
         with open(path, "rb") as f:
             data = f.read(MAX_BYTES + 1)
     except OSError as exc:
-        raise ConfigError(path, None, None, f"cannot read: {exc.strerror or exc}") from None
+        hint = f"; {missing_policy_hint()}" if isinstance(exc, FileNotFoundError) else ""
+        raise ConfigError(path, None, None,
+                          f"cannot read: {exc.strerror or exc}{hint}") from None
     if len(data) > MAX_BYTES:
         raise ConfigError(path, None, None, f"file larger than {MAX_BYTES} bytes")
     try:

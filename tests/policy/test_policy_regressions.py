@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 
@@ -104,3 +105,26 @@ def test_a_window_is_bounded(kind: str, knob: str, most: int, extra: dict) -> No
     with pytest.raises(ConfigError, match=rf"{knob}: must be <= {most}, but got {most + 1}"):
         load_policy({"version": 1, "policies": [{"kind": kind, knob: most + 1, **extra}]},
                     [0.1])
+
+
+def test_a_shipped_policy_goes_by_name_from_any_directory(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A newcomer's find: ``policy="policies/rangetest.yaml"`` worked only from the
+    repository's root, ``policy="rangetest"`` nowhere, and nothing said where the
+    shipped files are."""
+    from lrctl._defaults import POLICIES
+    from lrctl._sources import policy_payload
+
+    monkeypatch.chdir(tmp_path)
+    for name in ("rangetest", "rangetest.yaml"):
+        text, source = policy_payload(name)
+        assert source == str(POLICIES / "rangetest.yaml")
+        assert text == (POLICIES / "rangetest.yaml").read_text()
+        assert load_policy(name, [0.1]).state_dict() == load_policy(
+            POLICIES / "rangetest.yaml", [0.1]).state_dict()
+    (tmp_path / "rangetest.yaml").write_text("version: 1\npolicies:\n  - kind: plateau\n")
+    assert policy_payload("rangetest.yaml")[1] == str(tmp_path / "rangetest.yaml")  # yours
+    with pytest.raises(FileNotFoundError, match=r'policy="rangetest" \(one of .*wsd'):
+        policy_payload("policies/rangetest.yaml")
+    with pytest.raises(ConfigError, match=r"cannot read: .*shipped policies go by name"):
+        load_policy("policies/nosuch.yaml", [0.1])
