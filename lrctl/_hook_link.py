@@ -44,6 +44,20 @@ class LinkSide:
     _link: Link | None
     _warned: set[str]
 
+    def _check_default_store(self, mlflow: dict[str, str | None]) -> None:
+        """MLflow's default store is ``./mlflow.db`` of this script: say at once when
+        it cannot be made (a read-only working directory), not only in ``lrctl status``."""
+        cwd = os.getcwd()
+        if (mlflow.get("tracking_uri") is None and not os.access(cwd, os.W_OK)
+                and not os.path.exists(os.path.join(cwd, "mlflow.db"))
+                and not os.path.isdir(os.path.join(cwd, "mlruns"))):
+            self._warn("mlflow-store", f"lrctl: MLflow's default store would be "
+                                       f"{os.path.join(cwd, 'mlflow.db')}, but {cwd} is not "
+                                       "writable: decisions stay in lrctl's journal (lrctl "
+                                       "decisions RUN) but cannot reach MLflow; set "
+                                       "MLFLOW_TRACKING_URI (e.g. sqlite:////somewhere/"
+                                       "writable/mlflow.db)")
+
     def _connect(self, policy: Any, run_name: str | None, address: str | None, spawn: bool,
                  token: str | None, spawn_timeout: float, max_backoff: float) -> None:
         address = address or paths.default_socket()
@@ -51,10 +65,12 @@ class LinkSide:
         name = sanitize_run_name(run_name or os.environ.get("LRCTL_RUN_NAME")
                                  or Path(sys.argv[0] or "run").stem)
         self.run_key = self._resume or f"{name}-{secrets.token_hex(4)}"
+        mlflow = mlflow_info()
+        self._check_default_store(mlflow)
         hello: dict[str, Any] = {
             "run": self.run_key, "run_name": name, "policy": {"text": text, "source": source},
             "lrs": list(self._initial), "groups": len(self._initial),
-            "world_size": self._dist.world_size, "mlflow": mlflow_info(), "cwd": os.getcwd(),
+            "world_size": self._dist.world_size, "mlflow": mlflow, "cwd": os.getcwd(),
             "watch": self._watch, "sync": self.sync, "lrctl": __version__,
             # Each report's answer is due a step later, and reports come every step: the
             # controller may read it on a timer that follows its steps, so its sends wake

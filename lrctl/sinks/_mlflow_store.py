@@ -25,7 +25,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
-from urllib.parse import unquote, urlparse
+from urllib.parse import unquote
 
 __all__ = ["BACKOFF_MIN_S", "LOG_EVERY_S", "StoreHealth", "open_store", "reason"]
 
@@ -64,8 +64,10 @@ def reason(exc: BaseException) -> str:
 def _sqlite_path(uri: str) -> Path | None:
     if not uri.startswith("sqlite:///"):
         return None
-    path = unquote(urlparse(uri).path)
-    return None if path in ("", "/:memory:") else Path(path)
+    # What follows the third slash: "sqlite:////abs/path" is /abs/path (urlparse would
+    # say //abs/path, which errors then showed).
+    path = unquote(uri[len("sqlite:///"):].split("?", 1)[0])
+    return None if path in ("", ":memory:") else Path(path)
 
 
 def _has_data(path: Path) -> bool:

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import select
 import signal
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -163,3 +165,40 @@ def test_close_reaches_a_controller_restarted_during_the_back_off(
     ctl.close()
     runs = request({"t": "runs"}, controller.socket, timeout=5.0)["runs"]
     assert key not in [r["run"] for r in runs]  # it ended: the goodbye arrived
+
+
+def _unwritable_dir(tmp_path: Path) -> Path | None:
+    """A directory this process cannot write to (0500 is writable to root: then a
+    read-only mount, if the machine has one)."""
+    mine = tmp_path / "ro"
+    mine.mkdir(mode=0o500)
+    for candidate in (mine, Path("/proc/sys")):
+        if candidate.is_dir() and not os.access(candidate, os.W_OK):
+            return candidate
+    return None
+
+
+def test_a_read_only_working_directory_is_said_at_attach(
+        controller: ControllerProc, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A newcomer's find: in a read-only working directory MLflow's default store could
+    not be made, and only ``lrctl status`` said so (with a doubled slash in the path)."""
+    where = _unwritable_dir(tmp_path)
+    if where is None:
+        pytest.skip("no unwritable directory here")
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.chdir(where)
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.ones(1))], lr=0.1)
+    with pytest.warns(RuntimeWarning, match=r"not writable.*set MLFLOW_TRACKING_URI"):
+        ctl = lrctl.attach(opt, policy=POLICIES / "divergence.yaml", spawn=False)
+    ctl.close()
+    (tmp_path / "ro").chmod(0o700)
+
+
+def test_a_sqlite_uri_names_its_file_without_a_doubled_slash() -> None:
+    from lrctl.sinks._mlflow_store import _sqlite_path
+
+    assert _sqlite_path("sqlite:////tmp/x/mlflow.db") == Path("/tmp/x/mlflow.db")
+    assert str(_sqlite_path("sqlite:////tmp/x/mlflow.db")) == "/tmp/x/mlflow.db"
+    assert _sqlite_path("sqlite:////tmp/a%20b/m.db?timeout=5") == Path("/tmp/a b/m.db")
+    assert _sqlite_path("sqlite:///:memory:") is None
+    assert _sqlite_path("postgresql://h/db") is None
