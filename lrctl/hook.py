@@ -285,8 +285,15 @@ class Controller(Resuming, LinkSide, Reporting, Applying):
                 loss, grad_norm = host_loss, host_grad
             self._step_fully(batch, loss, grad_norm, scaler)
         except Exception as exc:  # fail-open: the training loop must not see lrctl's bugs
-            self._warn("internal", f"lrctl: hook error ({exc!r}); training continues at the "
-                                   "last LR")
+            size = _numel(loss)
+            if size is not None and size != 1:  # a per-sample loss: the caller's to fix
+                self._warn("loss-shape", f"lrctl: ctl.step(loss) needs one number, but the "
+                                         f"loss has {size} elements; pass a scalar, e.g. "
+                                         "ctl.step(loss.mean()). No step is reported until "
+                                         "then; training continues at the last LR")
+            else:
+                self._warn("internal", f"lrctl: hook error ({exc!r}); training continues at "
+                                       "the last LR")
         try:
             if self._dist.world_size > 1:
                 if self._link is not None and self._acked < self._reported:
@@ -404,3 +411,12 @@ def _host(value: Any) -> Any:
     if type(value) is float or value is None or on_device(value):
         return value
     return to_float(value)
+
+
+def _numel(x: Any) -> int | None:
+    """How many elements a tensor (or array) has; None for anything else."""
+    numel = getattr(x, "numel", None)
+    try:
+        return int(numel()) if callable(numel) else None
+    except Exception:
+        return None

@@ -202,3 +202,16 @@ def test_a_sqlite_uri_names_its_file_without_a_doubled_slash() -> None:
     assert _sqlite_path("sqlite:////tmp/a%20b/m.db?timeout=5") == Path("/tmp/a b/m.db")
     assert _sqlite_path("sqlite:///:memory:") is None
     assert _sqlite_path("postgresql://h/db") is None
+
+
+def test_a_per_sample_loss_says_what_to_pass(controller: ControllerProc) -> None:
+    """A newcomer's find: ``ctl.step(loss_vector)`` warned "hook error (RuntimeError('a
+    Tensor with 64 elements cannot be converted to Scalar'))" and left the run
+    unmanaged, without saying how to fix it."""
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.ones(1))], lr=0.1)
+    with (pytest.warns(RuntimeWarning, match=r"loss has 64 elements.*loss\.mean\(\)"),
+          lrctl.attach(opt, policy=POLICIES / "divergence.yaml", spawn=False) as ctl):
+        ctl.step(torch.ones(64))
+        ctl.step(torch.ones(1).mean())  # a scalar: reported as usual
+        opt.step()
+        assert ctl.lr == [0.1]
