@@ -2,8 +2,9 @@
 
 Trains a 64→256→10 MLP on scikit-learn's bundled digits (no download) with
 AdamW. Where a script would set the learning rate by hand or with a scheduler,
-it calls ``ctl.step(loss)``: the controller's policies (warmup, divergence
-back-off, plateau decay by default) set the LR and explain every change.
+it calls ``ctl.step(loss)``: the controller's policies (by default a divergence
+guard and a plateau decay; ``--policy`` for another) set the LR and explain every
+change.
 
     python examples/train_plain.py --steps 2000 --lr 0.01
 """
@@ -53,7 +54,9 @@ def main() -> None:
             if not ctl.should_skip:
                 optimizer.step()
             if ctl.should_stop:
-                print(f"step {step}: the policy asked to stop (diverging)")
+                stop = next((d for d in reversed(ctl.decisions) if d.action == "stop"), None)
+                print(f"step {step}: the policy asked to stop"
+                      + (f" ({stop.reason})" if stop is not None else ""))
                 break
             if step % args.eval_every == 0 or step == args.steps - 1:
                 with torch.no_grad():

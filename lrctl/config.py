@@ -48,6 +48,8 @@ __all__ = ["ConfigError", "PolicyEntry", "PolicyFile", "load_policy", "parse_dea
 
 MAX_POLICIES = 64
 SUPPORTED_VERSIONS = (1,)
+#: Top-level keys too far from "policies" for did_you_mean, meant as it all the same.
+_LIKE_POLICIES = frozenset({"policy", "policys", "rules", "stack", "schedulers"})
 
 _TOP_LEVEL = (
     Param("version", "int", 1, "format version (1)"),
@@ -192,10 +194,13 @@ def parse_text(text: str, source: str = "<string>") -> PolicyFile:
 def _validate(doc: dict[str, Any], reader: YamlReader, text: str, source: str) -> PolicyFile:
     top_lines = reader.key_lines[id(doc)]
     if "version" not in doc:
-        raise ConfigError(source, 1, "version", f"required (supported: {SUPPORTED_VERSIONS})")
+        raise ConfigError(source, 1, "version", "required (supported: "
+                          f"{', '.join(map(str, SUPPORTED_VERSIONS))}): start the file with "
+                          "'version: 1'")
     if "policies" not in doc:
         for key in doc:  # a misspelt "policies:" is said where it is
-            hint = did_you_mean(str(key), ["policies"])
+            hint = did_you_mean(str(key), ["policies"]) or (
+                "; did you mean 'policies'?" if str(key).lower() in _LIKE_POLICIES else "")
             if hint:
                 raise ConfigError(source, top_lines.get(key), str(key),
                                   f"unknown key for the policy file{hint}")

@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -90,3 +92,20 @@ def test_replay_total_steps_drives_the_anneal(tmp_path: Path) -> None:
         "anneal_inactive"]
     bad = lrctl("replay", str(policy), "--curve", str(curve), "--total-steps", "0")
     assert bad.returncode == 2 and "positive integer" in bad.stderr
+
+
+def test_a_misnamed_policies_key_and_a_missing_version_say_what_to_write(
+        tmp_path: Path) -> None:
+    """A newcomer's finds: ``policy:`` for ``policies:`` said "policies: required", and a
+    file without ``version`` printed "supported: (1,)"."""
+    from lrctl.config import ConfigError, parse_policy
+
+    singular = tmp_path / "singular.yaml"
+    singular.write_text("version: 1\npolicy:\n  - kind: plateau\n")
+    with pytest.raises(ConfigError, match=r":2: policy: unknown key .*did you mean 'policies'"):
+        parse_policy(singular)
+    unversioned = tmp_path / "unversioned.yaml"
+    unversioned.write_text("policies:\n  - kind: plateau\n")
+    with pytest.raises(ConfigError, match=r"version: required \(supported: 1\): start the "
+                                          r"file with 'version: 1'"):
+        parse_policy(unversioned)

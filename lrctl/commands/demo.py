@@ -8,7 +8,8 @@ import argparse
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("demo", help="train a small model twice: lrctl vs a fixed LR (~1 min)",
                        description="Start (or reuse) a controller, train a digits MLP at a "
-                                   "too-high LR with lrctl's default policy and with the LR "
+                                   "too-high LR with lrctl's range-test policy (rangetest.yaml, "
+                                   "opt-in: the default keeps the LR you gave) and with the LR "
                                    "fixed, then show the decisions, the comparison, the MLflow "
                                    "runs and a timeline picture. Needs no arguments.")
     p.add_argument("--steps", type=int, default=3000, help="steps per run (default %(default)s)")

@@ -79,16 +79,17 @@ class EarlyStop(ReactivePolicy):
               gt=0, lt=0.5),
         Param("outlier_z", "float", 6.0, "trend: values worse than the rolling median by more "
               "than this many robust σ are clipped to that bound", gt=0),
-        Param("restore_best", "bool", False, "not supported: restoring the best weights "
-              "needs model snapshots, which lrctl does not take"),
+        Param("restore_best", "bool", False, "not supported: keep the best checkpoint in the "
+              "training script (the stop decision names best_step)"),
     )
 
     def __init__(self, **params: Any) -> None:
         super().__init__(**params)
         if self.params["restore_best"]:
-            raise ParamError("restore_best", "needs model snapshots, which lrctl does not take "
-                             "(yet): keep the best checkpoint in the training script (the "
-                             "stop decision names the best step)")
+            raise ParamError("restore_best", "is not supported: lrctl's snapshots are for "
+                             "rollbacks (recent steps, see Rollback), not for the best "
+                             "weights; keep the best checkpoint in the training script "
+                             "(the stop decision names the best step: best_step)")
         self._sign = 1.0 if self.params["mode"] == "min" else -1.0  # judged: lower is better
         self._best = math.inf  # signed
         self._best_step: int | None = None

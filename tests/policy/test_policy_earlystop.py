@@ -289,7 +289,8 @@ def test_restore_best_is_refused_with_file_and_line(tmp_path: Path) -> None:
                     "    restore_best: true\n")
     with pytest.raises(ConfigError) as info:
         lrctl.load_policy(path, [0.1])
-    assert str(info.value).startswith(f"{path}:5: restore_best: needs model snapshots")
+    assert str(info.value).startswith(f"{path}:5: restore_best: is not supported")
+    assert "best_step" in str(info.value)
     path.write_text("version: 1\npolicies:\n  - kind: earlystop\n    restore_best: false\n")
     assert lrctl.load_policy(path, [0.1]).policies[0].kind == "earlystop"
 
