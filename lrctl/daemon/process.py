@@ -107,10 +107,8 @@ def serve(options: ServeOptions, sink_factory: Callable[[str], Sink] = build_sin
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, on_signal)
-    where = options.socket_path + (
-        f" and tcp {options.tcp[0]}:{listening.tcp.getsockname()[1]}"
-        if options.tcp and listening.tcp else "")
-    log.info("lrctl controller pid %d listening on %s (state in %s)", os.getpid(), where, state)
+    log.info("lrctl controller pid %d listening on %s (state in %s)", os.getpid(),
+             _where(options, listening), state)
     if ready is not None:
         ready(listening)
     monitor.start()
@@ -140,6 +138,15 @@ def _raise_fd_limit() -> None:
     log.info("open-file limit raised from %d to %d", soft, want)
 
 
+def _where(options: ServeOptions, listening: Listening) -> str:
+    """The addresses served: the Unix socket, and the TCP one a hook gives as
+    ``tcp://HOST:PORT`` (with the token in ``LRCTL_TOKEN`` or ``LRCTL_TOKEN_FILE``)."""
+    if not (options.tcp and listening.tcp):
+        return options.socket_path
+    return (f"{options.socket_path} and tcp://{options.tcp[0]}:"
+            f"{listening.tcp.getsockname()[1]}")
+
+
 def _detach(options: ServeOptions, state: Path, listening: Listening) -> None:
     """Fork into the background in a new session; the parent reports and exits.
 
@@ -148,7 +155,7 @@ def _detach(options: ServeOptions, state: Path, listening: Listening) -> None:
     """
     pid = os.fork()
     if pid:
-        print(f"lrctl controller pid {pid} listening on {options.socket_path}; "
+        print(f"lrctl controller pid {pid} listening on {_where(options, listening)}; "
               f"log: {_log_path(options, state)}")
         os._exit(0)
     os.setsid()
