@@ -133,6 +133,9 @@ class RunSummary:
 
     def _footer(self, shown: int, artifacts: tuple[str, str]) -> str:
         table, jsonl = artifacts
+        if not self.total:  # the artifacts come with the first decision
+            return ("The decisions will be listed here, with every one in the artifacts "
+                    f"`{table}` (table) and `{jsonl}` (full records).")
         latest = f"Latest {shown} of {self.total}, newest first. " if shown < self.total else ""
         return (f"{latest}Every decision: artifacts `{table}` (table) and `{jsonl}` "
                 f"(full records); metrics `lrctl/event/<action>`.")

@@ -86,3 +86,15 @@ def test_markdown_fits_in_a_tag_by_dropping_the_oldest_rows(reason: str, policy:
                 text.splitlines())
     assert shown == RECENT if all_rows else 0 < shown < RECENT
     assert f"Latest {shown} of 99, newest first." in text
+
+
+def test_a_run_without_decisions_promises_no_artifacts_it_has_not() -> None:
+    """A newcomer's find: a run with 0 decisions said "Every decision: artifacts
+    lrctl/decisions_table.json ..." that did not exist (they come with the first)."""
+    summary = RunSummary()
+    summary.set_policy("/p/default.yaml", "cd" * 32, 1)
+    text = summary.markdown("7")
+    assert "No decisions yet." in text and "Every decision:" not in text
+    assert text.splitlines()[-1].startswith("The decisions will be listed here")
+    summary.add_decision(1, decision(100, [0.1], [0.05]))
+    assert "Every decision: artifacts" in summary.markdown("7")
