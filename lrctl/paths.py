@@ -219,7 +219,10 @@ def is_run_key(key: object) -> bool:
 def ensure_private_dir(path: str | os.PathLike[str], *, quiet: bool = False) -> Path:
     """Create ``path`` (mode 0700, and 0700 any missing parent it creates) if missing;
     refuse one that is not safely ours. One readable by others is made 0700, with a
-    warning unless ``quiet`` (a directory inside one already checked private).
+    warning. ``quiet``: a directory inside one already checked private (a run's, in the
+    state directory), which no other user can reach: made 0700 without a word even
+    when group- or world-writable (an earlier lrctl made run directories with the
+    umask's mode, 0775 under umask 002).
 
     Raises :class:`PermissionError` naming the path and what is wrong with it.
     """
@@ -240,6 +243,9 @@ def ensure_private_dir(path: str | os.PathLike[str], *, quiet: bool = False) -> 
     if st.st_uid != os.getuid():
         raise PermissionError(
             f"{p} belongs to uid {st.st_uid}, not to us (uid {os.getuid()}); refusing to use it")
+    if quiet and st.st_mode & 0o077:
+        os.chmod(p, 0o700)
+        return p
     if st.st_mode & 0o022:
         raise PermissionError(
             f"{p} is writable by other users (mode {stat.S_IMODE(st.st_mode):04o}), so "
@@ -247,8 +253,6 @@ def ensure_private_dir(path: str | os.PathLike[str], *, quiet: bool = False) -> 
             f"700 {p}', if it is yours alone) or choose another ('mkdir -m 700 DIR')")
     if st.st_mode & 0o077:  # readable by others: logs and checkpoints would leak
         os.chmod(p, 0o700)
-        if quiet:
-            return p
         warnings.warn(f"{p} was readable by other users (mode "
                       f"{stat.S_IMODE(st.st_mode):04o}); lrctl made it 0700", RuntimeWarning,
                       stacklevel=2)

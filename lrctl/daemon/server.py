@@ -207,6 +207,9 @@ class Server(Observing):
         journal is committed and every run whose hook is gone checkpointed; runs with a
         hook are checkpointed for up to ``Limits.shutdown_budget_s`` (their hooks replay
         the rest), and MLflow gets what time is left (the next start ships the rest)."""
+        # What hooks that hung up had sent and the loop had not applied yet (a share a
+        # wake-up: see Transport._hung_up) is applied first: it may end their runs.
+        self.transport.finish_hung_up(time.monotonic() + self.limits.shutdown_budget_s)
         deadline = time.monotonic() + self.limits.shutdown_budget_s
         self.handshakes.stop()
         self.live.stop()

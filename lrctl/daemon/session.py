@@ -137,6 +137,9 @@ class Session:
         s.reload_error = None if error is None else str(error)
         s.reloads = int(state.get("reloads", 0))
         s.overflows = int(state.get("overflows", 0))
+        base = state.get("loop_base")
+        if isinstance(base, list) and len(base) == len(s.engine.initial_lrs):
+            s.loop_base = [float(v) for v in base]
         token = state.get("resume_token")
         if isinstance(token, str) and _TOKEN(token):
             s.resume_token = token
@@ -163,6 +166,7 @@ class Session:
             "reloads": self.reloads,
             "overflows": self.overflows,
             "resume_token": self.resume_token,
+            "loop_base": self.loop_base,
         }
 
     def set_snapshots(self, spec: tuple[int, int] | None) -> None:

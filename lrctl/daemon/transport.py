@@ -343,6 +343,26 @@ class Transport(Writing, PacedReading):
         elif not conn.parked:
             self.sel.modify(conn.sock, selectors.EVENT_READ, ("conn", conn))
 
+    def finish_hung_up(self, until: float) -> None:
+        """At shutdown: apply, whole, what peers that hung up still had waiting (their
+        last observations, their ``bye``), until ``until`` (``time.monotonic()``): the
+        shares of :meth:`_hung_up` no longer matter when no one else will be served."""
+        for conn in [c for c in self._conns if c.dead]:
+            while conn.sock.fileno() >= 0 and time.monotonic() < until:
+                if conn.backlog:
+                    self._serve_backlog(conn)
+                    continue
+                try:
+                    more = conn.sock.recv(1, socket.MSG_PEEK)
+                except (BlockingIOError, InterruptedError):
+                    break  # all it sent is applied
+                except OSError:
+                    more = b""
+                self._read(conn)  # its end of input closes it
+                if not more:
+                    break
+        self.release()
+
     def still_open(self, conn: Conn) -> bool:
         """Whether ``conn``'s peer is still there: what it sent is handled first (up to
         ``max_drain`` bytes), and a peer that hung up (or was told to go) is closed."""

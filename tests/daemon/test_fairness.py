@@ -116,3 +116,32 @@ def test_a_peer_that_hangs_up_gets_no_more_than_its_share_either(tmp_path: Path)
     handled, at = _costly_flood(tmp_path, hang_up=True)
     assert len(handled) == COSTLY + 1
     assert at < 20
+
+
+def test_what_a_hung_up_peer_sent_is_applied_whole_at_shutdown(tmp_path: Path) -> None:
+    """A review's find: a hung-up peer is applied share by share; a shutdown in between
+    dropped the rest, its ``bye`` too (the run held, not ended). At shutdown no other
+    peer waits: the rest is applied whole."""
+    limits = Limits(max_messages_per_wake=100_000, max_wake_share_s=0.005)
+    handled: list[str] = []
+    with serving(str(tmp_path / "c.sock"), StateStore(tmp_path / "state"),
+                 limits=limits) as (srv, path):
+        flood_begun = threading.Event()
+        handle = srv.handle
+
+        def costly(conn: Any, msg: dict[str, Any]) -> None:
+            until = time.perf_counter() + COST_S
+            while time.perf_counter() < until:
+                pass
+            handled.append(msg["t"])
+            flood_begun.set()
+            handle(conn, msg)
+        srv.handle = costly  # type: ignore[method-assign]
+
+        peer = Client(path)
+        # 60 × 2 ms: a dozen shares, and well inside the shutdown's budget (0.5 s)
+        peer.send(encode({"t": "status"}) * 60 + encode({"t": "bye"}))
+        peer.sock.close()
+        assert flood_begun.wait(60)
+        srv.stop()  # while most of it still waits in shares
+    assert handled == ["status"] * 60 + ["bye"]

@@ -21,6 +21,7 @@ from lrctl.sinks.journal import (
     check_run_key,
     last_line,
     list_run_keys,
+    private_dirs,
     read_json,
     read_lines,
 )
@@ -177,3 +178,20 @@ def test_a_journal_is_private_and_never_written_through_a_symlink(tmp_path: Path
     text = fresh.parent / "policy.yaml"
     atomic_write_text(text, "version: 1\n")
     assert stat.S_IMODE(text.stat().st_mode) == 0o600 and text.read_text() == "version: 1\n"
+
+
+def test_run_directories_of_an_earlier_lrctl_are_made_private_not_refused(
+        tmp_path: Path) -> None:
+    """A review's find: run directories an earlier lrctl made with the umask's mode
+    (0775 under umask 002) were refused as writable by others, so no run held across
+    the upgrade could be restored or resumed. Inside the private state directory they
+    are made 0700 instead."""
+    run_dir = tmp_path / "state" / "runs" / "old-run"
+    (run_dir / "policies").mkdir(parents=True)
+    for d in (run_dir, run_dir / "policies"):
+        d.chmod(0o775)
+    writer = StreamWriter(run_dir / "decisions.jsonl", fsync=False)
+    writer.close()
+    private_dirs(run_dir / "policies")
+    for d in (run_dir, run_dir / "policies"):
+        assert stat.S_IMODE(d.stat().st_mode) == 0o700
