@@ -45,18 +45,22 @@ class LinkSide:
     _warned: set[str]
 
     def _check_default_store(self, mlflow: dict[str, str | None]) -> None:
-        """MLflow's default store is ``./mlflow.db`` of this script: say at once when
-        it cannot be made (a read-only working directory), not only in ``lrctl status``."""
-        cwd = os.getcwd()
-        if (mlflow.get("tracking_uri") is None and not os.access(cwd, os.W_OK)
-                and not os.path.exists(os.path.join(cwd, "mlflow.db"))
-                and not os.path.isdir(os.path.join(cwd, "mlruns"))):
-            self._warn("mlflow-store", f"lrctl: MLflow's default store would be "
-                                       f"{os.path.join(cwd, 'mlflow.db')}, but {cwd} is not "
-                                       "writable: decisions stay in lrctl's journal (lrctl "
-                                       "decisions RUN) but cannot reach MLflow; set "
-                                       "MLFLOW_TRACKING_URI (e.g. sqlite:////somewhere/"
-                                       "writable/mlflow.db)")
+        """A local sqlite store (MLflow's default is ``./mlflow.db`` of this script) that
+        cannot be made, its directory read-only: said at once, not only in ``lrctl
+        status``."""
+        uri = mlflow.get("tracking_uri") or "sqlite:///mlflow.db"
+        if not uri.startswith("sqlite:///"):
+            return
+        store = os.path.abspath(uri[len("sqlite:///"):].split("?", 1)[0])
+        where = os.path.dirname(store)
+        if (os.path.isdir(where) and not os.access(where, os.W_OK)
+                and not os.path.exists(store)
+                and not os.path.isdir(os.path.join(where, "mlruns"))):
+            self._warn("mlflow-store", f"lrctl: the MLflow store would be {store}, but "
+                                       f"{where} is not writable: decisions stay in lrctl's "
+                                       "journal (lrctl decisions RUN) but cannot reach "
+                                       "MLflow; set MLFLOW_TRACKING_URI (e.g. "
+                                       "sqlite:////somewhere/writable/mlflow.db)")
 
     def _connect(self, policy: Any, run_name: str | None, address: str | None, spawn: bool,
                  token: str | None, spawn_timeout: float, max_backoff: float) -> None:

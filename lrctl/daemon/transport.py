@@ -126,6 +126,8 @@ class Transport(Writing, PacedReading):
         self._dispatch(conn, messages)
         if conn.dead:
             self._hung_up(conn)
+        elif conn.closing and not conn.backlog and conn.sock.fileno() >= 0:
+            self._close_after(conn)  # its end came while these waited (see _close_after)
 
     def _dispatch(self, conn: Conn, messages: list[dict[str, Any]]) -> None:
         """Handle at most ``Limits.max_messages_per_wake`` of ``conn``'s messages now; the
@@ -161,7 +163,7 @@ class Transport(Writing, PacedReading):
     def housekeeping(self, now: float) -> None:
         """Close peers that outstayed their welcome (see admission) or their linger."""
         self.admission.housekeeping(now)
-        for conn in [c for c in self._conns if c.closing and not c.pending
+        for conn in [c for c in self._conns if c.closing and not c.pending and not c.backlog
                      and now - c.closing > self.limits.linger_s]:
             self.close_conn(conn)
 

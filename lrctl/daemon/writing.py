@@ -146,6 +146,11 @@ class Writing:
             return
         if frame:
             conn.out += frame
+        if conn.failed:  # told to go: nothing more it sent is handled
+            conn.backlog = []
+            self._backlogged.pop(conn, None)
+        elif conn.backlog:  # what it sent before its end is handled first: then this again
+            return
         if not conn.out and not conn.held:
             self.close_conn(conn)
             return

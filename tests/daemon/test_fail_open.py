@@ -191,6 +191,12 @@ def test_a_read_only_working_directory_is_said_at_attach(
     with pytest.warns(RuntimeWarning, match=r"not writable.*set MLFLOW_TRACKING_URI"):
         ctl = lrctl.attach(opt, policy=POLICIES / "divergence.yaml", spawn=False)
     ctl.close()
+    import mlflow  # a script that uses mlflow: the hook asks it for the URI (the same store)
+
+    assert mlflow.get_tracking_uri().startswith("sqlite:")
+    with pytest.warns(RuntimeWarning, match=r"not writable.*set MLFLOW_TRACKING_URI"):
+        ctl = lrctl.attach(opt, policy=POLICIES / "divergence.yaml", spawn=False)
+    ctl.close()
     (tmp_path / "ro").chmod(0o700)
 
 

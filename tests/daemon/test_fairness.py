@@ -5,6 +5,7 @@ per wake-up, serves the other peers, then goes on with the rest (issue #18: 2 00
 
 from __future__ import annotations
 
+import socket
 import threading
 import time
 from pathlib import Path
@@ -145,3 +146,30 @@ def test_what_a_hung_up_peer_sent_is_applied_whole_at_shutdown(tmp_path: Path) -
         assert flood_begun.wait(60)
         srv.stop()  # while most of it still waits in shares
     assert handled == ["status"] * 60 + ["bye"]
+
+
+def test_a_peer_that_ends_its_input_gets_every_answer_though_it_takes_shares(
+        tmp_path: Path) -> None:
+    """Found by the fuzz test once shares were timed: a peer that sent its hello, many
+    messages and then the end of its input (``shutdown(SHUT_WR)``) had the messages
+    left for later shares dropped when its end closed the connection (80 of 99
+    answered). They are handled first now, then it closes."""
+    limits = Limits(max_messages_per_wake=100_000, max_wake_share_s=0.005)
+    with serving(str(tmp_path / "c.sock"), StateStore(tmp_path / "state"),
+                 limits=limits) as (srv, path):
+        handle = srv.handle
+
+        def costly(conn: Any, msg: dict[str, Any]) -> None:
+            until = time.perf_counter() + COST_S
+            while time.perf_counter() < until:
+                pass
+            handle(conn, msg)
+        srv.handle = costly  # type: ignore[method-assign]
+
+        peer = Client(path)
+        peer.send(encode({"t": "hello", "run": "ends", "run_name": "ends", "lrs": [0.1],
+                          "groups": 1, "policy": {"text": POLICY, "source": "<test>"}},
+                         MAX_HELLO) + encode({"t": "status"}) * 60)
+        peer.sock.shutdown(socket.SHUT_WR)
+        answers = [peer.answer()["t"] for _ in range(61)]
+        assert answers == ["welcome"] + ["status"] * 60
