@@ -19,6 +19,7 @@ owner can end a child that reads nothing (see
 
 from __future__ import annotations
 
+import contextlib
 import json
 import threading
 import time
@@ -111,11 +112,12 @@ class Outbox:
                 pipe, batch = self._pipe, self._queue
                 self._queue = []
                 self._writing_since = time.monotonic()
+            # The child gone (OSError, or ValueError on a closed pipe): the next one is
+            # told every run.
             try:
-                if pipe is not None:
-                    pipe.write(b"".join(_line(msg) for msg in batch))
-                    pipe.flush()
-            except (OSError, ValueError):
-                pass  # the child is gone: the next one is told every run
+                with contextlib.suppress(OSError, ValueError):
+                    if pipe is not None:
+                        pipe.write(b"".join(_line(msg) for msg in batch))
+                        pipe.flush()
             finally:
                 self._writing_since = None

@@ -21,16 +21,25 @@ POLICY = "version: 1\npolicies:\n  - kind: divergence\n"
 FLOOD = 2000
 
 
+def _hello(run: str) -> bytes:
+    return encode({"t": "hello", "run": run, "run_name": run, "lrs": [0.1], "groups": 1,
+                   "policy": {"text": POLICY, "source": "<test>"}}, MAX_HELLO)
+
+
+def _hooked(path: str, run: str) -> Client:
+    """A client that said hello and was welcomed."""
+    hook = Client(path)
+    hook.send(_hello(run))
+    assert hook.answer()["t"] == "welcome"
+    return hook
+
+
 def test_a_flood_of_requests_is_served_in_shares_with_other_peers_in_between(
         tmp_path: Path) -> None:
     limits = Limits(max_messages_per_wake=64)
     with serving(str(tmp_path / "c.sock"), StateStore(tmp_path / "state"),
                  limits=limits) as (srv, path):
-        hook = Client(path)
-        hook.send(encode({"t": "hello", "run": "ref", "run_name": "ref", "lrs": [0.1],
-                          "groups": 1, "policy": {"text": POLICY, "source": "<test>"}},
-                         MAX_HELLO))
-        assert hook.answer()["t"] == "welcome"
+        hook = _hooked(path, "ref")
         handled: list[tuple[str, str]] = []
         handle = srv.handle
 
@@ -65,11 +74,7 @@ def _costly_flood(tmp_path: Path, hang_up: bool) -> tuple[list[str], int]:
     limits = Limits(max_messages_per_wake=100_000, max_wake_share_s=0.005)
     with serving(str(tmp_path / "c.sock"), StateStore(tmp_path / "state"),
                  limits=limits) as (srv, path):
-        hook = Client(path)
-        hook.send(encode({"t": "hello", "run": "ref", "run_name": "ref", "lrs": [0.1],
-                          "groups": 1, "policy": {"text": POLICY, "source": "<test>"}},
-                         MAX_HELLO))
-        assert hook.answer()["t"] == "welcome"
+        hook = _hooked(path, "ref")
         handled: list[str] = []
         all_handled = threading.Event()
         flood_begun = threading.Event()
@@ -167,9 +172,7 @@ def test_a_peer_that_ends_its_input_gets_every_answer_though_it_takes_shares(
         srv.handle = costly  # type: ignore[method-assign]
 
         peer = Client(path)
-        peer.send(encode({"t": "hello", "run": "ends", "run_name": "ends", "lrs": [0.1],
-                          "groups": 1, "policy": {"text": POLICY, "source": "<test>"}},
-                         MAX_HELLO) + encode({"t": "status"}) * 60)
+        peer.send(_hello("ends") + encode({"t": "status"}) * 60)
         peer.sock.shutdown(socket.SHUT_WR)
         answers = [peer.answer()["t"] for _ in range(61)]
         assert answers == ["welcome"] + ["status"] * 60

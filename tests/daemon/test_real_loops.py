@@ -80,6 +80,22 @@ def _loop(ctl: lrctl.Controller | None, optimizer: torch.optim.Optimizer,
             scheduler.step()
 
 
+def _decaying(it: int) -> float:
+    return 1.0 / (1 + 0.1 * it)
+
+
+def _lambda_lrs(lam: Any, lr: float = 0.05) -> list[float]:
+    """The LR of each of STEPS steps under torch's LambdaLR alone: the reference."""
+    reference = torch.optim.SGD(_model().parameters(), lr=lr)
+    ref_sched = torch.optim.lr_scheduler.LambdaLR(reference, lam)
+    lrs = []
+    for _ in range(STEPS):
+        lrs.append(reference.param_groups[0]["lr"])
+        reference.step()
+        ref_sched.step()
+    return lrs
+
+
 def test_loop_mode_scales_the_loops_own_cosine(controller: ControllerProc) -> None:
     model = _model()
     optimizer = torch.optim.SGD(model.parameters(), lr=_cosine(0))
@@ -113,17 +129,9 @@ def test_runs_shows_the_loops_lr_scaled_under_base_loop(controller: ControllerPr
 def test_loop_mode_keeps_a_torch_scheduler_exact(controller: ControllerProc) -> None:
     """LambdaLR and a chainable StepLR keep computing from their own LRs: lrctl's multiplier
     applies only inside the optimizer step."""
-    def lam(it: int) -> float:
-        return 1.0 / (1 + 0.1 * it)
-
+    lam = _decaying
     model = _model()
-    reference = torch.optim.SGD(_model().parameters(), lr=0.05)
-    ref_sched = torch.optim.lr_scheduler.LambdaLR(reference, lam)
-    ref_lrs = []
-    for _ in range(STEPS):
-        ref_lrs.append(reference.param_groups[0]["lr"])
-        reference.step()
-        ref_sched.step()
+    ref_lrs = _lambda_lrs(lam)
 
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lam)
@@ -153,16 +161,8 @@ def test_a_scheduler_created_after_attach_wraps_the_guarded_step(
     wraps ``optimizer.step.__func__``, so the guard must be a bound method; its wrapper
     then calls through the guard, which still skips the NaN step. A newcomer found that
     this order crashed in ``LRScheduler.__init__``."""
-    def lam(it: int) -> float:
-        return 1.0 / (1 + 0.1 * it)
-
-    reference = torch.optim.SGD(_model().parameters(), lr=0.05)
-    ref_sched = torch.optim.lr_scheduler.LambdaLR(reference, lam)
-    ref_lrs = []
-    for _ in range(STEPS):
-        ref_lrs.append(reference.param_groups[0]["lr"])
-        reference.step()
-        ref_sched.step()
+    lam = _decaying
+    ref_lrs = _lambda_lrs(lam)
 
     model = _model()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
