@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 from daemon_helpers import Client, serving
 
-from lrctl.daemon import Server
+from lrctl.daemon import Limits, Server
 from lrctl.daemon.store import StateStore
 from lrctl.protocol import MAX_HELLO, encode, encode_obs
 from lrctl.sinks import AuditSettings, AuditSink
@@ -62,7 +62,12 @@ def controller() -> Iterator[tuple[Server, FsyncProbe, Path, str]]:
     probe = FsyncProbe()
     sink = AuditSink(root / "state", AuditSettings(mlflow=False), fsync_fd=probe)
     try:
-        with serving(str(root / "c.sock"), StateStore(root / "state"), sink) as (srv, path):
+        # A burst is one wake-up, however slow the machine: a peer's share of a wake-up
+        # (Limits.max_wake_share_s, which splits a costly burst; tests/daemon/
+        # test_fairness.py) is not what these tests are about.
+        limits = Limits(max_wake_share_s=60.0)
+        with serving(str(root / "c.sock"), StateStore(root / "state"), sink,
+                     limits=limits) as (srv, path):
             try:
                 yield srv, probe, root / "state", path
             finally:
