@@ -41,6 +41,11 @@ class Limits:
     # session) cannot stall others.
     max_messages_per_wake: int = 256
     max_wake_share_s: float = 0.005
+    # ... and with many peers busy at once, the wake-up's time is split among them (each
+    # still gets at least min_wake_share_s): so many peers, one user's or several, cannot
+    # keep a hook's answer waiting for a wake-up of seconds either.
+    wake_busy_s: float = 0.02
+    min_wake_share_s: float = 0.0002
     # -- hellos (see handshake.py) --------------------------------------------------------
     hello_budget_s: float = 2.0  # a hello's policy must parse (off the loop) within this
     max_pending_hellos: int = 1024  # hellos waiting for their policy to parse (or refused)

@@ -18,6 +18,7 @@ from types import MappingProxyType
 from typing import Any
 
 from ..policy import ObservationError
+from ..policy._inputs import check_metrics
 from ..wire.errors import ProtocolError
 from ..wire.frames import MAX_HELLO
 from ..wire.messages import encode_lr, float_in, get_int, prior_steps
@@ -99,6 +100,8 @@ class Observing:
             base = msg.get("b")
             if base is not None:  # base="loop": the loop's own LRs, scaled by lrctl's
                 base = session.loop_base = _base_lrs(base, len(session.engine.initial_lrs))
+            if metrics and prior:  # the frame is refused whole, before its held steps move
+                metrics = check_metrics(metrics)  # the LRs (their decisions would be lost)
             held = self._observe_held(key, session, prior, used) if prior else None
             result = session.observe(step, loss, grad, metrics, metrics_step)
             if held is not None:

@@ -73,6 +73,7 @@ class Transport(Writing, PacedReading):
         self.nremote = 0
         self._conns: dict[Conn, None] = {}
         self._backlogged: dict[Conn, None] = {}  # peers with messages for the next wake-up
+        self._share = self.limits.max_wake_share_s  # a busy peer's, this wake-up (see serve)
         self.rlog = RateLog(log)
         self._reading: Conn | None = None  # the connection whose batch is being handled
         self._holding = False
@@ -98,6 +99,12 @@ class Transport(Writing, PacedReading):
         """Accept, read and write what :meth:`select` found ready; then the next share of
         what peers sent before this wake-up and is still waiting (see :meth:`_dispatch`)."""
         carried = list(self._backlogged)
+        # Each busy peer's share of this wake-up (see Limits.wake_busy_s).
+        busy = len(ready) + len(carried)
+        limits = self.limits
+        self._share = (limits.max_wake_share_s if busy <= 1 else
+                       max(limits.min_wake_share_s,
+                           min(limits.max_wake_share_s, limits.wake_busy_s / busy)))
         for key, mask in ready:
             kind, arg = key.data
             if kind == "listen":
@@ -245,18 +252,17 @@ class Transport(Writing, PacedReading):
         rest are still applied (a hook that hung up right after sending is gone when we
         answer: what it sent before is applied, and checkpointed when it is closed)."""
         previous, self._reading = self._reading, conn  # an operator's push may land here
-        until = 0.0  # the end of this peer's share of the wake-up (set at a second message)
+        # The end of this peer's share of the wake-up: its first message is always handled,
+        # the others while the share lasts (the clock is read only when there are others).
+        until = time.monotonic() + self._share if len(messages) > 1 else 0.0
         try:
             i = 0
             while i < len(messages):
                 msg = messages[i]
-                if i:
-                    now = time.monotonic()
-                    until = until or now + self.limits.max_wake_share_s
-                    if now > until:  # its share is spent: the rest wait for the next wake-up
-                        conn.backlog[:0] = messages[i:]
-                        self._backlogged[conn] = None
-                        return
+                if i and time.monotonic() > until:  # spent: the rest wait for the next wake-up
+                    conn.backlog[:0] = messages[i:]
+                    self._backlogged[conn] = None
+                    return
                 i += 1
                 if conn.sock.fileno() < 0 or conn.failed:
                     return

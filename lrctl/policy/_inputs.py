@@ -15,8 +15,8 @@ from typing import Any
 
 from ._base import Observation
 
-__all__ = ["ObservationError", "check_lrs", "check_observation", "check_total_steps",
-           "make_observation", "unique_names"]
+__all__ = ["ObservationError", "check_lrs", "check_metrics", "check_observation",
+           "check_total_steps", "make_observation", "unique_names"]
 
 MAX_METRICS = 64
 _RESERVED = frozenset({"step", "loss", "grad_norm"})
@@ -41,7 +41,7 @@ def check_observation(step: Any, loss: Any, grad_norm: Any, metrics: Mapping[str
         raise ObservationError(f"step must be a non-negative integer, but got {step!r}")
     if last_step is not None and step <= last_step:
         raise ObservationError(f"steps must increase: got step {step} after step {last_step}")
-    checked = _checked_metrics(metrics) if metrics else NO_METRICS  # checked before the stats
+    checked = check_metrics(metrics) if metrics else NO_METRICS  # checked before the stats
     if loss is not None and type(loss) is not float:
         loss = _number("loss", loss)
     if grad_norm is not None and type(grad_norm) is not float:
@@ -56,7 +56,9 @@ def make_observation(step: Any, loss: Any, grad_norm: Any, metrics: Mapping[str,
     return Observation(step, loss, grad_norm, checked, tuple(lrs))
 
 
-def _checked_metrics(metrics: Mapping[str, Any]) -> dict[str, float]:
+def check_metrics(metrics: Mapping[str, Any]) -> dict[str, float]:
+    """The named metrics of an observation, checked (count, names, numbers); else
+    ``ObservationError``."""
     if len(metrics) > MAX_METRICS:
         raise ObservationError(f"at most {MAX_METRICS} metrics per observation")
     clean = {}

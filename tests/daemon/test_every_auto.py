@@ -234,3 +234,29 @@ def test_a_nan_on_a_quiet_step_is_skipped_and_reported_at_once(
     assert 21 in sent  # not held: reported the step it happened
     assert all(torch.isfinite(p).all() for p in model.parameters())
     assert any(d.step == 21 and d.action == "skip" for d in ctl.decisions)
+
+
+def test_a_refused_batched_frame_moves_nothing(controller: ControllerProc) -> None:
+    """An adversarial pass: a batched frame whose own metrics were refused (a bad name,
+    more than 64) had its held steps applied first, so the LR moved and the decisions
+    of those steps were neither journaled nor answered (23 halvings, 3 decisions
+    recorded). Now the frame is refused whole: the same steps, sent again with good
+    metrics, are applied then, with their decisions."""
+    from daemon_helpers import Client
+
+    from lrctl.wire.frames import MAX_HELLO, encode
+
+    guard = ("version: 1\npolicies:\n  - kind: divergence\n    factor: 0.5\n"
+             "    min_samples: 8\n")
+    c = Client(controller.socket)
+    c.send(encode({"t": "hello", "run": "refused", "run_name": "refused", "lrs": [0.1],
+                   "groups": 1, "policy": {"text": guard, "source": "<test>"}}, MAX_HELLO))
+    assert c.answer()["t"] == "welcome"
+    c.send(encode_obs(10, 0.5, None, {"1bad": 1.0}, prior=[0.7, float("nan")]))
+    reply = c.answer()
+    assert reply["t"] == "error" and reply["code"] == "bad_observation", reply
+    c.send(encode_obs(10, 0.5, None, {"val": 1.0}, prior=[0.7, float("nan")]))
+    reply = c.answer()
+    assert reply["t"] == "lr" and reply["lrs"] == [0.05], reply  # the NaN's back-off
+    assert [(d["step"], d["action"]) for d in reply["d"]] == [(9, "skip"), (9, "backoff")]
+    c.sock.close()

@@ -5,6 +5,7 @@ per wake-up, serves the other peers, then goes on with the rest (issue #18: 2 00
 
 from __future__ import annotations
 
+import itertools
 import socket
 import threading
 import time
@@ -176,3 +177,60 @@ def test_a_peer_that_ends_its_input_gets_every_answer_though_it_takes_shares(
         peer.sock.shutdown(socket.SHUT_WR)
         answers = [peer.answer()["t"] for _ in range(61)]
         assert answers == ["welcome"] + ["status"] * 60
+
+
+def test_many_busy_peers_split_the_wake_up_between_them(tmp_path: Path) -> None:
+    """An adversarial pass: each busy peer got 5 ms of every wake-up, so 250 of them (one
+    user's connections) made a wake-up last over a second, and an honest hook's answer
+    came after its 1 s timeout. The wake-up's time is now split among the busy peers
+    (Limits.wake_busy_s, at least min_wake_share_s each)."""
+    peers = 20
+    limits = Limits(max_messages_per_wake=100_000)
+    handled: list[int] = []  # the connection of each message handled, in order
+    with serving(str(tmp_path / "c.sock"), StateStore(tmp_path / "state"),
+                 limits=limits) as (srv, path):
+        hook = _hooked(path, "ref")
+        floods = []
+        for _ in range(peers):  # connected (and accepted) before any is busy
+            flood = Client(path)
+            flood.send(encode({"t": "status"}))
+            assert flood.answer()["t"] == "status"
+            floods.append(flood)
+        all_busy = threading.Event()
+        busy: set[int] = set()
+        handle = srv.handle
+
+        def costly(conn: Any, msg: dict[str, Any]) -> None:
+            if conn.label != "ref":
+                until = time.perf_counter() + 0.0005
+                while time.perf_counter() < until:
+                    pass
+                busy.add(id(conn))
+                if len(busy) == peers:
+                    all_busy.set()
+            handled.append(id(conn))
+            handle(conn, msg)
+        srv.handle = costly  # type: ignore[method-assign]
+
+        for flood in floods:
+            flood.send(encode({"t": "status"}) * 200)
+        assert all_busy.wait(60)  # every peer is busy
+        ref = next(id(c) for c in srv.transport.connections() if c.label == "ref")
+        before = len(handled)
+        hook.send(encode_obs(0, 1.0, 1.0))
+        assert hook.answer()["t"] == "lr"
+        at = handled.index(ref)
+    assert at >= before
+    # Once all are busy, each peer's turn (its messages in a row) is its share of a
+    # wake-up split 21 ways, about 1 ms: two or three of these 0.5 ms messages (at 5 ms
+    # a peer, ten in a row, and a wake-up of 200).
+    turns, run = [], 1
+    for a, b in itertools.pairwise(handled[before:]):
+        if a == b:
+            run += 1
+        else:
+            turns.append(run)
+            run = 1
+    assert turns and max(turns) <= 4, turns
+    for flood in floods:
+        flood.sock.close()
