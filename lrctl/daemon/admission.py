@@ -248,8 +248,10 @@ class Admission:
     def housekeeping(self, now: float) -> None:
         """Close quiet peers without a run; bind the socket file again if it was removed."""
         limit = self.limits.quiet_timeout_s
+        # (A peer whose messages wait for their share is not quiet: it is not read meanwhile.)
         for conn in [c for c in self.transport.connections()
-                     if c.run is None and not c.pending and now - c.heard > limit]:
+                     if c.run is None and not c.pending and not c.backlog
+                     and now - c.heard > limit]:
             self.rlog.log(logging.WARNING, "quiet", "closing %s: no %s within %g s",
                           conn.name, "hello" if conn.authed else "token", limit)
             self.transport.close_conn(conn, save=False)

@@ -234,3 +234,25 @@ def test_many_busy_peers_split_the_wake_up_between_them(tmp_path: Path) -> None:
     assert turns and max(turns) <= 4, turns
     for flood in floods:
         flood.sock.close()
+
+
+def test_a_peer_whose_messages_wait_for_their_share_is_not_quiet(tmp_path: Path) -> None:
+    """An adversarial pass: an operator peer whose backlog never emptied was not read,
+    so it was closed as 'no hello within 10 s' with its replies unsent."""
+    limits = Limits(max_messages_per_wake=100_000, quiet_timeout_s=0.3,
+                    housekeeping_interval=0.05)
+    with serving(str(tmp_path / "c.sock"), StateStore(tmp_path / "state"),
+                 limits=limits) as (srv, path):
+        handle = srv.handle
+
+        def costly(conn: Any, msg: dict[str, Any]) -> None:
+            until = time.perf_counter() + COST_S
+            while time.perf_counter() < until:
+                pass
+            handle(conn, msg)
+        srv.handle = costly  # type: ignore[method-assign]
+
+        peer = Client(path)
+        peer.send(encode({"t": "status"}) * 400)  # 0.8 s of work, in shares
+        answers = [peer.answer()["t"] for _ in range(400)]
+        assert answers == ["status"] * 400
