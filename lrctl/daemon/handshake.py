@@ -149,6 +149,9 @@ class Handshakes:
             srv.checkpoints.save(key)
         session.sync = hello.sync  # which LRs the optimizer used at a step (see _obs)
         session.set_snapshots(hello.snapshots)  # the hook can roll back (or no longer)
+        # A loop resumed past the run's last observed step (those steps never reached
+        # it): the welcome's LRs are its first step's, as for a new run's start_step.
+        session.engine.start_at(hello.start_step)
         if _follow_mlflow(session, hello):  # a live session rejoined by a resumed job
             srv.open_records(session)
             srv.checkpoints.save(key)

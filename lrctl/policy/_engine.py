@@ -353,8 +353,12 @@ class Engine(EngineState, OperatorVerbs, LRArbiter, Snapshotting):
 
     def start_at(self, step: int) -> None:
         """A run whose loop numbers its first step ``step`` (the HF Trainer's first is 1):
-        the LRs before any observation are those for that step. No-op once observed."""
-        if self.last_step is None and step > 0:
+        the LRs before any observation are those for that step. Also a run resumed past
+        its last observed step (the steps between never reached the engine: a controller
+        killed before its checkpoint): its schedules are at ``step``, not at the step
+        after the last observed. No-op otherwise."""
+        last = self.last_step
+        if (last is None and step > 0) or (last is not None and step > last + 1):
             self._lrs = tuple(self._compute(step))
 
     def _make_observation(self, step: Any, loss: Any, grad_norm: Any,

@@ -142,3 +142,28 @@ def test_state_dict_after_close_says_to_call_it_while_attached(
         state = ctl.state_dict()
     assert not any("without a controller" in str(w.message) for w in seen)
     assert state["run_key"] == ctl.run_key and state["step"] == 5
+
+
+def test_a_resume_past_the_controllers_last_step_starts_at_its_schedules_step(
+        controller: ControllerProc) -> None:
+    """A newcomer's find: the controller had the run up to step 9 (killed before its
+    next checkpoint, say), the loop resumed at step 100, and step 100 trained at the
+    warmup's LR of step 10 (100x too low in one run). The first resumed step's LRs are
+    now those of its own step."""
+    warmup = {"version": 1, "policies": [{"kind": "warmup", "steps": 200}]}
+    reference = lrctl.load_policy(warmup, [0.1])
+    reference.start_at(100)
+    ctl = lrctl.attach(_opt(), policy=warmup, sync=True, spawn=False)
+    for _ in range(10):
+        ctl.step(1.0, grad_norm=1.0)
+    key = ctl.run_key
+    ctl.close(end_run=False)
+    opt = _opt()
+    with lrctl.attach(opt, policy=warmup, spawn=False, resume=key, start_step=100,
+                      timeout=30.0) as again:  # async: step 100 uses the welcome's LRs
+        assert again.lr == reference.applied_lrs  # the LR the optimizer uses at step 100
+        used = []
+        opt.register_step_pre_hook(lambda o, *_: used.append(o.param_groups[0]["lr"]))
+        again.step(1.0, grad_norm=1.0)
+        opt.step()
+    assert used == [pytest.approx(reference.applied_lrs[0])]
