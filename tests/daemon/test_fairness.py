@@ -68,6 +68,23 @@ COSTLY = 200
 COST_S = 0.002
 
 
+def _spin(seconds: float) -> None:
+    """Keep the loop busy for ``seconds`` (a message that costs that much to handle)."""
+    until = time.perf_counter() + seconds
+    while time.perf_counter() < until:
+        pass
+
+
+def _slow_down(srv: Any, cost: float = COST_S) -> None:
+    """Every message ``srv`` handles costs its loop ``cost`` seconds more."""
+    handle = srv.handle
+
+    def costly(conn: Any, msg: dict[str, Any]) -> None:
+        _spin(cost)
+        handle(conn, msg)
+    srv.handle = costly
+
+
 def _costly_flood(tmp_path: Path, hang_up: bool) -> tuple[list[str], int]:
     """A peer whose messages each cost the loop COST_S (as batched observations under a
     costly policy, or snapshots of a large session, would) sends COSTLY of them at once;
@@ -83,9 +100,7 @@ def _costly_flood(tmp_path: Path, hang_up: bool) -> tuple[list[str], int]:
 
         def costly(conn: Any, msg: dict[str, Any]) -> None:
             if conn.label != "ref":
-                until = time.perf_counter() + COST_S
-                while time.perf_counter() < until:
-                    pass
+                _spin(COST_S)
                 flood_begun.set()
             handled.append(conn.label)
             handle(conn, msg)
@@ -137,9 +152,7 @@ def test_what_a_hung_up_peer_sent_is_applied_whole_at_shutdown(tmp_path: Path) -
         handle = srv.handle
 
         def costly(conn: Any, msg: dict[str, Any]) -> None:
-            until = time.perf_counter() + COST_S
-            while time.perf_counter() < until:
-                pass
+            _spin(COST_S)
             handled.append(msg["t"])
             flood_begun.set()
             handle(conn, msg)
@@ -163,14 +176,7 @@ def test_a_peer_that_ends_its_input_gets_every_answer_though_it_takes_shares(
     limits = Limits(max_messages_per_wake=100_000, max_wake_share_s=0.005)
     with serving(str(tmp_path / "c.sock"), StateStore(tmp_path / "state"),
                  limits=limits) as (srv, path):
-        handle = srv.handle
-
-        def costly(conn: Any, msg: dict[str, Any]) -> None:
-            until = time.perf_counter() + COST_S
-            while time.perf_counter() < until:
-                pass
-            handle(conn, msg)
-        srv.handle = costly  # type: ignore[method-assign]
+        _slow_down(srv)
 
         peer = Client(path)
         peer.send(_hello("ends") + encode({"t": "status"}) * 60)
@@ -202,9 +208,7 @@ def test_many_busy_peers_split_the_wake_up_between_them(tmp_path: Path) -> None:
 
         def costly(conn: Any, msg: dict[str, Any]) -> None:
             if conn.label != "ref":
-                until = time.perf_counter() + 0.0005
-                while time.perf_counter() < until:
-                    pass
+                _spin(0.0005)
                 busy.add(id(conn))
                 if len(busy) == peers:
                     all_busy.set()
@@ -243,14 +247,7 @@ def test_a_peer_whose_messages_wait_for_their_share_is_not_quiet(tmp_path: Path)
                     housekeeping_interval=0.05)
     with serving(str(tmp_path / "c.sock"), StateStore(tmp_path / "state"),
                  limits=limits) as (srv, path):
-        handle = srv.handle
-
-        def costly(conn: Any, msg: dict[str, Any]) -> None:
-            until = time.perf_counter() + COST_S
-            while time.perf_counter() < until:
-                pass
-            handle(conn, msg)
-        srv.handle = costly  # type: ignore[method-assign]
+        _slow_down(srv)
 
         peer = Client(path)
         peer.send(encode({"t": "status"}) * 400)  # 0.8 s of work, in shares
