@@ -178,6 +178,7 @@ class LinkSide:
                 _spawn.served(self._link.address)
             version = msg.get("version")
             self._controller_version = version if isinstance(version, str) else None
+            self._adopt_initial(msg.get("initial_lrs"))
             self._take_lrs(msg, None)
             if self._resume is not None and msg.get("restored") is False:
                 self._warn("not-restored", f"lrctl: the controller has no state for run "
@@ -256,6 +257,17 @@ class LinkSide:
         mode = msg.get("mode")
         if isinstance(mode, str):
             self.mode = mode
+
+    def _adopt_initial(self, initial: Any) -> None:
+        """The run's initial LRs, as the welcome gives them: a resume by run key after
+        ``optimizer.load_state_dict()`` attached with the checkpoint's LRs as its own, and
+        the multipliers (``base="loop"``) and ``state_dict()`` go by the run's."""
+        if not isinstance(initial, list) or len(initial) != len(self._initial):
+            return
+        values = [float_in(v, "initial_lrs") for v in initial]
+        if values != self._initial and all(math.isfinite(v) and v >= 0 for v in values):
+            self._initial = values
+            self._writer.initial = list(values)
 
     def _token(self) -> str | None:
         """The run's resume token, as the latest welcome gave it."""

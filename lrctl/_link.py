@@ -328,6 +328,9 @@ class Link:
         token = msg.get("resume_token")
         if isinstance(token, str):
             self.hello["resume_token"] = token
+        initial = msg.get("initial_lrs")
+        if isinstance(initial, list) and len(initial) == len(self.hello["lrs"]):
+            self.hello["lrs"] = list(initial)  # the run's (see LinkSide._adopt_initial)
         if self.welcomed and not msg.get("restored"):
             self.warn("lost_state", "lrctl: the controller had no saved state for this run; "
                                     "its policies start over from the observations the hook "

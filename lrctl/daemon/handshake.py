@@ -136,11 +136,20 @@ class Handshakes:
         """``conn``'s hook joins ``session``: checked, registered, welcomed."""
         srv = self.server
         key = hello.run
-        if list(session.engine.initial_lrs) != hello.lrs or text_sha256(
-                hello.policy_text) not in (session.hello_sha256, session.info.policy_sha256):
+        if text_sha256(hello.policy_text) not in (session.hello_sha256,
+                                                  session.info.policy_sha256):
             # After a live reload the hook still sends the text it started with.
-            raise Refused(f"run {key} exists with a different policy or initial LRs",
-                          "run_conflict")
+            raise Refused(f"run {key} exists with a different policy", "run_conflict")
+        initial = list(session.engine.initial_lrs)
+        if len(initial) != len(hello.lrs):
+            raise Refused(f"run {key} has {len(initial)} param group(s), this optimizer "
+                          f"{len(hello.lrs)}", "run_conflict")
+        if initial != hello.lrs:
+            # attach(resume=run_key) after optimizer.load_state_dict(): the groups hold the
+            # checkpoint's LRs, not the run's initial ones. The run's stand (the welcome
+            # tells the hook), so its schedules and multipliers go on from where they were.
+            log.info("run %s rejoined with LRs %s in its optimizer; its initial LRs %s "
+                     "stand", key, hello.lrs, initial)
         if hello.total_steps is not None and hello.total_steps != session.total_steps:
             # A run resumed with a new length (max_steps raised): the anneal follows it.
             log.info("run %s: total_steps %s -> %d", key, session.total_steps,
@@ -174,6 +183,7 @@ class Handshakes:
         srv.transport.send(conn, {"t": "welcome", "version": __version__, "run": key,
                                   "last_step": session.last_step,
                                   "saved_step": session.saved_step, "lrs": session.lrs(),
+                                  "initial_lrs": initial,
                                   "mode": session.mode, "restored": restored,
                                   "policy_sha256": session.info.policy_sha256,
                                   "resume_token": session.resume_token})

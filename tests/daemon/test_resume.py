@@ -167,3 +167,48 @@ def test_a_resume_past_the_controllers_last_step_starts_at_its_schedules_step(
         again.step(1.0, grad_norm=1.0)
         opt.step()
     assert used == [pytest.approx(reference.applied_lrs[0])]
+
+
+@pytest.mark.parametrize("base", ["controller", "loop"])
+def test_a_resume_by_run_key_after_loading_the_optimizer_continues_the_runs_lrs(
+        controller: ControllerProc, base: str) -> None:
+    """Found by trying the plain-PyTorch resume: attach(resume=run_key) after
+    optimizer.load_state_dict() sent the checkpoint's LRs as the run's initial ones and
+    was refused (RunConflict). The run's initial LRs stand: the LRs go on exactly as an
+    uninterrupted run's, and base="loop" multiplies the loop's LR by the same factor."""
+    warmup = {"version": 1, "policies": [{"kind": "warmup", "steps": 40}]}
+    reference = lrctl.load_policy(warmup, [0.1, 0.01])
+    expected = [reference.observe(t, 1.0, 1.0) for t in range(30)]
+
+    def optimizer() -> torch.optim.Optimizer:
+        params = [torch.nn.Parameter(torch.ones(2)), torch.nn.Parameter(torch.ones(2))]
+        return torch.optim.SGD([{"params": [params[0]], "lr": 0.1},
+                                {"params": [params[1]], "lr": 0.01}])
+
+    opt = optimizer()
+    ctl = lrctl.attach(opt, policy=warmup, sync=True, spawn=False, base=base)
+    for t in range(20):
+        ctl.step(1.0, grad_norm=1.0)
+        assert ctl.lr == pytest.approx(expected[t])
+        opt.step()
+    if base == "loop":  # the loop's own schedule has moved its LRs by the checkpoint
+        for group in opt.param_groups:
+            group["lr"] *= 0.5
+    key, saved = ctl.run_key, opt.state_dict()
+    ctl.close(end_run=False)
+    again = optimizer()
+    again.load_state_dict(saved)  # its groups now hold the checkpoint's LRs
+    loaded = [g["lr"] for g in again.param_groups]
+    assert loaded[0] != 0.1
+    used: list[list[float]] = []
+    again.register_step_pre_hook(lambda o, *_: used.append([g["lr"] for g in o.param_groups]))
+    with lrctl.attach(again, policy=warmup, sync=True, spawn=False, resume=key,
+                      start_step=20, base=base) as resumed:
+        for _ in range(10):
+            resumed.step(1.0, grad_norm=1.0)
+            again.step()
+        assert resumed.state_dict()["initial_lrs"] == [0.1, 0.01]
+    # base="loop": the loop's LR (what it loaded) times the controller's LR over the run's
+    # initial LR, i.e. half the controller's here; base="controller": the controller's.
+    scale = 0.5 if base == "loop" else 1.0
+    assert used == [pytest.approx([scale * lr for lr in lrs]) for lrs in expected[20:30]]
