@@ -64,6 +64,10 @@ class Link:
         self.kind, self.addr = paths.parse_address(address)
         self.address = address
         self.hello = dict(hello)  # its resume_token follows the welcomes
+        # A resume from ctl.state_dict() sends the run's state in its hello; a reconnect
+        # sends it again (with the frames after it: a controller that lost the run gets it
+        # back exactly) only while the buffer still holds every frame after its step.
+        self._session_step: int | None = None
         self.token = token  # TCP: shown in an ``auth`` frame before the hello
         self.spin_s = SPIN_S
         self.on_message = on_message
@@ -313,6 +317,11 @@ class Link:
             if isinstance(saved, int):
                 while self.buffer and self.buffer[0][0] <= saved:
                     self.buffer.popleft()
+                if self._session_step is not None and saved > self._session_step:
+                    # Checkpointed past the resumed state: a reconnect that sent it again
+                    # would take the run back to it, without the frames in between.
+                    self.hello.pop("session", None)
+                    self._session_step = None
         elif t == "error" and msg.get("fatal"):
             if not msg.get("retry"):
                 self.fatal = msg  # no reconnecting into the same refusal
@@ -325,6 +334,9 @@ class Link:
     def _welcome(self, msg: Mapping[str, Any]) -> None:
         last = msg.get("last_step")
         last = last if isinstance(last, int) else -1
+        if "session" in self.hello:
+            saved = msg.get("saved_step")
+            self._session_step = saved if isinstance(saved, int) else last
         token = msg.get("resume_token")
         if isinstance(token, str):
             self.hello["resume_token"] = token

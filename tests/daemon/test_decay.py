@@ -7,6 +7,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
 import torch
 from daemon_helpers import ControllerProc
 
@@ -114,3 +115,48 @@ def test_the_decay_is_in_the_audit_trail(make_controller, tmp_path,  # type: ign
         table = _cli("decisions", ctl.run_key or "")
         assert table.returncode == 0, table.stderr
         assert "decay_start" in table.stdout and "started by an operator" in table.stdout
+
+
+def test_a_run_resumed_from_its_state_keeps_a_later_decay_across_a_controller_restart(
+        make_controller) -> None:  # type: ignore[no-untyped-def]
+    """An adversarial pass found it: the hook's hello kept the checkpoint's state and sent
+    it again on every reconnect, so a controller restart took the run back to the
+    checkpoint, undoing a cooldown started after the resume (the LR went back up). The
+    state goes out of the hello once the controller has checkpointed past it."""
+    controller: ControllerProc = make_controller()
+    engine = lrctl.load_policy(WSD, [LR])
+    first = lrctl.attach(_optimizer(), policy=WSD, sync=True, spawn=False, run_name="again")
+    for t in range(10):
+        first.step(1.0, grad_norm=1.0)
+        engine.observe(t, 1.0, 1.0)
+    state = first.state_dict()
+    first.close(end_run=False)
+    ctl = lrctl.attach(_optimizer(), policy=WSD, sync=True, spawn=False, resume=state,
+                       max_backoff=0.05)
+    try:
+        for t in range(10, 15):
+            ctl.step(1.0, grad_norm=1.0)
+            engine.observe(t, 1.0, 1.0)
+        out = _cli("decay", "again", "--steps", "20")  # checkpointed before the answer
+        assert out.returncode == 0, out.stderr
+        engine.command("decay", steps=20)
+        for t in range(15, 18):
+            ctl.step(1.0, grad_norm=1.0)
+            engine.observe(t, 1.0, 1.0)
+            assert ctl.lr == engine.applied_lrs
+        assert ctl.lr < [LR]
+        with pytest.warns(RuntimeWarning, match="lost the controller"):
+            controller.kill9()
+            controller.start()
+            for t in range(18, 40):
+                ctl.step(1.0, grad_norm=1.0)  # down, then reconnected and replayed
+                engine.observe(t, 1.0, 1.0)
+            while not ctl.connected:
+                ctl._link.wait(lambda: ctl.connected, 0.2)  # type: ignore[union-attr]
+                ctl._pump()
+        ctl.step(1.0, grad_norm=1.0)
+        engine.observe(40, 1.0, 1.0)
+        assert ctl.lr == engine.applied_lrs == [pytest.approx(LR * 0.1)]  # cooled down
+        assert [d.action for d in ctl.decisions].count("decay_start") == 1
+    finally:
+        ctl.close()
