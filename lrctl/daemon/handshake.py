@@ -27,7 +27,7 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from .._version import __version__
-from ..config import ConfigError
+from ..config import ConfigError, parse_text
 from ..wire.errors import ProtocolError
 from .hello import Hello, parse_hello
 from .session import Session, new_resume_token, text_sha256
@@ -130,6 +130,9 @@ class Handshakes:
             session.engine.start_at(hello.start_step)  # the welcome's LRs: its first step's
             srv.start(session)
         self._join(conn, hello, session, restored, job.takeover)
+        if job.reloaded is not None:  # the checkpoint's policy, edited since: journaled
+            log.info("run %s: %s", hello.run, job.reloaded["reason"])
+            srv.publish(session, job.reloaded, True)
 
     def _join(self, conn: Conn, hello: Hello, session: Session, restored: bool,
               takeover: bool) -> None:
@@ -227,7 +230,8 @@ class Handshakes:
         memory)."""
         hello = job.hello
         if hello.session is not None:
-            return _from_hook(hello), True
+            session, job.reloaded = _from_hook(hello)
+            return session, True
         try:
             state = None if job.ended else self.server.store.load(hello.run)
             if state is not None:
@@ -261,10 +265,12 @@ def _follow_mlflow(session: Session, hello: Hello) -> bool:
     return True
 
 
-def _from_hook(hello: Hello) -> Session:
+def _from_hook(hello: Hello) -> tuple[Session, dict[str, Any] | None]:
     """The run as the user's checkpoint left it (``ctl.state_dict()``): it replaces whatever
     the controller holds for the run, which may have seen later steps before the training
-    process died."""
+    process died. A policy edited since the checkpoint (a live edit of its file after it,
+    or a new version in the resumed script) is then reloaded as a live edit would be: the
+    reload decision is returned, to be published once the hook has joined."""
     state = hello.session
     assert state is not None
     if state.get("run") != hello.run:
@@ -275,8 +281,17 @@ def _from_hook(hello: Hello) -> Session:
     except Exception as exc:  # the peer's data: any failure refuses it, nothing else
         raise Refused(f"the saved lrctl state of run {hello.run} is not usable: "
                       f"{exc!r:.300}", "bad_state") from None
-    if list(session.engine.initial_lrs) != hello.lrs or text_sha256(
-            hello.policy_text) not in (session.hello_sha256, session.info.policy_sha256):
-        raise Refused(f"the saved state of run {hello.run} has a different policy or "
-                      "initial LRs", "run_conflict")
-    return session
+    if list(session.engine.initial_lrs) != hello.lrs:
+        raise Refused(f"the saved state of run {hello.run} has other initial LRs "
+                      f"({list(session.engine.initial_lrs)}) than this optimizer's "
+                      f"({hello.lrs})", "run_conflict")
+    if text_sha256(hello.policy_text) in (session.hello_sha256, session.info.policy_sha256):
+        return session, None
+    try:
+        policy = parse_text(hello.policy_text, hello.policy_source)
+        decision = session.reload(policy)
+    except (ConfigError, ValueError) as exc:
+        raise Refused(f"run {hello.run}: the saved state cannot take this policy: {exc}",
+                      "bad_policy") from None
+    session.hello_sha256 = policy.sha256  # the text this hook sends on its reconnects
+    return session, decision

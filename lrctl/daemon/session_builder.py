@@ -51,6 +51,9 @@ class BuildJob:
     parsed: bool = False  # its policy is parsed: what is left (opening its files) is I/O
     # The built session and whether it was restored, or why it could not be built.
     result: tuple[Session, bool] | Exception | None = None
+    # A session resumed from the hook's state under a policy edited since: the reload's
+    # decision, published once the hook has joined.
+    reloaded: dict[str, Any] | None = None
 
 
 class SessionBuilder:

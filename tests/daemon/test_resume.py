@@ -212,3 +212,29 @@ def test_a_resume_by_run_key_after_loading_the_optimizer_continues_the_runs_lrs(
     # initial LR, i.e. half the controller's here; base="controller": the controller's.
     scale = 0.5 if base == "loop" else 1.0
     assert used == [pytest.approx([scale * lr for lr in lrs]) for lrs in expected[20:30]]
+
+
+def test_a_resume_from_state_under_a_policy_edited_since_reloads_it(
+        controller: ControllerProc, tmp_path: Path) -> None:
+    """An adversarial pass found it: the policy file edited after the last checkpoint (a
+    live edit) made that checkpoint's state unusable (RunConflict at attach, the script
+    could not restart). The state is resumed and the edited version reloaded into it, as
+    a live edit would be: the policies keep their state, the reload is a decision."""
+    path = tmp_path / "plateau.yaml"
+    path.write_text("version: 1\npolicies:\n  - kind: plateau\n    factor: 0.5\n"
+                    "    patience: 20\n")
+    curve = losses(60, seed=3)
+    first = lrctl.attach(_opt(), policy=str(path), sync=True, spawn=False)
+    _step_all(first, curve, 0, 30)
+    state = first.state_dict()
+    first.close(end_run=False)
+    path.write_text(path.read_text().replace("factor: 0.5", "factor: 0.25"))
+    with lrctl.attach(_opt(), policy=str(path), sync=True, spawn=False, resume=state) as ctl:
+        _step_all(ctl, curve, 30, 32)
+        reloads = [d for d in ctl.decisions if d.action == "reload"]
+        assert len(reloads) == 1 and reloads[0].step == 29
+        assert "changed plateau" in reloads[0].reason
+        again = ctl.state_dict()
+    with lrctl.attach(_opt(), policy=str(path), sync=True, spawn=False, resume=again) as ctl:
+        _step_all(ctl, curve, 32, 34)
+        assert not [d for d in ctl.decisions if d.action == "reload"]  # the same version
