@@ -4,11 +4,12 @@ key follows. :class:`Resuming` is a mixin of :class:`~lrctl.hook.Controller`."""
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Mapping
 from typing import Any
 
-from ._torchutil import lr_value
+from ._torchutil import lr_value, to_float
 
 __all__ = ["STATE_FORMAT", "Resuming", "resume_state", "sanitize_run_name"]
 
@@ -42,9 +43,15 @@ def resume_state(resume: Any) -> dict[str, Any] | None:
     if session is not None and not isinstance(session, Mapping):
         raise ValueError("the saved lrctl state's session is not a mapping")
     token = resume.get("token")
+    metrics = resume.get("metrics") or {}
+    if not isinstance(metrics, Mapping) or not all(
+            isinstance(k, str) and isinstance(v, (int, float)) and not isinstance(v, bool)
+            and math.isfinite(v) for k, v in metrics.items()):
+        raise ValueError("the saved lrctl state's metrics are not finite numbers by name")
     return {"run_key": key, "step": step, "initial_lrs": [lr_value(v) for v in lrs],
             "session": dict(session) if session is not None else None,
-            "token": token if isinstance(token, str) else None}
+            "token": token if isinstance(token, str) else None,
+            "metrics": {k: float(v) for k, v in metrics.items()}}
 
 
 class Resuming:
@@ -62,6 +69,11 @@ class Resuming:
         """
         state: dict[str, Any] = {"format": STATE_FORMAT, "run_key": self.run_key,
                                  "step": self._step, "initial_lrs": list(self._initial)}
+        pending = {k: to_float(v) for k, v in self._metrics.items()}
+        if pending:
+            # Reported after the last step (an evaluation before this checkpoint): they go
+            # with the next step's observation, the resumed run's first if it comes to that.
+            state["metrics"] = pending
         token = self._token()
         if token is not None:
             state["token"] = token  # a resume may take the run over from a hung process
@@ -72,6 +84,11 @@ class Resuming:
             self._warn("internal", f"lrctl: could not read the run's state ({exc!r})")
         if session is not None:
             state["session"] = session
+        elif self._link is not None and self._link.connected:
+            self._warn("state-timeout", f"lrctl: state_dict() got no answer from the "
+                       f"controller within {self.timeout:g} s: it holds only the run key and "
+                       "step, and a resume from it relies on the controller's own checkpoint "
+                       "(attach(..., timeout=...) waits longer)")
         return state
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -82,7 +99,9 @@ class Resuming:
         restored param groups). The session this attach opened, still empty, ends.
         """
         saved = resume_state(state)
-        assert saved is not None
+        if saved is None:
+            raise TypeError(f"load_state_dict() takes what ctl.state_dict() returned, not "
+                            f"{type(state).__name__} (a run key: attach(..., resume=run_key))")
         if len(saved["initial_lrs"]) != len(self._initial):
             raise ValueError(f"the saved lrctl state has {len(saved['initial_lrs'])} param "
                              f"group(s), this optimizer has {len(self._initial)}")
@@ -97,6 +116,7 @@ class Resuming:
         self._writer.initial = list(self._initial)
         self._resume = saved["run_key"]
         self._saved_session = saved.get("session")
+        self._metrics = {**saved["metrics"], **self._metrics}
         self._resume_token = saved.get("token") or (
             self._token() if saved["run_key"] == self.run_key else None)
         if self._dist.rank == 0:

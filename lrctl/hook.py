@@ -167,7 +167,7 @@ class Controller(Resuming, LinkSide, Reporting, Applying):
         self._late = False  # an answer missed its step: no waiting until they catch up
         self.late_waits = 0  # waits that timed out (a slow or stopped controller)
         self._after_order = False  # the loop calls step() after optimizer.step()
-        self._metrics: dict[str, Any] = {}
+        self._metrics: dict[str, Any] = dict(saved["metrics"]) if saved is not None else {}
         self._records: deque[dict[str, Any]] = deque(maxlen=MAX_DECISIONS)
         self._warned: set[str] = set()
         self._got_error = False
@@ -368,8 +368,9 @@ class Controller(Resuming, LinkSide, Reporting, Applying):
             self._send(self._step, None, None, metrics)
         else:
             self._warn("late-metrics", f"lrctl: {', '.join(metrics)} reported after the "
-                       "last step were not sent (the run was left resumable: report them "
-                       "again after resuming)")
+                       "last step were not sent (the run was left resumable): a "
+                       "ctl.state_dict() taken after the report keeps them for the resume; "
+                       "otherwise report them again after resuming")
 
     def __enter__(self) -> Controller:
         return self

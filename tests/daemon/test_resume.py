@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 import warnings
 from pathlib import Path
 
@@ -238,3 +240,62 @@ def test_a_resume_from_state_under_a_policy_edited_since_reloads_it(
     with lrctl.attach(_opt(), policy=str(path), sync=True, spawn=False, resume=again) as ctl:
         _step_all(ctl, curve, 32, 34)
         assert not [d for d in ctl.decisions if d.action == "reload"]  # the same version
+
+
+def test_a_metric_reported_before_the_checkpoint_reaches_the_resumed_run(
+        controller: ControllerProc) -> None:
+    """An adversarial pass found it: evaluate, ctl.report(val_loss=...), checkpoint, die:
+    the metric went with the next step's observation, which never came, and the resumed
+    run's early stopping named an older best step (the wrong checkpoint to keep). The
+    state keeps what is reported and not yet sent; the resumed run's first step sends it."""
+    policy = {"version": 1, "policies": [{"kind": "earlystop", "metric": "val_loss",
+                                          "patience": 2}]}
+    vals = {9: 1.0, 19: 0.5, 29: 0.2, 39: 0.6, 49: 0.7, 59: 0.8}
+    reference = lrctl.load_policy(policy, [0.1])
+    for t in range(61):
+        metrics = {"val_loss": vals[t - 1]} if t - 1 in vals else {}
+        reference.update(t, 1.0, 1.0, metrics, t - 1 if metrics else None)
+    assert reference.should_stop
+
+    def run(ctl: lrctl.Controller, start: int, stop: int) -> None:
+        for t in range(start, stop):
+            ctl.step(1.0, grad_norm=1.0)
+            if t in vals:
+                ctl.report(val_loss=vals[t])
+
+    first = lrctl.attach(_opt(), policy=policy, sync=True, spawn=False)
+    run(first, 0, 30)  # val_loss 0.2, the best, reported after step 29
+    state = first.state_dict()
+    assert state["metrics"] == {"val_loss": 0.2}
+    with pytest.warns(RuntimeWarning, match="state_dict"):
+        first.close(end_run=False)  # the process dies here
+    with lrctl.attach(_opt(), policy=policy, sync=True, spawn=False, resume=state) as ctl:
+        run(ctl, 30, 61)
+        assert ctl.should_stop
+        stops = [d for d in ctl.decisions if d.action == "stop"]
+        expected = [d for d in reference.decisions if d.action == "stop"]
+        assert [(d.step, d.reason, d.evidence) for d in stops] == [
+            (d.step, d.reason, d.evidence) for d in expected]
+        assert stops[0].evidence["best_step"] == 29
+
+
+def test_a_state_dict_the_controller_does_not_answer_in_time_says_so(
+        controller: ControllerProc) -> None:
+    """An adversarial pass found it: a controller stalled at the checkpoint left a state
+    without the run's policies and no word of it; the resume then blamed the user."""
+    with lrctl.attach(_opt(), policy=POLICY, spawn=False, timeout=0.3) as ctl:
+        for _ in range(5):
+            ctl.step(1.0, grad_norm=1.0)
+        os.kill(controller.pid, signal.SIGSTOP)
+        try:
+            with pytest.warns(RuntimeWarning, match="no answer from the controller within"):
+                state = ctl.state_dict()
+        finally:
+            os.kill(controller.pid, signal.SIGCONT)
+        assert "session" not in state and state["step"] == 5
+
+
+def test_load_state_dict_of_a_run_key_says_what_it_takes(controller: ControllerProc) -> None:
+    with lrctl.attach(_opt(), policy=POLICY, spawn=False) as ctl, \
+            pytest.raises(TypeError, match=r"resume=run_key"):
+        ctl.load_state_dict(ctl.run_key)  # type: ignore[arg-type]
