@@ -150,10 +150,11 @@ class Reporting:
             if guard.stepped:
                 guard.enabled = False
                 self._after_order = True
-                self._warn("order", "lrctl: ctl.step() runs after optimizer.step(), so a "
-                                    "NaN/inf step has already reached the weights when the hook "
-                                    "sees it; call ctl.step(loss) after backward() and before "
-                                    "optimizer.step() to have such steps skipped")
+                if not self._after_order_expected:
+                    self._warn("order", "lrctl: ctl.step() runs after optimizer.step(), so "
+                               "a NaN/inf step has already reached the weights when the hook "
+                               "sees it; call ctl.step(loss) after backward() and before "
+                               "optimizer.step() to have such steps skipped")
         batch = self._batch
         if batch is None:
             reporting = t % self.every == 0 or bool(self._metrics)

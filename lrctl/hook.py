@@ -212,6 +212,7 @@ class Controller(Resuming, LinkSide, Reporting, Applying):
         # Installed last: a refused attach leaves the optimizer untouched.
         self._guard = StepGuard(optimizer)
         self._order_known = False  # does the loop call step() before optimizer.step()?
+        self._after_order_expected = False  # lrctl.Scheduler: torch's order, documented
         if self._dist.world_size > 1:
             self._broadcast()  # the welcome's LRs (warmup's first step) on every rank
         else:

@@ -7,6 +7,15 @@ for the next step, as with torch's schedulers. ``scheduler.report(val_loss=…)`
 sends named metrics (plateau decay or early stopping on them), and
 ``scheduler.should_stop`` is set by a ``stop`` decision (early stopping, or a
 divergence the guard gave up on): end the loop then.
+
+torch's order (``step()`` after ``optimizer.step()``) means a NaN/inf step has reached
+the weights before lrctl sees it: the hook's local skip of such steps needs
+``lrctl.attach`` with ``ctl.step(loss)`` before ``optimizer.step()``. The scheduler
+says nothing about the order it is documented to be called in.
+
+``state_dict()`` holds the hook's state (``ctl.state_dict()``, under ``"lrctl"``), so
+``load_state_dict()`` rejoins the run exactly, as ``attach(..., resume=state)`` does;
+``close()`` (or a ``with`` block) ends the run.
 """
 
 from __future__ import annotations
@@ -17,7 +26,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
 
-from ..hook import Controller
+from ..hook import STATE_FORMAT, Controller
 
 __all__ = ["Scheduler"]
 
@@ -36,8 +45,9 @@ class Scheduler(LRScheduler):
         # interface promises.
         self.optimizer = optimizer
         self.controller = Controller(optimizer, **attach_options)
+        self.controller._after_order_expected = True  # torch's order: see the module doc
         self.base_lrs = [float(g.get("initial_lr", g["lr"])) for g in optimizer.param_groups]
-        self.last_epoch = 0
+        self.last_epoch = self.controller.steps_taken  # a resume's start_step
         self._last_lr = _lrs(self.controller.lr)
 
     def step(self, metrics: Any = None, epoch: None = None) -> None:  # type: ignore[override]
@@ -67,16 +77,33 @@ class Scheduler(LRScheduler):
         return self.controller.should_skip
 
     def state_dict(self) -> dict[str, Any]:
-        """What a checkpoint needs: where this run stands. Policy state lives in the controller."""
+        """What a checkpoint needs: where this run stands, and the hook's state
+        (``ctl.state_dict()``: the run's policies as of this step)."""
         return {"last_epoch": self.last_epoch, "run_key": self.controller.run_key,
-                "lrs": self.controller.lr}
+                "lrs": self.controller.lr, "lrctl": self.controller.state_dict()}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.last_epoch = int(state_dict["last_epoch"])
-        self._last_lr = _lrs([float(x) for x in state_dict["lrs"]])
+        """Rejoin the run ``state_dict`` saved (before the first ``step()``): exactly, from
+        the hook's state it holds; a state saved by an earlier lrctl, without one, rejoins
+        by run key at its ``last_epoch``, from the controller's own state of the run."""
+        hook_state = state_dict.get("lrctl")
+        if hook_state is None:
+            hook_state = {"format": STATE_FORMAT, "run_key": state_dict["run_key"],
+                          "step": int(state_dict["last_epoch"]),
+                          "initial_lrs": list(self.controller._initial)}
+        self.controller.load_state_dict(hook_state)
+        self.last_epoch = self.controller.steps_taken
+        self._last_lr = _lrs(self.controller.lr)
 
-    def close(self) -> None:
-        self.controller.close()
+    def close(self, end_run: bool = True) -> None:
+        """End the run (``end_run=False``: leave it resumable), as ``ctl.close`` does."""
+        self.controller.close(end_run=end_run)
+
+    def __enter__(self) -> Scheduler:
+        return self
+
+    def __exit__(self, exc_type: object, *exc: object) -> None:
+        self.close(end_run=exc_type is None)  # a crash leaves the run resumable
 
 
 def _lrs(values: list[float]) -> list[float | Tensor]:

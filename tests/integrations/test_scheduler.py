@@ -7,6 +7,8 @@ in-process engine's for the same losses (sync mode).
 
 from __future__ import annotations
 
+import json
+import warnings
 from typing import Any
 
 import pytest
@@ -54,16 +56,48 @@ def test_scheduler_matches_in_process_engine(controller: Any) -> None:
     assert last_lrs == pytest.approx(expected[1:], rel=1e-9)
     assert len(set(used)) > STEPS // 2, "the policy should move the LR"
 
-    # state_dict: JSON-plain, round-trips into a fresh scheduler on the same run.
-    assert state == {"last_epoch": STEPS, "run_key": run_key, "lrs": last_lrs[-1:]}
+    # state_dict: JSON-plain, with the hook's state: a fresh scheduler's load_state_dict
+    # rejoins the run exactly (a newcomer's find: it used to start a new run).
+    json.dumps(state)
+    assert {k: state[k] for k in ("last_epoch", "run_key", "lrs")} == {
+        "last_epoch": STEPS, "run_key": run_key, "lrs": last_lrs[-1:]}
+    assert state["lrctl"]["run_key"] == run_key and state["lrctl"]["step"] == STEPS
     optimizer2 = torch.optim.SGD(model.parameters(), lr=LR)
-    resumed = lrctl.Scheduler(optimizer2, policy=POLICY, sync=True, timeout=10.0)
-    try:
+    with lrctl.Scheduler(optimizer2, policy=POLICY, sync=True, timeout=10.0) as resumed:
         resumed.load_state_dict(state)
-        assert resumed.last_epoch == STEPS
-        assert resumed.get_last_lr() == last_lrs[-1:]
+        assert resumed.last_epoch == STEPS and resumed.controller.run_key == run_key
+        assert resumed.get_last_lr() == pytest.approx(last_lrs[-1:], rel=1e-12)
+        for step in range(STEPS, STEPS + 10):
+            optimizer2.step()
+            grad_norm = float(lrctl.client.total_grad_norm(optimizer2))  # the last batch's
+            resumed.step(1.0 + 0.01 * step)
+            assert resumed.get_last_lr() == [pytest.approx(engine.observe(
+                step, 1.0 + 0.01 * step, grad_norm=grad_norm)[0], rel=1e-9)]
+        assert resumed.state_dict()["last_epoch"] == STEPS + 10
+
+
+def test_scheduler_keeps_its_step_count_across_resumes_by_key(controller: Any) -> None:
+    """A newcomer's find: the README's resume by key (start_step=last_epoch) counted from
+    0 again, so the second resume was 'behind' the controller."""
+    param = nn.Parameter(torch.zeros(2))
+    param.grad = torch.ones(2)
+    optimizer = torch.optim.SGD([param], lr=0.1)
+    with lrctl.Scheduler(optimizer, policy=POLICY, sync=True) as first:
+        for _ in range(5):
+            optimizer.step()
+            first.step(1.0)
+        key = first.controller.run_key
+        first.close(end_run=False)
+    again = lrctl.Scheduler(optimizer, policy=POLICY, sync=True, resume=key, start_step=5)
+    try:
+        assert again.last_epoch == 5
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # torch's order: no warning about it
+            optimizer.step()
+            again.step(1.0)
+        assert again.state_dict()["last_epoch"] == 6
     finally:
-        resumed.close()
+        again.close()
 
 
 def test_scheduler_refuses_epoch_argument(controller: Any) -> None:
