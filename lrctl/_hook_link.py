@@ -159,6 +159,9 @@ class LinkSide:
                     if address.startswith("tcp://") else None)
         if spawn and link.kind == "unix":
             link.respawn = lambda resumable: _spawn.respawn(address, resumable)
+        rollbacks = self._rollbacks
+        if rollbacks is not None:
+            link.refresh_hello = lambda hello: hello.update(snapshots=rollbacks.hello())
         self._link = link
         self._spawn_failure: str | None = None
         opened = link.open(timeout=2.0)

@@ -64,6 +64,9 @@ class Link:
         self.kind, self.addr = paths.parse_address(address)
         self.address = address
         self.hello = dict(hello)  # its resume_token follows the welcomes
+        # Fields that change while the run goes on (the snapshots held), refreshed before
+        # each hello is sent.
+        self.refresh_hello: Callable[[dict[str, Any]], None] | None = None
         # A resume from ctl.state_dict() sends the run's state in its hello; a reconnect
         # sends it again (with the frames after it: a controller that lost the run gets it
         # back exactly) only while the buffer still holds every frame after its step.
@@ -126,6 +129,8 @@ class Link:
         self._decoder = FrameDecoder(MAX_HELLO)
         self._out = bytearray(encode({"t": "auth", "token": self.token})
                               if self.kind == "tcp" else b"")
+        if self.refresh_hello is not None:
+            self.refresh_hello(self.hello)
         self._out += encode({"t": "hello", **self.hello}, MAX_HELLO)
         self.state = "handshake"
         self._flush()

@@ -79,8 +79,10 @@ class Rollbacks:
         """The snapshot steps held now, oldest first."""
         return self.ring.steps if self.ring is not None else list(self._user_steps)
 
-    def hello(self) -> dict[str, int]:
-        return {"every": self.every, "keep": self.keep}
+    def hello(self) -> dict[str, Any]:
+        """The hello's ``snapshots``: the rule, and the steps held when it is sent (a
+        process resumed from a checkpoint holds none of its predecessor's)."""
+        return {"every": self.every, "keep": self.keep, "held": self.steps[-4096:]}
 
     # -- decisions ---------------------------------------------------------------------
     def on_decision(self, decision: dict[str, Any], distributed: bool) -> None:

@@ -160,7 +160,8 @@ class Handshakes:
             session.set_total_steps(hello.total_steps)
             srv.checkpoints.save(key)
         session.sync = hello.sync  # which LRs the optimizer used at a step (see _obs)
-        session.set_snapshots(hello.snapshots)  # the hook can roll back (or no longer)
+        # The hook can roll back (or no longer), to the snapshots it holds.
+        session.set_snapshots(hello.snapshots, hello.snapshots_held)
         # A loop resumed past the run's last observed step (those steps never reached
         # it): the welcome's LRs are its first step's, as for a new run's start_step.
         session.engine.start_at(hello.start_step)

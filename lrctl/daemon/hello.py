@@ -22,6 +22,7 @@ from .transport import Refused
 __all__ = ["MAX_GROUPS", "Hello", "parse_hello"]
 
 MAX_GROUPS = 4096  # param groups a run may have
+MAX_HELD = 4096  # snapshot steps a hello may list (the newest)
 
 
 @dataclass(frozen=True)
@@ -43,6 +44,7 @@ class Hello:
     start_step: int = 0  # the step number of the loop's first step
     resume_token: str | None = None  # from the run's welcome: may take a connected run over
     snapshots: tuple[int, int] | None = None  # the hook's (every, keep): it can roll back
+    snapshots_held: tuple[int, ...] | None = None  # the snapshot steps it holds now
 
 
 def parse_hello(msg: Mapping[str, Any]) -> Hello:
@@ -80,7 +82,9 @@ def parse_hello(msg: Mapping[str, Any]) -> Hello:
         cwd=get_str(msg, "cwd", max_len=4096, optional=True), watch=watch, sync=sync,
         session=session, start_step=get_int(msg, "start_step", lo=0, optional=True) or 0,
         resume_token=get_str(msg, "resume_token", max_len=64, optional=True),
-        snapshots=_snapshots(msg.get("snapshots")), pace=_bool(msg, "pace", False) and not sync)
+        snapshots=_snapshots(msg.get("snapshots")),
+        snapshots_held=_snapshots_held(msg.get("snapshots")),
+        pace=_bool(msg, "pace", False) and not sync)
 
 
 def _snapshots(value: Any) -> tuple[int, int] | None:
@@ -93,6 +97,19 @@ def _snapshots(value: Any) -> tuple[int, int] | None:
     keep = get_int(value, "keep", lo=1, hi=1 << 20)
     assert every is not None and keep is not None
     return every, keep
+
+
+def _snapshots_held(value: Any) -> tuple[int, ...] | None:
+    """``snapshots.held``: the steps of the snapshots the hook holds (absent: a hook that
+    does not say; the controller's own count stands)."""
+    held = value.get("held") if isinstance(value, dict) else None
+    if held is None:
+        return None
+    if (not isinstance(held, list) or len(held) > MAX_HELD
+            or not all(type(s) is int and 0 <= s < 1 << 62 for s in held)):
+        raise ProtocolError(f"snapshots.held must be a list of at most {MAX_HELD} steps",
+                            "bad_message")
+    return tuple(held)
 
 
 def _lrs(value: Any) -> list[float]:

@@ -169,12 +169,17 @@ class Session:
             "loop_base": self.loop_base,
         }
 
-    def set_snapshots(self, spec: tuple[int, int] | None) -> None:
-        """The connected hook keeps snapshots (``(every, keep)``) or none (``None``)."""
+    def set_snapshots(self, spec: tuple[int, int] | None,
+                      held: tuple[int, ...] | None = None) -> None:
+        """The connected hook keeps snapshots (``(every, keep)``) or none (``None``), and
+        holds those of the steps ``held`` now (``None``: it does not say)."""
         if spec is None:
             self.engine.disable_snapshots()
-        else:
-            self.engine.enable_snapshots(spec[0], spec[1], ASYNC_LAG)
+            return
+        self.engine.enable_snapshots(spec[0], spec[1], ASYNC_LAG)
+        if held is not None and self.engine.snapshots is not None:
+            # A process resumed from a checkpoint holds none of its predecessor's.
+            self.engine.snapshots.held_by_hook(held)
 
     def rollback(self, to: int | None) -> dict[str, Any]:
         """``lrctl rollback RUN [--to STEP]``: the hook restores the newest snapshot at or

@@ -19,7 +19,7 @@ Stdlib only: it lives in the policy package and is part of the engine's state.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from ._base import StepContext
@@ -65,6 +65,11 @@ class SnapshotBook:
         usable = self.steps[max(0, len(self.steps) + due - self.keep):]
         found = [s for s in usable if s <= step]
         return found[-1] if found else None
+
+    def held_by_hook(self, steps: Iterable[int]) -> None:
+        """The hook says which snapshots it holds (its hello): they replace the count, so
+        a process resumed from a checkpoint is offered none of its predecessor's."""
+        self.steps = sorted(set(steps))[-self.keep:]
 
     def rolled_back(self, to: int, now: int) -> None:
         """A rollback to ``to`` decided at ``now``: later snapshots are gone."""

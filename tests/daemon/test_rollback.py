@@ -108,3 +108,32 @@ def test_a_run_without_snapshots_cannot_be_rolled_back(controller: ControllerPro
         _train_step(model, opt, ctl, 1.0)
         out = _cli("rollback", "plain")
         assert out.returncode != 0 and "snapshot_every" in out.stderr
+
+
+def test_a_process_resumed_from_a_checkpoint_is_offered_none_of_its_predecessors_snapshots(
+        controller: ControllerProc) -> None:
+    """An adversarial pass found it: after a resume from ctl.state_dict() the controller
+    still counted the dead process's snapshots, so `lrctl rollback` was accepted (and
+    journaled) and never carried out, and the guard chose a rollback over a back-off.
+    The hook's hello says which snapshots it holds."""
+    model, opt = _setup()
+    ctl = lrctl.attach(opt, policy=GUARD, sync=True, spawn=False, run_name="heir",
+                       snapshot_every=4, keep=3)
+    for _ in range(14):
+        _train_step(model, opt, ctl, 1.0)
+    state = ctl.state_dict()
+    ctl.close(end_run=False)  # the process dies; its snapshots with it
+    model, opt = _setup()
+    with lrctl.attach(opt, policy=GUARD, sync=True, spawn=False, resume=state,
+                      snapshot_every=4, keep=3) as again:
+        _train_step(model, opt, again, 1.0)  # step 14: no snapshot (16 is the next)
+        refused = _cli("rollback", "heir")
+        assert refused.returncode != 0 and "held: none" in refused.stderr
+        for _ in range(3):
+            _train_step(model, opt, again, 1.0)  # takes the snapshot of step 16
+        out = _cli("rollback", "heir")
+        assert out.returncode == 0 and "snapshot of step 16" in out.stdout, out.stderr
+        _train_step(model, opt, again, 1.0)  # hears the decision
+        _train_step(model, opt, again, 1.0)  # restores before its own update
+        assert again.rolled_back == 16
+        assert [d.action for d in again.decisions].count("rollback") == 1
