@@ -116,6 +116,9 @@ class Handshakes:
         assert result is not None
         session, restored = result
         srv = self.server
+        rewound = None
+        if restored and hello.session is not None:
+            rewound = _rewound(srv.sessions.get(hello.run), session)
         if restored:
             _follow_mlflow(session, hello)  # opened below with the job's MLflow run
             srv.adopt(hello.run, session)
@@ -130,6 +133,9 @@ class Handshakes:
             session.engine.start_at(hello.start_step)  # the welcome's LRs: its first step's
             srv.start(session)
         self._join(conn, hello, session, restored, job.takeover)
+        if rewound is not None:
+            log.info("run %s: %s", hello.run, rewound["reason"])
+            srv.publish(session, rewound)
         if job.reloaded is not None:  # the checkpoint's policy, edited since: journaled
             log.info("run %s: %s", hello.run, job.reloaded["reason"])
             srv.publish(session, job.reloaded, True)
@@ -264,6 +270,16 @@ def _follow_mlflow(session: Session, hello: Hello) -> bool:
     session.info = dataclasses.replace(session.info, mlflow_run_id=hello.mlflow_run_id,
                                        tracking_uri=hello.tracking_uri)
     return True
+
+
+def _rewound(held: Session | None, resumed: Session) -> dict[str, Any] | None:
+    """The ``resumed`` decision when the run the controller ``held`` in memory had seen
+    steps after the checkpoint's (the training process died after it): those steps, and
+    the decisions made there, are undone, and the audit trail says so."""
+    if held is None or held.last_step <= resumed.last_step:
+        return None
+    undone = [d.to_dict() for d in held.engine.decisions if d.step > resumed.last_step]
+    return resumed.rewound(held.last_step, undone)
 
 
 def _from_hook(hello: Hello) -> tuple[Session, dict[str, Any] | None]:

@@ -203,6 +203,24 @@ class Session:
                       "steps_lost": step - restored},
             policy_sha256=self.info.policy_sha256).to_dict())
 
+    def rewound(self, seen_up_to: int, undone: list[dict[str, Any]]) -> dict[str, Any]:
+        """A resume from the user's checkpoint (``ctl.state_dict()``) replaced this run as
+        the controller held it, up to step ``seen_up_to``: the record that the steps after
+        the checkpoint's, and the decisions made there (``undone``), no longer count."""
+        lrs = tuple(self.lrs())
+        step = max(self.last_step, 0)
+        what = ", ".join(f"{d['action']}@{d['step']}" for d in undone[:10])
+        what += f" and {len(undone) - 10} more" if len(undone) > 10 else ""
+        return self._record(Decision(
+            step=step, policy="hook", kind="hook", action="resumed", old_lrs=lrs,
+            new_lrs=lrs, reason=f"resumed from the checkpoint's state at step {step}: the "
+                                f"steps {step + 1}-{seen_up_to} seen before are undone"
+                                + (f", with their decisions ({what})" if undone else ""),
+            evidence={"checkpoint_step": step, "seen_up_to": seen_up_to,
+                      "undone": [{"step": d["step"], "action": d["action"]}
+                                 for d in undone[:100]]},
+            policy_sha256=self.info.policy_sha256).to_dict())
+
     def set_total_steps(self, total_steps: int) -> None:
         """A new run length from a reconnecting hook (a run extended on resume)."""
         self.total_steps = total_steps

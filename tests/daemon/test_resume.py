@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
+import sys
 import warnings
 from pathlib import Path
 
@@ -299,3 +301,28 @@ def test_load_state_dict_of_a_run_key_says_what_it_takes(controller: ControllerP
     with lrctl.attach(_opt(), policy=POLICY, spawn=False) as ctl, \
             pytest.raises(TypeError, match=r"resume=run_key"):
         ctl.load_state_dict(ctl.run_key)  # type: ignore[arg-type]
+
+
+def test_a_resume_from_state_that_undoes_later_steps_says_so_in_the_audit(
+        controller: ControllerProc) -> None:
+    """An adversarial pass found it: an operator's decision made after the checkpoint was
+    undone by the resume (the run goes on from the checkpoint's state, as documented)
+    while the audit trail still showed it as in force. The resume is now a decision that
+    names what it undid."""
+    first = lrctl.attach(_opt(), policy=POLICY, sync=True, spawn=False, run_name="undo")
+    _step_all(first, [1.0] * 20, 0, 10)
+    state = first.state_dict()
+    _step_all(first, [1.0] * 20, 10, 15)
+    out = subprocess.run([sys.executable, "-m", "lrctl", "set-lr", "undo", "0.01"],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    _step_all(first, [1.0] * 20, 15, 18)
+    assert first.lr == [0.01]
+    first.close(end_run=False)  # the process dies after step 17; its checkpoint is step 10's
+    with lrctl.attach(_opt(), policy=POLICY, sync=True, spawn=False, resume=state) as ctl:
+        assert ctl.lr == [0.1]  # the checkpoint's
+        _step_all(ctl, [1.0] * 20, 10, 11)
+        [resumed] = [d for d in ctl.decisions if d.action == "resumed"]
+        assert resumed.step == 9 and resumed.evidence["seen_up_to"] == 17
+        assert resumed.evidence["undone"] == [{"step": 14, "action": "set_lr"}]
+        assert "set_lr@14" in resumed.reason
