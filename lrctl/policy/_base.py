@@ -111,6 +111,8 @@ class StepContext:
     snapshots (else ``None``: no rollback is possible); a policy that rolls back
     sets ``rollback`` to the snapshot's step. The engine keeps one context per
     stack and clears it for each observation: read it during ``observe()`` only.
+    ``prev_step`` is the step of the stack's previous observation (``None`` before the
+    first): with ``every=N`` the steps in between were never reported.
     """
 
     initial_lrs: Sequence[float]
@@ -120,6 +122,7 @@ class StepContext:
     stop: bool = False
     snapshots: Any = None
     rollback: int | None = None
+    prev_step: int | None = None
 
 
 @dataclass(frozen=True)

@@ -257,6 +257,7 @@ class Engine(EngineState, OperatorVerbs, LRArbiter, Snapshotting):
         if ctx.flags:
             ctx.flags.clear()
         ctx.skip = ctx.stop = False
+        ctx.prev_step = self.last_step
         book = self.snapshots
         if book is not None:
             book.advance(step)

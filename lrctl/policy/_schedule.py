@@ -21,11 +21,23 @@ class Schedule(Policy):
 
     def observe(self, obs: Observation, ctx: StepContext) -> list[Action]:
         # The engine asks for the LR of the *next* step, so phase events are
-        # reported when that step begins a new phase.
-        return self.events(obs.step + 1)
+        # reported when that step begins a new phase, or by the first observation after
+        # it when the steps in between were not reported (every=N).
+        next_step = obs.step + 1
+        prev = ctx.prev_step
+        if prev is None or prev + 2 >= next_step:
+            return self.events(next_step)
+        return self.events_between(prev + 2, next_step)
 
     def events(self, next_step: int) -> list[Action]:
+        """The events of the phase that step ``next_step`` begins."""
         return []
+
+    def events_between(self, since: int, next_step: int) -> list[Action]:
+        """The events of the phases begun by the steps ``since`` to ``next_step``
+        (``since < next_step``: the steps in between were not observed). By default,
+        ``next_step``'s only."""
+        return self.events(next_step)
 
     def state_dict(self) -> dict[str, Any]:
         return {}

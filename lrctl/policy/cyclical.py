@@ -88,12 +88,18 @@ class Cyclical(Schedule):
         return t_cur, t_i
 
     def events(self, next_step: int) -> list[Action]:
-        if self.params["mode"] != "cosine" or next_step == 0:
+        return self.events_between(next_step, next_step)
+
+    def events_between(self, since: int, next_step: int) -> list[Action]:
+        """The newest restart at a step from ``since`` to ``next_step`` (with every=N, one
+        report may span a restart)."""
+        if self.params["mode"] != "cosine":
             return []
         t_cur, t_i = self._cosine_position(next_step)
-        if t_cur != 0:
+        begun = next_step - t_cur  # the step that began the current cycle
+        if begun == 0 or begun < since:
             return []
         return [Action("restart", f"warm restart: new cosine cycle of {t_i} steps",
-                       {"statistic": "step", "value": next_step,
-                        "threshold": next_step, "window": t_i})]
+                       {"statistic": "step", "value": begun, "threshold": begun,
+                        "window": t_i})]
 

@@ -40,8 +40,11 @@ class Warmup(Schedule):
         return float(start ** (1.0 - progress))  # exponential: geometric ramp
 
     def events(self, next_step: int) -> list[Action]:
-        if next_step == self.params["steps"]:
-            return [Action("warmup_done", f"warmup complete after {next_step} steps",
-                           {"statistic": "step", "value": next_step,
-                            "threshold": self.params["steps"]})]
+        return self.events_between(next_step, next_step)
+
+    def events_between(self, since: int, next_step: int) -> list[Action]:
+        steps: int = self.params["steps"]
+        if since <= steps <= next_step:
+            return [Action("warmup_done", f"warmup complete after {steps} steps",
+                           {"statistic": "step", "value": steps, "threshold": steps})]
         return []

@@ -255,3 +255,25 @@ def test_an_overflowing_schedule_is_clamped_and_recorded(max_lr: float | None,
     for before, after in itertools.pairwise(lrs):
         if before != after:  # every LR change is accounted for by a record
             assert any(d.new_lrs[0] == after for d in changes), (before, after)
+
+
+def test_phase_events_between_reports_are_recorded_at_the_next_one() -> None:
+    """An adversarial pass found it: with every=N, warmup_done and warm restarts whose
+    step fell between two reports were never recorded. The report after the step
+    records them (once), with the step that began the phase; every=1 is unchanged."""
+    policy = {"version": 1, "policies": [
+        {"kind": "warmup", "steps": 10},
+        {"kind": "cyclical", "mode": "cosine", "T_0": 16, "T_mult": 1}]}
+
+    def events(steps: range) -> list[tuple[int, str, int]]:
+        engine = lrctl.load_policy(policy, [0.1])
+        for t in steps:
+            engine.observe(t, 1.0, 1.0)
+        return [(d.step, d.action, d.evidence["value"]) for d in engine.decisions]
+
+    assert events(range(0, 50)) == [(9, "warmup_done", 10), (15, "restart", 16),
+                                    (31, "restart", 32), (47, "restart", 48)]
+    assert events(range(0, 50, 4)) == [(12, "warmup_done", 10), (16, "restart", 16),
+                                       (32, "restart", 32), (48, "restart", 48)]
+    assert events(range(0, 50, 7)) == [(14, "warmup_done", 10), (21, "restart", 16),
+                                       (35, "restart", 32), (49, "restart", 48)]
