@@ -194,11 +194,15 @@ class WSD(ReactivePolicy):
         if self.decay_length() is not None and (mode == "plateau" or self._total is not None):
             return []
         self._told_inactive = True
-        need = ("decay_fraction needs the run's length" if self.decay_length() is None
-                else "start_on: schedule needs the run's length")
-        return [Action("wsd_inactive", f"no cooldown is scheduled: {need} (pass total_steps= "
-                       "to lrctl.attach, or set total_steps in the policy file); "
-                       "`lrctl decay RUN` starts one",
+        if self.decay_length() is None:
+            need = ("decay_fraction needs the run's length, for the cooldown's length (and "
+                    "so a stall cannot start one either)")
+            start = "`lrctl decay RUN --steps N` starts one"
+        else:
+            need = "start_on: schedule needs the run's length"
+            start = "`lrctl decay RUN` starts one"
+        return [Action("wsd_inactive", f"no cooldown is scheduled: {need}; pass total_steps= "
+                       f"to lrctl.attach, or set total_steps in the policy file; {start}",
                        {"statistic": "total_steps", "value": None})]
 
     def _phase_events(self, obs: Observation, ctx: StepContext) -> list[Action]:

@@ -228,7 +228,8 @@ def test_unknown_length_says_so_once() -> None:
     engine = wsd(None, decay_fraction=0.1)
     assert curve(engine, 30) == [LR] * 30
     (note,) = engine.decisions
-    assert note.action == "wsd_inactive" and "lrctl decay" in note.reason
+    assert note.action == "wsd_inactive" and "lrctl decay RUN --steps N" in note.reason
+    assert "a stall cannot start one either" in note.reason
 
 
 # -- validation ----------------------------------------------------------------------------------
