@@ -185,7 +185,10 @@ class LinkSide:
             self._take_lrs(msg, None)
             if self._resume is not None and msg.get("restored") is False:
                 self._warn("not-restored", f"lrctl: the controller has no state for run "
-                                           f"{self._resume!r}; its policies start afresh")
+                                           f"{self._resume!r}; its policies start afresh (a "
+                                           "run that ended, by close() or a finished 'with' "
+                                           "block, is gone; a run key is NAME-xxxxxxxx, as "
+                                           "'lrctl runs --all' lists it)")
             last = msg.get("last_step")
             if isinstance(last, int) and not isinstance(last, bool) and last >= self._step:
                 # Rejoined at a step before the controller's: it answers such steps as

@@ -148,7 +148,10 @@ class Handshakes:
         if text_sha256(hello.policy_text) not in (session.hello_sha256,
                                                   session.info.policy_sha256):
             # After a live reload the hook still sends the text it started with.
-            raise Refused(f"run {key} exists with a different policy", "run_conflict")
+            raise Refused(f"run {key} exists with another policy ({session.info.policy_source}"
+                          f", sha256 {session.info.policy_sha256[:12]}): attach with that "
+                          "policy to rejoin it, or resume from its ctl.state_dict() to go on "
+                          "under this one (a reload)", "run_conflict")
         initial = list(session.engine.initial_lrs)
         if len(initial) != len(hello.lrs):
             raise Refused(f"run {key} has {len(initial)} param group(s), this optimizer "

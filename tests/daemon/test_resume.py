@@ -326,3 +326,14 @@ def test_a_resume_from_state_that_undoes_later_steps_says_so_in_the_audit(
         assert resumed.step == 9 and resumed.evidence["seen_up_to"] == 17
         assert resumed.evidence["undone"] == [{"step": 14, "action": "set_lr"}]
         assert "set_lr@14" in resumed.reason
+
+
+def test_a_resume_by_key_with_another_policy_names_the_runs(controller: ControllerProc) -> None:
+    """A newcomer resumed by key without policy= and got 'a different policy', with no
+    word of which or what to do."""
+    first = lrctl.attach(_opt(), policy=POLICY, sync=True, spawn=False)
+    _step_all(first, [1.0] * 3, 0, 3)
+    first.close(end_run=False)
+    with pytest.raises(lrctl.client.RunConflict, match=r"default\.yaml, sha256 [0-9a-f]{12}\): "
+                                                        r"attach with that policy"):
+        lrctl.attach(_opt(), policy="sgdr", spawn=False, resume=first.run_key)
