@@ -50,12 +50,16 @@ def test_pause_records_shadow_decisions_and_holds_the_lr(controller: ControllerP
         ctl.step(1.0)
         held = ctl.lr
         assert _cli("pause", "pz").returncode == 0
+        again = _cli("pause", "pz")  # refused, nothing recorded (a newcomer's find)
+        assert again.returncode == 1 and "already paused" in again.stderr
         for _ in range(15):  # warmup would act, and its phase event is recorded as shadow
             ctl.step(1.0)
         assert ctl.lr == held and ctl.mode == "shadow"
         assert any(d.shadow for d in ctl.decisions if d.policy != "operator")
         assert "shadow" in _cli("runs").stdout
         assert _cli("resume", "pz").returncode == 0
+        again = _cli("resume", "pz")
+        assert again.returncode == 1 and "already active" in again.stderr
         ctl.step(1.0)
         assert ctl.lr == [0.1] and ctl.mode == "active"
         assert [d.action for d in ctl.decisions if d.policy == "operator"] == ["pause", "resume"]
