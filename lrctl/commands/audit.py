@@ -99,6 +99,15 @@ def find_run(query: str, state_dir: str | None = None) -> Any:
             if query in (meta.get("run_name"), cursor.get("run_id"),
                          (meta.get("mlflow") or {}).get("run_id")):
                 matches.append((root, k))
+        if len(matches) > 1:
+            # A run name that a script used again on each run: its latest run, said so.
+            matches.sort(key=lambda rk: _modified(RunPaths.of(*rk).meta))
+            others = ", ".join(k for _, k in matches[-2::-1][:5])
+            print(f"lrctl: {query!r} names {len(matches)} runs; the latest, "
+                  f"{matches[-1][1]} (the others, newest first: {others}"
+                  f"{', …' if len(matches) > 6 else ''}; give a run key for another)",
+                  file=sys.stderr)
+            matches = matches[-1:]
     where = str(roots[0]) if len(roots) == 1 else f"{roots[0]} (and {len(roots) - 1} more)"
     if len(matches) == 1:
         return RunPaths.of(*matches[0])

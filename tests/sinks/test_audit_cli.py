@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -10,6 +11,7 @@ from sinks_helpers import drive, journal_decisions, run_info
 
 from lrctl.cli import main
 from lrctl.sinks import AuditSettings, AuditSink
+from lrctl.sinks.journal import RunPaths
 
 JOURNAL_ONLY = AuditSettings(log_every=10, mlflow=False)
 
@@ -133,3 +135,22 @@ def test_state_dirs_follow_the_socket(tmp_path: Path) -> None:
     assert a == paths.state_dir(env, socket=str(tmp_path / "a" / "x.sock"))
     assert a.name.startswith("x-") and paths.state_dir(
         env, socket=str(tmp_path / ".odd name!.sock")).name.startswith("odd_name_-")
+
+
+def test_a_run_name_used_by_several_runs_means_the_latest_and_says_so(
+        state: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A newcomer's find: a script run twice made its run name unusable for the offline
+    verbs ('ambiguous'), while the live verbs took the live run."""
+    sink = AuditSink(state, JOURNAL_ONLY)
+    sink.open_run(run_info("run-zz9", run_name="alpha", cwd=str(tmp_path)))  # alpha again
+    drive(sink, "run-zz9", range(40), [0.3], every=30)
+    sink.close_run("run-zz9")
+    sink.close()
+    older = RunPaths.of(state, "run-aa1").meta
+    os.utime(older, (1_000_000_000, 1_000_000_000))  # clearly the older of the two
+    assert main(["decisions", "alpha", "--json"]) == 0
+    captured = capsys.readouterr()
+    assert [json.loads(x) for x in captured.out.splitlines()] == journal_decisions(
+        state, "run-zz9")
+    assert "'alpha' names 2 runs; the latest, run-zz9 (the others" in captured.err
+    assert "run-aa1" in captured.err
