@@ -71,7 +71,10 @@ def cmd_reload(args: argparse.Namespace) -> int:
     reply = ask(args, msg)
     if reply is None:
         return 1
-    print(f"{reply['run']}: {reply['message']}")
+    if reply["run"] == "*":  # every watched run: a line each
+        print(reply["message"])
+    else:
+        print(f"{reply['run']}: {reply['message']}")
     failed = any(d.get("action") == "reload_failed" for d in reply.get("decisions", []))
     return 1 if failed else 0
 

@@ -130,7 +130,12 @@ def _reload(server: Server, name: str | None) -> dict[str, Any]:
         sessions = [s for s in server.sessions.values() if s.watch_path is not None]
     decisions, problems = server.live.reload_now(sessions)
     log.info("operator: reload of %d run(s)", len(sessions))
-    lines = [f"{d['action']}: {d['reason']}" for d in decisions] + problems
+    if name:
+        lines = [f"{d['action']}: {d['reason']}" for d in decisions]
+    else:  # one line per run (each session's last decision is the very dict recorded)
+        lines = [f"{s.key}: {d['action']}: {d['reason']}" for s in sessions
+                 for d in decisions if s.last_decision is d]
+    lines += problems
     return {"t": "ok", "run": sessions[0].key if name else "*",
-            "message": "; ".join(lines) or "no watched runs",
+            "message": ("; " if name else "\n").join(lines) or "no watched runs",
             "decisions": decisions[:MAX_DECISIONS_PER_FRAME]}

@@ -256,6 +256,9 @@ def test_lrctl_reload_forces_a_reload(make_controller: Callable[..., ControllerP
             _step(ctl, engine, t)
         out = _cli("reload")  # every run, unchanged bytes: still a recorded reload
         assert out.returncode == 0 and "kept plateau" in out.stdout, out
+        # One line per run, naming it (a newcomer saw one line repeating the message).
+        assert out.stdout.splitlines() == [
+            f"{ctl.run_key}: reload: forced reload p.yaml: kept plateau"]
         path.write_text(BROKEN)
         out = _cli("reload", "r")
         assert out.returncode == 1 and "reload_failed" in out.stdout
