@@ -223,8 +223,16 @@ def _validate(doc: dict[str, Any], reader: YamlReader, text: str, source: str) -
     if len(policies) > MAX_POLICIES:
         raise ConfigError(source, top_lines["policies"], "policies",
                           f"at most {MAX_POLICIES} policies")
-    entries = [_entry(item, reader, source, top_lines["policies"]) for item in policies]
-    _name_entries(entries, source)
+    # Every entry is checked, and the first problem in the file is the one said.
+    entries: list[PolicyEntry] = []
+    errors: list[ConfigError] = []
+    for item in policies:
+        try:
+            entries.append(_entry(item, reader, source, top_lines["policies"]))
+        except ConfigError as exc:
+            errors.append(exc)
+    if not errors:
+        _name_entries(entries, source)
     parsed = PolicyFile(
         source=source,
         text=text,
@@ -236,7 +244,12 @@ def _validate(doc: dict[str, Any], reader: YamlReader, text: str, source: str) -
         entries=tuple(entries),
     )
     for entry in parsed.entries:  # knobs now; the per-group list lengths wait for build()
-        parsed._make(entry, groups=None)
+        try:
+            parsed._make(entry, groups=None)
+        except ConfigError as exc:
+            errors.append(exc)
+    if errors:
+        raise min(errors, key=lambda e: e.line if e.line is not None else 1 << 62)
     return parsed
 
 

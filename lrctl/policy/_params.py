@@ -142,17 +142,22 @@ def did_you_mean(word: str, choices: Iterable[str]) -> str:
 def bind_params(
     kind: str, params: Sequence[Param], values: Mapping[str, Any]
 ) -> dict[str, Any]:
-    """Check ``values`` against ``params``: unknown keys, missing keys, types, ranges."""
-    known = {p.name for p in params}
-    for key in values:
-        if key not in known:
-            hint = ", ".join(sorted(known)) or "none"
+    """Check ``values`` against ``params``: unknown keys, missing keys, types, ranges. The
+    keys are checked in the order given (a file's), so the first problem said is the first
+    in the file."""
+    by_name = {p.name: p for p in params}
+    checked: dict[str, Any] = {}
+    for key, value in values.items():
+        param = by_name.get(key)
+        if param is None:
+            hint = ", ".join(sorted(by_name)) or "none"
             raise ParamError(str(key), f"unknown key for kind {kind!r}"
-                                       f"{did_you_mean(str(key), known)} (known keys: {hint})")
+                                       f"{did_you_mean(str(key), by_name)} (known keys: {hint})")
+        checked[key] = param.check(value)
     bound: dict[str, Any] = {}
     for p in params:
-        if p.name in values:
-            bound[p.name] = p.check(values[p.name])
+        if p.name in checked:
+            bound[p.name] = checked[p.name]
         elif p.default is _REQUIRED:
             raise ParamError(p.name, f"required by kind {kind!r}")
         else:

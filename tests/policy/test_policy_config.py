@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 import lrctl
-from lrctl.config import ConfigError, parse_policy
+from lrctl.config import ConfigError, parse_policy, parse_text
 
 POLICIES = Path(__file__).resolve().parents[2] / "policies"
 SHIPPED = sorted(p.name for p in POLICIES.glob("*.yaml"))
@@ -248,3 +248,15 @@ def test_load_policy_none_is_the_shipped_default_as_for_attach() -> None:
     for t in range(50):
         assert a.observe(t, 1.0 / (t + 1), 1.0) == b.observe(t, 1.0 / (t + 1), 1.0)
     assert a.policy_sha256 == b.policy_sha256
+
+
+@pytest.mark.parametrize(("body", "line", "key"), [
+    # A newcomer's find: the problem said was not the first in the file.
+    ("  - kind: plateau\n    factor: 1.5\n    patiense: 3\n  - kind: warmpu\n", 4, "factor"),
+    ("  - kind: plateau\n    patiense: 3\n    factor: 1.5\n", 4, "patiense"),
+    ("  - kind: warmpu\n  - kind: plateau\n    factor: 1.5\n", 3, "kind"),
+])
+def test_the_first_problem_in_the_file_is_the_one_said(body: str, line: int, key: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        parse_text("version: 1\npolicies:\n" + body, "p.yaml")
+    assert (err.value.line, err.value.key) == (line, key)
