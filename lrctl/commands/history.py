@@ -23,7 +23,7 @@ __all__ = ["journal_runs"]
 def journal_runs(state_dir: Path, live: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
     """One summary per journaled or served run, oldest first: key, name, state, last step
     and LRs, decision count, last decision and MLflow run id."""
-    from ..sinks.journal import RunPaths, last_line, list_run_keys, read_json
+    from ..sinks.journal import RunPaths, last_line, list_run_keys, read_json, tail_records
 
     out = []
     keys = list_run_keys(state_dir)
@@ -46,8 +46,7 @@ def journal_runs(state_dir: Path, live: dict[str, dict[str, Any]]) -> list[dict[
                 state = "ended"
             step, lrs = _checkpointed(state_dir, key)
             if step is None:
-                last_metrics = last_line(paths.stream("metrics"))
-                step, lrs = _sampled(last_metrics.record if last_metrics is not None else {})
+                step, lrs = _sampled(tail_records(paths.stream("metrics")))
         out.append({
             "run": key, "run_name": meta.get("run_name", key), "state": state,
             "step": step, "lrs": lrs,
@@ -104,11 +103,14 @@ def _checkpointed(state_dir: Path, key: str) -> tuple[int | None, list[float]]:
         return None, []  # damaged: the controller says so when it loads it
 
 
-def _sampled(record: dict[str, Any]) -> tuple[int | None, list[float]]:
-    """The last step and LRs of a journal's metrics record (a sample)."""
+def _sampled(records: list[dict[str, Any]]) -> tuple[int | None, list[float]]:
+    """The last step and LRs of a journal's last metrics records (samples): the LRs are
+    logged at changes and every ``log_every`` steps, so the newest record may hold none
+    (a short run's final loss, say)."""
     step, lrs = None, {}
-    for name, value, at in record.get("points", []):
-        step = at if step is None else max(step, at)
-        if str(name).startswith("lrctl/lr/g"):
-            lrs[int(str(name).rsplit("g", 1)[1])] = value
+    for record in records:
+        for name, value, at in record.get("points", []):
+            step = at if step is None else max(step, at)
+            if str(name).startswith("lrctl/lr/g"):
+                lrs[int(str(name).rsplit("g", 1)[1])] = value
     return step, [lrs[g] for g in sorted(lrs)]

@@ -51,6 +51,7 @@ __all__ = [
     "read_json",
     "read_lines",
     "sync_all",
+    "tail_records",
 ]
 
 #: The streams of a run, in the order the shipper acknowledges them.
@@ -185,6 +186,26 @@ def last_line(path: Path) -> JournalLine | None:
             continue
         record = json.loads(chunk[begin:end + 1])
         return JournalLine(int(record["seq"]), start + end + 1, record)
+
+
+def tail_records(path: Path, max_bytes: int = 1 << 18) -> list[dict[str, Any]]:
+    """The complete lines within the last ``max_bytes`` of a stream, oldest first."""
+    try:
+        with open(path, "rb") as f:
+            size = f.seek(0, os.SEEK_END)
+            start = max(0, size - max_bytes)
+            f.seek(start)
+            chunk = f.read(size - start)
+    except FileNotFoundError:
+        return []
+    lines = chunk.split(b"\n")
+    if start > 0:
+        lines = lines[1:]  # the first is cut
+    out = []
+    for line in lines[:-1]:  # the last: after the final newline (empty, or torn)
+        with contextlib.suppress(ValueError):
+            out.append(json.loads(line))
+    return out
 
 
 class StreamWriter:

@@ -11,7 +11,7 @@ from sinks_helpers import drive, journal_decisions, run_info
 
 from lrctl.cli import main
 from lrctl.sinks import AuditSettings, AuditSink
-from lrctl.sinks.journal import RunPaths
+from lrctl.sinks.journal import RunPaths, tail_records
 
 JOURNAL_ONLY = AuditSettings(log_every=10, mlflow=False)
 
@@ -154,3 +154,24 @@ def test_a_run_name_used_by_several_runs_means_the_latest_and_says_so(
         state, "run-zz9")
     assert "'alpha' names 2 runs; the latest, run-zz9 (the others" in captured.err
     assert "run-aa1" in captured.err
+
+
+def test_runs_all_shows_the_lr_of_a_run_whose_last_sample_has_none(
+        state: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """A newcomer's find: an ended run's LR showed '-' when its last metrics record (the
+    final loss, logged between two LR samples) held no LR."""
+    monkeypatch.setenv("LRCTL_SOCKET", str(tmp_path / "none.sock"))
+    sink = AuditSink(state, JOURNAL_ONLY)
+    sink.open_run(run_info("run-d4", run_name="delta", cwd=str(tmp_path)))
+    drive(sink, "run-d4", range(96), [0.3, 0.03], every=1000)  # no decisions
+    sink.close_run("run-d4")
+    sink.close()
+    stream = RunPaths.of(state, "run-d4").stream("metrics")
+    last = tail_records(stream)[-1]
+    with open(stream, "a") as f:  # the final loss, as a closing hook's last step logs it
+        f.write(json.dumps({"seq": last["seq"] + 1, "ts": last["ts"],
+                            "points": [["lrctl/loss", 0.5, 95]]}) + "\n")
+    assert main(["runs", "--all", "--json"]) == 0
+    runs = {r["run"]: r for r in json.loads(capsys.readouterr().out)}
+    assert (runs["run-d4"]["step"], runs["run-d4"]["lrs"]) == (95, [0.3, 0.03])
