@@ -172,8 +172,12 @@ class OperatorVerbs:
         takers = [i for i in self._order if name in self.policies[i].COMMANDS]
         if len(takers) != 1:
             which = ", ".join(self.names[i] for i in takers) or "none"
+            from ._registry import available_kinds, get_policy_class  # (the error path only)
+
+            kinds = [k for k in available_kinds() if name in get_policy_class(k).COMMANDS]
             raise ValueError(f"{name!r} needs exactly one policy that takes it in the stack "
-                             f"(here: {which})")
+                             f"(here: {which}; a policy of kind {' or '.join(kinds) or '?'} "
+                             "takes it)")
         i = takers[0]
         step = -1 if self.last_step is None else self.last_step
         before = list(self._lrs)
