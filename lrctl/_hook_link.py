@@ -88,6 +88,8 @@ class LinkSide:
         }
         if self.total_steps is not None:
             hello["total_steps"] = self.total_steps
+        if self.every > 1:  # ("auto" reports every step's values: 1)
+            hello["every"] = self.every
         if self._rollbacks is not None:
             hello["snapshots"] = self._rollbacks.hello()
         if self._saved_session is not None:

@@ -172,8 +172,11 @@ class Handshakes:
         # The hook can roll back (or no longer), to the snapshots it holds.
         session.set_snapshots(hello.snapshots, hello.snapshots_held)
         # A loop resumed past the run's last observed step (those steps never reached
-        # it): the welcome's LRs are its first step's, as for a new run's start_step.
-        session.engine.start_at(hello.start_step)
+        # it): the welcome's LRs are its first step's, as for a new run's start_step. Not
+        # when they are only the steps an every=N hook does not report: its LRs between
+        # reports are those decided at the last one, and so are a resumed run's.
+        if session.last_step < 0 or hello.start_step > session.last_step + hello.every:
+            session.engine.start_at(hello.start_step)
         if _follow_mlflow(session, hello):  # a live session rejoined by a resumed job
             srv.open_records(session)
             srv.checkpoints.save(key)

@@ -40,6 +40,7 @@ class Hello:
     watch: bool  # attach(watch=...): follow edits of the policy file
     sync: bool  # the hook waits for each answer
     pace: bool = False  # an async hook: it may be read on a timer (see pacing.py)
+    every: int = 1  # an every=N hook reports every N-th step only
     session: dict[str, Any] | None = None  # the run's state from the user's checkpoint
     start_step: int = 0  # the step number of the loop's first step
     resume_token: str | None = None  # from the run's welcome: may take a connected run over
@@ -84,7 +85,8 @@ def parse_hello(msg: Mapping[str, Any]) -> Hello:
         resume_token=get_str(msg, "resume_token", max_len=64, optional=True),
         snapshots=_snapshots(msg.get("snapshots")),
         snapshots_held=_snapshots_held(msg.get("snapshots")),
-        pace=_bool(msg, "pace", False) and not sync)
+        pace=_bool(msg, "pace", False) and not sync,
+        every=get_int(msg, "every", lo=1, hi=1 << 30, optional=True) or 1)
 
 
 def _snapshots(value: Any) -> tuple[int, int] | None:

@@ -337,3 +337,34 @@ def test_a_resume_by_key_with_another_policy_names_the_runs(controller: Controll
     with pytest.raises(lrctl.client.RunConflict, match=r"default\.yaml, sha256 [0-9a-f]{12}\): "
                                                         r"attach with that policy"):
         lrctl.attach(_opt(), policy="sgdr", spawn=False, resume=first.run_key)
+
+
+def test_an_every_n_run_resumed_from_state_uses_an_uninterrupted_runs_lrs(
+        controller: ControllerProc) -> None:
+    """An adversarial pass found it: every=4, resumed at step 100 (last report: 96), took
+    the schedule's LR of step 100 for that step, where the run holds the LR decided at
+    its last report until the next one."""
+    warmup = {"version": 1, "policies": [{"kind": "warmup", "steps": 200}]}
+
+    def train(ctl: lrctl.Controller, opt: torch.optim.Optimizer, steps: range) -> list:
+        used: list[float] = []
+        handle = opt.register_step_pre_hook(
+            lambda o, *_: used.append(o.param_groups[0]["lr"]))
+        for _ in steps:
+            ctl.step(1.0, grad_norm=1.0)
+            opt.step()
+        handle.remove()
+        return used
+
+    opt = _opt()
+    with lrctl.attach(opt, policy=warmup, spawn=False, every=4, timeout=30.0) as ctl:
+        reference = train(ctl, opt, range(120))
+    opt = _opt()
+    first = lrctl.attach(opt, policy=warmup, spawn=False, every=4, timeout=30.0)
+    assert train(first, opt, range(100)) == reference[:100]
+    state = first.state_dict()
+    first.close(end_run=False)
+    opt = _opt()
+    with lrctl.attach(opt, policy=warmup, spawn=False, every=4, timeout=30.0,
+                      resume=state) as again:
+        assert train(again, opt, range(100, 120)) == reference[100:]
