@@ -150,16 +150,24 @@ class Applying:
                                    "micro-batch loss")
 
     def _broadcast(self) -> None:
-        """Rank 0's LRs and flags to every rank, on a CPU group: identical LRs every step."""
+        """Rank 0's LRs and flags to every rank, on a CPU group: identical LRs every step.
+        With them the run's initial LRs, which the welcome may have told rank 0 only (a
+        resume by run key): ``base="loop"`` scales by the controller's LR over them."""
         try:
             rollback = self._rollbacks.wire() if self._rollbacks is not None else []
             values = self._dist.broadcast(
-                [*self._target, float(self.should_skip), float(self.should_stop), *rollback])
+                [*self._target, *self._initial, float(self.should_skip),
+                 float(self.should_stop), *rollback])
         except Exception as exc:
             self._warn("broadcast", f"lrctl: LR broadcast failed ({exc!r}); LRs unchanged")
             return
         n = len(self._target)
         self._target = values[:n]
+        initial = values[n:2 * n]
+        if initial != self._initial:
+            self._initial = initial
+            self._writer.initial = list(initial)
+        n *= 2
         self.should_skip = values[n] > 0
         self.should_stop = values[n + 1] > 0
         if self._rollbacks is not None:

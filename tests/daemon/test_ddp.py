@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from daemon_helpers import REPO, ControllerProc
 
 
@@ -43,3 +44,16 @@ def test_a_rollback_restores_the_same_snapshot_on_every_rank(controller: Control
             assert weights == rank["snapshots"][str(to)]
     assert ranks[0]["rolled"][0][2] == ranks[1]["rolled"][0][2]
     assert ranks[0]["final"] == ranks[1]["final"]
+
+
+def test_a_resume_by_key_in_loop_mode_uses_the_same_lr_on_every_rank(
+        controller: ControllerProc, short_dir: Path) -> None:
+    """A review found it: the run's initial LRs, told by the welcome to rank 0 only, left
+    the other ranks scaling the loop's LR by another factor (replicas drifting apart)."""
+    out = _torchrun("ddp_resume_worker.py", short_dir)
+    assert out.returncode == 0, out.stderr[-3000:]
+    ranks = [json.loads((short_dir / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert len(ranks[0]["used"]) == 10 and ranks[0]["used"] == ranks[1]["used"]
+    # The loop's LR (half the run's initial) times the warmup's factor at each step.
+    expected = [0.025 * (0.01 + 0.99 * t / 40) for t in range(20, 30)]
+    assert ranks[0]["used"] == [pytest.approx(lr, rel=1e-9) for lr in expected]
