@@ -252,9 +252,11 @@ class Session:
         self.engine = new
         self.engine.skips_enforced = self._sync
         self.policy = policy
+        # Its source too: a resume from the hook's state may bring the policy of another
+        # file (the run then watches that one).
         self.info = dataclasses.replace(
             self.info, policy_text=policy.text, policy_sha256=policy.sha256,
-            params=flatten_params(policy))
+            policy_source=policy.source, params=flatten_params(policy))
         self.reload_error = None
         self.reloads += 1
         parts = [f"{k} {', '.join(v)}" for k, v in summary.items() if v]

@@ -218,6 +218,13 @@ def test_a_resume_by_run_key_after_loading_the_optimizer_continues_the_runs_lrs(
     assert used == [pytest.approx([scale * lr for lr in lrs]) for lrs in expected[20:30]]
 
 
+def _runs() -> list[dict]:
+    out = subprocess.run([sys.executable, "-m", "lrctl", "runs", "--json"],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    return list(json.loads(out.stdout))
+
+
 def test_a_resume_from_state_under_a_policy_edited_since_reloads_it(
         controller: ControllerProc, tmp_path: Path) -> None:
     """An adversarial pass found it: the policy file edited after the last checkpoint (a
@@ -242,6 +249,15 @@ def test_a_resume_from_state_under_a_policy_edited_since_reloads_it(
     with lrctl.attach(_opt(), policy=str(path), sync=True, spawn=False, resume=again) as ctl:
         _step_all(ctl, curve, 32, 34)
         assert not [d for d in ctl.decisions if d.action == "reload"]  # the same version
+        again = ctl.state_dict()
+    # Another file (a review's find: the run kept watching the old one, and an edit of
+    # it, or a controller restart, took the run back to it).
+    other = tmp_path / "other.yaml"
+    other.write_text(path.read_text().replace("factor: 0.25", "factor: 0.75"))
+    with lrctl.attach(_opt(), policy=str(other), sync=True, spawn=False, resume=again) as ctl:
+        _step_all(ctl, curve, 34, 36)
+        [held] = [r for r in _runs() if r["run"] == ctl.run_key]
+        assert held["policy_source"] == str(other) and held["watching"]
 
 
 def test_a_metric_reported_before_the_checkpoint_reaches_the_resumed_run(
