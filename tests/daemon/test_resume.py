@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -295,6 +296,21 @@ def test_a_metric_reported_before_the_checkpoint_reaches_the_resumed_run(
         assert [(d.step, d.reason, d.evidence) for d in stops] == [
             (d.step, d.reason, d.evidence) for d in expected]
         assert stops[0].evidence["best_step"] == 29
+
+
+def test_a_state_with_a_non_finite_pending_metric_resumes(controller: ControllerProc) -> None:
+    """A review found it: a diverged evaluation (val_loss=nan) reported before the
+    checkpoint made the checkpoint's state refused at resume."""
+    first = lrctl.attach(_opt(), policy=POLICY, sync=True, spawn=False)
+    _step_all(first, [1.0] * 5, 0, 5)
+    first.report(val_loss=float("nan"))
+    state = first.state_dict()
+    with pytest.warns(RuntimeWarning, match="state_dict"):
+        first.close(end_run=False)
+    assert math.isnan(state["metrics"]["val_loss"])
+    with lrctl.attach(_opt(), policy=POLICY, sync=True, spawn=False, resume=state) as ctl:
+        _step_all(ctl, [1.0] * 6, 5, 6)
+        assert ctl.run_key == first.run_key
 
 
 def test_a_state_dict_the_controller_does_not_answer_in_time_says_so(
