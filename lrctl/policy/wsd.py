@@ -207,9 +207,12 @@ class WSD(ReactivePolicy):
 
     def _phase_events(self, obs: Observation, ctx: StepContext) -> list[Action]:
         p = self.params
-        if p["warmup_steps"] and obs.step + 1 == p["warmup_steps"]:
-            return [Action("warmup_done", f"warmup complete after {p['warmup_steps']} steps: "
-                           "stable phase", {"statistic": "step", "value": obs.step + 1})]
+        warmup = p["warmup_steps"]
+        # (with every=N, recorded by the first report at or after the step)
+        since = obs.step + 1 if ctx.prev_step is None else min(ctx.prev_step + 2, obs.step + 1)
+        if warmup and since <= warmup <= obs.step + 1:
+            return [Action("warmup_done", f"warmup complete after {warmup} steps: "
+                           "stable phase", {"statistic": "step", "value": warmup})]
         if self._start is not None:
             return []
         scheduled = self._scheduled_start()

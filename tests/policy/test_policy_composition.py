@@ -277,3 +277,15 @@ def test_phase_events_between_reports_are_recorded_at_the_next_one() -> None:
                                        (32, "restart", 32), (48, "restart", 48)]
     assert events(range(0, 50, 7)) == [(14, "warmup_done", 10), (21, "restart", 16),
                                        (35, "restart", 32), (49, "restart", 48)]
+
+
+def test_wsd_warmup_done_between_reports_is_recorded() -> None:
+    policy = {"version": 1, "policies": [{"kind": "wsd", "warmup_steps": 10,
+                                          "total_steps": 100, "decay_fraction": 0.2}]}
+    for stride, step in ((1, 9), (4, 12), (7, 14)):
+        engine = lrctl.load_policy(policy, [0.1])
+        for t in range(0, 60, stride):
+            engine.observe(t, 1.0, 1.0)
+        done = [(d.step, d.evidence["value"]) for d in engine.decisions
+                if d.action == "warmup_done"]
+        assert done == [(step, 10)], stride
