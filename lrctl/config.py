@@ -232,7 +232,10 @@ def _validate(doc: dict[str, Any], reader: YamlReader, text: str, source: str) -
         except ConfigError as exc:
             errors.append(exc)
     if not errors:
-        _name_entries(entries, source)
+        try:
+            _name_entries(entries, source)
+        except ConfigError as exc:
+            errors.append(exc)
     parsed = PolicyFile(
         source=source,
         text=text,

@@ -101,7 +101,7 @@ def find_run(query: str, state_dir: str | None = None) -> Any:
                 matches.append((root, k))
         if len(matches) > 1:
             # A run name that a script used again on each run: its latest run, said so.
-            matches.sort(key=lambda rk: _modified(RunPaths.of(*rk).meta))
+            matches.sort(key=lambda rk: _created(RunPaths.of(*rk)))
             others = ", ".join(k for _, k in matches[-2::-1][:5])
             print(f"lrctl: {query!r} names {len(matches)} runs; the latest, "
                   f"{matches[-1][1]} (the others, newest first: {others}"
@@ -120,6 +120,15 @@ def find_run(query: str, state_dir: str | None = None) -> Any:
                           f"{', '.join(k for _, k in matches[:10])}")
     listed = ", ".join(f"{k} in {root}" for root, k in matches[:10])
     raise RunNotFound(f"{query!r} is ambiguous: {listed} (--state-dir picks one)")
+
+
+def _created(paths: Any) -> float:
+    """When a run was created (its meta says; rewritten on every resume, so not its
+    file's time), else its meta file's time."""
+    from ..sinks.journal import read_json
+
+    created = (read_json(paths.meta, {}) or {}).get("created")
+    return float(created) if isinstance(created, (int, float)) else _modified(paths.meta)
 
 
 def _modified(path: Path) -> float:

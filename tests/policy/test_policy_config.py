@@ -255,6 +255,7 @@ def test_load_policy_none_is_the_shipped_default_as_for_attach() -> None:
     ("  - kind: plateau\n    factor: 1.5\n    patiense: 3\n  - kind: warmpu\n", 4, "factor"),
     ("  - kind: plateau\n    patiense: 3\n    factor: 1.5\n", 4, "patiense"),
     ("  - kind: warmpu\n  - kind: plateau\n    factor: 1.5\n", 3, "kind"),
+    ("  - kind: plateau\n    factor: 1.5\n  - kind: warmup\n    name: plateau\n", 4, "factor"),
 ])
 def test_the_first_problem_in_the_file_is_the_one_said(body: str, line: int, key: str) -> None:
     with pytest.raises(ConfigError) as err:

@@ -146,8 +146,8 @@ def test_a_run_name_used_by_several_runs_means_the_latest_and_says_so(
     drive(sink, "run-zz9", range(40), [0.3], every=30)
     sink.close_run("run-zz9")
     sink.close()
-    older = RunPaths.of(state, "run-aa1").meta
-    os.utime(older, (1_000_000_000, 1_000_000_000))  # clearly the older of the two
+    newer = RunPaths.of(state, "run-aa1").meta  # the older run, reopened (a resume) last
+    os.utime(newer, (4_000_000_000, 4_000_000_000))
     assert main(["decisions", "alpha", "--json"]) == 0
     captured = capsys.readouterr()
     assert [json.loads(x) for x in captured.out.splitlines()] == journal_decisions(
