@@ -20,6 +20,7 @@ with the token: the controller reads nothing large from a peer before that.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import select
 import socket
@@ -346,7 +347,9 @@ class Link:
         if isinstance(token, str):
             self.hello["resume_token"] = token
         initial = msg.get("initial_lrs")
-        if isinstance(initial, list) and len(initial) == len(self.hello["lrs"]):
+        if (isinstance(initial, list) and len(initial) == len(self.hello["lrs"])
+                and all(type(v) in (int, float) and math.isfinite(v) and v >= 0
+                        for v in initial)):
             self.hello["lrs"] = list(initial)  # the run's (see LinkSide._adopt_initial)
         if self.welcomed and not msg.get("restored"):
             self.warn("lost_state", "lrctl: the controller had no saved state for this run; "

@@ -368,8 +368,8 @@ class Session:
         """``lrctl pause`` (``"shadow"``) / ``lrctl resume`` (``"active"``); a run already in
         that mode is refused with nothing recorded (the audit holds changes only)."""
         if self.engine.mode == mode:
-            verb = "paused (lrctl resume RUN ends it)" if mode == "shadow" else \
-                "active (not paused)"
+            verb = ("in shadow mode (paused, or 'mode: shadow' in its policy file)"
+                    if mode == "shadow" else "active (not paused)")
             raise ProtocolError(f"run {self.key} is already {verb}", "bad_request")
         decision = self.engine.pause() if mode == "shadow" else self.engine.resume()
         return self._record(decision.to_dict())

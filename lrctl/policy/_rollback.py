@@ -70,6 +70,8 @@ class SnapshotBook:
         """The hook says which snapshots it holds (its hello): they replace the count, so
         a process resumed from a checkpoint is offered none of its predecessor's."""
         self.steps = sorted(set(steps))[-self.keep:]
+        if self.steps:  # a replay of frames it held is not counted again
+            self._next = max(self._next, self.steps[-1] + self.every)
 
     def rolled_back(self, to: int, now: int) -> None:
         """A rollback to ``to`` decided at ``now``: later snapshots are gone."""

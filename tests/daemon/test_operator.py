@@ -51,7 +51,7 @@ def test_pause_records_shadow_decisions_and_holds_the_lr(controller: ControllerP
         held = ctl.lr
         assert _cli("pause", "pz").returncode == 0
         again = _cli("pause", "pz")  # refused, nothing recorded (a newcomer's find)
-        assert again.returncode == 1 and "already paused" in again.stderr
+        assert again.returncode == 1 and "already in shadow mode" in again.stderr
         for _ in range(15):  # warmup would act, and its phase event is recorded as shadow
             ctl.step(1.0)
         assert ctl.lr == held and ctl.mode == "shadow"
