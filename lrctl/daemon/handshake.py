@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 from .._version import __version__
 from ..config import ConfigError, parse_text
+from ..sinks.journal import RunPaths, tail_records
 from ..wire.errors import ProtocolError
 from .hello import Hello, parse_hello
 from .session import Session, new_resume_token, text_sha256
@@ -118,7 +119,7 @@ class Handshakes:
         srv = self.server
         rewound = None
         if restored and hello.session is not None:
-            rewound = _rewound(srv.sessions.get(hello.run), session)
+            rewound = _rewound(srv.sessions.get(hello.run), session, job.prior)
         if restored:
             _follow_mlflow(session, hello)  # opened below with the job's MLflow run
             srv.adopt(hello.run, session)
@@ -237,6 +238,22 @@ class Handshakes:
         self.builder.stop()
 
     # -- on the worker thread ----------------------------------------------------------
+    def _prior(self, key: str, resumed_at: int) -> tuple[int, list[dict[str, Any]]] | None:
+        """How far the run's checkpoint on disk had got, and the journal's decisions after
+        ``resumed_at`` up to there (for a run no longer in memory; see :func:`_rewound`)."""
+        store = self.server.store
+        try:
+            state = store.read_file(store.path(key))
+            seen = state["engine"]["last_step"]
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+        if not isinstance(seen, int) or seen <= resumed_at:
+            return None
+        stream = RunPaths.of(self.server.state_dir, key).stream("decisions")
+        undone = [r for r in tail_records(stream) if isinstance(r.get("step"), int)
+                  and resumed_at < r["step"] <= seen and isinstance(r.get("action"), str)]
+        return seen, undone
+
     def _build(self, job: BuildJob) -> tuple[Session, bool]:
         """The session ``job``'s hello joins, and whether it was restored. Touches nothing
         the loop owns (the store reads a file that no one writes while the run is out of
@@ -244,6 +261,7 @@ class Handshakes:
         hello = job.hello
         if hello.session is not None:
             session, job.reloaded = _from_hook(hello)
+            job.prior = self._prior(hello.run, session.last_step)
             return session, True
         try:
             state = None if job.ended else self.server.store.load(hello.run)
@@ -278,14 +296,22 @@ def _follow_mlflow(session: Session, hello: Hello) -> bool:
     return True
 
 
-def _rewound(held: Session | None, resumed: Session) -> dict[str, Any] | None:
-    """The ``resumed`` decision when the run the controller ``held`` in memory had seen
-    steps after the checkpoint's (the training process died after it): those steps, and
-    the decisions made there, are undone, and the audit trail says so."""
-    if held is None or held.last_step <= resumed.last_step:
+def _rewound(held: Session | None, resumed: Session,
+             prior: tuple[int, list[dict[str, Any]]] | None) -> dict[str, Any] | None:
+    """The ``resumed`` decision when the run the controller ``held`` in memory (else, as
+    its checkpoint and journal on disk left it: ``prior``) had seen steps after the
+    checkpoint's (the training process died after it): those steps, and the decisions
+    made there, are undone, and the audit trail says so."""
+    if held is not None:
+        seen = held.last_step
+        undone = [d.to_dict() for d in held.engine.decisions if d.step > resumed.last_step]
+    elif prior is not None:
+        seen, undone = prior
+    else:
         return None
-    undone = [d.to_dict() for d in held.engine.decisions if d.step > resumed.last_step]
-    return resumed.rewound(held.last_step, undone)
+    if seen <= resumed.last_step:
+        return None
+    return resumed.rewound(seen, undone)
 
 
 def _from_hook(hello: Hello) -> tuple[Session, dict[str, Any] | None]:

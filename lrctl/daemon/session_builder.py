@@ -54,6 +54,9 @@ class BuildJob:
     # A session resumed from the hook's state under a policy edited since: the reload's
     # decision, published once the hook has joined.
     reloaded: dict[str, Any] | None = None
+    # From the hook's state: how far the run on disk had got, and its decisions after the
+    # state's step (a run evicted from memory; see handshake._rewound).
+    prior: tuple[int, list[dict[str, Any]]] | None = None
 
 
 class SessionBuilder:

@@ -8,6 +8,8 @@ import os
 import signal
 import subprocess
 import sys
+import threading
+import time
 import warnings
 from pathlib import Path
 
@@ -358,6 +360,34 @@ def test_a_resume_from_state_that_undoes_later_steps_says_so_in_the_audit(
         assert resumed.step == 9 and resumed.evidence["seen_up_to"] == 17
         assert resumed.evidence["undone"] == [{"step": 14, "action": "set_lr"}]
         assert "set_lr@14" in resumed.reason
+
+
+def test_a_resume_from_state_after_the_run_left_memory_still_says_what_it_undid(
+        make_controller, tmp_path: Path,  # type: ignore[no-untyped-def]
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A review found it: the 'resumed' decision looked only at the run in memory, so a
+    job restarted after --session-timeout (the run then only on disk) recorded nothing."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
+    monkeypatch.chdir(tmp_path)
+    make_controller(["--session-timeout", "1"], audit=True)
+    first = lrctl.attach(_opt(), policy=POLICY, sync=True, spawn=False, run_name="gone")
+    _step_all(first, [1.0] * 20, 0, 10)
+    state = first.state_dict()
+    _step_all(first, [1.0] * 20, 10, 15)
+    out = subprocess.run([sys.executable, "-m", "lrctl", "set-lr", "gone", "0.01"],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    _step_all(first, [1.0] * 20, 15, 18)
+    first.close(end_run=False)
+    deadline = time.monotonic() + 60
+    while any(r["run"] == first.run_key for r in _runs()):  # evicted after 1 s idle
+        assert time.monotonic() < deadline, "the run was never evicted"
+        threading.Event().wait(0.1)
+    with lrctl.attach(_opt(), policy=POLICY, sync=True, spawn=False, resume=state) as ctl:
+        _step_all(ctl, [1.0] * 20, 10, 11)
+        [resumed] = [d for d in ctl.decisions if d.action == "resumed"]
+        assert resumed.step == 9 and resumed.evidence["seen_up_to"] == 17
+        assert resumed.evidence["undone"] == [{"step": 14, "action": "set_lr"}]
 
 
 def test_a_resume_by_key_with_another_policy_names_the_runs(controller: ControllerProc) -> None:
