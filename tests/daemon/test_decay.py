@@ -28,6 +28,16 @@ def _optimizer() -> torch.optim.Optimizer:
     return torch.optim.SGD([torch.nn.Parameter(torch.ones(1))], lr=LR)
 
 
+def _ten_steps(name: str) -> tuple[lrctl.policy.Engine, lrctl.Controller]:
+    """A run attached (sync) and ten steps in, beside the in-process engine."""
+    engine = lrctl.load_policy(WSD, [LR])
+    ctl = lrctl.attach(_optimizer(), policy=WSD, sync=True, spawn=False, run_name=name)
+    for t in range(10):
+        ctl.step(1.0, grad_norm=1.0)
+        engine.observe(t, 1.0, 1.0)
+    return engine, ctl
+
+
 def test_decay_starts_and_cancel_ends_the_cooldown_of_a_live_run(
         controller: ControllerProc) -> None:
     engine = lrctl.load_policy(WSD, [LR])
@@ -75,11 +85,7 @@ def test_decay_errors_are_clear(controller: ControllerProc) -> None:
 
 def test_the_decay_survives_a_killed_controller(make_controller) -> None:  # type: ignore[no-untyped-def]
     controller: ControllerProc = make_controller()
-    engine = lrctl.load_policy(WSD, [LR])
-    ctl = lrctl.attach(_optimizer(), policy=WSD, sync=True, spawn=False, run_name="durable")
-    for t in range(10):
-        ctl.step(1.0, grad_norm=1.0)
-        engine.observe(t, 1.0, 1.0)
+    engine, ctl = _ten_steps("durable")
     out = _cli("decay", "durable", "--steps", "20", "--shape", "1-sqrt")
     assert out.returncode == 0, out.stderr
     engine.command("decay", steps=20, shape="1-sqrt")
@@ -124,11 +130,7 @@ def test_a_run_resumed_from_its_state_keeps_a_later_decay_across_a_controller_re
     checkpoint, undoing a cooldown started after the resume (the LR went back up). The
     state goes out of the hello once the controller has checkpointed past it."""
     controller: ControllerProc = make_controller()
-    engine = lrctl.load_policy(WSD, [LR])
-    first = lrctl.attach(_optimizer(), policy=WSD, sync=True, spawn=False, run_name="again")
-    for t in range(10):
-        first.step(1.0, grad_norm=1.0)
-        engine.observe(t, 1.0, 1.0)
+    engine, first = _ten_steps("again")
     state = first.state_dict()
     first.close(end_run=False)
     ctl = lrctl.attach(_optimizer(), policy=WSD, sync=True, spawn=False, resume=state,

@@ -337,22 +337,29 @@ def test_load_state_dict_of_a_run_key_says_what_it_takes(controller: ControllerP
         ctl.load_state_dict(ctl.run_key)  # type: ignore[arg-type]
 
 
+def _set_lr_after_the_checkpoint(name: str) -> tuple[lrctl.Controller, dict]:
+    """A run checkpointed at step 10 (its state), then set to LR 0.01 by an operator at
+    step 14, whose process dies after step 17."""
+    first = lrctl.attach(_opt(), policy=POLICY, sync=True, spawn=False, run_name=name)
+    _step_all(first, [1.0] * 20, 0, 10)
+    state = first.state_dict()
+    _step_all(first, [1.0] * 20, 10, 15)
+    out = subprocess.run([sys.executable, "-m", "lrctl", "set-lr", name, "0.01"],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    _step_all(first, [1.0] * 20, 15, 18)
+    assert first.lr == [0.01]
+    first.close(end_run=False)
+    return first, state
+
+
 def test_a_resume_from_state_that_undoes_later_steps_says_so_in_the_audit(
         controller: ControllerProc) -> None:
     """An adversarial pass found it: an operator's decision made after the checkpoint was
     undone by the resume (the run goes on from the checkpoint's state, as documented)
     while the audit trail still showed it as in force. The resume is now a decision that
     names what it undid."""
-    first = lrctl.attach(_opt(), policy=POLICY, sync=True, spawn=False, run_name="undo")
-    _step_all(first, [1.0] * 20, 0, 10)
-    state = first.state_dict()
-    _step_all(first, [1.0] * 20, 10, 15)
-    out = subprocess.run([sys.executable, "-m", "lrctl", "set-lr", "undo", "0.01"],
-                         capture_output=True, text=True, timeout=60)
-    assert out.returncode == 0, out.stderr
-    _step_all(first, [1.0] * 20, 15, 18)
-    assert first.lr == [0.01]
-    first.close(end_run=False)  # the process dies after step 17; its checkpoint is step 10's
+    _, state = _set_lr_after_the_checkpoint("undo")
     with lrctl.attach(_opt(), policy=POLICY, sync=True, spawn=False, resume=state) as ctl:
         assert ctl.lr == [0.1]  # the checkpoint's
         _step_all(ctl, [1.0] * 20, 10, 11)
@@ -370,15 +377,7 @@ def test_a_resume_from_state_after_the_run_left_memory_still_says_what_it_undid(
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
     monkeypatch.chdir(tmp_path)
     make_controller(["--session-timeout", "1"], audit=True)
-    first = lrctl.attach(_opt(), policy=POLICY, sync=True, spawn=False, run_name="gone")
-    _step_all(first, [1.0] * 20, 0, 10)
-    state = first.state_dict()
-    _step_all(first, [1.0] * 20, 10, 15)
-    out = subprocess.run([sys.executable, "-m", "lrctl", "set-lr", "gone", "0.01"],
-                         capture_output=True, text=True, timeout=60)
-    assert out.returncode == 0, out.stderr
-    _step_all(first, [1.0] * 20, 15, 18)
-    first.close(end_run=False)
+    first, state = _set_lr_after_the_checkpoint("gone")
     deadline = time.monotonic() + 60
     while any(r["run"] == first.run_key for r in _runs()):  # evicted after 1 s idle
         assert time.monotonic() < deadline, "the run was never evicted"
