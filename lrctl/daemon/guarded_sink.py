@@ -80,6 +80,9 @@ class GuardedSink:
     def close_run(self, run_key: str) -> None:
         self._call("close_run", run_key)
 
+    def rewind(self, run_key: str, step: int) -> None:
+        self._call("rewind", run_key, step)
+
     def drop_run(self, run_key: str, reason: str) -> None:
         self._call("drop_run", run_key, reason)
 

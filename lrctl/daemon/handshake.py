@@ -124,6 +124,7 @@ class Handshakes:
             _follow_mlflow(session, hello)  # opened below with the job's MLflow run
             srv.adopt(hello.run, session)
             if hello.session is not None:
+                srv.sink.rewind(hello.run, session.last_step)  # its records go on from here
                 srv.checkpoints.save(hello.run)
                 log.info("run %s resumed from the hook's saved state at step %d", hello.run,
                          session.last_step)
@@ -239,17 +240,19 @@ class Handshakes:
 
     # -- on the worker thread ----------------------------------------------------------
     def _prior(self, key: str, resumed_at: int) -> tuple[int, list[dict[str, Any]]] | None:
-        """How far the run's checkpoint on disk had got, and the journal's decisions after
-        ``resumed_at`` up to there (for a run no longer in memory; see :func:`_rewound`)."""
-        store = self.server.store
+        """How far the run had got (its checkpoint on disk, else, for a run that ended, its
+        journal's last sample), and the journal's decisions after ``resumed_at`` up to
+        there (for a run no longer in memory; see :func:`_rewound`)."""
+        store, paths = self.server.store, RunPaths.of(self.server.state_dir, key)
         try:
-            state = store.read_file(store.path(key))
-            seen = state["engine"]["last_step"]
+            seen = store.read_file(store.path(key))["engine"]["last_step"]
         except (OSError, ValueError, KeyError, TypeError):
-            return None
+            seen = max((p[2] for r in tail_records(paths.stream("metrics"))
+                        for p in r.get("points", ()) if isinstance(p, list) and len(p) == 3
+                        and isinstance(p[2], int)), default=None)
         if not isinstance(seen, int) or seen <= resumed_at:
             return None
-        stream = RunPaths.of(self.server.state_dir, key).stream("decisions")
+        stream = paths.stream("decisions")
         undone = [r for r in tail_records(stream) if isinstance(r.get("step"), int)
                   and resumed_at < r["step"] <= seen and isinstance(r.get("action"), str)]
         return seen, undone

@@ -187,6 +187,15 @@ class AuditSink(RunSync, Sink):
         if points:
             self._metrics(run, points)
 
+    def rewind(self, run_key: str, step: int) -> None:
+        """Observations and decisions after ``step`` are journaled again (see
+        :meth:`Sink.rewind`): a resumed run's are new, though their steps were seen."""
+        run = self._run(run_key)
+        if run.last_step is not None and run.last_step > step:
+            run.last_step = step
+        if run.journaled_step > step:
+            run.journaled_step, run.journaled_at_step = step, set()
+
     def policy_changed(self, run_key: str, info: RunInfo, record: Mapping[str, Any]) -> None:
         run = self._run(run_key)
         policy_file = save_policy(run.paths, info)

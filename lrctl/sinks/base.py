@@ -97,6 +97,12 @@ class Sink(ABC):
     def close_run(self, run_key: str) -> None:
         """The session ended; flush what belongs to it."""
 
+    def rewind(self, run_key: str, step: int) -> None:
+        """The run was resumed from the user's checkpoint of ``step``: what comes after is
+        new, even at steps already recorded (a replay after a controller restart is not).
+        The default does nothing."""
+        return None
+
     def drop_run(self, run_key: str, reason: str) -> None:
         """The session's hook vanished without a ``bye`` and did not come back within
         the controller's ``session_timeout``: the run is orphaned (``reason`` says

@@ -387,6 +387,16 @@ def test_a_resume_from_state_after_the_run_left_memory_still_says_what_it_undid(
         [resumed] = [d for d in ctl.decisions if d.action == "resumed"]
         assert resumed.step == 9 and resumed.evidence["seen_up_to"] == 17
         assert resumed.evidence["undone"] == [{"step": 14, "action": "set_lr"}]
+        # The journal has it too, and what the resumed run decides at steps seen before
+        # (an adversarial pass found both dropped as replays of journaled steps).
+        out = subprocess.run([sys.executable, "-m", "lrctl", "set-lr", "gone", "0.02"],
+                             capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0, out.stderr
+        _step_all(ctl, [1.0] * 20, 11, 13)
+    journal = subprocess.run([sys.executable, "-m", "lrctl", "decisions", ctl.run_key,
+                              "--json"], capture_output=True, text=True, timeout=60)
+    actions = [(r["step"], r["action"]) for r in map(json.loads, journal.stdout.splitlines())]
+    assert actions[-3:] == [(14, "set_lr"), (9, "resumed"), (10, "set_lr")], actions
 
 
 def test_a_resume_by_key_with_another_policy_names_the_runs(controller: ControllerProc) -> None:
