@@ -43,7 +43,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import sys
 import warnings
@@ -134,9 +133,9 @@ class LrctlCallback(TrainerCallback, ExportableState):
                     metrics: dict[str, Any] | None = None, **kwargs: Any) -> None:
         if not self._live or self.controller is None or not metrics:
             return
+        # A NaN eval_loss too (a diverged model): the policies count it as no improvement.
         numbers = {k.replace("/", "_"): float(v) for k, v in metrics.items()
-                   if isinstance(v, (int, float)) and not isinstance(v, bool)
-                   and math.isfinite(float(v))}
+                   if isinstance(v, (int, float)) and not isinstance(v, bool)}
         if "eval_loss" in numbers:
             numbers["val_loss"] = numbers["eval_loss"]
         self.controller.report(**numbers)

@@ -144,9 +144,8 @@ class LrctlCallback(pl.Callback):
             return
         metrics = {}
         for name, value in trainer.callback_metrics.items():
-            number = float(value)
-            if math.isfinite(number):
-                metrics[name.replace("/", "_")] = number
+            # A NaN val_loss too (a diverged model): the policies count it as no improvement.
+            metrics[name.replace("/", "_")] = float(value)
         if metrics:
             self.controller.report(**metrics)
 

@@ -240,3 +240,33 @@ def test_an_early_stop_ends_the_trainer(controller: LiveController, tmp_path: Pa
     # eval_loss (as val_loss) reaches lrctl with the next step's statistics; the stop
     # ends the Trainer long before max_steps.
     check_early_stop(ctl.decisions, trainer.state.global_step, STEPS)
+
+
+class _DivergedEvalTrainer(Trainer):
+    """Its first evaluation is finite, the later ones NaN (a model that diverged)."""
+
+    evaluations = 0
+
+    def evaluate(self, *args: Any, **kwargs: Any) -> dict[str, float]:
+        self.evaluations += 1
+        metrics = {"eval_loss": 2.0 if self.evaluations == 1 else math.nan}
+        self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control,
+                                                         metrics=metrics)
+        return metrics
+
+
+def test_a_nan_eval_loss_counts_as_no_improvement(controller: LiveController,
+                                                  tmp_path: Path) -> None:
+    """An adversarial pass found it: the callback dropped non-finite metrics, so a
+    diverged evaluation never reached early stopping and the Trainer ran to the end."""
+    args = training_args(tmp_path / "out", STEPS, eval_strategy="steps", eval_steps=3,
+                         lr_scheduler_type="constant", warmup_steps=0)
+    policy = EARLYSTOP.replace("min_delta: 100.0", "min_delta: 0.0")
+    callback = LrctlCallback(policy=policy, sync=True, timeout=10.0, run_name="hf-nan-eval")
+    trainer = _DivergedEvalTrainer(model=tiny_gpt2(2), args=args,
+                                   train_dataset=stdlib_bytes(96), eval_dataset=stdlib_bytes(16),
+                                   callbacks=[callback])
+    trainer.train()
+    ctl = callback.controller
+    assert ctl is not None and ctl.should_stop
+    check_early_stop(ctl.decisions, trainer.state.global_step, STEPS)
