@@ -89,9 +89,7 @@ def find_run(query: str, state_dir: str | None = None) -> Any:
     roots = [Path(state_dir)] if state_dir else state_dirs()
     found = [(root, key) for root in roots for key in list_run_keys(root)]
     matches = [(root, k) for root, k in found if k == query]
-    if not matches:
-        matches = [(root, k) for root, k in found if k.startswith(query)]
-    if not matches:
+    if not matches:  # a run name (a prefix of each of its runs' keys: NAME-xxxxxxxx)
         for root, k in found:
             paths = RunPaths.of(root, k)
             meta = read_json(paths.meta, {}) or {}
@@ -108,6 +106,8 @@ def find_run(query: str, state_dir: str | None = None) -> Any:
                   f"{', …' if len(matches) > 6 else ''}; give a run key for another)",
                   file=sys.stderr)
             matches = matches[-1:]
+    if not matches:
+        matches = [(root, k) for root, k in found if k.startswith(query)]
     where = str(roots[0]) if len(roots) == 1 else f"{roots[0]} (and {len(roots) - 1} more)"
     if len(matches) == 1:
         return RunPaths.of(*matches[0])

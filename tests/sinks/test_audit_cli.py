@@ -145,6 +145,10 @@ def test_a_run_name_used_by_several_runs_means_the_latest_and_says_so(
     sink.open_run(run_info("run-zz9", run_name="alpha", cwd=str(tmp_path)))  # alpha again
     drive(sink, "run-zz9", range(40), [0.3], every=30)
     sink.close_run("run-zz9")
+    for key in ("delta-0a1b2c3d", "delta-4e5f6a7b"):  # keys as the hook makes them
+        sink.open_run(run_info(key, run_name="delta", cwd=str(tmp_path)))
+        drive(sink, key, range(40), [0.3], every=30)
+        sink.close_run(key)
     sink.close()
     newer = RunPaths.of(state, "run-aa1").meta  # the older run, reopened (a resume) last
     os.utime(newer, (4_000_000_000, 4_000_000_000))
@@ -154,6 +158,10 @@ def test_a_run_name_used_by_several_runs_means_the_latest_and_says_so(
         state, "run-zz9")
     assert "'alpha' names 2 runs; the latest, run-zz9 (the others" in captured.err
     assert "run-aa1" in captured.err
+    # A name that begins every key of its runs is still a name, not an ambiguous prefix
+    # (an adversarial pass found the prefix match first).
+    assert main(["decisions", "delta", "--json"]) == 0
+    assert "'delta' names 2 runs; the latest, delta-4e5f6a7b" in capsys.readouterr().err
 
 
 def test_runs_all_shows_the_lr_of_a_run_whose_last_sample_has_none(
