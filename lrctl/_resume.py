@@ -4,13 +4,14 @@ key follows. :class:`Resuming` is a mixin of :class:`~lrctl.hook.Controller`."""
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Mapping
 from typing import Any
 
 from ._torchutil import lr_value, to_float
 
-__all__ = ["STATE_FORMAT", "Resuming", "resume_state", "sanitize_run_name"]
+__all__ = ["STATE_FORMAT", "Resuming", "checkpoint_lrs", "resume_state", "sanitize_run_name"]
 
 _NAME_BAD = re.compile(r"[^A-Za-z0-9._-]+")
 
@@ -52,6 +53,18 @@ def resume_state(resume: Any) -> dict[str, Any] | None:
             "session": dict(session) if session is not None else None,
             "token": token if isinstance(token, str) else None,
             "metrics": {k: float(v) for k, v in metrics.items()}}
+
+
+def checkpoint_lrs(saved: Mapping[str, Any]) -> list[float] | None:
+    """The LRs the run was at in a checked state (its policies' LRs as the checkpoint left
+    them), for a resume that no controller answers; ``None`` when the state holds none."""
+    session = saved.get("session") or {}
+    engine = session.get("engine") if isinstance(session, Mapping) else None
+    lrs = engine.get("lrs") if isinstance(engine, Mapping) else None
+    if (not isinstance(lrs, list) or len(lrs) != len(saved["initial_lrs"])
+            or not all(type(v) in (int, float) and math.isfinite(v) and v >= 0 for v in lrs)):
+        return None
+    return [float(v) for v in lrs]
 
 
 class Resuming:
@@ -112,7 +125,8 @@ class Resuming:
         if saved["run_key"] == self.run_key and saved.get("session") is None:
             return
         self._initial = list(saved["initial_lrs"])
-        self._target = list(self._initial)
+        # Until a controller answers: the checkpoint's LRs, not the run's first ones.
+        self._target = checkpoint_lrs(saved) or list(self._initial)
         self._writer.initial = list(self._initial)
         self._resume = saved["run_key"]
         self._saved_session = saved.get("session")

@@ -35,7 +35,7 @@ from ._hook_apply import Applying
 from ._hook_link import LinkSide, PolicyRejected, RunConflict
 from ._hook_report import Reporting
 from ._link import Link
-from ._resume import STATE_FORMAT, Resuming, resume_state, sanitize_run_name
+from ._resume import STATE_FORMAT, Resuming, checkpoint_lrs, resume_state, sanitize_run_name
 from ._rollback import Rollbacks
 from ._staging import DeviceStaging
 from ._torchutil import (
@@ -147,7 +147,8 @@ class Controller(Resuming, LinkSide, Reporting, Applying):
                                  f"group(s), this optimizer has {len(initial)}")
             initial = list(saved["initial_lrs"])  # the run's, not the restored groups' LRs
         self._initial = initial
-        self._target = list(initial)  # the latest LRs from the controller
+        # The latest LRs from the controller; until one answers a resume, the checkpoint's.
+        self._target = (checkpoint_lrs(saved) if saved is not None else None) or list(initial)
         self._writer = LRWriter(optimizer, initial, base, self._warn)
         self.scaler = scaler
         self.overflows = 0  # GradScaler overflow steps seen (reported as such)

@@ -439,3 +439,27 @@ def test_an_every_n_run_resumed_from_state_uses_an_uninterrupted_runs_lrs(
     with lrctl.attach(opt, policy=warmup, spawn=False, every=4, timeout=30.0,
                       resume=state) as again:
         assert train(again, opt, range(100, 120)) == reference[100:]
+
+
+def test_a_resume_from_state_that_no_controller_answers_trains_at_the_checkpoints_lr(
+        controller: ControllerProc) -> None:
+    """An adversarial pass found it: with no controller, a resume from ctl.state_dict()
+    trained at the run's initial LR (0.1 after a warmup's 0.0055), not the checkpoint's."""
+    warmup = {"version": 1, "policies": [{"kind": "warmup", "steps": 200}]}
+    first = lrctl.attach(_opt(), policy=warmup, sync=True, spawn=False)
+    _step_all(first, [1.0] * 10, 0, 10)
+    at_checkpoint = first.lr
+    state = first.state_dict()
+    first.close(end_run=False)
+    controller.stop()
+    opt = _opt()
+    with pytest.warns(RuntimeWarning, match="no controller answers"):
+        ctl = lrctl.attach(opt, policy=warmup, spawn=False, resume=state)
+    try:
+        used: list[float] = []
+        opt.register_step_pre_hook(lambda o, *_: used.append(o.param_groups[0]["lr"]))
+        ctl.step(1.0, grad_norm=1.0)
+        opt.step()
+        assert used == at_checkpoint and at_checkpoint[0] < 0.01
+    finally:
+        ctl.close()
