@@ -165,12 +165,15 @@ class WSD(ReactivePolicy):
 
     # -- observations ----------------------------------------------------------------------
     def observe(self, obs: Observation, ctx: StepContext) -> list[Action]:
+        extended: list[Action] = []
         if self.params["total_steps"] is None and ctx.total_steps is not None:
+            if self._total is not None and ctx.total_steps > self._total:
+                extended = self._extended(ctx.total_steps, obs.step)
             self._total = ctx.total_steps
         if self._cut_pending:  # an operator started a cooldown since the last observation
             self._cut_pending = False
             ctx.flags.add("lr_reduced")
-        actions = self._inactive_note() + self._phase_events(obs, ctx)
+        actions = extended + self._inactive_note() + self._phase_events(obs, ctx)
         self._next = obs.step + 1
         self._scale = self._factor(self._next)
         if self._start is not None and not self._done and self._next >= \
@@ -185,6 +188,24 @@ class WSD(ReactivePolicy):
                 actions.append(Action("stop", "the cooldown is over (stop_after_decay)",
                                       {"statistic": "step", "value": self._next}))
         return actions
+
+    def _extended(self, total: int, step: int) -> list[Action]:
+        """The run was made longer (``max_steps`` raised on a resume) after the schedule
+        began its cooldown: the cooldown is stretched to end at the new last step, at the
+        point of its curve it had reached (it would otherwise end early and leave the
+        added steps at the floor). A cooldown already over, or an operator's, stays."""
+        if self._start is None or self._source != "schedule" or self._done:
+            return []
+        old_end = self._start + self._length
+        done = min(max((step - self._start) / self._length, 0.0), 0.99)
+        length = max(1, round((total - step) / (1.0 - done)))
+        self._start, self._length = total - length, length
+        level = self._factor(step)
+        return [Action("decay_extended", f"the run now ends at step {total} (was "
+                       f"{old_end}): the cooldown is stretched over steps "
+                       f"{self._start + 1}-{total}, going on from {level:.6g} × the LR",
+                       {"statistic": "total_steps", "value": total, "threshold": old_end,
+                        "from": level, "decay_steps": length})]
 
     def _inactive_note(self) -> list[Action]:
         """Said once, when nothing but an operator can start the cooldown."""

@@ -7,6 +7,7 @@ step 0; ``observe(step=t)`` returns the LR of step ``t + 1``.
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import random
@@ -311,3 +312,28 @@ def test_the_burn_in_survives_a_restore_and_counts_after_the_warmup() -> None:
         restored.observe(step=t, loss=flat[t])
     (start,) = [d for d in restored.decisions if d.action == "decay_start"]
     assert start.step == 10 + 30 + 40 - 1
+
+
+def test_a_run_extended_during_its_scheduled_cooldown_stretches_it() -> None:
+    """An adversarial pass found it: max_steps raised on a resume after the cooldown
+    began (120 -> 200, at step 105) left the cooldown ending at 120 and steps 121-200 at
+    LR 0. The cooldown is stretched to end at the new last step, from where it was."""
+    policy = {"version": 1, "policies": [{"kind": "wsd", "decay_fraction": 0.2}]}
+    first = lrctl.load_policy(policy, [LR], total_steps=120)
+    lrs = [first.observe(t, 1.0, 1.0)[0] for t in range(105)]
+    resumed = lrctl.load_policy(policy, [LR], total_steps=200)
+    resumed.load_state_dict(first.state_dict())
+    lrs += [resumed.observe(t, 1.0, 1.0)[0] for t in range(105, 200)]
+    [extended] = [d for d in resumed.decisions if d.action == "decay_extended"]
+    assert extended.step == 105 and extended.evidence["value"] == 200
+    assert all(a >= b for a, b in itertools.pairwise(lrs[95:]))  # still falling
+    assert lrs[104] - lrs[105] < lrs[103] - lrs[104]  # no jump at the extension
+    assert lrs[150] > 0.1 * LR and lrs[-1] == 0.0  # the cooldown ends at the new last step
+    # A cooldown already over stays over: nothing is re-planned.
+    done = lrctl.load_policy(policy, [LR], total_steps=120)
+    for t in range(125):
+        done.observe(t, 1.0, 1.0)
+    again = lrctl.load_policy(policy, [LR], total_steps=200)
+    again.load_state_dict(done.state_dict())
+    again.observe(125, 1.0, 1.0)
+    assert not [d for d in again.decisions if d.action == "decay_extended"]
