@@ -165,7 +165,7 @@ class WSD(ReactivePolicy):
 
     # -- observations ----------------------------------------------------------------------
     def observe(self, obs: Observation, ctx: StepContext) -> list[Action]:
-        extended: list[Action] = []
+        extended: list[Action] | None = None  # (no list on the usual observation)
         if self.params["total_steps"] is None and ctx.total_steps is not None:
             if self._total is not None and ctx.total_steps > self._total:
                 extended = self._extended(ctx.total_steps, obs.step)
@@ -173,7 +173,9 @@ class WSD(ReactivePolicy):
         if self._cut_pending:  # an operator started a cooldown since the last observation
             self._cut_pending = False
             ctx.flags.add("lr_reduced")
-        actions = extended + self._inactive_note() + self._phase_events(obs, ctx)
+        actions = self._inactive_note() + self._phase_events(obs, ctx)
+        if extended:
+            actions[:0] = extended
         self._next = obs.step + 1
         self._scale = self._factor(self._next)
         if self._start is not None and not self._done and self._next >= \
