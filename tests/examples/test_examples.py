@@ -146,6 +146,7 @@ def test_train_lightning(controller: LiveController, tmp_path: Path) -> None:
     assert re.search(r"step \d+: rangetest range_test_done: ", out), out
 
 
+@pytest.mark.xdist_group("ddp")  # one DDP job at a time (see tests/daemon/test_ddp.py)
 def test_train_ddp_ranks_use_identical_lrs(controller: LiveController, tmp_path: Path) -> None:
     # --standalone: the rendezvous binds port 0 itself (no free port picked beforehand
     # that another test could take first).
