@@ -15,6 +15,7 @@ time to its welcome is measured too), as a cluster of short jobs would do.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -52,6 +53,9 @@ class SimSpec:
     cwd: str | None = None  # the runs' working directory, as the hook reports it
     tracking_uri: str | None = None  # the MLflow URI the runs report
     seed: int = 0
+    # Say "pace" in the hello, as the hook does when asynchronous and reporting every step
+    # (rate-limited runs stand for such hooks; closed-loop ones wait for each answer).
+    pace: bool = False
 
 
 class _Run:
@@ -89,7 +93,7 @@ def _hello(spec: SimSpec, index: int) -> bytes:
                                                            "source": "<bench>"},
                    "lrs": [1e-3], "groups": 1, "world_size": 1,
                    "mlflow": {"run_id": None, "tracking_uri": spec.tracking_uri},
-                   "cwd": spec.cwd or os.getcwd()}, MAX_HELLO)
+                   "cwd": spec.cwd or os.getcwd(), "pace": spec.pace}, MAX_HELLO)
 
 
 def _connect(spec: SimSpec, index: int) -> _Run:
@@ -113,6 +117,8 @@ def _connect(spec: SimSpec, index: int) -> _Run:
 
 def drive(spec: SimSpec) -> dict[str, Any]:
     """Run ``spec.runs`` simulated runs; answered observations and their latencies (µs)."""
+    if spec.pace:
+        return drive_async(spec)
     runs = [_connect(spec, i) for i in range(spec.runs)]
     sel = selectors.DefaultSelector()
     for run in runs:
@@ -157,13 +163,89 @@ def drive(spec: SimSpec) -> dict[str, Any]:
         now = time.perf_counter()
     elapsed = time.perf_counter() - began
     for run in runs:
-        try:
-            run.sock.setblocking(True)
-            run.sock.sendall(encode({"t": "bye"}))
-        except OSError:
-            pass
-        run.sock.close()
+        _bye(run.sock)
     return {"answered": answered, "seconds": elapsed, "latencies_us": latencies, "late": late}
+
+
+def drive_async(spec: SimSpec) -> dict[str, Any]:
+    """Rate-limited runs that behave as the asynchronous hook does: each step reads the
+    answer to the step before without waiting (it has come a step ago, as a rule), then
+    sends its observation; nobody waits on the sockets in between, so an answer wakes
+    no one. An answer not yet there is waited for, as the hook waits for it, and counted
+    late. No latencies (reading them would take the wake-ups this avoids): ``waits_us``,
+    each late answer's wait at the run's next step, and ``in_time``, the answers that
+    were there when it came."""
+    assert spec.rate_hz
+    runs = [_connect(spec, i) for i in range(spec.runs)]
+    pause = spec.start_at - time.time()
+    if pause > 0:
+        time.sleep(pause)
+    began = time.perf_counter()
+    end = began + spec.seconds
+    period = 1.0 / spec.rate_hz
+    for i, run in enumerate(runs):  # spread over one period
+        run.next_at = began + period * i / len(runs)
+    answered = late = in_time = 0
+    waits: list[float] = []
+    now = began
+    while now < end:
+        run = min(runs, key=lambda r: r.next_at)
+        if run.next_at > now:
+            time.sleep(run.next_at - now)
+        now = time.perf_counter()
+        if run.waiting:
+            waited = _read_answer(run, now)
+            answered += 1
+            if not waited:
+                in_time += 1
+            elif len(waits) < _MAX_SAMPLES:
+                waits.append(waited * 1e6)
+        run.waiting = True
+        run.sock.send(run.obs())
+        run.next_at += period
+        if run.next_at < now:
+            late += 1
+            run.next_at = now + period
+        now = time.perf_counter()
+    elapsed = time.perf_counter() - began
+    for run in runs:
+        if run.waiting:
+            _read_answer(run, time.perf_counter())
+        _bye(run.sock)
+    return {"answered": answered, "seconds": elapsed, "latencies_us": [], "late": late,
+            "in_time": in_time, "waits_us": waits}
+
+
+def _read_answer(run: _Run, now: float) -> float:
+    """The answer to ``run``'s last observation: read at once if it is there, else waited
+    for (the seconds waited, 0 when it was there)."""
+    got = 0
+    with contextlib.suppress(BlockingIOError):  # nothing yet
+        got = run.replies(run.sock.recv(1 << 16))
+    if got:
+        run.waiting = False
+        return 0.0
+    run.sock.setblocking(True)
+    run.sock.settimeout(30)
+    try:
+        while not got:
+            data = run.sock.recv(1 << 16)
+            if not data:
+                raise ConnectionError("the controller closed a connection")
+            got = run.replies(data)
+    finally:
+        run.sock.setblocking(False)
+    run.waiting = False
+    return max(time.perf_counter() - now, 1e-9)
+
+
+def _bye(sock: socket.socket) -> None:
+    try:
+        sock.setblocking(True)
+        sock.sendall(encode({"t": "bye"}))
+    except OSError:
+        pass
+    sock.close()
 
 
 class _ChurnRun(_Run):
@@ -207,12 +289,7 @@ def drive_churn(spec: SimSpec) -> dict[str, Any]:
     def end(run: _ChurnRun) -> None:
         nonlocal ended
         sel.unregister(run.sock)
-        try:
-            run.sock.setblocking(True)
-            run.sock.sendall(encode({"t": "bye"}))
-        except OSError:
-            pass
-        run.sock.close()
+        _bye(run.sock)
         ended += 1
 
     runs = [begin(0.0, False, 0.0) for _ in range(spec.runs)]

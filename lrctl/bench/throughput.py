@@ -10,10 +10,15 @@ interleaved rounds:
   (from ``/proc/PID/stat``, so the figure does not depend on how many cores the
   clients take);
 * **paced**: 64 runs at 100 observations/s each, the controller's CPU share
-  over the window, and its resident memory (``VmRSS``) before and after ("paced"
-  as in rate-limited: these raw clients do not ask for the controller's paced
-  reading, which a 10 ms interval would not get anyway, see
-  :mod:`lrctl.daemon.pacing`; every observation wakes the controller);
+  over the window, and its resident memory (``VmRSS``) before and after. These
+  runs behave as the asynchronous hook does (see :func:`._simrun.drive_async`):
+  they say ``pace`` in their hello, and each step reads the answer to the step
+  before without waiting on the socket in between, so the controller reads them on
+  its timer (:mod:`lrctl.daemon.pacing`) and its answers wake no one. The tables
+  up to ``4a8b48b`` measured runs that were read as their frames came and slept on
+  their sockets for the answers: every observation woke the controller and every
+  answer a worker, which a hook's loop does not do. Instead of latencies: how many
+  answers were in by their run's next step, and the waits for those that were not;
 * **churn, MLflow on**: a controller *with* its audit trail (journal, group
   commit, the MLflow shipper child) shipping to a sqlite store, 64 runs at 20 Hz
   where each run ends (``bye``) after a random 5–15 s and a new one takes its
@@ -30,6 +35,7 @@ unpaced rates are a floor of what the controller alone could do.
 from __future__ import annotations
 
 import argparse
+import math
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -87,7 +93,7 @@ def _one(socket: str, n: int, cfg: ThroughputConfig, text: str, rate: float | No
     procs = []
     for i in range(workers):
         spec = SimSpec(socket, n // workers + (i < n % workers), text, start_at, cfg.seconds,
-                       rate, f"{tag}-{i}")
+                       rate, f"{tag}-{i}", pace=rate is not None)
         procs.append(spawn(spec))
     time.sleep(max(0.0, start_at - time.time()))
     cpu0, t0 = srv.cpu_seconds(), time.perf_counter()
@@ -98,8 +104,12 @@ def _one(socket: str, n: int, cfg: ThroughputConfig, text: str, rate: float | No
     seconds = max(p["seconds"] for p in parts)
     lat = [x for p in parts for x in p["latencies_us"]]
     cpu = (cpu1 - cpu0) / (t1 - t0)
+    hooklike = {}
+    if rate is not None:  # (see _simrun.drive_async)
+        hooklike = {"in_time": sum(p["in_time"] for p in parts),
+                    "waits_us": [x for p in parts for x in p["waits_us"]]}
     return {"runs": n, "rate_hz": rate, "answered": answered, "per_s": answered / seconds,
-            "latencies_us": lat, "cpu_share": cpu,
+            "latencies_us": lat, "cpu_share": cpu, **hooklike,
             "cpu_us_per_obs": (cpu1 - cpu0) / max(answered, 1) * 1e6 * seconds / (t1 - t0),
             "late": sum(p["late"] for p in parts), "rss_mib": srv.rss_mib()}
 
@@ -177,6 +187,10 @@ def _row(name: str, ws: list[dict[str, Any]], cfg: ThroughputConfig) -> dict[str
         # When the clients fall behind the offered rate, the CPU share they caused
         # understates the load: judge the controller's CPU per observation at the full rate.
         row["offered_per_s"] = n * rate
+        waits = [x for w in ws for x in w["waits_us"]]
+        row["in_time"] = sum(w["in_time"] for w in ws)
+        row["waited"] = len(waits)
+        row["wait_us"] = {"p50": quantile(waits, 0.5), "max": max(waits, default=math.nan)}
         row["cpu_share_at_offered"] = row["cpu_us_per_obs"]["median"] * n * rate / 1e6
         if n == 64:
             row["target"] = f"CPU ≤ {PACED_CPU:.0%} of a core at {n * rate:,.0f} obs/s"
@@ -194,8 +208,9 @@ def _render(result: dict[str, Any], out: Path) -> str:
     for r in result["rows"]:
         p, c, u = r["per_s"], r["cpu_share"], r["cpu_us_per_obs"]
         verdict = "" if r["ok"] is None else ("pass" if r["ok"] else "**miss**")
+        lat = r["latency_us"]
         lines.append(f"| {r['arm']} | {p['median']:,.0f} ({p['q1']:,.0f}–{p['q3']:,.0f}) | "
-                     f"{r['latency_us']['p50']:.0f} µs | {r['latency_us']['p99']:.0f} µs | "
+                     f"{_us(lat['p50'])} | {_us(lat['p99'])} | "
                      f"{c['median']:.0%} ({c['q1']:.0%}–{c['q3']:.0%}) | {u['median']:.1f} | "
                      f"{r['rss_mib']:.0f} MiB | {r['target']} | {verdict} |")
     for r in result["rows"]:
@@ -222,15 +237,24 @@ def _render(result: dict[str, Any], out: Path) -> str:
                 f"shipped {r['ship_lag_s']['median']:.1f} s after the load stopped); "
                 f"{r['target']}: {'pass' if r['ok'] else '**miss**'}.")
         elif "offered_per_s" in r:
+            waited = (f"{r['waited']} waited for (p50 {r['wait_us']['p50']:.0f} µs, max "
+                      f"{r['wait_us']['max']:.0f} µs)" if r["waited"] else "none waited for")
             lines.append(f"\n{r['arm']}: {r['per_s']['median']:,.0f} of {r['offered_per_s']:,.0f} "
                          f"offered observations/s answered ({r['late']} sends late); at the "
                          f"full rate the controller would use {r['cpu_share_at_offered']:.0%} "
-                         "of a core.")
+                         f"of a core. Its runs behave as asynchronous hooks do (no latency "
+                         f"is measured: see lrctl.bench._simrun.drive_async): "
+                         f"{r['in_time']:,} answers were in by their run's next step, "
+                         f"{waited}.")
     rss = result["rss_mib"]
     if rss["idle"] is not None:  # (not with --only churn: that arm reports its own)
         lines.append(f"\nController RSS: {rss['idle']:.0f} MiB idle, {rss['end']:.0f} MiB at "
                      "the end.")
     return "\n".join(lines) + "\n"
+
+
+def _us(x: float) -> str:
+    return "—" if math.isnan(x) else f"{x:.0f} µs"
 
 
 def _add_arguments(p: argparse.ArgumentParser) -> None:

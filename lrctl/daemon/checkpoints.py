@@ -1,7 +1,9 @@
 """When each run is checkpointed, and on which thread.
 
 A session is checkpointed when it starts, after ``Limits.save_every``
-observations or ``Limits.save_interval`` seconds with unsaved ones, on operator
+observations or :meth:`Checkpoints.interval` seconds with unsaved ones
+(``Limits.save_interval``, stretched so that all runs together take at most
+``Limits.timed_saves_per_s`` timed checkpoints a second), on operator
 commands, when its hook disconnects, and at shutdown. Every reply tells the hook
 the last checkpointed step (``saved_step``), so the hook keeps just the
 observations after it and can replay them after a crash.
@@ -111,6 +113,13 @@ class Checkpoints:
         self.removing[key] = self.removing.get(key, 0) + 1
         self._writer.submit_remove(key, dir_fd, _REMOVAL)
 
+    def interval(self) -> float:
+        """Seconds a run's unsaved observations wait for their timed checkpoint at most:
+        ``Limits.save_interval``, or longer with many runs, so that they take at most
+        ``Limits.timed_saves_per_s`` checkpoints a second between them."""
+        limits = self.limits
+        return max(limits.save_interval, len(self.sessions) / limits.timed_saves_per_s)
+
     def observed(self, key: str, session: Session, now: float) -> None:
         """After each observation of ``session`` (the hot path)."""
         if session.unsaved >= self.limits.save_every and (
@@ -119,17 +128,17 @@ class Checkpoints:
             self._save_soon(key)
         elif session.unsaved == 1:  # it has something to checkpoint again
             self.next_due = min(self.next_due,
-                                self._last_save.get(key, 0.0) + self.limits.save_interval)
+                                self._last_save.get(key, 0.0) + self.interval())
 
     def save_due(self, now: float) -> None:
-        """Checkpoint the sessions with observations unsaved for ``save_interval`` seconds.
+        """Checkpoint the sessions with observations unsaved for :meth:`interval` seconds.
 
         The loop calls this only from :attr:`next_due` on: the earliest time any session
         could be due, kept here and lowered by :meth:`observed` when a session gets its
         first unsaved observation (the only way one becomes due). At most
         ``Limits.max_saves_per_wake`` per call: the others are due at the next wake-up.
         """
-        interval = self.limits.save_interval
+        interval = self.interval()
         budget = self.limits.max_saves_per_wake
         next_at = math.inf
         for key, session in self.sessions.items():
@@ -167,7 +176,7 @@ class Checkpoints:
                 session.saved_step = max(session.saved_step, step)
             if session.unsaved:
                 self.next_due = min(self.next_due, self._last_save.get(key, 0.0)
-                                    + self.limits.save_interval)
+                                    + self.interval())
 
     def stop(self) -> None:
         """Let the writer finish the write it is on, and apply it; the writes it had not

@@ -20,6 +20,11 @@ class Limits:
     # checkpointed ~11 times a second, a fifth of the controller's CPU at 16 unpaced runs.
     save_every: int = 4096
     save_interval: float = 1.0  # seconds unsaved observations wait for a checkpoint at most
+    # ... stretched with many runs so that they take at most this many timed checkpoints a
+    # second in all (64 runs: one each every 4 s). Each costs the loop ~0.5 ms (encoding
+    # the policies' windows) and the writer thread its fsyncs: at 64 runs x 100 Hz, once a
+    # second each was 6-7 % of a core.
+    timed_saves_per_s: float = 16.0
     # Timed checkpoints encoded in one loop wake-up; the rest wait for the next ones (after a
     # stall every run is due at once: their encodes in one go held every answer).
     max_saves_per_wake: int = 8
@@ -55,9 +60,10 @@ class Limits:
     # -- paced reading (see pacing.py) ----------------------------------------------------
     # An async hook whose observations come at least this often, pace_after in a row, is
     # read on a timer: its sends stop waking the controller (20-100 us each of the training
-    # thread's time on a VM). At 4 ms a wake-up costs at most ~2.5 % of a step; slower runs
-    # (a 100 Hz run: 10 ms) are read as their frames come.
-    pace_interval_s: float = 0.004
+    # thread's time on a VM), and the looks of many runs share its wake-ups. 20 ms: a run at
+    # 50 Hz or more (at 4 ms, 64 runs at 100 Hz were read as their frames came, each
+    # observation a wake-up: 39 % of a core); a slower run is read as its frames come.
+    pace_interval_s: float = 0.02
     pace_after: int = 8
 
     def __post_init__(self) -> None:

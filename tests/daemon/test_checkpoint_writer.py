@@ -211,17 +211,51 @@ def test_a_failing_disk_is_retried_at_the_save_interval_not_per_observation(
         assert store.attempts <= 3, store.attempts
 
 
+def _sessions(n: int) -> dict[str, Any]:
+    from lrctl.daemon.session import Session
+
+    return {f"r{i}": Session.create(
+        key=f"r{i}", run_name=f"r{i}", policy_text=POLICY, policy_source="<test>", lrs=[0.1],
+        world_size=1, total_steps=None, mlflow_run_id=None, tracking_uri=None, cwd=None)
+        for i in range(n)}
+
+
+@pytest.mark.parametrize(("runs", "interval"), [(1, 1.0), (16, 1.0), (32, 2.0), (64, 4.0)])
+def test_many_runs_stretch_the_timed_checkpoint_interval(tmp_path: Path, runs: int,
+                                                         interval: float) -> None:
+    """Known answers: save_interval (1 s) up to timed_saves_per_s (16) runs, then
+    runs / 16 s, so that the controller writes at most 16 timed checkpoints a second
+    (64 runs checkpointed once a second each took 6-7 % of a core at 100 Hz)."""
+    from lrctl.daemon.checkpoints import Checkpoints
+
+    store = StateStore(tmp_path / "state")
+    sessions = _sessions(runs)
+    limits = Limits(save_interval=1.0, timed_saves_per_s=16.0, max_saves_per_wake=1000)
+    checkpoints = Checkpoints(store, sessions, limits, notify=lambda: None)
+    try:
+        assert checkpoints.interval() == interval
+        for key in sessions:
+            checkpoints.track(key)  # saved now
+        t0 = time.monotonic()
+        for key, s in sessions.items():
+            s.unsaved = 1
+            checkpoints.observed(key, s, t0)
+        checkpoints.save_due(t0 + interval - 0.05)  # before the interval: none
+        assert all(s.unsaved for s in sessions.values())
+        assert interval - 0.5 <= checkpoints.next_due - t0 <= interval  # the next look
+        checkpoints.save_due(t0 + interval + 0.5)
+        assert not any(s.unsaved for s in sessions.values())
+    finally:
+        checkpoints.stop()
+
+
 def test_timed_checkpoints_are_spread_over_wakeups(tmp_path: Path) -> None:
     """After a stall every run is due at once: at most ``max_saves_per_wake`` are encoded
     in one wake-up, the rest in the next ones (their encodes in one go held every answer)."""
     from lrctl.daemon.checkpoints import Checkpoints
-    from lrctl.daemon.session import Session
 
     store = StateStore(tmp_path / "state")
-    sessions = {f"r{i}": Session.create(
-        key=f"r{i}", run_name=f"r{i}", policy_text=POLICY, policy_source="<test>", lrs=[0.1],
-        world_size=1, total_steps=None, mlflow_run_id=None, tracking_uri=None, cwd=None)
-        for i in range(20)}
+    sessions = _sessions(20)
     limits = Limits(save_interval=1.0, max_saves_per_wake=8)
     checkpoints = Checkpoints(store, sessions, limits, notify=lambda: None)
     for s in sessions.values():

@@ -20,7 +20,15 @@ import lrctl
 from lrctl.client import request
 from lrctl.daemon.conn import Conn
 from lrctl.daemon.limits import Limits
-from lrctl.daemon.pacing import AFTER_DATA, AFTER_NOTHING, IDLE_INTERVALS, WINDOW, Pacing
+from lrctl.daemon.pacing import (
+    AFTER_DATA,
+    AFTER_NOTHING,
+    IDLE_INTERVALS,
+    MAX_SLACK_S,
+    SLACK,
+    WINDOW,
+    Pacing,
+)
 from lrctl.daemon.transport import Transport
 from lrctl.wire.frames import encode
 
@@ -66,10 +74,17 @@ def test_paced_after_a_measured_window_of_fast_messages(pair: tuple[socket.socke
     assert answers == [False, False, False, True]
 
 
+def _look(at: float, intervals: float, interval: float) -> float:
+    """When the loop wakes for a look due ``intervals`` mean intervals after ``at``: at
+    its latest, its slack after it."""
+    return at + intervals * interval + min(SLACK * interval, MAX_SLACK_S)
+
+
 def test_the_looks_follow_the_connection(pair: tuple[socket.socket, ...]) -> None:
     """Known answers: a look AFTER_DATA intervals after data, AFTER_NOTHING after an empty
-    one; data queued up (two messages in one read) shortens the interval at once; silence
-    for IDLE_INTERVALS intervals hands the connection back; slower than interval_s too."""
+    one (each at its latest, SLACK later); data queued up (two messages in one read)
+    shortens the interval at once; silence for IDLE_INTERVALS intervals hands the
+    connection back; slower than interval_s too."""
     a, b = pair
     pacing = Pacing(interval_s=0.004, after=1)
     conn = _Conn(a)
@@ -81,12 +96,12 @@ def test_the_looks_follow_the_connection(pair: tuple[socket.socket, ...]) -> Non
     assert paced
     pacing.pace(conn, t)
     assert conn.paced and len(pacing) == 1
-    assert pacing.next_due == pytest.approx(t + AFTER_DATA * 0.002)
+    assert pacing.next_due == pytest.approx(_look(t, AFTER_DATA, 0.002))
     assert pacing.due(t + 0.0001) == ([], [])  # before the look: nothing, no syscall
     look = pacing.next_due
     assert pacing.due(look) == ([], [])  # nothing came: the next look comes sooner
     pacing.reschedule()
-    assert pacing.next_due == pytest.approx(look + AFTER_NOTHING * 0.002)
+    assert pacing.next_due == pytest.approx(_look(look, AFTER_NOTHING, 0.002))
     b.send(b"x")
     assert pacing.due(pacing.next_due) == ([conn], [])
     a.recv(1)
@@ -94,7 +109,7 @@ def test_the_looks_follow_the_connection(pair: tuple[socket.socket, ...]) -> Non
     assert pacing.heard(conn, now, 2)  # two queued up: the interval is the gap now
     pacing.reschedule()
     gap = (now - t) / 2
-    assert pacing.next_due == pytest.approx(now + AFTER_DATA * gap)
+    assert pacing.next_due == pytest.approx(_look(now, AFTER_DATA, gap))
     silent = now + IDLE_INTERVALS * gap + 0.0081  # and past 2 x interval_s
     assert pacing.due(silent) == ([], [conn])
     pacing.unpace(conn)
@@ -108,6 +123,61 @@ def test_the_looks_follow_the_connection(pair: tuple[socket.socket, ...]) -> Non
     slow.pace(conn, WINDOW * 0.002)
     still = [slow.heard(conn, WINDOW * 0.002 + i * 0.006, 1) for i in range(1, WINDOW + 1)]
     assert still[-1] is False and all(still[:-1])  # 6 ms apart: back to the selector
+
+
+def _paced_at(pacing: Pacing, conn: _Conn, start: float, gap: float) -> float:
+    """Messages ``gap`` apart from ``start`` until ``pacing`` would pace ``conn``; it is
+    paced then. Returns the time of the last."""
+    t = start
+    pacing.heard(conn, t, 1)
+    for _ in range(WINDOW + pacing.after):
+        t += gap
+        if pacing.heard(conn, t, 1):
+            pacing.pace(conn, t)
+            return t
+    raise AssertionError(f"not paced at {gap * 1000:g} ms apart")
+
+
+def test_many_runs_share_a_wakeup(pair: tuple[socket.socket, ...]) -> None:
+    """Looks due close together share one wake-up: the loop wakes at the earliest look's
+    latest time (its due time plus SLACK of its interval, at most MAX_SLACK_S) and looks
+    at every connection due by then; a look due later waits for its own. At 64 runs x
+    100 Hz one look per run and observation, each a wake-up, cost the controller's
+    CPU more than the observations did."""
+    a, b = pair
+    c, d = socket.socketpair()
+    try:
+        pacing = Pacing(interval_s=0.02, after=1)
+        first, second, third = _Conn(a), _Conn(b), _Conn(c)
+        t1 = _paced_at(pacing, first, 0.0, 0.010)
+        t2 = _paced_at(pacing, second, 0.0015, 0.010)  # due 1.5 ms later
+        t3 = _paced_at(pacing, third, 0.004, 0.010)  # due 4 ms later
+        slack = min(SLACK * 0.010, MAX_SLACK_S)
+        assert slack > 0.0015  # (the second falls inside the first's slack)
+        wake = pacing.next_due
+        assert wake == pytest.approx(t1 + AFTER_DATA * 0.010 + slack)
+        assert t2 + AFTER_DATA * 0.010 < wake < t3 + AFTER_DATA * 0.010
+        assert pacing.due(wake) == ([], [])  # nothing came: both looked at, rescheduled
+        pacing.reschedule()
+        after = [_look(wake, AFTER_NOTHING, 0.010), _look(t3, AFTER_DATA, 0.010)]
+        assert pacing.next_due == pytest.approx(min(after))
+        d.send(b"x")  # data for the third: read at the next wake-up, whoever it is for
+        assert pacing.due(pacing.next_due) == ([third], [])
+    finally:
+        c.close()
+        d.close()
+
+
+def test_a_100_hz_run_is_paced_by_default(pair: tuple[socket.socket, ...]) -> None:
+    """An async hook at 100 Hz (10 ms steps) is read on a timer with the default limits;
+    it was read as its frames came (4 ms at most), so each of 64 such runs' sends woke
+    the controller: 39 % of a core. A run at 40 Hz (25 ms) still is."""
+    limits = Limits()
+    assert _paced_at(Pacing(limits.pace_interval_s, limits.pace_after), _Conn(pair[0]),
+                     0.0, 0.010)
+    with pytest.raises(AssertionError, match="not paced"):
+        _paced_at(Pacing(limits.pace_interval_s, limits.pace_after), _Conn(pair[1]), 0.0,
+                  0.025)
 
 
 def _status(controller: ControllerProc) -> dict:
