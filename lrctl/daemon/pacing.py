@@ -24,7 +24,8 @@ at once. A look may come up to ``SLACK`` of the interval (at most ``MAX_SLACK_S`
 after it is due: the loop wakes at the earliest look's latest time and looks at every
 connection due by then, and reads every paced connection that has data, so that many
 runs share a wake-up (64 runs at 100 Hz: a few hundred wake-ups a second, not one or
-two per observation). An observation so waits about a quarter of a step, plus that
+two per observation). Runs faster than ``SLACK_FROM_S`` get no slack: a late look
+made their hooks wait. An observation so waits about a quarter of a step, plus that
 slack and the timer's (~80 µs on the project's VMs), for its read, and is answered at
 once, long before the hook needs the answer; a hook that does wait (a late answer,
 ``state_dict()``, ``close()``) waits about as long more. Decisions are the same either
@@ -64,9 +65,12 @@ AFTER_NOTHING = 0.25  # ... after one that found nothing
 MIN_LOOK_S = 50e-6  # looks are never closer than this (a burst of replayed frames)
 # A look may come this share of the mean interval late (at most MAX_SLACK_S): the loop
 # wakes at the earliest such deadline and looks at every connection due by then, so many
-# runs' looks share one wake-up instead of one each.
+# runs' looks share one wake-up instead of one each. Not for runs under SLACK_FROM_S a
+# step: their looks come soon anyway, and a late one had their hooks wait for answers
+# (measured in a 0.5 ms digits step: 5 % of steps waited, against 2 % without).
 SLACK = 0.3
 MAX_SLACK_S = 0.003
+SLACK_FROM_S = 0.004
 IDLE_INTERVALS = 8.0  # silent this many mean intervals: back to the selector
 _READY = select.POLLIN | select.POLLPRI | select.POLLERR | select.POLLHUP
 
@@ -80,6 +84,11 @@ class _Rate:
     msgs: int = 0  # messages read since the window's start
     due: float = math.inf  # paced: when to look next, at the earliest
     latest: float = math.inf  # ... and at the latest (see SLACK)
+
+
+def slack(interval: float) -> float:
+    """How late a look at a connection ``interval`` seconds apart may come (see SLACK)."""
+    return min(interval * SLACK, MAX_SLACK_S) if interval >= SLACK_FROM_S else 0.0
 
 
 class Pacing:
@@ -176,4 +185,4 @@ class Pacing:
     @staticmethod
     def _look_after(rate: _Rate, now: float, intervals: float) -> None:
         rate.due = now + max(rate.interval * intervals, MIN_LOOK_S)
-        rate.latest = rate.due + min(rate.interval * SLACK, MAX_SLACK_S)
+        rate.latest = rate.due + slack(rate.interval)

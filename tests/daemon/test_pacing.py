@@ -28,6 +28,7 @@ from lrctl.daemon.pacing import (
     SLACK,
     WINDOW,
     Pacing,
+    slack,
 )
 from lrctl.daemon.transport import Transport
 from lrctl.wire.frames import encode
@@ -77,7 +78,7 @@ def test_paced_after_a_measured_window_of_fast_messages(pair: tuple[socket.socke
 def _look(at: float, intervals: float, interval: float) -> float:
     """When the loop wakes for a look due ``intervals`` mean intervals after ``at``: at
     its latest, its slack after it."""
-    return at + intervals * interval + min(SLACK * interval, MAX_SLACK_S)
+    return at + intervals * interval + slack(interval)
 
 
 def test_the_looks_follow_the_connection(pair: tuple[socket.socket, ...]) -> None:
@@ -143,7 +144,9 @@ def test_many_runs_share_a_wakeup(pair: tuple[socket.socket, ...]) -> None:
     latest time (its due time plus SLACK of its interval, at most MAX_SLACK_S) and looks
     at every connection due by then; a look due later waits for its own. At 64 runs x
     100 Hz one look per run and observation, each a wake-up, cost the controller's
-    CPU more than the observations did."""
+    CPU more than the observations did. Runs under SLACK_FROM_S a step get no slack
+    (the looks of the test above): a late look had their hooks wait."""
+    assert slack(0.002) == 0.0 and slack(0.0039) == 0.0
     a, b = pair
     c, d = socket.socketpair()
     try:
@@ -152,10 +155,10 @@ def test_many_runs_share_a_wakeup(pair: tuple[socket.socket, ...]) -> None:
         t1 = _paced_at(pacing, first, 0.0, 0.010)
         t2 = _paced_at(pacing, second, 0.0015, 0.010)  # due 1.5 ms later
         t3 = _paced_at(pacing, third, 0.004, 0.010)  # due 4 ms later
-        slack = min(SLACK * 0.010, MAX_SLACK_S)
-        assert slack > 0.0015  # (the second falls inside the first's slack)
+        late = slack(0.010)
+        assert late == min(SLACK * 0.010, MAX_SLACK_S) > 0.0015  # (the second's inside it)
         wake = pacing.next_due
-        assert wake == pytest.approx(t1 + AFTER_DATA * 0.010 + slack)
+        assert wake == pytest.approx(t1 + AFTER_DATA * 0.010 + late)
         assert t2 + AFTER_DATA * 0.010 < wake < t3 + AFTER_DATA * 0.010
         assert pacing.due(wake) == ([], [])  # nothing came: both looked at, rescheduled
         pacing.reschedule()
