@@ -22,13 +22,12 @@ stay where they were and the hook reconnects with back-off, resuming its session
 from __future__ import annotations
 
 import logging
-import os
-import sys
 import warnings
 from collections import deque
 from typing import Any
 
 from ._batching import Batching
+from ._callers import callers_level
 from ._dist import Distributed
 from ._guard import StepGuard
 from ._hook_apply import Applying
@@ -389,24 +388,7 @@ class Controller(Resuming, LinkSide, Reporting, Applying):
         log.info("%s", message)
         if key not in self._warned:
             self._warned.add(key)
-            warnings.warn(message, RuntimeWarning, stacklevel=_callers_level())
-
-
-_PACKAGE = os.path.dirname(os.path.abspath(__file__)) + os.sep
-
-
-def _callers_level() -> int:
-    """``warnings.warn``'s ``stacklevel`` (called from :meth:`Controller._warn`) of the
-    first frame outside lrctl and torch (whose ``optimizer.step()`` runs the pre-step
-    hook): the warning names the line of the script, not lrctl's or torch's own."""
-    torch = sys.modules.get("torch")
-    torch_file = getattr(torch, "__file__", None)
-    inside = (_PACKAGE,) if torch_file is None else (
-        _PACKAGE, os.path.dirname(os.path.abspath(torch_file)) + os.sep)
-    level, frame = 2, sys._getframe(2)  # 1: _warn; 2: _warn's caller
-    while frame is not None and frame.f_code.co_filename.startswith(inside):
-        level, frame = level + 1, frame.f_back
-    return level
+            warnings.warn(message, RuntimeWarning, stacklevel=callers_level())
 
 
 def _host(value: Any) -> Any:

@@ -140,9 +140,11 @@ def run_throughput(cfg: ThroughputConfig, progress: Progress | None = None) -> d
                     windows.setdefault(name, []).append(w)
                     done += 1
                     if progress is not None:
+                        answers = (f"p99 {quantile(w['latencies_us'], 0.99):.0f} µs"
+                                   if rate is None else f"{w['in_time']:,} answers in by "
+                                   f"the next step, {len(w['waits_us'])} waited for")
                         progress(f"throughput {name}: {w['per_s']:,.0f} obs/s, controller "
-                                 f"CPU {w['cpu_share']:.0%}, p99 "
-                                 f"{quantile(w['latencies_us'], 0.99):.0f} µs", done, total)
+                                 f"CPU {w['cpu_share']:.0%}, {answers}", done, total)
             rss_end = srv.rss_mib()
     rows = [_row(name, ws, cfg) for name, ws in windows.items()]
     if churn:

@@ -51,6 +51,7 @@ from typing import Any
 from transformers import TrainerCallback
 from transformers.trainer_callback import ExportableState
 
+from .._callers import callers_level
 from ..hook import Controller
 from ._hf_trainer import StepTaps, TrainerSchedule, find_trainer, metric_driven
 
@@ -253,7 +254,7 @@ class LrctlCallback(TrainerCallback, ExportableState):
     def _warn_once(self, key: str, message: str) -> None:
         if key not in self._warned:
             self._warned.add(key)
-            warnings.warn(message, RuntimeWarning, stacklevel=2)
+            warnings.warn(message, RuntimeWarning, stacklevel=callers_level())
 
 
 def _enabled_scaler(optimizer: Any) -> Any:

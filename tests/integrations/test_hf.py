@@ -58,6 +58,9 @@ def test_every_step_is_observed_whatever_logging_steps(
         assert sorted(used.used) == list(range(1, STEPS + 1))
         schedule_warnings = [w for w in caught if SCHEDULE_WARNING in str(w.message)]
         assert len(schedule_warnings) == 1, "the replaced linear warmup schedule: warned once"
+        # It names the script's line (trainer.train(), in run() here), not lrctl's or the
+        # Trainer's: it named the callback's own line in lrctl/integrations/hf.py.
+        assert schedule_warnings[0].filename == __file__
         runs[logging_steps] = [used.used[s] for s in range(1, STEPS + 1)]
         ctl = callback.controller
         assert ctl is not None and ctl.total_steps == STEPS
