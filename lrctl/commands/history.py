@@ -6,8 +6,10 @@ answers, asks it which runs it serves: ``live`` (its hook connected) or
 ``detached`` (held for its hook, which is gone). A run no controller serves is
 ``ended`` once it said goodbye, or was evicted after ``--session-timeout`` and its
 checkpoint is gone; otherwise ``detached`` (a reconnect, or the next controller,
-resumes it from its checkpoint). Its step and LRs are the controller's, else the
-checkpoint's (the journal's metrics are a sample, every 50 steps or so). Runs served
+resumes it from its checkpoint). A run that ended before its first step (a hook that
+rejoined another run: ``lrctl.Scheduler``'s ``load_state_dict()``) is left out. Its
+step and LRs are the controller's, else the checkpoint's (the journal's metrics are a
+sample, every 50 steps or so). Runs served
 without a journal (``--no-audit``) are listed too.
 """
 
@@ -23,7 +25,14 @@ __all__ = ["journal_runs"]
 def journal_runs(state_dir: Path, live: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
     """One summary per journaled or served run, oldest first: key, name, state, last step
     and LRs, decision count, last decision and MLflow run id."""
-    from ..sinks.journal import RunPaths, last_line, list_run_keys, read_json, tail_records
+    from ..sinks.journal import (
+        DISCARDED,
+        RunPaths,
+        last_line,
+        list_run_keys,
+        read_json,
+        tail_records,
+    )
 
     out = []
     keys = list_run_keys(state_dir)
@@ -34,6 +43,8 @@ def journal_runs(state_dir: Path, live: dict[str, dict[str, Any]]) -> list[dict[
         last_decision = last_line(paths.stream("decisions"))
         last_event = last_line(paths.stream("events"))
         end = last_event.record if last_event is not None else {}
+        if key not in live and end.get("event") == "end" and end.get("outcome") == DISCARDED:
+            continue  # ended before its first step: nothing to list
         if key in live:
             state = "live" if live[key].get("connected", True) else "detached"
             step, lrs = live[key].get("step"), list(live[key].get("lrs", []))

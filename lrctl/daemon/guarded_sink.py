@@ -83,6 +83,9 @@ class GuardedSink:
     def rewind(self, run_key: str, step: int) -> None:
         self._call("rewind", run_key, step)
 
+    def discard_run(self, run_key: str) -> None:
+        self._call("discard_run", run_key)
+
     def drop_run(self, run_key: str, reason: str) -> None:
         self._call("drop_run", run_key, reason)
 

@@ -282,6 +282,13 @@ class Server(Observing):
         self.live.unwatch(key)
         if session is not None:
             self.checkpoints.delete(key)  # off the loop, after its checkpoint in flight
+            if session.last_step < 0 and not session.engine.decision_count:
+                # Ended before its first observation: a hook that rejoined another run
+                # (lrctl.Scheduler's or ctl.load_state_dict() after attach), or one that
+                # never trained. Nothing to show: MLflow gets no run for it.
+                self.sink.discard_run(key)
+                log.info("run %s ended before its first step: discarded", key)
+                return
             self.sink.close_run(key)
             log.info("run %s ended at step %d", key, session.last_step)
 

@@ -26,7 +26,7 @@ from ..policy._base import float_from_json
 from ..policy._decision import record_ratio as decision_ratio
 from ._mlflow_views import EXPERIMENT_KIND, TRAINING_KIND, RunViews, mark_training
 from ._ship_state import TIMELINE_DUE, Experiments, RunState
-from .journal import JournalLine
+from .journal import DISCARDED, JournalLine, last_line
 from .mlflow_sink import (
     MAX_METRICS_PER_BATCH,
     MAX_PARAMS_TAGS_PER_BATCH,
@@ -66,6 +66,28 @@ class RunShipper:
         if self._views is None:
             self._views = RunViews(self.client, self.st, self.run_id, self.snapshot_interval)
         return self._views
+
+    def discarded_unseen(self, max_pending: int) -> bool:
+        """Whether this run ended before its first observation (``outcome: discarded``)
+        and MLflow has not seen it: it is then finished here, its lines acknowledged, no
+        MLflow run created (see :meth:`_finish` for one created before it ended). Looked
+        up in the events file's last line, before MLflow has a run for it only."""
+        st = self.st
+        if st.cursor.get("run_id"):
+            return False
+        end = last_line(st.paths.stream("events"))
+        if end is None or end.record.get("event") != "end" or end.record.get(
+                "outcome") != DISCARDED:
+            return False
+        while st.has_work():
+            st.top_up(max_pending)
+            for name, stream in st.streams.items():
+                st.ack(name, list(stream.pending))
+        st.cursor["finished"] = True
+        st.save()
+        log.info("lrctl: run %s ended before its first step: no MLflow run for it",
+                 st.paths.run_key)
+        return True
 
     def ensure_run(self) -> None:
         """Find or create the MLflow run once, and remember it in the cursor.
@@ -307,6 +329,15 @@ class RunShipper:
                 self.client.delete_tag(self.run_id, END_REASON)
 
     def _finish(self, end: dict[str, Any]) -> None:
+        if end.get("outcome") == DISCARDED:
+            # Ended before its first step, after MLflow had seen it (see discarded_unseen):
+            # a run lrctl created is deleted (gone from the UI; MLflow keeps it until its
+            # garbage collection), the script's own is left as it is.
+            if self.st.cursor.get("created"):
+                self.client.delete_run(self.run_id)
+                self.st.cursor["ended"] = "DELETED"
+            self.st.cursor["finished"] = True
+            return
         self.views.refresh(complete=True)
         if self.timeline:  # drawn once no run has lines to ship (see draw_timeline)
             self.st.cursor[TIMELINE_DUE] = True

@@ -29,6 +29,7 @@ from ._run_sync import RunSync
 from ._syncer import Syncer, SyncJob
 from .base import RunInfo, Shipper, Sink
 from .journal import (
+    DISCARDED,
     JournalLine,
     StreamWriter,
     atomic_write_json,
@@ -204,6 +205,12 @@ class AuditSink(RunSync, Sink):
 
     def close_run(self, run_key: str) -> None:
         self._end(run_key, {})
+
+    def discard_run(self, run_key: str) -> None:
+        """Ended before its first observation: the journal says so (``outcome:
+        discarded``); the shipper then creates no MLflow run for it (and deletes one it
+        had already created), and ``lrctl runs --all`` leaves it out."""
+        self._end(run_key, {"outcome": DISCARDED})
 
     def drop_run(self, run_key: str, reason: str) -> None:
         """The hook is gone for good: end the run as orphaned, saying why (the MLflow

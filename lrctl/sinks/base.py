@@ -103,6 +103,12 @@ class Sink(ABC):
         The default does nothing."""
         return None
 
+    def discard_run(self, run_key: str) -> None:
+        """The session ended (``bye``) before its first observation, with no decision: a
+        run with nothing to show, which MLflow need not see. The default treats it as
+        an end."""
+        self.close_run(run_key)
+
     def drop_run(self, run_key: str, reason: str) -> None:
         """The session's hook vanished without a ``bye`` and did not come back within
         the controller's ``session_timeout``: the run is orphaned (``reason`` says

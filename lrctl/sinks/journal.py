@@ -35,6 +35,7 @@ from .._parallel import NOT_DONE, in_parallel
 from ..paths import ensure_private_dir, is_run_key, open_private
 
 __all__ = [
+    "DISCARDED",
     "STREAMS",
     "JournalError",
     "JournalLine",
@@ -56,6 +57,9 @@ __all__ = [
 
 #: The streams of a run, in the order the shipper acknowledges them.
 STREAMS = ("metrics", "decisions", "events")
+# The ``outcome`` of the ``end`` event of a run that ended before its first observation
+# (see AuditSink.discard_run): no MLflow run, not listed by ``lrctl runs --all``.
+DISCARDED = "discarded"
 _TAIL_CHUNK = 64 * 1024
 
 

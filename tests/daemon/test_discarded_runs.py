@@ -1,0 +1,134 @@
+"""A run that ends before its first step leaves nothing behind in MLflow.
+
+``lrctl.Scheduler(opt)`` attaches (a new run), then ``load_state_dict(state)`` rejoins
+the saved one and ends the new run, still empty: every resume left an empty FINISHED
+run of the same name in the experiment (a second "first" beside the real one), and
+``lrctl runs --all`` listed it. Now such a run is discarded: the shipper creates no
+MLflow run for it, deletes one it had created already, and ``runs --all`` leaves it
+out. A real controller (with its journal and MLflow shipper) and a real sqlite store.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from daemon_helpers import POLICIES, ControllerProc
+from mlflow.entities import ViewType
+from mlflow.tracking import MlflowClient
+
+import lrctl
+
+DEADLINE_S = 90.0
+POLICY = str(POLICIES / "default.yaml")
+
+
+@pytest.fixture
+def store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+          make_controller: Callable[..., ControllerProc]) -> MlflowClient:
+    """A sqlite store made once, here, before the controller (its shipper) opens it."""
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    client = MlflowClient(uri)
+    client.search_experiments()
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.chdir(tmp_path)
+    make_controller(audit=True)
+    return client
+
+
+def _opt() -> torch.optim.Optimizer:
+    return torch.optim.SGD([torch.nn.Parameter(torch.ones(3))], lr=0.1)
+
+
+def _until(what: Callable[[], Any], why: str) -> Any:
+    deadline = time.monotonic() + DEADLINE_S
+    while not (got := what()):
+        assert time.monotonic() < deadline, f"timed out waiting for {why}"
+        threading.Event().wait(0.1)
+    return got
+
+
+def _runs(client: MlflowClient, view: int = ViewType.ACTIVE_ONLY) -> list[Any]:
+    experiments = client.search_experiments(view_type=ViewType.ALL)
+    return client.search_runs([e.experiment_id for e in experiments], run_view_type=view)
+
+
+def _journal_runs() -> list[dict[str, Any]]:
+    out = subprocess.run([sys.executable, "-m", "lrctl", "runs", "--all", "--json"],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout)
+
+
+def _trained_state(steps: int) -> tuple[str, dict[str, Any]]:
+    """A run trained for ``steps`` and left resumable: its key and its state."""
+    opt = _opt()
+    scheduler = lrctl.Scheduler(opt, policy=POLICY, spawn=False, run_name="first",
+                                timeout=30.0)
+    for i in range(steps):
+        opt.step()
+        scheduler.step(1.0 - 0.01 * i)
+    state = scheduler.state_dict()
+    scheduler.close(end_run=False)
+    return scheduler.controller.run_key or "", state
+
+
+def _finished(client: MlflowClient, key: str) -> bool:
+    return any(r.data.tags.get("lrctl.run_key") == key and r.info.status == "FINISHED"
+               for r in _runs(client))
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # (no gradients: no grad norm)
+def test_a_scheduler_resume_leaves_no_empty_run(store: MlflowClient) -> None:
+    key, state = _trained_state(20)
+    opt = _opt()
+    scheduler = lrctl.Scheduler(opt, policy=POLICY, spawn=False, run_name="first",
+                                timeout=30.0)
+    empty = scheduler.controller.run_key
+    scheduler.load_state_dict(state)
+    assert scheduler.controller.run_key == key != empty
+    for i in range(20, 40):
+        opt.step()
+        scheduler.step(1.0 - 0.01 * i)
+    scheduler.close()
+    _until(lambda: _finished(store, key), "the resumed run to finish in MLflow")
+    # The empty run: journaled as discarded, not listed, and not in MLflow's UI.
+    _until(lambda: [r["run"] for r in _journal_runs()] == [key], "runs --all: one run")
+    active = _runs(store)
+    assert [(r.data.tags.get("lrctl.run_key"), r.info.run_name) for r in active] == [
+        (key, "first")]
+    for run in _runs(store, ViewType.ALL):  # created before its end only by a race
+        if run.data.tags.get("lrctl.run_key") != key:
+            assert run.info.lifecycle_stage == "deleted"
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
+def test_an_empty_run_mlflow_had_seen_is_deleted(store: MlflowClient) -> None:
+    """The shipper had created the MLflow run before the hook rejoined another run (an
+    attach that waited before load_state_dict): that run is deleted, not FINISHED."""
+    key, state = _trained_state(10)
+    opt = _opt()
+    ctl = lrctl.attach(opt, policy=POLICY, spawn=False, run_name="second", timeout=30.0)
+    empty = ctl.run_key
+
+    def created() -> list[Any]:
+        return [r for r in _runs(store) if r.data.tags.get("lrctl.run_key") == empty]
+    [seen] = _until(created, "the empty run's MLflow run")
+    ctl.load_state_dict(state["lrctl"])  # (the hook's state, in the scheduler's)
+    assert ctl.run_key == key
+    ctl.step(0.5)
+    opt.step()
+    ctl.close()
+    _until(lambda: store.get_run(seen.info.run_id).info.lifecycle_stage == "deleted",
+           "the empty run's deletion")
+    _until(lambda: _finished(store, key), "the resumed run to finish in MLflow")
+    assert [r.data.tags.get("lrctl.run_key") for r in _runs(store)] == [key]
+    assert [r["run"] for r in _journal_runs()] == [key]
