@@ -74,6 +74,21 @@ class _Run:
         self.step += 1
         return frame
 
+    def send_next(self, now: float, period: float) -> bool:
+        """Send the next observation at ``now``; the one after is due a ``period`` later
+        (closed loop: 0). Returns whether this one went out late (its time had passed
+        by more than a period: the schedule restarts from now)."""
+        self.sent_at = now
+        self.waiting = True
+        self.sock.send(self.obs())
+        if not period:
+            return False
+        self.next_at += period
+        if self.next_at < now:
+            self.next_at = now + period
+            return True
+        return False
+
     def replies(self, data: bytes) -> int:
         """Whole frames received (only headers are read)."""
         self.buf += data
@@ -137,14 +152,7 @@ def drive(spec: SimSpec) -> dict[str, Any]:
     while now < end:
         for run in runs:
             if not run.waiting and now >= run.next_at:
-                run.sent_at = now
-                run.waiting = True
-                run.sock.send(run.obs())
-                if period:
-                    run.next_at += period
-                    if run.next_at < now:
-                        late += 1
-                        run.next_at = now + period
+                late += run.send_next(now, period)
         timeout = 0.05
         if period:
             timeout = max(0.0, min(r.next_at for r in runs) - time.perf_counter())
@@ -200,12 +208,7 @@ def drive_async(spec: SimSpec) -> dict[str, Any]:
                 in_time += 1
             elif len(waits) < _MAX_SAMPLES:
                 waits.append(waited * 1e6)
-        run.waiting = True
-        run.sock.send(run.obs())
-        run.next_at += period
-        if run.next_at < now:
-            late += 1
-            run.next_at = now + period
+        late += run.send_next(now, period)
         now = time.perf_counter()
     elapsed = time.perf_counter() - began
     for run in runs:
@@ -312,13 +315,7 @@ def drive_churn(spec: SimSpec) -> dict[str, Any]:
                 run = runs[i] = begin(now, True, rng.uniform(lo, hi))
                 continue
             if now >= run.next_at:
-                run.sent_at = now
-                run.waiting = True
-                run.sock.send(run.obs())
-                run.next_at += period
-                if run.next_at < now:
-                    late += 1
-                    run.next_at = now + period
+                late += run.send_next(now, period)
         due = [r.next_at for r in runs if r.decoder is None and not r.waiting]
         timeout = max(0.0, min(due) - time.perf_counter()) if due else 0.05
         for key, _ in sel.select(min(timeout, 0.05)):
