@@ -107,6 +107,7 @@ def _one(socket: str, n: int, cfg: ThroughputConfig, text: str, rate: float | No
     hooklike = {}
     if rate is not None:  # (see _simrun.drive_async)
         hooklike = {"in_time": sum(p["in_time"] for p in parts),
+                    "waited": sum(p["waited"] for p in parts),
                     "waits_us": [x for p in parts for x in p["waits_us"]]}
     return {"runs": n, "rate_hz": rate, "answered": answered, "per_s": answered / seconds,
             "latencies_us": lat, "cpu_share": cpu, **hooklike,
@@ -142,7 +143,7 @@ def run_throughput(cfg: ThroughputConfig, progress: Progress | None = None) -> d
                     if progress is not None:
                         answers = (f"p99 {quantile(w['latencies_us'], 0.99):.0f} µs"
                                    if rate is None else f"{w['in_time']:,} answers in by "
-                                   f"the next step, {len(w['waits_us'])} waited for")
+                                   f"the next step, {w['waited']} waited for")
                         progress(f"throughput {name}: {w['per_s']:,.0f} obs/s, controller "
                                  f"CPU {w['cpu_share']:.0%}, {answers}", done, total)
             rss_end = srv.rss_mib()
@@ -191,7 +192,7 @@ def _row(name: str, ws: list[dict[str, Any]], cfg: ThroughputConfig) -> dict[str
         row["offered_per_s"] = n * rate
         waits = [x for w in ws for x in w["waits_us"]]
         row["in_time"] = sum(w["in_time"] for w in ws)
-        row["waited"] = len(waits)
+        row["waited"] = sum(w["waited"] for w in ws)
         row["wait_us"] = {"p50": quantile(waits, 0.5), "max": max(waits, default=math.nan)}
         row["cpu_share_at_offered"] = row["cpu_us_per_obs"]["median"] * n * rate / 1e6
         if n == 64:

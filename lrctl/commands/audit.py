@@ -84,11 +84,14 @@ def find_run(query: str, state_dir: str | None = None) -> Any:
     Without ``state_dir``: in the shared state directory and those of controllers on
     other sockets (``lrctl.paths.state_dirs``)."""
     from ..paths import state_dirs
-    from ..sinks.journal import RunPaths, list_run_keys, read_json
+    from ..sinks.journal import RunPaths, discarded_end, list_run_keys, read_json
 
     roots = [Path(state_dir)] if state_dir else state_dirs()
-    found = [(root, key) for root in roots for key in list_run_keys(root)]
-    matches = [(root, k) for root, k in found if k == query]
+    every = [(root, key) for root in roots for key in list_run_keys(root)]
+    matches = [(root, k) for root, k in every if k == query]
+    # By name or prefix, a run discarded before its first step is none of them (it would
+    # be the latest of its name after a Scheduler resume): by its key only.
+    found = [(root, k) for root, k in every if discarded_end(RunPaths.of(root, k)) is None]
     if not matches:  # a run name (a prefix of each of its runs' keys: NAME-xxxxxxxx)
         for root, k in found:
             paths = RunPaths.of(root, k)

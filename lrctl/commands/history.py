@@ -44,7 +44,7 @@ def journal_runs(state_dir: Path, live: dict[str, dict[str, Any]]) -> list[dict[
         last_event = last_line(paths.stream("events"))
         end = last_event.record if last_event is not None else {}
         if key not in live and end.get("event") == "end" and end.get("outcome") == DISCARDED:
-            continue  # ended before its first step: nothing to list
+            continue  # ended before its first step: nothing to list (see discarded_end)
         if key in live:
             state = "live" if live[key].get("connected", True) else "detached"
             step, lrs = live[key].get("step"), list(live[key].get("lrs", []))

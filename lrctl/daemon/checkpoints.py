@@ -63,6 +63,7 @@ class Checkpoints:
         # ended run's, never to be restored (see Handshakes.hello).
         self.removing: dict[str, int] = {}
         self._writer = CheckpointWriter(store, notify)
+        self._unsaved_runs = 0  # runs with observations to checkpoint, as of save_due
 
     def track(self, key: str) -> None:
         """``key`` joined the registry with its state on disk (restored)."""
@@ -115,10 +116,11 @@ class Checkpoints:
 
     def interval(self) -> float:
         """Seconds a run's unsaved observations wait for their timed checkpoint at most:
-        ``Limits.save_interval``, or longer with many runs, so that they take at most
-        ``Limits.timed_saves_per_s`` checkpoints a second between them."""
+        ``Limits.save_interval``, or longer with many runs observing (those held without
+        a hook do not count), so that they take at most ``Limits.timed_saves_per_s``
+        checkpoints a second between them."""
         limits = self.limits
-        return max(limits.save_interval, len(self.sessions) / limits.timed_saves_per_s)
+        return max(limits.save_interval, self._unsaved_runs / limits.timed_saves_per_s)
 
     def observed(self, key: str, session: Session, now: float) -> None:
         """After each observation of ``session`` (the hot path)."""
@@ -141,7 +143,9 @@ class Checkpoints:
         interval = self.interval()
         budget = self.limits.max_saves_per_wake
         next_at = math.inf
+        unsaved_runs = 0
         for key, session in self.sessions.items():
+            unsaved_runs += bool(session.unsaved) or key in self._saving
             if session.unsaved and key not in self._saving:  # in flight: see finished()
                 if now - self._last_save.get(key, 0.0) >= interval:
                     if budget <= 0:  # the next wake-up goes on from here
@@ -151,6 +155,7 @@ class Checkpoints:
                     self._save_soon(key)
                 if session.unsaved and key not in self._saving:  # failed: try again later
                     next_at = min(next_at, self._last_save.get(key, 0.0) + interval)
+        self._unsaved_runs = unsaved_runs
         self.next_due = next_at
 
     def finished(self) -> None:

@@ -285,9 +285,10 @@ class Server(Observing):
             if session.last_step < 0 and not session.engine.decision_count:
                 # Ended before its first observation: a hook that rejoined another run
                 # (lrctl.Scheduler's or ctl.load_state_dict() after attach), or one that
-                # never trained. Nothing to show: MLflow gets no run for it.
+                # never trained. The journal decides whether there is anything to show
+                # (a run rejoined by key after its end, or rewound, has).
                 self.sink.discard_run(key)
-                log.info("run %s ended before its first step: discarded", key)
+                log.info("run %s ended before its first step", key)
                 return
             self.sink.close_run(key)
             log.info("run %s ended at step %d", key, session.last_step)

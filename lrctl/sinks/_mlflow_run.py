@@ -26,7 +26,7 @@ from ..policy._base import float_from_json
 from ..policy._decision import record_ratio as decision_ratio
 from ._mlflow_views import EXPERIMENT_KIND, TRAINING_KIND, RunViews, mark_training
 from ._ship_state import TIMELINE_DUE, Experiments, RunState
-from .journal import DISCARDED, JournalLine, last_line
+from .journal import DISCARDED, JournalLine, discarded_end
 from .mlflow_sink import (
     MAX_METRICS_PER_BATCH,
     MAX_PARAMS_TAGS_PER_BATCH,
@@ -69,25 +69,28 @@ class RunShipper:
 
     def discarded_unseen(self, max_pending: int) -> bool:
         """Whether this run ended before its first observation (``outcome: discarded``)
-        and MLflow has not seen it: it is then finished here, its lines acknowledged, no
-        MLflow run created (see :meth:`_finish` for one created before it ended). Looked
-        up in the events file's last line, before MLflow has a run for it only."""
+        and MLflow has not seen it: its lines up to that end are then acknowledged and
+        the run finished here, no MLflow run created (see :meth:`_finish` for one created
+        before it ended). Looked up in the events file's last line, and only while
+        MLflow has no run for it; a line written after that end (the key resumed) is
+        left for the usual way."""
         st = self.st
         if st.cursor.get("run_id"):
             return False
-        end = last_line(st.paths.stream("events"))
-        if end is None or end.record.get("event") != "end" or end.record.get(
-                "outcome") != DISCARDED:
+        end = discarded_end(st.paths)
+        if end is None:
             return False
-        while st.has_work():
-            st.top_up(max_pending)
-            for name, stream in st.streams.items():
-                st.ack(name, list(stream.pending))
-        st.cursor["finished"] = True
+        st.top_up(max_pending)
+        if st.streams["metrics"].pending or st.streams["decisions"].pending:
+            return False  # (never, for a discarded run: the usual way, to be sure)
+        events = st.streams["events"]
+        st.ack("events", [line for line in events.pending if line.seq <= end.seq])
+        if events.acked_seq >= end.seq and not st.cursor.get("finished"):
+            st.cursor["finished"] = True
+            log.info("lrctl: run %s ended before its first step: no MLflow run for it",
+                     st.paths.run_key)
         st.save()
-        log.info("lrctl: run %s ended before its first step: no MLflow run for it",
-                 st.paths.run_key)
-        return True
+        return True  # (the rest of its lines, if any are still to come: the next rounds)
 
     def ensure_run(self) -> None:
         """Find or create the MLflow run once, and remember it in the cursor.
@@ -97,6 +100,11 @@ class RunShipper:
         leave two MLflow runs for one training run. Its experiment is tagged as
         model training once (see :func:`mark_training`; once per worker and experiment).
         """
+        if self.st.cursor.get("ended") == "DELETED":
+            # Deleted at a discard (see _finish) and now back (its key resumed): a new
+            # MLflow run, as for a new run (a search by its key finds no deleted one).
+            for key in ("run_id", "created", "experiment_id", "kind_checked", "ended"):
+                self.st.cursor.pop(key, None)
         if self.st.cursor.get("run_id"):
             if not self.st.cursor.get("kind_checked"):  # a cursor from an older lrctl
                 if not self.st.cursor.get("experiment_id"):

@@ -28,6 +28,8 @@ class OpenRun:
     journaled_step: int = -1
     journaled_at_step: set[tuple[str, str, str]] = field(default_factory=set)
     policy_texts: dict[str, str] = field(default_factory=dict)  # sha256 -> text, if deleted
+    # A journal this life began (none before it): the only kind a discard may remove.
+    fresh: bool = False
 
 
 def load_high_water(run: OpenRun) -> None:

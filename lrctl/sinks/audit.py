@@ -116,6 +116,7 @@ class AuditSink(RunSync, Sink):
                               f"refused ({self._held.error})")
         prepared = self._prepared.take(info) or self._prepare(info)
         run = prepared.run
+        run.fresh = prepared.last_event is None
         self._runs[info.run_key] = run
         fds, prepared.sync_fds = prepared.sync_fds, []
         try:
@@ -207,9 +208,18 @@ class AuditSink(RunSync, Sink):
         self._end(run_key, {})
 
     def discard_run(self, run_key: str) -> None:
-        """Ended before its first observation: the journal says so (``outcome:
-        discarded``); the shipper then creates no MLflow run for it (and deletes one it
-        had already created), and ``lrctl runs --all`` leaves it out."""
+        """Ended before its first observation: if its journal holds nothing else either
+        (a journal this life began, no observation, no decision, an operator's or a
+        reload's included), the journal says so (``outcome: discarded``), the shipper
+        creates no MLflow run for it (and deletes one it had already created), and
+        ``lrctl runs --all`` leaves it out. Any other run (rejoined after its end, or
+        rewound to before its first step) ends as usual."""
+        run = self._runs.get(run_key)
+        if run is None or not run.fresh or run.last_step is not None or any(
+                run.writers[s].seq for s in ("metrics", "decisions")):
+            self.close_run(run_key)
+            return
+        log.info("run %s ended before its first step: discarded (no MLflow run)", run_key)
         self._end(run_key, {"outcome": DISCARDED})
 
     def drop_run(self, run_key: str, reason: str) -> None:

@@ -44,6 +44,7 @@ __all__ = [
     "atomic_write_json",
     "atomic_write_text",
     "check_run_key",
+    "discarded_end",
     "find_run_paths",
     "fsync_path",
     "last_line",
@@ -165,6 +166,16 @@ def read_lines(path: Path, offset: int = 0, limit: int | None = None) -> Iterato
                 return
     finally:
         f.close()
+
+
+def discarded_end(paths: RunPaths) -> JournalLine | None:
+    """The ``end`` event of a run discarded before its first step, if that is the last
+    thing its journal says (a key resumed after it is a run again)."""
+    end = last_line(paths.stream("events"))
+    if end is None or end.record.get("event") != "end" or end.record.get(
+            "outcome") != DISCARDED:
+        return None
+    return end
 
 
 def last_line(path: Path) -> JournalLine | None:

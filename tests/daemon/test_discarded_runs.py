@@ -122,6 +122,7 @@ def test_an_empty_run_mlflow_had_seen_is_deleted(store: MlflowClient) -> None:
     def created() -> list[Any]:
         return [r for r in _runs(store) if r.data.tags.get("lrctl.run_key") == empty]
     [seen] = _until(created, "the empty run's MLflow run")
+    empty_state = ctl.state_dict()
     ctl.load_state_dict(state["lrctl"])  # (the hook's state, in the scheduler's)
     assert ctl.run_key == key
     ctl.step(0.5)
@@ -131,4 +132,63 @@ def test_an_empty_run_mlflow_had_seen_is_deleted(store: MlflowClient) -> None:
            "the empty run's deletion")
     _until(lambda: _finished(store, key), "the resumed run to finish in MLflow")
     assert [r.data.tags.get("lrctl.run_key") for r in _runs(store)] == [key]
-    assert [r["run"] for r in _journal_runs()] == [key]
+    # (The journal's file may take its end line a moment after the shipper had it.)
+    _until(lambda: [r["run"] for r in _journal_runs()] == [key], "runs --all: one run")
+    # Its key back (resumed from a state taken before it was discarded) is a run again: a
+    # new MLflow run (MLflow refused every write into the deleted one, for good).
+    opt = _opt()
+    with lrctl.attach(opt, policy=POLICY, spawn=False, resume=empty_state,
+                      timeout=30.0) as back:
+        for i in range(5):
+            back.step(1.0 - 0.01 * i)
+            opt.step()
+    _until(lambda: _finished(store, empty), "the discarded key's new run to finish")
+    [again] = [r for r in _runs(store) if r.data.tags.get("lrctl.run_key") == empty]
+    assert again.info.run_id != seen.info.run_id and again.data.metrics
+    _until(lambda: sorted(r["run"] for r in _journal_runs()) == sorted([key, empty]),
+           "runs --all: both runs")
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
+@pytest.mark.parametrize("how", ["by key after its end", "from a state before its start"])
+def test_a_run_with_steps_is_never_discarded(store: MlflowClient, how: str) -> None:
+    """A run rejoined and closed before a step of its new life has steps in its journal:
+    it ends as usual. (Both were discarded and their MLflow runs deleted: the check saw
+    only the controller's new or rewound session, which had no step.)"""
+    opt = _opt()
+    ctl = lrctl.attach(opt, policy=POLICY, spawn=False, run_name="real", timeout=30.0)
+    before = ctl.state_dict()
+    for i in range(30):
+        ctl.step(1.0 - 0.01 * i)
+        opt.step()
+    key = ctl.run_key
+    ctl.close(end_run=how == "by key after its end")
+    _until(lambda: any(r.data.tags.get("lrctl.run_key") == key for r in _runs(store)),
+           "the run in MLflow")
+    resume = key if how == "by key after its end" else before
+    lrctl.attach(_opt(), policy=POLICY, spawn=False, resume=resume, start_step=30,
+                 timeout=30.0).close()
+    _until(lambda: _finished(store, key), "the run to finish in MLflow")
+    [run] = [r for r in _runs(store) if r.data.tags.get("lrctl.run_key") == key]
+    assert run.info.lifecycle_stage == "active" and run.data.metrics
+    _until(lambda: [r["run"] for r in _journal_runs()] == [key], "runs --all: the run")
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
+def test_decisions_by_name_skip_the_discarded_run(store: MlflowClient) -> None:
+    """`lrctl decisions NAME` took the latest run of that name: after a Scheduler resume,
+    the discarded empty one."""
+    key, state = _trained_state(20)
+    scheduler = lrctl.Scheduler(_opt(), policy=POLICY, spawn=False, run_name="first",
+                                timeout=30.0)
+    empty = scheduler.controller.run_key or ""
+    scheduler.load_state_dict(state)
+    scheduler.close()
+    _until(lambda: [r["run"] for r in _journal_runs()] == [key], "runs --all: one run")
+    out = subprocess.run([sys.executable, "-m", "lrctl", "decisions", "first"],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert "names 2 runs" not in out.stderr and empty not in out.stdout + out.stderr
+    by_key = subprocess.run([sys.executable, "-m", "lrctl", "decisions", empty],
+                            capture_output=True, text=True, timeout=60)
+    assert by_key.returncode == 0, by_key.stderr  # its own key still finds it
