@@ -85,6 +85,7 @@ class LinkSide:
             # with step() after optimizer.step() is the one to the step it just reported.
             "pace": (not self.sync and self.every == 1 and self._batch is None
                      and self._dist.world_size == 1),
+            "compact": 1,  # it reads compact lr answers (see lrctl.wire.compact)
         }
         if self.total_steps is not None:
             hello["total_steps"] = self.total_steps

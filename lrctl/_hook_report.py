@@ -22,6 +22,7 @@ from ._torchutil import (
     total_grad_norm,
     unscaled_norm,
 )
+from .wire.compact import encode_obs_compact
 from .wire.messages import encode_obs
 
 __all__ = ["Reporting"]
@@ -245,6 +246,14 @@ class Reporting:
             if batch.urgent:
                 batch.urgent = False
                 self._urgent_step = t
+        link = self._link
+        if (link.compact and clean is None and not overflow and not prior
+                and self._restored_unreported is None and not self._writer.loop_mode):
+            frame = encode_obs_compact(t, loss, grad)  # the plain step: see wire.compact
+            if frame is not None:
+                self._prev_reported, self._reported = self._reported, t
+                link.send_obs(t, frame)
+                return
         try:
             frame = encode_obs(t, loss, grad, clean, overflow=overflow,
                                base=self._writer.base if self._writer.loop_mode else None,
@@ -258,7 +267,7 @@ class Reporting:
             self._warn("encode", f"lrctl: step {t} not reported: {exc}")
             return
         self._prev_reported, self._reported = self._reported, t
-        self._link.send_obs(t, frame)
+        link.send_obs(t, frame)
 
     def _pump(self, expect: bool = False) -> None:
         if self._staging:

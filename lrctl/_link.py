@@ -30,6 +30,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from . import paths
+from .wire.compact import to_json_frame
 from .wire.decoder import FrameDecoder
 from .wire.errors import ProtocolError
 from .wire.frames import MAX_HELLO, encode
@@ -82,6 +83,7 @@ class Link:
         self.overflowed = False
         self.state = "down"  # down | handshake | up | closed
         self.welcomed = False
+        self.compact = False  # the controller reads compact obs frames (its welcome says)
         self.fatal: dict[str, Any] | None = None  # a refusal we must not retry into
         self._sock: socket.socket | None = None
         self._poller = select.poll()
@@ -356,6 +358,9 @@ class Link:
                                     "its policies start over from the observations the hook "
                                     "still holds")
         self.welcomed = True
+        if self.compact and msg.get("compact") != 1:  # a controller that reads only JSON
+            self.buffer = deque((step, to_json_frame(frame)) for step, frame in self.buffer)
+        self.compact = msg.get("compact") == 1
         self.state = "up"
         self._backoff = 0.1
         self._down_since = None

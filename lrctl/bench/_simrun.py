@@ -30,6 +30,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from ..wire.compact import COMPACT_BIT, encode_obs_compact
 from ..wire.decoder import FrameDecoder
 from ..wire.frames import MAX_HELLO, encode
 from ..wire.messages import encode_obs
@@ -59,8 +60,9 @@ class SimSpec:
 
 
 class _Run:
-    def __init__(self, sock: socket.socket, seed: int) -> None:
+    def __init__(self, sock: socket.socket, seed: int, compact: bool) -> None:
         self.sock = sock
+        self.compact = compact  # the welcome agreed to compact frames, as a hook's does
         self.step = 0
         self.sent_at = 0.0
         self.next_at = 0.0
@@ -70,7 +72,9 @@ class _Run:
 
     def obs(self) -> bytes:
         loss = 2.0 * math.exp(-self.step / 3000) + 0.3 + 0.02 * self.rng.random()
-        frame = encode_obs(self.step, loss, 1.0 + 0.1 * self.rng.random())
+        grad = 1.0 + 0.1 * self.rng.random()
+        frame = (encode_obs_compact(self.step, loss, grad) if self.compact else None) or \
+            encode_obs(self.step, loss, grad)
         self.step += 1
         return frame
 
@@ -94,7 +98,7 @@ class _Run:
         self.buf += data
         n = 0
         while len(self.buf) >= 4:
-            (size,) = _HEADER.unpack_from(self.buf)
+            size = _HEADER.unpack_from(self.buf)[0] & ~COMPACT_BIT
             if len(self.buf) < 4 + size:
                 break
             self.buf = self.buf[4 + size:]
@@ -108,7 +112,8 @@ def _hello(spec: SimSpec, index: int) -> bytes:
                                                            "source": "<bench>"},
                    "lrs": [1e-3], "groups": 1, "world_size": 1,
                    "mlflow": {"run_id": None, "tracking_uri": spec.tracking_uri},
-                   "cwd": spec.cwd or os.getcwd(), "pace": spec.pace}, MAX_HELLO)
+                   "cwd": spec.cwd or os.getcwd(), "pace": spec.pace, "compact": 1},
+                  MAX_HELLO)
 
 
 def _connect(spec: SimSpec, index: int) -> _Run:
@@ -127,7 +132,7 @@ def _connect(spec: SimSpec, index: int) -> _Run:
                 raise ConnectionError(f"no welcome: {msgs[0]}")
             break
     sock.setblocking(False)
-    return _Run(sock, index)
+    return _Run(sock, index, msgs[0].get("compact") == 1)
 
 
 def drive(spec: SimSpec) -> dict[str, Any]:
@@ -255,8 +260,9 @@ def _bye(sock: socket.socket) -> None:
 
 
 class _ChurnRun(_Run):
-    def __init__(self, sock: socket.socket, seed: int, ends_at: float) -> None:
-        super().__init__(sock, seed)
+    def __init__(self, sock: socket.socket, seed: int, ends_at: float,
+                 compact: bool = False) -> None:
+        super().__init__(sock, seed, compact)
         self.ends_at = ends_at
         self.decoder: FrameDecoder | None = None  # the handshake is under way
 
@@ -286,7 +292,7 @@ def drive_churn(spec: SimSpec) -> dict[str, Any]:
             sock.sendall(_hello(spec, counter))  # a small frame: the buffer takes it
         else:  # the first runs connect before the window, as in :func:`drive`
             base = _connect(spec, counter)
-            run = _ChurnRun(base.sock, counter, now + lifetime)
+            run = _ChurnRun(base.sock, counter, now + lifetime, base.compact)
         counter += 1
         started += 1
         sel.register(run.sock, selectors.EVENT_READ, run)
@@ -333,6 +339,7 @@ def drive_churn(spec: SimSpec) -> dict[str, Any]:
                     if msgs[0]["t"] != "welcome":
                         raise ConnectionError(f"no welcome: {msgs[0]}")
                     run.decoder = None
+                    run.compact = msgs[0].get("compact") == 1
                     handshakes.append((now - run.sent_at) * 1e6)
                     run.next_at = now
                 continue

@@ -33,7 +33,7 @@ class Unavailable(Refused):
 
 
 class Conn:
-    __slots__ = ("authed", "backlog", "closing", "dead", "decoder", "drained", "early",
+    __slots__ = ("authed", "backlog", "closing", "compact", "dead", "decoder", "drained", "early",
                  "failed", "heard", "held", "name", "opened", "out", "paceable", "paced",
                  "parked", "partial", "pending", "remote", "run", "sock")
 
@@ -58,6 +58,7 @@ class Conn:
         self.drained = 0  # bytes read since it was found dead (Limits.max_drain at most)
         self.paceable = False  # an async hook's: may be read on a timer (see pacing.py)
         self.paced = False  # read on a timer now, out of the selector
+        self.compact = False  # its hook reads compact lr answers (lrctl.wire.compact)
         # Messages decoded but not yet handled: past Limits.max_messages_per_wake in one
         # wake-up, the rest wait for the next one (the other peers are served in between).
         self.backlog: list[dict[str, Any]] = []

@@ -198,13 +198,15 @@ class Handshakes:
         conn.run = key
         conn.paceable = hello.pace
         srv.conns[key] = conn
-        srv.transport.send(conn, {"t": "welcome", "version": __version__, "run": key,
-                                  "last_step": session.last_step,
-                                  "saved_step": session.saved_step, "lrs": session.lrs(),
-                                  "initial_lrs": initial,
-                                  "mode": session.mode, "restored": restored,
-                                  "policy_sha256": session.info.policy_sha256,
-                                  "resume_token": session.resume_token})
+        welcome = {"t": "welcome", "version": __version__, "run": key,
+                   "last_step": session.last_step, "saved_step": session.saved_step,
+                   "lrs": session.lrs(), "initial_lrs": initial, "mode": session.mode,
+                   "restored": restored, "policy_sha256": session.info.policy_sha256,
+                   "resume_token": session.resume_token}
+        if hello.compact:
+            welcome["compact"] = 1  # either side may now send the per-step frames compact
+        srv.transport.send(conn, welcome)
+        conn.compact = hello.compact  # (after the welcome: its answers follow it)
 
     def _unprepare(self, job: BuildJob) -> None:
         """A new run's records prepared by the worker (see ``_build``) are not needed."""

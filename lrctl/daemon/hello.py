@@ -41,6 +41,7 @@ class Hello:
     sync: bool  # the hook waits for each answer
     pace: bool = False  # an async hook: it may be read on a timer (see pacing.py)
     every: int = 1  # an every=N hook reports every N-th step only
+    compact: bool = False  # it reads compact lr answers (see lrctl.wire.compact)
     session: dict[str, Any] | None = None  # the run's state from the user's checkpoint
     start_step: int = 0  # the step number of the loop's first step
     resume_token: str | None = None  # from the run's welcome: may take a connected run over
@@ -86,6 +87,7 @@ def parse_hello(msg: Mapping[str, Any]) -> Hello:
         snapshots=_snapshots(msg.get("snapshots")),
         snapshots_held=_snapshots_held(msg.get("snapshots")),
         pace=_bool(msg, "pace", False) and not sync,
+        compact=msg.get("compact") == 1,
         every=get_int(msg, "every", lo=1, hi=1 << 30, optional=True) or 1)
 
 

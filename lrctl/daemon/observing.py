@@ -19,6 +19,7 @@ from typing import Any
 
 from ..policy import ObservationError
 from ..policy._inputs import check_metrics
+from ..wire.compact import encode_lr_compact
 from ..wire.errors import ProtocolError
 from ..wire.frames import MAX_HELLO
 from ..wire.messages import encode_lr, float_in, get_int, prior_steps
@@ -140,7 +141,8 @@ class Observing:
     def reply(self, conn: Conn, session: Session, step: int, lrs: list[float],
               decisions: list[dict[str, Any]], skip: bool, stop: bool) -> None:
         if not decisions:
-            frame = encode_lr(step, lrs, skip, stop, session.mode, session.saved_step)
+            frame = (encode_lr_compact if conn.compact else encode_lr)(
+                step, lrs, skip, stop, session.mode, session.saved_step)
             if frame is not None:  # the usual reply, the same bytes without json.dumps
                 self.transport.send_frame(conn, frame)
                 return

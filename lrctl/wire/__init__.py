@@ -19,6 +19,11 @@ oversized length, bad UTF-8, bad JSON or a non-object answers with an ``error``
 frame and closes the connection. Every frame carries ``"v": 1``; a frame of an
 unknown version is refused with an ``error`` frame naming both versions.
 
+Compact frames (:mod:`.compact`): a frame whose length has its top bit set is the
+binary form of a plain ``obs`` or ``lr``, sent only between peers whose hello and
+welcome both said ``"compact": 1``; it decodes to exactly the message its JSON frame
+gives.
+
 Messages (field ``t`` is the type)
 ----------------------------------
 Hook → controller:
@@ -33,7 +38,7 @@ Hook → controller:
   run's state from ``snapshot``, kept in the user's checkpoint: the run resumes
   from it), ``resume_token`` (optional: the run's token from its welcome; a hello for
   a run that another live connection serves is refused without it), ``token`` (TCP,
-  when no ``auth`` came first).
+  when no ``auth`` came first), ``compact`` (optional, 1: it reads compact frames).
 * ``obs``: ``s`` step, ``l`` loss, ``g`` grad norm (each may be absent or null),
   ``m`` named metrics (optional object), ``o`` (optional, true: a mixed-precision
   overflow step that the ``GradScaler`` skipped; never divergence), ``b``
@@ -51,7 +56,8 @@ Hook → controller:
 Controller → hook:
 
 * ``welcome``: ``run``, ``last_step`` (-1 before any observation), ``saved_step``,
-  ``lrs``, ``mode``, ``restored``, ``policy_sha256``, ``resume_token``. The hook
+  ``lrs``, ``mode``, ``restored``, ``policy_sha256``, ``resume_token``, ``compact``
+  (1: it reads compact frames, and may send them). The hook
   replays the observations it holds with a step greater than ``last_step``.
 * ``lr``: ``s`` (the observation step it answers, or -1 for a push from an
   operator or a live policy reload), ``lrs`` for the next step, ``skip``, ``stop``, ``mode``,

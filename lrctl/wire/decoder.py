@@ -4,9 +4,12 @@ from __future__ import annotations
 
 from typing import Any
 
+from .compact import COMPACT_BIT, decode_compact
 from .errors import ProtocolError
 from .frames import HEADER, MAX_FRAME
 from .messages import decode_body
+
+_SIZE = ~COMPACT_BIT & 0xFFFF_FFFF  # a frame's length, without the compact bit
 
 __all__ = ["FrameDecoder"]
 
@@ -44,7 +47,7 @@ class FrameDecoder:
         buf = self._buf
         if buf:  # the rest of a frame: copy out only once a whole frame is in
             buf += data
-            if len(buf) < 4 or len(buf) < 4 + HEADER.unpack_from(buf)[0] <= (
+            if len(buf) < 4 or len(buf) < 4 + (HEADER.unpack_from(buf)[0] & _SIZE) <= (
                     self._next_limit + 4):
                 return []
             data = bytes(buf)
@@ -52,7 +55,8 @@ class FrameDecoder:
         out = []
         pos, end = 0, len(data)
         while end - pos >= 4 and not (self._gated and self._decoded):
-            (size,) = HEADER.unpack_from(data, pos)
+            (raw,) = HEADER.unpack_from(data, pos)
+            size = raw & _SIZE
             if size > self._next_limit:
                 raise ProtocolError(
                     f"frame of {size} bytes exceeds the limit of {self._next_limit}", "too_large")
@@ -62,7 +66,7 @@ class FrameDecoder:
             pos += 4 + size
             self._next_limit = self.limit
             self._decoded += self._gated
-            out.append(decode_body(body))
+            out.append(decode_compact(body) if raw & COMPACT_BIT else decode_body(body))
         if pos < end:
             self._buf += data[pos:] if pos else data
         return out

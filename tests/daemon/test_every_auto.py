@@ -12,8 +12,9 @@ from daemon_helpers import POLICIES, ControllerProc, losses
 
 import lrctl
 from lrctl._batching import Batching
+from lrctl.wire.decoder import FrameDecoder
 from lrctl.wire.errors import ProtocolError
-from lrctl.wire.messages import decode_body, encode_obs, prior_steps
+from lrctl.wire.messages import encode_obs, prior_steps
 
 
 def _optimizer(lr: float = 0.1) -> torch.optim.Optimizer:
@@ -44,7 +45,7 @@ def _run(curve: list[float], k: int | None, quiet_path: bool = True,
             assert ctl._link is not None
             send = ctl._link.send_obs
             ctl._link.send_obs = lambda t, frame: (  # type: ignore[method-assign]
-                frames.extend(decode_body(frame[4:]) for _ in [0]), send(t, frame))
+                frames.extend(FrameDecoder().feed(frame)[0] for _ in [0]), send(t, frame))
         applied: list[float] = []
         for t, loss in enumerate(curve):
             if settle:
@@ -190,7 +191,7 @@ def test_k_follows_the_measured_cost(sparse: bool) -> None:
 
 def test_wire_carries_held_steps_and_rejects_bad_ones() -> None:
     frame = encode_obs(10, 0.5, None, prior=[0.7, float("nan")], prior_grads=[None, 2.0])
-    msg = decode_body(frame[4:])
+    msg = FrameDecoder().feed(frame)[0]
     (s0, l0, g0), (s1, l1, g1) = prior_steps(msg, 10)
     assert (s0, l0, g0, s1, g1) == (8, 0.7, None, 9, 2.0)
     assert l1 is not None and math.isnan(l1)

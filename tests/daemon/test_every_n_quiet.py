@@ -8,7 +8,7 @@ import torch
 from daemon_helpers import POLICIES, ControllerProc, losses
 
 import lrctl
-from lrctl.wire.messages import decode_body
+from lrctl.wire.decoder import FrameDecoder
 
 EVERY = 4
 
@@ -37,7 +37,7 @@ def _run(curve: list[float], quiet_path: bool, tensors: bool, settle: bool = Tru
         assert ctl._link is not None
         send = ctl._link.send_obs
         ctl._link.send_obs = lambda t, frame: (  # type: ignore[method-assign]
-            frames.append(decode_body(frame[4:])), send(t, frame))
+            frames.append(FrameDecoder().feed(frame)[0]), send(t, frame))
         applied: list[float] = []
         skipped: list[int] = []
         for t, loss in enumerate(curve):

@@ -1,0 +1,133 @@
+"""Compact frames: the two per-step messages in binary, for peers that agreed to them.
+
+Every training step sends an ``obs`` and gets an ``lr`` answer. As JSON, formatting
+and parsing them cost a few µs a side (measured warm: 1.7 µs to write a plain obs,
+2.5 µs to read a plain lr answer; two to three times that inside a training loop,
+where caches are cold), on the training thread and on the controller's loop alike.
+``struct`` packs and unpacks them in a tenth of that.
+
+A hook says ``"compact": 1`` in its hello; a controller that speaks them answers
+``"compact": 1`` in its welcome, and from then on each side *may* send the plain
+per-step messages compact (either side still sends JSON for anything else: an ``obs``
+with metrics or a non-finite value, an ``lr`` answer that carries decisions). Peers
+that did not agree never get one. Both sides' decoders read both kinds.
+
+A compact frame's 4-byte big-endian length has its top bit set (no JSON frame comes
+near 2 GiB); the body, little-endian:
+
+* ``obs``: ``u8 1``, ``u8 flags`` (1: a loss, 2: a grad norm), ``i64 step``,
+  ``f64 loss``, ``f64 grad norm`` (0.0 where absent): 26 bytes;
+* ``lr``: ``u8 2``, ``u8 flags`` (1: skip, 2: stop), ``i64 step``, ``i64 saved_step``,
+  ``u8 len(mode)``, the mode (ASCII letters and ``_``), ``u16 n``, ``n × f64`` LRs.
+
+Numbers are finite; anything else, any unknown kind or flag, a wrong length, is a
+protocol error. The decoded message is exactly the dict the JSON frame gives (see
+:func:`~lrctl.wire.messages.plain_message`), so nothing downstream can tell.
+"""
+
+from __future__ import annotations
+
+import math
+import struct
+from typing import Any
+
+from .errors import ProtocolError
+from .frames import HEADER
+from .messages import encode_obs
+
+__all__ = ["COMPACT_BIT", "MAX_GROUPS", "decode_compact", "encode_lr_compact",
+           "encode_obs_compact", "to_json_frame"]
+
+COMPACT_BIT = 0x8000_0000
+MAX_GROUPS = 4096  # LRs one compact lr frame may carry (more: the JSON frame)
+_OBS = struct.Struct("<BBqdd")
+_LR_HEAD = struct.Struct("<BBqqB")
+_COUNT = struct.Struct("<H")
+_MAX_STEP = 2**62
+_MODE_CHARS = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz_")
+_OBS_HEADER = HEADER.pack(COMPACT_BIT | _OBS.size)
+
+
+def encode_obs_compact(step: int, loss: float | None, grad_norm: float | None) -> bytes | None:
+    """A compact plain ``obs`` frame; ``None`` for anything else (a non-finite value, a
+    step out of range): the JSON frame carries those."""
+    flags = 0
+    if loss is not None:
+        if type(loss) is not float or loss - loss != 0.0:
+            return None
+        flags = 1
+    else:
+        loss = 0.0
+    if grad_norm is not None:
+        if type(grad_norm) is not float or grad_norm - grad_norm != 0.0:
+            return None
+        flags |= 2
+    else:
+        grad_norm = 0.0
+    if type(step) is not int or not 0 <= step <= _MAX_STEP:
+        return None
+    return _OBS_HEADER + _OBS.pack(1, flags, step, loss, grad_norm)
+
+
+def encode_lr_compact(step: int, lrs: list[float], skip: bool, stop: bool, mode: str,
+                      saved_step: int) -> bytes | None:
+    """A compact plain ``lr`` frame (no decisions); ``None`` for anything unusual."""
+    if (type(step) is not int or type(saved_step) is not int or not -1 <= step <= _MAX_STEP
+            or not -1 <= saved_step <= _MAX_STEP or len(lrs) > MAX_GROUPS):
+        return None
+    isfinite = math.isfinite
+    for x in lrs:
+        if type(x) is not float or not isfinite(x):
+            return None
+    name = mode.encode("ascii", "replace") if type(mode) is str else b""
+    if not 0 < len(name) <= 32 or not _MODE_CHARS.issuperset(name):
+        return None
+    if type(skip) is not bool or type(stop) is not bool:
+        return None
+    body = b"".join((_LR_HEAD.pack(2, skip | stop << 1, step, saved_step, len(name)), name,
+                     _COUNT.pack(len(lrs)), struct.pack(f"<{len(lrs)}d", *lrs)))
+    return HEADER.pack(COMPACT_BIT | len(body)) + body
+
+
+def decode_compact(body: bytes) -> dict[str, Any]:
+    """A compact frame's body → its message (the dict its JSON frame gives)."""
+    kind = body[0] if body else 0
+    if kind == 1 and len(body) == _OBS.size:
+        _, flags, step, loss, grad = _OBS.unpack(body)
+        if flags & ~3 or not 0 <= step <= _MAX_STEP or loss - loss != 0.0 \
+                or grad - grad != 0.0:
+            raise ProtocolError("bad compact obs frame", "bad_message")
+        return {"v": 1, "t": "obs", "s": step, "l": loss if flags & 1 else None,
+                "g": grad if flags & 2 else None}
+    if kind == 2 and len(body) >= _LR_HEAD.size + 1 + _COUNT.size:
+        _, flags, step, saved, size = _LR_HEAD.unpack_from(body)
+        at = _LR_HEAD.size
+        mode = body[at:at + size]
+        at += size
+        if (flags & ~3 or not 0 < size <= 32 or not _MODE_CHARS.issuperset(mode)
+                or len(body) < at + _COUNT.size):
+            raise ProtocolError("bad compact lr frame", "bad_message")
+        (n,) = _COUNT.unpack_from(body, at)
+        at += _COUNT.size
+        if len(body) != at + 8 * n or n > MAX_GROUPS:
+            raise ProtocolError("bad compact lr frame", "bad_message")
+        lrs = list(struct.unpack_from(f"<{n}d", body, at))
+        if not all(math.isfinite(x) for x in lrs):
+            raise ProtocolError("compact lr frame with a non-finite LR", "bad_message")
+        return {"v": 1, "t": "lr", "s": step, "lrs": lrs, "skip": bool(flags & 1),
+                "stop": bool(flags & 2), "mode": mode.decode("ascii"), "saved_step": saved,
+                "d": []}
+    raise ProtocolError(f"unknown compact frame (kind {kind}, {len(body)} bytes)",
+                        "bad_message")
+
+
+def to_json_frame(frame: bytes) -> bytes:
+    """``frame`` as its JSON frame (a JSON frame as it is): for a peer that does not
+    speak compact frames, such as a controller the hook reconnected to."""
+    (raw,) = HEADER.unpack_from(frame)
+    if not raw & COMPACT_BIT:
+        return frame
+    msg = decode_compact(frame[HEADER.size:])
+    if msg["t"] != "obs":
+        raise ProtocolError("only obs frames are replayed", "bad_message")
+    return encode_obs(msg["s"], msg["l"], msg["g"])
