@@ -30,7 +30,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from . import paths
-from .wire.compact import to_json_frame
+from .wire.compact import compact_agreed, to_json_frame
 from .wire.decoder import FrameDecoder
 from .wire.errors import ProtocolError
 from .wire.frames import MAX_HELLO, encode
@@ -358,14 +358,15 @@ class Link:
                                     "its policies start over from the observations the hook "
                                     "still holds")
         self.welcomed = True
-        if self.compact and msg.get("compact") != 1:  # a controller that reads only JSON
-            self.buffer = deque((step, to_json_frame(frame)) for step, frame in self.buffer)
-        self.compact = msg.get("compact") == 1
         self.state = "up"
         self._backoff = 0.1
         self._down_since = None
         while self.buffer and self.buffer[0][0] <= last:
             self.buffer.popleft()
+        agreed = compact_agreed(msg.get("compact"))
+        if self.compact and not agreed:  # a controller that reads only JSON
+            self.buffer = deque((step, to_json_frame(frame)) for step, frame in self.buffer)
+        self.compact = agreed
         for _, frame in self.buffer:  # replay, in order: see the module docstring
             self._write(frame)
             if self.state != "up":

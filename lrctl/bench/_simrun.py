@@ -30,7 +30,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from ..wire.compact import COMPACT_BIT, encode_obs_compact
+from ..wire.compact import COMPACT_BIT, compact_agreed, encode_obs_compact
 from ..wire.decoder import FrameDecoder
 from ..wire.frames import MAX_HELLO, encode
 from ..wire.messages import encode_obs
@@ -132,7 +132,7 @@ def _connect(spec: SimSpec, index: int) -> _Run:
                 raise ConnectionError(f"no welcome: {msgs[0]}")
             break
     sock.setblocking(False)
-    return _Run(sock, index, msgs[0].get("compact") == 1)
+    return _Run(sock, index, compact_agreed(msgs[0].get("compact")))
 
 
 def drive(spec: SimSpec) -> dict[str, Any]:
@@ -339,7 +339,7 @@ def drive_churn(spec: SimSpec) -> dict[str, Any]:
                     if msgs[0]["t"] != "welcome":
                         raise ConnectionError(f"no welcome: {msgs[0]}")
                     run.decoder = None
-                    run.compact = msgs[0].get("compact") == 1
+                    run.compact = compact_agreed(msgs[0].get("compact"))
                     handshakes.append((now - run.sent_at) * 1e6)
                     run.next_at = now
                 continue

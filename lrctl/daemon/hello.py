@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..paths import RUN_KEY_MAX, is_run_key
+from ..wire.compact import compact_agreed
 from ..wire.errors import ProtocolError
 from ..wire.frames import MAX_HELLO
 from ..wire.messages import float_in, get_int, get_str
@@ -87,7 +88,7 @@ def parse_hello(msg: Mapping[str, Any]) -> Hello:
         snapshots=_snapshots(msg.get("snapshots")),
         snapshots_held=_snapshots_held(msg.get("snapshots")),
         pace=_bool(msg, "pace", False) and not sync,
-        compact=msg.get("compact") == 1,
+        compact=compact_agreed(msg.get("compact")),
         every=get_int(msg, "every", lo=1, hi=1 << 30, optional=True) or 1)
 
 

@@ -11,12 +11,13 @@ in, frames out, testable by round trip.
 Framing
 -------
 Every frame is a 4-byte big-endian length followed by that many bytes of UTF-8
-JSON encoding one object. JSON is strict: no ``NaN``/``Infinity`` literals; a
-non-finite number travels as the string ``"nan"``, ``"inf"`` or ``"-inf"``.
+JSON encoding one object (or, with the length's top bit set, a compact frame:
+below). JSON is strict: no ``NaN``/``Infinity`` literals; a non-finite number
+travels as the string ``"nan"``, ``"inf"`` or ``"-inf"``.
 Frames are capped: :data:`MAX_HELLO` for a connection's first frame (it carries
 the policy text), :data:`MAX_FRAME` for every later one. A receiver that gets an
 oversized length, bad UTF-8, bad JSON or a non-object answers with an ``error``
-frame and closes the connection. Every frame carries ``"v": 1``; a frame of an
+frame and closes the connection. Every JSON frame carries ``"v": 1``; a frame of an
 unknown version is refused with an ``error`` frame naming both versions.
 
 Compact frames (:mod:`.compact`): a frame whose length has its top bit set is the

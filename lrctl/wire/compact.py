@@ -7,10 +7,13 @@ where caches are cold), on the training thread and on the controller's loop alik
 ``struct`` packs and unpacks them in a tenth of that.
 
 A hook says ``"compact": 1`` in its hello; a controller that speaks them answers
-``"compact": 1`` in its welcome, and from then on each side *may* send the plain
-per-step messages compact (either side still sends JSON for anything else: an ``obs``
-with metrics or a non-finite value, an ``lr`` answer that carries decisions). Peers
-that did not agree never get one. Both sides' decoders read both kinds.
+``"compact": 1`` in its welcome (the integer 1: ``true`` or ``1.0`` is no), and from
+then on each side sends the plain per-step messages compact (and JSON for anything
+else: an ``obs`` with metrics or a non-finite value, an ``lr`` answer that carries
+decisions). Peers that did not agree never get one. Both sides' decoders read both
+kinds from any peer: a compact frame is the same message as its JSON one, so a peer
+that sends one unasked gains nothing (a broken one closes its connection, as a broken
+JSON frame does).
 
 A compact frame's 4-byte big-endian length has its top bit set (no JSON frame comes
 near 2 GiB); the body, little-endian:
@@ -35,7 +38,7 @@ from .errors import ProtocolError
 from .frames import HEADER
 from .messages import encode_obs
 
-__all__ = ["COMPACT_BIT", "MAX_GROUPS", "decode_compact", "encode_lr_compact",
+__all__ = ["COMPACT_BIT", "MAX_GROUPS", "compact_agreed", "decode_compact", "encode_lr_compact",
            "encode_obs_compact", "to_json_frame"]
 
 COMPACT_BIT = 0x8000_0000
@@ -46,6 +49,11 @@ _COUNT = struct.Struct("<H")
 _MAX_STEP = 2**62
 _MODE_CHARS = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz_")
 _OBS_HEADER = HEADER.pack(COMPACT_BIT | _OBS.size)
+
+
+def compact_agreed(value: object) -> bool:
+    """Whether a hello's or a welcome's ``compact`` says yes: the integer 1, nothing else."""
+    return type(value) is int and value == 1
 
 
 def encode_obs_compact(step: int, loss: float | None, grad_norm: float | None) -> bytes | None:

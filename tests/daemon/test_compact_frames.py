@@ -24,6 +24,7 @@ from hypothesis import strategies as st
 from lrctl._link import Link
 from lrctl.wire.compact import (
     COMPACT_BIT,
+    compact_agreed,
     decode_compact,
     encode_lr_compact,
     encode_obs_compact,
@@ -275,3 +276,9 @@ def test_a_hook_and_its_controller_agree_on_compact_frames(controller: Controlle
         assert all(HEADER.unpack_from(f)[0] & COMPACT_BIT for _, f in ctl._link.buffer)
     finally:
         ctl.close()
+
+
+@pytest.mark.parametrize(("value", "agreed"), [(1, True), (True, False), (1.0, False),
+                                               ("1", False), (2, False), (None, False)])
+def test_only_the_integer_1_agrees_to_compact_frames(value: object, agreed: bool) -> None:
+    assert compact_agreed(value) is agreed
