@@ -1,6 +1,7 @@
 """The transport's writing side: replies framed and sent without ever blocking the loop
 (what a peer cannot take now waits in its connection's buffer, bounded by
-``Limits.max_outbuf``; past that the peer is dropped), held for the group commit,
+``Limits.max_outbuf``; past that the peer is dropped, and past ``Limits.max_outbuf_total``
+for all peers together the one with the most unread), held for the group commit,
 and connections closed after their last frames (``Limits.linger_s``).
 
 A mixin of :class:`~lrctl.daemon.transport.Transport`, whose attributes these are.
@@ -68,7 +69,8 @@ class Writing:
     def _send_frame(self, conn: Conn, frame: bytes) -> None:
         if conn.dead:
             return
-        if conn.out:
+        before = len(conn.out)
+        if before:
             conn.out += frame
         else:
             try:
@@ -87,6 +89,21 @@ class Writing:
             self.rlog.log(logging.WARNING, "outbuf", "closing %s: it does not read its "
                           "replies (%d bytes waiting)", conn.label, len(conn.out))
             self.close_conn(conn)
+        elif len(conn.out) >> 20 > before >> 20:  # another MiB unread: all peers' in bounds?
+            self._bound_unread()
+
+    def _bound_unread(self) -> None:
+        """Close the peers with the most unread replies until all peers' together are
+        within ``Limits.max_outbuf_total`` (counted when a peer's pass another MiB)."""
+        total = sum(len(c.out) for c in self._conns)
+        while total > self.limits.max_outbuf_total:
+            worst = max(self._conns, key=lambda c: len(c.out))
+            self.rlog.log(logging.WARNING, "outbuf_total", "closing %s: it does not read its "
+                          "replies (%d bytes waiting; %d for all peers, over the %d allowed)",
+                          worst.label, len(worst.out), total, self.limits.max_outbuf_total)
+            total -= len(worst.out)
+            worst.out.clear()
+            self.close_conn(worst)
 
     def _want_write(self, conn: Conn) -> None:
         if conn.parked or conn.sock.fileno() < 0:
