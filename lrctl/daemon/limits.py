@@ -35,7 +35,9 @@ class Limits:
     accept_pause_s: float = 0.5  # out of file descriptors: stop accepting for this long
     # -- memory per peer ------------------------------------------------------------------
     max_unauthed_frame: int = 4096  # bytes a TCP peer may send in a frame before its token
-    max_partial_bytes: int = 32 << 20  # bytes of unfinished frames held for peers without a run
+    # bytes of unfinished frames, and of frames sent before the welcome, held for peers
+    # without a run, all such peers together
+    max_partial_bytes: int = 32 << 20
     max_early_messages: int = 256  # messages a peer may send before its hello is answered
     max_outbuf: int = 8 << 20  # bytes of replies a peer may leave unread before it is closed
     # ... and all peers together: past this, the peer with the most unread is closed (so

@@ -221,6 +221,8 @@ class Transport(Writing, PacedReading):
                 return conn.sock.fileno() >= 0
             self.close_conn(conn)
             return False
+        if conn.pending:  # held decoded until its welcome: bounded with partial frames
+            conn.early_bytes += len(data)
         try:
             messages = conn.decoder.feed(data)
         except ProtocolError as exc:
@@ -306,9 +308,10 @@ class Transport(Writing, PacedReading):
     def resume(self, conn: Conn) -> None:
         """``conn``'s hello was answered: handle what it sent meanwhile, then go on."""
         conn.pending = False
-        early, conn.early = conn.early, []
+        early, conn.early, conn.early_bytes = conn.early, [], 0
         if conn.sock.fileno() < 0:
             return
+        self.admission.note_partial(conn)
         if early:
             self._handle(conn, early)
         if conn.parked and conn.sock.fileno() >= 0:  # it hung up while we parsed

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import socket
+import threading
 import time
 from collections.abc import Callable, Iterator
 
@@ -122,3 +123,54 @@ def test_peers_within_the_total_are_left_alone(transport: tuple[Transport, _Padd
     assert all(c.sock.fileno() >= 0 for c, _ in peers)
     for _, them in peers:
         them.close()
+
+
+def _send_meanwhile(sock: socket.socket, data: bytes) -> None:
+    """Send ``data`` from a thread: more than the socket holds, while the loop reads."""
+
+    def send() -> None:
+        with contextlib.suppress(OSError):  # (closed by the controller: the point)
+            sock.sendall(data)
+
+    threading.Thread(target=send, daemon=True).start()
+
+
+class _NeverWelcomes(_Padded):
+    """Takes each hello and never answers it: what the peer sends next is held."""
+
+    def handle(self, conn: Conn, msg: dict) -> None:
+        if msg["t"] == "hello":
+            conn.pending = True
+        else:
+            super().handle(conn, msg)
+
+
+def test_what_peers_send_before_their_welcome_counts_toward_the_partial_bytes() -> None:
+    """Frames sent after a hello not yet answered are held decoded (up to 256 per peer);
+    they were not counted anywhere, so peers with slow hellos could hold 256 frames of
+    64 KiB each. Now they count with unfinished frames: past max_partial_bytes, the
+    oldest such peer is closed, and a peer with a run is not touched."""
+    handler = _NeverWelcomes()
+    t = Transport([], handler, limits=Limits(max_partial_bytes=400_000))
+    handler.transport = t
+    try:
+        served, served_them = _peer(t, "served")  # has a run: not counted
+        early, early_them = _peer(t, "early")
+        early.run = None
+        early_them.sendall(encode({"t": "hello"}))
+        _serve_until(t, lambda: early.pending)
+        pad = "x" * REPLY
+        _send_meanwhile(early_them, b"".join(encode({"t": "obs", "s": s, "pad": pad})
+                                             for s in range(4)))  # 240 KB: held
+        _serve_until(t, lambda: len(early.early) == 4)
+        assert early.sock.fileno() >= 0
+        _send_meanwhile(early_them, b"".join(encode({"t": "obs", "s": s, "pad": pad})
+                                             for s in range(4, 8)))  # 480 KB in all: over
+        _serve_until(t, lambda: early.sock.fileno() < 0)
+        assert early not in t.connections() and served.sock.fileno() >= 0
+        _ask(served_them, 0, 1)
+        _serve_until(t, lambda: handler.handled.get("served") == 1)
+    finally:
+        t.close()
+        for s in (served_them, early_them):
+            s.close()
