@@ -42,7 +42,8 @@ class Limits:
     max_outbuf: int = 8 << 20  # bytes of replies a peer may leave unread before it is closed
     # ... and all peers together: past this, the peer with the most unread is closed (so
     # that many peers that never read, each under max_outbuf, cannot exhaust the memory
-    # every run's controller lives in: 1 024 of them at 8 MiB each would be 8 GiB).
+    # every run's controller lives in: 1 024 of them at 8 MiB each would be 8 GiB). Checked
+    # as a peer's unread passes each 64 KiB: it may run past by under 64 KiB a peer.
     max_outbuf_total: int = 128 << 20
     linger_s: float = 2.0  # a closed peer's last frames wait this long for it to read them
     max_drain: int = 16 << 20  # bytes read from a hook that hung up, to apply what it sent

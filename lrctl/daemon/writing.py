@@ -89,12 +89,14 @@ class Writing:
             self.rlog.log(logging.WARNING, "outbuf", "closing %s: it does not read its "
                           "replies (%d bytes waiting)", conn.label, len(conn.out))
             self.close_conn(conn)
-        elif len(conn.out) >> 20 > before >> 20:  # another MiB unread: all peers' in bounds?
+        elif len(conn.out) >> 16 > before >> 16:  # 64 KiB more unread: all peers' in bounds?
             self._bound_unread()
 
     def _bound_unread(self) -> None:
         """Close the peers with the most unread replies until all peers' together are
-        within ``Limits.max_outbuf_total`` (counted when a peer's pass another MiB)."""
+        within ``Limits.max_outbuf_total``. Counted each time a peer's pass another 64 KiB
+        (a sum over the peers, not on every send), so the total may run past the cap by
+        less than 64 KiB a peer: 64 MiB at 1 024 peers."""
         total = sum(len(c.out) for c in self._conns)
         while total > self.limits.max_outbuf_total:
             worst = max(self._conns, key=lambda c: len(c.out))

@@ -174,3 +174,19 @@ def test_what_peers_send_before_their_welcome_counts_toward_the_partial_bytes() 
         t.close()
         for s in (served_them, early_them):
             s.close()
+
+
+def test_many_peers_each_under_a_mib_are_bounded_too(
+        transport: tuple[Transport, _Padded]) -> None:
+    """The total was summed only when a peer passed another MiB: eight peers at 0.9 MB
+    each (7.2 MB, over the 5 MiB cap) were all left open (found by a review)."""
+    t, handler = transport
+    peers = [_peer(t, f"q{i}") for i in range(8)]
+    for _, them in peers:
+        _ask(them, 0, 15)
+    _serve_until(t, lambda: all(handler.handled.get(f"q{i}") == 15 or c.sock.fileno() < 0
+                                for i, (c, _) in enumerate(peers)))
+    closed = [c for c, _ in peers if c.sock.fileno() < 0]
+    assert closed and _unread(t) <= 5 * MiB + len(peers) * (64 << 10)  # (see _bound_unread)
+    for _, them in peers:
+        them.close()
