@@ -1,10 +1,11 @@
 """Compact frames: the two per-step messages in binary, for peers that agreed to them.
 
 Every training step sends an ``obs`` and gets an ``lr`` answer. As JSON, formatting
-and parsing them cost a few µs a side (measured warm: 1.7 µs to write a plain obs,
-2.5 µs to read a plain lr answer; two to three times that inside a training loop,
-where caches are cold), on the training thread and on the controller's loop alike.
-``struct`` packs and unpacks them in a tenth of that.
+and parsing them cost a few µs a side, on the training thread and on the controller's
+loop alike (two to three times the warm figures inside a training loop, where caches
+are cold). Measured warm: an ``obs`` takes 0.40 µs to write and 0.57 µs to read compact,
+against 2.37 and 2.12 µs as JSON; an ``lr`` answer 1.48 and 2.38 µs, against 2.39 and
+2.79 µs (building its dict is most of what is left).
 
 A hook says ``"compact": 1`` in its hello; a controller that speaks them answers
 ``"compact": 1`` in its welcome (the integer 1: ``true`` or ``1.0`` is no), and from
@@ -30,7 +31,7 @@ protocol error. The decoded message is exactly the dict the JSON frame gives (se
 
 from __future__ import annotations
 
-import math
+import functools
 import struct
 from typing import Any
 
@@ -80,21 +81,53 @@ def encode_obs_compact(step: int, loss: float | None, grad_norm: float | None) -
 def encode_lr_compact(step: int, lrs: list[float], skip: bool, stop: bool, mode: str,
                       saved_step: int) -> bytes | None:
     """A compact plain ``lr`` frame (no decisions); ``None`` for anything unusual."""
-    if (type(step) is not int or type(saved_step) is not int or not -1 <= step <= _MAX_STEP
+    if (type(step) is not int or type(saved_step) is not int or type(skip) is not bool
+            or type(stop) is not bool or not -1 <= step <= _MAX_STEP
             or not -1 <= saved_step <= _MAX_STEP or len(lrs) > MAX_GROUPS):
         return None
-    isfinite = math.isfinite
     for x in lrs:
-        if type(x) is not float or not isfinite(x):
+        if type(x) is not float or x - x != 0.0:  # (finite)
             return None
-    name = mode.encode("ascii", "replace") if type(mode) is str else b""
-    if not 0 < len(name) <= 32 or not _MODE_CHARS.issuperset(name):
+    name = _MODE_BYTES.get(mode) if type(mode) is str else None
+    if name is None:
+        name = _mode_bytes(mode)
+        if name is None:
+            return None
+    layout = _lr_layout(len(name), len(lrs))
+    return HEADER.pack(COMPACT_BIT | layout.size) + layout.pack(
+        2, skip | stop << 1, step, saved_step, len(name), name, len(lrs), *lrs)
+
+
+@functools.lru_cache(maxsize=64)
+def _lr_layout(mode_size: int, n: int) -> struct.Struct:
+    """The whole ``lr`` body for a mode of ``mode_size`` bytes and ``n`` LRs."""
+    return struct.Struct(f"<BBqqB{mode_size}sH{n}d")
+
+
+# Modes seen valid, both ways (a run has two or three): checked once, not per frame.
+_MODE_BYTES: dict[str, bytes] = {}
+_MODE_NAMES: dict[bytes, str] = {}
+_MAX_MODES = 64
+
+
+def _mode_bytes(mode: object) -> bytes | None:
+    if type(mode) is not str or not 0 < len(mode) <= 32 or not mode.isascii():
         return None
-    if type(skip) is not bool or type(stop) is not bool:
+    name = mode.encode("ascii")
+    if not _MODE_CHARS.issuperset(name):
         return None
-    body = b"".join((_LR_HEAD.pack(2, skip | stop << 1, step, saved_step, len(name)), name,
-                     _COUNT.pack(len(lrs)), struct.pack(f"<{len(lrs)}d", *lrs)))
-    return HEADER.pack(COMPACT_BIT | len(body)) + body
+    if len(_MODE_BYTES) < _MAX_MODES:
+        _MODE_BYTES[mode] = name
+    return name
+
+
+def _mode_name(name: bytes) -> str | None:
+    mode = _MODE_NAMES.get(name)
+    if mode is None and 0 < len(name) <= 32 and _MODE_CHARS.issuperset(name):
+        mode = name.decode("ascii")
+        if len(_MODE_NAMES) < _MAX_MODES:
+            _MODE_NAMES[name] = mode
+    return mode
 
 
 def decode_compact(body: bytes) -> dict[str, Any]:
@@ -107,23 +140,24 @@ def decode_compact(body: bytes) -> dict[str, Any]:
             raise ProtocolError("bad compact obs frame", "bad_message")
         return {"v": 1, "t": "obs", "s": step, "l": loss if flags & 1 else None,
                 "g": grad if flags & 2 else None}
-    if kind == 2 and len(body) >= _LR_HEAD.size + 1 + _COUNT.size:
+    if kind == 2 and len(body) >= _LR_HEAD.size:
         _, flags, step, saved, size = _LR_HEAD.unpack_from(body)
-        at = _LR_HEAD.size
-        mode = body[at:at + size]
-        at += size
-        if (flags & ~3 or not 0 < size <= 32 or not _MODE_CHARS.issuperset(mode)
-                or len(body) < at + _COUNT.size):
+        at = _LR_HEAD.size + size
+        if flags & ~3 or not 0 < size <= 32 or len(body) < at + _COUNT.size:
             raise ProtocolError("bad compact lr frame", "bad_message")
         (n,) = _COUNT.unpack_from(body, at)
-        at += _COUNT.size
-        if len(body) != at + 8 * n or n > MAX_GROUPS:
+        if n > MAX_GROUPS or len(body) != at + _COUNT.size + 8 * n:
             raise ProtocolError("bad compact lr frame", "bad_message")
-        lrs = list(struct.unpack_from(f"<{n}d", body, at))
-        if not all(math.isfinite(x) for x in lrs):
-            raise ProtocolError("compact lr frame with a non-finite LR", "bad_message")
+        values = _lr_layout(size, n).unpack(body)
+        mode = _mode_name(values[5])
+        if mode is None:
+            raise ProtocolError("bad compact lr frame", "bad_message")
+        lrs = list(values[7:])
+        for x in lrs:
+            if x - x != 0.0:
+                raise ProtocolError("compact lr frame with a non-finite LR", "bad_message")
         return {"v": 1, "t": "lr", "s": step, "lrs": lrs, "skip": bool(flags & 1),
-                "stop": bool(flags & 2), "mode": mode.decode("ascii"), "saved_step": saved,
+                "stop": bool(flags & 2), "mode": mode, "saved_step": saved,
                 "d": []}
     raise ProtocolError(f"unknown compact frame (kind {kind}, {len(body)} bytes)",
                         "bad_message")
