@@ -102,6 +102,23 @@ def losses(n: int, seed: int = 0, spikes: tuple[int, ...] = ()) -> list[float]:
     return out
 
 
+class QuietHandler:
+    """A transport handler with nothing to do but ``handle`` (subclasses answer): the
+    transport's side alone, in process, with real sockets."""
+
+    def handle(self, conn: Any, msg: dict[str, Any]) -> None:
+        raise NotImplementedError
+
+    def disconnected(self, conn: Any, save: bool) -> None:
+        pass
+
+    def commit(self) -> None:
+        pass
+
+    def woken(self) -> None:
+        pass
+
+
 class Client:
     """A raw protocol client on a Unix socket: frames out, decoded messages in."""
 

@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable, Iterator
 
 import pytest
+from daemon_helpers import QuietHandler
 
 from lrctl.daemon.conn import Conn
 from lrctl.daemon.limits import Limits
@@ -25,7 +26,7 @@ MiB = 1 << 20
 DEADLINE_S = 30.0
 
 
-class _Padded:
+class _Padded(QuietHandler):
     """Answers each message with a ~60 KB frame."""
 
     def __init__(self) -> None:
@@ -36,15 +37,6 @@ class _Padded:
         assert self.transport is not None
         self.handled[conn.name] = self.handled.get(conn.name, 0) + 1
         self.transport.send(conn, {"t": "lr", "s": msg["s"], "pad": "x" * REPLY})
-
-    def disconnected(self, conn: Conn, save: bool) -> None:
-        pass
-
-    def commit(self) -> None:
-        pass
-
-    def woken(self) -> None:
-        pass
 
 
 @pytest.fixture

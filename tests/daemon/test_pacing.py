@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterator
 
 import pytest
 import torch
-from daemon_helpers import POLICIES, ControllerProc, losses
+from daemon_helpers import POLICIES, ControllerProc, QuietHandler, losses
 
 import lrctl
 from lrctl.client import request
@@ -297,7 +297,7 @@ def test_a_silent_hook_goes_back_to_the_selector_and_a_dead_one_is_seen(
         ctl.close(end_run=False)
 
 
-class _Echo:
+class _Echo(QuietHandler):
     """A handler that answers each ``obs`` (the transport's side, in process)."""
 
     def __init__(self) -> None:
@@ -308,15 +308,6 @@ class _Echo:
         self.handled.append(msg["s"])
         assert self.transport is not None
         self.transport.send(conn, {"t": "lr", "s": msg["s"]})  # type: ignore[arg-type]
-
-    def disconnected(self, conn: object, save: bool) -> None:
-        pass
-
-    def commit(self) -> None:
-        pass
-
-    def woken(self) -> None:
-        pass
 
 
 @pytest.fixture
