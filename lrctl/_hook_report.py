@@ -51,6 +51,7 @@ class Reporting:
                 or (grad_norm is not None and not -_INF < grad_norm < _INF)
                 or not self._quiet()):
             return False
+        self._unreported_loss, self._unreported_grad = loss, grad_norm
         self._quiet_step()
         return True
 
@@ -127,6 +128,8 @@ class Reporting:
                 self._report(t, loss, grad_norm)
             elif batch is not None:
                 batch.hold(t, loss, grad_norm)
+            else:  # every=N between reports: the run's last step is reported at close
+                self._unreported_loss, self._unreported_grad = loss, grad_norm
             # Between reports with every answer in, there is nothing to read: such
             # steps cost next to nothing, so every=N divides the hook's cost by N.
             if (self._acked < self._reported or not link.idle
@@ -212,6 +215,23 @@ class Reporting:
             return
         t, loss, grad = batch.pop_last()
         self._send(t, loss, grad, _NO_METRICS)
+
+    def _report_last_step(self) -> None:
+        """A run that ends between two ``every=N`` reports: its last step is reported,
+        with its loss and the grad norm the loop passed (none is computed: the gradients
+        may be gone), so that what the policies' schedules did up to the run's end (a WSD
+        cooldown's ``decay_done`` on the last step) is decided and recorded."""
+        last = self._step - 1
+        if self.every <= 1 or self._batch is not None or last <= self._reported:
+            return
+        values = []
+        for value in (self._unreported_loss, self._unreported_grad):
+            try:
+                values.append(to_float(value))
+            except (TypeError, ValueError, RuntimeError):
+                values.append(None)  # the step is still reported, without that value
+        self._unreported_loss = self._unreported_grad = None
+        self._send(last, values[0], values[1], _NO_METRICS)
 
     def _report(self, t: int, loss: Any, grad_norm: Any) -> None:
         if grad_norm is None and self._compute_grad_norm:

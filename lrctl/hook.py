@@ -160,6 +160,9 @@ class Controller(Resuming, LinkSide, Reporting, Applying):
         self._resume = resume
         self._reported = -1  # the last step sent (or staged)
         self._prev_reported = -1  # the one before it
+        # every=N: the latest unreported step's loss and given grad norm (see close)
+        self._unreported_loss: Any = None
+        self._unreported_grad: Any = None
         self._acked = -1  # the last step whose answer arrived
         # Answers too new to apply yet (step -> LRs): the answer to step t is meant for
         # the optimizer step after t's, never t's own (async; see _usable_step).
@@ -344,6 +347,8 @@ class Controller(Resuming, LinkSide, Reporting, Applying):
             return
         try:
             self._flush_pending()
+            if end_run:
+                self._report_last_step()
             self._drain_staged(block=True)
             self._send_last_metrics(end_run)
             if not self._link.connected:  # its back-off may have outlasted a restart: one

@@ -162,3 +162,20 @@ def test_a_run_resumed_from_its_state_keeps_a_later_decay_across_a_controller_re
         assert [d.action for d in ctl.decisions].count("decay_start") == 1
     finally:
         ctl.close()
+
+
+@pytest.mark.parametrize("every", [4, 1])
+def test_an_every_n_run_that_ends_between_reports_records_its_cooldowns_end(
+        controller: ControllerProc, every: int) -> None:
+    """A run of 102 steps with every=4 reports step 100 last: the cooldown that ends with
+    the run (decay_done from the observation of step 101) was never decided, nor
+    recorded. At close the run's last step is reported, with its loss."""
+    wsd = {"version": 1, "policies": [{"kind": "wsd", "total_steps": 102, "decay_steps": 20,
+                                       "decay_shape": "linear", "min_lr_ratio": 0.1}]}
+    with lrctl.attach(_optimizer(), policy=wsd, spawn=False, every=every, timeout=30.0,
+                      run_name=f"ends-{every}") as ctl:
+        for t in range(102):
+            ctl.step(1.0 + t, grad_norm=1.0)
+    done = [d for d in ctl.decisions if d.action == "decay_done"]
+    assert [d.step for d in done] == [101]
+    assert done[0].evidence["value"] == 102

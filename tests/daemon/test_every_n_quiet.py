@@ -71,7 +71,9 @@ def test_steps_between_reports_go_the_quiet_way_with_the_full_ways_outcome(
     decisions, _, frames, skipped, quiet = quick
     assert full[4] == 0
     # (the spike at 201 is a NaN too: losses() makes odd spikes NaN)
-    assert [f["s"] for f in frames] == sorted([*range(0, len(curve), EVERY), 201, 301])
+    # ... and the run's last step, which close() reports (it ends between two reports)
+    assert [f["s"] for f in frames] == sorted([*range(0, len(curve), EVERY), 201, 301,
+                                               len(curve) - 1])
     assert 301 in skipped  # the NaN never reached the weights
     # ... and the policies saw it: the skip is on record, the guard backed off from it.
     assert {(d["step"], d["action"]) for d in decisions} >= {(301, "skip"), (301, "backoff")}
