@@ -195,6 +195,10 @@ class Handshakes:
             else:
                 log.info("run %s reconnected; dropping its old connection", key)
                 srv.transport.close_conn(old, save=False)
+            if conn.sock.fileno() < 0 or conn.closing:
+                # Sending what the old one was owed can close peers that read nothing
+                # (Limits.max_outbuf_total); should that be this one, its hook comes back.
+                return
         conn.run = key
         conn.paceable = hello.pace
         srv.conns[key] = conn
