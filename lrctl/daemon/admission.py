@@ -13,11 +13,10 @@ all here:
   ``Limits.quiet_timeout_s`` is closed (Unix and TCP alike; over TCP it has not shown
   its token either).
 * **Memory.** Unfinished frames of peers without a run, and what such peers sent after
-  a hello not yet answered (held decoded until the welcome: up to
-  ``Limits.max_early_messages`` frames each), may hold ``Limits.max_partial_bytes`` in
-  all; past that the oldest such peer is closed (300 peers each holding all but the last
-  byte of a 1 MiB hello cannot take 300 MiB, nor 1 024 peers with slow hellos 256 frames
-  of 64 KiB each).
+  a hello not yet answered (held as bytes, undecoded, until the welcome: up to
+  ``Limits.max_early_bytes`` each), may hold ``Limits.max_partial_bytes`` in all; past
+  that the oldest such peer is closed (300 peers each holding all but the last byte of
+  a 1 MiB hello cannot take 300 MiB, nor 1 024 peers with slow hellos 1 MiB each).
 * **File descriptors.** ``accept()`` failing with EMFILE/ENFILE first closes the
   oldest peer without a run; with none, it spends its one spare descriptor to accept
   each waiting connection and answer it ``unavailable`` (why, and that the hook trains
@@ -229,10 +228,9 @@ class Admission:
 
     def note_partial(self, conn: Conn) -> None:
         """After a read by ``conn`` without a run: account for its unfinished frame and what
-        it sent after a hello not yet answered (held decoded until the welcome), and close
+        it sent after a hello not yet answered (held undecoded until the welcome), and close
         the oldest such peers while they hold more than ``Limits.max_partial_bytes``."""
-        now = (conn.decoder.buffered + conn.early_bytes
-               if conn.run is None and conn.sock.fileno() >= 0 else 0)
+        now = conn.decoder.buffered if conn.run is None and conn.sock.fileno() >= 0 else 0
         self._partial_bytes += now - conn.partial
         conn.partial = now
         if now:

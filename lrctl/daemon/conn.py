@@ -33,8 +33,7 @@ class Unavailable(Refused):
 
 
 class Conn:
-    __slots__ = ("authed", "backlog", "closing", "compact", "dead", "decoder", "drained", "early",
-                 "early_bytes",
+    __slots__ = ("authed", "backlog", "closing", "compact", "dead", "decoder", "drained",
                  "failed", "heard", "held", "name", "opened", "out", "paceable", "paced",
                  "parked", "partial", "pending", "remote", "run", "sock")
 
@@ -50,8 +49,6 @@ class Conn:
         self.held = bytearray()  # waits for the group commit (see Transport.hold)
         self.run: str | None = None
         self.pending = False  # its hello is being answered (see handshake.py)
-        self.early: list[dict[str, Any]] = []  # what it sent meanwhile, handled after
-        self.early_bytes = 0  # ... as bytes read (counted with admission's partial frames)
         self.partial = 0  # bytes of an unfinished frame, as admission counted them
         self.closing = 0.0  # when it was told to go (or hung up its end): flush, then close
         self.failed = False  # told to go (a fatal error): nothing more it sends is handled

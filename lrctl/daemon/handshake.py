@@ -6,7 +6,7 @@ a connected run over.
   thread, within ``Limits.hello_budget_s``: from the run's state in the hello (a resume
   from the user's checkpoint, ``ctl.state_dict()``), else from its checkpoint on disk
   (a run evicted from memory), else new from the policy text. The loop serves everyone
-  else meanwhile; what the hook sends before its welcome waits (``Conn.early``), and
+  else meanwhile; what the hook sends before its welcome waits, undecoded (``Conn.decoder``), and
   another hello for the same run is refused until this one is answered.
 * **Taking a run over.** Every run has a random *resume token*, handed to its hook in
   the welcome (``resume_token``) and kept in the run's checkpoint and state. A hello

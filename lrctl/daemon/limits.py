@@ -38,7 +38,9 @@ class Limits:
     # bytes of unfinished frames, and of frames sent before the welcome, held for peers
     # without a run, all such peers together
     max_partial_bytes: int = 32 << 20
-    max_early_messages: int = 256  # messages a peer may send before its hello is answered
+    # bytes a peer may send after its hello before the welcome (held undecoded; a hook
+    # sends nothing then)
+    max_early_bytes: int = 1 << 20
     max_outbuf: int = 8 << 20  # bytes of replies a peer may leave unread before it is closed
     # ... and all peers together: past this, the peer with the most unread is closed (so
     # that many peers that never read, each under max_outbuf, cannot exhaust the memory

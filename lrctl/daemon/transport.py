@@ -157,9 +157,10 @@ class Transport(Writing, PacedReading):
     def open_conn(self, sock: socket.socket, authed: bool, name: str) -> Conn:
         """A new connection (admission accepted it)."""
         sock.setblocking(False)
-        decoder = (FrameDecoder(MAX_FRAME, first_limit=MAX_HELLO) if authed else
-                   FrameDecoder(MAX_FRAME, first_limit=self.limits.max_unauthed_frame,
-                                gated=True))
+        # Its first message is decoded alone (the token, else a hello or an operator's
+        # request): what a hook sends after its hello waits undecoded until the welcome.
+        decoder = FrameDecoder(MAX_FRAME, gated=True, first_limit=MAX_HELLO if authed
+                               else self.limits.max_unauthed_frame)
         conn = Conn(sock, authed, name, decoder)
         self._conns[conn] = None
         self.nconns += 1
@@ -221,13 +222,15 @@ class Transport(Writing, PacedReading):
                 return conn.sock.fileno() >= 0
             self.close_conn(conn)
             return False
-        if conn.pending:  # held decoded until its welcome: bounded with partial frames
-            conn.early_bytes += len(data)
         try:
             messages = conn.decoder.feed(data)
         except ProtocolError as exc:
             self.fail(conn, exc.code, str(exc))
             return False
+        if conn.pending and conn.decoder.buffered > self.limits.max_early_bytes:
+            self.fail(conn, "bad_message", f"more than {self.limits.max_early_bytes} bytes "
+                      "sent before the welcome")
+            return conn.sock.fileno() >= 0
         if conn.run is None or conn.partial:
             self.admission.note_partial(conn)
             if messages:
@@ -268,27 +271,19 @@ class Transport(Writing, PacedReading):
                 i += 1
                 if conn.sock.fileno() < 0 or conn.failed:
                     return
-                if conn.pending:  # its hello is being answered: these wait for the welcome
-                    if len(conn.early) >= self.limits.max_early_messages:
-                        self.fail(conn, "bad_message", "too many messages before the welcome")
-                        return
-                    conn.early.append(msg)
-                    continue
                 if not conn.authed:
                     if not self._authenticate(conn, msg):
                         return
-                    try:  # only now is anything after the first frame decoded
-                        messages += conn.decoder.open_gate(
-                            MAX_HELLO if msg["t"] == "auth" else MAX_FRAME)
-                    except ProtocolError as exc:
-                        self.fail(conn, exc.code, str(exc))
-                        return
-                    if msg["t"] == "auth":
+                    if msg["t"] == "auth":  # only now is anything after it decoded: the
+                        messages += self._decode_on(conn, MAX_HELLO, 1)  # next one alone
                         continue
                 try:
                     self.handler.handle(conn, msg)
                 except Exception as exc:
                     self._answer(conn, exc, msg.get("t"))
+                if (conn.decoder.gated and not conn.pending and not conn.failed
+                        and conn.sock.fileno() >= 0):  # its first message is handled
+                    messages += self._decode_on(conn, MAX_FRAME)
         finally:
             self._reading = previous
 
@@ -305,15 +300,25 @@ class Transport(Writing, PacedReading):
         if conn.dead and conn.sock.fileno() >= 0:
             self._hung_up(conn)
 
+    def _decode_on(self, conn: Conn, limit: int, frames: int | None = None
+                   ) -> list[dict[str, Any]]:
+        """Open ``conn``'s gate (see :class:`~lrctl.wire.decoder.FrameDecoder`): what it
+        holds, decoded; a bad frame fails the connection."""
+        try:
+            return conn.decoder.open_gate(limit, frames)
+        except ProtocolError as exc:
+            self.fail(conn, exc.code, str(exc))
+            return []
+
     def resume(self, conn: Conn) -> None:
         """``conn``'s hello was answered: handle what it sent meanwhile, then go on."""
         conn.pending = False
-        early, conn.early, conn.early_bytes = conn.early, [], 0
-        if conn.sock.fileno() < 0:
+        if conn.sock.fileno() < 0 or conn.failed:
             return
+        early = self._decode_on(conn, MAX_FRAME)
         self.admission.note_partial(conn)
-        if early:
-            self._handle(conn, early)
+        if early and conn.sock.fileno() >= 0:
+            self._dispatch(conn, early)
         if conn.parked and conn.sock.fileno() >= 0:  # it hung up while we parsed
             self._close_after(conn)
 

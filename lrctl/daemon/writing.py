@@ -144,7 +144,6 @@ class Writing:
         if conn.held:
             self.release()  # what it was answered goes first, durable as ever
         conn.pending = False
-        conn.early = []
         conn.failed = True
         error = {"t": "error", "code": code, "message": message, "fatal": True}
         if retry:
@@ -192,7 +191,6 @@ class Writing:
             self.pacing.forget(conn)
         conn.sock.close()
         conn.held.clear()
-        conn.early = []
         conn.backlog = []
         self._backlogged.pop(conn, None)
         self._conns.pop(conn, None)

@@ -19,8 +19,11 @@ class FrameDecoder:
 
     The first frame may be up to ``first_limit`` bytes, later ones up to ``limit``.
     ``gated``: return the first frame alone and decode nothing after it until
-    :meth:`open_gate` (the controller checks a TCP peer's token before it parses
-    anything large). Errors are :class:`ProtocolError`; after one the stream is unusable.
+    :meth:`open_gate`; what comes meanwhile is held as bytes (:attr:`buffered`). The
+    controller checks a TCP peer's token before it parses anything large, and holds
+    what a peer sends after its hello undecoded until the hello is answered (decoded
+    JSON can take twenty times its bytes). Errors are :class:`ProtocolError`; after one
+    the stream is unusable.
     """
 
     def __init__(self, limit: int = MAX_FRAME, first_limit: int | None = None, *,
@@ -28,22 +31,28 @@ class FrameDecoder:
         self.limit = limit
         self._next_limit = first_limit if first_limit is not None else limit
         self._buf = bytearray()
-        self._gated = gated
-        self._decoded = 0  # frames decoded while gated (at most one)
+        self._budget: int | None = 1 if gated else None  # frames left to decode (None: any)
 
     @property
     def buffered(self) -> int:
         """Bytes held: an unfinished frame (or, while gated, what followed the first)."""
         return len(self._buf)
 
-    def open_gate(self, next_limit: int) -> list[dict[str, Any]]:
-        """Decode on: the next frame may be up to ``next_limit`` bytes. Returns the whole
-        messages already buffered."""
-        self._gated = False
+    @property
+    def gated(self) -> bool:
+        return self._budget is not None
+
+    def open_gate(self, next_limit: int, frames: int | None = None) -> list[dict[str, Any]]:
+        """Decode on (``frames`` more, then gated again; None: no gate): the next frame
+        may be up to ``next_limit`` bytes. Returns the whole messages already buffered."""
+        self._budget = frames
         self._next_limit = next_limit
         return self.feed(b"")
 
     def feed(self, data: bytes) -> list[dict[str, Any]]:
+        if self._budget == 0:  # gated: held as it came
+            self._buf += data
+            return []
         buf = self._buf
         if buf:  # the rest of a frame: copy out only once a whole frame is in
             buf += data
@@ -54,7 +63,7 @@ class FrameDecoder:
             buf.clear()
         out = []
         pos, end = 0, len(data)
-        while end - pos >= 4 and not (self._gated and self._decoded):
+        while end - pos >= 4 and self._budget != 0:
             (raw,) = HEADER.unpack_from(data, pos)
             size = raw & _SIZE
             if size > self._next_limit:
@@ -65,7 +74,8 @@ class FrameDecoder:
             body = data[pos + 4:pos + 4 + size]
             pos += 4 + size
             self._next_limit = self.limit
-            self._decoded += self._gated
+            if self._budget is not None:
+                self._budget -= 1
             out.append(decode_compact(body) if raw & COMPACT_BIT else decode_body(body))
         if pos < end:
             self._buf += data[pos:] if pos else data

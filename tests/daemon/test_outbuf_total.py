@@ -138,10 +138,11 @@ class _NeverWelcomes(_Padded):
 
 
 def test_what_peers_send_before_their_welcome_counts_toward_the_partial_bytes() -> None:
-    """Frames sent after a hello not yet answered are held decoded (up to 256 per peer);
-    they were not counted anywhere, so peers with slow hellos could hold 256 frames of
-    64 KiB each. Now they count with unfinished frames: past max_partial_bytes, the
-    oldest such peer is closed, and a peer with a run is not touched."""
+    """Frames sent after a hello not yet answered were held decoded (up to 256 per peer)
+    and counted nowhere, so peers with slow hellos could hold 256 frames of 64 KiB each,
+    and decoded JSON takes many times its bytes. Now they are held as bytes, undecoded,
+    and count with unfinished frames: past max_partial_bytes, the oldest such peer is
+    closed, and a peer with a run is not touched."""
     handler = _NeverWelcomes()
     t = Transport([], handler, limits=Limits(max_partial_bytes=400_000))
     handler.transport = t
@@ -154,8 +155,8 @@ def test_what_peers_send_before_their_welcome_counts_toward_the_partial_bytes() 
         pad = "x" * REPLY
         _send_meanwhile(early_them, b"".join(encode({"t": "obs", "s": s, "pad": pad})
                                              for s in range(4)))  # 240 KB: held
-        _serve_until(t, lambda: len(early.early) == 4)
-        assert early.sock.fileno() >= 0
+        _serve_until(t, lambda: early.decoder.buffered >= 4 * REPLY)
+        assert early.sock.fileno() >= 0 and "early" not in handler.handled  # not decoded
         _send_meanwhile(early_them, b"".join(encode({"t": "obs", "s": s, "pad": pad})
                                              for s in range(4, 8)))  # 480 KB in all: over
         _serve_until(t, lambda: early.sock.fileno() < 0)
@@ -181,4 +182,55 @@ def test_many_peers_each_under_a_mib_are_bounded_too(
     closed = [c for c, _ in peers if c.sock.fileno() < 0]
     assert closed and _unread(t) <= 5 * MiB + len(peers) * (64 << 10)  # (see _bound_unread)
     for _, them in peers:
+        them.close()
+
+
+def test_what_a_peer_sent_before_its_welcome_is_handled_after_it_in_order() -> None:
+    """Held as bytes while the hello is answered, then decoded and handled, in order; the
+    frames that came in the hello's own read wait too (they were decoded with it)."""
+    handler = _NeverWelcomes()
+    t = Transport([], handler, limits=Limits())
+    handler.transport = t
+    ours, them = socket.socketpair()
+    try:
+        conn = t.open_conn(ours, True, "late")
+        them.sendall(encode({"t": "hello"}) + b"".join(
+            encode({"t": "obs", "s": s}) for s in range(3)))  # one read, most likely
+        _serve_until(t, lambda: conn.pending)
+        them.sendall(b"".join(encode({"t": "obs", "s": s}) for s in range(3, 6)))
+        _serve_until(t, lambda: conn.decoder.buffered > 0)
+        assert "late" not in handler.handled
+        conn.run = "late"  # the welcome
+        t.resume(conn)
+        _serve_until(t, lambda: handler.handled.get("late") == 6)
+        decoder, got = FrameDecoder(1 << 17), []
+        them.setblocking(False)
+
+        def read() -> bool:
+            with contextlib.suppress(BlockingIOError):
+                got.extend(decoder.feed(them.recv(1 << 20)))
+            return len(got) == 6
+
+        _serve_until(t, read)
+        assert [m["s"] for m in got] == list(range(6))
+    finally:
+        t.close()
+        them.close()
+
+
+def test_a_peer_that_sends_too_much_before_its_welcome_is_closed() -> None:
+    handler = _NeverWelcomes()
+    t = Transport([], handler, limits=Limits(max_early_bytes=200_000))
+    handler.transport = t
+    ours, them = socket.socketpair()
+    try:
+        conn = t.open_conn(ours, True, "eager")
+        them.sendall(encode({"t": "hello"}))
+        _serve_until(t, lambda: conn.pending)
+        _send_meanwhile(them, b"".join(encode({"t": "obs", "s": s, "pad": "x" * REPLY})
+                                       for s in range(4)))  # 240 KB
+        _serve_until(t, lambda: conn.sock.fileno() < 0)
+        assert "eager" not in handler.handled
+    finally:
+        t.close()
         them.close()
