@@ -134,7 +134,7 @@ class StepGuard:
             self.skipped += 1
             if self.on_skip is not None:
                 self.on_skip()
-            return None
+            return _closure_loss(args, kwargs)
         ok, self._device_ok = self._device_ok, None
         if ok is None:
             return self._inner(*args, **kwargs)
@@ -156,3 +156,14 @@ class StepGuard:
                     g.copy_(torch.where(ok.to(g.device), g, torch.zeros((), dtype=g.dtype,
                                                                         device=g.device)))
         return self._inner(*args, **kwargs)
+
+
+def _closure_loss(args: Any, kwargs: Any) -> Any:
+    """What a skipped ``step(closure)`` returns: the closure's loss, as the step it stands
+    for would have (torch's optimizers evaluate it, with gradients, and return it; a loop
+    such as ``loss = opt.step(closure); loss.item()`` must not get None). No closure: None."""
+    closure = kwargs["closure"] if "closure" in kwargs else (args[0] if args else None)
+    if closure is None:
+        return None
+    with sys.modules["torch"].enable_grad():
+        return closure()

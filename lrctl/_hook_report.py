@@ -296,12 +296,22 @@ class Reporting:
         self._link.pump(expect)
 
     def _wait_for(self, t: int) -> None:
+        """Sync: wait (at most ``timeout``) for the answer to step ``t``. After a wait that
+        timed out, no step waits until the answer to the step before has come: a hung
+        controller costs one wait, not one per step (as async's :meth:`_await_due`)."""
         assert self._link is not None
+        if self._late:
+            if self._acked < self._prev_reported:
+                return
+            self._late = False  # it answers again
         self._got_error = False
         ok = self._link.wait(lambda: self._acked >= t or self._got_error, self.timeout)
         if not ok and not self._got_error and self._link.state != "down":
+            self._late = True
+            self.late_waits += 1
             self._warn("slow", f"lrctl: no decision within {self.timeout:g} s (sync mode); "
-                               "continuing at the last LR")
+                               "continuing at the last LR, without waiting again until the "
+                               "controller answers")
 
     def _stage(self, t: int, loss: Any, grad: Any, on_dev: tuple[bool, bool],
                metrics: Mapping[str, Any]) -> None:

@@ -43,6 +43,9 @@ def test_no_controller_and_no_spawn_warns_once_and_trains_on() -> None:
 
 def test_a_stalled_controller_times_out_in_sync_mode_and_training_continues(
         controller: ControllerProc) -> None:
+    """One timed-out wait, not one per step (an adversarial pass found every step of a
+    sync loop waiting its full timeout while the controller hung); once the answers have
+    caught up, each step waits for its own again."""
     ctl = lrctl.attach(_opt(), policy=POLICY, sync=True, spawn=False, timeout=0.2)
     try:
         for loss in losses(5):
@@ -51,11 +54,20 @@ def test_a_stalled_controller_times_out_in_sync_mode_and_training_continues(
         controller.proc.send_signal(signal.SIGSTOP)  # type: ignore[union-attr]
         try:
             with pytest.warns(RuntimeWarning, match="no decision within"):
-                for loss in losses(3):
+                for loss in losses(20):
                     ctl.step(loss)
             assert ctl.lr == before
+            assert ctl.late_waits == 1
         finally:
             controller.proc.send_signal(signal.SIGCONT)  # type: ignore[union-attr]
+        link = ctl._link
+        assert link is not None
+        link.wait(lambda: ctl._acked >= ctl._reported, 30.0)
+        for t, loss in enumerate(losses(5)):
+            ctl.step(loss)
+            if t:  # (the first step after the catch-up may still go unwaited)
+                assert ctl._acked == ctl._reported  # waited for, in step()
+        assert ctl.late_waits == 1 and not ctl._late
     finally:
         ctl.close()
 

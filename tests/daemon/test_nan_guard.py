@@ -175,3 +175,41 @@ def test_a_skipped_step_holds_the_lrs_it_would_have_used(controller: ControllerP
         opt.step()
         assert torch.equal(param, before)  # skipped
         assert [opt.param_groups[0]["lr"]] == expected_at_11 != expected
+
+
+@pytest.mark.parametrize("make", [
+    lambda p: torch.optim.LBFGS(p, lr=0.5, max_iter=4),
+    lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9, nesterov=True),
+], ids=["lbfgs", "sgd-nesterov"])
+def test_a_skipped_closure_step_returns_the_closures_loss(
+        controller: ControllerProc, make: Callable[..., torch.optim.Optimizer]) -> None:
+    """torch's documented closure loop, ``loss = opt.step(closure)``, then ``loss.item()``:
+    a step the guard skipped returned None, and the loop crashed on the NaN it was
+    protecting it from (found by an adversarial pass). It returns the closure's loss,
+    evaluated as the step would have, and the weights are untouched."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(8, 1)
+    optimizer = make(model.parameters())
+    (x, y), = _data()[:1]
+    poison = [False]
+
+    def closure() -> torch.Tensor:
+        optimizer.zero_grad()
+        loss = torch.nn.functional.mse_loss(model(x), y)
+        if poison[0]:
+            loss = loss * math.nan
+        loss.backward()
+        return loss
+
+    with lrctl.attach(optimizer, policy=None, spawn=False) as ctl:
+        for step in range(8):
+            poison[0] = step == 5
+            ctl.step(closure())
+            before = [p.detach().clone() for p in model.parameters()]
+            loss = optimizer.step(closure)
+            assert isinstance(loss, torch.Tensor), (step, loss)
+            assert math.isnan(loss.item()) == (step == 5)
+            if step == 5:
+                after = list(model.parameters())
+                assert all(torch.equal(a, b) for a, b in zip(before, after, strict=True))
+        assert _finite(model) and ctl._guard.skipped == 1
