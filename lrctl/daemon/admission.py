@@ -253,7 +253,7 @@ class Admission:
         limit = self.limits.quiet_timeout_s
         # (A peer whose messages wait for their share is not quiet: it is not read meanwhile.)
         for conn in [c for c in self.transport.connections()
-                     if c.run is None and not c.pending and not c.backlog
+                     if c.run is None and not c.pending and not c.decoder.has_frame
                      and now - c.heard > limit]:
             self.rlog.log(logging.WARNING, "quiet", "closing %s: no %s within %g s",
                           conn.name, "hello" if conn.authed else "token", limit)

@@ -33,7 +33,7 @@ class Unavailable(Refused):
 
 
 class Conn:
-    __slots__ = ("authed", "backlog", "closing", "compact", "dead", "decoder", "drained",
+    __slots__ = ("authed", "closing", "compact", "dead", "decoder", "drained",
                  "failed", "heard", "held", "name", "opened", "out", "paceable", "paced",
                  "parked", "partial", "pending", "remote", "run", "sock")
 
@@ -58,9 +58,6 @@ class Conn:
         self.paceable = False  # an async hook's: may be read on a timer (see pacing.py)
         self.paced = False  # read on a timer now, out of the selector
         self.compact = False  # its hook reads compact lr answers (lrctl.wire.compact)
-        # Messages decoded but not yet handled: past Limits.max_messages_per_wake in one
-        # wake-up, the rest wait for the next one (the other peers are served in between).
-        self.backlog: list[dict[str, Any]] = []
 
     @property
     def label(self) -> str:

@@ -2,7 +2,8 @@
 
 The transport owns the selector and every connection (who gets and keeps one is
 :mod:`~lrctl.daemon.admission`'s job). Complete messages go to a :class:`Handler`
-(the server); a message that breaks the protocol earns an ``error`` frame, and
+(the server), decoded one at a time within the peer's share of a wake-up (see
+:meth:`Transport._take`); a message that breaks the protocol earns an ``error`` frame, and
 input we cannot go on from (a broken frame, a refused hello, a wrong token) a
 fatal one and a closed connection. Nothing a peer sends can disturb the loop or
 the other connections, and the loop never blocks on a peer: a reply it cannot
@@ -88,7 +89,7 @@ class Transport(Writing, PacedReading):
 
     # -- the loop ----------------------------------------------------------------------
     def select(self, timeout: float) -> list[tuple[selectors.SelectorKey, int]]:
-        # Messages left over from the last wake-up (see _dispatch): no sleeping on them.
+        # Messages left over from the last wake-up (see _take): no sleeping on them.
         if self._backlogged:
             return self.sel.select(timeout=0)
         if self.pacing is not None and self.pacing.next_due - time.monotonic() < timeout:
@@ -97,7 +98,7 @@ class Transport(Writing, PacedReading):
 
     def serve(self, ready: list[tuple[selectors.SelectorKey, int]]) -> None:
         """Accept, read and write what :meth:`select` found ready; then the next share of
-        what peers sent before this wake-up and is still waiting (see :meth:`_dispatch`)."""
+        what peers sent before this wake-up and is still waiting (see :meth:`_take`)."""
         carried = list(self._backlogged)
         # Each busy peer's share of this wake-up (see Limits.wake_busy_s).
         busy = len(ready) + len(carried)
@@ -127,24 +128,13 @@ class Transport(Writing, PacedReading):
 
     def _serve_backlog(self, conn: Conn) -> None:
         del self._backlogged[conn]
-        messages, conn.backlog = conn.backlog, []
         if conn.sock.fileno() < 0 or conn.failed:
             return
-        self._dispatch(conn, messages)
+        self._take(conn)
         if conn.dead:
             self._hung_up(conn)
-        elif conn.closing and not conn.backlog and conn.sock.fileno() >= 0:
+        elif conn.closing and not conn.decoder.has_frame and conn.sock.fileno() >= 0:
             self._close_after(conn)  # its end came while these waited (see _close_after)
-
-    def _dispatch(self, conn: Conn, messages: list[dict[str, Any]]) -> None:
-        """Handle at most ``Limits.max_messages_per_wake`` of ``conn``'s messages now; the
-        rest wait in its backlog for the next wake-up (its socket is not read meanwhile)."""
-        budget = self.limits.max_messages_per_wake
-        if len(messages) > budget:
-            conn.backlog = messages[budget:]
-            messages = messages[:budget]
-            self._backlogged[conn] = None
-        self._handle(conn, messages)
 
     def wake(self) -> None:
         """Wake the loop (from another thread)."""
@@ -171,8 +161,8 @@ class Transport(Writing, PacedReading):
     def housekeeping(self, now: float) -> None:
         """Close peers that outstayed their welcome (see admission) or their linger."""
         self.admission.housekeeping(now)
-        for conn in [c for c in self._conns if c.closing and not c.pending and not c.backlog
-                     and now - c.closing > self.limits.linger_s]:
+        for conn in [c for c in self._conns if c.closing and not c.pending
+                     and not c.decoder.has_frame and now - c.closing > self.limits.linger_s]:
             self.close_conn(conn)
 
     def close(self) -> None:
@@ -208,7 +198,7 @@ class Transport(Writing, PacedReading):
     # -- reading -----------------------------------------------------------------------
     def _read(self, conn: Conn) -> bool:
         """Read and handle what arrived; False when the connection was closed."""
-        if conn.backlog:  # handle what it sent before reading more (see _dispatch)
+        if conn.decoder.has_frame:  # handle what it sent before reading more (see _take)
             return True
         try:
             data = conn.sock.recv(1 << 16)
@@ -222,22 +212,20 @@ class Transport(Writing, PacedReading):
                 return conn.sock.fileno() >= 0
             self.close_conn(conn)
             return False
-        try:
-            messages = conn.decoder.feed(data)
-        except ProtocolError as exc:
-            self.fail(conn, exc.code, str(exc))
-            return False
+        conn.decoder.push(data)
         if conn.pending and conn.decoder.buffered > self.limits.max_early_bytes:
             self.fail(conn, "bad_message", f"more than {self.limits.max_early_bytes} bytes "
                       "sent before the welcome")
             return conn.sock.fileno() >= 0
+        count = self._take(conn)
+        if conn.sock.fileno() < 0:
+            return False
         if conn.run is None or conn.partial:
             self.admission.note_partial(conn)
-            if messages:
+            if count:
                 conn.heard = time.monotonic()
-        if conn.paceable and self.pacing is not None:
-            self._heard(conn, len(messages))
-        self._dispatch(conn, messages)
+        if conn.paceable and self.pacing is not None and conn.sock.fileno() >= 0:
+            self._heard(conn, count)
         if conn.dead:
             self._hung_up(conn)
             return False
@@ -252,40 +240,49 @@ class Transport(Writing, PacedReading):
                     conn.label, self.limits.max_drain)
         return False
 
-    def _handle(self, conn: Conn, messages: list[dict[str, Any]]) -> None:
-        """Dispatch ``messages``; a reply that cannot be sent marks ``conn`` dead, and the
-        rest are still applied (a hook that hung up right after sending is gone when we
-        answer: what it sent before is applied, and checkpointed when it is closed)."""
+    def _take(self, conn: Conn) -> int:
+        """Decode and handle ``conn``'s whole frames one at a time, while its share of this
+        wake-up lasts (at most ``Limits.max_messages_per_wake``): the first always, each
+        later one only while the share lasts, decoding included (3 000 frames of 19 bytes
+        fit in one read, and a 64 KiB frame of JSON takes milliseconds to decode). What is
+        left stays undecoded for the next wake-up (its socket is not read meanwhile).
+        A reply that cannot be sent marks ``conn`` dead, and the rest are still applied (a
+        hook that hung up right after sending is gone when we answer: what it sent before
+        is applied, and checkpointed when it is closed). Returns how many were handled."""
         previous, self._reading = self._reading, conn  # an operator's push may land here
-        # The end of this peer's share of the wake-up: its first message is always handled,
-        # the others while the share lasts (the clock is read only when there are others).
-        until = time.monotonic() + self._share if len(messages) > 1 else 0.0
+        decoder = conn.decoder
+        until = time.monotonic() + self._share
+        budget = self.limits.max_messages_per_wake
+        count = 0
         try:
-            i = 0
-            while i < len(messages):
-                msg = messages[i]
-                if i and time.monotonic() > until:  # spent: the rest wait for the next wake-up
-                    conn.backlog[:0] = messages[i:]
-                    self._backlogged[conn] = None
-                    return
-                i += 1
-                if conn.sock.fileno() < 0 or conn.failed:
-                    return
+            while not conn.failed and conn.sock.fileno() >= 0:
+                if count and (count >= budget or time.monotonic() > until):
+                    if decoder.has_frame:  # spent: the rest wait for the next wake-up
+                        self._backlogged[conn] = None
+                    break
+                try:
+                    msg = decoder.next()
+                except ProtocolError as exc:
+                    self.fail(conn, exc.code, str(exc))
+                    break
+                if msg is None:
+                    break
+                count += 1
                 if not conn.authed:
                     if not self._authenticate(conn, msg):
-                        return
+                        break
                     if msg["t"] == "auth":  # only now is anything after it decoded: the
-                        messages += self._decode_on(conn, MAX_HELLO, 1)  # next one alone
+                        decoder.open_gate(MAX_HELLO, 1)  # next one alone (a hello)
                         continue
                 try:
                     self.handler.handle(conn, msg)
                 except Exception as exc:
                     self._answer(conn, exc, msg.get("t"))
-                if (conn.decoder.gated and not conn.pending and not conn.failed
-                        and conn.sock.fileno() >= 0):  # its first message is handled
-                    messages += self._decode_on(conn, MAX_FRAME)
+                if decoder.gated and not conn.pending:  # its first message is handled
+                    decoder.open_gate(MAX_FRAME)
         finally:
             self._reading = previous
+        return count
 
     def call(self, conn: Conn, what: str, action: Callable[[], None]) -> None:
         """Run ``action`` for ``conn`` outside a read (a hello answered off the loop), its
@@ -300,25 +297,14 @@ class Transport(Writing, PacedReading):
         if conn.dead and conn.sock.fileno() >= 0:
             self._hung_up(conn)
 
-    def _decode_on(self, conn: Conn, limit: int, frames: int | None = None
-                   ) -> list[dict[str, Any]]:
-        """Open ``conn``'s gate (see :class:`~lrctl.wire.decoder.FrameDecoder`): what it
-        holds, decoded; a bad frame fails the connection."""
-        try:
-            return conn.decoder.open_gate(limit, frames)
-        except ProtocolError as exc:
-            self.fail(conn, exc.code, str(exc))
-            return []
-
     def resume(self, conn: Conn) -> None:
         """``conn``'s hello was answered: handle what it sent meanwhile, then go on."""
         conn.pending = False
         if conn.sock.fileno() < 0 or conn.failed:
             return
-        early = self._decode_on(conn, MAX_FRAME)
+        conn.decoder.open_gate(MAX_FRAME)
         self.admission.note_partial(conn)
-        if early and conn.sock.fileno() >= 0:
-            self._dispatch(conn, early)
+        self._take(conn)
         if conn.parked and conn.sock.fileno() >= 0:  # it hung up while we parsed
             self._close_after(conn)
 
@@ -347,7 +333,7 @@ class Transport(Writing, PacedReading):
         """A reply could not be sent: the hook closed its end, often right after its last
         observations and its ``bye`` (``ctl.close()`` does not wait for answers). What it
         sent is in our receive buffer, and it can send no more: it is read and applied
-        like any peer's messages, a wake-up's share at a time (see :meth:`_dispatch`; up
+        like any peer's messages, a wake-up's share at a time (see :meth:`_take`; up
         to ``max_drain`` bytes), and the connection closes at its end (:meth:`_read`), so
         that the run ends (or stays resumable) exactly as the hook left it, while the
         other peers are served as usual."""
@@ -365,8 +351,10 @@ class Transport(Writing, PacedReading):
         shares of :meth:`_hung_up` no longer matter when no one else will be served."""
         for conn in [c for c in self._conns if c.dead]:
             while conn.sock.fileno() >= 0 and time.monotonic() < until:
-                if conn.backlog:
-                    self._serve_backlog(conn)
+                if conn.decoder.has_frame:
+                    if conn in self._backlogged:
+                        del self._backlogged[conn]
+                    self._take(conn)
                     continue
                 try:
                     more = conn.sock.recv(1, socket.MSG_PEEK)
@@ -386,10 +374,11 @@ class Transport(Writing, PacedReading):
         for _ in range(self.limits.max_drain >> 16):
             if conn.sock.fileno() < 0 or conn.closing:  # (a dead one: read to its end)
                 break
-            if conn.backlog:  # decoded before what is still in the socket: handled first
+            if conn.decoder.has_frame:  # read before what is still in the socket: first
                 if time.monotonic() > until:
                     return True  # too much to apply now: still open, as far as we know
-                self._serve_backlog(conn)
+                self._backlogged.pop(conn, None)
+                self._take(conn)
                 continue
             try:
                 more = conn.sock.recv(1, socket.MSG_PEEK)

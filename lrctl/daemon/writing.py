@@ -165,10 +165,10 @@ class Writing:
         if frame:
             conn.out += frame
         if conn.failed:  # told to go: nothing more it sent is handled
-            conn.backlog = []
+            conn.decoder.discard()
             self._backlogged.pop(conn, None)
-        elif conn.backlog:  # what it sent before its end is handled first: then this again
-            return
+        elif conn.decoder.has_frame:  # what it sent before its end is handled first: then
+            return  # this again
         if not conn.out and not conn.held:
             self.close_conn(conn)
             return
@@ -191,7 +191,7 @@ class Writing:
             self.pacing.forget(conn)
         conn.sock.close()
         conn.held.clear()
-        conn.backlog = []
+        conn.decoder.discard()
         self._backlogged.pop(conn, None)
         self._conns.pop(conn, None)
         self.nconns -= 1

@@ -31,12 +31,14 @@ class FrameDecoder:
         self.limit = limit
         self._next_limit = first_limit if first_limit is not None else limit
         self._buf = bytearray()
+        self._pos = 0  # push/next: where the next frame starts in _buf
         self._budget: int | None = 1 if gated else None  # frames left to decode (None: any)
 
     @property
     def buffered(self) -> int:
-        """Bytes held: an unfinished frame (or, while gated, what followed the first)."""
-        return len(self._buf)
+        """Bytes held: an unfinished frame, or whole frames not yet taken by :meth:`next`
+        (or, while gated, what followed the first)."""
+        return len(self._buf) - self._pos
 
     @property
     def gated(self) -> bool:
@@ -44,12 +46,69 @@ class FrameDecoder:
 
     def open_gate(self, next_limit: int, frames: int | None = None) -> list[dict[str, Any]]:
         """Decode on (``frames`` more, then gated again; None: no gate): the next frame
-        may be up to ``next_limit`` bytes. Returns the whole messages already buffered."""
+        may be up to ``next_limit`` bytes. Returns the whole messages already buffered
+        (none for :meth:`next`'s callers: they take them one by one)."""
         self._budget = frames
         self._next_limit = next_limit
-        return self.feed(b"")
+        return self.feed(b"") if not self._pos else []
+
+    def discard(self) -> None:
+        """Drop what is held and decode nothing more (a peer told to go)."""
+        self._buf = bytearray()
+        self._pos = 0
+        self._budget = 0
+
+    # -- one message at a time (the controller: decoding counts in a peer's share) ------
+    def push(self, data: bytes) -> None:
+        """Hold ``data``; nothing is decoded until :meth:`next`."""
+        self._buf += data
+
+    @property
+    def has_frame(self) -> bool:
+        """Whether :meth:`next` has something to do: a whole frame is held (or a header
+        over the limit, which it refuses), and no gate stops it."""
+        if self._budget == 0:
+            return False
+        buf, pos = self._buf, self._pos
+        if len(buf) - pos < 4:
+            return False
+        size = HEADER.unpack_from(buf, pos)[0] & _SIZE
+        return size > self._next_limit or len(buf) - pos - 4 >= size
+
+    def next(self) -> dict[str, Any] | None:
+        """The next whole message held, decoded (None if there is none, or a gate)."""
+        if self._budget == 0:
+            return None
+        buf, pos = self._buf, self._pos
+        left = len(buf) - pos
+        if left < 4:
+            return None
+        (raw,) = HEADER.unpack_from(buf, pos)
+        size = raw & _SIZE
+        if size > self._next_limit:
+            raise ProtocolError(
+                f"frame of {size} bytes exceeds the limit of {self._next_limit}", "too_large")
+        if left - 4 < size:
+            return None
+        if left == 4 + size:  # the last one held (the usual read: one frame)
+            body = bytes(buf[pos + 4:]) if pos else bytes(buf)[4:]
+            buf.clear()
+            self._pos = 0
+        else:
+            body = bytes(buf[pos + 4:pos + 4 + size])
+            pos += 4 + size
+            if pos >= 1 << 16:  # taken frames are dropped now and then, not one by one
+                del buf[:pos]
+                pos = 0
+            self._pos = pos
+        self._next_limit = self.limit
+        if self._budget is not None:
+            self._budget -= 1
+        return decode_compact(body) if raw & COMPACT_BIT else decode_body(body)
 
     def feed(self, data: bytes) -> list[dict[str, Any]]:
+        """Hold ``data`` and return every whole message held, decoded (the hook's and the
+        operator client's way; not to be mixed with :meth:`push`)."""
         if self._budget == 0:  # gated: held as it came
             self._buf += data
             return []

@@ -9,7 +9,7 @@ observation and waits for its answer, over and over; the figures are what the
 attack cost the controller and the reference run. ``--tree`` runs the controller
 from another source tree, e.g. ``git archive <commit> | tar -x -C /tmp/base``,
 to measure the figures before a change. Attacks: yaml, errors, tcp_auth, idle_unix,
-idle_tcp, slowloris, fds, takeover, sigterm. This is a measuring tool (wall
+idle_tcp, slowloris, fds, takeover, sigterm, tiny. This is a measuring tool (wall
 times); the tests in this directory assert outcomes instead.
 """
 
@@ -495,7 +495,46 @@ def _sigterm_case(tree: Path, uri: str, runs: int,
         ctl.close()
 
 
+def attack_tiny(tree: Path, peers: int = 50, seconds: float = 3.0) -> dict[str, Any]:
+    """``peers`` connections, no hello, each sending 64 KiB reads of the smallest frame
+    there is (19 bytes, an unknown type: a non-fatal error each) and reading its errors,
+    for ``seconds``: 3 449 frames a read, all decoded on the loop before any share or
+    budget applied, until this round."""
+    import select
+
+    frame = encode({"t": "x"})
+    burst = frame * ((1 << 16) // len(frame))
+    ctl = Ctl(tree)
+    socks = []
+    try:
+        for _ in range(peers):
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            s.connect(ctl.socket)
+            s.setblocking(False)
+            socks.append(s)
+        with reference(ctl.socket) as ref:
+            time.sleep(0.5)
+            cpu0, sent, end = ctl.cpu_s(), 0, time.monotonic() + seconds
+            while time.monotonic() < end:
+                for s in socks:
+                    with contextlib.suppress(BlockingIOError):
+                        sent += s.send(burst)
+                readable, _, _ = select.select(socks, [], [], 0.01)
+                for s in readable:
+                    with contextlib.suppress(BlockingIOError, ConnectionError):
+                        while s.recv(1 << 20):
+                            pass
+            out = ref.finish()
+        return {**out, "attack_mib_sent": round(sent / (1 << 20), 1),
+                "ctl_cpu_s": round(ctl.cpu_s() - cpu0, 2), "rss_mib": ctl.rss_mib()}
+    finally:
+        for s in socks:
+            s.close()
+        ctl.close()
+
+
 ATTACKS: dict[str, Callable[[Path], dict[str, Any]]] = {
+    "tiny": attack_tiny,
     "yaml": attack_yaml, "errors": attack_errors, "tcp_auth": attack_tcp_auth,
     "idle_unix": attack_idle_unix, "idle_tcp": attack_idle_tcp, "slowloris": attack_slowloris,
     "fds": attack_fds, "takeover": attack_takeover, "sigterm": attack_sigterm,
