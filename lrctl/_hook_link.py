@@ -43,6 +43,7 @@ class LinkSide:
 
     _link: Link | None
     _warned: set[str]
+    _closed: bool
 
     def _check_default_store(self, mlflow: dict[str, str | None]) -> None:
         """A local sqlite store (MLflow's default is ``./mlflow.db`` of this script) that
@@ -289,7 +290,7 @@ class LinkSide:
         link = self._link
         if link is None or not link.connected:
             if self._dist.rank == 0:
-                closed = getattr(self, "_closed", False)
+                closed = self._closed
                 self._warn("state-offline", "lrctl: state_dict() " + (
                     "after close() (or after leaving the 'with' block) holds only the run key "
                     "and step: call it while the run is attached" if closed else

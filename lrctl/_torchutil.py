@@ -79,12 +79,20 @@ def lr_value(lr: Any) -> float:
 
 
 def is_number(x: Any) -> bool:
-    """A real number or a one-element tensor (not a bool)."""
+    """A real number, a one-element tensor, or a NumPy number or one-element array (not
+    a bool)."""
     if isinstance(x, bool):
         return False
     if isinstance(x, (int, float)):
         return True
-    return hasattr(x, "item") and getattr(x, "numel", lambda: 0)() == 1
+    if not hasattr(x, "item"):
+        return False
+    numel = getattr(x, "numel", None)
+    if callable(numel):  # a tensor
+        return numel() == 1
+    size, dtype = getattr(x, "size", None), getattr(x, "dtype", None)
+    return (type(size) is int and size == 1  # NumPy: np.float32(…), a 0-d array
+            and getattr(dtype, "kind", "") in ("f", "i", "u"))
 
 
 def on_device(x: Any) -> bool:

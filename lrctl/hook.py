@@ -177,6 +177,7 @@ class Controller(Resuming, LinkSide, Reporting, Applying):
         self._staging = DeviceStaging()
         self._hook_handle: Any = None
         self._quiet_allowed = False  # decided once attached (see below)
+        self._closed = False
         self.should_stop = False
         self.should_skip = False
         self.mode = "active"
@@ -269,6 +270,10 @@ class Controller(Resuming, LinkSide, Reporting, Applying):
         to :func:`attach`); a step whose gradients overflowed is reported as an
         overflow, which no policy counts as divergence.
         """
+        if self._closed:
+            self._warn("closed", "lrctl: ctl.step() after close(): nothing is reported and "
+                                 "the optimizer's LRs are left alone")
+            return
         batch = self._batch
         try:
             if scaler is None and (batch is not None or self.every > 1):

@@ -233,3 +233,43 @@ def test_a_per_sample_loss_says_what_to_pass(controller: ControllerProc) -> None
         ctl.step(torch.ones(1).mean())  # a scalar: reported as usual
         opt.step()
         assert ctl.lr == [0.1]
+
+
+def test_numpy_metrics_are_reported_not_dropped(controller: ControllerProc) -> None:
+    """``ctl.report(val_loss=np.mean(losses))`` is a NumPy number: it was refused as "not a
+    number" (once per name, then silently), so plateau decay and early stopping on it
+    never saw a value (found by an adversarial pass). NumPy numbers and one-element
+    arrays are numbers; a NumPy bool, a string and a longer array are not."""
+    np = pytest.importorskip("numpy")
+    from lrctl._torchutil import is_number
+
+    good = [np.float32(0.5), np.float16(0.5), np.float64(0.5), np.int64(3), np.array(0.5),
+            np.mean(np.ones(4, dtype=np.float32)), np.array([0.5])]
+    assert all(is_number(v) for v in good)
+    assert not any(is_number(v) for v in (np.bool_(True), np.array([1.0, 2.0]), "0.5",
+                                          np.array("0.5")))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "not a number; ignored"
+        ctl = lrctl.attach(_opt(), policy=POLICY, sync=True, spawn=False)
+        try:
+            ctl.step(1.0, grad_norm=1.0)
+            ctl.report(**{f"m{i}": v for i, v in enumerate(good)})
+            ctl.step(1.0, grad_norm=1.0)  # they go with this observation ...
+            assert not ctl._metrics and ctl.connected  # ... and the controller took them
+        finally:
+            ctl.close()
+
+
+def test_a_closed_controller_leaves_the_optimizer_alone(controller: ControllerProc) -> None:
+    """After close(), ctl.step() overwrote an LR the user set with the run's last one, and
+    warned of a foreign write (found by an adversarial pass). It now does nothing, and
+    says so once."""
+    opt = _opt()
+    ctl = lrctl.attach(opt, policy=POLICY, sync=True, spawn=False)
+    ctl.step(1.0, grad_norm=1.0)
+    ctl.close()
+    opt.param_groups[0]["lr"] = 0.3
+    with pytest.warns(RuntimeWarning, match=r"after close\(\)"):
+        ctl.step(1.0, grad_norm=1.0)
+    opt.step()
+    assert opt.param_groups[0]["lr"] == 0.3 and ctl.steps_taken == 1
