@@ -36,6 +36,7 @@ import socket
 import time
 from typing import Any
 
+from ..policy import available_kinds
 from ..reload import DEFAULT_DEBOUNCE_S
 from ..sinks import Sink
 from ..wire.errors import ProtocolError
@@ -71,6 +72,9 @@ class Server(Observing):
                  idle_exit: float | None = None, limits: Limits | None = None,
                  pacing: bool = True) -> None:
         self.limits = limits or Limits()
+        # Every policy kind is imported now, not at the first hello: by then peers may
+        # hold every file descriptor, and a module cannot be imported without one.
+        available_kinds()
         self.store = store
         self.state_dir = state_dir
         self.session_timeout = session_timeout

@@ -17,6 +17,7 @@ immutable and its session is new until the loop adopts it.
 from __future__ import annotations
 
 import contextlib
+import errno
 import itertools
 import queue
 import threading
@@ -113,6 +114,11 @@ class SessionBuilder:
             try:
                 with parse_deadline(self.budget_s):
                     result = self.build(job)
+            except OSError as exc:
+                # Out of descriptors (a file to read, a module to import): not this hello's
+                # fault, so the hook is told to try again later, not of an internal error.
+                result = exc if exc.errno not in (errno.EMFILE, errno.ENFILE) else \
+                    Unavailable(f"out of file descriptors ({exc.strerror}); try again later")
             except Exception as exc:  # the loop answers it: a refusal, or an internal error
                 result = exc
             job.result = result

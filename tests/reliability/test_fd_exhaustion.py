@@ -172,3 +172,29 @@ def test_runs_opened_and_abandoned_cannot_keep_new_runs_out(
     c.obs(0, 1.0, 1.0)
     assert c.answer()["t"] == "lr"
     c.close()
+
+
+def test_a_fresh_controller_out_of_descriptors_says_unavailable_not_internal_error(
+        make_controller: Callable[..., ControllerProc]) -> None:
+    """Peers took every descriptor before the first hello: the built-in policy modules were
+    imported at that hello, and failing for want of a descriptor it was answered as an
+    internal error (found by an adversarial pass). They are imported at start, and a build
+    that runs out of descriptors is answered ``unavailable``, to retry."""
+    ctl = make_controller(nofile=64)
+    idle = []
+    try:
+        for _ in range(80):  # more than there are descriptors: the oldest make room
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            s.connect(ctl.socket)
+            idle.append(s)
+        c = RawClient(ctl.socket, timeout=30)
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+            c.send(hello("cold", POLICY, [0.1]))
+        reply = c.recv()
+        c.close()
+        assert reply is not None
+        assert reply["t"] == "welcome" or (reply.get("code") == "unavailable"
+                                            and reply.get("retry") is True), reply
+    finally:
+        for s in idle:
+            s.close()
