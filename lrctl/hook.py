@@ -139,7 +139,10 @@ class Controller(Resuming, LinkSide, Reporting, Applying):
         self.sync = bool(sync)
         self.every = 1 if auto else every
         self.timeout = float(timeout)
-        initial = [lr_value(g["lr"]) for g in groups]
+        # base="loop": the run's LRs are the schedule's reference, which torch's schedulers
+        # keep as initial_lr: one made before attach (a warmup from 0) has already set lr.
+        initial = [lr_value(g.get("initial_lr", g["lr"]) if base == "loop" else g["lr"])
+                   for g in groups]
         if saved is not None:
             if len(saved["initial_lrs"]) != len(initial):
                 raise ValueError(f"the saved lrctl state has {len(saved['initial_lrs'])} param "
@@ -173,6 +176,12 @@ class Controller(Resuming, LinkSide, Reporting, Applying):
         self._metrics: dict[str, Any] = dict(saved["metrics"]) if saved is not None else {}
         self._records: deque[dict[str, Any]] = deque(maxlen=MAX_DECISIONS)
         self._warned: set[str] = set()
+        if base == "loop" and 0.0 in initial:
+            self._warn("loop-zero", f"lrctl: param group {initial.index(0.0)} has LR 0 at "
+                       "attach and no scheduler's initial_lr: under base='loop' lrctl's "
+                       "multipliers (a back-off, a decay) scale the loop's LR relative to "
+                       "the initial one, so they cannot act on that group; attach after the "
+                       "optimizer holds its configured LR (or create the scheduler first)")
         self._got_error = False
         self._staging = DeviceStaging()
         self._hook_handle: Any = None

@@ -155,6 +155,37 @@ def test_loop_mode_keeps_a_torch_scheduler_exact(controller: ControllerProc) -> 
     assert used[-1] == pytest.approx(0.05 * 0.5 ** 3 * 0.5)  # step 39: StepLR × back-off
 
 
+def test_loop_mode_scales_a_warmup_from_zero_made_before_attach(
+        controller: ControllerProc) -> None:
+    """HF's linear warmup pattern: LambdaLR from 0, made before attach, so the group holds
+    LR 0 at attach. The run's initial LR was read as 0, and a multiplier over 0 could not
+    apply: the back-off was recorded and the LR used stayed the loop's (found by an
+    adversarial pass). The schedule's reference, initial_lr, is the run's initial LR."""
+    def lam(it: int) -> float:
+        return min(1.0, it / 10)
+    ref_lrs = _lambda_lrs(lam)
+    model = _model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lam)
+    assert optimizer.param_groups[0]["lr"] == 0.0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # (no "LR 0 at attach" either: it has initial_lr)
+        with lrctl.attach(optimizer, policy=GUARD, base="loop", timeout=SLOW_OK) as ctl:
+            used = _lr_used(optimizer)
+            _loop(ctl, optimizer, model, scheduler=scheduler)
+            assert [d.step for d in ctl.decisions if d.action == "backoff"] == [NAN_AT]
+    steps = [s for s in range(STEPS) if s != NAN_AT]
+    for s, lr in zip(steps, used, strict=True):
+        assert lr == pytest.approx(ref_lrs[s] * (0.5 if s > NAN_AT else 1.0), rel=1e-12), s
+
+
+def test_loop_mode_with_a_zero_lr_and_no_schedule_says_its_multipliers_cannot_act(
+        controller: ControllerProc) -> None:
+    optimizer = torch.optim.SGD(_model().parameters(), lr=0.0)
+    with pytest.warns(RuntimeWarning, match="LR 0 at attach"):
+        lrctl.attach(optimizer, policy=GUARD, base="loop", timeout=SLOW_OK).close()
+
+
 def test_a_scheduler_created_after_attach_wraps_the_guarded_step(
         controller: ControllerProc) -> None:
     """The usual order in a script (attach, then build the scheduler): torch's scheduler
