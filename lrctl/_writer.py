@@ -15,8 +15,10 @@ Two modes (``attach(..., base=...)``):
   scheduler (``StepLR``, ``ExponentialLR``) keeps computing from its own LR and
   the loop sees the LR it wrote.
 
-Tensor LRs (capturable optimizers) are written in place and never read back
-(reading would synchronise with the device): foreign writes to them go unseen.
+Tensor LRs are written in place. One on the CPU is read back like a float (no sync),
+so a scheduler's writes to it are seen in either mode; one on an accelerator
+(capturable optimizers) is never read back (reading would synchronise with the
+device): foreign writes to it go unseen.
 """
 
 from __future__ import annotations
@@ -77,16 +79,21 @@ class LRWriter:
         for i, (group, lr) in enumerate(zip(groups, target, strict=False)):
             current = group["lr"]
             tensor = hasattr(current, "fill_")
+            # A CPU tensor is read like a float (its own precision: what fill_ left there);
+            # an accelerator's is not read at all.
+            now = (float(current) if getattr(current, "is_cpu", False) else None) \
+                if tensor else current
             written = self._written[i]
-            if not tensor and written is not None and current != written:
-                self._foreign(i, float(current), written)
+            if now is not None and written is not None and now != written:
+                self._foreign(i, float(now), written)
             want = self._effective(i, lr)
             if tensor:
-                if want != written:
+                if want != written or now is not None:
                     current.fill_(want)  # in place, no sync
+                self._written[i] = float(current) if now is not None else want
             else:
                 group["lr"] = want  # even when equal: _as_written goes by identity
-            self._written[i] = want
+                self._written[i] = want
             applied[i] = want
         self._settled = True
 
@@ -111,8 +118,14 @@ class LRWriter:
         self._settled = False  # the next apply() writes base × multiplier again
         for i, group in enumerate(groups[:len(self.base)]):
             current = group["lr"]
-            if hasattr(current, "fill_") or current != self._written[i]:
-                continue  # a tensor LR, or someone wrote it during the step: leave it
+            if hasattr(current, "fill_"):
+                if not getattr(current, "is_cpu", False) or float(current) != self._written[i]:
+                    continue  # an accelerator's, or someone wrote it during the step
+                current.fill_(self.base[i])
+                self._written[i] = float(current)
+                continue
+            if current != self._written[i]:
+                continue  # someone wrote it during the step: leave it
             group["lr"] = self.base[i]
             self._written[i] = self.base[i]
 

@@ -179,6 +179,40 @@ def test_loop_mode_scales_a_warmup_from_zero_made_before_attach(
         assert lr == pytest.approx(ref_lrs[s] * (0.5 if s > NAN_AT else 1.0), rel=1e-12), s
 
 
+@pytest.mark.parametrize("base", ["loop", "controller"])
+def test_a_cpu_tensor_lr_written_by_a_scheduler_is_seen(
+        controller: ControllerProc, base: str) -> None:
+    """A tensor LR (torch's pattern for compiled optimizers) was never read back: under
+    base="loop" a StepLR's cut was overwritten by a stale base (the LR went back up 5x at
+    the back-off), and under base="controller" the scheduler's LR was used while the record
+    said lrctl's (found by an adversarial pass). A CPU tensor is read back like a float."""
+    def run(lr: object) -> tuple[list[float], int]:
+        torch.manual_seed(0)
+        model = _model()
+        optimizer = torch.optim.Adam(model.parameters(), lr=lr)  # type: ignore[arg-type]
+        scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=7, gamma=0.1)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # (controller mode warns of the scheduler)
+            with lrctl.attach(optimizer, policy=GUARD, base=base, timeout=SLOW_OK) as ctl:
+                used: list[float] = []
+                optimizer.register_step_post_hook(
+                    lambda opt, *_: used.append(float(opt.param_groups[0]["lr"])) and None)
+                _loop(ctl, optimizer, model, scheduler=scheduler)
+        return used, ctl.foreign_lr_writes
+
+    floats, float_writes = run(1e-3)
+    tensors, tensor_writes = run(torch.tensor(1e-3, dtype=torch.float64))
+    assert tensors == pytest.approx(floats, rel=1e-12)
+    assert tensor_writes == float_writes
+    if base == "controller":
+        assert float_writes > 0  # the scheduler's writes, seen and overwritten
+    else:
+        assert floats[-1] == pytest.approx(1e-3 * 0.1 ** 5 * 0.5)  # StepLR x back-off
+    single, single_writes = run(torch.tensor(1e-3))  # float32: its own precision
+    assert single == pytest.approx(floats, rel=1e-6)
+    assert single_writes == float_writes  # (no false foreign writes from the rounding)
+
+
 def test_loop_mode_with_a_zero_lr_and_no_schedule_says_its_multipliers_cannot_act(
         controller: ControllerProc) -> None:
     optimizer = torch.optim.SGD(_model().parameters(), lr=0.0)
