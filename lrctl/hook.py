@@ -144,10 +144,13 @@ class Controller(Resuming, LinkSide, Reporting, Applying):
         initial = [lr_value(g.get("initial_lr", g["lr"]) if base == "loop" else g["lr"])
                    for g in groups]
         if saved is not None:
-            if len(saved["initial_lrs"]) != len(initial):
+            if len(saved["initial_lrs"]) > len(initial):
                 raise ValueError(f"the saved lrctl state has {len(saved['initial_lrs'])} param "
                                  f"group(s), this optimizer has {len(initial)}")
-            initial = list(saved["initial_lrs"])  # the run's, not the restored groups' LRs
+            # The run's, not the restored groups' LRs. Groups the run gained after its
+            # attach (add_param_group, unfreezing layers) keep their own LRs, as they did
+            # before the checkpoint (the first apply warns of them).
+            initial = list(saved["initial_lrs"])
         self._initial = initial
         # The latest LRs from the controller; until one answers a resume, the checkpoint's.
         self._target = (checkpoint_lrs(saved) if saved is not None else None) or list(initial)

@@ -463,3 +463,39 @@ def test_a_resume_from_state_that_no_controller_answers_trains_at_the_checkpoint
         assert used == at_checkpoint and at_checkpoint[0] < 0.01
     finally:
         ctl.close()
+
+
+def test_a_run_that_gained_a_param_group_resumes_from_its_state(
+        controller: ControllerProc) -> None:
+    """Unfreezing a layer mid-run (add_param_group), then resuming the natural way (build
+    the optimizer with both groups, load its state, attach with resume=state) raised
+    "the saved lrctl state has 1 param group(s), this optimizer has 2" (found by an
+    adversarial pass). The run goes on with its groups; the added one keeps its own LR,
+    as it did before the checkpoint."""
+    warmup = {"version": 1, "policies": [{"kind": "warmup", "steps": 20}]}
+    frozen, head = torch.nn.Parameter(torch.ones(2)), torch.nn.Parameter(torch.ones(2))
+    opt = torch.optim.SGD([frozen], lr=0.1)
+    first = lrctl.attach(opt, policy=warmup, sync=True, spawn=False)
+    _step_all(first, [1.0] * 10, 0, 5)
+    opt.add_param_group({"params": [head], "lr": 0.05})
+    with pytest.warns(RuntimeWarning, match="applied to the first ones only"):
+        _step_all(first, [1.0] * 10, 5, 10)
+    state, saved_opt = first.state_dict(), opt.state_dict()
+    lr_at_10 = first.lr
+    first.close(end_run=False)
+
+    again_opt = torch.optim.SGD([{"params": [frozen]}, {"params": [head], "lr": 0.05}],
+                                lr=0.1)
+    again_opt.load_state_dict(saved_opt)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        again = lrctl.attach(again_opt, policy=warmup, sync=True, spawn=False, resume=state)
+        try:
+            assert again.lr == lr_at_10
+            _step_all(again, [1.0] * 20, 10, 15)
+            assert again.lr[0] > lr_at_10[0]  # the warmup goes on where it was
+            assert again_opt.param_groups[0]["lr"] == again.lr[0]
+            assert again_opt.param_groups[1]["lr"] == 0.05  # its own, as before
+        finally:
+            again.close()
+    assert any("applied to the first ones only" in str(w.message) for w in caught)
