@@ -53,6 +53,7 @@ class Handshakes:
         self.pending: dict[str, BuildJob] = {}  # run key -> the hello being answered
         self.builder = SessionBuilder(self._build, budget_s=limits.hello_budget_s,
                                       max_pending=limits.max_pending_hellos,
+                                      max_bytes=limits.max_pending_hello_bytes,
                                       notify=server.transport.wake)
 
     # -- on the loop -------------------------------------------------------------------
@@ -71,7 +72,8 @@ class Handshakes:
         refused = self.server.state_watch.error
         if refused is not None:  # a new run's files would go through what is there now
             raise Unavailable(f"{refused}; no new run starts here until it is fixed")
-        job = BuildJob(conn, hello, takeover, ended=key in self.server.checkpoints.removing)
+        job = BuildJob(conn, hello, takeover, size=conn.decoder.last_size,
+                       ended=key in self.server.checkpoints.removing)
         self.builder.submit(job)
         self.pending[key] = job
         conn.pending = True

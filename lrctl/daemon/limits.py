@@ -63,6 +63,9 @@ class Limits:
     # -- hellos (see handshake.py) --------------------------------------------------------
     hello_budget_s: float = 2.0  # a hello's policy must parse (off the loop) within this
     max_pending_hellos: int = 1024  # hellos waiting for their policy to parse (or refused)
+    # ... and their frames' bytes, all together (a waiting hello is held decoded: a run's
+    # state in it can take twenty times its bytes); one hello is always taken
+    max_pending_hello_bytes: int = 4 << 20
     housekeeping_interval: float = 1.0  # seconds between evictions and socket checks
     # Checkpoints of runs with a hook stop being written this long after a SIGTERM.
     shutdown_budget_s: float = 0.5

@@ -9,8 +9,10 @@ clear ``ConfigError`` rather than run on, puts the finished job on :attr:`done`
 and wakes the loop, which answers the hello.
 
 Smaller policy texts go first, so a hook's usual few-KB file does not wait behind
-an attacker's 64 KB ones; at most ``max_pending`` jobs wait at once (more are
-refused, retryably). The worker touches nothing the loop owns: a job's inputs are
+an attacker's 64 KB ones; at most ``max_pending`` jobs wait at once, holding hellos of
+at most ``max_bytes`` in all (a waiting hello is held decoded, and a run's state in it
+can take twenty times its bytes: 1 024 hellos of 1 MiB would be gigabytes); more are
+refused, retryably. The worker touches nothing the loop owns: a job's inputs are
 immutable and its session is new until the loop adopts it.
 """
 
@@ -45,6 +47,7 @@ class BuildJob:
     conn: Conn
     hello: Hello
     takeover: bool  # it showed the resume token of a run connected elsewhere
+    size: int = 0  # bytes of the hello's frame
     # The run's checkpoint on disk is an ended run's, being removed: never restored.
     ended: bool = False
     submitted: float = field(default_factory=time.monotonic)
@@ -64,10 +67,12 @@ class SessionBuilder:
     """One worker thread that runs ``build(job)`` for each submitted job, on a budget."""
 
     def __init__(self, build: Callable[[BuildJob], tuple[Session, bool]], *, budget_s: float,
-                 max_pending: int, notify: Callable[[], None]) -> None:
+                 max_pending: int, max_bytes: int, notify: Callable[[], None]) -> None:
         self.build = build
         self.budget_s = budget_s
         self.max_pending = max_pending
+        self.max_bytes = max_bytes
+        self._queued_bytes = 0  # the submitted, unfinished jobs' hellos (loop's count)
         self.notify = notify
         self.done: queue.SimpleQueue[BuildJob] = queue.SimpleQueue()
         self._jobs: queue.PriorityQueue[tuple[int, int, BuildJob | None]] = (
@@ -80,11 +85,15 @@ class SessionBuilder:
         """Queue ``job``; :class:`Unavailable` when too many are waiting."""
         if self._queued >= self.max_pending:
             raise Unavailable(f"the controller is answering {self._queued} other hellos")
+        if self._queued and self._queued_bytes + job.size > self.max_bytes:
+            raise Unavailable(f"the controller is answering other hellos of "
+                              f"{self._queued_bytes} bytes in all")
         if self._thread is None:
             self._thread = threading.Thread(target=self._run, name="lrctl-hellos",
                                             daemon=True)
             self._thread.start()
         self._queued += 1
+        self._queued_bytes += job.size
         self._jobs.put((len(job.hello.policy_text), next(self._order), job))
 
     def finished(self) -> list[BuildJob]:
@@ -95,6 +104,7 @@ class SessionBuilder:
                 out.append(self.done.get_nowait())
             except queue.Empty:
                 self._queued -= len(out)
+                self._queued_bytes -= sum(job.size for job in out)
                 return out
 
     def stop(self) -> None:

@@ -33,6 +33,7 @@ class FrameDecoder:
         self._buf = bytearray()
         self._pos = 0  # push/next: where the next frame starts in _buf
         self._budget: int | None = 1 if gated else None  # frames left to decode (None: any)
+        self.last_size = 0  # bytes of the frame :meth:`next` decoded last
 
     @property
     def buffered(self) -> int:
@@ -102,6 +103,7 @@ class FrameDecoder:
                 pos = 0
             self._pos = pos
         self._next_limit = self.limit
+        self.last_size = size
         if self._budget is not None:
             self._budget -= 1
         return decode_compact(body) if raw & COMPACT_BIT else decode_body(body)

@@ -288,3 +288,40 @@ def test_a_silent_unix_peer_is_closed(controller: ControllerProc) -> None:
         assert s.recv(1) == b""  # closed after the quiet timeout (10 s); before: never
     with pytest.raises(ControllerError):  # and the controller serves on
         request({"t": "set_lr", "run": "nobody", "lr": 0.1}, controller.socket)
+
+
+def test_hellos_waiting_for_their_session_are_bounded_in_bytes(short_dir: Path) -> None:
+    """A hello waiting for the session builder is held decoded, and a run's state in it
+    (``session``) can take twenty times its bytes: 30 hellos of 1 MiB behind slow ones
+    took the controller from 30 to 736 MiB (found by an adversarial pass). The waiting
+    hellos' bytes are capped together; past the cap a hello is answered ``unavailable``,
+    to retry, and the hellos already waiting are answered once the builder gets to them."""
+    limits = Limits(max_pending_hello_bytes=1 << 20)
+    with serving(str(short_dir / "c.sock"), StateStore(short_dir / "state"),
+                 limits=limits) as (srv, path):
+        gate = threading.Event()
+        build = srv.handshakes.builder.build
+
+        def held(job: Any) -> Any:
+            assert gate.wait(60)
+            return build(job)
+        srv.handshakes.builder.build = held  # the builder is busy: hellos wait
+        pad = {"pad": "x" * 400_000}  # a "run state" the build will refuse
+        clients = []
+        for i in range(3):
+            c = RawClient(path, timeout=30)
+            c.send(hello(f"big-{i}", POLICY, [0.1], session=pad))
+            clients.append(c)
+        refused = clients[2].recv()
+        assert refused is not None and refused["code"] == "unavailable", refused
+        assert refused["retry"] is True and "other hellos" in refused["message"]
+        gate.set()
+        for c in clients[:2]:  # answered, in turn (here: the state is refused)
+            reply = c.recv()
+            assert reply is not None and reply["t"] == "error" and reply["code"] != \
+                "unavailable", reply
+        ok = RawClient(path, timeout=30)  # and the next hello is served
+        ok.send(hello("small", POLICY, [0.1]))
+        assert ok.answer()["t"] == "welcome"
+        for c in [*clients, ok]:
+            c.close()
