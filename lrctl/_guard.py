@@ -29,9 +29,12 @@ from __future__ import annotations
 import math
 import sys
 import types
+import warnings
 from typing import Any
 
-__all__ = ["StepGuard"]
+from ._callers import callers_level
+
+__all__ = ["StepGuard", "attached_guard", "close_earlier_attach"]
 
 
 class StepGuard:
@@ -49,6 +52,7 @@ class StepGuard:
         # are those the step would have used, as at any other step.
         self.on_skip: Any = None
         self._device_ok: Any = None  # a 0-dim bool tensor: the device-side verdict
+        self.owner: Any = None  # a weak reference to the hook that installed it
         self._inner = optimizer.step
         # A step set on the instance (an LR scheduler's counting wrapper, say) is put back
         # on remove(); otherwise the class's step shows through again.
@@ -113,6 +117,7 @@ class StepGuard:
         if getattr(self._inner, "_wrapped_by_lr_sched", False):
             step._wrapped_by_lr_sched = True  # type: ignore[attr-defined]
         step.__wrapped__ = self._inner  # type: ignore[attr-defined]
+        step._lrctl_guard = self  # type: ignore[attr-defined]  # (see attached_guard)
         # A method bound to the optimizer, as the step it replaces: a scheduler created
         # after attach wraps ``step.__func__`` and binds it to the optimizer again.
         return types.MethodType(step, self.optimizer)
@@ -156,6 +161,35 @@ class StepGuard:
                     g.copy_(torch.where(ok.to(g.device), g, torch.zeros((), dtype=g.dtype,
                                                                         device=g.device)))
         return self._inner(*args, **kwargs)
+
+
+def attached_guard(optimizer: Any) -> StepGuard | None:
+    """The guard an earlier attach installed on ``optimizer`` and that is still active, if
+    any: its ``step``, or a wrapper of it (an LR scheduler made after that attach)."""
+    step = getattr(optimizer, "__dict__", {}).get("step")
+    for _ in range(8):  # wrappers of wrappers, not forever
+        if step is None:
+            return None
+        guard = getattr(step, "_lrctl_guard", None)
+        if isinstance(guard, StepGuard):
+            return guard if guard._active else None
+        step = getattr(step, "__wrapped__", None)
+    return None
+
+
+def close_earlier_attach(optimizer: Any) -> None:
+    """An optimizer still attached (an attach cell run again in a notebook, a second
+    attach): two hooks would each write their own LRs and each report the other's as a
+    foreign write. The earlier one is closed, its run ended, with a warning."""
+    guard = attached_guard(optimizer)
+    earlier = guard.owner() if guard is not None and guard.owner is not None else None
+    if earlier is None:
+        return
+    warnings.warn(f"lrctl: this optimizer is already attached (run {earlier.run_key!r}); "
+                  "that controller is closed and its run ended, so that one hook sets the "
+                  "LRs (close() a controller before attaching its optimizer again)",
+                  RuntimeWarning, stacklevel=callers_level())
+    earlier.close()
 
 
 def _closure_loss(args: Any, kwargs: Any) -> Any:

@@ -23,13 +23,14 @@ from __future__ import annotations
 
 import logging
 import warnings
+import weakref
 from collections import deque
 from typing import Any
 
 from ._batching import Batching
 from ._callers import callers_level
 from ._dist import Distributed
-from ._guard import StepGuard
+from ._guard import StepGuard, close_earlier_attach
 from ._hook_apply import Applying
 from ._hook_link import LinkSide, PolicyRejected, RunConflict
 from ._hook_report import Reporting
@@ -133,6 +134,7 @@ class Controller(Resuming, LinkSide, Reporting, Applying):
                              f"attach, but got {resume=}")
         if not (isinstance(timeout, (int, float)) and timeout > 0):
             raise ValueError(f"timeout must be > 0 seconds, but got {timeout=}")
+        close_earlier_attach(optimizer)
         self.optimizer = optimizer
         self._watch = bool(watch)
         self.total_steps = total_steps
@@ -227,6 +229,7 @@ class Controller(Resuming, LinkSide, Reporting, Applying):
         self._attached = True
         # Installed last: a refused attach leaves the optimizer untouched.
         self._guard = StepGuard(optimizer)
+        self._guard.owner = weakref.ref(self)
         self._order_known = False  # does the loop call step() before optimizer.step()?
         self._after_order_expected = False  # lrctl.Scheduler: torch's order, documented
         if self._dist.world_size > 1:

@@ -273,3 +273,30 @@ def test_a_closed_controller_leaves_the_optimizer_alone(controller: ControllerPr
         ctl.step(1.0, grad_norm=1.0)
     opt.step()
     assert opt.param_groups[0]["lr"] == 0.3 and ctl.steps_taken == 1
+
+
+def test_attaching_an_attached_optimizer_again_closes_the_earlier_hook(
+        controller: ControllerProc) -> None:
+    """Re-running an attach cell in a notebook left two hooks on one optimizer: each wrote
+    its own LRs, each counted the other's as foreign writes, and the first run never
+    ended (found by an adversarial pass). The earlier hook is closed, its run ended, with
+    a warning; the new one alone sets the LRs, even with a scheduler made in between."""
+    opt = _opt()
+    first = lrctl.attach(opt, policy=POLICY, sync=True, spawn=False)
+    first.step(1.0, grad_norm=1.0)
+    torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 1.0)  # wraps the guarded step
+    with pytest.warns(RuntimeWarning, match="already attached"):
+        second = lrctl.attach(opt, policy={"version": 1, "policies": [
+            {"kind": "warmup", "steps": 10}]}, sync=True, spawn=False)
+    try:
+        assert not first.connected
+        runs = {r["run"] for r in request({"t": "runs"})["runs"]}
+        assert first.run_key not in runs and second.run_key in runs
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # no foreign writes between the two
+            for _ in range(3):
+                second.step(1.0, grad_norm=1.0)
+                opt.step()
+        assert opt.param_groups[0]["lr"] == second.lr[0] and second.foreign_lr_writes == 0
+    finally:
+        second.close()
