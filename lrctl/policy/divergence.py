@@ -138,6 +138,7 @@ class Divergence(LevelShift, RollbackEscalation, ReactivePolicy):
         # thrown away (the hook restores at t + lag): nothing they show is a new incident.
         self._discard_until = -1
         self._now = -1  # the step being observed
+        self._told_nonpositive = False  # a loss <= 0 on the log scale was noted
         self._with_snapshots = False  # has backed off in a run whose hook keeps snapshots
         # The knobs read at every observation, as plain attributes (params are fixed).
         p = self.params
@@ -192,6 +193,20 @@ class Divergence(LevelShift, RollbackEscalation, ReactivePolicy):
         return value < window.limit or window.outlier(value, self._z, floor) is None
 
     def _observe(self, obs: Observation, ctx: StepContext) -> list[Action]:
+        """The full rule (:meth:`_rule`), and the one note of a loss it cannot judge."""
+        actions = self._rule(obs, ctx)
+        loss = obs.loss
+        if (loss is not None and -math.inf < loss <= 0.0 and not self._linear
+                and self._watch_loss and not self._told_nonpositive):
+            self._told_nonpositive = True
+            actions.insert(0, Action(
+                "loss_not_judged", f"a loss of {loss:.6g} cannot be judged on the log scale "
+                "(loss_scale: log): this guard judges no loss <= 0, only the grad norm; "
+                "set loss_scale: linear for a loss that can be negative (a critic's, a "
+                "negative log-likelihood's)", {"statistic": "loss", "value": loss}))
+        return actions
+
+    def _rule(self, obs: Observation, ctx: StepContext) -> list[Action]:
         """The full rule for one observation (``observe`` takes a shortcut to the same
         verdict for the usual one)."""
         loss, gnorm = obs.loss, obs.grad_norm
@@ -394,6 +409,8 @@ class Divergence(LevelShift, RollbackEscalation, ReactivePolicy):
             "total_backoffs": self._total_backoffs,
             "stopped": self._stopped,
             "escalation": self._escalation,
+            # (only once said: the state of every other run is as it was)
+            **({"told_nonpositive": True} if self._told_nonpositive else {}),
             **self._rollback_state(),
         }
 
@@ -411,5 +428,6 @@ class Divergence(LevelShift, RollbackEscalation, ReactivePolicy):
         self._total_backoffs = int(state["total_backoffs"])
         self._stopped = bool(state["stopped"])
         self._escalation = int(state.get("escalation", 0))
+        self._told_nonpositive = bool(state.get("told_nonpositive", False))
         self._load_rollback_state(state)
 

@@ -70,3 +70,27 @@ def test_divergence_backoff_does_not_regrow_on_blind_steps() -> None:
     for t, loss in enumerate(losses(5, start=21), start=21 + BLIND):
         engine.observe(step=t, loss=loss, grad_norm=1.0)
     assert engine.lrs[0] > backed_off[0], "clean observations with statistics still regrow"
+
+
+def test_a_loss_the_log_scale_cannot_judge_is_said_once() -> None:
+    """A negative loss (a critic's, a negative log-likelihood) under the default
+    ``loss_scale: log``: the guard judged no loss at all, and said nothing (found by an
+    adversarial pass: -4.8 jumping to +500 went unremarked). The first such loss is
+    recorded, once, with the fix; the grad norm is still judged; state survives a
+    checkpoint; on the linear scale the same run is judged and the jump backed off."""
+    curve = [-4.8 + 0.001 * t for t in range(300)] + [500.0]
+    engine = lrctl.load_policy({"version": 1, "policies": [{"kind": "divergence"}]}, [LR])
+    for t, loss in enumerate(curve[:150]):
+        engine.observe(t, loss, 1.0)
+    again = lrctl.load_policy({"version": 1, "policies": [{"kind": "divergence"}]}, [LR])
+    again.load_state_dict(engine.state_dict())
+    for t, loss in enumerate(curve[150:], start=150):
+        again.observe(t, loss, 1.0)
+    notes = [d for d in engine.decisions + again.decisions if d.action == "loss_not_judged"]
+    assert [d.step for d in notes] == [0] and "loss_scale: linear" in notes[0].reason
+    linear = lrctl.load_policy({"version": 1, "policies": [
+        {"kind": "divergence", "loss_scale": "linear"}]}, [LR])
+    for t, loss in enumerate(curve):
+        linear.observe(t, loss, 1.0)
+    assert [d.action for d in linear.decisions if d.step == 300] == ["backoff"]
+    assert not any(d.action == "loss_not_judged" for d in linear.decisions)
