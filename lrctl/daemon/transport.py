@@ -150,7 +150,8 @@ class Transport(Writing, PacedReading):
         # Its first message is decoded alone (the token, else a hello or an operator's
         # request): what a hook sends after its hello waits undecoded until the welcome.
         decoder = FrameDecoder(MAX_FRAME, gated=True, first_limit=MAX_HELLO if authed
-                               else self.limits.max_unauthed_frame)
+                               else self.limits.max_unauthed_frame,
+                               max_items=self.limits.max_frame_items)
         conn = Conn(sock, authed, name, decoder)
         self._conns[conn] = None
         self.nconns += 1

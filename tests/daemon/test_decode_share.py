@@ -103,3 +103,20 @@ def test_an_oversized_frame_is_refused_when_its_turn_comes() -> None:
     assert d.has_frame  # (a header over the limit: next() has something to say)
     with pytest.raises(decoder_module.ProtocolError, match="exceeds the limit"):
         d.next()
+
+
+@pytest.mark.parametrize("values", ["0.5", "{}"])
+def test_a_frame_of_too_many_values_is_refused_before_it_is_decoded(values: str) -> None:
+    """A frame of 64 KiB of floats or empty objects took milliseconds of C decoding that
+    nothing could interrupt, and a 1 MiB hello 45-70 ms (and twenty times its bytes): the
+    controller's decoders count a large frame's values first (an adversarial pass had
+    such hellos delay a run's answers by 0.2-0.36 s)."""
+    body = ('{"v": 1, "t": "hello", "x": [' + ",".join([values] * 20_000) + "]}").encode()
+    frame = len(body).to_bytes(4, "big") + body
+    d = decoder_module.FrameDecoder(first_limit=1 << 20, max_items=16384)
+    d.push(frame)
+    with pytest.raises(decoder_module.ProtocolError, match="more than 16384 JSON values"):
+        d.next()
+    ok = decoder_module.FrameDecoder(first_limit=1 << 20)  # (no bound: the hook's side)
+    ok.push(frame)
+    assert len(ok.next()["x"]) == 20_000  # type: ignore[index]

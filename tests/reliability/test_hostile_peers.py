@@ -31,8 +31,10 @@ from lrctl.protocol import FrameDecoder, encode
 from lrctl.wire.operator import ControllerError, request
 
 POLICY = "version: 1\npolicies:\n  - kind: divergence\n"
-# 60 KB of YAML flow list: ~30 000 nodes, ~1-3 s of PyYAML per copy on the loop before.
-SLOW_YAML = POLICY + "junk: [" + ",".join(["1"] * 30_000) + "]\n"
+# 60 KB of YAML block list: ~10 000 nodes, ~0.5-1.5 s of PyYAML per copy on the loop
+# before. (As a flow list, "[1,1,…]", its commas would be refused before any parse:
+# Limits.max_frame_items.)
+SLOW_YAML = POLICY + "junk:\n" + "".join("  - 1\n" for _ in range(10_000))
 TOKEN = "hostile-peers-token"
 
 
