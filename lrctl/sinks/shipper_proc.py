@@ -15,6 +15,7 @@ controller → shipper::
     {"op": "flush", "id": N, "timeout": S}      answered by {"ack": N, "ok": BOOL}
     {"op": "close", "timeout": S}               answered by {"closed": BOOL}, then exit
     {"op": "forget", "run": KEY}                the run ended and is shipped: drop it
+    {"op": "ping", "id": N}                      answered at once by {"pong": N}
 
 shipper → controller, besides those answers: ``{"log": LEVELNO, "msg": TEXT}``, the
 shipper's log records, which the controller writes to its own log, and
@@ -135,6 +136,8 @@ def _handle(shipper: MlflowShipper, out: _Out, msg: dict[str, Any]) -> None:
                          name="lrctl-shipper-flush").start()
     elif op == "forget":
         shipper.forget(str(msg["run"]))
+    elif op == "ping":  # still reading (a stopped or hung child answers nothing)
+        out.send({"pong": msg["id"]})
     elif op == "close":
         _close(shipper, out, float(msg.get("timeout", 1.0)))
     else:

@@ -10,7 +10,9 @@ it reads the lines from the journal, from its cursor. Those messages go through 
 :class:`~lrctl.sinks._outbox.Outbox`, whose own thread writes them: the controller's
 loop never waits on the child's pipe, which fills when the child stops reading
 (stopped, hung, starved). A child that has read nothing for ``stall_s`` seconds
-while a write waited is killed, and restarted like one that died. A supervisor thread reads the
+while a write waited is killed, and restarted like one that died; so is one that has not
+answered a ``ping`` (sent every ``ping_s`` seconds) for ``stall_s``: the controller's
+notices are small, and a stopped child's pipe may never fill. A supervisor thread reads the
 child's answers and log, and restarts it with back-off when it dies; the new child
 is told every run again and catches up from the cursors, so nothing is lost (a
 batch re-sent after a crash changes nothing in MLflow, see
@@ -48,6 +50,8 @@ _RESTART_MIN_S = 0.5
 #: A child that has read nothing this long while a write to it waited is killed.
 STALL_S = 60.0
 #: ... and said to be not reading (``lrctl status``) after this long.
+#: How often the child is asked to answer (a child that answers nothing is stalled too).
+PING_S = 10.0
 _NOT_READING_S = 5.0
 _PACKAGE_ROOT = str(Path(__file__).resolve().parents[2])
 
@@ -81,7 +85,7 @@ class ShipperProcess:
     def __init__(self, state_dir: str | os.PathLike[str], *, flush_interval: float = 1.0,
                  queue_size: int = 10_000, timeline: bool = True,
                  backoff_max: float = 30.0, python: str = sys.executable,
-                 stall_s: float = STALL_S) -> None:
+                 stall_s: float = STALL_S, ping_s: float = PING_S) -> None:
         if not 0 < flush_interval <= 2.0:
             raise ValueError(f"flush_interval must be in (0, 2] seconds, but got {flush_interval=}")
         if queue_size < 1:
@@ -89,6 +93,7 @@ class ShipperProcess:
         self.state_dir = Path(state_dir)
         self.backoff_max = backoff_max
         self.stall_s = stall_s
+        self.ping_s = ping_s
         self._argv = [python, "-m", "lrctl.sinks.shipper_proc", "--state-dir",
                       str(self.state_dir), "--flush-interval", repr(flush_interval),
                       "--queue-size", str(queue_size), "--backoff-max", repr(backoff_max)]
@@ -109,6 +114,10 @@ class ShipperProcess:
         self._supervisor: threading.Thread | None = None
         self._outbox = Outbox()
         self._stall_killed: int | None = None  # pid of the child killed for not reading
+        # The ping the child has not answered yet: (its generation, id, when sent); and
+        # when the last one was sent (owner thread).
+        self._ping: tuple[int, int, float] | None = None
+        self._pinged_at = 0.0
 
     # -- the Shipper interface (owner thread) -------------------------------------------
     def attend(self, run_key: str, tracking_uri: str) -> None:
@@ -129,7 +138,8 @@ class ShipperProcess:
             runs, self._dirty = list(self._dirty), {}
             self._outbox.more(runs)
         if self._outbox.blocked_for > self.stall_s:
-            self._end_stalled()
+            self._end_stalled(self._outbox.blocked_for)
+        self._check_pings(time.monotonic())
 
     def recover(self) -> list[str]:
         from ._ship_state import runs_behind
@@ -201,8 +211,11 @@ class ShipperProcess:
         with self._cond:
             pid = self._proc.pid if self._proc is not None else None
             state = self._state
-            if state == "running" and self._outbox.blocked_for > _NOT_READING_S:
-                state = f"not reading its input for {self._outbox.blocked_for:.0f} s"
+            silent = max(self._outbox.blocked_for, time.monotonic() - self._ping[2]
+                         if self._ping is not None and self._ping[0] == self._generation
+                         else 0.0)
+            if state == "running" and silent > _NOT_READING_S:
+                state = f"not reading its input for {silent:.0f} s"
             return {"pid": pid, "state": state, "restarts": self.restarts,
                     "rss_kib": rss_kib(pid) if pid is not None else None,
                     "unavailable": dict(self._unavailable)}
@@ -232,18 +245,38 @@ class ShipperProcess:
         child is told every run and reads each journal from its cursor."""
         self._outbox.put(msg)
 
-    def _end_stalled(self) -> None:
-        """The child has read nothing for ``stall_s`` while a write waited: kill it (a
-        stopped process too); the supervisor restarts it, and the new child catches up
-        from the cursors."""
+    def _check_pings(self, now: float) -> None:
+        """Ask the child to answer every ``ping_s``; one that has not answered for
+        ``stall_s`` is stalled (:meth:`_end_stalled`)."""
+        with self._cond:
+            if self._proc is None:
+                return
+            generation, ping = self._generation, self._ping
+            if ping is not None and ping[0] == generation:
+                waited = now - ping[2]
+                if waited <= self.stall_s:
+                    return
+            elif now - self._pinged_at >= self.ping_s:
+                self._ping = (generation, self._next_id, now)
+                self._pinged_at = now
+                self._send({"op": "ping", "id": self._next_id})
+                self._next_id += 1
+                return
+            else:
+                return
+        self._end_stalled(waited)
+
+    def _end_stalled(self, silent_s: float) -> None:
+        """The child has read nothing for ``stall_s`` while a write waited, or answered no
+        ping: kill it (a stopped process too); the supervisor restarts it, and the new
+        child catches up from the cursors."""
         with self._cond:
             proc = self._proc
         if proc is None or proc.pid == self._stall_killed or proc.poll() is not None:
             return
         self._stall_killed = proc.pid
         log.warning("lrctl: the MLflow shipper (pid %d) has read nothing for %.0f s; "
-                    "killing it (a new one catches up from the journal)",
-                    proc.pid, self._outbox.blocked_for)
+                    "killing it (a new one catches up from the journal)", proc.pid, silent_s)
         with contextlib.suppress(OSError):
             proc.kill()
 
@@ -332,6 +365,9 @@ class ShipperProcess:
                                bool(msg.get("failed")))
                 elif "ack" in msg:
                     self._acks[int(msg["ack"])] = bool(msg.get("ok"))
+                elif "pong" in msg:
+                    if self._ping is not None and self._ping[1] == msg["pong"]:
+                        self._ping = None
                 elif "closed" in msg:
                     self._closed = bool(msg["closed"])
                 self._cond.notify_all()

@@ -7,6 +7,7 @@ loses and repeats nothing. A shipper that does not stop is killed at close's dea
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -224,6 +225,40 @@ def test_a_shipper_that_reads_nothing_for_stall_s_is_killed_and_restarted(
         _poll("the stalled child reaped", lambda: os.kill(first, 0) and False)
     assert any("has read nothing for" in r.getMessage() for r in caplog.records)
     assert shipper.close(timeout=0.3) is False
+
+
+def test_a_stopped_shipper_whose_pipe_never_fills_is_killed_and_restarted(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """The controller's notices are small: a shipper stopped (SIGSTOP) or hung for long
+    never filled its pipe, so it was never found stalled, and MLflow got nothing while
+    `lrctl status` said it was running (found by an adversarial pass, 75 s stopped). It
+    is asked to answer a ping every ping_s; one unanswered for stall_s ends it."""
+    caplog.set_level(logging.INFO, logger="lrctl.sinks.mlflow")
+    shipper = ShipperProcess(tmp_path / "state", stall_s=1.0, ping_s=0.1)
+    shipper.attend("run-s1", f"sqlite:///{tmp_path / 'm.db'}")
+    first = _poll("the child started", lambda: shipper.status()["pid"])
+
+    def answering() -> bool:
+        shipper.pass_on()
+        return shipper._ping is None and shipper._pinged_at > 0
+    _poll("a ping answered", answering)  # a running child answers: never killed
+    os.kill(first, signal.SIGSTOP)
+    try:
+        def restarted() -> bool:
+            shipper.pass_on()  # the controller calls it once a second (its tick)
+            return shipper.restarts >= 1
+        _poll("a restart", restarted)
+        assert "not reading" in shipper.status()["state"] or shipper.status()["pid"] != first
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(first, signal.SIGCONT)
+    assert shipper._outbox.blocked_for == 0  # (its pipe never filled)
+    assert any("has read nothing for" in r.getMessage() for r in caplog.records)
+    second = _poll("the new child", lambda: shipper.status()["pid"] not in (None, first)
+                   and shipper.status()["pid"])
+    _poll("the new child answers", answering)
+    assert shipper.status()["state"] == "running" and second != first
+    shipper.close(timeout=1.0)
 
 
 def test_the_outbox_keeps_order_and_merges_only_neighbouring_mores() -> None:
