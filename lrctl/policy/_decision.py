@@ -67,7 +67,10 @@ class Decision:
 
 def record_ratio(record: Mapping[str, Any]) -> float:
     """:attr:`Decision.ratio` of a decision as journaled (``to_dict()``, floats as
-    strict JSON); 1.0 when it is not defined or the record is malformed."""
+    strict JSON); 1.0 when it is not defined or the record is malformed, and for a
+    shadow-mode decision, which moved no LR (the audit's charts show what happened)."""
+    if record.get("shadow"):
+        return 1.0
     try:
         old = float_from_json(record["old_lrs"][0])
         new = float_from_json(record["new_lrs"][0])

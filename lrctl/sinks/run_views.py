@@ -41,9 +41,12 @@ _MD_SPECIAL = str.maketrans({c: f"\\{c}" for c in "\\`*_[]<>|#"})
 def decision_row(record: Mapping[str, Any]) -> list[Any]:
     """One decision as a table row, in :data:`TABLE_COLUMNS` order. Non-finite or
     missing LRs are ``None`` (JSON ``null``, a blank cell, NaN in pandas)."""
+    reason = str(record.get("reason", ""))
+    if record.get("shadow"):  # decided in shadow mode: recorded, never applied
+        reason = f"shadow mode, not applied: {reason}"
     return [int(record.get("step", 0)), str(record.get("policy", "")),
             str(record.get("action", "")), _lr0(record, "old_lrs"), _lr0(record, "new_lrs"),
-            str(record.get("reason", ""))]
+            reason]
 
 
 def runs_view_link(experiment_id: str) -> str:

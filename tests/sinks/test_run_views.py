@@ -27,6 +27,22 @@ def test_a_row_has_the_table_columns_and_blanks_for_non_finite_lrs() -> None:
     json.dumps(decision_row(nan), allow_nan=False)  # a strict JSON table cell
 
 
+def test_a_shadow_decision_says_it_was_not_applied_and_charts_no_change() -> None:
+    """Decided while the run was paused (shadow mode), a back-off showed in the table,
+    the description and the lrctl/event/backoff chart as 0.01 -> 0.005, an LR change that
+    never happened: only decisions.jsonl said shadow (found by an adversarial pass)."""
+    from lrctl.policy._decision import record_ratio
+
+    rec = {**decision(210, [0.01], [0.005], policy="divergence", action="backoff",
+                      reason="loss spike"), "shadow": True}
+    row = dict(zip(TABLE_COLUMNS, decision_row(rec), strict=True))
+    assert row["reason"] == "shadow mode, not applied: loss spike"
+    assert record_ratio(rec) == 1.0 and record_ratio({**rec, "shadow": False}) == 0.5
+    summary = RunSummary()
+    summary.add_decision(1, rec)
+    assert "shadow mode, not applied" in summary.markdown("1")
+
+
 def test_counts_and_latest_rows_fold_each_decision_once() -> None:
     summary = RunSummary()
     for seq in range(1, 31):
