@@ -133,7 +133,7 @@ def summarize_quality(runs: Sequence[RunResult], arms: Sequence[str],
             harm_lrs: list[float] | None = None
             if "fixed" in arms:
                 harm_lrs = [] if arm == "fixed" else [
-                    lr for lr in lrs if medians[(arm, lr)] > HARM_R * medians[("fixed", lr)]]
+                    lr for lr in lrs if _worse(medians[(arm, lr)], medians[("fixed", lr)])]
             arm_runs = [r for r in mine if r.arm == arm]
             per_arm[arm] = {
                 "regret": regrets,
@@ -189,3 +189,9 @@ def aggregate(summary: Mapping[str, Any], split_of: Mapping[str, str],
             }
         out[split] = {"tasks": tasks, "arms": per_arm}
     return out
+
+
+def _worse(val: float, fixed: float) -> bool:
+    """More than ``HARM_R - 1`` (5 %) worse than ``fixed``, whatever the loss's sign (a
+    Gaussian NLL ends below 0: ``val > 1.05 * fixed`` would flag a run 5 % better)."""
+    return val - fixed > (HARM_R - 1.0) * abs(fixed)

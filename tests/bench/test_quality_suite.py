@@ -315,3 +315,20 @@ def test_wsd_and_earlystop_arms_run_on_a_small_task(tmp_path: Path) -> None:
     table = quality_tables(result)
     assert "| policy:wsd |" in table
     assert ("steps saved at equal final validation loss" in table) == bool(es["stopped"])
+
+
+def test_harm_is_judged_the_same_way_for_a_loss_below_zero() -> None:
+    """A Gaussian NLL ends below 0: the rule ``median > 1.05 x fixed`` flagged runs up to
+    5 % better than fixed as harm there, and missed worse ones (found by a review)."""
+    runs = []
+    for seed in range(3):
+        runs += [_r("n", "fixed", 1e-3, seed, -1.00), _r("n", "cosine", 1e-3, seed, -1.00),
+                 _r("n", "policy:better", 1e-3, seed, -1.04),
+                 _r("n", "policy:worse", 1e-3, seed, -0.90),
+                 _r("n", "fixed", 1e-2, seed, 2.00), _r("n", "cosine", 1e-2, seed, 2.00),
+                 _r("n", "policy:better", 1e-2, seed, 2.08),  # within 5 %
+                 _r("n", "policy:worse", 1e-2, seed, 2.20)]
+    s = summarize(runs, ["fixed", "cosine", "policy:better", "policy:worse"], [1e-3, 1e-2])
+    arms = s["n"]["arms"]
+    assert arms["policy:better"]["harm_lrs"] == []
+    assert arms["policy:worse"]["harm_lrs"] == [1e-3, 1e-2]
