@@ -10,7 +10,8 @@ import socket
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -117,6 +118,30 @@ class QuietHandler:
 
     def woken(self) -> None:
         pass
+
+
+def serve_until(transport: Any, done: Callable[[], bool], deadline_s: float = 30.0) -> None:
+    """Turn an in-process transport's loop (wake-ups, then the group commit) until
+    ``done()``."""
+    deadline = time.monotonic() + deadline_s
+    while not done():
+        assert time.monotonic() < deadline, "timed out"
+        transport.serve(transport.select(0.01))
+        transport.release()
+
+
+def read_frames(transport: Any, sock: socket.socket, n: int) -> list[dict[str, Any]]:
+    """Serve ``transport`` until ``n`` frames have come to the peer's end ``sock``."""
+    decoder, got = FrameDecoder(1 << 17), []
+    sock.setblocking(False)
+
+    def read() -> bool:
+        with contextlib.suppress(BlockingIOError):
+            got.extend(decoder.feed(sock.recv(1 << 20)))
+        return len(got) >= n
+
+    serve_until(transport, read)
+    return got
 
 
 class Client:

@@ -9,11 +9,9 @@ attacks.py tiny` measures it on a real controller). Real sockets, the real trans
 from __future__ import annotations
 
 import socket
-import time
-from collections.abc import Callable
 
 import pytest
-from daemon_helpers import QuietHandler
+from daemon_helpers import QuietHandler, serve_until
 
 from lrctl.daemon.conn import Conn
 from lrctl.daemon.limits import Limits
@@ -32,12 +30,6 @@ class _Counting(QuietHandler):
         self.handled += 1
 
 
-def _serve_until(t: Transport, done: Callable[[], bool]) -> None:
-    deadline = time.monotonic() + 30.0
-    while not done():
-        assert time.monotonic() < deadline, "timed out"
-        t.serve(t.select(0.01))
-
 
 def test_a_peers_frames_are_decoded_as_they_are_handled_not_a_read_at_a_time(
         monkeypatch: pytest.MonkeyPatch) -> None:
@@ -55,11 +47,11 @@ def test_a_peers_frames_are_decoded_as_they_are_handled_not_a_read_at_a_time(
         conn = t.open_conn(ours, True, "flood")
         conn.run = "flood"
         them.sendall(encode({"t": "x"}) * FRAMES)
-        _serve_until(t, lambda: handler.handled > 0)
+        serve_until(t, lambda: handler.handled > 0)
         assert handler.handled <= 64  # one wake-up's budget ...
         assert decoded[0] == handler.handled  # ... and nothing decoded ahead of it
         assert conn.decoder.buffered > 0  # the rest waits, as bytes
-        _serve_until(t, lambda: handler.handled == FRAMES)  # nothing lost, nothing twice
+        serve_until(t, lambda: handler.handled == FRAMES)  # nothing lost, nothing twice
         assert decoded[0] == FRAMES and conn.decoder.buffered == 0
     finally:
         t.close()

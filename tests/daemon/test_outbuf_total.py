@@ -9,16 +9,14 @@ from __future__ import annotations
 import contextlib
 import socket
 import threading
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import pytest
-from daemon_helpers import QuietHandler
+from daemon_helpers import QuietHandler, read_frames, serve_until
 
 from lrctl.daemon.conn import Conn
 from lrctl.daemon.limits import Limits
 from lrctl.daemon.transport import Transport
-from lrctl.wire.decoder import FrameDecoder
 from lrctl.wire.frames import encode
 
 REPLY = 60_000  # bytes of padding per reply (a frame may be up to 64 KiB)
@@ -60,13 +58,6 @@ def _ask(theirs: socket.socket, first: int, n: int) -> None:
     theirs.sendall(b"".join(encode({"t": "obs", "s": s}) for s in range(first, first + n)))
 
 
-def _serve_until(t: Transport, done: Callable[[], bool]) -> None:
-    deadline = time.monotonic() + DEADLINE_S
-    while not done():
-        assert time.monotonic() < deadline, "timed out"
-        t.serve(t.select(0.01))
-        t.release()
-
 
 def _unread(t: Transport) -> int:
     return sum(len(c.out) for c in t.connections())
@@ -81,26 +72,16 @@ def test_past_the_total_the_peer_with_the_most_unread_is_closed(
     assert reader.sock.fileno() >= 0
     # Each under its own 4 MiB, together over 5 MiB: 3.4 MB and 2.6 MB unread.
     _ask(big_them, 0, 56)
-    _serve_until(t, lambda: len(big.out) >= 3 * MiB)
+    serve_until(t, lambda: len(big.out) >= 3 * MiB)
     assert big.sock.fileno() >= 0 and _unread(t) < 5 * MiB
     _ask(small_them, 0, 44)
-    _serve_until(t, lambda: handler.handled.get("small") == 44)
+    serve_until(t, lambda: handler.handled.get("small") == 44)
     assert big.sock.fileno() < 0, "the peer with the most unread was not closed"
     assert small.sock.fileno() >= 0 and big not in t.connections()
     assert _unread(t) <= 5 * MiB
     # A peer that reads is answered throughout.
-    decoder = FrameDecoder(1 << 17)
-    got: list[dict] = []
     _ask(reader_them, 0, 3)
-    reader_them.setblocking(False)
-
-    def read() -> bool:
-        with contextlib.suppress(BlockingIOError):
-            got.extend(decoder.feed(reader_them.recv(1 << 20)))
-        return len(got) == 3
-
-    _serve_until(t, read)
-    assert [m["s"] for m in got] == [0, 1, 2]
+    assert [m["s"] for m in read_frames(t, reader_them, 3)] == [0, 1, 2]
     for s in (big_them, small_them, reader_them):
         s.close()
 
@@ -110,7 +91,7 @@ def test_peers_within_the_total_are_left_alone(transport: tuple[Transport, _Padd
     peers = [_peer(t, f"p{i}") for i in range(3)]
     for _, them in peers:
         _ask(them, 0, 25)  # 1.5 MB each, 4.5 MB in all: under 5 MiB
-    _serve_until(t, lambda: all(handler.handled.get(f"p{i}") == 25 for i in range(3)))
+    serve_until(t, lambda: all(handler.handled.get(f"p{i}") == 25 for i in range(3)))
     assert _unread(t) > 4 * MiB  # (they did leave it unread)
     assert all(c.sock.fileno() >= 0 for c, _ in peers)
     for _, them in peers:
@@ -151,18 +132,18 @@ def test_what_peers_send_before_their_welcome_counts_toward_the_partial_bytes() 
         early, early_them = _peer(t, "early")
         early.run = None
         early_them.sendall(encode({"t": "hello"}))
-        _serve_until(t, lambda: early.pending)
+        serve_until(t, lambda: early.pending)
         pad = "x" * REPLY
         _send_meanwhile(early_them, b"".join(encode({"t": "obs", "s": s, "pad": pad})
                                              for s in range(4)))  # 240 KB: held
-        _serve_until(t, lambda: early.decoder.buffered >= 4 * REPLY)
+        serve_until(t, lambda: early.decoder.buffered >= 4 * REPLY)
         assert early.sock.fileno() >= 0 and "early" not in handler.handled  # not decoded
         _send_meanwhile(early_them, b"".join(encode({"t": "obs", "s": s, "pad": pad})
                                              for s in range(4, 8)))  # 480 KB in all: over
-        _serve_until(t, lambda: early.sock.fileno() < 0)
+        serve_until(t, lambda: early.sock.fileno() < 0)
         assert early not in t.connections() and served.sock.fileno() >= 0
         _ask(served_them, 0, 1)
-        _serve_until(t, lambda: handler.handled.get("served") == 1)
+        serve_until(t, lambda: handler.handled.get("served") == 1)
     finally:
         t.close()
         for s in (served_them, early_them):
@@ -177,7 +158,7 @@ def test_many_peers_each_under_a_mib_are_bounded_too(
     peers = [_peer(t, f"q{i}") for i in range(8)]
     for _, them in peers:
         _ask(them, 0, 15)
-    _serve_until(t, lambda: all(handler.handled.get(f"q{i}") == 15 or c.sock.fileno() < 0
+    serve_until(t, lambda: all(handler.handled.get(f"q{i}") == 15 or c.sock.fileno() < 0
                                 for i, (c, _) in enumerate(peers)))
     closed = [c for c, _ in peers if c.sock.fileno() < 0]
     assert closed and _unread(t) <= 5 * MiB + len(peers) * (64 << 10)  # (see _bound_unread)
@@ -196,23 +177,14 @@ def test_what_a_peer_sent_before_its_welcome_is_handled_after_it_in_order() -> N
         conn = t.open_conn(ours, True, "late")
         them.sendall(encode({"t": "hello"}) + b"".join(
             encode({"t": "obs", "s": s}) for s in range(3)))  # one read, most likely
-        _serve_until(t, lambda: conn.pending)
+        serve_until(t, lambda: conn.pending)
         them.sendall(b"".join(encode({"t": "obs", "s": s}) for s in range(3, 6)))
-        _serve_until(t, lambda: conn.decoder.buffered > 0)
+        serve_until(t, lambda: conn.decoder.buffered > 0)
         assert "late" not in handler.handled
         conn.run = "late"  # the welcome
         t.resume(conn)
-        _serve_until(t, lambda: handler.handled.get("late") == 6)
-        decoder, got = FrameDecoder(1 << 17), []
-        them.setblocking(False)
-
-        def read() -> bool:
-            with contextlib.suppress(BlockingIOError):
-                got.extend(decoder.feed(them.recv(1 << 20)))
-            return len(got) == 6
-
-        _serve_until(t, read)
-        assert [m["s"] for m in got] == list(range(6))
+        serve_until(t, lambda: handler.handled.get("late") == 6)
+        assert [m["s"] for m in read_frames(t, them, 6)] == list(range(6))
     finally:
         t.close()
         them.close()
@@ -226,10 +198,10 @@ def test_a_peer_that_sends_too_much_before_its_welcome_is_closed() -> None:
     try:
         conn = t.open_conn(ours, True, "eager")
         them.sendall(encode({"t": "hello"}))
-        _serve_until(t, lambda: conn.pending)
+        serve_until(t, lambda: conn.pending)
         _send_meanwhile(them, b"".join(encode({"t": "obs", "s": s, "pad": "x" * REPLY})
                                        for s in range(4)))  # 240 KB
-        _serve_until(t, lambda: conn.sock.fileno() < 0)
+        serve_until(t, lambda: conn.sock.fileno() < 0)
         assert "eager" not in handler.handled
     finally:
         t.close()

@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterator
 
 import pytest
 import torch
-from daemon_helpers import POLICIES, ControllerProc, QuietHandler, losses
+from daemon_helpers import POLICIES, ControllerProc, QuietHandler, losses, serve_until
 
 import lrctl
 from lrctl.client import request
@@ -326,13 +326,6 @@ def _peer(t: Transport, paceable: bool = True) -> tuple[Conn, socket.socket]:
     return conn, theirs
 
 
-def _serve_until(t: Transport, done: Callable[[], bool]) -> None:
-    deadline = time.monotonic() + DEADLINE_S
-    while not done():
-        assert time.monotonic() < deadline, "timed out"
-        t.serve(t.select(0.01))
-        t.release()
-
 
 def test_a_peer_that_hangs_up_has_all_it_sent_handled(
         transport: tuple[Transport, _Echo]) -> None:
@@ -342,7 +335,7 @@ def test_a_peer_that_hangs_up_has_all_it_sent_handled(
     conn, theirs = _peer(t)
     theirs.sendall(b"".join(encode({"t": "obs", "s": s}) for s in range(30)))
     theirs.close()
-    _serve_until(t, lambda: conn.sock.fileno() < 0)
+    serve_until(t, lambda: conn.sock.fileno() < 0)
     assert echo.handled == list(range(30))
 
 

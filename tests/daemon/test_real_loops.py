@@ -216,8 +216,10 @@ def test_a_cpu_tensor_lr_written_by_a_scheduler_is_seen(
 def test_loop_mode_with_a_zero_lr_and_no_schedule_says_its_multipliers_cannot_act(
         controller: ControllerProc) -> None:
     optimizer = torch.optim.SGD(_model().parameters(), lr=0.0)
-    with pytest.warns(RuntimeWarning, match="LR 0 at attach"):
+    with pytest.warns(RuntimeWarning, match="LR 0 at attach") as caught:
         lrctl.attach(optimizer, policy=GUARD, base="loop", timeout=SLOW_OK).close()
+    said = [str(w.message) for w in caught if "LR 0 at attach" in str(w.message)]
+    assert len(said) == 1 and "param group 0" in said[0] and "initial_lr" in said[0]
 
 
 def test_a_scheduler_created_after_attach_wraps_the_guarded_step(
