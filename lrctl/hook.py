@@ -134,7 +134,6 @@ class Controller(Resuming, LinkSide, Reporting, Applying):
                              f"attach, but got {resume=}")
         if not (isinstance(timeout, (int, float)) and timeout > 0):
             raise ValueError(f"timeout must be > 0 seconds, but got {timeout=}")
-        close_earlier_attach(optimizer)
         self.optimizer = optimizer
         self._watch = bool(watch)
         self.total_steps = total_steps
@@ -227,7 +226,9 @@ class Controller(Resuming, LinkSide, Reporting, Applying):
         if refused is not None:
             raise refused
         self._attached = True
-        # Installed last: a refused attach leaves the optimizer untouched.
+        # Installed last: a refused attach leaves the optimizer, and an earlier attach of
+        # it, untouched.
+        close_earlier_attach(optimizer)
         self._guard = StepGuard(optimizer)
         self._guard.owner = weakref.ref(self)
         self._order_known = False  # does the loop call step() before optimizer.step()?

@@ -197,10 +197,12 @@ class Handshakes:
             else:
                 log.info("run %s reconnected; dropping its old connection", key)
                 srv.transport.close_conn(old, save=False)
-            if conn.sock.fileno() < 0 or conn.closing:
-                # Sending what the old one was owed can close peers that read nothing
-                # (Limits.max_outbuf_total); should that be this one, its hook comes back.
-                return
+        if conn.sock.fileno() < 0 or conn.failed:
+            # Told to go while its hello was answered (it sent too much meanwhile), or
+            # closed as the old one's replies went out (Limits.max_outbuf_total): not
+            # registered for the run; its hook comes back. (One that only ended its input
+            # is answered: what it sent is handled first.)
+            return
         conn.run = key
         conn.paceable = hello.pace
         srv.conns[key] = conn

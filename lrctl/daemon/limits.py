@@ -38,10 +38,10 @@ class Limits:
     # bytes of unfinished frames, and of frames sent before the welcome, held for peers
     # without a run, all such peers together
     max_partial_bytes: int = 32 << 20
-    # JSON values (commas, objects, arrays) a frame may hold: decoding one is C code that
-    # holds the loop, ~0.25 µs a value (a hook's frames hold a few dozen, a hello with a
-    # run's state a few hundred)
-    max_frame_items: int = 16384
+    # JSON objects and arrays a frame may hold: decoded, an empty one takes twenty times
+    # its bytes, and decoding is C code that holds the loop (a hook's frames hold a few,
+    # a hello with a run's state a few dozen: its windows are lists of numbers)
+    max_frame_containers: int = 4096
     # bytes a peer may send after its hello before the welcome (held undecoded; a hook
     # sends nothing then)
     max_early_bytes: int = 1 << 20

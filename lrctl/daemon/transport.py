@@ -151,7 +151,7 @@ class Transport(Writing, PacedReading):
         # request): what a hook sends after its hello waits undecoded until the welcome.
         decoder = FrameDecoder(MAX_FRAME, gated=True, first_limit=MAX_HELLO if authed
                                else self.limits.max_unauthed_frame,
-                               max_items=self.limits.max_frame_items)
+                               max_containers=self.limits.max_frame_containers)
         conn = Conn(sock, authed, name, decoder)
         self._conns[conn] = None
         self.nconns += 1

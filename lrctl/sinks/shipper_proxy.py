@@ -249,7 +249,8 @@ class ShipperProcess:
         """Ask the child to answer every ``ping_s``; one that has not answered for
         ``stall_s`` is stalled (:meth:`_end_stalled`)."""
         with self._cond:
-            if self._proc is None:
+            proc = self._proc
+            if proc is None:
                 return
             generation, ping = self._generation, self._ping
             if ping is not None and ping[0] == generation:
@@ -264,14 +265,16 @@ class ShipperProcess:
                 return
             else:
                 return
-        self._end_stalled(waited)
+        self._end_stalled(waited, proc)
 
-    def _end_stalled(self, silent_s: float) -> None:
-        """The child has read nothing for ``stall_s`` while a write waited, or answered no
-        ping: kill it (a stopped process too); the supervisor restarts it, and the new
-        child catches up from the cursors."""
-        with self._cond:
-            proc = self._proc
+    def _end_stalled(self, silent_s: float, proc: subprocess.Popen[bytes] | None = None) -> None:
+        """The child (``proc``: the one that did not answer; default: the current one) has
+        read nothing for ``stall_s`` while a write waited, or answered no ping: kill it (a
+        stopped process too); the supervisor restarts it, and the new child catches up from
+        the cursors."""
+        if proc is None:
+            with self._cond:
+                proc = self._proc
         if proc is None or proc.pid == self._stall_killed or proc.poll() is not None:
             return
         self._stall_killed = proc.pid

@@ -10,7 +10,7 @@ from .frames import HEADER, MAX_FRAME
 from .messages import decode_body
 
 _SIZE = ~COMPACT_BIT & 0xFFFF_FFFF  # a frame's length, without the compact bit
-_SMALL = 4096  # frames of at most this many bytes are not counted (see max_items)
+_SMALL = 4096  # frames of at most this many bytes are not counted (max_containers)
 
 __all__ = ["FrameDecoder"]
 
@@ -28,13 +28,13 @@ class FrameDecoder:
     """
 
     def __init__(self, limit: int = MAX_FRAME, first_limit: int | None = None, *,
-                 gated: bool = False, max_items: int | None = None) -> None:
+                 gated: bool = False, max_containers: int | None = None) -> None:
         self.limit = limit
-        # At most this many JSON values (counted as commas, objects and arrays) in a frame
-        # :meth:`next` decodes: decoding is C code that holds the loop (a MiB of floats
-        # takes 70 ms, of empty objects 45 ms and twenty times its bytes), and a hook's
-        # frames hold a few dozen. None: no bound.
-        self.max_items = max_items
+        # At most this many JSON objects and arrays in a frame :meth:`next` decodes: a
+        # MiB of empty objects takes twenty times its bytes decoded, and 45 ms of C code
+        # that holds the loop; a hook's frames hold a few, a hello with a run's state a
+        # few dozen (its windows are lists of numbers). None: no bound.
+        self.max_containers = max_containers
         self._next_limit = first_limit if first_limit is not None else limit
         self._buf = bytearray()
         self._pos = 0  # push/next: where the next frame starts in _buf
@@ -51,13 +51,12 @@ class FrameDecoder:
     def gated(self) -> bool:
         return self._budget is not None
 
-    def open_gate(self, next_limit: int, frames: int | None = None) -> list[dict[str, Any]]:
+    def open_gate(self, next_limit: int, frames: int | None = None) -> None:
         """Decode on (``frames`` more, then gated again; None: no gate): the next frame
-        may be up to ``next_limit`` bytes. Returns the whole messages already buffered
-        (none for :meth:`next`'s callers: they take them one by one)."""
+        may be up to ``next_limit`` bytes. Nothing is decoded here: :meth:`next` takes
+        what is held, one frame at a time."""
         self._budget = frames
         self._next_limit = next_limit
-        return self.feed(b"") if not self._pos else []
 
     def discard(self) -> None:
         """Drop what is held and decode nothing more (a peer told to go)."""
@@ -114,10 +113,10 @@ class FrameDecoder:
             self._budget -= 1
         if raw & COMPACT_BIT:
             return decode_compact(body)
-        if self.max_items is not None and size > _SMALL and (
-                body.count(b",") + body.count(b"{") + body.count(b"[") > self.max_items):
-            raise ProtocolError(f"frame holds more than {self.max_items} JSON values",
-                                "too_large")
+        if self.max_containers is not None and size > _SMALL and (
+                body.count(b"{") + body.count(b"[") > self.max_containers):
+            raise ProtocolError(f"frame holds more than {self.max_containers} JSON objects "
+                                "and arrays", "too_large")
         return decode_body(body)
 
     def feed(self, data: bytes) -> list[dict[str, Any]]:

@@ -298,5 +298,15 @@ def test_attaching_an_attached_optimizer_again_closes_the_earlier_hook(
                 second.step(1.0, grad_norm=1.0)
                 opt.step()
         assert opt.param_groups[0]["lr"] == second.lr[0] and second.foreign_lr_writes == 0
+        # An attach that is refused (here: a policy with a typo) leaves the one in place
+        # (a first version closed it before connecting: found by a review).
+        with pytest.raises(lrctl.client.PolicyRejected):
+            lrctl.attach(opt, policy={"version": 1, "policies": [{"kind": "warmpu"}]},
+                         sync=True, spawn=False)
+        assert second.connected and second.run_key in {
+            r["run"] for r in request({"t": "runs"})["runs"]}
+        second.step(1.0, grad_norm=1.0)
+        opt.step()
+        assert opt.param_groups[0]["lr"] == second.lr[0]
     finally:
         second.close()

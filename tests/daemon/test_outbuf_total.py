@@ -206,3 +206,55 @@ def test_a_peer_that_sends_too_much_before_its_welcome_is_closed() -> None:
     finally:
         t.close()
         them.close()
+
+
+@pytest.mark.parametrize("large_hello", [False, True])
+def test_frames_sent_after_a_hello_alone_are_handled_after_the_welcome(
+        large_hello: bool) -> None:
+    """The hello in a read of its own (the usual case), or a hello of 64 KiB or more: the
+    frames sent while it was answered were decoded by the gate's opening and dropped, never
+    handled (found by a review)."""
+    handler = _NeverWelcomes()
+    t = Transport([], handler, limits=Limits())
+    handler.transport = t
+    ours, them = socket.socketpair()
+    try:
+        conn = t.open_conn(ours, True, "alone")
+        hello = {"t": "hello", "pad": "x" * (70_000 if large_hello else 0)}
+        them.sendall(encode(hello, 1 << 20))
+        serve_until(t, lambda: conn.pending)
+        them.sendall(b"".join(encode({"t": "obs", "s": s}) for s in range(3)))
+        serve_until(t, lambda: conn.decoder.buffered > 0)
+        conn.run = "alone"  # the welcome
+        t.resume(conn)
+        serve_until(t, lambda: handler.handled.get("alone") == 3)
+        assert [m["s"] for m in read_frames(t, them, 3)] == [0, 1, 2]
+    finally:
+        t.close()
+        them.close()
+
+
+def test_a_bad_frame_sent_before_the_welcome_fails_its_peer_not_the_controller() -> None:
+    """Held undecoded while the hello was answered, a frame over the limit (or not JSON)
+    raised out of resume() at the welcome, ending the controller's loop (found by a
+    review). It fails that peer alone."""
+    handler = _NeverWelcomes()
+    t = Transport([], handler, limits=Limits())
+    handler.transport = t
+    ours, them = socket.socketpair()
+    _, other_them = _peer(t, "other")
+    try:
+        conn = t.open_conn(ours, True, "bad")
+        them.sendall(encode({"t": "hello"}))
+        serve_until(t, lambda: conn.pending)
+        them.sendall((1 << 20).to_bytes(4, "big") + b"xx")
+        serve_until(t, lambda: conn.decoder.buffered > 0)
+        conn.run = "bad"
+        t.resume(conn)  # (raised ProtocolError)
+        serve_until(t, lambda: conn.sock.fileno() < 0 or conn.failed)
+        _ask(other_them, 0, 1)
+        serve_until(t, lambda: handler.handled.get("other") == 1)
+    finally:
+        t.close()
+        for s in (them, other_them):
+            s.close()

@@ -24,7 +24,8 @@ def test_spawn_starts_one_controller_and_a_second_run_reuses_it(reap_spawned: No
         pid = client.request({"t": "status"})["pid"]
         assert pid == _spawn.spawned[-1].pid
         assert os.getsid(pid) == pid  # its own process session
-        with lrctl.attach(opt, sync=True) as second:
+        other = torch.optim.SGD([torch.nn.Parameter(torch.ones(1))], lr=0.1)
+        with lrctl.attach(other, sync=True) as second:  # (one hook per optimizer)
             second.step(1.0)
             assert client.request({"t": "status"})["runs"] == 2
         assert len(_spawn.spawned) == 1 or _spawn.spawned[-1].pid == pid
@@ -67,7 +68,8 @@ def test_attach_on_another_socket_beside_the_default_controller_gets_its_own(
     with lrctl.attach(opt, sync=True, run_name="beside") as ctl:
         ctl.step(1.0)
         assert ctl.connected
-        with lrctl.attach(opt, sync=True, socket=other, run_name="own") as mine:
+        second = torch.optim.SGD([torch.nn.Parameter(torch.ones(1))], lr=0.1)
+        with lrctl.attach(second, sync=True, socket=other, run_name="own") as mine:
             mine.step(1.0)
             assert mine.connected
             status = client.request({"t": "status"}, other)
