@@ -118,6 +118,26 @@ class _NeverWelcomes(_Padded):
             super().handle(conn, msg)
 
 
+@contextlib.contextmanager
+def _never_welcoming(limits: Limits) -> Iterator[tuple[Transport, _NeverWelcomes]]:
+    handler = _NeverWelcomes()
+    t = Transport([], handler, limits=limits)
+    handler.transport = t
+    try:
+        yield t, handler
+    finally:
+        t.close()
+
+
+def _pending(t: Transport, name: str, hello: dict | None = None) -> tuple[Conn, socket.socket]:
+    """A peer whose hello (alone in its read) is being answered."""
+    ours, them = socket.socketpair()
+    conn = t.open_conn(ours, True, name)
+    them.sendall(encode(hello or {"t": "hello"}, 1 << 20))
+    serve_until(t, lambda: conn.pending)
+    return conn, them
+
+
 def test_what_peers_send_before_their_welcome_counts_toward_the_partial_bytes() -> None:
     """Frames sent after a hello not yet answered were held decoded (up to 256 per peer)
     and counted nowhere, so peers with slow hellos could hold 256 frames of 64 KiB each,
@@ -169,11 +189,8 @@ def test_many_peers_each_under_a_mib_are_bounded_too(
 def test_what_a_peer_sent_before_its_welcome_is_handled_after_it_in_order() -> None:
     """Held as bytes while the hello is answered, then decoded and handled, in order; the
     frames that came in the hello's own read wait too (they were decoded with it)."""
-    handler = _NeverWelcomes()
-    t = Transport([], handler, limits=Limits())
-    handler.transport = t
-    ours, them = socket.socketpair()
-    try:
+    with _never_welcoming(Limits()) as (t, handler):
+        ours, them = socket.socketpair()
         conn = t.open_conn(ours, True, "late")
         them.sendall(encode({"t": "hello"}) + b"".join(
             encode({"t": "obs", "s": s}) for s in range(3)))  # one read, most likely
@@ -185,26 +202,16 @@ def test_what_a_peer_sent_before_its_welcome_is_handled_after_it_in_order() -> N
         t.resume(conn)
         serve_until(t, lambda: handler.handled.get("late") == 6)
         assert [m["s"] for m in read_frames(t, them, 6)] == list(range(6))
-    finally:
-        t.close()
         them.close()
 
 
 def test_a_peer_that_sends_too_much_before_its_welcome_is_closed() -> None:
-    handler = _NeverWelcomes()
-    t = Transport([], handler, limits=Limits(max_early_bytes=200_000))
-    handler.transport = t
-    ours, them = socket.socketpair()
-    try:
-        conn = t.open_conn(ours, True, "eager")
-        them.sendall(encode({"t": "hello"}))
-        serve_until(t, lambda: conn.pending)
+    with _never_welcoming(Limits(max_early_bytes=200_000)) as (t, handler):
+        conn, them = _pending(t, "eager")
         _send_meanwhile(them, b"".join(encode({"t": "obs", "s": s, "pad": "x" * REPLY})
                                        for s in range(4)))  # 240 KB
         serve_until(t, lambda: conn.sock.fileno() < 0)
         assert "eager" not in handler.handled
-    finally:
-        t.close()
         them.close()
 
 
@@ -214,23 +221,15 @@ def test_frames_sent_after_a_hello_alone_are_handled_after_the_welcome(
     """The hello in a read of its own (the usual case), or a hello of 64 KiB or more: the
     frames sent while it was answered were decoded by the gate's opening and dropped, never
     handled (found by a review)."""
-    handler = _NeverWelcomes()
-    t = Transport([], handler, limits=Limits())
-    handler.transport = t
-    ours, them = socket.socketpair()
-    try:
-        conn = t.open_conn(ours, True, "alone")
-        hello = {"t": "hello", "pad": "x" * (70_000 if large_hello else 0)}
-        them.sendall(encode(hello, 1 << 20))
-        serve_until(t, lambda: conn.pending)
+    with _never_welcoming(Limits()) as (t, handler):
+        conn, them = _pending(t, "alone", {"t": "hello",
+                                           "pad": "x" * (70_000 if large_hello else 0)})
         them.sendall(b"".join(encode({"t": "obs", "s": s}) for s in range(3)))
         serve_until(t, lambda: conn.decoder.buffered > 0)
         conn.run = "alone"  # the welcome
         t.resume(conn)
         serve_until(t, lambda: handler.handled.get("alone") == 3)
         assert [m["s"] for m in read_frames(t, them, 3)] == [0, 1, 2]
-    finally:
-        t.close()
         them.close()
 
 
@@ -238,23 +237,17 @@ def test_a_bad_frame_sent_before_the_welcome_fails_its_peer_not_the_controller()
     """Held undecoded while the hello was answered, a frame over the limit (or not JSON)
     raised out of resume() at the welcome, ending the controller's loop (found by a
     review). It fails that peer alone."""
-    handler = _NeverWelcomes()
-    t = Transport([], handler, limits=Limits())
-    handler.transport = t
-    ours, them = socket.socketpair()
-    _, other_them = _peer(t, "other")
-    try:
-        conn = t.open_conn(ours, True, "bad")
-        them.sendall(encode({"t": "hello"}))
-        serve_until(t, lambda: conn.pending)
+    with _never_welcoming(Limits()) as (t, handler):
+        _, other_them = _peer(t, "other")
+        conn, them = _pending(t, "bad")
         them.sendall((1 << 20).to_bytes(4, "big") + b"xx")
         serve_until(t, lambda: conn.decoder.buffered > 0)
         conn.run = "bad"
         t.resume(conn)  # (raised ProtocolError)
         serve_until(t, lambda: conn.sock.fileno() < 0 or conn.failed)
-        _ask(other_them, 0, 1)
+        assert conn.failed and "bad" not in handler.handled
+        _ask(other_them, 0, 1)  # the others are served on
         serve_until(t, lambda: handler.handled.get("other") == 1)
-    finally:
-        t.close()
+        assert [m["s"] for m in read_frames(t, other_them, 1)] == [0]
         for s in (them, other_them):
             s.close()
