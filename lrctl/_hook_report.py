@@ -120,6 +120,8 @@ class Reporting:
             self._guard.veto()
             reporting = True
         link = self._link
+        if not reporting and batch is None:  # every=N: the run's last step, reported at close
+            self._unreported_loss, self._unreported_grad = loss, grad_norm
         if link is None or link.fatal is not None:
             if batch is not None:
                 batch.clear()  # unreported, as any step is while the link is down
@@ -128,8 +130,6 @@ class Reporting:
                 self._report(t, loss, grad_norm)
             elif batch is not None:
                 batch.hold(t, loss, grad_norm)
-            else:  # every=N between reports: the run's last step is reported at close
-                self._unreported_loss, self._unreported_grad = loss, grad_norm
             # Between reports with every answer in, there is nothing to read: such
             # steps cost next to nothing, so every=N divides the hook's cost by N.
             if (self._acked < self._reported or not link.idle

@@ -131,6 +131,8 @@ class Transport(Writing, PacedReading):
         if conn.sock.fileno() < 0 or conn.failed:
             return
         self._take(conn)
+        if (conn.run is None or conn.partial) and conn.sock.fileno() >= 0:
+            self.admission.note_partial(conn)  # what it holds now, handled in part
         if conn.dead:
             self._hung_up(conn)
         elif conn.closing and not conn.decoder.has_frame and conn.sock.fileno() >= 0:
