@@ -21,9 +21,21 @@ in observations of ``metric``: per-step ``loss``, or a named metric such as
   ``threshold``; when it does not, the metric has stalled and the LR is
   reduced. The window then starts afresh (after ``cooldown``). The test is
   taken every ``patience / 8`` observations once the window is full. On a
-  falling metric it fires only when the fall is lost in the noise; on noise
-  alone it is the right verdict. ``test: best`` (the default) is torch's rule,
+  falling metric it fires also when the fall is lost in the noise: a verdict
+  on the absence of evidence. ``test: best`` (the default) is torch's rule,
   exactly.
+* ``test: stall`` turns that question round (an equivalence test): the LR is
+  reduced only when the window *shows* that the fall is smaller than
+  ``threshold`` × the level — the upper confidence bound (level ``alpha``) of
+  the older half's mean minus the newer half's lies below it. A slow real fall
+  hidden in the noise is inconclusive, and then the LR you gave stands; a flat
+  or rising metric with noise small enough to tell is reduced as with
+  ``trend``. ``threshold`` is then the smallest fall per half window worth the
+  LR (the default policy's 0.5 % over 200 observations).
+* When the divergence guard accepts a new level of the loss (``level_shift``: a
+  change to harder data), the window, the best value and the smoothing start
+  afresh, after a new ``burn_in``: a window across the change would read it as
+  a rise.
 * ``burn_in``: the first observations of a run are not judged (by default with
   ``test: trend``, half of ``patience``). A run starts with a fast fall that no
   straight line fits; inside a window, the test would read that curve as noise
@@ -72,18 +84,21 @@ class Plateau(ReactivePolicy):
         Param("restart_lr", "float", None, "restart at this LR (group 0) when at the floor",
               gt=0, optional=True),
         Param("test", "str", "best", "best: torch's rule (no observation beat the best); "
-              "trend: a significance test of the fall over the last `patience` observations",
-              choices=("best", "trend")),
-        Param("alpha", "float", 0.01, "test: trend — one-sided level of the 'still falling' "
-              "test", gt=0, lt=0.5),
+              "trend: reduce when the fall over the last `patience` observations is not "
+              "significant; stall: only when it is shown smaller than `threshold`",
+              choices=("best", "trend", "stall")),
+        Param("alpha", "float", 0.01, "test: trend or stall — one-sided level of the test",
+              gt=0, lt=0.5),
         Param("burn_in", "int", None, "observations at the start of the policy's life that "
-              "are not judged (default: test: trend, half of `patience`; test: best, none)",
+              "are not judged (default: test: trend or stall, half of `patience`; test: "
+              "best, none)",
               ge=0, optional=True),
     )
 
     def __init__(self, **params: Any) -> None:
         super().__init__(**params)
         self._mode_worse = math.inf if self.params["mode"] == "min" else -math.inf
+        self._windowed = self.params["test"] in ("trend", "stall")
         self._scale = 1.0
         self._best = self._mode_worse
         self._num_bad = 0
@@ -92,20 +107,22 @@ class Plateau(ReactivePolicy):
         # level it falls to (see the module docstring).
         burn_in = self.params["burn_in"]
         if burn_in is None:
-            burn_in = self.params["patience"] // 2 if self.params["test"] == "trend" else 0
+            burn_in = self.params["patience"] // 2 if self._windowed else 0
+        self._burn_in = burn_in
         self._cooldown_counter = burn_in
         self._ema: float | None = None
         self._recent: deque[float] = deque(maxlen=self.params["smoothing_window"])
         self._reductions = 0
         self._restarts = 0
         self._trend = (TrendWindow(max(8, self.params["patience"]))
-                       if self.params["test"] == "trend" else None)
+                       if self._windowed else None)
+        self._equivalence = self.params["test"] == "stall"
         self._test_wait = 0
         self._metric = self.params["metric"]  # read at every observation
         self._minimize = self.params["mode"] == "min"
         self._margin = (self.params["threshold"] if self.params["threshold_mode"] == "rel"
                         else 0.0)  # the trend test's
-        # observe_plain's way: 1 the loss, 2 the grad norm (test: trend), 0 a named metric
+        # observe_plain's way: 1 the loss, 2 the grad norm (test: trend/stall), 0 a named metric
         # (never in a plain observation), -1 none (the loss or grad norm, test: best).
         self._pick = {"loss": 1, "grad_norm": 2}.get(self._metric, 0)
         if self._pick and self._trend is None:
@@ -137,6 +154,8 @@ class Plateau(ReactivePolicy):
 
     def observe(self, obs: Observation, ctx: StepContext) -> list[Action]:
         raw = obs.value(self._metric)
+        if ctx.flags and "level_shift" in ctx.flags:
+            self._restart()
         if raw is None or (ctx.flags and not ctx.flags.isdisjoint(FLAGS_NOT_COUNTED)):
             return []
         if self._trend is not None:
@@ -168,6 +187,19 @@ class Plateau(ReactivePolicy):
                          f"{self.params['metric']} has not improved on its best "
                          f"{self._best:.6g} for {bad} observations (patience "
                          f"{self.params['patience']})")
+
+    def _restart(self) -> None:
+        """The divergence guard accepted a new level of the loss (a change of data): what
+        came before it says nothing about a plateau after it. Judge afresh, after a
+        burn-in, as at the start of a run."""
+        self._best = self._mode_worse
+        self._num_bad = 0
+        self._ema = None
+        self._recent.clear()
+        if self._trend is not None:
+            self._trend.clear()
+            self._test_wait = 0
+        self._cooldown_counter = max(self._cooldown_counter, self._burn_in)
 
     def observe_plain(self, step: int, loss: float | None, grad_norm: float | None) -> bool:
         """``test: trend`` on the usual observation (no flags: nothing before this policy
@@ -201,7 +233,8 @@ class Plateau(ReactivePolicy):
         return True
 
     def _observe_trend(self, raw: float, obs: Observation, ctx: StepContext) -> list[Action]:
-        """``test: trend``: reduce when the window's fall is not significant."""
+        """``test: trend``: reduce when the window's fall is not significant; ``test:
+        stall``: when it is shown smaller than the threshold."""
         window = self._trend
         assert window is not None
         if not math.isfinite(raw):
@@ -222,6 +255,8 @@ class Plateau(ReactivePolicy):
         result = window.test(alpha, margin)
         if result is None or result.verdict == "fell":
             return []
+        if self._equivalence and not result.stalled(margin):
+            return []  # inconclusive: the LR stands
         sign = 1.0 if self.params["mode"] == "min" else -1.0
         evidence = {"statistic": self.params["metric"], "test": "trend",
                     "window": window.window, "alpha": self.params["alpha"],
@@ -230,7 +265,15 @@ class Plateau(ReactivePolicy):
         window.clear()
         self._test_wait = 0
         self._cooldown_counter = self.params["cooldown"]
-        what = ("rose" if result.verdict == "rose" else "did not fall significantly")
+        if result.verdict == "rose":
+            what = "rose"
+        elif self._equivalence:
+            moved = "fell" if self._minimize else "rose"
+            what = (f"{moved} by at most {result.fall_upper / abs(result.older):.3%} (less "
+                    f"than the threshold {self.params['threshold']:.3%})"
+                    if result.older else f"{moved} by at most {result.fall_upper:.6g}")
+        else:
+            what = "did not fall significantly"
         return self._act(obs, ctx, evidence,
                          f"{self.params['metric']} {what} over the last {window.window} "
                          f"observations (mean {sign * result.older:.6g} → "

@@ -112,16 +112,26 @@ class TrendTest:
     """The outcome of :meth:`TrendWindow.test`: the halves' means, their
     difference's standard error, ``tau`` and the verdict."""
 
-    __slots__ = ("newer", "older", "se", "tau", "verdict", "z")
+    __slots__ = ("fall_upper", "newer", "older", "se", "tau", "verdict", "z")
 
     def __init__(self, older: float, newer: float, se: float, tau: float, z: float,
-                 verdict: str) -> None:
+                 verdict: str, fall_upper: float) -> None:
         self.older, self.newer, self.se, self.tau, self.z = older, newer, se, tau, z
         self.verdict = verdict
+        #: The one-sided upper confidence bound (level ``alpha``) of the fall
+        #: ``older - newer``: the fall is shown smaller than anything above it.
+        self.fall_upper = fall_upper
+
+    def stalled(self, margin: float = 0.0, delta: float = 0.0) -> bool:
+        """Whether the fall is *shown* smaller than ``margin × |older| + delta``: its
+        upper confidence bound lies below that (an equivalence test). Noise too large to
+        tell keeps this False — where "not fell" would be True."""
+        return self.fall_upper < margin * abs(self.older) + delta
 
     def evidence(self) -> dict[str, float | str]:
         return {"older_mean": self.older, "newer_mean": self.newer, "se": self.se,
-                "tau": self.tau, "z": self.z, "verdict": self.verdict}
+                "tau": self.tau, "z": self.z, "verdict": self.verdict,
+                "fall_upper": self.fall_upper}
 
 
 class TrendWindow:
@@ -226,7 +236,7 @@ class TrendWindow:
             verdict = "rose"
         else:
             verdict = "flat"
-        return TrendTest(m_old, m_new, se, tau, z, verdict)
+        return TrendTest(m_old, m_new, se, tau, z, verdict, m_old - m_new + z_crit * se)
 
 
 def _detrended(values: list[float], mean: float) -> list[float]:

@@ -23,7 +23,11 @@ transformers' (tested for parity). What a fixed schedule cannot do:
   of the stable phase (by default half of ``window``) are not judged: a run's
   first fast fall is a curve no line fits, and inside a window the test reads it
   as noise and calls a tenfold fall "not significant" (as plateau decay's
-  ``burn_in``).
+  ``burn_in``). ``test: stall`` starts it only when the window *shows* the fall
+  smaller than ``threshold`` (plateau decay's equivalence test): a slow fall lost
+  in the noise is inconclusive, and the stable LR stands. A new level of the loss
+  accepted by the divergence guard (``level_shift``) restarts the window and the
+  burn-in.
 * ``start_on: operator``: only ``lrctl decay`` starts it.
 
 The warmup wins over a cooldown that starts inside it (as in transformers). It
@@ -88,6 +92,9 @@ class WSD(ReactivePolicy):
               "falling' test", gt=0, lt=0.5),
         Param("threshold", "float", 1e-3, "start_on plateau: a fall must exceed this fraction "
               "of the level to count", ge=0),
+        Param("test", "str", "trend", "start_on plateau: trend — start when the fall is not "
+              "significant; stall — only when it is shown smaller than `threshold` (as "
+              "plateau decay's)", choices=("trend", "stall")),
         Param("burn_in", "int", None, "start_on plateau: observations at the start of the "
               "stable phase that are not judged (default: half of `window`)", ge=0,
               optional=True),
@@ -119,9 +126,12 @@ class WSD(ReactivePolicy):
         self._trend = TrendWindow(p["window"]) if p["start_on"] == "plateau" else None
         self._test_wait = 0
         # Observations of the stable phase still to pass unjudged (see the docstring).
-        self._burn_left = 0 if self._trend is None else (
-            p["window"] // 2 if p["burn_in"] is None else p["burn_in"])
+        self._burn_left = 0 if self._trend is None else self._burn_in()
         self._scale = self._factor(0)
+
+    def _burn_in(self) -> int:
+        p = self.params
+        return p["window"] // 2 if p["burn_in"] is None else p["burn_in"]
 
     def multiplier(self) -> float:
         return self._scale
@@ -252,6 +262,10 @@ class WSD(ReactivePolicy):
         raw = obs.value(self.params["metric"])
         if window is None or self._cancelled_at is not None or raw is None:
             return []
+        if "level_shift" in ctx.flags:  # a new level of the loss: judge afresh (as plateau)
+            window.clear()
+            self._test_wait = 0
+            self._burn_left = max(self._burn_left, self._burn_in())
         if ctx.flags & FLAGS_NOT_COUNTED or not math.isfinite(raw):
             return []
         if self._burn_left > 0:
@@ -264,10 +278,13 @@ class WSD(ReactivePolicy):
             self._test_wait -= 1
             return []
         self._test_wait = max(1, window.window // 8) - 1
-        result = window.test(self.params["alpha"], self.params["threshold"])
+        threshold = self.params["threshold"]
+        result = window.test(self.params["alpha"], threshold)
         length = self.decay_length()
         if result is None or result.verdict == "fell" or length is None:
             return []
+        if self.params["test"] == "stall" and not result.stalled(threshold):
+            return []  # inconclusive: the stable LR stands
         window.clear()
         return self._begin(obs.step, length, 1.0, self.params["decay_shape"], "plateau", ctx,
                            f"{self.params['metric']} stalled over the last {window.window} "

@@ -186,6 +186,25 @@ def test_plateau_start_waits_for_a_stall_and_the_schedule_bounds_it() -> None:
     assert [(d.step, d.evidence["source"]) for d in starts] == [(900, "schedule")]
 
 
+def test_a_stall_test_start_waits_out_a_slow_fall_in_noise_and_takes_a_clear_stall() -> None:
+    """``test: stall``: a real fall of 2 % per half window under noise of 30 % of the level
+    is inconclusive (``trend`` starts the cooldown on it); a flat, quiet loss is shown
+    stalled and starts it."""
+    def first_start(test: str, noise: float, fall: float) -> int | None:
+        rng = random.Random(5)
+        engine = wsd(5000, start_on="plateau", decay_steps=100, window=400, threshold=0.005,
+                     test=test)
+        for t in range(4000):
+            level = (1 - fall / 200) ** t
+            engine.observe(step=t, loss=level * (1 + noise * rng.gauss(0, 1)))
+        return next((d.step for d in engine.decisions if d.action == "decay_start"), None)
+
+    assert first_start("trend", 0.3, 0.02) is not None
+    assert first_start("stall", 0.3, 0.02) is None
+    start = first_start("stall", 0.002, 0.0)
+    assert start is not None and start < 1000
+
+
 def test_spikes_flagged_by_the_guard_do_not_start_the_cooldown() -> None:
     rng = random.Random(1)
     div = {"kind": "divergence", "min_samples": 16, "window": 64}

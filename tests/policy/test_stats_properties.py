@@ -175,3 +175,71 @@ def test_trend_plateau_mode_max_and_state_round_trip() -> None:
         b.observe(t, 1.0, acc=v)
     assert [d.step for d in a.decisions] == [d.step for d in b.decisions] != []
     assert a.applied_lrs == b.applied_lrs
+
+
+# -- the equivalence verdict (plateau decay's test: stall) ---------------------------------
+@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(noise=NOISE, level=st.floats(1.0, 1e3), rel_scale=st.floats(1e-3, 1.0),
+       seed=st.integers(0, 2**31))
+def test_stalled_is_rare_when_the_fall_is_as_large_as_the_margin(
+        noise: tuple[str, float], level: float, rel_scale: float, seed: int) -> None:
+    """A real fall of exactly ``margin`` × the level per half window, at any noise: the
+    verdict "stalled" (the fall shown smaller than the margin) keeps its stated rate —
+    a fall hidden in the noise is inconclusive, never a stall."""
+    kind, phi = noise
+    rng = random.Random(seed)
+    window, margin = _window_for(phi), 0.01
+    h = window // 2
+    slope = margin * level / h  # older mean - newer mean = margin × (about) the level
+    stalled = 0
+    for _ in range(TRIALS):
+        w = TrendWindow(window)
+        for i, e in enumerate(_noise(kind, window, rng, phi)):
+            w.push(level - slope * i + rel_scale * level * e)
+        result = w.test(0.01, margin)
+        assert result is not None
+        stalled += result.stalled(margin)
+    assert stalled / TRIALS <= FALSE_VERDICT_RATE + 3 * math.sqrt(
+        FALSE_VERDICT_RATE * (1 - FALSE_VERDICT_RATE) / TRIALS)
+
+
+def test_stalled_on_a_flat_series_once_the_noise_is_small_enough_to_tell() -> None:
+    """Flat i.i.d. noise, window 400: shown stalled (margin 1 %) when σ ≤ 2 % of the level
+    (the bound's half-width, 2.33 · σ · √(2/200), is ≤ 0.47 %), and inconclusive at σ =
+    50 % (half-width 27 %): the LR stands."""
+    rng = random.Random(7)
+    for sigma, expect in ((0.02, True), (0.5, False)):
+        w = TrendWindow(400)
+        for _ in range(400):
+            w.push(1.0 + sigma * rng.gauss(0, 1))
+        result = w.test(0.01, 0.01)
+        assert result is not None and result.stalled(0.01) is expect, sigma
+        assert result.evidence()["fall_upper"] == result.fall_upper
+
+
+def test_stall_plateau_holds_on_a_slow_fall_in_noise_where_trend_cuts() -> None:
+    """The adversarial case: a real fall of 2 % per half window under noise of 30 % of
+    the level. ``test: trend`` reads "not significant" and halves the LR, again and
+    again; ``test: stall`` finds the evidence inconclusive and leaves the LR alone."""
+    def run(test: str) -> lrctl.Engine:
+        rng = random.Random(3)
+        engine = _plateau(test=test, patience=400, threshold=0.005, cooldown=100)
+        for t in range(4000):
+            level = 1.0 * (1 - 0.02 / 200) ** t
+            engine.observe(t, level * (1 + 0.3 * rng.gauss(0, 1)))
+        return engine
+
+    assert [d.action for d in run("trend").decisions].count("reduce") >= 3
+    assert run("stall").decisions == []
+
+
+def test_stall_plateau_reduces_a_true_plateau_with_its_bound_in_the_record() -> None:
+    rng = random.Random(4)
+    engine = _plateau(test="stall", patience=200, threshold=0.01)
+    for t in range(600):
+        engine.observe(t, 0.5 + 0.005 * rng.gauss(0, 1))
+    decision = engine.decisions[0]
+    assert decision.action == "reduce" and decision.step < 400
+    evidence = decision.evidence
+    assert evidence["fall_upper"] < 0.01 * abs(evidence["older_mean"])
+    assert "fell by at most" in decision.reason and "less than the threshold" in decision.reason
