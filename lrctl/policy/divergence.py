@@ -17,17 +17,26 @@ The behaviour of a mixed-precision loss scaler, applied to the learning rate:
   ``min_samples`` values.
   Spikes never enter the window they are judged against.
 * ``tolerance`` spikes are tolerated before a back-off; the count resets after
-  ``regrow_after`` clean observations.
+  ``regrow_after`` clean observations. ``grad_norm_tolerance`` does the same for
+  spikes of the grad norm alone (the loss ordinary): one burst of gradient noise
+  is one sample, and an ordinary loss says the step did no harm; the spike is
+  still flagged and (``skip_spikes``) skipped.
 * A back-off multiplies the LR by ``factor``. For ``cooldown`` observations
   after it, spikes are still flagged (and kept out of the statistics) but do not
   back off again; non-finite values still do. If most of the cooldown was
   spikes, the run has moved to a new level rather than blown up, and the
-  statistics re-baseline on the cooldown's values; unless the loss stays more
-  than ``max_shift`` × its old median (or the grad norm does, with the loss up
-  1.5× too): an LR set ×100 by mistake. Then the back-off did not take, and the
-  guard backs off again, harder (``factor`` squared), after each cooldown, at
-  most three times in a row, before it accepts the level. Its high losses are
-  then no longer skipped, so the model can train its way back.
+  statistics re-baseline on the cooldown's values (``level_shift``: plateau
+  decay judges a fresh window); unless the loss stays more than ``max_shift`` ×
+  its old median (or the grad norm does, with the loss up 1.5× too): an LR set
+  ×100 by mistake, or a change to harder data. Skipped steps cannot tell them
+  apart, so a *probe* of ``min_samples`` observations follows, trained at the
+  backed-off LR (nothing skipped); when the loss climbs on in it (see
+  :mod:`._divergence_shift`), the back-off did not take, and the guard backs
+  off again, harder (``factor`` squared), judging each later cooldown the same
+  way, at most three times in a row, before it accepts the level. Its high
+  losses are then no longer skipped, so the model can train its way back. A
+  loss that holds its level or falls in the probe is a new level being learned:
+  accepted, the window moved to it with its spread kept (detection stays armed).
 * ``skip_spikes`` also asks the hook to skip the optimizer step of a spike (one
   ×1e4 gradient would otherwise poison Adam's second moment for thousands of
   steps); the hook can act on it in sync mode or in-process.
@@ -86,6 +95,9 @@ class Divergence(LevelShift, RollbackEscalation, ReactivePolicy):
         Param("grad_norm_min_sigma", "float", None,
               "least robust σ of the log grad norm (default: min_sigma)", ge=0, optional=True),
         Param("tolerance", "int", 0, "spikes tolerated before a back-off", ge=0),
+        Param("grad_norm_tolerance", "int", 0,
+              "spikes of the grad norm alone (the loss ordinary) tolerated before a "
+              "back-off, beside `tolerance` (flagged and skipped, not backed off)", ge=0),
         Param("cooldown", "int", 10, "observations after a back-off with no new spike back-off",
               ge=0),
         Param("regrow_after", "int", 200, "clean observations before the LR regrows", ge=1),
@@ -125,10 +137,14 @@ class Divergence(LevelShift, RollbackEscalation, ReactivePolicy):
         self._gnorm = RobustWindow(size)  # log grad norms
         self._scale = 1.0
         self._spikes = 0  # spikes since the last back-off or clean interval
+        self._grad_spikes = 0  # of them, tolerated spikes of the grad norm alone
         self._backoffs = 0  # back-offs in the current incident
         self._cooldown_seen: list[tuple[float | None, float | None]] = []
         self._cooldown_spikes = 0
         self._escalation = 0  # back-offs in a row that did not take
+        self._probe_ref: float | None = None  # the skipped cooldown's median loss (probing)
+        self._level_shift = False  # a new level was accepted at this observation
+        self._probe_high = 0  # losses of the probe far above the skipped cooldown's
 
         self._total_backoffs = 0
         self._rollbacks = 0  # rollbacks this run
@@ -149,6 +165,7 @@ class Divergence(LevelShift, RollbackEscalation, ReactivePolicy):
         self._grad_floor = max(p["min_sigma"] if p["grad_norm_min_sigma"] is None
                                else p["grad_norm_min_sigma"], _MIN_SIGMA)
         self._regrow_after = p["regrow_after"]
+        self._grad_tolerance = p["grad_norm_tolerance"]
         self._regrow_at = self._regrow_after - 1  # clean ones before this one: regrow now
         # The screens of observe()'s shortcut: log-scale statistics, both watched.
         self._log_both = not self._linear and self._watch_loss and self._watch_grad
@@ -241,10 +258,18 @@ class Divergence(LevelShift, RollbackEscalation, ReactivePolicy):
             self._cooldown_seen.append((judged_loss, log_gnorm))
             self._cooldown_spikes += evidence is not None
             self._cooldown -= 1
+            if self._probe_ref is not None:  # a probe: a loss still climbing ends it early
+                rising = self._probe_rising(judged_loss if self._watch_loss else None)
+                if rising is not None:
+                    return self._escalate(obs, ctx, evidence, rising)
             if self._cooldown == 0:
                 still = self._end_cooldown()
                 if still is not None:
                     return self._escalate(obs, ctx, evidence, still)
+                if self._level_shift:  # later policies judge afresh from here
+                    self._level_shift = False
+                    ctx.flags.add("level_shift")
+                    evidence = None  # this value is of the level accepted (in its window)
         if evidence is not None:
             ctx.flags.add("spike")
             ctx.skip = ctx.skip or self._skips_spikes()
@@ -256,6 +281,13 @@ class Divergence(LevelShift, RollbackEscalation, ReactivePolicy):
             if in_cooldown:  # the back-off is still taking effect: flag, do not cut again
                 return ([Action("skip", f"skip this optimizer step: {reason}", evidence)]
                         if ctx.skip else [])
+            if (what == "grad_norm" and self._grad_spikes < self._grad_tolerance
+                    and judged_loss is not None and self._watch_loss):
+                self._grad_spikes += 1  # the grad norm alone: tolerated (skipped, flagged)
+                return ([Action("skip", f"skip this optimizer step: {reason} (the loss is "
+                                        f"ordinary: tolerated, "
+                                        f"{self._grad_spikes} of {self._grad_tolerance})",
+                                evidence)] if ctx.skip else [])
             self._spikes += 1
             if self._spikes <= self.params["tolerance"]:
                 return ([Action("skip", f"skip this optimizer step: {reason}", evidence)]
@@ -298,9 +330,10 @@ class Divergence(LevelShift, RollbackEscalation, ReactivePolicy):
         return []
 
     def _skips_spikes(self) -> bool:
-        """Whether a spike now asks the hook to skip its step: not once a back-off did
-        not take: the model must then train its way back at the lower LR."""
-        return self.params["skip_spikes"] and self._escalation == 0
+        """Whether a spike now asks the hook to skip its step: not in a probe, nor once a
+        back-off did not take: the model must then train (its way back) at the lower LR."""
+        return (self.params["skip_spikes"] and self._escalation == 0
+                and self._probe_ref is None)
 
     def _judge(self, loss: float | None, log_gnorm: float | None) -> dict[str, Any] | None:
         """Evidence of a spike in the (judged) loss, else in the log grad norm; or None."""
@@ -335,7 +368,7 @@ class Divergence(LevelShift, RollbackEscalation, ReactivePolicy):
         actions: list[Action] = []
         if ctx.skip:
             actions.append(Action("skip", f"skip this optimizer step: {reason}", evidence))
-        self._spikes = 0
+        self._spikes = self._grad_spikes = 0
         self._clean = 0
         if self._stopped:  # already asked to stop: say it once; still never raise the LR
             ctx.stop = True
@@ -378,7 +411,7 @@ class Divergence(LevelShift, RollbackEscalation, ReactivePolicy):
     def _regrow(self) -> list[Action]:
         """``regrow_after`` clean observations in a row: the multiplier grows back."""
         self._clean = 0
-        self._spikes = 0
+        self._spikes = self._grad_spikes = 0
         ceiling = self._ceiling
         if self._scale >= ceiling:
             self._backoffs = 0
@@ -401,6 +434,7 @@ class Divergence(LevelShift, RollbackEscalation, ReactivePolicy):
             "loss_window": self._loss.values(),
             "grad_norm_window": self._gnorm.values(),
             "spikes": self._spikes,
+            **({"grad_spikes": self._grad_spikes} if self._grad_spikes else {}),
             "backoffs": self._backoffs,
             "cooldown": self._cooldown,
             "cooldown_seen": [list(pair) for pair in self._cooldown_seen],
@@ -409,6 +443,8 @@ class Divergence(LevelShift, RollbackEscalation, ReactivePolicy):
             "total_backoffs": self._total_backoffs,
             "stopped": self._stopped,
             "escalation": self._escalation,
+            **({"probe_ref": self._probe_ref, "probe_high": self._probe_high}
+               if self._probe_ref is not None else {}),
             # (only once said: the state of every other run is as it was)
             **({"told_nonpositive": True} if self._told_nonpositive else {}),
             **self._rollback_state(),
@@ -419,6 +455,7 @@ class Divergence(LevelShift, RollbackEscalation, ReactivePolicy):
         self._loss.load([float(v) for v in state["loss_window"]])
         self._gnorm.load([float(v) for v in state["grad_norm_window"]])
         self._spikes = int(state["spikes"])
+        self._grad_spikes = int(state.get("grad_spikes", 0))
         self._backoffs = int(state["backoffs"])
         self._cooldown = int(state["cooldown"])
         self._cooldown_seen = [(None if a is None else float(a), None if b is None else float(b))
@@ -428,6 +465,9 @@ class Divergence(LevelShift, RollbackEscalation, ReactivePolicy):
         self._total_backoffs = int(state["total_backoffs"])
         self._stopped = bool(state["stopped"])
         self._escalation = int(state.get("escalation", 0))
+        probe = state.get("probe_ref")
+        self._probe_ref = None if probe is None else float(probe)
+        self._probe_high = int(state.get("probe_high", 0))
         self._told_nonpositive = bool(state.get("told_nonpositive", False))
         self._load_rollback_state(state)
 

@@ -20,7 +20,7 @@ def test_level_shift_backs_off_once_then_rebaselines_and_regrows() -> None:
     for t in range(1200):
         engine.observe(step=t, loss=noisy(1.0 if t < 500 else 2.0, rng), grad_norm=1.0)
     actions = [(d.step, d.action) for d in engine.decisions]
-    assert actions == [(500, "backoff"), (710, "regrow")]
+    assert actions == [(500, "backoff"), (709, "regrow")]  # the cooldown's last one counts
     assert not engine.should_stop
     assert engine.lrs == [0.1]
 
@@ -43,49 +43,112 @@ def test_spikes_inside_the_cooldown_are_flagged_not_learned() -> None:
     assert engine.last_decisions[-1].action == "backoff"
 
 
+class TooHighLR:
+    """A model of an LR set ×100 by mistake at step 200: while the LR applied is more
+    than twice the one that trains, each step taken multiplies the loss by ``growth``
+    (it climbs; an LR that is not too high brings it back down ×0.8 a step toward 1). A
+    skipped step leaves the weights, and so the loss, as they were."""
+
+    def __init__(self, growth: float = 6.0) -> None:
+        self.level = 1.0
+        self.growth = growth
+
+    def loss(self, rng: random.Random) -> float:
+        return noisy(self.level, rng)
+
+    def step(self, t: int, lr: float, skipped: bool) -> None:
+        if skipped:
+            return
+        applied = lr * (100.0 if t >= 200 else 1.0)
+        self.level = (min(self.level * self.growth, 1e6) if applied > 0.2
+                      else max(1.0, self.level * 0.8))
+
+
 def test_a_back_off_that_does_not_take_is_followed_by_harder_ones() -> None:
-    """An LR set ×100 by mistake: the loss stays ~50× up. That is no new level
-    (max_shift 4×): the guard backs off by ×factor² after each cooldown until the
-    loss comes down, and stops skipping so that the model can train back."""
+    """An LR set ×100 by mistake: after the first back-off (its cooldown skipped), the
+    probe trains at the backed-off LR and the loss climbs on: the guard backs off by
+    ×factor² until the loss comes down, and stops skipping so that the model can train
+    back. The state carries the incident across a resume."""
     rng = random.Random(2)
     text = "version: 1\npolicies:\n  - kind: divergence\n    skip_spikes: true\n"
     engine = lrctl.load_policy(text, [0.1])
+    model = TooHighLR()
     resumed = None
     skipped = []
     for t in range(400):
-        level = 1.0 if t < 200 else (50.0 if t < 231 else 1.2)  # down after 3 back-offs
-        loss = noisy(level, rng)
+        loss = model.loss(rng)
         engine.observe(step=t, loss=loss, grad_norm=1.0)
         skipped += [t] if engine.should_skip else []
-        if t == 215:  # mid-incident: the state carries the escalation
+        if t == 215:  # mid-incident (in the probe): the state carries it
             resumed = lrctl.load_policy(text, [0.1])
             resumed.load_state_dict(engine.state_dict())
         elif resumed is not None:
             resumed.observe(step=t, loss=loss, grad_norm=1.0)
-    backs = [(d.step, d.evidence["factor"], d.evidence["statistic"])
+        model.step(t, engine.lrs[0], engine.should_skip)
+    backs = [(d.evidence["factor"], d.evidence["statistic"])
              for d in engine.decisions if d.action == "backoff"]
-    assert backs == [(200, 0.5, "loss"), (210, 0.25, "loss_level"), (220, 0.25, "loss_level"),
-                     (230, 0.25, "loss_level")]
-    assert skipped == list(range(200, 210)), "only the first cooldown's spikes are skipped"
+    assert backs == [(0.5, "loss"), (0.25, "loss_level"), (0.25, "loss_level"),
+                     (0.25, "loss_level")]
+    first = next(d.step for d in engine.decisions if d.action == "backoff")
+    assert skipped == list(range(first, first + 10)), "only the first cooldown is skipped"
+    escalation = [d for d in engine.decisions if d.evidence.get("statistic") == "loss_level"]
+    assert all(d.evidence["loss_after"] > d.evidence["loss_before"] for d in escalation)
+    assert "drove it up further" in escalation[0].reason
+    assert model.level < 2.0, "the loss came back down"
     assert not engine.should_stop
     assert resumed is not None and resumed.lrs == engine.lrs
     assert [d.to_dict() for d in resumed.decisions] == [
         d.to_dict() for d in engine.decisions if d.step > 215]
 
 
-def test_a_lasting_sixfold_loss_level_is_accepted_after_three_harder_back_offs() -> None:
-    """A harder data mix that stays: the guard never asks such a run to stop."""
+def test_a_loss_that_climbs_on_from_an_accepted_level_is_still_caught() -> None:
+    """A slower climb (×1.3 a step): the cooldown sits within max_shift of the old level,
+    which is accepted. The window moves to that level with the spread it learned, so
+    detection stays armed and the climb spikes again at once (a window re-filled from a
+    ten-value cooldown would be blind for min_samples steps while the loss ran away)."""
+    rng = random.Random(5)
+    engine = lrctl.load_policy(
+        "version: 1\npolicies:\n  - kind: divergence\n    skip_spikes: true\n", [0.1])
+    model = TooHighLR(growth=1.3)
+    worst = 0.0
+    for t in range(460):
+        engine.observe(step=t, loss=model.loss(rng), grad_norm=1.0)
+        model.step(t, engine.lrs[0], engine.should_skip)
+        worst = max(worst, model.level)
+    backs = [d for d in engine.decisions if d.action == "backoff"]
+    assert len(backs) >= 6 and all(d.evidence["factor"] == 0.5 for d in backs)
+    assert engine.lrs[0] * 100 <= 0.2, "cut until the LR trains"
+    assert worst < 100.0, "never ran away"
+    assert model.level < 2.0
+    assert not engine.should_stop
+
+
+def test_a_lasting_sixfold_loss_level_costs_one_back_off() -> None:
+    """A harder data mix that stays (the loss 6× up whatever the LR): the cooldown's steps
+    were skipped, so the probe trains at the backed-off LR; the loss holds its level, so
+    the level is accepted (no harder back-off), the LR regrows, and the run never stops.
+    Plateau decay, told of the new level, judges afresh instead of reading a rise."""
     rng = random.Random(3)
-    text = "version: 1\npolicies:\n  - kind: divergence\n    skip_spikes: true\n"
+    text = ("version: 1\npolicies:\n  - kind: divergence\n    skip_spikes: true\n"
+            "  - kind: plateau\n    test: stall\n    patience: 200\n    threshold: 0.01\n")
     engine = lrctl.load_policy(text, [0.1])
+    skipped = []
     for t in range(1200):
         engine.observe(step=t, loss=noisy(0.05 if t < 400 else 0.30, rng), grad_norm=1.0)
+        skipped += [t] if engine.should_skip else []
     backs = [d.step for d in engine.decisions if d.action == "backoff"]
-    assert backs == [400, 410, 420, 430]  # ½, then ¼ three times; then the level stands
-    assert not engine.should_stop
+    assert backs == [400]
+    assert skipped == list(range(400, 410)), "the probe's steps train"
     regrows = [d.step for d in engine.decisions if d.action == "regrow"]
     assert regrows and regrows[0] > 450
-    assert engine.lrs[0] > 0.1 / 128
+    guard = engine.policies[0]
+    assert guard.multiplier() == 1.0, "the back-off regrew"
+    assert not engine.should_stop
+    # Flat noise at the new level is a stall: plateau decay may act on it, but only on
+    # windows wholly after the change (with burn-in), never on one across it.
+    reduces = [d for d in engine.decisions if d.action == "reduce" and d.step > 400]
+    assert all(d.evidence["older_mean"] > 0.2 for d in reduces)
+    assert reduces and all(d.step >= 400 + 100 + 200 for d in reduces)
 
 
 @pytest.mark.parametrize(("knobs", "level_of"), [

@@ -268,3 +268,28 @@ def test_grad_norm_floor_lets_ordinary_swings_pass_and_still_catches_blowups() -
         feed(engine, smooth)
         engine.observe(step=K, loss=1.0, grad_norm=swing)
         assert any(d.action == "backoff" for d in engine.last_decisions) is backs, (floor, swing)
+
+
+def test_grad_norm_tolerance_skips_a_lone_grad_norm_spike_and_backs_off_at_the_next() -> None:
+    """One grad-norm spike with an ordinary loss is one sample: skipped and flagged, no
+    back-off. A second before ``regrow_after`` clean observations backs off; a loss
+    spike is never tolerated by it; after a clean interval the count starts again."""
+    engine = guard(grad_norm_tolerance=1, skip_spikes=True, regrow_after=50)
+    series = realistic(11, 400)
+    hits = {K: "grad", K + 20: "grad", K + 200: "grad", K + 300: "loss"}
+    skipped = []
+    for t, (loss, gnorm) in enumerate(series):
+        if hits.get(t) == "grad":
+            gnorm *= 100
+        elif hits.get(t) == "loss":
+            loss *= 50
+        engine.observe(step=t, loss=loss, grad_norm=gnorm)
+        skipped += [t] if engine.should_skip else []
+    backs = [(d.step, d.evidence["statistic"]) for d in engine.decisions
+             if d.action == "backoff"]
+    assert backs == [(K + 20, "grad_norm"), (K + 300, "loss")]
+    assert skipped == sorted(hits)
+    tolerated = next(d for d in engine.decisions if d.step == K)
+    assert tolerated.action == "skip" and "tolerated, 1 of 1" in tolerated.reason
+    # K + 200 came after a clean interval (and the regrowth): tolerated again.
+    assert [d.action for d in engine.decisions if d.step == K + 200] == ["skip"]
