@@ -1,5 +1,5 @@
 """The divergence guard's judgment at the end of a cooldown: a new level, or a back-off
-that did not take.
+that did not take — and, after harder back-offs that changed nothing, the LR given back.
 
 A mixin of :class:`~lrctl.policy.divergence.Divergence`, whose attributes these are (see
 its docstring for the rule). It runs once per cooldown, never on the usual path.
@@ -18,26 +18,33 @@ __all__ = ["LOSS_CONFIRMS", "MAX_ESCALATIONS", "LevelShift"]
 
 #: Harder back-offs in a row (×factor² each) before a high loss level is accepted.
 MAX_ESCALATIONS = 3
-#: How far the loss must be up for a high grad-norm level to count as divergence.
+#: How far the loss must be up for a high grad-norm level to count as divergence; and how
+#: far it must have come down through the harder back-offs for them to count as working.
 LOSS_CONFIRMS = 1.5
-#: Losses of a probe ``max_shift`` × above the skipped cooldown's that end it early.
-PROBE_RISES = 3
 
 
 class LevelShift:
-    """A cooldown's end: re-baseline on a new level, or cut harder (mixed into the
-    divergence guard)."""
+    """A cooldown's end: re-baseline on a new level, cut harder, or give the LR back
+    (mixed into the divergence guard)."""
 
     params: Mapping[str, Any]
     _loss: RobustWindow
     _gnorm: RobustWindow
     _cooldown_seen: list[tuple[float | None, float | None]]
     _cooldown_spikes: int
-    _cooldown: int
     _escalation: int
-    _probe_ref: float | None
-    _probe_high: int
+    _incident_level: float | None
+    _level_held: bool
     _level_shift: bool
+    _after: list[float] | None
+    _accepted: dict[str, Any] | None
+    _scale: float
+    _before_incident: float
+    _ceiling: float
+    _backoffs: int
+    _clean: int
+    _spikes: int
+    _grad_spikes: int
     _rollback: Callable[[StepContext, str, dict[str, Any], float], list[Action] | None]
     _back_off: Callable[..., list[Action]]
 
@@ -46,92 +53,106 @@ class LevelShift:
 
         Within ``max_shift`` × the old median loss, the run moved to a new level (a
         harder data mix, a changed objective) rather than blowing up: judge what
-        follows against that level, not the old one; a run that keeps climbing still
-        spikes against the new baseline and backs off again. Further above, the back-off
-        may not have taken (an LR set ×100 by mistake) — or the data changed. Only steps
-        trained at the backed-off LR can tell (a cooldown's spike steps were skipped, and
-        its losses show the weights of the spike, whatever the LR): the first such
-        cooldown is followed by a *probe* of ``min_samples`` observations (at least the
-        cooldown's), trained at that LR (nothing skipped). When the median loss of the
-        probe's newer half is :data:`LOSS_CONFIRMS` × above the cooldown's — or
-        :data:`PROBE_RISES` of its losses went ``max_shift`` × above it, which ends the
-        probe early — training at that LR drives the loss up: the back-off did not take,
-        and the caller backs off again, harder, at most :data:`MAX_ESCALATIONS` times in
-        a row, each judged against the cooldown before it. A loss that holds its level or
-        falls shows a stable optimizer on new data: the level is accepted
-        (``level_shift``), so a harder data mix costs one back-off (regrown later), never
-        a hidden decay; a loss that climbs on from there spikes against the new baseline
-        (the window moved to it, its spread kept: :func:`_moved`) and is backed off as
-        any other. A grad-norm level
-        counts only while the loss is up too (:data:`LOSS_CONFIRMS` ×): the grad norm
-        moves to new levels for benign reasons (layers unfrozen, a loss term switched
-        on).
+        follows against that level, not the old one — the window moves to it with the
+        spread it learned (:func:`_moved`), so detection stays armed and a loss that
+        climbs on spikes again at once. Further above (an LR set ×100 by mistake) the
+        back-off did not take, and the caller backs off again, harder, at most
+        :data:`MAX_ESCALATIONS` times in a row: the skipped steps of a cooldown cannot
+        tell a blow-up from new data, and a blow-up must be cut fast. Then the level is
+        accepted. If the loss stayed within :data:`LOSS_CONFIRMS` × of the first
+        cooldown's level through all those cuts (a blow-up climbs on, or comes down as
+        the cuts take), the LR did not cause it: the level is the data's (a change to
+        harder data). :meth:`_settle` watches ``min_samples`` more losses at the cut LR
+        (a model wrecked by a too-high LR recovers in them), and if they held that level
+        too, :meth:`_give_back` returns the LR to one back-off below its value before the
+        incident, so a change of data costs a few dozen steps, not a hidden ×1/128
+        decay. A grad-norm level counts only while the loss is up too
+        (:data:`LOSS_CONFIRMS` ×): the grad norm moves to new levels for benign reasons
+        (layers unfrozen, a loss term switched on).
         """
         seen, self._cooldown_seen = self._cooldown_seen, []
         spikes, self._cooldown_spikes = self._cooldown_spikes, 0
-        reference, self._probe_ref = self._probe_ref, None
         if 2 * spikes <= len(seen):
             self._escalation = 0
+            self._incident_level = None
             return None
         losses = [v for v, _ in seen if v is not None]
         gnorms = [g for _, g in seen if g is not None]
         shift = self._shift(losses, gnorms)
+        if shift is not None and self._escalation == 0:
+            self._incident_level = _median(losses)  # the level the cuts must move
+            self._level_held = True
+        elif (shift is not None and self._incident_level is not None
+              and not self._near(self._incident_level, _median(losses))):
+            self._level_held = False  # the cuts moved it (down, or it blew up further)
         if shift is not None and self._escalation < MAX_ESCALATIONS:
-            level = _median(losses)  # (a shift needs the loss up: losses is not empty)
-            if reference is None:
-                # Not judged yet: probe, training at the backed-off LR.
-                self._probe_ref = level
-                self._probe_high = 0
-                self._cooldown = max(len(seen), self.params["min_samples"])
-                return None
-            newer = _median(losses[len(losses) // 2:])
-            if self._rose(reference, newer):  # training at this LR drives the loss up
-                self._probe_ref, self._probe_high = level, 0
-                return {**shift, **self._levels(reference, newer)}
+            return shift
+        if shift is not None and self._incident_level is not None:
+            # Harder back-offs did not bring the level within max_shift: watch what the
+            # model does at the cut LR before saying whether they were needed.
+            self._after = []
+            self._accepted = shift
+        else:
+            self._incident_level = None
         self._escalation = 0
         self._loss.load(_moved(self._loss.values(), losses))
         self._gnorm.load(_moved(self._gnorm.values(), gnorms))
         self._level_shift = True
         return None
 
-    def _probe_rising(self, loss: float | None) -> dict[str, Any] | None:
-        """In a probe: evidence once :data:`PROBE_RISES` losses went ``max_shift`` × above
-        the skipped cooldown's median (the LR is still far too high: the probe ends
-        early); else None."""
-        reference = self._probe_ref
-        if loss is None or reference is None or self._escalation >= MAX_ESCALATIONS:
+    def _settle(self, loss: float) -> list[Action] | None:
+        """After a level accepted through harder back-offs: take one more judged loss;
+        after ``min_samples`` of them, give the LR back if the loss stayed within
+        :data:`LOSS_CONFIRMS` × of the first cooldown's level through every cut and these
+        (the cuts changed nothing); else keep the cut (it is regrown as usual)."""
+        after = self._after
+        assert after is not None
+        after.append(loss)
+        if len(after) < self.params["min_samples"]:
             return None
-        limit = self.params["max_shift"]
-        if self.params["loss_scale"] == "linear":
-            high = reference > 0 and loss > limit * reference
-        else:
-            high = loss - reference > math.log(limit)
-        self._probe_high += high
-        if self._probe_high < PROBE_RISES:
+        first, shift = self._incident_level, self._accepted
+        self._after = self._accepted = self._incident_level = None
+        assert first is not None and shift is not None
+        level = _median(after)
+        if not (self._level_held and self._near(first, level)):
             return None
-        losses = [v for v, _ in self._cooldown_seen if v is not None]
-        level = self._level(losses, self._loss, True, self.params["loss_scale"] == "linear")
-        self._cooldown, self._cooldown_seen, self._cooldown_spikes = 0, [], 0
-        self._probe_ref, self._probe_high = _median(losses), 0  # the next cooldown's reference
-        if level is None:
-            return None
-        log_ratio, new, old = level
-        return {"statistic": "loss_level", "value": new, "median": old,
-                "ratio": math.exp(log_ratio), "threshold": limit, "window": "probe",
-                **self._levels(reference, loss)}
+        return self._give_back({**shift, **self._levels(first, level),
+                                "window": len(after)})
 
-    def _rose(self, reference: float, level: float) -> bool:
-        """Whether ``level`` sits :data:`LOSS_CONFIRMS` × above ``reference`` (judged
-        losses: logs, or the losses themselves on the linear scale)."""
+    def _near(self, before: float, after: float) -> bool:
+        """Whether the judged loss ``after`` is within :data:`LOSS_CONFIRMS` × of
+        ``before``, either way."""
         if self.params["loss_scale"] == "linear":
-            return reference > 0 and level > LOSS_CONFIRMS * reference
-        return level - reference > math.log(LOSS_CONFIRMS)
+            return before / LOSS_CONFIRMS <= after <= before * LOSS_CONFIRMS
+        return abs(after - before) <= math.log(LOSS_CONFIRMS)
 
-    def _levels(self, reference: float, level: float) -> dict[str, float]:
-        """The medians the verdict "did not take" compared, in the loss's own units."""
+    def _levels(self, before: float, after: float) -> dict[str, float]:
+        """The two medians compared, in the loss's own units."""
         if self.params["loss_scale"] == "linear":
-            return {"loss_before": reference, "loss_after": level}
-        return {"loss_before": math.exp(reference), "loss_after": math.exp(level)}
+            return {"loss_before": before, "loss_after": after}
+        return {"loss_before": math.exp(before), "loss_after": math.exp(after)}
+
+    def _give_back(self, evidence: dict[str, Any]) -> list[Action]:
+        """Harder back-offs left the loss where it was: return the LR to one back-off
+        below its value before the incident (see :meth:`_end_cooldown`)."""
+        old = self._scale
+        target = min(self._before_incident, self._ceiling) * self.params["factor"]
+        self._backoffs = 0
+        self._spikes = self._grad_spikes = 0
+        self._clean = 0
+        if target <= old:
+            return []
+        self._scale = target
+        return [Action(
+            "regrow",
+            f"the loss stayed at its new level through {MAX_ESCALATIONS} harder back-offs and "
+            f"{evidence['window']} observations at the cut LR (median "
+            f"{evidence['loss_before']:.6g} → {evidence['loss_after']:.6g}; its old median "
+            f"{evidence['median']:.6g}): the LR did not cause it (a change of data); "
+            f"LR × {target / old:.6g}, back to one back-off below its value before the "
+            f"incident",
+            {**evidence, "factor": target / old, "multiplier": target,
+             "level_accepted": True})]
 
     def _shift(self, losses: list[float], gnorms: list[float]) -> dict[str, Any] | None:
         """Evidence when the cooldown's median loss (or grad norm, with the loss up too)
@@ -175,9 +196,8 @@ class LevelShift:
         factor = self.params["factor"] ** 2
         what = still["statistic"].removesuffix("_level")
         reason = (f"{what} stayed {still['ratio']:.3g}× above its median {still['median']:.6g} "
-                  f"(more than max_shift {self.params['max_shift']:g}×) and training at the "
-                  f"backed-off LR drove it up further (median {still['loss_before']:.6g} → "
-                  f"{still['loss_after']:.6g}): the back-off did not take")
+                  f"through the cooldown (more than max_shift {self.params['max_shift']:g}×): "
+                  f"the back-off did not take")
         evidence = {**still, "escalation": self._escalation}
         rolled = self._rollback(ctx, reason, evidence, self.params["rollback_factor"])
         if rolled is not None:

@@ -28,15 +28,17 @@ The behaviour of a mixed-precision loss scaler, applied to the learning rate:
   statistics re-baseline on the cooldown's values (``level_shift``: plateau
   decay judges a fresh window); unless the loss stays more than ``max_shift`` ×
   its old median (or the grad norm does, with the loss up 1.5× too): an LR set
-  ×100 by mistake, or a change to harder data. Skipped steps cannot tell them
-  apart, so a *probe* of ``min_samples`` observations follows, trained at the
-  backed-off LR (nothing skipped); when the loss climbs on in it (see
-  :mod:`._divergence_shift`), the back-off did not take, and the guard backs
-  off again, harder (``factor`` squared), judging each later cooldown the same
-  way, at most three times in a row, before it accepts the level. Its high
-  losses are then no longer skipped, so the model can train its way back. A
-  loss that holds its level or falls in the probe is a new level being learned:
-  accepted, the window moved to it with its spread kept (detection stays armed).
+  ×100 by mistake (or a change to harder data: the skipped steps of a cooldown
+  cannot tell them apart). Then the back-off did not take, and the guard backs
+  off again, harder (``factor`` squared), after each cooldown, at most three
+  times in a row, before it accepts the level. Its high losses are then no
+  longer skipped, so the model can train its way back. An accepted level moves
+  the window to it with its spread kept (detection stays armed). If the loss
+  stayed within 1.5× of its first level through those harder back-offs and
+  ``min_samples`` observations at the cut LR after them (a blow-up climbs on,
+  or comes down as the cuts take), the LR did not cause it: a change of data.
+  The LR is then given back, to one back-off below its value before the
+  incident (a ``regrow`` decision saying so).
 * ``skip_spikes`` also asks the hook to skip the optimizer step of a spike (one
   ×1e4 gradient would otherwise poison Adam's second moment for thousands of
   steps); the hook can act on it in sync mode or in-process.
@@ -142,9 +144,12 @@ class Divergence(LevelShift, RollbackEscalation, ReactivePolicy):
         self._cooldown_seen: list[tuple[float | None, float | None]] = []
         self._cooldown_spikes = 0
         self._escalation = 0  # back-offs in a row that did not take
-        self._probe_ref: float | None = None  # the skipped cooldown's median loss (probing)
+        self._incident_level: float | None = None  # the first cooldown's median loss
+        self._level_held = False  # ... and every later cooldown's stayed near it
         self._level_shift = False  # a new level was accepted at this observation
-        self._probe_high = 0  # losses of the probe far above the skipped cooldown's
+        self._after: list[float] | None = None  # losses since a level accepted the hard way
+        self._accepted: dict[str, Any] | None = None  # that level's evidence
+        self._before_incident = 1.0  # the multiplier before the incident's first back-off
 
         self._total_backoffs = 0
         self._rollbacks = 0  # rollbacks this run
@@ -189,7 +194,8 @@ class Divergence(LevelShift, RollbackEscalation, ReactivePolicy):
         regrowth due, no spike (below each window's screen, else by its own test, as
         :meth:`_judge` judges). Both join their windows; the observation is clean."""
         if (not self._log_both or self._cooldown or self._stopped or self._nonfinite_run
-                or self._clean >= self._regrow_at or loss is None or not loss > 0.0):
+                or self._clean >= self._regrow_at or loss is None or not loss > 0.0
+                or self._after is not None):
             return False
         # (On the linear scale: the windows take the logs later, many at once: add_log.)
         window, gwindow = self._loss, self._gnorm
@@ -258,10 +264,6 @@ class Divergence(LevelShift, RollbackEscalation, ReactivePolicy):
             self._cooldown_seen.append((judged_loss, log_gnorm))
             self._cooldown_spikes += evidence is not None
             self._cooldown -= 1
-            if self._probe_ref is not None:  # a probe: a loss still climbing ends it early
-                rising = self._probe_rising(judged_loss if self._watch_loss else None)
-                if rising is not None:
-                    return self._escalate(obs, ctx, evidence, rising)
             if self._cooldown == 0:
                 still = self._end_cooldown()
                 if still is not None:
@@ -270,6 +272,11 @@ class Divergence(LevelShift, RollbackEscalation, ReactivePolicy):
                     self._level_shift = False
                     ctx.flags.add("level_shift")
                     evidence = None  # this value is of the level accepted (in its window)
+        elif (self._after is not None and evidence is None and judged_loss is not None
+              and self._watch_loss):
+            given = self._settle(judged_loss)
+            if given is not None:
+                return given
         if evidence is not None:
             ctx.flags.add("spike")
             ctx.skip = ctx.skip or self._skips_spikes()
@@ -330,10 +337,9 @@ class Divergence(LevelShift, RollbackEscalation, ReactivePolicy):
         return []
 
     def _skips_spikes(self) -> bool:
-        """Whether a spike now asks the hook to skip its step: not in a probe, nor once a
-        back-off did not take: the model must then train (its way back) at the lower LR."""
-        return (self.params["skip_spikes"] and self._escalation == 0
-                and self._probe_ref is None)
+        """Whether a spike now asks the hook to skip its step: not once a back-off did
+        not take: the model must then train its way back at the lower LR."""
+        return self.params["skip_spikes"] and self._escalation == 0
 
     def _judge(self, loss: float | None, log_gnorm: float | None) -> dict[str, Any] | None:
         """Evidence of a spike in the (judged) loss, else in the log grad norm; or None."""
@@ -398,6 +404,8 @@ class Divergence(LevelShift, RollbackEscalation, ReactivePolicy):
                           floor)
         if self._backoffs == 0:
             self._incident = self._now
+            self._before_incident = old
+        self._after = self._accepted = None  # a new incident: the last one is settled
         if ctx.snapshots is not None:
             self._with_snapshots = True
         self._backoffs += 1
@@ -443,8 +451,12 @@ class Divergence(LevelShift, RollbackEscalation, ReactivePolicy):
             "total_backoffs": self._total_backoffs,
             "stopped": self._stopped,
             "escalation": self._escalation,
-            **({"probe_ref": self._probe_ref, "probe_high": self._probe_high}
-               if self._probe_ref is not None else {}),
+            **({"incident_level": self._incident_level, "level_held": self._level_held}
+               if self._incident_level is not None else {}),
+            **({"settling": self._after, "accepted": self._accepted}
+               if self._after is not None else {}),
+            **({"before_incident": self._before_incident}
+               if self._before_incident != 1.0 else {}),
             # (only once said: the state of every other run is as it was)
             **({"told_nonpositive": True} if self._told_nonpositive else {}),
             **self._rollback_state(),
@@ -465,9 +477,13 @@ class Divergence(LevelShift, RollbackEscalation, ReactivePolicy):
         self._total_backoffs = int(state["total_backoffs"])
         self._stopped = bool(state["stopped"])
         self._escalation = int(state.get("escalation", 0))
-        probe = state.get("probe_ref")
-        self._probe_ref = None if probe is None else float(probe)
-        self._probe_high = int(state.get("probe_high", 0))
+        level = state.get("incident_level")
+        self._incident_level = None if level is None else float(level)
+        self._level_held = bool(state.get("level_held", False))
+        self._before_incident = float(state.get("before_incident", 1.0))
+        after = state.get("settling")
+        self._after = None if after is None else [float(v) for v in after]
+        self._accepted = None if after is None else dict(state["accepted"])
         self._told_nonpositive = bool(state.get("told_nonpositive", False))
         self._load_rollback_state(state)
 
