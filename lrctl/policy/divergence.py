@@ -62,12 +62,13 @@ The behaviour of a mixed-precision loss scaler, applied to the learning rate:
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
 from typing import Any
 
 from ._base import Action, Observation, ReactivePolicy, StepContext
+from ._divergence_actions import GuardActions
 from ._divergence_rollback import RollbackEscalation
 from ._divergence_shift import LOSS_CONFIRMS, MAX_ESCALATIONS, LevelShift
+from ._divergence_state import GuardState
 from ._params import MAX_WINDOW, Param, ParamError
 from ._registry import register_policy
 from .stats import RobustWindow
@@ -79,7 +80,7 @@ log = math.log
 
 
 @register_policy("divergence")
-class Divergence(LevelShift, RollbackEscalation, ReactivePolicy):
+class Divergence(GuardState, GuardActions, LevelShift, RollbackEscalation, ReactivePolicy):
     priority = 0
     keeps_observations = False
     PARAMS = (
@@ -367,123 +368,3 @@ class Divergence(LevelShift, RollbackEscalation, ReactivePolicy):
                         "median": math.exp(median), "sigma_log": sigma, "z": z,
                         "threshold": self._z, "window": window.count}
         return None
-
-    # -- actions -------------------------------------------------------------
-    def _back_off(self, ctx: StepContext, reason: str, evidence: dict[str, Any],
-                  force: bool, factor: float | None = None) -> list[Action]:
-        actions: list[Action] = []
-        if ctx.skip:
-            actions.append(Action("skip", f"skip this optimizer step: {reason}", evidence))
-        self._spikes = self._grad_spikes = 0
-        self._clean = 0
-        if self._stopped:  # already asked to stop: say it once; still never raise the LR
-            ctx.stop = True
-            old = self._scale
-            if force:
-                self._scale = max(self._scale * self.params["factor"],
-                                  self.params["min_multiplier"])
-            if self._scale != old:  # every LR change has its record, after a stop too
-                actions.append(Action(
-                    "backoff", f"{reason} after the stop request: LR × {self._scale / old:.6g}",
-                    {**evidence, "factor": self._scale / old, "after_stop": True,
-                     "forced": force}))
-            return actions
-        floor = self.params["min_multiplier"]
-        if self._backoffs >= self.params["max_backoffs"] or self._scale <= floor:
-            self._stopped = True
-            ctx.stop = True
-            most = self.params["max_backoffs"]
-            why = (f"{self._backoffs} back-offs in this incident (max {most})"
-                   if self._backoffs >= most
-                   else f"the LR multiplier is at its floor {floor:g}")
-            actions.append(Action("stop", f"training keeps diverging: {why}; last: {reason}",
-                                  {**evidence, "backoffs": self._backoffs}))
-            return actions
-        old = self._scale
-        self._scale = max(self._scale * (self.params["factor"] if factor is None else factor),
-                          floor)
-        if self._backoffs == 0:
-            self._incident = self._now
-            self._before_incident = old
-        self._after = self._accepted = None  # a new incident: the last one is settled
-        if ctx.snapshots is not None:
-            self._with_snapshots = True
-        self._backoffs += 1
-        self._total_backoffs += 1
-        self._cooldown = self.params["cooldown"]
-        actions.append(Action("backoff", f"{reason}: LR × {self._scale / old:.6g}",
-                              {**evidence, "factor": self._scale / old,
-                               "backoffs": self._backoffs, "forced": force}))
-        return actions
-
-    def _regrow(self) -> list[Action]:
-        """``regrow_after`` clean observations in a row: the multiplier grows back."""
-        self._clean = 0
-        self._spikes = self._grad_spikes = 0
-        ceiling = self._ceiling
-        if self._scale >= ceiling:
-            self._backoffs = 0
-            return []
-        old = self._scale
-        self._scale = min(ceiling, self._scale * self.params["regrow_factor"])
-        if self._scale >= ceiling:
-            self._backoffs = 0
-        return [Action("regrow",
-                       f"{self.params['regrow_after']} clean observations since the last "
-                       f"change: LR × {self._scale / old:.6g} toward its pre-incident value",
-                       {"statistic": "clean_observations", "value": self.params["regrow_after"],
-                        "threshold": self.params["regrow_after"], "factor": self._scale / old,
-                        "multiplier": self._scale})]
-
-    # -- state ---------------------------------------------------------------
-    def state_dict(self) -> dict[str, Any]:
-        return {
-            "scale": self._scale,
-            "loss_window": self._loss.values(),
-            "grad_norm_window": self._gnorm.values(),
-            "spikes": self._spikes,
-            **({"grad_spikes": self._grad_spikes} if self._grad_spikes else {}),
-            "backoffs": self._backoffs,
-            "cooldown": self._cooldown,
-            "cooldown_seen": [list(pair) for pair in self._cooldown_seen],
-            "cooldown_spikes": self._cooldown_spikes,
-            "clean": self._clean,
-            "total_backoffs": self._total_backoffs,
-            "stopped": self._stopped,
-            "escalation": self._escalation,
-            **({"incident_level": self._incident_level, "level_held": self._level_held}
-               if self._incident_level is not None else {}),
-            **({"settling": self._after, "accepted": self._accepted}
-               if self._after is not None else {}),
-            **({"before_incident": self._before_incident}
-               if self._before_incident != 1.0 else {}),
-            # (only once said: the state of every other run is as it was)
-            **({"told_nonpositive": True} if self._told_nonpositive else {}),
-            **self._rollback_state(),
-        }
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        self._scale = float(state["scale"])
-        self._loss.load([float(v) for v in state["loss_window"]])
-        self._gnorm.load([float(v) for v in state["grad_norm_window"]])
-        self._spikes = int(state["spikes"])
-        self._grad_spikes = int(state.get("grad_spikes", 0))
-        self._backoffs = int(state["backoffs"])
-        self._cooldown = int(state["cooldown"])
-        self._cooldown_seen = [(None if a is None else float(a), None if b is None else float(b))
-                               for a, b in state["cooldown_seen"]]
-        self._cooldown_spikes = int(state["cooldown_spikes"])
-        self._clean = int(state["clean"])
-        self._total_backoffs = int(state["total_backoffs"])
-        self._stopped = bool(state["stopped"])
-        self._escalation = int(state.get("escalation", 0))
-        level = state.get("incident_level")
-        self._incident_level = None if level is None else float(level)
-        self._level_held = bool(state.get("level_held", False))
-        self._before_incident = float(state.get("before_incident", 1.0))
-        after = state.get("settling")
-        self._after = None if after is None else [float(v) for v in after]
-        self._accepted = None if after is None else dict(state["accepted"])
-        self._told_nonpositive = bool(state.get("told_nonpositive", False))
-        self._load_rollback_state(state)
-

@@ -1,0 +1,93 @@
+"""The divergence guard's state: what a checkpoint keeps, and how a resume restores it.
+
+A mixin of :class:`~lrctl.policy.divergence.Divergence`, whose attributes these are. Keys
+that only some runs need are written only when set, so every other run's state stays as
+it was.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from .stats import RobustWindow
+
+__all__ = ["GuardState"]
+
+
+class GuardState:
+    """``state_dict`` and ``load_state_dict`` (mixed into the divergence guard)."""
+
+    _scale: float
+    _loss: RobustWindow
+    _gnorm: RobustWindow
+    _spikes: int
+    _grad_spikes: int
+    _backoffs: int
+    _cooldown: int
+    _cooldown_seen: list[tuple[float | None, float | None]]
+    _cooldown_spikes: int
+    _clean: int
+    _total_backoffs: int
+    _stopped: bool
+    _escalation: int
+    _incident_level: float | None
+    _level_held: bool
+    _before_incident: float
+    _after: list[float] | None
+    _accepted: dict[str, Any] | None
+    _told_nonpositive: bool
+    _rollback_state: Callable[[], dict[str, Any]]  # (RollbackEscalation's)
+    _load_rollback_state: Callable[[Mapping[str, Any]], None]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "scale": self._scale,
+            "loss_window": self._loss.values(),
+            "grad_norm_window": self._gnorm.values(),
+            "spikes": self._spikes,
+            **({"grad_spikes": self._grad_spikes} if self._grad_spikes else {}),
+            "backoffs": self._backoffs,
+            "cooldown": self._cooldown,
+            "cooldown_seen": [list(pair) for pair in self._cooldown_seen],
+            "cooldown_spikes": self._cooldown_spikes,
+            "clean": self._clean,
+            "total_backoffs": self._total_backoffs,
+            "stopped": self._stopped,
+            "escalation": self._escalation,
+            **({"incident_level": self._incident_level, "level_held": self._level_held}
+               if self._incident_level is not None else {}),
+            **({"settling": self._after, "accepted": self._accepted}
+               if self._after is not None else {}),
+            **({"before_incident": self._before_incident}
+               if self._before_incident != 1.0 else {}),
+            # (only once said: the state of every other run is as it was)
+            **({"told_nonpositive": True} if self._told_nonpositive else {}),
+            **self._rollback_state(),
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self._scale = float(state["scale"])
+        self._loss.load([float(v) for v in state["loss_window"]])
+        self._gnorm.load([float(v) for v in state["grad_norm_window"]])
+        self._spikes = int(state["spikes"])
+        self._grad_spikes = int(state.get("grad_spikes", 0))
+        self._backoffs = int(state["backoffs"])
+        self._cooldown = int(state["cooldown"])
+        self._cooldown_seen = [(None if a is None else float(a), None if b is None else float(b))
+                               for a, b in state["cooldown_seen"]]
+        self._cooldown_spikes = int(state["cooldown_spikes"])
+        self._clean = int(state["clean"])
+        self._total_backoffs = int(state["total_backoffs"])
+        self._stopped = bool(state["stopped"])
+        self._escalation = int(state.get("escalation", 0))
+        level = state.get("incident_level")
+        self._incident_level = None if level is None else float(level)
+        self._level_held = bool(state.get("level_held", False))
+        self._before_incident = float(state.get("before_incident", 1.0))
+        after = state.get("settling")
+        self._after = None if after is None else [float(v) for v in after]
+        self._accepted = None if after is None else dict(state["accepted"])
+        self._told_nonpositive = bool(state.get("told_nonpositive", False))
+        self._load_rollback_state(state)
+
