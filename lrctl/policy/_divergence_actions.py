@@ -42,6 +42,7 @@ class GuardActions:
             actions.append(Action("skip", f"skip this optimizer step: {reason}", evidence))
         self._spikes = self._grad_spikes = 0
         self._clean = 0
+        self._after = self._accepted = None  # a new incident (or a stop): nothing to give back
         if self._stopped:  # already asked to stop: say it once; still never raise the LR
             ctx.stop = True
             old = self._scale
@@ -70,8 +71,8 @@ class GuardActions:
                           floor)
         if self._backoffs == 0:
             self._incident = self._now
+        if factor is None:  # not a harder back-off: where a give-back would return to
             self._before_incident = old
-        self._after = self._accepted = None  # a new incident: the last one is settled
         if ctx.snapshots is not None:
             self._with_snapshots = True
         self._backoffs += 1

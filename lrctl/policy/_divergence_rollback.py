@@ -28,6 +28,7 @@ class RollbackEscalation:
     _rollbacks: int
     _cooldown: int
     _cooldown_seen: list[tuple[float | None, float | None]]
+    _cooldown_flags: list[bool]
     _cooldown_spikes: int
     _escalation: int
     _spikes: int
@@ -71,6 +72,7 @@ class RollbackEscalation:
         # The restored model starts a fresh cooldown: what it shows next is judged anew.
         self._cooldown = self.params["cooldown"]
         self._cooldown_seen, self._cooldown_spikes = [], 0
+        self._cooldown_flags = []
         self._escalation = self._spikes = self._clean = self._nonfinite_run = 0
         ctx.rollback = target
         self._discard_until = self._now + book.lag

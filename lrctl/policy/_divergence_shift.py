@@ -32,6 +32,7 @@ class LevelShift:
     _gnorm: RobustWindow
     _cooldown_seen: list[tuple[float | None, float | None]]
     _cooldown_spikes: int
+    _cooldown_flags: list[bool]
     _escalation: int
     _incident_level: float | None
     _level_held: bool
@@ -64,15 +65,20 @@ class LevelShift:
         the cuts take), the LR did not cause it: the level is the data's (a change to
         harder data). :meth:`_settle` watches ``min_samples`` more losses at the cut LR
         (a model wrecked by a too-high LR recovers in them), and if they held that level
-        too, :meth:`_give_back` returns the LR to one back-off below its value before the
-        incident, so a change of data costs a few dozen steps, not a hidden ×1/128
-        decay. A grad-norm level counts only while the loss is up too
-        (:data:`LOSS_CONFIRMS` ×): the grad norm moves to new levels for benign reasons
-        (layers unfrozen, a loss term switched on).
+        too, :meth:`_give_back` returns the LR to its value before the incident, so a
+        change of data costs a few dozen steps, not a hidden ×1/128 decay. A grad-norm
+        level counts only while the loss is up too (:data:`LOSS_CONFIRMS` ×): the grad
+        norm moves to new levels for benign reasons (layers unfrozen, a loss term
+        switched on).
         """
         seen, self._cooldown_seen = self._cooldown_seen, []
-        spikes, self._cooldown_spikes = self._cooldown_spikes, 0
-        if 2 * spikes <= len(seen):
+        flags, self._cooldown_flags = self._cooldown_flags, []
+        self._cooldown_spikes = 0
+        # Judged on the cooldown's newer half: a burst that ended within it is over, and
+        # its values are no level to move the statistics to.
+        half = len(seen) // 2
+        seen, flags = seen[half:], flags[half:]
+        if 2 * sum(flags) <= len(flags):
             self._escalation = 0
             self._incident_level = None
             return None
@@ -133,10 +139,10 @@ class LevelShift:
         return {"loss_before": math.exp(before), "loss_after": math.exp(after)}
 
     def _give_back(self, evidence: dict[str, Any]) -> list[Action]:
-        """Harder back-offs left the loss where it was: return the LR to one back-off
-        below its value before the incident (see :meth:`_end_cooldown`)."""
+        """Harder back-offs left the loss where it was: return the LR to its value before
+        the back-off that began the incident (see :meth:`_end_cooldown`)."""
         old = self._scale
-        target = min(self._before_incident, self._ceiling) * self.params["factor"]
+        target = min(self._before_incident, self._ceiling)
         self._backoffs = 0
         self._spikes = self._grad_spikes = 0
         self._clean = 0
@@ -147,10 +153,10 @@ class LevelShift:
             "regrow",
             f"the loss stayed at its new level through {MAX_ESCALATIONS} harder back-offs and "
             f"{evidence['window']} observations at the cut LR (median "
-            f"{evidence['loss_before']:.6g} → {evidence['loss_after']:.6g}; its old median "
-            f"{evidence['median']:.6g}): the LR did not cause it (a change of data); "
-            f"LR × {target / old:.6g}, back to one back-off below its value before the "
-            f"incident",
+            f"{evidence['loss_before']:.6g} → {evidence['loss_after']:.6g}; the "
+            f"{evidence['statistic'].removesuffix('_level')} was {evidence['ratio']:.3g}× "
+            f"its old median {evidence['median']:.6g}): the LR did not cause it (a change "
+            f"of data); LR × {target / old:.6g}, back to its value before the incident",
             {**evidence, "factor": target / old, "multiplier": target,
              "level_accepted": True})]
 

@@ -37,8 +37,9 @@ The behaviour of a mixed-precision loss scaler, applied to the learning rate:
   stayed within 1.5× of its first level through those harder back-offs and
   ``min_samples`` observations at the cut LR after them (a blow-up climbs on,
   or comes down as the cuts take), the LR did not cause it: a change of data.
-  The LR is then given back, to one back-off below its value before the
-  incident (a ``regrow`` decision saying so).
+  The LR is then given back, to its value before the incident (a ``regrow``
+  decision saying so). A cooldown is judged on its newer half: a burst that
+  ended within it is no new level.
 * ``skip_spikes`` also asks the hook to skip the optimizer step of a spike (one
   ×1e4 gradient would otherwise poison Adam's second moment for thousands of
   steps); the hook can act on it in sync mode or in-process.
@@ -143,6 +144,7 @@ class Divergence(GuardState, GuardActions, LevelShift, RollbackEscalation, React
         self._grad_spikes = 0  # of them, tolerated spikes of the grad norm alone
         self._backoffs = 0  # back-offs in the current incident
         self._cooldown_seen: list[tuple[float | None, float | None]] = []
+        self._cooldown_flags: list[bool] = []  # which of them were spikes
         self._cooldown_spikes = 0
         self._escalation = 0  # back-offs in a row that did not take
         self._incident_level: float | None = None  # the first cooldown's median loss
@@ -263,6 +265,7 @@ class Divergence(GuardState, GuardActions, LevelShift, RollbackEscalation, React
         in_cooldown = self._cooldown > 0
         if in_cooldown:
             self._cooldown_seen.append((judged_loss, log_gnorm))
+            self._cooldown_flags.append(evidence is not None)
             self._cooldown_spikes += evidence is not None
             self._cooldown -= 1
             if self._cooldown == 0:
@@ -274,9 +277,9 @@ class Divergence(GuardState, GuardActions, LevelShift, RollbackEscalation, React
                     ctx.flags.add("level_shift")
                     evidence = None  # this value is of the level accepted (in its window)
         elif (self._after is not None and evidence is None and judged_loss is not None
-              and self._watch_loss):
+              and self._watch_loss and not self._stopped):
             given = self._settle(judged_loss)
-            if given is not None:
+            if given:
                 return given
         if evidence is not None:
             ctx.flags.add("spike")
@@ -290,7 +293,8 @@ class Divergence(GuardState, GuardActions, LevelShift, RollbackEscalation, React
                 return ([Action("skip", f"skip this optimizer step: {reason}", evidence)]
                         if ctx.skip else [])
             if (what == "grad_norm" and self._grad_spikes < self._grad_tolerance
-                    and judged_loss is not None and self._watch_loss):
+                    and judged_loss is not None and self._watch_loss
+                    and self._loss.count >= self._min_samples):  # (the loss is judged)
                 self._grad_spikes += 1  # the grad norm alone: tolerated (skipped, flagged)
                 return ([Action("skip", f"skip this optimizer step: {reason} (the loss is "
                                         f"ordinary: tolerated, "

@@ -120,8 +120,10 @@ class Plateau(ReactivePolicy):
         self._test_wait = 0
         self._metric = self.params["metric"]  # read at every observation
         self._minimize = self.params["mode"] == "min"
-        self._margin = (self.params["threshold"] if self.params["threshold_mode"] == "rel"
-                        else 0.0)  # the trend test's
+        # The trend test's threshold: relative (a fraction of the level), or absolute.
+        relative = self.params["threshold_mode"] == "rel"
+        self._margin = self.params["threshold"] if relative else 0.0
+        self._delta = 0.0 if relative else self.params["threshold"]
         # observe_plain's way: 1 the loss, 2 the grad norm (test: trend/stall), 0 a named metric
         # (never in a plain observation), -1 none (the loss or grad norm, test: best).
         self._pick = {"loss": 1, "grad_norm": 2}.get(self._metric, 0)
@@ -226,7 +228,8 @@ class Plateau(ReactivePolicy):
         if window.push_short(value):
             return True  # (not full yet: no test)
         # A test is due with this value in: take it here only when it surely says "fell".
-        if not window.surely_fell(self.params["alpha"], self._margin, pushing=value):
+        if not window.surely_fell(self.params["alpha"], self._margin, self._delta,
+                                  pushing=value):
             return False  # the test may act: observe() takes it
         window.push(value)
         self._test_wait = max(1, window.window // 8) - 1
@@ -249,16 +252,16 @@ class Plateau(ReactivePolicy):
             self._test_wait -= 1
             return []
         self._test_wait = max(1, window.window // 8) - 1
-        alpha, margin = self.params["alpha"], self._margin
-        if window.surely_fell(alpha, margin):  # (the test's verdict, at a fraction of it)
+        alpha, margin, delta = self.params["alpha"], self._margin, self._delta
+        if window.surely_fell(alpha, margin, delta):  # (the test's verdict, cheaper)
             return []
-        result = window.test(alpha, margin)
+        result = window.test(alpha, margin, delta)
         if result is None or result.verdict == "fell":
             return []
-        if self._equivalence and not result.stalled(margin):
+        if self._equivalence and not result.stalled(margin, delta):
             return []  # inconclusive: the LR stands
         sign = 1.0 if self.params["mode"] == "min" else -1.0
-        evidence = {"statistic": self.params["metric"], "test": "trend",
+        evidence = {"statistic": self.params["metric"], "test": self.params["test"],
                     "window": window.window, "alpha": self.params["alpha"],
                     "threshold": self.params["threshold"], **result.evidence(),
                     "older_mean": sign * result.older, "newer_mean": sign * result.newer}
@@ -269,9 +272,12 @@ class Plateau(ReactivePolicy):
             what = "rose"
         elif self._equivalence:
             moved = "fell" if self._minimize else "rose"
-            what = (f"{moved} by at most {result.fall_upper / abs(result.older):.3%} (less "
-                    f"than the threshold {self.params['threshold']:.3%})"
-                    if result.older else f"{moved} by at most {result.fall_upper:.6g}")
+            if self._delta or not result.older:  # an absolute threshold (or a level of 0)
+                what = (f"{moved} by at most {result.fall_upper:.6g} (less than the threshold "
+                        f"{self._delta:g})")
+            else:
+                what = (f"{moved} by at most {result.fall_upper / abs(result.older):.3%} "
+                        f"(less than the threshold {self.params['threshold']:.3%})")
         else:
             what = "did not fall significantly"
         return self._act(obs, ctx, evidence,

@@ -260,12 +260,14 @@ class WSD(ReactivePolicy):
     def _plateau_test(self, obs: Observation, ctx: StepContext) -> list[Action]:
         window = self._trend
         raw = obs.value(self.params["metric"])
-        if window is None or self._cancelled_at is not None or raw is None:
+        if window is None or self._cancelled_at is not None:
             return []
         if "level_shift" in ctx.flags:  # a new level of the loss: judge afresh (as plateau)
             window.clear()
             self._test_wait = 0
             self._burn_left = max(self._burn_left, self._burn_in())
+        if raw is None:
+            return []
         if ctx.flags & FLAGS_NOT_COUNTED or not math.isfinite(raw):
             return []
         if self._burn_left > 0:

@@ -205,6 +205,22 @@ def test_a_stall_test_start_waits_out_a_slow_fall_in_noise_and_takes_a_clear_sta
     assert start is not None and start < 1000
 
 
+def test_a_new_loss_level_restarts_the_plateau_start_on_a_sparse_metric() -> None:
+    """The guard accepts a new level at a step where ``val_loss`` is not reported: WSD
+    (as plateau decay) still judges afresh, after a new burn-in."""
+    rng = random.Random(1)
+    div = {"kind": "divergence"}
+    engine = wsd(100_000, div, start_on="plateau", metric="val_loss", window=40,
+                 decay_steps=100, test="stall")
+    policy = next(p for p in engine.policies if hasattr(p, "_burn_left"))
+    for t in range(412):
+        level = 1.0 if t < 400 else 2.0
+        engine.observe(step=t, loss=level * math.exp(rng.gauss(0, 0.05)), grad_norm=1.0,
+                       **({"val_loss": 1.5 * level} if t % 7 == 0 else {}))
+    assert [d.step for d in engine.decisions if d.action == "backoff"] == [400]
+    assert len(policy._trend) == 0 and policy._burn_left == 20
+
+
 def test_spikes_flagged_by_the_guard_do_not_start_the_cooldown() -> None:
     rng = random.Random(1)
     div = {"kind": "divergence", "min_samples": 16, "window": 64}

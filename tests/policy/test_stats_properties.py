@@ -243,3 +243,17 @@ def test_stall_plateau_reduces_a_true_plateau_with_its_bound_in_the_record() -> 
     evidence = decision.evidence
     assert evidence["fall_upper"] < 0.01 * abs(evidence["older_mean"])
     assert "fell by at most" in decision.reason and "less than the threshold" in decision.reason
+
+
+def test_stall_plateau_honours_an_absolute_threshold() -> None:
+    """``threshold_mode: abs``: the fall must be shown smaller than ``threshold`` in the
+    metric's own units (it was ignored: an absolute stall test never fired)."""
+    for mode, threshold in (("rel", 0.01), ("abs", 0.01)):
+        rng = random.Random(6)
+        engine = _plateau(test="stall", patience=200, threshold=threshold,
+                          threshold_mode=mode)
+        for t in range(700):
+            engine.observe(t, 1.0 + 0.01 * rng.gauss(0, 1))
+        reduces = [d for d in engine.decisions if d.action == "reduce"]
+        assert reduces and reduces[0].evidence["test"] == "stall", mode
+    assert "less than the threshold 0.01)" in reduces[0].reason
