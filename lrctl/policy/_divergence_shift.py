@@ -74,10 +74,6 @@ class LevelShift:
         seen, self._cooldown_seen = self._cooldown_seen, []
         flags, self._cooldown_flags = self._cooldown_flags, []
         self._cooldown_spikes = 0
-        # Judged on the cooldown's newer half: a burst that ended within it is over, and
-        # its values are no level to move the statistics to.
-        half = len(seen) // 2
-        seen, flags = seen[half:], flags[half:]
         if 2 * sum(flags) <= len(flags):
             self._escalation = 0
             self._incident_level = None
@@ -101,8 +97,10 @@ class LevelShift:
         else:
             self._incident_level = None
         self._escalation = 0
-        self._loss.load(_moved(self._loss.values(), losses))
-        self._gnorm.load(_moved(self._gnorm.values(), gnorms))
+        # The level moved to is the cooldown's newer half's: a burst that ended within
+        # the cooldown is over, and its values are no level to judge what follows by.
+        self._loss.load(_moved(self._loss.values(), losses[len(losses) // 2:]))
+        self._gnorm.load(_moved(self._gnorm.values(), gnorms[len(gnorms) // 2:]))
         self._level_shift = True
         return None
 

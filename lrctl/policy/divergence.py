@@ -38,8 +38,8 @@ The behaviour of a mixed-precision loss scaler, applied to the learning rate:
   ``min_samples`` observations at the cut LR after them (a blow-up climbs on,
   or comes down as the cuts take), the LR did not cause it: a change of data.
   The LR is then given back, to its value before the incident (a ``regrow``
-  decision saying so). A cooldown is judged on its newer half: a burst that
-  ended within it is no new level.
+  decision saying so). An accepted level is the cooldown's newer half's: a
+  burst that ended within it is no new level.
 * ``skip_spikes`` also asks the hook to skip the optimizer step of a spike (one
   ×1e4 gradient would otherwise poison Adam's second moment for thousands of
   steps); the hook can act on it in sync mode or in-process.
