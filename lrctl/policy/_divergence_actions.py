@@ -7,33 +7,16 @@ its docstring for the rule).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from typing import Any
 
 from ._base import Action, StepContext
+from ._divergence_attrs import GuardAttributes
 
 __all__ = ["GuardActions"]
 
 
-class GuardActions:
+class GuardActions(GuardAttributes):
     """Back-off, stop and regrowth (mixed into the divergence guard)."""
-
-    params: Mapping[str, Any]
-    _scale: float
-    _spikes: int
-    _grad_spikes: int
-    _clean: int
-    _stopped: bool
-    _backoffs: int
-    _total_backoffs: int
-    _incident: int
-    _now: int
-    _before_incident: float
-    _after: list[float] | None
-    _accepted: dict[str, Any] | None
-    _with_snapshots: bool
-    _cooldown: int
-    _ceiling: float
 
     def _back_off(self, ctx: StepContext, reason: str, evidence: dict[str, Any],
                   force: bool, factor: float | None = None) -> list[Action]:

@@ -11,32 +11,13 @@ from collections.abc import Mapping
 from typing import Any
 
 from ._base import Action, StepContext
+from ._divergence_attrs import GuardAttributes
 
 __all__ = ["RollbackEscalation"]
 
 
-class RollbackEscalation:
+class RollbackEscalation(GuardAttributes):
     """Rollback decisions and their state (mixed into the divergence guard)."""
-
-    params: Mapping[str, Any]
-    _scale: float
-    _stopped: bool
-    _incident: int
-    _now: int
-    _backoffs: int
-    _total_backoffs: int
-    _rollbacks: int
-    _cooldown: int
-    _cooldown_seen: list[tuple[float | None, float | None]]
-    _cooldown_flags: list[bool]
-    _cooldown_spikes: int
-    _escalation: int
-    _spikes: int
-    _clean: int
-    _nonfinite_run: int
-    _ceiling: float
-    _with_snapshots: bool
-    _discard_until: int
 
     def _rollback(self, ctx: StepContext, reason: str, evidence: dict[str, Any],
                   factor: float) -> list[Action] | None:

@@ -8,10 +8,10 @@ its docstring for the rule). It runs once per cooldown, never on the usual path.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
 from typing import Any
 
 from ._base import Action, Observation, StepContext
+from ._divergence_attrs import GuardAttributes
 from .stats import RobustWindow
 
 __all__ = ["LOSS_CONFIRMS", "MAX_ESCALATIONS", "LevelShift"]
@@ -23,31 +23,9 @@ MAX_ESCALATIONS = 3
 LOSS_CONFIRMS = 1.5
 
 
-class LevelShift:
+class LevelShift(GuardAttributes):
     """A cooldown's end: re-baseline on a new level, cut harder, or give the LR back
     (mixed into the divergence guard)."""
-
-    params: Mapping[str, Any]
-    _loss: RobustWindow
-    _gnorm: RobustWindow
-    _cooldown_seen: list[tuple[float | None, float | None]]
-    _cooldown_spikes: int
-    _cooldown_flags: list[bool]
-    _escalation: int
-    _incident_level: float | None
-    _level_held: bool
-    _level_shift: bool
-    _after: list[float] | None
-    _accepted: dict[str, Any] | None
-    _scale: float
-    _before_incident: float
-    _ceiling: float
-    _backoffs: int
-    _clean: int
-    _spikes: int
-    _grad_spikes: int
-    _rollback: Callable[[StepContext, str, dict[str, Any], float], list[Action] | None]
-    _back_off: Callable[..., list[Action]]
 
     def _end_cooldown(self) -> dict[str, Any] | None:
         """Judge a cooldown that was mostly 'spikes'; evidence when it is still divergence.

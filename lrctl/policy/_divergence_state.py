@@ -7,39 +7,16 @@ it was.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
-from .stats import RobustWindow
+from ._divergence_attrs import GuardAttributes
 
 __all__ = ["GuardState"]
 
 
-class GuardState:
+class GuardState(GuardAttributes):
     """``state_dict`` and ``load_state_dict`` (mixed into the divergence guard)."""
-
-    _scale: float
-    _loss: RobustWindow
-    _gnorm: RobustWindow
-    _spikes: int
-    _grad_spikes: int
-    _backoffs: int
-    _cooldown: int
-    _cooldown_seen: list[tuple[float | None, float | None]]
-    _cooldown_spikes: int
-    _cooldown_flags: list[bool]
-    _clean: int
-    _total_backoffs: int
-    _stopped: bool
-    _escalation: int
-    _incident_level: float | None
-    _level_held: bool
-    _before_incident: float
-    _after: list[float] | None
-    _accepted: dict[str, Any] | None
-    _told_nonpositive: bool
-    _rollback_state: Callable[[], dict[str, Any]]  # (RollbackEscalation's)
-    _load_rollback_state: Callable[[Mapping[str, Any]], None]
 
     def state_dict(self) -> dict[str, Any]:
         return {
