@@ -20,7 +20,7 @@ __all__ = ["GuardAttributes"]
 class GuardAttributes:
     """Type declarations of the divergence guard's state (see the module docstring)."""
 
-    params: Mapping[str, Any]
+    params: dict[str, Any]
     # the multiplier, and what bounds it
     _scale: float
     _ceiling: float
