@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import json
+import math
+import random
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -56,6 +59,39 @@ def test_replay_default_prints_decisions_with_reasons() -> None:
     assert result.stdout.count("plateau      reduce") == 2
     assert "step     899  plateau      reduce       0.02 → 0.01  loss rose over the last " \
            "400 observations" in result.stdout
+
+
+def _curve(path: Path, loss_at: Callable[[int, random.Random], float]) -> Path:
+    rng = random.Random(2)
+    rows = ["step,loss"] + [f"{t},{loss_at(t, rng):.6f}" for t in range(1400)]
+    path.write_text("\n".join(rows) + "\n")
+    return path
+
+
+def test_replay_default_cuts_only_a_stall_it_can_show(tmp_path: Path) -> None:
+    """The default's stall test: a quiet flat loss is cut, with the bound it showed; a
+    slow real fall hidden in noise is inconclusive and the LR stands, where the trend
+    test (the same policy with ``test: trend``) cuts it twice."""
+    flat = _curve(tmp_path / "flat.csv", lambda t, rng: 1.0 + 0.002 * rng.gauss(0, 1))
+    result = lrctl("replay", "--curve", str(flat), "--lr", "0.1")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count("plateau      reduce") == 2
+    assert "step     599  plateau      reduce       0.1 → 0.05  loss fell by at most " \
+           in result.stdout
+    assert "(less than the threshold 0.500%) over the last 400 observations" in result.stdout
+
+    noisy = _curve(tmp_path / "noisy.csv",
+                   lambda t, rng: (1.0 - 2e-5 * t) * math.exp(0.3 * rng.gauss(0, 1)))
+    result = lrctl("replay", "--curve", str(noisy), "--lr", "0.1")
+    assert result.returncode == 0, result.stderr
+    assert "0 decisions; LR (group 0) ranged 0.1–0.1, final 0.1" in result.stdout
+
+    trend = tmp_path / "trend.yaml"
+    trend.write_text((REPO / "policies" / "default.yaml").read_text()
+                     .replace("test: stall ", "test: trend "))
+    result = lrctl("replay", str(trend), "--curve", str(noisy), "--lr", "0.1")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count("did not fall significantly") == 2
 
 
 def test_replay_json_matches_in_process_engine(tmp_path: Path) -> None:
