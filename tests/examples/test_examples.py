@@ -19,6 +19,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from ddp_run import check_job
 from live_controller import REPO, LiveController, live_controller, subprocess_env
 
 import lrctl
@@ -150,11 +151,15 @@ def test_train_lightning(controller: LiveController, tmp_path: Path) -> None:
 def test_train_ddp_ranks_use_identical_lrs(controller: LiveController, tmp_path: Path) -> None:
     # --standalone: the rendezvous binds port 0 itself (no free port picked beforehand
     # that another test could take first).
-    out = run(controller, ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                           str(EXAMPLES / "train_ddp.py"), "--steps", "120", *RANGETEST], tmp_path)
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+         str(EXAMPLES / "train_ddp.py"), "--steps", "120", *RANGETEST], cwd=tmp_path,
+        env=subprocess_env(controller), capture_output=True, text=True, timeout=RUN_TIMEOUT_S)
+    out = proc.stdout
     # The ranks share one stdout pipe: their lines may run into each other.
     prints = dict(re.findall(r"rank (\d): \d+ steps, final lr \S+, LR sequence sha256 "
                              r"([0-9a-f]{16})", out))
+    check_job(proc, lambda: set(prints) == {"0", "1"})
     assert set(prints) == {"0", "1"}, out[-3000:]
     assert prints["0"] == prints["1"], "the ranks used different LRs"
     assert re.search(r"step \d+: rangetest range_test_done: ", out), out
