@@ -43,7 +43,6 @@ class GuardAttributes:
     _discard_until: int
     _cooldown: int
     _cooldown_seen: list[tuple[float | None, float | None]]
-    _cooldown_flags: list[bool]
     _cooldown_spikes: int
     _escalation: int
     _incident_level: float | None

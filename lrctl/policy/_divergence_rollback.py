@@ -53,7 +53,6 @@ class RollbackEscalation(GuardAttributes):
         # The restored model starts a fresh cooldown: what it shows next is judged anew.
         self._cooldown = self.params["cooldown"]
         self._cooldown_seen, self._cooldown_spikes = [], 0
-        self._cooldown_flags = []
         self._escalation = self._spikes = self._clean = self._nonfinite_run = 0
         ctx.rollback = target
         self._discard_until = self._now + book.lag

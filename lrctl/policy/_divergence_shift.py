@@ -50,9 +50,8 @@ class LevelShift(GuardAttributes):
         switched on).
         """
         seen, self._cooldown_seen = self._cooldown_seen, []
-        flags, self._cooldown_flags = self._cooldown_flags, []
-        self._cooldown_spikes = 0
-        if 2 * sum(flags) <= len(flags):
+        spikes, self._cooldown_spikes = self._cooldown_spikes, 0
+        if 2 * spikes <= len(seen):
             self._escalation = 0
             self._incident_level = None
             return None

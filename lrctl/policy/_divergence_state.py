@@ -37,7 +37,6 @@ class GuardState(GuardAttributes):
                if self._incident_level is not None else {}),
             **({"settling": list(self._after), "accepted": dict(self._accepted or {})}
                if self._after is not None else {}),
-            **({"cooldown_flags": list(self._cooldown_flags)} if self._cooldown_flags else {}),
             **({"before_incident": self._before_incident}
                if self._before_incident != 1.0 else {}),
             # (only once said: the state of every other run is as it was)
@@ -56,11 +55,6 @@ class GuardState(GuardAttributes):
         self._cooldown_seen = [(None if a is None else float(a), None if b is None else float(b))
                                for a, b in state["cooldown_seen"]]
         self._cooldown_spikes = int(state["cooldown_spikes"])
-        flags = state.get("cooldown_flags")
-        if flags is None:  # (a state from before the flags: the spikes counted first)
-            seen = len(self._cooldown_seen)
-            flags = [i < self._cooldown_spikes for i in range(seen)]
-        self._cooldown_flags = [bool(f) for f in flags]
         self._clean = int(state["clean"])
         self._total_backoffs = int(state["total_backoffs"])
         self._stopped = bool(state["stopped"])

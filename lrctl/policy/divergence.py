@@ -144,8 +144,7 @@ class Divergence(GuardState, GuardActions, LevelShift, RollbackEscalation, React
         self._grad_spikes = 0  # of them, tolerated spikes of the grad norm alone
         self._backoffs = 0  # back-offs in the current incident
         self._cooldown_seen: list[tuple[float | None, float | None]] = []
-        self._cooldown_flags: list[bool] = []  # which of them were spikes
-        self._cooldown_spikes = 0
+        self._cooldown_spikes = 0  # of them, spikes
         self._escalation = 0  # back-offs in a row that did not take
         self._incident_level: float | None = None  # the first cooldown's median loss
         self._level_held = False  # ... and every later cooldown's stayed near it
@@ -265,7 +264,6 @@ class Divergence(GuardState, GuardActions, LevelShift, RollbackEscalation, React
         in_cooldown = self._cooldown > 0
         if in_cooldown:
             self._cooldown_seen.append((judged_loss, log_gnorm))
-            self._cooldown_flags.append(evidence is not None)
             self._cooldown_spikes += evidence is not None
             self._cooldown -= 1
             if self._cooldown == 0:
