@@ -7,9 +7,23 @@ import argparse
 import sys
 from typing import Any
 
-__all__ = ["SOCKET_HELP", "ask"]
+__all__ = ["SOCKET_HELP", "ask", "live_state_dir"]
 
 SOCKET_HELP = "Unix socket path or tcp://HOST:PORT (default: $LRCTL_SOCKET or the runtime dir)"
+
+
+def live_state_dir(socket: str | None) -> str | None:
+    """The state directory of the controller answering on ``socket`` (None: the default
+    socket), as it reports it; None when none answers. One started with ``--state-dir``
+    keeps its runs there, where no default would look."""
+    import contextlib
+
+    from ..wire.operator import ControllerError, request
+
+    with contextlib.suppress(OSError, ControllerError, ValueError, AttributeError):
+        found = request({"t": "status"}, socket, timeout=2.0).get("state_dir")
+        return found if isinstance(found, str) else None
+    return None
 
 
 def ask(args: argparse.Namespace, msg: dict[str, Any]) -> dict[str, Any] | None:

@@ -81,12 +81,20 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 def find_run(query: str, state_dir: str | None = None) -> Any:
     """The journal of the run a user means: key, unique key prefix, run name or MLflow id.
-    Without ``state_dir``: in the shared state directory and those of controllers on
-    other sockets (``lrctl.paths.state_dirs``)."""
+    Without ``state_dir``: in the state directory of the controller on the default socket
+    (``$LRCTL_SOCKET``: one started with ``--state-dir`` keeps its runs there), the shared
+    one and those of controllers on other sockets (``lrctl.paths.state_dirs``)."""
     from ..paths import state_dirs
     from ..sinks.journal import RunPaths, discarded_end, list_run_keys, read_json
+    from ._client import live_state_dir
 
-    roots = [Path(state_dir)] if state_dir else state_dirs()
+    if state_dir:
+        roots = [Path(state_dir)]
+    else:
+        roots = state_dirs()
+        live = live_state_dir(None)
+        if live and Path(live) not in roots:
+            roots.insert(0, Path(live))
     every = [(root, key) for root in roots for key in list_run_keys(root)]
     matches = [(root, k) for root, k in every if k == query]
     # By name or prefix, a run discarded before its first step is none of them (it would

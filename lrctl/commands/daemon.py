@@ -13,7 +13,7 @@ import sys
 import time
 from typing import Any, NoReturn
 
-from ._client import SOCKET_HELP, ask
+from ._client import SOCKET_HELP, ask, live_state_dir
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -343,10 +343,8 @@ def _all_runs(args: argparse.Namespace) -> int:
         except (OSError, ControllerError, KeyError, TypeError, ValueError):
             return {}  # no controller there (or no socket can be there): the journals alone
 
-    reported = None  # the state directory of the controller on the socket
-    if args.state_dir is None:
-        with contextlib.suppress(OSError, ControllerError, ValueError):
-            reported = request({"t": "status"}, args.socket, timeout=2.0).get("state_dir")
+    # the state directory of the controller on the socket
+    reported = live_state_dir(args.socket) if args.state_dir is None else None
     if args.state_dir:
         if not os.path.isdir(args.state_dir):
             print(f"lrctl runs: --state-dir {args.state_dir}: no such directory",
