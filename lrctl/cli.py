@@ -10,6 +10,7 @@ import argparse
 import importlib
 import os
 import sys
+import warnings
 from collections.abc import Sequence
 
 from . import __version__
@@ -38,7 +39,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _one_line_warning(message: Warning | str, category: type[Warning], filename: str,
+                      lineno: int, line: str | None = None) -> str:
+    """lrctl's own warnings as the one line a command prints (``lrctl: ...``), not with
+    the source line that raised them; any other package's as Python shows them."""
+    text = str(message)
+    if filename.startswith(_PACKAGE):
+        return (text if text.startswith("lrctl") else f"lrctl: {text}") + "\n"
+    return _python_format(message, category, filename, lineno, line)
+
+
+_python_format = warnings.formatwarning
+_PACKAGE = os.path.dirname(os.path.abspath(__file__)) + os.sep
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    warnings.formatwarning = _one_line_warning
     parser = build_parser()
     args = parser.parse_args(argv)
     # The command line as given, for results that record what produced them.

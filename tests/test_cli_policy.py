@@ -148,3 +148,19 @@ def test_a_misnamed_policies_key_and_a_missing_version_say_what_to_write(
     with pytest.raises(ConfigError, match=r"version: required \(supported: 1\): start the "
                                           r"file with 'version: 1'"):
         parse_policy(unversioned)
+
+
+def test_commands_print_lrctls_warnings_as_one_line_and_others_as_python_does() -> None:
+    """`lrctl serve` making a socket directory private said so with a source line of
+    lrctl's own under a RuntimeWarning header; a command prints the message alone."""
+    from lrctl import cli
+
+    ours = cli._one_line_warning(RuntimeWarning("/tmp/x was readable by other users"),
+                                 RuntimeWarning, cli._PACKAGE + "paths.py", 250)
+    assert ours == "lrctl: /tmp/x was readable by other users\n"
+    said = cli._one_line_warning(UserWarning("lrctl: already prefixed"), UserWarning,
+                                 cli._PACKAGE + "hook.py", 1)
+    assert said == "lrctl: already prefixed\n"
+    theirs = cli._one_line_warning(DeprecationWarning("old"), DeprecationWarning,
+                                   cli._PACKAGE.rstrip("/") + "-venv/lrctl/x.py", 7, "")
+    assert "DeprecationWarning: old" in theirs and "x.py:7" in theirs  # not the package's
