@@ -164,3 +164,20 @@ def test_commands_print_lrctls_warnings_as_one_line_and_others_as_python_does() 
     theirs = cli._one_line_warning(DeprecationWarning("old"), DeprecationWarning,
                                    cli._PACKAGE.rstrip("/") + "-venv/lrctl/x.py", 7, "")
     assert "DeprecationWarning: old" in theirs and "x.py:7" in theirs  # not the package's
+
+
+def test_replay_into_a_reader_that_leaves_exits_quietly() -> None:
+    """`lrctl replay | head -1` printed 'lrctl replay: [Errno 32] Broken pipe'. Here the
+    reader has left before the first line, so every write fails, however it buffers."""
+    import os
+
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        proc = subprocess.run([sys.executable, "-m", "lrctl", "replay"], cwd=REPO,
+                              stdout=write_end, stderr=subprocess.PIPE, text=True,
+                              timeout=120)
+    finally:
+        os.close(write_end)
+    assert proc.returncode == 141, proc.stderr
+    assert "Broken pipe" not in proc.stderr

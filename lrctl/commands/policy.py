@@ -119,6 +119,8 @@ def cmd_replay(args: argparse.Namespace) -> int:
                 else:
                     print(f"step {d.step:>7}  {d.policy:<12} {d.action:<12} "
                           f"{_fmt(d.old_lrs[0])} → {_fmt(d.new_lrs[0])}  {d.reason}")
+    except BrokenPipeError:
+        raise  # `lrctl replay | head`: the reader left (see cli.main)
     except (OSError, ValueError, ObservationError) as exc:
         print(f"lrctl replay: {exc}", file=sys.stderr)
         return 1

@@ -224,11 +224,15 @@ class Divergence(GuardState, GuardActions, LevelShift, RollbackEscalation, React
         if (loss is not None and -math.inf < loss <= 0.0 and not self._linear
                 and self._watch_loss and not self._told_nonpositive):
             self._told_nonpositive = True
+            fix = ("nothing to change for a batch the model fits exactly (a loss of 0); "
+                   "for a loss that can be negative (a critic's, a negative "
+                   "log-likelihood's) set loss_scale: linear" if loss == 0.0 else
+                   "set loss_scale: linear for a loss that can be negative (a critic's, a "
+                   "negative log-likelihood's)")
             actions.insert(0, Action(
                 "loss_not_judged", f"a loss of {loss:.6g} cannot be judged on the log scale "
-                "(loss_scale: log): this guard judges no loss <= 0, only the grad norm; "
-                "set loss_scale: linear for a loss that can be negative (a critic's, a "
-                "negative log-likelihood's)", {"statistic": "loss", "value": loss}))
+                f"(loss_scale: log): this guard judges no loss <= 0, only the grad norm "
+                f"(said once); {fix}", {"statistic": "loss", "value": loss}))
         return actions
 
     def _rule(self, obs: Observation, ctx: StepContext) -> list[Action]:

@@ -94,3 +94,16 @@ def test_a_loss_the_log_scale_cannot_judge_is_said_once() -> None:
         linear.observe(t, loss, 1.0)
     assert [d.action for d in linear.decisions if d.step == 300] == ["backoff"]
     assert not any(d.action == "loss_not_judged" for d in linear.decisions)
+
+
+def test_a_loss_of_exactly_zero_is_said_to_need_no_change() -> None:
+    """A batch the model fits exactly has a loss of 0 (the curve ``lrctl replay`` ships
+    has 2 361 of them): its note says there is nothing to change, and names the fix only
+    for a loss that can be negative."""
+    engine = lrctl.load_policy({"version": 1, "policies": [{"kind": "divergence"}]}, [LR])
+    for t in range(40):
+        engine.observe(t, 0.0 if t % 3 == 0 else 0.01, 1.0)
+    [note] = [d for d in engine.decisions if d.action == "loss_not_judged"]
+    assert note.step == 0
+    assert "nothing to change for a batch the model fits exactly" in note.reason
+    assert engine.lrs == [LR]
