@@ -77,6 +77,7 @@ def main() -> None:
     print(f"the Trainer logged learning_rate {logged[first]:.3g} at step {first} … "
           f"{logged[last]:.3g} at step {last}: the LRs lrctl set")
     print(f"lrctl run {ctl.run_key}: {ctl.steps_taken - 1} steps, final lr {ctl.lr[0]:.3g}")
+    print(f"  {len(ctl.decisions)} decision(s){':' if ctl.decisions else ''}")
     for d in ctl.decisions:
         print(f"  step {d.step}: {d.policy} {d.action}: {d.reason}")
 

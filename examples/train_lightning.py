@@ -75,6 +75,7 @@ def main() -> None:
     assert ctl is not None
     print(f"lrctl run {ctl.run_key}: {ctl.steps_taken} steps, final lr {ctl.lr[0]:.3g}, "
           f"val_loss {float(trainer.callback_metrics['val_loss']):.4f}")
+    print(f"  {len(ctl.decisions)} decision(s){':' if ctl.decisions else ''}")
     for d in ctl.decisions:
         print(f"  step {d.step}: {d.policy} {d.action}: {d.reason}")
 

@@ -65,6 +65,7 @@ def main() -> None:
                 print(f"step {step:5d}  loss {loss.item():.4f}  val {val_loss:.4f}  "
                       f"lr {ctl.lr[0]:.3g}")
         print(f"lrctl run {ctl.run_key}: {ctl.steps_taken} steps, final lr {ctl.lr[0]:.3g}")
+        print(f"  {len(ctl.decisions)} decision(s){':' if ctl.decisions else ''}")
         for d in ctl.decisions:
             print(f"  step {d.step}: {d.policy} {d.action}: {d.reason}")
 
