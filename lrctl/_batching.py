@@ -13,8 +13,8 @@ What changes is *when* a decision takes effect: a decision made from a step
 inside a batch reaches the optimizer once the batch's answer has arrived — never
 before the step after the report, and not awaited (a batch of 64 steps takes the
 controller a few milliseconds), so up to *k* − 1 steps late and a little more (the
-audit's ``lrctl/lr`` metric records the decided LR from the step after the report,
-not yet the step it reached the optimizer: see the README's audit table). Two rules keep
+audit's ``lrctl/lr`` metric records each step's LR as it ran: the report says what
+the held steps ran on, see :mod:`lrctl._lr_history`). Two rules keep
 protection immediate:
 
 * a step whose loss (or given grad norm) is not finite, or is the highest of the

@@ -32,12 +32,21 @@ class Applying:
         try:
             if self._link is not None and (self._acked < self._reported
                                            or (self._staging.used and self._staging)):
+                if self._frozen == self._step - 1 and not self._after_order:
+                    # Its LRs went out with its report (see Reporting._finalize): nothing
+                    # is read now (what comes applies a step later).
+                    if self._staging.used and self._staging:
+                        self._drain_staged(block=False)
+                    self._writer.apply(self._target)
+                    return
                 if (not self._staging.used and self._link.idle
                         and self._acked >= self._due_step()):
                     self._late = False  # caught up: exact t+1 again (as _await_due says)
                     if self._held:
                         self._promote()
                     self._writer.apply(self._target)
+                    if self._target is not self._history.last:
+                        self._note_applied()
                     return
                 began = perf_counter()
                 self._pump()
@@ -47,6 +56,8 @@ class Applying:
             if self._held:
                 self._promote()
             self._writer.apply(self._target)  # (_apply, one call less: it runs every step)
+            if self._target is not self._history.last:
+                self._note_applied()
         except Exception as exc:
             self._warn("internal", f"lrctl: hook error ({exc!r}); training continues at the "
                                    "last LR")
@@ -109,6 +120,40 @@ class Applying:
 
     def _apply(self) -> None:
         self._writer.apply(self._target)
+        if self._target is not self._history.last:
+            self._note_applied()
+
+    def _note_applied(self) -> None:
+        """The audit's history (see :mod:`lrctl._lr_history`): the optimizer step about to
+        run (the one after the last counted, or that one itself while the loop calls
+        ``step()`` before ``optimizer.step()``) uses :attr:`_target`. What no replay or
+        pending batch can need any more is dropped now and then."""
+        history = self._history
+        history.note(self._next_optimizer_step(), self._target)
+        if len(history) >= self._history_cap:
+            keep = self._step - 1
+            link, batch = self._link, self._batch
+            if link is not None and link.buffer:
+                keep = min(keep, link.buffer[0][0])
+            if batch is not None and batch.losses:
+                keep = min(keep, batch.last_step - len(batch.losses) + 1)
+            history.forget_before(keep)
+            self._history_cap = max(history.PRUNE_AT, 2 * len(history))
+
+    def _next_optimizer_step(self) -> int:
+        """The number of the optimizer step to run next (the step just counted, while the
+        loop calls ``step()`` before ``optimizer.step()``)."""
+        return self._step if self._after_order else self._step - 1
+
+    def _used_at(self, step: int) -> list[float] | None:
+        """The LRs optimizer step ``step`` ran on; None for one that has not run yet (its
+        LRs may still change before it does) or that the history no longer holds."""
+        upcoming = self._next_optimizer_step()
+        guard = getattr(self, "_guard", None)  # (none yet while attach connects)
+        if step > upcoming or (step == upcoming and (
+                self._after_order or guard is None or guard.stepped <= self._last_stepped)):
+            return None  # (the loop's last optimizer step since step() counted it: run)
+        return self._history.at(step)
 
     def _after_step(self) -> None:
         """Loop mode, after every optimizer step: the loop gets its own LRs back."""

@@ -166,6 +166,7 @@ class LinkSide:
         rollbacks = self._rollbacks
         if rollbacks is not None:
             link.refresh_hello = lambda hello: hello.update(snapshots=rollbacks.hello())
+        link.used_at = self._used_at  # what each replayed step ran on (lrctl._lr_history)
         self._link = link
         self._spawn_failure: str | None = None
         opened = link.open(timeout=2.0)

@@ -126,14 +126,17 @@ class Reporting:
             if batch is not None:
                 batch.clear()  # unreported, as any step is while the link is down
         else:
+            final = reporting and not self.sync and not self._after_order
+            if final:
+                self._finalize(t)  # this step's LRs, before they go out with its report
             if reporting:
                 self._report(t, loss, grad_norm)
             elif batch is not None:
                 batch.hold(t, loss, grad_norm)
             # Between reports with every answer in, there is nothing to read: such
             # steps cost next to nothing, so every=N divides the hook's cost by N.
-            if (self._acked < self._reported or not link.idle
-                    or (self._staging.used and self._staging)):
+            if not final and (self._acked < self._reported or not link.idle
+                              or (self._staging.used and self._staging)):
                 # The answer to the report before this one has most likely come (a step
                 # has passed since it was sent): read it without polling first.
                 self._pump(reporting and self._acked < self._prev_reported)
@@ -143,6 +146,34 @@ class Reporting:
         self._excused = self.should_skip or self.overflows != overflows
         if batch is not None:
             batch.spent(perf_counter() - began, reporting)
+
+    def _finalize(self, t: int) -> None:
+        """The LRs of optimizer step ``t`` (the loop's next), settled before its report
+        says them (``u``): what has come is read, the answer due at ``t`` awaited (as the
+        optimizer pre-step hook would), and nothing read after the report changes them
+        (:attr:`_frozen`; an answer or push that lands later applies a step later)."""
+        link = self._link
+        assert link is not None
+        if self._acked < self._reported or not link.idle or (
+                self._staging.used and self._staging):
+            # The answer to the last report has most likely come (a step has passed since
+            # it was sent): read it without polling first.
+            self._pump(self._acked < self._reported)
+        if self._acked < self._due_step():
+            self._await_due()
+        if self._held:
+            self._promote()
+        self._frozen = t
+
+    def _used_for(self, t: int) -> list[float] | None:
+        """The LRs optimizer step ``t`` runs on, for its report (``u``): this step's as
+        :meth:`_finalize` settled them, an earlier one's from the history; None in sync
+        mode (the answer to ``t`` sets them) and for a step not settled."""
+        if self.sync:
+            return None
+        if self._frozen == t:  # (the usual report: nothing changed them since)
+            return self._target
+        return self._used_at(t)
 
     def _guard_step(self, t: int, loss: Any, grad_norm: Any) -> tuple[Any, Any, bool]:
         """The local non-finite guard (see :mod:`lrctl._guard`); returns the statistics
@@ -260,16 +291,20 @@ class Reporting:
             self.overflows += 1
         prior: list[float] | None = None
         prior_grads: list[float | None] | None = None
+        prior_used: list[tuple[int, list[float]]] | None = None
         batch = self._batch
         if batch is not None:  # every="auto": the steps held since the last report
             prior, prior_grads = batch.take(loss, grad)
+            if prior:  # what they ran on: an answer may have come in their midst
+                prior_used = self._runs_of_used(t - len(prior), t)
             if batch.urgent:
                 batch.urgent = False
                 self._urgent_step = t
         link = self._link
+        used = self._used_for(t) if loss is not None or grad is not None else None
         if (link.compact and clean is None and not overflow and not prior
                 and self._restored_unreported is None and not self._writer.loop_mode):
-            frame = encode_obs_compact(t, loss, grad)  # the plain step: see wire.compact
+            frame = encode_obs_compact(t, loss, grad, used)  # plain: see wire.compact
             if frame is not None:
                 self._prev_reported, self._reported = self._reported, t
                 link.send_obs(t, frame)
@@ -278,7 +313,7 @@ class Reporting:
             frame = encode_obs(t, loss, grad, clean, overflow=overflow,
                                base=self._writer.base if self._writer.loop_mode else None,
                                restored=self._restored_unreported, prior=prior,
-                               prior_grads=prior_grads,
+                               prior_grads=prior_grads, prior_used=prior_used, used=used,
                                # reported after the loop's step t - 1 (see report()):
                                # they measured the weights of that step
                                metrics_step=t - 1 if clean else None)
@@ -288,6 +323,21 @@ class Reporting:
             return
         self._prev_reported, self._reported = self._reported, t
         link.send_obs(t, frame)
+
+    def _runs_of_used(self, first: int, end: int) -> list[tuple[int, list[float]]] | None:
+        """The LRs optimizer steps ``first`` to ``end - 1`` ran on, as runs of ``(count,
+        LRs)`` (None if the history no longer holds them all: the controller then
+        records the LRs in effect before the report, as it did before it was told)."""
+        runs: list[tuple[int, list[float]]] = []
+        for step in range(first, end):
+            lrs = self._used_at(step)
+            if lrs is None:
+                return None
+            if runs and runs[-1][1] is lrs:
+                runs[-1] = (runs[-1][0] + 1, lrs)
+            else:
+                runs.append((1, lrs))
+        return runs
 
     def _pump(self, expect: bool = False) -> None:
         if self._staging:

@@ -9,7 +9,10 @@ The link keeps the frames of the observations after that step (and of those it
 could not send while the controller was down) in a bounded buffer. After a
 reconnect, the ``welcome`` says where the (possibly restored) session stands;
 the link replays the buffered frames after that step, in order, so the policies
-see every observation exactly once, as if nothing had happened.
+see every observation exactly once, as if nothing had happened. Each replayed frame
+says which LRs its step ran on (``u``, from :attr:`Link.used_at`): the hook's, which
+the controller's decisions on the replayed steps did not change (see
+:mod:`lrctl._lr_history`).
 
 The welcome also carries the run's resume token; the link sends it in its later
 hellos, so that its own reconnect may take the run over from a connection the
@@ -34,6 +37,7 @@ from .wire.compact import compact_agreed, to_json_frame
 from .wire.decoder import FrameDecoder
 from .wire.errors import ProtocolError
 from .wire.frames import MAX_HELLO, encode
+from .wire.messages import with_used
 
 __all__ = ["Link"]
 
@@ -95,6 +99,8 @@ class Link:
         # Start a new controller when the one we had is gone for good (spawn=True):
         # after RESPAWN_AFTER_S of failed reconnects, at most every RESPAWN_EVERY_S.
         self.respawn = respawn
+        # The LRs a step ran on, for the frames it replays (None: the step is forgotten).
+        self.used_at: Callable[[int], list[float] | None] | None = None
         self._down_since: float | None = None
         self._last_respawn = -RESPAWN_EVERY_S
 
@@ -367,8 +373,10 @@ class Link:
         if self.compact and not agreed:  # a controller that reads only JSON
             self.buffer = deque((step, to_json_frame(frame)) for step, frame in self.buffer)
         self.compact = agreed
-        for _, frame in self.buffer:  # replay, in order: see the module docstring
-            self._write(frame)
+        used_at = self.used_at
+        for step, frame in self.buffer:  # replay, in order: see the module docstring
+            used = used_at(step) if used_at is not None else None
+            self._write(frame if used is None else with_used(frame, used))
             if self.state != "up":
                 return
         log.info("lrctl link up at step %d (%d observation(s) replayed)", last, len(self.buffer))

@@ -7,9 +7,12 @@ optimizer) and mlflow only if the training script imported it.
 Timing. Put ``ctl.step(loss)`` after ``backward()`` and before
 ``optimizer.step()``. The LRs the controller returns for an observation apply
 to the next optimizer step after they arrive: in sync mode that is the step
-right after the observation (so ``should_skip`` can veto it); in async mode an
-optimizer pre-step hook applies whatever has arrived, so a decision made from
-step ``t`` is in effect by step ``t + 1`` when the controller keeps up. On
+right after the observation (so ``should_skip`` can veto it); in async mode
+``step()`` of ``t + 1`` reads what has arrived, awaits the answer to ``t``, and its
+report says which LRs that step runs on (the optimizer pre-step hook applies them
+and reads nothing more; with ``step()`` after ``optimizer.step()``, the pre-step hook
+does the awaiting), so a decision made from step ``t`` is in effect at step
+``t + 1`` when the controller keeps up. On
 CUDA (async), statistics are copied to a pinned buffer and sent one step later
 when the copy's event has completed, so no step waits for the device; their
 decisions land one step later too.
@@ -35,6 +38,7 @@ from ._hook_apply import Applying
 from ._hook_link import LinkSide, PolicyRejected, RunConflict
 from ._hook_report import Reporting
 from ._link import Link
+from ._lr_history import LRHistory
 from ._resume import STATE_FORMAT, Resuming, checkpoint_lrs, resume_state, sanitize_run_name
 from ._rollback import Rollbacks
 from ._staging import DeviceStaging
@@ -156,6 +160,9 @@ class Controller(Resuming, LinkSide, Reporting, Applying):
         # The latest LRs from the controller; until one answers a resume, the checkpoint's.
         self._target = (checkpoint_lrs(saved) if saved is not None else None) or list(initial)
         self._writer = LRWriter(optimizer, initial, base, self._warn)
+        self._history = LRHistory(start_step, self._target)  # for the audit (lrctl._lr_history)
+        self._history_cap = LRHistory.PRUNE_AT
+        self._frozen = -1  # the step whose LRs its report said (see Reporting._finalize)
         self.scaler = scaler
         self.overflows = 0  # GradScaler overflow steps seen (reported as such)
         self._calls_without_step = 0  # ctl.step() calls with no optimizer step between

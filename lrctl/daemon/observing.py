@@ -11,7 +11,6 @@ here too.
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Mapping
 from types import MappingProxyType
@@ -22,7 +21,7 @@ from ..policy._inputs import check_metrics
 from ..wire.compact import encode_lr_compact
 from ..wire.errors import ProtocolError
 from ..wire.frames import MAX_HELLO
-from ..wire.messages import encode_lr, float_in, get_int, prior_steps
+from ..wire.messages import encode_lr, float_in, get_int, lr_list, prior_steps, prior_used
 from . import operator
 from .checkpoints import Checkpoints
 from .conn import Conn
@@ -96,14 +95,20 @@ class Observing:
                 type(grad) is float and grad - grad == 0.0) else float_in(grad, "grad_norm")
             # The LRs the optimizer used at this step: an async hook applies the answer to
             # step t at step t + 1 (so step t ran on what was decided before it); a sync
-            # hook waits for the answer to t and applies it to t's own optimizer step.
-            used = None if session.sync else session.lrs()
+            # hook waits for the answer to t and applies it to t's own optimizer step. A
+            # replayed frame says what its step ran on (u: see lrctl._lr_history).
+            groups = len(session.engine.initial_lrs)
+            given = msg.get("u")
+            used = (lr_list(given, groups, "u") if given is not None
+                    else None if session.sync else session.lrs())
             base = msg.get("b")
             if base is not None:  # base="loop": the loop's own LRs, scaled by lrctl's
-                base = session.loop_base = _base_lrs(base, len(session.engine.initial_lrs))
+                base = session.loop_base = lr_list(base, groups, "b")
             if metrics and prior:  # the frame is refused whole, before its held steps move
                 metrics = check_metrics(metrics)  # the LRs (their decisions would be lost)
-            held = self._observe_held(key, session, prior, used) if prior else None
+            held = self._observe_held(
+                key, session, prior, prior_used(msg, len(prior), groups)
+                or [None if session.sync else session.lrs()] * len(prior)) if prior else None
             result = session.observe(step, loss, grad, metrics, metrics_step)
             if held is not None:
                 result.decisions[:0] = held.decisions
@@ -125,15 +130,15 @@ class Observing:
 
     def _observe_held(self, key: str, session: Session,
                       prior: list[tuple[int, float | None, float | None]],
-                      used: list[float] | None) -> Step:
-        """The held steps of a batched ``obs``, each observed in order; they ran on the
-        LRs in effect before the frame (the hook applies answers at its reports)."""
+                      used: list[list[float] | None]) -> Step:
+        """The held steps of a batched ``obs``, each observed in order; ``used``: the LRs
+        each ran on, as the hook says (``pu``), else those in effect before the frame."""
         held = Step([], [], False, False)
-        for s, loss, grad in prior:
+        for (s, loss, grad), lrs in zip(prior, used, strict=True):
             if s <= session.last_step:
                 continue  # a replay overlapping what a restored session has seen
             result = session.observe(s, loss, grad, _NO_METRICS)
-            self.sink.observation(key, s, loss, grad, result.lrs if used is None else used)
+            self.sink.observation(key, s, loss, grad, result.lrs if lrs is None else lrs)
             held.decisions += result.decisions
             held.stop = held.stop or result.stop
         return held
@@ -152,13 +157,3 @@ class Observing:
                                        "stop": stop, "mode": session.mode,
                                        "saved_step": session.saved_step,
                                        "d": decisions[i:i + per_frame]})
-
-
-def _base_lrs(value: Any, groups: int) -> list[float]:
-    """The ``b`` of an observation: one finite LR >= 0 per param group."""
-    if not isinstance(value, list) or len(value) != groups:
-        raise ProtocolError(f"b must be a list of {groups} LRs", "bad_message")
-    out = [float_in(v, "b") for v in value]
-    if not all(math.isfinite(v) and v >= 0 for v in out):
-        raise ProtocolError("b must hold finite LRs >= 0", "bad_message")
-    return out

@@ -48,8 +48,11 @@ Hook → controller:
   carried out; journaled as a ``rolled_back`` decision), ``pl`` (optional, at most
   ``MAX_PRIOR`` numbers: the losses of the steps ``s - len(pl)`` … ``s - 1`` that
   ``every="auto"`` held back; the controller observes each, in order, before ``s``,
-  with the LRs in effect before the frame as the LRs they used) and ``pg`` (their
-  grad norms, the same length, null where none).
+  with the LRs in effect before the frame as the LRs they used unless ``pu`` says) and
+  ``pg`` (their grad norms, the same length, null where none), ``pu`` (optional: the LRs
+  those steps ran on, as runs ``[count, lrs]``, oldest first), ``u`` (optional: the LRs
+  the optimizer step of ``s`` runs on, as the hook settled them; the controller records
+  these, not its own view of what was in effect).
 * ``snapshot``: the run's state after every observation so far → ``snapshot``
   ``{s, session}``.
 * ``bye``: the run ended; the controller closes the session.

@@ -19,8 +19,9 @@ JSON frame does).
 A compact frame's 4-byte big-endian length has its top bit set (no JSON frame comes
 near 2 GiB); the body, little-endian:
 
-* ``obs``: ``u8 1``, ``u8 flags`` (1: a loss, 2: a grad norm), ``i64 step``,
-  ``f64 loss``, ``f64 grad norm`` (0.0 where absent): 26 bytes;
+* ``obs``: ``u8 1``, ``u8 flags`` (1: a loss, 2: a grad norm, 4: the LRs used follow),
+  ``i64 step``, ``f64 loss``, ``f64 grad norm`` (0.0 where absent): 26 bytes; with flag
+  4, ``u16 n`` and ``n × f64``: the LRs the step runs on (``u``);
 * ``lr``: ``u8 2``, ``u8 flags`` (1: skip, 2: stop), ``i64 step``, ``i64 saved_step``,
   ``u8 len(mode)``, the mode (ASCII letters and ``_``), ``u16 n``, ``n × f64`` LRs.
 
@@ -57,9 +58,11 @@ def compact_agreed(value: object) -> bool:
     return type(value) is int and value == 1
 
 
-def encode_obs_compact(step: int, loss: float | None, grad_norm: float | None) -> bytes | None:
-    """A compact plain ``obs`` frame; ``None`` for anything else (a non-finite value, a
-    step out of range): the JSON frame carries those."""
+def encode_obs_compact(step: int, loss: float | None, grad_norm: float | None,
+                       used: list[float] | None = None) -> bytes | None:
+    """A compact plain ``obs`` frame (with the LRs the step runs on, ``used``); ``None``
+    for anything else (a non-finite value, a step out of range, too many groups): the
+    JSON frame carries those."""
     flags = 0
     if loss is not None:
         if type(loss) is not float or loss - loss != 0.0:
@@ -75,7 +78,23 @@ def encode_obs_compact(step: int, loss: float | None, grad_norm: float | None) -
         grad_norm = 0.0
     if type(step) is not int or not 0 <= step <= _MAX_STEP:
         return None
-    return _OBS_HEADER + _OBS.pack(1, flags, step, loss, grad_norm)
+    if used is None:
+        return _OBS_HEADER + _OBS.pack(1, flags, step, loss, grad_norm)
+    n = len(used)
+    if n > MAX_GROUPS:
+        return None
+    for x in used:
+        if type(x) is not float or x - x != 0.0:
+            return None
+    layout = _obs_layout(n)
+    return HEADER.pack(COMPACT_BIT | layout.size) + layout.pack(
+        1, flags | 4, step, loss, grad_norm, n, *used)
+
+
+@functools.lru_cache(maxsize=64)
+def _obs_layout(n: int) -> struct.Struct:
+    """The whole ``obs`` body with ``n`` LRs used."""
+    return struct.Struct(f"<BBqddH{n}d")
 
 
 def encode_lr_compact(step: int, lrs: list[float], skip: bool, stop: bool, mode: str,
@@ -133,13 +152,19 @@ def _mode_name(name: bytes) -> str | None:
 def decode_compact(body: bytes) -> dict[str, Any]:
     """A compact frame's body → its message (the dict its JSON frame gives)."""
     kind = body[0] if body else 0
-    if kind == 1 and len(body) == _OBS.size:
-        _, flags, step, loss, grad = _OBS.unpack(body)
-        if flags & ~3 or not 0 <= step <= _MAX_STEP or loss - loss != 0.0 \
-                or grad - grad != 0.0:
+    if kind == 1 and len(body) >= _OBS.size:
+        _, flags, step, loss, grad = _OBS.unpack_from(body)
+        if flags & ~7 or not 0 <= step <= _MAX_STEP or loss - loss != 0.0 \
+                or grad - grad != 0.0 or (len(body) == _OBS.size) == bool(flags & 4):
             raise ProtocolError("bad compact obs frame", "bad_message")
-        return {"v": 1, "t": "obs", "s": step, "l": loss if flags & 1 else None,
-                "g": grad if flags & 2 else None}
+        msg = {"v": 1, "t": "obs", "s": step, "l": loss if flags & 1 else None,
+               "g": grad if flags & 2 else None}
+        if flags & 4:
+            (n,) = _COUNT.unpack_from(body, _OBS.size)
+            if n > MAX_GROUPS or len(body) != _OBS.size + _COUNT.size + 8 * n:
+                raise ProtocolError("bad compact obs frame", "bad_message")
+            msg["u"] = list(_obs_layout(n).unpack(body)[6:])
+        return msg
     if kind == 2 and len(body) >= _LR_HEAD.size:
         _, flags, step, saved, size = _LR_HEAD.unpack_from(body)
         at = _LR_HEAD.size + size
@@ -172,4 +197,4 @@ def to_json_frame(frame: bytes) -> bytes:
     msg = decode_compact(frame[HEADER.size:])
     if msg["t"] != "obs":
         raise ProtocolError("only obs frames are replayed", "bad_message")
-    return encode_obs(msg["s"], msg["l"], msg["g"])
+    return encode_obs(msg["s"], msg["l"], msg["g"], used=msg.get("u"))

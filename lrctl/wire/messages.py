@@ -21,7 +21,8 @@ from .floats import NON_FINITE, float_to_json
 from .frames import HEADER, MAX_FRAME, decode_json, encode
 
 __all__ = ["MAX_PRIOR", "decode_body", "encode_lr", "encode_obs", "float_in", "float_out",
-           "get_float", "get_int", "get_str", "plain_message", "prior_steps"]
+           "get_float", "get_int", "get_str", "lr_list", "plain_message", "prior_steps",
+           "prior_used", "with_used"]
 
 
 
@@ -56,7 +57,9 @@ def encode_obs(step: int, loss: float | None, grad_norm: float | None,
                base: Sequence[float] | None = None, restored: int | None = None,
                prior: Sequence[float] | None = None,
                prior_grads: Sequence[float | None] | None = None,
-               metrics_step: int | None = None) -> bytes:
+               metrics_step: int | None = None,
+               prior_used: Sequence[tuple[int, Sequence[float]]] | None = None,
+               used: Sequence[float] | None = None) -> bytes:
     """An ``obs`` frame, formatted by hand: this runs once per training step.
 
     ``repr`` of a finite float is valid JSON; the rare fields go through
@@ -67,10 +70,14 @@ def encode_obs(step: int, loss: float | None, grad_norm: float | None,
     restored (``r``: a rollback carried out, before this step), and the steps held
     since the previous report (``every="auto"``): ``pl``, the losses of steps
     ``s - len(pl)`` to ``s - 1``, and ``pg``, their grad norms (null where none),
-    when the loop gave any. With metrics, ``ms``: the step whose weights they measured
-    (the loop's last step before ``report()``; the observation's own when absent).
+    when the loop gave any, and ``pu``, the LRs they ran on, as runs of ``[count, lrs]``
+    oldest first (see :mod:`lrctl._lr_history`). With metrics, ``ms``: the step whose
+    weights they measured (the loop's last step before ``report()``; the observation's
+    own when absent). ``u``: the LRs the optimizer step of ``s`` runs on (an async hook
+    says; see :mod:`lrctl._lr_history`).
     """
-    if metrics or overflow or base is not None or restored is not None or prior:
+    if (metrics or overflow or base is not None or restored is not None or prior
+            or used is not None):
         msg: dict[str, Any] = {"t": "obs", "s": step, "l": float_out(loss),
                                "g": float_out(grad_norm)}
         if metrics:
@@ -87,6 +94,10 @@ def encode_obs(step: int, loss: float | None, grad_norm: float | None,
             msg["pl"] = [float_out(v) for v in prior]
             if prior_grads is not None:
                 msg["pg"] = [float_out(v) for v in prior_grads]
+            if prior_used:
+                msg["pu"] = [[int(n), [float(v) for v in lrs]] for n, lrs in prior_used]
+        if used is not None:
+            msg["u"] = [float(v) for v in used]
         return encode(msg)
     body = f'{{"v":1,"t":"obs","s":{int(step)},"l":{_num(loss)},"g":{_num(grad_norm)}}}'.encode(
         "ascii")
@@ -94,6 +105,52 @@ def encode_obs(step: int, loss: float | None, grad_norm: float | None,
 
 
 MAX_PRIOR = 256  # held steps one obs may carry (every="auto" holds at most 63)
+
+
+def with_used(frame: bytes, used: Sequence[float]) -> bytes:
+    """An ``obs`` frame (compact or JSON) as the JSON frame that also says which LRs its
+    step ran on (``u``): what the hook replays after a reconnect."""
+    from .compact import COMPACT_BIT, decode_compact
+
+    (raw,) = HEADER.unpack_from(frame)
+    body = frame[HEADER.size:]
+    msg = decode_compact(body) if raw & COMPACT_BIT else decode_body(body)
+    if msg.get("t") != "obs":
+        raise ProtocolError("only obs frames are replayed", "bad_message")
+    msg = dict(msg)
+    msg.pop("v", None)
+    msg["u"] = [float(v) for v in used]
+    return encode(msg)
+
+
+def lr_list(value: Any, groups: int, key: str) -> list[float]:
+    """One finite LR >= 0 per param group (``b``, ``u`` and the runs of ``pu``)."""
+    if not isinstance(value, list) or len(value) != groups:
+        raise ProtocolError(f"{key} must be a list of {groups} LRs", "bad_message")
+    out = [float_in(v, key) for v in value]
+    if not all(math.isfinite(v) and v >= 0 for v in out):
+        raise ProtocolError(f"{key} must hold finite LRs >= 0", "bad_message")
+    return out
+
+
+def prior_used(msg: Mapping[str, Any], held: int, groups: int) -> list[list[float]] | None:
+    """The LRs of each of the ``held`` steps an ``obs`` carries (``pu``), oldest first;
+    None when it says nothing of them."""
+    runs = msg.get("pu")
+    if runs is None:
+        return None
+    if not isinstance(runs, list) or len(runs) > MAX_PRIOR:
+        raise ProtocolError("pu must be a list of [count, lrs] runs", "bad_message")
+    out: list[list[float]] = []
+    for run in runs:
+        if (not isinstance(run, list) or len(run) != 2 or type(run[0]) is not int
+                or not 0 < run[0] <= held - len(out)):
+            raise ProtocolError("pu must be a list of [count, lrs] runs covering pl",
+                                "bad_message")
+        out += [lr_list(run[1], groups, "pu")] * run[0]
+    if len(out) != held:
+        raise ProtocolError("pu must cover every step of pl", "bad_message")
+    return out
 
 
 def prior_steps(msg: Mapping[str, Any], step: int,

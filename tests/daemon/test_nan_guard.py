@@ -144,8 +144,10 @@ def test_a_skipped_step_holds_the_lrs_it_would_have_used(controller: ControllerP
     """The guard skips step t's optimizer step: the param groups still hold the answer to
     t - 1 then (the hook awaits it, as at any other step), not whichever answer happened
     to be in. The controller is stopped while steps t - 1 and t are reported, so that
-    answer is certainly still on its way when the skipped step comes."""
+    answer is certainly still on its way when the skipped step comes; it goes on while
+    ``step()`` of the skipped step awaits that answer (before its report says the LRs)."""
     import signal
+    import threading
 
     from daemon_helpers import POLICIES
 
@@ -168,7 +170,10 @@ def test_a_skipped_step_holds_the_lrs_it_would_have_used(controller: ControllerP
             expected_at_11 = engine.observe(10, 1.0, 1.0)
             opt.step()
             assert [opt.param_groups[0]["lr"]] == expected
+            resume = threading.Timer(0.3, controller.proc.send_signal, (signal.SIGCONT,))
+            resume.start()
             ctl.step(math.nan, grad_norm=1.0)  # step 11: skipped by the guard
+            resume.join()
         finally:
             controller.proc.send_signal(signal.SIGCONT)
         before = param.detach().clone()

@@ -1,0 +1,220 @@
+"""``lrctl/lr/g0`` at step *s* is the LR optimizer step *s* ran on, also where the hook
+did not apply the controller's answers step by step (see lrctl._lr_history): steps
+trained while the controller was gone, replayed to a new one, and the steps an
+``every="auto"`` batch held. Real controller processes, real sockets, the journal
+read back."""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from daemon_helpers import ControllerProc
+
+import lrctl
+from lrctl.client import request
+from lrctl.sinks.journal import RunPaths, read_lines
+
+# The LR moves at every step of the warmup: any step recorded with another step's LR shows.
+WARMUP = {"version": 1, "policies": [{"kind": "warmup", "steps": 400}]}
+
+
+def _recorded(state_dir: str, key: str) -> list[tuple[int, float]]:
+    """``lrctl/lr/g0`` as journaled: (step, value) points, in step order."""
+    points: dict[int, float] = {}
+    for line in read_lines(RunPaths.of(Path(state_dir), key).stream("metrics")):
+        for name, value, step in line.record["points"]:
+            if name == "lrctl/lr/g0":
+                points[step] = float(value)
+    return sorted(points.items())
+
+
+def _at(points: list[tuple[int, float]], step: int) -> float:
+    """The recorded step curve's value at ``step`` (points at every change)."""
+    return [v for s, v in points if s <= step][-1]
+
+
+class _Loop:
+    """A training loop that notes the LR each optimizer step ran on (a pre-step hook
+    registered after lrctl's sees what lrctl applied)."""
+
+    def __init__(self) -> None:
+        self.weight = torch.nn.Parameter(torch.ones(4))
+        self.opt = torch.optim.SGD([self.weight], lr=0.1)
+        self.ran: list[float] = []
+        self.step = 0
+
+    def track(self) -> None:
+        self.opt.register_step_pre_hook(
+            lambda opt, args, kwargs: self.ran.append(opt.param_groups[0]["lr"]))
+
+    def train(self, ctl: Any, steps: int) -> None:
+        for _ in range(steps):
+            self.opt.zero_grad()
+            loss = (self.weight ** 2).sum() + 1.0
+            loss.backward()
+            ctl.step(loss)
+            self.opt.step()
+            self.step += 1
+
+
+def _check(points: list[tuple[int, float]], ran: list[float], steps: range) -> None:
+    wrong = [(s, _at(points, s), ran[s]) for s in steps
+             if not math.isclose(_at(points, s), ran[s], rel_tol=1e-12)]
+    assert not wrong, f"recorded != ran at (step, recorded, ran): {wrong[:8]}"
+
+
+def test_steps_trained_while_the_controller_was_gone_are_recorded_as_they_ran(
+        make_controller: Any) -> None:
+    proc: ControllerProc = make_controller(audit=True)
+    loop = _Loop()
+    ctl = lrctl.attach(loop.opt, policy=WARMUP, spawn=False, run_name="gone", timeout=10.0)
+    loop.track()
+    try:
+        loop.train(ctl, 60)
+        proc.kill9()  # its checkpoint is up to a second old: the hook replays from it
+        with pytest.warns(RuntimeWarning, match="lost the controller"):
+            loop.train(ctl, 40)  # fail-open: the warmup stands still at its last LR
+        stalled = loop.ran[-30:]
+        assert len(set(stalled)) == 1, "no answer came while the controller was gone"
+        proc.start()
+        deadline = time.monotonic() + 30
+        while not ctl.connected and time.monotonic() < deadline:
+            loop.train(ctl, 1)  # the hook reconnects (with back-off) and replays
+        assert ctl.connected
+        loop.train(ctl, 20)
+        key = ctl.run_key
+        assert key is not None
+    finally:
+        ctl.close()
+    points = _recorded(proc.state_dir, key)
+    # Every step: before the kill, the outage the new controller replayed (recorded, as
+    # it decided them, with the warmup's LRs before this change), and after.
+    _check(points, loop.ran, range(1, loop.step))
+
+
+def test_the_steps_of_an_auto_batch_are_recorded_as_they_ran(make_controller: Any) -> None:
+    proc: ControllerProc = make_controller(audit=True)
+    loop = _Loop()
+    ctl = lrctl.attach(loop.opt, policy=WARMUP, spawn=False, run_name="auto", every="auto",
+                       timeout=10.0)
+    loop.track()
+    assert ctl._batch is not None
+    ctl._batch.fix_k(8)  # batches of 8: an answer lands in the midst of each
+    try:
+        loop.train(ctl, 200)
+        key = ctl.run_key
+        assert key is not None
+    finally:
+        ctl.close()
+    points = _recorded(proc.state_dir, key)
+    _check(points, loop.ran, range(1, loop.step))
+
+
+def test_steps_run_while_answers_came_late_are_recorded_as_they_ran(
+        make_controller: Any) -> None:
+    """A controller that stops answering for a while (here SIGSTOP): the hook waits one
+    ``timeout`` for an answer due, then trains on at its LRs without waiting; the answers
+    come later and apply as they arrive. Each step is recorded with what it ran on."""
+    proc: ControllerProc = make_controller(audit=True)
+    loop = _Loop()
+    ctl = lrctl.attach(loop.opt, policy=WARMUP, spawn=False, run_name="late", timeout=0.05)
+    loop.track()
+    try:
+        loop.train(ctl, 40)
+        os.kill(proc.pid, signal.SIGSTOP)
+        try:
+            with pytest.warns(RuntimeWarning, match="did not arrive within"):
+                loop.train(ctl, 30)
+        finally:
+            os.kill(proc.pid, signal.SIGCONT)
+        assert ctl.late_waits >= 1
+        loop.train(ctl, 60)
+        key = ctl.run_key
+        assert key is not None
+    finally:
+        ctl.close()
+    assert len(set(loop.ran[45:70])) < 25, "the stop held the warmup back"
+    _check(_recorded(proc.state_dir, key), loop.ran, range(1, loop.step))
+
+
+def test_operator_pushes_are_recorded_from_the_step_they_ran_at(make_controller: Any) -> None:
+    """``lrctl set-lr`` (a push) lands whenever the controller reads it, often while a
+    paced hook's observation is still unread: it was recorded a step before the hook
+    applied it. Many pushes, at whatever moment they come, each recorded as it ran."""
+    proc: ControllerProc = make_controller(audit=True)
+    loop = _Loop()
+    ctl = lrctl.attach(loop.opt, policy={"version": 1, "policies": [
+        {"kind": "divergence"}]}, spawn=False, run_name="pushed", timeout=10.0)
+    loop.track()
+    key = ctl.run_key
+    assert key is not None
+    try:
+        for i in range(12):
+            loop.train(ctl, 15)
+            # Between step() and optimizer.step(): the controller takes the push before it
+            # reads the observation just sent (paced), the hook after this step.
+            loop.opt.zero_grad()
+            loss = (loop.weight ** 2).sum() + 1.0
+            loss.backward()
+            ctl.step(loss)
+            request({"t": "set_lr", "run": key, "lr": 0.01 * (i + 1)}, proc.socket,
+                    timeout=10.0)
+            loop.opt.step()
+            loop.step += 1
+        loop.train(ctl, 15)
+    finally:
+        ctl.close()
+    assert len(set(loop.ran)) >= 12, "every push reached the optimizer"
+    _check(_recorded(proc.state_dir, key), loop.ran, range(1, loop.step))
+
+
+def test_the_history_keeps_each_change_from_the_step_it_first_ran_at() -> None:
+    from lrctl._lr_history import LRHistory
+
+    history = LRHistory(0, [0.1])
+    history.note(3, [0.2])
+    history.note(3, [0.3])  # changed again before step 3 ran: the later note wins
+    history.note(5, [0.3])  # the same LRs: no change
+    history.note(7, [0.1])
+    history.note(7, [0.3])  # and back before step 7 ran: no change at all
+    assert [history.at(s) for s in range(9)] == [[0.1]] * 3 + [[0.3]] * 6
+    assert len(history) == 2
+    history.note(9, [0.4])
+    history.forget_before(8)  # what steps >= 8 need: the change in force at 8 on
+    assert history.at(8) == [0.3] and history.at(9) == [0.4] and history.at(2) is None
+
+
+def test_the_wire_carries_the_lrs_used_and_refuses_bad_ones() -> None:
+    from lrctl.wire.compact import decode_compact, encode_obs_compact, to_json_frame
+    from lrctl.wire.errors import ProtocolError
+    from lrctl.wire.frames import HEADER, decode_json
+    from lrctl.wire.messages import lr_list, prior_used, with_used
+
+    frame = encode_obs_compact(7, 1.5, None, [0.1, 0.02])
+    assert frame is not None
+    msg = decode_compact(frame[HEADER.size:])
+    assert (msg["s"], msg["l"], msg["g"], msg["u"]) == (7, 1.5, None, [0.1, 0.02])
+    assert decode_json(to_json_frame(frame)[HEADER.size:])["u"] == [0.1, 0.02]
+    plain = encode_obs_compact(7, 1.5, 2.0)
+    assert plain is not None and "u" not in decode_compact(plain[HEADER.size:])
+    assert decode_json(with_used(plain, [0.3])[HEADER.size:])["u"] == [0.3]
+    assert encode_obs_compact(7, 1.5, 2.0, [math.nan]) is None  # the JSON frame then
+    with pytest.raises(ProtocolError):  # flag 4 without the LRs
+        decode_compact(plain[HEADER.size:HEADER.size + 1] + bytes([7]) + plain[6:])
+    assert lr_list([0.1, 0.2], 2, "u") == [0.1, 0.2]
+    for bad in ([0.1], [0.1, -1.0], [0.1, "inf"], "0.1"):
+        with pytest.raises(ProtocolError):
+            lr_list(bad, 2, "u")
+    assert prior_used({"pu": [[2, [0.1]], [1, [0.2]]]}, 3, 1) == [[0.1], [0.1], [0.2]]
+    assert prior_used({}, 3, 1) is None
+    for runs in ([[2, [0.1]]], [[4, [0.1]]], [[0, [0.1]], [3, [0.1]]], [[3, [0.1, 0.2]]],
+                 [["3", [0.1]]]):
+        with pytest.raises(ProtocolError):
+            prior_used({"pu": runs}, 3, 1)
