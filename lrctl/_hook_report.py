@@ -328,16 +328,9 @@ class Reporting:
         """The LRs optimizer steps ``first`` to ``end - 1`` ran on, as runs of ``(count,
         LRs)`` (None if the history no longer holds them all: the controller then
         records the LRs in effect before the report, as it did before it was told)."""
-        runs: list[tuple[int, list[float]]] = []
-        for step in range(first, end):
-            lrs = self._used_at(step)
-            if lrs is None:
-                return None
-            if runs and runs[-1][1] is lrs:
-                runs[-1] = (runs[-1][0] + 1, lrs)
-            else:
-                runs.append((1, lrs))
-        return runs
+        if end - 1 > self._next_optimizer_step() or self._used_at(end - 1) is None:
+            return None  # (the last has run, then so have the others)
+        return self._history.runs(first, end)
 
     def _pump(self, expect: bool = False) -> None:
         if self._staging:

@@ -57,6 +57,23 @@ class LRHistory:
         i = bisect_right(self._steps, step) - 1
         return self._lrs[i] if i >= 0 else None
 
+    def runs(self, first: int, end: int) -> list[tuple[int, list[float]]] | None:
+        """The LRs of steps ``first`` to ``end - 1``, as ``(count, LRs)`` runs in step
+        order, in one pass; None if ``first`` is forgotten."""
+        i = bisect_right(self._steps, first) - 1
+        if i < 0 or end <= first:
+            return None
+        steps, values = self._steps, self._lrs
+        out: list[tuple[int, list[float]]] = []
+        at = first
+        while at < end:
+            stop = steps[i + 1] if i + 1 < len(steps) else end
+            if stop > at:
+                out.append((min(stop, end) - at, values[i]))
+                at = min(stop, end)
+            i += 1
+        return out
+
     def forget_before(self, step: int) -> None:
         """Keep only what steps ``>= step`` need (the change in force at ``step`` on)."""
         steps, values = self._steps, self._lrs

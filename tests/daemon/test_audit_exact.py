@@ -186,9 +186,12 @@ def test_the_history_keeps_each_change_from_the_step_it_first_ran_at() -> None:
     history.note(7, [0.3])  # and back before step 7 ran: no change at all
     assert [history.at(s) for s in range(9)] == [[0.1]] * 3 + [[0.3]] * 6
     assert len(history) == 2
+    assert history.runs(1, 6) == [(2, [0.1]), (3, [0.3])]
     history.note(9, [0.4])
+    assert history.runs(8, 12) == [(1, [0.3]), (3, [0.4])]
     history.forget_before(8)  # what steps >= 8 need: the change in force at 8 on
     assert history.at(8) == [0.3] and history.at(9) == [0.4] and history.at(2) is None
+    assert history.runs(2, 9) is None and history.runs(8, 8) is None
 
 
 def test_the_wire_carries_the_lrs_used_and_refuses_bad_ones() -> None:
