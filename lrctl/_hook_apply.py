@@ -21,13 +21,15 @@ class Applying:
     def _pre_step(self, *_: Any) -> None:
         """Optimizer pre-step hook: the LRs this optimizer step uses into the groups.
 
-        It reads the socket only while an answer is awaited and not all that this step
-        may use is in (the answer due: :meth:`_await_due` waits for it where the step
-        needs it), while CUDA-staged statistics wait to be sent, and while something is
-        left to send or the link is down. The answer to the step just reported is for the
-        next optimizer step, which the next ``step()`` reads: an async hook whose due
-        answer is in makes no system call here (a push from ``lrctl set-lr`` or a reload
-        that lands between ``step()`` and this hook applies a step later).
+        After a report whose LRs ``step()`` settled (see ``Reporting._finalize``: the loop
+        calls ``step()`` first, the usual order) it reads nothing: those LRs went out with
+        the report, and what lands now (a push from ``lrctl set-lr``, a reload, a late
+        answer) applies a step later. Otherwise it reads the socket only while an answer
+        is awaited and not all that this step may use is in (the answer due:
+        :meth:`_await_due` waits for it where the step needs it), while CUDA-staged
+        statistics wait to be sent, and while something is left to send or the link is
+        down. The answer to the step just reported is for the next optimizer step, which
+        the next ``step()`` reads.
         """
         try:
             if self._link is not None and (self._acked < self._reported
