@@ -22,9 +22,9 @@ class Applying:
         """Optimizer pre-step hook: the LRs this optimizer step uses into the groups.
 
         After a report whose LRs ``step()`` settled (see ``Reporting._finalize``: the loop
-        calls ``step()`` first, the usual order) it reads nothing: those LRs went out with
-        the report, and what lands now (a push from ``lrctl set-lr``, a reload, a late
-        answer) applies a step later. Otherwise it reads the socket only while an answer
+        calls ``step()`` first and the answer due was in) it reads nothing: those LRs went
+        out with the report, and what lands now (a push from ``lrctl set-lr``, a reload)
+        applies a step later. Otherwise it reads the socket only while an answer
         is awaited and not all that this step may use is in (the answer due:
         :meth:`_await_due` waits for it where the step needs it), while CUDA-staged
         statistics wait to be sent, and while something is left to send or the link is
@@ -139,6 +139,9 @@ class Applying:
                 keep = min(keep, link.buffer[0][0])
             if batch is not None and batch.losses:
                 keep = min(keep, batch.last_step - len(batch.losses) + 1)
+            staged = self._staging.oldest  # CUDA: reports still to be sent
+            if staged is not None:
+                keep = min(keep, staged)
             history.forget_before(keep)
             self._history_cap = max(history.PRUNE_AT, 2 * len(history))
 

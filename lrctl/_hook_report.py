@@ -28,6 +28,9 @@ from .wire.messages import encode_obs
 __all__ = ["Reporting"]
 
 _NO_METRICS: Mapping[str, Any] = MappingProxyType({})
+#: Param groups up to which a report says its LRs (``u``): beyond, a JSON frame with them
+#: (and ``b``) could pass the frame limit; the controller then records its own view.
+MAX_USED = 512
 _INF = math.inf
 
 
@@ -149,9 +152,15 @@ class Reporting:
 
     def _finalize(self, t: int) -> None:
         """The LRs of optimizer step ``t`` (the loop's next), settled before its report
-        says them (``u``): what has come is read, the answer due at ``t`` awaited (as the
-        optimizer pre-step hook would), and nothing read after the report changes them
-        (:attr:`_frozen`; an answer or push that lands later applies a step later)."""
+        says them (``u``) where nothing is left to wait for: what has come is read, and
+        when the answer due at ``t`` is in (it almost always is: a forward and backward
+        pass have passed since it was asked), or will not be awaited (``every="auto"``'s
+        full batch, a late or lost controller), nothing read after the report changes
+        them (:attr:`_frozen`; what lands later applies a step later). When it is still
+        on its way, the report goes without them, at once, and the pre-step hook awaits
+        the answer as it always did (a step shorter than the controller's round trip
+        must not wait for it before sending); the controller then records the LRs it
+        decided, which the hook applies exactly then."""
         link = self._link
         assert link is not None
         if self._acked < self._reported or not link.idle or (
@@ -159,21 +168,25 @@ class Reporting:
             # The answer to the last report has most likely come (a step has passed since
             # it was sent): read it without polling first.
             self._pump(self._acked < self._reported)
-        if self._acked < self._due_step():
-            self._await_due()
         if self._held:
             self._promote()
-        self._frozen = t
+        due = self._due_step()
+        if (self._acked >= due or self._late or not link.connected or self._staging.used
+                or (self._batch is not None and due != self._urgent_step)):
+            self._frozen = t
 
     def _used_for(self, t: int) -> list[float] | None:
         """The LRs optimizer step ``t`` runs on, for its report (``u``): this step's as
         :meth:`_finalize` settled them, an earlier one's from the history; None in sync
         mode (the answer to ``t`` sets them) and for a step not settled."""
-        if self.sync:
+        if self.sync or not self._link_says_used() or len(self._target) > MAX_USED:
             return None
-        if self._frozen == t:  # (the usual report: nothing changed them since)
-            return self._target
-        return self._used_at(t)
+        used = self._used_at(t)  # a step that has run (a staged or flushed report)
+        return self._target if used is None and self._frozen == t else used
+
+    def _link_says_used(self) -> bool:
+        link = self._link
+        return link is not None and link.says_used
 
     def _guard_step(self, t: int, loss: Any, grad_norm: Any) -> tuple[Any, Any, bool]:
         """The local non-finite guard (see :mod:`lrctl._guard`); returns the statistics
@@ -295,7 +308,8 @@ class Reporting:
         batch = self._batch
         if batch is not None:  # every="auto": the steps held since the last report
             prior, prior_grads = batch.take(loss, grad)
-            if prior:  # what they ran on: an answer may have come in their midst
+            if prior and self._link_says_used() and len(self._target) <= MAX_USED:
+                # what they ran on: an answer may have come in their midst
                 prior_used = self._runs_of_used(t - len(prior), t)
             if batch.urgent:
                 batch.urgent = False

@@ -37,7 +37,7 @@ from .wire.compact import compact_agreed, to_json_frame
 from .wire.decoder import FrameDecoder
 from .wire.errors import ProtocolError
 from .wire.frames import MAX_HELLO, encode
-from .wire.messages import with_used
+from .wire.messages import says_used, with_used
 
 __all__ = ["Link"]
 
@@ -101,6 +101,10 @@ class Link:
         self.respawn = respawn
         # The LRs a step ran on, for the frames it replays (None: the step is forgotten).
         self.used_at: Callable[[int], list[float] | None] | None = None
+        self.says_used = False  # the controller reads u, the LRs a step ran on (its welcome)
+        # Bytes of the replay under way: what may wait unsent beyond MAX_PENDING_OUT (a
+        # long outage's frames go out at once; the controller reads them as it can).
+        self._replaying = 0
         self._down_since: float | None = None
         self._last_respawn = -RESPAWN_EVERY_S
 
@@ -176,6 +180,7 @@ class Link:
         if self.state != "closed":
             self.state = "down"
         self._out.clear()
+        self._replaying = 0
         self._next_attempt = time.monotonic() + self._backoff
         self._backoff = min(self._backoff * 2, self.max_backoff)
 
@@ -262,7 +267,7 @@ class Link:
     def _write(self, frame: bytes) -> None:
         if self._out:
             self._out += frame
-            if len(self._out) > MAX_PENDING_OUT:
+            if len(self._out) > max(MAX_PENDING_OUT, self._replaying):
                 self._down("the controller does not read what the hook sends")
             return
         assert self._sock is not None
@@ -286,6 +291,8 @@ class Link:
             self._send_failed(exc)
             return
         del self._out[:sent]
+        if not self._out:
+            self._replaying = 0  # the replay is out: the usual bound again
 
     def _send_failed(self, exc: OSError) -> None:
         """The controller closed the connection: read why first (a fatal ``error`` frame,
@@ -373,10 +380,18 @@ class Link:
         if self.compact and not agreed:  # a controller that reads only JSON
             self.buffer = deque((step, to_json_frame(frame)) for step, frame in self.buffer)
         self.compact = agreed
+        self.says_used = type(msg.get("used")) is int and msg.get("used") == 1
         used_at = self.used_at
+        self._replaying = 2 * sum(len(frame) for _, frame in self.buffer)  # (u grows some)
         for step, frame in self.buffer:  # replay, in order: see the module docstring
-            used = used_at(step) if used_at is not None else None
-            self._write(frame if used is None else with_used(frame, used))
+            if not self.says_used:  # (a controller from before u, of the same version)
+                if says_used(frame):
+                    frame = with_used(frame, None)
+            elif used_at is not None and not says_used(frame):
+                used = used_at(step)
+                if used is not None:
+                    frame = with_used(frame, used)
+            self._write(frame)
             if self.state != "up":
                 return
         log.info("lrctl link up at step %d (%d observation(s) replayed)", last, len(self.buffer))

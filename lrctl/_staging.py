@@ -36,6 +36,11 @@ class DeviceStaging:
     def __bool__(self) -> bool:
         return bool(self._pending)
 
+    @property
+    def oldest(self) -> int | None:
+        """The step of the oldest statistics not sent yet."""
+        return self._pending[0][0] if self._pending else None
+
     def stage(self, t: int, loss: Any, grad: Any, on_dev: tuple[bool, bool],
               metrics: Mapping[str, Any], send: Send) -> None:
         """Start a device→pinned copy of step ``t``'s statistics."""

@@ -7,12 +7,12 @@ optimizer) and mlflow only if the training script imported it.
 Timing. Put ``ctl.step(loss)`` after ``backward()`` and before
 ``optimizer.step()``. The LRs the controller returns for an observation apply
 to the next optimizer step after they arrive: in sync mode that is the step
-right after the observation (so ``should_skip`` can veto it); in async mode
-``step()`` of ``t + 1`` reads what has arrived, awaits the answer to ``t``, and its
-report says which LRs that step runs on (the optimizer pre-step hook applies them
-and reads nothing more; with ``step()`` after ``optimizer.step()``, the pre-step hook
-does the awaiting), so a decision made from step ``t`` is in effect at step
-``t + 1`` when the controller keeps up. On
+right after the observation (so ``should_skip`` can veto it); in async mode an
+optimizer pre-step hook applies whatever has arrived, waiting for the answer due, so
+a decision made from step ``t`` is in effect at step ``t + 1`` when the controller
+keeps up (where that answer is already in when ``step()`` of ``t + 1`` reports, the
+report says which LRs the step runs on and the pre-step hook reads nothing more: see
+``Reporting._finalize``). On
 CUDA (async), statistics are copied to a pinned buffer and sent one step later
 when the copy's event has completed, so no step waits for the device; their
 decisions land one step later too.

@@ -160,6 +160,8 @@ def decode_compact(body: bytes) -> dict[str, Any]:
         msg = {"v": 1, "t": "obs", "s": step, "l": loss if flags & 1 else None,
                "g": grad if flags & 2 else None}
         if flags & 4:
+            if len(body) < _OBS.size + _COUNT.size:
+                raise ProtocolError("bad compact obs frame", "bad_message")
             (n,) = _COUNT.unpack_from(body, _OBS.size)
             if n > MAX_GROUPS or len(body) != _OBS.size + _COUNT.size + 8 * n:
                 raise ProtocolError("bad compact obs frame", "bad_message")

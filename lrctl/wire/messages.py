@@ -22,7 +22,7 @@ from .frames import HEADER, MAX_FRAME, decode_json, encode
 
 __all__ = ["MAX_PRIOR", "decode_body", "encode_lr", "encode_obs", "float_in", "float_out",
            "get_float", "get_int", "get_str", "lr_list", "plain_message", "prior_steps",
-           "prior_used", "with_used"]
+           "prior_used", "says_used", "with_used"]
 
 
 
@@ -107,20 +107,42 @@ def encode_obs(step: int, loss: float | None, grad_norm: float | None,
 MAX_PRIOR = 256  # held steps one obs may carry (every="auto" holds at most 63)
 
 
-def with_used(frame: bytes, used: Sequence[float]) -> bytes:
-    """An ``obs`` frame (compact or JSON) as the JSON frame that also says which LRs its
-    step ran on (``u``): what the hook replays after a reconnect."""
-    from .compact import COMPACT_BIT, decode_compact
+def says_used(frame: bytes) -> bool:
+    """Whether an ``obs`` frame already says which LRs its step ran on (``u``); cheap:
+    no decoding (a compact frame's flag 4, a JSON frame's key)."""
+    from .compact import COMPACT_BIT
+
+    if HEADER.unpack_from(frame)[0] & COMPACT_BIT:
+        return len(frame) > 5 and frame[4] == 1 and bool(frame[5] & 4)
+    return b'"u":' in frame
+
+
+def with_used(frame: bytes, used: Sequence[float] | None) -> bytes:
+    """An ``obs`` frame that says (``used``) or no longer says (None) which LRs its step
+    ran on, compact where it was: what the hook replays after a reconnect (to a
+    controller that reads ``u``, or to one that does not). A frame that cannot carry
+    them (too large) goes as it was."""
+    from .compact import COMPACT_BIT, decode_compact, encode_obs_compact
 
     (raw,) = HEADER.unpack_from(frame)
     body = frame[HEADER.size:]
     msg = decode_compact(body) if raw & COMPACT_BIT else decode_body(body)
     if msg.get("t") != "obs":
         raise ProtocolError("only obs frames are replayed", "bad_message")
+    lrs = None if used is None else [float(v) for v in used]
+    if raw & COMPACT_BIT:
+        out = encode_obs_compact(msg["s"], msg["l"], msg["g"], lrs)
+        if out is not None:
+            return out
     msg = dict(msg)
     msg.pop("v", None)
-    msg["u"] = [float(v) for v in used]
-    return encode(msg)
+    msg.pop("u", None)
+    if lrs is not None:
+        msg["u"] = lrs
+    try:
+        return encode(msg)
+    except ProtocolError:
+        return frame
 
 
 def lr_list(value: Any, groups: int, key: str) -> list[float]:
