@@ -10,6 +10,8 @@ import math
 import os
 import signal
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +51,7 @@ class _Loop:
         self.opt = torch.optim.SGD([self.weight], lr=0.1)
         self.ran: list[float] = []
         self.step = 0
+        self.key = ""  # the run's key, once its hook closed
 
     def track(self) -> None:
         self.opt.register_step_pre_hook(
@@ -64,6 +67,26 @@ class _Loop:
             self.step += 1
 
 
+@contextmanager
+def _audited(make_controller: Any, name: str, policy: Any = WARMUP,
+             **options: Any) -> Iterator[tuple[ControllerProc, _Loop, Any]]:
+    """A controller with its journal, a loop and its hook; the hook closed after."""
+    proc: ControllerProc = make_controller(audit=True)
+    loop = _Loop()
+    ctl = lrctl.attach(loop.opt, policy=policy, spawn=False, run_name=name, **options)
+    loop.track()
+    try:
+        yield proc, loop, ctl
+    finally:
+        loop.key = ctl.run_key or ""
+        ctl.close()
+
+
+def _check_all(proc: ControllerProc, loop: _Loop) -> None:
+    """Every step's record is what it ran on."""
+    _check(_recorded(proc.state_dir, loop.key), loop.ran, range(1, loop.step))
+
+
 def _check(points: list[tuple[int, float]], ran: list[float], steps: range) -> None:
     wrong = [(s, _at(points, s), ran[s]) for s in steps
              if not math.isclose(_at(points, s), ran[s], rel_tol=1e-12)]
@@ -72,11 +95,7 @@ def _check(points: list[tuple[int, float]], ran: list[float], steps: range) -> N
 
 def test_steps_trained_while_the_controller_was_gone_are_recorded_as_they_ran(
         make_controller: Any) -> None:
-    proc: ControllerProc = make_controller(audit=True)
-    loop = _Loop()
-    ctl = lrctl.attach(loop.opt, policy=WARMUP, spawn=False, run_name="gone", timeout=10.0)
-    loop.track()
-    try:
+    with _audited(make_controller, "gone", timeout=10.0) as (proc, loop, ctl):
         loop.train(ctl, 60)
         proc.kill9()  # its checkpoint is up to a second old: the hook replays from it
         with pytest.warns(RuntimeWarning, match="lost the controller"):
@@ -89,32 +108,17 @@ def test_steps_trained_while_the_controller_was_gone_are_recorded_as_they_ran(
             loop.train(ctl, 1)  # the hook reconnects (with back-off) and replays
         assert ctl.connected
         loop.train(ctl, 20)
-        key = ctl.run_key
-        assert key is not None
-    finally:
-        ctl.close()
-    points = _recorded(proc.state_dir, key)
     # Every step: before the kill, the outage the new controller replayed (recorded, as
     # it decided them, with the warmup's LRs before this change), and after.
-    _check(points, loop.ran, range(1, loop.step))
+    _check_all(proc, loop)
 
 
 def test_the_steps_of_an_auto_batch_are_recorded_as_they_ran(make_controller: Any) -> None:
-    proc: ControllerProc = make_controller(audit=True)
-    loop = _Loop()
-    ctl = lrctl.attach(loop.opt, policy=WARMUP, spawn=False, run_name="auto", every="auto",
-                       timeout=10.0)
-    loop.track()
-    assert ctl._batch is not None
-    ctl._batch.fix_k(8)  # batches of 8: an answer lands in the midst of each
-    try:
+    with _audited(make_controller, "auto", every="auto", timeout=10.0) as (proc, loop, ctl):
+        assert ctl._batch is not None
+        ctl._batch.fix_k(8)  # batches of 8: an answer lands in the midst of each
         loop.train(ctl, 200)
-        key = ctl.run_key
-        assert key is not None
-    finally:
-        ctl.close()
-    points = _recorded(proc.state_dir, key)
-    _check(points, loop.ran, range(1, loop.step))
+    _check_all(proc, loop)
 
 
 def test_steps_run_while_answers_came_late_are_recorded_as_they_ran(
@@ -122,11 +126,7 @@ def test_steps_run_while_answers_came_late_are_recorded_as_they_ran(
     """A controller that stops answering for a while (here SIGSTOP): the hook waits one
     ``timeout`` for an answer due, then trains on at its LRs without waiting; the answers
     come later and apply as they arrive. Each step is recorded with what it ran on."""
-    proc: ControllerProc = make_controller(audit=True)
-    loop = _Loop()
-    ctl = lrctl.attach(loop.opt, policy=WARMUP, spawn=False, run_name="late", timeout=0.05)
-    loop.track()
-    try:
+    with _audited(make_controller, "late", timeout=0.05) as (proc, loop, ctl):
         loop.train(ctl, 40)
         os.kill(proc.pid, signal.SIGSTOP)
         try:
@@ -136,14 +136,10 @@ def test_steps_run_while_answers_came_late_are_recorded_as_they_ran(
             os.kill(proc.pid, signal.SIGCONT)
         assert ctl.late_waits >= 1
         loop.train(ctl, 60)
-        key = ctl.run_key
-        assert key is not None
-    finally:
-        ctl.close()
     assert len(set(loop.ran[45:70])) < 25, "the stop held the warmup back"
     # The step whose wait timed out went out before the wait (its answer was on its way):
     # recorded with the LRs decided for it, which it did not get. Every other step as it ran.
-    points = _recorded(proc.state_dir, key)
+    points = _recorded(proc.state_dir, loop.key)
     wrong = [s for s in range(1, loop.step)
              if not math.isclose(_at(points, s), loop.ran[s], rel_tol=1e-12)]
     assert len(wrong) <= ctl.late_waits, wrong
@@ -153,14 +149,9 @@ def test_operator_pushes_are_recorded_from_the_step_they_ran_at(make_controller:
     """``lrctl set-lr`` (a push) lands whenever the controller reads it, often while a
     paced hook's observation is still unread: it was recorded a step before the hook
     applied it. Many pushes, at whatever moment they come, each recorded as it ran."""
-    proc: ControllerProc = make_controller(audit=True)
-    loop = _Loop()
-    ctl = lrctl.attach(loop.opt, policy={"version": 1, "policies": [
-        {"kind": "divergence"}]}, spawn=False, run_name="pushed", timeout=10.0)
-    loop.track()
-    key = ctl.run_key
-    assert key is not None
-    try:
+    guard = {"version": 1, "policies": [{"kind": "divergence"}]}
+    with _audited(make_controller, "pushed", guard, timeout=10.0) as (proc, loop, ctl):
+        key = ctl.run_key
         for i in range(12):
             loop.train(ctl, 15)
             # Between step() and optimizer.step(): the controller takes the push before it
@@ -179,10 +170,8 @@ def test_operator_pushes_are_recorded_from_the_step_they_ran_at(make_controller:
             loop.opt.step()
             loop.step += 1
         loop.train(ctl, 15)
-    finally:
-        ctl.close()
     assert len(set(loop.ran)) >= 12, "every push reached the optimizer"
-    _check(_recorded(proc.state_dir, key), loop.ran, range(1, loop.step))
+    _check_all(proc, loop)
 
 
 def test_the_history_keeps_each_change_from_the_step_it_first_ran_at() -> None:
