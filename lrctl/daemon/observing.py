@@ -95,8 +95,9 @@ class Observing:
                 type(grad) is float and grad - grad == 0.0) else float_in(grad, "grad_norm")
             # The LRs the optimizer used at this step: an async hook applies the answer to
             # step t at step t + 1 (so step t ran on what was decided before it); a sync
-            # hook waits for the answer to t and applies it to t's own optimizer step. A
-            # replayed frame says what its step ran on (u: see lrctl._lr_history).
+            # hook waits for the answer to t and applies it to t's own optimizer step. An
+            # async hook's report says what its step ran on where it knows (u: see
+            # lrctl._lr_history), which the record follows.
             groups = len(session.engine.initial_lrs)
             given = msg.get("u")
             used = (lr_list(given, groups, "u") if given is not None
