@@ -156,17 +156,68 @@ def test_a_back_off_that_does_not_take_rolls_back_with_evidence() -> None:
 
 
 def test_rollbacks_are_bounded_then_stop() -> None:
+    """The fault stays (a too-high LR, say): each restored model starts at the old loss,
+    and two steps later diverges again."""
     policy = {**GUARD, "policies": [{**GUARD["policies"][0], "max_rollbacks": 1,
                                      "max_backoffs": 50}]}
     engine = lrctl.load_policy(policy, [0.1])
     engine.enable_snapshots(every=5, keep=10)
-    losses = _stream(200, 30)
-    for t, loss in enumerate(losses):
-        engine.observe(t, loss)  # the fault stays: the rolled-back run diverges again
+    rng = random.Random(0)
+    restored_at = -100
+    for t in range(200):
+        broken = t >= 30 and t - restored_at > 2
+        engine.observe(t, math.exp(rng.gauss(0.0, 0.02)) * (60.0 if broken else 1.0))
+        if engine.rollback_to is not None:
+            restored_at = t
         if engine.should_stop:
             break
     actions = [d.action for d in engine.decisions if d.policy == "divergence"]
     assert actions.count("rollback") == 1 and actions[-1] == "stop"
+    assert not any(d.evidence.get("level_accepted") for d in engine.decisions)
+
+
+def test_a_lasting_change_of_data_after_a_rollback_gives_the_lr_back() -> None:
+    """The loss 60× up for good, whatever the weights (harder data): the weights restored
+    from before the incident show it at once, so no further rollback follows: the level
+    is accepted and the LR given back (it was rolled back, then asked to stop, before).
+    The watch survives a resume between the rollback and its verdict."""
+    engine = lrctl.load_policy(GUARD, [0.1])
+    engine.enable_snapshots(every=5, keep=10)
+    resumed = None
+    for t, loss in enumerate(_stream(300, 30)):
+        engine.observe(t, loss)
+        if resumed is not None:
+            resumed.observe(t, loss)
+        elif engine.rollback_to is not None:
+            resumed = lrctl.load_policy(GUARD, [0.1])
+            resumed.load_state_dict(engine.state_dict())
+    actions = [(d.step, d.action) for d in engine.decisions if d.action != "skip"]
+    assert [a for _, a in actions] == ["backoff", "rollback", "regrow"], actions
+    (given,) = [d for d in engine.decisions if d.evidence.get("level_accepted")]
+    assert given.evidence["snapshot_step"] == 25 and given.evidence["multiplier"] == 1.0
+    assert "not the weights" in given.reason and list(given.new_lrs) == [0.1]
+    assert not engine.should_stop and list(engine.applied_lrs) == [0.1]
+    assert resumed is not None and [d.to_dict() for d in resumed.decisions] == [
+        d.to_dict() for d in engine.decisions if d.step > actions[1][0]]
+
+
+def test_a_nonfinite_loss_after_the_restore_is_no_change_of_data() -> None:
+    """The same lasting 60× level, but the restored model's third loss is NaN: a new
+    incident, so that rollback's verdict is not waited for. The next rollback's restored
+    weights show the level again, cleanly: only then is the LR given back."""
+    engine = lrctl.load_policy(GUARD, [0.1])
+    engine.enable_snapshots(every=5, keep=10)
+    rolled = None
+    for t, loss in enumerate(_stream(120, 30)):
+        engine.observe(t, math.nan if rolled is not None and t == rolled + 3 else loss)
+        if engine.rollback_to is not None and rolled is None:
+            rolled = t
+    assert rolled is not None
+    actions = [(d.step, d.action) for d in engine.decisions if d.action != "skip"]
+    assert [a for _, a in actions] == ["backoff", "rollback", "backoff", "rollback", "regrow"]
+    assert actions[2][0] == rolled + 3
+    (given,) = [d for d in engine.decisions if d.evidence.get("level_accepted")]
+    assert given.step == actions[4][0] and not engine.should_stop
 
 
 def test_persisting_nonfinite_values_roll_back() -> None:

@@ -26,6 +26,7 @@ class GuardActions(GuardAttributes):
         self._spikes = self._grad_spikes = 0
         self._clean = 0
         self._after = self._accepted = None  # a new incident (or a stop): nothing to give back
+        self._restored = None  # (nor a rollback's verdict to wait for)
         if self._stopped:  # already asked to stop: say it once; still never raise the LR
             ctx.stop = True
             old = self._scale

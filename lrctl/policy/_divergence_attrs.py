@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from ._base import Action, StepContext
+from ._base import Action
 from .stats import RobustWindow
 
 __all__ = ["GuardAttributes"]
@@ -51,9 +51,16 @@ class GuardAttributes:
     _after: list[float] | None
     _accepted: dict[str, Any] | None
     _with_snapshots: bool
+    _restored: dict[str, Any] | None
+    _cooldown_level: float | None
+    _data_after_rollback: dict[str, Any] | None
     _told_nonpositive: bool
     # methods one mixin calls on another
-    _rollback: Callable[[StepContext, str, dict[str, Any], float], list[Action] | None]
+    _rollback: Callable[..., list[Action] | None]
+    _restored_shows_it: Callable[[list[float], dict[str, Any] | None], dict[str, Any] | None]
+    _judge: Callable[[float | None, float | None], dict[str, Any] | None]
+    _near: Callable[[float, float], bool]
+    _levels: Callable[[float, float], dict[str, float]]
     _back_off: Callable[..., list[Action]]
     _rollback_state: Callable[[], dict[str, Any]]
     _load_rollback_state: Callable[[Mapping[str, Any]], None]

@@ -12,6 +12,7 @@ from typing import Any
 
 from ._base import Action, StepContext
 from ._divergence_attrs import GuardAttributes
+from ._divergence_shift import median
 
 __all__ = ["RollbackEscalation"]
 
@@ -20,10 +21,12 @@ class RollbackEscalation(GuardAttributes):
     """Rollback decisions and their state (mixed into the divergence guard)."""
 
     def _rollback(self, ctx: StepContext, reason: str, evidence: dict[str, Any],
-                  factor: float) -> list[Action] | None:
+                  factor: float, level: float | None = None) -> list[Action] | None:
         """Roll back to the newest snapshot before the incident, with the LR × ``factor``;
         None (the caller backs off as without snapshots) when there is no such snapshot,
-        rollbacks are off, or a back-off would stop the run anyway."""
+        rollbacks are off, or a back-off would stop the run anyway. ``level``: the judged
+        median loss the broken run sat at (a back-off that did not take), for
+        :meth:`_restored_shows_it` to compare the restored weights' loss with."""
         book = ctx.snapshots
         most = self.params["max_rollbacks"]
         if (book is None or most == 0 or self._stopped or self._incident < 0
@@ -47,6 +50,8 @@ class RollbackEscalation(GuardAttributes):
             return actions
         old = self._scale
         self._scale = max(self._scale * factor, self.params["min_multiplier"])
+        self._restored = None if level is None else {
+            "level": level, "snapshot_step": target, "ceiling": self._ceiling, "first": None}
         self._rollbacks += 1
         self._backoffs += 1
         self._total_backoffs += 1
@@ -66,12 +71,43 @@ class RollbackEscalation(GuardAttributes):
                         f"lost), LR × {self._scale / old:.6g}", record))
         return actions
 
+    def _note_restored(self, judged_loss: float | None) -> None:
+        """The first judged loss after a rollback: that of the restored weights themselves
+        (no update at the new LR has reached them yet)."""
+        restored = self._restored
+        if restored is not None and restored["first"] is None and judged_loss is not None:
+            restored["first"] = judged_loss
+
+    def _restored_shows_it(self, losses: list[float], shift: dict[str, Any] | None,
+                           ) -> dict[str, Any] | None:
+        """The first cooldown after a rollback ended (``losses``: its judged losses;
+        ``shift``: its evidence of a level still over ``max_shift`` ×, or None): evidence
+        that the rise came with the data, not the weights, else None. The restored
+        snapshot's weights are from before the incident; if their own first loss is
+        already a spike by the window's test, and the cooldown's median loss is within
+        ``LOSS_CONFIRMS`` × of the level the broken run sat at, what the rollback undid
+        did not cause the rise. A blow-up from a too-high LR starts again from the old
+        level (the first loss, on the restored weights, is ordinary); a snapshot that was
+        itself damaged is the rare case this cannot tell from new data."""
+        restored, self._restored = self._restored, None
+        if restored is None or shift is None or restored["first"] is None or not losses:
+            return None
+        first, level = restored["first"], restored["level"]
+        if self._judge(first, None) is None or not self._near(level, median(losses)):
+            return None
+        self._ceiling = max(self._ceiling, restored["ceiling"])  # no rollback was needed
+        return {**shift, **self._levels(level, median(losses)), "window": len(losses),
+                "snapshot_step": restored["snapshot_step"], "first_loss": self._levels(
+                    first, first)["loss_after"]}
+
     def _rollback_state(self) -> dict[str, Any]:
         if not self._with_snapshots:
             return {}
         return {"rollback": {"rollbacks": self._rollbacks, "incident": self._incident,
                              "nonfinite_run": self._nonfinite_run, "ceiling": self._ceiling,
-                             "discard_until": self._discard_until}}
+                             "discard_until": self._discard_until,
+                             **({"restored": dict(self._restored)}
+                                if self._restored is not None else {})}}
 
     def _load_rollback_state(self, state: Mapping[str, Any]) -> None:
         rollback = state.get("rollback") or {}
@@ -81,3 +117,8 @@ class RollbackEscalation(GuardAttributes):
         self._nonfinite_run = int(rollback.get("nonfinite_run", 0))
         self._ceiling = float(rollback.get("ceiling", 1.0))
         self._discard_until = int(rollback.get("discard_until", -1))
+        restored = rollback.get("restored")
+        self._restored = None if restored is None else {
+            "level": float(restored["level"]), "snapshot_step": int(restored["snapshot_step"]),
+            "ceiling": float(restored["ceiling"]),
+            "first": None if restored["first"] is None else float(restored["first"])}

@@ -14,7 +14,7 @@ from ._base import Action, Observation, StepContext
 from ._divergence_attrs import GuardAttributes
 from .stats import RobustWindow
 
-__all__ = ["LOSS_CONFIRMS", "MAX_ESCALATIONS", "LevelShift"]
+__all__ = ["LOSS_CONFIRMS", "MAX_ESCALATIONS", "LevelShift", "median"]
 
 #: Harder back-offs in a row (×factor² each) before a high loss level is accepted.
 MAX_ESCALATIONS = 3
@@ -53,16 +53,23 @@ class LevelShift(GuardAttributes):
         spikes, self._cooldown_spikes = self._cooldown_spikes, 0
         if 2 * spikes <= len(seen):
             self._escalation = 0
-            self._incident_level = None
+            self._incident_level = self._restored = None
             return None
         losses = [v for v, _ in seen if v is not None]
         gnorms = [g for _, g in seen if g is not None]
         shift = self._shift(losses, gnorms)
+        restored = self._restored_shows_it(losses, shift)
+        if restored is not None:  # the data, not the weights: accept the level, LR back
+            self._incident_level, self._escalation = None, 0
+            self._data_after_rollback = restored
+            shift = None
+        if shift is not None:  # the level the broken run sits at (a rollback compares)
+            self._cooldown_level = median(losses)
         if shift is not None and self._escalation == 0:
-            self._incident_level = _median(losses)  # the level the cuts must move
+            self._incident_level = median(losses)  # the level the cuts must move
             self._level_held = True
         elif (shift is not None and self._incident_level is not None
-              and not self._near(self._incident_level, _median(losses))):
+              and not self._near(self._incident_level, median(losses))):
             self._level_held = False  # the cuts moved it (down, or it blew up further)
         if shift is not None and self._escalation < MAX_ESCALATIONS:
             return shift
@@ -94,7 +101,7 @@ class LevelShift(GuardAttributes):
         first, shift = self._incident_level, self._accepted
         self._after = self._accepted = self._incident_level = None
         assert first is not None and shift is not None
-        level = _median(after)
+        level = median(after)
         if not (self._level_held and self._near(first, level)):
             return None
         return self._give_back({**shift, **self._levels(first, level),
@@ -114,8 +121,8 @@ class LevelShift(GuardAttributes):
         return {"loss_before": math.exp(before), "loss_after": math.exp(after)}
 
     def _give_back(self, evidence: dict[str, Any]) -> list[Action]:
-        """Harder back-offs left the loss where it was: return the LR to its value before
-        the back-off that began the incident (see :meth:`_end_cooldown`)."""
+        """Harder back-offs (or a rollback) left the loss where it was: return the LR to
+        its value before the back-off that began the incident (see :meth:`_end_cooldown`)."""
         old = self._scale
         target = min(self._before_incident, self._ceiling)
         self._backoffs = 0
@@ -124,14 +131,23 @@ class LevelShift(GuardAttributes):
         if target <= old:
             return []
         self._scale = target
+        before, after = evidence["loss_before"], evidence["loss_after"]
+        old_level = (f"the {evidence['statistic'].removesuffix('_level')} was "
+                     f"{evidence['ratio']:.3g}× its old median {evidence['median']:.6g}")
+        if "snapshot_step" in evidence:
+            why = (f"the weights restored from the snapshot of step {evidence['snapshot_step']} "
+                   f"showed the broken run's loss (their first {evidence['first_loss']:.6g}; "
+                   f"median {after:.6g} over the {evidence['window']} observations after "
+                   f"the rollback, the broken run's {before:.6g}; {old_level}): the rise "
+                   f"came with the data, not the weights")
+        else:
+            why = (f"the loss stayed at its new level through {MAX_ESCALATIONS} harder "
+                   f"back-offs and {evidence['window']} observations at the cut LR (median "
+                   f"{before:.6g} → {after:.6g}; {old_level}): the LR did not cause it")
         return [Action(
             "regrow",
-            f"the loss stayed at its new level through {MAX_ESCALATIONS} harder back-offs and "
-            f"{evidence['window']} observations at the cut LR (median "
-            f"{evidence['loss_before']:.6g} → {evidence['loss_after']:.6g}; the "
-            f"{evidence['statistic'].removesuffix('_level')} was {evidence['ratio']:.3g}× "
-            f"its old median {evidence['median']:.6g}): the LR did not cause it (a change "
-            f"of data); LR × {target / old:.6g}, back to its value before the incident",
+            f"{why} (a change of data); LR × {target / old:.6g}, back to its value before "
+            f"the incident",
             {**evidence, "factor": target / old, "multiplier": target,
              "level_accepted": True})]
 
@@ -161,7 +177,7 @@ class LevelShift(GuardAttributes):
         """(log ratio, new median, old median) of the cooldown's values against the window."""
         if not watched or not values or not len(window):
             return None
-        new, old = _median(values), window.median()
+        new, old = median(values), window.median()
         if not linear:
             return new - old, math.exp(new), math.exp(old)
         if old <= 0 or new <= 0:
@@ -180,7 +196,8 @@ class LevelShift(GuardAttributes):
                   f"through the cooldown (more than max_shift {self.params['max_shift']:g}×): "
                   f"the back-off did not take")
         evidence = {**still, "escalation": self._escalation}
-        rolled = self._rollback(ctx, reason, evidence, self.params["rollback_factor"])
+        rolled = self._rollback(ctx, reason, evidence, self.params["rollback_factor"],
+                                level=self._cooldown_level)
         if rolled is not None:
             return rolled
         return self._back_off(ctx, reason, evidence, force=False, factor=factor)
@@ -193,11 +210,12 @@ def _moved(window: list[float], seen: list[float]) -> list[float]:
     new level is a spike at once."""
     if not seen or not window:
         return window + seen
-    delta = _median(seen) - _median(window)
+    delta = median(seen) - median(window)
     return [v + delta for v in window] + seen
 
 
-def _median(values: list[float]) -> float:
+def median(values: list[float]) -> float:
+    """The median of ``values`` (not empty)."""
     ordered = sorted(values)
     mid = len(ordered) // 2
     return ordered[mid] if len(ordered) % 2 else 0.5 * (ordered[mid - 1] + ordered[mid])

@@ -58,6 +58,14 @@ The behaviour of a mixed-precision loss scaler, applied to the learning rate:
   on (the batches in between are skipped). The LR then regrows no higher than the
   rollback left it (what needed a rollback was no passing spike). At most
   ``max_rollbacks`` per run; one more would-be rollback asks the run to stop.
+  Unless the restored weights show the broken run's loss themselves: when the first
+  loss after the restore (of the snapshot's weights, before any update at the cut
+  LR) is a spike by the window's test, and the first cooldown's median loss is
+  within 1.5× of the level the broken run sat at, what the rollback undid did not
+  cause the rise (a change to harder data: a blow-up from a too-high LR starts
+  again from the old level). The level is then accepted and the LR given back to
+  its value before the incident (a ``regrow`` decision saying so, the ceiling
+  lifted); the rollback still counts toward ``max_rollbacks``.
 """
 
 from __future__ import annotations
@@ -160,6 +168,11 @@ class Divergence(GuardState, GuardActions, LevelShift, RollbackEscalation, React
         # After a rollback decided at t, the steps up to t + lag ran on the weights being
         # thrown away (the hook restores at t + lag): nothing they show is a new incident.
         self._discard_until = -1
+        # After a rollback decided on a loss level (see _restored_shows_it): that level,
+        # the snapshot, the ceiling before it and the restored weights' first loss.
+        self._restored: dict[str, Any] | None = None
+        self._cooldown_level: float | None = None  # the last shifted cooldown's median loss
+        self._data_after_rollback: dict[str, Any] | None = None  # its give-back, once due
         self._now = -1  # the step being observed
         self._told_nonpositive = False  # a loss <= 0 on the log scale was noted
         self._with_snapshots = False  # has backed off in a run whose hook keeps snapshots
@@ -265,6 +278,8 @@ class Divergence(GuardState, GuardActions, LevelShift, RollbackEscalation, React
                 self._loss.add(judged_loss)
             if log_gnorm is not None and self._watch_grad:
                 self._gnorm.add(log_gnorm)
+        if self._restored is not None:
+            self._note_restored(judged_loss)
         in_cooldown = self._cooldown > 0
         if in_cooldown:
             self._cooldown_seen.append((judged_loss, log_gnorm))
@@ -278,6 +293,9 @@ class Divergence(GuardState, GuardActions, LevelShift, RollbackEscalation, React
                     self._level_shift = False
                     ctx.flags.add("level_shift")
                     evidence = None  # this value is of the level accepted (in its window)
+                    given, self._data_after_rollback = self._data_after_rollback, None
+                    if given is not None:
+                        return self._give_back(given)
         elif (self._after is not None and evidence is None and judged_loss is not None
               and self._watch_loss and not self._stopped):
             given = self._settle(judged_loss)
