@@ -117,12 +117,15 @@ class Session:
 
     @classmethod
     def restore(cls, state: Mapping[str, Any]) -> Session:
-        """A session from :meth:`to_state`; raises ``ValueError`` (or ``KeyError``) if unusable."""
-        s = cls.create(key=state["run"], run_name=state["run_name"],
-                       policy_text=state["policy_text"], policy_source=state["policy_source"],
+        """A session from :meth:`to_state`; raises ``ValueError`` (or ``KeyError``) if unusable
+        (a checkpoint, or the state a hook saved: its fields are checked, not trusted)."""
+        s = cls.create(key=_text(state, "run"), run_name=_text(state, "run_name"),
+                       policy_text=_text(state, "policy_text"),
+                       policy_source=_text(state, "policy_source"),
                        lrs=state["initial_lrs"], world_size=state.get("world_size", 1),
-                       mlflow_run_id=state.get("mlflow_run_id"),
-                       tracking_uri=state.get("tracking_uri"), cwd=state.get("cwd"),
+                       mlflow_run_id=_text(state, "mlflow_run_id", optional=True),
+                       tracking_uri=_text(state, "tracking_uri", optional=True),
+                       cwd=_text(state, "cwd", optional=True),
                        total_steps=state.get("total_steps"))
         s.engine.load_state_dict(state["engine"])
         if "operator" not in state["engine"]:  # a checkpoint from before they moved there
@@ -336,7 +339,11 @@ class Session:
 
     # -- operator ---------------------------------------------------------------------------
     def set_lr(self, lr: float, steps: int | None) -> dict[str, Any]:
-        return self._record(self.engine.set_lr(lr, steps).to_dict())
+        try:
+            decision = self.engine.set_lr(lr, steps)
+        except ValueError as exc:  # an LR another group cannot take: nothing changes
+            raise ProtocolError(f"run {self.key}: {exc}", "bad_request") from None
+        return self._record(decision.to_dict())
 
     def clear_lr(self) -> dict[str, Any]:
         try:
@@ -404,3 +411,12 @@ def flatten_params(policy: PolicyFile) -> dict[str, str]:
         for k, v in entry.params.items():
             out[f"{entry.name}.{k}"] = str(v)[:250]
     return out
+
+
+def _text(state: Mapping[str, Any], key: str, optional: bool = False) -> Any:
+    """A string field of a saved session (None too, when ``optional``)."""
+    value = state.get(key) if optional else state[key]
+    if not (isinstance(value, str) or (optional and value is None)):
+        raise ValueError(f"{key} must be a string{' or null' if optional else ''}, "
+                         f"but got {value!r:.40}")
+    return value

@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
+from ._operator import finite_lrs as _finite_lrs
 from ._rollback import SnapshotBook
 
 if TYPE_CHECKING:
@@ -120,7 +121,11 @@ class EngineState:
         self.should_stop = bool(state["should_stop"])
         self.decision_count = int(state["decision_count"])
         self._unusable = bool(state.get("unusable", False))
-        self._lrs = tuple(float(x) for x in state["lrs"])
+        lrs = _finite_lrs(state["lrs"])  # (from a checkpoint, or a hook's saved session)
+        if lrs is None or len(lrs) != len(self.initial_lrs):
+            raise ValueError(f"state holds LRs {state['lrs']!r:.80}, not "
+                             f"{len(self.initial_lrs)} (one per group)")
+        self._lrs = lrs
         self._lrs_multiplier = None
         book = state.get("snapshots")
         self.snapshots = self._ctx.snapshots = (

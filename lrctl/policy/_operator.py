@@ -20,7 +20,7 @@ from typing import Any
 from ._base import Policy
 from ._decision import Decision
 
-__all__ = ["OPERATOR", "OperatorControls", "OperatorVerbs"]
+__all__ = ["OPERATOR", "OperatorControls", "OperatorVerbs", "finite_lrs"]
 
 OPERATOR = "operator"  # the policy name of the decisions made here
 
@@ -61,12 +61,12 @@ class OperatorControls:
 
     def load_state_dict(self, state: Mapping[str, Any] | None) -> None:
         state = state or {}
-        self.override = _floats(state.get("override"))
+        self.override = finite_lrs(state.get("override"))
         until = state.get("until")
         if until is not None and (isinstance(until, bool) or not isinstance(until, int)):
             raise ValueError(f"until must be a step or null, but got {until!r:.40}")
         self.until = None if self.override is None else until
-        self.hold = _floats(state.get("hold"))
+        self.hold = finite_lrs(state.get("hold"))
 
 
 class OperatorVerbs:
@@ -119,7 +119,12 @@ class OperatorVerbs:
         before = self.applied_lrs
         last = -1 if self.last_step is None else self.last_step
         until = None if steps is None else last + steps
-        self.operator.set_override([lr * r for r in ratios], until)
+        lrs = [lr * r for r in ratios]
+        for i, (value, ratio) in enumerate(zip(lrs, ratios, strict=True)):
+            if not math.isfinite(value):  # (nothing changes: the operator is told why)
+                raise ValueError(f"an LR of {lr:g} would make group {i}'s {value} (it keeps "
+                                 f"its ratio {ratio:g} to group 0): give a smaller LR")
+        self.operator.set_override(lrs, until)
         held = "until cleared" if steps is None else f"for {steps} steps (through step {until})"
         return self._operator_decision("set_lr", before, f"manual LR {lr:g} set by an "
                                        f"operator, held {held}", {"lr": lr, "steps": steps})
@@ -207,7 +212,7 @@ class OperatorVerbs:
         return decision
 
 
-def _floats(value: Any) -> tuple[float, ...] | None:
+def finite_lrs(value: Any) -> tuple[float, ...] | None:
     """LRs from a state (which may come from a user's checkpoint): finite numbers >= 0."""
     if value is None:
         return None

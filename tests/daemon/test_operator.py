@@ -44,6 +44,25 @@ def test_set_lr_is_held_for_n_steps_recorded_then_released(controller: Controlle
         assert "operator.release_lr" in table.stdout
 
 
+def test_an_lr_another_group_cannot_take_is_refused_and_changes_nothing(
+        controller: ControllerProc) -> None:
+    """An adversarial pass's find: group 1 at 1000× group 0, ``set-lr 1e306`` made its LR
+    inf; every answer to that run, its checkpoints and ``lrctl runs`` (for every run)
+    then failed on the non-JSON float."""
+    opt = torch.optim.SGD([{"params": [torch.nn.Parameter(torch.ones(1))], "lr": 0.001},
+                           {"params": [torch.nn.Parameter(torch.ones(1))], "lr": 1.0}])
+    with lrctl.attach(opt, policy=WARMUP, sync=True, spawn=False, run_name="big") as ctl:
+        ctl.step(1.0)
+        out = _cli("set-lr", "big", "1e306")
+        assert out.returncode == 1 and "group 1" in out.stderr and "smaller" in out.stderr
+        assert "Traceback" not in out.stderr and "internal" not in out.stderr
+        ctl.step(1.0)
+        assert ctl.connected and all(x < 1e300 for x in ctl.lr)
+        assert not any(d.policy == "operator" for d in ctl.decisions)
+        table = _cli("runs")
+        assert table.returncode == 0 and "big-" in table.stdout
+
+
 def test_pause_records_shadow_decisions_and_holds_the_lr(controller: ControllerProc) -> None:
     opt = torch.optim.SGD([torch.nn.Parameter(torch.ones(1))], lr=0.1)
     with lrctl.attach(opt, policy=WARMUP, sync=True, spawn=False, run_name="pz") as ctl:

@@ -499,3 +499,29 @@ def test_a_run_that_gained_a_param_group_resumes_from_its_state(
         finally:
             again.close()
     assert any("applied to the first ones only" in str(w.message) for w in caught)
+
+
+@pytest.mark.parametrize("field", ["lrs", "policy_source"])
+def test_a_saved_session_with_bad_fields_is_refused_and_adopts_nothing(
+        controller: ControllerProc, field: str) -> None:
+    """An adversarial pass's find: a resume state whose engine LRs said inf was answered
+    with an error, yet adopted; from then on `lrctl runs` failed for every run, and the
+    run could not be checkpointed. A non-string policy source raised inside the hello.
+    The README: a session that cannot be rebuilt refuses the hello and changes nothing."""
+    first = lrctl.attach(_opt(), policy=POLICY, sync=True, spawn=False, run_name="bad-state")
+    _step_all(first, [1.0] * 5, 0, 5)
+    state = first.state_dict()
+    first.close(end_run=False)
+    session = json.loads(json.dumps(state["session"]))
+    if field == "lrs":
+        session["engine"]["lrs"] = ["inf"]
+    else:
+        session["policy_source"] = 7
+    with pytest.raises(lrctl.client.PolicyRejected, match="is not usable"):
+        lrctl.attach(_opt(), policy=POLICY, sync=True, spawn=False,
+                     resume={**state, "session": session})
+    runs = subprocess.run([sys.executable, "-m", "lrctl", "runs", "--json"],
+                          capture_output=True, text=True, timeout=60)
+    assert runs.returncode == 0, runs.stderr
+    assert all(math.isfinite(x) for r in json.loads(runs.stdout) for x in r["lrs"])
+    assert "internal error" not in controller.log.read_text()
