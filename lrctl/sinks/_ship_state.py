@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from collections import deque
 from collections.abc import Iterable
@@ -15,6 +16,7 @@ from typing import Any
 
 from .journal import (
     STREAMS,
+    DamagedFile,
     JournalLine,
     RunPaths,
     atomic_write_json,
@@ -24,6 +26,8 @@ from .journal import (
 )
 
 __all__ = ["TIMELINE_DUE", "Experiments", "RunState", "StreamState", "files_behind", "runs_behind"]
+
+log = logging.getLogger("lrctl.sinks")
 
 #: Cursor key: the run ended and its timeline picture is still to be drawn.
 TIMELINE_DUE = "timeline_due"
@@ -44,8 +48,12 @@ def runs_behind(state_dir: Path) -> list[tuple[str, str]]:
     behind = []
     for key in list_run_keys(state_dir):
         paths = RunPaths.of(state_dir, key)
-        meta = read_json(paths.meta, {})
-        cursor = read_json(paths.cursor, {})
+        try:  # (a damaged cursor would ship the run again from its start: duplicates)
+            meta = read_json(paths.meta, {}, strict=True)
+            cursor = read_json(paths.cursor, {}, strict=True)
+        except DamagedFile as exc:
+            log.error("run %s is not shipped to MLflow: %s; its journal is intact", key, exc)
+            continue
         uri = (meta.get("mlflow") or {}).get("tracking_uri")
         if not uri or cursor.get("failed"):
             continue

@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import json
+import logging
 import math
 import os
 import re
@@ -36,6 +37,7 @@ from ..paths import ensure_private_dir, is_run_key, open_private
 
 __all__ = [
     "DISCARDED",
+    "DamagedFile",
     "STREAMS",
     "JournalError",
     "JournalLine",
@@ -381,11 +383,27 @@ def fsync_path(path: Path) -> None:
         os.close(fd)
 
 
-def read_json(path: Path, default: Any = None) -> Any:
+class DamagedFile(ValueError):
+    """A run's JSON file (meta, cursor) that is not what lrctl writes there."""
+
+
+def read_json(path: Path, default: Any = None, strict: bool = False) -> Any:
+    """The JSON in ``path``; ``default`` when there is none. A damaged file (empty,
+    truncated, not JSON, or not an object where ``default`` is one) is logged and read as
+    ``default``, so that one run's file cannot stop the controller or a command from
+    reading the others; with ``strict`` it raises :class:`DamagedFile` instead."""
     try:
         with open(path, encoding="utf-8") as f:
-            return json.load(f)
+            value = json.load(f)
+        if isinstance(default, dict) and not isinstance(value, dict):
+            raise ValueError(f"a JSON {type(value).__name__}, not an object")
+        return value
     except FileNotFoundError:
+        return default
+    except (ValueError, UnicodeDecodeError) as exc:
+        if strict:
+            raise DamagedFile(f"{path} is damaged ({exc})") from None
+        logging.getLogger("lrctl").warning("%s is damaged (%s): read as empty", path, exc)
         return default
 
 

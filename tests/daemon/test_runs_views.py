@@ -106,3 +106,31 @@ def test_runs_all_on_a_silent_socket_says_where_it_looked_and_why(
     assert main(["runs", "--all", "--socket", str(short_dir / "nobody.sock")]) == 0
     out = capsys.readouterr().out
     assert out.startswith("no runs in ") and "pass the same --state-dir" in out
+
+
+@pytest.mark.parametrize("name", ["meta.json", "cursor.json"])
+def test_one_runs_damaged_file_stops_neither_the_controller_nor_the_views(
+        make_controller, capsys: pytest.CaptureFixture[str], name: str) -> None:  # type: ignore[no-untyped-def]
+    """An adversarial pass's find: one empty meta.json (or cursor.json) made `lrctl serve`
+    exit 2 on start ("Expecting value: line 1 column 1"), naming no file, and `runs
+    --all`, `decisions` and `report` print a traceback. The file is now logged as
+    damaged and read as empty; the run is not shipped again from its start."""
+    import os
+    from pathlib import Path
+
+    controller: ControllerProc = make_controller(audit=True)
+    _train("damaged").close()
+    _train("intact").close()
+    assert controller.stop() == 0
+    root = Path(os.environ["LRCTL_STATE_DIR"]) / "runs"
+    (victim,) = [d for d in root.iterdir() if d.name.startswith("damaged-")]
+    (victim / name).write_text("")
+    again: ControllerProc = make_controller(audit=True)  # starts (start() waits for it)
+    _, remembered = _views(capsys)
+    assert "intact" in remembered  # the damaged run by its key when its meta is gone
+    assert any(n.startswith("damaged") for n in remembered)
+    assert main(["decisions", "intact"]) == 0
+    capsys.readouterr()
+    assert again.stop() == 0
+    if name == "cursor.json":
+        assert f"run {victim.name} is not shipped to MLflow" in again.log.read_text()
