@@ -19,6 +19,11 @@ daemon thread that reads that stamp. Two things end the process from it:
 
 A second SIGTERM/SIGINT exits at once (for a person pressing Ctrl-C again).
 
+A pause of the whole process (SIGSTOP, Ctrl-Z then ``fg``, a suspended batch job, ``docker
+pause``) stops the monitor too: it sees that its own looks came far apart, and gives the
+loop a fresh ``stall_s`` from the resume (and moves a shutdown's deadline by the pause)
+instead of calling a healthy loop stuck. (It killed such a controller with status 70.)
+
 The monitor only reads a float and the clock; it never touches controller state.
 """
 
@@ -73,6 +78,11 @@ class LoopMonitor:
         self._exit = exit
         self._clock = clock
         self._stop_deadline: float | None = None
+        self.period = min(1.0, stall_s / 4, grace_s / 4)  # between looks
+        # Looks further apart than this: the process (monitor included) was paused.
+        self._pause_gap = 2 * self.period + 1.0
+        self._last_look: float | None = None
+        self._resumed = -float("inf")  # the end of the latest such pause
         self._signals = 0
         self._done = threading.Event()
         self._thread = threading.Thread(target=self._run, name="lrctl-liveness", daemon=True)
@@ -104,6 +114,13 @@ class LoopMonitor:
     def check(self) -> int | None:
         """One look: the exit status to end with, or None while all is well."""
         now = self._clock()
+        last, self._last_look = self._last_look, now
+        if last is not None and now - last > self._pause_gap:
+            self._resumed = now
+            if self._stop_deadline is not None:
+                self._stop_deadline += now - last
+            log.warning("the controller was paused for %.1f s (SIGSTOP, a suspended job?): "
+                        "the event loop is judged from now", now - last)
         if self._stop_deadline is not None:
             if now <= self._stop_deadline:
                 return None
@@ -111,7 +128,7 @@ class LoopMonitor:
                       "anyway (runs resume from their last checkpoint). Threads:\n%s",
                       self.grace_s, thread_stacks())
             return EXIT_SHUTDOWN_OVERRUN
-        quiet = now - self._last_wake()
+        quiet = now - max(self._last_wake(), self._resumed)
         if quiet <= self.stall_s:
             return None
         log.error("the event loop has not turned for %.1f s (limit %.1f s): the controller "
@@ -120,8 +137,7 @@ class LoopMonitor:
         return EXIT_STALLED
 
     def _run(self) -> None:
-        period = min(1.0, self.stall_s / 4, self.grace_s / 4)
-        while not self._done.wait(period):
+        while not self._done.wait(self.period):
             status = self.check()
             if status is not None:
                 _flush_logs()

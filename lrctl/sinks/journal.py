@@ -37,8 +37,8 @@ from ..paths import ensure_private_dir, is_run_key, open_private
 
 __all__ = [
     "DISCARDED",
-    "DamagedFile",
     "STREAMS",
+    "DamagedFile",
     "JournalError",
     "JournalLine",
     "RunPaths",

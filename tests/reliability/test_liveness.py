@@ -57,6 +57,31 @@ def test_stop_request_switches_to_the_grace_deadline(caplog: pytest.LogCaptureFi
     assert "--- thread MainThread" in caplog.text  # the stack dump names the threads
 
 
+def test_a_pause_of_the_whole_process_is_no_stall(caplog: pytest.LogCaptureFixture) -> None:
+    """An adversarial pass's find: a controller SIGSTOPped for longer than stall_s exited
+    70 on SIGCONT (its monitor, paused too, saw the loop's old stamp first). Looks far
+    apart mean the monitor itself did not run: the loop is judged from the resume."""
+    clock = Clock()
+    wake = [100.0]
+    monitor = LoopMonitor(lambda: wake[0], stall_s=30.0, clock=clock)
+    assert monitor.check() is None
+    clock.t = 100.0 + 45.0  # stopped for 45 s, loop and monitor alike
+    with caplog.at_level(logging.WARNING, logger="lrctl.daemon"):
+        assert monitor.check() is None
+    assert "paused for 45.0 s" in caplog.text
+    clock.t += monitor.period  # looks resume at their pace; the loop stays stuck
+    for _ in range(29):
+        assert monitor.check() is None
+        clock.t += monitor.period
+    clock.t += monitor.period
+    assert monitor.check() == EXIT_STALLED  # a stall after the resume is still caught
+    monitor = LoopMonitor(lambda: wake[0], stall_s=30.0, grace_s=2.0, clock=Clock())
+    monitor.stop_requested()
+    assert monitor._clock() == 100.0 and monitor.check() is None
+    monitor._clock.t = 110.0  # type: ignore[attr-defined]  (paused 10 s in the grace)
+    assert monitor.check() is None
+
+
 def test_second_signal_exits_at_once() -> None:
     exits: list[int] = []
     monitor = LoopMonitor(lambda: 0.0, exit=exits.append)
