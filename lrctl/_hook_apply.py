@@ -96,7 +96,7 @@ class Applying:
         if due < 0 or self._acked >= due:
             self._late = False  # caught up: exact t+1 again
             return
-        if self._batch is not None and due != self._urgent_step:
+        if self._batch is not None and due not in self._urgent_steps:
             return  # every="auto": a full batch's answer applies when it arrives
         if self._late:
             return  # a wait already timed out: no step waits again until answers catch up

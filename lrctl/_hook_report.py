@@ -172,7 +172,7 @@ class Reporting:
             self._promote()
         due = self._due_step()
         if (self._acked >= due or self._late or not link.connected or self._staging.used
-                or (self._batch is not None and due != self._urgent_step)):
+                or (self._batch is not None and due not in self._urgent_steps)):
             self._frozen = t
 
     def _used_for(self, t: int) -> list[float] | None:
@@ -313,7 +313,7 @@ class Reporting:
                 prior_used = self._runs_of_used(t - len(prior), t)
             if batch.urgent:
                 batch.urgent = False
-                self._urgent_step = t
+                self._urgent_steps = (self._urgent_steps[1], t)
         link = self._link
         used = self._used_for(t) if loss is not None or grad is not None else None
         if (link.compact and clean is None and not overflow and not prior

@@ -204,7 +204,9 @@ class Controller(Resuming, LinkSide, Reporting, Applying):
         self.run_key: str | None = None
         self._dist = Distributed.detect()
         # every="auto": batched reports where they can apply (see lrctl._batching)
-        self._urgent_step = -1  # every="auto": the last report of a step that stood out
+        # every="auto": the last two reports of steps that stood out (the answer due is to
+        # one of the last two reports: a NaN, then the highest loss yet, are both awaited)
+        self._urgent_steps = (-1, -1)
         self._batch = Batching() if (auto and not self.sync and base != "loop"
                                      and self._dist.world_size == 1) else None
         self._rollbacks = Rollbacks.create(optimizer, snapshot_every, keep, model, on_snapshot,

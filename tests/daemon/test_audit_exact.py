@@ -121,6 +121,45 @@ def test_the_steps_of_an_auto_batch_are_recorded_as_they_ran(make_controller: An
     _check_all(proc, loop)
 
 
+def test_auto_awaits_a_back_off_after_two_urgent_reports_in_a_row(
+        make_controller: Any) -> None:
+    """An adversarial pass's find: with every="auto", a NaN at step 40 and the highest
+    loss yet at 41 (a blow-up) are both reported at once; the hook remembered only the
+    last urgent report, so the pre-step hook of step 41 did not await the back-off to
+    step 40: it ran a step late, and the audit said it had not."""
+    spikes = {40: math.nan, 41: 100.0}
+
+    class _Spiky(_Loop):
+        def train(self, ctl: Any, steps: int) -> None:
+            for _ in range(steps):
+                self.opt.zero_grad()
+                loss = (self.weight ** 2).sum() + 1.0
+                loss.backward()
+                ctl.step(loss * spikes.get(self.step, 1.0))
+                if not ctl.should_skip or self.step not in spikes:
+                    self.opt.step()
+                else:
+                    self.ran.append(math.nan)  # skipped: nothing ran
+                self.step += 1
+
+    proc: ControllerProc = make_controller(audit=True)
+    loop = _Spiky()
+    ctl = lrctl.attach(loop.opt, policy="default", spawn=False, run_name="auto-nan",
+                       every="auto", timeout=10.0, sync=False)
+    loop.track()
+    try:
+        loop.train(ctl, 60)
+    finally:
+        loop.key = ctl.run_key or ""
+        ctl.close()
+    backoff = [d for d in ctl.decisions if d.action == "backoff"]
+    assert backoff and backoff[0].step == 40
+    assert loop.ran[41] == pytest.approx(backoff[0].new_lrs[0])  # in effect at t + 1
+    points = _recorded(proc.state_dir, loop.key)
+    _check(points, loop.ran, range(1, 40))
+    _check(points, loop.ran, range(41, loop.step))
+
+
 def test_steps_run_while_answers_came_late_are_recorded_as_they_ran(
         make_controller: Any) -> None:
     """A controller that stops answering for a while (here SIGSTOP): the hook waits one
