@@ -246,9 +246,11 @@ class LinkSide:
                 # Caught up (also when step() itself read this answer, and no pre-step
                 # hook saw the answers due): a late answer may be waited for again.
                 self._late = False
-        if s == self._reported and msg.get("skip") is True:
+        if s == self._reported and s == self._step - 1 and msg.get("skip") is True:
+            # The verdict on the step being taken (sync; async answers come a step later,
+            # when the step they judge has run: a flag then would skip the next, good one).
             self.should_skip = True
-            if self.sync and s == self._step - 1:
+            if self.sync:
                 self._guard.veto()  # in time for this step's optimizer.step(): carry it out
         if msg.get("stop") is True:
             self.should_stop = True

@@ -8,6 +8,7 @@ gradient, and every parameter must stay finite while the run goes on.
 from __future__ import annotations
 
 import math
+import select
 import warnings
 from collections.abc import Callable
 
@@ -103,6 +104,35 @@ def test_a_loop_that_skips_itself_does_not_lose_the_next_step(controller: Contro
         stepped.append(not torch.equal(before, model.weight))
     ctl.close()
     assert stepped == [True] * 5 and _finite(model)
+
+
+def test_an_async_spike_verdict_does_not_skip_the_next_good_step(
+        controller: ControllerProc) -> None:
+    """An adversarial pass's find: async, a loss spike at step 40 (the step has run by the
+    time the verdict comes) set should_skip during step 41's step(): a loop honouring it
+    skipped step 41, a good one. Only a verdict on the step being taken sets it."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    ctl = lrctl.attach(opt, policy="default", timeout=10.0)
+    skipped = []
+    for step in range(50):
+        opt.zero_grad()
+        loss = (model(torch.randn(8, 4)) ** 2).mean() + 1.0
+        loss.backward()
+        if step == 40:  # every answer in: step 40's report says its LRs, nothing is read
+            assert ctl._link.wait(lambda: ctl._acked >= ctl._reported, 10.0)
+        ctl.step(loss.detach() * (1000.0 if step == 40 else 1.0))
+        if ctl.should_skip:
+            skipped.append(step)
+            continue
+        opt.step()
+        if step == 40:  # the verdict on step 40 has come: step 41's step() reads it
+            select.select([ctl._link._sock], [], [], 10.0)
+    ctl.close()
+    spike = [d for d in ctl.decisions if d.action == "skip" and d.step == 40]
+    assert spike and spike[0].evidence.get("advisory")  # the verdict came, advisory
+    assert skipped == []
 
 
 def test_warns_when_called_after_optimizer_step(controller: ControllerProc) -> None:
