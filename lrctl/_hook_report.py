@@ -177,11 +177,15 @@ class Reporting:
 
     def _used_for(self, t: int) -> list[float] | None:
         """The LRs optimizer step ``t`` runs on, for its report (``u``): this step's as
-        :meth:`_finalize` settled them, an earlier one's from the history; None in sync
-        mode (the answer to ``t`` sets them) and for a step not settled."""
-        if self.sync or not self._link_says_used() or len(self._target) > MAX_USED:
+        :meth:`_finalize` settled them, an earlier one's from the history; None for a step
+        not settled, and in sync mode for a step still to run (the answer to ``t`` sets
+        its LRs; a step that has run, in torch's order or reported by ``close()``, says
+        what it ran on)."""
+        if not self._link_says_used() or len(self._target) > MAX_USED:
             return None
         used = self._used_at(t)  # a step that has run (a staged or flushed report)
+        if self.sync:
+            return used
         return self._target if used is None and self._frozen == t else used
 
     def _link_says_used(self) -> bool:

@@ -160,6 +160,22 @@ def test_auto_awaits_a_back_off_after_two_urgent_reports_in_a_row(
     _check(points, loop.ran, range(41, loop.step))
 
 
+def test_sync_in_torchs_order_records_what_each_step_ran_on(make_controller: Any) -> None:
+    """An adversarial pass's find: sync, with step() after optimizer.step() (torch's order,
+    lrctl.Scheduler(sync=True)), every step was recorded with the LR decided after it
+    (one step early): the report of a step that has run now says what it ran on."""
+    with _audited(make_controller, "sync-after", sync=True, timeout=10.0) as (proc, loop,
+                                                                                  ctl):
+        for _ in range(60):
+            loop.opt.zero_grad()
+            loss = (loop.weight ** 2).sum() + 1.0
+            loss.backward()
+            loop.opt.step()
+            ctl.step(loss)
+            loop.step += 1
+    _check_all(proc, loop)
+
+
 def test_steps_run_while_answers_came_late_are_recorded_as_they_ran(
         make_controller: Any) -> None:
     """A controller that stops answering for a while (here SIGSTOP): the hook waits one
