@@ -23,7 +23,7 @@ from ._torchutil import (
     unscaled_norm,
 )
 from .wire.compact import encode_obs_compact
-from .wire.messages import encode_obs
+from .wire.messages import MAX_PRIOR, encode_obs
 
 __all__ = ["Reporting"]
 
@@ -320,7 +320,10 @@ class Reporting:
                 self._urgent_steps = (self._urgent_steps[1], t)
         link = self._link
         used = self._used_for(t) if loss is not None or grad is not None else None
-        if (link.compact and clean is None and not overflow and not prior
+        # every=N: what the unreported steps since the last report ran on, where it changed
+        gap = (self._gap_changes(self._reported + 1, t) if batch is None and self.every > 1
+               and t > self._reported + 1 else None)
+        if (link.compact and clean is None and not overflow and not prior and not gap
                 and self._restored_unreported is None and not self._writer.loop_mode):
             frame = encode_obs_compact(t, loss, grad, used)  # plain: see wire.compact
             if frame is not None:
@@ -332,6 +335,7 @@ class Reporting:
                                base=self._writer.base if self._writer.loop_mode else None,
                                restored=self._restored_unreported, prior=prior,
                                prior_grads=prior_grads, prior_used=prior_used, used=used,
+                               gap_used=gap,
                                # reported after the loop's step t - 1 (see report()):
                                # they measured the weights of that step
                                metrics_step=t - 1 if clean else None)
@@ -341,6 +345,23 @@ class Reporting:
             return
         self._prev_reported, self._reported = self._reported, t
         link.send_obs(t, frame)
+
+    def _gap_changes(self, first: int, end: int) -> list[tuple[int, list[float]]] | None:
+        """``every=N``: where the LRs of the unreported steps ``first`` to ``end - 1``
+        changed, as ``(step, LRs)`` (the controller records them: ``gu``); None when they
+        did not, or the history no longer holds them."""
+        if not self._link_says_used() or len(self._target) > MAX_USED:
+            return None
+        runs = self._runs_of_used(first, end)
+        if runs is None:
+            return None
+        changes = []
+        before, step = self._history.at(first - 1), first
+        for count, lrs in runs:
+            if lrs != before:
+                changes.append((step, lrs))
+            before, step = lrs, step + count
+        return changes[-MAX_PRIOR:] or None
 
     def _runs_of_used(self, first: int, end: int) -> list[tuple[int, list[float]]] | None:
         """The LRs optimizer steps ``first`` to ``end - 1`` ran on, as runs of ``(count,

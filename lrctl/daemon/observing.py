@@ -21,7 +21,15 @@ from ..policy._inputs import check_metrics
 from ..wire.compact import encode_lr_compact
 from ..wire.errors import ProtocolError
 from ..wire.frames import MAX_HELLO
-from ..wire.messages import encode_lr, float_in, get_int, lr_list, prior_steps, prior_used
+from ..wire.messages import (
+    encode_lr,
+    float_in,
+    gap_used,
+    get_int,
+    lr_list,
+    prior_steps,
+    prior_used,
+)
 from . import operator
 from .checkpoints import Checkpoints
 from .conn import Conn
@@ -102,6 +110,8 @@ class Observing:
             given = msg.get("u")
             used = (lr_list(given, groups, "u") if given is not None
                     else None if session.sync else session.lrs())
+            # every=N: where the LRs changed in the steps since the last report
+            gap = gap_used(msg, session.last_step, step, groups) if "gu" in msg else None
             base = msg.get("b")
             if base is not None:  # base="loop": the loop's own LRs, scaled by lrctl's
                 base = session.loop_base = lr_list(base, groups, "b")
@@ -123,6 +133,9 @@ class Observing:
         used = result.lrs if used is None else used
         if base is not None:
             used = session.used_lrs(used, base)
+        if gap:
+            for changed, lrs in gap:
+                self.sink.lr_change(key, changed, lrs)
         self.sink.observation(key, step, loss, grad, used)
         for d in result.decisions:
             self.sink.decision(key, {**d, "wall_time": time.time()})

@@ -170,6 +170,15 @@ class AuditSink(RunSync, Sink):
         if points:
             self._metrics(run, points)
 
+    def lr_change(self, run_key: str, step: int, lrs: Sequence[float]) -> None:
+        run = self._run(run_key)
+        if run.last_step is not None and step <= run.last_step:
+            return  # replayed: already journaled
+        run.last_step = step
+        points = run.sampler.lr_change(step, lrs)
+        if points:
+            self._metrics(run, points)
+
     def decision(self, run_key: str, record: Mapping[str, Any]) -> None:
         run = self._run(run_key)
         step, key = int(record["step"]), dedup_key(record)

@@ -84,6 +84,10 @@ class Sink(ABC):
                     grad_norm: float | None, lrs: Sequence[float]) -> None:
         """Every observation; the sink downsamples as configured."""
 
+    def lr_change(self, run_key: str, step: int, lrs: Sequence[float]) -> None:
+        """The LRs changed at ``step``, between two observations (``every=N``)."""
+        return None
+
     @abstractmethod
     def decision(self, run_key: str, record: Mapping[str, Any]) -> None:
         """One decision (``Decision.to_dict()`` plus ``wall_time``); durable once the next

@@ -77,6 +77,20 @@ class MetricSampler:
         self._lrs, self._step = lrs_t, step
         return points
 
+    def lr_change(self, step: int, lrs: Sequence[float]) -> list[Point]:
+        """The LRs changed at ``step``, a step between two observations (``every=N``: the
+        hook reports what its unreported steps ran on): their points, no statistics."""
+        lrs_t = tuple(map(float, lrs))
+        if lrs_t == self._lrs:
+            return []
+        points: list[Point] = []
+        if (self._lrs is not None and self._step is not None
+                and self._lr_logged_step != self._step and len(self._lrs) == len(lrs_t)):
+            points += [(lr_key(g), lr, self._step) for g, lr in enumerate(self._lrs)]
+        points += [(lr_key(g), lr, step) for g, lr in enumerate(lrs_t)]
+        self._lrs, self._step, self._lr_logged_step = lrs_t, step, step
+        return points
+
     def finish(self) -> list[Point]:
         """The run ended: the last observed LRs and statistics, so curves reach the end."""
         if self._lrs is None or self._step is None:

@@ -52,7 +52,10 @@ Hook → controller:
   ``pg`` (their grad norms, the same length, null where none), ``pu`` (optional: the LRs
   those steps ran on, as runs ``[count, lrs]``, oldest first), ``u`` (optional: the LRs
   the optimizer step of ``s`` runs on, as the hook settled them; the controller records
-  these, not its own view of what was in effect).
+  these, not its own view of what was in effect), ``gu`` (optional, ``every=N``: where
+  the LRs changed in the unreported steps since the last observed one, as at most
+  ``MAX_PRIOR`` ``[step, lrs]`` pairs, steps in order; the controller records each change
+  at its step).
 * ``snapshot``: the run's state after every observation so far → ``snapshot``
   ``{s, session}``.
 * ``bye``: the run ended; the controller closes the session.

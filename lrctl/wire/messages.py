@@ -20,9 +20,24 @@ from .errors import ProtocolError
 from .floats import NON_FINITE, float_to_json
 from .frames import HEADER, MAX_FRAME, decode_json, encode
 
-__all__ = ["MAX_PRIOR", "decode_body", "encode_lr", "encode_obs", "float_in", "float_out",
-           "get_float", "get_int", "get_str", "lr_list", "plain_message", "prior_steps",
-           "prior_used", "says_used", "with_used"]
+__all__ = [
+    "MAX_PRIOR",
+    "decode_body",
+    "encode_lr",
+    "encode_obs",
+    "float_in",
+    "float_out",
+    "gap_used",
+    "get_float",
+    "get_int",
+    "get_str",
+    "lr_list",
+    "plain_message",
+    "prior_steps",
+    "prior_used",
+    "says_used",
+    "with_used",
+]
 
 
 
@@ -59,7 +74,8 @@ def encode_obs(step: int, loss: float | None, grad_norm: float | None,
                prior_grads: Sequence[float | None] | None = None,
                metrics_step: int | None = None,
                prior_used: Sequence[tuple[int, Sequence[float]]] | None = None,
-               used: Sequence[float] | None = None) -> bytes:
+               used: Sequence[float] | None = None,
+               gap_used: Sequence[tuple[int, Sequence[float]]] | None = None) -> bytes:
     """An ``obs`` frame, formatted by hand: this runs once per training step.
 
     ``repr`` of a finite float is valid JSON; the rare fields go through
@@ -74,10 +90,12 @@ def encode_obs(step: int, loss: float | None, grad_norm: float | None,
     oldest first (see :mod:`lrctl._lr_history`). With metrics, ``ms``: the step whose
     weights they measured (the loop's last step before ``report()``; the observation's
     own when absent). ``u``: the LRs the optimizer step of ``s`` runs on (an async hook
-    says; see :mod:`lrctl._lr_history`).
+    says; see :mod:`lrctl._lr_history`). ``gu`` (``every=N``): where the LRs changed in
+    the steps since the previous report, which were not reported: ``[step, lrs]`` pairs,
+    oldest first, each the LRs from that step on.
     """
     if (metrics or overflow or base is not None or restored is not None or prior
-            or used is not None):
+            or used is not None or gap_used):
         msg: dict[str, Any] = {"t": "obs", "s": step, "l": float_out(loss),
                                "g": float_out(grad_norm)}
         if metrics:
@@ -98,6 +116,8 @@ def encode_obs(step: int, loss: float | None, grad_norm: float | None,
                 msg["pu"] = [[int(n), [float(v) for v in lrs]] for n, lrs in prior_used]
         if used is not None:
             msg["u"] = [float(v) for v in used]
+        if gap_used:
+            msg["gu"] = [[int(s), [float(v) for v in lrs]] for s, lrs in gap_used]
         return encode(msg)
     body = f'{{"v":1,"t":"obs","s":{int(step)},"l":{_num(loss)},"g":{_num(grad_norm)}}}'.encode(
         "ascii")
@@ -172,6 +192,26 @@ def prior_used(msg: Mapping[str, Any], held: int, groups: int) -> list[list[floa
         out += [lr_list(run[1], groups, "pu")] * run[0]
     if len(out) != held:
         raise ProtocolError("pu must cover every step of pl", "bad_message")
+    return out
+
+
+def gap_used(msg: Mapping[str, Any], after: int, step: int,
+             groups: int) -> list[tuple[int, list[float]]]:
+    """Where the LRs changed in the unreported steps after ``after`` and before ``step``
+    (``gu``), as ``(step, LRs)``, oldest first; empty when the frame says nothing."""
+    changes = msg.get("gu")
+    if changes is None:
+        return []
+    if not isinstance(changes, list) or len(changes) > MAX_PRIOR:
+        raise ProtocolError(f"gu must be a list of at most {MAX_PRIOR} [step, lrs] pairs",
+                            "bad_message")
+    out: list[tuple[int, list[float]]] = []
+    for change in changes:
+        if (not isinstance(change, list) or len(change) != 2 or type(change[0]) is not int
+                or not (out[-1][0] if out else after) < change[0] < step):
+            raise ProtocolError("gu must hold [step, lrs] pairs of steps in order, between "
+                                "the last observed step and this one", "bad_message")
+        out.append((change[0], lr_list(change[1], groups, "gu")))
     return out
 
 

@@ -176,6 +176,17 @@ def test_sync_in_torchs_order_records_what_each_step_ran_on(make_controller: Any
     _check_all(proc, loop)
 
 
+def test_the_unreported_steps_of_every_n_are_recorded_as_they_ran(
+        make_controller: Any) -> None:
+    """An adversarial pass's find: with every=4 the warmup's LR changed at every step, but
+    the record moved only at report steps: steps between reports showed the LR of the
+    report before them (up to N - 1 steps late). A report now says where the LRs of the
+    steps since the last one changed (``gu``)."""
+    with _audited(make_controller, "every4", every=4, timeout=10.0) as (proc, loop, ctl):
+        loop.train(ctl, 62)  # ends between two reports: close() reports the last step
+    _check_all(proc, loop)
+
+
 def test_steps_run_while_answers_came_late_are_recorded_as_they_ran(
         make_controller: Any) -> None:
     """A controller that stops answering for a while (here SIGSTOP): the hook waits one
@@ -252,7 +263,14 @@ def test_the_wire_carries_the_lrs_used_and_refuses_bad_ones() -> None:
     from lrctl.wire.compact import decode_compact, encode_obs_compact, to_json_frame
     from lrctl.wire.errors import ProtocolError
     from lrctl.wire.frames import HEADER, decode_json
-    from lrctl.wire.messages import encode_obs, lr_list, prior_used, says_used, with_used
+    from lrctl.wire.messages import (
+        encode_obs,
+        gap_used,
+        lr_list,
+        prior_used,
+        says_used,
+        with_used,
+    )
 
     frame = encode_obs_compact(7, 1.5, None, [0.1, 0.02])
     assert frame is not None
@@ -287,3 +305,10 @@ def test_the_wire_carries_the_lrs_used_and_refuses_bad_ones() -> None:
                  [["3", [0.1]]]):
         with pytest.raises(ProtocolError):
             prior_used({"pu": runs}, 3, 1)
+    gap = decode_json(encode_obs(8, 1.0, None, gap_used=[(5, [0.1]), (7, [0.2])])[HEADER.size:])
+    assert gap_used(gap, 4, 8, 1) == [(5, [0.1]), (7, [0.2])]
+    assert gap_used({}, 4, 8, 1) == []
+    for changes in ([[4, [0.1]]], [[8, [0.1]]], [[6, [0.1]], [5, [0.2]]], [[5, [-0.1]]],
+                    [[5, [0.1, 0.2]]], [["5", [0.1]]], [[5]], "x", [[5, [0.1]]] * 300):
+        with pytest.raises(ProtocolError):
+            gap_used({"gu": changes}, 4, 8, 1)
