@@ -215,7 +215,7 @@ class Reporting:
                 loss = to_float(loss)  # a CPU tensor: read once, to judge the step
             reporting = self._batch_due(batch, loss, grad_norm)
         if grad_norm is None and self._compute_grad_norm and reporting:
-            grad_norm = total_grad_norm(self.optimizer)
+            grad_norm = total_grad_norm(self.optimizer, wide=scaler_enabled(self.scaler))
             if grad_norm is None:
                 self._warn("no-grad", "lrctl: ctl.step() found no gradients (call it after "
                                       "loss.backward()); the grad norm is not reported")

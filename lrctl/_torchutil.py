@@ -41,11 +41,14 @@ def register_pre_step(optimizer: Any, hook: Any) -> Any:
     return None
 
 
-def total_grad_norm(optimizer: Any) -> Any:
+def total_grad_norm(optimizer: Any, wide: bool = False) -> Any:
     """The 2-norm of all gradients of ``optimizer``'s parameters, as a tensor (no sync).
 
     Uses torch's foreach kernels (``get_total_norm``, grouped by device and
     dtype); ``None`` when torch is not loaded or no parameter has a gradient.
+    ``wide``: summed in float64, for gradients a ``GradScaler`` still scales (its scale
+    grows without bound where nothing overflows, as under bf16: past ~1e19 the float32
+    squares are inf, and every step read as an overflow).
     """
     torch = sys.modules.get("torch")
     if torch is None:
@@ -54,6 +57,14 @@ def total_grad_norm(optimizer: Any) -> Any:
              if getattr(p, "grad", None) is not None]
     if not grads:
         return None
+    if wide:
+        groups: dict[Any, list[Any]] = {}
+        for grad in grads:
+            groups.setdefault((grad.device, grad.dtype), []).append(grad)
+        wide_norms = [torch.linalg.vector_norm(torch.stack(torch._foreach_norm(
+            gs, 2.0, dtype=torch.float64)), 2.0) for gs in groups.values()]
+        return torch.linalg.vector_norm(
+            torch.stack([n.to(grads[0].device) for n in wide_norms]), 2.0)
     if _one_foreach_group(torch, grads):
         # get_total_norm's own arithmetic for a single (device, dtype) group, the usual
         # case (the same bits): without its per-call Python, about half its cost on a

@@ -308,6 +308,33 @@ def test_the_grad_norm_is_unscaled() -> None:
         scaled / 1024.0, rel=1e-6)
 
 
+def test_a_grown_scale_is_no_overflow(controller: ControllerProc) -> None:
+    """An adversarial pass's find: a GradScaler whose scale grew large (bf16, or a long
+    run with no overflow: it doubles every growth_interval steps) made the norm of the
+    still-scaled gradients inf in float32 (the squares overflow past ~1e19): every step
+    was read as an overflow, none carried a grad norm. The norm is now summed wide."""
+    model = _model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 70, growth_interval=10 ** 6)
+    loss_fn = torch.nn.MSELoss()
+    with lrctl.attach(optimizer, scaler=scaler, sync=True, timeout=SLOW_OK) as ctl:
+        for x, y in _batches(12, 16):
+            optimizer.zero_grad()
+            scaler.scale(loss_fn(model(x), y)).backward()
+            ctl.step(loss_fn(model(x), y).detach())
+            scaler.step(optimizer)
+            scaler.update()
+    assert scaler.get_scale() == 2.0 ** 70  # nothing overflowed
+    assert ctl.overflows == 0
+    x, y = _batches(1, 16)[0]
+    optimizer.zero_grad()
+    scaler.scale(loss_fn(model(x), y)).backward()
+    wide = float(unscaled_norm(scaler, optimizer, total_grad_norm(optimizer, wide=True)))
+    optimizer.zero_grad()
+    loss_fn(model(x), y).backward()
+    assert wide == pytest.approx(float(total_grad_norm(optimizer)), rel=1e-5)
+
+
 def _accumulated_run(micro: int, batch: int) -> tuple[list[tuple[int, str]], list[float]]:
     """One run of 4 × 8 or 1 × 32 samples per optimizer step, on the same data."""
     model = _model()
