@@ -146,7 +146,10 @@ class Reporting:
             if self.sync and self._reported == t:
                 self._wait_for(t)
         # A step the loop may rightly not take (a scaler overflow, should_skip).
-        self._excused = self.should_skip or self.overflows != overflows
+        # (With a scaler and every=N, a step between reports has no grad norm to tell an
+        # overflow by: the scaler may skip any step, and that is no accumulation.)
+        self._excused = self.should_skip or self.overflows != overflows or (
+            self.every > 1 and scaler_enabled(self.scaler))
         if batch is not None:
             batch.spent(perf_counter() - began, reporting)
 
@@ -233,6 +236,9 @@ class Reporting:
             # The scaler skips non-finite steps itself, and must:
             bad = not all(v is None or math.isfinite(v) for v in (loss, grad_norm))
             self.should_skip = self.should_skip or bad  # its unscale state is per step
+            # every=N: reported too (an overflow is counted, a non-finite loss judged, and
+            # the step the scaler skips is not taken for gradient accumulation)
+            reporting = reporting or bad
         elif guard.check(loss, grad_norm):
             self.should_skip = True
             # every=N: a step between reports, too, so that the policies see it (the

@@ -335,6 +335,33 @@ def test_a_grown_scale_is_no_overflow(controller: ControllerProc) -> None:
     assert wide == pytest.approx(float(total_grad_norm(optimizer)), rel=1e-5)
 
 
+def test_every_n_with_a_scaler_reports_non_finite_steps_between_reports(
+        controller: ControllerProc) -> None:
+    """An adversarial pass's find: with every=4 and a GradScaler, a NaN loss between two
+    reports was neither reported nor recorded (no skip, no back-off), and a run of
+    overflows between reports (the scaler skipping steps) was taken for gradient
+    accumulation and warned about."""
+    model = _model()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 16, growth_interval=10 ** 6)
+    loss_fn = torch.nn.MSELoss()
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        with lrctl.attach(optimizer, scaler=scaler, every=4, timeout=SLOW_OK) as ctl:
+            for step, (x, y) in enumerate(_batches(60, 16)):
+                loss = loss_fn(model(x), y) * (math.nan if step == 41 else 1.0)
+                optimizer.zero_grad()
+                scaler.scale(loss).backward()
+                if 10 <= step < 18:  # the scaler skips these (inf gradients)
+                    next(model.parameters()).grad.view(-1)[0] = math.inf
+                ctl.step(loss.detach())
+                scaler.step(optimizer)
+                scaler.update()
+    assert not [w for w in said if "several times between" in str(w.message)]
+    actions = {(d.step, d.action) for d in ctl.decisions}
+    assert {(41, "skip"), (41, "backoff")} <= actions
+
+
 def _accumulated_run(micro: int, batch: int) -> tuple[list[tuple[int, str]], list[float]]:
     """One run of 4 × 8 or 1 × 32 samples per optimizer step, on the same data."""
     model = _model()
