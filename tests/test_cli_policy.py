@@ -112,6 +112,10 @@ def test_replay_rejects_bad_curve(tmp_path: Path) -> None:
     result = lrctl("replay", "--curve", str(curve))
     assert result.returncode == 1
     assert "curve.csv:3" in result.stderr
+    curve.write_text("step,loss\n0,1.0,2.0,3.0\n")  # more fields than the header: said
+    result = lrctl("replay", "--curve", str(curve))
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert "curve.csv:2: 4 fields, but the header has 2" in result.stderr
 
 
 def test_replay_total_steps_drives_the_anneal(tmp_path: Path) -> None:

@@ -74,7 +74,12 @@ def cmd_report(args: argparse.Namespace) -> int:
     except RunNotFound as exc:
         print(f"lrctl report: {exc}", file=sys.stderr)
         return 2
-    out = render_run(paths.root, args.output)
+    try:
+        out = render_run(paths.root, args.output)
+    except OSError as exc:  # a missing folder, a directory given as the file, no space
+        print(f"lrctl report: cannot write {args.output or 'the picture'}: "
+              f"{exc.strerror or exc}", file=sys.stderr)
+        return 1
     print(f"{out}: timeline of run {paths.run_key}")
     return 0
 

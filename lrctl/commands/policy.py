@@ -75,6 +75,9 @@ def read_curve(path: str) -> Iterator[dict[str, float | None]]:
         for n, row in enumerate(reader, start=2):
             if n > MAX_CURVE_ROWS:
                 raise ValueError(f"{path}: more than {MAX_CURVE_ROWS} rows")
+            if None in row:  # (DictReader's key for the fields past the header's)
+                raise ValueError(f"{path}:{n}: {len(reader.fieldnames) + len(row[None])} "
+                                 f"fields, but the header has {len(reader.fieldnames)}")
             try:
                 yield {k: (float(v) if v not in ("", None) else None) for k, v in row.items()}
             except ValueError as exc:

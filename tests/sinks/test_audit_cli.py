@@ -62,6 +62,14 @@ def test_report_draws_the_timeline(state: Path, tmp_path: Path) -> None:
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 10_000
 
 
+@pytest.mark.parametrize("where", ["missing/t.png", "."])
+def test_report_to_a_place_it_cannot_write_says_so(
+        state: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], where: str) -> None:
+    """A missing folder, or a directory given as the file: a message, not a traceback."""
+    assert main(["report", "run-ab", "-o", str(tmp_path / where)]) == 1
+    assert "lrctl report: cannot write" in capsys.readouterr().err
+
+
 def test_runs_all_lists_ended_runs_from_the_journals(
         state: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
         capsys: pytest.CaptureFixture[str]) -> None:
