@@ -19,6 +19,7 @@ their own and read our runs' statistics (or feed us LRs).
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import os
 import re
@@ -262,7 +263,13 @@ def ensure_private_dir(path: str | os.PathLike[str], *, quiet: bool = False) -> 
 def open_private(path: str | os.PathLike[str], flags: int) -> int:
     """Open (creating 0600) a file in a directory already checked private; never through
     a symlink, and never anything but a regular file. Returns the descriptor."""
-    fd = os.open(path, flags | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    try:
+        fd = os.open(path, flags | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:  # O_NOFOLLOW met a symlink
+            raise PermissionError(f"{path} is a symlink; refusing to write through it "
+                                  "(remove it, or choose another path)") from None
+        raise
     try:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):

@@ -221,6 +221,8 @@ def bind(options: ServeOptions) -> Listening:
             tcp = _bind_tcp(options) if options.tcp else None
         except BaseException:
             unix.close()
+            with contextlib.suppress(OSError):
+                os.unlink(path)  # bound just now: ours (no socket is left behind)
             raise
     except BaseException:
         os.close(lock_fd)

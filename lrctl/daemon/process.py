@@ -72,11 +72,30 @@ def serve(options: ServeOptions, sink_factory: Callable[[str], Sink] = build_sin
     if options.policies_dir is not None and not os.path.isdir(options.policies_dir):
         raise NotADirectoryError(f"--policies {options.policies_dir}: not a directory")
     listening = bind(options)
-    try:
-        state = lock_state(listening, options, state)
+    try:  # a failure before the loop runs leaves no socket behind (a later client would
+        # read "connection refused" for "no controller")
+        server, monitor = _start(options, state, listening, sink_factory, ready)
     except BaseException:
         listening.close()
         raise
+    monitor.start()
+    try:
+        server.serve_forever()
+    finally:
+        # Armed until the process is gone: a non-daemon thread that hangs the
+        # interpreter's exit is cut off at the end of the grace period too.
+        monitor.stop_requested()
+        listening.close()
+    return 0
+
+
+
+def _start(options: ServeOptions, state: Path, listening: Listening,
+           sink_factory: Callable[[str], Sink],
+           ready: Callable[[Listening], None] | None) -> tuple[Server, LoopMonitor]:
+    """Everything between binding and the loop: the state dir's lock, detaching, the log,
+    the store, the sink and the server, the stop signals."""
+    state = lock_state(listening, options, state)
     if not options.foreground:
         _detach(options, state, listening)
     _setup_logging(options, state)
@@ -111,16 +130,7 @@ def serve(options: ServeOptions, sink_factory: Callable[[str], Sink] = build_sin
              _where(options, listening), state)
     if ready is not None:
         ready(listening)
-    monitor.start()
-    try:
-        server.serve_forever()
-    finally:
-        # Armed until the process is gone: a non-daemon thread that hangs the
-        # interpreter's exit is cut off at the end of the grace period too.
-        monitor.stop_requested()
-        listening.close()
-    return 0
-
+    return server, monitor
 
 def _raise_fd_limit() -> None:
     """Take the hard limit on open files as our own (each run holds its connection and its

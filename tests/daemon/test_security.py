@@ -86,11 +86,27 @@ def test_tcp_needs_the_token(make_controller, short_dir, monkeypatch) -> None:  
 
 
 def test_serve_tcp_without_a_token_refuses_to_start(short_dir) -> None:  # type: ignore[no-untyped-def]
+    sock = short_dir / "t.sock"
     out = subprocess.run([sys.executable, "-m", "lrctl", "serve", "--foreground", "--tcp", "0",
-                          "--state-dir", str(short_dir / "state")],
+                          "--socket", str(sock), "--state-dir", str(short_dir / "state")],
                          capture_output=True, text=True, timeout=60)
     assert out.returncode != 0
     assert "--tcp needs a token" in out.stderr
+    # An adversarial pass's find: the Unix socket, bound first, was left behind (a later
+    # `lrctl status` said "connection refused" instead of "no controller").
+    assert not sock.exists()
+
+
+def test_a_symlinked_log_is_refused_by_name_and_leaves_no_socket(short_dir) -> None:  # type: ignore[no-untyped-def]
+    sock, state = short_dir / "l.sock", short_dir / "state"
+    state.mkdir(mode=0o700)
+    (state / "controller.log").symlink_to(short_dir / "elsewhere.log")
+    out = subprocess.run([sys.executable, "-m", "lrctl", "serve", "--foreground",
+                          "--socket", str(sock), "--state-dir", str(state)],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert "controller.log is a symlink; refusing to write through it" in out.stderr
+    assert not sock.exists() and not (short_dir / "elsewhere.log").exists()
 
 
 def _raw(path: str) -> socket.socket:
