@@ -260,7 +260,11 @@ class Controller(Resuming, LinkSide, Reporting, Applying):
     # -- public API ------------------------------------------------------------------------
     @property
     def lr(self) -> list[float]:
-        """The LR per param group the next optimizer step uses."""
+        """The LR per param group as the hook last applied it. In sync mode, after
+        :meth:`step`, the LRs the next optimizer step uses; in async mode an answer may
+        still arrive before that step, and its pre-step hook applies it (the decision's
+        own step is then the one after): read ``ctl.lr`` after ``optimizer.step()`` for
+        the LRs that step ran on."""
         return list(self._writer.applied)
 
     @property
@@ -319,12 +323,19 @@ class Controller(Resuming, LinkSide, Reporting, Applying):
                 loss, grad_norm = host_loss, host_grad
             self._step_fully(batch, loss, grad_norm, scaler)
         except Exception as exc:  # fail-open: the training loop must not see lrctl's bugs
-            size = _numel(loss)
+            size, grad_size = _numel(loss), _numel(grad_norm)
             if size is not None and size != 1:  # a per-sample loss: the caller's to fix
                 self._warn("loss-shape", f"lrctl: ctl.step(loss) needs one number, but the "
                                          f"loss has {size} elements; pass a scalar, e.g. "
-                                         "ctl.step(loss.mean()). No step is reported until "
-                                         "then; training continues at the last LR")
+                                         "ctl.step(loss.mean()). No step is reported, and no "
+                                         "NaN/inf step is skipped, until then; training "
+                                         "continues at the last LR")
+            elif grad_size is not None and grad_size != 1:
+                self._warn("loss-shape", f"lrctl: ctl.step(loss, grad_norm) needs one number "
+                                         f"for grad_norm, but it has {grad_size} elements "
+                                         "(the total norm, as clip_grad_norm_ returns it). No "
+                                         "step is reported, and no NaN/inf step is skipped, "
+                                         "until then; training continues at the last LR")
             else:
                 self._warn("internal", f"lrctl: hook error ({exc!r}); training continues at "
                                        "the last LR")

@@ -235,6 +235,16 @@ def test_a_per_sample_loss_says_what_to_pass(controller: ControllerProc) -> None
         assert ctl.lr == [0.1]
 
 
+def test_a_grad_norm_of_many_elements_says_what_to_pass(controller: ControllerProc) -> None:
+    """An adversarial pass's find: a 2-element grad_norm warned "hook error
+    (RuntimeError(...))", which reads like lrctl's bug."""
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.ones(1))], lr=0.1)
+    with (pytest.warns(RuntimeWarning, match=r"grad_norm, but it has 2 elements.*total norm"),
+          lrctl.attach(opt, policy=POLICIES / "divergence.yaml", spawn=False) as ctl):
+        ctl.step(1.0, grad_norm=torch.ones(2))
+    assert not any("hook error" in d.reason for d in ctl.decisions)
+
+
 def test_numpy_metrics_are_reported_not_dropped(controller: ControllerProc) -> None:
     """``ctl.report(val_loss=np.mean(losses))`` is a NumPy number: it was refused as "not a
     number" (once per name, then silently), so plateau decay and early stopping on it
