@@ -36,11 +36,43 @@ def ask(args: argparse.Namespace, msg: dict[str, Any]) -> dict[str, Any] | None:
     except ValueError as exc:  # an address no socket can have (too long, say)
         print(f"lrctl {args.command}: {exc}", file=sys.stderr)
     except OSError as exc:
-        from ..paths import default_socket
+        print(f"lrctl {args.command}: {_unreachable(args.command, args.socket, exc)}",
+              file=sys.stderr)
+    return None
 
-        where = args.socket or default_socket()
+
+def _unreachable(command: str, socket: str | None, exc: OSError) -> str:
+    """What to tell a user whose request got no answer, by why."""
+    import socket as sockets
+
+    from ..paths import default_socket
+
+    where = socket or default_socket()
+    tcp = where.startswith("tcp://")
+    if exc.filename is not None and (tcp or str(exc.filename) != where):
+        import os
+
+        what = ("the token file $LRCTL_TOKEN_FILE names"
+                if os.environ.get("LRCTL_TOKEN_FILE") == str(exc.filename) else "")
+        return f"cannot read {what}{' ' if what else ''}{exc.filename}: {exc.strerror or exc}"
+    if isinstance(exc, (TimeoutError, sockets.timeout)):
+        pid = _lock_pid(where) if not tcp else None
+        hint = (f"its pid is {pid}" if pid else "it may be stopped (SIGSTOP, Ctrl-Z) or "
+                "overloaded")
+        return (f"a controller on {where} accepted the connection but did not answer in "
+                f"time ({hint}); try again, or end it with kill" + (f" {pid}" if pid else ""))
+    if tcp:
+        serve = f"lrctl serve --tcp {where[len('tcp://'):]} --token-file FILE"
+    else:
         serve = "lrctl serve" + ("" if where == default_socket() else f" --socket {where}")
-        hint = "nothing to stop" if args.command == "stop" else f"start one with '{serve}'"
-        print(f"lrctl {args.command}: no controller answers on {where} "
-              f"({exc.strerror or exc}); {hint}", file=sys.stderr)
+    hint = "nothing to stop" if command == "stop" else f"start one with '{serve}'"
+    return f"no controller answers on {where} ({exc.strerror or exc}); {hint}"
+
+
+def _lock_pid(socket: str) -> int | None:
+    """The pid a controller wrote into its socket's lock file, if readable."""
+    import contextlib
+
+    with contextlib.suppress(OSError, ValueError), open(socket + ".lock") as f:
+        return int(f.read(32).strip() or 0) or None
     return None

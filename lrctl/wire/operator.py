@@ -37,11 +37,12 @@ def request(msg: Mapping[str, Any], address: str | None = None, *, token: str | 
             sock.close()
             raise
     else:
+        token = token or token_from_env()  # first: an unreadable token file is said as such
         sock = _socket.create_connection(addr, timeout=timeout)  # type: ignore[arg-type]
     with sock:
         payload = dict(msg)
         if kind == "tcp":
-            payload["token"] = token or token_from_env()
+            payload["token"] = token
         sock.sendall(encode(payload))
         decoder = FrameDecoder(MAX_FRAME * 16)
         while True:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
 import sys
 
@@ -118,6 +120,34 @@ def test_verbs_without_a_controller_say_so(short_dir) -> None:  # type: ignore[n
         assert bad.returncode == 1, bad.stderr
         assert "byte limit" in bad.stderr and "Traceback" not in bad.stderr
         assert len(bad.stderr.strip().splitlines()) == 1
+    # An adversarial pass's finds: a TCP address's hint made a Unix socket named
+    # ./tcp:/HOST:PORT, and an unreadable token file was blamed on a missing controller.
+    import socket
+
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]
+    tcp = _cli("status", "--socket", f"tcp://127.0.0.1:{port}")
+    assert f"start one with 'lrctl serve --tcp 127.0.0.1:{port} --token-file FILE'" in \
+        tcp.stderr
+    missing = str(short_dir / "no-token")
+    token = subprocess.run([sys.executable, "-m", "lrctl", "status", "--socket",
+                            f"tcp://127.0.0.1:{port}"], capture_output=True, text=True,
+                           timeout=60, env={**os.environ, "LRCTL_TOKEN_FILE": missing})
+    assert token.returncode == 1
+    assert f"cannot read the token file $LRCTL_TOKEN_FILE names {missing}" in token.stderr
+
+
+def test_a_hung_controller_is_told_apart_from_none(controller: ControllerProc) -> None:
+    """An adversarial pass's find: a SIGSTOPped controller got "start one with lrctl
+    serve" and `lrctl stop` said "nothing to stop"."""
+    os.kill(controller.pid, signal.SIGSTOP)
+    try:
+        stop = _cli("stop", "--timeout", "1")
+    finally:
+        os.kill(controller.pid, signal.SIGCONT)
+    assert stop.returncode == 1 and "did not answer in time" in stop.stderr
+    assert f"kill {controller.pid}" in stop.stderr and "nothing to stop" not in stop.stderr
 
 
 def test_clearing_no_manual_lr_records_nothing(controller: ControllerProc) -> None:
