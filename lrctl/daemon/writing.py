@@ -46,15 +46,20 @@ class Writing:
     def send(self, conn: Conn, msg: Mapping[str, Any], limit: int = MAX_FRAME) -> None:
         if conn.dead:
             return
+        self.send_frame(conn, self.encoded(msg, limit))
+
+    @staticmethod
+    def encoded(msg: Mapping[str, Any], limit: int = MAX_FRAME) -> bytes:
+        """``msg`` as a frame (its decisions slimmed to fit ``limit``; an error frame for
+        a message that cannot be encoded)."""
         try:
-            frame = encode(msg, limit)
+            return encode(msg, limit)
         except ProtocolError:
-            frame = encode(_slim(msg), limit)
+            return encode(_slim(msg), limit)
         except ValueError as exc:  # a non-finite float slipped through: a bug, not a crash
             log.error("cannot encode a %s frame: %s", msg.get("t"), exc)
-            frame = encode({"t": "error", "code": "internal", "message": str(exc),
-                            "fatal": False})
-        self.send_frame(conn, frame)
+            return encode({"t": "error", "code": "internal", "message": str(exc),
+                           "fatal": False})
 
     def send_frame(self, conn: Conn, frame: bytes) -> None:
         if conn.dead:

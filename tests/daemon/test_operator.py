@@ -65,6 +65,30 @@ def test_an_lr_another_group_cannot_take_is_refused_and_changes_nothing(
         assert table.returncode == 0 and "big-" in table.stdout
 
 
+def test_the_runs_table_is_reused_for_a_moment_but_never_hides_a_change(
+        controller: ControllerProc) -> None:
+    """``runs`` answers are built at most every quarter second (many peers asking at once
+    starved the training runs: 300 runs, 20 peers, the reference run from 640 answers/s
+    to 3/s); a run that came or went, and an operator's change, show at once."""
+    from lrctl.client import request
+
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.ones(1))], lr=0.1)
+    with lrctl.attach(opt, policy=WARMUP, sync=True, spawn=False, run_name="first") as ctl:
+        ctl.step(1.0)
+        before = request({"t": "runs"})["runs"]
+        assert [r["run_name"] for r in before] == ["first"]
+        opt2 = torch.optim.SGD([torch.nn.Parameter(torch.ones(1))], lr=0.2)
+        with lrctl.attach(opt2, policy=WARMUP, sync=True, spawn=False,
+                          run_name="second") as other:
+            other.step(1.0)
+            assert {r["run_name"] for r in request({"t": "runs"})["runs"]} == {
+                "first", "second"}
+            assert _cli("set-lr", "first", "0.05").returncode == 0
+            (first,) = [r for r in request({"t": "runs"})["runs"] if r["run_name"] == "first"]
+            assert first["override"] and first["lrs"] == [0.05]
+        assert [r["run_name"] for r in request({"t": "runs"})["runs"]] == ["first"]
+
+
 def test_pause_records_shadow_decisions_and_holds_the_lr(controller: ControllerProc) -> None:
     opt = torch.optim.SGD([torch.nn.Parameter(torch.ones(1))], lr=0.1)
     with lrctl.attach(opt, policy=WARMUP, sync=True, spawn=False, run_name="pz") as ctl:
