@@ -9,6 +9,13 @@ ends in one reload of the final content. A file whose content hash did not
 change is not reloaded; a deleted file is reported and the current policy keeps
 running until the file returns.
 
+A directory can be replaced under a watch (``rm -rf`` and ``mkdir``, moved away, a
+release symlink such as ``current -> v2`` swapped): its watch then follows the old
+directory, or nothing. Every :data:`CHECK_S` the watcher checks that each watched
+directory is still the one it watches (device and inode, through symlinks; its watch
+still running) and that each file resolves to the same place; where not, it watches
+anew and reads the files there again (one reload where their content changed).
+
 The watcher never touches controller state: it calls ``on_change`` from its own
 thread with a :class:`ReloadEvent`, and the controller hands that to the thread
 that owns its sessions.
@@ -35,6 +42,7 @@ from .config import MAX_BYTES, ConfigError, PolicyFile, parse_text
 __all__ = ["PolicyWatcher", "ReloadEvent", "read_policy_file"]
 
 DEFAULT_DEBOUNCE_S = 0.15
+CHECK_S = 1.0  # between checks that the watched directories are still those watched
 
 
 @dataclass(frozen=True)
@@ -124,7 +132,9 @@ class PolicyWatcher:
         self._lock = threading.Lock()
         self._observer_lock = threading.Lock()
         self._files: dict[str, dict[str, Any]] = {}  # watched path -> its bookkeeping
-        self._dir_watches: dict[str, Any] = {}  # directory -> ObservedWatch (_observer_lock)
+        # directory -> (ObservedWatch, its (st_dev, st_ino) when scheduled) (_observer_lock)
+        self._dir_watches: dict[str, tuple[Any, tuple[int, int] | None]] = {}
+        self._next_check = time.monotonic() + CHECK_S
         self._due: dict[str, tuple[float, bool]] = {}  # path -> (deadline, forced)
         self._stopping = False
         # A daemon thread: a hung read (a policy path on a dead network mount) must
@@ -223,11 +233,48 @@ class PolicyWatcher:
             for d in list(self._dir_watches):
                 if d not in wanted:
                     with contextlib.suppress(KeyError, OSError):
-                        self._observer.unschedule(self._dir_watches.pop(d))
+                        self._observer.unschedule(self._dir_watches.pop(d)[0])
             for d in sorted(wanted - self._dir_watches.keys()):
-                if os.path.isdir(d):
-                    self._dir_watches[d] = self._observer.schedule(self._handler, d,
-                                                                   recursive=False)
+                ident = _identity(d)
+                if ident is not None:
+                    self._dir_watches[d] = (self._observer.schedule(
+                        self._handler, d, recursive=False), ident)
+
+    def _check_dirs(self) -> None:
+        """Watch anew the directories replaced since they were watched (or made since
+        they were wanted), and read their files again; follow moved symlinks."""
+        with self._lock:
+            moved = [p for p, e in self._files.items() if _resolve(p, e)]
+            wanted = set().union(*(e["dirs"] for e in self._files.values()))
+        renewed = set()
+        with self._observer_lock:
+            alive = self._live_watches()
+            for d, (watch, ident) in list(self._dir_watches.items()):
+                if _identity(d) != ident or (alive is not None and watch not in alive):
+                    del self._dir_watches[d]
+                    renewed.add(d)
+                    with contextlib.suppress(KeyError, OSError):
+                        self._observer.unschedule(watch)
+            renewed |= {d for d in wanted - self._dir_watches.keys()
+                        if _identity(d) is not None}
+        if not (renewed or moved):
+            return
+        with contextlib.suppress(OSError):  # (the inotify limit: tried again next check)
+            self._sync_observer()
+        deadline = time.monotonic() + self._debounce_s
+        with self._lock:
+            for path, entry in self._files.items():
+                if path in moved or entry["dirs"] & renewed:
+                    self._due.setdefault(path, (deadline, False))
+
+    def _live_watches(self) -> set[Any] | None:
+        """The watches whose emitter thread still runs (watchdog ends it when its directory
+        is deleted, and a directory made again may reuse the inode); None when the
+        observer does not say."""
+        emitters = getattr(self._observer, "emitters", None)
+        if emitters is None:
+            return None
+        return {e.watch for e in list(emitters) if e.is_alive()}
 
     def _touched(self, event_path: str) -> None:
         """Debounce: a watched file (or its symlink's target) changed; read it once quiet."""
@@ -248,6 +295,12 @@ class PolicyWatcher:
                 ready = [p for p, (t, _) in self._due.items() if t <= now]
                 batch = [(p, self._due.pop(p)[1]) for p in ready]
                 wait = min((t for t, _ in self._due.values()), default=now + 3600) - now
+                check = now >= self._next_check and bool(self._files)
+                if now >= self._next_check:
+                    self._next_check = now + CHECK_S
+                wait = min(wait, self._next_check - now)
+            if check:
+                self._check_dirs()
             for path, forced in batch:
                 self._reload(path, forced)
             if batch:
@@ -283,6 +336,15 @@ class PolicyWatcher:
             event = ReloadEvent(event.path, event.status, event.policy, event.error,
                                 event.sha256, forced=True)
         self._on_change(event)
+
+
+def _identity(directory: str) -> tuple[int, int] | None:
+    """The directory at ``directory`` now (through symlinks), or None if there is none."""
+    try:
+        st = os.stat(directory)
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino) if stat.S_ISDIR(st.st_mode) else None
 
 
 def _resolve(path: str, entry: dict[str, Any]) -> bool:

@@ -195,3 +195,44 @@ def test_a_fifo_at_the_policy_path_does_not_hang_the_watcher(
     f.unlink()
     write(f, V2)  # the watcher is still alive and reloads the real file
     assert [(e.status, patience(e)) for e in collect(events)] == [("changed", 7)]
+
+
+def test_a_replaced_directory_is_watched_anew(tmp_path: Path, watcher: PolicyWatcher,
+                                             events: queue.Queue[ReloadEvent]) -> None:
+    """An adversarial pass's find: after `rm -rf dir; mkdir dir` (or the directory moved
+    away and made again) the watch followed the old directory: the first file written
+    was seen, later edits never."""
+    import shutil
+
+    d = tmp_path / "policies"
+    d.mkdir()
+    f = d / "p.yaml"
+    write(f, V1)
+    watcher.watch(str(f))
+    shutil.rmtree(d)
+    d.mkdir()
+    write(f, V2)
+    assert [patience(e) for e in collect(events) if e.status == "changed"] == [7]
+    write(f, V3)  # the edit after the replacement
+    assert [patience(e) for e in collect(events) if e.status == "changed"] == [9]
+    d.rename(tmp_path / "old")
+    d.mkdir()
+    write(f, V1)
+    assert [patience(e) for e in collect(events) if e.status == "changed"] == [5]
+
+
+def test_a_swapped_directory_symlink_is_followed(tmp_path: Path, watcher: PolicyWatcher,
+                                                events: queue.Queue[ReloadEvent]) -> None:
+    """A release symlink (current -> v1) swapped atomically to v2: the file is read from
+    v2, and v2's edits are followed (they were never seen)."""
+    for name, text in (("v1", V1), ("v2", V2)):
+        (tmp_path / name).mkdir()
+        write(tmp_path / name / "p.yaml", text)
+    current = tmp_path / "current"
+    current.symlink_to(tmp_path / "v1")
+    watcher.watch(str(current / "p.yaml"))
+    (tmp_path / "next").symlink_to(tmp_path / "v2")
+    os.replace(tmp_path / "next", current)
+    assert [patience(e) for e in collect(events) if e.status == "changed"] == [7]
+    write(tmp_path / "v2" / "p.yaml", V3)
+    assert [patience(e) for e in collect(events) if e.status == "changed"] == [9]
