@@ -119,12 +119,14 @@ def phase_spans(events: list[dict[str, Any]], last_step: int) -> list[Phase]:
     return spans
 
 
-def render_run(run_dir: str | os.PathLike[str], out: str | os.PathLike[str]) -> Path:
-    return render(load_timeline(run_dir), out)
+def render_run(run_dir: str | os.PathLike[str], out: str | os.PathLike[str],
+               private: bool = False) -> Path:
+    return render(load_timeline(run_dir), out, private)
 
 
-def render(data: TimelineData, out: str | os.PathLike[str]) -> Path:
-    """Write the picture to ``out`` (PNG) and return its path."""
+def render(data: TimelineData, out: str | os.PathLike[str], private: bool = False) -> Path:
+    """Write the picture to ``out`` (PNG) and return its path. ``private``: a file in a
+    run's own directory, written 0600 and never through a symlink (as its journal)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -154,7 +156,13 @@ def render(data: TimelineData, out: str | os.PathLike[str]) -> Path:
     shown = f", {len(data.decisions)} marked" if len(data.decisions) < data.decision_count else ""
     fig.suptitle(f"{data.title}\n{data.decision_count} decisions{shown}", fontsize="medium")
     out = Path(out)
-    fig.savefig(out, format="png")
+    if private:
+        from .paths import open_private
+
+        with os.fdopen(open_private(out, os.O_WRONLY | os.O_TRUNC), "wb") as f:
+            fig.savefig(f, format="png")
+    else:
+        fig.savefig(out, format="png")
     return out
 
 

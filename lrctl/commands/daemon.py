@@ -95,7 +95,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--all", action="store_true",
                    help="include ended runs: last step, LR, decision count, MLflow run id")
     p.add_argument("--state-dir", default=None,
-                   help="with --all: the state directory (default: with --socket that "
+                   help="the state directory whose runs to list (implies --all; "
+                        "default: with --socket that "
                         "controller's, else every controller's: $LRCTL_STATE_DIR or "
                         "~/.local/state/lrctl and the sockets/ directories inside it)")
     p.set_defaults(func=cmd_runs)
@@ -286,7 +287,7 @@ def _mib(kib: int | None) -> str:
 
 
 def cmd_runs(args: argparse.Namespace) -> int:
-    if args.all:
+    if args.all or args.state_dir:  # (a state directory's runs are its journals': --all)
         return _all_runs(args)
     reply = ask(args, {"t": "runs"})
     if reply is None:

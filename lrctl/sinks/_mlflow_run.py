@@ -372,7 +372,7 @@ class RunShipper:
             try:
                 from ..timeline import render_run
 
-                render_run(self.st.paths.root, png)
+                render_run(self.st.paths.root, png, private=True)
             except Exception as exc:  # a picture must not block the audit trail
                 log.warning("lrctl: run %s: timeline not drawn: %s", self.st.paths.run_key, exc)
             else:

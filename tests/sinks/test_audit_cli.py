@@ -90,6 +90,9 @@ def test_runs_all_lists_ended_runs_from_the_journals(
     table = capsys.readouterr().out.splitlines()
     assert table[0].split()[:5] == ["RUN", "STATE", "STEP", "LR", "DECISIONS"]
     assert any(line.startswith("run-aa1") and " ended " in line for line in table)
+    # --state-dir alone lists that directory's runs (it was silently ignored without --all)
+    assert main(["runs", "--state-dir", str(state), "--json"]) == 0
+    assert {r["run"] for r in json.loads(capsys.readouterr().out)} == set(runs)
 
 
 def test_runs_of_a_controller_on_another_socket_are_found_by_default(

@@ -72,6 +72,9 @@ def test_default_store_gets_a_run_named_after_the_session_with_the_full_audit_tr
     assert policy == run_info("r1").policy_text
     png = download(client, run.info.run_id, "lrctl/timeline.png", tmp_path)
     assert png.startswith("\ufffdPNG")
+    # In the run's directory it is private, as the journal (an adversarial pass: 0644).
+    drawn = next((state / "runs").glob("r1*/timeline.png"))
+    assert drawn.stat().st_mode & 0o777 == 0o600
     # Each decision shows with the numbers next to it.
     losses = {m.step for m in client.get_metric_history(run.info.run_id, "lrctl/loss")}
     assert {r["step"] for r in journal} <= losses
