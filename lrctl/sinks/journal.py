@@ -409,8 +409,18 @@ def read_json(path: Path, default: Any = None, strict: bool = False) -> Any:
 
 def private_dirs(path: Path) -> None:
     """``path`` and any missing parent, 0700 (a run's directory holds its journal, meta
-    and policy texts); a symlink or a file there is refused."""
-    ensure_private_dir(path, quiet=True)
+    and policy texts); a symlink or a file there is refused, also at each directory
+    between the state directory's ``runs`` and ``path`` (a ``runs`` symlink would put
+    every journal wherever it points)."""
+    chain = [path]
+    for parent in path.parents:
+        if chain[-1].name == "runs":
+            break
+        chain.append(parent)
+    else:
+        chain = [path]  # (not inside a runs directory: that path alone)
+    for directory in reversed(chain):
+        ensure_private_dir(directory, quiet=True)
 
 
 def _open_append(path: Path) -> IO[bytes]:

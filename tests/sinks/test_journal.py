@@ -178,6 +178,15 @@ def test_a_journal_is_private_and_never_written_through_a_symlink(tmp_path: Path
     text = fresh.parent / "policy.yaml"
     atomic_write_text(text, "version: 1\n")
     assert stat.S_IMODE(text.stat().st_mode) == 0o600 and text.read_text() == "version: 1\n"
+    # Nor through a symlinked runs directory (an adversarial pass: journals were written
+    # into its 0755 target).
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (tmp_path / "linked").mkdir(mode=0o700)
+    (tmp_path / "linked" / "runs").symlink_to(elsewhere)
+    with pytest.raises(PermissionError, match="runs is not a directory"):
+        StreamWriter(tmp_path / "linked" / "runs" / "k2" / "events.jsonl", fsync=False)
+    assert list(elsewhere.iterdir()) == []
 
 
 def test_run_directories_of_an_earlier_lrctl_are_made_private_not_refused(
