@@ -356,7 +356,8 @@ class Reporting:
         """``every=N``: where the LRs of the unreported steps ``first`` to ``end - 1``
         changed, as ``(step, LRs)`` (the controller records them: ``gu``); None when they
         did not, or the history no longer holds them."""
-        if not self._link_says_used() or len(self._target) > MAX_USED:
+        first = max(first, self._history.oldest)  # (a resumed run's first steps: none)
+        if first >= end or not self._link_says_used() or len(self._target) > MAX_USED:
             return None
         runs = self._runs_of_used(first, end)
         if runs is None:

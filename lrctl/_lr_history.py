@@ -37,6 +37,11 @@ class LRHistory:
     def __len__(self) -> int:
         return len(self._steps)
 
+    @property
+    def oldest(self) -> int:
+        """The first step it holds the LRs of."""
+        return self._steps[0]
+
     def note(self, step: int, lrs: list[float]) -> None:
         """Optimizer step ``step`` runs on ``lrs`` (noted again when it changes before the
         step runs: the later note wins)."""

@@ -198,7 +198,9 @@ def prior_used(msg: Mapping[str, Any], held: int, groups: int) -> list[list[floa
 def gap_used(msg: Mapping[str, Any], after: int, step: int,
              groups: int) -> list[tuple[int, list[float]]]:
     """Where the LRs changed in the unreported steps after ``after`` and before ``step``
-    (``gu``), as ``(step, LRs)``, oldest first; empty when the frame says nothing."""
+    (``gu``), as ``(step, LRs)``, oldest first; empty when the frame says nothing. A
+    change at or before ``after`` (a step the run has observed: a replay after a
+    restore) is checked and left out: the frame's observation must not be lost to it."""
     changes = msg.get("gu")
     if changes is None:
         return []
@@ -206,12 +208,16 @@ def gap_used(msg: Mapping[str, Any], after: int, step: int,
         raise ProtocolError(f"gu must be a list of at most {MAX_PRIOR} [step, lrs] pairs",
                             "bad_message")
     out: list[tuple[int, list[float]]] = []
+    previous = -1
     for change in changes:
         if (not isinstance(change, list) or len(change) != 2 or type(change[0]) is not int
-                or not (out[-1][0] if out else after) < change[0] < step):
-            raise ProtocolError("gu must hold [step, lrs] pairs of steps in order, between "
-                                "the last observed step and this one", "bad_message")
-        out.append((change[0], lr_list(change[1], groups, "gu")))
+                or not previous < change[0] < step):
+            raise ProtocolError("gu must hold [step, lrs] pairs of steps in order, before "
+                                "this one", "bad_message")
+        previous = change[0]
+        lrs = lr_list(change[1], groups, "gu")
+        if previous > after:
+            out.append((previous, lrs))
     return out
 
 

@@ -308,7 +308,8 @@ def test_the_wire_carries_the_lrs_used_and_refuses_bad_ones() -> None:
     gap = decode_json(encode_obs(8, 1.0, None, gap_used=[(5, [0.1]), (7, [0.2])])[HEADER.size:])
     assert gap_used(gap, 4, 8, 1) == [(5, [0.1]), (7, [0.2])]
     assert gap_used({}, 4, 8, 1) == []
-    for changes in ([[4, [0.1]]], [[8, [0.1]]], [[6, [0.1]], [5, [0.2]]], [[5, [-0.1]]],
+    assert gap_used({"gu": [[3, [0.1]], [6, [0.2]]]}, 4, 8, 1) == [(6, [0.2])]  # (observed)
+    for changes in ([[8, [0.1]]], [[6, [0.1]], [5, [0.2]]], [[5, [-0.1]]], [[-1, [0.1]]],
                     [[5, [0.1, 0.2]]], [["5", [0.1]]], [[5]], "x", [[5, [0.1]]] * 300):
         with pytest.raises(ProtocolError):
             gap_used({"gu": changes}, 4, 8, 1)
