@@ -130,6 +130,7 @@ class Observing:
             session.overflows += 1  # a GradScaler overflow: counted, never divergence
         if restored is not None:
             result.decisions.append(session.rolled_back(step, restored))
+            session.engine.restored(step)  # step + 1's loss is the restored weights' own
         used = result.lrs if used is None else used
         if base is not None:
             used = session.used_lrs(used, base)

@@ -7,6 +7,7 @@ run with snapshots, so every other run's state stays as it was.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -50,8 +51,10 @@ class RollbackEscalation(GuardAttributes):
             return actions
         old = self._scale
         self._scale = max(self._scale * factor, self.params["min_multiplier"])
+        # In process (lag 0) the restore is at this step; a hook says when it restored.
         self._restored = None if level is None else {
-            "level": level, "snapshot_step": target, "ceiling": self._ceiling, "first": None}
+            "level": level, "snapshot_step": target, "ceiling": self._ceiling, "first": None,
+            "at": self._now if book.lag == 0 else None}
         self._rollbacks += 1
         self._backoffs += 1
         self._total_backoffs += 1
@@ -71,12 +74,25 @@ class RollbackEscalation(GuardAttributes):
                         f"lost), LR × {self._scale / old:.6g}", record))
         return actions
 
-    def _note_restored(self, judged_loss: float | None) -> None:
-        """The first judged loss after a rollback: that of the restored weights themselves
-        (no update at the new LR has reached them yet)."""
+    def restored_at(self, step: int) -> None:
+        """The hook restored the snapshot before step ``step`` (see Engine.restored)."""
+        if self._restored is not None and self._restored["at"] is None:
+            self._restored["at"] = step
+
+    def _note_restored(self, step: int, loss: float | None) -> None:
+        """The loss of step ``at + 1``, the restored weights' own (no update at the new LR
+        has reached them yet). Any other step's is not theirs: a restore not yet carried
+        out (an async hook's lag), one step after it (sync), a step not reported
+        (``every=N``): then nothing is concluded (see :meth:`_restored_shows_it`)."""
         restored = self._restored
-        if restored is not None and restored["first"] is None and judged_loss is not None:
-            restored["first"] = judged_loss
+        assert restored is not None
+        at = restored["at"]
+        if at is None or step != at + 1 or restored["first"] is not None or loss is None:
+            return
+        if self.params["loss_scale"] == "linear":
+            restored["first"] = loss
+        elif loss > 0:
+            restored["first"] = math.log(loss)
 
     def _restored_shows_it(self, losses: list[float], shift: dict[str, Any] | None,
                            ) -> dict[str, Any] | None:
@@ -121,4 +137,5 @@ class RollbackEscalation(GuardAttributes):
         self._restored = None if restored is None else {
             "level": float(restored["level"]), "snapshot_step": int(restored["snapshot_step"]),
             "ceiling": float(restored["ceiling"]),
-            "first": None if restored["first"] is None else float(restored["first"])}
+            "first": None if restored["first"] is None else float(restored["first"]),
+            "at": None if restored.get("at") is None else int(restored["at"])}

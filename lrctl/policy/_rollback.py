@@ -119,6 +119,15 @@ class Snapshotting:
                 book.advance(self.last_step)
         self.snapshots = self._ctx.snapshots = book
 
+    def restored(self, step: int) -> None:
+        """The training process restored a snapshot before step ``step`` (whose update it
+        skipped): step ``step + 1``'s loss is the restored weights' own. The divergence
+        guard compares it with the broken run's (a change of data, or a blow-up)."""
+        for policy in self.policies:  # type: ignore[attr-defined]
+            note = getattr(policy, "restored_at", None)
+            if note is not None:
+                note(step)
+
     def disable_snapshots(self) -> None:
         """The training process keeps no snapshots (any more): no rollback."""
         self.snapshots = self._ctx.snapshots = None

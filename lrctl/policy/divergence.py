@@ -58,9 +58,10 @@ The behaviour of a mixed-precision loss scaler, applied to the learning rate:
   on (the batches in between are skipped). The LR then regrows no higher than the
   rollback left it (what needed a rollback was no passing spike). At most
   ``max_rollbacks`` per run; one more would-be rollback asks the run to stop.
-  Unless the restored weights show the broken run's loss themselves: when the first
-  loss after the restore (of the snapshot's weights, before any update at the cut
-  LR) is a spike by the window's test, and the first cooldown's median loss is
+  Unless the restored weights show the broken run's loss themselves: when the loss of
+  the step after the restore (the snapshot's weights, before any update at the cut
+  LR; the hook says when it restored, ``Engine.restored``; in process, lag 0, the step
+  after the decision) is a spike by the window's test, and the first cooldown's median loss is
   within 1.5× of the level the broken run sat at, what the rollback undid did not
   cause the rise (a change to harder data: a blow-up from a too-high LR starts
   again from the old level). The level is then accepted and the LR given back to
@@ -253,6 +254,8 @@ class Divergence(GuardState, GuardActions, LevelShift, RollbackEscalation, React
         verdict for the usual one)."""
         loss, gnorm = obs.loss, obs.grad_norm
         self._now = obs.step
+        if self._restored is not None:  # (its own loss may fall in the discarded steps)
+            self._note_restored(obs.step, loss)
         if obs.step <= self._discard_until:
             return self._discarded(obs, ctx)
         if ((loss is not None and not math.isfinite(loss))
@@ -278,8 +281,6 @@ class Divergence(GuardState, GuardActions, LevelShift, RollbackEscalation, React
                 self._loss.add(judged_loss)
             if log_gnorm is not None and self._watch_grad:
                 self._gnorm.add(log_gnorm)
-        if self._restored is not None:
-            self._note_restored(judged_loss)
         in_cooldown = self._cooldown > 0
         if in_cooldown:
             self._cooldown_seen.append((judged_loss, log_gnorm))

@@ -9,6 +9,7 @@ import random
 import subprocess
 import sys
 
+import pytest
 import torch
 from daemon_helpers import ControllerProc
 
@@ -73,6 +74,36 @@ def test_an_injected_fault_rolls_back_and_the_journal_says_why(
     assert (done["policy"], done["step"]) == ("hook", restored[0])
     assert done["evidence"] == {"snapshot_step": 25, "at_step": restored[0],
                                 "steps_lost": restored[0] - 25}
+
+
+@pytest.mark.parametrize("sync", [True, False])
+@pytest.mark.parametrize("cause", ["data", "blow-up"])
+def test_a_change_of_data_is_told_from_a_blow_up_by_the_restored_weights_loss(
+        controller: ControllerProc, sync: bool, cause: str) -> None:
+    """The loss 60× up from step 30: harder data (the restored weights show it too) or a
+    blow-up (they show the old loss, then it climbs again at once). Only the first gets
+    its LR back; the restored weights' loss is the one of the step after the hook says it
+    restored (a review's find: a fixed lag took a broken step's, or a later one, for it)."""
+    model, opt = _setup()
+    rng = random.Random(0)
+    restored_at = None
+    with lrctl.attach(opt, policy=GUARD, sync=sync, spawn=False, run_name=f"rb-{cause}",
+                      snapshot_every=5, keep=4, timeout=10.0) as ctl:
+        for t in range(120):
+            fresh = restored_at is not None and t == restored_at + 1
+            up = t >= 30 and (cause == "data" or not fresh)
+            _train_step(model, opt, ctl, math.exp(rng.gauss(0.0, 0.02)) * (60.0 if up else 1))
+            if ctl.rolled_back is not None:
+                restored_at = t
+            if ctl.should_stop:
+                break
+    given = [d for d in ctl.decisions if d.evidence.get("level_accepted")]
+    assert restored_at is not None
+    if cause == "data":
+        assert given and given[0].evidence["snapshot_step"] == 25
+        assert ctl.lr == [0.01] and not ctl.should_stop
+    else:
+        assert not given and ctl.lr[0] < 0.01
 
 
 def test_an_operator_rollback_calls_the_users_callbacks_with_the_step(
