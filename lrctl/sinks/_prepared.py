@@ -15,6 +15,7 @@ hello claimed within :data:`PREPARED_TTL_S` is discarded by the sink's tick.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import shutil
 import threading
@@ -26,7 +27,15 @@ from typing import Any
 
 from ._open_run import OpenRun, current_policy, load_high_water, save_policy
 from .base import RunInfo
-from .journal import STREAMS, RunPaths, StreamWriter, atomic_write_json, private_dirs, read_json
+from .journal import (
+    STREAMS,
+    DamagedFile,
+    RunPaths,
+    StreamWriter,
+    atomic_write_json,
+    private_dirs,
+    read_json,
+)
 from .sampling import MetricSampler
 from .tracking import run_target
 
@@ -78,7 +87,11 @@ def prepare_open(state_dir: Path, info: RunInfo, *, env: Mapping[str, str], expe
     writers: dict[str, StreamWriter] = {}
     fds: list[int] = []
     try:
-        old = read_json(paths.meta, {}) or {}
+        try:
+            old = read_json(paths.meta, {}, strict=True) or {}
+        except DamagedFile as exc:  # its MLflow run is unknown: the journal alone from now
+            old = {}
+            _journal_only(paths, f"{exc}; its MLflow run is not known")
         policy_file = save_policy(paths, info, sync=False)
         target, follow = run_target(old.get("mlflow"), info, env, experiment)
         meta = {**asdict(info), "params": dict(info.params), "mlflow": target,
@@ -203,3 +216,17 @@ class Preparations:
             stale, self._runs = list(self._runs.values()), {}
         for prepared in stale:
             prepared.discard()
+
+
+def _journal_only(paths: RunPaths, why: str) -> None:
+    """Mark the run's cursor failed (see ``RunState.failed``): it is not shipped to MLflow
+    (a new MLflow run would start mid-history, or the old one get duplicates)."""
+    try:
+        cursor = read_json(paths.cursor, {}, strict=True) or {}
+    except DamagedFile:
+        cursor = {}
+    if not cursor.get("failed"):
+        logging.getLogger("lrctl.sinks").error(
+            "run %s is no longer shipped to MLflow: %s; its journal is intact",
+            paths.run_key, why)
+        atomic_write_json(paths.cursor, {**cursor, "failed": why[:2000]}, sync=False)

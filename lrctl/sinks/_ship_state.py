@@ -93,8 +93,15 @@ class RunState:
 
     def __init__(self, paths: RunPaths) -> None:
         self.paths = paths
-        self.meta: dict[str, Any] = read_json(paths.meta, {})
-        self.cursor: dict[str, Any] = read_json(paths.cursor, {}) or {}
+        damaged = None
+        try:  # (a damaged cursor read as empty would ship the run again: duplicates)
+            self.meta: dict[str, Any] = read_json(paths.meta, {}, strict=True)
+            self.cursor: dict[str, Any] = read_json(paths.cursor, {}, strict=True) or {}
+        except DamagedFile as exc:
+            damaged = str(exc)[:2000]  # (kept in the cursor, should it be saved)
+            self.meta, self.cursor = {}, {"failed": damaged}
+            log.error("run %s is not shipped to MLflow: %s; its journal is intact",
+                      paths.run_key, exc)
         self.cursor.setdefault("streams", {})
         self.cursor.setdefault("params", {})
         self.cursor.setdefault("decision_ts", 0)
@@ -102,7 +109,8 @@ class RunState:
         for name in STREAMS:
             c = self.cursor["streams"].get(name, {"seq": 0, "offset": 0})
             self.streams[name] = StreamState(c["seq"], c["offset"], c["seq"], c["offset"])
-        self.failed = bool(self.cursor.get("failed"))  # refused by MLflow: journal only
+        # refused by MLflow, or its cursor or meta damaged: journal only
+        self.failed = bool(self.cursor.get("failed")) or damaged is not None
         self.first_pending_at: float | None = None
         self.failures = 0
         self.retry_at = 0.0

@@ -134,3 +134,8 @@ def test_one_runs_damaged_file_stops_neither_the_controller_nor_the_views(
     assert again.stop() == 0
     if name == "cursor.json":
         assert f"run {victim.name} is not shipped to MLflow" in again.log.read_text()
+    # Nor by the worker later, from a cursor read as empty (a review's find: duplicates)
+    from lrctl.sinks._ship_state import RunState
+    from lrctl.sinks.journal import RunPaths
+
+    assert RunState(RunPaths.of(root.parent, victim.name)).failed
