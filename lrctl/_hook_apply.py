@@ -12,6 +12,8 @@ from __future__ import annotations
 from time import perf_counter
 from typing import Any
 
+from ._torchutil import scaler_enabled
+
 __all__ = ["Applying"]
 
 
@@ -172,13 +174,31 @@ class Applying:
         # 0: the guard never saw a step (a wrapper such as accelerate's steps the inner
         # optimizer directly), so no evidence either way.
         stepped = self._guard.stepped if getattr(self, "_guard", None) else 0
-        if stepped == self._last_stepped and stepped > 0 and not self._excused:
+        skipped = self._scaler_skipped()  # (reads the scale every call: the last one kept)
+        if stepped == self._last_stepped and stepped > 0 and not self._excused and not skipped:
             self._calls_without_step += 1
             if self._calls_without_step >= 3:
                 self._warn_accumulation()
         else:
             self._interval_ended()
         self._last_stepped = stepped
+
+    def _scaler_skipped(self) -> bool:
+        """Whether the GradScaler may have skipped the optimizer step since the last
+        ``step()`` (an overflow between ``every=N`` reports, which no grad norm showed): its
+        scale fell (a CPU scaler's, read here); a CUDA scaler's is not read (a host sync):
+        any step counts as one it may have skipped."""
+        scaler = self.scaler
+        if scaler is None or not scaler_enabled(scaler):
+            return False
+        scale = getattr(scaler, "_scale", None)
+        if scale is None:
+            return False
+        if not getattr(scale, "is_cpu", True):
+            return True
+        value = float(scale)
+        before, self._last_scale = self._last_scale, value
+        return before is not None and value < before
 
     def _interval_ended(self) -> None:
         """The optimizer stepped since the last ``step()``: an interval between optimizer

@@ -146,10 +146,7 @@ class Reporting:
             if self.sync and self._reported == t:
                 self._wait_for(t)
         # A step the loop may rightly not take (a scaler overflow, should_skip).
-        # (With a scaler and every=N, a step between reports has no grad norm to tell an
-        # overflow by: the scaler may skip any step, and that is no accumulation.)
-        self._excused = self.should_skip or self.overflows != overflows or (
-            self.every > 1 and scaler_enabled(self.scaler))
+        self._excused = self.should_skip or self.overflows != overflows
         if batch is not None:
             batch.spent(perf_counter() - began, reporting)
 

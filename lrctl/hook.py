@@ -168,6 +168,7 @@ class Controller(Resuming, LinkSide, Reporting, Applying):
         self._calls_without_step = 0  # ctl.step() calls with no optimizer step between
         self._intervals_with_extra = 0  # ... in intervals between optimizer steps in a row
         self._excused = False  # the last step() saw a step the loop may rightly not take
+        self._last_scale: float | None = None  # a CPU GradScaler's scale at the last step()
         self._last_stepped = -1
         self._step = start_step
         self._compute_grad_norm = bool(compute_grad_norm)

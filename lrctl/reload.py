@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import logging
 import os
 import queue
 import stat
@@ -40,6 +41,8 @@ from watchdog.observers import Observer
 from .config import MAX_BYTES, ConfigError, PolicyFile, parse_text
 
 __all__ = ["PolicyWatcher", "ReloadEvent", "read_policy_file"]
+
+log = logging.getLogger("lrctl.reload")
 
 DEFAULT_DEBOUNCE_S = 0.15
 CHECK_S = 1.0  # between checks that the watched directories are still those watched
@@ -242,21 +245,31 @@ class PolicyWatcher:
 
     def _check_dirs(self) -> None:
         """Watch anew the directories replaced since they were watched (or made since
-        they were wanted), and read their files again; follow moved symlinks."""
+        they were wanted), and read their files again; follow moved symlinks. The file
+        system is asked with no lock held: a path on a hung mount must not stall the
+        loop thread's ``watch``/``unwatch`` behind it."""
         with self._lock:
-            moved = [p for p, e in self._files.items() if _resolve(p, e)]
+            paths = list(self._files)
+        reals = {p: os.path.realpath(p) for p in paths}
+        with self._lock:
+            moved = [p for p, real in reals.items()
+                     if p in self._files and _resolve(p, self._files[p], real)]
             wanted = set().union(*(e["dirs"] for e in self._files.values()))
+        with self._observer_lock:
+            watched = dict(self._dir_watches)
+        idents = {d: _identity(d) for d in wanted | watched.keys()}
+        alive = self._live_watches()
         renewed = set()
         with self._observer_lock:
-            alive = self._live_watches()
             for d, (watch, ident) in list(self._dir_watches.items()):
-                if _identity(d) != ident or (alive is not None and watch not in alive):
+                if d in idents and (idents[d] != ident
+                                    or (alive is not None and watch not in alive)):
                     del self._dir_watches[d]
                     renewed.add(d)
                     with contextlib.suppress(KeyError, OSError):
                         self._observer.unschedule(watch)
             renewed |= {d for d in wanted - self._dir_watches.keys()
-                        if _identity(d) is not None}
+                        if idents.get(d) is not None}
         if not (renewed or moved):
             return
         with contextlib.suppress(OSError):  # (the inotify limit: tried again next check)
@@ -300,7 +313,10 @@ class PolicyWatcher:
                     self._next_check = now + CHECK_S
                 wait = min(wait, self._next_check - now)
             if check:
-                self._check_dirs()
+                try:
+                    self._check_dirs()
+                except Exception:  # (the thread must live on: status says it watches)
+                    log.exception("lrctl: checking the watched policy directories failed")
             for path, forced in batch:
                 self._reload(path, forced)
             if batch:
@@ -347,10 +363,11 @@ def _identity(directory: str) -> tuple[int, int] | None:
     return (st.st_dev, st.st_ino) if stat.S_ISDIR(st.st_mode) else None
 
 
-def _resolve(path: str, entry: dict[str, Any]) -> bool:
+def _resolve(path: str, entry: dict[str, Any], real: str | None = None) -> bool:
     """Record the directories to watch for ``path``: its own and its resolved
-    target's (symlinks). Returns True when they changed."""
-    real = os.path.realpath(path)
+    target's (symlinks; ``real``, when resolved already). Returns True when they
+    changed."""
+    real = os.path.realpath(path) if real is None else real
     wanted = {os.path.dirname(path), os.path.dirname(real)}
     changed = wanted != entry["dirs"]
     entry["dirs"] = wanted

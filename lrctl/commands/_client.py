@@ -73,6 +73,8 @@ def _lock_pid(socket: str) -> int | None:
     """The pid a controller wrote into its socket's lock file, if readable."""
     import contextlib
 
-    with contextlib.suppress(OSError, ValueError), open(socket + ".lock") as f:
-        return int(f.read(32).strip() or 0) or None
+    from ..paths import lock_fields
+
+    with contextlib.suppress(OSError, ValueError), open(socket + ".lock", "rb") as f:
+        return int(lock_fields(f.read(4096))[0] or 0) or None
     return None

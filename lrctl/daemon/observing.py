@@ -50,6 +50,7 @@ class Observing:
     sink: GuardedSink
     checkpoints: Checkpoints
     _last_seen: dict[str, float]
+    decided: int  # replies that carried decisions (the runs table's generation)
     _now: float
 
     # -- the hot path ------------------------------------------------------------------
@@ -160,12 +161,13 @@ class Observing:
 
     def reply(self, conn: Conn, session: Session, step: int, lrs: list[float],
               decisions: list[dict[str, Any]], skip: bool, stop: bool) -> None:
-        if not decisions:
+        if not decisions:  # (the usual reply; one with decisions changes `lrctl runs`)
             frame = (encode_lr_compact if conn.compact else encode_lr)(
                 step, lrs, skip, stop, session.mode, session.saved_step)
             if frame is not None:  # the usual reply, the same bytes without json.dumps
                 self.transport.send_frame(conn, frame)
                 return
+        self.decided += 1
         per_frame = operator.MAX_DECISIONS_PER_FRAME
         for i in range(0, max(len(decisions), 1), per_frame):
             self.transport.send(conn, {"t": "lr", "s": step, "lrs": lrs, "skip": skip,

@@ -75,7 +75,8 @@ class Server(Observing):
                  idle_exit: float | None = None, limits: Limits | None = None,
                  pacing: bool = True) -> None:
         self.limits = limits or Limits()
-        self._runs_cache: tuple[float, tuple[int, int], bytes] | None = None
+        self._runs_cache: tuple[float, tuple[int, int, int], bytes] | None = None
+        self.decided = 0
         # Every policy kind is imported now, not at the first hello: by then peers may
         # hold every file descriptor, and a module cannot be imported without one.
         available_kinds()
@@ -270,10 +271,12 @@ class Server(Observing):
 
     def _runs_frame(self) -> bytes:
         """The ``runs`` answer, a table of every run held: built at most every
-        :data:`RUNS_FRESH_S` while the set of runs and connections stays the same (with
-        300 runs one takes 20-35 ms; many peers asking at once starved the training runs
-        of the loop's time)."""
-        now, key = time.monotonic(), (len(self.sessions), len(self.conns))
+        :data:`RUNS_FRESH_S` while the runs, their connections and decisions stay the same
+        (a step or an LR between decisions may be that much older; with 300 runs one
+        table takes 20-35 ms, and many peers asking at once starved the training runs of
+        the loop's time)."""
+        now = time.monotonic()
+        key = (len(self.sessions), len(self.conns), self.decided)
         cached = self._runs_cache
         if cached is None or cached[1] != key or now - cached[0] > RUNS_FRESH_S:
             frame = self.transport.encoded(operator.answer(self, "runs", {}), MAX_HELLO)
@@ -286,6 +289,7 @@ class Server(Observing):
         checkpoint the run, and push the new LRs to its hook, which applies them on its
         next step."""
         self._runs_cache = None
+        self.decided += 1
         if reloaded:  # first: the reload's own decision is of the new policy version
             self.sink.policy_changed(session.key, session.info, decision)
         self.sink.decision(session.key, {**decision, "wall_time": time.time()})

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import math
 import os
 import re
 import secrets
@@ -339,6 +340,13 @@ class Session:
 
     # -- operator ---------------------------------------------------------------------------
     def set_lr(self, lr: float, steps: int | None) -> dict[str, Any]:
+        initial = self.engine.initial_lrs[0]
+        if self.loop_base is not None and initial > 0:  # base="loop": scales the loop's LRs
+            scale = lr / initial
+            if not all(math.isfinite(b * scale) for b in self.loop_base):
+                raise ProtocolError(f"run {self.key}: the loop's LRs (base='loop') scaled by "
+                                    f"an LR of {lr:g} over the initial {initial:g} overflow: "
+                                    "give a smaller LR", "bad_request")
         try:
             decision = self.engine.set_lr(lr, steps)
         except ValueError as exc:  # an LR another group cannot take: nothing changes

@@ -84,9 +84,12 @@ class MetricSampler:
         if lrs_t == self._lrs:
             return []
         points: list[Point] = []
-        if (self._lrs is not None and self._step is not None
-                and self._lr_logged_step != self._step and len(self._lrs) == len(lrs_t)):
-            points += [(lr_key(g), lr, self._step) for g, lr in enumerate(self._lrs)]
+        if self._lrs is not None and self._step is not None and len(self._lrs) == len(lrs_t):
+            # The old LRs ran through step - 1 (unreported steps): a point there keeps the
+            # chart a step curve (at the last observed step, it would draw a ramp).
+            until = max(step - 1, self._step)
+            if self._lr_logged_step != until:
+                points += [(lr_key(g), lr, until) for g, lr in enumerate(self._lrs)]
         points += [(lr_key(g), lr, step) for g, lr in enumerate(lrs_t)]
         self._lrs, self._step, self._lr_logged_step = lrs_t, step, step
         return points

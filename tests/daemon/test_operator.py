@@ -63,6 +63,15 @@ def test_an_lr_another_group_cannot_take_is_refused_and_changes_nothing(
         assert not any(d.policy == "operator" for d in ctl.decisions)
         table = _cli("runs")
         assert table.returncode == 0 and "big-" in table.stdout
+    # base="loop": the loop's LRs times set-lr's over the initial LR (a review's find)
+    loop_opt = torch.optim.SGD([torch.nn.Parameter(torch.ones(1))], lr=1e-3)
+    with lrctl.attach(loop_opt, base="loop", sync=True, spawn=False, run_name="loopy") as ctl:
+        ctl.step(1.0)
+        loop_opt.step()
+        out = _cli("set-lr", "loopy", "1e308")
+        assert out.returncode == 1 and "base='loop'" in out.stderr and "smaller" in out.stderr
+        ctl.step(1.0)
+        assert ctl.lr == [1e-3] and _cli("runs").returncode == 0
 
 
 def test_the_runs_table_is_reused_for_a_moment_but_never_hides_a_change(

@@ -29,6 +29,19 @@ def test_table_of_points_for_a_step_change() -> None:
                           ("lrctl/grad_norm", 0.5, 21)]
 
 
+def test_a_change_between_reports_is_a_vertical_edge_too() -> None:
+    """every=N: reports at 0 and 10, the LR changed at 15 (an unreported step), then
+    report 20. The old LR ran through 14: a point there (a review's find: at 10, which
+    drew a ramp from 10 to 15)."""
+    s = MetricSampler(log_every=50)
+    s.observe(0, 1.0, 0.5, [0.1])
+    assert lr_points(s.observe(10, 1.0, 0.5, [0.1])) == []
+    assert lr_points(s.lr_change(15, [0.05])) == [(14, 0.1), (15, 0.05)]
+    assert lr_points(s.lr_change(16, [0.04])) == [(16, 0.04)]  # (15 is logged: its LR held)
+    assert lr_points(s.observe(20, 1.0, 0.5, [0.04])) == []
+    assert lr_points(s.lr_change(20 + 1, [0.04])) == []  # no change, no point
+
+
 def test_a_decision_step_gets_its_loss_and_grad_norm_once_in_either_order() -> None:
     s = MetricSampler(log_every=100)
     s.observe(0, 3.0, 1.0, [0.1])
