@@ -20,9 +20,11 @@ daemon thread that reads that stamp. Two things end the process from it:
 A second SIGTERM/SIGINT exits at once (for a person pressing Ctrl-C again).
 
 A pause of the whole process (SIGSTOP, Ctrl-Z then ``fg``, a suspended batch job, ``docker
-pause``) stops the monitor too: it sees that its own looks came far apart, and gives the
-loop a fresh ``stall_s`` from the resume (and moves a shutdown's deadline by the pause)
-instead of calling a healthy loop stuck. (It killed such a controller with status 70.)
+pause``) stops the monitor too: it sees that its own looks came far apart while the
+process used next to no CPU time, and gives the loop a fresh ``stall_s`` from the resume
+(and moves a shutdown's deadline by the pause) instead of calling a healthy loop stuck.
+(It killed such a controller with status 70.) Looks far apart while the process was busy
+are no pause: a loop that holds the interpreter in a long call is judged as usual.
 
 The monitor only reads a float and the clock; it never touches controller state.
 """
@@ -46,6 +48,7 @@ EXIT_STALLED = 70  # EX_SOFTWARE: the event loop stopped turning
 EXIT_SHUTDOWN_OVERRUN = 75  # EX_TEMPFAIL: asked to stop, could not finish in time
 DEFAULT_STALL_S = 30.0
 DEFAULT_GRACE_S = 5.0
+PAUSED_CPU = 0.1  # looks far apart with less CPU time used than this share: a pause
 
 
 def thread_stacks() -> str:
@@ -67,7 +70,8 @@ class LoopMonitor:
 
     def __init__(self, last_wake: Callable[[], float], *, stall_s: float = DEFAULT_STALL_S,
                  grace_s: float = DEFAULT_GRACE_S, exit: Callable[[int], None] = os._exit,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic,
+                 cpu_clock: Callable[[], float] = time.process_time) -> None:
         if not stall_s > 0:
             raise ValueError(f"stall_s must be positive, but got {stall_s=}")
         if not grace_s > 0:
@@ -77,6 +81,8 @@ class LoopMonitor:
         self.grace_s = grace_s
         self._exit = exit
         self._clock = clock
+        self._cpu_clock = cpu_clock
+        self._last_cpu = 0.0
         self._stop_deadline: float | None = None
         self.period = min(1.0, stall_s / 4, grace_s / 4)  # between looks
         # Looks further apart than this: the process (monitor included) was paused.
@@ -113,9 +119,11 @@ class LoopMonitor:
 
     def check(self) -> int | None:
         """One look: the exit status to end with, or None while all is well."""
-        now = self._clock()
+        now, cpu = self._clock(), self._cpu_clock()
         last, self._last_look = self._last_look, now
-        if last is not None and now - last > self._pause_gap:
+        used, self._last_cpu = cpu - self._last_cpu, cpu
+        if last is not None and now - last > self._pause_gap and used < PAUSED_CPU * (
+                now - last):
             self._resumed = now
             if self._stop_deadline is not None:
                 self._stop_deadline += now - last

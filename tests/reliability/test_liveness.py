@@ -61,11 +61,11 @@ def test_a_pause_of_the_whole_process_is_no_stall(caplog: pytest.LogCaptureFixtu
     """An adversarial pass's find: a controller SIGSTOPped for longer than stall_s exited
     70 on SIGCONT (its monitor, paused too, saw the loop's old stamp first). Looks far
     apart mean the monitor itself did not run: the loop is judged from the resume."""
-    clock = Clock()
+    clock, cpu = Clock(), Clock()
     wake = [100.0]
-    monitor = LoopMonitor(lambda: wake[0], stall_s=30.0, clock=clock)
+    monitor = LoopMonitor(lambda: wake[0], stall_s=30.0, clock=clock, cpu_clock=cpu)
     assert monitor.check() is None
-    clock.t = 100.0 + 45.0  # stopped for 45 s, loop and monitor alike
+    clock.t = 100.0 + 45.0  # stopped for 45 s, loop and monitor alike (no CPU used)
     with caplog.at_level(logging.WARNING, logger="lrctl.daemon"):
         assert monitor.check() is None
     assert "paused for 45.0 s" in caplog.text
@@ -75,11 +75,20 @@ def test_a_pause_of_the_whole_process_is_no_stall(caplog: pytest.LogCaptureFixtu
         clock.t += monitor.period
     clock.t += monitor.period
     assert monitor.check() == EXIT_STALLED  # a stall after the resume is still caught
-    monitor = LoopMonitor(lambda: wake[0], stall_s=30.0, grace_s=2.0, clock=Clock())
+    monitor = LoopMonitor(lambda: wake[0], stall_s=30.0, grace_s=2.0, clock=Clock(),
+                          cpu_clock=Clock())
     monitor.stop_requested()
     assert monitor._clock() == 100.0 and monitor.check() is None
     monitor._clock.t = 110.0  # type: ignore[attr-defined]  (paused 10 s in the grace)
     assert monitor.check() is None
+    # A review's point: looks far apart while the process was busy (a loop holding the
+    # interpreter in a long call) are no pause: the stall is still caught.
+    clock, cpu = Clock(), Clock()
+    busy = LoopMonitor(lambda: 100.0, stall_s=30.0, clock=clock, cpu_clock=cpu)
+    assert busy.check() is None
+    clock.t += 45.0
+    cpu.t += 40.0
+    assert busy.check() == EXIT_STALLED
 
 
 def test_second_signal_exits_at_once() -> None:
