@@ -23,7 +23,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import json
-import logging
 import math
 import os
 import re
@@ -33,7 +32,17 @@ from pathlib import Path
 from typing import IO, Any
 
 from .._parallel import NOT_DONE, in_parallel
-from ..paths import ensure_private_dir, is_run_key, open_private
+from ..paths import is_run_key
+from ._run_files import (
+    DamagedFile,
+    atomic_write_json,
+    atomic_write_text,
+    fsync_path,
+    open_append,
+    open_new,
+    private_dirs,
+    read_json,
+)
 
 __all__ = [
     "DISCARDED",
@@ -249,7 +258,7 @@ class StreamWriter:
         # later, in front of the next line. Readable: a deleted file is written back from
         # it. Private (0600), and never through a symlink: a link planted in the run's
         # directory would have had its target cut and appended to.
-        self._file: IO[bytes] = _open_append(path)
+        self._file: IO[bytes] = open_append(path)
         last = last_line(path)
         if os.fstat(self._file.fileno()).st_size != (last.end if last else 0):
             os.ftruncate(self._file.fileno(), last.end if last else 0)
@@ -303,7 +312,7 @@ class StreamWriter:
             pass
         private_dirs(self.path.parent)
         tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
-        with _open_new(tmp) as out:
+        with open_new(tmp) as out:
             pos = 0
             while pos < self.offset:
                 chunk = os.pread(self._file.fileno(), min(1 << 20, self.offset - pos), pos)
@@ -314,7 +323,7 @@ class StreamWriter:
             out.flush()
             self._fsync_fd(out.fileno())
         os.replace(tmp, self.path)
-        old, self._file = self._file, _open_append(self.path)
+        old, self._file = self._file, open_append(self.path)
         old.close()
         self.unsynced, self._torn = 0, False
         return True
@@ -346,89 +355,3 @@ def sync_all(writers: Iterable[StreamWriter],
     pending = [w for w in writers if w.unsynced]
     results = in_parallel([w.sync for w in pending], deadline)
     return [r for r in results if isinstance(r, OSError)], results.count(NOT_DONE)
-
-
-def atomic_write_json(path: Path, value: Any, *, sync: bool = True) -> None:
-    """Replace ``path`` with ``value`` so that a crash leaves the old or the new file, whole.
-    ``sync=False``: the caller makes it durable later (:func:`fsync_path` on the file and
-    its directory) before anything that depends on it is reported durable."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    data = json.dumps(value, indent=1, sort_keys=True, allow_nan=False).encode()
-    with _open_new(tmp) as f:
-        f.write(data)
-        f.flush()
-        if sync:
-            os.fsync(f.fileno())
-    os.replace(tmp, path)
-    if sync:
-        fsync_path(path.parent)
-
-
-def atomic_write_text(path: Path, text: str, *, sync: bool = True) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with _open_new(tmp) as f:
-        f.write(text.encode("utf-8"))
-        f.flush()
-        if sync:
-            os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def fsync_path(path: Path) -> None:
-    """fsync a file or a directory by its path."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-class DamagedFile(ValueError):
-    """A run's JSON file (meta, cursor) that is not what lrctl writes there."""
-
-
-def read_json(path: Path, default: Any = None, strict: bool = False) -> Any:
-    """The JSON in ``path``; ``default`` when there is none. A damaged file (empty,
-    truncated, not JSON, or not an object where ``default`` is one) is logged and read as
-    ``default``, so that one run's file cannot stop the controller or a command from
-    reading the others; with ``strict`` it raises :class:`DamagedFile` instead."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            value = json.load(f)
-        if isinstance(default, dict) and not isinstance(value, dict):
-            raise ValueError(f"a JSON {type(value).__name__}, not an object")
-        return value
-    except FileNotFoundError:
-        return default
-    except (ValueError, UnicodeDecodeError) as exc:
-        if strict:
-            raise DamagedFile(f"{path} is damaged ({exc})") from None
-        logging.getLogger("lrctl").warning("%s is damaged (%s): read as empty", path, exc)
-        return default
-
-
-def private_dirs(path: Path) -> None:
-    """``path`` and any missing parent, 0700 (a run's directory holds its journal, meta
-    and policy texts); a symlink or a file there is refused, also at each directory
-    between the state directory's ``runs`` and ``path`` (a ``runs`` symlink would put
-    every journal wherever it points)."""
-    chain = [path]
-    for parent in path.parents:
-        if chain[-1].name == "runs":
-            break
-        chain.append(parent)
-    else:
-        chain = [path]  # (not inside a runs directory: that path alone)
-    for directory in reversed(chain):
-        ensure_private_dir(directory, quiet=True)
-
-
-def _open_append(path: Path) -> IO[bytes]:
-    """``path`` for appending and reading, unbuffered; created 0600, never through a
-    symlink (see :func:`lrctl.paths.open_private`)."""
-    return open(open_private(path, os.O_RDWR | os.O_APPEND), "a+b", buffering=0)
-
-
-def _open_new(path: Path) -> IO[bytes]:
-    """A temporary file to replace another with, empty, 0600, never through a symlink."""
-    return open(open_private(path, os.O_WRONLY | os.O_TRUNC), "wb")
