@@ -18,6 +18,7 @@ __all__ = [
     "on_device",
     "register_pre_step",
     "scaler_enabled",
+    "shape_problem",
     "to_float",
     "total_grad_norm",
     "unscaled_norm",
@@ -188,3 +189,26 @@ def _foreach_helpers(torch: Any) -> tuple[Any, Any] | None:
     if not hasattr(torch, "_foreach_norm"):
         return None
     return _group_tensors_by_device_and_dtype, _has_foreach_support
+
+
+def shape_problem(loss: Any, grad_norm: Any) -> str | None:
+    """What to tell a loop that passed ``ctl.step`` a loss (or grad norm) of several
+    elements; None when both are one number (or not tensors)."""
+    for what, value, fix in (("loss", loss, "pass a scalar, e.g. ctl.step(loss.mean())"),
+                             ("grad_norm", grad_norm, "pass the total norm, as "
+                              "clip_grad_norm_ returns it")):
+        size = _numel(value)
+        if size is not None and size != 1:
+            return (f"lrctl: ctl.step() needs one number for the {what}, but the {what} "
+                    f"has {size} elements; {fix}. No step is reported, and no NaN/inf step is "
+                    "skipped, until then; training continues at the last LR")
+    return None
+
+
+def _numel(x: Any) -> int | None:
+    """How many elements a tensor (or array) has; None for anything else."""
+    numel = getattr(x, "numel", None)
+    try:
+        return int(numel()) if callable(numel) else None
+    except Exception:
+        return None

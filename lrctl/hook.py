@@ -47,6 +47,7 @@ from ._torchutil import (
     lr_value,
     on_device,
     register_pre_step,
+    shape_problem,
     to_float,
     total_grad_norm,
 )
@@ -324,19 +325,9 @@ class Controller(Resuming, LinkSide, Reporting, Applying):
                 loss, grad_norm = host_loss, host_grad
             self._step_fully(batch, loss, grad_norm, scaler)
         except Exception as exc:  # fail-open: the training loop must not see lrctl's bugs
-            size, grad_size = _numel(loss), _numel(grad_norm)
-            if size is not None and size != 1:  # a per-sample loss: the caller's to fix
-                self._warn("loss-shape", f"lrctl: ctl.step(loss) needs one number, but the "
-                                         f"loss has {size} elements; pass a scalar, e.g. "
-                                         "ctl.step(loss.mean()). No step is reported, and no "
-                                         "NaN/inf step is skipped, until then; training "
-                                         "continues at the last LR")
-            elif grad_size is not None and grad_size != 1:
-                self._warn("loss-shape", f"lrctl: ctl.step(loss, grad_norm) needs one number "
-                                         f"for grad_norm, but it has {grad_size} elements "
-                                         "(the total norm, as clip_grad_norm_ returns it). No "
-                                         "step is reported, and no NaN/inf step is skipped, "
-                                         "until then; training continues at the last LR")
+            problem = shape_problem(loss, grad_norm)  # a per-sample loss: the caller's to fix
+            if problem is not None:
+                self._warn("loss-shape", problem)
             else:
                 self._warn("internal", f"lrctl: hook error ({exc!r}); training continues at "
                                        "the last LR")
@@ -444,11 +435,3 @@ def _host(value: Any) -> Any:
         return value
     return to_float(value)
 
-
-def _numel(x: Any) -> int | None:
-    """How many elements a tensor (or array) has; None for anything else."""
-    numel = getattr(x, "numel", None)
-    try:
-        return int(numel()) if callable(numel) else None
-    except Exception:
-        return None

@@ -92,7 +92,13 @@ def test_the_step_after_a_report_goes_the_quiet_way_and_reads_the_answer(
     quick = _run(curve, True, False, settle=False)
     full = _run(curve, False, False, settle=False)
     decisions, applied, frames, skipped, quiet = quick
-    assert (decisions, frames, skipped) == (full[0], full[2], full[3])
+
+    def timeless(sent: list[dict]) -> list[dict]:
+        # The LRs a report says (u, gu) are there where the answer due had come when it
+        # went: with answers on the way, a matter of timing, either way.
+        return [{k: v for k, v in f.items() if k not in ("u", "gu")} for f in sent]
+
+    assert (decisions, timeless(frames), skipped) == (full[0], timeless(full[2]), full[3])
     # The LR of every optimizer step taken. (A skipped step's pre-step hook never runs,
     # so what its group shows depends on whether the answer came before step() read it.)
     assert [lr for t, lr in enumerate(applied) if t not in skipped] == [

@@ -239,7 +239,7 @@ def test_a_grad_norm_of_many_elements_says_what_to_pass(controller: ControllerPr
     """An adversarial pass's find: a 2-element grad_norm warned "hook error
     (RuntimeError(...))", which reads like lrctl's bug."""
     opt = torch.optim.SGD([torch.nn.Parameter(torch.ones(1))], lr=0.1)
-    with (pytest.warns(RuntimeWarning, match=r"grad_norm, but it has 2 elements.*total norm"),
+    with (pytest.warns(RuntimeWarning, match=r"the grad_norm has 2 elements.*total norm"),
           lrctl.attach(opt, policy=POLICIES / "divergence.yaml", spawn=False) as ctl):
         ctl.step(1.0, grad_norm=torch.ones(2))
     assert not any("hook error" in d.reason for d in ctl.decisions)
