@@ -141,6 +141,8 @@ class Applying:
                 keep = min(keep, link.buffer[0][0])
             if batch is not None and batch.losses:
                 keep = min(keep, batch.last_step - len(batch.losses) + 1)
+            elif batch is None and self.every > 1:  # every=N: the next report's gu
+                keep = min(keep, self._reported + 1)
             staged = self._staging.oldest  # CUDA: reports still to be sent
             if staged is not None:
                 keep = min(keep, staged)
