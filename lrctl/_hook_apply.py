@@ -62,6 +62,8 @@ class Applying:
             self._writer.apply(self._target)  # (_apply, one call less: it runs every step)
             if self._target is not self._history.last:
                 self._note_applied()
+        except Warning:  # the loop's filters made one of ours an error: as it is
+            raise
         except Exception as exc:
             self._warn("internal", f"lrctl: hook error ({exc!r}); training continues at the "
                                    "last LR")
@@ -168,6 +170,8 @@ class Applying:
         """Loop mode, after every optimizer step: the loop gets its own LRs back."""
         try:
             self._writer.restore()
+        except Warning:  # the loop's filters made one of ours an error: as it is
+            raise
         except Exception as exc:
             self._warn("internal", f"lrctl: hook error ({exc!r}); training continues")
 

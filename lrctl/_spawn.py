@@ -9,12 +9,13 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 from . import paths
 from ._link import Link
 from ._version import __version__
 
-__all__ = ["SPAWNED_IDLE_EXIT_S", "respawn", "served", "spawn_and_open", "spawned",
+__all__ = ["SPAWNED_IDLE_EXIT_S", "Controller", "respawn", "served", "spawn_and_open", "spawned",
            "start_controller", "versioned_socket"]
 
 log = logging.getLogger("lrctl")
@@ -26,14 +27,32 @@ SPAWNED_IDLE_EXIT_S = 600
 EXITED_GRACE_S = 10.0
 #: ``lrctl serve``'s exit status when another controller holds the socket or state dir.
 ANOTHER_SERVES = 3
+
+
+class Controller(subprocess.Popen[bytes]):
+    """A controller this process started. It outlives the process by design (it exits
+    ``SPAWNED_IDLE_EXIT_S`` after its last hook left), so a handle dropped while it still
+    runs says nothing: ``Popen`` would warn (``ResourceWarning: subprocess N is still
+    running``, at every exit of a training script run under ``-X dev`` or ``-W error``)
+    and keep it for reaping, which a process that lives on has no use for."""
+
+    def __del__(self, *args: Any, **kwargs: Any) -> None:
+        try:
+            running = self.returncode is None and self.poll() is None
+        except Exception:  # (at interpreter shutdown, os may be half gone)
+            return
+        if not running:
+            super().__del__(*args, **kwargs)
+
+
 #: The controllers this process started (kept so their handles outlive the caller's frame).
-spawned: list[subprocess.Popen[bytes]] = []
+spawned: list[Controller] = []
 #: The last controller :func:`respawn` started on each socket, its log and where its
 #: output begins (the next respawn says how it ended, if it failed).
-_respawned: dict[str, tuple[subprocess.Popen[bytes], Path, int]] = {}
+_respawned: dict[str, tuple[Controller, Path, int]] = {}
 
 
-def start_controller(address: str) -> subprocess.Popen[bytes]:
+def start_controller(address: str) -> Controller:
     """Start ``lrctl serve`` on ``address`` in its own session, logging to the state dir.
 
     Two runs may start one at once: the loser's controller exits (the socket's lock
@@ -42,14 +61,14 @@ def start_controller(address: str) -> subprocess.Popen[bytes]:
     return _start(address)[0]
 
 
-def _start(address: str) -> tuple[subprocess.Popen[bytes], Path, int]:
+def _start(address: str) -> tuple[Controller, Path, int]:
     """:func:`start_controller`, with its log file and where this start's output begins."""
     state = paths.ensure_state_dir(paths.state_dir(socket=address))
     log_path = state / "controller.out"
     fd = paths.open_private(log_path, os.O_WRONLY | os.O_APPEND)
     with os.fdopen(fd, "ab") as out:
         offset = out.seek(0, os.SEEK_END)
-        proc = subprocess.Popen(
+        proc = Controller(
             # No --state-dir: the controller derives it as above, and serves from its
             # socket's own when another controller holds that one (lrctl.paths.state_dir).
             [sys.executable, "-m", "lrctl", "serve", "--socket", address,

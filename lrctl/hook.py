@@ -324,6 +324,8 @@ class Controller(Resuming, LinkSide, Reporting, Applying):
                     return  # nothing went out: the pre-step hook checks the LRs
                 loss, grad_norm = host_loss, host_grad
             self._step_fully(batch, loss, grad_norm, scaler)
+        except Warning:  # the loop's filters made one of ours an error: as it is
+            raise
         except Exception as exc:  # fail-open: the training loop must not see lrctl's bugs
             problem = shape_problem(loss, grad_norm)  # a per-sample loss: the caller's to fix
             if problem is not None:
@@ -342,6 +344,8 @@ class Controller(Resuming, LinkSide, Reporting, Applying):
                 if self._held:
                     self._promote()
                 self._apply()
+        except Warning:  # the loop's filters made one of ours an error: as it is
+            raise
         except Exception as exc:
             self._warn("apply", f"lrctl: could not apply the LRs ({exc!r}); training "
                                 "continues at the last LR")

@@ -320,3 +320,25 @@ def test_attaching_an_attached_optimizer_again_closes_the_earlier_hook(
         assert opt.param_groups[0]["lr"] == second.lr[0]
     finally:
         second.close()
+
+
+def test_a_loop_that_makes_warnings_errors_gets_our_warning_as_it_is(
+        controller: ControllerProc) -> None:
+    """Under ``-W error`` (a test suite's ``filterwarnings = error``) one of the hook's
+    warnings is raised where it is issued; it reaches the loop as that warning, not
+    wrapped in a second one that calls it a hook error."""
+    opt = _opt()
+    ctl = lrctl.attach(opt, policy=POLICY, spawn=False, sync=True)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            with pytest.raises(RuntimeWarning, match="found no gradients") as raised:
+                ctl.step(1.0)  # before any backward(): no gradients
+        assert "hook error" not in str(raised.value)
+        for p in opt.param_groups[0]["params"]:
+            p.grad = torch.zeros_like(p)
+        ctl.step(1.0)  # the hook goes on, warnings or not
+        opt.step()
+        assert opt.param_groups[0]["lr"] == 0.1
+    finally:
+        ctl.close()

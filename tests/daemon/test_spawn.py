@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -458,3 +460,35 @@ def test_a_socket_that_once_fell_back_keeps_its_own_state_dir(short_dir) -> None
     assert paths.state_dir(socket=sock) == base
     own = paths.ensure_state_dir(paths.own_state_dir(sock))
     assert paths.state_dir(socket=sock) == own
+
+
+def test_a_script_that_spawned_a_controller_exits_without_a_resource_warning(
+        short_dir) -> None:  # type: ignore[no-untyped-def]
+    """The controller outlives the training script by design: under ``-X dev -W error``
+    (what careful users and test suites run with) the script's exit says nothing about
+    the subprocess it leaves running."""
+    script = (
+        "import torch, lrctl\n"
+        "from lrctl import _spawn\n"
+        "w = torch.nn.Parameter(torch.ones(1))\n"
+        "opt = torch.optim.SGD([w], lr=0.1)\n"
+        "with lrctl.attach(opt, sync=True) as ctl:\n"
+        "    loss = (w * 2).sum()\n"
+        "    loss.backward()\n"
+        "    ctl.step(loss)\n"
+        "    opt.step()\n"
+        "    assert ctl.connected\n"
+        "print('pid', _spawn.spawned[-1].pid, flush=True)\n")
+    out = subprocess.run([sys.executable, "-X", "dev", "-W", "error", "-c", script],
+                         capture_output=True, text=True, timeout=120, env=os.environ.copy())
+    pids = [int(line.split()[1]) for line in out.stdout.splitlines() if line.startswith("pid")]
+    try:
+        assert out.returncode == 0, out.stderr
+        assert pids, out.stdout
+        assert "ResourceWarning" not in out.stderr, out.stderr
+        assert "Exception ignored" not in out.stderr, out.stderr
+        os.kill(pids[0], 0)  # it is still serving (it would exit after --idle-exit)
+    finally:
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
