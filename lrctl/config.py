@@ -107,6 +107,9 @@ class PolicyFile:
             raise ConfigError(self.source, line, exc.key, exc.message) from None
         except (TypeError, ValueError) as exc:
             raise ConfigError(self.source, entry.line, entry.kind, str(exc)) from None
+        except Exception as exc:  # (a knob no check caught, a plugin's bug): not a policy
+            raise ConfigError(self.source, entry.line, entry.kind,
+                              f"the policy cannot be built with these knobs: {exc!r}") from None
         return policy
 
 

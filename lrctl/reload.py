@@ -318,7 +318,10 @@ class PolicyWatcher:
                 except Exception:  # (the thread must live on: status says it watches)
                     log.exception("lrctl: checking the watched policy directories failed")
             for path, forced in batch:
-                self._reload(path, forced)
+                try:
+                    self._reload(path, forced)
+                except Exception:  # (the thread must live on: every other file is watched)
+                    log.exception("lrctl: reloading %s failed", path)
             if batch:
                 continue  # new events may have come in meanwhile: look again first
             try:

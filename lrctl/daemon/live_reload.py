@@ -151,8 +151,9 @@ class LiveReload:
                     continue
                 try:
                     decision = session.reload(event.policy, event.forced)
-                except (ConfigError, ValueError) as exc:
-                    log.error("run %s cannot take %s: %s", session.key, path, exc)
+                except Exception as exc:  # (never the watcher's end: see reload.PolicyWatcher)
+                    log.error("run %s cannot take %s: %s", session.key, path,
+                              exc if isinstance(exc, (ConfigError, ValueError)) else repr(exc))
                     decision = session.reload_failed(str(exc), event.sha256)
                 else:
                     log.info("run %s: %s", session.key, decision["reason"])

@@ -113,8 +113,10 @@ class Server(Observing):
             try:
                 session = Session.restore(state)
                 self.adopt(key, session)
-            except (ValueError, KeyError, TypeError) as exc:
-                log.error("cannot restore run %s: %s; its checkpoint is left in place", key, exc)
+            except Exception as exc:  # one run's state never stops the controller's start
+                log.error("cannot restore run %s: %s; its checkpoint is left in place", key,
+                          exc if isinstance(exc, (ValueError, KeyError, TypeError))
+                          else repr(exc))
                 continue
             log.info("restored run %s at step %d (policy %s)", key, session.last_step,
                      session.info.policy_sha256[:12])

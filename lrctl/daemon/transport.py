@@ -317,8 +317,9 @@ class Transport(Writing, PacedReading):
         elif isinstance(exc, ProtocolError):
             self.send(conn, {"t": "error", "code": exc.code, "message": str(exc),
                              "fatal": False})
-        else:  # a bug (or a plugin's) must not end every run
-            log.error("internal error handling a %r message", what, exc_info=exc)
+        else:  # a bug (or a plugin's) must not end every run, nor fill the log
+            self.rlog.log(logging.ERROR, f"internal:{type(exc).__name__}",
+                          "internal error handling a %r message", what, exc_info=exc)
             self.send(conn, {"t": "error", "code": "internal",
                              "message": f"controller error: {exc!r}", "fatal": False})
 

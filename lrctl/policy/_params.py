@@ -14,8 +14,8 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["MAX_MEAN_WINDOW", "MAX_WINDOW", "REQUIRED", "Param", "ParamError", "bind_params",
-           "did_you_mean"]
+__all__ = ["MAX_INT", "MAX_MEAN_WINDOW", "MAX_WINDOW", "REQUIRED", "Param", "ParamError",
+           "bind_params", "did_you_mean"]
 
 _MAX_LIST = 4096
 #: The most observations a policy's window may hold: each run's memory, its checkpoint
@@ -24,6 +24,9 @@ _MAX_LIST = 4096
 MAX_WINDOW = 100_000
 #: ... and a running mean's, which is summed at every observation.
 MAX_MEAN_WINDOW = 10_000
+#: No integer knob is larger (in magnitude): 2**53, past which a YAML float such as
+#: ``1e30`` no longer says an exact integer (and sizes built from it overflow).
+MAX_INT = 2**53
 
 
 class ParamError(ValueError):
@@ -33,6 +36,10 @@ class ParamError(ValueError):
         super().__init__(f"{key}: {message}")
         self.key = key
         self.message = message
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # As ConfigError's: pickled as the constructor's arguments, not ``self.args``.
+        return type(self), (self.key, self.message), self.__dict__
 
 
 @dataclass(frozen=True)
@@ -79,6 +86,8 @@ class Param:
                     value = int(value)
                 else:
                     raise ParamError(self.name, f"expected an integer, but got {value!r}")
+            if abs(value) > MAX_INT:
+                raise ParamError(self.name, f"integer too large: {value!r} (at most 2**53)")
             self._check_range(value)
             return value
         if self.kind == "float":

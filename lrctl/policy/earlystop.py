@@ -76,7 +76,7 @@ class EarlyStop(ReactivePolicy):
         Param("window", "int", 200, "trend: observations in the two-half test", ge=8,
               le=MAX_WINDOW),
         Param("alpha", "float", 0.01, "trend: one-sided level of the 'still improving' test",
-              gt=0, lt=0.5),
+              ge=1e-6, lt=0.5),
         Param("outlier_z", "float", 6.0, "trend: values worse than the rolling median by more "
               "than this many robust σ are clipped to that bound", gt=0),
         Param("restore_best", "bool", False, "not supported: keep the best checkpoint in the "

@@ -53,7 +53,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from ._base import Action, Observation, ReactivePolicy, StepContext, float_from_json, float_to_json
-from ._params import MAX_MEAN_WINDOW, Param
+from ._params import MAX_MEAN_WINDOW, MAX_WINDOW, Param, ParamError
 from ._registry import register_policy
 from ._schedule import per_group
 from .stats import TrendWindow
@@ -88,7 +88,7 @@ class Plateau(ReactivePolicy):
               "significant; stall: only when it is shown smaller than `threshold`",
               choices=("best", "trend", "stall")),
         Param("alpha", "float", 0.01, "test: trend or stall — one-sided level of the test",
-              gt=0, lt=0.5),
+              ge=1e-6, lt=0.5),
         Param("burn_in", "int", None, "observations at the start of the policy's life that "
               "are not judged (default: test: trend or stall, half of `patience`; test: "
               "best, none)",
@@ -99,6 +99,10 @@ class Plateau(ReactivePolicy):
         super().__init__(**params)
         self._mode_worse = math.inf if self.params["mode"] == "min" else -math.inf
         self._windowed = self.params["test"] in ("trend", "stall")
+        if self._windowed and self.params["patience"] > MAX_WINDOW:  # the window's size
+            raise ParamError("patience", f"must be <= {MAX_WINDOW} with test: "
+                             f"{self.params['test']} (the test's window), but got "
+                             f"{self.params['patience']}")
         self._scale = 1.0
         self._best = self._mode_worse
         self._num_bad = 0

@@ -89,7 +89,7 @@ class WSD(ReactivePolicy):
         Param("window", "int", 400, "start_on plateau: observations in the trend test", ge=8,
               le=MAX_WINDOW),
         Param("alpha", "float", 0.01, "start_on plateau: one-sided level of the 'still "
-              "falling' test", gt=0, lt=0.5),
+              "falling' test", ge=1e-6, lt=0.5),
         Param("threshold", "float", 1e-3, "start_on plateau: a fall must exceed this fraction "
               "of the level to count", ge=0),
         Param("test", "str", "trend", "start_on plateau: trend — start when the fall is not "

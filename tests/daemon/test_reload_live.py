@@ -307,3 +307,30 @@ def test_a_reload_decision_is_journaled_with_its_new_policy_version(
     reloads = [d for d in decisions if d["action"] == "reload"]
     assert len(reloads) == 1, decisions
     assert (reloads[0]["policy_sha256"], reloads[0]["policy_version"]) == (sha(v2), 2)
+
+
+OVERSIZED = ("version: 1\npolicies:\n  - kind: plateau\n    metric: loss\n    test: trend\n"
+             "    patience: 1e30\n")
+
+
+def test_an_edit_no_check_used_to_catch_is_refused_and_the_watcher_lives_on(
+        controller: ControllerProc, tmp_path: Path) -> None:
+    """``patience: 1e30`` with a windowed test once got past validation and raised an
+    OverflowError in the watcher thread, which died: the run got no ``reload_failed``
+    and every other watched file stopped reloading, while ``status`` still said it
+    watched them. Now it is refused like any invalid knob, and other files reload."""
+    other = tmp_path / "other.yaml"
+    other.write_text(plateau(0.5))
+    with _watched(tmp_path, plateau(0.5)) as (path, _, ctl), lrctl.attach(
+            _opt(), policy=str(other), sync=True, spawn=False) as second:
+        second.step(1.0, grad_norm=1.0)
+        path.write_text(OVERSIZED)
+        _until("the rejection", lambda: _run(ctl.run_key)["reload_error"] is not None)
+        error = _run(ctl.run_key)["reload_error"]
+        assert f"{path}:6" in error and "patience" in error, error
+        assert _run(ctl.run_key)["policy_sha256"] == sha(plateau(0.5))
+        other.write_text(plateau(0.25))  # the watcher still watches the other file
+        _until("the other file's reload",
+               lambda: _run(second.run_key)["policy_sha256"] == sha(plateau(0.25)))
+        second.step(1.0, grad_norm=1.0)
+        ctl.step(1.0, grad_norm=1.0)
