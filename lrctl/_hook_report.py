@@ -150,6 +150,18 @@ class Reporting:
         if batch is not None:
             batch.spent(perf_counter() - began, reporting)
 
+    def _grad_norm(self) -> Any:
+        """The gradients' norm, computed here; None when there are none, or when torch
+        cannot compute it for these gradients (the loss is still reported and judged)."""
+        try:
+            return total_grad_norm(self.optimizer, wide=scaler_enabled(self.scaler))
+        except Exception as exc:
+            self._compute_grad_norm = False  # (not tried at every step)
+            self._warn("grad-norm", f"lrctl: the gradients' norm cannot be computed ({exc!r:.200}"
+                                    "); steps are reported with their loss alone (pass "
+                                    "grad_norm= to step() where the loop has one)")
+            return None
+
     def _finalize(self, t: int) -> None:
         """The LRs of optimizer step ``t`` (the loop's next), settled before its report
         says them (``u``) where nothing is left to wait for: what has come is read, and
@@ -215,8 +227,8 @@ class Reporting:
                 loss = to_float(loss)  # a CPU tensor: read once, to judge the step
             reporting = self._batch_due(batch, loss, grad_norm)
         if grad_norm is None and self._compute_grad_norm and reporting:
-            grad_norm = total_grad_norm(self.optimizer, wide=scaler_enabled(self.scaler))
-            if grad_norm is None:
+            grad_norm = self._grad_norm()
+            if grad_norm is None and self._compute_grad_norm:
                 self._warn("no-grad", "lrctl: ctl.step() found no gradients (call it after "
                                       "loss.backward()); the grad norm is not reported")
             elif self.scaler is not None:

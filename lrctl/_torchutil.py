@@ -58,6 +58,28 @@ def total_grad_norm(optimizer: Any, wide: bool = False) -> Any:
              if getattr(p, "grad", None) is not None]
     if not grads:
         return None
+    try:
+        return _norm_of(torch, grads, wide)
+    except (RuntimeError, NotImplementedError):
+        if all(g.layout == torch.strided for g in grads):
+            raise
+    # Sparse gradients (an ``Embedding(sparse=True)``): torch's norms refuse them. The
+    # norm of the values a coalesced tensor holds is its norm (coalescing sums repeated
+    # indices first, as the optimizer's step does).
+    return _norm_of(torch, [_values(torch, g) for g in grads], wide)
+
+
+def _values(torch: Any, grad: Any) -> Any:
+    """A gradient's values, dense: itself when it is dense."""
+    if grad.layout == torch.strided:
+        return grad
+    if grad.layout == torch.sparse_coo:
+        return grad.coalesce().values()
+    return grad.values()  # compressed layouts hold each entry once
+
+
+def _norm_of(torch: Any, grads: list[Any], wide: bool) -> Any:
+    """:func:`total_grad_norm` of dense ``grads``."""
     if wide:
         groups: dict[Any, list[Any]] = {}
         for grad in grads:

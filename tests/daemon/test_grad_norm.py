@@ -83,3 +83,48 @@ def test_the_fast_grouping_check_agrees_with_torch_helpers(make: Any) -> None:
     want = (len(_group_tensors_by_device_and_dtype([grads])) == 1
             and _has_foreach_support(grads, grads[0].device))
     assert _one_foreach_group(torch, grads) is want
+
+
+@pytest.mark.parametrize("wide", [False, True])
+def test_sparse_gradients_have_the_norm_of_their_dense_form(wide: bool) -> None:
+    """An ``Embedding(sparse=True)``'s gradient (repeated indices included: they are
+    summed, as the optimizer's step sums them) beside a dense one: torch's norms refuse
+    sparse tensors, and the hook reported nothing at all."""
+    torch.manual_seed(0)
+    emb = torch.nn.Embedding(50, 4, sparse=True)
+    head = torch.nn.Linear(4, 1)
+    opt = torch.optim.SGD([*emb.parameters(), *head.parameters()], lr=0.1)
+    head(emb(torch.tensor([3, 7, 3, 9]))).sum().backward()
+    assert emb.weight.grad is not None and emb.weight.grad.is_sparse
+    want = torch.nn.utils.get_total_norm(
+        [emb.weight.grad.to_dense(), head.weight.grad, head.bias.grad], 2.0)
+    got = total_grad_norm(opt, wide=wide)
+    assert float(got) == pytest.approx(float(want), rel=1e-6)
+
+
+def test_a_loop_with_sparse_gradients_is_reported_and_guarded(controller: Any) -> None:
+    """The loop reports every step with its norm, and a NaN step is skipped (before, the
+    norm's error dropped every observation and the guard with it)."""
+    import warnings
+
+    import lrctl
+
+    torch.manual_seed(0)
+    emb = torch.nn.Embedding(100, 8, sparse=True)
+    head = torch.nn.Linear(8, 1)
+    opt = torch.optim.SGD([*emb.parameters(), *head.parameters()], lr=0.05)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no warning of any kind
+        with lrctl.attach(opt, spawn=False, sync=True) as ctl:
+            for t in range(40):
+                idx = torch.randint(0, 100, (16,))
+                loss = ((head(emb(idx)) - (idx % 3).float().unsqueeze(1)) ** 2).mean()
+                opt.zero_grad()
+                loss.backward()
+                if t == 30:
+                    loss = loss * float("nan")
+                ctl.step(loss)
+                opt.step()
+            assert ctl._reported == 39
+    assert torch.isfinite(head.weight).all() and torch.isfinite(emb.weight).all()
+    assert any(d.step == 30 and d.action == "skip" for d in ctl.decisions)
