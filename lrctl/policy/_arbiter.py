@@ -14,12 +14,20 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ._base import Action, Observation, Policy
 from ._decision import Decision
 
-__all__ = ["Factors", "LRArbiter"]
+if TYPE_CHECKING:
+    from ._operator import OperatorControls
+
+__all__ = ["OVERRIDDEN", "Factors", "LRArbiter"]
+
+#: Said after the reason of a decision whose LR change an operator's manual LR kept
+#: from the optimizer (its evidence says ``overridden: true``).
+OVERRIDDEN = ("; its LR change is not applied: an operator's manual LR is in force "
+              "(lrctl set-lr; the policies' LRs apply again once it ends)")
 
 #: Each group's schedule factors at one step, in file order; ``None``: no schedules.
 Factors = Sequence[Sequence[float]] | None
@@ -41,6 +49,7 @@ class LRArbiter:
     policies: list[Policy]
     names: list[str]
     skips_enforced: bool
+    operator: OperatorControls
     _reactive: list[Policy]
     _schedules: list[Policy]
     _lrs: Sequence[float]
@@ -145,10 +154,14 @@ class LRArbiter:
         policy = self.policies[i]
         before = tuple(self._lrs_from(before_multiplier, factors))
         after = tuple(self._lrs_from(multiplier, factors))
+        overridden = self.operator.override is not None and before != after
         out = []
         for action in actions:
             moved = action.action not in ("skip", "stop")
             reason, evidence = action.reason, action.evidence
+            if moved and overridden:  # recorded as what it is: decided, not applied
+                reason += OVERRIDDEN
+                evidence = {**evidence, "overridden": True}
             if (action.action == "skip" and not self.skips_enforced
                     and not _nonfinite(obs.loss, obs.grad_norm)):
                 reason += ("; advisory: the hook is async, so this step had already run "

@@ -68,8 +68,12 @@ class Decision:
 def record_ratio(record: Mapping[str, Any]) -> float:
     """:attr:`Decision.ratio` of a decision as journaled (``to_dict()``, floats as
     strict JSON); 1.0 when it is not defined or the record is malformed, and for a
-    shadow-mode decision, which moved no LR (the audit's charts show what happened)."""
+    shadow-mode decision, which moved no LR (the audit's charts show what happened), as
+    for one whose change an operator's manual LR kept from the optimizer."""
     if record.get("shadow"):
+        return 1.0
+    evidence = record.get("evidence")
+    if isinstance(evidence, Mapping) and evidence.get("overridden") is True:
         return 1.0
     try:
         old = float_from_json(record["old_lrs"][0])

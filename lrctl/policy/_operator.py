@@ -75,6 +75,8 @@ class OperatorVerbs:
 
     operator: OperatorControls
     initial_lrs: tuple[float, ...]
+    min_lr: float
+    max_lr: float
     last_step: int | None
     policy_sha256: str
     decision_count: int
@@ -124,6 +126,11 @@ class OperatorVerbs:
             if not math.isfinite(value):  # (nothing changes: the operator is told why)
                 raise ValueError(f"an LR of {lr:g} would make group {i}'s {value} (it keeps "
                                  f"its ratio {ratio:g} to group 0): give a smaller LR")
+            if not self.min_lr <= value <= self.max_lr:  # the file's bounds bind us all
+                which = f"group {i}'s LR would be {value:g} (its ratio {ratio:g} to group " \
+                        "0); " if i else ""
+                raise ValueError(f"an LR of {lr:g} is outside the policy file's bounds: "
+                                 f"{which}min_lr {self.min_lr:g}, max_lr {self.max_lr:g}")
         self.operator.set_override(lrs, until)
         held = "until cleared" if steps is None else f"for {steps} steps (through step {until})"
         return self._operator_decision("set_lr", before, f"manual LR {lr:g} set by an "

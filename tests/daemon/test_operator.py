@@ -198,3 +198,39 @@ def test_clearing_no_manual_lr_records_nothing(controller: ControllerProc) -> No
         ctl.step(1.0, grad_norm=1.0)
         actions = [d.action for d in ctl.decisions[before:]]
         assert actions.count("release_lr") == 1 and actions.count("set_lr") == 1
+
+
+GUARDED = {"version": 1, "max_lr": 0.5,
+           "policies": [{"kind": "divergence", "min_samples": 8, "cooldown": 1}]}
+
+
+def test_set_lr_past_max_lr_is_refused_and_decisions_under_it_say_they_did_not_apply(
+        controller: ControllerProc) -> None:
+    """A typo (``1e9`` for ``1e-9``) once got past the file's ``max_lr``; and under a
+    manual LR the guard's back-offs were recorded as LR changes while the optimizer
+    kept the manual LR: the audit no longer matched what ran."""
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.ones(1))], lr=0.1)
+    with lrctl.attach(opt, policy=GUARDED, sync=True, spawn=False, run_name="ovr") as ctl:
+        for _ in range(20):
+            ctl.step(1.0, grad_norm=1.0)
+            opt.step()
+        out = _cli("set-lr", "ovr", "1e9")
+        assert out.returncode == 1 and "max_lr 0.5" in out.stderr, out.stderr
+        assert "Traceback" not in out.stderr
+        assert not any(d.action == "set_lr" for d in ctl.decisions)
+        assert _cli("set-lr", "ovr", "0.2").returncode == 0
+        for _ in range(3):  # a blow-up under the manual LR
+            ctl.step(1e6, grad_norm=1e6)
+            opt.step()
+            assert opt.param_groups[0]["lr"] == 0.2
+        cuts = [d for d in ctl.decisions if d.action == "backoff"]
+        assert cuts, [d.action for d in ctl.decisions]
+        for d in cuts:
+            assert d.evidence.get("overridden") is True
+            assert "not applied: an operator's manual LR is in force" in d.reason
+        assert _cli("set-lr", "ovr", "--clear").returncode == 0
+        ctl.step(1.0, grad_norm=1.0)
+        opt.step()
+        released = [d for d in ctl.decisions if d.action == "release_lr"]
+        assert released and released[-1].new_lrs[0] < 0.1  # the cuts apply from now on
+        assert opt.param_groups[0]["lr"] == released[-1].new_lrs[0]

@@ -98,3 +98,26 @@ def test_operator_state_from_a_checkpoint_is_checked(bad: dict[str, object]) -> 
     state["operator"] = {"override": None, "until": None, "hold": None, **bad}
     with pytest.raises(ValueError):
         engine().load_state_dict(state)
+
+
+def test_decisions_under_a_manual_lr_are_recorded_as_not_applied() -> None:
+    """Known answer: divergence cuts under ``set_lr`` leave the LR at the manual one,
+    their records say so, and their event ratio is 1 (MLflow's ``lrctl/event/*``)."""
+    from lrctl.policy._decision import record_ratio
+
+    engine = lrctl.load_policy("version: 1\nmax_lr: 0.01\npolicies:\n  - kind: divergence\n",
+                               base_lrs=[0.003])
+    for s in range(40):
+        engine.observe(step=s, loss=1.0)
+    with pytest.raises(ValueError, match=r"max_lr 0\.01"):
+        engine.set_lr(1.0)
+    engine.set_lr(0.005)
+    for s in range(40, 44):
+        assert engine.observe(step=s, loss=float("inf")) == [0.005]
+    cuts = [d for d in engine.decisions if d.action == "backoff"]
+    assert cuts and all(d.evidence["overridden"] is True for d in cuts)
+    assert all(record_ratio(d.to_dict()) == 1.0 for d in cuts)
+    skips = [d for d in engine.decisions if d.action == "skip"]
+    assert skips and all("overridden" not in d.evidence for d in skips)  # skips are real
+    released = engine.clear_lr()
+    assert released.new_lrs[0] < 0.003 and engine.applied_lrs == list(released.new_lrs)
