@@ -42,6 +42,12 @@ class ConfigError(ValueError):
         where = f"{source}:{line}" if line and source != "<dict>" else source
         super().__init__(f"{where}: {key}: {message}" if key else f"{where}: {message}")
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Pickled as its constructor's arguments (the default passes ``self.args``, the
+        # one formatted message, back to ``__init__``): a worker process of ``lrctl
+        # bench`` can then raise one back to the parent.
+        return type(self), (self.source, self.line, self.key, self.message), self.__dict__
+
 
 @contextlib.contextmanager
 def parse_deadline(seconds: float) -> Iterator[None]:

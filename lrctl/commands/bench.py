@@ -42,6 +42,11 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
+    problem = _invalid_policy(args)
+    if problem is not None:
+        print(problem, file=sys.stderr)  # ``file:line: key: message``, as lrctl validate
+        return 2
+
     import torch
 
     from ..bench.report import machine, machine_line, provenance, provenance_line
@@ -72,6 +77,24 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.json:
         Path(args.json).write_text(json.dumps(_json_safe(result), indent=1, allow_nan=False))
     return 0
+
+
+def _invalid_policy(args: argparse.Namespace) -> ValueError | None:
+    """The first of the policies named on the command line (``--policy``, and the quality
+    suite's ``--policies``) that does not parse, or None. Checked once, before any run:
+    otherwise each run that loads the policy fails alone, after the runs before it (in
+    worker processes too)."""
+    from ..config import parse_policy
+
+    sources: list[str | Path] = [] if args.policy is None else [args.policy]
+    # ``--policies`` are files (``policy:<stem>`` arms), as lrctl.bench.arms.policy_arms reads them.
+    sources.extend(Path(f) for f in getattr(args, "policies", None) or ())
+    for source in sources:
+        try:
+            parse_policy(source)
+        except ValueError as exc:  # a ConfigError, which names the file (and line, key)
+            return exc
+    return None
 
 
 def _json_safe(value: Any) -> Any:

@@ -56,6 +56,25 @@ _NOT_READING_S = 5.0
 _PACKAGE_ROOT = str(Path(__file__).resolve().parents[2])
 
 
+#: What marks a line the child wrote outside the protocol as trouble, not chatter.
+_TROUBLE_WORDS = ("Traceback", "Error", "ERROR", "Exception")
+
+
+def _log_stray(raw: bytes) -> None:
+    """Log a line of the shipper child's stdout that is not one of its JSON messages.
+
+    Such lines are mlflow's own prints to stdout (the protocol's channel): at the end of
+    a run tracked to a server, "🏃 View run NAME at: URL" and "🧪 View experiment at:
+    URL". That is normal output, logged at INFO as text; a line that looks like an
+    error (a traceback, an exception's name) stays at ERROR.
+    """
+    text = raw.decode("utf-8", errors="replace").strip()
+    if not text:
+        return
+    level = logging.ERROR if any(w in text for w in _TROUBLE_WORDS) else logging.INFO
+    log.log(level, "lrctl: the MLflow shipper wrote: %.200s", text)
+
+
 def rss_kib(pid: int | str = "self") -> int | None:
     """Resident memory of a process (``VmRSS`` of /proc/PID/status), in KiB."""
     try:
@@ -349,8 +368,10 @@ class ShipperProcess:
         for raw in stdout:
             try:
                 msg = json.loads(raw)
-            except ValueError:
-                log.error("lrctl: the MLflow shipper wrote %.200r", raw)
+            except ValueError:  # (undecodable bytes too: UnicodeDecodeError is one)
+                msg = None
+            if not isinstance(msg, dict):
+                _log_stray(raw)
                 continue
             if "log" in msg:
                 log.log(int(msg["log"]), "%s", msg.get("msg", ""))
