@@ -26,6 +26,9 @@ from .wire.token import token_from_env
 
 __all__ = ["LinkSide", "PolicyRejected", "RunConflict"]
 
+#: Decisions that say a policy cannot act as configured (a metric the loop does not
+#: report, a schedule with no length): the hook warns with them, once each.
+NOTICES = frozenset({"metric_missing", "wsd_inactive", "anneal_inactive"})
 VERSION_PROBE_S = 2.0  # a controller that takes longer to say its version: asked by hello
 
 
@@ -238,8 +241,13 @@ class LinkSide:
             for d in msg.get("d") or ():
                 if isinstance(d, dict):
                     self._records.append(d)
-                    if self._rollbacks is not None and d.get("action") == "rollback":
+                    action = d.get("action")
+                    if self._rollbacks is not None and action == "rollback":
                         self._rollbacks.on_decision(d, self._dist.world_size > 1)
+                    elif action in NOTICES:  # a policy that cannot act as configured
+                        policy = f"{d.get('policy')!s:.80}"
+                        self._warn(f"notice:{action}:{policy}", f"lrctl: policy {policy}: "
+                                                                f"{d.get('reason')!s:.400}")
         if s > self._acked:
             self._acked = s
             if s >= self._reported:

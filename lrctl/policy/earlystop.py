@@ -43,6 +43,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from ._base import Action, Observation, ReactivePolicy, StepContext, float_from_json, float_to_json
+from ._metric_watch import MissingMetric
 from ._params import MAX_WINDOW, Param, ParamError
 from ._registry import register_policy
 from .stats import RobustWindow, TrendWindow
@@ -96,6 +97,7 @@ class EarlyStop(ReactivePolicy):
         self._wait = 0
         self._reductions = 0  # LR cuts since the last improvement
         self._seen = 0  # observations judged
+        self._missing = MissingMetric(self.params["metric"])  # (a notice: see _metric_watch)
         self._stopped = False
         trend = self.params["smoothing"] == "trend"
         self._trend = TrendWindow(self.params["window"]) if trend else None
@@ -115,7 +117,11 @@ class EarlyStop(ReactivePolicy):
     def _judge(self, obs: Observation, ctx: StepContext) -> list[Action]:
         metric = self.params["metric"]
         raw = obs.value(metric)
-        if raw is None or obs.step < self.params["start_after"]:
+        if raw is None:
+            return self._missing.absent(obs)
+        if self._missing.active:
+            self._missing.seen()
+        if obs.step < self.params["start_after"]:
             return []
         if metric in _FLAGGED_STATISTICS and ctx.flags & FLAGS_NOT_COUNTED:
             return []
@@ -204,6 +210,7 @@ class EarlyStop(ReactivePolicy):
             "trend": None if self._trend is None else self._trend.values(),
             "robust": None if self._robust is None else self._robust.values(),
             "test_wait": self._test_wait,
+            "missing": self._missing.state_dict(),
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -218,3 +225,4 @@ class EarlyStop(ReactivePolicy):
             self._trend.load([float(v) for v in state.get("trend") or []])
             self._robust.load([float(v) for v in state.get("robust") or []])
         self._test_wait = int(state.get("test_wait", 0))
+        self._missing.load_state_dict(state.get("missing"))

@@ -53,6 +53,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from ._base import Action, Observation, ReactivePolicy, StepContext, float_from_json, float_to_json
+from ._metric_watch import MissingMetric
 from ._params import MAX_MEAN_WINDOW, MAX_WINDOW, Param, ParamError
 from ._registry import register_policy
 from ._schedule import per_group
@@ -123,6 +124,7 @@ class Plateau(ReactivePolicy):
         self._equivalence = self.params["test"] == "stall"
         self._test_wait = 0
         self._metric = self.params["metric"]  # read at every observation
+        self._missing = MissingMetric(self._metric)  # (a notice: see _metric_watch)
         self._minimize = self.params["mode"] == "min"
         # The trend test's threshold: relative (a fraction of the level), or absolute.
         relative = self.params["threshold_mode"] == "rel"
@@ -162,7 +164,11 @@ class Plateau(ReactivePolicy):
         raw = obs.value(self._metric)
         if ctx.flags and "level_shift" in ctx.flags:
             self._restart()
-        if raw is None or (ctx.flags and not ctx.flags.isdisjoint(FLAGS_NOT_COUNTED)):
+        if raw is None:
+            return self._missing.absent(obs)
+        if self._missing.active:
+            self._missing.seen()
+        if ctx.flags and not ctx.flags.isdisjoint(FLAGS_NOT_COUNTED):
             return []
         if self._trend is not None:
             return self._observe_trend(raw, obs, ctx)
@@ -217,7 +223,9 @@ class Plateau(ReactivePolicy):
         elif pick == 2:
             raw = grad_norm
         else:
-            return pick == 0  # a named metric: observe() finds none; test: best declines
+            # A named metric: observe() finds none (unless its notice is due); test: best
+            # declines.
+            return pick == 0 and self._missing.plain()
         if raw is None:
             return True
         if self._cooldown_counter > 0:
@@ -340,6 +348,7 @@ class Plateau(ReactivePolicy):
             "restarts": self._restarts,
             "trend": None if self._trend is None else self._trend.values(),
             "test_wait": self._test_wait,
+            "missing": self._missing.state_dict(),
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -356,3 +365,4 @@ class Plateau(ReactivePolicy):
         if self._trend is not None:
             self._trend.load([float(v) for v in state.get("trend") or []])
         self._test_wait = int(state.get("test_wait", 0))
+        self._missing.load_state_dict(state.get("missing"))

@@ -579,3 +579,24 @@ def test_metrics_are_credited_to_the_step_they_measured_and_the_last_ones_count(
     assert len(stops) == 1, ctl.decisions
     assert stops[0].evidence["best_step"] == 19
     assert stops[0].evidence["value"] == 0.9 and stops[0].step == 30  # after the last step
+
+
+def test_early_stopping_on_a_metric_the_loop_names_otherwise_warns(
+        controller: ControllerProc) -> None:
+    """A loop that reports ``eval_loss`` (Hugging Face's name) to ``earlystop``, which
+    watches ``val_loss``: it used to stay silently unarmed for the whole run."""
+    from lrctl.policy._metric_watch import MISSING_AFTER
+
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.ones(1))], lr=0.1)
+    with (pytest.warns(RuntimeWarning, match=r"policy earlystop: no val_loss .*eval_loss")
+          as said, lrctl.attach(opt, policy="earlystop", spawn=False) as ctl):
+        for step in range(MISSING_AFTER + 5):
+            if step % 100 == 0:
+                ctl.report(eval_loss=1.0)
+            ctl.step(1.0, grad_norm=1.0)
+            opt.step()
+    # (earlystop.yaml's plateau decay watches val_loss too: each policy says it once)
+    assert sum("policy plateau: no val_loss" in str(w.message) for w in said) == 1
+    assert [(d.policy, d.action) for d in ctl.decisions] == [
+        ("plateau", "metric_missing"), ("earlystop", "metric_missing")]
+    assert opt.param_groups[0]["lr"] == 0.1
