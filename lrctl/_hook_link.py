@@ -228,6 +228,10 @@ class LinkSide:
                     self._warn("refused", f"lrctl: the controller refused this run "
                                           f"({msg.get('message')}); training continues at the "
                                           "last LR")
+            elif self._awaiting_snapshot and msg.get("code") == "state_too_large":
+                self._state_refused = True
+                self._warn("state-too-large", f"lrctl: state_dict(): "
+                                              f"{msg.get('message')!s:.400}")
             elif msg.get("code") != "stale_step" and not self._awaiting_snapshot:
                 self._warn(f"error:{msg.get('code')}",
                            f"lrctl: the controller says: {msg.get('message')}")
@@ -299,6 +303,7 @@ class LinkSide:
     def _fetch_session(self) -> dict[str, Any] | None:
         """The controller's state of this run after every step reported so far."""
         link = self._link
+        self._state_refused = False  # (the controller says why it cannot answer)
         if link is None or not link.connected:
             if self._dist.rank == 0:
                 closed = self._closed

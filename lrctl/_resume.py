@@ -97,7 +97,7 @@ class Resuming:
             self._warn("internal", f"lrctl: could not read the run's state ({exc!r})")
         if session is not None:
             state["session"] = session
-        elif self._link is not None and self._link.connected:
+        elif self._link is not None and self._link.connected and not self._state_refused:
             self._warn("state-timeout", f"lrctl: state_dict() got no answer from the "
                        f"controller within {self.timeout:g} s: it holds only the run key and "
                        "step, and a resume from it relies on the controller's own checkpoint "

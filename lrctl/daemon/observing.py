@@ -20,7 +20,7 @@ from ..policy import ObservationError
 from ..policy._inputs import check_metrics
 from ..wire.compact import encode_lr_compact
 from ..wire.errors import ProtocolError
-from ..wire.frames import MAX_HELLO
+from ..wire.frames import MAX_HELLO, encode
 from ..wire.messages import (
     encode_lr,
     float_in,
@@ -59,8 +59,16 @@ class Observing:
         session = self.sessions.get(conn.run or "")
         if session is None:
             raise ProtocolError("snapshot before hello", "bad_message")
-        self.transport.send(conn, {"t": "snapshot", "s": session.last_step,
-                                   "session": session.to_state()}, MAX_HELLO)
+        try:
+            frame = encode({"t": "snapshot", "s": session.last_step,
+                            "session": session.to_state()}, MAX_HELLO)
+        except ProtocolError:  # (a hello carries it back: the same limit binds both ways)
+            raise ProtocolError(
+                f"the run's state is larger than {MAX_HELLO >> 20} MiB (its policies' "
+                "windows: a shorter window or patience fits), so the checkpoint holds the "
+                "hook's state alone, and a resume from it relies on the controller's own "
+                "checkpoint of the run", "state_too_large") from None
+        self.transport.send_frame(conn, frame)
 
     def _obs(self, conn: Conn, msg: Mapping[str, Any]) -> None:
         """One observation: the hot path (a plain one allocates next to nothing here)."""

@@ -525,3 +525,24 @@ def test_a_saved_session_with_bad_fields_is_refused_and_adopts_nothing(
     assert runs.returncode == 0, runs.stderr
     assert all(math.isfinite(x) for r in json.loads(runs.stdout) for x in r["lrs"])
     assert "internal error" not in controller.log.read_text()
+
+
+def test_state_dict_of_a_run_too_large_for_a_frame_says_so(controller: ControllerProc) -> None:
+    """A divergence window of 40 000 (allowed: up to 100 000) makes the run's state more
+    than a frame may carry: the hook said the controller did not answer in time, and
+    suggested a longer timeout, which could not help."""
+    policy = {"version": 1, "policies": [{"kind": "divergence", "window": 40_000,
+                                          "min_samples": 40_000}]}
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.ones(1))], lr=0.1)
+    with lrctl.attach(opt, policy=policy, spawn=False, sync=True) as ctl:
+        for t in range(41_000):
+            ctl.step(1.0 + (t % 7) / 10, grad_norm=1.0 + (t % 5) / 10)
+        with warnings.catch_warnings(record=True) as said:
+            warnings.simplefilter("always")
+            state = ctl.state_dict()
+        texts = [str(w.message) for w in said]
+        assert "session" not in state and state["step"] == 41_000
+        assert any("larger than 1 MiB" in t for t in texts), texts
+        assert not any("got no answer" in t for t in texts), texts
+        ctl.step(1.0, grad_norm=1.0)  # the run goes on
+        assert ctl.connected
