@@ -34,6 +34,16 @@ class Distributed:
         torch.distributed.broadcast(buf, src=0, group=self.group)
         return [float(v) for v in buf.tolist()]
 
+    def share(self, values: list[float], flag: bool) -> tuple[list[float], bool]:
+        """Rank 0's ``values`` on every rank, and whether any rank raised ``flag``: one
+        all-reduce (a sum: the other ranks add zeros, exactly, to rank 0's values)."""
+        torch = sys.modules["torch"]
+        mine = values if self.rank == 0 else [0.0] * len(values)
+        buf = torch.tensor([*mine, 1.0 if flag else 0.0], dtype=torch.float64)
+        torch.distributed.all_reduce(buf, group=self.group)
+        out = [float(v) for v in buf.tolist()]
+        return out[:-1], out[-1] > 0
+
     def agree(self, ok: bool) -> bool:
         """True on every rank only if rank 0 says ``ok``."""
         return self.broadcast([1.0 if ok else 0.0])[0] > 0

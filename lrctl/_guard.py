@@ -89,6 +89,11 @@ class StepGuard:
                 ok = finite if ok is None else ok & finite
         self._device_ok = ok
 
+    @property
+    def skips_next(self) -> bool:
+        """Whether the next optimizer step is to be skipped (a host verdict)."""
+        return self._skip_next
+
     def veto(self) -> None:
         """Skip the next optimizer step (the controller asked, in time: sync mode)."""
         if self._installed and self.enabled:

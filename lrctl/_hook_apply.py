@@ -228,12 +228,16 @@ class Applying:
     def _broadcast(self) -> None:
         """Rank 0's LRs and flags to every rank, on a CPU group: identical LRs every step.
         With them the run's initial LRs, which the welcome may have told rank 0 only (a
-        resume by run key): ``base="loop"`` scales by the controller's LR over them."""
+        resume by run key): ``base="loop"`` scales by the controller's LR over them. And
+        whether any rank's guard skips this step: a rank whose own loss is NaN skips it,
+        and so must every other (its gradients, all-reduced, are NaN there too, where
+        every=N computes no norm to see it; a rank that stepped alone would leave the
+        replicas apart)."""
         try:
             rollback = self._rollbacks.wire() if self._rollbacks is not None else []
-            values = self._dist.broadcast(
+            values, anyone_skips = self._dist.share(
                 [*self._target, *self._initial, float(self.should_skip),
-                 float(self.should_stop), *rollback])
+                 float(self.should_stop), *rollback], self._guard.skips_next)
         except Exception as exc:
             self._warn("broadcast", f"lrctl: LR broadcast failed ({exc!r}); LRs unchanged")
             return
@@ -244,7 +248,9 @@ class Applying:
             self._initial = initial
             self._writer.initial = list(initial)
         n *= 2
-        self.should_skip = values[n] > 0
+        self.should_skip = values[n] > 0 or anyone_skips
+        if anyone_skips:
+            self._guard.veto()  # (a no-op where the loop calls step() after stepping)
         self.should_stop = values[n + 1] > 0
         if self._rollbacks is not None:
             self._rollbacks.agree(values[n + 2], values[n + 3])

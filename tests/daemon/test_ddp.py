@@ -62,3 +62,15 @@ def test_a_resume_by_key_in_loop_mode_uses_the_same_lr_on_every_rank(
     # The loop's LR (half the run's initial) times the warmup's factor at each step.
     expected = [0.025 * (0.01 + 0.99 * t / 40) for t in range(20, 30)]
     assert ranks[0]["used"] == [pytest.approx(lr, rel=1e-9) for lr in expected]
+
+
+def test_a_nan_one_rank_alone_sees_is_skipped_by_every_rank(controller: ControllerProc,
+                                                           short_dir: Path) -> None:
+    """An adversarial pass's find: with every=4, rank 1's NaN loss on a step between
+    reports was skipped by rank 1 only; rank 0 (no norm computed there) applied the
+    all-reduced NaN gradients, and the replicas went apart, then NaN."""
+    _torchrun("ddp_nan_worker.py", short_dir)
+    ranks = [json.loads((short_dir / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert [r["nan_at"] for r in ranks] == [None, None]
+    assert [r["skipped"] for r in ranks] == [1, 1]
+    assert ranks[0]["weights"] == ranks[1]["weights"]
