@@ -12,6 +12,7 @@ import math
 import os
 import secrets
 import sys
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +31,10 @@ __all__ = ["LinkSide", "PolicyRejected", "RunConflict"]
 #: report, a schedule with no length): the hook warns with them, once each.
 NOTICES = frozenset({"metric_missing", "wsd_inactive", "anneal_inactive"})
 VERSION_PROBE_S = 2.0  # a controller that takes longer to say its version: asked by hello
+#: The active MLflow runs hooks of this process log into, each to the hook that holds it:
+#: one MLflow run holds one lrctl run (two would mix their LR charts and refuse each
+#: other's params).
+_MLFLOW_HOLDERS: weakref.WeakValueDictionary[str, Any] = weakref.WeakValueDictionary()
 
 
 class PolicyRejected(ValueError):
@@ -66,6 +71,22 @@ class LinkSide:
                                        "MLflow; set MLFLOW_TRACKING_URI (e.g. "
                                        "sqlite:////somewhere/writable/mlflow.db)")
 
+    def _hold_mlflow_run(self, mlflow: dict[str, str | None], name: str) -> None:
+        """Log into the script's active MLflow run unless another open hook of this
+        process does (two optimizers, a GAN's say): this run then gets its own."""
+        run_id = mlflow["run_id"]
+        if run_id is None:
+            return
+        holder = _MLFLOW_HOLDERS.get(run_id)
+        if holder is not None and holder is not self and not holder._closed:
+            mlflow["run_id"] = None
+            self._warn("mlflow-run-held", f"lrctl: the active MLflow run {run_id} holds the "
+                       f"decisions of run {holder.run_key} (another hook in this process); "
+                       f"this run's go to an MLflow run of their own, named {name!r} "
+                       "(start a nested run around each attach() to choose where)")
+            return
+        _MLFLOW_HOLDERS[run_id] = self
+
     def _connect(self, policy: Any, run_name: str | None, address: str | None, spawn: bool,
                  token: str | None, spawn_timeout: float, max_backoff: float) -> None:
         address = address or paths.default_socket()
@@ -74,6 +95,7 @@ class LinkSide:
                                  or Path(sys.argv[0] or "run").stem)
         self.run_key = self._resume or f"{name}-{secrets.token_hex(4)}"
         mlflow = mlflow_info()
+        self._hold_mlflow_run(mlflow, name)
         self._check_default_store(mlflow)
         hello: dict[str, Any] = {
             "run": self.run_key, "run_name": name, "policy": {"text": text, "source": source},

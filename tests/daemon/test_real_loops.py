@@ -600,3 +600,25 @@ def test_early_stopping_on_a_metric_the_loop_names_otherwise_warns(
     assert [(d.policy, d.action) for d in ctl.decisions] == [
         ("plateau", "metric_missing"), ("earlystop", "metric_missing")]
     assert opt.param_groups[0]["lr"] == 0.1
+
+
+def test_two_hooks_under_one_active_mlflow_run_do_not_share_it(
+        controller: ControllerProc, tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A GAN's two optimizers inside ``mlflow.start_run()``: both hooks passed the active
+    run, so both lrctl runs wrote into one MLflow run (params refused, LR charts and
+    tags mixed). The first holds it; the second gets a run of its own, and says so."""
+    mlflow = pytest.importorskip("mlflow")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
+    gen = torch.optim.SGD([torch.nn.Parameter(torch.ones(1))], lr=0.1)
+    disc = torch.optim.SGD([torch.nn.Parameter(torch.ones(1))], lr=0.2)
+    with mlflow.start_run() as run:
+        with lrctl.attach(gen, spawn=False, run_name="G") as first:
+            assert first._link.hello["mlflow"]["run_id"] == run.info.run_id
+            with pytest.warns(RuntimeWarning, match="holds the decisions of run G-"):
+                second = lrctl.attach(disc, spawn=False, run_name="D")
+            assert second._link.hello["mlflow"]["run_id"] is None
+            second.close()
+        # Closed: the next hook may hold it again (one run after another in one MLflow run).
+        with lrctl.attach(disc, spawn=False, run_name="D2") as third:
+            assert third._link.hello["mlflow"]["run_id"] == run.info.run_id
