@@ -135,6 +135,17 @@ class Rollbacks:
                                        f"decided, but this process holds none at or before "
                                        f"it (held: {self.steps}); training continues")
             return None
+        if self.ring is not None:
+            ring = self.ring
+            usable = [s.step for s in ring.ring if s.step <= to and ring.fits(s)]
+            if not usable:
+                self.warn("rollback-unfit", f"lrctl: a rollback to the snapshot of step {to} "
+                                            "was decided, but the snapshots held (steps "
+                                            f"{held}) predate a change of the optimizer's "
+                                            "parameters (add_param_group): none can restore "
+                                            "them; training continues")
+                return None
+            held = usable
         step = held[-1]
         if step != to:
             self.warn("rollback-older", f"lrctl: rolling back to the snapshot of step {step}; "

@@ -101,6 +101,13 @@ class SnapshotRing:
         found = [s for s in self.ring if s.step <= step]
         return found[-1] if found else None
 
+    def fits(self, snap: Snapshot) -> bool:
+        """Whether ``snap`` covers the optimizer's parameters as they are now (not after
+        ``add_param_group``: a snapshot from before holds fewer)."""
+        params = self._params()
+        return len(params) == len(snap.params) and all(
+            p.shape == saved.shape for p, saved in zip(params, snap.params, strict=True))
+
     def drop_after(self, step: int) -> None:
         """Forget the snapshots after ``step`` (after a rollback they hold the weights
         that were thrown away)."""

@@ -282,3 +282,32 @@ def test_options_are_checked() -> None:
     with pytest.raises(ValueError, match="go together"):
         Rollbacks.create(opt, 2, 2, None, print, None, lambda k, m: None)
     assert Rollbacks.create(opt, None, 2, None, None, None, lambda k, m: None) is None
+
+
+def test_a_rollback_over_an_added_param_group_restores_the_newest_snapshot_that_fits() -> None:
+    """Progressive unfreezing (``add_param_group``) with snapshots on: the snapshots taken
+    before it hold fewer parameters. A rollback to one of them raised inside the hook,
+    which swallowed it: decided, recorded, not done, with a generic error. Now the newest
+    snapshot that fits is restored, or none, with a warning that says why."""
+    model, opt = _model()
+    head = torch.nn.Linear(4, 2)
+    said: list[tuple[str, str]] = []
+    rollbacks = Rollbacks.create(opt, 10, 3, model, None, None,
+                                 lambda key, text: said.append((key, text)))
+    assert rollbacks is not None
+    for t in range(30):
+        if t == 25:
+            opt.add_param_group({"params": head.parameters(), "lr": 1e-3})
+        assert rollbacks.step(t) is None
+        _train(model, opt, 1)
+    rollbacks.on_decision({"step": 30, "action": "rollback",
+                           "evidence": {"snapshot_step": 20}}, distributed=False)
+    assert rollbacks.step(31) is None  # 0, 10, 20 predate the new group: none fits
+    assert said and said[-1][0] == "rollback-unfit" and "add_param_group" in said[-1][1]
+    assert rollbacks.step(40) is None  # a snapshot of step 40 holds the new group
+    want = _state(model, opt)
+    _train(model, opt, 2)
+    rollbacks.on_decision({"step": 42, "action": "rollback",
+                           "evidence": {"snapshot_step": 40}}, distributed=False)
+    assert rollbacks.step(43) == 40
+    assert _equal(_state(model, opt), want)
