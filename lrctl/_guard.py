@@ -22,6 +22,12 @@ for the controller:
 The guard wraps the optimizer *instance's* ``step`` while the run is attached
 (GradScaler's ``scaler.step(opt)`` and LR schedulers created later call
 through it) and unwraps it on :meth:`StepGuard.remove`.
+
+Until the hook's first ``step()`` call the wrapper also notes which gradients each
+optimizer step consumed (:meth:`StepGuard.grads_renewed`): an optimizer step before
+that call means the loop calls ``step()`` after ``optimizer.step()``, unless a
+backward has run since (the step was someone else's: a checkpoint loader that
+initialises the optimizer's state with a step at LR 0, a burn-in step).
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ import math
 import sys
 import types
 import warnings
+import weakref
 from typing import Any
 
 from ._callers import callers_level
@@ -53,6 +60,10 @@ class StepGuard:
         self.on_skip: Any = None
         self._device_ok: Any = None  # a 0-dim bool tensor: the device-side verdict
         self.owner: Any = None  # a weak reference to the hook that installed it
+        # Until the hook knows the loop's order (its first step() call), each optimizer step
+        # notes the gradients it consumed (see grads_renewed); nothing once it knows.
+        self.watching = True
+        self._consumed: Any = None  # _grads_fingerprint() at the last optimizer step
         self._inner = optimizer.step
         # A step set on the instance (an LR scheduler's counting wrapper, say) is put back
         # on remove(); otherwise the class's step shows through again.
@@ -133,8 +144,34 @@ class StepGuard:
         try:
             return self._guarded_step(args, kwargs)
         finally:
+            if self.watching:
+                self._note_consumed()
             if self.after is not None:
                 self.after()
+
+    def grads_renewed(self) -> bool:
+        """Whether the gradients now are not those the last optimizer step consumed: a
+        backward has run since, so the loop calls ``step()`` before ``optimizer.step()``
+        and the steps before it were someone else's. False where nothing says so: no
+        step, the same gradients untouched, none now (``zero_grad()`` after the step), or
+        all of them zeroed in place (``zero_grad(set_to_none=False)`` after the step).
+        Ends the watch: called once, at the hook's first ``step()``."""
+        self.watching = False
+        consumed, self._consumed = self._consumed, None
+        if not self.stepped or consumed is _UNREAD:
+            return False
+        try:
+            return _renewed(consumed, self.optimizer)
+        except Exception:  # gradients it cannot read so (sparse, say): decided as before
+            return False
+
+    def _note_consumed(self) -> None:
+        """After an optimizer step, while watching: the gradients it consumed."""
+        try:
+            self._consumed = _grads_fingerprint(self.optimizer)
+        except Exception:  # not the loop's step's failure: the order is decided as before
+            self.watching = False
+            self._consumed = _UNREAD
 
     def _guarded_step(self, args: Any, kwargs: Any) -> Any:
         self.stepped += 1
@@ -166,6 +203,61 @@ class StepGuard:
                     g.copy_(torch.where(ok.to(g.device), g, torch.zeros((), dtype=g.dtype,
                                                                         device=g.device)))
         return self._inner(*args, **kwargs)
+
+
+#: What a step noted when it could not read the gradients (see StepGuard.grads_renewed).
+_UNREAD = object()
+
+
+def _grads_fingerprint(optimizer: Any) -> tuple[Any, Any, int] | None:
+    """The gradient of the optimizer's first parameter that has one, cheaply: the parameter,
+    a weak reference to the gradient (a tensor backward made after ``zero_grad()`` set it
+    None is another object, even at a reused address) and its version counter (which
+    backward's in-place accumulation and ``zero_grad(set_to_none=False)`` advance).
+    None: no parameter has a gradient."""
+    opt = getattr(optimizer, "optimizer", optimizer)  # accelerate's wrapper
+    for group in opt.param_groups:
+        for p in group["params"]:
+            g = p.grad
+            if g is not None:
+                return p, weakref.ref(g), g._version
+    return None
+
+
+def _renewed(consumed: tuple[Any, Any, int] | None, optimizer: Any) -> bool:
+    """:meth:`StepGuard.grads_renewed`, given what the last optimizer step consumed."""
+    now = _grads_fingerprint(optimizer)
+    if now is None:
+        return False
+    if consumed is None:
+        return True  # the step had no gradients to consume; these came after it
+    param, grad_ref, version = consumed
+    grad = grad_ref()
+    if now[0] is not param or grad is None or now[1]() is not grad:
+        return True  # another tensor: backward made it (after zero_grad() set it None)
+    if grad._version == version:
+        return False
+    # Changed in place: a backward accumulated into it, or zero_grad(set_to_none=False)
+    # zeroed it (read once, here: on CUDA a host sync, at the first step() only).
+    return not _grads_all_zero(optimizer)
+
+
+def _grads_all_zero(optimizer: Any) -> bool:
+    """Whether every gradient this rank holds is zero (a DTensor's: its own shard, with no
+    collective); stops at the first that is not."""
+    opt = getattr(optimizer, "optimizer", optimizer)
+    seen = False
+    for group in opt.param_groups:
+        for p in group["params"]:
+            g = p.grad
+            if g is None:
+                continue
+            local = g.to_local() if hasattr(g, "to_local") else g
+            if local.numel():
+                if bool(local.any()):
+                    return False
+                seen = True
+    return seen
 
 
 def attached_guard(optimizer: Any) -> StepGuard | None:

@@ -211,7 +211,10 @@ class Reporting:
         guard.clear()  # a verdict whose optimizer step never came (the loop skipped it)
         if not self._order_known:
             self._order_known = True
-            if guard.stepped:
+            # The optimizer has stepped already: the loop calls step() after it, unless a
+            # backward has run since (that step was a checkpoint loader's, a burn-in's).
+            renewed = guard.grads_renewed()  # (and the guard stops watching the gradients)
+            if guard.stepped and not renewed:
                 guard.enabled = False
                 self._after_order = True
                 if not self._after_order_expected:
