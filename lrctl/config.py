@@ -100,6 +100,12 @@ class PolicyFile:
         cls = get_policy_class(entry.kind)
         try:
             policy = cls(**entry.params)
+            restart = policy.params.get("restart_lr") if entry.kind == "plateau" else None
+            if restart is not None and self.max_lr is not None and restart > self.max_lr:
+                # (clamped to max_lr, each restart would find the LR at the floor again,
+                # and multiply on until the multiplier overflowed)
+                raise ParamError("restart_lr", f"must be <= the file's max_lr "
+                                               f"{self.max_lr:g}, but got {restart:g}")
             if groups is not None:
                 check_group_lists(policy, groups)
         except ParamError as exc:

@@ -54,3 +54,14 @@ def test_validate_says_file_line_and_key_without_a_traceback(tmp_path: Path) -> 
     assert out.returncode != 0
     assert "Traceback" not in out.stderr + out.stdout
     assert f"{path}:6" in out.stderr + out.stdout
+
+
+def test_a_restart_lr_above_the_files_max_lr_is_refused() -> None:
+    """Clamped to ``max_lr``, the LR never reached ``restart_lr``: every test restarted
+    again, the plateau's multiplier overflowed and the run could not be checkpointed."""
+    text = ("version: 1\nmax_lr: 1.0e-3\npolicies:\n  - kind: plateau\n    patience: 0\n"
+            "    restart_lr: 1.0\n")
+    with pytest.raises(ConfigError) as raised:
+        parse_text(text, "p.yaml")
+    assert raised.value.key == "restart_lr" and "max_lr 0.001" in str(raised.value)
+    assert str(raised.value).startswith("p.yaml:6:")
