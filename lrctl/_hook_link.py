@@ -78,7 +78,8 @@ class LinkSide:
         if run_id is None:
             return
         holder = _MLFLOW_HOLDERS.get(run_id)
-        if holder is not None and holder is not self and not holder._closed:
+        if (holder is not None and holder is not self and holder._attached
+                and not holder._closed):  # (an attach refused never held it)
             mlflow["run_id"] = None
             self._warn("mlflow-run-held", f"lrctl: the active MLflow run {run_id} holds the "
                        f"decisions of run {holder.run_key} (another hook in this process); "

@@ -155,12 +155,18 @@ class Reporting:
         cannot compute it for these gradients (the loss is still reported and judged)."""
         try:
             return total_grad_norm(self.optimizer, wide=scaler_enabled(self.scaler))
-        except Exception as exc:
+        except Warning:  # the loop's filters made one an error: theirs to see, as it is
+            raise
+        except (TypeError, NotImplementedError) as exc:  # these gradients never will be
             self._compute_grad_norm = False  # (not tried at every step)
             self._warn("grad-norm", f"lrctl: the gradients' norm cannot be computed ({exc!r:.200}"
                                     "); steps are reported with their loss alone (pass "
                                     "grad_norm= to step() where the loop has one)")
-            return None
+        except Exception as exc:  # this step's (out of memory, say): the next one tries again
+            self._warn("grad-norm-step", f"lrctl: the gradients' norm could not be computed "
+                                         f"({exc!r:.200}); such steps are reported with their "
+                                         "loss alone")
+        return None
 
     def _finalize(self, t: int) -> None:
         """The LRs of optimizer step ``t`` (the loop's next), settled before its report

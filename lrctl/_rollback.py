@@ -145,6 +145,13 @@ class Rollbacks:
                                             "parameters (add_param_group): none can restore "
                                             "them; training continues")
                 return None
+            if usable[-1] != held[-1]:  # said here: the older-snapshot warning would not
+                self.warn("rollback-unfit", f"lrctl: rolling back to the snapshot of step "
+                                            f"{usable[-1]}; those of steps "
+                                            f"{[s for s in held if s > usable[-1]]} predate a "
+                                            "change of the optimizer's parameters "
+                                            "(add_param_group)")
+                to = usable[-1]
             held = usable
         step = held[-1]
         if step != to:

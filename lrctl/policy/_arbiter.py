@@ -154,7 +154,9 @@ class LRArbiter:
         policy = self.policies[i]
         before = tuple(self._lrs_from(before_multiplier, factors))
         after = tuple(self._lrs_from(multiplier, factors))
-        overridden = self.operator.override is not None and before != after
+        op = self.operator  # (a manual LR that ends at this step leaves these LRs in force)
+        overridden = (op.override is not None and not op.expires_after(obs.step)
+                      and before != after)
         out = []
         for action in actions:
             moved = action.action not in ("skip", "stop")

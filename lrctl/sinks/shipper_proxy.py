@@ -71,6 +71,8 @@ def _log_stray(raw: bytes) -> None:
     text = raw.decode("utf-8", errors="replace").strip()
     if not text:
         return
+    # (a run name or URL is the user's: no control character reaches the log as it is)
+    text = "".join(c if c.isprintable() else repr(c)[1:-1] for c in text[:400])
     level = logging.ERROR if any(w in text for w in _TROUBLE_WORDS) else logging.INFO
     log.log(level, "lrctl: the MLflow shipper wrote: %.200s", text)
 

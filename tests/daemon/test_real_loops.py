@@ -16,6 +16,7 @@ import torch
 from daemon_helpers import ControllerProc
 
 import lrctl
+from lrctl._hook_link import PolicyRejected
 from lrctl._torchutil import total_grad_norm, unscaled_norm
 
 # A guard that backs off at once on a non-finite loss and regrows only much later: a
@@ -622,3 +623,13 @@ def test_two_hooks_under_one_active_mlflow_run_do_not_share_it(
         # Closed: the next hook may hold it again (one run after another in one MLflow run).
         with lrctl.attach(disc, spawn=False, run_name="D2") as third:
             assert third._link.hello["mlflow"]["run_id"] == run.info.run_id
+        # An attach the controller refused never held it (its frame may live on).
+        with pytest.raises(PolicyRejected, match="param group") as refused:
+            lrctl.attach(gen, spawn=False, run_name="bad",  # (two min_lrs for one group)
+                         policy={"version": 1, "policies": [{"kind": "plateau",
+                                                             "min_lr": [0.0, 0.0]}]})
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            with lrctl.attach(gen, spawn=False, run_name="G2") as fourth:
+                assert fourth._link.hello["mlflow"]["run_id"] == run.info.run_id
+        del refused

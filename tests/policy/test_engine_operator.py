@@ -121,3 +121,18 @@ def test_decisions_under_a_manual_lr_are_recorded_as_not_applied() -> None:
     assert skips and all("overridden" not in d.evidence for d in skips)  # skips are real
     released = engine.clear_lr()
     assert released.new_lrs[0] < 0.003 and engine.applied_lrs == list(released.new_lrs)
+
+
+def test_a_decision_at_the_last_step_of_a_manual_lr_is_applied_and_not_marked() -> None:
+    """The manual LR held through step 2 ends once step 2 is observed: a cut decided
+    then sets the LRs of step 3, which the optimizer runs: no "not applied" mark."""
+    from lrctl.policy.plateau import Plateau
+
+    eng = Engine([Plateau(patience=0, factor=0.5)], [0.1])
+    eng.observe(0, 1.0)
+    eng.set_lr(0.05, steps=2)  # through step 2
+    eng.observe(1, 2.0)  # a cut under the manual LR: not applied
+    assert eng.observe(2, 3.0) == [0.025]  # a cut as it ends: applied at step 3
+    cuts = {d.step: d for d in eng.decisions if d.action == "reduce"}
+    assert cuts[1].evidence.get("overridden") is True
+    assert "overridden" not in cuts[2].evidence and "not applied" not in cuts[2].reason
