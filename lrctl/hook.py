@@ -306,6 +306,7 @@ class Controller(Resuming, LinkSide, Reporting, Applying):
                                  "the optimizer's LRs are left alone")
             return
         batch = self._batch
+        raised: Warning | None = None
         try:
             if scaler is None and (batch is not None or self.every > 1):
                 # The quiet ways judge each step on the host: a CPU tensor is read once here
@@ -324,8 +325,8 @@ class Controller(Resuming, LinkSide, Reporting, Applying):
                     return  # nothing went out: the pre-step hook checks the LRs
                 loss, grad_norm = host_loss, host_grad
             self._step_fully(batch, loss, grad_norm, scaler)
-        except Warning:  # the loop's filters made one of ours an error: as it is
-            raise
+        except Warning as warning:  # the loop's filters made one of ours an error: raised as
+            raised = warning  # it is, once the LRs are in (every rank in the collective)
         except Exception as exc:  # fail-open: the training loop must not see lrctl's bugs
             problem = shape_problem(loss, grad_norm)  # a per-sample loss: the caller's to fix
             if problem is not None:
@@ -349,6 +350,8 @@ class Controller(Resuming, LinkSide, Reporting, Applying):
         except Exception as exc:
             self._warn("apply", f"lrctl: could not apply the LRs ({exc!r}); training "
                                 "continues at the last LR")
+        if raised is not None:
+            raise raised
 
     def report(self, **metrics: Any) -> None:
         """Named metrics (``val_loss=0.31``), sent with the next step's observation."""
