@@ -609,8 +609,9 @@ def test_two_hooks_under_one_active_mlflow_run_do_not_share_it(
     run, so both lrctl runs wrote into one MLflow run (params refused, LR charts and
     tags mixed). The first holds it; the second gets a run of its own, and says so."""
     mlflow = pytest.importorskip("mlflow")
+    # (the environment only: mlflow.set_tracking_uri() would outlast this test in the
+    # worker process, and every later hook there would pass its URI on)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
-    mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
     gen = torch.optim.SGD([torch.nn.Parameter(torch.ones(1))], lr=0.1)
     disc = torch.optim.SGD([torch.nn.Parameter(torch.ones(1))], lr=0.2)
     with mlflow.start_run() as run:
