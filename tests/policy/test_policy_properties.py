@@ -24,7 +24,8 @@ STRESS = {
         {"kind": "decay", "schedule": "exponential", "gamma": 0.9},
         {"kind": "divergence", "window": 8, "min_samples": 4, "cooldown": 0,
          "regrow_after": 3, "regrow_factor": 10.0, "max_backoffs": 50, "min_multiplier": 1e-9},
-        {"kind": "plateau", "patience": 0, "factor": 0.01, "eps": 0.0, "restart_lr": 100.0,
+        # (restart_lr at the file's max_lr, the most it may be: restarts, then cuts by 100)
+        {"kind": "plateau", "patience": 0, "factor": 0.01, "eps": 0.0, "restart_lr": 0.5,
          "min_lr": 1e-300},
         {"kind": "plateau", "name": "val", "metric": "val_loss", "mode": "max", "patience": 1,
          "smoothing": "mean", "smoothing_window": 3},
