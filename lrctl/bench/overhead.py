@@ -17,7 +17,9 @@ torch thread), every arm interleaved with the others (see :mod:`._timing`):
   into the optimizer) over ``ReduceLROnPlateau.step(loss)`` timed the same way;
   ``ctl.step(loss, grad_norm=g)`` plus the optimizer pre-step hook's work over an
   in-loop ``CosineAnnealingLR.step()``, and the same for ``every=N``, whose cost
-  should fall as 1/N.
+  should fall as 1/N. Two floors beside them: an echo process (each frame wakes it)
+  and the least any socket hook does per step against the paced controller
+  (:mod:`._floor`): what is left above it is the hook's own bookkeeping.
 
 Each arm trains its own copy of the model from the same initial weights,
 restored at every block, so every arm does the same arithmetic.
@@ -34,6 +36,7 @@ from typing import Any
 
 from .._defaults import DEFAULT_POLICY, POLICIES
 from ._echo import Echo
+from ._floor import SocketFloor
 from ._suite import LEGACY_TASKS, Progress, Suite
 from ._targets import Target, row_targets
 from ._timing import Row, interleave, ratios, rows_table, summary
@@ -55,6 +58,9 @@ HOOK_AUTO = 'lrctl hook every="auto"'
 UNPACED = "lrctl async, controller --no-pacing"  # every observation wakes the controller
 HOOK_UNPACED = "lrctl hook every=1, controller --no-pacing"
 AUTO_NORM_GIVEN = 'lrctl async, every="auto", grad_norm=clip_grad_norm_(...)'
+ECHO_FLOOR = "I/O floor: send a frame, poll, recv (echo process)"
+#: What no socket hook can avoid per step, against the paced controller (see ._floor).
+SOCKET_FLOOR = "socket floor: recv the answer, set the LR, send the obs (paced controller)"
 
 
 #: Snapshot intervals whose step-time ratio the suite measures (rollback-and-skip).
@@ -199,7 +205,12 @@ def _hook_arms(cfg: OverheadConfig, sockets: dict[str, str],
     echo = Echo()
     stack.append(echo)
     echo_tr = Trainer("digits")
-    arms["I/O floor: send a frame, poll, recv (echo process)"] = lambda: micro(echo_tr, echo.call)
+    arms[ECHO_FLOOR] = lambda: micro(echo_tr, echo.call)
+    floor_tr = Trainer("digits")
+    policy = Path(cfg.policy or DEFAULT_POLICY).read_text(encoding="utf-8")
+    floor = SocketFloor(sockets["normal"], floor_tr.opt.param_groups[0], policy)
+    stack.append(floor)
+    arms[SOCKET_FLOOR] = lambda: micro(floor_tr, floor.call)
     variants: list[tuple[str, str, int | str]] = [
         (f"lrctl hook every={n}", sockets["normal"], n) for n in cfg.every]
     variants.append((HOOK_AUTO, sockets["normal"], "auto"))
@@ -308,9 +319,9 @@ def _hook_rows(data: dict[str, list[float]], every: tuple[int, ...]) -> list[dic
         r = summary(ratios(xs, plateau))
         rows.append(Row(f"lrctl engine.observe, {name}", summary(xs), "µs", r, "plateau",
                         f"≤ {limit:g}×", r["median"] <= limit))
-    floor = data["I/O floor: send a frame, poll, recv (echo process)"]
-    rows.append(Row("I/O floor: send a frame, poll, recv (echo process)", summary(floor), "µs",
-                    summary(ratios(floor, cos)), "cosine"))
+    for name in (ECHO_FLOOR, SOCKET_FLOOR):
+        floor = data[name]
+        rows.append(Row(name, summary(floor), "µs", summary(ratios(floor, cos)), "cosine"))
     one = data[f"lrctl hook every={every[0]}"]
     for n in every:
         xs = data[f"lrctl hook every={n}"]

@@ -17,9 +17,11 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from lrctl.bench import SUITE_MODULES  # noqa: E402
+from lrctl.bench._controller import ServeProcess  # noqa: E402
+from lrctl.bench._floor import SocketFloor  # noqa: E402
 from lrctl.bench._timing import interleave, quantile, ratios, rows_table, summary  # noqa: E402
 from lrctl.bench.latency import LatencyConfig, run_latency  # noqa: E402
-from lrctl.bench.overhead import OverheadConfig, run_overhead  # noqa: E402
+from lrctl.bench.overhead import SOCKET_FLOOR, OverheadConfig, run_overhead  # noqa: E402
 from lrctl.bench.reload_bench import ReloadConfig, run_reload  # noqa: E402
 from lrctl.bench.throughput import ThroughputConfig, run_throughput  # noqa: E402
 from lrctl.cli import main  # noqa: E402
@@ -86,10 +88,29 @@ def test_quick_overhead_structure() -> None:
     hook = {r["arm"]: r for r in result["hook"]}
     assert {"CosineAnnealingLR.step()", "lrctl hook every=1", "lrctl hook every=4"} <= set(hook)
     assert hook["lrctl hook every=4"]["vs"] == "every=1"
+    assert hook[SOCKET_FLOOR]["vs"] == "cosine" and not hook[SOCKET_FLOOR]["target"]
     for name, target in (("default.yaml", "≤ 3×"), ("divergence.yaml", "≤ 2×")):
         row = hook[f"lrctl engine.observe, {name}"]
         assert row["vs"] == "plateau" and row["target"] == target  # side by side, one table
     _finite_rows(result["hook"])
+
+
+def test_the_socket_floor_is_a_real_client_of_the_paced_controller() -> None:
+    """The floor arm's client reads each answer and sets the LR it says (a warmup's ramp,
+    applied one step after it was decided), as a hook would."""
+    policy = "version: 1\npolicies:\n  - kind: warmup\n    steps: 10\n"
+    group = {"lr": 1.0}
+    with ServeProcess() as srv:
+        floor = SocketFloor(srv.socket, group, policy)
+        seen = []
+        try:
+            for _ in range(6):
+                floor.call(1.0, 1.0)
+                seen.append(group["lr"])
+        finally:
+            floor.close()
+    assert seen[0] == 1.0  # nothing read before the first report
+    assert 0.0 < seen[1] < seen[-1] < 1.0 and seen[1:] == sorted(seen[1:]), seen
 
 
 def test_quick_latency_structure() -> None:
