@@ -295,8 +295,8 @@ class LinkSide:
         held until the optimizer step they are meant for; and the run's mode."""
         lrs = msg.get("lrs")
         if isinstance(lrs, list) and len(lrs) == len(self._target):
-            values = [float_in(v, "lrs") for v in lrs]
-            if all(math.isfinite(v) and v >= 0 for v in values):
+            values = _lr_values(lrs)
+            if values is not None:
                 if isinstance(s, int) and s > self._usable_step():
                     self._held[s] = values  # for the optimizer step after step s's
                 else:
@@ -354,6 +354,18 @@ class LinkSide:
         if reply is None or not isinstance(reply.get("session"), dict):
             return None
         return dict(reply["session"])
+
+
+def _lr_values(lrs: list[Any]) -> list[float] | None:
+    """An answer's LRs as floats, or None unless each is finite and >= 0 (the usual
+    compact answer's list as it is: one pass, no copy; it runs every step)."""
+    for v in lrs:
+        if type(v) is not float or not 0.0 <= v < math.inf:
+            break
+    else:
+        return lrs
+    values = [float_in(v, "lrs") for v in lrs]
+    return values if all(math.isfinite(v) and v >= 0 for v in values) else None
 
 
 def _version_on(address: str) -> tuple[bool, str | None]:
