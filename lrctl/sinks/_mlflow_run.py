@@ -92,6 +92,18 @@ class RunShipper:
         st.save()
         return True  # (the rest of its lines, if any are still to come: the next rounds)
 
+    def deleted_idle(self, max_pending: int) -> bool:
+        """Whether this run's MLflow run was deleted at its discard (see :meth:`_finish`)
+        and its journal holds nothing after that end: a nudge then (a ``more`` that came
+        after the end was shipped, a new shipper child told every run again) has nothing to
+        ship, and must not make a new MLflow run for it (:meth:`ensure_run` makes one once
+        lines come after that end: its key resumed)."""
+        st = self.st
+        if st.cursor.get("ended") != "DELETED":
+            return False
+        st.top_up(max_pending)
+        return not any(s.pending for s in st.streams.values())
+
     def ensure_run(self) -> None:
         """Find or create the MLflow run once, and remember it in the cursor.
 

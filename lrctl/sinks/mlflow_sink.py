@@ -323,7 +323,8 @@ class _Worker(threading.Thread):
 
     def _ship(self, st: RunState) -> None:
         def ship(shipper: RunShipper) -> None:
-            if shipper.discarded_unseen(self.opt.max_pending):
+            if (shipper.discarded_unseen(self.opt.max_pending)
+                    or shipper.deleted_idle(self.opt.max_pending)):
                 return
             shipper.ensure_run()
             while True:

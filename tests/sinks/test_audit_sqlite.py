@@ -10,6 +10,7 @@ from pathlib import Path
 
 import mlflow
 import pytest
+from mlflow.entities import ViewType
 from mlflow.tracking import MlflowClient
 from sinks_helpers import (
     FAST,
@@ -168,6 +169,31 @@ def test_the_hot_path_never_waits_and_a_full_queue_spills_to_the_journal(
     sink.close()
     assert_exactly_once(client.real, mlflow_run_id(tmp_path / "state", "r4"),
                         tmp_path / "state", "r4", tmp_path)
+
+
+def test_a_discarded_run_mlflow_had_seen_gets_no_new_run_from_a_later_nudge(
+        workdir: Path, tmp_path: Path) -> None:
+    """A run discarded after the shipper had made its MLflow run: that run is deleted, and
+    a nudge that comes after (the controller's ``more`` for the end, read already by an
+    earlier round; every run told again to a new shipper child) has nothing to ship. It
+    made a new, empty MLflow run, RUNNING for good (taken for the key's resume)."""
+    state = tmp_path / "state"
+    shipper = MlflowShipper(state, flush_interval=0.2, backoff_max=0.5, timeline=False)
+    sink = AuditSink(state, FAST, shipper=shipper, env={})
+    sink.open_run(run_info("d1", cwd=str(workdir)))
+    assert sink.flush(60)
+    seen = mlflow_run_id(state, "d1")  # made before the run ends
+    sink.discard_run("d1")
+    assert sink.flush(60)
+    client = MlflowClient(sqlite_uri(workdir))
+    assert client.get_run(seen).info.lifecycle_stage == "deleted"
+    shipper.catch_up("d1")
+    assert sink.flush(60)
+    sink.close()
+    exp = client.get_experiment_by_name("lrctl")
+    assert exp is not None
+    runs = client.search_runs([exp.experiment_id], run_view_type=ViewType.ALL)
+    assert [r.info.run_id for r in runs] == [seen]
 
 
 def test_backlog_is_replayed_by_the_next_controller_exactly_once(
