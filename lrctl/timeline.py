@@ -11,9 +11,11 @@ without pyplot, so drawing from a worker thread touches no global GUI state.
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -57,24 +59,25 @@ class TimelineData:
     last_step: int = 0
 
 
-def load_timeline(run_dir: str | os.PathLike[str]) -> TimelineData:
-    """Stream a run's journal into bounded series."""
+def load_timeline(run_dir: str | os.PathLike[str],
+                  prior_decisions: Iterable[dict[str, Any]] = (),
+                  prior_points: Iterable[tuple[str, float, int]] = ()) -> TimelineData:
+    """Stream a run's journal into bounded series. ``prior_decisions`` and
+    ``prior_points`` (``(metric key, value, step)``) come before it: what the run's
+    MLflow run holds from before this journal (a run continued from another controller's
+    state directory)."""
     paths = RunPaths(Path(run_dir))
     meta = read_json(paths.meta, {}) or {}
     data = TimelineData(title=f"{meta.get('run_name') or paths.run_key}  "
                               f"({meta.get('policy_source', '')})")
+    for key, value, step in prior_points:
+        _add_point(data, key, value, step)
     for line in read_lines(paths.stream("metrics")):
         for key, value, step in line.record["points"]:
-            v = float_from_json(value)
-            if key == LOSS:
-                data.loss.add(step, v)
-            elif key == GRAD_NORM:
-                data.grad_norm.add(step, v)
-            elif m := _LR.match(key):
-                data.lrs.setdefault(int(m.group(1)), Downsampler(MAX_POINTS)).add(step, v)
+            _add_point(data, key, float_from_json(value), step)
     stride = 1
-    for line in read_lines(paths.stream("decisions")):
-        record = line.record
+    for record in itertools.chain(prior_decisions, (
+            line.record for line in read_lines(paths.stream("decisions")))):
         data.last_step = max(data.last_step, int(record.get("step", 0)))
         action = record.get("action")
         phase = (record.get("kind") == "wsd" and action in _PHASE_ACTIONS) or action == "stop"
@@ -82,11 +85,20 @@ def load_timeline(run_dir: str | os.PathLike[str]) -> TimelineData:
             data.phase_events.append(record)
         data.decision_count += 1
         if (data.decision_count - 1) % stride == 0:
-            data.decisions.append(line.record)
+            data.decisions.append(record)
             if len(data.decisions) > MAX_MARKS:
                 data.decisions = data.decisions[::2]
                 stride *= 2
     return data
+
+
+def _add_point(data: TimelineData, key: str, value: float, step: int) -> None:
+    if key == LOSS:
+        data.loss.add(step, value)
+    elif key == GRAD_NORM:
+        data.grad_norm.add(step, value)
+    elif m := _LR.match(key):
+        data.lrs.setdefault(int(m.group(1)), Downsampler(MAX_POINTS)).add(step, value)
 
 
 def phase_spans(events: list[dict[str, Any]], last_step: int) -> list[Phase]:
@@ -120,8 +132,9 @@ def phase_spans(events: list[dict[str, Any]], last_step: int) -> list[Phase]:
 
 
 def render_run(run_dir: str | os.PathLike[str], out: str | os.PathLike[str],
-               private: bool = False) -> Path:
-    return render(load_timeline(run_dir), out, private)
+               private: bool = False, prior_decisions: Iterable[dict[str, Any]] = (),
+               prior_points: Iterable[tuple[str, float, int]] = ()) -> Path:
+    return render(load_timeline(run_dir, prior_decisions, prior_points), out, private)
 
 
 def render(data: TimelineData, out: str | os.PathLike[str], private: bool = False) -> Path:

@@ -213,7 +213,7 @@ class RunShipper:
         tags: dict[str, str] = {}
         if decisions:
             last = decisions[-1].record
-            tags["lrctl.decisions"] = str(decisions[-1].seq)
+            tags["lrctl.decisions"] = str(self.views.decisions_total(decisions[-1].seq))
             tags["lrctl.last_decision"] = _summary(last)
         if not st.cursor.get("tagged"):
             tags["lrctl.run_key"] = st.paths.run_key
@@ -381,10 +381,11 @@ class RunShipper:
         pictures. Until then the cursor keeps it due, across restarts."""
         if self.timeline:
             png = self.st.paths.root / "timeline.png"
+            prior = self.views.timeline_prior()  # (MLflow's calls: retried if they fail)
             try:
                 from ..timeline import render_run
 
-                render_run(self.st.paths.root, png, private=True)
+                render_run(self.st.paths.root, png, private=True, **prior)
             except Exception as exc:  # a picture must not block the audit trail
                 log.warning("lrctl: run %s: timeline not drawn: %s", self.st.paths.run_key, exc)
             else:
@@ -394,8 +395,9 @@ class RunShipper:
 
     def _upload_prefix(self, stream: str, end: int, artifact_file: str) -> None:
         """Upload the stream's first ``end`` bytes: everything acknowledged, whole, once more."""
+        prior = self.views.ensure_prior().data(stream)  # (what MLflow held before the journal)
         with open(self.st.paths.stream(stream), "rb") as f:
-            data = f.read(end)
+            data = prior + f.read(end)
         self.client.log_text(self.run_id, data.decode("utf-8"), artifact_file)
 
 

@@ -17,7 +17,10 @@ artifact cannot be appended to. They are uploaded together, from the acknowledge
 part of the journal, when it has grown by an eighth since their last upload, at
 least every ``snapshot_interval`` seconds while they are behind, and whenever they
 are behind at run end and at a worker's first round for the run (a controller that
-stopped mid-run may have left them behind; the next one catches up). What a run
+stopped mid-run may have left them behind; the next one catches up). Ahead of the
+journal's records they hold those the MLflow run held before this journal shipped
+into it (a run continued from another controller state directory: see
+:mod:`._mlflow_prior`), which the description counts too. What a run
 uploads thus stays within ~9× the files' final size, however many flushes it takes
 (re-uploading on each flush grew as decisions × flushes), while the latest
 decisions reach the UI with every flush through the description, the
@@ -36,6 +39,7 @@ from typing import Any
 from mlflow.entities import RunTag
 from mlflow.exceptions import MlflowException
 
+from ._mlflow_prior import DECISIONS_JSONL, Prior, prior_points
 from ._ship_state import RunState
 from .journal import read_lines
 from .run_views import TABLE_COLUMNS, RunSummary, decision_row
@@ -45,7 +49,6 @@ __all__ = ["DECISIONS_JSONL", "DECISIONS_TABLE", "EXPERIMENT_KIND", "NOTE", "NOT
 
 log = logging.getLogger("lrctl.sinks.mlflow")
 
-DECISIONS_JSONL = "lrctl/decisions.jsonl"
 DECISIONS_TABLE = "lrctl/decisions_table.json"
 NOTE = "mlflow.note.content"  # MLflow's run description
 NOTE_MARK = "lrctl.note_sha256"  # sha256 of the description lrctl wrote last
@@ -68,6 +71,7 @@ class RunViews:
         self.st = state
         self.run_id = run_id
         self.snapshot_interval = snapshot_interval
+        self.prior = Prior(client, state, run_id)
         self.summary = RunSummary.from_json(state.cursor.get("summary"))
         if "summary" not in state.cursor:  # a cursor from an older lrctl: count what it sent
             acked = state.streams["decisions"].acked_offset
@@ -93,6 +97,33 @@ class RunViews:
                                 int(record.get("policy_version", 1)))
         self.st.cursor["summary"] = self.summary.to_json()
 
+    def ensure_prior(self) -> Prior:
+        """The records the MLflow run held before this journal (looked at once per
+        journal and MLflow run; see :mod:`._mlflow_prior`), counted by the description:
+        the look and the count are saved with the cursor together."""
+        if not self.prior.checked:
+            self.prior.check()
+            self.summary.add_prior(self.prior.records("decisions"))
+            self.st.cursor["summary"] = self.summary.to_json()
+            self.st.save()
+        return self.prior
+
+    def decisions_total(self, seq: int) -> int:
+        """The run's decisions in MLflow up to the journal's decision ``seq``."""
+        return self.ensure_prior().count("decisions") + seq
+
+    def timeline_prior(self) -> dict[str, Any]:
+        """What the run's picture needs beyond the journal: the prior decisions and
+        MLflow's points before the journal's first step (a run begun elsewhere)."""
+        prior = self.ensure_prior()
+        if not (prior.count("decisions") or prior.count("events")):
+            return {}
+        first = None
+        for line in read_lines(self.st.paths.stream("metrics"), 0, limit=1):
+            first = min((int(p[2]) for p in line.record["points"]), default=None)
+        return {"prior_decisions": prior.records("decisions"),
+                "prior_points": list(prior_points(self.client, self.run_id, first))}
+
     # -- once per shipping round ------------------------------------------------------
     def refresh(self, *, complete: bool = False) -> None:
         """Upload the files if due (if behind at all when ``complete``: the run's end, a
@@ -101,6 +132,7 @@ class RunViews:
         What the run's tags must say then (the description, the table's entry in
         ``mlflow.loggedArtifacts``) is read with one ``get_run`` and written with one
         ``log_batch``, the cursor saved once."""
+        self.ensure_prior()
         changed = self._files(complete)
         register = (not self.st.cursor.get("table_registered")
                     and int(self.st.cursor.get("snapshot", {}).get("offset", 0)) > 0)
@@ -132,7 +164,8 @@ class RunViews:
         if not due:
             return False
         with open(self.st.paths.stream("decisions"), "rb") as f:
-            data = f.read(acked)  # whole lines: ``acked`` is where a line ends
+            # whole lines: ``acked`` is where a line ends; those MLflow held before first
+            data = self.prior.data("decisions") + f.read(acked)
         rows = [decision_row(json.loads(raw)) for raw in data.splitlines() if raw.strip()]
         table = json.dumps({"columns": list(TABLE_COLUMNS), "data": rows},
                            separators=(",", ":"), allow_nan=False)

@@ -10,7 +10,8 @@ Idempotence: the cursor (``cursor.json``) advances only after MLflow has
 acknowledged a batch, and everything sent is a pure function of the journal
 and the cursor: metric points keep the timestamp journaled with them (MLflow
 drops a repeated ``(key, timestamp, step, value)``), the decisions artifact is
-the journal's ``decisions.jsonl`` re-uploaded whole, tags and params are
+the journal's ``decisions.jsonl`` re-uploaded whole (after the records the MLflow run
+held before this journal, kept beside it: see ``_mlflow_prior``), tags and params are
 set to the same values. A batch re-sent after a crash thus changes nothing.
 
 Store trouble: the worker opens its store once, before shipping anything

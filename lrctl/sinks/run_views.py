@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -82,6 +82,19 @@ class RunSummary:
         self.recent.append(decision_row(record))
         del self.recent[:-RECENT]
         return True
+
+    def add_prior(self, records: Iterable[Mapping[str, Any]]) -> None:
+        """Fold in the decisions the MLflow run held before this run's journal (a run
+        continued from another controller's journal), oldest first: they are counted, and
+        come before every decision of the journal in the latest ones. Once per journal
+        and MLflow run (the caller keeps count; their ``seq`` is another journal's)."""
+        rows = []
+        for record in records:
+            action = str(record.get("action", ""))
+            self.counts[action] = self.counts.get(action, 0) + 1
+            rows.append(decision_row(record))
+        self.recent[:0] = rows[-RECENT:]
+        del self.recent[:-RECENT]
 
     def set_policy(self, source: str, sha256: str, version: int) -> None:
         self.policy_source, self.policy_sha256, self.policy_version = source, sha256, version
