@@ -25,6 +25,7 @@ from lrctl.daemon.pacing import (
     AFTER_NOTHING,
     IDLE_INTERVALS,
     MAX_SLACK_S,
+    PAUSE,
     SLACK,
     WINDOW,
     Pacing,
@@ -124,6 +125,55 @@ def test_the_looks_follow_the_connection(pair: tuple[socket.socket, ...]) -> Non
     slow.pace(conn, WINDOW * 0.002)
     still = [slow.heard(conn, WINDOW * 0.002 + i * 0.006, 1) for i in range(1, WINDOW + 1)]
     assert still[-1] is False and all(still[:-1])  # 6 ms apart: back to the selector
+
+
+def _steps(pacing: Pacing, conn: _Conn, t: float, gap: float, n: int) -> float:
+    """``n`` messages ``gap`` apart after ``t``, each read as it comes (paced or not, as
+    ``pacing`` says); returns the time of the last."""
+    for _ in range(n):
+        t += gap
+        if pacing.heard(conn, t, 1) and not conn.paced:
+            pacing.pace(conn, t)
+    return t
+
+
+@pytest.mark.parametrize("pause", [0.010, 0.060])
+def test_a_pause_is_not_taken_for_the_run_s_rhythm(pair: tuple[socket.socket, ...],
+                                                   pause: float) -> None:
+    """Known answers: a 0.5 ms run pauses (an evaluation; here 10 ms, paced throughout,
+    and 60 ms, handed back to the selector in between) and steps on. Its interval stays
+    0.5 ms, so its looks stay 0.3 ms after its reads: with the pause in the mean (8 ms
+    after 60 ms) they were 5-7 ms apart, and its hook waited ~2 ms at each of its next
+    few steps (36 waits in 1800 steps, 2.2 ms each, in blocks of 150 steps)."""
+    pacing = Pacing(interval_s=0.020, after=8)
+    conn = _Conn(pair[0])
+    t = 50.0
+    pacing.heard(conn, t, 1)
+    t = _steps(pacing, conn, t, 0.0005, 4 * WINDOW)
+    assert conn.paced and pacing._rates[conn].interval == pytest.approx(0.0005)  # type: ignore[arg-type]
+    if pause > max(IDLE_INTERVALS * 0.0005, 2 * 0.020):
+        pacing.unpace(conn)  # silent that long: the transport hands it back (see due())
+    # The window holding the pause ends at its WINDOW-th message; the next is paced by it.
+    t = _steps(pacing, conn, t + pause - 0.0005, 0.0005, WINDOW + 1)
+    assert conn.paced and pacing._rates[conn].interval == pytest.approx(0.0005)  # type: ignore[arg-type]
+    pacing.reschedule()
+    assert pacing.next_due == pytest.approx(_look(t, AFTER_DATA, 0.0005))
+
+
+def test_a_run_that_slows_down_is_measured_as_it_goes_now(
+        pair: tuple[socket.socket, ...]) -> None:
+    """Steps PAUSE-plus times longer than before, all of them: the new rhythm, not one
+    pause after another. A run gone from 2 ms to 10 ms steps is handed back to the
+    selector (slower than interval_s) after a window, as before the pause rule."""
+    pacing = Pacing(interval_s=0.004, after=1)
+    conn = _Conn(pair[0])
+    pacing.heard(conn, 0.0, 1)
+    t = _steps(pacing, conn, 0.0, 0.002, 2 * WINDOW)
+    assert conn.paced
+    slower = 0.002 * (PAUSE + 1)
+    still = [pacing.heard(conn, t + i * slower, 1) for i in range(1, WINDOW + 1)]
+    assert still[-1] is False and all(still[:-1])
+    assert pacing._rates[conn].interval == pytest.approx(slower)  # type: ignore[arg-type]
 
 
 def _paced_at(pacing: Pacing, conn: _Conn, start: float, gap: float) -> float:
