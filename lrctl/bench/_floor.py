@@ -13,6 +13,7 @@ socket, on this machine.
 from __future__ import annotations
 
 import os
+import secrets
 import select
 import socket
 from typing import Any
@@ -36,7 +37,7 @@ class SocketFloor:
         self.sock.settimeout(30)
         self.sock.connect(path)
         self.sock.sendall(encode({
-            "t": "hello", "run": f"bench-floor-{os.getpid()}", "run_name": "bench-floor",
+            "t": "hello", "run": f"bench-floor-{secrets.token_hex(4)}", "run_name": "bench-floor",
             "policy": {"text": policy_text, "source": "<bench>"}, "lrs": [group["lr"]],
             "groups": 1, "world_size": 1, "mlflow": {"run_id": None, "tracking_uri": None},
             "cwd": os.getcwd(),

@@ -19,7 +19,8 @@ torch thread), every arm interleaved with the others (see :mod:`._timing`):
   in-loop ``CosineAnnealingLR.step()``, and the same for ``every=N``, whose cost
   should fall as 1/N. Two floors beside them: an echo process (each frame wakes it)
   and the least any socket hook does per step against the paced controller
-  (:mod:`._floor`): what is left above it is the hook's own bookkeeping.
+  (:mod:`._floor`): what is left above it is the hook's own bookkeeping. That
+  socket floor is a whole-step arm too (it reads the loss, computes no grad norm).
 
 Each arm trains its own copy of the model from the same initial weights,
 restored at every block, so every arm does the same arithmetic.
@@ -61,6 +62,7 @@ AUTO_NORM_GIVEN = 'lrctl async, every="auto", grad_norm=clip_grad_norm_(...)'
 ECHO_FLOOR = "I/O floor: send a frame, poll, recv (echo process)"
 #: What no socket hook can avoid per step, against the paced controller (see ._floor).
 SOCKET_FLOOR = "socket floor: recv the answer, set the LR, send the obs (paced controller)"
+STEP_FLOOR = "socket floor: float(loss), recv the answer, set the LR, send the obs"
 
 
 #: Snapshot intervals whose step-time ratio the suite measures (rollback-and-skip).
@@ -112,6 +114,12 @@ def _step_arms(task: str, cfg: OverheadConfig, sockets: dict[str, str],
 
     clip_tr = Trainer(task)
     arms[CLIPPED] = lambda: timed_loop(clip_tr, steps, lambda loss: _clip(clip_tr))
+    floor_tr = Trainer(task)
+    floor = SocketFloor(sockets["normal"], floor_tr.opt.param_groups[0],
+                        _policy_text(cfg.policy))
+    stack.append(floor)
+    arms[STEP_FLOOR] = lambda: timed_loop(
+        floor_tr, steps, lambda loss: floor.call(float(loss.detach()), 1.0))
     given_tr = Trainer(task)
     given = lrctl.attach(given_tr.opt, policy=cfg.policy, socket=sockets["normal"], spawn=False,
                          run_name=f"bench-{task}")
@@ -144,6 +152,10 @@ def _step_arms(task: str, cfg: OverheadConfig, sockets: dict[str, str],
         arms[f"lrctl async, snapshot_every={every}"] = (
             lambda tr=tr, ctl=ctl: timed_loop(tr, steps, ctl.step))
     return arms
+
+
+def _policy_text(policy: Any) -> str:
+    return Path(policy or DEFAULT_POLICY).read_text(encoding="utf-8")
 
 
 def _clip(tr: Trainer) -> Any:
@@ -207,8 +219,8 @@ def _hook_arms(cfg: OverheadConfig, sockets: dict[str, str],
     echo_tr = Trainer("digits")
     arms[ECHO_FLOOR] = lambda: micro(echo_tr, echo.call)
     floor_tr = Trainer("digits")
-    policy = Path(cfg.policy or DEFAULT_POLICY).read_text(encoding="utf-8")
-    floor = SocketFloor(sockets["normal"], floor_tr.opt.param_groups[0], policy)
+    floor = SocketFloor(sockets["normal"], floor_tr.opt.param_groups[0],
+                        _policy_text(cfg.policy))
     stack.append(floor)
     arms[SOCKET_FLOOR] = lambda: micro(floor_tr, floor.call)
     variants: list[tuple[str, str, int | str]] = [

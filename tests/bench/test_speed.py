@@ -21,7 +21,12 @@ from lrctl.bench._controller import ServeProcess  # noqa: E402
 from lrctl.bench._floor import SocketFloor  # noqa: E402
 from lrctl.bench._timing import interleave, quantile, ratios, rows_table, summary  # noqa: E402
 from lrctl.bench.latency import LatencyConfig, run_latency  # noqa: E402
-from lrctl.bench.overhead import SOCKET_FLOOR, OverheadConfig, run_overhead  # noqa: E402
+from lrctl.bench.overhead import (  # noqa: E402
+    SOCKET_FLOOR,
+    STEP_FLOOR,
+    OverheadConfig,
+    run_overhead,
+)
 from lrctl.bench.reload_bench import ReloadConfig, run_reload  # noqa: E402
 from lrctl.bench.throughput import ThroughputConfig, run_throughput  # noqa: E402
 from lrctl.cli import main  # noqa: E402
@@ -89,6 +94,7 @@ def test_quick_overhead_structure() -> None:
     assert {"CosineAnnealingLR.step()", "lrctl hook every=1", "lrctl hook every=4"} <= set(hook)
     assert hook["lrctl hook every=4"]["vs"] == "every=1"
     assert hook[SOCKET_FLOOR]["vs"] == "cosine" and not hook[SOCKET_FLOOR]["target"]
+    assert step[STEP_FLOOR]["vs"] == "bare" and not step[STEP_FLOOR]["target"]
     for name, target in (("default.yaml", "≤ 3×"), ("divergence.yaml", "≤ 2×")):
         row = hook[f"lrctl engine.observe, {name}"]
         assert row["vs"] == "plateau" and row["target"] == target  # side by side, one table
