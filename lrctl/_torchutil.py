@@ -60,7 +60,7 @@ def total_grad_norm(optimizer: Any, wide: bool = False) -> Any:
              if getattr(p, "grad", None) is not None]
     if not grads:
         return None
-    if optimizer not in _SPARSE:
+    if not _known_sparse(optimizer):
         try:
             return _norm_of(torch, grads, wide)
         except (RuntimeError, NotImplementedError):
@@ -68,7 +68,7 @@ def total_grad_norm(optimizer: Any, wide: bool = False) -> Any:
                 raise
         # Its gradients were sparse once: they will be again. A torch error costs more
         # than the norm (~60 µs against ~15 on a small model): not at every report.
-        with contextlib.suppress(TypeError):  # (not weakly referable: the error each time)
+        with contextlib.suppress(TypeError):  # (not weakly referable or hashable: each time)
             _SPARSE.add(optimizer)
     # Sparse gradients (an ``Embedding(sparse=True)``): torch's norms refuse them. The
     # norm of the values a coalesced tensor holds is its norm (coalescing sums repeated
@@ -78,6 +78,13 @@ def total_grad_norm(optimizer: Any, wide: bool = False) -> Any:
 
 #: Optimizers whose gradients were found sparse (their norm goes by their values).
 _SPARSE: weakref.WeakSet[Any] = weakref.WeakSet()
+
+
+def _known_sparse(optimizer: Any) -> bool:
+    try:
+        return optimizer in _SPARSE
+    except TypeError:  # unhashable (an ``__eq__`` without ``__hash__``): never remembered
+        return False
 
 
 def _values(torch: Any, grad: Any) -> Any:

@@ -34,6 +34,19 @@ class SocketFloor:
     def __init__(self, path: str, group: dict[str, Any], policy_text: str) -> None:
         self.group = group  # the optimizer's param group whose LR the answers set
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            self._hello(path, group, policy_text)
+        except BaseException:
+            self.sock.close()
+            raise
+        self.poller = select.poll()
+        self.poller.register(self.sock, select.POLLIN)
+        self.step = 0
+        self.answered = -1  # the newest step answered
+        self.waits = 0  # answers not in when the next step began (waited for)
+        self.late = 0  # ... nor within _WAIT_MS (the step went on without them)
+
+    def _hello(self, path: str, group: dict[str, Any], policy_text: str) -> None:
         self.sock.settimeout(30)
         self.sock.connect(path)
         self.sock.sendall(encode({
@@ -47,10 +60,6 @@ class SocketFloor:
         if welcome.get("t") != "welcome" or not compact_agreed(welcome.get("compact")):
             raise ConnectionError(f"the controller did not welcome a compact run: {welcome}")
         self.sock.setblocking(False)
-        self.poller = select.poll()
-        self.poller.register(self.sock, select.POLLIN)
-        self.step = 0
-        self.waits = 0  # answers not in when the next step began
 
     def _first_message(self) -> dict[str, Any]:
         while True:
@@ -62,16 +71,23 @@ class SocketFloor:
                 return msgs[0]
 
     def call(self, loss: float, g: float) -> None:
-        if self.step:
+        due = self.step - 1  # the answer this step's LR comes from, as the hook's
+        while self.answered < due:
             try:
                 data = self.sock.recv(1 << 16)
             except BlockingIOError:
                 self.waits += 1
-                self.poller.poll(_WAIT_MS)
-                data = self.sock.recv(1 << 16)
+                if not self.poller.poll(_WAIT_MS):
+                    self.late += 1
+                    break
+                continue
+            if not data:
+                raise ConnectionError("the controller closed the connection")
             for msg in self.decoder.feed(data):
                 if msg.get("t") == "lr" and msg.get("lrs"):
                     self.group["lr"] = msg["lrs"][0]
+                    if isinstance(msg.get("s"), int):
+                        self.answered = max(self.answered, msg["s"])
         frame = encode_obs_compact(self.step, loss, g)
         assert frame is not None  # finite floats
         self.sock.send(frame)

@@ -155,7 +155,10 @@ def _step_arms(task: str, cfg: OverheadConfig, sockets: dict[str, str],
 
 
 def _policy_text(policy: Any) -> str:
-    return Path(policy or DEFAULT_POLICY).read_text(encoding="utf-8")
+    """The policy text a hook given ``policy=`` sends (a path, a shipped name, None)."""
+    from .._sources import policy_payload
+
+    return policy_payload(policy)[0]
 
 
 def _clip(tr: Trainer) -> Any:
@@ -296,6 +299,8 @@ def run_overhead(cfg: OverheadConfig, progress: Progress | None = None) -> dict[
                               progress, "hook cost ")
             result["hook"] = _hook_rows(data, cfg.every)
             result["snapshot_memory"] = _snapshot_memory(stack)
+            result["socket_floor"] = [{"steps": f.step, "waits": f.waits, "late": f.late}
+                                      for f in stack if isinstance(f, SocketFloor)]
         finally:
             for ctl in stack:
                 ctl.close()
@@ -385,6 +390,12 @@ def _render(result: dict[str, Any], out: Path) -> str:
                  f"CosineAnnealingLR), grad norm excluded (blocks of "
                  f"{result['config']['micro_steps']} steps, {result['config']['micro_rounds']} "
                  f"rounds)\n\n{rows_table(result['hook'])}\n")
+    floors = result.get("socket_floor") or []
+    if floors:
+        parts.append("**Socket floor's waits** (answers not in at the step that uses them, "
+                     "then waited for; late: not within 1 s): " + ", ".join(
+                         f"{f['waits']} of {f['steps']} steps ({f['late']} late)"
+                         for f in floors) + "\n")
     memory = result.get("snapshot_memory") or {}
     if memory:
         parts.append("**Snapshot memory** (keep=2, host): " + ", ".join(

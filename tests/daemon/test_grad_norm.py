@@ -130,6 +130,27 @@ def test_sparse_gradients_cost_torch_s_error_once_per_optimizer(
         tried.clear()
 
 
+def test_an_unhashable_optimizer_still_gets_its_norm() -> None:
+    """An optimizer class with ``__eq__`` and no ``__hash__`` cannot be remembered as
+    sparse: it pays torch's refusal each time, and gets its norm (dense or sparse)."""
+
+    class Unhashable(torch.optim.SGD):
+        def __eq__(self, other: object) -> bool:
+            return self is other
+
+    emb = torch.nn.Embedding(10, 2, sparse=True)
+    head = torch.nn.Linear(2, 1)
+    for sparse in (False, True):
+        params = [*emb.parameters(), *head.parameters()] if sparse else [*head.parameters()]
+        opt = Unhashable(params, lr=0.1)
+        opt.zero_grad()
+        head(emb(torch.tensor([1, 2]))).sum().backward()
+        grads = [p.grad.to_dense() for p in params]
+        want = float(torch.nn.utils.get_total_norm(grads, 2.0))
+        for _ in range(2):
+            assert float(total_grad_norm(opt)) == pytest.approx(want, rel=1e-6)
+
+
 def test_a_loop_with_sparse_gradients_is_reported_and_guarded(controller: Any) -> None:
     """The loop reports every step with its norm, and a NaN step is skipped (before, the
     norm's error dropped every observation and the guard with it)."""
