@@ -80,7 +80,15 @@ class Prior:
         """Look at the MLflow run's files once and keep their prior records (in memory:
         the caller saves the cursor). May raise as any MLflow call does: the worker backs
         off and the look is made again."""
-        listed = {f.path for f in self.client.list_artifacts(self.run_id, "lrctl")}
+        try:
+            listed = {f.path for f in self.client.list_artifacts(self.run_id, "lrctl")}
+        except MlflowException as exc:
+            if exc.error_code not in _UNREADABLE:
+                raise  # MLflow down or busy: the worker backs off and looks again
+            log.warning("lrctl: run %s: the artifacts of MLflow run %s cannot be listed (%s); "
+                        "what it held before this journal is not kept in its files",
+                        self.st.paths.run_key, self.run_id, exc)
+            listed = set()
         counts: dict[str, int] = {}
         for stream, artifact in ARTIFACTS.items():
             lines = self._download(artifact, stream) if artifact in listed else []

@@ -24,7 +24,14 @@ from mlflow.exceptions import MlflowException
 
 from ..policy._base import float_from_json
 from ..policy._decision import record_ratio as decision_ratio
-from ._mlflow_views import EXPERIMENT_KIND, TRAINING_KIND, RunViews, mark_training
+from ._mlflow_views import (
+    EXPERIMENT_KIND,
+    JOURNAL_TAG,
+    SUPERSEDED,
+    TRAINING_KIND,
+    RunViews,
+    mark_training,
+)
 from ._ship_state import TIMELINE_DUE, Experiments, RunState
 from .journal import DISCARDED, JournalLine, discarded_end
 from .mlflow_sink import (
@@ -184,6 +191,7 @@ class RunShipper:
     def ship_once(self) -> bool:
         """Send the next batch and advance the cursor; False when nothing was pending."""
         st = self.st
+        self.views.ensure_prior()  # (its cursor save: before this batch changes the cursor)
         metrics: list[Metric] = []
         budget = MAX_METRICS_PER_BATCH - _TAG_ROOM
         decisions: list[JournalLine] = []
@@ -211,12 +219,13 @@ class RunShipper:
             return False
 
         tags: dict[str, str] = {}
-        if decisions:
+        if decisions and not st.cursor.get(SUPERSEDED):  # (else the other journal's tags)
             last = decisions[-1].record
             tags["lrctl.decisions"] = str(self.views.decisions_total(decisions[-1].seq))
             tags["lrctl.last_decision"] = _summary(last)
         if not st.cursor.get("tagged"):
             tags["lrctl.run_key"] = st.paths.run_key
+            tags[JOURNAL_TAG] = self.views.journal_id()  # it ships here now (superseded())
         # One call: the tags ride with the (last) metrics.
         run_tags = [RunTag(k, v) for k, v in tags.items()]
         chunks = list(_chunks(metrics, MAX_METRICS_PER_BATCH - len(run_tags))) or [[]]
@@ -358,6 +367,9 @@ class RunShipper:
                 self.st.cursor["ended"] = "DELETED"
             self.st.cursor["finished"] = True
             return
+        if self.views.superseded():  # the run goes on, shipped by another journal
+            self.st.cursor["finished"] = True
+            return
         self.views.refresh(complete=True)
         if self.timeline:  # drawn once no run has lines to ship (see draw_timeline)
             self.st.cursor[TIMELINE_DUE] = True
@@ -379,7 +391,7 @@ class RunShipper:
         Drawing costs far more than shipping a run (a few hundred ms of CPU), so the
         worker draws only when no run has lines to ship: decisions never wait behind
         pictures. Until then the cursor keeps it due, across restarts."""
-        if self.timeline:
+        if self.timeline and not self.views.superseded():
             png = self.st.paths.root / "timeline.png"
             prior = self.views.timeline_prior()  # (MLflow's calls: retried if they fail)
             try:
@@ -395,6 +407,8 @@ class RunShipper:
 
     def _upload_prefix(self, stream: str, end: int, artifact_file: str) -> None:
         """Upload the stream's first ``end`` bytes: everything acknowledged, whole, once more."""
+        if self.views.superseded():
+            return
         prior = self.views.ensure_prior().data(stream)  # (what MLflow held before the journal)
         with open(self.st.paths.stream(stream), "rb") as f:
             data = prior + f.read(end)

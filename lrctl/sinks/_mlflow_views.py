@@ -32,6 +32,8 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
+import socket
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -44,12 +46,16 @@ from ._ship_state import RunState
 from .journal import read_lines
 from .run_views import TABLE_COLUMNS, RunSummary, decision_row
 
-__all__ = ["DECISIONS_JSONL", "DECISIONS_TABLE", "EXPERIMENT_KIND", "NOTE", "NOTE_MARK",
+__all__ = ["DECISIONS_JSONL", "DECISIONS_TABLE", "EXPERIMENT_KIND", "JOURNAL_TAG", "NOTE",
+           "NOTE_MARK", "SUPERSEDED",
            "TRAINING_KIND", "RunViews", "mark_training"]
 
 log = logging.getLogger("lrctl.sinks.mlflow")
 
 DECISIONS_TABLE = "lrctl/decisions_table.json"
+#: Tag: the journal that began shipping into the MLflow run last (see RunViews.superseded).
+JOURNAL_TAG = "lrctl.journal"
+SUPERSEDED = "superseded"  # cursor key: the journal that took the MLflow run over
 NOTE = "mlflow.note.content"  # MLflow's run description
 NOTE_MARK = "lrctl.note_sha256"  # sha256 of the description lrctl wrote last
 LOGGED_ARTIFACTS = "mlflow.loggedArtifacts"  # MLflow's register of table artifacts
@@ -72,6 +78,7 @@ class RunViews:
         self.run_id = run_id
         self.snapshot_interval = snapshot_interval
         self.prior = Prior(client, state, run_id)
+        self._journal_id: str | None = None
         self.summary = RunSummary.from_json(state.cursor.get("summary"))
         if "summary" not in state.cursor:  # a cursor from an older lrctl: count what it sent
             acked = state.streams["decisions"].acked_offset
@@ -108,6 +115,42 @@ class RunViews:
             self.st.save()
         return self.prior
 
+    def journal_id(self) -> str:
+        """This journal's name in its MLflow run's :data:`JOURNAL_TAG`: of its directory
+        on this machine (host, path, device and inode), so that no lost cursor can make
+        it another's, and a journal elsewhere (another node, another state directory) is."""
+        if self._journal_id is None:
+            root = self.st.paths.root
+            st = os.stat(root)
+            self._journal_id = hashlib.sha256(
+                f"{socket.gethostname()}\0{os.path.realpath(root)}\0{st.st_dev}\0"
+                f"{st.st_ino}".encode()).hexdigest()[:16]
+        return self._journal_id
+
+    def superseded(self, tags: Mapping[str, str] | None = None) -> bool:
+        """Whether a journal of another controller has begun shipping into this MLflow run
+        since this one did (the run continued from another state directory while this
+        controller still held it: its hook vanished with its node, say). From then on the
+        run's files, description, picture and end are that journal's (they hold this
+        one's decisions, read at its start: :mod:`._mlflow_prior`); this one ships its
+        metric points only, which MLflow keeps side by side. With one ``get_run`` (or
+        the ``tags`` read already) until it is known, once per upload at most."""
+        other = self.st.cursor.get(SUPERSEDED)
+        if other is None:
+            if not self.st.cursor.get("tagged"):
+                return False  # it has not said so yet: its first batch does
+            if tags is None:
+                tags = self.client.get_run(self.run_id).data.tags
+            other = tags.get(JOURNAL_TAG)
+            if other is None or other == self.journal_id():
+                return False
+            self.st.cursor[SUPERSEDED] = other
+            self.st.save()
+            log.warning("lrctl: run %s: another controller's journal (%s) ships into MLflow "
+                        "run %s now; this one leaves the run's files, description and end "
+                        "to it", self.st.paths.run_key, other, self.run_id)
+        return True
+
     def decisions_total(self, seq: int) -> int:
         """The run's decisions in MLflow up to the journal's decision ``seq``."""
         return self.ensure_prior().count("decisions") + seq
@@ -137,8 +180,10 @@ class RunViews:
         register = (not self.st.cursor.get("table_registered")
                     and int(self.st.cursor.get("snapshot", {}).get("offset", 0)) > 0)
         note = self._note_due()
-        if register or note is not None:
+        if (register or note is not None) and not self.st.cursor.get(SUPERSEDED):
             tags = self.client.get_run(self.run_id).data.tags
+            if self.superseded(tags):
+                return
             out = self._table_entry(tags) if register else []
             if note is not None:
                 out += self._note(tags, *note)
@@ -161,7 +206,7 @@ class RunViews:
             return False
         due = (complete or acked - done >= done / _GROWTH
                or time.time() - float(snap.get("at", 0.0)) >= self.snapshot_interval)
-        if not due:
+        if not due or self.superseded():
             return False
         with open(self.st.paths.stream("decisions"), "rb") as f:
             # whole lines: ``acked`` is where a line ends; those MLflow held before first

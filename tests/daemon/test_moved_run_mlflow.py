@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import gc
 import json
+import os
+import signal
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -175,3 +177,60 @@ def test_a_run_continued_from_another_state_dir_keeps_every_decision_in_mlflow(
     local = store.download_artifacts(run_id, "lrctl/decisions.jsonl", str(short_dir))
     gc.collect()  # (ends the artifact repository's threads)
     assert _records(Path(local).read_bytes()) == everything
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # (lrctl's warnings of the spikes)
+def test_the_first_controller_leaves_a_run_continued_elsewhere_alone(
+        store: MlflowClient, short_dir: Path, controllers: list[ControllerProc]) -> None:
+    """The node's job vanished without closing its run (no goodbye), and its controller
+    still holds the run when the job resumes elsewhere: when it ends the run as orphaned
+    (its session timeout), after the second controller shipped into the MLflow run, it
+    replaced that run's files with its own part and set the run KILLED while it trained
+    on. Now it sees the other journal's tag and leaves the run's files and end to it."""
+    first = ControllerProc(str(short_dir / "a.sock"), str(short_dir / "a" / "state"),
+                           extra=["--session-timeout", "2"], audit=True)
+    (short_dir / "a").mkdir(mode=0o700)
+    controllers.append(first)
+    first.start()
+    run = mlflow.start_run(run_name="moved-twice")
+    run_id = run.info.run_id
+    ctl = lrctl.attach(torch.optim.SGD([torch.nn.Parameter(torch.ones(2))], lr=0.1),
+                       policy=POLICY, sync=True, spawn=False, socket=first.socket)
+    _train(ctl, range(120), FIRST_SPIKES)
+    key, state = ctl.run_key, ctl.state_dict()
+    before = _journal(first, key)
+    _until(lambda: _records(_artifact(store, run_id, "lrctl/decisions.jsonl")) == before,
+           "the first controller's decisions in MLflow")
+    assert first.proc is not None
+    os.kill(first.proc.pid, signal.SIGSTOP)  # (its session timeout held until the end)
+    try:
+        assert ctl._link is not None
+        ctl._link.close(bye=False)  # the node's process is gone: no goodbye
+        mlflow.end_run()
+        second = _controller(short_dir / "b", controllers)
+        mlflow.start_run(run_id=run_id)
+        ctl = lrctl.attach(torch.optim.SGD([torch.nn.Parameter(torch.ones(2))], lr=0.1),
+                           policy=POLICY, sync=True, spawn=False, socket=second.socket,
+                           resume=state)
+        _train(ctl, range(120, 260), SECOND_SPIKES)
+        everything = before + _journal(second, key)
+        _until(lambda: _records(_artifact(store, run_id, "lrctl/decisions.jsonl"))
+               == everything, "the second controller's files")
+    finally:
+        os.kill(first.proc.pid, signal.SIGCONT)
+    first_paths = RunPaths.of(first.state_dir, key)
+    _until(lambda: read_json(first_paths.cursor, {}).get("finished"),
+           "the first controller to end its part as orphaned")
+    assert read_json(first_paths.cursor)["superseded"]
+    assert _records(_artifact(store, run_id, "lrctl/decisions.jsonl")) == everything
+    assert store.get_run(run_id).info.status == "RUNNING"  # the job trains on elsewhere
+    assert "lrctl.end_reason" not in store.get_run(run_id).data.tags
+    ctl.close()
+    mlflow.end_run()
+    paths = RunPaths.of(second.state_dir, key)
+    _until(lambda: _shipped(paths), "the second controller to ship the run's end")
+    assert _records(_artifact(store, run_id, "lrctl/decisions.jsonl")) == everything
+    tags = store.get_run(run_id).data.tags
+    assert tags["lrctl.decisions"] == "8"
+    assert "8 decisions: 4 backoff, 4 skip" in tags["mlflow.note.content"]
+    assert store.get_run(run_id).info.status == "FINISHED"
