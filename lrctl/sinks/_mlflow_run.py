@@ -15,15 +15,15 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
-from mlflow.entities import Metric, Param, RunTag
+from mlflow.entities import Metric, RunTag
 from mlflow.exceptions import MlflowException
 
 from ..policy._base import float_from_json
 from ..policy._decision import record_ratio as decision_ratio
+from ._mlflow_policy import batches, log_policy
 from ._mlflow_views import (
     EXPERIMENT_KIND,
     JOURNAL_TAG,
@@ -34,11 +34,7 @@ from ._mlflow_views import (
 )
 from ._ship_state import TIMELINE_DUE, Experiments, RunState
 from .journal import DISCARDED, JournalLine, discarded_end
-from .mlflow_sink import (
-    MAX_METRICS_PER_BATCH,
-    MAX_PARAMS_TAGS_PER_BATCH,
-    MAX_TAG_CHARS,
-)
+from .mlflow_sink import MAX_METRICS_PER_BATCH, MAX_PARAMS_TAGS_PER_BATCH, MAX_TAG_CHARS
 from .sampling import DECISION, event_key
 
 __all__ = ["RunShipper"]
@@ -48,7 +44,6 @@ log = logging.getLogger("lrctl.sinks.mlflow")
 CONTINUED_IN = "lrctl.continued_in"  # on a run left for another: the run followed
 END_REASON = "lrctl.end_reason"  # why lrctl ended a run that it did not finish
 _TAG_ROOM = 8  # tags of a batch count towards MLflow's 1 000 entities
-_BAD_PARAM_CHARS = re.compile(r"[^A-Za-z0-9_\-. /:]")
 
 
 class RunShipper:
@@ -228,7 +223,7 @@ class RunShipper:
             tags[JOURNAL_TAG] = self.views.journal_id()  # it ships here now (superseded())
         # One call: the tags ride with the (last) metrics.
         run_tags = [RunTag(k, v) for k, v in tags.items()]
-        chunks = list(_chunks(metrics, MAX_METRICS_PER_BATCH - len(run_tags))) or [[]]
+        chunks = list(batches(metrics, MAX_METRICS_PER_BATCH - len(run_tags))) or [[]]
         for i, chunk in enumerate(chunks):
             final = i == len(chunks) - 1
             if chunk or (final and run_tags):
@@ -252,7 +247,7 @@ class RunShipper:
             elif kind == "resume":
                 self._resume()
             elif kind == "policy":
-                self._policy(line.record)
+                log_policy(self.client, self.st, self.views, line.record)
         if events:
             self._upload_prefix("events", events[-1].end, "lrctl/policy_events.jsonl")
         st.ack("events", events)
@@ -274,53 +269,6 @@ class RunShipper:
             if line.record.get("event") == "end" or len(out) >= MAX_PARAMS_TAGS_PER_BATCH // 4:
                 break
         return out
-
-    def _policy(self, rec: dict[str, Any]) -> None:
-        sha = str(rec.get("policy_sha256", ""))
-        version = int(rec.get("policy_version", 1))
-        self.views.fold_policy(rec)
-        try:
-            text = self.st.paths.policy_file(str(rec.get("policy_file", sha))).read_text(
-                encoding="utf-8")
-        except (OSError, ValueError):
-            text = None
-        if text is not None:
-            self.client.log_text(self.run_id, text, "lrctl/policy.yaml")
-            self.client.log_text(self.run_id, text, f"lrctl/policies/v{version}-{sha[:12]}.yaml")
-        tags = {"lrctl.policy_sha256": sha, "lrctl.policy": str(rec.get("policy_source", "")),
-                "lrctl.policy_version": str(version)}
-        # As params too, so that runs compare by policy (a param keeps its first value:
-        # the policy the run started with; the tags follow reloads).
-        self._params({"policy_sha256": sha, "policy": str(rec.get("policy_source", "")),
-                      **(rec.get("params") or {})},
-                     [RunTag(k, v[:MAX_TAG_CHARS]) for k, v in tags.items()])
-
-    def _params(self, params: dict[str, Any], tags: list[RunTag]) -> None:
-        """Knobs as params, with ``tags`` in the first call. MLflow params cannot change,
-        so a reload that changes a knob keeps the first value as the param; every
-        version is in the policy artifacts. Params MLflow refuses are left out (logged);
-        the tags go all the same."""
-        logged: dict[str, str] = self.st.cursor["params"]
-        new = {}
-        for k, v in params.items():
-            key = _param_key(str(k))
-            if key not in logged:
-                new[key] = str(v)
-        items = list(new.items())
-        first = MAX_PARAMS_TAGS_PER_BATCH - len(tags)
-        for chunk, with_tags in [(items[:first], tags),
-                                 *((c, []) for c in _chunks(items[first:],
-                                                           MAX_PARAMS_TAGS_PER_BATCH))]:
-            try:
-                self.client.log_batch(self.run_id, params=[Param(k, v) for k, v in chunk],
-                                      tags=with_tags)
-            except MlflowException as exc:
-                if exc.error_code != "INVALID_PARAMETER_VALUE" or not chunk:
-                    raise
-                log.warning("lrctl: run %s: params not logged: %s", self.st.paths.run_key, exc)
-                if with_tags:
-                    self.client.log_batch(self.run_id, tags=with_tags)
-        logged.update(new)
 
     def refresh_views(self, *, catch_up: bool = False) -> None:
         """After a shipping round: the decisions files if due (if behind at all when
@@ -420,13 +368,3 @@ def _summary(rec: dict[str, Any]) -> str:
     text = (f"step {rec.get('step')}: {rec.get('policy')} {rec.get('action')} "
             f"x{ratio:.4g} - {rec.get('reason', '')}")
     return text[:MAX_TAG_CHARS]
-
-
-def _param_key(key: str) -> str:
-    key = key if key.startswith("lrctl") else f"lrctl.{key}"
-    return _BAD_PARAM_CHARS.sub("_", key)[:250]
-
-
-def _chunks(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
-    for i in range(0, len(items), size):
-        yield items[i:i + size]
