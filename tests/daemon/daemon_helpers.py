@@ -89,6 +89,16 @@ class ControllerProc:
             self.proc.wait(10)
 
 
+def until(what: Callable[[], Any], why: str, deadline_s: float = 90.0) -> Any:
+    """``what()``'s first truthy answer, looked at every 0.1 s; fails after ``deadline_s``
+    (a hang), saying what it waited for."""
+    deadline = time.monotonic() + deadline_s
+    while not (got := what()):
+        assert time.monotonic() < deadline, f"timed out waiting for {why}"
+        threading.Event().wait(0.1)
+    return got
+
+
 def losses(n: int, seed: int = 0, spikes: tuple[int, ...] = ()) -> list[float]:
     """A deterministic, noisy, decaying loss curve with optional spikes and a NaN."""
     import random

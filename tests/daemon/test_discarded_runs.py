@@ -13,21 +13,18 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import threading
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
-from daemon_helpers import POLICIES, ControllerProc
+from daemon_helpers import POLICIES, ControllerProc, until
 from mlflow.entities import ViewType
 from mlflow.tracking import MlflowClient
 
 import lrctl
 
-DEADLINE_S = 90.0
 POLICY = str(POLICIES / "default.yaml")
 
 
@@ -46,14 +43,6 @@ def store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
 
 def _opt() -> torch.optim.Optimizer:
     return torch.optim.SGD([torch.nn.Parameter(torch.ones(3))], lr=0.1)
-
-
-def _until(what: Callable[[], Any], why: str) -> Any:
-    deadline = time.monotonic() + DEADLINE_S
-    while not (got := what()):
-        assert time.monotonic() < deadline, f"timed out waiting for {why}"
-        threading.Event().wait(0.1)
-    return got
 
 
 def _runs(client: MlflowClient, view: int = ViewType.ACTIVE_ONLY) -> list[Any]:
@@ -99,9 +88,9 @@ def test_a_scheduler_resume_leaves_no_empty_run(store: MlflowClient) -> None:
         opt.step()
         scheduler.step(1.0 - 0.01 * i)
     scheduler.close()
-    _until(lambda: _finished(store, key), "the resumed run to finish in MLflow")
+    until(lambda: _finished(store, key), "the resumed run to finish in MLflow")
     # The empty run: journaled as discarded, not listed, and not in MLflow's UI.
-    _until(lambda: [r["run"] for r in _journal_runs()] == [key], "runs --all: one run")
+    until(lambda: [r["run"] for r in _journal_runs()] == [key], "runs --all: one run")
     active = _runs(store)
     assert [(r.data.tags.get("lrctl.run_key"), r.info.run_name) for r in active] == [
         (key, "first")]
@@ -121,19 +110,19 @@ def test_an_empty_run_mlflow_had_seen_is_deleted(store: MlflowClient) -> None:
 
     def created() -> list[Any]:
         return [r for r in _runs(store) if r.data.tags.get("lrctl.run_key") == empty]
-    [seen] = _until(created, "the empty run's MLflow run")
+    [seen] = until(created, "the empty run's MLflow run")
     empty_state = ctl.state_dict()
     ctl.load_state_dict(state["lrctl"])  # (the hook's state, in the scheduler's)
     assert ctl.run_key == key
     ctl.step(0.5)
     opt.step()
     ctl.close()
-    _until(lambda: store.get_run(seen.info.run_id).info.lifecycle_stage == "deleted",
+    until(lambda: store.get_run(seen.info.run_id).info.lifecycle_stage == "deleted",
            "the empty run's deletion")
-    _until(lambda: _finished(store, key), "the resumed run to finish in MLflow")
+    until(lambda: _finished(store, key), "the resumed run to finish in MLflow")
     assert [r.data.tags.get("lrctl.run_key") for r in _runs(store)] == [key]
     # (The journal's file may take its end line a moment after the shipper had it.)
-    _until(lambda: [r["run"] for r in _journal_runs()] == [key], "runs --all: one run")
+    until(lambda: [r["run"] for r in _journal_runs()] == [key], "runs --all: one run")
     # Its key back (resumed from a state taken before it was discarded) is a run again: a
     # new MLflow run (MLflow refused every write into the deleted one, for good).
     opt = _opt()
@@ -142,10 +131,10 @@ def test_an_empty_run_mlflow_had_seen_is_deleted(store: MlflowClient) -> None:
         for i in range(5):
             back.step(1.0 - 0.01 * i)
             opt.step()
-    _until(lambda: _finished(store, empty), "the discarded key's new run to finish")
+    until(lambda: _finished(store, empty), "the discarded key's new run to finish")
     [again] = [r for r in _runs(store) if r.data.tags.get("lrctl.run_key") == empty]
     assert again.info.run_id != seen.info.run_id and again.data.metrics
-    _until(lambda: sorted(r["run"] for r in _journal_runs()) == sorted([key, empty]),
+    until(lambda: sorted(r["run"] for r in _journal_runs()) == sorted([key, empty]),
            "runs --all: both runs")
 
 
@@ -163,15 +152,15 @@ def test_a_run_with_steps_is_never_discarded(store: MlflowClient, how: str) -> N
         opt.step()
     key = ctl.run_key
     ctl.close(end_run=how == "by key after its end")
-    _until(lambda: any(r.data.tags.get("lrctl.run_key") == key for r in _runs(store)),
+    until(lambda: any(r.data.tags.get("lrctl.run_key") == key for r in _runs(store)),
            "the run in MLflow")
     resume = key if how == "by key after its end" else before
     lrctl.attach(_opt(), policy=POLICY, spawn=False, resume=resume, start_step=30,
                  timeout=30.0).close()
-    _until(lambda: _finished(store, key), "the run to finish in MLflow")
+    until(lambda: _finished(store, key), "the run to finish in MLflow")
     [run] = [r for r in _runs(store) if r.data.tags.get("lrctl.run_key") == key]
     assert run.info.lifecycle_stage == "active" and run.data.metrics
-    _until(lambda: [r["run"] for r in _journal_runs()] == [key], "runs --all: the run")
+    until(lambda: [r["run"] for r in _journal_runs()] == [key], "runs --all: the run")
 
 
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")
@@ -184,7 +173,7 @@ def test_decisions_by_name_skip_the_discarded_run(store: MlflowClient) -> None:
     empty = scheduler.controller.run_key or ""
     scheduler.load_state_dict(state)
     scheduler.close()
-    _until(lambda: [r["run"] for r in _journal_runs()] == [key], "runs --all: one run")
+    until(lambda: [r["run"] for r in _journal_runs()] == [key], "runs --all: one run")
     out = subprocess.run([sys.executable, "-m", "lrctl", "decisions", "first"],
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr

@@ -17,23 +17,20 @@ import gc
 import json
 import os
 import signal
-import threading
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import mlflow
 import pytest
 import torch
-from daemon_helpers import POLICIES, ControllerProc
+from daemon_helpers import POLICIES, ControllerProc, until
 from mlflow.tracking import MlflowClient
 from mlflow.utils.file_utils import local_file_uri_to_path
 
 import lrctl
 from lrctl.sinks.journal import RunPaths, atomic_write_json, read_json, read_lines
 
-DEADLINE_S = 90.0
 POLICY = str(POLICIES / "default.yaml")
 FIRST_SPIKES, SECOND_SPIKES = (60, 100), (170, 230)  # each: a skip and a back-off
 
@@ -61,18 +58,21 @@ def _controller(root: Path, controllers: list[ControllerProc]) -> ControllerProc
     return proc.start()
 
 
+def _resumed_on(root: Path, controllers: list[ControllerProc], run_id: str,
+                state: dict[str, Any]) -> tuple[ControllerProc, lrctl.Controller]:
+    """The job resumed on "another node": another controller, another state directory,
+    the same MLflow run."""
+    proc = _controller(root, controllers)
+    mlflow.start_run(run_id=run_id)
+    ctl = lrctl.attach(torch.optim.SGD([torch.nn.Parameter(torch.ones(2))], lr=0.1),
+                       policy=POLICY, sync=True, spawn=False, socket=proc.socket, resume=state)
+    return proc, ctl
+
+
 def _train(ctl: lrctl.Controller, steps: range, spikes: tuple[int, ...]) -> None:
     for t in steps:
         loss = 2.0 / (1 + t / 50) + 0.01 * (t * 7919 % 13) / 13
         ctl.step(loss * 40 if t in spikes else loss, grad_norm=1.0)
-
-
-def _until(what: Callable[[], Any], why: str) -> Any:
-    deadline = time.monotonic() + DEADLINE_S
-    while not (got := what()):
-        assert time.monotonic() < deadline, f"timed out waiting for {why}"
-        threading.Event().wait(0.1)
-    return got
 
 
 def _artifact(client: MlflowClient, run_id: str, path: str) -> bytes:
@@ -113,17 +113,13 @@ def test_a_run_continued_from_another_state_dir_keeps_every_decision_in_mlflow(
     before = _journal(first, key)
     assert [(r["step"], r["action"]) for r in before] == [
         (60, "skip"), (60, "backoff"), (100, "skip"), (100, "backoff")]
-    _until(lambda: _records(_artifact(store, run_id, "lrctl/decisions.jsonl")) == before,
+    until(lambda: _records(_artifact(store, run_id, "lrctl/decisions.jsonl")) == before,
            "the first controller's decisions in MLflow")
     first.stop()
     mlflow.end_run()
 
     # Resumed on "another node": another controller, another state directory.
-    second = _controller(short_dir / "b", controllers)
-    mlflow.start_run(run_id=run_id)
-    ctl = lrctl.attach(torch.optim.SGD([torch.nn.Parameter(torch.ones(2))], lr=0.1),
-                       policy=POLICY, sync=True, spawn=False, socket=second.socket,
-                       resume=state)
+    second, ctl = _resumed_on(short_dir / "b", controllers, run_id, state)
     assert ctl.run_key == key
     _train(ctl, range(120, 260), SECOND_SPIKES)
     ctl.close()
@@ -134,7 +130,7 @@ def test_a_run_continued_from_another_state_dir_keeps_every_decision_in_mlflow(
     everything = before + after
 
     paths = RunPaths.of(second.state_dir, key)
-    _until(lambda: _shipped(paths), "the second controller to ship the run's end")
+    until(lambda: _shipped(paths), "the second controller to ship the run's end")
     assert _records(_artifact(store, run_id, "lrctl/decisions.jsonl")) == everything
     table = json.loads(_artifact(store, run_id, "lrctl/decisions_table.json"))["data"]
     # Each decision exactly once, in step order, in the file, the table and the metrics.
@@ -165,7 +161,7 @@ def test_a_run_continued_from_another_state_dir_keeps_every_decision_in_mlflow(
         "run_id", "created", "experiment_id", "kind_checked")} | {
         "streams": {}, "params": {}, "decision_ts": 0})
     second.start()
-    _until(lambda: _shipped(paths), "the replay")
+    until(lambda: _shipped(paths), "the replay")
     second.stop()
     for path, data in snapshot.items():
         assert _artifact(store, run_id, path) == data, path
@@ -199,7 +195,7 @@ def test_the_first_controller_leaves_a_run_continued_elsewhere_alone(
     _train(ctl, range(120), FIRST_SPIKES)
     key, state = ctl.run_key, ctl.state_dict()
     before = _journal(first, key)
-    _until(lambda: _records(_artifact(store, run_id, "lrctl/decisions.jsonl")) == before,
+    until(lambda: _records(_artifact(store, run_id, "lrctl/decisions.jsonl")) == before,
            "the first controller's decisions in MLflow")
     assert first.proc is not None
     os.kill(first.proc.pid, signal.SIGSTOP)  # (its session timeout held until the end)
@@ -207,19 +203,15 @@ def test_the_first_controller_leaves_a_run_continued_elsewhere_alone(
         assert ctl._link is not None
         ctl._link.close(bye=False)  # the node's process is gone: no goodbye
         mlflow.end_run()
-        second = _controller(short_dir / "b", controllers)
-        mlflow.start_run(run_id=run_id)
-        ctl = lrctl.attach(torch.optim.SGD([torch.nn.Parameter(torch.ones(2))], lr=0.1),
-                           policy=POLICY, sync=True, spawn=False, socket=second.socket,
-                           resume=state)
+        second, ctl = _resumed_on(short_dir / "b", controllers, run_id, state)
         _train(ctl, range(120, 260), SECOND_SPIKES)
         everything = before + _journal(second, key)
-        _until(lambda: _records(_artifact(store, run_id, "lrctl/decisions.jsonl"))
+        until(lambda: _records(_artifact(store, run_id, "lrctl/decisions.jsonl"))
                == everything, "the second controller's files")
     finally:
         os.kill(first.proc.pid, signal.SIGCONT)
     first_paths = RunPaths.of(first.state_dir, key)
-    _until(lambda: read_json(first_paths.cursor, {}).get("finished"),
+    until(lambda: read_json(first_paths.cursor, {}).get("finished"),
            "the first controller to end its part as orphaned")
     assert read_json(first_paths.cursor)["superseded"]
     assert _records(_artifact(store, run_id, "lrctl/decisions.jsonl")) == everything
@@ -228,7 +220,7 @@ def test_the_first_controller_leaves_a_run_continued_elsewhere_alone(
     ctl.close()
     mlflow.end_run()
     paths = RunPaths.of(second.state_dir, key)
-    _until(lambda: _shipped(paths), "the second controller to ship the run's end")
+    until(lambda: _shipped(paths), "the second controller to ship the run's end")
     assert _records(_artifact(store, run_id, "lrctl/decisions.jsonl")) == everything
     tags = store.get_run(run_id).data.tags
     assert tags["lrctl.decisions"] == "8"
