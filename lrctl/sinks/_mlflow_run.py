@@ -33,7 +33,7 @@ from ._mlflow_views import (
     mark_training,
 )
 from ._ship_state import TIMELINE_DUE, Experiments, RunState
-from .journal import DISCARDED, JournalLine, discarded_end
+from .journal import DISCARDED, JournalLine, discarded_end, read_lines
 from .mlflow_sink import MAX_METRICS_PER_BATCH, MAX_PARAMS_TAGS_PER_BATCH, MAX_TAG_CHARS
 from .sampling import DECISION, event_key
 
@@ -114,11 +114,16 @@ class RunShipper:
         leave two MLflow runs for one training run. Its experiment is tagged as
         model training once (see :func:`mark_training`; once per worker and experiment).
         """
-        if self.st.cursor.get("ended") == "DELETED":
+        back = self.st.cursor.get("ended") == "DELETED"
+        if back:
             # Deleted at a discard (see _finish) and now back (its key resumed): a new
-            # MLflow run, as for a new run (a search by its key finds no deleted one).
-            for key in ("run_id", "created", "experiment_id", "kind_checked", "ended"):
+            # MLflow run, as for a new run (a search by its key finds no deleted one),
+            # with nothing of what the deleted one was sent counted as sent.
+            for key in ("run_id", "created", "experiment_id", "kind_checked", "ended",
+                        "tagged", "note", "snapshot", "table_registered", SUPERSEDED):
                 self.st.cursor.pop(key, None)
+            self.st.cursor["params"] = {}
+            self._views = None
         if self.st.cursor.get("run_id"):
             if not self.st.cursor.get("kind_checked"):  # a cursor from an older lrctl
                 if not self.st.cursor.get("experiment_id"):
@@ -135,6 +140,16 @@ class RunShipper:
             exp_id, run_id = self._created_run(target)
             self.st.cursor.update(run_id=run_id, created=True, experiment_id=exp_id)
         self._mark_training()
+        if back:  # its policy went to the deleted run: the new one gets it too
+            shipped = self.st.streams["events"].acked_offset
+            policy = None
+            for line in read_lines(self.st.paths.stream("events")):
+                if line.end > shipped:
+                    break
+                if line.record.get("event") == "policy":
+                    policy = line.record
+            if policy is not None:
+                log_policy(self.client, self.st, self.views, policy)
 
     def _mark_training(self) -> None:
         exp_id = str(self.st.cursor["experiment_id"])

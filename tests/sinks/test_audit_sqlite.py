@@ -196,6 +196,34 @@ def test_a_discarded_run_mlflow_had_seen_gets_no_new_run_from_a_later_nudge(
     assert [r.info.run_id for r in runs] == [seen]
 
 
+def test_a_discarded_run_whose_key_comes_back_gets_its_policy_in_the_new_mlflow_run(
+        workdir: Path, tmp_path: Path) -> None:
+    """The key of a run discarded after MLflow had seen it resumes: its new MLflow run
+    had no policy tags, no params and no lrctl/policy.yaml (all sent to the deleted run,
+    and counted as sent)."""
+    state = tmp_path / "state"
+    shipper = MlflowShipper(state, flush_interval=0.2, backoff_max=0.5, timeline=False)
+    sink = AuditSink(state, FAST, shipper=shipper, env={})
+    sink.open_run(run_info("d2", cwd=str(workdir)))
+    assert sink.flush(60)
+    deleted = mlflow_run_id(state, "d2")
+    sink.discard_run("d2")
+    assert sink.flush(60)
+    sink.open_run(run_info("d2", cwd=str(workdir)))  # the key resumes, the same policy
+    drive(sink, "d2", range(40), [0.1, 0.01], every=10)
+    sink.close_run("d2")
+    assert sink.flush(60)
+    sink.close()
+    client = MlflowClient(sqlite_uri(workdir))
+    run_id = mlflow_run_id(state, "d2")
+    assert run_id != deleted
+    run = client.get_run(run_id)
+    assert run.info.lifecycle_stage == "active"
+    assert {"lrctl.policy_sha256", "lrctl.policy", "lrctl.journal"} <= set(run.data.tags)
+    assert {"lrctl.policy_sha256", "lrctl.policy"} <= set(run.data.params)
+    assert "lrctl/policy.yaml" in {f.path for f in client.list_artifacts(run_id, "lrctl")}
+
+
 def test_backlog_is_replayed_by_the_next_controller_exactly_once(
         workdir: Path, tmp_path: Path) -> None:
     state = tmp_path / "state"
