@@ -51,11 +51,22 @@ def store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[MlflowCli
             mlflow.end_run()
 
 
-def _controller(root: Path, controllers: list[ControllerProc]) -> ControllerProc:
+def _controller(root: Path, controllers: list[ControllerProc],
+                extra: list[str] | None = None) -> ControllerProc:
     root.mkdir(mode=0o700)
-    proc = ControllerProc(str(root / "c.sock"), str(root / "state"), audit=True)
+    proc = ControllerProc(str(root / "c.sock"), str(root / "state"), extra=extra, audit=True)
     controllers.append(proc)  # (killed at the end whatever happens)
     return proc.start()
+
+
+def _first_part(first: ControllerProc, name: str) -> tuple[str, lrctl.Controller]:
+    """The job's first 120 steps (two spikes) on ``first``, in a new MLflow run of the
+    script's: that run's id, and the hook (still attached)."""
+    run_id = mlflow.start_run(run_name=name).info.run_id
+    ctl = lrctl.attach(torch.optim.SGD([torch.nn.Parameter(torch.ones(2))], lr=0.1),
+                       policy=POLICY, sync=True, spawn=False, socket=first.socket)
+    _train(ctl, range(120), FIRST_SPIKES)
+    return run_id, ctl
 
 
 def _resumed_on(root: Path, controllers: list[ControllerProc], run_id: str,
@@ -103,11 +114,7 @@ def _journal(proc: ControllerProc, key: str, stream: str = "decisions") -> list[
 def test_a_run_continued_from_another_state_dir_keeps_every_decision_in_mlflow(
         store: MlflowClient, short_dir: Path, controllers: list[ControllerProc]) -> None:
     first = _controller(short_dir / "a", controllers)
-    run = mlflow.start_run(run_name="moved")
-    run_id = run.info.run_id
-    ctl = lrctl.attach(torch.optim.SGD([torch.nn.Parameter(torch.ones(2))], lr=0.1),
-                       policy=POLICY, sync=True, spawn=False, socket=first.socket)
-    _train(ctl, range(120), FIRST_SPIKES)
+    run_id, ctl = _first_part(first, "moved")
     key, state = ctl.run_key, ctl.state_dict()
     ctl.close(end_run=False)  # the node goes away with the job: the run goes on elsewhere
     before = _journal(first, key)
@@ -183,16 +190,8 @@ def test_the_first_controller_leaves_a_run_continued_elsewhere_alone(
     (its session timeout), after the second controller shipped into the MLflow run, it
     replaced that run's files with its own part and set the run KILLED while it trained
     on. Now it sees the other journal's tag and leaves the run's files and end to it."""
-    first = ControllerProc(str(short_dir / "a.sock"), str(short_dir / "a" / "state"),
-                           extra=["--session-timeout", "2"], audit=True)
-    (short_dir / "a").mkdir(mode=0o700)
-    controllers.append(first)
-    first.start()
-    run = mlflow.start_run(run_name="moved-twice")
-    run_id = run.info.run_id
-    ctl = lrctl.attach(torch.optim.SGD([torch.nn.Parameter(torch.ones(2))], lr=0.1),
-                       policy=POLICY, sync=True, spawn=False, socket=first.socket)
-    _train(ctl, range(120), FIRST_SPIKES)
+    first = _controller(short_dir / "a", controllers, ["--session-timeout", "2"])
+    run_id, ctl = _first_part(first, "moved-twice")
     key, state = ctl.run_key, ctl.state_dict()
     before = _journal(first, key)
     until(lambda: _records(_artifact(store, run_id, "lrctl/decisions.jsonl")) == before,
