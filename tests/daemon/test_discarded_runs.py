@@ -22,6 +22,7 @@ import torch
 from daemon_helpers import POLICIES, ControllerProc, until
 from mlflow.entities import ViewType
 from mlflow.tracking import MlflowClient
+from sqlite_store import made_sqlite_store
 
 import lrctl
 
@@ -32,11 +33,9 @@ POLICY = str(POLICIES / "default.yaml")
 def store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
           make_controller: Callable[..., ControllerProc]) -> MlflowClient:
     """A sqlite store made once, here, before the controller (its shipper) opens it."""
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
-    client = MlflowClient(uri)
-    client.search_experiments()
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     monkeypatch.chdir(tmp_path)
+    uri, client = made_sqlite_store(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     make_controller(audit=True)
     return client
 

@@ -27,6 +27,7 @@ import torch
 from daemon_helpers import POLICIES, ControllerProc, until
 from mlflow.tracking import MlflowClient
 from mlflow.utils.file_utils import local_file_uri_to_path
+from sqlite_store import made_sqlite_store
 
 import lrctl
 from lrctl.sinks.journal import RunPaths, atomic_write_json, read_json, read_lines
@@ -39,11 +40,9 @@ FIRST_SPIKES, SECOND_SPIKES = (60, 100), (170, 230)  # each: a skip and a back-o
 def store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[MlflowClient]:
     """A sqlite store made here, from a working directory of the test's own (where
     MLflow puts the default experiment's artifacts); the script's run ended at the end."""
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     monkeypatch.chdir(tmp_path)
-    client = MlflowClient(uri)
-    client.search_experiments()
+    uri, client = made_sqlite_store(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     try:
         yield client
     finally:

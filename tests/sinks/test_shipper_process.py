@@ -25,6 +25,7 @@ import torch
 from live_controller import LiveController, live_controller
 from mlflow.tracking import MlflowClient
 from sinks_helpers import assert_exactly_once, mlflow_run_id, run_info
+from sqlite_store import made_sqlite_store
 
 import lrctl
 from lrctl.cli import main
@@ -69,7 +70,7 @@ def _finished(client: MlflowClient, state: Path, key: str) -> Callable[[], bool]
 
 
 def _sqlite_env(workdir: Path) -> tuple[str, dict[str, str]]:
-    uri = f"sqlite:///{workdir / 'mlflow.db'}"
+    uri, _ = made_sqlite_store(workdir)
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
     return uri, env
 
