@@ -15,11 +15,13 @@ from typing import Any
 from mlflow.entities import Param, RunTag
 from mlflow.exceptions import MlflowException
 
+from ._mlflow_files import RunFiles
 from ._mlflow_views import RunViews
 from ._ship_state import RunState
+from .journal import read_lines
 from .mlflow_sink import MAX_PARAMS_TAGS_PER_BATCH, MAX_TAG_CHARS
 
-__all__ = ["batches", "log_params", "log_policy"]
+__all__ = ["batches", "log_params", "log_policy", "log_policy_files", "shipped_policies"]
 
 log = logging.getLogger("lrctl.sinks.mlflow")
 
@@ -29,18 +31,10 @@ _BAD_PARAM_CHARS = re.compile(r"[^A-Za-z0-9_\-. /:]")
 def log_policy(client: Any, st: RunState, views: RunViews, rec: dict[str, Any]) -> None:
     """A ``policy`` event of the journal (the run's start, a reload): the file, the tags,
     the params."""
-    run_id = str(st.cursor["run_id"])
     sha = str(rec.get("policy_sha256", ""))
     version = int(rec.get("policy_version", 1))
     views.fold_policy(rec)
-    try:
-        text = st.paths.policy_file(str(rec.get("policy_file", sha))).read_text(
-            encoding="utf-8")
-    except (OSError, ValueError):
-        text = None
-    if text is not None:
-        client.log_text(run_id, text, "lrctl/policy.yaml")
-        client.log_text(run_id, text, f"lrctl/policies/v{version}-{sha[:12]}.yaml")
+    log_policy_files(client, st, views.files, rec)
     tags = {"lrctl.policy_sha256": sha, "lrctl.policy": str(rec.get("policy_source", "")),
             "lrctl.policy_version": str(version)}
     # As params too, so that runs compare by policy (a param keeps its first value:
@@ -48,6 +42,37 @@ def log_policy(client: Any, st: RunState, views: RunViews, rec: dict[str, Any]) 
     log_params(client, st, {"policy_sha256": sha, "policy": str(rec.get("policy_source", "")),
                             **(rec.get("params") or {})},
                [RunTag(k, v[:MAX_TAG_CHARS]) for k, v in tags.items()])
+
+
+def log_policy_files(client: Any, st: RunState, files: RunFiles, rec: dict[str, Any]) -> None:
+    """The policy file of a ``policy`` event, as ``lrctl/policy.yaml`` and under its
+    version (a file operation: see :mod:`._mlflow_files`)."""
+    run_id = str(st.cursor["run_id"])
+    sha = str(rec.get("policy_sha256", ""))
+    try:
+        text = st.paths.policy_file(str(rec.get("policy_file", sha))).read_text(
+            encoding="utf-8")
+    except (OSError, ValueError):
+        return
+    version = int(rec.get("policy_version", 1))
+
+    def upload() -> None:
+        client.log_text(run_id, text, "lrctl/policy.yaml")
+        client.log_text(run_id, text, f"lrctl/policies/v{version}-{sha[:12]}.yaml")
+
+    files.attempt("the policy file", upload)
+
+
+def shipped_policies(st: RunState) -> list[dict[str, Any]]:
+    """The run's ``policy`` events MLflow acknowledged, in order."""
+    shipped = st.streams["events"].acked_offset
+    out = []
+    for line in read_lines(st.paths.stream("events")):
+        if line.end > shipped:
+            break
+        if line.record.get("event") == "policy":
+            out.append(line.record)
+    return out
 
 
 def log_params(client: Any, st: RunState, params: dict[str, Any], tags: list[RunTag]) -> None:

@@ -23,7 +23,9 @@ from mlflow.exceptions import MlflowException
 
 from ..policy._base import float_from_json
 from ..policy._decision import record_ratio as decision_ratio
-from ._mlflow_policy import batches, log_policy
+from ._mlflow_files import RunFiles
+from ._mlflow_policy import batches, log_policy, log_policy_files, shipped_policies
+from ._mlflow_prior import POLICY_EVENTS
 from ._mlflow_views import (
     EXPERIMENT_KIND,
     JOURNAL_TAG,
@@ -33,7 +35,7 @@ from ._mlflow_views import (
     mark_training,
 )
 from ._ship_state import TIMELINE_DUE, Experiments, RunState
-from .journal import DISCARDED, JournalLine, discarded_end, read_lines
+from .journal import DISCARDED, JournalLine, discarded_end
 from .mlflow_sink import MAX_METRICS_PER_BATCH, MAX_PARAMS_TAGS_PER_BATCH, MAX_TAG_CHARS
 from .sampling import DECISION, event_key
 
@@ -51,12 +53,14 @@ class RunShipper:
 
     def __init__(self, client: Any, state: RunState, *, timeline: bool,
                  snapshot_interval: float = 60.0,
-                 experiments: Experiments | None = None) -> None:
+                 experiments: Experiments | None = None,
+                 files_backoff_max: float = 30.0) -> None:
         self.client = client
         self.st = state
         self.timeline = timeline
         self.snapshot_interval = snapshot_interval
         self.experiments = experiments if experiments is not None else Experiments()
+        self.files = RunFiles(state, files_backoff_max)
         self._views: RunViews | None = None
 
     @property
@@ -66,7 +70,8 @@ class RunShipper:
     @property
     def views(self) -> RunViews:
         if self._views is None:
-            self._views = RunViews(self.client, self.st, self.run_id, self.snapshot_interval)
+            self._views = RunViews(self.client, self.st, self.run_id, self.snapshot_interval,
+                                   self.files)
         return self._views
 
     def discarded_unseen(self, max_pending: int) -> bool:
@@ -141,15 +146,9 @@ class RunShipper:
             self.st.cursor.update(run_id=run_id, created=True, experiment_id=exp_id)
         self._mark_training()
         if back:  # its policy went to the deleted run: the new one gets it too
-            shipped = self.st.streams["events"].acked_offset
-            policy = None
-            for line in read_lines(self.st.paths.stream("events")):
-                if line.end > shipped:
-                    break
-                if line.record.get("event") == "policy":
-                    policy = line.record
-            if policy is not None:
-                log_policy(self.client, self.st, self.views, policy)
+            policies = shipped_policies(self.st)
+            if policies:
+                log_policy(self.client, self.st, self.views, policies[-1])
 
     def _mark_training(self) -> None:
         exp_id = str(self.st.cursor["experiment_id"])
@@ -254,7 +253,7 @@ class RunShipper:
         for line in events:
             kind = line.record.get("event")
             if kind == "follow" and line.record.get("run_id") != self.run_id:
-                self._upload_prefix("events", line.end, "lrctl/policy_events.jsonl")
+                self._upload_prefix("events", line.end)
                 self._follow(str(line.record["run_id"]))
                 return True  # the whole journal again, into the run followed
             if kind == "end":
@@ -264,7 +263,7 @@ class RunShipper:
             elif kind == "policy":
                 log_policy(self.client, self.st, self.views, line.record)
         if events:
-            self._upload_prefix("events", events[-1].end, "lrctl/policy_events.jsonl")
+            self._upload_prefix("events", events[-1].end)
         st.ack("events", events)
         st.save()
         return True
@@ -289,6 +288,26 @@ class RunShipper:
         """After a shipping round: the decisions files if due (if behind at all when
         ``catch_up``), the description if it changed."""
         self.views.refresh(complete=catch_up)
+
+    def retry_files(self) -> None:
+        """The run's files after its artifact store failed them (see :mod:`._mlflow_files`):
+        each again, whole, from the journal; the mark cleared once all are stored."""
+        st = self.st
+        self.files.retried()
+        self.views.ensure_prior()
+        self.views.refresh(complete=True)
+        if not st.files_down and st.streams["events"].acked_offset:
+            self._upload_prefix("events", st.streams["events"].acked_offset)
+        for policy in shipped_policies(st) if not st.files_down else ():
+            log_policy_files(self.client, st, self.files, policy)
+        if st.files_down:
+            return
+        shipped = st.streams["decisions"].acked_seq
+        if shipped and self.views.prior.count("decisions") and not st.cursor.get(SUPERSEDED):
+            # Counted without the prior records while they were not known: the whole count.
+            self.client.set_tag(self.run_id, "lrctl.decisions",
+                                str(self.views.decisions_total(shipped)))
+        self.files.stored()
 
     def _follow(self, run_id: str) -> None:
         """The resumed job logs to another MLflow run: end this one (if it still runs,
@@ -354,6 +373,8 @@ class RunShipper:
         Drawing costs far more than shipping a run (a few hundred ms of CPU), so the
         worker draws only when no run has lines to ship: decisions never wait behind
         pictures. Until then the cursor keeps it due, across restarts."""
+        if self.st.files_down:
+            return  # drawn once the files are stored again (it stays due)
         if self.timeline and not self.views.superseded():
             png = self.st.paths.root / "timeline.png"
             prior = self.views.timeline_prior()  # (MLflow's calls: retried if they fail)
@@ -364,18 +385,24 @@ class RunShipper:
             except Exception as exc:  # a picture must not block the audit trail
                 log.warning("lrctl: run %s: timeline not drawn: %s", self.st.paths.run_key, exc)
             else:
-                self.client.log_artifact(self.run_id, str(png), "lrctl")
+                if not self.files.attempt("the timeline picture", lambda: (
+                        self.client.log_artifact(self.run_id, str(png), "lrctl"))):
+                    return  # (it stays due)
         self.st.cursor.pop(TIMELINE_DUE, None)
         self.st.save()
 
-    def _upload_prefix(self, stream: str, end: int, artifact_file: str) -> None:
-        """Upload the stream's first ``end`` bytes: everything acknowledged, whole, once more."""
+    def _upload_prefix(self, stream: str, end: int) -> None:
+        """Upload the events stream's first ``end`` bytes: everything acknowledged, whole,
+        once more (a file operation: see :mod:`._mlflow_files`)."""
         if self.views.superseded():
             return
-        prior = self.views.ensure_prior().data(stream)  # (what MLflow held before the journal)
+        prior = self.views.ensure_prior()  # (what MLflow held before the journal)
+        if not prior.checked:
+            return  # (not known: the file waits, see _mlflow_files)
         with open(self.st.paths.stream(stream), "rb") as f:
-            data = prior + f.read(end)
-        self.client.log_text(self.run_id, data.decode("utf-8"), artifact_file)
+            data = prior.data(stream) + f.read(end)
+        self.files.attempt(POLICY_EVENTS, lambda: self.client.log_text(
+            self.run_id, data.decode("utf-8"), POLICY_EVENTS))
 
 
 def _summary(rec: dict[str, Any]) -> str:

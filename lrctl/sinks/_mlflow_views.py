@@ -41,6 +41,7 @@ from typing import Any
 from mlflow.entities import RunTag
 from mlflow.exceptions import MlflowException
 
+from ._mlflow_files import RunFiles
 from ._mlflow_prior import DECISIONS_JSONL, Prior, prior_points
 from ._ship_state import RunState
 from .journal import read_lines
@@ -72,11 +73,12 @@ class RunViews:
     """The description, table and decisions file of one run (cursor-backed)."""
 
     def __init__(self, client: Any, state: RunState, run_id: str,
-                 snapshot_interval: float) -> None:
+                 snapshot_interval: float, files: RunFiles) -> None:
         self.client = client
         self.st = state
         self.run_id = run_id
         self.snapshot_interval = snapshot_interval
+        self.files = files
         self.prior = Prior(client, state, run_id)
         self._journal_id: str | None = None
         self.summary = RunSummary.from_json(state.cursor.get("summary"))
@@ -107,9 +109,10 @@ class RunViews:
     def ensure_prior(self) -> Prior:
         """The records the MLflow run held before this journal (looked at once per
         journal and MLflow run; see :mod:`._mlflow_prior`), counted by the description:
-        the look and the count are saved with the cursor together."""
-        if not self.prior.checked:
-            self.prior.check()
+        the look and the count are saved with the cursor together. A file operation:
+        not made while the run's files are down (see :mod:`._mlflow_files`)."""
+        if not self.prior.checked and self.files.attempt("a look at the run's files",
+                                                         self.prior.check):
             self.summary.add_prior(self.prior.records("decisions"))
             self.st.cursor["summary"] = self.summary.to_json()
             self.st.save()
@@ -206,16 +209,21 @@ class RunViews:
             return False
         due = (complete or acked - done >= done / _GROWTH
                or time.time() - float(snap.get("at", 0.0)) >= self.snapshot_interval)
-        if not due or self.superseded():
-            return False
+        if not due or self.superseded() or not self.prior.checked:
+            return False  # (the prior records unknown: the files wait, see _mlflow_files)
         with open(self.st.paths.stream("decisions"), "rb") as f:
             # whole lines: ``acked`` is where a line ends; those MLflow held before first
             data = self.prior.data("decisions") + f.read(acked)
         rows = [decision_row(json.loads(raw)) for raw in data.splitlines() if raw.strip()]
         table = json.dumps({"columns": list(TABLE_COLUMNS), "data": rows},
                            separators=(",", ":"), allow_nan=False)
-        self.client.log_text(self.run_id, table, DECISIONS_TABLE)
-        self.client.log_text(self.run_id, data.decode("utf-8"), DECISIONS_JSONL)
+
+        def upload() -> None:
+            self.client.log_text(self.run_id, table, DECISIONS_TABLE)
+            self.client.log_text(self.run_id, data.decode("utf-8"), DECISIONS_JSONL)
+
+        if not self.files.attempt("the decisions files", upload):
+            return False
         snap.update(offset=acked, at=time.time())
         return True
 

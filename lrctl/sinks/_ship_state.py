@@ -25,12 +25,15 @@ from .journal import (
     read_lines,
 )
 
-__all__ = ["TIMELINE_DUE", "Experiments", "RunState", "StreamState", "files_behind", "runs_behind"]
+__all__ = ["FILES_DOWN", "TIMELINE_DUE", "Experiments", "RunState", "StreamState",
+           "files_behind", "runs_behind"]
 
 log = logging.getLogger("lrctl.sinks")
 
 #: Cursor key: the run ended and its timeline picture is still to be drawn.
 TIMELINE_DUE = "timeline_due"
+#: Cursor key: why the run's artifact store failed its files; they wait (see _mlflow_files).
+FILES_DOWN = "files_down"
 
 
 def files_behind(cursor: dict[str, Any]) -> bool:
@@ -57,7 +60,7 @@ def runs_behind(state_dir: Path) -> list[tuple[str, str]]:
         uri = (meta.get("mlflow") or {}).get("tracking_uri")
         if not uri or cursor.get("failed"):
             continue
-        if cursor.get(TIMELINE_DUE):
+        if cursor.get(TIMELINE_DUE) or cursor.get(FILES_DOWN):
             behind.append((key, str(uri)))
             continue
         acked = cursor.get("streams", {})
@@ -117,6 +120,8 @@ class RunState:
         # The decisions files (see _mlflow_views) are brought up to date the first time
         # a worker ships this run: a controller that stopped may have left them behind.
         self.files_checked = False
+        self.files_failures = 0  # file operations failed in a row (see _mlflow_files)
+        self.files_retry_at = 0.0  # the files are tried again from then on
 
     def offer(self, stream: str, line: JournalLine, max_pending: int, now: float) -> None:
         s = self.streams[stream]
@@ -148,8 +153,18 @@ class RunState:
         return not self.failed and any(s.pending or s.behind for s in self.streams.values())
 
     def picture_due(self) -> bool:
-        """The run ended and its timeline is still to be drawn (after any work)."""
-        return not self.failed and bool(self.cursor.get(TIMELINE_DUE))
+        """The run ended and its timeline is still to be drawn (after any work), and its
+        artifact store takes files."""
+        return not self.failed and bool(self.cursor.get(TIMELINE_DUE)) and not self.files_down
+
+    @property
+    def files_down(self) -> bool:
+        """The run's artifact store failed its files: they wait (see _mlflow_files)."""
+        return bool(self.cursor.get(FILES_DOWN))
+
+    def files_due(self, now: float) -> bool:
+        """The run's files wait and may be tried again now."""
+        return not self.failed and self.files_down and now >= self.files_retry_at
 
     def files_behind(self) -> bool:
         """MLflow's decisions files lag what it acknowledged (uploaded on a schedule)."""

@@ -40,7 +40,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..policy._decision import record_ratio
 from ._mlflow_store import BACKOFF_MIN_S, LOG_EVERY_S, StoreHealth, open_store, reason
-from ._ship_state import Experiments, RunState, runs_behind
+from ._ship_state import FILES_DOWN, Experiments, RunState, runs_behind
 from .journal import JournalLine, RunPaths
 
 if TYPE_CHECKING:
@@ -257,7 +257,7 @@ class _Worker(threading.Thread):
             except Exception as exc:  # never let one bad run kill the worker of every run
                 self._client = None  # opened afresh (out of descriptors, a store replaced)
                 self._stopping.wait(self.health.failed(exc))
-            if self._queue.empty() and not any(r.has_work() or r.picture_due()
+            if self._queue.empty() and not any(r.has_work() or r.picture_due() or r.files_down
                                                for r in self._runs.values()):
                 with self._settled_cond:
                     self._settled = seen
@@ -294,15 +294,16 @@ class _Worker(threading.Thread):
             self.health.ok()
         shipped, pictures = False, []
         for key, st in list(self._runs.items()):
-            if not st.has_work():
+            files_due = st.files_due(now)  # (its files failed, and may be tried again)
+            if not st.has_work() and not files_due:
                 if st.picture_due():
                     pictures.append(st)
-                elif st.cursor.get("finished") or st.failed:
+                elif st.failed or (st.cursor.get("finished") and not st.files_down):
                     del self._runs[key]  # the run ended and is fully shipped
                     if self.opt.on_done is not None:
                         self.opt.on_done(key, st.streams["events"].acked_seq, st.failed)
                 continue
-            due = force or any(s.behind for s in st.streams.values()) or (
+            due = files_due or force or any(s.behind for s in st.streams.values()) or (
                 st.first_pending_at is not None
                 and now - st.first_pending_at >= self.opt.flush_interval) or sum(
                 len(s.pending) for s in st.streams.values()) >= MAX_METRICS_PER_BATCH
@@ -315,6 +316,8 @@ class _Worker(threading.Thread):
             if now >= st.retry_at:
                 self._attempt(st, lambda shipper: shipper.draw_timeline())
                 break
+        self.health.set_files_error(next(
+            (str(st.cursor[FILES_DOWN]) for st in self._runs.values() if st.files_down), None))
 
     def _state(self, run_key: str) -> RunState:
         st = self._runs.get(run_key)
@@ -335,6 +338,8 @@ class _Worker(threading.Thread):
             if not st.cursor.get("finished"):
                 shipper.refresh_views(catch_up=not st.files_checked)
                 st.files_checked = True
+            if st.files_due(time.monotonic()):
+                shipper.retry_files()
 
         self._attempt(st, ship)
 
@@ -348,7 +353,8 @@ class _Worker(threading.Thread):
         try:
             action(RunShipper(self._client, st, timeline=self.opt.timeline,
                               snapshot_interval=self.opt.snapshot_interval,
-                              experiments=self._experiments))
+                              experiments=self._experiments,
+                              files_backoff_max=self.opt.backoff_max))
         except MlflowException as exc:
             if exc.error_code in PERMANENT_ERRORS:
                 self._give_up(st, exc)
