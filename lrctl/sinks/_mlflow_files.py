@@ -32,10 +32,11 @@ A run MLflow says is gone (``RESOURCE_DOES_NOT_EXIST``) is handled as at any cal
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from mlflow.exceptions import MlflowException
@@ -52,52 +53,80 @@ _logged: dict[str, float] = {}  # kind of failure -> when its error line was log
 
 
 class RunFiles:
-    """One run's file operations, each tried only while its artifact store takes them."""
+    """One run's file operations, each tried only while its artifact store takes them.
 
-    def __init__(self, state: RunState, backoff_max: float) -> None:
+    ``probe`` is a cheap call to the tracking store (``get_run``): a file operation that
+    fails while the tracking store fails too is MLflow's outage, not the artifact
+    store's, and is raised for the worker's usual back-off."""
+
+    def __init__(self, state: RunState, backoff_max: float,
+                 probe: Callable[[], Any]) -> None:
         self.st = state
         self.backoff_max = backoff_max
+        self.probe = probe
 
     def attempt(self, what: str, action: Callable[[], Any]) -> bool:
         """Run ``action``, a file operation (``what`` names it); False when the files
-        are down, or when it fails: the run is then marked, and the files wait."""
-        if self.st.files_down:
+        are down (and not being tried again), or when it fails: the run is then marked,
+        and the files wait."""
+        st = self.st
+        if st.files_down and not st.files_retrying:
             return False
         try:
             action()
         except Warning:  # the filters made one an error: theirs to see, as it is
             raise
         except MlflowException as exc:
-            if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
-                raise  # the run is gone: not a matter of its files
+            if exc.error_code == "RESOURCE_DOES_NOT_EXIST" or not self._tracking_answers():
+                raise  # the run is gone, or MLflow as a whole is down: not its files
             self._failed(what, exc)
         except Exception as exc:  # what the artifact library raises: boto3, azure, OSError
+            if not self._tracking_answers():
+                raise
             self._failed(what, exc)
         else:
             return True
         return False
 
-    def retried(self) -> None:
-        """The files are tried again now (:meth:`RunShipper.retry_files`): unmarked, in
-        memory only, until they all succeed (:meth:`stored`)."""
-        self.st.cursor.pop(FILES_DOWN, None)
+    @contextlib.contextmanager
+    def retrying(self) -> Iterator[None]:
+        """The files are tried again inside (the mark stays in the cursor until
+        :meth:`stored`: an exception in between leaves them due, not lost)."""
+        self.st.files_retrying = True
+        try:
+            yield
+        finally:
+            self.st.files_retrying = False
+
+    def failed_while_retrying(self) -> bool:
+        """A file operation failed inside :meth:`retrying` (the rest were skipped)."""
+        return not self.st.files_retrying
 
     def stored(self) -> None:
-        """Every file of the run was stored again after an outage."""
-        if self.st.files_failures:
-            log.warning("lrctl: run %s: its files are stored in MLflow again (after %d failed "
-                        "attempt(s))", self.st.paths.run_key, self.st.files_failures)
+        """Every file of the run was stored again after an outage: the mark cleared."""
+        if self.st.cursor.pop(FILES_DOWN, None) is not None:
+            log.warning("lrctl: run %s: its files are stored in MLflow again",
+                        self.st.paths.run_key)
         self.st.files_failures = 0
         self.st.save()
 
+    def _tracking_answers(self) -> bool:
+        try:
+            self.probe()
+        except Exception:
+            return False
+        return True
+
     def _failed(self, what: str, exc: BaseException) -> None:
         st = self.st
+        st.files_retrying = False  # (the rest of a retry is skipped: see failed_while_retrying)
         st.files_failures += 1
         delay = min(self.backoff_max, BACKOFF_MIN_S * 2 ** (st.files_failures - 1))
         st.files_retry_at = time.monotonic() + delay
         why = f"{what}: {reason(exc)}"[:500]
-        if st.files_failures == 1:
-            kind, now = f"{what}\0{type(exc).__name__}", time.monotonic()
+        if not st.files_down:  # the outage's first failure (in this process)
+            uri = (st.meta.get("mlflow") or {}).get("tracking_uri")
+            kind, now = f"{uri}\0{what}\0{type(exc).__name__}", time.monotonic()
             loud = now - _logged.get(kind, -math.inf) >= LOG_AGAIN_S
             if loud:
                 _logged[kind] = now

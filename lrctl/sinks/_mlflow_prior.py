@@ -78,13 +78,13 @@ class Prior:
 
     def check(self) -> None:
         """Look at the MLflow run's files once and keep their prior records (in memory:
-        the caller saves the cursor). May raise as any MLflow call does: the worker backs
-        off and the look is made again."""
+        the caller saves the cursor). May raise as any MLflow call does; the look is made
+        again (a file operation: see :mod:`._mlflow_files`)."""
         try:
             listed = {f.path for f in self.client.list_artifacts(self.run_id, "lrctl")}
         except MlflowException as exc:
             if exc.error_code not in _UNREADABLE:
-                raise  # MLflow down or busy: the worker backs off and looks again
+                raise  # MLflow down or busy: looked at again (see _mlflow_files)
             log.warning("lrctl: run %s: the artifacts of MLflow run %s cannot be listed (%s); "
                         "what it held before this journal is not kept in its files",
                         self.st.paths.run_key, self.run_id, exc)
@@ -144,7 +144,7 @@ class Prior:
                     raw = f.read()
             except MlflowException as exc:
                 if exc.error_code not in _UNREADABLE:
-                    raise  # MLflow down or busy: the worker backs off and looks again
+                    raise  # MLflow down or busy: looked at again (see _mlflow_files)
                 log.warning("lrctl: run %s: %s of MLflow run %s could not be read (%s); "
                             "the records in it are not kept", self.st.paths.run_key,
                             artifact, self.run_id, exc)

@@ -34,7 +34,7 @@ from ._mlflow_views import (
     RunViews,
     mark_training,
 )
-from ._ship_state import TIMELINE_DUE, Experiments, RunState
+from ._ship_state import FILES_DOWN, TIMELINE_DUE, Experiments, RunState
 from .journal import DISCARDED, JournalLine, discarded_end
 from .mlflow_sink import MAX_METRICS_PER_BATCH, MAX_PARAMS_TAGS_PER_BATCH, MAX_TAG_CHARS
 from .sampling import DECISION, event_key
@@ -60,7 +60,8 @@ class RunShipper:
         self.timeline = timeline
         self.snapshot_interval = snapshot_interval
         self.experiments = experiments if experiments is not None else Experiments()
-        self.files = RunFiles(state, files_backoff_max)
+        self.files = RunFiles(state, files_backoff_max,
+                              probe=lambda: self.client.get_run(self.run_id))
         self._views: RunViews | None = None
 
     @property
@@ -291,17 +292,19 @@ class RunShipper:
 
     def retry_files(self) -> None:
         """The run's files after its artifact store failed them (see :mod:`._mlflow_files`):
-        each again, whole, from the journal; the mark cleared once all are stored."""
+        each again, whole, from the journal; the mark cleared once all are stored (an
+        exception in between leaves it, and them due)."""
         st = self.st
-        self.files.retried()
-        self.views.ensure_prior()
-        self.views.refresh(complete=True)
-        if not st.files_down and st.streams["events"].acked_offset:
-            self._upload_prefix("events", st.streams["events"].acked_offset)
-        for policy in shipped_policies(st) if not st.files_down else ():
-            log_policy_files(self.client, st, self.files, policy)
-        if st.files_down:
-            return
+        with self.files.retrying():
+            self.views.ensure_prior()
+            self.views.refresh(complete=True)
+            if st.files_retrying and st.streams["events"].acked_offset:
+                self._upload_prefix("events", st.streams["events"].acked_offset)
+            if st.files_retrying and not self.views.superseded():
+                for policy in shipped_policies(st):
+                    log_policy_files(self.client, st, self.files, policy)
+            if self.files.failed_while_retrying():
+                return
         shipped = st.streams["decisions"].acked_seq
         if shipped and self.views.prior.count("decisions") and not st.cursor.get(SUPERSEDED):
             # Counted without the prior records while they were not known: the whole count.
@@ -313,6 +316,13 @@ class RunShipper:
         """The resumed job logs to another MLflow run: end this one (if it still runs,
         as KILLED: the job that owned it is gone) pointing at the next, and ship the
         run's whole journal into the next one."""
+        if self.st.files_down:
+            self.retry_files()  # this run's files, while it is this run's
+        if self.st.files_down:
+            log.warning("lrctl: run %s: MLflow run %s keeps the files it had (its artifact "
+                        "store: %s); every decision is in the files of MLflow run %s",
+                        self.st.paths.run_key, self.run_id, self.st.cursor.get(FILES_DOWN),
+                        run_id)
         self.views.refresh(complete=True)
         left = self.run_id
         tags = [RunTag(CONTINUED_IN, run_id)]
@@ -347,6 +357,7 @@ class RunShipper:
             if self.st.cursor.get("created"):
                 self.client.delete_run(self.run_id)
                 self.st.cursor["ended"] = "DELETED"
+                self.st.forget_files()  # (a deleted run needs none)
             self.st.cursor["finished"] = True
             return
         if self.views.superseded():  # the run goes on, shipped by another journal
@@ -378,6 +389,8 @@ class RunShipper:
         if self.timeline and not self.views.superseded():
             png = self.st.paths.root / "timeline.png"
             prior = self.views.timeline_prior()  # (MLflow's calls: retried if they fail)
+            if self.st.files_down:
+                return  # (its look just failed: drawn once the files are stored again)
             try:
                 from ..timeline import render_run
 

@@ -122,6 +122,7 @@ class RunState:
         self.files_checked = False
         self.files_failures = 0  # file operations failed in a row (see _mlflow_files)
         self.files_retry_at = 0.0  # the files are tried again from then on
+        self.files_retrying = False  # they are being tried again (the mark still set)
 
     def offer(self, stream: str, line: JournalLine, max_pending: int, now: float) -> None:
         s = self.streams[stream]
@@ -162,6 +163,12 @@ class RunState:
         """The run's artifact store failed its files: they wait (see _mlflow_files)."""
         return bool(self.cursor.get(FILES_DOWN))
 
+    def forget_files(self) -> None:
+        """The run needs no files any more (its MLflow run was deleted): no mark, no
+        back-off (saved with the cursor)."""
+        self.cursor.pop(FILES_DOWN, None)
+        self.files_failures, self.files_retry_at = 0, 0.0
+
     def files_due(self, now: float) -> bool:
         """The run's files wait and may be tried again now."""
         return not self.failed and self.files_down and now >= self.files_retry_at
@@ -187,6 +194,7 @@ class RunState:
         self.streams = {name: StreamState() for name in STREAMS}
         self.first_pending_at = None
         self.files_checked = False
+        self.files_failures, self.files_retry_at = 0, 0.0  # (the new run's files: none down)
         self.save()
 
     def save(self) -> None:

@@ -329,6 +329,9 @@ class _Worker(threading.Thread):
         def ship(shipper: RunShipper) -> None:
             if (shipper.discarded_unseen(self.opt.max_pending)
                     or shipper.deleted_idle(self.opt.max_pending)):
+                if st.files_down:  # (no MLflow run: no files to store)
+                    st.forget_files()
+                    st.save()
                 return
             shipper.ensure_run()
             while True:

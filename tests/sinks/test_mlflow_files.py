@@ -15,8 +15,11 @@ import json
 import logging
 import threading
 from pathlib import Path
+from typing import Any
 
 import pytest
+from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import TEMPORARILY_UNAVAILABLE
 from mlflow.tracking import MlflowClient
 from sinks_helpers import FAST, download, drive, journal_decisions, run_info
 
@@ -158,3 +161,75 @@ def test_files_that_wait_are_tried_again_after_a_restart(
     uploaded = download(client, run.info.run_id, JSONL, tmp_path / "d").splitlines()
     assert [json.loads(line) for line in uploaded] == journal_decisions(state, "r")
     assert FILES_DOWN not in read_json(RunPaths.of(state, "r").cursor)
+
+
+class _FailsOnce(MlflowClient):
+    """A real client whose next ``get_run`` fails once ``armed`` (MLflow busy)."""
+
+    armed = False
+
+    def get_run(self, run_id: str) -> Any:
+        if self.armed:
+            self.armed = False
+            raise MlflowException("database is locked (test)", TEMPORARILY_UNAVAILABLE)
+        return super().get_run(run_id)
+
+
+def test_a_retry_that_mlflow_interrupts_leaves_the_files_due_not_lost(
+        workdir: Path, tmp_path: Path) -> None:
+    """The tracking store fails in the middle of the files' retry: the mark stays (in
+    the cursor too), and the next retry stores every file."""
+    uri = f"sqlite:///{workdir / 'mlflow.db'}"
+    client = _FailsOnce(uri)
+    blocker = tmp_path / "blocker"
+    blocker.write_text("x")
+    run = client.create_run(client.create_experiment(
+        "bad", artifact_location=(blocker / "art").as_uri()))
+    state = tmp_path / "state"
+    shipper = MlflowShipper(state, flush_interval=0.2, backoff_max=0.3, timeline=False,
+                            snapshot_interval=3600.0, client_factory=lambda u: client)
+    sink = AuditSink(state, FAST, shipper=shipper, env={})
+    try:
+        sink.open_run(run_info("r", cwd=str(workdir), tracking_uri=uri,
+                               mlflow_run_id=run.info.run_id))
+        drive(sink, "r", range(50), [0.1], every=10)
+        sink.close_run("r")
+        assert not sink.flush(2)
+        client.armed = True  # the retry's first look at the run fails
+        blocker.unlink()
+        assert sink.flush(60)
+    finally:
+        sink.close()
+    assert not client.armed  # (it did fail once)
+    assert {"lrctl/decisions.jsonl", "lrctl/policy.yaml", "lrctl/policy_events.jsonl",
+            "lrctl/decisions_table.json"} <= _artifacts(client, run.info.run_id)
+    assert FILES_DOWN not in read_json(RunPaths.of(state, "r").cursor)
+
+
+def test_a_discarded_run_whose_files_wait_is_let_go(workdir: Path, tmp_path: Path) -> None:
+    """A run lrctl made in MLflow, discarded before its first step (its MLflow run
+    deleted) while its files were down: it needs no files, and is let go (before: held,
+    and its worker never settled)."""
+    uri = f"sqlite:///{workdir / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    blocker = tmp_path / "blocker"
+    blocker.write_text("x")
+    client.create_experiment("lrctl", artifact_location=(blocker / "art").as_uri())
+    state = tmp_path / "state"
+    done: list[tuple[Any, ...]] = []
+    let_go = threading.Event()
+    shipper = MlflowShipper(state, flush_interval=0.2, backoff_max=0.3, timeline=False,
+                            on_done=lambda *a: done.append(a) or let_go.set())
+    sink = AuditSink(state, FAST, shipper=shipper, env={})
+    try:
+        sink.open_run(run_info("d", cwd=str(workdir), tracking_uri=uri))
+        assert not sink.flush(2)  # its policy file waits
+        assert FILES_DOWN in read_json(RunPaths.of(state, "d").cursor)
+        sink.discard_run("d")
+        assert sink.flush(30)
+        assert let_go.wait(30)  # (at the worker's next round)
+    finally:
+        sink.close()
+    cursor = read_json(RunPaths.of(state, "d").cursor)
+    assert cursor["ended"] == "DELETED" and FILES_DOWN not in cursor
+    assert [key for key, *_ in done] == ["d"]
