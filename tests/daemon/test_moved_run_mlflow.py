@@ -224,3 +224,55 @@ def test_the_first_controller_leaves_a_run_continued_elsewhere_alone(
     assert tags["lrctl.decisions"] == "8"
     assert "8 decisions: 4 backoff, 4 skip" in tags["mlflow.note.content"]
     assert store.get_run(run_id).info.status == "FINISHED"
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # (lrctl's warnings of the spikes)
+def test_a_job_that_moves_back_keeps_every_decision_in_mlflow(
+        store: MlflowClient, short_dir: Path, controllers: list[ControllerProc]) -> None:
+    """A → B → A: the job comes back to the first node (the same state directory, whose
+    journal holds the first part). Before, that journal had seen the second one's tag
+    and shipped metric points only: the third part's decisions were missing from the
+    run's files, count and description, and an end lrctl made never came."""
+    first = _controller(short_dir / "a", controllers)
+    run_id, ctl = _first_part(first, "there-and-back")
+    key, state = ctl.run_key, ctl.state_dict()
+    ctl.close(end_run=False)
+    one = _journal(first, key)
+    until(lambda: _records(_artifact(store, run_id, "lrctl/decisions.jsonl")) == one,
+           "the first controller's decisions in MLflow")
+    first.stop()
+    mlflow.end_run()
+
+    second, ctl = _resumed_on(short_dir / "b", controllers, run_id, state)
+    _train(ctl, range(120, 260), SECOND_SPIKES)
+    state = ctl.state_dict()
+    ctl.close(end_run=False)
+    mlflow.end_run()
+    two = _journal(second, key)
+    until(lambda: _records(_artifact(store, run_id, "lrctl/decisions.jsonl")) == one + two,
+           "the second controller's decisions in MLflow")
+    second.stop()
+
+    first.start()  # back on the first node
+    mlflow.start_run(run_id=run_id)
+    ctl = lrctl.attach(torch.optim.SGD([torch.nn.Parameter(torch.ones(2))], lr=0.1),
+                       policy=POLICY, sync=True, spawn=False, socket=first.socket,
+                       resume=state)
+    assert ctl.run_key == key
+    _train(ctl, range(260, 400), (300, 360))
+    ctl.close()
+    mlflow.end_run()
+    three = _journal(first, key)[len(one):]
+    assert [(r["step"], r["action"]) for r in three] == [
+        (300, "skip"), (300, "backoff"), (360, "skip"), (360, "backoff")]
+    paths = RunPaths.of(first.state_dir, key)
+    until(lambda: _shipped(paths), "the first controller to ship the run's end")
+    everything = one + two + three
+    assert _records(_artifact(store, run_id, "lrctl/decisions.jsonl")) == everything
+    table = json.loads(_artifact(store, run_id, "lrctl/decisions_table.json"))["data"]
+    assert [(row[0], row[2]) for row in table] == [(r["step"], r["action"]) for r in everything]
+    assert sorted(m.step for m in store.get_metric_history(run_id, "lrctl/decision")) == [
+        r["step"] for r in everything]
+    tags = store.get_run(run_id).data.tags
+    assert tags["lrctl.decisions"] == "12"
+    assert "12 decisions: 6 backoff, 6 skip" in tags["mlflow.note.content"]
