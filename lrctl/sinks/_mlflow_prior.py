@@ -19,12 +19,6 @@ on every upload is the prior records followed by the journal. What is shipped th
 a pure function of the journal, the cursor and these files: an upload repeated after a
 crash sends the same bytes, and the look is not repeated.
 
-A job that moves back (A → B → A) finds its first journal again, one that shipped into
-the run before another did. Its reopening says ``resume`` in its events, and the
-shipper, seeing the other journal's tag on the run, looks once more
-(:meth:`Prior.retake`): all the files hold now is prior, and the journal's own records
-are those after what it had shipped (``from``: the seq and offset where they begin).
-
 Used by the MLflow worker only (mlflow is importable there).
 """
 
@@ -58,9 +52,6 @@ POLICY_EVENTS = "lrctl/policy_events.jsonl"
 ARTIFACTS = {"decisions": DECISIONS_JSONL, "events": POLICY_EVENTS}
 #: Cursor key: ``{"run_id": ..., "decisions": n, "events": n}``, the prior records' counts.
 PRIOR = "prior"
-#: In ``prior``: ``{stream: [seq, offset]}``, where the journal's own records begin again
-#: (after a :meth:`Prior.retake`); absent: all of them are its own.
-FROM = "from"
 _RUN_ID = re.compile(r"[0-9A-Za-z_-]{1,64}")
 _LR = re.compile(r"lrctl/lr/g\d+")
 # Refusals that retrying a download cannot fix: the file is left out (logged), not the run.
@@ -89,7 +80,15 @@ class Prior:
         """Look at the MLflow run's files once and keep their prior records (in memory:
         the caller saves the cursor). May raise as any MLflow call does; the look is made
         again (a file operation: see :mod:`._mlflow_files`)."""
-        listed = self._listed()
+        try:
+            listed = {f.path for f in self.client.list_artifacts(self.run_id, "lrctl")}
+        except MlflowException as exc:
+            if exc.error_code not in _UNREADABLE:
+                raise  # MLflow down or busy: looked at again (see _mlflow_files)
+            log.warning("lrctl: run %s: the artifacts of MLflow run %s cannot be listed (%s); "
+                        "what it held before this journal is not kept in its files",
+                        self.st.paths.run_key, self.run_id, exc)
+            listed = set()
         counts: dict[str, int] = {}
         for stream, artifact in ARTIFACTS.items():
             lines = self._download(artifact, stream) if artifact in listed else []
@@ -103,61 +102,6 @@ class Prior:
                      "artifacts keep them ahead of the journal's", self.st.paths.run_key,
                      self.run_id, counts["decisions"], counts["events"])
         self.st.cursor[PRIOR] = {"run_id": self.run_id, **counts}
-
-    def retake(self, after: dict[str, int]) -> None:
-        """The MLflow run came back to this journal after another one shipped into it (a
-        job that moved away and back): everything its files hold now is prior, and this
-        journal's records after seq ``after[stream]`` are its own (those before are in
-        the files already, as the other journal's prior records). Kept as :meth:`check`
-        keeps its look; may raise as it does."""
-        listed = self._listed()
-        counts: dict[str, int] = {}
-        start: dict[str, list[int]] = {}
-        for stream, artifact in ARTIFACTS.items():
-            lines = self._download(artifact, stream) if artifact in listed else []
-            atomic_write_text(self._file(stream), "".join(lines))
-            counts[stream] = len(lines)
-            start[stream] = [after[stream], self._end_of(stream, after[stream])]
-        log.info("lrctl: run %s: MLflow run %s is this journal's again (another shipped into it "
-                 "meanwhile); its %d decision(s) and %d policy event(s) come first in its files",
-                 self.st.paths.run_key, self.run_id, counts["decisions"], counts["events"])
-        self.st.cursor[PRIOR] = {"run_id": self.run_id, **counts, FROM: start}
-
-    def own_from(self, stream: str) -> tuple[int, int]:
-        """``(seq, offset)`` where this journal's own records in the MLflow run begin
-        (after them): ``(0, 0)`` unless the run came back to it (:meth:`retake`)."""
-        if not self.checked:
-            return 0, 0
-        seq, offset = self.st.cursor[PRIOR].get(FROM, {}).get(stream, (0, 0))
-        return int(seq), int(offset)
-
-    def upload(self, stream: str, acked: int) -> bytes:
-        """The whole file of ``stream`` as uploaded: the prior records, then this
-        journal's own up to offset ``acked`` (where a line ends)."""
-        _, start = self.own_from(stream)
-        with open(self.st.paths.stream(stream), "rb") as f:
-            f.seek(start)
-            return self.data(stream) + f.read(max(0, acked - start))
-
-    def _listed(self) -> set[str]:
-        try:
-            return {f.path for f in self.client.list_artifacts(self.run_id, "lrctl")}
-        except MlflowException as exc:
-            if exc.error_code not in _UNREADABLE:
-                raise  # MLflow down or busy: looked at again (see _mlflow_files)
-            log.warning("lrctl: run %s: the artifacts of MLflow run %s cannot be listed (%s); "
-                        "what it held before this journal is not kept in its files",
-                        self.st.paths.run_key, self.run_id, exc)
-            return set()
-
-    def _end_of(self, stream: str, seq: int) -> int:
-        """The offset where the journal's line ``seq`` of ``stream`` ends (0 for none)."""
-        end = 0
-        for line in read_lines(self.st.paths.stream(stream)):
-            if line.seq > seq:
-                break
-            end = line.end
-        return end
 
     def data(self, stream: str) -> bytes:
         """The prior records of ``stream`` as uploaded: whole lines, possibly none."""

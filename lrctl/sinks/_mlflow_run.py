@@ -202,8 +202,6 @@ class RunShipper:
         """Send the next batch and advance the cursor; False when nothing was pending."""
         st = self.st
         self.views.ensure_prior()  # (its cursor save: before this batch changes the cursor)
-        # What MLflow held of the journal before this batch (see RunViews.retake).
-        before = {name: s.acked_seq for name, s in st.streams.items()}
         metrics: list[Metric] = []
         budget = MAX_METRICS_PER_BATCH - _TAG_ROOM
         decisions: list[JournalLine] = []
@@ -263,10 +261,6 @@ class RunShipper:
                 self._finish(line.record)
             elif kind == "resume":
                 self._resume()
-                if "decisions_seq" in line.record:  # (older lrctl's resumes: after an end)
-                    self.views.retake({  # what the files may hold of this journal's own
-                        "decisions": min(int(line.record["decisions_seq"]), before["decisions"]),
-                        "events": before["events"]})
             elif kind == "policy":
                 log_policy(self.client, self.st, self.views, line.record)
         if events:
@@ -418,7 +412,8 @@ class RunShipper:
         prior = self.views.ensure_prior()  # (what MLflow held before the journal)
         if not prior.checked:
             return  # (not known: the file waits, see _mlflow_files)
-        data = prior.upload(stream, end)
+        with open(self.st.paths.stream(stream), "rb") as f:
+            data = prior.data(stream) + f.read(end)
         self.files.attempt(POLICY_EVENTS, lambda: self.client.log_text(
             self.run_id, data.decode("utf-8"), POLICY_EVENTS))
 

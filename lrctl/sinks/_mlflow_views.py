@@ -118,37 +118,6 @@ class RunViews:
             self.st.save()
         return self.prior
 
-    def retake(self, after: dict[str, int]) -> None:
-        """At a ``resume`` event: if another journal has shipped into the MLflow run since
-        this one did (the job moved away and came back), the run is this journal's again.
-        What its files hold now becomes the prior records, and this journal's records
-        after seq ``after[stream]`` its own (those up to it are in the files already: what
-        it had shipped, and not past the resume); its tag, description and files follow."""
-        if not self.st.cursor.get("tagged") or not self.prior.checked:
-            return  # it never shipped here: its first batch claims the run as usual
-        other = self.st.cursor.get(SUPERSEDED) or self.client.get_run(
-            self.run_id).data.tags.get(JOURNAL_TAG)
-        if other is None or other == self.journal_id():
-            return
-        self.prior.retake(after)
-        self.client.set_tag(self.run_id, JOURNAL_TAG, self.journal_id())
-        self.st.cursor.pop(SUPERSEDED, None)
-        self.summary = RunSummary(policy_source=self.summary.policy_source,
-                                  policy_sha256=self.summary.policy_sha256,
-                                  policy_version=self.summary.policy_version,
-                                  seq=after["decisions"])
-        self.summary.add_prior(self.prior.records("decisions"))
-        acked = self.st.streams["decisions"].acked_seq
-        for line in read_lines(self.st.paths.stream("decisions")):
-            if line.seq > acked:
-                break
-            self.summary.add_decision(line.seq, line.record)  # (those after the prior)
-        self.st.cursor["summary"] = self.summary.to_json()
-        self.st.cursor["snapshot"] = {"offset": 0, "at": 0.0}  # the files again, whole
-        if acked:  # (this batch's count went out before the run was known to be back)
-            self.client.set_tag(self.run_id, "lrctl.decisions", str(self.decisions_total(acked)))
-        self.st.save()
-
     def journal_id(self) -> str:
         """This journal's name in its MLflow run's :data:`JOURNAL_TAG`: of its directory
         on this machine (host, path, device and inode), so that no lost cursor can make
@@ -187,8 +156,7 @@ class RunViews:
 
     def decisions_total(self, seq: int) -> int:
         """The run's decisions in MLflow up to the journal's decision ``seq``."""
-        prior = self.ensure_prior()
-        return prior.count("decisions") + seq - prior.own_from("decisions")[0]
+        return self.ensure_prior().count("decisions") + seq
 
     def timeline_prior(self) -> dict[str, Any]:
         """What the run's picture needs beyond the journal: the prior decisions and
@@ -243,8 +211,9 @@ class RunViews:
                or time.time() - float(snap.get("at", 0.0)) >= self.snapshot_interval)
         if not due or self.superseded() or not self.prior.checked:
             return False  # (the prior records unknown: the files wait, see _mlflow_files)
-        # whole lines (``acked`` is where a line ends), those MLflow held before first
-        data = self.prior.upload("decisions", acked)
+        with open(self.st.paths.stream("decisions"), "rb") as f:
+            # whole lines: ``acked`` is where a line ends; those MLflow held before first
+            data = self.prior.data("decisions") + f.read(acked)
         rows = [decision_row(json.loads(raw)) for raw in data.splitlines() if raw.strip()]
         table = json.dumps({"columns": list(TABLE_COLUMNS), "data": rows},
                            separators=(",", ":"), allow_nan=False)

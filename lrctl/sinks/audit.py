@@ -122,13 +122,9 @@ class AuditSink(RunSync, Sink):
         try:
             if self.shipper is not None:
                 self.shipper.attend(info.run_key, run.meta["mlflow"]["tracking_uri"])
-            if prepared.last_event is not None:
-                # Back: after its end (or a give-up), a restart, or from another journal
-                # (a job that moved away and back, see _mlflow_prior): the decisions
-                # this journal held then, so that the shipper can tell what came after.
+            if prepared.last_event == "end":  # ended (or given up on) and now back
                 self._append(run, "events", {"event": "resume", "wall_time": time.time(),
-                                             "step": run.last_step,
-                                             "decisions_seq": run.writers["decisions"].seq})
+                                             "step": run.last_step})
             if prepared.follow is not None:
                 self._append(run, "events", {"event": "follow", "wall_time": time.time(),
                                              "step": run.last_step, **prepared.follow})
