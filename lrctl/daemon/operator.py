@@ -16,6 +16,7 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from .._version import __version__
+from ..sinks._ship_state import FILES_WAIT
 from ..sinks.shipper_proxy import rss_kib
 from ..wire.errors import ProtocolError
 from ..wire.messages import float_in, get_int, get_str
@@ -97,6 +98,8 @@ def _status(server: Server) -> dict[str, Any]:
     sink_status = server.sink.status()
     for uri, why in ((sink_status.get("shipper") or {}).get("unavailable") or {}).items():
         errors.append(f"MLflow unavailable: {why} ({uri})")
+    for key, why in ((sink_status.get("shipper") or {}).get("files_down") or {}).items():
+        errors.append(f"run {key}: {FILES_WAIT.format(why)}")
     journal = sink_status.get("journal") or {}
     if journal.get("error"):
         errors.append(f"{journal['error']} ({journal.get('held', 0)} record(s) wait in memory)")

@@ -145,8 +145,6 @@ class StoreHealth:
         self.backoff_max = backoff_max
         self.on_state = on_state
         self.error: str | None = None  # why MLflow is unavailable, while it is
-        self.files_error: str | None = None  # why a run's files wait (see _mlflow_files)
-        self._told: str | None = None  # what on_state was last told
         self.failures = 0  # of the store, in a row
         self._quiet_until = 0.0  # no one-line report before this (rate limit)
         self._traced = False  # this outage's one traceback was logged
@@ -177,20 +175,7 @@ class StoreHealth:
         self.set_error(None)
 
     def set_error(self, why: str | None) -> None:
-        self.error = why
-        self._tell()
-
-    def set_files_error(self, why: str | None) -> None:
-        """Why a run's files cannot be stored while its metrics ship (None: none waits)."""
-        self.files_error = why
-        self._tell()
-
-    def _tell(self) -> None:
-        text = self.error or (
-            None if self.files_error is None else
-            f"its artifact store: {self.files_error} (metrics and decisions still ship; "
-            "the files wait)")
-        if text != self._told:
-            self._told = text
+        if why != self.error:
+            self.error = why
             if self.on_state is not None:
-                self.on_state(self.uri, text)
+                self.on_state(self.uri, why)

@@ -25,7 +25,7 @@ from .journal import (
     read_lines,
 )
 
-__all__ = ["FILES_DOWN", "TIMELINE_DUE", "Experiments", "RunState", "StreamState",
+__all__ = ["FILES_DOWN", "FILES_WAIT", "TIMELINE_DUE", "Experiments", "RunState", "StreamState",
            "files_behind", "runs_behind"]
 
 log = logging.getLogger("lrctl.sinks")
@@ -34,6 +34,9 @@ log = logging.getLogger("lrctl.sinks")
 TIMELINE_DUE = "timeline_due"
 #: Cursor key: why the run's artifact store failed its files; they wait (see _mlflow_files).
 FILES_DOWN = "files_down"
+#: What ``lrctl runs`` and ``status`` say of a run whose files wait (see _mlflow_files).
+FILES_WAIT = ("MLflow cannot store its files: {} (its metrics and decisions still ship; "
+              "the files are tried again)")
 
 
 def files_behind(cursor: dict[str, Any]) -> bool:

@@ -40,7 +40,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..policy._decision import record_ratio
 from ._mlflow_store import BACKOFF_MIN_S, LOG_EVERY_S, StoreHealth, open_store, reason
-from ._ship_state import FILES_DOWN, Experiments, RunState, runs_behind
+from ._ship_state import FILES_DOWN, FILES_WAIT, Experiments, RunState, runs_behind
 from .journal import JournalLine, RunPaths
 
 if TYPE_CHECKING:
@@ -62,6 +62,8 @@ PERMANENT_ERRORS = frozenset({"INVALID_PARAMETER_VALUE", "RESOURCE_DOES_NOT_EXIS
 ClientFactory = Callable[[str], Any]
 #: ``(tracking URI, why it is unavailable or None once it answers)``.
 StateCallback = Callable[[str, "str | None"], None]
+#: ``(run key, why its files wait or None once they are stored)`` (see _mlflow_files).
+FilesCallback = Callable[[str, "str | None"], None]
 #: ``(run key, events seq shipped, refused by MLflow)``: no more work for an ended run.
 DoneCallback = Callable[[str, int, bool], None]
 
@@ -82,7 +84,8 @@ class MlflowShipper:
                  backoff_max: float = 30.0, client_factory: ClientFactory | None = None,
                  snapshot_interval: float = 60.0,
                  on_state: StateCallback | None = None,
-                 on_done: DoneCallback | None = None) -> None:
+                 on_done: DoneCallback | None = None,
+                 on_files: FilesCallback | None = None) -> None:
         if not 0 < flush_interval <= 2.0:
             raise ValueError(f"flush_interval must be in (0, 2] seconds, but got {flush_interval=}")
         if queue_size < 1 or max_pending < 1:
@@ -91,7 +94,7 @@ class MlflowShipper:
         self.state_dir = Path(state_dir)
         self._options = _Options(flush_interval, queue_size, max_pending, timeline, backoff_max,
                                  client_factory or _default_client, snapshot_interval,
-                                 on_state, on_done)
+                                 on_state, on_done, on_files)
         self._workers: dict[str, _Worker] = {}
         self._route: dict[str, _Worker] = {}
         # One HTTP call must not retry for minutes inside the worker: lrctl retries
@@ -140,12 +143,16 @@ class MlflowShipper:
     def status(self) -> dict[str, Any]:
         return {"pid": os.getpid(), "state": "in-process", "restarts": 0,
                 "unavailable": {uri: w.error for uri, w in list(self._workers.items())
-                                if w.error}}
+                                if w.error},
+                "files_down": {k: why for w in list(self._workers.values())
+                               for k, why in dict(w.files_down).items()}}
 
     def run_errors(self) -> dict[str, str]:
         """``run key -> "MLflow unavailable: <reason>"`` for the runs whose MLflow is down."""
-        return {key: f"MLflow unavailable: {w.error}" for key, w in list(self._route.items())
-                if w.error}
+        out = {key: FILES_WAIT.format(why) for w in list(self._workers.values())
+               for key, why in dict(w.files_down).items()}
+        return out | {key: f"MLflow unavailable: {w.error}"
+                      for key, w in list(self._route.items()) if w.error}
 
     def flush(self, timeout: float = 10.0) -> bool:
         """Ship everything submitted so far; True if MLflow acknowledged it all in time."""
@@ -181,6 +188,7 @@ class _Options:
     snapshot_interval: float  # seconds; see _mlflow_views (decisions files)
     on_state: StateCallback | None
     on_done: DoneCallback | None
+    on_files: FilesCallback | None
 
 
 class _Worker(threading.Thread):
@@ -201,6 +209,7 @@ class _Worker(threading.Thread):
         self._force = threading.Event()
         self._stopping = threading.Event()
         self._runs: dict[str, RunState] = {}
+        self.files_down: dict[str, str] = {}  # run key -> why its files wait, as told
         self._client: Any = None
         self._experiments = Experiments()  # of this client's store
         self._outage_logged = False
@@ -316,8 +325,22 @@ class _Worker(threading.Thread):
             if now >= st.retry_at:
                 self._attempt(st, lambda shipper: shipper.draw_timeline())
                 break
-        self.health.set_files_error(next(
-            (str(st.cursor[FILES_DOWN]) for st in self._runs.values() if st.files_down), None))
+        self._tell_files()
+
+    def _tell_files(self) -> None:
+        """``on_files`` for each run whose files began or ended waiting (one dict
+        comparison a round: nothing is told while nothing changes)."""
+        now = {key: str(st.cursor[FILES_DOWN]) for key, st in self._runs.items()
+               if st.files_down}
+        if now == self.files_down:
+            return
+        told, self.files_down = self.files_down, now
+        if self.opt.on_files is not None:
+            for key in told.keys() - now.keys():
+                self.opt.on_files(key, None)
+            for key, why in now.items():
+                if told.get(key) != why:
+                    self.opt.on_files(key, why)
 
     def _state(self, run_key: str) -> RunState:
         st = self._runs.get(run_key)

@@ -20,7 +20,9 @@ controller → shipper::
 shipper → controller, besides those answers: ``{"log": LEVELNO, "msg": TEXT}``, the
 shipper's log records, which the controller writes to its own log, and
 ``{"mlflow": URI, "error": TEXT | null}`` when MLflow at URI becomes unavailable
-(and why) or answers again, and ``{"done": KEY, "events_seq": N, "failed": BOOL}``
+(and why) or answers again, ``{"files": KEY, "error": TEXT | null}`` when a run's files
+wait for its artifact store (see ``_mlflow_files``) or are stored again, and
+``{"done": KEY, "events_seq": N, "failed": BOOL}``
 when the shipper has no more work for a run that ended (shipped up to line N of its
 events) or that MLflow refused for good; the controller then forgets the run.
 
@@ -112,7 +114,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                             backoff_max=args.backoff_max,
                             on_state=lambda uri, why: out.send({"mlflow": uri, "error": why}),
                             on_done=lambda key, seq, failed: out.send(
-                                {"done": key, "events_seq": seq, "failed": failed}))
+                                {"done": key, "events_seq": seq, "failed": failed}),
+                            on_files=lambda key, why: out.send({"files": key, "error": why}))
     for raw in sys.stdin.buffer:
         try:
             _handle(shipper, out, json.loads(raw))

@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from ._outbox import Outbox
+from ._ship_state import FILES_WAIT
 from .journal import JournalLine
 
 __all__ = ["ShipperProcess", "rss_kib"]
@@ -127,6 +128,7 @@ class ShipperProcess:
         self._acks: dict[int, bool] = {}
         self._closed: bool | None = None  # the child's answer to close
         self._unavailable: dict[str, str] = {}  # tracking URI -> why, as the child says
+        self._files_down: dict[str, str] = {}  # run key -> why its files wait (the child's)
         self._next_id = 0
         self._state = "not started"
         self.restarts = 0
@@ -239,13 +241,16 @@ class ShipperProcess:
                 state = f"not reading its input for {silent:.0f} s"
             return {"pid": pid, "state": state, "restarts": self.restarts,
                     "rss_kib": rss_kib(pid) if pid is not None else None,
-                    "unavailable": dict(self._unavailable)}
+                    "unavailable": dict(self._unavailable),
+                    "files_down": dict(self._files_down)}
 
     def run_errors(self) -> dict[str, str]:
         """``run key -> "MLflow unavailable: <reason>"`` for the runs whose MLflow is down."""
         with self._cond:
-            return {key: f"MLflow unavailable: {self._unavailable[route.uri]}"
-                    for key, route in self._routes.items() if route.uri in self._unavailable}
+            out = {key: FILES_WAIT.format(why) for key, why in self._files_down.items()}
+            return out | {key: f"MLflow unavailable: {self._unavailable[route.uri]}"
+                          for key, route in self._routes.items()
+                          if route.uri in self._unavailable}
 
     def routes(self) -> int:
         """How many runs the child is told of (open, or ended but not yet shipped)."""
@@ -360,6 +365,7 @@ class ShipperProcess:
             self._generation += 1
             self._state = "running"
             self._unavailable.clear()  # the new child says again what it finds
+            self._files_down.clear()
             for key, route in self._routes.items():  # a new child: every run, from its cursor
                 self._send({"op": "attend", "run": key, "uri": route.uri})
             self._cond.notify_all()
@@ -378,12 +384,16 @@ class ShipperProcess:
             if "log" in msg:
                 log.log(int(msg["log"]), "%s", msg.get("msg", ""))
                 continue
-            if "mlflow" in msg:
+            told = next(((k, table) for k, table in (("files", self._files_down),
+                                                     ("mlflow", self._unavailable)) if k in msg),
+                        None)
+            if told is not None:  # a run's files, or a tracking URI: why it fails, or None
                 with self._cond:
+                    name, table = str(msg[told[0]]), told[1]
                     if msg.get("error"):
-                        self._unavailable[str(msg["mlflow"])] = str(msg["error"])[:500]
+                        table[name] = str(msg["error"])[:500]
                     else:
-                        self._unavailable.pop(str(msg["mlflow"]), None)
+                        table.pop(name, None)
                 continue
             with self._cond:
                 if "done" in msg:
@@ -408,4 +418,5 @@ class ShipperProcess:
         if route is None or route.end_seq is None or not (failed or events_seq >= route.end_seq):
             return
         del self._routes[run_key]
+        self._files_down.pop(run_key, None)
         self._send({"op": "forget", "run": run_key})

@@ -40,16 +40,16 @@ def _nothing_logged_yet(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(lrctl.sinks._mlflow_files, "_logged", {})
 
 
-class _States:
-    """What ``on_state`` was told, in order, with a condition to wait on."""
+class _Told:
+    """What ``on_files`` was told, in order, with a condition to wait on."""
 
     def __init__(self) -> None:
-        self.told: list[str | None] = []
+        self.told: list[tuple[str, str | None]] = []
         self.cond = threading.Condition()
 
-    def __call__(self, uri: str, why: str | None) -> None:
+    def __call__(self, key: str, why: str | None) -> None:
         with self.cond:
-            self.told.append(why)
+            self.told.append((key, why))
             self.cond.notify_all()
 
 
@@ -74,9 +74,9 @@ def test_a_run_whose_artifact_store_fails_ships_its_metrics_and_later_its_files(
     bad_run = client.create_run(client.create_experiment("bad", artifact_location=root))
     good_run = client.create_run(client.create_experiment("good"))
     state = tmp_path / "state"
-    told = _States()
+    told = _Told()
     shipper = MlflowShipper(state, flush_interval=0.2, backoff_max=0.3, timeline=False,
-                            snapshot_interval=3600.0, on_state=told)
+                            snapshot_interval=3600.0, on_files=told)
     sink = AuditSink(state, FAST, shipper=shipper, env={})
     caplog.set_level(logging.INFO, logger="lrctl.sinks.mlflow")
     try:
@@ -104,7 +104,13 @@ def test_a_run_whose_artifact_store_fails_ships_its_metrics_and_later_its_files(
         assert FILES_DOWN not in read_json(RunPaths.of(state, "good").cursor)
         errors = [r for r in caplog.records if "could not store" in r.getMessage()]
         assert len(errors) == 1 and errors[0].exc_info is not None  # once per outage
-        assert told.told[0] is not None and told.told[0].startswith("its artifact store: ")
+        # Said of the bad run alone (not of its tracking URI, where the good one ships).
+        with told.cond:  # (again when the failing file, and so the reason, changes)
+            assert {key for key, _ in told.told} == {"bad"}
+            assert all(why in str(said) for _, said in told.told)
+        errors = sink.run_errors()
+        assert list(errors) == ["bad"] and errors["bad"].startswith(
+            "MLflow cannot store its files: ")
 
         if store == "s3 without boto3":
             return  # nothing here can make an s3 store work
@@ -121,7 +127,8 @@ def test_a_run_whose_artifact_store_fails_ships_its_metrics_and_later_its_files(
         assert any("its files are stored in MLflow again" in r.getMessage()
                    for r in caplog.records)
         with told.cond:
-            assert told.cond.wait_for(lambda: told.told[-1] is None, 10)
+            assert told.cond.wait_for(lambda: told.told[-1] == ("bad", None), 10)
+        assert sink.run_errors() == {}
     finally:
         sink.close()
 

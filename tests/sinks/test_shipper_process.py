@@ -305,7 +305,7 @@ def test_a_shipper_that_keeps_dying_is_restarted_with_one_log_line_each(
     restarts = [r for r in caplog.records if "exited with status 3" in r.getMessage()]
     assert len(restarts) == shipper.restarts >= 3
     assert shipper.status() == {"pid": None, "state": "stopped", "restarts": shipper.restarts,
-                                "rss_kib": None, "unavailable": {}}
+                                "rss_kib": None, "unavailable": {}, "files_down": {}}
 
 
 def test_a_run_whose_hook_vanished_ends_killed_after_the_session_timeout(
@@ -341,3 +341,55 @@ def test_a_run_whose_hook_vanished_ends_killed_after_the_session_timeout(
         _poll(f"run {key} finished in MLflow", _finished(client, state, key))
         assert "lrctl.end_reason" not in client.get_run(mlflow_run_id(state, key)).data.tags
         assert_exactly_once(client, mlflow_run_id(state, key), state, key, workdir)
+
+
+def test_the_controller_names_the_run_whose_files_wait_and_ships_the_others(
+        workdir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A run whose artifact store refuses its files (a file where its directory should
+    be), beside a run on the same tracking URI whose store works: the controller's
+    ``status`` and ``runs`` name the first alone, the second's files are in MLflow, and
+    once the store is repaired the first's are too and the error is gone."""
+    import mlflow
+
+    uri, env = _sqlite_env(workdir)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    client = MlflowClient(uri)
+    blocker = workdir / "blocker"
+    blocker.write_text("x")
+    bad_id = client.create_run(client.create_experiment(
+        "bad", artifact_location=(blocker / "art").as_uri())).info.run_id
+    good_id = client.create_run(client.create_experiment("good")).info.run_id
+    with live_controller(audit=True, env=env) as controller:
+        monkeypatch.setenv("LRCTL_SOCKET", controller.socket)
+        mlflow.start_run(run_id=bad_id)
+        bad = lrctl.attach(torch.optim.SGD([torch.nn.Parameter(torch.ones(2))], lr=0.1),
+                           policy=POLICY, sync=True, spawn=False, run_name="bad")
+        mlflow.end_run()
+        try:
+            _train(range(60), bad.optimizer, bad)
+            mlflow.start_run(run_id=good_id)
+            try:
+                opt = torch.optim.SGD([torch.nn.Parameter(torch.ones(2))], lr=0.1)
+                with lrctl.attach(opt, policy=POLICY, sync=True, spawn=False,
+                                  run_name="good") as good:
+                    _train(range(60), opt, good)
+            finally:
+                mlflow.end_run()
+            waits = f"run {bad.run_key}: MLflow cannot store its files: "
+            _poll("the bad run's files named", lambda: any(
+                e.startswith(waits) for e in _status(controller)["errors"]))
+            errors = _status(controller)["errors"]
+            assert not any("MLflow unavailable" in e or good.run_key in e for e in errors)
+            [row] = [r for r in request({"t": "runs"}, controller.socket)["runs"]
+                     if r["run"] == bad.run_key]
+            assert row["sink_error"].startswith("MLflow cannot store its files: ")
+            _poll("the good run's files", lambda: "lrctl/decisions.jsonl" in {
+                f.path for f in client.list_artifacts(good_id, "lrctl")})
+            assert client.get_run(bad_id).data.metrics  # its metrics went all the same
+            blocker.unlink()  # repaired
+            _poll("the bad run's files", lambda: "lrctl/decisions.jsonl" in {
+                f.path for f in client.list_artifacts(bad_id, "lrctl")})
+            _poll("the error gone", lambda: not any(
+                "cannot store its files" in e for e in _status(controller)["errors"]))
+        finally:
+            bad.close()
