@@ -148,7 +148,8 @@ class MlflowShipper:
                                for k, why in dict(w.files_down).items()}}
 
     def run_errors(self) -> dict[str, str]:
-        """``run key -> "MLflow unavailable: <reason>"`` for the runs whose MLflow is down."""
+        """``run key -> "MLflow unavailable: <reason>"`` for the runs whose MLflow is down,
+        and :data:`FILES_WAIT` for those whose files wait for their artifact store."""
         out = {key: FILES_WAIT.format(why) for w in list(self._workers.values())
                for key, why in dict(w.files_down).items()}
         return out | {key: f"MLflow unavailable: {w.error}"
@@ -266,6 +267,11 @@ class _Worker(threading.Thread):
             except Exception as exc:  # never let one bad run kill the worker of every run
                 self._client = None  # opened afresh (out of descriptors, a store replaced)
                 self._stopping.wait(self.health.failed(exc))
+            finally:
+                try:
+                    self._tell_files()  # (also after a round that ended early)
+                except Exception:  # a callback's failure must not end the worker
+                    log.exception("lrctl: MLflow worker: a run's files state not reported")
             if self._queue.empty() and not any(r.has_work() or r.picture_due() or r.files_down
                                                for r in self._runs.values()):
                 with self._settled_cond:
@@ -325,22 +331,22 @@ class _Worker(threading.Thread):
             if now >= st.retry_at:
                 self._attempt(st, lambda shipper: shipper.draw_timeline())
                 break
-        self._tell_files()
 
     def _tell_files(self) -> None:
         """``on_files`` for each run whose files began or ended waiting (one dict
         comparison a round: nothing is told while nothing changes)."""
         now = {key: str(st.cursor[FILES_DOWN]) for key, st in self._runs.items()
-               if st.files_down}
-        if now == self.files_down:
+               if st.files_down and not st.failed}
+        told = self.files_down
+        if now == told:
             return
-        told, self.files_down = self.files_down, now
         if self.opt.on_files is not None:
             for key in told.keys() - now.keys():
                 self.opt.on_files(key, None)
             for key, why in now.items():
                 if told.get(key) != why:
                     self.opt.on_files(key, why)
+        self.files_down = now  # (replaced whole: status() reads it from another thread)
 
     def _state(self, run_key: str) -> RunState:
         st = self._runs.get(run_key)

@@ -245,7 +245,8 @@ class ShipperProcess:
                     "files_down": dict(self._files_down)}
 
     def run_errors(self) -> dict[str, str]:
-        """``run key -> "MLflow unavailable: <reason>"`` for the runs whose MLflow is down."""
+        """``run key -> "MLflow unavailable: <reason>"`` for the runs whose MLflow is down,
+        and :data:`FILES_WAIT` for those whose files wait for their artifact store."""
         with self._cond:
             out = {key: FILES_WAIT.format(why) for key, why in self._files_down.items()}
             return out | {key: f"MLflow unavailable: {self._unavailable[route.uri]}"
