@@ -10,6 +10,7 @@ once the store takes them (see ``lrctl.sinks._mlflow_files``). Real sqlite store
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import logging
@@ -53,6 +54,31 @@ class _Told:
             self.cond.notify_all()
 
 
+@dataclasses.dataclass
+class _Store:
+    """A sqlite store with an experiment whose artifact store refuses every file (a file
+    where its directory should be) until :meth:`repair`."""
+
+    uri: str
+    client: MlflowClient
+    blocker: Path
+
+    def experiment(self, name: str) -> str:
+        return str(self.client.create_experiment(
+            name, artifact_location=(self.blocker / "art").as_uri()))
+
+    def repair(self) -> None:
+        self.blocker.unlink()
+
+
+def _refusing_store(workdir: Path, tmp_path: Path,
+                    client_type: type[MlflowClient] = MlflowClient) -> _Store:
+    uri = f"sqlite:///{workdir / 'mlflow.db'}"
+    blocker = tmp_path / "blocker"
+    blocker.write_text("not a directory\n")
+    return _Store(uri, client_type(uri), blocker)
+
+
 def _artifacts(client: MlflowClient, run_id: str) -> set[str]:
     out, todo = set(), [""]
     while todo:
@@ -66,12 +92,10 @@ def test_a_run_whose_artifact_store_fails_ships_its_metrics_and_later_its_files(
         store: str, workdir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     if store == "s3 without boto3" and importlib.util.find_spec("boto3") is not None:
         pytest.skip("boto3 is installed: an s3 root would try the network")
-    uri = f"sqlite:///{workdir / 'mlflow.db'}"
-    client = MlflowClient(uri)
-    blocker = tmp_path / "blocker"
-    blocker.write_text("not a directory\n")
-    root = (blocker / "art").as_uri() if store.startswith("a file") else "s3://no-bucket/a"
-    bad_run = client.create_run(client.create_experiment("bad", artifact_location=root))
+    refusing = _refusing_store(workdir, tmp_path)
+    uri, client = refusing.uri, refusing.client
+    bad_run = client.create_run(refusing.experiment("bad") if store.startswith("a file")
+                                else client.create_experiment("bad", "s3://no-bucket/a"))
     good_run = client.create_run(client.create_experiment("good"))
     state = tmp_path / "state"
     told = _Told()
@@ -114,7 +138,7 @@ def test_a_run_whose_artifact_store_fails_ships_its_metrics_and_later_its_files(
 
         if store == "s3 without boto3":
             return  # nothing here can make an s3 store work
-        blocker.unlink()  # the store is repaired: every file goes up, whole
+        refusing.repair()  # every file goes up, whole
         assert sink.flush(60)
         bad_id = bad_run.info.run_id
         assert [json.loads(line) for line in download(
@@ -137,12 +161,9 @@ def test_files_that_wait_are_tried_again_after_a_restart(
         workdir: Path, tmp_path: Path) -> None:
     """The mark is in the cursor: a controller that stopped while the files waited
     uploads them once the store takes them."""
-    uri = f"sqlite:///{workdir / 'mlflow.db'}"
-    client = MlflowClient(uri)
-    blocker = tmp_path / "blocker"
-    blocker.write_text("x")
-    run = client.create_run(client.create_experiment(
-        "bad", artifact_location=(blocker / "art").as_uri()))
+    refusing = _refusing_store(workdir, tmp_path)
+    uri, client = refusing.uri, refusing.client
+    run = client.create_run(refusing.experiment("bad"))
     state = tmp_path / "state"
 
     def sink_of() -> tuple[AuditSink, MlflowShipper]:
@@ -158,7 +179,7 @@ def test_files_that_wait_are_tried_again_after_a_restart(
     assert not sink.flush(2)
     sink.close()
     assert FILES_DOWN in read_json(RunPaths.of(state, "r").cursor)
-    blocker.unlink()
+    refusing.repair()
     sink, shipper = sink_of()
     try:
         assert shipper.recover() == ["r"]
@@ -186,12 +207,10 @@ def test_a_retry_that_mlflow_interrupts_leaves_the_files_due_not_lost(
         workdir: Path, tmp_path: Path) -> None:
     """The tracking store fails in the middle of the files' retry: the mark stays (in
     the cursor too), and the next retry stores every file."""
-    uri = f"sqlite:///{workdir / 'mlflow.db'}"
-    client = _FailsOnce(uri)
-    blocker = tmp_path / "blocker"
-    blocker.write_text("x")
-    run = client.create_run(client.create_experiment(
-        "bad", artifact_location=(blocker / "art").as_uri()))
+    refusing = _refusing_store(workdir, tmp_path, _FailsOnce)
+    uri, client = refusing.uri, refusing.client
+    assert isinstance(client, _FailsOnce)
+    run = client.create_run(refusing.experiment("bad"))
     state = tmp_path / "state"
     shipper = MlflowShipper(state, flush_interval=0.2, backoff_max=0.3, timeline=False,
                             snapshot_interval=3600.0, client_factory=lambda u: client)
@@ -203,7 +222,7 @@ def test_a_retry_that_mlflow_interrupts_leaves_the_files_due_not_lost(
         sink.close_run("r")
         assert not sink.flush(2)
         client.armed = True  # the retry's first look at the run fails
-        blocker.unlink()
+        refusing.repair()
         assert sink.flush(60)
     finally:
         sink.close()
@@ -217,11 +236,9 @@ def test_a_discarded_run_whose_files_wait_is_let_go(workdir: Path, tmp_path: Pat
     """A run lrctl made in MLflow, discarded before its first step (its MLflow run
     deleted) while its files were down: it needs no files, and is let go (before: held,
     and its worker never settled)."""
-    uri = f"sqlite:///{workdir / 'mlflow.db'}"
-    client = MlflowClient(uri)
-    blocker = tmp_path / "blocker"
-    blocker.write_text("x")
-    client.create_experiment("lrctl", artifact_location=(blocker / "art").as_uri())
+    refusing = _refusing_store(workdir, tmp_path)
+    uri = refusing.uri
+    refusing.experiment("lrctl")
     state = tmp_path / "state"
     done: list[tuple[Any, ...]] = []
     let_go = threading.Event()
