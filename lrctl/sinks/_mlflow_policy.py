@@ -16,10 +16,10 @@ from mlflow.entities import Param, RunTag
 from mlflow.exceptions import MlflowException
 
 from ._mlflow_files import RunFiles
+from ._mlflow_limits import MAX_PARAMS_TAGS_PER_BATCH, MAX_TAG_CHARS
 from ._mlflow_views import RunViews
 from ._ship_state import RunState
 from .journal import read_lines
-from .mlflow_sink import MAX_PARAMS_TAGS_PER_BATCH, MAX_TAG_CHARS
 
 __all__ = ["batches", "log_params", "log_policy", "log_policy_files", "shipped_policies"]
 

@@ -24,6 +24,7 @@ from mlflow.exceptions import MlflowException
 from ..policy._base import float_from_json
 from ..policy._decision import record_ratio as decision_ratio
 from ._mlflow_files import RunFiles
+from ._mlflow_limits import MAX_METRICS_PER_BATCH, MAX_PARAMS_TAGS_PER_BATCH, MAX_TAG_CHARS
 from ._mlflow_policy import batches, log_policy, log_policy_files, shipped_policies
 from ._mlflow_prior import POLICY_EVENTS
 from ._mlflow_views import (
@@ -36,7 +37,6 @@ from ._mlflow_views import (
 )
 from ._ship_state import FILES_DOWN, TIMELINE_DUE, Experiments, RunState
 from .journal import DISCARDED, JournalLine, discarded_end
-from .mlflow_sink import MAX_METRICS_PER_BATCH, MAX_PARAMS_TAGS_PER_BATCH, MAX_TAG_CHARS
 from .sampling import DECISION, event_key
 
 __all__ = ["RunShipper"]
