@@ -152,3 +152,16 @@ def lr_curve(client: Any, run_id: str, group: int) -> Callable[[int], float]:
         assert before, f"no LR point at or before step {step}"
         return before[-1]
     return at
+
+
+def close_for_good(sink: AuditSink) -> None:
+    """Close ``sink`` and wait for its MLflow worker threads to end. A controller's exit
+    ends them; in a test process one that outlived ``close()``'s short budget would go on
+    shipping the journal beside the next sink, as no restarted controller does (a stale
+    decisions file uploaded after the new one's)."""
+    shipper = sink.shipper
+    workers = list(getattr(shipper, "_workers", {}).values())
+    sink.close()
+    for worker in workers:
+        worker.join(30)
+        assert not worker.is_alive(), f"{worker.name} did not stop"

@@ -22,7 +22,7 @@ import pytest
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import TEMPORARILY_UNAVAILABLE
 from mlflow.tracking import MlflowClient
-from sinks_helpers import FAST, download, drive, journal_decisions, run_info
+from sinks_helpers import FAST, close_for_good, download, drive, journal_decisions, run_info
 
 import lrctl.sinks._mlflow_files
 from lrctl.sinks import AuditSink
@@ -177,7 +177,7 @@ def test_files_that_wait_are_tried_again_after_a_restart(
     drive(sink, "r", range(50), [0.1], every=10)
     sink.close_run("r")
     assert not sink.flush(2)
-    sink.close()
+    close_for_good(sink)  # (the restarted one ships alone)
     assert FILES_DOWN in read_json(RunPaths.of(state, "r").cursor)
     refusing.repair()
     sink, shipper = sink_of()

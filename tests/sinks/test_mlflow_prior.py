@@ -17,7 +17,15 @@ from typing import Any
 
 import pytest
 from mlflow.tracking import MlflowClient
-from sinks_helpers import FAST, GatedClient, decision, download, drive, run_info
+from sinks_helpers import (
+    FAST,
+    GatedClient,
+    close_for_good,
+    decision,
+    download,
+    drive,
+    run_info,
+)
 
 import lrctl.timeline
 from lrctl.sinks import AuditSink
@@ -47,7 +55,7 @@ def _ship(state: Path, client: Any, uri: str, run_id: str, steps: range, *,
     if end:
         sink.close_run("m1")
     assert sink.flush(60)
-    sink.close()
+    close_for_good(sink)  # (the next part's sink ships alone, as after a restart)
 
 
 def _journal(state: Path) -> list[dict[str, Any]]:
