@@ -268,6 +268,11 @@ class Transport(Writing, PacedReading):
                 except ProtocolError as exc:
                     self.fail(conn, exc.code, str(exc))
                     break
+                except Exception as exc:  # (MemoryError, a bug): this peer's, not the loop's
+                    self.rlog.log(logging.ERROR, f"decode:{type(exc).__name__}",
+                                  "could not decode a peer's frame", exc_info=exc)
+                    self.fail(conn, "internal", f"controller error: {exc!r:.200}")
+                    break
                 if msg is None:
                     break
                 count += 1
@@ -326,7 +331,7 @@ class Transport(Writing, PacedReading):
     def _authenticate(self, conn: Conn, msg: Mapping[str, Any]) -> bool:
         given = msg.get("token")
         if (self.token is not None and isinstance(given, str)
-                and hmac.compare_digest(given.encode("utf-8"), self.token)):
+                and hmac.compare_digest(given.encode("utf-8", "surrogatepass"), self.token)):
             conn.authed = True
             return True
         self.fail(conn, "unauthorized",

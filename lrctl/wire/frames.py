@@ -7,6 +7,7 @@ and :mod:`.messages` decodes the per-step ones without ``json.loads``).
 from __future__ import annotations
 
 import json
+import re
 import struct
 from collections.abc import Mapping
 from typing import Any
@@ -20,6 +21,10 @@ VERSION = 1
 MAX_HELLO = 1 << 20
 MAX_FRAME = 64 << 10
 HEADER = struct.Struct(">I")
+#: A JSON escape of a UTF-16 surrogate: json.loads pairs two of them into one character,
+#: and leaves a lone one in the string, which then cannot be encoded again (every answer,
+#: log line or listing that carried it would fail). Frames with one are walked.
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
 
 
 def encode(msg: Mapping[str, Any], limit: int = MAX_FRAME) -> bytes:
@@ -41,6 +46,9 @@ def decode_json(body: bytes) -> dict[str, Any]:
         raise ProtocolError(f"frame is not UTF-8 JSON: {exc}") from None
     except RecursionError:
         raise ProtocolError("frame nests too deeply") from None
+    if _SURROGATE_ESCAPE.search(body) and _has_lone_surrogate(msg):
+        raise ProtocolError("frame holds a lone UTF-16 surrogate escape (\\ud800-\\udfff): "
+                            "its strings are not Unicode text", "bad_message")
     if not isinstance(msg, dict):
         raise ProtocolError(f"frame must be a JSON object, but got {type(msg).__name__}")
     version = msg.get("v")
@@ -50,6 +58,24 @@ def decode_json(body: bytes) -> dict[str, Any]:
     if not isinstance(msg.get("t"), str):
         raise ProtocolError("message has no type ('t')", "bad_message")
     return msg
+
+
+def _has_lone_surrogate(value: Any) -> bool:
+    """Whether a decoded JSON value holds a string (or key) that is not valid Unicode."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError:
+                return True
+        elif isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return False
 
 
 def _reject_constant(name: str) -> Any:

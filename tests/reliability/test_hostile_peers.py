@@ -195,6 +195,30 @@ def test_an_unauthenticated_tcp_peer_cannot_make_the_controller_read_a_big_frame
     assert request({"t": "status"}, ctl.socket)["t"] == "status"
 
 
+def test_a_lone_surrogate_is_refused_and_costs_no_one_anything(
+        make_controller: Callable[..., ControllerProc], short_dir: Path) -> None:
+    """An adversarial pass's find: a token (or any string) holding a lone UTF-16 surrogate
+    escape is valid JSON, and ``"\\ud800".encode()`` raised out of the loop: one 40-byte
+    frame from a TCP stranger ended the controller. In a run's name it broke ``lrctl
+    runs`` for every operator while the run was held."""
+    ctl, port = _tcp_controller(make_controller, short_dir)
+    with socket.create_connection(("127.0.0.1", port), timeout=60) as s:
+        body = b'{"v":1,"t":"auth","token":"\\ud800"}'
+        s.sendall(struct.pack(">I", len(body)) + body)
+        frames = _frames(s)
+    assert [f["code"] for f in frames] == ["bad_message"], frames
+    assert "surrogate" in frames[0]["message"]
+    peer = RawClient(ctl.socket)
+    body = encode(hello("evil", POLICY, [0.1])).replace(b'"run_name":"evil"',
+                                                        b'"run_name":"evil\\udc00"')
+    peer.send_raw(struct.pack(">I", len(body) - 4) + body[4:])
+    assert peer.answer()["code"] == "bad_message"
+    peer.close()
+    assert request({"t": "status"}, f"tcp://127.0.0.1:{port}", token=TOKEN)["t"] == "status"
+    assert request({"t": "runs"}, ctl.socket)["t"] == "runs"
+    assert ctl.proc.poll() is None
+
+
 def test_a_tcp_hook_with_a_large_policy_shows_its_token_first(
         make_controller: Callable[..., ControllerProc], short_dir: Path) -> None:
     import torch
