@@ -43,6 +43,14 @@ _TMP_IDS = itertools.count()  # temporary files of prepared writes: one name eac
 log = logging.getLogger("lrctl.daemon")
 
 
+def _write_all(fd: int, data: bytes) -> None:
+    """All of ``data`` to ``fd``; a disk that takes part of it and then no more raises
+    (``ENOSPC``) here, so that no short file is ever renamed over a good checkpoint."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
 def _canonical(state: Any) -> bytes:
     return json.dumps(state, sort_keys=True, separators=(",", ":"),
                       allow_nan=False).encode("utf-8")
@@ -96,7 +104,12 @@ class StateStore:
         body = _canonical(pack(state))
         doc = json.dumps({"format": FORMAT, "sha256": hashlib.sha256(body).hexdigest()},
                          separators=(",", ":")).encode("utf-8")
-        return doc + b"\n" + body + b"\n"
+        data = doc + b"\n" + body + b"\n"
+        if len(data) > MAX_STATE_BYTES:  # what read_file refuses is never written
+            raise ValueError(f"the run's state takes {len(data)} bytes, more than a "
+                             f"checkpoint may hold ({MAX_STATE_BYTES}): its policies keep too "
+                             "much (smaller windows, or fewer policies)")
+        return data
 
     def write(self, key: str, data: bytes) -> None:
         """Replace ``key``'s checkpoint with :meth:`encode`'s ``data``, durably (fsync of
@@ -115,9 +128,7 @@ class StateStore:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
         dir_fd = -1
         try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view):]
+            _write_all(fd, data)
             dir_fd = os.open(self.dir, os.O_RDONLY | os.O_CLOEXEC)
         except BaseException:
             os.close(fd)
@@ -193,10 +204,10 @@ class StateStore:
         """``data`` written and fsynced beside ``key``'s checkpoint, then renamed over it."""
         final = self.path(key)
         tmp = final.with_name(f".{final.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
         try:
             try:
-                os.write(fd, data)
+                _write_all(fd, data)  # (one write() may take part of it: a full disk)
                 os.fsync(fd)
             finally:
                 os.close(fd)
@@ -229,7 +240,13 @@ class StateStore:
             return None
 
     def load_all(self) -> Iterator[tuple[str, dict[str, Any]]]:
-        """Every valid checkpoint; damaged ones are renamed ``*.corrupt`` and logged."""
+        """Every valid checkpoint; damaged ones are renamed ``*.corrupt`` and logged. Called
+        once, at the start, under the state dir's lock: the temporary files a crash left
+        mid-write (up to a checkpoint's size each) are removed first."""
+        for tmp in self.dir.glob(f".*{SUFFIX}.*.tmp"):
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+                log.info("removed %s, a checkpoint write a crash left unfinished", tmp.name)
         paths = {p.stem: p for p in self.dir.glob(f"*{LEGACY_SUFFIX}")}
         paths.update({p.stem: p for p in self.dir.glob(f"*{SUFFIX}")})  # these first
         for key, path in sorted(paths.items()):
