@@ -100,7 +100,10 @@ class RobustWindow:
         old = fifo[0] if full else 0.0
         fifo.append(value)
         self._stats = None
-        if self._most:  # screened: one sort, with this value
+        if self._most and (self._room != self._granted or not -_INF < value < _INF
+                           or not -_INF < old < _INF):
+            # Screened, the sorted copy behind (or a value with no place in an order):
+            # one sort, with this value.
             self._room -= 1  # (one more value behind)
             self._sync()
             if not -_TAME < value < _TAME:
@@ -113,6 +116,16 @@ class RobustWindow:
             del data[bisect_left(data, old)]
         else:
             self._pos = _positions(len(fifo))
+        if self._most:
+            # Screened, but the screen lets nothing by (a wild value in the window, or too
+            # few values for a margin): the copy is kept up to date value by value, as an
+            # unscreened window's, where a sort per value (every value then takes the full
+            # rule, which reads the copy) cost a window of 100 000 seconds per thousand.
+            if self._wild:
+                self._wild -= 1
+            if not -_TAME < value < _TAME:
+                self._wild = self.size
+            self._screen()
 
     def add_log(self, x: float) -> None:
         """``add(log(x))``, ``x`` finite and > 0. A screened window takes the log later,
@@ -191,15 +204,20 @@ class RobustWindow:
         if count < self._armed_at:  # not armed: no value is judged yet
             self._granted = self._room = self._armed_at - 1 - count
             return _INF
-        self._granted = self._room = p = self._most
+        # The room: up to size // 8 values, and a quarter of those in the window (a
+        # filling window's screen, with more, would bound nothing: its median's bound is
+        # the value p places below the middle).
+        p = min(self._most, count // 4)
         data = self._sorted
-        if self._wild or not count:
-            return -_INF
         after = min(count + p, size)  # the window's length after p more values
         r = count + p - after  # of which r pushed out old ones
         (_, h25, _), (l50, _, _), (l75, _, _) = _positions(after)
-        if l50 < p:
+        if self._wild or not p or l50 < p:
+            # No value passes: each takes the full rule, and the copy is kept up to date
+            # value by value (see add), never more than one value behind.
+            self._granted = self._room = 0
             return -_INF
+        self._granted = self._room = p
         spread = (data[l75 - p] - data[h25 + r]) / 1.349 if h25 + r < count else 0.0
         q = self._cz * (spread if spread > self._floor else self._floor)
         if not q >= _TINY:
