@@ -19,6 +19,10 @@ def build_sink(state_dir: str | os.PathLike[str],
     """The controller's default sink for a state directory: journal, then MLflow.
 
     Building it also starts replaying into MLflow whatever a previous controller
-    journaled but could not ship.
+    journaled but could not ship. The controller's own environment chooses no MLflow
+    store: a run goes where its training script's MLflow would have put it (the URI
+    its hook sent, else MLflow's default in the script's directory). A controller a
+    script started inherits that script's ``MLFLOW_TRACKING_URI`` and serves later
+    scripts for minutes: their runs landed in the first one's store.
     """
-    return AuditSink(state_dir, settings)
+    return AuditSink(state_dir, settings, env={})
