@@ -219,6 +219,24 @@ def test_a_lone_surrogate_is_refused_and_costs_no_one_anything(
     assert ctl.proc.poll() is None
 
 
+def test_policies_whose_windows_add_up_past_the_bound_are_refused_at_hello(
+        controller: ControllerProc) -> None:
+    """An adversarial pass's find: 64 divergence guards with ``window: 100000`` (each
+    allowed) gave a run a state whose checkpoint, encoded on the loop every second, held
+    every run's answers for up to 0.7 s, and could not be read back (over 16 MiB)."""
+    text = "version: 1\npolicies:\n" + "".join(
+        f"  - kind: divergence\n    name: d{i}\n    window: 100000\n" for i in range(64))
+    with reference(controller.socket) as ref:
+        peer = RawClient(controller.socket)
+        peer.send(hello("greedy", text, [0.1]))
+        refused = peer.answer()
+        peer.close()
+        assert refused["t"] == "error", refused
+        assert "smaller windows" in refused["message"]
+        until("the reference run, served", lambda: ref.answered > 10)
+    assert request({"t": "runs"}, controller.socket)["t"] == "runs"
+
+
 def test_a_tcp_hook_with_a_large_policy_shows_its_token_first(
         make_controller: Callable[..., ControllerProc], short_dir: Path) -> None:
     import torch

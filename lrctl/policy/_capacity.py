@@ -1,0 +1,58 @@
+"""How many values a run's policies may keep: a bound on its state, checked when built.
+
+Every window is bounded (``window``, ``patience``, ``smoothing_window`` ≤ 100 000), and
+a file holds at most 64 policies, but not the product: 64 divergence guards with
+``window: 100000`` kept 25 million values, whose checkpoint (encoded on the
+controller's loop, every second) held every other run's answers for seconds and could
+not be read back, and whose memory a few such runs could exhaust. The engine refuses
+policies whose windows may hold more than :data:`MAX_KEPT_VALUES` in all (a few
+policies at the largest windows fit; the shipped ones keep a few thousand).
+
+The count walks a policy's attributes (and those of the helper objects of lrctl's own
+policy modules it holds): a :class:`~lrctl.policy._robust.RobustWindow` keeps two
+copies of its values, a :class:`~lrctl.policy.stats.TrendWindow` one, a bounded
+``deque`` its ``maxlen``. A policy of your own that keeps its values elsewhere is not
+counted.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import Any
+
+from ._robust import RobustWindow
+from .stats import TrendWindow
+
+__all__ = ["MAX_KEPT_VALUES", "kept_values"]
+
+MAX_KEPT_VALUES = 1 << 20
+_DEPTH = 3  # helper objects inside helper objects
+
+
+def kept_values(policy: Any) -> int:
+    """The most values ``policy``'s windows may hold."""
+    return _count(policy, _DEPTH, set())
+
+
+def _count(obj: Any, depth: int, seen: set[int]) -> int:
+    if id(obj) in seen:
+        return 0
+    seen.add(id(obj))
+    if isinstance(obj, RobustWindow):
+        return 2 * obj.size  # arrival order and the sorted copy
+    if isinstance(obj, TrendWindow):
+        return obj.window
+    if isinstance(obj, deque):
+        return obj.maxlen or 0
+    if depth == 0 or not type(obj).__module__.startswith("lrctl.policy"):
+        return 0
+    return sum(_count(value, depth - 1, seen) for value in _attributes(obj))
+
+
+def _attributes(obj: Any) -> list[Any]:
+    values = list(getattr(obj, "__dict__", {}).values())
+    for cls in type(obj).__mro__:
+        for name in getattr(cls, "__slots__", ()):
+            if hasattr(obj, name):
+                values.append(getattr(obj, name))
+    return values
