@@ -55,8 +55,8 @@ class RobustWindow:
     ``count`` is ``len(window)``.
     """
 
-    __slots__ = ("_armed_at", "_cz", "_fifo", "_floor", "_granted", "_most", "_pos", "_raw",
-                 "_room", "_sorted", "_stats", "_wild", "exp_limit", "limit", "size")
+    __slots__ = ("_armed_at", "_cz", "_fifo", "_floor", "_granted", "_most", "_nan", "_pos",
+                 "_raw", "_room", "_sorted", "_stats", "_wild", "exp_limit", "limit", "size")
 
     def __init__(self, size: int) -> None:
         self.size = size
@@ -69,6 +69,7 @@ class RobustWindow:
         #: Adds to come, as of the sorted copy, before the last wild value (beyond
         #: ±1e300, or NaN) has left.
         self._wild = 0
+        self._nan = 0  # likewise, before the last NaN has left (no place in an order)
         # The screen: none yet (`limit` stays -inf, so no value passes it, and the sorted
         # copy is kept value by value: the room it may fall behind by stays 0).
         self._cz = 0.0
@@ -100,14 +101,15 @@ class RobustWindow:
         old = fifo[0] if full else 0.0
         fifo.append(value)
         self._stats = None
-        if self._most and (self._room != self._granted or not -_INF < value < _INF
-                           or not -_INF < old < _INF):
-            # Screened, the sorted copy behind (or a value with no place in an order):
-            # one sort, with this value.
+        if self._most and (self._room != self._granted or self._nan or value != value):
+            # Screened, the sorted copy behind (or a NaN, which has no place in an order,
+            # in the window): one sort, with this value.
             self._room -= 1  # (one more value behind)
             self._sync()
             if not -_TAME < value < _TAME:
                 self._wild = self.size
+                if value != value:
+                    self._nan = self.size
                 self._screen()
             return
         data = self._sorted
@@ -154,6 +156,7 @@ class RobustWindow:
             self._pos = _positions(len(self._fifo))
             self._stats = None
             self._wild = max(0, self._wild - behind)
+            self._nan = max(0, self._nan - behind)
             self._granted = self._room = 0
         if self._most:
             self._screen()
@@ -176,6 +179,7 @@ class RobustWindow:
         self._armed_at = armed_at
         self._most = max(1, self.size // _BEHIND_SHARE)
         self._wild = _wild(self.values(), self.size)
+        self._nan = _wild(self.values(), self.size, nan_only=True)
         self._sync()
 
     def _screen(self) -> None:
@@ -305,14 +309,16 @@ class RobustWindow:
         count = len(self._fifo)
         self._pos = _positions(count)
         self._wild = _wild(kept, self.size)
+        self._nan = _wild(kept, self.size, nan_only=True)
         self._sync()
 
 
-def _wild(values: list[float], size: int) -> int:
+def _wild(values: list[float], size: int, nan_only: bool = False) -> int:
     """Values to come before the last wild one of ``values`` (a window of ``size``, in
-    arrival order) has left: it leaves after those before it, and the room left."""
+    arrival order) has left: it leaves after those before it, and the room left.
+    ``nan_only``: the last NaN."""
     return max((size - len(values) + i + 1 for i, v in enumerate(values)
-                if not -_TAME < v < _TAME), default=0)
+                if (v != v if nan_only else not -_TAME < v < _TAME)), default=0)
 
 
 def _exp_limit(limit: float) -> float:
