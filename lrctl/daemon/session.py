@@ -41,6 +41,7 @@ from ..policy._rollback import ASYNC_LAG
 from ..sinks import RunInfo
 from ..wire.errors import ProtocolError
 from ..wire.messages import get_int, get_str
+from ._knobs import flatten_params, knob_changes, said_changes
 
 __all__ = ["OPERATOR", "RELOAD", "Session", "Step", "new_resume_token", "text_sha256"]
 
@@ -252,7 +253,7 @@ class Session:
         before = self.lrs()
         summary = new.inherit(old)  # with the manual LR and the hold
         new.set_mode(old.mode if operator_mode else policy.mode, holding=before)
-        old_sha = self.info.policy_sha256
+        old_sha, old_params = self.info.policy_sha256, self.info.params
         self.engine = new
         self.engine.skips_enforced = self._sync
         self.policy = policy
@@ -265,13 +266,17 @@ class Session:
         self.reloads += 1
         parts = [f"{k} {', '.join(v)}" for k, v in summary.items() if v]
         what = "; ".join(parts) or "no policies"
+        knobs = knob_changes(old_params, self.info.params)
+        if knobs:
+            what += f" ({said_changes(knobs)})"
         verb = "forced reload" if forced else "reloaded"
         return self._record(Decision(
             step=max(self.last_step, 0), policy=RELOAD, kind=RELOAD, action="reload",
             old_lrs=tuple(before), new_lrs=tuple(self.lrs()),
             reason=f"{verb} {os.path.basename(policy.source)}: {what}",
             evidence={"old_sha256": old_sha, "new_sha256": policy.sha256,
-                      "source": policy.source, "forced": forced, **summary},
+                      "source": policy.source, "forced": forced, **summary,
+                      "knobs": knobs},
             policy_sha256=policy.sha256).to_dict())
 
     def reload_failed(self, error: str, sha256: str | None) -> dict[str, Any]:
@@ -409,16 +414,6 @@ class Session:
             "reload_error": self.reload_error,
             "overflows": self.overflows,
         }
-
-
-def flatten_params(policy: PolicyFile) -> dict[str, str]:
-    """``{"plateau.factor": "0.5", ...}``: the knobs as MLflow params."""
-    out = {"mode": policy.mode, "min_lr": str(policy.min_lr), "max_lr": str(policy.max_lr)}
-    for entry in policy.entries:
-        out[f"{entry.name}.kind"] = entry.kind
-        for k, v in entry.params.items():
-            out[f"{entry.name}.{k}"] = str(v)[:250]
-    return out
 
 
 def _text(state: Mapping[str, Any], key: str, optional: bool = False) -> Any:

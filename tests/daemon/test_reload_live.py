@@ -103,6 +103,10 @@ def test_valid_edit_takes_effect_with_state_carried_over(
         assert reloads[0].evidence["old_sha256"] == sha(v1)
         assert reloads[0].evidence["new_sha256"] == sha(v2)
         assert "changed plateau" in reloads[0].reason
+        # Which knobs moved, not only which policy (a newcomer's find: "changed plateau"
+        # alone left the audit reader to diff the files).
+        assert "plateau.factor 0.5 → 0.25" in reloads[0].reason
+        assert reloads[0].evidence["knobs"]["plateau.factor"] == ["0.5", "0.25"]
         # The counter continued: steps 1-7 are 7 bad observations (> patience 6), so the
         # first cut is at step 7; a fresh counter would have cut at step 11.
         cuts = [d.step for d in ctl.decisions if d.policy == "plateau"]
