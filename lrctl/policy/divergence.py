@@ -374,7 +374,10 @@ class Divergence(GuardState, GuardActions, LevelShift, RollbackEscalation, React
             linear = self._linear
             floor = (max(self.params["min_sigma"] * abs(window.median()), _MIN_SIGMA)
                      if linear else self._loss_floor)
-            hit = window.outlier(loss, self._z, floor)
+            # Below the screen (log scale: the screen's own floor) it is surely none, and
+            # the window's copy need not be brought up to date (a sort of the window).
+            hit = None if not linear and loss < window.limit else window.outlier(
+                loss, self._z, floor)
             if hit is not None:
                 median, sigma, z = hit
                 if linear:
@@ -386,7 +389,8 @@ class Divergence(GuardState, GuardActions, LevelShift, RollbackEscalation, React
                         "threshold": self._z, "window": window.count}
         window = self._gnorm
         if log_gnorm is not None and self._watch_grad and window.count >= self._min_samples:
-            hit = window.outlier(log_gnorm, self._z, self._grad_floor)
+            hit = None if log_gnorm < window.limit else window.outlier(
+                log_gnorm, self._z, self._grad_floor)
             if hit is not None:
                 median, sigma, z = hit
                 return {"statistic": "grad_norm", "value": math.exp(log_gnorm),
