@@ -17,6 +17,7 @@ from types import MappingProxyType
 from typing import Any
 
 from ..policy import ObservationError
+from ..policy._capacity import held_values
 from ..policy._inputs import check_metrics
 from ..wire.compact import encode_lr_compact
 from ..wire.errors import ProtocolError
@@ -59,15 +60,23 @@ class Observing:
         session = self.sessions.get(conn.run or "")
         if session is None:
             raise ProtocolError("snapshot before hello", "bad_message")
+        # A state found too large is not encoded again (tens of milliseconds on the loop
+        # for each request) until its policies hold fewer values (a reload).
+        held = sum(map(held_values, session.engine.policies))
+        too_large = session.snapshot_too_large_at
         try:
+            if too_large is not None and held >= too_large:
+                raise ProtocolError("known too large")
             frame = encode({"t": "snapshot", "s": session.last_step,
                             "session": session.to_state()}, MAX_HELLO)
         except ProtocolError:  # (a hello carries it back: the same limit binds both ways)
+            session.snapshot_too_large_at = held
             raise ProtocolError(
                 f"the run's state is larger than {MAX_HELLO >> 20} MiB (its policies' "
                 "windows: a shorter window or patience fits), so the checkpoint holds the "
                 "hook's state alone, and a resume from it relies on the controller's own "
                 "checkpoint of the run", "state_too_large") from None
+        session.snapshot_too_large_at = None
         self.transport.send_frame(conn, frame)
 
     def _obs(self, conn: Conn, msg: Mapping[str, Any]) -> None:

@@ -95,6 +95,8 @@ class Session:
         self._sync = False
         self.sync = False  # the connected hook waits for each answer (set by each hello)
         self.reloads = 0
+        # The values its policies held when its snapshot was too large (see Observing)
+        self.snapshot_too_large_at: int | None = None
         self.overflows = 0  # mixed-precision overflow steps the hook reported
         # base="loop": the loop's own LRs at the last observation (runs shows them scaled)
         self.loop_base: list[float] | None = None

@@ -23,7 +23,7 @@ from typing import Any
 from ._robust import RobustWindow
 from .stats import TrendWindow
 
-__all__ = ["MAX_KEPT_VALUES", "kept_values"]
+__all__ = ["MAX_KEPT_VALUES", "held_values", "kept_values"]
 
 MAX_KEPT_VALUES = 1 << 20
 _DEPTH = 3  # helper objects inside helper objects
@@ -31,22 +31,27 @@ _DEPTH = 3  # helper objects inside helper objects
 
 def kept_values(policy: Any) -> int:
     """The most values ``policy``'s windows may hold."""
-    return _count(policy, _DEPTH, set())
+    return _count(policy, _DEPTH, set(), held=False)
 
 
-def _count(obj: Any, depth: int, seen: set[int]) -> int:
+def held_values(policy: Any) -> int:
+    """The values ``policy``'s windows hold now (each once: what its state carries)."""
+    return _count(policy, _DEPTH, set(), held=True)
+
+
+def _count(obj: Any, depth: int, seen: set[int], held: bool) -> int:
     if id(obj) in seen:
         return 0
     seen.add(id(obj))
     if isinstance(obj, RobustWindow):
-        return 2 * obj.size  # arrival order and the sorted copy
+        return obj.count if held else 2 * obj.size  # arrival order and the sorted copy
     if isinstance(obj, TrendWindow):
-        return obj.window
+        return len(obj) if held else obj.window
     if isinstance(obj, deque):
-        return obj.maxlen or 0
+        return len(obj) if held else obj.maxlen or 0
     if depth == 0 or not type(obj).__module__.startswith("lrctl.policy"):
         return 0
-    return sum(_count(value, depth - 1, seen) for value in _attributes(obj))
+    return sum(_count(value, depth - 1, seen, held) for value in _attributes(obj))
 
 
 def _attributes(obj: Any) -> list[Any]:

@@ -237,6 +237,32 @@ def test_policies_whose_windows_add_up_past_the_bound_are_refused_at_hello(
     assert request({"t": "runs"}, controller.socket)["t"] == "runs"
 
 
+def test_a_state_too_large_to_snapshot_is_refused_each_time_and_the_run_goes_on(
+        controller: ControllerProc) -> None:
+    """``ctl.state_dict()`` of a run whose windows hold more than a hello may carry back:
+    refused (``state_too_large``), every time it is asked, without harm to the run. (The
+    controller remembers the verdict until the run holds fewer values: each request had
+    encoded the whole state on the loop.)"""
+    text = "version: 1\npolicies:\n  - kind: divergence\n    window: 100000\n"
+    run = RawClient(controller.socket)
+    run.send(hello("big-state", text, [0.1]))
+    assert run.answer()["t"] == "welcome"
+    step = 0
+    for _ in range(160):  # ~40 000 steps: ~80 000 values, ~1.4 MB of JSON
+        held = [1.0 + (i % 97) / 1000.0 for i in range(255)]
+        run.send({"t": "obs", "s": step + 255, "l": 1.05, "g": 1.05, "pl": held,
+                  "pg": held})
+        assert run.answer()["t"] == "lr"
+        step += 256
+    for _ in range(3):
+        run.send({"t": "snapshot"})
+        refused = run.answer()
+        assert refused["t"] == "error" and refused["code"] == "state_too_large", refused
+    run.obs(step, 1.0, 1.0)
+    assert run.answer()["t"] == "lr"
+    run.close()
+
+
 def test_a_tcp_hook_with_a_large_policy_shows_its_token_first(
         make_controller: Callable[..., ControllerProc], short_dir: Path) -> None:
     import torch
