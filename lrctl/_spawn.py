@@ -61,6 +61,18 @@ def start_controller(address: str) -> Controller:
     return _start(address)[0]
 
 
+def spawned_env() -> dict[str, str]:
+    """The environment of a controller a hook starts: this script's, less its MLflow store.
+
+    A controller's own ``MLFLOW_TRACKING_URI`` is the store of the runs whose scripts
+    name none (an operator's choice for ``lrctl serve``); the hook sends its script's
+    anyway. Inherited, it had the next scripts' runs, for the ten minutes the controller
+    stays, land in this script's store instead of their own default."""
+    env = dict(os.environ)
+    env.pop("MLFLOW_TRACKING_URI", None)
+    return env
+
+
 def _start(address: str) -> tuple[Controller, Path, int]:
     """:func:`start_controller`, with its log file and where this start's output begins."""
     state = paths.ensure_state_dir(paths.state_dir(socket=address))
@@ -74,7 +86,7 @@ def _start(address: str) -> tuple[Controller, Path, int]:
             [sys.executable, "-m", "lrctl", "serve", "--socket", address,
              "--idle-exit", str(SPAWNED_IDLE_EXIT_S)],
             stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-            start_new_session=True, close_fds=True)
+            start_new_session=True, close_fds=True, env=spawned_env())
     for earlier in spawned:
         earlier.poll()  # one that exited is reaped (no zombie per respawn attempt)
     spawned.append(proc)

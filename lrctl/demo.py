@@ -152,7 +152,7 @@ def _where_to_look(steered: DemoResult, fixed: DemoResult, out: TextIO) -> None:
     if not _shipped([r.run_key for r in (steered, fixed) if r.run_key]):
         print("\nMLflow has not received both runs yet (the controller ships them in the "
               "background; 'lrctl status' shows why if it cannot)", file=out)
-    uri = os.environ.get("MLFLOW_TRACKING_URI")
+    uri = _shipped_to(steered.run_key) or os.environ.get("MLFLOW_TRACKING_URI")
     if uri:
         print(f"\nMLflow: both runs are in experiment 'lrctl' at {uri}", file=out)
     else:
@@ -184,6 +184,19 @@ def _shipped(run_keys: list[str], wait_s: float = 60.0) -> bool:
         if time.monotonic() > deadline:
             return False
         time.sleep(0.2)
+
+
+def _shipped_to(run_key: str | None) -> str | None:
+    """The tracking URI the controller chose for the run (its journal says), or None."""
+    from . import paths
+    from .sinks.journal import find_run_paths, read_json
+
+    if not run_key:
+        return None
+    meta = read_json(find_run_paths(run_key, paths.state_dirs()).meta, {}) or {}
+    target = meta.get("mlflow")
+    uri = target.get("tracking_uri") if isinstance(target, dict) else None
+    return uri if isinstance(uri, str) else None
 
 
 def _controller_note(out: TextIO) -> None:

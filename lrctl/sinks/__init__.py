@@ -19,10 +19,10 @@ def build_sink(state_dir: str | os.PathLike[str],
     """The controller's default sink for a state directory: journal, then MLflow.
 
     Building it also starts replaying into MLflow whatever a previous controller
-    journaled but could not ship. The controller's own environment chooses no MLflow
-    store: a run goes where its training script's MLflow would have put it (the URI
-    its hook sent, else MLflow's default in the script's directory). A controller a
-    script started inherits that script's ``MLFLOW_TRACKING_URI`` and serves later
-    scripts for minutes: their runs landed in the first one's store.
+    journaled but could not ship. A run whose script names no MLflow store goes to
+    the controller's ``MLFLOW_TRACKING_URI`` (an operator's choice for ``lrctl serve``;
+    a controller a hook starts does not inherit the script's, see
+    :func:`lrctl._spawn.spawned_env`), else to MLflow's default in the script's
+    directory.
     """
-    return AuditSink(state_dir, settings, env={})
+    return AuditSink(state_dir, settings)
