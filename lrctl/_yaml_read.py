@@ -14,6 +14,8 @@ from typing import Any
 
 import yaml
 
+from ._unicode import has_lone_surrogate
+
 __all__ = ["MAX_BYTES", "MAX_DEPTH", "MAX_NODES", "ConfigError", "YamlReader", "parse_deadline",
            "read_yaml"]
 
@@ -183,6 +185,9 @@ def read_yaml(text: str, source: str) -> tuple[dict[str, Any], YamlReader]:
         raise ConfigError(source, 1, None, "empty policy file")
     reader = YamlReader(source)
     doc = reader.value(root, 0)
+    if has_lone_surrogate(doc):  # ("\ud800" in double quotes: see lrctl._unicode)
+        raise ConfigError(source, None, None, "a string holds a lone UTF-16 surrogate "
+                          "(an escape \\ud800-\\udfff alone): not Unicode text")
     if not isinstance(doc, dict):
         raise ConfigError(source, reader.line(root), None, "expected a mapping at the top level")
     return doc, reader

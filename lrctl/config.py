@@ -40,6 +40,7 @@ from ._yaml_read import (
     read_yaml,
 )
 from .policy import Engine, ParamError, Policy, get_policy_class
+from .policy._capacity import check_kept
 from .policy._engine import unique_names
 from .policy._params import Param, bind_params, did_you_mean
 
@@ -255,11 +256,16 @@ def _validate(doc: dict[str, Any], reader: YamlReader, text: str, source: str) -
         watch=top["watch"],
         entries=tuple(entries),
     )
+    built = []
     for entry in parsed.entries:  # knobs now; the per-group list lengths wait for build()
         try:
-            parsed._make(entry, groups=None)
+            built.append(parsed._make(entry, groups=None))
         except ConfigError as exc:
             errors.append(exc)
+    try:  # (lrctl validate and --policies say so too, not only the engine a run builds)
+        check_kept(built)
+    except ValueError as exc:
+        errors.append(ConfigError(source, None, "policies", str(exc)))
     if errors:
         raise min(errors, key=lambda e: e.line if e.line is not None else 1 << 62)
     return parsed

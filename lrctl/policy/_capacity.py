@@ -9,24 +9,38 @@ policies whose windows may hold more than :data:`MAX_KEPT_VALUES` in all (a few
 policies at the largest windows fit; the shipped ones keep a few thousand).
 
 The count walks a policy's attributes (and those of the helper objects of lrctl's own
-policy modules it holds): a :class:`~lrctl.policy._robust.RobustWindow` keeps two
-copies of its values, a :class:`~lrctl.policy.stats.TrendWindow` one, a bounded
-``deque`` its ``maxlen``. A policy of your own that keeps its values elsewhere is not
-counted.
+policy modules it holds; a subclass of one of lrctl's policies is walked too): a
+:class:`~lrctl.policy._robust.RobustWindow` keeps two copies of its values, a
+:class:`~lrctl.policy.stats.TrendWindow` one, a bounded ``deque`` its ``maxlen``, and a
+class's ``KEPT_PER_KNOB`` names the knobs whose value bounds a list it fills (the
+divergence guard's cooldown keeps two values per observation). A policy of your own
+that keeps its values elsewhere is not counted.
 """
 
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from ._robust import RobustWindow
 from .stats import TrendWindow
 
-__all__ = ["MAX_KEPT_VALUES", "held_values", "kept_values"]
+__all__ = ["MAX_KEPT_VALUES", "check_kept", "held_values", "kept_values"]
 
 MAX_KEPT_VALUES = 1 << 20
 _DEPTH = 3  # helper objects inside helper objects
+
+
+def check_kept(policies: Iterable[Any]) -> None:
+    """``ValueError`` when ``policies`` may keep more than :data:`MAX_KEPT_VALUES`."""
+    kept = sum(map(kept_values, policies))
+    if kept > MAX_KEPT_VALUES:
+        raise ValueError(
+            f"the policies keep up to {kept} values in their windows, more than a run may "
+            f"({MAX_KEPT_VALUES}: a run's state is checkpointed every second, and its "
+            "windows are judged at every step): use smaller windows (window, patience, "
+            "cooldown) or fewer windowed policies")
 
 
 def kept_values(policy: Any) -> int:
@@ -49,9 +63,17 @@ def _count(obj: Any, depth: int, seen: set[int], held: bool) -> int:
         return len(obj) if held else obj.window
     if isinstance(obj, deque):
         return len(obj) if held else obj.maxlen or 0
-    if depth == 0 or not type(obj).__module__.startswith("lrctl.policy"):
+    if depth == 0 or not any(c.__module__.startswith("lrctl.policy")
+                             for c in type(obj).__mro__[:-1]):
         return 0
-    return sum(_count(value, depth - 1, seen, held) for value in _attributes(obj))
+    total = sum(_count(value, depth - 1, seen, held) for value in _attributes(obj))
+    if not held:  # lists a policy fills up to a knob's value (see Divergence)
+        params = getattr(obj, "params", None)
+        for name, per in getattr(type(obj), "KEPT_PER_KNOB", {}).items():
+            value = params.get(name) if isinstance(params, Mapping) else None
+            if isinstance(value, int):
+                total += per * value
+    return total
 
 
 def _attributes(obj: Any) -> list[Any]:

@@ -26,7 +26,7 @@ from typing import Any
 
 from ._arbiter import LRArbiter
 from ._base import SCHEDULE, Observation, Policy, StepContext
-from ._capacity import MAX_KEPT_VALUES, kept_values
+from ._capacity import check_kept
 from ._decision import Decision
 from ._engine_state import EngineState
 from ._inputs import (
@@ -102,13 +102,7 @@ class Engine(EngineState, OperatorVerbs, LRArbiter, Snapshotting):
         if max_lr is not None and max_lr < min_lr:
             raise ValueError(f"max_lr must be >= min_lr, but got {min_lr=}, {max_lr=}")
         self.policies: list[Policy] = list(policies)
-        kept = sum(map(kept_values, self.policies))
-        if kept > MAX_KEPT_VALUES:
-            raise ValueError(
-                f"the policies keep up to {kept} values in their windows, more than a run "
-                f"may ({MAX_KEPT_VALUES}: a run's state is checkpointed every second, and "
-                "its windows are judged at every step): use smaller windows (window, "
-                "patience) or fewer windowed policies")
+        check_kept(self.policies)
         self.names: list[str] = list(names)
         self.min_lr = float(min_lr)
         self.max_lr = math.inf if max_lr is None else float(max_lr)

@@ -227,7 +227,10 @@ class RobustWindow:
         if not q >= _TINY:
             q = 0.0  # (a margin lost to underflow: the median's bound alone is sound)
         limit = data[l50 - p] + q
-        return limit if limit < _INF else -_INF
+        if not limit < _INF:  # (a margin past the floats: no value passes, as above)
+            self._granted = self._room = 0
+            return -_INF
+        return limit
 
     def _quantile(self, q: float) -> float:
         if self._room != self._granted:

@@ -72,6 +72,7 @@ The behaviour of a mixed-precision loss scaler, applied to the learning rate:
 from __future__ import annotations
 
 import math
+from types import MappingProxyType
 from typing import Any
 
 from ._base import Action, Observation, ReactivePolicy, StepContext
@@ -93,6 +94,7 @@ log = math.log
 class Divergence(GuardState, GuardActions, LevelShift, RollbackEscalation, ReactivePolicy):
     priority = 0
     keeps_observations = False
+    KEPT_PER_KNOB = MappingProxyType({"cooldown": 2})  # a cooldown's (loss, grad norm) pairs
     PARAMS = (
         Param("factor", "float", 0.5, "multiply the LR by this on a back-off", gt=0, lt=1),
         Param("z_threshold", "float", 6.0, "robust z-score above which a value is a spike", gt=0),
@@ -112,7 +114,7 @@ class Divergence(GuardState, GuardActions, LevelShift, RollbackEscalation, React
               "spikes of the grad norm alone (the loss ordinary) tolerated before a "
               "back-off, beside `tolerance` (flagged and skipped, not backed off)", ge=0),
         Param("cooldown", "int", 10, "observations after a back-off with no new spike back-off",
-              ge=0),
+              ge=0, le=MAX_WINDOW),
         Param("regrow_after", "int", 200, "clean observations before the LR regrows", ge=1),
         Param("regrow_factor", "float", 2.0, "growth of the multiplier at each regrowth", gt=1),
         Param("max_backoffs", "int", 8, "back-offs in one incident before stop", ge=1),
@@ -190,7 +192,8 @@ class Divergence(GuardState, GuardActions, LevelShift, RollbackEscalation, React
         self._regrow_at = self._regrow_after - 1  # clean ones before this one: regrow now
         # The screens of observe()'s shortcut: log-scale statistics, both watched.
         self._log_both = not self._linear and self._watch_loss and self._watch_grad
-        self._loss.screen(self._z, self._loss_floor, self._min_samples)
+        if not self._linear:  # (the linear rule's floor follows the median: no screen)
+            self._loss.screen(self._z, self._loss_floor, self._min_samples)
         self._gnorm.screen(self._z, self._grad_floor, self._min_samples)
 
     def multiplier(self) -> float:

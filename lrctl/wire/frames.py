@@ -12,6 +12,7 @@ import struct
 from collections.abc import Mapping
 from typing import Any
 
+from .._unicode import has_lone_surrogate
 from .errors import ProtocolError
 
 __all__ = ["HEADER", "MAX_FRAME", "MAX_HELLO", "VERSION", "ProtocolError", "decode_json",
@@ -46,7 +47,7 @@ def decode_json(body: bytes) -> dict[str, Any]:
         raise ProtocolError(f"frame is not UTF-8 JSON: {exc}") from None
     except RecursionError:
         raise ProtocolError("frame nests too deeply") from None
-    if _SURROGATE_ESCAPE.search(body) and _has_lone_surrogate(msg):
+    if _SURROGATE_ESCAPE.search(body) and has_lone_surrogate(msg):
         raise ProtocolError("frame holds a lone UTF-16 surrogate escape (\\ud800-\\udfff): "
                             "its strings are not Unicode text", "bad_message")
     if not isinstance(msg, dict):
@@ -58,24 +59,6 @@ def decode_json(body: bytes) -> dict[str, Any]:
     if not isinstance(msg.get("t"), str):
         raise ProtocolError("message has no type ('t')", "bad_message")
     return msg
-
-
-def _has_lone_surrogate(value: Any) -> bool:
-    """Whether a decoded JSON value holds a string (or key) that is not valid Unicode."""
-    stack = [value]
-    while stack:
-        item = stack.pop()
-        if isinstance(item, str):
-            try:
-                item.encode("utf-8")
-            except UnicodeEncodeError:
-                return True
-        elif isinstance(item, dict):
-            stack.extend(item.keys())
-            stack.extend(item.values())
-        elif isinstance(item, list):
-            stack.extend(item)
-    return False
 
 
 def _reject_constant(name: str) -> Any:

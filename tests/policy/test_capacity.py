@@ -3,6 +3,8 @@ lrctl.policy._capacity): each window is bounded, their number was not."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -30,15 +32,58 @@ def test_each_window_is_counted() -> None:
         "version: 1\npolicies:\n  - kind: divergence\n    window: 1000\n"
         "  - kind: plateau\n    test: trend\n    patience: 600\n"
         "  - kind: earlystop\n    smoothing: trend\n    window: 300\n", [0.1])
-    # two robust windows of two copies; a trend window and the smoothing window (20);
-    # a trend and a robust window
-    assert [kept_values(p) for p in engine.policies][:2] == [4000, 620]
+    # two robust windows of two copies and the cooldown's pairs (10 × 2); a trend window
+    # and the smoothing window (20); a trend and a robust window
+    assert [kept_values(p) for p in engine.policies][:2] == [4020, 620]
     assert kept_values(engine.policies[2]) == 300 + 2 * 300
 
 
 def test_windows_beyond_the_bound_are_refused_with_the_numbers() -> None:
     lrctl.load_policy(_divergences(2, 100_000), [0.1])  # 800 000: fits
-    with pytest.raises(ConfigError, match=rf"up to 1200000 values .* \({MAX_KEPT_VALUES}"):
+    with pytest.raises(ConfigError, match=rf"up to 1200060 values .* \({MAX_KEPT_VALUES}"):
         lrctl.load_policy(_divergences(3, 100_000), [0.1])
     with pytest.raises(ConfigError, match="smaller windows"):
         lrctl.load_policy(_divergences(64, 100_000), [0.1])
+
+
+def test_a_cooldown_keeps_values_too_and_is_bounded() -> None:
+    """A review's find: the divergence guard keeps a (loss, grad norm) pair per observation
+    of a cooldown, and ``cooldown`` had no bound: 64 guards of ``window: 4, cooldown:
+    1000000000`` held 2.5 million values after one NaN, and stalled the loop 2 s a
+    second re-encoding a checkpoint too large to write."""
+    with pytest.raises(ConfigError, match="cooldown: must be <= 100000"):
+        lrctl.load_policy("version: 1\npolicies:\n  - kind: divergence\n"
+                          "    cooldown: 1000000000\n", [0.1])
+    text = "version: 1\npolicies:\n" + "".join(
+        f"  - kind: divergence\n    name: d{i}\n    window: 4\n    min_samples: 4\n"
+        "    cooldown: 100000\n"
+        for i in range(6))  # (6 × (2 × 100 000 + 4 × 4))
+    with pytest.raises(ConfigError, match="up to 1200096 values"):
+        lrctl.load_policy(text, [0.1])
+
+
+def test_lrctl_validate_says_so_before_any_controller_refuses(tmp_path: Path) -> None:
+    path = tmp_path / "greedy.yaml"
+    path.write_text(_divergences(3, 100_000))
+    out = subprocess.run([sys.executable, "-m", "lrctl", "validate", str(path)],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 1
+    assert "more than a run may" in out.stderr
+
+
+def test_a_subclass_of_a_shipped_policy_is_counted() -> None:
+    from lrctl.policy.divergence import Divergence
+
+    class Mine(Divergence):  # a user's subclass, in a module of their own
+        pass
+
+    Mine.__module__ = "my_package.policies"
+    assert kept_values(Mine(window=1000)) == 4020
+
+
+def test_a_lone_surrogate_in_a_policy_file_is_refused() -> None:
+    """``"\\ud800"`` in double quotes is a lone surrogate once read: the reload reason and
+    the MLflow params that carried it could not be encoded (a review's find)."""
+    with pytest.raises(ConfigError, match="lone UTF-16 surrogate"):
+        lrctl.load_policy('version: 1\npolicies:\n  - kind: plateau\n'
+                          '    metric: "val\\ud800"\n', [0.1])

@@ -69,3 +69,20 @@ def test_a_big_window_filling_sorts_rarely_and_judges_exactly(
                 window.outlier(v, Z, FLOOR)
             window.add(v)
     assert sorts[0] <= 60, sorts[0]  # (one per value before: ~4 000)
+
+
+@pytest.mark.parametrize("knobs", ["loss_scale: linear", "min_sigma: 1.0e+308"])
+def test_a_guard_whose_screen_bounds_nothing_sorts_rarely(
+        monkeypatch: pytest.MonkeyPatch, knobs: str) -> None:
+    """A review's finds: a linear-scale guard's loss window was screened for a rule that
+    never reads the screen (and sorted the window at every value), and a margin past the
+    floats (``min_sigma: 1e308``) let the screen grant room it could not use."""
+    import lrctl
+
+    engine = lrctl.load_policy("version: 1\npolicies:\n  - kind: divergence\n"
+                               f"    window: 100000\n    {knobs}\n", [0.1])
+    rng = random.Random(3)
+    with counted_sorts(monkeypatch) as sorts:
+        for step in range(3000):
+            engine.observe(step, 1.0 + rng.random() * 0.1, 1.0 + rng.random() * 0.1)
+    assert sorts[0] <= 100, sorts[0]  # (one per value before)
