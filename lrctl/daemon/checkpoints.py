@@ -40,6 +40,7 @@ __all__ = ["Checkpoints"]
 log = logging.getLogger("lrctl.daemon")
 
 _REMOVAL = object()  # the token of a removal job
+_OVERSIZE_RETRY_S = 60.0  # a state too large to checkpoint is encoded again this much later
 
 
 class Checkpoints:
@@ -274,4 +275,7 @@ class Checkpoints:
             log.error("cannot checkpoint run %s: %s; the run goes on from memory, "
                       "a controller restart would lose it", key, exc)
         self.errors[key] = str(exc)
-        self._last_save[key] = time.monotonic()  # retry at save_interval, not per step
+        # Retry at save_interval, not per step; a state too large (ValueError: encoding it
+        # is the cost, tens of milliseconds on the loop) a minute later.
+        self._last_save[key] = time.monotonic() + (_OVERSIZE_RETRY_S
+                                                   if isinstance(exc, ValueError) else 0.0)

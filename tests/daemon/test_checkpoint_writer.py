@@ -214,6 +214,42 @@ def test_a_failing_disk_is_retried_at_the_save_interval_not_per_observation(
         assert store.attempts <= 3, store.attempts
 
 
+class OversizeStore(StateStore):
+    """Every state is too large to checkpoint; ``encodes`` counts the (costly) tries."""
+
+    def __init__(self, state_dir: Path) -> None:
+        super().__init__(state_dir)
+        self.encodes = 0
+
+    def encode(self, state: dict[str, Any]) -> bytes:  # type: ignore[override]
+        self.encodes += 1
+        raise ValueError("the run's state takes 20000000 bytes, more than a checkpoint "
+                         "may hold")
+
+
+def test_a_state_too_large_to_checkpoint_is_not_encoded_again_every_interval(
+        tmp_path: Path) -> None:
+    """A review's find: a state refused for its size was encoded again at every save
+    interval (a second), on the loop: tens of milliseconds to seconds each time, for a
+    checkpoint that could never be written. It is tried again a minute later."""
+    store = OversizeStore(tmp_path / "state")
+    limits = Limits(save_every=8, save_interval=0.02)
+    with serving(str(tmp_path / "c.sock"), store, limits=limits) as (_, path):
+        c = Client(path)
+        c.send(encode({"t": "hello", "run": "too-big", "run_name": "too-big",
+                       "policy": {"text": POLICY, "source": "<test>"}, "lrs": [0.1],
+                       "groups": 1}, MAX_HELLO))
+        assert c.answer()["t"] == "welcome"
+        step, until = 0, time.monotonic() + 0.6  # 30 save intervals of observations
+        while time.monotonic() < until:
+            c.send(encode_obs(step, 1.0, 1.0))
+            assert c.answer()["t"] in ("lr", "error")
+            step += 1
+        assert step > 100
+    # The opening save and the first hot-path one (and the shutdown's); none per interval.
+    assert store.encodes <= 4, store.encodes
+
+
 def _sessions(n: int) -> dict[str, Any]:
     from lrctl.daemon.session import Session
 
