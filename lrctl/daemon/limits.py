@@ -71,6 +71,11 @@ class Limits:
     # state in it can take twenty times its bytes); one hello is always taken
     max_pending_hello_bytes: int = 4 << 20
     housekeeping_interval: float = 1.0  # seconds between evictions and socket checks
+    # Values the policies of runs without a hook may hold, all together (~40 bytes each in
+    # memory): past it the longest gone are evicted (checkpointed, resumable). A hello may
+    # bring a run's saved state, ~20 times its bytes in memory, and the run was held for
+    # --session-timeout after its peer left: a flood of them took 811 MiB in 8 s.
+    max_hookless_values: int = 1 << 23
     # Checkpoints of runs with a hook stop being written this long after a SIGTERM.
     shutdown_budget_s: float = 0.5
     # -- paced reading (see pacing.py) ----------------------------------------------------

@@ -37,6 +37,7 @@ import time
 from typing import Any
 
 from ..policy import available_kinds
+from ..policy._capacity import held_values
 from ..reload import DEFAULT_DEBOUNCE_S
 from ..sinks import Sink
 from ..wire.errors import ProtocolError
@@ -87,6 +88,7 @@ class Server(Observing):
         self.sessions: dict[str, Session] = {}
         self.conns: dict[str, Conn] = {}  # run key -> its hook's connection
         self._last_seen: dict[str, float] = {}  # run key -> when its hook was last heard
+        self._hookless: dict[str, int] = {}  # run key -> values its policies held, hook gone
         self.started = time.monotonic()
         self._stopping = False
         self._no_hook_since = self.started  # when the last hook left (or the start)
@@ -169,6 +171,26 @@ class Server(Observing):
             log.warning("out of file descriptors: evicted %d run(s) without a hook (their "
                         "state stays on disk; a reconnect resumes them)", evicted)
         return evicted
+
+    def _bound_hookless(self, key: str, session: Session) -> None:
+        """``key`` has no hook now: while the runs without one hold more than
+        ``Limits.max_hookless_values`` values, evict the longest gone (as their session
+        timeout would later: their state stays on disk, a reconnect resumes them)."""
+        held = self._hookless
+        held[key] = sum(map(held_values, session.engine.policies))
+        for k in [k for k in held if k not in self.sessions or k in self.conns]:
+            del held[k]  # (evicted, ended or rejoined since)
+        total = sum(held.values())
+        budget = self.limits.max_hookless_values
+        for k in sorted(held, key=lambda k: self._last_seen.get(k, 0.0)):
+            if total <= budget:
+                break
+            if self._evict(k, "the runs without a hook held more values than the "
+                              f"controller keeps for them ({budget})"):
+                total -= held.pop(k)
+                log.warning("run %s evicted: the runs without a hook held more than %d "
+                            "values; its state stays on disk and a reconnect resumes it",
+                            k, budget)
 
     def heard(self, key: str) -> None:
         """``key``'s hook was heard from (a hello)."""
@@ -262,6 +284,7 @@ class Server(Observing):
                 self.checkpoints.save(conn.run)  # the hook is gone: not only in memory
                 log.info("run %s: its hook went without a goodbye after step %s; the run is "
                          "held (a reconnect resumes it)", conn.run, session.last_step)
+                self._bound_hookless(conn.run, session)
 
     def commit(self) -> None:
         self.sink.commit()

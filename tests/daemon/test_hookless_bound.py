@@ -1,0 +1,66 @@
+"""Runs without a hook hold at most ``Limits.max_hookless_values`` values in all.
+
+An adversarial pass's find: a hello may carry a run's saved state, which the controller
+holds as about twenty times its bytes, and a run whose peer left was held for
+``--session-timeout`` (600 s): forty such hellos in 8 s took the controller to 811 MiB,
+and a controller capped at 1.5 GiB died of a ``MemoryError``. Past the bound the runs
+gone longest are evicted, as their session timeout would later: checkpointed, resumable.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from daemon_helpers import Client, serving
+
+from lrctl.daemon import Limits
+from lrctl.daemon.store import StateStore
+from lrctl.protocol import MAX_HELLO, encode, encode_obs
+
+POLICY = "version: 1\npolicies:\n  - kind: divergence\n    window: 200\n"
+
+
+def _hello(key: str) -> bytes:
+    return encode({"t": "hello", "run": key, "run_name": key,
+                   "policy": {"text": POLICY, "source": "<test>"}, "lrs": [0.1],
+                   "groups": 1}, MAX_HELLO)
+
+
+def _run_and_leave(path: str, key: str, steps: int = 150) -> None:
+    """A run of ``steps`` observations (its guard then holds 2 × steps values) whose
+    process vanishes without a goodbye."""
+    c = Client(path)
+    c.send(_hello(key))
+    assert c.answer()["t"] == "welcome"
+    for step in range(steps):
+        c.send(encode_obs(step, 1.0 + (step % 7) / 100, 1.0))
+        assert c.answer()["t"] == "lr"
+    c.sock.close()
+
+
+def test_the_runs_gone_longest_are_evicted_past_the_bound_and_resume(tmp_path: Path) -> None:
+    store = StateStore(tmp_path / "state")
+    limits = Limits(max_hookless_values=700)  # two such runs (300 values each), not three
+    with serving(str(tmp_path / "c.sock"), store, limits=limits) as (srv, path):
+        for key in ("r-first", "r-second", "r-third"):
+            _run_and_leave(path, key)
+            _until_hookless(srv, key)
+        assert sorted(srv.sessions) == ["r-second", "r-third"]
+        assert store.path("r-first").exists()  # its state stays on disk
+        c = Client(path)
+        c.send(_hello("r-first"))  # a reconnect resumes it
+        welcome: dict[str, Any] = c.answer()
+        assert welcome["t"] == "welcome" and welcome["restored"] and welcome["last_step"] == 149
+        c.sock.close()
+
+
+def _until_hookless(srv: Any, key: str) -> None:
+    import threading
+    import time
+
+    deadline = time.monotonic() + 30
+    # (gone from the hooked runs, and counted among the others, or evicted already)
+    while key in srv.conns or (key in srv.sessions and key not in srv._hookless):
+        assert time.monotonic() < deadline, f"{key}'s hangup not seen"
+        threading.Event().wait(0.01)
