@@ -10,11 +10,12 @@ of the leaving value's equals) keep exactly, ±0.0 included, as long as no NaN
 A window that keeps a *screen* (:meth:`RobustWindow.screen`, the divergence
 guard's) is judged much less often than it changes: almost every value is told
 apart by one comparison with ``limit``. Such a window lets its sorted copy fall
-up to ``size // 8`` values behind and brings it up to date with one sort
-(cheaper than that many insertions and removals) when it is read or that far
-behind. Its ``limit`` stays sound meanwhile, because ``p`` values in (and up to
-``p`` out) move an order statistic by at most ``p`` places: see
-:meth:`RobustWindow._screen`. A window of logs can also take raw values
+up to ``size // 8`` values behind (and no more than a quarter of the values it
+holds) and brings it up to date with one sort (cheaper than that many insertions
+and removals) when it is read or that far behind; while its screen can let no
+value by, it keeps the copy value by value instead. Its ``limit`` stays sound
+meanwhile, because ``p`` values in (and up to ``p`` out) move an order statistic by
+at most ``p`` places: see :meth:`RobustWindow._screen`. A window of logs can also take raw values
 (:meth:`RobustWindow.add_log`, screened against ``exp_limit``) and their logs
 with that sort, all at once.
 
@@ -119,10 +120,11 @@ class RobustWindow:
         else:
             self._pos = _positions(len(fifo))
         if self._most:
-            # Screened, but the screen lets nothing by (a wild value in the window, or too
-            # few values for a margin): the copy is kept up to date value by value, as an
-            # unscreened window's, where a sort per value (every value then takes the full
-            # rule, which reads the copy) cost a window of 100 000 seconds per thousand.
+            # Screened, but the screen lets nothing by (a wild value in the window, too few
+            # values for a margin, a margin past the floats): the copy is kept up to date
+            # value by value, as an unscreened window's. A sort per value instead (each
+            # value then takes the full rule, which reads the copy) cost a window of
+            # 100 000 seconds per thousand values.
             if self._wild:
                 self._wild -= 1
             if not -_TAME < value < _TAME:
