@@ -75,7 +75,7 @@ class Limits:
     # memory): past it the longest gone are evicted (checkpointed, resumable). A hello may
     # bring a run's saved state, ~20 times its bytes in memory, and the run was held for
     # --session-timeout after its peer left: a flood of them took 811 MiB in 8 s.
-    max_hookless_values: int = 1 << 23
+    max_hookless_values: int = 1 << 22
     # Checkpoints of runs with a hook stop being written this long after a SIGTERM.
     shutdown_budget_s: float = 0.5
     # -- paced reading (see pacing.py) ----------------------------------------------------
