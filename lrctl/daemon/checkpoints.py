@@ -82,6 +82,11 @@ class Checkpoints:
         return (key not in self._saving and key not in self.errors and not session.unsaved
                 and session.saved_step == session.last_step)
 
+    def retry_waits(self, key: str, now: float) -> bool:
+        """Whether ``key``'s checkpoint failed and its retry is not due yet (a state too
+        large waits a minute: each try is an encode on the loop)."""
+        return key in self.errors and now < self._last_save.get(key, 0.0)
+
     def save(self, key: str) -> None:
         """Checkpoint ``key`` now, after its write in flight if any."""
         self._settle(key)

@@ -381,6 +381,8 @@ class Server(Observing):
         """Checkpoint a run without a hook (unless its checkpoint is current) and forget it
         (False: its checkpoint failed, so its only copy is in memory, and it stays)."""
         if not self.checkpoints.current(key):
+            if self.checkpoints.retry_waits(key, time.monotonic()):
+                return False  # (its only copy is in memory, and a try now would be wasted)
             self.checkpoints.save(key)
             if key in self.checkpoints.errors:
                 return False

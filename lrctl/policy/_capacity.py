@@ -63,6 +63,8 @@ def _count(obj: Any, depth: int, seen: set[int], held: bool) -> int:
         return len(obj) if held else obj.window
     if isinstance(obj, deque):
         return len(obj) if held else obj.maxlen or 0
+    if isinstance(obj, list) and held:  # (lists a knob bounds: see KEPT_PER_KNOB)
+        return len(obj)
     if depth == 0 or not any(c.__module__.startswith("lrctl.policy")
                              for c in type(obj).__mro__[:-1]):
         return 0

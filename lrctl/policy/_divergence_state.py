@@ -52,8 +52,13 @@ class GuardState(GuardAttributes):
         self._grad_spikes = int(state.get("grad_spikes", 0))
         self._backoffs = int(state["backoffs"])
         self._cooldown = int(state["cooldown"])
+        # A cooldown keeps at most `cooldown` pairs and a settling fewer than `min_samples`
+        # losses: no more are taken from a saved state (a peer's, in a hello, or one of
+        # before a reload that lowered them), the newest.
+        seen = list(state["cooldown_seen"])[-self.params["cooldown"]:] if self.params[
+            "cooldown"] else []
         self._cooldown_seen = [(None if a is None else float(a), None if b is None else float(b))
-                               for a, b in state["cooldown_seen"]]
+                               for a, b in seen]
         self._cooldown_spikes = int(state["cooldown_spikes"])
         self._clean = int(state["clean"])
         self._total_backoffs = int(state["total_backoffs"])
@@ -64,7 +69,8 @@ class GuardState(GuardAttributes):
         self._level_held = bool(state.get("level_held", False))
         self._before_incident = float(state.get("before_incident", 1.0))
         after = state.get("settling")
-        self._after = None if after is None else [float(v) for v in after]
+        self._after = None if after is None else [
+            float(v) for v in list(after)[-(self.params["min_samples"] - 1):]]  # (>= 4)
         self._accepted = None if after is None else dict(state["accepted"])
         self._told_nonpositive = bool(state.get("told_nonpositive", False))
         self._load_rollback_state(state)

@@ -64,3 +64,36 @@ def _until_hookless(srv: Any, key: str) -> None:
     while key in srv.conns or (key in srv.sessions and key not in srv._hookless):
         assert time.monotonic() < deadline, f"{key}'s hangup not seen"
         threading.Event().wait(0.01)
+
+
+class OversizeStore(StateStore):
+    """Every state is too large to checkpoint; ``encodes`` counts the (costly) tries."""
+
+    def __init__(self, state_dir: Path) -> None:
+        super().__init__(state_dir)
+        self.encodes = 0
+
+    def encode(self, state: dict[str, Any]) -> bytes:  # type: ignore[override]
+        self.encodes += 1
+        raise ValueError("the run's state takes 20000000 bytes, more than a checkpoint "
+                         "may hold")
+
+
+def test_a_run_whose_checkpoint_waits_for_its_retry_is_kept_not_encoded_again(
+        tmp_path: Path) -> None:
+    """A review's find: an eviction checkpoints the run first, and ignored the minute a
+    state too large waits before it is encoded again: every disconnect over the bound
+    (and every housekeeping second past the session timeout) encoded it on the loop."""
+    store = OversizeStore(tmp_path / "state")
+    with serving(str(tmp_path / "c.sock"), store,
+                 limits=Limits(max_hookless_values=1)) as (srv, path):
+        _run_and_leave(path, "r-first", steps=20)
+        _until_hookless(srv, "r-first")
+        before = store.encodes
+        for key in ("r-second", "r-third", "r-fourth"):
+            _run_and_leave(path, key, steps=20)
+            _until_hookless(srv, key)
+        # Each new run's own tries (its start and its hook's departure: 2); none for the
+        # runs over the bound, whose only copy stays in memory.
+        assert store.encodes - before <= 3 * 2, store.encodes - before
+        assert sorted(srv.sessions) == ["r-first", "r-fourth", "r-second", "r-third"]

@@ -87,3 +87,22 @@ def test_a_lone_surrogate_in_a_policy_file_is_refused() -> None:
     with pytest.raises(ConfigError, match="lone UTF-16 surrogate"):
         lrctl.load_policy('version: 1\npolicies:\n  - kind: plateau\n'
                           '    metric: "val\\ud800"\n', [0.1])
+
+
+def test_a_saved_state_brings_no_more_than_the_knobs_keep() -> None:
+    """A review's find: a hello's saved state may hold a divergence guard's settling
+    losses and cooldown pairs as plain lists, which nothing bounded (400 000 values a
+    run, counted as 40 by the bound on runs without a hook). They are cut to what the
+    knobs keep (the newest), and counted where held."""
+    from lrctl.policy._capacity import held_values
+
+    engine = lrctl.load_policy("version: 1\npolicies:\n  - kind: divergence\n", [0.1])
+    guard = engine.policies[0]
+    state = guard.state_dict()
+    state["settling"] = [1.0] * 400_000
+    state["accepted"] = {}
+    state["cooldown_seen"] = [[1.0, 1.0]] * 50_000
+    guard.load_state_dict(state)
+    assert len(guard._after) == guard.params["min_samples"] - 1
+    assert len(guard._cooldown_seen) == guard.params["cooldown"]
+    assert held_values(guard) == 31 + 10
