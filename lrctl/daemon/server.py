@@ -379,7 +379,10 @@ class Server(Observing):
 
     def _evict(self, key: str, reason: str) -> bool:
         """Checkpoint a run without a hook (unless its checkpoint is current) and forget it
-        (False: its checkpoint failed, so its only copy is in memory, and it stays)."""
+        (False: its checkpoint failed, so its only copy is in memory, and it stays; or a
+        hello for it is being answered, which counts on finding it held)."""
+        if key in self.handshakes.pending:
+            return False
         if not self.checkpoints.current(key):
             if self.checkpoints.retry_waits(key, time.monotonic()):
                 return False  # (its only copy is in memory, and a try now would be wasted)

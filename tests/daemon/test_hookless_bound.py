@@ -97,3 +97,22 @@ def test_a_run_whose_checkpoint_waits_for_its_retry_is_kept_not_encoded_again(
         # runs over the bound, whose only copy stays in memory.
         assert store.encodes - before <= 3 * 2, store.encodes - before
         assert sorted(srv.sessions) == ["r-first", "r-fourth", "r-second", "r-third"]
+
+
+def test_a_run_whose_hello_is_being_answered_is_not_evicted(tmp_path: Path) -> None:
+    """A review's find: a resume's hello is answered off the loop, and the run it resumes
+    was looked up before; evicted meanwhile, its "rewound" decision (the steps the resume
+    undid) was never journaled. A run with a hello in flight stays."""
+    store = StateStore(tmp_path / "state")
+    with serving(str(tmp_path / "c.sock"), store,
+                 limits=Limits(max_hookless_values=60)) as (srv, path):  # one run of 40
+        _run_and_leave(path, "r-first", steps=20)
+        _until_hookless(srv, "r-first")
+        assert "r-first" in srv.sessions
+        srv.handshakes.pending["r-first"] = None  # (stands for its hello's job)
+        try:
+            _run_and_leave(path, "r-second", steps=20)
+            _until_hookless(srv, "r-second")
+            assert "r-first" in srv.sessions
+        finally:
+            del srv.handshakes.pending["r-first"]
