@@ -231,6 +231,12 @@ class Worker(threading.Thread):
             if not st.cursor.get("finished"):
                 shipper.refresh_views(catch_up=not st.files_checked)
                 st.files_checked = True
+            elif st.decisions_unfiled():
+                # Decisions shipped after the run's end (its streams are read apart, so
+                # its end can go first): into the files too, at once. They waited for
+                # the next snapshot interval (the run was not refreshed once finished)
+                # and a controller that stopped first left the files without them.
+                shipper.refresh_views(catch_up=True)
             if st.files_due(time.monotonic()):
                 shipper.retry_files()
 

@@ -153,6 +153,12 @@ class RunState:
             if got and self.first_pending_at is None:
                 self.first_pending_at = time.monotonic()
 
+    def decisions_unfiled(self) -> bool:
+        """Decisions MLflow has that the run's decisions files do not (a run not deleted)."""
+        snapshot = self.cursor.get("snapshot") or {}
+        return (self.cursor.get("ended") != "DELETED"
+                and self.streams["decisions"].acked_offset > int(snapshot.get("offset", 0)))
+
     def has_work(self) -> bool:
         return not self.failed and any(s.pending or s.behind for s in self.streams.values())
 
