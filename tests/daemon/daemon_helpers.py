@@ -206,3 +206,16 @@ def serving(path: str, store: StateStore, sink: Sink | None = None,
         srv.stop()
         thread.join(30)
         assert not thread.is_alive()
+
+
+class OversizeStore(StateStore):
+    """Every state is too large to checkpoint; ``encodes`` counts the (costly) tries."""
+
+    def __init__(self, state_dir: Path) -> None:
+        super().__init__(state_dir)
+        self.encodes = 0
+
+    def encode(self, state: dict[str, Any]) -> bytes:  # type: ignore[override]
+        self.encodes += 1
+        raise ValueError("the run's state takes 20000000 bytes, more than a checkpoint "
+                         "may hold")

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from daemon_helpers import Client, serving
+from daemon_helpers import Client, OversizeStore, serving
 
 from lrctl.daemon import Limits, Server
 from lrctl.daemon.store import PreparedWrite, StateStore
@@ -213,18 +213,6 @@ def test_a_failing_disk_is_retried_at_the_save_interval_not_per_observation(
         # The opening save and the first hot-path one; no retry per observation after it.
         assert store.attempts <= 3, store.attempts
 
-
-class OversizeStore(StateStore):
-    """Every state is too large to checkpoint; ``encodes`` counts the (costly) tries."""
-
-    def __init__(self, state_dir: Path) -> None:
-        super().__init__(state_dir)
-        self.encodes = 0
-
-    def encode(self, state: dict[str, Any]) -> bytes:  # type: ignore[override]
-        self.encodes += 1
-        raise ValueError("the run's state takes 20000000 bytes, more than a checkpoint "
-                         "may hold")
 
 
 def test_a_state_too_large_to_checkpoint_is_not_encoded_again_every_interval(

@@ -12,7 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from daemon_helpers import Client, serving
+from daemon_helpers import Client, OversizeStore, serving
 
 from lrctl.daemon import Limits
 from lrctl.daemon.store import StateStore
@@ -65,18 +65,6 @@ def _until_hookless(srv: Any, key: str) -> None:
         assert time.monotonic() < deadline, f"{key}'s hangup not seen"
         threading.Event().wait(0.01)
 
-
-class OversizeStore(StateStore):
-    """Every state is too large to checkpoint; ``encodes`` counts the (costly) tries."""
-
-    def __init__(self, state_dir: Path) -> None:
-        super().__init__(state_dir)
-        self.encodes = 0
-
-    def encode(self, state: dict[str, Any]) -> bytes:  # type: ignore[override]
-        self.encodes += 1
-        raise ValueError("the run's state takes 20000000 bytes, more than a checkpoint "
-                         "may hold")
 
 
 def test_a_run_whose_checkpoint_waits_for_its_retry_is_kept_not_encoded_again(
