@@ -322,7 +322,7 @@ class Reporting:
         self._send(t, to_float(loss), to_float(grad_norm), metrics)
 
     def _send(self, t: int, loss: float | None, grad: float | None,
-              metrics: Mapping[str, Any]) -> None:
+              metrics: Mapping[str, Any], end: bool = False) -> None:
         assert self._link is not None
         clean = {k: float(to_float(v) or 0.0) for k, v in metrics.items()} if metrics else None
         overflow = False
@@ -348,7 +348,8 @@ class Reporting:
         gap = (self._gap_changes(self._reported + 1, t) if batch is None and self.every > 1
                and t > self._reported + 1 else None)
         if (link.compact and clean is None and not overflow and not prior and not gap
-                and self._restored_unreported is None and not self._writer.loop_mode):
+                and not end and self._restored_unreported is None
+                and not self._writer.loop_mode):
             frame = encode_obs_compact(t, loss, grad, used)  # plain: see wire.compact
             if frame is not None:
                 self._prev_reported, self._reported = self._reported, t
@@ -362,7 +363,7 @@ class Reporting:
                                gap_used=gap,
                                # reported after the loop's step t - 1 (see report()):
                                # they measured the weights of that step
-                               metrics_step=t - 1 if clean else None)
+                               metrics_step=t - 1 if clean else None, end=end)
             self._restored_unreported = None
         except ValueError as exc:  # e.g. too many metrics for one frame
             self._warn("encode", f"lrctl: step {t} not reported: {exc}")

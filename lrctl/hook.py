@@ -406,12 +406,13 @@ class Controller(Resuming, LinkSide, Reporting, Applying):
         """Metrics reported after the last step (a final evaluation) go with the next
         step's observation, which never comes: a run that ends sends them on an
         observation of their own, of the step after the last (no loss, no grad norm),
-        so the policies see them. A run left resumable keeps its steps for the resume."""
+        marked as the end (that step never runs: the audit records no LRs for it), so
+        the policies see them. A run left resumable keeps its steps for the resume."""
         if not self._metrics:
             return
         metrics, self._metrics = self._metrics, {}
         if end_run:
-            self._send(self._step, None, None, metrics)
+            self._send(self._step, None, None, metrics, end=True)
         else:
             self._warn("late-metrics", f"lrctl: {', '.join(metrics)} reported after the "
                        "last step were not sent (the run was left resumable): a "

@@ -105,6 +105,9 @@ class Observing:
         # The hook carried out a rollback before this step: the snapshot step it restored.
         restored = None if msg.get("r") is None else get_int(msg, "r", hi=step)
         prior = prior_steps(msg, step)  # every="auto": the steps held back, oldest first
+        # The run's end: metrics reported after its last step, on a step that never runs
+        # (the policies see them; the record gets no LRs or statistics for that step).
+        end = msg.get("e") is not None and get_int(msg, "e", lo=1, hi=1) == 1
         if step <= session.last_step:
             # A replay that overlaps what the restored session has seen, or a hook counting
             # from behind it: answered (with its step, so the hook waits for it no longer),
@@ -155,7 +158,8 @@ class Observing:
         if gap:
             for changed, lrs in gap:
                 self.sink.lr_change(key, changed, lrs)
-        self.sink.observation(key, step, loss, grad, used)
+        if not end or loss is not None or grad is not None:
+            self.sink.observation(key, step, loss, grad, used)
         for d in result.decisions:
             self.sink.decision(key, {**d, "wall_time": time.time()})
         self.checkpoints.observed(key, session, self._now)

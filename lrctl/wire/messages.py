@@ -75,7 +75,8 @@ def encode_obs(step: int, loss: float | None, grad_norm: float | None,
                metrics_step: int | None = None,
                prior_used: Sequence[tuple[int, Sequence[float]]] | None = None,
                used: Sequence[float] | None = None,
-               gap_used: Sequence[tuple[int, Sequence[float]]] | None = None) -> bytes:
+               gap_used: Sequence[tuple[int, Sequence[float]]] | None = None,
+               end: bool = False) -> bytes:
     """An ``obs`` frame, formatted by hand: this runs once per training step.
 
     ``repr`` of a finite float is valid JSON; the rare fields go through
@@ -92,10 +93,11 @@ def encode_obs(step: int, loss: float | None, grad_norm: float | None,
     own when absent). ``u``: the LRs the optimizer step of ``s`` runs on (an async hook
     says; see :mod:`lrctl._lr_history`). ``gu`` (``every=N``): where the LRs changed in
     the steps since the previous report, which were not reported: ``[step, lrs]`` pairs,
-    oldest first, each the LRs from that step on.
+    oldest first, each the LRs from that step on. ``e`` (1): the run's end: metrics
+    reported after its last step, on a step ``s`` that never runs.
     """
     if (metrics or overflow or base is not None or restored is not None or prior
-            or used is not None or gap_used):
+            or used is not None or gap_used or end):
         msg: dict[str, Any] = {"t": "obs", "s": step, "l": float_out(loss),
                                "g": float_out(grad_norm)}
         if metrics:
@@ -118,6 +120,8 @@ def encode_obs(step: int, loss: float | None, grad_norm: float | None,
             msg["u"] = [float(v) for v in used]
         if gap_used:
             msg["gu"] = [[int(s), [float(v) for v in lrs]] for s, lrs in gap_used]
+        if end:
+            msg["e"] = 1
         return encode(msg)
     body = f'{{"v":1,"t":"obs","s":{int(step)},"l":{_num(loss)},"g":{_num(grad_norm)}}}'.encode(
         "ascii")

@@ -17,11 +17,11 @@ from typing import Any
 
 import pytest
 import torch
-from daemon_helpers import ControllerProc
+from daemon_helpers import ControllerProc, until
 
 import lrctl
 from lrctl.client import request
-from lrctl.sinks.journal import RunPaths, read_lines
+from lrctl.sinks.journal import RunPaths, last_line, read_lines
 
 # The LR moves at every step of the warmup: any step recorded with another step's LR shows.
 WARMUP = {"version": 1, "policies": [{"kind": "warmup", "steps": 400}]}
@@ -35,6 +35,11 @@ def _recorded(state_dir: str, key: str) -> list[tuple[int, float]]:
             if name == "lrctl/lr/g0":
                 points[step] = float(value)
     return sorted(points.items())
+
+
+def _ended(paths: RunPaths) -> bool:
+    end = last_line(paths.stream("events"))
+    return end is not None and end.record.get("event") == "end"
 
 
 def _at(points: list[tuple[int, float]], step: int) -> float:
@@ -240,6 +245,33 @@ def test_operator_pushes_are_recorded_from_the_step_they_ran_at(make_controller:
     _check_all(proc, loop)
 
 
+def test_an_evaluation_after_the_last_step_records_no_step_that_never_ran(
+        make_controller: Any) -> None:
+    """Metrics reported after the last step go on an observation of the step after it,
+    which never runs: the record used to end with that step, at the LRs the warmup
+    would have given it (``lrctl/lr/g0`` one past the run, and its loss curve short of
+    the last step). The policies still see the metrics, and decide at that step."""
+    earlystop = {"version": 1, "policies": [{"kind": "warmup", "steps": 400},
+                                            {"kind": "earlystop", "metric": "val_loss",
+                                             "patience": 1}]}
+    with _audited(make_controller, "final-eval", earlystop, timeout=10.0) as (
+            proc, loop, ctl):
+        loop.train(ctl, 20)
+        ctl.report(val_loss=1.0)
+        loop.train(ctl, 17)  # the last step is 36
+        ctl.report(val_loss=2.0)  # worse: earlystop asks to stop, after step 36
+    stops = [d for d in ctl.decisions if d.action == "stop"]
+    assert [d.step for d in stops] == [37], ctl.decisions
+    paths = RunPaths.of(Path(proc.state_dir), loop.key)
+    until(lambda: _ended(paths), "the run's end journaled (its last points with it)")
+    points = _recorded(proc.state_dir, loop.key)
+    assert points[-1][0] == loop.step - 1 == 36
+    _check_all(proc, loop)
+    losses = [step for line in read_lines(paths.stream("metrics"))
+              for name, _, step in line.record["points"] if name == "lrctl/loss"]
+    assert max(losses) == 36, "the loss curve reaches the last step"
+
+
 def test_the_history_keeps_each_change_from_the_step_it_first_ran_at() -> None:
     from lrctl._lr_history import LRHistory
 
@@ -289,6 +321,10 @@ def test_the_wire_carries_the_lrs_used_and_refuses_bad_ones() -> None:
     assert says_used(with_used(json_frame, [0.3]))
     assert decode_json(with_used(json_frame, [0.3])[HEADER.size:])["u"] == [0.3]
     assert encode_obs_compact(7, 1.5, 2.0, [math.nan]) is None  # the JSON frame then
+    # The run's end (metrics after the last step): said, and absent otherwise.
+    ended = decode_json(encode_obs(8, None, None, {"val_loss": 1.0}, end=True)[HEADER.size:])
+    assert ended["e"] == 1 and ended["m"] == {"val_loss": 1.0}
+    assert "e" not in decode_json(encode_obs(8, None, None, {"val_loss": 1.0})[HEADER.size:])
     body = plain[HEADER.size:]
     for bad in (body[:1] + bytes([7]) + body[2:],  # flag 4 without the LRs
                 body[:1] + bytes([7]) + body[2:] + b"\x01",  # a count cut short
