@@ -39,6 +39,7 @@ from watchdog.events import FileSystemEvent, FileSystemEventHandler
 from watchdog.observers import Observer
 
 from .config import MAX_BYTES, ConfigError, PolicyFile, parse_text
+from .paths import read_regular
 
 __all__ = ["PolicyWatcher", "ReloadEvent", "read_policy_file"]
 
@@ -69,12 +70,9 @@ def read_policy_file(path: str) -> ReloadEvent:
     """Read and validate ``path`` now."""
     try:
         # Non-blocking, and only a regular file: a FIFO or a device at the path
-        # must not hang the watcher's thread in open() or read().
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-        with os.fdopen(fd, "rb") as f:
-            if not stat.S_ISREG(os.fstat(fd).st_mode):
-                return ReloadEvent(path, "invalid", error=f"{path}: not a regular file")
-            data = f.read(MAX_BYTES + 1)
+        # must not hang the watcher's thread in open() or read() (nor a directory leak
+        # the descriptor opened on it).
+        data = read_regular(path, MAX_BYTES + 1, follow=True)
     except FileNotFoundError:
         return ReloadEvent(path, "missing", error=f"{path}: file not found")
     except OSError as exc:

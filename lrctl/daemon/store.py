@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from .._parallel import in_parallel
-from ..paths import is_run_key
+from ..paths import is_run_key, read_regular
 from ._packed import pack, unpack
 
 __all__ = ["FORMAT", "CheckpointWriter", "PreparedWrite", "StateStore"]
@@ -261,9 +261,10 @@ class StateStore:
 
     @staticmethod
     def read_file(path: Path) -> dict[str, Any]:
-        """A checkpoint file's state, checked (format, checksum); ``ValueError`` if not."""
-        with open(path, "rb") as f:
-            data = f.read(MAX_STATE_BYTES + 1)
+        """A checkpoint file's state, checked (format, checksum); ``ValueError`` if not.
+        Only a regular file is read (``OSError`` otherwise): a FIFO or a symlink at a
+        checkpoint's name must not hang or redirect the controller's start."""
+        data = read_regular(path, MAX_STATE_BYTES + 1)
         if len(data) > MAX_STATE_BYTES:
             raise ValueError(f"larger than {MAX_STATE_BYTES} bytes")
         head, sep, rest = data.partition(b"\n")

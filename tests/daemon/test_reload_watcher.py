@@ -197,6 +197,21 @@ def test_a_fifo_at_the_policy_path_does_not_hang_the_watcher(
     assert [(e.status, patience(e)) for e in collect(events)] == [("changed", 7)]
 
 
+def test_a_directory_at_the_policy_path_is_refused_without_leaking_a_descriptor(
+        tmp_path: Path) -> None:
+    """An adversarial pass's find: each read of a directory at a watched path (a watcher
+    event, ``lrctl reload``) left one descriptor open in the controller."""
+    from lrctl.reload import read_policy_file
+
+    f = tmp_path / "p.yaml"
+    f.mkdir()
+    before = len(os.listdir("/proc/self/fd"))
+    for _ in range(50):
+        got = read_policy_file(str(f))
+        assert got.status == "invalid" and "not a regular file" in (got.error or "")
+    assert len(os.listdir("/proc/self/fd")) == before
+
+
 def test_a_replaced_directory_is_watched_anew(tmp_path: Path, watcher: PolicyWatcher,
                                              events: queue.Queue[ReloadEvent]) -> None:
     """An adversarial pass's find: after `rm -rf dir; mkdir dir` (or the directory moved

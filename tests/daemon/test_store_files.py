@@ -74,3 +74,24 @@ def test_temporary_files_a_crash_left_are_removed_at_the_start(tmp_path: Path) -
     assert [key for key, _ in store.load_all()] == [KEY]
     assert not left.exists()
     assert other.exists()
+
+
+def test_a_fifo_or_a_symlink_at_a_checkpoints_name_is_moved_aside_not_read(
+        tmp_path: Path) -> None:
+    """An adversarial pass's find: a FIFO at a checkpoint's name (or a symlink to one)
+    hung a starting controller in ``open()`` for ever, its socket never answering."""
+    import os
+
+    store = StateStore(tmp_path)
+    store.save(KEY, {"step": 1})
+    fifo_key, link_key, target_key = (KEY[:-1] + c for c in "abc")
+    os.mkfifo(store.path(fifo_key))  # nobody writes to it: a blocking open never returns
+    target = tmp_path / "elsewhere.ckpt"
+    store.save(target_key, {"step": 7})
+    os.replace(store.path(target_key), target)
+    os.symlink(target, store.path(link_key))  # a valid checkpoint, through a symlink
+    assert [key for key, _ in store.load_all()] == [KEY]
+    for key in (fifo_key, link_key):
+        assert not os.path.lexists(store.path(key))
+        assert os.path.lexists(store.path(key).with_suffix(".corrupt"))
+    assert store.load(fifo_key) is None
