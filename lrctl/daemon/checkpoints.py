@@ -102,6 +102,17 @@ class Checkpoints:
         session.unsaved = 0
         self._last_save[key] = time.monotonic()
 
+    def changed(self, key: str) -> None:
+        """``key``'s state changed off the hot path (a reload): checkpointed off the loop,
+        now or, with a write in flight, by the timed checkpoint after it (as an
+        observation's change is; the decision is in the journal already)."""
+        session = self.sessions[key]
+        session.unsaved += 1
+        if key in self._saving:
+            self.next_due = min(self.next_due, self._last_save.get(key, 0.0) + self.interval())
+        else:
+            self._save_soon(key)
+
     def start(self, key: str) -> None:
         """A new run's first checkpoint, made durable off the loop (see the module
         docstring)."""

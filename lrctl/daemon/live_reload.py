@@ -4,6 +4,14 @@ One :class:`~lrctl.reload.PolicyWatcher` watches every file a session runs (and
 ``--policies DIR``). Its thread only puts events on a queue and wakes the loop; the
 loop applies them at once (:meth:`LiveReload.drain`), not at the next observation,
 so the new LRs are pushed to the hook as an ``lr`` frame with ``s = -1``.
+
+Each run's reload is journaled before its hook hears of it (a policy copy and a
+journal line, an fsync or two), so a file that many runs share is applied a slice of
+loop time at a time (:data:`RELOAD_SLICE_S`), each slice followed by a pause as long,
+in which the loop serves what the other runs send: one edit of a file 100 runs used
+held every run's answers for most of a second, and an edit storm kept them waiting.
+Versions apply in the order they came; a valid version supersedes the runs still
+waiting for an older one, which go straight to it.
 """
 
 from __future__ import annotations
@@ -11,6 +19,8 @@ from __future__ import annotations
 import logging
 import os
 import queue
+import time
+from collections import deque
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -26,6 +36,8 @@ log = logging.getLogger("lrctl.daemon")
 #: Journal a decision made off the hot path, checkpoint its run and push it to its hook;
 #: the flag says it is a reload (the sink records the new policy version).
 Publish = Callable[[Session, dict[str, Any], bool], None]
+#: Loop time one wake-up spends applying new versions; the runs left wait for the next.
+RELOAD_SLICE_S = 0.01
 
 
 class LiveReload:
@@ -44,6 +56,9 @@ class LiveReload:
         self._wake = wake
         self.watcher = PolicyWatcher(self._on_event, debounce_s=debounce_s) if watch else None
         self._events: queue.SimpleQueue[ReloadEvent] = queue.SimpleQueue()
+        # Versions being applied, in order: (event, its file, the keys still to take it).
+        self._fanout: deque[tuple[ReloadEvent, str, deque[str]]] = deque()
+        self.resume_at = 0.0  # when the next slice may begin (monotonic)
         self._watched: dict[str, str] = {}  # run key -> the path it is watched under
         self.library: dict[str, str | None] = {}  # --policies files -> their error, if any
 
@@ -72,14 +87,49 @@ class LiveReload:
         self._events.put(event)
         self._wake()
 
+    @property
+    def applying(self) -> bool:
+        """Some runs still wait for a version handed over (see the module docstring)."""
+        return bool(self._fanout)
+
     def drain(self) -> None:
-        """Apply the events handed over so far (on the loop's thread)."""
+        """Take the events handed over so far, and apply them (on the loop's thread) for
+        up to :data:`RELOAD_SLICE_S` unless a pause is on (:attr:`resume_at`: the loop
+        calls again then)."""
         while True:
             try:
                 event = self._events.get_nowait()
             except queue.Empty:
-                return
-            self.apply(event)
+                break
+            self._queue(event)
+        began = time.monotonic()
+        if began < self.resume_at:
+            return
+        fanout = self._fanout
+        while fanout:
+            event, path, keys = fanout[0]
+            while keys:
+                session = self.sessions.get(keys.popleft())
+                if session is not None and session.watch_path == path:
+                    self._apply_one(event, path, session)
+                    now = time.monotonic()
+                    if now - began >= RELOAD_SLICE_S and (keys or len(fanout) > 1):
+                        self.resume_at = now + (now - began)  # the others' turn
+                        return
+            fanout.popleft()
+
+    def _queue(self, event: ReloadEvent) -> None:
+        """A version handed over: said once, then applied run by run by :meth:`drain`."""
+        path = os.path.normpath(event.path)
+        targets = self._announce(event, path, [
+            s for s in self.sessions.values() if s.watch_path == path])
+        if not targets:
+            return
+        if event.policy is not None:  # the runs waiting for an older one take this one
+            for _, older, keys in self._fanout:
+                if older == path:
+                    keys.clear()
+        self._fanout.append((event, path, deque(s.key for s in targets)))
 
     # -- which files are watched ---------------------------------------------------------
     def sync_watch(self, session: Session) -> None:
@@ -121,12 +171,20 @@ class LiveReload:
                  sum(1 for path in files if self.library.get(str(path.resolve()))))
 
     # -- applying a new version ----------------------------------------------------------
-    def apply(self, event: ReloadEvent,
-              only: list[Session] | None = None) -> list[dict[str, Any]]:
-        """Apply a file's new version to every session running it; their decisions."""
+    def apply(self, event: ReloadEvent, only: list[Session]) -> list[dict[str, Any]]:
+        """Apply a file's version to ``only`` now, all of them; their decisions."""
         path = os.path.normpath(event.path)
-        targets = only if only is not None else [
-            s for s in self.sessions.values() if s.watch_path == path]
+        out = []
+        for session in self._announce(event, path, only):
+            decision = self._apply_one(event, path, session)
+            if decision is not None:
+                out.append(decision)
+        return out
+
+    def _announce(self, event: ReloadEvent, path: str,
+                  targets: list[Session]) -> list[Session]:
+        """Note and log a version of ``path`` for ``targets``; the sessions to apply it to
+        (none for a file gone missing: they keep their policy until it returns)."""
         if path in self.library:
             self.library[path] = event.error
         if event.status == "missing":
@@ -136,33 +194,36 @@ class LiveReload:
         if event.status == "invalid":
             log.error("reload rejected, %d run(s) keep the old version: %s", len(targets),
                       event.error)
-        out = []
-        for session in targets:
-            if event.policy is not None:
-                if not event.forced and event.policy.sha256 == session.info.policy_sha256:
-                    # Already running this version (restored after the edit, or a broken
-                    # edit put back as it was): the file validates again, so the error
-                    # shown by runs/status is over.
-                    if session.reload_error is not None:
-                        session.reload_error = None
-                        log.info("run %s: %s validates again (the version running)",
-                                 session.key, path)
-                        self._save(session.key)
-                    continue
-                try:
-                    decision = session.reload(event.policy, event.forced)
-                except Exception as exc:  # (never the watcher's end: see reload.PolicyWatcher)
-                    log.error("run %s cannot take %s: %s", session.key, path,
-                              exc if isinstance(exc, (ConfigError, ValueError)) else repr(exc))
-                    decision = session.reload_failed(str(exc), event.sha256)
-                else:
-                    log.info("run %s: %s", session.key, decision["reason"])
+        return targets
+
+    def _apply_one(self, event: ReloadEvent, path: str,
+                   session: Session) -> dict[str, Any] | None:
+        """One session takes a version (or records why it cannot); its decision, None when
+        it already runs that version."""
+        if event.policy is not None:
+            if not event.forced and event.policy.sha256 == session.info.policy_sha256:
+                # Already running this version (restored after the edit, or a broken
+                # edit put back as it was): the file validates again, so the error
+                # shown by runs/status is over.
+                if session.reload_error is not None:
+                    session.reload_error = None
+                    log.info("run %s: %s validates again (the version running)",
+                             session.key, path)
+                    self._save(session.key)
+                return None
+            try:
+                decision = session.reload(event.policy, event.forced)
+            except Exception as exc:  # (never the watcher's end: see reload.PolicyWatcher)
+                log.error("run %s cannot take %s: %s", session.key, path,
+                          exc if isinstance(exc, (ConfigError, ValueError)) else repr(exc))
+                decision = session.reload_failed(str(exc), event.sha256)
             else:
-                decision = session.reload_failed(event.error or "invalid", event.sha256)
-            self.sync_watch(session)  # the new version may say watch: false
-            self._publish(session, decision, True)
-            out.append(decision)
-        return out
+                log.info("run %s: %s", session.key, decision["reason"])
+        else:
+            decision = session.reload_failed(event.error or "invalid", event.sha256)
+        self.sync_watch(session)  # the new version may say watch: false
+        self._publish(session, decision, True)
+        return decision
 
     def reload_now(self, sessions: list[Session]) -> tuple[list[dict[str, Any]], list[str]]:
         """Read the files of ``sessions`` now and apply them even if unchanged (``lrctl

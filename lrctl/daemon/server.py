@@ -213,10 +213,14 @@ class Server(Observing):
         try:
             self.woken()
             self.transport.release()
+            live = self.live
             while not self._stopping:
-                ready = self.transport.select(poll)
+                ready = self.transport.select(poll if not live.applying else min(
+                    poll, max(0.0, live.resume_at - time.monotonic())))
                 self._now = time.monotonic()
                 self.transport.serve(ready)
+                if live.applying and self._now >= live.resume_at:
+                    live.drain()  # a file many runs share: its next slice of runs
                 self.transport.release()  # the group commit, then the replies it holds
                 now = time.monotonic()
                 if now >= self.checkpoints.next_due:
@@ -312,13 +316,19 @@ class Server(Observing):
                 reloaded: bool = False) -> None:
         """A decision made off the hot path (an operator's, a reload's): journal it,
         checkpoint the run, and push the new LRs to its hook, which applies them on its
-        next step."""
+        next step. An operator's decision is checkpointed before the answer; a reload's
+        off the loop (a file many runs share must not hold the loop for an fsync each:
+        a restart before it is durable applies the file again, from the journal's
+        record on)."""
         self._runs_cache = None
         self.decided += 1
         if reloaded:  # first: the reload's own decision is of the new policy version
             self.sink.policy_changed(session.key, session.info, decision)
         self.sink.decision(session.key, {**decision, "wall_time": time.time()})
-        self.checkpoints.save(session.key)
+        if reloaded:
+            self.checkpoints.changed(session.key)
+        else:
+            self.checkpoints.save(session.key)
         conn = self.conns.get(session.key)
         if conn is not None:
             self.reply(conn, session, -1, session.lrs(), [decision], False, False)
