@@ -282,15 +282,27 @@ def open_private(path: str | os.PathLike[str], flags: int) -> int:
     return fd
 
 
-def read_regular(path: str | os.PathLike[str], limit: int, *, follow: bool = False) -> bytes:
-    """Up to ``limit`` bytes of a regular file, never blocking: a FIFO or a device at the
-    path (which an ``open`` would wait on for ever) is refused with ``OSError``, as is a
-    symlink unless ``follow``."""
+def open_regular(path: str | os.PathLike[str], *, follow: bool = False) -> int:
+    """A descriptor to read a regular file, opened without blocking: a FIFO or a device
+    at the path (which an ``open`` would wait on for ever) is refused with ``OSError``
+    (``EINVAL``), as is a symlink unless ``follow`` (``ELOOP``)."""
     flags = os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | (0 if follow else os.O_NOFOLLOW)
     fd = os.open(path, flags)
     try:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             raise OSError(errno.EINVAL, "not a regular file", str(path))
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def read_regular(path: str | os.PathLike[str], limit: int, *, follow: bool = False) -> bytes:
+    """Up to ``limit`` bytes of a regular file, never blocking: a FIFO or a device at the
+    path (which an ``open`` would wait on for ever) is refused with ``OSError``, as is a
+    symlink unless ``follow``."""
+    fd = open_regular(path, follow=follow)
+    try:
         chunks, left = [], limit
         while left > 0 and (chunk := os.read(fd, min(left, 1 << 20))):
             chunks.append(chunk)

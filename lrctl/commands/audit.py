@@ -50,23 +50,34 @@ def _state_dir_option(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_decisions(args: argparse.Namespace) -> int:
-    from ..sinks.journal import read_lines
+    from ..sinks.journal import JournalError, read_lines
 
     try:
         paths = find_run(args.run, args.state_dir)
     except RunNotFound as exc:
         print(f"lrctl decisions: {exc}", file=sys.stderr)
         return 2
-    records = [line.record for line in read_lines(paths.stream("decisions"))]
+    records: list[dict[str, Any]] = []
+    damage = None
+    try:
+        for line in read_lines(paths.stream("decisions")):
+            records.append(line.record)
+    except JournalError as exc:  # what comes before the damage, and what it is
+        damage = exc
     if args.json:
         for rec in records:
             print(json.dumps(rec, separators=(",", ":")))
-        return 0
-    print(format_table(records))
+    else:
+        print(format_table(records))
+    if damage is not None:
+        print(f"lrctl decisions: the journal is damaged after decision {len(records)}: "
+              f"{damage}", file=sys.stderr)
+        return 1
     return 0
 
 
 def cmd_report(args: argparse.Namespace) -> int:
+    from ..sinks.journal import JournalError
     from ..timeline import render_run
 
     try:
@@ -76,6 +87,10 @@ def cmd_report(args: argparse.Namespace) -> int:
         return 2
     try:
         out = render_run(paths.root, args.output)
+    except JournalError as exc:
+        print(f"lrctl report: run {paths.run_key}'s journal is damaged: {exc}",
+              file=sys.stderr)
+        return 1
     except OSError as exc:  # a missing folder, a directory given as the file, no space
         print(f"lrctl report: cannot write {args.output or 'the picture'}: "
               f"{exc.strerror or exc}", file=sys.stderr)
@@ -90,7 +105,7 @@ def find_run(query: str, state_dir: str | None = None) -> Any:
     (``$LRCTL_SOCKET``: one started with ``--state-dir`` keeps its runs there), the shared
     one and those of controllers on other sockets (``lrctl.paths.state_dirs``)."""
     from ..paths import state_dirs
-    from ..sinks.journal import RunPaths, discarded_end, list_run_keys, read_json
+    from ..sinks.journal import RunPaths, list_run_keys, read_json
     from ._client import live_state_dir
 
     if state_dir:
@@ -104,7 +119,7 @@ def find_run(query: str, state_dir: str | None = None) -> Any:
     matches = [(root, k) for root, k in every if k == query]
     # By name or prefix, a run discarded before its first step is none of them (it would
     # be the latest of its name after a Scheduler resume): by its key only.
-    found = [(root, k) for root, k in every if discarded_end(RunPaths.of(root, k)) is None]
+    found = [(root, k) for root, k in every if _discarded(RunPaths.of(root, k)) is None]
     if not matches:  # a run name (a prefix of each of its runs' keys: NAME-xxxxxxxx)
         for root, k in found:
             paths = RunPaths.of(root, k)
@@ -176,3 +191,14 @@ def _lr_change(rec: dict[str, Any]) -> str:
         return "-"
     more = f" (+{len(new) - 1} groups)" if len(new) > 1 else ""
     return f"{float_from_json(old[0]):.4g} -> {float_from_json(new[0]):.4g}{more}"
+
+
+def _discarded(paths: Any) -> Any:
+    """:func:`~lrctl.sinks.journal.discarded_end`, or None for a run whose journal is
+    damaged (found by name still: ``decisions`` then shows what it can)."""
+    from ..sinks.journal import JournalError, discarded_end
+
+    try:
+        return discarded_end(paths)
+    except JournalError:
+        return None

@@ -15,6 +15,7 @@ without a journal (``--no-audit``) are listed too.
 
 from __future__ import annotations
 
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,7 @@ def journal_runs(state_dir: Path, live: dict[str, dict[str, Any]]) -> list[dict[
     and LRs, decision count, last decision and MLflow run id."""
     from ..sinks.journal import (
         DISCARDED,
+        JournalError,
         RunPaths,
         last_line,
         list_run_keys,
@@ -40,8 +42,13 @@ def journal_runs(state_dir: Path, live: dict[str, dict[str, Any]]) -> list[dict[
         paths = RunPaths.of(state_dir, key)
         meta = read_json(paths.meta, {}) or {}
         cursor = read_json(paths.cursor, {}) or {}
-        last_decision = last_line(paths.stream("decisions"))
-        last_event = last_line(paths.stream("events"))
+        try:
+            last_decision = last_line(paths.stream("decisions"))
+            last_event = last_line(paths.stream("events"))
+        except JournalError as exc:  # one run's damage: said, the others listed
+            print(f"lrctl: run {key}: its journal is damaged ({exc}); not listed",
+                  file=sys.stderr)
+            continue
         end = last_event.record if last_event is not None else {}
         if key not in live and end.get("event") == "end" and end.get("outcome") == DISCARDED:
             continue  # ended before its first step: nothing to list (see discarded_end)
@@ -57,7 +64,10 @@ def journal_runs(state_dir: Path, live: dict[str, dict[str, Any]]) -> list[dict[
                 state = "ended"
             step, lrs = _checkpointed(state_dir, key)
             if step is None:
-                step, lrs = _sampled(tail_records(paths.stream("metrics")))
+                try:
+                    step, lrs = _sampled(tail_records(paths.stream("metrics")))
+                except JournalError:
+                    step, lrs = None, []
         out.append({
             "run": key, "run_name": meta.get("run_name", key), "state": state,
             "step": step, "lrs": lrs,

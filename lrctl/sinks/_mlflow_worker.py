@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 from ._mlflow_limits import MAX_METRICS_PER_BATCH, PERMANENT_ERRORS
 from ._mlflow_store import BACKOFF_MIN_S, StoreHealth, reason
 from ._ship_state import FILES_DOWN, Experiments, RunState
-from .journal import JournalLine, RunPaths
+from .journal import JournalError, JournalLine, RunPaths
 
 if TYPE_CHECKING:
     from ._mlflow_run import RunShipper
@@ -259,6 +259,8 @@ class Worker(threading.Thread):
                 self._give_up(st, exc)
             else:
                 self._back_off(st, exc)
+        except JournalError as exc:  # this run's damage: the others ship on
+            self._give_up(st, exc, "its journal is damaged")
         except OSError as exc:
             self._back_off(st, exc)
         else:
@@ -281,9 +283,10 @@ class Worker(threading.Thread):
             self._outage_logged = True
         self.health.set_error(reason(exc))
 
-    def _give_up(self, st: RunState, exc: BaseException) -> None:
-        log.error("lrctl: MLflow refused run %s (%s); its audit trail stays in the journal "
-                  "(%s) and is no longer shipped", st.paths.run_key, exc, st.paths.root)
+    def _give_up(self, st: RunState, exc: BaseException,
+                 why: str = "MLflow refused it") -> None:
+        log.error("lrctl: run %s: %s (%s); its audit trail stays in the journal (%s) and is "
+                  "no longer shipped", st.paths.run_key, why, exc, st.paths.root)
         st.cursor["failed"] = str(exc)[:2000]
         st.save()
         st.failed = True

@@ -10,7 +10,7 @@ import os
 from pathlib import Path
 from typing import IO, Any
 
-from ..paths import ensure_private_dir, open_private
+from ..paths import ensure_private_dir, open_private, read_regular
 
 __all__ = ["DamagedFile", "atomic_write_json", "atomic_write_text", "fsync_path",
            "open_append", "open_new", "private_dirs", "read_json"]
@@ -55,14 +55,25 @@ class DamagedFile(ValueError):
     """A run's JSON file (meta, cursor) that is not what lrctl writes there."""
 
 
+#: A run's JSON files (meta, cursor) are a few KiB; past this one is not ours.
+_MAX_JSON_BYTES = 16 << 20
+
+
 def read_json(path: Path, default: Any = None, strict: bool = False) -> Any:
     """The JSON in ``path``; ``default`` when there is none. A damaged file (empty,
     truncated, not JSON, or not an object where ``default`` is one) is logged and read as
     ``default``, so that one run's file cannot stop the controller or a command from
     reading the others; with ``strict`` it raises :class:`DamagedFile` instead."""
     try:
-        with open(path, encoding="utf-8") as f:
-            value = json.load(f)
+        try:  # a regular file only, never blocking: a FIFO there would hang the reader
+            data = read_regular(path, _MAX_JSON_BYTES + 1)
+        except FileNotFoundError:
+            raise
+        except OSError as exc:
+            raise ValueError(exc.strerror or str(exc)) from None
+        if len(data) > _MAX_JSON_BYTES:
+            raise ValueError(f"larger than {_MAX_JSON_BYTES} bytes")
+        value = json.loads(data.decode("utf-8"))
         if isinstance(default, dict) and not isinstance(value, dict):
             raise ValueError(f"a JSON {type(value).__name__}, not an object")
         return value

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from .._parallel import NOT_DONE, in_parallel
-from ..paths import is_run_key
+from ..paths import is_run_key, open_regular
 from ._run_files import (
     DamagedFile,
     atomic_write_json,
@@ -154,10 +154,24 @@ class JournalLine:
     record: dict[str, Any]
 
 
+def open_stream(path: Path) -> IO[bytes]:
+    """A stream's file, to read: a regular file only, never through a symlink, never
+    blocking (a FIFO planted at its name would hang the reader for ever): anything else
+    is a :class:`JournalError`. ``FileNotFoundError`` when there is none."""
+    try:
+        return os.fdopen(open_regular(path), "rb")
+    except FileNotFoundError:
+        raise
+    except OSError as exc:
+        if exc.errno in (errno.EINVAL, errno.ELOOP):
+            raise JournalError(f"{path}: not a regular file") from None
+        raise
+
+
 def read_lines(path: Path, offset: int = 0, limit: int | None = None) -> Iterator[JournalLine]:
     """Complete lines of a stream from byte ``offset`` on (at most ``limit``)."""
     try:
-        f = open(path, "rb")  # noqa: SIM115 - closed in the finally below, generator-safe
+        f = open_stream(path)
     except FileNotFoundError:
         return
     try:
@@ -197,7 +211,7 @@ def last_line(path: Path) -> JournalLine | None:
         return None
     start = max(0, size - _TAIL_CHUNK)
     while True:
-        with open(path, "rb") as f:
+        with open_stream(path) as f:
             f.seek(start)
             chunk = f.read(size - start)
         end = chunk.rfind(b"\n")
@@ -210,14 +224,17 @@ def last_line(path: Path) -> JournalLine | None:
         if begin == 0 and start > 0:
             start = max(0, start - _TAIL_CHUNK)  # the last line is longer than the chunk
             continue
-        record = json.loads(chunk[begin:end + 1])
-        return JournalLine(int(record["seq"]), start + end + 1, record)
+        try:
+            record = json.loads(chunk[begin:end + 1])
+            return JournalLine(int(record["seq"]), start + end + 1, record)
+        except (ValueError, KeyError, TypeError) as exc:  # (a line no writer of ours wrote)
+            raise JournalError(f"{path}: bad last line: {exc}") from exc
 
 
 def tail_records(path: Path, max_bytes: int = 1 << 18) -> list[dict[str, Any]]:
     """The complete lines within the last ``max_bytes`` of a stream, oldest first."""
     try:
-        with open(path, "rb") as f:
+        with open_stream(path) as f:
             size = f.seek(0, os.SEEK_END)
             start = max(0, size - max_bytes)
             f.seek(start)
@@ -230,7 +247,9 @@ def tail_records(path: Path, max_bytes: int = 1 << 18) -> list[dict[str, Any]]:
     out = []
     for line in lines[:-1]:  # the last: after the final newline (empty, or torn)
         with contextlib.suppress(ValueError):
-            out.append(json.loads(line))
+            record = json.loads(line)
+            if isinstance(record, dict):
+                out.append(record)
     return out
 
 

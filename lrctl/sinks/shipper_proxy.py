@@ -166,14 +166,14 @@ class ShipperProcess:
 
     def recover(self) -> list[str]:
         from ._ship_state import runs_behind
-        from .journal import RunPaths, last_line
+        from .journal import JournalError, RunPaths, last_line
 
         behind = runs_behind(self.state_dir)
         for key, uri in behind:
             self.attend(key, uri)
             try:
                 last = last_line(RunPaths.of(self.state_dir, key).stream("events"))
-            except (OSError, ValueError, KeyError):
+            except (OSError, JournalError):
                 continue  # the child reads it and says what is wrong
             if last is not None and last.record.get("event") == "end":
                 self._ended(key, last.seq)  # ended under an earlier controller

@@ -95,6 +95,28 @@ def test_runs_all_lists_ended_runs_from_the_journals(
     assert {r["run"] for r in json.loads(capsys.readouterr().out)} == set(runs)
 
 
+def test_one_runs_damaged_journal_leaves_the_others_listed_and_shows_what_it_can(
+        state: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """An adversarial pass's find: a damaged last line in one run's journal made ``runs
+    --all`` and ``decisions``/``report`` of every other run end in a traceback."""
+    monkeypatch.setenv("LRCTL_SOCKET", str(tmp_path / "none.sock"))
+    with open(RunPaths.of(state, "run-aa1").stream("decisions"), "ab") as f:
+        f.write(b"[1]\n")
+    assert main(["runs", "--all", "--json"]) == 0
+    captured = capsys.readouterr()
+    assert {r["run"] for r in json.loads(captured.out)} == {"run-ab2"}
+    assert "run run-aa1: its journal is damaged" in captured.err
+    assert main(["decisions", "beta"]) == 0  # found by name past the damaged run
+    capsys.readouterr()
+    assert main(["decisions", "run-aa1", "--json"]) == 1  # what comes before the damage
+    captured = capsys.readouterr()
+    assert len(captured.out.splitlines()) == 3
+    assert "damaged after decision 3" in captured.err
+    assert main(["report", "run-aa1", "-o", str(tmp_path / "t.png")]) == 1
+    assert "journal is damaged" in capsys.readouterr().err
+
+
 def test_runs_of_a_controller_on_another_socket_are_found_by_default(
         state: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
         capsys: pytest.CaptureFixture[str]) -> None:

@@ -316,3 +316,54 @@ def test_many_runs_with_different_tracking_uris_ship_concurrently(tmp_path: Path
         client = MlflowClient(sqlite_uri(d))
         assert_exactly_once(client, mlflow_run_id(tmp_path / "state", f"m{i}"),
                             tmp_path / "state", f"m{i}", tmp_path / f"dl{i}")
+
+
+def test_one_runs_damaged_journal_costs_the_other_runs_nothing(
+        workdir: Path, tmp_path: Path) -> None:
+    """An adversarial pass's find: a line no writer of ours wrote (``[1]``) at the end of
+    one run's events stream stopped every controller from starting on that state
+    directory, and a garbage line in one run's decisions stream was taken for an outage
+    of the whole MLflow store: no run was shipped."""
+    state = tmp_path / "state"
+    down = GatedClient(sqlite_uri(workdir))
+    down.down = True
+    shipper = MlflowShipper(state, flush_interval=0.2, backoff_max=0.2,
+                            client_factory=lambda uri: down)
+    first = AuditSink(state, FAST, shipper=shipper, env={})
+    for key in ("r-bad", "r-good", "r-worse"):
+        first.open_run(run_info(key, cwd=str(workdir)))
+        drive(first, key, range(100), [0.1, 0.01])
+    first.close(timeout=0.2)  # MLflow was down: everything waits in the journals
+    with open(RunPaths.of(state, "r-bad").stream("events"), "ab") as f:
+        f.write(b"[1]\n")
+    with open(RunPaths.of(state, "r-worse").stream("decisions"), "ab") as f:
+        f.write(b"\x84\x99garbage\xff\n")
+    second = build_sink(str(state))  # a restarted controller (it died here before)
+    assert isinstance(second, AuditSink)
+    assert second.flush(60)
+    second.close()
+    client = MlflowClient(sqlite_uri(workdir))
+    run_id = mlflow_run_id(state, "r-good")
+    assert_exactly_once(client, run_id, state, "r-good", tmp_path / "a")
+    cursor = read_json(RunPaths.of(state, "r-worse").cursor, {})
+    assert "damaged" in cursor.get("failed", "") or "bad" in cursor.get("failed", "")
+
+
+def test_a_fifo_in_a_runs_directory_is_refused_not_waited_on(tmp_path: Path) -> None:
+    """A FIFO at a journal stream's or a run file's name hung its reader (the controller
+    at its start, ``lrctl runs --all``) in ``open()`` for ever."""
+    import os
+
+    from lrctl.sinks.journal import JournalError, last_line, read_lines, tail_records
+
+    fifo = tmp_path / "events.jsonl"
+    os.mkfifo(fifo)
+    for read in (last_line, lambda p: list(read_lines(p)), tail_records):
+        with pytest.raises(JournalError, match="not a regular file"):
+            read(fifo)
+    assert read_json(fifo, {}) == {}  # read as damaged: empty
+    bad = tmp_path / "decisions.jsonl"
+    bad.write_bytes(b'{"seq": 1}\n[1]\n')
+    with pytest.raises(JournalError, match="bad last line"):
+        last_line(bad)
+    assert tail_records(bad) == [{"seq": 1}]
