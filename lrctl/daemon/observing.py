@@ -142,9 +142,6 @@ class Observing:
                 key, session, prior, prior_used(msg, len(prior), groups)
                 or [None if session.sync else session.lrs()] * len(prior)) if prior else None
             result = session.observe(step, loss, grad, metrics, metrics_step)
-            if held is not None:
-                result.decisions[:0] = held.decisions
-                result.stop = result.stop or held.stop
         except ObservationError as exc:
             raise ProtocolError(str(exc), "bad_observation") from None
         if msg.get("o") is True:
@@ -163,7 +160,10 @@ class Observing:
         for d in result.decisions:
             self.sink.decision(key, {**d, "wall_time": time.time()})
         self.checkpoints.observed(key, session, self._now)
-        self.reply(conn, session, step, result.lrs, result.decisions, result.skip, result.stop)
+        decisions, stop = result.decisions, result.stop
+        if held is not None:  # (their decisions journaled with their steps, above)
+            decisions, stop = held.decisions + decisions, stop or held.stop
+        self.reply(conn, session, step, result.lrs, decisions, result.skip, stop)
 
     def _observe_held(self, key: str, session: Session,
                       prior: list[tuple[int, float | None, float | None]],
@@ -176,6 +176,8 @@ class Observing:
                 continue  # a replay overlapping what a restored session has seen
             result = session.observe(s, loss, grad, _NO_METRICS)
             self.sink.observation(key, s, loss, grad, result.lrs if lrs is None else lrs)
+            for d in result.decisions:  # recorded beside their step (its loss and grad norm)
+                self.sink.decision(key, {**d, "wall_time": time.time()})
             held.decisions += result.decisions
             held.stop = held.stop or result.stop
         return held

@@ -126,6 +126,27 @@ def test_the_steps_of_an_auto_batch_are_recorded_as_they_ran(make_controller: An
     _check_all(proc, loop)
 
 
+def test_a_decision_at_a_step_an_auto_batch_held_has_its_loss_beside_it(
+        make_controller: Any) -> None:
+    """An audit probe's find: ``lrctl/loss`` and ``lrctl/grad_norm`` are logged at each
+    decision step, but a decision at a step an ``every="auto"`` batch held reached the
+    record after the batch's later steps: 17 of 22 decision steps had no loss point."""
+    plateau = {"version": 1, "policies": [
+        {"kind": "plateau", "patience": 2, "threshold": 0.5, "factor": 0.9}]}
+    with _audited(make_controller, "auto-points", plateau, every="auto",
+                  timeout=10.0) as (proc, loop, ctl):
+        assert ctl._batch is not None
+        ctl._batch.fix_k(8)
+        loop.train(ctl, 120)
+    paths = RunPaths.of(Path(proc.state_dir), loop.key)
+    until(lambda: _ended(paths), "the run's end journaled")
+    decided = {line.record["step"] for line in read_lines(paths.stream("decisions"))}
+    assert {s for s in decided if s % 8 != 7}, "some decisions at steps a batch held"
+    losses = {step for line in read_lines(paths.stream("metrics"))
+              for name, _, step in line.record["points"] if name == "lrctl/loss"}
+    assert decided <= losses, sorted(decided - losses)
+
+
 def test_auto_awaits_a_back_off_after_two_urgent_reports_in_a_row(
         make_controller: Any) -> None:
     """An adversarial pass's find: with every="auto", a NaN at step 40 and the highest
