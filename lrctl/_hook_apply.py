@@ -12,6 +12,7 @@ from __future__ import annotations
 from time import perf_counter
 from typing import Any
 
+from ._lr_history import LRHistory
 from ._torchutil import scaler_enabled
 
 __all__ = ["Applying"]
@@ -42,6 +43,8 @@ class Applying:
                     if self._staging.used and self._staging:
                         self._drain_staged(block=False)
                     self._writer.apply(self._target)
+                    if self._applied is not None:
+                        self._note_loop_applied()
                     return
                 if (not self._staging.used and self._link.idle
                         and self._acked >= self._due_step()):
@@ -51,6 +54,8 @@ class Applying:
                     self._writer.apply(self._target)
                     if self._target is not self._history.last:
                         self._note_applied()
+                    if self._applied is not None:
+                        self._note_loop_applied()
                     return
                 began = perf_counter()
                 self._pump()
@@ -62,6 +67,8 @@ class Applying:
             self._writer.apply(self._target)  # (_apply, one call less: it runs every step)
             if self._target is not self._history.last:
                 self._note_applied()
+            if self._applied is not None:
+                self._note_loop_applied()
         except Warning:  # the loop's filters made one of ours an error: as it is
             raise
         except Exception as exc:
@@ -150,6 +157,15 @@ class Applying:
                 keep = min(keep, staged)
             history.forget_before(keep)
             self._history_cap = max(history.PRUNE_AT, 2 * len(history))
+
+    def _note_loop_applied(self) -> None:
+        """``base="loop"``: what the optimizer step about to run uses, in the loop's terms;
+        what no ``every=N`` report can need any more is dropped now and then."""
+        applied = self._applied
+        assert applied is not None
+        applied.note(self._next_optimizer_step(), list(self._writer.applied))
+        if len(applied) >= 2 * LRHistory.PRUNE_AT:
+            applied.forget_before(min(self._step - 1, self._reported + 1))
 
     def _next_optimizer_step(self) -> int:
         """The number of the optimizer step to run next (the step just counted, while the

@@ -15,6 +15,7 @@ from types import MappingProxyType
 from typing import Any
 
 from ._batching import Batching
+from ._lr_history import LRHistory
 from ._torchutil import (
     on_device,
     scaler_enabled,
@@ -374,28 +375,32 @@ class Reporting:
     def _gap_changes(self, first: int, end: int) -> list[tuple[int, list[float]]] | None:
         """``every=N``: where the LRs of the unreported steps ``first`` to ``end - 1``
         changed, as ``(step, LRs)`` (the controller records them: ``gu``); None when they
-        did not, or the history no longer holds them."""
-        first = max(first, self._history.oldest)  # (a resumed run's first steps: none)
+        did not, or the history no longer holds them. Under ``base="loop"`` they are the
+        LRs those steps ran on in the loop's own terms (the loop's schedule moves them at
+        every step, and the controller knows it only at reported steps: ``b``)."""
+        history = self._history if self._applied is None else self._applied
+        first = max(first, history.oldest)  # (a resumed run's first steps: none)
         if first >= end or not self._link_says_used() or len(self._target) > MAX_USED:
             return None
-        runs = self._runs_of_used(first, end)
+        runs = self._runs_of_used(first, end, history)
         if runs is None:
             return None
         changes = []
-        before, step = self._history.at(first - 1), first
+        before, step = history.at(first - 1), first
         for count, lrs in runs:
             if lrs != before:
                 changes.append((step, lrs))
             before, step = lrs, step + count
         return changes[-MAX_PRIOR:] or None
 
-    def _runs_of_used(self, first: int, end: int) -> list[tuple[int, list[float]]] | None:
+    def _runs_of_used(self, first: int, end: int, history: LRHistory | None = None,
+                      ) -> list[tuple[int, list[float]]] | None:
         """The LRs optimizer steps ``first`` to ``end - 1`` ran on, as runs of ``(count,
         LRs)`` (None if the history no longer holds them all: the controller then
         records the LRs in effect before the report, as it did before it was told)."""
         if end - 1 > self._next_optimizer_step() or self._used_at(end - 1) is None:
             return None  # (the last has run, then so have the others)
-        return self._history.runs(first, end)
+        return (history or self._history).runs(first, end)
 
     def _pump(self, expect: bool = False) -> None:
         if self._staging:

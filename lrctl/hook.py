@@ -163,6 +163,9 @@ class Controller(Resuming, LinkSide, Reporting, Applying):
         self._writer = LRWriter(optimizer, initial, base, self._warn)
         self._history = LRHistory(start_step, self._target)  # for the audit (lrctl._lr_history)
         self._history_cap = LRHistory.PRUNE_AT
+        # base="loop": the LRs each optimizer step ran on in the loop's own terms (the
+        # loop's schedule times lrctl's factor), for an every=N report's unreported steps.
+        self._applied = LRHistory(start_step, list(initial)) if base == "loop" else None
         self._frozen = -1  # the step whose LRs its report said (see Reporting._finalize)
         self.scaler = scaler
         self.overflows = 0  # GradScaler overflow steps seen (reported as such)

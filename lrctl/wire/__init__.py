@@ -55,7 +55,8 @@ Hook → controller:
   these, not its own view of what was in effect), ``gu`` (optional, ``every=N``: where
   the LRs changed in the unreported steps since the last observed one, as at most
   ``MAX_PRIOR`` ``[step, lrs]`` pairs, steps in order; the controller records each change
-  at its step), ``e`` (optional, 1: the run's end: metrics reported after its last step,
+  at its step; under ``base="loop"`` the LRs those steps ran on, the loop's schedule
+  included, where ``u`` is in lrctl's terms and scaled by ``b``), ``e`` (optional, 1: the run's end: metrics reported after its last step,
   on a step ``s`` that never runs; the policies see them, the record gets no LRs or
   statistics for that step).
 * ``snapshot``: the run's state after every observation so far → ``snapshot``

@@ -213,6 +213,32 @@ def test_the_unreported_steps_of_every_n_are_recorded_as_they_ran(
     _check_all(proc, loop)
 
 
+@pytest.mark.parametrize("every", [1, 4])
+def test_a_loops_own_schedule_under_every_n_is_recorded_as_it_ran(
+        make_controller: Any, every: int) -> None:
+    """An audit probe's find: with ``base="loop"`` and ``every=4`` the steps between
+    reports were recorded at lrctl's LRs without the loop's schedule (59 of 79 steps
+    wrong; after a back-off the chart went up where the optimizer's LR went down)."""
+    guard = {"version": 1, "policies": [{"kind": "divergence"}]}
+    with _audited(make_controller, f"loop{every}", guard, base="loop", every=every,
+                  timeout=10.0) as (proc, loop, ctl):
+        schedule = torch.optim.lr_scheduler.LambdaLR(loop.opt, lambda t: 0.98 ** t)
+        for _ in range(79):
+            loop.opt.zero_grad()
+            loss = (loop.weight ** 2).sum() + 1.0
+            loss.backward()
+            ctl.step(loss * math.nan if loop.step == 40 else loss)
+            if not ctl.should_skip:
+                loop.opt.step()
+            else:
+                loop.ran.append(math.nan)  # (a skipped step runs on nothing)
+            schedule.step()
+            loop.step += 1
+    assert any(d.action == "backoff" for d in ctl.decisions), ctl.decisions
+    _check(_recorded(proc.state_dir, loop.key), loop.ran,
+           [s for s in range(1, loop.step) if s != 40])  # (the skipped step ran on nothing)
+
+
 def test_steps_run_while_answers_came_late_are_recorded_as_they_ran(
         make_controller: Any) -> None:
     """A controller that stops answering for a while (here SIGSTOP): the hook waits one
