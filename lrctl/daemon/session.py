@@ -61,6 +61,9 @@ def text_sha256(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
 
 
+_INFER = object()  # a checkpoint from before the operator's mode was kept
+
+
 class Step:
     """What the hook needs after one observation."""
 
@@ -95,6 +98,9 @@ class Session:
         self._sync = False
         self.sync = False  # the connected hook waits for each answer (set by each hello)
         self.reloads = 0
+        # lrctl pause/resume's mode where it differs from the file's: it outlasts reloads
+        # (inferred from the engine's mode it was lost once an edit's mode matched it).
+        self.operator_mode: str | None = None
         # The values its policies held when its snapshot was too large (see Observing)
         self.snapshot_too_large_at: int | None = None
         self.overflows = 0  # mixed-precision overflow steps the hook reported
@@ -143,6 +149,9 @@ class Session:
         error = state.get("reload_error")
         s.reload_error = None if error is None else str(error)
         s.reloads = int(state.get("reloads", 0))
+        mode = state.get("operator_mode", _INFER)
+        s.operator_mode = (mode if mode in ("shadow", "active") else None) if mode is not _INFER \
+            else s.engine.mode if s.engine.mode != s.policy.mode else None  # (an older one)
         s.overflows = int(state.get("overflows", 0))
         base = state.get("loop_base")
         if isinstance(base, list) and len(base) == len(s.engine.initial_lrs):
@@ -171,6 +180,7 @@ class Session:
             "hello_sha256": self.hello_sha256,
             "reload_error": self.reload_error,
             "reloads": self.reloads,
+            "operator_mode": self.operator_mode,
             "overflows": self.overflows,
             "resume_token": self.resume_token,
             "loop_base": self.loop_base,
@@ -251,10 +261,9 @@ class Session:
         """
         old = self.engine
         new = policy.build(list(old.initial_lrs), self.total_steps)
-        operator_mode = old.mode != self.policy.mode  # set by pause/resume, not by the file
         before = self.lrs()
         summary = new.inherit(old)  # with the manual LR and the hold
-        new.set_mode(old.mode if operator_mode else policy.mode, holding=before)
+        new.set_mode(self.operator_mode or policy.mode, holding=before)
         old_sha, old_params = self.info.policy_sha256, self.info.params
         self.engine = new
         self.engine.skips_enforced = self._sync
@@ -394,6 +403,7 @@ class Session:
                     if mode == "shadow" else "active (not paused)")
             raise ProtocolError(f"run {self.key} is already {verb}", "bad_request")
         decision = self.engine.pause() if mode == "shadow" else self.engine.resume()
+        self.operator_mode = None if mode == self.policy.mode else mode
         return self._record(decision.to_dict())
 
     def _record(self, decision: dict[str, Any]) -> dict[str, Any]:

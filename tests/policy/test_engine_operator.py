@@ -74,6 +74,43 @@ def test_a_reload_keeps_the_manual_lr() -> None:
     assert s.override == {"lrs": pytest.approx([0.2, 0.02]), "until": None}
 
 
+def test_a_pause_outlasts_edits_whose_mode_comes_and_goes() -> None:
+    """An adversarial pass's find: ``lrctl pause``, then an edit to ``mode: shadow`` and
+    one back to ``mode: active``, and the run was active again (the pause was inferred
+    from the engine's mode differing from the file's); ``resume`` then said "already
+    active". It is kept, through checkpoints too, until the operator resumes."""
+    from lrctl.config import parse_text
+
+    def edit(s: Session, mode: str, gamma: str) -> None:
+        s.reload(parse_text(DECAY.replace("0.5", gamma) + f"mode: {mode}\n", "<t>"))
+
+    s = Session.create(key="p", run_name="p", policy_text=DECAY, policy_source="<t>",
+                       lrs=[0.1, 0.01])
+    s.observe(0, 1.0, 1.0, {})
+    s.set_mode("shadow")
+    for mode, gamma in (("active", "0.4"), ("shadow", "0.3"), ("active", "0.2")):
+        edit(s, mode, gamma)
+        assert s.mode == "shadow", mode
+    s = Session.restore(s.to_state())  # a controller restart
+    edit(s, "active", "0.1")
+    assert s.mode == "shadow"
+    s.set_mode("active")  # the operator's resume: the file governs again
+    assert s.mode == "active" and s.operator_mode is None
+    edit(s, "shadow", "0.2")
+    assert s.mode == "shadow"  # the file's own mode: shadow
+
+
+def test_a_checkpoint_from_before_the_operators_mode_was_kept_infers_it() -> None:
+    s = Session.create(key="q", run_name="q", policy_text=DECAY, policy_source="<t>",
+                       lrs=[0.1, 0.01])
+    s.set_mode("shadow")
+    state = s.to_state()
+    del state["operator_mode"]
+    assert Session.restore(state).operator_mode == "shadow"
+    state["operator_mode"] = "bogus"  # a hook's saved state is checked, not trusted
+    assert Session.restore(state).operator_mode is None
+
+
 def test_an_older_checkpoint_with_the_session_holding_them_restores() -> None:
     s = Session.create(key="o", run_name="o", policy_text=DECAY, policy_source="<t>",
                        lrs=[0.1, 0.01])
