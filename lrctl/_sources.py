@@ -11,6 +11,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from ._defaults import DEFAULT_POLICY, POLICIES
+from .paths import read_regular
 
 __all__ = ["MAX_POLICY_BYTES", "looks_like_path", "missing_policy_hint", "policy_payload",
            "resolve_policy_path", "shipped_policies"]
@@ -65,16 +66,19 @@ def policy_payload(policy: Any) -> tuple[str, str]:
             raise ValueError(f"policy dict is not plain data: {exc}") from None
     if isinstance(policy, os.PathLike) or (isinstance(policy, str) and looks_like_path(policy)):
         path = resolve_policy_path(policy)
-        try:
-            with open(path, "rb") as f:
-                data = f.read(MAX_POLICY_BYTES + 1)
+        try:  # (a regular file only: a FIFO there would hang attach())
+            data = read_regular(path, MAX_POLICY_BYTES + 1, follow=True)
         except OSError as exc:
             hint = f"; {missing_policy_hint()}" if isinstance(exc, FileNotFoundError) else ""
             raise FileNotFoundError(f"cannot read policy file {path}: "
                                     f"{exc.strerror or exc}{hint}") from None
         if len(data) > MAX_POLICY_BYTES:
             raise ValueError(f"policy file {path} is larger than {MAX_POLICY_BYTES} bytes")
-        return data.decode("utf-8", "replace"), path
+        try:  # strict, as lrctl validate and the controller's reload read it
+            return data.decode("utf-8"), path
+        except UnicodeDecodeError as exc:
+            raise ValueError(f"policy file {path} is not UTF-8 text ({exc.reason} at byte "
+                             f"{exc.start}): save it as UTF-8") from None
     if isinstance(policy, str):
         return policy, "<string>"
     raise TypeError(f"policy must be a path, YAML text or a dict, but got "

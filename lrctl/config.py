@@ -39,6 +39,7 @@ from ._yaml_read import (
     parse_deadline,
     read_yaml,
 )
+from .paths import read_regular
 from .policy import Engine, ParamError, Policy, get_policy_class
 from .policy._capacity import check_kept
 from .policy._engine import unique_names
@@ -180,9 +181,8 @@ def _check_plain_data(root: Any, source: str) -> None:
 
 
 def parse_file(path: str) -> PolicyFile:
-    try:
-        with open(path, "rb") as f:
-            data = f.read(MAX_BYTES + 1)
+    try:  # (a regular file only: a FIFO there would hang lrctl validate)
+        data = read_regular(path, MAX_BYTES + 1, follow=True)
     except OSError as exc:
         hint = f"; {missing_policy_hint()}" if isinstance(exc, FileNotFoundError) else ""
         raise ConfigError(path, None, None,

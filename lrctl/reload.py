@@ -46,6 +46,9 @@ __all__ = ["PolicyWatcher", "ReloadEvent", "read_policy_file"]
 log = logging.getLogger("lrctl.reload")
 
 DEFAULT_DEBOUNCE_S = 0.15
+#: A file written without pause (a log-like writer, an edit loop) is still read this
+#: long after its first write: the debounce waits for quiet, not for ever.
+MAX_DEBOUNCE_S = 2.0
 CHECK_S = 1.0  # between checks that the watched directories are still those watched
 
 
@@ -137,6 +140,7 @@ class PolicyWatcher:
         self._dir_watches: dict[str, tuple[Any, tuple[int, int] | None]] = {}
         self._next_check = time.monotonic() + CHECK_S
         self._due: dict[str, tuple[float, bool]] = {}  # path -> (deadline, forced)
+        self._burst: dict[str, float] = {}  # path -> its first write since it was read
         self._stopping = False
         # A daemon thread: a hung read (a policy path on a dead network mount) must
         # not keep a controller that was told to stop from exiting.
@@ -210,6 +214,7 @@ class PolicyWatcher:
                 return
             del self._files[path]
             self._due.pop(path, None)
+            self._burst.pop(path, None)
         self._sync_observer()
 
     def watched(self) -> list[str]:
@@ -290,12 +295,14 @@ class PolicyWatcher:
     def _touched(self, event_path: str) -> None:
         """Debounce: a watched file (or its symlink's target) changed; read it once quiet."""
         event_path = os.path.abspath(event_path)
-        deadline = time.monotonic() + self._debounce_s
+        now = time.monotonic()
         with self._lock:
             for path, entry in self._files.items():
                 if event_path in (path, entry.get("real")):
                     forced = self._due.get(path, (0.0, False))[1]
-                    self._due[path] = (deadline, forced)
+                    first = self._burst.setdefault(path, now)
+                    self._due[path] = (min(now + self._debounce_s, first + MAX_DEBOUNCE_S),
+                                       forced)
 
     def _run(self) -> None:
         while True:
@@ -305,6 +312,8 @@ class PolicyWatcher:
                 now = time.monotonic()
                 ready = [p for p, (t, _) in self._due.items() if t <= now]
                 batch = [(p, self._due.pop(p)[1]) for p in ready]
+                for p in ready:
+                    self._burst.pop(p, None)
                 wait = min((t for t, _ in self._due.values()), default=now + 3600) - now
                 check = now >= self._next_check and bool(self._files)
                 if now >= self._next_check:

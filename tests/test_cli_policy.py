@@ -118,6 +118,49 @@ def test_replay_rejects_bad_curve(tmp_path: Path) -> None:
     assert "curve.csv:2: 4 fields, but the header has 2" in result.stderr
 
 
+def test_replay_reads_a_spreadsheets_csv_and_says_what_is_wrong_with_others(
+        tmp_path: Path) -> None:
+    """An adversarial pass's finds: a spreadsheet's "CSV UTF-8" (a byte-order mark first)
+    was said to lack step,loss; a field over csv's limit ended in a traceback; a column
+    named twice was taken silently."""
+    curve = tmp_path / "curve.csv"
+    curve.write_bytes(b"\xef\xbb\xbfstep,loss\n" + b"".join(
+        f"{i},{1.0 / (i + 1)}\n".encode() for i in range(50)))
+    result = lrctl("replay", "--curve", str(curve))
+    assert result.returncode == 0, result.stderr
+    assert "50 steps replayed" in result.stdout
+    curve.write_text("step,loss\n0,1.0\n1," + "9" * 200_000 + "\n")
+    result = lrctl("replay", "--curve", str(curve))
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert "field larger than field limit" in result.stderr
+    curve.write_text("step,loss,loss\n0,1.0,2.0\n")
+    result = lrctl("replay", "--curve", str(curve))
+    assert result.returncode == 1 and "column loss named more than once" in result.stderr
+
+
+def test_a_policy_file_that_is_not_utf8_or_not_a_file_is_refused_alike(
+        tmp_path: Path) -> None:
+    """``lrctl validate`` refused a Latin-1 file that ``attach()`` ran (its bytes replaced),
+    after which every edit was rejected; ``validate`` of a FIFO hung for ever."""
+    import os
+
+    import torch
+
+    import lrctl as lrctl_pkg
+
+    latin = tmp_path / "latin.yaml"
+    latin.write_bytes(b"version: 1\n# caf\xe9\npolicies:\n  - kind: divergence\n")
+    result = lrctl("validate", str(latin))
+    assert result.returncode == 1 and "not UTF-8" in result.stdout + result.stderr
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.ones(1))], lr=0.1)
+    with pytest.raises(ValueError, match="not UTF-8 text"):
+        lrctl_pkg.attach(opt, policy=str(latin), spawn=False)
+    fifo = tmp_path / "fifo.yaml"
+    os.mkfifo(fifo)  # nobody writes to it: a blocking open would never return
+    result = lrctl("validate", str(fifo))
+    assert result.returncode == 1 and "not a regular file" in result.stdout + result.stderr
+
+
 def test_replay_total_steps_drives_the_anneal(tmp_path: Path) -> None:
     curve = tmp_path / "curve.csv"
     curve.write_text("step,loss\n" + "".join(f"{t},1.0\n" for t in range(40)))

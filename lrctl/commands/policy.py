@@ -68,10 +68,18 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 def read_curve(path: str) -> Iterator[dict[str, float | None]]:
     """Rows of a recorded curve: ``step`` and ``loss`` required, other columns are metrics."""
-    with open(path, newline="") as f:
+    # utf-8-sig: a spreadsheet's "CSV UTF-8" starts with a byte-order mark
+    with open(path, newline="", encoding="utf-8-sig") as f:
         reader = csv.DictReader(f)
-        if reader.fieldnames is None or not {"step", "loss"} <= set(reader.fieldnames):
+        try:
+            fields = reader.fieldnames
+        except csv.Error as exc:
+            raise ValueError(f"{path}:1: {exc}") from None
+        if fields is None or not {"step", "loss"} <= set(fields):
             raise ValueError(f"{path}: expected a CSV header with at least step,loss")
+        if len(set(fields)) != len(fields):
+            twice = sorted({name for name in fields if fields.count(name) > 1})
+            raise ValueError(f"{path}:1: column {', '.join(twice)} named more than once")
         for n, row in enumerate(reader, start=2):
             if n > MAX_CURVE_ROWS:
                 raise ValueError(f"{path}: more than {MAX_CURVE_ROWS} rows")
@@ -124,8 +132,9 @@ def cmd_replay(args: argparse.Namespace) -> int:
                           f"{_fmt(d.old_lrs[0])} → {_fmt(d.new_lrs[0])}  {d.reason}")
     except BrokenPipeError:
         raise  # `lrctl replay | head`: the reader left (see cli.main)
-    except (OSError, ValueError, ObservationError) as exc:
-        print(f"lrctl replay: {exc}", file=sys.stderr)
+    except (OSError, ValueError, ObservationError, csv.Error) as exc:
+        print(f"lrctl replay: {args.curve}: {exc}" if isinstance(exc, csv.Error)
+              else f"lrctl replay: {exc}", file=sys.stderr)
         return 1
     if not args.json:
         print(f"\n{steps} steps replayed from {args.curve} through {args.policy}: "

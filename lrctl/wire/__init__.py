@@ -56,9 +56,9 @@ Hook → controller:
   the LRs changed in the unreported steps since the last observed one, as at most
   ``MAX_PRIOR`` ``[step, lrs]`` pairs, steps in order; the controller records each change
   at its step; under ``base="loop"`` the LRs those steps ran on, the loop's schedule
-  included, where ``u`` is in lrctl's terms and scaled by ``b``), ``e`` (optional, 1: the run's end: metrics reported after its last step,
-  on a step ``s`` that never runs; the policies see them, the record gets no LRs or
-  statistics for that step).
+  included, where ``u`` is in lrctl's terms and scaled by ``b``), ``e`` (optional, 1:
+  the run's end: metrics reported after its last step, on a step ``s`` that never runs;
+  the policies see them, the record gets no LRs or statistics for that step).
 * ``snapshot``: the run's state after every observation so far → ``snapshot``
   ``{s, session}``.
 * ``bye``: the run ended; the controller closes the session.

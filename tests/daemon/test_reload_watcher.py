@@ -183,6 +183,22 @@ def test_a_second_run_on_an_older_version_is_brought_up_to_date(
     assert [(e.status, patience(e)) for e in got] == [("changed", 7)]
 
 
+def test_a_file_written_without_pause_is_still_read(
+        tmp_path: Path, watcher: PolicyWatcher, events: queue.Queue[ReloadEvent]) -> None:
+    """An adversarial pass's find: writes under the debounce apart (a script rewriting the
+    file in a loop) were never read while they went on: 2 274 writes in 8 s, no reload."""
+    f = tmp_path / "p.yaml"
+    write(f, V1)
+    watcher.watch(str(f))
+    deadline = time.monotonic() + 20  # (a hang guard: the old watcher waited for quiet)
+    n = 0
+    while events.empty() and time.monotonic() < deadline:
+        n += 1
+        write(f, V2 if n % 2 else V1 + f"# {n}\n")
+        time.sleep(0.03)
+    assert not events.empty(), f"no reload during {n} writes"
+
+
 def test_a_fifo_at_the_policy_path_does_not_hang_the_watcher(
         tmp_path: Path, watcher: PolicyWatcher, events: queue.Queue[ReloadEvent]) -> None:
     f = tmp_path / "p.yaml"
