@@ -350,7 +350,7 @@ class Reporting:
                and t > self._reported + 1 else None)
         if (link.compact and clean is None and not overflow and not prior and not gap
                 and not end and self._restored_unreported is None
-                and not self._writer.loop_mode):
+                and not self._writer.loop_mode and not self._after_order):
             frame = encode_obs_compact(t, loss, grad, used)  # plain: see wire.compact
             if frame is not None:
                 self._prev_reported, self._reported = self._reported, t
@@ -364,7 +364,8 @@ class Reporting:
                                gap_used=gap,
                                # reported after the loop's step t - 1 (see report()):
                                # they measured the weights of that step
-                               metrics_step=t - 1 if clean else None, end=end)
+                               metrics_step=t - 1 if clean else None, end=end,
+                               ran=self._after_order)
             self._restored_unreported = None
         except ValueError as exc:  # e.g. too many metrics for one frame
             self._warn("encode", f"lrctl: step {t} not reported: {exc}")

@@ -265,8 +265,8 @@ class Session:
         summary = new.inherit(old)  # with the manual LR and the hold
         new.set_mode(self.operator_mode or policy.mode, holding=before)
         old_sha, old_params = self.info.policy_sha256, self.info.params
+        new.skips_enforced, new.steps_ran = self._sync, old.steps_ran
         self.engine = new
-        self.engine.skips_enforced = self._sync
         self.policy = policy
         # Its source too: a resume from the hook's state may bring the policy of another
         # file (the run then watches that one).

@@ -49,6 +49,7 @@ class LRArbiter:
     policies: list[Policy]
     names: list[str]
     skips_enforced: bool
+    steps_ran: bool
     operator: OperatorControls
     _reactive: list[Policy]
     _schedules: list[Policy]
@@ -164,7 +165,12 @@ class LRArbiter:
             if moved and overridden:  # recorded as what it is: decided, not applied
                 reason += OVERRIDDEN
                 evidence = {**evidence, "overridden": True}
-            if (action.action == "skip" and not self.skips_enforced
+            if action.action == "skip" and self.steps_ran:
+                reason += ("; advisory: ctl.step() runs after optimizer.step(), so this step "
+                           "had already run (call it before optimizer.step() to have such "
+                           "steps skipped)")
+                evidence = {**evidence, "advisory": True}
+            elif (action.action == "skip" and not self.skips_enforced
                     and not _nonfinite(obs.loss, obs.grad_norm)):
                 reason += ("; advisory: the hook is async, so this step had already run "
                            "(attach(..., sync=True) carries such skips out)")

@@ -144,6 +144,9 @@ class Engine(EngineState, OperatorVerbs, LRArbiter, Snapshotting):
         #: hears the answer after that step ran: its spike skips are recorded as advisory.
         #: (Non-finite steps are skipped by the hook's own guard either way.)
         self.skips_enforced = True
+        #: The hook reports each step after its optimizer step (``ctl.step()`` after
+        #: ``optimizer.step()``): no skip can be carried out, non-finite steps' neither.
+        self.steps_ran = False
         self.decision_count = 0
         #: The snapshot step the latest observation rolled back to, or None.
         self.rollback_to: int | None = None

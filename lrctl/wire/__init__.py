@@ -58,7 +58,9 @@ Hook → controller:
   at its step; under ``base="loop"`` the LRs those steps ran on, the loop's schedule
   included, where ``u`` is in lrctl's terms and scaled by ``b``), ``e`` (optional, 1:
   the run's end: metrics reported after its last step, on a step ``s`` that never runs;
-  the policies see them, the record gets no LRs or statistics for that step).
+  the policies see them, the record gets no LRs or statistics for that step), ``a``
+  (optional, 1: the hook reports each step after its optimizer step, ``ctl.step()``
+  after ``optimizer.step()``: no skip can reach the step, and its record says so).
 * ``snapshot``: the run's state after every observation so far → ``snapshot``
   ``{s, session}``.
 * ``bye``: the run ended; the controller closes the session.

@@ -76,7 +76,7 @@ def encode_obs(step: int, loss: float | None, grad_norm: float | None,
                prior_used: Sequence[tuple[int, Sequence[float]]] | None = None,
                used: Sequence[float] | None = None,
                gap_used: Sequence[tuple[int, Sequence[float]]] | None = None,
-               end: bool = False) -> bytes:
+               end: bool = False, ran: bool = False) -> bytes:
     """An ``obs`` frame, formatted by hand: this runs once per training step.
 
     ``repr`` of a finite float is valid JSON; the rare fields go through
@@ -94,10 +94,11 @@ def encode_obs(step: int, loss: float | None, grad_norm: float | None,
     says; see :mod:`lrctl._lr_history`). ``gu`` (``every=N``): where the LRs changed in
     the steps since the previous report, which were not reported: ``[step, lrs]`` pairs,
     oldest first, each the LRs from that step on. ``e`` (1): the run's end: metrics
-    reported after its last step, on a step ``s`` that never runs.
+    reported after its last step, on a step ``s`` that never runs. ``a`` (1): the hook
+    reports each step after its optimizer step, so no skip can reach it.
     """
     if (metrics or overflow or base is not None or restored is not None or prior
-            or used is not None or gap_used or end):
+            or used is not None or gap_used or end or ran):
         msg: dict[str, Any] = {"t": "obs", "s": step, "l": float_out(loss),
                                "g": float_out(grad_norm)}
         if metrics:
@@ -122,6 +123,8 @@ def encode_obs(step: int, loss: float | None, grad_norm: float | None,
             msg["gu"] = [[int(s), [float(v) for v in lrs]] for s, lrs in gap_used]
         if end:
             msg["e"] = 1
+        if ran:
+            msg["a"] = 1
         return encode(msg)
     body = f'{{"v":1,"t":"obs","s":{int(step)},"l":{_num(loss)},"g":{_num(grad_norm)}}}'.encode(
         "ascii")

@@ -429,6 +429,34 @@ def test_one_step_per_optimizer_step_with_some_skipped_does_not_warn(
                     optimizer.step()
 
 
+@pytest.mark.parametrize("sync", [False, True])
+def test_a_skip_of_a_step_that_ran_before_it_was_reported_is_recorded_as_advisory(
+        controller: ControllerProc, sync: bool) -> None:
+    """An audit probe's find: with ``ctl.step()`` after ``optimizer.step()`` a NaN step
+    had reached the weights (and a sync spike's step had run) when the controller's
+    ``skip`` came, yet the journal and MLflow said the step was skipped."""
+    policy = {"version": 1, "policies": [{"kind": "divergence", "skip_spikes": True,
+                                          "tolerance": 5, "min_samples": 8,
+                                          "z_threshold": 4.0}]}
+    model = _model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    bad = {12: math.nan, 20: 1000.0}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # (the hook warns of the order)
+        with lrctl.attach(optimizer, policy=policy, sync=sync, timeout=SLOW_OK) as ctl:
+            for it, (x, y) in enumerate(_batches(30, 16)):
+                loss = torch.nn.functional.mse_loss(model(x), y)
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+                ctl.step(loss * bad.get(it, 1.0))
+    skips = {d.step: d for d in ctl.decisions if d.action == "skip"}
+    assert 12 in skips and (20 in skips or not sync), ctl.decisions
+    for d in skips.values():
+        assert d.evidence.get("advisory") is True, d
+        assert "runs after optimizer.step()" in d.reason
+
+
 def test_a_sync_spike_skip_is_carried_out(controller: ControllerProc) -> None:
     """``skip_spikes`` in sync mode: the controller's verdict arrives before the optimizer
     step, and the hook carries it out (the parameters do not move on that step)."""
