@@ -38,7 +38,7 @@ from typing import Any
 from watchdog.events import FileSystemEvent, FileSystemEventHandler
 from watchdog.observers import Observer
 
-from .config import MAX_BYTES, ConfigError, PolicyFile, parse_text
+from .config import MAX_BYTES, ConfigError, PolicyFile, parse_deadline, parse_text
 from .paths import read_regular
 
 __all__ = ["PolicyWatcher", "ReloadEvent", "read_policy_file"]
@@ -49,6 +49,12 @@ DEFAULT_DEBOUNCE_S = 0.15
 #: A file written without pause (a log-like writer, an edit loop) is still read this
 #: long after its first write: the debounce waits for quiet, not for ever.
 MAX_DEBOUNCE_S = 2.0
+#: A policy file's parse gives up after this long (a hostile text; the hello's budget).
+PARSE_BUDGET_S = 2.0
+#: A file is read again no sooner than this many times its last read took, after it:
+#: parsing, which shares the interpreter with the controller's loop, takes at most a
+#: tenth of its time however often a file that parses slowly is rewritten.
+READ_SPACING = 9.0
 CHECK_S = 1.0  # between checks that the watched directories are still those watched
 
 
@@ -85,7 +91,8 @@ def read_policy_file(path: str) -> ReloadEvent:
         return ReloadEvent(path, "invalid", error=f"{path}: file larger than {MAX_BYTES} bytes",
                            sha256=sha)
     try:
-        policy = parse_text(data.decode("utf-8"), path)
+        with parse_deadline(PARSE_BUDGET_S):  # (PyYAML is pure Python: see parse_deadline)
+            policy = parse_text(data.decode("utf-8"), path)
     except UnicodeDecodeError as exc:
         return ReloadEvent(path, "invalid", error=f"{path}: not UTF-8 text ({exc.reason})",
                            sha256=sha)
@@ -141,6 +148,7 @@ class PolicyWatcher:
         self._next_check = time.monotonic() + CHECK_S
         self._due: dict[str, tuple[float, bool]] = {}  # path -> (deadline, forced)
         self._burst: dict[str, float] = {}  # path -> its first write since it was read
+        self._not_before: dict[str, float] = {}  # path -> when it may be read again
         self._stopping = False
         # A daemon thread: a hung read (a policy path on a dead network mount) must
         # not keep a controller that was told to stop from exiting.
@@ -215,6 +223,7 @@ class PolicyWatcher:
             del self._files[path]
             self._due.pop(path, None)
             self._burst.pop(path, None)
+            self._not_before.pop(path, None)
         self._sync_observer()
 
     def watched(self) -> list[str]:
@@ -301,8 +310,8 @@ class PolicyWatcher:
                 if event_path in (path, entry.get("real")):
                     forced = self._due.get(path, (0.0, False))[1]
                     first = self._burst.setdefault(path, now)
-                    self._due[path] = (min(now + self._debounce_s, first + MAX_DEBOUNCE_S),
-                                       forced)
+                    self._due[path] = (max(min(now + self._debounce_s, first + MAX_DEBOUNCE_S),
+                                           self._not_before.get(path, 0.0)), forced)
 
     def _run(self) -> None:
         while True:
@@ -344,11 +353,14 @@ class PolicyWatcher:
                     break
 
     def _reload(self, path: str, forced: bool) -> None:
+        began = time.monotonic()
         event = read_policy_file(path)
         with self._lock:
             entry = self._files.get(path)
             if entry is None:
                 return
+            now = time.monotonic()
+            self._not_before[path] = now + READ_SPACING * (now - began)
             moved = _resolve(path, entry)  # a symlink may now point elsewhere
             same = event.sha256 is not None and event.sha256 == entry["sha256"]
             if event.sha256 is not None:
