@@ -193,7 +193,14 @@ class PolicyWatcher:
         """
         path = os.path.abspath(path)
         with self._lock:
-            entry = self._files.setdefault(path, {"refs": 0, "sha256": sha256, "dirs": set()})
+            entry = self._files.get(path)
+            if entry is None:
+                entry = self._files[path] = {"refs": 0, "sha256": sha256, "dirs": set()}
+                if sha256 is not None:
+                    # Read once: a run back from its checkpoint (evicted, or a restart) may
+                    # have missed edits while nothing watched the file; the same bytes as
+                    # its version are nothing to deliver.
+                    self._due.setdefault(path, (time.monotonic() + self._debounce_s, False))
             entry["refs"] += 1
             if sha256 is not None and sha256 != entry["sha256"]:
                 # Another run already watches this file and the watcher last saw other

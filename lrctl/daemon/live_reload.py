@@ -125,11 +125,27 @@ class LiveReload:
             s for s in self.sessions.values() if s.watch_path == path])
         if not targets:
             return
-        if event.policy is not None:  # the runs waiting for an older one take this one
-            for _, older, keys in self._fanout:
-                if older == path:
-                    keys.clear()
-        self._fanout.append((event, path, deque(s.key for s in targets)))
+        # The runs still waiting for an older version of the file take this one instead,
+        # first (so that a storm of edits cannot keep the same runs waiting): a valid
+        # version overtakes any, an invalid one only the invalid (the runs must take the
+        # valid version before they record this one's rejection).
+        waiting: list[str] = []
+        for older, older_path, keys in self._fanout:
+            if older_path == path and (event.policy is not None or older.policy is None):
+                waiting += keys
+                keys.clear()
+        first = set(waiting)
+        waiting += (s.key for s in targets if s.key not in first)
+        self._fanout.append((event, path, deque(waiting)))
+
+    def _taken(self, path: str, keys: set[str]) -> None:
+        """``keys`` took the file's version now (``lrctl reload``): the older versions still
+        being applied must not reach them after it."""
+        for _, older_path, waiting in self._fanout:
+            if older_path == path and keys.intersection(waiting):
+                kept = [k for k in waiting if k not in keys]
+                waiting.clear()
+                waiting.extend(kept)
 
     # -- which files are watched ---------------------------------------------------------
     def sync_watch(self, session: Session) -> None:
@@ -174,6 +190,7 @@ class LiveReload:
     def apply(self, event: ReloadEvent, only: list[Session]) -> list[dict[str, Any]]:
         """Apply a file's version to ``only`` now, all of them; their decisions."""
         path = os.path.normpath(event.path)
+        self._taken(path, {s.key for s in only})
         out = []
         for session in self._announce(event, path, only):
             decision = self._apply_one(event, path, session)

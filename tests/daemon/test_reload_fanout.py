@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from daemon_helpers import Client, serving
+from daemon_helpers import Client, serving, until
 
 from lrctl.daemon.store import StateStore
 from lrctl.protocol import MAX_HELLO, encode, encode_obs
@@ -33,12 +33,14 @@ class SlowSink(NullSink):
     def __init__(self) -> None:
         super().__init__()
         self.saved: list[str] = []
+        self.versions: list[tuple[str, str | None]] = []  # (run, the version it took)
         self.first = threading.Event()
 
     def policy_changed(self, run_key: str, info: Any, record: Any) -> None:
         self.first.set()
         time.sleep(0.03)
         self.saved.append(run_key)
+        self.versions.append((run_key, record["evidence"].get("new_sha256")))
 
 
 def _hello(key: str, source: str, text: str) -> bytes:
@@ -72,6 +74,9 @@ def test_other_runs_are_answered_while_a_shared_file_is_applied(tmp_path: Path) 
         for c in runs:  # every run gets its push, in the end
             assert c.answer()["t"] == "lr"
         assert len(sink.saved) == RUNS
+        store = srv.checkpoints.store  # and each is checkpointed (off the loop)
+        until(lambda: all((store.load(f"r-run{i:02d}") or {}).get("policy_text") == V2
+                          for i in range(RUNS)), "every run's reload checkpointed")
         # Answered between two slices: not after every run's reload (old: all 12 first).
         assert done_before_answer < RUNS // 2, done_before_answer
 
@@ -103,3 +108,72 @@ def test_a_newer_version_supersedes_the_runs_still_waiting_for_an_older_one(
         assert straight and len(straight) < RUNS, pushes
         assert all(len(got) <= 2 for got in pushes.values()), pushes
         assert len(sink.saved) < 2 * RUNS
+
+
+def _versions(srv: Any) -> list[str]:
+    return [s.policy.text for s in srv.sessions.values()]
+
+
+def test_runs_overtaken_by_a_newer_version_take_it_first_and_rejections_do_not_pile_up(
+        tmp_path: Path) -> None:
+    """A review's finds: each new version restarted from the first run, so an edit storm
+    kept the last runs waiting for ever; and invalid versions never overtook each other
+    (twelve bad saves: 144 rejections, applied for seconds after the last)."""
+    import hashlib
+
+    shared = tmp_path / "shared.yaml"
+    shared.write_text(V1)
+    sink = SlowSink()
+    with serving(str(tmp_path / "c.sock"), StateStore(tmp_path / "state"),
+                 sink) as (srv, path):
+        runs = [_join(path, f"r-run{i:02d}", shared) for i in range(RUNS)]
+        shared.write_text(V2)
+        srv.live._on_event(read_policy_file(str(shared)))
+        assert sink.first.wait(30)
+        shared.write_text(V3)
+        srv.live._on_event(read_policy_file(str(shared)))
+        v3 = hashlib.sha256(V3.encode()).hexdigest()
+        for c in runs:  # each run's pushes, up to V3's
+            while c.answer()["d"][0]["evidence"]["new_sha256"] != v3:
+                pass
+        took = list(sink.versions)
+        first_v3 = next(i for i, (_, sha) in enumerate(took) if sha == v3)
+        had_v2 = {k for k, _ in took[:first_v3]}
+        v3_order = [k for k, sha in took if sha == v3]
+        # the runs V2 had not reached take V3 before those that had V2 already
+        assert set(v3_order[:RUNS - len(had_v2)]) == {f"r-run{i:02d}" for i in range(
+            RUNS)} - had_v2, (had_v2, v3_order)
+        before = len(sink.saved)
+        for bad in range(6):  # invalid saves in a row: each overtakes the last
+            shared.write_text(f"version: 1\npolicies: [{bad}\n")
+            srv.live._on_event(read_policy_file(str(shared)))
+        for c in runs:  # every run records a rejection, in the end
+            while not any(d["action"] == "reload_failed" for d in c.answer()["d"]):
+                pass
+        assert len(sink.saved) - before < 3 * RUNS, len(sink.saved) - before
+
+
+def test_lrctl_reload_in_the_midst_of_a_fan_out_is_not_undone(tmp_path: Path) -> None:
+    """A review's find: the version still being applied reached the runs that ``lrctl
+    reload`` had just moved to a newer one (11 of 12 ended on the older)."""
+    from lrctl.client import request
+
+    shared = tmp_path / "shared.yaml"
+    shared.write_text(V1)
+    sink = SlowSink()
+    with serving(str(tmp_path / "c.sock"), StateStore(tmp_path / "state"),
+                 sink) as (srv, path):
+        runs = [_join(path, f"r-run{i:02d}", shared) for i in range(RUNS)]
+        shared.write_text(V2)
+        srv.live._on_event(read_policy_file(str(shared)))
+        assert sink.first.wait(30)
+        shared.write_text(V3)
+        answer = request({"t": "reload"}, path, timeout=30)  # (not through the watcher)
+        assert answer.get("ok", True), answer
+        for c in runs:  # the pushes: V3 for each, after a V2 for some
+            got: list[str] = []
+            while not got or not got[-1].endswith(("factor 0.25 → 0.125)",
+                                                    "factor 0.5 → 0.125)")):
+                got += [d["reason"] for d in c.answer()["d"]]
+        until(lambda: not srv.live.applying, "the fan-out's end")
+        assert _versions(srv).count(V3) == RUNS, _versions(srv)

@@ -183,6 +183,24 @@ def test_a_second_run_on_an_older_version_is_brought_up_to_date(
     assert [(e.status, patience(e)) for e in got] == [("changed", 7)]
 
 
+def test_a_run_back_from_its_checkpoint_gets_the_edits_made_while_none_watched(
+        tmp_path: Path, watcher: PolicyWatcher, events: queue.Queue[ReloadEvent]) -> None:
+    """A review's find: a run evicted (its file's only watcher) and back from its
+    checkpoint was watched with its old version's hash, and the edit made meanwhile
+    was never read; the same bytes are nothing to deliver."""
+    import hashlib
+
+    f = tmp_path / "p.yaml"
+    write(f, V2)  # edited while nothing watched it
+    watcher.watch(str(f), hashlib.sha256(V1.encode()).hexdigest())
+    assert [(e.status, patience(e)) for e in collect(events)] == [("changed", 7)]
+    g = tmp_path / "q.yaml"
+    write(g, V1)
+    watcher.watch(str(g), hashlib.sha256(V1.encode()).hexdigest())
+    with pytest.raises(queue.Empty):
+        events.get(timeout=QUIET_S)
+
+
 def test_a_file_written_without_pause_is_still_read(
         tmp_path: Path, watcher: PolicyWatcher, events: queue.Queue[ReloadEvent]) -> None:
     """An adversarial pass's find: writes under the debounce apart (a script rewriting the
