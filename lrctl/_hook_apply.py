@@ -164,8 +164,9 @@ class Applying:
         applied = self._applied
         assert applied is not None
         applied.note(self._next_optimizer_step(), list(self._writer.applied))
-        if len(applied) >= 2 * LRHistory.PRUNE_AT:
-            applied.forget_before(min(self._step - 1, self._reported + 1))
+        if len(applied) >= 2 * LRHistory.PRUNE_AT:  # (a report carries MAX_PRIOR at most)
+            applied.forget_before(max(min(self._step - 1, self._reported + 1),
+                                      self._step - LRHistory.PRUNE_AT))
 
     def _next_optimizer_step(self) -> int:
         """The number of the optimizer step to run next (the step just counted, while the

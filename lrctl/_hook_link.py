@@ -190,8 +190,17 @@ class LinkSide:
         if spawn and link.kind == "unix":
             link.respawn = lambda resumable: _spawn.respawn(address, resumable)
         rollbacks = self._rollbacks
-        if rollbacks is not None:
-            link.refresh_hello = lambda hello: hello.update(snapshots=rollbacks.hello())
+
+        def refresh_hello(hello: dict[str, Any]) -> None:
+            """Each (re)connect's hello: the snapshots held now, and the loop's order once
+            known (the first report after it says it otherwise: see Reporting._send)."""
+            if rollbacks is not None:
+                hello["snapshots"] = rollbacks.hello()
+            if self._after_order:
+                hello["ran"] = True
+            self._said_ran = self._after_order
+
+        link.refresh_hello = refresh_hello
         link.used_at = self._used_at  # what each replayed step ran on (lrctl._lr_history)
         self._link = link
         self._spawn_failure: str | None = None

@@ -348,9 +348,11 @@ class Reporting:
         # every=N: what the unreported steps since the last report ran on, where it changed
         gap = (self._gap_changes(self._reported + 1, t) if batch is None and self.every > 1
                and t > self._reported + 1 else None)
+        # ctl.step() after optimizer.step(): said once a connection (its hello, or here)
+        ran = self._after_order and not self._said_ran
         if (link.compact and clean is None and not overflow and not prior and not gap
-                and not end and self._restored_unreported is None
-                and not self._writer.loop_mode and not self._after_order):
+                and not end and not ran and self._restored_unreported is None
+                and not self._writer.loop_mode):
             frame = encode_obs_compact(t, loss, grad, used)  # plain: see wire.compact
             if frame is not None:
                 self._prev_reported, self._reported = self._reported, t
@@ -365,12 +367,13 @@ class Reporting:
                                # reported after the loop's step t - 1 (see report()):
                                # they measured the weights of that step
                                metrics_step=t - 1 if clean else None, end=end,
-                               ran=self._after_order)
+                               ran=ran)
             self._restored_unreported = None
         except ValueError as exc:  # e.g. too many metrics for one frame
             self._warn("encode", f"lrctl: step {t} not reported: {exc}")
             return
         self._prev_reported, self._reported = self._reported, t
+        self._said_ran = self._said_ran or ran
         link.send_obs(t, frame)
 
     def _gap_changes(self, first: int, end: int) -> list[tuple[int, list[float]]] | None:

@@ -163,9 +163,10 @@ class Controller(Resuming, LinkSide, Reporting, Applying):
         self._writer = LRWriter(optimizer, initial, base, self._warn)
         self._history = LRHistory(start_step, self._target)  # for the audit (lrctl._lr_history)
         self._history_cap = LRHistory.PRUNE_AT
-        # base="loop": the LRs each optimizer step ran on in the loop's own terms (the
-        # loop's schedule times lrctl's factor), for an every=N report's unreported steps.
-        self._applied = LRHistory(start_step, list(initial)) if base == "loop" else None
+        # base="loop", every=N: the LRs each optimizer step ran on in the loop's own terms
+        # (the loop's schedule times lrctl's factor), for a report's unreported steps.
+        self._applied = (LRHistory(start_step, list(initial))
+                         if base == "loop" and self.every > 1 else None)
         self._frozen = -1  # the step whose LRs its report said (see Reporting._finalize)
         self.scaler = scaler
         self.overflows = 0  # GradScaler overflow steps seen (reported as such)
@@ -189,6 +190,7 @@ class Controller(Resuming, LinkSide, Reporting, Applying):
         self._late = False  # an answer missed its step: no waiting until they catch up
         self.late_waits = 0  # waits that timed out (a slow or stopped controller)
         self._after_order = False  # the loop calls step() after optimizer.step()
+        self._said_ran = False  # ... and this connection was told so (see Reporting._send)
         self._metrics: dict[str, Any] = dict(saved["metrics"]) if saved is not None else {}
         self._records: deque[dict[str, Any]] = deque(maxlen=MAX_DECISIONS)
         self._warned: set[str] = set()

@@ -136,6 +136,9 @@ def test_replay_reads_a_spreadsheets_csv_and_says_what_is_wrong_with_others(
     curve.write_text("step,loss,loss\n0,1.0,2.0\n")
     result = lrctl("replay", "--curve", str(curve))
     assert result.returncode == 1 and "column loss named more than once" in result.stderr
+    curve.write_text("step,loss,,\n0,1.0,,\n1,0.9,,\n")  # empty columns, as exported
+    result = lrctl("replay", "--curve", str(curve))
+    assert result.returncode == 0, result.stderr
 
 
 def test_a_policy_file_that_is_not_utf8_or_not_a_file_is_refused_alike(

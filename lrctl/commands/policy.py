@@ -77,8 +77,9 @@ def read_curve(path: str) -> Iterator[dict[str, float | None]]:
             raise ValueError(f"{path}:1: {exc}") from None
         if fields is None or not {"step", "loss"} <= set(fields):
             raise ValueError(f"{path}: expected a CSV header with at least step,loss")
-        if len(set(fields)) != len(fields):
-            twice = sorted({name for name in fields if fields.count(name) > 1})
+        named = [name for name in fields if name]  # (a spreadsheet's trailing ",,")
+        if len(set(named)) != len(named):
+            twice = sorted({name for name in named if named.count(name) > 1})
             raise ValueError(f"{path}:1: column {', '.join(twice)} named more than once")
         for n, row in enumerate(reader, start=2):
             if n > MAX_CURVE_ROWS:

@@ -173,6 +173,7 @@ class Handshakes:
             session.set_total_steps(hello.total_steps)
             srv.checkpoints.save(key)
         session.sync = hello.sync  # which LRs the optimizer used at a step (see _obs)
+        session.engine.steps_ran = hello.ran  # (else its first report after the order says)
         # The hook can roll back (or no longer), to the snapshots it holds.
         session.set_snapshots(hello.snapshots, hello.snapshots_held)
         # A loop resumed past the run's last observed step (those steps never reached

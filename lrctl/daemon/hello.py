@@ -48,6 +48,7 @@ class Hello:
     resume_token: str | None = None  # from the run's welcome: may take a connected run over
     snapshots: tuple[int, int] | None = None  # the hook's (every, keep): it can roll back
     snapshots_held: tuple[int, ...] | None = None  # the snapshot steps it holds now
+    ran: bool = False  # it reports each step after its optimizer step (no skip reaches it)
 
 
 def parse_hello(msg: Mapping[str, Any]) -> Hello:
@@ -89,7 +90,8 @@ def parse_hello(msg: Mapping[str, Any]) -> Hello:
         snapshots_held=_snapshots_held(msg.get("snapshots")),
         pace=_bool(msg, "pace", False) and not sync,
         compact=compact_agreed(msg.get("compact")),
-        every=get_int(msg, "every", lo=1, hi=1 << 30, optional=True) or 1)
+        every=get_int(msg, "every", lo=1, hi=1 << 30, optional=True) or 1,
+        ran=_bool(msg, "ran", False))
 
 
 def _snapshots(value: Any) -> tuple[int, int] | None:

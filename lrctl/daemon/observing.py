@@ -108,8 +108,8 @@ class Observing:
         # The run's end: metrics reported after its last step, on a step that never runs
         # (the policies see them; the record gets no LRs or statistics for that step).
         end = msg.get("e") is not None and get_int(msg, "e", lo=1, hi=1) == 1
-        # The hook reports its steps after their optimizer steps: no skip reaches them.
-        session.engine.steps_ran = msg.get("a") == 1
+        if msg.get("a") == 1:  # the hook reports its steps after their optimizer steps
+            session.engine.steps_ran = True  # (for this connection: see its hello)
         if step <= session.last_step:
             # A replay that overlaps what the restored session has seen, or a hook counting
             # from behind it: answered (with its step, so the hook waits for it no longer),

@@ -239,6 +239,33 @@ def test_a_loops_own_schedule_under_every_n_is_recorded_as_it_ran(
            [s for s in range(1, loop.step) if s != 40])  # (the skipped step ran on nothing)
 
 
+def test_the_loops_own_lrs_kept_for_every_n_stay_bounded_with_no_controller(
+        tmp_path: Path) -> None:
+    """A review's find: with nothing reported (no controller answers) the history of the
+    loop's LRs grew by one entry a step (20 000 steps: 3 MB)."""
+    import warnings
+
+    from lrctl._lr_history import LRHistory
+
+    loop = _Loop()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # (no controller: it says so)
+        ctl = lrctl.attach(loop.opt, policy={"version": 1, "policies": [
+            {"kind": "divergence"}]}, base="loop", every=4, spawn=False,
+            socket=str(tmp_path / "nobody.sock"), timeout=0.01)
+        schedule = torch.optim.lr_scheduler.LambdaLR(loop.opt, lambda t: 0.999 ** t)
+        for _ in range(3 * LRHistory.PRUNE_AT):
+            loop.train(ctl, 1)
+            schedule.step()
+        assert ctl._applied is not None
+        assert len(ctl._applied) <= 2 * LRHistory.PRUNE_AT
+        ctl.close()
+    every1 = lrctl.attach(torch.optim.SGD([torch.nn.Parameter(torch.ones(1))], lr=0.1),
+                          base="loop", spawn=False, socket=str(tmp_path / "nobody.sock"))
+    assert every1._applied is None  # (every=1 reports every step: nothing to keep)
+    every1.close()
+
+
 def test_steps_run_while_answers_came_late_are_recorded_as_they_ran(
         make_controller: Any) -> None:
     """A controller that stops answering for a while (here SIGSTOP): the hook waits one

@@ -441,15 +441,31 @@ def test_a_skip_of_a_step_that_ran_before_it_was_reported_is_recorded_as_advisor
     model = _model()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
     bad = {12: math.nan, 20: 1000.0}
+    from lrctl.wire.compact import COMPACT_BIT
+
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # (the hook warns of the order)
         with lrctl.attach(optimizer, policy=policy, sync=sync, timeout=SLOW_OK) as ctl:
+            assert ctl._link is not None
+            sent, frames = ctl._link.send_obs, []
+
+            def counting(step: int, frame: bytes) -> None:
+                frames.append(bool(int.from_bytes(frame[:4], "big") & COMPACT_BIT))
+                sent(step, frame)
+
+            ctl._link.send_obs = counting  # type: ignore[method-assign]
             for it, (x, y) in enumerate(_batches(30, 16)):
                 loss = torch.nn.functional.mse_loss(model(x), y)
                 optimizer.zero_grad()
                 loss.backward()
                 optimizer.step()
                 ctl.step(loss * bad.get(it, 1.0))
+            hello: dict[str, object] = {}
+            ctl._link.refresh_hello(hello)  # a reconnect's hello says the order at once
+            assert hello.get("ran") is True
+    # The order is said once (the first report), then the compact frames go on (JSON
+    # where they must: the NaN step's).
+    assert frames[0] is False and frames.count(False) <= 2, frames
     skips = {d.step: d for d in ctl.decisions if d.action == "skip"}
     assert 12 in skips and (20 in skips or not sync), ctl.decisions
     for d in skips.values():
