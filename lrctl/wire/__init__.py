@@ -39,7 +39,8 @@ Hook → controller:
   run's state from ``snapshot``, kept in the user's checkpoint: the run resumes
   from it), ``resume_token`` (optional: the run's token from its welcome; a hello for
   a run that another live connection serves is refused without it), ``token`` (TCP,
-  when no ``auth`` came first), ``compact`` (optional, 1: it reads compact frames).
+  when no ``auth`` came first), ``compact`` (optional, 1: it reads compact frames),
+  ``ran`` (optional, true: it reports each step after its optimizer step: see ``a``).
 * ``obs``: ``s`` step, ``l`` loss, ``g`` grad norm (each may be absent or null),
   ``m`` named metrics (optional object), ``o`` (optional, true: a mixed-precision
   overflow step that the ``GradScaler`` skipped; never divergence), ``b``
@@ -60,7 +61,9 @@ Hook → controller:
   the run's end: metrics reported after its last step, on a step ``s`` that never runs;
   the policies see them, the record gets no LRs or statistics for that step), ``a``
   (optional, 1: the hook reports each step after its optimizer step, ``ctl.step()``
-  after ``optimizer.step()``: no skip can reach the step, and its record says so).
+  after ``optimizer.step()``: no skip can reach its steps, and their records say so;
+  said once a connection, in the first report after the hook learnt it, or as ``ran``
+  in its hello when it knew it then).
 * ``snapshot``: the run's state after every observation so far → ``snapshot``
   ``{s, session}``.
 * ``bye``: the run ended; the controller closes the session.
