@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from daemon_helpers import Client, serving, until
 
@@ -56,18 +58,36 @@ def _join(path: str, key: str, source: Path) -> Client:
     return c
 
 
-def test_other_runs_are_answered_while_a_shared_file_is_applied(tmp_path: Path) -> None:
-    shared, other = tmp_path / "shared.yaml", tmp_path / "other.yaml"
+class FanOut(NamedTuple):
+    srv: Any
+    path: str
+    sink: SlowSink
+    runs: list[Client]
+    shared: Path
+
+
+@contextmanager
+def _fanning_out(tmp_path: Path, *others: Path) -> Iterator[FanOut]:
+    """RUNS runs on one file (and one run on each of ``others``), V2 of it handed over
+    and its fan-out under way (the first run's reload being recorded)."""
+    shared = tmp_path / "shared.yaml"
     shared.write_text(V1)
-    other.write_text(V1)
     sink = SlowSink()
     with serving(str(tmp_path / "c.sock"), StateStore(tmp_path / "state"),
                  sink) as (srv, path):
         runs = [_join(path, f"r-run{i:02d}", shared) for i in range(RUNS)]
-        probe = _join(path, "r-probe", other)
+        runs += [_join(path, f"r-other{i}", other) for i, other in enumerate(others)]
         shared.write_text(V2)
         srv.live._on_event(read_policy_file(str(shared)))  # (the watcher's own call)
         assert sink.first.wait(30)
+        yield FanOut(srv, path, sink, runs, shared)
+
+
+def test_other_runs_are_answered_while_a_shared_file_is_applied(tmp_path: Path) -> None:
+    other = tmp_path / "other.yaml"
+    other.write_text(V1)
+    with _fanning_out(tmp_path, other) as (srv, _, sink, runs, _):
+        *runs, probe = runs
         probe.send(encode_obs(0, 1.0, 1.0))  # sent while the first run's reload is saved
         assert probe.answer()["t"] == "lr"
         done_before_answer = len(sink.saved)
@@ -83,15 +103,7 @@ def test_other_runs_are_answered_while_a_shared_file_is_applied(tmp_path: Path) 
 
 def test_a_newer_version_supersedes_the_runs_still_waiting_for_an_older_one(
         tmp_path: Path) -> None:
-    shared = tmp_path / "shared.yaml"
-    shared.write_text(V1)
-    sink = SlowSink()
-    with serving(str(tmp_path / "c.sock"), StateStore(tmp_path / "state"),
-                 sink) as (srv, path):
-        runs = [_join(path, f"r-run{i:02d}", shared) for i in range(RUNS)]
-        shared.write_text(V2)
-        srv.live._on_event(read_policy_file(str(shared)))
-        assert sink.first.wait(30)
+    with _fanning_out(tmp_path) as (srv, _path, sink, runs, shared):
         shared.write_text(V3)
         srv.live._on_event(read_policy_file(str(shared)))  # while V2 is being applied
         pushes = {}
@@ -121,15 +133,7 @@ def test_runs_overtaken_by_a_newer_version_take_it_first_and_rejections_do_not_p
     (twelve bad saves: 144 rejections, applied for seconds after the last)."""
     import hashlib
 
-    shared = tmp_path / "shared.yaml"
-    shared.write_text(V1)
-    sink = SlowSink()
-    with serving(str(tmp_path / "c.sock"), StateStore(tmp_path / "state"),
-                 sink) as (srv, path):
-        runs = [_join(path, f"r-run{i:02d}", shared) for i in range(RUNS)]
-        shared.write_text(V2)
-        srv.live._on_event(read_policy_file(str(shared)))
-        assert sink.first.wait(30)
+    with _fanning_out(tmp_path) as (srv, _path, sink, runs, shared):
         shared.write_text(V3)
         srv.live._on_event(read_policy_file(str(shared)))
         v3 = hashlib.sha256(V3.encode()).hexdigest()
@@ -158,15 +162,7 @@ def test_lrctl_reload_in_the_midst_of_a_fan_out_is_not_undone(tmp_path: Path) ->
     reload`` had just moved to a newer one (11 of 12 ended on the older)."""
     from lrctl.client import request
 
-    shared = tmp_path / "shared.yaml"
-    shared.write_text(V1)
-    sink = SlowSink()
-    with serving(str(tmp_path / "c.sock"), StateStore(tmp_path / "state"),
-                 sink) as (srv, path):
-        runs = [_join(path, f"r-run{i:02d}", shared) for i in range(RUNS)]
-        shared.write_text(V2)
-        srv.live._on_event(read_policy_file(str(shared)))
-        assert sink.first.wait(30)
+    with _fanning_out(tmp_path) as (srv, path, _sink, runs, shared):
         shared.write_text(V3)
         answer = request({"t": "reload"}, path, timeout=30)  # (not through the watcher)
         assert answer.get("ok", True), answer

@@ -224,14 +224,20 @@ def test_a_discarded_run_whose_key_comes_back_gets_its_policy_in_the_new_mlflow_
     assert "lrctl/policy.yaml" in {f.path for f in client.list_artifacts(run_id, "lrctl")}
 
 
-def test_backlog_is_replayed_by_the_next_controller_exactly_once(
-        workdir: Path, tmp_path: Path) -> None:
-    state = tmp_path / "state"
+def _sink_while_mlflow_is_down(state: Path, workdir: Path) -> AuditSink:
+    """An audit sink whose MLflow (the sqlite store in ``workdir``) refuses every call:
+    what it is given waits in the journal."""
     down = GatedClient(sqlite_uri(workdir))
     down.down = True
     shipper = MlflowShipper(state, flush_interval=0.2, backoff_max=0.2,
                             client_factory=lambda uri: down)
-    first = AuditSink(state, FAST, shipper=shipper, env={})
+    return AuditSink(state, FAST, shipper=shipper, env={})
+
+
+def test_backlog_is_replayed_by_the_next_controller_exactly_once(
+        workdir: Path, tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    first = _sink_while_mlflow_is_down(state, workdir)
     first.open_run(run_info("r5", cwd=str(workdir)))
     drive(first, "r5", range(150), [0.1, 0.01])
     assert not first.flush(0.5)
@@ -325,11 +331,7 @@ def test_one_runs_damaged_journal_costs_the_other_runs_nothing(
     directory, and a garbage line in one run's decisions stream was taken for an outage
     of the whole MLflow store: no run was shipped."""
     state = tmp_path / "state"
-    down = GatedClient(sqlite_uri(workdir))
-    down.down = True
-    shipper = MlflowShipper(state, flush_interval=0.2, backoff_max=0.2,
-                            client_factory=lambda uri: down)
-    first = AuditSink(state, FAST, shipper=shipper, env={})
+    first = _sink_while_mlflow_is_down(state, workdir)
     for key in ("r-bad", "r-good", "r-worse"):
         first.open_run(run_info(key, cwd=str(workdir)))
         drive(first, key, range(100), [0.1, 0.01])
