@@ -159,10 +159,11 @@ def lock_state(listening: Listening, options: ServeOptions, state: Path) -> Path
     return own
 
 
-def relock_state_dir(listening: Listening, state: Path) -> None:
+def relock_state_dir(listening: Listening, state: Path) -> str | None:
     """The state directory was deleted and made again (see ``StateDirWatch``): its lock
     (and, in the shared directory, the owner file naming this socket) went with it, so
-    take the new one's (and write it again)."""
+    take the new one's (and write it again). Why not, when it cannot (another
+    controller started on it meanwhile)."""
     listening.release_state_lock()
     try:
         lock_state_dir(listening, state)
@@ -170,6 +171,8 @@ def relock_state_dir(listening: Listening, state: Path) -> None:
             paths.claim_state_dir(state, listening.path)  # controller would claim it
     except (AlreadyServing, OSError) as exc:
         log.error("cannot lock the recreated state dir: %s", exc)
+        return f"cannot lock it again: {exc}"
+    return None
 
 
 def relock_socket(listening: Listening) -> bool:

@@ -34,7 +34,8 @@ class StateDirWatch:
         self.path = state_dir
         self.recreated: dict[str, Any] | None = None  # {"count", "at"}: for status
         self.error: str | None = None  # it is gone and cannot be made again
-        self.relock: Callable[[], None] | None = None  # its lock, taken again (listening.py)
+        # Its lock, taken again (listening.py): None, or why it cannot be.
+        self.relock: Callable[[], str | None] | None = None
         self._ident = self._stat()
 
     def _stat(self) -> tuple[int, int] | None:
@@ -60,8 +61,11 @@ class StateDirWatch:
             return False
         self._ident, self.error = self._stat(), None
         _reopen_logs(self.path)
-        if self.relock is not None:
-            self.relock()
+        problem = self.relock() if self.relock is not None else None
+        if problem is not None:
+            # Another controller holds it now (started on it while it was gone): no new
+            # run starts here, and status says so (the open runs go on, their files there).
+            self.error = f"state dir {self.path}: {problem}"
         count = 1 + (self.recreated or {}).get("count", 0)
         self.recreated = {"count": count, "at": time.time()}
         log.warning("state dir %s was deleted (or replaced) under the controller; recreated "
