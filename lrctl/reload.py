@@ -16,6 +16,13 @@ directory is still the one it watches (device and inode, through symlinks; its w
 still running) and that each file resolves to the same place; where not, it watches
 anew and reads the files there again (one reload where their content changed).
 
+The kernel is asked only for the events that can change what a watched name holds:
+a file created, deleted, moved, or closed after a write. Reads and appends through a
+descriptor held open (a training log beside the policy) wake nothing, so a busy
+neighbour costs no CPU. The same check stats every watched file as a backstop: a
+change no event announced (a write through a descriptor not yet closed, an inotify
+queue that overflowed, a network file system) is read within a check.
+
 The watcher never touches controller state: it calls ``on_change`` from its own
 thread with a :class:`ReloadEvent`, and the controller hands that to the thread
 that owns its sessions.
@@ -28,16 +35,26 @@ import hashlib
 import logging
 import os
 import queue
-import stat
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from watchdog.events import FileSystemEvent, FileSystemEventHandler
+from watchdog.events import (
+    DirCreatedEvent,
+    DirDeletedEvent,
+    DirMovedEvent,
+    FileClosedEvent,
+    FileCreatedEvent,
+    FileDeletedEvent,
+    FileMovedEvent,
+    FileSystemEvent,
+    FileSystemEventHandler,
+)
 from watchdog.observers import Observer
 
+from ._watched import changed_since_check, dir_identity, resolve, stat_signature
 from .config import MAX_BYTES, ConfigError, PolicyFile, parse_deadline, parse_text
 from .paths import read_regular
 
@@ -56,6 +73,9 @@ PARSE_BUDGET_S = 2.0
 #: tenth of its time however often a file that parses slowly is rewritten.
 READ_SPACING = 9.0
 CHECK_S = 1.0  # between checks that the watched directories are still those watched
+#: The directory events asked of the kernel (see the module's docstring).
+WATCHED_EVENTS = (FileCreatedEvent, DirCreatedEvent, FileDeletedEvent, DirDeletedEvent,
+                  FileMovedEvent, DirMovedEvent, FileClosedEvent)
 
 
 @dataclass(frozen=True)
@@ -209,7 +229,7 @@ class PolicyWatcher:
                 # whatever it holds; the controller skips runs already on that version.
                 entry["sha256"] = None
                 self._due[path] = (time.monotonic() + self._debounce_s, False)
-            _resolve(path, entry)
+            resolve(path, entry)
         self._inbox.put(None)
         try:
             self._sync_observer()
@@ -257,10 +277,10 @@ class PolicyWatcher:
                     with contextlib.suppress(KeyError, OSError):
                         self._observer.unschedule(self._dir_watches.pop(d)[0])
             for d in sorted(wanted - self._dir_watches.keys()):
-                ident = _identity(d)
+                ident = dir_identity(d)
                 if ident is not None:
                     self._dir_watches[d] = (self._observer.schedule(
-                        self._handler, d, recursive=False), ident)
+                        self._handler, d, recursive=False, event_filter=WATCHED_EVENTS), ident)
 
     def _check_dirs(self) -> None:
         """Watch anew the directories replaced since they were watched (or made since
@@ -270,13 +290,19 @@ class PolicyWatcher:
         with self._lock:
             paths = list(self._files)
         reals = {p: os.path.realpath(p) for p in paths}
+        stats = {p: stat_signature(p) for p in paths}
+        wall, now = time.time(), time.monotonic()
         with self._lock:
             moved = [p for p, real in reals.items()
-                     if p in self._files and _resolve(p, self._files[p], real)]
+                     if p in self._files and resolve(p, self._files[p], real)]
+            for p, sig in stats.items():
+                entry = self._files.get(p)
+                if entry is not None and changed_since_check(entry, sig, wall):
+                    self._debounce(p, now)
             wanted = set().union(*(e["dirs"] for e in self._files.values()))
         with self._observer_lock:
             watched = dict(self._dir_watches)
-        idents = {d: _identity(d) for d in wanted | watched.keys()}
+        idents = {d: dir_identity(d) for d in wanted | watched.keys()}
         alive = self._live_watches()
         renewed = set()
         with self._observer_lock:
@@ -309,16 +335,20 @@ class PolicyWatcher:
         return {e.watch for e in list(emitters) if e.is_alive()}
 
     def _touched(self, event_path: str) -> None:
-        """Debounce: a watched file (or its symlink's target) changed; read it once quiet."""
+        """A watched file (or its symlink's target) changed."""
         event_path = os.path.abspath(event_path)
         now = time.monotonic()
         with self._lock:
             for path, entry in self._files.items():
                 if event_path in (path, entry.get("real")):
-                    forced = self._due.get(path, (0.0, False))[1]
-                    first = self._burst.setdefault(path, now)
-                    self._due[path] = (max(min(now + self._debounce_s, first + MAX_DEBOUNCE_S),
-                                           self._not_before.get(path, 0.0)), forced)
+                    self._debounce(path, now)
+
+    def _debounce(self, path: str, now: float) -> None:
+        """Read ``path`` once it has been quiet a while (``_lock`` held)."""
+        forced = self._due.get(path, (0.0, False))[1]
+        first = self._burst.setdefault(path, now)
+        self._due[path] = (max(min(now + self._debounce_s, first + MAX_DEBOUNCE_S),
+                               self._not_before.get(path, 0.0)), forced)
 
     def _run(self) -> None:
         while True:
@@ -368,7 +398,7 @@ class PolicyWatcher:
                 return
             now = time.monotonic()
             self._not_before[path] = now + READ_SPACING * (now - began)
-            moved = _resolve(path, entry)  # a symlink may now point elsewhere
+            moved = resolve(path, entry)  # a symlink may now point elsewhere
             same = event.sha256 is not None and event.sha256 == entry["sha256"]
             if event.sha256 is not None:
                 entry["sha256"] = event.sha256
@@ -381,24 +411,3 @@ class PolicyWatcher:
             event = ReloadEvent(event.path, event.status, event.policy, event.error,
                                 event.sha256, forced=True)
         self._on_change(event)
-
-
-def _identity(directory: str) -> tuple[int, int] | None:
-    """The directory at ``directory`` now (through symlinks), or None if there is none."""
-    try:
-        st = os.stat(directory)
-    except OSError:
-        return None
-    return (st.st_dev, st.st_ino) if stat.S_ISDIR(st.st_mode) else None
-
-
-def _resolve(path: str, entry: dict[str, Any], real: str | None = None) -> bool:
-    """Record the directories to watch for ``path``: its own and its resolved
-    target's (symlinks; ``real``, when resolved already). Returns True when they
-    changed."""
-    real = os.path.realpath(path) if real is None else real
-    wanted = {os.path.dirname(path), os.path.dirname(real)}
-    changed = wanted != entry["dirs"]
-    entry["dirs"] = wanted
-    entry["real"] = real
-    return changed

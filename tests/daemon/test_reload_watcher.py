@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import os
 import queue
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from watchdog.events import FileSystemEvent
 
-from lrctl.reload import PolicyWatcher, ReloadEvent
+from lrctl import _watched
+from lrctl import reload as reload_mod
+from lrctl.reload import PolicyWatcher, ReloadEvent, read_policy_file
 
 V1 = "version: 1\npolicies:\n  - kind: plateau\n    patience: 5\n"
 V2 = "version: 1\npolicies:\n  - kind: plateau\n    patience: 7\n"
@@ -319,3 +323,106 @@ def test_a_swapped_directory_symlink_is_followed(tmp_path: Path, watcher: Policy
     assert [patience(e) for e in collect(events) if e.status == "changed"] == [7]
     write(tmp_path / "v2" / "p.yaml", V3)
     assert [patience(e) for e in collect(events) if e.status == "changed"] == [9]
+
+
+class _Counting(reload_mod._Handler):
+    """The watcher's own handler, counting what watchdog hands it, by path."""
+
+    def __init__(self, inbox: queue.SimpleQueue[str | None]) -> None:
+        super().__init__(inbox)
+        self.seen: list[str] = []
+        self.marked = threading.Event()
+
+    def on_any_event(self, event: FileSystemEvent) -> None:
+        self.seen.append(os.path.basename(os.fsdecode(event.src_path)))
+        if os.fsdecode(event.dest_path or event.src_path).endswith("marker"):
+            self.marked.set()
+        super().on_any_event(event)
+
+
+def test_a_busy_neighbour_wakes_nothing(tmp_path: Path, watcher: PolicyWatcher) -> None:
+    """A training log appended beside the policy and a data file read there over and over
+    cost the controller 31-84 % of a core: every open, read and append was an event
+    that watchdog handled in Python. Only what can change a name's content is asked for."""
+    counting = _Counting(watcher._inbox)
+    watcher._handler = counting
+    f = tmp_path / "p.yaml"
+    write(f, V1)
+    watcher.watch(str(f))
+
+    def settled() -> None:  # every event before this one has been handed over
+        counting.marked.clear()
+        (tmp_path / "marker.tmp").write_text("")
+        os.replace(tmp_path / "marker.tmp", tmp_path / "marker")
+        assert counting.marked.wait(10)
+
+    write(tmp_path / "data.bin", "x" * 100)
+    with open(tmp_path / "train.log", "a", buffering=1) as log:
+        log.write("start\n")
+        settled()
+        counting.seen.clear()
+        for i in range(300):
+            log.write(f"step {i}\n")
+            (tmp_path / "data.bin").read_bytes()
+        settled()
+    assert not {"data.bin", "train.log"} & set(counting.seen), counting.seen[:20]
+
+
+def test_a_write_no_event_announces_is_read_within_a_check(tmp_path: Path) -> None:
+    """The stat check is the backstop for what inotify does not say: a write through a
+    descriptor still open, an overflowed event queue, a network file system. Here the
+    observer says nothing at all."""
+
+    class Deaf:
+        def schedule(self, *args: object, **kwargs: object) -> object:
+            return object()
+
+        def unschedule(self, watch: object) -> None:
+            pass
+
+        def start(self) -> None:
+            pass
+
+        def stop(self) -> None:
+            pass
+
+        def is_alive(self) -> bool:
+            return False
+
+    events: queue.Queue[ReloadEvent] = queue.Queue()
+    f = tmp_path / "p.yaml"
+    write(f, V1)
+    with PolicyWatcher(events.put, debounce_s=0.1, observer_factory=Deaf) as watcher:
+        watcher.watch(str(f), read_policy_file(str(f)).sha256)
+        with open(f, "r+") as held:  # the same size: only the stat's times tell
+            held.write(V2)
+            held.flush()
+            got = events.get(timeout=10)
+            assert (got.status, patience(got)) == ("changed", 7)
+            held.seek(0)
+            held.write(V3)
+            held.flush()
+            got = events.get(timeout=10)
+            assert (got.status, patience(got)) == ("changed", 9)
+
+
+@pytest.mark.parametrize(("before", "now", "age", "read"), [
+    (None, (1, 2, 3), 100.0, False),          # first check: what was watched
+    ((1, 2, 3), (1, 2, 3), 100.0, False),     # unchanged, written long ago
+    ((1, 2, 3), (1, 2, 3), 0.5, True),        # unchanged, but written within RECENT_S
+    ((1, 2, 3), (1, 2, 4), 100.0, True),      # changed
+    ((1, 2, 3), None, 100.0, True),           # deleted
+    (None, None, 100.0, False),
+])
+def test_which_stats_the_check_reads(before: tuple[int, ...] | None,
+                                     now: tuple[int, ...] | None, age: float,
+                                     read: bool) -> None:
+    wall = 1_000_000.0
+    entry: dict[str, object] = {}
+    if before is not None:
+        entry["sig"] = (*before, int((wall - age) * 1e9), 0)
+    sig = None if now is None else (*now, int((wall - age) * 1e9), 0)
+    if before is None and now is None:
+        entry["sig"] = None
+    assert _watched.changed_since_check(entry, sig, wall) is read
+    assert entry["sig"] == sig
