@@ -5,10 +5,14 @@ from __future__ import annotations
 
 import argparse
 import math
+import re
 import sys
 from typing import Any
 
 from ._client import SOCKET_HELP, ask
+
+_SIGNED_NUMBER = re.compile(
+    r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$|^-(inf|infinity|nan)$", re.IGNORECASE)
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -16,6 +20,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                        description="Set the LR of a run's first param group (the others keep "
                                    "their ratio to it) for --steps steps, then hand back to the "
                                    "policies. Without --steps it holds until --clear.")
+    # A negative LR is refused with its reason, not taken for an unknown option: argparse
+    # knows "-0.1" for a number but not "-1e-3" or "-inf".
+    p._negative_number_matcher = _SIGNED_NUMBER  # type: ignore[attr-defined]
     p.add_argument("run", help="run key, run name or a unique key prefix")
     p.add_argument("lr", nargs="?", type=float, help="the LR")
     p.add_argument("--steps", type=int, help="hold for N steps, then release")

@@ -134,6 +134,9 @@ def test_operator_errors_are_clear(controller: ControllerProc) -> None:
     assert "runs --all" in out.stderr and "--socket" in out.stderr  # another socket's?
     out = _cli("set-lr", "x", "nan")
     assert out.returncode == 2 and "finite" in out.stderr
+    for negative in ("-inf", "-1e-3", "-0.1", "-2"):  # a number, not an unknown option
+        out = _cli("set-lr", "x", negative, "--steps", "3")
+        assert out.returncode == 2 and "finite and >= 0" in out.stderr, (negative, out.stderr)
     status = _cli("status")
     assert status.returncode == 0 and f"pid {controller.pid}" in status.stdout
 
