@@ -6,11 +6,12 @@ import os
 import stat
 from typing import Any
 
-__all__ = ["RECENT_S", "changed_since_check", "dir_identity", "resolve", "stat_signature"]
+__all__ = ["TIMESTAMP_TICK_S", "changed_since_check", "dir_identity", "resolve", "stat_signature"]
 
-#: A file modified less than this long before a check is read again at that check: a
-#: second write within the file system's timestamp tick leaves its stat unchanged.
-RECENT_S = 2.0
+#: The coarsest file-system timestamp granularity allowed for: a file whose mtime is
+#: within this of the last look may have been written after it (FAT's is 2 s; ext4's a
+#: clock tick).
+TIMESTAMP_TICK_S = 2.0
 
 
 def dir_identity(directory: str) -> tuple[int, int] | None:
@@ -31,17 +32,19 @@ def stat_signature(path: str) -> tuple[int, ...] | None:
     return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
 
-def changed_since_check(entry: dict[str, Any], sig: tuple[int, ...] | None, now: float) -> bool:
-    """Whether the check must read a file whose stat is now ``sig``: it differs from
-    the last check's, or the file was written so recently that a second write within
-    the same timestamp tick would not show."""
-    if "sig" not in entry:  # the first check: what it sees is what was watched
-        entry["sig"] = sig
-        return False
-    seen, entry["sig"] = entry["sig"], sig
+def changed_since_check(entry: dict[str, Any], sig: tuple[int, ...] | None,
+                        looked_at: float) -> bool:
+    """Whether a check must read a file whose stat, taken just after ``looked_at`` (wall
+    clock), is ``sig``: it differs from the last check's, or the file was written since
+    the last look (the last check, or ``watch()``: ``entry["since"]``), give or take a
+    timestamp tick: a write just before a stat and another within the same tick leave
+    that stat unchanged. However late a check comes, a write after the last look is read."""
+    seen = entry.get("sig", sig)  # (the first check has nothing to compare with)
+    since = entry.get("since", looked_at)
+    entry["sig"], entry["since"] = sig, looked_at
     if sig != seen:
         return True
-    return sig is not None and 0.0 <= now - sig[3] / 1e9 < RECENT_S
+    return sig is not None and sig[3] / 1e9 >= since - TIMESTAMP_TICK_S
 
 
 def resolve(path: str, entry: dict[str, Any], real: str | None = None) -> bool:

@@ -215,7 +215,8 @@ class PolicyWatcher:
         with self._lock:
             entry = self._files.get(path)
             if entry is None:
-                entry = self._files[path] = {"refs": 0, "sha256": sha256, "dirs": set()}
+                entry = self._files[path] = {"refs": 0, "sha256": sha256, "dirs": set(),
+                                             "since": time.time()}
                 if sha256 is not None:
                     # Read once: a run back from its checkpoint (evicted, or a restart) may
                     # have missed edits while nothing watched the file; the same bytes as
@@ -290,8 +291,9 @@ class PolicyWatcher:
         with self._lock:
             paths = list(self._files)
         reals = {p: os.path.realpath(p) for p in paths}
+        wall = time.time()
         stats = {p: stat_signature(p) for p in paths}
-        wall, now = time.time(), time.monotonic()
+        now = time.monotonic()
         with self._lock:
             moved = [p for p, real in reals.items()
                      if p in self._files and resolve(p, self._files[p], real)]
@@ -375,8 +377,8 @@ class PolicyWatcher:
                     self._reload(path, forced)
                 except Exception:  # (the thread must live on: every other file is watched)
                     log.exception("lrctl: reloading %s failed", path)
-            if batch:
-                continue  # new events may have come in meanwhile: look again first
+            if batch or check:
+                continue  # new events (or the check's reads) may be due: look again first
             try:
                 item: str | None = self._inbox.get(timeout=max(wait, 0.001))
             except queue.Empty:
