@@ -72,6 +72,7 @@ PARSE_BUDGET_S = 2.0
 #: parsing, which shares the interpreter with the controller's loop, takes at most a
 #: tenth of its time however often a file that parses slowly is rewritten.
 READ_SPACING = 9.0
+DRAIN_S = 0.05  # the longest the watcher's thread takes events before it looks at reads due
 CHECK_S = 1.0  # between checks that the watched directories are still those watched
 #: The directory events asked of the kernel (see the module's docstring).
 WATCHED_EVENTS = (FileCreatedEvent, DirCreatedEvent, FileDeletedEvent, DirDeletedEvent,
@@ -84,7 +85,9 @@ class ReloadEvent:
 
     ``status`` is ``"changed"`` (``policy`` is the validated new version),
     ``"invalid"`` (``error`` reads ``file:line: key: message``; keep the old
-    policy) or ``"missing"`` (the file is gone; keep the old policy).
+    policy) or ``"missing"`` (the file is gone; keep the old policy); the watcher
+    also reads ``"unchanged"`` (the version it knows, not parsed again), which it
+    never delivers.
     """
 
     path: str
@@ -95,8 +98,9 @@ class ReloadEvent:
     forced: bool = False
 
 
-def read_policy_file(path: str) -> ReloadEvent:
-    """Read and validate ``path`` now."""
+def read_policy_file(path: str, unless: str | None = None) -> ReloadEvent:
+    """Read and validate ``path`` now; when its bytes hash to ``unless`` (the version
+    known), status ``"unchanged"`` without parsing them."""
     try:
         # Non-blocking, and only a regular file: a FIFO or a device at the path
         # must not hang the watcher's thread in open() or read() (nor a directory leak
@@ -107,6 +111,8 @@ def read_policy_file(path: str) -> ReloadEvent:
     except OSError as exc:
         return ReloadEvent(path, "invalid", error=f"{path}: cannot read: {exc.strerror or exc}")
     sha = hashlib.sha256(data).hexdigest()
+    if sha == unless:
+        return ReloadEvent(path, "unchanged", sha256=sha)
     if len(data) > MAX_BYTES:
         return ReloadEvent(path, "invalid", error=f"{path}: file larger than {MAX_BYTES} bytes",
                            sha256=sha)
@@ -336,13 +342,18 @@ class PolicyWatcher:
             return None
         return {e.watch for e in list(emitters) if e.is_alive()}
 
-    def _touched(self, event_path: str) -> None:
-        """A watched file (or its symlink's target) changed."""
-        event_path = os.path.abspath(event_path)
+    def _touched(self, event_paths: set[str]) -> None:
+        """Watched files (or their symlinks' targets) changed: one pass over the watched
+        files, however many events (a storm of a thousand neighbours' events is a lookup
+        each, not a scan of every watched file each)."""
         now = time.monotonic()
         with self._lock:
+            named: dict[str, list[str]] = {}
             for path, entry in self._files.items():
-                if event_path in (path, entry.get("real")):
+                for name in {path, entry.get("real") or path}:
+                    named.setdefault(name, []).append(path)
+            for event_path in event_paths:
+                for path in named.get(os.path.abspath(event_path), ()):
                     self._debounce(path, now)
 
     def _debounce(self, path: str, now: float) -> None:
@@ -383,17 +394,30 @@ class PolicyWatcher:
                 item: str | None = self._inbox.get(timeout=max(wait, 0.001))
             except queue.Empty:
                 continue
-            while True:  # drain the burst: one pass over the watched files per event
+            # Drain the burst, each path once, for DRAIN_S at most: a storm that fills the
+            # inbox as fast as it drains must not keep due reads and checks waiting.
+            touched: set[str] = set()
+            until = time.monotonic() + DRAIN_S
+            while True:
                 if item is not None:
-                    self._touched(item)
+                    touched.add(item)
+                if time.monotonic() > until:
+                    break
                 try:
                     item = self._inbox.get_nowait()
                 except queue.Empty:
                     break
+            self._touched(touched)
 
     def _reload(self, path: str, forced: bool) -> None:
+        with self._lock:
+            entry = self._files.get(path)
+            if entry is None:
+                return
+            # A file read again unchanged (a check's look after a write) is not parsed.
+            known = None if forced or entry.get("unread") else entry["sha256"]
         began = time.monotonic()
-        event = read_policy_file(path)
+        event = read_policy_file(path, unless=known)
         with self._lock:
             entry = self._files.get(path)
             if entry is None:
@@ -401,7 +425,15 @@ class PolicyWatcher:
             now = time.monotonic()
             self._not_before[path] = now + READ_SPACING * (now - began)
             moved = resolve(path, entry)  # a symlink may now point elsewhere
-            same = event.sha256 is not None and event.sha256 == entry["sha256"]
+            # A file still gone, or still unreadable for the same reason, is nothing new
+            # (the check's read after the delete's); one readable again is news, whatever
+            # it holds (the controller was told it went).
+            unread = entry.get("unread")
+            entry["unread"] = event.error if event.sha256 is None else None
+            if event.sha256 is None:
+                same = unread == event.error
+            else:
+                same = unread is None and event.sha256 == entry["sha256"]
             if event.sha256 is not None:
                 entry["sha256"] = event.sha256
         if moved:

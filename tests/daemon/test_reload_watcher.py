@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import queue
+import subprocess
+import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -14,7 +17,7 @@ from watchdog.events import FileSystemEvent
 
 from lrctl import _watched
 from lrctl import reload as reload_mod
-from lrctl.reload import PolicyWatcher, ReloadEvent
+from lrctl.reload import PolicyWatcher, ReloadEvent, read_policy_file
 
 V1 = "version: 1\npolicies:\n  - kind: plateau\n    patience: 5\n"
 V2 = "version: 1\npolicies:\n  - kind: plateau\n    patience: 7\n"
@@ -118,6 +121,32 @@ def test_deleted_file_is_reported_missing_then_reloaded_when_back(
     write(f, V3)
     got = collect(events)
     assert [(e.status, patience(e)) for e in got] == [("changed", 9)]
+
+
+def test_a_file_gone_is_reported_once_and_back_even_unchanged(
+        tmp_path: Path, watcher: PolicyWatcher, events: queue.Queue[ReloadEvent]) -> None:
+    """An adversarial pass's find: past the first check, a deletion was delivered twice
+    (its event's read, then the check's, which saw the stat go). And a file back with
+    the bytes it had is news: the controller was told it went."""
+    f = tmp_path / "p.yaml"
+    write(f, V1)
+    watcher.watch(str(f))
+    until(lambda: "sig" in watcher._files[str(f)], "the first check")
+    f.unlink()
+    got = [events.get(timeout=10)]
+    until(lambda: watcher._files[str(f)]["sig"] is None, "a check that saw it gone")
+    with contextlib.suppress(queue.Empty):  # the check's read, were it delivered
+        got.append(events.get(timeout=QUIET_S))
+    assert [e.status for e in got] == ["missing"]
+    write(f, V1)
+    assert [(e.status, patience(e)) for e in collect(events)] == [("changed", 5)]
+
+
+def until(condition: Callable[[], bool], what: str, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.01)
 
 
 def test_broken_edit_is_reported_with_file_and_line(
@@ -234,10 +263,12 @@ def test_a_file_that_parses_slowly_is_read_a_tenth_of_the_time_at_most(
 
     real, reads = reload_module.read_policy_file, []
 
-    def slow(path: str) -> ReloadEvent:
-        reads.append(path)
-        time.sleep(0.2)  # a text that takes 0.2 s to parse
-        return real(path)
+    def slow(path: str, unless: str | None = None) -> ReloadEvent:
+        event = real(path, unless)
+        if event.status != "unchanged":  # (the bytes it knows are not parsed again)
+            reads.append(path)
+            time.sleep(0.2)  # a text that takes 0.2 s to parse
+        return event
 
     monkeypatch.setattr(reload_module, "read_policy_file", slow)
     f = tmp_path / "p.yaml"
@@ -273,8 +304,6 @@ def test_a_directory_at_the_policy_path_is_refused_without_leaking_a_descriptor(
         tmp_path: Path) -> None:
     """An adversarial pass's find: each read of a directory at a watched path (a watcher
     event, ``lrctl reload``) left one descriptor open in the controller."""
-    from lrctl.reload import read_policy_file
-
     f = tmp_path / "p.yaml"
     f.mkdir()
     before = len(os.listdir("/proc/self/fd"))
@@ -429,3 +458,37 @@ def test_which_stats_the_check_reads(seen: tuple[int, ...] | None,
     sig = None if now is None else (*now, mtime, 0)
     assert _watched.changed_since_check(entry, sig, looked_at) is read
     assert entry["sig"] == sig and entry["since"] == looked_at
+
+
+_STORM = """
+import os, sys
+d = sys.argv[1]
+print("storming", flush=True)
+n = 0
+while True:
+    n += 1
+    p = os.path.join(d, f"tmp{n % 64}")
+    open(p, "w").close()
+    os.unlink(p)
+"""
+
+
+def test_an_edit_is_read_during_a_storm_of_neighbour_events(
+        tmp_path: Path, watcher: PolicyWatcher, events: queue.Queue[ReloadEvent]) -> None:
+    """An adversarial pass's find: with 300 files watched in a directory where temp files
+    were made and removed flat out, no edit was read at all while it went on (the
+    watcher's thread drained events without end, each a scan of every watched file)."""
+    files = [tmp_path / f"p{i}.yaml" for i in range(300)]
+    for f in files:
+        write(f, V1)
+        watcher.watch(str(f), read_policy_file(str(f)).sha256)
+    storm = subprocess.Popen([sys.executable, "-c", _STORM, str(tmp_path)],
+                             stdout=subprocess.PIPE, text=True)
+    try:
+        assert storm.stdout is not None and storm.stdout.readline() == "storming\n"
+        write(files[7], V2)
+        got = events.get(timeout=60)
+        assert (got.path, got.status, patience(got)) == (str(files[7]), "changed", 7)
+    finally:
+        storm.kill()
+        storm.wait()
