@@ -92,10 +92,11 @@ def journal_runs(state_dir: Path, live: dict[str, dict[str, Any]]) -> list[dict[
 
 
 def _checkpoint_file(state_dir: Path, key: str) -> Path | None:
-    from ..daemon.store import LEGACY_SUFFIX, SUFFIX
+    from ..daemon.store import DETACHED, LEGACY_SUFFIX, SUFFIX
 
-    for suffix in (SUFFIX, LEGACY_SUFFIX):
-        path = state_dir / "runs" / f"{key}{suffix}"
+    runs = state_dir / "runs"
+    for path in (runs / f"{key}{SUFFIX}", runs / f"{key}{LEGACY_SUFFIX}",
+                 runs / DETACHED / f"{key}{SUFFIX}"):
         if path.is_file():
             return path
     return None

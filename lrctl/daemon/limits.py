@@ -71,6 +71,10 @@ class Limits:
     # state in it can take twenty times its bytes); one hello is always taken
     max_pending_hello_bytes: int = 4 << 20
     housekeeping_interval: float = 1.0  # seconds between evictions and socket checks
+    # An evicted run's checkpoint (its hook gone: a training process killed) is kept this
+    # long since it was last written, for its hook's return; a start does not restore it.
+    detached_keep_s: float = 30 * 86400.0
+    prune_interval_s: float = 3600.0  # between looks for detached checkpoints past it
     # Values the policies of runs without a hook may hold, all together (~40 bytes each in
     # memory): past it the longest gone are evicted (checkpointed, resumable). A hello may
     # bring a run's saved state, ~20 times its bytes in memory, and the run was held for

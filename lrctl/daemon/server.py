@@ -93,6 +93,7 @@ class Server(Observing):
         self._stopping = False
         self._no_hook_since = self.started  # when the last hook left (or the start)
         self._housekeeping_at = 0.0
+        self._prune_at = 0.0
         # The loop's clock, read once per wake-up.
         self._now = self.started
         self.transport = Transport(listeners, self, limits=self.limits, token=token,
@@ -232,6 +233,9 @@ class Server(Observing):
                     self.sink.tick()
                     if self.state_watch.check():
                         self._state_dir_recreated()
+                    if now >= self._prune_at:
+                        self._prune_at = now + self.limits.prune_interval_s
+                        self._prune_detached()
                     self._evict_idle()
                     self._exit_if_idle()
                     self.handshakes.expire(now)
@@ -364,6 +368,18 @@ class Server(Observing):
         for key in list(self.sessions):
             self.checkpoints.save(key)
 
+    def _prune_detached(self) -> None:
+        """Forget the runs evicted without their hook longer ago than ``detached_keep_s``."""
+        try:
+            removed = self.store.prune_detached(self.limits.detached_keep_s)
+        except OSError as exc:  # (the state dir gone: its check says so)
+            log.error("cannot prune the checkpoints of detached runs: %s", exc)
+            return
+        if removed:
+            log.info("removed %d checkpoint(s) of runs evicted without their hook over %.0f "
+                     "days ago (their journals stay)", removed,
+                     self.limits.detached_keep_s / 86400)
+
     def _exit_if_idle(self) -> None:
         """``idle_exit``: stop once no hook has been connected for that long."""
         if self.conns:
@@ -402,6 +418,7 @@ class Server(Observing):
         self.sessions.pop(key)
         self._last_seen.pop(key, None)
         self.checkpoints.forget(key)
+        self.store.detach(key)  # a start restores it no more; its hook's hello does
         self.live.unwatch(key)
         self.sink.drop_run(key, reason)
         return True

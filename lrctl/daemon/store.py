@@ -18,6 +18,7 @@ import math
 import os
 import queue
 import threading
+import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +38,7 @@ FORMAT = 2
 _READABLE = (1, 2)
 SUFFIX = ".ckpt"
 LEGACY_SUFFIX = ".json"
+DETACHED = ".detached"  # (not a run key: those start with a letter or digit)
 MAX_STATE_BYTES = 16 << 20
 _TMP_IDS = itertools.count()  # temporary files of prepared writes: one name each
 
@@ -75,6 +77,9 @@ class StateStore:
     def __init__(self, state_dir: str | os.PathLike[str]) -> None:
         self.dir = Path(state_dir) / "runs"
         self.dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        # Checkpoints of runs evicted without their hook (a training process killed): a
+        # start does not restore them; a hello for one brings it back (see load).
+        self.detached_dir = self.dir / DETACHED
 
     def path(self, key: str) -> Path:
         if not is_run_key(key):
@@ -85,10 +90,39 @@ class StateStore:
         """Where an earlier version kept ``key``'s checkpoint (format 1)."""
         return self.path(key).with_suffix(LEGACY_SUFFIX)
 
+    def detached_path(self, key: str) -> Path:
+        return self.detached_dir / self.path(key).name
+
+    def detach(self, key: str) -> None:
+        """Move an evicted run's checkpoint (current: no write in flight) out of what a
+        start restores. Not fsynced: a rename lost in a crash leaves it where a start
+        restores it, and the next eviction moves it again."""
+        with contextlib.suppress(FileExistsError):
+            self.detached_dir.mkdir(mode=0o700)
+        with contextlib.suppress(FileNotFoundError):
+            os.replace(self.path(key), self.detached_path(key))
+
+    def prune_detached(self, keep_s: float, now: float | None = None) -> int:
+        """Remove the checkpoints of runs detached (untouched) for over ``keep_s`` seconds;
+        how many. A run whose hook comes back after that starts afresh."""
+        now = time.time() if now is None else now
+        removed = 0
+        try:
+            entries = list(os.scandir(self.detached_dir))
+        except FileNotFoundError:
+            return 0
+        for entry in entries:
+            with contextlib.suppress(OSError):
+                if entry.is_file(follow_symlinks=False) and (
+                        now - entry.stat(follow_symlinks=False).st_mtime > keep_s):
+                    os.unlink(entry.path)
+                    removed += 1
+        return removed
+
     def _unlink_all(self, key: str) -> bool:
-        """Remove ``key``'s checkpoint, in either place; whether there was one."""
+        """Remove ``key``'s checkpoint, in any place; whether there was one."""
         gone = False
-        for path in (self.path(key), self.legacy_path(key)):
+        for path in (self.path(key), self.legacy_path(key), self.detached_path(key)):
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
                 gone = True
@@ -225,7 +259,10 @@ class StateStore:
             self._fsync_dir()
 
     def load(self, key: str) -> dict[str, Any] | None:
-        """One run's checkpoint (a run evicted after its idle timeout that came back)."""
+        """One run's checkpoint (a run evicted after its idle timeout that came back: its
+        checkpoint is moved back among those a start restores)."""
+        with contextlib.suppress(FileNotFoundError):
+            os.replace(self.detached_path(key), self.path(key))
         path = self.path(key)
         if not path.is_file():
             path = self.legacy_path(key)

@@ -47,7 +47,7 @@ def test_the_runs_gone_longest_are_evicted_past_the_bound_and_resume(tmp_path: P
             _run_and_leave(path, key)
             _until_hookless(srv, key)
         assert sorted(srv.sessions) == ["r-second", "r-third"]
-        assert store.path("r-first").exists()  # its state stays on disk
+        assert store.detached_path("r-first").exists()  # its state stays on disk
         c = Client(path)
         c.send(_hello("r-first"))  # a reconnect resumes it
         welcome: dict[str, Any] = c.answer()

@@ -82,7 +82,7 @@ def test_an_evicted_run_is_detached_while_its_checkpoint_is_on_disk(
         time.sleep(0.1)
     assert remembered["evicted"]["state"] == "detached" and remembered["evicted"]["step"] == 9
     key = remembered["evicted"]["run"]
-    (Path(controller.state_dir) / "runs" / f"{key}.ckpt").unlink()
+    (Path(controller.state_dir) / "runs" / ".detached" / f"{key}.ckpt").unlink()
     _, remembered = _views(capsys)
     assert remembered["evicted"]["state"] == "ended"
 

@@ -79,7 +79,9 @@ def test_training_process_killed_mid_frame_is_cleaned_up_and_can_resume(
             _step(ctl, engine, t)
         # No hook for longer than --session-timeout: dropped from memory, kept on disk.
         until("the orphan to be evicted", lambda: "orphan" not in _runs())
-        assert (Path(controller.state_dir) / "runs" / "orphan.ckpt").is_file()
+        runs = Path(controller.state_dir) / "runs"  # (set aside: a start restores it no more)
+        assert (runs / ".detached" / "orphan.ckpt").is_file()
+        assert not (runs / "orphan.ckpt").exists()
         for t in range(10, 15):
             _step(ctl, engine, t)
         # A late reconnect resumes where the orphan left off.
