@@ -401,6 +401,10 @@ class RunShipper:
                 if not self.files.attempt("the timeline picture", lambda: (
                         self.client.log_artifact(self.run_id, str(png), "lrctl"))):
                     return  # (it stays due)
+                # MLflow holds it now: the run's folder keeps its journal, not a second copy
+                # (~70 KB, nine tenths of an ended run's folder; `lrctl report` draws anew).
+                with contextlib.suppress(OSError):
+                    png.unlink()
         self.st.cursor.pop(TIMELINE_DUE, None)
         self.st.save()
 
