@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from .._parallel import in_parallel
-from ..paths import is_run_key, read_regular
+from ..paths import ensure_private_dir, is_run_key, read_regular
 from ._packed import pack, unpack
 
 __all__ = ["FORMAT", "CheckpointWriter", "PreparedWrite", "StateStore"]
@@ -96,27 +96,34 @@ class StateStore:
     def detach(self, key: str) -> None:
         """Move an evicted run's checkpoint (current: no write in flight) out of what a
         start restores. Not fsynced: a rename lost in a crash leaves it where a start
-        restores it, and the next eviction moves it again."""
-        with contextlib.suppress(FileExistsError):
-            self.detached_dir.mkdir(mode=0o700)
-        with contextlib.suppress(FileNotFoundError):
+        restores it, and the next eviction moves it again; so does a failure here."""
+        try:
+            ensure_private_dir(self.detached_dir, quiet=True)  # (never through a symlink)
             os.replace(self.path(key), self.detached_path(key))
+        except FileNotFoundError:
+            return  # no checkpoint of this format to move
+        except OSError as exc:
+            log.error("cannot set run %s's checkpoint aside (%s): the next start restores "
+                      "it", key, exc)
 
     def prune_detached(self, keep_s: float, now: float | None = None) -> int:
         """Remove the checkpoints of runs detached (untouched) for over ``keep_s`` seconds;
         how many. A run whose hook comes back after that starts afresh."""
         now = time.time() if now is None else now
-        removed = 0
-        try:
-            entries = list(os.scandir(self.detached_dir))
+        try:  # its entries, never through a symlink planted at its name
+            fd = os.open(self.detached_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
         except FileNotFoundError:
             return 0
-        for entry in entries:
-            with contextlib.suppress(OSError):
-                if entry.is_file(follow_symlinks=False) and (
-                        now - entry.stat(follow_symlinks=False).st_mtime > keep_s):
-                    os.unlink(entry.path)
-                    removed += 1
+        removed = 0
+        try:
+            for entry in list(os.scandir(fd)):
+                with contextlib.suppress(OSError):
+                    st = entry.stat(follow_symlinks=False)
+                    if now - st.st_mtime > keep_s:
+                        os.unlink(entry.name, dir_fd=fd)
+                        removed += 1
+        finally:
+            os.close(fd)
         return removed
 
     def _unlink_all(self, key: str) -> bool:
@@ -261,7 +268,7 @@ class StateStore:
     def load(self, key: str) -> dict[str, Any] | None:
         """One run's checkpoint (a run evicted after its idle timeout that came back: its
         checkpoint is moved back among those a start restores)."""
-        with contextlib.suppress(FileNotFoundError):
+        with contextlib.suppress(OSError):  # (none set aside; or read where it is not)
             os.replace(self.detached_path(key), self.path(key))
         path = self.path(key)
         if not path.is_file():

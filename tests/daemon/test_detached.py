@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
 import torch
 from daemon_helpers import ControllerProc, serving, until
 
@@ -67,3 +68,19 @@ def test_detached_checkpoints_are_removed_after_detached_keep_s(tmp_path: Path,
         until(lambda: not old.exists(), "the old checkpoint's removal")
     assert fresh.exists()
     assert store.prune_detached(3600, now=time.time() + 7200) == 1 and not fresh.exists()
+
+
+def test_a_symlink_at_the_detached_dir_is_never_followed(tmp_path: Path) -> None:
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    victim = elsewhere / "victim.ckpt"
+    victim.write_bytes(b"not ours to remove\n")
+    os.utime(victim, (0, 0))
+    store = StateStore(tmp_path / "state")
+    store.detached_dir.symlink_to(elsewhere)
+    with pytest.raises(OSError):
+        store.prune_detached(1.0)
+    assert victim.exists()
+    store.path("run").write_bytes(b"a checkpoint\n")
+    store.detach("run")  # refused (logged): it stays where a start restores it
+    assert store.path("run").exists() and not (elsewhere / "run.ckpt").exists()
