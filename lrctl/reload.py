@@ -432,9 +432,11 @@ class PolicyWatcher:
             entry["unread"] = event.error if event.sha256 is None else None
             if event.sha256 is None:
                 same = unread == event.error
+            elif event.status == "unchanged":  # (a watch() since the read has its own due)
+                same = True
             else:
                 same = unread is None and event.sha256 == entry["sha256"]
-            if event.sha256 is not None:
+            if event.sha256 is not None and event.status != "unchanged":
                 entry["sha256"] = event.sha256
         if moved:
             with contextlib.suppress(OSError):  # the old directories keep working

@@ -10,7 +10,7 @@ observations after it and can replay them after a crash.
 
 The checkpoints the hot path asks for (:meth:`Checkpoints.observed`,
 :meth:`Checkpoints.save_due`) are encoded on the loop and written, with their fsyncs,
-by a :class:`~lrctl.daemon.store.CheckpointWriter` thread; a new run's first one
+by a :class:`~lrctl.daemon.checkpoint_writer.CheckpointWriter` thread; a new run's first one
 (:meth:`Checkpoints.start`) is written to a temporary file on the loop and made
 durable (fsyncs, rename) by that thread, and an ended run's checkpoint is removed by
 it (:meth:`Checkpoints.delete`), after the run's writes in flight: the loop opens the
@@ -31,9 +31,10 @@ import queue
 import time
 from collections.abc import Callable, Container, Mapping
 
+from .checkpoint_writer import CheckpointWriter
 from .limits import Limits
 from .session import Session
-from .store import CheckpointWriter, StateStore
+from .store import StateStore
 
 __all__ = ["Checkpoints"]
 
@@ -260,7 +261,9 @@ class Checkpoints:
         return written
 
     def _settle(self, key: str) -> None:
-        if key in self._saving:  # after the write in flight, never before it
+        # After the write in flight, never before it; and after a removal queued (a run
+        # ended, then resumed from its hook's state), which would take the new file away.
+        if key in self._saving or key in self.removing:
             self._writer.wait()
             self.finished()
 

@@ -256,6 +256,7 @@ class Handshakes:
         journal's last sample), and the journal's decisions after ``resumed_at`` up to
         there (for a run no longer in memory; see :func:`_rewound`)."""
         store, paths = self.server.store, RunPaths.of(self.server.state_dir, key)
+        store.reattach(key)  # (evicted: set aside; the hook's state replaces it from now)
         try:
             seen = store.read_file(store.path(key))["engine"]["last_step"]
         except (OSError, ValueError, KeyError, TypeError):

@@ -36,6 +36,7 @@ import socket
 import time
 from typing import Any
 
+from .. import paths
 from ..policy import available_kinds
 from ..policy._capacity import held_values
 from ..reload import DEFAULT_DEBOUNCE_S
@@ -364,6 +365,10 @@ class Server(Observing):
     def _state_dir_recreated(self) -> None:
         """The state dir was deleted and made again: every open run's journal written back,
         every run checkpointed again."""
+        try:  # (the journal's sink makes it; without one, nothing else would)
+            paths.ensure_private_dir(self.store.dir, quiet=True)
+        except OSError as exc:
+            log.error("cannot make the checkpoints' directory again: %s", exc)
         self.sink.restore()
         for key in list(self.sessions):
             self.checkpoints.save(key)

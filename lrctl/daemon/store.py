@@ -9,17 +9,15 @@ moved aside and reported, never loaded into a policy.
 from __future__ import annotations
 
 import contextlib
-import functools
 import hashlib
 import itertools
 import json
 import logging
 import math
 import os
-import queue
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,7 +26,7 @@ from .._parallel import in_parallel
 from ..paths import ensure_private_dir, is_run_key, read_regular
 from ._packed import pack, unpack
 
-__all__ = ["FORMAT", "CheckpointWriter", "PreparedWrite", "StateStore"]
+__all__ = ["FORMAT", "PreparedWrite", "StateStore"]
 
 # Format 2 packs long float lists (see _packed), in ``<key>.ckpt``: a controller of an
 # earlier version reads only ``<key>.json`` (format 1) and would take a format-2 file it
@@ -93,18 +91,35 @@ class StateStore:
     def detached_path(self, key: str) -> Path:
         return self.detached_dir / self.path(key).name
 
+    def _set_aside(self, key: str) -> list[tuple[Path, Path]]:
+        """(where a start restores it, where it is set aside) for either format."""
+        return [(self.path(key), self.detached_path(key)),
+                (self.legacy_path(key), self.detached_dir / self.legacy_path(key).name)]
+
     def detach(self, key: str) -> None:
         """Move an evicted run's checkpoint (current: no write in flight) out of what a
-        start restores. Not fsynced: a rename lost in a crash leaves it where a start
-        restores it, and the next eviction moves it again; so does a failure here."""
+        start restores; it is kept ``Limits.detached_keep_s`` from now. Not fsynced: a
+        rename lost in a crash leaves it where a start restores it, and the next eviction
+        moves it again; so does a failure here."""
         try:
             ensure_private_dir(self.detached_dir, quiet=True)  # (never through a symlink)
-            os.replace(self.path(key), self.detached_path(key))
-        except FileNotFoundError:
-            return  # no checkpoint of this format to move
+            for kept, aside in self._set_aside(key):
+                with contextlib.suppress(FileNotFoundError):
+                    os.replace(kept, aside)
+                    os.utime(aside)
         except OSError as exc:
             log.error("cannot set run %s's checkpoint aside (%s): the next start restores "
                       "it", key, exc)
+
+    def reattach(self, key: str) -> None:
+        """A run set aside is back (its hook's hello): its checkpoint returns among those a
+        start restores, unless a newer one is there already (then the old one goes)."""
+        for kept, aside in self._set_aside(key):
+            with contextlib.suppress(OSError):  # (none set aside: the usual case)
+                if os.path.lexists(kept):
+                    os.unlink(aside)
+                else:
+                    os.replace(aside, kept)
 
     def prune_detached(self, keep_s: float, now: float | None = None) -> int:
         """Remove the checkpoints of runs detached (untouched) for over ``keep_s`` seconds;
@@ -129,7 +144,7 @@ class StateStore:
     def _unlink_all(self, key: str) -> bool:
         """Remove ``key``'s checkpoint, in any place; whether there was one."""
         gone = False
-        for path in (self.path(key), self.legacy_path(key), self.detached_path(key)):
+        for path in (p for pair in self._set_aside(key) for p in pair):
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
                 gone = True
@@ -268,8 +283,7 @@ class StateStore:
     def load(self, key: str) -> dict[str, Any] | None:
         """One run's checkpoint (a run evicted after its idle timeout that came back: its
         checkpoint is moved back among those a start restores)."""
-        with contextlib.suppress(OSError):  # (none set aside; or read where it is not)
-            os.replace(self.detached_path(key), self.path(key))
+        self.reattach(key)
         path = self.path(key)
         if not path.is_file():
             path = self.legacy_path(key)
@@ -331,106 +345,3 @@ class StateStore:
             os.fsync(fd)
         finally:
             os.close(fd)
-
-
-class CheckpointWriter:
-    """Finishes checkpoint writes on a thread of its own, in the order submitted, so that
-    their fsyncs (milliseconds each on a busy disk, two per checkpoint) never stall the
-    loop.
-
-    The loop encodes the state (:meth:`StateStore.encode`). For a run's start and end it
-    also opens what the job needs (:meth:`StateStore.prepare`, :meth:`StateStore.open_dir`),
-    and the job only fsyncs, renames, unlinks and closes; a hot-path checkpoint is
-    written whole here (two short-lived descriptors). Each finished job goes on :attr:`done`
-    as ``(key, token, error)``, then ``notify`` (the loop's wake-up) is called: only the
-    loop touches sessions.
-    """
-
-    def __init__(self, store: StateStore, notify: Callable[[], None]) -> None:
-        self.store = store
-        self.notify = notify
-        self.done: queue.SimpleQueue[tuple[str, Any, Exception | None]] = queue.SimpleQueue()
-        self._jobs: queue.SimpleQueue[_Job | threading.Event | None] = queue.SimpleQueue()
-        self._thread: threading.Thread | None = None
-
-    def submit_write(self, key: str, data: bytes, token: Any) -> None:
-        """Write ``key``'s checkpoint whole (:meth:`StateStore.write`): the hot path's,
-        whose file creation (it can wait on a busy filesystem) stays off the loop too."""
-        self._put(_Job(key, functools.partial(self.store.write, key, data), token, _nothing))
-
-    def submit(self, key: str, prep: PreparedWrite, token: Any) -> None:
-        """Complete the prepared write ``prep`` of ``key``'s checkpoint."""
-        self._put(_Job(key, functools.partial(self.store.complete, prep), token,
-                       functools.partial(self.store.discard, prep)))
-
-    def submit_remove(self, key: str, dir_fd: int, token: Any) -> None:
-        """Remove ``key``'s checkpoint once the writes submitted before are done."""
-        self._put(_Job(key, functools.partial(self.store.remove, key, dir_fd), token,
-                       functools.partial(os.close, dir_fd)))
-
-    def _put(self, job: _Job) -> None:
-        if self._thread is None:
-            self._thread = threading.Thread(target=self._run, name="lrctl-checkpoints",
-                                            daemon=True)
-            self._thread.start()
-        self._jobs.put(job)
-
-    def wait(self) -> None:
-        """Return once every job submitted so far is finished (and on :attr:`done`)."""
-        if self._thread is not None:
-            finished = threading.Event()
-            self._jobs.put(finished)
-            finished.wait()
-
-    def stop(self) -> None:
-        """Finish what was submitted, then end the thread."""
-        if self._thread is not None:
-            self._jobs.put(None)
-            self._thread.join()
-            self._thread = None
-
-    def cancel(self) -> list[tuple[str, Any]]:
-        """Take back the jobs not started yet (a shutdown writes every checkpoint at once,
-        in parallel, from the latest state; a removal is left undone, harmlessly: the
-        run's checkpoint stays); returns their ``(key, token)``."""
-        dropped: list[tuple[str, Any]] = []
-        while True:
-            try:
-                job = self._jobs.get_nowait()
-            except queue.Empty:
-                return dropped
-            if isinstance(job, threading.Event):
-                job.set()
-            elif job is not None:
-                with contextlib.suppress(OSError):
-                    job.discard()
-                dropped.append((job.key, job.token))
-
-    def _run(self) -> None:
-        while True:
-            job = self._jobs.get()
-            if job is None:
-                return
-            if isinstance(job, threading.Event):
-                job.set()
-                continue
-            error: Exception | None = None
-            try:
-                job.run()
-            except Exception as exc:  # reported to the loop, which logs it; the thread goes on
-                error = exc
-            self.done.put((job.key, job.token, error))
-            with contextlib.suppress(OSError):
-                self.notify()
-
-
-def _nothing() -> None:
-    pass
-
-
-@dataclass(frozen=True)
-class _Job:
-    key: str
-    run: Callable[[], None]
-    token: Any
-    discard: Callable[[], None]  # what the job owns, let go unfinished

@@ -18,6 +18,8 @@ import pytest
 from daemon_helpers import Client, OversizeStore, serving
 
 from lrctl.daemon import Limits, Server
+from lrctl.daemon.checkpoints import Checkpoints
+from lrctl.daemon.session import Session
 from lrctl.daemon.store import PreparedWrite, StateStore
 from lrctl.protocol import MAX_HELLO, encode, encode_obs
 
@@ -301,3 +303,41 @@ def test_timed_checkpoints_are_spread_over_wakeups(tmp_path: Path) -> None:
     assert done == [8, 16, 20]
     assert checkpoints.next_due > now  # nothing due any more
     checkpoints.stop()
+
+
+def test_a_removal_queued_never_takes_a_resumed_runs_new_checkpoint(tmp_path: Path) -> None:
+    """A review's find: a run ended (its checkpoint's removal queued on a busy writer
+    thread), then resumed from its hook's state under the same key: the new checkpoint,
+    written at once, was removed by the queued job, while the loop held it current."""
+    policy = "version: 1\npolicies:\n  - kind: plateau\n    patience: 3\n"
+
+    def session() -> Session:
+        return Session.create(key="k1", run_name="k1", policy_text=policy,
+                              policy_source="p.yaml", lrs=[0.1])
+
+    store = StateStore(tmp_path)
+    gate = threading.Event()
+    real_remove = store.remove
+
+    def slow_remove(key: str, dir_fd: int) -> None:  # a busy writer thread
+        gate.wait(10)
+        real_remove(key, dir_fd)
+
+    store.remove = slow_remove  # type: ignore[method-assign]
+    sessions: dict[str, Session] = {"k1": session()}
+    checkpoints = Checkpoints(store, sessions, Limits(), notify=lambda: None)
+    try:
+        checkpoints.save("k1")
+        sessions.pop("k1")  # its goodbye, as Server._bye
+        checkpoints.forget("k1")
+        checkpoints.delete("k1")
+        sessions["k1"] = session()  # a hello with the hook's saved state
+        checkpoints.track("k1")
+        threading.Timer(0.2, gate.set).start()  # (the removal finishes while save waits)
+        checkpoints.save("k1")
+        checkpoints._writer.wait()
+        checkpoints.finished()
+        assert checkpoints.current("k1") and store.load("k1") is not None
+    finally:
+        gate.set()
+        checkpoints._writer.stop()

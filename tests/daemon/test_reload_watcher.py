@@ -394,7 +394,8 @@ def test_a_busy_neighbour_wakes_nothing(tmp_path: Path, watcher: PolicyWatcher) 
             log.write(f"step {i}\n")
             (tmp_path / "data.bin").read_bytes()
         settled()
-    assert not {"data.bin", "train.log"} & set(counting.seen), counting.seen[:20]
+        seen = list(counting.seen)  # (the log's close, below, is a write's close: an event)
+    assert not {"data.bin", "train.log"} & set(seen), seen[:20]
 
 
 def test_a_write_no_event_announces_is_read_within_a_check(tmp_path: Path) -> None:
@@ -492,3 +493,31 @@ def test_an_edit_is_read_during_a_storm_of_neighbour_events(
     finally:
         storm.kill()
         storm.wait()
+
+
+def test_a_watch_during_a_read_of_the_known_version_gets_the_file_delivered(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A review's find: a second run on another version watching the file while a read of
+    the known version was in flight had the read delivered as "unchanged" (a failed reload
+    for every run on the file), and the file's version was never delivered to it."""
+    f = tmp_path / "p.yaml"
+    write(f, V1)
+    sha1 = read_policy_file(str(f)).sha256
+    real = reload_mod.read_policy_file
+    entered, release = threading.Event(), threading.Event()
+
+    def gated(path: str, unless: str | None = None) -> ReloadEvent:
+        if unless is not None and not entered.is_set():  # the read of the known version
+            entered.set()
+            release.wait(10)
+        return real(path, unless)
+
+    monkeypatch.setattr(reload_mod, "read_policy_file", gated)
+    events: queue.Queue[ReloadEvent] = queue.Queue()
+    with PolicyWatcher(events.put, debounce_s=0.05) as watcher:
+        watcher.watch(str(f), sha1)  # read once at watch(), knowing sha1: held in gated
+        assert entered.wait(10)
+        watcher.watch(str(f), "0" * 64)  # another run, on another version, meanwhile
+        release.set()
+        got = collect(events)
+    assert [(e.status, e.sha256) for e in got] == [("changed", sha1)]
