@@ -305,7 +305,9 @@ class PolicyWatcher:
                      if p in self._files and resolve(p, self._files[p], real)]
             for p, sig in stats.items():
                 entry = self._files.get(p)
-                if entry is not None and changed_since_check(entry, sig, wall):
+                if entry is None or not changed_since_check(entry, sig, wall):
+                    continue
+                if p not in self._due:  # (one due reads these bytes too: not put off)
                     self._debounce(p, now)
             wanted = set().union(*(e["dirs"] for e in self._files.values()))
         with self._observer_lock:
