@@ -16,12 +16,11 @@ directory is still the one it watches (device and inode, through symlinks; its w
 still running) and that each file resolves to the same place; where not, it watches
 anew and reads the files there again (one reload where their content changed).
 
-The kernel is asked only for the events that can change what a watched name holds:
-a file created, deleted, moved, or closed after a write. Reads and appends through a
-descriptor held open (a training log beside the policy) wake nothing, so a busy
-neighbour costs no CPU. The same check stats every watched file as a backstop: a
-change no event announced (a write through a descriptor not yet closed, an inotify
-queue that overflowed, a network file system) is read within a check.
+The kernel is asked only for events that can change what a watched name holds (a
+file created, deleted, moved, or closed after a write): reads and appends through a
+held descriptor (a training log beside the policy) wake nothing. The same check stats
+each watched file: a change no event announced (a descriptor not yet closed, an
+overflowed queue, a network file system) is read within a check.
 
 The watcher never touches controller state: it calls ``on_change`` from its own
 thread with a :class:`ReloadEvent`, and the controller hands that to the thread
