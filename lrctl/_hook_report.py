@@ -350,10 +350,11 @@ class Reporting:
                and t > self._reported + 1 else None)
         # ctl.step() after optimizer.step(): said once a connection (its hello, or here)
         ran = self._after_order and not self._said_ran
-        if (link.compact and clean is None and not overflow and not prior and not gap
+        if (link.compact and clean is None and not overflow and not gap
                 and not end and not ran and self._restored_unreported is None
                 and not self._writer.loop_mode):
-            frame = encode_obs_compact(t, loss, grad, used)  # plain: see wire.compact
+            # plain, or a batch of held steps: see wire.compact
+            frame = encode_obs_compact(t, loss, grad, used, prior, prior_grads, prior_used)
             if frame is not None:
                 self._prev_reported, self._reported = self._reported, t
                 link.send_obs(t, frame)

@@ -21,9 +21,9 @@ frame and closes the connection. Every JSON frame carries ``"v": 1``; a frame of
 unknown version is refused with an ``error`` frame naming both versions.
 
 Compact frames (:mod:`.compact`): a frame whose length has its top bit set is the
-binary form of a plain ``obs`` or ``lr``, sent only between peers whose hello and
-welcome both said ``"compact": 1``; it decodes to exactly the message its JSON frame
-gives.
+binary form of a plain ``obs`` (or one with ``every="auto"``'s held steps) or ``lr``,
+sent only between peers whose hello and welcome both said ``"compact": 1``; it decodes
+to exactly the message its JSON frame gives.
 
 Messages (field ``t`` is the type)
 ----------------------------------

@@ -158,7 +158,8 @@ def with_used(frame: bytes, used: Sequence[float] | None) -> bytes:
         raise ProtocolError("only obs frames are replayed", "bad_message")
     lrs = None if used is None else [float(v) for v in used]
     if raw & COMPACT_BIT:
-        out = encode_obs_compact(msg["s"], msg["l"], msg["g"], lrs)
+        out = encode_obs_compact(msg["s"], msg["l"], msg["g"], lrs, msg.get("pl"),
+                                 msg.get("pg"), msg.get("pu"))
         if out is not None:
             return out
     msg = dict(msg)

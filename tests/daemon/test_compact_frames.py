@@ -7,6 +7,7 @@ its held observations as JSON."""
 from __future__ import annotations
 
 import contextlib
+import itertools
 import math
 import os
 import socket
@@ -17,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from daemon_helpers import Client, ControllerProc, losses
+from daemon_helpers import POLICIES, Client, ControllerProc, losses
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -33,8 +34,9 @@ from lrctl.wire.compact import (
 from lrctl.wire.decoder import FrameDecoder
 from lrctl.wire.errors import ProtocolError
 from lrctl.wire.frames import HEADER, MAX_HELLO, encode
-from lrctl.wire.messages import decode_body, encode_lr, encode_obs
+from lrctl.wire.messages import MAX_PRIOR, decode_body, encode_lr, encode_obs, with_used
 
+_OBS_SIZE = 26
 POLICY = "version: 1\npolicies:\n  - kind: rangetest\n    growth: 1.01\n"  # moves every step
 finite = st.floats(allow_nan=False, allow_infinity=False, allow_subnormal=True)
 
@@ -75,6 +77,139 @@ def test_a_compact_lr_is_the_message_of_its_json_frame(step: int, lrs: list[floa
     json_frame = encode_lr(step, lrs, skip, stop, mode, saved)
     assert frame is not None and json_frame is not None
     assert _same(_feed(frame), decode_body(json_frame[4:]))
+
+
+@st.composite
+def _held(draw: st.DrawFn) -> tuple[list[float], list[float | None] | None,
+                                    list[tuple[int, list[float]]] | None, list[float] | None]:
+    """An every="auto" report's held steps: losses, grad norms (None where a step had
+    none) or none at all, runs of the LRs they ran on, and the report's own LRs."""
+    k = draw(st.integers(1, 64))
+    held_losses = draw(st.lists(finite, min_size=k, max_size=k))
+    grads = draw(st.one_of(st.none(), st.lists(st.one_of(st.none(), finite), min_size=k,
+                                                max_size=k)))
+    groups = draw(st.integers(1, 3))
+    lrs = st.lists(finite, min_size=groups, max_size=groups)
+    runs = None
+    if draw(st.booleans()):
+        cuts = sorted(draw(st.sets(st.integers(1, k - 1), max_size=min(k - 1, 4)))) if k > 1 \
+            else []
+        bounds = [0, *cuts, k]
+        runs = [(b - a, draw(lrs)) for a, b in itertools.pairwise(bounds)]
+    used = draw(st.one_of(st.none(), lrs))
+    return held_losses, grads, runs, used
+
+
+@given(st.integers(64, 2**62), st.one_of(st.none(), finite), st.one_of(st.none(), finite),
+       _held())
+def test_a_compact_batch_report_is_the_message_of_its_json_frame(
+        step: int, loss: float | None, grad: float | None, held: Any) -> None:
+    """every="auto"'s reports (the steps held since the last one: pl, pg, pu) go compact,
+    and read as exactly their JSON frame; their JSON form is what a replay to a
+    controller that reads only JSON sends, and a replay's change of ``u`` keeps them."""
+    held_losses, grads, runs, used = held
+    frame = encode_obs_compact(step, loss, grad, used, held_losses, grads, runs)
+    json_frame = encode_obs(step, loss, grad, prior=held_losses, prior_grads=grads,
+                            prior_used=runs, used=used)
+    assert frame is not None and HEADER.unpack_from(frame)[0] & COMPACT_BIT
+    assert frame[5] & 8  # the held steps' flag
+    msg = _feed(frame)
+    assert _same(msg, _feed(json_frame))
+    assert to_json_frame(frame) == json_frame
+    again = with_used(frame, [0.5])
+    assert HEADER.unpack_from(again)[0] & COMPACT_BIT
+    assert _same(_feed(again), {**msg, "u": [0.5]})
+
+
+@pytest.mark.parametrize(("held_losses", "grads", "runs"), [
+    ([1.0, math.nan], None, None),  # a non-finite held loss
+    ([1.0, 2.0], [1.0, math.inf], None),  # ... grad norm
+    ([1.0, 2.0], [1.0, math.nan], None),  # NaN is the compact form's "no grad norm"
+    ([1.0, 2.0], [1.0], None),  # grads not as long as the losses
+    ([1.0] * (MAX_PRIOR + 1), None, None),  # too many held steps
+    ([1.0, 2.0], None, [(0, [0.1])]),  # an empty run
+    ([1.0, 2.0], None, [(3, [0.1])]),  # a run longer than the held steps
+    ([1.0, 2.0], None, [(2, [math.inf])]),  # a non-finite LR
+    ([1.0, 2.0], None, [(1, [0.1]), (1, [0.1]), (1, [0.1])]),  # more runs than steps
+    ([1, 2.0], None, None),  # not a float
+])
+def test_held_steps_compact_cannot_carry_are_left_to_json(
+        held_losses: list[Any], grads: Any, runs: Any) -> None:
+    assert encode_obs_compact(70, 0.5, None, None, held_losses, grads, runs) is None
+
+
+def _held_body(k: int = 2, held_flags: int = 1, held_losses: tuple[float, ...] = (1.0, 2.0),
+               grads: tuple[float, ...] = (1.0, math.nan),
+               runs: tuple[tuple[int, int], ...] = ((2, 1),)) -> bytes:
+    body = struct.pack("<BBqddHB", 1, 1 | 8, 9, 0.5, 0.0, k, held_flags)
+    body += struct.pack(f"<{len(held_losses)}d", *held_losses)
+    if held_flags & 1:
+        body += struct.pack(f"<{len(grads)}d", *grads)
+    body += struct.pack("<H", len(runs))
+    for count, n in runs:
+        body += struct.pack("<HH", count, n) + struct.pack(f"<{n}d", *([0.1] * n))
+    return body
+
+
+def test_the_held_steps_body_reads_as_written() -> None:
+    assert decode_compact(_held_body()) == {
+        "v": 1, "t": "obs", "s": 9, "l": 0.5, "g": None, "pl": [1.0, 2.0],
+        "pg": [1.0, None], "pu": [[2, [0.1]]]}
+
+
+@pytest.mark.parametrize(("body", "match"), [
+    (_held_body()[:-1], "bad compact obs"),  # its last LR one byte short
+    (_held_body() + b"\x00", "bad compact obs"),  # a byte after it
+    (_held_body(k=0, held_losses=(), grads=(), runs=()), "its held steps"),
+    (_held_body(k=MAX_PRIOR + 1), "its held steps"),
+    (_held_body(held_flags=3), "its held steps"),  # an unknown held flag
+    (_held_body(held_losses=(1.0, math.nan)), "non-finite held loss"),
+    (_held_body(held_losses=(1.0, math.inf)), "non-finite held loss"),
+    (_held_body(grads=(1.0, -math.inf)), "infinite held grad norm"),
+    (_held_body(runs=((1, 1), (1, 1), (1, 1))), "more runs than held steps"),
+    (_held_body()[:_OBS_SIZE + 4], "its held steps"),  # cut inside the losses
+], ids=["short", "long", "no-steps", "too-many-steps", "unknown-flag", "nan-loss",
+        "inf-loss", "inf-grad", "too-many-runs", "cut"])
+def test_a_bad_held_steps_body_is_a_protocol_error(body: bytes, match: str) -> None:
+    with pytest.raises(ProtocolError, match=match):
+        decode_compact(body)
+    with pytest.raises(ProtocolError):
+        FrameDecoder().feed(HEADER.pack(COMPACT_BIT | len(body)) + body)
+
+
+def test_a_batch_report_goes_compact_and_decides_what_its_json_frame_decides(
+        controller: ControllerProc) -> None:
+    """An every="auto" hook through a real controller: its batch reports are compact
+    (once the welcome agreed), and the controller decides from them exactly what it
+    decides from the same run's reports sent as JSON."""
+    import torch
+
+    import lrctl
+
+    curve = losses(600, seed=4, spikes=(250, 480))
+    runs: dict[bool, tuple[list[dict[str, Any]], list[bytes]]] = {}
+    for compact in (True, False):
+        opt = torch.optim.SGD([torch.nn.Parameter(torch.ones(3))], lr=0.1)
+        sent: list[bytes] = []
+        with lrctl.attach(opt, policy=str(POLICIES / "default.yaml"), every="auto",
+                          spawn=False, run_name="batch", timeout=30.0) as ctl:
+            assert ctl._batch is not None and ctl._link is not None
+            ctl._batch.fix_k(8)
+            assert ctl._link.wait(lambda: ctl._link.connected, 30.0) and ctl._link.compact
+            ctl._link.compact = compact  # False: every frame JSON, as to an older peer
+            send = ctl._link.send_obs
+            ctl._link.send_obs = (  # type: ignore[method-assign]
+                lambda t, frame, sent=sent, send=send: (sent.append(frame), send(t, frame))[1])
+            for t, loss in enumerate(curve):
+                assert ctl._link.wait(lambda: ctl._acked >= ctl._reported, 30.0)
+                ctl.step(loss, grad_norm=1.0 + (t % 5) * 0.1)
+                opt.step()
+        runs[compact] = [d.to_dict() for d in ctl.decisions], sent
+    batches = [f for f in runs[True][1] if "pl" in _feed(f)]
+    assert len(batches) > 50
+    assert all(HEADER.unpack_from(f)[0] & COMPACT_BIT for f in batches)
+    assert not any(HEADER.unpack_from(f)[0] & COMPACT_BIT for f in runs[False][1])
+    assert runs[True][0] == runs[False][0] and runs[True][0]
 
 
 @pytest.mark.parametrize(("step", "loss", "grad"), [
