@@ -103,15 +103,13 @@ class LinkSide:
             "lrs": list(self._initial), "groups": len(self._initial),
             "world_size": self._dist.world_size, "mlflow": mlflow, "cwd": os.getcwd(),
             "watch": self._watch, "sync": self.sync, "lrctl": __version__,
-            # Each report's answer is due a step later, and reports come every step: the
-            # controller may read it on a timer that follows its steps, so its sends wake
-            # nobody (see daemon/pacing.py). Not with every=N or "auto": their reports are
-            # steps apart, but an answer is due the next step (the timer would follow the
-            # reports, and the hook would wait), and they wake the controller 1/N as often.
-            # Nor under torch.distributed: rank 0 awaits each answer inside step(), which
+            # Each report's answer is due a step later: the controller may read it on a
+            # timer that follows its steps (every=N's too: it knows N), so its sends wake
+            # nobody (see daemon/pacing.py). Not with "auto": its reports come when a step
+            # stands out, and such a report's answer is awaited at the next step. Nor
+            # under torch.distributed: rank 0 awaits each answer inside step(), which
             # with step() after optimizer.step() is the one to the step it just reported.
-            "pace": (not self.sync and self.every == 1 and self._batch is None
-                     and self._dist.world_size == 1),
+            "pace": (not self.sync and self._batch is None and self._dist.world_size == 1),
             "compact": 1,  # it reads compact lr answers (see lrctl.wire.compact)
         }
         if self.total_steps is not None:

@@ -92,7 +92,7 @@ class Reporting:
             if self._acked < self._reported:
                 assert self._link is not None  # _quiet: the link is up
                 began = perf_counter()
-                self._link.pump()
+                self._link.pump(True)  # it has most likely come (a step has passed)
                 if self._batch is not None:  # reading the answer is part of a report's cost
                     self._batch.answer_cost(perf_counter() - began)
                 self._excused = self.should_skip  # as _step_fully sets it, after its read
@@ -385,8 +385,9 @@ class Reporting:
         every step, and the controller knows it only at reported steps: ``b``)."""
         history = self._history if self._applied is None else self._applied
         first = max(first, history.oldest)  # (a resumed run's first steps: none)
-        if first >= end or not self._link_says_used() or len(self._target) > MAX_USED:
-            return None
+        if (first >= end or history.newest < first or not self._link_says_used()
+                or len(self._target) > MAX_USED):
+            return None  # (newest < first: no change since the step before them)
         runs = self._runs_of_used(first, end, history)
         if runs is None:
             return None

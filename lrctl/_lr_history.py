@@ -42,6 +42,11 @@ class LRHistory:
         """The first step it holds the LRs of."""
         return self._steps[0]
 
+    @property
+    def newest(self) -> int:
+        """The first step of the latest LRs: every step from it on ran (or runs) on them."""
+        return self._steps[-1]
+
     def note(self, step: int, lrs: list[float]) -> None:
         """Optimizer step ``step`` runs on ``lrs`` (noted again when it changes before the
         step runs: the later note wins)."""

@@ -33,7 +33,7 @@ class Unavailable(Refused):
 
 
 class Conn:
-    __slots__ = ("authed", "closing", "compact", "dead", "decoder", "drained",
+    __slots__ = ("authed", "closing", "compact", "dead", "decoder", "drained", "every",
                  "failed", "heard", "held", "name", "opened", "out", "paceable", "paced",
                  "parked", "partial", "pending", "remote", "run", "sock")
 
@@ -57,6 +57,7 @@ class Conn:
         self.drained = 0  # bytes read since it was found dead (Limits.max_drain at most)
         self.paceable = False  # an async hook's: may be read on a timer (see pacing.py)
         self.paced = False  # read on a timer now, out of the selector
+        self.every = 1  # its hook reports every N-th step (the hello's every; pacing.py)
         self.compact = False  # its hook reads compact lr answers (lrctl.wire.compact)
 
     @property

@@ -206,6 +206,7 @@ class Handshakes:
             return
         conn.run = key
         conn.paceable = hello.pace
+        conn.every = hello.every
         srv.conns[key] = conn
         welcome = {"t": "welcome", "version": __version__, "run": key,
                    "last_step": session.last_step, "saved_step": session.saved_step,

@@ -7,12 +7,8 @@ send was 70 % of an async hook's cost; the same send costs ~4 µs when nobody wa
 on the socket. An async hook does not wait for its answers: the answer to step
 ``t`` is due at step ``t + 1``'s ``optimizer.step()``, a whole step later.
 
-So a connection whose hook said ``pace`` in its hello (async hooks that report every
-step do: with ``every=N`` the reports come N steps apart, but an answer is due the next
-step, and a timer that followed the reports would make the hook wait; a schedule in
-steps was tried, a look a fraction of a step before the next report was expected, but
-it drifted late with any error in the measured interval, and under load a third to
-half of every=4's reports were answered late) and whose
+So a connection whose hook said ``pace`` in its hello (async hooks do, every=1 and
+every=N alike; see *every=N* below) and whose
 observations come fast — its mean interval, measured over a window of ``WINDOW``
 messages, within ``Limits.pace_interval_s``, and ``Limits.pace_after`` in a row each
 within it of the last — leaves the selector: the transport reads it on a timer
@@ -33,6 +29,20 @@ once, long before the hook needs the answer; a hook that does wait (a late answe
 ``state_dict()``, ``close()``) waits about as long more. Decisions are the same either
 way: the hook applies the answer to step ``t`` at step ``t + 1`` exactly, waiting for
 it if need be.
+
+**every=N.** Such a hook reports every N-th step, and the answer to each report is due
+the step after it, so the looks follow its *steps* (the measured interval between
+reports over N), not its reports: one a step after a read that found data (a step that
+was not due to report, a non-finite one or one with metrics, goes at once, and must not
+wait N steps for its read), then one a step until a step before the next report is
+expected (the last read plus the interval), then one every quarter of a step until a
+read finds it. Each period starts again from a read, so an error in the measured
+interval does not add up from report to report; it makes a look late only past a
+step's worth over the whole interval (6 % at N = 16). (Looks a fraction of a step before
+each expected report alone, measured from the one before, were tried first: they drifted
+late with any error in the interval, and under load a third to half of every=4's reports
+were answered late.) The controller pays about one wake-up a step, as for every=1;
+slack is a step's, not an interval's.
 
 A paced connection goes back to the selector when it falls silent
 (``IDLE_INTERVALS`` mean intervals, and at least ``2 × pace_interval_s``: an
@@ -92,6 +102,7 @@ class _Rate:
     longest: float = 0.0  # the window's longest gap between messages (see PAUSE)
     due: float = math.inf  # paced: when to look next, at the earliest
     latest: float = math.inf  # ... and at the latest (see SLACK)
+    every: int = 1  # the hook reports every N-th step (see every=N in the docstring)
 
 
 def _mean_interval(span: float, msgs: int, longest: float) -> float:
@@ -124,8 +135,8 @@ class Pacing:
         """``count`` messages were read from ``conn`` at ``now``. Returns whether it should
         be paced from now on (read as they come) or stay paced (paced)."""
         rate = self._rates.get(conn)
-        if rate is None:
-            self._rates[conn] = _Rate(now, math.inf, now)  # measured after a window
+        if rate is None:  # measured after a window
+            self._rates[conn] = _Rate(now, math.inf, now, every=max(conn.every, 1))
             return False
         gap = (now - rate.last) / max(count, 1)
         rate.last = now
@@ -140,14 +151,14 @@ class Pacing:
             rate.interval = max(min(rate.interval, gap), MIN_LOOK_S)
             rate.since, rate.msgs, rate.longest = now, 0, 0.0
         if conn.paced:
-            self._look_after(rate, now, AFTER_DATA)
+            self._look_after(rate, now, True)
             return rate.interval <= self.interval_s
         rate.streak = rate.streak + count if gap <= self.interval_s else 0
         return rate.streak >= self.after and rate.interval <= self.interval_s
 
     def pace(self, conn: Conn, now: float) -> None:
         rate = self._rates[conn]
-        self._look_after(rate, now, AFTER_DATA)
+        self._look_after(rate, now, True)
         fd = conn.sock.fileno()
         self._paced[fd] = conn
         self._poll.register(fd, _READY)
@@ -184,12 +195,12 @@ class Pacing:
             rate = self._rates[conn]
             if fd in readable:
                 read.append(conn)  # heard() moves its next look, if the read finds data
-                self._look_after(rate, now, AFTER_NOTHING)
+                self._look_after(rate, now, False)
             elif rate.due <= now:
                 if now - rate.last > max(IDLE_INTERVALS * rate.interval, 2 * self.interval_s):
                     idle.append(conn)
                 else:
-                    self._look_after(rate, now, AFTER_NOTHING)
+                    self._look_after(rate, now, False)
         return read, idle
 
     def reschedule(self) -> None:
@@ -199,6 +210,15 @@ class Pacing:
                             default=math.inf)
 
     @staticmethod
-    def _look_after(rate: _Rate, now: float, intervals: float) -> None:
-        rate.due = now + max(rate.interval * intervals, MIN_LOOK_S)
-        rate.latest = rate.due + slack(rate.interval)
+    def _look_after(rate: _Rate, now: float, found: bool) -> None:
+        """The next look at a connection read at ``now``: ``found``, whether that read
+        found data (see the module docstring)."""
+        if rate.every == 1:
+            step = rate.interval
+            wait = step * (AFTER_DATA if found else AFTER_NOTHING)
+        else:
+            step = rate.interval / rate.every
+            before = rate.last + rate.interval - step - now  # a step before the next report
+            wait = min(step, before) if before > AFTER_NOTHING * step else AFTER_NOTHING * step
+        rate.due = now + max(wait, MIN_LOOK_S)
+        rate.latest = rate.due + slack(step)

@@ -40,9 +40,10 @@ DEADLINE_S = 30.0
 class _Conn:
     """What Pacing reads of a connection: its socket and whether it is paced."""
 
-    def __init__(self, sock: socket.socket) -> None:
+    def __init__(self, sock: socket.socket, every: int = 1) -> None:
         self.sock = sock
         self.paced = False
+        self.every = every
 
 
 @pytest.fixture
@@ -125,6 +126,36 @@ def test_the_looks_follow_the_connection(pair: tuple[socket.socket, ...]) -> Non
     slow.pace(conn, WINDOW * 0.002)
     still = [slow.heard(conn, WINDOW * 0.002 + i * 0.006, 1) for i in range(1, WINDOW + 1)]
     assert still[-1] is False and all(still[:-1])  # 6 ms apart: back to the selector
+
+
+def test_the_looks_at_an_every_n_hook_follow_its_steps(pair: tuple[socket.socket, ...]) -> None:
+    """Known answers, every=4, reports 4 ms apart (a step a millisecond): a look a step
+    after the read that found the report, one a step until a step before the next is
+    expected, then one every quarter step; the next report's read starts over."""
+    a, b = pair
+    pacing = Pacing(interval_s=0.020, after=1)
+    conn = _Conn(a, every=4)
+    t = 5.0
+    pacing.heard(conn, t, 1)
+    for _ in range(WINDOW):
+        t += 0.004
+        paced = pacing.heard(conn, t, 1)
+    assert paced
+    pacing.pace(conn, t)
+    looks = []
+    for _ in range(6):
+        pacing.reschedule()
+        looks.append(round((pacing.next_due - t) * 1e3, 6))
+        assert pacing.due(pacing.next_due) == ([], [])  # nothing came
+    assert looks == [1.0, 2.0, 3.0, 3.25, 3.5, 3.75]
+    b.send(b"x")  # the report
+    pacing.reschedule()
+    now = pacing.next_due
+    assert pacing.due(now) == ([conn], [])
+    a.recv(1)
+    assert pacing.heard(conn, now, 1)
+    pacing.reschedule()
+    assert pacing.next_due == pytest.approx(now + 0.001)
 
 
 def _steps(pacing: Pacing, conn: _Conn, t: float, gap: float, n: int) -> float:
@@ -297,11 +328,37 @@ def test_a_fast_async_hook_is_paced_and_decides_exactly_as_unpaced(
     assert paced_decisions == plain_decisions and paced_decisions
 
 
-@pytest.mark.parametrize("options", [{"sync": True}, {"every": 4}, {"every": "auto"}])
-def test_sync_and_every_n_hooks_are_never_paced(controller: ControllerProc,
-                                               options: dict) -> None:
-    """Sync hooks wait for each answer; every=N's answer is due the step after a report,
-    N steps before the next one (a timer that followed the reports would be late)."""
+def test_an_every_n_hook_is_paced_and_decides_exactly_as_unpaced(
+        make_controller: Callable[..., ControllerProc]) -> None:
+    """every=4 against a pacing controller and a ``--no-pacing`` one: the same LR at every
+    optimizer step and the same decisions, though each report's answer is due the next
+    step and the reports come four steps apart; a NaN between reports (reported at once,
+    its back-off awaited at the next step) too."""
+    policy = str(POLICIES / "rangetest.yaml")
+    curve = losses(1200, seed=6, spikes=(401, 702, 703))  # 401, 703: NaN, off the beat
+    runs = []
+    for extra in ([], ["--no-pacing"]):
+        controller = make_controller(extra)
+        opt = _opt()
+        seen_paced: list[int] = []
+        with lrctl.attach(opt, policy=policy, spawn=False, run_name="paced-every",
+                          socket=controller.socket, timeout=30.0, every=4) as ctl:
+            used = _loop(ctl, opt, _sampling(controller, seen_paced), curve)
+        runs.append((used, [d.to_dict() for d in ctl.decisions], seen_paced))
+        controller.stop()
+    (paced_lrs, paced_decisions, paced_seen), (plain_lrs, plain_decisions, plain_seen) = runs
+    assert max(paced_seen) == 1 and set(plain_seen) == {None}
+    assert paced_lrs == plain_lrs and len(set(paced_lrs)) > 100
+    assert paced_decisions == plain_decisions
+    assert {d["step"] for d in paced_decisions if d["action"] == "skip"} >= {401, 703}
+
+
+@pytest.mark.parametrize("options", [{"sync": True}, {"every": "auto"}])
+def test_sync_and_auto_hooks_are_never_paced(controller: ControllerProc,
+                                            options: dict) -> None:
+    """Sync hooks wait for each answer; every="auto" reports at once a step that stands
+    out, and awaits its answer at the next step (a timer that followed its batches would
+    have it wait)."""
     opt = _opt()
     paced = []
     with lrctl.attach(opt, policy=str(POLICIES / "default.yaml"), spawn=False,
