@@ -234,6 +234,7 @@ class Server(Observing):
                     self.sink.tick()
                     if self.state_watch.check():
                         self._state_dir_recreated()
+                    self.store.foreign = self.state_watch.foreign
                     if now >= self._prune_at:
                         self._prune_at = now + self.limits.prune_interval_s
                         self._prune_detached()
@@ -369,6 +370,7 @@ class Server(Observing):
             paths.ensure_private_dir(self.store.dir, quiet=True)
         except OSError as exc:
             log.error("cannot make the checkpoints' directory again: %s", exc)
+        self.store.refresh()
         self.sink.restore()
         for key in list(self.sessions):
             self.checkpoints.save(key)

@@ -12,6 +12,12 @@ reported (``error``), and not made again; meanwhile no new run starts (its hello
 refused retryably: the hook trains on and tries again), so no new run's files go
 through it. The open runs' journals stay in the files the controller holds open; their
 checkpoints, written by name, go wherever the path leads until it is fixed.
+
+Another controller started on the path while it was gone (it made the directory and
+took its lock first) owns it: this one writes nothing there from then on — no
+journal written back, no checkpoint, no set-aside move, its log not reopened there
+(``foreign``, which the store heeds) — and says so in its log and ``lrctl status``;
+its open runs go on from memory, their LRs exact, and no new run starts on it.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ from collections.abc import Callable
 from typing import Any
 
 from .. import paths
+from .held_dir import HeldDir
 
 __all__ = ["StateDirWatch"]
 
@@ -34,23 +41,17 @@ class StateDirWatch:
         self.path = state_dir
         self.recreated: dict[str, Any] | None = None  # {"count", "at"}: for status
         self.error: str | None = None  # it is gone and cannot be made again
+        # Another controller locked it after it was made again: why (nothing is written
+        # there; see StateStore.foreign), or None.
+        self.foreign: str | None = None
         # Its lock, taken again (listening.py): None, or why it cannot be.
         self.relock: Callable[[], str | None] | None = None
-        self._ident = self._stat()
-
-    def _stat(self) -> tuple[int, int] | None:
-        try:
-            st = os.lstat(self.path)
-        except OSError:
-            return None
-        return st.st_dev, st.st_ino
+        self._held = HeldDir(state_dir) if state_dir else None
 
     def check(self) -> bool:
-        """True when the directory was made again just now (a cheap ``lstat`` otherwise)."""
-        if not self.path:
-            return False
-        ident = self._stat()
-        if ident is not None and ident == self._ident:
+        """True when the directory was made again just now, ours (a cheap ``lstat`` and
+        ``fstat`` otherwise)."""
+        if self._held is None or self._held.same():
             return False
         try:
             paths.ensure_private_dir(self.path)
@@ -59,13 +60,19 @@ class StateDirWatch:
                 log.error("state dir %s is gone and cannot be made again: %s", self.path, exc)
             self.error = f"state dir {self.path}: {exc}"
             return False
-        self._ident, self.error = self._stat(), None
-        _reopen_logs(self.path)
+        self._held.reopen()
+        self.error = self.foreign = None
         problem = self.relock() if self.relock is not None else None
         if problem is not None:
             # Another controller holds it now (started on it while it was gone): no new
-            # run starts here, and status says so (the open runs go on, their files there).
-            self.error = f"state dir {self.path}: {problem}"
+            # run starts here, and status says so; nothing of ours is written there (the
+            # open runs go on from memory, their journals in the files held open).
+            self.error = self.foreign = f"state dir {self.path}: {problem}"
+            log.error("the state dir %s was deleted and another controller took it: this "
+                      "one writes nothing there (no checkpoint, journal or log); its open "
+                      "runs go on from memory", self.path)
+            return False
+        _reopen_logs(self.path)
         count = 1 + (self.recreated or {}).get("count", 0)
         self.recreated = {"count": count, "at": time.time()}
         log.warning("state dir %s was deleted (or replaced) under the controller; recreated "

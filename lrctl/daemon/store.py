@@ -9,6 +9,7 @@ moved aside and reported, never loaded into a policy.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import itertools
 import json
@@ -25,6 +26,7 @@ from typing import Any
 from .._parallel import in_parallel
 from ..paths import ensure_private_dir, is_run_key, read_regular
 from ._packed import pack, unpack
+from .held_dir import HeldDir
 
 __all__ = ["FORMAT", "PreparedWrite", "StateStore"]
 
@@ -78,6 +80,33 @@ class StateStore:
         # Checkpoints of runs evicted without their hook (a training process killed): a
         # start does not restore them; a hello for one brings it back (see load).
         self.detached_dir = self.dir / DETACHED
+        # Why the state dir is not this controller's to write now (another one started on
+        # it after it was deleted: see state_dir.py), or None. Nothing is written, moved
+        # or removed there meanwhile: the open runs go on from memory.
+        self.foreign: str | None = None
+        self._held = HeldDir(self.dir)
+
+    def refresh(self) -> None:
+        """The checkpoint directory was made again by this controller: write there now."""
+        self._held.reopen()
+
+    def _not_ours(self) -> str | None:
+        """Why nothing may be written into the checkpoint directory now, or None: another
+        controller's (:attr:`foreign`), or not the directory this store began with (the
+        state dir deleted, and perhaps made again by another controller, before the
+        once-a-second check of it: see state_dir.py, then :meth:`refresh`)."""
+        if self.foreign is not None:
+            return self.foreign
+        if not self._held.same():
+            return f"{self.dir} is gone or was made again (the state dir deleted)"
+        return None
+
+    def _ours(self) -> None:
+        """Raise (an ``OSError``, which the checkpoints' callers handle) when nothing may be
+        written here now (see :meth:`_not_ours`)."""
+        why = self._not_ours()
+        if why is not None:
+            raise OSError(errno.EBUSY, f"not written: {why}")
 
     def path(self, key: str) -> Path:
         if not is_run_key(key):
@@ -101,6 +130,8 @@ class StateStore:
         start restores; it is kept ``Limits.detached_keep_s`` from now. Not fsynced: a
         rename lost in a crash leaves it where a start restores it, and the next eviction
         moves it again; so does a failure here."""
+        if self._not_ours() is not None:
+            return  # (another controller's directory: its own start restores what is there)
         try:
             ensure_private_dir(self.detached_dir, quiet=True)  # (never through a symlink)
             for kept, aside in self._set_aside(key):
@@ -114,6 +145,8 @@ class StateStore:
     def reattach(self, key: str) -> None:
         """A run set aside is back (its hook's hello): its checkpoint returns among those a
         start restores, unless a newer one is there already (then the old one goes)."""
+        if self._not_ours() is not None:
+            return
         for kept, aside in self._set_aside(key):
             with contextlib.suppress(OSError):  # (none set aside: the usual case)
                 if os.path.lexists(kept):
@@ -125,6 +158,8 @@ class StateStore:
         """Remove the checkpoints of runs detached (untouched) for over ``keep_s`` seconds;
         how many. A run whose hook comes back after that starts afresh."""
         now = time.time() if now is None else now
+        if self._not_ours() is not None:
+            return 0
         try:  # its entries, never through a symlink planted at its name
             fd = os.open(self.detached_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
         except FileNotFoundError:
@@ -142,7 +177,10 @@ class StateStore:
         return removed
 
     def _unlink_all(self, key: str) -> bool:
-        """Remove ``key``'s checkpoint, in any place; whether there was one."""
+        """Remove ``key``'s checkpoint, in any place; whether there was one (never one
+        while the state dir is another controller's)."""
+        if self._not_ours() is not None:
+            return False
         gone = False
         for path in (p for pair in self._set_aside(key) for p in pair):
             with contextlib.suppress(FileNotFoundError):
@@ -179,6 +217,7 @@ class StateStore:
         open. :meth:`complete` (on the writer thread) does the fsyncs, the rename and
         closes both, so that thread never opens a descriptor: running out of them is
         met on the loop, which has a spare one and knows what to refuse."""
+        self._ours()
         final = self.path(key)
         tmp = final.with_name(f".{final.name}.{os.getpid()}.{next(_TMP_IDS)}.tmp")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
@@ -201,6 +240,7 @@ class StateStore:
                 os.fsync(prep.fd)
             finally:
                 os.close(prep.fd)
+            self._ours()  # (prepared before another controller took the directory)
             os.replace(prep.tmp, prep.final)
             with contextlib.suppress(FileNotFoundError):  # an earlier version's, replaced
                 self.legacy_path(prep.key).unlink()
@@ -225,6 +265,7 @@ class StateStore:
 
     def open_dir(self) -> int:
         """A descriptor of the checkpoint directory, for :meth:`remove` on another thread."""
+        self._ours()
         return os.open(self.dir, os.O_RDONLY | os.O_CLOEXEC)
 
     def remove(self, key: str, dir_fd: int) -> None:
@@ -258,6 +299,7 @@ class StateStore:
 
     def _replace(self, key: str, data: bytes) -> None:
         """``data`` written and fsynced beside ``key``'s checkpoint, then renamed over it."""
+        self._ours()
         final = self.path(key)
         tmp = final.with_name(f".{final.name}.{os.getpid()}.{threading.get_ident()}.tmp")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)

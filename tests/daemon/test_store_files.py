@@ -6,6 +6,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -110,6 +111,84 @@ def test_a_recreated_state_dir_another_controller_locked_is_reported(tmp_path: P
     watch = StateDirWatch(str(state))
     watch.relock = lambda: "cannot lock it again: another controller (pid 4242) serves it"
     shutil.rmtree(state)
-    assert watch.check()  # made again...
-    assert watch.error is not None and "pid 4242" in watch.error  # ...and not ours
+    # Made again, but not ours: nothing is written back (check() says so by False).
+    assert not watch.check() and watch.recreated is None
+    assert watch.error is not None and "pid 4242" in watch.error
+    assert watch.foreign == watch.error  # (the store writes nothing there: see below)
     assert not watch.check() and watch.error is not None  # (said until fixed)
+    watch.relock = lambda: None  # deleted again, and this time ours
+    shutil.rmtree(state)
+    assert watch.check() and watch.error is None and watch.foreign is None
+
+
+def test_a_store_writes_nothing_into_another_controller_s_directory(tmp_path: Path) -> None:
+    """While the state dir is another controller's (``foreign``), no checkpoint is written,
+    set aside, brought back, removed or pruned there; a write raises an OSError, which
+    the checkpoints' callers count as a failed checkpoint (the run goes on from memory)."""
+    store = StateStore(tmp_path)
+    store.save(KEY, {"step": 1})
+    store.detach(KEY)
+    store.save(KEY, {"step": 2})
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    store.foreign = "state dir x: cannot lock it again: another controller serves it"
+    with pytest.raises(OSError, match="not written: state dir x"):
+        store.save(KEY, {"step": 3})
+    with pytest.raises(OSError, match="not written"):
+        store.prepare(KEY, store.encode({"step": 3}))
+    with pytest.raises(OSError, match="not written"):
+        store.open_dir()
+    done, errors = store.write_many({KEY: store.encode({"step": 3})})
+    assert done == [] and list(errors) == [KEY]
+    store.detach(KEY)
+    store.reattach(KEY)
+    store.delete(KEY)
+    assert store.prune_detached(0.0, now=time.time() + 10**9) == 0
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
+    assert store.load(KEY) == {"step": 2}
+
+
+def test_a_store_writes_nothing_into_a_checkpoint_directory_made_again(tmp_path: Path) -> None:
+    """The state dir deleted and made again (by another controller, say) inside the second
+    before the controller's check of it: a checkpoint due meanwhile went into the new
+    directory. Now a write there is refused until the controller made it again itself
+    (``refresh``)."""
+    import shutil
+
+    store = StateStore(tmp_path)
+    store.save(KEY, {"step": 1})
+    shutil.rmtree(tmp_path / "runs")
+    (tmp_path / "runs").mkdir(mode=0o700)  # another's
+    with pytest.raises(OSError, match="made again"):
+        store.save(KEY, {"step": 2})
+    store.detach(KEY)
+    assert list((tmp_path / "runs").iterdir()) == []
+    store.refresh()  # the controller's own (see Server._state_dir_recreated)
+    store.save(KEY, {"step": 3})
+    assert store.load(KEY) == {"step": 3}
+
+
+def test_a_held_directory_tells_one_made_again_at_its_path(tmp_path: Path) -> None:
+    """Remembered (st_dev, st_ino) could not: the new directory took the deleted one's inode
+    number. The held descriptor keeps that inode, so the new one never looks the same."""
+    import os
+    import shutil
+
+    from lrctl.daemon.held_dir import HeldDir
+
+    path = tmp_path / "d"
+    path.mkdir()
+    held = HeldDir(path)
+    assert held.same()
+    shutil.rmtree(path)
+    assert not held.same()  # gone
+    path.mkdir()
+    assert not held.same()  # made again
+    held.reopen()
+    assert held.same()
+    path.rmdir()
+    os.symlink(tmp_path, path)  # never through a symlink
+    assert not held.same()
+    held.reopen()
+    assert not held.same()
+    held.close()
+    assert not held.same()

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import stat
 import subprocess
 import sys
@@ -129,6 +130,58 @@ def test_a_removed_lock_file_does_not_let_a_second_controller_take_a_live_socket
     assert f"pid {controller.pid}" in out.stderr  # who, and no lock file of its own left
     assert not os.path.exists(controller.socket + ".lock")
     assert request({"t": "status"}, controller.socket)["pid"] == controller.pid
+
+
+def _answers(sock: str) -> bool:
+    try:
+        return request({"t": "status"}, sock, timeout=5.0)["t"] == "status"
+    except Exception:
+        return False
+
+
+def test_a_state_dir_another_controller_took_gets_nothing_of_ours(
+        controller: ControllerProc, short_dir: Path) -> None:
+    """The state dir deleted, and another controller started on the path before this one
+    made it again: before, this one wrote its open runs' checkpoints (and journals, and
+    its log) into the other's directory. Now it writes nothing there, says why in its
+    status, and serves its open runs on from memory, their LRs exact."""
+    state = Path(controller.state_dir)
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.ones(1))], lr=0.1)
+    with lrctl.attach(opt, policy=QUIET, sync=True, spawn=False) as ctl:
+        key = ctl.run_key
+        for _ in range(5):
+            ctl.step(1.0, grad_norm=1.0)
+        other_sock = str(short_dir / "b.sock")
+        os.kill(controller.pid, signal.SIGSTOP)  # (the other starts inside its second)
+        try:
+            shutil.rmtree(state)
+            other = subprocess.Popen([sys.executable, "-m", "lrctl", "serve", "--foreground",
+                                      "--no-audit", "--socket", other_sock, "--state-dir",
+                                      str(state)], cwd=REPO, stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.DEVNULL)
+            until("the other controller to serve", lambda: _answers(other_sock))
+        finally:
+            os.kill(controller.pid, signal.SIGCONT)
+        try:
+            def refused() -> bool:
+                ctl.step(1.0, grad_norm=1.0)  # observations a checkpoint would save
+                errors = request({"t": "status"}, controller.socket)["errors"]
+                return any("cannot lock it again" in e for e in errors) and any(
+                    e.startswith(f"run {key}: checkpoint") and "not written" in e
+                    for e in errors)
+
+            until("the directory found taken, and a checkpoint refused", refused)
+            status = request({"t": "status"}, controller.socket)
+            assert not status["state_dir_recreated"]
+            assert ctl.connected and opt.param_groups[0]["lr"] == 0.1
+            assert not [p for p in state.rglob("*") if key in p.name]
+            log = (state / "controller.log").read_text()  # the other's
+            assert key not in log and "deleted" not in log, log
+            assert _answers(other_sock)
+        finally:
+            other.send_signal(signal.SIGTERM)
+            assert other.wait(60) == 0
+    assert not [p for p in state.rglob("*") if key in p.name]  # (its end removed nothing)
 
 
 def test_a_symlink_in_the_state_dirs_place_takes_no_new_run(
