@@ -77,6 +77,18 @@ def test_paced_after_a_measured_window_of_fast_messages(pair: tuple[socket.socke
     assert answers == [False, False, False, True]
 
 
+def _window_then_paced(pacing: Pacing, conn: _Conn, t: float, gap: float) -> float:
+    """A first message at ``t``, a window of them ``gap`` apart, then paced (``after=1``);
+    the time of the last."""
+    pacing.heard(conn, t, 1)
+    for _ in range(WINDOW):
+        t += gap
+        paced = pacing.heard(conn, t, 1)
+    assert paced
+    pacing.pace(conn, t)
+    return t
+
+
 def _look(at: float, intervals: float, interval: float) -> float:
     """When the loop wakes for a look due ``intervals`` mean intervals after ``at``: at
     its latest, its slack after it."""
@@ -91,13 +103,7 @@ def test_the_looks_follow_the_connection(pair: tuple[socket.socket, ...]) -> Non
     a, b = pair
     pacing = Pacing(interval_s=0.004, after=1)
     conn = _Conn(a)
-    t = 10.0
-    pacing.heard(conn, t, 1)
-    for _ in range(WINDOW):
-        t += 0.002
-        paced = pacing.heard(conn, t, 1)
-    assert paced
-    pacing.pace(conn, t)
+    t = _window_then_paced(pacing, conn, 10.0, 0.002)
     assert conn.paced and len(pacing) == 1
     assert pacing.next_due == pytest.approx(_look(t, AFTER_DATA, 0.002))
     assert pacing.due(t + 0.0001) == ([], [])  # before the look: nothing, no syscall
@@ -135,13 +141,7 @@ def test_the_looks_at_an_every_n_hook_follow_its_steps(pair: tuple[socket.socket
     a, b = pair
     pacing = Pacing(interval_s=0.020, after=1)
     conn = _Conn(a, every=4)
-    t = 5.0
-    pacing.heard(conn, t, 1)
-    for _ in range(WINDOW):
-        t += 0.004
-        paced = pacing.heard(conn, t, 1)
-    assert paced
-    pacing.pace(conn, t)
+    t = _window_then_paced(pacing, conn, 5.0, 0.004)
     looks = []
     for _ in range(6):
         pacing.reschedule()
