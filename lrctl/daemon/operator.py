@@ -111,6 +111,10 @@ def _status(server: Server) -> dict[str, Any]:
             # Hooks read on a timer now (paced reading), None when it is off (--no-pacing).
             "paced": (None if server.transport.pacing is None
                       else len(server.transport.pacing)),
+            # Reads at those looks that found something (since the start): how often a
+            # hook's frames waited for a look rather than waking the loop.
+            "paced_reads": (None if server.transport.pacing is None
+                            else server.transport.pacing.found),
             "uptime_s": round(time.monotonic() - server.started, 3),
             "socket": server.transport.socket_path, "state_dir": server.state_dir,
             "watching": server.live.watching(), "errors": errors[:50],

@@ -42,22 +42,33 @@ class PacedReading:
 
     def _serve_paced(self) -> None:
         assert self.pacing is not None
-        read, idle = self.pacing.due(time.monotonic())
+        now = time.monotonic()
+        read, idle, leaving = self.pacing.due(now)
         for conn in read:
             if conn.paced and conn.sock.fileno() >= 0:
                 self._read(conn)
         for conn in idle:
             if conn.paced:
                 self._unpace(conn)
+        for conn in leaving:  # every=N: its next report is due soon (see pacing.py)
+            if not conn.paced and self._may_pace(conn):
+                self.sel.unregister(conn.sock)
+                self.pacing.pace(conn, now)
         self.pacing.reschedule()
+
+    @staticmethod
+    def _may_pace(conn: Conn) -> bool:
+        """Nothing waits to go out to it, nor is it closing, parked, dead or in its hello:
+        it may leave the selector."""
+        return conn.sock.fileno() >= 0 and not (conn.out or conn.closing or conn.parked
+                                                 or conn.dead or conn.failed or conn.pending)
 
     def _heard(self, conn: Conn, count: int) -> None:
         """``conn`` (an async hook's) sent ``count`` messages: pace it, or no longer."""
         assert self.pacing is not None
         now = time.monotonic()
         if self.pacing.heard(conn, now, count):
-            if not conn.paced and not (conn.out or conn.closing or conn.parked or conn.dead
-                                       or conn.failed or conn.pending):
+            if not conn.paced and self._may_pace(conn):
                 self.sel.unregister(conn.sock)
                 self.pacing.pace(conn, now)
         elif conn.paced:

@@ -31,18 +31,24 @@ way: the hook applies the answer to step ``t`` at step ``t + 1`` exactly, waitin
 it if need be.
 
 **every=N.** Such a hook reports every N-th step, and the answer to each report is due
-the step after it, so the looks follow its *steps* (the measured interval between
-reports over N), not its reports: one a step after a read that found data (a step that
-was not due to report, a non-finite one or one with metrics, goes at once, and must not
-wait N steps for its read), then one a step until a step before the next report is
-expected (the last read plus the interval), then one every quarter of a step until a
-read finds it. Each period starts again from a read, so an error in the measured
-interval does not add up from report to report; it makes a look late only past a
-step's worth over the whole interval (6 % at N = 16). (Looks a fraction of a step before
-each expected report alone, measured from the one before, were tried first: they drifted
-late with any error in the interval, and under load a third to half of every=4's reports
-were answered late.) The controller pays about one wake-up a step, as for every=1;
-slack is a step's, not an interval's.
+the step after it. Its connection is read as its frames come between reports, and
+paced only around the next report: from ``LEAD`` (¾) of a step before it is due (the
+last report's read plus the measured interval between reports; a step is that interval
+over N) until it is read, a look every quarter of a step; not read ``LINGER`` (1) step
+after it was due, the connection goes back to the selector to wait for it. So the
+report's send wakes nobody, while a frame out of turn (a non-finite step reported at
+once, one with metrics, a ``bye``, a ``snapshot`` request) wakes the loop as it comes,
+and so does a report that comes early (the run sped up). Each period starts again from
+the read of a report, so an error in the measured interval does not add up. The
+controller pays a few timer wake-ups a report (about four), not one a step. (Two
+schedules were tried first. Looks a fraction of a step before each expected report,
+measured from the one before, drifted late with any error in the interval, and under
+load a third to half of every=4's reports were answered late. A look every step, out
+of the selector throughout, cost the controller five to ten times the wake-ups and
+CPU of reading the reports as they came (an adversarial pass: 16 every=4 hooks, 3.9 k
+wake-ups a second against 1.5 k; the hooks no faster on a 2-core machine), answered
+3-10 % of the steps out of turn after the next step had begun, and after a sudden
+speed-up a window of reports late.)
 
 A paced connection goes back to the selector when it falls silent
 (``IDLE_INTERVALS`` mean intervals, and at least ``2 × pace_interval_s``: an
@@ -84,6 +90,8 @@ SLACK = 0.3
 MAX_SLACK_S = 0.003
 SLACK_FROM_S = 0.004
 IDLE_INTERVALS = 8.0  # silent this many mean intervals: back to the selector
+LEAD = 0.75  # every=N: paced from this many steps before the next report is due
+LINGER = 1.0  # ... until it is read, or this many steps after it was due
 # A window's longest gap, when it is this many times the mean of the others, is a pause
 # (an evaluation, a checkpoint, the bench's other arms), not the run's rhythm: it is left
 # out of the mean. Counted in, a 60 ms pause made a 0.5 ms run's interval 8 ms, its looks
@@ -103,6 +111,7 @@ class _Rate:
     due: float = math.inf  # paced: when to look next, at the earliest
     latest: float = math.inf  # ... and at the latest (see SLACK)
     every: int = 1  # the hook reports every N-th step (see every=N in the docstring)
+    leave: float = math.inf  # every=N, in the selector: when to pace it (see LEAD)
 
 
 def _mean_interval(span: float, msgs: int, longest: float) -> float:
@@ -126,10 +135,14 @@ class Pacing:
         self.next_due = math.inf  # the earliest look due (inf: no paced connection)
         self._rates: dict[Conn, _Rate] = {}
         self._paced: dict[int, Conn] = {}  # fd -> connection
+        self._leaving: dict[Conn, _Rate] = {}  # every=N in the selector, paced at its leave
+        self.found = 0  # looks that found something to read (lrctl status: paced_reads)
         self._poll = select.poll()
 
     def __len__(self) -> int:
-        return len(self._paced)
+        """Connections read on this schedule: paced now, or every=N ones paced around
+        each report."""
+        return len(self._paced) + len(self._leaving)
 
     def heard(self, conn: Conn, now: float, count: int) -> bool:
         """``count`` messages were read from ``conn`` at ``now``. Returns whether it should
@@ -150,11 +163,30 @@ class Pacing:
         if conn.paced and count > 1:  # they queued up: it has sped up, look sooner at once
             rate.interval = max(min(rate.interval, gap), MIN_LOOK_S)
             rate.since, rate.msgs, rate.longest = now, 0, 0.0
+        if rate.every > 1:
+            return self._heard_report(conn, rate, now, gap, count)
         if conn.paced:
             self._look_after(rate, now, True)
             return rate.interval <= self.interval_s
         rate.streak = rate.streak + count if gap <= self.interval_s else 0
         return rate.streak >= self.after and rate.interval <= self.interval_s
+
+    def _heard_report(self, conn: Conn, rate: _Rate, now: float, gap: float,
+                      count: int) -> bool:
+        """every=N: a read found data (a report, as a rule). Read as its frames come from
+        now on (False), and paced again ``LEAD`` steps before the next report is due, if
+        its reports come fast (see the module docstring)."""
+        rate.streak = rate.streak + count if gap <= self.interval_s else 0
+        rate.due = rate.latest = math.inf
+        if rate.streak >= self.after and rate.interval <= self.interval_s:
+            step = rate.interval / rate.every
+            rate.leave = now + max(rate.interval - LEAD * step, MIN_LOOK_S)
+            self._leaving[conn] = rate
+            self.next_due = min(self.next_due, rate.leave)
+        else:
+            rate.leave = math.inf
+            self._leaving.pop(conn, None)
+        return False
 
     def pace(self, conn: Conn, now: float) -> None:
         rate = self._rates[conn]
@@ -174,7 +206,8 @@ class Pacing:
                 self._poll.unregister(fd)
         rate = self._rates.get(conn)
         if rate is not None:
-            rate.streak = 0
+            if rate.every == 1:  # (every=N: its next report's read says, see leave)
+                rate.streak = 0
             rate.due = rate.latest = math.inf
 
     def forget(self, conn: Conn) -> None:
@@ -182,43 +215,50 @@ class Pacing:
         if conn.paced:
             self.unpace(conn)
         self._rates.pop(conn, None)
+        self._leaving.pop(conn, None)
 
-    def due(self, now: float) -> tuple[list[Conn], list[Conn]]:
-        """The paced connections to read now (something came, or they hung up) and those
-        to hand back to the selector (silent too long). Empty before :attr:`next_due`."""
+    def due(self, now: float) -> tuple[list[Conn], list[Conn], list[Conn]]:
+        """The paced connections to read now (something came, or they hung up), those to
+        hand back to the selector (silent too long; every=N: its report not come
+        ``LINGER`` steps after it was due), and the every=N ones to take out of it and
+        :meth:`pace` (its next report is due in ``LEAD`` steps). Empty before
+        :attr:`next_due`."""
         if now < self.next_due:
-            return [], []
-        readable = {fd for fd, _ in self._poll.poll(0)}
+            return [], [], []
+        leaving = [conn for conn, rate in self._leaving.items() if rate.leave <= now]
+        for conn in leaving:
+            self._leaving.pop(conn).leave = math.inf
+        readable = {fd for fd, _ in self._poll.poll(0)} if self._paced else set()
         read: list[Conn] = []
         idle: list[Conn] = []
         for fd, conn in self._paced.items():
             rate = self._rates[conn]
             if fd in readable:
+                self.found += 1
                 read.append(conn)  # heard() moves its next look, if the read finds data
                 self._look_after(rate, now, False)
             elif rate.due <= now:
-                if now - rate.last > max(IDLE_INTERVALS * rate.interval, 2 * self.interval_s):
+                if now - rate.last > max(IDLE_INTERVALS * rate.interval, 2 * self.interval_s) \
+                        or (rate.every > 1 and now - rate.last >= rate.interval * (
+                            1.0 + LINGER / rate.every)):
                     idle.append(conn)
                 else:
                     self._look_after(rate, now, False)
-        return read, idle
+        return read, idle, leaving
 
     def reschedule(self) -> None:
         """Recompute :attr:`next_due`, the loop's next wake-up for a look (after
-        :meth:`due`'s connections were handled): the earliest of the looks' latest times."""
-        self.next_due = min((self._rates[c].latest for c in self._paced.values()),
-                            default=math.inf)
+        :meth:`due`'s connections were handled): the earliest of the looks' latest times
+        and of the every=N connections' times to leave the selector."""
+        self.next_due = min(min((self._rates[c].latest for c in self._paced.values()),
+                                default=math.inf),
+                            min((r.leave for r in self._leaving.values()), default=math.inf))
 
     @staticmethod
     def _look_after(rate: _Rate, now: float, found: bool) -> None:
         """The next look at a connection read at ``now``: ``found``, whether that read
         found data (see the module docstring)."""
-        if rate.every == 1:
-            step = rate.interval
-            wait = step * (AFTER_DATA if found else AFTER_NOTHING)
-        else:
-            step = rate.interval / rate.every
-            before = rate.last + rate.interval - step - now  # a step before the next report
-            wait = min(step, before) if before > AFTER_NOTHING * step else AFTER_NOTHING * step
+        step = rate.interval / rate.every  # (every=N: paced only around a report)
+        wait = step * (AFTER_DATA if found and rate.every == 1 else AFTER_NOTHING)
         rate.due = now + max(wait, MIN_LOOK_S)
         rate.latest = rate.due + slack(step)

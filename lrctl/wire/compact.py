@@ -48,7 +48,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from .errors import ProtocolError
-from .frames import HEADER
+from .frames import HEADER, MAX_FRAME
 from .messages import MAX_PRIOR, encode_obs
 
 __all__ = ["COMPACT_BIT", "MAX_GROUPS", "compact_agreed", "decode_compact", "encode_lr_compact",
@@ -105,13 +105,19 @@ def encode_obs_compact(step: int, loss: float | None, grad_norm: float | None,
     if used is None:
         if not held:
             return _OBS_HEADER + _OBS.pack(1, flags, step, loss, grad_norm)
-        return (HEADER.pack(COMPACT_BIT | (_OBS.size + len(held)))
+        size = _OBS.size + len(held)
+        if size > MAX_FRAME:  # (the controller would close the connection: JSON says why)
+            return None
+        return (HEADER.pack(COMPACT_BIT | size)
                 + _OBS.pack(1, flags, step, loss, grad_norm) + held)
     n = len(used)
     if n > MAX_GROUPS or not _all_finite(used):
         return None
     layout = _obs_layout(n)
-    return HEADER.pack(COMPACT_BIT | (layout.size + len(held))) + layout.pack(
+    size = layout.size + len(held)
+    if size > MAX_FRAME:
+        return None
+    return HEADER.pack(COMPACT_BIT | size) + layout.pack(
         1, flags | 4, step, loss, grad_norm, n, *used) + held
 
 

@@ -132,7 +132,8 @@ def test_a_compact_batch_report_is_the_message_of_its_json_frame(
     ([1.0, 2.0], None, [(2, [math.inf])]),  # a non-finite LR
     ([1.0, 2.0], None, [(1, [0.1]), (1, [0.1]), (1, [0.1])]),  # more runs than steps
     ([1, 2.0], None, None),  # not a float
-])
+    ([1.0] * 63, None, [(1, [0.1] * 512)] * 63),  # past the frame limit (an adversarial
+])                                                 # pass: 263 KB, and the connection closed
 def test_held_steps_compact_cannot_carry_are_left_to_json(
         held_losses: list[Any], grads: Any, runs: Any) -> None:
     assert encode_obs_compact(70, 0.5, None, None, held_losses, grads, runs) is None

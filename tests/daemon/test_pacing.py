@@ -24,6 +24,7 @@ from lrctl.daemon.pacing import (
     AFTER_DATA,
     AFTER_NOTHING,
     IDLE_INTERVALS,
+    LEAD,
     MAX_SLACK_S,
     PAUSE,
     SLACK,
@@ -106,13 +107,13 @@ def test_the_looks_follow_the_connection(pair: tuple[socket.socket, ...]) -> Non
     t = _window_then_paced(pacing, conn, 10.0, 0.002)
     assert conn.paced and len(pacing) == 1
     assert pacing.next_due == pytest.approx(_look(t, AFTER_DATA, 0.002))
-    assert pacing.due(t + 0.0001) == ([], [])  # before the look: nothing, no syscall
+    assert pacing.due(t + 0.0001) == ([], [], [])  # before the look: nothing, no syscall
     look = pacing.next_due
-    assert pacing.due(look) == ([], [])  # nothing came: the next look comes sooner
+    assert pacing.due(look) == ([], [], [])  # nothing came: the next look comes sooner
     pacing.reschedule()
     assert pacing.next_due == pytest.approx(_look(look, AFTER_NOTHING, 0.002))
     b.send(b"x")
-    assert pacing.due(pacing.next_due) == ([conn], [])
+    assert pacing.due(pacing.next_due) == ([conn], [], [])
     a.recv(1)
     now = pacing.next_due
     assert pacing.heard(conn, now, 2)  # two queued up: the interval is the gap now
@@ -120,7 +121,7 @@ def test_the_looks_follow_the_connection(pair: tuple[socket.socket, ...]) -> Non
     gap = (now - t) / 2
     assert pacing.next_due == pytest.approx(_look(now, AFTER_DATA, gap))
     silent = now + IDLE_INTERVALS * gap + 0.0081  # and past 2 x interval_s
-    assert pacing.due(silent) == ([], [conn])
+    assert pacing.due(silent) == ([], [conn], [])
     pacing.unpace(conn)
     pacing.reschedule()
     assert not conn.paced and len(pacing) == 0 and pacing.next_due == math.inf
@@ -134,28 +135,53 @@ def test_the_looks_follow_the_connection(pair: tuple[socket.socket, ...]) -> Non
     assert still[-1] is False and all(still[:-1])  # 6 ms apart: back to the selector
 
 
-def test_the_looks_at_an_every_n_hook_follow_its_steps(pair: tuple[socket.socket, ...]) -> None:
-    """Known answers, every=4, reports 4 ms apart (a step a millisecond): a look a step
-    after the read that found the report, one a step until a step before the next is
-    expected, then one every quarter step; the next report's read starts over."""
+def test_an_every_n_hook_is_paced_around_each_report(pair: tuple[socket.socket, ...]) -> None:
+    """Known answers, every=4, reports 4 ms apart (a step a millisecond): read as its
+    frames come after a report; out of the selector LEAD steps before the next is due,
+    a look every quarter step until it is read (then back, the next period measured from
+    that read), or back LINGER steps after it was due when it did not come."""
     a, b = pair
     pacing = Pacing(interval_s=0.020, after=1)
     conn = _Conn(a, every=4)
-    t = _window_then_paced(pacing, conn, 5.0, 0.004)
+    t = 5.0
+    pacing.heard(conn, t, 1)
+    for _ in range(WINDOW):
+        t += 0.004
+        assert not pacing.heard(conn, t, 1)  # every=N: read as its frames come...
+    assert len(pacing) == 1 and not conn.paced
+    pacing.reschedule()
+    leave = t + 0.004 - LEAD * 0.001  # ...until LEAD steps before the next report
+    assert pacing.next_due == pytest.approx(leave)
+    assert pacing.due(leave) == ([], [], [conn])
+    pacing.pace(conn, leave)  # (the transport takes it out of the selector)
     looks = []
-    for _ in range(6):
+    while True:
         pacing.reschedule()
         looks.append(round((pacing.next_due - t) * 1e3, 6))
-        assert pacing.due(pacing.next_due) == ([], [])  # nothing came
-    assert looks == [1.0, 2.0, 3.0, 3.25, 3.5, 3.75]
-    b.send(b"x")  # the report
+        read, idle, _ = pacing.due(pacing.next_due)
+        if idle:
+            break
+        assert read == []
+    assert looks == [3.5, 3.75, 4.0, 4.25, 4.5, 4.75, 5.0] and idle == [conn]
+    pacing.unpace(conn)  # back in the selector: the late report wakes the loop
+    assert not pacing.heard(conn, t + 0.0055, 1)
+    pacing.reschedule()
+    leave = t + 0.0055 + 0.004 - LEAD * 0.001
+    assert pacing.next_due == pytest.approx(leave)
+    assert pacing.due(pacing.next_due) == ([], [], [conn])
+    pacing.pace(conn, pacing.next_due)
+    b.send(b"x")  # the report, found by a look: read, and back to the selector
     pacing.reschedule()
     now = pacing.next_due
-    assert pacing.due(now) == ([conn], [])
+    assert pacing.due(now) == ([conn], [], [])
     a.recv(1)
-    assert pacing.heard(conn, now, 1)
+    assert not pacing.heard(conn, now, 1)
+    pacing.unpace(conn)
     pacing.reschedule()
-    assert pacing.next_due == pytest.approx(now + 0.001)
+    assert pacing.next_due == pytest.approx(now + 0.004 - LEAD * 0.001)
+    pacing.forget(conn)
+    pacing.reschedule()
+    assert len(pacing) == 0 and pacing.next_due == math.inf
 
 
 def _steps(pacing: Pacing, conn: _Conn, t: float, gap: float, n: int) -> float:
@@ -241,12 +267,12 @@ def test_many_runs_share_a_wakeup(pair: tuple[socket.socket, ...]) -> None:
         wake = pacing.next_due
         assert wake == pytest.approx(t1 + AFTER_DATA * 0.010 + late)
         assert t2 + AFTER_DATA * 0.010 < wake < t3 + AFTER_DATA * 0.010
-        assert pacing.due(wake) == ([], [])  # nothing came: both looked at, rescheduled
+        assert pacing.due(wake) == ([], [], [])  # nothing came: both looked at, rescheduled
         pacing.reschedule()
         after = [_look(wake, AFTER_NOTHING, 0.010), _look(t3, AFTER_DATA, 0.010)]
         assert pacing.next_due == pytest.approx(min(after))
         d.send(b"x")  # data for the third: read at the next wake-up, whoever it is for
-        assert pacing.due(pacing.next_due) == ([third], [])
+        assert pacing.due(pacing.next_due) == ([third], [], [])
     finally:
         c.close()
         d.close()
@@ -269,11 +295,14 @@ def _status(controller: ControllerProc) -> dict:
 
 
 def _loop(ctl: lrctl.Controller, opt: torch.optim.Optimizer, until: Callable[[], bool],
-          curve: list[float]) -> list[float]:
+          curve: list[float], compute_s: float = 0.0) -> list[float]:
     """Step until ``until()`` (checked every 25 steps) or the curve ends; the LR each
-    optimizer step used."""
+    optimizer step used. ``compute_s``: each step's forward and backward, spent busy."""
     used = []
     for t, loss in enumerate(curve):
+        end = time.perf_counter() + compute_s
+        while time.perf_counter() < end:
+            pass
         ctl.step(loss, grad_norm=1.0 + (t % 5) * 0.1)
         opt.step()
         used.append(opt.param_groups[0]["lr"])
@@ -343,11 +372,16 @@ def test_an_every_n_hook_is_paced_and_decides_exactly_as_unpaced(
         seen_paced: list[int] = []
         with lrctl.attach(opt, policy=policy, spawn=False, run_name="paced-every",
                           socket=controller.socket, timeout=30.0, every=4) as ctl:
-            used = _loop(ctl, opt, _sampling(controller, seen_paced), curve)
-        runs.append((used, [d.to_dict() for d in ctl.decisions], seen_paced))
+            # A millisecond a step: the looks around each report come in time (a step
+            # of tens of µs is read as its reports come, timer slack being that long).
+            used = _loop(ctl, opt, _sampling(controller, seen_paced), curve, 0.001)
+            reads = _status(controller)["paced_reads"]
+        runs.append((used, [d.to_dict() for d in ctl.decisions], seen_paced, reads))
         controller.stop()
-    (paced_lrs, paced_decisions, paced_seen), (plain_lrs, plain_decisions, plain_seen) = runs
-    assert max(paced_seen) == 1 and set(plain_seen) == {None}
+    (paced_lrs, paced_decisions, paced_seen, reads), (plain_lrs, plain_decisions, plain_seen,
+                                                      no_reads) = runs
+    assert max(paced_seen) == 1 and set(plain_seen) == {None} and no_reads is None
+    assert reads > len(curve) // 4 // 4  # most reports were read at a look, not as they came
     assert paced_lrs == plain_lrs and len(set(paced_lrs)) > 100
     assert paced_decisions == plain_decisions
     assert {d["step"] for d in paced_decisions if d["action"] == "skip"} >= {401, 703}

@@ -99,10 +99,11 @@ def test_out_of_descriptors_new_hooks_are_told_why_and_the_loop_does_not_spin(
 
 
 def _writes_in_flight(pid: int, runs: Path) -> bool:
-    """Whether controller ``pid`` holds a descriptor in its checkpoint directory."""
+    """Whether controller ``pid`` holds a file open in its checkpoint directory (a write's
+    temporary file; the directory itself it holds open throughout, see HeldDir)."""
     for fd in os.listdir(f"/proc/{pid}/fd"):
         with contextlib.suppress(OSError):
-            if os.readlink(f"/proc/{pid}/fd/{fd}").startswith(str(runs)):
+            if os.readlink(f"/proc/{pid}/fd/{fd}").startswith(str(runs) + os.sep):
                 return True
     return False
 
