@@ -262,6 +262,8 @@ class Server(Observing):
         saved = self.checkpoints.save_all(hooked=hooked, deadline=deadline)
         self.transport.close()
         self.sink.close()
+        self.store.close()
+        self.state_watch.close()
         log.info("controller stopped; %d run(s) held, %d checkpoint(s) written at shutdown "
                  "(the others were up to date)", len(self.sessions), saved)
 

@@ -48,6 +48,11 @@ class StateDirWatch:
         self.relock: Callable[[], str | None] | None = None
         self._held = HeldDir(state_dir) if state_dir else None
 
+    def close(self) -> None:
+        """Let the directory go (the controller stops)."""
+        if self._held is not None:
+            self._held.close()
+
     def check(self) -> bool:
         """True when the directory was made again just now, ours (a cheap ``lstat`` and
         ``fstat`` otherwise)."""

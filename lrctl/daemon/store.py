@@ -90,6 +90,10 @@ class StateStore:
         """The checkpoint directory was made again by this controller: write there now."""
         self._held.reopen()
 
+    def close(self) -> None:
+        """Let the checkpoint directory go (the controller stops); nothing is written after."""
+        self._held.close()
+
     def _not_ours(self) -> str | None:
         """Why nothing may be written into the checkpoint directory now, or None: another
         controller's (:attr:`foreign`), or not the directory this store began with (the

@@ -68,6 +68,7 @@ def test_detached_checkpoints_are_removed_after_detached_keep_s(tmp_path: Path,
     with serving(str(short_dir / "c.sock"), store, limits=Limits(detached_keep_s=86400)):
         until(lambda: not old.exists(), "the old checkpoint's removal")
     assert fresh.exists()
+    store = StateStore(tmp_path / "state")  # (the stopped controller's let its directory go)
     assert store.prune_detached(3600, now=time.time() + 7200) == 1 and not fresh.exists()
 
 
@@ -157,3 +158,13 @@ def test_without_a_journal_a_recreated_state_dir_gets_its_checkpoints_dir_back(
     until(lambda: (state / "runs" / ".detached" / f"{key}.ckpt").is_file(),
           "its checkpoint written again, then set aside", deadline_s=30)
     assert controller.proc is not None and controller.proc.poll() is None
+
+
+def test_a_stopped_controller_lets_its_directories_go(tmp_path: Path, short_dir: Path) -> None:
+    """The state dir and the checkpoint directory are held open while it serves (to tell
+    them from ones made again at their paths: lrctl/daemon/held_dir.py); not after."""
+    before = sorted(os.listdir("/proc/self/fd"))
+    store = StateStore(tmp_path / "state")
+    with serving(str(short_dir / "c.sock"), store):
+        pass
+    assert sorted(os.listdir("/proc/self/fd")) == before
