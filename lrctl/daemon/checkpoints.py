@@ -122,6 +122,8 @@ class Checkpoints:
     def delete(self, key: str) -> None:
         """Remove ``key``'s checkpoint (the run ended) on the writer thread, after its
         writes in flight."""
+        if not self.store.writable:  # (another controller's directory: nothing of ours)
+            return
         try:
             dir_fd = self.store.open_dir()
         except OSError:  # out of descriptors, say: here and now, after the writes in flight

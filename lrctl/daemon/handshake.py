@@ -66,7 +66,11 @@ class Handshakes:
             raise Refused(f"run {key}: another hello for it is being answered", "run_conflict")
         takeover = self._takeover(conn, hello)
         session = self.server.sessions.get(key)
-        if session is not None and hello.session is None:
+        foreign = self.server.state_watch.foreign
+        if session is not None and hello.session is None and (
+                foreign is None or hello.mlflow_run_id in (None, session.info.mlflow_run_id)):
+            # (Another controller's directory: a rejoin whose records would open there, a
+            # resumed job's own MLflow run, is refused as a new run is, below.)
             self._join(conn, hello, session, True, takeover)
             return
         refused = self.server.state_watch.error

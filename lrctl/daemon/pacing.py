@@ -33,13 +33,15 @@ it if need be.
 **every=N.** Such a hook reports every N-th step, and the answer to each report is due
 the step after it. Its connection is read as its frames come between reports, and
 paced only around the next report: from ``LEAD`` (¾) of a step before it is due (the
-last report's read plus the measured interval between reports; a step is that interval
-over N) until it is read, a look every quarter of a step; not read ``LINGER`` (1) step
-after it was due, the connection goes back to the selector to wait for it. So the
-report's send wakes nobody, while a frame out of turn (a non-finite step reported at
-once, one with metrics, a ``bye``, a ``snapshot`` request) wakes the loop as it comes,
-and so does a report that comes early (the run sped up). Each period starts again from
-the read of a report, so an error in the measured interval does not add up. The
+last read plus the measured interval between reports; a step is that interval over N)
+until it is read, a look every quarter of a step (plus ``SLACK`` for steps of
+``SLACK_FROM_S`` and more); not read ``LINGER`` (1) step after it was due, the
+connection goes back to the selector to wait for it. So the report's send wakes
+nobody, while between reports a frame out of turn (a non-finite step reported at once,
+one with metrics, a ``bye``, a ``snapshot`` request) wakes the loop as it comes, and so
+does a report that comes early (the run sped up); inside the window they wait for the
+next look. Each period starts again from a read, so an error in the measured interval
+does not add up. The
 controller pays a few timer wake-ups a report (about four), not one a step. (Two
 schedules were tried first. Looks a fraction of a step before each expected report,
 measured from the one before, drifted late with any error in the interval, and under
@@ -136,7 +138,7 @@ class Pacing:
         self._rates: dict[Conn, _Rate] = {}
         self._paced: dict[int, Conn] = {}  # fd -> connection
         self._leaving: dict[Conn, _Rate] = {}  # every=N in the selector, paced at its leave
-        self.found = 0  # looks that found something to read (lrctl status: paced_reads)
+        self.found = 0  # looks that found a connection readable (status: paced_reads)
         self._poll = select.poll()
 
     def __len__(self) -> int:
@@ -176,7 +178,9 @@ class Pacing:
         """every=N: a read found data (a report, as a rule). Read as its frames come from
         now on (False), and paced again ``LEAD`` steps before the next report is due, if
         its reports come fast (see the module docstring)."""
-        rate.streak = rate.streak + count if gap <= self.interval_s else 0
+        # (A read at a look comes up to a look's spacing after the report: its gap is our
+        # lag, not the run's; the window's mean says whether it is still fast.)
+        rate.streak = rate.streak + count if gap <= self.interval_s or conn.paced else 0
         rate.due = rate.latest = math.inf
         if rate.streak >= self.after and rate.interval <= self.interval_s:
             step = rate.interval / rate.every

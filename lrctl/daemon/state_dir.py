@@ -11,13 +11,16 @@ A symlink, a file or a directory that is not ours in its place is refused and
 reported (``error``), and not made again; meanwhile no new run starts (its hello is
 refused retryably: the hook trains on and tries again), so no new run's files go
 through it. The open runs' journals stay in the files the controller holds open; their
-checkpoints, written by name, go wherever the path leads until it is fixed.
+checkpoints are refused until it is fixed (the store compares the path with the state
+dir it holds open: see StateStore._not_ours).
 
 Another controller started on the path while it was gone (it made the directory and
-took its lock first) owns it: this one writes nothing there from then on — no
+took its lock first) owns it: this one creates nothing there from then on — no
 journal written back, no checkpoint, no set-aside move, its log not reopened there
-(``foreign``, which the store heeds) — and says so in its log and ``lrctl status``;
-its open runs go on from memory, their LRs exact, and no new run starts on it.
+(``foreign``, which the store heeds), no run folder (a hello that would open one, a
+new run or a resumed job with an MLflow run of its own, is refused retryably) — and
+says so in ``lrctl status`` and on stderr; its open runs go on from memory, their LRs
+exact.
 """
 
 from __future__ import annotations

@@ -84,7 +84,10 @@ class StateStore:
         # it after it was deleted: see state_dir.py), or None. Nothing is written, moved
         # or removed there meanwhile: the open runs go on from memory.
         self.foreign: str | None = None
-        self._held = HeldDir(self.dir)
+        # The state dir this store began in, held open: a runs/ deleted and made again in
+        # it is still ours; a state dir made again (by another controller, say) is not
+        # until the controller made it again itself (refresh).
+        self._held = HeldDir(self.dir.parent)
 
     def refresh(self) -> None:
         """The checkpoint directory was made again by this controller: write there now."""
@@ -102,8 +105,13 @@ class StateStore:
         if self.foreign is not None:
             return self.foreign
         if not self._held.same():
-            return f"{self.dir} is gone or was made again (the state dir deleted)"
+            return f"{self.dir.parent} is gone or was made again (the state dir deleted)"
         return None
+
+    @property
+    def writable(self) -> bool:
+        """Whether checkpoints may be written, moved or removed here now."""
+        return self._not_ours() is None
 
     def _ours(self) -> None:
         """Raise (an ``OSError``, which the checkpoints' callers handle) when nothing may be

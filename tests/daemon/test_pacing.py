@@ -184,6 +184,26 @@ def test_an_every_n_hook_is_paced_around_each_report(pair: tuple[socket.socket, 
     assert len(pacing) == 0 and pacing.next_due == math.inf
 
 
+def test_an_every_n_hook_near_the_pacing_limit_stays_paced(
+        pair: tuple[socket.socket, ...]) -> None:
+    """A review's find: reports 19.9 ms apart (every=4, limit 20 ms), read at a look a
+    little after they came: that gap, our lag, reset the run's streak, so it went back to
+    being read as its reports came for a window, over and over. The window's mean says."""
+    a, _ = pair
+    pacing = Pacing(interval_s=0.020, after=8)
+    conn = _Conn(a, every=4)
+    t = 1.0
+    for _ in range(WINDOW + 9):
+        pacing.heard(conn, t, 1)
+        t += 0.0199
+    assert len(pacing) == 1  # paced around its next report
+    assert pacing.due(t - 0.0199 + 0.0199 - LEAD * 0.0199 / 4) == ([], [], [conn])
+    conn.paced = True  # (taken out of the selector, as the transport does)
+    pacing.heard(conn, t + 0.0008, 1)  # read at a look 0.8 ms after it came: a 20.7 ms gap
+    conn.paced = False
+    assert len(pacing) == 1  # still paced around the next one
+
+
 def _steps(pacing: Pacing, conn: _Conn, t: float, gap: float, n: int) -> float:
     """``n`` messages ``gap`` apart after ``t``, each read as it comes (paced or not, as
     ``pacing`` says); returns the time of the last."""

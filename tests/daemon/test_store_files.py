@@ -151,20 +151,47 @@ def test_a_store_writes_nothing_into_a_checkpoint_directory_made_again(tmp_path:
     """The state dir deleted and made again (by another controller, say) inside the second
     before the controller's check of it: a checkpoint due meanwhile went into the new
     directory. Now a write there is refused until the controller made it again itself
-    (``refresh``)."""
+    (``refresh``). Its ``runs/`` alone deleted and made again is still its own: written
+    as before (a review's find: it was refused until a restart)."""
     import shutil
 
-    store = StateStore(tmp_path)
+    state = tmp_path / "state"
+    store = StateStore(state)
     store.save(KEY, {"step": 1})
-    shutil.rmtree(tmp_path / "runs")
-    (tmp_path / "runs").mkdir(mode=0o700)  # another's
-    with pytest.raises(OSError, match="made again"):
+    shutil.rmtree(state / "runs")
+    with pytest.raises(OSError):  # (no runs/ now: ENOENT, as ever)
         store.save(KEY, {"step": 2})
+    (state / "runs").mkdir(mode=0o700)  # made again inside our own state dir: ours
+    store.save(KEY, {"step": 2})
+    assert store.load(KEY) == {"step": 2}
+    shutil.rmtree(state)
+    (state / "runs").mkdir(mode=0o700, parents=True)  # another's
+    with pytest.raises(OSError, match="made again"):
+        store.save(KEY, {"step": 3})
     store.detach(KEY)
-    assert list((tmp_path / "runs").iterdir()) == []
+    assert not store.writable and list((state / "runs").iterdir()) == []
     store.refresh()  # the controller's own (see Server._state_dir_recreated)
     store.save(KEY, {"step": 3})
     assert store.load(KEY) == {"step": 3}
+
+
+def test_a_held_directory_that_cannot_be_held_is_judged_by_its_inode_number(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A review's find: a directory that could not be opened (out of descriptors, one we
+    may not read) read as "made again" at every check, so the state dir was "recreated"
+    every second. Its remembered (st_dev, st_ino) stands in now."""
+    from lrctl.daemon import held_dir
+
+    monkeypatch.setattr(held_dir, "_open", lambda path: -1)
+    path = tmp_path / "d"
+    path.mkdir()
+    held = held_dir.HeldDir(path)
+    assert held.same() and held.same()
+    path.rmdir()
+    assert not held.same()
+    path.symlink_to(tmp_path)
+    held.reopen()
+    assert not held.same()  # never a symlink
 
 
 def test_a_held_directory_tells_one_made_again_at_its_path(tmp_path: Path) -> None:

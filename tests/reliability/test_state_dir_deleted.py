@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 import torch
 from daemon_helpers import REPO, ControllerProc
-from rel_helpers import FIGURES, store_client, until, until_shipped
+from rel_helpers import FIGURES, RawClient, hello, store_client, until, until_shipped
 
 import lrctl
 from lrctl.client import request
@@ -174,6 +174,17 @@ def test_a_state_dir_another_controller_took_gets_nothing_of_ours(
             status = request({"t": "status"}, controller.socket)
             assert not status["state_dir_recreated"]
             assert ctl.connected and opt.param_groups[0]["lr"] == 0.1
+            # A resumed job rejoining the run with an MLflow run of its own would have its
+            # records opened there (a review's find): refused, retryably, as a new run is.
+            rejoin = RawClient(controller.socket)
+            token = ctl._link.hello.get("resume_token") if ctl._link else None
+            rejoin.send(hello(key, QUIET, [0.1], resume_token=token, mlflow={
+                "run_id": "0123456789abcdef", "tracking_uri": "sqlite:///elsewhere.db"}))
+            refusal = rejoin.recv()
+            rejoin.close()
+            assert refusal is not None and refusal["t"] == "error", refusal
+            assert refusal.get("retry") is True and "cannot lock it again" in refusal["message"]
+            assert ctl.connected
             assert not [p for p in state.rglob("*") if key in p.name]
             log = (state / "controller.log").read_text()  # the other's
             assert key not in log and "deleted" not in log, log
