@@ -41,8 +41,8 @@ nobody, while between reports a frame out of turn (a non-finite step reported at
 one with metrics, a ``bye``, a ``snapshot`` request) wakes the loop as it comes, and so
 does a report that comes early (the run sped up); inside the window they wait for the
 next look. Each period starts again from a read, so an error in the measured interval
-does not add up. The
-controller pays a few timer wake-ups a report (about four), not one a step. (Two
+does not add up. The controller pays a few timer wake-ups a report (about four), not
+one a step. (Two
 schedules were tried first. Looks a fraction of a step before each expected report,
 measured from the one before, drifted late with any error in the interval, and under
 load a third to half of every=4's reports were answered late. A look every step, out
