@@ -306,6 +306,13 @@ class LinkSide:
             if values is not None:
                 if isinstance(s, int) and s > self._usable_step():
                     self._held[s] = values  # for the optimizer step after step s's
+                elif 0 <= self._frozen == self._step - 1 and not self._after_order:
+                    # The coming optimizer step's LRs went out with its report (see
+                    # Reporting._finalize): a push read since (during the report's send,
+                    # a state_dict() before optimizer.step()) applies a step later, as
+                    # what lands after a report always does, so that the report is true.
+                    self._held.clear()
+                    self._held[self._frozen] = values
                 else:
                     self._held.clear()  # an operator push or reload supersedes them
                     self._target = values

@@ -392,8 +392,7 @@ class Controller(Resuming, LinkSide, Reporting, Applying):
             return
         try:
             self._flush_pending()
-            if end_run:
-                self._report_last_step()
+            self._report_last_step()  # it ran: a run left resumable records it too
             self._drain_staged(block=True)
             self._send_last_metrics(end_run)
             if not self._link.connected:  # its back-off may have outlasted a restart: one

@@ -116,6 +116,14 @@ class Admission:
                 self._unix = sock
                 self._unix_id = file_id(socket_path)
 
+    @property
+    def unreachable(self) -> bool:
+        """No new connection can reach this controller: its socket file was replaced, or
+        another controller serves the path now (see :meth:`_check_socket`), and it has no
+        TCP listener."""
+        return (self._unix is None and self._unix_id is not None
+                and all(sock.family == socket.AF_UNIX for sock in self.listeners))
+
     def _poll(self, sock: socket.socket, authed: bool) -> None:
         self.transport.sel.register(sock, selectors.EVENT_READ, ("listen", authed))
 

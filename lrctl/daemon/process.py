@@ -18,6 +18,7 @@ from ..sinks import Sink, build_sink
 from .limits import DEFAULT_SESSION_TIMEOUT
 from .listening import AlreadyServing, Listening, bind, lock_state, relock_socket, relock_state_dir
 from .liveness import DEFAULT_GRACE_S, DEFAULT_STALL_S, LoopMonitor
+from .logfile import PrivateLogHandler
 from .server import Server
 from .store import StateStore
 
@@ -190,8 +191,7 @@ def _setup_logging(options: ServeOptions, state: Path) -> None:
     root.setLevel(logging.INFO)
     fmt = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
     log_path = _log_path(options, state)
-    os.close(paths.open_private(log_path, os.O_WRONLY | os.O_APPEND))  # born 0600, no symlink
-    handler: logging.Handler = logging.FileHandler(log_path)
+    handler: logging.Handler = PrivateLogHandler(log_path)  # 0600, no symlink, rotated
     handler.setFormatter(fmt)
     root.addHandler(handler)
     if options.foreground:

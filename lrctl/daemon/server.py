@@ -390,9 +390,18 @@ class Server(Observing):
                      self.limits.detached_keep_s / 86400)
 
     def _exit_if_idle(self) -> None:
-        """``idle_exit``: stop once no hook has been connected for that long."""
+        """``idle_exit``: stop once no hook has been connected for that long; and, whatever
+        ``idle_exit``, once none is connected and none can connect again (the socket is
+        another's now: a controller no one can reach would otherwise run for ever, out of
+        sight of ``lrctl status`` and ``lrctl stop``)."""
         if self.conns:
             self._no_hook_since = self._now
+            return
+        if self.transport.admission.unreachable:
+            log.warning("no hook is connected and none can reach this controller (its socket "
+                        "%s is another's now): checkpointing %d run(s) and exiting",
+                        self.transport.admission.socket_path, len(self.sessions))
+            self.stop()
             return
         if self.idle_exit is not None and self._now - self._no_hook_since > self.idle_exit:
             log.info("no hook has been connected for %.0f s (--idle-exit %g): checkpointing "

@@ -33,6 +33,7 @@ from typing import Any
 
 from .. import paths
 from .held_dir import HeldDir
+from .logfile import PrivateLogHandler
 
 __all__ = ["StateDirWatch"]
 
@@ -90,18 +91,19 @@ class StateDirWatch:
 
 
 def _reopen_logs(state_dir: str) -> None:
-    """Log files under the state dir go to a new file (born 0600, never a symlink)."""
+    """Log files under the state dir go to a new file (born 0600, never a symlink: see
+    logfile.py)."""
     root = os.path.abspath(state_dir) + os.sep
     for handler in logging.getLogger("lrctl").handlers:
-        if isinstance(handler, logging.FileHandler) and handler.baseFilename.startswith(root):
-            try:
-                os.close(paths.open_private(handler.baseFilename, os.O_WRONLY | os.O_APPEND))
-            except OSError as exc:
-                log.error("cannot reopen the log %s: %s", handler.baseFilename, exc)
-                continue
+        if isinstance(handler, PrivateLogHandler) and handler.baseFilename.startswith(root):
             handler.acquire()
             try:
-                old, handler.stream = handler.stream, handler._open()
+                try:
+                    stream = handler._open()
+                except OSError as exc:
+                    log.error("cannot reopen the log %s: %s", handler.baseFilename, exc)
+                    continue
+                old, handler.stream = handler.stream, stream
                 if old is not None:
                     old.close()
             finally:

@@ -190,3 +190,29 @@ def test_a_stale_socket_from_a_dead_controller_is_taken_over(
     controller.start()
     assert request({"t": "status"})["pid"] == controller.pid
     assert "took over the stale socket" in controller.log.read_text()
+
+
+def test_a_controller_no_one_can_reach_exits_once_its_hooks_are_gone(
+        controller: ControllerProc) -> None:
+    """A soak test's find: a controller whose socket file was replaced (or served by
+    another controller) ran for ever once its runs ended, unreachable by ``lrctl status``
+    and ``lrctl stop``. It serves the hooks still connected, then checkpoints and exits."""
+    engine = lrctl.load_policy(PLATEAU, [0.1])
+    ctl = lrctl.attach(_opt(), policy=PLATEAU, sync=True, spawn=False)
+    for t in range(3):
+        _step(ctl, engine, t)
+    os.unlink(controller.socket)
+    with open(controller.socket, "w") as planted:  # another file in its place
+        planted.write("not a socket\n")
+    _count("socket file replaced")
+    until("the controller to see it", lambda: "was replaced by another file" in
+          controller.log.read_text())
+    for t in range(3, 10):  # the connected hook is still served
+        _step(ctl, engine, t)
+    proc = controller.proc
+    assert proc is not None and proc.poll() is None
+    ctl.close(end_run=False)  # resumable: its checkpoint is written at the exit
+    until("the controller to exit", lambda: proc.poll() is not None)
+    assert proc.returncode == 0
+    assert "none can reach this controller" in controller.log.read_text()
+    assert any((Path(controller.state_dir) / "runs").glob("*.ckpt"))

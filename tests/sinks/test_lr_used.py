@@ -7,8 +7,11 @@ agree at every step, in async and in sync mode.
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -47,17 +50,7 @@ def test_mlflow_lr_is_the_lr_used_at_each_step(mlflow_server: MlflowServer, work
         ctl.close()
         assert key is not None and any(d.action == "reduce" for d in ctl.decisions)
         client = MlflowClient(mlflow_server.uri)
-        state = Path(controller.state_dir)
-        deadline = time.monotonic() + 120
-        while True:  # the controller ends the MLflow run once everything is shipped
-            try:
-                run = client.get_run(mlflow_run_id(state, key))
-                if run.info.status == "FINISHED":
-                    break
-            except (OSError, KeyError, TypeError):
-                pass
-            assert time.monotonic() < deadline, "the run was never shipped and ended"
-            time.sleep(0.1)
+        run = _finished_run(client, Path(controller.state_dir), key)
     for g in (0, 1):
         at = lr_curve(client, run.info.run_id, g)
         wrong = [(s, at(s), v[g]) for s, v in used.items() if at(s) != v[g]]
@@ -92,18 +85,61 @@ def test_mlflow_lr_is_the_lr_used_with_the_loops_own_schedule(
         ctl.close()
         assert key is not None and any(d.action == "reduce" for d in ctl.decisions)
         client = MlflowClient(mlflow_server.uri)
-        state = Path(controller.state_dir)
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                run = client.get_run(mlflow_run_id(state, key))
-                if run.info.status == "FINISHED":
-                    break
-            except (OSError, KeyError, TypeError):
-                pass
-            assert time.monotonic() < deadline, "the run was never shipped and ended"
-            time.sleep(0.1)
+        run = _finished_run(client, Path(controller.state_dir), key)
     at = lr_curve(client, run.info.run_id, 0)
     assert used[0] == 0.02 and min(used.values()) < 0.02 * 0.5  # scaled after a reduce
     wrong = [(s, at(s), v) for s, v in used.items() if at(s) != pytest.approx(v, rel=1e-12)]
     assert not wrong, wrong[:5]
+
+
+@pytest.mark.parametrize("every", [1, 4])
+def test_a_push_read_after_a_report_applies_a_step_later_as_recorded(
+        mlflow_server: MlflowServer, workdir: Path, monkeypatch: pytest.MonkeyPatch,
+        every: int) -> None:
+    """An audit's find: a ``set-lr`` push read after a report had stated its step's LRs
+    (here by ``state_dict()`` between ``ctl.step()`` and ``optimizer.step()``; in the
+    find, during the report's own send) was applied to that step, so MLflow said the old
+    LR for a step that ran on the new one. It now applies a step later, as recorded."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server.uri)
+    model = torch.nn.Linear(4, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.02)
+    used: dict[int, float] = {}
+    guard = {"version": 1, "policies": [{"kind": "divergence"}]}
+    with live_controller(audit=True) as controller:
+        monkeypatch.setenv("LRCTL_SOCKET", controller.socket)
+        ctl = lrctl.attach(opt, policy=guard, every=every, spawn=False, run_name="push",
+                           timeout=60.0)
+        for step in range(120):
+            opt.zero_grad()
+            model(torch.ones(8, 4)).pow(2).mean().backward()
+            ctl.step(1.0, grad_norm=1.0)
+            if step == 48:  # a report step: its LRs went out with it
+                out = subprocess.run(
+                    [sys.executable, "-m", "lrctl", "set-lr", "--socket", controller.socket,
+                     str(ctl.run_key), "0.005"], capture_output=True, text=True, timeout=60)
+                assert out.returncode == 0, out.stderr
+                ctl.state_dict()  # reads the push that came meanwhile
+            opt.step()
+            used[step] = opt.param_groups[0]["lr"]
+        key = ctl.run_key
+        ctl.close()
+        assert key is not None and used[48] == 0.02 and used[49] == 0.005
+        client = MlflowClient(mlflow_server.uri)
+        run = _finished_run(client, Path(controller.state_dir), key)
+    at = lr_curve(client, run.info.run_id, 0)
+    wrong = [(s, at(s), v) for s, v in used.items() if at(s) != v]
+    assert not wrong, wrong[:5]
+
+
+def _finished_run(client: MlflowClient, state: Path, key: str) -> Any:
+    """The run's MLflow run, once the controller has shipped everything and ended it."""
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            run = client.get_run(mlflow_run_id(state, key))
+            if run.info.status == "FINISHED":
+                return run
+        except (OSError, KeyError, TypeError):
+            pass
+        assert time.monotonic() < deadline, "the run was never shipped and ended"
+        time.sleep(0.1)
