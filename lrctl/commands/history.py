@@ -9,16 +9,20 @@ checkpoint is gone; otherwise ``detached`` (a reconnect, or the next controller,
 resumes it from its checkpoint). A run that ended before its first step (a hook that
 rejoined another run: ``lrctl.Scheduler``'s ``load_state_dict()``) is left out. Its
 step and LRs are the controller's, else the checkpoint's (the journal's metrics are a
-sample, every 50 steps or so). Runs served
-without a journal (``--no-audit``) are listed too.
+sample, every 50 steps or so). Runs served without a journal (``--no-audit``) are
+listed too: live ones as the controller says, and those resumable from a checkpoint
+no controller holds (``detached``).
 """
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from pathlib import Path
 from typing import Any
+
+from ..paths import is_run_key
 
 __all__ = ["journal_runs"]
 
@@ -87,7 +91,43 @@ def journal_runs(state_dir: Path, live: dict[str, dict[str, Any]]) -> list[dict[
             "last_decision": run.get("last_decision"), "mlflow_run_id": None,
             "modified": now, "state_dir": str(state_dir),
         })
+    out.extend(_checkpoint_only(state_dir, set(keys) | set(live)))
     out.sort(key=lambda r: r["modified"])
+    return out
+
+
+def _checkpoint_only(state_dir: Path, listed: set[str]) -> list[dict[str, Any]]:
+    """Runs resumable from a checkpoint with no journal (served ``--no-audit``) and no
+    controller holding them: set aside after ``--session-timeout``, or left by a
+    controller that stopped. The journal-less counterpart of a ``detached`` run."""
+    from ..daemon.store import DETACHED, LEGACY_SUFFIX, SUFFIX, StateStore
+
+    runs = state_dir / "runs"
+    out = []
+    for folder in (runs, runs / DETACHED):
+        try:
+            names = sorted(os.listdir(folder))
+        except OSError:
+            continue
+        for name in names:
+            key = name.removesuffix(SUFFIX).removesuffix(LEGACY_SUFFIX)
+            if key == name or key in listed or not is_run_key(key):
+                continue
+            path = folder / name
+            try:
+                state = StateStore.read_file(path)
+                modified = path.stat().st_mtime
+            except (OSError, ValueError) as exc:  # damaged: the controller says so too
+                print(f"lrctl: run {key}: its checkpoint cannot be read ({exc}); not listed",
+                      file=sys.stderr)
+                continue
+            listed.add(key)
+            step, lrs = _checkpointed(state_dir, key)
+            out.append({
+                "run": key, "run_name": str(state.get("run_name") or key), "state": "detached",
+                "step": step, "lrs": lrs, "decisions": None, "last_decision": None,
+                "mlflow_run_id": None, "modified": modified, "state_dir": str(state_dir),
+            })
     return out
 
 

@@ -161,3 +161,19 @@ def test_an_every_n_run_left_resumable_records_its_last_step_and_lr(
     served, remembered = _views(capsys)
     assert served["short"]["step"] == remembered["short"]["step"] == last
     assert served["short"]["lrs"] == [used]
+
+
+def test_without_a_journal_a_resumable_checkpoint_is_listed_as_detached(
+        make_controller, capsys: pytest.CaptureFixture[str]) -> None:  # type: ignore[no-untyped-def]
+    """A soak test's find: with ``--no-audit`` a run left resumable vanished from ``lrctl
+    runs --all`` once no controller held it (only journals were read), though its
+    checkpoint waited to be resumed; set aside after the session timeout, likewise."""
+    controller: ControllerProc = make_controller()  # --no-audit
+    _train("kept", steps=20).close(end_run=False)
+    _train("done").close()
+    assert controller.stop() == 0  # the run is checkpointed at the exit
+    assert main(["runs", "--all", "--json"]) == 0
+    listed = {r["run_name"]: r for r in json.loads(capsys.readouterr().out)}
+    assert set(listed) == {"kept"}
+    assert listed["kept"]["state"] == "detached" and listed["kept"]["step"] == 19
+    assert listed["kept"]["lrs"] == [0.1]
