@@ -225,7 +225,9 @@ class LinkSide:
                 self._warn("not-restored", f"lrctl: the controller has no state for run "
                                            f"{self._resume!r}; its policies start afresh (a "
                                            "run that ended, by close() or a finished 'with' "
-                                           "block, is gone; a run key is NAME-xxxxxxxx, as "
+                                           "block, is gone, and so is one left resumable "
+                                           "whose checkpoint was removed 30 days after its "
+                                           "hook went; a run key is NAME-xxxxxxxx, as "
                                            "'lrctl runs --all' lists it)")
             last = msg.get("last_step")
             if isinstance(last, int) and not isinstance(last, bool) and last >= self._step:
