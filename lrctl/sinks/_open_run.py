@@ -8,8 +8,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .base import RunInfo
-from .journal import RunPaths, StreamWriter, atomic_write_text, last_line, read_lines
-from .sampling import MetricSampler
+from .journal import (
+    RunPaths,
+    StreamWriter,
+    atomic_write_text,
+    last_line,
+    read_lines,
+    tail_records,
+)
+from .sampling import LR_PREFIX, MetricSampler
 
 __all__ = ["OpenRun", "current_policy", "dedup_key", "load_high_water", "save_policy"]
 
@@ -45,6 +52,25 @@ def load_high_water(run: OpenRun) -> None:
     steps = [point[2] for point in (last.record.get("points") or [])] if last else []
     if steps:
         run.last_step = max(int(s) for s in steps)
+    seed_sampler(run)
+
+
+def seed_sampler(run: OpenRun) -> None:
+    """A reopened run's sampler starts from the LRs its journal logged last, so that its
+    first change is drawn as a step, not as a ramp from that point (the journal's tail
+    holds them: a point every ``log_every`` steps; none there, no seed)."""
+    last: dict[int, tuple[int, float]] = {}  # group -> (step, value) of its last point
+    for record in tail_records(run.paths.stream("metrics")):
+        for point in record.get("points") or ():
+            if (isinstance(point, list) and len(point) == 3 and isinstance(point[0], str)
+                    and point[0].startswith(LR_PREFIX) and isinstance(point[2], int)
+                    and isinstance(point[1], (int, float))):
+                group = point[0][len(LR_PREFIX):]
+                if group.isdigit() and point[2] >= last.get(int(group), (-1, 0.0))[0]:
+                    last[int(group)] = (point[2], float(point[1]))
+    if last and sorted(last) == list(range(len(last))):
+        step = max(s for s, _ in last.values())
+        run.sampler.seed(step, [last[g][1] for g in range(len(last))])
 
 
 def current_policy(paths: RunPaths) -> tuple[str, int, str | None]:

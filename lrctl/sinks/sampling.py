@@ -14,13 +14,14 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 
-__all__ = ["DECISION", "EVENT_PREFIX", "GRAD_NORM", "LOSS", "Downsampler", "MetricSampler",
-           "Point", "event_key", "lr_key"]
+__all__ = ["DECISION", "EVENT_PREFIX", "GRAD_NORM", "LOSS", "LR_PREFIX", "Downsampler",
+           "MetricSampler", "Point", "event_key", "lr_key"]
 
 LOSS = "lrctl/loss"
 GRAD_NORM = "lrctl/grad_norm"
 DECISION = "lrctl/decision"
 EVENT_PREFIX = "lrctl/event/"
+LR_PREFIX = "lrctl/lr/g"
 _NOT_IN_KEY = re.compile(r"[^A-Za-z0-9_.-]")
 #: (key, value, step)
 Point = tuple[str, float, int]
@@ -28,7 +29,7 @@ _MAX_PENDING_DECISION_STEPS = 64
 
 
 def lr_key(group: int) -> str:
-    return f"lrctl/lr/g{group}"
+    return f"{LR_PREFIX}{group}"
 
 
 def event_key(action: str) -> str:
@@ -56,16 +57,21 @@ class MetricSampler:
         self._stats_logged_step: int | None = None
         self._decision_steps: set[int] = set()  # decisions seen before their observation
 
+    def seed(self, step: int, lrs: Sequence[float]) -> None:
+        """A reopened run: its journal's last LR points were ``lrs`` at ``step``. The
+        run's first change from them closes the old level at the step before it, as a
+        change within the run does (a fresh sampler would draw a ramp from ``step``)."""
+        self._lrs, self._step, self._lr_logged_step = tuple(map(float, lrs)), None, step
+
     def observe(self, step: int, loss: float | None, grad_norm: float | None,
                 lrs: Sequence[float]) -> list[Point]:
         points: list[Point] = []
         lrs_t = tuple(map(float, lrs))
         periodic = step % self.log_every == 0
         changed = lrs_t != self._lrs
-        if (changed and self._lrs is not None and self._step is not None
-                and self._lr_logged_step != self._step
-                and len(self._lrs) == len(lrs_t)):
-            points += [(lr_key(g), lr, self._step) for g, lr in enumerate(self._lrs)]
+        if changed:
+            points += self._close_level(step if self._step is None else self._step + 1,
+                                        len(lrs_t))
         if changed or periodic:
             points += [(lr_key(g), lr, step) for g, lr in enumerate(lrs_t)]
             self._lr_logged_step = step
@@ -83,16 +89,21 @@ class MetricSampler:
         lrs_t = tuple(map(float, lrs))
         if lrs_t == self._lrs:
             return []
-        points: list[Point] = []
-        if self._lrs is not None and self._step is not None and len(self._lrs) == len(lrs_t):
-            # The old LRs ran through step - 1 (unreported steps): a point there keeps the
-            # chart a step curve (at the last observed step, it would draw a ramp).
-            until = max(step - 1, self._step)
-            if self._lr_logged_step != until:
-                points += [(lr_key(g), lr, until) for g, lr in enumerate(self._lrs)]
+        # The old LRs ran through step - 1 (unreported steps): a point there keeps the
+        # chart a step curve (at the last observed step, it would draw a ramp).
+        points = self._close_level(step if self._step is None else max(step, self._step + 1),
+                                   len(lrs_t))
         points += [(lr_key(g), lr, step) for g, lr in enumerate(lrs_t)]
         self._lrs, self._step, self._lr_logged_step = lrs_t, step, step
         return points
+
+    def _close_level(self, changed_at: int, groups: int) -> list[Point]:
+        """Points of the old LRs at ``changed_at - 1``, their last step, unless logged."""
+        until = changed_at - 1
+        if self._lrs is None or len(self._lrs) != groups or (
+                self._lr_logged_step is not None and until <= self._lr_logged_step):
+            return []
+        return [(lr_key(g), lr, until) for g, lr in enumerate(self._lrs)]
 
     def finish(self) -> list[Point]:
         """The run ended: the last observed LRs and statistics, so curves reach the end."""

@@ -85,3 +85,18 @@ def test_downsampler_is_bounded_and_keeps_both_ends() -> None:
     assert xs[0] == 0 and xs[-1] == 999_999
     gaps = {b - a for a, b in itertools.pairwise(xs[:-1])}
     assert len(gaps) == 1  # evenly spread
+
+
+def test_a_seeded_sampler_closes_the_journaled_level_before_its_first_change() -> None:
+    """A reopened run (its journal's last LR point: 0.1 at 50) whose first observed step,
+    100, has a new LR: the old level is closed at 99, not drawn as a ramp from 50."""
+    s = MetricSampler(log_every=50)
+    s.seed(50, [0.1])
+    assert lr_points(s.observe(100, 1.0, 0.5, [0.05])) == [(99, 0.1), (100, 0.05)]
+    seeded = MetricSampler(log_every=50)
+    seeded.seed(50, [0.1])
+    assert lr_points(seeded.observe(51, 1.0, 0.5, [0.1])) == []  # no change, no point
+    again = MetricSampler(log_every=50)
+    again.seed(50, [0.1])
+    assert lr_points(again.lr_change(60, [0.05])) == [(59, 0.1), (60, 0.05)]  # every=N
+    assert MetricSampler(log_every=50).observe(7, 1.0, None, [0.1])[0] == ("lrctl/lr/g0", 0.1, 7)

@@ -1,0 +1,118 @@
+"""``lrctl/lr/g0`` as MLflow draws it (straight lines between the journaled points) is the
+LR each optimizer step ran on, across a hook's reopening of its run and a controller's
+restart: real controller processes, real sockets, the journal read back."""
+
+from __future__ import annotations
+
+import math
+import signal
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from daemon_helpers import ControllerProc, until
+
+import lrctl
+from lrctl.sinks.journal import RunPaths, last_line, read_lines
+
+# 0.1 up to step 99, 0.05 from step 100: one change, at a step that can come first.
+STEP_DECAY = {"version": 1, "policies": [
+    {"kind": "decay", "schedule": "step", "step_size": 100, "gamma": 0.5}]}
+
+
+def drawn(state_dir: str, key: str) -> list[tuple[int, float]]:
+    """``lrctl/lr/g0``'s journaled points in step order (of two at a step, the later)."""
+    points: dict[int, float] = {}
+    for line in read_lines(RunPaths.of(Path(state_dir), key).stream("metrics")):
+        for name, value, step in line.record["points"]:
+            if name == "lrctl/lr/g0":
+                points[step] = float(value)
+    return sorted(points.items())
+
+
+def at(points: list[tuple[int, float]], step: int) -> float:
+    """The line MLflow draws through ``points``, at ``step``: a ramp between two points of
+    different values shows as a wrong value at the steps between them."""
+    before = [(s, v) for s, v in points if s <= step][-1]
+    after = next(((s, v) for s, v in points if s > step), before)
+    if after[0] == before[0]:
+        return before[1]
+    return before[1] + (after[1] - before[1]) * (step - before[0]) / (after[0] - before[0])
+
+
+def check_drawn(state_dir: str, key: str, ran: list[float]) -> None:
+    points = drawn(state_dir, key)
+    wrong = [(s, at(points, s), ran[s]) for s in range(len(ran))
+             if not math.isclose(at(points, s), ran[s], rel_tol=1e-9)]
+    assert not wrong, f"drawn != ran at (step, drawn, ran): {wrong[:8]}; points {points}"
+
+
+def ended(state_dir: str, key: str) -> bool:
+    end = last_line(RunPaths.of(Path(state_dir), key).stream("events"))
+    return end is not None and end.record.get("event") == "end"
+
+
+class Loop:
+    """A loop that notes the LR each optimizer step ran on."""
+
+    def __init__(self) -> None:
+        self.opt = torch.optim.SGD([torch.nn.Parameter(torch.ones(2))], lr=0.1)
+        self.ran: list[float] = []
+        self.opt.register_step_pre_hook(
+            lambda opt, args, kwargs: self.ran.append(opt.param_groups[0]["lr"]))
+
+    def train(self, ctl: Any, steps: int) -> None:
+        for _ in range(steps):
+            ctl.step(1.0, grad_norm=1.0)
+            self.opt.step()
+
+
+@pytest.mark.parametrize("every", [1, "auto"])
+def test_a_run_resumed_from_its_state_draws_its_first_change_as_a_step(
+        make_controller: Any, every: int | str) -> None:
+    """A review found it: the run, reopened by a resume from ``ctl.state_dict()``, had a
+    new sampler, so the change at its first observed step (100) had no point closing the
+    old level: a ramp from the last periodic point (50) to 100."""
+    proc: ControllerProc = make_controller(audit=True)
+    loop = Loop()
+    first = lrctl.attach(loop.opt, policy=STEP_DECAY, spawn=False, every=every,
+                         run_name="reopened", timeout=30.0)
+    loop.train(first, 100)
+    key, state = first.run_key, first.state_dict()
+    first.close(end_run=False)
+    with lrctl.attach(loop.opt, policy=STEP_DECAY, spawn=False, every=every,
+                      resume=state, timeout=30.0) as again:
+        loop.train(again, 60)
+    assert loop.ran.index(0.05) >= 100, "the change comes after the reopening"
+    until(lambda: ended(proc.state_dir, key), "the run's end in its journal")
+    check_drawn(proc.state_dir, key, loop.ran)
+
+
+@pytest.mark.parametrize("how", ["sigterm", "sigkill"])
+def test_a_restarted_controller_draws_a_change_at_its_first_step_as_a_step(
+        make_controller: Any, how: str) -> None:
+    """The same after a controller restart: the change at the first step the new
+    controller observes (100) closes the level the journal logged last."""
+    proc: ControllerProc = make_controller(audit=True)
+    loop = Loop()
+    with pytest.warns(RuntimeWarning, match="lost the controller"), lrctl.attach(
+            loop.opt, policy=STEP_DECAY, spawn=False, run_name="restarted",
+            timeout=30.0, max_backoff=0.05) as ctl:
+        loop.train(ctl, 100)
+        if how == "sigterm":
+            assert proc.stop() == 0
+        else:
+            until(lambda: any(Path(proc.state_dir, "runs").glob("restarted-*.ckpt")),
+                  "the run's checkpoint")
+            assert proc.proc is not None
+            proc.proc.send_signal(signal.SIGKILL)
+            proc.proc.wait(10)
+        proc.start()
+        while not ctl.connected:  # reconnects within its back-off, replaying what it ran
+            loop.train(ctl, 1)
+        loop.train(ctl, 30)
+        key = ctl.run_key
+    assert loop.ran.index(0.05) >= 100, "the change comes after the restart"
+    until(lambda: ended(proc.state_dir, key), "the run's end in its journal")
+    check_drawn(proc.state_dir, key, loop.ran)
