@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from ._open_run import OpenRun, current_policy, load_high_water, save_policy
+from ._ship_state import unmark_shipped
 from .base import RunInfo
 from .journal import (
     STREAMS,
@@ -83,6 +84,8 @@ def prepare_open(state_dir: Path, info: RunInfo, *, env: Mapping[str, str], expe
     that, off the loop, before any reply acknowledges the run's first records)."""
     paths = RunPaths.of(state_dir, info.run_key)
     created = not paths.root.exists()
+    if not created:  # (made durable with the run's directory, before its records are)
+        unmark_shipped(paths)
     private_dirs(paths.policies)
     writers: dict[str, StreamWriter] = {}
     fds: list[int] = []
