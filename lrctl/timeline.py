@@ -73,6 +73,8 @@ def load_timeline(run_dir: str | os.PathLike[str],
     for key, value, step in prior_points:
         _add_point(data, key, value, step)
     for line in read_lines(paths.stream("metrics")):
+        if isinstance(line.record.get("rewind"), int):  # a resume undid the later steps
+            _drop_after(data, line.record["rewind"])
         for key, value, step in line.record["points"]:
             _add_point(data, key, float_from_json(value), step)
     stride = 1
@@ -90,6 +92,11 @@ def load_timeline(run_dir: str | os.PathLike[str],
                 data.decisions = data.decisions[::2]
                 stride *= 2
     return data
+
+
+def _drop_after(data: TimelineData, step: int) -> None:
+    for series in (data.loss, data.grad_norm, *data.lrs.values()):
+        series.drop_after(step)
 
 
 def _add_point(data: TimelineData, key: str, value: float, step: int) -> None:

@@ -171,6 +171,9 @@ def _sampled(records: list[dict[str, Any]]) -> tuple[int | None, list[float]]:
     (a short run's final loss, say)."""
     step, lrs = None, {}
     for record in records:
+        rewind = record.get("rewind")
+        if isinstance(rewind, int) and step is not None:  # a resume undid later steps
+            step = min(step, rewind)
         for name, value, at in record.get("points", []):
             step = at if step is None else max(step, at)
             if str(name).startswith("lrctl/lr/g"):

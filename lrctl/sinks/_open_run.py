@@ -37,6 +37,9 @@ class OpenRun:
     policy_texts: dict[str, str] = field(default_factory=dict)  # sha256 -> text, if deleted
     # A journal this life began (none before it): the only kind a discard may remove.
     fresh: bool = False
+    # Resumed from an earlier checkpoint: the step its next metrics line says it went
+    # back to ("rewind"), so that readers of the journal drop the undone steps' points.
+    rewound_to: int | None = None
 
 
 def load_high_water(run: OpenRun) -> None:

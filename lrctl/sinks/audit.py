@@ -203,7 +203,8 @@ class AuditSink(RunSync, Sink):
         :meth:`Sink.rewind`): a resumed run's are new, though their steps were seen."""
         run = self._run(run_key)
         if run.last_step is not None and run.last_step > step:
-            run.last_step = step
+            run.sampler.rewind(run.last_step)
+            run.last_step, run.rewound_to = step, step
         if run.journaled_step > step:
             run.journaled_step, run.journaled_at_step = step, set()
 
@@ -405,9 +406,11 @@ class AuditSink(RunSync, Sink):
                 self._close_writers(run)
 
     def _metrics(self, run: OpenRun, points: list[tuple[str, float, int]]) -> None:
-        self._append(run, "metrics", {"ts": int(time.time() * 1000),
-                                      "points": [[k, float_to_json(v), s]
-                                                 for k, v, s in points]})
+        record: dict[str, Any] = {"ts": int(time.time() * 1000),
+                                  "points": [[k, float_to_json(v), s] for k, v, s in points]}
+        if run.rewound_to is not None:  # readers drop the points of later steps before it
+            record["rewind"], run.rewound_to = run.rewound_to, None
+        self._append(run, "metrics", record)
 
     def _policy_event(self, run: OpenRun, info: RunInfo, policy_file: str,
                       record: dict[str, Any]) -> None:

@@ -50,12 +50,24 @@ class MetricSampler:
         if isinstance(log_every, bool) or not isinstance(log_every, int) or log_every < 1:
             raise ValueError(f"log_every must be a positive integer, but got {log_every=}")
         self.log_every = log_every
+        self._reset()
+
+    def _reset(self) -> None:
         self._lrs: tuple[float, ...] | None = None  # LRs of the previous observation
         self._step: int | None = None  # the previous observation's step
         self._lr_logged_step: int | None = None
         self._stats: tuple[int, float | None, float | None] | None = None
         self._stats_logged_step: int | None = None
         self._decision_steps: set[int] = set()  # decisions seen before their observation
+        self._redo_until = -1  # steps a rewind undid: each observed one gets its points
+
+    def rewind(self, seen_up_to: int) -> None:
+        """The run resumed from an earlier checkpoint: the steps after it up to
+        ``seen_up_to`` were undone, and their points in MLflow (which cannot delete them)
+        are wrong. Each of those steps observed again gets its LR, loss and grad norm
+        points, later than the undone ones (the later point stands)."""
+        self._reset()
+        self._redo_until = seen_up_to
 
     def seed(self, step: int, lrs: Sequence[float]) -> None:
         """A reopened run: its journal's last LR points were ``lrs`` at ``step``. The
@@ -67,7 +79,7 @@ class MetricSampler:
                 lrs: Sequence[float]) -> list[Point]:
         points: list[Point] = []
         lrs_t = tuple(map(float, lrs))
-        periodic = step % self.log_every == 0
+        periodic = step % self.log_every == 0 or step <= self._redo_until
         changed = lrs_t != self._lrs
         if changed:
             points += self._close_level(step if self._step is None else self._step + 1,
@@ -155,6 +167,13 @@ class Downsampler:
         self._xs: list[float] = []
         self._ys: list[float] = []
         self._last: tuple[float, float] | None = None
+
+    def drop_after(self, x: float) -> None:
+        """Forget the points past ``x`` (steps a resume undid)."""
+        keep = [i for i, v in enumerate(self._xs) if v <= x]
+        self._xs, self._ys = [self._xs[i] for i in keep], [self._ys[i] for i in keep]
+        if self._last is not None and self._last[0] > x:
+            self._last = None
 
     def add(self, x: float, y: float) -> None:
         if self._seen % self.stride == 0:

@@ -116,3 +116,45 @@ def test_a_restarted_controller_draws_a_change_at_its_first_step_as_a_step(
     assert loop.ran.index(0.05) >= 100, "the change comes after the restart"
     until(lambda: ended(proc.state_dir, key), "the run's end in its journal")
     check_drawn(proc.state_dir, key, loop.ran)
+
+
+def test_steps_a_resume_undid_leave_neither_the_journals_readers_nor_mlflow_wrong(
+        make_controller: Any) -> None:
+    """A review found it: a job killed after step 80 and resumed from its step-60 state
+    trained 61-80 again at another LR (the operator's set-lr at 70 was undone), yet the
+    journal's readers (``lrctl report``'s timeline, ``lrctl runs``) and MLflow kept the
+    undone run's points. Now the readers drop them, and MLflow gets a later point at each
+    undone step (where a step has two points, the later one stands)."""
+    import subprocess
+    import sys
+
+    from lrctl.commands.history import _sampled
+    from lrctl.sinks.journal import tail_records
+    from lrctl.timeline import load_timeline
+
+    proc: ControllerProc = make_controller(audit=True)
+    loop = Loop()
+    first = lrctl.attach(loop.opt, policy=STEP_DECAY, spawn=False, sync=True,
+                         run_name="undone", timeout=30.0)
+    loop.train(first, 61)  # steps 0-60
+    key, state = first.run_key, first.state_dict()
+    loop.train(first, 10)
+    out = subprocess.run([sys.executable, "-m", "lrctl", "set-lr", key, "0.01"],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    loop.train(first, 10)  # up to step 80, the last 0.01
+    assert loop.ran[-1] == 0.01
+    first.close(end_run=False)  # the job dies
+    del loop.ran[61:]
+    with lrctl.attach(loop.opt, policy=STEP_DECAY, spawn=False, sync=True, resume=state,
+                      timeout=30.0) as again:
+        loop.train(again, 59)  # steps 61-119, again
+    assert 0.01 not in loop.ran
+    until(lambda: ended(proc.state_dir, key), "the run's end in its journal")
+    check_drawn(proc.state_dir, key, loop.ran)  # MLflow's rule: the later point stands
+    root = RunPaths.of(Path(proc.state_dir), key).root
+    xs, ys = load_timeline(root).lrs[0].points()
+    assert [(x, y) for x, y in zip(xs, ys, strict=True) if y == 0.01] == []
+    assert xs == sorted(xs), "the timeline's points go on from the resumed step"
+    step, lrs = _sampled(tail_records(root / "metrics.jsonl"))
+    assert (step, lrs) == (119, [0.05])
