@@ -143,7 +143,10 @@ class Observing:
             held = self._observe_held(
                 key, session, prior, prior_used(msg, len(prior), groups)
                 or [None if session.sync else session.lrs()] * len(prior)) if prior else None
-            result = session.observe(step, loss, grad, metrics, metrics_step)
+            # A sync hook says what a step ran on only once it has run (a replay): a skip
+            # decided on it is recorded as advisory.
+            result = session.observe(step, loss, grad, metrics, metrics_step,
+                                     session.sync and given is not None)
         except ObservationError as exc:
             raise ProtocolError(str(exc), "bad_observation") from None
         if msg.get("o") is True:
@@ -176,7 +179,8 @@ class Observing:
         for (s, loss, grad), lrs in zip(prior, used, strict=True):
             if s <= session.last_step:
                 continue  # a replay overlapping what a restored session has seen
-            result = session.observe(s, loss, grad, _NO_METRICS)
+            result = session.observe(s, loss, grad, _NO_METRICS, None,
+                                     session.sync and lrs is not None)
             self.sink.observation(key, s, loss, grad, result.lrs if lrs is None else lrs)
             for d in result.decisions:  # recorded beside their step (its loss and grad norm)
                 self.sink.decision(key, {**d, "wall_time": time.time()})

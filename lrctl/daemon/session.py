@@ -342,9 +342,12 @@ class Session:
         return None if op.override is None else {"lrs": list(op.override), "until": op.until}
 
     def observe(self, step: int, loss: float | None, grad_norm: float | None,
-                metrics: Mapping[str, float], metrics_step: int | None = None) -> Step:
-        """Raises ``ObservationError`` for a bad observation (the session is unchanged)."""
+                metrics: Mapping[str, float], metrics_step: int | None = None,
+                ran: bool = False) -> Step:
+        """Raises ``ObservationError`` for a bad observation (the session is unchanged).
+        ``ran``: the hook says the step has already run (the LRs it ran on)."""
         engine = self.engine
+        engine.already_ran = ran
         lrs = engine.update(step, loss, grad_norm, metrics, metrics_step)
         decisions = [d.to_dict() for d in engine.last_decisions]
         self.unsaved += 1

@@ -22,12 +22,17 @@ from ._decision import Decision
 if TYPE_CHECKING:
     from ._operator import OperatorControls
 
-__all__ = ["OVERRIDDEN", "Factors", "LRArbiter"]
+__all__ = ["OVERRIDDEN", "REPLAYED", "Factors", "LRArbiter"]
 
 #: Said after the reason of a decision whose LR change an operator's manual LR kept
 #: from the optimizer (its evidence says ``overridden: true``).
 OVERRIDDEN = ("; its LR change is not applied: an operator's manual LR is in force "
               "(lrctl set-lr; the policies' LRs apply again once it ends)")
+
+#: Said after the reason of a skip a sync hook could not carry out: the step had run
+#: before the controller saw it (its evidence says ``advisory`` and ``already_ran``).
+REPLAYED = ("; advisory: the hook reported this step after it had run (it replayed the "
+            "steps it ran while the controller was unreachable), so it was not skipped")
 
 #: Each group's schedule factors at one step, in file order; ``None``: no schedules.
 Factors = Sequence[Sequence[float]] | None
@@ -50,6 +55,7 @@ class LRArbiter:
     names: list[str]
     skips_enforced: bool
     steps_ran: bool
+    already_ran: bool
     operator: OperatorControls
     _reactive: list[Policy]
     _schedules: list[Policy]
@@ -170,11 +176,14 @@ class LRArbiter:
                            "had already run (call it before optimizer.step() to have such "
                            "steps skipped)")
                 evidence = {**evidence, "advisory": True}
-            elif (action.action == "skip" and not self.skips_enforced
-                    and not _nonfinite(obs.loss, obs.grad_norm)):
-                reason += ("; advisory: the hook is async, so this step had already run "
-                           "(attach(..., sync=True) carries such skips out)")
-                evidence = {**evidence, "advisory": True}
+            elif action.action == "skip" and not _nonfinite(obs.loss, obs.grad_norm):
+                if not self.skips_enforced:
+                    reason += ("; advisory: the hook is async, so this step had already run "
+                               "(attach(..., sync=True) carries such skips out)")
+                    evidence = {**evidence, "advisory": True}
+                elif self.already_ran:
+                    reason += REPLAYED
+                    evidence = {**evidence, "advisory": True, "already_ran": True}
             out.append(Decision(
                 step=obs.step,
                 policy=self.names[i],

@@ -147,6 +147,11 @@ class Engine(EngineState, OperatorVerbs, LRArbiter, Snapshotting):
         #: The hook reports each step after its optimizer step (``ctl.step()`` after
         #: ``optimizer.step()``): no skip can be carried out, non-finite steps' neither.
         self.steps_ran = False
+        #: The observation being decided is of a step the hook has already run, as it
+        #: says (the LRs it ran on): a replay after a reconnect, or one sent by close().
+        #: A sync hook's skip of it cannot be carried out: recorded as advisory. Set per
+        #: observation by the controller; never part of the state.
+        self.already_ran = False
         self.decision_count = 0
         #: The snapshot step the latest observation rolled back to, or None.
         self.rollback_to: int | None = None
