@@ -266,6 +266,7 @@ class Session:
         new.set_mode(self.operator_mode or policy.mode, holding=before)
         old_sha, old_params = self.info.policy_sha256, self.info.params
         new.skips_enforced, new.steps_ran = self._sync, old.steps_ran
+        new.answers_same_step = self._sync
         self.engine = new
         self.policy = policy
         # Its source too: a resume from the hook's state may bring the policy of another
@@ -312,6 +313,7 @@ class Session:
     def sync(self, value: bool) -> None:
         self._sync = value
         self.engine.skips_enforced = value
+        self.engine.answers_same_step = value  # (a manual LR's last step: see the engine)
 
     def used_lrs(self, decided: Sequence[float], base: Sequence[float] | None) -> list[float]:
         """The LRs the optimizer used: ``decided`` (the controller's), or with a hook in

@@ -56,6 +56,7 @@ class LRArbiter:
     skips_enforced: bool
     steps_ran: bool
     already_ran: bool
+    answers_same_step: bool
     operator: OperatorControls
     _reactive: list[Policy]
     _schedules: list[Policy]
@@ -64,6 +65,12 @@ class LRArbiter:
     _unusable = False
     #: :meth:`_lrs_from` met an unusable LR since the flag was last cleared.
     _saw_unusable = False
+
+    @property
+    def same_step_answers(self) -> bool:
+        """The LRs answered to an observation apply to that step's own optimizer step: a
+        sync hook's, unless it reports each step after it ran (then the next step's)."""
+        return self.answers_same_step and not self.steps_ran
 
     def _compute(self, step: int) -> list[float]:
         return self._lrs_from(self._multiplier(), self._schedule_factors(step))
@@ -162,7 +169,8 @@ class LRArbiter:
         before = tuple(self._lrs_from(before_multiplier, factors))
         after = tuple(self._lrs_from(multiplier, factors))
         op = self.operator  # (a manual LR that ends at this step leaves these LRs in force)
-        overridden = (op.override is not None and not op.expires_after(obs.step)
+        overridden = (op.override is not None
+                      and not op.expires_after(obs.step, self.same_step_answers)
                       and before != after)
         out = []
         for action in actions:

@@ -152,6 +152,11 @@ class Engine(EngineState, OperatorVerbs, LRArbiter, Snapshotting):
         #: A sync hook's skip of it cannot be carried out: recorded as advisory. Set per
         #: observation by the controller; never part of the state.
         self.already_ran = False
+        #: The hook applies the LRs answered to an observation to that step's own
+        #: optimizer step (sync, ``ctl.step()`` before ``optimizer.step()``), not to the
+        #: next: a manual LR held through step ``until`` is released one observation later.
+        #: Set by the controller; never part of the state.
+        self.answers_same_step = False
         self.decision_count = 0
         #: The snapshot step the latest observation rolled back to, or None.
         self.rollback_to: int | None = None
@@ -327,7 +332,7 @@ class Engine(EngineState, OperatorVerbs, LRArbiter, Snapshotting):
                 new_decisions.append(record)
         self._lrs = lrs
         op = self.operator
-        if op.until is not None and op.expires_after(step):
+        if op.until is not None and op.expires_after(step, self.same_step_answers):
             before = op.override or ()
             until = op.until
             op.clear_override()

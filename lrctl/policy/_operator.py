@@ -50,9 +50,12 @@ class OperatorControls:
     def clear_override(self) -> None:
         self.override = self.until = None
 
-    def expires_after(self, step: int) -> bool:
-        """The override ends once ``step`` is observed (it was held through ``until``)."""
-        return self.until is not None and step + 1 > self.until
+    def expires_after(self, step: int, same_step: bool = False) -> bool:
+        """The override ends once ``step`` is observed: it was held through ``until``.
+        ``same_step``: the LRs answered to an observation apply to that step's own
+        optimizer step (a sync hook), not to the next one, so the answer to ``until``
+        itself still holds it."""
+        return self.until is not None and step + 1 > self.until + same_step
 
     def state_dict(self) -> dict[str, Any]:
         return {"override": None if self.override is None else list(self.override),

@@ -36,11 +36,17 @@ def test_set_lr_is_held_for_n_steps_recorded_then_released(controller: Controlle
             ctl.step(1.0)
             lrs.append(ctl.lr)
             engine.observe(t, 1.0)
-        # Steps 20-22 run at the manual LR (group ratios kept), then the policy's LR returns.
-        assert lrs[:2] == [[0.02, 0.01]] * 2
+        # Steps 20-22 run at the manual LR (group ratios kept), then the policy's LR returns:
+        # 3 steps, as the records say, also in sync mode (where the answer to a step sets
+        # that step's own LR, so the answer to step 22 still holds it).
+        assert lrs[:3] == [[0.02, 0.01]] * 3
         assert lrs[3:] == [engine.applied_lrs] * 2
         actions = [(d.policy, d.action) for d in ctl.decisions]
         assert ("operator", "set_lr") in actions and ("operator", "release_lr") in actions
+        held = next(d for d in ctl.decisions if d.action == "set_lr")
+        assert held.reason.endswith("held for 3 steps (through step 22)")
+        released = next(d for d in ctl.decisions if d.action == "release_lr")
+        assert (released.step, released.reason) == (23, "manual override ended after step 22")
         table = _cli("runs")
         assert table.returncode == 0 and "op-" in table.stdout
         assert "operator.release_lr" in table.stdout
