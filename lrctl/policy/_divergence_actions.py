@@ -80,8 +80,9 @@ class GuardActions(GuardAttributes):
         if self._scale >= ceiling:
             self._backoffs = 0
         return [Action("regrow",
-                       f"{self.params['regrow_after']} clean observations since the last "
-                       f"change: LR × {self._scale / old:.6g} toward its pre-incident value",
+                       f"{self.params['regrow_after']} observations in a row without a "
+                       "spike (counted from the last spike or change of this guard's LR): "
+                       f"LR × {self._scale / old:.6g} toward its pre-incident value",
                        {"statistic": "clean_observations", "value": self.params["regrow_after"],
                         "threshold": self.params["regrow_after"], "factor": self._scale / old,
                         "multiplier": self._scale})]

@@ -270,6 +270,21 @@ def test_grad_norm_floor_lets_ordinary_swings_pass_and_still_catches_blowups() -
         assert any(d.action == "backoff" for d in engine.last_decisions) is backs, (floor, swing)
 
 
+def test_a_regrow_says_it_counts_observations_from_the_last_spike() -> None:
+    """A tolerated spike after the back-off changes no LR but restarts the count: the
+    regrowth comes ``regrow_after`` observations after it, and its reason says so."""
+    engine = guard(grad_norm_tolerance=1, regrow_after=50)
+    for t, (loss, gnorm) in enumerate(realistic(5, 200)):
+        engine.observe(step=t, loss=loss * (50 if t == K else 1),
+                       grad_norm=gnorm * (100 if t == K + 10 else 1))
+    moved = [(d.step, d.action) for d in engine.decisions if d.new_lrs != d.old_lrs]
+    assert moved == [(K, "backoff"), (K + 60, "regrow")]  # not K + 50: a spike at K + 10
+    regrow = only(engine.decisions, "regrow")
+    assert regrow.reason.startswith(
+        "50 observations in a row without a spike (counted from the last spike or change "
+        "of this guard's LR): LR × 2")
+
+
 def test_grad_norm_tolerance_skips_a_lone_grad_norm_spike_and_backs_off_at_the_next() -> None:
     """One grad-norm spike with an ordinary loss is one sample: skipped and flagged, no
     back-off. A second before ``regrow_after`` clean observations backs off; a loss
