@@ -37,10 +37,23 @@ def knob_changes(old: Mapping[str, str],
 
 
 def said_changes(changes: Mapping[str, list[str | None]]) -> str:
-    """The changes for a reason: ``"divergence.z_threshold 6.0 → 4.0; …"``."""
-    said = [f"{k} {_said(a)} → {_said(b)}" for k, (a, b) in list(changes.items())[:MAX_NAMED]]
-    if len(changes) > MAX_NAMED:
-        said.append(f"and {len(changes) - MAX_NAMED} more")
+    """The changes for a reason: ``"divergence.z_threshold 6.0 → 4.0; …"``; a policy
+    added or removed is said so, once (``"policy decay added (kind decay)"``), its knobs
+    left to the evidence."""
+    whole = {k.removesuffix(".kind") for k, (a, b) in changes.items()
+             if k.endswith(".kind") and (a is None or b is None)}
+    said = []
+    for k, (a, b) in changes.items():
+        name, _, knob = k.rpartition(".")
+        if name not in whole:
+            said.append(f"{k} {_said(a)} → {_said(b)}")
+        elif knob == "kind":
+            said.append(f"policy {name} added (kind {b})" if a is None
+                        else f"policy {name} removed (kind {a})")
+    more = len(said) - MAX_NAMED
+    said = said[:MAX_NAMED]
+    if more > 0:
+        said.append(f"and {more} more")
     return "; ".join(said)
 
 
