@@ -147,7 +147,7 @@ def test_a_back_off_that_does_not_take_rolls_back_with_evidence() -> None:
     assert rolled == [(decision.step, 25)]
     ev = decision.evidence
     assert ev["incident_step"] == 30 and ev["snapshot_step"] == 25
-    assert ev["steps_lost"] == decision.step + 1 - 25
+    assert ev["steps_lost"] == decision.step - 25  # restored before this step's update
     assert decision.new_lrs[0] < decision.old_lrs[0]  # with the reduced LR
     state = engine.state_dict()
     again = lrctl.load_policy(GUARD, [0.1])

@@ -41,7 +41,8 @@ class RollbackEscalation(GuardAttributes):
         if ctx.skip:
             actions.append(Action("skip", f"skip this optimizer step: {reason}", evidence))
         record = {**evidence, "incident_step": self._incident, "snapshot_step": target,
-                  "steps_lost": self._now + book.lag + 1 - target,
+                  # (at most: a sync hook restores a step sooner; rolled_back says)
+                  "steps_lost": self._now + book.lag - target,
                   "rollbacks": self._rollbacks}
         if self._rollbacks >= most:
             self._stopped = True
@@ -70,8 +71,8 @@ class RollbackEscalation(GuardAttributes):
                       rollbacks=self._rollbacks)
         actions.append(Action(
             "rollback", f"{reason}: roll back to the snapshot of step {target} (before the "
-                        f"incident at step {self._incident}; {record['steps_lost']} steps "
-                        f"lost), LR × {self._scale / old:.6g}", record))
+                        f"incident at step {self._incident}; up to {record['steps_lost']} "
+                        f"steps lost), LR × {self._scale / old:.6g}", record))
         return actions
 
     def restored_at(self, step: int) -> None:

@@ -173,7 +173,7 @@ class OperatorVerbs:
             "rollback", lrs, f"rollback to the snapshot of step {target} requested by an "
             f"operator{'' if to is None else f' (at or before step {to})'}",
             {"snapshot_step": target, "requested": to, "incident_step": now,
-             "steps_lost": now + lag + 1 - target})
+             "steps_lost": now + lag - target})  # at most (see rolled_back)
 
     def command(self, name: str, **args: Any) -> list[Decision]:
         """An operator command for the one policy of the stack that takes it (``decay``,
