@@ -353,6 +353,7 @@ class LinkSide:
                     "then relies on the controller's own checkpoint")
             return None
         self._flush_pending()  # every="auto": held steps are part of the run's state
+        self._report_last_step()  # every=N: so is the last step (a close(end_run=False) after)
         self._drain_staged(block=True)
         self._got_error = False
         if self._acked < self._reported and not link.wait(

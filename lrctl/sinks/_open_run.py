@@ -63,8 +63,18 @@ def seed_sampler(run: OpenRun) -> None:
     first change is drawn as a step, not as a ramp from that point (the journal's tail
     holds them: a point every ``log_every`` steps; none there, no seed)."""
     last: dict[int, tuple[int, float]] = {}  # group -> (step, value) of its last point
+    logged = redo_until = -1  # the newest step with points; undone steps still to redo
     for record in tail_records(run.paths.stream("metrics")):
+        rewind = record.get("rewind")
+        if isinstance(rewind, int) and not isinstance(rewind, bool):
+            # A resume undid the steps after ``rewind``: their points do not stand, and
+            # those of them not yet observed again still want a later point each (a
+            # restart inside that range must not end the redo: see MetricSampler.rewind).
+            redo_until = max(redo_until, logged)
+            last = {g: sv for g, sv in last.items() if sv[0] <= rewind}
         for point in record.get("points") or ():
+            if isinstance(point, list) and len(point) == 3 and isinstance(point[2], int):
+                logged = max(logged, point[2])
             if (isinstance(point, list) and len(point) == 3 and isinstance(point[0], str)
                     and point[0].startswith(LR_PREFIX) and isinstance(point[2], int)
                     and isinstance(point[1], (int, float))):
@@ -73,7 +83,9 @@ def seed_sampler(run: OpenRun) -> None:
                     last[int(group)] = (point[2], float(point[1]))
     if last and sorted(last) == list(range(len(last))):
         step = max(s for s, _ in last.values())
-        run.sampler.seed(step, [last[g][1] for g in range(len(last))])
+        run.sampler.seed(step, [last[g][1] for g in range(len(last))], redo_until)
+    elif redo_until >= 0:
+        run.sampler.rewind(redo_until)
 
 
 def current_policy(paths: RunPaths) -> tuple[str, int, str | None]:

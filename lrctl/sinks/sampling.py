@@ -66,14 +66,17 @@ class MetricSampler:
         ``seen_up_to`` were undone, and their points in MLflow (which cannot delete them)
         are wrong. Each of those steps observed again gets its LR, loss and grad norm
         points, later than the undone ones (the later point stands)."""
+        redo = max(self._redo_until, seen_up_to)  # (undone before and not redone yet too)
         self._reset()
-        self._redo_until = seen_up_to
+        self._redo_until = redo
 
-    def seed(self, step: int, lrs: Sequence[float]) -> None:
+    def seed(self, step: int, lrs: Sequence[float], redo_until: int = -1) -> None:
         """A reopened run: its journal's last LR points were ``lrs`` at ``step``. The
         run's first change from them closes the old level at the step before it, as a
-        change within the run does (a fresh sampler would draw a ramp from ``step``)."""
+        change within the run does (a fresh sampler would draw a ramp from ``step``).
+        ``redo_until``: a rewind's undone steps up to it still want their points."""
         self._lrs, self._step, self._lr_logged_step = tuple(map(float, lrs)), None, step
+        self._redo_until = redo_until
 
     def observe(self, step: int, loss: float | None, grad_norm: float | None,
                 lrs: Sequence[float]) -> list[Point]:

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import math
 import signal
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -158,3 +160,56 @@ def test_steps_a_resume_undid_leave_neither_the_journals_readers_nor_mlflow_wron
     assert xs == sorted(xs), "the timeline's points go on from the resumed step"
     step, lrs = _sampled(tail_records(root / "metrics.jsonl"))
     assert (step, lrs) == (119, [0.05])
+
+
+def test_a_controller_restart_inside_the_undone_steps_keeps_redoing_them(
+        make_controller: Any) -> None:
+    """A review's find: the range of undone steps still to get a later point lived in the
+    sampler alone, so a controller restarted inside it left the undone points (an
+    operator's 0.01 at 71-80) standing after it."""
+    proc: ControllerProc = make_controller(audit=True)
+    loop = Loop()
+    first = lrctl.attach(loop.opt, policy=STEP_DECAY, spawn=False, sync=True,
+                         run_name="undone", timeout=30.0)
+    loop.train(first, 61)
+    key, state = first.run_key, first.state_dict()
+    loop.train(first, 10)
+    out = subprocess.run([sys.executable, "-m", "lrctl", "set-lr", str(key), "0.01"],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    loop.train(first, 10)
+    first.close(end_run=False)
+    del loop.ran[61:]  # the job died: it resumes from the state of step 60
+    with pytest.warns(RuntimeWarning), lrctl.attach(
+            loop.opt, policy=STEP_DECAY, spawn=False, sync=True, resume=state,
+            timeout=30.0, max_backoff=0.05) as again:
+        loop.train(again, 4)  # 61-64 redone, then a restart inside the undone 65-80
+        assert proc.stop() == 0
+        proc.start()
+        while not again.connected:
+            loop.train(again, 1)
+        loop.train(again, 40)
+    until(lambda: ended(proc.state_dir, str(key)), "the run to end")
+    check_drawn(proc.state_dir, str(key), loop.ran)
+
+
+def test_a_resume_from_the_state_saved_before_a_resumable_close_undoes_nothing(
+        make_controller: Any) -> None:
+    """A review's find: ``close(end_run=False)`` reports an every=N run's last step, but a
+    ``state_dict()`` taken just before it (a preemption handler's order) held the run as of
+    the last report, so its resume was recorded as undoing the steps after it. The state
+    now has the last step too."""
+    proc: ControllerProc = make_controller(audit=True)
+    loop = Loop()
+    first = lrctl.attach(loop.opt, policy=STEP_DECAY, spawn=False, every=10,
+                         run_name="preempted", timeout=30.0)
+    loop.train(first, 96)  # steps 0-95, 90 the last report
+    key, state = first.run_key, first.state_dict()
+    first.close(end_run=False)
+    with lrctl.attach(loop.opt, policy=STEP_DECAY, spawn=False, every=10, resume=state,
+                      timeout=30.0) as again:
+        loop.train(again, 20)
+    until(lambda: ended(proc.state_dir, str(key)), "the run to end")
+    actions = [line.record["action"] for line in
+               read_lines(RunPaths.of(Path(proc.state_dir), str(key)).stream("decisions"))]
+    assert "resumed" not in actions, actions

@@ -100,3 +100,31 @@ def test_a_seeded_sampler_closes_the_journaled_level_before_its_first_change() -
     again.seed(50, [0.1])
     assert lr_points(again.lr_change(60, [0.05])) == [(59, 0.1), (60, 0.05)]  # every=N
     assert MetricSampler(log_every=50).observe(7, 1.0, None, [0.1])[0] == ("lrctl/lr/g0", 0.1, 7)
+
+
+def test_a_reopened_run_is_seeded_from_the_points_a_rewind_left_standing(
+        tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """A review's find: the seed of a reopened run took the newest LR point of the
+    journal's tail, an undone one (0.01 at 80) over the resumed run's own (0.1 at 65), and
+    forgot the undone steps still to redo."""
+    import json
+    from types import SimpleNamespace
+
+    from lrctl.sinks._open_run import seed_sampler
+
+    lines = [
+        {"seq": 1, "ts": 0, "points": [["lrctl/lr/g0", 0.1, 0], ["lrctl/lr/g0", 0.1, 70],
+                                       ["lrctl/lr/g0", 0.01, 71], ["lrctl/lr/g0", 0.01, 80]]},
+        {"seq": 2, "ts": 1, "rewind": 60,
+         "points": [["lrctl/lr/g0", 0.1, s] for s in range(61, 66)]},
+    ]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    run = SimpleNamespace(paths=SimpleNamespace(stream=lambda n: tmp_path / f"{n}.jsonl"),
+                          sampler=MetricSampler(50))
+    seed_sampler(run)  # type: ignore[arg-type]
+    sampler = run.sampler
+    # 66-80 were undone: each gets a later point; the change at 67 closes 0.1 at 66.
+    assert sampler.observe(66, 1.0, 1.0, [0.1])[0] == ("lrctl/lr/g0", 0.1, 66)
+    assert ("lrctl/lr/g0", 0.05, 67) in sampler.observe(67, 1.0, 1.0, [0.05])
+    assert ("lrctl/lr/g0", 0.05, 80) in sampler.observe(80, 1.0, 1.0, [0.05])
+    assert not [p for p in sampler.observe(81, 1.0, 1.0, [0.05]) if p[0].startswith("lrctl/lr")]
