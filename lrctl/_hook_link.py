@@ -308,19 +308,28 @@ class LinkSide:
             if values is not None:
                 if isinstance(s, int) and s > self._usable_step():
                     self._held[s] = values  # for the optimizer step after step s's
-                elif 0 <= self._frozen == self._step - 1 and not self._after_order:
-                    # The coming optimizer step's LRs went out with its report (see
-                    # Reporting._finalize): a push read since (during the report's send,
-                    # a state_dict() before optimizer.step()) applies a step later, as
-                    # what lands after a report always does, so that the report is true.
+                elif self._reported_coming_step(s):
+                    # A push read after the coming optimizer step was reported (during the
+                    # report's send, a state_dict() before optimizer.step()) applies a step
+                    # later, as what lands after a report always does: the controller
+                    # records that step's LRs as the report said them, or as it decided.
                     self._held.clear()
-                    self._held[self._frozen] = values
+                    self._held[self._step - 1] = values
                 else:
                     self._held.clear()  # an operator push or reload supersedes them
                     self._target = values
         mode = msg.get("mode")
         if isinstance(mode, str):
             self.mode = mode
+
+    def _reported_coming_step(self, s: Any) -> bool:
+        """Whether LRs read now, for step ``s`` (a push: None or -1), are for the optimizer
+        step after the coming one: async, in torch's order, the coming step reported, and
+        they are a push, or an older answer read after that step's LRs were settled
+        (see Reporting._finalize)."""
+        if self.sync or self._after_order or self._reported != self._step - 1 or self._step < 1:
+            return False
+        return not isinstance(s, int) or s < 0 or self._frozen == self._step - 1
 
     def _adopt_initial(self, initial: Any) -> None:
         """The run's initial LRs, as the welcome gives them: a resume by run key after
@@ -353,7 +362,6 @@ class LinkSide:
                     "then relies on the controller's own checkpoint")
             return None
         self._flush_pending()  # every="auto": held steps are part of the run's state
-        self._report_last_step()  # every=N: so is the last step (a close(end_run=False) after)
         self._drain_staged(block=True)
         self._got_error = False
         if self._acked < self._reported and not link.wait(

@@ -290,11 +290,10 @@ class Reporting:
         self._send(t, loss, grad, _NO_METRICS)
 
     def _report_last_step(self) -> None:
-        """A run that ends (or is left resumable) between two ``every=N`` reports: its
-        last step is reported, with its loss and the grad norm the loop passed (none is
-        computed: the gradients may be gone), so that what the policies' schedules did up
-        to the run's end (a WSD cooldown's ``decay_done`` on the last step) is decided
-        and recorded, and a resumable run's checkpoint has every step it ran."""
+        """A run that ends between two ``every=N`` reports: its last step is reported,
+        with its loss and the grad norm the loop passed (none is computed: the gradients
+        may be gone), so that what the policies' schedules did up to the run's end (a WSD
+        cooldown's ``decay_done`` on the last step) is decided and recorded."""
         last = self._step - 1
         if self.every <= 1 or self._batch is not None or last <= self._reported:
             return

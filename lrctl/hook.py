@@ -392,7 +392,10 @@ class Controller(Resuming, LinkSide, Reporting, Applying):
             return
         try:
             self._flush_pending()
-            self._report_last_step()  # it ran: a run left resumable records it too
+            if end_run:
+                # (A run left resumable keeps it unreported, as an uninterrupted run does
+                # between reports: a resume then decides the LRs that run would have.)
+                self._report_last_step()
             self._drain_staged(block=True)
             self._send_last_metrics(end_run)
             if not self._link.connected:  # its back-off may have outlasted a restart: one

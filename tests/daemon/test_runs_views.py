@@ -141,28 +141,6 @@ def test_one_runs_damaged_file_stops_neither_the_controller_nor_the_views(
     assert RunState(RunPaths.of(root.parent, victim.name)).failed
 
 
-def test_an_every_n_run_left_resumable_records_its_last_step_and_lr(
-        make_controller, capsys: pytest.CaptureFixture[str]) -> None:  # type: ignore[no-untyped-def]
-    """An audit's find: ``close(end_run=False)`` between two ``every=4`` reports left the
-    run's last steps unreported, so the controller (its checkpoint, ``lrctl runs``, the
-    audit) had the run a few steps short, and a back-off in effect on the last step was
-    never recorded. Those steps ran: they are reported as a run that ends reports them."""
-    make_controller(audit=True)
-    opt = torch.optim.SGD([torch.nn.Parameter(torch.ones(2))], lr=0.1)
-    ctl = lrctl.attach(opt, every=4, spawn=False, run_name="short",
-                       policy={"version": 1, "policies": [{"kind": "divergence"}]})
-    last = 42  # not a report step; the NaN at 41 is reported at once, its back-off at 42
-    for t in range(last + 1):
-        ctl.step(float("nan") if t == 41 else 2.0 / (t + 1), grad_norm=1.0)
-        opt.step()
-    used = opt.param_groups[0]["lr"]
-    ctl.close(end_run=False)
-    assert used == 0.05
-    served, remembered = _views(capsys)
-    assert served["short"]["step"] == remembered["short"]["step"] == last
-    assert served["short"]["lrs"] == [used]
-
-
 def test_without_a_journal_a_resumable_checkpoint_is_listed_as_detached(
         make_controller, capsys: pytest.CaptureFixture[str]) -> None:  # type: ignore[no-untyped-def]
     """A soak test's find: with ``--no-audit`` a run left resumable vanished from ``lrctl

@@ -7,6 +7,8 @@ agree at every step, in async and in sync mode.
 
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
 import sys
 import time
@@ -92,14 +94,16 @@ def test_mlflow_lr_is_the_lr_used_with_the_loops_own_schedule(
     assert not wrong, wrong[:5]
 
 
-@pytest.mark.parametrize("every", [1, 4])
+@pytest.mark.parametrize(("every", "late"), [(1, False), (4, False), (1, True)])
 def test_a_push_read_after_a_report_applies_a_step_later_as_recorded(
         mlflow_server: MlflowServer, workdir: Path, monkeypatch: pytest.MonkeyPatch,
-        every: int) -> None:
+        every: int, late: bool) -> None:
     """An audit's find: a ``set-lr`` push read after a report had stated its step's LRs
     (here by ``state_dict()`` between ``ctl.step()`` and ``optimizer.step()``; in the
     find, during the report's own send) was applied to that step, so MLflow said the old
-    LR for a step that ran on the new one. It now applies a step later, as recorded."""
+    LR for a step that ran on the new one. It now applies a step later, as recorded.
+    ``late``: the answer the step needs is not in when it is reported (the controller
+    stopped a moment), so the report goes without its LRs: the same holds."""
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server.uri)
     model = torch.nn.Linear(4, 1)
     opt = torch.optim.SGD(model.parameters(), lr=0.02)
@@ -113,6 +117,8 @@ def test_a_push_read_after_a_report_applies_a_step_later_as_recorded(
             opt.zero_grad()
             model(torch.ones(8, 4)).pow(2).mean().backward()
             ctl.step(1.0, grad_norm=1.0)
+            if late and step == 48:
+                os.kill(controller.proc.pid, signal.SIGCONT)
             if step == 48:  # a report step: its LRs went out with it
                 out = subprocess.run(
                     [sys.executable, "-m", "lrctl", "set-lr", "--socket", controller.socket,
@@ -121,6 +127,9 @@ def test_a_push_read_after_a_report_applies_a_step_later_as_recorded(
                 ctl.state_dict()  # reads the push that came meanwhile
             opt.step()
             used[step] = opt.param_groups[0]["lr"]
+            if late and step == 46:
+                ctl.state_dict()  # every answer in: the next step needs none it lacks
+                os.kill(controller.proc.pid, signal.SIGSTOP)  # the answer to 47 waits
         key = ctl.run_key
         ctl.close()
         assert key is not None and used[48] == 0.02 and used[49] == 0.005
