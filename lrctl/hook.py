@@ -392,9 +392,7 @@ class Controller(Resuming, LinkSide, Reporting, Applying):
             return
         try:
             self._flush_pending()
-            if end_run:
-                # (A run left resumable keeps it unreported, as an uninterrupted run does
-                # between reports: a resume then decides the LRs that run would have.)
+            if end_run:  # (resumable: unreported, as between reports, so a resume is exact)
                 self._report_last_step()
             self._drain_staged(block=True)
             self._send_last_metrics(end_run)
