@@ -120,6 +120,9 @@ class LinkSide:
             hello["snapshots"] = self._rollbacks.hello()
         if self._saved_session is not None:
             hello["session"] = self._saved_session  # the run as the checkpoint left it
+            # This hook's: a reconnect sends it again, and a controller that took it
+            # already (the run went on from it) keeps the run as it is (see handshake.py).
+            hello["session_id"] = secrets.token_hex(8)
         if self._step > 0:
             hello["start_step"] = self._step  # a new run's first LRs are for this step
         if self._resume_token is not None and self._resume is not None:

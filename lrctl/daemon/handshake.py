@@ -67,7 +67,7 @@ class Handshakes:
         takeover = self._takeover(conn, hello)
         session = self.server.sessions.get(key)
         foreign = self.server.state_watch.foreign
-        if session is not None and hello.session is None and (
+        if session is not None and (hello.session is None or _adopted(session, hello)) and (
                 foreign is None or hello.mlflow_run_id in (None, session.info.mlflow_run_id)):
             # (Another controller's directory: a rejoin whose records would open there, a
             # resumed job's own MLflow run, is refused as a new run is, below.)
@@ -130,6 +130,7 @@ class Handshakes:
             _follow_mlflow(session, hello)  # opened below with the job's MLflow run
             srv.adopt(hello.run, session)
             if hello.session is not None:
+                session.adopted = hello.session_id
                 srv.sink.rewind(hello.run, session.last_step)  # its records go on from here
                 srv.checkpoints.save(hello.run)
                 log.info("run %s resumed from the hook's saved state at step %d", hello.run,
@@ -304,6 +305,15 @@ class Handshakes:
         # filesystem calls that take milliseconds on a busy disk.
         self.server.sink.prepare_run(session.info)
         return session, False
+
+
+def _adopted(session: Session, hello: Hello) -> bool:
+    """Whether ``hello``'s saved state is the one ``session`` was last resumed from: the
+    same hook reconnecting (a dropped connection, a controller restarted, which restored
+    the run from its own checkpoint). The run went on from that state, and the hook
+    replays what it sent since, so it is joined as it is: taking the state again would
+    take the run back to it, and the audit would call the steps since undone."""
+    return hello.session_id is not None and session.adopted == hello.session_id
 
 
 def _follow_mlflow(session: Session, hello: Hello) -> bool:

@@ -44,6 +44,7 @@ class Hello:
     every: int = 1  # an every=N hook reports every N-th step only
     compact: bool = False  # it reads compact lr answers (see lrctl.wire.compact)
     session: dict[str, Any] | None = None  # the run's state from the user's checkpoint
+    session_id: str | None = None  # that hook's name for it (the same on its reconnects)
     start_step: int = 0  # the step number of the loop's first step
     resume_token: str | None = None  # from the run's welcome: may take a connected run over
     snapshots: tuple[int, int] | None = None  # the hook's (every, keep): it can roll back
@@ -84,7 +85,9 @@ def parse_hello(msg: Mapping[str, Any]) -> Hello:
         mlflow_run_id=get_str(mlflow, "run_id", max_len=64, optional=True),
         tracking_uri=get_str(mlflow, "tracking_uri", max_len=4096, optional=True),
         cwd=get_str(msg, "cwd", max_len=4096, optional=True), watch=watch, sync=sync,
-        session=session, start_step=get_int(msg, "start_step", lo=0, optional=True) or 0,
+        session=session,
+        session_id=get_str(msg, "session_id", max_len=64, optional=True) if session else None,
+        start_step=get_int(msg, "start_step", lo=0, optional=True) or 0,
         resume_token=get_str(msg, "resume_token", max_len=64, optional=True),
         snapshots=_snapshots(msg.get("snapshots")),
         snapshots_held=_snapshots_held(msg.get("snapshots")),

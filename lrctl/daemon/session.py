@@ -109,6 +109,9 @@ class Session:
         # Handed to the run's hook in its welcome; a hello for the run while another
         # connection serves it must show it (see handshake.py). Kept in the checkpoint.
         self.resume_token = new_resume_token()
+        # The session_id of the hook's saved state this run was last resumed from (see
+        # handshake.py): that hook's reconnects, sending it again, keep the run as it is.
+        self.adopted: str | None = None
 
     # -- construction ------------------------------------------------------------------
     @classmethod
@@ -159,6 +162,9 @@ class Session:
         token = state.get("resume_token")
         if isinstance(token, str) and _TOKEN(token):
             s.resume_token = token
+        adopted = state.get("adopted_session")
+        if isinstance(adopted, str) and len(adopted) <= 64:
+            s.adopted = adopted
         s.saved_step = s.last_step
         return s
 
@@ -184,6 +190,7 @@ class Session:
             "overflows": self.overflows,
             "resume_token": self.resume_token,
             "loop_base": self.loop_base,
+            "adopted_session": self.adopted,
         }
 
     def set_snapshots(self, spec: tuple[int, int] | None,

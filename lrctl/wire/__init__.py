@@ -37,8 +37,10 @@ Hook → controller:
   (optional: the run's length, for ``anneal``), ``snapshots`` (optional,
   ``{every, keep}``: the hook keeps snapshots and can roll back), ``session`` (optional: the
   run's state from ``snapshot``, kept in the user's checkpoint: the run resumes
-  from it), ``resume_token`` (optional: the run's token from its welcome; a hello for
-  a run that another live connection serves is refused without it), ``token`` (TCP,
+  from it, unless it was last resumed from it already), ``session_id`` (the hook's name
+  for that state, the same on its reconnects), ``resume_token`` (optional: the run's
+  token from its welcome; a hello for a run that another live connection serves is
+  refused without it), ``token`` (TCP,
   when no ``auth`` came first), ``compact`` (optional, 1: it reads compact frames),
   ``ran`` (optional, true: it reports each step after its optimizer step: see ``a``).
 * ``obs``: ``s`` step, ``l`` loss, ``g`` grad norm (each may be absent or null),

@@ -213,3 +213,35 @@ def test_a_resume_from_the_state_saved_before_a_resumable_close_undoes_nothing(
     actions = [line.record["action"] for line in
                read_lines(RunPaths.of(Path(proc.state_dir), str(key)).stream("decisions"))]
     assert "resumed" not in actions, actions
+
+
+@pytest.mark.parametrize("sync", [True, False])
+def test_a_hook_resumed_from_state_rejoins_a_restarted_controller_without_a_rewind(
+        make_controller: Any, sync: bool) -> None:
+    """A review's find: a hook resumed from ``ctl.state_dict()`` sends that state again on
+    each reconnect, so a controller restarted a few steps later (which had restored the
+    run from its own checkpoint, past the state) took the run back to the state, and the
+    audit called the steps since "undone", though the hook replayed them. The controller
+    now knows the state it last resumed the run from, and rejoins that hook as it is."""
+    proc: ControllerProc = make_controller(audit=True)
+    loop = Loop()
+    first = lrctl.attach(loop.opt, policy=STEP_DECAY, spawn=False, sync=sync,
+                         run_name="rejoin", timeout=30.0)
+    loop.train(first, 61)
+    key, state = str(first.run_key), first.state_dict()
+    first.close(end_run=False)
+    with pytest.warns(RuntimeWarning), lrctl.attach(
+            loop.opt, policy=STEP_DECAY, spawn=False, sync=sync, resume=state,
+            timeout=30.0, max_backoff=0.05) as again:
+        loop.train(again, 4)
+        assert proc.stop() == 0  # checkpoints the run at step 64
+        proc.start()
+        until(lambda: (loop.train(again, 1), not again.connected)[1], "the hook to see it")
+        until(lambda: (loop.train(again, 1), again.connected)[1], "the hook to reconnect")
+        loop.train(again, 160 - len(loop.ran))
+    until(lambda: ended(proc.state_dir, key), "the run to end")
+    actions = [line.record["action"] for line in
+               read_lines(RunPaths.of(Path(proc.state_dir), key).stream("decisions"))]
+    assert "resumed" not in actions, actions
+    assert loop.ran[-1] == 0.05  # the step decay at 100 came, live
+    check_drawn(proc.state_dir, key, loop.ran)
