@@ -328,11 +328,14 @@ class LinkSide:
     def _reported_coming_step(self, s: Any) -> bool:
         """Whether LRs read now, for step ``s`` (a push: None or -1), are for the optimizer
         step after the coming one: async, in torch's order, the coming step reported, and
-        they are a push, or an older answer read after that step's LRs were settled
-        (see Reporting._finalize)."""
+        its report said its LRs (see Reporting._finalize), or they are a push read after
+        the answer to that report (the controller recorded the step before it took the
+        push; a push that comes first was taken first, and the step records it)."""
         if self.sync or self._after_order or self._reported != self._step - 1 or self._step < 1:
             return False
-        return not isinstance(s, int) or s < 0 or self._frozen == self._step - 1
+        if self._frozen == self._step - 1:
+            return True
+        return (not isinstance(s, int) or s < 0) and self._acked >= self._reported
 
     def _adopt_initial(self, initial: Any) -> None:
         """The run's initial LRs, as the welcome gives them: a resume by run key after

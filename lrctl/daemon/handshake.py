@@ -77,7 +77,7 @@ class Handshakes:
         if refused is not None:  # a new run's files would go through what is there now
             raise Unavailable(f"{refused}; no new run starts here until it is fixed")
         job = BuildJob(conn, hello, takeover, size=conn.decoder.last_size,
-                       ended=key in self.server.checkpoints.removing)
+                       ended=key in self.server.checkpoints.removing, held=session is not None)
         self.builder.submit(job)
         self.pending[key] = job
         conn.pending = True
@@ -124,12 +124,13 @@ class Handshakes:
         session, restored = result
         srv = self.server
         rewound = None
-        if restored and hello.session is not None:
+        from_state = hello.session is not None and not job.adopted
+        if restored and from_state:
             rewound = _rewound(srv.sessions.get(hello.run), session, job.prior)
         if restored:
             _follow_mlflow(session, hello)  # opened below with the job's MLflow run
             srv.adopt(hello.run, session)
-            if hello.session is not None:
+            if from_state:
                 session.adopted = hello.session_id
                 srv.sink.rewind(hello.run, session.last_step)  # its records go on from here
                 srv.checkpoints.save(hello.run)
@@ -276,11 +277,31 @@ class Handshakes:
                   and resumed_at < r["step"] <= seen and isinstance(r.get("action"), str)]
         return seen, undone
 
+    def _adopted_on_disk(self, hello: Hello) -> Session | None:
+        """The run from its checkpoint (set aside after an eviction, too) when that was
+        last resumed from ``hello``'s saved state (see :func:`_adopted`), else None."""
+        store = self.server.store
+        try:
+            store.reattach(hello.run)
+            state = store.load(hello.run)
+            if state is None or state.get("adopted_session") != hello.session_id:
+                return None
+            return Session.restore(state)
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            log.error("cannot restore run %s: %s", hello.run, exc)
+            return None
+
     def _build(self, job: BuildJob) -> tuple[Session, bool]:
         """The session ``job``'s hello joins, and whether it was restored. Touches nothing
         the loop owns (the store reads a file that no one writes while the run is out of
         memory)."""
         hello = job.hello
+        if (hello.session is not None and hello.session_id is not None and not job.ended
+                and not job.held):
+            held = self._adopted_on_disk(hello)
+            if held is not None:
+                job.adopted = True
+                return held, True
         if hello.session is not None:
             session, job.reloaded = _from_hook(hello)
             job.prior = self._prior(hello.run, session.last_step)

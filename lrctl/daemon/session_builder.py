@@ -61,6 +61,10 @@ class BuildJob:
     # From the hook's state: how far the run on disk had got, and its decisions after the
     # state's step (a run evicted from memory; see handshake._rewound).
     prior: tuple[int, list[dict[str, Any]]] | None = None
+    # The hook's saved state is the one the run on disk was last resumed from (its hook
+    # reconnecting after an eviction): restored from disk, as it went on from it.
+    adopted: bool = False
+    held: bool = False  # the run is in memory (its checkpoint on disk may be older)
 
 
 class SessionBuilder:

@@ -61,7 +61,9 @@ class Loop:
     def __init__(self) -> None:
         self.opt = torch.optim.SGD([torch.nn.Parameter(torch.ones(2))], lr=0.1)
         self.ran: list[float] = []
-        self.opt.register_step_pre_hook(
+        # After the step (lrctl's pre-step hook may set the LR after one registered before
+        # attach() would have read it): what the step ran on.
+        self.opt.register_step_post_hook(
             lambda opt, args, kwargs: self.ran.append(opt.param_groups[0]["lr"]))
 
     def train(self, ctl: Any, steps: int) -> None:
@@ -245,3 +247,36 @@ def test_a_hook_resumed_from_state_rejoins_a_restarted_controller_without_a_rewi
     assert "resumed" not in actions, actions
     assert loop.ran[-1] == 0.05  # the step decay at 100 came, live
     check_drawn(proc.state_dir, key, loop.ran)
+
+
+def test_a_hook_resumed_from_state_rejoins_its_run_set_aside_without_a_rewind(
+        make_controller: Any) -> None:
+    """A review's find in the fix above: the run, set aside after ``--session-timeout``
+    while its hook was away, was taken back to that hook's saved state on its reconnect
+    (the steps it had run since called undone, and lost to the policies): its checkpoint
+    says which state it was last resumed from, and the hook is joined to it as it is."""
+    proc: ControllerProc = make_controller(extra=["--session-timeout", "1"], audit=True)
+    loop = Loop()
+    first = lrctl.attach(loop.opt, policy=STEP_DECAY, spawn=False, run_name="aside",
+                         timeout=30.0)
+    loop.train(first, 61)
+    key, state = str(first.run_key), first.state_dict()
+    first.close(end_run=False)
+    with pytest.warns(RuntimeWarning), lrctl.attach(
+            loop.opt, policy=STEP_DECAY, spawn=False, resume=state, timeout=30.0,
+            max_backoff=0.05) as again:
+        loop.train(again, 20)
+        link = again._link
+        assert link is not None
+        reopen = link.open
+        link.open = lambda timeout: False  # type: ignore[method-assign]  # away a while
+        link._down("the test's connection lost")
+        until(lambda: (loop.train(again, 1), f"run {key} evicted" in proc.log.read_text())[1],
+              "the run to be set aside")
+        link.open = reopen  # type: ignore[method-assign]
+        until(lambda: (loop.train(again, 1), again.connected)[1], "the hook to reconnect")
+        loop.train(again, 5)
+    until(lambda: ended(proc.state_dir, key), "the run to end")
+    actions = [line.record["action"] for line in
+               read_lines(RunPaths.of(Path(proc.state_dir), key).stream("decisions"))]
+    assert "resumed" not in actions, actions

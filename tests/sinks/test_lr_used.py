@@ -152,3 +152,56 @@ def _finished_run(client: MlflowClient, state: Path, key: str) -> Any:
             pass
         assert time.monotonic() < deadline, "the run was never shipped and ended"
         time.sleep(0.1)
+
+
+def test_a_push_taken_before_the_coming_steps_report_applies_at_that_step(
+        mlflow_server: MlflowServer, workdir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A review's find in the fix above: a report that goes without its LRs (the answer
+    it needed still on its way) is recorded at the controller's LRs when it reads it, a
+    push it took before included (an async hook's reports are read on a timer, an
+    operator's push at once). Such a push, read before the answer to that report, applies
+    at that step; one read after the answer, a step later."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server.uri)
+    model = torch.nn.Linear(4, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.02)
+    used: dict[int, float] = {}
+    guard = {"version": 1, "policies": [{"kind": "divergence"}]}
+    with live_controller(audit=True) as controller:
+        monkeypatch.setenv("LRCTL_SOCKET", controller.socket)
+        ctl = lrctl.attach(opt, policy=guard, spawn=False, run_name="push", timeout=60.0)
+        link = ctl._link
+        assert link is not None
+        send_obs, delayed = link.send_obs, []
+
+        def late_48(step: int, frame: bytes) -> None:  # the controller reads report 48 late
+            if step == 48 and not delayed:
+                delayed.append((step, frame))
+                return
+            send_obs(step, frame)
+        link.send_obs = late_48  # type: ignore[method-assign]
+        for step in range(120):
+            opt.zero_grad()
+            model(torch.ones(8, 4)).pow(2).mean().backward()
+            ctl.step(1.0, grad_norm=1.0)
+            if step == 48:
+                os.kill(controller.proc.pid, signal.SIGCONT)
+                assert link.wait(lambda: ctl._acked >= 47, 30)  # the answer to 47 is in
+                out = subprocess.run(
+                    [sys.executable, "-m", "lrctl", "set-lr", "--socket", controller.socket,
+                     str(ctl.run_key), "0.005"], capture_output=True, text=True, timeout=60)
+                assert out.returncode == 0, out.stderr
+                send_obs(*delayed[0])  # now the controller reads report 48
+                ctl.state_dict()  # reads the push, then the answer to 48
+            opt.step()
+            used[step] = opt.param_groups[0]["lr"]
+            if step == 46:
+                ctl.state_dict()  # every answer in, then the answer to 47 waits
+                os.kill(controller.proc.pid, signal.SIGSTOP)
+        key = ctl.run_key
+        ctl.close()
+        assert key is not None and used[47] == 0.02 and used[48] == 0.005
+        client = MlflowClient(mlflow_server.uri)
+        run = _finished_run(client, Path(controller.state_dir), key)
+    at = lr_curve(client, run.info.run_id, 0)
+    wrong = [(s, at(s), v) for s, v in used.items() if at(s) != v]
+    assert not wrong, wrong[:5]
