@@ -312,10 +312,9 @@ class LinkSide:
                 if isinstance(s, int) and s > self._usable_step():
                     self._held[s] = values  # for the optimizer step after step s's
                 elif self._reported_coming_step(s):
-                    # A push read after the coming optimizer step was reported (during the
-                    # report's send, a state_dict() before optimizer.step()) applies a step
-                    # later, as what lands after a report always does: the controller
-                    # records that step's LRs as the report said them, or as it decided.
+                    # Read after the coming optimizer step's report (during its send, a
+                    # state_dict() before optimizer.step()), and not in what the controller
+                    # records for that step: it applies a step later, as recorded.
                     self._held.clear()
                     self._held[self._step - 1] = values
                 else:
