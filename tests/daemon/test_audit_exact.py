@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 import torch
 from daemon_helpers import ControllerProc, until
+from test_audit_curve import drawn
 
 import lrctl
 from lrctl.client import request
@@ -25,16 +26,6 @@ from lrctl.sinks.journal import RunPaths, last_line, read_lines
 
 # The LR moves at every step of the warmup: any step recorded with another step's LR shows.
 WARMUP = {"version": 1, "policies": [{"kind": "warmup", "steps": 400}]}
-
-
-def _recorded(state_dir: str, key: str) -> list[tuple[int, float]]:
-    """``lrctl/lr/g0`` as journaled: (step, value) points, in step order."""
-    points: dict[int, float] = {}
-    for line in read_lines(RunPaths.of(Path(state_dir), key).stream("metrics")):
-        for name, value, step in line.record["points"]:
-            if name == "lrctl/lr/g0":
-                points[step] = float(value)
-    return sorted(points.items())
 
 
 def _ended(paths: RunPaths) -> bool:
@@ -89,7 +80,7 @@ def _audited(make_controller: Any, name: str, policy: Any = WARMUP,
 
 def _check_all(proc: ControllerProc, loop: _Loop) -> None:
     """Every step's record is what it ran on."""
-    _check(_recorded(proc.state_dir, loop.key), loop.ran, range(1, loop.step))
+    _check(drawn(proc.state_dir, loop.key), loop.ran, range(1, loop.step))
 
 
 def _check(points: list[tuple[int, float]], ran: list[float], steps: range) -> None:
@@ -181,7 +172,7 @@ def test_auto_awaits_a_back_off_after_two_urgent_reports_in_a_row(
     backoff = [d for d in ctl.decisions if d.action == "backoff"]
     assert backoff and backoff[0].step == 40
     assert loop.ran[41] == pytest.approx(backoff[0].new_lrs[0])  # in effect at t + 1
-    points = _recorded(proc.state_dir, loop.key)
+    points = drawn(proc.state_dir, loop.key)
     _check(points, loop.ran, range(1, 40))
     _check(points, loop.ran, range(41, loop.step))
 
@@ -235,7 +226,7 @@ def test_a_loops_own_schedule_under_every_n_is_recorded_as_it_ran(
             schedule.step()
             loop.step += 1
     assert any(d.action == "backoff" for d in ctl.decisions), ctl.decisions
-    _check(_recorded(proc.state_dir, loop.key), loop.ran,
+    _check(drawn(proc.state_dir, loop.key), loop.ran,
            [s for s in range(1, loop.step) if s != 40])  # (the skipped step ran on nothing)
 
 
@@ -284,7 +275,7 @@ def test_steps_run_while_answers_came_late_are_recorded_as_they_ran(
     assert len(set(loop.ran[45:70])) < 25, "the stop held the warmup back"
     # The step whose wait timed out went out before the wait (its answer was on its way):
     # recorded with the LRs decided for it, which it did not get. Every other step as it ran.
-    points = _recorded(proc.state_dir, loop.key)
+    points = drawn(proc.state_dir, loop.key)
     wrong = [s for s in range(1, loop.step)
              if not math.isclose(_at(points, s), loop.ran[s], rel_tol=1e-12)]
     assert len(wrong) <= ctl.late_waits, wrong
@@ -338,7 +329,7 @@ def test_an_evaluation_after_the_last_step_records_no_step_that_never_ran(
     assert [d.step for d in stops] == [37], ctl.decisions
     paths = RunPaths.of(Path(proc.state_dir), loop.key)
     until(lambda: _ended(paths), "the run's end journaled (its last points with it)")
-    points = _recorded(proc.state_dir, loop.key)
+    points = drawn(proc.state_dir, loop.key)
     assert points[-1][0] == loop.step - 1 == 36
     _check_all(proc, loop)
     losses = [step for line in read_lines(paths.stream("metrics"))

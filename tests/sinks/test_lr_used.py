@@ -120,10 +120,7 @@ def test_a_push_read_after_a_report_applies_a_step_later_as_recorded(
             if late and step == 48:
                 os.kill(controller.proc.pid, signal.SIGCONT)
             if step == 48:  # a report step: its LRs went out with it
-                out = subprocess.run(
-                    [sys.executable, "-m", "lrctl", "set-lr", "--socket", controller.socket,
-                     str(ctl.run_key), "0.005"], capture_output=True, text=True, timeout=60)
-                assert out.returncode == 0, out.stderr
+                _set_lr(controller.socket, str(ctl.run_key), 0.005)
                 ctl.state_dict()  # reads the push that came meanwhile
             opt.step()
             used[step] = opt.param_groups[0]["lr"]
@@ -133,11 +130,7 @@ def test_a_push_read_after_a_report_applies_a_step_later_as_recorded(
         key = ctl.run_key
         ctl.close()
         assert key is not None and used[48] == 0.02 and used[49] == 0.005
-        client = MlflowClient(mlflow_server.uri)
-        run = _finished_run(client, Path(controller.state_dir), key)
-    at = lr_curve(client, run.info.run_id, 0)
-    wrong = [(s, at(s), v) for s, v in used.items() if at(s) != v]
-    assert not wrong, wrong[:5]
+        _assert_drawn_as_used(mlflow_server, controller.state_dir, key, used)
 
 
 def _finished_run(client: MlflowClient, state: Path, key: str) -> Any:
@@ -186,10 +179,7 @@ def test_a_push_taken_before_the_coming_steps_report_applies_at_that_step(
             if step == 48:
                 os.kill(controller.proc.pid, signal.SIGCONT)
                 assert link.wait(lambda: ctl._acked >= 47, 30)  # the answer to 47 is in
-                out = subprocess.run(
-                    [sys.executable, "-m", "lrctl", "set-lr", "--socket", controller.socket,
-                     str(ctl.run_key), "0.005"], capture_output=True, text=True, timeout=60)
-                assert out.returncode == 0, out.stderr
+                _set_lr(controller.socket, str(ctl.run_key), 0.005)
                 send_obs(*delayed[0])  # now the controller reads report 48
                 ctl.state_dict()  # reads the push, then the answer to 48
             opt.step()
@@ -200,8 +190,21 @@ def test_a_push_taken_before_the_coming_steps_report_applies_at_that_step(
         key = ctl.run_key
         ctl.close()
         assert key is not None and used[47] == 0.02 and used[48] == 0.005
-        client = MlflowClient(mlflow_server.uri)
-        run = _finished_run(client, Path(controller.state_dir), key)
+        _assert_drawn_as_used(mlflow_server, controller.state_dir, key, used)
+
+
+def _set_lr(socket: str, key: str, lr: float) -> None:
+    """``lrctl set-lr`` on ``key``, as an operator runs it."""
+    out = subprocess.run([sys.executable, "-m", "lrctl", "set-lr", "--socket", socket, key,
+                          str(lr)], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+
+
+def _assert_drawn_as_used(server: MlflowServer, state_dir: str, key: str,
+                          used: dict[int, float]) -> None:
+    """MLflow's ``lrctl/lr/g0``, once the run is shipped, is ``used`` at every step."""
+    client = MlflowClient(server.uri)
+    run = _finished_run(client, Path(state_dir), key)
     at = lr_curve(client, run.info.run_id, 0)
     wrong = [(s, at(s), v) for s, v in used.items() if at(s) != v]
     assert not wrong, wrong[:5]
