@@ -1,7 +1,7 @@
 """What the hook reports at each step: the local non-finite guard's verdict, the
 statistics (computed, unscaled, staged off the device without a host sync), and
-the ``obs`` frame, waiting for its answer in sync mode; ``every="auto"``'s quiet
-steps, which only join the pending batch, take a short way.
+the ``obs`` frame, waiting for its answer in sync mode. The steps between reports
+take a short way (:mod:`lrctl._hook_quiet`).
 
 A mixin of :class:`~lrctl.hook.Controller`, whose attributes these methods use.
 """
@@ -32,73 +32,10 @@ _NO_METRICS: Mapping[str, Any] = MappingProxyType({})
 #: Param groups up to which a report says its LRs (``u``): beyond, a JSON frame with them
 #: (and ``b``) could pass the frame limit; the controller then records its own view.
 MAX_USED = 512
-_INF = math.inf
 
 
 class Reporting:
     """The statistics of a step, out (see the module docstring)."""
-
-    def _held_quietly(self, batch: Batching, loss: float, grad_norm: float | None) -> bool:
-        """``every="auto"``: a quiet step (host floats, nothing standing out, nothing
-        to send) only joins the pending batch. False, having changed nothing, for any
-        other step (see :meth:`_quiet`)."""
-        if not self._quiet() or not batch.hold_if_quiet(self._step, loss, grad_norm):
-            return False
-        self._quiet_step()
-        return True
-
-    def _passed_quietly(self, loss: float, grad_norm: float | None) -> bool:
-        """``every=N``: a step between reports, with finite host values and nothing to
-        send, only counts (see :meth:`_quiet`); False, having changed nothing, for any
-        other step."""
-        if (not self._step % self.every or not -_INF < loss < _INF
-                or (grad_norm is not None and not -_INF < grad_norm < _INF)
-                or not self._quiet()):
-            return False
-        self._unreported_loss, self._unreported_grad = loss, grad_norm
-        self._quiet_step()
-        return True
-
-    def _quiet(self) -> bool:
-        """Whether this step may take the quiet way: it has exactly the effects
-        :meth:`_step_fully` and the apply after it have on such a step, but in a training
-        loop Python pays for every cold object and call, so it reads a few attributes,
-        and leaves every="auto"'s clock to the next full-way step. An answer still
-        awaited is read as the full way reads it (:meth:`_quiet_step`). What cannot
-        change after ``attach`` (sync, rollbacks, ``base="loop"``, ranks, the pre-step
-        hook until :meth:`close`) is :attr:`_quiet_allowed`, decided once."""
-        link = self._link
-        stepped = self._guard.stepped
-        return (self._quiet_allowed and link is not None and link.fatal is None
-                and link.idle and not self._metrics and self.scaler is None
-                and self._order_known and not (self._staging.used and self._staging)
-                and not (stepped == self._last_stepped and stepped > 0 and not self._excused))
-
-    def _quiet_step(self) -> None:
-        """A quiet step's bookkeeping: what :meth:`_step_fully` and the apply after it
-        would have changed. With nothing awaited or held, the LRs are left to the
-        optimizer's pre-step hook, which checks them before every step anyway."""
-        self._step += 1
-        self.should_skip = False
-        if self._calls_without_step or self._intervals_with_extra:
-            self._interval_ended()  # _count_calls: the optimizer stepped since
-        self._last_stepped = self._guard.stepped
-        self._guard.clear()  # a verdict whose optimizer step never came (as _guard_step)
-        self.rolled_back = None
-        self._excused = False
-        if self._acked < self._reported or self._held:
-            # The step after a report: read the answer now, as the full way does, so that
-            # ``should_stop``, ``should_skip`` and ``lr`` after step() are the same either way.
-            if self._acked < self._reported:
-                assert self._link is not None  # _quiet: the link is up
-                began = perf_counter()
-                self._link.pump(True)  # it has most likely come (a step has passed)
-                if self._batch is not None:  # reading the answer is part of a report's cost
-                    self._batch.answer_cost(perf_counter() - began)
-                self._excused = self.should_skip  # as _step_fully sets it, after its read
-            if self._held:
-                self._promote()
-            self._apply()
 
     def _step_fully(self, batch: Batching | None, loss: Any, grad_norm: Any,
                     scaler: Any) -> None:
