@@ -30,14 +30,12 @@ that owns its sessions.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import logging
 import os
 import queue
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 from watchdog.events import (
@@ -53,9 +51,8 @@ from watchdog.events import (
 )
 from watchdog.observers import Observer
 
+from ._policy_read import ReloadEvent, read_policy_file
 from ._watched import changed_since_check, dir_identity, resolve, stat_signature
-from .config import MAX_BYTES, ConfigError, PolicyFile, parse_deadline, parse_text
-from .paths import read_regular
 
 __all__ = ["PolicyWatcher", "ReloadEvent", "read_policy_file"]
 
@@ -65,8 +62,6 @@ DEFAULT_DEBOUNCE_S = 0.15
 #: A file written without pause (a log-like writer, an edit loop) is still read this
 #: long after its first write: the debounce waits for quiet, not for ever.
 MAX_DEBOUNCE_S = 2.0
-#: A policy file's parse gives up after this long (a hostile text; the hello's budget).
-PARSE_BUDGET_S = 2.0
 #: A file is read again no sooner than this many times its last read took, after it:
 #: parsing, which shares the interpreter with the controller's loop, takes at most a
 #: tenth of its time however often a file that parses slowly is rewritten.
@@ -76,54 +71,6 @@ CHECK_S = 1.0  # between checks that the watched directories are still those wat
 #: The directory events asked of the kernel (see the module's docstring).
 WATCHED_EVENTS = (FileCreatedEvent, DirCreatedEvent, FileDeletedEvent, DirDeletedEvent,
                   FileMovedEvent, DirMovedEvent, FileClosedEvent)
-
-
-@dataclass(frozen=True)
-class ReloadEvent:
-    """What a watched file now holds.
-
-    ``status`` is ``"changed"`` (``policy`` is the validated new version),
-    ``"invalid"`` (``error`` reads ``file:line: key: message``; keep the old
-    policy) or ``"missing"`` (the file is gone; keep the old policy); the watcher
-    also reads ``"unchanged"`` (the version it knows, not parsed again), which it
-    never delivers.
-    """
-
-    path: str
-    status: str
-    policy: PolicyFile | None = None
-    error: str | None = None
-    sha256: str | None = None
-    forced: bool = False
-
-
-def read_policy_file(path: str, unless: str | None = None) -> ReloadEvent:
-    """Read and validate ``path`` now; when its bytes hash to ``unless`` (the version
-    known), status ``"unchanged"`` without parsing them."""
-    try:
-        # Non-blocking, and only a regular file: a FIFO or a device at the path
-        # must not hang the watcher's thread in open() or read() (nor a directory leak
-        # the descriptor opened on it).
-        data = read_regular(path, MAX_BYTES + 1, follow=True)
-    except FileNotFoundError:
-        return ReloadEvent(path, "missing", error=f"{path}: file not found")
-    except OSError as exc:
-        return ReloadEvent(path, "invalid", error=f"{path}: cannot read: {exc.strerror or exc}")
-    sha = hashlib.sha256(data).hexdigest()
-    if sha == unless:
-        return ReloadEvent(path, "unchanged", sha256=sha)
-    if len(data) > MAX_BYTES:
-        return ReloadEvent(path, "invalid", error=f"{path}: file larger than {MAX_BYTES} bytes",
-                           sha256=sha)
-    try:
-        with parse_deadline(PARSE_BUDGET_S):  # (PyYAML is pure Python: see parse_deadline)
-            policy = parse_text(data.decode("utf-8"), path)
-    except UnicodeDecodeError as exc:
-        return ReloadEvent(path, "invalid", error=f"{path}: not UTF-8 text ({exc.reason})",
-                           sha256=sha)
-    except ConfigError as exc:
-        return ReloadEvent(path, "invalid", error=str(exc), sha256=sha)
-    return ReloadEvent(path, "changed", policy=policy, sha256=policy.sha256)
 
 
 class _Handler(FileSystemEventHandler):
