@@ -3,8 +3,8 @@
 A session is plain data and logic, no I/O: the server feeds it observations and
 operator commands and persists :meth:`Session.to_state` through the store.
 
-Operator actions sit on top of the policies and are recorded as decisions of the
-policy ``operator``:
+Operator actions (:mod:`~lrctl.daemon.session_operator`) sit on top of the
+policies and are recorded as decisions of the policy ``operator``:
 
 * ``set_lr``: a manual LR for group 0 (the other groups keep their ratio to it)
   held for ``steps`` steps, then released back to the policies;
@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import math
 import os
 import re
 import secrets
@@ -40,8 +39,8 @@ from ..policy._operator import OPERATOR
 from ..policy._rollback import ASYNC_LAG
 from ..sinks import RunInfo
 from ..wire.errors import ProtocolError
-from ..wire.messages import get_int, get_str
 from ._knobs import flatten_params, knob_changes, said_changes
+from .session_operator import OperatorActions
 
 __all__ = ["OPERATOR", "RELOAD", "Session", "Step", "new_resume_token", "text_sha256"]
 
@@ -77,7 +76,7 @@ class Step:
         self.stop = stop
 
 
-class Session:
+class Session(OperatorActions):
     def __init__(self, info: RunInfo, policy: PolicyFile, initial_lrs: Sequence[float],
                  world_size: int = 1, total_steps: int | None = None) -> None:
         self.info = info
@@ -365,58 +364,6 @@ class Session:
         acting = engine.mode == "active"
         return Step(lrs, decisions, acting and engine.should_skip,
                     acting and engine.should_stop)
-
-    # -- operator ---------------------------------------------------------------------------
-    def set_lr(self, lr: float, steps: int | None) -> dict[str, Any]:
-        initial = self.engine.initial_lrs[0]
-        if self.loop_base is not None and initial > 0:  # base="loop": scales the loop's LRs
-            scale = lr / initial
-            if not all(math.isfinite(b * scale) for b in self.loop_base):
-                raise ProtocolError(f"run {self.key}: the loop's LRs (base='loop') scaled by "
-                                    f"an LR of {lr:g} over the initial {initial:g} overflow: "
-                                    "give a smaller LR", "bad_request")
-        try:
-            decision = self.engine.set_lr(lr, steps)
-        except ValueError as exc:  # an LR another group cannot take: nothing changes
-            raise ProtocolError(f"run {self.key}: {exc}", "bad_request") from None
-        return self._record(decision.to_dict())
-
-    def clear_lr(self) -> dict[str, Any]:
-        try:
-            decision = self.engine.clear_lr()
-        except ValueError as exc:  # nothing to clear: nothing recorded
-            raise ProtocolError(f"run {self.key}: {exc}", "bad_request") from None
-        return self._record(decision.to_dict())
-
-    def decay(self, msg: Mapping[str, Any]) -> dict[str, Any]:
-        """``lrctl decay``: start (``steps``, ``shape``) or ``cancel`` the cooldown of the
-        run's WSD policy after its last observed step. ``ProtocolError`` when the request
-        is malformed or the policy cannot do it now (nothing changes then)."""
-        cancel = msg.get("cancel", False)
-        if not isinstance(cancel, bool):
-            raise ProtocolError(f"cancel must be true or false, but got {cancel!r:.40}",
-                                "bad_message")
-        steps = get_int(msg, "steps", lo=1, hi=1 << 40, optional=True)
-        shape = get_str(msg, "shape", max_len=16, optional=True)
-        try:
-            if cancel:
-                decisions = self.engine.command("cancel")
-            else:
-                decisions = self.engine.command("decay", steps=steps, shape=shape)
-        except ValueError as exc:
-            raise ProtocolError(f"run {self.key}: {exc}", "bad_request") from None
-        return self._record(decisions[-1].to_dict())
-
-    def set_mode(self, mode: str) -> dict[str, Any]:
-        """``lrctl pause`` (``"shadow"``) / ``lrctl resume`` (``"active"``); a run already in
-        that mode is refused with nothing recorded (the audit holds changes only)."""
-        if self.engine.mode == mode:
-            verb = ("in shadow mode (paused, or 'mode: shadow' in its policy file)"
-                    if mode == "shadow" else "active (not paused)")
-            raise ProtocolError(f"run {self.key} is already {verb}", "bad_request")
-        decision = self.engine.pause() if mode == "shadow" else self.engine.resume()
-        self.operator_mode = None if mode == self.policy.mode else mode
-        return self._record(decision.to_dict())
 
     def _record(self, decision: dict[str, Any]) -> dict[str, Any]:
         self.last_decision = decision
