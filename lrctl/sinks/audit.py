@@ -10,7 +10,6 @@ process that reads what the journal already holds (mlflow is never imported here
 
 from __future__ import annotations
 
-import functools
 import logging
 import os
 import time
@@ -19,9 +18,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .._parallel import in_parallel
 from ..policy._base import float_to_json
 from ..policy._decision import json_safe
+from ._group_commit import GroupCommit
 from ._held import HeldLines
 from ._open_run import OpenRun, dedup_key, save_policy
 from ._prepared import Preparations, PreparedRun, close_all, prepare_open
@@ -34,7 +33,6 @@ from .journal import (
     StreamWriter,
     atomic_write_json,
     atomic_write_text,
-    fsync_path,
     private_dirs,
     sync_all,
 )
@@ -59,7 +57,7 @@ class AuditSettings:
     backoff_max: float = 30.0  # seconds between retries while MLflow is down
 
 
-class AuditSink(RunSync, Sink):
+class AuditSink(GroupCommit, RunSync, Sink):
     """Journals every record under ``state_dir`` and ships it to MLflow in the background.
 
     ``env`` (default ``os.environ``) is where ``MLFLOW_TRACKING_URI`` is looked
@@ -281,46 +279,6 @@ class AuditSink(RunSync, Sink):
         self._reap()
         self._prepared.expire()
 
-    def commit(self) -> None:
-        """Group commit: fsync every journal file appended to since the last commit, once,
-        then hand its new lines to MLflow. A file whose fsync fails keeps its lines
-        unshipped (the shipper reads them from the journal later) and the first such
-        error is raised once the other files are committed."""
-        if self._held:
-            self._retry_held()
-        for run_key in {item[0] for item in self._uncommitted}:
-            if self._syncer.busy(run_key):  # its files first (a run's first decision)
-                self._syncer.wait(run_key)
-        self._reap()
-        pending, self._uncommitted = self._uncommitted, []
-        failed: dict[StreamWriter, OSError] = {}
-        writers = [w for w in dict.fromkeys(w for *_, w in pending) if w.unsynced]
-        paths, self._unsynced_paths = list(self._unsynced_paths), {}
-        calls: list[Callable[[], None]] = [w.sync for w in writers]
-        calls += [functools.partial(fsync_path, p) for p in paths]
-        # One fsync in the loop's thread; several (runs starting, decisions of several
-        # runs in one wake-up) overlap on threads: they cost about one.
-        results = ([_call(calls[0])] if len(calls) == 1 else in_parallel(calls))
-        path_error: OSError | None = None
-        for i, result in enumerate(results):
-            if result is None:
-                continue
-            exc = result if isinstance(result, OSError) else OSError(str(result))
-            if i < len(writers):
-                failed[writers[i]] = exc
-            elif not isinstance(result, FileNotFoundError):  # a run dir removed: nothing to do
-                self._unsynced_paths[paths[i - len(writers)]] = None  # again next commit
-                path_error = path_error or exc
-        if self.shipper is not None:
-            for run_key, stream, line, writer in pending:
-                if writer not in failed:
-                    self.shipper.submit(run_key, stream, line)
-            self.shipper.pass_on()
-        if failed:
-            raise next(iter(failed.values()))
-        if path_error is not None:
-            raise path_error
-
     def close(self, timeout: float = 0.5) -> None:
         """Controller shutdown: runs are not ended (their sessions come back on restart).
 
@@ -395,16 +353,6 @@ class AuditSink(RunSync, Sink):
         elif self.shipper is not None:
             self.shipper.submit(run_key, stream, line)
 
-    def _retry_held(self) -> None:
-        for run in [*self._runs.values(), *self._closing.values()]:
-            for stream, writer in run.writers.items():
-                for line in self._held.retry(writer):
-                    self._written(run.paths.run_key, stream, line, writer)
-        for key, run in list(self._closing.items()):
-            if (not any(self._held.holds(w) for w in run.writers.values())
-                    and self._closing.pop(key, None) is not None):  # (a nested commit's?)
-                self._close_writers(run)
-
     def _metrics(self, run: OpenRun, points: list[tuple[str, float, int]]) -> None:
         record: dict[str, Any] = {"ts": int(time.time() * 1000),
                                   "points": [[k, float_to_json(v), s] for k, v, s in points]}
@@ -423,17 +371,3 @@ class AuditSink(RunSync, Sink):
             "policy_source": info.policy_source, "policy_file": policy_file,
             "params": dict(info.params),
             "record": json_safe(record)})
-
-    def _close_writers(self, run: OpenRun) -> None:
-        if any(w in run.writers.values() for *_, w in self._uncommitted):
-            self.commit()  # its lines are shipped as from any other commit
-        for w in run.writers.values():
-            w.close()
-
-
-def _call(call: Callable[[], None]) -> Exception | None:
-    try:
-        call()
-    except Exception as exc:
-        return exc
-    return None
