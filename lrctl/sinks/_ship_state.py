@@ -14,7 +14,7 @@ from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from ..paths import is_run_key
 from .journal import (
@@ -28,7 +28,8 @@ from .journal import (
 )
 
 __all__ = ["FILES_DOWN", "FILES_WAIT", "SHIPPED", "TIMELINE_DUE", "Experiments", "RunState",
-           "StreamState", "files_behind", "runs_behind", "unmark_shipped"]
+           "ShipState", "StreamState", "files_behind", "runs_behind", "shipping",
+           "unmark_shipped"]
 
 log = logging.getLogger("lrctl.sinks")
 
@@ -86,19 +87,38 @@ def runs_behind(state_dir: Path) -> list[tuple[str, str]]:
     for key in keys:
         paths = RunPaths.of(state_dir, key)
         try:  # (a damaged cursor would ship the run again from its start: duplicates)
-            meta = read_json(paths.meta, {}, strict=True)  # (none: not a run's journal yet)
-            cursor = read_json(paths.cursor, {}, strict=True)
+            state, uri = shipping(paths)
         except DamagedFile as exc:
             log.error("run %s is not shipped to MLflow: %s; its journal is intact", key, exc)
             continue
-        uri = (meta.get("mlflow") or {}).get("tracking_uri")
-        if not uri or cursor.get("failed"):
-            continue
-        if _behind(paths, cursor):
+        if state == "behind":
             behind.append((key, str(uri)))
-        elif cursor.get("finished"):
+        elif state == "shipped":
             _mark_shipped(paths)
     return behind
+
+
+#: What :func:`shipping` says of a run's journal and MLflow.
+ShipState = Literal["behind", "shipped", "unshipped", "journal only", "open"]
+
+
+def shipping(paths: RunPaths) -> tuple[ShipState, str | None]:
+    """Where a run's journal stands with MLflow, and its tracking URI (None: it has none):
+    ``behind`` (lines, files or its picture still to ship), ``shipped`` (its end
+    acknowledged and all its journal with it), ``unshipped`` (never to be shipped: no
+    MLflow target, or no ``meta.json`` yet), ``journal only`` (MLflow refused it, or its
+    cursor was damaged: never shipped again) or ``open`` (all shipped so far, not ended).
+    :class:`DamagedFile` when its meta or cursor cannot be read."""
+    meta = read_json(paths.meta, {}, strict=True)  # (none: not a run's journal yet)
+    cursor = read_json(paths.cursor, {}, strict=True)
+    uri = (meta.get("mlflow") or {}).get("tracking_uri")
+    if not uri:
+        return "unshipped", None
+    if cursor.get("failed"):
+        return "journal only", str(uri)
+    if _behind(paths, cursor):
+        return "behind", str(uri)
+    return ("shipped" if cursor.get("finished") else "open"), str(uri)
 
 
 def _behind(paths: RunPaths, cursor: dict[str, Any]) -> bool:
