@@ -23,6 +23,7 @@ COMMAND_MODULES = (
     "lrctl.commands.cooldown",
     "lrctl.commands.rollback",
     "lrctl.commands.audit",
+    "lrctl.commands.prune",
     "lrctl.commands.demo",
 )
 

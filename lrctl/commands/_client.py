@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 from typing import Any
 
-__all__ = ["SOCKET_HELP", "ask", "live_state_dir"]
+__all__ = ["SOCKET_HELP", "ask", "live_state_dir", "state_roots"]
 
 SOCKET_HELP = "Unix socket path or tcp://HOST:PORT (default: $LRCTL_SOCKET or the runtime dir)"
 
@@ -24,6 +25,25 @@ def live_state_dir(socket: str | None) -> str | None:
         found = request({"t": "status"}, socket, timeout=2.0).get("state_dir")
         return found if isinstance(found, str) else None
     return None
+
+
+def state_roots(socket: str | None,
+                state_dir: str | None) -> tuple[list[Path], str | None]:
+    """The state directories a verb over the journals looks in (``runs --all``,
+    ``prune``), and the one the controller on ``socket`` reports (None: none answers, or
+    ``state_dir`` was given): ``state_dir`` alone; with ``socket``, that controller's;
+    else every controller's (the shared directory, those of other sockets)."""
+    from .. import paths
+
+    reported = live_state_dir(socket) if state_dir is None else None
+    if state_dir:
+        return [Path(state_dir)], None
+    if socket:
+        return [Path(reported) if reported else paths.state_dir(socket=socket)], reported
+    roots = paths.state_dirs()
+    if reported and Path(reported) not in roots:
+        roots.insert(0, Path(reported))
+    return roots, reported
 
 
 def ask(args: argparse.Namespace, msg: dict[str, Any]) -> dict[str, Any] | None:

@@ -13,7 +13,7 @@ import sys
 import time
 from typing import Any, NoReturn
 
-from ._client import SOCKET_HELP, ask, live_state_dir
+from ._client import SOCKET_HELP, ask, state_roots
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -332,8 +332,6 @@ def _describe(d: dict[str, Any] | None) -> str:
 
 
 def _all_runs(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     from .. import paths
     from ..wire.operator import ControllerError, request
     from .history import journal_runs
@@ -344,20 +342,11 @@ def _all_runs(args: argparse.Namespace) -> int:
         except (OSError, ControllerError, KeyError, TypeError, ValueError):
             return {}  # no controller there (or no socket can be there): the journals alone
 
-    # the state directory of the controller on the socket
-    reported = live_state_dir(args.socket) if args.state_dir is None else None
-    if args.state_dir:
-        if not os.path.isdir(args.state_dir):
-            print(f"lrctl runs: --state-dir {args.state_dir}: no such directory",
-                  file=sys.stderr)
-            return 2
-        roots = [Path(args.state_dir)]
-    elif args.socket:
-        roots = [Path(reported) if reported else paths.state_dir(socket=args.socket)]
-    else:  # every controller's: the shared directory's and those of other sockets
-        roots = paths.state_dirs()
-        if reported and Path(reported) not in roots:
-            roots.insert(0, Path(reported))
+    if args.state_dir and not os.path.isdir(args.state_dir):
+        print(f"lrctl runs: --state-dir {args.state_dir}: no such directory", file=sys.stderr)
+        return 2
+    # (reported: the state directory of the controller on the socket)
+    roots, reported = state_roots(args.socket, args.state_dir)
     runs = []
     for root in roots:
         # Live means served by the controller of this directory (its lock names its

@@ -53,6 +53,10 @@ def journal_runs(state_dir: Path, live: dict[str, dict[str, Any]]) -> list[dict[
             print(f"lrctl: run {key}: its journal is damaged ({exc}); not listed",
                   file=sys.stderr)
             continue
+        try:
+            modified = paths.meta.stat().st_mtime
+        except FileNotFoundError:  # removed since it was listed (by 'lrctl prune')
+            continue
         end = last_event.record if last_event is not None else {}
         if key not in live and end.get("event") == "end" and end.get("outcome") == DISCARDED:
             continue  # ended before its first step: nothing to list (see discarded_end)
@@ -78,7 +82,7 @@ def journal_runs(state_dir: Path, live: dict[str, dict[str, Any]]) -> list[dict[
             "decisions": 0 if last_decision is None else int(last_decision.record["seq"]),
             "last_decision": None if last_decision is None else last_decision.record,
             "mlflow_run_id": cursor.get("run_id") or (meta.get("mlflow") or {}).get("run_id"),
-            "modified": paths.meta.stat().st_mtime, "state_dir": str(state_dir),
+            "modified": modified, "state_dir": str(state_dir),
         })
     now = time.time()
     for key, run in live.items():  # served with no journal (the controller runs --no-audit)

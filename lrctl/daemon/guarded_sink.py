@@ -54,6 +54,17 @@ class GuardedSink:
     def discard_prepared(self, info: RunInfo) -> None:
         self._call("discard_prepared", info)
 
+    def hold_journal(self, run_key: str) -> bool:
+        """See :meth:`Sink.hold_journal`; a sink that fails to say is taken to hold it."""
+        try:
+            return bool(self.sink.hold_journal(run_key))
+        except Exception as exc:
+            self._failed("hold_journal", exc)
+            return False
+
+    def release_journal(self, run_key: str) -> None:
+        self._call("release_journal", run_key)
+
     @property
     def error(self) -> str | None:
         """The latest failure of a method that has not succeeded since, for status."""

@@ -21,11 +21,13 @@ import logging
 import os
 import socket
 import stat
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .. import paths
 from .admission import bind_unix
+from .retention import gate
 
 if TYPE_CHECKING:
     from .process import ServeOptions
@@ -79,6 +81,10 @@ class Listening:
         self.release_state_lock()
 
 
+#: How long a controller's start waits for an ``lrctl prune`` that holds its state
+#: directory's gate (it holds it while it moves at most a request's worth of journals).
+GATE_WAIT_S = 10.0
+
 #: flock errors of a filesystem that has no locks (NFS mounted nolock, Lustre without
 #: -o flock): the controller goes on unlocked, and says so.
 _NO_LOCKS = {errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP}
@@ -112,10 +118,21 @@ def take_lock(path: str | Path, socket_path: str | None = None) -> int | str | N
     return fd
 
 
-def lock_state_dir(listening: Listening, state: Path) -> None:
+def lock_state_dir(listening: Listening, state: Path,
+                   gate_wait_s: float = GATE_WAIT_S) -> None:
     """Take ``state``'s ``controller.lock`` for ``listening``'s life, or raise
-    :class:`AlreadyServing` naming the controller that uses the directory."""
-    taken = take_lock(state / paths.STATE_LOCK, listening.path)
+    :class:`AlreadyServing` naming the controller that uses the directory. First, an
+    ``lrctl prune`` moving journals there with no controller running is waited for (up
+    to ``gate_wait_s``; see :func:`~lrctl.daemon.retention.gate`): the directory is not
+    taken from under it, and this controller does not go elsewhere for finding it held."""
+    def waiting() -> None:  # (before the log is open: stderr, where serve's output goes)
+        print(f"lrctl serve: waiting for an 'lrctl prune' at work in {state} (up to "
+              f"{gate_wait_s:g} s)", file=sys.stderr, flush=True)
+
+    with gate(state, gate_wait_s, waiting) as why:
+        if why is not None:  # (held past the wait, or no locks there: said, not fatal)
+            listening.notes.append(f"{why}: started without waiting for it")
+        taken = take_lock(state / paths.STATE_LOCK, listening.path)
     if isinstance(taken, str):
         raise AlreadyServing(f"another controller (pid {taken}) already uses the state "
                              f"directory {state}; give this one its own --state-dir (or "
@@ -165,8 +182,8 @@ def relock_state_dir(listening: Listening, state: Path) -> str | None:
     take the new one's (and write it again). Why not, when it cannot (another
     controller started on it meanwhile)."""
     listening.release_state_lock()
-    try:
-        lock_state_dir(listening, state)
+    try:  # (on the loop: a prune in a directory made anew just now is not waited for long)
+        lock_state_dir(listening, state, gate_wait_s=0.5)
         if listening.owns_state:  # its owner file went too: else another socket's
             paths.claim_state_dir(state, listening.path)  # controller would claim it
     except (AlreadyServing, OSError) as exc:

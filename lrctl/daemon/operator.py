@@ -1,5 +1,5 @@
 """Operator verbs (``lrctl status / runs / set-lr / pause / resume / reload / decay /
-rollback``): one request, one answer.
+rollback / prune``): one request, one answer.
 
 An operator's change to a run is a decision of the policy ``operator``: journaled,
 checkpointed and pushed to the run's hook like any other (see ``Server.publish``).
@@ -13,6 +13,7 @@ import os
 import sys
 import time
 from collections.abc import Mapping
+from dataclasses import asdict
 from typing import TYPE_CHECKING, Any
 
 from .._version import __version__
@@ -20,7 +21,9 @@ from ..sinks._ship_state import FILES_WAIT
 from ..sinks.shipper_proxy import rss_kib
 from ..wire.errors import ProtocolError
 from ..wire.messages import float_in, get_int, get_str
+from .retention import MAX_RUNS_PER_REQUEST
 from .session import Session
+from .upkeep import move_aside
 
 if TYPE_CHECKING:
     from .server import Server
@@ -30,7 +33,7 @@ __all__ = ["MAX_DECISIONS_PER_FRAME", "OPERATOR_TYPES", "answer", "find"]
 log = logging.getLogger("lrctl.daemon")
 
 OPERATOR_TYPES = frozenset({"runs", "set_lr", "clear_lr", "pause", "resume", "status",
-                            "reload", "decay", "rollback"})
+                            "reload", "decay", "rollback", "prune"})
 MAX_DECISIONS_PER_FRAME = 32
 
 
@@ -47,6 +50,8 @@ def answer(server: Server, t: str, msg: Mapping[str, Any]) -> dict[str, Any]:
             for k, s in sorted(server.sessions.items())]}
     if t == "reload":
         return _reload(server, get_str(msg, "run", max_len=96, optional=True))
+    if t == "prune":
+        return _prune(server, msg)
     key = get_str(msg, "run", max_len=96)
     session = find(server.sessions, key or "")
     if t == "set_lr":
@@ -146,3 +151,32 @@ def _reload(server: Server, name: str | None) -> dict[str, Any]:
     return {"t": "ok", "run": sessions[0].key if name else "*",
             "message": ("; " if name else "\n").join(lines) or "no watched runs",
             "decisions": decisions[:MAX_DECISIONS_PER_FRAME]}
+
+
+def _prune(server: Server, msg: Mapping[str, Any]) -> dict[str, Any]:
+    """``lrctl prune``: move aside the journals of the runs named that may go (see
+    :mod:`~lrctl.daemon.retention`), here on the loop, where none of them opens
+    meanwhile; the asker deletes them."""
+    where = get_str(msg, "state_dir", max_len=4096) or ""
+    if not server.state_dir or os.path.realpath(where) != os.path.realpath(server.state_dir):
+        serves = server.state_dir or "no state directory"
+        raise ProtocolError(f"this controller serves from {serves}, not {where}",
+                            "bad_message")
+    if not server.store.writable:  # (deleted and made again, another controller's now)
+        raise ProtocolError(f"{server.state_dir} is not this controller's to change now "
+                            "(see 'lrctl status')", "state_dir")
+    keys = msg.get("runs")
+    if (not isinstance(keys, list) or len(keys) > MAX_RUNS_PER_REQUEST
+            or not all(isinstance(k, str) for k in keys)):
+        raise ProtocolError(f"runs must be a list of at most {MAX_RUNS_PER_REQUEST} run "
+                            "keys", "bad_message")
+    older = float_in(msg.get("older_than_s"), "older_than_s")
+    if not (math.isfinite(older) and older >= 0):
+        raise ProtocolError(f"older_than_s must be finite and >= 0, but got {older!r}",
+                            "bad_message")
+    moved, kept = move_aside(server, keys, time.time() - older)
+    if moved:
+        log.info("operator: prune: the journals of %d ended run(s) moved aside to be "
+                 "deleted: %s", len(moved), " ".join(p.run for p in moved))
+    return {"t": "pruned", "moved": [asdict(p) for p in moved],
+            "kept": {key: asdict(why) for key, why in kept.items()}}

@@ -15,7 +15,9 @@ and dispatch (hello, observation, bye, housekeeping); its collaborators each own
 * :mod:`~lrctl.daemon.live_reload`: watched policy files applied to running sessions;
 * :mod:`~lrctl.daemon.checkpoints`: when each run is checkpointed, and by which thread;
 * :mod:`~lrctl.daemon.guarded_sink`: the journal/MLflow sink, whose failures never
-  end the loop.
+  end the loop;
+* :mod:`~lrctl.daemon.upkeep`: the hourly removals (detached checkpoints past their
+  time), and the journals ``lrctl prune`` asks it to move aside.
 
 Durability of decisions (group commit): a decision goes to the sink (the journal)
 as it is made; every frame sent after it in the same loop wake-up is held, and at
@@ -54,6 +56,7 @@ from .session import Session
 from .state_dir import StateDirWatch
 from .store import StateStore
 from .transport import Conn, Transport, Unavailable
+from .upkeep import Upkeep
 
 #: How long a ``runs`` answer may be sent again to another asker (see Server._runs_frame).
 RUNS_FRESH_S = 0.25
@@ -94,7 +97,7 @@ class Server(Observing):
         self._stopping = False
         self._no_hook_since = self.started  # when the last hook left (or the start)
         self._housekeeping_at = 0.0
-        self._prune_at = 0.0
+        self.upkeep = Upkeep(self)  # the hourly removals
         # The loop's clock, read once per wake-up.
         self._now = self.started
         self.transport = Transport(listeners, self, limits=self.limits, token=token,
@@ -235,9 +238,7 @@ class Server(Observing):
                     if self.state_watch.check():
                         self._state_dir_recreated()
                     self.store.foreign = self.state_watch.foreign
-                    if now >= self._prune_at:
-                        self._prune_at = now + self.limits.prune_interval_s
-                        self._prune_detached()
+                    self.upkeep.tick(now)
                     self._evict_idle()
                     self._exit_if_idle()
                     self.handshakes.expire(now)
@@ -376,18 +377,6 @@ class Server(Observing):
         self.sink.restore()
         for key in list(self.sessions):
             self.checkpoints.save(key)
-
-    def _prune_detached(self) -> None:
-        """Forget the runs evicted without their hook longer ago than ``detached_keep_s``."""
-        try:
-            removed = self.store.prune_detached(self.limits.detached_keep_s)
-        except OSError as exc:  # (the state dir gone: its check says so)
-            log.error("cannot prune the checkpoints of detached runs: %s", exc)
-            return
-        if removed:
-            log.info("removed %d checkpoint(s) of runs evicted without their hook over %.0f "
-                     "days ago (their journals stay)", removed,
-                     self.limits.detached_keep_s / 86400)
 
     def _exit_if_idle(self) -> None:
         """``idle_exit``: stop once no hook has been connected for that long; and, whatever

@@ -163,6 +163,21 @@ class Preparations:
         if stale:
             prepared.discard(remove_dir=self._closed)
 
+    def hold(self, key: str, busy: Callable[[str], bool]) -> bool:
+        """(Owner thread) Keep ``key`` from being prepared while its directory is moved
+        away (``lrctl prune``): False, and nothing held, when it is prepared or being
+        prepared already, or ``busy(key)``; else it is busy until :meth:`release`."""
+        with self._lock:
+            if self._closed or key in self._runs or key in self._busy or busy(key):
+                return False
+            self._busy.add(key)
+        return True
+
+    def release(self, key: str) -> None:
+        """Let :meth:`hold`'s ``key`` be prepared again."""
+        with self._lock:
+            self._busy.discard(key)
+
     def take(self, info: RunInfo) -> PreparedRun | None:
         """The run prepared for ``info``, if any (one prepared for another ``info`` of the
         same key is discarded: the hello that asked for it changed)."""

@@ -153,6 +153,14 @@ class AuditSink(GroupCommit, RunSync, Sink):
         return (run_key in self._runs or run_key in self._closing
                 or self._syncer.busy(run_key))
 
+    def hold_journal(self, run_key: str) -> bool:
+        """(Owner thread) See :meth:`Sink.hold_journal`: not a run open or ending here,
+        nor one the hello worker is preparing (which it does not start meanwhile)."""
+        return self._prepared.hold(run_key, self._busy)
+
+    def release_journal(self, run_key: str) -> None:
+        self._prepared.release(run_key)
+
     def _prepare(self, info: RunInfo) -> PreparedRun:
         return prepare_open(self.state_dir, info, env=self._env,
                             experiment=self.settings.experiment,

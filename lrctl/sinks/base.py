@@ -144,6 +144,18 @@ class Sink(ABC):
         """The state dir was deleted and made again: write back what belongs there."""
         return None
 
+    def hold_journal(self, run_key: str) -> bool:
+        """(Owner thread) Whether ``run_key``'s journal directory is none of this sink's
+        business now (not open, ending, prepared or being prepared), so that ``lrctl
+        prune`` may move it away; if so, the sink prepares no such run on another thread
+        until :meth:`release_journal` (the owner thread, busy moving it, opens none). The
+        default (a sink that keeps no journal): True."""
+        return True
+
+    def release_journal(self, run_key: str) -> None:
+        """The end of :meth:`hold_journal`'s hold. The default does nothing."""
+        return None
+
     @abstractmethod
     def close(self) -> None:
         """Controller shutdown: flush everything that can be flushed, stop workers."""

@@ -17,6 +17,7 @@ from typing import Any
 
 from live_controller import wait_until_serving
 
+import lrctl
 from lrctl.daemon import Limits, Server
 from lrctl.daemon.store import StateStore
 from lrctl.protocol import FrameDecoder
@@ -97,6 +98,19 @@ def until(what: Callable[[], Any], why: str, deadline_s: float = 90.0) -> Any:
         assert time.monotonic() < deadline, f"timed out waiting for {why}"
         threading.Event().wait(0.1)
     return got
+
+
+def train(name: str, steps: int) -> lrctl.Controller:
+    """A sync hook (never spawning a controller) on a run named ``name``, after ``steps``
+    steps of SGD on two weights, its loss ``2 / (t + 1)``: the ``lrctl.Controller``."""
+    import torch  # (here: the helpers' other users need none)
+
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.ones(2))], lr=0.1)
+    ctl = lrctl.attach(opt, sync=True, spawn=False, run_name=name)
+    for t in range(steps):
+        ctl.step(2.0 / (t + 1), grad_norm=1.0)
+        opt.step()
+    return ctl
 
 
 def losses(n: int, seed: int = 0, spikes: tuple[int, ...] = ()) -> list[float]:

@@ -239,6 +239,45 @@ def test_preparations_of_a_deleted_state_dir_or_after_shutdown_are_dropped(root:
     assert not RunPaths.of(root / "state", "late").root.exists()
 
 
+def test_a_run_held_for_a_prune_is_not_prepared_and_a_run_in_use_is_not_held(
+        root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``lrctl prune`` moves a run's journal on the loop while the sink holds the run: the
+    hello worker prepares no such run meanwhile, and a run prepared, being prepared, open
+    or ending is never held."""
+    sink = AuditSink(root / "state", NO_MLFLOW)
+    run_dir = RunPaths.of(root / "state", "k").root
+    assert sink.hold_journal("k")
+    _on_thread(sink.prepare_run, _info("k"))  # a hello for it, meanwhile
+    assert not run_dir.exists() and not sink._prepared._runs
+    sink.release_journal("k")
+    _on_thread(sink.prepare_run, _info("k"))
+    assert run_dir.is_dir() and not sink.hold_journal("k")  # prepared, not yet claimed
+    sink.open_run(_info("k"))
+    assert not sink.hold_journal("k")  # open
+    sink.close_run("k")
+    assert sink.flush()
+    assert sink.hold_journal("k")  # ended, its files closed: none of the sink's business
+    sink.release_journal("k")
+
+    started, go = threading.Event(), threading.Event()
+    real = sink._prepare
+
+    def slow(info: RunInfo) -> Any:
+        started.set()
+        assert go.wait(30)
+        return real(info)
+    monkeypatch.setattr(sink, "_prepare", slow)
+    worker = threading.Thread(target=sink.prepare_run, args=(_info("k2"),))
+    worker.start()
+    try:
+        assert started.wait(30)
+        assert not sink.hold_journal("k2")  # being prepared
+    finally:
+        go.set()
+        worker.join(30)
+    sink.close()
+
+
 class _GatedPrepare(AuditSink):
     """The real sink; ``prepare_run`` notes its thread, then waits for ``gate``."""
 

@@ -7,8 +7,7 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
-from daemon_helpers import ControllerProc
+from daemon_helpers import ControllerProc, train
 
 import lrctl
 from lrctl.cli import main
@@ -29,12 +28,7 @@ def _views(capsys: pytest.CaptureFixture[str], all_too: bool = True,
 
 
 def _train(name: str, steps: int = STEPS) -> lrctl.Controller:
-    opt = torch.optim.SGD([torch.nn.Parameter(torch.ones(2))], lr=0.1)
-    ctl = lrctl.attach(opt, sync=True, spawn=False, run_name=name)
-    for t in range(steps):
-        ctl.step(2.0 / (t + 1), grad_norm=1.0)
-        opt.step()
-    return ctl
+    return train(name, steps)
 
 
 def test_the_views_agree_on_live_detached_and_ended_runs(

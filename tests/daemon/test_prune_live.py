@@ -1,0 +1,88 @@
+"""``lrctl prune`` beside a real controller: it is the controller that moves the journals
+of its state directory (on its loop, where no run opens meanwhile), never a run it
+holds; and a controller that starts while a prune moves journals with none running
+waits for it rather than taking the directory from under it (or going elsewhere)."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import pytest
+from daemon_helpers import ControllerProc, train, until
+
+from lrctl import paths
+from lrctl.cli import main
+from lrctl.daemon.retention import controller_holds, gate
+from lrctl.sinks._ship_state import shipping
+from lrctl.sinks.journal import RunPaths
+from lrctl.wire.operator import request
+
+
+def _age(root: Path, days: float) -> None:
+    t = time.time() - days * 86400
+    for path in [root, *root.rglob("*")]:
+        os.utime(path, (t, t), follow_symlinks=False)
+
+
+def test_a_running_controller_moves_the_journals_and_keeps_the_runs_it_holds(
+        make_controller, capsys: pytest.CaptureFixture[str]) -> None:  # type: ignore[no-untyped-def]
+    controller: ControllerProc = make_controller(audit=True)
+    state = Path(controller.state_dir)
+    done = train("done", 60)
+    done.close()  # said goodbye
+    live = train("live", 60)  # its hook connected
+    gone = train("gone", 60)
+    gone.close(end_run=False)  # its hook went: the controller holds the run
+    keys = {name: ctl.run_key for name, ctl in (("done", done), ("live", live), ("gone", gone))}
+    assert all(keys.values())
+    until(lambda: shipping(RunPaths.of(state, keys["done"]))[0] == "shipped",
+          "the ended run to be all in MLflow (its timeline drawn)", 180)
+    for key in keys.values():
+        _age(RunPaths.of(state, key).root, 40)
+
+    assert main(["prune", "--state-dir", str(state)]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith(f"removed {keys['done']} (ended ")
+    assert out[-1].startswith("removed 1 run(s), ") and "kept 2: 2 resumable" in out[-1]
+    assert not RunPaths.of(state, keys["done"]).root.exists()
+    assert not any(name.startswith(".pruning-") for name in os.listdir(state / "runs"))
+    assert (f"operator: prune: the journals of 1 ended run(s) moved aside to be deleted: "
+            f"{keys['done']}") in controller.log.read_text()
+
+    # The runs it holds, asked for by name: held, whatever their files say.
+    reply = request({"t": "prune", "state_dir": os.path.realpath(state), "older_than_s": 0,
+                     "runs": [keys["live"], keys["gone"]]}, controller.socket)
+    assert reply == {"v": 1, "t": "pruned", "moved": [], "kept": {
+        keys["live"]: {"reason": "held", "detail": ""},
+        keys["gone"]: {"reason": "held", "detail": ""}}}
+    live.step(0.01, grad_norm=1.0)  # its journal goes on
+    live.close()
+    assert main(["runs", "--all", "--json", "--state-dir", str(state)]) == 0
+    assert keys["done"] not in capsys.readouterr().out
+
+
+def test_a_request_for_another_state_dir_is_refused(
+        controller: ControllerProc, tmp_path: Path) -> None:
+    from lrctl.wire.operator import ControllerError
+
+    with pytest.raises(ControllerError, match="this controller serves from "):
+        request({"t": "prune", "state_dir": str(tmp_path), "older_than_s": 0, "runs": []},
+                controller.socket)
+
+
+def test_a_controller_that_starts_during_an_offline_prune_waits_for_it(
+        make_controller) -> None:  # type: ignore[no-untyped-def]
+    proc: ControllerProc = make_controller(start=False)
+    state = paths.ensure_state_dir(proc.state_dir)
+    with gate(state, 0) as why:  # (an 'lrctl prune' with no controller running, moving)
+        assert why is None
+        proc.start(wait=False)
+        until(lambda: "waiting for an 'lrctl prune' at work in" in proc.log.read_text(),
+              "the controller's start to wait for the prune")
+        assert not controller_holds(state)  # it has not taken the directory meanwhile
+        assert proc.proc is not None and proc.proc.poll() is None
+    proc.wait_ready()
+    assert request({"t": "status"}, proc.socket)["state_dir"] == str(state)
+
