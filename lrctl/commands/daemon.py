@@ -14,6 +14,7 @@ import time
 from typing import Any, NoReturn
 
 from ._client import SOCKET_HELP, ask, state_roots
+from .prune import days as _days
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -63,6 +64,10 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                    help="read every hook's observations as they come, so each wakes the "
                         "controller (by default a fast async hook is read on a timer, and "
                         "its sends wake nobody: see 'Paced reading' in the README)")
+    p.add_argument("--keep-ended-days", type=_days, metavar="DAYS",
+                   help="remove, hourly, the journals of runs that ended over DAYS ago and "
+                        "are all in MLflow, as 'lrctl prune --older-than DAYS' would "
+                        "(default: kept until you prune them)")
     p.add_argument("--shutdown-grace", type=_positive_seconds, metavar="SECONDS",
                    help="after SIGTERM/SIGINT, exit with status 75 if the shutdown has not "
                         "finished this long (default 5); a second signal exits at once")
@@ -123,6 +128,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         options.idle_exit = args.idle_exit
         if not args.state_dir:  # taken by another controller: this socket's own instead
             options.state_fallback = str(paths.own_state_dir(socket_path))
+        if args.keep_ended_days is not None:
+            options.keep_ended_s = args.keep_ended_days * 86400.0
         options.sched = args.sched
         options.pacing = not args.no_pacing
         if args.stall_timeout is not None:

@@ -48,6 +48,9 @@ class ServeOptions:
     # Read fast async hooks on a timer, so that their sends wake nobody (see pacing.py);
     # False: every observation wakes the controller (--no-pacing).
     pacing: bool = True
+    # Remove the journals of runs that ended this long ago, all in MLflow, hourly (see
+    # upkeep.py; None: never, the default).
+    keep_ended_s: float | None = None
     # Where to serve from when another controller holds state_dir (None: refuse, exit 3):
     # this socket's own directory, for a state_dir chosen by default, not given.
     state_fallback: str | None = None
@@ -115,7 +118,7 @@ def _start(options: ServeOptions, state: Path, listening: Listening,
                     socket_path=options.socket_path, state_dir=str(state),
                     watch=options.watch, policies_dir=options.policies_dir,
                     session_timeout=options.session_timeout, idle_exit=options.idle_exit,
-                    pacing=options.pacing)
+                    pacing=options.pacing, keep_ended_s=options.keep_ended_s)
     server.state_watch.relock = lambda: relock_state_dir(listening, state)
     server.transport.admission.relock = lambda: relock_socket(listening)
     monitor = LoopMonitor(lambda: server.last_wake, stall_s=options.stall_timeout,

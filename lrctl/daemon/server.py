@@ -17,7 +17,8 @@ and dispatch (hello, observation, bye, housekeeping); its collaborators each own
 * :mod:`~lrctl.daemon.guarded_sink`: the journal/MLflow sink, whose failures never
   end the loop;
 * :mod:`~lrctl.daemon.upkeep`: the hourly removals (detached checkpoints past their
-  time), and the journals ``lrctl prune`` asks it to move aside.
+  time; with ``--keep-ended-days``, the journals of runs ended long ago), and the
+  journals ``lrctl prune`` asks it to move aside.
 
 Durability of decisions (group commit): a decision goes to the sink (the journal)
 as it is made; every frame sent after it in the same loop wake-up is held, and at
@@ -78,7 +79,7 @@ class Server(Observing):
                  session_timeout: float | None = DEFAULT_SESSION_TIMEOUT,
                  debounce_s: float = DEFAULT_DEBOUNCE_S,
                  idle_exit: float | None = None, limits: Limits | None = None,
-                 pacing: bool = True) -> None:
+                 pacing: bool = True, keep_ended_s: float | None = None) -> None:
         self.limits = limits or Limits()
         self._runs_cache: tuple[float, tuple[int, int, int], bytes] | None = None
         self.decided = 0
@@ -97,7 +98,7 @@ class Server(Observing):
         self._stopping = False
         self._no_hook_since = self.started  # when the last hook left (or the start)
         self._housekeeping_at = 0.0
-        self.upkeep = Upkeep(self)  # the hourly removals
+        self.upkeep = Upkeep(self, keep_ended_s)  # the hourly removals
         # The loop's clock, read once per wake-up.
         self._now = self.started
         self.transport = Transport(listeners, self, limits=self.limits, token=token,

@@ -86,3 +86,26 @@ def test_a_controller_that_starts_during_an_offline_prune_waits_for_it(
     proc.wait_ready()
     assert request({"t": "status"}, proc.socket)["state_dir"] == str(state)
 
+
+def test_serve_keep_ended_days_prunes_by_itself(
+        make_controller) -> None:  # type: ignore[no-untyped-def]
+    """``--keep-ended-days 30``: the controller's hourly look (its first at its start)
+    removes the journals an earlier controller left of runs that ended over 30 days ago,
+    all in MLflow; a run that ended 29 days ago stays."""
+    first: ControllerProc = make_controller(audit=True)
+    state = Path(first.state_dir)
+    keys = {}
+    for name in ("old", "recent"):
+        ctl = train(name, 60)
+        ctl.close()
+        keys[name] = ctl.run_key
+    for key in keys.values():
+        until(lambda key=key: shipping(RunPaths.of(state, key))[0] == "shipped",
+              "the ended runs to be all in MLflow", 180)
+    assert first.stop() == 0
+    _age(RunPaths.of(state, keys["old"]).root, 31)
+    _age(RunPaths.of(state, keys["recent"]).root, 29)
+    second: ControllerProc = make_controller(["--keep-ended-days", "30"], audit=True)
+    until(lambda: "removed the journals of 1 run(s) that ended over 30 days ago, all in "
+                  "MLflow" in second.log.read_text(), "the controller's sweep")
+    assert sorted(os.listdir(state / "runs")) == [keys["recent"]]
