@@ -8,11 +8,37 @@ A mixin of :class:`~lrctl.hook.Controller`, whose attributes these methods use.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from collections.abc import Mapping
+
+    from ._link import Link
+
 __all__ = ["Closing"]
 
 
 class Closing:
     """The end of a run's hook (see the module docstring)."""
+
+    if TYPE_CHECKING:  # what it uses of the Controller (for type checkers only)
+        timeout: float
+        _quiet_allowed: bool
+        _closed: bool
+        _hook_handle: Any
+        _link: Link | None
+        _metrics: dict[str, Any]
+        _step: int
+        _acked: int
+        _reported: int
+        _got_error: bool
+
+        def _flush_pending(self) -> None: ...
+        def _report_last_step(self) -> None: ...
+        def _drain_staged(self, block: bool) -> None: ...
+        def _send(self, t: int, loss: float | None, grad: float | None,
+                  metrics: Mapping[str, Any], end: bool = False) -> None: ...
+        def _warn(self, key: str, message: str) -> None: ...
 
     def close(self, end_run: bool = True) -> None:
         """Flush what the controller should see, unhook, disconnect.

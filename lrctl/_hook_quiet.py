@@ -12,8 +12,14 @@ from __future__ import annotations
 
 import math
 from time import perf_counter
+from typing import TYPE_CHECKING, Any
 
 from ._batching import Batching
+
+if TYPE_CHECKING:
+    from ._guard import StepGuard
+    from ._link import Link
+    from ._staging import DeviceStaging
 
 __all__ = ["QuietSteps"]
 
@@ -22,6 +28,33 @@ _INF = math.inf
 
 class QuietSteps:
     """Steps that report nothing (see the module docstring)."""
+
+    if TYPE_CHECKING:  # what it uses of the Controller (for type checkers only)
+        every: int
+        scaler: Any
+        should_skip: bool
+        rolled_back: int | None
+        _step: int
+        _acked: int
+        _reported: int
+        _held: dict[int, list[float]]
+        _batch: Batching | None
+        _link: Link | None
+        _guard: StepGuard
+        _staging: DeviceStaging
+        _metrics: dict[str, Any]
+        _quiet_allowed: bool
+        _order_known: bool
+        _last_stepped: int
+        _excused: bool
+        _calls_without_step: int
+        _intervals_with_extra: int
+        _unreported_loss: Any
+        _unreported_grad: Any
+
+        def _interval_ended(self) -> None: ...
+        def _promote(self) -> None: ...
+        def _apply(self) -> None: ...
 
     def _held_quietly(self, batch: Batching, loss: float, grad_norm: float | None) -> bool:
         """``every="auto"``: a quiet step (host floats, nothing standing out, nothing

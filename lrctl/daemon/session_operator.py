@@ -9,16 +9,29 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..wire.errors import ProtocolError
 from ..wire.messages import get_int, get_str
+
+if TYPE_CHECKING:
+    from ..config import PolicyFile
+    from ..policy import Engine
 
 __all__ = ["OperatorActions"]
 
 
 class OperatorActions:
     """A run's operator verbs (see the module docstring)."""
+
+    if TYPE_CHECKING:  # what it uses of the Session (for type checkers only)
+        key: str
+        engine: Engine
+        policy: PolicyFile
+        loop_base: list[float] | None
+        operator_mode: str | None
+
+        def _record(self, decision: dict[str, Any]) -> dict[str, Any]: ...
 
     def set_lr(self, lr: float, steps: int | None) -> dict[str, Any]:
         initial = self.engine.initial_lrs[0]

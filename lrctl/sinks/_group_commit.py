@@ -10,16 +10,37 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .._parallel import in_parallel
 from ._open_run import OpenRun
 from .journal import StreamWriter, fsync_path
+
+if TYPE_CHECKING:
+    from ._held import HeldLines
+    from ._syncer import Syncer
+    from .base import Shipper
+    from .journal import JournalLine
 
 __all__ = ["GroupCommit"]
 
 
 class GroupCommit:
     """Durable, then shipped (see the module docstring)."""
+
+    if TYPE_CHECKING:  # what it uses of the AuditSink (for type checkers only)
+        shipper: Shipper | None
+        _runs: dict[str, OpenRun]
+        _closing: dict[str, OpenRun]
+        _held: HeldLines
+        _syncer: Syncer
+        _uncommitted: list[tuple[str, str, JournalLine, StreamWriter]]
+        _unsynced_paths: dict[Path, None]
+
+        def _reap(self) -> None: ...
+        def _written(self, run_key: str, stream: str, line: JournalLine,
+                     writer: StreamWriter) -> None: ...
 
     def commit(self) -> None:
         """Group commit: fsync every journal file appended to since the last commit, once,
