@@ -98,6 +98,10 @@ class Upkeep:
             log.error("--keep-ended-days: %s; the next sweep tries again", exc)
             self._sweep = []
             return
+        except Exception:  # (on the loop: one run's odd files must not end the controller)
+            log.exception("--keep-ended-days: the sweep failed; the next one tries again")
+            self._sweep = []
+            return
         if not self._sweep and (self._remover is None or not self._remover.is_alive()):
             self._remover = threading.Thread(target=_remove, name="lrctl-prune", daemon=True,
                                              args=(server.state_dir, self.keep_ended_s))

@@ -108,16 +108,21 @@ def shipping(paths: RunPaths) -> tuple[ShipState, str | None]:
     acknowledged and all its journal with it), ``unshipped`` (never to be shipped: no
     MLflow target, or no ``meta.json`` yet), ``journal only`` (MLflow refused it, or its
     cursor was damaged: never shipped again) or ``open`` (all shipped so far, not ended).
-    :class:`DamagedFile` when its meta or cursor cannot be read."""
+    :class:`DamagedFile` when its meta or cursor cannot be read, or holds a field of the
+    wrong kind (JSON, but not what lrctl writes there)."""
     meta = read_json(paths.meta, {}, strict=True)  # (none: not a run's journal yet)
     cursor = read_json(paths.cursor, {}, strict=True)
-    uri = (meta.get("mlflow") or {}).get("tracking_uri")
-    if not uri:
-        return "unshipped", None
-    if cursor.get("failed"):
-        return "journal only", str(uri)
-    if _behind(paths, cursor):
-        return "behind", str(uri)
+    try:
+        uri = (meta.get("mlflow") or {}).get("tracking_uri")
+        if not uri:
+            return "unshipped", None
+        if cursor.get("failed"):
+            return "journal only", str(uri)
+        if _behind(paths, cursor):
+            return "behind", str(uri)
+    except (AttributeError, TypeError) as exc:  # JSON objects, but not of lrctl's making
+        raise DamagedFile(f"{paths.meta} or {paths.cursor} is damaged (a field of the wrong "
+                          f"kind: {exc})") from None
     return ("shipped" if cursor.get("finished") else "open"), str(uri)
 
 

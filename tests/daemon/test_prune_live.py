@@ -109,3 +109,47 @@ def test_serve_keep_ended_days_prunes_by_itself(
     until(lambda: "removed the journals of 1 run(s) that ended over 30 days ago, all in "
                   "MLflow" in second.log.read_text(), "the controller's sweep")
     assert sorted(os.listdir(state / "runs")) == [keys["recent"]]
+
+
+def _ended_journal(state: Path, key: str, meta: dict, cursor: dict | None = None,
+                   marked: bool = False) -> Path:
+    """A run's journal as a controller leaves it, by hand: ended (its last event its end),
+    no checkpoint, last written 40 days ago; ``marked``: a controller's start found it all
+    in MLflow (it skips it from then on)."""
+    import json
+
+    root = RunPaths.of(state, key).root
+    root.mkdir(parents=True)
+    (root / "meta.json").write_text(json.dumps({"run_key": key, **meta}))
+    (root / "events.jsonl").write_text(json.dumps(
+        {"seq": 1, "event": "end", "wall_time": time.time() - 40 * 86400}) + "\n")
+    if cursor is not None:
+        (root / "cursor.json").write_text(json.dumps(cursor))
+    if marked:
+        (root / "shipped").touch()
+    _age(root, 40)
+    return root
+
+
+def test_a_journal_of_odd_shape_is_kept_and_the_sweep_goes_on(
+        make_controller, short_dir: Path,
+        capsys: pytest.CaptureFixture[str]) -> None:  # type: ignore[no-untyped-def]
+    """A cursor that is JSON but not of lrctl's shape (here ``streams`` a list), in a run
+    that a controller's start skips (marked shipped): ``--keep-ended-days`` neither ends the
+    controller at its first sweep nor stops sweeping there; the run is kept as damaged,
+    the others go; ``lrctl prune`` says so, and exits 0, with no traceback."""
+    state = paths.ensure_state_dir(short_dir / "state")
+    odd = _ended_journal(state, "a-odd", {"mlflow": {"tracking_uri": "sqlite:///x.db"}},
+                         {"finished": True, "streams": []}, marked=True)
+    plain = _ended_journal(state, "b-plain", {})  # (no MLflow target: nothing to wait for)
+    controller: ControllerProc = make_controller(["--keep-ended-days", "30"], audit=True)
+    until(lambda: not plain.exists(), "the sweep to remove the plain run's journal")
+    assert odd.is_dir()
+    assert controller.proc is not None and controller.proc.poll() is None
+    assert request({"t": "status"}, controller.socket)["pid"] == controller.pid
+    assert controller.stop() == 0
+    assert main(["prune", "--state-dir", str(state), "--older-than", "0"]) == 0
+    out, err = capsys.readouterr()
+    assert out.splitlines()[-1] == "removed 0 run(s), 0 bytes; kept 1: 1 damaged"
+    assert "run a-odd: " in err and "a field of the wrong kind" in err
+    assert odd.is_dir()
