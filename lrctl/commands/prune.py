@@ -194,13 +194,15 @@ def _ask(root: Path, batch: list[str], older_s: float,
 
 
 def _kept(tally: _Tally, kept: dict[str, Kept]) -> None:
-    """Count the runs kept, by why; name on stderr those kept for what is wrong."""
+    """Count the runs kept, by why; name on stderr those kept for what is wrong. One that
+    could not be moved aside (it may go, but did not) makes the exit status 1."""
     from ..daemon.retention import DAMAGED, FAILED
 
     for key, why in kept.items():
         tally.kept[why.reason] += 1
         if why.reason in (DAMAGED, FAILED):
             print(f"lrctl prune: run {key}: {why.detail}; kept", file=sys.stderr)
+        tally.failed = tally.failed or why.reason == FAILED
 
 
 def _said(tally: _Tally, size: int, verb: str, key: str, what: str, where: str) -> None:

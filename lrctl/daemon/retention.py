@@ -221,8 +221,11 @@ def _move(runs_fd: int, key: str) -> Kept | None:
     try:
         if not stat.S_ISDIR(os.stat(key, dir_fd=runs_fd, follow_symlinks=False).st_mode):
             return Kept(GONE)
-        if _exists(MOVED + key, runs_fd):  # an interrupted prune's: the next one finishes it
-            return Kept(FAILED, f"{MOVED}{key} is in the way (the next prune removes it)")
+        there = _mode(MOVED + key, runs_fd)
+        if there is not None:  # an interrupted prune's: the next one finishes it
+            return Kept(FAILED, f"{MOVED}{key} is in the way " + (
+                "(the next prune removes it)" if stat.S_ISDIR(there) else
+                "(not a directory a prune moved aside: remove it by hand)"))
         os.rename(key, MOVED + key, src_dir_fd=runs_fd, dst_dir_fd=runs_fd)
     except FileNotFoundError:
         return Kept(GONE)
@@ -231,12 +234,12 @@ def _move(runs_fd: int, key: str) -> Kept | None:
     return None
 
 
-def _exists(name: str, dir_fd: int) -> bool:
+def _mode(name: str, dir_fd: int) -> int | None:
+    """The ``st_mode`` of ``name`` (a symlink's own), None if there is nothing there."""
     try:
-        os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+        return os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_mode
     except FileNotFoundError:
-        return False
-    return True
+        return None
 
 
 def tree_size(runs_fd: int, name: str) -> int:

@@ -198,3 +198,22 @@ def test_a_runs_symlink_is_never_followed(state: Path, tmp_path: Path,
     assert main(["prune", "--state-dir", str(state)]) == 1
     assert f"{state / 'runs'}: " in capsys.readouterr().err
     assert _tree(elsewhere) == before
+
+
+def test_a_journal_that_cannot_be_moved_aside_makes_the_exit_status_1(
+        state: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Something that is no directory at old-done's moved-aside name (no prune made it, and
+    none removes it): old-done is kept, said on stderr with what to do, and the exit status
+    is 1 (as when a moved journal cannot be deleted); no-mlflow still goes."""
+    squatter = state / "runs" / ".pruning-old-done"
+    squatter.write_text("not a prune's")
+    assert main(["prune", "--state-dir", str(state)]) == 1
+    captured = capsys.readouterr()
+    assert ("run old-done: .pruning-old-done is in the way (not a directory a prune moved "
+            "aside: remove it by hand); kept") in captured.err
+    assert "removed no-mlflow (ended " in captured.out
+    assert "1 not movable" in captured.out.splitlines()[-1]
+    assert (state / "runs" / "old-done").is_dir() and squatter.read_text() == "not a prune's"
+    squatter.unlink()
+    assert main(["prune", "--state-dir", str(state)]) == 0
+    assert "removed old-done (ended " in capsys.readouterr().out
