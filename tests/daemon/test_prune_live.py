@@ -39,6 +39,12 @@ def test_a_running_controller_moves_the_journals_and_keeps_the_runs_it_holds(
     assert all(keys.values())
     until(lambda: shipping(RunPaths.of(state, keys["done"]))[0] == "shipped",
           "the ended run to be all in MLflow (its timeline drawn)", 180)
+    # The controller looks at each run named again, whatever the asker saw: the ended run,
+    # written to just now, is kept (the CLI's own look is only a first sort).
+    reply = request({"t": "prune", "state_dir": os.path.realpath(state),
+                     "older_than_s": 30 * 86400, "runs": [keys["done"]]}, controller.socket)
+    assert reply["moved"] == [] and reply["kept"] == {
+        keys["done"]: {"reason": "recent", "detail": ""}}
     for key in keys.values():
         _age(RunPaths.of(state, key).root, 40)
 
