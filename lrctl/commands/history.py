@@ -49,6 +49,8 @@ def journal_runs(state_dir: Path, live: dict[str, dict[str, Any]]) -> list[dict[
         try:
             last_decision = last_line(paths.stream("decisions"))
             last_event = last_line(paths.stream("events"))
+        except FileNotFoundError:  # removed since it was listed (by 'lrctl prune')
+            continue
         except JournalError as exc:  # one run's damage: said, the others listed
             print(f"lrctl: run {key}: its journal is damaged ({exc}); not listed",
                   file=sys.stderr)

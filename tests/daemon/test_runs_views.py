@@ -149,3 +149,30 @@ def test_without_a_journal_a_resumable_checkpoint_is_listed_as_detached(
     assert set(listed) == {"kept"}
     assert listed["kept"]["state"] == "detached" and listed["kept"]["step"] == 19
     assert listed["kept"]["lrs"] == [0.1]
+
+
+def test_runs_all_skips_a_run_whose_journal_goes_while_it_is_read(
+        short_dir, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:  # type: ignore[no-untyped-def]
+    """'lrctl prune' moves a journal aside (one rename) at any moment, also between a
+    stream's stat and its open in the reader: that run is left out, the others listed."""
+    import os
+    import time
+
+    from lrctl.sinks import journal
+
+    runs = short_dir / "state" / "runs"
+    for key in ("a-going", "b-staying"):
+        (runs / key).mkdir(parents=True)
+        (runs / key / "meta.json").write_text(json.dumps({"run_name": key}))
+        (runs / key / "events.jsonl").write_text(json.dumps(
+            {"seq": 1, "event": "end", "wall_time": time.time()}) + "\n")
+    real = journal.open_stream
+
+    def moved_first(path):  # type: ignore[no-untyped-def]
+        if path.parent.name == "a-going" and path.parent.exists():
+            os.rename(path.parent, runs / ".pruning-a-going")  # (prune's move, right then)
+        return real(path)
+    monkeypatch.setattr(journal, "open_stream", moved_first)
+    assert main(["runs", "--all", "--json", "--state-dir", str(short_dir / "state")]) == 0
+    assert [r["run"] for r in json.loads(capsys.readouterr().out)] == ["b-staying"]
