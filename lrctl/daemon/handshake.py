@@ -142,6 +142,10 @@ class Handshakes:
             session.watch = hello.watch
             session.engine.start_at(hello.start_step)  # the welcome's LRs: its first step's
             srv.start(session)
+            # A run rejoined by key after its end (its checkpoint gone) starts afresh at the
+            # hook's first step: its journal goes on from there, as after a resume from an
+            # earlier state, not dropping the steps (and decisions) it already had as replays.
+            srv.sink.rewind(hello.run, hello.start_step - 1)
         self._join(conn, hello, session, restored, job.takeover)
         if rewound is not None:
             log.info("run %s: %s", hello.run, rewound["reason"])
