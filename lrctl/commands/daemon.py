@@ -35,7 +35,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                                         "$LRCTL_TOKEN_FILE)")
     p.add_argument("--detach", action="store_true",
                    help="run in the background (a new session; output to STATE_DIR/"
-                        "controller.out); the command returns once the socket is bound")
+                        "controller.out); the command returns once the controller serves, "
+                        "or with its error and exit status if it could not start")
     p.add_argument("--foreground", action="store_true",
                    help="stay attached and log to stderr (the default; kept for scripts)")
     p.add_argument("--idle-exit", type=_positive_seconds, metavar="SECONDS",
@@ -141,7 +142,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print(f"lrctl serve: {exc}", file=sys.stderr)
         return 3
     except (OSError, ValueError) as exc:
-        print(f"lrctl serve: {exc}", file=sys.stderr)
+        # A file the options name (--log-file, --token-file, --state-dir) as "PATH: why",
+        # not Python's "[Errno 2] No such file or directory: 'PATH'".
+        said = (f"{exc.filename}: {exc.strerror}"
+                if isinstance(exc, OSError) and exc.filename and exc.strerror else exc)
+        print(f"lrctl serve: {said}", file=sys.stderr)
         return 2
     _exit_now(code)
 

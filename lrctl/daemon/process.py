@@ -100,8 +100,7 @@ def _start(options: ServeOptions, state: Path, listening: Listening,
     """Everything between binding and the loop: the state dir's lock, detaching, the log,
     the store, the sink and the server, the stop signals."""
     state = lock_state(listening, options, state)
-    if not options.foreground:
-        _detach(options, state, listening)
+    started = None if options.foreground else _detach(options, state, listening)
     _setup_logging(options, state)
     for note in listening.notes:
         log.warning("%s", note)
@@ -132,6 +131,9 @@ def _start(options: ServeOptions, state: Path, listening: Listening,
         signal.signal(sig, on_signal)
     log.info("lrctl controller pid %d listening on %s (state in %s)", os.getpid(),
              _where(options, listening), state)
+    if started is not None:  # the parent of `serve --detach` waits for this
+        os.write(started, b"1")
+        os.close(started)
     if ready is not None:
         ready(listening)
     return server, monitor
@@ -161,28 +163,74 @@ def _where(options: ServeOptions, listening: Listening) -> str:
             f"{listening.tcp.getsockname()[1]}")
 
 
-def _detach(options: ServeOptions, state: Path, listening: Listening) -> None:
-    """Fork into the background in a new session; the parent reports and exits.
+def _detach(options: ServeOptions, state: Path, listening: Listening) -> int:
+    """Fork into the background in a new session; the parent waits until the child has
+    started, reports, and exits. Returns the child's end of the pipe on which it says it
+    has started (written once the server is built, just before the loop runs).
 
     The sockets are bound before the fork, so a refused start is reported by the
-    parent's exit status, and the lock passes to the child with the open file.
+    parent's exit status; so is a start that fails after the fork (a ``--log-file`` that
+    cannot be opened, say): the child exits without saying it started, and the parent
+    repeats its last line of ``controller.out`` and its exit status. (Before, the parent
+    said "listening" and exited 0 whatever became of the child.)
     """
+    out_path = state / "controller.out"
+    out = paths.open_private(out_path, os.O_WRONLY | os.O_APPEND)
+    offset = os.lseek(out, 0, os.SEEK_END)
+    read_end, write_end = os.pipe()
     pid = os.fork()
     if pid:
-        print(f"lrctl controller pid {pid} listening on {_where(options, listening)}; "
-              f"log: {_log_path(options, state)}")
-        os._exit(0)
+        os.close(write_end)
+        os.close(out)
+        code = _await_start(pid, read_end, out_path, offset)
+        if code == 0:
+            print(f"lrctl controller pid {pid} listening on {_where(options, listening)}; "
+                  f"log: {_log_path(options, state)}")
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    os.close(read_end)
     os.setsid()
     for fd in (listening.lock_fd, listening.state_lock_fd):
         if fd >= 0:  # (none where the state directory's filesystem has no locks)
             os.pwrite(fd, paths.lock_text(os.getpid()), 0)  # the pid's line: same length
     devnull = os.open(os.devnull, os.O_RDWR)
-    out = paths.open_private(state / "controller.out", os.O_WRONLY | os.O_APPEND)
     os.dup2(devnull, 0)
     os.dup2(out, 1)
     os.dup2(out, 2)
     os.close(devnull)
     os.close(out)
+    return write_end
+
+
+#: How long ``serve --detach`` waits for its controller to start before it reports the
+#: socket bound anyway (a start restores the runs checkpointed in the state directory).
+DETACH_WAIT_S = 30.0
+
+
+def _await_start(pid: int, fd: int, out_path: Path, offset: int) -> int:
+    """The exit status ``serve --detach`` ends with: 0 once the child ``pid`` says on
+    ``fd`` that it has started (or is still starting after :data:`DETACH_WAIT_S`: its
+    socket is bound), else the child's own, with its last words (what it wrote to
+    ``out_path`` after ``offset``) on stderr."""
+    import select
+
+    readable, _, _ = select.select([fd], [], [], DETACH_WAIT_S)
+    said = os.read(fd, 1) if readable else b"still starting"
+    os.close(fd)
+    if said:
+        return 0
+    _, status = os.waitpid(pid, 0)  # it closed the pipe without a word: it has exited
+    code = os.waitstatus_to_exitcode(status)
+    try:
+        with open(out_path, "rb") as f:
+            f.seek(offset)
+            lines = f.read(1 << 16).decode("utf-8", "replace").strip().splitlines()
+    except OSError:
+        lines = []
+    print(lines[-1] if lines else f"lrctl serve: the controller (pid {pid}) exited with "
+          f"status {code} before it started; see {out_path}", file=sys.stderr)
+    return code if code > 0 else 1
 
 
 def _log_path(options: ServeOptions, state: Path) -> str:

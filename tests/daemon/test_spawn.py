@@ -492,3 +492,18 @@ def test_a_script_that_spawned_a_controller_exits_without_a_resource_warning(
         for pid in pids:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGTERM)
+
+
+def test_serve_detach_reports_a_start_that_fails_after_the_fork(short_dir) -> None:  # type: ignore[no-untyped-def]
+    """The background controller's start can fail after the socket is bound (here: its
+    --log-file cannot be opened). `serve --detach` said "listening" and exited 0 while the
+    controller was already gone; now it waits for the start and says why it failed."""
+    log_file = short_dir / "missing" / "x.log"
+    out = subprocess.run([sys.executable, "-m", "lrctl", "serve", "--detach", "--no-audit",
+                          "--log-file", str(log_file)],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2, (out.stdout, out.stderr)
+    assert "listening" not in out.stdout
+    assert str(log_file) in out.stderr and "No such file or directory" in out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1, out.stderr
+    assert not os.path.exists(os.environ["LRCTL_SOCKET"])
