@@ -83,7 +83,7 @@ def cmd_reload(args: argparse.Namespace) -> int:
     else:
         print(f"{reply['run']}: {reply['message']}")
     failed = any(d.get("action") == "reload_failed" for d in reply.get("decisions", []))
-    return 1 if failed else 0
+    return 1 if failed or reply.get("missing") else 0
 
 
 def cmd_mode(args: argparse.Namespace) -> int:

@@ -150,7 +150,9 @@ def _reload(server: Server, name: str | None) -> dict[str, Any]:
     lines += problems
     return {"t": "ok", "run": sessions[0].key if name else "*",
             "message": ("; " if name else "\n").join(lines) or "no watched runs",
-            "decisions": decisions[:MAX_DECISIONS_PER_FRAME]}
+            "decisions": decisions[:MAX_DECISIONS_PER_FRAME],
+            # Files that could not be read: nothing was applied from them (exit status 1).
+            "missing": problems}
 
 
 def _prune(server: Server, msg: Mapping[str, Any]) -> dict[str, Any]:

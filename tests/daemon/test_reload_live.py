@@ -338,3 +338,21 @@ def test_an_edit_no_check_used_to_catch_is_refused_and_the_watcher_lives_on(
                lambda: _run(second.run_key)["policy_sha256"] == sha(plateau(0.25)))
         second.step(1.0, grad_norm=1.0)
         ctl.step(1.0, grad_norm=1.0)
+
+
+def test_lrctl_reload_of_a_missing_file_exits_1(
+        make_controller: Callable[..., ControllerProc], tmp_path: Path) -> None:
+    """`lrctl reload RUN` when the run's policy file is gone: nothing could be re-read, the
+    run keeps its policy, and the verb says so with exit status 1 (it exited 0, so that
+    `lrctl reload RUN && echo applied` said applied)."""
+    make_controller(["--no-watch"])
+    path = tmp_path / "p.yaml"
+    path.write_text(plateau(0.5))
+    with lrctl.attach(_opt(), policy=str(path), sync=True, spawn=False, run_name="r") as ctl:
+        ctl.step(1.0)
+        path.unlink()
+        for args in (("reload", "r"), ("reload",)):
+            out = _cli(*args)
+            assert out.returncode == 1, (args, out)
+            assert f"{path}: file not found" in out.stdout + out.stderr
+        assert _run(ctl.run_key)["policy_sha256"] == sha(plateau(0.5))
