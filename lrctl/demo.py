@@ -172,12 +172,11 @@ def _where_to_look(steered: DemoResult, fixed: DemoResult, out: TextIO) -> None:
 def _shipped(run_keys: list[str], wait_s: float = 60.0) -> bool:
     """Wait until the controller's MLflow shipper has finished each run (its cursor says
     so), so that what the demo then prints about MLflow is true; False after ``wait_s``."""
-    from . import paths
     from .sinks.journal import find_run_paths, read_json
 
     deadline = time.monotonic() + wait_s
     while True:  # (another version's controller keeps its own state dir: state_dirs)
-        roots = paths.state_dirs()
+        roots = _state_roots()
         if all((read_json(find_run_paths(key, roots).cursor, {}) or {}).get("finished")
                for key in run_keys):
             return True
@@ -188,15 +187,31 @@ def _shipped(run_keys: list[str], wait_s: float = 60.0) -> bool:
 
 def _shipped_to(run_key: str | None) -> str | None:
     """The tracking URI the controller chose for the run (its journal says), or None."""
-    from . import paths
     from .sinks.journal import find_run_paths, read_json
 
     if not run_key:
         return None
-    meta = read_json(find_run_paths(run_key, paths.state_dirs()).meta, {}) or {}
+    meta = read_json(find_run_paths(run_key, _state_roots()).meta, {}) or {}
     target = meta.get("mlflow")
     uri = target.get("tracking_uri") if isinstance(target, dict) else None
     return uri if isinstance(uri, str) else None
+
+
+def _state_roots() -> list[Path]:
+    """Where the demo's journals can be: the state directory of the controller on the
+    default socket, as it reports it (one started with ``lrctl serve --state-dir D``
+    keeps its runs in D, where no default looks), then the default ones, as
+    ``lrctl decisions`` looks. (With the default ones alone, the demo waited 75 s for a
+    controller started with --state-dir, said MLflow had not received the runs, and drew
+    no picture.)"""
+    from . import paths
+    from .commands._client import live_state_dir
+
+    roots = paths.state_dirs()
+    live = live_state_dir(None)
+    if live and Path(live) not in roots:
+        roots.insert(0, Path(live))
+    return roots
 
 
 def _controller_note(out: TextIO) -> None:
@@ -213,13 +228,12 @@ def _controller_note(out: TextIO) -> None:
 
 def _timeline(run: DemoResult, wait_s: float = 15.0) -> Path | None:
     """Draw the steered run's timeline from the controller's journal, once it is complete."""
-    from . import paths
     from .sinks.journal import find_run_paths, read_lines
     from .timeline import render_run
 
     if run.run_key is None:
         return None
-    run_paths = find_run_paths(run.run_key, paths.state_dirs())
+    run_paths = find_run_paths(run.run_key, _state_roots())
     events = run_paths.stream("events")
     deadline = time.monotonic() + wait_s
     while time.monotonic() < deadline:  # the controller journals the run's end after `bye`

@@ -91,3 +91,54 @@ def test_the_ui_hint_follows_the_tracking_uri() -> None:
     server = demo.open_ui_lines("http://mlflow.lab:5000/")
     assert server[0] == "  open the UI:  browse http://mlflow.lab:5000"
     assert not any("mlflow ui" in line for line in server)
+
+
+def test_demo_finds_its_runs_with_a_controller_started_with_state_dir(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`lrctl serve --state-dir D` on $LRCTL_SOCKET keeps the runs in D, where no default
+    looks. The demo looked in the default directories only: it waited 75 s, said MLflow
+    had not received its runs (it had) and drew no picture. It now asks the controller
+    for its state directory, as `lrctl decisions` does."""
+    import math
+
+    import torch
+
+    import lrctl
+    from lrctl import demo
+
+    short = Path(tempfile.mkdtemp(prefix="lrd-", dir="/tmp"))
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("LRCTL_SOCKET", str(short / "s.sock"))
+    monkeypatch.setenv("LRCTL_STATE_DIR", str(tmp_path / "default"))  # not the served one
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.chdir(tmp_path)
+    proc = subprocess.Popen([sys.executable, "-m", "lrctl", "serve", "--foreground",
+                             "--socket", str(short / "s.sock"),
+                             "--state-dir", str(tmp_path / "served")],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        while not (short / "s.sock").exists():
+            assert proc.poll() is None and time.monotonic() < deadline, "no controller"
+            time.sleep(0.05)
+        opt = torch.optim.SGD([torch.nn.Parameter(torch.ones(1))], lr=0.1)
+        with lrctl.attach(opt, run_name="demo-lrctl", sync=True, spawn=False) as ctl:
+            for _ in range(5):
+                ctl.step(1.0, grad_norm=1.0)
+        key = ctl.run_key
+        assert key is not None
+        picture = demo._timeline(demo.DemoResult("lrctl", math.nan, math.nan, None,
+                                                 run_key=key), wait_s=5.0)
+        assert picture is not None and picture.read_bytes()[:4] == b"\x89PNG"
+        assert demo._shipped([key], wait_s=120.0)
+        assert demo._shipped_to(key) == uri
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        for p in short.iterdir():
+            p.unlink()
+        short.rmdir()
