@@ -231,3 +231,27 @@ def test_replay_into_a_reader_that_leaves_exits_quietly() -> None:
         os.close(write_end)
     assert proc.returncode == 141, proc.stderr
     assert "Broken pipe" not in proc.stderr
+
+
+def test_replay_errors_name_the_option_or_the_file_and_line(tmp_path: Path) -> None:
+    """A bad --lr was blamed on the shipped policy file ("default.yaml: base_lrs must be
+    ..."); a missing curve said "[Errno 2] ..."; one not in UTF-8, or a row the engine
+    refused (steps going back), did not say which file or line."""
+    result = lrctl("replay", "--lr", "-1")
+    assert result.returncode == 2
+    assert result.stderr.strip() == "lrctl replay: --lr must be finite and >= 0, but got -1.0"
+    missing = tmp_path / "nope.csv"
+    result = lrctl("replay", "--curve", str(missing))
+    assert result.returncode == 1
+    assert result.stderr.strip() == (f"lrctl replay: cannot read {missing}: "
+                                     "No such file or directory")
+    curve = tmp_path / "curve.csv"
+    curve.write_bytes(b"step,loss\n0,1.0\n1,caf\xe9\n")
+    result = lrctl("replay", "--curve", str(curve))
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert f"{curve}: not UTF-8 text" in result.stderr
+    curve.write_text("step,loss\n5,1.0\n\n3,1.0\n")  # (a blank line: line 4 all the same)
+    result = lrctl("replay", "--curve", str(curve))
+    assert result.returncode == 1
+    assert result.stderr.strip().startswith(f"lrctl replay: {curve}:4: ")
+    assert "3" in result.stderr and "5" in result.stderr

@@ -66,8 +66,9 @@ def cmd_validate(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
-def read_curve(path: str) -> Iterator[dict[str, float | None]]:
-    """Rows of a recorded curve: ``step`` and ``loss`` required, other columns are metrics."""
+def read_curve(path: str) -> Iterator[tuple[int, dict[str, float | None]]]:
+    """Rows of a recorded curve, each with its line number in the file: ``step`` and
+    ``loss`` required, other columns are metrics."""
     # utf-8-sig: a spreadsheet's "CSV UTF-8" starts with a byte-order mark
     with open(path, newline="", encoding="utf-8-sig") as f:
         reader = csv.DictReader(f)
@@ -81,14 +82,16 @@ def read_curve(path: str) -> Iterator[dict[str, float | None]]:
         if len(set(named)) != len(named):
             twice = sorted({name for name in named if named.count(name) > 1})
             raise ValueError(f"{path}:1: column {', '.join(twice)} named more than once")
-        for n, row in enumerate(reader, start=2):
-            if n > MAX_CURVE_ROWS:
+        for rows, row in enumerate(reader, start=1):
+            n = reader.line_num  # (blank lines are skipped, so not rows + 1)
+            if rows > MAX_CURVE_ROWS:
                 raise ValueError(f"{path}: more than {MAX_CURVE_ROWS} rows")
             if None in row:  # (DictReader's key for the fields past the header's)
                 raise ValueError(f"{path}:{n}: {len(reader.fieldnames) + len(row[None])} "
                                  f"fields, but the header has {len(reader.fieldnames)}")
             try:
-                yield {k: (float(v) if v not in ("", None) else None) for k, v in row.items()}
+                yield n, {k: (float(v) if v not in ("", None) else None)
+                          for k, v in row.items()}
             except ValueError as exc:
                 raise ValueError(f"{path}:{n}: {exc}") from None
 
@@ -108,6 +111,10 @@ def cmd_replay(args: argparse.Namespace) -> int:
     from ..policy import ObservationError
 
     lrs = args.lrs or [0.02]
+    bad = [lr for lr in lrs if not (math.isfinite(lr) and lr >= 0)]
+    if bad:  # (said by the engine as the policy file's "base_lrs" before)
+        print(f"lrctl replay: --lr must be finite and >= 0, but got {bad[0]}", file=sys.stderr)
+        return 2
     try:
         engine = load_policy(Path(args.policy), lrs, args.total_steps)
     except ConfigError as exc:
@@ -116,13 +123,17 @@ def cmd_replay(args: argparse.Namespace) -> int:
     steps = 0
     lr_min = lr_max = engine.applied_lrs[0]
     try:
-        for row in read_curve(args.curve):
+        for line, row in read_curve(args.curve):
             step = row.pop("step")
             if step is None or not float(step).is_integer():
-                raise ValueError(f"{args.curve}: bad step {step!r}")
+                raise ValueError(f"{args.curve}:{line}: bad step {step!r}")
             metrics = {k: v for k, v in row.items() if k not in ("loss", "grad_norm")
                        and v is not None}
-            applied = engine.update(int(step), row.get("loss"), row.get("grad_norm"), metrics)
+            try:
+                applied = engine.update(int(step), row.get("loss"), row.get("grad_norm"),
+                                        metrics)
+            except (ValueError, ObservationError) as exc:  # the row's: say where it is
+                raise ValueError(f"{args.curve}:{line}: {exc}") from None
             lr_min, lr_max = min(lr_min, applied[0]), max(lr_max, applied[0])
             steps += 1
             for d in engine.last_decisions:
@@ -134,8 +145,15 @@ def cmd_replay(args: argparse.Namespace) -> int:
     except BrokenPipeError:
         raise  # `lrctl replay | head`: the reader left (see cli.main)
     except (OSError, ValueError, ObservationError, csv.Error) as exc:
-        print(f"lrctl replay: {args.curve}: {exc}" if isinstance(exc, csv.Error)
-              else f"lrctl replay: {exc}", file=sys.stderr)
+        if isinstance(exc, OSError) and exc.strerror:  # not "[Errno 2] ...: 'PATH'"
+            said = f"cannot read {exc.filename or args.curve}: {exc.strerror}"
+        elif isinstance(exc, UnicodeDecodeError):
+            said = f"{args.curve}: not UTF-8 text ({exc.reason})"
+        elif isinstance(exc, csv.Error):
+            said = f"{args.curve}: {exc}"
+        else:
+            said = str(exc)
+        print(f"lrctl replay: {said}", file=sys.stderr)
         return 1
     if not args.json:
         print(f"\n{steps} steps replayed from {args.curve} through {args.policy}: "
