@@ -16,7 +16,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "decay", help="start a run's cooldown now (kind: wsd), or --cancel it",
         description="Start the cooldown of RUN's WSD policy after its last observed step: "
                     "the LR falls to the policy's min_lr_ratio over the next --steps steps "
-                    "(default: the policy's decay_steps). A cooldown under way restarts from "
+                    "(default: the policy's own length, decay_steps or decay_fraction x the "
+                    "run's length). A cooldown under way restarts from "
                     "its current level. --cancel, before it ends, returns to the stable LR. "
                     "Recorded as a decision and kept in the run's checkpoint.")
     p.add_argument("run", help="run key, run name or a unique key prefix")
