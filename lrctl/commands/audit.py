@@ -108,6 +108,7 @@ def find_run(query: str, state_dir: str | None = None) -> Any:
     from ..sinks.journal import RunPaths, list_run_keys, read_json
     from ._client import live_state_dir
 
+    live = None
     if state_dir:
         roots = [Path(state_dir)]
     else:
@@ -145,7 +146,12 @@ def find_run(query: str, state_dir: str | None = None) -> Any:
     if not matches:
         latest = sorted(found, key=lambda rk: _modified(RunPaths.of(*rk).meta))[-5:]
         known = ", ".join(k for _, k in latest) if latest else "none"
-        raise RunNotFound(f"no run matches {query!r} in {where} (latest runs: {known})")
+        # No run at all where it looked, and no controller answering: the runs may be in
+        # a directory given to 'lrctl serve --state-dir', where nobody looks. Say so.
+        hint = ("; a controller started with --state-dir D keeps its runs in D: pass "
+                "--state-dir D" if state_dir is None and live is None and not found else "")
+        raise RunNotFound(f"no run matches {query!r} in {where} (latest runs: {known})"
+                          f"{hint}")
     if len({root for root, _ in matches}) == 1:
         raise RunNotFound(f"{query!r} is ambiguous in {matches[0][0]}: "
                           f"{', '.join(k for _, k in matches[:10])}")

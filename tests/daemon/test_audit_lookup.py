@@ -53,3 +53,9 @@ def test_a_run_is_found_in_the_state_dir_of_the_controller_on_the_socket(
         assert missing.returncode == 2
         assert "no run matches 'own-state-dir'" in missing.stderr
         assert str(elsewhere) in missing.stderr
+        # ... and how to look where such a controller kept them (the message gave no
+        # hint, and 'latest runs: none' read as if the run were gone).
+        assert "pass --state-dir D" in missing.stderr
+        assert len(missing.stderr.strip().splitlines()) == 1
+        found = _cli(gone, "decisions", "own-state-dir", "--state-dir", srv.state_dir)
+        assert found.returncode == 0 and "warmup_done" in found.stdout, found.stderr
