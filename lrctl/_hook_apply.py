@@ -10,16 +10,65 @@ A mixin of :class:`~lrctl.hook.Controller`, whose attributes these methods use.
 from __future__ import annotations
 
 from time import perf_counter
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ._lr_history import LRHistory
 from ._torchutil import scaler_enabled
+
+if TYPE_CHECKING:
+    from ._batching import Batching
+    from ._dist import Distributed
+    from ._guard import StepGuard
+    from ._link import Link
+    from ._rollback import Rollbacks
+    from ._staging import DeviceStaging
+    from ._writer import LRWriter
 
 __all__ = ["Applying"]
 
 
 class Applying:
     """The decided LRs, in (see the module docstring)."""
+
+    if TYPE_CHECKING:  # what it uses of the Controller (for type checkers only)
+        sync: bool
+        every: int
+        timeout: float
+        scaler: Any
+        late_waits: int
+        should_stop: bool
+        should_skip: bool
+        _initial: list[float]
+        _target: list[float]
+        _writer: LRWriter
+        _history: LRHistory
+        _history_cap: int
+        _applied: LRHistory | None
+        _frozen: int
+        _calls_without_step: int
+        _intervals_with_extra: int
+        _excused: bool
+        _last_scale: float | None
+        _last_stepped: int
+        _step: int
+        _reported: int
+        _prev_reported: int
+        _acked: int
+        _held: dict[int, list[float]]
+        _late: bool
+        _after_order: bool
+        _got_error: bool
+        _staging: DeviceStaging
+        _dist: Distributed
+        _urgent_steps: tuple[int, int]
+        _batch: Batching | None
+        _rollbacks: Rollbacks | None
+        _link: Link | None
+        _guard: StepGuard
+
+        def _drain_staged(self, block: bool) -> None: ...
+        def _pump(self, expect: bool = False) -> None: ...
+        def _warn(self, key: str, message: str) -> None: ...
 
     def _pre_step(self, *_: Any) -> None:
         """Optimizer pre-step hook: the LRs this optimizer step uses into the groups.

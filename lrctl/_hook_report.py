@@ -12,7 +12,7 @@ import math
 from collections.abc import Mapping
 from time import perf_counter
 from types import MappingProxyType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ._batching import Batching
 from ._lr_history import LRHistory
@@ -26,6 +26,13 @@ from ._torchutil import (
 from .wire.compact import encode_obs_compact
 from .wire.messages import MAX_PRIOR, encode_obs
 
+if TYPE_CHECKING:
+    from ._guard import StepGuard
+    from ._link import Link
+    from ._rollback import Rollbacks
+    from ._staging import DeviceStaging
+    from ._writer import LRWriter
+
 __all__ = ["Reporting"]
 
 _NO_METRICS: Mapping[str, Any] = MappingProxyType({})
@@ -36,6 +43,53 @@ MAX_USED = 512
 
 class Reporting:
     """The statistics of a step, out (see the module docstring)."""
+
+    if TYPE_CHECKING:  # what it uses of the Controller (for type checkers only)
+        optimizer: Any
+        sync: bool
+        every: int
+        timeout: float
+        scaler: Any
+        overflows: int
+        late_waits: int
+        should_skip: bool
+        rolled_back: int | None
+        _target: list[float]
+        _writer: LRWriter
+        _history: LRHistory
+        _applied: LRHistory | None
+        _frozen: int
+        _excused: bool
+        _step: int
+        _compute_grad_norm: bool
+        _reported: int
+        _prev_reported: int
+        _unreported_loss: Any
+        _unreported_grad: Any
+        _acked: int
+        _held: dict[int, list[float]]
+        _late: bool
+        _after_order: bool
+        _said_ran: bool
+        _metrics: dict[str, Any]
+        _got_error: bool
+        _staging: DeviceStaging
+        _urgent_steps: tuple[int, int]
+        _batch: Batching | None
+        _rollbacks: Rollbacks | None
+        _restored_unreported: int | None
+        _link: Link | None
+        _guard: StepGuard
+        _order_known: bool
+        _after_order_expected: bool
+
+        def _apply(self) -> None: ...
+        def _count_calls(self) -> None: ...
+        def _due_step(self) -> int: ...
+        def _next_optimizer_step(self) -> int: ...
+        def _promote(self) -> None: ...
+        def _used_at(self, step: int) -> list[float] | None: ...
+        def _warn(self, key: str, message: str) -> None: ...
 
     def _step_fully(self, batch: Batching | None, loss: Any, grad_norm: Any,
                     scaler: Any) -> None:

@@ -7,9 +7,14 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ._torchutil import lr_value, to_float
+
+if TYPE_CHECKING:
+    from ._dist import Distributed
+    from ._link import Link
+    from ._writer import LRWriter
 
 __all__ = ["STATE_FORMAT", "Resuming", "checkpoint_lrs", "resume_state", "sanitize_run_name"]
 
@@ -69,6 +74,33 @@ def checkpoint_lrs(saved: Mapping[str, Any]) -> list[float] | None:
 
 class Resuming:
     """``state_dict`` and ``load_state_dict`` of the hook (see the module docstring)."""
+
+    if TYPE_CHECKING:  # what it uses of the Controller (for type checkers only)
+        timeout: float
+        run_key: str | None
+        _initial: list[float]
+        _target: list[float]
+        _writer: LRWriter
+        _step: int
+        _resume: str | None
+        _reported: int
+        _metrics: dict[str, Any]
+        _dist: Distributed
+        _link: Link | None
+        _controller_version: str | None
+        _saved_session: dict[str, Any] | None
+        _resume_token: str | None
+        _connect_args: tuple[Any, str | None, str | None, bool, str | None, float, float]
+        _state_refused: bool
+
+        def _apply(self) -> None: ...
+        def _broadcast(self) -> None: ...
+        def _connect(self, policy: Any, run_name: str | None, address: str | None,
+                     spawn: bool, token: str | None, spawn_timeout: float,
+                     max_backoff: float) -> None: ...
+        def _fetch_session(self) -> dict[str, Any] | None: ...
+        def _token(self) -> str | None: ...
+        def _warn(self, key: str, message: str) -> None: ...
 
     def state_dict(self) -> dict[str, Any]:
         """What to keep in your own checkpoint to resume this run exactly.
