@@ -25,6 +25,7 @@ if TYPE_CHECKING:
 
     from .admission import Admission
     from .pacing import Pacing
+    from .ratelog import RateLog
 
 __all__ = ["Writing"]
 
@@ -42,6 +43,17 @@ class Writing:
     _backlogged: dict[Conn, None]
     pacing: Pacing | None
     _unpace: Callable[[Conn], None]
+
+    if TYPE_CHECKING:  # what it uses of the Transport (for type checkers only)
+        nconns: int
+        nremote: int
+        rlog: RateLog
+        _reading: Conn | None
+        _holding: bool
+        _held: list[Conn]
+
+        def release(self) -> None: ...
+        def _hung_up(self, conn: Conn) -> None: ...
 
     def send(self, conn: Conn, msg: Mapping[str, Any], limit: int = MAX_FRAME) -> None:
         if conn.dead:

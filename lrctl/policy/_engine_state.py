@@ -13,7 +13,12 @@ from ._operator import finite_lrs as _finite_lrs
 from ._rollback import SnapshotBook
 
 if TYPE_CHECKING:
+    from collections import deque
+
+    from ._base import Policy, StepContext
+    from ._decision import Decision
     from ._engine import Engine
+    from ._operator import OperatorControls
 
 __all__ = ["STATE_VERSION", "EngineState"]
 
@@ -23,8 +28,30 @@ STATE_VERSION = 1
 class EngineState:
     """State out and in, and the hot reload (see the module docstring)."""
 
+    if TYPE_CHECKING:  # what it uses of the Engine (for type checkers only)
+        initial_lrs: tuple[float, ...]
+        total_steps: int | None
+        policies: list[Policy]
+        names: list[str]
+        policy_sha256: str
+        last_step: int | None
+        should_stop: bool
+        decision_count: int
+        snapshots: SnapshotBook | None
+        operator: OperatorControls
+        _mode: str
+        _stale: bool
+        _unusable: bool
+        _lrs: tuple[float, ...]
+        _lrs_multiplier: float | None
+        _decisions: deque[Decision]
+        _ctx: StepContext
+        mode: str  # (a property of OperatorVerbs, with its setter)
+
+        def _compute(self, step: int) -> list[float]: ...
+
     # -- hot reload ----------------------------------------------------------------
-    def inherit(self: Engine, old: Engine) -> dict[str, list[str]]:
+    def inherit(self, old: Engine) -> dict[str, list[str]]:
         """Continue ``old``'s run with this engine's policies (a hot reload).
 
         Policies are matched by ``(name, kind)``. A match keeps its state —
@@ -68,13 +95,13 @@ class EngineState:
         return summary
 
     # -- state -------------------------------------------------------------------
-    def state_dict(self: Engine) -> dict[str, Any]:
+    def state_dict(self) -> dict[str, Any]:
         state = self._state()
         if self.snapshots is not None:  # only then: the state of other runs is unchanged
             state["snapshots"] = self.snapshots.state_dict()
         return state
 
-    def _state(self: Engine) -> dict[str, Any]:
+    def _state(self) -> dict[str, Any]:
         return {
             "version": STATE_VERSION,
             "initial_lrs": list(self.initial_lrs),
@@ -92,7 +119,7 @@ class EngineState:
             ],
         }
 
-    def load_state_dict(self: Engine, state: Mapping[str, Any]) -> None:
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
         if state.get("version") != STATE_VERSION:
             raise ValueError(f"unsupported engine state version {state.get('version')!r}")
         if list(state["initial_lrs"]) != list(self.initial_lrs):

@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ._base import Policy
 from ._decision import Decision
@@ -86,7 +86,6 @@ class OperatorVerbs:
     _mode: str
     _decisions: deque[Decision]
 
-    applied_lrs: list[float]  # the engine's property
     policies: list[Policy]
     names: list[str]
     _order: list[int]
@@ -94,6 +93,12 @@ class OperatorVerbs:
     _stale: bool
     _lrs_multiplier: float | None
     _compute: Callable[[int], list[float]]
+
+    if TYPE_CHECKING:  # what it uses of the Engine (for type checkers only)
+        @property
+        def applied_lrs(self) -> list[float]: ...  # the engine's property
+        def request_rollback(self, to: int | None = None) -> tuple[int, int]: ...  # Snapshotting's
+
     @property
     def mode(self) -> str:
         """``active``, or ``shadow``: the policies decide, the LRs hold (see :meth:`set_mode`)."""
@@ -167,7 +172,7 @@ class OperatorVerbs:
         """An operator's rollback: the hook restores its newest snapshot at or before
         ``to`` (default: its newest) at its next step, ``lag`` steps after the last
         observed one. ``ValueError`` when it holds none (nothing changes then)."""
-        target, now = self.request_rollback(to)  # type: ignore[attr-defined] (Snapshotting)
+        target, now = self.request_rollback(to)
         lrs = self.applied_lrs
         return self._operator_decision(
             "rollback", lrs, f"rollback to the snapshot of step {target} requested by an "
