@@ -8,6 +8,10 @@ from __future__ import annotations
 
 import os
 import sys
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from types import FrameType
 
 __all__ = ["callers_level"]
 
@@ -27,7 +31,8 @@ def callers_level() -> int:
         if path:
             inside.append(os.path.dirname(os.path.abspath(path)) + os.sep)
     prefixes = tuple(inside)
-    level, frame = 2, sys._getframe(2)  # 1: the warning helper; 2: its caller
+    level = 2
+    frame: FrameType | None = sys._getframe(2)  # 1: the warning helper; 2: its caller
     while frame is not None and frame.f_code.co_filename.startswith(prefixes):
         level, frame = level + 1, frame.f_back
     return level

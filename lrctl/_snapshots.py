@@ -21,7 +21,10 @@ import copy
 import sys
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from typing import TypeGuard
 
 __all__ = ["Snapshot", "SnapshotRing"]
 
@@ -137,7 +140,7 @@ class SnapshotRing:
                 b.copy_(saved, non_blocking=b.is_cuda)
 
 
-def _is_tensor(value: Any) -> bool:
+def _is_tensor(value: Any) -> TypeGuard[Any]:
     torch = sys.modules.get("torch")
     return torch is not None and isinstance(value, torch.Tensor)
 

@@ -85,7 +85,7 @@ class _Loader(yaml.SafeLoader):
         if self._nodes > MAX_NODES:
             raise yaml.MarkedYAMLError(problem=f"more than {MAX_NODES} YAML nodes",
                                        problem_mark=self.peek_event().start_mark)
-        return super().compose_node(parent, index)  # type: ignore[no-any-return]
+        return super().compose_node(parent, index)
 
 
 class YamlReader:

@@ -28,7 +28,7 @@ import logging
 import warnings
 import weakref
 from collections import deque
-from typing import Any
+from typing import Any, cast
 
 from ._batching import Batching
 from ._callers import callers_level
@@ -145,7 +145,7 @@ class Controller(Resuming, LinkSide, QuietSteps, Reporting, Applying, Closing):
         self._watch = bool(watch)
         self.total_steps = total_steps
         self.sync = bool(sync)
-        self.every = 1 if auto else every
+        self.every = 1 if auto else cast(int, every)  # (an int >= 1, checked above)
         self.timeout = float(timeout)
         # base="loop": the run's LRs are the schedule's reference, which torch's schedulers
         # keep as initial_lr: one made before attach (a warmup from 0) has already set lr.

@@ -196,11 +196,11 @@ def run_mlflow(cfg: MlflowConfig, progress: Progress | None = None) -> dict[str,
             Row("lrctl async, no audit", summary([x * 1e3 for x in base]), "ms",
                 summary(ratios(base, data["bare"])), "bare")]
     for name in ("lrctl async, MLflow sqlite", "lrctl async, MLflow sqlite, slowed"):
-        r = summary(ratios(data[name], base))
+        ratio = summary(ratios(data[name], base))
         gated = name.endswith("slowed")
-        rows.append(Row(name, summary([x * 1e3 for x in data[name]]), "ms", r, "no audit",
+        rows.append(Row(name, summary([x * 1e3 for x in data[name]]), "ms", ratio, "no audit",
                         f"≤ {SLOW_RATIO}×" if gated else "",
-                        (r["median"] <= SLOW_RATIO) if gated else None))
+                        (ratio["median"] <= SLOW_RATIO) if gated else None))
     result["overhead"] = [row.to_dict() for row in rows]
     return result
 

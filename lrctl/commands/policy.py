@@ -87,8 +87,8 @@ def read_curve(path: str) -> Iterator[tuple[int, dict[str, float | None]]]:
             if rows > MAX_CURVE_ROWS:
                 raise ValueError(f"{path}: more than {MAX_CURVE_ROWS} rows")
             if None in row:  # (DictReader's key for the fields past the header's)
-                raise ValueError(f"{path}:{n}: {len(reader.fieldnames) + len(row[None])} "
-                                 f"fields, but the header has {len(reader.fieldnames)}")
+                raise ValueError(f"{path}:{n}: {len(fields) + len(row[None])} "
+                                 f"fields, but the header has {len(fields)}")
             try:
                 yield n, {k: (float(v) if v not in ("", None) else None)
                           for k, v in row.items()}

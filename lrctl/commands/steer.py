@@ -22,7 +22,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                                    "policies. Without --steps it holds until --clear.")
     # A negative LR is refused with its reason, not taken for an unknown option: argparse
     # knows "-0.1" for a number but not "-1e-3" or "-inf".
-    p._negative_number_matcher = _SIGNED_NUMBER  # type: ignore[attr-defined]
+    p._negative_number_matcher = _SIGNED_NUMBER
     p.add_argument("run", help="run key, run name or a unique key prefix")
     p.add_argument("lr", nargs="?", type=float, help="the LR")
     p.add_argument("--steps", type=int, help="hold for N steps, then release")

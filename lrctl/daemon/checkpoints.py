@@ -252,8 +252,8 @@ class Checkpoints:
         written = 0
         for items, until in ((gone, math.inf), (kept, deadline)):
             done, errors = self.store.write_many(items, until)
-            for key, exc in errors.items():
-                self._failed(key, exc)
+            for key, error in errors.items():
+                self._failed(key, error)
             for key in done:
                 session = self.sessions[key]
                 session.saved_step = session.last_step

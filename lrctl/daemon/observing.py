@@ -12,7 +12,7 @@ here too.
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from types import MappingProxyType
 from typing import Any
 
@@ -172,7 +172,7 @@ class Observing:
 
     def _observe_held(self, key: str, session: Session,
                       prior: list[tuple[int, float | None, float | None]],
-                      used: list[list[float] | None]) -> Step:
+                      used: Sequence[list[float] | None]) -> Step:
         """The held steps of a batched ``obs``, each observed in order; ``used``: the LRs
         each ran on, as the hook says (``pu``), else those in effect before the frame."""
         held = Step([], [], False, False)

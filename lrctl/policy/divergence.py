@@ -302,9 +302,9 @@ class Divergence(GuardState, GuardActions, LevelShift, RollbackEscalation, React
                         return self._give_back(given)
         elif (self._after is not None and evidence is None and judged_loss is not None
               and self._watch_loss and not self._stopped):
-            given = self._settle(judged_loss)
-            if given:
-                return given
+            settled = self._settle(judged_loss)
+            if settled:
+                return settled
         if evidence is not None:
             ctx.flags.add("spike")
             ctx.skip = ctx.skip or self._skips_spikes()

@@ -98,9 +98,10 @@ def encode_obs_compact(step: int, loss: float | None, grad_norm: float | None,
         return None
     held = b""
     if prior:
-        held = _held_steps(prior, prior_grads, prior_used)
-        if held is None:
+        steps = _held_steps(prior, prior_grads, prior_used)
+        if steps is None:
             return None
+        held = steps
         flags |= 8
     if used is None:
         if not held:
