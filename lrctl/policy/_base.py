@@ -22,7 +22,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from enum import StrEnum
+from enum import Enum
 from typing import Any, ClassVar
 
 from ..wire.floats import float_from_json, float_to_json
@@ -40,12 +40,19 @@ __all__ = [
 ]
 
 
-class Role(StrEnum):
-    """What a policy does in the engine (see the module docstring). A ``StrEnum``, so a
-    role still equals its name: ``role == "schedule"``."""
+class Role(str, Enum):
+    """What a policy does in the engine (see the module docstring). A ``str``, so a
+    role still equals its name: ``role == "schedule"``, and prints as it (as
+    ``enum.StrEnum``, which Python 3.10 lacks)."""
 
     SCHEDULE = "schedule"  # a factor on the initial LRs, a function of the step
     REACTIVE = "reactive"  # a multiplier changed in answer to what it observes
+
+    def __str__(self) -> str:
+        return str(self.value)
+
+    def __format__(self, spec: str) -> str:
+        return format(str(self.value), spec)
 
 
 SCHEDULE = Role.SCHEDULE

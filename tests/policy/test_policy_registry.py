@@ -217,3 +217,19 @@ def test_import_lrctl_is_light() -> None:
                             timeout=60)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "none"
+
+
+def test_a_role_is_its_name_as_a_string() -> None:
+    """``Role`` is a ``str`` enum that works on Python 3.10 (``enum.StrEnum`` is 3.11's):
+    it equals, prints, formats and serialises as its name, as user policies compare it."""
+    import json
+
+    from lrctl.policy import Role
+
+    for role, name in ((Role.SCHEDULE, "schedule"), (Role.REACTIVE, "reactive")):
+        assert role == name and hash(role) == hash(name)
+        assert (str(role), f"{role}", f"[{role:>9}]") == (name, name, f"[{name:>9}]")
+        assert json.dumps({"role": role}) == json.dumps({"role": name})
+    out = subprocess.run([sys.executable, "-m", "lrctl", "validate", "--kinds"],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and "warmup (schedule):" in out.stdout, out.stdout[:400]
