@@ -14,7 +14,7 @@ import secrets
 import sys
 import weakref
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import _spawn, paths
 from ._link import Link
@@ -24,6 +24,15 @@ from ._version import __version__
 from .wire.messages import float_in
 from .wire.operator import ControllerError, request
 from .wire.token import token_from_env
+
+if TYPE_CHECKING:
+    from collections import deque
+
+    from ._batching import Batching
+    from ._dist import Distributed
+    from ._guard import StepGuard
+    from ._rollback import Rollbacks
+    from ._writer import LRWriter
 
 __all__ = ["LinkSide", "PolicyRejected", "RunConflict"]
 
@@ -52,6 +61,48 @@ class LinkSide:
     _link: Link | None
     _warned: set[str]
     _closed: bool
+
+    if TYPE_CHECKING:  # what it uses of the Controller (for type checkers only)
+        total_steps: int | None
+        sync: bool
+        every: int
+        timeout: float
+        should_stop: bool
+        should_skip: bool
+        mode: str
+        run_key: str | None
+        _watch: bool
+        _initial: list[float]
+        _target: list[float]
+        _writer: LRWriter
+        _frozen: int
+        _step: int
+        _resume: str | None
+        _reported: int
+        _acked: int
+        _held: dict[int, list[float]]
+        _late: bool
+        _after_order: bool
+        _said_ran: bool
+        _records: deque[dict[str, Any]]
+        _got_error: bool
+        _dist: Distributed
+        _batch: Batching | None
+        _rollbacks: Rollbacks | None
+        _controller_version: str | None
+        _attached: bool
+        _saved_session: dict[str, Any] | None
+        _resume_token: str | None
+        _snapshot: dict[str, Any] | None
+        _awaiting_snapshot: bool
+        _guard: StepGuard
+        _state_refused: bool
+
+        def _drain_staged(self, block: bool) -> None: ...
+        def _flush_pending(self) -> None: ...
+        def _usable_step(self) -> int: ...
+        def _used_at(self, step: int) -> list[float] | None: ...
+        def _warn(self, key: str, message: str) -> None: ...
 
     def _check_default_store(self, mlflow: dict[str, str | None]) -> None:
         """A local sqlite store (MLflow's default is ``./mlflow.db`` of this script) that
