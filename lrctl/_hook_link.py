@@ -17,12 +17,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from . import _spawn, paths
+from ._hook_probe import address_fits, mlflow_info, stop_command, version_on
 from ._link import Link
 from ._resume import sanitize_run_name
 from ._sources import policy_payload
 from ._version import __version__
 from .wire.messages import float_in
-from .wire.operator import ControllerError, request
 from .wire.token import token_from_env
 
 if TYPE_CHECKING:
@@ -39,7 +39,6 @@ __all__ = ["LinkSide", "PolicyRejected", "RunConflict"]
 #: Decisions that say a policy cannot act as configured (a metric the loop does not
 #: report, a schedule with no length): the hook warns with them, once each.
 NOTICES = frozenset({"metric_missing", "wsd_inactive", "anneal_inactive"})
-VERSION_PROBE_S = 2.0  # a controller that takes longer to say its version: asked by hello
 #: The active MLflow runs hooks of this process log into, each to the hook that holds it:
 #: one MLflow run holds one lrctl run (two would mix their LR charts and refuse each
 #: other's params).
@@ -180,7 +179,7 @@ class LinkSide:
             hello["resume_token"] = self._resume_token
         # Asked before any hello: a controller of another version must not get this run
         # (it would keep it, a phantom beside the one ours serves).
-        answered, other = _version_on(address)
+        answered, other = version_on(address)
         link: Link | None = None
         if not answered or other == __version__:
             link = self._open_link(address, hello, token, spawn, spawn_timeout, max_backoff)
@@ -192,13 +191,14 @@ class LinkSide:
             # not know this version's policies or protocol. Use (or start) our own.
             unix = not address.startswith("tcp://")
             versioned = _spawn.versioned_socket(address)
-            if spawn and unix and not _fits(versioned):
+            stop = stop_command(address)
+            if spawn and unix and not address_fits(versioned):
                 self._link = None
                 self._warn("version", f"lrctl: the controller on {address} runs lrctl "
                                       f"{other or '< 0.2'}, this hook is lrctl {__version__}, "
                                       f"and no socket for this version's fits beside it "
                                       f"({versioned} is too long); training continues at the "
-                                      f"optimizer's LRs (stop the old one with '{_stop(address)}'"
+                                      f"optimizer's LRs (stop the old one with '{stop}'"
                                       ", or choose a shorter socket)")
                 return
             if spawn and unix:
@@ -206,7 +206,7 @@ class LinkSide:
                                       f"{other or '< 0.2'}, this hook is lrctl {__version__}: "
                                       f"using a controller on {versioned} instead, its state "
                                       f"and log in {paths.state_dir(socket=versioned)} "
-                                      f"('{_stop(address)}' stops the old one)")
+                                      f"('{stop}' stops the old one)")
                 self._controller_version = None
                 link = self._open_link(versioned, hello, token, spawn, spawn_timeout,
                                        max_backoff)
@@ -216,7 +216,7 @@ class LinkSide:
                 self._warn("version", f"lrctl: the controller on {address} runs lrctl "
                                       f"{other or '< 0.2'}, this hook is lrctl {__version__}; "
                                       "training continues at the optimizer's LRs (stop it "
-                                      f"with '{_stop(address)}', or attach with spawn=True)")
+                                      f"with '{stop}', or attach with spawn=True)")
                 return
         assert link is not None
         if link.fatal is not None:
@@ -447,44 +447,3 @@ def _lr_values(lrs: list[Any]) -> list[float] | None:
         return lrs
     values = [float_in(v, "lrs") for v in lrs]
     return values if all(math.isfinite(v) and v >= 0 for v in values) else None
-
-
-def _version_on(address: str) -> tuple[bool, str | None]:
-    """Whether a controller answers ``status`` on the Unix socket ``address`` (TCP: not
-    asked, the welcome says), and its version (``None``: one older than 0.2)."""
-    if address.startswith("tcp://"):
-        return False, None
-    try:
-        reply = request({"t": "status"}, address, timeout=VERSION_PROBE_S)
-    except (OSError, ControllerError, ValueError):
-        return False, None
-    version = reply.get("version")
-    return True, version if isinstance(version, str) else None
-
-
-def _fits(address: str) -> bool:
-    try:
-        paths.parse_address(address)
-    except ValueError:
-        return False
-    return True
-
-
-def mlflow_info() -> dict[str, str | None]:
-    info: dict[str, str | None] = {"run_id": None,
-                                   "tracking_uri": os.environ.get("MLFLOW_TRACKING_URI")}
-    mlflow = sys.modules.get("mlflow")  # only if the script uses it: never import it here
-    if mlflow is not None:
-        try:
-            run = mlflow.active_run()
-            info["run_id"] = run.info.run_id if run is not None else None
-            info["tracking_uri"] = mlflow.get_tracking_uri()
-        except Exception:
-            pass
-    return info
-
-
-def _stop(address: str) -> str:
-    """The command that stops the controller on ``address``."""
-    return ("lrctl stop" if address == paths.default_socket()
-            else f"lrctl stop --socket {address}")
