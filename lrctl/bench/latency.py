@@ -18,6 +18,7 @@ under ``SCHED_BATCH``, in interleaved blocks.
 from __future__ import annotations
 
 import argparse
+import functools
 import math
 import time
 from collections.abc import Callable
@@ -122,8 +123,8 @@ def run_latency(cfg: LatencyConfig, progress: Progress | None = None) -> dict[st
                     ctls.append(ctl)
                     name = f"sync, {'in a training loop' if in_loop else 'back to back'}{label}"
                     sync_samples[name] = []
-                    arms[name] = (lambda c=ctl, t=tr, i=in_loop, s=sync_samples[name]:
-                                  _sync_arm(c, t, cfg.steps, i, s))
+                    arms[name] = functools.partial(_sync_arm, ctl, tr, cfg.steps, in_loop,
+                                                   sync_samples[name])
                 if not label:  # the same loop with a hook that sleeps in poll at once
                     tr = Trainer("digits")
                     ctl = lrctl.attach(tr.opt, socket=srv.socket, spawn=False, sync=True,
@@ -133,8 +134,8 @@ def run_latency(cfg: LatencyConfig, progress: Progress | None = None) -> dict[st
                         ctl._link.spin_s = 0.0
                     name = NO_SPIN
                     sync_samples[name] = []
-                    arms[name] = (lambda c=ctl, t=tr, s=sync_samples[name]:
-                                  _sync_arm(c, t, cfg.steps, True, s))
+                    arms[name] = functools.partial(_sync_arm, ctl, tr, cfg.steps, True,
+                                                   sync_samples[name])
                 for before in (True, False):
                     tr = Trainer("digits")
                     ctl = lrctl.attach(tr.opt, socket=srv.socket, spawn=False,
@@ -143,8 +144,8 @@ def run_latency(cfg: LatencyConfig, progress: Progress | None = None) -> dict[st
                     order = "step() before" if before else "step() after"
                     name = f"async, {order} optimizer.step(){label}"
                     async_counts[name] = []
-                    arms[name] = (lambda c=ctl, t=tr, b=before, s=async_counts[name]:
-                                  _async_arm(c, t, cfg.steps, b, s))
+                    arms[name] = functools.partial(_async_arm, ctl, tr, cfg.steps, before,
+                                                   async_counts[name])
             blocks = interleave(arms, cfg.rounds, progress, "latency ")
         finally:
             for ctl in ctls:

@@ -18,6 +18,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import sqlite3
 import subprocess
@@ -176,8 +177,8 @@ def run_mlflow(cfg: MlflowConfig, progress: Progress | None = None) -> dict[str,
                     ctl = lrctl.attach(tr.opt, socket=srv.socket, spawn=False,
                                        run_name="bench-mlflow")
                     ctls.append(ctl)
-                    arms[f"lrctl async, {name}"] = (lambda tr=tr, ctl=ctl:
-                                                    timed_loop(tr, cfg.steps, ctl.step))
+                    arms[f"lrctl async, {name}"] = functools.partial(
+                        timed_loop, tr, cfg.steps, ctl.step)
                 data = interleave(arms, cfg.rounds, progress, "mlflow overhead ")
                 for ctl in ctls:
                     ctl.close()

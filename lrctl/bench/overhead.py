@@ -29,6 +29,7 @@ restored at every block, so every arm does the same arithmetic.
 from __future__ import annotations
 
 import argparse
+import functools
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -106,7 +107,8 @@ def _step_arms(task: str, cfg: OverheadConfig, sockets: dict[str, str],
     counter = iter(range(10**12))
 
     def engine_step(loss: Any) -> None:
-        g = float(torch.nn.utils.get_total_norm([p.grad for p in eng_tr.params]))
+        g = float(torch.nn.utils.get_total_norm([p.grad for p in eng_tr.params
+                                                  if p.grad is not None]))
         lrs = engine.observe(next(counter), float(loss.detach()), g)
         eng_tr.opt.param_groups[0]["lr"] = lrs[0]
 
@@ -143,14 +145,14 @@ def _step_arms(task: str, cfg: OverheadConfig, sockets: dict[str, str],
         ctl = lrctl.attach(tr.opt, policy=cfg.policy, socket=sock, spawn=False, sync=sync,
                            run_name=f"bench-{task}", every=every)
         stack.append(ctl)
-        arms[name] = (lambda tr=tr, ctl=ctl: timed_loop(tr, steps, ctl.step))
+        arms[name] = functools.partial(timed_loop, tr, steps, ctl.step)
     for every in SNAPSHOT_EVERY:  # rollback-and-skip's host copies (see lrctl._snapshots)
         tr = Trainer(task)
         ctl = lrctl.attach(tr.opt, policy=cfg.policy, socket=sockets["normal"], spawn=False,
                            run_name=f"bench-{task}", snapshot_every=every, keep=2)
         stack.append(ctl)
-        arms[f"lrctl async, snapshot_every={every}"] = (
-            lambda tr=tr, ctl=ctl: timed_loop(tr, steps, ctl.step))
+        arms[f"lrctl async, snapshot_every={every}"] = functools.partial(
+            timed_loop, tr, steps, ctl.step)
     return arms
 
 
@@ -178,7 +180,8 @@ def _snapshot_memory(stack: list[Any]) -> dict[str, float]:
     for ctl in stack:
         rollbacks = getattr(ctl, "_rollbacks", None)
         ring = getattr(rollbacks, "ring", None)
-        if ring is None or rollbacks.every != 1:  # every=1: both slots hold a trained state
+        # every=1: both slots hold a trained state
+        if ring is None or rollbacks is None or rollbacks.every != 1:
             continue
         params = [p for g in ctl.optimizer.param_groups for p in g["params"]]
         live = sum(p.numel() * p.element_size() for p in params)
@@ -202,7 +205,8 @@ def _hook_arms(cfg: OverheadConfig, sockets: dict[str, str],
         spent = 0.0
         for _ in range(cfg.micro_steps):
             loss = float(tr.loss().detach())
-            g = float(torch.nn.utils.get_total_norm([p.grad for p in tr.params]))
+            g = float(torch.nn.utils.get_total_norm([p.grad for p in tr.params
+                                                      if p.grad is not None]))
             t0 = time.perf_counter()
             call(loss, g)
             spent += time.perf_counter() - t0
@@ -247,7 +251,7 @@ def _hook_arms(cfg: OverheadConfig, sockets: dict[str, str],
             ctl.step(loss, grad_norm=g)
             ctl._pre_step()
 
-        arms[name] = (lambda tr=tr, call=call: micro(tr, call))
+        arms[name] = functools.partial(micro, tr, call)
     return arms
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import hashlib
 import itertools
 import json
@@ -297,7 +298,7 @@ class StateStore:
         One not done by ``deadline`` (``time.monotonic()``) is left out: its old
         checkpoint stands. Returns the keys written and the failures."""
         keys = list(items)
-        results = in_parallel([lambda k=k: self._replace(k, items[k]) for k in keys],
+        results = in_parallel([functools.partial(self._replace, k, items[k]) for k in keys],
                               deadline, workers=32)
         done = [k for k, r in zip(keys, results, strict=True) if r is None]
         errors = {k: r for k, r in zip(keys, results, strict=True) if isinstance(r, Exception)}

@@ -41,6 +41,8 @@ def corpus() -> bytes:
 class TinyTransformer(nn.Module):
     """A pre-norm causal transformer over bytes (vocabulary 128)."""
 
+    mask: torch.Tensor  # (a buffer)
+
     def __init__(self, context: int, width: int = 64, layers: int = 2, heads: int = 4) -> None:
         super().__init__()
         self.embed = nn.Embedding(128, width)
