@@ -138,14 +138,11 @@ def _checkpoint_only(state_dir: Path, listed: set[str]) -> list[dict[str, Any]]:
 
 
 def _checkpoint_file(state_dir: Path, key: str) -> Path | None:
-    from ..daemon.store import DETACHED, LEGACY_SUFFIX, SUFFIX
+    from ..daemon.store import checkpoint_places
 
-    runs = state_dir / "runs"
-    for path in (runs / f"{key}{SUFFIX}", runs / f"{key}{LEGACY_SUFFIX}",
-                 runs / DETACHED / f"{key}{SUFFIX}"):
-        if path.is_file():
-            return path
-    return None
+    places = checkpoint_places(state_dir / "runs", key)
+    return next((path for path in (*(kept for kept, _ in places), *(aside for _, aside in places))
+                 if path.is_file()), None)
 
 
 def _checkpointed(state_dir: Path, key: str) -> tuple[int | None, list[float]]:

@@ -43,7 +43,7 @@ from typing import Protocol
 from .. import paths
 from ..sinks._ship_state import SHIPPED, shipping
 from ..sinks.journal import DamagedFile, JournalError, RunPaths, last_line
-from .store import DETACHED, LEGACY_SUFFIX, SUFFIX
+from .store import checkpoint_places
 
 __all__ = ["DAMAGED", "FAILED", "GATE", "MAX_RUNS_PER_REQUEST", "MOVED", "RECENT", "WHY_KEPT",
            "Kept", "Prunable", "controller_holds", "examine", "gate", "move_runs", "moved_dirs",
@@ -161,9 +161,8 @@ def examine(state_dir: str | os.PathLike[str], key: str, cutoff: float) -> Pruna
 def _checkpointed(state_dir: Path, key: str) -> bool:
     """Anything at the name of one of ``key``'s checkpoints, set aside or not, in either
     format (a damaged one too: the controller says what is wrong with it)."""
-    runs = state_dir / "runs"
-    return any(os.path.lexists(folder / f"{key}{suffix}") for folder in (runs, runs / DETACHED)
-               for suffix in (SUFFIX, LEGACY_SUFFIX))
+    return any(os.path.lexists(path) for pair in checkpoint_places(state_dir / "runs", key)
+               for path in pair)
 
 
 def _last_write(root: Path) -> float | None:

@@ -29,7 +29,7 @@ from ..paths import ensure_private_dir, is_run_key, read_regular
 from ._packed import pack, unpack
 from .held_dir import HeldDir
 
-__all__ = ["FORMAT", "PreparedWrite", "StateStore"]
+__all__ = ["FORMAT", "PreparedWrite", "StateStore", "checkpoint_places"]
 
 # Format 2 packs long float lists (see _packed), in ``<key>.ckpt``: a controller of an
 # earlier version reads only ``<key>.json`` (format 1) and would take a format-2 file it
@@ -44,6 +44,14 @@ MAX_STATE_BYTES = 16 << 20
 _TMP_IDS = itertools.count()  # temporary files of prepared writes: one name each
 
 log = logging.getLogger("lrctl.daemon")
+
+
+def checkpoint_places(runs_dir: Path, key: str) -> list[tuple[Path, Path]]:
+    """Where ``key``'s checkpoint can be, in either format: (where a start restores it,
+    where it is set aside in ``runs/.detached/``). The one rule ``lrctl runs --all`` and
+    ``lrctl prune`` look by too."""
+    return [(runs_dir / f"{key}{suffix}", runs_dir / DETACHED / f"{key}{suffix}")
+            for suffix in (SUFFIX, LEGACY_SUFFIX)]
 
 
 def _write_all(fd: int, data: bytes) -> None:
@@ -135,8 +143,8 @@ class StateStore:
 
     def _set_aside(self, key: str) -> list[tuple[Path, Path]]:
         """(where a start restores it, where it is set aside) for either format."""
-        return [(self.path(key), self.detached_path(key)),
-                (self.legacy_path(key), self.detached_dir / self.legacy_path(key).name)]
+        self.path(key)  # (checks the key)
+        return checkpoint_places(self.dir, key)
 
     def detach(self, key: str) -> None:
         """Move an evicted run's checkpoint (current: no write in flight) out of what a
