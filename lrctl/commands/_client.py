@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-__all__ = ["SOCKET_HELP", "ask", "live_state_dir", "state_roots"]
+__all__ = ["SOCKET_HELP", "ask", "live_state_dir", "state_roots", "unserved_socket_note"]
 
 SOCKET_HELP = "Unix socket path or tcp://HOST:PORT (default: $LRCTL_SOCKET or the runtime dir)"
 
@@ -44,6 +44,17 @@ def state_roots(socket: str | None,
     if reported and Path(reported) not in roots:
         roots.insert(0, Path(reported))
     return roots, reported
+
+
+def unserved_socket_note(socket: str | None, state_dir: str | None,
+                         reported: str | None) -> str | None:
+    """What a verb over the journals says when it found nothing on ``--socket`` with no
+    controller answering there (:func:`state_roots` looked in its default directory)."""
+    if socket and reported is None and not state_dir:
+        return ("(no controller answers on that socket, so this is the directory its "
+                "controller uses by default; one started with --state-dir keeps its runs "
+                "there: pass the same --state-dir)")
+    return None
 
 
 def ask(args: argparse.Namespace, msg: dict[str, Any]) -> dict[str, Any] | None:

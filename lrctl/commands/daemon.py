@@ -13,7 +13,7 @@ import sys
 import time
 from typing import Any, NoReturn
 
-from ._client import SOCKET_HELP, ask, state_roots
+from ._client import SOCKET_HELP, ask, state_roots, unserved_socket_note
 from .prune import days as _days
 
 
@@ -373,10 +373,9 @@ def _all_runs(args: argparse.Namespace) -> int:
     if not runs:
         print(f"no runs in {roots[0]}" + (f" (or {len(roots) - 1} more state directories)"
                                           if len(roots) > 1 else ""))
-        if args.socket and reported is None and not args.state_dir:
-            print("(no controller answers on that socket, so this is the directory its "
-                  "controller uses by default; one started with --state-dir keeps its runs "
-                  "there: pass the same --state-dir)")
+        note = unserved_socket_note(args.socket, args.state_dir, reported)
+        if note is not None:
+            print(note)
         return 0
     rows = [("RUN", "STATE", "STEP", "LR", "DECISIONS", "MLFLOW RUN", "LAST DECISION")]
     for r in runs:

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ._client import SOCKET_HELP, state_roots
+from ._client import SOCKET_HELP, state_roots, unserved_socket_note
 
 if TYPE_CHECKING:
     from ..daemon.retention import Kept, Prunable
@@ -55,7 +55,8 @@ def days(text: str) -> float:
         raise argparse.ArgumentTypeError(f"expected a number of days, but got {text!r}") \
             from None
     if not (math.isfinite(value) and value >= 0):
-        raise argparse.ArgumentTypeError(f"expected a number of days >= 0, but got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected a number of days, finite and >= 0, but "
+                                         f"got {text!r}")
     return value
 
 
@@ -94,6 +95,9 @@ def cmd_prune(args: argparse.Namespace) -> int:
     print(f"{'would remove' if args.dry_run else 'removed'} {tally.runs} run(s), "
           f"{_size(tally.size)}{exact}" + (f"; kept {sum(tally.kept.values())}: {kept}"
                                           if kept else ""))
+    note = unserved_socket_note(args.socket, args.state_dir, reported)
+    if note is not None and not tally.runs and not tally.kept:
+        print(f"no runs in {roots[0]}\n{note}")
     return 1 if tally.failed else 0
 
 

@@ -173,7 +173,7 @@ def test_a_second_prune_finishes_what_an_interrupted_one_left(
     assert (runs / ".pruning-decoy").is_symlink() and (decoy / "keep.txt").read_text() == "keep"
 
 
-@pytest.mark.parametrize("days", ["-1", "abc", "nan", "inf", ""])
+@pytest.mark.parametrize("days", ["-1", "abc", "nan", "inf", "1e400", ""])
 def test_a_bad_period_is_refused(state: Path, days: str,
                                  capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exit_:
@@ -217,3 +217,16 @@ def test_a_journal_that_cannot_be_moved_aside_makes_the_exit_status_1(
     squatter.unlink()
     assert main(["prune", "--state-dir", str(state)]) == 0
     assert "removed old-done (ended " in capsys.readouterr().out
+
+
+def test_a_socket_no_controller_answers_on_says_where_it_looked(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """``--socket`` with no controller there looks in that socket's default directory;
+    finding nothing, it says so, and that a --state-dir controller keeps its runs
+    elsewhere (as ``runs --all`` does), rather than a bare "removed 0 run(s)"."""
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "xdg"))
+    assert main(["prune", "--socket", str(tmp_path / "nobody.sock")]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("removed 0 run(s), 0 bytes\nno runs in "), out
+    assert "no controller answers on that socket" in out and "--state-dir" in out, out
