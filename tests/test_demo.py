@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -14,20 +15,24 @@ from pathlib import Path
 import pytest
 
 
-@pytest.fixture
-def controller_env(tmp_path: Path) -> Iterator[dict[str, str]]:
+@contextlib.contextmanager
+def _serving(env: dict[str, str] | None, *args: str) -> Iterator[Path]:
+    """A real ``lrctl serve --foreground`` (``args`` added, ``{short}`` in them the socket's
+    directory) with ``env`` (default: this process's) on a short socket directory,
+    ready once its socket is bound; stopped by SIGTERM (then killed) and its directory
+    removed at the end. Yields that directory."""
     short = Path(tempfile.mkdtemp(prefix="lrd-", dir="/tmp"))  # AF_UNIX paths are short
-    env = {**os.environ, "LRCTL_SOCKET": str(short / "s.sock"),
-           "LRCTL_STATE_DIR": str(tmp_path / "state")}
-    env.pop("MLFLOW_TRACKING_URI", None)
-    proc = subprocess.Popen([sys.executable, "-m", "lrctl", "serve", "--foreground"],
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 60
-    while not (short / "s.sock").exists():
-        assert proc.poll() is None and time.monotonic() < deadline, "controller did not start"
-        time.sleep(0.05)
+    proc = subprocess.Popen([sys.executable, "-m", "lrctl", "serve", "--foreground",
+                             *(a.format(short=short) for a in args)],
+                            env={**(os.environ if env is None else env),
+                                 "LRCTL_SOCKET": str(short / "s.sock")},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        yield env
+        deadline = time.monotonic() + 60
+        while not (short / "s.sock").exists():
+            assert proc.poll() is None and time.monotonic() < deadline, "no controller"
+            time.sleep(0.05)
+        yield short
     finally:
         proc.send_signal(signal.SIGTERM)
         try:
@@ -38,6 +43,14 @@ def controller_env(tmp_path: Path) -> Iterator[dict[str, str]]:
         for p in short.iterdir():
             p.unlink()
         short.rmdir()
+
+
+@pytest.fixture
+def controller_env(tmp_path: Path) -> Iterator[dict[str, str]]:
+    env = {**os.environ, "LRCTL_STATE_DIR": str(tmp_path / "state")}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    with _serving(env) as short:
+        yield {**env, "LRCTL_SOCKET": str(short / "s.sock")}
 
 
 def test_demo_shows_decisions_comparison_and_where_to_look(
@@ -106,21 +119,13 @@ def test_demo_finds_its_runs_with_a_controller_started_with_state_dir(
     import lrctl
     from lrctl import demo
 
-    short = Path(tempfile.mkdtemp(prefix="lrd-", dir="/tmp"))
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    monkeypatch.setenv("LRCTL_SOCKET", str(short / "s.sock"))
     monkeypatch.setenv("LRCTL_STATE_DIR", str(tmp_path / "default"))  # not the served one
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     monkeypatch.chdir(tmp_path)
-    proc = subprocess.Popen([sys.executable, "-m", "lrctl", "serve", "--foreground",
-                             "--socket", str(short / "s.sock"),
-                             "--state-dir", str(tmp_path / "served")],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 60
-        while not (short / "s.sock").exists():
-            assert proc.poll() is None and time.monotonic() < deadline, "no controller"
-            time.sleep(0.05)
+    with _serving(None, "--socket", "{short}/s.sock", "--state-dir",
+                  str(tmp_path / "served")) as short:
+        monkeypatch.setenv("LRCTL_SOCKET", str(short / "s.sock"))
         opt = torch.optim.SGD([torch.nn.Parameter(torch.ones(1))], lr=0.1)
         with lrctl.attach(opt, run_name="demo-lrctl", sync=True, spawn=False) as ctl:
             for _ in range(5):
@@ -132,13 +137,3 @@ def test_demo_finds_its_runs_with_a_controller_started_with_state_dir(
         assert picture is not None and picture.read_bytes()[:4] == b"\x89PNG"
         assert demo._shipped([key], wait_s=120.0)
         assert demo._shipped_to(key) == uri
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        for p in short.iterdir():
-            p.unlink()
-        short.rmdir()
