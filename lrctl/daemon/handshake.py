@@ -145,7 +145,11 @@ class Handshakes:
             # A run rejoined by key after its end (its checkpoint gone) starts afresh at the
             # hook's first step: its journal goes on from there, as after a resume from an
             # earlier state, not dropping the steps (and decisions) it already had as replays.
-            srv.sink.rewind(hello.run, hello.start_step - 1)
+            # Not a reconnect (it shows the token of its welcome): its hello is the one its
+            # hook first sent, start_step and all, and the loop is where it was; a rewind to
+            # that start_step would have readers of the journal drop every step it had.
+            if hello.resume_token is None:
+                srv.sink.rewind(hello.run, hello.start_step - 1)
         self._join(conn, hello, session, restored, job.takeover)
         if rewound is not None:
             log.info("run %s: %s", hello.run, rewound["reason"])
