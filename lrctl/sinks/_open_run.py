@@ -18,7 +18,8 @@ from .journal import (
 )
 from .sampling import LR_PREFIX, MetricSampler
 
-__all__ = ["OpenRun", "current_policy", "dedup_key", "load_high_water", "save_policy"]
+__all__ = ["DedupKey", "OpenRun", "current_policy", "dedup_key", "load_high_water",
+           "save_policy"]
 
 
 @dataclass
@@ -33,7 +34,11 @@ class OpenRun:
     # What the journal already holds: after a controller crash the hook replays the
     # observations since the last checkpoint, and the engine re-makes their decisions.
     journaled_step: int = -1
-    journaled_at_step: set[tuple[str, str, str]] = field(default_factory=set)
+    journaled_at_step: set[DedupKey] = field(default_factory=set)
+    # Decisions handed to the journal at ``decided_step`` so far (journaled or not): the
+    # next one's place among them (see :func:`dedup_key`).
+    decided_step: int = -1
+    decided_at_step: int = 0
     policy_texts: dict[str, str] = field(default_factory=dict)  # sha256 -> text, if deleted
     # A journal this life began (none before it): the only kind a discard may remove.
     fresh: bool = False
@@ -44,13 +49,14 @@ class OpenRun:
 
 def load_high_water(run: OpenRun) -> None:
     """Where the journal of a restored run ends: its last decision step and metric step."""
+    placed = 0  # records at journaled_step so far
     for line in read_lines(run.paths.stream("decisions")):
         step = int(line.record.get("step", -1))
-        key = dedup_key(line.record)
         if step > run.journaled_step:
-            run.journaled_step, run.journaled_at_step = step, set()
+            run.journaled_step, run.journaled_at_step, placed = step, set(), 0
         if step == run.journaled_step:
-            run.journaled_at_step.add(key)
+            run.journaled_at_step.add(dedup_key(line.record, placed))
+            placed += 1
     last = last_line(run.paths.stream("metrics"))
     steps = [point[2] for point in (last.record.get("points") or [])] if last else []
     if steps:
@@ -100,12 +106,21 @@ def current_policy(paths: RunPaths) -> tuple[str, int, str | None]:
     return sha, version, last if isinstance(last, str) else None
 
 
-def dedup_key(record: Mapping[str, Any]) -> tuple[str, str, str]:
-    """What makes a decision distinct within its step. A policy decides once per step,
-    but several reloads can land between two observations: their new sha tells them apart."""
+DedupKey = tuple[str, str, str, tuple[str, ...], int]
+
+
+def dedup_key(record: Mapping[str, Any], place: int) -> DedupKey:
+    """What makes a decision distinct within its step, ``place`` its place among the
+    step's decisions. A controller restarted re-makes the decisions of the observations
+    its hook replays, the same records in the same order, so those of the journal's last
+    step match, and are not journaled twice. Anything else is another decision: several
+    reloads between two observations (their new sha tells them apart), or operator
+    actions (a ``set-lr`` of 0.05 then of 0.02, a pause, a resume and a pause again: their
+    LRs or places do; before, each after the first was dropped as its replay)."""
     evidence = record.get("evidence")
     version = str(evidence.get("new_sha256", "")) if isinstance(evidence, Mapping) else ""
-    return str(record.get("policy")), str(record.get("action")), version
+    lrs = tuple(str(lr) for lr in record.get("new_lrs") or ())  # (str: as json_safe keeps them)
+    return str(record.get("policy")), str(record.get("action")), version, lrs, place
 
 
 def save_policy(paths: RunPaths, info: RunInfo, *, sync: bool = True) -> str:

@@ -187,7 +187,11 @@ class AuditSink(GroupCommit, RunSync, Sink):
 
     def decision(self, run_key: str, record: Mapping[str, Any]) -> None:
         run = self._run(run_key)
-        step, key = int(record["step"]), dedup_key(record)
+        step = int(record["step"])
+        if step != run.decided_step:
+            run.decided_step, run.decided_at_step = step, 0
+        key = dedup_key(record, run.decided_at_step)
+        run.decided_at_step += 1
         if step < run.journaled_step or (step == run.journaled_step
                                          and key in run.journaled_at_step):
             return  # re-made while replaying after a controller restart: already journaled
@@ -213,6 +217,7 @@ class AuditSink(GroupCommit, RunSync, Sink):
             run.last_step, run.rewound_to = step, step
         if run.journaled_step > step:
             run.journaled_step, run.journaled_at_step = step, set()
+            run.decided_step = -1
 
     def policy_changed(self, run_key: str, info: RunInfo, record: Mapping[str, Any]) -> None:
         run = self._run(run_key)

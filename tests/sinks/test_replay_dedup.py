@@ -51,13 +51,43 @@ def test_replayed_decisions_and_observations_are_journaled_once(tmp_path: Path) 
     assert steps == list(range(8))
 
 
-def test_two_reloads_at_one_step_are_both_journaled(tmp_path: Path) -> None:
+def test_reloads_at_one_step_are_each_journaled_once(tmp_path: Path) -> None:
+    """Three reloads between two observations (the second and third of the same file: a
+    watcher's and an operator's, say) are three decisions, as the hook was told; a
+    controller restarted that hands the journal the same records at that step again (a
+    replay) adds none."""
     state = tmp_path / "state"
-    sink = AuditSink(state, JOURNAL_ONLY)
-    sink.open_run(run_info("run-b"))
-    for sha in ("aaa", "bbb", "bbb"):  # the third is a replay of the second
-        sink.decision("run-b", {**decision(3, "reload"), "policy": "reload",
-                                "evidence": {"old_sha256": "x", "new_sha256": sha}})
-    sink.close()
+    for _ in range(2):  # the second life replays the first's
+        sink = AuditSink(state, JOURNAL_ONLY)
+        sink.open_run(run_info("run-b"))
+        for sha in ("aaa", "bbb", "bbb"):
+            sink.decision("run-b", {**decision(3, "reload"), "policy": "reload",
+                                    "evidence": {"old_sha256": "x", "new_sha256": sha}})
+        sink.close()
     got = [r["evidence"]["new_sha256"] for r in journal(state, "run-b", "decisions")]
-    assert got == ["aaa", "bbb"]
+    assert got == ["aaa", "bbb", "bbb"]
+
+
+def test_operator_actions_between_two_observations_are_each_journaled(
+        tmp_path: Path) -> None:
+    """A set-lr of 0.05 then of 0.02, a pause, a resume and a pause again, all at one
+    step: each is a decision of its own (before, each after the first of its action was
+    dropped as its replay), and a restarted controller's replay of the step's policy
+    decision before them adds nothing."""
+    state = tmp_path / "state"
+    ops = [("set_lr", [0.05]), ("set_lr", [0.02]), ("pause", [0.02]), ("resume", [0.02]),
+           ("pause", [0.02])]
+    sink = AuditSink(state, JOURNAL_ONLY)
+    sink.open_run(run_info("run-c"))
+    sink.decision("run-c", decision(3))
+    for action, lrs in ops:
+        sink.decision("run-c", {**decision(3, action), "policy": "operator", "new_lrs": lrs})
+    sink.close()
+    again = AuditSink(state, JOURNAL_ONLY)
+    again.open_run(run_info("run-c"))
+    again.decision("run-c", decision(3))  # replayed: the observation's own decision
+    again.decision("run-c", {**decision(3, "set_lr"), "policy": "operator",
+                             "new_lrs": [0.01]})  # a new action at that step
+    again.close()
+    got = [(r["action"], r["new_lrs"]) for r in journal(state, "run-c", "decisions")]
+    assert got == [("reduce", [0.05]), *((a, lrs) for a, lrs in ops), ("set_lr", [0.01])]
