@@ -104,14 +104,11 @@ def test_a_push_read_after_a_report_applies_a_step_later_as_recorded(
     LR for a step that ran on the new one. It now applies a step later, as recorded.
     ``late``: the answer the step needs is not in when it is reported (the controller
     stopped a moment), so the report goes without its LRs: the same holds."""
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server.uri)
-    model = torch.nn.Linear(4, 1)
-    opt = torch.optim.SGD(model.parameters(), lr=0.02)
+    model, opt = _pushed_model(mlflow_server, monkeypatch)
     used: dict[int, float] = {}
-    guard = {"version": 1, "policies": [{"kind": "divergence"}]}
     with live_controller(audit=True) as controller:
         monkeypatch.setenv("LRCTL_SOCKET", controller.socket)
-        ctl = lrctl.attach(opt, policy=guard, every=every, spawn=False, run_name="push",
+        ctl = lrctl.attach(opt, policy=GUARD, every=every, spawn=False, run_name="push",
                            timeout=60.0)
         for step in range(120):
             opt.zero_grad()
@@ -154,14 +151,11 @@ def test_a_push_taken_before_the_coming_steps_report_applies_at_that_step(
     push it took before included (an async hook's reports are read on a timer, an
     operator's push at once). Such a push, read before the answer to that report, applies
     at that step; one read after the answer, a step later."""
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server.uri)
-    model = torch.nn.Linear(4, 1)
-    opt = torch.optim.SGD(model.parameters(), lr=0.02)
+    model, opt = _pushed_model(mlflow_server, monkeypatch)
     used: dict[int, float] = {}
-    guard = {"version": 1, "policies": [{"kind": "divergence"}]}
     with live_controller(audit=True) as controller:
         monkeypatch.setenv("LRCTL_SOCKET", controller.socket)
-        ctl = lrctl.attach(opt, policy=guard, spawn=False, run_name="push", timeout=60.0)
+        ctl = lrctl.attach(opt, policy=GUARD, spawn=False, run_name="push", timeout=60.0)
         link = ctl._link
         assert link is not None
         send_obs, delayed = link.send_obs, []
@@ -191,6 +185,18 @@ def test_a_push_taken_before_the_coming_steps_report_applies_at_that_step(
         ctl.close()
         assert key is not None and used[47] == 0.02 and used[48] == 0.005
         _assert_drawn_as_used(mlflow_server, controller.state_dir, key, used)
+
+
+#: The push tests' policy: no LR of its own moves, so each change is the operator's.
+GUARD = {"version": 1, "policies": [{"kind": "divergence"}]}
+
+
+def _pushed_model(server: MlflowServer,
+                  monkeypatch: pytest.MonkeyPatch) -> tuple[torch.nn.Module, torch.optim.SGD]:
+    """The push tests' model and optimizer (LR 0.02), their MLflow the test server."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", server.uri)
+    model = torch.nn.Linear(4, 1)
+    return model, torch.optim.SGD(model.parameters(), lr=0.02)
 
 
 def _set_lr(socket: str, key: str, lr: float) -> None:
