@@ -116,6 +116,11 @@ def test_a_restarted_controller_draws_a_change_at_its_first_step_as_a_step(
         while not ctl.connected:  # reconnects within its back-off, replaying what it ran
             loop.train(ctl, 1)
         loop.train(ctl, 30)
+        # Under load the restarted controller may answer the replay after those 30 steps
+        # (the hook, late, waits for no answer until they catch up): train on until the
+        # change is live (a CI run under load trained all 30 at 0.1), then a few more.
+        until(lambda: loop.train(ctl, 1) or 0.05 in loop.ran, "the step decay to come live")
+        loop.train(ctl, 5)
         key = ctl.run_key
     assert loop.ran.index(0.05) >= 100, "the change comes after the restart"
     until(lambda: ended(proc.state_dir, key), "the run's end in its journal")
