@@ -57,19 +57,27 @@ def unserved_socket_note(socket: str | None, state_dir: str | None,
     return None
 
 
-def ask(args: argparse.Namespace, msg: dict[str, Any]) -> dict[str, Any] | None:
+#: The controller's refusals of a RUN argument that names no run, or several: exit
+#: status 2, as ``lrctl decisions`` and ``report`` give for a RUN their journals lack.
+RUN_NOT_NAMED = frozenset({"no_such_run", "ambiguous_run"})
+
+
+def ask(args: argparse.Namespace, msg: dict[str, Any]) -> dict[str, Any] | int:
+    """The controller's answer to ``msg``, or, having said why on stderr, the verb's exit
+    status: 2 for a RUN that names no run (or several), 1 for any other failure."""
     from ..wire.operator import ControllerError, request
 
     try:
         return request(msg, args.socket)
     except ControllerError as exc:
         print(f"lrctl {args.command}: {exc}", file=sys.stderr)
+        return 2 if exc.code in RUN_NOT_NAMED else 1
     except ValueError as exc:  # an address no socket can have (too long, say)
         print(f"lrctl {args.command}: {exc}", file=sys.stderr)
     except OSError as exc:
         print(f"lrctl {args.command}: {_unreachable(args.command, args.socket, exc)}",
               file=sys.stderr)
-    return None
+    return 1
 
 
 def _unreachable(command: str, socket: str | None, exc: OSError) -> str:

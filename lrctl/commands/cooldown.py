@@ -43,7 +43,7 @@ def cmd_decay(args: argparse.Namespace) -> int:
     else:
         msg.update({"steps": args.steps, "shape": args.shape})
     reply = ask(args, msg)
-    if reply is None:
-        return 1
+    if isinstance(reply, int):
+        return reply
     print(f"{reply['run']}: {reply['message']}")
     return 0

@@ -209,8 +209,8 @@ def cmd_stop(args: argparse.Namespace) -> int:
         print("lrctl stop: stops a local controller; give its Unix socket", file=sys.stderr)
         return 2
     reply = ask(args, {"t": "status"})
-    if reply is None:
-        return 1
+    if isinstance(reply, int):
+        return reply
     pid = int(reply["pid"])
     try:
         os.kill(pid, signal.SIGTERM)
@@ -268,8 +268,8 @@ def _paced(paced: Any) -> str:
 
 def cmd_status(args: argparse.Namespace) -> int:
     reply = ask(args, {"t": "status"})
-    if reply is None:
-        return 1
+    if isinstance(reply, int):
+        return reply
     if args.json:
         print(json.dumps(reply))
     else:
@@ -302,8 +302,8 @@ def cmd_runs(args: argparse.Namespace) -> int:
     if args.all or args.state_dir:  # (a state directory's runs are its journals': --all)
         return _all_runs(args)
     reply = ask(args, {"t": "runs"})
-    if reply is None:
-        return 1
+    if isinstance(reply, int):
+        return reply
     runs = reply.get("runs", [])
     if args.json:
         print(json.dumps(runs))

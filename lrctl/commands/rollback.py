@@ -30,7 +30,7 @@ def cmd_rollback(args: argparse.Namespace) -> int:
     if args.to is not None:
         msg["to"] = args.to
     reply = ask(args, msg)
-    if reply is None:
-        return 1
+    if isinstance(reply, int):
+        return reply
     print(f"{reply['run']}: {reply['message']}")
     return 0

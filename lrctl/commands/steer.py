@@ -65,8 +65,8 @@ def cmd_set_lr(args: argparse.Namespace) -> int:
             return 2
         msg = {"t": "set_lr", "run": args.run, "lr": args.lr, "steps": args.steps}
     reply = ask(args, msg)
-    if reply is None:
-        return 1
+    if isinstance(reply, int):
+        return reply
     print(f"{reply['run']}: {reply['message']}")
     return 0
 
@@ -76,8 +76,8 @@ def cmd_reload(args: argparse.Namespace) -> int:
     if args.run:
         msg["run"] = args.run
     reply = ask(args, msg)
-    if reply is None:
-        return 1
+    if isinstance(reply, int):
+        return reply
     if reply["run"] == "*":  # every watched run: a line each
         print(reply["message"])
     else:
@@ -88,7 +88,7 @@ def cmd_reload(args: argparse.Namespace) -> int:
 
 def cmd_mode(args: argparse.Namespace) -> int:
     reply = ask(args, {"t": args.verb, "run": args.run})
-    if reply is None:
-        return 1
+    if isinstance(reply, int):
+        return reply
     print(f"{reply['run']}: {reply['message']}")
     return 0

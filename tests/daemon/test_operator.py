@@ -135,9 +135,12 @@ def test_shadow_mode_from_yaml_observes_without_acting(controller: ControllerPro
 
 
 def test_operator_errors_are_clear(controller: ControllerProc) -> None:
-    out = _cli("set-lr", "nobody", "0.1")
-    assert out.returncode == 1 and "no run named 'nobody'" in out.stderr
+    out = _cli("set-lr", "nobody", "0.1")  # exit 2, as decisions and report for such a RUN
+    assert out.returncode == 2 and "no run named 'nobody'" in out.stderr
     assert "runs --all" in out.stderr and "--socket" in out.stderr  # another socket's?
+    for verb in (("pause",), ("rollback",), ("decay", "--cancel"), ("reload",)):
+        out = _cli(verb[0], "nobody", *verb[1:])
+        assert out.returncode == 2 and "no run named 'nobody'" in out.stderr, (verb, out)
     out = _cli("set-lr", "x", "nan")
     assert out.returncode == 2 and "finite" in out.stderr
     for negative in ("-inf", "-1e-3", "-0.1", "-2"):  # a number, not an unknown option
@@ -243,3 +246,19 @@ def test_set_lr_past_max_lr_is_refused_and_decisions_under_it_say_they_did_not_a
         released = [d for d in ctl.decisions if d.action == "release_lr"]
         assert released and released[-1].new_lrs[0] < 0.1  # the cuts apply from now on
         assert opt.param_groups[0]["lr"] == released[-1].new_lrs[0]
+
+
+def test_a_run_name_two_runs_share_is_refused_with_exit_2(controller: ControllerProc) -> None:
+    params = [torch.nn.Parameter(torch.ones(1)) for _ in range(2)]
+    opts = [torch.optim.SGD([p], lr=0.1) for p in params]
+    with lrctl.attach(opts[0], policy=WARMUP, sync=True, spawn=False, run_name="twin") as a, \
+            lrctl.attach(opts[1], policy=WARMUP, sync=True, spawn=False, run_name="twin") as b:
+        a.step(1.0)
+        b.step(1.0)
+        out = _cli("set-lr", "twin", "0.02")
+        assert out.returncode == 2 and "'twin' matches 2 runs" in out.stderr, out
+        assert a.run_key in out.stderr and b.run_key in out.stderr
+        a.step(1.0)
+        b.step(1.0)
+        assert a.lr == b.lr  # the same policy at the same step: nothing was set on either
+        assert not [d for d in (*a.decisions, *b.decisions) if d.policy == "operator"]
