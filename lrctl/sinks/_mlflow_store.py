@@ -88,7 +88,6 @@ def _create_sqlite(path: Path) -> None:
     tmp_uri = f"sqlite:///{tmp}"
     try:
         MlflowClient(tracking_uri=tmp_uri).search_experiments(max_results=1)
-        _forget_engine(tmp_uri)
         if _has_data(path):
             return  # another process made it meanwhile: theirs stands
         with contextlib.suppress(FileNotFoundError):
@@ -96,6 +95,12 @@ def _create_sqlite(path: Path) -> None:
         with contextlib.suppress(FileExistsError):
             os.link(tmp, path)
     finally:
+        # Its engine too, built or not: MLflow caches it by URI before the tables are
+        # made, so an attempt that failed half-way (a disk full mid-migration) left
+        # pooled connections to the file unlinked here, and every later attempt of this
+        # process (the same name) went on through them ("table ... already exists",
+        # "attempt to write a readonly database") until the shipper restarted.
+        _forget_engine(tmp_uri)
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
 

@@ -69,6 +69,50 @@ def test_kill_9_during_the_first_table_creation_leaves_no_half_migrated_store(
         "mlflow.db"], "a temporary store was left behind"
 
 
+# The shipper's own retry after a first creation that failed half-way (a disk that
+# filled mid-migration: sqlite says "database or disk is full"), in one process.
+FULL_MID_MIGRATION = textwrap.dedent("""
+    import sqlite3, sys
+    from sqlalchemy import event
+    from sqlalchemy.engine import Engine
+    from lrctl.sinks._mlflow_store import open_store
+    state = {"full": True, "steps": 0}
+
+    @event.listens_for(Engine, "before_cursor_execute")
+    def _step(conn, cursor, statement, *args):
+        if state["full"] and statement.lstrip().upper().startswith("UPDATE ALEMBIC_VERSION"):
+            state["steps"] += 1
+            if state["steps"] == 5:
+                raise sqlite3.OperationalError("database or disk is full")
+
+    try:
+        open_store(sys.argv[1])
+    except Exception as exc:
+        print("refused:", str(exc).splitlines()[0])
+    state["full"] = False  # the disk has room again
+    client = open_store(sys.argv[1])
+    print("made:", client.get_experiment(client.create_experiment("after")).name)
+""")
+
+
+def test_a_first_creation_cut_by_a_full_disk_is_made_whole_by_the_same_process(
+        tmp_path: Path) -> None:
+    """Before: MLflow keeps the temporary store's engine by URI from before its tables
+    are made; the failed attempt's pooled connections pointed at the file it then
+    unlinked, and each retry of the shipper (same pid, same temporary name) went through
+    them and failed ("table latest_metrics already exists"; on a real full tmpfs,
+    "attempt to write a readonly database"), so MLflow got nothing until the shipper
+    restarted."""
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    out = subprocess.run([sys.executable, "-c", FULL_MID_MIGRATION, uri], cwd=REPO,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "refused: (sqlite3.OperationalError) database or disk is full" in out.stdout
+    assert "made: after" in out.stdout
+    assert sorted(p.name for p in tmp_path.iterdir() if "mlflow.db" in p.name) == [
+        "mlflow.db"], "a temporary store was left behind"
+
+
 def _log_lines(controller: ControllerProc, needle: str) -> int:
     return controller.log.read_text(errors="replace").count(needle)
 
