@@ -64,6 +64,11 @@ class Checkpoints:
         # Run key -> its removals in flight: a checkpoint found on disk meanwhile is an
         # ended run's, never to be restored (see Handshakes.hello).
         self.removing: dict[str, int] = {}
+        # Run key -> why its ended run's checkpoint could not be removed (a file system
+        # remounted read-only, say): removed again from housekeeping until it goes, and
+        # never restored meanwhile. Left on disk, the next controller's start restored the
+        # ended run from it (a `resume` after its `end`, its MLflow run RUNNING again).
+        self.unremoved: dict[str, str] = {}
         self._writer = CheckpointWriter(store, notify)
         self._unsaved_runs = 0  # runs with observations to checkpoint, as of save_due
 
@@ -129,7 +134,13 @@ class Checkpoints:
         except OSError:  # out of descriptors, say: here and now, after the writes in flight
             self._writer.wait()
             self.finished()
-            self.store.delete(key)
+            self.removing[key] = self.removing.get(key, 0) + 1
+            error: Exception | None = None
+            try:
+                self.store.delete(key)
+            except OSError as exc:
+                error = exc
+            self._removed(key, error)
             return
         self.removing[key] = self.removing.get(key, 0) + 1
         self._writer.submit_remove(key, dir_fd, _REMOVAL)
@@ -217,7 +228,9 @@ class Checkpoints:
                 session.unsaved += held  # still to be checkpointed
         self._writer.stop()
         self.finished()
-        for key in removals:  # an ended run must not come back at the next start
+        for key in removals + [k for k in self.unremoved if k not in removals
+                               and k not in self.sessions]:
+            # An ended run must not come back at the next start (one failed before: a last try).
             error: Exception | None = None
             try:
                 if key not in self.sessions:
@@ -226,12 +239,33 @@ class Checkpoints:
                 error = exc
             self._removed(key, error)
 
+    def ended(self, key: str) -> bool:
+        """Whether ``key``'s checkpoint on disk, if any, is an ended run's (being removed,
+        or its removal failed and waits to be tried again): never to be restored."""
+        return key in self.removing or key in self.unremoved
+
+    def retry_removals(self) -> None:
+        """From housekeeping: remove again the checkpoints of ended runs whose removal
+        failed. A run of that key served meanwhile owns the file now: it stays."""
+        for key in list(self.unremoved):
+            if key in self.sessions:
+                del self.unremoved[key]
+            elif key not in self.removing:
+                self.delete(key)
+
     def _removed(self, key: str, error: Exception | None) -> None:
         left = self.removing.pop(key, 1) - 1
         if left:
             self.removing[key] = left
         if error is not None:
-            log.error("cannot remove the checkpoint of ended run %s: %s", key, error)
+            if key not in self.unremoved:  # once, not at every retry
+                log.error("cannot remove the checkpoint of ended run %s: %s; tried again "
+                          "every second until it goes (the run is not restored from it)",
+                          key, error)
+            if key not in self.sessions:
+                self.unremoved[key] = str(error)
+        elif self.unremoved.pop(key, None) is not None:
+            log.info("the checkpoint of ended run %s is removed now", key)
 
     def save_all(self, hooked: Container[str], deadline: float) -> int:
         """Shutdown (after :meth:`stop`): checkpoint the runs with something unsaved, their

@@ -77,7 +77,7 @@ class Handshakes:
         if refused is not None:  # a new run's files would go through what is there now
             raise Unavailable(f"{refused}; no new run starts here until it is fixed")
         job = BuildJob(conn, hello, takeover, size=conn.decoder.last_size,
-                       ended=key in self.server.checkpoints.removing, held=session is not None)
+                       ended=self.server.checkpoints.ended(key), held=session is not None)
         self.builder.submit(job)
         self.pending[key] = job
         conn.pending = True

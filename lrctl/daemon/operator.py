@@ -95,6 +95,8 @@ def _status(server: Server) -> dict[str, Any]:
     errors = [f"run {s.key}: reload: {s.reload_error}" for s in server.sessions.values()
               if s.reload_error]
     errors += [f"run {k}: checkpoint: {e}" for k, e in server.checkpoints.errors.items()]
+    errors += [f"run {k} (ended): its checkpoint cannot be removed: {e} (tried again every "
+               "second)" for k, e in server.checkpoints.unremoved.items()]
     errors += server.live.errors()
     if server.state_watch.error:
         errors.append(server.state_watch.error)
