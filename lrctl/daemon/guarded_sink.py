@@ -129,6 +129,10 @@ class GuardedSink:
             self._failed("run_errors", exc)
             return {}
 
+    def failing(self, method: str) -> bool:
+        """Whether ``method``'s latest call failed (shown by ``status`` until one succeeds)."""
+        return method in self._errors
+
     def _call(self, method: str, *args: Any) -> None:
         try:
             getattr(self.sink, method)(*args)

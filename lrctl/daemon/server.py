@@ -260,6 +260,9 @@ class Server(Observing):
                 if now >= self._housekeeping_at:
                     self._housekeeping_at = now + self.limits.housekeeping_interval
                     self.sink.tick()
+                    if (self.sink.failing("restore") and self.state_watch.foreign is None
+                            and self.state_watch.error is None):  # (deleted on a full disk)
+                        self.sink.restore()
                     self.checkpoints.retry_removals()
                     if self.state_watch.check():
                         self._state_dir_recreated()

@@ -33,6 +33,7 @@ class GroupCommit:
         shipper: Shipper | None
         _runs: dict[str, OpenRun]
         _closing: dict[str, OpenRun]
+        _restore_due: bool
         _held: HeldLines
         _syncer: Syncer
         _uncommitted: list[tuple[str, str, JournalLine, StreamWriter]]
@@ -88,7 +89,8 @@ class GroupCommit:
                 for line in self._held.retry(writer):
                     self._written(run.paths.run_key, stream, line, writer)
         for key, run in list(self._closing.items()):
-            if (not any(self._held.holds(w) for w in run.writers.values())
+            if (not self._restore_due and not any(self._held.holds(w)
+                                                   for w in run.writers.values())
                     and self._closing.pop(key, None) is not None):  # (a nested commit's?)
                 self._close_writers(run)
 

@@ -4,6 +4,7 @@ through a symlink). The journal's streams (:mod:`.journal`) open their files her
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -20,26 +21,30 @@ def atomic_write_json(path: Path, value: Any, *, sync: bool = True) -> None:
     """Replace ``path`` with ``value`` so that a crash leaves the old or the new file, whole.
     ``sync=False``: the caller makes it durable later (:func:`fsync_path` on the file and
     its directory) before anything that depends on it is reported durable."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     data = json.dumps(value, indent=1, sort_keys=True, allow_nan=False).encode()
-    with open_new(tmp) as f:
-        f.write(data)
-        f.flush()
-        if sync:
-            os.fsync(f.fileno())
-    os.replace(tmp, path)
+    _replace(path, data, sync)
     if sync:
         fsync_path(path.parent)
 
 
 def atomic_write_text(path: Path, text: str, *, sync: bool = True) -> None:
+    _replace(path, text.encode("utf-8"), sync)
+
+
+def _replace(path: Path, data: bytes, sync: bool) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open_new(tmp) as f:
-        f.write(text.encode("utf-8"))
-        f.flush()
-        if sync:
-            os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open_new(tmp) as f:
+            f.write(data)
+            f.flush()
+            if sync:
+                os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        # (A full disk: what it took of the temporary file would only hold the space.)
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
 
 
 def fsync_path(path: Path) -> None:

@@ -87,6 +87,10 @@ class AuditSink(GroupCommit, RunSync, Sink):
         # runs ended meanwhile keep their writers open here until then.
         self._held = HeldLines(self.settings.queue_size)
         self._closing: dict[str, OpenRun] = {}
+        # The state dir was made again and not every open run's files could be written
+        # back yet (a full disk): a run that ends meanwhile waits in _closing, its files
+        # open, so that the next try writes them back too.
+        self._restore_due = False
         # A run's start and end made durable off the owner thread (see _syncer).
         self._syncer = Syncer(fsync_fd)
         # Runs opened by prepare_run on the hello worker, waiting for open_run to claim them.
@@ -259,7 +263,7 @@ class AuditSink(GroupCommit, RunSync, Sink):
             self._metrics(run, points)
         self._append(run, "events", {"event": "end", "wall_time": time.time(),
                                      "last_step": run.last_step, **extra})
-        if any(self._held.holds(w) for w in run.writers.values()):
+        if self._restore_due or any(self._held.holds(w) for w in run.writers.values()):
             self._closing[run_key] = run  # closed once the disk has taken the rest
             return
         if waited_for:
@@ -273,16 +277,36 @@ class AuditSink(GroupCommit, RunSync, Sink):
         (meta and policies from memory, the streams from the files still held open, byte
         for byte, so the shipper's offsets hold)."""
         self._prepared.invalidate()  # their files went with the directory
-        for run in [*self._runs.values(), *self._closing.values()]:
-            private_dirs(run.paths.policies)
-            for sha, text in run.policy_texts.items():
-                if not run.paths.policy_file(sha).exists():
-                    atomic_write_text(run.paths.policy_file(sha), text)
-            if not run.paths.meta.exists():
-                atomic_write_json(run.paths.meta, run.meta)
+        failed: OSError | None = None
+        runs = [*self._runs.values(), *self._closing.values()]
+        for run in runs:  # each run, each file, whatever the others' fate
+            try:
+                private_dirs(run.paths.policies)
+                for sha, text in run.policy_texts.items():
+                    if not run.paths.policy_file(sha).exists():
+                        atomic_write_text(run.paths.policy_file(sha), text)
+                if not run.paths.meta.exists():
+                    atomic_write_json(run.paths.meta, run.meta)
+            except OSError as exc:
+                failed = failed or exc
             for writer in run.writers.values():
-                writer.restore_file()
-        log.info("journals of %d open run(s) written back", len(self._runs) + len(self._closing))
+                try:
+                    writer.restore_file()
+                except OSError as exc:
+                    failed = failed or exc
+        self._restore_due = failed is not None
+        if failed is not None:
+            # (The controller calls this again every second until it succeeds: a state dir
+            # deleted to make room frees nothing while its files are held open here, so
+            # the first write-back often finds the disk full. Before, that one failure
+            # was final: the journals went on into the deleted files and were lost.)
+            raise OSError(failed.errno, "the journals of the open runs are not all written "
+                          f"back yet ({failed.strerror or failed}); tried again every second")
+        for key, run in list(self._closing.items()):  # those that ended meanwhile
+            if not any(self._held.holds(w) for w in run.writers.values()):
+                del self._closing[key]
+                self._close_writers(run)
+        log.info("journals of %d open run(s) written back", len(runs))
 
     def tick(self) -> None:
         """Retry what a failing disk refused, ship what the syncer made durable (the

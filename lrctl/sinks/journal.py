@@ -331,17 +331,22 @@ class StreamWriter:
             pass
         private_dirs(self.path.parent)
         tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
-        with open_new(tmp) as out:
-            pos = 0
-            while pos < self.offset:
-                chunk = os.pread(self._file.fileno(), min(1 << 20, self.offset - pos), pos)
-                if not chunk:
-                    break
-                out.write(chunk)
-                pos += len(chunk)
-            out.flush()
-            self._fsync_fd(out.fileno())
-        os.replace(tmp, self.path)
+        try:
+            with open_new(tmp) as out:
+                pos = 0
+                while pos < self.offset:
+                    chunk = os.pread(self._file.fileno(), min(1 << 20, self.offset - pos), pos)
+                    if not chunk:
+                        break
+                    out.write(chunk)
+                    pos += len(chunk)
+                out.flush()
+                self._fsync_fd(out.fileno())
+            os.replace(tmp, self.path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                tmp.unlink()  # (a full disk: the part written would only hold the space)
+            raise
         old, self._file = self._file, open_append(self.path)
         old.close()
         self.unsynced, self._torn = 0, False

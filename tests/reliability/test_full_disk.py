@@ -99,3 +99,73 @@ def test_full_disk_then_freed_loses_repeats_and_tears_nothing(
     FIGURES["full disk"] = {"decisions": len(made), "journal": len(journal["decisions"]),
                             "mlflow": len(uploaded),
                             "metric lines": len(journal["metrics"])}
+
+
+def _write_back_errors() -> list[str]:
+    return [e for e in request({"t": "status"})["errors"] if "restore failed" in e]
+
+
+def test_a_state_dir_deleted_on_a_full_disk_is_written_back_once_the_disk_has_room(
+        make_controller: Callable[..., ControllerProc], short_dir: Path, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Deleting the state dir frees nothing while the controller holds its files open, so
+    the write-back of the open runs' journals into the new directory finds the disk
+    full. Before, that first failure was final: the journals went on into the deleted
+    files, no run's file came back (``lrctl decisions`` found nothing, MLflow stopped),
+    and the restore's first error left the other runs unwritten too. Now every run and
+    file is tried, again every second until all are back; a run that ends meanwhile
+    keeps its files open until they are."""
+    import shutil
+
+    from sinks_helpers import assert_exactly_once, mlflow_run_id
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.chdir(tmp_path)
+    state = Path(os.environ["LRCTL_STATE_DIR"])
+    flag = short_dir / "disk-full"
+    env = {**os.environ, "LRCTL_TEST_FULL_DISK": str(flag),
+           "LRCTL_TEST_FULL_DISK_UNDER": str(state), "LRCTL_TEST_FULL_DISK_WRITEBACK": "1",
+           "PYTHONPATH": os.pathsep.join(p for p in (str(FULL_DISK),
+                                                     os.environ.get("PYTHONPATH")) if p)}
+    controller = make_controller(audit=True, env=env)
+    made: dict[str, list[dict]] = {}
+
+    def phase(ctl: lrctl.Controller, rounds: int) -> None:
+        for _ in range(rounds):
+            for _ in range(7):
+                ctl.step(1.0, grad_norm=1.0)
+            key = str(ctl.run_key)
+            reply = request({"t": "set_lr", "run": key,
+                             "lr": 0.01 * (len(made.setdefault(key, [])) + 1)})
+            made[key].append(reply["decision"])
+
+    def opt() -> torch.optim.Optimizer:
+        return torch.optim.SGD([torch.nn.Parameter(torch.ones(1))], lr=0.1)
+
+    with lrctl.attach(opt(), policy=QUIET, sync=True, spawn=False) as ctl:
+        ended = lrctl.attach(opt(), policy=QUIET, sync=True, spawn=False)
+        phase(ctl, 3)
+        phase(ended, 3)
+        flag.write_text("0")  # full; then the state dir is deleted (to make room, say)
+        shutil.rmtree(state)
+        until("status to say the journals are not written back",
+              lambda: bool(_write_back_errors()))
+        phase(ctl, 2)
+        phase(ended, 2)
+        ended.close()  # a run that ends before the disk has room
+        flag.unlink()
+        until("the write-back to succeed", lambda: not _write_back_errors())
+        phase(ctl, 3)
+    for key, decisions in made.items():
+        paths = RunPaths.of(state, key)
+        until(f"run {key}'s end in its journal", lambda p=paths: p.stream("events").exists()
+              and b'"event":"end"' in p.stream("events").read_bytes())
+        journal = {name: _check_stream(paths.stream(name)) for name in STREAMS}
+        assert [(r["step"], r["new_lrs"]) for r in journal["decisions"]] == [
+            (d["step"], d["new_lrs"]) for d in decisions], f"run {key}: decisions lost"
+    client = store_client(uri)
+    key = str(ctl.run_key)
+    until_shipped(client, state, key, len(made[key]))
+    controller.stop()
+    assert_exactly_once(client, mlflow_run_id(state, key), state, key, tmp_path)

@@ -6,8 +6,11 @@ On ``PYTHONPATH``, Python imports this at start-up. While the file named by
 binary, by name or by descriptor): it had as many bytes free as the flag file says
 (0 if empty) when the flag appeared, a write that needs more writes what fits and
 returns short, and the next one fails with ``ENOSPC``, as a real file system does.
-Removing the flag frees the disk. tmpfs quotas and loop mounts are not available to
-the tests; this is the same sequence of system-call results. Without the variables it does nothing.
+Removing the flag frees the disk. With ``$LRCTL_TEST_FULL_DISK_WRITEBACK`` set, so are
+the temporary files a journal is written back through (``.<stream>.jsonl.<pid>.tmp``,
+opened for writing: a state dir deleted and made again). tmpfs quotas and loop mounts
+are not available to the tests; this is the same sequence of system-call results.
+Without the variables it does nothing.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import os
 
 _FLAG = os.environ.get("LRCTL_TEST_FULL_DISK")
 _UNDER = os.environ.get("LRCTL_TEST_FULL_DISK_UNDER")
+_WRITEBACK = bool(os.environ.get("LRCTL_TEST_FULL_DISK_WRITEBACK"))
 
 if _FLAG and _UNDER:
     _real_open = builtins.open
@@ -54,9 +58,13 @@ if _FLAG and _UNDER:
             name = os.readlink(f"/proc/self/fd/{file}")
         else:
             name = os.fsdecode(file) if isinstance(file, (str, bytes, os.PathLike)) else ""
-        if ("a" in mode and "b" in mode and name.endswith(".jsonl")
+        appended = "a" in mode and name.endswith(".jsonl")
+        written_back = (_WRITEBACK and "w" in mode and ".jsonl." in os.path.basename(name)
+                        and name.endswith(".tmp"))
+        if ((appended or written_back) and "b" in mode
                 and os.path.abspath(name).startswith(_UNDER)):  # type: ignore[arg-type]
-            raw = _FillingFile(file if isinstance(file, int) else name, mode.replace("b", ""))
+            raw = _FillingFile(file if isinstance(file, int) else name,
+                               mode.replace("b", "").replace("t", ""))
             return raw if buffering == 0 else io.BufferedWriter(raw)
         return _real_open(file, mode, buffering, *args, **kwargs)
 
