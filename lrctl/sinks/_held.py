@@ -76,7 +76,8 @@ class HeldLines:
     def forget(self, writer: StreamWriter) -> int:
         """Give up on ``writer``'s records (shutdown with the disk still full)."""
         lost = len(self._held.pop(writer, ()))
-        self._settled()
+        if not self._held:  # (not "the disk takes writes again": it never did)
+            self.error = self.since = None
         return lost
 
     def _drain(self, writer: StreamWriter, queue: deque[dict[str, Any]]) -> list[JournalLine]:
