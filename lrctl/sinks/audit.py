@@ -302,6 +302,11 @@ class AuditSink(GroupCommit, RunSync, Sink):
             # was final: the journals went on into the deleted files and were lost.)
             raise OSError(failed.errno, "the journals of the open runs are not all written "
                           f"back yet ({failed.strerror or failed}); tried again every second")
+        catch_up = getattr(self.shipper, "catch_up", None)
+        if catch_up is not None:  # (it may have read their paths while no file was there)
+            for run in runs:
+                catch_up(run.paths.run_key)
+            self.shipper.pass_on()  # type: ignore[union-attr]
         for key, run in list(self._closing.items()):  # those that ended meanwhile
             if not any(self._held.holds(w) for w in run.writers.values()):
                 del self._closing[key]

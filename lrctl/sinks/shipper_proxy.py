@@ -156,6 +156,13 @@ class ShipperProcess:
         if stream == "events" and line.record.get("event") == "end":
             self._ended(run_key, line.seq)
 
+    def catch_up(self, run_key: str) -> None:
+        """Have the child read ``run_key``'s journal again from where it got to (its files
+        were written back into a state dir made again: what it read meanwhile found no
+        file, and nothing else would tell it of the lines it missed)."""
+        if run_key in self._routes:
+            self._dirty[run_key] = None
+
     def pass_on(self) -> None:
         if self._dirty:
             runs, self._dirty = list(self._dirty), {}
