@@ -17,6 +17,7 @@ from dataclasses import asdict
 from typing import TYPE_CHECKING, Any
 
 from .._version import __version__
+from ..sinks._mlflow_store import unavailable
 from ..sinks._ship_state import FILES_WAIT
 from ..sinks.shipper_proxy import rss_kib
 from ..wire.errors import ProtocolError
@@ -104,7 +105,7 @@ def _status(server: Server) -> dict[str, Any]:
         errors.append(f"sink: {server.sink.error}")
     sink_status = server.sink.status()
     for uri, why in ((sink_status.get("shipper") or {}).get("unavailable") or {}).items():
-        errors.append(f"MLflow unavailable: {why} ({uri})")
+        errors.append(f"{unavailable(why)} ({uri})")
     for key, why in ((sink_status.get("shipper") or {}).get("files_down") or {}).items():
         errors.append(f"run {key}: {FILES_WAIT.format(why)}")
     journal = sink_status.get("journal") or {}

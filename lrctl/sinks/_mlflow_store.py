@@ -27,7 +27,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import unquote
 
-__all__ = ["BACKOFF_MIN_S", "LOG_EVERY_S", "StoreHealth", "open_store", "reason"]
+__all__ = ["BACKOFF_MIN_S", "LOG_EVERY_S", "StateDirWriteError", "StoreHealth", "open_store",
+           "reason", "unavailable"]
 
 log = logging.getLogger("lrctl.sinks.mlflow")
 
@@ -54,8 +55,33 @@ def open_store(tracking_uri: str) -> Any:
     return client
 
 
+class StateDirWriteError(OSError):
+    """The shipper could not write its own file in the state dir (a run's cursor): a full
+    or read-only disk there, not MLflow's fault, though shipping waits for it too."""
+
+
+_STATE_DIR = "the state dir refuses"  # how such a reason starts (see unavailable())
+
+
+def state_dir_write_error(path: Path, exc: OSError) -> StateDirWriteError:
+    return StateDirWriteError(exc.errno, f"{_STATE_DIR} {path.name} ({path}): "
+                                         f"{exc.strerror or exc}")
+
+
+def unavailable(why: str) -> str:
+    """How ``status`` and ``runs`` say that MLflow gets nothing, and why: a state dir the
+    shipper cannot write to is named as such (before: "MLflow unavailable: OSError:
+    [Errno 28] No space left on device (sqlite:///...)" for a full disk under the state
+    dir, the MLflow store's own disk fine)."""
+    if why.startswith(_STATE_DIR):
+        return f"MLflow shipping waits: {why} (MLflow itself is not at fault)"
+    return f"MLflow unavailable: {why}"
+
+
 def reason(exc: BaseException) -> str:
     """One line saying why: the exception's first line, without SQL or stack."""
+    if isinstance(exc, StateDirWriteError):
+        return exc.strerror or str(exc)
     text = str(exc).strip().splitlines()
     first = text[0] if text else ""
     return f"{type(exc).__name__}: {first[:300]}" if first else type(exc).__name__

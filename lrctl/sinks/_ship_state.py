@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from ..paths import is_run_key
+from ._mlflow_store import state_dir_write_error
 from .journal import (
     STREAMS,
     DamagedFile,
@@ -272,4 +273,7 @@ class RunState:
         self.save()
 
     def save(self) -> None:
-        atomic_write_json(self.paths.cursor, self.cursor)
+        try:
+            atomic_write_json(self.paths.cursor, self.cursor)
+        except OSError as exc:
+            raise state_dir_write_error(self.paths.cursor, exc) from exc

@@ -40,7 +40,7 @@ from ._mlflow_limits import (  # (their old home: imported from here by name)
     MAX_TAG_CHARS,
     PERMANENT_ERRORS,
 )
-from ._mlflow_store import LOG_EVERY_S, open_store
+from ._mlflow_store import LOG_EVERY_S, open_store, unavailable
 from ._mlflow_worker import (
     ClientFactory,
     DoneCallback,
@@ -145,7 +145,7 @@ class MlflowShipper:
         and :data:`FILES_WAIT` for those whose files wait for their artifact store."""
         out = {key: FILES_WAIT.format(why) for w in list(self._workers.values())
                for key, why in dict(w.files_down).items()}
-        return out | {key: f"MLflow unavailable: {w.error}"
+        return out | {key: unavailable(w.error)
                       for key, w in list(self._route.items()) if w.error}
 
     def flush(self, timeout: float = 10.0) -> bool:

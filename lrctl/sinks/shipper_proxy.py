@@ -39,6 +39,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
+from ._mlflow_store import unavailable
 from ._outbox import Outbox
 from ._ship_state import FILES_WAIT
 from .journal import JournalLine
@@ -256,7 +257,7 @@ class ShipperProcess:
         and :data:`FILES_WAIT` for those whose files wait for their artifact store."""
         with self._cond:
             out = {key: FILES_WAIT.format(why) for key, why in self._files_down.items()}
-            return out | {key: f"MLflow unavailable: {self._unavailable[route.uri]}"
+            return out | {key: unavailable(self._unavailable[route.uri])
                           for key, route in self._routes.items()
                           if route.uri in self._unavailable}
 

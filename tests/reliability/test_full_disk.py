@@ -197,3 +197,27 @@ def test_a_shutdown_on_a_still_full_disk_does_not_say_the_disk_takes_writes_agai
         assert held.forget(writer) == 3  # type: ignore[arg-type]
     assert not [r for r in caplog.records if "records held since" in r.getMessage()]
     assert not held and held.error is None
+
+
+def test_status_blames_the_state_dir_not_mlflow_when_the_shipper_cannot_save_its_cursor(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A full disk under the state dir, the MLflow store on another disk with room: the
+    shipper's cursor cannot be saved, and shipping waits. Before, ``status`` said
+    "MLflow unavailable: OSError: [Errno 28] No space left on device
+    (sqlite:////other-disk/mlflow.db)" (a real tmpfs pass): the store named, not the
+    state dir, and no file named at all."""
+    import errno
+
+    from lrctl.sinks import _ship_state
+    from lrctl.sinks._mlflow_store import reason, unavailable
+
+    def full(*args: object, **kwargs: object) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    state = _ship_state.RunState(RunPaths.of(tmp_path, "r"))
+    monkeypatch.setattr(_ship_state, "atomic_write_json", full)
+    with pytest.raises(OSError) as refused:
+        state.save()
+    said = unavailable(reason(refused.value))
+    assert said.startswith("MLflow shipping waits: the state dir refuses cursor.json ("), said
+    assert str(RunPaths.of(tmp_path, "r").cursor) in said and "No space left" in said
