@@ -83,6 +83,9 @@ class GuardedSink:
     def lr_change(self, run_key: str, step: int, lrs: Sequence[float]) -> None:
         self._call("lr_change", run_key, step, lrs)
 
+    def lr_ran(self, run_key: str, step: int, lrs: Sequence[float]) -> None:
+        self._call("lr_ran", run_key, step, lrs)
+
     def decision(self, run_key: str, record: Mapping[str, Any]) -> None:
         self._on_record()
         self._call("decision", run_key, record)

@@ -45,6 +45,8 @@ class OpenRun:
     # Resumed from an earlier checkpoint: the step its next metrics line says it went
     # back to ("rewind"), so that readers of the journal drop the undone steps' points.
     rewound_to: int | None = None
+    # The time (ms) of its latest metrics line (a correction's is later: see AuditSink).
+    metrics_ts: int = 0
 
 
 def load_high_water(run: OpenRun) -> None:

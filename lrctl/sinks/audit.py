@@ -189,6 +189,14 @@ class AuditSink(GroupCommit, RunSync, Sink):
         if points:
             self._metrics(run, points)
 
+    def lr_ran(self, run_key: str, step: int, lrs: Sequence[float]) -> None:
+        run = self._run(run_key)
+        if run.last_step != step:
+            return  # (only the last observed step's: see Sink.lr_ran)
+        points = run.sampler.ran(step, lrs)
+        if points:
+            self._metrics(run, points, later=True)
+
     def decision(self, run_key: str, record: Mapping[str, Any]) -> None:
         run = self._run(run_key)
         step = int(record["step"])
@@ -395,8 +403,15 @@ class AuditSink(GroupCommit, RunSync, Sink):
         elif self.shipper is not None:
             self.shipper.submit(run_key, stream, line)
 
-    def _metrics(self, run: OpenRun, points: list[tuple[str, float, int]]) -> None:
-        record: dict[str, Any] = {"ts": int(time.time() * 1000),
+    def _metrics(self, run: OpenRun, points: list[tuple[str, float, int]],
+                 later: bool = False) -> None:
+        """``later``: points that correct ones logged before at their steps: their time is
+        after those's (MLflow's latest value of a step is that of its latest time)."""
+        ts = int(time.time() * 1000)
+        if later:
+            ts = max(ts, run.metrics_ts + 1)
+        run.metrics_ts = max(run.metrics_ts, ts)
+        record: dict[str, Any] = {"ts": ts,
                                   "points": [[k, float_to_json(v), s] for k, v, s in points]}
         if run.rewound_to is not None:  # readers drop the points of later steps before it
             record["rewind"], run.rewound_to = run.rewound_to, None

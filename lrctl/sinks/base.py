@@ -88,6 +88,13 @@ class Sink(ABC):
         """The LRs changed at ``step``, between two observations (``every=N``)."""
         return None
 
+    def lr_ran(self, run_key: str, step: int, lrs: Sequence[float]) -> None:
+        """Step ``step``, the last observed, ran on ``lrs``, not on the LRs its observation
+        said (a sync hook ran it without its answer): its LR points again, later than the
+        first (where a step has two points, the later one stands). The default does
+        nothing."""
+        return None
+
     @abstractmethod
     def decision(self, run_key: str, record: Mapping[str, Any]) -> None:
         """One decision (``Decision.to_dict()`` plus ``wall_time``); durable once the next

@@ -112,6 +112,22 @@ class MetricSampler:
         self._lrs, self._step, self._lr_logged_step = lrs_t, step, step
         return points
 
+    def ran(self, step: int, lrs: Sequence[float]) -> list[Point]:
+        """The last observed step, ``step``, ran on ``lrs``, not on the LRs it was observed
+        with (a sync hook ran it without its answer): its points again, to be logged after
+        the first (where a step has two points, the later one stands); none for another
+        step, or the same LRs."""
+        lrs_t = tuple(map(float, lrs))
+        if step != self._step or self._lrs is None or lrs_t == self._lrs or len(
+                lrs_t) != len(self._lrs):
+            return []
+        points: list[Point] = []
+        if self._lr_logged_step != step:  # (no point there: the level before went on)
+            points += self._close_level(step, len(lrs_t))
+        points += [(lr_key(g), lr, step) for g, lr in enumerate(lrs_t)]
+        self._lrs, self._lr_logged_step = lrs_t, step
+        return points
+
     def _close_level(self, changed_at: int, groups: int) -> list[Point]:
         """Points of the old LRs at ``changed_at - 1``, their last step, unless logged."""
         until = changed_at - 1
@@ -179,6 +195,14 @@ class Downsampler:
             self._last = None
 
     def add(self, x: float, y: float) -> None:
+        # A second point at the step of the last one replaces it: the later one stands (a
+        # correction of that step's LR, see MetricSampler.ran).
+        if self._last is not None and self._last[0] == x:
+            self._last = (x, y)
+            return
+        if self._last is None and self._xs and self._xs[-1] == x:
+            self._ys[-1] = y
+            return
         if self._seen % self.stride == 0:
             self._xs.append(x)
             self._ys.append(y)

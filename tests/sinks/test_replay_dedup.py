@@ -4,8 +4,10 @@ their decisions: the journal must keep each decision once."""
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
+import pytest
 from sinks_helpers import run_info
 
 from lrctl.sinks.audit import AuditSettings, AuditSink
@@ -91,3 +93,32 @@ def test_operator_actions_between_two_observations_are_each_journaled(
     again.close()
     got = [(r["action"], r["new_lrs"]) for r in journal(state, "run-c", "decisions")]
     assert got == [("reduce", [0.05]), *((a, lrs) for a, lrs in ops), ("set_lr", [0.01])]
+
+
+def test_a_correction_of_the_last_steps_lrs_is_journaled_later_and_not_as_a_replay(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A sync hook's late step (it ran without its answer): its LR points again, in a
+    metrics line of a later time than the first even within one millisecond (MLflow keeps
+    a step's latest value by time), and the hook's ``not_applied`` record journaled beside
+    the decisions it amends, not taken for a replay of them."""
+    state = tmp_path / "state"
+    sink = AuditSink(state, AuditSettings(log_every=50, mlflow=False))
+    sink.open_run(run_info("run-a"))
+    now = time.time()
+    monkeypatch.setattr(time, "time", lambda: now)  # every line in one millisecond
+    for step in range(6):
+        sink.observation("run-a", step, 1.0, 1.0, [0.1] if step < 5 else [0.05])
+    sink.decision("run-a", decision(5, "skip"))
+    sink.decision("run-a", decision(5, "backoff"))
+    sink.lr_ran("run-a", 4, [0.2])  # not the last observed step: nothing
+    sink.lr_ran("run-a", 5, [0.1])
+    sink.decision("run-a", {**decision(5, "not_applied"), "policy": "hook", "kind": "hook",
+                            "old_lrs": [0.05], "new_lrs": [0.05]})
+    sink.close()
+    lines = journal(state, "run-a", "metrics")
+    fives = [(line["ts"], p[1]) for line in lines for p in line["points"]
+             if p[0] == "lrctl/lr/g0" and p[2] == 5]
+    assert [v for _, v in fives] == [0.05, 0.1] and fives[0][0] < fives[1][0]
+    assert not any(p[2] == 4 and p[1] == 0.2 for line in lines for p in line["points"])
+    actions = [(d["step"], d["action"]) for d in journal(state, "run-a", "decisions")]
+    assert actions == [(5, "skip"), (5, "backoff"), (5, "not_applied")]

@@ -42,6 +42,43 @@ def test_a_change_between_reports_is_a_vertical_edge_too() -> None:
     assert lr_points(s.lr_change(20 + 1, [0.04])) == []  # no change, no point
 
 
+def test_the_last_steps_lrs_corrected_are_logged_again_later() -> None:
+    """A sync hook ran its last observed step without its answer (a stalled controller):
+    that step's points again, as it ran (the later point stands), and the next change
+    closes the corrected level, not the first one."""
+    s = MetricSampler(log_every=50)
+    for step in range(5):
+        s.observe(step, 1.0, 0.5, [0.1])
+    # A change recorded at 5 (a back-off) that the step did not get: 5's point again.
+    assert lr_points(s.observe(5, 1.0, 0.5, [0.05])) == [(4, 0.1), (5, 0.05)]
+    assert lr_points(s.ran(5, [0.1])) == [(5, 0.1)]
+    # Step 6 too: no point at 6 yet, so the level before it (0.05 recorded) is closed at 5
+    # (logged: none), then 6 as it ran.
+    assert lr_points(s.observe(6, 1.0, 0.5, [0.05])) == [(6, 0.05)]
+    assert lr_points(s.ran(6, [0.1])) == [(6, 0.1)]
+    assert lr_points(s.observe(7, 1.0, 0.5, [0.1])) == []  # no point: 0.1 went on
+    assert lr_points(s.ran(7, [0.1])) == []  # ran as recorded: nothing
+    assert lr_points(s.ran(6, [0.2])) == []  # not the last observed step: left alone
+    # A step with no point of its own: the level before closed at the step before it.
+    assert lr_points(s.observe(8, 1.0, 0.5, [0.1])) == []
+    assert lr_points(s.observe(9, 1.0, 0.5, [0.1])) == []
+    assert lr_points(s.ran(9, [0.3])) == [(8, 0.1), (9, 0.3)]
+    assert lr_points(s.observe(10, 1.0, 0.5, [0.05])) == [(10, 0.05)]  # (9 is logged)
+
+
+def test_a_second_point_at_a_step_replaces_the_first_in_a_downsampled_series() -> None:
+    d = Downsampler(capacity=4)
+    for x, y in [(0, 1.0), (1, 2.0), (1, 3.0)]:
+        d.add(x, y)
+    assert d.points() == ([0, 1], [1.0, 3.0])
+    d = Downsampler(capacity=4)
+    for x in range(10):  # strided: the latest point is held apart
+        d.add(x, float(x))
+    d.add(9, -1.0)
+    xs, ys = d.points()
+    assert xs[-1] == 9 and ys[-1] == -1.0 and xs.count(9) == 1
+
+
 def test_a_decision_step_gets_its_loss_and_grad_norm_once_in_either_order() -> None:
     s = MetricSampler(log_every=100)
     s.observe(0, 3.0, 1.0, [0.1])
