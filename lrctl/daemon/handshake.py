@@ -227,7 +227,8 @@ class Handshakes:
                    "lrs": session.lrs(), "initial_lrs": initial, "mode": session.mode,
                    "restored": restored, "policy_sha256": session.info.policy_sha256,
                    "resume_token": session.resume_token,
-                   "used": 1}  # it records the LRs a report says its step ran on (u, pu)
+                   "used": 1,  # it records the LRs a report says its step ran on (u, pu)
+                   "late": 1}  # and reads late: the steps that ran without their answer
         if hello.compact:
             welcome["compact"] = 1  # either side may now send the per-step frames compact
         srv.transport.send(conn, welcome)

@@ -27,6 +27,7 @@ from ..wire.messages import (
     float_in,
     gap_used,
     get_int,
+    late_steps,
     lr_list,
     prior_steps,
     prior_used,
@@ -162,13 +163,46 @@ class Observing:
                 self.sink.lr_change(key, changed, lrs)
         if not end or loss is not None or grad is not None:
             self.sink.observation(key, step, loss, grad, used)
+            # (what a sync hook's late may correct: see _late)
+            session.recorded_step, session.recorded_used = step, used
+            session.recorded_stats, session.recorded_decisions = (loss, grad), result.decisions
         for d in result.decisions:
             self.sink.decision(key, {**d, "wall_time": time.time()})
         self.checkpoints.observed(key, session, self._now)
         decisions, stop = result.decisions, result.stop
         if held is not None:  # (their decisions journaled with their steps, above)
             decisions, stop = held.decisions + decisions, stop or held.stop
+        if session.unsent:  # records made since the last answer (see _late)
+            decisions, session.unsent = session.unsent + decisions, []
         self.reply(conn, session, step, result.lrs, decisions, result.skip, stop)
+
+    def _late(self, conn: Conn, msg: Mapping[str, Any]) -> None:
+        """A sync hook's steps that ran without their answer (its wait for it ran out, or
+        it did not wait while the answers were late: a stalled controller), each with the
+        LRs it ran on, told before its next report: the observation just recorded was
+        recorded with the LRs decided for it, and a skip decided for it as carried out.
+        Its LR points are logged again, as it ran (later: where a step has two points, the
+        later one stands), and what of its answer did not reach it is recorded
+        (``not_applied``, policy ``hook``), a record of its own: the journal is
+        append-only. A step other than the last recorded (a replay said what it ran on:
+        ``u``; a restarted controller) is left as recorded."""
+        key = conn.run
+        if key is None:
+            raise ProtocolError("late before hello", "bad_message")
+        session = self.sessions.get(key)
+        if session is None:
+            raise ProtocolError(f"run {key} is no longer served; reconnect", "no_such_run")
+        for step, lrs in late_steps(msg, len(session.engine.initial_lrs)):
+            if step != session.recorded_step:
+                continue
+            session.recorded_step = -1  # (corrected once)
+            ran = session.used_lrs(lrs, session.loop_base)
+            if ran != session.recorded_used:
+                self.sink.lr_ran(key, step, ran)
+            record = session.not_applied(step, ran)
+            if record is not None:
+                self.sink.decision(key, {**record, "wall_time": time.time()})
+                session.unsent.append(record)  # (the hook hears of it with the next answer)
 
     def _observe_held(self, key: str, session: Session,
                       prior: list[tuple[int, float | None, float | None]],

@@ -306,6 +306,8 @@ class Server(Observing):
             self.handshakes.hello(conn, msg)
         elif t == "bye":
             self._bye(conn)
+        elif t == "late":
+            self._late(conn, msg)
         elif t == "snapshot":
             self._snapshot(conn)
         elif t == "runs":

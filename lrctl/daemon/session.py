@@ -111,6 +111,14 @@ class Session(OperatorActions):
         # The session_id of the hook's saved state this run was last resumed from (see
         # handshake.py): that hook's reconnects, sending it again, keep the run as it is.
         self.adopted: str | None = None
+        # The last observation as recorded (its step, the LRs recorded as used there, its
+        # loss and grad norm, its decisions): what a sync hook's late corrects (Observing).
+        self.recorded_step = -1
+        self.recorded_used: list[float] = []
+        self.recorded_stats: tuple[float | None, float | None] = (None, None)
+        self.recorded_decisions: list[dict[str, Any]] = []
+        # Records made between observations, for the hook with the next answer.
+        self.unsent: list[dict[str, Any]] = []
 
     # -- construction ------------------------------------------------------------------
     @classmethod
@@ -224,6 +232,44 @@ class Session(OperatorActions):
                                 f"step {step} ({step - restored} steps lost)",
             evidence={"snapshot_step": restored, "at_step": step,
                       "steps_lost": step - restored},
+            policy_sha256=self.info.policy_sha256).to_dict())
+
+    def not_applied(self, step: int, ran: list[float]) -> dict[str, Any] | None:
+        """A sync hook ran ``step``, the last observation, without its answer (its wait ran
+        out: the controller was stalled), on the LRs ``ran``: the record of what of that
+        answer did not reach the step, if anything: a skip (the hook's own guard skips a
+        non-finite step whatever the answer), an LR change when ``ran`` is not what was
+        decided. None when all of it did (or nothing was decided)."""
+        decided = self.recorded_used
+        loss, grad = self.recorded_stats
+        finite = all(v is None or v - v == 0.0 for v in (loss, grad))
+        missed = []
+        for d in self.recorded_decisions:
+            evidence = d.get("evidence") or {}
+            if d.get("policy") == "hook" or d.get("shadow") or d.get("action") == "stop":
+                continue  # (a stop reaches the hook whenever its answer does)
+            if d.get("action") == "skip":
+                if finite and not evidence.get("advisory"):
+                    missed.append(d)
+            elif (d.get("old_lrs") != d.get("new_lrs") and not evidence.get("overridden")
+                  and ran != decided):
+                missed.append(d)
+        if not missed:
+            return None
+        what = "; ".join(
+            f"{d['policy']}'s skip was not carried out (the step ran)" if d["action"] == "skip"
+            else f"{d['policy']}'s {d['action']} to {_lrs_text(d['new_lrs'])} did not apply to "
+                 "it (it applied from the step its answer reached, as lrctl/lr shows)"
+            for d in missed)
+        lrs = tuple(self.lrs())
+        return self._record(Decision(
+            step=step, policy="hook", kind="hook", action="not_applied", old_lrs=lrs,
+            new_lrs=lrs, reason=f"the hook ran step {step} without its answer (its wait for "
+                                f"it ran out: the controller answered late), at LR "
+                                f"{_lrs_text(ran)}: {what}",
+            evidence={"ran_lrs": list(ran), "decided_lrs": list(decided),
+                      "not_applied": [{"policy": d["policy"], "action": d["action"]}
+                                      for d in missed]},
             policy_sha256=self.info.policy_sha256).to_dict())
 
     def rewound(self, seen_up_to: int, undone: list[dict[str, Any]]) -> dict[str, Any]:
@@ -385,6 +431,11 @@ class Session(OperatorActions):
             "reload_error": self.reload_error,
             "overflows": self.overflows,
         }
+
+
+def _lrs_text(lrs: Sequence[float]) -> str:
+    return ", ".join(f"{v:g}" for v in lrs[:4]) + (f" (and {len(lrs) - 4} more)"
+                                                  if len(lrs) > 4 else "")
 
 
 def _text(state: Mapping[str, Any], key: str, optional: bool = False) -> Any:

@@ -66,6 +66,12 @@ Hook → controller:
   after ``optimizer.step()``: no skip can reach its steps, and their records say so;
   said once a connection, in the first report after the hook learnt it, or as ``ran``
   in its hello when it knew it then).
+* ``late``: ``steps``, at most ``MAX_PRIOR`` ``[step, lrs]`` pairs, steps in order: a
+  sync hook's reported steps that ran without their answer (its wait for it ran out, or
+  it did not wait while the answers were late), each with the LRs it ran on, sent before
+  its next report (or its ``bye``), only to a controller whose welcome says ``late``. The
+  controller logs the last observed step's LR points again as it ran, and records what
+  of its answer did not reach it (``not_applied``). No answer.
 * ``snapshot``: the run's state after every observation so far → ``snapshot``
   ``{s, session}``.
 * ``bye``: the run ended; the controller closes the session.
@@ -74,7 +80,8 @@ Controller → hook:
 
 * ``welcome``: ``run``, ``last_step`` (-1 before any observation), ``saved_step``,
   ``lrs``, ``mode``, ``restored``, ``policy_sha256``, ``resume_token``, ``compact``
-  (1: it reads compact frames, and may send them). The hook
+  (1: it reads compact frames, and may send them), ``used`` (1: it records the LRs a
+  report says its step ran on), ``late`` (1: it reads ``late``). The hook
   replays the observations it holds with a step greater than ``last_step``.
 * ``lr``: ``s`` (the observation step it answers, or -1 for a push from an
   operator or a live policy reload), ``lrs`` for the next step, ``skip``, ``stop``, ``mode``,

@@ -31,6 +31,7 @@ __all__ = [
     "get_float",
     "get_int",
     "get_str",
+    "late_steps",
     "lr_list",
     "plain_message",
     "prior_steps",
@@ -226,6 +227,26 @@ def gap_used(msg: Mapping[str, Any], after: int, step: int,
         lrs = lr_list(change[1], groups, "gu")
         if previous > after:
             out.append((previous, lrs))
+    return out
+
+
+def late_steps(msg: Mapping[str, Any], groups: int) -> list[tuple[int, list[float]]]:
+    """The steps of a ``late`` message (``steps``): reported steps that ran without their
+    answer (a sync hook whose wait timed out, or that did not wait while the answers were
+    late), each ``(step, LRs it ran on)``, steps in order."""
+    steps = msg.get("steps")
+    if not isinstance(steps, list) or not steps or len(steps) > MAX_PRIOR:
+        raise ProtocolError(f"steps must be a list of 1 to {MAX_PRIOR} [step, lrs] pairs",
+                            "bad_message")
+    out: list[tuple[int, list[float]]] = []
+    previous = -1
+    for pair in steps:
+        if (not isinstance(pair, list) or len(pair) != 2 or type(pair[0]) is not int
+                or not previous < pair[0] <= 2**62):
+            raise ProtocolError("steps must hold [step, lrs] pairs of steps in order",
+                                "bad_message")
+        previous = pair[0]
+        out.append((previous, lr_list(pair[1], groups, "steps")))
     return out
 
 

@@ -99,3 +99,15 @@ def test_first_frame_may_be_larger_than_later_ones() -> None:
 def test_bad_frames_raise_a_protocol_error_naming_the_problem(body: bytes, match: str) -> None:
     with pytest.raises(ProtocolError, match=match):
         FrameDecoder().feed(struct.pack(">I", len(body)) + body)
+
+
+def test_late_steps_are_read_in_order_with_one_lr_per_group() -> None:
+    from lrctl.wire.messages import late_steps
+
+    assert late_steps({"steps": [[4, [0.1, 0.2]], [5, [0.1, 0]]]}, 2) == [
+        (4, [0.1, 0.2]), (5, [0.1, 0.0])]
+    for bad in (None, [], [[5, [0.1]], [5, [0.1]]], [[5, [0.1]], [4, [0.1]]],
+                [[-1, [0.1]]], [[True, [0.1]]], [[5, [0.1, 0.2]]], [[5, ["nan"]]],
+                [[5, [-0.1]]], [5, [0.1]], [[5, [0.1]]] * 300):
+        with pytest.raises(ProtocolError):
+            late_steps({"steps": bad}, 1)
