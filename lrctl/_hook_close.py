@@ -34,6 +34,7 @@ class Closing:
         _got_error: bool
 
         def _flush_pending(self) -> None: ...
+        def _tell_late(self) -> None: ...
         def _report_last_step(self) -> None: ...
         def _drain_staged(self, block: bool) -> None: ...
         def _send(self, t: int, loss: float | None, grad: float | None,
@@ -75,6 +76,7 @@ class Closing:
                 self._got_error = False
                 self._link.wait(lambda: self._acked >= self._reported or self._got_error,
                                 self.timeout)
+            self._tell_late()  # the last step's, had its answer not come (a stall)
             self._link.close(bye=end_run)
         except Exception as exc:
             self._warn("internal", f"lrctl: error while closing ({exc!r})")

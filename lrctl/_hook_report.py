@@ -24,6 +24,7 @@ from ._torchutil import (
     unscaled_norm,
 )
 from .wire.compact import encode_obs_compact
+from .wire.errors import ProtocolError
 from .wire.messages import MAX_PRIOR, encode_obs
 
 if TYPE_CHECKING:
@@ -69,6 +70,7 @@ class Reporting:
         _acked: int
         _held: dict[int, list[float]]
         _late: bool
+        _unanswered: list[int]
         _after_order: bool
         _said_ran: bool
         _metrics: dict[str, Any]
@@ -137,6 +139,11 @@ class Reporting:
                 self._pump(reporting and self._acked < self._prev_reported)
             if self.sync and self._reported == t:
                 self._wait_for(t)
+                if (self._acked < t and not self._after_order and link.says_late
+                        and link.connected):
+                    # Its optimizer step runs without its answer (a skip cannot reach it,
+                    # nor the LRs decided for it): the controller is told (see _tell_late).
+                    self._unanswered.append(t)
         # A step the loop may rightly not take (a scaler overflow, should_skip).
         self._excused = self.should_skip or self.overflows != overflows
         if batch is not None:
@@ -316,6 +323,8 @@ class Reporting:
     def _send(self, t: int, loss: float | None, grad: float | None,
               metrics: Mapping[str, Any], end: bool = False) -> None:
         assert self._link is not None
+        if self._unanswered:  # (only after a wait for an answer ran out: a stall)
+            self._tell_late()
         clean = {k: float(to_float(v) or 0.0) for k, v in metrics.items()} if metrics else None
         overflow = False
         if grad is not None and not math.isfinite(grad) and scaler_enabled(self.scaler):
@@ -367,6 +376,30 @@ class Reporting:
         self._prev_reported, self._reported = self._reported, t
         self._said_ran = self._said_ran or ran
         link.send_obs(t, frame)
+
+    def _tell_late(self) -> None:
+        """Sync: the reported steps that ran without their answer (the wait for it timed out,
+        or was not made while the answers were late), each with the LRs it ran on: a
+        ``late`` message, before the next report (or the goodbye). The controller recorded
+        the LRs it decided as those of such a step, and a skip decided for it as carried
+        out; it corrects the one and records the other as not carried out. A link that
+        is down drops them: the replay after the reconnect says what each step ran on
+        (``u``)."""
+        steps, self._unanswered = self._unanswered, []
+        link = self._link
+        if link is None or not link.connected or len(self._target) > MAX_USED:
+            return
+        told = []
+        for s in steps[-MAX_PRIOR:]:
+            lrs = self._used_at(s)
+            if lrs is not None:
+                told.append([s, [float(v) for v in lrs]])
+        if told:
+            try:
+                link.send({"t": "late", "steps": told})
+            except ProtocolError as exc:  # (too large a frame: hundreds of groups' LRs)
+                self._warn("late", f"lrctl: the steps that ran without their answer are "
+                                   f"not told to the controller: {exc}")
 
     def _gap_changes(self, first: int, end: int) -> list[tuple[int, list[float]]] | None:
         """``every=N``: where the LRs of the unreported steps ``first`` to ``end - 1``

@@ -102,6 +102,7 @@ class Link:
         # The LRs a step ran on, for the frames it replays (None: the step is forgotten).
         self.used_at: Callable[[int], list[float] | None] | None = None
         self.says_used = False  # the controller reads u, the LRs a step ran on (its welcome)
+        self.says_late = False  # ... and late, the steps that ran without their answer
         # Bytes of the replay under way: what may wait unsent beyond MAX_PENDING_OUT (a
         # long outage's frames go out at once; the controller reads them as it can).
         self._replaying = 0
@@ -381,6 +382,7 @@ class Link:
             self.buffer = deque((step, to_json_frame(frame)) for step, frame in self.buffer)
         self.compact = agreed
         self.says_used = type(msg.get("used")) is int and msg.get("used") == 1
+        self.says_late = type(msg.get("late")) is int and msg.get("late") == 1
         used_at = self.used_at
         self._replaying = 2 * sum(len(frame) for _, frame in self.buffer)  # (u grows some)
         for step, frame in self.buffer:  # replay, in order: see the module docstring

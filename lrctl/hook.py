@@ -190,6 +190,9 @@ class Controller(Resuming, LinkSide, QuietSteps, Reporting, Applying, Closing):
         # the optimizer step after t's, never t's own (async; see _usable_step).
         self._held: dict[int, list[float]] = {}
         self._late = False  # an answer missed its step: no waiting until they catch up
+        # Sync: reported steps that ran without their answer (told to the controller as
+        # late, with the LRs each ran on, before the next report: see Reporting._tell_late)
+        self._unanswered: list[int] = []
         self.late_waits = 0  # waits that timed out (a slow or stopped controller)
         self._after_order = False  # the loop calls step() after optimizer.step()
         self._said_ran = False  # ... and this connection was told so (see Reporting._send)
