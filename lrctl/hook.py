@@ -39,6 +39,7 @@ from ._hook_close import Closing
 from ._hook_link import LinkSide, PolicyRejected, RunConflict
 from ._hook_quiet import QuietSteps
 from ._hook_report import Reporting
+from ._hook_used import UsedLRs
 from ._link import Link
 from ._lr_history import LRHistory
 from ._resume import STATE_FORMAT, Resuming, checkpoint_lrs, resume_state, sanitize_run_name
@@ -72,7 +73,7 @@ def attach(optimizer: Any, policy: Any = None, run_name: str | None = None, sync
                       socket=socket, spawn=spawn, **options)
 
 
-class Controller(Resuming, LinkSide, QuietSteps, Reporting, Applying, Closing):
+class Controller(Resuming, LinkSide, QuietSteps, Reporting, UsedLRs, Applying, Closing):
     """One training run's hook.
 
     ``policy``: a path, YAML text or a dict (``None``: the packaged default).

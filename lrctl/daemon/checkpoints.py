@@ -31,6 +31,7 @@ import queue
 import time
 from collections.abc import Callable, Container, Mapping
 
+from ..sinks.journal import JournalError, RunPaths, last_line
 from .checkpoint_writer import CheckpointWriter
 from .limits import Limits
 from .session import Session
@@ -334,3 +335,22 @@ class Checkpoints:
         # is the cost, tens of milliseconds on the loop) a minute later.
         self._last_save[key] = time.monotonic() + (_OVERSIZE_RETRY_S
                                                    if isinstance(exc, ValueError) else 0.0)
+
+
+def ended_after_checkpoint(state_dir: str, key: str, checkpoint_step: int) -> bool:
+    """Whether ``key``'s journal says its hook ended the run (a goodbye) at or after
+    ``checkpoint_step``, the step its checkpoint holds: the checkpoint is then one whose
+    removal failed (a file system read-only at the run's end), and the run is not
+    restored from it (the caller removes it again)."""
+    try:
+        end = last_line(RunPaths.of(state_dir, key).stream("events"))
+    except (OSError, ValueError, JournalError):
+        return False
+    if end is None or end.record.get("event") != "end" or "outcome" in end.record:
+        return False  # (an eviction's end: its run resumes from the checkpoint)
+    last = end.record.get("last_step")
+    if not isinstance(last, int) or checkpoint_step > last:
+        return False
+    log.warning("run %s ended at step %d after its checkpoint (step %d) was written: "
+                "not restored; its checkpoint is removed", key, last, checkpoint_step)
+    return True

@@ -44,11 +44,10 @@ from ..policy import available_kinds
 from ..policy._capacity import held_values
 from ..reload import DEFAULT_DEBOUNCE_S
 from ..sinks import Sink
-from ..sinks.journal import JournalError, RunPaths, last_line
 from ..wire.errors import ProtocolError
 from ..wire.frames import MAX_HELLO
 from . import operator
-from .checkpoints import Checkpoints
+from .checkpoints import Checkpoints, ended_after_checkpoint
 from .guarded_sink import GuardedSink
 from .handshake import Handshakes
 from .limits import DEFAULT_SESSION_TIMEOUT, Limits
@@ -121,8 +120,10 @@ class Server(Observing):
         for key, state in self.store.load_all():
             try:
                 session = Session.restore(state)
-                if self._ended_after(key, session):
-                    continue
+                if self.state_dir and ended_after_checkpoint(self.state_dir, key,
+                                                             session.last_step):
+                    self.checkpoints.unremoved[key] = "left from before the run's end"
+                    continue  # (its removal is tried again: Checkpoints.retry_removals)
                 self.adopt(key, session)
             except Exception as exc:  # one run's state never stops the controller's start
                 log.error("cannot restore run %s: %s; its checkpoint is left in place", key,
@@ -132,27 +133,6 @@ class Server(Observing):
             log.info("restored run %s at step %d (policy %s)", key, session.last_step,
                      session.info.policy_sha256[:12])
         self.live.catch_up()  # edits made while the controller was down
-
-    def _ended_after(self, key: str, session: Session) -> bool:
-        """Whether ``key``'s journal says its hook ended the run (a goodbye) at or after
-        the step its checkpoint holds: the checkpoint is then one whose removal failed
-        (a file system read-only at the run's end), and the run is not restored from
-        it; its removal is tried again (see ``Checkpoints.unremoved``)."""
-        if not self.state_dir:
-            return False
-        try:
-            end = last_line(RunPaths.of(self.state_dir, key).stream("events"))
-        except (OSError, ValueError, JournalError):
-            return False
-        if end is None or end.record.get("event") != "end" or "outcome" in end.record:
-            return False  # (an eviction's end: its run resumes from the checkpoint)
-        last = end.record.get("last_step")
-        if not isinstance(last, int) or session.last_step > last:
-            return False
-        log.warning("run %s ended at step %d after its checkpoint (step %d) was written: "
-                    "not restored; its checkpoint is removed", key, last, session.last_step)
-        self.checkpoints.unremoved[key] = "left from before the run's end"
-        return True
 
     def adopt(self, key: str, session: Session) -> None:
         """A restored session joins the registry (at start, when an evicted run returns, or
