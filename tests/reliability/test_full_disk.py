@@ -32,6 +32,15 @@ FULL_DISK = Path(__file__).resolve().parent / "full_disk"  # sitecustomize: the 
 QUIET = "version: 1\npolicies:\n  - kind: plateau\n    metric: loss\n    patience: 100000\n"
 
 
+def _full_disk_env(flag: Path, state: Path, **extra: str) -> dict[str, str]:
+    """A controller's environment in which the state dir ``state`` is full while ``flag``
+    exists (the sitecustomize in ``FULL_DISK``)."""
+    return {**os.environ, "LRCTL_TEST_FULL_DISK": str(flag),
+            "LRCTL_TEST_FULL_DISK_UNDER": str(state), **extra,
+            "PYTHONPATH": os.pathsep.join(p for p in (str(FULL_DISK),
+                                                      os.environ.get("PYTHONPATH")) if p)}
+
+
 def _disk_errors() -> list[str]:
     return [e for e in request({"t": "status"})["errors"] if "No space left" in e]
 
@@ -60,10 +69,7 @@ def test_full_disk_then_freed_loses_repeats_and_tears_nothing(
     monkeypatch.chdir(tmp_path)
     state = Path(os.environ["LRCTL_STATE_DIR"])
     flag = short_dir / "disk-full"
-    env = {**os.environ, "LRCTL_TEST_FULL_DISK": str(flag),
-           "LRCTL_TEST_FULL_DISK_UNDER": str(state),
-           "PYTHONPATH": os.pathsep.join(p for p in (str(FULL_DISK),
-                                                     os.environ.get("PYTHONPATH")) if p)}
+    env = _full_disk_env(flag, state)
     controller = make_controller(audit=True, env=env)
     opt = torch.optim.SGD([torch.nn.Parameter(torch.ones(1))], lr=0.1)
     made: list[dict] = []
@@ -124,10 +130,7 @@ def test_a_state_dir_deleted_on_a_full_disk_is_written_back_once_the_disk_has_ro
     monkeypatch.chdir(tmp_path)
     state = Path(os.environ["LRCTL_STATE_DIR"])
     flag = short_dir / "disk-full"
-    env = {**os.environ, "LRCTL_TEST_FULL_DISK": str(flag),
-           "LRCTL_TEST_FULL_DISK_UNDER": str(state), "LRCTL_TEST_FULL_DISK_WRITEBACK": "1",
-           "PYTHONPATH": os.pathsep.join(p for p in (str(FULL_DISK),
-                                                     os.environ.get("PYTHONPATH")) if p)}
+    env = _full_disk_env(flag, state, LRCTL_TEST_FULL_DISK_WRITEBACK="1")
     controller = make_controller(audit=True, env=env)
     made: dict[str, list[dict]] = {}
 
