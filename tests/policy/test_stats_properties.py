@@ -257,3 +257,20 @@ def test_stall_plateau_honours_an_absolute_threshold() -> None:
         reduces = [d for d in engine.decisions if d.action == "reduce"]
         assert reduces and reduces[0].evidence["test"] == "stall", mode
     assert "less than the threshold 0.01)" in reduces[0].reason
+
+
+def test_a_loss_with_a_large_offset_needs_an_absolute_stall_threshold() -> None:
+    """What the README says of ``threshold_mode``: a loss that falls by 0.2 per half
+    window (200 observations) on top of a constant 100 falls by 0.2 % of its level, shown
+    smaller than the default's 0.5 %: ``rel`` halves the LR on a loss still falling;
+    ``abs`` with the fall worth the LR in the loss's own units (0.05) leaves it alone."""
+    def reduces(mode: str, threshold: float) -> int:
+        rng = random.Random(8)
+        engine = _plateau(test="stall", patience=400, threshold=threshold,
+                          threshold_mode=mode, cooldown=100)
+        for t in range(3000):
+            engine.observe(t, 100.0 - 0.001 * t + 0.05 * rng.gauss(0, 1))
+        return [d.action for d in engine.decisions].count("reduce")
+
+    assert reduces("rel", 0.005) >= 3
+    assert reduces("abs", 0.05) == 0
