@@ -7,6 +7,7 @@
 #
 #   scripts/gpu_check.sh            # uses .venv if there is one, else python3
 #   PYTHON=/path/to/python scripts/gpu_check.sh
+#   scripts/gpu_check.sh --tb=long -rA   # extra arguments go to pytest
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -25,8 +26,8 @@ print(f"torch {torch.__version__}, CUDA available: {torch.cuda.is_available()}"
 PY
 
 status=0
-timeout 300 "$PYTHON" -m pytest -q -rs -p no:randomly --timeout 240 \
-    tests/daemon/test_cuda.py tests/daemon/test_cuda_hotpath.py || status=$?
+timeout 300 "$PYTHON" -m pytest -q -rs -n 0 -p no:randomly --timeout 240 \
+    tests/daemon/test_cuda.py tests/daemon/test_cuda_hotpath.py "$@" || status=$?
 
 if [ -s "$REPORT" ]; then
     echo "== tiny GPT step, async hook vs none (medians of interleaved blocks)"

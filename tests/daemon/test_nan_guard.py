@@ -248,3 +248,36 @@ def test_a_skipped_closure_step_returns_the_closures_loss(
                 after = list(model.parameters())
                 assert all(torch.equal(a, b) for a, b in zip(before, after, strict=True))
         assert _finite(model) and ctl._guard.skipped == 1
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+def test_device_verdict_zeroes_every_gradient_bit_for_bit(dtype: torch.dtype) -> None:
+    """The device way of the guard (CUDA, a non-fused optimizer; run here on CPU tensors,
+    where the same ops run): a bad verdict leaves every gradient +0.0, a NaN, an inf and a
+    transposed view's too, and a sparse gradient's values (an embedding's), and a good one
+    leaves them bit for bit."""
+    from lrctl._guard import zero_grads_unless
+
+    def grads() -> tuple[torch.optim.Optimizer, list[torch.Tensor]]:
+        g = torch.Generator().manual_seed(1)
+        dense = [torch.randn(5, 7, generator=g).to(dtype), torch.randn(3, generator=g).to(dtype)]
+        params = [torch.nn.Parameter(torch.zeros_like(d)) for d in dense]
+        params[0].grad = dense[0].t().contiguous().t()  # a non-contiguous gradient
+        params[1].grad = dense[1]
+        params[1].grad[1] = math.nan
+        params[1].grad[2] = math.inf
+        sparse = torch.nn.Parameter(torch.zeros(4))
+        sparse.grad = torch.sparse_coo_tensor([[1, 3]], [math.nan, 2.0], (4,),
+                                              check_invariants=True)
+        return torch.optim.SGD([*params, sparse], lr=0.1), [*params, sparse]
+
+    opt, params = grads()
+    before = [p.grad.clone() for p in params]
+    zero_grads_unless(torch, torch.tensor(True), opt)
+    for p, b in zip(params[:2], before[:2], strict=True):
+        assert torch.equal(p.grad.contiguous().view(torch.uint8), b.contiguous().view(torch.uint8))
+    opt, params = grads()
+    zero_grads_unless(torch, torch.tensor(False), opt)
+    for p in params:
+        dense = p.grad.to_dense()
+        assert torch.equal(dense, torch.zeros_like(dense)) and not dense.signbit().any()
