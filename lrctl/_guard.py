@@ -98,7 +98,9 @@ class StepGuard:
         ok = None
         for value in (loss, grad_norm):
             if value is not None and hasattr(value, "device"):
-                finite = torch.isfinite(value.detach()).all()
+                finite = torch.isfinite(value.detach())
+                if finite.dim():  # (a 0-dim verdict needs no reduction: a kernel less)
+                    finite = finite.all()
                 ok = finite if ok is None else ok & finite
         self._device_ok = ok
 
