@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The hook's CUDA checks, for a machine with a GPU (a few minutes): no host-device
 # sync on steps that read nothing back (torch.cuda.set_sync_debug_mode("error")),
-# statistics through the pinned staging buffers with their values intact, and a tiny
-# GPT's step with the async hook against the same step without it (reported, not
+# statistics through the pinned staging buffers with their values intact, and two
+# GPTs' steps with the async hook against the same step without it (reported, not
 # judged: timings belong to `lrctl bench`). Without CUDA the tests skip and this says so.
 #
 #   scripts/gpu_check.sh            # uses .venv if there is one, else python3
@@ -30,7 +30,7 @@ timeout 300 "$PYTHON" -m pytest -q -rs -n 0 -p no:randomly --timeout 240 \
     tests/daemon/test_cuda.py tests/daemon/test_cuda_hotpath.py "$@" || status=$?
 
 if [ -s "$REPORT" ]; then
-    echo "== tiny GPT step, async hook vs none (medians of interleaved blocks)"
+    echo "== GPT steps (tiny, small), async hook vs none (medians of interleaved blocks)"
     cat "$REPORT"
     echo
 fi

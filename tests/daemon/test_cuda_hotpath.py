@@ -5,9 +5,10 @@
   ``torch.cuda.set_sync_debug_mode("error")``, which raises on any sync.
 * The statistics reach the controller through the pinned staging buffers, with their
   values intact: a NaN loss on the device becomes the guard's back-off at its step.
-* A tiny GPT's step with the async hook against the same step without it, interleaved
-  blocks, medians: reported (``LRCTL_GPU_REPORT`` names a JSON file for it), never a
-  pass/fail threshold (timings belong to ``lrctl bench``, not to tests).
+* A GPT's step with the async hook against the same step without it (a tiny one, bound
+  by its kernel launches, and one of GPT-2 small's depth and width, bound by the GPU),
+  interleaved blocks, medians: reported (``LRCTL_GPU_REPORT`` names a JSON file for
+  it), never a pass/fail threshold (timings belong to ``lrctl bench``, not to tests).
 """
 
 from __future__ import annotations
@@ -32,6 +33,12 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 POLICY = {"version": 1, "policies": [{"kind": "divergence", "min_samples": 8,
                                       "regrow_after": 10_000}]}
 WARMUP = 5  # first steps may sync: pinned buffers, optimizer state, cuBLAS workspaces
+#: Model shapes and batch sizes: "tiny", a step bound by its kernel launches (the hook's
+#: worst case); "small", GPT-2 small's depth and width over 1 024 tokens, bound by the GPU.
+SIZES: dict[str, tuple[dict[str, int], int]] = {
+    "tiny": ({"context": 128, "width": 128, "layers": 4, "heads": 4}, 16),
+    "small": ({"context": 1024, "width": 768, "layers": 12, "heads": 12}, 8),
+}
 
 
 class _Block(nn.Module):
@@ -75,11 +82,12 @@ class TinyGPT(nn.Module):
 class _Run:
     """A model, its optimizer and a batch on the GPU; ``step(hook)`` trains one step."""
 
-    def __init__(self, fused: bool = False) -> None:
+    def __init__(self, fused: bool = False, size: str = "tiny") -> None:
         torch.manual_seed(0)
-        self.model = TinyGPT().cuda()
+        shape, batch = SIZES[size]
+        self.model = TinyGPT(**shape).cuda()
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=1e-3, fused=fused)
-        tokens = torch.randint(0, 256, (16, 128), device="cuda")
+        tokens = torch.randint(0, 256, (batch, shape["context"]), device="cuda")
         self.x = F.one_hot(tokens, 256).float()  # built once, outside the timed steps
         self.y = torch.roll(self.x, -1, dims=1)
 
@@ -147,15 +155,16 @@ def test_staged_statistics_reach_the_controller_intact(controller: ControllerPro
     assert backoffs == [nan_at]
 
 
-def test_tiny_gpt_step_ratio(controller: ControllerProc) -> None:
+@pytest.mark.parametrize("size", list(SIZES))
+def test_gpt_step_ratio(controller: ControllerProc, size: str) -> None:
     """Wall time per step with the async hook over the same step without it."""
-    blocks, steps = 9, 30
+    blocks, steps = (9, 30) if size == "tiny" else (5, 10)
     arms: dict[str, tuple[_Run, lrctl.Controller | None, bool]] = {}
     stack: list[lrctl.Controller] = []
     for name, hooked, clip in (("bare", False, False), ("hook computes the norm", True, False),
                                ("bare + clip_grad_norm_", False, True),
                                ("hook given clip_grad_norm_'s norm", True, True)):
-        run = _Run()
+        run = _Run(size=size)
         ctl = lrctl.attach(run.opt, policy=POLICY, spawn=False) if hooked else None
         if ctl is not None:
             stack.append(ctl)
@@ -182,13 +191,21 @@ def test_tiny_gpt_step_ratio(controller: ControllerProc) -> None:
     def ratio(num: str, den: str) -> float:
         return statistics.median(a / b for a, b in zip(times[num], times[den], strict=True))
 
-    report = {"device": torch.cuda.get_device_name(),
+    report = {"device": torch.cuda.get_device_name(), "model": size,
+              "parameters": sum(p.numel() for p in arms["bare"][0].model.parameters()),
               "step_ms": {n: statistics.median(xs) * 1e3 for n, xs in times.items()},
               "hook computes the norm / bare": ratio("hook computes the norm", "bare"),
               "hook given the norm / bare + clip":
                   ratio("hook given clip_grad_norm_'s norm", "bare + clip_grad_norm_")}
     print(json.dumps(report, indent=1))
-    if os.environ.get("LRCTL_GPU_REPORT"):
-        with open(os.environ["LRCTL_GPU_REPORT"], "w", encoding="utf-8") as f:
-            json.dump(report, f, indent=1)
+    path = os.environ.get("LRCTL_GPU_REPORT")
+    if path:  # one report per model size, in one JSON object
+        try:
+            with open(path, encoding="utf-8") as f:
+                reports = json.load(f)
+        except (OSError, ValueError):
+            reports = {}
+        reports[size] = report
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump(reports, f, indent=1)
     assert all(math.isfinite(v) and v > 0 for v in report["step_ms"].values())
