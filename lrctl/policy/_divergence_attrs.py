@@ -31,6 +31,7 @@ class GuardAttributes:
     # counts
     _spikes: int
     _grad_spikes: int
+    _loss_run: int
     _clean: int
     _backoffs: int
     _total_backoffs: int

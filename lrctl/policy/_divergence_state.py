@@ -25,6 +25,7 @@ class GuardState(GuardAttributes):
             "grad_norm_window": self._gnorm.values(),
             "spikes": self._spikes,
             **({"grad_spikes": self._grad_spikes} if self._grad_spikes else {}),
+            **({"loss_run": self._loss_run} if self._loss_run else {}),
             "backoffs": self._backoffs,
             "cooldown": self._cooldown,
             "cooldown_seen": [list(pair) for pair in self._cooldown_seen],
@@ -50,6 +51,7 @@ class GuardState(GuardAttributes):
         self._gnorm.load([float(v) for v in state["grad_norm_window"]])
         self._spikes = int(state["spikes"])
         self._grad_spikes = int(state.get("grad_spikes", 0))
+        self._loss_run = int(state.get("loss_run", 0))
         self._backoffs = int(state["backoffs"])
         self._cooldown = int(state["cooldown"])
         # A cooldown keeps at most `cooldown` pairs and a settling fewer than `min_samples`

@@ -110,6 +110,9 @@ class Divergence(GuardState, GuardActions, LevelShift, RollbackEscalation, React
         Param("grad_norm_min_sigma", "float", None,
               "least robust σ of the log grad norm (default: min_sigma)", ge=0, optional=True),
         Param("tolerance", "int", 0, "spikes tolerated before a back-off", ge=0),
+        Param("loss_confirm", "int", 1,
+              "loss spikes in a row that make one spike (a lone one is flagged and "
+              "skipped, not backed off); 1: every loss spike counts", ge=1, le=MAX_WINDOW),
         Param("grad_norm_tolerance", "int", 0,
               "spikes of the grad norm alone (the loss ordinary) tolerated before a "
               "back-off, beside `tolerance` (flagged and skipped, not backed off)", ge=0),
@@ -153,6 +156,7 @@ class Divergence(GuardState, GuardActions, LevelShift, RollbackEscalation, React
         self._scale = 1.0
         self._spikes = 0  # spikes since the last back-off or clean interval
         self._grad_spikes = 0  # of them, tolerated spikes of the grad norm alone
+        self._loss_run = 0  # loss spikes in a row not yet confirmed (loss_confirm)
         self._backoffs = 0  # back-offs in the current incident
         self._cooldown_seen: list[tuple[float | None, float | None]] = []
         self._cooldown_spikes = 0  # of them, spikes
@@ -189,6 +193,7 @@ class Divergence(GuardState, GuardActions, LevelShift, RollbackEscalation, React
                                else p["grad_norm_min_sigma"], _MIN_SIGMA)
         self._regrow_after = p["regrow_after"]
         self._grad_tolerance = p["grad_norm_tolerance"]
+        self._loss_confirm = p["loss_confirm"]
         self._regrow_at = self._regrow_after - 1  # clean ones before this one: regrow now
         # The screens of observe()'s shortcut: log-scale statistics, both watched.
         self._log_both = not self._linear and self._watch_loss and self._watch_grad
@@ -227,6 +232,7 @@ class Divergence(GuardState, GuardActions, LevelShift, RollbackEscalation, React
             gwindow.add_log(grad_norm)
         window.add_log(loss)
         self._clean += 1
+        self._loss_run = 0
         return True
 
     def _clear(self, window: RobustWindow, value: float, floor: float) -> bool:
@@ -279,6 +285,8 @@ class Divergence(GuardState, GuardActions, LevelShift, RollbackEscalation, React
             # observation either (a run reporting no loss must not regrow its LR).
             return []
         evidence = None if self._stopped else self._judge(judged_loss, log_gnorm)
+        if self._loss_run and (evidence is None or evidence["statistic"] != "loss"):
+            self._loss_run = 0  # a run of loss spikes ended unconfirmed
         if evidence is None:
             if judged_loss is not None and self._watch_loss:
                 self._loss.add(judged_loss)
@@ -314,8 +322,15 @@ class Divergence(GuardState, GuardActions, LevelShift, RollbackEscalation, React
                       f"above the median {evidence['median']:.6g} of the last "
                       f"{evidence['window']} values (threshold {self.params['z_threshold']:g}σ)")
             if in_cooldown:  # the back-off is still taking effect: flag, do not cut again
+                self._loss_run = 0
                 return ([Action("skip", f"skip this optimizer step: {reason}", evidence)]
                         if ctx.skip else [])
+            if what == "loss" and self._loss_run + 1 < self._loss_confirm:
+                self._loss_run += 1  # not confirmed yet: one bad batch is no divergence
+                return ([Action("skip", f"skip this optimizer step: {reason} (not confirmed: "
+                                        f"{self._loss_run} of {self._loss_confirm} in a row)",
+                                evidence)] if ctx.skip else [])
+            self._loss_run = 0
             if (what == "grad_norm" and self._grad_spikes < self._grad_tolerance
                     and judged_loss is not None and self._watch_loss
                     and self._loss.count >= self._min_samples):  # (the loss is judged)
@@ -344,6 +359,7 @@ class Divergence(GuardState, GuardActions, LevelShift, RollbackEscalation, React
         reason = f"{name} is {value}"
         evidence = {"statistic": name, "value": value, "threshold": "finite"}
         self._nonfinite_run += 1
+        self._loss_run = 0
         if self._nonfinite_run >= 2:  # persisting: the weights themselves may be broken
             rolled = self._rollback(ctx, f"{reason} again ({self._nonfinite_run} in a row)",
                                     {**evidence, "in_a_row": self._nonfinite_run},

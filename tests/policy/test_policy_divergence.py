@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 
 import lrctl
+from lrctl.config import ConfigError
 from lrctl.policy import Decision, Engine
 
 BASE_LR = 0.1
@@ -308,3 +309,44 @@ def test_grad_norm_tolerance_skips_a_lone_grad_norm_spike_and_backs_off_at_the_n
     assert tolerated.action == "skip" and "tolerated, 1 of 1" in tolerated.reason
     # K + 200 came after a clean interval (and the regrowth): tolerated again.
     assert [d.action for d in engine.decisions if d.step == K + 200] == ["skip"]
+
+
+def test_loss_confirm_skips_a_lone_loss_spike_and_backs_off_on_two_in_a_row() -> None:
+    """``loss_confirm: 2`` (every shipped file's): one bad batch is no divergence: a lone
+    loss spike is flagged and skipped, not cut; two in a row back off at the second; a
+    clean observation between two spikes starts the count again; a NaN still backs off
+    at once; a checkpoint taken between the two spikes keeps the count."""
+    engine = guard(loss_confirm=2, skip_spikes=True, regrow_after=10_000)
+    hits = {K: 50.0, K + 20: 50.0, K + 22: 50.0, K + 40: 50.0, K + 41: 50.0,
+            K + 100: math.nan}
+    skipped = []
+    for t, (loss, gnorm) in enumerate(realistic(12, 200)):
+        engine.observe(step=t, loss=loss * hits.get(t, 1.0), grad_norm=gnorm)
+        skipped += [t] if engine.should_skip else []
+    backs = [(d.step, d.evidence["statistic"]) for d in engine.decisions
+             if d.action == "backoff"]
+    assert backs == [(K + 41, "loss"), (K + 100, "loss")]
+    assert skipped == sorted(hits)
+    lone = [d for d in engine.decisions if d.step in (K, K + 20, K + 22, K + 40)]
+    assert [d.action for d in lone] == ["skip"] * 4
+    assert all("not confirmed: 1 of 2 in a row" in d.reason for d in lone)
+
+    # The count survives a checkpoint between the two spikes of a pair.
+    first, second = guard(loss_confirm=2), guard(loss_confirm=2)
+    series = realistic(13, K + 2)
+    for t, (loss, gnorm) in enumerate(series[:K + 1]):
+        first.observe(step=t, loss=loss * (50.0 if t == K else 1.0), grad_norm=gnorm)
+    second.load_state_dict(first.state_dict())
+    loss, gnorm = series[K + 1]
+    second.observe(step=K + 1, loss=loss * 50.0, grad_norm=gnorm)
+    assert [d.action for d in second.decisions] == ["backoff"]
+
+
+def test_loss_confirm_one_is_the_old_rule_and_zero_is_refused() -> None:
+    engine = guard()
+    for t, (loss, gnorm) in enumerate(realistic(14, K + 5)):
+        engine.observe(step=t, loss=loss * (50.0 if t == K else 1.0), grad_norm=gnorm)
+    assert [(d.step, d.action) for d in engine.decisions] == [(K, "backoff")]
+    for bad in (0, -1, 1.5, "two"):
+        with pytest.raises(ConfigError, match="loss_confirm"):
+            guard(loss_confirm=bad)
