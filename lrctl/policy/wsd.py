@@ -95,6 +95,9 @@ class WSD(ReactivePolicy):
         Param("test", "str", "trend", "start_on plateau: trend — start when the fall is not "
               "significant; stall — only when it is shown smaller than `threshold` (as "
               "plateau decay's)", choices=("trend", "stall")),
+        Param("confirm", "int", 1, "start_on plateau: tests in a row (one every window / 8 "
+              "observations) that must find the stall before the cooldown starts early",
+              ge=1, le=MAX_WINDOW),
         Param("burn_in", "int", None, "start_on plateau: observations at the start of the "
               "stable phase that are not judged (default: half of `window`)", ge=0,
               optional=True),
@@ -125,6 +128,7 @@ class WSD(ReactivePolicy):
         self._cut_pending = False  # an operator's cooldown, for early stopping to count
         self._trend = TrendWindow(p["window"]) if p["start_on"] == "plateau" else None
         self._test_wait = 0
+        self._stalls = 0  # tests in a row that found the stall (see `confirm`)
         # Observations of the stable phase still to pass unjudged (see the docstring).
         self._burn_left = 0 if self._trend is None else self._burn_in()
         self._scale = self._factor(0)
@@ -264,7 +268,7 @@ class WSD(ReactivePolicy):
             return []
         if "level_shift" in ctx.flags:  # a new level of the loss: judge afresh (as plateau)
             window.clear()
-            self._test_wait = 0
+            self._test_wait = self._stalls = 0
             self._burn_left = max(self._burn_left, self._burn_in())
         if raw is None:
             return []
@@ -283,10 +287,14 @@ class WSD(ReactivePolicy):
         threshold = self.params["threshold"]
         result = window.test(self.params["alpha"], threshold)
         length = self.decay_length()
-        if result is None or result.verdict == "fell" or length is None:
+        if (result is None or result.verdict == "fell" or length is None
+                or (self.params["test"] == "stall" and not result.stalled(threshold))):
+            self._stalls = 0  # still falling, or inconclusive: the stable LR stands
             return []
-        if self.params["test"] == "stall" and not result.stalled(threshold):
-            return []  # inconclusive: the stable LR stands
+        self._stalls += 1
+        if self._stalls < self.params["confirm"]:
+            return []  # found once: the next test (window / 8 observations on) must agree
+        self._stalls = 0
         window.clear()
         return self._begin(obs.step, length, 1.0, self.params["decay_shape"], "plateau", ctx,
                            f"{self.params['metric']} stalled over the last {window.window} "
@@ -321,6 +329,7 @@ class WSD(ReactivePolicy):
             self._start, self._cancelled_at = None, step
             if self._trend is not None:
                 self._trend.clear()
+            self._stalls = 0
             self._scale = self._factor(step + 1)
             return [Action("decay_cancel", f"cooldown (started at step {started} by "
                            f"{source}) cancelled by an operator at multiplier {level:.6g}: "
@@ -353,7 +362,8 @@ class WSD(ReactivePolicy):
                 "cancelled_at": self._cancelled_at, "told_inactive": self._told_inactive,
                 "cut_pending": self._cut_pending,
                 "trend": None if self._trend is None else self._trend.values(),
-                "test_wait": self._test_wait, "burn_left": self._burn_left}
+                "test_wait": self._test_wait, "burn_left": self._burn_left,
+                **({"stalls": self._stalls} if self._stalls else {})}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self._scale = float(state["scale"])
@@ -377,3 +387,4 @@ class WSD(ReactivePolicy):
             self._trend.load([float(v) for v in state.get("trend") or []])
         self._test_wait = int(state.get("test_wait", 0))
         self._burn_left = int(state.get("burn_left", 0))  # (older states: a run under way)
+        self._stalls = int(state.get("stalls", 0))

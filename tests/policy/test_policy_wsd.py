@@ -372,3 +372,30 @@ def test_a_run_extended_during_its_scheduled_cooldown_stretches_it() -> None:
     again.load_state_dict(done.state_dict())
     again.observe(125, 1.0, 1.0)
     assert not [d for d in again.decisions if d.action == "decay_extended"]
+
+
+def test_confirm_starts_the_cooldown_when_the_next_test_finds_the_stall_too() -> None:
+    """``confirm: 2`` (wsd.yaml's): the stall must be found by two tests in a row (one
+    every window / 8 = 50 observations); a fall between them starts the count again,
+    and a checkpoint between them keeps it."""
+    def run(confirm: int, fall_after: int | None = None,
+            checkpoint_at: int | None = None) -> int | None:
+        rng = random.Random(9)
+        engine = wsd(5000, start_on="plateau", decay_steps=100, window=400, threshold=0.005,
+                     test="stall", confirm=confirm)
+        for t in range(1400):
+            level = 1.0 if fall_after is None or t <= fall_after else 0.9
+            engine.observe(step=t, loss=level * (1 + 0.002 * rng.gauss(0, 1)))
+            if t == checkpoint_at:
+                state = engine.state_dict()
+                engine = wsd(5000, start_on="plateau", decay_steps=100, window=400,
+                             threshold=0.005, test="stall", confirm=confirm)
+                engine.load_state_dict(state)
+        return next((d.step for d in engine.decisions if d.action == "decay_start"), None)
+
+    first = run(1)
+    assert first is not None
+    assert run(2) == first + 50
+    assert run(2, checkpoint_at=first + 10) == first + 50
+    later = run(2, fall_after=first)  # a 10 % fall right after the first finding
+    assert later is None or later > first + 50
