@@ -313,7 +313,7 @@ class Engine(EngineState, OperatorVerbs, LRArbiter, Snapshotting):
             if self.rollback_to is not None:
                 book.rolled_back(self.rollback_to, step)
         self.should_skip = ctx.skip
-        if ctx.stop:
+        if ctx.stop and self.mode == "active":  # a shadow stop is recorded, never acted on
             self.should_stop = True
         self._saw_unusable = False
         if multiplier is self._lrs_multiplier and factors is None:

@@ -90,7 +90,7 @@ class _Reference(Engine):
                     shadow=self.mode == "shadow"))
         self.last_step = obs.step
         self.should_skip = ctx.skip
-        self.should_stop = self.should_stop or ctx.stop
+        self.should_stop = self.should_stop or (ctx.stop and self.mode == "active")
         self._saw_unusable = False
         lrs = self._lrs_from(self._multiplier(), factors)
         if self._unusable or self._saw_unusable:  # the clamp record, as Engine.update

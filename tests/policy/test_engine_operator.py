@@ -173,3 +173,31 @@ def test_a_decision_at_the_last_step_of_a_manual_lr_is_applied_and_not_marked() 
     cuts = {d.step: d for d in eng.decisions if d.action == "reduce"}
     assert cuts[1].evidence.get("overridden") is True
     assert "overridden" not in cuts[2].evidence and "not applied" not in cuts[2].reason
+
+
+GUARD = "version: 1\npolicies:\n  - kind: divergence\n    max_backoffs: 2\n"
+
+
+@pytest.mark.parametrize("how", ["file", "pause"])
+def test_a_stop_decided_in_shadow_mode_is_recorded_and_never_acted_on(how: str) -> None:
+    # A shadow stop used to set should_stop: an in-process shadow engine stopped the
+    # loop, and a paused run was stopped at its first step after `lrctl resume`, by a
+    # decision recorded as `stop (shadow)`.
+    e = lrctl.load_policy(GUARD + ("mode: shadow\n" if how == "file" else ""), [0.1])
+    if how == "pause":
+        e.pause()
+    for t in range(40):
+        e.observe(t, 1.0)
+    for t in range(40, 50):
+        e.observe(t, float("nan"))
+    stops = [d for d in e.decisions if d.action == "stop"]
+    assert stops and all(d.shadow for d in stops)
+    assert not e.should_stop
+    if how == "pause":
+        e.resume()
+        e.observe(50, 1.0)
+        assert not e.should_stop
+    active = lrctl.load_policy(GUARD, [0.1])
+    for t in range(50):
+        active.observe(t, 1.0 if t < 40 else float("nan"))
+    assert active.should_stop  # the same run, active: the stop is acted on
