@@ -194,8 +194,9 @@ def _series(ax: Any, series: Downsampler, label: str, color: str) -> None:
         if min(y for _, y in finite) > 0 and _span([y for _, y in finite]) > 100:
             ax.set_yscale("log")
     bad = [x for x, y in zip(xs, ys, strict=True) if not math.isfinite(y)]
-    if bad:
-        ax.plot(bad, [0.0] * len(bad), "x", color="red", label="non-finite")
+    if bad:  # along the axis' foot (x in data, y in axes units): y = 0 is off a log axis
+        ax.plot(bad, [0.02] * len(bad), "x", color="red", label="non-finite",
+                transform=ax.get_xaxis_transform(), clip_on=False)
         ax.legend(loc="upper right", fontsize="small")
     ax.set_ylabel(label)
     ax.grid(alpha=0.3)

@@ -63,3 +63,33 @@ def test_a_restarted_and_an_unfinished_cooldown() -> None:
                "evidence": {"source": "operator"}}]
     assert phase_spans(events, 50) == [Phase("cooldown (plateau)", 10, 20),
                                        Phase("cooldown (operator)", 20, 51)]
+
+
+def test_non_finite_points_are_drawn_on_a_log_scaled_axis() -> None:
+    # A loss that blew up before its NaN (the usual way) puts the axis on a log scale;
+    # the markers were plotted at y = 0 there, off the axis: the legend said
+    # "non-finite" and the picture showed none.
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from lrctl.sinks.sampling import Downsampler
+    from lrctl.timeline import _series
+
+    series = Downsampler()
+    for x, y in [(0, 2.0), (1, 1.0), (2, 1e6), (3, float("nan")), (4, float("inf"))]:
+        series.add(x, y)
+    fig, ax = plt.subplots()
+    try:
+        _series(ax, series, "loss", "tab:blue")
+        assert ax.get_yscale() == "log"
+        [marks] = [line for line in ax.get_lines() if line.get_label() == "non-finite"]
+        fig.canvas.draw()
+        shown = marks.get_transform().transform(marks.get_xydata())
+        box = ax.get_window_extent()
+        assert len(shown) == 2
+        for px, py in shown:
+            assert box.x0 <= px <= box.x1 and box.y0 <= py <= box.y1
+    finally:
+        plt.close(fig)
