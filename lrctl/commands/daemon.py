@@ -340,7 +340,8 @@ def cmd_runs(args: argparse.Namespace) -> int:
 def _describe(d: dict[str, Any] | None) -> str:
     if not d:
         return "-"
-    return f"step {d['step']} {d['policy']}.{d['action']}: {d['reason']}"
+    shadow = " (shadow)" if d.get("shadow") else ""  # as `lrctl decisions` marks it
+    return f"step {d['step']} {d['policy']}.{d['action']}{shadow}: {d['reason']}"
 
 
 def _all_runs(args: argparse.Namespace) -> int:

@@ -176,3 +176,13 @@ def test_runs_all_skips_a_run_whose_journal_goes_while_it_is_read(
     monkeypatch.setattr(journal, "open_stream", moved_first)
     assert main(["runs", "--all", "--json", "--state-dir", str(short_dir / "state")]) == 0
     assert [r["run"] for r in json.loads(capsys.readouterr().out)] == ["b-staying"]
+
+
+def test_a_shadow_decision_is_marked_in_the_last_decision_column() -> None:
+    # `lrctl decisions` says `reduce (shadow)`; `lrctl runs` said `plateau.reduce` for the
+    # same record, as if the LR had been cut (the demo's fixed run: LR 0.5 beside it).
+    from lrctl.commands.daemon import _describe
+
+    record = {"step": 7, "policy": "plateau", "action": "reduce", "reason": "why"}
+    assert _describe(record) == "step 7 plateau.reduce: why"
+    assert _describe({**record, "shadow": True}) == "step 7 plateau.reduce (shadow): why"
