@@ -80,9 +80,12 @@ def _resumed_on(root: Path, controllers: list[ControllerProc], run_id: str,
 
 
 def _train(ctl: lrctl.Controller, steps: range, spikes: tuple[int, ...]) -> None:
+    """Each spike lasts two steps: default.yaml's guard (loss_confirm: 2) skips the first
+    and backs off at the second."""
     for t in steps:
         loss = 2.0 / (1 + t / 50) + 0.01 * (t * 7919 % 13) / 13
-        ctl.step(loss * 40 if t in spikes else loss, grad_norm=1.0)
+        spiked = t in spikes or t - 1 in spikes
+        ctl.step(loss * 40 if spiked else loss, grad_norm=1.0)
 
 
 def _artifact(client: MlflowClient, run_id: str, path: str) -> bytes:
@@ -118,7 +121,8 @@ def test_a_run_continued_from_another_state_dir_keeps_every_decision_in_mlflow(
     ctl.close(end_run=False)  # the node goes away with the job: the run goes on elsewhere
     before = _journal(first, key)
     assert [(r["step"], r["action"]) for r in before] == [
-        (60, "skip"), (60, "backoff"), (100, "skip"), (100, "backoff")]
+        (60, "skip"), (61, "skip"), (61, "backoff"), (100, "skip"), (101, "skip"),
+        (101, "backoff")]
     until(lambda: _records(_artifact(store, run_id, "lrctl/decisions.jsonl")) == before,
            "the first controller's decisions in MLflow")
     first.stop()
@@ -132,7 +136,8 @@ def test_a_run_continued_from_another_state_dir_keeps_every_decision_in_mlflow(
     mlflow.end_run()
     after = _journal(second, key)
     assert [(r["step"], r["action"]) for r in after] == [
-        (170, "skip"), (170, "backoff"), (230, "skip"), (230, "backoff")]
+        (170, "skip"), (171, "skip"), (171, "backoff"), (230, "skip"), (231, "skip"),
+        (231, "backoff")]
     everything = before + after
 
     paths = RunPaths.of(second.state_dir, key)
@@ -149,9 +154,9 @@ def test_a_run_continued_from_another_state_dir_keeps_every_decision_in_mlflow(
     events = _records(_artifact(store, run_id, "lrctl/policy_events.jsonl"))
     assert events == _journal(first, key, "events") + _journal(second, key, "events")
     tags = store.get_run(run_id).data.tags
-    assert tags["lrctl.decisions"] == "8"
-    assert "8 decisions: 4 backoff, 4 skip" in tags["mlflow.note.content"]
-    assert "| 60 | divergence | backoff |" in tags["mlflow.note.content"]
+    assert tags["lrctl.decisions"] == "12"
+    assert "12 decisions: 8 skip, 4 backoff" in tags["mlflow.note.content"]
+    assert "| 61 | divergence | backoff |" in tags["mlflow.note.content"]
     # (and the picture, drawn from both: checked by the sink tests)
     snapshot = {path: _artifact(store, run_id, path) for path in
                 ("lrctl/decisions.jsonl", "lrctl/decisions_table.json",
@@ -173,8 +178,8 @@ def test_a_run_continued_from_another_state_dir_keeps_every_decision_in_mlflow(
         assert _artifact(store, run_id, path) == data, path
     assert sorted(m.step for m in store.get_metric_history(run_id, "lrctl/decision")) == steps
     tags = store.get_run(run_id).data.tags
-    assert tags["lrctl.decisions"] == "8"
-    assert "8 decisions: 4 backoff, 4 skip" in tags["mlflow.note.content"]
+    assert tags["lrctl.decisions"] == "12"
+    assert "12 decisions: 8 skip, 4 backoff" in tags["mlflow.note.content"]
     # And through MLflow's own client, as a reader of the run would.
     local = store.download_artifacts(run_id, "lrctl/decisions.jsonl", str(short_dir))
     gc.collect()  # (ends the artifact repository's threads)
@@ -221,6 +226,6 @@ def test_the_first_controller_leaves_a_run_continued_elsewhere_alone(
     until(lambda: _shipped(paths), "the second controller to ship the run's end")
     assert _records(_artifact(store, run_id, "lrctl/decisions.jsonl")) == everything
     tags = store.get_run(run_id).data.tags
-    assert tags["lrctl.decisions"] == "8"
-    assert "8 decisions: 4 backoff, 4 skip" in tags["mlflow.note.content"]
+    assert tags["lrctl.decisions"] == "12"
+    assert "12 decisions: 8 skip, 4 backoff" in tags["mlflow.note.content"]
     assert store.get_run(run_id).info.status == "FINISHED"
