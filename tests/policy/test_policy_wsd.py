@@ -399,3 +399,29 @@ def test_confirm_starts_the_cooldown_when_the_next_test_finds_the_stall_too() ->
     assert run(2, checkpoint_at=first + 10) == first + 50
     later = run(2, fall_after=first)  # a 10 % fall right after the first finding
     assert later is None or later > first + 50
+
+
+def test_confirm_known_answers_default_and_validation() -> None:
+    """A flat loss (0.2 % noise), window 400: the first stall test (burn-in 200, then a
+    full window) finds the stall at step 599; each further confirmation waits for the
+    next test, 50 observations on. Without the key: confirm 1, the old rule. A 10 %
+    fall right after the first finding starts the count again: the window must hold the
+    new level before two tests find it stalled (1049). 0, negatives and non-integers
+    are refused, naming the key."""
+    def decisions(fall_after: int | None = None, **knobs: Any) -> list[tuple[int, str]]:
+        rng = random.Random(9)
+        engine = wsd(5000, start_on="plateau", decay_steps=100, window=400, threshold=0.005,
+                     test="stall", **knobs)
+        for t in range(1400):
+            level = 1.0 if fall_after is None or t <= fall_after else 0.9
+            engine.observe(step=t, loss=level * (1 + 0.002 * rng.gauss(0, 1)))
+        return [(d.step, d.action) for d in engine.decisions]
+
+    assert decisions() == decisions(confirm=1) == [(599, "decay_start"), (698, "decay_done")]
+    assert decisions(confirm=2) == [(649, "decay_start"), (748, "decay_done")]
+    assert decisions(confirm=3) == [(699, "decay_start"), (798, "decay_done")]
+    assert decisions(fall_after=599, confirm=2) == [(1049, "decay_start"),
+                                                    (1148, "decay_done")]
+    for bad in (0, -1, 1.5, "two"):
+        with pytest.raises(ConfigError, match="confirm"):
+            wsd(5000, start_on="plateau", confirm=bad)
