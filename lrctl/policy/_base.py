@@ -108,9 +108,7 @@ class StepContext:
 
     ``flags`` lets an earlier policy tell later ones about the step: the
     divergence guard sets ``"spike"`` or ``"nonfinite"``, and plateau detection
-    then does not count the step as a bad one (pytorch#30873); with ``"spike"`` it
-    sets ``"spike_tolerated"`` for a spike it only skips (not confirmed, or within a
-    tolerance), on which an LR range test holds instead of ending; an LR range test
+    then does not count the step as a bad one (pytorch#30873); an LR range test
     sets ``"lr_sweep"`` while it sweeps, so an anneal waits for it; plateau
     decay sets ``"lr_reduced"`` when it cuts the LR and a WSD cooldown when it
     starts, so that early stopping can decay first and give up after.

@@ -67,15 +67,6 @@ class GuardActions(GuardAttributes):
                                "backoffs": self._backoffs, "forced": force}))
         return actions
 
-    def _tolerate(self, ctx: StepContext, reason: str,
-                  evidence: dict[str, Any]) -> list[Action]:
-        """A spike this guard flags but does not act on (not confirmed yet, or within a
-        tolerance): flagged ``spike_tolerated`` beside ``spike``, so that a range test
-        neither ends its sweep on one bad batch nor smooths it in; skipped if asked."""
-        ctx.flags.add("spike_tolerated")
-        return ([Action("skip", f"skip this optimizer step: {reason}", evidence)]
-                if ctx.skip else [])
-
     def _regrow(self) -> list[Action]:
         """``regrow_after`` clean observations in a row: the multiplier grows back."""
         self._clean = 0

@@ -327,19 +327,22 @@ class Divergence(GuardState, GuardActions, LevelShift, RollbackEscalation, React
                         if ctx.skip else [])
             if what == "loss" and self._loss_run + 1 < self._loss_confirm:
                 self._loss_run += 1  # not confirmed yet: one bad batch is no divergence
-                return self._tolerate(ctx, f"{reason} (not confirmed: {self._loss_run} of "
-                                           f"{self._loss_confirm} in a row)", evidence)
+                return ([Action("skip", f"skip this optimizer step: {reason} (not confirmed: "
+                                        f"{self._loss_run} of {self._loss_confirm} in a row)",
+                                evidence)] if ctx.skip else [])
             self._loss_run = 0
             if (what == "grad_norm" and self._grad_spikes < self._grad_tolerance
                     and judged_loss is not None and self._watch_loss
                     and self._loss.count >= self._min_samples):  # (the loss is judged)
                 self._grad_spikes += 1  # the grad norm alone: tolerated (skipped, flagged)
-                return self._tolerate(ctx, f"{reason} (the loss is ordinary: tolerated, "
-                                           f"{self._grad_spikes} of {self._grad_tolerance})",
-                                      evidence)
+                return ([Action("skip", f"skip this optimizer step: {reason} (the loss is "
+                                        f"ordinary: tolerated, "
+                                        f"{self._grad_spikes} of {self._grad_tolerance})",
+                                evidence)] if ctx.skip else [])
             self._spikes += 1
             if self._spikes <= self.params["tolerance"]:
-                return self._tolerate(ctx, reason, evidence)
+                return ([Action("skip", f"skip this optimizer step: {reason}", evidence)]
+                        if ctx.skip else [])
             return self._back_off(ctx, reason, evidence, force=False)
         if self._stopped:  # a run told to stop that goes on anyway stays at the low LR
             return []

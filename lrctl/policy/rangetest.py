@@ -14,9 +14,7 @@ without a separate pre-run and without resetting the model:
   value for ``patience`` observations in a row (a short patch of hard data is
   not a too-high LR; and while the loss has not yet fallen, the rise must also
   beat ``noise_z`` standard deviations of the smoothed loss's own noise); or
-  the divergence guard backs off on a spike or flags a non-finite value at this
-  step (a spike it only skips, such as a lone loss spike under ``loss_confirm: 2``,
-  holds the multiplier, as a step without a loss does); or
+  the divergence guard flags a spike or a non-finite value at this step; or
   (``slowdown`` > 0) the loss falls more slowly than ``slowdown`` × the
   steepest fall seen, after a fall of at least ``min_rate``. The fall is
   the relative drop of the EMA over one ``smoothing_window``. It also ends at
@@ -90,8 +88,7 @@ class RangeTest(ReactivePolicy):
               "lowest must exceed this many robust σ of the per-step loss (the MAD of its "
               "differences); else the given LR stands", ge=0),
         Param("stop_on_flags", "bool", True,
-              "a spike the divergence guard backs off on, or its non-finite flag, ends "
-              "the sweep (a spike it only skips holds the sweep for that step)"),
+              "a spike or non-finite flag from the divergence guard ends the sweep"),
         Param("slowdown", "float", 0.0, "end the sweep when the fall of the smoothed loss "
               "drops below this fraction of its steepest (0: off)", ge=0, lt=1),
         Param("min_rate", "float", 0.05, "least steepest fall (relative, per smoothing "
@@ -126,12 +123,6 @@ class RangeTest(ReactivePolicy):
 
     def observe(self, obs: Observation, ctx: StepContext) -> list[Action]:
         if not self._sweeping:
-            return []
-        if "spike_tolerated" in ctx.flags and "nonfinite" not in ctx.flags:
-            # One bad batch the guard only skipped (a lone loss spike, a grad-norm spike
-            # within its tolerance): no verdict on the LR from it; the sweep holds, as on
-            # a step without a loss. A spike the guard backs off on ends the sweep.
-            ctx.flags.add("lr_sweep")
             return []
         flagged = sorted(ctx.flags & _STOP_FLAGS) if self.params["stop_on_flags"] else []
         if flagged:
