@@ -22,9 +22,7 @@ without a separate pre-run and without resetting the model:
 * The LR then settles at ``settle`` × the multiplier the sweep stopped at
   (``anchor: stop``), at which the smoothed loss was lowest (``anchor: best``)
   or at which it fell fastest (``anchor: steepest``), and stays there; other
-  policies act on top. That is, if the sweep was *conclusive*: the loss must have
-  fallen beyond its noise (see :meth:`RangeTest._fall_test`); otherwise nothing
-  says where the good LR is, and the LR the user gave stands.
+  policies act on top.
 
 Why the slowdown test: a sweep that waits for the loss to *rise* has already
 trained a few steps at a too-high LR, and on small models that leaves lasting
@@ -36,9 +34,7 @@ overshoot small.
 Because the sweep is relative to the initial LR, the settled LR does not depend
 on the starting guess as long as the good LR lies between ``start_factor`` and
 ``max_factor`` times it. The EMA is judged only after ``min_steps``
-observations, so the first noisy losses cannot end the sweep. Relative
-comparisons are relative to ``|level|``: a loss below zero (a log-likelihood
-objective) is judged as one above it.
+observations, so the first noisy losses cannot end the sweep.
 """
 
 from __future__ import annotations
@@ -51,14 +47,10 @@ from typing import Any
 from ._base import Action, Observation, ReactivePolicy, StepContext, float_from_json, float_to_json
 from ._params import MAX_MEAN_WINDOW, Param
 from ._registry import register_policy
-from .stats import TrendWindow, difference_sigma
 
 _STOP_FLAGS = frozenset({"spike", "nonfinite"})
 NOISE_ALPHA = 0.1  # the noise estimate averages over ~20 observations
 EARLY_FALL = 0.1  # the smoothed loss's fall from its start that ends the noise guard
-#: The sweep's last raw losses kept for the fall test (a sweep at the shipped growth
-#: ends within ~200 observations; a longer one is judged on its last ones).
-SWEEP_MEMORY = 512
 
 
 @register_policy("rangetest")
@@ -81,12 +73,6 @@ class RangeTest(ReactivePolicy):
         Param("noise_z", "float", 6.0, "until the smoothed loss has fallen 10 % from its "
               "start, the rise must also exceed this many standard deviations of its own "
               "noise (0: off)", ge=0),
-        Param("alpha", "float", 0.01, "one-sided level of the trend test that must find "
-              "the loss fell over the sweep (up to its lowest point) for the sweep to be "
-              "conclusive", ge=1e-6, lt=0.5),
-        Param("fall_z", "float", 2.0, "and the smoothed loss's fall from its start to its "
-              "lowest must exceed this many robust σ of the per-step loss (the MAD of its "
-              "differences); else the given LR stands", ge=0),
         Param("stop_on_flags", "bool", True,
               "a spike or non-finite flag from the divergence guard ends the sweep"),
         Param("slowdown", "float", 0.0, "end the sweep when the fall of the smoothed loss "
@@ -108,8 +94,6 @@ class RangeTest(ReactivePolicy):
         self._ema = 0.0  # biased EMA; divided by (1 - (1 - alpha)^seen) when read
         self._best = math.inf
         self._best_scale = self._scale
-        self._best_at = 0  # loss observations up to the lowest smoothed loss
-        self._losses: deque[float] = deque(maxlen=SWEEP_MEMORY)  # for the fall test
         self._history: deque[float] = deque(maxlen=self.params["smoothing_window"] + 1)
         self._steepest = 0.0  # steepest relative fall of the EMA over one window
         self._steepest_scale = self._scale
@@ -135,14 +119,13 @@ class RangeTest(ReactivePolicy):
             ctx.flags.add("lr_sweep")
             return []
         smoothed = self._smooth(loss)
-        self._losses.append(loss)
         if self._start is None and self._seen >= self.params["min_steps"]:
             self._start = smoothed  # the level after the warm-up, not one raw sample
         # "Lowest so far" only from a smoothed estimate past its warm-up: the
         # first raw losses are single samples, and a lucky first batch would
         # otherwise become a best that noise alone "rises" from.
         if self._seen >= self.params["min_steps"] and smoothed < self._best:
-            self._best, self._best_scale, self._best_at = smoothed, self._scale, self._seen
+            self._best, self._best_scale = smoothed, self._scale
         slowed = self._judge_rate(smoothed)
         if slowed is not None:
             return self._settle(obs, slowed[0], slowed[1])
@@ -169,9 +152,9 @@ class RangeTest(ReactivePolicy):
     def _judge_rate(self, smoothed: float) -> tuple[str, dict[str, Any]] | None:
         """(reason, evidence) when the fall of the smoothed loss has slowed, else None."""
         self._history.append(smoothed)
-        if len(self._history) < self._history.maxlen or self._history[0] == 0:  # type: ignore[operator]
+        if len(self._history) < self._history.maxlen or self._history[0] <= 0:  # type: ignore[operator]
             return None
-        rate = (self._history[0] - smoothed) / abs(self._history[0])
+        rate = (self._history[0] - smoothed) / self._history[0]
         if rate > self._steepest:
             self._steepest, self._steepest_scale = rate, self._scale
         slowdown = self.params["slowdown"]
@@ -219,74 +202,28 @@ class RangeTest(ReactivePolicy):
         # "Fallen" must not be noise either (the best of a wobbling curve sits low); once
         # it has fallen, it stays so: near zero, a loss's relative noise means nothing.
         if (self._seen >= self.params["min_steps"]  # a noise estimate worth the name
-                and self._best < self._start - max(EARLY_FALL, noisy) * abs(self._start)):
+                and self._best < self._start * (1.0 - max(EARLY_FALL, noisy))):
             self._fallen = True
             return self.params["rise"]
         return max(self.params["rise"], noisy)
-
-    def _fall_test(self) -> tuple[str | None, dict[str, Any]]:
-        """Whether the sweep found a fall of the loss beyond its noise: (None, evidence)
-        when it did, else (what was missing, evidence).
-
-        Three things must hold, or the sweep is inconclusive: the smoothed loss fell from
-        its start (its value after ``min_steps``) to its lowest by more than
-        :data:`EARLY_FALL` of ``|start|``; that fall exceeds ``fall_z`` robust σ of the
-        per-step loss (:func:`~.stats.difference_sigma` over the sweep up to the lowest
-        point: a steady fall or the blow-up at the end does not inflate it); and the
-        trend test (:meth:`~.stats.TrendWindow.test`, level ``alpha``, autocorrelation
-        accounted for) over the raw losses up to the lowest point finds the newer half
-        lower than the older. The lowest point of a smoothed series is a low outlier of
-        its noise: the trend test compares means of many observations instead, and the
-        σ margin keeps a fall of a few noise widths from counting. On a flat loss the
-        shipped file's sweep is called conclusive in under 1 % of runs with i.i.d. noise
-        of 5-30 % per step, ~1 % with Student-t (3 d.o.f.) noise, ~5 % with AR(1)
-        φ = 0.5 noise (before this test: up to 96 %); noise that wanders slowly
-        (φ = 0.9) still fools it in ~30 %: the sweep it ends early holds too few
-        autocorrelation times for any test.
-        """
-        start, lowest = self._start, self._best
-        if start is None or not math.isfinite(lowest):
-            return (f"no smoothed loss was judged ({self._seen} losses seen, min_steps "
-                    f"{self.params['min_steps']})", {})
-        kept = len(self._losses) - (self._seen - self._best_at)
-        losses = list(self._losses)[:max(kept, 0)]
-        fall, noise = start - lowest, difference_sigma(losses)
-        evidence: dict[str, Any] = {"start_loss": start, "lowest_loss": lowest, "fall": fall,
-                                    "noise_sigma": noise, "fall_z": self.params["fall_z"],
-                                    "alpha": self.params["alpha"],
-                                    "trend_observations": len(losses)}
-        if not fall > EARLY_FALL * abs(start):
-            return (f"the smoothed loss fell {fall:.6g} from its start {start:.6g}, not more "
-                    f"than {EARLY_FALL:g} of it", evidence)
-        if not fall > self.params["fall_z"] * noise:
-            return (f"the smoothed loss's fall {fall:.6g} is not beyond "
-                    f"{self.params['fall_z']:g} × the per-step noise σ {noise:.6g}", evidence)
-        result = None
-        if len(losses) >= 8:
-            window = TrendWindow(len(losses))
-            window.load(losses)  # (an odd count: the oldest is left out)
-            result = window.test(self.params["alpha"])  # (full: never None)
-            if result is not None:
-                evidence.update({"trend_" + k: v for k, v in result.evidence().items()})
-        if result is None or result.verdict != "fell":
-            return (f"the trend test over the {len(losses)} losses up to the lowest found "
-                    f"no fall at level {self.params['alpha']:g}", evidence)
-        return None, evidence
 
     def _settle(self, obs: Observation, why: str, evidence: dict[str, Any]) -> list[Action]:
         self._sweeping = False
         old = self._scale
         lr_at_stop = obs.lrs[0] if obs.lrs else None
-        missing, fall_evidence = self._fall_test()
-        self._losses.clear()  # the sweep is over: its state stays small
-        if missing is not None:
-            # No evidence of where the good LR is: the LR the user gave stands.
+        fell = self._fallen or (self._start is not None
+                                and self._best < self._start * (1.0 - EARLY_FALL))
+        if not fell and self.params["noise_z"] > 0:
+            # The sweep ended before the smoothed loss had fallen by more than its
+            # noise: there is no evidence of where the good LR is. The LR the user
+            # gave stands.
             self._scale = 1.0
             return [Action(
                 "range_test_done",
-                f"LR range test ended at step {obs.step}: {why}, but {missing}: "
-                f"inconclusive, so the given LR stands (LR × {1.0 / old:.6g})",
-                {**evidence, **fall_evidence, "conclusive": False, "lr_at_stop": lr_at_stop,
+                f"LR range test ended at step {obs.step}: {why}, but the smoothed loss had "
+                f"not yet fallen beyond its noise: inconclusive, so the given LR stands "
+                f"(LR × {1.0 / old:.6g})",
+                {**evidence, "conclusive": False, "lr_at_stop": lr_at_stop,
                  "stop_multiplier": old, "multiplier": 1.0, "factor": 1.0 / old,
                  "observations": self._seen})]
         anchor = {"stop": self._scale, "best": self._best_scale,
@@ -297,9 +234,9 @@ class RangeTest(ReactivePolicy):
             f"LR range test ended at step {obs.step}: {why}; LR × {self._scale / old:.6g} "
             f"(settle {self.params['settle']:g} × the {self.params['anchor']} multiplier "
             f"{anchor:.6g})",
-            {**evidence, **fall_evidence, "conclusive": True, "lr_at_stop": lr_at_stop,
-             "stop_multiplier": old, "best_multiplier": self._best_scale,
-             "steepest_multiplier": self._steepest_scale, "multiplier": self._scale,
+            {**evidence, "conclusive": True, "lr_at_stop": lr_at_stop, "stop_multiplier": old,
+             "best_multiplier": self._best_scale, "steepest_multiplier": self._steepest_scale,
+             "multiplier": self._scale,
              "factor": self._scale / old, "observations": self._seen})]
 
     def state_dict(self) -> dict[str, Any]:
@@ -310,8 +247,6 @@ class RangeTest(ReactivePolicy):
             "ema": self._ema,
             "best": float_to_json(self._best),
             "best_scale": self._best_scale,
-            "best_at": self._best_at,
-            "losses": list(self._losses),
             "history": list(self._history),
             "steepest": self._steepest,
             "steepest_scale": self._steepest_scale,
@@ -328,9 +263,6 @@ class RangeTest(ReactivePolicy):
         self._ema = float(state["ema"])
         self._best = float_from_json(state["best"])
         self._best_scale = float(state["best_scale"])
-        # (a state from before the fall test: the sweep is judged on the losses from here)
-        self._best_at = int(state.get("best_at", self._seen))
-        self._losses = deque((float(v) for v in state.get("losses", ())), maxlen=SWEEP_MEMORY)
         self._history = deque((float(v) for v in state["history"]),
                               maxlen=self.params["smoothing_window"] + 1)
         self._steepest = float(state["steepest"])

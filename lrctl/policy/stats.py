@@ -30,9 +30,6 @@ autocorrelation, and each verdict has a stated false-positive rate.
   the fall per half-window is lost in the noise. :meth:`TrendWindow.surely_fell`
   tells a certain "fell" from a cheap bound (:mod:`._trend_bound`), so that a
   caller runs the test only when it may act.
-* :func:`difference_sigma`: a robust σ of a series' noise from the median absolute
-  deviation of its first differences: a trend (their median) and a few wild values
-  (a spike, a blow-up) do not inflate it, as a plain standard deviation's would.
 * :class:`RobustWindow` (:mod:`._robust`): median and IQR-based σ of a rolling
   window, for spike z-scores (the divergence guard's "spiked": ``z`` robust σ
   above the median; at ``z = 6`` a normal value exceeds it with probability 1e-9
@@ -49,13 +46,13 @@ import math
 from collections import deque
 from itertools import islice, repeat
 from operator import mul, sub
-from statistics import NormalDist, median
+from statistics import NormalDist
 
 from ._robust import RobustWindow
 from ._trend_bound import RHO_MAX, surely_fell
 
 __all__ = ["FALSE_VERDICT_RATE", "RobustWindow", "SmoothedLevel", "TrendTest", "TrendWindow",
-           "difference_sigma", "z_for"]
+           "z_for"]
 
 #: The highest rate at which "fell" or "rose" fires on stationary noise (see module doc),
 #: for the default ``alpha`` of 0.01; measured rates are lower (the property tests).
@@ -70,28 +67,6 @@ def z_for(alpha: float) -> float:
     if not 0 < alpha < 0.5:
         raise ValueError(f"alpha must be in (0, 0.5), but got {alpha=}")
     return NormalDist().inv_cdf(1.0 - alpha)
-
-
-#: The median absolute deviation of a normal variable, × this, is its σ.
-_MAD_TO_SIGMA = 1.4826
-
-
-def difference_sigma(values: list[float]) -> float:
-    """A robust σ of the noise of ``values`` (0.0 with fewer than three).
-
-    The median absolute deviation of the first differences from their median, as a
-    normal σ, over √2 (a difference of two independent values has √2 × their σ):
-    a constant trend moves only the median of the differences, and a minority of
-    wild values (a spike, a blow-up at the end) does not move the MAD. Positive
-    autocorrelation makes it smaller than the values' σ (it measures the step-to-step
-    noise): callers that need a known error rate pair it with a test that accounts
-    for that (:meth:`TrendWindow.test`).
-    """
-    if len(values) < 3:
-        return 0.0
-    diffs = list(map(sub, islice(values, 1, None), values))
-    centre = median(diffs)
-    return _MAD_TO_SIGMA * median(abs(d - centre) for d in diffs) / math.sqrt(2.0)
 
 
 class SmoothedLevel:
