@@ -7,9 +7,9 @@ way in, three corrupted batches (labels misaligned, as from a bad data shard).
 * **lrctl**: the range-test policy (``policies/rangetest.yaml``, opt-in: the
   default policy leaves the LR you gave alone unless the run diverges or stalls)
   steers the LR through the controller — a range test finds a workable LR, the
-  divergence guard backs off on the corrupted batches' spike (skipping those
-  steps) and grows the LR back after a clean stretch; plateau decay stands by to
-  halve the LR if the loss stops improving.
+  divergence guard skips the corrupted batches' spike (one bad batch is no
+  divergence: a spike that lasts backs off, and the LR grows back after a clean
+  stretch); plateau decay stands by to halve the LR if the loss stops improving.
 * **fixed**: the same LR throughout; lrctl watches in shadow mode, so the
   MLflow UI shows what it *would* have done, and nothing changes the LR.
 

@@ -62,7 +62,9 @@ def test_demo_shows_decisions_comparison_and_where_to_look(
     out = result.stdout
     assert "lrctl  [" in out and "fixed  [" in out  # progress of both runs
     assert "range_test_done" in out
-    assert "divergence backoff" in out  # the corrupted batches at step 240
+    # The corrupted batches at step 240: the first is a spike, skipped (one bad batch,
+    # loss_confirm: 2; the next two, on weights it did not reach, are within the noise).
+    assert "divergence skip" in out
     assert "would have made" in out  # the fixed run's shadow decisions
     assert f"sqlite:///{tmp_path / 'mlflow.db'}" in out
     assert (tmp_path / "mlflow.db").exists()
