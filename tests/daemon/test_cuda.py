@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pytest
 import torch
 from daemon_helpers import ControllerProc
@@ -12,6 +14,25 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 
 POLICY = {"version": 1, "policies": [{"kind": "warmup", "steps": 50},
                                      {"kind": "divergence", "min_samples": 8}]}
+
+
+def _steps_without_sync(ctl: lrctl.Controller, train_step: Callable[[lrctl.Controller], None],
+                        warmup: int) -> None:
+    """``warmup`` steps (first allocations: pinned buffers, optimizer state, may sync),
+    then 60 under ``set_sync_debug_mode("error")``, which raises on any host sync, then
+    3 more to let the last staged statistics go out."""
+    for _ in range(warmup):
+        train_step(ctl)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(60):
+            train_step(ctl)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    torch.cuda.synchronize()
+    for _ in range(3):
+        train_step(ctl)
 
 
 @pytest.mark.parametrize("every", [1, 4])
@@ -31,18 +52,7 @@ def test_async_hook_steps_without_host_device_sync(controller: ControllerProc,
         opt.step()
 
     with lrctl.attach(opt, policy=POLICY, every=every, spawn=False) as ctl:
-        for _ in range(3):  # first allocations (pinned buffers, optimizer state) may sync
-            train_step(ctl)
-        torch.cuda.synchronize()
-        torch.cuda.set_sync_debug_mode("error")
-        try:
-            for _ in range(60):
-                train_step(ctl)
-        finally:
-            torch.cuda.set_sync_debug_mode(0)
-        torch.cuda.synchronize()
-        for _ in range(3):  # let the last staged statistics go out
-            train_step(ctl)
+        _steps_without_sync(ctl, train_step, warmup=3)
         runs = lrctl.client.request({"t": "runs"})["runs"]
         assert runs[0]["step"] >= 60  # statistics did reach the controller
         assert ctl.lr[0] > 1e-3 * 0.01  # warmup moved the LR
@@ -83,18 +93,7 @@ def test_auto_interval_and_bf16_autocast_steps_without_host_device_sync(
         opt.step()
 
     with lrctl.attach(opt, policy=POLICY, every="auto", spawn=False) as ctl:
-        for _ in range(5):
-            train_step(ctl)
-        torch.cuda.synchronize()
-        torch.cuda.set_sync_debug_mode("error")
-        try:
-            for _ in range(60):
-                train_step(ctl)
-        finally:
-            torch.cuda.set_sync_debug_mode(0)
-        torch.cuda.synchronize()
-        for _ in range(3):
-            train_step(ctl)
+        _steps_without_sync(ctl, train_step, warmup=5)
         assert lrctl.client.request({"t": "runs"})["runs"][0]["step"] >= 60
         assert ctl.lr == [g["lr"] for g in opt.param_groups]
 
