@@ -41,7 +41,7 @@ class MetricSampler:
     """Turns one run's observations into the metric points worth keeping.
 
     LR points: at the first observation, at every change (closing the old level
-    at the previous observed step) and every ``log_every`` steps. Loss and grad
+    at the step before it) and every ``log_every`` steps. Loss and grad
     norm: every ``log_every`` steps and at each decision step, so a decision's
     mark on a chart has the numbers that triggered it next to it.
     """
@@ -85,8 +85,11 @@ class MetricSampler:
         periodic = step % self.log_every == 0 or step <= self._redo_until
         changed = lrs_t != self._lrs
         if changed:
-            points += self._close_level(step if self._step is None else self._step + 1,
-                                        len(lrs_t))
+            # The old LRs ran through step - 1: a hook reporting every N-th step says
+            # where they changed in its unreported steps (lr_change, before this), so
+            # the steps since the last observation ran on them (closed at the last
+            # observed step, the chart drew a ramp across the unreported steps).
+            points += self._close_level(step, len(lrs_t))
         if changed or periodic:
             points += [(lr_key(g), lr, step) for g, lr in enumerate(lrs_t)]
             self._lr_logged_step = step

@@ -285,3 +285,20 @@ def test_a_hook_resumed_from_state_rejoins_its_run_set_aside_without_a_rewind(
     actions = [line.record["action"] for line in
                read_lines(RunPaths.of(Path(proc.state_dir), key).stream("decisions"))]
     assert "resumed" not in actions, actions
+
+
+@pytest.mark.parametrize("sync,every", [(True, 4), (True, 1), (False, 4)])
+def test_a_change_after_unreported_steps_is_drawn_as_a_step(
+        make_controller: Any, sync: bool, every: int) -> None:
+    """A newcomer's find: a sync hook reporting every 4th step applies the decision of its
+    report at 100 to step 100 itself, and the chart drew the old level from the last
+    report (96) to 100 as a ramp: steps 97-99 ran at 0.1, not between 0.1 and 0.05."""
+    proc: ControllerProc = make_controller(audit=True)
+    loop = Loop()
+    with lrctl.attach(loop.opt, policy=STEP_DECAY, spawn=False, sync=sync, every=every,
+                      run_name="gapped", timeout=30.0) as ctl:
+        loop.train(ctl, 130)
+        key = ctl.run_key
+    assert 0.05 in loop.ran, "the step decay came live"
+    until(lambda: ended(proc.state_dir, key), "the run's end in its journal")
+    check_drawn(proc.state_dir, key, loop.ran)

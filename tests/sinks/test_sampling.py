@@ -42,6 +42,16 @@ def test_a_change_between_reports_is_a_vertical_edge_too() -> None:
     assert lr_points(s.lr_change(20 + 1, [0.04])) == []  # no change, no point
 
 
+def test_a_change_at_a_report_after_unreported_steps_closes_the_level_before_it() -> None:
+    """A sync hook reporting every 4th step: the decision at report 100 applies to step
+    100, and steps 97-99 (unreported, no change told) ran on the old LR: the old level is
+    closed at 99, not at the last report (96), which drew a ramp across 97-99."""
+    s = MetricSampler(log_every=1000)
+    for step in range(0, 100, 4):
+        s.observe(step, 1.0, 0.5, [0.1])
+    assert lr_points(s.observe(100, 1.0, 0.5, [0.05])) == [(99, 0.1), (100, 0.05)]
+
+
 def test_the_last_steps_lrs_corrected_are_logged_again_later() -> None:
     """A sync hook ran its last observed step without its answer (a stalled controller):
     that step's points again, as it ran (the later point stands), and the next change
