@@ -27,6 +27,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("lr", nargs="?", type=float, help="the LR")
     p.add_argument("--steps", type=int, help="hold for N steps, then release")
     p.add_argument("--clear", action="store_true", help="release a manual override now")
+    p.add_argument("--force", action="store_true",
+                   help="take an LR more than 100x both the run's initial LR and its LR now "
+                        "(refused without it: a typo's exponent)")
     p.add_argument("--socket", help=SOCKET_HELP)
     p.set_defaults(func=cmd_set_lr)
 
@@ -48,8 +51,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
 
 def cmd_set_lr(args: argparse.Namespace) -> int:
-    if args.clear and (args.lr is not None or args.steps is not None):
-        print("lrctl set-lr: give an LR (and --steps), or --clear, not both", file=sys.stderr)
+    if args.clear and (args.lr is not None or args.steps is not None or args.force):
+        print("lrctl set-lr: give an LR (and --steps, --force), or --clear, not both",
+              file=sys.stderr)
         return 2
     if args.clear:
         msg: dict[str, Any] = {"t": "clear_lr", "run": args.run}
@@ -64,6 +68,8 @@ def cmd_set_lr(args: argparse.Namespace) -> int:
             print(f"lrctl set-lr: --steps must be >= 1, but got {args.steps}", file=sys.stderr)
             return 2
         msg = {"t": "set_lr", "run": args.run, "lr": args.lr, "steps": args.steps}
+        if args.force:
+            msg["force"] = True
     reply = ask(args, msg)
     if isinstance(reply, int):
         return reply

@@ -60,7 +60,11 @@ def answer(server: Server, t: str, msg: Mapping[str, Any]) -> dict[str, Any]:
         if not math.isfinite(lr) or lr < 0:
             raise ProtocolError(f"lr must be finite and >= 0, but got {lr!r}", "bad_message")
         steps = get_int(msg, "steps", lo=1, optional=True)
-        decision = session.set_lr(lr, steps)
+        force = msg.get("force", False)
+        if not isinstance(force, bool):
+            raise ProtocolError(f"force must be true or false, but got {force!r:.40}",
+                                "bad_message")
+        decision = session.set_lr(lr, steps, force)
     elif t == "clear_lr":
         decision = session.clear_lr()
     elif t == "decay":

@@ -33,7 +33,7 @@ class OperatorActions:
 
         def _record(self, decision: dict[str, Any]) -> dict[str, Any]: ...
 
-    def set_lr(self, lr: float, steps: int | None) -> dict[str, Any]:
+    def set_lr(self, lr: float, steps: int | None, force: bool = False) -> dict[str, Any]:
         initial = self.engine.initial_lrs[0]
         if self.loop_base is not None and initial > 0:  # base="loop": scales the loop's LRs
             scale = lr / initial
@@ -42,7 +42,7 @@ class OperatorActions:
                                     f"an LR of {lr:g} over the initial {initial:g} overflow: "
                                     "give a smaller LR", "bad_request")
         try:
-            decision = self.engine.set_lr(lr, steps)
+            decision = self.engine.set_lr(lr, steps, force)
         except ValueError as exc:  # an LR another group cannot take: nothing changes
             raise ProtocolError(f"run {self.key}: {exc}", "bad_request") from None
         return self._record(decision.to_dict())

@@ -20,9 +20,12 @@ from typing import TYPE_CHECKING, Any
 from ._base import Policy
 from ._decision import Decision
 
-__all__ = ["OPERATOR", "OperatorControls", "OperatorVerbs", "finite_lrs"]
+__all__ = ["OPERATOR", "SET_LR_JUMP", "OperatorControls", "OperatorVerbs", "finite_lrs"]
 
 OPERATOR = "operator"  # the policy name of the decisions made here
+#: A manual LR more than this many times both group 0's initial LR and its LR now is
+#: refused unless forced (``lrctl set-lr --force``): a typo's exponent is a factor of 1e6.
+SET_LR_JUMP = 100.0
 
 
 class OperatorControls:
@@ -121,9 +124,12 @@ class OperatorVerbs:
         self._mode = mode
 
     # -- the operator's verbs ------------------------------------------------------------
-    def set_lr(self, lr: float, steps: int | None = None) -> Decision:
+    def set_lr(self, lr: float, steps: int | None = None, force: bool = False) -> Decision:
         """A manual LR for group 0 (the other groups keep their initial ratio to it), for
-        ``steps`` steps after the last observed one, or until :meth:`clear_lr`."""
+        ``steps`` steps after the last observed one, or until :meth:`clear_lr`.
+        ``ValueError``, with nothing changed, for an LR a group cannot take, and (unless
+        ``force``) for one more than :data:`SET_LR_JUMP` times both group 0's initial LR
+        and its LR now: a typo's exponent (1e3 for 1e-3) where the file sets no max_lr."""
         initial = self.initial_lrs
         ratios = [g / initial[0] if initial[0] > 0 else 1.0 for g in initial]
         before = self.applied_lrs
@@ -139,6 +145,11 @@ class OperatorVerbs:
                         "0); " if i else ""
                 raise ValueError(f"an LR of {lr:g} is outside the policy file's bounds: "
                                  f"{which}min_lr {self.min_lr:g}, max_lr {self.max_lr:g}")
+        now = before[0]
+        if not force and lr > SET_LR_JUMP * max(initial[0], now):
+            raise ValueError(f"an LR of {lr:g} is more than {SET_LR_JUMP:g}x both the run's "
+                             f"initial LR ({initial[0]:g}) and its LR now ({now:g}); if you "
+                             "mean it, pass --force (force=True)")
         self.operator.set_override(lrs, until)
         held = "until cleared" if steps is None else f"for {steps} steps (through step {until})"
         return self._operator_decision("set_lr", before, f"manual LR {lr:g} set by an "

@@ -262,3 +262,24 @@ def test_a_run_name_two_runs_share_is_refused_with_exit_2(controller: Controller
         b.step(1.0)
         assert a.lr == b.lr  # the same policy at the same step: nothing was set on either
         assert not [d for d in (*a.decisions, *b.decisions) if d.policy == "operator"]
+
+
+def test_an_lr_far_above_the_runs_is_refused_without_force(controller: ControllerProc) -> None:
+    """A newcomer's find: with no max_lr in the file, ``set-lr RUN 1e3`` (for 1e-3) was
+    taken without a word. More than 100x both the initial LR and the LR now is refused,
+    with nothing recorded, unless ``--force``; the initial LR is always allowed back."""
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.ones(1))], lr=1e-3)
+    with lrctl.attach(opt, policy=WARMUP, sync=True, spawn=False, run_name="typo") as ctl:
+        ctl.step(1.0)  # warmup: 1e-4 now
+        out = _cli("set-lr", "typo", "1e3")
+        assert out.returncode == 1 and "--force" in out.stderr, out.stderr
+        assert "initial LR (0.001)" in out.stderr and "Traceback" not in out.stderr
+        ctl.step(1.0)
+        assert not any(d.policy == "operator" for d in ctl.decisions)
+        assert _cli("set-lr", "typo", "0.1").returncode == 0  # 100x the initial: allowed
+        assert _cli("set-lr", "typo", "1e3", "--force").returncode == 0
+        ctl.step(1.0)
+        assert ctl.lr == [1e3]
+        assert [d.evidence["lr"] for d in ctl.decisions if d.action == "set_lr"] == [0.1, 1e3]
+        both = _cli("set-lr", "typo", "--clear", "--force")
+        assert both.returncode == 2 and "not both" in both.stderr

@@ -37,6 +37,28 @@ def test_a_manual_lr_is_held_for_its_steps_then_released_with_a_record() -> None
     assert "ended after step 7" in released[0].reason
 
 
+@pytest.mark.parametrize(("now", "lr", "taken"), [
+    (0.1, 10.0, True),      # 100x the initial LR (and the LR now): the bound itself
+    (0.1, 10.001, False),   # past it
+    (0.05, 10.0, True),     # after a decay, 100x the initial still goes
+    (0.1, 1e3, False),      # 1e3 for 1e-3
+    (0.1, 0.0, True),       # down is never a jump
+])
+def test_a_manual_lr_far_above_both_the_initial_and_the_current_needs_force(
+        now: float, lr: float, taken: bool) -> None:
+    e = engine()
+    run(e, range(9 if now == 0.1 else 11))
+    assert e.applied_lrs[0] == now
+    if taken:
+        assert e.set_lr(lr).new_lrs[0] == lr
+        return
+    decisions = len(e.decisions)
+    with pytest.raises(ValueError, match=r"more than 100x both .*force"):
+        e.set_lr(lr)
+    assert (e.applied_lrs[0], len(e.decisions)) == (now, decisions)  # nothing changed
+    assert e.set_lr(lr, force=True).new_lrs[0] == lr
+
+
 def test_shadow_holds_what_was_in_effect_when_it_began_on_every_path() -> None:
     e = engine()
     run(e, range(25))  # two decays: 0.025
