@@ -62,6 +62,9 @@ def test_demo_shows_decisions_comparison_and_where_to_look(
     out = result.stdout
     assert "lrctl  [" in out and "fixed  [" in out  # progress of both runs
     assert "range_test_done" in out
+    # A clear sweep (2.3 down to ~0.3, then up): conclusive, the LR moved (a noise test
+    # that called it inconclusive left the too-high 0.5 standing: val 0.52 against 0.10).
+    assert "inconclusive" not in out
     # The corrupted batches at step 240: the first is a spike, skipped (one bad batch,
     # loss_confirm: 2; the next two, on weights it did not reach, are within the noise).
     assert "divergence skip" in out

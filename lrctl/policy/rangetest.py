@@ -12,8 +12,8 @@ without a separate pre-run and without resetting the model:
 * The sweep ends when the training loss says the LR is high enough: its EMA
   (span ``smoothing_window``) rises more than ``rise`` (relative) above its best
   value for ``patience`` observations in a row (a short patch of hard data is
-  not a too-high LR; and while the loss has not yet fallen, the rise must also
-  beat ``noise_z`` standard deviations of the smoothed loss's own noise); or
+  not a too-high LR; and while the loss has not yet fallen clearly, the rise must
+  also beat ``noise_z`` standard deviations of the smoothed loss's own noise); or
   the divergence guard flags a spike or a non-finite value at this step; or
   (``slowdown`` > 0) the loss falls more slowly than ``slowdown`` × the
   steepest fall seen, after a fall of at least ``min_rate``. The fall is
@@ -30,6 +30,10 @@ damage (large weights, over-confident predictions) that a lower LR afterwards
 does not undo. The steepest fall comes before the rise (Smith's own advice is
 to pick the LR of the steepest fall), so stopping when the fall slows keeps the
 overshoot small.
+
+A sweep that ends before the smoothed loss has fallen clearly (:meth:`RangeTest._has_fallen`:
+10 % below the mean of the first ``min_steps`` losses, and by a factor beyond its noise)
+is inconclusive: the LR the user gave stands.
 
 Because the sweep is relative to the initial LR, the settled LR does not depend
 on the starting guess as long as the good LR lies between ``start_factor`` and
@@ -70,9 +74,10 @@ class RangeTest(ReactivePolicy):
         Param("min_steps", "int", 10, "observations before the smoothed loss is judged", ge=1),
         Param("patience", "int", 1, "consecutive observations above the rise limit that end "
               "the sweep (a short hard patch of data is not a too-high LR)", ge=1),
-        Param("noise_z", "float", 6.0, "until the smoothed loss has fallen 10 % from its "
-              "start, the rise must also exceed this many standard deviations of its own "
-              "noise (0: off)", ge=0),
+        Param("noise_z", "float", 6.0, "until the smoothed loss has fallen clearly (10 % "
+              "below its start and by a factor of e^(noise_z σ)), the rise must also exceed "
+              "this many standard deviations of its own noise, and a sweep that ends before "
+              "is inconclusive: the given LR stands (0: off)", ge=0),
         Param("stop_on_flags", "bool", True,
               "a spike or non-finite flag from the divergence guard ends the sweep"),
         Param("slowdown", "float", 0.0, "end the sweep when the fall of the smoothed loss "
@@ -99,7 +104,8 @@ class RangeTest(ReactivePolicy):
         self._steepest_scale = self._scale
         self._above = 0  # consecutive observations above the rise limit
         self._dev = 0.0  # biased EMA of |loss - smoothed| / |smoothed|: the loss's noise
-        self._start: float | None = None  # the first smoothed loss
+        self._start: float | None = None  # the mean of the first min_steps losses
+        self._start_sum = 0.0  # ... their sum until then
         self._fallen = False  # the loss has fallen clearly: the noise guard is over
 
     def multiplier(self) -> float:
@@ -119,8 +125,15 @@ class RangeTest(ReactivePolicy):
             ctx.flags.add("lr_sweep")
             return []
         smoothed = self._smooth(loss)
-        if self._start is None and self._seen >= self.params["min_steps"]:
-            self._start = smoothed  # the level after the warm-up, not one raw sample
+        if self._start is None:
+            # The level the sweep starts from: the mean of the first min_steps losses, not
+            # one smoothed value (an EMA of 5 keeps a third of a loss's noise: a start
+            # that happened high made noise look like a fall).
+            self._start_sum += loss
+            if self._seen >= self.params["min_steps"]:
+                mean = self._start_sum / self._seen
+                self._start = (mean if self._seen == self.params["min_steps"]
+                               and math.isfinite(mean) else smoothed)
         # "Lowest so far" only from a smoothed estimate past its warm-up: the
         # first raw losses are single samples, and a lucky first batch would
         # otherwise become a best that noise alone "rises" from.
@@ -186,37 +199,54 @@ class RangeTest(ReactivePolicy):
         wobbles ±10 % makes its smoothed curve wobble too, and the best value of a
         wobbling curve is a low outlier: a fixed 8 % rise over it is then reached by
         noise alone, and the sweep would settle far too low. Until the smoothed loss
-        has fallen :data:`EARLY_FALL` below its start, the limit is therefore at
+        has fallen beyond its noise (:meth:`_has_fallen`), the limit is therefore at
         least ``noise_z`` standard deviations of the smoothed loss, estimated from
         the mean absolute deviation of the raw losses from it. Once the loss falls,
         the plain ``rise`` rules: by then a rise is the LR's doing, and waiting for a
         noise-sized one would overshoot.
         """
-        if self._fallen or self._start is None or self.params["noise_z"] <= 0:
+        if self._has_fallen() or self._start is None or self.params["noise_z"] <= 0:
             return self.params["rise"]
+        return max(self.params["rise"], self._noise_bound())
+
+    def _noise_bound(self) -> float:
+        """``noise_z`` standard deviations of the smoothed loss (relative to its level)."""
         alpha = 2.0 / (self.params["smoothing_window"] + 1.0)
         seen = max(self._seen - 1, 1)
         dev = self._dev / (1.0 - (1.0 - NOISE_ALPHA) ** seen)  # unbiased early on
         sigma = 1.2533 * dev * math.sqrt(alpha / (2.0 - alpha))  # mean |x| → σ, then EMA
-        noisy = self.params["noise_z"] * sigma
-        # "Fallen" must not be noise either (the best of a wobbling curve sits low); once
-        # it has fallen, it stays so: near zero, a loss's relative noise means nothing.
-        if (self._seen >= self.params["min_steps"]  # a noise estimate worth the name
-                and self._best < self._start * (1.0 - max(EARLY_FALL, noisy))):
-            self._fallen = True
-            return self.params["rise"]
-        return max(self.params["rise"], noisy)
+        return self.params["noise_z"] * sigma
+
+    def _has_fallen(self) -> bool:
+        """Whether the smoothed loss has fallen clearly: its best below its start by
+        :data:`EARLY_FALL` and (``noise_z`` > 0) by a factor of ``exp(noise_z σ)``, σ the
+        relative noise of the smoothed loss, judged once that estimate is worth the name
+        (``min_steps``). The best
+        of a wobbling curve sits low, so a fall no larger than the noise is no evidence.
+        Once fallen, it stays so: near zero, a loss's relative noise means nothing."""
+        if self._fallen:
+            return True
+        if self._start is None or self._seen < self.params["min_steps"]:
+            return False
+        fell = self._best < self._start * (1.0 - EARLY_FALL)
+        if fell and self.params["noise_z"] > 0:
+            noisy = self._noise_bound()
+            # Beyond the noise on a log scale where the loss is positive: a loss whose
+            # noise is as large as itself (heavy-tailed batches, a fall of 99 % in a
+            # sweep) can still fall clearly by a factor, never by more than 100 %.
+            fell = (self._best < self._start * math.exp(-noisy) if self._start > 0
+                    else self._best < self._start * (1.0 - noisy))
+        self._fallen = fell
+        return fell
 
     def _settle(self, obs: Observation, why: str, evidence: dict[str, Any]) -> list[Action]:
         self._sweeping = False
         old = self._scale
         lr_at_stop = obs.lrs[0] if obs.lrs else None
-        fell = self._fallen or (self._start is not None
-                                and self._best < self._start * (1.0 - EARLY_FALL))
-        if not fell and self.params["noise_z"] > 0:
+        if self.params["noise_z"] > 0 and not self._has_fallen():
             # The sweep ended before the smoothed loss had fallen by more than its
-            # noise: there is no evidence of where the good LR is. The LR the user
-            # gave stands.
+            # noise (10 % at least): there is no evidence of where the good LR is.
+            # The LR the user gave stands.
             self._scale = 1.0
             return [Action(
                 "range_test_done",
@@ -253,6 +283,7 @@ class RangeTest(ReactivePolicy):
             "above": self._above,
             "dev": self._dev,
             "start": self._start,
+            "start_sum": self._start_sum,
             "fallen": self._fallen,
         }
 
@@ -271,4 +302,6 @@ class RangeTest(ReactivePolicy):
         self._dev = float(state.get("dev", 0.0))
         start = state.get("start")
         self._start = None if start is None else float(start)
+        # (A state from before start_sum: a start still to come takes the smoothed loss.)
+        self._start_sum = float(state.get("start_sum", math.nan))
         self._fallen = bool(state.get("fallen", False))
