@@ -53,6 +53,7 @@ class Applying:
         _step: int
         _reported: int
         _prev_reported: int
+        _sent: int
         _acked: int
         _held: dict[int, list[float]]
         _late: bool
@@ -200,7 +201,7 @@ class Applying:
             if batch is not None and batch.losses:
                 keep = min(keep, batch.last_step - len(batch.losses) + 1)
             elif batch is None and self.every > 1:  # every=N: the next report's gu
-                keep = min(keep, self._reported + 1)
+                keep = min(keep, self._reported + 1, self._sent + 1)
             staged = self._staging.oldest  # CUDA: reports still to be sent
             if staged is not None:
                 keep = min(keep, staged)

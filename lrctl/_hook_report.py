@@ -62,6 +62,7 @@ class Reporting:
         _compute_grad_norm: bool
         _reported: int
         _prev_reported: int
+        _sent: int
         _unreported_loss: Any
         _unreported_grad: Any
         _acked: int
@@ -332,8 +333,9 @@ class Reporting:
         link = self._link
         used = self._used_for(t) if loss is not None or grad is not None else None
         # every=N: what the unreported steps since the last report ran on, where it changed
-        gap = (self._gap_changes(self._reported + 1, t) if batch is None and self.every > 1
-               and t > self._reported + 1 else None)
+        # (since the last one sent: a CUDA-staged report moved _reported when it was staged)
+        gap = (self._gap_changes(self._sent + 1, t) if batch is None and self.every > 1
+               and t > self._sent + 1 else None)
         # ctl.step() after optimizer.step(): said once a connection (its hello, or here)
         ran = self._after_order and not self._said_ran
         if (link.compact and clean is None and not overflow and not gap
@@ -343,6 +345,7 @@ class Reporting:
             frame = encode_obs_compact(t, loss, grad, used, prior, prior_grads, prior_used)
             if frame is not None:
                 self._prev_reported, self._reported = self._reported, t
+                self._sent = t
                 link.send_obs(t, frame)
                 return
         try:
@@ -360,6 +363,7 @@ class Reporting:
             self._warn("encode", f"lrctl: step {t} not reported: {exc}")
             return
         self._prev_reported, self._reported = self._reported, t
+        self._sent = t
         self._said_ran = self._said_ran or ran
         link.send_obs(t, frame)
 

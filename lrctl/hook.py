@@ -183,6 +183,7 @@ class Controller(Resuming, LinkSide, QuietSteps, Reporting, UsedLRs, Applying, C
         self._resume = resume
         self._reported = -1  # the last step sent (or staged)
         self._prev_reported = -1  # the one before it
+        self._sent = -1  # the last step sent (a staged one once it goes out: see _send's gu)
         # every=N: the latest unreported step's loss and given grad norm (see close)
         self._unreported_loss: Any = None
         self._unreported_grad: Any = None

@@ -8,6 +8,7 @@ import math
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -298,6 +299,56 @@ def test_a_change_after_unreported_steps_is_drawn_as_a_step(
     with lrctl.attach(loop.opt, policy=STEP_DECAY, spawn=False, sync=sync, every=every,
                       run_name="gapped", timeout=30.0) as ctl:
         loop.train(ctl, 130)
+        key = ctl.run_key
+    assert 0.05 in loop.ran, "the step decay came live"
+    until(lambda: ended(proc.state_dir, key), "the run's end in its journal")
+    check_drawn(proc.state_dir, key, loop.ran)
+
+
+class _StagedOnCPU:
+    """:class:`lrctl._staging.DeviceStaging` without a GPU: a staged report goes out at
+    the next read of the link, as a finished device copy does."""
+
+    def __init__(self) -> None:
+        self._pending: list[tuple[int, float, float, Any]] = []
+        self.used = False
+
+    def __bool__(self) -> bool:
+        return bool(self._pending)
+
+    @property
+    def oldest(self) -> int | None:
+        return self._pending[0][0] if self._pending else None
+
+    def stage(self, t: int, loss: Any, grad: Any, on_dev: Any, metrics: Any,
+              send: Any) -> None:
+        self._pending.append((t, float(loss), float(grad), metrics))
+        self.used = True
+
+    def drain(self, send: Any, block: bool) -> None:
+        while self._pending:
+            send(*self._pending.pop(0))
+
+
+def test_a_change_after_unreported_steps_of_staged_reports_is_drawn_where_it_ran(
+        make_controller: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A review found it: an async every=4 hook's CUDA-staged report said nothing of its
+    unreported steps (gu: _reported had moved to the step when it was staged), so the
+    decay that reached step 101 was drawn from 103 to 104 (a ramp from 100 before)."""
+    from lrctl import _hook_report
+
+    monkeypatch.setattr(_hook_report.Reporting, "_report",
+                        lambda self, t, loss, grad: self._stage(t, loss, grad, (True, True),
+                                                                {}))
+    proc: ControllerProc = make_controller(audit=True)
+    loop = Loop()
+    with lrctl.attach(loop.opt, policy=STEP_DECAY, spawn=False, every=4,
+                      run_name="staged", timeout=30.0) as ctl:
+        ctl._staging = _StagedOnCPU()  # type: ignore[assignment]
+        for _ in range(160):
+            ctl.step(1.0, grad_norm=1.0)
+            loop.opt.step()
+            time.sleep(0.005)  # (the answers keep up: the decay comes live mid-run)
         key = ctl.run_key
     assert 0.05 in loop.ran, "the step decay came live"
     until(lambda: ended(proc.state_dir, key), "the run's end in its journal")
