@@ -283,7 +283,7 @@ class RangeTest(ReactivePolicy):
             "above": self._above,
             "dev": self._dev,
             "start": self._start,
-            "start_sum": self._start_sum,
+            "start_sum": float_to_json(self._start_sum),  # (nan: see load_state_dict)
             "fallen": self._fallen,
         }
 
@@ -303,5 +303,5 @@ class RangeTest(ReactivePolicy):
         start = state.get("start")
         self._start = None if start is None else float(start)
         # (A state from before start_sum: a start still to come takes the smoothed loss.)
-        self._start_sum = float(state.get("start_sum", math.nan))
+        self._start_sum = float_from_json(state.get("start_sum", "nan"))
         self._fallen = bool(state.get("fallen", False))

@@ -176,6 +176,25 @@ def test_state_round_trips_through_json() -> None:
     assert [d.step for d in ea.last_decisions] == [d.step for d in eb.last_decisions]
 
 
+@pytest.mark.parametrize("seen", [5, 40])
+def test_a_state_from_before_start_sum_still_goes_through_strict_json(seen: int) -> None:
+    """A review found it: a state saved before ``start_sum`` (a controller's checkpoint,
+    ``ctl.state_dict()``) loaded as a NaN sum, which every later state carried, during the
+    sweep and after it: the controller's checkpoints and snapshots (strict JSON) failed."""
+    ea = lrctl.load_policy(REPO_RANGETEST, base_lrs=[1e-3])
+    for step in range(seen):
+        ea.observe(step, 1.0)
+    state = ea.state_dict()
+    for policy in state["policies"]:
+        policy["state"].pop("start_sum", None)
+    eb = lrctl.load_policy(REPO_RANGETEST, base_lrs=[1e-3])
+    eb.load_state_dict(json.loads(json.dumps(state, allow_nan=False)))
+    for step in range(seen, seen + 30):
+        assert eb.observe(step, 1.0) == ea.observe(step, 1.0)
+    ec = lrctl.load_policy(REPO_RANGETEST, base_lrs=[1e-3])
+    ec.load_state_dict(json.loads(json.dumps(eb.state_dict(), allow_nan=False)))
+
+
 def test_bad_knob_is_named() -> None:
     with pytest.raises(ValueError, match="growth"):
         RangeTest(growth=0.5)
