@@ -228,14 +228,16 @@ class RangeTest(ReactivePolicy):
             return True
         if self._start is None or self._seen < self.params["min_steps"]:
             return False
-        fell = self._best < self._start * (1.0 - EARLY_FALL)
+        # (A negative loss falls away from zero: below start * 1.1, not start * 0.9.)
+        sign = 1.0 if self._start >= 0 else -1.0
+        fell = self._best < self._start * (1.0 - sign * EARLY_FALL)
         if fell and self.params["noise_z"] > 0:
             noisy = self._noise_bound()
             # Beyond the noise on a log scale where the loss is positive: a loss whose
             # noise is as large as itself (heavy-tailed batches, a fall of 99 % in a
             # sweep) can still fall clearly by a factor, never by more than 100 %.
             fell = (self._best < self._start * math.exp(-noisy) if self._start > 0
-                    else self._best < self._start * (1.0 - noisy))
+                    else self._best < self._start * (1.0 - sign * noisy))
         self._fallen = fell
         return fell
 

@@ -110,6 +110,39 @@ def test_a_flat_noisy_loss_never_moves_the_given_lr(sigma: float) -> None:
         assert engine.applied_lrs[0] == pytest.approx(1e-3)
 
 
+@pytest.mark.parametrize("level", [-1.0, -0.1])
+def test_a_flat_noisy_negative_loss_never_moves_the_given_lr(level: float) -> None:
+    """Known answer, as above, for a loss below zero (a negative log-likelihood, say): a
+    review found every sweep conclusive (20 of 20 moved the LR, to 0.013-0.023x), as
+    "fallen" was ``best < start * 0.9``, above the start itself when the start is
+    negative: a loss that never moved had "fallen", and its noise then ended the sweep."""
+    import random
+
+    for seed in range(20):
+        rng = random.Random(seed)
+        engine = lrctl.load_policy(REPO_RANGETEST, base_lrs=[1e-3])
+        step = 0
+        while not any(d.action == "range_test_done" for d in engine.decisions):
+            engine.observe(step, level + rng.gauss(0.0, 0.15 * abs(level)))
+            step += 1
+        (done,) = [d for d in engine.decisions if d.action == "range_test_done"]
+        assert not done.evidence["conclusive"], (seed, done.reason)
+        assert engine.applied_lrs[0] == pytest.approx(1e-3)
+
+
+def test_a_negative_loss_that_falls_clearly_and_rises_is_conclusive() -> None:
+    """The other side: a loss from -1 down to -3 as the LR grows, then up past -1."""
+    import random
+
+    rng = random.Random(0)
+    level = [-1.0 - 2.0 * (1.0 - 0.9 ** t) for t in range(45)] + [
+        -2.98 + 0.2 * t for t in range(20)]
+    engine = _sweep([v + rng.gauss(0.0, 0.1) for v in level], **_shipped_sweep_knobs())
+    (done,) = engine.decisions
+    assert done.evidence["conclusive"], done.reason
+    assert engine.applied_lrs[0] != pytest.approx(1e-3)
+
+
 @pytest.mark.parametrize("seed", range(10))
 def test_a_fall_by_a_factor_is_conclusive_however_noisy_the_batches(seed: int) -> None:
     """Known answer, the shape of ``lrctl demo``'s sweep: the loss falls tenfold as the LR
