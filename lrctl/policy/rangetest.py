@@ -32,7 +32,7 @@ to pick the LR of the steepest fall), so stopping when the fall slows keeps the
 overshoot small.
 
 A sweep that ends before the smoothed loss has fallen clearly (:meth:`RangeTest._has_fallen`:
-10 % below the mean of the first ``min_steps`` losses, and by a factor beyond its noise)
+10 % below the median of the first ``min_steps`` losses, and by a factor beyond its noise)
 is inconclusive: the LR the user gave stands.
 
 Because the sweep is relative to the initial LR, the settled LR does not depend
@@ -44,6 +44,7 @@ observations, so the first noisy losses cannot end the sweep.
 from __future__ import annotations
 
 import math
+import statistics
 from collections import deque
 from collections.abc import Mapping
 from typing import Any
@@ -71,7 +72,8 @@ class RangeTest(ReactivePolicy):
               le=MAX_MEAN_WINDOW),
         Param("rise", "float", 0.05, "relative rise of the smoothed loss above its best that "
               "ends the sweep", gt=0),
-        Param("min_steps", "int", 10, "observations before the smoothed loss is judged", ge=1),
+        Param("min_steps", "int", 10, "observations before the smoothed loss is judged "
+              "(the sweep's start is the median of their losses)", ge=1, le=MAX_MEAN_WINDOW),
         Param("patience", "int", 1, "consecutive observations above the rise limit that end "
               "the sweep (a short hard patch of data is not a too-high LR)", ge=1),
         Param("noise_z", "float", 6.0, "until the smoothed loss has fallen clearly (10 % "
@@ -104,8 +106,9 @@ class RangeTest(ReactivePolicy):
         self._steepest_scale = self._scale
         self._above = 0  # consecutive observations above the rise limit
         self._dev = 0.0  # biased EMA of |loss - smoothed| / |smoothed|: the loss's noise
-        self._start: float | None = None  # the mean of the first min_steps losses
-        self._start_sum = 0.0  # ... their sum until then
+        self._start: float | None = None  # the median of the first min_steps losses
+        # ... those losses until then (None: a state from before they were kept)
+        self._first: list[float] | None = []
         self._fallen = False  # the loss has fallen clearly: the noise guard is over
 
     def multiplier(self) -> float:
@@ -126,14 +129,17 @@ class RangeTest(ReactivePolicy):
             return []
         smoothed = self._smooth(loss)
         if self._start is None:
-            # The level the sweep starts from: the mean of the first min_steps losses, not
-            # one smoothed value (an EMA of 5 keeps a third of a loss's noise: a start
-            # that happened high made noise look like a fall).
-            self._start_sum += loss
+            # The level the sweep starts from: the median of the first min_steps losses,
+            # not one smoothed value (an EMA of 5 keeps a third of a loss's noise: a start
+            # that happened high made noise look like a fall), nor their mean (an odd
+            # first batch, a transient of a few steps at any LR, would make a fall).
+            first = self._first
+            if first is not None:
+                first.append(loss)
             if self._seen >= self.params["min_steps"]:
-                mean = self._start_sum / self._seen
-                self._start = (mean if self._seen == self.params["min_steps"]
-                               and math.isfinite(mean) else smoothed)
+                self._start = (statistics.median(first) if first is not None
+                               and len(first) == self._seen else smoothed)
+                self._first = []  # (not needed any more)
         # "Lowest so far" only from a smoothed estimate past its warm-up: the
         # first raw losses are single samples, and a lucky first batch would
         # otherwise become a best that noise alone "rises" from.
@@ -285,7 +291,7 @@ class RangeTest(ReactivePolicy):
             "above": self._above,
             "dev": self._dev,
             "start": self._start,
-            "start_sum": float_to_json(self._start_sum),  # (nan: see load_state_dict)
+            "first": None if self._first is None else list(self._first),
             "fallen": self._fallen,
         }
 
@@ -304,6 +310,8 @@ class RangeTest(ReactivePolicy):
         self._dev = float(state.get("dev", 0.0))
         start = state.get("start")
         self._start = None if start is None else float(start)
-        # (A state from before start_sum: a start still to come takes the smoothed loss.)
-        self._start_sum = float_from_json(state.get("start_sum", "nan"))
+        # (A state from before the first losses were kept: a start still to come takes
+        # the smoothed loss.)
+        first = state.get("first")
+        self._first = None if first is None else [float(v) for v in first]
         self._fallen = bool(state.get("fallen", False))
