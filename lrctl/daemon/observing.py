@@ -136,6 +136,12 @@ class Observing:
                     else None if session.sync else session.lrs())
             # every=N: where the LRs changed in the steps since the last report
             gap = gap_used(msg, session.last_step, step, groups) if "gu" in msg else None
+            if (gap is None and given is None and used is not None
+                    and step > session.last_step + 1 > 0):
+                # An async every=N hook that says neither (more than MAX_USED groups, an
+                # older hook): it applies the answer to its last report from the step after
+                # that report, so the LRs of the steps between changed there, if at all.
+                gap = [(session.last_step + 1, used)]
             base = msg.get("b")
             if base is not None:  # base="loop": the loop's own LRs, scaled by lrctl's
                 base = session.loop_base = lr_list(base, groups, "b")

@@ -8,7 +8,6 @@ import math
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -348,8 +347,31 @@ def test_a_change_after_unreported_steps_of_staged_reports_is_drawn_where_it_ran
         for _ in range(160):
             ctl.step(1.0, grad_norm=1.0)
             loop.opt.step()
-            time.sleep(0.005)  # (the answers keep up: the decay comes live mid-run)
         key = ctl.run_key
     assert 0.05 in loop.ran, "the step decay came live"
+    until(lambda: ended(proc.state_dir, key), "the run's end in its journal")
+    check_drawn(proc.state_dir, key, loop.ran)
+
+
+def test_a_change_an_every_n_hook_cannot_tell_is_drawn_after_its_report(
+        make_controller: Any) -> None:
+    """A review found it: with more than ``MAX_USED`` (512) param groups an async every=4
+    hook's reports say neither what their step ran on (u) nor where the LRs of the steps
+    before changed (gu); the controller then drew the decay, which reached step 101 (the
+    step after the report of 100), at 103-104. It now takes the change to be where an
+    async hook applies it: the step after the report it answers."""
+    from lrctl._hook_used import MAX_USED
+
+    loop = Loop()
+    loop.opt = torch.optim.SGD([{"params": [torch.nn.Parameter(torch.ones(1))]}
+                                for _ in range(MAX_USED + 1)], lr=0.1)
+    loop.opt.register_step_post_hook(
+        lambda opt, args, kwargs: loop.ran.append(opt.param_groups[0]["lr"]))
+    proc: ControllerProc = make_controller(audit=True)
+    with lrctl.attach(loop.opt, policy=STEP_DECAY, spawn=False, every=4,
+                      run_name="many-groups", timeout=30.0) as ctl:
+        loop.train(ctl, 130)
+        key = ctl.run_key
+    assert loop.ran.index(0.05) == 101, "the answer to the report of 100, at the step after"
     until(lambda: ended(proc.state_dir, key), "the run's end in its journal")
     check_drawn(proc.state_dir, key, loop.ran)
