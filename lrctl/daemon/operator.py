@@ -60,7 +60,7 @@ def answer(server: Server, t: str, msg: Mapping[str, Any]) -> dict[str, Any]:
         if not math.isfinite(lr) or lr < 0:
             raise ProtocolError(f"lr must be finite and >= 0, but got {lr!r}", "bad_message")
         steps = get_int(msg, "steps", lo=1, optional=True)
-        force = msg.get("force", False)
+        force = msg.get("force") or False  # (null, as for steps: not given)
         if not isinstance(force, bool):
             raise ProtocolError(f"force must be true or false, but got {force!r:.40}",
                                 "bad_message")

@@ -145,11 +145,14 @@ class OperatorVerbs:
                         "0); " if i else ""
                 raise ValueError(f"an LR of {lr:g} is outside the policy file's bounds: "
                                  f"{which}min_lr {self.min_lr:g}, max_lr {self.max_lr:g}")
-        now = before[0]
-        if not force and lr > SET_LR_JUMP * max(initial[0], now):
-            raise ValueError(f"an LR of {lr:g} is more than {SET_LR_JUMP:g}x both the run's "
-                             f"initial LR ({initial[0]:g}) and its LR now ({now:g}); if you "
-                             "mean it, pass --force (force=True)")
+        # Group 0's initial and current LR; where both are 0 (a frozen group 0: every
+        # group then takes the LR), any group's.
+        reference = max(initial[0], before[0]) or max(*initial, *before)
+        if not force and reference > 0 and lr > SET_LR_JUMP * reference:
+            which = ("the run's initial LR and its LR now" if max(initial[0], before[0]) > 0
+                     else "every group's initial and current LR")
+            raise ValueError(f"an LR of {lr:g} is more than {SET_LR_JUMP:g}x {which} (at "
+                             f"most {reference:g}); if you mean it, pass --force (force=True)")
         self.operator.set_override(lrs, until)
         held = "until cleared" if steps is None else f"for {steps} steps (through step {until})"
         return self._operator_decision("set_lr", before, f"manual LR {lr:g} set by an "

@@ -94,7 +94,8 @@ TCP each request carries ``token``):
 * ``runs`` → ``runs`` ``{runs: [{run, run_name, step, lrs, mode, connected,
   override, last_decision, policy_source, policy_sha256, watching, reloads,
   reload_error, store_error}]}``
-* ``set_lr`` ``{run, lr, steps}`` (``steps`` null: until cleared), ``clear_lr``
+* ``set_lr`` ``{run, lr, steps, force}`` (``steps`` null: until cleared; ``force`` true:
+  an LR more than 100x both the initial and the current one is taken), ``clear_lr``
   ``{run}``, ``pause`` ``{run}``, ``resume`` ``{run}`` → ``ok`` ``{message}``
 * ``rollback`` ``{run, to}`` (``to`` absent: the newest snapshot) → ``ok`` ``{message}``
 * ``reload`` ``{run}`` (``run`` absent: every watched run) → ``ok``

@@ -273,7 +273,7 @@ def test_an_lr_far_above_the_runs_is_refused_without_force(controller: Controlle
         ctl.step(1.0)  # warmup: 1e-4 now
         out = _cli("set-lr", "typo", "1e3")
         assert out.returncode == 1 and "--force" in out.stderr, out.stderr
-        assert "initial LR (0.001)" in out.stderr and "Traceback" not in out.stderr
+        assert "(at most 0.001)" in out.stderr and "Traceback" not in out.stderr
         ctl.step(1.0)
         assert not any(d.policy == "operator" for d in ctl.decisions)
         assert _cli("set-lr", "typo", "0.1").returncode == 0  # 100x the initial: allowed

@@ -53,10 +53,20 @@ def test_a_manual_lr_far_above_both_the_initial_and_the_current_needs_force(
         assert e.set_lr(lr).new_lrs[0] == lr
         return
     decisions = len(e.decisions)
-    with pytest.raises(ValueError, match=r"more than 100x both .*force"):
+    with pytest.raises(ValueError, match=r"more than 100x the run's initial LR and its LR now"):
         e.set_lr(lr)
     assert (e.applied_lrs[0], len(e.decisions)) == (now, decisions)  # nothing changed
     assert e.set_lr(lr, force=True).new_lrs[0] == lr
+
+
+def test_a_frozen_group_0_judges_a_manual_lr_by_the_other_groups() -> None:
+    """A review found it: group 0 at LR 0 (frozen) gives every group the manual LR, yet
+    every positive LR was refused as more than 100x its 0."""
+    e = lrctl.load_policy(DECAY, [0.0, 1e-3])
+    run(e, range(3))
+    with pytest.raises(ValueError, match=r"every group's initial and current LR"):
+        e.set_lr(1.0)  # 1000x group 1's
+    assert list(e.set_lr(0.1).new_lrs) == [0.1, 0.1]  # (100x group 1's: taken)
 
 
 def test_shadow_holds_what_was_in_effect_when_it_began_on_every_path() -> None:
