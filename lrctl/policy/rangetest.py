@@ -227,9 +227,9 @@ class RangeTest(ReactivePolicy):
         """Whether the smoothed loss has fallen clearly: its best below its start by
         :data:`EARLY_FALL` and (``noise_z`` > 0) by a factor of ``exp(noise_z σ)``, σ the
         relative noise of the smoothed loss, judged once that estimate is worth the name
-        (``min_steps``). The best
-        of a wobbling curve sits low, so a fall no larger than the noise is no evidence.
-        Once fallen, it stays so: near zero, a loss's relative noise means nothing."""
+        (``min_steps``). The best of a wobbling curve sits low, so a fall no larger than
+        the noise is no evidence. Once fallen, it stays so: near zero, a loss's relative
+        noise means nothing."""
         if self._fallen:
             return True
         if self._start is None or self._seen < self.params["min_steps"]:
