@@ -38,6 +38,7 @@ from .wire.decoder import FrameDecoder
 from .wire.errors import ProtocolError
 from .wire.frames import MAX_HELLO, encode
 from .wire.messages import says_used, with_used
+from .wire.unix import connect_unix
 
 __all__ = ["Link"]
 
@@ -123,13 +124,7 @@ class Link:
         """Connect and send ``hello``; the ``welcome`` is read later. False if nobody answers."""
         try:
             if self.kind == "unix":
-                sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-                sock.settimeout(timeout)
-                try:
-                    sock.connect(self.addr)
-                except OSError:
-                    sock.close()
-                    raise
+                sock = connect_unix(self.addr, timeout)  # type: ignore[arg-type]
             else:
                 sock = socket.create_connection(self.addr, timeout=timeout)  # type: ignore[arg-type]
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)

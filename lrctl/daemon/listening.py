@@ -269,20 +269,21 @@ def _answering_pid(path: str) -> str | None:
     """The pid of the controller answering on the Unix socket ``path`` ("?" for something
     that accepts connections but does not say), or None when nothing does."""
     from ..wire.operator import ControllerError, request
+    from ..wire.unix import connect_unix
 
     try:
         return str(request({"t": "status"}, path, timeout=2.0).get("pid", "?"))
     except ControllerError:
         return "?"
+    except TimeoutError:
+        return "?"  # a listener whose backlog stayed full: alive, and busy
     except (OSError, ValueError):
-        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        probe.settimeout(1.0)
         try:
-            probe.connect(path)
+            connect_unix(path, 1.0).close()
+        except TimeoutError:
+            return "?"
         except OSError:
             return None
-        finally:
-            probe.close()
         return "?"
 
 

@@ -10,6 +10,7 @@ from .. import paths
 from .decoder import FrameDecoder
 from .frames import MAX_FRAME, encode
 from .token import token_from_env
+from .unix import connect_unix
 
 __all__ = ["ControllerError", "request"]
 
@@ -29,13 +30,7 @@ def request(msg: Mapping[str, Any], address: str | None = None, *, token: str | 
     address = address or paths.default_socket()
     kind, addr = paths.parse_address(address)
     if kind == "unix":
-        sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
-        sock.settimeout(timeout)
-        try:
-            sock.connect(addr)
-        except OSError:
-            sock.close()
-            raise
+        sock = connect_unix(addr, timeout)  # type: ignore[arg-type]
     else:
         token = token or token_from_env()  # first: an unreadable token file is said as such
         sock = _socket.create_connection(addr, timeout=timeout)  # type: ignore[arg-type]
