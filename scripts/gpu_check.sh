@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
-# The hook's CUDA checks, for a machine with a GPU (a few minutes): no host-device
-# sync on steps that read nothing back (torch.cuda.set_sync_debug_mode("error")),
-# statistics through the pinned staging buffers with their values intact, and two
-# GPTs' steps with the async hook against the same step without it (reported, not
-# judged: timings belong to `lrctl bench`). Without CUDA the tests skip and this says so.
+# The hook's CUDA checks, for a machine with a GPU (a few minutes): the CUDA tests (no
+# host-device sync on steps that read nothing back, under
+# torch.cuda.set_sync_debug_mode("error"); statistics through the pinned staging buffers
+# with their values intact), then `lrctl bench cuda`: two GPTs' steps with the async hook
+# against the same step without it, and the sync check again, as one report (Markdown on
+# stdout; with LRCTL_GPU_OUT=DIR also DIR/cuda.md and DIR/cuda.json). Without CUDA the
+# tests skip and the suite says so.
 #
 #   scripts/gpu_check.sh            # uses .venv if there is one, else python3
 #   PYTHON=/path/to/python scripts/gpu_check.sh
@@ -12,12 +14,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 PYTHON=${PYTHON:-$([ -x .venv/bin/python ] && echo .venv/bin/python || echo python3)}
-if [ -z "${LRCTL_GPU_REPORT:-}" ]; then
-    LRCTL_GPU_REPORT=$(mktemp -t lrctl-gpu-XXXXXX.json)
-    trap 'rm -f "$LRCTL_GPU_REPORT"' EXIT
-fi
-export LRCTL_GPU_REPORT
-REPORT=$LRCTL_GPU_REPORT
+OUTDIR=${LRCTL_GPU_OUT:-$(mktemp -d -t lrctl-gpu-XXXXXX)}
+mkdir -p "$OUTDIR"
 
 "$PYTHON" - <<'PY'
 import torch
@@ -29,9 +27,7 @@ status=0
 timeout 300 "$PYTHON" -m pytest -q -rs -n 0 -p no:randomly --timeout 240 \
     tests/daemon/test_cuda.py tests/daemon/test_cuda_hotpath.py "$@" || status=$?
 
-if [ -s "$REPORT" ]; then
-    echo "== GPT steps (tiny, small), async hook vs none (medians of interleaved blocks)"
-    cat "$REPORT"
-    echo
-fi
+echo "== lrctl bench cuda"
+timeout 300 "$PYTHON" -m lrctl bench cuda --json "$OUTDIR/cuda.json" --out "$OUTDIR" \
+    | tee "$OUTDIR/cuda.md" || status=$?
 exit "$status"

@@ -21,10 +21,11 @@ sys.path[:0] = ["tests/daemon", "tests"]
 
 import torch  # noqa: E402
 from daemon_helpers import ControllerProc  # noqa: E402
-from test_cuda_hotpath import POLICY, _Run  # noqa: E402
+from test_cuda_hotpath import POLICY  # noqa: E402
 from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
 import lrctl  # noqa: E402
+from lrctl.bench._gpt import GptRun  # noqa: E402
 
 ARMS = (("bare", False, False, 1), ("hook", True, False, 1), ("bare+clip", False, True, 1),
         ("hook+clip", True, True, 1), ("hook every=4", True, False, 4),
@@ -32,7 +33,7 @@ ARMS = (("bare", False, False, 1), ("hook", True, False, 1), ("bare+clip", False
 LAUNCHES = ("cudaLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernel", "cuLaunchKernelEx")
 
 
-def _step(run: _Run, ctl: lrctl.Controller | None, clip: bool) -> tuple[float, float, float]:
+def _step(run: GptRun, ctl: lrctl.Controller | None, clip: bool) -> tuple[float, float, float]:
     t0 = time.perf_counter()
     loss = run.loss()
     run.opt.zero_grad(set_to_none=True)
@@ -55,7 +56,7 @@ def main() -> None:
     out: dict[str, dict[str, float]] = {}
     try:
         for name, hooked, clip, every in ARMS:
-            run = _Run()
+            run = GptRun()
             ctl = lrctl.attach(run.opt, policy=POLICY, spawn=False, every=every) if hooked else None
             times = [_step(run, ctl, clip) for _ in range(60)][20:]
             torch.cuda.synchronize()

@@ -15,6 +15,7 @@ SUITE_MODULES = (
     "lrctl.bench.throughput",
     "lrctl.bench.mlflow_bench",
     "lrctl.bench.reload_bench",
+    "lrctl.bench.cuda_bench",
     "lrctl.bench.everything",
 )
 
