@@ -18,16 +18,12 @@ from typing import TYPE_CHECKING, Any
 
 from ._base import Action, Observation, Policy
 from ._decision import Decision
+from ._operator import OVERRIDDEN, not_applied
 
 if TYPE_CHECKING:
     from ._operator import OperatorControls
 
 __all__ = ["OVERRIDDEN", "REPLAYED", "Factors", "LRArbiter"]
-
-#: Said after the reason of a decision whose LR change an operator's manual LR kept
-#: from the optimizer (its evidence says ``overridden: true``).
-OVERRIDDEN = ("; its LR change is not applied: an operator's manual LR is in force "
-              "(lrctl set-lr; the policies' LRs apply again once it ends)")
 
 #: Said after the reason of a skip a sync hook could not carry out: the step had run
 #: before the controller saw it (its evidence says ``advisory`` and ``already_ran``).
@@ -168,17 +164,14 @@ class LRArbiter:
         policy = self.policies[i]
         before = tuple(self._lrs_from(before_multiplier, factors))
         after = tuple(self._lrs_from(multiplier, factors))
-        op = self.operator  # (a manual LR that ends at this step leaves these LRs in force)
-        overridden = (op.override is not None
-                      and not op.expires_after(obs.step, self.same_step_answers)
-                      and before != after)
+        # (a manual LR that ends at this step leaves these LRs in force)
+        overridden = self.operator.overrides(obs.step, self.same_step_answers) and before != after
         out = []
         for action in actions:
             moved = action.action not in ("skip", "stop")
             reason, evidence = action.reason, action.evidence
             if moved and overridden:  # recorded as what it is: decided, not applied
-                reason += OVERRIDDEN
-                evidence = {**evidence, "overridden": True}
+                reason, evidence = not_applied(reason, evidence)
             if action.action == "skip" and self.steps_ran:
                 reason += ("; advisory: ctl.step() runs after optimizer.step(), so this step "
                            "had already run (call it before optimizer.step() to have such "

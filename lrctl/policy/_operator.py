@@ -26,6 +26,16 @@ OPERATOR = "operator"  # the policy name of the decisions made here
 #: A manual LR more than this many times both group 0's initial LR and its LR now is
 #: refused unless forced (``lrctl set-lr --force``): a typo's exponent is a factor of 1e6.
 SET_LR_JUMP = 100.0
+#: Said after the reason of a decision whose LR change an operator's manual LR kept
+#: from the optimizer (its evidence says ``overridden: true``).
+OVERRIDDEN = ("; its LR change is not applied: an operator's manual LR is in force "
+              "(lrctl set-lr; the policies' LRs apply again once it ends)")
+
+
+def not_applied(reason: str, evidence: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
+    """A decision's reason and evidence, recorded as what it is under a manual LR:
+    decided, not applied."""
+    return reason + OVERRIDDEN, {**evidence, "overridden": True}
 
 
 class OperatorControls:
@@ -52,6 +62,11 @@ class OperatorControls:
 
     def clear_override(self) -> None:
         self.override = self.until = None
+
+    def overrides(self, step: int, same_step: bool = False) -> bool:
+        """Whether LRs decided at ``step`` are kept from the optimizer: a manual LR is in
+        force for the step they would apply to (one that ends at ``step`` is not)."""
+        return self.override is not None and not self.expires_after(step, same_step)
 
     def expires_after(self, step: int, same_step: bool = False) -> bool:
         """The override ends once ``step`` is observed: it was held through ``until``.
@@ -101,6 +116,8 @@ class OperatorVerbs:
         @property
         def applied_lrs(self) -> list[float]: ...  # the engine's property
         def request_rollback(self, to: int | None = None) -> tuple[int, int]: ...  # Snapshotting's
+        @property
+        def same_step_answers(self) -> bool: ...  # the arbiter's property
 
     @property
     def mode(self) -> str:
@@ -219,11 +236,19 @@ class OperatorVerbs:
         self._stale = True
         self._lrs = tuple(self._compute(step + 1))
         self._lrs_multiplier = None
-        decisions = [Decision(
-            step=max(step, 0), policy=self.names[i], kind=self.policies[i].kind,
-            action=a.action, old_lrs=tuple(before), new_lrs=tuple(self._lrs), reason=a.reason,
-            evidence=a.evidence, policy_sha256=self.policy_sha256,
-            shadow=self.mode == "shadow") for a in actions]
+        # Under a manual LR the command changes the policies' LRs, not the optimizer's:
+        # recorded so, as an observation's decisions are (see LRArbiter._decisions_of).
+        overridden = (self.operator.overrides(step, self.same_step_answers)
+                      and tuple(before) != self._lrs)
+        decisions = []
+        for a in actions:
+            reason, evidence = (not_applied(a.reason, a.evidence) if overridden
+                                and a.action not in ("skip", "stop") else (a.reason, a.evidence))
+            decisions.append(Decision(
+                step=max(step, 0), policy=self.names[i], kind=self.policies[i].kind,
+                action=a.action, old_lrs=tuple(before), new_lrs=tuple(self._lrs),
+                reason=reason, evidence=evidence, policy_sha256=self.policy_sha256,
+                shadow=self.mode == "shadow"))
         self._decisions.extend(decisions)
         self.decision_count += len(decisions)
         return decisions

@@ -207,6 +207,37 @@ def test_a_decision_at_the_last_step_of_a_manual_lr_is_applied_and_not_marked() 
     assert "overridden" not in cuts[2].evidence and "not applied" not in cuts[2].reason
 
 
+WSD_ON_CALL = {"version": 1, "policies": [{"kind": "wsd", "start_on": "operator",
+                                             "decay_steps": 4}]}
+
+
+def test_an_operators_decay_and_cancel_under_a_manual_lr_are_recorded_as_not_applied() -> None:
+    """A review find: ``lrctl decay`` (``Engine.command``) under ``set_lr`` recorded
+    ``decay_start 0.003 -> 0.0015`` unmarked while the optimizer held 0.001 (MLflow's
+    event ratio 0.5 for a change that never happened); so did ``decay --cancel``. Now
+    they say so, as an observation's decisions do; after the manual LR ends, unmarked."""
+    from lrctl.policy._decision import record_ratio
+
+    e = lrctl.load_policy(WSD_ON_CALL, base_lrs=[0.003])
+    for s in range(3):
+        e.observe(step=s, loss=1.0)
+    e.set_lr(0.001)
+    start = e.command("decay", steps=4)
+    assert [d.action for d in start] == ["decay_start"]
+    assert start[0].new_lrs[0] < start[0].old_lrs[0]  # the policies' LRs did move
+    assert start[0].evidence["overridden"] is True and "not applied" in start[0].reason
+    assert record_ratio(start[0].to_dict()) == 1.0
+    assert e.observe(step=3, loss=1.0) == [0.001]
+    cancel = e.command("cancel")
+    assert [d.action for d in cancel] == ["decay_cancel"]
+    assert cancel[0].evidence["overridden"] is True
+    assert e.observe(step=4, loss=1.0) == [0.001]
+    e.clear_lr()
+    again = e.command("decay", steps=4)  # no manual LR now: applied, and unmarked
+    assert "overridden" not in again[0].evidence and "not applied" not in again[0].reason
+    assert e.observe(step=5, loss=1.0)[0] < 0.003
+
+
 GUARD = "version: 1\npolicies:\n  - kind: divergence\n    max_backoffs: 2\n"
 
 
