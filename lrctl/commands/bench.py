@@ -22,7 +22,8 @@ DEFAULT_OUT = Path("lrctl-bench")
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     from ..bench import SUITE_MODULES
 
-    p = sub.add_parser("bench", help="benchmarks: training quality, fault recovery",
+    p = sub.add_parser("bench", help="benchmarks: training quality, fault recovery, speed "
+                       "(the hook, the controller, MLflow, reloads, CUDA)",
                        description="Run a benchmark suite in-process and print its tables.")
     suites = p.add_subparsers(dest="suite", metavar="SUITE")
     suites.required = True
