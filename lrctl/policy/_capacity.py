@@ -15,6 +15,13 @@ policy modules it holds; a subclass of one of lrctl's policies is walked too): a
 class's ``KEPT_PER_KNOB`` names the knobs whose value bounds a list it fills (the
 divergence guard's cooldown keeps two values per observation). A policy of your own
 that keeps its values elsewhere is not counted.
+
+A second bound, :data:`MAX_TESTED_VALUES`, is on the values the run's trend tests
+(:class:`~lrctl.policy.stats.TrendWindow`: plateau's stall test, early stopping's
+trend) judge at one observation: such a test passes over its whole window when it comes
+due (~30 ms for 100 000 values), and policies of one window come due together; three
+early stops at ``window: 100000`` held the controller's loop, and every other run's
+answer, for 130 ms at a time. One test at the largest window fits.
 """
 
 from __future__ import annotations
@@ -26,9 +33,11 @@ from typing import Any
 from ._robust import RobustWindow
 from .stats import TrendWindow
 
-__all__ = ["MAX_KEPT_VALUES", "check_kept", "held_values", "kept_values"]
+__all__ = ["MAX_KEPT_VALUES", "MAX_TESTED_VALUES", "check_kept", "held_values", "kept_values",
+           "tested_values"]
 
 MAX_KEPT_VALUES = 1 << 20
+MAX_TESTED_VALUES = 1 << 17
 _DEPTH = 3  # helper objects inside helper objects
 
 
@@ -41,6 +50,13 @@ def check_kept(policies: Iterable[Any]) -> None:
             f"({MAX_KEPT_VALUES}: a run's state is checkpointed every second, and its "
             "windows are judged at every step): use smaller windows (window, patience, "
             "cooldown) or fewer windowed policies")
+    tested = sum(map(tested_values, policies))
+    if tested > MAX_TESTED_VALUES:
+        raise ValueError(
+            f"the policies' trend tests judge up to {tested} values at one observation, more "
+            f"than a run may ({MAX_TESTED_VALUES}: a test passes over its whole window on "
+            "the controller's loop, holding every other run's answer meanwhile, ~30 ms per "
+            "100 000 values): use smaller windows (window, patience) or fewer trend tests")
 
 
 def kept_values(policy: Any) -> int:
@@ -48,15 +64,25 @@ def kept_values(policy: Any) -> int:
     return _count(policy, _DEPTH, set(), held=False)
 
 
+def tested_values(policy: Any) -> int:
+    """The most values ``policy``'s trend tests judge at one observation."""
+    return _count(policy, _DEPTH, set(), held=False, tested=True)
+
+
 def held_values(policy: Any) -> int:
     """The values ``policy``'s windows hold now (each once: what its state carries)."""
     return _count(policy, _DEPTH, set(), held=True)
 
 
-def _count(obj: Any, depth: int, seen: set[int], held: bool) -> int:
+def _count(obj: Any, depth: int, seen: set[int], held: bool, tested: bool = False) -> int:
     if id(obj) in seen:
         return 0
     seen.add(id(obj))
+    if tested:  # (only the trend tests' windows)
+        if isinstance(obj, TrendWindow):
+            return obj.window
+        if isinstance(obj, (RobustWindow, deque, list)):
+            return 0
     if isinstance(obj, RobustWindow):
         return obj.count if held else 2 * obj.size  # arrival order and the sorted copy
     if isinstance(obj, TrendWindow):
@@ -68,8 +94,8 @@ def _count(obj: Any, depth: int, seen: set[int], held: bool) -> int:
     if depth == 0 or not any(c.__module__.startswith("lrctl.policy")
                              for c in type(obj).__mro__[:-1]):
         return 0
-    total = sum(_count(value, depth - 1, seen, held) for value in _attributes(obj))
-    if not held:  # lists a policy fills up to a knob's value (see Divergence)
+    total = sum(_count(value, depth - 1, seen, held, tested) for value in _attributes(obj))
+    if not held and not tested:  # lists a policy fills up to a knob's value (see Divergence)
         params = getattr(obj, "params", None)
         for name, per in getattr(type(obj), "KEPT_PER_KNOB", {}).items():
             value = params.get(name) if isinstance(params, Mapping) else None

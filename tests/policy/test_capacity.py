@@ -106,3 +106,40 @@ def test_a_saved_state_brings_no_more_than_the_knobs_keep() -> None:
     assert len(guard._after) == guard.params["min_samples"] - 1
     assert len(guard._cooldown_seen) == guard.params["cooldown"]
     assert held_values(guard) == 31 + 10
+
+
+def _early_stops(*windows: int) -> str:
+    return "version: 1\npolicies:\n" + "".join(
+        f"  - kind: earlystop\n    name: e{i}\n    smoothing: trend\n    window: {w}\n"
+        for i, w in enumerate(windows))
+
+
+def test_the_values_trend_tests_judge_at_once_are_bounded() -> None:
+    """An adversarial pass's find: three early stops at ``window: 100000`` (300 000 kept
+    values: within MAX_KEPT_VALUES) came due at the same observation, each test a pass
+    over its window, and held the controller's loop (every other run's answer) 67-134 ms
+    at a time. The values the trend tests judge at one observation are bounded too: one
+    test at the largest window fits."""
+    from lrctl.policy._capacity import MAX_TESTED_VALUES, tested_values
+
+    one = lrctl.load_policy(_early_stops(100_000), [0.1])
+    assert sum(map(tested_values, one.policies)) == 100_000
+    at_bound = lrctl.load_policy(_early_stops(100_000, MAX_TESTED_VALUES - 100_000), [0.1])
+    assert sum(map(tested_values, at_bound.policies)) == MAX_TESTED_VALUES
+    with pytest.raises(ConfigError, match=rf"judge up to 300000 values .* \({MAX_TESTED_VALUES}"):
+        lrctl.load_policy(_early_stops(100_000, 100_000, 100_000), [0.1])
+    with pytest.raises(ConfigError, match="fewer trend tests"):
+        lrctl.load_policy(_early_stops(100_000, MAX_TESTED_VALUES - 100_000 + 2), [0.1])
+    # A stall test's window is one too; a divergence guard's robust window is not.
+    plateau = lrctl.load_policy("version: 1\npolicies:\n  - kind: plateau\n    test: stall\n"
+                                "    patience: 400\n  - kind: divergence\n    window: 1000\n",
+                                [0.1])
+    assert [tested_values(p) for p in plateau.policies] == [400, 0]
+
+
+@pytest.mark.parametrize("path", sorted(POLICIES.glob("*.yaml")), ids=lambda p: p.name)
+def test_the_shipped_policies_trend_tests_are_small(path: Path) -> None:
+    from lrctl.policy._capacity import tested_values
+
+    engine = lrctl.load_policy(str(path), [0.1])
+    assert sum(map(tested_values, engine.policies)) <= 400
