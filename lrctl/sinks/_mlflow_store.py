@@ -78,13 +78,34 @@ def unavailable(why: str) -> str:
     return f"MLflow unavailable: {why}"
 
 
+#: Lines of SQLAlchemy's that say how an error was raised, not what it is.
+_NOT_THE_CAUSE = ("(raised as a result of", "(Background on this error")
+
+
 def reason(exc: BaseException) -> str:
-    """One line saying why: the exception's first line, without SQL or stack."""
+    """One line saying why: the exception's first line that says what went wrong (not
+    SQLAlchemy's "raised as a result of Query-invoked autoflush" preamble, which a full
+    disk under MLflow's sqlite store was reported as), without SQL or stack, and the root
+    of its chain of causes where that line does not say it already."""
     if isinstance(exc, StateDirWriteError):
         return exc.strerror or str(exc)
-    text = str(exc).strip().splitlines()
-    first = text[0] if text else ""
-    return f"{type(exc).__name__}: {first[:300]}" if first else type(exc).__name__
+    first = _first_line(exc)
+    root, depth = exc, 0
+    while root.__cause__ is not None and depth < 8:  # (explicit causes: `raise ... from`)
+        root, depth = root.__cause__, depth + 1
+    said = f"{type(exc).__name__}: {first[:300]}" if first else type(exc).__name__
+    cause = _first_line(root) if root is not exc else ""
+    if cause and cause not in first:
+        said += f" ({type(root).__name__}: {cause[:200]})"
+    return said
+
+
+def _first_line(exc: BaseException) -> str:
+    for line in str(exc).strip().splitlines():
+        line = line.strip()
+        if line and not line.startswith(_NOT_THE_CAUSE):
+            return line
+    return ""
 
 
 def _sqlite_path(uri: str) -> Path | None:
