@@ -199,7 +199,8 @@ class Link:
             self._write(encode(dict(msg)))
 
     def pump(self, expect: bool = False) -> None:
-        """Reconnect when due, send what is queued, handle what arrived. Never blocks long.
+        """Reconnect when due, send what is queued, handle what arrived. Never blocks long
+        (a reconnect waits at most 0.1 s for room in a busy controller's backlog).
         ``expect``: an answer has most likely come (see :meth:`_read`)."""
         if (self.state == "down" and self.fatal is None
                 and time.monotonic() >= self._next_attempt and not self.open(timeout=0.1)):

@@ -15,8 +15,11 @@ import errno
 import math
 import socket
 import struct
+import time
 
 __all__ = ["connect_unix"]
+
+_MAX_WAIT_S = 1e9  # (a struct timeval holds it; inf or 2**63 would not)
 
 
 def _timeval(seconds: float) -> bytes:
@@ -30,20 +33,42 @@ def connect_unix(path: str, timeout: float) -> socket.socket:
 
     Raises ``OSError`` as ``connect`` does (nobody listens: ``ConnectionRefusedError``
     or ``FileNotFoundError``), and :class:`TimeoutError` when the listener's backlog stays
-    full for ``timeout`` seconds."""
+    full for ``timeout`` seconds. (The wait is Linux's; elsewhere a full backlog may be
+    refused at once, as before.)"""
+    deadline = time.monotonic() + timeout
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
-        # (at least 1 us: a zero SO_SNDTIMEO would wait for ever)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, _timeval(max(timeout, 1e-6)))
         sock.settimeout(None)  # blocking: the kernel waits for room in the backlog
-        try:
-            sock.connect(path)
-        except BlockingIOError as exc:  # still full when SO_SNDTIMEO ran out
-            raise TimeoutError(errno.ETIMEDOUT, f"the listener at {path} took no new "
-                               f"connection for {timeout:g} s (its backlog is full)") from exc
+        while True:
+            # (at least 1 us: a zero SO_SNDTIMEO would wait for ever)
+            left = min(max(deadline - time.monotonic(), 1e-6), _MAX_WAIT_S)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, _timeval(left))
+            try:
+                sock.connect(path)
+            except BlockingIOError as exc:  # still full when SO_SNDTIMEO ran out
+                raise TimeoutError(errno.ETIMEDOUT, f"the listener at {path} took no new "
+                                   f"connection for {timeout:g} s (its backlog is full)"
+                                   ) from exc
+            if _connected(sock):
+                break
+            # A signal ended the wait (EINTR), and CPython, polling the socket for the
+            # connect's end, took the hang-up of a socket that never connected for success.
+            if time.monotonic() >= deadline:
+                raise TimeoutError(errno.ETIMEDOUT, f"the listener at {path} took no new "
+                                   f"connection for {timeout:g} s (its backlog is full)")
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, _timeval(0.0))  # as it was
         sock.settimeout(timeout)
     except BaseException:
         sock.close()
         raise
     return sock
+
+
+def _connected(sock: socket.socket) -> bool:
+    try:
+        sock.getpeername()
+    except OSError as exc:
+        if exc.errno == errno.ENOTCONN:
+            return False
+        raise
+    return True

@@ -92,3 +92,23 @@ def test_nobody_listening_is_still_refused_at_once(short_dir: Path) -> None:
     with pytest.raises(ConnectionRefusedError):
         connect_unix(path, 30.0)
     assert _answering_pid(path) is None
+
+
+def test_a_signal_during_the_wait_is_not_taken_for_a_connection(
+        full_listener: tuple[str, socket.socket, list[socket.socket]]) -> None:
+    """A review's find: a signal with a Python handler (a timer, a DataLoader's SIGCHLD)
+    ended the kernel's wait with EINTR, and CPython took the unconnected socket for a
+    connected one: it came back early, and its first send failed with ENOTCONN."""
+    import signal
+
+    path, _, _ = full_listener
+    rang: list[int] = []
+    old = signal.signal(signal.SIGALRM, lambda signum, frame: rang.append(signum))
+    signal.setitimer(signal.ITIMER_REAL, 0.05, 0.05)  # again and again, through the wait
+    try:
+        with pytest.raises(TimeoutError, match="backlog is full"):
+            connect_unix(path, 0.5)
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+    assert rang  # the signals did come during the wait
