@@ -238,7 +238,9 @@ class OperatorVerbs:
         self._lrs_multiplier = None
         # Under a manual LR the command changes the policies' LRs, not the optimizer's:
         # recorded so, as an observation's decisions are (see LRArbiter._decisions_of).
-        overridden = (self.operator.overrides(step, self.same_step_answers)
+        # Its LRs reach the optimizer with the answer to the next observation: judged as a
+        # decision made there (a manual LR ending at that step leaves them in force).
+        overridden = (self.operator.overrides(step + 1, self.same_step_answers)
                       and tuple(before) != self._lrs)
         decisions = []
         for a in actions:

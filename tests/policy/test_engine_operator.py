@@ -238,6 +238,26 @@ def test_an_operators_decay_and_cancel_under_a_manual_lr_are_recorded_as_not_app
     assert e.observe(step=5, loss=1.0)[0] < 0.003
 
 
+@pytest.mark.parametrize("sync", [False, True], ids=["async", "sync"])
+def test_a_decay_as_a_timed_manual_lr_ends_is_applied_and_not_marked(sync: bool) -> None:
+    """A review's find: the manual LR ends with the next observation's answer, so the
+    decay commanded now reaches the optimizer: no "not applied" mark (as for an
+    observation's decision at the manual LR's last step, above)."""
+    e = lrctl.load_policy(WSD_ON_CALL, base_lrs=[0.003])
+    e.answers_same_step = sync
+    for s in range(2 if sync else 3):
+        e.observe(step=s, loss=1.0)
+    e.set_lr(0.001, steps=1)  # held for one step: the next
+    if sync:  # a sync hook's step 2 runs on the answer to its own observation
+        assert e.observe(step=2, loss=1.0) == [0.001]
+    assert e.operator.until == (2 if sync else 3)
+    # Now the answer to observation 3 is the first the policies' LRs set again (async:
+    # for step 4; sync: for step 3 itself): the decay reaches the optimizer.
+    start = e.command("decay", steps=4)
+    assert "overridden" not in start[0].evidence and "not applied" not in start[0].reason
+    assert e.observe(step=3, loss=1.0)[0] < 0.003  # the decayed LR, in force
+
+
 GUARD = "version: 1\npolicies:\n  - kind: divergence\n    max_backoffs: 2\n"
 
 
