@@ -386,7 +386,7 @@ class Controller(Resuming, LinkSide, QuietSteps, Reporting, UsedLRs, Applying, C
         """Warn once per kind (a ``RuntimeWarning``, which Python prints once); the log
         gets every occurrence at INFO, so a script's own logging sees them all without
         the console showing each message twice."""
-        log.info("%s", message)
+        log.info("%s", message, extra={"lrctl_warning": key})
         if key not in self._warned:
             self._warned.add(key)
             warnings.warn(message, RuntimeWarning, stacklevel=callers_level())

@@ -14,8 +14,13 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 PYTHON=${PYTHON:-$([ -x .venv/bin/python ] && echo .venv/bin/python || echo python3)}
-OUTDIR=${LRCTL_GPU_OUT:-$(mktemp -d -t lrctl-gpu-XXXXXX)}
-mkdir -p "$OUTDIR"
+if [ -n "${LRCTL_GPU_OUT:-}" ]; then
+    OUTDIR=$LRCTL_GPU_OUT
+    mkdir -p "$OUTDIR"
+else
+    OUTDIR=$(mktemp -d -t lrctl-gpu-XXXXXX)
+    trap 'rm -rf "$OUTDIR"' EXIT
+fi
 
 "$PYTHON" - <<'PY'
 import torch
@@ -29,5 +34,5 @@ timeout 300 "$PYTHON" -m pytest -q -rs -n 0 -p no:randomly --timeout 240 \
 
 echo "== lrctl bench cuda"
 timeout 300 "$PYTHON" -m lrctl bench cuda --json "$OUTDIR/cuda.json" --out "$OUTDIR" \
-    | tee "$OUTDIR/cuda.md" || status=$?
+    || status=$?  # (the Markdown goes to stdout and to $OUTDIR/cuda.md)
 exit "$status"

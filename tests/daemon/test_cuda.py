@@ -9,6 +9,7 @@ import torch
 from daemon_helpers import ControllerProc
 
 import lrctl
+from lrctl.bench._nosync import NoHostSync
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -23,14 +24,10 @@ def _steps_without_sync(ctl: lrctl.Controller, train_step: Callable[[lrctl.Contr
     3 more to let the last staged statistics go out."""
     for _ in range(warmup):
         train_step(ctl)
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
+    with NoHostSync() as check:  # (a sync inside the hook is caught there: listened for)
         for _ in range(60):
             train_step(ctl)
-    finally:
-        torch.cuda.set_sync_debug_mode(0)
-    torch.cuda.synchronize()
+    assert not check.failures, check.failures
     for _ in range(3):
         train_step(ctl)
 
@@ -111,11 +108,11 @@ def test_fp16_grad_scaler_steps_add_no_host_device_sync(controller: ControllerPr
         opt.zero_grad(set_to_none=True)
         scaler.scale(loss * 1e35 if poison else loss).backward()  # inf gradients
         if checked:
-            torch.cuda.set_sync_debug_mode("error")
-        try:
+            with NoHostSync() as check:
+                ctl.step(loss, scaler=scaler)
+            assert not check.failures, check.failures
+        else:
             ctl.step(loss, scaler=scaler)
-        finally:
-            torch.cuda.set_sync_debug_mode(0)
         scaler.step(opt)
         scaler.update()
 

@@ -21,6 +21,7 @@ from torch import nn
 
 import lrctl
 from lrctl.bench._gpt import GptRun
+from lrctl.bench._nosync import NoHostSync
 from lrctl.bench.cuda_bench import CudaConfig, _targets, run_cuda
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -33,14 +34,10 @@ WARMUP = 5  # first steps may sync: pinned buffers, optimizer state, cuBLAS work
 def _no_sync_steps(run: GptRun, ctl: lrctl.Controller, steps: int, clip: bool) -> None:
     for _ in range(WARMUP):
         run.step(ctl.step, clip=clip)
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
+    with NoHostSync() as check:  # (a sync inside the hook is caught there: listened for)
         for _ in range(steps):
             run.step(ctl.step, clip=clip)
-    finally:
-        torch.cuda.set_sync_debug_mode(0)
-    torch.cuda.synchronize()
+    assert not check.failures, check.failures
 
 
 @pytest.mark.parametrize("clip", [False, True], ids=["hook-computes-norm", "clip-norm-given"])
