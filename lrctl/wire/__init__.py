@@ -49,7 +49,7 @@ Hook → controller:
   (optional: the loop's own LR per group for this step, ``base="loop"``), ``r``
   (optional: the snapshot step the hook restored before this step, a rollback
   carried out; journaled as a ``rolled_back`` decision), ``pl`` (optional, at most
-  ``MAX_PRIOR`` numbers: the losses of the steps ``s - len(pl)`` … ``s - 1`` that
+  ``MAX_HELD`` (64) numbers: the losses of the steps ``s - len(pl)`` … ``s - 1`` that
   ``every="auto"`` held back; the controller observes each, in order, before ``s``,
   with the LRs in effect before the frame as the LRs they used unless ``pu`` says) and
   ``pg`` (their grad norms, the same length, null where none), ``pu`` (optional: the LRs

@@ -23,7 +23,7 @@ near 2 GiB); the body, little-endian:
   8: held steps follow), ``i64 step``, ``f64 loss``, ``f64 grad norm`` (0.0 where
   absent): 26 bytes; with flag 4, ``u16 n`` and ``n × f64``: the LRs the step runs on
   (``u``); then with flag 8, the steps an ``every="auto"`` hook held since its last
-  report: ``u16 k`` (1 to ``MAX_PRIOR``), ``u8 held flags`` (1: grad norms follow),
+  report: ``u16 k`` (1 to ``MAX_HELD``), ``u8 held flags`` (1: grad norms follow),
   ``k × f64`` losses (``pl``), with held flag 1 ``k × f64`` grad norms (``pg``; NaN
   where a step had none, which reads as null: a held value is never NaN), ``u16 r``
   and ``r`` runs of the LRs they ran on (``pu``), each ``u16 count``, then ``u16 n``
@@ -49,7 +49,7 @@ from typing import Any
 
 from .errors import ProtocolError
 from .frames import HEADER, MAX_FRAME
-from .messages import MAX_PRIOR, encode_obs
+from .messages import MAX_HELD, encode_obs
 
 __all__ = ["COMPACT_BIT", "MAX_GROUPS", "compact_agreed", "decode_compact", "encode_lr_compact",
            "encode_obs_compact", "to_json_frame"]
@@ -134,7 +134,7 @@ def _held_steps(losses: Sequence[float], grads: Sequence[float | None] | None,
     """The held steps' part of a compact ``obs`` body (flag 8); ``None`` where the JSON
     frame must carry them (a non-finite value, too many of them)."""
     k = len(losses)
-    if k > MAX_PRIOR or not _all_finite(losses):
+    if k > MAX_HELD or not _all_finite(losses):
         return None
     values = list(losses)
     if grads is not None:
@@ -290,7 +290,7 @@ def _held_at(body: bytes, at: int, msg: dict[str, Any]) -> int:
     k, held_flags = _HELD.unpack_from(body, at)
     at += _HELD.size
     width = 2 * k if held_flags & 1 else k
-    if not 0 < k <= MAX_PRIOR or held_flags & ~1 or len(body) < at + 8 * width:
+    if not 0 < k <= MAX_HELD or held_flags & ~1 or len(body) < at + 8 * width:
         raise ProtocolError("bad compact obs frame: its held steps", "bad_message")
     values = _floats(width).unpack_from(body, at)
     at += 8 * width

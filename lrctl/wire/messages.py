@@ -21,6 +21,7 @@ from .floats import NON_FINITE, float_to_json
 from .frames import HEADER, MAX_FRAME, decode_json, encode
 
 __all__ = [
+    "MAX_HELD",
     "MAX_PRIOR",
     "decode_body",
     "encode_lr",
@@ -132,7 +133,12 @@ def encode_obs(step: int, loss: float | None, grad_norm: float | None,
     return HEADER.pack(len(body)) + body
 
 
-MAX_PRIOR = 256  # held steps one obs may carry (every="auto" holds at most 63)
+MAX_PRIOR = 256  # LR changes (gu) and runs (ran) one message may list
+#: Held steps one ``obs`` may carry (``pl``/``pg``): ``every="auto"`` holds at most 63. A
+#: frame is handled whole, so this bounds what one peer's frame holds the loop for: at
+#: 256, a run with heavy (valid) policies sending them unpaced cost the others ~14 ms a
+#: frame (an adversarial pass).
+MAX_HELD = 64
 
 
 def says_used(frame: bytes) -> bool:
@@ -257,8 +263,8 @@ def prior_steps(msg: Mapping[str, Any], step: int,
     losses = msg.get("pl")
     if losses is None:
         return []
-    if not isinstance(losses, list) or len(losses) > MAX_PRIOR:
-        raise ProtocolError(f"pl must be a list of at most {MAX_PRIOR} losses", "bad_message")
+    if not isinstance(losses, list) or len(losses) > MAX_HELD:
+        raise ProtocolError(f"pl must be a list of at most {MAX_HELD} losses", "bad_message")
     grads = msg.get("pg")
     if grads is not None and (not isinstance(grads, list) or len(grads) != len(losses)):
         raise ProtocolError("pg must be a list as long as pl", "bad_message")

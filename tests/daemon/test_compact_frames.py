@@ -34,7 +34,7 @@ from lrctl.wire.compact import (
 from lrctl.wire.decoder import FrameDecoder
 from lrctl.wire.errors import ProtocolError
 from lrctl.wire.frames import HEADER, MAX_HELLO, encode
-from lrctl.wire.messages import MAX_PRIOR, decode_body, encode_lr, encode_obs, with_used
+from lrctl.wire.messages import MAX_HELD, decode_body, encode_lr, encode_obs, with_used
 
 _OBS_SIZE = 26
 POLICY = "version: 1\npolicies:\n  - kind: rangetest\n    growth: 1.01\n"  # moves every step
@@ -126,7 +126,7 @@ def test_a_compact_batch_report_is_the_message_of_its_json_frame(
     ([1.0, 2.0], [1.0, math.inf], None),  # ... grad norm
     ([1.0, 2.0], [1.0, math.nan], None),  # NaN is the compact form's "no grad norm"
     ([1.0, 2.0], [1.0], None),  # grads not as long as the losses
-    ([1.0] * (MAX_PRIOR + 1), None, None),  # too many held steps
+    ([1.0] * (MAX_HELD + 1), None, None),  # too many held steps
     ([1.0, 2.0], None, [(0, [0.1])]),  # an empty run
     ([1.0, 2.0], None, [(3, [0.1])]),  # a run longer than the held steps
     ([1.0, 2.0], None, [(2, [math.inf])]),  # a non-finite LR
@@ -162,7 +162,7 @@ def test_the_held_steps_body_reads_as_written() -> None:
     (_held_body()[:-1], "bad compact obs"),  # its last LR one byte short
     (_held_body() + b"\x00", "bad compact obs"),  # a byte after it
     (_held_body(k=0, held_losses=(), grads=(), runs=()), "its held steps"),
-    (_held_body(k=MAX_PRIOR + 1), "its held steps"),
+    (_held_body(k=MAX_HELD + 1), "its held steps"),
     (_held_body(held_flags=3), "its held steps"),  # an unknown held flag
     (_held_body(held_losses=(1.0, math.nan)), "non-finite held loss"),
     (_held_body(held_losses=(1.0, math.inf)), "non-finite held loss"),
@@ -418,3 +418,20 @@ def test_a_hook_and_its_controller_agree_on_compact_frames(controller: Controlle
                                                ("1", False), (2, False), (None, False)])
 def test_only_the_integer_1_agrees_to_compact_frames(value: object, agreed: bool) -> None:
     assert compact_agreed(value) is agreed
+
+
+def test_the_held_steps_a_frame_may_carry_cover_every_auto_and_no_more() -> None:
+    """A frame is handled whole: what one may carry bounds what one peer's frame holds
+    the controller's loop for (at 256 held steps, a run with heavy valid policies cost
+    the others ~14 ms a frame: an adversarial pass). every="auto" holds at most
+    MAX_K - 1 steps; that many pass, in both forms, and one past MAX_HELD does not."""
+    from lrctl._batching import Batching
+    from lrctl.wire.messages import prior_steps
+
+    assert Batching.MAX_K - 1 <= MAX_HELD
+    fits = [1.0] * MAX_HELD
+    assert len(prior_steps({"pl": fits}, MAX_HELD)) == MAX_HELD
+    assert decode_compact(_held_body(k=MAX_HELD, held_flags=0, held_losses=tuple(fits),
+                                     runs=()))["pl"] == fits
+    with pytest.raises(ProtocolError, match=f"at most {MAX_HELD}"):
+        prior_steps({"pl": [*fits, 1.0]}, MAX_HELD + 1)
