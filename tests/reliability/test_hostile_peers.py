@@ -28,6 +28,7 @@ from rel_helpers import FIGURES, RawClient, hello, rss_kib, until
 from lrctl.daemon import Limits
 from lrctl.daemon.store import StateStore
 from lrctl.protocol import FrameDecoder, encode
+from lrctl.wire.messages import MAX_HELD
 from lrctl.wire.operator import ControllerError, request
 
 POLICY = "version: 1\npolicies:\n  - kind: divergence\n"
@@ -248,12 +249,12 @@ def test_a_state_too_large_to_snapshot_is_refused_each_time_and_the_run_goes_on(
     run.send(hello("big-state", text, [0.1]))
     assert run.answer()["t"] == "welcome"
     step = 0
-    for _ in range(160):  # ~40 000 steps: ~80 000 values, ~1.4 MB of JSON
-        held = [1.0 + (i % 97) / 1000.0 for i in range(255)]
-        run.send({"t": "obs", "s": step + 255, "l": 1.05, "g": 1.05, "pl": held,
+    held = [1.0 + (i % 97) / 1000.0 for i in range(MAX_HELD)]
+    for _ in range(40_960 // (MAX_HELD + 1)):  # ~40 000 steps: ~80 000 values, ~1.4 MB
+        run.send({"t": "obs", "s": step + MAX_HELD, "l": 1.05, "g": 1.05, "pl": held,
                   "pg": held})
         assert run.answer()["t"] == "lr"
-        step += 256
+        step += MAX_HELD + 1
     for _ in range(3):
         run.send({"t": "snapshot"})
         refused = run.answer()
