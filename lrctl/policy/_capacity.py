@@ -42,21 +42,14 @@ _DEPTH = 3  # helper objects inside helper objects
 
 
 def check_kept(policies: Iterable[Any]) -> None:
-    """``ValueError`` when ``policies`` may keep more than :data:`MAX_KEPT_VALUES`."""
-    kept = sum(map(kept_values, policies))
-    if kept > MAX_KEPT_VALUES:
-        raise ValueError(
-            f"the policies keep up to {kept} values in their windows, more than a run may "
-            f"({MAX_KEPT_VALUES}: a run's state is checkpointed every second, and its "
-            "windows are judged at every step): use smaller windows (window, patience, "
-            "cooldown) or fewer windowed policies")
-    tested = sum(map(tested_values, policies))
-    if tested > MAX_TESTED_VALUES:
-        raise ValueError(
-            f"the policies' trend tests judge up to {tested} values at one observation, more "
-            f"than a run may ({MAX_TESTED_VALUES}: a test passes over its whole window on "
-            "the controller's loop, holding every other run's answer meanwhile, ~30 ms per "
-            "100 000 values): use smaller windows (window, patience) or fewer trend tests")
+    """``ValueError`` when ``policies`` may keep more than :data:`MAX_KEPT_VALUES`, or
+    their trend tests judge more than :data:`MAX_TESTED_VALUES` at one observation."""
+    policies = list(policies)  # (counted twice)
+    for count, bound, what, why, fix in _BOUNDS:
+        total = sum(map(count, policies))
+        if total > bound:
+            raise ValueError(f"{what.format(total)}, more than a run may "
+                             f"({bound}: {why}): use {fix}")
 
 
 def kept_values(policy: Any) -> int:
@@ -111,3 +104,16 @@ def _attributes(obj: Any) -> list[Any]:
             if hasattr(obj, name):
                 values.append(getattr(obj, name))
     return values
+
+
+#: (count, bound, what exceeds it, why it is bounded, what to do) for check_kept.
+_BOUNDS = (
+    (kept_values, MAX_KEPT_VALUES, "the policies keep up to {} values in their windows",
+     "a run's state is checkpointed every second, and its windows are judged at every step",
+     "smaller windows (window, patience, cooldown) or fewer windowed policies"),
+    (tested_values, MAX_TESTED_VALUES,
+     "the policies' trend tests judge up to {} values at one observation",
+     "a test passes over its whole window on the controller's loop, holding every other "
+     "run's answer meanwhile, ~30 ms per 100 000 values",
+     "smaller windows (window, patience) or fewer trend tests"),
+)
