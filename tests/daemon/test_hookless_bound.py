@@ -9,6 +9,9 @@ gone longest are evicted, as their session timeout would later: checkpointed, re
 
 from __future__ import annotations
 
+import threading
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -46,8 +49,10 @@ def test_the_runs_gone_longest_are_evicted_past_the_bound_and_resume(tmp_path: P
         for key in ("r-first", "r-second", "r-third"):
             _run_and_leave(path, key)
             _until_hookless(srv, key)
+        # (The loop marks r-third without a hook, then evicts r-first: forgets it, then
+        # sets its checkpoint aside. Wait for the last of those, seen from this thread.)
+        _until(lambda: store.detached_path("r-first").exists(), "r-first set aside")
         assert sorted(srv.sessions) == ["r-second", "r-third"]
-        assert store.detached_path("r-first").exists()  # its state stays on disk
         c = Client(path)
         c.send(_hello("r-first"))  # a reconnect resumes it
         welcome: dict[str, Any] = c.answer()
@@ -55,15 +60,18 @@ def test_the_runs_gone_longest_are_evicted_past_the_bound_and_resume(tmp_path: P
         c.sock.close()
 
 
-def _until_hookless(srv: Any, key: str) -> None:
-    import threading
-    import time
-
+def _until(done: Callable[[], bool], what: str) -> None:
+    """Wait (30 s at most) for the serving thread to make ``done()`` true."""
     deadline = time.monotonic() + 30
-    # (gone from the hooked runs, and counted among the others, or evicted already)
-    while key in srv.conns or (key in srv.sessions and key not in srv._hookless):
-        assert time.monotonic() < deadline, f"{key}'s hangup not seen"
+    while not done():
+        assert time.monotonic() < deadline, f"not seen within 30 s: {what}"
         threading.Event().wait(0.01)
+
+
+def _until_hookless(srv: Any, key: str) -> None:
+    # (gone from the hooked runs, and counted among the others, or evicted already)
+    _until(lambda: key not in srv.conns and (key not in srv.sessions or key in srv._hookless),
+           f"{key}'s hangup")
 
 
 
