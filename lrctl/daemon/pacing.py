@@ -36,7 +36,11 @@ paced only around the next report: from ``LEAD`` (¾) of a step before it is due
 last read plus the measured interval between reports; a step is that interval over N)
 until it is read, a look every quarter of a step (plus ``SLACK`` for steps of
 ``SLACK_FROM_S`` and more); not read ``LINGER`` (1) step after it was due, the
-connection goes back to the selector to wait for it. So the report's send wakes
+connection goes back to the selector to wait for it. One pause between fast reports
+(an evaluation: one gap more than ``PAUSE`` mean intervals) keeps the run's streak of
+fast reports: the report after it wakes the loop, and the next is paced around again
+(a new streak took ``pace_after`` reports, N steps each); a second slow gap in a row
+ends the streak. So the report's send wakes
 nobody, while between reports a frame out of turn (a non-finite step reported at once,
 one with metrics, a ``bye``, a ``snapshot`` request) wakes the loop as it comes, and so
 does a report that comes early (the run sped up); inside the window they wait for the
@@ -113,6 +117,7 @@ class _Rate:
     due: float = math.inf  # paced: when to look next, at the earliest
     latest: float = math.inf  # ... and at the latest (see SLACK)
     every: int = 1  # the hook reports every N-th step (see every=N in the docstring)
+    paused: bool = False  # every=N: the last slow gap was a pause (see _heard_report)
     leave: float = math.inf  # every=N, in the selector: when to pace it (see LEAD)
 
 
@@ -180,7 +185,17 @@ class Pacing:
         its reports come fast (see the module docstring)."""
         # (A read at a look comes up to a look's spacing after the report: its gap is our
         # lag, not the run's; the window's mean says whether it is still fast.)
-        rate.streak = rate.streak + count if gap <= self.interval_s or conn.paced else 0
+        if gap <= self.interval_s or conn.paced:
+            rate.streak += count
+            rate.paused = False
+        elif (not rate.paused and rate.interval <= self.interval_s
+              and gap > PAUSE * rate.interval):
+            # One pause (an evaluation, a checkpoint) between fast reports keeps the streak,
+            # as it is left out of the mean: reset, AFTER reports (AFTER × N steps) woke
+            # the loop after every pause. A second slow gap in a row is a slower rhythm.
+            rate.paused = True
+        else:
+            rate.streak = 0
         rate.due = rate.latest = math.inf
         if rate.streak >= self.after and rate.interval <= self.interval_s:
             step = rate.interval / rate.every

@@ -237,6 +237,47 @@ def test_a_pause_is_not_taken_for_the_run_s_rhythm(pair: tuple[socket.socket, ..
     assert pacing.next_due == pytest.approx(_look(t, AFTER_DATA, 0.0005))
 
 
+def _reports(pacing: Pacing, conn: _Conn, t: float, gap: float, n: int) -> float:
+    """``n`` every=N reports ``gap`` apart after ``t``, each read as it comes; returns the
+    time of the last."""
+    for _ in range(n):
+        t += gap
+        assert not pacing.heard(conn, t, 1)  # (every=N: read as its frames come)
+    return t
+
+
+@pytest.mark.parametrize("second_gap", [0.004, 0.060])
+def test_an_every_n_hook_keeps_its_streak_through_one_pause(
+        pair: tuple[socket.socket, ...], second_gap: float) -> None:
+    """Known answers, every=4, reports 4 ms apart, pace_after 8: after a 60 ms pause (an
+    evaluation) the run is paced around its next report at once, not after 8 more
+    reports (32 steps), each of which woke the loop: in the overhead bench's blocks of
+    200 steps, every=16's reports were nearly all read as they came, each send waking
+    the controller (~80 µs of the training thread on a loaded 2-core VM). A second slow
+    gap in a row is a slower rhythm: the streak ends."""
+    a, _ = pair
+    pacing = Pacing(interval_s=0.020, after=8)
+    conn = _Conn(a, every=4)
+    t = 5.0
+    pacing.heard(conn, t, 1)
+    t = _reports(pacing, conn, t, 0.004, WINDOW + 8)
+    assert conn in pacing._leaving
+    t = _reports(pacing, conn, t, 0.060, 1)  # the pause (in the selector by then)
+    assert conn in pacing._leaving
+    pacing.reschedule()
+    assert pacing.next_due == pytest.approx(t + 0.004 - LEAD * 0.001)
+    t = _reports(pacing, conn, t, second_gap, 1)
+    assert (conn in pacing._leaving) is (second_gap == 0.004)
+    if second_gap == 0.004:  # fast again: a later pause is one pause again
+        t = _reports(pacing, conn, t, 0.060, 1)
+        assert conn in pacing._leaving
+    else:  # a new streak: pace_after fast reports
+        t = _reports(pacing, conn, t, 0.004, 7)
+        assert conn not in pacing._leaving
+        _reports(pacing, conn, t, 0.004, 1)
+        assert conn in pacing._leaving
+
+
 def test_a_run_that_slows_down_is_measured_as_it_goes_now(
         pair: tuple[socket.socket, ...]) -> None:
     """Steps PAUSE-plus times longer than before, all of them: the new rhythm, not one
