@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from lrctl.sinks.sampling import Downsampler, MetricSampler
+from lrctl.sinks.sampling import DENSE_POINTS, Downsampler, MetricSampler, periodic_step
 
 
 def lr_points(points: list[tuple[str, float, int]], group: int = 0) -> list[tuple[int, float]]:
@@ -27,6 +27,49 @@ def test_table_of_points_for_a_step_change() -> None:
     assert got[20][0] == ("lrctl/lr/g0", 0.05, 20)
     assert s.finish() == [("lrctl/lr/g0", 0.05, 21), ("lrctl/loss", 1.0, 21),
                           ("lrctl/grad_norm", 0.5, 21)]
+
+
+@pytest.mark.parametrize(("step", "periodic"), [
+    (0, True), (50, True), (99_950, True), (100_000, True),  # every 50 to 100 000
+    (100_050, False), (100_100, True), (299_900, True),  # then every 100 to 300 000
+    (300_000, True), (300_100, False), (300_200, True), (699_800, True),  # every 200
+    (700_000, True), (700_200, False), (700_400, True), (1_500_000, True),  # every 400
+    (1_500_400, False), (1_500_800, True), (49, False), (51, False)])
+def test_periodic_points_thin_out_as_the_run_grows_long(step: int, periodic: bool) -> None:
+    """Known answers, log_every=50: DENSE_POINTS (2 000) points at each spacing."""
+    assert DENSE_POINTS == 2000
+    assert periodic_step(step, 50) is periodic
+
+
+def test_a_week_of_steps_holds_tens_of_thousands_of_periodic_points_not_millions() -> None:
+    """A soak run at 600 steps/s: a week is 362 880 000 steps, 7.3 M points per metric at
+    a fixed 50. Counted spacing by spacing (each a closed range of multiples), checked
+    against a step-by-step count over the first 3 M steps."""
+    def count(last: int, every: int = 50) -> int:
+        total, k = 0, 0
+        while (start := ((1 << k) - 1) * every * DENSE_POINTS) <= last:
+            end = min(last, ((1 << (k + 1)) - 1) * every * DENSE_POINTS - 1)
+            spacing = every << k
+            total += end // spacing - (start - 1) // spacing if start else end // spacing + 1
+            k += 1
+        return total
+    assert count(2_999_999) == sum(periodic_step(s, 50) for s in range(3_000_000)) == 9875
+    assert count(362_880_000) == 23_544
+    assert count(99_999) == 2000  # a run of 100 000 steps: every 50, as before
+
+
+def test_a_long_runs_changes_and_decisions_keep_their_points_between_thinned_ones() -> None:
+    """Past the dense part, a change off the spacing still closes the old level and opens
+    the new one, and a decision step still gets its loss and grad norm."""
+    s = MetricSampler(log_every=50)
+    s.observe(1_000_000, 1.0, 0.5, [0.1])
+    assert s.observe(1_000_050, 1.0, 0.5, [0.1]) == []  # (every 400 there)
+    assert lr_points(s.observe(1_000_123, 1.0, 0.5, [0.05])) == [(1_000_122, 0.1),
+                                                                   (1_000_123, 0.05)]
+    assert s.decision(1_000_177) == []  # its observation comes next
+    assert s.observe(1_000_177, 0.9, 0.4, [0.05]) == [("lrctl/loss", 0.9, 1_000_177),
+                                                       ("lrctl/grad_norm", 0.4, 1_000_177)]
+    assert lr_points(s.observe(1_000_400, 1.0, 0.5, [0.05])) == [(1_000_400, 0.05)]
 
 
 def test_a_change_between_reports_is_a_vertical_edge_too() -> None:
