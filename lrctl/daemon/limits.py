@@ -51,7 +51,7 @@ class Limits:
     # every run's controller lives in: 1 024 of them at 8 MiB each would be 8 GiB). Checked
     # as a peer's unread passes each 64 KiB: it may run past by under 64 KiB a peer.
     max_outbuf_total: int = 128 << 20
-    linger_s: float = 2.0  # a closed peer's last frames wait this long for it to read them
+    linger_s: float = 2.0  # a closed peer's last frames wait this long for a read of them
     max_drain: int = 16 << 20  # bytes read from a hook that hung up, to apply what it sent
     # Messages of one peer handled per loop wake-up, and the loop's time spent on them; the
     # rest wait for the next wake-up, so a peer that sends thousands at once (2 000

@@ -8,7 +8,9 @@ input we cannot go on from (a broken frame, a refused hello, a wrong token) a
 fatal one and a closed connection. Nothing a peer sends can disturb the loop or
 the other connections, and the loop never blocks on a peer: a reply it cannot
 take now waits in its connection's buffer (bounded by ``Limits.max_outbuf``),
-and a peer told to go gets ``Limits.linger_s`` to read its last frames.
+and a peer told to go, or that ended its input, gets ``Limits.linger_s`` to read its
+last frames, counted again from each read of them (one that reads them all, slowly,
+gets them all).
 
 A TCP peer shows its token first: until it has, its frames may be at most
 ``Limits.max_unauthed_frame`` bytes and only the first is decoded, so a stranger

@@ -2,7 +2,7 @@
 (what a peer cannot take now waits in its connection's buffer, bounded by
 ``Limits.max_outbuf``; past that the peer is dropped, and past ``Limits.max_outbuf_total``
 for all peers together the one with the most unread), held for the group commit,
-and connections closed after their last frames (``Limits.linger_s``).
+and connections closed after their last frames (``Limits.linger_s`` without one read).
 
 A mixin of :class:`~lrctl.daemon.transport.Transport`, whose attributes these are.
 """
@@ -99,6 +99,8 @@ class Writing:
                 if self._reading is not conn:
                     self._hung_up(conn)
                 return
+            if sent and conn.closing:
+                conn.closing = time.monotonic()  # it reads: its linger starts again
             if sent < len(frame):
                 conn.out += frame[sent:]
                 self._want_write(conn)
@@ -145,6 +147,10 @@ class Writing:
             self._hung_up(conn)
             return
         del conn.out[:sent]
+        if sent and conn.closing:
+            # A peer that ended its input and reads its replies, slowly (a loaded machine),
+            # is not cut off: its linger bounds a wait without progress.
+            conn.closing = time.monotonic()
         if not conn.out:
             if conn.closing and not conn.held:
                 self.close_conn(conn)

@@ -188,6 +188,43 @@ def test_a_peer_that_ends_its_input_gets_every_answer_though_it_takes_shares(
         assert answers == ["welcome"] + ["status"] * 60
 
 
+def test_a_peer_that_ended_its_input_and_reads_slowly_gets_every_answer(
+        tmp_path: Path) -> None:
+    """Found by the fuzz test under load (54 of 168 answered, no error): a peer that ended
+    its input was closed ``linger_s`` after its end, reading or not, so one that read its
+    answers slowly (a loaded machine) lost the rest. The linger now bounds a wait without
+    a read: this peer reads ~400 KB/s (the default linger's socket buffer drains in a
+    tenth of it), several lingers long, and gets them all; one that reads nothing is
+    still closed (the next test)."""
+    limits = Limits()
+    with serving(str(tmp_path / "c.sock"), StateStore(tmp_path / "state"),
+                 limits=limits) as (_, path):
+        peer = Client(path)
+        n = 6000  # ~2 MB of status answers: ten times what the socket buffers hold
+        peer.send(encode({"t": "status"}) * n)
+        peer.sock.shutdown(socket.SHUT_WR)
+        got, began = 0, time.monotonic()
+        while data := peer.sock.recv(4096):
+            got += len(peer.decoder.feed(data))
+            threading.Event().wait(0.01)  # (a slow reader)
+        assert got == n
+        assert time.monotonic() - began > 2 * limits.linger_s  # (it did read slowly)
+
+
+def test_a_peer_that_ended_its_input_and_reads_nothing_is_closed_after_its_linger(
+        tmp_path: Path) -> None:
+    limits = Limits(linger_s=0.2)
+    with serving(str(tmp_path / "c.sock"), StateStore(tmp_path / "state"),
+                 limits=limits) as (srv, path):
+        peer = Client(path)
+        peer.send(encode({"t": "status"}) * 3000)
+        peer.sock.shutdown(socket.SHUT_WR)
+        deadline = time.monotonic() + 60
+        while srv.transport.connections():  # closed with its answers unread
+            assert time.monotonic() < deadline, "a peer that reads nothing was kept"
+            threading.Event().wait(0.05)
+
+
 def test_many_busy_peers_split_the_wake_up_between_them(tmp_path: Path) -> None:
     """An adversarial pass: each busy peer got 5 ms of every wake-up, so 250 of them (one
     user's connections) made a wake-up last over a second, and an honest hook's answer
