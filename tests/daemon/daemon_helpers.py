@@ -90,9 +90,10 @@ class ControllerProc:
             self.proc.wait(10)
 
 
-def until(what: Callable[[], Any], why: str, deadline_s: float = 90.0) -> Any:
+def until(what: Callable[[], Any], why: str, deadline_s: float = 300.0) -> Any:
     """``what()``'s first truthy answer, looked at every 0.1 s; fails after ``deadline_s``
-    (a hang), saying what it waited for."""
+    (a hang), saying what it waited for. Generous: under load (3 busy loops on 2 cores) a
+    controller's MLflow shipper took 40 s and more to import MLflow and ship."""
     deadline = time.monotonic() + deadline_s
     while not (got := what()):
         assert time.monotonic() < deadline, f"timed out waiting for {why}"

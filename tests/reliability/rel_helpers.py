@@ -13,7 +13,9 @@ from lrctl.protocol import MAX_FRAME, FrameDecoder, encode, encode_obs
 
 #: name -> figure, printed at the end of the session (see conftest.py).
 FIGURES: dict[str, Any] = {}
-TIMEOUT_S = 60.0
+#: A hang guard, never what a test measures: under load (3 busy loops on 2 cores) the
+#: MLflow shipper's child took 40 s and more to import MLflow and create a store.
+TIMEOUT_S = 300.0
 #: ``LRCTL_TEST_FULL=1``: the load and fuzz tests at their full sizes (CI runs smaller
 #: ones that check the same things; see test_load.py and test_fuzz.py).
 FULL = os.environ.get("LRCTL_TEST_FULL") == "1"
