@@ -35,7 +35,7 @@ class Unavailable(Refused):
 class Conn:
     __slots__ = ("authed", "closing", "compact", "dead", "decoder", "drained", "every",
                  "failed", "heard", "held", "name", "opened", "out", "paceable", "paced",
-                 "parked", "partial", "pending", "remote", "run", "sock")
+                 "parked", "partial", "pending", "remote", "run", "sock", "unread")
 
     def __init__(self, sock: socket.socket, authed: bool, name: str,
                  decoder: FrameDecoder) -> None:
@@ -51,6 +51,8 @@ class Conn:
         self.pending = False  # its hello is being answered (see handshake.py)
         self.partial = 0  # bytes of an unfinished frame, as admission counted them
         self.closing = 0.0  # when it was told to go (or hung up its end): flush, then close
+        # (restarted by each read of its last frames; see Writing.close_lingering)
+        self.unread = -1  # closing: bytes its socket held unread at the last look (-1: none)
         self.failed = False  # told to go (a fatal error): nothing more it sends is handled
         self.parked = False  # hung up during its hello: out of the selector until answered
         self.dead = False  # a send failed: the peer is gone, but what it sent still counts

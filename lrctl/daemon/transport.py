@@ -166,9 +166,7 @@ class Transport(Writing, PacedReading):
     def housekeeping(self, now: float) -> None:
         """Close peers that outstayed their welcome (see admission) or their linger."""
         self.admission.housekeeping(now)
-        for conn in [c for c in self._conns if c.closing and not c.pending
-                     and not c.decoder.has_frame and now - c.closing > self.limits.linger_s]:
-            self.close_conn(conn)
+        self.close_lingering(now)
 
     def close(self) -> None:
         """Close every connection, the wake-up and the listeners (the loop has ended)."""

@@ -9,8 +9,12 @@ A mixin of :class:`~lrctl.daemon.transport.Transport`, whose attributes these ar
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import selectors
+import socket
+import struct
+import termios
 import time
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
@@ -160,7 +164,7 @@ class Writing:
 
     def fail(self, conn: Conn, code: str, message: str, retry: bool = False) -> None:
         """A fatal error frame, then close: for input we cannot go on from. Never blocks:
-        the frame waits in ``conn``'s buffer, for at most ``Limits.linger_s``."""
+        the frame waits in ``conn``'s buffer, for at most ``Limits.linger_s`` unread."""
         self.rlog.log(logging.WARNING, f"fail:{code}", "closing %s: %s", conn.label, message)
         if conn.sock.fileno() < 0:
             return
@@ -172,6 +176,20 @@ class Writing:
         if retry:
             error["retry"] = True
         self._close_after(conn, encode(error))
+
+    def close_lingering(self, now: float) -> None:
+        """Close the peers told to go (or that ended their input) whose last frames have
+        waited ``Limits.linger_s`` without a read: a peer reading them, however slowly,
+        keeps its linger from running out (what its socket holds unread shrank since the
+        last look; a send that went through counts too, see _flush)."""
+        for conn in [c for c in self._conns if c.closing and not c.pending
+                     and not c.decoder.has_frame]:
+            unread = _unread(conn.sock)
+            if 0 <= unread < conn.unread:
+                conn.closing = now  # it read some since the last look
+            conn.unread = unread
+            if now - conn.closing > self.limits.linger_s:
+                self.close_conn(conn)
 
     def _close_after(self, conn: Conn, frame: bytes = b"") -> None:
         """Stop reading ``conn``; close it once ``frame`` and what it was owed went out."""
@@ -229,3 +247,14 @@ def _slim(msg: Mapping[str, Any]) -> dict[str, Any]:
     if "d" in out:
         out["d"] = [{**d, "evidence": {"truncated": True}} for d in out["d"]]
     return out
+
+
+def _unread(sock: socket.socket) -> int:
+    """Bytes sent on ``sock`` that its peer has not read yet (``SIOCOUTQ``: on a Unix
+    socket what waits in the peer's queue, on TCP what is unsent or unacknowledged),
+    or -1 where that cannot be told."""
+    try:
+        return int(struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ,
+                                                  b"\0\0\0\0"))[0])
+    except (OSError, ValueError):
+        return -1
