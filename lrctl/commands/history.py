@@ -9,7 +9,7 @@ checkpoint is gone; otherwise ``detached`` (a reconnect, or the next controller,
 resumes it from its checkpoint). A run that ended before its first step (a hook that
 rejoined another run: ``lrctl.Scheduler``'s ``load_state_dict()``) is left out. Its
 step and LRs are the controller's, else the checkpoint's (the journal's metrics are a
-sample, every 50 steps or so). Runs served without a journal (``--no-audit``) are
+sample: every 50 steps, thinned in long runs). Runs served without a journal (``--no-audit``) are
 listed too: live ones as the controller says, and those resumable from a checkpoint
 no controller holds (``detached``).
 """

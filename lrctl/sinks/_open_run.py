@@ -69,7 +69,7 @@ def load_high_water(run: OpenRun) -> None:
 def seed_sampler(run: OpenRun) -> None:
     """A reopened run's sampler starts from the LRs its journal logged last, so that its
     first change is drawn as a step, not as a ramp from that point (the journal's tail
-    holds them: a point every ``log_every`` steps; none there, no seed)."""
+    holds them: periodic points, see sampling.periodic_step; none there, no seed)."""
     last: dict[int, tuple[int, float]] = {}  # group -> (step, value) of its last point
     logged = redo_until = -1  # the newest step with points; undone steps still to redo
     for record in tail_records(run.paths.stream("metrics")):
