@@ -265,7 +265,7 @@ class Controller(Resuming, LinkSide, QuietSteps, Reporting, UsedLRs, Applying, C
                 self._guard.on_skip = self._pre_step
         if self._writer.loop_mode:
             self._guard.after = self._after_step
-        # Steps may take the quiet way (see QuietSteps._quiet) only with none of these,
+        # Steps may take the quiet way (see QuietSteps._quietly) only with none of these,
         # which cannot change while the run is attached.
         self._quiet_allowed = (self._hook_handle is not None and self._rollbacks is None
                                and not self._writer.loop_mode and not self.sync
@@ -331,9 +331,8 @@ class Controller(Resuming, LinkSide, QuietSteps, Reporting, UsedLRs, Applying, C
                 except (TypeError, ValueError, RuntimeError):
                     host_loss, host_grad = loss, grad_norm
                 if type(host_loss) is float and (
-                        host_grad is None or type(host_grad) is float) and (
-                        self._held_quietly(batch, host_loss, host_grad) if batch is not None
-                        else self._passed_quietly(host_loss, host_grad)):
+                        host_grad is None or type(host_grad) is float) and self._quietly(
+                        batch, host_loss, host_grad):
                     return  # nothing went out: the pre-step hook checks the LRs
                 loss, grad_norm = host_loss, host_grad
             self._step_fully(batch, loss, grad_norm, scaler)

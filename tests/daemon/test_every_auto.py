@@ -29,7 +29,7 @@ def _run(curve: list[float], k: int | None, quiet_path: bool = True,
          frames: list[dict] | None = None, settle: bool = False,
          tensors: bool = False) -> tuple[list[dict], list[float], int]:
     """Decisions, the LR each optimizer step used, the last step reported. ``quiet_path``
-    False: every step takes the full way (``_held_quietly`` always declines);
+    False: every step takes the full way (``_quietly`` always declines);
     ``frames``: collects the observations sent; ``settle``: every answer is in before
     each step (no timing in the outcome); ``tensors``: the loop hands CPU tensors."""
     path = str(POLICIES / "default.yaml")
@@ -40,7 +40,7 @@ def _run(curve: list[float], k: int | None, quiet_path: bool = True,
             assert ctl._batch is not None
             ctl._batch.fix_k(k)  # what the timings would choose on a fast loop
         if not quiet_path:
-            ctl._held_quietly = lambda *args: False  # type: ignore[method-assign]
+            ctl._quietly = lambda *args: False  # type: ignore[method-assign]
         if frames is not None:
             assert ctl._link is not None
             send = ctl._link.send_obs
@@ -86,14 +86,14 @@ def test_batched_reports_decide_what_per_step_reports_decide(
 @pytest.mark.parametrize("tensors", [False, True])
 def test_the_quiet_path_does_what_the_full_way_does(
         controller: ControllerProc, monkeypatch: pytest.MonkeyPatch, tensors: bool) -> None:
-    """A quiet step's shortcut (``Controller._held_quietly``) sends the same frames, gets
+    """A quiet step's shortcut (``Controller._quietly``) sends the same frames, gets
     the same decisions and leaves the same LR at every step as the full way; with every
     answer in before each step, it is taken on every step that neither reports nor
     takes in the answer to a report, with floats or CPU tensors (the README's loop)."""
     curve = losses(700, seed=5, spikes=(250, 251, 480))
     curve[400] = float("nan")
     taken = 0
-    real = lrctl.Controller._held_quietly
+    real = lrctl.Controller._quietly
 
     def counting(self: lrctl.Controller, *args: object) -> bool:
         nonlocal taken
@@ -101,7 +101,7 @@ def test_the_quiet_path_does_what_the_full_way_does(
         taken += held
         return held
 
-    monkeypatch.setattr(lrctl.Controller, "_held_quietly", counting)
+    monkeypatch.setattr(lrctl.Controller, "_quietly", counting)
     quick_frames: list[dict] = []
     quick = _run(curve, 8, frames=quick_frames, settle=True, tensors=tensors)
     reports = len(quick_frames)

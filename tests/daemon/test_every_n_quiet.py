@@ -24,15 +24,15 @@ def _run(curve: list[float], quiet_path: bool, tensors: bool, settle: bool = Tru
     quiet = 0
     with lrctl.attach(opt, policy=str(POLICIES / "default.yaml"), every=EVERY, spawn=False,
                       run_name="every-n", timeout=30.0) as ctl:
-        real = ctl._passed_quietly
+        real = ctl._quietly
 
-        def passed(loss: float, grad: float | None) -> bool:
+        def passed(batch: None, loss: float, grad: float | None) -> bool:
             nonlocal quiet
-            took = quiet_path and real(loss, grad)
+            took = quiet_path and real(batch, loss, grad)
             quiet += took
             return took
 
-        ctl._passed_quietly = passed  # type: ignore[method-assign]
+        ctl._quietly = passed  # type: ignore[method-assign]
         frames: list[dict] = []
         assert ctl._link is not None
         send = ctl._link.send_obs
