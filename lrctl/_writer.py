@@ -50,32 +50,34 @@ class LRWriter:
         self.applied = list(now)  # the LRs the next optimizer step uses
         self.foreign_writes = 0  # controller mode: writes by someone else, overwritten
         self._warn = warn
-        self._groups: Any = optimizer.param_groups
-        self._written: list[float | None] = list(now)  # what each group's lr holds
+        self.groups: Any = optimizer.param_groups  # the group dicts written to
+        self.written: list[float | None] = list(now)  # what each group's lr holds
         self._target = list(initial)
-        self._settled = False  # the groups hold what apply(self._target) last wrote
+        # The target whose LRs the groups hold as apply() last wrote them (None: not yet,
+        # or the loop's own LRs are back in: restore())
+        self.settled_on: list[float] | None = None
 
     def apply(self, target: list[float]) -> None:
         """Make the optimizer's LRs what ``target`` (the controller's LRs) says."""
         groups = self.optimizer.param_groups
-        if self._settled and target is self._target and groups is self._groups:
+        if self.settled_on is target and groups is self.groups:
             # The usual call: nothing changed since the last one if every group's ``lr``
             # is still the very float this writer left there (no one wrote since; a
             # tensor LR, never read back, always takes the full way). Written out: it
             # runs before every optimizer step, where each call costs a microsecond.
-            left = self._written
+            left = self.written
             if len(groups) == len(left):
-                for group, lr in zip(groups, left, strict=True):
+                for group, lr in zip(groups, left):  # noqa: B905 (the lengths are equal)
                     if group["lr"] is not lr:
                         break
                 else:
                     return
-        if groups is not self._groups:
+        if groups is not self.groups:
             # optimizer.load_state_dict() replaced the group dicts (a resume): their LRs are
             # the checkpoint's, written by no one in this process. Take them as the loop's
             # (loop mode) or overwrite them (controller mode), without a warning.
-            self._groups = groups
-            self._written = [None] * len(groups)
+            self.groups = groups
+            self.written = [None] * len(groups)
             if self.loop_mode:
                 self.base = [_float(g["lr"]) for g in groups[:len(self.base)]] + \
                     self.base[len(groups):]
@@ -85,47 +87,47 @@ class LRWriter:
                                  "to the first ones only")
         self._target = target
         applied = self.applied
-        for i, (group, lr) in enumerate(zip(groups, target, strict=False)):
+        for i, (group, lr) in enumerate(zip(groups, target)):  # noqa: B905 (hot: a keyword costs)
             current = group["lr"]
             tensor = hasattr(current, "fill_")
             # A CPU tensor is read like a float (its own precision: what fill_ left there);
             # an accelerator's is not read at all.
             now = (float(current) if getattr(current, "is_cpu", False) else None) \
                 if tensor else current
-            written = self._written[i]
+            written = self.written[i]
             if now is not None and written is not None and now != written:
                 self._foreign(i, float(now), written)
             want = self._effective(i, lr)
             if tensor:
                 if want != written or now is not None:
                     current.fill_(want)  # in place, no sync
-                self._written[i] = float(current) if now is not None else want
+                self.written[i] = float(current) if now is not None else want
             else:
                 group["lr"] = want  # even when equal: apply() goes by identity
-                self._written[i] = want
+                self.written[i] = want
             applied[i] = want
-        self._settled = True
+        self.settled_on = target
 
     def restore(self) -> None:
         """Loop mode, after the optimizer stepped: give the loop back its own LRs."""
         if not self.loop_mode:
             return
         groups = self.optimizer.param_groups
-        if groups is not self._groups:
+        if groups is not self.groups:
             return
-        self._settled = False  # the next apply() writes base × multiplier again
+        self.settled_on = None  # the next apply() writes base × multiplier again
         for i, group in enumerate(groups[:len(self.base)]):
             current = group["lr"]
             if hasattr(current, "fill_"):
-                if not getattr(current, "is_cpu", False) or float(current) != self._written[i]:
+                if not getattr(current, "is_cpu", False) or float(current) != self.written[i]:
                     continue  # an accelerator's, or someone wrote it during the step
                 current.fill_(self.base[i])
-                self._written[i] = float(current)
+                self.written[i] = float(current)
                 continue
-            if current != self._written[i]:
+            if current != self.written[i]:
                 continue  # someone wrote it during the step: leave it
             group["lr"] = self.base[i]
-            self._written[i] = self.base[i]
+            self.written[i] = self.base[i]
 
     def multipliers(self) -> list[float]:
         """The controller's LR over the initial LR, per group (1.0 where the initial is 0)."""

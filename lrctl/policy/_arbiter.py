@@ -90,7 +90,7 @@ class LRArbiter:
         if factors is None:
             return [initial * multiplier for initial in self.initial_lrs]
         out = []
-        for initial, group_factors in zip(self.initial_lrs, factors, strict=True):
+        for initial, group_factors in zip(self.initial_lrs, factors):  # noqa: B905 (hot)
             lr = initial * multiplier
             for f in group_factors:
                 lr *= f
