@@ -72,6 +72,10 @@ class LRWriter:
                         break
                 else:
                     return
+        # Until this write completes the groups hold no one target's LRs: one cut short by
+        # an error (the loop's filters made a warning one) must not read as settled on the
+        # target before it, whose LRs some groups no longer hold.
+        self.settled_on = None
         if groups is not self.groups:
             # optimizer.load_state_dict() replaced the group dicts (a resume): their LRs are
             # the checkpoint's, written by no one in this process. Take them as the loop's

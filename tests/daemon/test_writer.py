@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
+
 from lrctl._writer import LRWriter
 
 
@@ -62,3 +64,27 @@ def test_new_param_group_dicts_are_written() -> None:
     opt.param_groups = [{"lr": 0.1, "params": []}]  # optimizer.load_state_dict()
     writer.apply(target)
     assert opt.param_groups[0]["lr"] == 0.05
+
+
+@pytest.mark.parametrize("then", ["the one before", "the one cut short"])
+def test_a_write_cut_short_by_an_error_is_never_taken_as_done(then: str) -> None:
+    """The loop's filters made the foreign-write warning an error: apply() stopped with
+    group 0 holding the new target's LR and group 1 not yet written. Whichever target
+    comes next, and even once group 1 holds the very float the writer left there again
+    (the loop put back ``ctl.lr``), its LRs are written, not skipped as in place."""
+    opt = _Opt(0.1, 0.01)
+
+    def warn(key: str, message: str) -> None:
+        raise RuntimeWarning(message)  # warnings.simplefilter("error") in the loop
+
+    writer = LRWriter(opt, [0.1, 0.01], "controller", warn)
+    before, cut_short = [0.05, 0.005], [0.02, 0.002]
+    writer.apply(before)
+    opt.param_groups[1]["lr"] = 0.3  # a scheduler still stepping
+    with pytest.raises(RuntimeWarning):
+        writer.apply(cut_short)
+    assert opt.param_groups[0]["lr"] == 0.02  # written before group 1 raised
+    opt.param_groups[1]["lr"] = writer.applied[1]  # ctl.lr's float, the one written there
+    target = before if then == "the one before" else cut_short
+    writer.apply(target)
+    assert [g["lr"] for g in opt.param_groups] == target
