@@ -22,8 +22,14 @@ torch thread), every arm interleaved with the others (see :mod:`._timing`):
   (:mod:`._floor`): what is left above it is the hook's own bookkeeping. That
   socket floor is a whole-step arm too (it reads the loss, computes no grad norm).
 
-Each arm trains its own copy of the model from the same initial weights,
-restored at every block, so every arm does the same arithmetic.
+Each arm trains its own copy of the model from the same initial weights. The
+whole-step arms restore them at every block, so every arm does the same arithmetic
+(a loss driven to zero on the task's fixed batch would bring denormals into the
+timed steps). The per-call arms time only the call, so each trains on across its
+blocks, as a real run does: a restart every block put the policies and the hook in
+a run whose loss jumped back to its start every 200 steps (a back-off and its
+cooldown each time, every="auto" reporting each restart's first steps at once),
+which no training loop is.
 """
 
 from __future__ import annotations
@@ -201,8 +207,7 @@ def _hook_arms(cfg: OverheadConfig, sockets: dict[str, str],
     arms: dict[str, Callable[[], float]] = {}
 
     def micro(tr: Trainer, call: Callable[[float, float], None]) -> float:
-        tr.reset()
-        spent = 0.0
+        spent = 0.0  # (no reset: each arm trains on, see the module docstring)
         for _ in range(cfg.micro_steps):
             loss = float(tr.loss().detach())
             g = float(torch.nn.utils.get_total_norm([p.grad for p in tr.params
