@@ -75,7 +75,6 @@ class Batching:
         self._last_tick = -1  # and its step number
         self._interval = 0.0  # EWMA of the time per step
         self._report_cost = 0.0  # EWMA of the hook's time on a report step
-        self._quiet_cost = 0.0  # and on a step that only holds its values
         self._this_report = 0.0  # the latest report's cost so far (its answer comes later)
         self._calls = 0
 
@@ -172,17 +171,19 @@ class Batching:
                 != before // self.ADAPT_EVERY and not self._fixed):
             self._adapt()
 
-    def spent(self, seconds: float, reporting: bool) -> None:
-        """The hook's full-way ``step()`` took ``seconds``, on a report step or on one
-        that does not report (an unusual one: the step after a report takes the quiet
-        way, and the time it spends reading the answer counts in :meth:`answer_cost`)."""
-        if reporting:
-            self._fold_report()
-            self._this_report = seconds
-        else:
-            cost = self._quiet_cost
-            self._quiet_cost = seconds if cost == 0.0 else cost + self._SMOOTH * (
-                seconds - cost)
+    def spent(self, seconds: float) -> None:
+        """A report step's full-way ``step()`` took ``seconds`` (the time spent reading
+        its answer, later, counts in :meth:`answer_cost`).
+
+        A step that holds its values costs a few microseconds and reads no clock, so
+        reporting costs about what a report step does. Full-way steps that do not report
+        (the first steps of a run, a step called twice) are not timed: they are rare
+        and unlike a quiet step, and one of them slowed by the machine once, taken as
+        what a quiet step costs, left nothing of a report's cost to save, pinning
+        *k* at 1 for good (no more such steps came to correct it).
+        """
+        self._fold_report()
+        self._this_report = seconds
 
     def answer_cost(self, seconds: float) -> None:
         """Time spent reading the answer to the last report (the quiet step after it, the
@@ -198,7 +199,7 @@ class Batching:
 
     def _adapt(self) -> None:
         room = self.BUDGET * self._interval
-        extra = self._report_cost - self._quiet_cost
+        extra = self._report_cost
         if room <= 0.0 or extra <= room:
             k = 1
         else:

@@ -150,8 +150,8 @@ class Reporting:
                     self._unanswered.append(t)
         # A step the loop may rightly not take (a scaler overflow, should_skip).
         self._excused = self.should_skip or self.overflows != overflows
-        if batch is not None:
-            batch.spent(perf_counter() - began, reporting)
+        if batch is not None and reporting:
+            batch.spent(perf_counter() - began)
 
     def _grad_norm(self) -> Any:
         """The gradients' norm, computed here; None when there are none, or when torch

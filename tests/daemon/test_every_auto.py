@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from time import perf_counter
 
 import pytest
 import torch
@@ -151,6 +152,27 @@ def test_device_or_metrics_steps_report_alone() -> None:
     assert not batch.due(0.9, 2.0) and batch.due(0.9, 3.5)
 
 
+def _feed(batch: Batching, clock: list[float], steps: int, interval: float, report: float,
+          sparse: bool = True) -> None:
+    """``steps`` steps of ``interval`` seconds through ``batch`` as the hook drives it:
+    each report step reads the clock and its cost (``report`` seconds) is told; the quiet
+    steps between share the time (``sparse``), or read the clock too."""
+    after_report = False
+    for _ in range(steps):
+        clock[0] += interval
+        step = int(clock[1])
+        due = len(batch.losses) + 1 >= batch.k
+        if due or after_report or not sparse:
+            batch.tick(clock[0], step)
+        if due:
+            batch.spent(report)
+            batch.take(1.0, None)
+        else:
+            assert batch.hold_if_quiet(step, 1.0, None)
+        after_report = due
+        clock[1] += 1
+
+
 @pytest.mark.parametrize("sparse", [False, True])
 def test_k_follows_the_measured_cost(sparse: bool) -> None:
     """k: the smallest power of two that keeps reporting under 1 % of the step time;
@@ -158,35 +180,50 @@ def test_k_follows_the_measured_cost(sparse: bool) -> None:
     only full-way steps (a report and the step after it) read the clock; the quiet
     steps between share the time."""
     batch = Batching()
-    now = 0.0
-    step = 0
-    after_report = False
-
-    def run(steps: int, interval: float, report: float, quiet: float) -> None:
-        nonlocal now, step, after_report
-        for _ in range(steps):
-            now += interval
-            due = len(batch.losses) + 1 >= batch.k
-            if due or after_report or not sparse:
-                batch.tick(now, step)
-                batch.spent(report if due else quiet, due)
-            if due:
-                batch.take(1.0, None)
-            else:
-                assert batch.hold_if_quiet(step, 1.0, None)
-            after_report = due
-            step += 1
-
-    run(64, 1e-3, 100e-6, 5e-6)  # 95 µs extra on a 1 ms step: 9.5 × 10 µs -> 16
+    clock = [0.0, 0.0]  # the time, the step
+    _feed(batch, clock, 64, 1e-3, 100e-6, sparse)  # 100 µs on a 1 ms step: 10 × 10 µs -> 16
     assert batch.k == 16
-    run(256, 1e-3, 60e-6, 5e-6)  # 55 µs -> 8: not a clear change, 16 stays
+    _feed(batch, clock, 256, 1e-3, 60e-6, sparse)  # 60 µs -> 8: not a clear change, 16 stays
     assert batch.k == 16
-    run(256, 20e-3, 100e-6, 5e-6)  # a 20 ms step: reporting every step fits
+    _feed(batch, clock, 256, 20e-3, 100e-6, sparse)  # a 20 ms step: reporting every step fits
     assert batch.k == 1
-    run(256, 1e-5, 100e-6, 5e-6)  # no room at all: the cap
+    _feed(batch, clock, 256, 1e-5, 100e-6, sparse)  # no room at all: the cap
     assert batch.k == Batching.MAX_K
-    batch.tick(now + 1.0, 0)  # a resume's new step count: no interval from it
+    batch.tick(clock[0] + 1.0, 0)  # a resume's new step count: no interval from it
     assert batch.k == Batching.MAX_K
+
+
+def test_a_slow_step_that_does_not_report_cannot_pin_k_at_1(
+        controller: ControllerProc, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The full-way step that does not report (the step at which k first grows: its
+    quiet test ran with k = 1) slowed once by the machine, here by 5 ms on the hook's
+    clock: k still follows the reports' cost. That step's time, taken as what a quiet
+    step costs, once left no report cost to save: k fell to 1 at the next look and
+    stayed there, no such step coming again at k = 1 to correct it."""
+    real = perf_counter
+    slowed: list[int] = []
+    offset = [0.0]
+    tick = Batching.tick
+
+    def ticking(self: Batching, now: float, step: int) -> None:
+        tick(self, now, step)
+        if step == Batching.WARMUP and not slowed:
+            slowed.append(step)
+            offset[0] = 5e-3  # this step's end, and every reading after, 5 ms on
+
+    monkeypatch.setattr(Batching, "tick", ticking)
+    monkeypatch.setattr("lrctl._hook_report.perf_counter", lambda: real() + offset[0])
+    opt = _optimizer()
+    with lrctl.attach(opt, policy=str(POLICIES / "default.yaml"), every="auto", spawn=False,
+                      run_name="auto-slow", timeout=30.0) as ctl:
+        assert ctl._batch is not None
+        for t in range(400):
+            for p in opt.param_groups[0]["params"]:
+                p.grad = torch.full_like(p, 1.0)
+            ctl.step(2.0 - t * 1e-3)  # a falling loss: no step stands out
+            opt.step()
+        assert slowed == [Batching.WARMUP]
+        assert ctl._batch.k > 1  # a tiny step against a report's ~100 µs: the cap
 
 
 def test_wire_carries_held_steps_and_rejects_bad_ones() -> None:
