@@ -91,8 +91,8 @@ class Applying:
                 and writer.groups is writer.optimizer.param_groups):
             # The usual step: nothing awaited, held or new, and every group's ``lr`` is
             # still the very float the writer left there (LRWriter.apply's first test,
-            # written out: before every optimizer step, where Python pays ~2 µs for
-            # each cold function it enters).
+            # written out: before every optimizer step, where Python pays a microsecond
+            # or two for each cold function it enters).
             groups, written = writer.groups, writer.written
             if len(groups) == len(written):
                 for group, lr in zip(groups, written):  # noqa: B905 (no keyword: it costs)

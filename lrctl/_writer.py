@@ -63,8 +63,8 @@ class LRWriter:
         if self.settled_on is target and groups is self.groups:
             # The usual call: nothing changed since the last one if every group's ``lr``
             # is still the very float this writer left there (no one wrote since; a
-            # tensor LR, never read back, always takes the full way). Written out: it
-            # runs before every optimizer step, where each call costs a microsecond.
+            # tensor LR, never read back, always takes the full way). The hook's
+            # pre-step makes the same test itself before calling here (Applying._pre_step).
             left = self.written
             if len(groups) == len(left):
                 for group, lr in zip(groups, left):  # noqa: B905 (the lengths are equal)
