@@ -281,7 +281,9 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(f"  memory: controller {_mib(reply.get('rss_kib'))} (mlflow "
               f"{'loaded' if reply.get('mlflow_loaded') else 'not loaded'})")
         shipper = reply.get("shipper")
-        if shipper:
+        if shipper and shipper.get("state") == "not started":
+            print("  MLflow shipper: not started yet (it starts with the first run)")
+        elif shipper:
             print(f"  MLflow shipper: {shipper.get('state')}, pid {shipper.get('pid') or '-'}, "
                   f"{_mib(shipper.get('rss_kib'))}, {shipper.get('restarts', 0)} restart(s)")
         recreated = reply.get("state_dir_recreated")

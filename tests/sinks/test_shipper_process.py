@@ -83,6 +83,10 @@ def test_the_controller_ships_complete_runs_without_loading_mlflow(
     opt = torch.optim.SGD([torch.nn.Parameter(torch.ones(2))], lr=0.1)
     with live_controller(audit=True, env=env) as controller:
         monkeypatch.setenv("LRCTL_SOCKET", controller.socket)
+        capsys.readouterr()
+        assert main(["status", "--socket", controller.socket]) == 0
+        assert ("  MLflow shipper: not started yet (it starts with the first run)\n"
+                in capsys.readouterr().out)  # (no pid, size or restarts to show yet)
         keys = []
         for name in ("first", "second"):
             with lrctl.attach(opt, policy=POLICY, sync=True, spawn=False,
