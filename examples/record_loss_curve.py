@@ -36,6 +36,8 @@ def main(out: str, steps: int = 3000, lr: float = 0.02, seed: int = 0) -> None:
         writer = csv.writer(f)
         writer.writerow(("step", "loss", "grad_norm"))
         writer.writerows(rows)
+    print(f"{steps} steps at LR {lr:g} written to {out}; replay them through a policy "
+          f"with: lrctl replay POLICY --curve {out} --lr {lr:g}")
 
 
 if __name__ == "__main__":

@@ -29,7 +29,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                                    "optional metric columns) through a policy in-process and "
                                    "print every decision with its reason.")
     p.add_argument("policy", nargs="?", default=str(DEFAULT_POLICY),
-                   help="policy file (default: the shipped default.yaml)")
+                   help="policy file, or the name of a shipped policy such as wsd or "
+                        "earlystop (default: the shipped default.yaml)")
     p.add_argument("--curve", default=str(RECORDED_CURVE),
                    help="CSV file (default: a recorded AdamW run at a hot LR)")
     p.add_argument("--lr", type=float, action="append", dest="lrs", metavar="LR",

@@ -258,3 +258,26 @@ def wait_for_step(ctl: LiveController, proc: subprocess.Popen[str], log: Path, n
             return runs[0]
         time.sleep(0.1)
     raise AssertionError(f"run {name} did not reach step {step}:\n{log.read_text()[-3000:]}")
+
+
+def test_record_loss_curve_writes_a_curve_lrctl_replay_takes(tmp_path: Path) -> None:
+    """The script that recorded the curve ``lrctl replay`` ships with: it trains without
+    lrctl (no controller), writes ``step,loss,grad_norm`` rows, says where, and its
+    output replays. Its first step (no update yet) is the shipped curve's first row."""
+    out = tmp_path / "curve.csv"
+    proc = subprocess.run([sys.executable, str(EXAMPLES / "record_loss_curve.py"), str(out),
+                           "--steps", "40"], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=RUN_TIMEOUT_S)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert f"40 steps at LR 0.02 written to {out}" in proc.stdout
+    rows = out.read_text().splitlines()
+    assert rows[0] == "step,loss,grad_norm" and len(rows) == 41
+    assert [int(r.split(",")[0]) for r in rows[1:]] == list(range(40))
+    shipped = (REPO / "lrctl" / "data" / "loss_curve.csv").read_text().splitlines()
+    mine, theirs = ([float(v) for v in r.split(",")[1:]] for r in (rows[1], shipped[1]))
+    assert mine == pytest.approx(theirs, rel=1e-4)
+    replay = subprocess.run([sys.executable, "-m", "lrctl", "replay", "default", "--curve",
+                             str(out), "--lr", "0.02"], cwd=tmp_path, capture_output=True,
+                            text=True, timeout=RUN_TIMEOUT_S)
+    assert replay.returncode == 0, replay.stderr[-2000:]
+    assert f"40 steps replayed from {out} through default" in replay.stdout
