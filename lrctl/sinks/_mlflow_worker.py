@@ -71,6 +71,12 @@ class Worker(threading.Thread):
         self._force = threading.Event()
         self._stopping = threading.Event()
         self._runs: dict[str, RunState] = {}
+        # Ended, fully shipped runs whose picture waits for a round that ships nothing: by
+        # key alone, with their back-off (failures, retry at): under a load that keeps the
+        # worker shipping, they can wait long, and a run's state (its meta and cursor, a
+        # few tens of KiB) held for each made the shipper grow with every run that ended.
+        # Read again from the run's files (its cursor, saved) when its picture is drawn.
+        self._pictures: dict[str, tuple[int, float]] = {}
         self.files_down: dict[str, str] = {}  # run key -> why its files wait, as told
         self._client: Any = None
         self._experiments = Experiments()  # of this client's store
@@ -133,8 +139,8 @@ class Worker(threading.Thread):
                     self._tell_files()  # (also after a round that ended early)
                 except Exception:  # a callback's failure must not end the worker
                     log.exception("lrctl: MLflow worker: a run's files state not reported")
-            if self._queue.empty() and not any(r.has_work() or r.picture_due() or r.files_down
-                                               for r in self._runs.values()):
+            if self._queue.empty() and not self._pictures and not any(
+                    r.has_work() or r.picture_due() or r.files_down for r in self._runs.values()):
                 with self._settled_cond:
                     self._settled = seen
                     self._settled_cond.notify_all()
@@ -168,12 +174,13 @@ class Worker(threading.Thread):
                 self._retry_at = now + self.health.failed(exc)
                 return
             self.health.ok()
-        shipped, pictures = False, []
+        shipped = False
         for key, st in list(self._runs.items()):
             files_due = st.files_due(now)  # (its files failed, and may be tried again)
             if not st.has_work() and not files_due:
                 if st.picture_due():
-                    pictures.append(st)
+                    del self._runs[key]  # parked: its key alone waits (see _pictures)
+                    self._pictures[key] = (st.failures, st.retry_at)
                 elif st.failed or (st.cursor.get("finished") and not st.files_down):
                     del self._runs[key]  # the run ended and is fully shipped
                     if self.opt.on_done is not None:
@@ -188,8 +195,13 @@ class Worker(threading.Thread):
                 shipped = True
         # Pictures only when this round shipped nothing, one at a time: a decision
         # waits behind one picture at most.
-        for st in pictures if not shipped else ():
-            if now >= st.retry_at:
+        for key, (failures, retry_at) in self._pictures.items() if not shipped else ():
+            if now >= retry_at:
+                del self._pictures[key]
+                st = self._runs[key] = RunState(RunPaths.of(self.state_dir, key))
+                st.failures, st.retry_at = failures, retry_at
+                # Drawn, or due still (backed off, its files down): the next round ends it
+                # (on_done) or parks it again, as any run without lines to ship.
                 self._attempt(st, lambda shipper: shipper.draw_timeline())
                 break
 
@@ -212,6 +224,9 @@ class Worker(threading.Thread):
     def _state(self, run_key: str) -> RunState:
         st = self._runs.get(run_key)
         if st is None:
+            # (a parked run back with lines to ship, resumed: it is read again, as parked
+            # runs are; its resume drops its picture, drawn at its next end)
+            self._pictures.pop(run_key, None)
             st = self._runs[run_key] = RunState(RunPaths.of(self.state_dir, run_key))
         return st
 

@@ -126,6 +126,61 @@ def test_a_picture_still_due_when_the_shipper_stops_is_drawn_by_the_next_one(
         assert_exactly_once(client.real, mlflow_run_id(state, key), state, key, tmp_path / key)
 
 
+class _HeldPictures(GatedClient):
+    """MLflow whose file uploads (``log_artifact``: the pictures) wait for ``pictures``."""
+
+    def __init__(self, uri: str) -> None:
+        super().__init__(uri)
+        self.pictures = threading.Event()
+        self.picture_waits = threading.Event()
+
+    def __getattr__(self, name: str) -> Any:
+        call = super().__getattr__(name)
+        if name != "log_artifact":
+            return call
+
+        def held(*args: Any, **kwargs: Any) -> Any:
+            self.picture_waits.set()
+            assert self.pictures.wait(60)
+            return call(*args, **kwargs)
+        return held
+
+
+def test_ended_runs_whose_picture_waits_are_held_by_their_key_alone(
+        workdir: Path, tmp_path: Path) -> None:
+    """Under a load that keeps the worker shipping, pictures wait (a round that ships
+    nothing draws one): a run kept whole meanwhile (its meta and cursor) made a busy
+    shipper grow by every run that ended (~20 KiB each in the churn bench). The runs
+    behind the picture being drawn wait as keys, are read again when their turn comes,
+    and each gets its picture once."""
+    state = tmp_path / "state"
+    _journal_ended_runs(state, workdir)
+    client = _HeldPictures(_sqlite(workdir))
+    shipper = MlflowShipper(state, flush_interval=0.2, backoff_max=0.5, timeline=True,
+                            client_factory=lambda uri: client)
+    try:
+        assert sorted(shipper.recover()) == sorted(KEYS)
+        assert client.picture_waits.wait(120)  # the first picture, every run shipped
+        (worker,) = shipper._workers.values()
+        drawn = list(worker._runs)  # (the worker waits in the upload: nothing moves)
+        assert len(drawn) == 1 and sorted([*drawn, *worker._pictures]) == sorted(KEYS)
+        client.pictures.set()
+        assert shipper.flush(120)
+        assert not worker._pictures
+        deadline = time.monotonic() + 60
+        while worker._runs:  # the last one drawn is let go at the round after its picture
+            assert time.monotonic() < deadline, f"{list(worker._runs)} still held"
+            time.sleep(0.05)
+    finally:
+        client.pictures.set()
+        shipper.close()
+    assert sorted(args[0] for name, args, _ in client.calls if name == "log_artifact") == \
+        sorted(mlflow_run_id(state, key) for key in KEYS)  # each picture once
+    for key in KEYS:
+        assert TIMELINE_DUE not in read_json(RunPaths.of(state, key).cursor)
+        assert_exactly_once(client.real, mlflow_run_id(state, key), state, key, tmp_path / key)
+
+
 def test_the_controllers_shipper_forgets_runs_that_ended_once_they_are_shipped(
         workdir: Path, tmp_path: Path) -> None:
     state = tmp_path / "state"
