@@ -7,6 +7,7 @@ mlflow is imported lazily, in the thread, when a run is shipped.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import queue
 import threading
@@ -201,9 +202,21 @@ class Worker(threading.Thread):
                 st = self._runs[key] = RunState(RunPaths.of(self.state_dir, key))
                 st.failures, st.retry_at = failures, retry_at
                 # Drawn, or due still (backed off, its files down): the next round ends it
-                # (on_done) or parks it again, as any run without lines to ship.
-                self._attempt(st, lambda shipper: shipper.draw_timeline())
+                # (on_done) or parks it again, as any run without lines to ship. Not drawn
+                # if its files no longer say so (read as damaged: given up on, as at a first
+                # read, not a KeyError that puts the whole worker down).
+                if st.picture_due():
+                    self._attempt(st, functools.partial(self._draw, st))
                 break
+
+    def _draw(self, st: RunState, shipper: RunShipper) -> None:
+        """A parked run's picture. Its streams, read again, are first read up to the journal's
+        end (nothing, as when it was parked): left "behind", a failed picture made the run
+        look as if it had lines, and a shipping round with no MLflow call "succeeded":
+        its back-off and the store's health reset at every try of an outage."""
+        st.top_up(self.opt.max_pending)
+        if not st.has_work():  # (else its lines first: shipped next round, parked again)
+            shipper.draw_timeline()
 
     def _tell_files(self) -> None:
         """``on_files`` for each run whose files began or ended waiting (one dict
@@ -226,8 +239,10 @@ class Worker(threading.Thread):
         if st is None:
             # (a parked run back with lines to ship, resumed: it is read again, as parked
             # runs are; its resume drops its picture, drawn at its next end)
-            self._pictures.pop(run_key, None)
+            parked = self._pictures.pop(run_key, None)
             st = self._runs[run_key] = RunState(RunPaths.of(self.state_dir, run_key))
+            if parked is not None:  # (its picture's back-off, as when it was held whole)
+                st.failures, st.retry_at = parked
         return st
 
     def _ship(self, st: RunState) -> None:

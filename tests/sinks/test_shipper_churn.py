@@ -4,6 +4,7 @@ once they are shipped, and the controller first for the CPU."""
 
 from __future__ import annotations
 
+import errno
 import os
 import threading
 import time
@@ -20,7 +21,7 @@ from sinks_helpers import (
     run_info,
 )
 
-from lrctl.sinks import AuditSettings, AuditSink
+from lrctl.sinks import AuditSettings, AuditSink, _run_files
 from lrctl.sinks._ship_state import TIMELINE_DUE, runs_behind
 from lrctl.sinks.journal import RunPaths, read_json
 from lrctl.sinks.mlflow_sink import MlflowShipper
@@ -179,6 +180,98 @@ def test_ended_runs_whose_picture_waits_are_held_by_their_key_alone(
     for key in KEYS:
         assert TIMELINE_DUE not in read_json(RunPaths.of(state, key).cursor)
         assert_exactly_once(client.real, mlflow_run_id(state, key), state, key, tmp_path / key)
+
+
+class _DownAtFirstPicture(GatedClient):
+    """MLflow that goes down as a whole (every call fails) at the first picture upload;
+    every call tried is counted (``attempts``: when, which, of which run)."""
+
+    def __init__(self, uri: str) -> None:
+        super().__init__(uri)
+        self.attempts: list[tuple[float, str, Any]] = []
+
+    def __getattr__(self, name: str) -> Any:
+        call = super().__getattr__(name)
+
+        def counted(*args: Any, **kwargs: Any) -> Any:
+            self.attempts.append((time.monotonic(), name, args[0] if args else None))
+            if name == "log_artifact":
+                self.down = True
+            return call(*args, **kwargs)
+        return counted
+
+
+def test_a_parked_picture_backs_off_while_mlflow_is_down(
+        workdir: Path, tmp_path: Path) -> None:
+    """A parked run read again had its streams "behind": after a picture that failed in an
+    outage, a shipping round with no MLflow call "succeeded", which reset the picture's
+    back-off and said MLflow was available again, at every try (every 0.6 s, its failures
+    back at 0 each time). Now its failures count up, as a run held whole did, and MLflow
+    stays down until it answers."""
+    state = tmp_path / "state"
+    _journal_ended_runs(state, workdir)
+    client = _DownAtFirstPicture(_sqlite(workdir))
+    states: list[str | None] = []
+    shipper = MlflowShipper(state, flush_interval=0.2, backoff_max=2.0, timeline=True,
+                            client_factory=lambda uri: client,
+                            on_state=lambda uri, why: states.append(why))
+    try:
+        shipper.recover()
+        (worker,) = shipper._workers.values()
+        deadline = time.monotonic() + 60
+        # (failures 3: tries after 0.5 and 1 s of back-off, the third due 2 s later)
+        while not any(failures >= 3 for failures, _ in dict(worker._pictures).values()):
+            assert time.monotonic() < deadline, f"no picture backed off: {states[:6]}"
+            time.sleep(0.05)
+    finally:
+        shipper.close(timeout=0.5)
+    assert client.down
+    assert states and None not in states, states  # down all along, never "available again"
+
+
+def test_a_parked_run_that_cannot_be_read_again_does_not_put_the_worker_down(
+        workdir: Path, tmp_path: Path) -> None:
+    """The cursor of a parked run read again as damaged (here: out of descriptors, which
+    ``read_json`` takes for damage) was drawn all the same: a KeyError out of the round put
+    every run of the tracking URI down ("MLflow unavailable: KeyError: 'run_id'"). Now it is
+    handled as at a first read, alone; its cursor is left as it was, for the next shipper."""
+    state = tmp_path / "state"
+    _journal_ended_runs(state, workdir)
+    client = _HeldPictures(_sqlite(workdir))
+    done: list[tuple[str, int, bool]] = []
+    states: list[str | None] = []
+    shipper = MlflowShipper(state, flush_interval=0.2, backoff_max=0.5, timeline=True,
+                            client_factory=lambda uri: client,
+                            on_done=lambda key, seq, failed: done.append((key, seq, failed)),
+                            on_state=lambda uri, why: states.append(why))
+    real, failed_once = _run_files.read_regular, []
+
+    def flaky(path: Any, *args: Any, **kwargs: Any) -> Any:
+        if Path(path).name == "cursor.json" and client.pictures.is_set() and not failed_once:
+            failed_once.append(Path(path).parent.name)
+            raise OSError(errno.EMFILE, "Too many open files")
+        return real(path, *args, **kwargs)
+
+    _run_files.read_regular = flaky
+    try:
+        shipper.recover()
+        assert client.picture_waits.wait(120)  # the others parked behind it
+        client.pictures.set()  # the next one read again fails
+        deadline = time.monotonic() + 120
+        while len(done) < len(KEYS):
+            assert time.monotonic() < deadline, done
+            time.sleep(0.05)
+    finally:
+        _run_files.read_regular = real
+        client.pictures.set()
+        shipper.close()
+    (unread,) = failed_once
+    assert states == []  # MLflow was never said to be unavailable
+    assert sorted(key for key, _, _ in done) == sorted(KEYS)  # once each
+    assert [key for key, _, failed in done if failed] == [unread]
+    assert read_json(RunPaths.of(state, unread).cursor)[TIMELINE_DUE]  # the next one draws it
+    for key in set(KEYS) - {unread}:
+        assert TIMELINE_DUE not in read_json(RunPaths.of(state, key).cursor)
 
 
 def test_the_controllers_shipper_forgets_runs_that_ended_once_they_are_shipped(
