@@ -199,7 +199,17 @@ class Worker(threading.Thread):
         for key, (failures, retry_at) in self._pictures.items() if not shipped else ():
             if now >= retry_at:
                 del self._pictures[key]
-                st = self._runs[key] = RunState(RunPaths.of(self.state_dir, key))
+                paths = RunPaths.of(self.state_dir, key)
+                if not paths.root.is_dir():
+                    # Its files are gone (deleted from outside, with the state dir, say):
+                    # nothing to draw from or to save. Read again as new, it was shipped
+                    # afresh: an MLflow run of no one's, its cursor's save failing forever.
+                    log.warning("lrctl: run %s: its journal is gone (%s); its timeline "
+                                "picture is not drawn", key, paths.root)
+                    if self.opt.on_done is not None:
+                        self.opt.on_done(key, 0, True)
+                    break
+                st = self._runs[key] = RunState(paths)
                 st.failures, st.retry_at = failures, retry_at
                 # Drawn, or due still (backed off, its files down): the next round ends it
                 # (on_done) or parks it again, as any run without lines to ship. Not drawn

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import errno
 import os
+import shutil
 import threading
 import time
 from pathlib import Path
@@ -272,6 +273,40 @@ def test_a_parked_run_that_cannot_be_read_again_does_not_put_the_worker_down(
     assert read_json(RunPaths.of(state, unread).cursor)[TIMELINE_DUE]  # the next one draws it
     for key in set(KEYS) - {unread}:
         assert TIMELINE_DUE not in read_json(RunPaths.of(state, key).cursor)
+
+
+def test_a_parked_run_whose_journal_is_gone_is_let_go(workdir: Path, tmp_path: Path) -> None:
+    """A parked run's folder deleted from outside while its picture waits: read again it
+    looked new, and was shipped afresh into an MLflow run of its own, its cursor's save
+    failing ever after. Now it is let go (done, as a run given up on) and no MLflow run
+    is made for it; the others get their pictures."""
+    state = tmp_path / "state"
+    _journal_ended_runs(state, workdir)
+    client = _HeldPictures(_sqlite(workdir))
+    done: list[tuple[str, int, bool]] = []
+    shipper = MlflowShipper(state, flush_interval=0.2, backoff_max=0.5, timeline=True,
+                            client_factory=lambda uri: client,
+                            on_done=lambda key, seq, failed: done.append((key, seq, failed)))
+    try:
+        shipper.recover()
+        assert client.picture_waits.wait(120)
+        (worker,) = shipper._workers.values()
+        gone = next(iter(worker._pictures))
+        run_ids = {key: mlflow_run_id(state, key) for key in KEYS}
+        shutil.rmtree(RunPaths.of(state, gone).root)
+        client.pictures.set()
+        deadline = time.monotonic() + 120
+        while len(done) < len(KEYS):
+            assert time.monotonic() < deadline, done
+            time.sleep(0.05)
+    finally:
+        client.pictures.set()
+        shipper.close()
+    assert (gone, 0, True) in done and sorted(k for k, _, _ in done) == sorted(KEYS)
+    runs = client.real.search_runs([client.real.get_run(run_ids[gone]).info.experiment_id])
+    assert sorted(r.info.run_id for r in runs) == sorted(run_ids.values())  # no new one
+    drawn = sorted(args[0] for name, args, _ in client.calls if name == "log_artifact")
+    assert drawn == sorted(run_ids[k] for k in KEYS if k != gone)
 
 
 def test_the_controllers_shipper_forgets_runs_that_ended_once_they_are_shipped(
