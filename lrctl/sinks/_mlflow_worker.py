@@ -209,8 +209,7 @@ class Worker(threading.Thread):
                     if self.opt.on_done is not None:
                         self.opt.on_done(key, 0, True)
                     break
-                st = self._runs[key] = RunState(paths)
-                st.failures, st.retry_at = failures, retry_at
+                st = self._unpark(key, (failures, retry_at))
                 # Drawn, or due still (backed off, its files down): the next round ends it
                 # (on_done) or parks it again, as any run without lines to ship. Not drawn
                 # if its files no longer say so (read as damaged: given up on, as at a first
@@ -249,10 +248,15 @@ class Worker(threading.Thread):
         if st is None:
             # (a parked run back with lines to ship, resumed: it is read again, as parked
             # runs are; its resume drops its picture, drawn at its next end)
-            parked = self._pictures.pop(run_key, None)
-            st = self._runs[run_key] = RunState(RunPaths.of(self.state_dir, run_key))
-            if parked is not None:  # (its picture's back-off, as when it was held whole)
-                st.failures, st.retry_at = parked
+            return self._unpark(run_key, self._pictures.pop(run_key, None))
+        return st
+
+    def _unpark(self, run_key: str, parked: tuple[int, float] | None) -> RunState:
+        """The run read from its files into the runs shipped, with a parked picture's
+        back-off (as when it was held whole)."""
+        st = self._runs[run_key] = RunState(RunPaths.of(self.state_dir, run_key))
+        if parked is not None:
+            st.failures, st.retry_at = parked
         return st
 
     def _ship(self, st: RunState) -> None:
